@@ -1,0 +1,53 @@
+"""hive-orchestration: an embedded, durable, actor-based orchestration runtime on SQLite.
+
+    async with Runtime.open("hive.db") as runtime:
+        event = await runtime.publish("deploy.requested", {"env": "production"})
+
+The names below are the public surface; everything else is an implementation detail.
+"""
+
+from .config import DEFAULT_DB_PATH, FeatureFlags, RuntimeConfig
+from .embedded import MailboxStats, Runtime, RuntimeStatistics, Subscription
+from .errors import (
+    ActorFailedError,
+    ConfigError,
+    HiveError,
+    IllegalTransitionError,
+    InvalidInputError,
+    NewerSchemaError,
+    NotFoundError,
+    RequestTimeoutError,
+    RuntimeFailedError,
+    RuntimeStoppedError,
+    StorageError,
+    SubscriberLaggedError,
+)
+from .messages.events import Event
+from .storage.schema import SCHEMA_VERSION
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_DB_PATH",
+    "SCHEMA_VERSION",
+    "ActorFailedError",
+    "ConfigError",
+    "Event",
+    "FeatureFlags",
+    "HiveError",
+    "IllegalTransitionError",
+    "InvalidInputError",
+    "MailboxStats",
+    "NewerSchemaError",
+    "NotFoundError",
+    "RequestTimeoutError",
+    "Runtime",
+    "RuntimeConfig",
+    "RuntimeFailedError",
+    "RuntimeStatistics",
+    "RuntimeStoppedError",
+    "StorageError",
+    "Subscription",
+    "SubscriberLaggedError",
+    "__version__",
+]

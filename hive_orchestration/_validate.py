@@ -1,0 +1,115 @@
+"""Checks run at the API boundary, before anything is sent to an actor.
+
+msgspec validates types only when decoding, not when a Struct is built, so values coming
+from user code are checked here: a wrong type, NaN, an integer SQLite cannot store, a lone
+surrogate, or a payload nested too deep or too large becomes an :class:`InvalidInputError`
+naming the field, and never a crash inside an actor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import msgspec
+
+from .errors import InvalidInputError
+
+__all__ = ["encode_json_object", "check_identifier", "check_optional_text", "check_int"]
+
+_SQLITE_MIN = -(2**63)
+_SQLITE_MAX = 2**63 - 1
+_encoder = msgspec.json.Encoder()
+
+
+def check_identifier(value: object, field: str, *, max_length: int = 256) -> str:
+    """A non-empty string without surrogates or control characters (names, ids, types)."""
+    if not isinstance(value, str):
+        raise InvalidInputError(field, f"must be a string, got {type(value).__name__}")
+    if not value or not value.strip():
+        raise InvalidInputError(field, "must not be empty")
+    if len(value) > max_length:
+        raise InvalidInputError(field, f"must be at most {max_length} characters")
+    _check_text(value, field)
+    if any(ord(ch) < 0x20 for ch in value):
+        raise InvalidInputError(field, "must not contain control characters")
+    return value
+
+
+def check_optional_text(value: object, field: str, *, max_length: int = 256) -> str | None:
+    return None if value is None else check_identifier(value, field, max_length=max_length)
+
+
+def check_int(value: object, field: str, *, minimum: int, maximum: int = _SQLITE_MAX) -> int:
+    # bool is an int subclass; True as a limit or an offset is a bug in the caller.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInputError(field, f"must be an integer, got {type(value).__name__}")
+    if not minimum <= value <= maximum:
+        raise InvalidInputError(field, f"must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+def _check_text(value: str, field: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInputError(
+            field, "contains a lone surrogate, which is not valid text"
+        ) from None
+
+
+def encode_json_object(
+    value: object, field: str, *, max_bytes: int, max_depth: int
+) -> tuple[dict[str, object], bytes]:
+    """Check that ``value`` is a JSON object SQLite and msgspec can round-trip; encode it.
+
+    Returns the value (a dict; ``None`` becomes ``{}``) and its JSON encoding.
+    """
+    if value is None:
+        return {}, b"{}"
+    if not isinstance(value, Mapping):
+        raise InvalidInputError(
+            field, f"must be a JSON object (a dict), got {type(value).__name__}"
+        )
+    _check_json(value, field, max_depth)
+    try:
+        encoded = _encoder.encode(value)
+    except (TypeError, ValueError, OverflowError) as exc:  # pragma: no cover - checked above
+        raise InvalidInputError(field, f"cannot be encoded as JSON: {exc}") from None
+    if len(encoded) > max_bytes:
+        raise InvalidInputError(
+            field, f"is {len(encoded)} bytes once encoded, over the limit of {max_bytes}"
+        )
+    return dict(value), encoded
+
+
+def _check_json(root: object, field: str, max_depth: int) -> None:
+    # Iterative, so that a hostile depth cannot exhaust the Python stack.
+    stack: list[tuple[object, str, int]] = [(root, field, 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if value is None or isinstance(value, bool | str):
+            if isinstance(value, str):
+                _check_text(value, path)
+        elif isinstance(value, int):
+            if not _SQLITE_MIN <= value <= _SQLITE_MAX:
+                raise InvalidInputError(path, f"integer {value} does not fit in 64 bits")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise InvalidInputError(path, f"must be a finite number, got {value}")
+        elif isinstance(value, Mapping):
+            if depth > max_depth:
+                raise InvalidInputError(path, f"is nested deeper than {max_depth} levels")
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise InvalidInputError(
+                        path, f"object keys must be strings, got {type(key).__name__}"
+                    )
+                _check_text(key, f"{path}.{key!r}")
+                stack.append((item, f"{path}.{key}", depth + 1))
+        elif isinstance(value, list | tuple):
+            if depth > max_depth:
+                raise InvalidInputError(path, f"is nested deeper than {max_depth} levels")
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+        else:
+            raise InvalidInputError(path, f"{type(value).__name__} is not a JSON value")

@@ -1,0 +1,162 @@
+"""The broadcast actor: fans published events out to subscribers, never waiting on one.
+
+Each subscriber has its own bounded buffer (an anyio memory stream) and the actor only ever
+uses ``send_nowait`` on it, so a slow, stuck or crashed subscriber cannot block the
+publisher or any other subscriber, and memory stays bounded by the buffer sizes.
+
+Overflow policy, per subscription:
+
+- ``error`` (default): when the buffer is full, the subscriber is given a :class:`Lagged`
+  marker (its buffer keeps one slot for it) and is dropped. Reading past its buffered events
+  raises :class:`SubscriberLaggedError` with the last sequence number it received, from
+  which it can replay the durable log without a gap.
+- ``drop``: events that do not fit are skipped for that subscriber and counted.
+
+A subscriber whose receiving end is closed (it exited or crashed) is removed on the next
+event that would have gone to it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Callable
+
+import anyio
+from anyio.streams.memory import MemoryObjectSendStream
+
+from ..messages.events import (
+    BroadcastMessage,
+    BroadcastStats,
+    Delivery,
+    Event,
+    GetBroadcastStats,
+    Lagged,
+    Publish,
+    Subscribe,
+    Unsubscribe,
+)
+from ..runtime import Actor
+
+__all__ = ["BroadcastActor", "compile_pattern"]
+
+log = logging.getLogger("hive_orchestration.broadcast")
+
+_EVENT_FIELDS = frozenset({"type", "source", "correlation_id", "task_id", "plan_id", "worker_id"})
+
+
+def compile_pattern(pattern: str) -> Callable[[str], bool]:
+    """A predicate over event types for a glob such as ``*``, ``task.*`` or ``plan.completed``."""
+    if pattern == "*":
+        return lambda _type: True
+    if not any(ch in pattern for ch in "*?["):
+        return pattern.__eq__
+    if pattern.endswith(".*") and not any(ch in pattern[:-2] for ch in "*?["):
+        prefix = pattern[:-1]
+        return lambda type_: type_.startswith(prefix)
+    return lambda type_: fnmatch.fnmatchcase(type_, pattern)
+
+
+def _matches_filters(event: Event, filters: tuple[tuple[str, str], ...]) -> bool:
+    for key, wanted in filters:
+        if key in _EVENT_FIELDS:
+            if getattr(event, key) != wanted:
+                return False
+        elif str(event.data.get(key)) != wanted:
+            return False
+    return True
+
+
+class _Subscriber:
+    __slots__ = ("capacity", "dropped", "filters", "last_seq", "matches", "overflow", "sink")
+
+    def __init__(self, message: Subscribe) -> None:
+        self.matches = compile_pattern(message.pattern)
+        self.filters = message.filters
+        self.sink: MemoryObjectSendStream[Delivery] = message.sink
+        self.capacity = message.capacity
+        self.overflow = message.overflow
+        self.last_seq = 0
+        self.dropped = 0
+
+
+class BroadcastActor(Actor[BroadcastMessage]):
+    # Publishes arrive in bursts from the storage actor; take them together.
+    max_batch = 256
+
+    def __init__(self) -> None:
+        self._subscribers: dict[int, _Subscriber] = {}
+        self._next_id = 1
+        self._published = 0
+        self._delivered = 0
+        self._dropped = 0
+        self._lagged = 0
+
+    async def receive(self, message: BroadcastMessage) -> object:
+        match message:
+            case Publish(events=events):
+                for event in events:
+                    self._fan_out(event)
+                return None
+            case Subscribe():
+                subscription_id = self._next_id
+                self._next_id += 1
+                self._subscribers[subscription_id] = _Subscriber(message)
+                return subscription_id
+            case Unsubscribe(subscription_id=subscription_id):
+                subscriber = self._subscribers.pop(subscription_id, None)
+                if subscriber is not None:
+                    subscriber.sink.close()
+                return None
+            case GetBroadcastStats():
+                return BroadcastStats(
+                    subscribers=len(self._subscribers),
+                    published=self._published,
+                    delivered=self._delivered,
+                    dropped=self._dropped,
+                    lagged=self._lagged,
+                )
+
+    async def stopped(self) -> None:
+        # Subscribers see the end of their stream when the runtime stops.
+        for subscriber in self._subscribers.values():
+            subscriber.sink.close()
+        self._subscribers.clear()
+
+    def _fan_out(self, event: Event) -> None:
+        self._published += 1
+        gone: list[int] = []
+        for subscription_id, subscriber in self._subscribers.items():
+            if not subscriber.matches(event.type) or not _matches_filters(
+                event, subscriber.filters
+            ):
+                continue
+            sink = subscriber.sink
+            try:
+                if sink.statistics().current_buffer_used >= subscriber.capacity:
+                    if subscriber.overflow == "drop":
+                        subscriber.dropped += 1
+                        self._dropped += 1
+                        continue
+                    # The buffer keeps one slot for this marker, so this cannot block.
+                    sink.send_nowait(Lagged(subscriber.last_seq))
+                    sink.close()
+                    self._lagged += 1
+                    gone.append(subscription_id)
+                    log.warning(
+                        "subscriber %d lagged after event %d; dropped",
+                        subscription_id,
+                        subscriber.last_seq,
+                    )
+                    continue
+                sink.send_nowait(event)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                gone.append(subscription_id)
+                continue
+            except anyio.WouldBlock:  # pragma: no cover - capacity is checked first
+                gone.append(subscription_id)
+                continue
+            subscriber.last_seq = event.seq
+            self._delivered += 1
+        for subscription_id in gone:
+            self._subscribers.pop(subscription_id, None)

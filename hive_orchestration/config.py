@@ -1,0 +1,130 @@
+"""Runtime configuration: one frozen msgspec Struct, read once, from code, TOML or environment.
+
+Precedence, lowest first: the defaults below, a TOML file, then environment variables
+``HIVE_ORCHESTRATION_<FIELD>`` (``HIVE_ORCHESTRATION_FEATURES__<FLAG>`` for feature flags).
+Every value is validated when loaded; a bad one raises :class:`ConfigError` naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from .errors import ConfigError
+
+__all__ = ["DEFAULT_DB_PATH", "ENV_PREFIX", "FeatureFlags", "RuntimeConfig"]
+
+#: Where ``Runtime.open()`` keeps its database when no path is given (the seeds' default).
+#: Relative to the working directory; its folder is created when missing.
+DEFAULT_DB_PATH = Path("hive") / "db" / "hive-internal.db"
+
+ENV_PREFIX = "HIVE_ORCHESTRATION_"
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class FeatureFlags(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The follow-up seed's rollout flags, kept so that existing configs load unchanged.
+
+    - ``enable_unified_events``: also describe events with the unified event model
+      (``UnifiedEvent``) for subscribers that ask for it.
+    - ``enable_dual_write``: accepted for compatibility; there is no legacy schema to write
+      to here, so it has no effect.
+    - ``enable_agent_adapters``: register the example agent adapters at start-up.
+    """
+
+    enable_unified_events: bool = False
+    enable_dual_write: bool = False
+    enable_agent_adapters: bool = False
+
+
+class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Everything a runtime can be tuned with. All fields have safe defaults."""
+
+    #: ``FULL`` fsyncs the WAL on every commit: a reply survives power loss. ``NORMAL``
+    #: survives a process crash (SIGKILL) but may lose the last commits on power loss.
+    synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    #: ``auto`` uses aiosqlite on asyncio and a worker thread under trio.
+    storage_driver: Literal["auto", "aiosqlite", "thread"] = "auto"
+    #: How long SQLite waits for another process's lock before a write fails.
+    busy_timeout: Seconds = 5.0
+    #: Capacity of every actor's mailbox; senders wait when it is full (backpressure).
+    mailbox_size: Positive = 4096
+    #: Most requests the storage actor commits in one transaction.
+    max_batch: Positive = 1024
+    #: Default deadline of a request/reply (``ask``).
+    ask_timeout: Seconds = 30.0
+    #: How long leaving ``Runtime.open`` may spend draining mailboxes before cancelling.
+    shutdown_timeout: Seconds = 10.0
+    #: Restart intensity: more than ``max_restarts`` crashes of one child within
+    #: ``restart_window`` seconds stops the runtime with the cause.
+    max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 5
+    restart_window: Seconds = 10.0
+    #: Events buffered per subscriber before the overflow policy applies.
+    subscriber_buffer: Positive = 1000
+    #: ``error``: a subscriber that overflows gets SubscriberLaggedError and is closed (it
+    #: can replay from the durable log). ``drop``: it silently misses the overflowing events.
+    subscriber_overflow: Literal["error", "drop"] = "error"
+    #: Largest accepted JSON payload, in bytes once encoded.
+    max_payload_bytes: Positive = 1024 * 1024
+    #: Deepest accepted nesting of a JSON payload.
+    max_payload_depth: Positive = 32
+    features: FeatureFlags = FeatureFlags()
+
+    @classmethod
+    def load(
+        cls,
+        toml_path: str | os.PathLike[str] | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> RuntimeConfig:
+        """Build a config from a TOML file, the environment and keyword overrides.
+
+        ``env`` defaults to ``os.environ``; pass ``{}`` to ignore the environment.
+        """
+        raw: dict[str, Any] = {}
+        if toml_path is not None:
+            try:
+                with open(toml_path, "rb") as f:
+                    raw.update(tomllib.load(f))
+            except OSError as exc:
+                raise ConfigError("toml_path", f"cannot read {str(toml_path)!r}: {exc}") from exc
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError("toml_path", f"{str(toml_path)!r} is not TOML: {exc}") from exc
+        environ = os.environ if env is None else env
+        for key, value in environ.items():
+            if not key.startswith(ENV_PREFIX):
+                continue
+            name = key[len(ENV_PREFIX) :].lower()
+            if name.startswith("features__"):
+                raw.setdefault("features", {})[name[len("features__") :]] = value
+            else:
+                raw[name] = value
+        raw.update(overrides)
+        return cls.from_mapping(raw)
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> RuntimeConfig:
+        """Validate a plain mapping (strings are converted: ``"10"`` becomes ``10``)."""
+        try:
+            return msgspec.convert(dict(raw), cls, strict=False)
+        except msgspec.ValidationError as exc:
+            field, reason = _split_validation_error(exc)
+            raise ConfigError(field, reason) from None
+
+
+def _split_validation_error(exc: msgspec.ValidationError) -> tuple[str, str]:
+    """Turn msgspec's "Expected `int`, got `str` - at `$.mailbox_size`" into parts."""
+    text = str(exc)
+    reason, sep, where = text.rpartition(" - at `")
+    if not sep:
+        # msgspec names unknown or missing fields in the text itself.
+        return "config", text
+    return where.rstrip("`").removeprefix("$.").replace("$", "config") or "config", reason

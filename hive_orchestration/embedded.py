@@ -1,0 +1,362 @@
+"""The embedded runtime: the composition root that wires the actors together.
+
+``async with Runtime.open(path) as runtime:`` starts the supervisor, which starts each
+actor in order (broadcast, then storage) and reports ready only once the database is open
+and migrated. Leaving the block drains every mailbox within ``shutdown_timeout`` and
+stops the actors in reverse order; no task outlives the block.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Literal, cast
+
+import anyio
+import msgspec
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from ._validate import check_identifier, check_int, check_optional_text, encode_json_object
+from .actors.broadcast import BroadcastActor, compile_pattern
+from .config import DEFAULT_DB_PATH, RuntimeConfig
+from .errors import (
+    ConfigError,
+    InvalidInputError,
+    RuntimeFailedError,
+    RuntimeStoppedError,
+    SubscriberLaggedError,
+)
+from .messages.events import (
+    BroadcastMessage,
+    BroadcastStats,
+    Delivery,
+    Event,
+    GetBroadcastStats,
+    JsonValue,
+    Lagged,
+    Subscribe,
+    Unsubscribe,
+)
+from .messages.storage import (
+    AppendEvent,
+    GetStorageStats,
+    ReadEvents,
+    StorageMessage,
+    StorageStats,
+    Write,
+)
+from .runtime import ActorRef, ChildRestart, ChildSpec, Supervisor
+from .storage import StorageActor
+from .storage.database import MEMORY
+
+__all__ = ["MailboxStats", "Runtime", "RuntimeStatistics", "Subscription"]
+
+log = logging.getLogger("hive_orchestration")
+
+_MAX_READ = 10_000
+
+
+def _decode_object(data: bytes) -> dict[str, JsonValue]:
+    # Only ever called on bytes this module encoded from a checked JSON object.
+    return cast("dict[str, JsonValue]", msgspec.json.decode(data))
+
+
+class MailboxStats(msgspec.Struct, frozen=True):
+    queued: int
+    capacity: int
+    waiting_senders: int
+
+
+class RuntimeStatistics(msgspec.Struct, frozen=True):
+    """A snapshot for introspection: mailboxes, restarts, storage and broadcast counters."""
+
+    mailboxes: dict[str, MailboxStats]
+    restarts: dict[str, int]
+    storage: StorageStats
+    broadcast: BroadcastStats
+
+
+class Subscription:
+    """Live events matching a pattern, in log order. Iterate it with ``async for``.
+
+    Iteration ends when the runtime stops. If the subscriber falls more than its buffer
+    behind, iteration raises :class:`SubscriberLaggedError` (unless it subscribed with
+    ``overflow="drop"``); replay the log from ``error.last_seq`` to catch up.
+    """
+
+    def __init__(self, receive: MemoryObjectReceiveStream[Delivery], pattern: str) -> None:
+        self._receive = receive
+        self.pattern = pattern
+        #: The sequence number of the last event received.
+        self.last_seq = 0
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Event:
+        try:
+            return await self.receive()
+        except RuntimeStoppedError:
+            raise StopAsyncIteration from None
+
+    async def receive(self) -> Event:
+        """The next event; :class:`RuntimeStoppedError` once the runtime stopped."""
+        try:
+            item = await self._receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise RuntimeStoppedError("the subscription ended: the runtime stopped") from None
+        if isinstance(item, Lagged):
+            raise SubscriberLaggedError(item.last_seq)
+        self.last_seq = item.seq
+        return item
+
+
+class Runtime:
+    """An embedded, durable orchestration runtime on one SQLite database.
+
+    Create it with :meth:`open`; every method sends a typed message to an actor.
+    """
+
+    def __init__(
+        self,
+        *,
+        path: str,
+        config: RuntimeConfig,
+        storage: ActorRef[StorageMessage],
+        broadcast: ActorRef[BroadcastMessage],
+        supervisor: Supervisor,
+    ) -> None:
+        self._path = path
+        self._config = config
+        self._storage = storage
+        self._broadcast = broadcast
+        self._supervisor = supervisor
+        self._closed = False
+
+    @property
+    def path(self) -> str:
+        """The database file, or ``":memory:"``."""
+        return self._path
+
+    @property
+    def config(self) -> RuntimeConfig:
+        return self._config
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        config: RuntimeConfig | None = None,
+    ) -> AsyncIterator[Runtime]:
+        """Start a runtime on ``path`` (default ``hive/db/hive-internal.db``, folder created;
+        ``":memory:"`` for a throwaway database) for the duration of the block.
+
+        Raises :class:`StorageError` (or :class:`NewerSchemaError`) if the database cannot
+        be opened, and :class:`RuntimeFailedError` if an actor crashes past the restart
+        intensity while the block runs.
+        """
+        if config is None:
+            config = RuntimeConfig()
+        elif not isinstance(config, RuntimeConfig):
+            raise ConfigError("config", f"must be a RuntimeConfig, got {type(config).__name__}")
+        db_path = _normalize_path(path)
+
+        broadcast: ActorRef[BroadcastMessage] = ActorRef(
+            "broadcast", mailbox_size=config.mailbox_size, ask_timeout=config.ask_timeout
+        )
+        storage: ActorRef[StorageMessage] = ActorRef(
+            "storage", mailbox_size=config.mailbox_size, ask_timeout=config.ask_timeout
+        )
+
+        def on_restart(restart: ChildRestart) -> None:
+            # Never wait here: the restarted child may be the storage actor itself.
+            data: dict[str, JsonValue] = {
+                "actor": restart.actor,
+                "restarts": restart.restarts,
+                "error_type": restart.error_type,
+                "error": restart.error,
+            }
+            event = Event(
+                type="actor.restarted", timestamp=time.time(), source="supervisor", data=data
+            )
+            write = Write(ops=(AppendEvent(event, msgspec.json.encode(data)),))
+            try:
+                if not storage.try_tell(write):
+                    log.warning("storage mailbox full; actor.restarted event not logged")
+            except RuntimeStoppedError:
+                pass
+
+        supervisor = Supervisor(
+            [
+                ChildSpec(broadcast, BroadcastActor),
+                ChildSpec(storage, lambda: StorageActor(db_path, config, broadcast)),
+            ],
+            max_restarts=config.max_restarts,
+            restart_window=config.restart_window,
+            shutdown_timeout=config.shutdown_timeout,
+            on_restart=on_restart,
+        )
+        runtime = cls(
+            path=db_path,
+            config=config,
+            storage=storage,
+            broadcast=broadcast,
+            supervisor=supervisor,
+        )
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(supervisor.run)
+                try:
+                    yield runtime
+                finally:
+                    runtime._closed = True
+                    await supervisor.stop()
+        except BaseExceptionGroup as group:
+            raise _unwrap(group) from None
+
+    # -- events ---------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        event_type: str,
+        data: Mapping[str, object] | None = None,
+        *,
+        source: str = "runtime",
+        correlation_id: str | None = None,
+        task_id: str | None = None,
+        plan_id: str | None = None,
+        worker_id: str | None = None,
+    ) -> Event:
+        """Append an event to the durable log and fan it out; returns it with its ``seq``.
+
+        Returns once the event is durable.
+        """
+        self._check_open()
+        _, data_json = encode_json_object(
+            data,
+            "data",
+            max_bytes=self._config.max_payload_bytes,
+            max_depth=self._config.max_payload_depth,
+        )
+        event = Event(
+            type=check_identifier(event_type, "event_type"),
+            timestamp=time.time(),
+            source=check_identifier(source, "source"),
+            correlation_id=check_optional_text(correlation_id, "correlation_id"),
+            task_id=check_optional_text(task_id, "task_id"),
+            plan_id=check_optional_text(plan_id, "plan_id"),
+            worker_id=check_optional_text(worker_id, "worker_id"),
+            # Decoded from what is stored: subscribers get their own copy, equal to the log.
+            data=_decode_object(data_json),
+        )
+        committed = await self._storage.ask(Write(ops=(AppendEvent(event, data_json),)))
+        return msgspec.structs.replace(event, seq=committed.seqs[0])
+
+    @asynccontextmanager
+    async def subscribe(
+        self,
+        pattern: str = "*",
+        *,
+        buffer: int | None = None,
+        overflow: Literal["error", "drop"] | None = None,
+        **filters: str,
+    ) -> AsyncIterator[Subscription]:
+        """Receive live events whose type matches ``pattern`` and whose fields equal
+        ``filters`` (``task_id="..."``, or any key of the event's data), for the block.
+        """
+        self._check_open()
+        check_identifier(pattern, "pattern")
+        compile_pattern(pattern)
+        capacity = check_int(
+            self._config.subscriber_buffer if buffer is None else buffer,
+            "buffer",
+            minimum=1,
+            maximum=1_000_000,
+        )
+        policy = self._config.subscriber_overflow if overflow is None else overflow
+        if policy not in ("error", "drop"):
+            raise InvalidInputError("overflow", f"must be 'error' or 'drop', got {policy!r}")
+        checked = tuple(
+            (check_identifier(key, "filters"), check_identifier(value, f"filters.{key}"))
+            for key, value in sorted(filters.items())
+        )
+        # One extra slot, kept for the Lagged marker.
+        send, receive = anyio.create_memory_object_stream[Delivery](capacity + 1)
+        with send, receive:
+            subscription_id = await self._broadcast.ask(
+                Subscribe(pattern, checked, send, capacity, policy)
+            )
+            try:
+                yield Subscription(receive, pattern)
+            finally:
+                receive.close()
+                with suppress(RuntimeStoppedError):
+                    self._broadcast.try_tell(Unsubscribe(subscription_id))
+
+    async def read_events(self, after: int = 0, *, limit: int = 1000) -> list[Event]:
+        """Durable events with ``seq > after``, oldest first, at most ``limit`` of them."""
+        self._check_open()
+        read = ReadEvents(
+            after=check_int(after, "after", minimum=0),
+            limit=check_int(limit, "limit", minimum=1, maximum=_MAX_READ),
+        )
+        events = await self._storage.ask(read)
+        return list(events)
+
+    # -- introspection --------------------------------------------------------------------
+
+    async def statistics(self) -> RuntimeStatistics:
+        self._check_open()
+        mailboxes = {}
+        for ref in (self._broadcast, self._storage):
+            stats = ref.statistics()
+            mailboxes[ref.name] = MailboxStats(
+                queued=stats.current_buffer_used,
+                capacity=int(stats.max_buffer_size),
+                waiting_senders=stats.tasks_waiting_send,
+            )
+        return RuntimeStatistics(
+            mailboxes=mailboxes,
+            restarts=self._supervisor.restarts,
+            storage=await self._storage.ask(GetStorageStats()),
+            broadcast=await self._broadcast.ask(GetBroadcastStats()),
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeStoppedError("the runtime is closed; use it inside `async with`")
+
+
+def _normalize_path(path: str | os.PathLike[str] | None) -> str:
+    if path is None:
+        return str(DEFAULT_DB_PATH)
+    if not isinstance(path, str | os.PathLike):
+        raise InvalidInputError("path", f"must be a path or ':memory:', got {type(path).__name__}")
+    text = os.fspath(path)
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidInputError("path", "must be a non-empty path or ':memory:'")
+    return text if text == MEMORY else str(Path(text))
+
+
+def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """anyio wraps every failure of a task group in a group; give the caller the cause."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    for leaf in leaves:
+        if isinstance(leaf, RuntimeFailedError):
+            return leaf
+    cancelled = anyio.get_cancelled_exc_class()
+    real = [leaf for leaf in leaves if not isinstance(leaf, cancelled)]
+    return real[0] if len(real) == 1 else group

@@ -1,0 +1,159 @@
+"""The package's exceptions: one root, one subclass per failure a caller can act on.
+
+Every error the runtime raises to a caller is a :class:`HiveError`. Catch the subclass
+that matches what you can do about it:
+
+- :class:`InvalidInputError` - fix the argument named by ``field``; nothing was written.
+- :class:`NotFoundError` - the id does not exist (any more).
+- :class:`IllegalTransitionError` - the object is not in a state that allows the change.
+- :class:`RequestTimeoutError` - no reply within the deadline; the request may still be
+  applied later, so re-read before retrying a non-idempotent operation.
+- :class:`ActorFailedError` - the actor handling the request crashed; it is being restarted.
+- :class:`RuntimeStoppedError` - the runtime (or the actor) is stopped or stopping.
+- :class:`RuntimeFailedError` - the supervisor gave up; raised from ``Runtime.open``.
+- :class:`StorageError` - SQLite refused a write or read (disk full, read-only, locked...).
+- :class:`NewerSchemaError` - the database was written by a newer version of this package.
+- :class:`SubscriberLaggedError` - an event subscriber fell too far behind; resubscribe from
+  the last sequence number it saw.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ActorFailedError",
+    "ConfigError",
+    "HiveError",
+    "IllegalTransitionError",
+    "InvalidInputError",
+    "NewerSchemaError",
+    "NotFoundError",
+    "RequestTimeoutError",
+    "RuntimeFailedError",
+    "RuntimeStoppedError",
+    "StorageError",
+    "SubscriberLaggedError",
+]
+
+
+class HiveError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class InvalidInputError(HiveError, ValueError):
+    """An argument was refused at the API boundary; nothing was written.
+
+    Raised by every public operation before it sends a message, so ``field`` names the
+    argument as the caller spelled it (``"payload.items[3]"`` for nested values).
+    """
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"invalid {field}: {reason}")
+
+
+class ConfigError(InvalidInputError):
+    """A configuration value (from code, TOML or the environment) is invalid."""
+
+
+class NotFoundError(HiveError, LookupError):
+    """The object named by ``kind`` and ``id`` does not exist."""
+
+    def __init__(self, kind: str, id: str) -> None:
+        self.kind = kind
+        self.id = id
+        super().__init__(f"{kind} {id!r} not found")
+
+
+class IllegalTransitionError(HiveError):
+    """A state change that the object's state machine forbids; nothing was changed."""
+
+    def __init__(self, kind: str, id: str, current: str, requested: str) -> None:
+        self.kind = kind
+        self.id = id
+        self.current = current
+        self.requested = requested
+        super().__init__(f"{kind} {id!r} is {current!r} and cannot become {requested!r}")
+
+
+class RequestTimeoutError(HiveError, TimeoutError):
+    """An ``ask`` got no reply within its deadline.
+
+    The request may still be applied after this is raised (it was already queued), so
+    re-read the state before retrying anything that is not idempotent.
+    """
+
+    def __init__(self, actor: str, message: str, timeout: float) -> None:
+        self.actor = actor
+        self.message = message
+        self.timeout = timeout
+        super().__init__(f"actor {actor!r} did not answer {message} within {timeout:g}s")
+
+
+class ActorFailedError(HiveError):
+    """The actor crashed while handling this request; its supervisor restarts it.
+
+    ``__cause__`` is the original exception. Whether the request was applied depends on
+    where the actor failed: re-read before retrying a non-idempotent operation.
+    """
+
+    def __init__(self, actor: str, cause: BaseException) -> None:
+        self.actor = actor
+        super().__init__(f"actor {actor!r} failed: {type(cause).__name__}: {cause}")
+        self.__cause__ = cause
+
+
+class RuntimeStoppedError(HiveError):
+    """The runtime or the addressed actor is stopped, or stopped before answering."""
+
+
+class RuntimeFailedError(HiveError):
+    """The supervisor gave up on a child that crashed too often, and stopped the runtime.
+
+    Raised out of ``async with Runtime.open(...)``; ``__cause__`` is the last crash.
+    """
+
+    def __init__(self, actor: str, restarts: int, window: float, cause: BaseException) -> None:
+        self.actor = actor
+        self.restarts = restarts
+        self.window = window
+        super().__init__(
+            f"actor {actor!r} crashed {restarts} times within {window:g}s, more than the "
+            f"restart intensity allows; the runtime stopped. Last cause: "
+            f"{type(cause).__name__}: {cause}"
+        )
+        self.__cause__ = cause
+
+
+class StorageError(HiveError):
+    """SQLite refused an operation (disk full, read-only file, locked, corrupt...).
+
+    Nothing of the failed request was written: each request is applied whole or not at all.
+    """
+
+
+class NewerSchemaError(StorageError):
+    """The database's schema version is newer than this package knows; it was not touched."""
+
+    def __init__(self, path: str, found: int, supported: int) -> None:
+        self.path = path
+        self.found = found
+        self.supported = supported
+        super().__init__(
+            f"database {path!r} has schema version {found}, but this version of "
+            f"hive-orchestration supports up to {supported}; upgrade the package to open it"
+        )
+
+
+class SubscriberLaggedError(HiveError):
+    """An event subscriber's buffer overflowed, so the subscription was closed.
+
+    Events are durable: resubscribe with replay from ``last_seq`` to catch up without a gap.
+    """
+
+    def __init__(self, last_seq: int) -> None:
+        self.last_seq = last_seq
+        super().__init__(
+            f"subscriber fell behind and was dropped after event {last_seq}; "
+            f"replay from sequence {last_seq} to catch up"
+        )

@@ -1,0 +1,94 @@
+"""Events: what the runtime publishes, durably logged then fanned out in log order."""
+
+from __future__ import annotations
+
+from typing import TypeAlias, Union
+
+import msgspec
+from anyio.streams.memory import MemoryObjectSendStream
+
+from ..runtime import Request
+
+__all__ = [
+    "BroadcastMessage",
+    "BroadcastStats",
+    "Delivery",
+    "Event",
+    "GetBroadcastStats",
+    "JsonValue",
+    "Lagged",
+    "Publish",
+    "Subscribe",
+    "Unsubscribe",
+]
+
+JsonValue: TypeAlias = Union[  # noqa: UP007 - a recursive alias needs the Union form
+    bool, int, float, str, list["JsonValue"], dict[str, "JsonValue"], None
+]
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True):
+    """One entry of the event log.
+
+    ``seq`` is the position in the durable log (1, 2, 3...), assigned by the storage actor
+    at commit; subscribers see events in ``seq`` order. ``timestamp`` is Unix seconds.
+    """
+
+    seq: int = 0
+    type: str
+    timestamp: float
+    source: str
+    correlation_id: str | None = None
+    task_id: str | None = None
+    plan_id: str | None = None
+    worker_id: str | None = None
+    data: dict[str, JsonValue] = {}
+
+
+class Lagged(msgspec.Struct, frozen=True):
+    """Marker put in a subscriber's buffer when it overflowed: the last seq it was given."""
+
+    last_seq: int
+
+
+Delivery: TypeAlias = Event | Lagged
+
+
+class Publish(msgspec.Struct, frozen=True):
+    """Fan these events out, in this order (told; no reply)."""
+
+    events: tuple[Event, ...]
+
+
+class Subscribe(Request[int], frozen=True):
+    """Register a subscriber; the reply is its subscription id.
+
+    ``pattern`` is a glob over event types (``"*"``, ``"task.*"``, ``"plan.completed"``);
+    ``filters`` must all equal the event's field of that name (or its ``data`` key).
+    ``sink`` holds ``capacity`` events plus one slot for the :class:`Lagged` marker.
+    """
+
+    pattern: str
+    filters: tuple[tuple[str, str], ...]
+    sink: MemoryObjectSendStream[Delivery]
+    capacity: int
+    overflow: str  # "error" | "drop"
+
+
+class Unsubscribe(msgspec.Struct, frozen=True):
+    subscription_id: int
+
+
+class BroadcastStats(msgspec.Struct, frozen=True):
+    subscribers: int
+    published: int
+    delivered: int
+    dropped: int
+    lagged: int
+
+
+class GetBroadcastStats(Request[BroadcastStats], frozen=True):
+    pass
+
+
+BroadcastMessage: TypeAlias = Publish | Subscribe | Unsubscribe | GetBroadcastStats

@@ -1,0 +1,316 @@
+"""The actor kernel: mailboxes, references, envelopes and the loop that runs an actor.
+
+It knows no task, plan or SQL word. An actor owns its state and a bounded mailbox; it
+handles one batch of envelopes at a time (one envelope, unless it asks for more). Other
+code reaches it only through an :class:`ActorRef`: ``tell`` to send, ``ask`` to send and
+wait for the typed reply.
+
+Invariants the rest of the package relies on:
+
+- Every envelope that carries a reply slot is answered exactly once: with the reply, a
+  domain error, :class:`ActorFailedError` if the actor crashed while handling it, or
+  :class:`RuntimeStoppedError` if the actor stopped first. An asker never hangs.
+- Answering never blocks and never raises, so an asker that went away cannot hurt the actor.
+- The mailbox outlives the actor: a crashed actor's replacement continues with the same
+  mailbox, and envelopes it had taken but not started are handed to the replacement first.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar, cast
+
+import anyio
+import msgspec
+from anyio.streams.memory import MemoryObjectStreamStatistics
+
+from ..errors import ActorFailedError, HiveError, RequestTimeoutError, RuntimeStoppedError
+
+__all__ = [
+    "Actor",
+    "ActorRef",
+    "Envelope",
+    "Mailbox",
+    "Reply",
+    "Request",
+    "run_actor",
+]
+
+log = logging.getLogger("hive_orchestration.runtime")
+
+M = TypeVar("M")
+R = TypeVar("R")
+
+
+class Request(msgspec.Struct, Generic[R], frozen=True):
+    """Base of every message that is answered with a value of type ``R``.
+
+    ``ActorRef.ask`` returns ``R`` for a ``Request[R]``, so replies are typed end to end.
+    """
+
+
+class Reply(Generic[R]):
+    """A one-shot reply slot: a result or an error, then an event. The first answer wins."""
+
+    __slots__ = ("_error", "_event", "_value")
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+        self._value: R | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def resolve(self, value: R) -> bool:
+        if self._event.is_set():
+            return False
+        self._value = value
+        self._event.set()
+        return True
+
+    def fail(self, error: BaseException) -> bool:
+        if self._event.is_set():
+            return False
+        self._error = error
+        self._event.set()
+        return True
+
+    async def wait(self) -> R:
+        await self._event.wait()
+        if self._error is not None:
+            raise self._error
+        return cast(R, self._value)
+
+
+class Envelope(Generic[M]):
+    """A message in a mailbox, with the reply slot of its asker (``None`` for a tell).
+
+    ``started`` is set by the actor when it begins handling the envelope: if the actor
+    crashes, started envelopes are failed and the others are handed to its replacement.
+    """
+
+    __slots__ = ("message", "reply", "started")
+
+    def __init__(self, message: M, reply: Reply[Any] | None = None) -> None:
+        self.message = message
+        self.reply = reply
+        self.started = False
+
+    @property
+    def answered(self) -> bool:
+        return self.reply is not None and self.reply.done
+
+    def resolve(self, value: object) -> None:
+        if self.reply is not None:
+            self.reply.resolve(value)
+
+    def fail(self, error: BaseException) -> bool:
+        """Hand ``error`` to the asker; False when there is none (a tell) or it was answered."""
+        return self.reply is not None and self.reply.fail(error)
+
+
+class Mailbox(Generic[M]):
+    """An actor's bounded inbox. It belongs to the supervisor's child slot, not the actor,
+    so that it survives the actor's restarts."""
+
+    __slots__ = ("_receive", "_send", "owner")
+
+    def __init__(self, owner: str, size: int) -> None:
+        self.owner = owner
+        self._send, self._receive = anyio.create_memory_object_stream[Envelope[M]](size)
+
+    def put_nowait(self, envelope: Envelope[M]) -> bool:
+        """Enqueue without waiting; False when the mailbox is full."""
+        try:
+            self._send.send_nowait(envelope)
+        except anyio.WouldBlock:
+            return False
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise RuntimeStoppedError(f"actor {self.owner!r} is stopped") from None
+        return True
+
+    async def put(self, envelope: Envelope[M]) -> None:
+        """Enqueue, waiting for room (backpressure) when the mailbox is full."""
+        if self.put_nowait(envelope):
+            return
+        try:
+            await self._send.send(envelope)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise RuntimeStoppedError(f"actor {self.owner!r} is stopped") from None
+
+    def close(self) -> None:
+        """Refuse new messages; the actor finishes what is queued, then its loop ends."""
+        self._send.close()
+
+    def discard(self, error: BaseException) -> int:
+        """Close for good and fail every envelope still queued. Returns how many."""
+        self._send.close()
+        failed = 0
+        while True:
+            try:
+                envelope = self._receive.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream):
+                break
+            failed += envelope.fail(error)
+        # Senders blocked on a full mailbox now get BrokenResourceError -> RuntimeStoppedError.
+        self._receive.close()
+        return failed
+
+    def statistics(self) -> MemoryObjectStreamStatistics:
+        return self._receive.statistics()
+
+
+class ActorRef(Generic[M]):
+    """The only handle other code has on an actor: its name and its mailbox."""
+
+    __slots__ = ("ask_timeout", "mailbox", "name")
+
+    def __init__(self, name: str, *, mailbox_size: int, ask_timeout: float) -> None:
+        self.name = name
+        self.mailbox: Mailbox[M] = Mailbox(name, mailbox_size)
+        self.ask_timeout = ask_timeout
+
+    def __repr__(self) -> str:
+        return f"<ActorRef {self.name}>"
+
+    async def tell(self, message: M) -> None:
+        """Send without waiting for a reply; waits only while the mailbox is full."""
+        await self.mailbox.put(Envelope(message))
+
+    def try_tell(self, message: M) -> bool:
+        """Send if there is room right now; never waits. False when the mailbox is full."""
+        return self.mailbox.put_nowait(Envelope(message))
+
+    # The deadline is part of ask's contract (with a default from the config), so it is a
+    # parameter rather than the caller's cancel scope.
+    async def ask(self, message: Request[R], *, timeout: float | None = None) -> R:  # noqa: ASYNC109
+        """Send ``message`` and wait for its reply, at most ``timeout`` seconds in all.
+
+        Raises the actor's domain error as is, :class:`ActorFailedError` if the actor
+        crashed on it, :class:`RuntimeStoppedError` if it is stopped, and
+        :class:`RequestTimeoutError` past the deadline (the message may still be handled).
+        """
+        deadline = self.ask_timeout if timeout is None else timeout
+        reply: Reply[R] = Reply()
+        with anyio.move_on_after(deadline):
+            await self.mailbox.put(Envelope(cast(M, message), reply))
+            return await reply.wait()
+        raise RequestTimeoutError(self.name, type(message).__name__, deadline)
+
+    def statistics(self) -> MemoryObjectStreamStatistics:
+        return self.mailbox.statistics()
+
+
+class Actor(Generic[M]):
+    """Base class of every actor: override :meth:`receive` (or :meth:`receive_batch`).
+
+    The outcome table for one message lives in :meth:`receive_batch`:
+
+    ============================  ==================================================
+    ``receive`` returns a value    the asker gets it
+    raises a :class:`HiveError`    the asker gets it; the actor carries on
+    raises anything else           the asker gets ActorFailedError; the actor crashes
+                                   and its supervisor restarts it
+    is cancelled                   the asker gets RuntimeStoppedError; cancellation
+                                   propagates
+    ============================  ==================================================
+    """
+
+    #: Most envelopes handed to one :meth:`receive_batch` call.
+    max_batch: int = 1
+    #: The name of the mailbox it runs on; set by :func:`run_actor`.
+    name: str = "actor"
+
+    async def started(self) -> None:
+        """Runs before the first message. An exception here fails the start-up."""
+
+    async def stopped(self) -> None:
+        """Runs once the actor ends, crashed or not, in a shielded scope: release resources."""
+
+    async def receive(self, message: M) -> object:
+        raise HiveError(f"{type(self).__name__} does not handle {type(message).__name__}")
+
+    async def receive_batch(self, batch: Sequence[Envelope[M]]) -> None:
+        for envelope in batch:
+            envelope.started = True
+            try:
+                result = await self.receive(envelope.message)
+            except HiveError as err:
+                if not envelope.fail(err) and envelope.reply is None:
+                    log.warning(
+                        "%s: %s on a told %s",
+                        self.name,
+                        type(err).__name__,
+                        type(envelope.message).__name__,
+                    )
+            else:
+                envelope.resolve(result)
+
+
+async def run_actor(
+    actor: Actor[M],
+    mailbox: Mailbox[M],
+    carry: deque[Envelope[M]],
+    *,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Run ``actor`` on ``mailbox`` until the mailbox is closed and drained.
+
+    ``carry`` holds envelopes a previous incarnation took but never started; they are
+    handled before anything new. Returns normally only on a clean stop; a crash propagates
+    (after settling the batch) so that the supervisor can restart the actor.
+    """
+    actor.name = mailbox.owner
+    await actor.started()
+    if on_ready is not None:
+        on_ready()
+    receive = mailbox._receive
+    limit = max(1, actor.max_batch)
+    try:
+        while True:
+            batch: list[Envelope[M]] = []
+            while carry and len(batch) < limit:
+                batch.append(carry.popleft())
+            if not batch:
+                try:
+                    batch.append(await receive.receive())
+                except (anyio.EndOfStream, anyio.ClosedResourceError):
+                    return
+            while len(batch) < limit:
+                try:
+                    batch.append(receive.receive_nowait())
+                except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                    break
+            try:
+                await actor.receive_batch(batch)
+            except BaseException as exc:
+                _settle(mailbox.owner, batch, exc, carry)
+                raise
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await actor.stopped()
+
+
+def _settle(
+    owner: str, batch: Sequence[Envelope[Any]], exc: BaseException, carry: deque[Envelope[Any]]
+) -> None:
+    """After a batch failed: answer what was started, carry over what was not."""
+    if isinstance(exc, anyio.get_cancelled_exc_class()):
+        error: BaseException = RuntimeStoppedError(f"actor {owner!r} stopped before answering")
+    else:
+        error = ActorFailedError(owner, exc)
+    leftover = []
+    for envelope in batch:
+        if envelope.answered:
+            continue
+        if envelope.started:
+            if not envelope.fail(error):
+                log.error("%s crashed on a told %s", owner, type(envelope.message).__name__)
+        else:
+            leftover.append(envelope)
+    # Keep mailbox order: the carried envelopes were taken before anything still queued.
+    carry.extendleft(reversed(leftover))

@@ -1,0 +1,158 @@
+"""The supervisor: starts actors from child specs in order, restarts them, stops them.
+
+Strategy: one_for_one. A child that crashes is replaced by a fresh instance from its
+factory, on the same mailbox, so messages sent during the restart wait for it instead of
+being lost. Restart intensity bounds the retries: more than ``max_restarts`` crashes of
+one child within ``restart_window`` seconds stops the whole runtime with
+:class:`RuntimeFailedError`, whose ``__cause__`` is the last crash.
+
+Shutdown is an escalation ladder: close each mailbox in reverse start order and wait for
+the actor to drain it, all within one deadline; past the deadline, cancel. Whatever is
+still queued after that is failed with :class:`RuntimeStoppedError`, so no asker hangs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+from ..errors import RuntimeFailedError, RuntimeStoppedError
+from .actor import Actor, ActorRef, Envelope, run_actor
+
+__all__ = ["ChildRestart", "ChildSpec", "Supervisor"]
+
+log = logging.getLogger("hive_orchestration.runtime")
+
+
+@dataclass(frozen=True, slots=True)
+class ChildSpec:
+    """How to (re)start one child: the reference it serves and a factory of fresh actors."""
+
+    ref: ActorRef[Any]
+    factory: Callable[[], Actor[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class ChildRestart:
+    """What the supervisor reports after restarting a child."""
+
+    actor: str
+    restarts: int
+    error_type: str
+    error: str
+
+
+class Supervisor:
+    """Owns the task group every child runs in; the runtime owns the supervisor."""
+
+    def __init__(
+        self,
+        children: Sequence[ChildSpec],
+        *,
+        max_restarts: int,
+        restart_window: float,
+        shutdown_timeout: float,
+        on_restart: Callable[[ChildRestart], None] | None = None,
+        clock: Callable[[], float] = anyio.current_time,
+    ) -> None:
+        names = [spec.ref.name for spec in children]
+        if len(set(names)) != len(names):
+            raise ValueError(f"child names must be unique, got {names}")
+        self._children = list(children)
+        self._max_restarts = max_restarts
+        self._window = restart_window
+        self._shutdown_timeout = shutdown_timeout
+        self._on_restart = on_restart
+        self._clock = clock
+        self._done = {name: anyio.Event() for name in names}
+        self._restarts = dict.fromkeys(names, 0)
+        self._task_group: anyio.abc.TaskGroup | None = None
+
+    @property
+    def restarts(self) -> dict[str, int]:
+        """Restarts so far, by child name."""
+        return dict(self._restarts)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Start every child in order, report ready, and supervise until stopped.
+
+        A child whose start-up fails makes this raise before ready is reported, so the
+        error reaches whoever started the supervisor (``Runtime.open``).
+        """
+        async with anyio.create_task_group() as tg:
+            self._task_group = tg
+            for spec in self._children:
+                await tg.start(self._supervise, spec)
+            task_status.started()
+
+    async def stop(self) -> None:
+        """Drain every child in reverse start order within the deadline, then cancel."""
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self._shutdown_timeout) as scope:
+                for spec in reversed(self._children):
+                    spec.ref.mailbox.close()
+                    await self._done[spec.ref.name].wait()
+            if scope.cancelled_caught:
+                pending = [name for name, done in self._done.items() if not done.is_set()]
+                log.warning(
+                    "shutdown deadline of %gs passed; cancelling %s",
+                    self._shutdown_timeout,
+                    ", ".join(pending),
+                )
+            if self._task_group is not None:
+                self._task_group.cancel_scope.cancel()
+
+    async def _supervise(
+        self, spec: ChildSpec, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        name = spec.ref.name
+        carry: deque[Envelope[Any]] = deque()
+        crashes: deque[float] = deque()
+        ready = False
+
+        def on_ready() -> None:
+            nonlocal ready
+            if not ready:
+                ready = True
+                task_status.started()
+
+        try:
+            while True:
+                try:
+                    await run_actor(spec.factory(), spec.ref.mailbox, carry, on_ready=on_ready)
+                    return  # mailbox closed and drained: a clean stop
+                except Exception as exc:
+                    if not ready:
+                        raise  # start-up failure: reaches the starter through tg.start
+                    now = self._clock()
+                    crashes.append(now)
+                    while crashes and crashes[0] < now - self._window:
+                        crashes.popleft()
+                    if len(crashes) > self._max_restarts:
+                        log.error("%s crashed %d times; giving up", name, len(crashes))
+                        raise RuntimeFailedError(name, len(crashes), self._window, exc) from exc
+                    self._restarts[name] += 1
+                    log.warning(
+                        "%s crashed (%s: %s); restarting",
+                        name,
+                        type(exc).__name__,
+                        exc,
+                        exc_info=exc,
+                    )
+                    if self._on_restart is not None:
+                        self._on_restart(
+                            ChildRestart(name, self._restarts[name], type(exc).__name__, str(exc))
+                        )
+        finally:
+            self._done[name].set()
+            stopped = RuntimeStoppedError(f"actor {name!r} stopped before answering")
+            for envelope in carry:
+                envelope.fail(stopped)
+            carry.clear()
+            spec.ref.mailbox.discard(RuntimeStoppedError(f"actor {name!r} is stopped"))

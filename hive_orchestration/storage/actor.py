@@ -1,0 +1,239 @@
+"""The storage actor: the only owner of the SQLite write connection.
+
+Every write in the runtime is a :class:`Write` message to this actor. It takes whatever is
+waiting in its mailbox (up to ``max_batch``), applies all the writes in one transaction
+(group commit), and only then answers each writer: a reply means the write is durable.
+At ``synchronous=FULL`` the fsync is what a commit costs, so sharing it across a batch is
+what makes many concurrent writers fast.
+
+A batch runs in a shielded scope: a writer that is cancelled, or a runtime that is shutting
+down, can never stop it between BEGIN and COMMIT. If the transaction fails on a constraint,
+the batch is probed write by write (in savepoints, rolled back) and re-committed without
+the faulty writes, so one bad write never fails its neighbours. Any other SQLite error
+(disk full, read-only file, I/O error) fails the whole batch; nothing of it is written.
+
+Committed events are then published to the broadcast actor in sequence order.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Sequence
+from typing import cast
+
+import anyio
+import msgspec
+
+from ..config import RuntimeConfig
+from ..errors import RuntimeStoppedError, StorageError
+from ..messages.events import BroadcastMessage, Event, Publish
+from ..messages.storage import (
+    AppendEvent,
+    Committed,
+    GetStorageStats,
+    ReadEvents,
+    StorageMessage,
+    StorageStats,
+    Write,
+)
+from ..runtime import Actor, ActorRef, Envelope
+from .database import open_database
+from .drivers import Driver, Statement
+from .schema import SCHEMA_VERSION
+
+__all__ = ["StorageActor"]
+
+log = logging.getLogger("hive_orchestration.storage")
+
+_INSERT_EVENT = (
+    "INSERT INTO events (seq, type, timestamp, source, correlation_id, task_id, plan_id,"
+    " worker_id, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SELECT_EVENTS = (
+    "SELECT seq, type, timestamp, source, correlation_id, task_id, plan_id, worker_id, data"
+    " FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
+)
+
+_Pending = tuple[Envelope[StorageMessage], Write]
+
+
+class StorageActor(Actor[StorageMessage]):
+    def __init__(
+        self,
+        path: str,
+        config: RuntimeConfig,
+        events: ActorRef[BroadcastMessage] | None = None,
+    ) -> None:
+        self.max_batch = config.max_batch
+        self._path = path
+        self._config = config
+        self._events = events
+        self._db: Driver | None = None
+        self._last_seq = 0
+        self._transactions = 0
+        self._writes = 0
+        self._failed_writes = 0
+        self._largest_batch = 0
+
+    async def started(self) -> None:
+        self._db, self._last_seq = await open_database(
+            self._path,
+            driver=self._config.storage_driver,
+            synchronous=self._config.synchronous,
+            busy_timeout=self._config.busy_timeout,
+        )
+        log.info("storage open: %s (driver %s)", self._path, self._db.name)
+
+    async def stopped(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await db.close()
+
+    async def receive_batch(self, batch: Sequence[Envelope[StorageMessage]]) -> None:
+        # The whole batch is one unit: if the actor crashes in it, every asker hears so.
+        writes: list[_Pending] = []
+        for envelope in batch:
+            envelope.started = True
+            if isinstance(envelope.message, Write):
+                writes.append((envelope, envelope.message))
+        if writes:
+            await self._commit(writes, isolate=True)
+        for envelope in batch:
+            match envelope.message:
+                case Write():
+                    pass
+                case ReadEvents() as read:
+                    try:
+                        envelope.resolve(await self._read_events(read))
+                    except sqlite3.Error as exc:
+                        envelope.fail(StorageError(f"cannot read events: {exc}"))
+                case GetStorageStats():
+                    envelope.resolve(self._statistics())
+
+    async def _commit(self, writes: list[_Pending], *, isolate: bool) -> None:
+        db = self._require_db()
+        with anyio.CancelScope(shield=True):
+            seq = self._last_seq
+            units: list[list[Statement]] = []
+            seqs: list[tuple[int, ...]] = []
+            events: list[Event] = []
+            for _, write in writes:
+                unit: list[Statement] = []
+                unit_seqs: list[int] = []
+                for op in write.ops:
+                    seq += 1
+                    unit.append(_event_row(seq, op))
+                    unit_seqs.append(seq)
+                    events.append(msgspec.structs.replace(op.event, seq=seq))
+                units.append(unit)
+                seqs.append(tuple(unit_seqs))
+            try:
+                await db.transaction([statement for unit in units for statement in unit])
+            except sqlite3.IntegrityError as exc:
+                if not isolate or len(writes) == 1:
+                    self._fail(writes, exc)
+                    return
+                await self._isolate(writes, units)
+                return
+            except sqlite3.Error as exc:
+                self._fail(writes, exc)
+                return
+            self._last_seq = seq
+            self._transactions += 1
+            self._writes += len(writes)
+            self._largest_batch = max(self._largest_batch, len(writes))
+        # Publish before answering, so that an event caused by a write is already on its
+        # way to subscribers when the writer learns the write is durable.
+        if events and self._events is not None:
+            await self._publish(Publish(tuple(events)))
+        for (envelope, _), committed_seqs in zip(writes, seqs, strict=True):
+            envelope.resolve(Committed(committed_seqs))
+
+    async def _isolate(self, writes: list[_Pending], units: list[list[Statement]]) -> None:
+        """Find the writes that broke the batch, fail them, and commit the others."""
+        verdicts = await self._require_db().probe(units)
+        good: list[_Pending] = []
+        for pending, verdict in zip(writes, verdicts, strict=True):
+            if verdict is None:
+                good.append(pending)
+            else:
+                self._fail([pending], verdict)
+        if len(good) == len(writes):
+            # Each write is fine alone but not together: fail them rather than loop.
+            self._fail(writes, sqlite3.IntegrityError("writes conflict with each other"))
+        elif good:
+            await self._commit(good, isolate=False)
+
+    def _fail(self, writes: Sequence[_Pending], exc: sqlite3.Error) -> None:
+        self._failed_writes += len(writes)
+        log.warning("%d write(s) failed and were rolled back: %s", len(writes), exc)
+        for envelope, _ in writes:
+            envelope.fail(StorageError(f"write rolled back, nothing of it was applied: {exc}"))
+
+    async def _publish(self, message: Publish) -> None:
+        assert self._events is not None
+        try:
+            if not self._events.try_tell(message):
+                await self._events.tell(message)
+        except RuntimeStoppedError:
+            # Only during shutdown, after the broadcast actor stopped: the events are
+            # durable and can be replayed from the log.
+            log.debug("broadcast stopped; %d event(s) not fanned out", len(message.events))
+
+    async def _read_events(self, read: ReadEvents) -> tuple[Event, ...]:
+        rows = await self._require_db().fetchall(_SELECT_EVENTS, (read.after, read.limit))
+        return tuple(_event_from_row(row) for row in rows)
+
+    def _statistics(self) -> StorageStats:
+        return StorageStats(
+            path=self._path,
+            driver=self._require_db().name,
+            synchronous=self._config.synchronous,
+            schema_version=SCHEMA_VERSION,
+            transactions=self._transactions,
+            writes=self._writes,
+            failed_writes=self._failed_writes,
+            largest_batch=self._largest_batch,
+            last_seq=self._last_seq,
+        )
+
+    def _require_db(self) -> Driver:
+        if self._db is None:  # pragma: no cover - messages only arrive after started()
+            raise StorageError("storage is not open")
+        return self._db
+
+
+def _event_row(seq: int, op: AppendEvent) -> Statement:
+    event = op.event
+    return (
+        _INSERT_EVENT,
+        (
+            seq,
+            event.type,
+            event.timestamp,
+            event.source,
+            event.correlation_id,
+            event.task_id,
+            event.plan_id,
+            event.worker_id,
+            op.data_json.decode(),
+        ),
+    )
+
+
+def _event_from_row(row: tuple[object, ...]) -> Event:
+    seq, type_, timestamp, source, correlation_id, task_id, plan_id, worker_id, data = row
+    # Rows were written by this actor from validated events, so no re-validation here
+    # (and msgspec cannot convert through the recursive JsonValue alias anyway).
+    return Event(
+        seq=cast(int, seq),
+        type=cast(str, type_),
+        timestamp=cast(float, timestamp),
+        source=cast(str, source),
+        correlation_id=cast("str | None", correlation_id),
+        task_id=cast("str | None", task_id),
+        plan_id=cast("str | None", plan_id),
+        worker_id=cast("str | None", worker_id),
+        data=msgspec.json.decode(cast(str, data)),
+    )

@@ -1,0 +1,143 @@
+"""The database schema, as an ordered list of migrations keyed on ``PRAGMA user_version``.
+
+Migration ``n`` (1-based) takes a database from version ``n - 1`` to ``n``. They are only
+ever appended: a released migration is never edited. Every pending migration is applied in
+one transaction at open, together with the new ``user_version``, so a crash mid-migration
+leaves the old version intact.
+
+Version 1 holds the seeds' six tables and nine indexes, plus the append-only event log.
+Where the seeds name a table without its columns (runs, planning_queue, plan_execution),
+the columns are this package's choice, documented on each table.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
+
+_V1: tuple[str, ...] = (
+    # Columns as in the phase report. Timestamps are ISO-8601 UTC text.
+    """
+    CREATE TABLE tasks (
+        id TEXT PRIMARY KEY,
+        title TEXT NOT NULL,
+        description TEXT,
+        task_type TEXT NOT NULL,
+        priority INTEGER DEFAULT 1,
+        status TEXT NOT NULL DEFAULT 'queued',
+        current_phase TEXT NOT NULL DEFAULT 'start',
+        workflow TEXT,
+        payload TEXT,
+        created_at TIMESTAMP,
+        updated_at TIMESTAMP,
+        assigned_worker TEXT,
+        due_date TIMESTAMP,
+        max_retries INTEGER DEFAULT 3,
+        tags TEXT
+    )
+    """,
+    # One execution attempt of a task by a worker; deleted with its task.
+    """
+    CREATE TABLE runs (
+        id TEXT PRIMARY KEY,
+        task_id TEXT NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+        worker_id TEXT,
+        run_number INTEGER NOT NULL DEFAULT 1,
+        status TEXT NOT NULL DEFAULT 'pending',
+        phase TEXT,
+        result_data TEXT,
+        error_message TEXT,
+        output_log TEXT,
+        started_at TIMESTAMP,
+        completed_at TIMESTAMP
+    )
+    """,
+    """
+    CREATE TABLE workers (
+        id TEXT PRIMARY KEY,
+        role TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'active',
+        last_heartbeat TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+        capabilities TEXT,
+        current_task_id TEXT,
+        metadata TEXT,
+        registered_at TIMESTAMP,
+        FOREIGN KEY (current_task_id) REFERENCES tasks (id) ON DELETE SET NULL
+    )
+    """,
+    # A request for a plan ("Deploy to production") waiting for a planner agent.
+    """
+    CREATE TABLE planning_queue (
+        id TEXT PRIMARY KEY,
+        task_description TEXT NOT NULL,
+        priority INTEGER DEFAULT 50,
+        requestor TEXT,
+        context_data TEXT,
+        complexity_estimate TEXT,
+        status TEXT NOT NULL DEFAULT 'pending',
+        assigned_agent TEXT,
+        assigned_at TIMESTAMP,
+        completed_at TIMESTAMP,
+        created_at TIMESTAMP
+    )
+    """,
+    """
+    CREATE TABLE execution_plans (
+        id TEXT PRIMARY KEY,
+        planning_task_id TEXT NOT NULL,
+        plan_data TEXT NOT NULL,
+        estimated_duration INTEGER,
+        estimated_complexity TEXT,
+        generated_workflow TEXT,
+        subtask_count INTEGER DEFAULT 0,
+        dependency_count INTEGER DEFAULT 0,
+        generated_at TIMESTAMP,
+        status TEXT DEFAULT 'draft',
+        FOREIGN KEY (planning_task_id) REFERENCES planning_queue (id)
+    )
+    """,
+    # One row per subtask of a plan: which task it became and where it stands.
+    """
+    CREATE TABLE plan_execution (
+        id TEXT PRIMARY KEY,
+        plan_id TEXT NOT NULL REFERENCES execution_plans (id) ON DELETE CASCADE,
+        subtask_id TEXT NOT NULL,
+        task_id TEXT REFERENCES tasks (id) ON DELETE SET NULL,
+        status TEXT NOT NULL DEFAULT 'pending',
+        started_at TIMESTAMP,
+        completed_at TIMESTAMP,
+        UNIQUE (plan_id, subtask_id)
+    )
+    """,
+    # Append-only. seq is assigned by the storage actor, the only writer, in commit order.
+    """
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY,
+        type TEXT NOT NULL,
+        timestamp REAL NOT NULL,
+        source TEXT NOT NULL,
+        correlation_id TEXT,
+        task_id TEXT,
+        plan_id TEXT,
+        worker_id TEXT,
+        data TEXT NOT NULL DEFAULT '{}'
+    )
+    """,
+    # The nine indexes of the phase report.
+    "CREATE INDEX idx_tasks_status ON tasks (status)",
+    "CREATE INDEX idx_tasks_priority ON tasks (priority DESC, created_at)",
+    "CREATE INDEX idx_runs_task_id ON runs (task_id)",
+    "CREATE INDEX idx_runs_worker_id ON runs (worker_id)",
+    "CREATE INDEX idx_workers_status ON workers (status)",
+    "CREATE INDEX idx_workers_role ON workers (role)",
+    "CREATE INDEX idx_planning_queue_status ON planning_queue (status)",
+    "CREATE INDEX idx_execution_plans_status ON execution_plans (status)",
+    "CREATE INDEX idx_plan_execution_plan_id ON plan_execution (plan_id)",
+    # The event log is read by task ("task ID" with its events) and by correlation.
+    "CREATE INDEX idx_events_task_id ON events (task_id) WHERE task_id IS NOT NULL",
+    "CREATE INDEX idx_events_correlation_id ON events (correlation_id)"
+    " WHERE correlation_id IS NOT NULL",
+)
+
+#: MIGRATIONS[n - 1] brings a database from version n - 1 to n.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+SCHEMA_VERSION = len(MIGRATIONS)
