@@ -218,7 +218,8 @@ class Runtime:
                     runtime._closed = True
                     await supervisor.stop()
         except BaseExceptionGroup as group:
-            raise _unwrap(group) from None
+            cause = _unwrap(group)
+            raise cause from cause.__cause__
 
     # -- events ---------------------------------------------------------------------------
 

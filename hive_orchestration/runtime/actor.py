@@ -91,25 +91,25 @@ class Envelope(Generic[M]):
 
     ``started`` is set by the actor when it begins handling the envelope: if the actor
     crashes, started envelopes are failed and the others are handed to its replacement.
+    ``done`` is set once it is answered (for a tell: once it is handled).
     """
 
-    __slots__ = ("message", "reply", "started")
+    __slots__ = ("done", "message", "reply", "started")
 
     def __init__(self, message: M, reply: Reply[Any] | None = None) -> None:
         self.message = message
         self.reply = reply
         self.started = False
-
-    @property
-    def answered(self) -> bool:
-        return self.reply is not None and self.reply.done
+        self.done = False
 
     def resolve(self, value: object) -> None:
+        self.done = True
         if self.reply is not None:
             self.reply.resolve(value)
 
     def fail(self, error: BaseException) -> bool:
         """Hand ``error`` to the asker; False when there is none (a tell) or it was answered."""
+        self.done = True
         return self.reply is not None and self.reply.fail(error)
 
 
@@ -305,7 +305,7 @@ def _settle(
         error = ActorFailedError(owner, exc)
     leftover = []
     for envelope in batch:
-        if envelope.answered:
+        if envelope.done:
             continue
         if envelope.started:
             if not envelope.fail(error):

@@ -1,0 +1,406 @@
+"""The actor kernel and the supervisor: replies, errors, restarts, intensity, shutdown."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+from hive_orchestration import Runtime, RuntimeConfig
+from hive_orchestration.errors import (
+    ActorFailedError,
+    HiveError,
+    NotFoundError,
+    RequestTimeoutError,
+    RuntimeFailedError,
+    RuntimeStoppedError,
+)
+from hive_orchestration.runtime import (
+    Actor,
+    ActorRef,
+    ChildRestart,
+    ChildSpec,
+    Envelope,
+    Request,
+    Supervisor,
+)
+from hive_orchestration.storage import StorageActor
+
+pytestmark = pytest.mark.anyio
+
+
+class Echo(Request[int], frozen=True):
+    n: int
+
+
+class Boom(Request[int], frozen=True):
+    pass
+
+
+class Missing(Request[int], frozen=True):
+    key: str
+
+
+class Hold(Request[int], frozen=True):
+    """Handled only once the test sets the actor's gate."""
+
+
+class Record(msgspec.Struct, frozen=True):
+    n: int
+
+
+class History(Request[list[int]], frozen=True):
+    pass
+
+
+class Probe(Actor[Any]):
+    """A test actor. ``log`` and ``gate`` are shared across its incarnations on purpose."""
+
+    def __init__(self, log: list[int], gate: anyio.Event, stopped: list[str] | None = None):
+        self.log = log
+        self.gate = gate
+        self.stopped_log = stopped
+        self.incarnation_log: list[int] = []
+
+    async def receive(self, message: Any) -> object:
+        match message:
+            case Echo(n=n):
+                self.log.append(n)
+                return n + 1
+            case Record(n=n):
+                self.log.append(n)
+                return None
+            case Boom():
+                raise ZeroDivisionError("boom")
+            case Missing(key=key):
+                raise NotFoundError("thing", key)
+            case Hold():
+                await self.gate.wait()
+                raise ZeroDivisionError("crash after hold")
+            case History():
+                return list(self.log)
+        return await super().receive(message)
+
+    async def stopped(self) -> None:
+        if self.stopped_log is not None:
+            self.stopped_log.append(self.name)
+
+
+@asynccontextmanager
+async def supervised(
+    specs: Sequence[ChildSpec],
+    *,
+    max_restarts: int = 3,
+    shutdown_timeout: float = 5.0,
+    on_restart: Callable[[ChildRestart], None] | None = None,
+) -> AsyncIterator[Supervisor]:
+    supervisor = Supervisor(
+        specs,
+        max_restarts=max_restarts,
+        restart_window=60.0,
+        shutdown_timeout=shutdown_timeout,
+        on_restart=on_restart,
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+        try:
+            yield supervisor
+        finally:
+            await supervisor.stop()
+
+
+def leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
+
+
+def probe_ref(name: str = "probe") -> ActorRef[Any]:
+    return ActorRef(name, mailbox_size=64, ask_timeout=5.0)
+
+
+async def test_ask_returns_the_typed_reply_and_tells_keep_order() -> None:
+    log: list[int] = []
+    ref = probe_ref()
+    async with supervised([ChildSpec(ref, lambda: Probe(log, anyio.Event()))]):
+        for n in range(5):
+            await ref.tell(Record(n))
+        assert await ref.ask(Echo(41)) == 42
+        assert await ref.ask(History()) == [0, 1, 2, 3, 4, 41]
+
+
+async def test_domain_error_reaches_the_asker_and_the_actor_carries_on() -> None:
+    restarts: list[ChildRestart] = []
+    ref = probe_ref()
+    async with supervised(
+        [ChildSpec(ref, lambda: Probe([], anyio.Event()))], on_restart=restarts.append
+    ) as supervisor:
+        with pytest.raises(NotFoundError, match="'k1'"):
+            await ref.ask(Missing("k1"))
+        assert await ref.ask(Echo(1)) == 2
+        assert supervisor.restarts == {"probe": 0}
+    assert restarts == []
+
+
+async def test_unknown_message_is_an_error_not_a_crash() -> None:
+    ref = probe_ref()
+    async with supervised([ChildSpec(ref, lambda: Probe([], anyio.Event()))]) as supervisor:
+        with pytest.raises(HiveError, match="does not handle"):
+            await ref.ask(Request[int]())
+        assert supervisor.restarts == {"probe": 0}
+
+
+async def test_crash_answers_the_asker_with_an_error_naming_actor_and_cause() -> None:
+    restarts: list[ChildRestart] = []
+    ref = probe_ref()
+    async with supervised(
+        [ChildSpec(ref, lambda: Probe([], anyio.Event()))], on_restart=restarts.append
+    ) as supervisor:
+        with anyio.fail_after(5), pytest.raises(ActorFailedError) as caught:
+            await ref.ask(Boom())
+        assert caught.value.actor == "probe"
+        assert "ZeroDivisionError: boom" in str(caught.value)
+        assert isinstance(caught.value.__cause__, ZeroDivisionError)
+        # The replacement serves the next request.
+        assert await ref.ask(Echo(1)) == 2
+        assert supervisor.restarts == {"probe": 1}
+    assert [(r.actor, r.restarts, r.error_type) for r in restarts] == [
+        ("probe", 1, "ZeroDivisionError")
+    ]
+
+
+async def test_restart_keeps_mailbox() -> None:
+    """Messages queued while an actor crashes and restarts are all handled, in order."""
+    log: list[int] = []
+    gate = anyio.Event()
+    ref = probe_ref()
+    async with supervised([ChildSpec(ref, lambda: Probe(log, gate))]) as supervisor:
+        async with anyio.create_task_group() as tg:
+            failed: list[BaseException] = []
+
+            async def ask_hold() -> None:
+                try:
+                    await ref.ask(Hold())
+                except ActorFailedError as exc:
+                    failed.append(exc)
+
+            tg.start_soon(ask_hold)
+            await anyio.wait_all_tasks_blocked()
+            # The actor is blocked on Hold; queue more behind it, then let it crash.
+            for n in range(20):
+                await ref.tell(Record(n))
+            replies: list[int] = []
+
+            async def ask_echo() -> None:
+                replies.append(await ref.ask(Echo(100)))
+
+            tg.start_soon(ask_echo)
+            await anyio.wait_all_tasks_blocked()
+            gate.set()
+        assert len(failed) == 1
+        assert replies == [101]
+        assert log == [*range(20), 100]
+        assert supervisor.restarts == {"probe": 1}
+
+
+class Batcher(Actor[Any]):
+    """Takes envelopes in batches and crashes on the first Boom of a batch."""
+
+    max_batch = 10
+
+    def __init__(self, log: list[int]) -> None:
+        self.log = log
+
+    async def receive_batch(self, batch: Sequence[Envelope[Any]]) -> None:
+        for envelope in batch:
+            envelope.started = True
+            match envelope.message:
+                case Boom():
+                    raise ZeroDivisionError("boom in batch")
+                case Echo(n=n):
+                    self.log.append(n)
+                    envelope.resolve(n + 1)
+
+
+async def test_crash_mid_batch_hands_unstarted_envelopes_to_the_replacement() -> None:
+    log: list[int] = []
+    ref = probe_ref("batcher")
+    # Fill the mailbox before the actor starts, so that one batch holds all of them.
+    replies: dict[int, object] = {}
+    all_answered = anyio.Event()
+
+    async def ask(message: Any, key: int) -> None:
+        try:
+            replies[key] = await ref.ask(message)
+        except HiveError as exc:
+            replies[key] = type(exc)
+        if len(replies) == 4:
+            all_answered.set()
+
+    async with anyio.create_task_group() as asks:
+        for key, message in enumerate([Echo(1), Boom(), Echo(3), Echo(4)], start=1):
+            asks.start_soon(ask, message, key)
+            await anyio.wait_all_tasks_blocked()  # enqueued in this order
+        async with supervised([ChildSpec(ref, lambda: Batcher(log))]) as supervisor:
+            with anyio.fail_after(5):
+                await all_answered.wait()
+            assert supervisor.restarts == {"batcher": 1}
+    assert replies == {1: 2, 2: ActorFailedError, 3: 4, 4: 5}
+    assert log == [1, 3, 4]
+
+
+async def test_restart_intensity_stops_the_supervisor_with_the_cause() -> None:
+    ref = probe_ref()
+    supervisor = Supervisor(
+        [ChildSpec(ref, lambda: Probe([], anyio.Event()))],
+        max_restarts=2,
+        restart_window=60.0,
+        shutdown_timeout=5.0,
+    )
+    errors: list[type[BaseException]] = []
+    with pytest.raises(BaseExceptionGroup) as caught:  # noqa: PT012
+        async with anyio.create_task_group() as tg:
+            await tg.start(supervisor.run)
+            for _ in range(5):
+                try:
+                    await ref.ask(Boom())
+                except HiveError as exc:
+                    errors.append(type(exc))
+    assert caught.group_contains(RuntimeFailedError, depth=2)
+    matched, _ = caught.value.split(RuntimeFailedError)
+    assert matched is not None
+    failure = leaves(matched)[0]
+    assert isinstance(failure, RuntimeFailedError)
+    assert failure.actor == "probe"
+    assert isinstance(failure.__cause__, ZeroDivisionError)
+    # Three crashes answered with ActorFailedError; the third exceeded the intensity.
+    assert errors[:3] == [ActorFailedError] * 3
+    assert set(errors[3:]) <= {RuntimeStoppedError}
+
+
+async def test_restart_intensity_stops_the_runtime_and_raises_the_cause(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault in the storage actor's handler, past the intensity, ends Runtime.open."""
+
+    async def broken(self: StorageActor, read: object) -> object:
+        raise RuntimeError("disk gremlin")
+
+    monkeypatch.setattr(StorageActor, "_read_events", broken)
+    config = RuntimeConfig(max_restarts=2)
+    seen: list[type[BaseException]] = []
+    with anyio.fail_after(10), pytest.raises(RuntimeFailedError) as caught:  # noqa: PT012
+        async with Runtime.open(db_path, config=config) as runtime:
+            await runtime.publish("before.crash")
+            for _ in range(10):
+                try:
+                    await runtime.read_events()
+                except HiveError as exc:
+                    seen.append(type(exc))
+            pytest.fail("the runtime should have stopped")
+    assert caught.value.actor == "storage"
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    assert "disk gremlin" in str(caught.value)
+    assert seen[:3] == [ActorFailedError] * 3
+
+
+async def test_start_up_failure_reaches_the_starter() -> None:
+    class BadStart(Actor[Any]):
+        async def started(self) -> None:
+            raise OSError("cannot open the thing")
+
+    supervisor = Supervisor(
+        [ChildSpec(probe_ref(), BadStart)],
+        max_restarts=3,
+        restart_window=60.0,
+        shutdown_timeout=1.0,
+    )
+    with pytest.raises(BaseExceptionGroup) as caught:
+        async with anyio.create_task_group() as tg:
+            await tg.start(supervisor.run)
+    assert caught.group_contains(OSError, match="cannot open the thing")
+
+
+async def test_ask_deadline_raises_request_timeout() -> None:
+    gate = anyio.Event()
+    ref = probe_ref()
+    async with supervised([ChildSpec(ref, lambda: Probe([], gate))], shutdown_timeout=0.5):
+        with anyio.fail_after(5), pytest.raises(RequestTimeoutError) as caught:
+            await ref.ask(Hold(), timeout=0.05)
+        assert caught.value.actor == "probe"
+        assert caught.value.message == "Hold"
+        gate.set()
+
+
+async def test_a_cancelled_asker_does_not_hurt_the_actor() -> None:
+    gate = anyio.Event()
+    log: list[int] = []
+    ref = probe_ref()
+    async with supervised([ChildSpec(ref, lambda: Probe(log, gate))]) as supervisor:
+        with anyio.move_on_after(0.05) as scope:
+            await ref.ask(Hold())
+        assert scope.cancelled_caught
+        gate.set()  # The actor now answers an asker that has gone away.
+        assert await ref.ask(Echo(7)) == 8
+        assert supervisor.restarts == {"probe": 1}  # Hold crashes after its gate, by design
+
+
+async def test_no_asker_hangs_when_the_runtime_stops_past_its_deadline() -> None:
+    gate = anyio.Event()  # never set: the actor is stuck on the first Hold
+    ref = probe_ref()
+    outcomes: list[type[BaseException]] = []
+
+    async def ask(message: Any) -> None:
+        try:
+            await ref.ask(message, timeout=30)
+        except HiveError as exc:
+            outcomes.append(type(exc))
+
+    with anyio.fail_after(10):
+        async with (
+            anyio.create_task_group() as askers,
+            supervised([ChildSpec(ref, lambda: Probe([], gate))], shutdown_timeout=0.2),
+        ):
+            askers.start_soon(ask, Hold())
+            await anyio.wait_all_tasks_blocked()
+            for n in range(5):
+                askers.start_soon(ask, Echo(n))
+            await anyio.wait_all_tasks_blocked()
+    assert outcomes == [RuntimeStoppedError] * 6
+    with pytest.raises(RuntimeStoppedError):
+        await ref.ask(Echo(1))
+
+
+async def test_shutdown_drains_mailboxes_then_stops_in_reverse_start_order() -> None:
+    stopped: list[str] = []
+    logs: dict[str, list[int]] = {"first": [], "second": []}
+    refs = {name: probe_ref(name) for name in logs}
+    specs = [
+        ChildSpec(refs[name], lambda name=name: Probe(logs[name], anyio.Event(), stopped))
+        for name in logs
+    ]
+    async with supervised(specs):
+        for n in range(50):
+            for ref in refs.values():
+                await ref.tell(Record(n))
+    assert logs == {"first": list(range(50)), "second": list(range(50))}
+    assert stopped == ["second", "first"]
+
+
+async def test_runtime_block_leaves_no_task_behind(db_path: str) -> None:
+    async with Runtime.open(db_path) as runtime:
+        await runtime.publish("x.y")
+    # Everything the runtime started has ended: a closed runtime refuses politely.
+    with pytest.raises(RuntimeStoppedError, match="closed"):
+        await runtime.publish("x.y")
+
+
+async def test_an_app_exception_comes_out_of_the_block_unwrapped(db_path: str) -> None:
+    with pytest.raises(KeyError, match="app bug"):
+        async with Runtime.open(db_path):
+            raise KeyError("app bug")

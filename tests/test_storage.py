@@ -1,0 +1,208 @@
+"""The storage actor: group commit, durability of replies, atomicity under cancellation,
+isolation of a faulty write. Runs against both drivers (aiosqlite and the worker thread)."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Literal
+
+import anyio
+import anyio.lowlevel
+import msgspec
+import pytest
+
+from hive_orchestration import RuntimeConfig
+from hive_orchestration.errors import StorageError
+from hive_orchestration.messages.events import Event, JsonValue
+from hive_orchestration.messages.storage import (
+    AppendEvent,
+    GetStorageStats,
+    ReadEvents,
+    StorageMessage,
+    Write,
+)
+from hive_orchestration.runtime import ActorRef, ChildSpec, Supervisor
+from hive_orchestration.storage import StorageActor
+
+pytestmark = pytest.mark.anyio
+
+Driver = Literal["aiosqlite", "thread"]
+
+
+@pytest.fixture(params=["aiosqlite", "thread"])
+def driver(request: pytest.FixtureRequest, anyio_backend: str) -> Driver:
+    if request.param == "aiosqlite" and anyio_backend == "trio":
+        pytest.skip("aiosqlite runs only on asyncio")
+    return request.param  # type: ignore[no-any-return]
+
+
+@asynccontextmanager
+async def storage(
+    db_path: str, driver: Driver, **config: object
+) -> AsyncIterator[ActorRef[StorageMessage]]:
+    cfg = RuntimeConfig.from_mapping({"storage_driver": driver, **config})
+    ref: ActorRef[StorageMessage] = ActorRef("storage", mailbox_size=4096, ask_timeout=30.0)
+    supervisor = Supervisor(
+        [ChildSpec(ref, lambda: StorageActor(db_path, cfg))],
+        max_restarts=0,
+        restart_window=10.0,
+        shutdown_timeout=10.0,
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+        try:
+            yield ref
+        finally:
+            await supervisor.stop()
+
+
+def append(kind: str, **data: JsonValue) -> AppendEvent:
+    event = Event(type=kind, timestamp=1.0, source="test", data=data)
+    return AppendEvent(event, msgspec.json.encode(data))
+
+
+def stored_events(db_path: str) -> list[tuple[int, str, str]]:
+    with sqlite3.connect(db_path) as conn:
+        return conn.execute("SELECT seq, type, data FROM events ORDER BY seq").fetchall()
+
+
+async def test_group_commit_batches_concurrent_writes(db_path: str, driver: Driver) -> None:
+    writers = 100
+    async with storage(db_path, driver) as ref:
+        seqs: list[int] = []
+
+        async def write(i: int) -> None:
+            committed = await ref.ask(Write(ops=(append("w", i=i),)))
+            seqs.extend(committed.seqs)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(writers):
+                tg.start_soon(write, i)
+        stats = await ref.ask(GetStorageStats())
+    assert sorted(seqs) == list(range(1, writers + 1))
+    assert stats.writes == writers
+    # 100 concurrent writers share a handful of transactions, not one each.
+    assert stats.transactions <= writers // 10, stats
+    assert stats.largest_batch >= 10
+    assert len(stored_events(db_path)) == writers
+
+
+async def test_a_reply_means_the_write_is_on_disk(db_path: str, driver: Driver) -> None:
+    """Each acknowledged write is visible to a separate connection at once (committed)."""
+    async with storage(db_path, driver) as ref:
+        for i in range(5):
+            committed = await ref.ask(Write(ops=(append("d", i=i),)))
+            rows = stored_events(db_path)
+            assert rows[-1][0] == committed.seqs[0]
+            assert msgspec.json.decode(rows[-1][2]) == {"i": i}
+
+
+async def test_ops_of_one_write_apply_in_order_with_consecutive_seqs(
+    db_path: str, driver: Driver
+) -> None:
+    async with storage(db_path, driver) as ref:
+        committed = await ref.ask(Write(ops=tuple(append(f"op{i}") for i in range(4))))
+        events = await ref.ask(ReadEvents(after=0, limit=10))
+    assert committed.seqs == (1, 2, 3, 4)
+    assert [e.type for e in events] == ["op0", "op1", "op2", "op3"]
+    assert [e.seq for e in events] == [1, 2, 3, 4]
+
+
+async def test_cancelled_writers_leave_no_partial_write(db_path: str, driver: Driver) -> None:
+    """Writers cancelled at random points: each 3-op write is all there or not at all,
+    and the connection is never left inside a transaction that a later commit would finish."""
+    rng = random.Random(1234)
+    acknowledged: set[int] = set()
+    async with storage(db_path, driver) as ref:
+
+        async def write(i: int, delay: float) -> None:
+            with anyio.move_on_after(delay):
+                ops = tuple(append("part", write=i, part=p) for p in range(3))
+                await ref.ask(Write(ops=ops))
+                acknowledged.add(i)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(150):
+                tg.start_soon(write, i, rng.choice([0, 0, 0.0001, 0.0005, 0.001, 0.005, 1.0]))
+                if i % 10 == 0:
+                    await anyio.lowlevel.checkpoint()
+        # A last, uncancelled write commits only itself.
+        final = await ref.ask(Write(ops=(append("final"),)))
+        events = await ref.ask(ReadEvents(after=0, limit=10_000))
+    parts: dict[int, list[int]] = {}
+    for event in events[:-1]:
+        assert isinstance(event.data["write"], int)
+        assert isinstance(event.data["part"], int)
+        parts.setdefault(event.data["write"], []).append(event.data["part"])
+    assert all(p == [0, 1, 2] for p in parts.values()), parts
+    assert acknowledged <= set(parts)  # every acknowledged write is there
+    # The random deadlines really cut writers short at different points.
+    assert 0 < len(acknowledged) < 150
+    assert events[-1].type == "final"
+    assert events[-1].seq == final.seqs[0]
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))  # no gap
+
+
+async def test_one_faulty_write_does_not_fail_its_batch(db_path: str, driver: Driver) -> None:
+    """A write that breaks a constraint fails alone; the rest of its batch commits."""
+    # A Struct is not validated when built: this event's type (NOT NULL) is None.
+    bad_event = Event(type=None, timestamp=1.0, source="test")  # type: ignore[arg-type]
+    bad = Write(ops=(append("before-bad"), AppendEvent(bad_event, b"{}")))
+    outcomes: dict[int, object] = {}
+    async with storage(db_path, driver) as ref:
+
+        async def write(i: int, message: Write) -> None:
+            try:
+                outcomes[i] = (await ref.ask(message)).seqs
+            except StorageError as exc:
+                outcomes[i] = exc
+
+        async with anyio.create_task_group() as tg:
+            for i in range(30):
+                tg.start_soon(write, i, bad if i == 15 else Write(ops=(append("ok", i=i),)))
+        events = await ref.ask(ReadEvents(after=0, limit=100))
+        stats = await ref.ask(GetStorageStats())
+    assert isinstance(outcomes.pop(15), StorageError)
+    assert all(isinstance(seqs, tuple) for seqs in outcomes.values())
+    # Nothing of the faulty write (not even its first, valid op), and no gap in seqs.
+    assert [e.type for e in events] == ["ok"] * 29
+    assert [e.seq for e in events] == list(range(1, 30))
+    assert stats.failed_writes == 1
+    assert stats.writes == 29
+
+
+async def test_seqs_continue_after_reopen(db_path: str, driver: Driver) -> None:
+    async with storage(db_path, driver) as ref:
+        await ref.ask(Write(ops=(append("a"), append("b"))))
+    async with storage(db_path, driver) as ref:
+        committed = await ref.ask(Write(ops=(append("c"),)))
+        stats = await ref.ask(GetStorageStats())
+    assert committed.seqs == (3,)
+    assert stats.last_seq == 3
+
+
+async def test_synchronous_setting_is_applied(db_path: str, driver: Driver) -> None:
+    async with storage(db_path, driver, synchronous="NORMAL") as ref:
+        stats = await ref.ask(GetStorageStats())
+    assert stats.synchronous == "NORMAL"
+    assert stats.driver == driver
+
+
+async def test_a_locked_database_fails_the_write_cleanly(db_path: str, driver: Driver) -> None:
+    """SQLite refusing a write is a StorageError for the writer; the actor keeps serving."""
+    async with storage(db_path, driver, busy_timeout=0.05) as ref:
+        await ref.ask(Write(ops=(append("before"),)))
+        with sqlite3.connect(db_path) as other:
+            # Another process holds the write lock past the busy timeout.
+            other.execute("PRAGMA busy_timeout=0")
+            other.execute("BEGIN IMMEDIATE")
+            with pytest.raises(StorageError, match="locked"):
+                await ref.ask(Write(ops=(append("while-locked"),)))
+            other.rollback()
+        committed = await ref.ask(Write(ops=(append("after"),)))
+        events = await ref.ask(ReadEvents(after=0, limit=10))
+    assert [e.type for e in events] == ["before", "after"]
+    assert committed.seqs == (2,)
