@@ -74,7 +74,7 @@ def encode_json_object(
     _check_json(value, field, max_depth)
     try:
         encoded = _encoder.encode(value)
-    except (TypeError, ValueError, OverflowError) as exc:  # pragma: no cover - checked above
+    except (TypeError, ValueError, OverflowError) as exc:  # e.g. a Mapping that is not a dict
         raise InvalidInputError(field, f"cannot be encoded as JSON: {exc}") from None
     if len(encoded) > max_bytes:
         raise InvalidInputError(

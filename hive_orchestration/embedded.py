@@ -66,6 +66,8 @@ def _decode_object(data: bytes) -> dict[str, JsonValue]:
 
 
 class MailboxStats(msgspec.Struct, frozen=True):
+    """One mailbox: messages queued, its capacity, and senders waiting for room."""
+
     queued: int
     capacity: int
     waiting_senders: int

@@ -404,3 +404,34 @@ async def test_an_app_exception_comes_out_of_the_block_unwrapped(db_path: str) -
     with pytest.raises(KeyError, match="app bug"):
         async with Runtime.open(db_path):
             raise KeyError("app bug")
+
+
+async def test_every_restart_is_published_as_a_durable_event(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = StorageActor._read_events
+    faults = [RuntimeError("transient fault")]
+
+    async def flaky(self: StorageActor, read: Any) -> Any:
+        if faults:
+            raise faults.pop()
+        return await original(self, read)
+
+    monkeypatch.setattr(StorageActor, "_read_events", flaky)
+    async with Runtime.open(db_path) as runtime:
+        async with runtime.subscribe("actor.*") as live:
+            with pytest.raises(ActorFailedError, match="transient fault"):
+                await runtime.read_events()
+            with anyio.fail_after(5):
+                event = await live.receive()
+        assert event.type == "actor.restarted"
+        assert event.source == "supervisor"
+        assert event.data == {
+            "actor": "storage",
+            "restarts": 1,
+            "error_type": "RuntimeError",
+            "error": "transient fault",
+        }
+        logged = await runtime.read_events()
+        assert [e.type for e in logged] == ["actor.restarted"]
+        assert (await runtime.statistics()).restarts == {"broadcast": 0, "storage": 1}
