@@ -9,6 +9,7 @@ naming the field, and never a crash inside an actor.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 
 import msgspec
@@ -19,7 +20,18 @@ __all__ = ["encode_json_object", "check_identifier", "check_optional_text", "che
 
 _SQLITE_MIN = -(2**63)
 _SQLITE_MAX = 2**63 - 1
-_encoder = msgspec.json.Encoder()
+# C0, DEL and C1: the characters Unicode calls "control" (category Cc).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _mapping_to_dict(value: object) -> object:
+    # msgspec encodes dicts natively; any other Mapping (checked before) is encoded as one.
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} is not a JSON value")
+
+
+_encoder = msgspec.json.Encoder(enc_hook=_mapping_to_dict)
 
 
 def check_identifier(value: object, field: str, *, max_length: int = 256) -> str:
@@ -31,7 +43,7 @@ def check_identifier(value: object, field: str, *, max_length: int = 256) -> str
     if len(value) > max_length:
         raise InvalidInputError(field, f"must be at most {max_length} characters")
     _check_text(value, field)
-    if any(ord(ch) < 0x20 for ch in value):
+    if _CONTROL.search(value):
         raise InvalidInputError(field, "must not contain control characters")
     return value
 
@@ -74,7 +86,7 @@ def encode_json_object(
     _check_json(value, field, max_depth)
     try:
         encoded = _encoder.encode(value)
-    except (TypeError, ValueError, OverflowError) as exc:  # e.g. a Mapping that is not a dict
+    except (TypeError, ValueError, OverflowError) as exc:  # pragma: no cover - checked above
         raise InvalidInputError(field, f"cannot be encoded as JSON: {exc}") from None
     if len(encoded) > max_bytes:
         raise InvalidInputError(

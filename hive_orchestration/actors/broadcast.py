@@ -62,7 +62,7 @@ def _matches_filters(event: Event, filters: tuple[tuple[str, str], ...]) -> bool
         if key in _EVENT_FIELDS:
             if getattr(event, key) != wanted:
                 return False
-        elif str(event.data.get(key)) != wanted:
+        elif key not in event.data or str(event.data[key]) != wanted:
             return False
     return True
 
