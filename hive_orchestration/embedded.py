@@ -95,6 +95,7 @@ class Subscription:
         self.pattern = pattern
         #: The sequence number of the last event received.
         self.last_seq = 0
+        self._lagged: SubscriberLaggedError | None = None
 
     def __aiter__(self) -> Subscription:
         return self
@@ -106,13 +107,17 @@ class Subscription:
             raise StopAsyncIteration from None
 
     async def receive(self) -> Event:
-        """The next event; :class:`RuntimeStoppedError` once the runtime stopped."""
+        """The next event; :class:`RuntimeStoppedError` once the runtime stopped, and
+        :class:`SubscriberLaggedError` (every time) once the subscriber was dropped."""
+        if self._lagged is not None:
+            raise SubscriberLaggedError(self._lagged.last_seq)
         try:
             item = await self._receive.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             raise RuntimeStoppedError("the subscription ended: the runtime stopped") from None
         if isinstance(item, Lagged):
-            raise SubscriberLaggedError(item.last_seq)
+            self._lagged = SubscriberLaggedError(item.last_seq)
+            raise self._lagged
         self.last_seq = item.seq
         return item
 

@@ -1,0 +1,393 @@
+"""The broadcast actor, end to end through a real runtime on a real SQLite file.
+
+Covers pattern matching, filters, ordering (also under concurrent publishers), fan-out to
+several subscribers, isolation from a stuck subscriber (both overflow policies), removal of
+subscribers that leave or crash, replay after lag, and the end of iteration at shutdown.
+
+No test sleeps to wait for delivery: ``Runtime.publish`` returns after its event was handed
+to the broadcast actor, and ``Runtime.statistics()`` asks the broadcast actor, so awaiting
+it is a barrier behind every earlier publish (its mailbox is handled in order).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+from contextlib import AsyncExitStack
+from typing import Any
+
+import anyio
+import pytest
+from anyio.abc import TaskStatus
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hive_orchestration.actors.broadcast import compile_pattern
+from hive_orchestration.config import RuntimeConfig
+from hive_orchestration.embedded import Runtime, Subscription
+from hive_orchestration.errors import RuntimeStoppedError, SubscriberLaggedError
+from hive_orchestration.messages.events import Event
+
+pytestmark = pytest.mark.anyio
+
+# Generous: only there so that a bug fails fast instead of hanging.
+TIMEOUT = 20
+
+
+async def _receive_n(sub: Subscription, n: int) -> list[Event]:
+    with anyio.fail_after(TIMEOUT):
+        return [await sub.receive() for _ in range(n)]
+
+
+# -- patterns -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pattern", "event_type", "expected"),
+    [
+        ("*", "task.created", True),
+        ("*", "x", True),
+        ("task.*", "task.created", True),
+        ("task.*", "task.a.b", True),
+        ("task.*", "task.", True),
+        ("task.*", "taskx.created", False),
+        ("task.*", "task", False),
+        ("task.*", "Task.created", False),
+        ("task.*", "plan.task.created", False),
+        ("plan.completed", "plan.completed", True),
+        ("plan.completed", "plan.completedx", False),
+        ("plan.completed", "plan_completed", False),
+        ("plan.completed", "xplan.completed", False),
+        ("task.?", "task.a", True),
+        ("task.?", "task.ab", False),
+        ("task.?", "task.", False),
+        ("task.[cu]*", "task.created", True),
+        ("task.[cu]*", "task.updated", True),
+        ("task.[cu]*", "task.failed", False),
+        ("task.[!c]*", "task.failed", True),
+        ("task.[!c]*", "task.created", False),
+        ("*.completed", "plan.completed", True),
+        ("*.completed", "plan.completed.not", False),
+        ("t*.*d", "task.created", True),
+        ("t*.*d", "task.create", False),
+    ],
+)
+def test_compile_pattern(pattern: str, event_type: str, expected: bool) -> None:
+    assert compile_pattern(pattern)(event_type) is expected
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(
+    pattern=st.text(alphabet="ab.*?[]!", min_size=1, max_size=8),
+    event_type=st.text(alphabet="ab.[]", min_size=1, max_size=8),
+)
+def test_compile_pattern_agrees_with_fnmatchcase(pattern: str, event_type: str) -> None:
+    # The fast paths ("*", exact, "prefix.*") must mean what the glob means.
+    assert compile_pattern(pattern)(event_type) is fnmatch.fnmatchcase(event_type, pattern)
+
+
+EVENT_TYPES = [
+    "task.created",
+    "taskx.created",
+    "task.updated",
+    "task.a",
+    "plan.completed",
+    "plan.completedx",
+    "plan.created",
+    "task",
+    "task.b.c",
+]
+
+# Written out by hand, not computed with compile_pattern, so that a wrong matcher fails.
+PATTERN_EXPECTATIONS = {
+    "*": EVENT_TYPES,
+    "task.*": ["task.created", "task.updated", "task.a", "task.b.c"],
+    "plan.completed": ["plan.completed"],
+    "task.?": ["task.a"],
+    "task.[cu]*": ["task.created", "task.updated"],
+    "*.completed": ["plan.completed"],
+    "nothing.matches": [],
+}
+
+
+async def test_patterns_end_to_end(db_path: str) -> None:
+    async with Runtime.open(db_path) as rt, AsyncExitStack() as stack:
+        subs = {
+            pattern: await stack.enter_async_context(rt.subscribe(pattern))
+            for pattern in PATTERN_EXPECTATIONS
+        }
+        for event_type in EVENT_TYPES:
+            await rt.publish(event_type, {"type": event_type})
+        stats = await rt.statistics()  # barrier: every publish has been fanned out
+        for pattern, expected in PATTERN_EXPECTATIONS.items():
+            got = await _receive_n(subs[pattern], len(expected))
+            assert [e.type for e in got] == expected, pattern
+        # Nothing beyond the expected deliveries happened.
+        assert stats.broadcast.published == len(EVENT_TYPES)
+        assert stats.broadcast.delivered == sum(map(len, PATTERN_EXPECTATIONS.values()))
+
+
+# -- filters --------------------------------------------------------------------------------
+
+
+async def test_filters_on_event_fields_and_data_keys(db_path: str) -> None:
+    published: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+        ("task.created", {"color": "red"}, {"task_id": "t1"}),
+        ("task.created", {"color": "blue"}, {"task_id": "t2"}),
+        ("plan.created", {"count": 3}, {"task_id": "t1", "source": "worker"}),
+        ("task.updated", {"count": "3", "color": "red"}, {"correlation_id": "c9"}),
+        ("task.updated", {"count": 30}, {"source": "worker", "task_id": "t1"}),
+    ]
+    # (pattern, filters) -> indexes of the published events it must receive, in order.
+    expectations: list[tuple[str, dict[str, str], list[int]]] = [
+        ("*", {"task_id": "t1"}, [0, 2, 4]),
+        ("*", {"color": "red"}, [0, 3]),
+        ("*", {"count": "3"}, [2, 3]),  # data values compare as strings
+        ("*", {"source": "worker"}, [2, 4]),
+        ("*", {"correlation_id": "c9"}, [3]),
+        ("task.*", {"task_id": "t1"}, [0, 4]),
+        ("*", {"task_id": "t1", "source": "worker"}, [2, 4]),
+        ("*", {"task_id": "t3"}, []),
+    ]
+    async with Runtime.open(db_path) as rt, AsyncExitStack() as stack:
+        subs = [
+            await stack.enter_async_context(rt.subscribe(pattern, **filters))
+            for pattern, filters, _ in expectations
+        ]
+        events = [
+            await rt.publish(event_type, data, **fields) for event_type, data, fields in published
+        ]
+        stats = await rt.statistics()
+        for sub, (pattern, filters, indexes) in zip(subs, expectations, strict=True):
+            got = await _receive_n(sub, len(indexes))
+            assert got == [events[i] for i in indexes], (pattern, filters)
+        assert stats.broadcast.delivered == sum(len(i) for _, _, i in expectations)
+
+
+async def test_data_filter_does_not_match_a_missing_key(db_path: str) -> None:
+    # A filter on a data key the event lacks must not match, whatever the wanted value.
+    async with Runtime.open(db_path) as rt, rt.subscribe(color="None") as sub:
+        await rt.publish("paint", {"shape": "square"})  # no "color" at all
+        wanted = await rt.publish("paint", {"color": "None"})
+        (first,) = await _receive_n(sub, 1)
+        assert first == wanted
+
+
+# -- ordering and fan-out -------------------------------------------------------------------
+
+
+async def test_events_arrive_in_publication_order(db_path: str) -> None:
+    async with Runtime.open(db_path) as rt, rt.subscribe() as sub:
+        published = [await rt.publish("step", {"i": i}) for i in range(50)]
+        got = await _receive_n(sub, 50)
+    assert got == published
+    assert [e.seq for e in got] == list(range(1, 51))
+
+
+async def test_concurrent_publishers_are_seen_in_seq_order(db_path: str) -> None:
+    publishers, per_publisher = 4, 30
+    total = publishers * per_publisher
+    async with Runtime.open(db_path) as rt, rt.subscribe() as a, rt.subscribe("work.*") as b:
+
+        async def publish(p: int) -> None:
+            for i in range(per_publisher):
+                await rt.publish("work.done", {"p": p, "i": i}, source=f"pub{p}")
+
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                for p in range(publishers):
+                    tg.start_soon(publish, p)
+        got_a = await _receive_n(a, total)
+        got_b = await _receive_n(b, total)
+        log = await rt.read_events(limit=total + 1)
+
+    seqs = [e.seq for e in got_a]
+    assert all(x < y for x, y in itertools.pairwise(seqs))
+    assert got_a == got_b == log  # every subscriber sees exactly the durable log, in order
+    for p in range(publishers):
+        mine = [e.data["i"] for e in got_a if e.data["p"] == p]
+        assert mine == list(range(per_publisher))  # each publisher's own order is kept
+
+
+async def test_every_subscriber_gets_every_matching_event(db_path: str) -> None:
+    types = ["task.created", "plan.created", "task.done"] * 10
+    async with Runtime.open(db_path) as rt, AsyncExitStack() as stack:
+        everything = [await stack.enter_async_context(rt.subscribe()) for _ in range(3)]
+        tasks_only = await stack.enter_async_context(rt.subscribe("task.*"))
+        published = [await rt.publish(t, {"n": n}) for n, t in enumerate(types)]
+        stats = await rt.statistics()
+        for sub in everything:
+            assert await _receive_n(sub, len(published)) == published
+        task_events = [e for e in published if e.type.startswith("task.")]
+        assert await _receive_n(tasks_only, len(task_events)) == task_events
+    assert stats.broadcast.subscribers == 4
+    assert stats.broadcast.delivered == 3 * len(published) + len(task_events)
+
+
+# -- a slow subscriber does not slow the others ---------------------------------------------
+
+N_EVENTS = 200
+SMALL_BUFFER = 5
+
+
+async def test_stuck_subscriber_does_not_slow_the_others(db_path: str) -> None:
+    async with (
+        Runtime.open(db_path) as rt,
+        rt.subscribe(buffer=SMALL_BUFFER) as stuck,  # never reads while events flow
+        rt.subscribe() as fast,
+    ):
+        fast_got: list[Event] = []
+
+        async def read_fast() -> None:
+            for _ in range(N_EVENTS):
+                fast_got.append(await fast.receive())
+
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read_fast)
+                published = [await rt.publish("job.progress", {"i": i}) for i in range(N_EVENTS)]
+
+        assert fast_got == published
+        stats = await rt.statistics()
+        assert stats.broadcast.lagged == 1
+        assert stats.broadcast.subscribers == 1  # the stuck one was let go, not kept growing
+
+        # When it finally reads: its buffered events, then the lag with the last seq it got.
+        buffered = await _receive_n(stuck, SMALL_BUFFER)
+        assert buffered == published[:SMALL_BUFFER]
+        with anyio.fail_after(TIMEOUT), pytest.raises(SubscriberLaggedError) as info:
+            await stuck.receive()
+        assert info.value.last_seq == published[SMALL_BUFFER - 1].seq
+
+        # The durable log has exactly what it missed: no gap, no duplicate.
+        missed = await rt.read_events(after=info.value.last_seq)
+        assert missed == published[SMALL_BUFFER:]
+
+
+@pytest.mark.parametrize("policy_from", ["config", "argument"])
+async def test_drop_policy_skips_overflow_for_that_subscriber_only(
+    db_path: str, policy_from: str
+) -> None:
+    if policy_from == "config":
+        config, kwargs = RuntimeConfig(subscriber_overflow="drop"), {}
+    else:
+        config, kwargs = RuntimeConfig(), {"overflow": "drop"}
+    async with (
+        Runtime.open(db_path, config=config) as rt,
+        rt.subscribe(buffer=SMALL_BUFFER, **kwargs) as stuck,
+        rt.subscribe(buffer=N_EVENTS + 10) as other,
+    ):
+        with anyio.fail_after(TIMEOUT):
+            published = [await rt.publish("job.progress", {"i": i}) for i in range(N_EVENTS)]
+        stats = await rt.statistics()
+        assert stats.broadcast.dropped == N_EVENTS - SMALL_BUFFER
+        assert stats.broadcast.lagged == 0
+        assert stats.broadcast.subscribers == 2  # still subscribed
+
+        assert await _receive_n(other, N_EVENTS) == published
+        assert await _receive_n(stuck, SMALL_BUFFER) == published[:SMALL_BUFFER]
+        # Nothing else was buffered (memory stayed bounded): the next event it gets is
+        # one published now, and it keeps receiving once it has room again.
+        sentinel = await rt.publish("job.done", None)
+        assert await _receive_n(stuck, 1) == [sentinel]
+        assert await _receive_n(other, 1) == [sentinel]
+        assert (await rt.statistics()).broadcast.dropped == N_EVENTS - SMALL_BUFFER
+
+
+async def test_lagged_subscriber_can_resubscribe_and_replay_without_gap(db_path: str) -> None:
+    async with Runtime.open(db_path) as rt:
+        async with rt.subscribe("a.*", buffer=2) as sub:
+            first = [await rt.publish("a.x", {"i": i}) for i in range(4)]
+            await rt.publish("b.x", None)  # not for this subscriber
+            assert await _receive_n(sub, 2) == first[:2]
+            with anyio.fail_after(TIMEOUT), pytest.raises(SubscriberLaggedError) as info:
+                await sub.receive()
+        last_seq = info.value.last_seq
+        assert last_seq == first[1].seq
+        # Catch up: subscribe for what comes next, then replay what was missed.
+        async with rt.subscribe("a.*") as again:
+            later = await rt.publish("a.x", {"i": 4})
+            replayed = [e for e in await rt.read_events(after=last_seq) if e.seq < later.seq]
+            assert await _receive_n(again, 1) == [later]
+        assert [e.seq for e in replayed] == list(range(last_seq + 1, later.seq))
+        assert [e for e in replayed if e.type.startswith("a.")] == first[2:]
+
+
+# -- subscribers that leave or crash --------------------------------------------------------
+
+
+async def test_subscriber_leaving_or_crashing_is_removed(db_path: str) -> None:
+    async with Runtime.open(db_path) as rt, rt.subscribe() as stays:
+        published = []
+        async with rt.subscribe() as leaves:
+            published.append(await rt.publish("a", None))
+            assert await _receive_n(leaves, 1) == published
+            assert (await rt.statistics()).broadcast.subscribers == 2
+        assert (await rt.statistics()).broadcast.subscribers == 1
+
+        async def crash() -> None:
+            async with rt.subscribe() as crashes:
+                published.append(await rt.publish("b", None))
+                await _receive_n(crashes, 1)
+                raise RuntimeError("boom")
+
+        with pytest.raises(RuntimeError, match="boom"):
+            await crash()
+        assert (await rt.statistics()).broadcast.subscribers == 1
+
+        # Publishing and the remaining subscriber are unaffected.
+        with anyio.fail_after(TIMEOUT):
+            published += [await rt.publish("c", {"i": i}) for i in range(10)]
+        assert await _receive_n(stays, len(published)) == published
+        stats = await rt.statistics()
+        assert stats.broadcast.subscribers == 1
+        assert stats.broadcast.lagged == 0
+
+
+async def test_subscriber_task_cancelled_while_waiting_is_removed(db_path: str) -> None:
+    async with Runtime.open(db_path) as rt, rt.subscribe() as stays:
+
+        async def waits_forever(*, task_status: TaskStatus[None]) -> None:
+            async with rt.subscribe() as sub:
+                task_status.started()
+                await sub.receive()
+                await sub.receive()  # never comes: the task is cancelled here
+
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                await tg.start(waits_forever)
+                assert (await rt.statistics()).broadcast.subscribers == 2
+                first = await rt.publish("a", None)
+                assert await _receive_n(stays, 1) == [first]
+                tg.cancel_scope.cancel()
+        assert (await rt.statistics()).broadcast.subscribers == 1
+        second = await rt.publish("b", None)
+        assert await _receive_n(stays, 1) == [second]
+
+
+# -- shutdown -------------------------------------------------------------------------------
+
+
+async def test_iteration_ends_cleanly_when_the_runtime_closes(db_path: str) -> None:
+    received: list[Event] = []
+    published: list[Event] = []
+    finished = anyio.Event()
+
+    async def consume(rt: Runtime, *, task_status: TaskStatus[None]) -> None:
+        async with rt.subscribe() as sub:
+            task_status.started()
+            async for event in sub:
+                received.append(event)
+            # Once the stream ended, receiving again says why.
+            with pytest.raises(RuntimeStoppedError):
+                await sub.receive()
+        finished.set()
+
+    with anyio.fail_after(TIMEOUT):
+        # The task group outlives the runtime, so the consumer sees the runtime stop.
+        async with anyio.create_task_group() as tg, Runtime.open(db_path) as rt:
+            await tg.start(consume, rt)
+            published += [await rt.publish("x", {"i": i}) for i in range(3)]
+            # Leaving Runtime.open stops the runtime; the consumer's loop must end on its own.
+    assert finished.is_set()
+    assert received == published  # what was published before closing was still delivered

@@ -1,0 +1,463 @@
+"""Bad input at the public API: a clear InvalidInputError naming the field, nothing written.
+
+Every refusal is checked from the outside: the error's ``field``, an unchanged durable log
+(``read_events`` and the storage counters), no event fanned out, and a runtime that keeps
+working (the next valid publish gets the next sequence number).
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, cast
+
+import anyio
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hive_orchestration.config import RuntimeConfig
+from hive_orchestration.embedded import Runtime
+from hive_orchestration.errors import InvalidInputError
+from hive_orchestration.messages.events import Event
+
+pytestmark = pytest.mark.anyio
+
+TIMEOUT = 20
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+
+
+def _nested_lists(levels: int) -> object:
+    """``levels`` lists inside each other around a 0, built without recursion."""
+    value: object = 0
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def _nested_dicts(levels: int) -> object:
+    value: object = 0
+    for _ in range(levels):
+        value = {"k": value}
+    return value
+
+
+def _with_depth(levels: int) -> dict[str, object]:
+    """A payload whose containers nest ``levels`` deep, the top-level object included."""
+    return {"v": _nested_lists(levels - 1)}
+
+
+class _Checked:
+    """A runtime with one event already logged, to check that a refusal changed nothing."""
+
+    def __init__(self, rt: Runtime, first: Event) -> None:
+        self.rt = rt
+        self.first = first
+
+    async def assert_nothing_written(self) -> None:
+        stats = await self.rt.statistics()
+        assert stats.storage.last_seq == self.first.seq
+        assert stats.storage.writes == 1
+        assert stats.storage.failed_writes == 0
+        assert stats.broadcast.published == 1
+        assert await self.rt.read_events() == [self.first]
+
+    async def assert_still_works(self) -> None:
+        async with self.rt.subscribe() as sub:
+            ok = await self.rt.publish("still.works", {"ok": True})
+            assert ok.seq == self.first.seq + 1
+            with anyio.fail_after(TIMEOUT):
+                assert await sub.receive() == ok  # the bad input was never fanned out
+        assert await self.rt.read_events() == [self.first, ok]
+
+
+def _refused(err: pytest.ExceptionInfo[InvalidInputError], field: str) -> None:
+    """``field`` is exact, or a prefix when it ends with '*'."""
+    got = err.value.field
+    if field.endswith("*"):
+        assert got.startswith(field[:-1]), got
+    else:
+        assert got == field, got
+    assert isinstance(err.value, ValueError)  # callers catching ValueError see it too
+    assert str(err.value).startswith(f"invalid {got}: ")
+    assert err.value.reason
+
+
+# -- publish --------------------------------------------------------------------------------
+
+PublishCase = Callable[[], dict[str, Any]]
+
+
+def _publish_cases() -> Iterator[Any]:
+    def case(field: str, id: str, **kwargs: Any) -> Any:
+        kwargs.setdefault("event_type", "ok.type")
+        return pytest.param(lambda: kwargs, field, id=id)
+
+    def lazy(field: str, id: str, make: PublishCase) -> Any:
+        # For values too big to build at collection time (or to print in an id).
+        return pytest.param(lambda: {"event_type": "ok.type", **make()}, field, id=id)
+
+    # event_type
+    yield case("event_type", "type-empty", event_type="")
+    yield case("event_type", "type-blank", event_type="   ")
+    yield case("event_type", "type-int", event_type=42)
+    yield case("event_type", "type-none", event_type=None)
+    yield case("event_type", "type-bytes", event_type=b"task.created")
+    yield case("event_type", "type-newline", event_type="task\ncreated")
+    yield case("event_type", "type-nul", event_type="task\x00created")
+    yield case("event_type", "type-escape", event_type="task\x1b[31m")
+    yield case("event_type", "type-del", event_type="task\x7fcreated")
+    yield case("event_type", "type-c1-control", event_type="task\x85created")
+    yield case("event_type", "type-surrogate", event_type="task.\ud800")
+    yield case("event_type", "type-too-long", event_type="t" * 257)
+    # data: not an object
+    yield case("data", "data-list", data=[1, 2])
+    yield case("data", "data-str", data="{}")
+    yield case("data", "data-int", data=7)
+    # data: values JSON or SQLite cannot hold
+    yield case("data.x", "data-surrogate-value", data={"x": "ok \ud800"})
+    yield case("data.*", "data-surrogate-key", data={"\udfff": 1})
+    yield case("data.a.*", "data-nested-surrogate-key", data={"a": {"\ud800x": 1}})
+    yield case("data.a", "data-nan", data={"a": math.nan})
+    yield case("data.a", "data-inf", data={"a": math.inf})
+    yield case("data.a", "data-neg-inf", data={"a": -math.inf})
+    yield case("data.a.b[1]", "data-nested-inf", data={"a": {"b": [1.0, math.inf]}})
+    yield case("data.items[3]", "data-int-too-big", data={"items": [0, 1, 2, INT64_MAX + 1]})
+    yield case("data.n", "data-int-too-small", data={"n": INT64_MIN - 1})
+    yield case("data.n", "data-int-huge", data={"n": 10**100})
+    yield case("data", "data-int-key", data={1: "x"})
+    yield case("data", "data-none-key", data={None: "x"})
+    yield case("data.a", "data-nested-bool-key", data={"a": {True: 1}})
+    yield case("data.o", "data-object", data={"o": object()})
+    yield case("data.s", "data-set", data={"s": {1, 2}})
+    yield case("data.b", "data-bytes", data={"b": b"x"})
+    yield case("data.c", "data-complex", data={"c": 1j})
+    yield case("data.l[1].f", "data-function-in-list", data={"l": [0, {"f": print}]})
+    # data: nesting
+    yield lazy("data*", "data-depth-33", lambda: {"data": _with_depth(33)})
+    yield lazy("data*", "data-hostile-list-depth", lambda: {"data": {"x": _nested_lists(100_000)}})
+    yield lazy("data*", "data-hostile-dict-depth", lambda: {"data": _nested_dicts(100_000)})
+    yield lazy("data", "data-over-1mib", lambda: {"data": {"blob": "x" * (1024 * 1024)}})
+    # metadata
+    yield case("source", "source-none", source=None)
+    yield case("source", "source-empty", source="")
+    yield case("source", "source-int", source=1)
+    yield case("correlation_id", "correlation-int", correlation_id=123)
+    yield case("correlation_id", "correlation-blank", correlation_id=" ")
+    yield case("task_id", "task-bytes", task_id=b"t1")
+    yield case("task_id", "task-surrogate", task_id="t\ud800")
+    yield case("plan_id", "plan-list", plan_id=["p"])
+    yield case("worker_id", "worker-control", worker_id="w\n1")
+    yield case("worker_id", "worker-too-long", worker_id="w" * 257)
+
+
+@pytest.mark.parametrize(("make", "field"), list(_publish_cases()))
+async def test_publish_refuses_bad_input(db_path: str, make: PublishCase, field: str) -> None:
+    async with Runtime.open(db_path) as rt:
+        checked = _Checked(rt, await rt.publish("first", {"n": 1}))
+        kwargs = make()
+        with anyio.fail_after(TIMEOUT), pytest.raises(InvalidInputError) as err:
+            await rt.publish(**kwargs)
+        del kwargs  # a hostile value is freed before anything else runs
+        _refused(err, field)
+        await checked.assert_nothing_written()
+        await checked.assert_still_works()
+
+
+async def test_many_bad_payloads_then_a_good_one(db_path: str) -> None:
+    # A burst of refused payloads (hostile ones included) leaves the runtime untouched.
+    async with Runtime.open(db_path) as rt:
+        checked = _Checked(rt, await rt.publish("first", None))
+        for param in _publish_cases():
+            make, field = cast("tuple[PublishCase, str]", param.values)
+            if not field.startswith("data"):
+                continue
+            with pytest.raises(InvalidInputError):
+                await rt.publish(**make())
+        await checked.assert_nothing_written()
+        await checked.assert_still_works()
+
+
+async def test_payload_depth_limit_is_exact(db_path: str) -> None:
+    async with Runtime.open(db_path) as rt:
+        deepest = _with_depth(32)  # the default max_payload_depth
+        ok = await rt.publish("deep", deepest)
+        assert ok.data == deepest
+        assert (await rt.read_events())[0].data == deepest
+        with pytest.raises(InvalidInputError) as err:
+            await rt.publish("deep", _with_depth(33))
+        _refused(err, "data*")
+        assert (await rt.statistics()).storage.last_seq == ok.seq
+
+
+async def test_payload_depth_limit_from_config(db_path: str) -> None:
+    async with Runtime.open(db_path, config=RuntimeConfig(max_payload_depth=3)) as rt:
+        await rt.publish("ok", {"a": {"b": [1, 2]}})
+        with pytest.raises(InvalidInputError) as err:
+            await rt.publish("deep", {"a": {"b": [[1]]}})
+        _refused(err, "data.a.b*")
+        with pytest.raises(InvalidInputError):
+            await rt.publish("deep", {"a": [{"c": {}}]})
+        assert (await rt.statistics()).storage.last_seq == 1
+
+
+async def test_payload_size_limit_counts_encoded_bytes(db_path: str) -> None:
+    config = RuntimeConfig(max_payload_bytes=1024)
+    async with Runtime.open(db_path, config=config) as rt:
+        checked = _Checked(rt, await rt.publish("first", None))
+        # {"b":"..."} is 8 bytes plus the string: 1016 characters make exactly 1024 bytes.
+        fits = {"b": "x" * 1016}
+        assert len(msgspec.json.encode(fits)) == 1024
+        for too_big in (
+            {"b": "x" * 1017},
+            {"b": "é" * 509},  # 517 characters, but 1026 bytes of UTF-8
+            {"items": list(range(400))},
+        ):
+            with pytest.raises(InvalidInputError) as err:
+                await rt.publish("big", too_big)
+            _refused(err, "data")
+            assert "1024" in err.value.reason
+        await checked.assert_nothing_written()
+        ok = await rt.publish("big", fits)
+        assert ok.seq == checked.first.seq + 1
+        assert (await rt.read_events(after=checked.first.seq)) == [ok]
+
+
+async def test_boundary_values_are_accepted_and_round_trip(db_path: str) -> None:
+    data = {
+        "max": INT64_MAX,
+        "min": INT64_MIN,
+        "tiny": 5e-324,
+        "huge": 1.7976931348623157e308,
+        "neg_zero": -0.0,
+        "text": "é \u2028 \U0001f600 \x00 \x7f",
+        "": "empty key",
+        "nested": {"list": [None, True, False, 0, 1.5, "s", [], {}]},
+    }
+    async with Runtime.open(db_path) as rt:
+        ev = await rt.publish("edge.values", data, task_id="t", plan_id="p", worker_id="w")
+        (stored,) = await rt.read_events()
+    assert stored == ev
+    assert stored.data == data
+    assert msgspec.json.encode(stored.data) == msgspec.json.encode(data)  # same types too
+
+
+async def test_publish_with_a_mapping_that_is_not_a_dict(db_path: str) -> None:
+    # The signature takes any Mapping. Accepting it (as an equal dict) or refusing it as
+    # InvalidInputError on "data" are both clear; a crash or a partial write is not.
+    data = types.MappingProxyType({"a": 1, "nested": types.MappingProxyType({"b": [2]})})
+    async with Runtime.open(db_path) as rt:
+        checked = _Checked(rt, await rt.publish("first", None))
+        refused: InvalidInputError | None = None
+        try:
+            ev = await rt.publish("mapping", data)
+        except InvalidInputError as exc:
+            refused = exc
+        if refused is None:
+            assert ev.data == {"a": 1, "nested": {"b": [2]}}
+            assert (await rt.read_events(after=checked.first.seq)) == [ev]
+        else:
+            assert refused.field == "data"
+            await checked.assert_nothing_written()
+            await checked.assert_still_works()
+
+
+# -- read_events ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        pytest.param({"after": -1}, "after", id="after-negative"),
+        pytest.param({"after": "1"}, "after", id="after-str"),
+        pytest.param({"after": True}, "after", id="after-bool"),
+        pytest.param({"after": 1.0}, "after", id="after-float"),
+        pytest.param({"after": None}, "after", id="after-none"),
+        pytest.param({"after": 2**63}, "after", id="after-over-int64"),
+        pytest.param({"limit": 0}, "limit", id="limit-zero"),
+        pytest.param({"limit": -5}, "limit", id="limit-negative"),
+        pytest.param({"limit": 10**9}, "limit", id="limit-huge"),
+        pytest.param({"limit": 10_001}, "limit", id="limit-over-max"),
+        pytest.param({"limit": True}, "limit", id="limit-bool"),
+        pytest.param({"limit": "10"}, "limit", id="limit-str"),
+    ],
+)
+async def test_read_events_refuses_bad_input(
+    db_path: str, kwargs: dict[str, Any], field: str
+) -> None:
+    async with Runtime.open(db_path) as rt:
+        checked = _Checked(rt, await rt.publish("first", None))
+        with pytest.raises(InvalidInputError) as err:
+            await rt.read_events(**kwargs)
+        _refused(err, field)
+        await checked.assert_nothing_written()
+        await checked.assert_still_works()
+
+
+async def test_read_events_limits_are_inclusive(db_path: str) -> None:
+    async with Runtime.open(db_path) as rt:
+        first = await rt.publish("first", None)
+        assert await rt.read_events(after=INT64_MAX) == []
+        assert await rt.read_events(after=0, limit=10_000) == [first]
+        assert await rt.read_events(limit=1) == [first]
+
+
+# -- subscribe ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        pytest.param({"pattern": ""}, "pattern", id="pattern-empty"),
+        pytest.param({"pattern": "  "}, "pattern", id="pattern-blank"),
+        pytest.param({"pattern": None}, "pattern", id="pattern-none"),
+        pytest.param({"pattern": 5}, "pattern", id="pattern-int"),
+        pytest.param({"pattern": "task.\n*"}, "pattern", id="pattern-control"),
+        pytest.param({"pattern": "task.\ud800"}, "pattern", id="pattern-surrogate"),
+        pytest.param({"buffer": 0}, "buffer", id="buffer-zero"),
+        pytest.param({"buffer": -1}, "buffer", id="buffer-negative"),
+        pytest.param({"buffer": True}, "buffer", id="buffer-bool"),
+        pytest.param({"buffer": 1.5}, "buffer", id="buffer-float"),
+        pytest.param({"buffer": "5"}, "buffer", id="buffer-str"),
+        pytest.param({"buffer": 10**7}, "buffer", id="buffer-huge"),
+        pytest.param({"overflow": "sometimes"}, "overflow", id="overflow-unknown"),
+        pytest.param({"overflow": ""}, "overflow", id="overflow-empty"),
+        pytest.param({"overflow": 1}, "overflow", id="overflow-int"),
+        pytest.param({"task_id": 5}, "filters.task_id", id="filter-int"),
+        pytest.param({"task_id": None}, "filters.task_id", id="filter-none"),
+        pytest.param({"color": ""}, "filters.color", id="filter-empty"),
+        pytest.param({"color": "r\ud800"}, "filters.color", id="filter-surrogate"),
+        pytest.param({"color": "r\ned"}, "filters.color", id="filter-control"),
+    ],
+)
+async def test_subscribe_refuses_bad_input(
+    db_path: str, kwargs: dict[str, Any], field: str
+) -> None:
+    async with Runtime.open(db_path) as rt:
+        checked = _Checked(rt, await rt.publish("first", None))
+        with pytest.raises(InvalidInputError) as err:
+            async with rt.subscribe(**kwargs):
+                pytest.fail("subscribed with bad input")
+        _refused(err, field)
+        stats = await rt.statistics()
+        assert stats.broadcast.subscribers == 0  # nothing was registered
+        await checked.assert_nothing_written()
+        await checked.assert_still_works()
+
+
+# -- property: any JSON-like payload is either stored exactly or refused --------------------
+
+# st.text() never yields lone surrogates, whatever its alphabet: join characters for those.
+_clean_text = st.text(max_size=12)
+_bad_text = st.lists(
+    st.characters(exclude_categories=())
+    | st.characters(categories=["Cs"])
+    | st.characters(categories=["Cc"]),
+    min_size=1,
+    max_size=8,
+).map("".join)
+# Each kind of bad value is one branch among many, so that most payloads hold at most one.
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=INT64_MIN, max_value=INT64_MAX),
+    st.integers(),  # unbounded: sometimes past 64 bits
+    st.integers(min_value=INT64_MIN - 2, max_value=INT64_MIN + 2),
+    st.integers(min_value=INT64_MAX - 2, max_value=INT64_MAX + 2),
+    st.floats(),  # nan, inf and -inf included, but rarely: hence the next line
+    st.sampled_from([math.nan, math.inf, -math.inf, -0.0, 1e308]),
+    _clean_text,
+    _bad_text,
+)
+_json = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_clean_text, inner, max_size=4),
+    max_leaves=10,
+)
+_payloads = st.one_of(
+    st.none(),
+    st.dictionaries(_clean_text, _json, max_size=4),
+    st.dictionaries(_clean_text | _bad_text, _json, max_size=2),
+)
+_event_types = st.sampled_from(["task.created", "plan.completed", "x"]) | _clean_text | _bad_text
+
+
+def _payload_is_valid(value: object) -> bool:
+    """An independent oracle: what the runtime must accept (nesting stays shallow here)."""
+    if isinstance(value, str):
+        return not any(0xD800 <= ord(ch) <= 0xDFFF for ch in value)
+    if isinstance(value, bool) or value is None:
+        return True
+    if isinstance(value, int):
+        return INT64_MIN <= value <= INT64_MAX
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(map(_payload_is_valid, value))
+    if isinstance(value, dict):
+        return all(_payload_is_valid(k) and _payload_is_valid(v) for k, v in value.items())
+    raise AssertionError(f"the strategy made a {type(value).__name__}")
+
+
+def _type_is_surely_valid(value: str) -> bool:
+    return bool(value.strip()) and _payload_is_valid(value) and value.isprintable()
+
+
+def _type_is_surely_invalid(value: str) -> bool:
+    return (
+        not value.strip()
+        or not _payload_is_valid(value)
+        or any(ord(ch) < 0x20 for ch in value)
+        or len(value) > 256
+    )
+
+
+async def _check_examples(
+    examples: list[tuple[str, Mapping[str, object] | None]],
+) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with Runtime.open(":memory:") as rt, rt.subscribe(buffer=100) as sub:
+            accepted: list[Event] = []
+            for event_type, data in examples:
+                data_ok = data is None or _payload_is_valid(data)
+                refused: InvalidInputError | None = None
+                try:
+                    event = await rt.publish(event_type, data)
+                except InvalidInputError as exc:
+                    refused = exc
+                if refused is not None:
+                    if not data_ok:
+                        assert refused.field.startswith("data"), refused
+                    else:
+                        assert refused.field == "event_type", refused
+                        assert not _type_is_surely_valid(event_type), refused
+                    continue
+                assert data_ok, f"accepted invalid data {data!r}"
+                assert not _type_is_surely_invalid(event_type), event_type
+                expected = {} if data is None else data
+                assert event.type == event_type
+                assert event.data == expected
+                # Same JSON types too (True is not 1, 1.0 is not 1).
+                assert msgspec.json.encode(event.data) == msgspec.json.encode(expected)
+                accepted.append(event)
+            assert await rt.read_events() == accepted
+            assert [e.seq for e in accepted] == list(range(1, len(accepted) + 1))
+            assert [await sub.receive() for _ in accepted] == accepted
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@settings(
+    max_examples=50,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(examples=st.lists(st.tuples(_event_types, _payloads), min_size=1, max_size=8))
+def test_any_payload_is_stored_exactly_or_refused(
+    backend: str, examples: list[tuple[str, Mapping[str, object] | None]]
+) -> None:
+    # One runtime (":memory:") per generated batch of up to 8 publishes.
+    anyio.run(_check_examples, examples, backend=backend)
