@@ -8,6 +8,7 @@ Every value is validated when loaded; a bad one raises :class:`ConfigError` nami
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -96,7 +97,7 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
                     raw.update(tomllib.load(f))
             except OSError as exc:
                 raise ConfigError("toml_path", f"cannot read {str(toml_path)!r}: {exc}") from exc
-            except tomllib.TOMLDecodeError as exc:
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
                 raise ConfigError("toml_path", f"{str(toml_path)!r} is not TOML: {exc}") from exc
         environ = os.environ if env is None else env
         for key, value in environ.items():
@@ -104,7 +105,10 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
                 continue
             name = key[len(ENV_PREFIX) :].lower()
             if name.startswith("features__"):
-                raw.setdefault("features", {})[name[len("features__") :]] = value
+                features = raw.setdefault("features", {})
+                if not isinstance(features, dict):
+                    raise ConfigError("features", "must be a table of flags")
+                features[name[len("features__") :]] = value
             else:
                 raw[name] = value
         raw.update(overrides)
@@ -124,7 +128,11 @@ def _split_validation_error(exc: msgspec.ValidationError) -> tuple[str, str]:
     """Turn msgspec's "Expected `int`, got `str` - at `$.mailbox_size`" into parts."""
     text = str(exc)
     reason, sep, where = text.rpartition(" - at `")
+    path = where.rstrip("`").removeprefix("$").lstrip(".") if sep else ""
+    # msgspec names an unknown or missing field in the text: "unknown field `x`".
+    named = re.search(r"field `([^`]+)`", reason if sep else text)
+    if named is not None:
+        path = f"{path}.{named.group(1)}" if path else named.group(1)
     if not sep:
-        # msgspec names unknown or missing fields in the text itself.
-        return "config", text
-    return where.rstrip("`").removeprefix("$.").replace("$", "config") or "config", reason
+        return path or "config", text
+    return path or "config", reason

@@ -166,7 +166,18 @@ class AiosqliteDriver(Driver):
 
     @classmethod
     async def open(cls, path: str, busy_timeout: float) -> AiosqliteDriver:
-        return cls(await aiosqlite.connect(path, isolation_level=None, timeout=busy_timeout))
+        pending = aiosqlite.connect(path, isolation_level=None, timeout=busy_timeout)
+        try:
+            return cls(await pending)
+        except BaseException:
+            # On a failed connect aiosqlite asks its worker thread to stop but does not wait;
+            # a thread still running when the event loop closes raises "Event loop is
+            # closed". Wait for it, so that no thread outlives Runtime.open.
+            thread = getattr(pending, "_thread", None)
+            if thread is not None and thread.is_alive():
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(thread.join, 5.0)
+            raise
 
     async def execute(self, sql: str, params: Params = ()) -> None:
         await self._conn.execute(sql, params)

@@ -1,0 +1,367 @@
+"""Opening a database: schema, migrations, pragmas, file permissions and refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import threading
+from contextlib import closing
+from pathlib import Path
+
+import anyio
+import pytest
+
+from hive_orchestration import (
+    DEFAULT_DB_PATH,
+    SCHEMA_VERSION,
+    InvalidInputError,
+    NewerSchemaError,
+    Runtime,
+    RuntimeConfig,
+    StorageError,
+)
+
+pytestmark = pytest.mark.anyio
+
+TABLES = {
+    "tasks",
+    "runs",
+    "workers",
+    "planning_queue",
+    "execution_plans",
+    "plan_execution",
+    "events",
+}
+INDEXES = {
+    "idx_tasks_status",
+    "idx_tasks_priority",
+    "idx_runs_task_id",
+    "idx_runs_worker_id",
+    "idx_workers_status",
+    "idx_workers_role",
+    "idx_planning_queue_status",
+    "idx_execution_plans_status",
+    "idx_plan_execution_plan_id",
+}
+
+
+def _names(path: str, kind: str) -> set[str]:
+    with closing(sqlite3.connect(path)) as conn:
+        rows = conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = ? AND name NOT LIKE 'sqlite_%'",
+            (kind,),
+        ).fetchall()
+    return {name for (name,) in rows}
+
+
+def _pragma(path: str, name: str) -> object:
+    with closing(sqlite3.connect(path)) as conn:
+        return conn.execute(f"PRAGMA {name}").fetchone()[0]
+
+
+def _mode(path: Path) -> int:
+    return os.stat(path).st_mode
+
+
+def _read(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+
+
+def _fingerprint(path: Path) -> tuple[str, int, int]:
+    stat = os.stat(path)
+    return hashlib.sha256(_read(path)).hexdigest(), stat.st_mtime_ns, stat.st_size
+
+
+def _sidecars(path: Path) -> list[Path]:
+    return [p for p in (Path(f"{path}-wal"), Path(f"{path}-shm")) if p.exists()]
+
+
+# -- a fresh database -------------------------------------------------------------------
+
+
+async def test_fresh_database_has_every_table_and_index(db_path: str) -> None:
+    assert not Path(db_path).parent.exists()
+    async with Runtime.open(db_path) as runtime:
+        stats = await runtime.statistics()
+        assert stats.storage.schema_version == SCHEMA_VERSION
+        assert stats.storage.last_seq == 0
+    assert _names(db_path, "table") >= TABLES
+    assert _names(db_path, "index") >= INDEXES
+    assert _pragma(db_path, "user_version") == SCHEMA_VERSION
+    assert _pragma(db_path, "journal_mode") == "wal"
+    with closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+
+
+async def test_indexes_cover_the_named_columns(db_path: str) -> None:
+    async with Runtime.open(db_path):
+        pass
+    expected = {
+        "idx_tasks_status": ("tasks", ["status"]),
+        "idx_tasks_priority": ("tasks", ["priority", "created_at"]),
+        "idx_runs_task_id": ("runs", ["task_id"]),
+        "idx_runs_worker_id": ("runs", ["worker_id"]),
+        "idx_workers_status": ("workers", ["status"]),
+        "idx_workers_role": ("workers", ["role"]),
+        "idx_planning_queue_status": ("planning_queue", ["status"]),
+        "idx_execution_plans_status": ("execution_plans", ["status"]),
+        "idx_plan_execution_plan_id": ("plan_execution", ["plan_id"]),
+    }
+    with closing(sqlite3.connect(db_path)) as conn:
+        for index, (table, columns) in expected.items():
+            (owner,) = conn.execute(
+                "SELECT tbl_name FROM sqlite_master WHERE type = 'index' AND name = ?", (index,)
+            ).fetchone()
+            assert owner == table, index
+            info = conn.execute(f"PRAGMA index_info({index})").fetchall()
+            assert [row[2] for row in info] == columns, index
+
+
+async def test_file_is_private_and_its_folder_is_created(db_path: str) -> None:
+    path = Path(db_path)
+    assert not path.parent.exists()
+    async with Runtime.open(db_path) as runtime:
+        assert path.parent.is_dir()
+        await runtime.publish("file.checked", {"n": 1})
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        # SQLite gives the WAL files the database's permissions.
+        sidecars = _sidecars(path)
+        assert sidecars, "no WAL file while the runtime is open"
+        for sidecar in sidecars:
+            assert sidecar.stat().st_mode & 0o777 == 0o600, sidecar
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+async def test_path_like_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "deeper" / "hive.db"
+    async with Runtime.open(path) as runtime:
+        assert runtime.path == str(path)
+        await runtime.publish("path.like", {})
+    assert _pragma(str(path), "user_version") == SCHEMA_VERSION
+
+
+# -- reopening --------------------------------------------------------------------------
+
+
+async def test_reopen_keeps_data_and_does_not_migrate_again(db_path: str) -> None:
+    async with Runtime.open(db_path) as runtime:
+        first = await runtime.publish("reopen.first", {"n": 1}, task_id="t-1")
+    # Data written behind the runtime's back, in a migrated table, must survive a reopen:
+    # re-running migration 1 would fail on CREATE TABLE or lose it.
+    with closing(sqlite3.connect(db_path)) as conn, conn:
+        conn.execute("INSERT INTO tasks (id, title, task_type) VALUES ('t-1', 'kept', 'demo')")
+    async with Runtime.open(db_path) as runtime:
+        stats = await runtime.statistics()
+        assert stats.storage.last_seq == first.seq == 1
+        assert await runtime.read_events() == [first]
+        second = await runtime.publish("reopen.second", {"n": 2})
+        assert second.seq == 2
+    assert _pragma(db_path, "user_version") == SCHEMA_VERSION
+    with closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute("SELECT id, title FROM tasks").fetchall() == [("t-1", "kept")]
+        assert conn.execute("SELECT seq, type FROM events ORDER BY seq").fetchall() == [
+            (1, "reopen.first"),
+            (2, "reopen.second"),
+        ]
+
+
+async def test_failed_migration_leaves_the_database_as_it_was(db_path: str) -> None:
+    # A version-0 database that already has a table named like one of ours: migration 1
+    # fails part-way (tasks..plan_execution are created before events), and must roll back.
+    Path(db_path).parent.mkdir(parents=True)
+    with closing(sqlite3.connect(db_path)) as conn, conn:
+        conn.execute("CREATE TABLE events (mine TEXT)")
+        conn.execute("INSERT INTO events VALUES ('precious')")
+    with pytest.raises(StorageError, match="already exists"):
+        async with Runtime.open(db_path):
+            pytest.fail("opened a database whose migration failed")
+    assert _pragma(db_path, "user_version") == 0
+    assert _names(db_path, "table") == {"events"}
+    assert _names(db_path, "index") == set()
+    with closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute("SELECT mine FROM events").fetchall() == [("precious",)]
+
+
+# -- refusals ---------------------------------------------------------------------------
+
+
+async def test_newer_schema_is_refused_and_left_untouched(db_path: str) -> None:
+    path = Path(db_path)
+    path.parent.mkdir(parents=True)
+    newer = SCHEMA_VERSION + 1
+    with closing(sqlite3.connect(db_path)) as conn, conn:
+        conn.execute("CREATE TABLE future_things (id INTEGER PRIMARY KEY, what TEXT)")
+        conn.execute("INSERT INTO future_things (what) VALUES ('from the future')")
+        conn.execute(f"PRAGMA user_version = {newer}")
+    before = _fingerprint(path)
+    mode_before = _mode(path)
+
+    with pytest.raises(NewerSchemaError) as caught:
+        async with Runtime.open(db_path):
+            pytest.fail("opened a database with a newer schema")
+
+    error = caught.value
+    assert isinstance(error, StorageError)
+    assert (error.found, error.supported) == (newer, SCHEMA_VERSION)
+    assert error.path == db_path
+    assert str(newer) in str(error)
+    assert str(SCHEMA_VERSION) in str(error)
+    assert _fingerprint(path) == before
+    assert _mode(path) == mode_before
+    assert _sidecars(path) == []
+    assert _pragma(db_path, "user_version") == newer
+    assert _pragma(db_path, "journal_mode") == "delete"
+    assert _names(db_path, "table") == {"future_things"}
+    with closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute("SELECT what FROM future_things").fetchall() == [("from the future",)]
+
+
+async def test_current_version_without_the_tables_gives_storage_error(db_path: str) -> None:
+    # user_version says "migrated" but the tables are not there: refuse, do not crash.
+    Path(db_path).parent.mkdir(parents=True)
+    with closing(sqlite3.connect(db_path)) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    with pytest.raises(StorageError, match="events"):
+        async with Runtime.open(db_path):
+            pytest.fail("opened a database without an event log")
+
+
+async def test_newer_schema_is_refused_every_time(db_path: str) -> None:
+    # The refusal leaves no trace that would let a second attempt through.
+    Path(db_path).parent.mkdir(parents=True)
+    with closing(sqlite3.connect(db_path)) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 5}")
+    for _ in range(2):
+        with pytest.raises(NewerSchemaError) as caught:
+            async with Runtime.open(db_path):
+                pass
+        assert caught.value.found == SCHEMA_VERSION + 5
+
+
+async def test_file_that_is_not_a_database_gives_storage_error(db_path: str) -> None:
+    path = Path(db_path)
+    path.parent.mkdir(parents=True)
+    garbage = bytes(range(256)) * 64
+    _write(path, garbage)
+    # The deadline only turns a hang into a failure; it is not a timing assertion.
+    with anyio.fail_after(30), pytest.raises(StorageError, match="not a database"):
+        async with Runtime.open(db_path):
+            pytest.fail("opened a file that is not a database")
+    assert _read(path) == garbage
+
+
+async def test_text_file_is_not_a_database_either(db_path: str) -> None:
+    path = Path(db_path)
+    path.parent.mkdir(parents=True)
+    _write(path, b"this is my shopping list, not a database\n" * 200)
+    with pytest.raises(StorageError):
+        async with Runtime.open(db_path):
+            pytest.fail("opened a text file as a database")
+
+
+async def test_folder_that_cannot_be_created_gives_storage_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the folder should be")
+    with pytest.raises(StorageError, match="cannot create"):
+        async with Runtime.open(blocker / "hive.db"):
+            pytest.fail("opened a database under a file")
+
+
+async def test_directory_as_path_gives_storage_error(tmp_path: Path) -> None:
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    # The thread driver on both backends; aiosqlite is covered by the test below.
+    with pytest.raises(StorageError, match="cannot open"):
+        async with Runtime.open(folder, config=RuntimeConfig(storage_driver="thread")):
+            pytest.fail("opened a directory as a database")
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_failed_connect_leaves_no_aiosqlite_thread_behind(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    """No thread outlives a failed ``Runtime.open``.
+
+    When aiosqlite fails to connect it queues a stop for its worker thread but nobody waits
+    for it; the thread later posts the result to the event loop, which by then may be
+    closed ("RuntimeError: Event loop is closed" in a thread, after the program ended).
+    Whether the thread is still running when ``open`` raises is a race that it loses most
+    of the time, so the open is repeated to make a miss vanishingly unlikely.
+    """
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    config = RuntimeConfig(storage_driver="aiosqlite")
+    leftovers: list[str] = []
+    for _ in range(10):
+        before = set(threading.enumerate())
+        with pytest.raises(StorageError, match="cannot open"):
+            async with Runtime.open(folder, config=config):
+                pytest.fail("opened a directory as a database")
+        alive = [
+            thread
+            for thread in threading.enumerate()
+            if thread not in before
+            and thread.is_alive()
+            and not thread.name.startswith("AnyIO worker thread")
+        ]
+        leftovers.extend(thread.name for thread in alive)
+        # Let them finish while the loop still runs, so nothing leaks into other tests.
+        for thread in alive:
+            await anyio.to_thread.run_sync(thread.join, 10.0)
+    assert leftovers == []
+
+
+@pytest.mark.parametrize("bad", ["", "   ", 42, 4.2, b"hive.db", ["hive.db"]])
+async def test_bad_path_argument_is_refused(bad: object) -> None:
+    with pytest.raises(InvalidInputError) as caught:
+        async with Runtime.open(bad):  # type: ignore[arg-type]
+            pytest.fail(f"opened {bad!r}")
+    assert caught.value.field == "path"
+
+
+# -- special paths ----------------------------------------------------------------------
+
+
+async def test_memory_database_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    async with Runtime.open(":memory:") as runtime:
+        assert runtime.path == ":memory:"
+        first = await runtime.publish("memory.one", {"n": 1}, correlation_id="c-1")
+        second = await runtime.publish("memory.two", {"n": 2})
+        assert [first.seq, second.seq] == [1, 2]
+        assert await runtime.read_events() == [first, second]
+        assert await runtime.read_events(after=1) == [second]
+        stats = await runtime.statistics()
+        assert stats.storage.path == ":memory:"
+        assert stats.storage.last_seq == 2
+        assert stats.storage.schema_version == SCHEMA_VERSION
+    # Nothing was written to disk, and a second in-memory runtime starts empty.
+    assert os.listdir(tmp_path) == []
+    async with Runtime.open(":memory:") as runtime:
+        assert await runtime.read_events() == []
+
+
+async def test_default_path_is_relative_to_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert not (tmp_path / "hive").exists()
+    async with Runtime.open() as runtime:
+        assert runtime.path == str(DEFAULT_DB_PATH)
+        event = await runtime.publish("default.path", {})
+    assert Path("hive") / "db" / "hive-internal.db" == DEFAULT_DB_PATH
+    assert (tmp_path / "hive" / "db").is_dir()
+    created = tmp_path / DEFAULT_DB_PATH
+    assert created.is_file()
+    assert created.stat().st_mode & 0o777 == 0o600
+    assert _pragma(str(created), "user_version") == SCHEMA_VERSION
+    with closing(sqlite3.connect(created)) as conn:
+        assert conn.execute("SELECT seq, type FROM events").fetchall() == [
+            (event.seq, "default.path")
+        ]
