@@ -38,6 +38,8 @@ def check_identifier(value: object, field: str, *, max_length: int = 256) -> str
     """A non-empty string without surrogates or control characters (names, ids, types)."""
     if not isinstance(value, str):
         raise InvalidInputError(field, f"must be a string, got {type(value).__name__}")
+    if value.isascii() and value.isprintable() and value.strip() and len(value) <= max_length:
+        return value  # the common case: plain ASCII, no control characters
     if not value or not value.strip():
         raise InvalidInputError(field, "must not be empty")
     if len(value) > max_length:
@@ -95,33 +97,83 @@ def encode_json_object(
     return dict(value), encoded
 
 
+def _is_flat_ascii(value: dict[object, object]) -> bool:
+    for key, item in value.items():
+        if not isinstance(key, str) or not key.isascii():
+            return False
+        if isinstance(item, str):
+            if not item.isascii():
+                return False
+        elif item is None or isinstance(item, bool):
+            continue
+        elif isinstance(item, int):
+            if not _SQLITE_MIN <= item <= _SQLITE_MAX:
+                return False
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return False
+        else:
+            return False
+    return True
+
+
+# A node of the walk: (value, parent node, key in the parent, depth). The field path of a
+# node is only spelled out when it is reported, so a valid payload costs no string work.
+_Node = tuple[object, "_Node | None", "str | int | None", int]
+
+
+def _path(node: _Node, root: str) -> str:
+    parts: list[str] = []
+    current: _Node | None = node
+    while current is not None and current[1] is not None:
+        key = current[2]
+        parts.append(f"[{key}]" if isinstance(key, int) else f".{key}")
+        current = current[1]
+    return root + "".join(reversed(parts))
+
+
 def _check_json(root: object, field: str, max_depth: int) -> None:
+    if type(root) is dict and _is_flat_ascii(root):
+        return  # the common case: one level of plain keys and values, nothing to report
     # Iterative, so that a hostile depth cannot exhaust the Python stack.
-    stack: list[tuple[object, str, int]] = [(root, field, 1)]
+    stack: list[_Node] = [(root, None, None, 1)]
     while stack:
-        value, path, depth = stack.pop()
-        if value is None or isinstance(value, bool | str):
-            if isinstance(value, str):
-                _check_text(value, path)
+        node = stack.pop()
+        value, _, _, depth = node
+        if value is None or value is True or value is False:
+            continue
+        if isinstance(value, str):
+            if not value.isascii():
+                _check_text(value, _path(node, field))
         elif isinstance(value, int):
             if not _SQLITE_MIN <= value <= _SQLITE_MAX:
-                raise InvalidInputError(path, f"integer {value} does not fit in 64 bits")
+                raise InvalidInputError(
+                    _path(node, field), f"integer {value} does not fit in 64 bits"
+                )
         elif isinstance(value, float):
             if not math.isfinite(value):
-                raise InvalidInputError(path, f"must be a finite number, got {value}")
+                raise InvalidInputError(_path(node, field), f"must be a finite number, got {value}")
         elif isinstance(value, Mapping):
             if depth > max_depth:
-                raise InvalidInputError(path, f"is nested deeper than {max_depth} levels")
+                raise InvalidInputError(
+                    _path(node, field), f"is nested deeper than {max_depth} levels"
+                )
             for key, item in value.items():
                 if not isinstance(key, str):
                     raise InvalidInputError(
-                        path, f"object keys must be strings, got {type(key).__name__}"
+                        _path(node, field),
+                        f"object keys must be strings, got {type(key).__name__}",
                     )
-                _check_text(key, f"{path}.{key!r}")
-                stack.append((item, f"{path}.{key}", depth + 1))
+                if not key.isascii():
+                    _check_text(key, f"{_path(node, field)}.{key!r}")
+                stack.append((item, node, key, depth + 1))
         elif isinstance(value, list | tuple):
             if depth > max_depth:
-                raise InvalidInputError(path, f"is nested deeper than {max_depth} levels")
-            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+                raise InvalidInputError(
+                    _path(node, field), f"is nested deeper than {max_depth} levels"
+                )
+            stack.extend((item, node, i, depth + 1) for i, item in enumerate(value))
         else:
-            raise InvalidInputError(path, f"{type(value).__name__} is not a JSON value")
+            raise InvalidInputError(
+                _path(node, field), f"{type(value).__name__} is not a JSON value"
+            )

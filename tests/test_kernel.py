@@ -435,3 +435,26 @@ async def test_every_restart_is_published_as_a_durable_event(
         logged = await runtime.read_events()
         assert [e.type for e in logged] == ["actor.restarted"]
         assert (await runtime.statistics()).restarts == {"broadcast": 0, "storage": 1}
+
+
+async def test_the_default_deadline_is_kept_by_the_watchdog() -> None:
+    """Asks with the default timeout take the timer-free path and still time out."""
+    gate = anyio.Event()
+    ref: ActorRef[Any] = ActorRef("probe", mailbox_size=8, ask_timeout=0.2)
+    async with supervised([ChildSpec(ref, lambda: Probe([], gate))], shutdown_timeout=0.5):
+        assert ref.deadlines.running
+        started = anyio.current_time()
+        with anyio.fail_after(5), pytest.raises(RequestTimeoutError) as caught:
+            await ref.ask(Hold())
+        waited = anyio.current_time() - started
+        gate.set()
+    assert caught.value.timeout == 0.2
+    assert waited >= 0.2  # never early (lateness is bounded by two ticks, not asserted)
+
+
+async def test_the_watchdog_queue_only_holds_what_is_in_flight() -> None:
+    ref = probe_ref()
+    async with supervised([ChildSpec(ref, lambda: Probe([], anyio.Event()))]):
+        for n in range(1000):
+            assert await ref.ask(Echo(n)) == n + 1
+        assert len(ref.deadlines._queue) <= 1

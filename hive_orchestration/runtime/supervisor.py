@@ -88,6 +88,7 @@ class Supervisor:
         async with anyio.create_task_group() as tg:
             self._task_group = tg
             for spec in self._children:
+                tg.start_soon(spec.ref.deadlines.run)
                 await tg.start(self._supervise, spec)
             task_status.started()
 
