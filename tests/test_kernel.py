@@ -85,7 +85,7 @@ class Probe(Actor[Any]):
                 return list(self.log)
         return await super().receive(message)
 
-    async def stopped(self) -> None:
+    async def stopped(self, error: BaseException | None) -> None:
         if self.stopped_log is not None:
             self.stopped_log.append(self.name)
 
@@ -357,7 +357,7 @@ async def test_no_asker_hangs_when_the_runtime_stops_past_its_deadline() -> None
 
     async def ask(message: Any) -> None:
         try:
-            await ref.ask(message, timeout=30)
+            await ref.ask(message)  # the default deadline: the watchdog path
         except HiveError as exc:
             outcomes.append(type(exc))
 
@@ -458,3 +458,79 @@ async def test_the_watchdog_queue_only_holds_what_is_in_flight() -> None:
         for n in range(1000):
             assert await ref.ask(Echo(n)) == n + 1
         assert len(ref.deadlines._queue) <= 1
+
+
+class Slow(Request[int], frozen=True):
+    n: int
+
+
+class GatedActor(Actor[Any]):
+    def __init__(self, gate: anyio.Event) -> None:
+        self.gate = gate
+
+    async def receive(self, message: Any) -> object:
+        await self.gate.wait()
+        return message.n
+
+
+async def test_shutdown_drains_senders_waiting_for_room_in_a_full_mailbox() -> None:
+    """Closing a full mailbox keeps the messages of senders already waiting for room."""
+    ref: ActorRef[Any] = ActorRef("gated", mailbox_size=1, ask_timeout=10.0)
+    gate = anyio.Event()
+    replies: list[int] = []
+
+    async def ask(n: int) -> None:
+        replies.append(await ref.ask(Slow(n)))
+
+    with anyio.fail_after(10):
+        async with (
+            anyio.create_task_group() as askers,
+            supervised([ChildSpec(ref, lambda: GatedActor(gate))], shutdown_timeout=5.0),
+        ):
+            for n in range(8):
+                askers.start_soon(ask, n)
+            await anyio.wait_all_tasks_blocked()
+            # One in the actor, one in the mailbox, six waiting for room.
+            waiting = ref.statistics().tasks_waiting_send
+            # The actor only runs again after leaving this block has closed the mailbox.
+            gate.set()
+    assert waiting == 6
+    assert sorted(replies) == list(range(8))
+
+
+async def test_a_crash_whose_text_cannot_be_encoded_is_still_reported(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = StorageActor._read_events
+    faults = [ValueError("bad byte \udc80")]
+
+    async def flaky(self: StorageActor, read: Any) -> Any:
+        if faults:
+            raise faults.pop()
+        return await original(self, read)
+
+    monkeypatch.setattr(StorageActor, "_read_events", flaky)
+    async with Runtime.open(db_path) as runtime:
+        with pytest.raises(ActorFailedError):
+            await runtime.read_events()
+        await runtime.publish("still.serving")
+        logged = await runtime.read_events()
+    assert [e.type for e in logged] == ["actor.restarted", "still.serving"]
+    assert logged[0].data["error"] == "bad byte \\udc80"
+
+
+async def test_no_thread_or_task_outlives_the_runtime(db_path: str) -> None:
+    import threading
+
+    before_threads = set(threading.enumerate())
+    async with Runtime.open(db_path) as runtime:
+        await runtime.publish("x.y")
+        async with runtime.subscribe("*"):
+            await runtime.publish("x.z")
+    leftover = [
+        t.name
+        for t in set(threading.enumerate()) - before_threads
+        # anyio keeps an idle worker-thread pool alive for reuse; it is not ours.
+        if t.is_alive() and not t.name.startswith("AnyIO worker thread")
+    ]
+    assert leftover == []

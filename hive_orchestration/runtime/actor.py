@@ -139,7 +139,11 @@ class Mailbox(Generic[M]):
         if self.put_nowait(envelope):
             return
         try:
-            await self._send.send(envelope)
+            # Wait on a clone: closing the mailbox closes the original, which refuses new
+            # senders but would also withdraw the items of senders already waiting. With a
+            # clone they stay queued, and the actor drains them before its loop ends.
+            with self._send.clone() as sender:
+                await sender.send(envelope)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             raise RuntimeStoppedError(f"actor {self.owner!r} is stopped") from None
 
@@ -148,16 +152,18 @@ class Mailbox(Generic[M]):
         self._send.close()
 
     def discard(self, error: BaseException) -> int:
-        """Close for good and fail every envelope still queued. Returns how many."""
+        """Close for good and fail every envelope still queued. Returns how many.
+
+        Idempotent: discarding a discarded mailbox does nothing."""
         self._send.close()
         failed = 0
         while True:
             try:
                 envelope = self._receive.receive_nowait()
-            except (anyio.WouldBlock, anyio.EndOfStream):
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
                 break
             failed += envelope.fail(error)
-        # Senders blocked on a full mailbox now get BrokenResourceError -> RuntimeStoppedError.
+        # Senders still waiting for room now get BrokenResourceError -> RuntimeStoppedError.
         self._receive.close()
         return failed
 
@@ -172,37 +178,35 @@ class Deadlines:
     that use the reference's default timeout have non-decreasing deadlines, so a FIFO queue
     is already in deadline order: one task, run by the supervisor, wakes every ``tick``
     seconds and fails the overdue ones with :class:`RequestTimeoutError`. A deadline is
-    thus enforced within one tick (1/20 of the timeout, at most one second). Answered
-    entries are dropped from the head as new asks arrive, so the queue holds about what is
-    in flight.
+    thus enforced never early and at most one tick late (1/20 of the timeout, between 1 ms
+    and 1 s). Answered entries are dropped from the head as new asks arrive, and the whole
+    queue is compacted when it grows, so it holds about what is in flight.
     """
 
-    __slots__ = ("_now", "_queue", "owner", "running", "tick", "timeout")
+    __slots__ = ("_queue", "owner", "running", "tick", "timeout")
+
+    #: Past this many entries, ``expire`` also drops answered ones behind a slow head.
+    COMPACT_ABOVE = 4096
 
     def __init__(self, owner: str, timeout: float) -> None:
         self.owner = owner
         self.timeout = timeout
-        self.tick = min(1.0, timeout / 20)
+        self.tick = min(1.0, max(timeout / 20, 0.001))
         self.running = False
-        self._now = 0.0
         self._queue: deque[tuple[float, Reply[Any], str]] = deque()
 
     def add(self, reply: Reply[Any], message: str) -> None:
         queue = self._queue
         while queue and queue[0][1].done:
             queue.popleft()
-        # The clock as of the last tick, plus one tick: never early, at most two ticks late,
-        # and no clock read on the hot path.
-        queue.append((self._now + self.timeout + self.tick, reply, message))
+        queue.append((anyio.current_time() + self.timeout, reply, message))
 
     async def run(self) -> None:
-        self._now = anyio.current_time()
         self.running = True
         try:
             while True:
                 await anyio.sleep(self.tick)
-                self._now = anyio.current_time()
-                self.expire(self._now)
+                self.expire(anyio.current_time())
         finally:
             self.running = False
 
@@ -214,6 +218,8 @@ class Deadlines:
                 break
             queue.popleft()
             reply.fail(RequestTimeoutError(self.owner, message, self.timeout))
+        if len(queue) > self.COMPACT_ABOVE:
+            self._queue = deque(entry for entry in queue if not entry[1].done)
 
 
 class ActorRef(Generic[M]):
@@ -291,8 +297,13 @@ class Actor(Generic[M]):
     async def started(self) -> None:
         """Runs before the first message. An exception here fails the start-up."""
 
-    async def stopped(self) -> None:
-        """Runs once the actor ends, crashed or not, in a shielded scope: release resources."""
+    async def stopped(self, error: BaseException | None) -> None:
+        """Runs once the actor ends, in a shielded scope: release resources.
+
+        ``error`` is ``None`` after a clean stop (mailbox closed and drained), the
+        exception after a crash (a replacement will take over the mailbox), or the
+        cancellation exception when the runtime cancelled it.
+        """
 
     async def receive(self, message: M) -> object:
         raise HiveError(f"{type(self).__name__} does not handle {type(message).__name__}")
@@ -320,12 +331,15 @@ async def run_actor(
     carry: deque[Envelope[M]],
     *,
     on_ready: Callable[[], None] | None = None,
+    on_crash: Callable[[BaseException], None] | None = None,
 ) -> None:
     """Run ``actor`` on ``mailbox`` until the mailbox is closed and drained.
 
     ``carry`` holds envelopes a previous incarnation took but never started; they are
     handled before anything new. Returns normally only on a clean stop; a crash propagates
     (after settling the batch) so that the supervisor can restart the actor.
+    ``on_crash`` is called at the moment a handler crashes, before anything is awaited,
+    so that what it records comes before anything the woken askers do next.
     """
     actor.name = mailbox.owner
     await actor.started()
@@ -333,6 +347,7 @@ async def run_actor(
         on_ready()
     receive = mailbox._receive
     limit = max(1, actor.max_batch)
+    error: BaseException | None = None
     try:
         while True:
             batch: list[Envelope[M]] = []
@@ -352,10 +367,15 @@ async def run_actor(
                 await actor.receive_batch(batch)
             except BaseException as exc:
                 _settle(mailbox.owner, batch, exc, carry)
+                if on_crash is not None and not isinstance(exc, anyio.get_cancelled_exc_class()):
+                    on_crash(exc)
                 raise
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            await actor.stopped()
+            await actor.stopped(error)
 
 
 def _settle(

@@ -45,7 +45,7 @@ class ChildRestart:
     actor: str
     restarts: int
     error_type: str
-    error: str
+    error: BaseException
 
 
 class Supervisor:
@@ -85,12 +85,17 @@ class Supervisor:
         A child whose start-up fails makes this raise before ready is reported, so the
         error reaches whoever started the supervisor (``Runtime.open``).
         """
-        async with anyio.create_task_group() as tg:
-            self._task_group = tg
+        try:
+            async with anyio.create_task_group() as tg:
+                self._task_group = tg
+                for spec in self._children:
+                    tg.start_soon(spec.ref.deadlines.run)
+                    await tg.start(self._supervise, spec)
+                task_status.started()
+        finally:
+            # Children after one whose start-up failed never ran: close their mailboxes too.
             for spec in self._children:
-                tg.start_soon(spec.ref.deadlines.run)
-                await tg.start(self._supervise, spec)
-            task_status.started()
+                spec.ref.mailbox.discard(RuntimeStoppedError(f"actor {spec.ref.name!r} is stopped"))
 
     async def stop(self) -> None:
         """Drain every child in reverse start order within the deadline, then cancel."""
@@ -116,6 +121,7 @@ class Supervisor:
         carry: deque[Envelope[Any]] = deque()
         crashes: deque[float] = deque()
         ready = False
+        recorded: BaseException | None = None  # the crash already counted by on_crash
 
         def on_ready() -> None:
             nonlocal ready
@@ -123,22 +129,46 @@ class Supervisor:
                 ready = True
                 task_status.started()
 
+        def on_crash(exc: BaseException) -> None:
+            # Counted and reported at the moment of the crash, so that the restart event
+            # is queued before anything the failed askers do next.
+            nonlocal recorded
+            recorded = exc
+            now = self._clock()
+            crashes.append(now)
+            while crashes and crashes[0] < now - self._window:
+                crashes.popleft()
+            if len(crashes) > self._max_restarts:
+                return
+            self._restarts[name] += 1
+            if self._on_restart is not None:
+                restart = ChildRestart(name, self._restarts[name], type(exc).__name__, exc)
+                try:
+                    self._on_restart(restart)
+                except Exception:
+                    # Reporting a restart must never take the runtime down.
+                    log.exception("reporting the restart of %s failed", name)
+
         try:
             while True:
                 try:
-                    await run_actor(spec.factory(), spec.ref.mailbox, carry, on_ready=on_ready)
+                    await run_actor(
+                        spec.factory(),
+                        spec.ref.mailbox,
+                        carry,
+                        on_ready=on_ready,
+                        on_crash=on_crash,
+                    )
                     return  # mailbox closed and drained: a clean stop
                 except Exception as exc:
                     if not ready:
                         raise  # start-up failure: reaches the starter through tg.start
-                    now = self._clock()
-                    crashes.append(now)
-                    while crashes and crashes[0] < now - self._window:
-                        crashes.popleft()
+                    if recorded is not exc:
+                        on_crash(exc)  # crashed outside a handler (in started or stopped)
+                    recorded = None
                     if len(crashes) > self._max_restarts:
                         log.error("%s crashed %d times; giving up", name, len(crashes))
                         raise RuntimeFailedError(name, len(crashes), self._window, exc) from exc
-                    self._restarts[name] += 1
                     log.warning(
                         "%s crashed (%s: %s); restarting",
                         name,
@@ -146,10 +176,6 @@ class Supervisor:
                         exc,
                         exc_info=exc,
                     )
-                    if self._on_restart is not None:
-                        self._on_restart(
-                            ChildRestart(name, self._restarts[name], type(exc).__name__, str(exc))
-                        )
         finally:
             self._done[name].set()
             stopped = RuntimeStoppedError(f"actor {name!r} stopped before answering")
