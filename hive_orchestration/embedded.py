@@ -28,6 +28,7 @@ from .errors import (
     InvalidInputError,
     RuntimeFailedError,
     RuntimeStoppedError,
+    StorageError,
     SubscriberLaggedError,
 )
 from .messages.events import (
@@ -51,7 +52,7 @@ from .messages.storage import (
 )
 from .runtime import ActorRef, ChildRestart, ChildSpec, Supervisor
 from .storage import StorageActor
-from .storage.database import MEMORY
+from .storage.database import MEMORY, DatabaseClaim
 
 __all__ = ["MailboxStats", "Runtime", "RuntimeStatistics", "Subscription"]
 
@@ -172,7 +173,14 @@ class Runtime:
             config = RuntimeConfig()
         elif not isinstance(config, RuntimeConfig):
             raise ConfigError("config", f"must be a RuntimeConfig, got {type(config).__name__}")
+        else:
+            config = config.validated()
         db_path = _normalize_path(path)
+        claim = DatabaseClaim(db_path)
+        try:
+            await anyio.to_thread.run_sync(claim.acquire)
+        except OSError as exc:
+            raise StorageError(f"cannot create database {db_path!r}: {exc}") from exc
 
         broadcast: ActorRef[BroadcastMessage] = ActorRef(
             "broadcast", mailbox_size=config.mailbox_size, ask_timeout=config.ask_timeout
@@ -187,7 +195,7 @@ class Runtime:
                 "actor": restart.actor,
                 "restarts": restart.restarts,
                 "error_type": restart.error_type,
-                "error": restart.error,
+                "error": _describe(restart.error),
             }
             event = Event(
                 type="actor.restarted", timestamp=time.time(), source="supervisor", data=data
@@ -202,7 +210,7 @@ class Runtime:
         supervisor = Supervisor(
             [
                 ChildSpec(broadcast, BroadcastActor),
-                ChildSpec(storage, lambda: StorageActor(db_path, config, broadcast)),
+                ChildSpec(storage, lambda: StorageActor(claim.target, config, broadcast)),
             ],
             max_restarts=config.max_restarts,
             restart_window=config.restart_window,
@@ -227,6 +235,8 @@ class Runtime:
         except BaseExceptionGroup as group:
             cause = _unwrap(group)
             raise cause from cause.__cause__
+        finally:
+            claim.release()
 
     # -- events ---------------------------------------------------------------------------
 
@@ -367,4 +377,12 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
             return leaf
     cancelled = anyio.get_cancelled_exc_class()
     real = [leaf for leaf in leaves if not isinstance(leaf, cancelled)]
-    return real[0] if len(real) == 1 else group
+    # A RuntimeStoppedError in the app's block is a consequence of the real failure.
+    causes = [leaf for leaf in real if not isinstance(leaf, RuntimeStoppedError)] or real
+    return causes[0] if len(causes) == 1 else group
+
+
+def _describe(error: BaseException, limit: int = 500) -> str:
+    """An exception as bounded, encodable text for a durable event (no lone surrogates)."""
+    text = f"{error}".encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -3,6 +3,7 @@ isolation of a faulty write. Runs against both drivers (aiosqlite and the worker
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sqlite3
 from collections.abc import AsyncIterator
@@ -15,7 +16,7 @@ import msgspec
 import pytest
 
 from hive_orchestration import RuntimeConfig
-from hive_orchestration.errors import StorageError
+from hive_orchestration.errors import RuntimeStoppedError, StorageError
 from hive_orchestration.messages.events import Event, JsonValue
 from hive_orchestration.messages.storage import (
     AppendEvent,
@@ -65,7 +66,7 @@ def append(kind: str, **data: JsonValue) -> AppendEvent:
 
 
 def stored_events(db_path: str) -> list[tuple[int, str, str]]:
-    with sqlite3.connect(db_path) as conn:
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
         return conn.execute("SELECT seq, type, data FROM events ORDER BY seq").fetchall()
 
 
@@ -195,7 +196,7 @@ async def test_a_locked_database_fails_the_write_cleanly(db_path: str, driver: D
     """SQLite refusing a write is a StorageError for the writer; the actor keeps serving."""
     async with storage(db_path, driver, busy_timeout=0.05) as ref:
         await ref.ask(Write(ops=(append("before"),)))
-        with sqlite3.connect(db_path) as other:
+        with contextlib.closing(sqlite3.connect(db_path)) as other:
             # Another process holds the write lock past the busy timeout.
             other.execute("PRAGMA busy_timeout=0")
             other.execute("BEGIN IMMEDIATE")
@@ -206,3 +207,105 @@ async def test_a_locked_database_fails_the_write_cleanly(db_path: str, driver: D
         events = await ref.ask(ReadEvents(after=0, limit=10))
     assert [e.type for e in events] == ["before", "after"]
     assert committed.seqs == (2,)
+
+
+async def test_an_unhandled_message_is_refused_at_once(db_path: str, driver: Driver) -> None:
+    from hive_orchestration.errors import HiveError
+    from hive_orchestration.messages.events import GetBroadcastStats
+
+    async with storage(db_path, driver) as ref:
+        with anyio.fail_after(5), pytest.raises(HiveError, match="does not handle"):
+            await ref.ask(GetBroadcastStats())  # type: ignore[arg-type]
+        assert (await ref.ask(GetStorageStats())).writes == 0
+
+
+async def test_a_runtime_cancelled_mid_commit_commits_whole_and_answers_truthfully(
+    db_path: str, monkeypatch: pytest.MonkeyPatch, anyio_backend: str
+) -> None:
+    """The shutdown deadline passes while a batch is inside its transaction: the batch
+    still ends in COMMIT, every writer is told it is durable, and no transaction is left
+    open. (Thread driver: the slow-down is injected in its worker thread.)"""
+    import time
+
+    from hive_orchestration import Runtime
+    from hive_orchestration.storage import drivers
+
+    original = drivers._transaction_sync
+    entered = anyio.Event()
+    token = anyio.lowlevel.current_token()
+
+    def slow(conn: sqlite3.Connection, statements: list[drivers.Statement]) -> None:
+        if len(statements) > 1:  # the batch of writes, not the migrations at open
+            anyio.from_thread.run_sync(entered.set, token=token)
+            time.sleep(0.3)
+        original(conn, statements)
+
+    monkeypatch.setattr(drivers, "_transaction_sync", slow)
+    config = RuntimeConfig(storage_driver="thread", shutdown_timeout=0.05)
+    outcomes: dict[int, object] = {}
+    async with anyio.create_task_group() as writers, Runtime.open(db_path, config=config) as rt:
+
+        async def write(i: int) -> None:
+            try:
+                outcomes[i] = (await rt.publish("w", {"i": i})).seq
+            except Exception as exc:
+                outcomes[i] = type(exc)
+
+        for i in range(20):
+            writers.start_soon(write, i)
+        with anyio.fail_after(5):
+            await entered.wait()
+        # Leaving the block: the deadline passes with the batch inside its transaction.
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        stored = {
+            msgspec.json.decode(data)["i"]: seq
+            for seq, data in conn.execute("SELECT seq, data FROM events").fetchall()
+        }
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    # Every writer is told the truth: its seq if and only if it is on disk, and
+    # RuntimeStoppedError (not durable) otherwise. The batch in flight did commit.
+    committed = {i: seq for i, seq in outcomes.items() if isinstance(seq, int)}
+    assert committed == stored
+    assert stored, "the batch inside its transaction must have committed"
+    assert all(outcomes[i] is RuntimeStoppedError for i in outcomes.keys() - stored.keys())
+
+
+async def test_memory_database_survives_a_storage_restart(
+    monkeypatch: pytest.MonkeyPatch, anyio_backend: str
+) -> None:
+    from hive_orchestration import Runtime
+    from hive_orchestration.errors import ActorFailedError
+
+    original = StorageActor._read_events
+    faults = [RuntimeError("transient")]
+
+    async def flaky(self: StorageActor, read: ReadEvents) -> tuple[Event, ...]:
+        if faults:
+            raise faults.pop()
+        return await original(self, read)
+
+    monkeypatch.setattr(StorageActor, "_read_events", flaky)
+    async with Runtime.open(":memory:") as rt:
+        for i in range(3):
+            await rt.publish("before", {"i": i})
+        with pytest.raises(ActorFailedError):
+            await rt.read_events()
+        after = await rt.publish("after")
+        events = await rt.read_events()
+    assert [e.type for e in events] == ["before"] * 3 + ["actor.restarted", "after"]
+    assert after.seq == 5
+
+
+async def test_a_second_runtime_on_the_same_file_is_refused(
+    db_path: str, anyio_backend: str
+) -> None:
+    from hive_orchestration import Runtime
+
+    async with Runtime.open(db_path) as first:
+        await first.publish("mine")
+        with pytest.raises(StorageError, match="already open in another runtime"):
+            async with Runtime.open(db_path):
+                pytest.fail("two runtimes own one database")
+        await first.publish("still mine")
+    async with Runtime.open(db_path) as second:  # free again once the first has closed
+        assert [e.type for e in await second.read_events()] == ["mine", "still mine"]

@@ -26,7 +26,7 @@ import anyio
 import msgspec
 
 from ..config import RuntimeConfig
-from ..errors import RuntimeStoppedError, StorageError
+from ..errors import HiveError, RuntimeStoppedError, StorageError
 from ..messages.events import BroadcastMessage, Event, Publish
 from ..messages.storage import (
     AppendEvent,
@@ -38,7 +38,7 @@ from ..messages.storage import (
     Write,
 )
 from ..runtime import Actor, ActorRef, Envelope
-from .database import open_database
+from .database import Target, open_database
 from .drivers import Driver, Statement
 from .schema import SCHEMA_VERSION
 
@@ -61,12 +61,12 @@ _Pending = tuple[Envelope[StorageMessage], Write]
 class StorageActor(Actor[StorageMessage]):
     def __init__(
         self,
-        path: str,
+        target: Target | str,
         config: RuntimeConfig,
         events: ActorRef[BroadcastMessage] | None = None,
     ) -> None:
         self.max_batch = config.max_batch
-        self._path = path
+        self._target = target if isinstance(target, Target) else Target(target, target)
         self._config = config
         self._events = events
         self._db: Driver | None = None
@@ -78,31 +78,33 @@ class StorageActor(Actor[StorageMessage]):
 
     async def started(self) -> None:
         self._db, self._last_seq = await open_database(
-            self._path,
+            self._target,
             driver=self._config.storage_driver,
             synchronous=self._config.synchronous,
             busy_timeout=self._config.busy_timeout,
         )
-        log.info("storage open: %s (driver %s)", self._path, self._db.name)
+        log.info("storage open: %s (driver %s)", self._target.display, self._db.name)
 
-    async def stopped(self) -> None:
+    async def stopped(self, error: BaseException | None) -> None:
         if self._db is not None:
             db, self._db = self._db, None
             await db.close()
 
     async def receive_batch(self, batch: Sequence[Envelope[StorageMessage]]) -> None:
-        # The whole batch is one unit: if the actor crashes in it, every asker hears so.
+        # All the writes of a batch are one unit: if the actor crashes in it, every writer
+        # hears so. Reads are started one by one, so a crash hands the unstarted ones on.
         writes: list[_Pending] = []
         for envelope in batch:
-            envelope.started = True
             if isinstance(envelope.message, Write):
+                envelope.started = True
                 writes.append((envelope, envelope.message))
         if writes:
             await self._commit(writes, isolate=True)
         for envelope in batch:
+            if envelope.started:
+                continue
+            envelope.started = True
             match envelope.message:
-                case Write():
-                    pass
                 case ReadEvents() as read:
                     try:
                         envelope.resolve(await self._read_events(read))
@@ -110,6 +112,10 @@ class StorageActor(Actor[StorageMessage]):
                         envelope.fail(StorageError(f"cannot read events: {exc}"))
                 case GetStorageStats():
                     envelope.resolve(self._statistics())
+                case other:
+                    envelope.fail(
+                        HiveError(f"the storage actor does not handle {type(other).__name__}")
+                    )
 
     async def _commit(self, writes: list[_Pending], *, isolate: bool) -> None:
         db = self._require_db()
@@ -118,6 +124,7 @@ class StorageActor(Actor[StorageMessage]):
             units: list[list[Statement]] = []
             seqs: list[tuple[int, ...]] = []
             events: list[Event] = []
+            op_json: list[bytes] = []
             for _, write in writes:
                 unit: list[Statement] = []
                 unit_seqs: list[int] = []
@@ -126,6 +133,7 @@ class StorageActor(Actor[StorageMessage]):
                     unit.append(_event_row(seq, op))
                     unit_seqs.append(seq)
                     events.append(msgspec.structs.replace(op.event, seq=seq))
+                    op_json.append(op.data_json)
                 units.append(unit)
                 seqs.append(tuple(unit_seqs))
             try:
@@ -144,11 +152,15 @@ class StorageActor(Actor[StorageMessage]):
             self._writes += len(writes)
             self._largest_batch = max(self._largest_batch, len(writes))
         # Publish before answering, so that an event caused by a write is already on its
-        # way to subscribers when the writer learns the write is durable.
-        if events and self._events is not None:
-            await self._publish(Publish(tuple(events)))
-        for (envelope, _), committed_seqs in zip(writes, seqs, strict=True):
-            envelope.resolve(Committed(committed_seqs))
+        # way to subscribers when the writer learns the write is durable; answer in a
+        # finally, so that a cancellation while publishing cannot report a committed write
+        # as not done.
+        try:
+            if events and self._events is not None:
+                await self._publish(Publish(tuple(events), tuple(op_json)))
+        finally:
+            for (envelope, _), committed_seqs in zip(writes, seqs, strict=True):
+                envelope.resolve(Committed(committed_seqs))
 
     async def _isolate(self, writes: list[_Pending], units: list[list[Statement]]) -> None:
         """Find the writes that broke the batch, fail them, and commit the others."""
@@ -187,7 +199,7 @@ class StorageActor(Actor[StorageMessage]):
 
     def _statistics(self) -> StorageStats:
         return StorageStats(
-            path=self._path,
+            path=self._target.display,
             driver=self._require_db().name,
             synchronous=self._config.synchronous,
             schema_version=SCHEMA_VERSION,

@@ -125,13 +125,14 @@ class ThreadDriver(Driver):
         self._limiter = anyio.CapacityLimiter(1)
 
     @classmethod
-    async def open(cls, path: str, busy_timeout: float) -> ThreadDriver:
+    async def open(cls, path: str, busy_timeout: float, *, uri: bool = False) -> ThreadDriver:
         connect = partial(
             sqlite3.connect,
             path,
             isolation_level=None,
             check_same_thread=False,
             timeout=busy_timeout,
+            uri=uri,
         )
         return cls(await anyio.to_thread.run_sync(connect))
 
@@ -165,18 +166,12 @@ class AiosqliteDriver(Driver):
         self._conn = conn
 
     @classmethod
-    async def open(cls, path: str, busy_timeout: float) -> AiosqliteDriver:
-        pending = aiosqlite.connect(path, isolation_level=None, timeout=busy_timeout)
+    async def open(cls, path: str, busy_timeout: float, *, uri: bool = False) -> AiosqliteDriver:
+        pending = aiosqlite.connect(path, isolation_level=None, timeout=busy_timeout, uri=uri)
         try:
             return cls(await pending)
         except BaseException:
-            # On a failed connect aiosqlite asks its worker thread to stop but does not wait;
-            # a thread still running when the event loop closes raises "Event loop is
-            # closed". Wait for it, so that no thread outlives Runtime.open.
-            thread = getattr(pending, "_thread", None)
-            if thread is not None and thread.is_alive():
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(thread.join, 5.0)
+            await _join_worker(pending)
             raise
 
     async def execute(self, sql: str, params: Params = ()) -> None:
@@ -186,22 +181,29 @@ class AiosqliteDriver(Driver):
         return [tuple(row) for row in await self._conn.execute_fetchall(sql, params)]
 
     async def transaction(self, statements: Sequence[Statement]) -> None:
-        conn = self._conn
-        await conn.execute("BEGIN IMMEDIATE")
-        try:
-            for sql, rows in coalesce(statements):
-                if len(rows) == 1:
-                    await conn.execute(sql, rows[0])
-                else:
-                    await conn.executemany(sql, rows)
-            await conn.execute("COMMIT")
-        except BaseException:
-            with anyio.CancelScope(shield=True):
+        # Shielded: aiosqlite runs a statement whose awaiting caller was cancelled anyway,
+        # so a cancellation here would leave the connection inside an open transaction.
+        with anyio.CancelScope(shield=True):
+            conn = self._conn
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, rows in coalesce(statements):
+                    if len(rows) == 1:
+                        await conn.execute(sql, rows[0])
+                    else:
+                        await conn.executemany(sql, rows)
+                await conn.execute("COMMIT")
+            except BaseException:
                 if conn.in_transaction:
                     await conn.execute("ROLLBACK")
-            raise
+                raise
 
     async def probe(self, units: Sequence[Sequence[Statement]]) -> list[sqlite3.Error | None]:
+        with anyio.CancelScope(shield=True):
+            results = await self._probe(units)
+        return results
+
+    async def _probe(self, units: Sequence[Sequence[Statement]]) -> list[sqlite3.Error | None]:
         conn = self._conn
         results: list[sqlite3.Error | None] = []
         await conn.execute("BEGIN IMMEDIATE")
@@ -218,13 +220,28 @@ class AiosqliteDriver(Driver):
                     results.append(None)
                 await conn.execute("RELEASE unit")
         finally:
-            with anyio.CancelScope(shield=True):
-                if conn.in_transaction:
-                    await conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                await conn.execute("ROLLBACK")
         return results
 
     async def close(self) -> None:
-        await self._conn.close()
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._conn.close()
+            finally:
+                await _join_worker(self._conn)
+
+
+async def _join_worker(conn: aiosqlite.Connection) -> None:
+    """Wait for aiosqlite's worker thread to end, so that no thread outlives the runtime.
+
+    aiosqlite asks the thread to stop on close (or on a failed connect) without waiting
+    for it; a thread still running when the event loop closes raises "Event loop is closed".
+    """
+    thread = getattr(conn, "_thread", None)
+    if thread is not None and thread.is_alive():
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(thread.join, 5.0)
 
 
 def running_on_trio() -> bool:
@@ -233,7 +250,11 @@ def running_on_trio() -> bool:
 
 
 async def connect(
-    path: str, *, driver: Literal["auto", "aiosqlite", "thread"], busy_timeout: float
+    path: str,
+    *,
+    uri: bool = False,
+    driver: Literal["auto", "aiosqlite", "thread"],
+    busy_timeout: float,
 ) -> Driver:
     """Open the write connection with the driver the config and the event loop call for."""
     on_trio = running_on_trio()
@@ -242,5 +263,5 @@ async def connect(
             "storage_driver", "aiosqlite runs only on asyncio; use 'thread' or 'auto' under trio"
         )
     if driver == "thread" or (driver == "auto" and on_trio):
-        return await ThreadDriver.open(path, busy_timeout)
-    return await AiosqliteDriver.open(path, busy_timeout)
+        return await ThreadDriver.open(path, busy_timeout, uri=uri)
+    return await AiosqliteDriver.open(path, busy_timeout, uri=uri)
