@@ -391,3 +391,52 @@ async def test_iteration_ends_cleanly_when_the_runtime_closes(db_path: str) -> N
             # Leaving Runtime.open stops the runtime; the consumer's loop must end on its own.
     assert finished.is_set()
     assert received == published  # what was published before closing was still delivered
+
+
+async def test_a_broadcast_crash_tells_subscribers_where_their_stream_broke(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a broadcast restart the runtime goes on: subscribers get a replayable lag,
+    not the clean end that means the runtime stopped."""
+    from hive_orchestration.actors.broadcast import BroadcastActor
+
+    original = BroadcastActor._fan_out
+    armed = {"crash": False}
+
+    def flaky(self: BroadcastActor, event: Event, data_json: bytes) -> None:
+        if armed["crash"]:
+            armed["crash"] = False
+            raise RuntimeError("fan-out fault")
+        original(self, event, data_json)
+
+    monkeypatch.setattr(BroadcastActor, "_fan_out", flaky)
+    async with Runtime.open(db_path) as rt:
+        async with rt.subscribe("*") as sub:
+            first = await rt.publish("a.one")
+            with anyio.fail_after(5):
+                assert (await sub.receive()).seq == first.seq
+            armed["crash"] = True
+            missed = await rt.publish("a.two")
+            with anyio.fail_after(5), pytest.raises(SubscriberLaggedError) as caught:
+                await sub.receive()
+        assert caught.value.last_seq == first.seq
+        replay = await rt.read_events(after=caught.value.last_seq)
+        assert missed.seq in [e.seq for e in replay]
+        async with rt.subscribe("a.*") as again:
+            third = await rt.publish("a.three")
+            with anyio.fail_after(5):
+                assert (await again.receive()).seq == third.seq
+        assert (await rt.statistics()).restarts["broadcast"] == 1
+
+
+async def test_subscribers_and_publisher_do_not_share_mutable_data(db_path: str) -> None:
+    async with Runtime.open(db_path) as rt, rt.subscribe("*") as one, rt.subscribe("*") as two:
+        published = await rt.publish("d.x", {"items": [1, 2]})
+        with anyio.fail_after(5):
+            seen_one = await one.receive()
+            seen_two = await two.receive()
+        items = seen_one.data["items"]
+        assert isinstance(items, list)
+        items.append(3)
+        assert seen_two.data == {"items": [1, 2]}
+        assert published.data == {"items": [1, 2]}

@@ -21,8 +21,11 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections.abc import Callable
+from contextlib import suppress
+from typing import cast
 
 import anyio
+import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
 
 from ..messages.events import (
@@ -31,6 +34,7 @@ from ..messages.events import (
     Delivery,
     Event,
     GetBroadcastStats,
+    JsonValue,
     Lagged,
     Publish,
     Subscribe,
@@ -43,6 +47,10 @@ __all__ = ["BroadcastActor", "compile_pattern"]
 log = logging.getLogger("hive_orchestration.broadcast")
 
 _EVENT_FIELDS = frozenset({"type", "source", "correlation_id", "task_id", "plan_id", "worker_id"})
+
+
+def _decode(data_json: bytes) -> dict[str, JsonValue]:
+    return cast("dict[str, JsonValue]", msgspec.json.decode(data_json))
 
 
 def compile_pattern(pattern: str) -> Callable[[str], bool]:
@@ -94,9 +102,9 @@ class BroadcastActor(Actor[BroadcastMessage]):
 
     async def receive(self, message: BroadcastMessage) -> object:
         match message:
-            case Publish(events=events):
-                for event in events:
-                    self._fan_out(event)
+            case Publish(events=events, data_json=data_json):
+                for event, data in zip(events, data_json, strict=True):
+                    self._fan_out(event, data)
                 return None
             case Subscribe():
                 subscription_id = self._next_id
@@ -117,13 +125,19 @@ class BroadcastActor(Actor[BroadcastMessage]):
                     lagged=self._lagged,
                 )
 
-    async def stopped(self) -> None:
-        # Subscribers see the end of their stream when the runtime stops.
+    async def stopped(self, error: BaseException | None) -> None:
+        # The registry dies with this instance. After a crash the runtime goes on, so each
+        # subscriber is told where its stream broke (a replayable SubscriberLaggedError)
+        # rather than seeing a clean end, which means the runtime stopped.
+        crashed = error is not None and not isinstance(error, anyio.get_cancelled_exc_class())
         for subscriber in self._subscribers.values():
+            if crashed:
+                with suppress(anyio.WouldBlock, anyio.BrokenResourceError):
+                    subscriber.sink.send_nowait(Lagged(subscriber.last_seq))
             subscriber.sink.close()
         self._subscribers.clear()
 
-    def _fan_out(self, event: Event) -> None:
+    def _fan_out(self, event: Event, data_json: bytes) -> None:
         self._published += 1
         gone: list[int] = []
         for subscription_id, subscriber in self._subscribers.items():
@@ -149,7 +163,11 @@ class BroadcastActor(Actor[BroadcastMessage]):
                         subscriber.last_seq,
                     )
                     continue
-                sink.send_nowait(event)
+                # Each subscriber gets its own copy of the data (see Publish).
+                copy = (
+                    msgspec.structs.replace(event, data=_decode(data_json)) if event.data else event
+                )
+                sink.send_nowait(copy)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 gone.append(subscription_id)
                 continue

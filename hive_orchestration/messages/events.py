@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypeAlias, Union
+from typing import Literal, TypeAlias, Union
 
 import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
@@ -55,9 +55,14 @@ Delivery: TypeAlias = Event | Lagged
 
 
 class Publish(msgspec.Struct, frozen=True):
-    """Fan these events out, in this order (told; no reply)."""
+    """Fan these events out, in this order (told; no reply).
+
+    ``data_json`` holds each event's data as stored: every subscriber gets its own copy
+    decoded from it, so that no two of them (nor the publisher) share a mutable dict.
+    """
 
     events: tuple[Event, ...]
+    data_json: tuple[bytes, ...]
 
 
 class Subscribe(Request[int], frozen=True):
@@ -72,7 +77,7 @@ class Subscribe(Request[int], frozen=True):
     filters: tuple[tuple[str, str], ...]
     sink: MemoryObjectSendStream[Delivery]
     capacity: int
-    overflow: str  # "error" | "drop"
+    overflow: Literal["error", "drop"]
 
 
 class Unsubscribe(msgspec.Struct, frozen=True):
