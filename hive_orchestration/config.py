@@ -33,11 +33,10 @@ Seconds = Annotated[float, msgspec.Meta(gt=0)]
 class FeatureFlags(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The follow-up seed's rollout flags, kept so that existing configs load unchanged.
 
-    - ``enable_unified_events``: also describe events with the unified event model
-      (``UnifiedEvent``) for subscribers that ask for it.
-    - ``enable_dual_write``: accepted for compatibility; there is no legacy schema to write
-      to here, so it has no effect.
-    - ``enable_agent_adapters``: register the example agent adapters at start-up.
+    They are validated and carried by the config; the runtime does not act on them yet:
+    ``enable_unified_events`` and ``enable_agent_adapters`` are for the client and agent
+    APIs (unified event model, example agent adapters) that build on this runtime.
+    ``enable_dual_write`` has no legacy schema to write to here and will stay inert.
     """
 
     enable_unified_events: bool = False
@@ -113,6 +112,11 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
                 raw[name] = value
         raw.update(overrides)
         return cls.from_mapping(raw)
+
+    def validated(self) -> RuntimeConfig:
+        """This config, checked: msgspec checks constraints only when decoding, so a
+        ``RuntimeConfig(...)`` built in code is validated here (``Runtime.open`` does)."""
+        return self.from_mapping(msgspec.to_builtins(self))
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> RuntimeConfig:

@@ -294,7 +294,7 @@ async def test_runtime_applies_its_config(anyio_backend: str, tmp_path: Path) ->
     path.write_text('synchronous = "NORMAL"\nmailbox_size = 7\nmax_payload_bytes = 64\n')
     config = RuntimeConfig.load(path, env={})
     async with Runtime.open(tmp_path / "hive.db", config=config) as runtime:
-        assert runtime.config is config
+        assert runtime.config == config
         stats = await runtime.statistics()
         assert stats.storage.synchronous == "NORMAL"
         assert {name: box.capacity for name, box in stats.mailboxes.items()} == {
@@ -341,3 +341,19 @@ async def test_auto_driver_picks_by_backend(anyio_backend: str, db_path: str) ->
         await rt.publish("driver.auto", {})
         driver = (await rt.statistics()).storage.driver
     assert driver == {"asyncio": "aiosqlite", "trio": "thread"}[anyio_backend]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("synchronous", "OFF"), ("mailbox_size", 0), ("ask_timeout", 0.0), ("max_batch", -1)],
+)
+async def test_a_config_built_in_code_is_validated_at_open(
+    anyio_backend: str, tmp_path: Path, field: str, value: object
+) -> None:
+    # msgspec does not check constraints when a Struct is built in code.
+    config = RuntimeConfig(**{field: value})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError) as caught:
+        async with Runtime.open(tmp_path / "hive.db", config=config):
+            pytest.fail("opened with an invalid config")
+    assert caught.value.field == field
