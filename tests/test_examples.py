@@ -1,0 +1,42 @@
+"""Every example runs, on both backends, as a user would run it: in a fresh process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_example_runs(example: Path, backend: str, tmp_path: Path) -> None:
+    db = tmp_path / "example.db"
+    result = subprocess.run(
+        [sys.executable, str(example), str(db), "--backend", backend],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "the log holds 3 event(s)" in result.stdout
+    assert result.stderr == ""
+
+
+def test_there_are_examples() -> None:
+    assert EXAMPLES
+
+
+def test_the_demo_keeps_its_history_across_runs(tmp_path: Path) -> None:
+    db = tmp_path / "demo.db"
+    command = [sys.executable, "-m", "hive_orchestration", "demo", "--db", str(db)]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+    second = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+    assert "opened" in first.stdout
+    assert "0 event(s) already in the log" in first.stdout
+    assert "4 event(s) already in the log" in second.stdout
+    assert "from 2 demo run(s)" in second.stdout
