@@ -23,6 +23,7 @@ from .errors import (
     SubscriberLaggedError,
 )
 from .messages.events import Event
+from .messages.tasks import Run, RunStatus, Task, TaskStatus
 from .storage.schema import SCHEMA_VERSION
 
 __version__ = "0.1.0"
@@ -41,6 +42,8 @@ __all__ = [
     "NewerSchemaError",
     "NotFoundError",
     "RequestTimeoutError",
+    "Run",
+    "RunStatus",
     "Runtime",
     "RuntimeConfig",
     "RuntimeFailedError",
@@ -49,5 +52,7 @@ __all__ = [
     "StorageError",
     "Subscription",
     "SubscriberLaggedError",
+    "Task",
+    "TaskStatus",
     "__version__",
 ]

@@ -20,8 +20,10 @@ import anyio
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from ._task_ops import TaskOperations
 from ._validate import check_identifier, check_int, check_optional_text, encode_json_object
 from .actors.broadcast import BroadcastActor, compile_pattern
+from .actors.task_manager import TaskManager
 from .config import DEFAULT_DB_PATH, RuntimeConfig
 from .errors import (
     ConfigError,
@@ -50,6 +52,7 @@ from .messages.storage import (
     StorageStats,
     Write,
 )
+from .messages.tasks import TaskManagerMessage
 from .runtime import ActorRef, ChildRestart, ChildSpec, Supervisor
 from .storage import StorageActor
 from .storage.database import MEMORY, DatabaseClaim
@@ -123,7 +126,7 @@ class Subscription:
         return item
 
 
-class Runtime:
+class Runtime(TaskOperations):
     """An embedded, durable orchestration runtime on one SQLite database.
 
     Create it with :meth:`open`; every method sends a typed message to an actor.
@@ -136,12 +139,14 @@ class Runtime:
         config: RuntimeConfig,
         storage: ActorRef[StorageMessage],
         broadcast: ActorRef[BroadcastMessage],
+        tasks: ActorRef[TaskManagerMessage],
         supervisor: Supervisor,
     ) -> None:
         self._path = path
         self._config = config
         self._storage = storage
         self._broadcast = broadcast
+        self._tasks = tasks
         self._supervisor = supervisor
         self._closed = False
 
@@ -188,6 +193,9 @@ class Runtime:
         storage: ActorRef[StorageMessage] = ActorRef(
             "storage", mailbox_size=config.mailbox_size, ask_timeout=config.ask_timeout
         )
+        tasks: ActorRef[TaskManagerMessage] = ActorRef(
+            "tasks", mailbox_size=config.mailbox_size, ask_timeout=config.ask_timeout
+        )
 
         def on_restart(restart: ChildRestart) -> None:
             # Never wait here: the restarted child may be the storage actor itself.
@@ -211,6 +219,7 @@ class Runtime:
             [
                 ChildSpec(broadcast, BroadcastActor),
                 ChildSpec(storage, lambda: StorageActor(claim.target, config, broadcast)),
+                ChildSpec(tasks, lambda: TaskManager(storage, commit_timeout=config.ask_timeout)),
             ],
             max_restarts=config.max_restarts,
             restart_window=config.restart_window,
@@ -222,6 +231,7 @@ class Runtime:
             config=config,
             storage=storage,
             broadcast=broadcast,
+            tasks=tasks,
             supervisor=supervisor,
         )
         try:
@@ -332,7 +342,7 @@ class Runtime:
     async def statistics(self) -> RuntimeStatistics:
         self._check_open()
         mailboxes = {}
-        for ref in (self._broadcast, self._storage):
+        for ref in (self._broadcast, self._storage, self._tasks):
             stats = ref.statistics()
             mailboxes[ref.name] = MailboxStats(
                 queued=stats.current_buffer_used,

@@ -300,6 +300,7 @@ async def test_runtime_applies_its_config(anyio_backend: str, tmp_path: Path) ->
         assert {name: box.capacity for name, box in stats.mailboxes.items()} == {
             "broadcast": 7,
             "storage": 7,
+            "tasks": 7,
         }
         await runtime.publish("config.small", {"x": "y"})
         with pytest.raises(InvalidInputError) as caught:

@@ -8,10 +8,21 @@ import msgspec
 
 from ..runtime import Request
 from .events import Event
+from .tasks import Run, Task
 
 __all__ = [
     "AppendEvent",
     "Committed",
+    "DeleteTaskRow",
+    "FetchRun",
+    "FetchRuns",
+    "FetchTask",
+    "LoadIdempotencyKeys",
+    "LoadRuns",
+    "LoadTasks",
+    "PutRun",
+    "PutTask",
+    "QueryTasks",
     "GetStorageStats",
     "ReadEvents",
     "StorageMessage",
@@ -31,7 +42,23 @@ class AppendEvent(msgspec.Struct, frozen=True, tag="append_event"):
     data_json: bytes
 
 
-WriteOp: TypeAlias = AppendEvent
+class PutTask(msgspec.Struct, frozen=True, tag="put_task"):
+    """Insert the task, or replace every column of its row: the owner sends whole state."""
+
+    task: Task
+
+
+class DeleteTaskRow(msgspec.Struct, frozen=True, tag="delete_task"):
+    """Delete a task; its runs go with it (ON DELETE CASCADE)."""
+
+    task_id: str
+
+
+class PutRun(msgspec.Struct, frozen=True, tag="put_run"):
+    run: Run
+
+
+WriteOp: TypeAlias = AppendEvent | PutTask | DeleteTaskRow | PutRun
 
 
 class Committed(msgspec.Struct, frozen=True):
@@ -53,6 +80,42 @@ class ReadEvents(Request[tuple[Event, ...]], frozen=True):
     limit: int = 1000
 
 
+class LoadTasks(Request[tuple[Task, ...]], frozen=True):
+    """Every task in one of ``statuses`` (the TaskManager's live set, at start-up)."""
+
+    statuses: tuple[str, ...]
+
+
+class LoadRuns(Request[tuple[Run, ...]], frozen=True):
+    """Every run of the tasks in one of ``statuses``, oldest first."""
+
+    statuses: tuple[str, ...]
+
+
+class LoadIdempotencyKeys(Request[tuple[tuple[str, str], ...]], frozen=True):
+    """(key, task id) for every task that has an idempotency key."""
+
+
+class QueryTasks(Request[list[Task]], frozen=True, kw_only=True):
+    """Tasks in ``status``, by priority (highest first), then creation time."""
+
+    status: str
+    task_type: str | None = None
+    limit: int | None = None
+
+
+class FetchTask(Request["Task | None"], frozen=True):
+    task_id: str
+
+
+class FetchRun(Request["Run | None"], frozen=True):
+    run_id: str
+
+
+class FetchRuns(Request[list[Run]], frozen=True):
+    task_id: str
+
+
 class StorageStats(msgspec.Struct, frozen=True):
     path: str
     driver: str
@@ -69,4 +132,15 @@ class GetStorageStats(Request[StorageStats], frozen=True):
     pass
 
 
-StorageMessage: TypeAlias = Write | ReadEvents | GetStorageStats
+StorageMessage: TypeAlias = (
+    Write
+    | ReadEvents
+    | GetStorageStats
+    | LoadTasks
+    | LoadRuns
+    | LoadIdempotencyKeys
+    | QueryTasks
+    | FetchTask
+    | FetchRun
+    | FetchRuns
+)

@@ -43,10 +43,11 @@ log = logging.getLogger("hive_orchestration.runtime")
 
 M = TypeVar("M")
 R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 
 
-class Request(msgspec.Struct, Generic[R], frozen=True):
-    """Base of every message that is answered with a value of type ``R``.
+class Request(msgspec.Struct, Generic[R_co], frozen=True):
+    """Base of every message that is answered with a value of type ``R_co``.
 
     ``ActorRef.ask`` returns ``R`` for a ``Request[R]``, so replies are typed end to end.
     """
@@ -246,6 +247,21 @@ class ActorRef(Generic[M]):
     def try_tell(self, message: M) -> bool:
         """Send if there is room right now; never waits. False when the mailbox is full."""
         return self.mailbox.put_nowait(Envelope(message))
+
+    async def forward(self, message: Request[R], reply: Reply[R]) -> None:
+        """Send ``message`` with someone else's reply slot: this actor answers the original
+        asker directly (whose own deadline still applies). Waits only for mailbox room."""
+        await self.mailbox.put(Envelope(cast(M, message), reply))
+
+    async def request(self, message: Request[R]) -> Reply[R]:
+        """Enqueue ``message`` and return its reply slot without waiting for the answer,
+        so that more messages can be queued behind it first. ``await reply.wait()`` for the
+        answer; no deadline is kept for it (bound the wait with a cancel scope)."""
+        if self._event_type is None:
+            self._event_type = type(anyio.Event())
+        reply: Reply[R] = Reply(self._event_type())
+        await self.mailbox.put(Envelope(cast(M, message), reply))
+        return reply
 
     # The deadline is part of ask's contract (with a default from the config), so it is a
     # parameter rather than the caller's cancel scope.

@@ -31,7 +31,17 @@ from ..messages.events import BroadcastMessage, Event, Publish
 from ..messages.storage import (
     AppendEvent,
     Committed,
+    DeleteTaskRow,
+    FetchRun,
+    FetchRuns,
+    FetchTask,
     GetStorageStats,
+    LoadIdempotencyKeys,
+    LoadRuns,
+    LoadTasks,
+    PutRun,
+    PutTask,
+    QueryTasks,
     ReadEvents,
     StorageMessage,
     StorageStats,
@@ -40,6 +50,15 @@ from ..messages.storage import (
 from ..runtime import Actor, ActorRef, Envelope
 from .database import Target, open_database
 from .drivers import Driver, Statement
+from .rows import (
+    DELETE_TASK,
+    RUN_COLUMNS,
+    TASK_COLUMNS,
+    run_from_row,
+    run_statement,
+    task_from_row,
+    task_statement,
+)
 from .schema import SCHEMA_VERSION
 
 __all__ = ["StorageActor"]
@@ -104,18 +123,66 @@ class StorageActor(Actor[StorageMessage]):
             if envelope.started:
                 continue
             envelope.started = True
-            match envelope.message:
-                case ReadEvents() as read:
-                    try:
-                        envelope.resolve(await self._read_events(read))
-                    except sqlite3.Error as exc:
-                        envelope.fail(StorageError(f"cannot read events: {exc}"))
-                case GetStorageStats():
-                    envelope.resolve(self._statistics())
-                case other:
-                    envelope.fail(
-                        HiveError(f"the storage actor does not handle {type(other).__name__}")
-                    )
+            message = envelope.message
+            try:
+                envelope.resolve(await self._query(message))
+            except sqlite3.Error as exc:
+                envelope.fail(StorageError(f"cannot read ({type(message).__name__}): {exc}"))
+            except HiveError as exc:
+                envelope.fail(exc)
+
+    async def _query(self, message: StorageMessage) -> object:
+        db = self._require_db()
+        match message:
+            case ReadEvents() as read:
+                return await self._read_events(read)
+            case GetStorageStats():
+                return self._statistics()
+            case LoadTasks(statuses=statuses):
+                rows = await db.fetchall(
+                    f"SELECT {TASK_COLUMNS} FROM tasks WHERE status IN ({_marks(statuses)})"
+                    " ORDER BY priority DESC, created_at, rowid",
+                    statuses,
+                )
+                return tuple(task_from_row(row) for row in rows)
+            case LoadRuns(statuses=statuses):
+                rows = await db.fetchall(
+                    f"SELECT {RUN_COLUMNS} FROM runs WHERE task_id IN"
+                    f" (SELECT id FROM tasks WHERE status IN ({_marks(statuses)}))"
+                    " ORDER BY rowid",
+                    statuses,
+                )
+                return tuple(run_from_row(row) for row in rows)
+            case LoadIdempotencyKeys():
+                rows = await db.fetchall(
+                    "SELECT idempotency_key, id FROM tasks WHERE idempotency_key IS NOT NULL"
+                )
+                return tuple((str(key), str(task_id)) for key, task_id in rows)
+            case QueryTasks(status=status, task_type=task_type, limit=limit):
+                sql = f"SELECT {TASK_COLUMNS} FROM tasks WHERE status = ?"
+                params: tuple[object, ...] = (status,)
+                if task_type is not None:
+                    sql += " AND task_type = ?"
+                    params += (task_type,)
+                sql += " ORDER BY priority DESC, created_at, rowid LIMIT ?"
+                params += (-1 if limit is None else limit,)
+                return [task_from_row(row) for row in await db.fetchall(sql, params)]
+            case FetchTask(task_id=task_id):
+                rows = await db.fetchall(
+                    f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,)
+                )
+                return task_from_row(rows[0]) if rows else None
+            case FetchRun(run_id=run_id):
+                rows = await db.fetchall(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,))
+                return run_from_row(rows[0]) if rows else None
+            case FetchRuns(task_id=task_id):
+                rows = await db.fetchall(
+                    f"SELECT {RUN_COLUMNS} FROM runs WHERE task_id = ? ORDER BY run_number, rowid",
+                    (task_id,),
+                )
+                return [run_from_row(row) for row in rows]
+            case other:
+                raise HiveError(f"the storage actor does not handle {type(other).__name__}")
 
     async def _commit(self, writes: list[_Pending], *, isolate: bool) -> None:
         db = self._require_db()
@@ -129,11 +196,19 @@ class StorageActor(Actor[StorageMessage]):
                 unit: list[Statement] = []
                 unit_seqs: list[int] = []
                 for op in write.ops:
-                    seq += 1
-                    unit.append(_event_row(seq, op))
-                    unit_seqs.append(seq)
-                    events.append(msgspec.structs.replace(op.event, seq=seq))
-                    op_json.append(op.data_json)
+                    match op:
+                        case AppendEvent():
+                            seq += 1
+                            unit.append(_event_row(seq, op))
+                            unit_seqs.append(seq)
+                            events.append(msgspec.structs.replace(op.event, seq=seq))
+                            op_json.append(op.data_json)
+                        case PutTask(task=task):
+                            unit.append(task_statement(task))
+                        case DeleteTaskRow(task_id=task_id):
+                            unit.append((DELETE_TASK, (task_id,)))
+                        case PutRun(run=run):
+                            unit.append(run_statement(run))
                 units.append(unit)
                 seqs.append(tuple(unit_seqs))
             try:
@@ -214,6 +289,10 @@ class StorageActor(Actor[StorageMessage]):
         if self._db is None:  # pragma: no cover - messages only arrive after started()
             raise StorageError("storage is not open")
         return self._db
+
+
+def _marks(values: tuple[str, ...]) -> str:
+    return ", ".join("?" * len(values))
 
 
 def _event_row(seq: int, op: AppendEvent) -> Statement:

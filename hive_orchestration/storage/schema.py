@@ -138,6 +138,19 @@ _V1: tuple[str, ...] = (
     " WHERE correlation_id IS NOT NULL",
 )
 
+# Version 2: what the TaskManager needs beyond the seeds' columns. attempts counts
+# executions that ended without success; the idempotency key is unique when present.
+_V2: tuple[str, ...] = (
+    "ALTER TABLE tasks ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE tasks ADD COLUMN result TEXT",
+    "ALTER TABLE tasks ADD COLUMN error TEXT",
+    "ALTER TABLE tasks ADD COLUMN idempotency_key TEXT",
+    "ALTER TABLE tasks ADD COLUMN correlation_id TEXT",
+    "ALTER TABLE tasks ADD COLUMN source_agent TEXT",
+    "CREATE UNIQUE INDEX idx_tasks_idempotency_key ON tasks (idempotency_key)"
+    " WHERE idempotency_key IS NOT NULL",
+)
+
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,287 @@
+"""The task and run operations of the seeds, as messages to the TaskManager.
+
+Every argument is checked here, at the boundary, so that a bad one is an
+:class:`InvalidInputError` naming it and nothing is sent, let alone written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import cast
+
+from ._validate import check_identifier, check_int, check_optional_text, encode_json_object
+from .config import RuntimeConfig
+from .errors import InvalidInputError
+from .messages.events import JsonValue
+from .messages.tasks import (
+    CancelTask,
+    CreateRun,
+    CreateTask,
+    DeleteTask,
+    GetQueuedTasks,
+    GetRun,
+    GetRuns,
+    GetTask,
+    GetTasksByStatus,
+    Run,
+    RunStatus,
+    Task,
+    TaskManagerMessage,
+    TaskStatus,
+    UpdateRunStatus,
+    UpdateTaskStatus,
+)
+from .runtime import ActorRef
+
+__all__ = ["TaskOperations"]
+
+JsonObject = dict[str, JsonValue]
+_MAX_PRIORITY = 2**31 - 1
+_MAX_TEXT = 10_000
+
+
+class TaskOperations:
+    """Mixed into :class:`Runtime`; needs ``_tasks`` (the TaskManager) and ``_config``."""
+
+    _tasks: ActorRef[TaskManagerMessage]
+    _config: RuntimeConfig
+
+    def _check_open(self) -> None:  # pragma: no cover - provided by Runtime
+        raise NotImplementedError
+
+    async def create_task(
+        self,
+        task_type: str,
+        payload: Mapping[str, object] | None = None,
+        *,
+        title: str | None = None,
+        description: str | None = None,
+        priority: int = 1,
+        workflow: Mapping[str, object] | None = None,
+        tags: Iterable[str] = (),
+        max_retries: int = 3,
+        due_date: datetime | None = None,
+        idempotency_key: str | None = None,
+        correlation_id: str | None = None,
+        source_agent: str | None = None,
+    ) -> str:
+        """Create a queued task and return its id (durable when this returns).
+
+        With an ``idempotency_key`` already used, nothing is created and the first task's
+        id is returned. ``title`` defaults to the task type.
+        """
+        self._check_open()
+        task_type = check_identifier(task_type, "task_type")
+        message = CreateTask(
+            title=_text(task_type if title is None else title, "title", empty=False),
+            task_type=task_type,
+            payload=self._json(payload, "payload") or {},
+            description=None if description is None else _text(description, "description"),
+            priority=check_int(priority, "priority", minimum=0, maximum=_MAX_PRIORITY),
+            workflow=self._json(workflow, "workflow"),
+            tags=_tags(tags),
+            max_retries=check_int(max_retries, "max_retries", minimum=0, maximum=1000),
+            due_date=_when(due_date, "due_date"),
+            idempotency_key=check_optional_text(idempotency_key, "idempotency_key"),
+            correlation_id=check_optional_text(correlation_id, "correlation_id"),
+            source_agent=check_optional_text(source_agent, "source_agent"),
+        )
+        return await self._tasks.ask(message)
+
+    async def get_task(self, task_id: str) -> Task | None:
+        """The task, or ``None`` if there is no task with this id."""
+        self._check_open()
+        return await self._tasks.ask(GetTask(check_identifier(task_id, "task_id")))
+
+    async def update_task_status(
+        self,
+        task_id: str,
+        status: TaskStatus | str,
+        metadata: Mapping[str, object] | None = None,
+        *,
+        result: Mapping[str, object] | None = None,
+        error: str | None = None,
+        source_agent: str | None = None,
+    ) -> bool:
+        """Move a task to ``status`` through the state machine.
+
+        ``metadata`` may set ``assigned_worker`` and ``current_phase`` (as in the seeds).
+        Raises :class:`IllegalTransitionError` (nothing changed) for a move the state
+        machine forbids and :class:`NotFoundError` for an unknown or long-finished task.
+        """
+        self._check_open()
+        fields = dict(metadata or {})
+        unknown = set(fields) - {"assigned_worker", "current_phase"}
+        if unknown:
+            raise InvalidInputError(
+                "metadata",
+                f"only assigned_worker and current_phase can be set, not {sorted(unknown)}",
+            )
+        message = UpdateTaskStatus(
+            task_id=check_identifier(task_id, "task_id"),
+            status=_status(status),
+            assigned_worker=check_optional_text(
+                fields.get("assigned_worker"), "metadata.assigned_worker"
+            ),
+            current_phase=check_optional_text(
+                fields.get("current_phase"), "metadata.current_phase"
+            ),
+            result=self._json(result, "result"),
+            error=None if error is None else _text(error, "error"),
+            source_agent=check_optional_text(source_agent, "source_agent"),
+        )
+        return await self._tasks.ask(message)
+
+    async def cancel_task(
+        self, task_id: str, *, reason: str | None = None, source_agent: str | None = None
+    ) -> Task:
+        """Cancel a task that has not finished; returns it as cancelled."""
+        self._check_open()
+        message = CancelTask(
+            task_id=check_identifier(task_id, "task_id"),
+            reason=None if reason is None else _text(reason, "reason"),
+            source_agent=check_optional_text(source_agent, "source_agent"),
+        )
+        return await self._tasks.ask(message)
+
+    async def delete_task(self, task_id: str) -> bool:
+        """Delete a task and its runs. Raises :class:`NotFoundError` if there is none."""
+        self._check_open()
+        return await self._tasks.ask(DeleteTask(check_identifier(task_id, "task_id")))
+
+    async def get_tasks_by_status(
+        self,
+        status: TaskStatus | str,
+        *,
+        task_type: str | None = None,
+        limit: int | None = None,
+    ) -> list[Task]:
+        """Tasks in ``status``, highest priority first, then oldest first."""
+        self._check_open()
+        message = GetTasksByStatus(
+            status=_status(status),
+            task_type=check_optional_text(task_type, "task_type"),
+            limit=None if limit is None else check_int(limit, "limit", minimum=1),
+        )
+        return await self._tasks.ask(message)
+
+    async def get_queued_tasks(self, limit: int = 10, task_type: str | None = None) -> list[Task]:
+        """Queued tasks (optionally of one type), highest priority first, then oldest."""
+        self._check_open()
+        message = GetQueuedTasks(
+            limit=check_int(limit, "limit", minimum=1),
+            task_type=check_optional_text(task_type, "task_type"),
+        )
+        return await self._tasks.ask(message)
+
+    async def get_pending_tasks(self) -> list[Task]:
+        """Tasks waiting to be picked up (``pending`` is the seeds' name for ``queued``)."""
+        return await self.get_tasks_by_status(TaskStatus.QUEUED)
+
+    async def create_run(
+        self, task_id: str, worker_id: str | None = None, *, phase: str | None = None
+    ) -> str:
+        """Open a run (an execution attempt) of an unfinished task; returns its id."""
+        self._check_open()
+        message = CreateRun(
+            task_id=check_identifier(task_id, "task_id"),
+            worker_id=check_optional_text(worker_id, "worker_id"),
+            phase=check_optional_text(phase, "phase"),
+        )
+        return await self._tasks.ask(message)
+
+    async def get_run(self, run_id: str) -> Run | None:
+        self._check_open()
+        return await self._tasks.ask(GetRun(check_identifier(run_id, "run_id")))
+
+    async def get_runs(self, task_id: str) -> list[Run]:
+        """The runs of a task, oldest first."""
+        self._check_open()
+        return await self._tasks.ask(GetRuns(check_identifier(task_id, "task_id")))
+
+    async def update_run_status(
+        self,
+        run_id: str,
+        status: RunStatus | str,
+        *,
+        result: Mapping[str, object] | None = None,
+        error: str | None = None,
+        phase: str | None = None,
+        output_log: str | None = None,
+    ) -> bool:
+        """Move an open run to ``status``; a finished run cannot change."""
+        self._check_open()
+        try:
+            if not isinstance(status, str):
+                raise ValueError(status)
+            run_status = RunStatus(status)
+        except ValueError:
+            valid = ", ".join(s.value for s in RunStatus)
+            raise InvalidInputError("status", f"must be one of {valid}, got {status!r}") from None
+        message = UpdateRunStatus(
+            run_id=check_identifier(run_id, "run_id"),
+            status=run_status,
+            result=self._json(result, "result"),
+            error=None if error is None else _text(error, "error"),
+            phase=check_optional_text(phase, "phase"),
+            output_log=None
+            if output_log is None
+            else _text(output_log, "output_log", limit=self._config.max_payload_bytes),
+        )
+        return await self._tasks.ask(message)
+
+    def _json(self, value: Mapping[str, object] | None, field: str) -> JsonObject | None:
+        if value is None:
+            return None
+        checked, _ = encode_json_object(
+            value,
+            field,
+            max_bytes=self._config.max_payload_bytes,
+            max_depth=self._config.max_payload_depth,
+        )
+        return cast(JsonObject, checked)
+
+
+def _status(value: object) -> TaskStatus:
+    if isinstance(value, TaskStatus):
+        return value
+    try:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        return TaskStatus(value)
+    except ValueError:
+        valid = ", ".join(["pending", *(s.value for s in TaskStatus)])
+        raise InvalidInputError("status", f"must be one of {valid}, got {value!r}") from None
+
+
+def _text(value: object, field: str, *, empty: bool = True, limit: int = _MAX_TEXT) -> str:
+    if not isinstance(value, str):
+        raise InvalidInputError(field, f"must be a string, got {type(value).__name__}")
+    if not empty and not value.strip():
+        raise InvalidInputError(field, "must not be empty")
+    if len(value) > limit:
+        raise InvalidInputError(field, f"must be at most {limit} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInputError(
+            field, "contains a lone surrogate, which is not valid text"
+        ) from None
+    return value
+
+
+def _tags(value: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise InvalidInputError("tags", "must be a list of strings")
+    return tuple(check_identifier(tag, f"tags[{i}]") for i, tag in enumerate(value))
+
+
+def _when(value: object, field: str) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise InvalidInputError(field, f"must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidInputError(field, "must be timezone-aware (e.g. datetime.now(UTC))")
+    return value

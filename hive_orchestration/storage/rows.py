@@ -1,0 +1,163 @@
+"""Tasks and runs to and from rows. Timestamps are ISO-8601 UTC text, JSON columns text."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import cast
+
+import msgspec
+
+from ..messages.tasks import JsonObject, Run, RunStatus, Task, TaskStatus
+from .drivers import Params, Statement
+
+__all__ = [
+    "DELETE_TASK",
+    "RUN_COLUMNS",
+    "TASK_COLUMNS",
+    "run_from_row",
+    "run_statement",
+    "task_from_row",
+    "task_statement",
+]
+
+_encode = msgspec.json.Encoder().encode
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+TASK_COLUMNS = (
+    "id, title, description, task_type, priority, status, current_phase, workflow, payload,"
+    " created_at, updated_at, assigned_worker, due_date, max_retries, tags, attempts, result,"
+    " error, idempotency_key, correlation_id, source_agent"
+)
+_TASK_UPDATES = ", ".join(
+    f"{column} = excluded.{column}"
+    for column in (name.strip() for name in TASK_COLUMNS.split(","))
+    if column != "id"
+)
+_PUT_TASK = (
+    f"INSERT INTO tasks ({TASK_COLUMNS}) VALUES ({', '.join('?' * 21)})"
+    f" ON CONFLICT (id) DO UPDATE SET {_TASK_UPDATES}"
+)
+DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
+
+RUN_COLUMNS = (
+    "id, task_id, worker_id, run_number, status, phase, result_data, error_message,"
+    " output_log, started_at, completed_at"
+)
+_RUN_UPDATES = ", ".join(
+    f"{column} = excluded.{column}"
+    for column in (name.strip() for name in RUN_COLUMNS.split(","))
+    if column != "id"
+)
+_PUT_RUN = (
+    f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({', '.join('?' * 11)})"
+    f" ON CONFLICT (id) DO UPDATE SET {_RUN_UPDATES}"
+)
+
+
+def _time(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _json(value: object) -> str | None:
+    return None if value is None else _encode(value).decode()
+
+
+def task_statement(task: Task) -> Statement:
+    params: Params = (
+        task.id,
+        task.title,
+        task.description,
+        task.task_type,
+        task.priority,
+        task.status.value,
+        task.current_phase,
+        _json(task.workflow),
+        _json(task.payload),
+        _time(task.created_at),
+        _time(task.updated_at),
+        task.assigned_worker,
+        _time(task.due_date),
+        task.max_retries,
+        _json(list(task.tags)),
+        task.attempts,
+        _json(task.result),
+        task.error,
+        task.idempotency_key,
+        task.correlation_id,
+        task.source_agent,
+    )
+    return _PUT_TASK, params
+
+
+def run_statement(run: Run) -> Statement:
+    params: Params = (
+        run.id,
+        run.task_id,
+        run.worker_id,
+        run.run_number,
+        run.status.value,
+        run.phase,
+        _json(run.result),
+        run.error,
+        run.output_log,
+        _time(run.started_at),
+        _time(run.completed_at),
+    )
+    return _PUT_RUN, params
+
+
+def _parse_time(value: object) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(str(value))
+
+
+def _parse_json(value: object) -> JsonObject | None:
+    return None if value is None else cast(JsonObject, msgspec.json.decode(str(value)))
+
+
+def task_from_row(row: tuple[object, ...]) -> Task:
+    (id_, title, description, task_type, priority, status, phase, workflow, payload,
+     created_at, updated_at, assigned_worker, due_date, max_retries, tags, attempts,
+     result, error, idempotency_key, correlation_id, source_agent) = row  # fmt: skip
+    # Rows written by other tools may leave the seed schema's nullable columns empty.
+    created = _parse_time(created_at) or _parse_time(updated_at) or _EPOCH
+    return Task(
+        id=str(id_),
+        title=str(title),
+        description=cast("str | None", description),
+        task_type=str(task_type),
+        priority=1 if priority is None else cast(int, priority),
+        status=TaskStatus(str(status)),
+        current_phase="start" if phase is None else str(phase),
+        workflow=_parse_json(workflow),
+        payload=_parse_json(payload) or {},
+        created_at=created,
+        updated_at=_parse_time(updated_at) or created,
+        assigned_worker=cast("str | None", assigned_worker),
+        due_date=_parse_time(due_date),
+        max_retries=3 if max_retries is None else cast(int, max_retries),
+        tags=tuple(cast("list[str]", msgspec.json.decode(str(tags)))) if tags else (),
+        attempts=0 if attempts is None else cast(int, attempts),
+        result=_parse_json(result),
+        error=cast("str | None", error),
+        idempotency_key=cast("str | None", idempotency_key),
+        correlation_id=cast("str | None", correlation_id),
+        source_agent=cast("str | None", source_agent),
+    )
+
+
+def run_from_row(row: tuple[object, ...]) -> Run:
+    (id_, task_id, worker_id, run_number, status, phase, result, error, output_log,
+     started_at, completed_at) = row  # fmt: skip
+    return Run(
+        id=str(id_),
+        task_id=str(task_id),
+        worker_id=cast("str | None", worker_id),
+        run_number=cast(int, run_number),
+        status=RunStatus(str(status)),
+        phase=cast("str | None", phase),
+        result=_parse_json(result),
+        error=cast("str | None", error),
+        output_log=cast("str | None", output_log),
+        started_at=_parse_time(started_at),
+        completed_at=_parse_time(completed_at),
+    )
