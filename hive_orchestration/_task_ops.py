@@ -108,7 +108,7 @@ class TaskOperations:
 
         ``metadata`` may set ``assigned_worker`` and ``current_phase`` (as in the seeds).
         Raises :class:`IllegalTransitionError` (nothing changed) for a move the state
-        machine forbids and :class:`NotFoundError` for an unknown or long-finished task.
+        machine forbids and :class:`NotFoundError` for an unknown task.
         """
         self._check_open()
         fields = dict(metadata or {})

@@ -252,9 +252,9 @@ class TaskManager(Actor[TaskManagerMessage]):
                 task = self._tasks.get(task_id)
                 return task if task is not None else _Forward(FetchTask(task_id))
             case UpdateTaskStatus():
-                return self._update(message, work, now)
+                return self._update(message, await self._find(message.task_id), work, now)
             case CancelTask(task_id=task_id, reason=reason, source_agent=source):
-                task = self._live(task_id)
+                task = await self._find(task_id)
                 changes: dict[str, object] = {"error": reason} if reason else {}
                 return self._transition(task, TaskStatus.CANCELLED, work, now, source, changes)
             case DeleteTask(task_id=task_id):
@@ -264,7 +264,7 @@ class TaskManager(Actor[TaskManagerMessage]):
             case GetQueuedTasks(limit=limit, task_type=task_type):
                 return self._list(TaskStatus.QUEUED, task_type, limit)
             case CreateRun():
-                return self._create_run(message, work, now)
+                return self._create_run(message, await self._find(message.task_id), work, now)
             case GetRun(run_id=run_id):
                 run = self._runs.get(run_id)
                 return run if run is not None else _Forward(FetchRun(run_id))
@@ -273,6 +273,12 @@ class TaskManager(Actor[TaskManagerMessage]):
                     return [self._runs[run_id] for run_id in self._runs_of.get(task_id, [])]
                 return _Forward(FetchRuns(task_id))
             case UpdateRunStatus():
+                if message.run_id not in self._runs:
+                    # A run of a task that finished long ago: look it up (rare).
+                    run = await self._storage.ask(FetchRun(message.run_id))
+                    if run is None:
+                        raise NotFoundError("run", message.run_id)
+                    self._remember_run(run)
                 return self._update_run(message, work, now)
         raise HiveError(f"the task manager does not handle {type(message).__name__}")
 
@@ -314,10 +320,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         )
         return task.id
 
-    def _update(self, message: UpdateTaskStatus, work: _Batch, now: datetime) -> bool:
-        task = self._tasks.get(message.task_id)
-        if task is None:
-            raise NotFoundError("task", message.task_id)
+    def _update(self, message: UpdateTaskStatus, task: Task, work: _Batch, now: datetime) -> bool:
         changes: dict[str, object] = {}
         if message.assigned_worker is not None:
             changes["assigned_worker"] = message.assigned_worker
@@ -386,8 +389,9 @@ class TaskManager(Actor[TaskManagerMessage]):
         found.sort(key=_priority_order)
         return found if limit is None else found[:limit]
 
-    def _create_run(self, message: CreateRun, work: _Batch, now: datetime) -> str:
-        task = self._live(message.task_id, action="start a run")
+    def _create_run(self, message: CreateRun, task: Task, work: _Batch, now: datetime) -> str:
+        if task.status in TERMINAL:
+            raise IllegalTransitionError("task", task.id, task.status.value, "a new run")
         runs = self._runs_of.get(task.id, [])
         run = Run(
             id=new_id(),
@@ -426,12 +430,17 @@ class TaskManager(Actor[TaskManagerMessage]):
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _live(self, task_id: str, *, action: str = "cancel") -> Task:
+    async def _find(self, task_id: str) -> Task:
+        """The task, from memory or, for one that finished long ago, from storage (rare).
+
+        Every live task is in memory, so one found in storage is finished: any change to it
+        is refused by the state machine, exactly as while it was in memory.
+        """
         task = self._tasks.get(task_id)
         if task is None:
-            raise NotFoundError("task", task_id)
-        if task.status in TERMINAL:
-            raise IllegalTransitionError("task", task_id, task.status.value, action)
+            task = await self._storage.ask(FetchTask(task_id))
+            if task is None:
+                raise NotFoundError("task", task_id)
         return task
 
     def _event(
