@@ -10,7 +10,13 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import cast
 
-from ._validate import check_identifier, check_int, check_optional_text, encode_json_object
+from ._validate import (
+    check_identifier,
+    check_int,
+    check_optional_text,
+    check_text,
+    encode_json_object,
+)
 from .config import RuntimeConfig
 from .errors import InvalidInputError
 from .messages.events import JsonValue
@@ -262,12 +268,7 @@ def _text(value: object, field: str, *, empty: bool = True, limit: int = _MAX_TE
         raise InvalidInputError(field, "must not be empty")
     if len(value) > limit:
         raise InvalidInputError(field, f"must be at most {limit} characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidInputError(
-            field, "contains a lone surrogate, which is not valid text"
-        ) from None
+    check_text(value, field)
     return value
 
 

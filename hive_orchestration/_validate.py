@@ -16,7 +16,13 @@ import msgspec
 
 from .errors import InvalidInputError
 
-__all__ = ["encode_json_object", "check_identifier", "check_optional_text", "check_int"]
+__all__ = [
+    "check_identifier",
+    "check_int",
+    "check_optional_text",
+    "check_text",
+    "encode_json_object",
+]
 
 _SQLITE_MIN = -(2**63)
 _SQLITE_MAX = 2**63 - 1
@@ -44,7 +50,7 @@ def check_identifier(value: object, field: str, *, max_length: int = 256) -> str
         raise InvalidInputError(field, "must not be empty")
     if len(value) > max_length:
         raise InvalidInputError(field, f"must be at most {max_length} characters")
-    _check_text(value, field)
+    check_text(value, field)
     if _CONTROL.search(value):
         raise InvalidInputError(field, "must not contain control characters")
     return value
@@ -63,7 +69,8 @@ def check_int(value: object, field: str, *, minimum: int, maximum: int = _SQLITE
     return value
 
 
-def _check_text(value: str, field: str) -> None:
+def check_text(value: str, field: str) -> None:
+    """Refuse a string that is not valid text (a lone surrogate cannot be stored)."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -144,7 +151,7 @@ def _check_json(root: object, field: str, max_depth: int) -> None:
             continue
         if isinstance(value, str):
             if not value.isascii():
-                _check_text(value, _path(node, field))
+                check_text(value, _path(node, field))
         elif isinstance(value, int):
             if not _SQLITE_MIN <= value <= _SQLITE_MAX:
                 raise InvalidInputError(
@@ -165,7 +172,7 @@ def _check_json(root: object, field: str, max_depth: int) -> None:
                         f"object keys must be strings, got {type(key).__name__}",
                     )
                 if not key.isascii():
-                    _check_text(key, f"{_path(node, field)}.{key!r}")
+                    check_text(key, f"{_path(node, field)}.{key!r}")
                 stack.append((item, node, key, depth + 1))
         elif isinstance(value, list | tuple):
             if depth > max_depth:

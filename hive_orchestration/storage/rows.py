@@ -28,30 +28,25 @@ TASK_COLUMNS = (
     " created_at, updated_at, assigned_worker, due_date, max_retries, tags, attempts, result,"
     " error, idempotency_key, correlation_id, source_agent"
 )
-_TASK_UPDATES = ", ".join(
-    f"{column} = excluded.{column}"
-    for column in (name.strip() for name in TASK_COLUMNS.split(","))
-    if column != "id"
-)
-_PUT_TASK = (
-    f"INSERT INTO tasks ({TASK_COLUMNS}) VALUES ({', '.join('?' * 21)})"
-    f" ON CONFLICT (id) DO UPDATE SET {_TASK_UPDATES}"
-)
-DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
-
 RUN_COLUMNS = (
     "id, task_id, worker_id, run_number, status, phase, result_data, error_message,"
     " output_log, started_at, completed_at"
 )
-_RUN_UPDATES = ", ".join(
-    f"{column} = excluded.{column}"
-    for column in (name.strip() for name in RUN_COLUMNS.split(","))
-    if column != "id"
-)
-_PUT_RUN = (
-    f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({', '.join('?' * 11)})"
-    f" ON CONFLICT (id) DO UPDATE SET {_RUN_UPDATES}"
-)
+DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
+
+
+def _upsert(table: str, columns: str) -> str:
+    """INSERT of every column that replaces every column but the id on conflict."""
+    names = [name.strip() for name in columns.split(",")]
+    updates = ", ".join(f"{name} = excluded.{name}" for name in names if name != "id")
+    marks = ", ".join("?" * len(names))
+    return (
+        f"INSERT INTO {table} ({columns}) VALUES ({marks}) ON CONFLICT (id) DO UPDATE SET {updates}"
+    )
+
+
+_PUT_TASK = _upsert("tasks", TASK_COLUMNS)
+_PUT_RUN = _upsert("runs", RUN_COLUMNS)
 
 
 def _time(value: datetime | None) -> str | None:
