@@ -7,7 +7,7 @@ Every argument is checked here, at the boundary, so that a bad one is an
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import cast
 
 from ._validate import (
@@ -285,4 +285,7 @@ def _when(value: object, field: str) -> datetime | None:
         raise InvalidInputError(field, f"must be a datetime, got {type(value).__name__}")
     if value.tzinfo is None or value.utcoffset() is None:
         raise InvalidInputError(field, "must be timezone-aware (e.g. datetime.now(UTC))")
-    return value
+    try:
+        return value.astimezone(UTC)  # stored and returned in UTC: the same instant
+    except OverflowError:
+        raise InvalidInputError(field, f"{value.isoformat()} is out of range in UTC") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from typing import Any
 
 import msgspec
 
@@ -81,10 +82,12 @@ def check_text(value: str, field: str) -> None:
 
 def encode_json_object(
     value: object, field: str, *, max_bytes: int, max_depth: int
-) -> tuple[dict[str, object], bytes]:
+) -> tuple[dict[str, Any], bytes]:
     """Check that ``value`` is a JSON object SQLite and msgspec can round-trip; encode it.
 
-    Returns the value (a dict; ``None`` becomes ``{}``) and its JSON encoding.
+    Returns a deep copy in plain JSON types, decoded from what will be stored (so later
+    changes to the caller's objects cannot reach the runtime, and tuples become lists
+    before, not after, a restart), and its JSON encoding. ``None`` becomes ``{}``.
     """
     if value is None:
         return {}, b"{}"
@@ -101,7 +104,7 @@ def encode_json_object(
         raise InvalidInputError(
             field, f"is {len(encoded)} bytes once encoded, over the limit of {max_bytes}"
         )
-    return dict(value), encoded
+    return msgspec.json.decode(encoded), encoded
 
 
 def _is_flat_ascii(value: dict[object, object]) -> bool:

@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Literal, cast
+from typing import Literal
 
 import anyio
 import msgspec
@@ -62,11 +62,6 @@ __all__ = ["MailboxStats", "Runtime", "RuntimeStatistics", "Subscription"]
 log = logging.getLogger("hive_orchestration")
 
 _MAX_READ = 10_000
-
-
-def _decode_object(data: bytes) -> dict[str, JsonValue]:
-    # Only ever called on bytes this module encoded from a checked JSON object.
-    return cast("dict[str, JsonValue]", msgspec.json.decode(data))
 
 
 class MailboxStats(msgspec.Struct, frozen=True):
@@ -266,7 +261,7 @@ class Runtime(TaskOperations):
         Returns once the event is durable.
         """
         self._check_open()
-        _, data_json = encode_json_object(
+        data, data_json = encode_json_object(
             data,
             "data",
             max_bytes=self._config.max_payload_bytes,
@@ -280,8 +275,7 @@ class Runtime(TaskOperations):
             task_id=check_optional_text(task_id, "task_id"),
             plan_id=check_optional_text(plan_id, "plan_id"),
             worker_id=check_optional_text(worker_id, "worker_id"),
-            # Decoded from what is stored: subscribers get their own copy, equal to the log.
-            data=_decode_object(data_json),
+            data=data,  # a plain copy decoded from what is stored
         )
         committed = await self._storage.ask(Write(ops=(AppendEvent(event, data_json),)))
         return msgspec.structs.replace(event, seq=committed.seqs[0])

@@ -24,6 +24,7 @@ from hive_orchestration import (
     RunStatus,
     Runtime,
     RuntimeConfig,
+    StorageError,
     Task,
     TaskStatus,
 )
@@ -849,3 +850,112 @@ async def test_an_open_run_of_a_finished_task_can_be_closed_after_reopen(db_path
         assert run.result == {"ok": True}
         with pytest.raises(IllegalTransitionError):
             await rt.update_run_status(run_id, "failed")
+
+
+# -- one batch, and a failed commit (regressions found in review) ----------------------------
+
+
+async def _one_batch(rt: Runtime, *messages: object) -> list[object]:
+    """Queue all messages at once, so that the TaskManager handles them as one batch."""
+    from hive_orchestration.runtime import Envelope, Reply
+
+    replies: list[Reply[object]] = []
+    for message in messages:
+        reply: Reply[object] = Reply()
+        assert rt._tasks.mailbox.put_nowait(Envelope(message, reply))  # type: ignore[arg-type]
+        replies.append(reply)
+    outcomes: list[object] = []
+    with anyio.fail_after(5):
+        for reply in replies:
+            try:
+                outcomes.append(await reply.wait())
+            except Exception as exc:
+                outcomes.append(exc)
+    return outcomes
+
+
+async def test_a_task_deleted_earlier_in_a_batch_is_gone_for_the_rest_of_it(db_path: str) -> None:
+    from hive_orchestration.messages.tasks import CreateRun, DeleteTask, UpdateTaskStatus
+
+    async with Runtime.open(db_path) as rt:
+        task_id = await rt.create_task("job")
+        outcomes = await _one_batch(
+            rt,
+            DeleteTask(task_id),
+            UpdateTaskStatus(task_id=task_id, status=TaskStatus.RUNNING),
+            DeleteTask(task_id),
+            CreateRun(task_id=task_id),
+        )
+        assert outcomes[0] is True
+        assert all(isinstance(o, NotFoundError) for o in outcomes[1:]), outcomes
+        assert await rt.get_task(task_id) is None
+        deleted = [e for e in await rt.read_events() if e.type == "task.deleted"]
+        assert len(deleted) == 1
+
+
+async def test_a_failed_commit_restores_memory_exactly(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Delete + re-create under the same idempotency key, in a batch whose commit fails:
+    afterwards the key still names the original task, and nothing else changed."""
+    from hive_orchestration.messages.tasks import CreateTask, DeleteTask
+    from hive_orchestration.storage import drivers
+
+    failures = {"left": 0}
+    originals = {cls: cls.transaction for cls in (drivers.ThreadDriver, drivers.AiosqliteDriver)}
+
+    def failing(cls: type[drivers.Driver]) -> Callable[..., Awaitable[None]]:
+        async def transaction(self: drivers.Driver, statements: list[drivers.Statement]) -> None:
+            if failures["left"] and any("tasks" in sql for sql, _ in statements):
+                failures["left"] -= 1
+                raise sqlite3.OperationalError("disk I/O error (injected)")
+            await originals[cls](self, statements)  # type: ignore[arg-type]
+
+        return transaction
+
+    for cls in originals:
+        monkeypatch.setattr(cls, "transaction", failing(cls))
+    async with Runtime.open(db_path) as rt:
+        task_id = await rt.create_task("job", idempotency_key="K")
+        before = await rt.get_task(task_id)
+        failures["left"] = 1
+        outcomes = await _one_batch(
+            rt,
+            DeleteTask(task_id),
+            CreateTask(title="again", task_type="job", payload={}, idempotency_key="K"),
+        )
+        assert all(isinstance(o, StorageError) for o in outcomes), outcomes
+        assert await rt.get_task(task_id) == before
+        assert await rt.create_task("job", idempotency_key="K") == task_id
+        assert [t.id for t in await rt.get_pending_tasks()] == [task_id]
+
+
+async def test_payloads_are_copied_not_shared(db_path: str) -> None:
+    payload: dict[str, object] = {"items": [1], "pair": (1, 2)}
+    async with Runtime.open(db_path) as rt:
+        task_id = await rt.create_task("job", payload)
+        items = payload["items"]
+        assert isinstance(items, list)
+        items.append(2)
+        task = await rt.get_task(task_id)
+        assert task is not None
+        # As stored, and the same before and after a restart: plain JSON types.
+        assert task.payload == {"items": [1], "pair": [1, 2]}
+
+
+async def test_due_dates_are_kept_as_the_same_instant_in_utc(db_path: str) -> None:
+    india = timezone(timedelta(hours=5, minutes=30))
+    due = datetime(2030, 1, 1, 12, 0, tzinfo=india)
+    async with Runtime.open(db_path) as rt:
+        task_id = await rt.create_task("job", due_date=due)
+        with pytest.raises(InvalidInputError) as caught:
+            await rt.create_task(
+                "job", due_date=datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=1)))
+            )
+        assert caught.value.field == "due_date"
+    async with Runtime.open(db_path) as rt:
+        task = await rt.get_task(task_id)
+    assert task is not None
+    assert task.due_date is not None
+    assert task.due_date == due
+    assert task.due_date.utcoffset() == timedelta(0)

@@ -5,8 +5,9 @@ finished tasks, and is the only code that changes them. It handles a batch of re
 a time: each is checked against the state machine below and applied in memory, and the
 whole batch's changes (task rows, run rows and events, in order) go to the storage actor
 as ONE write, so that state and event log are committed together. Only after that commit
-does any requester get its answer. If the commit fails, the touched tasks are reloaded
-from the database and every change of the batch is refused with the storage error.
+does any requester get its answer. If the commit fails, memory is put back exactly as it
+was before the batch (an undo record per task and per idempotency key) and every change
+of the batch is refused with the storage error.
 
 Reads of tasks that are no longer in memory are forwarded to the storage actor, queued
 behind the batch's write, so they always see committed state.
@@ -135,10 +136,24 @@ class _Forward:
     request: Request[object]
 
 
+@dataclass(frozen=True, slots=True)
+class _Undo:
+    """A task's memory state before a batch first changed it."""
+
+    task: Task | None
+    finished: bool
+    run_ids: list[str] | None
+    runs: dict[str, Run]
+
+
 @dataclass(slots=True)
 class _Batch:
+    """What one batch changes: the writes, how to undo them in memory, what it deleted."""
+
     ops: list[WriteOp] = field(default_factory=list)
-    touched: set[str] = field(default_factory=set)
+    undo: dict[str, _Undo] = field(default_factory=dict)
+    keys: dict[str, str | None] = field(default_factory=dict)  # key -> owner before the batch
+    deleted: set[str] = field(default_factory=set)
 
 
 class TaskManager(Actor[TaskManagerMessage]):
@@ -192,16 +207,22 @@ class TaskManager(Actor[TaskManagerMessage]):
                 answers.append((envelope, outcome))
         error = await self._commit(work, forwards)
         if error is not None:
-            await self._reload(work.touched)
+            self._restore(work)
         for envelope, outcome in answers:
             if error is not None and isinstance(envelope.message, _WRITES):
                 envelope.fail(error)
             elif error is not None:
                 # A read answered from state that included the failed changes: read again.
                 try:
-                    envelope.resolve(await self._handle(envelope.message, _Batch(), now))
+                    again = await self._handle(envelope.message, _Batch(), now)
                 except HiveError as exc:
                     envelope.fail(exc)
+                    continue
+                if isinstance(again, _Forward):
+                    assert envelope.reply is not None
+                    await self._storage.forward(again.request, envelope.reply)
+                else:
+                    envelope.resolve(again)
             elif isinstance(outcome, HiveError):
                 envelope.fail(outcome)
             else:
@@ -229,18 +250,46 @@ class TaskManager(Actor[TaskManagerMessage]):
             return HiveError(f"storage did not commit within {self._commit_timeout:g}s")
         return None
 
-    async def _reload(self, task_ids: set[str]) -> None:
-        """After a failed commit: forget what the batch changed, re-read what is stored."""
-        for task_id in task_ids:
-            self._forget(task_id)
-            task = await self._storage.ask(FetchTask(task_id))
-            if task is not None:
-                self._tasks[task.id] = task
-                if task.idempotency_key is not None:
-                    self._keys[task.idempotency_key] = task.id
-                for run in await self._storage.ask(FetchRuns(task_id)):
-                    self._remember_run(run)
-        log.warning("commit failed; reloaded %d task(s) from storage", len(task_ids))
+    def _touch(self, task_id: str, work: _Batch) -> None:
+        """Remember a task's memory state before the batch first changes it."""
+        if task_id not in work.undo:
+            run_ids = self._runs_of.get(task_id)
+            work.undo[task_id] = _Undo(
+                task=self._tasks.get(task_id),
+                finished=task_id in self._finished,
+                run_ids=None if run_ids is None else list(run_ids),
+                runs={run_id: self._runs[run_id] for run_id in run_ids or ()},
+            )
+
+    def _set_key(self, key: str, task_id: str | None, work: _Batch) -> None:
+        work.keys.setdefault(key, self._keys.get(key))
+        if task_id is None:
+            self._keys.pop(key, None)
+        else:
+            self._keys[key] = task_id
+
+    def _restore(self, work: _Batch) -> None:
+        """After a failed commit: put memory back exactly as it was before the batch."""
+        for task_id, undo in work.undo.items():
+            for run_id in self._runs_of.pop(task_id, ()):
+                self._runs.pop(run_id, None)
+            if undo.run_ids is not None:
+                self._runs_of[task_id] = undo.run_ids
+                self._runs.update(undo.runs)
+            if undo.task is None:
+                self._tasks.pop(task_id, None)
+            else:
+                self._tasks[task_id] = undo.task
+            if undo.finished:
+                self._finished[task_id] = None
+            else:
+                self._finished.pop(task_id, None)
+        for key, owner in work.keys.items():
+            if owner is None:
+                self._keys.pop(key, None)
+            else:
+                self._keys[key] = owner
+        log.warning("commit failed; %d task(s) restored in memory", len(work.undo))
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -252,9 +301,9 @@ class TaskManager(Actor[TaskManagerMessage]):
                 task = self._tasks.get(task_id)
                 return task if task is not None else _Forward(FetchTask(task_id))
             case UpdateTaskStatus():
-                return self._update(message, await self._find(message.task_id), work, now)
+                return self._update(message, await self._find(message.task_id, work), work, now)
             case CancelTask(task_id=task_id, reason=reason, source_agent=source):
-                task = await self._find(task_id)
+                task = await self._find(task_id, work)
                 changes: dict[str, object] = {"error": reason} if reason else {}
                 return self._transition(task, TaskStatus.CANCELLED, work, now, source, changes)
             case DeleteTask(task_id=task_id):
@@ -264,22 +313,22 @@ class TaskManager(Actor[TaskManagerMessage]):
             case GetQueuedTasks(limit=limit, task_type=task_type):
                 return self._list(TaskStatus.QUEUED, task_type, limit)
             case CreateRun():
-                return self._create_run(message, await self._find(message.task_id), work, now)
+                return self._create_run(message, await self._find(message.task_id, work), work, now)
             case GetRun(run_id=run_id):
                 run = self._runs.get(run_id)
                 return run if run is not None else _Forward(FetchRun(run_id))
             case GetRuns(task_id=task_id):
-                if task_id in self._runs_of or task_id in self._tasks:
+                if task_id in self._tasks:  # every run of a task in memory is in memory
                     return [self._runs[run_id] for run_id in self._runs_of.get(task_id, [])]
                 return _Forward(FetchRuns(task_id))
-            case UpdateRunStatus():
-                if message.run_id not in self._runs:
-                    # A run of a task that finished long ago: look it up (rare).
-                    run = await self._storage.ask(FetchRun(message.run_id))
-                    if run is None:
-                        raise NotFoundError("run", message.run_id)
-                    self._remember_run(run)
-                return self._update_run(message, work, now)
+            case UpdateRunStatus(run_id=run_id):
+                run = self._runs.get(run_id)
+                if run is None:
+                    # A run of a task that finished long ago: look it up (rare), not cached.
+                    run = await self._storage.ask(FetchRun(run_id))
+                if run is None or run.task_id in work.deleted:
+                    raise NotFoundError("run", run_id)
+                return self._update_run(message, run, work, now)
         raise HiveError(f"the task manager does not handle {type(message).__name__}")
 
     def _create(self, message: CreateTask, work: _Batch, now: datetime) -> str:
@@ -304,10 +353,10 @@ class TaskManager(Actor[TaskManagerMessage]):
             created_at=now,
             updated_at=now,
         )
+        self._touch(task.id, work)
         self._tasks[task.id] = task
         if key is not None:
-            self._keys[key] = task.id
-        work.touched.add(task.id)
+            self._set_key(key, task.id, work)
         work.ops.append(PutTask(task))
         work.ops.append(
             self._event(
@@ -346,10 +395,10 @@ class TaskManager(Actor[TaskManagerMessage]):
         if event_type is None:
             raise IllegalTransitionError("task", task.id, task.status.value, status.value)
         updated = msgspec.structs.replace(task, status=status, updated_at=now, **changes)
+        self._touch(task.id, work)
         self._tasks[task.id] = updated
         if status in TERMINAL:
             self._finished[task.id] = None
-        work.touched.add(task.id)
         work.ops.append(PutTask(updated))
         data: dict[str, JsonValue] = {
             "status": status.value,
@@ -366,14 +415,16 @@ class TaskManager(Actor[TaskManagerMessage]):
         return updated
 
     async def _delete(self, task_id: str, work: _Batch, now: datetime) -> bool:
-        task = self._tasks.get(task_id)
-        if task is None:
-            # Not in memory: a task finished long ago, or none at all. Ask storage (rare).
-            task = await self._storage.ask(FetchTask(task_id))
-            if task is None:
-                raise NotFoundError("task", task_id)
-        self._forget(task_id)
-        work.touched.add(task_id)
+        task = await self._find(task_id, work)
+        self._touch(task_id, work)
+        self._tasks.pop(task_id, None)
+        self._finished.pop(task_id, None)
+        for run_id in self._runs_of.pop(task_id, []):
+            self._runs.pop(run_id, None)
+        key = task.idempotency_key
+        if key is not None and self._keys.get(key) == task_id:
+            self._set_key(key, None, work)
+        work.deleted.add(task_id)
         work.ops.append(DeleteTaskRow(task_id))
         work.ops.append(self._event("task.deleted", task, now, None, {"task_type": task.task_type}))
         return True
@@ -402,15 +453,12 @@ class TaskManager(Actor[TaskManagerMessage]):
             phase=message.phase,
             started_at=now,
         )
+        self._touch(task.id, work)
         self._remember_run(run)
-        work.touched.add(task.id)
         work.ops.append(PutRun(run))
         return run.id
 
-    def _update_run(self, message: UpdateRunStatus, work: _Batch, now: datetime) -> bool:
-        run = self._runs.get(message.run_id)
-        if run is None:
-            raise NotFoundError("run", message.run_id)
+    def _update_run(self, message: UpdateRunStatus, run: Run, work: _Batch, now: datetime) -> bool:
         if run.status in _RUN_FINAL:
             raise IllegalTransitionError("run", run.id, run.status.value, message.status.value)
         if message.status is run.status:
@@ -423,19 +471,22 @@ class TaskManager(Actor[TaskManagerMessage]):
         if message.status in _RUN_FINAL:
             changes["completed_at"] = now
         updated = msgspec.structs.replace(run, **changes)
-        self._runs[run.id] = updated
-        work.touched.add(run.task_id)
+        if run.id in self._runs:  # a run fetched from storage is not cached
+            self._touch(run.task_id, work)
+            self._runs[run.id] = updated
         work.ops.append(PutRun(updated))
         return True
 
     # -- helpers -----------------------------------------------------------------------------
 
-    async def _find(self, task_id: str) -> Task:
+    async def _find(self, task_id: str, work: _Batch) -> Task:
         """The task, from memory or, for one that finished long ago, from storage (rare).
 
         Every live task is in memory, so one found in storage is finished: any change to it
         is refused by the state machine, exactly as while it was in memory.
         """
+        if task_id in work.deleted:  # deleted earlier in this batch, not yet committed
+            raise NotFoundError("task", task_id)
         task = self._tasks.get(task_id)
         if task is None:
             task = await self._storage.ask(FetchTask(task_id))
@@ -465,14 +516,6 @@ class TaskManager(Actor[TaskManagerMessage]):
         if run.id not in self._runs:
             self._runs_of.setdefault(run.task_id, []).append(run.id)
         self._runs[run.id] = run
-
-    def _forget(self, task_id: str) -> None:
-        task = self._tasks.pop(task_id, None)
-        self._finished.pop(task_id, None)
-        if task is not None and task.idempotency_key is not None:
-            self._keys.pop(task.idempotency_key, None)
-        for run_id in self._runs_of.pop(task_id, []):
-            self._runs.pop(run_id, None)
 
     def _evict(self) -> None:
         """Keep at most ``recent`` finished tasks in memory (their state is committed)."""

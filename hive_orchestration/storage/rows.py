@@ -50,7 +50,7 @@ _PUT_RUN = _upsert("runs", RUN_COLUMNS)
 
 
 def _time(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
+    return None if value is None else value.astimezone(UTC).isoformat()
 
 
 def _json(value: object) -> str | None:
