@@ -1,10 +1,12 @@
 """The actor kernel. Generic: it knows nothing of tasks, plans, events or SQL."""
 
 from .actor import Actor, ActorRef, Envelope, Mailbox, Reply, Request, run_actor
+from .alarm import Alarm
 from .supervisor import ChildRestart, ChildSpec, Supervisor
 
 __all__ = [
     "Actor",
+    "Alarm",
     "ActorRef",
     "ChildRestart",
     "ChildSpec",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,10 +32,15 @@ log = logging.getLogger("hive_orchestration.runtime")
 
 @dataclass(frozen=True, slots=True)
 class ChildSpec:
-    """How to (re)start one child: the reference it serves and a factory of fresh actors."""
+    """How to (re)start one child: the reference it serves and a factory of fresh actors.
+
+    ``services`` run beside the child for the supervisor's whole life, across restarts
+    (an :class:`~hive_orchestration.runtime.alarm.Alarm`'s ``run``, for example).
+    """
 
     ref: ActorRef[Any]
     factory: Callable[[], Actor[Any]]
+    services: tuple[Callable[[], Coroutine[Any, Any, None]], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +95,8 @@ class Supervisor:
                 self._task_group = tg
                 for spec in self._children:
                     tg.start_soon(spec.ref.deadlines.run)
+                    for service in spec.services:
+                        tg.start_soon(service)
                     await tg.start(self._supervise, spec)
                 task_status.started()
         finally:
