@@ -120,6 +120,19 @@ def leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return found
 
 
+def fail_storage_reads_once(monkeypatch: pytest.MonkeyPatch, fault: Exception) -> None:
+    """Make the storage actor's next read crash with ``fault``; later reads work."""
+    original = StorageActor._read_events
+    faults = [fault]
+
+    async def flaky(self: StorageActor, read: Any) -> Any:
+        if faults:
+            raise faults.pop()
+        return await original(self, read)
+
+    monkeypatch.setattr(StorageActor, "_read_events", flaky)
+
+
 def probe_ref(name: str = "probe") -> ActorRef[Any]:
     return ActorRef(name, mailbox_size=64, ask_timeout=5.0)
 
@@ -409,15 +422,7 @@ async def test_an_app_exception_comes_out_of_the_block_unwrapped(db_path: str) -
 async def test_every_restart_is_published_as_a_durable_event(
     db_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = StorageActor._read_events
-    faults = [RuntimeError("transient fault")]
-
-    async def flaky(self: StorageActor, read: Any) -> Any:
-        if faults:
-            raise faults.pop()
-        return await original(self, read)
-
-    monkeypatch.setattr(StorageActor, "_read_events", flaky)
+    fail_storage_reads_once(monkeypatch, RuntimeError("transient fault"))
     async with Runtime.open(db_path) as runtime:
         async with runtime.subscribe("actor.*") as live:
             with pytest.raises(ActorFailedError, match="transient fault"):
@@ -501,15 +506,7 @@ async def test_shutdown_drains_senders_waiting_for_room_in_a_full_mailbox() -> N
 async def test_a_crash_whose_text_cannot_be_encoded_is_still_reported(
     db_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = StorageActor._read_events
-    faults = [ValueError("bad byte \udc80")]
-
-    async def flaky(self: StorageActor, read: Any) -> Any:
-        if faults:
-            raise faults.pop()
-        return await original(self, read)
-
-    monkeypatch.setattr(StorageActor, "_read_events", flaky)
+    fail_storage_reads_once(monkeypatch, ValueError("bad byte \udc80"))
     async with Runtime.open(db_path) as runtime:
         with pytest.raises(ActorFailedError):
             await runtime.read_events()
