@@ -14,6 +14,7 @@ from .errors import (
     HiveError,
     IllegalTransitionError,
     InvalidInputError,
+    LeaseLostError,
     NewerSchemaError,
     NotFoundError,
     RequestTimeoutError,
@@ -23,7 +24,7 @@ from .errors import (
     SubscriberLaggedError,
 )
 from .messages.events import Event
-from .messages.tasks import Run, RunStatus, Task, TaskStatus
+from .messages.tasks import Claim, Lease, Run, RunStatus, Task, TaskStatus
 from .storage.schema import SCHEMA_VERSION
 
 __version__ = "0.1.0"
@@ -32,12 +33,15 @@ __all__ = [
     "DEFAULT_DB_PATH",
     "SCHEMA_VERSION",
     "ActorFailedError",
+    "Claim",
     "ConfigError",
     "Event",
     "FeatureFlags",
     "HiveError",
     "IllegalTransitionError",
     "InvalidInputError",
+    "Lease",
+    "LeaseLostError",
     "MailboxStats",
     "NewerSchemaError",
     "NotFoundError",

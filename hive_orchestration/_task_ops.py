@@ -14,6 +14,7 @@ from ._validate import (
     check_identifier,
     check_int,
     check_optional_text,
+    check_seconds,
     check_text,
     encode_json_object,
 )
@@ -22,16 +23,25 @@ from .errors import InvalidInputError
 from .messages.events import JsonValue
 from .messages.tasks import (
     CancelTask,
+    Claim,
+    ClaimTask,
+    CompleteTask,
     CreateRun,
     CreateTask,
     DeleteTask,
+    FailTask,
     GetQueuedTasks,
     GetRun,
     GetRuns,
     GetTask,
     GetTasksByStatus,
+    Heartbeat,
+    Lease,
+    ReleaseTask,
+    ReleaseWorker,
     Run,
     RunStatus,
+    StartTask,
     Task,
     TaskManagerMessage,
     TaskStatus,
@@ -71,14 +81,23 @@ class TaskOperations:
         idempotency_key: str | None = None,
         correlation_id: str | None = None,
         source_agent: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the task's run timeout, not this call's
+        concurrency_key: str | None = None,
+        concurrency_limit: int | None = None,
     ) -> str:
         """Create a queued task and return its id (durable when this returns).
 
         With an ``idempotency_key`` already used, nothing is created and the first task's
-        id is returned. ``title`` defaults to the task type.
+        id is returned. ``title`` defaults to the task type. ``timeout`` bounds each run,
+        in seconds from its claim. Tasks sharing a ``concurrency_key`` are held by at most
+        ``concurrency_limit`` (default 1) claims at once.
         """
         self._check_open()
         task_type = check_identifier(task_type, "task_type")
+        if concurrency_limit is not None:
+            concurrency_limit = check_int(concurrency_limit, "concurrency_limit", minimum=1)
+            if concurrency_key is None:
+                raise InvalidInputError("concurrency_limit", "needs a concurrency_key to limit")
         message = CreateTask(
             title=_text(task_type if title is None else title, "title", empty=False),
             task_type=task_type,
@@ -92,6 +111,9 @@ class TaskOperations:
             idempotency_key=check_optional_text(idempotency_key, "idempotency_key"),
             correlation_id=check_optional_text(correlation_id, "correlation_id"),
             source_agent=check_optional_text(source_agent, "source_agent"),
+            timeout=None if timeout is None else check_seconds(timeout, "timeout"),
+            concurrency_key=check_optional_text(concurrency_key, "concurrency_key"),
+            concurrency_limit=concurrency_limit,
         )
         return await self._tasks.ask(message)
 
@@ -237,6 +259,124 @@ class TaskOperations:
         )
         return await self._tasks.ask(message)
 
+    # -- claims: what a worker calls ---------------------------------------------------------
+
+    async def claim_task(
+        self,
+        worker_id: str,
+        task_types: str | Iterable[str] | None = None,
+        *,
+        lease: float | None = None,
+        wait: float = 0.0,
+    ) -> Claim | None:
+        """Take the best ready task (highest priority, then oldest) of ``task_types`` (one
+        type, several, or ``None`` for any) for ``worker_id``, or ``None`` if there is none.
+
+        With ``wait`` seconds, a claim with nothing to take waits for a matching task
+        and gets it as soon as it is queued (no polling). Each task goes to exactly one
+        claim. The claim holds a lease of ``lease`` seconds (default: the config's
+        ``lease_timeout``): renew it with :meth:`heartbeat`, or the task goes back to
+        the queue. Pass ``claim.lease`` to every later call about the task.
+        """
+        self._check_open()
+        message = ClaimTask(
+            worker_id=check_identifier(worker_id, "worker_id"),
+            task_types=_types(task_types),
+            lease=check_seconds(
+                self._config.lease_timeout if lease is None else lease, "lease", maximum=86_400.0
+            ),
+            wait=check_seconds(wait, "wait", positive=False, maximum=86_400.0),
+        )
+        # The actor answers by the end of the wait; the usual deadline covers the rest.
+        return await self._tasks.ask(message, timeout=message.wait + self._config.ask_timeout)
+
+    async def heartbeat(
+        self,
+        lease: Lease,
+        *,
+        progress: Mapping[str, object] | None = None,
+        phase: str | None = None,
+        extend: float | None = None,
+    ) -> datetime:
+        """Renew the claim's lease (for its length, or ``extend`` seconds from now) and
+        return when it now expires. ``progress`` and ``phase`` are stored on the run and
+        published as ``task.progress``. Raises :class:`LeaseLostError` if the claim is over.
+        """
+        self._check_open()
+        message = Heartbeat(
+            lease=_lease(lease),
+            extend=None if extend is None else check_seconds(extend, "extend", maximum=86_400.0),
+            progress=self._json(progress, "progress"),
+            phase=check_optional_text(phase, "phase"),
+        )
+        return await self._tasks.ask(message)
+
+    async def report_progress(
+        self, lease: Lease, progress: Mapping[str, object], *, phase: str | None = None
+    ) -> datetime:
+        """Record progress on the claimed run (it renews the lease too)."""
+        return await self.heartbeat(lease, progress=progress, phase=phase)
+
+    async def start_task(self, lease: Lease) -> Task:
+        """Mark the claimed task running (``task.started``)."""
+        self._check_open()
+        return await self._tasks.ask(StartTask(_lease(lease)))
+
+    async def complete_task(self, lease: Lease, result: Mapping[str, object] | None = None) -> Task:
+        """Complete the claimed task; ``result`` is stored on the task and on the run.
+
+        Only the claim that holds the task can complete it, once: any other token gets
+        :class:`LeaseLostError`, so a worker that stalled past its lease cannot overwrite
+        the result of the worker that took over.
+        """
+        self._check_open()
+        message = CompleteTask(lease=_lease(lease), result=self._json(result, "result"))
+        return await self._tasks.ask(message)
+
+    async def fail_task(
+        self,
+        lease: Lease,
+        error: str,
+        *,
+        retryable: bool = True,
+        retry_after: float | None = None,
+    ) -> Task:
+        """Fail the claimed run. While attempts remain (``attempts <= max_retries``) and
+        the error is ``retryable``, the task is queued again after an exponential backoff
+        with jitter (or ``retry_after`` seconds); otherwise it fails for good with this
+        error. Returns the task as it now is."""
+        self._check_open()
+        if not isinstance(retryable, bool):
+            raise InvalidInputError("retryable", f"must be a bool, got {type(retryable).__name__}")
+        message = FailTask(
+            lease=_lease(lease),
+            error=_text(error, "error", empty=False),
+            retryable=retryable,
+            retry_after=None
+            if retry_after is None
+            else check_seconds(retry_after, "retry_after", positive=False),
+        )
+        return await self._tasks.ask(message)
+
+    async def release_task(self, lease: Lease, *, reason: str | None = None) -> Task:
+        """Hand the claimed task back unfinished (say, the worker is shutting down): it is
+        queued again at once and the attempt does not count."""
+        self._check_open()
+        message = ReleaseTask(
+            lease=_lease(lease), reason=None if reason is None else _text(reason, "reason")
+        )
+        return await self._tasks.ask(message)
+
+    async def release_worker_tasks(self, worker_id: str, *, reason: str = "worker offline") -> int:
+        """Declare ``worker_id`` gone: every task it holds goes back to the queue (its runs
+        end as lost and count an attempt). Returns how many tasks it held."""
+        self._check_open()
+        message = ReleaseWorker(
+            worker_id=check_identifier(worker_id, "worker_id"),
+            reason=_text(reason, "reason", empty=False),
+        )
+        return await self._tasks.ask(message)
+
     def _json(self, value: Mapping[str, object] | None, field: str) -> JsonObject | None:
         if value is None:
             return None
@@ -276,6 +416,27 @@ def _tags(value: Iterable[str]) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, Iterable):
         raise InvalidInputError("tags", "must be a list of strings")
     return tuple(check_identifier(tag, f"tags[{i}]") for i, tag in enumerate(value))
+
+
+def _types(value: str | Iterable[str] | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (check_identifier(value, "task_types"),)
+    if not isinstance(value, Iterable):
+        raise InvalidInputError("task_types", "must be a task type, a list of them, or None")
+    types = tuple(check_identifier(t, f"task_types[{i}]") for i, t in enumerate(value))
+    if not types:
+        raise InvalidInputError("task_types", "must name at least one task type (None: any)")
+    return tuple(dict.fromkeys(types))
+
+
+def _lease(value: object) -> Lease:
+    if not isinstance(value, Lease):
+        raise InvalidInputError(
+            "lease", f"must be the Lease from claim_task (claim.lease), got {type(value).__name__}"
+        )
+    return value
 
 
 def _when(value: object, field: str) -> datetime | None:

@@ -70,6 +70,24 @@ def check_int(value: object, field: str, *, minimum: int, maximum: int = _SQLITE
     return value
 
 
+def check_seconds(
+    value: object, field: str, *, positive: bool = True, maximum: float = 366 * 86_400.0
+) -> float:
+    """A duration: a finite number of seconds, above 0 (or at least 0 when not
+    ``positive``) and at most ``maximum`` (a year by default)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInputError(field, f"must be a number of seconds, got {type(value).__name__}")
+    seconds = float(value)
+    if not math.isfinite(seconds):
+        raise InvalidInputError(field, f"must be a finite number of seconds, got {value!r}")
+    if seconds < 0 or (positive and seconds == 0):
+        bound = "more than 0" if positive else "at least 0"
+        raise InvalidInputError(field, f"must be {bound} seconds, got {value!r}")
+    if seconds > maximum:
+        raise InvalidInputError(field, f"must be at most {maximum:g} seconds, got {value!r}")
+    return seconds
+
+
 def check_text(value: str, field: str) -> None:
     """Refuse a string that is not valid text (a lone surrogate cannot be stored)."""
     try:

@@ -75,6 +75,15 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     max_payload_bytes: Positive = 1024 * 1024
     #: Deepest accepted nesting of a JSON payload.
     max_payload_depth: Positive = 32
+    #: Default lease of a claim: a worker that sends no heartbeat for this long loses
+    #: the task, which goes back to the queue.
+    lease_timeout: Seconds = 30.0
+    #: Retry backoff after a failed or timed-out run: ``retry_backoff * 2**(attempt-1)``
+    #: seconds, at most ``retry_backoff_max``, with jitter (between half and all of it).
+    retry_backoff: Seconds = 1.0
+    retry_backoff_max: Seconds = 300.0
+    #: At most N tasks of a task type assigned or running at once (``{"deploy": 1}``).
+    concurrency_limits: dict[str, Positive] = msgspec.field(default_factory=dict)
     features: FeatureFlags = FeatureFlags()
 
     @classmethod
@@ -108,6 +117,12 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
                 if not isinstance(features, dict):
                     raise ConfigError("features", "must be a table of flags")
                 features[name[len("features__") :]] = value
+            elif value.lstrip().startswith("{"):
+                # A table (concurrency_limits) comes from the environment as JSON.
+                try:
+                    raw[name] = msgspec.json.decode(value)
+                except msgspec.DecodeError as exc:
+                    raise ConfigError(name, f"is not a JSON object: {exc}") from None
             else:
                 raw[name] = value
         raw.update(overrides)

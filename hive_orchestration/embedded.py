@@ -8,6 +8,7 @@ stops the actors in reverse order; no task outlives the block.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -52,8 +53,8 @@ from .messages.storage import (
     StorageStats,
     Write,
 )
-from .messages.tasks import TaskManagerMessage
-from .runtime import ActorRef, ChildRestart, ChildSpec, Supervisor
+from .messages.tasks import TaskManagerMessage, Wake
+from .runtime import ActorRef, Alarm, ChildRestart, ChildSpec, Supervisor
 from .storage import StorageActor
 from .storage.database import MEMORY, DatabaseClaim
 
@@ -210,11 +211,27 @@ class Runtime(TaskOperations):
             except RuntimeStoppedError:
                 pass
 
+        alarm: Alarm[TaskManagerMessage] = Alarm(tasks, Wake(), clock=time.time)
+        task_manager_starts = itertools.count()
+
+        def task_manager() -> TaskManager:
+            return TaskManager(
+                storage,
+                alarm=alarm,
+                # Claims die with the process, so the first start requeues what was held;
+                # a restart after a crash keeps the claims of the workers still running.
+                recover=next(task_manager_starts) == 0,
+                commit_timeout=config.ask_timeout,
+                retry_backoff=config.retry_backoff,
+                retry_backoff_max=config.retry_backoff_max,
+                concurrency_limits=config.concurrency_limits,
+            )
+
         supervisor = Supervisor(
             [
                 ChildSpec(broadcast, BroadcastActor),
                 ChildSpec(storage, lambda: StorageActor(claim.target, config, broadcast)),
-                ChildSpec(tasks, lambda: TaskManager(storage, commit_timeout=config.ask_timeout)),
+                ChildSpec(tasks, task_manager, services=(alarm.run,)),
             ],
             max_restarts=config.max_restarts,
             restart_window=config.restart_window,

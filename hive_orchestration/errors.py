@@ -6,6 +6,8 @@ that matches what you can do about it:
 - :class:`InvalidInputError` - fix the argument named by ``field``; nothing was written.
 - :class:`NotFoundError` - the id does not exist (any more).
 - :class:`IllegalTransitionError` - the object is not in a state that allows the change.
+- :class:`LeaseLostError` - a worker's claim on a task is over (lease expired, task
+  cancelled, finished or handed to another worker): stop working on it.
 - :class:`RequestTimeoutError` - no reply within the deadline; the request may still be
   applied later, so re-read before retrying a non-idempotent operation.
 - :class:`ActorFailedError` - the actor handling the request crashed; it is being restarted.
@@ -25,6 +27,7 @@ __all__ = [
     "HiveError",
     "IllegalTransitionError",
     "InvalidInputError",
+    "LeaseLostError",
     "NewerSchemaError",
     "NotFoundError",
     "RequestTimeoutError",
@@ -74,6 +77,25 @@ class IllegalTransitionError(HiveError):
         self.current = current
         self.requested = requested
         super().__init__(f"{kind} {id!r} is {current!r} and cannot become {requested!r}")
+
+
+class LeaseLostError(HiveError):
+    """The lease token no longer holds its task; nothing was changed.
+
+    The worker's claim ended (``reason`` says how) and another worker may hold the task
+    now, so its work must not be reported: drop it. ``status`` is the task's status now.
+    """
+
+    def __init__(self, task_id: str, run_id: str, attempt: int, status: str, reason: str) -> None:
+        self.task_id = task_id
+        self.run_id = run_id
+        self.attempt = attempt
+        self.status = status
+        self.reason = reason
+        super().__init__(
+            f"lease on task {task_id!r} (run {run_id!r}, attempt {attempt}) is lost: {reason};"
+            f" the task is now {status!r}. Stop working on it"
+        )
 
 
 class RequestTimeoutError(HiveError, TimeoutError):

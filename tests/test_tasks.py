@@ -641,9 +641,7 @@ async def test_tasks_and_runs_survive_reopen_unchanged(db_path: str) -> None:
             correlation_id="corr",
             source_agent="planner",
         )
-        await rt.update_task_status(
-            live, "assigned", {"assigned_worker": "w1", "current_phase": "phase-2"}
-        )
+        # Queued, with a run opened by hand: an assigned task would be requeued on open.
         open_run = await rt.create_run(live, "w1", phase="p")
         done = await task_in(rt, TaskStatus.RUNNING, payload={"x": 1})
         closed_run = await rt.create_run(done, "w2")
@@ -657,11 +655,11 @@ async def test_tasks_and_runs_survive_reopen_unchanged(db_path: str) -> None:
         loaded = {task_id: await rt.get_task(task_id) for task_id in (live, done)}
         loaded_runs = {task_id: await rt.get_runs(task_id) for task_id in (live, done)}
         loaded_run = {run_id: await rt.get_run(run_id) for run_id in run_ids}
-        assigned = await rt.get_tasks_by_status("assigned")
+        queued = await rt.get_tasks_by_status("queued")
     assert loaded == saved
     assert loaded_runs == saved_runs
     assert loaded_run == saved_run
-    assert [t.id for t in assigned] == [live]
+    assert [t.id for t in queued] == [live]
     task = loaded[live]
     assert task is not None
     assert task.due_date == due

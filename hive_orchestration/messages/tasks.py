@@ -19,21 +19,31 @@ from .events import JsonValue
 __all__ = [
     "TERMINAL",
     "CancelTask",
+    "Claim",
+    "ClaimTask",
+    "CompleteTask",
     "CreateRun",
     "CreateTask",
     "DeleteTask",
+    "FailTask",
     "GetQueuedTasks",
     "GetRun",
     "GetRuns",
     "GetTask",
     "GetTasksByStatus",
+    "Heartbeat",
+    "Lease",
+    "ReleaseTask",
+    "ReleaseWorker",
     "Run",
     "RunStatus",
+    "StartTask",
     "Task",
     "TaskManagerMessage",
     "TaskStatus",
     "UpdateRunStatus",
     "UpdateTaskStatus",
+    "Wake",
 ]
 
 JsonObject: TypeAlias = dict[str, JsonValue]
@@ -74,6 +84,8 @@ class RunStatus(enum.StrEnum):
     TIMED_OUT = "timed_out"
     LOST = "lost"
     CANCELLED = "cancelled"
+    #: Handed back by its worker (shutting down) or never received by it: not an attempt.
+    RELEASED = "released"
 
 
 class Task(msgspec.Struct, frozen=True, kw_only=True):
@@ -99,6 +111,13 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     idempotency_key: str | None = None
     correlation_id: str | None = None
     source_agent: str | None = None
+    #: Seconds one run may take from its claim before it ends as timed out.
+    timeout: float | None = None
+    #: Not handed out before this time (set by retry backoff).
+    available_at: datetime | None = None
+    #: At most ``concurrency_limit`` tasks with the same key are assigned or running at once.
+    concurrency_key: str | None = None
+    concurrency_limit: int | None = None
     created_at: datetime
     updated_at: datetime
 
@@ -122,6 +141,38 @@ class Run(msgspec.Struct, frozen=True, kw_only=True):
     output_log: str | None = None
     started_at: datetime | None = None
     completed_at: datetime | None = None
+    #: For a claimed run: the lease length, and when it expires unless renewed.
+    lease_seconds: float | None = None
+    lease_expires_at: datetime | None = None
+    #: The last progress its worker reported.
+    progress: JsonObject | None = None
+
+    @property
+    def attempt(self) -> int:
+        """The run's number among its task's runs (alias of :attr:`run_number`)."""
+        return self.run_number
+
+
+class Lease(msgspec.Struct, frozen=True):
+    """The fencing token of a claim: which run of which task a worker holds.
+
+    Every call a worker makes about its task carries it; once the claim is over (lease
+    expired, task cancelled, or handed to another run), the token is refused with
+    :class:`~hive_orchestration.errors.LeaseLostError`.
+    """
+
+    task_id: str
+    run_id: str
+    attempt: int
+
+
+class Claim(msgspec.Struct, frozen=True):
+    """What a claim hands a worker: the task, its lease token and when the lease expires
+    unless the worker heartbeats."""
+
+    task: Task
+    lease: Lease
+    expires_at: datetime
 
 
 # -- the TaskManager's inbox: every field was validated at the API boundary ---------------
@@ -142,6 +193,9 @@ class CreateTask(Request[str], frozen=True, kw_only=True):
     idempotency_key: str | None = None
     correlation_id: str | None = None
     source_agent: str | None = None
+    timeout: float | None = None
+    concurrency_key: str | None = None
+    concurrency_limit: int | None = None
 
 
 class GetTask(Request["Task | None"], frozen=True):
@@ -208,6 +262,65 @@ class UpdateRunStatus(Request[bool], frozen=True, kw_only=True):
     output_log: str | None = None
 
 
+class ClaimTask(Request["Claim | None"], frozen=True, kw_only=True):
+    """Hand the best ready task of ``task_types`` (any type when ``None``) to the worker,
+    waiting up to ``wait`` seconds for one; ``None`` when there was none."""
+
+    worker_id: str
+    task_types: tuple[str, ...] | None = None
+    lease: float
+    wait: float = 0.0
+
+
+class Heartbeat(Request[datetime], frozen=True, kw_only=True):
+    """Renew a claim's lease (by its length, or ``extend`` seconds); optionally report
+    progress (stored on the run, published as ``task.progress``). Returns the new expiry."""
+
+    lease: Lease
+    extend: float | None = None
+    progress: JsonObject | None = None
+    phase: str | None = None
+
+
+class StartTask(Request[Task], frozen=True):
+    lease: Lease
+
+
+class CompleteTask(Request[Task], frozen=True, kw_only=True):
+    lease: Lease
+    result: JsonObject | None = None
+
+
+class FailTask(Request[Task], frozen=True, kw_only=True):
+    """Fail the claimed run: retried after a backoff (or ``retry_after`` seconds) while
+    attempts remain and ``retryable``, else the task fails for good."""
+
+    lease: Lease
+    error: str
+    retryable: bool = True
+    retry_after: float | None = None
+
+
+class ReleaseTask(Request[Task], frozen=True, kw_only=True):
+    """Hand a claimed task back unfinished (a worker shutting down): requeued at once,
+    not counted as an attempt."""
+
+    lease: Lease
+    reason: str | None = None
+
+
+class ReleaseWorker(Request[int], frozen=True, kw_only=True):
+    """The worker is gone: every task it holds goes back to the queue (its runs end as
+    lost and count an attempt). Returns how many."""
+
+    worker_id: str
+    reason: str = "worker offline"
+
+
+class Wake(msgspec.Struct, frozen=True):
+    """The TaskManager's alarm: leases, timeouts, backoffs or claim waits are due."""
+
+
 TaskManagerMessage: TypeAlias = (
     CreateTask
     | GetTask
@@ -220,4 +333,12 @@ TaskManagerMessage: TypeAlias = (
     | GetRun
     | GetRuns
     | UpdateRunStatus
+    | ClaimTask
+    | Heartbeat
+    | StartTask
+    | CompleteTask
+    | FailTask
+    | ReleaseTask
+    | ReleaseWorker
+    | Wake
 )

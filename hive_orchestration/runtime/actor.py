@@ -43,6 +43,9 @@ log = logging.getLogger("hive_orchestration.runtime")
 
 M = TypeVar("M")
 R = TypeVar("R")
+
+# Closes the reply slot of an asker that stopped waiting; never raised to anyone.
+_ABANDONED = RuntimeStoppedError("the asker stopped waiting for this reply")
 R_co = TypeVar("R_co", covariant=True)
 
 
@@ -104,10 +107,10 @@ class Envelope(Generic[M]):
         self.started = False
         self.done = False
 
-    def resolve(self, value: object) -> None:
+    def resolve(self, value: object) -> bool:
+        """Answer the asker; False when its reply was already closed (it stopped waiting)."""
         self.done = True
-        if self.reply is not None:
-            self.reply.resolve(value)
+        return self.reply is None or self.reply.resolve(value)
 
     def fail(self, error: BaseException) -> bool:
         """Hand ``error`` to the asker; False when there is none (a tell) or it was answered."""
@@ -276,15 +279,20 @@ class ActorRef(Generic[M]):
             self._event_type = type(anyio.Event())
         reply: Reply[R] = Reply(self._event_type())
         envelope = Envelope(cast(M, message), reply)
-        if timeout is None and self.deadlines.running and self.mailbox.put_nowait(envelope):
-            # The common case: room in the mailbox, default deadline kept by the watchdog.
-            self.deadlines.add(reply, type(message).__name__)
-            return await reply.wait()
-        deadline = self.ask_timeout if timeout is None else timeout
-        with anyio.move_on_after(deadline):
-            await self.mailbox.put(envelope)
-            return await reply.wait()
-        raise RequestTimeoutError(self.name, type(message).__name__, deadline)
+        try:
+            if timeout is None and self.deadlines.running and self.mailbox.put_nowait(envelope):
+                # The common case: room in the mailbox, default deadline kept by the watchdog.
+                self.deadlines.add(reply, type(message).__name__)
+                return await reply.wait()
+            deadline = self.ask_timeout if timeout is None else timeout
+            with anyio.move_on_after(deadline):
+                await self.mailbox.put(envelope)
+                return await reply.wait()
+            raise RequestTimeoutError(self.name, type(message).__name__, deadline)
+        finally:
+            # An asker that leaves (deadline, cancellation) closes its reply slot, so an
+            # actor that hands out something exclusive can see its answer was not taken.
+            reply.fail(_ABANDONED)
 
     def statistics(self) -> MemoryObjectStreamStatistics:
         return self.mailbox.statistics()

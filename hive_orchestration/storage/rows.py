@@ -26,11 +26,12 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 TASK_COLUMNS = (
     "id, title, description, task_type, priority, status, current_phase, workflow, payload,"
     " created_at, updated_at, assigned_worker, due_date, max_retries, tags, attempts, result,"
-    " error, idempotency_key, correlation_id, source_agent"
+    " error, idempotency_key, correlation_id, source_agent, timeout, available_at,"
+    " concurrency_key, concurrency_limit"
 )
 RUN_COLUMNS = (
     "id, task_id, worker_id, run_number, status, phase, result_data, error_message,"
-    " output_log, started_at, completed_at"
+    " output_log, started_at, completed_at, lease_seconds, lease_expires_at, progress"
 )
 DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
 
@@ -80,6 +81,10 @@ def task_statement(task: Task) -> Statement:
         task.idempotency_key,
         task.correlation_id,
         task.source_agent,
+        task.timeout,
+        _time(task.available_at),
+        task.concurrency_key,
+        task.concurrency_limit,
     )
     return _PUT_TASK, params
 
@@ -97,6 +102,9 @@ def run_statement(run: Run) -> Statement:
         run.output_log,
         _time(run.started_at),
         _time(run.completed_at),
+        run.lease_seconds,
+        _time(run.lease_expires_at),
+        _json(run.progress),
     )
     return _PUT_RUN, params
 
@@ -112,7 +120,8 @@ def _parse_json(value: object) -> JsonObject | None:
 def task_from_row(row: tuple[object, ...]) -> Task:
     (id_, title, description, task_type, priority, status, phase, workflow, payload,
      created_at, updated_at, assigned_worker, due_date, max_retries, tags, attempts,
-     result, error, idempotency_key, correlation_id, source_agent) = row  # fmt: skip
+     result, error, idempotency_key, correlation_id, source_agent, timeout, available_at,
+     concurrency_key, concurrency_limit) = row  # fmt: skip
     # Rows written by other tools may leave the seed schema's nullable columns empty.
     created = _parse_time(created_at) or _parse_time(updated_at) or _EPOCH
     return Task(
@@ -137,12 +146,16 @@ def task_from_row(row: tuple[object, ...]) -> Task:
         idempotency_key=cast("str | None", idempotency_key),
         correlation_id=cast("str | None", correlation_id),
         source_agent=cast("str | None", source_agent),
+        timeout=cast("float | None", timeout),
+        available_at=_parse_time(available_at),
+        concurrency_key=cast("str | None", concurrency_key),
+        concurrency_limit=cast("int | None", concurrency_limit),
     )
 
 
 def run_from_row(row: tuple[object, ...]) -> Run:
     (id_, task_id, worker_id, run_number, status, phase, result, error, output_log,
-     started_at, completed_at) = row  # fmt: skip
+     started_at, completed_at, lease_seconds, lease_expires_at, progress) = row  # fmt: skip
     return Run(
         id=str(id_),
         task_id=str(task_id),
@@ -155,4 +168,7 @@ def run_from_row(row: tuple[object, ...]) -> Run:
         output_log=cast("str | None", output_log),
         started_at=_parse_time(started_at),
         completed_at=_parse_time(completed_at),
+        lease_seconds=cast("float | None", lease_seconds),
+        lease_expires_at=_parse_time(lease_expires_at),
+        progress=_parse_json(progress),
     )

@@ -151,6 +151,18 @@ _V2: tuple[str, ...] = (
     " WHERE idempotency_key IS NOT NULL",
 )
 
+# Version 3: claims. A task's run timeout, retry backoff (not handed out before
+# available_at) and concurrency group; a claimed run's lease and last progress.
+_V3: tuple[str, ...] = (
+    "ALTER TABLE tasks ADD COLUMN timeout REAL",
+    "ALTER TABLE tasks ADD COLUMN available_at TIMESTAMP",
+    "ALTER TABLE tasks ADD COLUMN concurrency_key TEXT",
+    "ALTER TABLE tasks ADD COLUMN concurrency_limit INTEGER",
+    "ALTER TABLE runs ADD COLUMN lease_seconds REAL",
+    "ALTER TABLE runs ADD COLUMN lease_expires_at TIMESTAMP",
+    "ALTER TABLE runs ADD COLUMN progress TEXT",
+)
+
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
 SCHEMA_VERSION = len(MIGRATIONS)

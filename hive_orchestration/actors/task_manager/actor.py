@@ -1,0 +1,1096 @@
+"""The TaskManager actor: the one owner of every task, every run and every claim.
+
+It keeps the live tasks (not terminal) and their runs in memory, with the most recently
+finished tasks, and is the only code that changes them. It handles a batch of requests at
+a time: each is checked against the state machine below and applied in memory, and the
+whole batch's changes (task rows, run rows and events, in order) go to the storage actor
+as ONE write, so that state and event log are committed together. Only after that commit
+does any requester get its answer. If the commit fails, memory is put back exactly as it
+was before the batch (an undo record per task and per idempotency key) and every change
+of the batch is refused with the storage error.
+
+Reads of tasks that are no longer in memory are forwarded to the storage actor, queued
+behind the batch's write, so they always see committed state.
+
+Claims. A worker's ``claim_task`` is parked until the end of its batch, then handed the
+best ready task of its types (priority, then age) from the :class:`ReadyQueue`; with
+``wait`` it stays parked, first come first served, until a task arrives, and no one
+polls. A claim opens a run with a lease; its token (task, run, attempt) must come with
+every later call, and a token whose claim is over gets :class:`LeaseLostError`. Leases,
+run timeouts, retry backoffs and claim waits are deadlines kept by this actor; one
+:class:`~hive_orchestration.runtime.Alarm` wakes it at the earliest, and every batch
+first settles what is due. A claim whose asker left before the answer (deadline,
+cancellation) is handed back at once, so no task is held by a worker that never got it.
+
+State machine (``pending`` is the extraction plan's name for ``queued``):
+
+=========  =========  ==================================================  ==============
+from       to         caused by                                           event
+=========  =========  ==================================================  ==============
+(new)      queued     create_task                                         task.created
+queued     assigned   claim_task, update_task_status(assigned)            task.assigned
+queued     running    update_task_status(running)                         task.started
+assigned   running    start_task, update_task_status(running)             task.started
+assigned   queued     fail_task or timeout with attempts left, lease      task.retrying
+running    queued     expiry, worker lost, release_task, recovery on
+                      open, update_task_status(queued)
+assigned   completed  complete_task, update_task_status(completed)        task.completed
+running    completed
+assigned   failed     fail_task with no attempt left (or not retryable),  task.failed
+running    failed     lease expiry or worker lost with none left,
+                      update_task_status(failed)
+assigned   timed_out  timeout with no attempt left,                       task.timed_out
+running    timed_out  update_task_status(timed_out)
+queued     cancelled  cancel_task, update_task_status(cancelled)          task.cancelled
+assigned   cancelled
+running    cancelled
+=========  =========  ==================================================  ==============
+
+Everything else is refused with :class:`IllegalTransitionError` and changes nothing:
+completed, failed, cancelled and timed_out are terminal, and a task is started before it
+completes. Setting a task's current status again is refused too, so that each transition
+publishes exactly one event. A requeue's ``task.retrying`` says why in ``data.reason``
+(``failed``, ``timed_out``, ``lease_expired``, ``worker_lost``, ``released``,
+``unclaimed``, ``recovered``, ``requeued``). Deleting a task publishes ``task.deleted``;
+a progress report publishes ``task.progress`` (no status change).
+
+Attempts: every run that ends without success counts one (failed, timed out, lost),
+except a released run (handed back by its worker, or never received by it). While
+``attempts <= max_retries`` the task is queued again, after an exponential backoff with
+jitter for failures and timeouts; then it ends failed (timed_out after a timeout) with
+the last error kept.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import random
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import anyio
+import msgspec
+
+from ..._ids import new_id
+from ...errors import (
+    ActorFailedError,
+    HiveError,
+    IllegalTransitionError,
+    LeaseLostError,
+    NotFoundError,
+    RuntimeStoppedError,
+)
+from ...messages.events import Event, JsonValue
+from ...messages.storage import (
+    AppendEvent,
+    DeleteTaskRow,
+    FetchRun,
+    FetchRuns,
+    FetchTask,
+    LoadIdempotencyKeys,
+    LoadRuns,
+    LoadTasks,
+    PutRun,
+    PutTask,
+    QueryTasks,
+    StorageMessage,
+    Write,
+    WriteOp,
+)
+from ...messages.tasks import (
+    TERMINAL,
+    CancelTask,
+    Claim,
+    ClaimTask,
+    CompleteTask,
+    CreateRun,
+    CreateTask,
+    DeleteTask,
+    FailTask,
+    GetQueuedTasks,
+    GetRun,
+    GetRuns,
+    GetTask,
+    GetTasksByStatus,
+    Heartbeat,
+    Lease,
+    ReleaseTask,
+    ReleaseWorker,
+    Run,
+    RunStatus,
+    StartTask,
+    Task,
+    TaskManagerMessage,
+    TaskStatus,
+    UpdateRunStatus,
+    UpdateTaskStatus,
+    Wake,
+)
+from ...runtime import Actor, ActorRef, Alarm, Envelope, Request
+from .ready import ReadyQueue
+
+__all__ = ["LIVE", "TRANSITIONS", "TaskManager"]
+
+log = logging.getLogger("hive_orchestration.tasks")
+
+Q, A, R = TaskStatus.QUEUED, TaskStatus.ASSIGNED, TaskStatus.RUNNING
+
+#: (from, to) -> the event the transition publishes. The table above, as data.
+TRANSITIONS: dict[tuple[TaskStatus, TaskStatus], str] = {
+    (Q, A): "task.assigned",
+    (Q, R): "task.started",
+    (A, R): "task.started",
+    (A, Q): "task.retrying",
+    (R, Q): "task.retrying",
+    (A, TaskStatus.COMPLETED): "task.completed",
+    (R, TaskStatus.COMPLETED): "task.completed",
+    (A, TaskStatus.FAILED): "task.failed",
+    (R, TaskStatus.FAILED): "task.failed",
+    (A, TaskStatus.TIMED_OUT): "task.timed_out",
+    (R, TaskStatus.TIMED_OUT): "task.timed_out",
+    (Q, TaskStatus.CANCELLED): "task.cancelled",
+    (A, TaskStatus.CANCELLED): "task.cancelled",
+    (R, TaskStatus.CANCELLED): "task.cancelled",
+}
+
+#: Statuses kept in memory; the others are loaded from storage when asked for.
+LIVE = tuple(status.value for status in TaskStatus if status not in TERMINAL)
+#: A task in these statuses holds its concurrency slots.
+_HOLDING = frozenset({A, R})
+_RUN_OPEN = frozenset({RunStatus.ASSIGNED, RunStatus.RUNNING})
+#: What a claimed run becomes when update_task_status moves its task by hand.
+_RUN_FOR_TASK = {
+    TaskStatus.COMPLETED: RunStatus.COMPLETED,
+    TaskStatus.FAILED: RunStatus.FAILED,
+    TaskStatus.TIMED_OUT: RunStatus.TIMED_OUT,
+    TaskStatus.CANCELLED: RunStatus.CANCELLED,
+    Q: RunStatus.RELEASED,
+}
+#: Requests that change state: after a failed commit they get the storage error.
+_WRITES = (
+    CreateTask,
+    UpdateTaskStatus,
+    CancelTask,
+    DeleteTask,
+    CreateRun,
+    UpdateRunStatus,
+    ClaimTask,
+    Heartbeat,
+    StartTask,
+    CompleteTask,
+    FailTask,
+    ReleaseTask,
+    ReleaseWorker,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Forward:
+    """Answer this request from storage (queued behind the batch's write)."""
+
+    request: Request[object]
+
+
+@dataclass(frozen=True, slots=True)
+class _Undo:
+    """A task's memory state before a batch first changed it."""
+
+    task: Task | None
+    finished: bool
+    run_ids: list[str] | None
+    runs: dict[str, Run]
+
+
+@dataclass(slots=True)
+class _Waiter:
+    """A parked claim: answered by the first dispatch that finds it a task, or at its
+    deadline (``None`` for a claim that does not wait)."""
+
+    envelope: Envelope[TaskManagerMessage]
+    claim: ClaimTask
+    deadline: float | None
+
+
+@dataclass(slots=True)
+class _Batch:
+    """What one batch changes: the writes, how to undo them in memory, what it deleted,
+    and the answers to give once the writes are committed."""
+
+    ops: list[WriteOp] = field(default_factory=list)
+    undo: dict[str, _Undo] = field(default_factory=dict)
+    keys: dict[str, str | None] = field(default_factory=dict)  # key -> owner before the batch
+    deleted: set[str] = field(default_factory=set)
+    answers: list[tuple[Envelope[TaskManagerMessage], object]] = field(default_factory=list)
+    parked: list[int] = field(default_factory=list)  # waiters that arrived in this batch
+
+
+class TaskManager(Actor[TaskManagerMessage]):
+    # Requests that arrive while a batch is being committed are handled as the next batch.
+    max_batch = 1024
+
+    def __init__(
+        self,
+        storage: ActorRef[StorageMessage],
+        *,
+        alarm: Alarm[TaskManagerMessage] | None = None,
+        recover: bool = False,
+        recent: int = 10_000,
+        commit_timeout: float = 60.0,
+        retry_backoff: float = 1.0,
+        retry_backoff_max: float = 300.0,
+        concurrency_limits: Mapping[str, int] | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        rng: random.Random | None = None,
+    ) -> None:
+        self._storage = storage
+        self._alarm = alarm
+        self._recover = recover
+        self._clock = clock
+        self._recent_limit = recent
+        self._commit_timeout = commit_timeout
+        self._backoff_base = retry_backoff
+        self._backoff_max = retry_backoff_max
+        self._type_limits = dict(concurrency_limits or {})
+        self._rng = rng or random.Random()
+        self._tasks: dict[str, Task] = {}  # live tasks, and the recently finished ones
+        self._finished: OrderedDict[str, None] = OrderedDict()  # finished, oldest first
+        self._keys: dict[str, str] = {}  # idempotency key -> task id
+        self._runs: dict[str, Run] = {}
+        self._runs_of: dict[str, list[str]] = {}
+        # Derived from the above (rebuilt by _reindex): what can be handed out, which run
+        # holds each claimed task, and the claimed runs' next deadlines.
+        self._ready = ReadyQueue(self._type_limits)
+        self._held: dict[str, str] = {}  # task id -> the run holding its claim
+        self._deadlines: list[tuple[float, str]] = []  # (lease or timeout, run id)
+        # Parked claims, first come first served, and their wait deadlines.
+        self._waiters: dict[int, _Waiter] = {}
+        self._waits: list[tuple[float, int]] = []
+        self._next_waiter = 0
+
+    async def started(self) -> None:
+        tasks = await self._storage.ask(LoadTasks(LIVE))
+        runs = await self._storage.ask(LoadRuns(LIVE))
+        keys = await self._storage.ask(LoadIdempotencyKeys())
+        self._tasks = {task.id: task for task in tasks}
+        self._keys = dict(keys)
+        for run in runs:
+            self._remember_run(run)
+        now = self._clock()
+        if self._recover:
+            await self._recover_claims(now)
+        else:
+            # Restarted after a crash: the claims stand. Heartbeats are kept in memory
+            # only, so each lease restarts whole rather than expire on a stale time.
+            for run in list(self._runs.values()):
+                if run.status in _RUN_OPEN and run.lease_seconds is not None:
+                    renewed = now + timedelta(seconds=run.lease_seconds)
+                    if run.lease_expires_at is None or run.lease_expires_at < renewed:
+                        self._runs[run.id] = msgspec.structs.replace(run, lease_expires_at=renewed)
+        self._reindex(now)
+        self._arm()
+        log.info(
+            "task manager: %d live task(s), %d run(s), %d claimed",
+            len(self._tasks),
+            len(self._runs),
+            len(self._held),
+        )
+
+    async def stopped(self, error: BaseException | None) -> None:
+        # Parked claims are nobody else's to answer.
+        cancelled = anyio.get_cancelled_exc_class()
+        for waiter in self._waiters.values():
+            if error is None:
+                waiter.envelope.resolve(None)  # a clean stop: no task for this claim
+            elif isinstance(error, cancelled):
+                waiter.envelope.fail(RuntimeStoppedError("the runtime stopped"))
+            else:
+                waiter.envelope.fail(ActorFailedError(self.name, error))
+        self._waiters.clear()
+
+    async def _recover_claims(self, now: datetime) -> None:
+        """On open: the previous process died, and with it every worker it ran, so each
+        assigned or running task goes back to the queue; its open runs end as lost."""
+        work = _Batch()
+        for task in list(self._tasks.values()):
+            if task.status not in _HOLDING:
+                continue
+            self._touch(task.id, work)
+            for run_id in self._runs_of.get(task.id, ()):
+                run = self._runs[run_id]
+                if run.status in _RUN_OPEN:
+                    self._close_run(run, RunStatus.LOST, work, now, error=_RECOVERED)
+            self._requeue(task, None, "recovered", _RECOVERED, work, now, retry_after=0.0)
+        if work.ops:
+            await self._storage.ask(Write(tuple(work.ops)), timeout=self._commit_timeout)
+            log.warning("recovered %d task(s) held when the runtime stopped", len(work.undo))
+
+    # -- the batch loop ----------------------------------------------------------------------
+
+    async def receive_batch(self, batch: Sequence[Envelope[TaskManagerMessage]]) -> None:
+        now = self._clock()
+        work = _Batch()
+        self._settle_due(work, now)
+        forwards: list[tuple[Envelope[TaskManagerMessage], Request[object]]] = []
+        for envelope in batch:
+            envelope.started = True
+            message = envelope.message
+            if isinstance(message, ClaimTask):
+                self._park(envelope, message, work, now)
+                continue
+            try:
+                outcome = await self._handle(message, work, now)
+            except HiveError as exc:
+                outcome = exc
+            if isinstance(outcome, _Forward):
+                forwards.append((envelope, outcome.request))
+            else:
+                work.answers.append((envelope, outcome))
+        self._dispatch(work, now)
+        while True:
+            unclaimed = await self._finish(work, forwards, now)
+            if not unclaimed:
+                break
+            # Claims whose askers left before the answer: hand the tasks back (and on to
+            # whoever is waiting), as one more batch.
+            work, forwards = _Batch(), []
+            for claim in unclaimed:
+                self._release_unclaimed(claim, work, now)
+            self._dispatch(work, now)
+        self._evict()
+        self._arm()
+
+    async def _finish(
+        self,
+        work: _Batch,
+        forwards: list[tuple[Envelope[TaskManagerMessage], Request[object]]],
+        now: datetime,
+    ) -> list[Claim]:
+        """Commit, then answer; returns the claims no one was there to receive."""
+        error = await self._commit(work, forwards)
+        if error is not None:
+            self._restore(work, now)
+        unclaimed: list[Claim] = []
+        for envelope, outcome in work.answers:
+            if error is not None and isinstance(envelope.message, _WRITES):
+                envelope.fail(error)
+            elif error is not None:
+                # A read answered from state that included the failed changes: read again.
+                try:
+                    again = await self._handle(envelope.message, _Batch(), now)
+                except HiveError as exc:
+                    envelope.fail(exc)
+                    continue
+                if isinstance(again, _Forward):
+                    assert envelope.reply is not None
+                    await self._storage.forward(again.request, envelope.reply)
+                else:
+                    envelope.resolve(again)
+            elif isinstance(outcome, HiveError):
+                envelope.fail(outcome)
+            elif not envelope.resolve(outcome) and isinstance(outcome, Claim):
+                unclaimed.append(outcome)
+        return unclaimed
+
+    async def _commit(
+        self,
+        work: _Batch,
+        forwards: list[tuple[Envelope[TaskManagerMessage], Request[object]]],
+    ) -> HiveError | None:
+        """Write the batch's changes, then queue the forwarded reads behind them."""
+        reply = await self._storage.request(Write(tuple(work.ops))) if work.ops else None
+        for envelope, request in forwards:
+            assert envelope.reply is not None
+            await self._storage.forward(request, envelope.reply)
+        if reply is None:
+            return None
+        try:
+            with anyio.fail_after(self._commit_timeout):
+                await reply.wait()
+        except HiveError as exc:
+            return exc
+        except TimeoutError:
+            return HiveError(f"storage did not commit within {self._commit_timeout:g}s")
+        return None
+
+    def _touch(self, task_id: str, work: _Batch) -> None:
+        """Remember a task's memory state before the batch first changes it."""
+        if task_id not in work.undo:
+            run_ids = self._runs_of.get(task_id)
+            work.undo[task_id] = _Undo(
+                task=self._tasks.get(task_id),
+                finished=task_id in self._finished,
+                run_ids=None if run_ids is None else list(run_ids),
+                runs={run_id: self._runs[run_id] for run_id in run_ids or ()},
+            )
+
+    def _set_key(self, key: str, task_id: str | None, work: _Batch) -> None:
+        work.keys.setdefault(key, self._keys.get(key))
+        if task_id is None:
+            self._keys.pop(key, None)
+        else:
+            self._keys[key] = task_id
+
+    def _restore(self, work: _Batch, now: datetime) -> None:
+        """After a failed commit: put memory back exactly as it was before the batch."""
+        for task_id, undo in work.undo.items():
+            for run_id in self._runs_of.pop(task_id, ()):
+                self._runs.pop(run_id, None)
+            if undo.run_ids is not None:
+                self._runs_of[task_id] = undo.run_ids
+                self._runs.update(undo.runs)
+            if undo.task is None:
+                self._tasks.pop(task_id, None)
+            else:
+                self._tasks[task_id] = undo.task
+            if undo.finished:
+                self._finished[task_id] = None
+            else:
+                self._finished.pop(task_id, None)
+        for key, owner in work.keys.items():
+            if owner is None:
+                self._keys.pop(key, None)
+            else:
+                self._keys[key] = owner
+        self._reindex(now)
+        log.warning("commit failed; %d task(s) restored in memory", len(work.undo))
+
+    def _reindex(self, now: datetime) -> None:
+        """Rebuild what is derived from tasks and runs: the ready queue, the claims and
+        their deadlines. O(live tasks): at start-up and after a failed commit only."""
+        now_ts = now.timestamp()
+        self._ready = ReadyQueue(self._type_limits)
+        self._held = {}
+        self._deadlines = []
+        for task in self._tasks.values():
+            self._index(None, task, now_ts)
+        for run in self._runs.values():
+            owner = self._tasks.get(run.task_id)
+            if (
+                run.status in _RUN_OPEN
+                and run.lease_expires_at is not None
+                and owner is not None
+                and owner.status in _HOLDING
+            ):
+                self._held[owner.id] = run.id
+                self._deadlines.append((self._deadline(run, owner)[0], run.id))
+        heapq.heapify(self._deadlines)
+
+    def _index(self, old: Task | None, new: Task | None, now_ts: float) -> None:
+        """Keep the ready queue in step with a task's change from ``old`` to ``new``."""
+        if old is not None:
+            if old.status is Q:
+                self._ready.discard(old.id)
+            elif old.status in _HOLDING:
+                self._ready.unhold(old)
+        if new is not None:
+            if new.status is Q:
+                self._ready.add(new, now_ts)
+            elif new.status in _HOLDING:
+                self._ready.hold(new)
+
+    # -- deadlines -----------------------------------------------------------------------------
+
+    def _deadline(self, run: Run, task: Task) -> tuple[float, bool]:
+        """When the claimed ``run`` ends unless renewed, and whether that is its timeout."""
+        assert run.lease_expires_at is not None
+        lease = run.lease_expires_at.timestamp()
+        if task.timeout is not None and run.started_at is not None:
+            timeout = run.started_at.timestamp() + task.timeout
+            if timeout <= lease:
+                return timeout, True
+        return lease, False
+
+    def _settle_due(self, work: _Batch, now: datetime) -> None:
+        """End the leases and runs whose time is up, release backoffs, close claim waits."""
+        now_ts = now.timestamp()
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now_ts:
+            _, run_id = heapq.heappop(deadlines)
+            run = self._runs.get(run_id)
+            if run is None or self._held.get(run.task_id) != run_id:
+                continue  # that claim is over
+            task = self._tasks[run.task_id]
+            due, is_timeout = self._deadline(run, task)
+            if due > now_ts:  # renewed since: look again then
+                heapq.heappush(deadlines, (due, run_id))
+            elif is_timeout:
+                error = f"run {run.run_number} exceeded the task's timeout of {task.timeout:g}s"
+                self._close_run(run, RunStatus.TIMED_OUT, work, now, error=error)
+                self._requeue(task, run, "timed_out", error, work, now)
+            else:
+                error = (
+                    f"lease expired: worker {run.worker_id!r} sent no heartbeat"
+                    f" for {run.lease_seconds:g}s"
+                )
+                self._close_run(run, RunStatus.LOST, work, now, error=error)
+                self._requeue(task, run, "lease_expired", error, work, now)
+        self._ready.promote(now_ts)
+        waits = self._waits
+        while waits and waits[0][0] <= now_ts:
+            _, waiter_id = heapq.heappop(waits)
+            waiter = self._waiters.pop(waiter_id, None)
+            if waiter is not None:
+                work.answers.append((waiter.envelope, None))
+
+    def _arm(self) -> None:
+        """Set the alarm to the earliest deadline (only when it changed: setting it wakes
+        the alarm's task)."""
+        if self._alarm is None:
+            return
+        times = []
+        if self._deadlines:
+            times.append(self._deadlines[0][0])
+        if self._waits:
+            times.append(self._waits[0][0])
+        delayed = self._ready.next_delayed()
+        if delayed is not None:
+            times.append(delayed)
+        wake = min(times) if times else None
+        if wake != self._alarm.at:
+            self._alarm.set(wake)
+
+    # -- claims --------------------------------------------------------------------------------
+
+    def _park(
+        self, envelope: Envelope[TaskManagerMessage], claim: ClaimTask, work: _Batch, now: datetime
+    ) -> None:
+        self._next_waiter += 1
+        waiter_id = self._next_waiter
+        deadline = now.timestamp() + claim.wait if claim.wait > 0 else None
+        self._waiters[waiter_id] = _Waiter(envelope, claim, deadline)
+        if deadline is not None:
+            heapq.heappush(self._waits, (deadline, waiter_id))
+        work.parked.append(waiter_id)
+
+    def _dispatch(self, work: _Batch, now: datetime) -> None:
+        """Hand ready tasks to parked claims, oldest claim first.
+
+        Only the claims parked in this batch can find something if nothing became ready
+        since the last dispatch; claims that do not wait are answered now either way.
+        """
+        if self._ready.changed:
+            candidates = list(self._waiters)
+            self._ready.changed = False
+        else:
+            candidates = work.parked
+        for waiter_id in candidates:
+            waiter = self._waiters.get(waiter_id)
+            if waiter is None:
+                continue
+            reply = waiter.envelope.reply
+            if reply is not None and reply.done:  # the claimer stopped waiting
+                del self._waiters[waiter_id]
+                continue
+            task_id = self._ready.pop(waiter.claim.task_types)
+            if task_id is not None:
+                del self._waiters[waiter_id]
+                claim = self._assign(task_id, waiter.claim, work, now)
+                work.answers.append((waiter.envelope, claim))
+            elif waiter.deadline is None:
+                del self._waiters[waiter_id]
+                work.answers.append((waiter.envelope, None))
+
+    def _assign(self, task_id: str, claim: ClaimTask, work: _Batch, now: datetime) -> Claim:
+        task = self._tasks[task_id]
+        self._touch(task_id, work)
+        expires = now + timedelta(seconds=claim.lease)
+        run = Run(
+            id=new_id(),
+            task_id=task_id,
+            worker_id=claim.worker_id,
+            run_number=len(self._runs_of.get(task_id, ())) + 1,
+            status=RunStatus.ASSIGNED,
+            started_at=now,
+            lease_seconds=claim.lease,
+            lease_expires_at=expires,
+        )
+        self._remember_run(run)
+        work.ops.append(PutRun(run))
+        updated = self._transition(
+            task,
+            A,
+            work,
+            now,
+            claim.worker_id,
+            {"assigned_worker": claim.worker_id, "available_at": None},
+            {"run_id": run.id, "attempt": run.run_number},
+        )
+        self._held[task_id] = run.id
+        heapq.heappush(self._deadlines, (self._deadline(run, updated)[0], run.id))
+        return Claim(updated, Lease(task_id, run.id, run.run_number), expires)
+
+    def _release_unclaimed(self, claim: Claim, work: _Batch, now: datetime) -> None:
+        task = self._tasks.get(claim.lease.task_id)
+        if task is None or self._held.get(task.id) != claim.lease.run_id:
+            return
+        run = self._runs[claim.lease.run_id]
+        note = "the claimer stopped waiting before it received the task"
+        self._close_run(run, RunStatus.RELEASED, work, now, error=note)
+        self._requeue(task, run, "unclaimed", None, work, now, count=False)
+
+    def _holding(self, lease: Lease, work: _Batch) -> tuple[Task, Run]:
+        """The task and run ``lease`` holds, or :class:`LeaseLostError` saying why not."""
+        task = self._tasks.get(lease.task_id)
+        run_id = self._held.get(lease.task_id)
+        if task is not None and run_id == lease.run_id and lease.task_id not in work.deleted:
+            held = self._runs[run_id]
+            if held.run_number == lease.attempt:
+                return task, held
+        run = self._runs.get(lease.run_id)
+        if lease.task_id in work.deleted:
+            raise NotFoundError("task", lease.task_id)
+        if task is None:
+            raise _lost(lease, "the task finished or was deleted", "unknown")
+        if run is None or run.task_id != lease.task_id:
+            raise _lost(lease, "this token's run is not a run of the task", task.status)
+        if run.run_number != lease.attempt:
+            raise _lost(lease, f"the run is attempt {run.run_number}", task.status)
+        why = f"its run ended as {run.status.value}"
+        if run.error:
+            why += f" ({run.error})"
+        if run_id is not None:
+            why += f"; run {run_id} holds the task now"
+        raise _lost(lease, why, task.status)
+
+    def _close_run(
+        self,
+        run: Run,
+        status: RunStatus,
+        work: _Batch,
+        now: datetime,
+        *,
+        error: str | None = None,
+        result: dict[str, JsonValue] | None = None,
+    ) -> Run:
+        self._touch(run.task_id, work)
+        changes: dict[str, object] = {"status": status, "completed_at": now}
+        if error is not None:
+            changes["error"] = error
+        if result is not None:
+            changes["result"] = result
+        closed = msgspec.structs.replace(run, **changes)
+        self._runs[run.id] = closed
+        if self._held.get(run.task_id) == run.id:
+            del self._held[run.task_id]
+        work.ops.append(PutRun(closed))
+        return closed
+
+    def _requeue(
+        self,
+        task: Task,
+        run: Run | None,
+        reason: str,
+        error: str | None,
+        work: _Batch,
+        now: datetime,
+        *,
+        count: bool = True,
+        retryable: bool = True,
+        retry_after: float | None = None,
+        source: str | None = None,
+    ) -> Task:
+        """After a run ended without success: queue the task again (after a backoff) while
+        attempts remain, else end it failed (timed_out after a timeout)."""
+        attempts = task.attempts + 1 if count else task.attempts
+        changes: dict[str, object] = {"attempts": attempts, "assigned_worker": None}
+        if error is not None:
+            changes["error"] = error
+        data: dict[str, JsonValue] = {"reason": reason, "attempts": attempts}
+        if run is not None:
+            data["run_id"] = run.id
+            if run.worker_id is not None:
+                data["worker_id"] = run.worker_id
+        if error is not None:
+            data["error"] = error
+        if count and (not retryable or attempts > task.max_retries):
+            final = TaskStatus.TIMED_OUT if reason == "timed_out" else TaskStatus.FAILED
+            return self._transition(task, final, work, now, source, changes, data)
+        delay = 0.0
+        if count:
+            delay = self._backoff(attempts) if retry_after is None else retry_after
+        changes["available_at"] = now + timedelta(seconds=delay) if delay > 0 else None
+        data["retry_in"] = delay
+        return self._transition(task, Q, work, now, source, changes, data)
+
+    def _backoff(self, attempts: int) -> float:
+        """Exponential, capped, with jitter (half fixed, half random) so that tasks that
+        failed together do not all come back at the same instant."""
+        delay = min(self._backoff_max, self._backoff_base * 2.0 ** min(attempts - 1, 60))
+        return delay * (0.5 + 0.5 * self._rng.random())
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def _handle(self, message: TaskManagerMessage, work: _Batch, now: datetime) -> object:
+        match message:
+            case CreateTask():
+                return self._create(message, work, now)
+            case GetTask(task_id=task_id):
+                task = self._tasks.get(task_id)
+                return task if task is not None else _Forward(FetchTask(task_id))
+            case UpdateTaskStatus():
+                return self._update(message, await self._find(message.task_id, work), work, now)
+            case CancelTask(task_id=task_id, reason=reason, source_agent=source):
+                task = await self._find(task_id, work)
+                changes: dict[str, object] = {"error": reason} if reason else {}
+                if task.status not in TERMINAL:
+                    self._end_claim(task, RunStatus.CANCELLED, work, now, reason)
+                return self._transition(task, TaskStatus.CANCELLED, work, now, source, changes)
+            case DeleteTask(task_id=task_id):
+                return await self._delete(task_id, work, now)
+            case GetTasksByStatus(status=status, task_type=task_type, limit=limit):
+                return self._list(status, task_type, limit)
+            case GetQueuedTasks(limit=limit, task_type=task_type):
+                return self._list(TaskStatus.QUEUED, task_type, limit)
+            case CreateRun():
+                return self._create_run(message, await self._find(message.task_id, work), work, now)
+            case GetRun(run_id=run_id):
+                run = self._runs.get(run_id)
+                return run if run is not None else _Forward(FetchRun(run_id))
+            case GetRuns(task_id=task_id):
+                if task_id in self._tasks:  # every run of a task in memory is in memory
+                    return [self._runs[run_id] for run_id in self._runs_of.get(task_id, [])]
+                return _Forward(FetchRuns(task_id))
+            case UpdateRunStatus(run_id=run_id):
+                run = self._runs.get(run_id)
+                if run is None:
+                    # A run of a task that finished long ago: look it up (rare), not cached.
+                    run = await self._storage.ask(FetchRun(run_id))
+                if run is None or run.task_id in work.deleted:
+                    raise NotFoundError("run", run_id)
+                return self._update_run(message, run, work, now)
+            case Heartbeat():
+                return self._heartbeat(message, work, now)
+            case StartTask(lease=lease):
+                task, run = self._holding(lease, work)
+                if task.status is not A:
+                    raise IllegalTransitionError("task", task.id, task.status.value, R.value)
+                self._touch(task.id, work)
+                started = msgspec.structs.replace(run, status=RunStatus.RUNNING)
+                self._runs[run.id] = started
+                work.ops.append(PutRun(started))
+                return self._transition(task, R, work, now, run.worker_id, {}, _run_data(run))
+            case CompleteTask(lease=lease, result=result):
+                task, run = self._holding(lease, work)
+                self._close_run(run, RunStatus.COMPLETED, work, now, result=result)
+                changes = {"result": result} if result is not None else {}
+                return self._transition(
+                    task, TaskStatus.COMPLETED, work, now, run.worker_id, changes, _run_data(run)
+                )
+            case FailTask(lease=lease, error=error):
+                task, run = self._holding(lease, work)
+                self._close_run(run, RunStatus.FAILED, work, now, error=error)
+                return self._requeue(
+                    task,
+                    run,
+                    "failed",
+                    error,
+                    work,
+                    now,
+                    retryable=message.retryable,
+                    retry_after=message.retry_after,
+                    source=run.worker_id,
+                )
+            case ReleaseTask(lease=lease, reason=reason):
+                task, run = self._holding(lease, work)
+                note = reason or "released by its worker"
+                self._close_run(run, RunStatus.RELEASED, work, now, error=note)
+                return self._requeue(
+                    task, run, "released", None, work, now, count=False, source=run.worker_id
+                )
+            case ReleaseWorker(worker_id=worker_id, reason=reason):
+                return self._release_worker(worker_id, reason, work, now)
+            case Wake():
+                return None  # what was due was settled when the batch began
+            case ClaimTask():  # pragma: no cover - parked by receive_batch
+                raise HiveError("claims are parked, not handled")
+        raise HiveError(f"the task manager does not handle {type(message).__name__}")
+
+    def _heartbeat(self, message: Heartbeat, work: _Batch, now: datetime) -> datetime:
+        task, run = self._holding(message.lease, work)
+        assert run.lease_seconds is not None
+        assert run.lease_expires_at is not None
+        expires = now + timedelta(seconds=message.extend or run.lease_seconds)
+        changes: dict[str, object] = {"lease_expires_at": expires}
+        if message.progress is not None:
+            changes["progress"] = message.progress
+        if message.phase is not None:
+            changes["phase"] = message.phase
+        if len(changes) > 1:
+            # Progress is durable and published; a bare heartbeat only moves the lease,
+            # which lives as long as this process, so it is kept in memory.
+            self._touch(task.id, work)
+        renewed = msgspec.structs.replace(run, **changes)
+        self._runs[run.id] = renewed
+        if expires < run.lease_expires_at:  # shortened: the heap entry would fire late
+            heapq.heappush(self._deadlines, (self._deadline(renewed, task)[0], run.id))
+        if len(changes) > 1:
+            work.ops.append(PutRun(renewed))
+            data = _run_data(run)
+            if message.progress is not None:
+                data["progress"] = message.progress
+            if message.phase is not None:
+                data["phase"] = message.phase
+            work.ops.append(self._event("task.progress", task, now, run.worker_id, data))
+        return expires
+
+    def _end_claim(
+        self, task: Task, status: RunStatus, work: _Batch, now: datetime, note: str | None
+    ) -> None:
+        """A task that a claim holds is being moved by hand: end the claim's run too."""
+        run_id = self._held.get(task.id)
+        if run_id is not None:
+            self._close_run(self._runs[run_id], status, work, now, error=note)
+
+    def _release_worker(self, worker_id: str, reason: str, work: _Batch, now: datetime) -> int:
+        released = 0
+        for task_id, run_id in list(self._held.items()):
+            run = self._runs[run_id]
+            if run.worker_id != worker_id:
+                continue
+            error = f"worker {worker_id!r} lost: {reason}"
+            self._close_run(run, RunStatus.LOST, work, now, error=error)
+            self._requeue(self._tasks[task_id], run, "worker_lost", error, work, now)
+            released += 1
+        return released
+
+    def _create(self, message: CreateTask, work: _Batch, now: datetime) -> str:
+        key = message.idempotency_key
+        if key is not None and key in self._keys:
+            return self._keys[key]  # the first task's id; nothing is created
+        task = Task(
+            id=new_id(),
+            title=message.title,
+            description=message.description,
+            task_type=message.task_type,
+            status=TaskStatus.QUEUED,
+            priority=message.priority,
+            workflow=message.workflow,
+            payload=message.payload,
+            tags=message.tags,
+            max_retries=message.max_retries,
+            due_date=message.due_date,
+            idempotency_key=key,
+            correlation_id=message.correlation_id,
+            source_agent=message.source_agent,
+            timeout=message.timeout,
+            concurrency_key=message.concurrency_key,
+            concurrency_limit=message.concurrency_limit,
+            created_at=now,
+            updated_at=now,
+        )
+        self._touch(task.id, work)
+        self._tasks[task.id] = task
+        self._index(None, task, now.timestamp())
+        if key is not None:
+            self._set_key(key, task.id, work)
+        work.ops.append(PutTask(task))
+        work.ops.append(
+            self._event(
+                "task.created",
+                task,
+                now,
+                message.source_agent,
+                {"task_type": task.task_type, "title": task.title, "priority": task.priority},
+            )
+        )
+        return task.id
+
+    def _update(self, message: UpdateTaskStatus, task: Task, work: _Batch, now: datetime) -> bool:
+        changes: dict[str, object] = {}
+        if message.assigned_worker is not None:
+            changes["assigned_worker"] = message.assigned_worker
+        if message.current_phase is not None:
+            changes["current_phase"] = message.current_phase
+        if message.result is not None:
+            changes["result"] = message.result
+        if message.error is not None:
+            changes["error"] = message.error
+        data: dict[str, JsonValue] = {}
+        if message.status is Q:
+            data["reason"] = "requeued"
+            changes["available_at"] = None
+        if (task.status, message.status) in TRANSITIONS:
+            run_status = _RUN_FOR_TASK.get(message.status)
+            held = self._held.get(task.id)
+            if run_status is not None:
+                self._end_claim(task, run_status, work, now, f"task set to {message.status.value}")
+            elif message.status is R and held is not None:
+                self._touch(task.id, work)
+                started = msgspec.structs.replace(self._runs[held], status=RunStatus.RUNNING)
+                self._runs[held] = started
+                work.ops.append(PutRun(started))
+        self._transition(task, message.status, work, now, message.source_agent, changes, data)
+        return True
+
+    def _transition(
+        self,
+        task: Task,
+        status: TaskStatus,
+        work: _Batch,
+        now: datetime,
+        source: str | None,
+        changes: dict[str, object],
+        extra: dict[str, JsonValue] | None = None,
+    ) -> Task:
+        event_type = TRANSITIONS.get((task.status, status))
+        if event_type is None:
+            raise IllegalTransitionError("task", task.id, task.status.value, status.value)
+        updated = msgspec.structs.replace(task, status=status, updated_at=now, **changes)
+        self._touch(task.id, work)
+        self._tasks[task.id] = updated
+        self._index(task, updated, now.timestamp())
+        if status in TERMINAL:
+            self._finished[task.id] = None
+        work.ops.append(PutTask(updated))
+        data: dict[str, JsonValue] = {
+            "status": status.value,
+            "previous": task.status.value,
+            "task_type": task.task_type,
+        }
+        if updated.assigned_worker is not None:
+            data["worker_id"] = updated.assigned_worker
+        if status is TaskStatus.COMPLETED and updated.result is not None:
+            data["result"] = updated.result
+        if status in TERMINAL and updated.error is not None:
+            data["error"] = updated.error
+        if extra:
+            data.update(extra)
+        work.ops.append(self._event(event_type, updated, now, source, data))
+        return updated
+
+    async def _delete(self, task_id: str, work: _Batch, now: datetime) -> bool:
+        task = await self._find(task_id, work)
+        self._touch(task_id, work)
+        self._tasks.pop(task_id, None)
+        self._index(task, None, now.timestamp())
+        self._held.pop(task_id, None)
+        self._finished.pop(task_id, None)
+        for run_id in self._runs_of.pop(task_id, []):
+            self._runs.pop(run_id, None)
+        key = task.idempotency_key
+        if key is not None and self._keys.get(key) == task_id:
+            self._set_key(key, None, work)
+        work.deleted.add(task_id)
+        work.ops.append(DeleteTaskRow(task_id))
+        work.ops.append(self._event("task.deleted", task, now, None, {"task_type": task.task_type}))
+        return True
+
+    def _list(self, status: TaskStatus, task_type: str | None, limit: int | None) -> object:
+        if status in TERMINAL:
+            return _Forward(QueryTasks(status=status.value, task_type=task_type, limit=limit))
+        found = [
+            task
+            for task in self._tasks.values()
+            if task.status is status and (task_type is None or task.task_type == task_type)
+        ]
+        found.sort(key=_priority_order)
+        return found if limit is None else found[:limit]
+
+    def _create_run(self, message: CreateRun, task: Task, work: _Batch, now: datetime) -> str:
+        if task.status in TERMINAL:
+            raise IllegalTransitionError("task", task.id, task.status.value, "a new run")
+        runs = self._runs_of.get(task.id, [])
+        run = Run(
+            id=new_id(),
+            task_id=task.id,
+            worker_id=message.worker_id,
+            run_number=len(runs) + 1,
+            status=RunStatus.RUNNING,
+            phase=message.phase,
+            started_at=now,
+        )
+        self._touch(task.id, work)
+        self._remember_run(run)
+        work.ops.append(PutRun(run))
+        return run.id
+
+    def _update_run(self, message: UpdateRunStatus, run: Run, work: _Batch, now: datetime) -> bool:
+        if run.status not in _RUN_OPEN or message.status is run.status:
+            raise IllegalTransitionError("run", run.id, run.status.value, message.status.value)
+        if self._held.get(run.task_id) == run.id:
+            # The claim's own calls (complete, fail, release) also move its task.
+            raise IllegalTransitionError(
+                "run", run.id, "held by a claim", f"{message.status.value} by update_run_status"
+            )
+        changes: dict[str, object] = {"status": message.status}
+        for name in ("result", "error", "phase", "output_log"):
+            value = getattr(message, name)
+            if value is not None:
+                changes[name] = value
+        if message.status not in _RUN_OPEN:
+            changes["completed_at"] = now
+        updated = msgspec.structs.replace(run, **changes)
+        if run.id in self._runs:  # a run fetched from storage is not cached
+            self._touch(run.task_id, work)
+            self._runs[run.id] = updated
+        work.ops.append(PutRun(updated))
+        return True
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    async def _find(self, task_id: str, work: _Batch) -> Task:
+        """The task, from memory or, for one that finished long ago, from storage (rare).
+
+        Every live task is in memory, so one found in storage is finished: any change to it
+        is refused by the state machine, exactly as while it was in memory.
+        """
+        if task_id in work.deleted:  # deleted earlier in this batch, not yet committed
+            raise NotFoundError("task", task_id)
+        task = self._tasks.get(task_id)
+        if task is None:
+            task = await self._storage.ask(FetchTask(task_id))
+            if task is None:
+                raise NotFoundError("task", task_id)
+        return task
+
+    def _event(
+        self,
+        event_type: str,
+        task: Task,
+        now: datetime,
+        source: str | None,
+        data: dict[str, JsonValue],
+    ) -> AppendEvent:
+        worker = data.get("worker_id")
+        event = Event(
+            type=event_type,
+            timestamp=now.timestamp(),
+            source=source or task.source_agent or "task_manager",
+            correlation_id=task.correlation_id,
+            task_id=task.id,
+            worker_id=worker if isinstance(worker, str) else None,
+            data=data,
+        )
+        return AppendEvent(event, msgspec.json.encode(data))
+
+    def _remember_run(self, run: Run) -> None:
+        if run.id not in self._runs:
+            self._runs_of.setdefault(run.task_id, []).append(run.id)
+        self._runs[run.id] = run
+
+    def _evict(self) -> None:
+        """Keep at most ``recent`` finished tasks in memory (their state is committed)."""
+        while len(self._finished) > self._recent_limit:
+            task_id, _ = self._finished.popitem(last=False)
+            # The idempotency key stays: a finished task still owns its key.
+            self._tasks.pop(task_id, None)
+            for run_id in self._runs_of.pop(task_id, []):
+                self._runs.pop(run_id, None)
+
+
+_RECOVERED = "the runtime stopped while a worker held the task"
+
+
+def _priority_order(task: Task) -> tuple[int, datetime]:
+    return (-task.priority, task.created_at)
+
+
+def _run_data(run: Run) -> dict[str, JsonValue]:
+    return {"run_id": run.id, "attempt": run.run_number}
+
+
+def _lost(lease: Lease, reason: str, status: TaskStatus | str) -> LeaseLostError:
+    return LeaseLostError(lease.task_id, lease.run_id, lease.attempt, str(status), reason)

@@ -1,0 +1,735 @@
+"""Claims, leases, fencing, retries, timeouts and concurrency limits, through the public
+Runtime API on real SQLite files, both backends.
+
+Time-based behaviour (lease expiry, backoff, timeouts) uses short real durations with
+generous bounds: a test checks *that* something happens and in what order, never how fast.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+import anyio
+import pytest
+
+from hive_orchestration import (
+    Claim,
+    Event,
+    IllegalTransitionError,
+    InvalidInputError,
+    Lease,
+    LeaseLostError,
+    NotFoundError,
+    RunStatus,
+    Runtime,
+    RuntimeConfig,
+    StorageError,
+    TaskStatus,
+)
+from hive_orchestration.actors.task_manager import TaskManager
+
+pytestmark = pytest.mark.anyio
+
+#: Bound on anything that should happen "soon": generous, so a loaded machine passes.
+SOON = 10.0
+
+
+@asynccontextmanager
+async def runtime(db_path: str, **config: Any) -> AsyncIterator[Runtime]:
+    settings: dict[str, Any] = {"retry_backoff": 0.01, "retry_backoff_max": 0.05}
+    settings.update(config)
+    async with Runtime.open(db_path, config=RuntimeConfig(**settings)) as rt:
+        yield rt
+
+
+async def claim(rt: Runtime, *types: str, worker: str = "w1", **kwargs: Any) -> Claim:
+    got = await rt.claim_task(worker, types or None, **kwargs)
+    assert got is not None, "expected a task to claim"
+    return got
+
+
+async def events_of(rt: Runtime, task_id: str) -> list[Event]:
+    return [e for e in await rt.read_events(0, limit=10_000) if e.task_id == task_id]
+
+
+async def wait_for_status(rt: Runtime, task_id: str, status: TaskStatus) -> None:
+    with anyio.fail_after(SOON):
+        while True:
+            task = await rt.get_task(task_id)
+            assert task is not None
+            if task.status is status:
+                return
+            await anyio.sleep(0.01)
+
+
+# -- claiming ------------------------------------------------------------------------------
+
+
+async def test_claim_hands_out_the_best_task_and_opens_a_leased_run(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        assert await rt.claim_task("w1") is None
+        low = await rt.create_task("job", {"n": 1}, priority=1)
+        high_old = await rt.create_task("job", {"n": 2}, priority=5)
+        high_new = await rt.create_task("job", {"n": 3}, priority=5)
+        order = [(await claim(rt, "job", lease=30)).task.id for _ in range(3)]
+        assert order == [high_old, high_new, low]
+        assert await rt.claim_task("w1", "job") is None
+
+        task = await rt.get_task(low)
+        assert task is not None
+        assert task.status is TaskStatus.ASSIGNED
+        assert task.assigned_worker == "w1"
+        (run,) = await rt.get_runs(low)
+        assert run.status is RunStatus.ASSIGNED
+        assert run.worker_id == "w1"
+        assert run.lease_seconds == 30
+        assert run.lease_expires_at is not None
+        assigned = [e for e in await events_of(rt, low) if e.type == "task.assigned"]
+        assert len(assigned) == 1
+        assert assigned[0].data["run_id"] == run.id
+        assert assigned[0].worker_id == "w1"
+
+
+async def test_claim_returns_a_token_naming_the_task_run_and_attempt(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job")
+        got = await claim(rt)
+        (run,) = await rt.get_runs(task_id)
+        assert got.lease == Lease(task_id, run.id, 1)
+        assert got.task.status is TaskStatus.ASSIGNED
+        assert got.expires_at == run.lease_expires_at
+
+
+async def test_claim_only_hands_out_the_types_asked_for(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        build = await rt.create_task("build", priority=1)
+        deploy = await rt.create_task("deploy", priority=9)
+        test = await rt.create_task("test", priority=5)
+        assert (await claim(rt, "build")).task.id == build
+        assert await rt.claim_task("w1", ["build"]) is None
+        assert (await claim(rt, "build", "test")).task.id == test
+        assert (await claim(rt)).task.id == deploy  # any type
+
+
+async def test_a_waiting_claim_gets_a_task_as_soon_as_it_is_created(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        got: list[Claim | None] = []
+
+        async def worker() -> None:
+            got.append(await rt.claim_task("w1", "job", wait=SOON * 3))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker)
+            await anyio.sleep(0.05)  # the claim is parked by now
+            await rt.create_task("other")  # not for this worker
+            start = anyio.current_time()
+            task_id = await rt.create_task("job")
+        assert got[0] is not None
+        assert got[0].task.id == task_id
+        # Woken by the create, not by the end of its wait.
+        assert anyio.current_time() - start < SOON
+
+
+async def test_a_waiting_claim_ends_empty_at_its_deadline(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        start = anyio.current_time()
+        assert await rt.claim_task("w1", "job", wait=0.2) is None
+        assert anyio.current_time() - start >= 0.19
+
+
+async def test_waiting_claims_are_served_first_come_first_served(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        got: dict[str, str] = {}
+
+        async def worker(name: str) -> None:
+            c = await rt.claim_task(name, "job", wait=SOON * 3)
+            assert c is not None
+            got[name] = c.task.id
+
+        async with anyio.create_task_group() as tg:
+            for name in ("w1", "w2", "w3"):
+                tg.start_soon(worker, name)
+                await anyio.sleep(0.05)  # park them in this order
+            first = await rt.create_task("job")
+            second = await rt.create_task("job")
+            third = await rt.create_task("job")
+        assert got == {"w1": first, "w2": second, "w3": third}
+
+
+async def test_many_workers_never_get_the_same_task_and_none_is_lost(db_path: str) -> None:
+    count, workers = 300, 8
+    async with runtime(db_path) as rt:
+        created = set()
+        claimed: Counter[str] = Counter()
+
+        async def producer() -> None:
+            for n in range(count):
+                created.add(await rt.create_task("job", {"n": n}, priority=n % 4))
+
+        async def worker(name: str) -> None:
+            while True:
+                c = await rt.claim_task(name, "job", wait=0.5)
+                if c is None:
+                    return
+                claimed[c.task.id] += 1
+                await rt.start_task(c.lease)
+                await rt.complete_task(c.lease, {"by": name})
+
+        async with anyio.create_task_group() as tg:
+            for w in range(workers):
+                tg.start_soon(worker, f"w{w}")
+            tg.start_soon(producer)
+        assert set(claimed) == created
+        assert max(claimed.values()) == 1
+        done = await rt.get_tasks_by_status("completed")
+        assert {t.id for t in done} == created
+
+
+async def test_a_claimer_that_gave_up_is_not_handed_a_task(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        with anyio.move_on_after(0.1):
+            await rt.claim_task("gone", "job", wait=SOON)
+        task_id = await rt.create_task("job")
+        got = await claim(rt, "job", worker="here")
+        assert got.task.id == task_id
+        assert [r.worker_id for r in await rt.get_runs(task_id)] == ["here"]
+
+
+async def test_a_claim_whose_asker_left_during_the_commit_is_handed_back(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claimer leaves after the task was assigned to it but before the answer: the
+    task is released (not counted as an attempt) and goes to the next claimer."""
+    original = TaskManager._commit
+    closed: list[bool] = []
+
+    async def commit_and_lose_the_asker(self: TaskManager, work: Any, forwards: Any) -> Any:
+        for envelope, outcome in work.answers:
+            if isinstance(outcome, Claim) and outcome.lease.attempt == 1 and not closed:
+                envelope.reply.fail(RuntimeError("asker left"))
+                closed.append(True)
+        return await original(self, work, forwards)
+
+    monkeypatch.setattr(TaskManager, "_commit", commit_and_lose_the_asker)
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job")
+        with pytest.raises(RuntimeError, match="asker left"):
+            await rt.claim_task("w1", "job")
+        got = await claim(rt, "job", worker="w2")
+        assert got.task.id == task_id
+        assert got.lease.attempt == 2
+        assert got.task.attempts == 0
+        first, _ = await rt.get_runs(task_id)
+        assert first.status is RunStatus.RELEASED
+        retrying = [e for e in await events_of(rt, task_id) if e.type == "task.retrying"]
+        assert [e.data["reason"] for e in retrying] == ["unclaimed"]
+
+
+# -- the worker's calls and fencing -----------------------------------------------------------
+
+
+async def test_start_then_complete_stores_the_result_on_task_and_run(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job", correlation_id="corr-1", source_agent="planner")
+        c = await claim(rt)
+        running = await rt.start_task(c.lease)
+        assert running.status is TaskStatus.RUNNING
+        with pytest.raises(IllegalTransitionError):
+            await rt.start_task(c.lease)
+        done = await rt.complete_task(c.lease, {"answer": 42})
+        assert done.status is TaskStatus.COMPLETED
+        assert done.result == {"answer": 42}
+        (run,) = await rt.get_runs(task_id)
+        assert (run.status, run.result) == (RunStatus.COMPLETED, {"answer": 42})
+        assert run.completed_at is not None
+        types = [e.type for e in await events_of(rt, task_id)]
+        assert types == ["task.created", "task.assigned", "task.started", "task.completed"]
+        for event in await events_of(rt, task_id):
+            assert event.correlation_id == "corr-1"
+
+
+async def test_complete_works_straight_from_assigned(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        await rt.create_task("job")
+        c = await claim(rt)
+        assert (await rt.complete_task(c.lease)).status is TaskStatus.COMPLETED
+
+
+async def test_one_result_wins(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job")
+        c = await claim(rt)
+        await rt.complete_task(c.lease, {"first": True})
+        with pytest.raises(LeaseLostError) as caught:
+            await rt.complete_task(c.lease, {"second": True})
+        assert caught.value.status == "completed"
+        with pytest.raises(LeaseLostError):
+            await rt.fail_task(c.lease, "late")
+        with pytest.raises(LeaseLostError):
+            await rt.heartbeat(c.lease)
+        task = await rt.get_task(task_id)
+        assert task is not None
+        assert task.result == {"first": True}
+
+
+async def test_a_token_that_never_held_the_task_is_refused(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job")
+        c = await claim(rt)
+        for forged in (
+            Lease(task_id, "not-a-run", 1),
+            Lease(task_id, c.lease.run_id, 7),
+            Lease("no-such-task", c.lease.run_id, 1),
+        ):
+            with pytest.raises(LeaseLostError):
+                await rt.complete_task(forged, {"x": 1})
+        task = await rt.get_task(task_id)
+        assert task is not None
+        assert task.status is TaskStatus.ASSIGNED
+
+
+async def test_cancel_reaches_the_claim(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job")
+        c = await claim(rt)
+        await rt.start_task(c.lease)
+        await rt.cancel_task(task_id, reason="not needed")
+        with pytest.raises(LeaseLostError) as caught:
+            await rt.heartbeat(c.lease)
+        assert caught.value.status == "cancelled"
+        assert "cancelled" in str(caught.value)
+        (run,) = await rt.get_runs(task_id)
+        assert run.status is RunStatus.CANCELLED
+
+
+async def test_deleting_a_claimed_task_ends_the_claim(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job")
+        c = await claim(rt)
+        await rt.delete_task(task_id)
+        with pytest.raises(LeaseLostError):
+            await rt.complete_task(c.lease)
+        assert await rt.claim_task("w1") is None
+
+
+async def test_moving_a_claimed_task_by_hand_closes_its_run(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job")
+        c = await claim(rt)
+        with pytest.raises(IllegalTransitionError, match="held by a claim"):
+            await rt.update_run_status(c.lease.run_id, "completed")
+        assert await rt.update_task_status(task_id, "running")
+        (run,) = await rt.get_runs(task_id)
+        assert run.status is RunStatus.RUNNING
+        assert await rt.update_task_status(task_id, "completed", result={"manual": True})
+        (run,) = await rt.get_runs(task_id)
+        assert run.status is RunStatus.COMPLETED
+        with pytest.raises(LeaseLostError):
+            await rt.complete_task(c.lease)
+
+
+async def test_manual_requeue_releases_the_claim_and_it_can_be_claimed_again(
+    db_path: str,
+) -> None:
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job")
+        c = await claim(rt)
+        assert await rt.update_task_status(task_id, "queued")
+        (run,) = await rt.get_runs(task_id)
+        assert run.status is RunStatus.RELEASED
+        again = await claim(rt, worker="w2")
+        assert again.task.id == task_id
+        assert again.lease.attempt == 2
+        with pytest.raises(LeaseLostError, match=r"run .* holds the task now"):
+            await rt.complete_task(c.lease)
+
+
+# -- leases ----------------------------------------------------------------------------------
+
+
+async def test_an_expired_lease_requeues_the_task_and_fences_the_old_worker(
+    db_path: str,
+) -> None:
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job")
+        stale = await claim(rt, lease=0.2, worker="slow")
+        await rt.start_task(stale.lease)
+        # Another worker waits; it gets the task when the lease runs out.
+        fresh = await claim(rt, "job", worker="fast", wait=SOON)
+        assert fresh.task.id == task_id
+        assert fresh.lease.attempt == 2
+        assert fresh.task.attempts == 1
+        with pytest.raises(LeaseLostError) as caught:
+            await rt.complete_task(stale.lease, {"from": "slow"})
+        assert "lease expired" in str(caught.value)
+        await rt.complete_task(fresh.lease, {"from": "fast"})
+        task = await rt.get_task(task_id)
+        assert task is not None
+        assert task.result == {"from": "fast"}
+        first, second = await rt.get_runs(task_id)
+        assert first.status is RunStatus.LOST
+        assert second.status is RunStatus.COMPLETED
+        retrying = [e for e in await events_of(rt, task_id) if e.type == "task.retrying"]
+        assert [e.data["reason"] for e in retrying] == ["lease_expired"]
+        assert retrying[0].data["worker_id"] == "slow"
+
+
+async def test_heartbeats_keep_the_lease(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job")
+        c = await claim(rt, lease=0.3)
+        expires = c.expires_at
+        for _ in range(8):  # 0.8 s in all, well past one lease
+            await anyio.sleep(0.1)
+            renewed = await rt.heartbeat(c.lease)
+            assert renewed >= expires
+            expires = renewed
+        done = await rt.complete_task(c.lease)
+        assert done.status is TaskStatus.COMPLETED
+        assert done.attempts == 0
+        assert len(await rt.get_runs(task_id)) == 1
+
+
+async def test_progress_is_stored_published_and_renews_the_lease(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job")
+        c = await claim(rt, lease=30)
+        expires = await rt.report_progress(c.lease, {"done": 3, "of": 10}, phase="download")
+        assert isinstance(expires, datetime)
+        assert expires >= c.expires_at
+        (run,) = await rt.get_runs(task_id)
+        assert run.progress == {"done": 3, "of": 10}
+        assert run.phase == "download"
+        progress = [e for e in await events_of(rt, task_id) if e.type == "task.progress"]
+        assert len(progress) == 1
+        assert progress[0].data["progress"] == {"done": 3, "of": 10}
+        task = await rt.get_task(task_id)
+        assert task is not None
+        assert task.status is TaskStatus.ASSIGNED  # progress is not a transition
+
+
+async def test_a_lease_can_be_shortened_and_then_expires(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job")
+        c = await claim(rt, lease=60)
+        await rt.heartbeat(c.lease, extend=0.1)
+        await wait_for_status(rt, task_id, TaskStatus.QUEUED)
+
+
+async def test_release_worker_tasks_requeues_what_the_worker_held(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        ids = [await rt.create_task("job") for _ in range(3)]
+        a = await claim(rt, worker="dead")
+        b = await claim(rt, worker="dead")
+        other = await claim(rt, worker="alive")
+        assert await rt.release_worker_tasks("dead", reason="missed heartbeats") == 2
+        assert await rt.release_worker_tasks("dead") == 0
+        for c in (a, b):
+            task = await rt.get_task(c.task.id)
+            assert task is not None
+            assert (task.status, task.attempts) == (TaskStatus.QUEUED, 1)
+            (run,) = await rt.get_runs(c.task.id)
+            assert run.status is RunStatus.LOST
+            assert run.error is not None
+            assert "missed heartbeats" in run.error
+            with pytest.raises(LeaseLostError):
+                await rt.heartbeat(c.lease)
+        await rt.heartbeat(other.lease)
+        assert sorted(ids) == sorted([a.task.id, b.task.id, other.task.id])
+
+
+# -- failures, retries and timeouts ----------------------------------------------------------
+
+
+async def test_failures_are_retried_with_backoff_then_fail_for_good(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job", max_retries=2)
+        for attempt in (1, 2):
+            c = await claim(rt, wait=SOON)
+            assert c.lease.attempt == attempt
+            task = await rt.fail_task(c.lease, f"boom {attempt}")
+            assert task.status is TaskStatus.QUEUED
+            assert task.attempts == attempt
+            assert task.available_at is not None
+        c = await claim(rt, wait=SOON)
+        task = await rt.fail_task(c.lease, "boom 3")
+        assert task.status is TaskStatus.FAILED
+        assert (task.attempts, task.error) == (3, "boom 3")
+        assert await rt.claim_task("w1", wait=0.1) is None
+        runs = await rt.get_runs(task_id)
+        assert [r.status for r in runs] == [RunStatus.FAILED] * 3
+        assert [r.error for r in runs] == ["boom 1", "boom 2", "boom 3"]
+        events = [e for e in await events_of(rt, task_id) if e.type.startswith("task.")]
+        assert [e.type for e in events] == [
+            "task.created",
+            "task.assigned",
+            "task.retrying",
+            "task.assigned",
+            "task.retrying",
+            "task.assigned",
+            "task.failed",
+        ]
+        assert events[2].data["reason"] == "failed"
+        assert events[2].data["error"] == "boom 1"
+        assert events[-1].data["error"] == "boom 3"
+
+
+async def test_backoff_holds_the_task_back(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job", max_retries=1)
+        c = await claim(rt)
+        await rt.fail_task(c.lease, "later", retry_after=0.3)
+        assert await rt.claim_task("w1") is None  # still backing off
+        queued = await rt.get_queued_tasks()
+        assert [t.id for t in queued] == [task_id]  # but queued
+        start = anyio.current_time()
+        again = await claim(rt, wait=SOON)
+        assert again.task.id == task_id
+        assert anyio.current_time() - start >= 0.2
+
+
+async def test_a_non_retryable_failure_fails_at_once(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        await rt.create_task("job", max_retries=5)
+        c = await claim(rt)
+        task = await rt.fail_task(c.lease, "bad input", retryable=False)
+        assert (task.status, task.attempts, task.error) == (TaskStatus.FAILED, 1, "bad input")
+
+
+async def test_release_task_requeues_without_counting_an_attempt(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job", max_retries=0)
+        c = await claim(rt)
+        task = await rt.release_task(c.lease, reason="shutting down")
+        assert (task.status, task.attempts) == (TaskStatus.QUEUED, 0)
+        (run,) = await rt.get_runs(task_id)
+        assert (run.status, run.error) == (RunStatus.RELEASED, "shutting down")
+        again = await claim(rt)  # at once: no backoff
+        assert again.task.id == task_id
+
+
+async def test_a_run_past_the_task_timeout_ends_timed_out(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job", timeout=0.2, max_retries=0)
+        c = await claim(rt, lease=60)
+        await rt.start_task(c.lease)
+        await wait_for_status(rt, task_id, TaskStatus.TIMED_OUT)
+        task = await rt.get_task(task_id)
+        assert task is not None
+        assert task.attempts == 1
+        assert task.error is not None
+        assert "timeout" in task.error
+        (run,) = await rt.get_runs(task_id)
+        assert run.status is RunStatus.TIMED_OUT
+        with pytest.raises(LeaseLostError):
+            await rt.complete_task(c.lease)
+        types = [e.type for e in await events_of(rt, task_id)]
+        assert types[-1] == "task.timed_out"
+
+
+async def test_a_timed_out_run_is_retried_while_attempts_remain(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job", timeout=0.2, max_retries=1)
+        c = await claim(rt, lease=60)
+        # Heartbeats renew the lease, not the timeout.
+        again = await claim(rt, "job", worker="w2", wait=SOON)
+        assert again.task.id == task_id
+        with pytest.raises(LeaseLostError):
+            await rt.heartbeat(c.lease)
+        retrying = [e for e in await events_of(rt, task_id) if e.type == "task.retrying"]
+        assert [e.data["reason"] for e in retrying] == ["timed_out"]
+        await rt.complete_task(again.lease)
+
+
+# -- concurrency limits -----------------------------------------------------------------------
+
+
+async def test_a_concurrency_key_limits_claims_across_workers(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        first = await rt.create_task("job", priority=9, concurrency_key="tenant-a")
+        second = await rt.create_task("job", priority=9, concurrency_key="tenant-a")
+        other = await rt.create_task("job", priority=1, concurrency_key="tenant-b")
+        a = await claim(rt)
+        assert a.task.id == first
+        assert (await claim(rt)).task.id == other  # tenant-a is full; b is not
+        assert await rt.claim_task("w3") is None
+        got: list[Claim | None] = []
+        async with anyio.create_task_group() as tg:
+
+            async def waiter() -> None:
+                got.append(await rt.claim_task("w3", wait=SOON))
+
+            tg.start_soon(waiter)
+            await anyio.sleep(0.05)
+            await rt.complete_task(a.lease)  # frees tenant-a's slot: no polling needed
+        assert got[0] is not None
+        assert got[0].task.id == second
+
+
+async def test_a_concurrency_limit_above_one(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        for _ in range(4):
+            await rt.create_task("job", concurrency_key="k", concurrency_limit=2)
+        held = [await claim(rt), await claim(rt)]
+        assert await rt.claim_task("w1") is None
+        await rt.fail_task(held[0].lease, "x", retryable=False)
+        assert await rt.claim_task("w1") is not None
+
+
+async def test_a_task_type_limit_from_the_config(db_path: str) -> None:
+    async with runtime(db_path, concurrency_limits={"deploy": 1}) as rt:
+        await rt.create_task("deploy", priority=5)
+        await rt.create_task("deploy", priority=5)
+        build = await rt.create_task("build", priority=1)
+        d = await claim(rt)
+        assert d.task.task_type == "deploy"
+        assert (await claim(rt)).task.id == build
+        assert await rt.claim_task("w1", "deploy") is None
+        await rt.release_task(d.lease)
+        assert (await claim(rt, "deploy")).task.task_type == "deploy"
+
+
+# -- restarts ---------------------------------------------------------------------------------
+
+
+async def test_a_reopen_requeues_claimed_tasks_and_counts_the_attempt(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job")
+        c = await claim(rt)
+        await rt.start_task(c.lease)
+    async with runtime(db_path) as rt:
+        task = await rt.get_task(task_id)
+        assert task is not None
+        assert (task.status, task.attempts) == (TaskStatus.QUEUED, 1)
+        with pytest.raises(LeaseLostError):
+            await rt.complete_task(c.lease)
+        again = await claim(rt)
+        assert again.lease.attempt == 2
+
+
+async def test_a_failed_commit_leaves_the_claim_unmade(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job")
+        # Make the next write fail inside SQLite: a trigger refuses new runs.
+        await _sql(db_path, "CREATE TRIGGER no_runs BEFORE INSERT ON runs BEGIN"
+                   " SELECT RAISE(ABORT, 'no runs today'); END")  # fmt: skip
+        with pytest.raises(StorageError, match="no runs today"):
+            await rt.claim_task("w1")
+        task = await rt.get_task(task_id)
+        assert task is not None
+        assert task.status is TaskStatus.QUEUED
+        assert await rt.get_runs(task_id) == []
+        await _sql(db_path, "DROP TRIGGER no_runs")
+        c = await claim(rt)
+        assert c.task.id == task_id
+        assert c.lease.attempt == 1
+
+
+async def _sql(db_path: str, statement: str) -> None:
+    import sqlite3
+
+    def run() -> None:
+        conn = sqlite3.connect(db_path, timeout=10)
+        try:
+            conn.execute(statement)
+            conn.commit()
+        finally:
+            conn.close()
+
+    await anyio.to_thread.run_sync(run)
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"worker_id": ""}, "worker_id"),
+        ({"worker_id": 5}, "worker_id"),
+        ({"task_types": ""}, "task_types"),
+        ({"task_types": []}, "task_types"),
+        ({"task_types": ["ok", 3]}, "task_types[1]"),
+        ({"task_types": 7}, "task_types"),
+        ({"lease": 0}, "lease"),
+        ({"lease": -1}, "lease"),
+        ({"lease": math.nan}, "lease"),
+        ({"lease": math.inf}, "lease"),
+        ({"lease": "10"}, "lease"),
+        ({"lease": True}, "lease"),
+        ({"wait": -0.5}, "wait"),
+        ({"wait": math.nan}, "wait"),
+    ],
+)
+async def test_bad_claim_arguments_are_refused(
+    db_path: str, kwargs: dict[str, Any], field: str
+) -> None:
+    async with runtime(db_path) as rt:
+        await rt.create_task("job")
+        args: dict[str, Any] = {"worker_id": "w1"}
+        args.update(kwargs)
+        with pytest.raises(InvalidInputError) as caught:
+            await rt.claim_task(**args)
+        assert caught.value.field == field
+        assert (await rt.get_queued_tasks())[0].status is TaskStatus.QUEUED
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"timeout": 0}, "timeout"),
+        ({"timeout": -3}, "timeout"),
+        ({"timeout": math.nan}, "timeout"),
+        ({"timeout": "5"}, "timeout"),
+        ({"concurrency_limit": 2}, "concurrency_limit"),
+        ({"concurrency_key": "k", "concurrency_limit": 0}, "concurrency_limit"),
+        ({"concurrency_key": "k", "concurrency_limit": 1.5}, "concurrency_limit"),
+        ({"concurrency_key": ""}, "concurrency_key"),
+    ],
+)
+async def test_bad_claim_settings_on_create_are_refused(
+    db_path: str, kwargs: dict[str, Any], field: str
+) -> None:
+    async with runtime(db_path) as rt:
+        with pytest.raises(InvalidInputError) as caught:
+            await rt.create_task("job", **kwargs)
+        assert caught.value.field == field
+        assert await rt.get_queued_tasks() == []
+
+
+async def test_bad_worker_calls_are_refused_and_change_nothing(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job")
+        c = await claim(rt)
+        cases: list[tuple[Any, str]] = [
+            (rt.complete_task({"task_id": task_id}), "lease"),  # type: ignore[arg-type]
+            (rt.complete_task(c.lease, {"x": math.nan}), "result.x"),
+            (rt.fail_task(c.lease, ""), "error"),
+            (rt.fail_task(c.lease, "e", retryable="yes"), "retryable"),  # type: ignore[arg-type]
+            (rt.fail_task(c.lease, "e", retry_after=-1), "retry_after"),
+            (rt.heartbeat(c.lease, extend=0), "extend"),
+            (rt.heartbeat(c.lease, progress={"bad": object()}), "progress.bad"),
+            (rt.release_worker_tasks(""), "worker_id"),
+        ]
+        for call, field in cases:
+            with pytest.raises(InvalidInputError) as caught:
+                await call
+            assert caught.value.field == field
+        task = await rt.get_task(task_id)
+        assert task is not None
+        assert task.status is TaskStatus.ASSIGNED
+        (run,) = await rt.get_runs(task_id)
+        assert run.status is RunStatus.ASSIGNED
+        await rt.complete_task(c.lease)
+
+
+async def test_a_task_deleted_before_its_claim_is_reported(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        with pytest.raises(NotFoundError):
+            await rt.delete_task("missing")
+        assert await rt.release_worker_tasks("nobody") == 0
