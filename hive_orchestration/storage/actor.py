@@ -46,7 +46,9 @@ from ..messages.storage import (
     StorageMessage,
     StorageStats,
     Write,
+    WriteOp,
 )
+from ..messages.tasks import Run, Task
 from ..runtime import Actor, ActorRef, Envelope
 from .database import Target, open_database
 from .drivers import Driver, Statement
@@ -193,23 +195,16 @@ class StorageActor(Actor[StorageMessage]):
             events: list[Event] = []
             op_json: list[bytes] = []
             for _, write in writes:
-                unit: list[Statement] = []
                 unit_seqs: list[int] = []
+                event_rows: list[Statement] = []
                 for op in write.ops:
-                    match op:
-                        case AppendEvent():
-                            seq += 1
-                            unit.append(_event_row(seq, op))
-                            unit_seqs.append(seq)
-                            events.append(msgspec.structs.replace(op.event, seq=seq))
-                            op_json.append(op.data_json)
-                        case PutTask(task=task):
-                            unit.append(task_statement(task))
-                        case DeleteTaskRow(task_id=task_id):
-                            unit.append((DELETE_TASK, (task_id,)))
-                        case PutRun(run=run):
-                            unit.append(run_statement(run))
-                units.append(unit)
+                    if isinstance(op, AppendEvent):
+                        seq += 1
+                        event_rows.append(_event_row(seq, op))
+                        unit_seqs.append(seq)
+                        events.append(msgspec.structs.replace(op.event, seq=seq))
+                        op_json.append(op.data_json)
+                units.append(_row_statements(write.ops) + event_rows)
                 seqs.append(tuple(unit_seqs))
             try:
                 await db.transaction([statement for unit in units for statement in unit])
@@ -293,6 +288,49 @@ class StorageActor(Actor[StorageMessage]):
 
 def _marks(values: tuple[str, ...]) -> str:
     return ", ".join("?" * len(values))
+
+
+def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
+    """The task and run statements of one write, grouped by kind (its events follow).
+
+    Applying them grouped, each row once, leaves the same rows as applying the ops in
+    order: an upsert replaces every column of its row, so only the last one of a row
+    counts; tasks go before runs, so a run's task exists; deletes go first, so a key a
+    deleted task held is free for a task created in the same write; events reference no
+    row. The one case where order matters, a row both put and deleted in one write, is
+    applied in order. Grouping turns a write into a few ``executemany`` runs, which on
+    aiosqlite is one thread hop each instead of one per statement.
+    """
+    tasks: dict[str, Task] = {}
+    runs: dict[str, Run] = {}
+    deleted: list[str] = []
+    for op in ops:
+        match op:
+            case PutTask(task=task):
+                tasks[task.id] = task
+            case PutRun(run=run):
+                runs[run.id] = run
+            case DeleteTaskRow(task_id=task_id):
+                deleted.append(task_id)
+    if deleted and (
+        not tasks.keys().isdisjoint(deleted) or any(run.task_id in deleted for run in runs.values())
+    ):
+        return [_in_order(op) for op in ops if not isinstance(op, AppendEvent)]
+    statements: list[Statement] = [(DELETE_TASK, (task_id,)) for task_id in deleted]
+    statements += [task_statement(task) for task in tasks.values()]
+    statements += [run_statement(run) for run in runs.values()]
+    return statements
+
+
+def _in_order(op: WriteOp) -> Statement:
+    match op:
+        case PutTask(task=task):
+            return task_statement(task)
+        case PutRun(run=run):
+            return run_statement(run)
+        case DeleteTaskRow(task_id=task_id):
+            return (DELETE_TASK, (task_id,))
+    raise AssertionError(f"not a row write: {op!r}")
 
 
 def _event_row(seq: int, op: AppendEvent) -> Statement:
