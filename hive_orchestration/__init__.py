@@ -25,6 +25,7 @@ from .errors import (
 )
 from .messages.events import Event
 from .messages.tasks import Claim, Lease, Run, RunStatus, Task, TaskStatus
+from .messages.workers import Worker, WorkerStatus
 from .storage.schema import SCHEMA_VERSION
 
 __version__ = "0.1.0"
@@ -58,5 +59,7 @@ __all__ = [
     "SubscriberLaggedError",
     "Task",
     "TaskStatus",
+    "Worker",
+    "WorkerStatus",
     "__version__",
 ]

@@ -48,6 +48,7 @@ from .messages.tasks import (
     UpdateRunStatus,
     UpdateTaskStatus,
 )
+from .messages.workers import GetWorker, WorkerRegistryMessage
 from .runtime import ActorRef
 
 __all__ = ["TaskOperations"]
@@ -61,6 +62,7 @@ class TaskOperations:
     """Mixed into :class:`Runtime`; needs ``_tasks`` (the TaskManager) and ``_config``."""
 
     _tasks: ActorRef[TaskManagerMessage]
+    _workers: ActorRef[WorkerRegistryMessage]
     _config: RuntimeConfig
 
     def _check_open(self) -> None:  # pragma: no cover - provided by Runtime
@@ -84,13 +86,16 @@ class TaskOperations:
         timeout: float | None = None,  # noqa: ASYNC109 - the task's run timeout, not this call's
         concurrency_key: str | None = None,
         concurrency_limit: int | None = None,
+        requires: Iterable[str] = (),
     ) -> str:
         """Create a queued task and return its id (durable when this returns).
 
         With an ``idempotency_key`` already used, nothing is created and the first task's
         id is returned. ``title`` defaults to the task type. ``timeout`` bounds each run,
         in seconds from its claim. Tasks sharing a ``concurrency_key`` are held by at most
-        ``concurrency_limit`` (default 1) claims at once.
+        ``concurrency_limit`` (default 1) claims at once. A task with ``requires`` goes
+        only to a worker that has all of those capabilities (otherwise: one that handles
+        its task type).
         """
         self._check_open()
         task_type = check_identifier(task_type, "task_type")
@@ -114,6 +119,7 @@ class TaskOperations:
             timeout=None if timeout is None else check_seconds(timeout, "timeout"),
             concurrency_key=check_optional_text(concurrency_key, "concurrency_key"),
             concurrency_limit=concurrency_limit,
+            requires=_types(requires, "requires") or (),
         )
         return await self._tasks.ask(message)
 
@@ -269,8 +275,13 @@ class TaskOperations:
         lease: float | None = None,
         wait: float = 0.0,
     ) -> Claim | None:
-        """Take the best ready task (highest priority, then oldest) of ``task_types`` (one
-        type, several, or ``None`` for any) for ``worker_id``, or ``None`` if there is none.
+        """Take the best ready task (highest priority, then oldest) that ``worker_id`` can
+        do, or ``None`` if there is none.
+
+        What it can do: ``task_types`` (task types or capabilities: one, several), or by
+        default the capabilities it registered with (any task if it registered none or
+        is not registered). A task without ``requires`` matches by its type; a task with
+        ``requires`` matches a worker that has all of them.
 
         With ``wait`` seconds, a claim with nothing to take waits for a matching task
         and gets it as soon as it is queued (no polling). Each task goes to exactly one
@@ -279,9 +290,15 @@ class TaskOperations:
         the queue. Pass ``claim.lease`` to every later call about the task.
         """
         self._check_open()
+        worker_id = check_identifier(worker_id, "worker_id")
+        types = _types(task_types, "task_types")
+        if task_types is None:
+            worker = await self._workers.ask(GetWorker(worker_id))
+            if worker is not None and worker.capabilities:
+                types = worker.capabilities
         message = ClaimTask(
-            worker_id=check_identifier(worker_id, "worker_id"),
-            task_types=_types(task_types),
+            worker_id=worker_id,
+            task_types=types,
             lease=check_seconds(
                 self._config.lease_timeout if lease is None else lease, "lease", maximum=86_400.0
             ),
@@ -418,16 +435,16 @@ def _tags(value: Iterable[str]) -> tuple[str, ...]:
     return tuple(check_identifier(tag, f"tags[{i}]") for i, tag in enumerate(value))
 
 
-def _types(value: str | Iterable[str] | None) -> tuple[str, ...] | None:
+def _types(value: str | Iterable[str] | None, field: str) -> tuple[str, ...] | None:
     if value is None:
         return None
     if isinstance(value, str):
-        return (check_identifier(value, "task_types"),)
+        return (check_identifier(value, field),)
     if not isinstance(value, Iterable):
-        raise InvalidInputError("task_types", "must be a task type, a list of them, or None")
-    types = tuple(check_identifier(t, f"task_types[{i}]") for i, t in enumerate(value))
-    if not types:
-        raise InvalidInputError("task_types", "must name at least one task type (None: any)")
+        raise InvalidInputError(field, "must be a name, a list of names, or None")
+    types = tuple(check_identifier(t, f"{field}[{i}]") for i, t in enumerate(value))
+    if not types and field == "task_types":
+        raise InvalidInputError(field, "must name at least one task type (None: any)")
     return tuple(dict.fromkeys(types))
 
 

@@ -84,6 +84,11 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     retry_backoff_max: Seconds = 300.0
     #: At most N tasks of a task type assigned or running at once (``{"deploy": 1}``).
     concurrency_limits: dict[str, Positive] = msgspec.field(default_factory=dict)
+    #: A worker that sends no heartbeat for this long is declared offline and what it
+    #: holds goes back to the queue.
+    worker_timeout: Seconds = 30.0
+    #: Publish a ``worker.heartbeat`` event for every heartbeat (off: they are frequent).
+    publish_heartbeats: bool = False
     features: FeatureFlags = FeatureFlags()
 
     @classmethod

@@ -23,8 +23,10 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._task_ops import TaskOperations
 from ._validate import check_identifier, check_int, check_optional_text, encode_json_object
+from ._worker_ops import WorkerOperations
 from .actors.broadcast import BroadcastActor, compile_pattern
 from .actors.task_manager import TaskManager
+from .actors.worker_registry import WorkerRegistry
 from .config import DEFAULT_DB_PATH, RuntimeConfig
 from .errors import (
     ConfigError,
@@ -54,6 +56,7 @@ from .messages.storage import (
     Write,
 )
 from .messages.tasks import TaskManagerMessage, Wake
+from .messages.workers import RegistryWake, WorkerRegistryMessage
 from .runtime import ActorRef, Alarm, ChildRestart, ChildSpec, Supervisor
 from .storage import StorageActor
 from .storage.database import MEMORY, DatabaseClaim
@@ -122,7 +125,7 @@ class Subscription:
         return item
 
 
-class Runtime(TaskOperations):
+class Runtime(TaskOperations, WorkerOperations):
     """An embedded, durable orchestration runtime on one SQLite database.
 
     Create it with :meth:`open`; every method sends a typed message to an actor.
@@ -136,6 +139,7 @@ class Runtime(TaskOperations):
         storage: ActorRef[StorageMessage],
         broadcast: ActorRef[BroadcastMessage],
         tasks: ActorRef[TaskManagerMessage],
+        workers: ActorRef[WorkerRegistryMessage],
         supervisor: Supervisor,
     ) -> None:
         self._path = path
@@ -143,6 +147,7 @@ class Runtime(TaskOperations):
         self._storage = storage
         self._broadcast = broadcast
         self._tasks = tasks
+        self._workers = workers
         self._supervisor = supervisor
         self._closed = False
 
@@ -192,6 +197,9 @@ class Runtime(TaskOperations):
         tasks: ActorRef[TaskManagerMessage] = ActorRef(
             "tasks", mailbox_size=config.mailbox_size, ask_timeout=config.ask_timeout
         )
+        workers: ActorRef[WorkerRegistryMessage] = ActorRef(
+            "workers", mailbox_size=config.mailbox_size, ask_timeout=config.ask_timeout
+        )
 
         def on_restart(restart: ChildRestart) -> None:
             # Never wait here: the restarted child may be the storage actor itself.
@@ -212,6 +220,9 @@ class Runtime(TaskOperations):
                 pass
 
         alarm: Alarm[TaskManagerMessage] = Alarm(tasks, Wake(), clock=time.time)
+        registry_alarm: Alarm[WorkerRegistryMessage] = Alarm(
+            workers, RegistryWake(), clock=time.time
+        )
         task_manager_starts = itertools.count()
 
         def task_manager() -> TaskManager:
@@ -232,6 +243,18 @@ class Runtime(TaskOperations):
                 ChildSpec(broadcast, BroadcastActor),
                 ChildSpec(storage, lambda: StorageActor(claim.target, config, broadcast)),
                 ChildSpec(tasks, task_manager, services=(alarm.run,)),
+                ChildSpec(
+                    workers,
+                    lambda: WorkerRegistry(
+                        storage,
+                        tasks,
+                        alarm=registry_alarm,
+                        timeout=config.worker_timeout,
+                        publish_heartbeats=config.publish_heartbeats,
+                        commit_timeout=config.ask_timeout,
+                    ),
+                    services=(registry_alarm.run,),
+                ),
             ],
             max_restarts=config.max_restarts,
             restart_window=config.restart_window,
@@ -244,6 +267,7 @@ class Runtime(TaskOperations):
             storage=storage,
             broadcast=broadcast,
             tasks=tasks,
+            workers=workers,
             supervisor=supervisor,
         )
         try:
@@ -353,7 +377,7 @@ class Runtime(TaskOperations):
     async def statistics(self) -> RuntimeStatistics:
         self._check_open()
         mailboxes = {}
-        for ref in (self._broadcast, self._storage, self._tasks):
+        for ref in (self._broadcast, self._storage, self._tasks, self._workers):
             stats = ref.statistics()
             mailboxes[ref.name] = MailboxStats(
                 queued=stats.current_buffer_used,

@@ -9,19 +9,23 @@ import msgspec
 from ..runtime import Request
 from .events import Event
 from .tasks import Run, Task
+from .workers import Worker
 
 __all__ = [
     "AppendEvent",
     "Committed",
     "DeleteTaskRow",
+    "DeleteWorkerRow",
     "FetchRun",
     "FetchRuns",
     "FetchTask",
     "LoadIdempotencyKeys",
     "LoadRuns",
     "LoadTasks",
+    "LoadWorkers",
     "PutRun",
     "PutTask",
+    "PutWorker",
     "QueryTasks",
     "GetStorageStats",
     "ReadEvents",
@@ -58,7 +62,17 @@ class PutRun(msgspec.Struct, frozen=True, tag="put_run"):
     run: Run
 
 
-WriteOp: TypeAlias = AppendEvent | PutTask | DeleteTaskRow | PutRun
+class PutWorker(msgspec.Struct, frozen=True, tag="put_worker"):
+    """Insert the worker, or replace every column of its row."""
+
+    worker: Worker
+
+
+class DeleteWorkerRow(msgspec.Struct, frozen=True, tag="delete_worker"):
+    worker_id: str
+
+
+WriteOp: TypeAlias = AppendEvent | PutTask | DeleteTaskRow | PutRun | PutWorker | DeleteWorkerRow
 
 
 class Committed(msgspec.Struct, frozen=True):
@@ -132,6 +146,10 @@ class GetStorageStats(Request[StorageStats], frozen=True):
     pass
 
 
+class LoadWorkers(Request[tuple[Worker, ...]], frozen=True):
+    """Every registered worker (the WorkerRegistry's state, at start-up)."""
+
+
 StorageMessage: TypeAlias = (
     Write
     | ReadEvents
@@ -143,4 +161,5 @@ StorageMessage: TypeAlias = (
     | FetchTask
     | FetchRun
     | FetchRuns
+    | LoadWorkers
 )

@@ -31,6 +31,7 @@ __all__ = [
     "GetRuns",
     "GetTask",
     "GetTasksByStatus",
+    "GetUnroutableTasks",
     "Heartbeat",
     "Lease",
     "ReleaseTask",
@@ -118,6 +119,8 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     #: At most ``concurrency_limit`` tasks with the same key are assigned or running at once.
     concurrency_key: str | None = None
     concurrency_limit: int | None = None
+    #: Capabilities a worker must all have to take it (otherwise: its task type).
+    requires: tuple[str, ...] = ()
     created_at: datetime
     updated_at: datetime
 
@@ -196,6 +199,7 @@ class CreateTask(Request[str], frozen=True, kw_only=True):
     timeout: float | None = None
     concurrency_key: str | None = None
     concurrency_limit: int | None = None
+    requires: tuple[str, ...] = ()
 
 
 class GetTask(Request["Task | None"], frozen=True):
@@ -263,8 +267,12 @@ class UpdateRunStatus(Request[bool], frozen=True, kw_only=True):
 
 
 class ClaimTask(Request["Claim | None"], frozen=True, kw_only=True):
-    """Hand the best ready task of ``task_types`` (any type when ``None``) to the worker,
-    waiting up to ``wait`` seconds for one; ``None`` when there was none."""
+    """Hand the best ready task the worker can take to it, waiting up to ``wait`` seconds
+    for one; ``None`` when there was none.
+
+    ``task_types`` are what the worker can do (task types or capabilities; ``None``: any
+    task): a task without ``requires`` matches when its type is among them, a task with
+    ``requires`` when all of them are."""
 
     worker_id: str
     task_types: tuple[str, ...] | None = None
@@ -317,6 +325,12 @@ class ReleaseWorker(Request[int], frozen=True, kw_only=True):
     reason: str = "worker offline"
 
 
+class GetUnroutableTasks(Request[list[Task]], frozen=True):
+    """Queued tasks that no worker able to do one of ``capability_sets`` can take."""
+
+    capability_sets: tuple[tuple[str, ...], ...]
+
+
 class Wake(msgspec.Struct, frozen=True):
     """The TaskManager's alarm: leases, timeouts, backoffs or claim waits are due."""
 
@@ -340,5 +354,6 @@ TaskManagerMessage: TypeAlias = (
     | FailTask
     | ReleaseTask
     | ReleaseWorker
+    | GetUnroutableTasks
     | Wake
 )

@@ -32,6 +32,7 @@ from ..messages.storage import (
     AppendEvent,
     Committed,
     DeleteTaskRow,
+    DeleteWorkerRow,
     FetchRun,
     FetchRuns,
     FetchTask,
@@ -39,8 +40,10 @@ from ..messages.storage import (
     LoadIdempotencyKeys,
     LoadRuns,
     LoadTasks,
+    LoadWorkers,
     PutRun,
     PutTask,
+    PutWorker,
     QueryTasks,
     ReadEvents,
     StorageMessage,
@@ -49,17 +52,22 @@ from ..messages.storage import (
     WriteOp,
 )
 from ..messages.tasks import Run, Task
+from ..messages.workers import Worker
 from ..runtime import Actor, ActorRef, Envelope
 from .database import Target, open_database
 from .drivers import Driver, Statement
 from .rows import (
     DELETE_TASK,
+    DELETE_WORKER,
     RUN_COLUMNS,
     TASK_COLUMNS,
+    WORKER_COLUMNS,
     run_from_row,
     run_statement,
     task_from_row,
     task_statement,
+    worker_from_row,
+    worker_statement,
 )
 from .schema import SCHEMA_VERSION
 
@@ -183,6 +191,9 @@ class StorageActor(Actor[StorageMessage]):
                     (task_id,),
                 )
                 return [run_from_row(row) for row in rows]
+            case LoadWorkers():
+                rows = await db.fetchall(f"SELECT {WORKER_COLUMNS} FROM workers ORDER BY rowid")
+                return tuple(worker_from_row(row) for row in rows)
             case other:
                 raise HiveError(f"the storage actor does not handle {type(other).__name__}")
 
@@ -291,7 +302,7 @@ def _marks(values: tuple[str, ...]) -> str:
 
 
 def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
-    """The task and run statements of one write, grouped by kind (its events follow).
+    """The row statements of one write, grouped by kind (its events follow).
 
     Applying them grouped, each row once, leaves the same rows as applying the ops in
     order: an upsert replaces every column of its row, so only the last one of a row
@@ -303,7 +314,9 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
     """
     tasks: dict[str, Task] = {}
     runs: dict[str, Run] = {}
+    workers: dict[str, Worker] = {}
     deleted: list[str] = []
+    gone: list[str] = []  # deleted workers
     for op in ops:
         match op:
             case PutTask(task=task):
@@ -312,13 +325,23 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
                 runs[run.id] = run
             case DeleteTaskRow(task_id=task_id):
                 deleted.append(task_id)
-    if deleted and (
-        not tasks.keys().isdisjoint(deleted) or any(run.task_id in deleted for run in runs.values())
-    ):
+            case PutWorker(worker=worker):
+                workers[worker.id] = worker
+            case DeleteWorkerRow(worker_id=worker_id):
+                gone.append(worker_id)
+    if (
+        deleted
+        and (
+            not tasks.keys().isdisjoint(deleted)
+            or any(run.task_id in deleted for run in runs.values())
+        )
+    ) or (gone and not workers.keys().isdisjoint(gone)):
         return [_in_order(op) for op in ops if not isinstance(op, AppendEvent)]
     statements: list[Statement] = [(DELETE_TASK, (task_id,)) for task_id in deleted]
+    statements += [(DELETE_WORKER, (worker_id,)) for worker_id in gone]
     statements += [task_statement(task) for task in tasks.values()]
     statements += [run_statement(run) for run in runs.values()]
+    statements += [worker_statement(worker) for worker in workers.values()]
     return statements
 
 
@@ -330,6 +353,10 @@ def _in_order(op: WriteOp) -> Statement:
             return run_statement(run)
         case DeleteTaskRow(task_id=task_id):
             return (DELETE_TASK, (task_id,))
+        case PutWorker(worker=worker):
+            return worker_statement(worker)
+        case DeleteWorkerRow(worker_id=worker_id):
+            return (DELETE_WORKER, (worker_id,))
     raise AssertionError(f"not a row write: {op!r}")
 
 

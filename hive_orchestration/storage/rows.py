@@ -8,16 +8,21 @@ from typing import cast
 import msgspec
 
 from ..messages.tasks import JsonObject, Run, RunStatus, Task, TaskStatus
+from ..messages.workers import Worker, WorkerStatus
 from .drivers import Params, Statement
 
 __all__ = [
     "DELETE_TASK",
+    "DELETE_WORKER",
+    "WORKER_COLUMNS",
     "RUN_COLUMNS",
     "TASK_COLUMNS",
     "run_from_row",
     "run_statement",
     "task_from_row",
     "task_statement",
+    "worker_from_row",
+    "worker_statement",
 ]
 
 _encode = msgspec.json.Encoder().encode
@@ -27,13 +32,18 @@ TASK_COLUMNS = (
     "id, title, description, task_type, priority, status, current_phase, workflow, payload,"
     " created_at, updated_at, assigned_worker, due_date, max_retries, tags, attempts, result,"
     " error, idempotency_key, correlation_id, source_agent, timeout, available_at,"
-    " concurrency_key, concurrency_limit"
+    " concurrency_key, concurrency_limit, requires"
 )
 RUN_COLUMNS = (
     "id, task_id, worker_id, run_number, status, phase, result_data, error_message,"
     " output_log, started_at, completed_at, lease_seconds, lease_expires_at, progress"
 )
+WORKER_COLUMNS = (
+    "id, role, status, last_heartbeat, capabilities, current_task_id, metadata,"
+    " registered_at, incarnation"
+)
 DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
+DELETE_WORKER = "DELETE FROM workers WHERE id = ?"
 
 
 def _upsert(table: str, columns: str) -> str:
@@ -48,6 +58,7 @@ def _upsert(table: str, columns: str) -> str:
 
 _PUT_TASK = _upsert("tasks", TASK_COLUMNS)
 _PUT_RUN = _upsert("runs", RUN_COLUMNS)
+_PUT_WORKER = _upsert("workers", WORKER_COLUMNS)
 
 
 def _time(value: datetime | None) -> str | None:
@@ -85,6 +96,7 @@ def task_statement(task: Task) -> Statement:
         _time(task.available_at),
         task.concurrency_key,
         task.concurrency_limit,
+        _json(list(task.requires)) if task.requires else None,
     )
     return _PUT_TASK, params
 
@@ -121,7 +133,7 @@ def task_from_row(row: tuple[object, ...]) -> Task:
     (id_, title, description, task_type, priority, status, phase, workflow, payload,
      created_at, updated_at, assigned_worker, due_date, max_retries, tags, attempts,
      result, error, idempotency_key, correlation_id, source_agent, timeout, available_at,
-     concurrency_key, concurrency_limit) = row  # fmt: skip
+     concurrency_key, concurrency_limit, requires) = row  # fmt: skip
     # Rows written by other tools may leave the seed schema's nullable columns empty.
     created = _parse_time(created_at) or _parse_time(updated_at) or _EPOCH
     return Task(
@@ -150,7 +162,55 @@ def task_from_row(row: tuple[object, ...]) -> Task:
         available_at=_parse_time(available_at),
         concurrency_key=cast("str | None", concurrency_key),
         concurrency_limit=cast("int | None", concurrency_limit),
+        requires=_parse_list(requires),
     )
+
+
+def _parse_list(value: object) -> tuple[str, ...]:
+    return tuple(cast("list[str]", msgspec.json.decode(str(value)))) if value else ()
+
+
+def worker_statement(worker: Worker) -> Statement:
+    params: Params = (
+        worker.id,
+        worker.role,
+        worker.status.value,
+        _time(worker.last_heartbeat),
+        _json(list(worker.capabilities)),
+        worker.current_task_id,
+        _json(worker.metadata),
+        _time(worker.registered_at),
+        worker.incarnation,
+    )
+    return _PUT_WORKER, params
+
+
+def worker_from_row(row: tuple[object, ...]) -> Worker:
+    (id_, role, status, last_heartbeat, capabilities, current_task_id, metadata,
+     registered_at, incarnation) = row  # fmt: skip
+    # Seed-era rows may lack times (or hold SQLite's "YYYY-MM-DD HH:MM:SS", in UTC).
+    heartbeat = _parse_utc(last_heartbeat) or _parse_utc(registered_at) or _EPOCH
+    return Worker(
+        id=str(id_),
+        role=str(role),
+        status=WorkerStatus(str(status)) if status in _WORKER_STATUSES else WorkerStatus.ACTIVE,
+        last_heartbeat=heartbeat,
+        capabilities=_parse_list(capabilities),
+        current_task_id=cast("str | None", current_task_id),
+        metadata=_parse_json(metadata) or {},
+        registered_at=_parse_utc(registered_at) or heartbeat,
+        incarnation=str(incarnation) if incarnation is not None else "seed",
+    )
+
+
+_WORKER_STATUSES = frozenset(status.value for status in WorkerStatus)
+
+
+def _parse_utc(value: object) -> datetime | None:
+    parsed = _parse_time(value)
+    if parsed is not None and parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
 
 
 def run_from_row(row: tuple[object, ...]) -> Run:

@@ -163,6 +163,13 @@ _V3: tuple[str, ...] = (
     "ALTER TABLE runs ADD COLUMN progress TEXT",
 )
 
+# Version 4: workers and routing. A worker's incarnation (new at each registration); the
+# capabilities a task requires of the worker that takes it.
+_V4: tuple[str, ...] = (
+    "ALTER TABLE workers ADD COLUMN incarnation TEXT",
+    "ALTER TABLE tasks ADD COLUMN requires TEXT",
+)
+
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4)
 SCHEMA_VERSION = len(MIGRATIONS)

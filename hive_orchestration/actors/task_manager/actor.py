@@ -115,6 +115,7 @@ from ...messages.tasks import (
     GetRuns,
     GetTask,
     GetTasksByStatus,
+    GetUnroutableTasks,
     Heartbeat,
     Lease,
     ReleaseTask,
@@ -130,7 +131,7 @@ from ...messages.tasks import (
     Wake,
 )
 from ...runtime import Actor, ActorRef, Alarm, Envelope, Request
-from .ready import ReadyQueue
+from .ready import ReadyQueue, can_take
 
 __all__ = ["LIVE", "TRANSITIONS", "TaskManager"]
 
@@ -802,6 +803,14 @@ class TaskManager(Actor[TaskManagerMessage]):
                 )
             case ReleaseWorker(worker_id=worker_id, reason=reason):
                 return self._release_worker(worker_id, reason, work, now)
+            case GetUnroutableTasks(capability_sets=sets):
+                stuck = [
+                    task
+                    for task in self._tasks.values()
+                    if task.status is Q and not any(can_take(task, caps) for caps in sets)
+                ]
+                stuck.sort(key=_priority_order)
+                return stuck
             case Wake():
                 return None  # what was due was settled when the batch began
             case ClaimTask():  # pragma: no cover - parked by receive_batch
@@ -878,6 +887,7 @@ class TaskManager(Actor[TaskManagerMessage]):
             timeout=message.timeout,
             concurrency_key=message.concurrency_key,
             concurrency_limit=message.concurrency_limit,
+            requires=message.requires,
             created_at=now,
             updated_at=now,
         )

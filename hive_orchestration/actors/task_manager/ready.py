@@ -1,10 +1,13 @@
-"""Which queued task to hand out next, in O(log n), with concurrency limits and backoff.
+"""Which queued task to hand out next, in O(log n), with routing, limits and backoff.
 
-The TaskManager owns one :class:`ReadyQueue`. Queued tasks sit in one heap per task type,
-best first (priority, then age). A task whose retry backoff has not elapsed waits in a
-heap ordered by time and joins its type's heap when due. A task whose concurrency group
-is full leaves its type's heap for its group's list and comes back when a task of the
-group stops holding a slot, so a blocked group never costs a scan.
+The TaskManager owns one :class:`ReadyQueue`. Queued tasks sit in heaps, best first
+(priority, then age), one per *route*: a task without ``requires`` is routed by its type,
+one with ``requires`` by that set of capabilities. A claim that can do a set of things
+looks at the heads of the heaps of the types in the set and of the requirement sets
+included in it. A task whose retry backoff has not elapsed waits in a heap ordered by time
+and joins its route when due. A task whose concurrency group (or whose type, in a mixed
+requirement heap) is full leaves its heap for a list of its group and comes back when a
+task of the group stops holding a slot, so a blocked group never costs a scan.
 
 Entries are never removed from the middle of a heap: each carries the generation of the
 task's entry, and an entry whose task left the queue (claimed, cancelled, deleted) or was
@@ -15,12 +18,15 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Iterable, Mapping
-from typing import NamedTuple
+from collections.abc import Collection, Mapping
+from typing import NamedTuple, TypeAlias
 
 from ...messages.tasks import Task
 
-__all__ = ["ReadyQueue"]
+__all__ = ["ReadyQueue", "can_take"]
+
+#: A task type (tasks without requirements) or a set of required capabilities.
+Route: TypeAlias = str | frozenset[str]
 
 
 class _Entry(NamedTuple):
@@ -29,8 +35,19 @@ class _Entry(NamedTuple):
     task_id: str
     generation: int
     task_type: str
+    route: Route
     key: str | None
     limit: int
+
+
+def can_take(task: Task, capabilities: Collection[str] | None) -> bool:
+    """Whether a worker that can do ``capabilities`` (``None``: anything) takes ``task``:
+    all of its ``requires`` if it has any, else its task type."""
+    if capabilities is None:
+        return True
+    if task.requires:
+        return all(need in capabilities for need in task.requires)
+    return task.task_type in capabilities
 
 
 class ReadyQueue:
@@ -38,9 +55,10 @@ class ReadyQueue:
 
     def __init__(self, type_limits: Mapping[str, int] | None = None) -> None:
         self._type_limits = dict(type_limits or {})
-        self._heaps: dict[str, list[_Entry]] = {}
+        self._heaps: dict[Route, list[_Entry]] = {}
         self._delayed: list[tuple[float, _Entry]] = []
-        self._blocked: dict[str, list[_Entry]] = {}
+        self._blocked: dict[str, list[_Entry]] = {}  # concurrency key -> entries
+        self._type_blocked: dict[str, list[_Entry]] = {}  # task type -> entries
         self._generation: dict[str, int] = {}  # task id -> its valid entry; absent: not queued
         self._next_generation = 0
         self._held_types: Counter[str] = Counter()
@@ -65,6 +83,7 @@ class ReadyQueue:
             task.id,
             generation,
             task.task_type,
+            frozenset(task.requires) if task.requires else task.task_type,
             task.concurrency_key,
             task.concurrency_limit or 1,
         )
@@ -72,8 +91,7 @@ class ReadyQueue:
         if available is not None and available > now:
             heapq.heappush(self._delayed, (available, entry))
         else:
-            heapq.heappush(self._heaps.setdefault(task.task_type, []), entry)
-            self.changed = True
+            self._push(entry)
 
     def discard(self, task_id: str) -> None:
         """``task_id`` left the queue (its entries are skipped from now on)."""
@@ -84,53 +102,74 @@ class ReadyQueue:
         delayed = self._delayed
         while delayed and delayed[0][0] <= now:
             _, entry = heapq.heappop(delayed)
-            if self._generation.get(entry.task_id) == entry.generation:
-                heapq.heappush(self._heaps.setdefault(entry.task_type, []), entry)
-                self.changed = True
+            if self._valid(entry):
+                self._push(entry)
         return self.next_delayed()
 
     def next_delayed(self) -> float | None:
         """When the next task in backoff becomes ready, if any."""
         delayed = self._delayed
-        while delayed and self._generation.get(delayed[0][1].task_id) != delayed[0][1].generation:
+        while delayed and not self._valid(delayed[0][1]):
             heapq.heappop(delayed)
         return delayed[0][0] if delayed else None
 
-    def pop(self, task_types: Iterable[str] | None) -> str | None:
-        """Take the best ready task of ``task_types`` (any type when ``None``) whose
-        concurrency limits leave room; its id, or ``None``."""
+    def pop(self, capabilities: Collection[str] | None) -> str | None:
+        """Take the best ready task a claim that can do ``capabilities`` (``None``:
+        anything) may take, within the concurrency limits; its id, or ``None``."""
         best: _Entry | None = None
-        for task_type in list(self._heaps) if task_types is None else task_types:
-            entry = self._head(task_type)
+        for route in self._routes(capabilities):
+            entry = self._head(route)
             if entry is not None and (best is None or entry < best):
                 best = entry
         if best is None:
             return None
-        heap = self._heaps[best.task_type]
+        heap = self._heaps[best.route]
         heapq.heappop(heap)
         if not heap:
-            del self._heaps[best.task_type]
+            del self._heaps[best.route]
         del self._generation[best.task_id]
         return best.task_id
 
-    def _head(self, task_type: str) -> _Entry | None:
-        heap = self._heaps.get(task_type)
+    def _routes(self, capabilities: Collection[str] | None) -> list[Route]:
+        if capabilities is None:
+            return list(self._heaps)
+        routes: list[Route] = [c for c in capabilities if c in self._heaps]
+        for route in self._heaps:
+            if isinstance(route, frozenset) and all(need in capabilities for need in route):
+                routes.append(route)
+        return routes
+
+    def _head(self, route: Route) -> _Entry | None:
+        heap = self._heaps.get(route)
         if not heap:
             return None
-        limit = self._type_limits.get(task_type)
-        if limit is not None and self._held_types[task_type] >= limit:
-            return None
+        if isinstance(route, str) and self._type_full(route):
+            return None  # a whole heap of one type waits for a slot: leave it be
         while heap:
             entry = heap[0]
-            if self._generation.get(entry.task_id) != entry.generation:
+            if not self._valid(entry):
                 heapq.heappop(heap)
             elif entry.key is not None and self._held_keys[entry.key] >= entry.limit:
                 heapq.heappop(heap)
                 self._blocked.setdefault(entry.key, []).append(entry)
+            elif self._type_full(entry.task_type):  # in a mixed heap of requirements
+                heapq.heappop(heap)
+                self._type_blocked.setdefault(entry.task_type, []).append(entry)
             else:
                 return entry
-        del self._heaps[task_type]
+        del self._heaps[route]
         return None
+
+    def _type_full(self, task_type: str) -> bool:
+        limit = self._type_limits.get(task_type)
+        return limit is not None and self._held_types[task_type] >= limit
+
+    def _valid(self, entry: _Entry) -> bool:
+        return self._generation.get(entry.task_id) == entry.generation
+
+    def _push(self, entry: _Entry) -> None:
+        heapq.heappush(self._heaps.setdefault(entry.route, []), entry)
+        self.changed = True
 
     # -- concurrency slots ----------------------------------------------------------------
 
@@ -146,17 +185,20 @@ class ReadyQueue:
         self._held_types[task_type] -= 1
         if self._held_types[task_type] <= 0:
             del self._held_types[task_type]
-        if task_type in self._type_limits and self._heaps.get(task_type):
-            self.changed = True
+        if task_type in self._type_limits:
+            if self._heaps.get(task_type):
+                self.changed = True
+            for entry in self._type_blocked.pop(task_type, ()):
+                if self._valid(entry):
+                    self._push(entry)
         key = task.concurrency_key
         if key is not None:
             self._held_keys[key] -= 1
             if self._held_keys[key] <= 0:
                 del self._held_keys[key]
             for entry in self._blocked.pop(key, ()):
-                if self._generation.get(entry.task_id) == entry.generation:
-                    heapq.heappush(self._heaps.setdefault(entry.task_type, []), entry)
-                    self.changed = True
+                if self._valid(entry):
+                    self._push(entry)
 
     def held(self, task_type: str) -> int:
         return self._held_types[task_type]

@@ -1,0 +1,295 @@
+"""The WorkerRegistry actor: the one owner of every worker's record and liveness.
+
+Every worker is in memory. A batch of requests is applied in memory and written as ONE
+write (worker rows and events together); answers go out after the commit, and a failed
+commit puts memory back as it was.
+
+Liveness: a worker that sends no heartbeat for ``timeout`` seconds is declared offline
+(``worker.offline``), and the TaskManager is told to put what it holds back in the queue.
+Deadlines are a heap checked at the start of each batch and woken by an
+:class:`~hive_orchestration.runtime.Alarm`; a heartbeat only moves the worker's time, and
+a deadline that comes up early is pushed back to the real one, so the heap holds one
+entry per live worker. A worker that comes back (heartbeat) is live again; one that
+registers again is a new *incarnation*: what the old one held is released, not
+inherited. Unregistering a worker releases what it held too.
+
+When the runtime opens, every live worker gets a whole ``timeout`` to heartbeat again
+before it is declared offline.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import msgspec
+
+from .._ids import new_id
+from ..errors import HiveError, RuntimeStoppedError
+from ..messages.events import Event, JsonValue
+from ..messages.storage import (
+    AppendEvent,
+    DeleteWorkerRow,
+    LoadWorkers,
+    PutWorker,
+    StorageMessage,
+    Write,
+    WriteOp,
+)
+from ..messages.tasks import ReleaseWorker, TaskManagerMessage
+from ..messages.workers import (
+    GetActiveWorkers,
+    GetWorker,
+    RegisterWorker,
+    RegistryWake,
+    UnregisterWorker,
+    Worker,
+    WorkerHeartbeat,
+    WorkerRegistryMessage,
+    WorkerStatus,
+)
+from ..runtime import Actor, ActorRef, Alarm, Envelope
+
+__all__ = ["WorkerRegistry"]
+
+log = logging.getLogger("hive_orchestration.workers")
+
+_WRITES = (RegisterWorker, WorkerHeartbeat, UnregisterWorker)
+
+
+@dataclass(slots=True)
+class _Batch:
+    ops: list[WriteOp] = field(default_factory=list)
+    undo: dict[str, Worker | None] = field(default_factory=dict)
+    #: Workers whose claims the TaskManager must release once this batch is committed.
+    releases: list[tuple[str, str]] = field(default_factory=list)
+    answers: list[tuple[Envelope[WorkerRegistryMessage], object]] = field(default_factory=list)
+
+
+class WorkerRegistry(Actor[WorkerRegistryMessage]):
+    max_batch = 1024
+
+    def __init__(
+        self,
+        storage: ActorRef[StorageMessage],
+        tasks: ActorRef[TaskManagerMessage],
+        *,
+        alarm: Alarm[WorkerRegistryMessage] | None = None,
+        timeout: float = 30.0,
+        publish_heartbeats: bool = False,
+        commit_timeout: float = 60.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._storage = storage
+        self._tasks = tasks
+        self._alarm = alarm
+        self._timeout = timeout
+        self._publish_heartbeats = publish_heartbeats
+        self._commit_timeout = commit_timeout
+        self._clock = clock
+        self._workers: dict[str, Worker] = {}
+        self._deadlines: list[tuple[float, str]] = []  # (heartbeat deadline, worker id)
+
+    async def started(self) -> None:
+        workers = await self._storage.ask(LoadWorkers())
+        self._workers = {worker.id: worker for worker in workers}
+        grace = self._clock().timestamp() + self._timeout
+        self._deadlines = [
+            (grace, worker.id) for worker in workers if worker.status is not WorkerStatus.OFFLINE
+        ]
+        heapq.heapify(self._deadlines)
+        self._arm()
+        log.info("worker registry: %d worker(s)", len(self._workers))
+
+    async def receive_batch(self, batch: Sequence[Envelope[WorkerRegistryMessage]]) -> None:
+        now = self._clock()
+        work = _Batch()
+        self._expire(work, now)
+        for envelope in batch:
+            envelope.started = True
+            try:
+                outcome = self._handle(envelope.message, work, now)
+            except HiveError as exc:
+                outcome = exc
+            work.answers.append((envelope, outcome))
+        error = await self._commit(work)
+        if error is None:
+            # Before answering: a worker that registered again and then claims finds its
+            # old incarnation's claims already released (the TaskManager's mailbox is FIFO).
+            await self._release(work.releases)
+        else:
+            self._restore(work)
+        for envelope, outcome in work.answers:
+            if error is not None and isinstance(envelope.message, _WRITES):
+                envelope.fail(error)
+            elif isinstance(outcome, HiveError):
+                envelope.fail(outcome)
+            else:
+                envelope.resolve(outcome)
+        self._arm()
+
+    def _handle(self, message: WorkerRegistryMessage, work: _Batch, now: datetime) -> object:
+        match message:
+            case RegisterWorker():
+                return self._register(message, work, now)
+            case GetWorker(worker_id=worker_id):
+                return self._workers.get(worker_id)
+            case GetActiveWorkers(role=role):
+                live = [
+                    worker
+                    for worker in self._workers.values()
+                    if worker.status is not WorkerStatus.OFFLINE
+                    and (role is None or worker.role == role)
+                ]
+                live.sort(key=lambda worker: worker.last_heartbeat, reverse=True)
+                return live
+            case WorkerHeartbeat(worker_id=worker_id, status=status):
+                return self._heartbeat(worker_id, status, work, now)
+            case UnregisterWorker(worker_id=worker_id):
+                worker = self._workers.get(worker_id)
+                if worker is None:
+                    return False
+                self._touch(worker_id, work)
+                del self._workers[worker_id]
+                work.ops.append(DeleteWorkerRow(worker_id))
+                work.ops.append(self._event("worker.unregistered", worker, now, {}))
+                work.releases.append((worker_id, "worker unregistered"))
+                return True
+            case RegistryWake():
+                return None  # what was due was settled when the batch began
+        raise HiveError(f"the worker registry does not handle {type(message).__name__}")
+
+    def _register(self, message: RegisterWorker, work: _Batch, now: datetime) -> Worker:
+        previous = self._workers.get(message.worker_id)
+        worker = Worker(
+            id=message.worker_id,
+            role=message.role,
+            capabilities=message.capabilities,
+            metadata=message.metadata,
+            incarnation=new_id(),
+            last_heartbeat=now,
+            registered_at=now if previous is None else previous.registered_at,
+        )
+        self._put(worker, work)
+        data: dict[str, JsonValue] = {
+            "role": worker.role,
+            "capabilities": list(worker.capabilities),
+            "incarnation": worker.incarnation,
+            "again": previous is not None,
+        }
+        work.ops.append(self._event("worker.registered", worker, now, data))
+        if previous is None or previous.status is WorkerStatus.OFFLINE:
+            heapq.heappush(self._deadlines, (now.timestamp() + self._timeout, worker.id))
+        if previous is not None:
+            # A worker that registers again restarted: its old incarnation is gone.
+            work.releases.append((worker.id, "worker registered again (a new incarnation)"))
+        return worker
+
+    def _heartbeat(
+        self, worker_id: str, status: WorkerStatus | None, work: _Batch, now: datetime
+    ) -> bool:
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return False
+        was_offline = worker.status is WorkerStatus.OFFLINE
+        if status is None:
+            status = WorkerStatus.ACTIVE if was_offline else worker.status
+        updated = msgspec.structs.replace(worker, status=status, last_heartbeat=now)
+        self._put(updated, work)
+        if status is not worker.status:
+            data: dict[str, JsonValue] = {"status": status.value, "previous": worker.status.value}
+            event = "worker.offline" if status is WorkerStatus.OFFLINE else "worker.status_changed"
+            work.ops.append(self._event(event, updated, now, data))
+        elif self._publish_heartbeats:
+            work.ops.append(self._event("worker.heartbeat", updated, now, {}))
+        if status is WorkerStatus.OFFLINE and not was_offline:
+            work.releases.append((worker_id, "worker went offline"))
+        elif was_offline and status is not WorkerStatus.OFFLINE:
+            heapq.heappush(self._deadlines, (now.timestamp() + self._timeout, worker_id))
+        return True
+
+    def _expire(self, work: _Batch, now: datetime) -> None:
+        """Declare offline every live worker whose heartbeat deadline has passed."""
+        now_ts = now.timestamp()
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now_ts:
+            _, worker_id = heapq.heappop(deadlines)
+            worker = self._workers.get(worker_id)
+            if worker is None or worker.status is WorkerStatus.OFFLINE:
+                continue
+            due = worker.last_heartbeat.timestamp() + self._timeout
+            if due > now_ts:
+                heapq.heappush(deadlines, (due, worker_id))  # it heartbeat since
+                continue
+            offline = msgspec.structs.replace(worker, status=WorkerStatus.OFFLINE)
+            self._put(offline, work)
+            data: dict[str, JsonValue] = {
+                "status": WorkerStatus.OFFLINE.value,
+                "previous": worker.status.value,
+                "last_heartbeat": worker.last_heartbeat.isoformat(),
+                "timeout": self._timeout,
+            }
+            work.ops.append(self._event("worker.offline", offline, now, data))
+            work.releases.append((worker_id, f"no heartbeat for {self._timeout:g}s"))
+            log.warning("worker %r missed its heartbeats; declared offline", worker_id)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _touch(self, worker_id: str, work: _Batch) -> None:
+        if worker_id not in work.undo:
+            work.undo[worker_id] = self._workers.get(worker_id)
+
+    def _put(self, worker: Worker, work: _Batch) -> None:
+        self._touch(worker.id, work)
+        self._workers[worker.id] = worker
+        work.ops.append(PutWorker(worker))
+
+    def _restore(self, work: _Batch) -> None:
+        for worker_id, worker in work.undo.items():
+            if worker is None:
+                self._workers.pop(worker_id, None)
+            else:
+                self._workers[worker_id] = worker
+                if worker.status is not WorkerStatus.OFFLINE:
+                    due = worker.last_heartbeat.timestamp() + self._timeout
+                    heapq.heappush(self._deadlines, (due, worker_id))
+        log.warning("commit failed; %d worker(s) restored in memory", len(work.undo))
+
+    async def _commit(self, work: _Batch) -> HiveError | None:
+        if not work.ops:
+            return None
+        try:
+            await self._storage.ask(Write(tuple(work.ops)), timeout=self._commit_timeout)
+        except HiveError as exc:  # a RequestTimeoutError too: the write may still land
+            return exc
+        return None
+
+    async def _release(self, releases: list[tuple[str, str]]) -> None:
+        for worker_id, reason in releases:
+            try:
+                await self._tasks.tell(ReleaseWorker(worker_id=worker_id, reason=reason))
+            except RuntimeStoppedError:
+                # Shutting down: the next open requeues whatever was still held.
+                log.debug("task manager stopped; %r's claims left to recovery", worker_id)
+
+    def _event(
+        self, event_type: str, worker: Worker, now: datetime, data: dict[str, JsonValue]
+    ) -> AppendEvent:
+        event = Event(
+            type=event_type,
+            timestamp=now.timestamp(),
+            source=worker.id,
+            worker_id=worker.id,
+            data=data,
+        )
+        return AppendEvent(event, msgspec.json.encode(data))
+
+    def _arm(self) -> None:
+        if self._alarm is None:
+            return
+        wake = self._deadlines[0][0] if self._deadlines else None
+        if wake != self._alarm.at:
+            self._alarm.set(wake)

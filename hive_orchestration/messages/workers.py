@@ -1,0 +1,100 @@
+"""Workers: the public model, and the messages the WorkerRegistry answers."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import TypeAlias
+
+import msgspec
+
+from ..runtime import Request
+from .tasks import JsonObject
+
+__all__ = [
+    "GetActiveWorkers",
+    "GetWorker",
+    "RegisterWorker",
+    "RegistryWake",
+    "UnregisterWorker",
+    "Worker",
+    "WorkerHeartbeat",
+    "WorkerRegistryMessage",
+    "WorkerStatus",
+]
+
+
+class WorkerStatus(enum.StrEnum):
+    """Where a worker stands. Every status but ``OFFLINE`` is alive: it heartbeats."""
+
+    ACTIVE = "active"
+    IDLE = "idle"
+    BUSY = "busy"
+    OFFLINE = "offline"
+
+
+class Worker(msgspec.Struct, frozen=True, kw_only=True):
+    """A registered worker. ``incarnation`` changes each time it registers: a worker that
+    restarts under the same id is a new incarnation and does not inherit the old one's
+    claims. Timestamps are timezone-aware UTC."""
+
+    id: str
+    role: str
+    status: WorkerStatus = WorkerStatus.ACTIVE
+    capabilities: tuple[str, ...] = ()
+    metadata: JsonObject = {}
+    current_task_id: str | None = None
+    incarnation: str
+    last_heartbeat: datetime
+    registered_at: datetime
+
+    @property
+    def worker_id(self) -> str:
+        """The worker's id (alias of :attr:`id`)."""
+        return self.id
+
+
+class RegisterWorker(Request[Worker], frozen=True, kw_only=True):
+    """Register (or register again: a new incarnation, same id) a worker."""
+
+    worker_id: str
+    role: str
+    capabilities: tuple[str, ...]
+    metadata: JsonObject
+
+
+class GetWorker(Request["Worker | None"], frozen=True):
+    worker_id: str
+
+
+class GetActiveWorkers(Request[list[Worker]], frozen=True):
+    """Live workers (not offline), of one role or all, newest heartbeat first."""
+
+    role: str | None = None
+
+
+class WorkerHeartbeat(Request[bool], frozen=True, kw_only=True):
+    """The worker is alive (optionally: now in ``status``). False for an unknown worker."""
+
+    worker_id: str
+    status: WorkerStatus | None = None
+
+
+class UnregisterWorker(Request[bool], frozen=True):
+    """Remove the worker; what it held goes back to the queue. False if unknown."""
+
+    worker_id: str
+
+
+class RegistryWake(msgspec.Struct, frozen=True):
+    """The registry's alarm: some worker's heartbeat deadline is due."""
+
+
+WorkerRegistryMessage: TypeAlias = (
+    RegisterWorker
+    | GetWorker
+    | GetActiveWorkers
+    | WorkerHeartbeat
+    | UnregisterWorker
+    | RegistryWake
+)

@@ -1,0 +1,331 @@
+"""The WorkerRegistry through the public Runtime API: registration (idempotent, with
+incarnations), heartbeats, liveness expiry that requeues a dead worker's tasks, capability
+routing, events and bad input. Real SQLite files, both backends."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+import anyio
+import pytest
+
+from hive_orchestration import (
+    Event,
+    InvalidInputError,
+    LeaseLostError,
+    RunStatus,
+    Runtime,
+    RuntimeConfig,
+    TaskStatus,
+    WorkerStatus,
+)
+
+pytestmark = pytest.mark.anyio
+
+SOON = 10.0
+
+
+@asynccontextmanager
+async def runtime(db_path: str, **config: Any) -> AsyncIterator[Runtime]:
+    settings: dict[str, Any] = {"retry_backoff": 0.01, "retry_backoff_max": 0.05}
+    settings.update(config)
+    async with Runtime.open(db_path, config=RuntimeConfig(**settings)) as rt:
+        yield rt
+
+
+async def worker_events(rt: Runtime, worker_id: str) -> list[Event]:
+    events = await rt.read_events(0, limit=10_000)
+    return [e for e in events if e.type.startswith("worker.") and e.worker_id == worker_id]
+
+
+async def wait_until(predicate: Any) -> None:
+    """Poll public state until ``predicate`` holds (a test may poll; the runtime never does)."""
+    with anyio.fail_after(SOON):
+        while True:
+            if await predicate():
+                return
+            await anyio.sleep(0.02)
+
+
+async def test_register_and_get_a_worker(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        assert await rt.get_worker("w1") is None
+        worker = await rt.register_worker(
+            "w1", "deployer", ["docker", "python"], {"host": "box-1", "slots": 4}
+        )
+        assert worker.id == worker.worker_id == "w1"
+        assert (worker.role, worker.status) == ("deployer", WorkerStatus.ACTIVE)
+        assert worker.capabilities == ("docker", "python")
+        assert worker.metadata == {"host": "box-1", "slots": 4}
+        assert isinstance(worker.last_heartbeat, datetime)
+        assert worker.last_heartbeat.tzinfo is not None
+        assert await rt.get_worker("w1") == worker
+        (event,) = await worker_events(rt, "w1")
+        assert event.type == "worker.registered"
+        assert event.data["role"] == "deployer"
+
+
+async def test_registering_again_updates_the_worker_and_starts_a_new_incarnation(
+    db_path: str,
+) -> None:
+    async with runtime(db_path) as rt:
+        first = await rt.register_worker("w1", "planner", ["plan"], {"v": 1})
+        second = await rt.register_worker("w1", "reviewer", ["review"], {"v": 2})
+        assert second.id == "w1"
+        assert (second.role, second.capabilities, second.metadata) == (
+            "reviewer",
+            ("review",),
+            {"v": 2},
+        )
+        assert second.registered_at == first.registered_at
+        assert second.incarnation != first.incarnation
+        assert [w.id for w in await rt.get_active_workers()] == ["w1"]
+        events = await worker_events(rt, "w1")
+        assert [e.data["again"] for e in events] == [False, True]
+
+
+async def test_active_workers_by_role_newest_heartbeat_first(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        for worker_id, role in (("a", "deployer"), ("b", "planner"), ("c", "deployer")):
+            await rt.register_worker(worker_id, role)
+        assert await rt.update_worker_heartbeat("a")
+        assert [w.id for w in await rt.get_active_workers()] == ["a", "c", "b"]
+        assert [w.id for w in await rt.get_active_workers("deployer")] == ["a", "c"]
+        assert await rt.get_active_workers("nobody") == []
+
+
+async def test_heartbeats_report_existence_and_status_changes(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        assert await rt.update_worker_heartbeat("ghost") is False
+        await rt.register_worker("w1")
+        assert await rt.update_worker_heartbeat("w1") is True
+        assert await rt.update_worker_heartbeat("w1", "busy") is True
+        worker = await rt.get_worker("w1")
+        assert worker is not None
+        assert worker.status is WorkerStatus.BUSY
+        types = [e.type for e in await worker_events(rt, "w1")]
+        # Plain heartbeats publish nothing by default; a status change does.
+        assert types == ["worker.registered", "worker.status_changed"]
+
+
+async def test_heartbeat_events_can_be_switched_on(db_path: str) -> None:
+    async with runtime(db_path, publish_heartbeats=True) as rt:
+        await rt.register_worker("w1")
+        await rt.update_worker_heartbeat("w1")
+        types = [e.type for e in await worker_events(rt, "w1")]
+        assert types == ["worker.registered", "worker.heartbeat"]
+
+
+async def test_a_worker_that_stops_heartbeating_goes_offline_and_its_tasks_go_back(
+    db_path: str,
+) -> None:
+    async with runtime(db_path, worker_timeout=0.3) as rt:
+        await rt.register_worker("dying")
+        task_id = await rt.create_task("job")
+        claim = await rt.claim_task("dying", lease=60)  # the lease alone would hold a minute
+        assert claim is not None
+        await rt.start_task(claim.lease)
+        start = anyio.current_time()
+
+        async def requeued() -> bool:
+            task = await rt.get_task(task_id)
+            return task is not None and task.status is TaskStatus.QUEUED
+
+        await wait_until(requeued)
+        # Within the configured bound (0.3 s), with slack for a loaded machine.
+        assert anyio.current_time() - start < 0.3 + 2.0
+        worker = await rt.get_worker("dying")
+        assert worker is not None
+        assert worker.status is WorkerStatus.OFFLINE
+        assert await rt.get_active_workers() == []
+        (run,) = await rt.get_runs(task_id)
+        assert run.status is RunStatus.LOST
+        assert run.error is not None
+        assert "no heartbeat" in run.error
+        with pytest.raises(LeaseLostError):
+            await rt.complete_task(claim.lease)
+        # Another worker takes it over and finishes it.
+        await rt.register_worker("healthy")
+        again = await rt.claim_task("healthy", wait=SOON)  # after the retry backoff
+        assert again is not None
+        assert again.task.id == task_id
+        await rt.complete_task(again.lease, {"ok": True})
+        types = [e.type for e in await worker_events(rt, "dying")]
+        assert types == ["worker.registered", "worker.offline"]
+
+
+async def test_heartbeats_keep_a_worker_alive(db_path: str) -> None:
+    async with runtime(db_path, worker_timeout=0.3) as rt:
+        await rt.register_worker("w1")
+        for _ in range(8):  # 0.8 s, well past the timeout
+            await anyio.sleep(0.1)
+            assert await rt.update_worker_heartbeat("w1")
+        worker = await rt.get_worker("w1")
+        assert worker is not None
+        assert worker.status is WorkerStatus.ACTIVE
+
+
+async def test_an_offline_worker_that_heartbeats_is_active_again(db_path: str) -> None:
+    async with runtime(db_path, worker_timeout=0.2) as rt:
+        await rt.register_worker("w1")
+
+        async def offline() -> bool:
+            worker = await rt.get_worker("w1")
+            return worker is not None and worker.status is WorkerStatus.OFFLINE
+
+        await wait_until(offline)
+        assert await rt.update_worker_heartbeat("w1")
+        assert [w.id for w in await rt.get_active_workers()] == ["w1"]
+        last = (await worker_events(rt, "w1"))[-1]
+        assert last.type == "worker.status_changed"
+        assert (last.data["previous"], last.data["status"]) == ("offline", "active")
+
+
+async def test_a_worker_registering_again_does_not_inherit_its_old_claims(
+    db_path: str,
+) -> None:
+    async with runtime(db_path) as rt:
+        await rt.register_worker("w1")
+        task_id = await rt.create_task("job")
+        old = await rt.claim_task("w1", lease=60)
+        assert old is not None
+        await rt.register_worker("w1")  # the worker restarted
+        with pytest.raises(LeaseLostError):
+            await rt.heartbeat(old.lease)
+        new = await rt.claim_task("w1", wait=SOON)  # after the retry backoff
+        assert new is not None
+        assert new.task.id == task_id
+        assert new.lease.attempt == 2
+        await rt.complete_task(new.lease)
+
+
+async def test_unregistering_a_worker_releases_what_it_held(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        assert await rt.unregister_worker("ghost") is False
+        await rt.register_worker("w1")
+        task_id = await rt.create_task("job")
+        claim = await rt.claim_task("w1", lease=60)
+        assert claim is not None
+        assert await rt.unregister_worker("w1") is True
+        assert await rt.get_worker("w1") is None
+
+        async def requeued() -> bool:
+            task = await rt.get_task(task_id)
+            return task is not None and task.status is TaskStatus.QUEUED
+
+        await wait_until(requeued)
+        types = [e.type for e in await worker_events(rt, "w1")]
+        assert types == ["worker.registered", "worker.unregistered"]
+
+
+async def test_workers_survive_a_reopen_and_must_heartbeat_again(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        saved = await rt.register_worker("w1", "deployer", ["docker"], {"a": [1, 2]})
+    async with runtime(db_path, worker_timeout=0.3) as rt:
+        assert await rt.get_worker("w1") == saved
+
+        async def offline() -> bool:
+            worker = await rt.get_worker("w1")
+            return worker is not None and worker.status is WorkerStatus.OFFLINE
+
+        await wait_until(offline)
+
+
+# -- capability routing ------------------------------------------------------------------------
+
+
+async def test_a_registered_worker_gets_only_tasks_it_can_take(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        await rt.register_worker("docker-box", capabilities=["docker", "deploy"])
+        await rt.register_worker("py-box", capabilities=["python"])
+        build = await rt.create_task("build", requires=["python"], priority=9)
+        deploy = await rt.create_task("deploy", priority=5)
+        ship = await rt.create_task("ship", requires=["docker", "deploy"], priority=1)
+        both = await rt.create_task("mixed", requires=["docker", "python"], priority=9)
+        got = []
+        while (claim := await rt.claim_task("docker-box")) is not None:
+            got.append(claim.task.id)
+        assert got == [deploy, ship]
+        claim = await rt.claim_task("py-box")
+        assert claim is not None
+        assert claim.task.id == build
+        assert await rt.claim_task("py-box") is None
+        # Nobody has both docker and python: that task is visibly stuck.
+        assert [t.id for t in await rt.get_unroutable_tasks()] == [both]
+        await rt.register_worker("full-box", capabilities=["docker", "python"])
+        assert await rt.get_unroutable_tasks() == []
+        claim = await rt.claim_task("full-box")
+        assert claim is not None
+        assert claim.task.id == both
+
+
+async def test_unroutable_tasks_ignore_offline_workers(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        await rt.register_worker("gpu-box", capabilities=["gpu"])
+        task_id = await rt.create_task("train", requires=["gpu"])
+        assert await rt.get_unroutable_tasks() == []
+        await rt.update_worker_heartbeat("gpu-box", "offline")
+        assert [t.id for t in await rt.get_unroutable_tasks()] == [task_id]
+
+
+async def test_a_worker_waiting_for_its_capability_is_woken(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        await rt.register_worker("gpu-box", capabilities=["gpu"])
+        got: list[str] = []
+
+        async def worker() -> None:
+            claim = await rt.claim_task("gpu-box", wait=SOON)
+            assert claim is not None
+            got.append(claim.task.id)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker)
+            await anyio.sleep(0.05)
+            await rt.create_task("train")  # no gpu requirement, type not in its capabilities
+            wanted = await rt.create_task("train", requires=["gpu"])
+        assert got == [wanted]
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "field"),
+    [
+        (("",), {}, "worker_id"),
+        ((3,), {}, "worker_id"),
+        (("w1",), {"role": ""}, "role"),
+        (("w1",), {"capabilities": "docker"}, "capabilities"),
+        (("w1",), {"capabilities": ["ok", ""]}, "capabilities[1]"),
+        (("w1",), {"metadata": {"x": math.nan}}, "metadata.x"),
+        (("w1",), {"metadata": {"x": object()}}, "metadata.x"),
+        (("w1",), {"metadata": ["not", "a", "dict"]}, "metadata"),
+    ],
+)
+async def test_bad_registrations_are_refused(
+    db_path: str, args: tuple[Any, ...], kwargs: dict[str, Any], field: str
+) -> None:
+    async with runtime(db_path) as rt:
+        with pytest.raises(InvalidInputError) as caught:
+            await rt.register_worker(*args, **kwargs)
+        assert caught.value.field == field
+        assert await rt.get_active_workers() == []
+
+
+async def test_bad_heartbeats_are_refused(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        await rt.register_worker("w1")
+        for args, field in ((("w1", "sleeping"), "status"), (("",), "worker_id")):
+            with pytest.raises(InvalidInputError) as caught:
+                await rt.update_worker_heartbeat(*args)
+            assert caught.value.field == field
+        with pytest.raises(InvalidInputError) as caught:
+            await rt.create_task("job", requires=["docker", ""])
+        assert caught.value.field == "requires[1]"
+        worker = await rt.get_worker("w1")
+        assert worker is not None
+        assert worker.status is WorkerStatus.ACTIVE
