@@ -319,11 +319,12 @@ class TaskManager(Actor[TaskManagerMessage]):
             if task.status not in _HOLDING:
                 continue
             self._touch(task.id, work)
+            lost: Run | None = None
             for run_id in self._runs_of.get(task.id, ()):
                 run = self._runs[run_id]
                 if run.status in _RUN_OPEN:
-                    self._close_run(run, RunStatus.LOST, work, now, error=_RECOVERED)
-            self._requeue(task, None, "recovered", _RECOVERED, work, now, retry_after=0.0)
+                    lost = self._close_run(run, RunStatus.LOST, work, now, error=_RECOVERED)
+            self._requeue(task, lost, "recovered", _RECOVERED, work, now, retry_after=0.0)
         if work.ops:
             await self._storage.ask(Write(tuple(work.ops)), timeout=self._commit_timeout)
             log.warning("recovered %d task(s) held when the runtime stopped", len(work.undo))

@@ -1,0 +1,562 @@
+"""The ReadyQueue on its own: which queued task comes out next, and when none may.
+
+Plain synchronous tests on hand-built :class:`Task` structs: order (priority, then age),
+task types, discards and stale entries, retry backoff (``available_at`` / ``promote``),
+concurrency keys and per-type limits. A hypothesis property test then runs random
+sequences of operations against a simple model of what may come out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hive_orchestration.actors.task_manager.ready import ReadyQueue
+from hive_orchestration.messages.tasks import Task, TaskStatus
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+#: The time every add happens at, unless a test says otherwise (well after all creations).
+NOW = (T0 + timedelta(seconds=1000)).timestamp()
+
+
+def make_task(
+    task_id: str,
+    task_type: str = "a",
+    *,
+    priority: int = 1,
+    created: float = 0.0,
+    key: str | None = None,
+    limit: int | None = None,
+    available: float | None = None,
+) -> Task:
+    """A queued task created ``created`` seconds after T0, not handed out before the
+    timestamp ``available`` (if given)."""
+    created_at = T0 + timedelta(seconds=created)
+    return Task(
+        id=task_id,
+        title=task_id,
+        task_type=task_type,
+        status=TaskStatus.QUEUED,
+        priority=priority,
+        created_at=created_at,
+        updated_at=created_at,
+        concurrency_key=key,
+        concurrency_limit=limit,
+        available_at=None if available is None else datetime.fromtimestamp(available, UTC),
+    )
+
+
+def changed(queue: ReadyQueue) -> bool:
+    """``queue.changed`` (read through a call, so that a type checker does not narrow it)."""
+    return queue.changed
+
+
+def drain(queue: ReadyQueue, task_types: list[str] | None = None) -> list[str]:
+    """Pop until nothing comes out (without holding anything)."""
+    out: list[str] = []
+    while (task_id := queue.pop(task_types)) is not None:
+        out.append(task_id)
+        assert len(out) < 10_000, "pop never returned None"
+    return out
+
+
+# -- order and task types -------------------------------------------------------------------
+
+
+def test_pop_order_is_priority_then_age_across_types() -> None:
+    queue = ReadyQueue()
+    tasks = [
+        make_task("a-p1-old", "a", priority=1, created=1),
+        make_task("b-p3-new", "b", priority=3, created=9),
+        make_task("c-p2-mid", "c", priority=2, created=5),
+        make_task("a-p3-old", "a", priority=3, created=2),
+        make_task("c-p1-new", "c", priority=1, created=8),
+        make_task("b-p2-old", "b", priority=2, created=0),
+        make_task("a-p0", "a", priority=0, created=0),
+        make_task("c-p3-mid", "c", priority=3, created=4),
+    ]
+    for task in tasks:
+        queue.add(task, NOW)
+    assert len(queue) == len(tasks)
+    expected = [
+        task.id for task in sorted(tasks, key=lambda task: (-task.priority, task.created_at))
+    ]
+    assert expected == [
+        "a-p3-old",
+        "c-p3-mid",
+        "b-p3-new",
+        "b-p2-old",
+        "c-p2-mid",
+        "a-p1-old",
+        "c-p1-new",
+        "a-p0",
+    ]
+    assert drain(queue) == expected
+    assert len(queue) == 0
+
+
+def test_pop_filters_by_type() -> None:
+    queue = ReadyQueue()
+    queue.add(make_task("a1", "a", priority=1, created=1), NOW)
+    queue.add(make_task("b1", "b", priority=9, created=0), NOW)
+    queue.add(make_task("a2", "a", priority=2, created=2), NOW)
+    queue.add(make_task("c1", "c", priority=5, created=0), NOW)
+
+    assert queue.pop(["a"]) == "a2"
+    assert queue.pop(["a"]) == "a1"
+    assert queue.pop(["a"]) is None  # b and c are still there, but not for this claim
+    assert queue.pop(["zzz"]) is None
+    assert queue.pop([]) is None
+    assert len(queue) == 2
+    assert queue.pop(["c", "a"]) == "c1"
+    assert queue.pop(None) == "b1"  # None: any type
+    assert queue.pop(None) is None
+
+
+def test_pop_on_empty_queue_is_none() -> None:
+    queue = ReadyQueue()
+    assert queue.pop(None) is None
+    assert queue.pop(["a"]) is None
+    assert len(queue) == 0
+    assert queue.next_delayed() is None
+
+
+# -- discards and stale entries ---------------------------------------------------------------
+
+
+def test_discarded_task_never_comes_out() -> None:
+    queue = ReadyQueue()
+    queue.add(make_task("best", priority=9), NOW)
+    queue.add(make_task("other", "b", priority=1), NOW)
+    queue.add(make_task("mid", priority=5), NOW)
+    queue.discard("best")
+    queue.discard("best")  # twice is harmless
+    queue.discard("never-queued")
+    assert len(queue) == 2
+    assert drain(queue) == ["mid", "other"]
+
+
+def test_readd_after_discard_comes_out_once() -> None:
+    queue = ReadyQueue()
+    task = make_task("t", priority=3)
+    queue.add(task, NOW)
+    queue.discard(task.id)
+    queue.add(task, NOW)
+    assert len(queue) == 1
+    assert drain(queue) == ["t"]  # the stale entry stays skipped
+
+    # Several rounds leave several stale entries in the heap: still one task out.
+    for _ in range(5):
+        queue.add(task, NOW)
+        queue.discard(task.id)
+    queue.add(task, NOW)
+    queue.add(make_task("u", priority=1), NOW)
+    assert drain(queue) == ["t", "u"]
+    assert len(queue) == 0
+
+
+def test_readd_with_new_priority_uses_the_new_entry() -> None:
+    queue = ReadyQueue()
+    queue.add(make_task("t", priority=9), NOW)
+    queue.add(make_task("u", priority=5), NOW)
+    queue.discard("t")
+    queue.add(make_task("t", priority=1), NOW)  # queued again, lower priority now
+    assert drain(queue) == ["u", "t"]
+
+
+# -- backoff: available_at and promote -------------------------------------------------------
+
+
+def test_available_at_in_the_future_waits_for_promote() -> None:
+    queue = ReadyQueue()
+    due = NOW + 100
+    queue.add(make_task("later", priority=9, available=due), NOW)
+    queue.changed = False
+    queue.add(make_task("late-too", priority=9, available=due + 50), NOW)
+    assert not queue.changed  # nothing claimable was added
+    assert len(queue) == 2
+    assert queue.next_delayed() == due
+    assert queue.pop(None) is None
+
+    assert queue.promote(NOW + 99) == due  # not yet
+    assert not queue.changed
+    assert queue.pop(None) is None
+
+    assert queue.promote(due) == due + 50  # due exactly: ready; the next one reported
+    assert changed(queue)
+    assert queue.pop(None) == "later"
+    assert queue.pop(None) is None
+
+    assert queue.promote(due + 1000) is None
+    assert queue.pop(None) == "late-too"
+    assert queue.next_delayed() is None
+
+
+def test_available_at_in_the_past_is_ready_at_once() -> None:
+    queue = ReadyQueue()
+    queue.changed = False
+    queue.add(make_task("past", available=NOW - 5), NOW)
+    queue.add(make_task("now", available=NOW), NOW)
+    assert queue.changed
+    assert queue.next_delayed() is None
+    assert sorted(drain(queue)) == ["now", "past"]
+
+
+def test_next_delayed_skips_discarded_tasks() -> None:
+    queue = ReadyQueue()
+    queue.add(make_task("soon", available=NOW + 10), NOW)
+    queue.add(make_task("later", available=NOW + 20), NOW)
+    assert queue.next_delayed() == NOW + 10
+    queue.discard("soon")
+    assert queue.next_delayed() == NOW + 20
+    queue.discard("later")
+    assert queue.next_delayed() is None
+    assert queue.promote(NOW + 100) is None
+    assert queue.pop(None) is None
+    assert len(queue) == 0
+
+
+def test_delayed_task_readded_ready_comes_out_once() -> None:
+    queue = ReadyQueue()
+    queue.add(make_task("t", available=NOW + 10), NOW)
+    queue.discard("t")
+    queue.add(make_task("t"), NOW)  # queued again without a backoff
+    assert queue.next_delayed() is None  # the old delayed entry is stale
+    assert drain(queue) == ["t"]
+    queue.promote(NOW + 100)  # the stale delayed entry must not come back
+    assert queue.pop(None) is None
+
+
+# -- concurrency keys --------------------------------------------------------------------------
+
+
+def test_concurrency_key_limit_one() -> None:
+    queue = ReadyQueue()
+    first = make_task("k-first", priority=5, created=0, key="k", limit=1)
+    second = make_task("k-second", priority=5, created=1, key="k", limit=1)
+    other = make_task("other-key", priority=1, created=2, key="j", limit=1)
+    for task in (first, second, other):
+        queue.add(task, NOW)
+
+    assert queue.pop(None) == "k-first"
+    queue.hold(first)
+    # k-second is better than other-key, but its group is full.
+    assert queue.pop(None) == "other-key"
+    queue.hold(other)
+    assert queue.pop(None) is None
+    assert queue.pop(["a"]) is None
+    assert len(queue) == 1  # still queued, just blocked
+
+    queue.changed = False
+    queue.unhold(other)  # another group's slot: k-second still waits
+    assert queue.pop(None) is None
+
+    queue.changed = False
+    queue.unhold(first)
+    assert queue.changed
+    assert queue.pop(None) == "k-second"
+    assert len(queue) == 0
+
+
+def test_concurrency_key_default_limit_is_one() -> None:
+    queue = ReadyQueue()
+    first = make_task("first", key="k", created=0)
+    queue.add(first, NOW)
+    queue.add(make_task("second", key="k", created=1), NOW)
+    assert queue.pop(None) == "first"
+    queue.hold(first)
+    assert queue.pop(None) is None
+    queue.unhold(first)
+    assert queue.pop(None) == "second"
+
+
+def test_concurrency_key_limit_two() -> None:
+    queue = ReadyQueue()
+    tasks = [make_task(f"k{i}", created=i, key="k", limit=2) for i in range(4)]
+    for task in tasks:
+        queue.add(task, NOW)
+    assert queue.pop(None) == "k0"
+    queue.hold(tasks[0])
+    assert queue.pop(None) == "k1"
+    queue.hold(tasks[1])
+    assert queue.pop(None) is None
+    queue.unhold(tasks[0])
+    assert queue.pop(None) == "k2"
+    queue.hold(tasks[2])
+    assert queue.pop(None) is None
+    queue.unhold(tasks[1])
+    queue.unhold(tasks[2])
+    assert queue.pop(None) == "k3"
+
+
+def test_held_key_blocks_task_added_later() -> None:
+    queue = ReadyQueue()
+    running = make_task("running", key="k")
+    queue.hold(running)  # e.g. held when the queue was rebuilt
+    queue.add(make_task("waiting", key="k", priority=9), NOW)
+    queue.add(make_task("free", priority=0), NOW)
+    assert queue.pop(None) == "free"
+    assert queue.pop(None) is None
+    queue.changed = False
+    queue.unhold(running)
+    assert queue.changed
+    assert queue.pop(None) == "waiting"
+
+
+def test_blocked_task_discarded_does_not_come_back() -> None:
+    queue = ReadyQueue()
+    first = make_task("first", key="k")
+    queue.add(first, NOW)
+    queue.add(make_task("blocked", key="k", created=1), NOW)
+    assert queue.pop(None) == "first"
+    queue.hold(first)
+    assert queue.pop(None) is None  # "blocked" now waits for its group
+    queue.discard("blocked")  # e.g. cancelled
+    assert len(queue) == 0
+    queue.unhold(first)
+    assert queue.pop(None) is None
+
+
+# -- per-type limits ---------------------------------------------------------------------------
+
+
+def test_type_limit() -> None:
+    queue = ReadyQueue({"deploy": 1})
+    d1 = make_task("d1", "deploy", priority=5, created=0)
+    d2 = make_task("d2", "deploy", priority=5, created=1)
+    build = make_task("build", "build", priority=1)
+    for task in (d1, d2, build):
+        queue.add(task, NOW)
+
+    assert queue.pop(None) == "d1"
+    queue.hold(d1)
+    assert queue.held("deploy") == 1
+    assert queue.pop(["deploy"]) is None
+    assert queue.pop(None) == "build"  # the limit is per type
+    queue.hold(build)
+    assert queue.pop(None) is None
+
+    queue.changed = False
+    queue.unhold(build)  # unlimited type: d2 still waits
+    assert queue.pop(["deploy"]) is None
+
+    queue.changed = False
+    queue.unhold(d1)
+    assert queue.changed
+    assert queue.held("deploy") == 0
+    assert queue.pop(["deploy"]) == "d2"
+
+
+def test_type_limit_two_with_unlimited_types() -> None:
+    queue = ReadyQueue({"x": 2})
+    xs = [make_task(f"x{i}", "x", created=i) for i in range(3)]
+    for task in xs:
+        queue.add(task, NOW)
+    for task in xs[:2]:
+        assert queue.pop(["x"]) == task.id
+        queue.hold(task)
+    assert queue.pop(["x"]) is None
+    queue.unhold(xs[0])
+    assert queue.pop(["x"]) == "x2"
+
+
+def test_len_counts_ready_delayed_and_blocked_tasks() -> None:
+    queue = ReadyQueue()
+    holder = make_task("holder", key="k")
+    queue.hold(holder)
+    queue.add(make_task("ready"), NOW)
+    queue.add(make_task("delayed", available=NOW + 60), NOW)
+    queue.add(make_task("blocked", key="k"), NOW)
+    assert len(queue) == 3
+    assert queue.pop(None) == "ready"  # and "blocked" moved aside on the way
+    assert len(queue) == 2
+    queue.discard("delayed")
+    assert len(queue) == 1
+    queue.unhold(holder)
+    assert queue.pop(None) == "blocked"
+    assert len(queue) == 0
+
+
+# -- property: random operations against a model ------------------------------------------------
+
+TYPES = ("a", "b", "c")
+#: Mostly one shared key, so that groups fill up often.
+KEYS = (None, "k1", "k1", "k1", "k2")
+TYPE_LIMITS = {"a": 1, "b": 2}  # c is unlimited
+
+
+@dataclass
+class Model:
+    """What may come out: every task's last added version, its state and the slots."""
+
+    now: float = NOW
+    tasks: dict[str, Task] = field(default_factory=dict)
+    queued: set[str] = field(default_factory=set)
+    ready: set[str] = field(default_factory=set)  # queued and past its backoff
+    held: set[str] = field(default_factory=set)
+    popped_since_add: set[str] = field(default_factory=set)
+    discarded: set[str] = field(default_factory=set)  # discarded and not added since
+
+    def choose(self, among: set[str], which: int | str) -> str:
+        """The task id an operation is about (see ``pick``)."""
+        if isinstance(which, str) or not among:
+            return which if isinstance(which, str) else TASK_IDS[which % len(TASK_IDS)]
+        return sorted(among)[which % len(among)]
+
+    def held_type(self, task_type: str) -> int:
+        return sum(1 for task_id in self.held if self.tasks[task_id].task_type == task_type)
+
+    def held_key(self, key: str) -> int:
+        return sum(1 for task_id in self.held if self.tasks[task_id].concurrency_key == key)
+
+    def eligible(self, task_types: list[str] | None) -> list[Task]:
+        out = []
+        for task_id in self.ready:
+            task = self.tasks[task_id]
+            if task_types is not None and task.task_type not in task_types:
+                continue
+            type_limit = TYPE_LIMITS.get(task.task_type)
+            if type_limit is not None and self.held_type(task.task_type) >= type_limit:
+                continue
+            key = task.concurrency_key
+            if key is not None and self.held_key(key) >= (task.concurrency_limit or 1):
+                continue
+            out.append(task)
+        return out
+
+
+task_specs = st.fixed_dictionaries(
+    {
+        "task_type": st.sampled_from(TYPES),
+        "priority": st.integers(0, 3),
+        "created": st.integers(0, 5),  # few values: many ties
+        "key": st.sampled_from(KEYS),
+        "limit": st.sampled_from([None, 1, 1, 2]),
+        # seconds from the current time (None: no backoff)
+        "delay": st.one_of(st.none(), st.integers(-2, 5)),
+    }
+)
+TASK_IDS = [f"t{i}" for i in range(10)]
+#: Which task an operation is about: a queued (or held) one, by its rank in the model
+#: (so that most operations act on something), or any id (maybe not queued at all).
+pick = st.one_of(st.integers(0, 9), st.sampled_from(TASK_IDS))
+add = st.tuples(st.just("add"), st.sampled_from(TASK_IDS), task_specs)
+pop = st.tuples(st.just("pop"), st.one_of(st.none(), st.lists(st.sampled_from(TYPES), max_size=3)))
+# a held task lets go of its slots (and may be queued again by a later add)
+unhold = st.tuples(st.just("unhold"), pick)
+operations = st.lists(
+    st.one_of(
+        add,
+        add,
+        add,
+        pop,
+        pop,
+        pop,
+        unhold,
+        unhold,
+        st.tuples(st.just("discard"), pick),
+        # a queued task taken without a pop (e.g. set running directly): discard + hold
+        st.tuples(st.just("take"), pick),
+        st.tuples(st.just("promote"), st.integers(0, 4)),
+    ),
+    min_size=30,
+    max_size=120,
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(operations)
+def test_random_operations_match_the_model(ops: list[tuple[Any, ...]]) -> None:
+    queue = ReadyQueue(TYPE_LIMITS)
+    model = Model()
+    for op in ops:
+        match op:
+            case ("add", str(task_id), dict(spec)):
+                if task_id in model.held:
+                    continue  # a held task is unheld before it is queued again
+                delay = spec["delay"]
+                task = make_task(
+                    task_id,
+                    spec["task_type"],
+                    priority=spec["priority"],
+                    created=spec["created"],
+                    key=spec["key"],
+                    limit=spec["limit"] if spec["key"] is not None else None,
+                    available=None if delay is None else model.now + delay,
+                )
+                queue.add(task, model.now)
+                model.tasks[task_id] = task
+                model.queued.add(task_id)
+                model.discarded.discard(task_id)
+                model.popped_since_add.discard(task_id)
+                if delay is None or model.now + delay <= model.now:
+                    model.ready.add(task_id)
+                else:
+                    model.ready.discard(task_id)
+            case ("discard", which):
+                task_id = model.choose(model.queued, which)
+                queue.discard(task_id)
+                if task_id in model.queued:
+                    model.discarded.add(task_id)
+                model.queued.discard(task_id)
+                model.ready.discard(task_id)
+            case ("take", which):
+                task_id = model.choose(model.queued, which)
+                if task_id not in model.queued:
+                    continue
+                queue.discard(task_id)
+                queue.hold(model.tasks[task_id])
+                model.queued.discard(task_id)
+                model.ready.discard(task_id)
+                model.held.add(task_id)
+            case ("unhold", which):
+                task_id = model.choose(model.held, which)
+                if task_id not in model.held:
+                    continue
+                queue.unhold(model.tasks[task_id])
+                model.held.discard(task_id)
+            case ("promote", int(step)):
+                model.now += step
+                next_due = queue.promote(model.now)
+                for task_id in model.queued - model.ready:
+                    available = model.tasks[task_id].available_at
+                    assert available is not None
+                    if available.timestamp() <= model.now:
+                        model.ready.add(task_id)
+                waiting = [
+                    model.tasks[task_id].available_at for task_id in model.queued - model.ready
+                ]
+                expected_due = min((when.timestamp() for when in waiting if when), default=None)
+                assert next_due == expected_due
+            case ("pop", task_types):
+                types = None if task_types is None else list(task_types)
+                eligible = model.eligible(types)
+                got = queue.pop(types)
+                if got is None:
+                    assert not eligible, f"pop({types}) gave nothing; eligible: {eligible}"
+                    continue
+                assert got not in model.discarded, f"popped discarded task {got}"
+                assert got not in model.popped_since_add, f"popped {got} twice"
+                assert got in {task.id for task in eligible}, f"popped ineligible task {got}"
+                task = model.tasks[got]
+                best = min((-t.priority, t.created_at) for t in eligible)
+                assert (-task.priority, task.created_at) == best, f"popped {got} out of order"
+                # The claim holds it: check the limits are kept, counting this one.
+                queue.hold(task)
+                model.queued.discard(got)
+                model.ready.discard(got)
+                model.held.add(got)
+                model.popped_since_add.add(got)
+                if task.concurrency_key is not None:
+                    assert model.held_key(task.concurrency_key) <= (task.concurrency_limit or 1)
+                type_limit = TYPE_LIMITS.get(task.task_type)
+                if type_limit is not None:
+                    assert model.held_type(task.task_type) <= type_limit
+            case _:  # pragma: no cover
+                pytest.fail(f"unknown operation {op!r}")
+        assert len(queue) == len(model.queued)
