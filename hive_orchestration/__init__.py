@@ -6,6 +6,14 @@
 The names below are the public surface; everything else is an implementation detail.
 """
 
+from .agents import (
+    AgentCapability,
+    AgentHealth,
+    AgentRegistry,
+    AgentRunner,
+    TaskContext,
+    auto_register_adapters,
+)
 from .config import DEFAULT_DB_PATH, FeatureFlags, RuntimeConfig
 from .embedded import MailboxStats, Runtime, RuntimeStatistics, Subscription
 from .errors import (
@@ -34,6 +42,10 @@ __all__ = [
     "DEFAULT_DB_PATH",
     "SCHEMA_VERSION",
     "ActorFailedError",
+    "AgentCapability",
+    "AgentHealth",
+    "AgentRegistry",
+    "AgentRunner",
     "Claim",
     "ConfigError",
     "Event",
@@ -58,8 +70,10 @@ __all__ = [
     "Subscription",
     "SubscriberLaggedError",
     "Task",
+    "TaskContext",
     "TaskStatus",
     "Worker",
     "WorkerStatus",
     "__version__",
+    "auto_register_adapters",
 ]

@@ -1,0 +1,189 @@
+"""The agent registry (the follow-up seed's ``AgentRegistry``): which agents this app runs.
+
+An *agent* is a handler (an async function of a :class:`TaskContext`, returning a result
+mapping or ``None``) with a type, the capabilities it declares and a number of copies.
+The registry is plain in-process bookkeeping owned by the app; :class:`AgentRunner` runs
+what it holds against a runtime, each copy as a registered worker.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
+
+import msgspec
+
+from .._validate import check_identifier, check_int, check_seconds
+from ..errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from .runner import TaskContext
+
+__all__ = ["AgentCapability", "AgentHealth", "AgentRegistry", "AgentSpec", "Handler"]
+
+Handler: TypeAlias = "Callable[[TaskContext], Awaitable[Mapping[str, object] | None]]"
+
+
+class AgentCapability(msgspec.Struct, frozen=True):
+    """Something an agent can do: a name, and the task types it takes for it (by default
+    a task type of the same name)."""
+
+    name: str
+    task_types: tuple[str, ...] = ()
+    description: str = ""
+
+    @property
+    def handles(self) -> tuple[str, ...]:
+        return self.task_types or (self.name,)
+
+
+class AgentHealth(enum.StrEnum):
+    """How an agent is doing, as its app reports it (counted by ``get_stats``)."""
+
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"
+    UNHEALTHY = "unhealthy"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSpec:
+    """A registered agent. ``copies`` workers run it, named ``<agent_type>-<n>``."""
+
+    agent_type: str
+    handler: Handler
+    capabilities: tuple[AgentCapability, ...]
+    copies: int
+    description: str
+    lease: float | None
+    health: AgentHealth = AgentHealth.HEALTHY
+
+    @property
+    def handles(self) -> tuple[str, ...]:
+        """The task types (and capability names) its workers claim."""
+        names: dict[str, None] = {}
+        for capability in self.capabilities:
+            names.update(dict.fromkeys(capability.handles))
+        return tuple(names) or (self.agent_type,)
+
+
+class AgentRegistry:
+    """The agents an app runs, by type."""
+
+    def __init__(self) -> None:
+        self._agents: dict[str, AgentSpec] = {}
+
+    def register(
+        self,
+        agent_type: str,
+        handler: Handler,
+        *,
+        capabilities: Iterable[AgentCapability | str] = (),
+        copies: int = 1,
+        description: str = "",
+        lease: float | None = None,
+    ) -> AgentSpec:
+        """Add (or replace) the agent ``agent_type``. A capability given as a string is
+        ``AgentCapability(name)``; with none, the agent takes tasks of its own type."""
+        agent_type = check_identifier(agent_type, "agent_type")
+        if not callable(handler):
+            raise InvalidInputError("handler", "must be an async function of a TaskContext")
+        declared: list[AgentCapability] = []
+        for i, capability in enumerate(capabilities):
+            if isinstance(capability, str):
+                capability = AgentCapability(check_identifier(capability, f"capabilities[{i}]"))
+            elif not isinstance(capability, AgentCapability):
+                raise InvalidInputError(
+                    f"capabilities[{i}]", "must be an AgentCapability or a capability name"
+                )
+            declared.append(capability)
+        spec = AgentSpec(
+            agent_type=agent_type,
+            handler=handler,
+            capabilities=tuple(declared),
+            copies=check_int(copies, "copies", minimum=1, maximum=1000),
+            description=description,
+            lease=None if lease is None else check_seconds(lease, "lease", maximum=86_400.0),
+        )
+        self._agents[agent_type] = spec
+        return spec
+
+    def agent(
+        self,
+        agent_type: str,
+        *,
+        capabilities: Iterable[AgentCapability | str] = (),
+        copies: int = 1,
+        description: str = "",
+    ) -> Callable[[Handler], Handler]:
+        """Decorator form of :meth:`register`."""
+
+        def decorate(handler: Handler) -> Handler:
+            self.register(
+                agent_type,
+                handler,
+                capabilities=capabilities,
+                copies=copies,
+                description=description,
+            )
+            return handler
+
+        return decorate
+
+    def unregister(self, agent_type: str) -> bool:
+        return self._agents.pop(agent_type, None) is not None
+
+    def get(self, agent_type: str) -> AgentSpec | None:
+        return self._agents.get(agent_type)
+
+    def list_agents(self) -> list[AgentSpec]:
+        return list(self._agents.values())
+
+    def find(self, task_type: str) -> list[AgentSpec]:
+        """The agents whose workers take tasks of ``task_type``."""
+        return [spec for spec in self._agents.values() if task_type in spec.handles]
+
+    def set_health(self, agent_type: str, health: AgentHealth | str) -> None:
+        spec = self._agents.get(agent_type)
+        if spec is None:
+            raise InvalidInputError("agent_type", f"no agent {agent_type!r} is registered")
+        try:
+            status = AgentHealth(health)
+        except ValueError:
+            valid = ", ".join(h.value for h in AgentHealth)
+            raise InvalidInputError("health", f"must be one of {valid}, got {health!r}") from None
+        self._agents[agent_type] = _replace_health(spec, status)
+
+    def get_stats(self) -> dict[str, int]:
+        """Counts for a dashboard: agents, distinct types, distinct capabilities, workers
+        (copies) and agents by health."""
+        specs = list(self._agents.values())
+        capabilities = {c.name for spec in specs for c in spec.capabilities}
+        stats = {
+            "total_agents": len(specs),
+            "agent_types": len({spec.agent_type for spec in specs}),
+            "capabilities": len(capabilities),
+            "workers": sum(spec.copies for spec in specs),
+        }
+        for health in AgentHealth:
+            stats[health.value] = sum(spec.health is health for spec in specs)
+        return stats
+
+    def __len__(self) -> int:
+        return len(self._agents)
+
+    def __contains__(self, agent_type: object) -> bool:
+        return agent_type in self._agents
+
+
+def _replace_health(spec: AgentSpec, health: AgentHealth) -> AgentSpec:
+    return AgentSpec(
+        agent_type=spec.agent_type,
+        handler=spec.handler,
+        capabilities=spec.capabilities,
+        copies=spec.copies,
+        description=spec.description,
+        lease=spec.lease,
+        health=health,
+    )

@@ -1,0 +1,246 @@
+"""Agents: the registry (the follow-up seed's AgentRegistry) and the runner that runs
+each agent's copies as workers. Real SQLite files, both backends."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+from hive_orchestration import (
+    AgentCapability,
+    AgentHealth,
+    AgentRegistry,
+    AgentRunner,
+    InvalidInputError,
+    RunStatus,
+    Runtime,
+    RuntimeConfig,
+    TaskContext,
+    TaskStatus,
+    auto_register_adapters,
+)
+
+pytestmark = pytest.mark.anyio
+
+SOON = 10.0
+
+
+@asynccontextmanager
+async def runtime(db_path: str, **config: Any) -> AsyncIterator[Runtime]:
+    settings: dict[str, Any] = {"retry_backoff": 0.01, "retry_backoff_max": 0.05}
+    settings.update(config)
+    async with Runtime.open(db_path, config=RuntimeConfig(**settings)) as rt:
+        yield rt
+
+
+async def until_status(rt: Runtime, task_id: str, *statuses: TaskStatus) -> None:
+    async with rt.subscribe("task.*", task_id=task_id) as events:
+        task = await rt.get_task(task_id)
+        assert task is not None
+        if task.status in statuses:
+            return
+        with anyio.fail_after(SOON):
+            async for event in events:
+                if event.data.get("status") in statuses:
+                    return
+
+
+# -- the registry -------------------------------------------------------------------------------
+
+
+def test_auto_registered_adapters_give_the_seeds_stats() -> None:
+    registry = auto_register_adapters(AgentRegistry())
+    stats = registry.get_stats()
+    assert stats["total_agents"] == 5
+    assert stats["agent_types"] == 5
+    assert stats["capabilities"] == 5
+    assert stats["healthy"] == 5
+    assert [spec.agent_type for spec in registry.find("deployment")] == ["ai-deployer"]
+
+
+def test_registry_operations_and_health() -> None:
+    registry = AgentRegistry()
+
+    async def handler(context: TaskContext) -> None:
+        return None
+
+    spec = registry.register(
+        "builder", handler, capabilities=["python", AgentCapability("docker", ("image",))]
+    )
+    assert spec.handles == ("python", "image")
+    assert "builder" in registry
+    assert registry.get("builder") is spec
+    registry.set_health("builder", "degraded")
+    assert registry.get_stats()["degraded"] == 1
+    assert registry.unregister("builder")
+    assert not registry.unregister("builder")
+    assert len(registry) == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"agent_type": ""}, "agent_type"),
+        ({"handler": "not callable"}, "handler"),
+        ({"copies": 0}, "copies"),
+        ({"capabilities": [3]}, "capabilities[0]"),
+        ({"lease": -1}, "lease"),
+    ],
+)
+def test_bad_agent_registrations_are_refused(kwargs: dict[str, Any], field: str) -> None:
+    async def handler(context: TaskContext) -> None:
+        return None
+
+    args: dict[str, Any] = {"agent_type": "a", "handler": handler}
+    args.update(kwargs)
+    with pytest.raises(InvalidInputError) as caught:
+        AgentRegistry().register(**args)
+    assert caught.value.field == field
+
+
+def test_bad_health_is_refused() -> None:
+    registry = auto_register_adapters(AgentRegistry())
+    with pytest.raises(InvalidInputError):
+        registry.set_health("ai-planner", "sleepy")
+    with pytest.raises(InvalidInputError):
+        registry.set_health("nobody", AgentHealth.HEALTHY)
+
+
+# -- the runner -----------------------------------------------------------------------------
+
+
+async def test_the_example_agents_run_their_tasks(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        registry = auto_register_adapters(AgentRegistry(), copies=2)
+        kinds = ["planning", "review", "deployment", "testing", "monitoring"]
+        ids = [await rt.create_task(kind, {"step_seconds": 0.001}) for kind in kinds * 3]
+        async with AgentRunner(rt, registry, claim_wait=0.5) as runner:
+            assert len(await rt.get_active_workers()) == 10
+            for task_id in ids:
+                await until_status(rt, task_id, TaskStatus.COMPLETED)
+        assert runner.completed == len(ids)
+        deploy = await rt.get_task(ids[2])
+        assert deploy is not None
+        assert deploy.result == {"environment": "production", "deployed": ["api"]}
+        assert (await rt.get_runs(ids[2]))[0].worker_id.startswith("ai-deployer-")  # type: ignore[union-attr]
+        progress = [e for e in await rt.read_events(0, limit=10_000) if e.type == "task.progress"]
+        assert progress
+        assert await rt.get_active_workers() == []  # unregistered on stop
+
+
+async def test_an_agent_that_raises_fails_the_task_and_carries_on(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        registry = AgentRegistry()
+
+        async def flaky(context: TaskContext) -> Mapping[str, object]:
+            if context.payload.get("boom"):
+                raise ValueError("bad payload")
+            return {"ok": True}
+
+        registry.register("flaky", flaky)
+        bad = await rt.create_task("flaky", {"boom": True}, max_retries=0)
+        good = await rt.create_task("flaky", {"boom": False})
+        async with AgentRunner(rt, registry, claim_wait=0.5) as runner:
+            await until_status(rt, bad, TaskStatus.FAILED)
+            await until_status(rt, good, TaskStatus.COMPLETED)
+        failed = await rt.get_task(bad)
+        assert failed is not None
+        assert failed.error == "ValueError: bad payload"
+        assert (runner.failed, runner.completed) == (1, 1)
+
+
+async def test_cancel_task_reaches_a_running_handler(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        registry = AgentRegistry()
+        started = anyio.Event()
+        cancelled = anyio.Event()
+
+        async def forever(context: TaskContext) -> None:
+            started.set()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                cancelled.set()
+
+        registry.register("slow", forever)
+        task_id = await rt.create_task("slow")
+        async with AgentRunner(rt, registry, claim_wait=0.5):
+            with anyio.fail_after(SOON):
+                await started.wait()
+                await rt.cancel_task(task_id, reason="changed my mind")
+                await cancelled.wait()
+        task = await rt.get_task(task_id)
+        assert task is not None
+        assert task.status is TaskStatus.CANCELLED
+        (run,) = await rt.get_runs(task_id)
+        assert run.status is RunStatus.CANCELLED
+
+
+async def test_the_task_timeout_cancels_the_handler(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        registry = AgentRegistry()
+        cancelled = anyio.Event()
+
+        async def forever(context: TaskContext) -> None:
+            try:
+                await anyio.sleep_forever()
+            finally:
+                cancelled.set()
+
+        registry.register("slow", forever)
+        task_id = await rt.create_task("slow", timeout=0.2, max_retries=0)
+        async with AgentRunner(rt, registry, claim_wait=0.5):
+            await until_status(rt, task_id, TaskStatus.TIMED_OUT)
+            with anyio.fail_after(SOON):
+                await cancelled.wait()
+
+
+async def test_stopping_lets_in_flight_work_finish(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        registry = AgentRegistry()
+        started = anyio.Event()
+
+        async def short(context: TaskContext) -> Mapping[str, object]:
+            started.set()
+            await anyio.sleep(0.2)
+            return {"done": True}
+
+        registry.register("short", short)
+        task_id = await rt.create_task("short")
+        async with AgentRunner(rt, registry, claim_wait=0.5, stop_timeout=SOON):
+            with anyio.fail_after(SOON):
+                await started.wait()
+        task = await rt.get_task(task_id)
+        assert task is not None
+        assert task.status is TaskStatus.COMPLETED
+
+
+async def test_stopping_hands_back_work_that_does_not_finish_in_time(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        registry = AgentRegistry()
+        started = anyio.Event()
+
+        async def stuck(context: TaskContext) -> None:
+            started.set()
+            await anyio.sleep_forever()
+
+        registry.register("stuck", stuck)
+        task_id = await rt.create_task("stuck", max_retries=0)
+        async with AgentRunner(rt, registry, claim_wait=0.5, stop_timeout=0.2):
+            with anyio.fail_after(SOON):
+                await started.wait()
+        task = await rt.get_task(task_id)
+        assert task is not None
+        assert (task.status, task.attempts) == (TaskStatus.QUEUED, 0)  # back, not counted
+        (run,) = await rt.get_runs(task_id)
+        assert run.status is RunStatus.RELEASED
+        assert await rt.get_active_workers() == []
+
+
+async def test_a_runner_with_no_agents_starts_and_stops(db_path: str) -> None:
+    async with runtime(db_path) as rt, AgentRunner(rt, AgentRegistry()) as runner:
+        assert runner.worker_ids == []
