@@ -19,6 +19,7 @@ from hive_orchestration import (
     RunStatus,
     Runtime,
     RuntimeConfig,
+    StorageError,
     TaskContext,
     TaskStatus,
     auto_register_adapters,
@@ -244,3 +245,33 @@ async def test_stopping_hands_back_work_that_does_not_finish_in_time(db_path: st
 async def test_a_runner_with_no_agents_starts_and_stops(db_path: str) -> None:
     async with runtime(db_path) as rt, AgentRunner(rt, AgentRegistry()) as runner:
         assert runner.worker_ids == []
+
+
+async def test_an_agent_survives_a_runtime_error_and_the_task_comes_back(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    faults = [StorageError("disk hiccup")]
+    original = Runtime.start_task
+
+    async def flaky_start(self: Runtime, lease: Any) -> Any:
+        if faults:
+            raise faults.pop()
+        return await original(self, lease)
+
+    monkeypatch.setattr(Runtime, "start_task", flaky_start)
+    async with runtime(db_path) as rt:
+        registry = AgentRegistry()
+
+        async def work(context: TaskContext) -> Mapping[str, object]:
+            return {"attempt": context.attempt}
+
+        registry.register("job", work, lease=0.3)
+        task_id = await rt.create_task("job")
+        async with AgentRunner(rt, registry, claim_wait=0.5) as runner:
+            # The first claim's lease runs out; the agent, still alive, takes it again.
+            await until_status(rt, task_id, TaskStatus.COMPLETED)
+        assert faults == []
+        assert runner.completed == 1
+        task = await rt.get_task(task_id)
+        assert task is not None
+        assert task.result == {"attempt": 2}

@@ -134,9 +134,17 @@ class AgentRunner:
             async with anyio.create_task_group() as beats:
                 beats.start_soon(self._heartbeat, worker_id)
                 while not self._stopping.is_set():
-                    claim = await self._claim(spec, worker_id)
-                    if claim is not None:
-                        await self._work(spec, worker_id, claim)
+                    try:
+                        claim = await self._claim(spec, worker_id)
+                        if claim is not None:
+                            await self._work(spec, worker_id, claim)
+                    except RuntimeStoppedError:
+                        break  # the runtime is going away: nothing more to claim
+                    except HiveError as exc:
+                        # A storage fault or a restarting actor: the task, if any, is
+                        # still leased and comes back on its own; keep the agent alive.
+                        log.warning("worker %s: %s; going on", worker_id, exc)
+                        await anyio.sleep(min(1.0, self._claim_wait))
                 beats.cancel_scope.cancel()
         finally:
             with (
