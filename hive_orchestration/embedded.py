@@ -8,7 +8,6 @@ stops the actors in reverse order; no task outlives the block.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import time
@@ -223,7 +222,11 @@ class Runtime(TaskOperations, WorkerOperations):
         registry_alarm: Alarm[WorkerRegistryMessage] = Alarm(
             workers, RegistryWake(), clock=time.time
         )
-        task_manager_starts = itertools.count()
+        recovered = False
+
+        def mark_recovered() -> None:
+            nonlocal recovered
+            recovered = True
 
         def task_manager() -> TaskManager:
             return TaskManager(
@@ -231,8 +234,8 @@ class Runtime(TaskOperations, WorkerOperations):
                 alarm=alarm,
                 # Claims die with the process, so the first start requeues what was held;
                 # a restart after a crash keeps the claims of the workers still running.
-                recover=next(task_manager_starts) == 0,
-                commit_timeout=config.ask_timeout,
+                recover=not recovered,
+                on_recovered=mark_recovered,
                 retry_backoff=config.retry_backoff,
                 retry_backoff_max=config.retry_backoff_max,
                 concurrency_limits=config.concurrency_limits,
@@ -251,7 +254,6 @@ class Runtime(TaskOperations, WorkerOperations):
                         alarm=registry_alarm,
                         timeout=config.worker_timeout,
                         publish_heartbeats=config.publish_heartbeats,
-                        commit_timeout=config.ask_timeout,
                     ),
                     services=(registry_alarm.run,),
                 ),

@@ -275,3 +275,133 @@ async def test_an_agent_survives_a_runtime_error_and_the_task_comes_back(
         task = await rt.get_task(task_id)
         assert task is not None
         assert task.result == {"attempt": 2}
+
+
+@pytest.mark.parametrize("operation", ["claim_task", "heartbeat", "update_worker_heartbeat"])
+async def test_a_runtime_error_inside_a_copy_does_not_stop_the_runner(
+    db_path: str, monkeypatch: pytest.MonkeyPatch, operation: str
+) -> None:
+    faults = [StorageError("disk hiccup")]
+    original = getattr(Runtime, operation)
+
+    async def flaky(self: Runtime, *args: Any, **kwargs: Any) -> Any:
+        if faults:
+            raise faults.pop()
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Runtime, operation, flaky)
+    async with runtime(db_path, worker_timeout=0.3) as rt:
+        registry = AgentRegistry()
+
+        async def work(context: TaskContext) -> Mapping[str, object]:
+            await anyio.sleep(0.4)  # a few lease renewals and worker heartbeats
+            return {"ok": True}
+
+        registry.register("job", work, lease=0.3)
+        task_id = await rt.create_task("job")
+        async with AgentRunner(rt, registry, claim_wait=0.2):
+            await until_status(rt, task_id, TaskStatus.COMPLETED)
+        assert faults == []
+
+
+async def test_an_error_in_the_block_hands_in_flight_work_back(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        registry = AgentRegistry()
+        started = anyio.Event()
+
+        async def work(context: TaskContext) -> None:
+            started.set()
+            await anyio.sleep_forever()
+
+        registry.register("job", work)
+        task_id = await rt.create_task("job", max_retries=0)
+
+        async def app_with_a_bug() -> None:
+            async with AgentRunner(rt, registry, stop_timeout=SOON):
+                with anyio.fail_after(SOON):
+                    await started.wait()
+                raise KeyError("app bug")
+
+        with pytest.raises(KeyError, match="app bug"):  # itself, not wrapped in a group
+            await app_with_a_bug()
+        task = await rt.get_task(task_id)
+        assert task is not None
+        assert (task.status, task.attempts) == (TaskStatus.QUEUED, 0)
+        (run,) = await rt.get_runs(task_id)
+        assert run.status is RunStatus.RELEASED
+
+
+async def test_a_cancel_committed_with_the_start_still_stops_the_handler(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = Runtime.start_task
+
+    async def start_then_cancel(self: Runtime, lease: Any) -> Any:
+        async with anyio.create_task_group() as tg:  # both land in one TaskManager batch
+            tg.start_soon(self.cancel_task, lease.task_id)
+            result = await original(self, lease)
+        return result
+
+    monkeypatch.setattr(Runtime, "start_task", start_then_cancel)
+    async with runtime(db_path) as rt:
+        registry = AgentRegistry()
+        ran = anyio.Event()
+
+        async def work(context: TaskContext) -> None:
+            ran.set()
+            await anyio.sleep_forever()
+
+        registry.register("job", work, lease=60)
+        task_id = await rt.create_task("job")
+        async with AgentRunner(rt, registry, claim_wait=0.5):
+            await until_status(rt, task_id, TaskStatus.CANCELLED)
+        # Leaving the block did not need the 10 s stop deadline: the handler had stopped.
+        task = await rt.get_task(task_id)
+        assert task is not None
+        assert task.status is TaskStatus.CANCELLED
+
+
+async def test_a_copy_whose_record_is_gone_takes_only_its_agents_tasks(db_path: str) -> None:
+    async with runtime(db_path, worker_timeout=0.3) as rt:
+        registry = AgentRegistry()
+        seen: list[str] = []
+
+        async def work(context: TaskContext) -> None:
+            seen.append(context.task.task_type)
+
+        registry.register("job", work)
+        async with AgentRunner(rt, registry, claim_wait=0.2):
+            assert await rt.unregister_worker("job-1")
+            other = await rt.create_task("deploy-prod")
+            mine = await rt.create_task("job")
+            await until_status(rt, mine, TaskStatus.COMPLETED)
+
+            async def registered_again() -> bool:
+                return await rt.get_worker("job-1") is not None
+
+            with anyio.fail_after(SOON):
+                while True:  # the copy's next heartbeat finds it gone and registers again
+                    if await registered_again():
+                        break
+                    await anyio.sleep(0.05)
+        assert seen == ["job"]
+        task = await rt.get_task(other)
+        assert task is not None
+        assert task.status is TaskStatus.QUEUED
+
+
+async def test_a_result_that_cannot_be_stored_fails_the_task_at_once(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        registry = AgentRegistry()
+
+        async def work(context: TaskContext) -> Mapping[str, object]:
+            return {"when": object()}
+
+        registry.register("job", work)
+        task_id = await rt.create_task("job", max_retries=0)
+        async with AgentRunner(rt, registry, claim_wait=0.2):
+            await until_status(rt, task_id, TaskStatus.FAILED)
+        task = await rt.get_task(task_id)
+        assert task is not None
+        assert task.error is not None
+        assert "invalid result" in task.error

@@ -733,3 +733,61 @@ async def test_a_task_deleted_before_its_claim_is_reported(db_path: str) -> None
         with pytest.raises(NotFoundError):
             await rt.delete_task("missing")
         assert await rt.release_worker_tasks("nobody") == 0
+
+
+async def test_a_slow_commit_is_waited_for_so_memory_matches_the_database(
+    db_path: str,
+) -> None:
+    """The caller's deadline passes while another process holds the write lock; the write
+    lands afterwards, and the TaskManager knows the task it created."""
+    import sqlite3
+
+    from hive_orchestration import RequestTimeoutError
+
+    async with runtime(db_path, ask_timeout=0.5, busy_timeout=5.0) as rt:
+        other = sqlite3.connect(db_path, isolation_level=None, timeout=10)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            with pytest.raises(RequestTimeoutError):
+                await rt.create_task("job", idempotency_key="k")
+            await anyio.sleep(0.3)
+            other.execute("ROLLBACK")
+            task_id = await rt.create_task("job", idempotency_key="k")  # the same task
+            (stored,) = other.execute("SELECT id FROM tasks").fetchall()
+        finally:
+            other.close()
+        assert stored == (task_id,)
+        assert [t.id for t in await rt.get_queued_tasks()] == [task_id]
+        assert (await claim(rt)).task.id == task_id
+
+
+async def test_a_token_whose_task_is_deleted_in_the_same_batch_is_lost(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job")
+        c = await claim(rt)
+        errors: list[Exception] = []
+
+        async def beat() -> None:
+            try:
+                await rt.heartbeat(c.lease)
+            except Exception as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rt.delete_task, task_id)
+            tg.start_soon(beat)
+        await beat()
+        assert errors
+        assert all(isinstance(e, LeaseLostError) for e in errors)
+
+
+async def test_a_manual_requeue_clears_the_worker(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job")
+        await claim(rt, worker="w1")
+        await rt.update_task_status(task_id, "queued")
+        task = await rt.get_task(task_id)
+        assert task is not None
+        assert task.assigned_worker is None
+        (event,) = [e for e in await events_of(rt, task_id) if e.type == "task.retrying"]
+        assert event.data["worker_id"] == "w1"  # who had it

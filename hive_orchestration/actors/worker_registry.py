@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 import msgspec
 
 from .._ids import new_id
-from ..errors import HiveError, RuntimeStoppedError
+from ..errors import ActorFailedError, HiveError, RuntimeStoppedError, StorageError
 from ..messages.events import Event, JsonValue
 from ..messages.storage import (
     AppendEvent,
@@ -80,7 +80,6 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
         alarm: Alarm[WorkerRegistryMessage] | None = None,
         timeout: float = 30.0,
         publish_heartbeats: bool = False,
-        commit_timeout: float = 60.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._storage = storage
@@ -88,19 +87,18 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
         self._alarm = alarm
         self._timeout = timeout
         self._publish_heartbeats = publish_heartbeats
-        self._commit_timeout = commit_timeout
         self._clock = clock
         self._workers: dict[str, Worker] = {}
         self._deadlines: list[tuple[float, str]] = []  # (heartbeat deadline, worker id)
+        self._scheduled: set[str] = set()  # workers with an entry in the heap: one each
 
     async def started(self) -> None:
         workers = await self._storage.ask(LoadWorkers())
         self._workers = {worker.id: worker for worker in workers}
         grace = self._clock().timestamp() + self._timeout
-        self._deadlines = [
-            (grace, worker.id) for worker in workers if worker.status is not WorkerStatus.OFFLINE
-        ]
-        heapq.heapify(self._deadlines)
+        for worker in workers:
+            if worker.status is not WorkerStatus.OFFLINE:
+                self._schedule(worker.id, grace)
         self._arm()
         log.info("worker registry: %d worker(s)", len(self._workers))
 
@@ -181,8 +179,7 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
             "again": previous is not None,
         }
         work.ops.append(self._event("worker.registered", worker, now, data))
-        if previous is None or previous.status is WorkerStatus.OFFLINE:
-            heapq.heappush(self._deadlines, (now.timestamp() + self._timeout, worker.id))
+        self._schedule(worker.id, now.timestamp() + self._timeout)
         if previous is not None:
             # A worker that registers again restarted: its old incarnation is gone.
             work.releases.append((worker.id, "worker registered again (a new incarnation)"))
@@ -208,7 +205,7 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
         if status is WorkerStatus.OFFLINE and not was_offline:
             work.releases.append((worker_id, "worker went offline"))
         elif was_offline and status is not WorkerStatus.OFFLINE:
-            heapq.heappush(self._deadlines, (now.timestamp() + self._timeout, worker_id))
+            self._schedule(worker_id, now.timestamp() + self._timeout)
         return True
 
     def _expire(self, work: _Batch, now: datetime) -> None:
@@ -217,12 +214,13 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now_ts:
             _, worker_id = heapq.heappop(deadlines)
+            self._scheduled.discard(worker_id)
             worker = self._workers.get(worker_id)
             if worker is None or worker.status is WorkerStatus.OFFLINE:
                 continue
             due = worker.last_heartbeat.timestamp() + self._timeout
             if due > now_ts:
-                heapq.heappush(deadlines, (due, worker_id))  # it heartbeat since
+                self._schedule(worker_id, due)  # it heartbeat since
                 continue
             offline = msgspec.structs.replace(worker, status=WorkerStatus.OFFLINE)
             self._put(offline, work)
@@ -237,6 +235,13 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
             log.warning("worker %r missed its heartbeats; declared offline", worker_id)
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _schedule(self, worker_id: str, at: float) -> None:
+        """Check ``worker_id`` at ``at`` unless it already has an entry (which, when it
+        comes up early, is pushed back to the worker's real deadline)."""
+        if worker_id not in self._scheduled:
+            self._scheduled.add(worker_id)
+            heapq.heappush(self._deadlines, (at, worker_id))
 
     def _touch(self, worker_id: str, work: _Batch) -> None:
         if worker_id not in work.undo:
@@ -254,17 +259,24 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
             else:
                 self._workers[worker_id] = worker
                 if worker.status is not WorkerStatus.OFFLINE:
-                    due = worker.last_heartbeat.timestamp() + self._timeout
-                    heapq.heappush(self._deadlines, (due, worker_id))
+                    self._schedule(worker_id, worker.last_heartbeat.timestamp() + self._timeout)
         log.warning("commit failed; %d worker(s) restored in memory", len(work.undo))
 
     async def _commit(self, work: _Batch) -> HiveError | None:
         if not work.ops:
             return None
+        reply = await self._storage.request(Write(tuple(work.ops)))
         try:
-            await self._storage.ask(Write(tuple(work.ops)), timeout=self._commit_timeout)
-        except HiveError as exc:  # a RequestTimeoutError too: the write may still land
-            return exc
+            # No deadline: the storage batch is shielded and always ends; giving up early
+            # could put memory back while the write still lands.
+            await reply.wait()
+        except StorageError as exc:
+            return exc  # rolled back whole
+        except HiveError as exc:
+            # Outcome unknown: fail this batch's askers and restart from the database.
+            for envelope, _ in work.answers:
+                envelope.fail(ActorFailedError(self.name, exc))
+            raise RuntimeError(f"storage did not say whether a batch was committed: {exc}") from exc
         return None
 
     async def _release(self, releases: list[tuple[str, str]]) -> None:

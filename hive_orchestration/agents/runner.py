@@ -20,13 +20,14 @@ import contextlib
 import logging
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from ..errors import HiveError, LeaseLostError, RuntimeStoppedError
+from ..errors import HiveError, InvalidInputError, LeaseLostError, RuntimeStoppedError
 from ..messages.tasks import Claim, Lease, Task
 from .registry import AgentRegistry, AgentSpec
 
@@ -60,6 +61,29 @@ class TaskContext:
         await self._runtime.report_progress(self.lease, data, phase=phase)
 
 
+@dataclass(slots=True)
+class _Outcome:
+    """How one run of a handler ended."""
+
+    result: Mapping[str, object] | None = None
+    error: Exception | None = None
+    finished: bool = False
+    lost: bool = False  # the lease was lost (expired, cancelled, deleted, taken over)
+    timed_out: bool = False
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    return leaves
+
+
 class AgentRunner:
     """Runs the agents of a registry against a runtime for the length of an ``async with``."""
 
@@ -77,7 +101,9 @@ class AgentRunner:
         self._claim_wait = claim_wait
         self._group: TaskGroup | None = None
         self._stopping = anyio.Event()
-        self._running: dict[str, anyio.CancelScope] = {}  # task id -> its handler's scope
+        # task id -> run id -> the scope its handler runs in (a task can have two runs in
+        # flight here: one unwinding after a timeout while another copy took it over).
+        self._running: dict[str, dict[str, anyio.CancelScope]] = {}
         self._copies = 0
         self._all_stopped = anyio.Event()
         #: Tasks completed / failed by handlers since the start (for dashboards and tests).
@@ -114,25 +140,29 @@ class AgentRunner:
     ) -> bool | None:
         assert self._group is not None
         self._stopping.set()
-        return await self._group.__aexit__(exc_type, exc, tb)
+        try:
+            return await self._group.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            # The block's own exception comes out as itself, not wrapped with the
+            # cancellations it caused.
+            cancelled = anyio.get_cancelled_exc_class()
+            if exc is not None and all(
+                leaf is exc or isinstance(leaf, cancelled) for leaf in _leaves(group)
+            ):
+                return None
+            raise
 
     # -- one copy ------------------------------------------------------------------------------
 
     async def _copy(
         self, spec: AgentSpec, worker_id: str, *, task_status: TaskStatus[None]
     ) -> None:
-        rt = self._runtime
-        await rt.register_worker(
-            worker_id,
-            spec.agent_type,
-            spec.handles,
-            {"agent_type": spec.agent_type, "description": spec.description},
-        )
+        await self._register(spec, worker_id)
         self._copies += 1
         task_status.started()
         try:
             async with anyio.create_task_group() as beats:
-                beats.start_soon(self._heartbeat, worker_id)
+                beats.start_soon(self._heartbeat, spec, worker_id)
                 while not self._stopping.is_set():
                     try:
                         claim = await self._claim(spec, worker_id)
@@ -150,72 +180,88 @@ class AgentRunner:
             with (
                 anyio.CancelScope(shield=True),
                 anyio.move_on_after(self._stop_timeout),
-                contextlib.suppress(RuntimeStoppedError),
+                contextlib.suppress(HiveError),
             ):
-                await rt.unregister_worker(worker_id)
+                await self._runtime.unregister_worker(worker_id)
             self._copies -= 1
             if self._copies == 0:
                 self._all_stopped.set()
 
+    async def _register(self, spec: AgentSpec, worker_id: str) -> None:
+        await self._runtime.register_worker(
+            worker_id,
+            spec.agent_type,
+            spec.handles,
+            {"agent_type": spec.agent_type, "description": spec.description},
+        )
+
     async def _claim(self, spec: AgentSpec, worker_id: str) -> Claim | None:
         """Wait for a task, until one comes or the runner stops."""
+        claim: Claim | None = None
+        error: HiveError | None = None
         async with anyio.create_task_group() as tg:
-            claim: Claim | None = None
 
             async def stop_waiting() -> None:
                 await self._stopping.wait()
                 tg.cancel_scope.cancel()
 
             async def claim_one() -> None:
-                nonlocal claim
-                claim = await self._runtime.claim_task(
-                    worker_id, lease=spec.lease, wait=self._claim_wait
-                )
+                nonlocal claim, error
+                try:
+                    # The agent's own types, named every time: a copy whose worker record
+                    # went missing must still take only what the agent handles.
+                    claim = await self._runtime.claim_task(
+                        worker_id, spec.handles, lease=spec.lease, wait=self._claim_wait
+                    )
+                except HiveError as exc:
+                    error = exc  # raised below, outside the task group, unwrapped
                 tg.cancel_scope.cancel()
 
             tg.start_soon(stop_waiting)
             tg.start_soon(claim_one)
         # A claim cancelled while its answer was on the way is handed back by the
         # TaskManager (the reply slot was closed), so nothing is left held here.
+        if error is not None:
+            raise error
         return claim
 
-    async def _heartbeat(self, worker_id: str) -> None:
+    async def _heartbeat(self, spec: AgentSpec, worker_id: str) -> None:
         interval = self._runtime.config.worker_timeout / 3
         while True:
             await anyio.sleep(interval)
             try:
-                await self._runtime.update_worker_heartbeat(worker_id)
+                if not await self._runtime.update_worker_heartbeat(worker_id):
+                    # Unregistered behind our back: this copy is alive, so register again.
+                    await self._register(spec, worker_id)
             except HiveError as exc:
                 log.warning("worker %s: heartbeat failed: %s", worker_id, exc)
 
     async def _work(self, spec: AgentSpec, worker_id: str, claim: Claim) -> None:
         rt = self._runtime
         lease = claim.lease
+        outcome = _Outcome()
+        scope = anyio.CancelScope()
+        # Registered before the task is started: a cancellation committed with the start
+        # is then seen (a scope cancelled before it is entered starts cancelled).
+        runs = self._running.setdefault(lease.task_id, {})
+        runs[lease.run_id] = scope
         try:
             await rt.start_task(lease)
-        except LeaseLostError:
-            return
-        context = TaskContext(rt, claim, worker_id)
-        result: Mapping[str, object] | None = None
-        error: BaseException | None = None
-        lost = False
-        finished = False
-        scope = anyio.CancelScope()
-        self._running[lease.task_id] = scope
-        try:
+            context = TaskContext(rt, claim, worker_id)
             async with anyio.create_task_group() as tg:
 
                 async def keep_lease() -> None:
-                    nonlocal lost
                     seconds = (spec.lease or rt.config.lease_timeout) / 3
                     while True:
                         await anyio.sleep(seconds)
                         try:
                             await rt.heartbeat(lease)
                         except LeaseLostError:
-                            lost = True
+                            outcome.lost = True
                             scope.cancel()
                             return
+                        except HiveError as exc:  # try again at the next beat
+                            log.warning("worker %s: lease renewal failed: %s", worker_id, exc)
 
                 async def stop_deadline() -> None:
                     await self._stopping.wait()
@@ -225,42 +271,51 @@ class AgentRunner:
                 tg.start_soon(keep_lease)
                 tg.start_soon(stop_deadline)
                 timeout = claim.task.timeout if claim.task.timeout is not None else math.inf
-                with scope, anyio.move_on_after(timeout):
+                with scope, anyio.move_on_after(timeout) as deadline:
                     try:
-                        result = await spec.handler(context)
-                        finished = True
+                        outcome.result = await spec.handler(context)
+                        outcome.finished = True
                     except Exception as exc:
-                        error = exc
+                        outcome.error = exc
+                outcome.timed_out = deadline.cancelled_caught
                 tg.cancel_scope.cancel()
+        except LeaseLostError:
+            outcome.lost = True  # cancelled or taken over before it started
         finally:
-            del self._running[lease.task_id]
-        with anyio.CancelScope(shield=True):
-            await self._report(worker_id, lease, result, error, finished, lost)
+            del runs[lease.run_id]
+            if not runs:
+                del self._running[lease.task_id]
+            # Shielded and in a finally: even when the runner is torn down by an error,
+            # the task is reported or handed back, never left held by a dead copy.
+            with anyio.CancelScope(shield=True):
+                await self._report(worker_id, lease, outcome)
 
-    async def _report(
-        self,
-        worker_id: str,
-        lease: Lease,
-        result: Mapping[str, object] | None,
-        error: BaseException | None,
-        finished: bool,
-        lost: bool,
-    ) -> None:
+    async def _report(self, worker_id: str, lease: Lease, outcome: _Outcome) -> None:
         rt = self._runtime
         try:
-            if error is not None:
+            if outcome.lost or outcome.timed_out:
+                return  # the runtime already ended this run
+            if outcome.error is not None:
+                error = outcome.error
                 await rt.fail_task(lease, f"{type(error).__name__}: {error}"[:10_000])
                 self.failed += 1
-            elif finished:
-                await rt.complete_task(lease, result)
-                self.completed += 1
-            elif not lost and self._stopping.is_set():
+            elif outcome.finished:
+                try:
+                    await rt.complete_task(lease, outcome.result)
+                    self.completed += 1
+                except InvalidInputError as exc:
+                    # The handler's result cannot be stored (not JSON, too big): that is
+                    # the handler's failure, reported as such rather than left to expire.
+                    await rt.fail_task(lease, f"the handler returned an invalid result: {exc}")
+                    self.failed += 1
+            else:
+                # Interrupted: the runner stops, or its task group was torn down.
                 await rt.release_task(lease, reason=f"{worker_id} stopped before finishing")
-            # Otherwise the task was cancelled or timed out: the runtime already ended it.
         except LeaseLostError:
             pass  # cancelled, timed out or taken over meanwhile: the result is not ours to give
-        except RuntimeStoppedError:
-            log.warning("worker %s: runtime stopped before %s was reported", worker_id, lease)
+        except HiveError as exc:
+            # The lease runs out and the task comes back: late, but not lost.
+            log.warning("worker %s: could not report task %s: %s", worker_id, lease.task_id, exc)
 
     # -- cancellation reaches running handlers ---------------------------------------------
 
@@ -278,8 +333,8 @@ class AgentRunner:
 
                     tg.start_soon(stop)
                     async for event in events:
-                        scope = self._running.get(event.task_id or "")
-                        if scope is not None:
+                        for run_id, scope in self._running.get(event.task_id or "", {}).items():
+                            log.info("task %s cancelled: stopping run %s", event.task_id, run_id)
                             scope.cancel()
         except RuntimeStoppedError:
             pass

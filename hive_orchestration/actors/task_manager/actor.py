@@ -82,6 +82,7 @@ from ...errors import (
     LeaseLostError,
     NotFoundError,
     RuntimeStoppedError,
+    StorageError,
 )
 from ...messages.events import Event, JsonValue
 from ...messages.storage import (
@@ -188,6 +189,10 @@ _WRITES = (
 )
 
 
+class OutcomeUnknownError(RuntimeError):
+    """A commit whose outcome is unknown: the actor crashes on purpose and reloads."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Forward:
     """Answer this request from storage (queued behind the batch's write)."""
@@ -238,8 +243,8 @@ class TaskManager(Actor[TaskManagerMessage]):
         *,
         alarm: Alarm[TaskManagerMessage] | None = None,
         recover: bool = False,
+        on_recovered: Callable[[], None] | None = None,
         recent: int = 10_000,
-        commit_timeout: float = 60.0,
         retry_backoff: float = 1.0,
         retry_backoff_max: float = 300.0,
         concurrency_limits: Mapping[str, int] | None = None,
@@ -249,9 +254,9 @@ class TaskManager(Actor[TaskManagerMessage]):
         self._storage = storage
         self._alarm = alarm
         self._recover = recover
+        self._on_recovered = on_recovered
         self._clock = clock
         self._recent_limit = recent
-        self._commit_timeout = commit_timeout
         self._backoff_base = retry_backoff
         self._backoff_max = retry_backoff_max
         self._type_limits = dict(concurrency_limits or {})
@@ -282,6 +287,8 @@ class TaskManager(Actor[TaskManagerMessage]):
         now = self._clock()
         if self._recover:
             await self._recover_claims(now)
+            if self._on_recovered is not None:
+                self._on_recovered()  # a later restart must not requeue live claims
         else:
             # Restarted after a crash: the claims stand. Heartbeats are kept in memory
             # only, so each lease restarts whole rather than expire on a stale time.
@@ -326,7 +333,8 @@ class TaskManager(Actor[TaskManagerMessage]):
                     lost = self._close_run(run, RunStatus.LOST, work, now, error=_RECOVERED)
             self._requeue(task, lost, "recovered", _RECOVERED, work, now, retry_after=0.0)
         if work.ops:
-            await self._storage.ask(Write(tuple(work.ops)), timeout=self._commit_timeout)
+            reply = await self._storage.request(Write(tuple(work.ops)))
+            await reply.wait()  # a failure fails the start-up; the next start recovers again
             log.warning("recovered %d task(s) held when the runtime stopped", len(work.undo))
 
     # -- the batch loop ----------------------------------------------------------------------
@@ -371,7 +379,12 @@ class TaskManager(Actor[TaskManagerMessage]):
         now: datetime,
     ) -> list[Claim]:
         """Commit, then answer; returns the claims no one was there to receive."""
-        error = await self._commit(work, forwards)
+        try:
+            error = await self._commit(work, forwards)
+        except OutcomeUnknownError as exc:
+            for envelope, _ in work.answers:  # claims handed out from older batches too
+                envelope.fail(ActorFailedError(self.name, exc))
+            raise
         if error is not None:
             self._restore(work, now)
         unclaimed: list[Claim] = []
@@ -409,12 +422,19 @@ class TaskManager(Actor[TaskManagerMessage]):
         if reply is None:
             return None
         try:
-            with anyio.fail_after(self._commit_timeout):
-                await reply.wait()
+            # No deadline: the storage actor's batch is shielded and always ends, within
+            # busy_timeout plus one commit. Giving up earlier would let memory and the
+            # database part ways: the write could land after memory was put back.
+            await reply.wait()
+        except StorageError as exc:
+            return exc  # rolled back whole: nothing of the batch was applied
         except HiveError as exc:
-            return exc
-        except TimeoutError:
-            return HiveError(f"storage did not commit within {self._commit_timeout:g}s")
+            # The storage actor crashed or stopped mid-batch: the write may or may not be
+            # on disk. Only the database knows, so this actor restarts and reloads it.
+            raise OutcomeUnknownError(
+                f"storage did not say whether a batch was committed ({exc}); the task"
+                " manager restarts from the database"
+            ) from exc
         return None
 
     def _touch(self, task_id: str, work: _Batch) -> None:
@@ -643,7 +663,7 @@ class TaskManager(Actor[TaskManagerMessage]):
                 return task, held
         run = self._runs.get(lease.run_id)
         if lease.task_id in work.deleted:
-            raise NotFoundError("task", lease.task_id)
+            raise _lost(lease, "the task was deleted", "deleted")
         if task is None:
             raise _lost(lease, "the task finished or was deleted", "unknown")
         if run is None or run.task_id != lease.task_id:
@@ -923,6 +943,10 @@ class TaskManager(Actor[TaskManagerMessage]):
         if message.status is Q:
             data["reason"] = "requeued"
             changes["available_at"] = None
+            if message.assigned_worker is None:
+                changes["assigned_worker"] = None  # back in the queue: nobody holds it
+                if task.assigned_worker is not None:
+                    data["worker_id"] = task.assigned_worker
         if (task.status, message.status) in TRANSITIONS:
             run_status = _RUN_FOR_TASK.get(message.status)
             held = self._held.get(task.id)
