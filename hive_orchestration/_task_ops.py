@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import cast
 
 from ._validate import (
+    check_choice,
     check_identifier,
     check_int,
     check_optional_text,
@@ -246,13 +247,7 @@ class TaskOperations:
     ) -> bool:
         """Move an open run to ``status``; a finished run cannot change."""
         self._check_open()
-        try:
-            if not isinstance(status, str):
-                raise ValueError(status)
-            run_status = RunStatus(status)
-        except ValueError:
-            valid = ", ".join(s.value for s in RunStatus)
-            raise InvalidInputError("status", f"must be one of {valid}, got {status!r}") from None
+        run_status = check_choice(status, RunStatus, "status")
         message = UpdateRunStatus(
             run_id=check_identifier(run_id, "run_id"),
             status=run_status,
@@ -407,15 +402,7 @@ class TaskOperations:
 
 
 def _status(value: object) -> TaskStatus:
-    if isinstance(value, TaskStatus):
-        return value
-    try:
-        if not isinstance(value, str):
-            raise ValueError(value)
-        return TaskStatus(value)
-    except ValueError:
-        valid = ", ".join(["pending", *(s.value for s in TaskStatus)])
-        raise InvalidInputError("status", f"must be one of {valid}, got {value!r}") from None
+    return check_choice(value, TaskStatus, "status", aliases=("pending",))
 
 
 def _text(value: object, field: str, *, empty: bool = True, limit: int = _MAX_TEXT) -> str:

@@ -8,10 +8,11 @@ naming the field, and never a crash inside an actor.
 
 from __future__ import annotations
 
+import enum
 import math
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -86,6 +87,24 @@ def check_seconds(
     if seconds > maximum:
         raise InvalidInputError(field, f"must be at most {maximum:g} seconds, got {value!r}")
     return seconds
+
+
+E = TypeVar("E", bound=enum.StrEnum)
+
+
+def check_choice(
+    value: object, choices: type[E], field: str, *, aliases: tuple[str, ...] = ()
+) -> E:
+    """A member of the string enum ``choices``, given as itself or as its value."""
+    if isinstance(value, choices):
+        return value
+    try:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        return choices(value)
+    except ValueError:
+        valid = ", ".join([*aliases, *(choice.value for choice in choices)])
+        raise InvalidInputError(field, f"must be one of {valid}, got {value!r}") from None
 
 
 def check_text(value: str, field: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import cast
 
-from ._validate import check_identifier, check_optional_text, encode_json_object
+from ._validate import check_choice, check_identifier, check_optional_text, encode_json_object
 from .config import RuntimeConfig
 from .errors import InvalidInputError
 from .messages.events import JsonValue
@@ -88,7 +88,7 @@ class WorkerOperations:
         self._check_open()
         message = WorkerHeartbeat(
             worker_id=check_identifier(worker_id, "worker_id"),
-            status=None if status is None else _worker_status(status),
+            status=None if status is None else check_choice(status, WorkerStatus, "status"),
         )
         return await self._workers.ask(message)
 
@@ -114,15 +114,3 @@ def capability_list(value: Iterable[str], field: str) -> tuple[str, ...]:
         raise InvalidInputError(field, "must be a list of strings")
     items = tuple(check_identifier(item, f"{field}[{i}]") for i, item in enumerate(value))
     return tuple(dict.fromkeys(items))
-
-
-def _worker_status(value: object) -> WorkerStatus:
-    if isinstance(value, WorkerStatus):
-        return value
-    try:
-        if not isinstance(value, str):
-            raise ValueError(value)
-        return WorkerStatus(value)
-    except ValueError:
-        valid = ", ".join(s.value for s in WorkerStatus)
-        raise InvalidInputError("status", f"must be one of {valid}, got {value!r}") from None

@@ -20,6 +20,7 @@ import anyio
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from ._groups import leaves
 from ._task_ops import TaskOperations
 from ._validate import check_identifier, check_int, check_optional_text, encode_json_object
 from ._worker_ops import WorkerOperations
@@ -411,19 +412,12 @@ def _normalize_path(path: str | os.PathLike[str] | None) -> str:
 
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """anyio wraps every failure of a task group in a group; give the caller the cause."""
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        exc = pending.pop()
-        if isinstance(exc, BaseExceptionGroup):
-            pending.extend(exc.exceptions)
-        else:
-            leaves.append(exc)
-    for leaf in leaves:
+    found = leaves(group)
+    for leaf in found:
         if isinstance(leaf, RuntimeFailedError):
             return leaf
     cancelled = anyio.get_cancelled_exc_class()
-    real = [leaf for leaf in leaves if not isinstance(leaf, cancelled)]
+    real = [leaf for leaf in found if not isinstance(leaf, cancelled)]
     # A RuntimeStoppedError in the app's block is a consequence of the real failure.
     causes = [leaf for leaf in real if not isinstance(leaf, RuntimeStoppedError)] or real
     return causes[0] if len(causes) == 1 else group

@@ -8,6 +8,7 @@ what it holds against a runtime, each copy as a registered worker.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -153,7 +154,7 @@ class AgentRegistry:
         except ValueError:
             valid = ", ".join(h.value for h in AgentHealth)
             raise InvalidInputError("health", f"must be one of {valid}, got {health!r}") from None
-        self._agents[agent_type] = _replace_health(spec, status)
+        self._agents[agent_type] = dataclasses.replace(spec, health=status)
 
     def get_stats(self) -> dict[str, int]:
         """Counts for a dashboard: agents, distinct types, distinct capabilities, workers
@@ -175,15 +176,3 @@ class AgentRegistry:
 
     def __contains__(self, agent_type: object) -> bool:
         return agent_type in self._agents
-
-
-def _replace_health(spec: AgentSpec, health: AgentHealth) -> AgentSpec:
-    return AgentSpec(
-        agent_type=spec.agent_type,
-        handler=spec.handler,
-        capabilities=spec.capabilities,
-        copies=spec.copies,
-        description=spec.description,
-        lease=spec.lease,
-        health=health,
-    )

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from .._groups import leaves
 from ..errors import HiveError, InvalidInputError, LeaseLostError, RuntimeStoppedError
 from ..messages.tasks import Claim, Lease, Task
 from .registry import AgentRegistry, AgentSpec
@@ -70,18 +71,6 @@ class _Outcome:
     finished: bool = False
     lost: bool = False  # the lease was lost (expired, cancelled, deleted, taken over)
     timed_out: bool = False
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        exc = pending.pop()
-        if isinstance(exc, BaseExceptionGroup):
-            pending.extend(exc.exceptions)
-        else:
-            leaves.append(exc)
-    return leaves
 
 
 class AgentRunner:
@@ -147,7 +136,7 @@ class AgentRunner:
             # cancellations it caused.
             cancelled = anyio.get_cancelled_exc_class()
             if exc is not None and all(
-                leaf is exc or isinstance(leaf, cancelled) for leaf in _leaves(group)
+                leaf is exc or isinstance(leaf, cancelled) for leaf in leaves(group)
             ):
                 return None
             raise
