@@ -32,6 +32,17 @@ from .errors import (
     SubscriberLaggedError,
 )
 from .messages.events import Event
+from .messages.plans import (
+    ExecutionPlan,
+    FailurePolicy,
+    PlanningRequest,
+    PlanningStatus,
+    PlanProgress,
+    PlanStatus,
+    Subtask,
+    SubtaskState,
+    SubtaskStatus,
+)
 from .messages.tasks import Claim, Lease, Run, RunStatus, Task, TaskStatus
 from .messages.workers import Worker, WorkerStatus
 from .storage.schema import SCHEMA_VERSION
@@ -49,6 +60,15 @@ __all__ = [
     "Claim",
     "ConfigError",
     "Event",
+    "SubtaskStatus",
+    "SubtaskState",
+    "Subtask",
+    "PlanStatus",
+    "PlanProgress",
+    "PlanningStatus",
+    "PlanningRequest",
+    "FailurePolicy",
+    "ExecutionPlan",
     "FeatureFlags",
     "HiveError",
     "IllegalTransitionError",

@@ -75,6 +75,8 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     max_payload_bytes: Positive = 1024 * 1024
     #: Deepest accepted nesting of a JSON payload.
     max_payload_depth: Positive = 32
+    #: Largest plan data (all its subtasks) once encoded as JSON, in bytes.
+    max_plan_bytes: Positive = 64 * 1024 * 1024
     #: Default lease of a claim: a worker that sends no heartbeat for this long loses
     #: the task, which goes back to the queue.
     lease_timeout: Seconds = 30.0

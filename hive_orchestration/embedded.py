@@ -21,10 +21,12 @@ import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._groups import leaves
+from ._plan_ops import PlanOperations
 from ._task_ops import TaskOperations
 from ._validate import check_identifier, check_int, check_optional_text, encode_json_object
 from ._worker_ops import WorkerOperations
 from .actors.broadcast import BroadcastActor, compile_pattern
+from .actors.plan_executor import PlanExecutor, PlanFeed
 from .actors.task_manager import TaskManager
 from .actors.worker_registry import WorkerRegistry
 from .config import DEFAULT_DB_PATH, RuntimeConfig
@@ -47,6 +49,7 @@ from .messages.events import (
     Subscribe,
     Unsubscribe,
 )
+from .messages.plans import PlanExecutorMessage
 from .messages.storage import (
     AppendEvent,
     GetStorageStats,
@@ -125,7 +128,7 @@ class Subscription:
         return item
 
 
-class Runtime(TaskOperations, WorkerOperations):
+class Runtime(TaskOperations, WorkerOperations, PlanOperations):
     """An embedded, durable orchestration runtime on one SQLite database.
 
     Create it with :meth:`open`; every method sends a typed message to an actor.
@@ -140,6 +143,7 @@ class Runtime(TaskOperations, WorkerOperations):
         broadcast: ActorRef[BroadcastMessage],
         tasks: ActorRef[TaskManagerMessage],
         workers: ActorRef[WorkerRegistryMessage],
+        plans: ActorRef[PlanExecutorMessage],
         supervisor: Supervisor,
     ) -> None:
         self._path = path
@@ -148,6 +152,7 @@ class Runtime(TaskOperations, WorkerOperations):
         self._broadcast = broadcast
         self._tasks = tasks
         self._workers = workers
+        self._plans = plans
         self._supervisor = supervisor
         self._closed = False
 
@@ -199,6 +204,9 @@ class Runtime(TaskOperations, WorkerOperations):
         )
         workers: ActorRef[WorkerRegistryMessage] = ActorRef(
             "workers", mailbox_size=config.mailbox_size, ask_timeout=config.ask_timeout
+        )
+        plans: ActorRef[PlanExecutorMessage] = ActorRef(
+            "plans", mailbox_size=config.mailbox_size, ask_timeout=config.ask_timeout
         )
 
         def on_restart(restart: ChildRestart) -> None:
@@ -258,6 +266,12 @@ class Runtime(TaskOperations, WorkerOperations):
                     ),
                     services=(registry_alarm.run,),
                 ),
+                # Last: it asks the TaskManager to create, queue and cancel tasks.
+                ChildSpec(
+                    plans,
+                    lambda: PlanExecutor(storage, tasks),
+                    services=(PlanFeed(broadcast, plans).run,),
+                ),
             ],
             max_restarts=config.max_restarts,
             restart_window=config.restart_window,
@@ -271,6 +285,7 @@ class Runtime(TaskOperations, WorkerOperations):
             broadcast=broadcast,
             tasks=tasks,
             workers=workers,
+            plans=plans,
             supervisor=supervisor,
         )
         try:
@@ -380,7 +395,7 @@ class Runtime(TaskOperations, WorkerOperations):
     async def statistics(self) -> RuntimeStatistics:
         self._check_open()
         mailboxes = {}
-        for ref in (self._broadcast, self._storage, self._tasks, self._workers):
+        for ref in (self._broadcast, self._storage, self._tasks, self._workers, self._plans):
             stats = ref.statistics()
             mailboxes[ref.name] = MailboxStats(
                 queued=stats.current_buffer_used,

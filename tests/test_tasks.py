@@ -62,6 +62,19 @@ async def all_tasks(rt: Runtime) -> list[Task]:
 
 async def task_in(rt: Runtime, status: TaskStatus, **kwargs: object) -> str:
     """A new task brought to ``status`` through legal transitions."""
+    if status is TaskStatus.BLOCKED:
+        # Only a plan makes a blocked task: the second step of a started two-step plan.
+        plan = {
+            "subtasks": [
+                {"id": "a", "task_type": "job"},
+                {"id": "b", "task_type": "job", "dependencies": ["a"]},
+            ]
+        }
+        plan_id = await rt.create_execution_plan(plan, source_agent="agent")
+        assert await rt.mark_plan_execution_started(plan_id)
+        [blocked] = [s.task_id for s in await rt.get_plan_subtasks(plan_id) if s.subtask_id == "b"]
+        assert blocked is not None
+        return blocked
     task_id = await rt.create_task("job", **kwargs)  # type: ignore[arg-type]
     for step in path_to(status):
         if step is TaskStatus.CANCELLED:
@@ -434,21 +447,26 @@ async def test_state_machine(db_path: str, start: TaskStatus, target: TaskStatus
     async with Runtime.open(db_path) as rt:
         task_id = await task_in(rt, start, correlation_id="corr")
         before = await rt.get_task(task_id)
+        assert before is not None
+        corr = before.correlation_id  # a plan's task carries its plan's id
         seq = await last_seq(rt)
         logged = await rt.read_events()
         event = TRANSITIONS.get((start, target))
+        if (start, target) == (TaskStatus.BLOCKED, TaskStatus.QUEUED):
+            event = None  # only its plan queues a blocked task, never update_task_status
         if event is not None:
             assert await rt.update_task_status(task_id, target.value, source_agent="agent")
             after = await rt.get_task(task_id)
-            new = await rt.read_events(after=seq)
+            # (A plan reacts to its task's change with events of its own, later.)
+            new = [e for e in await rt.read_events(after=seq) if e.plan_id is None or e.task_id]
             assert after is not None
             assert after.status is target
             assert [(e.type, e.task_id, e.correlation_id, e.source) for e in new] == [
-                (event, task_id, "corr", "agent")
+                (event, task_id, corr, "agent")
             ]
             assert new[0].data["status"] == target.value
             assert new[0].data["previous"] == start.value
-            assert await last_seq(rt) == seq + 1
+            assert new[0].seq == seq + 1
         else:
             with pytest.raises(IllegalTransitionError) as caught:
                 await rt.update_task_status(task_id, target.value)
@@ -487,6 +505,8 @@ def test_the_transition_table_is_the_documented_one() -> None:
         (q, TaskStatus.CANCELLED): "task.cancelled",
         (a, TaskStatus.CANCELLED): "task.cancelled",
         (r, TaskStatus.CANCELLED): "task.cancelled",
+        (TaskStatus.BLOCKED, q): "plan.subtask_ready",
+        (TaskStatus.BLOCKED, TaskStatus.CANCELLED): "task.cancelled",
     } == TRANSITIONS
     assert not any(start in TERMINAL for start, _ in TRANSITIONS)
 

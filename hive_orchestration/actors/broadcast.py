@@ -65,8 +65,13 @@ def compile_pattern(pattern: str) -> Callable[[str], bool]:
     return lambda type_: fnmatch.fnmatchcase(type_, pattern)
 
 
-def _matches_filters(event: Event, filters: tuple[tuple[str, str], ...]) -> bool:
-    for key, wanted in filters:
+def _matches_filters(event: Event, subscriber: _Subscriber) -> bool:
+    if subscriber.types and event.type not in subscriber.types:
+        return False
+    for key in subscriber.require:
+        if getattr(event, key) is None:
+            return False
+    for key, wanted in subscriber.filters:
         if key in _EVENT_FIELDS:
             if getattr(event, key) != wanted:
                 return False
@@ -76,11 +81,26 @@ def _matches_filters(event: Event, filters: tuple[tuple[str, str], ...]) -> bool
 
 
 class _Subscriber:
-    __slots__ = ("capacity", "dropped", "filters", "last_seq", "matches", "overflow", "sink")
+    __slots__ = (
+        "capacity",
+        "dropped",
+        "filters",
+        "internal",
+        "last_seq",
+        "matches",
+        "overflow",
+        "require",
+        "sink",
+        "types",
+    )
 
     def __init__(self, message: Subscribe) -> None:
         self.matches = compile_pattern(message.pattern)
         self.filters = message.filters
+        self.types = frozenset(message.types)
+        self.internal = message.internal
+        # Only event fields can be required (not data keys), checked here once.
+        self.require = tuple(key for key in message.require if key in _EVENT_FIELDS)
         self.sink: MemoryObjectSendStream[Delivery] = message.sink
         self.capacity = message.capacity
         self.overflow = message.overflow
@@ -117,8 +137,10 @@ class BroadcastActor(Actor[BroadcastMessage]):
                     subscriber.sink.close()
                 return None
             case GetBroadcastStats():
+                internal = sum(s.internal for s in self._subscribers.values())
                 return BroadcastStats(
-                    subscribers=len(self._subscribers),
+                    subscribers=len(self._subscribers) - internal,
+                    internal=internal,
                     published=self._published,
                     delivered=self._delivered,
                     dropped=self._dropped,
@@ -141,9 +163,7 @@ class BroadcastActor(Actor[BroadcastMessage]):
         self._published += 1
         gone: list[int] = []
         for subscription_id, subscriber in self._subscribers.items():
-            if not subscriber.matches(event.type) or not _matches_filters(
-                event, subscriber.filters
-            ):
+            if not subscriber.matches(event.type) or not _matches_filters(event, subscriber):
                 continue
             sink = subscriber.sink
             try:

@@ -71,6 +71,8 @@ class Subscribe(Request[int], frozen=True):
     ``pattern`` is a glob over event types (``"*"``, ``"task.*"``, ``"plan.completed"``);
     ``filters`` must all equal the event's field of that name (or its ``data`` key).
     ``sink`` holds ``capacity`` events plus one slot for the :class:`Lagged` marker.
+    ``types``, if given, narrows the pattern to exactly these types; ``require`` names
+    event fields that must be set (``plan_id``: events of plans and their tasks).
     """
 
     pattern: str
@@ -78,6 +80,10 @@ class Subscribe(Request[int], frozen=True):
     sink: MemoryObjectSendStream[Delivery]
     capacity: int
     overflow: Literal["error", "drop"]
+    types: tuple[str, ...] = ()
+    require: tuple[str, ...] = ()
+    #: The runtime's own subscription (the plan feed): counted apart in the statistics.
+    internal: bool = False
 
 
 class Unsubscribe(msgspec.Struct, frozen=True):
@@ -85,11 +91,12 @@ class Unsubscribe(msgspec.Struct, frozen=True):
 
 
 class BroadcastStats(msgspec.Struct, frozen=True):
-    subscribers: int
+    subscribers: int  # the app's, not counting the runtime's own (``internal``)
     published: int
     delivered: int
     dropped: int
     lagged: int
+    internal: int = 0
 
 
 class GetBroadcastStats(Request[BroadcastStats], frozen=True):

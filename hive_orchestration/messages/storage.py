@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal, TypeAlias
 
 import msgspec
 
 from ..runtime import Request
 from .events import Event
+from .plans import ExecutionPlan, PlanningRequest, PlanStatus, SubtaskState
 from .tasks import Run, Task
 from .workers import Worker
 
 __all__ = [
     "AppendEvent",
+    "CheckDependencies",
+    "CountSubtasks",
+    "FetchPlan",
+    "FetchPlanningRequest",
+    "LoadActivePlans",
+    "LoadPlanTasks",
+    "LoadPlanningRequests",
+    "LoadSubtasks",
+    "NextPlannedTask",
+    "PutPlan",
+    "PutPlanningRequest",
+    "PutSubtask",
+    "QueryPlanningRequests",
+    "QueryPlans",
+    "SetPlanStatus",
     "Committed",
     "DeleteTaskRow",
     "DeleteWorkerRow",
@@ -72,7 +89,45 @@ class DeleteWorkerRow(msgspec.Struct, frozen=True, tag="delete_worker"):
     worker_id: str
 
 
-WriteOp: TypeAlias = AppendEvent | PutTask | DeleteTaskRow | PutRun | PutWorker | DeleteWorkerRow
+class PutPlanningRequest(msgspec.Struct, frozen=True, tag="put_planning_request"):
+    request: PlanningRequest
+
+
+class PutPlan(msgspec.Struct, frozen=True, tag="put_plan"):
+    """Insert a new plan; ``plan_data_json`` is its plan data, encoded at the boundary."""
+
+    plan: ExecutionPlan
+    plan_data_json: bytes
+
+
+class SetPlanStatus(msgspec.Struct, frozen=True, tag="set_plan_status"):
+    """Change a plan's status and times, leaving its (possibly large) plan data alone."""
+
+    plan_id: str
+    status: PlanStatus
+    started_at: datetime | None
+    completed_at: datetime | None
+    error: str | None
+
+
+class PutSubtask(msgspec.Struct, frozen=True, tag="put_subtask"):
+    """Insert or replace the ``plan_execution`` row of one subtask."""
+
+    state: SubtaskState
+
+
+WriteOp: TypeAlias = (
+    AppendEvent
+    | PutTask
+    | DeleteTaskRow
+    | PutRun
+    | PutWorker
+    | DeleteWorkerRow
+    | PutPlanningRequest
+    | PutPlan
+    | SetPlanStatus
+    | PutSubtask
+)
 
 
 class Committed(msgspec.Struct, frozen=True):
@@ -150,6 +205,67 @@ class LoadWorkers(Request[tuple[Worker, ...]], frozen=True):
     """Every registered worker (the WorkerRegistry's state, at start-up)."""
 
 
+class FetchPlan(Request["ExecutionPlan | None"], frozen=True):
+    plan_id: str
+
+
+class QueryPlans(Request[list[ExecutionPlan]], frozen=True, kw_only=True):
+    """Plans in ``status`` (any if None), newest first."""
+
+    status: PlanStatus | None = None
+    limit: int | None = None
+
+
+class LoadActivePlans(Request[tuple[ExecutionPlan, ...]], frozen=True):
+    """Plans executing, or ended with subtasks still running (the PlanExecutor's state)."""
+
+
+class LoadSubtasks(Request[tuple[SubtaskState, ...]], frozen=True):
+    """The ``plan_execution`` rows of a plan."""
+
+    plan_id: str
+
+
+class LoadPlanTasks(Request[tuple[tuple[str, str, str], ...]], frozen=True):
+    """(task id, subtask id, task status) of every task created for the plan."""
+
+    plan_id: str
+
+
+class FetchPlanningRequest(Request["PlanningRequest | None"], frozen=True):
+    request_id: str
+
+
+class QueryPlanningRequests(Request[list[PlanningRequest]], frozen=True, kw_only=True):
+    """Requests in ``status`` (any if None), by priority (highest first), then age."""
+
+    status: str | None = None
+    limit: int | None = None
+
+
+class LoadPlanningRequests(Request[tuple[PlanningRequest, ...]], frozen=True):
+    statuses: tuple[str, ...]
+
+
+class CheckDependencies(Request[dict[str, bool]], frozen=True):
+    """For each task: are all the subtasks it depends on completed? One query for all;
+    a task of no plan has no dependencies. Unknown task ids are left out of the reply."""
+
+    task_ids: tuple[str, ...]
+
+
+class NextPlannedTask(Request["Task | None"], frozen=True):
+    """The plan's best queued task (priority, then age), or None."""
+
+    plan_id: str
+
+
+class CountSubtasks(Request[dict[str, int]], frozen=True):
+    """A plan's subtasks counted by status (a ready one by its task's status)."""
+
+    plan_id: str
+
+
 StorageMessage: TypeAlias = (
     Write
     | ReadEvents
@@ -162,4 +278,15 @@ StorageMessage: TypeAlias = (
     | FetchRun
     | FetchRuns
     | LoadWorkers
+    | FetchPlan
+    | QueryPlans
+    | LoadActivePlans
+    | LoadSubtasks
+    | LoadPlanTasks
+    | FetchPlanningRequest
+    | QueryPlanningRequests
+    | LoadPlanningRequests
+    | CheckDependencies
+    | NextPlannedTask
+    | CountSubtasks
 )

@@ -19,11 +19,13 @@ from .events import JsonValue
 __all__ = [
     "TERMINAL",
     "CancelTask",
+    "CancelTasks",
     "Claim",
     "ClaimTask",
     "CompleteTask",
     "CreateRun",
     "CreateTask",
+    "CreateTasks",
     "DeleteTask",
     "FailTask",
     "GetQueuedTasks",
@@ -34,6 +36,7 @@ __all__ = [
     "GetUnroutableTasks",
     "Heartbeat",
     "Lease",
+    "QueueTasks",
     "ReleaseTask",
     "ReleaseWorker",
     "Run",
@@ -57,6 +60,9 @@ class TaskStatus(enum.StrEnum):
 
     QUEUED = "queued"
     PENDING = "queued"
+    #: A plan's subtask waiting for its dependencies: not handed out until its plan
+    #: queues it (``plan.subtask_ready``).
+    BLOCKED = "blocked"
     ASSIGNED = "assigned"
     RUNNING = "running"
     COMPLETED = "completed"
@@ -121,6 +127,9 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     concurrency_limit: int | None = None
     #: Capabilities a worker must all have to take it (otherwise: its task type).
     requires: tuple[str, ...] = ()
+    #: The execution plan this task is a subtask of, and its id in that plan.
+    plan_id: str | None = None
+    subtask_id: str | None = None
     created_at: datetime
     updated_at: datetime
 
@@ -200,6 +209,36 @@ class CreateTask(Request[str], frozen=True, kw_only=True):
     concurrency_key: str | None = None
     concurrency_limit: int | None = None
     requires: tuple[str, ...] = ()
+    #: Set by the PlanExecutor only: the id it chose, the plan and subtask, and whether
+    #: the task starts blocked (waiting for its dependencies) rather than queued.
+    task_id: str | None = None
+    plan_id: str | None = None
+    subtask_id: str | None = None
+    blocked: bool = False
+
+
+class CreateTasks(Request[tuple[str, ...]], frozen=True):
+    """Create every task in one commit (a plan's subtasks); the reply lists their ids."""
+
+    tasks: tuple[CreateTask, ...]
+
+
+class QueueTasks(Request[tuple[str, ...]], frozen=True, kw_only=True):
+    """Queue the blocked tasks among ``task_ids`` (their dependencies are done): each
+    publishes ``plan.subtask_ready``. Others are left alone; the reply lists those queued."""
+
+    task_ids: tuple[str, ...]
+    source_agent: str | None = None
+
+
+class CancelTasks(Request[tuple[str, ...]], frozen=True, kw_only=True):
+    """Cancel the tasks among ``task_ids`` whose status is in ``statuses``; the reply
+    lists those cancelled. Unknown or finished tasks are left alone."""
+
+    task_ids: tuple[str, ...]
+    statuses: tuple[TaskStatus, ...]
+    reason: str
+    source_agent: str | None = None
 
 
 class GetTask(Request["Task | None"], frozen=True):
@@ -337,6 +376,9 @@ class Wake(msgspec.Struct, frozen=True):
 
 TaskManagerMessage: TypeAlias = (
     CreateTask
+    | CreateTasks
+    | QueueTasks
+    | CancelTasks
     | GetTask
     | UpdateTaskStatus
     | CancelTask

@@ -28,24 +28,40 @@ import msgspec
 from ..config import RuntimeConfig
 from ..errors import HiveError, RuntimeStoppedError, StorageError
 from ..messages.events import BroadcastMessage, Event, Publish
+from ..messages.plans import PlanningRequest, SubtaskState
 from ..messages.storage import (
     AppendEvent,
+    CheckDependencies,
     Committed,
+    CountSubtasks,
     DeleteTaskRow,
     DeleteWorkerRow,
+    FetchPlan,
+    FetchPlanningRequest,
     FetchRun,
     FetchRuns,
     FetchTask,
     GetStorageStats,
+    LoadActivePlans,
     LoadIdempotencyKeys,
+    LoadPlanningRequests,
+    LoadPlanTasks,
     LoadRuns,
+    LoadSubtasks,
     LoadTasks,
     LoadWorkers,
+    NextPlannedTask,
+    PutPlan,
+    PutPlanningRequest,
     PutRun,
+    PutSubtask,
     PutTask,
     PutWorker,
+    QueryPlanningRequests,
+    QueryPlans,
     QueryTasks,
     ReadEvents,
+    SetPlanStatus,
     StorageMessage,
     StorageStats,
     Write,
@@ -54,6 +70,7 @@ from ..messages.storage import (
 from ..messages.tasks import Run, Task
 from ..messages.workers import Worker
 from ..runtime import Actor, ActorRef, Envelope
+from . import plans
 from .database import Target, open_database
 from .drivers import Driver, Statement
 from .rows import (
@@ -194,6 +211,8 @@ class StorageActor(Actor[StorageMessage]):
             case LoadWorkers():
                 rows = await db.fetchall(f"SELECT {WORKER_COLUMNS} FROM workers ORDER BY rowid")
                 return tuple(worker_from_row(row) for row in rows)
+            case _ if isinstance(message, _PLAN_QUERIES):
+                return await _query_plans(db, message)
             case other:
                 raise HiveError(f"the storage actor does not handle {type(other).__name__}")
 
@@ -297,6 +316,83 @@ class StorageActor(Actor[StorageMessage]):
         return self._db
 
 
+_PLAN_QUERIES = (
+    FetchPlan,
+    QueryPlans,
+    LoadActivePlans,
+    LoadSubtasks,
+    LoadPlanTasks,
+    FetchPlanningRequest,
+    QueryPlanningRequests,
+    LoadPlanningRequests,
+    CheckDependencies,
+    NextPlannedTask,
+    CountSubtasks,
+)
+
+
+async def _query_plans(db: Driver, message: StorageMessage) -> object:
+    plan_sql = f"SELECT {plans.PLAN_COLUMNS} FROM execution_plans"
+    request_sql = f"SELECT {plans.REQUEST_COLUMNS} FROM planning_queue"
+    match message:
+        case FetchPlan(plan_id=plan_id):
+            rows = await db.fetchall(f"{plan_sql} WHERE id = ?", (plan_id,))
+            return plans.plan_from_row(rows[0]) if rows else None
+        case QueryPlans(status=status, limit=limit):
+            where = "" if status is None else " WHERE status = ?"
+            params: tuple[object, ...] = () if status is None else (status.value,)
+            rows = await db.fetchall(
+                f"{plan_sql}{where} ORDER BY generated_at DESC, rowid DESC LIMIT ?",
+                (*params, -1 if limit is None else limit),
+            )
+            return [plans.plan_from_row(row) for row in rows]
+        case LoadActivePlans():
+            rows = await db.fetchall(
+                f"{plan_sql} WHERE status = 'executing' OR (status IN ('failed', 'cancelled')"
+                " AND id IN (SELECT plan_id FROM tasks WHERE plan_id IS NOT NULL"
+                " AND status IN ('blocked', 'queued', 'assigned', 'running')))"
+                " ORDER BY generated_at, rowid"
+            )
+            return tuple(plans.plan_from_row(row) for row in rows)
+        case LoadSubtasks(plan_id=plan_id):
+            rows = await db.fetchall(
+                f"SELECT {plans.SUBTASK_COLUMNS} FROM plan_execution WHERE plan_id = ?"
+                " ORDER BY rowid",
+                (plan_id,),
+            )
+            return tuple(plans.subtask_from_row(row) for row in rows)
+        case LoadPlanTasks(plan_id=plan_id):
+            rows = await db.fetchall(
+                "SELECT id, subtask_id, status FROM tasks WHERE plan_id = ?", (plan_id,)
+            )
+            return tuple((str(a), str(b), str(c)) for a, b, c in rows)
+        case FetchPlanningRequest(request_id=request_id):
+            rows = await db.fetchall(f"{request_sql} WHERE id = ?", (request_id,))
+            return plans.request_from_row(rows[0]) if rows else None
+        case QueryPlanningRequests(status=status, limit=limit):
+            where = "" if status is None else " WHERE status = ?"
+            params = () if status is None else (status,)
+            rows = await db.fetchall(
+                f"{request_sql}{where} ORDER BY priority DESC, created_at, rowid LIMIT ?",
+                (*params, -1 if limit is None else limit),
+            )
+            return [plans.request_from_row(row) for row in rows]
+        case LoadPlanningRequests(statuses=statuses):
+            rows = await db.fetchall(
+                f"{request_sql} WHERE status IN ({_marks(statuses)})"
+                " ORDER BY priority DESC, created_at, rowid",
+                statuses,
+            )
+            return tuple(plans.request_from_row(row) for row in rows)
+        case CheckDependencies(task_ids=task_ids):
+            return await plans.check_dependencies(db, task_ids)
+        case NextPlannedTask(plan_id=plan_id):
+            return await plans.next_planned_task(db, plan_id)
+        case CountSubtasks(plan_id=plan_id):
+            return await plans.count_subtasks(db, plan_id)
+    raise HiveError(f"the storage actor does not handle {type(message).__name__}")
+
+
 def _marks(values: tuple[str, ...]) -> str:
     return ", ".join("?" * len(values))
 
@@ -317,8 +413,20 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
     workers: dict[str, Worker] = {}
     deleted: list[str] = []
     gone: list[str] = []  # deleted workers
+    requests: dict[str, PlanningRequest] = {}
+    new_plans: list[Statement] = []
+    plan_updates: list[Statement] = []  # in order: each sets whole status and times
+    subtasks: dict[tuple[str, str], SubtaskState] = {}
     for op in ops:
         match op:
+            case PutPlanningRequest(request=request):
+                requests[request.id] = request
+            case PutPlan():
+                new_plans.append(plans.plan_statement(op))
+            case SetPlanStatus():
+                plan_updates.append(plans.plan_status_statement(op))
+            case PutSubtask(state=state):
+                subtasks[state.plan_id, state.subtask_id] = state
             case PutTask(task=task):
                 tasks[task.id] = task
             case PutRun(run=run):
@@ -339,9 +447,15 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
         return [_in_order(op) for op in ops if not isinstance(op, AppendEvent)]
     statements: list[Statement] = [(DELETE_TASK, (task_id,)) for task_id in deleted]
     statements += [(DELETE_WORKER, (worker_id,)) for worker_id in gone]
+    # Referenced rows before the rows that reference them: request <- plan <- subtask,
+    # task <- run, task <- subtask.
+    statements += [plans.request_statement(request) for request in requests.values()]
+    statements += new_plans
+    statements += plan_updates
     statements += [task_statement(task) for task in tasks.values()]
     statements += [run_statement(run) for run in runs.values()]
     statements += [worker_statement(worker) for worker in workers.values()]
+    statements += [plans.subtask_statement(state) for state in subtasks.values()]
     return statements
 
 
@@ -357,6 +471,14 @@ def _in_order(op: WriteOp) -> Statement:
             return worker_statement(worker)
         case DeleteWorkerRow(worker_id=worker_id):
             return (DELETE_WORKER, (worker_id,))
+        case PutPlanningRequest(request=request):
+            return plans.request_statement(request)
+        case PutPlan():
+            return plans.plan_statement(op)
+        case SetPlanStatus():
+            return plans.plan_status_statement(op)
+        case PutSubtask(state=state):
+            return plans.subtask_statement(state)
     raise AssertionError(f"not a row write: {op!r}")
 
 

@@ -32,7 +32,7 @@ TASK_COLUMNS = (
     "id, title, description, task_type, priority, status, current_phase, workflow, payload,"
     " created_at, updated_at, assigned_worker, due_date, max_retries, tags, attempts, result,"
     " error, idempotency_key, correlation_id, source_agent, timeout, available_at,"
-    " concurrency_key, concurrency_limit, requires"
+    " concurrency_key, concurrency_limit, requires, plan_id, subtask_id"
 )
 RUN_COLUMNS = (
     "id, task_id, worker_id, run_number, status, phase, result_data, error_message,"
@@ -97,6 +97,8 @@ def task_statement(task: Task) -> Statement:
         task.concurrency_key,
         task.concurrency_limit,
         _json(list(task.requires)) if task.requires else None,
+        task.plan_id,
+        task.subtask_id,
     )
     return _PUT_TASK, params
 
@@ -133,7 +135,7 @@ def task_from_row(row: tuple[object, ...]) -> Task:
     (id_, title, description, task_type, priority, status, phase, workflow, payload,
      created_at, updated_at, assigned_worker, due_date, max_retries, tags, attempts,
      result, error, idempotency_key, correlation_id, source_agent, timeout, available_at,
-     concurrency_key, concurrency_limit, requires) = row  # fmt: skip
+     concurrency_key, concurrency_limit, requires, plan_id, subtask_id) = row  # fmt: skip
     # Rows written by other tools may leave the seed schema's nullable columns empty.
     created = _parse_time(created_at) or _parse_time(updated_at) or _EPOCH
     return Task(
@@ -163,6 +165,8 @@ def task_from_row(row: tuple[object, ...]) -> Task:
         concurrency_key=cast("str | None", concurrency_key),
         concurrency_limit=cast("int | None", concurrency_limit),
         requires=_parse_list(requires),
+        plan_id=cast("str | None", plan_id),
+        subtask_id=cast("str | None", subtask_id),
     )
 
 

@@ -170,6 +170,24 @@ _V4: tuple[str, ...] = (
     "ALTER TABLE tasks ADD COLUMN requires TEXT",
 )
 
+# Version 5: execution plans. A task knows the plan and subtask it was created for (at
+# most one task per subtask, enforced here); a plan its failure policy, source and times;
+# a subtask row its dependencies (so readiness is one query) and why it ended.
+_V5: tuple[str, ...] = (
+    "ALTER TABLE tasks ADD COLUMN plan_id TEXT",
+    "ALTER TABLE tasks ADD COLUMN subtask_id TEXT",
+    "CREATE UNIQUE INDEX idx_tasks_plan_subtask ON tasks (plan_id, subtask_id)"
+    " WHERE plan_id IS NOT NULL",
+    "ALTER TABLE execution_plans ADD COLUMN failure_policy TEXT NOT NULL DEFAULT 'fail_fast'",
+    "ALTER TABLE execution_plans ADD COLUMN source_agent TEXT",
+    "ALTER TABLE execution_plans ADD COLUMN started_at TIMESTAMP",
+    "ALTER TABLE execution_plans ADD COLUMN completed_at TIMESTAMP",
+    "ALTER TABLE execution_plans ADD COLUMN error TEXT",
+    "ALTER TABLE plan_execution ADD COLUMN dependencies TEXT NOT NULL DEFAULT '[]'",
+    "ALTER TABLE plan_execution ADD COLUMN error TEXT",
+    "ALTER TABLE planning_queue ADD COLUMN error TEXT",
+)
+
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5)
 SCHEMA_VERSION = len(MIGRATIONS)

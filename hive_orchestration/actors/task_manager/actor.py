@@ -44,6 +44,11 @@ running    timed_out  update_task_status(timed_out)
 queued     cancelled  cancel_task, update_task_status(cancelled)          task.cancelled
 assigned   cancelled
 running    cancelled
+(new)      blocked    a plan's subtasks are created (PlanExecutor)        task.created
+blocked    queued     its plan's dependencies are all done (PlanExecutor  plan.subtask_ready
+                      only, never update_task_status)
+blocked    cancelled  cancel_task, its plan failed, was cancelled or      task.cancelled
+                      skips it
 =========  =========  ==================================================  ==============
 
 Everything else is refused with :class:`IllegalTransitionError` and changes nothing:
@@ -104,11 +109,13 @@ from ...messages.storage import (
 from ...messages.tasks import (
     TERMINAL,
     CancelTask,
+    CancelTasks,
     Claim,
     ClaimTask,
     CompleteTask,
     CreateRun,
     CreateTask,
+    CreateTasks,
     DeleteTask,
     FailTask,
     GetQueuedTasks,
@@ -119,6 +126,7 @@ from ...messages.tasks import (
     GetUnroutableTasks,
     Heartbeat,
     Lease,
+    QueueTasks,
     ReleaseTask,
     ReleaseWorker,
     Run,
@@ -138,7 +146,7 @@ __all__ = ["LIVE", "TRANSITIONS", "TaskManager"]
 
 log = logging.getLogger("hive_orchestration.tasks")
 
-Q, A, R = TaskStatus.QUEUED, TaskStatus.ASSIGNED, TaskStatus.RUNNING
+Q, A, R, B = TaskStatus.QUEUED, TaskStatus.ASSIGNED, TaskStatus.RUNNING, TaskStatus.BLOCKED
 
 #: (from, to) -> the event the transition publishes. The table above, as data.
 TRANSITIONS: dict[tuple[TaskStatus, TaskStatus], str] = {
@@ -156,6 +164,8 @@ TRANSITIONS: dict[tuple[TaskStatus, TaskStatus], str] = {
     (Q, TaskStatus.CANCELLED): "task.cancelled",
     (A, TaskStatus.CANCELLED): "task.cancelled",
     (R, TaskStatus.CANCELLED): "task.cancelled",
+    (B, Q): "plan.subtask_ready",
+    (B, TaskStatus.CANCELLED): "task.cancelled",
 }
 
 #: Statuses kept in memory; the others are loaded from storage when asked for.
@@ -174,6 +184,9 @@ _RUN_FOR_TASK = {
 #: Requests that change state: after a failed commit they get the storage error.
 _WRITES = (
     CreateTask,
+    CreateTasks,
+    QueueTasks,
+    CancelTasks,
     UpdateTaskStatus,
     CancelTask,
     DeleteTask,
@@ -749,6 +762,34 @@ class TaskManager(Actor[TaskManagerMessage]):
         match message:
             case CreateTask():
                 return self._create(message, work, now)
+            case CreateTasks(tasks=items):
+                return tuple(self._create(item, work, now) for item in items)
+            case QueueTasks(task_ids=task_ids, source_agent=source):
+                queued = []
+                for task_id in task_ids:
+                    task = self._tasks.get(task_id)
+                    if task is not None and task.status is B and task_id not in work.deleted:
+                        extra: dict[str, JsonValue] = {"subtask_id": task.subtask_id}
+                        self._transition(task, Q, work, now, source, {}, extra)
+                        queued.append(task_id)
+                return tuple(queued)
+            case CancelTasks(task_ids=task_ids, statuses=statuses, reason=reason):
+                cancelled = []
+                for task_id in task_ids:
+                    task = self._tasks.get(task_id)
+                    if task is None or task.status not in statuses or task_id in work.deleted:
+                        continue
+                    self._end_claim(task, RunStatus.CANCELLED, work, now, reason)
+                    self._transition(
+                        task,
+                        TaskStatus.CANCELLED,
+                        work,
+                        now,
+                        message.source_agent,
+                        {"error": reason},
+                    )
+                    cancelled.append(task_id)
+                return tuple(cancelled)
             case GetTask(task_id=task_id):
                 task = self._tasks.get(task_id)
                 return task if task is not None else _Forward(FetchTask(task_id))
@@ -891,11 +932,11 @@ class TaskManager(Actor[TaskManagerMessage]):
         if key is not None and key in self._keys:
             return self._keys[key]  # the first task's id; nothing is created
         task = Task(
-            id=new_id(),
+            id=message.task_id or new_id(),
             title=message.title,
             description=message.description,
             task_type=message.task_type,
-            status=TaskStatus.QUEUED,
+            status=B if message.blocked else Q,
             priority=message.priority,
             workflow=message.workflow,
             payload=message.payload,
@@ -909,6 +950,8 @@ class TaskManager(Actor[TaskManagerMessage]):
             concurrency_key=message.concurrency_key,
             concurrency_limit=message.concurrency_limit,
             requires=message.requires,
+            plan_id=message.plan_id,
+            subtask_id=message.subtask_id,
             created_at=now,
             updated_at=now,
         )
@@ -930,6 +973,9 @@ class TaskManager(Actor[TaskManagerMessage]):
         return task.id
 
     def _update(self, message: UpdateTaskStatus, task: Task, work: _Batch, now: datetime) -> bool:
+        if task.status is B and message.status is not TaskStatus.CANCELLED:
+            # Only its plan queues a blocked subtask, once its dependencies are done.
+            raise IllegalTransitionError("task", task.id, task.status.value, message.status.value)
         changes: dict[str, object] = {}
         if message.assigned_worker is not None:
             changes["assigned_worker"] = message.assigned_worker
@@ -1096,6 +1142,7 @@ class TaskManager(Actor[TaskManagerMessage]):
             source=source or task.source_agent or "task_manager",
             correlation_id=task.correlation_id,
             task_id=task.id,
+            plan_id=task.plan_id,
             worker_id=worker if isinstance(worker, str) else None,
             data=data,
         )

@@ -1,0 +1,483 @@
+"""The plan operations of the seeds, and the planning queue, as messages to the
+PlanExecutor (and, for reads that need no owner, to the storage actor).
+
+Plan data is checked here, whole, before anything is sent: the types and bounds of every
+subtask field (each error names it, ``plan_data.subtasks[2].priority``), then the graph
+(an empty plan, a duplicate id, a dependency on an unknown subtask, a cycle).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
+
+import anyio
+import msgspec
+
+from ._plan_graph import check_plan_graph
+from ._validate import (
+    check_choice,
+    check_identifier,
+    check_int,
+    check_optional_text,
+    check_seconds,
+    check_text,
+    encode_json_object,
+)
+from .config import RuntimeConfig
+from .errors import InvalidInputError, NotFoundError
+from .messages.events import BroadcastMessage, Delivery, Lagged, Subscribe
+from .messages.plans import (
+    PLAN_FINAL,
+    ApprovePlan,
+    CancelPlan,
+    CancelPlanningRequest,
+    ClaimPlanningRequest,
+    CreatePlan,
+    ExecutionPlan,
+    FailurePolicy,
+    GetPlan,
+    GetPlanStatus,
+    MaterializePlan,
+    PlanExecutorMessage,
+    PlanningRequest,
+    PlanningStatus,
+    PlanProgress,
+    PlanStatus,
+    QueuePlanningRequest,
+    StartPlan,
+    Subtask,
+    SubtaskState,
+)
+from .messages.storage import (
+    CheckDependencies,
+    CountSubtasks,
+    FetchPlanningRequest,
+    LoadSubtasks,
+    NextPlannedTask,
+    QueryPlanningRequests,
+    QueryPlans,
+    StorageMessage,
+)
+from .messages.tasks import Task
+from .runtime import ActorRef
+
+__all__ = ["PlanOperations"]
+
+_MAX_PRIORITY = 2**31 - 1
+_MAX_TEXT = 10_000
+_MAX_LIST = 10_000
+_PLAN_KEYS = ("subtasks",)
+# msgspec names the place of a type error as "... - at `$.subtasks[3].priority`".
+_AT = re.compile(r" - at `\$(.*)`$")
+
+
+class PlanOperations:
+    """Mixed into :class:`Runtime`; needs ``_plans``, ``_storage``, ``_broadcast`` and
+    ``_config``."""
+
+    _plans: ActorRef[PlanExecutorMessage]
+    _storage: ActorRef[StorageMessage]
+    _broadcast: ActorRef[BroadcastMessage]
+    _config: RuntimeConfig
+
+    def _check_open(self) -> None:  # pragma: no cover - provided by Runtime
+        raise NotImplementedError
+
+    # -- the planning queue -----------------------------------------------------------------
+
+    async def queue_planning_request(
+        self,
+        task_description: str,
+        *,
+        priority: int = 50,
+        requestor: str | None = None,
+        context_data: Mapping[str, object] | None = None,
+        complexity_estimate: str | None = None,
+    ) -> PlanningRequest:
+        """Ask for a plan ("Deploy to production"): queued for a planner agent, which
+        takes it with :meth:`claim_planning_request`. Publishes ``planning.requested``."""
+        self._check_open()
+        context = None
+        if context_data is not None:
+            context, _ = encode_json_object(
+                context_data,
+                "context_data",
+                max_bytes=self._config.max_payload_bytes,
+                max_depth=self._config.max_payload_depth,
+            )
+        message = QueuePlanningRequest(
+            task_description=_text(task_description, "task_description"),
+            priority=check_int(priority, "priority", minimum=0, maximum=_MAX_PRIORITY),
+            requestor=check_optional_text(requestor, "requestor"),
+            context_data=context,
+            complexity_estimate=check_optional_text(complexity_estimate, "complexity_estimate"),
+        )
+        return await self._plans.ask(message)
+
+    async def claim_planning_request(
+        self, agent_id: str, *, wait: float = 0.0
+    ) -> PlanningRequest | None:
+        """Take the best pending planning request (priority, then age) for ``agent_id``.
+
+        With ``wait``, a planner with nothing to do waits up to that many seconds for a
+        request, woken by ``planning.requested`` events rather than polling. ``None`` if
+        none came.
+        """
+        self._check_open()
+        agent_id = check_identifier(agent_id, "agent_id")
+        wait = check_seconds(wait, "wait", positive=False)
+        claim = ClaimPlanningRequest(agent_id=agent_id)
+        if wait == 0:
+            return await self._plans.ask(claim)
+        with anyio.move_on_after(wait):
+            # Subscribe before the first try, so a request queued in between wakes us.
+            send, receive = anyio.create_memory_object_stream[Delivery](2)
+            with send, receive:
+                await self._broadcast.ask(Subscribe("planning.requested", (), send, 1, "drop"))
+                while True:
+                    request = await self._plans.ask(claim)
+                    if request is not None:
+                        return request
+                    item = await receive.receive()
+                    if isinstance(item, Lagged):  # pragma: no cover - "drop" never lags
+                        continue
+        return None
+
+    async def get_planning_request(self, request_id: str) -> PlanningRequest | None:
+        self._check_open()
+        return await self._storage.ask(
+            FetchPlanningRequest(check_identifier(request_id, "request_id"))
+        )
+
+    async def get_planning_queue(
+        self, status: PlanningStatus | str | None = PlanningStatus.PENDING, *, limit: int = 100
+    ) -> list[PlanningRequest]:
+        """Planning requests in ``status`` (all if None), by priority then age."""
+        self._check_open()
+        checked = None if status is None else check_choice(status, PlanningStatus, "status")
+        return await self._storage.ask(
+            QueryPlanningRequests(
+                status=None if checked is None else checked.value,
+                limit=check_int(limit, "limit", minimum=1, maximum=_MAX_LIST),
+            )
+        )
+
+    async def cancel_planning_request(
+        self, request_id: str, reason: str | None = None
+    ) -> PlanningRequest:
+        """Withdraw a pending or assigned request (``planning.cancelled``)."""
+        self._check_open()
+        return await self._plans.ask(
+            CancelPlanningRequest(
+                request_id=check_identifier(request_id, "request_id"),
+                reason=None if reason is None else _text(reason, "reason"),
+            )
+        )
+
+    async def fail_planning_request(self, request_id: str, error: str) -> PlanningRequest:
+        """A planner could not plan it (``planning.failed``, with ``error``)."""
+        self._check_open()
+        return await self._plans.ask(
+            CancelPlanningRequest(
+                request_id=check_identifier(request_id, "request_id"),
+                reason=_text(error, "error", empty=False),
+                failed=True,
+            )
+        )
+
+    # -- plans ------------------------------------------------------------------------------
+
+    async def create_execution_plan(
+        self,
+        plan_data: Mapping[str, object],
+        *,
+        planning_task_id: str | None = None,
+        estimated_duration: int | None = None,
+        estimated_complexity: str | None = None,
+        generated_workflow: str | None = None,
+        failure_policy: FailurePolicy | str = FailurePolicy.FAIL_FAST,
+        approved: bool = False,
+        source_agent: str | None = None,
+    ) -> str:
+        """Store a plan (a draft, or approved) and return its id; durable when this returns.
+
+        ``plan_data`` is a JSON object with ``subtasks``: a list of objects with ``id``,
+        ``task_type`` (or ``type``) and optionally ``title``, ``description``, ``payload``,
+        ``priority``, ``dependencies`` (ids of subtasks of the plan), ``max_retries``,
+        ``timeout``, ``requires`` and ``estimated_duration``; its other keys (``title``,
+        for one) are kept as given. The whole plan is checked first: a bad field, a
+        duplicate id, an unknown dependency, an empty plan or a cycle (named) is an
+        :class:`InvalidInputError`, and nothing is written. ``planning_task_id`` links
+        the plan to the request it answers (which becomes ``planned``).
+        """
+        self._check_open()
+        data, encoded = encode_json_object(
+            plan_data,
+            "plan_data",
+            max_bytes=self._config.max_plan_bytes,
+            max_depth=self._config.max_payload_depth + 3,
+        )
+        subtasks = self._subtasks(data)
+        encoded = msgspec.json.encode(data)  # as normalized: "type" read as task_type
+        if estimated_duration is not None:
+            estimated_duration = check_int(estimated_duration, "estimated_duration", minimum=0)
+        message = CreatePlan(
+            planning_task_id=check_optional_text(planning_task_id, "planning_task_id"),
+            plan_data=data,
+            plan_data_json=encoded,
+            subtasks=subtasks,
+            failure_policy=check_choice(failure_policy, FailurePolicy, "failure_policy"),
+            estimated_duration=estimated_duration,
+            estimated_complexity=check_optional_text(estimated_complexity, "estimated_complexity"),
+            generated_workflow=None
+            if generated_workflow is None
+            else _text(generated_workflow, "generated_workflow", limit=1_000_000),
+            approved=_flag(approved, "approved"),
+            source_agent=check_optional_text(source_agent, "source_agent"),
+        )
+        plan = await self._plans.ask(message)
+        return plan.id
+
+    async def approve_plan(self, plan_id: str, *, source_agent: str | None = None) -> ExecutionPlan:
+        """draft -> approved (``plan.approved``); any other status is refused."""
+        self._check_open()
+        return await self._plans.ask(
+            ApprovePlan(
+                plan_id=check_identifier(plan_id, "plan_id"),
+                source_agent=check_optional_text(source_agent, "source_agent"),
+            )
+        )
+
+    async def create_planned_subtasks_from_plan(self, plan_id: str) -> int:
+        """Create a task for each subtask of the plan that has none, and return how many.
+
+        Idempotent: a second call creates nothing and returns 0. The tasks are
+        ``blocked`` until the plan executes and their dependencies are done; starting a
+        plan creates them anyway, so calling this first is optional.
+        """
+        self._check_open()
+        return await self._plans.ask(MaterializePlan(plan_id=check_identifier(plan_id, "plan_id")))
+
+    async def mark_plan_execution_started(
+        self, plan_id: str, *, source_agent: str | None = None
+    ) -> bool:
+        """Start a draft or approved plan (``plan.started``): its subtasks become tasks
+        and those with no dependencies are queued at once. False, and nothing changes,
+        for a plan in any other status."""
+        self._check_open()
+        return await self._plans.ask(
+            StartPlan(
+                plan_id=check_identifier(plan_id, "plan_id"),
+                source_agent=check_optional_text(source_agent, "source_agent"),
+            )
+        )
+
+    async def cancel_plan(
+        self, plan_id: str, reason: str | None = None, *, source_agent: str | None = None
+    ) -> ExecutionPlan:
+        """Cancel a plan that has not ended (``plan.cancelled``): every task of it that
+        has not ended is cancelled, running ones included."""
+        self._check_open()
+        return await self._plans.ask(
+            CancelPlan(
+                plan_id=check_identifier(plan_id, "plan_id"),
+                reason=None if reason is None else _text(reason, "reason"),
+                source_agent=check_optional_text(source_agent, "source_agent"),
+            )
+        )
+
+    async def get_execution_plan(self, plan_id: str) -> ExecutionPlan | None:
+        self._check_open()
+        return await self._plans.ask(GetPlan(check_identifier(plan_id, "plan_id")))
+
+    async def get_execution_plans(
+        self, status: PlanStatus | str | None = None, *, limit: int = 100
+    ) -> list[ExecutionPlan]:
+        """Plans in ``status`` (all if None), newest first."""
+        self._check_open()
+        return await self._storage.ask(
+            QueryPlans(
+                status=None if status is None else check_choice(status, PlanStatus, "status"),
+                limit=check_int(limit, "limit", minimum=1, maximum=_MAX_LIST),
+            )
+        )
+
+    async def get_execution_plan_status(self, plan_id: str) -> str | None:
+        """The plan's status as stored (``"executing"``...), or None for an unknown plan."""
+        self._check_open()
+        plan = await self._plans.ask(GetPlan(check_identifier(plan_id, "plan_id")))
+        return None if plan is None else plan.status.value
+
+    async def get_execution_plan_status_cached(self, plan_id: str) -> str | None:
+        """The plan's status from the PlanExecutor's cache: no database read for a plan it
+        has seen. Never stale: the PlanExecutor is the only writer of a plan's status and
+        updates its entry with each write that changes it (which publishes the plan's
+        event)."""
+        self._check_open()
+        status = await self._plans.ask(GetPlanStatus(check_identifier(plan_id, "plan_id")))
+        return None if status is None else status.value
+
+    async def get_plan_subtasks(self, plan_id: str) -> list[SubtaskState]:
+        """Each subtask of the plan: its status, its task once created, its dependencies."""
+        self._check_open()
+        return list(await self._storage.ask(LoadSubtasks(check_identifier(plan_id, "plan_id"))))
+
+    async def get_plan_progress(self, plan_id: str) -> PlanProgress:
+        """The plan's subtasks counted by status (one query)."""
+        self._check_open()
+        plan_id = check_identifier(plan_id, "plan_id")
+        status = await self._plans.ask(GetPlanStatus(plan_id))
+        if status is None:
+            raise NotFoundError("plan", plan_id)
+        counts = await self._storage.ask(CountSubtasks(plan_id))
+        return PlanProgress(
+            plan_id=plan_id, status=status, total=sum(counts.values()), counts=counts
+        )
+
+    async def check_subtask_dependencies(self, task_id: str) -> bool:
+        """Whether every subtask the task's subtask depends on has completed (True for a
+        task of no plan). :class:`NotFoundError` for an unknown task."""
+        self._check_open()
+        task_id = check_identifier(task_id, "task_id")
+        found = await self._storage.ask(CheckDependencies((task_id,)))
+        if task_id not in found:
+            raise NotFoundError("task", task_id)
+        return found[task_id]
+
+    async def check_subtask_dependencies_batch(self, task_ids: Iterable[str]) -> dict[str, bool]:
+        """:meth:`check_subtask_dependencies` for many tasks, in one query. Unknown task
+        ids are left out of the result."""
+        self._check_open()
+        if isinstance(task_ids, str) or not isinstance(task_ids, Iterable):
+            raise InvalidInputError("task_ids", "must be a list of task ids")
+        ids = tuple(
+            dict.fromkeys(check_identifier(t, f"task_ids[{i}]") for i, t in enumerate(task_ids))
+        )
+        if not ids:
+            return {}
+        return await self._storage.ask(CheckDependencies(ids))
+
+    async def get_next_planned_subtask(self, plan_id: str) -> Task | None:
+        """The plan's best task ready to run (queued: its dependencies are done), by
+        priority then age, or None. Agents normally just :meth:`claim_task`."""
+        self._check_open()
+        return await self._storage.ask(NextPlannedTask(check_identifier(plan_id, "plan_id")))
+
+    async def wait_for_plan(
+        self,
+        plan_id: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - a convenience with a documented bound
+    ) -> ExecutionPlan:
+        """Wait until the plan has ended (completed, failed or cancelled) and return it.
+
+        Woken by the plan's own events; raises :class:`TimeoutError` after ``timeout``
+        seconds and :class:`NotFoundError` for an unknown plan.
+        """
+        self._check_open()
+        plan_id = check_identifier(plan_id, "plan_id")
+        limit = math.inf if timeout is None else check_seconds(timeout, "timeout")
+        with anyio.fail_after(limit):
+            send, receive = anyio.create_memory_object_stream[Delivery](2)
+            with send, receive:
+                await self._broadcast.ask(
+                    Subscribe("plan.*", (("plan_id", plan_id),), send, 1, "drop")
+                )
+                while True:
+                    plan = await self._plans.ask(GetPlan(plan_id))
+                    if plan is None:
+                        raise NotFoundError("plan", plan_id)
+                    if plan.status in PLAN_FINAL:
+                        return plan
+                    await receive.receive()
+
+    # -- checking plan data -----------------------------------------------------------------
+
+    def _subtasks(self, data: dict[str, Any]) -> tuple[Subtask, ...]:
+        raw = data.get("subtasks")
+        if raw is None:
+            raise InvalidInputError("plan_data.subtasks", "is missing: a plan lists its subtasks")
+        if not isinstance(raw, list):
+            raise InvalidInputError(
+                "plan_data.subtasks", f"must be a list of subtasks, got {type(raw).__name__}"
+            )
+        items = []
+        for i, item in enumerate(raw):
+            if isinstance(item, dict) and "type" in item:
+                item = dict(item)
+                alias = item.pop("type")
+                if item.setdefault("task_type", alias) != alias:
+                    raise InvalidInputError(
+                        f"plan_data.subtasks[{i}].type", "differs from its task_type"
+                    )
+            items.append(item)
+        try:
+            subtasks = msgspec.convert(items, list[Subtask])
+        except msgspec.ValidationError as exc:
+            text = str(exc)
+            match = _AT.search(text)
+            where = match.group(1) if match else ""
+            reason = text[: match.start()] if match else text
+            raise InvalidInputError(f"plan_data.subtasks{where}", reason) from None
+        checked = tuple(
+            self._subtask(subtask, f"plan_data.subtasks[{i}]") for i, subtask in enumerate(subtasks)
+        )
+        try:
+            check_plan_graph(
+                [subtask.id for subtask in checked], [subtask.dependencies for subtask in checked]
+            )
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"plan_data.{exc.field}", exc.reason) from None
+        # The stored plan data keeps the caller's keys; "type" was an alias only.
+        data["subtasks"] = cast(Any, msgspec.to_builtins(checked))
+        return checked
+
+    def _subtask(self, subtask: Subtask, at: str) -> Subtask:
+        check_identifier(subtask.id, f"{at}.id")
+        check_identifier(subtask.task_type, f"{at}.task_type")
+        if subtask.title is not None:
+            _text(subtask.title, f"{at}.title", empty=False)
+        if subtask.description is not None:
+            _text(subtask.description, f"{at}.description")
+        encode_json_object(
+            subtask.payload,
+            f"{at}.payload",
+            max_bytes=self._config.max_payload_bytes,
+            max_depth=self._config.max_payload_depth,
+        )
+        check_int(subtask.priority, f"{at}.priority", minimum=0, maximum=_MAX_PRIORITY)
+        check_int(subtask.max_retries, f"{at}.max_retries", minimum=0, maximum=1000)
+        if subtask.timeout is not None:
+            check_seconds(subtask.timeout, f"{at}.timeout")
+        if subtask.estimated_duration is not None:
+            check_seconds(subtask.estimated_duration, f"{at}.estimated_duration", positive=False)
+        for k, need in enumerate(subtask.dependencies):
+            check_identifier(need, f"{at}.dependencies[{k}]")
+        for k, capability in enumerate(subtask.requires):
+            check_identifier(capability, f"{at}.requires[{k}]")
+        # A repeated dependency is the same dependency.
+        dependencies = tuple(dict.fromkeys(subtask.dependencies))
+        requires = tuple(dict.fromkeys(subtask.requires))
+        if dependencies == subtask.dependencies and requires == subtask.requires:
+            return subtask
+        return msgspec.structs.replace(subtask, dependencies=dependencies, requires=requires)
+
+
+def _text(value: object, field: str, *, empty: bool = True, limit: int = _MAX_TEXT) -> str:
+    if not isinstance(value, str):
+        raise InvalidInputError(field, f"must be a string, got {type(value).__name__}")
+    if not empty and not value.strip():
+        raise InvalidInputError(field, "must not be empty")
+    if len(value) > limit:
+        raise InvalidInputError(field, f"must be at most {limit} characters")
+    check_text(value, field)
+    return value
+
+
+def _flag(value: object, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInputError(field, f"must be True or False, got {type(value).__name__}")
+    return value

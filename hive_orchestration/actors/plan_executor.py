@@ -1,0 +1,885 @@
+"""The PlanExecutor actor: the one owner of execution plans and the planning queue.
+
+It turns a plan's subtasks into tasks and drives the plan to an end, by messages only:
+it asks the TaskManager to create, queue and cancel tasks, and learns how they end from
+the event log, through a subscription that :class:`PlanFeed` keeps for it.
+
+Lifecycle of a subtask. When a plan starts (``mark_plan_execution_started``), every
+subtask becomes a task created ``blocked``. A subtask whose dependencies have all
+completed is *ready*: its task is queued (``blocked -> queued``, published as
+``plan.subtask_ready``) at once, so agents just claim work; no one polls. When a task of
+the plan ends, its subtask ends the same way and the plan reacts:
+
+- completed: each dependent whose dependencies are now all complete is queued;
+- failed (for good), timed out or cancelled, with the plan's failure policy:
+  ``fail_fast`` fails the plan at once and cancels every subtask not yet started
+  (running ones finish; their outcome is recorded); ``continue`` skips everything that
+  depends on it, transitively (their tasks are cancelled), and lets the rest go on.
+
+A plan whose subtasks have all ended is completed if they all completed, else failed.
+
+Durability and recovery. The database holds everything: the plan (``execution_plans``),
+one row per subtask (``plan_execution``) and the tasks themselves, which name their
+plan and subtask (at most one task per subtask, enforced by a unique index). This actor
+handles a batch of messages, then applies what they caused in order: create tasks, queue
+tasks, cancel tasks (each one message to the TaskManager, so one commit), then one write
+of its own rows and events. A crash between two of those steps loses nothing: on start,
+and whenever its event feed may have missed something, each active plan is reconciled
+with the database (tasks are linked to their subtasks, subtasks whose task ended are
+settled, ready subtasks still blocked are queued, a plan whose subtasks all ended is
+finished). Reconciling is idempotent, so a subtask is never created twice nor forgotten.
+If an effect fails, the actor fails the batch's requests and restarts, to reconcile
+from what the database holds.
+
+Events: ``plan.created``, ``plan.approved``, ``plan.started``, ``plan.completed``,
+``plan.failed``, ``plan.cancelled`` (here) and ``plan.subtask_ready`` (the TaskManager,
+when it queues a subtask's task), all with the plan id as ``plan_id`` and as
+``correlation_id``, which every task of the plan carries too. The planning queue
+publishes ``planning.requested``, ``planning.assigned``, ``planning.planned``,
+``planning.failed`` and ``planning.cancelled``, with the request id as correlation id.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import anyio
+import msgspec
+
+from .._ids import new_id
+from ..errors import (
+    HiveError,
+    IllegalTransitionError,
+    NotFoundError,
+    RuntimeStoppedError,
+)
+from ..messages.events import BroadcastMessage, Delivery, Event, JsonValue, Lagged, Subscribe
+from ..messages.plans import (
+    PLAN_FINAL,
+    SUBTASK_FINAL,
+    ApprovePlan,
+    CancelPlan,
+    CancelPlanningRequest,
+    ClaimPlanningRequest,
+    CreatePlan,
+    ExecutionPlan,
+    FailurePolicy,
+    GetPlan,
+    GetPlanStatus,
+    MaterializePlan,
+    PlanExecutorMessage,
+    PlanningRequest,
+    PlanningStatus,
+    PlanStatus,
+    PlanTaskEvents,
+    QueuePlanningRequest,
+    Resync,
+    StartPlan,
+    SubtaskState,
+    SubtaskStatus,
+)
+from ..messages.storage import (
+    AppendEvent,
+    FetchPlan,
+    FetchPlanningRequest,
+    LoadActivePlans,
+    LoadPlanningRequests,
+    LoadPlanTasks,
+    LoadSubtasks,
+    PutPlan,
+    PutPlanningRequest,
+    PutSubtask,
+    SetPlanStatus,
+    StorageMessage,
+    Write,
+    WriteOp,
+)
+from ..messages.tasks import (
+    CancelTasks,
+    CreateTask,
+    CreateTasks,
+    QueueTasks,
+    TaskManagerMessage,
+    TaskStatus,
+)
+from ..runtime import Actor, ActorRef, Envelope, Request
+
+__all__ = ["PLAN_EVENT_TYPES", "PlanExecutor", "PlanFeed"]
+
+log = logging.getLogger("hive_orchestration.plans")
+
+#: The task events that end a subtask: what the feed subscribes to.
+PLAN_EVENT_TYPES = ("task.completed", "task.failed", "task.timed_out", "task.cancelled")
+_ENDED = {
+    "task.completed": SubtaskStatus.COMPLETED,
+    "task.failed": SubtaskStatus.FAILED,
+    "task.timed_out": SubtaskStatus.FAILED,
+    "task.cancelled": SubtaskStatus.CANCELLED,
+}
+_TASK_ENDED = {
+    TaskStatus.COMPLETED.value: SubtaskStatus.COMPLETED,
+    TaskStatus.FAILED.value: SubtaskStatus.FAILED,
+    TaskStatus.TIMED_OUT.value: SubtaskStatus.FAILED,
+    TaskStatus.CANCELLED.value: SubtaskStatus.CANCELLED,
+}
+_TASK_WORKING = frozenset({TaskStatus.QUEUED.value, TaskStatus.ASSIGNED.value, "running"})
+#: A task in one of these has not started: fail-fast cancels it.
+_NOT_STARTED = (TaskStatus.BLOCKED, TaskStatus.QUEUED, TaskStatus.ASSIGNED)
+_NOT_ENDED = (TaskStatus.BLOCKED, TaskStatus.QUEUED, TaskStatus.ASSIGNED, TaskStatus.RUNNING)
+#: A task in this status, of a plan in one of these, should have been cancelled.
+_STOPPING = {
+    "blocked": (PlanStatus.FAILED, PlanStatus.CANCELLED),
+    "queued": (PlanStatus.FAILED, PlanStatus.CANCELLED),
+    "assigned": (PlanStatus.FAILED, PlanStatus.CANCELLED),
+    "running": (PlanStatus.CANCELLED,),
+}
+_REQUEST_OPEN = (PlanningStatus.PENDING.value, PlanningStatus.ASSIGNED.value)
+
+
+@dataclass(slots=True)
+class _Sub:
+    """One subtask in memory: its row, plus the graph around it."""
+
+    state: SubtaskState
+    dependents: list[str] = field(default_factory=list)
+    remaining: int = 0  # dependencies not completed yet
+
+
+@dataclass(slots=True)
+class _Plan:
+    plan: ExecutionPlan
+    subs: dict[str, _Sub]
+    by_task: dict[str, str]  # task id -> subtask id
+    unfinished: int
+
+    @classmethod
+    def build(cls, plan: ExecutionPlan, states: Sequence[SubtaskState]) -> _Plan:
+        known = {state.subtask_id: state for state in states}
+        subs: dict[str, _Sub] = {}
+        for spec in plan.subtasks:
+            state = known.get(spec.id) or SubtaskState(
+                plan_id=plan.id, subtask_id=spec.id, dependencies=spec.dependencies
+            )
+            subs[spec.id] = _Sub(state)
+        for spec in plan.subtasks:
+            for need in spec.dependencies:
+                subs[need].dependents.append(spec.id)
+        for sub in subs.values():
+            sub.remaining = sum(
+                subs[need].state.status is not SubtaskStatus.COMPLETED
+                for need in sub.state.dependencies
+            )
+        by_task = {s.state.task_id: k for k, s in subs.items() if s.state.task_id is not None}
+        unfinished = sum(sub.state.status not in SUBTASK_FINAL for sub in subs.values())
+        return cls(plan, subs, by_task, unfinished)
+
+
+@dataclass(slots=True)
+class _Work:
+    """What one batch causes, applied in order once the batch is handled."""
+
+    creates: list[CreateTask] = field(default_factory=list)
+    release: dict[str, tuple[str, str]] = field(default_factory=dict)  # task -> (plan, sub)
+    cancels: list[CancelTasks] = field(default_factory=list)
+    ops: list[WriteOp] = field(default_factory=list)
+    dirty: dict[tuple[str, str], None] = field(default_factory=dict)  # subtask rows to write
+    touched: set[str] = field(default_factory=set)  # plans changed
+    answers: list[tuple[Envelope[PlanExecutorMessage], object]] = field(default_factory=list)
+    forwards: list[tuple[Envelope[PlanExecutorMessage], Request[object]]] = field(
+        default_factory=list
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Forward:
+    request: Request[object]
+
+
+class PlanExecutor(Actor[PlanExecutorMessage]):
+    max_batch = 512
+
+    def __init__(
+        self,
+        storage: ActorRef[StorageMessage],
+        tasks: ActorRef[TaskManagerMessage],
+        *,
+        cache_size: int = 10_000,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._storage = storage
+        self._tasks = tasks
+        self._clock = clock
+        self._plans: dict[str, _Plan] = {}  # plans with subtasks still to end, and drafts
+        # get_execution_plan_status_cached answers from here. This actor is the only
+        # writer of a plan's status and updates the entry with the write that changes it,
+        # so it is never stale; the entries of plans not in memory are bounded (LRU).
+        self._status: OrderedDict[str, PlanStatus] = OrderedDict()
+        self._cache_size = cache_size
+        self._requests: dict[str, PlanningRequest] = {}  # pending and assigned
+        self._pending: list[tuple[int, datetime, str]] = []  # heap: best pending first
+
+    # -- start-up and reconciling -----------------------------------------------------------
+
+    async def started(self) -> None:
+        for request in await self._storage.ask(LoadPlanningRequests(_REQUEST_OPEN)):
+            self._remember_request(request)
+        work = _Work()
+        for plan in await self._storage.ask(LoadActivePlans()):
+            await self._load(plan, work)
+        await self._apply(work)
+        log.info("plan executor: %d active plan(s)", len(self._plans))
+
+    async def _load(self, plan: ExecutionPlan, work: _Work) -> _Plan:
+        """Bring a stored plan into memory and reconcile it with its tasks."""
+        states = await self._storage.ask(LoadSubtasks(plan.id))
+        held = _Plan.build(plan, states)
+        self._plans[plan.id] = held
+        self._cache(plan.id, plan.status)
+        for state in states:
+            if state.subtask_id not in held.subs:  # pragma: no cover - rows match the plan
+                log.warning("plan %s: row for unknown subtask %r", plan.id, state.subtask_id)
+        await self._reconcile(held, work)
+        return held
+
+    async def _reconcile(self, held: _Plan, work: _Work) -> None:
+        """Make memory agree with the tasks in the database; idempotent."""
+        plan_id = held.plan.id
+        now = self._clock()
+        task_status: dict[str, str] = {}
+        for task_id, subtask_id, status in await self._storage.ask(LoadPlanTasks(plan_id)):
+            sub = held.subs.get(subtask_id)
+            if sub is None:  # pragma: no cover - tasks are only created for known subtasks
+                continue
+            task_status[subtask_id] = status
+            if sub.state.task_id != task_id:
+                self._update(held, sub, work, task_id=task_id)
+                held.by_task[task_id] = subtask_id
+        if held.plan.status is PlanStatus.EXECUTING:
+            self._materialize(held, work)
+        plan_status = held.plan.status
+        stray: list[str] = []  # tasks this plan meant to cancel, not cancelled yet
+        for subtask_id, status in task_status.items():
+            sub = held.subs[subtask_id]
+            if sub.state.status in SUBTASK_FINAL:
+                if status == "blocked" and sub.state.status is not SubtaskStatus.COMPLETED:
+                    stray.append(sub.state.task_id or "")
+                continue
+            if (status in _TASK_WORKING or status == "blocked") and plan_status in _STOPPING.get(
+                status, ()
+            ):
+                stray.append(sub.state.task_id or "")
+            ended = _TASK_ENDED.get(status)
+            if ended is not None:
+                self._settle(held, sub, ended, None, work, now)
+            elif status in _TASK_WORKING and sub.state.status is SubtaskStatus.PENDING:
+                self._update(held, sub, work, status=SubtaskStatus.READY, started_at=now)
+        if held.plan.status is PlanStatus.EXECUTING:
+            for sub in held.subs.values():
+                state = sub.state
+                if sub.remaining or task_status.get(state.subtask_id, "blocked") != "blocked":
+                    continue
+                if state.status is SubtaskStatus.PENDING:
+                    self._ready(held, sub, work, now)
+                elif state.status is SubtaskStatus.READY and state.task_id is not None:
+                    work.release[state.task_id] = (plan_id, state.subtask_id)  # not queued yet
+        if stray:
+            reason = held.plan.error or f"plan {plan_status.value}"
+            statuses = _NOT_ENDED if plan_status is PlanStatus.CANCELLED else _NOT_STARTED
+            work.cancels.append(
+                CancelTasks(task_ids=tuple(stray), statuses=statuses, reason=reason)
+            )
+        self._maybe_finish(held, work, now)
+
+    # -- the batch loop ---------------------------------------------------------------------
+
+    async def receive_batch(self, batch: Sequence[Envelope[PlanExecutorMessage]]) -> None:
+        work = _Work()
+        for envelope in batch:
+            envelope.started = True
+            try:
+                outcome = await self._handle(envelope.message, work)
+            except HiveError as exc:
+                outcome = exc
+            if isinstance(outcome, _Forward):
+                work.forwards.append((envelope, outcome.request))
+            else:
+                work.answers.append((envelope, outcome))
+        try:
+            await self._apply(work)
+        except HiveError as exc:
+            # Some effects may have landed, some not: say so to every asker, then restart
+            # and reconcile with what the database holds.
+            for envelope, _ in work.answers:
+                envelope.fail(exc)
+            for envelope, _ in work.forwards:
+                envelope.fail(exc)
+            raise _EffectsFailed(f"applying a batch failed ({exc}); reconciling") from exc
+        for envelope, request in work.forwards:
+            assert envelope.reply is not None
+            await self._storage.forward(request, envelope.reply)
+        for envelope, outcome in work.answers:
+            if isinstance(outcome, HiveError):
+                envelope.fail(outcome)
+            else:
+                envelope.resolve(outcome)
+
+    async def _apply(self, work: _Work) -> None:
+        """Create tasks, write this actor's rows and events, then queue and cancel tasks.
+
+        Tasks are created first, so that the subtask rows may name them; they are queued
+        and cancelled last, so that ``plan.started`` comes before the first
+        ``plan.subtask_ready`` and ``plan.failed`` before the cancellations it causes.
+        A crash between two steps is repaired by :meth:`_reconcile`."""
+        if work.creates:
+            await self._tasks.ask(CreateTasks(tuple(work.creates)), timeout=_NO_DEADLINE)
+        ops = work.ops
+        for plan_id, subtask_id in work.dirty:
+            held = self._plans.get(plan_id)
+            if held is not None:
+                ops.append(PutSubtask(held.subs[subtask_id].state))
+        if ops:
+            await self._storage.ask(Write(tuple(ops)), timeout=_NO_DEADLINE)
+        release = [
+            task_id
+            for task_id, (plan_id, subtask_id) in work.release.items()
+            if (held := self._plans.get(plan_id)) is not None
+            and held.plan.status is PlanStatus.EXECUTING
+            and held.subs[subtask_id].state.status is SubtaskStatus.READY
+        ]
+        if release:
+            await self._tasks.ask(QueueTasks(task_ids=tuple(release)), timeout=_NO_DEADLINE)
+        for cancel in work.cancels:
+            await self._tasks.ask(cancel, timeout=_NO_DEADLINE)
+        # Plans with nothing left to run leave memory (their status stays cached).
+        for plan_id in work.touched:
+            held = self._plans.get(plan_id)
+            if held is not None and held.unfinished == 0 and held.plan.status in PLAN_FINAL:
+                del self._plans[plan_id]
+
+    async def _handle(self, message: PlanExecutorMessage, work: _Work) -> object:
+        now = self._clock()
+        match message:
+            case PlanTaskEvents(events=events):
+                for event in events:
+                    await self._on_task_event(event, work, now)
+                return None
+            case Resync():
+                for held in list(self._plans.values()):
+                    await self._reconcile(held, work)
+                return None
+            case QueuePlanningRequest():
+                request = PlanningRequest(
+                    id=new_id(),
+                    task_description=message.task_description,
+                    priority=message.priority,
+                    requestor=message.requestor,
+                    context_data=message.context_data,
+                    complexity_estimate=message.complexity_estimate,
+                    created_at=now,
+                )
+                self._remember_request(request)
+                data: dict[str, JsonValue] = {
+                    "task_description": request.task_description,
+                    "priority": request.priority,
+                }
+                self._request_changed(request, "planning.requested", data, work, now)
+                return request
+            case ClaimPlanningRequest(agent_id=agent_id):
+                while self._pending:
+                    _, _, request_id = heapq.heappop(self._pending)
+                    waiting = self._requests.get(request_id)
+                    if waiting is None or waiting.status is not PlanningStatus.PENDING:
+                        continue
+                    claimed = msgspec.structs.replace(
+                        waiting,
+                        status=PlanningStatus.ASSIGNED,
+                        assigned_agent=agent_id,
+                        assigned_at=now,
+                    )
+                    self._requests[request_id] = claimed
+                    data = {"agent_id": agent_id}
+                    self._request_changed(claimed, "planning.assigned", data, work, now)
+                    return claimed
+                return None
+            case CancelPlanningRequest(request_id=request_id, reason=reason, failed=failed):
+                request = await self._request(request_id)
+                target = PlanningStatus.FAILED if failed else PlanningStatus.CANCELLED
+                if request.status.value not in _REQUEST_OPEN:
+                    raise IllegalTransitionError(
+                        "planning request", request_id, request.status.value, target.value
+                    )
+                ended = msgspec.structs.replace(
+                    request, status=target, completed_at=now, error=reason
+                )
+                self._requests.pop(request_id, None)
+                data = {"reason": reason}
+                self._request_changed(ended, f"planning.{target.value}", data, work, now)
+                return ended
+            case CreatePlan():
+                return await self._create(message, work, now)
+            case ApprovePlan(plan_id=plan_id, source_agent=source):
+                held = await self._plan(plan_id, work)
+                if held.plan.status is not PlanStatus.DRAFT:
+                    raise IllegalTransitionError(
+                        "plan", plan_id, held.plan.status.value, PlanStatus.APPROVED.value
+                    )
+                self._set_status(held, PlanStatus.APPROVED, "plan.approved", source, {}, work, now)
+                return held.plan
+            case MaterializePlan(plan_id=plan_id):
+                held = await self._plan(plan_id, work)
+                if held.plan.status in PLAN_FINAL:
+                    return 0
+                created = self._materialize(held, work)
+                return created
+            case StartPlan(plan_id=plan_id, source_agent=source):
+                held = await self._plan(plan_id, work)
+                if held.plan.status not in (PlanStatus.DRAFT, PlanStatus.APPROVED):
+                    return False
+                data = {"subtask_count": len(held.subs)}
+                self._set_status(
+                    held, PlanStatus.EXECUTING, "plan.started", source, data, work, now
+                )
+                self._materialize(held, work)
+                for sub in held.subs.values():
+                    if sub.remaining == 0 and sub.state.status is SubtaskStatus.PENDING:
+                        self._ready(held, sub, work, now)
+                self._maybe_finish(held, work, now)
+                return True
+            case CancelPlan(plan_id=plan_id, reason=reason, source_agent=source):
+                held = await self._plan(plan_id, work)
+                if held.plan.status in PLAN_FINAL:
+                    raise IllegalTransitionError(
+                        "plan", plan_id, held.plan.status.value, PlanStatus.CANCELLED.value
+                    )
+                note = reason or "plan cancelled"
+                self._stop_subtasks(held, _NOT_ENDED, SubtaskStatus.CANCELLED, note, work, now)
+                data = {"reason": note}
+                self._set_status(
+                    held, PlanStatus.CANCELLED, "plan.cancelled", source, data, work, now, note
+                )
+                return held.plan
+            case GetPlan(plan_id=plan_id):
+                known = self._plans.get(plan_id)
+                return known.plan if known is not None else _Forward(FetchPlan(plan_id))
+            case GetPlanStatus(plan_id=plan_id):
+                known = self._plans.get(plan_id)
+                if known is not None:
+                    return known.plan.status
+                status = self._status.get(plan_id)
+                if status is None:
+                    plan = await self._storage.ask(FetchPlan(plan_id))
+                    if plan is None:
+                        return None
+                    status = plan.status
+                    self._cache(plan_id, status)
+                else:
+                    self._status.move_to_end(plan_id)
+                return status
+        raise HiveError(f"the plan executor does not handle {type(message).__name__}")
+
+    # -- plans ------------------------------------------------------------------------------
+
+    async def _create(self, message: CreatePlan, work: _Work, now: datetime) -> ExecutionPlan:
+        plan_id = new_id()
+        request_id = message.planning_task_id
+        if request_id is None:
+            # Every plan answers a request: one made for it, already planned.
+            title = message.plan_data.get("title")
+            request = PlanningRequest(
+                id=new_id(),
+                task_description=title if isinstance(title, str) and title else "execution plan",
+                requestor=message.source_agent,
+                status=PlanningStatus.PLANNED,
+                completed_at=now,
+                created_at=now,
+            )
+            work.ops.append(PutPlanningRequest(request))
+            request_id = request.id
+        else:
+            request = await self._request(request_id)
+            if request.status.value in _REQUEST_OPEN:
+                planned = msgspec.structs.replace(
+                    request, status=PlanningStatus.PLANNED, completed_at=now
+                )
+                self._requests.pop(request_id, None)
+                data: dict[str, JsonValue] = {"plan_id": plan_id}
+                self._request_changed(planned, "planning.planned", data, work, now)
+        plan = ExecutionPlan(
+            id=plan_id,
+            planning_task_id=request_id,
+            status=PlanStatus.APPROVED if message.approved else PlanStatus.DRAFT,
+            plan_data=message.plan_data,
+            subtasks=message.subtasks,
+            failure_policy=message.failure_policy,
+            estimated_duration=message.estimated_duration,
+            estimated_complexity=message.estimated_complexity,
+            generated_workflow=message.generated_workflow,
+            subtask_count=len(message.subtasks),
+            dependency_count=sum(len(spec.dependencies) for spec in message.subtasks),
+            source_agent=message.source_agent,
+            generated_at=now,
+        )
+        work.ops.append(PutPlan(plan, message.plan_data_json))
+        held = _Plan.build(plan, ())
+        self._plans[plan_id] = held
+        for sub in held.subs.values():
+            work.dirty[plan_id, sub.state.subtask_id] = None
+        self._cache(plan_id, plan.status)
+        data = {
+            "status": plan.status.value,
+            "planning_task_id": request_id,
+            "subtask_count": plan.subtask_count,
+            "dependency_count": plan.dependency_count,
+            "failure_policy": plan.failure_policy.value,
+        }
+        work.ops.append(self._event("plan.created", plan, message.source_agent, data, now))
+        return plan
+
+    async def _plan(self, plan_id: str, work: _Work) -> _Plan:
+        held = self._plans.get(plan_id)
+        if held is not None:
+            return held
+        plan = await self._storage.ask(FetchPlan(plan_id))
+        if plan is None:
+            raise NotFoundError("plan", plan_id)
+        return await self._load(plan, work)
+
+    def _materialize(self, held: _Plan, work: _Work) -> int:
+        """Create a blocked task for every subtask that has none; returns how many."""
+        plan = held.plan
+        created = 0
+        for spec in plan.subtasks:
+            sub = held.subs[spec.id]
+            if sub.state.task_id is not None or sub.state.status in SUBTASK_FINAL:
+                continue
+            task_id = new_id()
+            work.creates.append(
+                CreateTask(
+                    title=spec.title or spec.id,
+                    task_type=spec.task_type,
+                    payload=spec.payload,
+                    description=spec.description,
+                    priority=spec.priority,
+                    max_retries=spec.max_retries,
+                    timeout=spec.timeout,
+                    requires=spec.requires,
+                    correlation_id=plan.id,
+                    source_agent=plan.source_agent,
+                    task_id=task_id,
+                    plan_id=plan.id,
+                    subtask_id=spec.id,
+                    blocked=True,
+                )
+            )
+            self._update(held, sub, work, task_id=task_id)
+            held.by_task[task_id] = spec.id
+            created += 1
+        return created
+
+    def _ready(self, held: _Plan, sub: _Sub, work: _Work, now: datetime) -> None:
+        """Its dependencies are done: queue its task (published as plan.subtask_ready)."""
+        self._update(held, sub, work, status=SubtaskStatus.READY, started_at=now)
+        task_id = sub.state.task_id
+        assert task_id is not None  # an executing plan's subtasks all have tasks
+        work.release[task_id] = (held.plan.id, sub.state.subtask_id)
+
+    async def _on_task_event(self, event: Event, work: _Work, now: datetime) -> None:
+        ended = _ENDED.get(event.type)
+        if ended is None or event.plan_id is None or event.task_id is None:
+            return
+        held = self._plans.get(event.plan_id)
+        if held is None:
+            # A plan not in memory (a draft whose task was cancelled, say): load it, which
+            # reconciles it, this task included.
+            plan = await self._storage.ask(FetchPlan(event.plan_id))
+            if plan is not None and plan.id not in self._plans:
+                await self._load(plan, work)
+            return
+        subtask_id = held.by_task.get(event.task_id)
+        if subtask_id is None:
+            return  # the link is written after the task: a Resync reconciles it
+        sub = held.subs[subtask_id]
+        if sub.state.status in SUBTASK_FINAL:
+            return  # settled already (skipped or cancelled by this plan, or reconciled)
+        error = event.data.get("error")
+        self._settle(held, sub, ended, error if isinstance(error, str) else None, work, now)
+
+    def _settle(
+        self,
+        held: _Plan,
+        sub: _Sub,
+        status: SubtaskStatus,
+        error: str | None,
+        work: _Work,
+        now: datetime,
+    ) -> None:
+        """A subtask's task ended: record it, then let the plan react."""
+        self._update(held, sub, work, status=status, completed_at=now, error=error)
+        held.unfinished -= 1
+        plan = held.plan
+        subtask_id = sub.state.subtask_id
+        if status is SubtaskStatus.COMPLETED:
+            for dependent_id in sub.dependents:
+                dependent = held.subs[dependent_id]
+                dependent.remaining -= 1
+                if (
+                    dependent.remaining == 0
+                    and dependent.state.status is SubtaskStatus.PENDING
+                    and plan.status is PlanStatus.EXECUTING
+                ):
+                    self._ready(held, dependent, work, now)
+        elif plan.status is PlanStatus.EXECUTING:
+            what = "was cancelled" if status is SubtaskStatus.CANCELLED else "failed"
+            why = f"subtask {subtask_id!r} {what}"
+            if error:
+                why += f": {error}"
+            if plan.failure_policy is FailurePolicy.FAIL_FAST:
+                self._stop_subtasks(
+                    held, _NOT_STARTED, SubtaskStatus.CANCELLED, f"plan failed: {why}", work, now
+                )
+                data: dict[str, JsonValue] = {"subtask_id": subtask_id, "reason": why}
+                self._set_status(held, PlanStatus.FAILED, "plan.failed", None, data, work, now, why)
+            else:
+                self._skip_dependents(held, sub, work, now)
+        self._maybe_finish(held, work, now)
+
+    def _skip_dependents(self, held: _Plan, failed: _Sub, work: _Work, now: datetime) -> None:
+        """Continue policy: everything downstream of ``failed`` will never run."""
+        reason = f"skipped: dependency {failed.state.subtask_id!r} did not complete"
+        skipped: list[str] = []
+        stack = list(failed.dependents)
+        while stack:
+            sub = held.subs[stack.pop()]
+            if sub.state.status is not SubtaskStatus.PENDING:
+                continue
+            self._update(
+                held, sub, work, status=SubtaskStatus.SKIPPED, completed_at=now, error=reason
+            )
+            held.unfinished -= 1
+            if sub.state.task_id is not None:
+                skipped.append(sub.state.task_id)
+            stack.extend(sub.dependents)
+        if skipped:
+            work.cancels.append(
+                CancelTasks(task_ids=tuple(skipped), statuses=(TaskStatus.BLOCKED,), reason=reason)
+            )
+
+    def _stop_subtasks(
+        self,
+        held: _Plan,
+        statuses: tuple[TaskStatus, ...],
+        status: SubtaskStatus,
+        reason: str,
+        work: _Work,
+        now: datetime,
+    ) -> None:
+        """Cancel the plan's tasks in ``statuses``. Subtasks still pending (never queued,
+        so never started) end at once; ready ones end when their task's cancellation (or
+        its own end, if it had started) comes back as an event."""
+        task_ids: list[str] = []
+        for sub in held.subs.values():
+            state = sub.state
+            if state.status in SUBTASK_FINAL:
+                continue
+            if state.task_id is not None:
+                task_ids.append(state.task_id)
+            if state.status is SubtaskStatus.PENDING:
+                self._update(held, sub, work, status=status, completed_at=now, error=reason)
+                held.unfinished -= 1
+        if task_ids:
+            work.cancels.append(
+                CancelTasks(task_ids=tuple(task_ids), statuses=statuses, reason=reason)
+            )
+
+    def _maybe_finish(self, held: _Plan, work: _Work, now: datetime) -> None:
+        if held.unfinished or held.plan.status is not PlanStatus.EXECUTING:
+            return
+        not_done = [
+            sub.state.subtask_id
+            for sub in held.subs.values()
+            if sub.state.status is not SubtaskStatus.COMPLETED
+        ]
+        counts: dict[str, JsonValue] = dict(
+            Counter(sub.state.status.value for sub in held.subs.values())
+        )
+        if not not_done:
+            self._set_status(
+                held, PlanStatus.COMPLETED, "plan.completed", None, {"counts": counts}, work, now
+            )
+        else:
+            why = f"{len(not_done)} subtask(s) did not complete: {', '.join(not_done[:5])}"
+            if len(not_done) > 5:
+                why += ", ..."
+            data: dict[str, JsonValue] = {"counts": counts, "reason": why}
+            self._set_status(held, PlanStatus.FAILED, "plan.failed", None, data, work, now, why)
+
+    def _set_status(
+        self,
+        held: _Plan,
+        status: PlanStatus,
+        event_type: str,
+        source: str | None,
+        data: dict[str, JsonValue],
+        work: _Work,
+        now: datetime,
+        error: str | None = None,
+    ) -> None:
+        previous = held.plan.status
+        changes: dict[str, object] = {"status": status}
+        if status is PlanStatus.EXECUTING:
+            changes["started_at"] = now
+        if status in PLAN_FINAL:
+            changes["completed_at"] = now
+            changes["error"] = error
+        plan = held.plan = msgspec.structs.replace(held.plan, **changes)
+        self._cache(plan.id, status)
+        work.ops.append(
+            SetPlanStatus(plan.id, status, plan.started_at, plan.completed_at, plan.error)
+        )
+        work.touched.add(plan.id)
+        event_data: dict[str, JsonValue] = {"status": status.value, "previous": previous.value}
+        event_data.update(data)
+        work.ops.append(self._event(event_type, plan, source, event_data, now))
+
+    def _update(self, held: _Plan, sub: _Sub, work: _Work, **changes: object) -> None:
+        sub.state = msgspec.structs.replace(sub.state, **changes)
+        work.dirty[held.plan.id, sub.state.subtask_id] = None
+        work.touched.add(held.plan.id)
+
+    def _event(
+        self,
+        event_type: str,
+        plan: ExecutionPlan,
+        source: str | None,
+        data: dict[str, JsonValue],
+        now: datetime,
+    ) -> AppendEvent:
+        event = Event(
+            type=event_type,
+            timestamp=now.timestamp(),
+            source=source or plan.source_agent or "plan_executor",
+            correlation_id=plan.id,
+            plan_id=plan.id,
+            data=data,
+        )
+        return AppendEvent(event, msgspec.json.encode(data))
+
+    def _cache(self, plan_id: str, status: PlanStatus) -> None:
+        self._status[plan_id] = status
+        self._status.move_to_end(plan_id)
+        while len(self._status) > self._cache_size:
+            self._status.popitem(last=False)
+
+    # -- the planning queue -----------------------------------------------------------------
+
+    def _remember_request(self, request: PlanningRequest) -> None:
+        self._requests[request.id] = request
+        if request.status is PlanningStatus.PENDING:
+            heapq.heappush(self._pending, (-request.priority, request.created_at, request.id))
+
+    async def _request(self, request_id: str) -> PlanningRequest:
+        request = self._requests.get(request_id)
+        if request is None:
+            request = await self._storage.ask(FetchPlanningRequest(request_id))
+            if request is None:
+                raise NotFoundError("planning request", request_id)
+        return request
+
+    def _request_changed(
+        self,
+        request: PlanningRequest,
+        event_type: str,
+        data: dict[str, JsonValue],
+        work: _Work,
+        now: datetime,
+    ) -> None:
+        work.ops.append(PutPlanningRequest(request))
+        event = Event(
+            type=event_type,
+            timestamp=now.timestamp(),
+            source=request.requestor or "plan_executor",
+            correlation_id=request.id,
+            data=data,
+        )
+        work.ops.append(AppendEvent(event, msgspec.json.encode(data)))
+
+
+class _EffectsFailed(RuntimeError):
+    """A batch's effects failed part way: the actor restarts to reconcile."""
+
+
+# Effects are waited for without a deadline, as the TaskManager waits for its commits:
+# giving up early would leave this actor unsure of what landed. They always end.
+_NO_DEADLINE = float("inf")
+
+
+class PlanFeed:
+    """Keeps the PlanExecutor's subscription to the ends of plan tasks.
+
+    A supervisor service: it subscribes to the broadcast actor, tells the executor
+    :class:`Resync` (whatever ended before the subscription is read from the database),
+    then forwards events in batches. If the subscription lags or the broadcast actor
+    restarts, it subscribes again and resyncs; it ends when the runtime stops.
+    """
+
+    def __init__(
+        self,
+        broadcast: ActorRef[BroadcastMessage],
+        plans: ActorRef[PlanExecutorMessage],
+        *,
+        capacity: int = 10_000,
+    ) -> None:
+        self._broadcast = broadcast
+        self._plans = plans
+        self._capacity = capacity
+
+    async def run(self) -> None:
+        try:
+            while await self._follow():
+                pass
+        except RuntimeStoppedError:
+            return
+
+    async def _follow(self) -> bool:
+        """One subscription; True to subscribe again, False once the runtime stops."""
+        send, receive = anyio.create_memory_object_stream[Delivery](self._capacity + 1)
+        with send, receive:
+            await self._broadcast.ask(
+                Subscribe(
+                    "task.*",
+                    (),
+                    send,
+                    self._capacity,
+                    "error",
+                    types=PLAN_EVENT_TYPES,
+                    require=("plan_id",),
+                    internal=True,
+                )
+            )
+            await self._plans.tell(Resync())
+            while True:
+                try:
+                    item = await receive.receive()
+                except (anyio.EndOfStream, anyio.ClosedResourceError):
+                    return False  # closed without a Lagged marker: the runtime stopped
+                if isinstance(item, Lagged):
+                    return True
+                events = [item]
+                lagged = False
+                while len(events) < 1024:
+                    try:
+                        more = receive.receive_nowait()
+                    except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                        break
+                    if isinstance(more, Lagged):
+                        lagged = True
+                        break
+                    events.append(more)
+                await self._plans.tell(PlanTaskEvents(tuple(events)))
+                if lagged:
+                    return True

@@ -1,0 +1,272 @@
+"""Plans, subtasks and planning requests to and from rows, and the plan queries.
+
+Timestamps are ISO-8601 UTC text and JSON columns text, as for tasks (see :mod:`.rows`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import cast
+
+import msgspec
+
+from ..messages.plans import (
+    ExecutionPlan,
+    FailurePolicy,
+    JsonObject,
+    PlanningRequest,
+    PlanningStatus,
+    PlanStatus,
+    Subtask,
+    SubtaskState,
+    SubtaskStatus,
+)
+from ..messages.storage import PutPlan, SetPlanStatus
+from .drivers import Driver, Params, Statement
+from .rows import TASK_COLUMNS, task_from_row
+
+__all__ = [
+    "PLAN_COLUMNS",
+    "REQUEST_COLUMNS",
+    "SUBTASK_COLUMNS",
+    "check_dependencies",
+    "count_subtasks",
+    "next_planned_task",
+    "plan_from_row",
+    "plan_statement",
+    "plan_status_statement",
+    "request_from_row",
+    "request_statement",
+    "subtask_from_row",
+    "subtask_statement",
+]
+
+_encode = msgspec.json.Encoder().encode
+_subtasks = msgspec.json.Decoder(list[Subtask])
+
+PLAN_COLUMNS = (
+    "id, planning_task_id, plan_data, estimated_duration, estimated_complexity,"
+    " generated_workflow, subtask_count, dependency_count, generated_at, status,"
+    " failure_policy, source_agent, started_at, completed_at, error"
+)
+SUBTASK_COLUMNS = (
+    "id, plan_id, subtask_id, task_id, status, started_at, completed_at, dependencies, error"
+)
+REQUEST_COLUMNS = (
+    "id, task_description, priority, requestor, context_data, complexity_estimate, status,"
+    " assigned_agent, assigned_at, completed_at, created_at, error"
+)
+
+
+def _insert(table: str, columns: str, *, replace: bool) -> str:
+    names = [name.strip() for name in columns.split(",")]
+    marks = ", ".join("?" * len(names))
+    if not replace:
+        return f"INSERT INTO {table} ({columns}) VALUES ({marks})"
+    updates = ", ".join(f"{name} = excluded.{name}" for name in names if name != "id")
+    return (
+        f"INSERT INTO {table} ({columns}) VALUES ({marks}) ON CONFLICT (id) DO UPDATE SET {updates}"
+    )
+
+
+# A plan is inserted once; afterwards only its status and times change (SetPlanStatus),
+# so its plan data, which may be large, is written once.
+_INSERT_PLAN = _insert("execution_plans", PLAN_COLUMNS, replace=False)
+_SET_PLAN_STATUS = (
+    "UPDATE execution_plans SET status = ?, started_at = ?, completed_at = ?, error = ?"
+    " WHERE id = ?"
+)
+_PUT_SUBTASK = _insert("plan_execution", SUBTASK_COLUMNS, replace=True)
+_PUT_REQUEST = _insert("planning_queue", REQUEST_COLUMNS, replace=True)
+
+
+def _time(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _parse_time(value: object) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(str(value))
+
+
+def _parse_json(value: object) -> JsonObject | None:
+    return None if value is None else cast(JsonObject, msgspec.json.decode(str(value)))
+
+
+def plan_statement(put: PutPlan) -> Statement:
+    plan = put.plan
+    params: Params = (
+        plan.id,
+        plan.planning_task_id,
+        put.plan_data_json.decode(),
+        plan.estimated_duration,
+        plan.estimated_complexity,
+        plan.generated_workflow,
+        plan.subtask_count,
+        plan.dependency_count,
+        _time(plan.generated_at),
+        plan.status.value,
+        plan.failure_policy.value,
+        plan.source_agent,
+        _time(plan.started_at),
+        _time(plan.completed_at),
+        plan.error,
+    )
+    return _INSERT_PLAN, params
+
+
+def plan_status_statement(op: SetPlanStatus) -> Statement:
+    return _SET_PLAN_STATUS, (
+        op.status.value,
+        _time(op.started_at),
+        _time(op.completed_at),
+        op.error,
+        op.plan_id,
+    )
+
+
+def plan_from_row(row: Sequence[object]) -> ExecutionPlan:
+    (id_, planning_task_id, plan_data, estimated_duration, estimated_complexity,
+     generated_workflow, subtask_count, dependency_count, generated_at, status,
+     failure_policy, source_agent, started_at, completed_at, error) = row  # fmt: skip
+    data = _parse_json(plan_data) or {}
+    raw = data.get("subtasks")
+    # Plans were checked before they were stored: decoding them again cannot fail.
+    subtasks = tuple(_subtasks.decode(_encode(raw))) if isinstance(raw, list) else ()
+    generated = _parse_time(generated_at)
+    assert generated is not None
+    return ExecutionPlan(
+        id=str(id_),
+        planning_task_id=str(planning_task_id),
+        status=PlanStatus(str(status)),
+        plan_data=data,
+        subtasks=subtasks,
+        failure_policy=FailurePolicy(str(failure_policy)),
+        estimated_duration=cast("int | None", estimated_duration),
+        estimated_complexity=cast("str | None", estimated_complexity),
+        generated_workflow=cast("str | None", generated_workflow),
+        subtask_count=cast(int, subtask_count or 0),
+        dependency_count=cast(int, dependency_count or 0),
+        source_agent=cast("str | None", source_agent),
+        generated_at=generated,
+        started_at=_parse_time(started_at),
+        completed_at=_parse_time(completed_at),
+        error=cast("str | None", error),
+    )
+
+
+def subtask_statement(state: SubtaskState) -> Statement:
+    params: Params = (
+        f"{state.plan_id}:{state.subtask_id}",
+        state.plan_id,
+        state.subtask_id,
+        state.task_id,
+        state.status.value,
+        _time(state.started_at),
+        _time(state.completed_at),
+        _encode(list(state.dependencies)).decode(),
+        state.error,
+    )
+    return _PUT_SUBTASK, params
+
+
+def subtask_from_row(row: Sequence[object]) -> SubtaskState:
+    (_id, plan_id, subtask_id, task_id, status, started_at, completed_at, dependencies,
+     error) = row  # fmt: skip
+    return SubtaskState(
+        plan_id=str(plan_id),
+        subtask_id=str(subtask_id),
+        task_id=cast("str | None", task_id),
+        status=SubtaskStatus(str(status)),
+        dependencies=tuple(cast("list[str]", msgspec.json.decode(str(dependencies or "[]")))),
+        started_at=_parse_time(started_at),
+        completed_at=_parse_time(completed_at),
+        error=cast("str | None", error),
+    )
+
+
+def request_statement(request: PlanningRequest) -> Statement:
+    params: Params = (
+        request.id,
+        request.task_description,
+        request.priority,
+        request.requestor,
+        None if request.context_data is None else _encode(request.context_data).decode(),
+        request.complexity_estimate,
+        request.status.value,
+        request.assigned_agent,
+        _time(request.assigned_at),
+        _time(request.completed_at),
+        _time(request.created_at),
+        request.error,
+    )
+    return _PUT_REQUEST, params
+
+
+def request_from_row(row: Sequence[object]) -> PlanningRequest:
+    (id_, description, priority, requestor, context_data, complexity, status,
+     assigned_agent, assigned_at, completed_at, created_at, error) = row  # fmt: skip
+    created = _parse_time(created_at)
+    assert created is not None
+    return PlanningRequest(
+        id=str(id_),
+        task_description=str(description),
+        priority=50 if priority is None else cast(int, priority),
+        requestor=cast("str | None", requestor),
+        context_data=_parse_json(context_data),
+        complexity_estimate=cast("str | None", complexity),
+        status=PlanningStatus(str(status)),
+        assigned_agent=cast("str | None", assigned_agent),
+        assigned_at=_parse_time(assigned_at),
+        completed_at=_parse_time(completed_at),
+        created_at=created,
+        error=cast("str | None", error),
+    )
+
+
+# -- queries ---------------------------------------------------------------------------------
+
+# Readiness of many tasks in one statement: each task's subtask row, its dependencies
+# (json_each), and the status of the task of each dependency.
+_CHECK_DEPENDENCIES = """
+SELECT t.id,
+       COUNT(dep.value) = SUM(CASE WHEN dt.status = 'completed' THEN 1 ELSE 0 END)
+FROM tasks AS t
+LEFT JOIN plan_execution AS pe ON pe.plan_id = t.plan_id AND pe.subtask_id = t.subtask_id
+LEFT JOIN json_each(COALESCE(pe.dependencies, '[]')) AS dep
+LEFT JOIN plan_execution AS d ON d.plan_id = t.plan_id AND d.subtask_id = dep.value
+LEFT JOIN tasks AS dt ON dt.id = d.task_id
+WHERE t.id IN (SELECT value FROM json_each(?))
+GROUP BY t.id
+"""
+
+_NEXT_PLANNED = (
+    f"SELECT {TASK_COLUMNS} FROM tasks WHERE plan_id = ? AND status = 'queued'"
+    " ORDER BY priority DESC, created_at, rowid LIMIT 1"
+)
+
+# A ready subtask is counted by its task's status; any other by its own.
+_COUNT_SUBTASKS = """
+SELECT CASE WHEN pe.status = 'ready' AND t.status IS NOT NULL THEN t.status
+            WHEN pe.status = 'pending' AND t.status = 'queued' THEN 'queued'
+            ELSE pe.status END AS s,
+       COUNT(*)
+FROM plan_execution AS pe LEFT JOIN tasks AS t ON t.id = pe.task_id
+WHERE pe.plan_id = ?
+GROUP BY s
+"""
+
+
+async def check_dependencies(db: Driver, task_ids: Sequence[str]) -> dict[str, bool]:
+    rows = await db.fetchall(_CHECK_DEPENDENCIES, (_encode(list(task_ids)).decode(),))
+    return {str(task_id): bool(ready) for task_id, ready in rows}
+
+
+async def next_planned_task(db: Driver, plan_id: str) -> object:
+    rows = await db.fetchall(_NEXT_PLANNED, (plan_id,))
+    return task_from_row(rows[0]) if rows else None
+
+
+async def count_subtasks(db: Driver, plan_id: str) -> dict[str, int]:
+    rows = await db.fetchall(_COUNT_SUBTASKS, (plan_id,))
+    return {str(status): cast(int, count) for status, count in rows}
