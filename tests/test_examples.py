@@ -13,6 +13,7 @@ EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
 EXPECTED = {
     "embedded_runtime.py": "the log holds 3 event(s)",
     "agents_at_work.py": "completed 5 of 5 task(s)",
+    "execution_plan.py": "plan 'Deploy to production': completed",
 }
 
 

@@ -114,12 +114,19 @@ __all__ = ["PLAN_EVENT_TYPES", "PlanExecutor", "PlanFeed"]
 log = logging.getLogger("hive_orchestration.plans")
 
 #: The task events that end a subtask: what the feed subscribes to.
-PLAN_EVENT_TYPES = ("task.completed", "task.failed", "task.timed_out", "task.cancelled")
+PLAN_EVENT_TYPES = (
+    "task.completed",
+    "task.failed",
+    "task.timed_out",
+    "task.cancelled",
+    "task.deleted",
+)
 _ENDED = {
     "task.completed": SubtaskStatus.COMPLETED,
     "task.failed": SubtaskStatus.FAILED,
     "task.timed_out": SubtaskStatus.FAILED,
     "task.cancelled": SubtaskStatus.CANCELLED,
+    "task.deleted": SubtaskStatus.CANCELLED,  # deleting a plan's task withdraws its subtask
 }
 _TASK_ENDED = {
     TaskStatus.COMPLETED.value: SubtaskStatus.COMPLETED,
@@ -239,6 +246,7 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         states = await self._storage.ask(LoadSubtasks(plan.id))
         held = _Plan.build(plan, states)
         self._plans[plan.id] = held
+        work.touched.add(plan.id)  # leaves memory after this batch if it has ended
         self._cache(plan.id, plan.status)
         for state in states:
             if state.subtask_id not in held.subs:  # pragma: no cover - rows match the plan
@@ -607,6 +615,8 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         if sub.state.status in SUBTASK_FINAL:
             return  # settled already (skipped or cancelled by this plan, or reconciled)
         error = event.data.get("error")
+        if event.type == "task.deleted":
+            error = "its task was deleted"
         self._settle(held, sub, ended, error if isinstance(error, str) else None, work, now)
 
     def _settle(
