@@ -44,5 +44,9 @@ def test_the_demo_keeps_its_history_across_runs(tmp_path: Path) -> None:
     second = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
     assert "opened" in first.stdout
     assert "0 event(s) already in the log" in first.stdout
-    assert "4 event(s) already in the log" in second.stdout
-    assert "from 2 demo run(s)" in second.stdout
+    assert "the database holds 1 plan(s)" in first.stdout
+    assert "0 event(s) already in the log" not in second.stdout
+    assert "the database holds 2 plan(s)" in second.stdout
+    for run in (first, second):
+        assert "plan.completed" in run.stdout
+        assert run.stdout.count(": completed") == 1
