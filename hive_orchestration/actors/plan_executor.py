@@ -107,7 +107,7 @@ from ..messages.tasks import (
     TaskManagerMessage,
     TaskStatus,
 )
-from ..runtime import Actor, ActorRef, Envelope, Request
+from ..runtime import Actor, ActorRef, Envelope, Reply, Request
 
 __all__ = ["PLAN_EVENT_TYPES", "PlanExecutor", "PlanFeed"]
 
@@ -339,10 +339,13 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
     async def _apply(self, work: _Work) -> None:
         """Create tasks, write this actor's rows and events, then queue and cancel tasks.
 
-        Tasks are created first, so that the subtask rows may name them; they are queued
-        and cancelled last, so that ``plan.started`` comes before the first
-        ``plan.subtask_ready`` and ``plan.failed`` before the cancellations it causes.
-        A crash between two steps is repaired by :meth:`_reconcile`."""
+        Tasks are created first, so that the subtask rows may name them. The write and
+        the TaskManager's requests are then sent together and awaited together (one round
+        of commits, not three): the storage actor commits in the order writes reach it,
+        and the TaskManager's writes reach it after this one, so ``plan.started`` still
+        comes before the first ``plan.subtask_ready``, and ``plan.failed`` before the
+        cancellations it causes. A crash between two steps is repaired by
+        :meth:`_reconcile`."""
         if work.creates:
             await self._tasks.ask(CreateTasks(tuple(work.creates)), timeout=_NO_DEADLINE)
         ops = work.ops
@@ -350,8 +353,6 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
             held = self._plans.get(plan_id)
             if held is not None:
                 ops.append(PutSubtask(held.subs[subtask_id].state))
-        if ops:
-            await self._storage.ask(Write(tuple(ops)), timeout=_NO_DEADLINE)
         release = [
             task_id
             for task_id, (plan_id, subtask_id) in work.release.items()
@@ -359,10 +360,17 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
             and held.plan.status is PlanStatus.EXECUTING
             and held.subs[subtask_id].state.status is SubtaskStatus.READY
         ]
+        # No deadline on these, as the TaskManager waits for its commits: giving up early
+        # would leave this actor unsure of what landed. They always end.
+        pending: list[Reply[object]] = []
+        if ops:
+            pending.append(await self._storage.request(Write(tuple(ops))))
         if release:
-            await self._tasks.ask(QueueTasks(task_ids=tuple(release)), timeout=_NO_DEADLINE)
+            pending.append(await self._tasks.request(QueueTasks(task_ids=tuple(release))))
         for cancel in work.cancels:
-            await self._tasks.ask(cancel, timeout=_NO_DEADLINE)
+            pending.append(await self._tasks.request(cancel))
+        for reply in pending:
+            await reply.wait()
         # Plans with nothing left to run leave memory (their status stays cached).
         for plan_id in work.touched:
             held = self._plans.get(plan_id)
