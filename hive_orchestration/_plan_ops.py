@@ -109,7 +109,7 @@ class PlanOperations:
                 max_depth=self._config.max_payload_depth,
             )
         message = QueuePlanningRequest(
-            task_description=_text(task_description, "task_description"),
+            task_description=_text(task_description, "task_description", empty=False),
             priority=check_int(priority, "priority", minimum=0, maximum=_MAX_PRIORITY),
             requestor=check_optional_text(requestor, "requestor"),
             context_data=context,
@@ -221,7 +221,9 @@ class PlanOperations:
             max_depth=self._config.max_payload_depth + 3,
         )
         subtasks = self._subtasks(data)
-        encoded = msgspec.json.encode(data)  # as normalized: "type" read as task_type
+        # Stored (and returned) as normalized, in plain JSON types whatever the source.
+        encoded = msgspec.json.encode(data)
+        data = msgspec.json.decode(encoded)
         if estimated_duration is not None:
             estimated_duration = check_int(estimated_duration, "estimated_duration", minimum=0)
         message = CreatePlan(
@@ -431,7 +433,9 @@ class PlanOperations:
             )
         except InvalidInputError as exc:
             raise InvalidInputError(f"plan_data.{exc.field}", exc.reason) from None
-        # The stored plan data keeps the caller's keys; "type" was an alias only.
+        # The plan's other keys are kept as given; its subtasks are stored checked and
+        # normalized ("type" read as task_type, repeated dependencies once, defaults
+        # left out), so that the stored plan reads back exactly as it was checked.
         data["subtasks"] = cast(Any, msgspec.to_builtins(checked))
         return checked
 

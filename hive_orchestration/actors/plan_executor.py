@@ -228,7 +228,8 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         self._status: OrderedDict[str, PlanStatus] = OrderedDict()
         self._cache_size = cache_size
         self._requests: dict[str, PlanningRequest] = {}  # pending and assigned
-        self._pending: list[tuple[int, datetime, str]] = []  # heap: best pending first
+        self._pending: list[tuple[int, datetime, int, str]] = []  # heap: best pending first
+        self._arrivals = 0  # ties on priority and time go first come, first served
 
     # -- start-up and reconciling -----------------------------------------------------------
 
@@ -267,6 +268,12 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
             if sub.state.task_id != task_id:
                 self._update(held, sub, work, task_id=task_id)
                 held.by_task[task_id] = subtask_id
+        for sub in held.subs.values():
+            state = sub.state
+            if state.status is SubtaskStatus.READY and state.subtask_id not in task_status:
+                # Ready means it had a task; none is left: it was deleted.
+                self._update(held, sub, work, task_id=None)
+                self._settle(held, sub, SubtaskStatus.CANCELLED, "its task was deleted", work, now)
         if held.plan.status is PlanStatus.EXECUTING:
             self._materialize(held, work)
         plan_status = held.plan.status
@@ -407,7 +414,7 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
                 return request
             case ClaimPlanningRequest(agent_id=agent_id):
                 while self._pending:
-                    _, _, request_id = heapq.heappop(self._pending)
+                    *_, request_id = heapq.heappop(self._pending)
                     waiting = self._requests.get(request_id)
                     if waiting is None or waiting.status is not PlanningStatus.PENDING:
                         continue
@@ -464,6 +471,12 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
                 for sub in held.subs.values():
                     if sub.remaining == 0 and sub.state.status is SubtaskStatus.PENDING:
                         self._ready(held, sub, work, now)
+                # A task cancelled (or deleted) while its plan was a draft ended its
+                # subtask then; the policy applies now that the plan runs.
+                for sub in list(held.subs.values()):
+                    failed = sub.state.status in (SubtaskStatus.FAILED, SubtaskStatus.CANCELLED)
+                    if failed and _executing(held):  # fail-fast stops at the first
+                        self._apply_policy(held, sub, work, now)
                 self._maybe_finish(held, work, now)
                 return True
             case CancelPlan(plan_id=plan_id, reason=reason, source_agent=source):
@@ -624,7 +637,10 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
             return  # settled already (skipped or cancelled by this plan, or reconciled)
         error = event.data.get("error")
         if event.type == "task.deleted":
+            # The row's task_id is already NULL (ON DELETE SET NULL): keep it so.
             error = "its task was deleted"
+            self._update(held, sub, work, task_id=None)
+            held.by_task.pop(event.task_id, None)
         self._settle(held, sub, ended, error if isinstance(error, str) else None, work, now)
 
     def _settle(
@@ -640,7 +656,6 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         self._update(held, sub, work, status=status, completed_at=now, error=error)
         held.unfinished -= 1
         plan = held.plan
-        subtask_id = sub.state.subtask_id
         if status is SubtaskStatus.COMPLETED:
             for dependent_id in sub.dependents:
                 dependent = held.subs[dependent_id]
@@ -652,19 +667,25 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
                 ):
                     self._ready(held, dependent, work, now)
         elif plan.status is PlanStatus.EXECUTING:
-            what = "was cancelled" if status is SubtaskStatus.CANCELLED else "failed"
-            why = f"subtask {subtask_id!r} {what}"
-            if error:
-                why += f": {error}"
-            if plan.failure_policy is FailurePolicy.FAIL_FAST:
-                self._stop_subtasks(
-                    held, _NOT_STARTED, SubtaskStatus.CANCELLED, f"plan failed: {why}", work, now
-                )
-                data: dict[str, JsonValue] = {"subtask_id": subtask_id, "reason": why}
-                self._set_status(held, PlanStatus.FAILED, "plan.failed", None, data, work, now, why)
-            else:
-                self._skip_dependents(held, sub, work, now)
+            self._apply_policy(held, sub, work, now)
         self._maybe_finish(held, work, now)
+
+    def _apply_policy(self, held: _Plan, sub: _Sub, work: _Work, now: datetime) -> None:
+        """A subtask of an executing plan ended without completing: fail fast, or skip
+        what depends on it."""
+        what = "was cancelled" if sub.state.status is SubtaskStatus.CANCELLED else "failed"
+        subtask_id = sub.state.subtask_id
+        why = f"subtask {subtask_id!r} {what}"
+        if sub.state.error:
+            why += f": {sub.state.error}"
+        if held.plan.failure_policy is FailurePolicy.FAIL_FAST:
+            self._stop_subtasks(
+                held, _NOT_STARTED, SubtaskStatus.CANCELLED, f"plan failed: {why}", work, now
+            )
+            data: dict[str, JsonValue] = {"subtask_id": subtask_id, "reason": why}
+            self._set_status(held, PlanStatus.FAILED, "plan.failed", None, data, work, now, why)
+        else:
+            self._skip_dependents(held, sub, work, now)
 
     def _skip_dependents(self, held: _Plan, failed: _Sub, work: _Work, now: datetime) -> None:
         """Continue policy: everything downstream of ``failed`` will never run."""
@@ -798,7 +819,9 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
     def _remember_request(self, request: PlanningRequest) -> None:
         self._requests[request.id] = request
         if request.status is PlanningStatus.PENDING:
-            heapq.heappush(self._pending, (-request.priority, request.created_at, request.id))
+            self._arrivals += 1
+            entry = (-request.priority, request.created_at, self._arrivals, request.id)
+            heapq.heappush(self._pending, entry)
 
     async def _request(self, request_id: str) -> PlanningRequest:
         request = self._requests.get(request_id)
@@ -825,6 +848,10 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
             data=data,
         )
         work.ops.append(AppendEvent(event, msgspec.json.encode(data)))
+
+
+def _executing(held: _Plan) -> bool:
+    return held.plan.status is PlanStatus.EXECUTING
 
 
 class _EffectsFailed(RuntimeError):
