@@ -1775,7 +1775,7 @@ async def test_a_subtask_that_requires_capabilities_goes_to_a_worker_that_has_th
         assert (await rt.wait_for_plan(plan_id, timeout=SOON)).status is PlanStatus.COMPLETED
 
 
-# -- found by review, fixed ------------------------------------------------------------------------------------
+# -- regressions: bugs this suite found, now fixed -------------------------------------------
 
 
 async def test_a_subtask_cancelled_before_its_plan_starts_still_ends_the_plan(
