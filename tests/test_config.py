@@ -302,6 +302,7 @@ async def test_runtime_applies_its_config(anyio_backend: str, tmp_path: Path) ->
             "storage": 7,
             "tasks": 7,
             "workers": 7,
+            "plans": 7,
         }
         await runtime.publish("config.small", {"x": "y"})
         with pytest.raises(InvalidInputError) as caught:
