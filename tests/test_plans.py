@@ -37,10 +37,13 @@ from hive_orchestration import (
     PlanStatus,
     Runtime,
     RuntimeConfig,
+    RuntimeStoppedError,
+    StorageError,
     SubtaskState,
     SubtaskStatus,
     TaskStatus,
 )
+from hive_orchestration.messages.plans import ClaimPlanningRequest, Resync, StartPlan
 
 pytestmark = pytest.mark.anyio
 
@@ -1817,3 +1820,105 @@ async def test_deleting_a_plan_task_withdraws_its_subtask(db_path: str) -> None:
         assert plan.status is PlanStatus.FAILED
         assert plan.error is not None
         assert "deleted" in plan.error
+
+
+# -- regressions: the review's findings, now fixed ------------------------------------------
+
+
+async def test_a_resync_in_the_same_batch_as_a_start_does_not_fail_the_plan(
+    db_path: str,
+) -> None:
+    """Reconciling compared memory with a database that did not yet hold the tasks the
+    same batch had just created, and took them for deleted."""
+    async with runtime(db_path) as rt:
+        plan_id = await rt.create_execution_plan(plan_of(sub("a"), sub("b", "a")))
+        # Queued back to back, before the PlanExecutor wakes: one batch, start first.
+        reply = await rt._plans.request(StartPlan(plan_id=plan_id))
+        assert rt._plans.try_tell(Resync())
+        assert await reply.wait() is True
+        await finish(rt, await claim(rt, "job"))
+        await finish(rt, await claim(rt, "job"))
+        plan = await rt.wait_for_plan(plan_id, timeout=SOON)
+        assert plan.status is PlanStatus.COMPLETED, plan.error
+        assert tasks_per_subtask(db_path, plan_id) == {"a": 1, "b": 1}
+
+
+async def test_a_deleted_waiting_subtask_is_not_created_again_after_a_restart(
+    db_path: str,
+) -> None:
+    async with runtime(db_path) as rt:
+        plan_id = await started(rt, plan_of(sub("a"), sub("b", "a")), failure_policy="continue")
+        tasks = await tasks_of(rt, plan_id)
+        assert await rt.delete_task(tasks["b"]) is True
+        await barrier(rt)
+    async with runtime(db_path) as rt:
+        await finish(rt, await claim(rt, "job"))
+        plan = await rt.wait_for_plan(plan_id, timeout=SOON)
+        assert plan.status is PlanStatus.FAILED  # b never ran
+        assert (await states(rt, plan_id))["b"].status is SubtaskStatus.CANCELLED
+        assert tasks_per_subtask(db_path, plan_id) == {"a": 1}
+        assert (await rt.statistics()).restarts["plans"] == 0
+
+
+async def test_a_running_subtask_retried_after_its_plan_failed_is_not_run_again(
+    db_path: str,
+) -> None:
+    async with runtime(db_path) as rt:
+        plan_id = await started(rt, plan_of(sub("bad", max_retries=0), sub("slow", max_retries=3)))
+        first = await claim(rt, "job", worker="w1")
+        second = await claim(rt, "job", worker="w2")
+        slow, bad = (first, second) if first.task.subtask_id == "slow" else (second, first)
+        await rt.start_task(slow.lease)
+        await rt.start_task(bad.lease)
+        await rt.fail_task(bad.lease, "boom")  # fail fast: the plan fails, slow runs on
+        assert (await rt.wait_for_plan(plan_id, timeout=SOON)).status is PlanStatus.FAILED
+        await rt.fail_task(slow.lease, "flaky")  # attempts left: back to the queue...
+        await barrier(rt)
+        # ...but its plan has failed: it is cancelled, not handed out again.
+        assert await task_status(rt, slow.task.id) is TaskStatus.CANCELLED
+        assert await rt.claim_task("w3", "job") is None
+
+
+async def test_a_planning_request_whose_planner_left_goes_back_to_the_queue(
+    db_path: str,
+) -> None:
+    async with runtime(db_path) as rt:
+        request = await rt.queue_planning_request("Deploy to production")
+        reply = await rt._plans.request(ClaimPlanningRequest(agent_id="gone"))
+        reply.fail(RuntimeStoppedError("the planner stopped waiting"))  # as ask() does
+        await rt.get_execution_plan_status_cached("unknown")  # after that batch
+        again = await rt.claim_planning_request("planner-2")
+        assert again is not None
+        assert again.id == request.id
+        assert again.assigned_agent == "planner-2"
+
+
+async def test_a_plan_row_that_does_not_decode_does_not_keep_the_runtime_from_opening(
+    db_path: str,
+) -> None:
+    async with runtime(db_path) as rt:
+        good = await started(rt, plan_of(sub("a")))
+        bad = await started(rt, plan_of(sub("x")))
+    with closing(sqlite3.connect(db_path)) as conn:
+        conn.execute(
+            "UPDATE execution_plans SET plan_data = ? WHERE id = ?",
+            ('{"subtasks": [{"id": "x", "task_type": "job", "oops": 1}]}', bad),
+        )
+        conn.commit()
+    async with runtime(db_path) as rt:
+        await finish(rt, await claim(rt, "job"))
+        assert (await rt.wait_for_plan(good, timeout=SOON)).status is PlanStatus.COMPLETED
+        with pytest.raises(StorageError):
+            await rt.get_execution_plan(bad)
+
+
+async def test_a_completed_dependency_stays_met_when_its_task_is_deleted(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        plan_id = await started(rt, plan_of(sub("a"), sub("b", "a")))
+        await finish(rt, await claim(rt, "job"))
+        await barrier(rt)
+        tasks = await tasks_of(rt, plan_id)
+        assert await rt.check_subtask_dependencies(tasks["b"]) is True
+        assert await rt.delete_task(tasks["a"]) is True
+        await barrier(rt)
+        assert await rt.check_subtask_dependencies(tasks["b"]) is True

@@ -115,6 +115,7 @@ log = logging.getLogger("hive_orchestration.plans")
 
 #: The task events that end a subtask: what the feed subscribes to.
 PLAN_EVENT_TYPES = (
+    "task.retrying",
     "task.completed",
     "task.failed",
     "task.timed_out",
@@ -138,6 +139,7 @@ _TASK_WORKING = frozenset({TaskStatus.QUEUED.value, TaskStatus.ASSIGNED.value, "
 #: A task in one of these has not started: fail-fast cancels it.
 _NOT_STARTED = (TaskStatus.BLOCKED, TaskStatus.QUEUED, TaskStatus.ASSIGNED)
 _NOT_ENDED = (TaskStatus.BLOCKED, TaskStatus.QUEUED, TaskStatus.ASSIGNED, TaskStatus.RUNNING)
+_IDLE = (PlanStatus.DRAFT, PlanStatus.APPROVED)
 #: A task in this status, of a plan in one of these, should have been cancelled.
 _STOPPING = {
     "blocked": (PlanStatus.FAILED, PlanStatus.CANCELLED),
@@ -268,14 +270,18 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
             if sub.state.task_id != task_id:
                 self._update(held, sub, work, task_id=task_id)
                 held.by_task[task_id] = subtask_id
-        for sub in held.subs.values():
-            state = sub.state
-            if state.status is SubtaskStatus.READY and state.subtask_id not in task_status:
-                # Ready means it had a task; none is left: it was deleted.
-                self._update(held, sub, work, task_id=None)
+        if held.plan.status not in (PlanStatus.DRAFT, PlanStatus.APPROVED):
+            # A started plan's subtasks all got their tasks in the write that started it
+            # (their rows name them), so an unfinished subtask without a task had it
+            # deleted (the row's task_id was set to NULL): it is withdrawn, not re-created.
+            for sub in held.subs.values():
+                state = sub.state
+                if state.status in SUBTASK_FINAL or state.subtask_id in task_status:
+                    continue
+                if state.task_id is not None:
+                    held.by_task.pop(state.task_id, None)
+                    self._update(held, sub, work, task_id=None)
                 self._settle(held, sub, SubtaskStatus.CANCELLED, "its task was deleted", work, now)
-        if held.plan.status is PlanStatus.EXECUTING:
-            self._materialize(held, work)
         plan_status = held.plan.status
         stray: list[str] = []  # tasks this plan meant to cancel, not cancelled yet
         for subtask_id, status in task_status.items():
@@ -316,14 +322,30 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         work = _Work()
         for envelope in batch:
             envelope.started = True
+            message = envelope.message
+            if isinstance(message, Resync) and _pending(work):
+                # Reconciling compares memory with the database: apply what this batch
+                # has done so far first, or its tasks would look deleted.
+                await self._finish(work)
+                work = _Work()
             try:
-                outcome = await self._handle(envelope.message, work)
+                outcome = await self._handle(message, work)
             except HiveError as exc:
+                if envelope.reply is None:
+                    # A told message (events, a resync) cannot be refused to anyone, and
+                    # dropping it could leave a plan waiting forever: restart instead,
+                    # which reconciles every active plan with the database.
+                    await self._finish(work)
+                    raise _EffectsFailed(f"handling {type(message).__name__}: {exc}") from exc
                 outcome = exc
             if isinstance(outcome, _Forward):
                 work.forwards.append((envelope, outcome.request))
             else:
                 work.answers.append((envelope, outcome))
+        await self._finish(work)
+
+    async def _finish(self, work: _Work) -> None:
+        """Apply the effects of what was handled, then answer."""
         try:
             await self._apply(work)
         except HiveError as exc:
@@ -337,22 +359,38 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         for envelope, request in work.forwards:
             assert envelope.reply is not None
             await self._storage.forward(request, envelope.reply)
+        unclaimed: list[PlanningRequest] = []
         for envelope, outcome in work.answers:
             if isinstance(outcome, HiveError):
                 envelope.fail(outcome)
-            else:
-                envelope.resolve(outcome)
+            elif (
+                not envelope.resolve(outcome)
+                and isinstance(outcome, PlanningRequest)
+                and isinstance(envelope.message, ClaimPlanningRequest)
+            ):
+                unclaimed.append(outcome)
+        if unclaimed:
+            # Its planner stopped waiting before the answer: nobody holds the request.
+            again = _Work()
+            now = self._clock()
+            for lost in unclaimed:
+                back = msgspec.structs.replace(
+                    lost, status=PlanningStatus.PENDING, assigned_agent=None, assigned_at=None
+                )
+                self._remember_request(back)
+                data: dict[str, JsonValue] = {"reason": "the planner stopped waiting"}
+                self._request_changed(back, "planning.released", data, again, now)
+            await self._finish(again)
 
     async def _apply(self, work: _Work) -> None:
         """Create tasks, write this actor's rows and events, then queue and cancel tasks.
 
-        Tasks are created first, so that the subtask rows may name them. The write and
-        the TaskManager's requests are then sent together and awaited together (one round
-        of commits, not three): the storage actor commits in the order writes reach it,
-        and the TaskManager's writes reach it after this one, so ``plan.started`` still
-        comes before the first ``plan.subtask_ready``, and ``plan.failed`` before the
-        cancellations it causes. A crash between two steps is repaired by
-        :meth:`_reconcile`."""
+        Tasks are created first, so that the subtask rows may name them. This actor's
+        write is committed before any task is queued or cancelled, so that a plan whose
+        write failed never has tasks running (and ``plan.started`` comes before the first
+        ``plan.subtask_ready``, ``plan.failed`` before the cancellations it causes). The
+        queueing and cancelling requests are then sent together and awaited together.
+        A crash between two steps is repaired by :meth:`_reconcile`."""
         if work.creates:
             await self._tasks.ask(CreateTasks(tuple(work.creates)), timeout=_NO_DEADLINE)
         ops = work.ops
@@ -369,20 +407,24 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         ]
         # No deadline on these, as the TaskManager waits for its commits: giving up early
         # would leave this actor unsure of what landed. They always end.
-        pending: list[Reply[object]] = []
         if ops:
-            pending.append(await self._storage.request(Write(tuple(ops))))
+            await self._storage.ask(Write(tuple(ops)), timeout=_NO_DEADLINE)
+        pending: list[Reply[object]] = []
         if release:
             pending.append(await self._tasks.request(QueueTasks(task_ids=tuple(release))))
         for cancel in work.cancels:
             pending.append(await self._tasks.request(cancel))
         for reply in pending:
             await reply.wait()
-        # Plans with nothing left to run leave memory (their status stays cached).
+        # Plans with nothing left to run, and plans not started, leave memory (their
+        # status stays cached).
         for plan_id in work.touched:
             held = self._plans.get(plan_id)
-            if held is not None and held.unfinished == 0 and held.plan.status in PLAN_FINAL:
-                del self._plans[plan_id]
+            if held is None:
+                continue
+            status = held.plan.status
+            if status in _IDLE or (held.unfinished == 0 and status in PLAN_FINAL):
+                del self._plans[plan_id]  # reloaded on demand
 
     async def _handle(self, message: PlanExecutorMessage, work: _Work) -> object:
         now = self._clock()
@@ -618,15 +660,20 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         work.release[task_id] = (held.plan.id, sub.state.subtask_id)
 
     async def _on_task_event(self, event: Event, work: _Work, now: datetime) -> None:
-        ended = _ENDED.get(event.type)
-        if ended is None or event.plan_id is None or event.task_id is None:
+        if event.plan_id is None or event.task_id is None:
             return
         held = self._plans.get(event.plan_id)
         if held is None:
+            status = self._status.get(event.plan_id)
+            if status in PLAN_FINAL:
+                return  # an ended plan not in memory has no task left running
             # A plan not in memory (a draft whose task was cancelled, say): load it, which
             # reconciles it, this task included.
             plan = await self._storage.ask(FetchPlan(event.plan_id))
-            if plan is not None and plan.id not in self._plans:
+            if plan is None:
+                return
+            self._cache(plan.id, plan.status)
+            if plan.status not in PLAN_FINAL and plan.id not in self._plans:
                 await self._load(plan, work)
             return
         subtask_id = held.by_task.get(event.task_id)
@@ -635,6 +682,18 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         sub = held.subs[subtask_id]
         if sub.state.status in SUBTASK_FINAL:
             return  # settled already (skipped or cancelled by this plan, or reconciled)
+        if event.type == "task.retrying":
+            if held.plan.status in PLAN_FINAL:
+                # It was running when the plan stopped and now goes back to the queue:
+                # the plan will not run it again.
+                reason = held.plan.error or f"plan {held.plan.status.value}"
+                work.cancels.append(
+                    CancelTasks(
+                        task_ids=(event.task_id,), statuses=(TaskStatus.QUEUED,), reason=reason
+                    )
+                )
+            return
+        ended = _ENDED[event.type]
         error = event.data.get("error")
         if event.type == "task.deleted":
             # The row's task_id is already NULL (ON DELETE SET NULL): keep it so.
@@ -850,6 +909,19 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         work.ops.append(AppendEvent(event, msgspec.json.encode(data)))
 
 
+def _pending(work: _Work) -> bool:
+    """Whether ``work`` holds anything still to apply or answer."""
+    return bool(
+        work.creates
+        or work.release
+        or work.cancels
+        or work.ops
+        or work.dirty
+        or work.answers
+        or work.forwards
+    )
+
+
 def _executing(held: _Plan) -> bool:
     return held.plan.status is PlanStatus.EXECUTING
 
@@ -884,11 +956,17 @@ class PlanFeed:
         self._capacity = capacity
 
     async def run(self) -> None:
-        try:
-            while await self._follow():
-                pass
-        except RuntimeStoppedError:
-            return
+        while True:
+            try:
+                if not await self._follow():
+                    return
+            except RuntimeStoppedError:
+                return
+            except HiveError as exc:
+                # The broadcast actor crashed under the subscribe, say: its supervisor
+                # restarts it; try again shortly (what ends meanwhile, Resync reads).
+                log.warning("plan feed: %s; subscribing again", exc)
+                await anyio.sleep(0.1)
 
     async def _follow(self) -> bool:
         """One subscription; True to subscribe again, False once the runtime stops."""

@@ -155,6 +155,10 @@ class StorageActor(Actor[StorageMessage]):
                 envelope.resolve(await self._query(message))
             except sqlite3.Error as exc:
                 envelope.fail(StorageError(f"cannot read ({type(message).__name__}): {exc}"))
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                # A row another tool wrote, that does not decode: refuse the read, stay up.
+                reason = f"cannot decode a row ({type(message).__name__}): {exc}"
+                envelope.fail(StorageError(reason))
             except HiveError as exc:
                 envelope.fail(exc)
 
@@ -353,7 +357,14 @@ async def _query_plans(db: Driver, message: StorageMessage) -> object:
                 " AND status IN ('blocked', 'queued', 'assigned', 'running')))"
                 " ORDER BY generated_at, rowid"
             )
-            return tuple(plans.plan_from_row(row) for row in rows)
+            active = []
+            for row in rows:
+                try:
+                    active.append(plans.plan_from_row(row))
+                except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+                    # One bad row must not keep the runtime from opening.
+                    log.error("plan %s cannot be decoded, not resumed: %s", row[0], exc)
+            return tuple(active)
         case LoadSubtasks(plan_id=plan_id):
             rows = await db.fetchall(
                 f"SELECT {plans.SUBTASK_COLUMNS} FROM plan_execution WHERE plan_id = ?"

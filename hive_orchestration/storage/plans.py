@@ -6,7 +6,7 @@ Timestamps are ISO-8601 UTC text and JSON columns text, as for tasks (see :mod:`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import cast
 
 import msgspec
@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 _encode = msgspec.json.Encoder().encode
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _subtasks = msgspec.json.Decoder(list[Subtask])
 
 PLAN_COLUMNS = (
@@ -130,11 +131,13 @@ def plan_from_row(row: Sequence[object]) -> ExecutionPlan:
      generated_workflow, subtask_count, dependency_count, generated_at, status,
      failure_policy, source_agent, started_at, completed_at, error) = row  # fmt: skip
     data = _parse_json(plan_data) or {}
-    raw = data.get("subtasks")
-    # Plans were checked before they were stored: decoding them again cannot fail.
+    raw: object = data.get("subtasks")
+    if isinstance(raw, list):  # rows written by other tools may use the "type" alias
+        raw = [_with_task_type(item) for item in raw]
+    # Plans stored by this package were checked first; a row that does not decode raises
+    # msgspec.ValidationError, which the storage actor reports as a StorageError.
     subtasks = tuple(_subtasks.decode(_encode(raw))) if isinstance(raw, list) else ()
-    generated = _parse_time(generated_at)
-    assert generated is not None
+    generated = _parse_time(generated_at) or _EPOCH
     return ExecutionPlan(
         id=str(id_),
         planning_task_id=str(planning_task_id),
@@ -153,6 +156,13 @@ def plan_from_row(row: Sequence[object]) -> ExecutionPlan:
         completed_at=_parse_time(completed_at),
         error=cast("str | None", error),
     )
+
+
+def _with_task_type(item: object) -> object:
+    if isinstance(item, dict) and "type" in item and "task_type" not in item:
+        item = dict(item)
+        item["task_type"] = item.pop("type")
+    return item
 
 
 def subtask_statement(state: SubtaskState) -> Statement:
@@ -206,8 +216,7 @@ def request_statement(request: PlanningRequest) -> Statement:
 def request_from_row(row: Sequence[object]) -> PlanningRequest:
     (id_, description, priority, requestor, context_data, complexity, status,
      assigned_agent, assigned_at, completed_at, created_at, error) = row  # fmt: skip
-    created = _parse_time(created_at)
-    assert created is not None
+    created = _parse_time(created_at) or _EPOCH
     return PlanningRequest(
         id=str(id_),
         task_description=str(description),
@@ -227,10 +236,13 @@ def request_from_row(row: Sequence[object]) -> PlanningRequest:
 # -- queries ---------------------------------------------------------------------------------
 
 # Readiness of many tasks in one statement: each task's subtask row, its dependencies
-# (json_each), and the status of the task of each dependency.
+# (json_each), and the status of each dependency: its row's, or its task's (which the row
+# follows an instant later).
 _CHECK_DEPENDENCIES = """
 SELECT t.id,
-       COUNT(dep.value) = SUM(CASE WHEN dt.status = 'completed' THEN 1 ELSE 0 END)
+       COUNT(dep.value) = SUM(
+           CASE WHEN d.status = 'completed' OR dt.status = 'completed' THEN 1 ELSE 0 END
+       )
 FROM tasks AS t
 LEFT JOIN plan_execution AS pe ON pe.plan_id = t.plan_id AND pe.subtask_id = t.subtask_id
 LEFT JOIN json_each(COALESCE(pe.dependencies, '[]')) AS dep
