@@ -11,24 +11,25 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any, cast
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import anyio
 import msgspec
 
 from ._plan_graph import check_plan_graph
 from ._validate import (
+    check_bool,
     check_choice,
     check_identifier,
     check_int,
     check_optional_text,
     check_seconds,
-    check_text,
+    check_str,
     encode_json_object,
 )
 from .config import RuntimeConfig
 from .errors import InvalidInputError, NotFoundError
-from .messages.events import BroadcastMessage, Delivery, Lagged, Subscribe
 from .messages.plans import (
     PLAN_FINAL,
     ApprovePlan,
@@ -64,10 +65,12 @@ from .messages.storage import (
 from .messages.tasks import Task
 from .runtime import ActorRef
 
+if TYPE_CHECKING:
+    from .embedded import Subscription
+
 __all__ = ["PlanOperations"]
 
 _MAX_PRIORITY = 2**31 - 1
-_MAX_TEXT = 10_000
 _MAX_LIST = 10_000
 _PLAN_KEYS = ("subtasks",)
 # msgspec names the place of a type error as "... - at `$.subtasks[3].priority`".
@@ -75,15 +78,24 @@ _AT = re.compile(r" - at `\$(.*)`$")
 
 
 class PlanOperations:
-    """Mixed into :class:`Runtime`; needs ``_plans``, ``_storage``, ``_broadcast`` and
-    ``_config``."""
+    """Mixed into :class:`Runtime`; needs ``_plans``, ``_storage``, ``_config`` and
+    ``subscribe``."""
 
     _plans: ActorRef[PlanExecutorMessage]
     _storage: ActorRef[StorageMessage]
-    _broadcast: ActorRef[BroadcastMessage]
     _config: RuntimeConfig
 
     def _check_open(self) -> None:  # pragma: no cover - provided by Runtime
+        raise NotImplementedError
+
+    def subscribe(  # pragma: no cover - provided by Runtime
+        self,
+        pattern: str = "*",
+        *,
+        buffer: int | None = None,
+        overflow: Literal["error", "drop"] | None = None,
+        **filters: str,
+    ) -> AbstractAsyncContextManager[Subscription]:
         raise NotImplementedError
 
     # -- the planning queue -----------------------------------------------------------------
@@ -109,7 +121,7 @@ class PlanOperations:
                 max_depth=self._config.max_payload_depth,
             )
         message = QueuePlanningRequest(
-            task_description=_text(task_description, "task_description", empty=False),
+            task_description=check_str(task_description, "task_description", empty=False),
             priority=check_int(priority, "priority", minimum=0, maximum=_MAX_PRIORITY),
             requestor=check_optional_text(requestor, "requestor"),
             context_data=context,
@@ -134,16 +146,12 @@ class PlanOperations:
             return await self._plans.ask(claim)
         with anyio.move_on_after(wait):
             # Subscribe before the first try, so a request queued in between wakes us.
-            send, receive = anyio.create_memory_object_stream[Delivery](2)
-            with send, receive:
-                await self._broadcast.ask(Subscribe("planning.requested", (), send, 1, "drop"))
+            async with self.subscribe("planning.requested", buffer=1, overflow="drop") as new:
                 while True:
                     request = await self._plans.ask(claim)
                     if request is not None:
                         return request
-                    item = await receive.receive()
-                    if isinstance(item, Lagged):  # pragma: no cover - "drop" never lags
-                        continue
+                    await new.receive()
         return None
 
     async def get_planning_request(self, request_id: str) -> PlanningRequest | None:
@@ -173,7 +181,7 @@ class PlanOperations:
         return await self._plans.ask(
             CancelPlanningRequest(
                 request_id=check_identifier(request_id, "request_id"),
-                reason=None if reason is None else _text(reason, "reason"),
+                reason=None if reason is None else check_str(reason, "reason"),
             )
         )
 
@@ -183,7 +191,7 @@ class PlanOperations:
         return await self._plans.ask(
             CancelPlanningRequest(
                 request_id=check_identifier(request_id, "request_id"),
-                reason=_text(error, "error", empty=False),
+                reason=check_str(error, "error", empty=False),
                 failed=True,
             )
         )
@@ -236,8 +244,8 @@ class PlanOperations:
             estimated_complexity=check_optional_text(estimated_complexity, "estimated_complexity"),
             generated_workflow=None
             if generated_workflow is None
-            else _text(generated_workflow, "generated_workflow", limit=1_000_000),
-            approved=_flag(approved, "approved"),
+            else check_str(generated_workflow, "generated_workflow", limit=1_000_000),
+            approved=check_bool(approved, "approved"),
             source_agent=check_optional_text(source_agent, "source_agent"),
         )
         plan = await self._plans.ask(message)
@@ -286,7 +294,7 @@ class PlanOperations:
         return await self._plans.ask(
             CancelPlan(
                 plan_id=check_identifier(plan_id, "plan_id"),
-                reason=None if reason is None else _text(reason, "reason"),
+                reason=None if reason is None else check_str(reason, "reason"),
                 source_agent=check_optional_text(source_agent, "source_agent"),
             )
         )
@@ -383,18 +391,15 @@ class PlanOperations:
         plan_id = check_identifier(plan_id, "plan_id")
         limit = math.inf if timeout is None else check_seconds(timeout, "timeout")
         with anyio.fail_after(limit):
-            send, receive = anyio.create_memory_object_stream[Delivery](2)
-            with send, receive:
-                await self._broadcast.ask(
-                    Subscribe("plan.*", (("plan_id", plan_id),), send, 1, "drop")
-                )
+            changes = self.subscribe("plan.*", buffer=1, overflow="drop", plan_id=plan_id)
+            async with changes as changed:
                 while True:
                     plan = await self._plans.ask(GetPlan(plan_id))
                     if plan is None:
                         raise NotFoundError("plan", plan_id)
                     if plan.status in PLAN_FINAL:
                         return plan
-                    await receive.receive()
+                    await changed.receive()
 
     # -- checking plan data -----------------------------------------------------------------
 
@@ -443,9 +448,9 @@ class PlanOperations:
         check_identifier(subtask.id, f"{at}.id")
         check_identifier(subtask.task_type, f"{at}.task_type")
         if subtask.title is not None:
-            _text(subtask.title, f"{at}.title", empty=False)
+            check_str(subtask.title, f"{at}.title", empty=False)
         if subtask.description is not None:
-            _text(subtask.description, f"{at}.description")
+            check_str(subtask.description, f"{at}.description")
         encode_json_object(
             subtask.payload,
             f"{at}.payload",
@@ -468,20 +473,3 @@ class PlanOperations:
         if dependencies == subtask.dependencies and requires == subtask.requires:
             return subtask
         return msgspec.structs.replace(subtask, dependencies=dependencies, requires=requires)
-
-
-def _text(value: object, field: str, *, empty: bool = True, limit: int = _MAX_TEXT) -> str:
-    if not isinstance(value, str):
-        raise InvalidInputError(field, f"must be a string, got {type(value).__name__}")
-    if not empty and not value.strip():
-        raise InvalidInputError(field, "must not be empty")
-    if len(value) > limit:
-        raise InvalidInputError(field, f"must be at most {limit} characters")
-    check_text(value, field)
-    return value
-
-
-def _flag(value: object, field: str) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidInputError(field, f"must be True or False, got {type(value).__name__}")
-    return value

@@ -11,12 +11,13 @@ from datetime import UTC, datetime
 from typing import cast
 
 from ._validate import (
+    check_bool,
     check_choice,
     check_identifier,
     check_int,
     check_optional_text,
     check_seconds,
-    check_text,
+    check_str,
     encode_json_object,
 )
 from .config import RuntimeConfig
@@ -56,7 +57,6 @@ __all__ = ["TaskOperations"]
 
 JsonObject = dict[str, JsonValue]
 _MAX_PRIORITY = 2**31 - 1
-_MAX_TEXT = 10_000
 
 
 class TaskOperations:
@@ -105,10 +105,10 @@ class TaskOperations:
             if concurrency_key is None:
                 raise InvalidInputError("concurrency_limit", "needs a concurrency_key to limit")
         message = CreateTask(
-            title=_text(task_type if title is None else title, "title", empty=False),
+            title=check_str(task_type if title is None else title, "title", empty=False),
             task_type=task_type,
             payload=self._json(payload, "payload") or {},
-            description=None if description is None else _text(description, "description"),
+            description=None if description is None else check_str(description, "description"),
             priority=check_int(priority, "priority", minimum=0, maximum=_MAX_PRIORITY),
             workflow=self._json(workflow, "workflow"),
             tags=_tags(tags),
@@ -163,7 +163,7 @@ class TaskOperations:
                 fields.get("current_phase"), "metadata.current_phase"
             ),
             result=self._json(result, "result"),
-            error=None if error is None else _text(error, "error"),
+            error=None if error is None else check_str(error, "error"),
             source_agent=check_optional_text(source_agent, "source_agent"),
         )
         return await self._tasks.ask(message)
@@ -175,7 +175,7 @@ class TaskOperations:
         self._check_open()
         message = CancelTask(
             task_id=check_identifier(task_id, "task_id"),
-            reason=None if reason is None else _text(reason, "reason"),
+            reason=None if reason is None else check_str(reason, "reason"),
             source_agent=check_optional_text(source_agent, "source_agent"),
         )
         return await self._tasks.ask(message)
@@ -252,11 +252,11 @@ class TaskOperations:
             run_id=check_identifier(run_id, "run_id"),
             status=run_status,
             result=self._json(result, "result"),
-            error=None if error is None else _text(error, "error"),
+            error=None if error is None else check_str(error, "error"),
             phase=check_optional_text(phase, "phase"),
             output_log=None
             if output_log is None
-            else _text(output_log, "output_log", limit=self._config.max_payload_bytes),
+            else check_str(output_log, "output_log", limit=self._config.max_payload_bytes),
         )
         return await self._tasks.ask(message)
 
@@ -358,12 +358,10 @@ class TaskOperations:
         with jitter (or ``retry_after`` seconds); otherwise it fails for good with this
         error. Returns the task as it now is."""
         self._check_open()
-        if not isinstance(retryable, bool):
-            raise InvalidInputError("retryable", f"must be a bool, got {type(retryable).__name__}")
         message = FailTask(
             lease=_lease(lease),
-            error=_text(error, "error", empty=False),
-            retryable=retryable,
+            error=check_str(error, "error", empty=False),
+            retryable=check_bool(retryable, "retryable"),
             retry_after=None
             if retry_after is None
             else check_seconds(retry_after, "retry_after", positive=False),
@@ -375,7 +373,7 @@ class TaskOperations:
         queued again at once and the attempt does not count."""
         self._check_open()
         message = ReleaseTask(
-            lease=_lease(lease), reason=None if reason is None else _text(reason, "reason")
+            lease=_lease(lease), reason=None if reason is None else check_str(reason, "reason")
         )
         return await self._tasks.ask(message)
 
@@ -385,7 +383,7 @@ class TaskOperations:
         self._check_open()
         message = ReleaseWorker(
             worker_id=check_identifier(worker_id, "worker_id"),
-            reason=_text(reason, "reason", empty=False),
+            reason=check_str(reason, "reason", empty=False),
         )
         return await self._tasks.ask(message)
 
@@ -403,17 +401,6 @@ class TaskOperations:
 
 def _status(value: object) -> TaskStatus:
     return check_choice(value, TaskStatus, "status", aliases=("pending",))
-
-
-def _text(value: object, field: str, *, empty: bool = True, limit: int = _MAX_TEXT) -> str:
-    if not isinstance(value, str):
-        raise InvalidInputError(field, f"must be a string, got {type(value).__name__}")
-    if not empty and not value.strip():
-        raise InvalidInputError(field, "must not be empty")
-    if len(value) > limit:
-        raise InvalidInputError(field, f"must be at most {limit} characters")
-    check_text(value, field)
-    return value
 
 
 def _tags(value: Iterable[str]) -> tuple[str, ...]:

@@ -107,6 +107,25 @@ def check_choice(
         raise InvalidInputError(field, f"must be one of {valid}, got {value!r}") from None
 
 
+def check_str(value: object, field: str, *, empty: bool = True, limit: int = 10_000) -> str:
+    """Free text (a title, a description, an error): a string of at most ``limit``
+    characters, valid as text, and not blank unless ``empty``."""
+    if not isinstance(value, str):
+        raise InvalidInputError(field, f"must be a string, got {type(value).__name__}")
+    if not empty and not value.strip():
+        raise InvalidInputError(field, "must not be empty")
+    if len(value) > limit:
+        raise InvalidInputError(field, f"must be at most {limit} characters")
+    check_text(value, field)
+    return value
+
+
+def check_bool(value: object, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInputError(field, f"must be a bool, got {type(value).__name__}")
+    return value
+
+
 def check_text(value: str, field: str) -> None:
     """Refuse a string that is not valid text (a lone surrogate cannot be stored)."""
     try:

@@ -6,7 +6,6 @@ Timestamps are ISO-8601 UTC text and JSON columns text, as for tasks (see :mod:`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import cast
 
 import msgspec
@@ -14,7 +13,6 @@ import msgspec
 from ..messages.plans import (
     ExecutionPlan,
     FailurePolicy,
-    JsonObject,
     PlanningRequest,
     PlanningStatus,
     PlanStatus,
@@ -24,7 +22,7 @@ from ..messages.plans import (
 )
 from ..messages.storage import PutPlan, SetPlanStatus
 from .drivers import Driver, Params, Statement
-from .rows import TASK_COLUMNS, task_from_row
+from .rows import EPOCH, TASK_COLUMNS, parse_json, parse_time, task_from_row, time_text, upsert
 
 __all__ = [
     "PLAN_COLUMNS",
@@ -43,7 +41,6 @@ __all__ = [
 ]
 
 _encode = msgspec.json.Encoder().encode
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _subtasks = msgspec.json.Decoder(list[Subtask])
 
 PLAN_COLUMNS = (
@@ -60,38 +57,18 @@ REQUEST_COLUMNS = (
 )
 
 
-def _insert(table: str, columns: str, *, replace: bool) -> str:
-    names = [name.strip() for name in columns.split(",")]
-    marks = ", ".join("?" * len(names))
-    if not replace:
-        return f"INSERT INTO {table} ({columns}) VALUES ({marks})"
-    updates = ", ".join(f"{name} = excluded.{name}" for name in names if name != "id")
-    return (
-        f"INSERT INTO {table} ({columns}) VALUES ({marks}) ON CONFLICT (id) DO UPDATE SET {updates}"
-    )
-
-
 # A plan is inserted once; afterwards only its status and times change (SetPlanStatus),
 # so its plan data, which may be large, is written once.
-_INSERT_PLAN = _insert("execution_plans", PLAN_COLUMNS, replace=False)
+_INSERT_PLAN = (
+    f"INSERT INTO execution_plans ({PLAN_COLUMNS})"
+    f" VALUES ({', '.join('?' * len(PLAN_COLUMNS.split(',')))})"
+)
 _SET_PLAN_STATUS = (
     "UPDATE execution_plans SET status = ?, started_at = ?, completed_at = ?, error = ?"
     " WHERE id = ?"
 )
-_PUT_SUBTASK = _insert("plan_execution", SUBTASK_COLUMNS, replace=True)
-_PUT_REQUEST = _insert("planning_queue", REQUEST_COLUMNS, replace=True)
-
-
-def _time(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
-
-
-def _parse_time(value: object) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(str(value))
-
-
-def _parse_json(value: object) -> JsonObject | None:
-    return None if value is None else cast(JsonObject, msgspec.json.decode(str(value)))
+_PUT_SUBTASK = upsert("plan_execution", SUBTASK_COLUMNS)
+_PUT_REQUEST = upsert("planning_queue", REQUEST_COLUMNS)
 
 
 def plan_statement(put: PutPlan) -> Statement:
@@ -105,12 +82,12 @@ def plan_statement(put: PutPlan) -> Statement:
         plan.generated_workflow,
         plan.subtask_count,
         plan.dependency_count,
-        _time(plan.generated_at),
+        time_text(plan.generated_at),
         plan.status.value,
         plan.failure_policy.value,
         plan.source_agent,
-        _time(plan.started_at),
-        _time(plan.completed_at),
+        time_text(plan.started_at),
+        time_text(plan.completed_at),
         plan.error,
     )
     return _INSERT_PLAN, params
@@ -119,8 +96,8 @@ def plan_statement(put: PutPlan) -> Statement:
 def plan_status_statement(op: SetPlanStatus) -> Statement:
     return _SET_PLAN_STATUS, (
         op.status.value,
-        _time(op.started_at),
-        _time(op.completed_at),
+        time_text(op.started_at),
+        time_text(op.completed_at),
         op.error,
         op.plan_id,
     )
@@ -130,14 +107,14 @@ def plan_from_row(row: Sequence[object]) -> ExecutionPlan:
     (id_, planning_task_id, plan_data, estimated_duration, estimated_complexity,
      generated_workflow, subtask_count, dependency_count, generated_at, status,
      failure_policy, source_agent, started_at, completed_at, error) = row  # fmt: skip
-    data = _parse_json(plan_data) or {}
+    data = parse_json(plan_data) or {}
     raw: object = data.get("subtasks")
     if isinstance(raw, list):  # rows written by other tools may use the "type" alias
         raw = [_with_task_type(item) for item in raw]
     # Plans stored by this package were checked first; a row that does not decode raises
     # msgspec.ValidationError, which the storage actor reports as a StorageError.
     subtasks = tuple(_subtasks.decode(_encode(raw))) if isinstance(raw, list) else ()
-    generated = _parse_time(generated_at) or _EPOCH
+    generated = parse_time(generated_at) or EPOCH
     return ExecutionPlan(
         id=str(id_),
         planning_task_id=str(planning_task_id),
@@ -152,8 +129,8 @@ def plan_from_row(row: Sequence[object]) -> ExecutionPlan:
         dependency_count=cast(int, dependency_count or 0),
         source_agent=cast("str | None", source_agent),
         generated_at=generated,
-        started_at=_parse_time(started_at),
-        completed_at=_parse_time(completed_at),
+        started_at=parse_time(started_at),
+        completed_at=parse_time(completed_at),
         error=cast("str | None", error),
     )
 
@@ -172,8 +149,8 @@ def subtask_statement(state: SubtaskState) -> Statement:
         state.subtask_id,
         state.task_id,
         state.status.value,
-        _time(state.started_at),
-        _time(state.completed_at),
+        time_text(state.started_at),
+        time_text(state.completed_at),
         _encode(list(state.dependencies)).decode(),
         state.error,
     )
@@ -189,8 +166,8 @@ def subtask_from_row(row: Sequence[object]) -> SubtaskState:
         task_id=cast("str | None", task_id),
         status=SubtaskStatus(str(status)),
         dependencies=tuple(cast("list[str]", msgspec.json.decode(str(dependencies or "[]")))),
-        started_at=_parse_time(started_at),
-        completed_at=_parse_time(completed_at),
+        started_at=parse_time(started_at),
+        completed_at=parse_time(completed_at),
         error=cast("str | None", error),
     )
 
@@ -205,9 +182,9 @@ def request_statement(request: PlanningRequest) -> Statement:
         request.complexity_estimate,
         request.status.value,
         request.assigned_agent,
-        _time(request.assigned_at),
-        _time(request.completed_at),
-        _time(request.created_at),
+        time_text(request.assigned_at),
+        time_text(request.completed_at),
+        time_text(request.created_at),
         request.error,
     )
     return _PUT_REQUEST, params
@@ -216,18 +193,18 @@ def request_statement(request: PlanningRequest) -> Statement:
 def request_from_row(row: Sequence[object]) -> PlanningRequest:
     (id_, description, priority, requestor, context_data, complexity, status,
      assigned_agent, assigned_at, completed_at, created_at, error) = row  # fmt: skip
-    created = _parse_time(created_at) or _EPOCH
+    created = parse_time(created_at) or EPOCH
     return PlanningRequest(
         id=str(id_),
         task_description=str(description),
         priority=50 if priority is None else cast(int, priority),
         requestor=cast("str | None", requestor),
-        context_data=_parse_json(context_data),
+        context_data=parse_json(context_data),
         complexity_estimate=cast("str | None", complexity),
         status=PlanningStatus(str(status)),
         assigned_agent=cast("str | None", assigned_agent),
-        assigned_at=_parse_time(assigned_at),
-        completed_at=_parse_time(completed_at),
+        assigned_at=parse_time(assigned_at),
+        completed_at=parse_time(completed_at),
         created_at=created,
         error=cast("str | None", error),
     )

@@ -13,6 +13,11 @@ from .drivers import Params, Statement
 
 __all__ = [
     "DELETE_TASK",
+    "EPOCH",
+    "parse_json",
+    "parse_time",
+    "time_text",
+    "upsert",
     "DELETE_WORKER",
     "WORKER_COLUMNS",
     "RUN_COLUMNS",
@@ -26,7 +31,7 @@ __all__ = [
 ]
 
 _encode = msgspec.json.Encoder().encode
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 TASK_COLUMNS = (
     "id, title, description, task_type, priority, status, current_phase, workflow, payload,"
@@ -46,7 +51,7 @@ DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
 DELETE_WORKER = "DELETE FROM workers WHERE id = ?"
 
 
-def _upsert(table: str, columns: str) -> str:
+def upsert(table: str, columns: str) -> str:
     """INSERT of every column that replaces every column but the id on conflict."""
     names = [name.strip() for name in columns.split(",")]
     updates = ", ".join(f"{name} = excluded.{name}" for name in names if name != "id")
@@ -56,12 +61,12 @@ def _upsert(table: str, columns: str) -> str:
     )
 
 
-_PUT_TASK = _upsert("tasks", TASK_COLUMNS)
-_PUT_RUN = _upsert("runs", RUN_COLUMNS)
-_PUT_WORKER = _upsert("workers", WORKER_COLUMNS)
+_PUT_TASK = upsert("tasks", TASK_COLUMNS)
+_PUT_RUN = upsert("runs", RUN_COLUMNS)
+_PUT_WORKER = upsert("workers", WORKER_COLUMNS)
 
 
-def _time(value: datetime | None) -> str | None:
+def time_text(value: datetime | None) -> str | None:
     return None if value is None else value.astimezone(UTC).isoformat()
 
 
@@ -80,10 +85,10 @@ def task_statement(task: Task) -> Statement:
         task.current_phase,
         _json(task.workflow),
         _json(task.payload),
-        _time(task.created_at),
-        _time(task.updated_at),
+        time_text(task.created_at),
+        time_text(task.updated_at),
         task.assigned_worker,
-        _time(task.due_date),
+        time_text(task.due_date),
         task.max_retries,
         _json(list(task.tags)),
         task.attempts,
@@ -93,7 +98,7 @@ def task_statement(task: Task) -> Statement:
         task.correlation_id,
         task.source_agent,
         task.timeout,
-        _time(task.available_at),
+        time_text(task.available_at),
         task.concurrency_key,
         task.concurrency_limit,
         _json(list(task.requires)) if task.requires else None,
@@ -114,20 +119,20 @@ def run_statement(run: Run) -> Statement:
         _json(run.result),
         run.error,
         run.output_log,
-        _time(run.started_at),
-        _time(run.completed_at),
+        time_text(run.started_at),
+        time_text(run.completed_at),
         run.lease_seconds,
-        _time(run.lease_expires_at),
+        time_text(run.lease_expires_at),
         _json(run.progress),
     )
     return _PUT_RUN, params
 
 
-def _parse_time(value: object) -> datetime | None:
+def parse_time(value: object) -> datetime | None:
     return None if value is None else datetime.fromisoformat(str(value))
 
 
-def _parse_json(value: object) -> JsonObject | None:
+def parse_json(value: object) -> JsonObject | None:
     return None if value is None else cast(JsonObject, msgspec.json.decode(str(value)))
 
 
@@ -137,7 +142,7 @@ def task_from_row(row: tuple[object, ...]) -> Task:
      result, error, idempotency_key, correlation_id, source_agent, timeout, available_at,
      concurrency_key, concurrency_limit, requires, plan_id, subtask_id) = row  # fmt: skip
     # Rows written by other tools may leave the seed schema's nullable columns empty.
-    created = _parse_time(created_at) or _parse_time(updated_at) or _EPOCH
+    created = parse_time(created_at) or parse_time(updated_at) or EPOCH
     return Task(
         id=str(id_),
         title=str(title),
@@ -146,22 +151,22 @@ def task_from_row(row: tuple[object, ...]) -> Task:
         priority=1 if priority is None else cast(int, priority),
         status=TaskStatus(str(status)),
         current_phase="start" if phase is None else str(phase),
-        workflow=_parse_json(workflow),
-        payload=_parse_json(payload) or {},
+        workflow=parse_json(workflow),
+        payload=parse_json(payload) or {},
         created_at=created,
-        updated_at=_parse_time(updated_at) or created,
+        updated_at=parse_time(updated_at) or created,
         assigned_worker=cast("str | None", assigned_worker),
-        due_date=_parse_time(due_date),
+        due_date=parse_time(due_date),
         max_retries=3 if max_retries is None else cast(int, max_retries),
         tags=tuple(cast("list[str]", msgspec.json.decode(str(tags)))) if tags else (),
         attempts=0 if attempts is None else cast(int, attempts),
-        result=_parse_json(result),
+        result=parse_json(result),
         error=cast("str | None", error),
         idempotency_key=cast("str | None", idempotency_key),
         correlation_id=cast("str | None", correlation_id),
         source_agent=cast("str | None", source_agent),
         timeout=cast("float | None", timeout),
-        available_at=_parse_time(available_at),
+        available_at=parse_time(available_at),
         concurrency_key=cast("str | None", concurrency_key),
         concurrency_limit=cast("int | None", concurrency_limit),
         requires=_parse_list(requires),
@@ -179,11 +184,11 @@ def worker_statement(worker: Worker) -> Statement:
         worker.id,
         worker.role,
         worker.status.value,
-        _time(worker.last_heartbeat),
+        time_text(worker.last_heartbeat),
         _json(list(worker.capabilities)),
         worker.current_task_id,
         _json(worker.metadata),
-        _time(worker.registered_at),
+        time_text(worker.registered_at),
         worker.incarnation,
     )
     return _PUT_WORKER, params
@@ -193,7 +198,7 @@ def worker_from_row(row: tuple[object, ...]) -> Worker:
     (id_, role, status, last_heartbeat, capabilities, current_task_id, metadata,
      registered_at, incarnation) = row  # fmt: skip
     # Seed-era rows may lack times (or hold SQLite's "YYYY-MM-DD HH:MM:SS", in UTC).
-    heartbeat = _parse_utc(last_heartbeat) or _parse_utc(registered_at) or _EPOCH
+    heartbeat = _parse_utc(last_heartbeat) or _parse_utc(registered_at) or EPOCH
     return Worker(
         id=str(id_),
         role=str(role),
@@ -201,7 +206,7 @@ def worker_from_row(row: tuple[object, ...]) -> Worker:
         last_heartbeat=heartbeat,
         capabilities=_parse_list(capabilities),
         current_task_id=cast("str | None", current_task_id),
-        metadata=_parse_json(metadata) or {},
+        metadata=parse_json(metadata) or {},
         registered_at=_parse_utc(registered_at) or heartbeat,
         incarnation=str(incarnation) if incarnation is not None else "seed",
     )
@@ -211,7 +216,7 @@ _WORKER_STATUSES = frozenset(status.value for status in WorkerStatus)
 
 
 def _parse_utc(value: object) -> datetime | None:
-    parsed = _parse_time(value)
+    parsed = parse_time(value)
     if parsed is not None and parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     return parsed
@@ -227,12 +232,12 @@ def run_from_row(row: tuple[object, ...]) -> Run:
         run_number=cast(int, run_number),
         status=RunStatus(str(status)),
         phase=cast("str | None", phase),
-        result=_parse_json(result),
+        result=parse_json(result),
         error=cast("str | None", error),
         output_log=cast("str | None", output_log),
-        started_at=_parse_time(started_at),
-        completed_at=_parse_time(completed_at),
+        started_at=parse_time(started_at),
+        completed_at=parse_time(completed_at),
         lease_seconds=cast("float | None", lease_seconds),
-        lease_expires_at=_parse_time(lease_expires_at),
-        progress=_parse_json(progress),
+        lease_expires_at=parse_time(lease_expires_at),
+        progress=parse_json(progress),
     )
