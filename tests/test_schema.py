@@ -21,6 +21,9 @@ from hive_orchestration import (
     RuntimeConfig,
     StorageError,
 )
+from hive_orchestration.messages.storage import ReadEvents
+from hive_orchestration.storage.actor import _events_sql
+from hive_orchestration.storage.schema import MIGRATIONS
 
 pytestmark = pytest.mark.anyio
 
@@ -43,6 +46,12 @@ INDEXES = {
     "idx_planning_queue_status",
     "idx_execution_plans_status",
     "idx_plan_execution_plan_id",
+}
+#: The event log's partial indexes, by the field a read filters on (version 1 and 6).
+EVENT_INDEXES = {
+    "task_id": "idx_events_task_id",
+    "correlation_id": "idx_events_correlation_id",
+    "plan_id": "idx_events_plan_id",
 }
 
 
@@ -91,7 +100,7 @@ async def test_fresh_database_has_every_table_and_index(db_path: str) -> None:
         assert stats.storage.schema_version == SCHEMA_VERSION
         assert stats.storage.last_seq == 0
     assert _names(db_path, "table") >= TABLES
-    assert _names(db_path, "index") >= INDEXES
+    assert _names(db_path, "index") >= INDEXES | set(EVENT_INDEXES.values())
     assert _pragma(db_path, "user_version") == SCHEMA_VERSION
     assert _pragma(db_path, "journal_mode") == "wal"
     with closing(sqlite3.connect(db_path)) as conn:
@@ -121,6 +130,46 @@ async def test_indexes_cover_the_named_columns(db_path: str) -> None:
             assert owner == table, index
             info = conn.execute(f"PRAGMA index_info({index})").fetchall()
             assert [row[2] for row in info] == columns, index
+
+
+async def test_filtered_event_reads_use_the_event_indexes(db_path: str) -> None:
+    # A read by task, plan or correlation is a range scan of the index from ``after``,
+    # never a scan of the whole log (``hive-orchestration events --plan ID --follow``).
+    async with Runtime.open(db_path):
+        pass
+    with closing(sqlite3.connect(db_path)) as conn:
+        for field, index in EVENT_INDEXES.items():
+            for newest in (False, True):
+                sql, params = _events_sql(ReadEvents(after=5, **{field: "x"}, newest=newest))
+                plan = " ".join(
+                    str(row[3]) for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)
+                )
+                assert f"INDEX {index} ({field}=? AND rowid>?)" in plan, (field, plan)
+
+
+async def test_version_5_database_gains_the_plan_event_index(db_path: str) -> None:
+    # A database left at version 5 by the previous release: its events stay, the
+    # migration adds the index, and reads by plan find them.
+    Path(db_path).parent.mkdir(parents=True)
+    with closing(sqlite3.connect(db_path)) as conn, conn:
+        for migration in MIGRATIONS[:5]:
+            for statement in migration:
+                conn.execute(statement)
+        conn.execute(
+            "INSERT INTO events (seq, type, timestamp, source, plan_id, data)"
+            " VALUES (1, 'plan.created', 1.0, 'old', 'p-1', '{}'),"
+            " (2, 'other', 2.0, 'old', NULL, '{}')"
+        )
+        conn.execute("PRAGMA user_version = 5")
+    assert "idx_events_plan_id" not in _names(db_path, "index")
+    async with Runtime.open(db_path) as runtime:
+        stats = await runtime.statistics()
+        assert stats.storage.last_seq == 2
+        assert [event.seq for event in await runtime.read_events()] == [1, 2]
+    assert _pragma(db_path, "user_version") == SCHEMA_VERSION == 6
+    assert "idx_events_plan_id" in _names(db_path, "index")
+    with closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute("SELECT seq FROM events WHERE plan_id = 'p-1'").fetchall() == [(1,)]
 
 
 async def test_file_is_private_and_its_folder_is_created(db_path: str) -> None:

@@ -44,6 +44,7 @@ __all__ = [
     "PutTask",
     "PutWorker",
     "QueryTasks",
+    "CountTasks",
     "GetStorageStats",
     "ReadEvents",
     "StorageMessage",
@@ -143,10 +144,23 @@ class Write(Request[Committed], frozen=True):
 
 
 class ReadEvents(Request[tuple[Event, ...]], frozen=True):
-    """Durable events with ``seq > after``, oldest first, at most ``limit``."""
+    """Durable events with ``seq > after``, oldest first, at most ``limit``.
+
+    Narrowed by every filter given (all ANDed): ``pattern`` is a glob over the event type
+    (SQLite ``GLOB``, case-sensitive: ``*`` and ``?`` match as in the live subscriptions'
+    :func:`fnmatch.fnmatchcase`; a bracket class is SQLite's, negated with ``[^...]``),
+    ``task_id``, ``plan_id`` and ``correlation_id`` must equal the event's field.
+    ``newest`` returns the newest ``limit`` matching events instead of the oldest ones,
+    still in ``seq`` order.
+    """
 
     after: int = 0
     limit: int = 1000
+    pattern: str = "*"
+    task_id: str | None = None
+    plan_id: str | None = None
+    correlation_id: str | None = None
+    newest: bool = False
 
 
 class LoadTasks(Request[tuple[Task, ...]], frozen=True):
@@ -166,11 +180,17 @@ class LoadIdempotencyKeys(Request[tuple[tuple[str, str], ...]], frozen=True):
 
 
 class QueryTasks(Request[list[Task]], frozen=True, kw_only=True):
-    """Tasks in ``status``, by priority (highest first), then creation time."""
+    """Tasks in ``status`` (any if None) and of ``task_type`` (any if None): by priority
+    (highest first), then creation time; or, with ``newest_first``, newest first."""
 
-    status: str
+    status: str | None = None
     task_type: str | None = None
     limit: int | None = None
+    newest_first: bool = False
+
+
+class CountTasks(Request[dict[str, int]], frozen=True):
+    """Every task counted by status (statuses without a task are left out)."""
 
 
 class FetchTask(Request["Task | None"], frozen=True):
@@ -274,6 +294,7 @@ StorageMessage: TypeAlias = (
     | LoadRuns
     | LoadIdempotencyKeys
     | QueryTasks
+    | CountTasks
     | FetchTask
     | FetchRun
     | FetchRuns

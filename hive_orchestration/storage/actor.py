@@ -34,6 +34,7 @@ from ..messages.storage import (
     CheckDependencies,
     Committed,
     CountSubtasks,
+    CountTasks,
     DeleteTaskRow,
     DeleteWorkerRow,
     FetchPlan,
@@ -96,10 +97,7 @@ _INSERT_EVENT = (
     "INSERT INTO events (seq, type, timestamp, source, correlation_id, task_id, plan_id,"
     " worker_id, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_SELECT_EVENTS = (
-    "SELECT seq, type, timestamp, source, correlation_id, task_id, plan_id, worker_id, data"
-    " FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
-)
+_EVENT_COLUMNS = "seq, type, timestamp, source, correlation_id, task_id, plan_id, worker_id, data"
 
 _Pending = tuple[Envelope[StorageMessage], Write]
 
@@ -169,6 +167,9 @@ class StorageActor(Actor[StorageMessage]):
                 return await self._read_events(read)
             case GetStorageStats():
                 return self._statistics()
+            case CountTasks():
+                rows = await db.fetchall("SELECT status, COUNT(*) FROM tasks GROUP BY status")
+                return {str(status): cast(int, count) for status, count in rows}
             case LoadTasks(statuses=statuses):
                 rows = await db.fetchall(
                     f"SELECT {TASK_COLUMNS} FROM tasks WHERE status IN ({_marks(statuses)})"
@@ -189,15 +190,8 @@ class StorageActor(Actor[StorageMessage]):
                     "SELECT idempotency_key, id FROM tasks WHERE idempotency_key IS NOT NULL"
                 )
                 return tuple((str(key), str(task_id)) for key, task_id in rows)
-            case QueryTasks(status=status, task_type=task_type, limit=limit):
-                sql = f"SELECT {TASK_COLUMNS} FROM tasks WHERE status = ?"
-                params: tuple[object, ...] = (status,)
-                if task_type is not None:
-                    sql += " AND task_type = ?"
-                    params += (task_type,)
-                sql += " ORDER BY priority DESC, created_at, rowid LIMIT ?"
-                params += (-1 if limit is None else limit,)
-                return [task_from_row(row) for row in await db.fetchall(sql, params)]
+            case QueryTasks() as query:
+                return [task_from_row(row) for row in await db.fetchall(*_tasks_sql(query))]
             case FetchTask(task_id=task_id):
                 rows = await db.fetchall(
                     f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,)
@@ -298,7 +292,7 @@ class StorageActor(Actor[StorageMessage]):
             log.debug("broadcast stopped; %d event(s) not fanned out", len(message.events))
 
     async def _read_events(self, read: ReadEvents) -> tuple[Event, ...]:
-        rows = await self._require_db().fetchall(_SELECT_EVENTS, (read.after, read.limit))
+        rows = await self._require_db().fetchall(*_events_sql(read))
         return tuple(_event_from_row(row) for row in rows)
 
     def _statistics(self) -> StorageStats:
@@ -406,6 +400,49 @@ async def _query_plans(db: Driver, message: StorageMessage) -> object:
 
 def _marks(values: tuple[str, ...]) -> str:
     return ", ".join("?" * len(values))
+
+
+def _tasks_sql(query: QueryTasks) -> Statement:
+    where: list[str] = []
+    params: list[object] = []
+    if query.status is not None:
+        where.append("status = ?")
+        params.append(query.status)
+    if query.task_type is not None:
+        where.append("task_type = ?")
+        params.append(query.task_type)
+    sql = f"SELECT {TASK_COLUMNS} FROM tasks"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    if query.newest_first:
+        sql += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
+    else:
+        sql += " ORDER BY priority DESC, created_at, rowid LIMIT ?"
+    params.append(-1 if query.limit is None else query.limit)
+    return sql, tuple(params)
+
+
+def _events_sql(read: ReadEvents) -> Statement:
+    """The statement of a ReadEvents. The task, plan and correlation filters each have a
+    partial index whose rowid order is seq order, so a filtered read is a range scan."""
+    where = ["seq > ?"]
+    params: list[object] = [read.after]
+    if read.pattern != "*":
+        where.append("type GLOB ?")
+        params.append(read.pattern)
+    for column, value in (
+        ("task_id", read.task_id),
+        ("plan_id", read.plan_id),
+        ("correlation_id", read.correlation_id),
+    ):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    params.append(read.limit)
+    select = f"SELECT {_EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)}"
+    if read.newest:
+        return f"SELECT * FROM ({select} ORDER BY seq DESC LIMIT ?) ORDER BY seq", tuple(params)
+    return f"{select} ORDER BY seq LIMIT ?", tuple(params)
 
 
 def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:

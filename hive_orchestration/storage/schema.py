@@ -188,6 +188,14 @@ _V5: tuple[str, ...] = (
     "ALTER TABLE planning_queue ADD COLUMN error TEXT",
 )
 
+# Version 6: the event log read by plan (``hive-orchestration events --plan ID``, a plan's
+# history), as it already is by task and by correlation. Partial, like those two: most
+# events name no plan, and a lookup ``plan_id = ?`` implies ``plan_id IS NOT NULL``, so the
+# planner uses it; its rowid (seq) order serves ``seq > ? ORDER BY seq`` too.
+_V6: tuple[str, ...] = (
+    "CREATE INDEX idx_events_plan_id ON events (plan_id) WHERE plan_id IS NOT NULL",
+)
+
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5, _V6)
 SCHEMA_VERSION = len(MIGRATIONS)
