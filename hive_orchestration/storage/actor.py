@@ -13,6 +13,10 @@ the faulty writes, so one bad write never fails its neighbours. Any other SQLite
 (disk full, read-only file, I/O error) fails the whole batch; nothing of it is written.
 
 Committed events are then published to the broadcast actor in sequence order.
+
+Opened ``read_only`` (the inspector, beside a runtime that may own the database in another
+process), the actor takes no claim and writes nothing, not even a pragma or a migration:
+every :class:`Write` is refused with a :class:`StorageError`, and queries work as usual.
 """
 
 from __future__ import annotations
@@ -108,8 +112,11 @@ class StorageActor(Actor[StorageMessage]):
         target: Target | str,
         config: RuntimeConfig,
         events: ActorRef[BroadcastMessage] | None = None,
+        *,
+        read_only: bool = False,
     ) -> None:
         self.max_batch = config.max_batch
+        self._read_only = read_only
         self._target = target if isinstance(target, Target) else Target(target, target)
         self._config = config
         self._events = events
@@ -126,8 +133,10 @@ class StorageActor(Actor[StorageMessage]):
             driver=self._config.storage_driver,
             synchronous=self._config.synchronous,
             busy_timeout=self._config.busy_timeout,
+            read_only=self._read_only,
         )
-        log.info("storage open: %s (driver %s)", self._target.display, self._db.name)
+        mode = "read-only, " if self._read_only else ""
+        log.info("storage open: %s (%sdriver %s)", self._target.display, mode, self._db.name)
 
     async def stopped(self, error: BaseException | None) -> None:
         if self._db is not None:
@@ -142,7 +151,15 @@ class StorageActor(Actor[StorageMessage]):
             if isinstance(envelope.message, Write):
                 envelope.started = True
                 writes.append((envelope, envelope.message))
-        if writes:
+        if writes and self._read_only:
+            refused = StorageError(
+                f"database {self._target.display!r} was opened read-only: nothing is written;"
+                " writes go through the runtime that owns it"
+            )
+            self._failed_writes += len(writes)
+            for envelope, _ in writes:
+                envelope.fail(refused)
+        elif writes:
             await self._commit(writes, isolate=True)
         for envelope in batch:
             if envelope.started:
@@ -166,6 +183,9 @@ class StorageActor(Actor[StorageMessage]):
             case ReadEvents() as read:
                 return await self._read_events(read)
             case GetStorageStats():
+                if self._read_only:
+                    # Another process appends to the log: report where it stands now.
+                    self._last_seq = await _max_seq(db)
                 return self._statistics()
             case CountTasks():
                 rows = await db.fetchall("SELECT status, COUNT(*) FROM tasks GROUP BY status")
@@ -400,6 +420,11 @@ async def _query_plans(db: Driver, message: StorageMessage) -> object:
 
 def _marks(values: tuple[str, ...]) -> str:
     return ", ".join("?" * len(values))
+
+
+async def _max_seq(db: Driver) -> int:
+    rows = await db.fetchall("SELECT coalesce(max(seq), 0) FROM events")
+    return cast(int, rows[0][0])
 
 
 def _tasks_sql(query: QueryTasks) -> Statement:

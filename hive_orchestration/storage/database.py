@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sqlite3
 import sys
 import uuid
@@ -16,7 +17,15 @@ from ..errors import NewerSchemaError, StorageError
 from .drivers import Driver, connect
 from .schema import MIGRATIONS, SCHEMA_VERSION
 
-__all__ = ["MEMORY", "DatabaseClaim", "Target", "open_database", "prepare_path"]
+__all__ = [
+    "MEMORY",
+    "DatabaseClaim",
+    "Target",
+    "open_database",
+    "prepare_path",
+    "read_only_uri",
+    "read_schema_version",
+]
 
 MEMORY = ":memory:"
 
@@ -110,17 +119,62 @@ def prepare_path(path: str) -> None:
     os.close(fd)
 
 
+def read_only_uri(path: str) -> str:
+    """The SQLite URI that opens the file at ``path`` read-only.
+
+    Through pathlib, so that a ``?``, ``#`` or ``%`` in the path is quoted instead of being
+    read as the URI's query. ``mode=ro`` still reads a live WAL database (it maps the
+    ``-shm`` index, creating it if needed, like any reader) but never writes the file.
+    """
+    return f"{Path(path).absolute().as_uri()}?mode=ro"
+
+
+def _check_file(path: str) -> None:
+    """Refuse a path where a read-only open cannot find a database file."""
+    target = Path(path)
+    if not target.exists():
+        raise StorageError(f"no database at {path!r}: the file does not exist")
+    if not target.is_file():
+        raise StorageError(f"cannot open database {path!r}: it is not a file")
+
+
+def read_schema_version(path: str) -> int:
+    """The schema version (``user_version``) of the database file at ``path``, read
+    without writing anything (blocking: call it from a worker thread)."""
+    _check_file(path)
+    try:
+        conn = sqlite3.connect(read_only_uri(path), uri=True)
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open database {path!r}: {exc}") from exc
+    try:
+        row = conn.execute("PRAGMA user_version").fetchone()
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open database {path!r}: {exc}") from exc
+    finally:
+        conn.close()
+    version = row[0]
+    if not isinstance(version, int):  # pragma: no cover - SQLite always answers an integer
+        raise StorageError(f"database {path!r} reports a non-integer user_version")
+    return version
+
+
 async def open_database(
     target: Target,
     *,
     driver: Literal["auto", "aiosqlite", "thread"],
     synchronous: Literal["FULL", "NORMAL"],
     busy_timeout: float,
+    read_only: bool = False,
 ) -> tuple[Driver, int]:
     """Open, check and migrate the database; returns the driver and the last event seq.
 
     A database with a newer schema is refused before anything is written to it.
+    ``read_only`` opens an existing file with ``mode=ro`` and writes nothing to it: no
+    pragma that changes the file, no migration, so a database at an older schema version
+    is refused (``hive-orchestration db upgrade`` migrates it) rather than upgraded.
     """
+    if read_only:
+        return await _open_read_only(target, driver=driver, busy_timeout=busy_timeout)
     path = target.display
     if not target.memory:
         try:
@@ -143,6 +197,45 @@ async def open_database(
             statements = [(sql, ()) for migration in MIGRATIONS[version:] for sql in migration]
             statements.append((f"PRAGMA user_version={SCHEMA_VERSION}", ()))
             await db.transaction(statements)
+        rows = await db.fetchall("SELECT coalesce(max(seq), 0) FROM events")
+        last_seq = rows[0][0]
+        assert isinstance(last_seq, int)
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            await db.close()
+        if isinstance(exc, sqlite3.Error):
+            raise StorageError(f"cannot open database {path!r}: {exc}") from exc
+        raise
+    return db, last_seq
+
+
+async def _open_read_only(
+    target: Target, *, driver: Literal["auto", "aiosqlite", "thread"], busy_timeout: float
+) -> tuple[Driver, int]:
+    path = target.display
+    if target.memory or target.uri:
+        raise StorageError(
+            f"cannot open {path!r} read-only: a read-only database must be a file on disk"
+        )
+    await anyio.to_thread.run_sync(_check_file, path)
+    try:
+        db = await connect(
+            read_only_uri(target.connect), uri=True, driver=driver, busy_timeout=busy_timeout
+        )
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open database {path!r}: {exc}") from exc
+    try:
+        version = await _user_version(db, path)
+        if version > SCHEMA_VERSION:
+            raise NewerSchemaError(path, version, SCHEMA_VERSION)
+        if version < SCHEMA_VERSION:
+            raise StorageError(
+                f"database {path!r} has schema version {version}, older than this version of"
+                f" hive-orchestration ({SCHEMA_VERSION}); it cannot be read until it is"
+                f" migrated: run `hive-orchestration db upgrade --db {shlex.quote(path)}`"
+            )
+        # Per connection, not in the file: a second guard, should a write ever get here.
+        await db.execute("PRAGMA query_only=ON")
         rows = await db.fetchall("SELECT coalesce(max(seq), 0) FROM events")
         last_seq = rows[0][0]
         assert isinstance(last_seq, int)
