@@ -1,7 +1,10 @@
 """hive-orchestration: an embedded, durable, actor-based orchestration runtime on SQLite.
 
-    async with Runtime.open("hive.db") as runtime:
-        event = await runtime.publish("deploy.requested", {"env": "production"})
+    async with OrchestrationClient(db_path="hive.db", source_agent="ai-planner") as client:
+        task_id = await client.create_task("deployment", {"env": "production"})
+
+    async with Runtime.open("hive.db") as runtime:          # an app embedding the runtime
+        deployer = runtime.client(source_agent="ai-deployer")
 
 The names below are the public surface; everything else is an implementation detail.
 """
@@ -14,6 +17,7 @@ from .agents import (
     TaskContext,
     auto_register_adapters,
 )
+from .client import CallbackSubscription, EventStream, OrchestrationClient
 from .config import DEFAULT_DB_PATH, FeatureFlags, RuntimeConfig
 from .embedded import MailboxStats, Runtime, RuntimeStatistics, Subscription
 from .errors import (
@@ -31,6 +35,22 @@ from .errors import (
     StorageError,
     SubscriberLaggedError,
 )
+from .events import (
+    OrchestrationEvent,
+    TaskCancelledEvent,
+    TaskCompletedEvent,
+    TaskCreatedEvent,
+    TaskFailedEvent,
+    TaskStartedEvent,
+    TopicRegistry,
+    UnifiedEvent,
+    UnifiedEventType,
+    WorkerHeartbeatEvent,
+    WorkerOfflineEvent,
+    WorkerRegisteredEvent,
+    create_task_event,
+)
+from .interfaces import EventProtocol, TaskOperations, WorkerOperations
 from .messages.events import Event
 from .messages.plans import (
     ExecutionPlan,
@@ -46,6 +66,7 @@ from .messages.plans import (
 from .messages.tasks import Claim, Lease, Run, RunStatus, Task, TaskStatus
 from .messages.workers import Worker, WorkerStatus
 from .storage.schema import SCHEMA_VERSION
+from .sync import SyncOrchestrationClient
 
 __version__ = "0.1.0"
 
@@ -96,4 +117,24 @@ __all__ = [
     "WorkerStatus",
     "__version__",
     "auto_register_adapters",
+    "CallbackSubscription",
+    "EventProtocol",
+    "EventStream",
+    "OrchestrationClient",
+    "OrchestrationEvent",
+    "SyncOrchestrationClient",
+    "TaskCancelledEvent",
+    "TaskCompletedEvent",
+    "TaskCreatedEvent",
+    "TaskFailedEvent",
+    "TaskOperations",
+    "TaskStartedEvent",
+    "TopicRegistry",
+    "UnifiedEvent",
+    "UnifiedEventType",
+    "WorkerHeartbeatEvent",
+    "WorkerOfflineEvent",
+    "WorkerOperations",
+    "WorkerRegisteredEvent",
+    "create_task_event",
 ]

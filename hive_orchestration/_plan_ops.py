@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import anyio
 import msgspec
 
+from ._caller import Caller
 from ._plan_graph import check_plan_graph
 from ._validate import (
     check_bool,
@@ -68,7 +69,7 @@ from .runtime import ActorRef
 if TYPE_CHECKING:
     from .embedded import Subscription
 
-__all__ = ["PlanOperations"]
+__all__ = ["PlanOps"]
 
 _MAX_PRIORITY = 2**31 - 1
 _MAX_LIST = 10_000
@@ -77,7 +78,7 @@ _PLAN_KEYS = ("subtasks",)
 _AT = re.compile(r" - at `\$(.*)`$")
 
 
-class PlanOperations:
+class PlanOps(Caller):
     """Mixed into :class:`Runtime`; needs ``_plans``, ``_storage``, ``_config`` and
     ``subscribe``."""
 
@@ -123,7 +124,7 @@ class PlanOperations:
         message = QueuePlanningRequest(
             task_description=check_str(task_description, "task_description", empty=False),
             priority=check_int(priority, "priority", minimum=0, maximum=_MAX_PRIORITY),
-            requestor=check_optional_text(requestor, "requestor"),
+            requestor=check_optional_text(self._agent(requestor), "requestor"),
             context_data=context,
             complexity_estimate=check_optional_text(complexity_estimate, "complexity_estimate"),
         )
@@ -246,7 +247,7 @@ class PlanOperations:
             if generated_workflow is None
             else check_str(generated_workflow, "generated_workflow", limit=1_000_000),
             approved=check_bool(approved, "approved"),
-            source_agent=check_optional_text(source_agent, "source_agent"),
+            source_agent=check_optional_text(self._agent(source_agent), "source_agent"),
         )
         plan = await self._plans.ask(message)
         return plan.id
@@ -257,7 +258,7 @@ class PlanOperations:
         return await self._plans.ask(
             ApprovePlan(
                 plan_id=check_identifier(plan_id, "plan_id"),
-                source_agent=check_optional_text(source_agent, "source_agent"),
+                source_agent=check_optional_text(self._agent(source_agent), "source_agent"),
             )
         )
 
@@ -281,7 +282,7 @@ class PlanOperations:
         return await self._plans.ask(
             StartPlan(
                 plan_id=check_identifier(plan_id, "plan_id"),
-                source_agent=check_optional_text(source_agent, "source_agent"),
+                source_agent=check_optional_text(self._agent(source_agent), "source_agent"),
             )
         )
 
@@ -295,7 +296,7 @@ class PlanOperations:
             CancelPlan(
                 plan_id=check_identifier(plan_id, "plan_id"),
                 reason=None if reason is None else check_str(reason, "reason"),
-                source_agent=check_optional_text(source_agent, "source_agent"),
+                source_agent=check_optional_text(self._agent(source_agent), "source_agent"),
             )
         )
 

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import cast
 
+from ._caller import Caller
 from ._validate import (
     check_bool,
     check_choice,
@@ -53,13 +54,13 @@ from .messages.tasks import (
 from .messages.workers import GetWorker, WorkerRegistryMessage
 from .runtime import ActorRef
 
-__all__ = ["TaskOperations"]
+__all__ = ["TaskOps"]
 
 JsonObject = dict[str, JsonValue]
 _MAX_PRIORITY = 2**31 - 1
 
 
-class TaskOperations:
+class TaskOps(Caller):
     """Mixed into :class:`Runtime`; needs ``_tasks`` (the TaskManager) and ``_config``."""
 
     _tasks: ActorRef[TaskManagerMessage]
@@ -115,8 +116,8 @@ class TaskOperations:
             max_retries=check_int(max_retries, "max_retries", minimum=0, maximum=1000),
             due_date=_when(due_date, "due_date"),
             idempotency_key=check_optional_text(idempotency_key, "idempotency_key"),
-            correlation_id=check_optional_text(correlation_id, "correlation_id"),
-            source_agent=check_optional_text(source_agent, "source_agent"),
+            correlation_id=check_optional_text(self._correlation(correlation_id), "correlation_id"),
+            source_agent=check_optional_text(self._agent(source_agent), "source_agent"),
             timeout=None if timeout is None else check_seconds(timeout, "timeout"),
             concurrency_key=check_optional_text(concurrency_key, "concurrency_key"),
             concurrency_limit=concurrency_limit,
@@ -164,7 +165,7 @@ class TaskOperations:
             ),
             result=self._json(result, "result"),
             error=None if error is None else check_str(error, "error"),
-            source_agent=check_optional_text(source_agent, "source_agent"),
+            source_agent=check_optional_text(self._agent(source_agent), "source_agent"),
         )
         return await self._tasks.ask(message)
 
@@ -176,7 +177,7 @@ class TaskOperations:
         message = CancelTask(
             task_id=check_identifier(task_id, "task_id"),
             reason=None if reason is None else check_str(reason, "reason"),
-            source_agent=check_optional_text(source_agent, "source_agent"),
+            source_agent=check_optional_text(self._agent(source_agent), "source_agent"),
         )
         return await self._tasks.ask(message)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import cast
 
+from ._caller import Caller
 from ._validate import check_choice, check_identifier, check_optional_text, encode_json_object
 from .config import RuntimeConfig
 from .errors import InvalidInputError
@@ -26,10 +27,10 @@ from .messages.workers import (
 )
 from .runtime import ActorRef
 
-__all__ = ["WorkerOperations"]
+__all__ = ["WorkerOps"]
 
 
-class WorkerOperations:
+class WorkerOps(Caller):
     """Mixed into :class:`Runtime`; needs ``_workers``, ``_tasks`` and ``_config``."""
 
     _workers: ActorRef[WorkerRegistryMessage]

@@ -11,21 +11,22 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import msgspec
+from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._groups import leaves
-from ._plan_ops import PlanOperations
-from ._task_ops import TaskOperations
+from ._plan_ops import PlanOps
+from ._task_ops import TaskOps
 from ._validate import check_identifier, check_int, check_optional_text, encode_json_object
-from ._worker_ops import WorkerOperations
-from .actors.broadcast import BroadcastActor, compile_pattern
+from ._worker_ops import WorkerOps
+from .actors.broadcast import BroadcastActor
 from .actors.plan_executor import PlanExecutor, PlanFeed
 from .actors.task_manager import TaskManager
 from .actors.worker_registry import WorkerRegistry
@@ -38,6 +39,7 @@ from .errors import (
     StorageError,
     SubscriberLaggedError,
 )
+from .events import RUNTIME_NAMESPACES, is_runtime_event
 from .messages.events import (
     BroadcastMessage,
     BroadcastStats,
@@ -48,6 +50,7 @@ from .messages.events import (
     Lagged,
     Subscribe,
     Unsubscribe,
+    compile_pattern,
 )
 from .messages.plans import PlanExecutorMessage
 from .messages.storage import (
@@ -63,6 +66,9 @@ from .messages.workers import RegistryWake, WorkerRegistryMessage
 from .runtime import ActorRef, Alarm, ChildRestart, ChildSpec, Supervisor
 from .storage import StorageActor
 from .storage.database import MEMORY, DatabaseClaim
+
+if TYPE_CHECKING:
+    from .client import OrchestrationClient
 
 __all__ = ["MailboxStats", "Runtime", "RuntimeStatistics", "Subscription"]
 
@@ -96,8 +102,14 @@ class Subscription:
     ``overflow="drop"``); replay the log from ``error.last_seq`` to catch up.
     """
 
-    def __init__(self, receive: MemoryObjectReceiveStream[Delivery], pattern: str) -> None:
+    def __init__(
+        self,
+        receive: MemoryObjectReceiveStream[Delivery],
+        pattern: str,
+        close: Callable[[], None],
+    ) -> None:
         self._receive = receive
+        self._close = close
         self.pattern = pattern
         #: The sequence number of the last event received.
         self.last_seq = 0
@@ -111,6 +123,10 @@ class Subscription:
             return await self.receive()
         except RuntimeStoppedError:
             raise StopAsyncIteration from None
+
+    def close(self) -> None:
+        """Stop receiving (idempotent); ``async with runtime.subscribe(...)`` does it for you."""
+        self._close()
 
     async def receive(self) -> Event:
         """The next event; :class:`RuntimeStoppedError` once the runtime stopped, and
@@ -128,7 +144,7 @@ class Subscription:
         return item
 
 
-class Runtime(TaskOperations, WorkerOperations, PlanOperations):
+class Runtime(TaskOps, WorkerOps, PlanOps):
     """An embedded, durable orchestration runtime on one SQLite database.
 
     Create it with :meth:`open`; every method sends a typed message to an actor.
@@ -155,6 +171,7 @@ class Runtime(TaskOperations, WorkerOperations, PlanOperations):
         self._plans = plans
         self._supervisor = supervisor
         self._closed = False
+        self._callbacks: TaskGroup | None = None
 
     @property
     def path(self) -> str:
@@ -292,7 +309,13 @@ class Runtime(TaskOperations, WorkerOperations, PlanOperations):
             async with anyio.create_task_group() as tg:
                 await tg.start(supervisor.run)
                 try:
-                    yield runtime
+                    # The app's event callbacks live here: they stop before the actors do.
+                    async with anyio.create_task_group() as callbacks:
+                        runtime._callbacks = callbacks
+                        try:
+                            yield runtime
+                        finally:
+                            callbacks.cancel_scope.cancel()
                 finally:
                     runtime._closed = True
                     await supervisor.stop()
@@ -326,8 +349,19 @@ class Runtime(TaskOperations, WorkerOperations, PlanOperations):
             max_bytes=self._config.max_payload_bytes,
             max_depth=self._config.max_payload_depth,
         )
+        event_type = check_identifier(event_type, "event_type")
+        if is_runtime_event(event_type):
+            namespace = event_type.split(".", 1)[0]
+            raise InvalidInputError(
+                "event_type",
+                f"{event_type!r} is in the runtime's own namespace {namespace!r} (one of "
+                f"{', '.join(RUNTIME_NAMESPACES)}): the runtime logs those when the change "
+                "happens. Make the change (e.g. update_task_status, or publish_task_event "
+                "with a TaskCompletedEvent), or publish an app event such as "
+                "'review.completed'",
+            )
         event = Event(
-            type=check_identifier(event_type, "event_type"),
+            type=event_type,
             timestamp=time.time(),
             source=check_identifier(source, "source"),
             correlation_id=check_optional_text(correlation_id, "correlation_id"),
@@ -351,6 +385,23 @@ class Runtime(TaskOperations, WorkerOperations, PlanOperations):
         """Receive live events whose type matches ``pattern`` and whose fields equal
         ``filters`` (``task_id="..."``, or any key of the event's data), for the block.
         """
+        subscription = await self._open_subscription(
+            pattern, buffer=buffer, overflow=overflow, filters=filters
+        )
+        try:
+            yield subscription
+        finally:
+            subscription.close()
+
+    async def _open_subscription(
+        self,
+        pattern: str,
+        *,
+        buffer: int | None,
+        overflow: Literal["error", "drop"] | None,
+        filters: Mapping[str, str],
+    ) -> Subscription:
+        """A registered subscription; the caller must :meth:`Subscription.close` it."""
         self._check_open()
         check_identifier(pattern, "pattern")
         compile_pattern(pattern)
@@ -369,16 +420,22 @@ class Runtime(TaskOperations, WorkerOperations, PlanOperations):
         )
         # One extra slot, kept for the Lagged marker.
         send, receive = anyio.create_memory_object_stream[Delivery](capacity + 1)
-        with send, receive:
+        try:
             subscription_id = await self._broadcast.ask(
                 Subscribe(pattern, checked, send, capacity, policy)
             )
-            try:
-                yield Subscription(receive, pattern)
-            finally:
-                receive.close()
-                with suppress(RuntimeStoppedError):
-                    self._broadcast.try_tell(Unsubscribe(subscription_id))
+        except BaseException:
+            send.close()
+            receive.close()
+            raise
+
+        def close() -> None:
+            receive.close()
+            send.close()
+            with suppress(RuntimeStoppedError):
+                self._broadcast.try_tell(Unsubscribe(subscription_id))
+
+        return Subscription(receive, pattern, close)
 
     async def read_events(self, after: int = 0, *, limit: int = 1000) -> list[Event]:
         """Durable events with ``seq > after``, oldest first, at most ``limit`` of them."""
@@ -389,6 +446,39 @@ class Runtime(TaskOperations, WorkerOperations, PlanOperations):
         )
         events = await self._storage.ask(read)
         return list(events)
+
+    # -- clients --------------------------------------------------------------------------
+
+    def client(
+        self, *, source_agent: str | None = None, correlation_id: str | None = None
+    ) -> OrchestrationClient:
+        """A client of this runtime for one agent or app (the message-sending API).
+
+        Everything it creates and causes is stamped with ``source_agent`` (the events'
+        ``source``) and ``correlation_id`` (given to the tasks it creates and the events it
+        publishes), unless a call names its own. It lives as long as the runtime; use it
+        as ``async with`` to stop its event callbacks at the end of a block.
+        """
+        from .client import OrchestrationClient
+
+        self._check_open()
+        return OrchestrationClient._bound(
+            self,
+            source_agent=check_optional_text(source_agent, "source_agent"),
+            correlation_id=check_optional_text(correlation_id, "correlation_id"),
+        )
+
+    def _spawn(self, function: Callable[[], Coroutine[Any, Any, object]]) -> None:
+        """Run ``function`` in the runtime's callback group (stopped before the actors)."""
+        self._check_open()
+        if self._callbacks is None:  # pragma: no cover - set before the runtime is handed out
+            raise RuntimeStoppedError("the runtime is not running")
+        self._callbacks.start_soon(function)
+
+    async def _last_seq(self) -> int:
+        """The sequence number of the last durable event."""
+        self._check_open()
+        return (await self._storage.ask(GetStorageStats())).last_seq
 
     # -- introspection --------------------------------------------------------------------
 

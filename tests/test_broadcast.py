@@ -22,11 +22,10 @@ from anyio.abc import TaskStatus
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hive_orchestration.actors.broadcast import compile_pattern
 from hive_orchestration.config import RuntimeConfig
 from hive_orchestration.embedded import Runtime, Subscription
 from hive_orchestration.errors import RuntimeStoppedError, SubscriberLaggedError
-from hive_orchestration.messages.events import Event
+from hive_orchestration.messages.events import Event, compile_pattern
 
 pytestmark = pytest.mark.anyio
 
@@ -87,25 +86,25 @@ def test_compile_pattern_agrees_with_fnmatchcase(pattern: str, event_type: str) 
 
 
 EVENT_TYPES = [
-    "task.created",
-    "taskx.created",
-    "task.updated",
-    "task.a",
-    "plan.completed",
-    "plan.completedx",
-    "plan.created",
-    "task",
-    "task.b.c",
+    "job.created",
+    "jobx.created",
+    "job.updated",
+    "job.a",
+    "flow.completed",
+    "flow.completedx",
+    "flow.created",
+    "job",
+    "job.b.c",
 ]
 
 # Written out by hand, not computed with compile_pattern, so that a wrong matcher fails.
 PATTERN_EXPECTATIONS = {
     "*": EVENT_TYPES,
-    "task.*": ["task.created", "task.updated", "task.a", "task.b.c"],
-    "plan.completed": ["plan.completed"],
-    "task.?": ["task.a"],
-    "task.[cu]*": ["task.created", "task.updated"],
-    "*.completed": ["plan.completed"],
+    "job.*": ["job.created", "job.updated", "job.a", "job.b.c"],
+    "flow.completed": ["flow.completed"],
+    "job.?": ["job.a"],
+    "job.[cu]*": ["job.created", "job.updated"],
+    "*.completed": ["flow.completed"],
     "nothing.matches": [],
 }
 
@@ -132,11 +131,11 @@ async def test_patterns_end_to_end(db_path: str) -> None:
 
 async def test_filters_on_event_fields_and_data_keys(db_path: str) -> None:
     published: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
-        ("task.created", {"color": "red"}, {"task_id": "t1"}),
-        ("task.created", {"color": "blue"}, {"task_id": "t2"}),
-        ("plan.created", {"count": 3}, {"task_id": "t1", "source": "worker"}),
-        ("task.updated", {"count": "3", "color": "red"}, {"correlation_id": "c9"}),
-        ("task.updated", {"count": 30}, {"source": "worker", "task_id": "t1"}),
+        ("job.created", {"color": "red"}, {"task_id": "t1"}),
+        ("job.created", {"color": "blue"}, {"task_id": "t2"}),
+        ("flow.created", {"count": 3}, {"task_id": "t1", "source": "worker"}),
+        ("job.updated", {"count": "3", "color": "red"}, {"correlation_id": "c9"}),
+        ("job.updated", {"count": 30}, {"source": "worker", "task_id": "t1"}),
     ]
     # (pattern, filters) -> indexes of the published events it must receive, in order.
     expectations: list[tuple[str, dict[str, str], list[int]]] = [
@@ -145,7 +144,7 @@ async def test_filters_on_event_fields_and_data_keys(db_path: str) -> None:
         ("*", {"count": "3"}, [2, 3]),  # data values compare as strings
         ("*", {"source": "worker"}, [2, 4]),
         ("*", {"correlation_id": "c9"}, [3]),
-        ("task.*", {"task_id": "t1"}, [0, 4]),
+        ("job.*", {"task_id": "t1"}, [0, 4]),
         ("*", {"task_id": "t1", "source": "worker"}, [2, 4]),
         ("*", {"task_id": "t3"}, []),
     ]
@@ -210,15 +209,15 @@ async def test_concurrent_publishers_are_seen_in_seq_order(db_path: str) -> None
 
 
 async def test_every_subscriber_gets_every_matching_event(db_path: str) -> None:
-    types = ["task.created", "plan.created", "task.done"] * 10
+    types = ["job.created", "flow.created", "job.done"] * 10
     async with Runtime.open(db_path) as rt, AsyncExitStack() as stack:
         everything = [await stack.enter_async_context(rt.subscribe()) for _ in range(3)]
-        tasks_only = await stack.enter_async_context(rt.subscribe("task.*"))
+        tasks_only = await stack.enter_async_context(rt.subscribe("job.*"))
         published = [await rt.publish(t, {"n": n}) for n, t in enumerate(types)]
         stats = await rt.statistics()
         for sub in everything:
             assert await _receive_n(sub, len(published)) == published
-        task_events = [e for e in published if e.type.startswith("task.")]
+        task_events = [e for e in published if e.type.startswith("job.")]
         assert await _receive_n(tasks_only, len(task_events)) == task_events
     assert stats.broadcast.subscribers == 4
     assert stats.broadcast.delivered == 3 * len(published) + len(task_events)

@@ -18,9 +18,7 @@ event that would have gone to it.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
-from collections.abc import Callable
 from contextlib import suppress
 from typing import cast
 
@@ -29,6 +27,7 @@ import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
 
 from ..messages.events import (
+    EVENT_FIELDS,
     BroadcastMessage,
     BroadcastStats,
     Delivery,
@@ -39,30 +38,18 @@ from ..messages.events import (
     Publish,
     Subscribe,
     Unsubscribe,
+    compile_pattern,
+    matches_filters,
 )
 from ..runtime import Actor
 
-__all__ = ["BroadcastActor", "compile_pattern"]
+__all__ = ["BroadcastActor"]
 
 log = logging.getLogger("hive_orchestration.broadcast")
-
-_EVENT_FIELDS = frozenset({"type", "source", "correlation_id", "task_id", "plan_id", "worker_id"})
 
 
 def _decode(data_json: bytes) -> dict[str, JsonValue]:
     return cast("dict[str, JsonValue]", msgspec.json.decode(data_json))
-
-
-def compile_pattern(pattern: str) -> Callable[[str], bool]:
-    """A predicate over event types for a glob such as ``*``, ``task.*`` or ``plan.completed``."""
-    if pattern == "*":
-        return lambda _type: True
-    if not any(ch in pattern for ch in "*?["):
-        return pattern.__eq__
-    if pattern.endswith(".*") and not any(ch in pattern[:-2] for ch in "*?["):
-        prefix = pattern[:-1]
-        return lambda type_: type_.startswith(prefix)
-    return lambda type_: fnmatch.fnmatchcase(type_, pattern)
 
 
 def _matches_filters(event: Event, subscriber: _Subscriber) -> bool:
@@ -71,13 +58,7 @@ def _matches_filters(event: Event, subscriber: _Subscriber) -> bool:
     for key in subscriber.require:
         if getattr(event, key) is None:
             return False
-    for key, wanted in subscriber.filters:
-        if key in _EVENT_FIELDS:
-            if getattr(event, key) != wanted:
-                return False
-        elif key not in event.data or str(event.data[key]) != wanted:
-            return False
-    return True
+    return matches_filters(event, subscriber.filters)
 
 
 class _Subscriber:
@@ -100,7 +81,7 @@ class _Subscriber:
         self.types = frozenset(message.types)
         self.internal = message.internal
         # Only event fields can be required (not data keys), checked here once.
-        self.require = tuple(key for key in message.require if key in _EVENT_FIELDS)
+        self.require = tuple(key for key in message.require if key in EVENT_FIELDS)
         self.sink: MemoryObjectSendStream[Delivery] = message.sink
         self.capacity = message.capacity
         self.overflow = message.overflow

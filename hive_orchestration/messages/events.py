@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Callable
 from typing import Literal, TypeAlias, Union
 
 import msgspec
@@ -10,6 +12,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from ..runtime import Request
 
 __all__ = [
+    "EVENT_FIELDS",
     "BroadcastMessage",
     "BroadcastStats",
     "Delivery",
@@ -20,6 +23,8 @@ __all__ = [
     "Publish",
     "Subscribe",
     "Unsubscribe",
+    "compile_pattern",
+    "matches_filters",
 ]
 
 JsonValue: TypeAlias = Union[  # noqa: UP007 - a recursive alias needs the Union form
@@ -43,6 +48,22 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     plan_id: str | None = None
     worker_id: str | None = None
     data: dict[str, JsonValue] = {}
+
+    # The seeds' names for the same fields (read-only aliases).
+    @property
+    def event_type(self) -> str:
+        """The event's type (alias of :attr:`type`, the seeds' name)."""
+        return self.type
+
+    @property
+    def source_agent(self) -> str:
+        """Who caused it (alias of :attr:`source`, the unified events' name)."""
+        return self.source
+
+    @property
+    def payload(self) -> dict[str, JsonValue]:
+        """The event's data (alias of :attr:`data`, the unified events' name)."""
+        return self.data
 
 
 class Lagged(msgspec.Struct, frozen=True):
@@ -104,3 +125,34 @@ class GetBroadcastStats(Request[BroadcastStats], frozen=True):
 
 
 BroadcastMessage: TypeAlias = Publish | Subscribe | Unsubscribe | GetBroadcastStats
+
+
+#: The event fields a filter can name; any other filter key is looked up in ``data``.
+EVENT_FIELDS = frozenset({"type", "source", "correlation_id", "task_id", "plan_id", "worker_id"})
+
+
+def compile_pattern(pattern: str) -> Callable[[str], bool]:
+    """A predicate over event types for a glob such as ``*``, ``task.*`` or ``plan.completed``."""
+    if pattern == "*":
+        return lambda _type: True
+    if not any(ch in pattern for ch in "*?["):
+        return pattern.__eq__
+    if pattern.endswith(".*") and not any(ch in pattern[:-2] for ch in "*?["):
+        prefix = pattern[:-1]
+        return lambda type_: type_.startswith(prefix)
+    return lambda type_: fnmatch.fnmatchcase(type_, pattern)
+
+
+def matches_filters(event: Event, filters: tuple[tuple[str, str], ...]) -> bool:
+    """Whether every ``(key, value)`` equals the event's field, or its ``data`` key, as text.
+
+    The broadcast actor (live) and the client's replay of the log (past) both decide with
+    this, so a replay-then-live stream sees exactly what one live subscription would.
+    """
+    for key, wanted in filters:
+        if key in EVENT_FIELDS:
+            if getattr(event, key) != wanted:
+                return False
+        elif key not in event.data or str(event.data[key]) != wanted:
+            return False
+    return True

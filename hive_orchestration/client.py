@@ -1,0 +1,614 @@
+"""The message-sending API: what agents and apps hold to talk to the runtime.
+
+Two ways to get one:
+
+    async with OrchestrationClient(db_path="hive.db", source_agent="ai-planner") as client:
+        ...  # the client starts an embedded runtime and owns it for the block
+
+    async with Runtime.open("hive.db") as runtime:
+        planner = runtime.client(source_agent="ai-planner")  # one per agent, shared runtime
+
+Either way every operation is a typed message to an actor; the client adds who is calling
+(``source_agent``, the events' ``source``) and, for the work it starts, a
+``correlation_id``, and the event APIs: live subscriptions, a replay-then-live stream of the
+durable log, and callbacks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections import deque
+from collections.abc import Mapping
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import anyio
+
+from ._plan_ops import PlanOps
+from ._task_ops import TaskOps
+from ._validate import check_identifier, check_int, check_optional_text
+from ._worker_ops import WorkerOps
+from .config import RuntimeConfig
+from .embedded import Runtime, Subscription
+from .errors import (
+    HiveError,
+    InvalidInputError,
+    NotFoundError,
+    RuntimeStoppedError,
+    SubscriberLaggedError,
+)
+from .events import (
+    EventHandler,
+    OrchestrationEvent,
+    TaskCancelledEvent,
+    TaskCompletedEvent,
+    TaskCreatedEvent,
+    TaskFailedEvent,
+    TaskStartedEvent,
+    TopicRegistry,
+    UnifiedEvent,
+    UnifiedEventType,
+    WorkerHeartbeatEvent,
+    WorkerOfflineEvent,
+    WorkerRegisteredEvent,
+)
+from .messages.events import Event, compile_pattern, matches_filters
+from .messages.tasks import TaskStatus
+from .messages.workers import WorkerStatus
+
+if TYPE_CHECKING:
+    from contextlib import AbstractAsyncContextManager
+
+    from .interfaces import EventProtocol, TaskOperations, WorkerOperations
+
+__all__ = ["CallbackSubscription", "EventStream", "OrchestrationClient"]
+
+log = logging.getLogger("hive_orchestration.client")
+
+_PAGE = 1000
+_NOT_OPEN = (
+    "the client is not open: use `async with OrchestrationClient(...) as client:`, "
+    "or get one from a running runtime with `runtime.client()`"
+)
+
+
+class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
+    """Every operation of the seeds, with their names and arguments, as typed messages.
+
+    ``OrchestrationClient(db_path=...)`` starts and owns an embedded runtime for its
+    ``async with`` block (``":memory:"`` for a throwaway one; the default is
+    ``hive/db/hive-internal.db``). ``runtime.client()`` returns one bound to a running
+    runtime instead. ``source_agent`` is recorded as the ``source`` of every event the
+    client causes; ``correlation_id`` is given to every task it creates and every event it
+    publishes, and so to every event of those tasks.
+    """
+
+    def __init__(
+        self,
+        db_path: str | os.PathLike[str] | None = None,
+        *,
+        config: RuntimeConfig | None = None,
+        source_agent: str | None = None,
+        correlation_id: str | None = None,
+    ) -> None:
+        self._db_path = db_path
+        self._open_config = config
+        self._owns = True
+        self._runtime: Runtime | None = None
+        self._stack: AsyncExitStack | None = None
+        self._closed = False
+        self._handles: set[CallbackSubscription] = set()
+        self._default_agent = check_optional_text(source_agent, "source_agent")
+        self._default_correlation = check_optional_text(correlation_id, "correlation_id")
+
+    @classmethod
+    def _bound(
+        cls,
+        runtime: Runtime,
+        *,
+        source_agent: str | None,
+        correlation_id: str | None,
+    ) -> OrchestrationClient:
+        client = cls(source_agent=source_agent, correlation_id=correlation_id)
+        client._owns = False
+        client._attach(runtime)
+        return client
+
+    def _attach(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        # The operation mixins send to these actors; the runtime keeps them for its life.
+        self._tasks = runtime._tasks
+        self._workers = runtime._workers
+        self._plans = runtime._plans
+        self._storage = runtime._storage
+        self._config = runtime.config
+
+    def bind(
+        self, *, source_agent: str | None = None, correlation_id: str | None = None
+    ) -> OrchestrationClient:
+        """A client of the same runtime with other defaults (say, one per workflow).
+
+        Unnamed defaults are kept; it does not own the runtime.
+        """
+        runtime = self.runtime
+        return OrchestrationClient._bound(
+            runtime,
+            source_agent=self._agent(check_optional_text(source_agent, "source_agent")),
+            correlation_id=self._correlation(check_optional_text(correlation_id, "correlation_id")),
+        )
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> OrchestrationClient:
+        if self._closed:
+            raise RuntimeStoppedError("this client was closed; create a new one")
+        if self._owns:
+            if self._stack is not None:
+                raise RuntimeStoppedError("this client is already open (nested `async with`)")
+            stack = AsyncExitStack()
+            runtime = await stack.enter_async_context(
+                Runtime.open(self._db_path, config=self._open_config)
+            )
+            self._stack = stack
+            self._attach(runtime)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        with anyio.CancelScope(shield=True):
+            await self.aclose_callbacks()
+        self._closed = True
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            return await stack.__aexit__(exc_type, exc, traceback)
+        return None
+
+    async def aclose_callbacks(self) -> None:
+        """Stop every callback subscription this client started."""
+        for handle in list(self._handles):
+            await handle.aclose()
+
+    @property
+    def runtime(self) -> Runtime:
+        """The runtime this client talks to."""
+        self._check_open()
+        assert self._runtime is not None
+        return self._runtime
+
+    @property
+    def db_path(self) -> str:
+        """The database file (``":memory:"`` for a throwaway database)."""
+        if self._runtime is not None:
+            return self._runtime.path
+        from .embedded import _normalize_path
+
+        return _normalize_path(self._db_path)
+
+    @property
+    def source_agent(self) -> str | None:
+        return self._default_agent
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self._default_correlation
+
+    def _check_open(self) -> None:
+        if self._runtime is None:
+            raise RuntimeStoppedError(_NOT_OPEN)
+        if self._closed:
+            raise RuntimeStoppedError("this client was closed; create a new one")
+        self._runtime._check_open()
+
+    def subscribe(
+        self,
+        pattern: str = "*",
+        *,
+        buffer: int | None = None,
+        overflow: Literal["error", "drop"] | None = None,
+        **filters: str,
+    ) -> AbstractAsyncContextManager[Subscription]:
+        """Live events matching ``pattern`` and ``filters`` for the ``async with`` block:
+
+            async with client.subscribe("task.*", task_id=task_id) as events:
+                async for event in events:
+                    ...
+
+        Only events committed after the subscription began; to start from a point of the
+        log, use :meth:`events`.
+        """
+        return self.runtime.subscribe(pattern, buffer=buffer, overflow=overflow, **filters)
+
+    def events(
+        self,
+        after: int | None = None,
+        pattern: str = "*",
+        *,
+        buffer: int | None = None,
+        **filters: str,
+    ) -> EventStream:
+        """The durable log from ``after`` (a sequence number; ``0``: from the start;
+        ``None``: from now), then live events, with no gap and no duplicate:
+
+            async with client.events(after=last_seen, pattern="plan.*") as stream:
+                async for event in stream:
+                    last_seen = event.seq
+
+        A stream that falls behind catches up from the log instead of losing events.
+        """
+        self._check_open()
+        if after is not None:
+            check_int(after, "after", minimum=0)
+        return EventStream(
+            self.runtime, pattern=pattern, after=after, buffer=buffer, filters=filters
+        )
+
+    async def read_events(self, after: int = 0, *, limit: int = 1000) -> list[Event]:
+        """Durable events with ``seq > after``, oldest first, at most ``limit``."""
+        return await self.runtime.read_events(after, limit=limit)
+
+    async def subscribe_to_task_events(
+        self,
+        task_id: str,
+        callback: EventHandler,
+        *,
+        pattern: str = "task.*",
+    ) -> CallbackSubscription:
+        """Call ``callback`` (a plain or an async function) for every event of ``task_id``
+        (``"*"``: of every task) from now on, one at a time, in log order, until the
+        client or the runtime closes or the returned handle is cancelled.
+
+        It is registered when this returns: no later event is missed, and a slow
+        callback catches up from the durable log rather than losing events. A plain
+        callback runs on the event loop, so keep it quick (or make it async). An
+        exception in the callback is logged and counted (``handle.errors``); delivery goes
+        on with the next event.
+        """
+        filters = {} if task_id == "*" else {"task_id": check_identifier(task_id, "task_id")}
+        return await self.on_event(pattern, callback, **filters)
+
+    async def on_event(
+        self, pattern: str, callback: EventHandler, **filters: str
+    ) -> CallbackSubscription:
+        """Call ``callback`` for every event matching ``pattern`` and ``filters`` from now
+        on (see :meth:`subscribe_to_task_events` for the delivery rules)."""
+        self._check_open()
+        if not callable(callback):
+            raise InvalidInputError("callback", f"must be callable, got {type(callback).__name__}")
+        stream = EventStream(self.runtime, pattern=pattern, after=None, filters=filters)
+        await stream.open()
+        handle = CallbackSubscription(stream, callback, self._handles)
+        self._handles.add(handle)
+        self.runtime._spawn(handle._run)
+        return handle
+
+    async def attach(self, registry: TopicRegistry, pattern: str = "*") -> CallbackSubscription:
+        """Feed ``registry`` every event matching ``pattern`` from now on, in log order."""
+        if not isinstance(registry, TopicRegistry):
+            raise InvalidInputError(
+                "registry", f"must be a TopicRegistry, got {type(registry).__name__}"
+            )
+        return await self.on_event(pattern, registry.dispatch)
+
+    # -- publishing -------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        event_type: str,
+        data: Mapping[str, object] | None = None,
+        *,
+        correlation_id: str | None = None,
+        task_id: str | None = None,
+        plan_id: str | None = None,
+        worker_id: str | None = None,
+    ) -> Event:
+        """Append an app event (``review.completed``...) to the durable log and fan it
+        out; returns it with its ``seq``, once durable. The runtime's own event types
+        (``task.*``, ``plan.*``...) are refused: see :meth:`publish_task_event`."""
+        return await self.runtime.publish(
+            event_type,
+            data,
+            source=self._default_agent or "client",
+            correlation_id=self._correlation(correlation_id),
+            task_id=task_id,
+            plan_id=plan_id,
+            worker_id=worker_id,
+        )
+
+    async def publish_task_event(self, event: OrchestrationEvent | UnifiedEvent) -> None:
+        """Publish one of the seeds' events (the seeds' name for :meth:`publish_event`)."""
+        await self.publish_event(event)
+
+    async def publish_event(self, event: OrchestrationEvent | UnifiedEvent) -> Event | None:
+        """Publish an event.
+
+        - A lifecycle event (:class:`TaskStartedEvent`, :class:`TaskCompletedEvent`,
+          :class:`TaskFailedEvent`, :class:`TaskCancelledEvent`, the worker events, or a
+          :class:`UnifiedEvent` of those types) is made true: the change goes through the
+          state machine, and the runtime logs the event as it commits. Returns ``None``.
+        - Any other event (an app event) is appended to the log and fanned out; returns
+          it as logged.
+
+        :class:`TaskCreatedEvent` is refused: a task exists only through
+        :meth:`create_task`, which logs it.
+        """
+        self._check_open()
+        match event:
+            case UnifiedEvent():
+                return await self._publish_unified(event)
+            case TaskStartedEvent(task_id=task_id, worker_id=worker_id):
+                metadata = None if worker_id is None else {"assigned_worker": worker_id}
+                await self.update_task_status(task_id, TaskStatus.RUNNING, metadata)
+            case TaskCompletedEvent(task_id=task_id, result=result):
+                await self.update_task_status(task_id, TaskStatus.COMPLETED, result=result)
+            case TaskFailedEvent(task_id=task_id, error=error):
+                await self.update_task_status(task_id, TaskStatus.FAILED, error=error)
+            case TaskCancelledEvent(task_id=task_id, reason=reason):
+                await self.cancel_task(task_id, reason=reason)
+            case TaskCreatedEvent():
+                raise InvalidInputError(
+                    "event",
+                    "task.created is logged by create_task when it creates the task: "
+                    "call `await client.create_task(task_type, payload)` instead",
+                )
+            case WorkerRegisteredEvent(worker_id=worker_id, role=role, capabilities=caps):
+                await self.register_worker(worker_id, role, caps)
+            case WorkerHeartbeatEvent(worker_id=worker_id, status=status):
+                if not await self.update_worker_heartbeat(worker_id, status):
+                    raise NotFoundError("worker", worker_id)
+            case WorkerOfflineEvent(worker_id=worker_id):
+                if not await self.update_worker_heartbeat(worker_id, WorkerStatus.OFFLINE):
+                    raise NotFoundError("worker", worker_id)
+            case _:
+                raise InvalidInputError(
+                    "event",
+                    "must be a UnifiedEvent or one of the seeds' events (TaskCompletedEvent, "
+                    f"WorkerHeartbeatEvent...), got {type(event).__name__}",
+                )
+        return None
+
+    async def _publish_unified(self, event: UnifiedEvent) -> Event | None:
+        event_type = str(event.event_type)
+        task_id = event.subject
+        payload = event.payload
+        if event_type in _TASK_CHANGES and task_id is not None:
+            client = self.bind(source_agent=event.source_agent)
+            if event_type == UnifiedEventType.TASK_STARTED:
+                worker = payload.get("worker_id")
+                metadata = {"assigned_worker": worker} if isinstance(worker, str) else None
+                await client.update_task_status(task_id, TaskStatus.RUNNING, metadata)
+            elif event_type == UnifiedEventType.TASK_COMPLETED:
+                result = payload.get("result")
+                await client.update_task_status(
+                    task_id,
+                    TaskStatus.COMPLETED,
+                    result=cast("Mapping[str, object]", result)
+                    if isinstance(result, Mapping)
+                    else _without_task_id(payload),
+                )
+            elif event_type == UnifiedEventType.TASK_FAILED:
+                error = payload.get("error")
+                await client.update_task_status(
+                    task_id, TaskStatus.FAILED, error=error if isinstance(error, str) else None
+                )
+            else:
+                reason = payload.get("reason")
+                await client.cancel_task(
+                    task_id, reason=reason if isinstance(reason, str) else None
+                )
+            return None
+        return await self.runtime.publish(
+            event_type,
+            payload,
+            source=event.source_agent or self._default_agent or "client",
+            correlation_id=self._correlation(event.correlation_id),
+            task_id=task_id,
+            plan_id=event.plan_id,
+            worker_id=event.worker_id,
+        )
+
+
+_TASK_CHANGES = frozenset(
+    {
+        UnifiedEventType.TASK_STARTED,
+        UnifiedEventType.TASK_COMPLETED,
+        UnifiedEventType.TASK_FAILED,
+        UnifiedEventType.TASK_CANCELLED,
+    }
+)
+
+
+def _without_task_id(payload: Mapping[str, Any]) -> dict[str, Any] | None:
+    rest = {key: value for key, value in payload.items() if key != "task_id"}
+    return rest or None
+
+
+class EventStream:
+    """The durable log from a sequence number, then live events: no gap, no duplicate.
+
+    It subscribes first, then replays the log; live events the replay already gave are
+    skipped by sequence number. If the live buffer overflows (the reader is slow), it
+    subscribes again and replays from the last event it gave, so nothing is lost. Use it
+    with ``async with`` (or call :meth:`aclose`) so the subscription ends with the block.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        pattern: str = "*",
+        after: int | None = None,
+        buffer: int | None = None,
+        filters: Mapping[str, str] | None = None,
+    ) -> None:
+        self._runtime = runtime
+        self.pattern = check_identifier(pattern, "pattern")
+        self._matches = compile_pattern(pattern)
+        self._filters = dict(filters or {})
+        self._filter_items = tuple(sorted(self._filters.items()))
+        self._buffer = buffer
+        self._after = after
+        #: The sequence number of the last event given (or skipped past while replaying).
+        self.last_seq = 0 if after is None else after
+        self._subscription: Subscription | None = None
+        self._pending: deque[Event] = deque()
+        self._replaying = after is not None
+        #: Where the replay reads next (ahead of ``last_seq`` past unmatched events).
+        self._cursor = self.last_seq
+        self._opened = False
+        self._closed = False
+
+    async def open(self) -> None:
+        """Register the live subscription (done by the first read if not called)."""
+        if self._opened:
+            return
+        self._opened = True
+        await self._subscribe()
+        if self._after is None:
+            # "From now": everything after the log's end as the subscription began.
+            self.last_seq = self._cursor = await self._runtime._last_seq()
+
+    async def _subscribe(self) -> None:
+        self._subscription = await self._runtime._open_subscription(
+            self.pattern, buffer=self._buffer, overflow="error", filters=self._filters
+        )
+
+    async def __aenter__(self) -> EventStream:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._subscription is not None:
+            self._subscription.close()
+            self._subscription = None
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        try:
+            return await self.receive()
+        except RuntimeStoppedError:
+            await self.aclose()
+            raise StopAsyncIteration from None
+
+    async def receive(self) -> Event:
+        """The next event; :class:`RuntimeStoppedError` once the runtime stopped."""
+        if self._closed:
+            raise RuntimeStoppedError("the event stream was closed")
+        await self.open()
+        while True:
+            if self._pending:
+                event = self._pending.popleft()
+                self.last_seq = event.seq
+                return event
+            if self._replaying:
+                await self._replay_page()
+                continue
+            assert self._subscription is not None
+            try:
+                event = await self._subscription.receive()
+            except SubscriberLaggedError:
+                # Fell behind: subscribe again first, then fill the gap from the log.
+                self._subscription.close()
+                await self._subscribe()
+                self._cursor = self.last_seq
+                self._replaying = True
+                continue
+            if event.seq <= self.last_seq:
+                continue  # already given by the replay
+            self.last_seq = event.seq
+            return event
+
+    async def _replay_page(self) -> None:
+        page = await self._runtime.read_events(self._cursor, limit=_PAGE)
+        if not page:
+            self._replaying = False
+            # The unmatched tail of the log is behind us too: no live event in it matches.
+            self.last_seq = max(self.last_seq, self._cursor)
+            return
+        self._cursor = page[-1].seq
+        for event in page:
+            if self._matches(event.type) and matches_filters(event, self._filter_items):
+                self._pending.append(event)
+
+
+class CallbackSubscription:
+    """A running callback subscription: cancel it, or read how it is doing."""
+
+    def __init__(
+        self,
+        stream: EventStream,
+        callback: EventHandler,
+        owner: set[CallbackSubscription],
+    ) -> None:
+        self._stream = stream
+        self._callback = callback
+        self._owner = owner
+        self._scope = anyio.CancelScope()
+        self._done = anyio.Event()
+        #: Events handed to the callback, and how many of those calls raised.
+        self.delivered = 0
+        self.errors = 0
+        #: What ended the subscription early (the runtime failing a read), if anything.
+        self.error: BaseException | None = None
+
+    @property
+    def pattern(self) -> str:
+        return self._stream.pattern
+
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the last event handed to the callback."""
+        return self._stream.last_seq
+
+    @property
+    def active(self) -> bool:
+        return not self._done.is_set()
+
+    def cancel(self) -> None:
+        """Stop calling the callback (it is not interrupted mid-call if it is sync)."""
+        self._scope.cancel()
+
+    async def aclose(self) -> None:
+        """Stop, and wait until the callback is no longer running."""
+        self._scope.cancel()
+        await self._done.wait()
+
+    async def _run(self) -> None:
+        try:
+            with self._scope:
+                async for event in self._stream:
+                    try:
+                        outcome = self._callback(event)
+                        if inspect.isawaitable(outcome):
+                            await outcome
+                    except Exception:
+                        self.errors += 1
+                        log.exception("event callback %r failed on %s", self._callback, event.type)
+                    self.delivered += 1
+        except HiveError as error:
+            self.error = error
+            log.error("event callback %r stopped: %s", self._callback, error)
+        finally:
+            await self._stream.aclose()
+            self._owner.discard(self)
+            self._done.set()
+
+
+if TYPE_CHECKING:
+    # The client satisfies the seeds' protocols (checked by mypy, not at run time).
+    def _protocols(
+        client: OrchestrationClient,
+    ) -> tuple[TaskOperations, WorkerOperations, EventProtocol]:
+        return client, client, client
