@@ -382,7 +382,11 @@ _payloads = st.one_of(
     st.dictionaries(_clean_text, _json, max_size=4),
     st.dictionaries(_clean_text | _bad_text, _json, max_size=2),
 )
-_event_types = st.sampled_from(["task.created", "plan.completed", "review.done", "x"]) | _clean_text | _bad_text
+_event_types = (
+    st.sampled_from(["task.created", "plan.completed", "review.done", "x"])
+    | _clean_text
+    | _bad_text
+)
 
 
 def _payload_is_valid(value: object) -> bool:
