@@ -24,7 +24,7 @@ from hive_orchestration import (
     auto_register_adapters,
 )
 
-WORK = [
+WORK: list[tuple[str, dict[str, object]]] = [
     ("planning", {"goal": "Deploy to production"}),
     ("review", {"change": "PR-7"}),
     ("testing", {"suite": "integration"}),
