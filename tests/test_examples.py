@@ -14,6 +14,14 @@ EXPECTED = {
     "embedded_runtime.py": "the log holds 3 event(s)",
     "agents_at_work.py": "completed 5 of 5 task(s)",
     "execution_plan.py": "plan 'Deploy to production': completed",
+    "client_quickstart.py": "task deployment: completed, 1 active worker(s)",
+    "task_lifecycle_events.py": "saw task.created, task.started, task.completed in order",
+    "worker_management.py": "build lost by builder-1, completed by builder-2",
+    "orchestrator_app.py": (
+        "plan completed: 4/4 subtasks; events by agent: ai-planner=10, orchestrator-app=5, "
+        "deployers=16"
+    ),
+    "sync_app.py": "completed 3 of 3 report(s) in a plain thread: ['report-worker-1']",
 }
 
 
