@@ -9,6 +9,8 @@
 The names below are the public surface; everything else is an implementation detail.
 """
 
+import logging as _logging
+
 from .agents import (
     AgentCapability,
     AgentHealth,
@@ -69,6 +71,10 @@ from .storage.schema import SCHEMA_VERSION
 from .sync import SyncOrchestrationClient
 
 __version__ = "0.1.0"
+
+# A library logs but leaves output to the app: without this, Python's last-resort handler
+# would print the runtime's warnings (a worker declared offline...) on the app's stderr.
+_logging.getLogger("hive_orchestration").addHandler(_logging.NullHandler())
 
 __all__ = [
     "DEFAULT_DB_PATH",

@@ -81,9 +81,11 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
     ``OrchestrationClient(db_path=...)`` starts and owns an embedded runtime for its
     ``async with`` block (``":memory:"`` for a throwaway one; the default is
     ``hive/db/hive-internal.db``). ``runtime.client()`` returns one bound to a running
-    runtime instead. ``source_agent`` is recorded as the ``source`` of every event the
-    client causes; ``correlation_id`` is given to every task it creates and every event it
-    publishes, and so to every event of those tasks.
+    runtime instead. ``source_agent`` is recorded as the ``source`` of the events its
+    calls cause (calls that hold a lease record the worker's id instead, and worker events
+    the worker's own id) and of the tasks, plans and planning requests it creates;
+    ``correlation_id`` is given to every task it creates and every event it publishes, and
+    so to every event of those tasks.
     """
 
     def __init__(
@@ -249,6 +251,10 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
             self.runtime, pattern=pattern, after=after, buffer=buffer, filters=filters
         )
 
+    async def last_seq(self) -> int:
+        """The sequence number of the last durable event (``0``: the log is empty)."""
+        return await self.runtime.last_seq()
+
     async def read_events(self, after: int = 0, *, limit: int = 1000) -> list[Event]:
         """Durable events with ``seq > after``, oldest first, at most ``limit``."""
         return await self.runtime.read_events(after, limit=limit)
@@ -284,8 +290,12 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
         stream = EventStream(self.runtime, pattern=pattern, after=None, filters=filters)
         await stream.open()
         handle = CallbackSubscription(stream, callback, self._handles)
+        try:
+            self.runtime._spawn(handle._run)
+        except BaseException:
+            await stream.aclose()
+            raise
         self._handles.add(handle)
-        self.runtime._spawn(handle._run)
         return handle
 
     async def attach(self, registry: TopicRegistry, pattern: str = "*") -> CallbackSubscription:
@@ -472,7 +482,7 @@ class EventStream:
         await self._subscribe()
         if self._after is None:
             # "From now": everything after the log's end as the subscription began.
-            self.last_seq = self._cursor = await self._runtime._last_seq()
+            self.last_seq = self._cursor = await self._runtime.last_seq()
 
     async def _subscribe(self) -> None:
         self._subscription = await self._runtime._open_subscription(

@@ -475,8 +475,12 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
             raise RuntimeStoppedError("the runtime is not running")
         self._callbacks.start_soon(function)
 
-    async def _last_seq(self) -> int:
-        """The sequence number of the last durable event."""
+    async def last_seq(self) -> int:
+        """The sequence number of the last durable event (``0``: the log is empty).
+
+        Read it to replay the log up to now, or to resume later from this point with
+        ``client.events(after=...)``.
+        """
         self._check_open()
         return (await self._storage.ask(GetStorageStats())).last_seq
 

@@ -286,3 +286,4 @@ class SyncOrchestrationClient:
     publish_event = _blocking(OrchestrationClient.publish_event)
     publish_task_event = _blocking(OrchestrationClient.publish_task_event)
     read_events = _blocking(OrchestrationClient.read_events)
+    last_seq = _blocking(OrchestrationClient.last_seq)

@@ -209,6 +209,7 @@ async def test_source_agent_and_correlation_id_reach_every_event(db_path: str) -
             ("review.completed", "ai-planner", "workflow-123"),
         ]
         assert published == events[-1]
+        assert await planner.last_seq() == published.seq == 4
         # A call may name its own; bind() derives a client with other defaults.
         other = await planner.create_task("x", {}, correlation_id="other", source_agent="me")
         bound = planner.bind(correlation_id="wf-2")
