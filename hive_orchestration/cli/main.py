@@ -1,0 +1,480 @@
+"""The command line: parsing, the commands, and their exit codes.
+
+Every command but ``demo`` and ``db upgrade`` reads the database through the read-only
+:class:`~hive_orchestration.inspector.Inspector`, so it works while an app holds the
+database (and writes nothing to it). Exit codes: 0 done, 1 not found or refused by the
+runtime (the reason on stderr), 2 bad usage or input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+
+import anyio
+import anyio.to_thread
+import msgspec
+
+from ..config import DEFAULT_DB_PATH
+from ..embedded import Runtime
+from ..errors import HiveError, InvalidInputError, NewerSchemaError
+from ..inspector import MAX_READ, Inspector
+from ..messages.events import Event
+from ..messages.plans import PlanStatus
+from ..messages.tasks import TaskStatus
+from ..messages.workers import WorkerStatus
+from ..storage.database import read_schema_version
+from ..storage.schema import SCHEMA_VERSION
+from .demo import run_demo
+from .report import plan_report, plan_summaries, status_report, task_report
+
+__all__ = ["POLL_INTERVAL", "build_parser", "main"]
+
+#: How often ``events --follow`` reads the log for new events. The app that writes them
+#: runs in another process, and SQLite tells a reader nothing when a writer commits, so
+#: following is polling: one indexed read from the last seq seen, 4 times a second. (An
+#: app following its own events in-process uses ``Runtime.subscribe``: pushed, no poll.)
+POLL_INTERVAL = 0.25
+#: Events read per poll; a backlog larger than this is read page by page without pause.
+_PAGE = 1000
+
+RICH_MISSING = (
+    "this command draws tables with rich, which is not installed:"
+    " pip install 'hive-orchestration[cli]' (or add --json for machine-readable output)"
+)
+
+_Handler = Callable[[argparse.Namespace], Awaitable[None]]
+
+
+# -- argument types ----------------------------------------------------------------------
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if not minimum <= value <= MAX_READ:
+            raise argparse.ArgumentTypeError(
+                f"must be between {minimum} and {MAX_READ}, got {value}"
+            )
+        return value
+
+    return parse
+
+
+def _seq(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+# -- the parser --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hive-orchestration",
+        description="Run the demo, or look into a hive-orchestration database, even while "
+        "an app is using it (read-only: nothing is written).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--db", default=str(DEFAULT_DB_PATH), help="database file (default: %(default)s)"
+    )
+    common.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    shown = argparse.ArgumentParser(add_help=False)
+    shown.add_argument(
+        "--json", action="store_true", help="print JSON instead of tables (needs no extra)"
+    )
+    both = [common, shown]
+
+    commands.add_parser(
+        "demo", parents=[common], help="run the embedded runtime on a local SQLite file"
+    )
+    commands.add_parser(
+        "status", parents=both, help="task counts by status, active workers, executing plans"
+    )
+
+    tasks = commands.add_parser("tasks", parents=both, help="list tasks, newest first")
+    tasks.add_argument("--status", choices=[*dict.fromkeys(s.value for s in TaskStatus)])
+    tasks.add_argument("--type", dest="task_type", metavar="TYPE", help="only this task type")
+    tasks.add_argument("--limit", type=_count(1), default=50, help="at most N (default 50)")
+
+    task = commands.add_parser("task", parents=both, help="one task with its runs and events")
+    task.add_argument("task_id", metavar="ID")
+    task.add_argument(
+        "--events", type=_count(1), default=50, help="its newest N events (default 50)"
+    )
+
+    workers = commands.add_parser("workers", parents=both, help="registered workers")
+    workers.add_argument("--status", choices=[s.value for s in WorkerStatus])
+
+    plans = commands.add_parser("plans", parents=both, help="execution plans, newest first")
+    plans.add_argument("--status", choices=[s.value for s in PlanStatus])
+    plans.add_argument("--limit", type=_count(1), default=50, help="at most N (default 50)")
+
+    plan = commands.add_parser(
+        "plan", parents=both, help="one plan: its DAG in dependency layers, and its progress"
+    )
+    plan.add_argument("plan_id", metavar="ID")
+
+    events = commands.add_parser(
+        "events",
+        parents=both,
+        help="the event log: the newest events, or those after a seq; --follow for new ones",
+        description="Without --after: the newest --limit events that match. With --after "
+        "SEQ: the first --limit events after SEQ. --follow then goes on printing new "
+        "events as they are written (polling the log 4 times a second), until Ctrl-C, "
+        "--max-events or --for; with --json, one JSON object per line.",
+    )
+    events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    events.add_argument(
+        "--pattern", default="*", metavar="GLOB", help="event types to show ('task.*')"
+    )
+    events.add_argument("--after", type=_seq, metavar="SEQ", help="events after this seq")
+    events.add_argument("--task", dest="task_id", metavar="ID", help="events of this task")
+    events.add_argument("--plan", dest="plan_id", metavar="ID", help="events of this plan")
+    events.add_argument("--correlation", dest="correlation_id", metavar="ID")
+    events.add_argument(
+        "--limit",
+        type=_count(0),
+        default=50,
+        help="at most N events (with --follow: N events of backlog first; default 50)",
+    )
+    events.add_argument(
+        "--max-events", type=_count(1), metavar="N", help="with --follow: stop after N events"
+    )
+    events.add_argument(
+        "--for",
+        dest="duration",
+        type=_seconds,
+        metavar="SECONDS",
+        help="with --follow: stop after SECONDS",
+    )
+
+    db = commands.add_parser("db", help="the database's schema version, and migrating it")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_commands.add_parser(
+        "current", parents=both, help="the file's schema version against this package's"
+    )
+    db_commands.add_parser(
+        "upgrade",
+        parents=both,
+        help="migrate the file to this package's schema (the app using it must be stopped)",
+    )
+    return parser
+
+
+# -- entry point -------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit code (``sys.exit(main())``)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits: 2 for a usage error, 0 for --help
+        return exc.code if isinstance(exc.code, int) else 2
+    if args.command == "events" and not args.follow:
+        bounds = [("--max-events", args.max_events), ("--for", args.duration)]
+        unused = [name for name, value in bounds if value is not None]
+        if unused:
+            usage = f"{' and '.join(unused)} only bound --follow"
+            print(f"hive-orchestration events: error: {usage}", file=sys.stderr)
+            return 2
+    if args.command == "demo":
+        handler: _Handler = _demo
+    else:
+        if args.command != "db" and not args.json and not _rich_available():
+            print(f"error: {RICH_MISSING}", file=sys.stderr)
+            return 2
+        handler = _HANDLERS[args.command if args.command != "db" else f"db {args.db_command}"]
+    try:
+        anyio.run(handler, args, backend=args.backend)
+    except InvalidInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except HiveError as exc:  # NotFoundError, StorageError...
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, and keep Python from failing
+        # again when it flushes stdout at exit.
+        _silence_stdout()
+        return 1
+    return 0
+
+
+def _rich_available() -> bool:
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _silence_stdout() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _print_json(value: object) -> None:
+    sys.stdout.write(msgspec.json.encode(value).decode())
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+# -- the commands ------------------------------------------------------------------------
+
+
+async def _demo(args: argparse.Namespace) -> None:
+    await run_demo(args.db)
+
+
+async def _status(args: argparse.Namespace) -> None:
+    async with Inspector.open(args.db) as inspector:
+        report = await status_report(inspector)
+    if args.json:
+        _print_json(report)
+    else:
+        from . import views
+
+        views.render_status(views.console(), report)
+
+
+async def _tasks(args: argparse.Namespace) -> None:
+    async with Inspector.open(args.db) as inspector:
+        tasks = await inspector.tasks(args.status, task_type=args.task_type, limit=args.limit)
+    if args.json:
+        _print_json(tasks)
+    else:
+        from . import views
+
+        views.render_tasks(views.console(), tasks)
+
+
+async def _task(args: argparse.Namespace) -> None:
+    async with Inspector.open(args.db) as inspector:
+        report = await task_report(inspector, args.task_id, events=args.events)
+    if args.json:
+        _print_json(report)
+    else:
+        from . import views
+
+        views.render_task(views.console(), report)
+
+
+async def _workers(args: argparse.Namespace) -> None:
+    async with Inspector.open(args.db) as inspector:
+        workers = await inspector.workers(args.status)
+    if args.json:
+        _print_json(workers)
+    else:
+        from . import views
+
+        views.render_workers(views.console(), workers)
+
+
+async def _plans(args: argparse.Namespace) -> None:
+    async with Inspector.open(args.db) as inspector:
+        plans = await plan_summaries(
+            inspector, await inspector.plans(args.status, limit=args.limit)
+        )
+    if args.json:
+        _print_json(plans)
+    else:
+        from . import views
+
+        views.render_plans(views.console(), plans)
+
+
+async def _plan(args: argparse.Namespace) -> None:
+    async with Inspector.open(args.db) as inspector:
+        report = await plan_report(inspector, args.plan_id)
+    if args.json:
+        _print_json(report)
+    else:
+        from . import views
+
+        views.render_plan(views.console(), report)
+
+
+async def _events(args: argparse.Namespace) -> None:
+    async with Inspector.open(args.db) as inspector:
+        if args.follow:
+            await _follow(inspector, args)
+            return
+        events: list[Event] = []
+        if args.limit:
+            events = await inspector.events(
+                args.after or 0,
+                limit=args.limit,
+                pattern=args.pattern,
+                task_id=args.task_id,
+                plan_id=args.plan_id,
+                correlation_id=args.correlation_id,
+                newest=args.after is None,
+            )
+    if args.json:
+        _print_json(events)
+    else:
+        from . import views
+
+        views.render_events(views.console(), events)
+
+
+async def _follow(inspector: Inspector, args: argparse.Namespace) -> None:
+    """Print the backlog, then every new event that matches, until a bound is reached."""
+    if args.json:
+
+        def emit(event: Event) -> None:
+            _print_json(event)
+
+    else:
+        from . import views
+
+        out = views.console()
+
+        def emit(event: Event) -> None:
+            out.print(views.event_line(event))
+
+    shown = 0
+
+    def show(batch: Sequence[Event]) -> bool:
+        """Print ``batch``; True once ``--max-events`` are out."""
+        nonlocal shown
+        for event in batch:
+            emit(event)
+            shown += 1
+            if args.max_events is not None and shown >= args.max_events:
+                return True
+        return False
+
+    async def read(after: int, limit: int, *, newest: bool = False) -> list[Event]:
+        return await inspector.events(
+            after,
+            limit=limit,
+            pattern=args.pattern,
+            task_id=args.task_id,
+            plan_id=args.plan_id,
+            correlation_id=args.correlation_id,
+            newest=newest,
+        )
+
+    with anyio.move_on_after(math.inf if args.duration is None else args.duration):
+        if args.after is None:
+            # The log's end first, then the backlog: whatever is committed in between is
+            # in the backlog or after the cursor, never skipped.
+            cursor = await inspector.last_seq()
+            backlog = await read(0, args.limit, newest=True) if args.limit else []
+            cursor = max([cursor, *(event.seq for event in backlog)])
+        else:
+            cursor, backlog = args.after, []
+        print(
+            f"following {shlex.quote(inspector.path)} after seq {cursor} (Ctrl-C to stop)",
+            file=sys.stderr,
+            flush=True,
+        )
+        if show(backlog):
+            return
+        while True:
+            # The end of the log before the read: once a read returns less than a page,
+            # every event up to that end has been seen (the filters skipped the others),
+            # so the next read starts there instead of scanning them again.
+            end = await inspector.last_seq()
+            batch = await read(cursor, _PAGE)
+            if show(batch):
+                return
+            if batch:
+                cursor = batch[-1].seq
+            if len(batch) < _PAGE:
+                cursor = max(cursor, end)
+                await anyio.sleep(POLL_INTERVAL)
+
+
+async def _db_current(args: argparse.Namespace) -> None:
+    version = await anyio.to_thread.run_sync(read_schema_version, args.db)
+    if version == SCHEMA_VERSION:
+        state, advice = "current", "up to date"
+    elif version < SCHEMA_VERSION:
+        state = "older"
+        advice = f"older: run `hive-orchestration db upgrade --db {shlex.quote(args.db)}`"
+    else:
+        state, advice = "newer", "newer: upgrade hive-orchestration to read it"
+    if args.json:
+        _print_json(
+            {
+                "db": args.db,
+                "schema_version": version,
+                "package_schema_version": SCHEMA_VERSION,
+                "state": state,
+            }
+        )
+    else:
+        print(
+            f"{args.db}: schema version {version}; this hive-orchestration uses"
+            f" {SCHEMA_VERSION} ({advice})"
+        )
+
+
+async def _db_upgrade(args: argparse.Namespace) -> None:
+    before = await anyio.to_thread.run_sync(read_schema_version, args.db)
+    if before > SCHEMA_VERSION:
+        raise NewerSchemaError(args.db, before, SCHEMA_VERSION)
+    if before < SCHEMA_VERSION:
+        # Opening a runtime migrates, in one transaction; it refuses a database that
+        # another runtime holds, so an app's file is never migrated under its feet.
+        async with Runtime.open(args.db):
+            pass
+    after = await anyio.to_thread.run_sync(read_schema_version, args.db)
+    if args.json:
+        _print_json(
+            {
+                "db": args.db,
+                "from_version": before,
+                "to_version": after,
+                "migrated": after != before,
+            }
+        )
+    elif after != before:
+        print(f"{args.db}: migrated from schema version {before} to {after}")
+    else:
+        print(f"{args.db}: already at schema version {after}; nothing to do")
+
+
+_HANDLERS: dict[str, _Handler] = {
+    "status": _status,
+    "tasks": _tasks,
+    "task": _task,
+    "workers": _workers,
+    "plans": _plans,
+    "plan": _plan,
+    "events": _events,
+    "db current": _db_current,
+    "db upgrade": _db_upgrade,
+}
