@@ -255,9 +255,26 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
         """The sequence number of the last durable event (``0``: the log is empty)."""
         return await self.runtime.last_seq()
 
-    async def read_events(self, after: int = 0, *, limit: int = 1000) -> list[Event]:
-        """Durable events with ``seq > after``, oldest first, at most ``limit``."""
-        return await self.runtime.read_events(after, limit=limit)
+    async def read_events(
+        self,
+        after: int = 0,
+        *,
+        limit: int = 1000,
+        pattern: str = "*",
+        task_id: str | None = None,
+        plan_id: str | None = None,
+        correlation_id: str | None = None,
+    ) -> list[Event]:
+        """Durable events with ``seq > after``, oldest first, at most ``limit`` (see
+        :meth:`Runtime.read_events` for the filters)."""
+        return await self.runtime.read_events(
+            after,
+            limit=limit,
+            pattern=pattern,
+            task_id=task_id,
+            plan_id=plan_id,
+            correlation_id=correlation_id,
+        )
 
     async def subscribe_to_task_events(
         self,
@@ -463,6 +480,12 @@ class EventStream:
         self._filters = dict(filters or {})
         self._filter_items = tuple(sorted(self._filters.items()))
         self._buffer = buffer
+        self._sql_pattern = "*" if "[" in pattern else pattern
+        self._sql_filters = {
+            key: value
+            for key, value in self._filters.items()
+            if key in ("task_id", "plan_id", "correlation_id")
+        }
         self._after = after
         #: The sequence number of the last event given (or skipped past while replaying).
         self.last_seq = 0 if after is None else after
@@ -541,7 +564,11 @@ class EventStream:
             return event
 
     async def _replay_page(self) -> None:
-        page = await self._runtime.read_events(self._cursor, limit=_PAGE)
+        # The log narrows what it can (the type glob, the event fields); the predicate the
+        # live side uses decides the rest, so replay and live agree exactly.
+        page = await self._runtime.read_events(
+            self._cursor, limit=_PAGE, pattern=self._sql_pattern, **self._sql_filters
+        )
         if not page:
             self._replaying = False
             # The unmatched tail of the log is behind us too: no live event in it matches.

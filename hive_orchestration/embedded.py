@@ -437,12 +437,32 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
 
         return Subscription(receive, pattern, close)
 
-    async def read_events(self, after: int = 0, *, limit: int = 1000) -> list[Event]:
-        """Durable events with ``seq > after``, oldest first, at most ``limit`` of them."""
+    async def read_events(
+        self,
+        after: int = 0,
+        *,
+        limit: int = 1000,
+        pattern: str = "*",
+        task_id: str | None = None,
+        plan_id: str | None = None,
+        correlation_id: str | None = None,
+    ) -> list[Event]:
+        """Durable events with ``seq > after``, oldest first, at most ``limit`` of them;
+        only those whose type matches ``pattern`` (``*`` and ``?`` globs) and whose
+        ``task_id``, ``plan_id`` and ``correlation_id`` equal those given."""
         self._check_open()
+        check_identifier(pattern, "pattern")
+        if "[" in pattern:
+            # SQLite's GLOB negates a class with ^, fnmatch (the live side) with !: refuse
+            # rather than answer a replay and a subscription differently.
+            raise InvalidInputError("pattern", "bracket classes are not supported in reads")
         read = ReadEvents(
             after=check_int(after, "after", minimum=0),
             limit=check_int(limit, "limit", minimum=1, maximum=_MAX_READ),
+            pattern=pattern,
+            task_id=check_optional_text(task_id, "task_id"),
+            plan_id=check_optional_text(plan_id, "plan_id"),
+            correlation_id=check_optional_text(correlation_id, "correlation_id"),
         )
         events = await self._storage.ask(read)
         return list(events)

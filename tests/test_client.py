@@ -579,3 +579,22 @@ async def test_an_app_can_write_its_own_implementation() -> None:
     assert isinstance(InMemoryTasks(), TaskOperations)
     assert await queen(InMemoryTasks()) == "0"
     assert not isinstance(object(), TaskOperations)
+
+
+async def test_read_events_filters_and_a_replay_with_a_bracket_glob(db_path: str) -> None:
+    async with Runtime.open(db_path) as runtime:
+        client = runtime.client(correlation_id="wf")
+        await client.publish("job.a", task_id="t1")
+        await client.publish("job.b", task_id="t2")
+        await client.publish("other.a", task_id="t1", correlation_id="x")
+        assert [e.seq for e in await client.read_events(task_id="t1")] == [1, 3]
+        assert [e.seq for e in await client.read_events(pattern="job.*")] == [1, 2]
+        assert [e.seq for e in await client.read_events(pattern="*.a", correlation_id="wf")] == [1]
+        with pytest.raises(InvalidInputError) as info:
+            await client.read_events(pattern="job.[ab]")
+        assert info.value.field == "pattern"
+        # The replay still takes bracket globs: it decides them as the live side does.
+        async with client.events(after=0, pattern="job.[!a]") as stream:
+            with anyio.fail_after(SOON):
+                event = await stream.receive()
+        assert event.type == "job.b"
