@@ -144,10 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
         "events",
         parents=both,
         help="the event log: the newest events, or those after a seq; --follow for new ones",
-        description="Without --after: the newest --limit events that match. With --after "
-        "SEQ: the first --limit events after SEQ. --follow then goes on printing new "
-        "events as they are written (polling the log 4 times a second), until Ctrl-C, "
-        "--max-events or --for; with --json, one JSON object per line.",
+        description="Without --after: the newest --limit events that match; with --after "
+        "SEQ: the first --limit events after SEQ. With --follow, --after SEQ prints every "
+        "event after SEQ (without it, the newest --limit), then goes on printing new events "
+        "as they are written (polling the log 4 times a second) until Ctrl-C, --max-events "
+        "or --for; with --json, one JSON object per line.",
     )
     events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
     events.add_argument(
@@ -448,7 +449,9 @@ async def _db_upgrade(args: argparse.Namespace) -> None:
         raise NewerSchemaError(args.db, before, SCHEMA_VERSION)
     if before < SCHEMA_VERSION:
         # Opening a runtime migrates, in one transaction; it refuses a database that
-        # another runtime holds, so an app's file is never migrated under its feet.
+        # another runtime holds, so an app's file is never migrated under its feet. It
+        # also does what any open does (requeue the tasks a stopped app left claimed),
+        # which the app's next start would do anyway.
         async with Runtime.open(args.db):
             pass
     after = await anyio.to_thread.run_sync(read_schema_version, args.db)
