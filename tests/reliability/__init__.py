@@ -1,0 +1,1 @@
+"""The reliability suite (issue 7): load, cancellation, and what must hold after them."""

@@ -1,0 +1,68 @@
+"""The audit the reliability tests rely on finds what it is meant to find: a log and a
+tasks table that disagree in any way is reported, so a passing reliability test means
+something. Real runtime, real tasks; the log is tampered with after reading it."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from hive_orchestration import Event, OrchestrationClient, Runtime
+
+from ._audit import audit_tasks, read_log
+
+pytestmark = pytest.mark.anyio
+
+
+async def populate(client: OrchestrationClient) -> dict[str, str]:
+    """A task of each kind: completed by a claim, held by a claim, completed by hand,
+    retried after a failure, deleted."""
+    ids = {name: await client.create_task(name) for name in ("done", "held", "hand", "retry")}
+    for name in ("done", "held", "retry"):
+        claim = await client.claim_task("w1", name)
+        assert claim is not None
+        await client.start_task(claim.lease)
+        await client.heartbeat(claim.lease, progress={"half": True})
+        if name == "done":
+            await client.complete_task(claim.lease, {"ok": True})
+        elif name == "retry":
+            await client.fail_task(claim.lease, "boom", retry_after=0)
+    await client.update_task_status(ids["hand"], "running")
+    await client.update_task_status(ids["hand"], "completed")
+    gone = await client.create_task("gone")
+    await client.delete_task(gone)
+    return ids
+
+
+async def test_a_consistent_runtime_audits_clean_and_every_tampering_is_found(
+    db_path: str,
+) -> None:
+    async with Runtime.open(db_path) as runtime:
+        client = runtime.client(source_agent="auditor")
+        ids = await populate(client)
+        events = await read_log(client)
+        _, tasks, _, problems = await audit_tasks(client, events)
+        assert problems == []
+        assert len(tasks) == 4
+
+        def without(event_type: str, task_id: str) -> list[Event]:
+            drop = next(e for e in events if e.type == event_type and e.task_id == task_id)
+            return [e for e in events if e is not drop]
+
+        def renumbered(log: list[Event]) -> list[Event]:
+            return [msgspec.structs.replace(e, seq=n) for n, e in enumerate(log, 1)]
+
+        completed = next(e for e in events if e.type == "task.completed")
+        tampered = {
+            # A state change without its event.
+            "missing completed": renumbered(without("task.completed", ids["done"])),
+            "missing created": renumbered(without("task.created", ids["hand"])),
+            "missing assigned": renumbered(without("task.assigned", ids["held"])),
+            # An event without its state change.
+            "extra completed": renumbered([*events, completed]),
+            # A gap in the log.
+            "gap": without("task.started", ids["retry"]),
+        }
+        for name, log in tampered.items():
+            _, _, _, found = await audit_tasks(client, log)
+            assert found, f"{name}: not noticed"
