@@ -75,6 +75,8 @@ class Load:
     producers_done: anyio.Event = field(default_factory=anyio.Event)
     #: True in the first half of the load: latency is measured, memory not traced.
     measuring: bool = True
+    #: Cancelled by the first error.
+    halt: anyio.CancelScope = field(default_factory=anyio.CancelScope)
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -87,12 +89,13 @@ def percentile(values: list[float], p: float) -> float:
 async def guarded(
     load: Load, name: str, body: Callable[..., Awaitable[None]], *args: object
 ) -> None:
-    """Run a client's loop; an exception is recorded (the test fails on any), not raised,
-    so that the other clients finish and the report shows every error."""
+    """Run a client's loop. An exception is recorded and stops the whole load at once
+    (the others would wait for this client's work): the test then fails with it."""
     try:
         await body(*args)
     except Exception as exc:
         load.errors.append(f"{name}: {type(exc).__name__}: {exc}")
+        load.halt.cancel()
 
 
 async def producer(client: OrchestrationClient, i: int, load: Load) -> None:
@@ -114,7 +117,13 @@ async def producer(client: OrchestrationClient, i: int, load: Load) -> None:
 async def worker(client: OrchestrationClient, worker_id: str, load: Load) -> None:
     rng = random.Random(load.rng.random())
     await client.register_worker(worker_id, "loader", ["load"])
+    alive = time.perf_counter()
     while True:
+        if time.perf_counter() - alive > 1.0:
+            # The registry's own liveness signal: claims and lease heartbeats are not one,
+            # so a worker that only works is declared offline after worker_timeout.
+            assert await client.update_worker_heartbeat(worker_id)
+            alive = time.perf_counter()
         claim = await client.claim_task(worker_id, wait=0.1)  # its capabilities: "load"
         if claim is None:
             if load.producers_done.is_set():
@@ -203,7 +212,8 @@ async def run_load(
         workers = clients[PRODUCERS : PRODUCERS + WORKERS]
         readers = clients[PRODUCERS + WORKERS :]
         assert len(readers) == READERS
-        with anyio.fail_after(seconds * 4 + 60):  # a hang fails the test, never blocks CI
+        # A hang fails the test rather than block CI; an error stops everything at once.
+        with anyio.fail_after(seconds * 4 + 60), load.halt:
             async with anyio.create_task_group() as everyone:
                 everyone.start_soon(
                     guarded, load, "follower", follower, readers[0], followed, "end"
@@ -221,12 +231,13 @@ async def run_load(
                 drained = time.perf_counter()
                 # The follower stops at this event: it has seen the whole log.
                 end = await readers[0].publish("end")
+        assert load.errors == []
+        assert not load.halt.cancelled_caught
         events = await read_log(clients[0])
         assert events[-1].seq == end.seq
 
         ledger, tasks, runs, problems = await audit_tasks(clients[0], events)
         created = set(load.created)
-        assert load.errors == []
         assert len(created) == len(load.created), "create_task returned an id twice"
         assert created, "no task was created"
         assert problems == []
