@@ -429,14 +429,18 @@ async def test_callers_cancelled_at_random_points_leave_no_half_written_state(
 
 # -- a claim answered just as its claimer is cancelled ------------------------------------
 
+# ActorRef.ask (hive_orchestration/runtime/actor.py) closes its reply slot (Reply.fail with
+# _ABANDONED) only in its `finally`, which runs when the cancelled asker is next scheduled.
+# Its wait is aborted by the cancel scope first; an actor that answers in between sees
+# Reply.resolve() return True and counts the claim as delivered (TaskManager._finish,
+# PlanExecutor._finish), so nothing is handed back: the task stays assigned to a claimer
+# that never got it until its lease expires (which counts an attempt against max_retries),
+# and a planning request, which has no lease, stays assigned for good. Seen on asyncio and
+# on trio: every stuck claim was one whose reply resolved while its asker was unwinding.
 RACE_REASON = (
-    "ActorRef.ask (hive_orchestration/runtime/actor.py) marks its reply abandoned only in "
-    "its `finally`, which runs when the cancelled asker is next scheduled. An actor that "
-    "answers in between (the asker's wait already aborted by its cancel scope, its finally "
-    "not yet run) sees Reply.resolve() return True and counts the claim as delivered "
-    "(TaskManager._finish, PlanExecutor._finish), so no hand-back happens: the task stays "
-    "assigned to a claimer that never got it, until its lease expires (which counts an "
-    "attempt), and a planning request, which has no lease, stays assigned for good."
+    "ActorRef.ask marks its reply abandoned only in its finally; an actor answering after "
+    "the asker's cancel scope fired but before that finally ran sees Reply.resolve() succeed, "
+    "so the claim is not handed back (TaskManager/PlanExecutor._finish)"
 )
 #: Sweeps of 100 cancelled claims each, before concluding that no claim was lost.
 SWEEPS = 20
