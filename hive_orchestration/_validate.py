@@ -17,8 +17,11 @@ from typing import Any, TypeVar
 import msgspec
 
 from .errors import InvalidInputError
+from .messages.storage import ReadEvents
 
 __all__ = [
+    "MAX_READ",
+    "check_event_read",
     "check_identifier",
     "check_int",
     "check_optional_text",
@@ -243,3 +246,28 @@ def _check_json(root: object, field: str, max_depth: int) -> None:
             raise InvalidInputError(
                 _path(node, field), f"{type(value).__name__} is not a JSON value"
             )
+
+
+#: Most rows one read returns.
+MAX_READ = 10_000
+
+
+def check_event_read(
+    after: object,
+    limit: object,
+    pattern: object,
+    task_id: object,
+    plan_id: object,
+    correlation_id: object,
+    newest: object = False,
+) -> ReadEvents:
+    """A read of the event log, every argument checked (``Runtime`` and ``Inspector``)."""
+    return ReadEvents(
+        after=check_int(after, "after", minimum=0),
+        limit=check_int(limit, "limit", minimum=1, maximum=MAX_READ),
+        pattern=check_identifier(pattern, "pattern"),
+        task_id=check_optional_text(task_id, "task_id"),
+        plan_id=check_optional_text(plan_id, "plan_id"),
+        correlation_id=check_optional_text(correlation_id, "correlation_id"),
+        newest=check_bool(newest, "newest"),
+    )

@@ -135,6 +135,15 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
         raw.update(overrides)
         return cls.from_mapping(raw)
 
+    @classmethod
+    def checked(cls, config: object) -> RuntimeConfig:
+        """``config`` validated, or the defaults for ``None`` (what ``open`` accepts)."""
+        if config is None:
+            return cls()
+        if not isinstance(config, RuntimeConfig):
+            raise ConfigError("config", f"must be a RuntimeConfig, got {type(config).__name__}")
+        return config.validated()
+
     def validated(self) -> RuntimeConfig:
         """This config, checked: msgspec checks constraints only when decoding, so a
         ``RuntimeConfig(...)`` built in code is validated here (``Runtime.open`` does)."""

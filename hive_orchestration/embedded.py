@@ -24,7 +24,13 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from ._groups import leaves
 from ._plan_ops import PlanOps
 from ._task_ops import TaskOps
-from ._validate import check_identifier, check_int, check_optional_text, encode_json_object
+from ._validate import (
+    check_event_read,
+    check_identifier,
+    check_int,
+    check_optional_text,
+    encode_json_object,
+)
 from ._worker_ops import WorkerOps
 from .actors.broadcast import BroadcastActor
 from .actors.plan_executor import PlanExecutor, PlanFeed
@@ -32,7 +38,6 @@ from .actors.task_manager import TaskManager
 from .actors.worker_registry import WorkerRegistry
 from .config import DEFAULT_DB_PATH, RuntimeConfig
 from .errors import (
-    ConfigError,
     InvalidInputError,
     RuntimeFailedError,
     RuntimeStoppedError,
@@ -56,7 +61,6 @@ from .messages.plans import PlanExecutorMessage
 from .messages.storage import (
     AppendEvent,
     GetStorageStats,
-    ReadEvents,
     StorageMessage,
     StorageStats,
     Write,
@@ -73,8 +77,6 @@ if TYPE_CHECKING:
 __all__ = ["MailboxStats", "Runtime", "RuntimeStatistics", "Subscription"]
 
 log = logging.getLogger("hive_orchestration")
-
-_MAX_READ = 10_000
 
 
 class MailboxStats(msgspec.Struct, frozen=True):
@@ -197,12 +199,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
         be opened, and :class:`RuntimeFailedError` if an actor crashes past the restart
         intensity while the block runs.
         """
-        if config is None:
-            config = RuntimeConfig()
-        elif not isinstance(config, RuntimeConfig):
-            raise ConfigError("config", f"must be a RuntimeConfig, got {type(config).__name__}")
-        else:
-            config = config.validated()
+        config = RuntimeConfig.checked(config)
         db_path = _normalize_path(path)
         claim = DatabaseClaim(db_path)
         try:
@@ -451,19 +448,11 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
         only those whose type matches ``pattern`` (``*`` and ``?`` globs) and whose
         ``task_id``, ``plan_id`` and ``correlation_id`` equal those given."""
         self._check_open()
-        check_identifier(pattern, "pattern")
-        if "[" in pattern:
+        read = check_event_read(after, limit, pattern, task_id, plan_id, correlation_id)
+        if "[" in read.pattern:
             # SQLite's GLOB negates a class with ^, fnmatch (the live side) with !: refuse
             # rather than answer a replay and a subscription differently.
             raise InvalidInputError("pattern", "bracket classes are not supported in reads")
-        read = ReadEvents(
-            after=check_int(after, "after", minimum=0),
-            limit=check_int(limit, "limit", minimum=1, maximum=_MAX_READ),
-            pattern=pattern,
-            task_id=check_optional_text(task_id, "task_id"),
-            plan_id=check_optional_text(plan_id, "plan_id"),
-            correlation_id=check_optional_text(correlation_id, "correlation_id"),
-        )
         events = await self._storage.ask(read)
         return list(events)
 

@@ -27,9 +27,16 @@ from typing import TypeVar
 import anyio
 
 from ._groups import leaves
-from ._validate import check_choice, check_identifier, check_int, check_optional_text
+from ._validate import (
+    MAX_READ,
+    check_choice,
+    check_event_read,
+    check_identifier,
+    check_int,
+    check_optional_text,
+)
 from .config import DEFAULT_DB_PATH, RuntimeConfig
-from .errors import ConfigError, InvalidInputError, NotFoundError, RuntimeStoppedError
+from .errors import InvalidInputError, NotFoundError, RuntimeStoppedError
 from .messages.events import Event
 from .messages.plans import ExecutionPlan, PlanProgress, PlanStatus, SubtaskState
 from .messages.storage import (
@@ -44,7 +51,6 @@ from .messages.storage import (
     LoadWorkers,
     QueryPlans,
     QueryTasks,
-    ReadEvents,
     StorageMessage,
     StorageStats,
 )
@@ -57,7 +63,6 @@ from .storage.database import MEMORY, Target
 __all__ = ["Inspector"]
 
 #: The most rows one call returns (the runtime's read limit).
-MAX_READ = 10_000
 
 R = TypeVar("R")
 
@@ -96,12 +101,7 @@ class Inspector:
         From ``config`` only the storage driver, busy timeout, ask timeout and restart
         intensity matter.
         """
-        if config is None:
-            config = RuntimeConfig()
-        elif not isinstance(config, RuntimeConfig):
-            raise ConfigError("config", f"must be a RuntimeConfig, got {type(config).__name__}")
-        else:
-            config = config.validated()
+        config = RuntimeConfig.checked(config)
         db_path = _normalize_path(path)
         target = Target(db_path, db_path)
         storage: ActorRef[StorageMessage] = ActorRef(
@@ -221,16 +221,8 @@ class Inspector:
         """Durable events with ``seq > after`` whose type matches the glob ``pattern`` and
         whose fields equal every filter given, in ``seq`` order: the oldest ``limit`` of
         them, or the newest with ``newest``."""
-        if not isinstance(newest, bool):
-            raise InvalidInputError("newest", f"must be a bool, got {type(newest).__name__}")
-        read = ReadEvents(
-            after=check_int(after, "after", minimum=0),
-            limit=check_int(limit, "limit", minimum=1, maximum=MAX_READ),
-            pattern=check_identifier(pattern, "pattern"),
-            task_id=check_optional_text(task_id, "task_id"),
-            plan_id=check_optional_text(plan_id, "plan_id"),
-            correlation_id=check_optional_text(correlation_id, "correlation_id"),
-            newest=newest,
+        read = check_event_read(
+            after, limit, pattern, task_id, plan_id, correlation_id, newest=newest
         )
         return list(await self._ask(read))
 

@@ -19,10 +19,11 @@ import anyio
 import anyio.to_thread
 import msgspec
 
+from .._validate import MAX_READ
 from ..config import DEFAULT_DB_PATH
 from ..embedded import Runtime
 from ..errors import HiveError, InvalidInputError, NewerSchemaError
-from ..inspector import MAX_READ, Inspector
+from ..inspector import Inspector
 from ..messages.events import Event
 from ..messages.plans import PlanStatus
 from ..messages.tasks import TaskStatus
@@ -253,6 +254,17 @@ def _print_json(value: object) -> None:
 # -- the commands ------------------------------------------------------------------------
 
 
+def _show(args: argparse.Namespace, value: object, render: str) -> None:
+    """Print ``value`` as JSON, or as a table with ``views.<render>`` (imported only then:
+    it needs rich)."""
+    if args.json:
+        _print_json(value)
+        return
+    from . import views
+
+    getattr(views, render)(views.console(), value)
+
+
 async def _demo(args: argparse.Namespace) -> None:
     await run_demo(args.db)
 
@@ -260,45 +272,25 @@ async def _demo(args: argparse.Namespace) -> None:
 async def _status(args: argparse.Namespace) -> None:
     async with Inspector.open(args.db) as inspector:
         report = await status_report(inspector)
-    if args.json:
-        _print_json(report)
-    else:
-        from . import views
-
-        views.render_status(views.console(), report)
+    _show(args, report, "render_status")
 
 
 async def _tasks(args: argparse.Namespace) -> None:
     async with Inspector.open(args.db) as inspector:
         tasks = await inspector.tasks(args.status, task_type=args.task_type, limit=args.limit)
-    if args.json:
-        _print_json(tasks)
-    else:
-        from . import views
-
-        views.render_tasks(views.console(), tasks)
+    _show(args, tasks, "render_tasks")
 
 
 async def _task(args: argparse.Namespace) -> None:
     async with Inspector.open(args.db) as inspector:
         report = await task_report(inspector, args.task_id, events=args.events)
-    if args.json:
-        _print_json(report)
-    else:
-        from . import views
-
-        views.render_task(views.console(), report)
+    _show(args, report, "render_task")
 
 
 async def _workers(args: argparse.Namespace) -> None:
     async with Inspector.open(args.db) as inspector:
         workers = await inspector.workers(args.status)
-    if args.json:
-        _print_json(workers)
-    else:
-        from . import views
-
-        views.render_workers(views.console(), workers)
+    _show(args, workers, "render_workers")
 
 
 async def _plans(args: argparse.Namespace) -> None:
@@ -306,23 +298,13 @@ async def _plans(args: argparse.Namespace) -> None:
         plans = await plan_summaries(
             inspector, await inspector.plans(args.status, limit=args.limit)
         )
-    if args.json:
-        _print_json(plans)
-    else:
-        from . import views
-
-        views.render_plans(views.console(), plans)
+    _show(args, plans, "render_plans")
 
 
 async def _plan(args: argparse.Namespace) -> None:
     async with Inspector.open(args.db) as inspector:
         report = await plan_report(inspector, args.plan_id)
-    if args.json:
-        _print_json(report)
-    else:
-        from . import views
-
-        views.render_plan(views.console(), report)
+    _show(args, report, "render_plan")
 
 
 async def _events(args: argparse.Namespace) -> None:
@@ -341,12 +323,7 @@ async def _events(args: argparse.Namespace) -> None:
                 correlation_id=args.correlation_id,
                 newest=args.after is None,
             )
-    if args.json:
-        _print_json(events)
-    else:
-        from . import views
-
-        views.render_events(views.console(), events)
+    _show(args, events, "render_events")
 
 
 async def _follow(inspector: Inspector, args: argparse.Namespace) -> None:
