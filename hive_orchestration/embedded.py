@@ -254,6 +254,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
         def task_manager() -> TaskManager:
             return TaskManager(
                 storage,
+                workers=workers,
                 alarm=alarm,
                 # Claims die with the process, so the first start requeues what was held;
                 # a restart after a crash keeps the claims of the workers still running.

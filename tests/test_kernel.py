@@ -363,6 +363,65 @@ async def test_a_cancelled_asker_does_not_hurt_the_actor() -> None:
         assert supervisor.restarts == {"probe": 1}  # Hold crashes after its gate, by design
 
 
+class Take(Request[str], frozen=True):
+    """Ask for the one thing the Giver holds."""
+
+
+class GiveBack(msgspec.Struct, frozen=True):
+    thing: str
+
+
+class Giver(Actor[Any]):
+    """Hands out one exclusive thing. Before answering, it runs ``before_answer`` (which
+    cancels the asker), so that the asker is cancelled with the answer on its way."""
+
+    def __init__(self, before_answer: Callable[[], None], returned: list[str]) -> None:
+        self.before_answer = before_answer
+        self.returned = returned
+
+    async def receive_batch(self, batch: Sequence[Envelope[Any]]) -> None:
+        for envelope in batch:
+            envelope.started = True
+            if isinstance(envelope.message, GiveBack):
+                self.returned.append(envelope.message.thing)
+                envelope.resolve(None)
+            elif isinstance(envelope.message, Take):
+                self.before_answer()
+                given = envelope.resolve("the thing", GiveBack("the thing"))
+                if not given:
+                    self.returned.append("closed reply")
+            else:
+                envelope.resolve(await self.receive(envelope.message))
+
+
+async def test_an_answer_its_cancelled_asker_never_received_is_told_back() -> None:
+    """The asker's scope is cancelled, then the answer resolves its reply before the asker
+    runs again: the asker never sees the value, so it tells the give-back message to the
+    actor (which would otherwise believe the thing delivered)."""
+    returned: list[str] = []
+    scope = anyio.CancelScope()
+    ref = probe_ref()
+    async with supervised([ChildSpec(ref, lambda: Giver(scope.cancel, returned))]):
+        got: list[str] = []
+        with scope:
+            got.append(await ref.ask(Take()))
+        assert scope.cancelled_caught
+        assert got == []
+        # The give-back was told as the asker left, so it comes before this ask (FIFO).
+        assert await ref.ask(Take()) == "the thing"
+        assert returned == ["the thing"]
+
+
+async def test_an_answer_received_is_not_told_back() -> None:
+    returned: list[str] = []
+    ref = probe_ref()
+    async with supervised([ChildSpec(ref, lambda: Giver(lambda: None, returned))]):
+        assert await ref.ask(Take()) == "the thing"
+        # A give-back would have been told before this second ask (the mailbox is FIFO).
+        assert await ref.ask(Take()) == "the thing"
+        assert returned == []
+
+
 async def test_no_asker_hangs_when_the_runtime_stops_past_its_deadline() -> None:
     gate = anyio.Event()  # never set: the actor is stuck on the first Hold
     ref = probe_ref()

@@ -169,6 +169,50 @@ async def test_heartbeats_keep_a_worker_alive(db_path: str) -> None:
         assert worker.status is WorkerStatus.ACTIVE
 
 
+async def test_working_keeps_a_worker_alive_without_registry_heartbeats(db_path: str) -> None:
+    """Claims and lease calls are signs of life: a worker busy with tasks for longer than
+    worker_timeout, which never calls update_worker_heartbeat, keeps its claims."""
+    async with runtime(db_path, worker_timeout=0.3) as rt:
+        await rt.register_worker("busy", capabilities=["job"])
+        for _ in range(4):
+            await rt.create_task("job")
+        done = 0
+        start = anyio.current_time()
+        while anyio.current_time() - start < 1.0:  # over three timeouts
+            claim = await rt.claim_task("busy", lease=60)
+            assert claim is not None
+            await rt.start_task(claim.lease)
+            for _ in range(2):
+                await anyio.sleep(0.1)
+                await rt.heartbeat(claim.lease)  # a lease heartbeat, not the registry's
+            await rt.complete_task(claim.lease)  # raises LeaseLostError if released
+            done += 1
+            await rt.create_task("job")
+        worker = await rt.get_worker("busy")
+        assert worker is not None
+        assert worker.status is WorkerStatus.ACTIVE
+        assert done >= 3
+        types = [e.type for e in await worker_events(rt, "busy")]
+        assert "worker.offline" not in types
+
+
+async def test_an_offline_worker_that_claims_is_active_again(db_path: str) -> None:
+    async with runtime(db_path, worker_timeout=0.2) as rt:
+        await rt.register_worker("w1")
+
+        async def offline() -> bool:
+            worker = await rt.get_worker("w1")
+            return worker is not None and worker.status is WorkerStatus.OFFLINE
+
+        await wait_until(offline)
+        assert await rt.claim_task("w1", "job") is None  # nothing to take, but alive
+        worker = await rt.get_worker("w1")
+        assert worker is not None
+        assert worker.status is WorkerStatus.ACTIVE
+        types = [e.type for e in await worker_events(rt, "w1")]
+        assert types == ["worker.registered", "worker.offline", "worker.status_changed"]
+
+
 async def test_an_offline_worker_that_heartbeats_is_active_again(db_path: str) -> None:
     async with runtime(db_path, worker_timeout=0.2) as rt:
         await rt.register_worker("w1")

@@ -82,6 +82,7 @@ from ..messages.plans import (
     StartPlan,
     SubtaskState,
     SubtaskStatus,
+    UnclaimedRequest,
 )
 from ..messages.storage import (
     AppendEvent,
@@ -363,24 +364,38 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         for envelope, outcome in work.answers:
             if isinstance(outcome, HiveError):
                 envelope.fail(outcome)
-            elif (
-                not envelope.resolve(outcome)
-                and isinstance(outcome, PlanningRequest)
-                and isinstance(envelope.message, ClaimPlanningRequest)
+            elif isinstance(outcome, PlanningRequest) and isinstance(
+                envelope.message, ClaimPlanningRequest
             ):
-                unclaimed.append(outcome)
+                # Only one planner may hold it: if the planner left before taking it, it
+                # is handed back now (closed reply) or told back later (UnclaimedRequest).
+                if not envelope.resolve(outcome, UnclaimedRequest(outcome)):
+                    unclaimed.append(outcome)
+            else:
+                envelope.resolve(outcome)
         if unclaimed:
-            # Its planner stopped waiting before the answer: nobody holds the request.
             again = _Work()
             now = self._clock()
             for lost in unclaimed:
-                back = msgspec.structs.replace(
-                    lost, status=PlanningStatus.PENDING, assigned_agent=None, assigned_at=None
-                )
-                self._remember_request(back)
-                data: dict[str, JsonValue] = {"reason": "the planner stopped waiting"}
-                self._request_changed(back, "planning.released", data, again, now)
+                self._release_unclaimed(lost, again, now)
             await self._finish(again)
+
+    def _release_unclaimed(self, lost: PlanningRequest, work: _Work, now: datetime) -> None:
+        """Its planner stopped waiting before it received the request: nobody holds it."""
+        current = self._requests.get(lost.id)
+        if (
+            current is None
+            or current.status is not PlanningStatus.ASSIGNED
+            or current.assigned_agent != lost.assigned_agent
+            or current.assigned_at != lost.assigned_at
+        ):
+            return  # it moved on since (cancelled, say): not this claim's to release
+        back = msgspec.structs.replace(
+            current, status=PlanningStatus.PENDING, assigned_agent=None, assigned_at=None
+        )
+        self._remember_request(back)
+        data: dict[str, JsonValue] = {"reason": "the planner stopped waiting"}
+        self._request_changed(back, "planning.released", data, work, now)
 
     async def _apply(self, work: _Work) -> None:
         """Create tasks, write this actor's rows and events, then queue and cancel tasks.
@@ -432,6 +447,9 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
             case PlanTaskEvents(events=events):
                 for event in events:
                     await self._on_task_event(event, work, now)
+                return None
+            case UnclaimedRequest(request=lost):
+                self._release_unclaimed(lost, work, now)
                 return None
             case Resync():
                 for held in list(self._plans.values()):

@@ -4,8 +4,12 @@ Every worker is in memory. A batch of requests is applied in memory and written 
 write (worker rows and events together); answers go out after the commit, and a failed
 commit puts memory back as it was.
 
-Liveness: a worker that sends no heartbeat for ``timeout`` seconds is declared offline
-(``worker.offline``), and the TaskManager is told to put what it holds back in the queue.
+Liveness: a worker that sends no heartbeat for ``timeout`` seconds, and does no work
+either, is declared offline (``worker.offline``), and the TaskManager is told to put what
+it holds back in the queue. Work counts as a sign of life: the TaskManager tells
+:class:`WorkersSeen` for the workers that claimed or used a lease in each of its batches.
+That moves ``last_heartbeat`` in memory only (the stored row catches up with the worker's
+next write), so a busy worker costs no extra commit.
 Deadlines are a heap checked at the start of each batch and woken by an
 :class:`~hive_orchestration.runtime.Alarm`; a heartbeat only moves the worker's time, and
 a deadline that comes up early is pushed back to the real one, so the heap holds one
@@ -49,6 +53,7 @@ from ..messages.workers import (
     Worker,
     WorkerHeartbeat,
     WorkerRegistryMessage,
+    WorkersSeen,
     WorkerStatus,
 )
 from ..runtime import Actor, ActorRef, Alarm, Envelope
@@ -156,6 +161,10 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
                 work.ops.append(self._event("worker.unregistered", worker, now, {}))
                 work.releases.append((worker_id, "worker unregistered"))
                 return True
+            case WorkersSeen(worker_ids=worker_ids):
+                for worker_id in worker_ids:
+                    self._seen(worker_id, work, now)
+                return None
             case RegistryWake():
                 return None  # what was due was settled when the batch began
         raise HiveError(f"the worker registry does not handle {type(message).__name__}")
@@ -207,6 +216,17 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
         elif was_offline and status is not WorkerStatus.OFFLINE:
             self._schedule(worker_id, now.timestamp() + self._timeout)
         return True
+
+    def _seen(self, worker_id: str, work: _Batch, now: datetime) -> None:
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return  # workers need not register to work
+        if worker.status is WorkerStatus.OFFLINE:
+            self._heartbeat(worker_id, None, work, now)  # back to work: live again, written
+        elif worker.last_heartbeat < now:
+            # In memory only; the deadline already in the heap is pushed back when it
+            # comes up early (see _expire).
+            self._workers[worker_id] = msgspec.structs.replace(worker, last_heartbeat=now)
 
     def _expire(self, work: _Batch, now: datetime) -> None:
         """Declare offline every live worker whose heartbeat deadline has passed."""

@@ -41,6 +41,7 @@ __all__ = [
     "Subtask",
     "SubtaskState",
     "SubtaskStatus",
+    "UnclaimedRequest",
 ]
 
 JsonObject: TypeAlias = dict[str, JsonValue]
@@ -288,6 +289,13 @@ class PlanTaskEvents(msgspec.Struct, frozen=True):
     events: tuple[Event, ...]
 
 
+class UnclaimedRequest(msgspec.Struct, frozen=True):
+    """Told back by a planner that was cancelled after its claim was answered but before
+    it received the request: nobody holds it, so it goes back to the queue."""
+
+    request: PlanningRequest
+
+
 class Resync(msgspec.Struct, frozen=True):
     """Told by the feed when it (re)subscribed: events may have been missed, so every
     active plan is reconciled with the database."""
@@ -306,4 +314,5 @@ PlanExecutorMessage: TypeAlias = (
     | GetPlanStatus
     | PlanTaskEvents
     | Resync
+    | UnclaimedRequest
 )

@@ -45,6 +45,7 @@ __all__ = [
     "Task",
     "TaskManagerMessage",
     "TaskStatus",
+    "Unclaimed",
     "UpdateRunStatus",
     "UpdateTaskStatus",
     "Wake",
@@ -370,6 +371,13 @@ class GetUnroutableTasks(Request[list[Task]], frozen=True):
     capability_sets: tuple[tuple[str, ...], ...]
 
 
+class Unclaimed(msgspec.Struct, frozen=True):
+    """Told back by a claimer that was cancelled after its claim was answered but before
+    it received it: nobody holds the task, so it goes back to the queue."""
+
+    claim: Claim
+
+
 class Wake(msgspec.Struct, frozen=True):
     """The TaskManager's alarm: leases, timeouts, backoffs or claim waits are due."""
 
@@ -397,5 +405,6 @@ TaskManagerMessage: TypeAlias = (
     | ReleaseTask
     | ReleaseWorker
     | GetUnroutableTasks
+    | Unclaimed
     | Wake
 )

@@ -21,6 +21,7 @@ __all__ = [
     "WorkerHeartbeat",
     "WorkerRegistryMessage",
     "WorkerStatus",
+    "WorkersSeen",
 ]
 
 
@@ -86,6 +87,13 @@ class UnregisterWorker(Request[bool], frozen=True):
     worker_id: str
 
 
+class WorkersSeen(msgspec.Struct, frozen=True):
+    """Told by the TaskManager: these workers just claimed, heartbeat a lease, started,
+    completed, failed or released a task. Working is a sign of life, as a heartbeat is."""
+
+    worker_ids: tuple[str, ...]
+
+
 class RegistryWake(msgspec.Struct, frozen=True):
     """The registry's alarm: some worker's heartbeat deadline is due."""
 
@@ -96,5 +104,6 @@ WorkerRegistryMessage: TypeAlias = (
     | GetActiveWorkers
     | WorkerHeartbeat
     | UnregisterWorker
+    | WorkersSeen
     | RegistryWake
 )

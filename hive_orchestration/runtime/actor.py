@@ -57,23 +57,32 @@ class Request(msgspec.Struct, Generic[R_co], frozen=True):
 
 
 class Reply(Generic[R]):
-    """A one-shot reply slot: a result or an error, then an event. The first answer wins."""
+    """A one-shot reply slot: a result or an error, then an event. The first answer wins.
 
-    __slots__ = ("_error", "_event", "_value")
+    An actor that hands out something exclusive (a claimed task) resolves with a
+    ``give_back`` message. Being answered is not being received: an asker cancelled after
+    the answer came but before it resumed never sees the value, so :meth:`abandon` returns
+    that message and the asker tells it to the actor, which takes the thing back.
+    """
+
+    __slots__ = ("_error", "_event", "_give_back", "_taken", "_value")
 
     def __init__(self, event: anyio.Event | None = None) -> None:
         self._event = anyio.Event() if event is None else event
         self._value: R | None = None
         self._error: BaseException | None = None
+        self._give_back: object = None
+        self._taken = False
 
     @property
     def done(self) -> bool:
         return self._event.is_set()
 
-    def resolve(self, value: R) -> bool:
+    def resolve(self, value: R, give_back: object = None) -> bool:
         if self._event.is_set():
             return False
         self._value = value
+        self._give_back = give_back
         self._event.set()
         return True
 
@@ -86,9 +95,19 @@ class Reply(Generic[R]):
 
     async def wait(self) -> R:
         await self._event.wait()
+        # No checkpoint from here to the asker's hands: the value is received.
+        self._taken = True
         if self._error is not None:
             raise self._error
         return cast(R, self._value)
+
+    def abandon(self) -> object:
+        """The asker leaves: close the slot if still open. Returns the resolver's
+        ``give_back`` message if a value came but was never taken, else ``None``."""
+        if self.fail(_ABANDONED) or self._taken:
+            return None
+        give_back, self._give_back = self._give_back, None
+        return give_back
 
 
 class Envelope(Generic[M]):
@@ -107,10 +126,13 @@ class Envelope(Generic[M]):
         self.started = False
         self.done = False
 
-    def resolve(self, value: object) -> bool:
-        """Answer the asker; False when its reply was already closed (it stopped waiting)."""
+    def resolve(self, value: object, give_back: object = None) -> bool:
+        """Answer the asker; False when its reply was already closed (it stopped waiting).
+
+        ``give_back`` is told back to this actor if the asker leaves without the value
+        after all (see :class:`Reply`); pass it with anything only one asker may hold."""
         self.done = True
-        return self.reply is None or self.reply.resolve(value)
+        return self.reply is None or self.reply.resolve(value, give_back)
 
     def fail(self, error: BaseException) -> bool:
         """Hand ``error`` to the asker; False when there is none (a tell) or it was answered."""
@@ -291,8 +313,23 @@ class ActorRef(Generic[M]):
             raise RequestTimeoutError(self.name, type(message).__name__, deadline)
         finally:
             # An asker that leaves (deadline, cancellation) closes its reply slot, so an
-            # actor that hands out something exclusive can see its answer was not taken.
-            reply.fail(_ABANDONED)
+            # actor that hands out something exclusive can see its answer was not taken;
+            # if the answer came first, the asker hands it back.
+            give_back = reply.abandon()
+            if give_back is not None:
+                await self._give_back(cast(M, give_back))
+
+    async def _give_back(self, message: M) -> None:
+        """Tell ``message`` even while the asker is being cancelled: it returns something
+        the actor handed out, which nobody else would ever return."""
+        try:
+            if self.mailbox.put_nowait(Envelope(message)):
+                return
+            with anyio.CancelScope(shield=True):
+                await self.mailbox.put(Envelope(message))
+        except RuntimeStoppedError:
+            # The actor is stopped: what it handed out is recovered when it next starts.
+            log.info("%s: stopped before %s could be given back", self.name, message)
 
     def statistics(self) -> MemoryObjectStreamStatistics:
         return self.mailbox.statistics()

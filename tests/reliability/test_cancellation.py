@@ -400,11 +400,7 @@ async def test_callers_cancelled_at_random_points_leave_no_half_written_state(
         assert after.problems == []
         assert after.holding == 0  # recovered on open: no claim outlives its process
         assert after.unreceived == []
-        # A claim answered just as its claimer was cancelled may be held by nobody (until
-        # its lease expires): a known bug, proved by the xfail tests below, so it is only
-        # reported here, not asserted, lest this test fail at random because of it.
-        if before.unreceived:
-            print(f"\nheld by claims no caller received: {before.unreceived}")
+        assert before.unreceived == []  # claims answered as their claimer left: given back
         # The deadlines really cut calls short, of every kind; many calls landed, and some
         # that were cancelled landed all the same (and whole, as audited); some tasks were
         # held when the runtime closed, so reopening had claims to recover.
@@ -429,19 +425,11 @@ async def test_callers_cancelled_at_random_points_leave_no_half_written_state(
 
 # -- a claim answered just as its claimer is cancelled ------------------------------------
 
-# ActorRef.ask (hive_orchestration/runtime/actor.py) closes its reply slot (Reply.fail with
-# _ABANDONED) only in its `finally`, which runs when the cancelled asker is next scheduled.
-# Its wait is aborted by the cancel scope first; an actor that answers in between sees
-# Reply.resolve() return True and counts the claim as delivered (TaskManager._finish,
-# PlanExecutor._finish), so nothing is handed back: the task stays assigned to a claimer
-# that never got it until its lease expires (which counts an attempt against max_retries),
-# and a planning request, which has no lease, stays assigned for good. Seen on asyncio and
-# on trio: every stuck claim was one whose reply resolved while its asker was unwinding.
-RACE_REASON = (
-    "ActorRef.ask marks its reply abandoned only in its finally; an actor answering after "
-    "the asker's cancel scope fired but before that finally ran sees Reply.resolve() succeed, "
-    "so the claim is not handed back (TaskManager/PlanExecutor._finish)"
-)
+# A claim answered just as its claimer's cancel scope fires: the claimer may have left
+# before the answer (its reply slot is closed, and the actor hands the claim back at once)
+# or after it but before it resumed, having never seen the value (the claimer tells it
+# back: Reply.abandon, ActorRef._give_back). Either way no task may stay assigned to
+# nobody, and no planning request, which has no lease to expire, may stay assigned.
 #: Sweeps of 100 cancelled claims each, before concluding that no claim was lost.
 SWEEPS = 20
 
@@ -456,7 +444,6 @@ async def round_trip(call: Callable[[], Awaitable[object]]) -> float:
     return sorted(times)[len(times) // 2]
 
 
-@pytest.mark.xfail(strict=True, reason=RACE_REASON)
 async def test_a_claimer_cancelled_as_its_claim_is_answered_is_not_left_holding_it(
     db_path: str,
 ) -> None:
@@ -488,7 +475,6 @@ async def test_a_claimer_cancelled_as_its_claim_is_answered_is_not_left_holding_
         assert stuck == [], f"assigned to a claimer that never received them: {stuck}"
 
 
-@pytest.mark.xfail(strict=True, reason=RACE_REASON)
 async def test_a_planner_cancelled_as_its_request_is_answered_is_not_left_holding_it(
     db_path: str,
 ) -> None:

@@ -73,6 +73,7 @@ import logging
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -135,10 +136,12 @@ from ...messages.tasks import (
     Task,
     TaskManagerMessage,
     TaskStatus,
+    Unclaimed,
     UpdateRunStatus,
     UpdateTaskStatus,
     Wake,
 )
+from ...messages.workers import WorkerRegistryMessage, WorkersSeen
 from ...runtime import Actor, ActorRef, Alarm, Envelope, Request
 from .ready import ReadyQueue, can_take
 
@@ -200,6 +203,8 @@ _WRITES = (
     ReleaseTask,
     ReleaseWorker,
 )
+#: Requests a worker makes with its lease token: each is a sign of that worker's life.
+_LEASED = (Heartbeat, StartTask, CompleteTask, FailTask, ReleaseTask)
 
 
 class OutcomeUnknownError(RuntimeError):
@@ -254,6 +259,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         self,
         storage: ActorRef[StorageMessage],
         *,
+        workers: ActorRef[WorkerRegistryMessage] | None = None,
         alarm: Alarm[TaskManagerMessage] | None = None,
         recover: bool = False,
         on_recovered: Callable[[], None] | None = None,
@@ -265,6 +271,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         rng: random.Random | None = None,
     ) -> None:
         self._storage = storage
+        self._workers = workers
         self._alarm = alarm
         self._recover = recover
         self._on_recovered = on_recovered
@@ -357,20 +364,29 @@ class TaskManager(Actor[TaskManagerMessage]):
         work = _Batch()
         self._settle_due(work, now)
         forwards: list[tuple[Envelope[TaskManagerMessage], Request[object]]] = []
+        seen: set[str] = set()  # workers at work in this batch
         for envelope in batch:
             envelope.started = True
             message = envelope.message
             if isinstance(message, ClaimTask):
+                seen.add(message.worker_id)
                 self._park(envelope, message, work, now)
                 continue
             try:
                 outcome = await self._handle(message, work, now)
             except HiveError as exc:
                 outcome = exc
+            else:
+                if isinstance(message, _LEASED):  # a refused (stale) token is no sign of life
+                    run = self._runs.get(message.lease.run_id)
+                    if run is not None and run.worker_id is not None:
+                        seen.add(run.worker_id)
             if isinstance(outcome, _Forward):
                 forwards.append((envelope, outcome.request))
             else:
                 work.answers.append((envelope, outcome))
+        if seen and self._workers is not None:
+            self._report_seen(seen)  # before the answers: a caller then finds it alive
         self._dispatch(work, now)
         while True:
             unclaimed = await self._finish(work, forwards, now)
@@ -384,6 +400,14 @@ class TaskManager(Actor[TaskManagerMessage]):
             self._dispatch(work, now)
         self._evict()
         self._arm()
+
+    def _report_seen(self, seen: set[str]) -> None:
+        """Tell the registry who is at work, so a busy worker is not declared offline
+        for want of a registry heartbeat. Best effort: with its mailbox full, the next
+        batch tells it again."""
+        assert self._workers is not None
+        with suppress(RuntimeStoppedError):  # shutting down
+            self._workers.try_tell(WorkersSeen(tuple(seen)))
 
     async def _finish(
         self,
@@ -418,8 +442,13 @@ class TaskManager(Actor[TaskManagerMessage]):
                     envelope.resolve(again)
             elif isinstance(outcome, HiveError):
                 envelope.fail(outcome)
-            elif not envelope.resolve(outcome) and isinstance(outcome, Claim):
-                unclaimed.append(outcome)
+            elif isinstance(outcome, Claim):
+                # Only one worker may hold it: if the claimer left before taking it, it
+                # is handed back now (closed reply) or told back later (Unclaimed).
+                if not envelope.resolve(outcome, Unclaimed(outcome)):
+                    unclaimed.append(outcome)
+            else:
+                envelope.resolve(outcome)
         return unclaimed
 
     async def _commit(
@@ -875,6 +904,9 @@ class TaskManager(Actor[TaskManagerMessage]):
                 return stuck
             case Wake():
                 return None  # what was due was settled when the batch began
+            case Unclaimed(claim=claim):
+                self._release_unclaimed(claim, work, now)
+                return None
             case ClaimTask():  # pragma: no cover - parked by receive_batch
                 raise HiveError("claims are parked, not handled")
         raise HiveError(f"the task manager does not handle {type(message).__name__}")
