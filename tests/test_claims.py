@@ -479,6 +479,22 @@ async def test_failures_are_retried_with_backoff_then_fail_for_good(db_path: str
         assert events[-1].data["error"] == "boom 3"
 
 
+async def test_a_completion_after_a_failed_attempt_carries_no_error(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job", max_retries=1)
+        first = await claim(rt, wait=SOON)
+        await rt.fail_task(first.lease, "boom", retry_after=0)
+        second = await claim(rt, wait=SOON)
+        task = await rt.complete_task(second.lease, {"ok": True})
+        assert (task.status, task.error, task.result) == (TaskStatus.COMPLETED, None, {"ok": True})
+        stored = await rt.get_task(task_id)
+        assert stored is not None
+        assert stored.error is None
+        (completed,) = [e for e in await events_of(rt, task_id) if e.type == "task.completed"]
+        assert "error" not in completed.data
+        assert [r.error for r in await rt.get_runs(task_id)] == ["boom", None]
+
+
 async def test_backoff_holds_the_task_back(db_path: str) -> None:
     async with runtime(db_path) as rt:
         task_id = await rt.create_task("job", max_retries=1)

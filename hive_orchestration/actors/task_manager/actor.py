@@ -867,7 +867,8 @@ class TaskManager(Actor[TaskManagerMessage]):
             case CompleteTask(lease=lease, result=result):
                 task, run = self._holding(lease, work)
                 self._close_run(run, RunStatus.COMPLETED, work, now, result=result)
-                changes = {"result": result} if result is not None else {}
+                # Earlier attempts' errors stay on their runs; a completed task has none.
+                changes = {"error": None} if result is None else {"error": None, "result": result}
                 return self._transition(
                     task, TaskStatus.COMPLETED, work, now, run.worker_id, changes, _run_data(run)
                 )
