@@ -1195,6 +1195,12 @@ async def test_planning_requests_are_claimed_by_priority_then_age(db_path: str) 
         assert stored is not None
         assert (stored.status, stored.assigned_agent) == (PlanningStatus.ASSIGNED, "p1")
         assert stored.context_data == {"env": "prod", "regions": ["eu", "us"]}
+        # Each event names who acted: the requestor queued it, the planner took it.
+        events = await rt.read_events(correlation_id=old.id)
+        assert [(e.type, e.source) for e in events] == [
+            ("planning.requested", "alice"),
+            ("planning.assigned", "p1"),
+        ]
 
 
 async def test_a_waiting_planner_is_woken_by_a_request_queued_later(db_path: str) -> None:

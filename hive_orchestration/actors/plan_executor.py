@@ -486,7 +486,9 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
                     )
                     self._requests[request_id] = claimed
                     data = {"agent_id": agent_id}
-                    self._request_changed(claimed, "planning.assigned", data, work, now)
+                    self._request_changed(
+                        claimed, "planning.assigned", data, work, now, source=agent_id
+                    )
                     return claimed
                 return None
             case CancelPlanningRequest(request_id=request_id, reason=reason, failed=failed):
@@ -915,12 +917,16 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         data: dict[str, JsonValue],
         work: _Work,
         now: datetime,
+        *,
+        source: str | None = None,
     ) -> None:
+        """Store ``request`` and log its event, from ``source`` (by default the agent
+        that requested the plan: the request is its, whoever moved it)."""
         work.ops.append(PutPlanningRequest(request))
         event = Event(
             type=event_type,
             timestamp=now.timestamp(),
-            source=request.requestor or "plan_executor",
+            source=source or request.requestor or "plan_executor",
             correlation_id=request.id,
             data=data,
         )
