@@ -13,13 +13,16 @@ that matches what you can do about it:
 - :class:`ActorFailedError` - the actor handling the request crashed; it is being restarted.
 - :class:`RuntimeStoppedError` - the runtime (or the actor) is stopped or stopping.
 - :class:`RuntimeFailedError` - the supervisor gave up; raised from ``Runtime.open``.
-- :class:`StorageError` - SQLite refused a write or read (disk full, read-only, locked...).
+- :class:`StorageError` - the database refused a write or read; ``fault`` says why (in use by
+  another runtime, locked, read-only, disk full, I/O error, corrupt...).
 - :class:`NewerSchemaError` - the database was written by a newer version of this package.
 - :class:`SubscriberLaggedError` - an event subscriber fell too far behind; resubscribe from
   the last sequence number it saw.
 """
 
 from __future__ import annotations
+
+from typing import Literal, TypeAlias
 
 __all__ = [
     "ActorFailedError",
@@ -34,7 +37,13 @@ __all__ = [
     "RuntimeFailedError",
     "RuntimeStoppedError",
     "StorageError",
+    "StorageFault",
     "SubscriberLaggedError",
+]
+
+#: What went wrong with the database, for :attr:`StorageError.fault`.
+StorageFault: TypeAlias = Literal[
+    "in_use", "locked", "read_only", "disk_full", "io_error", "corrupt", "cannot_open"
 ]
 
 
@@ -151,19 +160,37 @@ class StorageError(HiveError):
     """SQLite refused an operation (disk full, read-only file, locked, corrupt...).
 
     Nothing of the failed request was written: each request is applied whole or not at all.
+    The message names the file, the cause and what to do; ``path`` is the file (None when
+    not known) and ``fault`` the cause, for a caller that handles them apart:
+
+    - ``"in_use"``: another runtime has the database open (``Runtime.open`` refused it).
+    - ``"locked"``: another connection held SQLite's lock past ``busy_timeout``; retry.
+    - ``"read_only"``: the file, its folder or its filesystem cannot be written.
+    - ``"disk_full"``: no space left, or a file size limit reached; free space and retry.
+    - ``"io_error"``: the operating system reported an I/O error.
+    - ``"corrupt"``: the file is damaged or not a database; restore it from a backup.
+    - ``"cannot_open"``: SQLite cannot open the file or create its -wal and -shm files.
+    - ``None``: anything else (a missing file for a reader, a schema problem...).
     """
+
+    def __init__(
+        self, message: str, *, path: str | None = None, fault: StorageFault | None = None
+    ) -> None:
+        self.path = path
+        self.fault: StorageFault | None = fault
+        super().__init__(message)
 
 
 class NewerSchemaError(StorageError):
     """The database's schema version is newer than this package knows; it was not touched."""
 
     def __init__(self, path: str, found: int, supported: int) -> None:
-        self.path = path
         self.found = found
         self.supported = supported
         super().__init__(
             f"database {path!r} has schema version {found}, but this version of "
-            f"hive-orchestration supports up to {supported}; upgrade the package to open it"
+            f"hive-orchestration supports up to {supported}; upgrade the package to open it",
+            path=path,
         )
 
 

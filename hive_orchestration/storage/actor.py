@@ -78,6 +78,7 @@ from ..runtime import Actor, ActorRef, Envelope
 from . import plans
 from .database import Target, open_database
 from .drivers import Driver, Statement
+from .faults import storage_error
 from .rows import (
     DELETE_TASK,
     DELETE_WORKER,
@@ -154,7 +155,8 @@ class StorageActor(Actor[StorageMessage]):
         if writes and self._read_only:
             refused = StorageError(
                 f"database {self._target.display!r} was opened read-only: nothing is written;"
-                " writes go through the runtime that owns it"
+                " writes go through the runtime that owns it",
+                path=self._target.display,
             )
             self._failed_writes += len(writes)
             for envelope, _ in writes:
@@ -169,7 +171,8 @@ class StorageActor(Actor[StorageMessage]):
             try:
                 envelope.resolve(await self._query(message))
             except sqlite3.Error as exc:
-                envelope.fail(StorageError(f"cannot read ({type(message).__name__}): {exc}"))
+                action = f"cannot read ({type(message).__name__})"
+                envelope.fail(self._error(exc, action))
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 # A row another tool wrote, that does not decode: refuse the read, stay up.
                 reason = f"cannot decode a row ({type(message).__name__}): {exc}"
@@ -299,7 +302,12 @@ class StorageActor(Actor[StorageMessage]):
         self._failed_writes += len(writes)
         log.warning("%d write(s) failed and were rolled back: %s", len(writes), exc)
         for envelope, _ in writes:
-            envelope.fail(StorageError(f"write rolled back, nothing of it was applied: {exc}"))
+            envelope.fail(self._error(exc, "write rolled back, nothing of it was applied"))
+
+    def _error(self, exc: sqlite3.Error, action: str) -> StorageError:
+        return storage_error(
+            self._target.display, exc, action=action, busy_timeout=self._config.busy_timeout
+        )
 
     async def _publish(self, message: Publish) -> None:
         assert self._events is not None

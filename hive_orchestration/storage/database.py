@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shlex
 import sqlite3
@@ -15,6 +17,7 @@ import anyio.to_thread
 
 from ..errors import NewerSchemaError, StorageError
 from .drivers import Driver, connect
+from .faults import storage_error
 from .schema import MIGRATIONS, SCHEMA_VERSION
 
 __all__ = [
@@ -49,10 +52,12 @@ class Target:
 class DatabaseClaim:
     """The runtime's hold on its database for its whole life, across storage restarts.
 
-    - A file: an exclusive ``flock`` on ``<path>.lock``, so that a second runtime (in this
-      process or another) is refused with a clear error instead of corrupting the first
-      one's view; the OS drops the lock when the process dies, even by SIGKILL. The lock
-      file is left in place (removing it would race with the next opener).
+    - A file: an exclusive ``flock`` on ``<file>.lock`` beside the real file (symlinks
+      resolved, so that two names of one file share one lock), so that a second runtime
+      (in this process or another) is refused with a clear error instead of corrupting the
+      first one's view; the OS drops the lock when the process dies, even by SIGKILL. The
+      lock file holds the owner's pid while it is open, and is left in place (removing it
+      would race with the next opener).
     - ``:memory:``: a named shared-cache memory database kept alive by an idle connection,
       so that a restarted storage actor finds the same data instead of an empty database.
     """
@@ -68,29 +73,53 @@ class DatabaseClaim:
             self.target = Target(path, path)
 
     def acquire(self) -> None:
-        """Take the claim (blocking file I/O: call it from a worker thread)."""
+        """Take the claim (blocking file I/O: call it from a worker thread).
+
+        Raises :class:`StorageError` if the file cannot be created, if another runtime
+        holds it (``fault="in_use"``, naming its pid), or if it cannot be written.
+        """
         if self.target.memory:
             self._keeper = sqlite3.connect(self.target.connect, uri=True, check_same_thread=False)
             return
         prepare_path(self._path)
         if sys.platform == "win32":  # pragma: no cover - no flock: one runtime is up to you
             return
-        lock_path = f"{self._path}.lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        lock_path = f"{os.path.realpath(self._path)}.lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise _unwritable(self._path, f"its lock file {lock_path!r}", exc) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
+            here = ", this process" if holder == str(os.getpid()) else ""
             raise StorageError(
-                f"database {self._path!r} is already open in another runtime (pid {holder}); "
-                "one runtime owns a database at a time: close it first, or use another file"
+                f"database {self._path!r} is already open in another runtime (pid {holder}"
+                f"{here}); one runtime owns a database at a time: close it first, or use"
+                " another file (the inspector, `hive-orchestration tasks --db"
+                f" {shlex.quote(self._path)}`, reads it meanwhile)",
+                path=self._path,
+                fault="in_use",
             ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise StorageError(
+                f"cannot lock database {self._path!r}: flock on its lock file {lock_path!r}"
+                f" failed ({exc.strerror or exc}); keep the database on a local filesystem"
+                " that supports file locks",
+                path=self._path,
+                fault="cannot_open",
+            ) from exc
         except BaseException:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        # The pid is for the error above, the flock is the claim: on a full disk, go on
+        # without it (the next opener then reports "pid unknown").
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
 
     def release(self) -> None:
@@ -98,44 +127,125 @@ class DatabaseClaim:
             self._keeper.close()
             self._keeper = None
         if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing the descriptor releases the flock
-            self._lock_fd = None
+            fd, self._lock_fd = self._lock_fd, None
+            with contextlib.suppress(OSError):  # the lock goes with the descriptor anyway
+                os.ftruncate(fd, 0)  # no stale pid for the next opener to report
+            os.close(fd)  # closing the descriptor releases the flock
+
+
+def _unwritable(path: str, what: str, exc: OSError | None) -> StorageError:
+    """The error for a database whose file, lock file or folder cannot be written (``exc``
+    says why; None: the folder is not writable)."""
+    if exc is not None and exc.errno == errno.EISDIR:
+        return StorageError(
+            f"cannot open database {path!r}: it is a directory, not a file",
+            path=path,
+            fault="cannot_open",
+        )
+    read_only = exc is None or exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+    why = "not writable" if exc is None else exc.strerror or str(exc)
+    return StorageError(
+        f"cannot open database {path!r} for writing: {what} cannot be written"
+        f" ({why}); the runtime writes to its database, so the file and its"
+        " folder must be writable by this user (permissions, `chattr -i`, a read-write"
+        " mount). To only read it, use the inspector (`hive-orchestration tasks --db"
+        f" {shlex.quote(path)}`)",
+        path=path,
+        fault="read_only" if read_only else "cannot_open",
+    )
+
+
+def check_writable(path: str) -> None:
+    """Refuse a database file this process cannot open for writing, or whose folder it
+    cannot write while the file has no ``-wal`` and ``-shm`` beside it yet.
+
+    SQLite would open such a file read-only without a word and fail every write later
+    ("attempt to write a readonly database"), or fail with "unable to open database file"
+    for want of its ``-wal``; a runtime that cannot write cannot run, so it is refused at
+    open, saying why. Opening the file for writing is SQLite's own test, and writes nothing.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError as exc:
+        raise _unwritable(path, "the file", exc) from exc
+    os.close(fd)
+    folder = Path(path).absolute().parent
+    companions = (Path(f"{path}-wal"), Path(f"{path}-shm"))
+    if not all(file.exists() for file in companions) and not _can_write(folder):
+        raise _unwritable(
+            path,
+            f"its folder {str(folder)!r}, where SQLite keeps the -wal and -shm files,",
+            None,
+        )
 
 
 def prepare_path(path: str) -> None:
     """Create the folder if needed, and the file with mode 0600 if it does not exist.
 
     SQLite gives the ``-wal`` and ``-shm`` files the database file's permissions, so the
-    whole database stays readable by its owner only.
+    whole database stays readable by its owner only. Raises :class:`StorageError` if the
+    folder or the file cannot be created.
     """
     if path == MEMORY:
         return
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return
+    except OSError as exc:
+        read_only = exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise StorageError(
+            f"cannot create database {path!r}: {exc}",
+            path=path,
+            fault="read_only" if read_only else "disk_full" if full else "cannot_open",
+        ) from exc
     os.close(fd)
 
 
-def read_only_uri(path: str) -> str:
+def read_only_uri(path: str, *, immutable: bool = False) -> str:
     """The SQLite URI that opens the file at ``path`` read-only.
 
     Through pathlib, so that a ``?``, ``#`` or ``%`` in the path is quoted instead of being
     read as the URI's query. ``mode=ro`` still reads a live WAL database (it maps the
     ``-shm`` index, creating it if needed, like any reader) but never writes the file.
+    ``immutable`` also tells SQLite that nobody writes the file, so that it needs no
+    ``-shm``: only for a file on a medium nobody can write (see :func:`_read_only_medium`).
     """
-    return f"{Path(path).absolute().as_uri()}?mode=ro"
+    return f"{Path(path).absolute().as_uri()}?mode=ro{'&immutable=1' if immutable else ''}"
+
+
+def _read_only_medium(path: str) -> bool:
+    """True if nothing can be writing the database at ``path`` now or later: it has no
+    ``-wal`` or ``-shm`` file (a WAL writer keeps both while it has the file open) and its
+    folder cannot be written (a read-only mount, an immutable folder), so no writer can
+    create them. Such a file can only be read as immutable: SQLite cannot create the
+    ``-shm`` index a read-only connection to a WAL database otherwise needs."""
+    folder = Path(path).absolute().parent
+    return (
+        not Path(f"{path}-wal").exists()
+        and not Path(f"{path}-shm").exists()
+        and not _can_write(folder)
+    )
+
+
+def _can_write(folder: Path) -> bool:
+    """Whether this process may create files in ``folder`` (read-only mounts and immutable
+    folders included, which refuse even root)."""
+    effective = os.access in os.supports_effective_ids
+    return os.access(folder, os.W_OK, effective_ids=effective)
 
 
 def _check_file(path: str) -> None:
     """Refuse a path where a read-only open cannot find a database file."""
     target = Path(path)
     if not target.exists():
-        raise StorageError(f"no database at {path!r}: the file does not exist")
+        raise StorageError(f"no database at {path!r}: the file does not exist", path=path)
     if not target.is_file():
-        raise StorageError(f"cannot open database {path!r}: it is not a file")
+        raise StorageError(f"cannot open database {path!r}: it is not a file", path=path)
 
 
 def read_schema_version(path: str) -> int:
@@ -143,19 +253,27 @@ def read_schema_version(path: str) -> int:
     without writing anything (blocking: call it from a worker thread)."""
     _check_file(path)
     try:
-        conn = sqlite3.connect(read_only_uri(path), uri=True)
+        row = _read_user_version(read_only_uri(path))
     except sqlite3.Error as exc:
-        raise StorageError(f"cannot open database {path!r}: {exc}") from exc
-    try:
-        row = conn.execute("PRAGMA user_version").fetchone()
-    except sqlite3.Error as exc:
-        raise StorageError(f"cannot open database {path!r}: {exc}") from exc
-    finally:
-        conn.close()
+        if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_CANTOPEN or not _read_only_medium(path):
+            raise storage_error(path, exc, action="cannot open") from exc
+        try:
+            row = _read_user_version(read_only_uri(path, immutable=True))
+        except sqlite3.Error as exc:
+            raise storage_error(path, exc, action="cannot open") from exc
     version = row[0]
     if not isinstance(version, int):  # pragma: no cover - SQLite always answers an integer
         raise StorageError(f"database {path!r} reports a non-integer user_version")
     return version
+
+
+def _read_user_version(uri: str) -> tuple[object, ...]:
+    conn = sqlite3.connect(uri, uri=True)
+    try:
+        row: tuple[object, ...] = conn.execute("PRAGMA user_version").fetchone()
+    finally:
+        conn.close()
+    return row
 
 
 async def open_database(
@@ -177,14 +295,11 @@ async def open_database(
         return await _open_read_only(target, driver=driver, busy_timeout=busy_timeout)
     path = target.display
     if not target.memory:
-        try:
-            await anyio.to_thread.run_sync(prepare_path, path)
-        except OSError as exc:
-            raise StorageError(f"cannot create database {path!r}: {exc}") from exc
+        await anyio.to_thread.run_sync(_prepare_for_writing, path)
     try:
         db = await connect(target.connect, uri=target.uri, driver=driver, busy_timeout=busy_timeout)
     except sqlite3.Error as exc:
-        raise StorageError(f"cannot open database {path!r}: {exc}") from exc
+        raise _open_error(path, exc, busy_timeout) from exc
     try:
         version = await _user_version(db, path)
         if version > SCHEMA_VERSION:
@@ -204,9 +319,18 @@ async def open_database(
         with anyio.CancelScope(shield=True):
             await db.close()
         if isinstance(exc, sqlite3.Error):
-            raise StorageError(f"cannot open database {path!r}: {exc}") from exc
+            raise _open_error(path, exc, busy_timeout) from exc
         raise
     return db, last_seq
+
+
+def _prepare_for_writing(path: str) -> None:
+    prepare_path(path)
+    check_writable(path)
+
+
+def _open_error(path: str, exc: sqlite3.Error, busy_timeout: float) -> StorageError:
+    return storage_error(path, exc, action="cannot open", busy_timeout=busy_timeout)
 
 
 async def _open_read_only(
@@ -219,11 +343,32 @@ async def _open_read_only(
         )
     await anyio.to_thread.run_sync(_check_file, path)
     try:
+        return await _connect_read_only(path, driver=driver, busy_timeout=busy_timeout)
+    except StorageError as refused:
+        if refused.fault != "cannot_open" or not await anyio.to_thread.run_sync(
+            _read_only_medium, path
+        ):
+            raise
+    # A WAL database on a read-only medium: nobody can be writing it, read it as immutable.
+    return await _connect_read_only(path, driver=driver, busy_timeout=busy_timeout, immutable=True)
+
+
+async def _connect_read_only(
+    path: str,
+    *,
+    driver: Literal["auto", "aiosqlite", "thread"],
+    busy_timeout: float,
+    immutable: bool = False,
+) -> tuple[Driver, int]:
+    try:
         db = await connect(
-            read_only_uri(target.connect), uri=True, driver=driver, busy_timeout=busy_timeout
+            read_only_uri(path, immutable=immutable),
+            uri=True,
+            driver=driver,
+            busy_timeout=busy_timeout,
         )
     except sqlite3.Error as exc:
-        raise StorageError(f"cannot open database {path!r}: {exc}") from exc
+        raise _open_error(path, exc, busy_timeout) from exc
     try:
         version = await _user_version(db, path)
         if version > SCHEMA_VERSION:
@@ -232,7 +377,8 @@ async def _open_read_only(
             raise StorageError(
                 f"database {path!r} has schema version {version}, older than this version of"
                 f" hive-orchestration ({SCHEMA_VERSION}); it cannot be read until it is"
-                f" migrated: run `hive-orchestration db upgrade --db {shlex.quote(path)}`"
+                f" migrated: run `hive-orchestration db upgrade --db {shlex.quote(path)}`",
+                path=path,
             )
         # Per connection, not in the file: a second guard, should a write ever get here.
         await db.execute("PRAGMA query_only=ON")
@@ -243,7 +389,7 @@ async def _open_read_only(
         with anyio.CancelScope(shield=True):
             await db.close()
         if isinstance(exc, sqlite3.Error):
-            raise StorageError(f"cannot open database {path!r}: {exc}") from exc
+            raise _open_error(path, exc, busy_timeout) from exc
         raise
     return db, last_seq
 

@@ -1,0 +1,90 @@
+"""What a SQLite error means to the user: the fault, the file, and what to do about it.
+
+SQLite's own messages ("database is locked", "attempt to write a readonly database",
+"database or disk is full") say neither which file nor what to do. Every SQLite error
+the storage layer hands to a caller goes through :func:`storage_error`, which keeps
+SQLite's words (in parentheses, and as ``__cause__``) and adds the path, the fault
+(:attr:`StorageError.fault`) and the remedy.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sqlite3
+
+from ..errors import StorageError, StorageFault
+
+__all__ = ["classify", "storage_error"]
+
+# By SQLite's primary result code (https://sqlite.org/rescode.html).
+_BY_CODE: dict[int, StorageFault] = {
+    sqlite3.SQLITE_BUSY: "locked",
+    sqlite3.SQLITE_LOCKED: "locked",
+    sqlite3.SQLITE_READONLY: "read_only",
+    sqlite3.SQLITE_IOERR: "io_error",
+    sqlite3.SQLITE_CORRUPT: "corrupt",
+    sqlite3.SQLITE_NOTADB: "corrupt",
+    sqlite3.SQLITE_FULL: "disk_full",
+    sqlite3.SQLITE_CANTOPEN: "cannot_open",
+}
+
+
+def classify(exc: sqlite3.Error) -> StorageFault | None:
+    """The fault behind a SQLite error, or None for any other error (a constraint...)."""
+    # The extended code's low byte is the primary code; 0 for an error SQLite did not give
+    # (an error of the sqlite3 module itself).
+    return _BY_CODE.get(getattr(exc, "sqlite_errorcode", 0) & 0xFF)
+
+
+def storage_error(
+    path: str, exc: sqlite3.Error, *, action: str, busy_timeout: float | None = None
+) -> StorageError:
+    """The :class:`StorageError` for ``exc``, raised while doing ``action``.
+
+    ``action`` opens the message ("cannot open database", "write rolled back, nothing of it
+    was applied"...); the rest names ``path``, says what happened and what to do.
+    """
+    fault = classify(exc)
+    quoted = shlex.quote(path)
+    match fault:
+        case "locked":
+            waited = "" if busy_timeout is None else f" ({busy_timeout:g}s)"
+            detail = (
+                f"is locked by another connection, which held its lock past busy_timeout"
+                f"{waited} ({exc}); retry later, and if it stays locked stop the other"
+                f" program using the file (`fuser {quoted}` lists them)"
+            )
+        case "read_only":
+            detail = (
+                f"cannot be written ({exc}): the file, its -wal or -shm file, its folder or"
+                " its filesystem is read-only for this process; make them writable"
+                " (permissions, `chattr -i`, a read-write mount), or only read it with the"
+                f" inspector (`hive-orchestration tasks --db {quoted}`)"
+            )
+        case "disk_full":
+            detail = (
+                f"has no room to grow ({exc}): its disk is full or a file size limit was"
+                " reached; free space on that filesystem (or raise the limit) and retry"
+            )
+        case "io_error":
+            detail = (
+                f"got an I/O error from the operating system ({exc}); check the disk, the"
+                " filesystem and the file size limit (`ulimit -f`), then retry"
+            )
+        case "corrupt":
+            detail = (
+                f"is damaged or is not a SQLite database ({exc}); it was not repaired or"
+                " changed. Restore it from a backup, or salvage what is readable into a new"
+                f" file with `sqlite3 {quoted} .recover | sqlite3 NEW.db`"
+            )
+        case "cannot_open":
+            detail = (
+                f"cannot be opened ({exc}): SQLite could not open the file or create its"
+                " -wal and -shm files beside it; check that the file and its folder exist"
+                " and that this user may read and write them"
+            )
+        case _:
+            detail = f"refused it: {exc}"
+    error = StorageError(f"{action}: database {path!r} {detail}", path=path, fault=fault)
+    error.__cause__ = exc
+    return error
