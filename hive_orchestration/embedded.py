@@ -8,6 +8,7 @@ stops the actors in reverse order; no task outlives the block.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -241,6 +242,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
             except RuntimeStoppedError:
                 pass
 
+        subscription_ids = itertools.count(1)
         alarm: Alarm[TaskManagerMessage] = Alarm(tasks, Wake(), clock=time.time)
         registry_alarm: Alarm[WorkerRegistryMessage] = Alarm(
             workers, RegistryWake(), clock=time.time
@@ -267,7 +269,8 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
 
         supervisor = Supervisor(
             [
-                ChildSpec(broadcast, BroadcastActor),
+                # Subscription ids are numbered across restarts (see BroadcastActor).
+                ChildSpec(broadcast, lambda: BroadcastActor(subscription_ids)),
                 ChildSpec(storage, lambda: StorageActor(claim.target, config, broadcast)),
                 ChildSpec(tasks, task_manager, services=(alarm.run,)),
                 ChildSpec(

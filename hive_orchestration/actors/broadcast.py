@@ -18,7 +18,9 @@ event that would have gone to it.
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections.abc import Iterator
 from contextlib import suppress
 from typing import cast
 
@@ -93,9 +95,12 @@ class BroadcastActor(Actor[BroadcastMessage]):
     # Publishes arrive in bursts from the storage actor; take them together.
     max_batch = 256
 
-    def __init__(self) -> None:
+    def __init__(self, ids: Iterator[int] | None = None) -> None:
+        """``ids`` numbers the subscriptions. Pass one that outlives the actor: after a
+        restart, a subscriber whose stream broke still unsubscribes by its old id, which
+        must not have been handed to someone else by the new incarnation."""
         self._subscribers: dict[int, _Subscriber] = {}
-        self._next_id = 1
+        self._ids = itertools.count(1) if ids is None else ids
         self._published = 0
         self._delivered = 0
         self._dropped = 0
@@ -108,8 +113,7 @@ class BroadcastActor(Actor[BroadcastMessage]):
                     self._fan_out(event, data)
                 return None
             case Subscribe():
-                subscription_id = self._next_id
-                self._next_id += 1
+                subscription_id = next(self._ids)
                 self._subscribers[subscription_id] = _Subscriber(message)
                 return subscription_id
             case Unsubscribe(subscription_id=subscription_id):

@@ -78,6 +78,9 @@ class Supervisor:
         self._done = {name: anyio.Event() for name in names}
         self._restarts = dict.fromkeys(names, 0)
         self._task_group: anyio.abc.TaskGroup | None = None
+        # The first child that gave up. Its stop fails what others asked of it, and they
+        # may crash on that: consequences, neither restarted nor reported as the cause.
+        self._failed: RuntimeFailedError | None = None
 
     @property
     def restarts(self) -> dict[str, int]:
@@ -141,6 +144,8 @@ class Supervisor:
             # is queued before anything the failed askers do next.
             nonlocal recorded
             recorded = exc
+            if self._failed is not None:
+                return
             now = self._clock()
             crashes.append(now)
             while crashes and crashes[0] < now - self._window:
@@ -170,12 +175,16 @@ class Supervisor:
                 except Exception as exc:
                     if not ready:
                         raise  # start-up failure: reaches the starter through tg.start
+                    if self._failed is not None:
+                        log.info("%s stopped after %s gave up: %r", name, self._failed.actor, exc)
+                        return
                     if recorded is not exc:
                         on_crash(exc)  # crashed outside a handler (in started or stopped)
                     recorded = None
                     if len(crashes) > self._max_restarts:
                         log.error("%s crashed %d times; giving up", name, len(crashes))
-                        raise RuntimeFailedError(name, len(crashes), self._window, exc) from exc
+                        self._failed = RuntimeFailedError(name, len(crashes), self._window, exc)
+                        raise self._failed from exc
                     log.warning(
                         "%s crashed (%s: %s); restarting",
                         name,

@@ -30,15 +30,9 @@ intensity stops the runtime: ``Runtime.open`` raises :class:`RuntimeFailedError`
 fault, no caller hangs, and a reopen of the file finds everything acknowledged, requeues
 what was held, and runs it all to completion.
 
-Known bugs (issue 7), each shown by a strict xfail test at the end of this file:
-
-- a restarted broadcast actor numbers subscriptions from 1 again, so a subscriber closing
-  a subscription broken by the crash can close another subscriber's new one, which ends
-  as if the runtime had stopped. The test's own subscribers then subscribe again
-  (``Load.closed_under`` counts it); if the PlanExecutor's feed is the one closed, the
-  plans stop moving and the broadcast case ends as xfail;
-- past the restart intensity, ``Runtime.open`` may raise the RuntimeFailedError of an actor
-  that crashed because the failing one stopped (its cause: RuntimeStoppedError).
+Two bugs these tests found are fixed and kept fixed by the tests at the end of this file:
+subscription ids reused by a restarted broadcast actor, and the restart-limit error naming
+an actor that only crashed because the failing one stopped.
 
 The default run has two crashes per actor; the ``slow`` variant five, over more load.
 The seed is printed when a test fails; ``HIVE_RELIABILITY_SEED`` replays it (the plan of the
@@ -323,9 +317,9 @@ class Load:
     watched: list[tuple[float, Event]] = field(default_factory=list)
     lags: int = 0
     reopened: int = 0
-    #: Subscriptions that ended as if the runtime had stopped while it went on (a known
-    #: bug, ``test_a_stale_unsubscribe_does_not_close_a_subscription_after_a_restart``):
-    #: the subscriber subscribes again, so that the rest of the test still runs.
+    #: Subscriptions that ended as if the runtime had stopped while it went on (the bug
+    #: ``test_a_stale_unsubscribe_does_not_close_a_subscription_after_a_restart`` keeps
+    #: fixed): the subscriber subscribes again, so that the test reports all it finds.
     closed_under: int = 0
     #: RuntimeStoppedError is expected (the restart-intensity test), not an error.
     stop_expected: bool = False
@@ -510,7 +504,7 @@ async def follower(client: OrchestrationClient, load: Load) -> None:
                         return
             if not await still_open(client.runtime):
                 return
-            load.closed_under += 1  # the known bug: see test_a_stale_unsubscribe_...
+            load.closed_under += 1  # asserted to be 0 at the end
         except ActorFailedError as exc:
             load.failures.append(Failure(anyio.current_time(), exc.actor, "follow"))
             load.reopened += 1
@@ -527,7 +521,7 @@ async def watcher(runtime: Runtime, load: Load) -> None:
                         return
             if not await still_open(runtime):
                 return
-            load.closed_under += 1  # the known bug: see test_a_stale_unsubscribe_...
+            load.closed_under += 1  # asserted to be 0 at the end
         except SubscriberLaggedError:
             load.lags += 1
         except ActorFailedError as exc:
@@ -569,10 +563,9 @@ async def drained(client: OrchestrationClient, load: Load) -> None:
                 elif feedless_since is None:
                     feedless_since = anyio.current_time()
                 elif anyio.current_time() - feedless_since > FEEDLESS:
-                    pytest.xfail(
-                        "known bug: a stale Unsubscribe closed the PlanExecutor's feed "
-                        "after a broadcast restart, so the plans stopped moving "
-                        "(test_a_stale_unsubscribe_does_not_close_a_subscription_after_a_restart)"
+                    raise AssertionError(
+                        "the PlanExecutor's feed is gone (a stale Unsubscribe closed it?), "
+                        "so the plans stopped moving"
                     )
                 await anyio.sleep(0.02)
     except TimeoutError:
@@ -898,13 +891,11 @@ async def test_a_fault_past_the_restart_limit_stops_the_runtime_and_a_reopen_rec
         print(f"\nseed: {chosen} (HIVE_RELIABILITY_SEED={chosen} replays it)")
         raise
 
-    # The cause: the fault, in this actor (or in one its crashes took down with it). A known
-    # bug may name instead an actor that crashed because the failing one stopped, with
-    # RuntimeStoppedError as its cause: see test_the_runtime_failure_names_the_actor_...
+    # The cause: the fault, in this actor (or in one its crashes took down with it), never
+    # an actor that crashed only because the failing one stopped.
     chain = causes(failure)
-    known_bug = any(isinstance(e, RuntimeStoppedError) for e in chain)
-    assert caused_by_fault(failure) or known_bug, [repr(e) for e in chain]
-    assert known_bug or actor in {getattr(e, "actor", None) for e in chain}, chain
+    assert caused_by_fault(failure), [repr(e) for e in chain]
+    assert actor in {getattr(e, "actor", None) for e in chain}, chain
     assert len(fault.fired) > config.max_restarts
     # Callers were answered with the crash or the stop, none by a deadline.
     assert load.failures or load.stopped
@@ -913,32 +904,23 @@ async def test_a_fault_past_the_restart_limit_stops_the_runtime_and_a_reopen_rec
         f"by {failure!r}; {len(fault.fired)} crashes injected; callers saw "
         f"{len(load.failures)} ActorFailedError, {load.stopped} RuntimeStoppedError; "
         f"{len(load.acknowledged)} acknowledged creates, {len(load.completed)} completions, "
-        f"{len(recovered)} tasks recovered on reopen; known bug hit: {known_bug}"
+        f"{len(recovered)} tasks recovered on reopen"
     )
     record_property("stopped_in_s", round(stopped_at - armed_at, 3))
 
 
-# -- known bugs (issue 7) ----------------------------------------------------------------------
+# -- bugs these tests found, kept fixed ----------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeStoppedError,
-    reason="subscription ids restart at 1 in a restarted broadcast actor, so a stale "
-    "Unsubscribe closes another subscriber's new subscription (details in the test)",
-)
 async def test_a_stale_unsubscribe_does_not_close_a_subscription_after_a_restart(
     db_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two subscribers lag when the broadcast actor crashes. B subscribes again first and
-    gets, from the new incarnation, the id A had in the old one (``BroadcastActor`` numbers
-    subscriptions from 1 in each instance); then A closes its broken subscription, which
-    tells ``Unsubscribe(A's old id)``: the new incarnation closes B's subscription instead,
-    and B's stream ends without a ``Lagged`` marker, which says "the runtime stopped" while
-    it runs on. The PlanExecutor's feed reads such an end the same way and stops for good
-    (``PlanFeed._follow`` returns False), so the plans would stop moving if it were the one
-    hit. Fix: ids unique across incarnations (a counter the runtime keeps, or a token
-    per subscription), or an Unsubscribe that names the sink it closes."""
+    """Two subscribers lag when the broadcast actor crashes. B subscribes again first; then
+    A closes its broken subscription, which tells ``Unsubscribe(A's old id)``. Were ids
+    numbered from 1 in each incarnation, B's new subscription would have A's old id and be
+    closed instead, its stream ending as if the runtime had stopped (and the PlanExecutor's
+    feed, hit the same way, would stop for good). The runtime numbers subscriptions across
+    restarts, so B receives on."""
     fault = Fault("broadcast", [Shot(asked=True, skip=0)])
     install(monkeypatch, fault)
     async with Runtime.open(db_path, config=CONFIG) as runtime, runtime.subscribe("*") as a:
@@ -960,31 +942,21 @@ async def test_a_stale_unsubscribe_does_not_close_a_subscription_after_a_restart
             a.close()  # as leaving its block would; A's old id is b_again's now
             published = await runtime.publish("after.restart")
             with anyio.fail_after(5):
-                received = await b_again.receive()  # RuntimeStoppedError today
+                received = await b_again.receive()  # RuntimeStoppedError if A closed it
+                while received.seq < published.seq:  # the actor.restarted event may come first
+                    received = await b_again.receive()
             assert received.seq == published.seq
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Runtime.open raises the RuntimeFailedError of an actor that crashed because "
-    "the failing actor stopped (cause RuntimeStoppedError), not the failing actor's",
-)
 async def test_the_runtime_failure_names_the_actor_past_its_limit_and_its_fault(
     db_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The storage actor crashes on a read, past its restart intensity (``max_restarts=0``),
     while the TaskManager's write for a ``create_task`` waits in its mailbox. Giving up, the
-    supervisor discards that mailbox, so the write fails with RuntimeStoppedError; the
-    TaskManager turns it into OutcomeUnknownError and crashes, and that crash, a consequence
-    of the stop, is counted against the TaskManager's own intensity
-    (``Supervisor._supervise``, supervisor.py ~l. 169-178), which raises a second
-    RuntimeFailedError. ``embedded._unwrap`` (embedded.py ~l. 535) returns the first
-    RuntimeFailedError of the group, the TaskManager's: ``Runtime.open`` then reports
-    "actor 'tasks' crashed ... Last cause: OutcomeUnknownError: ... (actor 'storage' is
-    stopped)", and the storage fault is in no cause of it. Fix: the supervisor keeps the
-    first child that gave up and stops counting crashes once it is stopping (or ``_unwrap``
-    prefers a failure not caused by RuntimeStoppedError)."""
+    supervisor discards that mailbox, so the write fails with RuntimeStoppedError and the
+    TaskManager crashes on it (OutcomeUnknownError). That crash is a consequence of the
+    stop: the supervisor neither restarts nor counts it (``Supervisor._failed``), so
+    ``Runtime.open`` raises the storage actor's RuntimeFailedError, from the fault."""
     gate = anyio.Event()
     original = StorageActor._query
 
