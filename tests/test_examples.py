@@ -18,7 +18,7 @@ EXPECTED = {
     "task_lifecycle_events.py": "saw task.created, task.started, task.completed in order",
     "worker_management.py": "build lost by builder-1, completed by builder-2",
     "orchestrator_app.py": (
-        "plan completed: 4/4 subtasks; events by agent: ai-planner=10, orchestrator-app=5, "
+        "plan completed: 4/4 subtasks; events by agent: ai-planner=11, orchestrator-app=4, "
         "deployers=16"
     ),
     "sync_app.py": "completed 3 of 3 report(s) in a plain thread: ['report-worker-1']",
