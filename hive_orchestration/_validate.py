@@ -45,6 +45,19 @@ def _mapping_to_dict(value: object) -> object:
 _encoder = msgspec.json.Encoder(enc_hook=_mapping_to_dict)
 
 
+def _show(value: object, limit: int = 80) -> str:
+    """``value`` for an error message: its repr cut to ``limit`` characters, an integer too
+    long to print (Python refuses past 4300 digits) by its size, and a value whose repr
+    fails (nested too deep, or a caller's object that raises) by its type."""
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        text = repr(value)
+    except Exception:
+        return f"a {type(value).__name__}"
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 def check_identifier(value: object, field: str, *, max_length: int = 256) -> str:
     """A non-empty string without surrogates or control characters (names, ids, types)."""
     if not isinstance(value, str):
@@ -70,7 +83,9 @@ def check_int(value: object, field: str, *, minimum: int, maximum: int = _SQLITE
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidInputError(field, f"must be an integer, got {type(value).__name__}")
     if not minimum <= value <= maximum:
-        raise InvalidInputError(field, f"must be between {minimum} and {maximum}, got {value}")
+        raise InvalidInputError(
+            field, f"must be between {minimum} and {maximum}, got {_show(value)}"
+        )
     return value
 
 
@@ -81,14 +96,17 @@ def check_seconds(
     ``positive``) and at most ``maximum`` (a year by default)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidInputError(field, f"must be a number of seconds, got {type(value).__name__}")
-    seconds = float(value)
-    if not math.isfinite(seconds):
-        raise InvalidInputError(field, f"must be a finite number of seconds, got {value!r}")
+    try:
+        seconds = float(value)
+    except OverflowError:  # an integer past the largest float: refused by the bounds below
+        seconds = math.inf if value > 0 else -math.inf
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidInputError(field, f"must be a finite number of seconds, got {_show(value)}")
     if seconds < 0 or (positive and seconds == 0):
         bound = "more than 0" if positive else "at least 0"
-        raise InvalidInputError(field, f"must be {bound} seconds, got {value!r}")
+        raise InvalidInputError(field, f"must be {bound} seconds, got {_show(value)}")
     if seconds > maximum:
-        raise InvalidInputError(field, f"must be at most {maximum:g} seconds, got {value!r}")
+        raise InvalidInputError(field, f"must be at most {maximum:g} seconds, got {_show(value)}")
     return seconds
 
 
@@ -107,7 +125,7 @@ def check_choice(
         return choices(value)
     except ValueError:
         valid = ", ".join([*aliases, *(choice.value for choice in choices)])
-        raise InvalidInputError(field, f"must be one of {valid}, got {value!r}") from None
+        raise InvalidInputError(field, f"must be one of {valid}, got {_show(value)}") from None
 
 
 def check_str(value: object, field: str, *, empty: bool = True, limit: int = 10_000) -> str:
@@ -217,11 +235,14 @@ def _check_json(root: object, field: str, max_depth: int) -> None:
         elif isinstance(value, int):
             if not _SQLITE_MIN <= value <= _SQLITE_MAX:
                 raise InvalidInputError(
-                    _path(node, field), f"integer {value} does not fit in 64 bits"
+                    _path(node, field),
+                    f"{_show(value)} does not fit in 64 bits (an SQLite integer)",
                 )
         elif isinstance(value, float):
             if not math.isfinite(value):
-                raise InvalidInputError(_path(node, field), f"must be a finite number, got {value}")
+                raise InvalidInputError(
+                    _path(node, field), f"must be a finite number, got {_show(value)}"
+                )
         elif isinstance(value, Mapping):
             if depth > max_depth:
                 raise InvalidInputError(

@@ -1,0 +1,194 @@
+"""The client's operations as JSON bytes: one request in, one JSON answer out.
+
+An agent in another process (another language, a sandbox, a remote machine) cannot hold an
+:class:`~hive_orchestration.OrchestrationClient`, but it can send JSON over whatever
+transport the app already has: a pipe, a socket, HTTP, a message queue. The app reads the
+bytes and hands them to :func:`call_json`, with the client that speaks for that agent:
+
+    answer = await call_json(client, b'{"op": "create_task", "args": {"task_type": "build"}}')
+    # b'"01a1fe79-..."'
+
+A request is ``{"op": "<operation>", "args": {...}}``: the name of one of the client's
+operations and its arguments by name, exactly as in Python (``args`` may be left out). A
+lease is sent back as the object ``claim_task`` answered (``{"task_id": ..., "run_id": ...,
+"attempt": ...}``), a datetime as an ISO 8601 string. The answer is the operation's result
+encoded as JSON (a task, a list of them, an id, ``null``...).
+
+Nothing is trusted more for coming as bytes, and nothing less: a malformed request (not
+JSON, not such an object, an unknown operation, an unknown, missing or mistyped argument)
+is an :class:`InvalidInputError` naming the field and the reason, and nothing is written;
+the arguments then go through the operation's own checks, exactly as a call from Python
+(its refusals are its own :class:`HiveError`). So the caller may also give what a Python
+caller may, ``source_agent`` for one: an app that must pin who is calling checks the
+request's ``args`` before handing it over. ``tests/reliability/test_fuzz.py`` fuzzes this.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import re
+import types
+import typing
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from .client import OrchestrationClient
+from .errors import InvalidInputError
+
+__all__ = ["OPERATIONS", "WireRequest", "call_json"]
+
+#: Operations that could be carried but make no sense from another process.
+_LOCAL_ONLY = frozenset({"aclose_callbacks"})
+# msgspec names the place of a type error as "... - at `$.args.lease`".
+_AT = re.compile(r" - at `\$\.?(.*)`$")
+_MISSING = re.compile(r"missing required field `(.*)`")
+
+
+class WireRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The envelope of a request: the operation's name and its arguments by name."""
+
+    op: str
+    #: Each argument as its JSON text, decoded once its operation says what it must be.
+    args: dict[str, msgspec.Raw] = {}
+
+
+class _Operation(msgspec.Struct, frozen=True):
+    required: tuple[str, ...]
+    #: The type each argument is decoded into: a lease or a datetime, else any JSON value
+    #: (the operation checks it as it checks a Python value).
+    types: Mapping[str, Any]
+
+
+def _carries(hint: object) -> bool:
+    """Whether values of ``hint`` can travel as JSON (a Struct only where it is the only
+    Struct of its union, so that a JSON object decodes into one type)."""
+    if hint in (str, int, float, bool, type(None), object, Any, datetime):
+        return True
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        structs = [arg for arg in args if isinstance(arg, type) and issubclass(arg, msgspec.Struct)]
+        return len(structs) <= 1 and all(_carries(arg) for arg in args)
+    if origin in (list, tuple, dict, Mapping, Sequence, Iterable):
+        return all(_carries(arg) for arg in args if arg is not Ellipsis)
+    return isinstance(hint, type) and issubclass(hint, enum.Enum | msgspec.Struct)
+
+
+def _needs_conversion(hint: object) -> bool:
+    if hint is datetime or (isinstance(hint, type) and issubclass(hint, msgspec.Struct)):
+        return True
+    return any(_needs_conversion(arg) for arg in typing.get_args(hint))
+
+
+def _describe(method: Callable[..., object]) -> _Operation | None:
+    """The operation's arguments, or None if it cannot be called with JSON."""
+    try:
+        hints = typing.get_type_hints(method)
+    except (NameError, TypeError):  # a type only imported for type checking: not JSON
+        return None
+    parameters = list(inspect.signature(method).parameters.values())[1:]  # without self
+    plain = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    if any(p.kind not in plain for p in parameters):
+        return None
+    if not all(_carries(hints.get(p.name)) for p in parameters):
+        return None
+    if not _carries(hints.get("return")):
+        return None
+    return _Operation(
+        required=tuple(p.name for p in parameters if p.default is inspect.Parameter.empty),
+        types={
+            p.name: hints[p.name] if _needs_conversion(hints[p.name]) else Any for p in parameters
+        },
+    )
+
+
+def _operations() -> dict[str, _Operation]:
+    found = {}
+    for name, method in inspect.getmembers(OrchestrationClient, inspect.iscoroutinefunction):
+        if name.startswith("_") or name in _LOCAL_ONLY:
+            continue
+        operation = _describe(method)
+        if operation is not None:
+            found[name] = operation
+    return found
+
+
+_OPERATIONS = _operations()
+#: The operations a request may name: every public async operation of the client whose
+#: arguments and result are JSON values (not callbacks, registries, event objects or streams).
+OPERATIONS: frozenset[str] = frozenset(_OPERATIONS)
+
+
+def _refusal(field: str, error: msgspec.ValidationError) -> InvalidInputError:
+    """An InvalidInputError for a msgspec error: ``field``, then where in it (a missing
+    field is named; an unknown one is named by the reason, since it is no field)."""
+    text = str(error)
+    match = _AT.search(text)
+    where = match.group(1) if match else ""
+    reason = text[: match.start()] if match else text
+    missing = _MISSING.search(reason)
+    if missing:
+        where = f"{where}.{missing.group(1)}" if where else missing.group(1)
+    return InvalidInputError(".".join(part for part in (field, where) if part) or "request", reason)
+
+
+def _decode(raw: object, field: str, into: Any) -> Any:
+    """``raw`` decoded as JSON into ``into``; any failure an InvalidInputError on ``field``."""
+    if isinstance(raw, str):
+        try:
+            raw = raw.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInputError(field, "is not valid text (a lone surrogate)") from None
+    if not isinstance(raw, bytes | msgspec.Raw):
+        raise InvalidInputError(field, f"must be bytes or str, got {type(raw).__name__}")
+    try:
+        return msgspec.json.decode(raw, type=into)
+    except msgspec.ValidationError as exc:
+        raise _refusal("" if field == "request" else field, exc) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(field, f"is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInputError(field, "is nested too deeply") from None
+
+
+def _short(name: str) -> str:
+    """A name the caller made up, cut short for a message."""
+    return name if len(name) <= 80 else f"{name[:77]}..."
+
+
+def _arguments(request: WireRequest) -> dict[str, Any]:
+    operation = _OPERATIONS.get(request.op)
+    if operation is None:
+        raise InvalidInputError(
+            "op",
+            f"unknown operation {_short(request.op)!r}; one of {', '.join(sorted(OPERATIONS))}",
+        )
+    for name in request.args:
+        if name not in operation.types:
+            valid = ", ".join(operation.types) or "none"
+            raise InvalidInputError(_short(name), f"is not an argument of {request.op} ({valid})")
+    for name in operation.required:
+        if name not in request.args:
+            raise InvalidInputError(name, f"is required by {request.op}")
+    return {
+        name: _decode(value, name, operation.types[name]) for name, value in request.args.items()
+    }
+
+
+async def call_json(client: OrchestrationClient, raw: bytes | str) -> bytes:
+    """Run the operation a JSON request names on ``client`` and return its result as JSON.
+
+    ``raw`` is ``{"op": "<operation>", "args": {...}}`` (bytes in UTF-8, or text). A
+    request that is not valid JSON, not such an object, names an operation not in
+    :data:`OPERATIONS`, or gives an unknown, missing or wrongly typed argument raises
+    :class:`InvalidInputError` naming the field; the operation raises its own
+    :class:`HiveError` as it would in Python.
+    """
+    request: WireRequest = _decode(raw, "request", WireRequest)
+    args = _arguments(request)
+    method: Callable[..., Awaitable[object]] = getattr(client, request.op)
+    return msgspec.json.encode(await method(**args))

@@ -1,0 +1,88 @@
+"""The JSON entry point (``hive_orchestration.wire.call_json``): a task's whole life from
+JSON requests, and each kind of malformed request refused by name. Its fuzzing is in
+``tests/reliability/test_fuzz.py``."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from hive_orchestration import InvalidInputError, OrchestrationClient
+from hive_orchestration.wire import OPERATIONS, call_json
+
+pytestmark = pytest.mark.anyio
+
+
+def request(op: str, **args: object) -> bytes:
+    return msgspec.json.encode({"op": op, "args": args})
+
+
+async def test_a_task_through_its_life_in_json() -> None:
+    async with OrchestrationClient(":memory:", source_agent="gateway") as client:
+        created = await call_json(
+            client,
+            request("create_task", task_type="build", payload={"ref": "main"}, priority=5),
+        )
+        task_id = msgspec.json.decode(created)
+        claim = msgspec.json.decode(await call_json(client, request("claim_task", worker_id="w1")))
+        assert claim["task"]["id"] == task_id
+        lease = claim["lease"]  # sent back as the object it came as
+        await call_json(client, request("start_task", lease=lease))
+        await call_json(client, request("heartbeat", lease=lease, progress={"half": True}))
+        done = msgspec.json.decode(
+            await call_json(client, request("complete_task", lease=lease, result={"ok": True}))
+        )
+        assert done["status"] == "completed"
+        assert done["result"] == {"ok": True}
+        # Text works as well as bytes, and args may be left out.
+        assert msgspec.json.decode(await call_json(client, '{"op": "last_seq"}')) > 0
+        assert await call_json(client, request("get_task", task_id="nope")) == b"null"
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "reason"),
+    [
+        (b"", "request", "not valid JSON"),
+        (b"[1]", "request", "Expected `object`"),
+        (b"\xff", "request", "not valid JSON"),
+        (b"[" * 100_000, "request", ""),
+        ('{"op": "\ud800"}', "request", "lone surrogate"),
+        (b'{"args": {}}', "op", "missing required field"),
+        (b'{"op": 1}', "op", "Expected `str`"),
+        (b'{"op": "get_task", "extra": 1}', "request", "unknown field `extra`"),
+        (b'{"op": "subscribe"}', "op", "unknown operation"),
+        (b'{"op": "drop_database"}', "op", "unknown operation"),
+        (b'{"op": "get_task", "args": []}', "args", "Expected `object`"),
+        (b'{"op": "get_task"}', "task_id", "is required"),
+        (b'{"op": "get_task", "args": {"task_id": "a", "b": 1}}', "b", "not an argument"),
+        (b'{"op": "get_task", "args": {"task_id": 5}}', "task_id", "must be a string"),
+        (b'{"op": "start_task", "args": {"lease": {"task_id": 1}}}', "lease.task_id", ""),
+        (b'{"op": "start_task", "args": {"lease": {"task_id": "a"}}}', "lease.run_id", ""),
+        (b'{"op": "create_task", "args": {"task_type": "a", "timeout": 1e999}}', "timeout", ""),
+        (
+            b'{"op": "create_task", "args": {"task_type": "a", "due_date": "2030-01-01T00:00:00"}}',
+            "due_date",
+            "timezone-aware",
+        ),
+        (
+            b'{"op": "create_task", "args": {"task_type": "a", "priority": ' + b"9" * 5000 + b"}}",
+            "priority",
+            "out of range",
+        ),
+    ],
+)
+async def test_a_malformed_request_is_refused_by_name(
+    raw: bytes | str, field: str, reason: str
+) -> None:
+    async with OrchestrationClient(":memory:") as client:
+        with pytest.raises(InvalidInputError) as refused:
+            await call_json(client, raw)
+        assert refused.value.field == field
+        assert reason in refused.value.reason
+        assert await client.last_seq() == 0  # nothing was written
+
+
+def test_the_operations_are_the_clients_json_ones() -> None:
+    assert {"create_task", "claim_task", "complete_task", "wait_for_plan"} <= OPERATIONS
+    assert not {"subscribe", "events", "on_event", "attach", "bind"} & OPERATIONS
+    assert not {"publish_event", "aclose_callbacks", "subscribe_to_task_events"} & OPERATIONS
