@@ -69,6 +69,7 @@ from .messages.tasks import Claim, Lease, Run, RunStatus, Task, TaskStatus
 from .messages.workers import Worker, WorkerStatus
 from .storage.schema import SCHEMA_VERSION
 from .sync import SyncOrchestrationClient
+from .wire import call_json
 
 __version__ = "0.1.0"
 
@@ -142,5 +143,6 @@ __all__ = [
     "WorkerOfflineEvent",
     "WorkerOperations",
     "WorkerRegisteredEvent",
+    "call_json",
     "create_task_event",
 ]

@@ -30,7 +30,7 @@ from ._validate import (
     encode_json_object,
 )
 from .config import RuntimeConfig
-from .errors import InvalidInputError, NotFoundError
+from .errors import InvalidInputError, NotFoundError, RequestTimeoutError
 from .messages.plans import (
     PLAN_FINAL,
     ApprovePlan,
@@ -385,13 +385,14 @@ class PlanOps(Caller):
     ) -> ExecutionPlan:
         """Wait until the plan has ended (completed, failed or cancelled) and return it.
 
-        Woken by the plan's own events; raises :class:`TimeoutError` after ``timeout``
-        seconds and :class:`NotFoundError` for an unknown plan.
+        Woken by the plan's own events; raises :class:`RequestTimeoutError` (a
+        :class:`TimeoutError`) after ``timeout`` seconds and :class:`NotFoundError` for an
+        unknown plan.
         """
         self._check_open()
         plan_id = check_identifier(plan_id, "plan_id")
         limit = math.inf if timeout is None else check_seconds(timeout, "timeout")
-        with anyio.fail_after(limit):
+        with anyio.move_on_after(limit):
             changes = self.subscribe("plan.*", buffer=1, overflow="drop", plan_id=plan_id)
             async with changes as changed:
                 while True:
@@ -401,6 +402,7 @@ class PlanOps(Caller):
                     if plan.status in PLAN_FINAL:
                         return plan
                     await changed.receive()
+        raise RequestTimeoutError("plans", f"wait_for_plan({plan_id!r})", limit)
 
     # -- checking plan data -----------------------------------------------------------------
 

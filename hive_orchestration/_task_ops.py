@@ -147,6 +147,12 @@ class TaskOps(Caller):
         machine forbids and :class:`NotFoundError` for an unknown task.
         """
         self._check_open()
+        if metadata is not None and (
+            not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata)
+        ):
+            raise InvalidInputError(
+                "metadata", f"must be an object with string keys, got {type(metadata).__name__}"
+            )
         fields = dict(metadata or {})
         unknown = set(fields) - {"assigned_worker", "current_phase"}
         if unknown:
@@ -428,6 +434,11 @@ def _lease(value: object) -> Lease:
         raise InvalidInputError(
             "lease", f"must be the Lease from claim_task (claim.lease), got {type(value).__name__}"
         )
+    # A Lease can be built by hand: its fields are checked too, before they reach the
+    # TaskManager (which looks them up as they are).
+    check_identifier(value.task_id, "lease.task_id")
+    check_identifier(value.run_id, "lease.run_id")
+    check_int(value.attempt, "lease.attempt", minimum=1)
     return value
 
 

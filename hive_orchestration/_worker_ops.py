@@ -56,7 +56,7 @@ class WorkerOps(Caller):
         """
         self._check_open()
         checked, _ = encode_json_object(
-            metadata or {},
+            {} if metadata is None else metadata,
             "metadata",
             max_bytes=self._config.max_payload_bytes,
             max_depth=self._config.max_payload_depth,

@@ -401,7 +401,12 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
         return None
 
     async def _publish_unified(self, event: UnifiedEvent) -> Event | None:
-        event_type = str(event.event_type)
+        # A UnifiedEvent is a plain Struct an app fills in: check what is read of it.
+        event_type = check_identifier(event.event_type, "event_type")
+        if not isinstance(event.payload, dict):
+            raise InvalidInputError(
+                "payload", f"must be an object, got {type(event.payload).__name__}"
+            )
         task_id = event.subject
         payload = event.payload
         if event_type in _TASK_CHANGES and task_id is not None:

@@ -26,6 +26,7 @@ from ._groups import leaves
 from ._plan_ops import PlanOps
 from ._task_ops import TaskOps
 from ._validate import (
+    _show,
     check_event_read,
     check_identifier,
     check_int,
@@ -414,7 +415,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
         )
         policy = self._config.subscriber_overflow if overflow is None else overflow
         if policy not in ("error", "drop"):
-            raise InvalidInputError("overflow", f"must be 'error' or 'drop', got {policy!r}")
+            raise InvalidInputError("overflow", f"must be 'error' or 'drop', got {_show(policy)}")
         checked = tuple(
             (check_identifier(key, "filters"), check_identifier(value, f"filters.{key}"))
             for key, value in sorted(filters.items())

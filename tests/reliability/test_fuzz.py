@@ -23,9 +23,8 @@ What must hold for every call:
 and after each operation's run: the tasks, runs and event log agree (``_audit.py``), no
 actor was restarted, and a plain create/claim/start/complete still works.
 
-Known gaps in files this test may not change are tolerated in the fuzz (``known_bug``)
-and pinned by strict xfail tests at the end of this file: fixing one turns its xfail into
-a failure, so that the tolerance is removed with it.
+Gaps it found are fixed, each kept fixed by a test at the end of this file; a new gap
+can be tolerated for a while through ``known_bug``, with a strict xfail test pinning it.
 """
 
 from __future__ import annotations
@@ -447,15 +446,19 @@ def _leases(pool: Pool) -> st.SearchStrategy[object]:
     tasks = _ids("tasks")(pool)
     runs = _ids("runs")(pool)
     forged = st.builds(Lease, task_id=tasks, run_id=runs, attempt=st.integers(-2, 5))
-    # A Lease built with fields of the wrong type (msgspec does not check at construction)
-    # is not drawn: it reaches the TaskManager and can crash it (run_id=None: KeyError; an
-    # unhashable field: TypeError), see test_a_forged_lease_is_refused_at_the_boundary,
-    # and six crashes in ten seconds would stop the runtime every later example shares.
+    # A Lease built by hand with fields of the wrong type (msgspec does not check at
+    # construction) must be refused at the boundary, never reach the TaskManager.
+    mistyped = st.builds(
+        Lease,
+        task_id=st.one_of(tasks, junk),
+        run_id=st.one_of(runs, st.none(), junk),
+        attempt=st.one_of(st.integers(-2, 5), junk),
+    )
     as_dict = st.builds(
         lambda lease: msgspec.structs.asdict(lease),
         st.sampled_from(pool.leases or [Lease("a", "b", 1)]),
     )
-    return st.one_of(real, real, forged, as_dict)
+    return st.one_of(real, real, forged, mistyped, as_dict)
 
 
 LEASE = Kind(_leases, _lease_ok)
@@ -920,7 +923,7 @@ def type_errors(op: str, kwargs: Mapping[str, object]) -> list[str]:
     ]
 
 
-# -- known gaps, in files this test may not change (each pinned by an xfail below) -----------
+# -- gaps tolerated until fixed (each pinned by a strict xfail test) --------------------------
 
 
 @dataclass(frozen=True)
@@ -942,56 +945,8 @@ def _unprintable(value: object) -> bool:
 
 
 def known_bug(op: str, kwargs: Mapping[str, object]) -> KnownBug | None:
-    metadata = kwargs.get("metadata")
-    if (
-        op == "update_task_status"
-        and metadata is not None
-        and (not isinstance(metadata, Mapping) or any(not isinstance(k, str) for k in metadata))
-    ):
-        return KnownBug(
-            "update_task_status: metadata that is not an object with string keys "
-            "(test_update_task_status_refuses_metadata_that_is_not_an_object)",
-            leaks=(TypeError, ValueError),
-            lets_through=True,
-        )
-    if (
-        op == "register_worker"
-        and metadata is not None
-        and not isinstance(metadata, Mapping)
-        and not metadata
-    ):
-        return KnownBug(
-            "register_worker: a falsy metadata that is no object ([], False, 0, '') is "
-            "taken as {} (test_register_worker_refuses_metadata_that_is_not_an_object)",
-            lets_through=True,
-        )
-    event = kwargs.get("event")
-    # Read as objects: a drawn event may hold anything, whatever its annotations say.
-    event_type: object = getattr(event, "event_type", None)
-    payload: object = getattr(event, "payload", None)
-    if (
-        op in EVENT_OPS
-        and isinstance(event, UnifiedEvent)
-        and (not isinstance(event_type, str) or not isinstance(payload, dict))
-    ):
-        return KnownBug(
-            "publish_event: a UnifiedEvent whose event_type is no string (str() of it may "
-            "raise) or payload no dict (test_publish_event_refuses_a_unified_event_whose_*)",
-            leaks=(AttributeError, ValueError, RecursionError),
-            lets_through=True,
-        )
-    if op == "wait_for_plan" and kwargs.get("timeout") is not None:
-        return KnownBug(
-            "wait_for_plan times out with the builtin TimeoutError "
-            "(test_wait_for_plan_times_out_with_a_package_error)",
-            leaks=(TimeoutError,),
-        )
-    if op == "subscribe" and _unprintable(kwargs.get("overflow")):
-        return KnownBug(
-            "subscribe: an overflow value repr() cannot print "
-            "(test_subscribe_refuses_an_unprintable_overflow)",
-            leaks=(ValueError, RecursionError),
-        )
+    """A gap the fuzz tolerates until it is fixed: none today (the seven it found are
+    fixed, and kept fixed by the tests at the end of this file)."""
     return None
 
 
@@ -1498,19 +1453,14 @@ async def test_values_repr_cannot_print_are_refused_by_name() -> None:
             assert refused.value.field == field_name
 
 
-# -- known gaps: strict xfails, each with the change that fixes it ----------------------------
+# -- gaps the fuzz found, fixed: kept fixed by these ----------------------------
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="_task_ops.update_task_status: dict(metadata) runs before metadata is checked",
-)
 async def test_update_task_status_refuses_metadata_that_is_not_an_object() -> None:
-    # The fix, in update_task_status: refuse metadata that is not a Mapping, or has a key
+    # Fixed in update_task_status: refuse metadata that is not a Mapping, or has a key
     # that is not a string, with InvalidInputError("metadata", ...) before dict(metadata)
-    # and sorted(unknown) (today "ab" -> ValueError, 5 -> TypeError, {1: "a", "b": 2} ->
+    # and sorted(unknown) (before, "ab" -> ValueError, 5 -> TypeError, {1: "a", "b": 2} ->
     # TypeError from sorted, and a falsy non-mapping such as False or [] is accepted).
     async with OrchestrationClient(":memory:") as client:
         task_id = await client.create_task("t")
@@ -1522,13 +1472,8 @@ async def test_update_task_status_refuses_metadata_that_is_not_an_object() -> No
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="_worker_ops.register_worker checks `metadata or {}`, so a falsy value passes",
-)
 async def test_register_worker_refuses_metadata_that_is_not_an_object() -> None:
-    # The fix, in register_worker: encode_json_object({} if metadata is None else
+    # Fixed in register_worker: encode_json_object({} if metadata is None else
     # metadata, "metadata", ...), so that [], False, 0 and "" are refused as no object.
     async with OrchestrationClient(":memory:") as client:
         falsy: tuple[object, ...] = ([], False, 0, "")
@@ -1539,15 +1484,10 @@ async def test_register_worker_refuses_metadata_that_is_not_an_object() -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    raises=ActorFailedError,
-    reason="_task_ops._lease checks that a lease is a Lease, not the types of its fields",
-)
 async def test_a_forged_lease_is_refused_at_the_boundary() -> None:
-    # The fix, in _task_ops._lease: check the fields too (check_identifier(task_id,
+    # Fixed in _task_ops._lease: check the fields too (check_identifier(task_id,
     # "lease.task_id"), check_identifier(run_id, "lease.run_id"), check_int(attempt,
-    # "lease.attempt", minimum=1)). Today run_id=None crashes the TaskManager with
+    # "lease.attempt", minimum=1)). Before, run_id=None crashes the TaskManager with
     # KeyError in _holding (self._runs[None]), an unhashable field crashes it with
     # TypeError, and other mistyped fields reach it and come back as LeaseLostError.
     async with OrchestrationClient(":memory:") as client:
@@ -1565,13 +1505,8 @@ async def test_a_forged_lease_is_refused_at_the_boundary() -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="client._publish_unified reads event.payload.get before checking payload",
-)
 async def test_publish_event_refuses_a_unified_event_whose_payload_is_no_object() -> None:
-    # The fix, in client.publish_event / _publish_unified (or UnifiedEvent.subject): check
+    # Fixed in client.publish_event / _publish_unified (or UnifiedEvent.subject): check
     # that payload is a dict (InvalidInputError("payload", ...)) before reading it.
     async with OrchestrationClient(":memory:") as client:
         with pytest.raises(InvalidInputError) as refused:
@@ -1580,13 +1515,8 @@ async def test_publish_event_refuses_a_unified_event_whose_payload_is_no_object(
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="client._publish_unified turns any event_type into a string with str()",
-)
 async def test_publish_event_refuses_a_unified_event_whose_type_is_no_string() -> None:
-    # The fix, in client._publish_unified: check_identifier(event.event_type, "event_type")
+    # Fixed in client._publish_unified: check_identifier(event.event_type, "event_type")
     # instead of str(event.event_type) (a UnifiedEventType member is a str already). Today
     # event_type=5 is published as the event type "5", and str() of an integer past 4300
     # digits raises ValueError (of a list nested too deep, RecursionError).
@@ -1597,13 +1527,8 @@ async def test_publish_event_refuses_a_unified_event_whose_type_is_no_string() -
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="_plan_ops.wait_for_plan raises the builtin TimeoutError (anyio.fail_after)",
-)
 async def test_wait_for_plan_times_out_with_a_package_error() -> None:
-    # The fix, in _plan_ops.wait_for_plan: turn anyio.fail_after's TimeoutError into
+    # Fixed in _plan_ops.wait_for_plan: turn anyio.fail_after's TimeoutError into
     # RequestTimeoutError (a HiveError and a TimeoutError, so `except TimeoutError` goes on
     # working), and say so in its docstring.
     async with OrchestrationClient(":memory:") as client:
@@ -1615,13 +1540,8 @@ async def test_wait_for_plan_times_out_with_a_package_error() -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="embedded._open_subscription prints the refused overflow with {policy!r}",
-)
 async def test_subscribe_refuses_an_unprintable_overflow() -> None:
-    # The fix, in embedded.Runtime._open_subscription: name the refused value by its type
+    # Fixed in embedded.Runtime._open_subscription: name the refused value by its type
     # (or with _validate._show) rather than repr(): an integer past 4300 digits raises
     # ValueError in repr(), a list nested 5000 deep RecursionError.
     async with OrchestrationClient(":memory:") as client:
