@@ -15,7 +15,7 @@ from typing import Literal
 
 import anyio.to_thread
 
-from ..errors import NewerSchemaError, StorageError
+from ..errors import NewerSchemaError, StorageError, StorageFault
 from .drivers import Driver, connect
 from .faults import storage_error
 from .schema import MIGRATIONS, SCHEMA_VERSION
@@ -142,7 +142,6 @@ def _unwritable(path: str, what: str, exc: OSError | None) -> StorageError:
             path=path,
             fault="cannot_open",
         )
-    read_only = exc is None or exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
     why = "not writable" if exc is None else exc.strerror or str(exc)
     return StorageError(
         f"cannot open database {path!r} for writing: {what} cannot be written"
@@ -151,8 +150,17 @@ def _unwritable(path: str, what: str, exc: OSError | None) -> StorageError:
         " mount). To only read it, use the inspector (`hive-orchestration tasks --db"
         f" {shlex.quote(path)}`)",
         path=path,
-        fault="read_only" if read_only else "cannot_open",
+        fault="read_only" if exc is None else _os_fault(exc),
     )
+
+
+def _os_fault(exc: OSError) -> StorageFault:
+    """The fault behind an operating-system error on the database's file or folder."""
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return "read_only"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "disk_full"
+    return "cannot_open"
 
 
 def check_writable(path: str) -> None:
@@ -196,12 +204,8 @@ def prepare_path(path: str) -> None:
         except FileExistsError:
             return
     except OSError as exc:
-        read_only = exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
-        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
         raise StorageError(
-            f"cannot create database {path!r}: {exc}",
-            path=path,
-            fault="read_only" if read_only else "disk_full" if full else "cannot_open",
+            f"cannot create database {path!r}: {exc}", path=path, fault=_os_fault(exc)
         ) from exc
     os.close(fd)
 
