@@ -30,6 +30,8 @@ __all__ = [
     "QueryPlanningRequests",
     "QueryPlans",
     "SetPlanStatus",
+    "SetRunState",
+    "SetTaskState",
     "Committed",
     "DeleteTaskRow",
     "DeleteWorkerRow",
@@ -76,7 +78,23 @@ class DeleteTaskRow(msgspec.Struct, frozen=True, tag="delete_task"):
     task_id: str
 
 
+class SetTaskState(msgspec.Struct, frozen=True, tag="set_task_state"):
+    """Write the state columns of a task already written (its status and what moves with
+    it); the columns fixed at creation are left alone. The row must exist: a missing one
+    fails the write."""
+
+    task: Task
+
+
 class PutRun(msgspec.Struct, frozen=True, tag="put_run"):
+    """Insert the run, or replace every column of its row."""
+
+    run: Run
+
+
+class SetRunState(msgspec.Struct, frozen=True, tag="set_run_state"):
+    """Write the state columns of a run already written. The row must exist."""
+
     run: Run
 
 
@@ -120,8 +138,10 @@ class PutSubtask(msgspec.Struct, frozen=True, tag="put_subtask"):
 WriteOp: TypeAlias = (
     AppendEvent
     | PutTask
+    | SetTaskState
     | DeleteTaskRow
     | PutRun
+    | SetRunState
     | PutWorker
     | DeleteWorkerRow
     | PutPlanningRequest

@@ -67,6 +67,8 @@ from ..messages.storage import (
     QueryTasks,
     ReadEvents,
     SetPlanStatus,
+    SetRunState,
+    SetTaskState,
     StorageMessage,
     StorageStats,
     Write,
@@ -86,8 +88,10 @@ from .rows import (
     TASK_COLUMNS,
     WORKER_COLUMNS,
     run_from_row,
+    run_state_statement,
     run_statement,
     task_from_row,
+    task_state_statement,
     task_statement,
     worker_from_row,
     worker_statement,
@@ -482,15 +486,19 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
     """The row statements of one write, grouped by kind (its events follow).
 
     Applying them grouped, each row once, leaves the same rows as applying the ops in
-    order: an upsert replaces every column of its row, so only the last one of a row
-    counts; tasks go before runs, so a run's task exists; deletes go first, so a key a
-    deleted task held is free for a task created in the same write; events reference no
-    row. The one case where order matters, a row both put and deleted in one write, is
-    applied in order. Grouping turns a write into a few ``executemany`` runs, which on
-    aiosqlite is one thread hop each instead of one per statement.
+    order: a put replaces every column of its row and a state write every column that
+    changes after creation, so only the last op of a row counts (written whole if the row
+    was put in this write, as it may be new; else its state columns only); tasks go
+    before runs, so a run's task exists; deletes go first, so a key a deleted task held is
+    free for a task created in the same write; events reference no row. The one case where
+    order matters, a row both written and deleted in one write, is applied in order.
+    Grouping turns a write into a few ``executemany`` runs, which on aiosqlite is one
+    thread hop each instead of one per statement.
     """
     tasks: dict[str, Task] = {}
     runs: dict[str, Run] = {}
+    put_tasks: set[str] = set()  # rows that may be new in this write: written whole
+    put_runs: set[str] = set()
     workers: dict[str, Worker] = {}
     deleted: list[str] = []
     gone: list[str] = []  # deleted workers
@@ -500,6 +508,18 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
     subtasks: dict[tuple[str, str], SubtaskState] = {}
     for op in ops:
         match op:
+            case SetTaskState(task=task):
+                tasks[task.id] = task
+            case SetRunState(run=run):
+                runs[run.id] = run
+            case AppendEvent():
+                pass
+            case PutTask(task=task):
+                tasks[task.id] = task
+                put_tasks.add(task.id)
+            case PutRun(run=run):
+                runs[run.id] = run
+                put_runs.add(run.id)
             case PutPlanningRequest(request=request):
                 requests[request.id] = request
             case PutPlan():
@@ -508,10 +528,6 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
                 plan_updates.append(plans.plan_status_statement(op))
             case PutSubtask(state=state):
                 subtasks[state.plan_id, state.subtask_id] = state
-            case PutTask(task=task):
-                tasks[task.id] = task
-            case PutRun(run=run):
-                runs[run.id] = run
             case DeleteTaskRow(task_id=task_id):
                 deleted.append(task_id)
             case PutWorker(worker=worker):
@@ -529,23 +545,37 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
     statements: list[Statement] = [(DELETE_TASK, (task_id,)) for task_id in deleted]
     statements += [(DELETE_WORKER, (worker_id,)) for worker_id in gone]
     # Referenced rows before the rows that reference them: request <- plan <- subtask,
-    # task <- run, task <- subtask.
+    # task <- run, task <- subtask. New rows before state writes, so that a statement
+    # follows the one before it (same SQL) more often and executemany takes longer runs.
     statements += [plans.request_statement(request) for request in requests.values()]
     statements += new_plans
     statements += plan_updates
-    statements += [task_statement(task) for task in tasks.values()]
-    statements += [run_statement(run) for run in runs.values()]
+    states: list[Statement] = []
+    for task_id, task in tasks.items():
+        if task_id in put_tasks:
+            statements.append(task_statement(task))
+        else:
+            states.append(task_state_statement(task))
+    for run_id, run in runs.items():
+        if run_id in put_runs:
+            statements.append(run_statement(run))
+        else:
+            states.append(run_state_statement(run))
     statements += [worker_statement(worker) for worker in workers.values()]
     statements += [plans.subtask_statement(state) for state in subtasks.values()]
-    return statements
+    return statements + states
 
 
 def _in_order(op: WriteOp) -> Statement:
     match op:
         case PutTask(task=task):
             return task_statement(task)
+        case SetTaskState(task=task):
+            return task_state_statement(task)
         case PutRun(run=run):
             return run_statement(run)
+        case SetRunState(run=run):
+            return run_state_statement(run)
         case DeleteTaskRow(task_id=task_id):
             return (DELETE_TASK, (task_id,))
         case PutWorker(worker=worker):

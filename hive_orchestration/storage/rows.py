@@ -23,7 +23,14 @@ __all__ = [
     "RUN_COLUMNS",
     "TASK_COLUMNS",
     "run_from_row",
+    "run_state_statement",
     "run_statement",
+    "RUN_STATE_COLUMNS",
+    "SET_RUN_STATE",
+    "SET_TASK_STATE",
+    "TASK_STATE_COLUMNS",
+    "task_state_statement",
+    "update",
     "task_from_row",
     "task_statement",
     "worker_from_row",
@@ -65,9 +72,42 @@ _PUT_TASK = upsert("tasks", TASK_COLUMNS)
 _PUT_RUN = upsert("runs", RUN_COLUMNS)
 _PUT_WORKER = upsert("workers", WORKER_COLUMNS)
 
+#: The columns of a task that change after it is created (the state machine's); the
+#: others are fixed at creation. A state change writes only these: an UPDATE that leaves
+#: the priority index alone and encodes no payload costs a third of a whole-row upsert.
+TASK_STATE_COLUMNS = (
+    "status, current_phase, updated_at, assigned_worker, attempts, result, error, available_at"
+)
+#: The columns of a run that change after it is opened.
+RUN_STATE_COLUMNS = (
+    "status, phase, result_data, error_message, output_log, started_at, completed_at,"
+    " lease_expires_at, progress"
+)
+
+
+def update(table: str, columns: str) -> str:
+    """UPDATE of ``columns`` of the row with the given id (the id is the last parameter)."""
+    sets = ", ".join(f"{name.strip()} = ?" for name in columns.split(","))
+    return f"UPDATE {table} SET {sets} WHERE id = ?"
+
+
+SET_TASK_STATE = update("tasks", TASK_STATE_COLUMNS)
+SET_RUN_STATE = update("runs", RUN_STATE_COLUMNS)
+
+# A batch's changes share one ``now``: its text is worked out once, not once per row.
+_last_time: tuple[datetime | None, str | None] = (None, None)
+
 
 def time_text(value: datetime | None) -> str | None:
-    return None if value is None else value.astimezone(UTC).isoformat()
+    global _last_time
+    if value is None:
+        return None
+    last, text = _last_time
+    if value is last:
+        return text
+    text = (value if value.tzinfo is UTC else value.astimezone(UTC)).isoformat()
+    _last_time = (value, text)
+    return text
 
 
 def _json(value: object) -> str | None:
@@ -126,6 +166,39 @@ def run_statement(run: Run) -> Statement:
         _json(run.progress),
     )
     return _PUT_RUN, params
+
+
+def task_state_statement(task: Task) -> Statement:
+    """Write the state columns of a task whose row exists (see TASK_STATE_COLUMNS)."""
+    params: Params = (
+        task.status.value,
+        task.current_phase,
+        time_text(task.updated_at),
+        task.assigned_worker,
+        task.attempts,
+        _json(task.result),
+        task.error,
+        time_text(task.available_at),
+        task.id,
+    )
+    return SET_TASK_STATE, params
+
+
+def run_state_statement(run: Run) -> Statement:
+    """Write the state columns of a run whose row exists (see RUN_STATE_COLUMNS)."""
+    params: Params = (
+        run.status.value,
+        run.phase,
+        _json(run.result),
+        run.error,
+        run.output_log,
+        time_text(run.started_at),
+        time_text(run.completed_at),
+        time_text(run.lease_expires_at),
+        _json(run.progress),
+        run.id,
+    )
+    return SET_RUN_STATE, params
 
 
 def parse_time(value: object) -> datetime | None:

@@ -103,6 +103,8 @@ from ...messages.storage import (
     PutRun,
     PutTask,
     QueryTasks,
+    SetRunState,
+    SetTaskState,
     StorageMessage,
     Write,
     WriteOp,
@@ -739,7 +741,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         self._runs[run.id] = closed
         if self._held.get(run.task_id) == run.id:
             del self._held[run.task_id]
-        work.ops.append(PutRun(closed))
+        work.ops.append(SetRunState(closed))
         return closed
 
     def _requeue(
@@ -862,7 +864,7 @@ class TaskManager(Actor[TaskManagerMessage]):
                 self._touch(task.id, work)
                 started = msgspec.structs.replace(run, status=RunStatus.RUNNING)
                 self._runs[run.id] = started
-                work.ops.append(PutRun(started))
+                work.ops.append(SetRunState(started))
                 return self._transition(task, R, work, now, run.worker_id, {}, _run_data(run))
             case CompleteTask(lease=lease, result=result):
                 task, run = self._holding(lease, work)
@@ -931,7 +933,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         if expires < run.lease_expires_at:  # shortened: the heap entry would fire late
             heapq.heappush(self._deadlines, (self._deadline(renewed, task)[0], run.id))
         if len(changes) > 1:
-            work.ops.append(PutRun(renewed))
+            work.ops.append(SetRunState(renewed))
             data = _run_data(run)
             if message.progress is not None:
                 data["progress"] = message.progress
@@ -1035,7 +1037,7 @@ class TaskManager(Actor[TaskManagerMessage]):
                 self._touch(task.id, work)
                 started = msgspec.structs.replace(self._runs[held], status=RunStatus.RUNNING)
                 self._runs[held] = started
-                work.ops.append(PutRun(started))
+                work.ops.append(SetRunState(started))
         self._transition(task, message.status, work, now, message.source_agent, changes, data)
         return True
 
@@ -1058,7 +1060,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         self._index(task, updated, now.timestamp())
         if status in TERMINAL:
             self._finished[task.id] = None
-        work.ops.append(PutTask(updated))
+        work.ops.append(SetTaskState(updated))
         data: dict[str, JsonValue] = {
             "status": status.value,
             "previous": task.status.value,
@@ -1140,7 +1142,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         if run.id in self._runs:  # a run fetched from storage is not cached
             self._touch(run.task_id, work)
             self._runs[run.id] = updated
-        work.ops.append(PutRun(updated))
+        work.ops.append(SetRunState(updated))
         return True
 
     # -- helpers -----------------------------------------------------------------------------

@@ -1,0 +1,143 @@
+"""The two write-connection drivers, below the storage actor: a transaction is all or
+nothing, a state UPDATE of a missing row fails it, a probe tells the faulty unit apart
+and writes nothing. The aiosqlite driver runs a whole batch on aiosqlite's thread in one
+await where aiosqlite allows it, and one await per statement run where it does not: both
+ways are run here."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hive_orchestration.storage.drivers import AiosqliteDriver, Driver, Statement, ThreadDriver
+from hive_orchestration.storage.schema import MIGRATIONS
+
+pytestmark = pytest.mark.anyio
+
+INSERT = "INSERT INTO workers (id, role) VALUES (?, ?)"
+SET_ROLE = "UPDATE workers SET role = ? WHERE id = ?"
+KINDS = ["thread", "aiosqlite", "aiosqlite-per-statement"]
+
+
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest, anyio_backend: str) -> str:
+    if request.param.startswith("aiosqlite") and anyio_backend == "trio":
+        pytest.skip("aiosqlite runs only on asyncio")
+    return str(request.param)
+
+
+@asynccontextmanager
+async def opened(path: Path, kind: str) -> AsyncIterator[Driver]:
+    with sqlite3.connect(path) as conn:
+        for migration in MIGRATIONS:
+            for statement in migration:
+                conn.execute(statement)
+    driver: Driver
+    if kind == "thread":
+        driver = await ThreadDriver.open(str(path), 5.0)
+    else:
+        driver = await AiosqliteDriver.open(str(path), 5.0)
+        if kind == "aiosqlite-per-statement":
+            driver = AiosqliteDriver(driver._conn, whole_batches=False)  # type: ignore[attr-defined]
+    try:
+        yield driver
+    finally:
+        await driver.close()
+
+
+def roles(path: Path) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(path) as conn:
+        return conn.execute("SELECT id, role FROM workers ORDER BY id").fetchall()
+
+
+async def test_a_transaction_applies_every_statement_in_order(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "d.db"
+    statements: list[Statement] = [(INSERT, (f"w{n}", "a")) for n in range(5)]
+    statements += [(SET_ROLE, ("b", "w1")), (INSERT, ("w9", "c")), (SET_ROLE, ("d", "w9"))]
+    async with opened(path, kind) as driver:
+        await driver.transaction(statements)
+    assert roles(path) == [
+        ("w0", "a"),
+        ("w1", "b"),
+        ("w2", "a"),
+        ("w3", "a"),
+        ("w4", "a"),
+        ("w9", "d"),
+    ]
+
+
+async def test_a_failing_statement_rolls_the_whole_transaction_back(
+    tmp_path: Path, kind: str
+) -> None:
+    path = tmp_path / "d.db"
+    async with opened(path, kind) as driver:
+        await driver.transaction([(INSERT, ("w0", "a"))])
+        with pytest.raises(sqlite3.IntegrityError):
+            await driver.transaction([(INSERT, ("w1", "a")), (INSERT, ("w0", "again"))])
+        # The connection is out of the transaction and takes the next one.
+        await driver.transaction([(INSERT, ("w2", "a"))])
+    assert roles(path) == [("w0", "a"), ("w2", "a")]
+
+
+async def test_an_update_of_a_missing_row_fails_the_transaction(tmp_path: Path, kind: str) -> None:
+    """A state write to a row that is not there means memory and disk disagree: refused
+    rather than lost in silence, and nothing of its transaction is written."""
+    path = tmp_path / "d.db"
+    async with opened(path, kind) as driver:
+        await driver.transaction([(INSERT, ("w0", "a"))])
+        with pytest.raises(sqlite3.IntegrityError, match="1 of 2 workers row"):
+            await driver.transaction(
+                [(INSERT, ("w1", "a")), (SET_ROLE, ("b", "w0")), (SET_ROLE, ("b", "nobody"))]
+            )
+    assert roles(path) == [("w0", "a")]
+
+
+async def test_a_probe_finds_the_faulty_units_and_writes_nothing(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "d.db"
+    async with opened(path, kind) as driver:
+        await driver.transaction([(INSERT, ("w0", "a"))])
+        verdicts = await driver.probe(
+            [
+                [(INSERT, ("w1", "a"))],
+                [(INSERT, ("w2", "a")), (INSERT, ("w0", "dup"))],
+                [(SET_ROLE, ("b", "missing"))],
+                [(SET_ROLE, ("b", "w0"))],
+            ]
+        )
+    assert [type(v) for v in verdicts] == [
+        type(None),
+        sqlite3.IntegrityError,
+        sqlite3.IntegrityError,
+        type(None),
+    ]
+    assert roles(path) == [("w0", "a")]
+
+
+async def test_the_installed_aiosqlite_runs_a_batch_in_one_await(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str
+) -> None:
+    """With the aiosqlite this project installs, a transaction is one call on its thread,
+    not one await per statement: no statement goes through aiosqlite's execute."""
+    if anyio_backend == "trio":
+        pytest.skip("aiosqlite runs only on asyncio")
+    path = tmp_path / "d.db"
+    async with opened(path, "aiosqlite") as driver:
+        assert isinstance(driver, AiosqliteDriver)
+        calls: list[str] = []
+        conn = driver._conn
+        for name in ("execute", "executemany"):
+            original = getattr(conn, name)
+
+            def counted(*args: Any, _original: Any = original, _name: str = name) -> Any:
+                calls.append(_name)
+                return _original(*args)
+
+            monkeypatch.setattr(conn, name, counted)
+        await driver.transaction([(INSERT, (f"w{n}", "a")) for n in range(3)])
+        assert calls == []
+    assert len(roles(path)) == 3
