@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import statistics
 import tempfile
@@ -53,7 +54,7 @@ from hive_orchestration.storage.schema import MIGRATIONS
 RATE_GOAL = 10_000.0  # tasks per second, end to end
 LATENCY_GOAL = 0.001  # seconds, p50 create -> waiting worker
 WORKERS = 8
-DRIVER: Any = "auto"
+DRIVER: Any = os.environ.get("HIVE_BENCH_DRIVER", "auto")
 #: (tasks each worker runs at once, concurrent create_task callers). One slot per worker
 #: is bound by commit latency: each task costs each worker three durable round trips.
 #: Sixteen slots per worker is how agent runners use a worker (its concurrency).
