@@ -10,10 +10,11 @@ What is measured, on a file database at the default ``synchronous=FULL``:
    durable round trips in a row), and each worker runs 16 tasks at once (its slots, as
    an agent runner does) with 128 concurrent creators.
 2. The same statements through raw stdlib sqlite3, batched 1 000 tasks per transaction:
-   for each task the task upsert and its ``task.created`` event, then per transition the
-   task upsert, the run upsert and the event (the row shapes of the runtime's own
-   writes). This is the ceiling of the storage work alone, with no concurrency,
-   messaging, validation or durability per request.
+   for each task the task insert and its ``task.created`` event, then per transition the
+   task's state update, the run's insert (at the claim) or state update, and the event
+   (the runtime's own statements, built by its storage/rows.py). This is the ceiling of
+   the storage work alone, with no concurrency, messaging, validation or durability per
+   request.
 3. Hand-off latency: 8 workers wait in ``claim_task``; one producer creates tasks one at
    a time; the latency is from calling ``create_task`` to a waiting worker holding the
    claim (p50, p99).
@@ -48,7 +49,12 @@ import anyio
 from hive_orchestration import Claim, Runtime, RuntimeConfig
 from hive_orchestration._ids import new_id
 from hive_orchestration.messages.tasks import Run, RunStatus, Task, TaskStatus
-from hive_orchestration.storage.rows import run_statement, task_statement
+from hive_orchestration.storage.rows import (
+    run_state_statement,
+    run_statement,
+    task_state_statement,
+    task_statement,
+)
 from hive_orchestration.storage.schema import MIGRATIONS
 
 RATE_GOAL = 10_000.0  # tasks per second, end to end
@@ -196,10 +202,12 @@ def raw_batched(folder: Path, count: int, per_txn: int = 1000) -> float:
                 (TaskStatus.COMPLETED, RunStatus.COMPLETED),
             ):
                 task = Task(**{**_fields(task), "status": status, "updated_at": now})
+                opened = run_status is RunStatus.ASSIGNED
                 run = Run(**{**_fields(run), "status": run_status})
                 seq += 1
                 event = (INSERT_EVENT, _event(seq, f"task.{status.value}", task))
-                batch += [task_statement(task), run_statement(run), event]
+                run_row = run_statement(run) if opened else run_state_statement(run)
+                batch += [task_state_statement(task), run_row, event]
         batches.append(batch)
     start = time.perf_counter()
     for batch in batches:
