@@ -67,7 +67,15 @@ _SET_PLAN_STATUS = (
     "UPDATE execution_plans SET status = ?, started_at = ?, completed_at = ?, error = ?"
     " WHERE id = ?"
 )
-_PUT_SUBTASK = upsert("plan_execution", SUBTASK_COLUMNS)
+# A subtask row names its task only while that task exists. A task deleted just before
+# the PlanExecutor's write lands is written as NULL, as ON DELETE SET NULL would have made
+# it a moment later, instead of failing the whole write on the foreign key (the executor
+# hears of the deletion from the task's events and withdraws the subtask).
+_PUT_SUBTASK = upsert(
+    "plan_execution",
+    SUBTASK_COLUMNS,
+    values="?, ?, ?, (SELECT id FROM tasks WHERE id = ?), ?, ?, ?, ?, ?",
+)
 _PUT_REQUEST = upsert("planning_queue", REQUEST_COLUMNS)
 
 

@@ -58,11 +58,12 @@ DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
 DELETE_WORKER = "DELETE FROM workers WHERE id = ?"
 
 
-def upsert(table: str, columns: str) -> str:
-    """INSERT of every column that replaces every column but the id on conflict."""
+def upsert(table: str, columns: str, *, values: str | None = None) -> str:
+    """INSERT of every column that replaces every column but the id on conflict.
+    ``values`` replaces the plain ``?`` marks (one expression per column)."""
     names = [name.strip() for name in columns.split(",")]
     updates = ", ".join(f"{name} = excluded.{name}" for name in names if name != "id")
-    marks = ", ".join("?" * len(names))
+    marks = ", ".join("?" * len(names)) if values is None else values
     return (
         f"INSERT INTO {table} ({columns}) VALUES ({marks}) ON CONFLICT (id) DO UPDATE SET {updates}"
     )
