@@ -492,8 +492,7 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
     before runs, so a run's task exists; deletes go first, so a key a deleted task held is
     free for a task created in the same write; events reference no row. The one case where
     order matters, a row both written and deleted in one write, is applied in order.
-    Grouping turns a write into a few ``executemany`` runs, which on aiosqlite is one
-    thread hop each instead of one per statement.
+    Grouping turns a write into a few long ``executemany`` runs.
     """
     tasks: dict[str, Task] = {}
     runs: dict[str, Run] = {}

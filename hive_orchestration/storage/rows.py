@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from typing import cast
 
@@ -95,20 +96,15 @@ def update(table: str, columns: str) -> str:
 SET_TASK_STATE = update("tasks", TASK_STATE_COLUMNS)
 SET_RUN_STATE = update("runs", RUN_STATE_COLUMNS)
 
-# A batch's changes share one ``now``: its text is worked out once, not once per row.
-_last_time: tuple[datetime | None, str | None] = (None, None)
-
 
 def time_text(value: datetime | None) -> str | None:
-    global _last_time
-    if value is None:
-        return None
-    last, text = _last_time
-    if value is last:
-        return text
-    text = (value if value.tzinfo is UTC else value.astimezone(UTC)).isoformat()
-    _last_time = (value, text)
-    return text
+    return None if value is None else _utc_text(value)
+
+
+# A batch's changes share one ``now``: its text is worked out once, not once per row.
+@functools.lru_cache(maxsize=1)
+def _utc_text(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat()
 
 
 def _json(value: object) -> str | None:
