@@ -6,9 +6,12 @@ Every argument is checked here, at the boundary, so that a bad one is an
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import cast
+from typing import Any, cast
+
+import msgspec
 
 from ._caller import Caller
 from ._validate import (
@@ -28,9 +31,11 @@ from .messages.tasks import (
     CancelTask,
     Claim,
     ClaimTask,
+    ClaimTasks,
     CompleteTask,
     CreateRun,
     CreateTask,
+    CreateTasks,
     DeleteTask,
     FailTask,
     GetQueuedTasks,
@@ -58,6 +63,8 @@ __all__ = ["TaskOps"]
 
 JsonObject = dict[str, JsonValue]
 _MAX_PRIORITY = 2**31 - 1
+#: Most tasks one create_tasks or claim_tasks call takes (each call is one transaction).
+_MAX_BATCH = 1000
 
 
 class TaskOps(Caller):
@@ -100,12 +107,95 @@ class TaskOps(Caller):
         its task type).
         """
         self._check_open()
+        return await self._tasks.ask(
+            self._create_message(
+                task_type,
+                payload,
+                title=title,
+                description=description,
+                priority=priority,
+                workflow=workflow,
+                tags=tags,
+                max_retries=max_retries,
+                due_date=due_date,
+                idempotency_key=idempotency_key,
+                correlation_id=correlation_id,
+                source_agent=source_agent,
+                timeout=timeout,
+                concurrency_key=concurrency_key,
+                concurrency_limit=concurrency_limit,
+                requires=requires,
+            )
+        )
+
+    async def create_tasks(self, tasks: Iterable[Mapping[str, object]]) -> list[str]:
+        """Create several tasks in one durable commit and return their ids, in order.
+
+        Each item holds :meth:`create_task`'s arguments by name (``{"task_type": "build",
+        "payload": {...}, "priority": 5}``). All or nothing: if one item is refused
+        (``InvalidInputError`` naming ``tasks[i].<field>``), no task is created. An item
+        whose ``idempotency_key`` is known (or repeats an earlier item's) creates nothing
+        and gives the first task's id. At most 1 000 items per call.
+        """
+        self._check_open()
+        if isinstance(tasks, Mapping | str | bytes) or not isinstance(tasks, Iterable):
+            raise InvalidInputError(
+                "tasks", f"must be a list of mappings, got {type(tasks).__name__}"
+            )
+        messages: list[CreateTask] = []
+        for index, item in enumerate(tasks):
+            field = f"tasks[{index}]"
+            if index >= _MAX_BATCH:
+                raise InvalidInputError("tasks", f"holds more than {_MAX_BATCH} items")
+            if not isinstance(item, Mapping):
+                raise InvalidInputError(field, f"must be a mapping, got {type(item).__name__}")
+            unknown = set(item) - _CREATE_ARGS
+            if unknown:
+                raise InvalidInputError(
+                    f"{field}.{sorted(map(str, unknown))[0]}", "is not an argument of create_task"
+                )
+            if "task_type" not in item:
+                raise InvalidInputError(f"{field}.task_type", "is missing")
+            arguments = dict(cast(Mapping[str, Any], item))
+            if isinstance(arguments.get("due_date"), str):
+                # Items are JSON-shaped (they may come through the wire): a due date may
+                # be RFC 3339 text, as create_task's is when sent as JSON.
+                arguments["due_date"] = _rfc3339(arguments["due_date"], f"{field}.due_date")
+            try:
+                messages.append(self._create_message(**arguments))
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"{field}.{exc.field}", exc.reason) from None
+        if not messages:
+            return []
+        return list(await self._tasks.ask(CreateTasks(tuple(messages))))
+
+    def _create_message(
+        self,
+        task_type: str,
+        payload: Mapping[str, object] | None = None,
+        *,
+        title: str | None = None,
+        description: str | None = None,
+        priority: int = 1,
+        workflow: Mapping[str, object] | None = None,
+        tags: Iterable[str] = (),
+        max_retries: int = 3,
+        due_date: datetime | None = None,
+        idempotency_key: str | None = None,
+        correlation_id: str | None = None,
+        source_agent: str | None = None,
+        timeout: float | None = None,
+        concurrency_key: str | None = None,
+        concurrency_limit: int | None = None,
+        requires: Iterable[str] = (),
+    ) -> CreateTask:
+        """create_task's arguments, checked, as the TaskManager's message."""
         task_type = check_identifier(task_type, "task_type")
         if concurrency_limit is not None:
             concurrency_limit = check_int(concurrency_limit, "concurrency_limit", minimum=1)
             if concurrency_key is None:
                 raise InvalidInputError("concurrency_limit", "needs a concurrency_key to limit")
-        message = CreateTask(
+        return CreateTask(
             title=check_str(task_type if title is None else title, "title", empty=False),
             task_type=task_type,
             payload=self._json(payload, "payload") or {},
@@ -123,7 +213,6 @@ class TaskOps(Caller):
             concurrency_limit=concurrency_limit,
             requires=_types(requires, "requires") or (),
         )
-        return await self._tasks.ask(message)
 
     async def get_task(self, task_id: str) -> Task | None:
         """The task, or ``None`` if there is no task with this id."""
@@ -276,6 +365,7 @@ class TaskOps(Caller):
         *,
         lease: float | None = None,
         wait: float = 0.0,
+        start: bool = False,
     ) -> Claim | None:
         """Take the best ready task (highest priority, then oldest) that ``worker_id`` can
         do, or ``None`` if there is none.
@@ -290,24 +380,67 @@ class TaskOps(Caller):
         claim. The claim holds a lease of ``lease`` seconds (default: the config's
         ``lease_timeout``): renew it with :meth:`heartbeat`, or the task goes back to
         the queue. Pass ``claim.lease`` to every later call about the task.
+
+        With ``start``, the task is also started (as :meth:`start_task` would, in the
+        same commit): it comes back running, and ``task.started`` follows
+        ``task.assigned``.
         """
         self._check_open()
         worker_id = check_identifier(worker_id, "worker_id")
+        message = ClaimTask(
+            worker_id=worker_id,
+            task_types=await self._claim_types(worker_id, task_types),
+            lease=self._lease_seconds(lease),
+            wait=check_seconds(wait, "wait", positive=False, maximum=86_400.0),
+            start=check_bool(start, "start"),
+        )
+        # The actor answers by the end of the wait; the usual deadline covers the rest.
+        return await self._tasks.ask(message, timeout=message.wait + self._config.ask_timeout)
+
+    async def claim_tasks(
+        self,
+        worker_id: str,
+        task_types: str | Iterable[str] | None = None,
+        *,
+        limit: int,
+        lease: float | None = None,
+        wait: float = 0.0,
+        start: bool = False,
+    ) -> list[Claim]:
+        """Take up to ``limit`` ready tasks at once (best first), for a worker with that
+        many free slots: one call and one commit instead of one per task.
+
+        As :meth:`claim_task` otherwise, each claim with its own lease and token. When
+        nothing is ready it waits up to ``wait`` seconds and returns as soon as tasks
+        arrive (possibly fewer than ``limit``); ``[]`` if none do.
+        """
+        self._check_open()
+        worker_id = check_identifier(worker_id, "worker_id")
+        message = ClaimTasks(
+            worker_id=worker_id,
+            task_types=await self._claim_types(worker_id, task_types),
+            lease=self._lease_seconds(lease),
+            wait=check_seconds(wait, "wait", positive=False, maximum=86_400.0),
+            start=check_bool(start, "start"),
+            limit=check_int(limit, "limit", minimum=1, maximum=_MAX_BATCH),
+        )
+        timeout = message.wait + self._config.ask_timeout
+        return list(await self._tasks.ask(message, timeout=timeout))
+
+    async def _claim_types(
+        self, worker_id: str, task_types: str | Iterable[str] | None
+    ) -> tuple[str, ...] | None:
+        """What a claim may take: ``task_types``, else the worker's registered capabilities."""
         types = _types(task_types, "task_types")
         if task_types is None:
             worker = await self._workers.ask(GetWorker(worker_id))
             if worker is not None and worker.capabilities:
                 types = worker.capabilities
-        message = ClaimTask(
-            worker_id=worker_id,
-            task_types=types,
-            lease=check_seconds(
-                self._config.lease_timeout if lease is None else lease, "lease", maximum=86_400.0
-            ),
-            wait=check_seconds(wait, "wait", positive=False, maximum=86_400.0),
-        )
-        # The actor answers by the end of the wait; the usual deadline covers the rest.
-        return await self._tasks.ask(message, timeout=message.wait + self._config.ask_timeout)
+        return types
+
+    def _lease_seconds(self, lease: float | None) -> float:
+        seconds = self._config.lease_timeout if lease is None else lease
+        return check_seconds(seconds, "lease", maximum=86_400.0)
 
     async def heartbeat(
         self,
@@ -453,3 +586,14 @@ def _when(value: object, field: str) -> datetime | None:
         return value.astimezone(UTC)  # stored and returned in UTC: the same instant
     except OverflowError:
         raise InvalidInputError(field, f"{value.isoformat()} is out of range in UTC") from None
+
+
+def _rfc3339(value: str, field: str) -> datetime:
+    try:
+        return msgspec.convert(value, datetime)
+    except msgspec.ValidationError as exc:
+        raise InvalidInputError(field, f"is not an RFC 3339 date and time: {exc}") from None
+
+
+#: The argument names an item of create_tasks may hold.
+_CREATE_ARGS = frozenset(inspect.signature(TaskOps._create_message).parameters) - {"self"}

@@ -226,6 +226,7 @@ class SyncOrchestrationClient:
 
     # Tasks and runs.
     create_task = _blocking(OrchestrationClient.create_task)
+    create_tasks = _blocking(OrchestrationClient.create_tasks)
     get_task = _blocking(OrchestrationClient.get_task)
     update_task_status = _blocking(OrchestrationClient.update_task_status)
     cancel_task = _blocking(OrchestrationClient.cancel_task)
@@ -240,6 +241,7 @@ class SyncOrchestrationClient:
     update_run_status = _blocking(OrchestrationClient.update_run_status)
     # Claims: what a worker calls.
     claim_task = _blocking(OrchestrationClient.claim_task)
+    claim_tasks = _blocking(OrchestrationClient.claim_tasks)
     heartbeat = _blocking(OrchestrationClient.heartbeat)
     report_progress = _blocking(OrchestrationClient.report_progress)
     start_task = _blocking(OrchestrationClient.start_task)

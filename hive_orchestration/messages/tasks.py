@@ -22,6 +22,7 @@ __all__ = [
     "CancelTasks",
     "Claim",
     "ClaimTask",
+    "ClaimTasks",
     "CompleteTask",
     "CreateRun",
     "CreateTask",
@@ -318,6 +319,20 @@ class ClaimTask(Request["Claim | None"], frozen=True, kw_only=True):
     task_types: tuple[str, ...] | None = None
     lease: float
     wait: float = 0.0
+    #: Also start the task (``task.assigned`` then ``task.started``, one commit).
+    start: bool = False
+
+
+class ClaimTasks(Request["tuple[Claim, ...]"], frozen=True, kw_only=True):
+    """:class:`ClaimTask` for up to ``limit`` tasks at once, best first: what is ready
+    now, or else the first to arrive within ``wait`` seconds (``()`` if none does)."""
+
+    worker_id: str
+    task_types: tuple[str, ...] | None = None
+    lease: float
+    wait: float = 0.0
+    start: bool = False
+    limit: int
 
 
 class Heartbeat(Request[datetime], frozen=True, kw_only=True):
@@ -372,10 +387,10 @@ class GetUnroutableTasks(Request[list[Task]], frozen=True):
 
 
 class Unclaimed(msgspec.Struct, frozen=True):
-    """Told back by a claimer that was cancelled after its claim was answered but before
-    it received it: nobody holds the task, so it goes back to the queue."""
+    """Told back by a claimer that was cancelled after its claims were answered but before
+    it received them: nobody holds those tasks, so they go back to the queue."""
 
-    claim: Claim
+    claims: tuple[Claim, ...]
 
 
 class Wake(msgspec.Struct, frozen=True):
@@ -398,6 +413,7 @@ TaskManagerMessage: TypeAlias = (
     | GetRuns
     | UpdateRunStatus
     | ClaimTask
+    | ClaimTasks
     | Heartbeat
     | StartTask
     | CompleteTask

@@ -529,6 +529,43 @@ def _plan_data(pool: Pool) -> st.SearchStrategy[object]:
 PLAN_DATA = Kind(_plan_data, _is_mapping)
 
 
+def _new_tasks(pool: Pool) -> st.SearchStrategy[object]:
+    """create_tasks' items: create_task's arguments by name, near valid and junk."""
+    item = st.fixed_dictionaries(
+        {"task_type": st.one_of(_ids("task_types")(pool), junk)},
+        optional={
+            "payload": st.one_of(json_objects, junk),
+            "priority": PRIORITY.near(pool),
+            "max_retries": integer(0, 1000).near(pool),
+            "timeout": seconds(optional=True).near(pool),
+            "due_date": DUE_DATE.near(pool),
+            "idempotency_key": st.one_of(st.sampled_from(("k1", "k2")), junk),
+            "requires": names().near(pool),
+            "tags": names().near(pool),
+            "concurrency_limit": integer(1, 3).near(pool),
+            "concurrency_key": st.one_of(st.just("fz-key"), junk),
+            "unknown": junk,
+        },
+    )
+    return st.one_of(
+        st.lists(st.one_of(item, item, item, junk), max_size=4),
+        st.lists(item, max_size=3).map(tuple),
+        st.sampled_from(({"task_type": "fz-a"}, "fz-a", b"x", None, [[]])),
+        st.builds(lambda: [{"task_type": "fz-a"}] * 1001),
+    )
+
+
+def _is_items(value: object) -> bool:
+    return (
+        isinstance(value, Iterable)
+        and not isinstance(value, str | bytes | Mapping)
+        and all(isinstance(item, Mapping) for item in value)
+    )
+
+
+NEW_TASKS = Kind(_new_tasks, _is_items)
+
+
 # -- the seeds' events, and which of their fields the operation reads ------------------------
 
 EVENT_CLASSES: dict[type[Any], dict[str, Callable[[object], bool]]] = {
@@ -647,6 +684,18 @@ OPS: dict[str, Operation] = {
             "task_types": task_types(),
             "lease": seconds(optional=True),
             "wait": seconds(),
+            "start": BOOL,
+        },
+    ),
+    "claim_tasks": Operation(
+        "await",
+        {
+            "worker_id": WORKER,
+            "task_types": task_types(),
+            "limit": integer(1, 1000),
+            "lease": seconds(optional=True),
+            "wait": seconds(),
+            "start": BOOL,
         },
     ),
     "complete_task": Operation("await", {"lease": LEASE, "result": json_object()}),
@@ -690,6 +739,7 @@ OPS: dict[str, Operation] = {
             "requires": names(none_ok=True),
         },
     ),
+    "create_tasks": Operation("await", {"tasks": NEW_TASKS}),
     "delete_task": Operation("await", {"task_id": TASK}),
     "events": Operation(
         "stream",

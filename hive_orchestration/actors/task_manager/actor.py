@@ -115,6 +115,7 @@ from ...messages.tasks import (
     CancelTasks,
     Claim,
     ClaimTask,
+    ClaimTasks,
     CompleteTask,
     CreateRun,
     CreateTask,
@@ -198,6 +199,7 @@ _WRITES = (
     CreateRun,
     UpdateRunStatus,
     ClaimTask,
+    ClaimTasks,
     Heartbeat,
     StartTask,
     CompleteTask,
@@ -232,12 +234,18 @@ class _Undo:
 
 @dataclass(slots=True)
 class _Waiter:
-    """A parked claim: answered by the first dispatch that finds it a task, or at its
-    deadline (``None`` for a claim that does not wait)."""
+    """A parked claim: answered by the first dispatch that finds it a task (up to
+    ``limit`` of them for a :class:`ClaimTasks`), or at its deadline (``None`` for a claim
+    that does not wait)."""
 
     envelope: Envelope[TaskManagerMessage]
-    claim: ClaimTask
+    claim: ClaimTask | ClaimTasks
     deadline: float | None
+
+    @property
+    def nothing(self) -> tuple[()] | None:
+        """The answer when no task came."""
+        return () if isinstance(self.claim, ClaimTasks) else None
 
 
 @dataclass(slots=True)
@@ -333,7 +341,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         cancelled = anyio.get_cancelled_exc_class()
         for waiter in self._waiters.values():
             if error is None:
-                waiter.envelope.resolve(None)  # a clean stop: no task for this claim
+                waiter.envelope.resolve(waiter.nothing)  # a clean stop: no task for it
             elif isinstance(error, cancelled):
                 waiter.envelope.fail(RuntimeStoppedError("the runtime stopped"))
             else:
@@ -370,7 +378,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         for envelope in batch:
             envelope.started = True
             message = envelope.message
-            if isinstance(message, ClaimTask):
+            if isinstance(message, ClaimTask | ClaimTasks):
                 seen.add(message.worker_id)
                 self._park(envelope, message, work, now)
                 continue
@@ -444,11 +452,12 @@ class TaskManager(Actor[TaskManagerMessage]):
                     envelope.resolve(again)
             elif isinstance(outcome, HiveError):
                 envelope.fail(outcome)
-            elif isinstance(outcome, Claim):
-                # Only one worker may hold it: if the claimer left before taking it, it
-                # is handed back now (closed reply) or told back later (Unclaimed).
-                if not envelope.resolve(outcome, Unclaimed(outcome)):
-                    unclaimed.append(outcome)
+            elif isinstance(envelope.message, ClaimTask | ClaimTasks) and outcome:
+                # Only one worker may hold a task: if the claimer left before taking it,
+                # it is handed back now (closed reply) or told back later (Unclaimed).
+                claims = _claims(outcome)
+                if not envelope.resolve(outcome, Unclaimed(claims)):
+                    unclaimed += claims
             else:
                 envelope.resolve(outcome)
         return unclaimed
@@ -599,7 +608,7 @@ class TaskManager(Actor[TaskManagerMessage]):
             _, waiter_id = heapq.heappop(waits)
             waiter = self._waiters.pop(waiter_id, None)
             if waiter is not None:
-                work.answers.append((waiter.envelope, None))
+                work.answers.append((waiter.envelope, waiter.nothing))
 
     def _arm(self) -> None:
         """Set the alarm to the earliest deadline (only when it changed: setting it wakes
@@ -621,7 +630,11 @@ class TaskManager(Actor[TaskManagerMessage]):
     # -- claims --------------------------------------------------------------------------------
 
     def _park(
-        self, envelope: Envelope[TaskManagerMessage], claim: ClaimTask, work: _Batch, now: datetime
+        self,
+        envelope: Envelope[TaskManagerMessage],
+        claim: ClaimTask | ClaimTasks,
+        work: _Batch,
+        now: datetime,
     ) -> None:
         self._next_waiter += 1
         waiter_id = self._next_waiter
@@ -650,16 +663,28 @@ class TaskManager(Actor[TaskManagerMessage]):
             if reply is not None and reply.done:  # the claimer stopped waiting
                 del self._waiters[waiter_id]
                 continue
-            task_id = self._ready.pop(waiter.claim.task_types)
-            if task_id is not None:
-                del self._waiters[waiter_id]
-                claim = self._assign(task_id, waiter.claim, work, now)
-                work.answers.append((waiter.envelope, claim))
-            elif waiter.deadline is None:
-                del self._waiters[waiter_id]
-                work.answers.append((waiter.envelope, None))
+            request = waiter.claim
+            task_id = self._ready.pop(request.task_types)
+            if task_id is None:
+                if waiter.deadline is None:
+                    del self._waiters[waiter_id]
+                    work.answers.append((waiter.envelope, waiter.nothing))
+                continue
+            del self._waiters[waiter_id]
+            if isinstance(request, ClaimTask):
+                work.answers.append((waiter.envelope, self._assign(task_id, request, work, now)))
+                continue
+            claims = [self._assign(task_id, request, work, now)]
+            while len(claims) < request.limit:
+                task_id = self._ready.pop(request.task_types)
+                if task_id is None:
+                    break
+                claims.append(self._assign(task_id, request, work, now))
+            work.answers.append((waiter.envelope, tuple(claims)))
 
-    def _assign(self, task_id: str, claim: ClaimTask, work: _Batch, now: datetime) -> Claim:
+    def _assign(
+        self, task_id: str, claim: ClaimTask | ClaimTasks, work: _Batch, now: datetime
+    ) -> Claim:
         task = self._tasks[task_id]
         self._touch(task_id, work)
         expires = now + timedelta(seconds=claim.lease)
@@ -685,8 +710,21 @@ class TaskManager(Actor[TaskManagerMessage]):
             {"run_id": run.id, "attempt": run.run_number},
         )
         self._held[task_id] = run.id
+        if claim.start:
+            updated = self._start(updated, run, work, now)
+            run = self._runs[run.id]
         heapq.heappush(self._deadlines, (self._deadline(run, updated)[0], run.id))
         return Claim(updated, Lease(task_id, run.id, run.run_number), expires)
+
+    def _start(self, task: Task, run: Run, work: _Batch, now: datetime) -> Task:
+        """The claimed ``task`` (assigned) starts running on its ``run``."""
+        if task.status is not A:
+            raise IllegalTransitionError("task", task.id, task.status.value, R.value)
+        self._touch(task.id, work)
+        started = msgspec.structs.replace(run, status=RunStatus.RUNNING)
+        self._runs[run.id] = started
+        work.ops.append(SetRunState(started))
+        return self._transition(task, R, work, now, run.worker_id, {}, _run_data(run))
 
     def _release_unclaimed(self, claim: Claim, work: _Batch, now: datetime) -> None:
         task = self._tasks.get(claim.lease.task_id)
@@ -858,14 +896,7 @@ class TaskManager(Actor[TaskManagerMessage]):
             case Heartbeat():
                 return self._heartbeat(message, work, now)
             case StartTask(lease=lease):
-                task, run = self._holding(lease, work)
-                if task.status is not A:
-                    raise IllegalTransitionError("task", task.id, task.status.value, R.value)
-                self._touch(task.id, work)
-                started = msgspec.structs.replace(run, status=RunStatus.RUNNING)
-                self._runs[run.id] = started
-                work.ops.append(SetRunState(started))
-                return self._transition(task, R, work, now, run.worker_id, {}, _run_data(run))
+                return self._start(*self._holding(lease, work), work, now)
             case CompleteTask(lease=lease, result=result):
                 task, run = self._holding(lease, work)
                 self._close_run(run, RunStatus.COMPLETED, work, now, result=result)
@@ -907,10 +938,11 @@ class TaskManager(Actor[TaskManagerMessage]):
                 return stuck
             case Wake():
                 return None  # what was due was settled when the batch began
-            case Unclaimed(claim=claim):
-                self._release_unclaimed(claim, work, now)
+            case Unclaimed(claims=claims):
+                for claim in claims:
+                    self._release_unclaimed(claim, work, now)
                 return None
-            case ClaimTask():  # pragma: no cover - parked by receive_batch
+            case ClaimTask() | ClaimTasks():  # pragma: no cover - parked by receive_batch
                 raise HiveError("claims are parked, not handled")
         raise HiveError(f"the task manager does not handle {type(message).__name__}")
 
@@ -1203,6 +1235,14 @@ _RECOVERED = "the runtime stopped while a worker held the task"
 
 def _priority_order(task: Task) -> tuple[int, datetime]:
     return (-task.priority, task.created_at)
+
+
+def _claims(outcome: object) -> tuple[Claim, ...]:
+    """The claims in a claim's answer (one claim, or a tuple of them)."""
+    if isinstance(outcome, Claim):
+        return (outcome,)
+    assert isinstance(outcome, tuple)
+    return outcome
 
 
 def _run_data(run: Run) -> dict[str, JsonValue]:

@@ -1,0 +1,423 @@
+"""Batch operations: ``create_tasks`` (many tasks, one commit, all or nothing) and
+``claim_tasks`` (up to ``limit`` tasks for one worker, one commit), and ``start=True``
+on claims. Real SQLite files, both backends, through the public API."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+from hive_orchestration import (
+    Claim,
+    InvalidInputError,
+    OrchestrationClient,
+    RunStatus,
+    Runtime,
+    RuntimeConfig,
+    StorageError,
+    SyncOrchestrationClient,
+    TaskStatus,
+)
+from hive_orchestration.actors.task_manager import TaskManager
+from hive_orchestration.messages.tasks import ClaimTasks
+from hive_orchestration.wire import call_json
+
+pytestmark = pytest.mark.anyio
+
+SOON = 10.0
+
+
+@asynccontextmanager
+async def runtime(db_path: str) -> AsyncIterator[Runtime]:
+    async with Runtime.open(db_path, config=RuntimeConfig(retry_backoff=0.01)) as rt:
+        yield rt
+
+
+async def event_types(rt: Runtime, task_id: str) -> list[str]:
+    return [e.type for e in await rt.read_events(0, limit=10_000) if e.task_id == task_id]
+
+
+def rows(db_path: str, sql: str) -> list[tuple[Any, ...]]:
+    """What is on disk, read by a separate connection."""
+    conn = sqlite3.connect(db_path)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+# -- create_tasks ---------------------------------------------------------------------------------
+
+
+async def test_create_tasks_returns_ids_in_order_and_publishes_one_event_each(
+    db_path: str,
+) -> None:
+    async with runtime(db_path) as rt:
+        ids = await rt.create_tasks(
+            [
+                {"task_type": "build", "payload": {"n": 0}},
+                {"task_type": "test", "payload": {"n": 1}, "priority": 7, "tags": ["ci"]},
+                {"task_type": "deploy", "title": "ship it", "max_retries": 0},
+            ]
+        )
+        assert len(set(ids)) == 3
+        tasks = [await rt.get_task(task_id) for task_id in ids]
+        assert [t.task_type for t in tasks if t] == ["build", "test", "deploy"]
+        assert [t.payload for t in tasks if t] == [{"n": 0}, {"n": 1}, {}]
+        assert [t.status for t in tasks if t] == [TaskStatus.QUEUED] * 3
+        second, third = tasks[1], tasks[2]
+        assert second is not None
+        assert second.priority == 7
+        assert second.tags == ("ci",)
+        assert third is not None
+        assert third.title == "ship it"
+        assert third.max_retries == 0
+        created = [e for e in await rt.read_events(0) if e.type == "task.created"]
+        assert [e.task_id for e in created] == ids  # in the order given
+    # Durable: the rows are on disk once the call returned.
+    on_disk = rows(db_path, "SELECT id FROM tasks")
+    assert {row[0] for row in on_disk} == set(ids)
+
+
+async def test_create_tasks_with_nothing_creates_nothing(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        assert await rt.create_tasks([]) == []
+        assert await rt.create_tasks(iter(())) == []
+        assert await rt.read_events(0) == []
+
+
+async def test_create_tasks_takes_any_iterable_of_mappings(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        ids = await rt.create_tasks({"task_type": f"t{n}"} for n in range(3))
+        assert [(await rt.get_task(i)).task_type for i in ids] == ["t0", "t1", "t2"]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("tasks", "field", "reason"),
+    [
+        ({"task_type": "a"}, "tasks", "must be a list of mappings"),
+        ("build", "tasks", "must be a list of mappings"),
+        (5, "tasks", "must be a list of mappings"),
+        ([{"task_type": "a"}, "b"], "tasks[1]", "must be a mapping"),
+        ([{"task_type": "a"}, {"payload": {}}], "tasks[1].task_type", "is missing"),
+        ([{"task_type": "a", "colour": "red"}], "tasks[0].colour", "not an argument"),
+        (
+            [{"task_type": "a"}, {"task_type": "b", "priority": -1}],
+            "tasks[1].priority",
+            "between 0",
+        ),
+        ([{"task_type": ""}], "tasks[0].task_type", "must not be empty"),
+        ([{"task_type": "a", "payload": {"x": float("nan")}}], "tasks[0].payload.x", "finite"),
+        ([{"task_type": "a", "due_date": "tomorrow"}], "tasks[0].due_date", "RFC 3339"),
+        ([{"task_type": "a", "due_date": "2030-01-01T00:00:00"}], "tasks[0].due_date", "aware"),
+        ([{"task_type": "a", "concurrency_limit": 2}], "tasks[0].concurrency_limit", "needs a"),
+        ([{"task_type": "a"}] * 1001, "tasks", "more than 1000"),
+    ],
+)
+async def test_a_bad_item_refuses_the_whole_batch(
+    db_path: str, tasks: Any, field: str, reason: str
+) -> None:
+    async with runtime(db_path) as rt:
+        with pytest.raises(InvalidInputError, match=reason) as refused:
+            await rt.create_tasks(tasks)
+        assert refused.value.field == field
+        assert await rt.get_tasks_by_status("queued") == []
+        assert await rt.read_events(0) == []
+
+
+async def test_a_batch_the_database_refuses_leaves_nothing_behind(db_path: str) -> None:
+    """All or nothing at commit too: SQLite refuses the third row, so none is kept,
+    in memory or on disk, and no event is published."""
+    async with runtime(db_path) as rt:
+        await rt.create_task("warmup")
+        await anyio.to_thread.run_sync(
+            rows,
+            db_path,
+            "CREATE TRIGGER no_bad BEFORE INSERT ON tasks WHEN NEW.title = 'bad'"
+            " BEGIN SELECT RAISE(ABORT, 'no bad tasks'); END",
+        )
+        with pytest.raises(StorageError, match="no bad tasks"):
+            await rt.create_tasks(
+                [{"task_type": "a"}, {"task_type": "b"}, {"task_type": "c", "title": "bad"}]
+            )
+        assert [t.task_type for t in await rt.get_tasks_by_status("queued")] == ["warmup"]
+        assert [e.type for e in await rt.read_events(0)] == ["task.created"]
+        assert await rt.claim_task("w1", ["a", "b", "c"]) is None
+        # The runtime goes on: a good batch right after is taken.
+        await anyio.to_thread.run_sync(rows, db_path, "DROP TRIGGER no_bad")
+        assert len(await rt.create_tasks([{"task_type": "a"}, {"task_type": "b"}])) == 2
+    assert rows(db_path, "SELECT count(*) FROM tasks") == [(3,)]
+
+
+async def test_idempotency_keys_hold_across_and_within_a_batch(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        first = await rt.create_task("job", idempotency_key="order-1")
+        ids = await rt.create_tasks(
+            [
+                {"task_type": "job", "idempotency_key": "order-1"},  # known: the first task
+                {"task_type": "job", "idempotency_key": "order-2"},
+                {"task_type": "job", "idempotency_key": "order-2"},  # repeats the item above
+                {"task_type": "job"},
+            ]
+        )
+        assert ids[0] == first
+        assert ids[1] == ids[2] != first
+        assert len(set(ids)) == 3
+        assert len(await rt.get_tasks_by_status("queued")) == 3
+        created = [e for e in await rt.read_events(0) if e.type == "task.created"]
+        assert len(created) == 3
+
+
+async def test_a_due_date_may_be_rfc3339_text_in_a_batch(db_path: str) -> None:
+    due = datetime(2030, 5, 1, 12, 0, tzinfo=timezone(timedelta(hours=2)))
+    async with runtime(db_path) as rt:
+        (task_id, other) = await rt.create_tasks(
+            [
+                {"task_type": "a", "due_date": "2030-05-01T12:00:00+02:00"},
+                {"task_type": "a", "due_date": due},
+            ]
+        )
+        task, again = await rt.get_task(task_id), await rt.get_task(other)
+        assert task is not None
+        assert again is not None
+        assert task.due_date == again.due_date == due.astimezone(UTC)
+
+
+# -- claim_tasks ----------------------------------------------------------------------------------
+
+
+async def test_claim_tasks_hands_out_the_best_tasks_up_to_the_limit(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        assert await rt.claim_tasks("w1", limit=5) == []
+        low = await rt.create_task("job", priority=1)
+        high = await rt.create_tasks([{"task_type": "job", "priority": 9} for _ in range(3)])
+        other = await rt.create_task("other", priority=99)
+        got = await rt.claim_tasks("w1", "job", limit=3, lease=30)
+        assert [c.task.id for c in got] == high  # priority, then age
+        assert len({c.lease.run_id for c in got}) == 3
+        for c in got:
+            assert c.task.status is TaskStatus.ASSIGNED
+            assert c.task.assigned_worker == "w1"
+            (run,) = await rt.get_runs(c.task.id)
+            assert run.id == c.lease.run_id
+            assert run.status is RunStatus.ASSIGNED
+            assert run.lease_seconds == 30
+        rest = await rt.claim_tasks("w1", "job", limit=3)
+        assert [c.task.id for c in rest] == [low]  # fewer than the limit: what there is
+        assert await rt.claim_tasks("w1", "job", limit=3) == []
+        assert [c.task.id for c in await rt.claim_tasks("w2", limit=1)] == [other]
+
+
+async def test_claim_tasks_keeps_concurrency_limits(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        limited = await rt.create_tasks(
+            [{"task_type": "job", "concurrency_key": "tenant", "concurrency_limit": 2}] * 4
+        )
+        free = await rt.create_task("job", priority=0)
+        got = await rt.claim_tasks("w1", limit=10)
+        assert [c.task.id for c in got] == [*limited[:2], free]
+        await rt.complete_task(got[0].lease)
+        (next_one,) = await rt.claim_tasks("w1", limit=10)
+        assert next_one.task.id == limited[2]
+
+
+async def test_a_waiting_batch_claim_returns_when_tasks_arrive(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        got: list[list[Claim]] = []
+
+        async def claimer() -> None:
+            got.append(await rt.claim_tasks("w1", "job", limit=10, wait=SOON))
+
+        with anyio.fail_after(SOON):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(claimer)
+                await anyio.sleep(0.05)
+                ids = await rt.create_tasks([{"task_type": "job"}] * 3)
+        # It returns with what arrived together, not after waiting to fill its limit.
+        assert [c.task.id for c in got[0]] == ids
+        with anyio.fail_after(SOON):
+            assert await rt.claim_tasks("w1", "job", limit=2, wait=0.05) == []
+
+
+async def test_claim_with_start_runs_the_task_in_the_same_commit(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        single = await rt.create_task("job", priority=9)
+        batch = await rt.create_tasks([{"task_type": "job"}] * 2)
+        c = await rt.claim_task("w1", "job", start=True)
+        assert c is not None
+        assert c.task.id == single
+        got = await rt.claim_tasks("w1", "job", limit=2, start=True)
+        for claim in [c, *got]:
+            assert claim.task.status is TaskStatus.RUNNING
+            (run,) = await rt.get_runs(claim.task.id)
+            assert run.status is RunStatus.RUNNING
+            assert await event_types(rt, claim.task.id) == [
+                "task.created",
+                "task.assigned",
+                "task.started",
+            ]
+            done = await rt.complete_task(claim.lease, {"ok": True})
+            assert done.status is TaskStatus.COMPLETED
+        assert [claim.task.id for claim in got] == batch
+
+
+async def test_many_batch_claimers_never_share_a_task_and_lose_none(db_path: str) -> None:
+    count, workers = 400, 6
+    async with runtime(db_path) as rt:
+        created: list[str] = []
+        claimed: Counter[str] = Counter()
+
+        async def producer() -> None:
+            for n in range(0, count, 40):
+                created.extend(
+                    await rt.create_tasks(
+                        [{"task_type": "job", "priority": k % 3} for k in range(n, n + 40)]
+                    )
+                )
+
+        async def worker(name: str) -> None:
+            while True:
+                got = await rt.claim_tasks(name, "job", limit=7, wait=0.5, start=True)
+                if not got:
+                    return
+                for c in got:
+                    claimed[c.task.id] += 1
+                async with anyio.create_task_group() as tg:
+                    for c in got:
+                        tg.start_soon(rt.complete_task, c.lease)
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for w in range(workers):
+                    tg.start_soon(worker, f"w{w}")
+                tg.start_soon(producer)
+        assert set(claimed) == set(created)
+        assert len(created) == count
+        assert max(claimed.values()) == 1
+        done = await rt.get_tasks_by_status("completed", limit=count + 1)
+        assert {t.id for t in done} == set(created)
+
+
+async def test_a_batch_claim_whose_asker_left_is_handed_back_whole(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claimer leaves after its tasks were assigned (and started) but before the
+    answer: every one of them goes back to the queue, without counting an attempt."""
+    original = TaskManager._commit
+    closed: list[bool] = []
+
+    async def commit_and_lose_the_asker(self: TaskManager, work: Any, forwards: Any) -> Any:
+        for envelope, outcome in work.answers:
+            if isinstance(envelope.message, ClaimTasks) and outcome and not closed:
+                envelope.reply.fail(RuntimeError("asker left"))
+                closed.append(True)
+        return await original(self, work, forwards)
+
+    monkeypatch.setattr(TaskManager, "_commit", commit_and_lose_the_asker)
+    async with runtime(db_path) as rt:
+        ids = await rt.create_tasks([{"task_type": "job"}] * 3)
+        with pytest.raises(RuntimeError, match="asker left"):
+            await rt.claim_tasks("w1", "job", limit=3, start=True)
+        again = await rt.claim_tasks("w2", "job", limit=5)
+        assert [c.task.id for c in again] == ids
+        assert all(c.lease.attempt == 2 and c.task.attempts == 0 for c in again)
+        for task_id in ids:
+            first, _ = await rt.get_runs(task_id)
+            assert first.status is RunStatus.RELEASED
+            assert "task.retrying" in await event_types(rt, task_id)
+
+
+async def test_a_batch_claim_cancelled_while_waiting_takes_nothing(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        with anyio.move_on_after(0.1):
+            await rt.claim_tasks("gone", "job", limit=4, wait=SOON)
+        ids = await rt.create_tasks([{"task_type": "job"}] * 2)
+        got = await rt.claim_tasks("here", "job", limit=4)
+        assert [c.task.id for c in got] == ids
+        assert all(c.lease.attempt == 1 for c in got)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"limit": 0}, "limit"),
+        ({"limit": 1001}, "limit"),
+        ({"limit": "3"}, "limit"),
+        ({"limit": True}, "limit"),
+        ({"limit": 2.0}, "limit"),
+        ({"limit": 2, "start": "yes"}, "start"),
+        ({"limit": 2, "wait": -1}, "wait"),
+        ({"limit": 2, "lease": 0}, "lease"),
+        ({"limit": 2, "task_types": []}, "task_types"),
+        ({"limit": 2, "worker_id": ""}, "worker_id"),
+    ],
+)
+async def test_bad_batch_claim_arguments_are_refused(
+    db_path: str, kwargs: dict[str, Any], field: str
+) -> None:
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job")
+        args: dict[str, Any] = {"worker_id": "w1", **kwargs}
+        with pytest.raises(InvalidInputError) as refused:
+            await rt.claim_tasks(**args)
+        assert refused.value.field == field
+        task = await rt.get_task(task_id)
+        assert task is not None
+        assert task.status is TaskStatus.QUEUED
+        with pytest.raises(InvalidInputError) as refused:
+            await rt.claim_task("w1", start=1)  # type: ignore[arg-type]
+        assert refused.value.field == "start"
+
+
+# -- other ways in --------------------------------------------------------------------------------
+
+
+async def test_batches_through_json(db_path: str) -> None:
+    def request(op: str, **args: object) -> bytes:
+        return msgspec.json.encode({"op": op, "args": args})
+
+    async with OrchestrationClient(db_path) as client:
+        ids = msgspec.json.decode(
+            await call_json(
+                client,
+                request(
+                    "create_tasks",
+                    tasks=[
+                        {"task_type": "build", "due_date": "2030-01-01T00:00:00Z"},
+                        {"task_type": "build", "priority": 3},
+                    ],
+                ),
+            )
+        )
+        claims = msgspec.json.decode(
+            await call_json(client, request("claim_tasks", worker_id="w1", limit=5, start=True))
+        )
+        assert [c["task"]["id"] for c in claims] == [ids[1], ids[0]]
+        assert {c["task"]["status"] for c in claims} == {"running"}
+        done = msgspec.json.decode(
+            await call_json(client, request("complete_task", lease=claims[0]["lease"]))
+        )
+        assert done["status"] == "completed"
+        with pytest.raises(InvalidInputError) as refused:
+            await call_json(client, request("create_tasks", tasks=[{"task_type": 5}]))
+        assert refused.value.field == "tasks[0].task_type"
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_batches_from_sync_code(tmp_path: Path, backend: str) -> None:
+    with SyncOrchestrationClient(db_path=str(tmp_path / "hive.db"), backend=backend) as client:
+        ids = client.create_tasks([{"task_type": "job", "payload": {"n": n}} for n in range(4)])
+        got = client.claim_tasks("w1", "job", limit=3, start=True)
+        assert [c.task.id for c in got] == ids[:3]
+        for c in got:
+            client.complete_task(c.lease)
+        assert [t.id for t in client.get_tasks_by_status("queued")] == ids[3:]
