@@ -189,19 +189,27 @@ earlier_ops = st.one_of(put_task_ops, put_run_ops)
 
 def materialise(raw: Sequence[RawOp]) -> list[WriteOp]:
     """The ops, each state op based on the last put of its row earlier in ``raw`` (the
-    same task or run with only state fields changed), else on the orphan."""
+    same task or run with only state fields changed), else on the orphan.
+
+    A task keeps the idempotency key of its first put until it is deleted, as the
+    TaskManager's tasks do (a task is put once, at its creation, and its key never
+    changes): a put that moved a key between two stored tasks could need an order no
+    grouping knows without reading the database."""
     tasks: dict[str, Task] = {}
     runs: dict[str, Run] = {}
+    keys: dict[str, str | None] = {}
     ops: list[WriteOp] = []
     for op in raw:
         match op:
             case ("put_task", str(i), int(n), key):
-                tasks[i] = task(i, n, key if isinstance(key, str) else None)
+                kept = keys.setdefault(i, key if isinstance(key, str) else None)
+                tasks[i] = task(i, n, kept)
                 ops.append(PutTask(tasks[i]))
             case ("put_run", str(i), str(t), int(n)):
                 runs[i] = run(i, t, n)
                 ops.append(PutRun(runs[i]))
             case ("delete", str(i)):
+                keys.pop(i, None)
                 ops.append(DeleteTaskRow(i))
             case ("set_task", str(i), int(n)):
                 base = tasks.get(i, msgspec.structs.replace(ORPHAN_TASK, id=i))
