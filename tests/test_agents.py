@@ -251,14 +251,14 @@ async def test_an_agent_survives_a_runtime_error_and_the_task_comes_back(
     db_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     faults = [StorageError("disk hiccup")]
-    original = Runtime.start_task
+    original = Runtime.complete_task
 
-    async def flaky_start(self: Runtime, lease: Any) -> Any:
+    async def flaky_complete(self: Runtime, lease: Any, result: Any = None) -> Any:
         if faults:
             raise faults.pop()
-        return await original(self, lease)
+        return await original(self, lease, result)
 
-    monkeypatch.setattr(Runtime, "start_task", flaky_start)
+    monkeypatch.setattr(Runtime, "complete_task", flaky_complete)
     async with runtime(db_path) as rt:
         registry = AgentRegistry()
 
@@ -268,7 +268,8 @@ async def test_an_agent_survives_a_runtime_error_and_the_task_comes_back(
         registry.register("job", work, lease=0.3)
         task_id = await rt.create_task("job")
         async with AgentRunner(rt, registry, claim_wait=0.5) as runner:
-            # The first claim's lease runs out; the agent, still alive, takes it again.
+            # The first result could not be reported: that claim's lease runs out, and
+            # the agent, still alive, takes the task again.
             await until_status(rt, task_id, TaskStatus.COMPLETED)
         assert faults == []
         assert runner.completed == 1
@@ -331,34 +332,45 @@ async def test_an_error_in_the_block_hands_in_flight_work_back(db_path: str) -> 
         assert run.status is RunStatus.RELEASED
 
 
-async def test_a_cancel_committed_with_the_start_still_stops_the_handler(
+async def test_a_cancel_between_the_claim_and_the_handler_keeps_it_from_running(
     db_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = Runtime.start_task
+    """The claim starts the task in its commit; a cancellation committed before the copy
+    registers the handler's scope reaches the runner's watcher first, and the handler
+    never runs."""
+    original = Runtime.claim_task
+    cancelled: list[str] = []
+    handed = anyio.Event()  # the cancelled claim went back to the runner
 
-    async def start_then_cancel(self: Runtime, lease: Any) -> Any:
-        async with anyio.create_task_group() as tg:  # both land in one TaskManager batch
-            tg.start_soon(self.cancel_task, lease.task_id)
-            result = await original(self, lease)
-        return result
+    async def claim_then_cancel(self: Runtime, *args: Any, **kwargs: Any) -> Any:
+        claim = await original(self, *args, **kwargs)
+        if claim is not None and not cancelled:
+            cancelled.append(claim.task.id)
+            await self.cancel_task(claim.task.id)
+            await anyio.sleep(0.2)  # the task.cancelled event reaches the watcher
+            handed.set()
+        return claim
 
-    monkeypatch.setattr(Runtime, "start_task", start_then_cancel)
+    monkeypatch.setattr(Runtime, "claim_task", claim_then_cancel)
     async with runtime(db_path) as rt:
         registry = AgentRegistry()
-        ran = anyio.Event()
+        ran: list[str] = []
 
         async def work(context: TaskContext) -> None:
-            ran.set()
+            ran.append(context.task.id)
             await anyio.sleep_forever()
 
         registry.register("job", work, lease=60)
         task_id = await rt.create_task("job")
-        async with AgentRunner(rt, registry, claim_wait=0.5):
-            await until_status(rt, task_id, TaskStatus.CANCELLED)
-        # Leaving the block did not need the 10 s stop deadline: the handler had stopped.
-        task = await rt.get_task(task_id)
-        assert task is not None
-        assert task.status is TaskStatus.CANCELLED
+        with anyio.fail_after(5):  # well under the 10 s stop deadline: nothing was left running
+            async with AgentRunner(rt, registry, claim_wait=0.2) as runner:
+                await handed.wait()
+                await anyio.sleep(0.2)  # time for a handler to start, if one were to
+        assert cancelled == [task_id]
+        assert ran == []
+        assert runner.completed == runner.failed == 0
+        (run,) = await rt.get_runs(task_id)
+        assert run.status is RunStatus.CANCELLED
 
 
 async def test_a_copy_whose_record_is_gone_takes_only_its_agents_tasks(db_path: str) -> None:
