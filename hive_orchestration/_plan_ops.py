@@ -24,6 +24,7 @@ from ._validate import (
     check_choice,
     check_identifier,
     check_int,
+    check_names,
     check_optional_text,
     check_seconds,
     check_str,
@@ -468,8 +469,7 @@ class PlanOps(Caller):
             check_seconds(subtask.estimated_duration, f"{at}.estimated_duration", positive=False)
         for k, need in enumerate(subtask.dependencies):
             check_identifier(need, f"{at}.dependencies[{k}]")
-        for k, capability in enumerate(subtask.requires):
-            check_identifier(capability, f"{at}.requires[{k}]")
+        check_names(subtask.requires, f"{at}.requires")
         # A repeated dependency is the same dependency.
         dependencies = tuple(dict.fromkeys(subtask.dependencies))
         requires = tuple(dict.fromkeys(subtask.requires))

@@ -19,6 +19,7 @@ from ._validate import (
     check_choice,
     check_identifier,
     check_int,
+    check_names,
     check_optional_text,
     check_seconds,
     check_str,
@@ -86,7 +87,7 @@ class TaskOps(Caller):
         description: str | None = None,
         priority: int = 1,
         workflow: Mapping[str, object] | None = None,
-        tags: Iterable[str] = (),
+        tags: Iterable[str] | None = (),
         max_retries: int = 3,
         due_date: datetime | None = None,
         idempotency_key: str | None = None,
@@ -178,7 +179,7 @@ class TaskOps(Caller):
         description: str | None = None,
         priority: int = 1,
         workflow: Mapping[str, object] | None = None,
-        tags: Iterable[str] = (),
+        tags: Iterable[str] | None = (),
         max_retries: int = 3,
         due_date: datetime | None = None,
         idempotency_key: str | None = None,
@@ -543,10 +544,8 @@ def _status(value: object) -> TaskStatus:
     return check_choice(value, TaskStatus, "status", aliases=("pending",))
 
 
-def _tags(value: Iterable[str]) -> tuple[str, ...]:
-    if isinstance(value, str) or not isinstance(value, Iterable):
-        raise InvalidInputError("tags", "must be a list of strings")
-    return tuple(check_identifier(tag, f"tags[{i}]") for i, tag in enumerate(value))
+def _tags(value: Iterable[str] | None) -> tuple[str, ...]:
+    return () if value is None else check_names(value, "tags")  # None: no tags, as the seeds
 
 
 def _types(value: str | Iterable[str] | None, field: str) -> tuple[str, ...] | None:
@@ -556,7 +555,7 @@ def _types(value: str | Iterable[str] | None, field: str) -> tuple[str, ...] | N
         return (check_identifier(value, field),)
     if not isinstance(value, Iterable):
         raise InvalidInputError(field, "must be a name, a list of names, or None")
-    types = tuple(check_identifier(t, f"{field}[{i}]") for i, t in enumerate(value))
+    types = check_names(value, field)
     if not types and field == "task_types":
         raise InvalidInputError(field, "must name at least one task type (None: any)")
     return tuple(dict.fromkeys(types))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 import msgspec
@@ -20,9 +20,11 @@ from .errors import InvalidInputError
 from .messages.storage import ReadEvents
 
 __all__ = [
+    "MAX_NAMES",
     "MAX_READ",
     "check_event_read",
     "check_identifier",
+    "check_names",
     "check_int",
     "check_optional_text",
     "check_text",
@@ -72,6 +74,24 @@ def check_identifier(value: object, field: str, *, max_length: int = 256) -> str
     if _CONTROL.search(value):
         raise InvalidInputError(field, "must not contain control characters")
     return value
+
+
+#: Most names a list of names holds (tags, requirements, capabilities, task types): a
+#: bound on the row and on the claim's matching work, far above real use.
+MAX_NAMES = 256
+
+
+def check_names(value: object, field: str) -> tuple[str, ...]:
+    """A list of names (``check_identifier`` each, ``field[i]`` in an error), at most
+    :data:`MAX_NAMES` of them; an iterator is read no further than that."""
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise InvalidInputError(field, "must be a list of strings")
+    names: list[str] = []
+    for i, item in enumerate(value):
+        if i == MAX_NAMES:
+            raise InvalidInputError(field, f"holds more than {MAX_NAMES} names")
+        names.append(check_identifier(item, f"{field}[{i}]"))
+    return tuple(names)
 
 
 def check_optional_text(value: object, field: str, *, max_length: int = 256) -> str | None:

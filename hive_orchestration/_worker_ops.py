@@ -10,9 +10,14 @@ from collections.abc import Iterable, Mapping
 from typing import cast
 
 from ._caller import Caller
-from ._validate import check_choice, check_identifier, check_optional_text, encode_json_object
+from ._validate import (
+    check_choice,
+    check_identifier,
+    check_names,
+    check_optional_text,
+    encode_json_object,
+)
 from .config import RuntimeConfig
-from .errors import InvalidInputError
 from .messages.events import JsonValue
 from .messages.tasks import GetUnroutableTasks, Task, TaskManagerMessage
 from .messages.workers import (
@@ -111,7 +116,4 @@ class WorkerOps(Caller):
 
 
 def capability_list(value: Iterable[str], field: str) -> tuple[str, ...]:
-    if isinstance(value, str) or not isinstance(value, Iterable):
-        raise InvalidInputError(field, "must be a list of strings")
-    items = tuple(check_identifier(item, f"{field}[{i}]") for i, item in enumerate(value))
-    return tuple(dict.fromkeys(items))
+    return tuple(dict.fromkeys(check_names(value, field)))

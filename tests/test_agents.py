@@ -88,6 +88,7 @@ def test_registry_operations_and_health() -> None:
         ({"agent_type": ""}, "agent_type"),
         ({"handler": "not callable"}, "handler"),
         ({"copies": 0}, "copies"),
+        ({"capabilities": [f"c{n}" for n in range(257)]}, "capabilities"),
         ({"capabilities": [3]}, "capabilities[0]"),
         ({"lease": -1}, "lease"),
     ],

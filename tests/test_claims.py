@@ -672,6 +672,7 @@ async def _sql(db_path: str, statement: str) -> None:
         ({"task_types": []}, "task_types"),
         ({"task_types": ["ok", 3]}, "task_types[1]"),
         ({"task_types": 7}, "task_types"),
+        ({"task_types": [f"t{n}" for n in range(257)]}, "task_types"),
         ({"lease": 0}, "lease"),
         ({"lease": -1}, "lease"),
         ({"lease": math.nan}, "lease"),

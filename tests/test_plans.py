@@ -1563,6 +1563,12 @@ BAD_PLANS: list[tuple[str, Any, str, str]] = [
     ("payload-not-object", plan_of(sub("a", payload=[1])), "plan_data.subtasks[0].payload", ""),
     ("title-empty", plan_of(sub("a", title=" ")), "plan_data.subtasks[0].title", ""),
     ("requires-empty", plan_of(sub("a", requires=[""])), "plan_data.subtasks[0].requires[0]", ""),
+    (
+        "requires-too-many",
+        plan_of(sub("a", requires=[f"r{n}" for n in range(257)])),
+        "plan_data.subtasks[0].requires",
+        "more than 256",
+    ),
     ("plan-data-list", [sub("a")], "plan_data", "dict"),
     ("plan-data-str", "subtasks", "plan_data", ""),
     ("plan-data-none", None, "plan_data.subtasks", ""),

@@ -755,6 +755,9 @@ BAD_CREATES: list[tuple[str, tuple[object, ...], dict[str, object]]] = [
     ("due_date", ("job",), {"due_date": datetime(2030, 1, 1)}),
     ("due_date", ("job",), {"due_date": "2030-01-01T00:00:00+00:00"}),
     ("tags", ("job",), {"tags": "urgent"}),
+    ("tags", ("job",), {"tags": [f"t{n}" for n in range(257)]}),
+    ("tags", ("job",), {"tags": (f"t{n}" for n in range(10**9))}),  # not read to the end
+    ("requires", ("job",), {"requires": [f"r{n}" for n in range(257)]}),
     ("max_retries", ("job",), {"max_retries": -1}),
     ("title", ("job",), {"title": "  "}),
     ("workflow", ("job",), {"workflow": {"f": math.nan}}),
@@ -781,6 +784,17 @@ async def test_bad_create_is_refused_and_writes_nothing(
     assert caught.value.field == field or caught.value.field.startswith(f"{field}.")
     assert field in str(caught.value)
     assert stored_count(db_path, "SELECT count(*) FROM tasks") == 1
+
+
+async def test_name_lists_at_the_limit_are_accepted_and_no_tags_is_none(db_path: str) -> None:
+    async with Runtime.open(db_path) as rt:
+        names = [f"n{n}" for n in range(256)]
+        full = await rt.get_task(await rt.create_task("job", tags=names, requires=names))
+        bare = await rt.get_task(await rt.create_task("job", tags=None, requires=None))
+    assert full is not None
+    assert full.tags == full.requires == tuple(names)
+    assert bare is not None
+    assert bare.tags == bare.requires == ()
 
 
 async def test_a_payload_at_the_limit_is_accepted(db_path: str) -> None:

@@ -345,6 +345,7 @@ async def test_a_worker_waiting_for_its_capability_is_woken(db_path: str) -> Non
         (("w1",), {"role": ""}, "role"),
         (("w1",), {"capabilities": "docker"}, "capabilities"),
         (("w1",), {"capabilities": ["ok", ""]}, "capabilities[1]"),
+        (("w1",), {"capabilities": [f"c{n}" for n in range(257)]}, "capabilities"),
         (("w1",), {"metadata": {"x": math.nan}}, "metadata.x"),
         (("w1",), {"metadata": {"x": object()}}, "metadata.x"),
         (("w1",), {"metadata": ["not", "a", "dict"]}, "metadata"),

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import msgspec
 
-from .._validate import check_identifier, check_int, check_seconds
+from .._validate import MAX_NAMES, check_identifier, check_int, check_seconds
 from ..errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -92,6 +92,8 @@ class AgentRegistry:
             raise InvalidInputError("handler", "must be an async function of a TaskContext")
         declared: list[AgentCapability] = []
         for i, capability in enumerate(capabilities):
+            if i == MAX_NAMES:
+                raise InvalidInputError("capabilities", f"holds more than {MAX_NAMES} names")
             if isinstance(capability, str):
                 capability = AgentCapability(check_identifier(capability, f"capabilities[{i}]"))
             elif not isinstance(capability, AgentCapability):

@@ -726,7 +726,8 @@ OPS: dict[str, Operation] = {
             "description": text(optional=True),
             "priority": PRIORITY,
             "workflow": json_object(),
-            "tags": names(),
+            # None is "no tags", as for requires: lenient, not a gap.
+            "tags": names(none_ok=True),
             "max_retries": integer(0, 1000),
             "due_date": DUE_DATE,
             "idempotency_key": ident(optional=True),
