@@ -407,13 +407,19 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
             raise InvalidInputError(
                 "payload", f"must be an object, got {type(event.payload).__name__}"
             )
+        source_agent = check_optional_text(event.source_agent, "source_agent")
         task_id = event.subject
         payload = event.payload
         if event_type in _TASK_CHANGES and task_id is not None:
-            client = self.bind(source_agent=event.source_agent)
+            client = self.bind(source_agent=source_agent)
+            event_worker = check_optional_text(event.worker_id, "worker_id")
+            # The change's event carries the task's own correlation and plan ids, as
+            # every event of a task does; the worker is the payload's, else the event's.
             if event_type == UnifiedEventType.TASK_STARTED:
                 worker = payload.get("worker_id")
-                metadata = {"assigned_worker": worker} if isinstance(worker, str) else None
+                if not isinstance(worker, str):
+                    worker = event_worker
+                metadata = None if worker is None else {"assigned_worker": worker}
                 await client.update_task_status(task_id, TaskStatus.RUNNING, metadata)
             elif event_type == UnifiedEventType.TASK_COMPLETED:
                 result = payload.get("result")
@@ -438,7 +444,7 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
         return await self.runtime.publish(
             event_type,
             payload,
-            source=event.source_agent or self._default_agent or "client",
+            source=source_agent or self._default_agent or "client",
             correlation_id=self._correlation(event.correlation_id),
             task_id=task_id,
             plan_id=event.plan_id,

@@ -340,8 +340,30 @@ async def test_unified_events(db_path: str) -> None:
         assert task is not None
         assert task.status == TaskStatus.COMPLETED
         assert task.result == {"ok": 1}
+        # The worker of a unified task.started: its payload's, else the event's own field.
+        other = await client.create_task("review", {})
+        started = UnifiedEvent(
+            event_type=UnifiedEventType.TASK_STARTED, task_id=other, worker_id="w-7"
+        )
+        assert await client.publish_event(started) is None
+        task = await client.get_task(other)
+        assert task is not None
+        assert (task.status, task.assigned_worker) == (TaskStatus.RUNNING, "w-7")
+        (event,) = [e for e in await runtime.read_events(0) if e.type == "task.started"
+                    and e.task_id == other]  # fmt: skip
+        assert event.worker_id == "w-7"
+        assert event.correlation_id == "wf-9"  # the task's
         with pytest.raises(InvalidInputError, match="runtime's own namespace"):
             await client.publish_event(UnifiedEvent(event_type="plan.completed"))
+        # A UnifiedEvent is built by hand and msgspec does not check it then: a source
+        # or worker of the wrong type is refused, not replaced by the client's default.
+        for bad in ({"source_agent": []}, {"source_agent": ""}, {"worker_id": 7}):
+            for kind, subject in (("app.done", None), (UnifiedEventType.TASK_STARTED, other)):
+                with pytest.raises(InvalidInputError) as info:
+                    await client.publish_event(
+                        UnifiedEvent(event_type=kind, task_id=subject, **bad)  # type: ignore[arg-type]
+                    )
+                assert info.value.field == next(iter(bad))
         with pytest.raises(InvalidInputError) as info:
             create_task_event("review.completed", "")
         assert info.value.field == "task_id"

@@ -577,13 +577,14 @@ EVENT_CLASSES: dict[type[Any], dict[str, Callable[[object], bool]]] = {
     WorkerRegisteredEvent: {"worker_id": _is_str, "role": _is_str, "capabilities": _is_names},
     WorkerHeartbeatEvent: {"worker_id": _is_str, "status": _optional(_is_str)},
     WorkerOfflineEvent: {"worker_id": _is_str},
-    # For a UnifiedEvent of a task change only these four are read; the other fields are
-    # drawn well typed (see known_bug for the two fields it does not check yet).
+    # For a UnifiedEvent of a task change only these five are read (the change's event
+    # carries the task's correlation and plan ids); the other fields are drawn well typed.
     UnifiedEvent: {
         "event_type": _is_str,
         "payload": lambda value: isinstance(value, dict),
         "task_id": _optional(_is_str),
         "source_agent": _optional(_is_str),
+        "worker_id": _optional(_is_str),
     },
 }
 
@@ -630,7 +631,7 @@ def _events(pool: Pool) -> st.SearchStrategy[object]:
             source_agent=maybe(st.none() | st.just("agent")),
             correlation_id=st.none() | st.just("corr"),
             plan_id=st.none() | _ids("plans")(pool),
-            worker_id=st.none() | _ids("workers")(pool),
+            worker_id=maybe(st.none() | _ids("workers")(pool)),
         ),
         st.builds(UnifiedEvent, event_type=st.just(UnifiedEventType.TASK_COMPLETED), task_id=task),
     )
