@@ -191,13 +191,14 @@ def materialise(raw: Sequence[RawOp]) -> list[WriteOp]:
     """The ops, each state op based on the last put of its row earlier in ``raw`` (the
     same task or run with only state fields changed), else on the orphan.
 
-    A task keeps the idempotency key of its first put until it is deleted, as the
-    TaskManager's tasks do (a task is put once, at its creation, and its key never
-    changes): a put that moved a key between two stored tasks could need an order no
-    grouping knows without reading the database."""
+    A task keeps the idempotency key of its first put, and a run the task of its first
+    put, until deleted, as the TaskManager's do (each is put once, at its creation, and
+    neither changes): a put that moved a key between two stored tasks, or a run to
+    another task, could need an order no grouping knows without reading the database."""
     tasks: dict[str, Task] = {}
     runs: dict[str, Run] = {}
     keys: dict[str, str | None] = {}
+    run_tasks: dict[str, str] = {}
     ops: list[WriteOp] = []
     for op in raw:
         match op:
@@ -206,10 +207,12 @@ def materialise(raw: Sequence[RawOp]) -> list[WriteOp]:
                 tasks[i] = task(i, n, kept)
                 ops.append(PutTask(tasks[i]))
             case ("put_run", str(i), str(t), int(n)):
-                runs[i] = run(i, t, n)
+                runs[i] = run(i, run_tasks.setdefault(i, t), n)
                 ops.append(PutRun(runs[i]))
             case ("delete", str(i)):
                 keys.pop(i, None)
+                for run_id in [r for r, t in run_tasks.items() if t == i]:
+                    del run_tasks[run_id]  # deleted with its task
                 ops.append(DeleteTaskRow(i))
             case ("set_task", str(i), int(n)):
                 base = tasks.get(i, msgspec.structs.replace(ORPHAN_TASK, id=i))
