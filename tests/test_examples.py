@@ -22,6 +22,7 @@ EXPECTED = {
         "deployers=16"
     ),
     "sync_app.py": "completed 3 of 3 report(s) in a plain thread: ['report-worker-1']",
+    "batch_worker.py": "completed 11 of 12 thumbnail(s), 1 failed for good",
 }
 
 
