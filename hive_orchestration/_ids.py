@@ -23,11 +23,13 @@ _last = 0
 
 
 def _forget_after_fork() -> None:
-    global _last
+    global _last, _lock
     _last = 0  # a child must not count on from its parent's last id in the same millisecond
+    _lock = threading.Lock()  # another thread of the parent may have held it at the fork
 
 
-os.register_at_fork(after_in_child=_forget_after_fork)
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def new_id() -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import uuid
 
@@ -26,3 +28,32 @@ def test_ids_increase_within_a_millisecond_and_across_threads() -> None:
     every = [i for ids in made for i in ids]
     assert len(set(every)) == len(every)
     assert {uuid.UUID(i).version for i in every} == {7}
+
+
+def test_ids_work_where_there_is_no_fork() -> None:
+    """Windows has no os.fork nor os.register_at_fork: importing must not need them."""
+    code = (
+        "import os; del os.fork, os.register_at_fork; "
+        "from hive_orchestration._ids import new_id; a, b = new_id(), new_id(); "
+        "assert a < b, (a, b); print('ok')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_forked_child_makes_its_own_ids() -> None:
+    import os
+
+    parent = new_id()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: ids after the parent's, and a lock it can take
+        os.write(write, new_id().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.waitpid(pid, 0)
+    assert uuid.UUID(child).version == 7
+    assert child != parent
