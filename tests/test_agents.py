@@ -89,6 +89,21 @@ def test_registry_operations_and_health() -> None:
         ({"handler": "not callable"}, "handler"),
         ({"copies": 0}, "copies"),
         ({"capabilities": [f"c{n}" for n in range(257)]}, "capabilities"),
+        (
+            {"capabilities": [AgentCapability("convert", tuple(f"t{n}" for n in range(257)))]},
+            "capabilities[0].task_types",
+        ),
+        (
+            {
+                "capabilities": [
+                    AgentCapability("a", tuple(f"a{n}" for n in range(200))),
+                    AgentCapability("b", tuple(f"b{n}" for n in range(57))),
+                ]
+            },
+            "capabilities",
+        ),
+        ({"capabilities": [AgentCapability("")]}, "capabilities[0].name"),
+        ({"capabilities": [AgentCapability("x", ("ok", 3))]}, "capabilities[0].task_types[1]"),  # type: ignore[arg-type]
         ({"capabilities": [3]}, "capabilities[0]"),
         ({"lease": -1}, "lease"),
     ],
@@ -372,6 +387,49 @@ async def test_a_cancel_between_the_claim_and_the_handler_keeps_it_from_running(
         assert runner.completed == runner.failed == 0
         (run,) = await rt.get_runs(task_id)
         assert run.status is RunStatus.CANCELLED
+
+
+async def test_a_cancel_the_watcher_dropped_still_keeps_the_handler_from_running(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watcher's subscription drops events when it falls behind (here: a tiny buffer
+    and a flood of cancellations). A cancel between the claim and the handler that it
+    dropped is still caught, by a heartbeat the TaskManager answers from memory."""
+    original = Runtime.claim_task
+    others: list[str] = []
+    handed = anyio.Event()
+
+    async def claim_then_flood(self: Runtime, *args: Any, **kwargs: Any) -> Any:
+        claim = await original(self, *args, **kwargs)
+        if claim is not None and not handed.is_set():
+            async with anyio.create_task_group() as tg:  # one batch, one burst of events
+                for task_id in others:
+                    tg.start_soon(self.cancel_task, task_id)
+                tg.start_soon(self.cancel_task, claim.task.id)
+            await anyio.sleep(0.3)
+            handed.set()
+        return claim
+
+    monkeypatch.setattr(Runtime, "claim_task", claim_then_flood)
+    async with runtime(db_path, subscriber_buffer=10) as rt:
+        others.extend(await rt.create_tasks([{"task_type": "other"}] * 500))
+        registry = AgentRegistry()
+        ran: list[str] = []
+
+        async def work(context: TaskContext) -> None:
+            ran.append(context.task.id)
+            await anyio.sleep_forever()
+
+        registry.register("job", work, lease=60)
+        task_id = await rt.create_task("job")
+        with anyio.fail_after(5):
+            async with AgentRunner(rt, registry, claim_wait=0.2):
+                await handed.wait()
+                await anyio.sleep(0.2)
+        assert ran == []
+        task = await rt.get_task(task_id)
+        assert task is not None
+        assert task.status is TaskStatus.CANCELLED
 
 
 async def test_a_copy_whose_record_is_gone_takes_only_its_agents_tasks(db_path: str) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import msgspec
 
-from .._validate import MAX_NAMES, check_identifier, check_int, check_seconds
+from .._validate import MAX_NAMES, check_identifier, check_int, check_names, check_seconds
 from ..errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -96,11 +96,22 @@ class AgentRegistry:
                 raise InvalidInputError("capabilities", f"holds more than {MAX_NAMES} names")
             if isinstance(capability, str):
                 capability = AgentCapability(check_identifier(capability, f"capabilities[{i}]"))
-            elif not isinstance(capability, AgentCapability):
+            elif isinstance(capability, AgentCapability):
+                # Built by hand, it is not checked by msgspec: its names go to the
+                # runtime as the worker's capabilities, so check them here.
+                check_identifier(capability.name, f"capabilities[{i}].name")
+                check_names(capability.task_types, f"capabilities[{i}].task_types")
+            else:
                 raise InvalidInputError(
                     f"capabilities[{i}]", "must be an AgentCapability or a capability name"
                 )
             declared.append(capability)
+        handles = {name for capability in declared for name in capability.handles}
+        if len(handles) > MAX_NAMES:
+            # Its workers register and claim with all of them: refused now, not at start.
+            raise InvalidInputError(
+                "capabilities", f"hand the agent {len(handles)} task types; at most {MAX_NAMES}"
+            )
         spec = AgentSpec(
             agent_type=agent_type,
             handler=handler,

@@ -39,8 +39,6 @@ if TYPE_CHECKING:
 __all__ = ["AgentRunner", "TaskContext"]
 
 log = logging.getLogger("hive_orchestration.agents")
-#: How many recently cancelled task ids the runner remembers (see ``_work``).
-_CANCELLED_KEPT = 4096
 
 
 class TaskContext:
@@ -96,7 +94,6 @@ class AgentRunner:
         # task id -> run id -> the scope its handler runs in (a task can have two runs in
         # flight here: one unwinding after a timeout while another copy took it over).
         self._running: dict[str, dict[str, anyio.CancelScope]] = {}
-        self._cancelled: dict[str, None] = {}  # recently cancelled task ids, oldest first
         self._copies = 0
         self._all_stopped = anyio.Event()
         #: Tasks completed / failed by handlers since the start (for dashboards and tests).
@@ -240,14 +237,15 @@ class AgentRunner:
         lease = claim.lease
         outcome = _Outcome()
         scope = anyio.CancelScope()
-        # From here the watcher cancels the scope when the task is cancelled; a
-        # cancellation it saw between the claim's commit and now is in _cancelled.
+        # From here the watcher cancels the scope when the task is cancelled. A cancel
+        # committed between the claim (which started the task) and now is caught by a
+        # bare heartbeat, answered from the TaskManager's memory with no commit of its
+        # own: the watcher alone could have missed it (its subscription drops events
+        # when it falls behind).
         runs = self._running.setdefault(lease.task_id, {})
         runs[lease.run_id] = scope
         try:
-            if lease.task_id in self._cancelled:
-                outcome.lost = True  # the runtime ended the run: nothing to report
-                return
+            await rt.heartbeat(lease)
             context = TaskContext(rt, claim, worker_id)
             async with anyio.create_task_group() as tg:
 
@@ -280,6 +278,8 @@ class AgentRunner:
                         outcome.error = exc
                 outcome.timed_out = deadline.cancelled_caught
                 tg.cancel_scope.cancel()
+        except LeaseLostError:
+            outcome.lost = True  # cancelled or taken over before its handler started
         finally:
             del runs[lease.run_id]
             if not runs:
@@ -332,12 +332,6 @@ class AgentRunner:
 
                     tg.start_soon(stop)
                     async for event in events:
-                        if event.task_id:
-                            # Cancelled is final: remembered (the latest few thousand)
-                            # for a claim whose handler is not registered yet.
-                            self._cancelled[event.task_id] = None
-                            if len(self._cancelled) > _CANCELLED_KEPT:
-                                del self._cancelled[next(iter(self._cancelled))]
                         for run_id, scope in self._running.get(event.task_id or "", {}).items():
                             log.info("task %s cancelled: stopping run %s", event.task_id, run_id)
                             scope.cancel()
