@@ -20,12 +20,16 @@ __all__ = ["new_id"]
 _RANDOM_BITS = 74  # what a version 7 UUID leaves after 48 bits of time, version and variant
 _lock = threading.Lock()  # runtimes in several threads share the counter
 _last = 0
+# Our own generator: drawing from the random module's would shift the sequence of an app
+# that seeds it for its own use, and make our ids follow its seed.
+_random = random.Random()
 
 
 def _forget_after_fork() -> None:
     global _last, _lock
     _last = 0  # a child must not count on from its parent's last id in the same millisecond
     _lock = threading.Lock()  # another thread of the parent may have held it at the fork
+    _random.seed()  # nor draw the same bits as its parent
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
@@ -36,10 +40,10 @@ def new_id() -> str:
     """A UUID whose first 48 bits are the Unix time in milliseconds (RFC 9562 version 7),
     greater than every id made before it in this process."""
     global _last
-    # random.getrandbits, not os.urandom: these ids are unique, not secret, and urandom
+    # A Mersenne Twister, not os.urandom: these ids are unique, not secret, and urandom
     # releases the GIL, so with another thread busy each id waited for the GIL's switch
-    # interval. The module's generator is reseeded in a forked child.
-    fresh = (time.time_ns() // 1_000_000) << _RANDOM_BITS | random.getrandbits(_RANDOM_BITS)
+    # interval. It is seeded from urandom, and again in a forked child.
+    fresh = (time.time_ns() // 1_000_000) << _RANDOM_BITS | _random.getrandbits(_RANDOM_BITS)
     with _lock:
         # The same millisecond again, or a clock stepped back: count on from the last.
         value = fresh if fresh > _last else _last + 1

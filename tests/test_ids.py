@@ -57,3 +57,14 @@ def test_a_forked_child_makes_its_own_ids() -> None:
     os.waitpid(pid, 0)
     assert uuid.UUID(child).version == 7
     assert child != parent
+
+
+def test_ids_leave_the_random_module_alone() -> None:
+    """An app that seeds the random module for its own use gets its own sequence."""
+    import random
+
+    random.seed(42)
+    expected = [random.random() for _ in range(3)]
+    random.seed(42)
+    new_id()
+    assert [random.random() for _ in range(3)] == expected
