@@ -417,7 +417,9 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
             # every event of a task does; the worker is the payload's, else the event's.
             if event_type == UnifiedEventType.TASK_STARTED:
                 worker = payload.get("worker_id")
-                if not isinstance(worker, str):
+                if isinstance(worker, str):
+                    worker = check_identifier(worker, "payload.worker_id")
+                else:
                     worker = event_worker
                 metadata = None if worker is None else {"assigned_worker": worker}
                 await client.update_task_status(task_id, TaskStatus.RUNNING, metadata)

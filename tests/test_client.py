@@ -365,6 +365,15 @@ async def test_unified_events(db_path: str) -> None:
                     )
                 assert info.value.field == next(iter(bad))
         with pytest.raises(InvalidInputError) as info:
+            await client.publish_event(
+                UnifiedEvent(
+                    event_type=UnifiedEventType.TASK_STARTED,
+                    task_id=other,
+                    payload={"worker_id": ""},
+                )
+            )
+        assert info.value.field == "payload.worker_id"
+        with pytest.raises(InvalidInputError) as info:
             create_task_event("review.completed", "")
         assert info.value.field == "task_id"
 
