@@ -199,9 +199,8 @@ class AgentRunner:
                 nonlocal claim, error
                 try:
                     # The agent's own types, named every time: a copy whose worker record
-                    # went missing must still take only what the agent handles.
-                    # Claimed and started in one commit: one durable round trip less
-                    # per task than start_task after the claim.
+                    # went missing must still take only what the agent handles. Claimed
+                    # and started in one commit: one durable round trip less per task.
                     claim = await self._runtime.claim_task(
                         worker_id,
                         spec.handles,

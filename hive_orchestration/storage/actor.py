@@ -491,8 +491,9 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
     was put in this write, as it may be new; else its state columns only); tasks go
     before runs, so a run's task exists; deletes go first, so a key a deleted task held is
     free for a task created in the same write (a task is put once, at its creation, and
-    its keys never change, so only a delete frees one); events reference no row. The one case where
-    order matters, a row both written and deleted in one write, is applied in order.
+    its keys never change, so only a delete frees one); events reference no row. The one
+    case where order matters, a row both written and deleted in one write, is applied in
+    order.
     Grouping turns a write into a few long ``executemany`` runs.
     """
     tasks: dict[str, Task] = {}
