@@ -216,6 +216,55 @@ async def test_the_task_timeout_cancels_the_handler(db_path: str) -> None:
                 await cancelled.wait()
 
 
+async def test_a_handler_longer_than_its_lease_keeps_its_task(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        registry = AgentRegistry()
+
+        async def long(context: TaskContext) -> Mapping[str, object]:
+            await anyio.sleep(1.0)  # over three leases: renewed all along
+            return {"attempt": context.attempt}
+
+        registry.register("long", long, lease=0.3)
+        task_id = await rt.create_task("long")
+        async with AgentRunner(rt, registry, claim_wait=0.5):
+            await until_status(rt, task_id, TaskStatus.COMPLETED)
+        task = await rt.get_task(task_id)
+        assert task is not None
+        assert (task.result, task.attempts) == ({"attempt": 1}, 0)
+        (run,) = await rt.get_runs(task_id)
+        assert run.status is RunStatus.COMPLETED
+
+
+async def test_a_lost_lease_stops_the_handler_and_the_task_runs_again(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        registry = AgentRegistry()
+        started = anyio.Event()
+        stopped = anyio.Event()
+
+        async def work(context: TaskContext) -> Mapping[str, object]:
+            if context.attempt == 1:
+                started.set()
+                try:
+                    await anyio.sleep_forever()
+                finally:
+                    stopped.set()
+            return {"attempt": context.attempt}
+
+        registry.register("job", work, lease=0.3)
+        task_id = await rt.create_task("job")
+        async with AgentRunner(rt, registry, claim_wait=0.5):
+            with anyio.fail_after(SOON):
+                await started.wait()
+                # Put back in the queue behind the handler's back: no task.cancelled event,
+                # only the lease renewal can tell the handler.
+                await rt.update_task_status(task_id, TaskStatus.QUEUED)
+                await stopped.wait()
+            await until_status(rt, task_id, TaskStatus.COMPLETED)
+        task = await rt.get_task(task_id)
+        assert task is not None
+        assert task.result == {"attempt": 2}
+
+
 async def test_stopping_lets_in_flight_work_finish(db_path: str) -> None:
     async with runtime(db_path) as rt:
         registry = AgentRegistry()

@@ -74,6 +74,22 @@ class _Outcome:
     timed_out: bool = False
 
 
+@dataclass(slots=True)
+class _Held:
+    """The task a copy is running, for its lease keeper."""
+
+    lease: Lease
+    outcome: _Outcome
+    scope: anyio.CancelScope
+
+
+@dataclass(slots=True)
+class _Copy:
+    """One copy's state, shared by its loop and its lease keeper."""
+
+    held: _Held | None = None
+
+
 class AgentRunner:
     """Runs the agents of a registry against a runtime for the length of an ``async with``."""
 
@@ -94,6 +110,10 @@ class AgentRunner:
         # task id -> run id -> the scope its handler runs in (a task can have two runs in
         # flight here: one unwinding after a timeout while another copy took it over).
         self._running: dict[str, dict[str, anyio.CancelScope]] = {}
+        # The claims copies are waiting in, cancelled when the runner stops; and whether
+        # the stop's grace period is over (a handler starting after that is cancelled).
+        self._claiming: set[anyio.CancelScope] = set()
+        self._grace_over = False
         self._copies = 0
         self._all_stopped = anyio.Event()
         #: Tasks completed / failed by handlers since the start (for dashboards and tests).
@@ -113,6 +133,7 @@ class AgentRunner:
         await self._group.__aenter__()
         try:
             await self._group.start(self._watch_cancellations)
+            self._group.start_soon(self._stop_copies)
             for spec in self._registry.list_agents():
                 for n in range(1, spec.copies + 1):
                     await self._group.start(self._copy, spec, f"{spec.agent_type}-{n}")
@@ -150,14 +171,18 @@ class AgentRunner:
         await self._register(spec, worker_id)
         self._copies += 1
         task_status.started()
+        state = _Copy()
         try:
+            # Long-lived helpers, not one set per task: spawning tasks and task groups for
+            # every task cost a copy more than the rest of its loop.
             async with anyio.create_task_group() as beats:
                 beats.start_soon(self._heartbeat, spec, worker_id)
+                beats.start_soon(self._keep_lease, spec, worker_id, state)
                 while not self._stopping.is_set():
                     try:
                         claim = await self._claim(spec, worker_id)
                         if claim is not None:
-                            await self._work(spec, worker_id, claim)
+                            await self._work(spec, worker_id, claim, state)
                     except RuntimeStoppedError:
                         break  # the runtime is going away: nothing more to claim
                     except HiveError as exc:
@@ -186,39 +211,61 @@ class AgentRunner:
         )
 
     async def _claim(self, spec: AgentSpec, worker_id: str) -> Claim | None:
-        """Wait for a task, until one comes or the runner stops."""
-        claim: Claim | None = None
-        error: HiveError | None = None
-        async with anyio.create_task_group() as tg:
-
-            async def stop_waiting() -> None:
-                await self._stopping.wait()
-                tg.cancel_scope.cancel()
-
-            async def claim_one() -> None:
-                nonlocal claim, error
-                try:
-                    # The agent's own types, named every time: a copy whose worker record
-                    # went missing must still take only what the agent handles. Claimed
-                    # and started in one commit: one durable round trip less per task.
-                    claim = await self._runtime.claim_task(
-                        worker_id,
-                        spec.handles,
-                        lease=spec.lease,
-                        wait=self._claim_wait,
-                        start=True,
-                    )
-                except HiveError as exc:
-                    error = exc  # raised below, outside the task group, unwrapped
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(stop_waiting)
-            tg.start_soon(claim_one)
+        """Wait for a task, until one comes or the runner stops (then ``None``)."""
+        with anyio.CancelScope() as waiting:
+            self._claiming.add(waiting)  # cancelled by _stop_copies
+            if self._stopping.is_set():
+                waiting.cancel()
+            try:
+                # The agent's own types, named every time: a copy whose worker record went
+                # missing must still take only what the agent handles. Claimed and
+                # started in one commit: one durable round trip less per task.
+                return await self._runtime.claim_task(
+                    worker_id,
+                    spec.handles,
+                    lease=spec.lease,
+                    wait=self._claim_wait,
+                    start=True,
+                )
+            finally:
+                self._claiming.discard(waiting)
         # A claim cancelled while its answer was on the way is handed back by the
         # TaskManager (the reply slot was closed), so nothing is left held here.
-        if error is not None:
-            raise error
-        return claim
+        return None
+
+    async def _stop_copies(self) -> None:
+        """When the runner stops: end the copies' waits for work at once, and cancel the
+        handlers still running once the grace period (``stop_timeout``) is over."""
+        await self._stopping.wait()
+        for waiting in list(self._claiming):
+            waiting.cancel()
+        with anyio.move_on_after(self._stop_timeout):
+            await self._all_stopped.wait()
+            return
+        self._grace_over = True  # a handler that starts from now on is cancelled at once
+        for runs in list(self._running.values()):
+            for scope in list(runs.values()):
+                scope.cancel()  # the task is handed back (released), not counted
+
+    async def _keep_lease(self, spec: AgentSpec, worker_id: str, state: _Copy) -> None:
+        """Renew the lease of whatever task the copy runs, every third of the lease.
+
+        It ticks whether or not a task is held, so a task is renewed at most a third of a
+        lease after its claim (the claim itself set the lease), then every third."""
+        interval = (spec.lease or self._runtime.config.lease_timeout) / 3
+        while True:
+            await anyio.sleep(interval)
+            held = state.held
+            if held is None:
+                continue
+            try:
+                await self._runtime.heartbeat(held.lease)
+            except LeaseLostError:
+                if state.held is held:  # not a late answer about a task already reported
+                    held.outcome.lost = True
+                    held.scope.cancel()
+            except HiveError as exc:  # try again at the next tick
+                log.warning("worker %s: lease renewal failed: %s", worker_id, exc)
 
     async def _heartbeat(self, spec: AgentSpec, worker_id: str) -> None:
         interval = self._runtime.config.worker_timeout / 3
@@ -231,11 +278,13 @@ class AgentRunner:
             except HiveError as exc:
                 log.warning("worker %s: heartbeat failed: %s", worker_id, exc)
 
-    async def _work(self, spec: AgentSpec, worker_id: str, claim: Claim) -> None:
+    async def _work(self, spec: AgentSpec, worker_id: str, claim: Claim, state: _Copy) -> None:
         rt = self._runtime
         lease = claim.lease
         outcome = _Outcome()
         scope = anyio.CancelScope()
+        if self._grace_over:
+            scope.cancel()
         # From here the watcher cancels the scope when the task is cancelled. A cancel
         # committed between the claim (which started the task) and now is caught by a
         # bare heartbeat, answered from the TaskManager's memory with no commit of its
@@ -246,40 +295,19 @@ class AgentRunner:
         try:
             await rt.heartbeat(lease)
             context = TaskContext(rt, claim, worker_id)
-            async with anyio.create_task_group() as tg:
-
-                async def keep_lease() -> None:
-                    seconds = (spec.lease or rt.config.lease_timeout) / 3
-                    while True:
-                        await anyio.sleep(seconds)
-                        try:
-                            await rt.heartbeat(lease)
-                        except LeaseLostError:
-                            outcome.lost = True
-                            scope.cancel()
-                            return
-                        except HiveError as exc:  # try again at the next beat
-                            log.warning("worker %s: lease renewal failed: %s", worker_id, exc)
-
-                async def stop_deadline() -> None:
-                    await self._stopping.wait()
-                    await anyio.sleep(self._stop_timeout)
-                    scope.cancel()  # past the grace period: hand the task back
-
-                tg.start_soon(keep_lease)
-                tg.start_soon(stop_deadline)
-                timeout = claim.task.timeout if claim.task.timeout is not None else math.inf
-                with scope, anyio.move_on_after(timeout) as deadline:
-                    try:
-                        outcome.result = await spec.handler(context)
-                        outcome.finished = True
-                    except Exception as exc:
-                        outcome.error = exc
-                outcome.timed_out = deadline.cancelled_caught
-                tg.cancel_scope.cancel()
+            state.held = _Held(lease, outcome, scope)  # renewed by _keep_lease from now on
+            timeout = claim.task.timeout if claim.task.timeout is not None else math.inf
+            with scope, anyio.move_on_after(timeout) as deadline:
+                try:
+                    outcome.result = await spec.handler(context)
+                    outcome.finished = True
+                except Exception as exc:
+                    outcome.error = exc
+            outcome.timed_out = deadline.cancelled_caught
         except LeaseLostError:
             outcome.lost = True  # cancelled or taken over before its handler started
         finally:
+            state.held = None
             del runs[lease.run_id]
             if not runs:
                 del self._running[lease.task_id]
