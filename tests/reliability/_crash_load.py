@@ -158,13 +158,20 @@ async def worker(
 
 
 async def settled(runtime: Runtime) -> bool:
-    """Every plan has ended and no task is left to do."""
+    """Every plan has ended and no task is left to do.
+
+    The checks are separate reads, so they count only if nothing was committed from the
+    first to the last: a task that failed and was queued again between the check for
+    queued tasks and the one for running tasks would slip through both."""
+    before = (await runtime.statistics()).storage.last_seq
     if await runtime.get_execution_plans(PlanStatus.EXECUTING, limit=1):
         return False
     for status in (TaskStatus.QUEUED, TaskStatus.BLOCKED, TaskStatus.ASSIGNED, TaskStatus.RUNNING):
         if await runtime.get_tasks_by_status(status, limit=1):
             return False
-    return True
+    # Every change of a plan or a task appends an event: a later one is on its way to the
+    # subscription the caller waits on, so it looks again.
+    return (await runtime.statistics()).storage.last_seq == before
 
 
 async def main(path: str, mode: str, seed: int, tag: str) -> None:
