@@ -27,9 +27,10 @@ import argparse
 import json
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -61,7 +62,7 @@ class Result:
 
 
 async def timed(
-    path: Path, count: int, run_workers: Callable[[Runtime, anyio.Event], Awaitable[None]]
+    path: Path, count: int, run_workers: Callable[[Runtime, anyio.Event], Coroutine[Any, Any, None]]
 ) -> Side:
     """Create ``count`` tasks while ``run_workers`` runs; time until the last completes."""
     config = RuntimeConfig(lease_timeout=60.0)
