@@ -48,7 +48,7 @@ async def runtime_heartbeats(folder: Path, beats: int) -> tuple[float, int]:
         async with anyio.create_task_group() as tg:
             for n in range(WORKERS):
                 tg.start_soon(rt.register_worker, f"worker-{n}", "bench", ["bench"])
-        per_worker = beats // WORKERS
+        per_worker = beats // WORKERS  # main() makes sure it is at least 1
         before = (await rt.statistics()).storage.transactions
 
         async def beat(worker_id: str) -> None:
@@ -103,6 +103,9 @@ def main() -> None:
     parser.add_argument("--beats", type=int, default=20_000)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.beats < WORKERS:
+        parser.error(f"--beats must be at least {WORKERS:,}: every worker beats at least once")
+    args.beats -= args.beats % WORKERS  # every worker beats as often as the others
     r: Result = anyio.run(run, args.backend, args.beats, backend=args.backend)
     print(
         f"backend: {r.backend}  (synchronous=FULL, file database, WAL; {r.workers:,} workers)\n"
