@@ -1,0 +1,96 @@
+"""Every benchmark runs, on both backends, at a size small enough for the suite.
+
+The figures are not judged here (speed is for ``bench/`` runs on a quiet machine): these
+tests only keep the scripts working as the package under them changes, since they reach
+into its internals (statement builders, the storage driver) to build their ceilings.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).parent.parent / "bench"
+
+
+def _tasks(figures: dict[str, Any]) -> None:
+    count = figures["tasks"]
+    for shape in figures["shapes"]:
+        assert shape["rate"] > 0
+        # One subscriber saw every event: created, assigned, started, completed.
+        assert shape["events_seen"] == 4 * count
+    assert figures["raw_batched"] > 0
+    assert figures["handoffs"] == 10
+    assert 0 < figures["p50"] <= figures["p99"]
+    assert figures["floor_p50"] > 0
+
+
+def _agents(figures: dict[str, Any]) -> None:
+    assert [shape["copies"] for shape in figures["shapes"]] == [2]
+    for shape in figures["shapes"]:
+        assert shape["bare"]["rate"] > 0
+        assert shape["runner"]["rate"] > 0
+
+
+def _plans(figures: dict[str, Any]) -> None:
+    assert figures["subtasks"] == 3 * 4
+    for shape in figures["shapes"]:
+        assert shape["plan"]["items"] == figures["subtasks"]
+        assert shape["overhead"] > 0
+
+
+def _workers(figures: dict[str, Any]) -> None:
+    assert figures["beats"] == 1_000  # 1 500 asked: rounded down to one beat per worker
+    assert figures["runtime"] > 0
+    assert figures["raw_per_commit"] > 0
+
+
+def _kernel(figures: dict[str, Any]) -> None:
+    assert figures["rows"]
+    assert all(row["rate"] > 0 for row in figures["rows"])
+
+
+RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
+    "tasks.py": (["--tasks", "100", "--handoffs", "10", "--json"], _tasks),
+    "agents.py": (["--tasks", "100", "--copies", "2", "--json"], _agents),
+    "plans.py": (["--layers", "3", "--width", "4", "--json"], _plans),
+    "workers.py": (["--beats", "1500", "--json"], _workers),
+    "kernel.py": (["--asks", "300", "--repeat", "1", "--json"], _kernel),
+    "client.py": (["--events", "200"], None),
+}
+
+
+def test_every_bench_is_covered() -> None:
+    assert {path.name for path in BENCH.glob("*.py")} == set(RUNS)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("script", sorted(RUNS))
+def test_bench_runs(script: str, backend: str) -> None:
+    args, check = RUNS[script]
+    result = subprocess.run(
+        [sys.executable, str(BENCH / script), "--backend", backend, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    if check is None:  # client.py prints a table only
+        assert [line.split()[0] for line in result.stdout.splitlines()] == [
+            "events:",
+            "replay",
+            "live",
+            "fan-out",
+        ]
+        return
+    # The human-readable table, then the same figures as JSON.
+    figures = json.loads(result.stdout[result.stdout.index("\n{") + 1 :])
+    assert figures["backend"] == backend
+    check(figures)
