@@ -17,6 +17,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from anyio.abc import TaskStatus
 from hypothesis import given, settings
@@ -221,6 +222,60 @@ async def test_every_subscriber_gets_every_matching_event(db_path: str) -> None:
         assert await _receive_n(tasks_only, len(task_events)) == task_events
     assert stats.broadcast.subscribers == 4
     assert stats.broadcast.delivered == 3 * len(published) + len(task_events)
+
+
+async def test_draining_a_full_buffer_lets_other_tasks_run(db_path: str) -> None:
+    """Buffered events are handed out without a trip round the loop each, but a
+    subscriber working through a backlog still yields every so often."""
+    backlog = 640
+    async with Runtime.open(db_path) as rt, rt.subscribe(buffer=backlog) as sub:
+        published = [await rt.publish("step", {"i": i}) for i in range(backlog)]
+        await _until_buffered(sub, backlog)
+        turns = 0
+        draining = True
+
+        async def other() -> None:
+            nonlocal turns
+            while draining:
+                turns += 1
+                await anyio.lowlevel.checkpoint()
+
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(other)
+                await anyio.lowlevel.checkpoint()  # the other task is running
+                before = turns
+                got = [await sub.receive() for _ in range(backlog)]
+                during = turns - before
+                draining = False
+    assert got == published
+    # It yields once per 64 events (9 times here), not on each. On trio the last turn
+    # may come after the drain ends (a tick runs its tasks in random order).
+    assert backlog // 64 - 2 <= during < backlog // 2
+
+
+async def test_a_cancelled_subscriber_stops_even_with_events_buffered(db_path: str) -> None:
+    async with Runtime.open(db_path) as rt, rt.subscribe() as sub:
+        for i in range(10):
+            await rt.publish("step", {"i": i})
+        await _until_buffered(sub, 10)
+        got: list[Event] = []
+        with anyio.CancelScope() as scope:
+            for _ in range(10):
+                got.append(await sub.receive())
+                if len(got) == 3:
+                    scope.cancel()
+        assert scope.cancelled_caught
+        assert [e.data["i"] for e in got] == [0, 1, 2]
+        # Nothing was lost: the next receive goes on where the cancelled one stopped.
+        assert (await sub.receive()).data["i"] == 3
+
+
+async def _until_buffered(sub: Subscription, n: int) -> None:
+    with anyio.fail_after(TIMEOUT):
+        # The broadcast actor fills the buffer after publish returns; nothing signals it.
+        while sub._receive.statistics().current_buffer_used < n:  # noqa: ASYNC110
+            await anyio.sleep(0.001)
 
 
 # -- a slow subscriber does not slow the others ---------------------------------------------
