@@ -219,16 +219,8 @@ def raw_batched(folder: Path, count: int, per_txn: int = 1000) -> float:
     for first in range(0, count, per_txn):
         batch: list[tuple[str, tuple[object, ...]]] = []
         for n in range(first, min(first + per_txn, count)):
-            now = datetime.now(UTC)
-            task = Task(
-                id=new_id(),
-                title="bench",
-                task_type="bench",
-                status=TaskStatus.QUEUED,
-                payload={"n": n},
-                created_at=now,
-                updated_at=now,
-            )
+            task = _task(n, TaskStatus.QUEUED)
+            now = task.created_at
             seq += 1
             batch += [task_statement(task), (INSERT_EVENT, _event(seq, "task.created", task))]
             run = Run(id=new_id(), task_id=task.id, worker_id="w", status=RunStatus.ASSIGNED)
@@ -254,6 +246,20 @@ def raw_batched(folder: Path, count: int, per_txn: int = 1000) -> float:
     elapsed = time.perf_counter() - start
     conn.close()
     return count / elapsed
+
+
+def _task(n: int, status: TaskStatus, assigned_worker: str | None = None) -> Task:
+    now = datetime.now(UTC)
+    return Task(
+        id=new_id(),
+        title="bench",
+        task_type="bench",
+        status=status,
+        payload={"n": n},
+        created_at=now,
+        updated_at=now,
+        assigned_worker=assigned_worker,
+    )
 
 
 def _event(seq: int, kind: str, task: Task) -> tuple[object, ...]:
@@ -342,17 +348,7 @@ async def handoff_floor(folder: Path, count: int) -> list[float]:
 def _handoff_rows(n: int) -> list[Statement]:
     """What the runtime commits for one hand-off: a task created and assigned to a parked
     claim in one write (the task's row once, in its last state), its run, two events."""
-    now = datetime.now(UTC)
-    task = Task(
-        id=new_id(),
-        title="bench",
-        task_type="bench",
-        status=TaskStatus.ASSIGNED,
-        payload={"n": n},
-        created_at=now,
-        updated_at=now,
-        assigned_worker="w",
-    )
+    task = _task(n, TaskStatus.ASSIGNED, assigned_worker="w")
     run = Run(id=new_id(), task_id=task.id, worker_id="w", status=RunStatus.ASSIGNED)
     return [
         task_statement(task),
