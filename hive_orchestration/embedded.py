@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager, suppress
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -214,9 +215,14 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
         path: str | os.PathLike[str] | None = None,
         *,
         config: RuntimeConfig | None = None,
+        wall_clock: Callable[[], datetime] | None = None,
     ) -> AsyncIterator[Runtime]:
         """Start a runtime on ``path`` (default ``hive/db/hive-internal.db``, folder created;
         ``":memory:"`` for a throwaway database) for the duration of the block.
+
+        ``wall_clock`` (default ``datetime.now(UTC)``) is where the times that are stored
+        and shown come from (``created_at``, ``lease_expires_at``, ``last_heartbeat``...);
+        a parameter so that tests can step it without changing the machine's clock.
 
         Raises :class:`StorageError` (or :class:`NewerSchemaError`) if the database cannot
         be opened, and :class:`RuntimeFailedError` if an actor crashes past the restart
@@ -265,9 +271,14 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
                 pass
 
         subscription_ids = itertools.count(1)
-        alarm: Alarm[TaskManagerMessage] = Alarm(tasks, Wake(), clock=time.time)
+        wall = wall_clock or _utc_now
+
+        def wall_seconds() -> float:
+            return wall().timestamp()
+
+        alarm: Alarm[TaskManagerMessage] = Alarm(tasks, Wake(), clock=wall_seconds)
         registry_alarm: Alarm[WorkerRegistryMessage] = Alarm(
-            workers, RegistryWake(), clock=time.time
+            workers, RegistryWake(), clock=wall_seconds
         )
         recovered = False
 
@@ -287,6 +298,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
                 retry_backoff=config.retry_backoff,
                 retry_backoff_max=config.retry_backoff_max,
                 concurrency_limits=config.concurrency_limits,
+                clock=wall,
             )
 
         supervisor = Supervisor(
@@ -303,6 +315,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
                         alarm=registry_alarm,
                         timeout=config.worker_timeout,
                         publish_heartbeats=config.publish_heartbeats,
+                        clock=wall,
                     ),
                     services=(registry_alarm.run,),
                 ),
@@ -571,3 +584,7 @@ def _describe(error: BaseException, limit: int = 500) -> str:
     """An exception as bounded, encodable text for a durable event (no lone surrogates)."""
     text = f"{error}".encode("utf-8", "backslashreplace").decode("utf-8")
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
