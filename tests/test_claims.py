@@ -230,6 +230,63 @@ async def test_a_claim_whose_asker_left_during_the_commit_is_handed_back(
         assert [e.data["reason"] for e in retrying] == ["unclaimed"]
 
 
+def record_task_managers(monkeypatch: pytest.MonkeyPatch) -> list[TaskManager]:
+    """The TaskManager instances the runtime starts, to look at their state."""
+    managers: list[TaskManager] = []
+    original = TaskManager.started
+
+    async def started(self: TaskManager) -> None:
+        managers.append(self)
+        await original(self)
+
+    monkeypatch.setattr(TaskManager, "started", started)
+    return managers
+
+
+async def test_the_deadlines_kept_are_one_per_live_claim_and_parked_claim(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Heartbeats that move deadlines (shortening them every other time) and claims that
+    end long before their lease or their wait leave the TaskManager one deadline per live
+    claim and per parked claim: not one per heartbeat, nor one per claim ever made."""
+    managers = record_task_managers(monkeypatch)
+    async with runtime(db_path) as rt:
+        (manager,) = managers
+        for n in range(100):
+            await rt.create_task("job", {"n": n})
+        claims = await rt.claim_tasks("w", "job", limit=100, lease=600)
+        assert manager.deadline_entries == 100
+        for round_ in range(10):
+            for c in claims:
+                await rt.heartbeat(c.lease, extend=300 if round_ % 2 else 600)
+        assert manager.deadline_entries == 100
+        for c in claims[:90]:
+            await rt.complete_task(c.lease)
+        assert manager.deadline_entries == 10  # the 90 finished claims' leases are gone
+        got: list[Claim] = []
+
+        async def wait_and_claim() -> None:
+            found = await rt.claim_task("w", "later", lease=600, wait=600)
+            assert found is not None
+            got.append(found)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(wait_and_claim)
+            with anyio.fail_after(SOON):
+                while True:
+                    if manager.deadline_entries == 30:  # 10 leases, 20 parked waits
+                        break
+                    await anyio.sleep(0.005)
+            for _ in range(20):
+                await rt.create_task("later")
+        # The waits ended with their claims, long before their 600 s; 30 leases now.
+        assert manager.deadline_entries == 30
+        for c in [*claims[90:], *got]:
+            await rt.complete_task(c.lease)
+        assert manager.deadline_entries == 0
+
+
 # -- the worker's calls and fencing -----------------------------------------------------------
 
 

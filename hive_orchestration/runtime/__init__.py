@@ -2,6 +2,7 @@
 
 from .actor import Actor, ActorRef, Envelope, Mailbox, Reply, Request, run_actor
 from .alarm import Alarm
+from .deadlines import Deadlines
 from .supervisor import ChildRestart, ChildSpec, Supervisor
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "ActorRef",
     "ChildRestart",
     "ChildSpec",
+    "Deadlines",
     "Envelope",
     "Mailbox",
     "Reply",

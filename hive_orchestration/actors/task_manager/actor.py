@@ -68,7 +68,6 @@ the last error kept.
 
 from __future__ import annotations
 
-import heapq
 import logging
 import random
 from collections import OrderedDict
@@ -145,7 +144,7 @@ from ...messages.tasks import (
     Wake,
 )
 from ...messages.workers import WorkerRegistryMessage, WorkersSeen
-from ...runtime import Actor, ActorRef, Alarm, Envelope, Request
+from ...runtime import Actor, ActorRef, Alarm, Deadlines, Envelope, Request
 from .ready import ReadyQueue, can_take
 
 __all__ = ["LIVE", "TRANSITIONS", "TaskManager"]
@@ -300,10 +299,12 @@ class TaskManager(Actor[TaskManagerMessage]):
         # holds each claimed task, and the claimed runs' next deadlines.
         self._ready = ReadyQueue(self._type_limits)
         self._held: dict[str, str] = {}  # task id -> the run holding its claim
-        self._deadlines: list[tuple[float, str]] = []  # (lease or timeout, run id)
-        # Parked claims, first come first served, and their wait deadlines.
+        # Run id -> its lease or timeout, one entry per claim (moved, not added to, when a
+        # heartbeat moves it; dropped when the claim ends), so it stays O(live claims).
+        self._deadlines: Deadlines[str] = Deadlines()
+        # Parked claims, first come first served, and their wait deadlines (one each).
         self._waiters: dict[int, _Waiter] = {}
-        self._waits: list[tuple[float, int]] = []
+        self._waits: Deadlines[int] = Deadlines()
         self._next_waiter = 0
 
     async def started(self) -> None:
@@ -347,6 +348,13 @@ class TaskManager(Actor[TaskManagerMessage]):
             else:
                 waiter.envelope.fail(ActorFailedError(self.name, error))
         self._waiters.clear()
+        self._waits.clear()
+
+    @property
+    def deadline_entries(self) -> int:
+        """Deadlines kept (leases and timeouts of claims, waits of parked claims): one per
+        live claim and parked claim, whatever the heartbeats and claims before."""
+        return len(self._deadlines) + len(self._waits)
 
     async def _recover_claims(self, now: datetime) -> None:
         """On open: the previous process died, and with it every worker it ran, so each
@@ -538,7 +546,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         now_ts = now.timestamp()
         self._ready = ReadyQueue(self._type_limits)
         self._held = {}
-        self._deadlines = []
+        self._deadlines = Deadlines()
         for task in self._tasks.values():
             self._index(None, task, now_ts)
         for run in self._runs.values():
@@ -550,8 +558,7 @@ class TaskManager(Actor[TaskManagerMessage]):
                 and owner.status in _HOLDING
             ):
                 self._held[owner.id] = run.id
-                self._deadlines.append((self._deadline(run, owner)[0], run.id))
-        heapq.heapify(self._deadlines)
+                self._deadlines.set(run.id, self._deadline(run, owner)[0])
 
     def _index(self, old: Task | None, new: Task | None, now_ts: float) -> None:
         """Keep the ready queue in step with a task's change from ``old`` to ``new``."""
@@ -582,15 +589,12 @@ class TaskManager(Actor[TaskManagerMessage]):
         """End the leases and runs whose time is up, release backoffs, close claim waits."""
         now_ts = now.timestamp()
         deadlines = self._deadlines
-        while deadlines and deadlines[0][0] <= now_ts:
-            _, run_id = heapq.heappop(deadlines)
-            run = self._runs.get(run_id)
-            if run is None or self._held.get(run.task_id) != run_id:
-                continue  # that claim is over
+        while (run_id := deadlines.pop_due(now_ts)) is not None:
+            run = self._runs[run_id]  # an entry is dropped when its claim ends
             task = self._tasks[run.task_id]
             due, is_timeout = self._deadline(run, task)
             if due > now_ts:  # renewed since: look again then
-                heapq.heappush(deadlines, (due, run_id))
+                deadlines.set(run_id, due)
             elif is_timeout:
                 error = f"run {run.run_number} exceeded the task's timeout of {task.timeout:g}s"
                 self._close_run(run, RunStatus.TIMED_OUT, work, now, error=error)
@@ -603,12 +607,9 @@ class TaskManager(Actor[TaskManagerMessage]):
                 self._close_run(run, RunStatus.LOST, work, now, error=error)
                 self._requeue(task, run, "lease_expired", error, work, now)
         self._ready.promote(now_ts)
-        waits = self._waits
-        while waits and waits[0][0] <= now_ts:
-            _, waiter_id = heapq.heappop(waits)
-            waiter = self._waiters.pop(waiter_id, None)
-            if waiter is not None:
-                work.answers.append((waiter.envelope, waiter.nothing))
+        while (waiter_id := self._waits.pop_due(now_ts)) is not None:
+            waiter = self._waiters.pop(waiter_id)
+            work.answers.append((waiter.envelope, waiter.nothing))
 
     def _arm(self) -> None:
         """Set the alarm to the earliest deadline (only when it changed: setting it wakes
@@ -616,10 +617,9 @@ class TaskManager(Actor[TaskManagerMessage]):
         if self._alarm is None:
             return
         times = []
-        if self._deadlines:
-            times.append(self._deadlines[0][0])
-        if self._waits:
-            times.append(self._waits[0][0])
+        for first in (self._deadlines.first(), self._waits.first()):
+            if first is not None:
+                times.append(first[0])
         delayed = self._ready.next_delayed()
         if delayed is not None:
             times.append(delayed)
@@ -641,7 +641,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         deadline = now.timestamp() + claim.wait if claim.wait > 0 else None
         self._waiters[waiter_id] = _Waiter(envelope, claim, deadline)
         if deadline is not None:
-            heapq.heappush(self._waits, (deadline, waiter_id))
+            self._waits.set(waiter_id, deadline)
         work.parked.append(waiter_id)
 
     def _dispatch(self, work: _Batch, now: datetime) -> None:
@@ -661,16 +661,16 @@ class TaskManager(Actor[TaskManagerMessage]):
                 continue
             reply = waiter.envelope.reply
             if reply is not None and reply.done:  # the claimer stopped waiting
-                del self._waiters[waiter_id]
+                self._unpark(waiter_id)
                 continue
             request = waiter.claim
             task_id = self._ready.pop(request.task_types)
             if task_id is None:
                 if waiter.deadline is None:
-                    del self._waiters[waiter_id]
+                    self._unpark(waiter_id)
                     work.answers.append((waiter.envelope, waiter.nothing))
                 continue
-            del self._waiters[waiter_id]
+            self._unpark(waiter_id)
             if isinstance(request, ClaimTask):
                 work.answers.append((waiter.envelope, self._assign(task_id, request, work, now)))
                 continue
@@ -681,6 +681,10 @@ class TaskManager(Actor[TaskManagerMessage]):
                     break
                 claims.append(self._assign(task_id, request, work, now))
             work.answers.append((waiter.envelope, tuple(claims)))
+
+    def _unpark(self, waiter_id: int) -> None:
+        del self._waiters[waiter_id]
+        self._waits.discard(waiter_id)
 
     def _assign(
         self, task_id: str, claim: ClaimTask | ClaimTasks, work: _Batch, now: datetime
@@ -713,7 +717,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         if claim.start:
             updated = self._start(updated, run, work, now)
             run = self._runs[run.id]
-        heapq.heappush(self._deadlines, (self._deadline(run, updated)[0], run.id))
+        self._deadlines.set(run.id, self._deadline(run, updated)[0])
         return Claim(updated, Lease(task_id, run.id, run.run_number), expires)
 
     def _start(self, task: Task, run: Run, work: _Batch, now: datetime) -> Task:
@@ -779,6 +783,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         self._runs[run.id] = closed
         if self._held.get(run.task_id) == run.id:
             del self._held[run.task_id]
+            self._deadlines.discard(run.id)
         work.ops.append(SetRunState(closed))
         return closed
 
@@ -962,8 +967,12 @@ class TaskManager(Actor[TaskManagerMessage]):
             self._touch(task.id, work)
         renewed = msgspec.structs.replace(run, **changes)
         self._runs[run.id] = renewed
-        if expires < run.lease_expires_at:  # shortened: the heap entry would fire late
-            heapq.heappush(self._deadlines, (self._deadline(renewed, task)[0], run.id))
+        due = self._deadline(renewed, task)[0]
+        # Moved earlier only: a later deadline is found when the entry comes up (one
+        # entry per claim either way), so that a heartbeat costs no sift.
+        entry = self._deadlines.get(run.id)
+        if entry is None or due < entry:
+            self._deadlines.set(run.id, due)
         if len(changes) > 1:
             work.ops.append(SetRunState(renewed))
             data = _run_data(run)
@@ -1114,7 +1123,9 @@ class TaskManager(Actor[TaskManagerMessage]):
         self._touch(task_id, work)
         self._tasks.pop(task_id, None)
         self._index(task, None, now.timestamp())
-        self._held.pop(task_id, None)
+        held = self._held.pop(task_id, None)
+        if held is not None:
+            self._deadlines.discard(held)
         self._finished.pop(task_id, None)
         for run_id in self._runs_of.pop(task_id, []):
             self._runs.pop(run_id, None)
