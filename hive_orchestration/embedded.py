@@ -222,7 +222,8 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
 
         ``wall_clock`` (default ``datetime.now(UTC)``) is where the times that are stored
         and shown come from (``created_at``, ``lease_expires_at``, ``last_heartbeat``...);
-        a parameter so that tests can step it without changing the machine's clock.
+        a parameter so that tests can step it without changing the machine's clock. No
+        deadline follows it: they all run on the event loop's monotonic clock.
 
         Raises :class:`StorageError` (or :class:`NewerSchemaError`) if the database cannot
         be opened, and :class:`RuntimeFailedError` if an actor crashes past the restart
@@ -272,13 +273,13 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
 
         subscription_ids = itertools.count(1)
         wall = wall_clock or _utc_now
-
-        def wall_seconds() -> float:
-            return wall().timestamp()
-
-        alarm: Alarm[TaskManagerMessage] = Alarm(tasks, Wake(), clock=wall_seconds)
+        # Every deadline (leases, timeouts, backoffs, liveness, claim waits) runs on the
+        # event loop's monotonic clock, the alarms' and the actors' alike; the wall clock
+        # only stamps what is stored and shown, so stepping it moves no deadline.
+        monotonic = anyio.current_time
+        alarm: Alarm[TaskManagerMessage] = Alarm(tasks, Wake(), clock=monotonic)
         registry_alarm: Alarm[WorkerRegistryMessage] = Alarm(
-            workers, RegistryWake(), clock=wall_seconds
+            workers, RegistryWake(), clock=monotonic
         )
         recovered = False
 
@@ -299,6 +300,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
                 retry_backoff_max=config.retry_backoff_max,
                 concurrency_limits=config.concurrency_limits,
                 clock=wall,
+                monotonic=monotonic,
             )
 
         supervisor = Supervisor(
@@ -316,6 +318,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
                         timeout=config.worker_timeout,
                         publish_heartbeats=config.publish_heartbeats,
                         clock=wall,
+                        monotonic=monotonic,
                     ),
                     services=(registry_alarm.run,),
                 ),

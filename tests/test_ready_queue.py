@@ -51,6 +51,16 @@ def make_task(
     )
 
 
+def available_of(task: Task) -> float | None:
+    """The end of ``task``'s backoff as the TaskManager gives it to ``add``: a time on its
+    monotonic clock, for which the tasks' timestamps stand here."""
+    return None if task.available_at is None else task.available_at.timestamp()
+
+
+def add_delayed(queue: ReadyQueue, task: Task, now: float) -> None:
+    queue.add(task, now, available_of(task))
+
+
 def changed(queue: ReadyQueue) -> bool:
     """``queue.changed`` (read through a call, so that a type checker does not narrow it)."""
     return queue.changed
@@ -175,9 +185,9 @@ def test_readd_with_new_priority_uses_the_new_entry() -> None:
 def test_available_at_in_the_future_waits_for_promote() -> None:
     queue = ReadyQueue()
     due = NOW + 100
-    queue.add(make_task("later", priority=9, available=due), NOW)
+    add_delayed(queue, make_task("later", priority=9, available=due), NOW)
     queue.changed = False
-    queue.add(make_task("late-too", priority=9, available=due + 50), NOW)
+    add_delayed(queue, make_task("late-too", priority=9, available=due + 50), NOW)
     assert not queue.changed  # nothing claimable was added
     assert len(queue) == 2
     assert queue.next_delayed() == due
@@ -200,8 +210,8 @@ def test_available_at_in_the_future_waits_for_promote() -> None:
 def test_available_at_in_the_past_is_ready_at_once() -> None:
     queue = ReadyQueue()
     queue.changed = False
-    queue.add(make_task("past", available=NOW - 5), NOW)
-    queue.add(make_task("now", available=NOW), NOW)
+    add_delayed(queue, make_task("past", available=NOW - 5), NOW)
+    add_delayed(queue, make_task("now", available=NOW), NOW)
     assert queue.changed
     assert queue.next_delayed() is None
     assert sorted(drain(queue)) == ["now", "past"]
@@ -209,8 +219,8 @@ def test_available_at_in_the_past_is_ready_at_once() -> None:
 
 def test_next_delayed_skips_discarded_tasks() -> None:
     queue = ReadyQueue()
-    queue.add(make_task("soon", available=NOW + 10), NOW)
-    queue.add(make_task("later", available=NOW + 20), NOW)
+    add_delayed(queue, make_task("soon", available=NOW + 10), NOW)
+    add_delayed(queue, make_task("later", available=NOW + 20), NOW)
     assert queue.next_delayed() == NOW + 10
     queue.discard("soon")
     assert queue.next_delayed() == NOW + 20
@@ -223,7 +233,7 @@ def test_next_delayed_skips_discarded_tasks() -> None:
 
 def test_delayed_task_readded_ready_comes_out_once() -> None:
     queue = ReadyQueue()
-    queue.add(make_task("t", available=NOW + 10), NOW)
+    add_delayed(queue, make_task("t", available=NOW + 10), NOW)
     queue.discard("t")
     queue.add(make_task("t"), NOW)  # queued again without a backoff
     assert queue.next_delayed() is None  # the old delayed entry is stale
@@ -370,7 +380,7 @@ def test_len_counts_ready_delayed_and_blocked_tasks() -> None:
     holder = make_task("holder", key="k")
     queue.hold(holder)
     queue.add(make_task("ready"), NOW)
-    queue.add(make_task("delayed", available=NOW + 60), NOW)
+    add_delayed(queue, make_task("delayed", available=NOW + 60), NOW)
     queue.add(make_task("blocked", key="k"), NOW)
     assert len(queue) == 3
     assert queue.pop(None) == "ready"  # and "blocked" moved aside on the way
@@ -489,7 +499,7 @@ def test_random_operations_match_the_model(ops: list[tuple[Any, ...]]) -> None:
                     limit=spec["limit"] if spec["key"] is not None else None,
                     available=None if delay is None else model.now + delay,
                 )
-                queue.add(task, model.now)
+                queue.add(task, model.now, available_of(task))
                 model.tasks[task_id] = task
                 model.queued.add(task_id)
                 model.discarded.discard(task_id)

@@ -19,6 +19,11 @@ inherited. Unregistering a worker releases what it held too.
 
 When the runtime opens, every live worker gets a whole ``timeout`` to heartbeat again
 before it is declared offline.
+
+Liveness runs on ``monotonic`` (the event loop's clock, the alarm's too): each worker's
+last sign of life is kept as a monotonic time beside its ``last_heartbeat``, which is a
+wall time, stored and shown only. A wall clock stepped forward therefore declares no live
+worker offline, and one stepped back does not keep a dead one alive.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import anyio
 import msgspec
 
 from .._ids import new_id
@@ -86,6 +92,7 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
         timeout: float = 30.0,
         publish_heartbeats: bool = False,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        monotonic: Callable[[], float] = anyio.current_time,
     ) -> None:
         self._storage = storage
         self._tasks = tasks
@@ -93,22 +100,29 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
         self._timeout = timeout
         self._publish_heartbeats = publish_heartbeats
         self._clock = clock
+        self._monotonic = monotonic  # the alarm's clock: deadlines run on it
+        self._mono = 0.0  # read at the start of each batch
         self._workers: dict[str, Worker] = {}
+        # Worker id -> its last sign of life, on the monotonic clock (kept after a failed
+        # commit: the worker did call).
+        self._alive: dict[str, float] = {}
         self._deadlines: list[tuple[float, str]] = []  # (heartbeat deadline, worker id)
         self._scheduled: set[str] = set()  # workers with an entry in the heap: one each
 
     async def started(self) -> None:
         workers = await self._storage.ask(LoadWorkers())
         self._workers = {worker.id: worker for worker in workers}
-        grace = self._clock().timestamp() + self._timeout
+        self._mono = self._monotonic()
         for worker in workers:
             if worker.status is not WorkerStatus.OFFLINE:
-                self._schedule(worker.id, grace)
+                self._alive[worker.id] = self._mono
+                self._schedule(worker.id, self._mono + self._timeout)
         self._arm()
         log.info("worker registry: %d worker(s)", len(self._workers))
 
     async def receive_batch(self, batch: Sequence[Envelope[WorkerRegistryMessage]]) -> None:
         now = self._clock()
+        self._mono = self._monotonic()
         work = _Batch()
         self._expire(work, now)
         for envelope in batch:
@@ -188,7 +202,8 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
             "again": previous is not None,
         }
         work.ops.append(self._event("worker.registered", worker, now, data))
-        self._schedule(worker.id, now.timestamp() + self._timeout)
+        self._alive[worker.id] = self._mono
+        self._schedule(worker.id, self._mono + self._timeout)
         if previous is not None:
             # A worker that registers again restarted: its old incarnation is gone.
             work.releases.append((worker.id, "worker registered again (a new incarnation)"))
@@ -205,6 +220,7 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
             status = WorkerStatus.ACTIVE if was_offline else worker.status
         updated = msgspec.structs.replace(worker, status=status, last_heartbeat=now)
         self._put(updated, work)
+        self._alive[worker_id] = self._mono
         if status is not worker.status:
             data: dict[str, JsonValue] = {"status": status.value, "previous": worker.status.value}
             event = "worker.offline" if status is WorkerStatus.OFFLINE else "worker.status_changed"
@@ -214,7 +230,7 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
         if status is WorkerStatus.OFFLINE and not was_offline:
             work.releases.append((worker_id, "worker went offline"))
         elif was_offline and status is not WorkerStatus.OFFLINE:
-            self._schedule(worker_id, now.timestamp() + self._timeout)
+            self._schedule(worker_id, self._mono + self._timeout)
         return True
 
     def _seen(self, worker_id: str, work: _Batch, now: datetime) -> None:
@@ -223,23 +239,28 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
             return  # workers need not register to work
         if worker.status is WorkerStatus.OFFLINE:
             self._heartbeat(worker_id, None, work, now)  # back to work: live again, written
-        elif worker.last_heartbeat < now:
-            # In memory only; the deadline already in the heap is pushed back when it
-            # comes up early (see _expire).
+            return
+        # In memory only; the deadline already in the heap is pushed back when it comes
+        # up early (see _expire).
+        self._alive[worker_id] = self._mono
+        if worker.last_heartbeat < now:
             self._workers[worker_id] = msgspec.structs.replace(worker, last_heartbeat=now)
 
     def _expire(self, work: _Batch, now: datetime) -> None:
         """Declare offline every live worker whose heartbeat deadline has passed."""
-        now_ts = now.timestamp()
+        mono = self._mono
         deadlines = self._deadlines
-        while deadlines and deadlines[0][0] <= now_ts:
+        while deadlines and deadlines[0][0] <= mono:
             _, worker_id = heapq.heappop(deadlines)
             self._scheduled.discard(worker_id)
             worker = self._workers.get(worker_id)
-            if worker is None or worker.status is WorkerStatus.OFFLINE:
+            if worker is None:
+                self._alive.pop(worker_id, None)  # unregistered
                 continue
-            due = worker.last_heartbeat.timestamp() + self._timeout
-            if due > now_ts:
+            if worker.status is WorkerStatus.OFFLINE:
+                continue
+            due = self._alive.get(worker_id, mono) + self._timeout
+            if due > mono:
                 self._schedule(worker_id, due)  # it heartbeat since
                 continue
             offline = msgspec.structs.replace(worker, status=WorkerStatus.OFFLINE)
@@ -279,7 +300,8 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
             else:
                 self._workers[worker_id] = worker
                 if worker.status is not WorkerStatus.OFFLINE:
-                    self._schedule(worker_id, worker.last_heartbeat.timestamp() + self._timeout)
+                    alive = self._alive.setdefault(worker_id, self._mono)
+                    self._schedule(worker_id, alive + self._timeout)
         log.warning("commit failed; %d worker(s) restored in memory", len(work.undo))
 
     async def _commit(self, work: _Batch) -> HiveError | None:

@@ -5,6 +5,10 @@ itself and calls :meth:`Alarm.set`; at that time the alarm tells the actor its w
 message, and the actor handles whatever is due and sets the alarm again. The actor's
 loop never sleeps, so it stays free to handle messages, and there is one timer per
 actor, not one per deadline. Time is a parameter (``clock``), so tests need not sleep.
+
+The clock must be monotonic (the default, the event loop's own clock, is), and the one
+the actor computes its deadlines on: a wall clock that is stepped would fire an alarm an
+hour early or an hour late.
 """
 
 from __future__ import annotations

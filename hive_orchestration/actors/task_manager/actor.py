@@ -22,6 +22,13 @@ run timeouts, retry backoffs and claim waits are deadlines kept by this actor; o
 first settles what is due. A claim whose asker left before the answer (deadline,
 cancellation) is handed back at once, so no task is held by a worker that never got it.
 
+Two clocks. Every deadline runs on ``monotonic`` (the event loop's clock, the alarm's
+too), which no one steps; the wall clock (``clock``) only stamps what is stored and
+shown (``lease_expires_at``, ``available_at``, ``started_at``, event times). A stored
+wall time is turned into a deadline once, when it is loaded (at start-up): what remains
+of it by the wall clock then, at least nothing and at most the span that was set, so
+that a clock stepped while the runtime was down can neither stretch nor revive it.
+
 State machine (``pending`` is the extraction plan's name for ``queued``):
 
 =========  =========  ==================================================  ==============
@@ -75,6 +82,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 import anyio
 import msgspec
@@ -229,6 +237,21 @@ class _Undo:
     finished: bool
     run_ids: list[str] | None
     runs: dict[str, Run]
+    due: dict[str, _Due] = field(default_factory=dict)  # its claimed run's deadlines
+    ready_at: float | None = None  # the end of its backoff
+
+
+class _Due(NamedTuple):
+    """A claimed run's deadlines, on the monotonic clock."""
+
+    lease: float
+    timeout: float | None
+
+    def next(self) -> tuple[float, bool]:
+        """The earliest, and whether it is the timeout."""
+        if self.timeout is not None and self.timeout <= self.lease:
+            return self.timeout, True
+        return self.lease, False
 
 
 @dataclass(slots=True)
@@ -277,6 +300,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         retry_backoff_max: float = 300.0,
         concurrency_limits: Mapping[str, int] | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        monotonic: Callable[[], float] = anyio.current_time,
         rng: random.Random | None = None,
     ) -> None:
         self._storage = storage
@@ -285,6 +309,11 @@ class TaskManager(Actor[TaskManagerMessage]):
         self._recover = recover
         self._on_recovered = on_recovered
         self._clock = clock
+        self._monotonic = monotonic  # the alarm's clock: deadlines run on it
+        # Both clocks, read together at the start of the batch: a wall time set in the
+        # batch (now + a span) is that span after _mono on the monotonic clock.
+        self._wall = datetime.fromtimestamp(0, UTC)
+        self._mono = 0.0
         self._recent_limit = recent
         self._backoff_base = retry_backoff
         self._backoff_max = retry_backoff_max
@@ -302,6 +331,11 @@ class TaskManager(Actor[TaskManagerMessage]):
         # Run id -> its lease or timeout, one entry per claim (moved, not added to, when a
         # heartbeat moves it; dropped when the claim ends), so it stays O(live claims).
         self._deadlines: Deadlines[str] = Deadlines()
+        # Monotonic deadlines of what is stored as wall times: each claimed run's lease and
+        # timeout, each queued task's end of backoff (kept across _reindex, and put back
+        # with the tasks after a failed commit).
+        self._due: dict[str, _Due] = {}  # run id -> its deadlines
+        self._ready_at: dict[str, float] = {}  # task id -> when its backoff ends
         # Parked claims, first come first served, and their wait deadlines (one each).
         self._waiters: dict[int, _Waiter] = {}
         self._waits: Deadlines[int] = Deadlines()
@@ -315,20 +349,21 @@ class TaskManager(Actor[TaskManagerMessage]):
         self._keys = dict(keys)
         for run in runs:
             self._remember_run(run)
-        now = self._clock()
+        now = self._read_clocks()
         if self._recover:
             await self._recover_claims(now)
             if self._on_recovered is not None:
                 self._on_recovered()  # a later restart must not requeue live claims
         else:
             # Restarted after a crash: the claims stand. Heartbeats are kept in memory
-            # only, so each lease restarts whole rather than expire on a stale time.
+            # only, so each lease restarts whole (its own length: a longer ``extend`` was
+            # a heartbeat's) rather than expire on a stale time, or on a wall clock that
+            # was stepped since it was stored.
             for run in list(self._runs.values()):
                 if run.status in _RUN_OPEN and run.lease_seconds is not None:
                     renewed = now + timedelta(seconds=run.lease_seconds)
-                    if run.lease_expires_at is None or run.lease_expires_at < renewed:
-                        self._runs[run.id] = msgspec.structs.replace(run, lease_expires_at=renewed)
-        self._reindex(now)
+                    self._runs[run.id] = msgspec.structs.replace(run, lease_expires_at=renewed)
+        self._reindex()
         self._arm()
         log.info(
             "task manager: %d live task(s), %d run(s), %d claimed",
@@ -378,7 +413,7 @@ class TaskManager(Actor[TaskManagerMessage]):
     # -- the batch loop ----------------------------------------------------------------------
 
     async def receive_batch(self, batch: Sequence[Envelope[TaskManagerMessage]]) -> None:
-        now = self._clock()
+        now = self._read_clocks()
         work = _Batch()
         self._settle_due(work, now)
         forwards: list[tuple[Envelope[TaskManagerMessage], Request[object]]] = []
@@ -507,6 +542,8 @@ class TaskManager(Actor[TaskManagerMessage]):
                 finished=task_id in self._finished,
                 run_ids=None if run_ids is None else list(run_ids),
                 runs={run_id: self._runs[run_id] for run_id in run_ids or ()},
+                due={r: self._due[r] for r in run_ids or () if r in self._due},
+                ready_at=self._ready_at.get(task_id),
             )
 
     def _set_key(self, key: str, task_id: str | None, work: _Batch) -> None:
@@ -521,9 +558,15 @@ class TaskManager(Actor[TaskManagerMessage]):
         for task_id, undo in work.undo.items():
             for run_id in self._runs_of.pop(task_id, ()):
                 self._runs.pop(run_id, None)
+                self._due.pop(run_id, None)
             if undo.run_ids is not None:
                 self._runs_of[task_id] = undo.run_ids
                 self._runs.update(undo.runs)
+            self._due.update(undo.due)
+            if undo.ready_at is None:
+                self._ready_at.pop(task_id, None)
+            else:
+                self._ready_at[task_id] = undo.ready_at
             if undo.task is None:
                 self._tasks.pop(task_id, None)
             else:
@@ -537,18 +580,18 @@ class TaskManager(Actor[TaskManagerMessage]):
                 self._keys.pop(key, None)
             else:
                 self._keys[key] = owner
-        self._reindex(now)
+        self._reindex()
         log.warning("commit failed; %d task(s) restored in memory", len(work.undo))
 
-    def _reindex(self, now: datetime) -> None:
+    def _reindex(self) -> None:
         """Rebuild what is derived from tasks and runs: the ready queue, the claims and
         their deadlines. O(live tasks): at start-up and after a failed commit only."""
-        now_ts = now.timestamp()
         self._ready = ReadyQueue(self._type_limits)
         self._held = {}
         self._deadlines = Deadlines()
         for task in self._tasks.values():
-            self._index(None, task, now_ts)
+            self._index(None, task)
+        due: dict[str, _Due] = {}
         for run in self._runs.values():
             owner = self._tasks.get(run.task_id)
             if (
@@ -558,42 +601,73 @@ class TaskManager(Actor[TaskManagerMessage]):
                 and owner.status in _HOLDING
             ):
                 self._held[owner.id] = run.id
-                self._deadlines.set(run.id, self._deadline(run, owner)[0])
+                # Kept from before a failed commit; at start-up, from the stored times.
+                kept = self._due.get(run.id)
+                due[run.id] = self._due_from_wall(run, owner) if kept is None else kept
+                self._deadlines.set(run.id, due[run.id].next()[0])
+        self._due = due
 
-    def _index(self, old: Task | None, new: Task | None, now_ts: float) -> None:
+    def _index(self, old: Task | None, new: Task | None) -> None:
         """Keep the ready queue in step with a task's change from ``old`` to ``new``."""
         if old is not None:
             if old.status is Q:
                 self._ready.discard(old.id)
+                self._ready_at.pop(old.id, None)
             elif old.status in _HOLDING:
                 self._ready.unhold(old)
         if new is not None:
             if new.status is Q:
-                self._ready.add(new, now_ts)
+                self._ready.add(new, self._mono, self._backoff_end(new))
             elif new.status in _HOLDING:
                 self._ready.hold(new)
 
     # -- deadlines -----------------------------------------------------------------------------
 
-    def _deadline(self, run: Run, task: Task) -> tuple[float, bool]:
-        """When the claimed ``run`` ends unless renewed, and whether that is its timeout."""
+    def _read_clocks(self) -> datetime:
+        """Read both clocks for a batch (or the start-up); returns the wall time, ``now``."""
+        self._wall = self._clock()
+        self._mono = self._monotonic()
+        return self._wall
+
+    def _from_wall(self, at: datetime, longest: float) -> float:
+        """The stored wall time ``at`` as a monotonic deadline: what remains of it by the
+        wall clock now, at least nothing and at most ``longest`` (the span that was set),
+        so that a wall clock stepped since it was set can neither stretch it nor end it
+        late. Exact for a time set in this batch (``now`` plus a span)."""
+        remaining = (at - self._wall).total_seconds()
+        return self._mono + min(max(remaining, 0.0), max(longest, 0.0))
+
+    def _due_from_wall(self, run: Run, task: Task) -> _Due:
+        """A claimed run's deadlines, from its stored times (at start-up): its lease, set
+        whole when it was loaded, and what remains of its timeout."""
         assert run.lease_expires_at is not None
-        lease = run.lease_expires_at.timestamp()
+        timeout = None
         if task.timeout is not None and run.started_at is not None:
-            timeout = run.started_at.timestamp() + task.timeout
-            if timeout <= lease:
-                return timeout, True
-        return lease, False
+            ends = run.started_at + timedelta(seconds=task.timeout)
+            timeout = self._from_wall(ends, task.timeout)
+        lease = self._from_wall(run.lease_expires_at, run.lease_seconds or 0.0)
+        return _Due(lease, timeout)
+
+    def _backoff_end(self, task: Task) -> float | None:
+        """When the queued ``task``'s backoff ends (``None``: it has none)."""
+        if task.available_at is None:
+            return None
+        at = self._ready_at.get(task.id)
+        if at is None:
+            # Set in this batch (updated_at is now), or loaded at start-up.
+            whole = (task.available_at - task.updated_at).total_seconds()
+            at = self._ready_at[task.id] = self._from_wall(task.available_at, whole)
+        return at
 
     def _settle_due(self, work: _Batch, now: datetime) -> None:
         """End the leases and runs whose time is up, release backoffs, close claim waits."""
-        now_ts = now.timestamp()
+        mono = self._mono
         deadlines = self._deadlines
-        while (run_id := deadlines.pop_due(now_ts)) is not None:
+        while (run_id := deadlines.pop_due(mono)) is not None:
             run = self._runs[run_id]  # an entry is dropped when its claim ends
             task = self._tasks[run.task_id]
-            due, is_timeout = self._deadline(run, task)
-            if due > now_ts:  # renewed since: look again then
+            due, is_timeout = self._due[run_id].next()
+            if due > mono:  # renewed since: look again then
                 deadlines.set(run_id, due)
             elif is_timeout:
                 error = f"run {run.run_number} exceeded the task's timeout of {task.timeout:g}s"
@@ -606,8 +680,8 @@ class TaskManager(Actor[TaskManagerMessage]):
                 )
                 self._close_run(run, RunStatus.LOST, work, now, error=error)
                 self._requeue(task, run, "lease_expired", error, work, now)
-        self._ready.promote(now_ts)
-        while (waiter_id := self._waits.pop_due(now_ts)) is not None:
+        self._ready.promote(mono)
+        while (waiter_id := self._waits.pop_due(mono)) is not None:
             waiter = self._waiters.pop(waiter_id)
             work.answers.append((waiter.envelope, waiter.nothing))
 
@@ -638,7 +712,7 @@ class TaskManager(Actor[TaskManagerMessage]):
     ) -> None:
         self._next_waiter += 1
         waiter_id = self._next_waiter
-        deadline = now.timestamp() + claim.wait if claim.wait > 0 else None
+        deadline = self._mono + claim.wait if claim.wait > 0 else None
         self._waiters[waiter_id] = _Waiter(envelope, claim, deadline)
         if deadline is not None:
             self._waits.set(waiter_id, deadline)
@@ -703,6 +777,8 @@ class TaskManager(Actor[TaskManagerMessage]):
             lease_expires_at=expires,
         )
         self._remember_run(run)
+        timeout = None if task.timeout is None else self._mono + task.timeout
+        self._due[run.id] = _Due(self._mono + claim.lease, timeout)
         work.ops.append(PutRun(run))
         updated = self._transition(
             task,
@@ -717,7 +793,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         if claim.start:
             updated = self._start(updated, run, work, now)
             run = self._runs[run.id]
-        self._deadlines.set(run.id, self._deadline(run, updated)[0])
+        self._deadlines.set(run.id, self._due[run.id].next()[0])
         return Claim(updated, Lease(task_id, run.id, run.run_number), expires)
 
     def _start(self, task: Task, run: Run, work: _Batch, now: datetime) -> Task:
@@ -784,6 +860,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         if self._held.get(run.task_id) == run.id:
             del self._held[run.task_id]
             self._deadlines.discard(run.id)
+            del self._due[run.id]
         work.ops.append(SetRunState(closed))
         return closed
 
@@ -955,7 +1032,8 @@ class TaskManager(Actor[TaskManagerMessage]):
         task, run = self._holding(message.lease, work)
         assert run.lease_seconds is not None
         assert run.lease_expires_at is not None
-        expires = now + timedelta(seconds=message.extend or run.lease_seconds)
+        span = message.extend or run.lease_seconds
+        expires = now + timedelta(seconds=span)  # shown; the deadline is on the monotonic clock
         changes: dict[str, object] = {"lease_expires_at": expires}
         if message.progress is not None:
             changes["progress"] = message.progress
@@ -967,7 +1045,8 @@ class TaskManager(Actor[TaskManagerMessage]):
             self._touch(task.id, work)
         renewed = msgspec.structs.replace(run, **changes)
         self._runs[run.id] = renewed
-        due = self._deadline(renewed, task)[0]
+        self._due[run.id] = self._due[run.id]._replace(lease=self._mono + span)
+        due = self._due[run.id].next()[0]
         # Moved earlier only: a later deadline is found when the entry comes up (one
         # entry per claim either way), so that a heartbeat costs no sift.
         entry = self._deadlines.get(run.id)
@@ -1033,7 +1112,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         )
         self._touch(task.id, work)
         self._tasks[task.id] = task
-        self._index(None, task, now.timestamp())
+        self._index(None, task)
         if key is not None:
             self._set_key(key, task.id, work)
         work.ops.append(PutTask(task))
@@ -1098,7 +1177,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         updated = msgspec.structs.replace(task, status=status, updated_at=now, **changes)
         self._touch(task.id, work)
         self._tasks[task.id] = updated
-        self._index(task, updated, now.timestamp())
+        self._index(task, updated)
         if status in TERMINAL:
             self._finished[task.id] = None
         work.ops.append(SetTaskState(updated))
@@ -1122,10 +1201,11 @@ class TaskManager(Actor[TaskManagerMessage]):
         task = await self._find(task_id, work)
         self._touch(task_id, work)
         self._tasks.pop(task_id, None)
-        self._index(task, None, now.timestamp())
+        self._index(task, None)
         held = self._held.pop(task_id, None)
         if held is not None:
             self._deadlines.discard(held)
+            del self._due[held]
         self._finished.pop(task_id, None)
         for run_id in self._runs_of.pop(task_id, []):
             self._runs.pop(run_id, None)

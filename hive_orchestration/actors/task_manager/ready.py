@@ -72,8 +72,11 @@ class ReadyQueue:
 
     # -- queued tasks -------------------------------------------------------------------
 
-    def add(self, task: Task, now: float) -> None:
-        """``task`` is queued: hand it out when it is the best ready one."""
+    def add(self, task: Task, now: float, available: float | None = None) -> None:
+        """``task`` is queued: hand it out when it is the best ready one, not before
+        ``available`` (the end of its backoff). ``now``, ``available`` and the times given
+        to :meth:`promote` are on the caller's monotonic clock, not ``task.available_at``'s
+        wall clock: a wall clock stepped back must not hold a task back for the step."""
         self._next_generation += 1
         generation = self._next_generation
         self._generation[task.id] = generation
@@ -87,7 +90,6 @@ class ReadyQueue:
             task.concurrency_key,
             task.concurrency_limit or 1,
         )
-        available = task.available_at.timestamp() if task.available_at is not None else None
         if available is not None and available > now:
             heapq.heappush(self._delayed, (available, entry))
         else:
