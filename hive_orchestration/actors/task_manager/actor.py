@@ -69,8 +69,9 @@ a progress report publishes ``task.progress`` (no status change).
 Attempts: every run that ends without success counts one (failed, timed out, lost),
 except a released run (handed back by its worker, or never received by it). While
 ``attempts <= max_retries`` the task is queued again, after an exponential backoff with
-jitter for failures and timeouts; then it ends failed (timed_out after a timeout) with
-the last error kept.
+jitter for failures and timeouts, at once for a lost run (lease expired, worker lost,
+recovered: the worker went away, the task did nothing wrong); then it ends failed
+(timed_out after a timeout) with the last error kept.
 """
 
 from __future__ import annotations
@@ -679,7 +680,7 @@ class TaskManager(Actor[TaskManagerMessage]):
                     f" for {run.lease_seconds:g}s"
                 )
                 self._close_run(run, RunStatus.LOST, work, now, error=error)
-                self._requeue(task, run, "lease_expired", error, work, now)
+                self._requeue(task, run, "lease_expired", error, work, now, retry_after=0.0)
         self._ready.promote(mono)
         while (waiter_id := self._waits.pop_due(mono)) is not None:
             waiter = self._waiters.pop(waiter_id)
@@ -1078,7 +1079,10 @@ class TaskManager(Actor[TaskManagerMessage]):
                 continue
             error = f"worker {worker_id!r} lost: {reason}"
             self._close_run(run, RunStatus.LOST, work, now, error=error)
-            self._requeue(self._tasks[task_id], run, "worker_lost", error, work, now)
+            # A lost run says nothing against the task: claimable again at once.
+            self._requeue(
+                self._tasks[task_id], run, "worker_lost", error, work, now, retry_after=0.0
+            )
             released += 1
         return released
 
