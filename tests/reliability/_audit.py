@@ -27,6 +27,10 @@ TRANSITION_EVENTS = frozenset(
     }
 )
 HOLDING = frozenset({TaskStatus.ASSIGNED, TaskStatus.RUNNING})
+#: Why a run ended without success (``data.reason`` of ``task.retrying``, ``task.failed``
+#: and ``task.timed_out``): these count an attempt, the others do not.
+COUNTED = frozenset({"failed", "timed_out", "lease_expired", "worker_lost", "recovered"})
+NOT_COUNTED = frozenset({"released", "unclaimed", "requeued"})
 OPEN_RUN = frozenset({RunStatus.ASSIGNED, RunStatus.RUNNING})
 
 
@@ -44,6 +48,8 @@ class Ledger:
     claimed: set[str] = field(default_factory=set)
     #: Tasks completed while a claim held them (so with a completed run).
     completed_by_claim: set[str] = field(default_factory=set)
+    #: Each task's attempts, as its events say (``data.attempts``).
+    attempts: Counter[str] = field(default_factory=Counter)
     #: Each task's events, as "type:status", for the messages.
     history: dict[str, list[str]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
@@ -109,6 +115,7 @@ def fold(events: list[Event]) -> Ledger:
             )
             continue
         ledger.status[task_id] = TaskStatus(status)
+        check_attempts(ledger, event, task_id, where)
         if event.type == "task.completed":
             ledger.completed[task_id] += 1
             if task_id in ledger.claimed:
@@ -120,6 +127,24 @@ def fold(events: list[Event]) -> Ledger:
         elif TaskStatus(status) not in HOLDING or event.type == "task.assigned":
             ledger.claimed.discard(task_id)  # by hand (update_task_status), or over
     return ledger
+
+
+def check_attempts(ledger: Ledger, event: Event, task_id: str, where: str) -> None:
+    """A run that ended without success counts one attempt (lease expiry, a lost worker
+    and recovery too), a released one none: each event that says so carries the count."""
+    reason, attempts = event.data.get("reason"), event.data.get("attempts")
+    if not isinstance(reason, str) or not isinstance(attempts, int):
+        return  # no run ended here (a move by hand, a subtask released by its plan)
+    if reason not in COUNTED | NOT_COUNTED:
+        ledger.problems.append(f"{where}: unknown reason {reason!r}")
+        return
+    expected = ledger.attempts[task_id] + (reason in COUNTED)
+    if attempts != expected:
+        ledger.problems.append(
+            f"{where}: {reason} with attempts {attempts}, expected {expected} "
+            f"({'counts' if reason in COUNTED else 'does not count'} an attempt)"
+        )
+    ledger.attempts[task_id] = attempts
 
 
 async def read_tasks(client: OrchestrationClient) -> tuple[dict[str, Task], list[str]]:
@@ -148,6 +173,9 @@ async def audit_tasks(
       last event says, and no task is in two statuses;
     - a task completed at most once: with exactly one completed run if a claim held it
       then, with none if it was completed by hand (``update_task_status``);
+    - each run that ended without success counted one attempt (a failure, a timeout, lease
+      expiry, a lost worker, recovery), a released one none, and the table's ``attempts``
+      are what the events counted;
     - every run comes from a claim (``task.assigned``) and a task holds an open run exactly
       while it is assigned or running by a claim: the run of its last claim.
     """
@@ -168,6 +196,11 @@ async def audit_tasks(
             problems.append(
                 f"task {task_id}: {task.status.value} in the table, "
                 f"{ledger.status[task_id].value} by its events"
+            )
+        if task.attempts != ledger.attempts[task_id]:
+            problems.append(
+                f"task {task_id}: {task.attempts} attempts in the table, "
+                f"{ledger.attempts[task_id]} by its events {ledger.history[task_id]}"
             )
         runs[task_id] = found = await client.get_runs(task_id)
         claims = ledger.claims.get(task_id, [])

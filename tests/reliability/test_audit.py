@@ -53,6 +53,8 @@ async def test_a_consistent_runtime_audits_clean_and_every_tampering_is_found(
             return [msgspec.structs.replace(e, seq=n) for n, e in enumerate(log, 1)]
 
         completed = next(e for e in events if e.type == "task.completed")
+        retried = next(e for e in events if e.type == "task.retrying" and e.task_id == ids["retry"])
+        uncounted = msgspec.structs.replace(retried, data={**retried.data, "attempts": 0})
         tampered = {
             # A state change without its event.
             "missing completed": renumbered(without("task.completed", ids["done"])),
@@ -62,6 +64,8 @@ async def test_a_consistent_runtime_audits_clean_and_every_tampering_is_found(
             "extra completed": renumbered([*events, completed]),
             # A gap in the log.
             "gap": without("task.started", ids["retry"]),
+            # A failed run requeued without counting its attempt.
+            "uncounted attempt": [uncounted if e is retried else e for e in events],
         }
         for name, log in tampered.items():
             _, _, _, found = await audit_tasks(client, log)

@@ -10,8 +10,11 @@ looks at the database as the crash left it (read-only, with the inspector), then
 it in-process and checks, before anything else runs:
 
 - recovery: exactly the tasks that were assigned or running at the crash were requeued
-  (or failed, with no attempt left), each once, its last run ended ``lost``; nothing is
-  assigned or running after opening and no run is left open;
+  (or failed, with no attempt left), each once, its last run ended ``lost`` and counted
+  as an attempt; nothing is assigned or running after opening and no run is left open;
+- attempts: every task's ``attempts`` is its runs that ended ``failed`` or ``lost`` (a
+  failure, or a crash that found it held), and each event that requeued or failed it
+  counted one more (``_audit``);
 - the tasks, their runs and the event log agree (``_audit.audit_tasks``): nothing in two
   states, no status without its event, none completed twice;
 - every acknowledged create is there (with its payload, or for an idempotency key the one
@@ -313,11 +316,26 @@ def check_recovery(
         last = runs.get(task_id, [])[-1:]
         if [run.status for run in last] != [RunStatus.LOST]:
             problems.append(f"recovered task {task_id}: its last run is {last}")
+    problems += check_attempts(tasks, runs)
     problems += [
         f"task {task.id} still {task.status.value} after opening"
         for task in tasks.values()
         if task.status in HOLDING
     ]
+    return problems
+
+
+def check_attempts(tasks: dict[str, Task], runs: dict[str, list[Run]]) -> list[str]:
+    """Each run that ended failed or lost counted one attempt, and nothing else did (the
+    load moves no task by hand; a released run is not counted)."""
+    problems = []
+    for task_id, task in tasks.items():
+        ended = [r for r in runs.get(task_id, []) if r.status in (RunStatus.FAILED, RunStatus.LOST)]
+        if task.attempts != len(ended):
+            problems.append(
+                f"task {task_id}: {task.attempts} attempts, {len(ended)} runs failed or lost: "
+                f"{[(r.run_number, r.status.value) for r in runs.get(task_id, [])]}"
+            )
     return problems
 
 
@@ -485,6 +503,8 @@ async def check(db: str, acks: Acks, tally: Tally, point: CrashPoint | None) -> 
         if point is not None:
             problems += check_recovery(events, point, tasks, runs, tally)
         problems += check_acks(acks, tasks, runs)
+        if point is None:
+            problems += check_attempts(tasks, runs)
         problems += await check_plans(client, events, tasks, acks, tally, final=point is None)
     if point is None:
         tally.unacknowledged_creates += sum(
