@@ -275,10 +275,16 @@ async def test_publishing_a_lifecycle_event_makes_it_true(db_path: str) -> None:
             ("task.started", "agent-7"),
             ("task.completed", "agent-7"),
         ]
-        # The state machine still rules: a queued task cannot complete.
-        queued = await client.create_task("x", {})
+        # Saying it again is a no-op; saying something else is refused: the state
+        # machine still rules, and a finished task does not change.
+        seq = await runtime.last_seq()
+        await client.publish_task_event(TaskCompletedEvent(task_id=done, result={"ok": True}))
+        assert await runtime.last_seq() == seq
         with pytest.raises(IllegalTransitionError):
-            await client.publish_task_event(TaskCompletedEvent(task_id=queued))
+            await client.publish_task_event(TaskCompletedEvent(task_id=done, result={"ok": 0}))
+        with pytest.raises(IllegalTransitionError):
+            await client.publish_task_event(TaskStartedEvent(task_id=failed))
+        queued = await client.create_task("x", {})
         with pytest.raises(InvalidInputError, match="create_task") as info:
             await client.publish_task_event(
                 TaskCreatedEvent(task_id=queued, task_type="x", payload={})

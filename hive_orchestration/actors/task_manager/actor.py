@@ -30,6 +30,8 @@ from       to         caused by                                           event
 (new)      queued     create_task                                         task.created
 queued     assigned   claim_task, update_task_status(assigned)            task.assigned
 queued     running    update_task_status(running)                         task.started
+queued     completed  update_task_status(completed): resolved by hand,    task.completed
+queued     failed     update_task_status(failed)     with no run          task.failed
 assigned   running    start_task, update_task_status(running)             task.started
 assigned   queued     fail_task or timeout with attempts left, lease      task.retrying
 running    queued     expiry, worker lost, release_task, recovery on
@@ -52,9 +54,13 @@ blocked    cancelled  cancel_task, its plan failed, was cancelled or      task.c
 =========  =========  ==================================================  ==============
 
 Everything else is refused with :class:`IllegalTransitionError` and changes nothing:
-completed, failed, cancelled and timed_out are terminal, and a task is started before it
-completes. Setting a task's current status again is refused too, so that each transition
-publishes exactly one event. A requeue's ``task.retrying`` says why in ``data.reason``
+completed, failed, cancelled and timed_out are terminal, and a claimed task is started
+before it completes. Setting a task's current status again is refused too, so that each
+transition publishes exactly one event, with one exception: asking a finished task for
+the status it already has, with nothing that contradicts it (the same result or error,
+or none), is a no-op answered ``False`` with no event. An app that publishes a
+``TaskCompletedEvent`` for a task it just completed (as the seeds' client does) is
+telling the truth, not making a change. A requeue's ``task.retrying`` says why in ``data.reason``
 (``failed``, ``timed_out``, ``lease_expired``, ``worker_lost``, ``released``,
 ``unclaimed``, ``recovered``, ``requeued``). Deleting a task publishes ``task.deleted``;
 a progress report publishes ``task.progress`` (no status change).
@@ -158,6 +164,8 @@ Q, A, R, B = TaskStatus.QUEUED, TaskStatus.ASSIGNED, TaskStatus.RUNNING, TaskSta
 TRANSITIONS: dict[tuple[TaskStatus, TaskStatus], str] = {
     (Q, A): "task.assigned",
     (Q, R): "task.started",
+    (Q, TaskStatus.COMPLETED): "task.completed",
+    (Q, TaskStatus.FAILED): "task.failed",
     (A, R): "task.started",
     (A, Q): "task.retrying",
     (R, Q): "task.retrying",
@@ -1040,6 +1048,8 @@ class TaskManager(Actor[TaskManagerMessage]):
         return task.id
 
     def _update(self, message: UpdateTaskStatus, task: Task, work: _Batch, now: datetime) -> bool:
+        if task.status is message.status and task.status in TERMINAL and _agrees(task, message):
+            return False  # already so: nothing to change, nothing to publish
         if task.status is B and message.status is not TaskStatus.CANCELLED:
             # Only its plan queues a blocked subtask, once its dependencies are done.
             raise IllegalTransitionError("task", task.id, task.status.value, message.status.value)
@@ -1231,6 +1241,18 @@ class TaskManager(Actor[TaskManagerMessage]):
 
 
 _RECOVERED = "the runtime stopped while a worker held the task"
+
+
+def _agrees(task: Task, message: UpdateTaskStatus) -> bool:
+    """Whether every field ``message`` sets already holds on ``task`` (an empty result
+    agrees with none: the seeds publish ``result={}`` for a task completed without one)."""
+    result = message.result or None
+    return (
+        (result is None or result == task.result)
+        and (message.error is None or message.error == task.error)
+        and (message.assigned_worker is None or message.assigned_worker == task.assigned_worker)
+        and (message.current_phase is None or message.current_phase == task.current_phase)
+    )
 
 
 def _priority_order(task: Task) -> tuple[int, datetime]:
