@@ -77,7 +77,7 @@ from __future__ import annotations
 import heapq
 import logging
 import random
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -116,6 +116,7 @@ from ...messages.storage import (
     WriteOp,
 )
 from ...messages.tasks import (
+    PLAN_TASK_ENDINGS,
     TERMINAL,
     CancelTask,
     CancelTasks,
@@ -136,6 +137,7 @@ from ...messages.tasks import (
     GetUnroutableTasks,
     Heartbeat,
     Lease,
+    PlansSettled,
     QueueTasks,
     ReleaseTask,
     ReleaseWorker,
@@ -217,6 +219,10 @@ _WRITES = (
 )
 #: Requests a worker makes with its lease token: each is a sign of that worker's life.
 _LEASED = (Heartbeat, StartTask, CompleteTask, FailTask, ReleaseTask)
+#: Requests from outside the plan executor that can end a plan's task: with a plan
+#: barrier, their answers wait until the plan executor has applied what the end caused.
+#: (The plan executor's own requests are never held: it waits for them.)
+_ENDS_PLAN_TASKS = (UpdateTaskStatus, CancelTask, DeleteTask, CompleteTask, FailTask, ReleaseWorker)
 
 
 class OutcomeUnknownError(RuntimeError):
@@ -267,6 +273,7 @@ class _Batch:
     deleted: set[str] = field(default_factory=set)
     answers: list[tuple[Envelope[TaskManagerMessage], object]] = field(default_factory=list)
     parked: list[int] = field(default_factory=list)  # waiters that arrived in this batch
+    seqs: tuple[int, ...] = ()  # the committed events' sequence numbers
 
 
 class TaskManager(Actor[TaskManagerMessage]):
@@ -287,6 +294,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         concurrency_limits: Mapping[str, int] | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         rng: random.Random | None = None,
+        plan_barrier: bool = False,
     ) -> None:
         self._storage = storage
         self._workers = workers
@@ -313,6 +321,14 @@ class TaskManager(Actor[TaskManagerMessage]):
         self._waiters: dict[int, _Waiter] = {}
         self._waits: list[tuple[float, int]] = []
         self._next_waiter = 0
+        # The plan barrier: answers to requests that ended a plan's task, held until the
+        # plan executor says it has applied the events up to their seq (PlansSettled), so
+        # that the caller's next read of the plan sees what the end released.
+        self._plan_barrier = plan_barrier
+        self._plans_settled = 0
+        self._held_back: deque[tuple[int, list[tuple[Envelope[TaskManagerMessage], object]]]] = (
+            deque()
+        )
 
     async def started(self) -> None:
         tasks = await self._storage.ask(LoadTasks(LIVE))
@@ -345,6 +361,8 @@ class TaskManager(Actor[TaskManagerMessage]):
         )
 
     async def stopped(self, error: BaseException | None) -> None:
+        # Held-back answers are of committed changes: they are true whatever happens next.
+        self._release_held_back(None)
         # Parked claims are nobody else's to answer.
         cancelled = anyio.get_cancelled_exc_class()
         for waiter in self._waiters.values():
@@ -442,6 +460,8 @@ class TaskManager(Actor[TaskManagerMessage]):
             raise
         if error is not None:
             self._restore(work, now)
+        barrier = self._plan_barrier_seq(work) if error is None else 0
+        held: list[tuple[Envelope[TaskManagerMessage], object]] = []
         unclaimed: list[Claim] = []
         for envelope, outcome in work.answers:
             if error is not None and isinstance(envelope.message, _WRITES):
@@ -466,9 +486,37 @@ class TaskManager(Actor[TaskManagerMessage]):
                 claims = _claims(outcome)
                 if not envelope.resolve(outcome, Unclaimed(claims)):
                     unclaimed += claims
+            elif barrier and isinstance(envelope.message, _ENDS_PLAN_TASKS):
+                held.append((envelope, outcome))
             else:
                 envelope.resolve(outcome)
+        if held:
+            self._held_back.append((barrier, held))
         return unclaimed
+
+    def _plan_barrier_seq(self, work: _Batch) -> int:
+        """The seq of the batch's last event that ends a plan's task, if the plan executor
+        has not applied it yet (else 0). It is an event the plan executor's feed is sure
+        to bring (a plan's task ending), so the barrier is always lifted."""
+        if not self._plan_barrier or not work.seqs:
+            return 0
+        barrier = 0
+        seqs = iter(work.seqs)
+        for op in work.ops:
+            if isinstance(op, AppendEvent):
+                seq = next(seqs)
+                if op.event.plan_id is not None and op.event.type in PLAN_TASK_ENDINGS:
+                    barrier = seq
+        return barrier if barrier > self._plans_settled else 0
+
+    def _release_held_back(self, settled: int | None) -> None:
+        """Answer what was held back for plan events up to ``settled`` (None: all)."""
+        if settled is not None:
+            self._plans_settled = max(self._plans_settled, settled)
+        queue = self._held_back
+        while queue and (settled is None or queue[0][0] <= settled):
+            for envelope, outcome in queue.popleft()[1]:
+                envelope.resolve(outcome)
 
     async def _commit(
         self,
@@ -486,7 +534,7 @@ class TaskManager(Actor[TaskManagerMessage]):
             # No deadline: the storage actor's batch is shielded and always ends, within
             # busy_timeout plus one commit. Giving up earlier would let memory and the
             # database part ways: the write could land after memory was put back.
-            await reply.wait()
+            work.seqs = (await reply.wait()).seqs
         except StorageError as exc:
             return exc  # rolled back whole: nothing of the batch was applied
         except HiveError as exc:
@@ -946,6 +994,9 @@ class TaskManager(Actor[TaskManagerMessage]):
                 return stuck
             case Wake():
                 return None  # what was due was settled when the batch began
+            case PlansSettled(seq=seq):
+                self._release_held_back(seq)
+                return None
             case Unclaimed(claims=claims):
                 for claim in claims:
                     self._release_unclaimed(claim, work, now)
