@@ -274,6 +274,7 @@ class _Batch:
     answers: list[tuple[Envelope[TaskManagerMessage], object]] = field(default_factory=list)
     parked: list[int] = field(default_factory=list)  # waiters that arrived in this batch
     seqs: tuple[int, ...] = ()  # the committed events' sequence numbers
+    plan_enders: set[int] = field(default_factory=set)  # envelopes that ended a plan's task
 
 
 class TaskManager(Actor[TaskManagerMessage]):
@@ -408,6 +409,7 @@ class TaskManager(Actor[TaskManagerMessage]):
                 seen.add(message.worker_id)
                 self._park(envelope, message, work, now)
                 continue
+            mark = len(work.ops)
             try:
                 outcome = await self._handle(message, work, now)
             except HiveError as exc:
@@ -417,6 +419,12 @@ class TaskManager(Actor[TaskManagerMessage]):
                     run = self._runs.get(message.lease.run_id)
                     if run is not None and run.worker_id is not None:
                         seen.add(run.worker_id)
+                if (
+                    self._plan_barrier
+                    and isinstance(message, _ENDS_PLAN_TASKS)
+                    and _ends_a_plan_task(work.ops, mark)
+                ):
+                    work.plan_enders.add(id(envelope))
             if isinstance(outcome, _Forward):
                 forwards.append((envelope, outcome.request))
             else:
@@ -486,7 +494,7 @@ class TaskManager(Actor[TaskManagerMessage]):
                 claims = _claims(outcome)
                 if not envelope.resolve(outcome, Unclaimed(claims)):
                     unclaimed += claims
-            elif barrier and isinstance(envelope.message, _ENDS_PLAN_TASKS):
+            elif barrier and id(envelope) in work.plan_enders:
                 held.append((envelope, outcome))
             else:
                 envelope.resolve(outcome)
@@ -498,7 +506,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         """The seq of the batch's last event that ends a plan's task, if the plan executor
         has not applied it yet (else 0). It is an event the plan executor's feed is sure
         to bring (a plan's task ending), so the barrier is always lifted."""
-        if not self._plan_barrier or not work.seqs:
+        if not work.plan_enders or not work.seqs:
             return 0
         barrier = 0
         seqs = iter(work.seqs)
@@ -1292,6 +1300,16 @@ class TaskManager(Actor[TaskManagerMessage]):
 
 
 _RECOVERED = "the runtime stopped while a worker held the task"
+
+
+def _ends_a_plan_task(ops: list[WriteOp], start: int) -> bool:
+    """Whether ``ops[start:]`` log the end of a plan's task."""
+    for op in ops[start:]:
+        if isinstance(op, AppendEvent):
+            event = op.event
+            if event.plan_id is not None and event.type in PLAN_TASK_ENDINGS:
+                return True
+    return False
 
 
 def _agrees(task: Task, message: UpdateTaskStatus) -> bool:
