@@ -31,9 +31,18 @@ _BY_CODE: dict[int, StorageFault] = {
 
 def classify(exc: sqlite3.Error) -> StorageFault | None:
     """The fault behind a SQLite error, or None for any other error (a constraint...)."""
+    if _statement_in_progress(exc):
+        return None
     # The extended code's low byte is the primary code; 0 for an error SQLite did not give
     # (an error of the sqlite3 module itself).
     return _BY_CODE.get(getattr(exc, "sqlite_errorcode", 0) & 0xFF)
+
+
+def _statement_in_progress(exc: sqlite3.Error) -> bool:
+    """SQLITE_BUSY from this connection's own unfinished statement ("cannot commit
+    transaction - SQL statements in progress"), not from another connection's lock: no
+    wait helps, and nobody else is involved."""
+    return "statements in progress" in str(exc)
 
 
 def storage_error(
@@ -82,6 +91,13 @@ def storage_error(
                 f"cannot be opened ({exc}): SQLite could not open the file or create its"
                 " -wal and -shm files beside it; check that the file and its folder exist"
                 " and that this user may read and write them"
+            )
+        case _ if _statement_in_progress(exc):
+            detail = (
+                f"refused it ({exc}): a statement of the runtime's own connection was still"
+                " open, so SQLite kept the transaction from ending; no other program holds a"
+                " lock and nothing of it was applied. This is a bug in hive-orchestration:"
+                " please report it with this message; retrying (reopening) is safe"
             )
         case _:
             detail = f"refused it: {exc}"
