@@ -15,13 +15,18 @@ import contextlib
 import hashlib
 import os
 import re
+import signal
+import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import pytest
 
-from hive_orchestration import Runtime, StorageError
+from hive_orchestration import SCHEMA_VERSION, Runtime, StorageError
+from hive_orchestration.cli import main
 from hive_orchestration.inspector import Inspector
 
 pytestmark = pytest.mark.anyio
@@ -252,3 +257,83 @@ async def test_what_is_not_a_regular_file_is_refused_as_such(tmp_path: Path, kin
     finally:
         if lock.exists() and not lock_was_there:
             lock.unlink()
+
+
+# -- a write a killed program left -------------------------------------------------------
+
+#: Dies by SIGKILL inside a write on a fresh file, before the switch to WAL: with a
+#: one-page cache SQLite writes pages to the file mid-transaction, so the rollback
+#: journal beside it holds the write to undo (a "hot" journal), as a runtime killed while
+#: switching a fresh file to WAL leaves it.
+KILLED_MID_WRITE = """
+import os, signal, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("PRAGMA cache_size=1")
+conn.execute("BEGIN IMMEDIATE")
+conn.execute("CREATE TABLE t (x)")
+conn.executemany("INSERT INTO t VALUES (?)", [("x" * 500,)] * 200)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def killed_mid_write(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # as the runtime does
+    os.close(fd)
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_MID_WRITE, str(path)], timeout=60, check=False
+    )
+    assert child.returncode == -signal.SIGKILL
+    assert Path(f"{path}-journal").stat().st_size > 0, "no journal left to undo"
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_write_a_killed_program_left_is_told_as_such(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: "cannot be written (attempt to write a readonly database): ... its
+    filesystem is read-only ... `chattr -i`", from a read-only command on a writable file."""
+    db = tmp_path / "hive.db"
+    killed_mid_write(db)
+    journal = Path(f"{db}-journal").read_bytes()
+    for argv in (["db", "current"], ["status", "--json"], ["tasks", "--json"]):
+        code, out, err = cli(capsys, *argv, "--db", str(db))
+        assert (code, out) == (1, ""), err
+        assert "in the middle of a write by a program that was killed" in err, err
+        assert f"hive-orchestration db upgrade --db {db}" in err, err
+        assert "do not delete" in err, err
+        # SQLite's own words stay, in parentheses; the diagnosis is no longer theirs.
+        for wrong in ("read-only for this process", "chattr", "make them writable"):
+            assert wrong not in err, err
+    assert Path(f"{db}-journal").read_bytes() == journal  # the readers left it alone
+
+    code, out, err = cli(capsys, "db", "upgrade", "--db", str(db))
+    assert code == 0, err
+    assert "recovered from a write a killed program left unfinished" in out
+    assert f"schema version {SCHEMA_VERSION}" in out
+    code, out, _ = cli(capsys, "db", "current", "--db", str(db))
+    assert code == 0
+    assert "up to date" in out
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        # The killed write was undone, not half-kept.
+        assert conn.execute("SELECT name FROM sqlite_master WHERE name = 't'").fetchall() == []
+
+
+async def test_the_inspector_names_a_write_a_killed_program_left(tmp_path: Path) -> None:
+    db = tmp_path / "hive.db"
+    killed_mid_write(db)
+    with pytest.raises(StorageError) as caught:
+        async with Inspector.open(db):
+            pytest.fail("read a file with a write to undo")
+    assert caught.value.fault == "needs_recovery", caught.value
+    # A runtime opens it for writing, which undoes the write.
+    async with Runtime.open(db) as runtime:
+        assert await runtime.read_events() == []
+    async with Inspector.open(db) as inspector:
+        assert await inspector.task_counts() == {}

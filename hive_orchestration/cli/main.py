@@ -22,7 +22,7 @@ import msgspec
 from .._validate import MAX_READ
 from ..config import DEFAULT_DB_PATH
 from ..embedded import Runtime
-from ..errors import HiveError, InvalidInputError, NewerSchemaError
+from ..errors import HiveError, InvalidInputError, NewerSchemaError, StorageError
 from ..inspector import Inspector
 from ..messages.events import Event
 from ..messages.plans import PlanStatus
@@ -421,10 +421,18 @@ async def _db_current(args: argparse.Namespace) -> None:
 
 
 async def _db_upgrade(args: argparse.Namespace) -> None:
-    before = await anyio.to_thread.run_sync(read_schema_version, args.db)
-    if before > SCHEMA_VERSION:
+    before: int | None
+    try:
+        before = await anyio.to_thread.run_sync(read_schema_version, args.db)
+    except StorageError as exc:
+        if exc.fault != "needs_recovery":
+            raise
+        # A write a killed program left half-done: a reader cannot undo it, and the
+        # version is unknown until it is undone. Opening for writing undoes it first.
+        before = None
+    if before is not None and before > SCHEMA_VERSION:
         raise NewerSchemaError(args.db, before, SCHEMA_VERSION)
-    if before < SCHEMA_VERSION:
+    if before is None or before < SCHEMA_VERSION:
         # Opening a runtime migrates, in one transaction; it refuses a database that
         # another runtime holds, so an app's file is never migrated under its feet. It
         # also does what any open does (requeue the tasks a stopped app left claimed),
@@ -439,7 +447,13 @@ async def _db_upgrade(args: argparse.Namespace) -> None:
                 "from_version": before,
                 "to_version": after,
                 "migrated": after != before,
+                "recovered": before is None,
             }
+        )
+    elif before is None:
+        print(
+            f"{args.db}: recovered from a write a killed program left unfinished; now at"
+            f" schema version {after}"
         )
     elif after != before:
         print(f"{args.db}: migrated from schema version {before} to {after}")

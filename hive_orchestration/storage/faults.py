@@ -29,13 +29,24 @@ _BY_CODE: dict[int, StorageFault] = {
 }
 
 
+#: By extended result code, before the primary code: a hot journal (or a WAL index to
+#: rebuild) that a read-only connection may not touch is no read-only file or filesystem.
+_BY_EXTENDED_CODE: dict[int, StorageFault] = {
+    sqlite3.SQLITE_READONLY_ROLLBACK: "needs_recovery",
+    sqlite3.SQLITE_READONLY_RECOVERY: "needs_recovery",
+}
+
+
 def classify(exc: sqlite3.Error) -> StorageFault | None:
     """The fault behind a SQLite error, or None for any other error (a constraint...)."""
     if _statement_in_progress(exc):
         return None
+    code = getattr(exc, "sqlite_errorcode", 0)
+    if code in _BY_EXTENDED_CODE:
+        return _BY_EXTENDED_CODE[code]
     # The extended code's low byte is the primary code; 0 for an error SQLite did not give
     # (an error of the sqlite3 module itself).
-    return _BY_CODE.get(getattr(exc, "sqlite_errorcode", 0) & 0xFF)
+    return _BY_CODE.get(code & 0xFF)
 
 
 def _statement_in_progress(exc: sqlite3.Error) -> bool:
@@ -69,6 +80,14 @@ def storage_error(
                 " its filesystem is read-only for this process; make them writable"
                 " (permissions, `chattr -i`, a read-write mount), or only read it with the"
                 f" inspector (`hive-orchestration tasks --db {quoted}`)"
+            )
+        case "needs_recovery":
+            detail = (
+                f"was left in the middle of a write by a program that was killed or crashed"
+                f" ({exc}): its -journal or -wal file holds what must be undone, and this"
+                " read-only connection may not write it. Open it once for writing to recover"
+                f" it: start the app, or run `hive-orchestration db upgrade --db {quoted}`;"
+                " do not delete its -journal or -wal file, that would damage it"
             )
         case "disk_full":
             detail = (
