@@ -191,7 +191,7 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
             return self._runtime.path
         from .embedded import _normalize_path
 
-        return _normalize_path(self._db_path)
+        return _normalize_path(self._db_path, self._open_config)
 
     @property
     def source_agent(self) -> str | None:

@@ -39,8 +39,9 @@ from .actors.broadcast import BroadcastActor
 from .actors.plan_executor import PlanExecutor, PlanFeed
 from .actors.task_manager import TaskManager
 from .actors.worker_registry import WorkerRegistry
-from .config import DEFAULT_DB_PATH, RuntimeConfig
+from .config import RuntimeConfig, choose_db_path
 from .errors import (
+    ConfigError,
     InvalidInputError,
     RuntimeFailedError,
     RuntimeStoppedError,
@@ -200,7 +201,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
 
     @property
     def path(self) -> str:
-        """The database file, or ``":memory:"``."""
+        """The database file, as an absolute path, or ``":memory:"``."""
         return self._path
 
     @property
@@ -215,20 +216,27 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
         *,
         config: RuntimeConfig | None = None,
     ) -> AsyncIterator[Runtime]:
-        """Start a runtime on ``path`` (default ``hive/db/hive-internal.db``, folder created;
-        ``":memory:"`` for a throwaway database) for the duration of the block.
+        """Start a runtime on ``path`` (``":memory:"`` for a throwaway database) for the
+        duration of the block.
+
+        Without ``path``: ``config.db_path``, else ``$HIVE_ORCHESTRATION_DB_PATH``, else
+        ``hive/db/hive-internal.db``; a relative path is resolved against the working
+        directory once, here, and the absolute path opened is logged at INFO (logger
+        ``hive_orchestration``) and is :attr:`path`. Missing folders are created (mode
+        0700), and the file (mode 0600).
 
         Raises :class:`StorageError` (or :class:`NewerSchemaError`) if the database cannot
         be opened, and :class:`RuntimeFailedError` if an actor crashes past the restart
         intensity while the block runs.
         """
         config = RuntimeConfig.checked(config)
-        db_path = _normalize_path(path)
+        db_path, source = _resolve_path(path, config)
         claim = DatabaseClaim(db_path)
         try:
             await anyio.to_thread.run_sync(claim.acquire)
         except OSError as exc:
             raise StorageError(f"cannot create database {db_path!r}: {exc}") from exc
+        log.info("runtime opening database %s (from %s)", db_path, source)
 
         broadcast: ActorRef[BroadcastMessage] = ActorRef(
             "broadcast", mailbox_size=config.mailbox_size, ask_timeout=config.ask_timeout
@@ -545,15 +553,30 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
             raise RuntimeStoppedError("the runtime is closed; use it inside `async with`")
 
 
-def _normalize_path(path: str | os.PathLike[str] | None) -> str:
-    if path is None:
-        return str(DEFAULT_DB_PATH)
-    if not isinstance(path, str | os.PathLike):
-        raise InvalidInputError("path", f"must be a path or ':memory:', got {type(path).__name__}")
-    text = os.fspath(path)
+def _normalize_path(
+    path: str | os.PathLike[str] | None, config: RuntimeConfig | None = None
+) -> str:
+    """The database ``Runtime.open(path, config=config)`` opens, as an absolute path."""
+    return _resolve_path(path, config)[0]
+
+
+def _resolve_path(
+    path: str | os.PathLike[str] | None, config: RuntimeConfig | None
+) -> tuple[str, str]:
+    """The database to open, absolute (or ``":memory:"``), and where the choice came from.
+
+    Absolute once, at open: the storage actor reconnects to the same file after a
+    restart even if the app changed its working directory meanwhile.
+    """
+    chosen, source = choose_db_path(path, config)
+    error = InvalidInputError if path is not None else ConfigError
+    field = "path" if path is not None else "db_path"
+    if not isinstance(chosen, str | os.PathLike):
+        raise error(field, f"must be a path or ':memory:', got {type(chosen).__name__}")
+    text = os.fspath(chosen)
     if not isinstance(text, str) or not text.strip():
-        raise InvalidInputError("path", "must be a non-empty path or ':memory:'")
-    return text if text == MEMORY else str(Path(text))
+        raise error(field, "must be a non-empty path or ':memory:'")
+    return (text if text == MEMORY else str(Path(text).absolute())), source
 
 
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -43,7 +43,14 @@ __all__ = [
 
 #: What went wrong with the database, for :attr:`StorageError.fault`.
 StorageFault: TypeAlias = Literal[
-    "in_use", "locked", "read_only", "disk_full", "io_error", "corrupt", "cannot_open"
+    "in_use",
+    "locked",
+    "read_only",
+    "disk_full",
+    "io_error",
+    "corrupt",
+    "cannot_open",
+    "needs_recovery",
 ]
 
 
@@ -169,7 +176,12 @@ class StorageError(HiveError):
     - ``"disk_full"``: no space left, or a file size limit reached; free space and retry.
     - ``"io_error"``: the operating system reported an I/O error.
     - ``"corrupt"``: the file is damaged or not a database; restore it from a backup.
-    - ``"cannot_open"``: SQLite cannot open the file or create its -wal and -shm files.
+    - ``"cannot_open"``: SQLite cannot open the file or create its -wal and -shm files,
+      or the path is not one the runtime may use (not a regular file, a symbolic link to
+      another user's file, an unsafe lock file).
+    - ``"needs_recovery"``: a program was killed in the middle of a write, and a
+      read-only reader cannot undo it; opening the database once for writing (the app,
+      or ``hive-orchestration db upgrade``) does.
     - ``None``: anything else (a missing file for a reader, a schema problem...).
     """
 

@@ -139,8 +139,9 @@ async def test_an_owning_client_stops_its_runtime_and_keeps_the_data(db_path: st
         assert task.payload == {"n": 1}
 
 
-async def test_the_default_database_path() -> None:
-    assert OrchestrationClient().db_path == str(DEFAULT_DB_PATH)
+async def test_the_default_database_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HIVE_ORCHESTRATION_DB_PATH", raising=False)
+    assert OrchestrationClient().db_path == str(Path.cwd() / DEFAULT_DB_PATH)
 
 
 async def test_an_error_in_the_block_propagates_and_closes_the_runtime(db_path: str) -> None:
