@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 from collections import deque
 from collections.abc import Mapping
@@ -636,6 +637,7 @@ class CallbackSubscription:
         await self._done.wait()
 
     async def _run(self) -> None:
+        cancelled = anyio.get_cancelled_exc_class()
         try:
             with self._scope:
                 async for event in self._stream:
@@ -646,14 +648,47 @@ class CallbackSubscription:
                     except Exception:
                         self.errors += 1
                         log.exception("event callback %r failed on %s", self._callback, event.type)
+                    except cancelled:
+                        if _being_cancelled():
+                            raise  # this subscription, or the runtime, is stopping
+                        # The callback's own: it awaited something that another task
+                        # cancelled (an asyncio future, say). Let through, it would end this
+                        # task as cancelled, and anyio would then cancel the app's block.
+                        self.errors += 1
+                        log.exception(
+                            "event callback %r raised a cancellation of its own on %s "
+                            "(no scope of the runtime was cancelled)",
+                            self._callback,
+                            event.type,
+                        )
                     self.delivered += 1
         except HiveError as error:
             self.error = error
             log.error("event callback %r stopped: %s", self._callback, error)
+        except cancelled as error:
+            if _being_cancelled():
+                raise
+            # A cancellation that no cancel scope of this task claims: asyncio's own
+            # Task.cancel() of this task, or the callback's own cancellation arriving just
+            # as the handle was cancelled (so the handle's scope does not recognise it).
+            # It ends this subscription, never the app's block.
+            if not self._scope.cancel_called:
+                self.error = error
+                log.error("event callback %r stopped by a foreign cancellation", self._callback)
         finally:
             await self._stream.aclose()
             self._owner.discard(self)
             self._done.set()
+
+
+def _being_cancelled() -> bool:
+    """Whether a cancel scope around the current task is cancelled (anyio reports the
+    effective deadline of a cancelled task as minus infinity, on asyncio and trio alike).
+
+    A cancellation exception is the runtime's to propagate only then; otherwise something
+    other than a cancel scope raised it, and it is an error like any other.
+    """
+    return anyio.current_effective_deadline() == -math.inf
 
 
 if TYPE_CHECKING:
