@@ -675,6 +675,12 @@ class CallbackSubscription:
             if not self._scope.cancel_called:
                 self.error = error
                 log.error("event callback %r stopped by a foreign cancellation", self._callback)
+        except (KeyboardInterrupt, SystemExit) as error:
+            # asyncio raises these out of its event loop from the task they end, at once:
+            # the loop stops mid-step and the runtime's shutdown never runs in full. In a
+            # group they end this task as any failure does: the runtime cancels the app's
+            # block and raises the exception from it, in the app's own task.
+            raise BaseExceptionGroup(f"event callback {self._callback!r} raised", [error]) from None
         finally:
             await self._stream.aclose()
             self._owner.discard(self)

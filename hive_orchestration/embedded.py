@@ -344,6 +344,13 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
                     await supervisor.stop()
         except BaseExceptionGroup as group:
             cause = _unwrap(group)
+            if isinstance(cause, KeyboardInterrupt | SystemExit) and _loop_shutting_down():
+                # asyncio already raised this one out of its loop, from the task it ended,
+                # and is now cancelling every task to close the loop. Raised bare again, it
+                # would abort that shutdown too, before anyio's worker threads are told to
+                # stop, and the process would never exit. In its group it ends this task
+                # like any failure; the loop's owner raises the original.
+                raise
             raise cause from cause.__cause__
         finally:
             claim.release()
@@ -565,6 +572,23 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
     # A RuntimeStoppedError in the app's block is a consequence of the real failure.
     causes = [leaf for leaf in real if not isinstance(leaf, RuntimeStoppedError)] or real
     return causes[0] if len(causes) == 1 else group
+
+
+def _loop_shutting_down() -> bool:
+    """Whether asyncio is cancelling this task to close its loop (asyncio.run's shutdown
+    after a KeyboardInterrupt or SystemExit ended another task).
+
+    That cancellation is asyncio's own ``Task.cancel()``: anyio takes back every
+    cancellation it makes as its scope exits, so a request still counted by
+    ``Task.cancelling()`` out here is not anyio's. Trio has no such shutdown.
+    """
+    import asyncio  # noqa: TID251 - only asyncio's tasks count cancellation requests
+
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no asyncio loop in this thread: trio
+        return False
+    return task is not None and task.cancelling() > 0
 
 
 def _describe(error: BaseException, limit: int = 500) -> str:

@@ -4,13 +4,21 @@ thread's event loop can and cannot do to it.
 - A callback that raises a cancellation of its own (not one of the runtime's cancel
   scopes) is an error like any other: counted, and delivery goes on; the app's block is
   never cancelled by it.
+- ``KeyboardInterrupt`` and ``SystemExit`` raised in a callback or in an app task inside
+  the block end the process promptly with that exception (real processes, both backends).
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Callable
-from typing import NoReturn
+from pathlib import Path
+from typing import IO, NoReturn
 
 import anyio
 import pytest
@@ -155,3 +163,125 @@ async def test_a_callbacks_own_cancellation_as_its_handle_is_cancelled_ends_only
         await client.publish("job.step")  # the app goes on
         body_finished = True
     assert body_finished
+
+
+# -- KeyboardInterrupt and SystemExit end the process ----------------------------------------
+
+_APP = """
+import sys
+import anyio
+from hive_orchestration import Runtime
+
+backend, where, kind, path = sys.argv[1:5]
+
+
+def fatal() -> None:
+    print("raising", flush=True)
+    if kind == "SystemExit":
+        raise SystemExit(3)
+    raise KeyboardInterrupt
+
+
+async def main() -> None:
+    try:
+        async with Runtime.open(path) as runtime:
+            client = runtime.client()
+            if where == "callback":
+                await client.on_event("app.*", lambda event: fatal())
+                await client.create_task("work", {})
+                await client.publish("app.go")
+                await anyio.sleep(60)
+            else:
+                async def app_task() -> None:
+                    await client.create_task("work", {})
+                    fatal()
+
+                async with anyio.create_task_group() as group:
+                    group.start_soon(app_task)
+                    await anyio.sleep(60)
+    except BaseException as exc:
+        print("block raised", type(exc).__name__, flush=True)
+        raise
+    print("block ended normally", flush=True)
+
+
+anyio.run(main, backend=backend)
+"""
+
+
+@pytest.mark.parametrize("kind", ["SystemExit", "KeyboardInterrupt"])
+@pytest.mark.parametrize("where", ["callback", "app task"])
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_fatal_exception_in_a_callback_or_an_app_task_ends_the_process(
+    tmp_path: Path, backend: str, where: str, kind: str
+) -> None:
+    script = tmp_path / "app.py"
+    script.write_text(_APP)
+    db = tmp_path / "data" / "hive.db"
+    command = [sys.executable, str(script), backend, where.split()[-1], kind, str(db)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout = _Output(process.stdout)
+    stderr = _Output(process.stderr)
+    try:
+        # Opening the runtime takes under a second; 60 s covers a loaded 2-core machine.
+        assert stdout.wait_for("raising", 60.0), stdout.text() + stderr.text()
+        raised = time.monotonic()
+        # Exiting takes about 0.2 s; before the fix, asyncio never exited. 20 s of margin
+        # for a loaded machine, then the process is killed so the test cannot hang.
+        process.wait(timeout=20.0)
+        exited = time.monotonic() - raised
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the process did not exit after {kind} in a {where} ({backend})")
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+    out, err = stdout.text(), stderr.text()
+    assert exited < 20.0
+    assert "block ended normally" not in out
+    if where == "callback":
+        # The callback's exception is raised by the app's block, in the app's own task.
+        assert f"block raised {kind}" in out, out + err
+    if kind == "SystemExit":
+        assert process.returncode == 3, err
+    else:
+        # An uncaught KeyboardInterrupt ends Python as SIGINT would.
+        assert process.returncode == -signal.SIGINT, err
+        assert "KeyboardInterrupt" in err
+
+
+class _Output:
+    """A child's output stream, read to its end by a thread of its own (so that the pipe
+    never fills and nothing read is lost)."""
+
+    def __init__(self, stream: IO[str] | None) -> None:
+        assert stream is not None
+        self._lines: list[str] = []
+        self._changed = threading.Condition()
+        self._done = False
+        self._reader = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._reader.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        with stream:
+            for line in stream:
+                with self._changed:
+                    self._lines.append(line)
+                    self._changed.notify_all()
+        with self._changed:
+            self._done = True
+            self._changed.notify_all()
+
+    def wait_for(self, line: str, timeout: float) -> bool:
+        """Whether ``line`` came within ``timeout`` seconds (False once the stream ended)."""
+        with self._changed:
+            return (
+                self._changed.wait_for(lambda: f"{line}\n" in self._lines or self._done, timeout)
+                and f"{line}\n" in self._lines
+            )
+
+    def text(self) -> str:
+        """Everything, once the stream has ended (the process has exited)."""
+        self._reader.join(SOON)
+        with self._changed:
+            return "".join(self._lines)
