@@ -181,9 +181,7 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
     @property
     def runtime(self) -> Runtime:
         """The runtime this client talks to."""
-        self._check_open()
-        assert self._runtime is not None
-        return self._runtime
+        return self._runtime_running()
 
     @property
     def db_path(self) -> str:
@@ -203,11 +201,16 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
         return self._default_correlation
 
     def _check_open(self) -> None:
+        """Before every call that talks to the runtime (from its event loop's thread)."""
+        self._runtime_running()._check_open()
+
+    def _runtime_running(self) -> Runtime:
         if self._runtime is None:
             raise RuntimeStoppedError(_NOT_OPEN)
         if self._closed:
             raise RuntimeStoppedError("this client was closed; create a new one")
-        self._runtime._check_open()
+        self._runtime._check_running()
+        return self._runtime
 
     def subscribe(
         self,
@@ -245,7 +248,9 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
 
         A stream that falls behind catches up from the log instead of losing events.
         """
-        self._check_open()
+        # Only builds the stream (the sync client does it from its own thread): reading
+        # it checks the event loop.
+        self._runtime_running()
         if after is not None:
             check_int(after, "after", minimum=0)
         return EventStream(
@@ -629,10 +634,12 @@ class CallbackSubscription:
 
     def cancel(self) -> None:
         """Stop calling the callback (it is not interrupted mid-call if it is sync)."""
+        self._stream._runtime._check_loop()
         self._scope.cancel()
 
     async def aclose(self) -> None:
         """Stop, and wait until the callback is no longer running."""
+        self._stream._runtime._check_loop()
         self._scope.cancel()
         await self._done.wait()
 

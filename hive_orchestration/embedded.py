@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager, suppress
@@ -46,6 +47,7 @@ from .errors import (
     RuntimeStoppedError,
     StorageError,
     SubscriberLaggedError,
+    WrongEventLoopError,
 )
 from .events import RUNTIME_NAMESPACES, is_runtime_event
 from .messages.events import (
@@ -116,9 +118,11 @@ class Subscription:
         receive: MemoryObjectReceiveStream[Delivery],
         pattern: str,
         close: Callable[[], None],
+        thread: int,
     ) -> None:
         self._receive = receive
         self._close = close
+        self._thread = thread  # the runtime's event loop thread (see Runtime._check_loop)
         self.pattern = pattern
         #: The sequence number of the last event received.
         self.last_seq = 0
@@ -141,6 +145,8 @@ class Subscription:
     async def receive(self) -> Event:
         """The next event; :class:`RuntimeStoppedError` once the runtime stopped, and
         :class:`SubscriberLaggedError` (every time) once the subscriber was dropped."""
+        if threading.get_ident() != self._thread:
+            raise _wrong_loop(self._thread)
         if self._lagged is not None:
             raise SubscriberLaggedError(self._lagged.last_seq)
         try:
@@ -197,6 +203,9 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
         self._supervisor = supervisor
         self._closed = False
         self._callbacks: TaskGroup | None = None
+        # Built inside ``open``, on the thread whose event loop runs the actors: every entry
+        # point compares the caller's thread with it (see _check_loop).
+        self._thread = threading.get_ident()
 
     @property
     def path(self) -> str:
@@ -465,7 +474,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
             with suppress(RuntimeStoppedError):
                 self._broadcast.try_tell(Unsubscribe(subscription_id))
 
-        return Subscription(receive, pattern, close)
+        return Subscription(receive, pattern, close, self._thread)
 
     async def read_events(
         self,
@@ -503,7 +512,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
         """
         from .client import OrchestrationClient
 
-        self._check_open()
+        self._check_running()
         return OrchestrationClient._bound(
             self,
             source_agent=check_optional_text(source_agent, "source_agent"),
@@ -546,8 +555,27 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
         )
 
     def _check_open(self) -> None:
+        """Before every call that talks to an actor: the runtime runs, and the caller is
+        on its event loop's thread."""
         if self._closed:
             raise RuntimeStoppedError("the runtime is closed; use it inside `async with`")
+        if threading.get_ident() != self._thread:
+            raise _wrong_loop(self._thread)
+
+    def _check_running(self) -> None:
+        """For what only builds objects (a client): the runtime runs, from any thread."""
+        if self._closed:
+            raise RuntimeStoppedError("the runtime is closed; use it inside `async with`")
+
+    def _check_loop(self) -> None:
+        """The caller is on the runtime's event loop thread.
+
+        Mailboxes, replies and subscriptions wake their waiters through that event loop: a
+        caller on another thread's loop would never be woken (asyncio), or would corrupt
+        the loop's state (trio). A thread id compare, so it costs next to nothing.
+        """
+        if threading.get_ident() != self._thread:
+            raise _wrong_loop(self._thread)
 
 
 def _normalize_path(path: str | os.PathLike[str] | None) -> str:
@@ -572,6 +600,12 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
     # A RuntimeStoppedError in the app's block is a consequence of the real failure.
     causes = [leaf for leaf in real if not isinstance(leaf, RuntimeStoppedError)] or real
     return causes[0] if len(causes) == 1 else group
+
+
+def _wrong_loop(owner: int) -> WrongEventLoopError:
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    caller = threading.current_thread().name
+    return WrongEventLoopError(names.get(owner, f"thread {owner}"), caller)
 
 
 def _loop_shutting_down() -> bool:

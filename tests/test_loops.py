@@ -6,6 +6,8 @@ thread's event loop can and cannot do to it.
   never cancelled by it.
 - ``KeyboardInterrupt`` and ``SystemExit`` raised in a callback or in an app task inside
   the block end the process promptly with that exception (real processes, both backends).
+- A client called from another thread's event loop is refused at the call with
+  ``WrongEventLoopError``, and the runtime goes on serving its own loop.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import IO, NoReturn
 
@@ -27,8 +30,13 @@ import trio.lowlevel
 
 from hive_orchestration import (
     Event,
+    HiveError,
+    OrchestrationClient,
     Runtime,
+    RuntimeConfig,
+    SyncOrchestrationClient,
     TopicRegistry,
+    WrongEventLoopError,
 )
 
 pytestmark = pytest.mark.anyio
@@ -285,3 +293,145 @@ class _Output:
         self._reader.join(SOON)
         with self._changed:
             return "".join(self._lines)
+
+
+# -- another thread's event loop ----------------------------------------------------------
+
+
+def _in_another_thread(backend: str, call: Callable[[], Awaitable[object]]) -> BaseException:
+    """Run ``call`` on an event loop of a new thread; return what it raised."""
+    outcome: list[BaseException] = []
+
+    async def attempt() -> None:
+        # A bound on the attempt only, so that the old hang fails the test instead of
+        # hanging it (it is refused in microseconds).
+        with anyio.fail_after(SOON):
+            try:
+                await call()
+            except Exception as exc:
+                outcome.append(exc)
+                return
+        outcome.append(AssertionError("the call from another thread's loop was not refused"))
+
+    def run() -> None:
+        try:
+            anyio.run(attempt, backend=backend)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, name="other-loop", daemon=True)
+    thread.start()
+    thread.join(SOON * 2)
+    assert not thread.is_alive(), "the other thread's loop hung"
+    return outcome[0]
+
+
+@asynccontextmanager
+async def _entry_points(
+    runtime: Runtime, client: OrchestrationClient, task_id: str
+) -> AsyncIterator[dict[str, Callable[[], Awaitable[object]]]]:
+    """Calls of every kind, prepared on the runtime's own loop, to make from another one."""
+
+    async def enter_subscription() -> None:
+        async with client.subscribe("*"):
+            pass
+
+    async with client.subscribe("*") as subscription, client.events(after=0) as stream:
+        handle = await client.on_event("never.*", lambda event: None)
+
+        async def cancel_handle() -> None:
+            handle.cancel()
+
+        yield {
+            "create_task": lambda: client.create_task("work", {}),
+            "get_task": lambda: client.get_task(task_id),
+            "claim_task": lambda: client.claim_task("w1", ["work"]),
+            "register_worker": lambda: client.register_worker("w2", "worker", ["work"]),
+            "queue_planning_request": lambda: client.queue_planning_request("plan it"),
+            "runtime.create_task": lambda: runtime.create_task("work", {}),
+            "publish": lambda: client.publish("app.step"),
+            "read_events": lambda: client.read_events(),
+            "last_seq": lambda: client.last_seq(),
+            "statistics": lambda: runtime.statistics(),
+            "subscribe": enter_subscription,
+            "subscription.receive": subscription.receive,
+            "events.receive": stream.receive,
+            "on_event": lambda: client.on_event("*", lambda event: None),
+            "handle.aclose": handle.aclose,
+            "handle.cancel": cancel_handle,
+            "wait_for_plan": lambda: client.wait_for_plan("p1", timeout=1.0),
+        }
+        assert handle.active  # its aclose from the other loop was refused
+        await handle.aclose()
+
+
+@pytest.mark.parametrize("other", ["asyncio", "trio"])
+async def test_a_client_used_from_another_threads_loop_is_refused_and_the_runtime_goes_on(
+    db_path: str, other: str
+) -> None:
+    config = RuntimeConfig(ask_timeout=2.0)
+    async with Runtime.open(db_path, config=config) as runtime:
+        client = runtime.client(source_agent="app")
+        task_id = await client.create_task("work", {"n": 0})
+        async with _entry_points(runtime, client, task_id) as calls:
+            for name, call in calls.items():
+                error = await anyio.to_thread.run_sync(_in_another_thread, other, call)
+                assert isinstance(error, WrongEventLoopError), (name, repr(error))
+                assert isinstance(error, HiveError)
+                assert isinstance(error, RuntimeError)
+                assert "other-loop" in str(error)
+                assert "SyncOrchestrationClient" in str(error)
+                assert error.caller == "other-loop"
+                assert error.owner == threading.current_thread().name
+
+        # The runtime is unharmed: the same client serves its own loop, the TaskManager
+        # included (on trio it was wedged for good, every later call timing out).
+        with anyio.fail_after(SOON):
+            second = await client.create_task("work", {"n": 1})
+            assert (await client.get_task(second)) is not None
+            claim = await client.claim_task("w1", ["work"])
+            assert claim is not None
+            await client.complete_task(claim.lease, {"ok": True})
+            event = await client.publish("app.after")
+            assert event.seq == await client.last_seq()
+        # Nothing the other thread asked for was sent.
+        created = await client.read_events(pattern="task.created")
+        assert [event.task_id for event in created] == [task_id, second]
+        assert await client.read_events(pattern="planning.*") == []
+        assert [event.type for event in await client.read_events(pattern="app.*")] == ["app.after"]
+        assert await client.get_worker("w2") is None
+
+
+async def test_the_check_lets_the_owning_loop_and_its_worker_threads_through(
+    db_path: str,
+) -> None:
+    """The way into the runtime's loop from a worker thread that the message names
+    (anyio.from_thread) keeps working, and building a client in a thread is allowed."""
+    async with Runtime.open(db_path) as runtime:
+        client = runtime.client()
+
+        def from_worker_thread() -> str:
+            return anyio.from_thread.run(client.create_task, "work", {})
+
+        task_id = await anyio.to_thread.run_sync(from_worker_thread)
+        assert (await client.get_task(task_id)) is not None
+        # Building a client or a stream in another thread is not a call: it is allowed.
+        other = await anyio.to_thread.run_sync(lambda: runtime.client(source_agent="x"))
+        assert (await other.get_task(task_id)) is not None
+
+
+def test_the_sync_client_may_be_called_from_any_thread(db_path: str) -> None:
+    with SyncOrchestrationClient(db_path) as client:
+        ids: list[str] = []
+        threads = [
+            threading.Thread(target=lambda: ids.append(client.create_task("work", {})))
+            for _ in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(SOON)
+        assert len(ids) == 4
+        with client.events(after=0, pattern="task.created") as events:
+            logged = [events.get(SOON) for _ in ids]
+        assert sorted(event.task_id for event in logged if event is not None) == sorted(ids)
