@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager, suppress
@@ -47,6 +48,7 @@ from .errors import (
     RuntimeStoppedError,
     StorageError,
     SubscriberLaggedError,
+    WrongEventLoopError,
 )
 from .events import RUNTIME_NAMESPACES, is_runtime_event
 from .messages.events import (
@@ -117,9 +119,11 @@ class Subscription:
         receive: MemoryObjectReceiveStream[Delivery],
         pattern: str,
         close: Callable[[], None],
+        thread: int,
     ) -> None:
         self._receive = receive
         self._close = close
+        self._thread = thread  # the runtime's event loop thread (see Runtime._check_loop)
         self.pattern = pattern
         #: The sequence number of the last event received.
         self.last_seq = 0
@@ -142,6 +146,8 @@ class Subscription:
     async def receive(self) -> Event:
         """The next event; :class:`RuntimeStoppedError` once the runtime stopped, and
         :class:`SubscriberLaggedError` (every time) once the subscriber was dropped."""
+        if threading.get_ident() != self._thread:
+            raise _wrong_loop(self._thread)
         if self._lagged is not None:
             raise SubscriberLaggedError(self._lagged.last_seq)
         try:
@@ -198,6 +204,9 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
         self._supervisor = supervisor
         self._closed = False
         self._callbacks: TaskGroup | None = None
+        # Built inside ``open``, on the thread whose event loop runs the actors: every entry
+        # point compares the caller's thread with it (see _check_loop).
+        self._thread = threading.get_ident()
 
     @property
     def path(self) -> str:
@@ -354,6 +363,13 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
                     await supervisor.stop()
         except BaseExceptionGroup as group:
             cause = _unwrap(group)
+            if isinstance(cause, KeyboardInterrupt | SystemExit) and _loop_shutting_down():
+                # asyncio already raised this one out of its loop, from the task it ended,
+                # and is now cancelling every task to close the loop. Raised bare again, it
+                # would abort that shutdown too, before anyio's worker threads are told to
+                # stop, and the process would never exit. In its group it ends this task
+                # like any failure; the loop's owner raises the original.
+                raise
             raise cause from cause.__cause__
         finally:
             claim.release()
@@ -468,7 +484,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
             with suppress(RuntimeStoppedError):
                 self._broadcast.try_tell(Unsubscribe(subscription_id))
 
-        return Subscription(receive, pattern, close)
+        return Subscription(receive, pattern, close, self._thread)
 
     async def read_events(
         self,
@@ -506,7 +522,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
         """
         from .client import OrchestrationClient
 
-        self._check_open()
+        self._check_running()
         return OrchestrationClient._bound(
             self,
             source_agent=check_optional_text(source_agent, "source_agent"),
@@ -549,8 +565,27 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
         )
 
     def _check_open(self) -> None:
+        """Before every call that talks to an actor: the runtime runs, and the caller is
+        on its event loop's thread."""
         if self._closed:
             raise RuntimeStoppedError("the runtime is closed; use it inside `async with`")
+        if threading.get_ident() != self._thread:
+            raise _wrong_loop(self._thread)
+
+    def _check_running(self) -> None:
+        """For what only builds objects (a client): the runtime runs, from any thread."""
+        if self._closed:
+            raise RuntimeStoppedError("the runtime is closed; use it inside `async with`")
+
+    def _check_loop(self) -> None:
+        """The caller is on the runtime's event loop thread.
+
+        Mailboxes, replies and subscriptions wake their waiters through that event loop: a
+        caller on another thread's loop would never be woken (asyncio), or would corrupt
+        the loop's state (trio). A thread id compare, so it costs next to nothing.
+        """
+        if threading.get_ident() != self._thread:
+            raise _wrong_loop(self._thread)
 
 
 def _normalize_path(
@@ -590,6 +625,29 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
     # A RuntimeStoppedError in the app's block is a consequence of the real failure.
     causes = [leaf for leaf in real if not isinstance(leaf, RuntimeStoppedError)] or real
     return causes[0] if len(causes) == 1 else group
+
+
+def _wrong_loop(owner: int) -> WrongEventLoopError:
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    caller = threading.current_thread().name
+    return WrongEventLoopError(names.get(owner, f"thread {owner}"), caller)
+
+
+def _loop_shutting_down() -> bool:
+    """Whether asyncio is cancelling this task to close its loop (asyncio.run's shutdown
+    after a KeyboardInterrupt or SystemExit ended another task).
+
+    That cancellation is asyncio's own ``Task.cancel()``: anyio takes back every
+    cancellation it makes as its scope exits, so a request still counted by
+    ``Task.cancelling()`` out here is not anyio's. Trio has no such shutdown.
+    """
+    import asyncio  # noqa: TID251 - only asyncio's tasks count cancellation requests
+
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no asyncio loop in this thread: trio
+        return False
+    return task is not None and task.cancelling() > 0
 
 
 def _describe(error: BaseException, limit: int = 500) -> str:
