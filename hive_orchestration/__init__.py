@@ -36,6 +36,7 @@ from .errors import (
     RuntimeStoppedError,
     StorageError,
     SubscriberLaggedError,
+    WrongEventLoopError,
 )
 from .events import (
     OrchestrationEvent,
@@ -122,6 +123,7 @@ __all__ = [
     "TaskStatus",
     "Worker",
     "WorkerStatus",
+    "WrongEventLoopError",
     "__version__",
     "auto_register_adapters",
     "CallbackSubscription",

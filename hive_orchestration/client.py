@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 from collections import deque
 from collections.abc import Mapping
@@ -180,9 +181,7 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
     @property
     def runtime(self) -> Runtime:
         """The runtime this client talks to."""
-        self._check_open()
-        assert self._runtime is not None
-        return self._runtime
+        return self._runtime_running()
 
     @property
     def db_path(self) -> str:
@@ -191,7 +190,7 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
             return self._runtime.path
         from .embedded import _normalize_path
 
-        return _normalize_path(self._db_path)
+        return _normalize_path(self._db_path, self._open_config)
 
     @property
     def source_agent(self) -> str | None:
@@ -202,11 +201,16 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
         return self._default_correlation
 
     def _check_open(self) -> None:
+        """Before every call that talks to the runtime (from its event loop's thread)."""
+        self._runtime_running()._check_open()
+
+    def _runtime_running(self) -> Runtime:
         if self._runtime is None:
             raise RuntimeStoppedError(_NOT_OPEN)
         if self._closed:
             raise RuntimeStoppedError("this client was closed; create a new one")
-        self._runtime._check_open()
+        self._runtime._check_running()
+        return self._runtime
 
     def subscribe(
         self,
@@ -244,7 +248,9 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
 
         A stream that falls behind catches up from the log instead of losing events.
         """
-        self._check_open()
+        # Only builds the stream (the sync client does it from its own thread): reading
+        # it checks the event loop.
+        self._runtime_running()
         if after is not None:
             check_int(after, "after", minimum=0)
         return EventStream(
@@ -628,14 +634,17 @@ class CallbackSubscription:
 
     def cancel(self) -> None:
         """Stop calling the callback (it is not interrupted mid-call if it is sync)."""
+        self._stream._runtime._check_loop()
         self._scope.cancel()
 
     async def aclose(self) -> None:
         """Stop, and wait until the callback is no longer running."""
+        self._stream._runtime._check_loop()
         self._scope.cancel()
         await self._done.wait()
 
     async def _run(self) -> None:
+        cancelled = anyio.get_cancelled_exc_class()
         try:
             with self._scope:
                 async for event in self._stream:
@@ -646,14 +655,53 @@ class CallbackSubscription:
                     except Exception:
                         self.errors += 1
                         log.exception("event callback %r failed on %s", self._callback, event.type)
+                    except cancelled:
+                        if _being_cancelled():
+                            raise  # this subscription, or the runtime, is stopping
+                        # The callback's own: it awaited something that another task
+                        # cancelled (an asyncio future, say). Let through, it would end this
+                        # task as cancelled, and anyio would then cancel the app's block.
+                        self.errors += 1
+                        log.exception(
+                            "event callback %r raised a cancellation of its own on %s "
+                            "(no scope of the runtime was cancelled)",
+                            self._callback,
+                            event.type,
+                        )
                     self.delivered += 1
         except HiveError as error:
             self.error = error
             log.error("event callback %r stopped: %s", self._callback, error)
+        except cancelled as error:
+            if _being_cancelled():
+                raise
+            # A cancellation that no cancel scope of this task claims: asyncio's own
+            # Task.cancel() of this task, or the callback's own cancellation arriving just
+            # as the handle was cancelled (so the handle's scope does not recognise it).
+            # It ends this subscription, never the app's block.
+            if not self._scope.cancel_called:
+                self.error = error
+                log.error("event callback %r stopped by a foreign cancellation", self._callback)
+        except (KeyboardInterrupt, SystemExit) as error:
+            # asyncio raises these out of its event loop from the task they end, at once:
+            # the loop stops mid-step and the runtime's shutdown never runs in full. In a
+            # group they end this task as any failure does: the runtime cancels the app's
+            # block and raises the exception from it, in the app's own task.
+            raise BaseExceptionGroup(f"event callback {self._callback!r} raised", [error]) from None
         finally:
             await self._stream.aclose()
             self._owner.discard(self)
             self._done.set()
+
+
+def _being_cancelled() -> bool:
+    """Whether a cancel scope around the current task is cancelled (anyio reports the
+    effective deadline of a cancelled task as minus infinity, on asyncio and trio alike).
+
+    A cancellation exception is the runtime's to propagate only then; otherwise something
+    other than a cancel scope raised it, and it is an error like any other.
+    """
+    return anyio.current_effective_deadline() == -math.inf
 
 
 if TYPE_CHECKING:

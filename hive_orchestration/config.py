@@ -3,6 +3,12 @@
 Precedence, lowest first: the defaults below, a TOML file, then environment variables
 ``HIVE_ORCHESTRATION_<FIELD>`` (``HIVE_ORCHESTRATION_FEATURES__<FLAG>`` for feature flags).
 Every value is validated when loaded; a bad one raises :class:`ConfigError` naming it.
+
+The database's location is the one setting also read without :meth:`RuntimeConfig.load`
+(see :func:`choose_db_path`): ``Runtime.open``, both clients, the inspector and the
+command line all take the path given in code, else ``config.db_path``, else
+``$HIVE_ORCHESTRATION_DB_PATH``, else :data:`DEFAULT_DB_PATH`, so that every program of
+a deployment finds one database whatever its working directory.
 """
 
 from __future__ import annotations
@@ -18,13 +24,23 @@ import msgspec
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULT_DB_PATH", "ENV_PREFIX", "FeatureFlags", "RuntimeConfig"]
+__all__ = [
+    "DB_PATH_ENV",
+    "DEFAULT_DB_PATH",
+    "ENV_PREFIX",
+    "FeatureFlags",
+    "RuntimeConfig",
+    "choose_db_path",
+]
 
-#: Where ``Runtime.open()`` keeps its database when no path is given (the seeds' default).
-#: Relative to the working directory; its folder is created when missing.
+#: Where ``Runtime.open()`` keeps its database when no path is given anywhere (the seeds'
+#: default). Relative to the working directory at open; its folders are created when
+#: missing. The runtime resolves it to an absolute path once, at open.
 DEFAULT_DB_PATH = Path("hive") / "db" / "hive-internal.db"
 
 ENV_PREFIX = "HIVE_ORCHESTRATION_"
+#: The environment variable that names the database (the ``db_path`` field's).
+DB_PATH_ENV = f"{ENV_PREFIX}DB_PATH"
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -47,6 +63,11 @@ class FeatureFlags(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Everything a runtime can be tuned with. All fields have safe defaults."""
 
+    #: The database file (or ``":memory:"``) when ``Runtime.open`` and the clients are
+    #: given no path; ``None``: ``$HIVE_ORCHESTRATION_DB_PATH``, else
+    #: ``hive/db/hive-internal.db``. A relative path is relative to the working directory
+    #: at open: give an absolute one to share one database across working directories.
+    db_path: Annotated[str, msgspec.Meta(min_length=1)] | None = None
     #: ``FULL`` fsyncs the WAL on every commit: a reply survives power loss. ``NORMAL``
     #: survives a process crash (SIGKILL) but may lose the last commits on power loss.
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
@@ -157,6 +178,31 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
         except msgspec.ValidationError as exc:
             field, reason = _split_validation_error(exc)
             raise ConfigError(field, reason) from None
+
+
+def choose_db_path(
+    path: str | os.PathLike[str] | None,
+    config: RuntimeConfig | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> tuple[str | os.PathLike[str], str]:
+    """Which database to open, and where that choice came from (for the log).
+
+    The first of: ``path`` (given in code or on the command line), ``config.db_path``,
+    ``$HIVE_ORCHESTRATION_DB_PATH`` (read from ``env``, default ``os.environ``, even
+    when ``config`` did not come from :meth:`RuntimeConfig.load`), and
+    :data:`DEFAULT_DB_PATH`. The path is not checked here (``Runtime.open`` does).
+    """
+    if path is not None:
+        return path, "the path given"
+    if isinstance(config, RuntimeConfig) and config.db_path is not None:
+        return config.db_path, "RuntimeConfig.db_path"
+    value = (os.environ if env is None else env).get(DB_PATH_ENV)
+    if value is not None:
+        if not value.strip():
+            raise ConfigError("db_path", f"${DB_PATH_ENV} is empty: unset it or name a file")
+        return value, f"${DB_PATH_ENV}"
+    return str(DEFAULT_DB_PATH), "the default, relative to the working directory"
 
 
 def _split_validation_error(exc: msgspec.ValidationError) -> tuple[str, str]:

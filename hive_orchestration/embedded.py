@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager, suppress
@@ -40,13 +41,15 @@ from .actors.broadcast import BroadcastActor
 from .actors.plan_executor import PlanExecutor, PlanFeed
 from .actors.task_manager import TaskManager
 from .actors.worker_registry import WorkerRegistry
-from .config import DEFAULT_DB_PATH, RuntimeConfig
+from .config import RuntimeConfig, choose_db_path
 from .errors import (
+    ConfigError,
     InvalidInputError,
     RuntimeFailedError,
     RuntimeStoppedError,
     StorageError,
     SubscriberLaggedError,
+    WrongEventLoopError,
 )
 from .events import RUNTIME_NAMESPACES, is_runtime_event
 from .messages.events import (
@@ -117,9 +120,11 @@ class Subscription:
         receive: MemoryObjectReceiveStream[Delivery],
         pattern: str,
         close: Callable[[], None],
+        thread: int,
     ) -> None:
         self._receive = receive
         self._close = close
+        self._thread = thread  # the runtime's event loop thread (see Runtime._check_loop)
         self.pattern = pattern
         #: The sequence number of the last event received.
         self.last_seq = 0
@@ -142,6 +147,8 @@ class Subscription:
     async def receive(self) -> Event:
         """The next event; :class:`RuntimeStoppedError` once the runtime stopped, and
         :class:`SubscriberLaggedError` (every time) once the subscriber was dropped."""
+        if threading.get_ident() != self._thread:
+            raise _wrong_loop(self._thread)
         if self._lagged is not None:
             raise SubscriberLaggedError(self._lagged.last_seq)
         try:
@@ -198,10 +205,13 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
         self._supervisor = supervisor
         self._closed = False
         self._callbacks: TaskGroup | None = None
+        # Built inside ``open``, on the thread whose event loop runs the actors: every entry
+        # point compares the caller's thread with it (see _check_loop).
+        self._thread = threading.get_ident()
 
     @property
     def path(self) -> str:
-        """The database file, or ``":memory:"``."""
+        """The database file, as an absolute path, or ``":memory:"``."""
         return self._path
 
     @property
@@ -217,8 +227,14 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
         config: RuntimeConfig | None = None,
         wall_clock: Callable[[], datetime] | None = None,
     ) -> AsyncIterator[Runtime]:
-        """Start a runtime on ``path`` (default ``hive/db/hive-internal.db``, folder created;
-        ``":memory:"`` for a throwaway database) for the duration of the block.
+        """Start a runtime on ``path`` (``":memory:"`` for a throwaway database) for the
+        duration of the block.
+
+        Without ``path``: ``config.db_path``, else ``$HIVE_ORCHESTRATION_DB_PATH``, else
+        ``hive/db/hive-internal.db``; a relative path is resolved against the working
+        directory once, here, and the absolute path opened is logged at INFO (logger
+        ``hive_orchestration``) and is :attr:`path`. Missing folders are created (mode
+        0700), and the file (mode 0600).
 
         ``wall_clock`` (default ``datetime.now(UTC)``) is where the times that are stored
         and shown come from (``created_at``, ``lease_expires_at``, ``last_heartbeat``...);
@@ -230,12 +246,13 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
         intensity while the block runs.
         """
         config = RuntimeConfig.checked(config)
-        db_path = _normalize_path(path)
+        db_path, source = _resolve_path(path, config)
         claim = DatabaseClaim(db_path)
         try:
             await anyio.to_thread.run_sync(claim.acquire)
         except OSError as exc:
             raise StorageError(f"cannot create database {db_path!r}: {exc}") from exc
+        log.info("runtime opening database %s (from %s)", db_path, source)
 
         broadcast: ActorRef[BroadcastMessage] = ActorRef(
             "broadcast", mailbox_size=config.mailbox_size, ask_timeout=config.ask_timeout
@@ -299,6 +316,8 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
                 retry_backoff=config.retry_backoff,
                 retry_backoff_max=config.retry_backoff_max,
                 concurrency_limits=config.concurrency_limits,
+                # A call that ends a plan's task answers once its plan has reacted.
+                plan_barrier=True,
                 clock=wall,
                 monotonic=monotonic,
             )
@@ -360,6 +379,13 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
                     await supervisor.stop()
         except BaseExceptionGroup as group:
             cause = _unwrap(group)
+            if isinstance(cause, KeyboardInterrupt | SystemExit) and _loop_shutting_down():
+                # asyncio already raised this one out of its loop, from the task it ended,
+                # and is now cancelling every task to close the loop. Raised bare again, it
+                # would abort that shutdown too, before anyio's worker threads are told to
+                # stop, and the process would never exit. In its group it ends this task
+                # like any failure; the loop's owner raises the original.
+                raise
             raise cause from cause.__cause__
         finally:
             claim.release()
@@ -474,7 +500,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
             with suppress(RuntimeStoppedError):
                 self._broadcast.try_tell(Unsubscribe(subscription_id))
 
-        return Subscription(receive, pattern, close)
+        return Subscription(receive, pattern, close, self._thread)
 
     async def read_events(
         self,
@@ -512,7 +538,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
         """
         from .client import OrchestrationClient
 
-        self._check_open()
+        self._check_running()
         return OrchestrationClient._bound(
             self,
             source_agent=check_optional_text(source_agent, "source_agent"),
@@ -555,19 +581,53 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
         )
 
     def _check_open(self) -> None:
+        """Before every call that talks to an actor: the runtime runs, and the caller is
+        on its event loop's thread."""
+        if self._closed:
+            raise RuntimeStoppedError("the runtime is closed; use it inside `async with`")
+        if threading.get_ident() != self._thread:
+            raise _wrong_loop(self._thread)
+
+    def _check_running(self) -> None:
+        """For what only builds objects (a client): the runtime runs, from any thread."""
         if self._closed:
             raise RuntimeStoppedError("the runtime is closed; use it inside `async with`")
 
+    def _check_loop(self) -> None:
+        """The caller is on the runtime's event loop thread.
 
-def _normalize_path(path: str | os.PathLike[str] | None) -> str:
-    if path is None:
-        return str(DEFAULT_DB_PATH)
-    if not isinstance(path, str | os.PathLike):
-        raise InvalidInputError("path", f"must be a path or ':memory:', got {type(path).__name__}")
-    text = os.fspath(path)
+        Mailboxes, replies and subscriptions wake their waiters through that event loop: a
+        caller on another thread's loop would never be woken (asyncio), or would corrupt
+        the loop's state (trio). A thread id compare, so it costs next to nothing.
+        """
+        if threading.get_ident() != self._thread:
+            raise _wrong_loop(self._thread)
+
+
+def _normalize_path(
+    path: str | os.PathLike[str] | None, config: RuntimeConfig | None = None
+) -> str:
+    """The database ``Runtime.open(path, config=config)`` opens, as an absolute path."""
+    return _resolve_path(path, config)[0]
+
+
+def _resolve_path(
+    path: str | os.PathLike[str] | None, config: RuntimeConfig | None
+) -> tuple[str, str]:
+    """The database to open, absolute (or ``":memory:"``), and where the choice came from.
+
+    Absolute once, at open: the storage actor reconnects to the same file after a
+    restart even if the app changed its working directory meanwhile.
+    """
+    chosen, source = choose_db_path(path, config)
+    error = InvalidInputError if path is not None else ConfigError
+    field = "path" if path is not None else "db_path"
+    if not isinstance(chosen, str | os.PathLike):
+        raise error(field, f"must be a path or ':memory:', got {type(chosen).__name__}")
+    text = os.fspath(chosen)
     if not isinstance(text, str) or not text.strip():
-        raise InvalidInputError("path", "must be a non-empty path or ':memory:'")
-    return text if text == MEMORY else str(Path(text))
+        raise error(field, "must be a non-empty path or ':memory:'")
+    return (text if text == MEMORY else str(Path(text).absolute())), source
 
 
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -581,6 +641,29 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
     # A RuntimeStoppedError in the app's block is a consequence of the real failure.
     causes = [leaf for leaf in real if not isinstance(leaf, RuntimeStoppedError)] or real
     return causes[0] if len(causes) == 1 else group
+
+
+def _wrong_loop(owner: int) -> WrongEventLoopError:
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    caller = threading.current_thread().name
+    return WrongEventLoopError(names.get(owner, f"thread {owner}"), caller)
+
+
+def _loop_shutting_down() -> bool:
+    """Whether asyncio is cancelling this task to close its loop (asyncio.run's shutdown
+    after a KeyboardInterrupt or SystemExit ended another task).
+
+    That cancellation is asyncio's own ``Task.cancel()``: anyio takes back every
+    cancellation it makes as its scope exits, so a request still counted by
+    ``Task.cancelling()`` out here is not anyio's. Trio has no such shutdown.
+    """
+    import asyncio  # noqa: TID251 - only asyncio's tasks count cancellation requests
+
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no asyncio loop in this thread: trio
+        return False
+    return task is not None and task.cancelling() > 0
 
 
 def _describe(error: BaseException, limit: int = 500) -> str:

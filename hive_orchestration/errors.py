@@ -12,6 +12,8 @@ that matches what you can do about it:
   applied later, so re-read before retrying a non-idempotent operation.
 - :class:`ActorFailedError` - the actor handling the request crashed; it is being restarted.
 - :class:`RuntimeStoppedError` - the runtime (or the actor) is stopped or stopping.
+- :class:`WrongEventLoopError` - the runtime was called from a thread other than the one
+  whose event loop runs it; nothing was sent, and the runtime is unharmed.
 - :class:`RuntimeFailedError` - the supervisor gave up; raised from ``Runtime.open``.
 - :class:`StorageError` - the database refused a write or read; ``fault`` says why (in use by
   another runtime, locked, read-only, disk full, I/O error, corrupt...).
@@ -39,11 +41,19 @@ __all__ = [
     "StorageError",
     "StorageFault",
     "SubscriberLaggedError",
+    "WrongEventLoopError",
 ]
 
 #: What went wrong with the database, for :attr:`StorageError.fault`.
 StorageFault: TypeAlias = Literal[
-    "in_use", "locked", "read_only", "disk_full", "io_error", "corrupt", "cannot_open"
+    "in_use",
+    "locked",
+    "read_only",
+    "disk_full",
+    "io_error",
+    "corrupt",
+    "cannot_open",
+    "needs_recovery",
 ]
 
 
@@ -138,6 +148,29 @@ class RuntimeStoppedError(HiveError):
     """The runtime or the addressed actor is stopped, or stopped before answering."""
 
 
+class WrongEventLoopError(HiveError, RuntimeError):
+    """A runtime, or a client of it, was called from another thread than the one whose
+    event loop runs it; the call was refused before anything was sent.
+
+    Its actors, mailboxes and replies belong to that event loop: a call from another loop
+    could never be woken by them. Call it from the runtime's own loop (from a plain thread
+    started with ``anyio.to_thread``: ``anyio.from_thread.run(client.create_task, ...)``),
+    or use a :class:`SyncOrchestrationClient`, which may be called from any thread.
+    ``owner`` and ``caller`` are the names of the two threads.
+    """
+
+    def __init__(self, owner: str, caller: str) -> None:
+        self.owner = owner
+        self.caller = caller
+        super().__init__(
+            f"this runtime runs on the event loop of thread {owner!r} and was called from "
+            f"thread {caller!r}; nothing was sent. Call it from that event loop (from a "
+            "worker thread: anyio.from_thread.run(client.method, ...)), or use "
+            "SyncOrchestrationClient, which may be called from any thread; an event loop "
+            "of another thread needs a runtime of its own, on another database"
+        )
+
+
 class RuntimeFailedError(HiveError):
     """The supervisor gave up on a child that crashed too often, and stopped the runtime.
 
@@ -169,7 +202,12 @@ class StorageError(HiveError):
     - ``"disk_full"``: no space left, or a file size limit reached; free space and retry.
     - ``"io_error"``: the operating system reported an I/O error.
     - ``"corrupt"``: the file is damaged or not a database; restore it from a backup.
-    - ``"cannot_open"``: SQLite cannot open the file or create its -wal and -shm files.
+    - ``"cannot_open"``: SQLite cannot open the file or create its -wal and -shm files,
+      or the path is not one the runtime may use (not a regular file, a symbolic link to
+      another user's file, an unsafe lock file).
+    - ``"needs_recovery"``: a program was killed in the middle of a write, and a
+      read-only reader cannot undo it; opening the database once for writing (the app,
+      or ``hive-orchestration db upgrade``) does.
     - ``None``: anything else (a missing file for a reader, a schema problem...).
     """
 

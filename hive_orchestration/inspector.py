@@ -35,8 +35,8 @@ from ._validate import (
     check_int,
     check_optional_text,
 )
-from .config import DEFAULT_DB_PATH, RuntimeConfig
-from .errors import InvalidInputError, NotFoundError, RuntimeStoppedError
+from .config import RuntimeConfig, choose_db_path
+from .errors import ConfigError, InvalidInputError, NotFoundError, RuntimeStoppedError
 from .messages.events import Event
 from .messages.plans import ExecutionPlan, PlanProgress, PlanStatus, SubtaskState
 from .messages.storage import (
@@ -82,7 +82,7 @@ class Inspector:
 
     @property
     def path(self) -> str:
-        """The database file."""
+        """The database file, as an absolute path."""
         return self._path
 
     @classmethod
@@ -93,8 +93,9 @@ class Inspector:
         *,
         config: RuntimeConfig | None = None,
     ) -> AsyncIterator[Inspector]:
-        """Open the database at ``path`` (default ``hive/db/hive-internal.db``) read-only for
-        the duration of the block.
+        """Open the database at ``path`` read-only for the duration of the block (without
+        ``path``, the one ``Runtime.open`` would open: ``config.db_path``, else
+        ``$HIVE_ORCHESTRATION_DB_PATH``, else ``hive/db/hive-internal.db``).
 
         Raises :class:`StorageError` if there is no database file there, if it cannot be
         read, or if its schema is older than this package's (``NewerSchemaError`` if newer).
@@ -102,7 +103,7 @@ class Inspector:
         intensity matter.
         """
         config = RuntimeConfig.checked(config)
-        db_path = _normalize_path(path)
+        db_path = _normalize_path(path, config)
         target = Target(db_path, db_path)
         storage: ActorRef[StorageMessage] = ActorRef(
             "storage", mailbox_size=config.mailbox_size, ask_timeout=config.ask_timeout
@@ -240,19 +241,19 @@ class Inspector:
         return await self._storage.ask(message)
 
 
-def _normalize_path(path: str | os.PathLike[str] | None) -> str:
-    if path is None:
-        return str(DEFAULT_DB_PATH)
-    if not isinstance(path, str | os.PathLike):
-        raise InvalidInputError("path", f"must be a path, got {type(path).__name__}")
-    text = os.fspath(path)
+def _normalize_path(path: str | os.PathLike[str] | None, config: RuntimeConfig) -> str:
+    """The database to read, as an absolute path: chosen as ``Runtime.open`` chooses it."""
+    chosen, _ = choose_db_path(path, config)
+    error = InvalidInputError if path is not None else ConfigError
+    field = "path" if path is not None else "db_path"
+    if not isinstance(chosen, str | os.PathLike):
+        raise error(field, f"must be a path, got {type(chosen).__name__}")
+    text = os.fspath(chosen)
     if not isinstance(text, str) or not text.strip():
-        raise InvalidInputError("path", "must be a non-empty path")
+        raise error(field, "must be a non-empty path")
     if text == MEMORY:
-        raise InvalidInputError(
-            "path", "':memory:' lives inside its runtime's process; inspect a database file"
-        )
-    return str(Path(text))
+        raise error(field, "':memory:' lives inside its runtime's process; inspect a database file")
+    return str(Path(text).absolute())
 
 
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -24,7 +24,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from .client import CallbackSubscription, EventStream, OrchestrationClient
 from .config import RuntimeConfig
 from .embedded import Subscription
-from .errors import InvalidInputError, RuntimeStoppedError
+from .errors import HiveError, InvalidInputError, RuntimeStoppedError
 from .events import TopicRegistry
 from .messages.events import Event
 
@@ -41,7 +41,12 @@ def _blocking(
 
     def call(self: SyncOrchestrationClient, /, *args: P.args, **kwargs: P.kwargs) -> R:
         client, portal = self._open()
-        result: R = portal.call(functools.partial(method, client, *args, **kwargs))
+        try:
+            result: R = portal.call(functools.partial(method, client, *args, **kwargs))
+        except HiveError as exc:
+            # Raised afresh in the caller's thread: the portal's and the event loop's
+            # frames say nothing the caller can act on (the cause, if any, is kept).
+            raise exc.with_traceback(None) from exc.__cause__
         return result
 
     call.__name__ = call.__qualname__ = method.__name__

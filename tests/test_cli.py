@@ -385,6 +385,7 @@ def test_db_current_and_upgrade(capsys: pytest.CaptureFixture[str], tmp_path: Pa
         "from_version": SCHEMA_VERSION,
         "to_version": SCHEMA_VERSION,
         "migrated": False,
+        "recovered": False,
     }
     assert run_json(capsys, "status", "--db", str(db))["total_tasks"] == 0
 

@@ -139,8 +139,9 @@ async def test_an_owning_client_stops_its_runtime_and_keeps_the_data(db_path: st
         assert task.payload == {"n": 1}
 
 
-async def test_the_default_database_path() -> None:
-    assert OrchestrationClient().db_path == str(DEFAULT_DB_PATH)
+async def test_the_default_database_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HIVE_ORCHESTRATION_DB_PATH", raising=False)
+    assert OrchestrationClient().db_path == str(Path.cwd() / DEFAULT_DB_PATH)
 
 
 async def test_an_error_in_the_block_propagates_and_closes_the_runtime(db_path: str) -> None:
@@ -275,10 +276,16 @@ async def test_publishing_a_lifecycle_event_makes_it_true(db_path: str) -> None:
             ("task.started", "agent-7"),
             ("task.completed", "agent-7"),
         ]
-        # The state machine still rules: a queued task cannot complete.
-        queued = await client.create_task("x", {})
+        # Saying it again is a no-op; saying something else is refused: the state
+        # machine still rules, and a finished task does not change.
+        seq = await runtime.last_seq()
+        await client.publish_task_event(TaskCompletedEvent(task_id=done, result={"ok": True}))
+        assert await runtime.last_seq() == seq
         with pytest.raises(IllegalTransitionError):
-            await client.publish_task_event(TaskCompletedEvent(task_id=queued))
+            await client.publish_task_event(TaskCompletedEvent(task_id=done, result={"ok": 0}))
+        with pytest.raises(IllegalTransitionError):
+            await client.publish_task_event(TaskStartedEvent(task_id=failed))
+        queued = await client.create_task("x", {})
         with pytest.raises(InvalidInputError, match="create_task") as info:
             await client.publish_task_event(
                 TaskCreatedEvent(task_id=queued, task_type="x", payload={})

@@ -6,15 +6,24 @@ ways are run here."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiosqlite
 import pytest
 
-from hive_orchestration.storage.drivers import AiosqliteDriver, Driver, Statement, ThreadDriver
+from hive_orchestration.storage.drivers import (
+    AiosqliteDriver,
+    Driver,
+    Statement,
+    ThreadDriver,
+    connect,
+)
+from hive_orchestration.storage.faults import storage_error
 from hive_orchestration.storage.schema import MIGRATIONS
 
 pytestmark = pytest.mark.anyio
@@ -141,3 +150,95 @@ async def test_the_installed_aiosqlite_runs_a_batch_in_one_await(
         await driver.transaction([(INSERT, (f"w{n}", "a")) for n in range(3)])
         assert calls == []
     assert len(roles(path)) == 3
+
+
+# -- no statement outlives its call ------------------------------------------------------
+
+
+class KeepsCursors(sqlite3.Connection):
+    """A connection that keeps every cursor it makes alive, as a worker thread's local
+    variable does until that thread's next job (aiosqlite's keeps the last result; anyio's
+    and trio's threads briefly too): a driver must not count on a cursor being freed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kept: list[sqlite3.Cursor] = []
+
+    def execute(self, *args: Any) -> sqlite3.Cursor:
+        self.kept.append(super().execute(*args))
+        return self.kept[-1]
+
+    def executemany(self, *args: Any) -> sqlite3.Cursor:
+        self.kept.append(super().executemany(*args))
+        return self.kept[-1]
+
+
+async def keeping(path: Path, kind: str) -> Driver:
+    """A driver on a fresh file whose connection keeps every cursor alive."""
+    if kind == "thread":
+        conn = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, factory=KeepsCursors
+        )
+        return ThreadDriver(conn)
+    connection = await aiosqlite.connect(path, isolation_level=None, factory=KeepsCursors)
+    return AiosqliteDriver(connection, whole_batches=kind == "aiosqlite")
+
+
+async def test_a_statement_run_by_execute_is_over_when_it_returns(
+    tmp_path: Path, kind: str
+) -> None:
+    """Open does ``PRAGMA journal_mode=WAL`` (which answers a row), then migrates in one
+    transaction: the pragma's statement, had it stayed open, makes that COMMIT fail with
+    "SQL statements in progress". Whoever still holds its cursor, the statement is done."""
+    path = tmp_path / "fresh.db"
+    driver = await keeping(path, kind)
+    try:
+        await driver.execute("PRAGMA journal_mode=WAL")
+        await driver.execute("PRAGMA foreign_keys=ON")
+        await driver.transaction([("CREATE TABLE t (x)", ()), ("INSERT INTO t VALUES (1)", ())])
+        assert await driver.fetchall("SELECT x FROM t") == [(1,)]
+        await driver.transaction([("INSERT INTO t VALUES (2)", ())])
+        assert await driver.probe([[("INSERT INTO t VALUES (3)", ())]]) == [None]
+        await driver.transaction([("UPDATE t SET x = x + 10 WHERE x = 2", ())])
+    finally:
+        await driver.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        # The probe wrote nothing.
+        assert conn.execute("SELECT x FROM t ORDER BY x").fetchall() == [(1,), (12,)]
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+async def test_open_steps_through_the_driver_commit(tmp_path: Path, anyio_backend: str) -> None:
+    """The same steps as the open, with the driver ``auto`` picks and nothing holding a
+    cursor but the driver's own machinery (on asyncio, aiosqlite's thread kept the
+    pragma's cursor until its next job ended: this COMMIT failed every time)."""
+    path = tmp_path / "fresh.db"
+    driver = await connect(str(path), driver="auto", busy_timeout=5.0)
+    try:
+        await driver.execute("PRAGMA journal_mode=WAL")
+        await driver.transaction([(sql, ()) for sql in MIGRATIONS[0]])
+    finally:
+        await driver.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT count(*) FROM tasks").fetchone() == (0,)
+
+
+def test_a_statement_left_open_is_not_blamed_on_a_lock(tmp_path: Path) -> None:
+    """SQLite answers SQLITE_BUSY to a COMMIT while a statement of the same connection is
+    open; that is no lock of another program, and waiting does not help."""
+    with contextlib.closing(sqlite3.connect(tmp_path / "d.db", isolation_level=None)) as conn:
+        pending = conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("CREATE TABLE t (x)")
+        with pytest.raises(sqlite3.OperationalError, match="in progress") as caught:
+            conn.execute("COMMIT")
+        pending.close()
+        conn.execute("ROLLBACK")
+    error = storage_error("/data/hive.db", caught.value, action="cannot open", busy_timeout=5)
+    message = str(error)
+    assert error.fault is None, message
+    assert "locked" not in message, message
+    assert "busy_timeout" not in message, message
+    assert "no other program holds a lock" in message, message
+    assert "statements in progress" in message  # SQLite's own words are kept
+    assert error.__cause__ is caught.value

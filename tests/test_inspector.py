@@ -304,7 +304,7 @@ async def test_what_is_not_a_database_is_refused(tmp_path: Path) -> None:
     with anyio.fail_after(30), pytest.raises(StorageError, match="not a database"):
         async with Inspector.open(garbage):
             pytest.fail("inspected a text file")
-    with pytest.raises(StorageError, match="not a file"):
+    with pytest.raises(StorageError, match="it is a directory, not a regular file"):
         async with Inspector.open(tmp_path):
             pytest.fail("inspected a folder")
     with pytest.raises(InvalidInputError) as caught:

@@ -400,9 +400,10 @@ async def test_default_path_is_relative_to_cwd(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HIVE_ORCHESTRATION_DB_PATH", raising=False)
     assert not (tmp_path / "hive").exists()
     async with Runtime.open() as runtime:
-        assert runtime.path == str(DEFAULT_DB_PATH)
+        assert runtime.path == str(Path.cwd() / DEFAULT_DB_PATH)  # resolved once, at open
         event = await runtime.publish("default.path", {})
     assert Path("hive") / "db" / "hive-internal.db" == DEFAULT_DB_PATH
     assert (tmp_path / "hive" / "db").is_dir()

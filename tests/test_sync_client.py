@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import pytest
 
 from hive_orchestration import (
     Event,
+    IllegalTransitionError,
     InvalidInputError,
     OrchestrationClient,
     RuntimeStoppedError,
@@ -85,6 +87,21 @@ def test_sync_events_subscribe_and_errors(tmp_path: Path, backend: str) -> None:
         with pytest.raises(InvalidInputError) as info:
             client.create_task("", {})
         assert info.value.field == "task_type"
+
+
+@backends
+def test_a_refusal_is_raised_in_the_callers_thread_with_its_frames_only(
+    tmp_path: Path, backend: str
+) -> None:
+    with SyncOrchestrationClient(db_path=str(tmp_path / "h.db"), backend=backend) as client:
+        task_id = client.create_task("job", {})
+        client.cancel_task(task_id)
+        with pytest.raises(IllegalTransitionError) as caught:
+            client.update_task_status(task_id, "running")
+    files = [frame.filename for frame in traceback.extract_tb(caught.value.__traceback__)]
+    # This test's frame, then the sync client's: no portal, event loop or actor frames.
+    assert files[0] == __file__
+    assert [f.rsplit("/", 2)[-2:] for f in files[1:]] == [["hive_orchestration", "sync.py"]]
 
 
 @backends

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sqlite3
+import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
@@ -454,10 +455,16 @@ async def test_state_machine(db_path: str, start: TaskStatus, target: TaskStatus
         event = TRANSITIONS.get((start, target))
         if (start, target) == (TaskStatus.BLOCKED, TaskStatus.QUEUED):
             event = None  # only its plan queues a blocked task, never update_task_status
-        if event is not None:
+        if start is target and start in TERMINAL:
+            # Already so, and nothing contradicts it: a no-op answered False, no event.
+            assert await rt.update_task_status(task_id, target.value) is False
+            assert await rt.get_task(task_id) == before
+            assert await last_seq(rt) == seq
+            event = None
+        elif event is not None:
             assert await rt.update_task_status(task_id, target.value, source_agent="agent")
             after = await rt.get_task(task_id)
-            # (A plan reacts to its task's change with events of its own, later.)
+            # (Its plan, if any, reacts with events of other tasks and of its own.)
             new = [e for e in await rt.read_events(after=seq) if e.task_id == task_id]
             assert after is not None
             assert after.status is target
@@ -493,6 +500,8 @@ def test_the_transition_table_is_the_documented_one() -> None:
     assert {
         (q, a): "task.assigned",
         (q, r): "task.started",
+        (q, TaskStatus.COMPLETED): "task.completed",
+        (q, TaskStatus.FAILED): "task.failed",
         (a, r): "task.started",
         (a, q): "task.retrying",
         (r, q): "task.retrying",
@@ -991,3 +1000,77 @@ async def test_due_dates_are_kept_as_the_same_instant_in_utc(db_path: str) -> No
     assert task.due_date is not None
     assert task.due_date == due
     assert task.due_date.utcoffset() == timedelta(0)
+
+
+# -- resolving a task by hand --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", [TaskStatus.COMPLETED, TaskStatus.FAILED])
+async def test_a_queued_task_is_resolved_by_hand_with_its_event_and_no_run(
+    db_path: str, target: TaskStatus
+) -> None:
+    """The extraction plan's quick start: create a task, then mark it completed."""
+    async with Runtime.open(db_path) as rt:
+        task_id = await rt.create_task("job", source_agent="orchestrator")
+        fields: dict[str, object] = (
+            {"result": {"done": True}} if target is TaskStatus.COMPLETED else {"error": "no"}
+        )
+        assert await rt.update_task_status(task_id, target, source_agent="ops", **fields)  # type: ignore[arg-type]
+        task = await rt.get_task(task_id)
+        events = [(e.type, e.source, e.data.get("previous")) for e in await rt.read_events()]
+        assert await rt.get_runs(task_id) == []
+        # Out of a terminal status, nothing moves.
+        for other in (TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.CANCELLED):
+            with pytest.raises(IllegalTransitionError):
+                await rt.update_task_status(task_id, other)
+        # Nobody can claim it any more.
+        assert await rt.claim_task("w1") is None
+    assert task is not None
+    assert task.status is target
+    assert events == [
+        ("task.created", "orchestrator", None),
+        (f"task.{target.value}", "ops", "queued"),
+    ]
+    if target is TaskStatus.COMPLETED:
+        assert task.result == {"done": True}
+    else:
+        assert task.error == "no"
+
+
+async def test_saying_a_finished_task_is_finished_again_is_a_no_op(db_path: str) -> None:
+    async with Runtime.open(db_path) as rt:
+        done = await rt.create_task("job")
+        await rt.update_task_status(done, "completed", result={"n": 1})
+        seq = await last_seq(rt)
+        # The same outcome again (the seeds' client publishes TaskCompletedEvent with an
+        # empty result after completing a task): nothing to change, nothing published.
+        assert await rt.update_task_status(done, "completed") is False
+        assert await rt.update_task_status(done, "completed", result={"n": 1}) is False
+        assert await last_seq(rt) == seq
+        # A different outcome is a change, and a finished task does not change.
+        with pytest.raises(IllegalTransitionError):
+            await rt.update_task_status(done, "completed", result={"n": 2})
+        with pytest.raises(IllegalTransitionError):
+            await rt.update_task_status(done, "completed", error="oops")
+        plain = await rt.create_task("job")
+        await rt.update_task_status(plain, "completed")
+        assert await rt.update_task_status(plain, "completed", result={}) is False
+        with pytest.raises(IllegalTransitionError):
+            await rt.update_task_status(plain, "completed", result={"late": True})
+        assert await last_seq(rt) == seq + 2
+        task = await rt.get_task(done)
+    assert task is not None
+    assert task.result == {"n": 1}
+
+
+async def test_a_refusal_is_raised_at_the_call_without_the_actors_frames(db_path: str) -> None:
+    """The traceback a caller sees ends in the package's API, not in an actor's stack."""
+    async with Runtime.open(db_path) as rt:
+        task_id = await rt.create_task("job")
+        await rt.cancel_task(task_id)
+        with pytest.raises(IllegalTransitionError) as caught:
+            await rt.update_task_status(task_id, "running")
+    frames = [frame.filename for frame in traceback.extract_tb(caught.value.__traceback__)]
+    internal = [f for f in frames if "/actors/" in f or "/storage/" in f]
+    assert internal == []
+    assert any(f.endswith("_task_ops.py") for f in frames)

@@ -88,6 +88,7 @@ from ..messages.storage import (
     AppendEvent,
     FetchPlan,
     FetchPlanningRequest,
+    GetStorageStats,
     LoadActivePlans,
     LoadPlanningRequests,
     LoadPlanTasks,
@@ -101,9 +102,11 @@ from ..messages.storage import (
     WriteOp,
 )
 from ..messages.tasks import (
+    PLAN_TASK_ENDINGS,
     CancelTasks,
     CreateTask,
     CreateTasks,
+    PlansSettled,
     QueueTasks,
     TaskManagerMessage,
     TaskStatus,
@@ -114,15 +117,9 @@ __all__ = ["PLAN_EVENT_TYPES", "PlanExecutor", "PlanFeed"]
 
 log = logging.getLogger("hive_orchestration.plans")
 
-#: The task events that end a subtask: what the feed subscribes to.
-PLAN_EVENT_TYPES = (
-    "task.retrying",
-    "task.completed",
-    "task.failed",
-    "task.timed_out",
-    "task.cancelled",
-    "task.deleted",
-)
+#: The task events the feed subscribes to: those that end a subtask, and retries (a task
+#: of a stopped plan that goes back to the queue is cancelled).
+PLAN_EVENT_TYPES = ("task.retrying", *sorted(PLAN_TASK_ENDINGS))
 _ENDED = {
     "task.completed": SubtaskStatus.COMPLETED,
     "task.failed": SubtaskStatus.FAILED,
@@ -233,17 +230,37 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         self._requests: dict[str, PlanningRequest] = {}  # pending and assigned
         self._pending: list[tuple[int, datetime, int, str]] = []  # heap: best pending first
         self._arrivals = 0  # ties on priority and time go first come, first served
+        # The log position up to which every plan task's end has been applied (committed),
+        # told to the TaskManager, which holds back the answers of the calls that ended a
+        # plan's task until then: the caller's next read of the plan sees what was released.
+        self._settled = 0
 
     # -- start-up and reconciling -----------------------------------------------------------
 
     async def started(self) -> None:
+        # Loading reconciles every active plan with what the database holds by now, so
+        # everything logged before the loads is settled once they are applied.
+        through = (await self._storage.ask(GetStorageStats())).last_seq
         for request in await self._storage.ask(LoadPlanningRequests(_REQUEST_OPEN)):
             self._remember_request(request)
         work = _Work()
         for plan in await self._storage.ask(LoadActivePlans()):
             await self._load(plan, work)
         await self._apply(work)
+        await self._tell_settled(through)
         log.info("plan executor: %d active plan(s)", len(self._plans))
+
+    async def _tell_settled(self, through: int) -> None:
+        """Tell the TaskManager that plan task ends up to ``through`` are applied."""
+        if through <= self._settled:
+            return
+        self._settled = through
+        try:
+            if not self._tasks.try_tell(PlansSettled(through)):
+                # Waiting for room is safe: the TaskManager never waits for this actor.
+                await self._tasks.tell(PlansSettled(through))
+        except RuntimeStoppedError:
+            pass  # stopping: it answers what it held back as it stops
 
     async def _load(self, plan: ExecutionPlan, work: _Work) -> _Plan:
         """Bring a stored plan into memory and reconcile it with its tasks."""
@@ -321,14 +338,21 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
 
     async def receive_batch(self, batch: Sequence[Envelope[PlanExecutorMessage]]) -> None:
         work = _Work()
+        through = self._settled
         for envelope in batch:
             envelope.started = True
             message = envelope.message
-            if isinstance(message, Resync) and _pending(work):
-                # Reconciling compares memory with the database: apply what this batch
-                # has done so far first, or its tasks would look deleted.
-                await self._finish(work)
-                work = _Work()
+            if isinstance(message, PlanTaskEvents) and message.events:
+                through = max(through, message.events[-1].seq)
+            elif isinstance(message, Resync):
+                if _pending(work):
+                    # Reconciling compares memory with the database: apply what this batch
+                    # has done so far first, or its tasks would look deleted.
+                    await self._finish(work)
+                    work = _Work()
+                # What was logged before now is read back from the database below.
+                last = (await self._storage.ask(GetStorageStats())).last_seq
+                through = max(through, last)
             try:
                 outcome = await self._handle(message, work)
             except HiveError as exc:
@@ -344,6 +368,7 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
             else:
                 work.answers.append((envelope, outcome))
         await self._finish(work)
+        await self._tell_settled(through)
 
     async def _finish(self, work: _Work) -> None:
         """Apply the effects of what was handled, then answer."""

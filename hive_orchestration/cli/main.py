@@ -14,15 +14,16 @@ import os
 import shlex
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 
 import anyio
 import anyio.to_thread
 import msgspec
 
 from .._validate import MAX_READ
-from ..config import DEFAULT_DB_PATH
+from ..config import DB_PATH_ENV, DEFAULT_DB_PATH, choose_db_path
 from ..embedded import Runtime
-from ..errors import HiveError, InvalidInputError, NewerSchemaError
+from ..errors import HiveError, InvalidInputError, NewerSchemaError, StorageError
 from ..inspector import Inspector
 from ..messages.events import Event
 from ..messages.plans import PlanStatus
@@ -102,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--db", default=str(DEFAULT_DB_PATH), help="database file (default: %(default)s)"
+        "--db",
+        help=f"database file (default: ${DB_PATH_ENV} if set, else {DEFAULT_DB_PATH}; shown"
+        " as an absolute path)",
     )
     common.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     shown = argparse.ArgumentParser(add_help=False)
@@ -206,6 +209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             usage = f"{' and '.join(unused)} only bound --follow"
             print(f"hive-orchestration events: error: {usage}", file=sys.stderr)
             return 2
+    try:
+        args.db = _database(args.db)
+    except InvalidInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.command == "demo":
         handler: _Handler = _demo
     else:
@@ -229,6 +237,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_stdout()
         return 1
     return 0
+
+
+def _database(given: str | None) -> str:
+    """The database a command uses, as an absolute path: ``--db``, else
+    ``$HIVE_ORCHESTRATION_DB_PATH``, else the default (as ``Runtime.open`` chooses), so
+    that what the command names is the very file an app of this environment opens."""
+    chosen, _ = choose_db_path(given)
+    text = os.fspath(chosen)
+    if not text.strip():
+        raise InvalidInputError("--db", "must be a non-empty path")
+    return text if text == ":memory:" else str(Path(text).absolute())
 
 
 def _rich_available() -> bool:
@@ -421,10 +440,18 @@ async def _db_current(args: argparse.Namespace) -> None:
 
 
 async def _db_upgrade(args: argparse.Namespace) -> None:
-    before = await anyio.to_thread.run_sync(read_schema_version, args.db)
-    if before > SCHEMA_VERSION:
+    before: int | None
+    try:
+        before = await anyio.to_thread.run_sync(read_schema_version, args.db)
+    except StorageError as exc:
+        if exc.fault != "needs_recovery":
+            raise
+        # A write a killed program left half-done: a reader cannot undo it, and the
+        # version is unknown until it is undone. Opening for writing undoes it first.
+        before = None
+    if before is not None and before > SCHEMA_VERSION:
         raise NewerSchemaError(args.db, before, SCHEMA_VERSION)
-    if before < SCHEMA_VERSION:
+    if before is None or before < SCHEMA_VERSION:
         # Opening a runtime migrates, in one transaction; it refuses a database that
         # another runtime holds, so an app's file is never migrated under its feet. It
         # also does what any open does (requeue the tasks a stopped app left claimed),
@@ -439,7 +466,13 @@ async def _db_upgrade(args: argparse.Namespace) -> None:
                 "from_version": before,
                 "to_version": after,
                 "migrated": after != before,
+                "recovered": before is None,
             }
+        )
+    elif before is None:
+        print(
+            f"{args.db}: recovered from a write a killed program left unfinished; now at"
+            f" schema version {after}"
         )
     elif after != before:
         print(f"{args.db}: migrated from schema version {before} to {after}")

@@ -17,6 +17,7 @@ from ..runtime import Request
 from .events import JsonValue
 
 __all__ = [
+    "PLAN_TASK_ENDINGS",
     "TERMINAL",
     "CancelTask",
     "CancelTasks",
@@ -37,6 +38,7 @@ __all__ = [
     "GetUnroutableTasks",
     "Heartbeat",
     "Lease",
+    "PlansSettled",
     "QueueTasks",
     "ReleaseTask",
     "ReleaseWorker",
@@ -397,6 +399,19 @@ class Wake(msgspec.Struct, frozen=True):
     """The TaskManager's alarm: leases, timeouts, backoffs or claim waits are due."""
 
 
+#: The events of a plan's task that end its subtask: what its plan reacts to.
+PLAN_TASK_ENDINGS = frozenset(
+    {"task.completed", "task.failed", "task.timed_out", "task.cancelled", "task.deleted"}
+)
+
+
+class PlansSettled(msgspec.Struct, frozen=True):
+    """Told by the PlanExecutor: it has applied (committed) everything that the plan
+    tasks' events up to ``seq`` caused, so the answers held back for them can go."""
+
+    seq: int
+
+
 TaskManagerMessage: TypeAlias = (
     CreateTask
     | CreateTasks
@@ -423,4 +438,5 @@ TaskManagerMessage: TypeAlias = (
     | GetUnroutableTasks
     | Unclaimed
     | Wake
+    | PlansSettled
 )

@@ -98,7 +98,9 @@ class Reply(Generic[R]):
         # No checkpoint from here to the asker's hands: the value is received.
         self._taken = True
         if self._error is not None:
-            raise self._error
+            # Raised afresh at the asker's call: the frames of the actor that made the
+            # error say nothing the caller can act on (its __cause__, if any, is kept).
+            raise self._error.with_traceback(None)
         return cast(R, self._value)
 
     def abandon(self) -> object:

@@ -7,6 +7,7 @@ import errno
 import os
 import shlex
 import sqlite3
+import stat
 import sys
 import uuid
 from dataclasses import dataclass
@@ -57,7 +58,10 @@ class DatabaseClaim:
       (in this process or another) is refused with a clear error instead of corrupting the
       first one's view; the OS drops the lock when the process dies, even by SIGKILL. The
       lock file holds the owner's pid while it is open, and is left in place (removing it
-      would race with the next opener).
+      would race with the next opener). It is opened without following a symlink and
+      used only if it is a regular file of this user with no other name (a lock planted
+      as a link to another file would otherwise have that file written), and it is
+      never truncated.
     - ``:memory:``: a named shared-cache memory database kept alive by an idle connection,
       so that a restarted storage actor finds the same data instead of an empty database.
     """
@@ -75,8 +79,9 @@ class DatabaseClaim:
     def acquire(self) -> None:
         """Take the claim (blocking file I/O: call it from a worker thread).
 
-        Raises :class:`StorageError` if the file cannot be created, if another runtime
-        holds it (``fault="in_use"``, naming its pid), or if it cannot be written.
+        Raises :class:`StorageError` if the file cannot be created or is not one the
+        runtime may use (see :func:`prepare_path`), if its lock file is unsafe, if another
+        runtime holds it (``fault="in_use"``, naming its pid), or if it cannot be written.
         """
         if self.target.memory:
             self._keeper = sqlite3.connect(self.target.connect, uri=True, check_same_thread=False)
@@ -85,14 +90,19 @@ class DatabaseClaim:
         if sys.platform == "win32":  # pragma: no cover - no flock: one runtime is up to you
             return
         lock_path = f"{os.path.realpath(self._path)}.lock"
+        # O_NONBLOCK: a FIFO planted there must not hang the open (it is refused below).
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(lock_path, flags, 0o600)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _unsafe_lock(self._path, lock_path, "is a symbolic link") from None
             raise _unwritable(self._path, f"its lock file {lock_path!r}", exc) from exc
         try:
+            _check_lock_file(self._path, lock_path, os.fstat(fd))
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            holder = os.pread(fd, _PID_WIDTH, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             here = ", this process" if holder == str(os.getpid()) else ""
             raise StorageError(
@@ -103,6 +113,9 @@ class DatabaseClaim:
                 path=self._path,
                 fault="in_use",
             ) from None
+        except StorageError:
+            os.close(fd)
+            raise
         except OSError as exc:
             os.close(fd)
             raise StorageError(
@@ -116,10 +129,10 @@ class DatabaseClaim:
             os.close(fd)
             raise
         # The pid is for the error above, the flock is the claim: on a full disk, go on
-        # without it (the next opener then reports "pid unknown").
+        # without it (the next opener then reports "pid unknown"). A fixed-width record
+        # overwrites whatever a previous owner left, so the file is never truncated.
         with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            os.pwrite(fd, _pid_record(str(os.getpid())), 0)
         self._lock_fd = fd
 
     def release(self) -> None:
@@ -129,8 +142,116 @@ class DatabaseClaim:
         if self._lock_fd is not None:
             fd, self._lock_fd = self._lock_fd, None
             with contextlib.suppress(OSError):  # the lock goes with the descriptor anyway
-                os.ftruncate(fd, 0)  # no stale pid for the next opener to report
+                os.pwrite(fd, _pid_record(""), 0)  # no stale pid for the next opener
             os.close(fd)  # closing the descriptor releases the flock
+
+
+#: Bytes of the lock file's pid record: more than any pid has digits.
+_PID_WIDTH = 32
+
+
+def _pid_record(pid: str) -> bytes:
+    return pid.ljust(_PID_WIDTH - 1).encode() + b"\n"
+
+
+def _check_lock_file(path: str, lock_path: str, found: os.stat_result) -> None:
+    """Refuse a lock file the runtime could be tricked into writing another file through:
+    not a regular file, a second name (hard link) of some file, or another user's file."""
+    if not stat.S_ISREG(found.st_mode):
+        raise _unsafe_lock(path, lock_path, f"is {_kind(found)}, not a regular file")
+    if found.st_nlink != 1:
+        raise _unsafe_lock(
+            path, lock_path, f"has {found.st_nlink} names (hard links), so it is another file too"
+        )
+    if found.st_uid != os.geteuid():
+        raise _unsafe_lock(path, lock_path, f"belongs to another user (uid {found.st_uid})")
+
+
+def _unsafe_lock(path: str, lock_path: str, why: str) -> StorageError:
+    return StorageError(
+        f"cannot open database {path!r}: its lock file {lock_path!r} {why}. The runtime"
+        " writes its pid to its lock file, so it refuses one that could be another file."
+        f" If no runtime is using the database, remove {lock_path!r} and open again; keep"
+        " the database's folder writable only by its owner, so that nobody else can plant"
+        " files there",
+        path=path,
+        fault="cannot_open",
+    )
+
+
+def _kind(found: os.stat_result) -> str:
+    """What a file that is not a regular file is, for a message."""
+    mode = found.st_mode
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    return "a special file"
+
+
+def _not_a_file(path: str, found: os.stat_result) -> StorageError:
+    return StorageError(
+        f"cannot open database {path!r}: it is {_kind(found)}, not a regular file; a"
+        " database is a regular file: name a file, or a path where one can be created",
+        path=path,
+        fault="cannot_open",
+    )
+
+
+def check_existing(path: str) -> None:
+    """Refuse an existing ``path`` the runtime must not open as its database: anything but
+    a regular file (SQLite would report a FIFO or a device as a "disk I/O error"), a
+    dangling symbolic link (SQLite would create its target, wherever it points), and a
+    symbolic link that another user made or that leads to another user's file (another
+    local user may have planted it to have the runtime write that file)."""
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StorageError(
+            f"cannot open database {path!r}: {exc}", path=path, fault=_os_fault(exc)
+        ) from exc
+    if stat.S_ISLNK(found.st_mode):
+        link = found
+        try:
+            found = os.stat(path)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot open database {path!r}: it is a symbolic link to"
+                f" {os.path.realpath(path)!r}, which cannot be reached"
+                f" ({exc.strerror or exc}); the runtime does not create a database through"
+                " a link: create the file there first, or name the real path",
+                path=path,
+                fault="cannot_open",
+            ) from None
+        me = os.geteuid()
+        if link.st_uid != me:
+            whose = f"made by another user (uid {link.st_uid})"
+        elif found.st_uid != me:
+            whose = f"to a file owned by another user (uid {found.st_uid})"
+        else:
+            whose = ""
+        if whose:
+            raise StorageError(
+                f"cannot open database {path!r}: it is a symbolic link {whose}, leading to"
+                f" {os.path.realpath(path)!r}; the runtime does not write a database"
+                " through a link it cannot trust (another local user may have planted it)."
+                " Remove the link if you did not make it, or open the file by its own path"
+                " as its owner",
+                path=path,
+                fault="cannot_open",
+            )
+    if not stat.S_ISREG(found.st_mode):
+        raise _not_a_file(path, found)
 
 
 def _unwritable(path: str, what: str, exc: OSError | None) -> StorageError:
@@ -188,26 +309,51 @@ def check_writable(path: str) -> None:
 
 
 def prepare_path(path: str) -> None:
-    """Create the folder if needed, and the file with mode 0600 if it does not exist.
+    """Create the missing folders (mode 0700) and the file (mode 0600) if it does not
+    exist; refuse what exists there if the runtime must not use it (:func:`check_existing`).
 
     SQLite gives the ``-wal`` and ``-shm`` files the database file's permissions, so the
-    whole database stays readable by its owner only. Raises :class:`StorageError` if the
-    folder or the file cannot be created.
+    whole database stays readable by its owner only; a folder the runtime creates is its
+    owner's alone, so that no other user can plant files beside the database. Raises
+    :class:`StorageError` if the folder or the file cannot be created.
     """
     if path == MEMORY:
         return
     target = Path(path)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return
+        _make_folders(target.parent)
+        fd = os.open(
+            target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+    except FileExistsError:
+        check_existing(path)
+        return
     except OSError as exc:
         raise StorageError(
             f"cannot create database {path!r}: {exc}", path=path, fault=_os_fault(exc)
         ) from exc
     os.close(fd)
+
+
+def _make_folders(folder: Path) -> None:
+    """Create ``folder`` and its missing parents with mode 0700, whatever the umask (only
+    the folders created here: an existing folder's mode is its owner's choice)."""
+    missing: list[Path] = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for created in reversed(missing):
+        try:
+            os.mkdir(created, 0o700)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: theirs, left as it is
+        # mkdir applies the umask; a umask that takes the owner's bits would leave a
+        # folder the runtime cannot use. Through a descriptor that follows no link.
+        fd = os.open(created, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
 
 
 def read_only_uri(path: str, *, immutable: bool = False) -> str:
@@ -245,11 +391,16 @@ def _can_write(folder: Path) -> bool:
 
 def _check_file(path: str) -> None:
     """Refuse a path where a read-only open cannot find a database file."""
-    target = Path(path)
-    if not target.exists():
-        raise StorageError(f"no database at {path!r}: the file does not exist", path=path)
-    if not target.is_file():
-        raise StorageError(f"cannot open database {path!r}: it is not a file", path=path)
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        raise StorageError(f"no database at {path!r}: the file does not exist", path=path) from None
+    except OSError as exc:
+        raise StorageError(
+            f"cannot open database {path!r}: {exc}", path=path, fault=_os_fault(exc)
+        ) from exc
+    if not stat.S_ISREG(found.st_mode):
+        raise _not_a_file(path, found)
 
 
 def read_schema_version(path: str) -> int:

@@ -6,7 +6,11 @@
   in anyio's worker thread, so it costs one thread hop (about 110 us) however large it is.
 
 Both open the connection in autocommit mode and issue ``BEGIN IMMEDIATE`` / ``COMMIT``
-themselves, so a transaction is exactly what :meth:`Driver.transaction` says it is. The
+themselves, so a transaction is exactly what :meth:`Driver.transaction` says it is. Every
+cursor is read to its end and closed in the thread that made it, before the call returns:
+a statement left open (the row ``PRAGMA journal_mode=WAL`` answers, say, held by a worker
+thread's variable until that thread's next job) makes the next ``COMMIT`` fail with "SQL
+statements in progress", however briefly it lingers. The
 storage actor calls them from a shielded scope: a transaction always ends in COMMIT or
 ROLLBACK, never half-way (aiosqlite keeps running a statement whose caller was cancelled,
 and would leave the shared connection inside an open transaction).
@@ -83,15 +87,33 @@ class Driver:
 # -- the thread driver: one hop per call -------------------------------------------------
 
 
+def _execute_sync(conn: sqlite3.Connection, sql: str, params: Params = ()) -> int:
+    """Run one statement to its end and close its cursor; returns its rowcount."""
+    cursor = conn.execute(sql, params)
+    try:
+        cursor.fetchall()  # a statement that answers rows (a PRAGMA) is done only at its end
+        return cursor.rowcount
+    finally:
+        cursor.close()
+
+
+def _executemany_sync(conn: sqlite3.Connection, sql: str, rows: Sequence[Params]) -> int:
+    cursor = conn.executemany(sql, rows)
+    try:
+        return cursor.rowcount
+    finally:
+        cursor.close()
+
+
 def _transaction_sync(conn: sqlite3.Connection, statements: Sequence[Statement]) -> None:
-    conn.execute("BEGIN IMMEDIATE")
+    _execute_sync(conn, "BEGIN IMMEDIATE")
     try:
         for sql, rows in coalesce(statements):
-            check_updated(sql, len(rows), conn.executemany(sql, rows).rowcount)
-        conn.execute("COMMIT")
+            check_updated(sql, len(rows), _executemany_sync(conn, sql, rows))
+        _execute_sync(conn, "COMMIT")
     except BaseException:
         if conn.in_transaction:
-            conn.execute("ROLLBACK")
+            _execute_sync(conn, "ROLLBACK")
         raise
 
 
@@ -99,27 +121,31 @@ def _probe_sync(
     conn: sqlite3.Connection, units: Sequence[Sequence[Statement]]
 ) -> list[sqlite3.Error | None]:
     results: list[sqlite3.Error | None] = []
-    conn.execute("BEGIN IMMEDIATE")
+    _execute_sync(conn, "BEGIN IMMEDIATE")
     try:
         for unit in units:
-            conn.execute("SAVEPOINT unit")
+            _execute_sync(conn, "SAVEPOINT unit")
             try:
                 for sql, params in unit:
-                    check_updated(sql, 1, conn.execute(sql, params).rowcount)
+                    check_updated(sql, 1, _execute_sync(conn, sql, params))
             except sqlite3.Error as exc:
-                conn.execute("ROLLBACK TO unit")
+                _execute_sync(conn, "ROLLBACK TO unit")
                 results.append(exc)
             else:
                 results.append(None)
-            conn.execute("RELEASE unit")
+            _execute_sync(conn, "RELEASE unit")
     finally:
         if conn.in_transaction:
-            conn.execute("ROLLBACK")
+            _execute_sync(conn, "ROLLBACK")
     return results
 
 
 def _fetchall_sync(conn: sqlite3.Connection, sql: str, params: Params) -> list[Row]:
-    return conn.execute(sql, params).fetchall()
+    cursor = conn.execute(sql, params)
+    try:
+        return cursor.fetchall()
+    finally:
+        cursor.close()
 
 
 class ThreadDriver(Driver):
@@ -143,7 +169,9 @@ class ThreadDriver(Driver):
         return cls(await anyio.to_thread.run_sync(connect))
 
     async def execute(self, sql: str, params: Params = ()) -> None:
-        await anyio.to_thread.run_sync(self._conn.execute, sql, params, limiter=self._limiter)
+        await anyio.to_thread.run_sync(
+            _execute_sync, self._conn, sql, params, limiter=self._limiter
+        )
 
     async def fetchall(self, sql: str, params: Params = ()) -> list[Row]:
         return await anyio.to_thread.run_sync(
@@ -204,10 +232,26 @@ class AiosqliteDriver(Driver):
             raise
 
     async def execute(self, sql: str, params: Params = ()) -> None:
-        await self._conn.execute(sql, params)
+        if self._run is not None:
+            await self._run(_execute_sync, sql, params)
+        else:
+            await self._statement(sql, params)
 
     async def fetchall(self, sql: str, params: Params = ()) -> list[Row]:
-        return [tuple(row) for row in await self._conn.execute_fetchall(sql, params)]
+        if self._run is not None:
+            return cast("list[Row]", await self._run(_fetchall_sync, sql, params))
+        async with self._conn.execute(sql, params) as cursor:  # closed on aiosqlite's thread
+            return [tuple(row) for row in await cursor.fetchall()]
+
+    async def _statement(self, sql: str, params: Params = ()) -> int:
+        """One statement run to its end, its cursor closed; its rowcount."""
+        async with self._conn.execute(sql, params) as cursor:
+            await cursor.fetchall()
+            return cursor.rowcount
+
+    async def _statements(self, sql: str, rows: Sequence[Params]) -> int:
+        async with self._conn.executemany(sql, rows) as cursor:
+            return cursor.rowcount
 
     async def transaction(self, statements: Sequence[Statement]) -> None:
         # Shielded: aiosqlite runs a statement whose awaiting caller was cancelled anyway,
@@ -216,18 +260,14 @@ class AiosqliteDriver(Driver):
             if self._run is not None:
                 await self._run(_transaction_sync, statements)
                 return
-            conn = self._conn
-            await conn.execute("BEGIN IMMEDIATE")
+            await self._statement("BEGIN IMMEDIATE")
             try:
                 for sql, rows in coalesce(statements):
-                    # No cursor may outlive its statement: one held by a traceback keeps
-                    # the connection (and its files) open after close.
-                    changed = (await conn.executemany(sql, rows)).rowcount
-                    check_updated(sql, len(rows), changed)
-                await conn.execute("COMMIT")
+                    check_updated(sql, len(rows), await self._statements(sql, rows))
+                await self._statement("COMMIT")
             except BaseException:
-                if conn.in_transaction:
-                    await conn.execute("ROLLBACK")
+                if self._conn.in_transaction:
+                    await self._statement("ROLLBACK")
                 raise
 
     async def probe(self, units: Sequence[Sequence[Statement]]) -> list[sqlite3.Error | None]:
@@ -238,25 +278,23 @@ class AiosqliteDriver(Driver):
         return results
 
     async def _probe(self, units: Sequence[Sequence[Statement]]) -> list[sqlite3.Error | None]:
-        conn = self._conn
         results: list[sqlite3.Error | None] = []
-        await conn.execute("BEGIN IMMEDIATE")
+        await self._statement("BEGIN IMMEDIATE")
         try:
             for unit in units:
-                await conn.execute("SAVEPOINT unit")
+                await self._statement("SAVEPOINT unit")
                 try:
                     for sql, params in unit:
-                        changed = (await conn.execute(sql, params)).rowcount
-                        check_updated(sql, 1, changed)
+                        check_updated(sql, 1, await self._statement(sql, params))
                 except sqlite3.Error as exc:
-                    await conn.execute("ROLLBACK TO unit")
+                    await self._statement("ROLLBACK TO unit")
                     results.append(exc)
                 else:
                     results.append(None)
-                await conn.execute("RELEASE unit")
+                await self._statement("RELEASE unit")
         finally:
-            if conn.in_transaction:
-                await conn.execute("ROLLBACK")
+            if self._conn.in_transaction:
+                await self._statement("ROLLBACK")
         return results
 
     async def close(self) -> None:

@@ -29,11 +29,31 @@ _BY_CODE: dict[int, StorageFault] = {
 }
 
 
+#: By extended result code, before the primary code: a hot journal (or a WAL index to
+#: rebuild) that a read-only connection may not touch is no read-only file or filesystem.
+_BY_EXTENDED_CODE: dict[int, StorageFault] = {
+    sqlite3.SQLITE_READONLY_ROLLBACK: "needs_recovery",
+    sqlite3.SQLITE_READONLY_RECOVERY: "needs_recovery",
+}
+
+
 def classify(exc: sqlite3.Error) -> StorageFault | None:
     """The fault behind a SQLite error, or None for any other error (a constraint...)."""
+    if _statement_in_progress(exc):
+        return None
+    code = getattr(exc, "sqlite_errorcode", 0)
+    if code in _BY_EXTENDED_CODE:
+        return _BY_EXTENDED_CODE[code]
     # The extended code's low byte is the primary code; 0 for an error SQLite did not give
     # (an error of the sqlite3 module itself).
-    return _BY_CODE.get(getattr(exc, "sqlite_errorcode", 0) & 0xFF)
+    return _BY_CODE.get(code & 0xFF)
+
+
+def _statement_in_progress(exc: sqlite3.Error) -> bool:
+    """SQLITE_BUSY from this connection's own unfinished statement ("cannot commit
+    transaction - SQL statements in progress"), not from another connection's lock: no
+    wait helps, and nobody else is involved."""
+    return "statements in progress" in str(exc)
 
 
 def storage_error(
@@ -61,6 +81,14 @@ def storage_error(
                 " (permissions, `chattr -i`, a read-write mount), or only read it with the"
                 f" inspector (`hive-orchestration tasks --db {quoted}`)"
             )
+        case "needs_recovery":
+            detail = (
+                f"was left in the middle of a write by a program that was killed or crashed"
+                f" ({exc}): its -journal or -wal file holds what must be undone, and this"
+                " read-only connection may not write it. Open it once for writing to recover"
+                f" it: start the app, or run `hive-orchestration db upgrade --db {quoted}`;"
+                " do not delete its -journal or -wal file, that would damage it"
+            )
         case "disk_full":
             detail = (
                 f"has no room to grow ({exc}): its disk is full or a file size limit was"
@@ -82,6 +110,13 @@ def storage_error(
                 f"cannot be opened ({exc}): SQLite could not open the file or create its"
                 " -wal and -shm files beside it; check that the file and its folder exist"
                 " and that this user may read and write them"
+            )
+        case _ if _statement_in_progress(exc):
+            detail = (
+                f"refused it ({exc}): a statement of the runtime's own connection was still"
+                " open, so SQLite kept the transaction from ending; no other program holds a"
+                " lock and nothing of it was applied. This is a bug in hive-orchestration:"
+                " please report it with this message; retrying (reopening) is safe"
             )
         case _:
             detail = f"refused it: {exc}"

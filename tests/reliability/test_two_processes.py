@@ -38,7 +38,7 @@ BEFORE, WHILE = 20, 30
 
 def lock_holder(path: str) -> str:
     """What the lock file beside ``path`` says: the owner's pid, or nothing."""
-    return Path(f"{path}.lock").read_text()
+    return Path(f"{path}.lock").read_text().strip()
 
 
 async def refused_by(path: str, owner: int) -> StorageError:

@@ -37,6 +37,8 @@ from       to         caused by                                           event
 (new)      queued     create_task                                         task.created
 queued     assigned   claim_task, update_task_status(assigned)            task.assigned
 queued     running    update_task_status(running)                         task.started
+queued     completed  update_task_status(completed): resolved by hand,    task.completed
+queued     failed     update_task_status(failed)     with no run          task.failed
 assigned   running    start_task, update_task_status(running)             task.started
 assigned   queued     fail_task or timeout with attempts left, lease      task.retrying
 running    queued     expiry, worker lost, release_task, recovery on
@@ -59,9 +61,13 @@ blocked    cancelled  cancel_task, its plan failed, was cancelled or      task.c
 =========  =========  ==================================================  ==============
 
 Everything else is refused with :class:`IllegalTransitionError` and changes nothing:
-completed, failed, cancelled and timed_out are terminal, and a task is started before it
-completes. Setting a task's current status again is refused too, so that each transition
-publishes exactly one event. A requeue's ``task.retrying`` says why in ``data.reason``
+completed, failed, cancelled and timed_out are terminal, and a claimed task is started
+before it completes. Setting a task's current status again is refused too, so that each
+transition publishes exactly one event, with one exception: asking a finished task for
+the status it already has, with nothing that contradicts it (the same result or error,
+or none), is a no-op answered ``False`` with no event. An app that publishes a
+``TaskCompletedEvent`` for a task it just completed (as the seeds' client does) is
+telling the truth, not making a change. A requeue's ``task.retrying`` says why in ``data.reason``
 (``failed``, ``timed_out``, ``lease_expired``, ``worker_lost``, ``released``,
 ``unclaimed``, ``recovered``, ``requeued``). Deleting a task publishes ``task.deleted``;
 a progress report publishes ``task.progress`` (no status change).
@@ -78,7 +84,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -118,6 +124,7 @@ from ...messages.storage import (
     WriteOp,
 )
 from ...messages.tasks import (
+    PLAN_TASK_ENDINGS,
     TERMINAL,
     CancelTask,
     CancelTasks,
@@ -138,6 +145,7 @@ from ...messages.tasks import (
     GetUnroutableTasks,
     Heartbeat,
     Lease,
+    PlansSettled,
     QueueTasks,
     ReleaseTask,
     ReleaseWorker,
@@ -166,6 +174,8 @@ Q, A, R, B = TaskStatus.QUEUED, TaskStatus.ASSIGNED, TaskStatus.RUNNING, TaskSta
 TRANSITIONS: dict[tuple[TaskStatus, TaskStatus], str] = {
     (Q, A): "task.assigned",
     (Q, R): "task.started",
+    (Q, TaskStatus.COMPLETED): "task.completed",
+    (Q, TaskStatus.FAILED): "task.failed",
     (A, R): "task.started",
     (A, Q): "task.retrying",
     (R, Q): "task.retrying",
@@ -217,6 +227,10 @@ _WRITES = (
 )
 #: Requests a worker makes with its lease token: each is a sign of that worker's life.
 _LEASED = (Heartbeat, StartTask, CompleteTask, FailTask, ReleaseTask)
+#: Requests from outside the plan executor that can end a plan's task: with a plan
+#: barrier, their answers wait until the plan executor has applied what the end caused.
+#: (The plan executor's own requests are never held: it waits for them.)
+_ENDS_PLAN_TASKS = (UpdateTaskStatus, CancelTask, DeleteTask, CompleteTask, FailTask, ReleaseWorker)
 
 
 class OutcomeUnknownError(RuntimeError):
@@ -282,6 +296,8 @@ class _Batch:
     deleted: set[str] = field(default_factory=set)
     answers: list[tuple[Envelope[TaskManagerMessage], object]] = field(default_factory=list)
     parked: list[int] = field(default_factory=list)  # waiters that arrived in this batch
+    seqs: tuple[int, ...] = ()  # the committed events' sequence numbers
+    plan_enders: set[int] = field(default_factory=set)  # envelopes that ended a plan's task
 
 
 class TaskManager(Actor[TaskManagerMessage]):
@@ -303,6 +319,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         monotonic: Callable[[], float] = anyio.current_time,
         rng: random.Random | None = None,
+        plan_barrier: bool = False,
     ) -> None:
         self._storage = storage
         self._workers = workers
@@ -341,6 +358,14 @@ class TaskManager(Actor[TaskManagerMessage]):
         self._waiters: dict[int, _Waiter] = {}
         self._waits: Deadlines[int] = Deadlines()
         self._next_waiter = 0
+        # The plan barrier: answers to requests that ended a plan's task, held until the
+        # plan executor says it has applied the events up to their seq (PlansSettled), so
+        # that the caller's next read of the plan sees what the end released.
+        self._plan_barrier = plan_barrier
+        self._plans_settled = 0
+        self._held_back: deque[tuple[int, list[tuple[Envelope[TaskManagerMessage], object]]]] = (
+            deque()
+        )
 
     async def started(self) -> None:
         tasks = await self._storage.ask(LoadTasks(LIVE))
@@ -374,6 +399,8 @@ class TaskManager(Actor[TaskManagerMessage]):
         )
 
     async def stopped(self, error: BaseException | None) -> None:
+        # Held-back answers are of committed changes: they are true whatever happens next.
+        self._release_held_back(None)
         # Parked claims are nobody else's to answer.
         cancelled = anyio.get_cancelled_exc_class()
         for waiter in self._waiters.values():
@@ -426,6 +453,7 @@ class TaskManager(Actor[TaskManagerMessage]):
                 seen.add(message.worker_id)
                 self._park(envelope, message, work, now)
                 continue
+            mark = len(work.ops)
             try:
                 outcome = await self._handle(message, work, now)
             except HiveError as exc:
@@ -435,6 +463,12 @@ class TaskManager(Actor[TaskManagerMessage]):
                     run = self._runs.get(message.lease.run_id)
                     if run is not None and run.worker_id is not None:
                         seen.add(run.worker_id)
+                if (
+                    self._plan_barrier
+                    and isinstance(message, _ENDS_PLAN_TASKS)
+                    and _ends_a_plan_task(work.ops, mark)
+                ):
+                    work.plan_enders.add(id(envelope))
             if isinstance(outcome, _Forward):
                 forwards.append((envelope, outcome.request))
             else:
@@ -478,6 +512,8 @@ class TaskManager(Actor[TaskManagerMessage]):
             raise
         if error is not None:
             self._restore(work, now)
+        barrier = self._plan_barrier_seq(work) if error is None else 0
+        held: list[tuple[Envelope[TaskManagerMessage], object]] = []
         unclaimed: list[Claim] = []
         for envelope, outcome in work.answers:
             if error is not None and isinstance(envelope.message, _WRITES):
@@ -502,9 +538,37 @@ class TaskManager(Actor[TaskManagerMessage]):
                 claims = _claims(outcome)
                 if not envelope.resolve(outcome, Unclaimed(claims)):
                     unclaimed += claims
+            elif barrier and id(envelope) in work.plan_enders:
+                held.append((envelope, outcome))
             else:
                 envelope.resolve(outcome)
+        if held:
+            self._held_back.append((barrier, held))
         return unclaimed
+
+    def _plan_barrier_seq(self, work: _Batch) -> int:
+        """The seq of the batch's last event that ends a plan's task, if the plan executor
+        has not applied it yet (else 0). It is an event the plan executor's feed is sure
+        to bring (a plan's task ending), so the barrier is always lifted."""
+        if not work.plan_enders or not work.seqs:
+            return 0
+        barrier = 0
+        seqs = iter(work.seqs)
+        for op in work.ops:
+            if isinstance(op, AppendEvent):
+                seq = next(seqs)
+                if op.event.plan_id is not None and op.event.type in PLAN_TASK_ENDINGS:
+                    barrier = seq
+        return barrier if barrier > self._plans_settled else 0
+
+    def _release_held_back(self, settled: int | None) -> None:
+        """Answer what was held back for plan events up to ``settled`` (None: all)."""
+        if settled is not None:
+            self._plans_settled = max(self._plans_settled, settled)
+        queue = self._held_back
+        while queue and (settled is None or queue[0][0] <= settled):
+            for envelope, outcome in queue.popleft()[1]:
+                envelope.resolve(outcome)
 
     async def _commit(
         self,
@@ -522,7 +586,7 @@ class TaskManager(Actor[TaskManagerMessage]):
             # No deadline: the storage actor's batch is shielded and always ends, within
             # busy_timeout plus one commit. Giving up earlier would let memory and the
             # database part ways: the write could land after memory was put back.
-            await reply.wait()
+            work.seqs = (await reply.wait()).seqs
         except StorageError as exc:
             return exc  # rolled back whole: nothing of the batch was applied
         except HiveError as exc:
@@ -1021,6 +1085,9 @@ class TaskManager(Actor[TaskManagerMessage]):
                 return stuck
             case Wake():
                 return None  # what was due was settled when the batch began
+            case PlansSettled(seq=seq):
+                self._release_held_back(seq)
+                return None
             case Unclaimed(claims=claims):
                 for claim in claims:
                     self._release_unclaimed(claim, work, now)
@@ -1132,6 +1199,8 @@ class TaskManager(Actor[TaskManagerMessage]):
         return task.id
 
     def _update(self, message: UpdateTaskStatus, task: Task, work: _Batch, now: datetime) -> bool:
+        if task.status is message.status and task.status in TERMINAL and _agrees(task, message):
+            return False  # already so: nothing to change, nothing to publish
         if task.status is B and message.status is not TaskStatus.CANCELLED:
             # Only its plan queues a blocked subtask, once its dependencies are done.
             raise IllegalTransitionError("task", task.id, task.status.value, message.status.value)
@@ -1326,6 +1395,28 @@ class TaskManager(Actor[TaskManagerMessage]):
 
 
 _RECOVERED = "the runtime stopped while a worker held the task"
+
+
+def _ends_a_plan_task(ops: list[WriteOp], start: int) -> bool:
+    """Whether ``ops[start:]`` log the end of a plan's task."""
+    for op in ops[start:]:
+        if isinstance(op, AppendEvent):
+            event = op.event
+            if event.plan_id is not None and event.type in PLAN_TASK_ENDINGS:
+                return True
+    return False
+
+
+def _agrees(task: Task, message: UpdateTaskStatus) -> bool:
+    """Whether every field ``message`` sets already holds on ``task`` (an empty result
+    agrees with none: the seeds publish ``result={}`` for a task completed without one)."""
+    result = message.result or None
+    return (
+        (result is None or result == task.result)
+        and (message.error is None or message.error == task.error)
+        and (message.assigned_worker is None or message.assigned_worker == task.assigned_worker)
+        and (message.current_phase is None or message.current_phase == task.current_phase)
+    )
 
 
 def _priority_order(task: Task) -> tuple[int, datetime]:
