@@ -83,10 +83,16 @@ async def test_seed_client_task_lifecycle(style: str) -> None:
         await client.update_task_status(task_id, "running")
         await client.update_task_status(task_id, "completed")
 
-        await wait_until(lambda: len(events) >= 3)
-        await anyio.sleep(0.05)  # and nothing more arrives
-        assert [e.event_type for e in events] == ["task.created", "task.started", "task.completed"]
-        assert all(e.task_id == task_id for e in events)
+        # And nothing more arrives: callbacks get events in log order, so anything more
+        # for these calls would come before the next task's task.created.
+        marker = await client.create_task("marker", {})
+        await wait_until(lambda: any(e.task_id == marker for e in events))
+        assert [(e.event_type, e.task_id) for e in events] == [
+            ("task.created", task_id),
+            ("task.started", task_id),
+            ("task.completed", task_id),
+            ("task.created", marker),
+        ]
         task = await client.get_task(task_id)
         assert task is not None
         assert task.status == TaskStatus.COMPLETED
@@ -109,8 +115,9 @@ async def test_seed_full_workflow_with_result(db_path: str) -> None:
         task = await client.get_task(task_id)
         assert task is not None
         assert task.result == {"deployed_services": ["api", "worker"]}
-        await wait_until(lambda: len(seen) >= 2)
-        await anyio.sleep(0.05)
+        # Callbacks get events in log order: the other task's, all logged before this
+        # task's completion, would have come before it.
+        await wait_until(lambda: "task.completed" in seen)
         assert seen == ["task.started", "task.completed"]  # only this task's events
 
 
@@ -564,9 +571,17 @@ async def test_callbacks_go_on_after_an_error_and_stop_when_cancelled(db_path: s
         assert (handle.delivered, handle.errors, handle.last_seq) == (3, 1, 3)
         await handle.aclose()
         assert not handle.active
+        # The runtime's word that nothing reaches it any more: its subscription is gone,
+        # and the next event is delivered to no one. (The unsubscription, and a publish's
+        # fan-out, are queued to the broadcast actor before they return, and it answers
+        # the statistics after them.)
+        before = (await runtime.statistics()).broadcast
+        assert before.subscribers == 0
         await client.publish("job.step")
-        await anyio.sleep(0.05)
+        after = (await runtime.statistics()).broadcast
+        assert (after.published, after.delivered) == (before.published + 1, before.delivered)
         assert seen == [1, 2, 3]
+        assert handle.delivered == 3
 
 
 async def test_a_slow_callback_loses_nothing(db_path: str) -> None:
