@@ -71,7 +71,7 @@ class InterruptedConnection:
         rows = list(rows)
         if len(rows) > self._left:
             if self._left:
-                self._conn.executemany(sql, rows[: self._left])
+                self._conn.executemany(sql, rows[: self._left]).close()
             self._left = 0
             self._stop()
         self._take(len(rows))
