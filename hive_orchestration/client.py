@@ -482,6 +482,11 @@ class EventStream:
     skipped by sequence number. If the live buffer overflows (the reader is slow), it
     subscribes again and replays from the last event it gave, so nothing is lost. Use it
     with ``async with`` (or call :meth:`aclose`) so the subscription ends with the block.
+
+    Its counters say how it is doing: events given from the log (``replayed``) and from
+    the live subscription (``live``), live events skipped because the replay had given
+    them (``skipped``), and times the reader fell a whole buffer behind and caught up from
+    the log (``lags``: if it keeps growing, read faster or pass a larger ``buffer``).
     """
 
     def __init__(
@@ -515,6 +520,10 @@ class EventStream:
         self._cursor = self.last_seq
         self._opened = False
         self._closed = False
+        self.replayed = 0
+        self.live = 0
+        self.skipped = 0
+        self.lags = 0
 
     async def open(self) -> None:
         """Register the live subscription (done by the first read if not called)."""
@@ -563,6 +572,7 @@ class EventStream:
             if self._pending:
                 event = self._pending.popleft()
                 self.last_seq = event.seq
+                self.replayed += 1
                 return event
             if self._replaying:
                 await self._replay_page()
@@ -572,14 +582,17 @@ class EventStream:
                 event = await self._subscription.receive()
             except SubscriberLaggedError:
                 # Fell behind: subscribe again first, then fill the gap from the log.
+                self.lags += 1
                 self._subscription.close()
                 await self._subscribe()
                 self._cursor = self.last_seq
                 self._replaying = True
                 continue
             if event.seq <= self.last_seq:
+                self.skipped += 1
                 continue  # already given by the replay
             self.last_seq = event.seq
+            self.live += 1
             return event
 
     async def _replay_page(self) -> None:

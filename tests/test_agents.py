@@ -412,7 +412,9 @@ async def test_a_cancel_between_the_claim_and_the_handler_keeps_it_from_running(
         if claim is not None and not cancelled:
             cancelled.append(claim.task.id)
             await self.cancel_task(claim.task.id)
-            await anyio.sleep(0.2)  # the task.cancelled event reaches the watcher
+            # Every other task idle: the broadcast actor has fanned task.cancelled out and
+            # the watcher has handled it, before this copy registers the handler's scope.
+            await anyio.wait_all_tasks_blocked()
             handed.set()
         return claim
 
@@ -421,19 +423,26 @@ async def test_a_cancel_between_the_claim_and_the_handler_keeps_it_from_running(
         registry = AgentRegistry()
         ran: list[str] = []
 
+        a_handler_ran = anyio.Event()
+
         async def work(context: TaskContext) -> None:
             ran.append(context.task.id)
-            await anyio.sleep_forever()
+            a_handler_ran.set()
+            if not context.payload.get("marker"):
+                await anyio.sleep_forever()
 
         registry.register("job", work, lease=60)
         task_id = await rt.create_task("job")
         with anyio.fail_after(5):  # well under the 10 s stop deadline: nothing was left running
             async with AgentRunner(rt, registry, claim_wait=0.2) as runner:
                 await handed.wait()
-                await anyio.sleep(0.2)  # time for a handler to start, if one were to
+                # The copy takes its tasks one at a time: had it run the cancelled one, it
+                # would have done so before it takes the next.
+                marker = await rt.create_task("job", {"marker": True})
+                await a_handler_ran.wait()
+                assert ran == [marker], "the handler ran for the cancelled task"
         assert cancelled == [task_id]
-        assert ran == []
-        assert runner.completed == runner.failed == 0
+        assert (runner.completed, runner.failed) == (1, 0)
         (run,) = await rt.get_runs(task_id)
         assert run.status is RunStatus.CANCELLED
 
@@ -455,7 +464,9 @@ async def test_a_cancel_the_watcher_dropped_still_keeps_the_handler_from_running
                 for task_id in others:
                     tg.start_soon(self.cancel_task, task_id)
                 tg.start_soon(self.cancel_task, claim.task.id)
-            await anyio.sleep(0.3)
+            # Every other task idle: the watcher has taken what its buffer held of the
+            # burst, before this copy registers the handler's scope.
+            await anyio.wait_all_tasks_blocked()
             handed.set()
         return claim
 
@@ -465,17 +476,24 @@ async def test_a_cancel_the_watcher_dropped_still_keeps_the_handler_from_running
         registry = AgentRegistry()
         ran: list[str] = []
 
+        a_handler_ran = anyio.Event()
+
         async def work(context: TaskContext) -> None:
             ran.append(context.task.id)
-            await anyio.sleep_forever()
+            a_handler_ran.set()
+            if not context.payload.get("marker"):
+                await anyio.sleep_forever()
 
         registry.register("job", work, lease=60)
         task_id = await rt.create_task("job")
         with anyio.fail_after(5):
             async with AgentRunner(rt, registry, claim_wait=0.2):
                 await handed.wait()
-                await anyio.sleep(0.2)
-        assert ran == []
+                # One task at a time: the next one's handler runs only after the copy is
+                # done with the cancelled one.
+                marker = await rt.create_task("job", {"marker": True})
+                await a_handler_ran.wait()
+                assert ran == [marker], "the handler ran for the cancelled task"
         task = await rt.get_task(task_id)
         assert task is not None
         assert task.status is TaskStatus.CANCELLED

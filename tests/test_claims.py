@@ -72,6 +72,17 @@ async def events_of(rt: Runtime, task_id: str) -> list[Event]:
     return [e for e in await rt.read_events(0, limit=10_000) if e.task_id == task_id]
 
 
+async def parked() -> None:
+    """Return once a waiting claim just started is parked in the TaskManager, however
+    loaded the machine: when no other task can run, its claimer waits for the answer and
+    the TaskManager for its next message, so the claim is parked. (This holds because the
+    way from ``claim_task`` to a parked claim has no timer and reads nothing from disk,
+    either of which would count as blocked; a fixed sleep is what a loaded machine can
+    outlast.)"""
+    with anyio.fail_after(SOON):
+        await anyio.wait_all_tasks_blocked()
+
+
 async def wait_for_status(rt: Runtime, task_id: str, status: TaskStatus) -> None:
     with anyio.fail_after(SOON):
         while True:
@@ -140,7 +151,7 @@ async def test_a_waiting_claim_gets_a_task_as_soon_as_it_is_created(db_path: str
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker)
-            await anyio.sleep(0.05)  # the claim is parked by now
+            await parked()
             await rt.create_task("other")  # not for this worker
             start = anyio.current_time()
             task_id = await rt.create_task("job")
@@ -169,7 +180,7 @@ async def test_waiting_claims_are_served_first_come_first_served(db_path: str) -
         async with anyio.create_task_group() as tg:
             for name in ("w1", "w2", "w3"):
                 tg.start_soon(worker, name)
-                await anyio.sleep(0.05)  # park them in this order
+                await parked()  # in this order
             first = await rt.create_task("job")
             second = await rt.create_task("job")
             third = await rt.create_task("job")
@@ -677,7 +688,7 @@ async def test_a_concurrency_key_limits_claims_across_workers(db_path: str) -> N
                 got.append(await rt.claim_task("w3", wait=SOON))
 
             tg.start_soon(waiter)
-            await anyio.sleep(0.05)
+            await parked()
             await rt.complete_task(a.lease)  # frees tenant-a's slot: no polling needed
         assert got[0] is not None
         assert got[0].task.id == second

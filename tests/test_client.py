@@ -83,10 +83,16 @@ async def test_seed_client_task_lifecycle(style: str) -> None:
         await client.update_task_status(task_id, "running")
         await client.update_task_status(task_id, "completed")
 
-        await wait_until(lambda: len(events) >= 3)
-        await anyio.sleep(0.05)  # and nothing more arrives
-        assert [e.event_type for e in events] == ["task.created", "task.started", "task.completed"]
-        assert all(e.task_id == task_id for e in events)
+        # And nothing more arrives: callbacks get events in log order, so anything more
+        # for these calls would come before the next task's task.created.
+        marker = await client.create_task("marker", {})
+        await wait_until(lambda: any(e.task_id == marker for e in events))
+        assert [(e.event_type, e.task_id) for e in events] == [
+            ("task.created", task_id),
+            ("task.started", task_id),
+            ("task.completed", task_id),
+            ("task.created", marker),
+        ]
         task = await client.get_task(task_id)
         assert task is not None
         assert task.status == TaskStatus.COMPLETED
@@ -109,8 +115,9 @@ async def test_seed_full_workflow_with_result(db_path: str) -> None:
         task = await client.get_task(task_id)
         assert task is not None
         assert task.result == {"deployed_services": ["api", "worker"]}
-        await wait_until(lambda: len(seen) >= 2)
-        await anyio.sleep(0.05)
+        # Callbacks get events in log order: the other task's, all logged before this
+        # task's completion, would have come before it.
+        await wait_until(lambda: "task.completed" in seen)
         assert seen == ["task.started", "task.completed"]  # only this task's events
 
 
@@ -421,12 +428,80 @@ async def test_subscribe_filters_live_events(db_path: str) -> None:
 
 
 async def test_events_replays_then_goes_live_without_gap_or_duplicate(db_path: str) -> None:
+    """Every path of the stream, each made to happen rather than left to timing: events
+    logged while the replay runs reach it twice (from the log and live) and are given
+    once; it switches to live; a reader held back until the publisher has overrun its
+    buffer lags, catches up from the log, and events logged meanwhile are given once
+    again. The stream's counters prove that each path was taken."""
+    async with Runtime.open(db_path) as runtime:
+        client = runtime.client(source_agent="app")
+        got: list[int] = []
+
+        async def publish(count: int) -> None:
+            for _ in range(count):
+                await client.publish("job.step")
+
+        async def read_until(seq: int) -> None:
+            while not got or got[-1] < seq:
+                with anyio.move_on_after(SOON):
+                    got.append((await stream.receive()).seq)
+                    continue
+                logged = await client.last_seq()
+                pytest.fail(f"the log holds {logged} events, the stream gave {got} and waits")
+
+        async def go_live_then_read(skipped: int, count: int) -> None:
+            """Let the stream finish its replay and wait on its subscription (skipping the
+            live copies of what it replayed on the way: ``skipped`` in all by then), and
+            only then publish ``count`` events: they must come live."""
+            before, live = len(got), stream.live
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read_until, got[-1] + count)
+                with anyio.move_on_after(SOON):
+                    while stream.skipped < skipped and len(got) == before:  # noqa: ASYNC110
+                        await anyio.sleep(0.005)
+                assert got[before:] == [], "the replay had given these already"
+                assert stream.skipped == skipped, "the live copies of replayed events are missing"
+                await publish(count)
+            assert stream.live == live + count
+
+        await publish(50)
+        async with client.events(after=20, buffer=16) as stream:
+            # 1. Logged while the replay runs: 51..60 reach the subscription (registered
+            # before the replay began) and the log, where the replay finds them first.
+            await read_until(25)
+            await publish(10)
+            await read_until(60)
+            assert (stream.replayed, stream.live, stream.skipped) == (40, 0, 0)
+            # 2. The switch to live, skipping the duplicates 51..60 on the way.
+            await go_live_then_read(skipped=10, count=5)
+            # 3. A lag: 40 events while the reader waits overrun its buffer of 16. The
+            # broadcast actor handles messages in order: its statistics count the lag.
+            lagged = (await runtime.statistics()).broadcast.lagged
+            await publish(40)
+            assert (await runtime.statistics()).broadcast.lagged == lagged + 1
+            assert stream.lags == 0
+            # 4. The reader resumes: what its buffer held, then the gap from the log...
+            while stream.lags == 0:
+                await read_until(got[-1] + 1)
+            assert stream.live > 5  # (the buffered events came first, live)
+            # ...with events logged meanwhile reaching it twice again; then live again.
+            await publish(5)
+            await read_until(110)
+            await go_live_then_read(skipped=15, count=1)
+        assert got == list(range(21, 112))  # every event once, in order
+        assert stream.last_seq == 111
+        assert stream.lags == 1
+        assert stream.replayed + stream.live == len(got)
+
+
+async def test_events_keep_up_with_a_concurrent_publisher(db_path: str) -> None:
+    """A slow reader with a tiny buffer against a publisher running at full speed: however
+    the two interleave, every event comes once, in order."""
     async with Runtime.open(db_path) as runtime:
         client = runtime.client(source_agent="app")
         for i in range(50):
             await client.publish("job.step", {"i": i})
         got: list[int] = []
-        # A tiny live buffer, so the stream lags while it replays and must catch up.
         async with client.events(after=20, buffer=2) as stream, anyio.create_task_group() as tg:
 
             async def publish_more() -> None:
@@ -503,9 +578,17 @@ async def test_callbacks_go_on_after_an_error_and_stop_when_cancelled(db_path: s
         assert (handle.delivered, handle.errors, handle.last_seq) == (3, 1, 3)
         await handle.aclose()
         assert not handle.active
+        # The runtime's word that nothing reaches it any more: its subscription is gone,
+        # and the next event is delivered to no one. (The unsubscription, and a publish's
+        # fan-out, are queued to the broadcast actor before they return, and it answers
+        # the statistics after them.)
+        before = (await runtime.statistics()).broadcast
+        assert before.subscribers == 0
         await client.publish("job.step")
-        await anyio.sleep(0.05)
+        after = (await runtime.statistics()).broadcast
+        assert (after.published, after.delivered) == (before.published + 1, before.delivered)
         assert seen == [1, 2, 3]
+        assert handle.delivered == 3
 
 
 async def test_a_slow_callback_loses_nothing(db_path: str) -> None:

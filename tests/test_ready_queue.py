@@ -332,6 +332,90 @@ def test_blocked_task_discarded_does_not_come_back() -> None:
     assert queue.pop(None) is None
 
 
+def test_a_freed_key_goes_to_its_best_task_whatever_the_claimers_type() -> None:
+    queue = ReadyQueue()
+    holder = make_task("holder", "tc", key="k")
+    queue.hold(holder)
+    queue.add(make_task("tb-low", "tb", priority=1, created=0, key="k"), NOW)
+    queue.add(make_task("ta-high", "ta", priority=9, created=1, key="k"), NOW)
+    queue.add(make_task("tb-free", "tb", priority=0, created=2), NOW)
+    assert queue.pop(["tb"]) == "tb-free"  # the key is held: its tasks wait
+    queue.unhold(holder)
+    # The key is free, but its best task is a ta: a tb claimer gets nothing of it.
+    assert queue.pop(["tb"]) is None
+    assert queue.pop(["ta", "tb"]) == "ta-high"
+    queue.hold(make_task("ta-high", "ta", priority=9, created=1, key="k"))
+    assert queue.pop(["tb"]) is None
+    queue.unhold(make_task("ta-high", "ta", priority=9, created=1, key="k"))
+    assert queue.pop(["tb"]) == "tb-low"
+
+
+def test_a_key_with_two_slots_gives_them_to_its_two_best() -> None:
+    queue = ReadyQueue()
+    queue.add(make_task("ta-1", "ta", priority=9, created=0, key="k", limit=2), NOW)
+    queue.add(make_task("ta-2", "ta", priority=8, created=1, key="k", limit=2), NOW)
+    low = make_task("tb-low", "tb", priority=1, created=2, key="k", limit=2)
+    queue.add(low, NOW)
+    assert queue.pop(["tb"]) is None  # third best of two free slots
+    assert queue.pop(["ta"]) == "ta-1"
+    queue.hold(make_task("ta-1", "ta", key="k", limit=2))
+    assert queue.pop(["tb"]) is None  # second best of one free slot
+    queue.discard("ta-2")  # e.g. cancelled: tb-low is now the best
+    assert queue.pop(["tb"]) == "tb-low"
+
+
+def test_a_key_with_two_slots_lets_its_second_best_go_first() -> None:
+    queue = ReadyQueue()
+    queue.add(make_task("ta-high", "ta", priority=9, key="k", limit=2), NOW)
+    queue.add(make_task("tb-low", "tb", priority=1, key="k", limit=2), NOW)
+    assert queue.pop(["tb"]) == "tb-low"  # a slot is still left for ta-high
+    queue.hold(make_task("tb-low", "tb", priority=1, key="k", limit=2))
+    assert queue.pop(["ta"]) == "ta-high"
+
+
+def test_a_discarded_best_task_lets_the_next_of_its_key_go() -> None:
+    queue = ReadyQueue()
+    queue.add(make_task("ta-high", "ta", priority=9, key="k"), NOW)
+    queue.add(make_task("tb-low", "tb", priority=1, key="k"), NOW)
+    assert queue.pop(["tb"]) is None
+    queue.changed = False
+    queue.discard("ta-high")
+    assert changed(queue)  # a waiting tb claimer is worth asking again
+    assert queue.pop(["tb"]) == "tb-low"
+
+
+def test_a_task_in_backoff_holds_its_key_for_nobody_until_it_is_due() -> None:
+    queue = ReadyQueue()
+    add_delayed(queue, make_task("ta-high", "ta", priority=9, key="k", available=NOW + 10), NOW)
+    queue.add(make_task("tb-low", "tb", priority=1, key="k"), NOW)
+    queue.add(make_task("tb-low-2", "tb", priority=1, created=1, key="k"), NOW)
+    assert queue.pop(["tb"]) == "tb-low"
+    queue.unhold(make_task("tb-low", "tb", priority=1, key="k"))  # it finished
+    queue.promote(NOW + 10)  # ta-high is ready now, and better
+    assert queue.pop(["tb"]) is None
+    assert queue.pop(["ta"]) == "ta-high"
+
+
+def test_a_freed_key_sends_back_only_the_tasks_within_reach() -> None:
+    """A long wait list on a key costs nothing when a slot frees: only its best task goes
+    back to its heap; the others stay in the key's blocked heap."""
+    queue = ReadyQueue()
+    holder = make_task("holder", key="k")
+    queue.hold(holder)
+    for i in range(1000):
+        queue.add(make_task(f"t{i}", "tb" if i % 2 else "ta", created=i, key="k"), NOW)
+    assert queue.pop(None) is None  # every head met the held key
+    for n in range(3):
+        queue.unhold(holder)
+        assert sum(len(heap) for heap in queue._heaps.values()) <= 2
+        mine, other = ("tb", "ta") if n % 2 else ("ta", "tb")
+        assert queue.pop([other]) is None  # t{n}, of type ``mine``, is the key's best
+        assert queue.pop([mine]) == f"t{n}"
+        holder = make_task(f"t{n}", mine, key="k")
+        queue.hold(holder)
+    assert len(queue) == 997
+
+
 # -- per-type limits ---------------------------------------------------------------------------
 
 
@@ -434,10 +518,23 @@ class Model:
             if type_limit is not None and self.held_type(task.task_type) >= type_limit:
                 continue
             key = task.concurrency_key
-            if key is not None and self.held_key(key) >= (task.concurrency_limit or 1):
-                continue
+            if key is not None:
+                # A key's free slots go to its best ready tasks, whatever their type.
+                free = (task.concurrency_limit or 1) - self.held_key(key)
+                better = sum(
+                    1
+                    for other_id in self.ready
+                    if self.tasks[other_id].concurrency_key == key
+                    and self.rank(other_id) < self.rank(task_id)
+                )
+                if better >= free:
+                    continue
             out.append(task)
         return out
+
+    def rank(self, task_id: str) -> tuple[int, datetime, str]:
+        task = self.tasks[task_id]
+        return (-task.priority, task.created_at, task_id)
 
 
 task_specs = st.fixed_dictionaries(

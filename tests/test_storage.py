@@ -4,23 +4,30 @@ isolation of a faulty write. Runs against both drivers (aiosqlite and the worker
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
+import signal
 import sqlite3
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Literal
 
 import anyio
 import anyio.lowlevel
 import msgspec
 import pytest
+from _interrupt import Interrupter, Statement, interrupt
 
-from hive_orchestration import RuntimeConfig
+from hive_orchestration import RuntimeConfig, Task, TaskStatus
 from hive_orchestration.errors import RuntimeStoppedError, StorageError
 from hive_orchestration.messages.events import Event, JsonValue
 from hive_orchestration.messages.storage import (
     AppendEvent,
     GetStorageStats,
+    PutTask,
     ReadEvents,
     StorageMessage,
     Write,
@@ -31,6 +38,7 @@ from hive_orchestration.storage import StorageActor
 pytestmark = pytest.mark.anyio
 
 Driver = Literal["aiosqlite", "thread"]
+INTERRUPT = Path(__file__).with_name("_interrupt.py")
 
 
 @pytest.fixture(params=["aiosqlite", "thread"])
@@ -112,39 +120,122 @@ async def test_ops_of_one_write_apply_in_order_with_consecutive_seqs(
     assert [e.seq for e in events] == [1, 2, 3, 4]
 
 
-async def test_cancelled_writers_leave_no_partial_write(db_path: str, driver: Driver) -> None:
-    """Writers cancelled at random points: each 3-op write is all there or not at all,
-    and the connection is never left inside a transaction that a later commit would finish."""
+def a_task(task_id: str) -> Task:
+    now = datetime.now(UTC)
+    return Task(
+        id=task_id, title=task_id, task_type="job", status=TaskStatus.QUEUED,
+        created_at=now, updated_at=now,
+    )  # fmt: skip
+
+
+async def test_cancelled_writers_leave_no_partial_write(
+    db_path: str, driver: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes of several statements (a task row and three events) by writers cancelled at
+    random points, while every other transaction is interrupted between two of its
+    statements (SQLite's I/O error, as from a failing disk). In the database file, read
+    directly: each write is there whole or not at all, every acknowledged write is there,
+    no refused one is, and the connection is never left inside a transaction that a later
+    commit would finish."""
     rng = random.Random(1234)
+    cuts = random.Random(99)
+    transactions = itertools.count()
+    interrupting = True
+
+    def choose(statements: Sequence[Statement]) -> int | None:
+        if not interrupting or next(transactions) % 2 == 0:
+            return None
+        return cuts.randrange(1, len(statements))  # every write has four statements
+
+    interrupter = interrupt(monkeypatch.setattr, Interrupter(choose))
+    writes = 151
     acknowledged: set[int] = set()
+    refused: dict[int, StorageError] = {}
     async with storage(db_path, driver) as ref:
 
         async def write(i: int, delay: float) -> None:
+            ops = (PutTask(a_task(f"t{i}")), *(append("part", write=i, part=p) for p in range(3)))
             with anyio.move_on_after(delay):
-                ops = tuple(append("part", write=i, part=p) for p in range(3))
-                await ref.ask(Write(ops=ops))
-                acknowledged.add(i)
+                try:
+                    await ref.ask(Write(ops=ops))
+                except StorageError as exc:
+                    refused[i] = exc
+                else:
+                    acknowledged.add(i)
 
-        async with anyio.create_task_group() as tg:
-            for i in range(150):
-                tg.start_soon(write, i, rng.choice([0, 0, 0.0001, 0.0005, 0.001, 0.005, 1.0]))
-                if i % 10 == 0:
-                    await anyio.lowlevel.checkpoint()
-        # A last, uncancelled write commits only itself.
-        final = await ref.ask(Write(ops=(append("final"),)))
-        events = await ref.ask(ReadEvents(after=0, limit=10_000))
-    parts: dict[int, list[int]] = {}
-    for event in events[:-1]:
-        assert isinstance(event.data["write"], int)
-        assert isinstance(event.data["part"], int)
-        parts.setdefault(event.data["write"], []).append(event.data["part"])
-    assert all(p == [0, 1, 2] for p in parts.values()), parts
-    assert acknowledged <= set(parts)  # every acknowledged write is there
-    # The random deadlines really cut writers short at different points.
+        for first in range(0, 150, 50):  # rounds: transactions end at different points
+            async with anyio.create_task_group() as tg:
+                for i in range(first, first + 50):
+                    tg.start_soon(write, i, rng.choice([0, 0, 0.0001, 0.0005, 0.001, 0.005, 1.0]))
+                    if i % 10 == 0:
+                        await anyio.lowlevel.checkpoint()
+        # One more, alone and never cancelled, so that a refused writer hears of it
+        # whatever the storm did. (First what cancelled writers left queued: a read is
+        # answered after the writes before it.)
+        await ref.ask(GetStorageStats())
+        stormed = interrupter.interrupted
+        transactions = itertools.count(1)
+        await write(150, 10.0)
+        assert 150 in refused
+        interrupting = False
+        # A last write commits only itself.
+        try:
+            final: object = (await ref.ask(Write(ops=(append("final"),)))).seqs
+        except StorageError as exc:
+            final = exc  # (checked below, after what the file holds)
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        tasks = {task_id for (task_id,) in conn.execute("SELECT id FROM tasks")}
+        events = conn.execute("SELECT seq, type, data FROM events ORDER BY seq").fetchall()
+    parts: dict[int, list[int]] = {i: [] for i in range(writes)}
+    for _, kind, data in events:
+        if kind == "part":
+            part = msgspec.json.decode(data)
+            parts[part["write"]].append(part["part"])
+    stored = {i for i in parts if f"t{i}" in tasks}
+    torn = {
+        i: (f"t{i}" in tasks, p)
+        for i, p in parts.items()
+        if p != ([0, 1, 2] if i in stored else [])
+    }
+    assert torn == {}, "writes in the database in part: {write: (its task row?, its events)}"
+    assert acknowledged <= stored  # every acknowledged write is there
+    assert not refused.keys() & stored  # and no write its writer was told is not
+    for error in refused.values():
+        assert error.fault == "io_error", error
+        assert "nothing of it was applied" in str(error)
+    # The random deadlines really cut writers short at different points, and the storm's
+    # transactions were really interrupted half-way.
     assert 0 < len(acknowledged) < 150
-    assert events[-1].type == "final"
-    assert events[-1].seq == final.seqs[0]
-    assert [e.seq for e in events] == list(range(1, len(events) + 1))  # no gap
+    assert stormed > 0
+    assert final == (events[-1][0],)
+    assert events[-1][1] == "final"
+    assert [seq for seq, _, _ in events] == list(range(1, len(events) + 1))  # no gap
+
+
+async def test_a_process_killed_in_the_middle_of_a_write_leaves_none_of_it(
+    db_path: str, tmp_path: Path, anyio_backend: str
+) -> None:
+    """A real process (``tests/_interrupt.py``) killed with SIGKILL half-way through the
+    transaction of a 20-task batch: reopened, the database has the acknowledged tasks and
+    not one row of the batch, and its tasks and log agree."""
+    Path(db_path).parent.mkdir(parents=True)
+    stderr = tmp_path / "child.err"
+    with stderr.open("wb") as err:
+        done = await anyio.run_process(
+            [sys.executable, str(INTERRUPT), anyio_backend, db_path], stderr=err, check=False
+        )
+    lines = done.stdout.decode().splitlines()
+    context = f"child output {lines}, stderr:\n{stderr.read_text()}"
+    assert done.returncode == -signal.SIGKILL, context
+    assert lines[-1] == "cut", context  # killed in the batch's transaction
+    acknowledged = [line.removeprefix("ack ") for line in lines[:-1]]
+    assert len(acknowledged) == 5, context
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        tasks = {task_id for (task_id,) in conn.execute("SELECT id FROM tasks")}
+        logged = conn.execute("SELECT type, task_id FROM events ORDER BY seq").fetchall()
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert tasks == set(acknowledged)  # no row of the batch
+    assert logged == [("task.created", task_id) for task_id in acknowledged]
 
 
 async def test_one_faulty_write_does_not_fail_its_batch(db_path: str, driver: Driver) -> None:

@@ -38,7 +38,7 @@ __all__ = [
     "FetchRun",
     "FetchRuns",
     "FetchTask",
-    "LoadIdempotencyKeys",
+    "FindIdempotencyKeys",
     "LoadRuns",
     "LoadTasks",
     "LoadWorkers",
@@ -195,8 +195,12 @@ class LoadRuns(Request[tuple[Run, ...]], frozen=True):
     statuses: tuple[str, ...]
 
 
-class LoadIdempotencyKeys(Request[tuple[tuple[str, str], ...]], frozen=True):
-    """(key, task id) for every task that has an idempotency key."""
+class FindIdempotencyKeys(Request[dict[str, str]], frozen=True):
+    """key -> task id for each of ``keys`` that a stored task holds; the others are left
+    out. The TaskManager asks once per batch, for the keys of its creates that are not in
+    memory; the unique index on ``tasks.idempotency_key`` answers each key in O(log n)."""
+
+    keys: tuple[str, ...]
 
 
 class QueryTasks(Request[list[Task]], frozen=True, kw_only=True):
@@ -312,7 +316,7 @@ StorageMessage: TypeAlias = (
     | GetStorageStats
     | LoadTasks
     | LoadRuns
-    | LoadIdempotencyKeys
+    | FindIdempotencyKeys
     | QueryTasks
     | CountTasks
     | FetchTask

@@ -46,9 +46,9 @@ from ..messages.storage import (
     FetchRun,
     FetchRuns,
     FetchTask,
+    FindIdempotencyKeys,
     GetStorageStats,
     LoadActivePlans,
-    LoadIdempotencyKeys,
     LoadPlanningRequests,
     LoadPlanTasks,
     LoadRuns,
@@ -106,6 +106,10 @@ _INSERT_EVENT = (
     "INSERT INTO events (seq, type, timestamp, source, correlation_id, task_id, plan_id,"
     " worker_id, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+#: The owners of some idempotency keys, through the unique index on the key.
+FIND_KEYS_SQL = "SELECT idempotency_key, id FROM tasks WHERE idempotency_key IN ({marks})"
+#: Under SQLite's oldest limit on bound parameters (999).
+_KEYS_PER_QUERY = 500
 _EVENT_COLUMNS = "seq, type, timestamp, source, correlation_id, task_id, plan_id, worker_id, data"
 
 _Pending = tuple[Envelope[StorageMessage], Write]
@@ -212,11 +216,13 @@ class StorageActor(Actor[StorageMessage]):
                     statuses,
                 )
                 return tuple(run_from_row(row) for row in rows)
-            case LoadIdempotencyKeys():
-                rows = await db.fetchall(
-                    "SELECT idempotency_key, id FROM tasks WHERE idempotency_key IS NOT NULL"
-                )
-                return tuple((str(key), str(task_id)) for key, task_id in rows)
+            case FindIdempotencyKeys(keys=keys):
+                found: dict[str, str] = {}
+                for start in range(0, len(keys), _KEYS_PER_QUERY):
+                    chunk = keys[start : start + _KEYS_PER_QUERY]
+                    rows = await db.fetchall(FIND_KEYS_SQL.format(marks=_marks(chunk)), chunk)
+                    found.update((str(key), str(task_id)) for key, task_id in rows)
+                return found
             case QueryTasks() as query:
                 return [task_from_row(row) for row in await db.fetchall(*_tasks_sql(query))]
             case FetchTask(task_id=task_id):

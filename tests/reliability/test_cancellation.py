@@ -9,6 +9,13 @@ first checkpoint" to "never"), and whole rounds are cancelled at random moments 
 cancelled call may or may not have been applied (its message may already be queued): what
 must hold is that whatever was applied was applied whole, with its events.
 
+Cancelling a caller never stops a commit half-way (the storage actor's batch is shielded),
+so the storm also interrupts some commits between two of their statements, as a failing
+disk would (SQLite's I/O error, ``tests/_interrupt.py``): one in two of the transactions
+that create a task, picked at random. Those calls, and whatever shared their transaction,
+fail whole with ``StorageError``. A change that is not one transaction (a task's row and
+its event committed apart, say) leaves a half there, which the audit finds.
+
 Afterwards, with the runtime still open and again after reopening it:
 
 - every task exists fully or not at all: its row, its ``task.created``, each status change
@@ -31,12 +38,13 @@ from __future__ import annotations
 import os
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import anyio
 import pytest
+from _interrupt import Interrupter, Statement, event_rows, interrupt
 
 from hive_orchestration import (
     Event,
@@ -47,6 +55,7 @@ from hive_orchestration import (
     PlanStatus,
     Runtime,
     RuntimeConfig,
+    StorageError,
     SubtaskStatus,
     Task,
     TaskStatus,
@@ -65,6 +74,9 @@ DEADLINES = (0.0, 0.0, 0.00001, 0.0001, 0.0003, 0.001, 0.002, 0.005, 0.02, 1.0, 
 #: What a call may be refused with on purpose: the state moved on under it.
 EXPECTED = (IllegalTransitionError, NotFoundError, LeaseLostError)
 TARGETS = ("running", "completed", "failed", "cancelled", "queued", "assigned")
+#: Share of the transactions that create a task that are interrupted half-way.
+INTERRUPTED = 0.5
+PLAN_TABLES = ("execution_plans", "plan_execution", "planning_queue")
 
 
 @dataclass
@@ -168,6 +180,11 @@ async def call(
             await function(client, ledger, rng)
         except EXPECTED as exc:
             ledger.refused[f"{name}: {type(exc).__name__}"] += 1
+        except StorageError as exc:
+            if exc.fault == "io_error":  # an interrupted commit
+                ledger.refused[f"{name}: {type(exc).__name__}"] += 1
+            else:
+                ledger.errors.append(f"{name}: {type(exc).__name__}: {exc}")
         except Exception as exc:
             ledger.errors.append(f"{name}: {type(exc).__name__}: {exc}")
     if scope.cancelled_caught:
@@ -193,6 +210,33 @@ async def storm(runtime: Runtime, ledger: Ledger) -> None:
                         await anyio.lowlevel.checkpoint()
         if round_scope.cancelled_caught:
             ledger.cancelled["round"] += 1
+
+
+class CreateFaults:
+    """Which transactions to interrupt, and where: a random share of those that create a
+    task outside any plan, at a random statement.
+
+    Left alone: transactions that touch a plan (a failed write restarts the plan executor,
+    whose restart limit is not what this test is about), and those that hand back a claim
+    whose claimer left (the task would stay held until its lease runs out: right, but what
+    the audit's check of unreceived claims flags)."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.on = True
+
+    def __call__(self, statements: Sequence[Statement]) -> int | None:
+        if not self.on or any(table in sql for sql, _ in statements for table in PLAN_TABLES):
+            return None
+        events = event_rows(statements)
+        if (
+            not any(event["type"] == "task.created" for event in events)
+            or any(event["plan_id"] is not None for event in events)
+            or any('"unclaimed"' in str(event["data"]) for event in events)
+            or self.rng.random() >= INTERRUPTED
+        ):
+            return None
+        return self.rng.randrange(1, len(statements))
 
 
 # -- the checks -------------------------------------------------------------------------------
@@ -379,15 +423,18 @@ def seed() -> int:
 
 
 async def test_callers_cancelled_at_random_points_leave_no_half_written_state(
-    db_path: str, record_property: Callable[[str, object], None]
+    db_path: str, record_property: Callable[[str, object], None], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     chosen = seed()
     record_property("seed", chosen)
     ledger = Ledger(rng=random.Random(chosen))
+    faults = CreateFaults(chosen)
+    interrupter = interrupt(monkeypatch.setattr, Interrupter(faults))
     try:
         with anyio.fail_after(60):
             async with opened(db_path) as runtime:
                 await storm(runtime, ledger)
+                faults.on = False
                 client = runtime.client(source_agent="auditor")
                 await settle(client)
                 before = await audit(client, ledger, reopened=False)
@@ -395,9 +442,9 @@ async def test_callers_cancelled_at_random_points_leave_no_half_written_state(
                 client = runtime.client(source_agent="auditor")
                 await settle(client)
                 after = await audit(client, ledger, reopened=True)
-        assert ledger.errors == []
         assert before.problems == []
         assert after.problems == []
+        assert ledger.errors == []
         assert after.holding == 0  # recovered on open: no claim outlives its process
         assert after.unreceived == []
         assert before.unreceived == []  # claims answered as their claimer left: given back
@@ -411,6 +458,9 @@ async def test_callers_cancelled_at_random_points_leave_no_half_written_state(
         assert ledger.plans
         assert ledger.published
         assert before.holding > 0
+        # Commits were really interrupted half-way, and their callers told so.
+        assert interrupter.interrupted > 0
+        assert ledger.refused["create: StorageError"] > 0
     except BaseException:
         print(f"\nseed: {chosen} (HIVE_RELIABILITY_SEED={chosen} replays it)")
         print(f"cancelled: {dict(ledger.cancelled)}\nrefused: {dict(ledger.refused)}")
@@ -419,7 +469,7 @@ async def test_callers_cancelled_at_random_points_leave_no_half_written_state(
         f"\nseed {chosen}: cancelled {dict(ledger.cancelled)}, refused {dict(ledger.refused)}, "
         f"acknowledged creates {len(ledger.acknowledged)}, claims received "
         f"{len(ledger.received)}, held at close {before.holding}, tasks of cancelled creates "
-        f"{after.unacknowledged}"
+        f"{after.unacknowledged}, commits interrupted {interrupter.interrupted}"
     )
 
 

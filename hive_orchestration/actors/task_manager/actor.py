@@ -12,6 +12,12 @@ of the batch is refused with the storage error.
 Reads of tasks that are no longer in memory are forwarded to the storage actor, queued
 behind the batch's write, so they always see committed state.
 
+Idempotency keys. Memory knows the keys of the tasks in memory only; a finished task's key
+leaves with it and lives on in SQLite, behind the unique index. Before a batch is handled,
+the keys of its creates that memory does not know are looked up in storage, one read for
+the whole batch, so a key stays its first task's until that task is deleted, however long
+ago it finished and across restarts, and opening a database loads no key.
+
 Claims. A worker's ``claim_task`` is parked until the end of its batch, then handed the
 best ready task of its types (priority, then age) from the :class:`ReadyQueue`; with
 ``wait`` it stays parked, first come first served, until a task arrives, and no one
@@ -111,7 +117,7 @@ from ...messages.storage import (
     FetchRun,
     FetchRuns,
     FetchTask,
-    LoadIdempotencyKeys,
+    FindIdempotencyKeys,
     LoadRuns,
     LoadTasks,
     PutRun,
@@ -293,6 +299,10 @@ class _Batch:
     ops: list[WriteOp] = field(default_factory=list)
     undo: dict[str, _Undo] = field(default_factory=dict)
     keys: dict[str, str | None] = field(default_factory=dict)  # key -> owner before the batch
+    # Keys of the batch's creates that memory did not hold, as storage answered before the
+    # batch (key -> task id; absent: no task has it), or why storage could not answer.
+    stored_keys: dict[str, str] = field(default_factory=dict)
+    key_errors: dict[str, HiveError] = field(default_factory=dict)
     deleted: set[str] = field(default_factory=set)
     answers: list[tuple[Envelope[TaskManagerMessage], object]] = field(default_factory=list)
     parked: list[int] = field(default_factory=list)  # waiters that arrived in this batch
@@ -339,7 +349,9 @@ class TaskManager(Actor[TaskManagerMessage]):
         self._rng = rng or random.Random()
         self._tasks: dict[str, Task] = {}  # live tasks, and the recently finished ones
         self._finished: OrderedDict[str, None] = OrderedDict()  # finished, oldest first
-        self._keys: dict[str, str] = {}  # idempotency key -> task id
+        # Idempotency key -> task id, for the tasks in memory only: the keys of tasks that
+        # left memory are looked up in storage (see _look_up_keys).
+        self._keys: dict[str, str] = {}
         self._runs: dict[str, Run] = {}
         self._runs_of: dict[str, list[str]] = {}
         # Derived from the above (rebuilt by _reindex): what can be handed out, which run
@@ -370,9 +382,8 @@ class TaskManager(Actor[TaskManagerMessage]):
     async def started(self) -> None:
         tasks = await self._storage.ask(LoadTasks(LIVE))
         runs = await self._storage.ask(LoadRuns(LIVE))
-        keys = await self._storage.ask(LoadIdempotencyKeys())
         self._tasks = {task.id: task for task in tasks}
-        self._keys = dict(keys)
+        self._keys = {t.idempotency_key: t.id for t in tasks if t.idempotency_key is not None}
         for run in runs:
             self._remember_run(run)
         now = self._read_clocks()
@@ -441,8 +452,9 @@ class TaskManager(Actor[TaskManagerMessage]):
     # -- the batch loop ----------------------------------------------------------------------
 
     async def receive_batch(self, batch: Sequence[Envelope[TaskManagerMessage]]) -> None:
-        now = self._read_clocks()
         work = _Batch()
+        await self._look_up_keys(batch, work)
+        now = self._read_clocks()
         self._settle_due(work, now)
         forwards: list[tuple[Envelope[TaskManagerMessage], Request[object]]] = []
         seen: set[str] = set()  # workers at work in this batch
@@ -488,6 +500,36 @@ class TaskManager(Actor[TaskManagerMessage]):
             self._dispatch(work, now)
         self._evict()
         self._arm()
+
+    async def _look_up_keys(
+        self, batch: Sequence[Envelope[TaskManagerMessage]], work: _Batch
+    ) -> None:
+        """Ask storage, in one read for the whole batch, who owns the idempotency keys of
+        its creates that memory does not know. Memory holds the keys of the tasks it holds
+        (every live one), so a key found there belongs to a task that finished and left
+        memory. The TaskManager is the only writer of tasks and its last commit is done, so
+        the answer is exact until this batch changes it."""
+        keys: set[str] = set()
+        for envelope in batch:
+            message = envelope.message
+            if isinstance(message, CreateTask):
+                items: Sequence[CreateTask] = (message,)
+            elif isinstance(message, CreateTasks):
+                items = message.tasks
+            else:
+                continue
+            for item in items:
+                key = item.idempotency_key
+                if key is not None and key not in self._keys:
+                    keys.add(key)
+        if not keys:
+            return
+        try:
+            work.stored_keys = await self._storage.ask(FindIdempotencyKeys(tuple(keys)))
+        except HiveError as exc:
+            # Without the answer such a create cannot know whether it would be a second
+            # task with that key: it fails, and creates nothing, like a failed commit.
+            work.key_errors = dict.fromkeys(keys, exc)
 
     def _report_seen(self, seen: set[str]) -> None:
         """Tell the registry who is at work, so a busy worker is not declared offline
@@ -977,8 +1019,10 @@ class TaskManager(Actor[TaskManagerMessage]):
     async def _handle(self, message: TaskManagerMessage, work: _Batch, now: datetime) -> object:
         match message:
             case CreateTask():
+                _refuse_unknown_keys((message,), work)
                 return self._create(message, work, now)
             case CreateTasks(tasks=items):
+                _refuse_unknown_keys(items, work)  # before any is created: all or nothing
                 return tuple(self._create(item, work, now) for item in items)
             case QueueTasks(task_ids=task_ids, source_agent=source):
                 queued = []
@@ -1155,8 +1199,10 @@ class TaskManager(Actor[TaskManagerMessage]):
 
     def _create(self, message: CreateTask, work: _Batch, now: datetime) -> str:
         key = message.idempotency_key
-        if key is not None and key in self._keys:
-            return self._keys[key]  # the first task's id; nothing is created
+        if key is not None:
+            owner = self._keys.get(key) or work.stored_keys.get(key)
+            if owner is not None:
+                return owner  # the first task's id; nothing is created
         task = Task(
             id=message.task_id or new_id(),
             title=message.title,
@@ -1285,6 +1331,8 @@ class TaskManager(Actor[TaskManagerMessage]):
         key = task.idempotency_key
         if key is not None and self._keys.get(key) == task_id:
             self._set_key(key, None, work)
+        elif key is not None and work.stored_keys.get(key) == task_id:
+            del work.stored_keys[key]  # a later create in this batch may take the key
         work.deleted.add(task_id)
         work.ops.append(DeleteTaskRow(task_id))
         work.ops.append(self._event("task.deleted", task, now, None, {"task_type": task.task_type}))
@@ -1388,8 +1436,11 @@ class TaskManager(Actor[TaskManagerMessage]):
         """Keep at most ``recent`` finished tasks in memory (their state is committed)."""
         while len(self._finished) > self._recent_limit:
             task_id, _ = self._finished.popitem(last=False)
-            # The idempotency key stays: a finished task still owns its key.
-            self._tasks.pop(task_id, None)
+            task = self._tasks.pop(task_id, None)
+            key = None if task is None else task.idempotency_key
+            if key is not None and self._keys.get(key) == task_id:
+                # The task still owns its key, now answered by storage (it is committed).
+                del self._keys[key]
             for run_id in self._runs_of.pop(task_id, []):
                 self._runs.pop(run_id, None)
 
@@ -1417,6 +1468,15 @@ def _agrees(task: Task, message: UpdateTaskStatus) -> bool:
         and (message.assigned_worker is None or message.assigned_worker == task.assigned_worker)
         and (message.current_phase is None or message.current_phase == task.current_phase)
     )
+
+
+def _refuse_unknown_keys(items: Sequence[CreateTask], work: _Batch) -> None:
+    """Raise the error of a key storage could not look up for this batch, if any."""
+    if work.key_errors:
+        for item in items:
+            key = item.idempotency_key
+            if key is not None and key in work.key_errors:
+                raise work.key_errors[key]
 
 
 def _priority_order(task: Task) -> tuple[int, datetime]:

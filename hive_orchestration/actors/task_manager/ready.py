@@ -6,8 +6,16 @@ one with ``requires`` by that set of capabilities. A claim that can do a set of 
 looks at the heads of the heaps of the types in the set and of the requirement sets
 included in it. A task whose retry backoff has not elapsed waits in a heap ordered by time
 and joins its route when due. A task whose concurrency group (or whose type, in a mixed
-requirement heap) is full leaves its heap for a list of its group and comes back when a
-task of the group stops holding a slot, so a blocked group never costs a scan.
+requirement heap) is full leaves its heap to wait aside for its group and comes back when
+a task of the group stops holding a slot, so a blocked group never costs a scan.
+
+Within a concurrency key, priority holds across routes: a key's free slots go to its best
+ready tasks (priority, then age), whatever their type, so a claimer whose types leave out
+the key's best task gets none of the key's tasks while it waits; the key waits for a
+claimer that can take that task. Each key keeps a heap of its ready tasks for this; a
+task that is not among the best ``free`` of its key waits in the key's blocked heap, and
+only the ones that come within reach go back, when a slot frees or a better task leaves
+the queue without taking one. Tasks in backoff are not ready and hold nothing back.
 
 Entries are never removed from the middle of a heap: each carries the generation of the
 task's entry, and an entry whose task left the queue (claimed, cancelled, deleted) or was
@@ -57,7 +65,12 @@ class ReadyQueue:
         self._type_limits = dict(type_limits or {})
         self._heaps: dict[Route, list[_Entry]] = {}
         self._delayed: list[tuple[float, _Entry]] = []
-        self._blocked: dict[str, list[_Entry]] = {}  # concurrency key -> entries
+        self._blocked: dict[str, list[_Entry]] = {}  # concurrency key -> heap of entries
+        # concurrency key -> heap of its ready entries (wherever they wait), best first, and
+        # the largest limit any of them has had (the most slots the key may free).
+        self._by_key: dict[str, list[_Entry]] = {}
+        self._key_limit: dict[str, int] = {}
+        self._key_of: dict[str, str] = {}  # queued task id -> its concurrency key
         self._type_blocked: dict[str, list[_Entry]] = {}  # task type -> entries
         self._generation: dict[str, int] = {}  # task id -> its valid entry; absent: not queued
         self._next_generation = 0
@@ -80,6 +93,9 @@ class ReadyQueue:
         self._next_generation += 1
         generation = self._next_generation
         self._generation[task.id] = generation
+        previous = self._key_of.pop(task.id, None)  # added again while queued
+        if task.concurrency_key is not None:
+            self._key_of[task.id] = task.concurrency_key
         entry = _Entry(
             -task.priority,
             task.created_at.timestamp(),
@@ -93,11 +109,16 @@ class ReadyQueue:
         if available is not None and available > now:
             heapq.heappush(self._delayed, (available, entry))
         else:
-            self._push(entry)
+            self._ready(entry)
+        if previous is not None:
+            self._forget(previous)  # its old entry is stale now
 
     def discard(self, task_id: str) -> None:
         """``task_id`` left the queue (its entries are skipped from now on)."""
         self._generation.pop(task_id, None)
+        key = self._key_of.pop(task_id, None)
+        if key is not None:
+            self._forget(key)
 
     def promote(self, now: float) -> float | None:
         """Move tasks whose backoff is over into their heaps; when the next one is due."""
@@ -105,7 +126,7 @@ class ReadyQueue:
         while delayed and delayed[0][0] <= now:
             _, entry = heapq.heappop(delayed)
             if self._valid(entry):
-                self._push(entry)
+                self._ready(entry)
         return self.next_delayed()
 
     def next_delayed(self) -> float | None:
@@ -130,6 +151,9 @@ class ReadyQueue:
         if not heap:
             del self._heaps[best.route]
         del self._generation[best.task_id]
+        if best.key is not None:
+            del self._key_of[best.task_id]
+            self._key_heap(best.key)  # let go of its entry (and of an emptied key)
         return best.task_id
 
     def _routes(self, capabilities: Collection[str] | None) -> list[Route]:
@@ -151,9 +175,9 @@ class ReadyQueue:
             entry = heap[0]
             if not self._valid(entry):
                 heapq.heappop(heap)
-            elif entry.key is not None and self._held_keys[entry.key] >= entry.limit:
+            elif entry.key is not None and not self._key_allows(entry):
                 heapq.heappop(heap)
-                self._blocked.setdefault(entry.key, []).append(entry)
+                heapq.heappush(self._blocked.setdefault(entry.key, []), entry)
             elif self._type_full(entry.task_type):  # in a mixed heap of requirements
                 heapq.heappop(heap)
                 self._type_blocked.setdefault(entry.task_type, []).append(entry)
@@ -172,6 +196,89 @@ class ReadyQueue:
     def _push(self, entry: _Entry) -> None:
         heapq.heappush(self._heaps.setdefault(entry.route, []), entry)
         self.changed = True
+
+    def _ready(self, entry: _Entry) -> None:
+        """``entry`` is ready (queued, past any backoff): into its route and its key."""
+        key = entry.key
+        if key is not None:
+            heapq.heappush(self._by_key.setdefault(key, []), entry)
+            self._key_limit[key] = max(self._key_limit.get(key, 0), entry.limit)
+        self._push(entry)
+
+    # -- concurrency keys ---------------------------------------------------------------
+
+    def _key_heap(self, key: str) -> list[_Entry]:
+        """The key's ready entries with a valid one on top; an emptied key is forgotten
+        (its blocked entries are then all stale too)."""
+        heap = self._by_key.get(key)
+        if heap is None:
+            return []
+        while heap and not self._valid(heap[0]):
+            heapq.heappop(heap)
+        if not heap:
+            del self._by_key[key]
+            self._key_limit.pop(key, None)
+            self._blocked.pop(key, None)
+        return heap
+
+    def _best_of_key(self, key: str, count: int) -> list[_Entry]:
+        """The ``count`` best ready entries of ``key``, best first: a walk down its heap
+        from the top that skips stale entries, O(count log count) when few are stale."""
+        heap = self._key_heap(key)
+        if count <= 1 or len(heap) <= 1:
+            return heap[:1] if count >= 1 else []
+        best: list[_Entry] = []
+        frontier = [(heap[0], 0)]
+        while frontier and len(best) < count:
+            entry, index = heapq.heappop(frontier)
+            if self._valid(entry):
+                best.append(entry)
+            for child in (2 * index + 1, 2 * index + 2):
+                if child < len(heap):
+                    heapq.heappush(frontier, (heap[child], child))
+        return best
+
+    def _key_allows(self, entry: _Entry) -> bool:
+        """Whether ``entry`` may take a slot of its key now: one is free and no better
+        ready task of the key is left without one."""
+        assert entry.key is not None
+        free = entry.limit - self._held_keys[entry.key]
+        if free <= 0:
+            return False
+        best = self._best_of_key(entry.key, free)
+        return bool(best) and entry <= best[-1]
+
+    def _forget(self, key: str) -> None:
+        """An entry of ``key`` went stale without taking a slot: drop it if on top (and
+        an emptied key); it may have been one of the key's best, so the next ones may
+        come within reach."""
+        self._key_heap(key)
+        self._release(key)
+
+    def _release(self, key: str) -> None:
+        """Send back to their routes the blocked entries of ``key`` that may now take a
+        slot: only those within its best ``free``, so a long wait list costs nothing."""
+        blocked = self._blocked.get(key)
+        if not blocked:
+            return
+        free = self._key_limit.get(key, 1) - self._held_keys[key]
+        best = self._best_of_key(key, free) if free > 0 else []
+        if not best:
+            return
+        bound = best[-1]
+        kept: list[_Entry] = []
+        while blocked and blocked[0] <= bound:
+            entry = heapq.heappop(blocked)
+            if not self._valid(entry):
+                continue
+            if self._key_allows(entry):
+                self._push(entry)
+            else:
+                kept.append(entry)  # a smaller limit of its own
+        for entry in kept:
+            heapq.heappush(blocked, entry)
+        if not blocked:
+            self._blocked.pop(key, None)
 
     # -- concurrency slots ----------------------------------------------------------------
 
@@ -198,9 +305,7 @@ class ReadyQueue:
             self._held_keys[key] -= 1
             if self._held_keys[key] <= 0:
                 del self._held_keys[key]
-            for entry in self._blocked.pop(key, ()):
-                if self._valid(entry):
-                    self._push(entry)
+            self._release(key)
 
     def held(self, task_type: str) -> int:
         return self._held_types[task_type]
