@@ -31,7 +31,7 @@ from ..errors import ActorFailedError, HiveError, RequestTimeoutError, RuntimeSt
 __all__ = [
     "Actor",
     "ActorRef",
-    "Deadlines",
+    "AskWatchdog",
     "Envelope",
     "Mailbox",
     "Reply",
@@ -199,7 +199,7 @@ class Mailbox(Generic[M]):
         return self._receive.statistics()
 
 
-class Deadlines:
+class AskWatchdog:
     """Enforces the default ``ask`` deadline of one actor without a timer per ask.
 
     A timer per request (``move_on_after``) costs more than the rest of a round trip. Asks
@@ -259,7 +259,7 @@ class ActorRef(Generic[M]):
         self.name = name
         self.mailbox: Mailbox[M] = Mailbox(name, mailbox_size)
         self.ask_timeout = ask_timeout
-        self.deadlines = Deadlines(name, ask_timeout)
+        self.deadlines = AskWatchdog(name, ask_timeout)
         # anyio.Event() looks its backend up on every call; a reference lives on one event
         # loop, so the backend's class is looked up once.
         self._event_type: type[anyio.Event] | None = None
