@@ -77,6 +77,10 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     max_payload_depth: Positive = 32
     #: Largest plan data (all its subtasks) once encoded as JSON, in bytes.
     max_plan_bytes: Positive = 64 * 1024 * 1024
+    #: Largest request ``call_json`` takes, in bytes as received: a larger one is refused
+    #: before it is decoded. A payload sent as JSON text may be larger than its encoding
+    #: here (escaped, indented), hence room for 4 times a payload at the limit.
+    max_request_bytes: Positive = 4 * 1024 * 1024
     #: Default lease of a claim: a worker that sends no heartbeat for this long loses
     #: the task, which goes back to the queue.
     lease_timeout: Seconds = 30.0

@@ -360,3 +360,13 @@ async def test_a_config_built_in_code_is_validated_at_open(
         async with Runtime.open(tmp_path / "hive.db", config=config):
             pytest.fail("opened with an invalid config")
     assert caught.value.field == field
+
+
+def test_max_request_bytes() -> None:
+    assert RuntimeConfig().max_request_bytes == 4 * 1024 * 1024
+    config = RuntimeConfig.load(env={f"{ENV_PREFIX}MAX_REQUEST_BYTES": "65536"})
+    assert config.max_request_bytes == 65536
+    for bad in (0, -1, "big", 1.5):
+        with pytest.raises(ConfigError) as caught:
+            RuntimeConfig.load(env={}, max_request_bytes=bad)
+        assert caught.value.field == "max_request_bytes"
