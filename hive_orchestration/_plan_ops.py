@@ -20,8 +20,12 @@ import msgspec
 from ._caller import Caller
 from ._plan_graph import check_plan_graph
 from ._validate import (
+    MIN_DEADLINE,
+    MIN_LEASE,
+    YEAR,
     check_bool,
     check_choice,
+    check_delay,
     check_identifier,
     check_int,
     check_json_object,
@@ -144,7 +148,7 @@ class PlanOps(Caller):
         """
         self._check_open()
         agent_id = check_identifier(agent_id, "agent_id")
-        wait = check_seconds(wait, "wait", positive=False)
+        wait = check_delay(wait, "wait")
         claim = ClaimPlanningRequest(agent_id=agent_id)
         if wait == 0:
             return await self._plans.ask(claim)
@@ -403,7 +407,11 @@ class PlanOps(Caller):
         """
         self._check_open()
         plan_id = check_identifier(plan_id, "plan_id")
-        limit = math.inf if timeout is None else check_seconds(timeout, "timeout")
+        limit = (
+            math.inf
+            if timeout is None
+            else check_seconds(timeout, "timeout", minimum=MIN_DEADLINE, maximum=YEAR)
+        )
         with anyio.move_on_after(limit):
             changes = self.subscribe("plan.*", buffer=1, overflow="drop", plan_id=plan_id)
             async with changes as changed:
@@ -503,9 +511,14 @@ class PlanOps(Caller):
         check_int(subtask.priority, f"{at}.priority", minimum=0, maximum=_MAX_PRIORITY)
         check_int(subtask.max_retries, f"{at}.max_retries", minimum=0, maximum=1000)
         if subtask.timeout is not None:
-            check_seconds(subtask.timeout, f"{at}.timeout")
+            check_seconds(subtask.timeout, f"{at}.timeout", minimum=MIN_LEASE, maximum=YEAR)
         if subtask.estimated_duration is not None:
-            check_seconds(subtask.estimated_duration, f"{at}.estimated_duration", positive=False)
+            check_seconds(
+                subtask.estimated_duration,
+                f"{at}.estimated_duration",
+                minimum=0.0,
+                maximum=YEAR,
+            )
         for k, need in enumerate(subtask.dependencies):
             check_identifier(need, f"{at}.dependencies[{k}]")
         check_names(subtask.requires, f"{at}.requires")

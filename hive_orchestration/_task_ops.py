@@ -15,11 +15,15 @@ import msgspec
 
 from ._caller import Caller
 from ._validate import (
+    MIN_LEASE,
+    YEAR,
     _show,
     check_bool,
     check_choice,
+    check_delay,
     check_identifier,
     check_int,
+    check_lease,
     check_names,
     check_optional_text,
     check_seconds,
@@ -210,7 +214,9 @@ class TaskOps(Caller):
             idempotency_key=check_optional_text(idempotency_key, "idempotency_key"),
             correlation_id=check_optional_text(self._correlation(correlation_id), "correlation_id"),
             source_agent=check_optional_text(self._agent(source_agent), "source_agent"),
-            timeout=None if timeout is None else check_seconds(timeout, "timeout"),
+            timeout=None
+            if timeout is None
+            else check_seconds(timeout, "timeout", minimum=MIN_LEASE, maximum=YEAR),
             concurrency_key=check_optional_text(concurrency_key, "concurrency_key"),
             concurrency_limit=concurrency_limit,
             requires=_types(requires, "requires") or (),
@@ -396,7 +402,7 @@ class TaskOps(Caller):
             worker_id=worker_id,
             task_types=await self._claim_types(worker_id, task_types),
             lease=self._lease_seconds(lease),
-            wait=check_seconds(wait, "wait", positive=False, maximum=86_400.0),
+            wait=check_delay(wait, "wait"),
             start=check_bool(start, "start"),
         )
         # The actor answers by the end of the wait; the usual deadline covers the rest.
@@ -425,7 +431,7 @@ class TaskOps(Caller):
             worker_id=worker_id,
             task_types=await self._claim_types(worker_id, task_types),
             lease=self._lease_seconds(lease),
-            wait=check_seconds(wait, "wait", positive=False, maximum=86_400.0),
+            wait=check_delay(wait, "wait"),
             start=check_bool(start, "start"),
             limit=check_int(limit, "limit", minimum=1, maximum=_MAX_BATCH),
         )
@@ -445,7 +451,7 @@ class TaskOps(Caller):
 
     def _lease_seconds(self, lease: float | None) -> float:
         seconds = self._config.lease_timeout if lease is None else lease
-        return check_seconds(seconds, "lease", maximum=86_400.0)
+        return check_lease(seconds, "lease")
 
     async def heartbeat(
         self,
@@ -462,7 +468,7 @@ class TaskOps(Caller):
         self._check_open()
         message = Heartbeat(
             lease=_lease(lease),
-            extend=None if extend is None else check_seconds(extend, "extend", maximum=86_400.0),
+            extend=None if extend is None else check_lease(extend, "extend"),
             progress=self._json(progress, "progress"),
             phase=check_optional_text(phase, "phase"),
         )
@@ -509,7 +515,7 @@ class TaskOps(Caller):
             retryable=check_bool(retryable, "retryable"),
             retry_after=None
             if retry_after is None
-            else check_seconds(retry_after, "retry_after", positive=False),
+            else check_delay(retry_after, "retry_after", maximum=YEAR),
         )
         return await self._tasks.ask(message)
 

@@ -21,13 +21,21 @@ from .errors import InvalidInputError
 from .messages.storage import ReadEvents
 
 __all__ = [
+    "DAY",
     "MAX_NAMES",
     "MAX_READ",
+    "MIN_DEADLINE",
+    "MIN_DELAY",
+    "MIN_LEASE",
+    "YEAR",
+    "check_delay",
     "check_event_read",
     "check_identifier",
     "check_names",
     "check_int",
+    "check_lease",
     "check_optional_text",
+    "check_seconds",
     "check_json_object",
     "check_text",
     "encode_json_object",
@@ -123,11 +131,29 @@ def check_int(value: object, field: str, *, minimum: int, maximum: int = _SQLITE
     return value
 
 
+#: Durations, in seconds. A duration is a finite number within bounds that say what it is
+#: for: far below them a value is a mistake (``1e-300``, milliseconds given as seconds),
+#: not a wish, and would burn a task's attempts or spin a deadline for nothing.
+DAY = 86_400.0
+YEAR = 366 * DAY
+#: The shortest lease, lease extension, run timeout or worker timeout: what takes a task
+#: away from a live worker must outlast an ordinary pause (a garbage collection, a slow
+#: fsync, a busy event loop: tens of milliseconds), or a worker loses work it is doing.
+MIN_LEASE = 0.1
+#: The shortest deadline a caller waits for (``wait_for_plan``'s timeout, ``ask_timeout``,
+#: ``busy_timeout``, ``shutdown_timeout``...): one commit may take this long.
+MIN_DEADLINE = 0.01
+#: The shortest delay or wait that is not 0 (``retry_after``, a claim's ``wait``, the
+#: retry backoff): below a millisecond is below what the event loops' timers resolve; 0
+#: means at once, or no wait.
+MIN_DELAY = 0.001
+
+
 def check_seconds(
-    value: object, field: str, *, positive: bool = True, maximum: float = 366 * 86_400.0
+    value: object, field: str, *, minimum: float, maximum: float, zero: bool = False
 ) -> float:
-    """A duration: a finite number of seconds, above 0 (or at least 0 when not
-    ``positive``) and at most ``maximum`` (a year by default)."""
+    """A duration: a finite number of seconds from ``minimum`` to ``maximum`` (or exactly
+    0 if ``zero``)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidInputError(field, f"must be a number of seconds, got {type(value).__name__}")
     try:
@@ -136,12 +162,24 @@ def check_seconds(
         seconds = math.inf if value > 0 else -math.inf
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidInputError(field, f"must be a finite number of seconds, got {_show(value)}")
-    if seconds < 0 or (positive and seconds == 0):
-        bound = "more than 0" if positive else "at least 0"
-        raise InvalidInputError(field, f"must be {bound} seconds, got {_show(value)}")
-    if seconds > maximum:
-        raise InvalidInputError(field, f"must be at most {maximum:g} seconds, got {_show(value)}")
+    if seconds == 0 and zero:
+        return 0.0
+    if not minimum <= seconds <= maximum:
+        least = f"0 or from {minimum:g}" if zero else f"from {minimum:g}"
+        raise InvalidInputError(
+            field, f"must be {least} to {maximum:g} seconds, got {_show(value)}"
+        )
     return seconds
+
+
+def check_lease(value: object, field: str) -> float:
+    """A lease or a lease extension: :data:`MIN_LEASE` to a day."""
+    return check_seconds(value, field, minimum=MIN_LEASE, maximum=DAY)
+
+
+def check_delay(value: object, field: str, *, maximum: float = DAY) -> float:
+    """A delay or a wait: 0 (at once, no wait), or :data:`MIN_DELAY` to ``maximum``."""
+    return check_seconds(value, field, minimum=MIN_DELAY, maximum=maximum, zero=True)
 
 
 E = TypeVar("E", bound=enum.StrEnum)

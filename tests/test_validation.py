@@ -20,9 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hive_orchestration._validate import encode_json_object
+from hive_orchestration.agents import AgentRegistry
 from hive_orchestration.config import RuntimeConfig
 from hive_orchestration.embedded import Runtime
-from hive_orchestration.errors import InvalidInputError
+from hive_orchestration.errors import InvalidInputError, NotFoundError, RequestTimeoutError
 from hive_orchestration.events import UnifiedEvent
 from hive_orchestration.messages.events import Event
 
@@ -757,3 +758,146 @@ def test_the_size_check_never_refuses_a_payload_within_the_limit(data: dict[str,
     with pytest.raises(InvalidInputError) as err:
         encode_json_object(data, "data", max_bytes=size - 1, max_depth=100)
     assert err.value.field == "data"
+
+
+# -- durations: bounds a user can live with --------------------------------------------------
+#
+# A lease, a lease extension or a run timeout is at least 0.1 s; a caller's deadline at least
+# 0.01 s; a delay or a wait is 0 or at least 0.001 s. Leases, extensions and waits are at
+# most a day, timeouts and delays at most a year; NaN and infinities are refused.
+
+DurationCall = Callable[[Runtime, Any, float], Any]
+TINY = [1e-300, 5e-324, 1e-320]
+
+
+async def _prepared(rt: Runtime) -> Any:
+    """A claim, and something ready for each wait (so that an accepted wait returns at
+    once): a task of type ``ready`` and a planning request."""
+    claim = await _claimed(rt)
+    await rt.create_task("ready")
+    await rt.queue_planning_request("plan it")
+    return claim
+
+
+def _plan_with_timeout(seconds: float) -> dict[str, object]:
+    return {"subtasks": [{"id": "a", "task_type": "t", "timeout": seconds}]}
+
+
+DURATIONS: dict[str, tuple[DurationCall, str, float, float, bool]] = {
+    # name: (call, field, shortest accepted, longest accepted, 0 accepted)
+    "claim_task-lease": (
+        lambda rt, c, s: rt.claim_task("w2", lease=s),
+        "lease",
+        0.1,
+        86_400.0,
+        False,
+    ),
+    "claim_tasks-lease": (
+        lambda rt, c, s: rt.claim_tasks("w2", limit=1, lease=s),
+        "lease",
+        0.1,
+        86_400.0,
+        False,
+    ),
+    "claim_task-wait": (
+        lambda rt, c, s: rt.claim_task("w2", ["ready"], wait=s),
+        "wait",
+        0.001,
+        86_400.0,
+        True,
+    ),
+    "heartbeat-extend": (
+        lambda rt, c, s: rt.heartbeat(c.lease, extend=s),
+        "extend",
+        0.1,
+        86_400.0,
+        False,
+    ),
+    "create_task-timeout": (
+        lambda rt, c, s: rt.create_task("t", timeout=s),
+        "timeout",
+        0.1,
+        366 * 86_400.0,
+        False,
+    ),
+    "fail_task-retry_after": (
+        lambda rt, c, s: rt.fail_task(c.lease, "boom", retry_after=s),
+        "retry_after",
+        0.001,
+        366 * 86_400.0,
+        True,
+    ),
+    "claim_planning_request-wait": (
+        lambda rt, c, s: rt.claim_planning_request("planner", wait=s),
+        "wait",
+        0.001,
+        86_400.0,
+        True,
+    ),
+    "wait_for_plan-timeout": (
+        lambda rt, c, s: rt.wait_for_plan("no-such-plan", timeout=s),
+        "timeout",
+        0.01,
+        366 * 86_400.0,
+        False,
+    ),
+    "subtask-timeout": (
+        lambda rt, c, s: rt.create_execution_plan(_plan_with_timeout(s)),
+        "plan_data.subtasks[0].timeout",
+        0.1,
+        366 * 86_400.0,
+        False,
+    ),
+}
+
+
+def _duration_cases() -> Iterator[Any]:
+    for name, (_, field, low, high, zero) in DURATIONS.items():
+        bad = [*TINY, low * 0.99, high * 1.01, math.nan, math.inf, -math.inf, -low]
+        if not zero:
+            bad.append(0.0)
+        for value in bad:
+            yield pytest.param(name, value, field, id=f"{name}-{value!r}")
+
+
+@pytest.mark.parametrize(("name", "value", "field"), list(_duration_cases()))
+async def test_a_duration_out_of_its_bounds_is_refused(
+    db_path: str, name: str, value: float, field: str
+) -> None:
+    call = DURATIONS[name][0]
+    async with Runtime.open(db_path) as rt:
+        claim = await _prepared(rt)
+        before = await rt.statistics()
+        with pytest.raises(InvalidInputError) as err:
+            await call(rt, claim, value)
+        _refused(err, field)
+        assert "seconds" in err.value.reason or "finite" in err.value.reason
+        after = await rt.statistics()
+        assert after.storage.writes == before.storage.writes
+        task = await rt.get_task(claim.task.id)
+        assert task is not None
+        assert task.status == "assigned"
+
+
+@pytest.mark.parametrize("name", list(DURATIONS))
+async def test_a_duration_at_its_bounds_is_accepted(db_path: str, name: str) -> None:
+    call, _, low, high, zero = DURATIONS[name]
+    for i, value in enumerate([low, high, *([0.0] if zero else [])]):
+        async with Runtime.open(f"{db_path}-{i}") as rt:
+            claim = await _prepared(rt)
+            try:
+                with anyio.fail_after(TIMEOUT):
+                    await call(rt, claim, value)
+            except InvalidInputError as exc:
+                pytest.fail(f"{name}={value!r} refused: {exc}")
+            except (NotFoundError, RequestTimeoutError):
+                pass  # wait_for_plan of an unknown plan, told or timed out: accepted
+
+
+@pytest.mark.parametrize("lease", [1e-300, 0.05, 86_401.0, math.nan])
+def test_an_agent_lease_out_of_bounds_is_refused(lease: float) -> None:
+    registry = AgentRegistry()
+    with pytest.raises(InvalidInputError) as err:
+        registry.register("job", lambda context: None, lease=lease)
+    _refused(err, "lease")
+    registry.register("job", lambda context: None, lease=0.1)
