@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import tracemalloc
 import types
+import unicodedata
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
@@ -24,7 +25,7 @@ from hive_orchestration.agents import AgentRegistry
 from hive_orchestration.config import RuntimeConfig
 from hive_orchestration.embedded import Runtime
 from hive_orchestration.errors import InvalidInputError, NotFoundError, RequestTimeoutError
-from hive_orchestration.events import UnifiedEvent
+from hive_orchestration.events import TopicRegistry, UnifiedEvent
 from hive_orchestration.messages.events import Event
 
 pytestmark = pytest.mark.anyio
@@ -414,12 +415,19 @@ def _payload_is_valid(value: object) -> bool:
 _RUNTIME_OWNED = {"task", "run", "worker", "plan", "planning", "actor"}
 
 
+def _reads_as_runtime_owned(value: str) -> bool:
+    """The namespace, compatibility- and case-folded, is a runtime one or its plural."""
+    namespace = unicodedata.normalize("NFKC", value.split(".", 1)[0]).casefold().strip()
+    return namespace in _RUNTIME_OWNED or namespace.removesuffix("s") in _RUNTIME_OWNED
+
+
 def _type_is_surely_valid(value: str) -> bool:
     return (
         bool(value.strip())
         and _payload_is_valid(value)
         and value.isprintable()
-        and value.split(".", 1)[0] not in _RUNTIME_OWNED
+        and value.split(".", 1)[0].isascii()  # accents and the like are folded too
+        and not _reads_as_runtime_owned(value)
     )
 
 
@@ -429,7 +437,7 @@ def _type_is_surely_invalid(value: str) -> bool:
         or not _payload_is_valid(value)
         or any(ord(ch) < 0x20 for ch in value)
         or len(value) > 256
-        or value.split(".", 1)[0] in _RUNTIME_OWNED
+        or (_payload_is_valid(value) and _reads_as_runtime_owned(value))
     )
 
 
@@ -901,3 +909,93 @@ def test_an_agent_lease_out_of_bounds_is_refused(lease: float) -> None:
         registry.register("job", lambda context: None, lease=lease)
     _refused(err, "lease")
     registry.register("job", lambda context: None, lease=0.1)
+
+
+# -- event types that read as the runtime's own --------------------------------------------
+
+LOOK_ALIKES = [
+    "Task.completed",
+    "TASK.completed",
+    "tasks.completed",
+    "Tasks.completed",
+    "\uff54ask.completed",  # fullwidth t
+    "\uff34\uff21\uff33\uff2b.completed",  # fullwidth TASK
+    "t\u00e1sk.completed",  # an accent
+    "ta\u0301sk.completed",  # a combining accent
+    "ta\u200bsk.completed",  # a zero-width space
+    "ta\u00adsk.completed",  # a soft hyphen
+    "task\u3000.completed",  # an ideographic space
+    "Plan.completed",
+    "plans.completed",
+    "Planning.requested",
+    "Workers.offline",
+    "RUN.lost",
+    "runs.lost",
+    "Actor.restarted",
+    "Task",
+    "tasks",
+]
+APP_TYPES = [
+    "tasking.done",
+    "taskforce.started",
+    "runner.started",
+    "planner.done",
+    "workflow.completed",
+    "review.completed",
+    "t.ask",
+    "ta sk.completed",
+    "s.completed",
+]
+
+
+@pytest.mark.parametrize("event_type", LOOK_ALIKES)
+async def test_publish_refuses_a_look_alike_of_a_runtime_namespace(
+    db_path: str, event_type: str
+) -> None:
+    async with Runtime.open(db_path) as rt:
+        checked = _Checked(rt, await rt.publish("first", {"n": 1}))
+        client = rt.client()
+        for publish in (
+            lambda: rt.publish(event_type, {"x": 1}),
+            lambda: client.publish(event_type, {"x": 1}),
+            lambda: client.publish_event(UnifiedEvent(event_type=event_type, payload={"x": 1})),
+        ):
+            with pytest.raises(InvalidInputError) as err:
+                await publish()
+            _refused(err, "event_type")
+            assert "reads as the runtime's own namespace" in err.value.reason
+        await checked.assert_nothing_written()
+        await checked.assert_still_works()
+
+
+@pytest.mark.parametrize("event_type", APP_TYPES)
+async def test_publish_takes_an_app_namespace_that_only_starts_like_one(
+    db_path: str, event_type: str
+) -> None:
+    async with Runtime.open(db_path) as rt:
+        event = await rt.publish(event_type, {"x": 1})
+        assert await rt.read_events() == [event]
+
+
+@pytest.mark.parametrize("pattern", ["Task.*", "tasks.*", "\uff54ask.completed", "Plans"])
+async def test_subscribe_refuses_a_pattern_only_a_refused_event_could_match(
+    db_path: str, pattern: str
+) -> None:
+    async with Runtime.open(db_path) as rt:
+        with pytest.raises(InvalidInputError) as err:
+            async with rt.subscribe(pattern):
+                pytest.fail("subscribed")
+        _refused(err, "pattern")
+        assert "can match no event" in err.value.reason
+        assert (await rt.statistics()).broadcast.subscribers == 0
+        with pytest.raises(InvalidInputError):
+            TopicRegistry().register(pattern, print)
+        # Those patterns are case-sensitive globs: the runtime's own are matched exactly.
+        async with rt.subscribe("task*") as loose, rt.subscribe("task.*") as own:
+            task_id = await rt.create_task("job")
+            app = await rt.publish("taskforce.started", {"task_id": task_id})
+            with anyio.fail_after(TIMEOUT):
+                created = await own.receive()
+                assert created.type == "task.created"
+                assert await loose.receive() == created
+                assert await loose.receive() == app
