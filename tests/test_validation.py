@@ -570,7 +570,14 @@ async def test_an_oversized_payload_is_refused_without_reading_it_whole(
         assert peak < REFUSAL_PEAK, f"the refusal allocated {peak} bytes"
         await checked.assert_nothing_written()
         await checked.assert_still_works()
-    assert len(msgspec.json.encode(data)) > BIG  # the shape is as big as it says
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # no runtime: once is enough
+@pytest.mark.parametrize("make", OVERSIZED)
+def test_each_oversized_shape_is_as_big_as_it_says(
+    anyio_backend: str, make: Callable[[], dict[str, object]]
+) -> None:
+    assert len(msgspec.json.encode(make())) > BIG
 
 
 class _Unread(Mapping[str, object]):
@@ -754,7 +761,7 @@ _sizable = st.recursive(
 )
 
 
-@settings(max_examples=100, deadline=None, database=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(data=st.dictionaries(st.text(), _sizable, max_size=6))
 def test_the_size_check_never_refuses_a_payload_within_the_limit(data: dict[str, Any]) -> None:
     # The walk's count is a lower bound of the encoded size: a payload exactly at the
@@ -775,7 +782,7 @@ def test_the_size_check_never_refuses_a_payload_within_the_limit(data: dict[str,
 # most a day, timeouts and delays at most a year; NaN and infinities are refused.
 
 DurationCall = Callable[[Runtime, Any, float], Any]
-TINY = [1e-300, 5e-324, 1e-320]
+TINY = [1e-300, 1e-320]
 
 
 async def _prepared(rt: Runtime) -> Any:
@@ -861,7 +868,7 @@ DURATIONS: dict[str, tuple[DurationCall, str, float, float, bool]] = {
 
 def _duration_cases() -> Iterator[Any]:
     for name, (_, field, low, high, zero) in DURATIONS.items():
-        bad = [*TINY, low * 0.99, high * 1.01, math.nan, math.inf, -math.inf, -low]
+        bad = [*TINY, low * 0.99, high * 1.01, math.nan, math.inf, -low]
         if not zero:
             bad.append(0.0)
         for value in bad:
