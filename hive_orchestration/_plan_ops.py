@@ -20,15 +20,21 @@ import msgspec
 from ._caller import Caller
 from ._plan_graph import check_plan_graph
 from ._validate import (
+    MIN_DEADLINE,
+    MIN_LEASE,
+    YEAR,
     check_bool,
     check_choice,
+    check_delay,
     check_identifier,
     check_int,
+    check_json_object,
     check_names,
     check_optional_text,
     check_seconds,
     check_str,
     encode_json_object,
+    too_big,
 )
 from .config import RuntimeConfig
 from .errors import InvalidInputError, NotFoundError, RequestTimeoutError
@@ -142,7 +148,7 @@ class PlanOps(Caller):
         """
         self._check_open()
         agent_id = check_identifier(agent_id, "agent_id")
-        wait = check_seconds(wait, "wait", positive=False)
+        wait = check_delay(wait, "wait")
         claim = ClaimPlanningRequest(agent_id=agent_id)
         if wait == 0:
             return await self._plans.ask(claim)
@@ -224,11 +230,15 @@ class PlanOps(Caller):
         the plan to the request it answers (which becomes ``planned``).
         """
         self._check_open()
+        # Each subtask's payload has a limit of its own, far below the plan's: checked
+        # first, so that an oversized payload is refused without reading the whole plan.
+        self._check_payloads(plan_data)
         data, encoded = encode_json_object(
             plan_data,
             "plan_data",
             max_bytes=self._config.max_plan_bytes,
             max_depth=self._config.max_payload_depth + 3,
+            setting="max_plan_bytes",
         )
         subtasks = self._subtasks(data)
         # Stored (and returned) as normalized, in plain JSON types whatever the source.
@@ -360,14 +370,19 @@ class PlanOps(Caller):
         return found[task_id]
 
     async def check_subtask_dependencies_batch(self, task_ids: Iterable[str]) -> dict[str, bool]:
-        """:meth:`check_subtask_dependencies` for many tasks, in one query. Unknown task
-        ids are left out of the result."""
+        """:meth:`check_subtask_dependencies` for many tasks (at most 10 000), in one query.
+        Unknown task ids are left out of the result."""
         self._check_open()
         if isinstance(task_ids, str) or not isinstance(task_ids, Iterable):
             raise InvalidInputError("task_ids", "must be a list of task ids")
-        ids = tuple(
-            dict.fromkeys(check_identifier(t, f"task_ids[{i}]") for i, t in enumerate(task_ids))
-        )
+        checked: list[str] = []
+        for i, task_id in enumerate(task_ids):
+            if i == _MAX_LIST:  # an iterator is read no further than the limit
+                raise InvalidInputError(
+                    "task_ids", f"holds more than {_MAX_LIST} ids: ask in several calls"
+                )
+            checked.append(check_identifier(task_id, f"task_ids[{i}]"))
+        ids = tuple(dict.fromkeys(checked))
         if not ids:
             return {}
         return await self._storage.ask(CheckDependencies(ids))
@@ -392,7 +407,11 @@ class PlanOps(Caller):
         """
         self._check_open()
         plan_id = check_identifier(plan_id, "plan_id")
-        limit = math.inf if timeout is None else check_seconds(timeout, "timeout")
+        limit = (
+            math.inf
+            if timeout is None
+            else check_seconds(timeout, "timeout", minimum=MIN_DEADLINE, maximum=YEAR)
+        )
         with anyio.move_on_after(limit):
             changes = self.subscribe("plan.*", buffer=1, overflow="drop", plan_id=plan_id)
             async with changes as changed:
@@ -406,6 +425,39 @@ class PlanOps(Caller):
         raise RequestTimeoutError("plans", f"wait_for_plan({plan_id!r})", limit)
 
     # -- checking plan data -----------------------------------------------------------------
+
+    def _check_payloads(self, plan_data: object) -> None:
+        """Each subtask payload of ``plan_data`` (as given) against ``max_payload_bytes``.
+
+        The plan's subtasks are read no further than the plan's limit allows: the count is
+        the same lower bound of the encoded size as the plan's own check (a subtask by its
+        number of keys), so a plan too large to read is refused as such. Anything not
+        shaped as expected is left to the plan's checks, which name it.
+        """
+        if not isinstance(plan_data, Mapping):
+            return
+        subtasks = plan_data.get("subtasks")
+        if not isinstance(subtasks, list | tuple):
+            return
+        limit = self._config.max_plan_bytes
+        used = 2 * len(subtasks) + 1
+        for i, item in enumerate(subtasks):
+            if used > limit:
+                break
+            if not isinstance(item, Mapping) or not item:
+                continue
+            used += 5 * len(item)
+            payload = item.get("payload")
+            if payload is not None and used <= limit:
+                check_json_object(
+                    payload,
+                    f"plan_data.subtasks[{i}].payload",
+                    max_bytes=self._config.max_payload_bytes,
+                    max_depth=self._config.max_payload_depth,
+                    setting="max_payload_bytes",
+                )
+        if used > limit:
+            raise too_big("plan_data", limit, used, "max_plan_bytes")
 
     def _subtasks(self, data: dict[str, Any]) -> tuple[Subtask, ...]:
         raw = data.get("subtasks")
@@ -455,18 +507,18 @@ class PlanOps(Caller):
             check_str(subtask.title, f"{at}.title", empty=False)
         if subtask.description is not None:
             check_str(subtask.description, f"{at}.description")
-        encode_json_object(
-            subtask.payload,
-            f"{at}.payload",
-            max_bytes=self._config.max_payload_bytes,
-            max_depth=self._config.max_payload_depth,
-        )
+        # Its payload was checked by _check_payloads, before the plan was read.
         check_int(subtask.priority, f"{at}.priority", minimum=0, maximum=_MAX_PRIORITY)
         check_int(subtask.max_retries, f"{at}.max_retries", minimum=0, maximum=1000)
         if subtask.timeout is not None:
-            check_seconds(subtask.timeout, f"{at}.timeout")
+            check_seconds(subtask.timeout, f"{at}.timeout", minimum=MIN_LEASE, maximum=YEAR)
         if subtask.estimated_duration is not None:
-            check_seconds(subtask.estimated_duration, f"{at}.estimated_duration", positive=False)
+            check_seconds(
+                subtask.estimated_duration,
+                f"{at}.estimated_duration",
+                minimum=0.0,
+                maximum=YEAR,
+            )
         for k, need in enumerate(subtask.dependencies):
             check_identifier(need, f"{at}.dependencies[{k}]")
         check_names(subtask.requires, f"{at}.requires")

@@ -15,10 +15,15 @@ import msgspec
 
 from ._caller import Caller
 from ._validate import (
+    MIN_LEASE,
+    YEAR,
+    _show,
     check_bool,
     check_choice,
+    check_delay,
     check_identifier,
     check_int,
+    check_lease,
     check_names,
     check_optional_text,
     check_seconds,
@@ -150,11 +155,11 @@ class TaskOps(Caller):
                 raise InvalidInputError("tasks", f"holds more than {_MAX_BATCH} items")
             if not isinstance(item, Mapping):
                 raise InvalidInputError(field, f"must be a mapping, got {type(item).__name__}")
-            unknown = set(item) - _CREATE_ARGS
-            if unknown:
-                raise InvalidInputError(
-                    f"{field}.{sorted(map(str, unknown))[0]}", "is not an argument of create_task"
-                )
+            # Read no further than the first unknown key (an item holds at most 17).
+            unknown = next((key for key in item if key not in _CREATE_ARGS), None)
+            if unknown is not None:
+                name = unknown if isinstance(unknown, str) else _show(unknown)
+                raise InvalidInputError(f"{field}.{name[:80]}", "is not an argument of create_task")
             if "task_type" not in item:
                 raise InvalidInputError(f"{field}.task_type", "is missing")
             arguments = dict(cast(Mapping[str, Any], item))
@@ -209,7 +214,9 @@ class TaskOps(Caller):
             idempotency_key=check_optional_text(idempotency_key, "idempotency_key"),
             correlation_id=check_optional_text(self._correlation(correlation_id), "correlation_id"),
             source_agent=check_optional_text(self._agent(source_agent), "source_agent"),
-            timeout=None if timeout is None else check_seconds(timeout, "timeout"),
+            timeout=None
+            if timeout is None
+            else check_seconds(timeout, "timeout", minimum=MIN_LEASE, maximum=YEAR),
             concurrency_key=check_optional_text(concurrency_key, "concurrency_key"),
             concurrency_limit=concurrency_limit,
             requires=_types(requires, "requires") or (),
@@ -237,19 +244,22 @@ class TaskOps(Caller):
         machine forbids and :class:`NotFoundError` for an unknown task.
         """
         self._check_open()
-        if metadata is not None and (
-            not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata)
-        ):
+        if metadata is not None and not isinstance(metadata, Mapping):
             raise InvalidInputError(
                 "metadata", f"must be an object with string keys, got {type(metadata).__name__}"
             )
-        fields = dict(metadata or {})
-        unknown = set(fields) - {"assigned_worker", "current_phase"}
-        if unknown:
+        # Read no further than the first key that cannot be set: it holds at most two.
+        unknown = next((key for key in metadata or () if key not in _METADATA_KEYS), None)
+        if unknown is not None:
+            if not isinstance(unknown, str):
+                raise InvalidInputError(
+                    "metadata", f"must have string keys, got {type(unknown).__name__}"
+                )
             raise InvalidInputError(
                 "metadata",
-                f"only assigned_worker and current_phase can be set, not {sorted(unknown)}",
+                f"only assigned_worker and current_phase can be set, not {_show(unknown)}",
             )
+        fields = dict(metadata or {})
         message = UpdateTaskStatus(
             task_id=check_identifier(task_id, "task_id"),
             status=_status(status),
@@ -392,7 +402,7 @@ class TaskOps(Caller):
             worker_id=worker_id,
             task_types=await self._claim_types(worker_id, task_types),
             lease=self._lease_seconds(lease),
-            wait=check_seconds(wait, "wait", positive=False, maximum=86_400.0),
+            wait=check_delay(wait, "wait"),
             start=check_bool(start, "start"),
         )
         # The actor answers by the end of the wait; the usual deadline covers the rest.
@@ -421,7 +431,7 @@ class TaskOps(Caller):
             worker_id=worker_id,
             task_types=await self._claim_types(worker_id, task_types),
             lease=self._lease_seconds(lease),
-            wait=check_seconds(wait, "wait", positive=False, maximum=86_400.0),
+            wait=check_delay(wait, "wait"),
             start=check_bool(start, "start"),
             limit=check_int(limit, "limit", minimum=1, maximum=_MAX_BATCH),
         )
@@ -441,7 +451,7 @@ class TaskOps(Caller):
 
     def _lease_seconds(self, lease: float | None) -> float:
         seconds = self._config.lease_timeout if lease is None else lease
-        return check_seconds(seconds, "lease", maximum=86_400.0)
+        return check_lease(seconds, "lease")
 
     async def heartbeat(
         self,
@@ -458,7 +468,7 @@ class TaskOps(Caller):
         self._check_open()
         message = Heartbeat(
             lease=_lease(lease),
-            extend=None if extend is None else check_seconds(extend, "extend", maximum=86_400.0),
+            extend=None if extend is None else check_lease(extend, "extend"),
             progress=self._json(progress, "progress"),
             phase=check_optional_text(phase, "phase"),
         )
@@ -505,7 +515,7 @@ class TaskOps(Caller):
             retryable=check_bool(retryable, "retryable"),
             retry_after=None
             if retry_after is None
-            else check_seconds(retry_after, "retry_after", positive=False),
+            else check_delay(retry_after, "retry_after", maximum=YEAR),
         )
         return await self._tasks.ask(message)
 
@@ -594,5 +604,7 @@ def _rfc3339(value: str, field: str) -> datetime:
         raise InvalidInputError(field, f"is not an RFC 3339 date and time: {exc}") from None
 
 
+#: What update_task_status's metadata may set.
+_METADATA_KEYS = frozenset({"assigned_worker", "current_phase"})
 #: The argument names an item of create_tasks may hold.
 _CREATE_ARGS = frozenset(inspect.signature(TaskOps._create_message).parameters) - {"self"}

@@ -11,7 +11,8 @@ from __future__ import annotations
 import enum
 import math
 import re
-from collections.abc import Iterable, Mapping
+import reprlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -20,15 +21,25 @@ from .errors import InvalidInputError
 from .messages.storage import ReadEvents
 
 __all__ = [
+    "DAY",
     "MAX_NAMES",
     "MAX_READ",
+    "MIN_DEADLINE",
+    "MIN_DELAY",
+    "MIN_LEASE",
+    "YEAR",
+    "check_delay",
     "check_event_read",
     "check_identifier",
     "check_names",
     "check_int",
+    "check_lease",
     "check_optional_text",
+    "check_seconds",
+    "check_json_object",
     "check_text",
     "encode_json_object",
+    "too_big",
 ]
 
 _SQLITE_MIN = -(2**63)
@@ -47,14 +58,25 @@ def _mapping_to_dict(value: object) -> object:
 _encoder = msgspec.json.Encoder(enc_hook=_mapping_to_dict)
 
 
+_repr = reprlib.Repr()
+_repr.maxlevel = 3
+_repr.maxstring = _repr.maxother = _repr.maxlong = 80
+
+
 def _show(value: object, limit: int = 80) -> str:
     """``value`` for an error message: its repr cut to ``limit`` characters, an integer too
     long to print (Python refuses past 4300 digits) by its size, and a value whose repr
-    fails (nested too deep, or a caller's object that raises) by its type."""
+    fails (nested too deep, or a caller's object that raises) by its type. The work is
+    bounded too: a long string or a large container is not printed whole to be cut."""
     if isinstance(value, int) and value.bit_length() > 128:
         return f"an integer of {value.bit_length()} bits"
     try:
-        text = repr(value)
+        if isinstance(value, str):
+            text = repr(value[:limit])
+        elif isinstance(value, int | float | bool | None):
+            text = repr(value)
+        else:
+            text = _repr.repr(value)
     except Exception:
         return f"a {type(value).__name__}"
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
@@ -64,12 +86,12 @@ def check_identifier(value: object, field: str, *, max_length: int = 256) -> str
     """A non-empty string without surrogates or control characters (names, ids, types)."""
     if not isinstance(value, str):
         raise InvalidInputError(field, f"must be a string, got {type(value).__name__}")
-    if value.isascii() and value.isprintable() and value.strip() and len(value) <= max_length:
+    if len(value) > max_length:  # first: the checks below read every character
+        raise InvalidInputError(field, f"must be at most {max_length} characters")
+    if value.isascii() and value.isprintable() and value.strip():
         return value  # the common case: plain ASCII, no control characters
     if not value or not value.strip():
         raise InvalidInputError(field, "must not be empty")
-    if len(value) > max_length:
-        raise InvalidInputError(field, f"must be at most {max_length} characters")
     check_text(value, field)
     if _CONTROL.search(value):
         raise InvalidInputError(field, "must not contain control characters")
@@ -109,11 +131,29 @@ def check_int(value: object, field: str, *, minimum: int, maximum: int = _SQLITE
     return value
 
 
+#: Durations, in seconds. A duration is a finite number within bounds that say what it is
+#: for: far below them a value is a mistake (``1e-300``, milliseconds given as seconds),
+#: not a wish, and would burn a task's attempts or spin a deadline for nothing.
+DAY = 86_400.0
+YEAR = 366 * DAY
+#: The shortest lease, lease extension, run timeout or worker timeout: what takes a task
+#: away from a live worker must outlast an ordinary pause (a garbage collection, a slow
+#: fsync, a busy event loop: tens of milliseconds), or a worker loses work it is doing.
+MIN_LEASE = 0.1
+#: The shortest deadline a caller waits for (``wait_for_plan``'s timeout, ``ask_timeout``,
+#: ``busy_timeout``, ``shutdown_timeout``...): one commit may take this long.
+MIN_DEADLINE = 0.01
+#: The shortest delay or wait that is not 0 (``retry_after``, a claim's ``wait``, the
+#: retry backoff): below a millisecond is below what the event loops' timers resolve; 0
+#: means at once, or no wait.
+MIN_DELAY = 0.001
+
+
 def check_seconds(
-    value: object, field: str, *, positive: bool = True, maximum: float = 366 * 86_400.0
+    value: object, field: str, *, minimum: float, maximum: float, zero: bool = False
 ) -> float:
-    """A duration: a finite number of seconds, above 0 (or at least 0 when not
-    ``positive``) and at most ``maximum`` (a year by default)."""
+    """A duration: a finite number of seconds from ``minimum`` to ``maximum`` (or exactly
+    0 if ``zero``)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidInputError(field, f"must be a number of seconds, got {type(value).__name__}")
     try:
@@ -122,12 +162,24 @@ def check_seconds(
         seconds = math.inf if value > 0 else -math.inf
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidInputError(field, f"must be a finite number of seconds, got {_show(value)}")
-    if seconds < 0 or (positive and seconds == 0):
-        bound = "more than 0" if positive else "at least 0"
-        raise InvalidInputError(field, f"must be {bound} seconds, got {_show(value)}")
-    if seconds > maximum:
-        raise InvalidInputError(field, f"must be at most {maximum:g} seconds, got {_show(value)}")
+    if seconds == 0 and zero:
+        return 0.0
+    if not minimum <= seconds <= maximum:
+        least = f"0 or from {minimum:g}" if zero else f"from {minimum:g}"
+        raise InvalidInputError(
+            field, f"must be {least} to {maximum:g} seconds, got {_show(value)}"
+        )
     return seconds
+
+
+def check_lease(value: object, field: str) -> float:
+    """A lease or a lease extension: :data:`MIN_LEASE` to a day."""
+    return check_seconds(value, field, minimum=MIN_LEASE, maximum=DAY)
+
+
+def check_delay(value: object, field: str, *, maximum: float = DAY) -> float:
+    """A delay or a wait: 0 (at once, no wait), or :data:`MIN_DELAY` to ``maximum``."""
+    return check_seconds(value, field, minimum=MIN_DELAY, maximum=maximum, zero=True)
 
 
 E = TypeVar("E", bound=enum.StrEnum)
@@ -153,10 +205,10 @@ def check_str(value: object, field: str, *, empty: bool = True, limit: int = 10_
     characters, valid as text, and not blank unless ``empty``."""
     if not isinstance(value, str):
         raise InvalidInputError(field, f"must be a string, got {type(value).__name__}")
+    if len(value) > limit:  # first: the checks below read every character
+        raise InvalidInputError(field, f"must be at most {limit} characters")
     if not empty and not value.strip():
         raise InvalidInputError(field, "must not be empty")
-    if len(value) > limit:
-        raise InvalidInputError(field, f"must be at most {limit} characters")
     check_text(value, field)
     return value
 
@@ -178,13 +230,24 @@ def check_text(value: str, field: str) -> None:
 
 
 def encode_json_object(
-    value: object, field: str, *, max_bytes: int, max_depth: int
+    value: object,
+    field: str,
+    *,
+    max_bytes: int,
+    max_depth: int,
+    setting: str = "max_payload_bytes",
 ) -> tuple[dict[str, Any], bytes]:
     """Check that ``value`` is a JSON object SQLite and msgspec can round-trip; encode it.
 
     Returns a deep copy in plain JSON types, decoded from what will be stored (so later
     changes to the caller's objects cannot reach the runtime, and tuples become lists
     before, not after, a restart), and its JSON encoding. ``None`` becomes ``{}``.
+
+    The work is bounded by ``max_bytes``, not by the size of ``value``: the check counts
+    a lower bound of the encoded size as it goes (a container by its length before its
+    items are read, a string by its length before its characters are) and stops as soon
+    as that passes the limit, so an oversized payload is refused having read at most
+    about ``max_bytes`` worth of it. ``setting`` names the config field of the limit.
     """
     if value is None:
         return {}, b"{}"
@@ -192,101 +255,296 @@ def encode_json_object(
         raise InvalidInputError(
             field, f"must be a JSON object (a dict), got {type(value).__name__}"
         )
-    _check_json(value, field, max_depth)
+    _check_json(value, field, max_bytes=max_bytes, max_depth=max_depth, setting=setting)
     try:
         encoded = _encoder.encode(value)
     except (TypeError, ValueError, OverflowError) as exc:  # pragma: no cover - checked above
         raise InvalidInputError(field, f"cannot be encoded as JSON: {exc}") from None
     if len(encoded) > max_bytes:
+        # The count above is a lower bound (a character may take up to 6 bytes, a number
+        # up to 24), so the encoding, at most a few times the limit, is measured too.
         raise InvalidInputError(
-            field, f"is {len(encoded)} bytes once encoded, over the limit of {max_bytes}"
+            field,
+            f"is {len(encoded)} bytes once encoded, over the limit of {max_bytes} "
+            f"({setting}): send less, or raise {setting}",
         )
     return msgspec.json.decode(encoded), encoded
 
 
-def _is_flat_ascii(value: dict[object, object]) -> bool:
-    for key, item in value.items():
-        if not isinstance(key, str) or not key.isascii():
-            return False
-        if isinstance(item, str):
-            if not item.isascii():
-                return False
-        elif item is None or isinstance(item, bool):
-            continue
-        elif isinstance(item, int):
-            if not _SQLITE_MIN <= item <= _SQLITE_MAX:
-                return False
-        elif isinstance(item, float):
-            if not math.isfinite(item):
-                return False
-        else:
-            return False
-    return True
+def check_json_object(
+    value: object, field: str, *, max_bytes: int, max_depth: int, setting: str
+) -> None:
+    """The checks of :func:`encode_json_object` without the encoding (a JSON object
+    inside a larger one, checked against a smaller limit of its own)."""
+    if value is None:
+        return
+    if not isinstance(value, Mapping):
+        raise InvalidInputError(
+            field, f"must be a JSON object (a dict), got {type(value).__name__}"
+        )
+    _check_json(value, field, max_bytes=max_bytes, max_depth=max_depth, setting=setting)
 
 
-# A node of the walk: (value, parent node, key in the parent, depth). The field path of a
-# node is only spelled out when it is reported, so a valid payload costs no string work.
-_Node = tuple[object, "_Node | None", "str | int | None", int]
+def _min_size(value: object) -> int:
+    """A lower bound of the encoded size of a container, from its length alone: ``[]``
+    is 2 bytes, a list of n items at least 2n+1 (an item is at least 1 byte, with the
+    commas between them), an object of n members at least 5n+1 (``"":0`` and a comma)."""
+    n = len(value)  # type: ignore[arg-type]
+    if not n:
+        return 2
+    return 5 * n + 1 if type(value) is dict or isinstance(value, Mapping) else 2 * n + 1
 
 
-def _path(node: _Node, root: str) -> str:
-    parts: list[str] = []
-    current: _Node | None = node
-    while current is not None and current[1] is not None:
-        key = current[2]
-        parts.append(f"[{key}]" if isinstance(key, int) else f".{key}")
-        current = current[1]
-    return root + "".join(reversed(parts))
+class _TooBig(Exception):
+    """The walk's count passed the limit: raised inside the walk, reported by _check_json
+    (with the count reached, ``args[0]``)."""
 
 
-def _check_json(root: object, field: str, max_depth: int) -> None:
-    if type(root) is dict and _is_flat_ascii(root):
-        return  # the common case: one level of plain keys and values, nothing to report
-    # Iterative, so that a hostile depth cannot exhaust the Python stack.
-    stack: list[_Node] = [(root, None, None, 1)]
-    while stack:
-        node = stack.pop()
-        value, _, _, depth = node
-        if value is None or value is True or value is False:
-            continue
-        if isinstance(value, str):
-            if not value.isascii():
-                check_text(value, _path(node, field))
-        elif isinstance(value, int):
-            if not _SQLITE_MIN <= value <= _SQLITE_MAX:
-                raise InvalidInputError(
-                    _path(node, field),
-                    f"{_show(value)} does not fit in 64 bits (an SQLite integer)",
-                )
-        elif isinstance(value, float):
-            if not math.isfinite(value):
-                raise InvalidInputError(
-                    _path(node, field), f"must be a finite number, got {_show(value)}"
-                )
-        elif isinstance(value, Mapping):
-            if depth > max_depth:
-                raise InvalidInputError(
-                    _path(node, field), f"is nested deeper than {max_depth} levels"
-                )
-            for key, item in value.items():
-                if not isinstance(key, str):
-                    raise InvalidInputError(
-                        _path(node, field),
-                        f"object keys must be strings, got {type(key).__name__}",
-                    )
+class _Bad(Exception):
+    """A value the walk refuses: ``(container, key, reason)``, where the key is an index,
+    a member's name, ``_Key(name)`` for the name itself, or None for the container. The
+    walk keeps no path (it would cost every value of every valid payload): _check_json
+    finds the container again to name the field."""
+
+
+class _Key(str):
+    """A member's name as the thing refused (a key that is not valid text)."""
+
+
+def _check_json(
+    root: Mapping[Any, Any], field: str, *, max_bytes: int, max_depth: int, setting: str
+) -> None:
+    try:
+        _walk(root, max_bytes, max_depth)
+    except _TooBig as stop:
+        raise too_big(field, max_bytes, stop.args[0], setting) from None
+    except _Bad as bad:
+        container, key, reason = bad.args
+        path = _path_to(root, container, field, max_depth)
+        if isinstance(key, _Key):
+            path += f".{_show(str(key))}"
+        elif key is not None:
+            path += _segment(key)
+        raise InvalidInputError(path, reason) from None
+
+
+def too_big(field: str, max_bytes: int, counted: int, setting: str) -> InvalidInputError:
+    """The refusal of a JSON value whose encoding is known to pass ``max_bytes`` (the
+    config's ``setting``) from ``counted``, a lower bound, before it was read whole."""
+    return InvalidInputError(
+        field,
+        f"is more than {max_bytes} bytes once encoded (at least {counted} counted before "
+        f"the check stopped), over the limit of {max_bytes} ({setting}): send less, or "
+        f"raise {setting}",
+    )
+
+
+def _walk(root: Mapping[Any, Any], max_bytes: int, max_depth: int) -> None:
+    """Check every value under ``root``; raise _TooBig or _Bad.
+
+    Iterative, so that a hostile depth cannot exhaust the Python stack. ``used`` is a
+    lower bound of the encoded size of every value met so far, a container counted by its
+    length when it is met (before its items are read), and the walk stops at the first
+    value that takes it past ``max_bytes``: it reads at most about ``max_bytes / 2``
+    values, whatever the payload's size.
+
+    This is the hot path of every payload, hence one loop with the plain JSON types
+    tested inline by exact type (a call, an allocation or an ABC isinstance per value
+    would double the cost); anything else (subclasses, other Mappings and sequences,
+    errors) goes to _member. Each value adds to ``used`` what it takes beyond the 1 byte
+    counted with its container (an integer adds nothing).
+    """
+    used = _min_size(root)
+    if used > max_bytes:
+        raise _TooBig(used)
+    values: list[Any] = [root]  # containers still to read, and their depths
+    depths = [1]
+    while values:
+        value = values.pop()
+        depth = depths.pop()
+        if depth > max_depth:
+            raise _Bad(value, None, f"is nested deeper than {max_depth} levels")
+        depth += 1  # of its items
+        kind = type(value)
+        if kind is dict or (kind is not list and kind is not tuple and isinstance(value, Mapping)):
+            members: Iterable[tuple[Any, Any]] = value.items()
+            if type(value) is not dict:
+                # Only a dict's length is known to match what it yields; another Mapping
+                # is read no further than its length says (it cannot feed the walk forever).
+                members = _bounded(members, len(value), value)
+            for key, item in members:
+                if type(key) is not str and not isinstance(key, str):
+                    reason = f"object keys must be strings, got {type(key).__name__}"
+                    raise _Bad(value, None, reason)
+                used += len(key)  # its quotes and colon were counted with the object
+                if used > max_bytes:
+                    raise _TooBig(used)
                 if not key.isascii():
-                    check_text(key, f"{_path(node, field)}.{key!r}")
-                stack.append((item, node, key, depth + 1))
-        elif isinstance(value, list | tuple):
-            if depth > max_depth:
-                raise InvalidInputError(
-                    _path(node, field), f"is nested deeper than {max_depth} levels"
-                )
-            stack.extend((item, node, i, depth + 1) for i, item in enumerate(value))
+                    _text(value, _Key(key), key)
+                kind = type(item)
+                if kind is str:
+                    used += len(item) + 1
+                    if used > max_bytes:
+                        raise _TooBig(used)  # before reading a character of it
+                    if not item.isascii():  # ASCII is valid text; isascii() costs nothing
+                        _text(value, key, item)
+                elif kind is int:
+                    if not _SQLITE_MIN <= item <= _SQLITE_MAX:
+                        _member(item, value, key, values, depths, depth, used, max_bytes)
+                elif kind is float:
+                    used += 2  # msgspec writes a float in 3 bytes at least ("0.0", "1e16")
+                    if used > max_bytes:
+                        raise _TooBig(used)
+                    if item - item != 0.0:  # NaN or an infinity
+                        _member(item, value, key, values, depths, depth, used, max_bytes)
+                elif kind is dict or kind is list:
+                    n = len(item)
+                    used += (5 * n if kind is dict else 2 * n) if n else 1
+                    if used > max_bytes:
+                        raise _TooBig(used)
+                    if n:
+                        values.append(item)
+                        depths.append(depth)
+                    elif depth > max_depth:  # nothing in it to read but its depth
+                        raise _Bad(value, key, f"is nested deeper than {max_depth} levels")
+                elif item is None or item is True or item is False:
+                    used += 3 if item is not False else 4
+                    if used > max_bytes:
+                        raise _TooBig(used)
+                else:
+                    used += _member(item, value, key, values, depths, depth, used, max_bytes)
+                    if used > max_bytes:
+                        raise _TooBig(used)
         else:
-            raise InvalidInputError(
-                _path(node, field), f"{type(value).__name__} is not a JSON value"
-            )
+            items: Sequence[Any] = value
+            if type(value) is not list and type(value) is not tuple:
+                items = list(_bounded(value, len(value), value))  # counted already
+            for item in items:
+                kind = type(item)
+                if kind is str:
+                    used += len(item) + 1
+                    if used > max_bytes:
+                        raise _TooBig(used)
+                    if not item.isascii():
+                        _text(value, _index(items, item), item)
+                elif kind is int:
+                    if not _SQLITE_MIN <= item <= _SQLITE_MAX:
+                        index = _index(items, item)
+                        _member(item, value, index, values, depths, depth, used, max_bytes)
+                elif kind is float:
+                    used += 2
+                    if used > max_bytes:
+                        raise _TooBig(used)
+                    if item - item != 0.0:
+                        index = _index(items, item)
+                        _member(item, value, index, values, depths, depth, used, max_bytes)
+                elif kind is dict or kind is list:
+                    n = len(item)
+                    used += (5 * n if kind is dict else 2 * n) if n else 1
+                    if used > max_bytes:
+                        raise _TooBig(used)
+                    if n:
+                        values.append(item)
+                        depths.append(depth)
+                    elif depth > max_depth:
+                        reason = f"is nested deeper than {max_depth} levels"
+                        raise _Bad(value, _index(items, item), reason)
+                elif item is None or item is True or item is False:
+                    used += 3 if item is not False else 4
+                    if used > max_bytes:
+                        raise _TooBig(used)
+                else:
+                    index = _index(items, item)
+                    used += _member(item, value, index, values, depths, depth, used, max_bytes)
+                    if used > max_bytes:
+                        raise _TooBig(used)
+
+
+def _text(container: object, key: str | int, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Bad(container, key, "contains a lone surrogate, which is not valid text") from None
+
+
+def _index(items: Iterable[object], item: object) -> int:
+    """Where ``item`` (the object itself) is in ``items``: an array's items are read
+    without their index, which only an error needs."""
+    for index, candidate in enumerate(items):
+        if candidate is item:
+            return index
+    raise AssertionError("not an item")  # pragma: no cover - item came from items
+
+
+def _bounded(items: Iterable[Any], length: int, container: object) -> Iterator[Any]:
+    for count, item in enumerate(items):
+        if count >= length:
+            raise _Bad(container, None, "yields more items than its len() says")
+        yield item
+
+
+def _member(
+    item: object,
+    container: object,
+    key: str | int,
+    values: list[Any],
+    depths: list[int],
+    depth: int,
+    used: int,
+    max_bytes: int,
+) -> int:
+    """What ``item`` adds to the count, for a value the loops of _walk do not take inline:
+    a subclass of a JSON type, another Mapping or sequence (queued), or an error."""
+    if isinstance(item, str):  # a StrEnum member, say: encoded as its text
+        if used + len(item) + 1 > max_bytes:
+            raise _TooBig(used + len(item) + 1)  # before reading a character of it
+        if not item.isascii():
+            _text(container, key, item)
+        return len(item) + 1
+    if isinstance(item, int):  # an IntEnum member, say (bool is never a subclass)
+        if not _SQLITE_MIN <= item <= _SQLITE_MAX:
+            reason = f"{_show(item)} does not fit in 64 bits (an SQLite integer)"
+            raise _Bad(container, key, reason)
+        return 0
+    if isinstance(item, float):
+        if not math.isfinite(item):
+            raise _Bad(container, key, f"must be a finite number, got {_show(item)}")
+        return 2
+    if isinstance(item, Mapping | list | tuple):
+        values.append(item)
+        depths.append(depth)
+        return _min_size(item) - 1
+    raise _Bad(container, key, f"{type(item).__name__} is not a JSON value")
+
+
+def _segment(key: str | int) -> str:
+    if isinstance(key, int):
+        return f"[{key}]"
+    return f".{key if len(key) <= 80 else key[:77] + '...'}"
+
+
+def _path_to(root: object, target: object, field: str, max_depth: int) -> str:
+    """The field path of ``target``, a container under ``root``, found again by identity
+    (only to report an error: the walk keeps no path), in the walk's own order."""
+    if target is root:
+        return field
+    stack: list[tuple[object, str, int]] = [(root, field, 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > max_depth:
+            continue
+        if isinstance(value, Mapping):
+            children: Iterable[tuple[str | int, object]] = value.items()
+        elif isinstance(value, list | tuple):
+            children = enumerate(value)
+        else:
+            continue
+        for key, item in children:
+            if item is target:
+                return path + _segment(key)
+            if isinstance(item, Mapping | list | tuple) and item:
+                stack.append((item, path + _segment(key), depth + 1))
+    return field  # pragma: no cover - the walk found target under root
 
 
 #: Most rows one read returns.

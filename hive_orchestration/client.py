@@ -21,7 +21,7 @@ import logging
 import math
 import os
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -470,9 +470,30 @@ _TASK_CHANGES = frozenset(
 )
 
 
-def _without_task_id(payload: Mapping[str, Any]) -> dict[str, Any] | None:
-    rest = {key: value for key, value in payload.items() if key != "task_id"}
+def _without_task_id(payload: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    # A view, not a copy: the payload may be over the limit, which the result's check
+    # finds without reading it whole; a copy here would read it whole first.
+    rest = _Without(payload, "task_id")
     return rest or None
+
+
+class _Without(Mapping[str, Any]):
+    """``mapping`` without ``key``, read through."""
+
+    def __init__(self, mapping: Mapping[str, Any], key: str) -> None:
+        self._mapping = mapping
+        self._key = key
+
+    def __getitem__(self, key: str) -> Any:
+        if key == self._key:
+            raise KeyError(key)
+        return self._mapping[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return (key for key in self._mapping if key != self._key)
+
+    def __len__(self) -> int:
+        return len(self._mapping) - (self._key in self._mapping)
 
 
 class EventStream:

@@ -16,12 +16,14 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
 
+from ._validate import DAY, MIN_DEADLINE, MIN_DELAY, MIN_LEASE
 from .errors import ConfigError
 
 __all__ = [
@@ -43,7 +45,14 @@ ENV_PREFIX = "HIVE_ORCHESTRATION_"
 DB_PATH_ENV = f"{ENV_PREFIX}DB_PATH"
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
-Seconds = Annotated[float, msgspec.Meta(gt=0)]
+# Durations, in seconds, bounded as the API's own (hive_orchestration._validate says why):
+# NaN, an infinity or 1e-300 is a mistake in a config, not a setting.
+#: What takes a task away from a live worker (a lease, a worker's silence).
+LeaseSeconds = Annotated[float, msgspec.Meta(ge=MIN_LEASE, le=DAY)]
+#: A deadline something waits for (a reply, a lock, a shutdown).
+DeadlineSeconds = Annotated[float, msgspec.Meta(ge=MIN_DEADLINE, le=DAY)]
+#: A delay before a retry.
+DelaySeconds = Annotated[float, msgspec.Meta(ge=MIN_DELAY, le=DAY)]
 
 
 class FeatureFlags(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -74,19 +83,19 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     #: ``auto`` uses aiosqlite on asyncio and a worker thread under trio.
     storage_driver: Literal["auto", "aiosqlite", "thread"] = "auto"
     #: How long SQLite waits for another process's lock before a write fails.
-    busy_timeout: Seconds = 5.0
+    busy_timeout: DeadlineSeconds = 5.0
     #: Capacity of every actor's mailbox; senders wait when it is full (backpressure).
     mailbox_size: Positive = 4096
     #: Most requests the storage actor commits in one transaction.
     max_batch: Positive = 1024
     #: Default deadline of a request/reply (``ask``).
-    ask_timeout: Seconds = 30.0
+    ask_timeout: DeadlineSeconds = 30.0
     #: How long leaving ``Runtime.open`` may spend draining mailboxes before cancelling.
-    shutdown_timeout: Seconds = 10.0
+    shutdown_timeout: DeadlineSeconds = 10.0
     #: Restart intensity: more than ``max_restarts`` crashes of one child within
     #: ``restart_window`` seconds stops the runtime with the cause.
     max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 5
-    restart_window: Seconds = 10.0
+    restart_window: DeadlineSeconds = 10.0
     #: Events buffered per subscriber before the overflow policy applies.
     subscriber_buffer: Positive = 1000
     #: ``error``: a subscriber that overflows gets SubscriberLaggedError and is closed (it
@@ -98,18 +107,22 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     max_payload_depth: Positive = 32
     #: Largest plan data (all its subtasks) once encoded as JSON, in bytes.
     max_plan_bytes: Positive = 64 * 1024 * 1024
+    #: Largest request ``call_json`` takes, in bytes as received: a larger one is refused
+    #: before it is decoded. A payload sent as JSON text may be larger than its encoding
+    #: here (escaped, indented), hence room for 4 times a payload at the limit.
+    max_request_bytes: Positive = 4 * 1024 * 1024
     #: Default lease of a claim: a worker that sends no heartbeat for this long loses
     #: the task, which goes back to the queue.
-    lease_timeout: Seconds = 30.0
+    lease_timeout: LeaseSeconds = 30.0
     #: Retry backoff after a failed or timed-out run: ``retry_backoff * 2**(attempt-1)``
     #: seconds, at most ``retry_backoff_max``, with jitter (between half and all of it).
-    retry_backoff: Seconds = 1.0
-    retry_backoff_max: Seconds = 300.0
+    retry_backoff: DelaySeconds = 1.0
+    retry_backoff_max: DelaySeconds = 300.0
     #: At most N tasks of a task type assigned or running at once (``{"deploy": 1}``).
     concurrency_limits: dict[str, Positive] = msgspec.field(default_factory=dict)
     #: A worker that sends no heartbeat for this long is declared offline and what it
     #: holds goes back to the queue.
-    worker_timeout: Seconds = 30.0
+    worker_timeout: LeaseSeconds = 30.0
     #: Publish a ``worker.heartbeat`` event for every heartbeat (off: they are frequent).
     publish_heartbeats: bool = False
     features: FeatureFlags = FeatureFlags()
@@ -177,6 +190,9 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
             return msgspec.convert(dict(raw), cls, strict=False)
         except msgspec.ValidationError as exc:
             field, reason = _split_validation_error(exc)
+            if field in _SECONDS_BOUNDS and (">=" in reason or "<=" in reason):
+                low, high = _SECONDS_BOUNDS[field]
+                reason = f"must be from {low:g} to {high:g} seconds ({reason})"
             raise ConfigError(field, reason) from None
 
 
@@ -205,6 +221,17 @@ def choose_db_path(
     return str(DEFAULT_DB_PATH), "the default, relative to the working directory"
 
 
+def _seconds_bounds() -> dict[str, tuple[float, float]]:
+    """The bounds of each duration field, from its annotation (to say them in an error)."""
+    hints = typing.get_type_hints(RuntimeConfig, include_extras=True)
+    bounds = {}
+    for name, hint in hints.items():
+        for meta in getattr(hint, "__metadata__", ()):
+            if isinstance(meta, msgspec.Meta) and isinstance(meta.le, float):
+                bounds[name] = (float(meta.ge or 0.0), meta.le)
+    return bounds
+
+
 def _split_validation_error(exc: msgspec.ValidationError) -> tuple[str, str]:
     """Turn msgspec's "Expected `int`, got `str` - at `$.mailbox_size`" into parts."""
     text = str(exc)
@@ -217,3 +244,6 @@ def _split_validation_error(exc: msgspec.ValidationError) -> tuple[str, str]:
     if not sep:
         return path or "config", text
     return path or "config", reason
+
+
+_SECONDS_BOUNDS = _seconds_bounds()

@@ -51,7 +51,7 @@ from .errors import (
     SubscriberLaggedError,
     WrongEventLoopError,
 )
-from .events import RUNTIME_NAMESPACES, is_runtime_event
+from .events import RUNTIME_NAMESPACES, check_pattern, reserved_namespace
 from .messages.events import (
     BroadcastMessage,
     BroadcastStats,
@@ -415,15 +415,22 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
             max_depth=self._config.max_payload_depth,
         )
         event_type = check_identifier(event_type, "event_type")
-        if is_runtime_event(event_type):
-            namespace = event_type.split(".", 1)[0]
+        namespace = reserved_namespace(event_type)
+        if namespace is not None:
+            where = (
+                f"in the runtime's own namespace {namespace!r}"
+                if event_type.split(".", 1)[0] == namespace
+                # A look-alike (case, width, plural...) would pass for the runtime's own
+                # event with every reader, and with subscribers matching loosely.
+                else f"reads as the runtime's own namespace {namespace!r}"
+            )
             raise InvalidInputError(
                 "event_type",
-                f"{event_type!r} is in the runtime's own namespace {namespace!r} (one of "
-                f"{', '.join(RUNTIME_NAMESPACES)}): the runtime logs those when the change "
-                "happens. Make the change (e.g. update_task_status, or publish_task_event "
-                "with a TaskCompletedEvent), or publish an app event such as "
-                "'review.completed'",
+                f"{_show(event_type)} is {where} (one of {', '.join(RUNTIME_NAMESPACES)}, "
+                "compared without case, width, accents or a plural): the runtime logs "
+                "those when the change happens. Make the change (e.g. update_task_status, "
+                "or publish_task_event with a TaskCompletedEvent), or publish an app event "
+                "in a namespace of the app's own, such as 'review.completed'",
             )
         event = Event(
             type=event_type,
@@ -468,7 +475,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
     ) -> Subscription:
         """A registered subscription; the caller must :meth:`Subscription.close` it."""
         self._check_open()
-        check_identifier(pattern, "pattern")
+        check_pattern(check_identifier(pattern, "pattern"))
         compile_pattern(pattern)
         capacity = check_int(
             self._config.subscriber_buffer if buffer is None else buffer,

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import enum
 import time
+import unicodedata
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar, TypeAlias
 
 import msgspec
 
+from ._validate import _show
 from .errors import InvalidInputError
 from .messages.events import Event, compile_pattern
 
@@ -113,8 +115,65 @@ RUNTIME_EVENT_TYPES = frozenset(
 
 
 def is_runtime_event(event_type: str) -> bool:
-    """Whether ``event_type`` is in one of the runtime's own namespaces."""
-    return event_type.split(".", 1)[0] in RUNTIME_NAMESPACES
+    """Whether ``event_type`` is in one of the runtime's own namespaces, or in a name that
+    reads as one (see :func:`reserved_namespace`): ``publish`` refuses those."""
+    return reserved_namespace(event_type) is not None
+
+
+def reserved_namespace(event_type: str) -> str | None:
+    """The runtime namespace ``event_type`` is in or reads as, or ``None``.
+
+    The namespace (the text before the first ``.``) is compared as a reader sees it: in
+    Unicode compatibility form (fullwidth letters, U+FF54 for ``t``, are plain ones),
+    case-folded (``Task``, ``TASK``), without accents, invisible format characters (a
+    zero-width space, a soft hyphen) or white space around it, and singular (``tasks``:
+    an event named ``tasks.completed`` would pass for the runtime's ``task.completed``
+    with every reader, human or agent, and with a consumer matching by prefix). Letters
+    of other scripts that merely look alike (a Cyrillic U+0430 for the ``a`` of ``task``)
+    are not compared: that needs Unicode's confusables data, which the standard library
+    does not have.
+    """
+    namespace = event_type.split(".", 1)[0]
+    if namespace in RUNTIME_NAMESPACES:
+        return namespace
+    if namespace.isascii():
+        folded = namespace.lower()
+    else:
+        decomposed = unicodedata.normalize("NFKD", namespace)
+        folded = "".join(
+            char for char in decomposed if unicodedata.category(char) not in _INVISIBLE
+        )
+        folded = unicodedata.normalize("NFKC", folded.casefold())
+    folded = folded.strip()
+    for candidate in (folded, folded.removesuffix("s")):
+        if candidate in RUNTIME_NAMESPACES:
+            return candidate
+    return None
+
+
+def check_pattern(pattern: str, field: str = "pattern") -> str:
+    """Refuse a subscription pattern whose namespace reads as one of the runtime's without
+    being it (``Task.*``, ``tasks.completed``): no such event can be published, so it
+    could never match; the error names the pattern meant (``task.*``). A namespace with a
+    glob in it (``task*``) is left as it is."""
+    namespace = pattern.split(".", 1)[0]
+    if any(char in namespace for char in "*?["):
+        return pattern
+    reserved = reserved_namespace(pattern)
+    if reserved is not None and namespace != reserved:
+        meant = reserved + pattern[len(namespace) :]
+        raise InvalidInputError(
+            field,
+            f"{_show(pattern)} can match no event: its namespace reads as the runtime's "
+            f"{reserved!r}, and events named so are refused (see publish). Subscribe to "
+            f"{_show(meant)} for the runtime's own events",
+        )
+    return pattern
+
+
+# Combining marks (accents) and format characters (zero-width spaces and joiners, soft
+# hyphens, direction marks): a reader does not see them as letters of a name.
+_INVISIBLE = frozenset({"Mn", "Me", "Cf"})
 
 
 class UnifiedEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -254,6 +313,7 @@ class TopicRegistry:
         """Call ``handler`` for every event whose type matches ``pattern``."""
         if not isinstance(pattern, str) or not pattern:
             raise InvalidInputError("pattern", "must be a non-empty glob such as 'task.*'")
+        check_pattern(pattern)
         if not callable(handler):
             raise InvalidInputError("handler", f"must be callable, got {type(handler).__name__}")
         self._routes.append((pattern, compile_pattern(pattern), handler))

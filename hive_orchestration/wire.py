@@ -18,9 +18,11 @@ Nothing is trusted more for coming as bytes, and nothing less: a malformed reque
 JSON, not such an object, an unknown operation, an unknown, missing or mistyped argument)
 is an :class:`InvalidInputError` naming the field and the reason, and nothing is written;
 the arguments then go through the operation's own checks, exactly as a call from Python
-(its refusals are its own :class:`HiveError`). So the caller may also give what a Python
-caller may, ``source_agent`` for one: an app that must pin who is calling checks the
-request's ``args`` before handing it over. ``tests/reliability/test_fuzz.py`` fuzzes this.
+(its refusals are its own :class:`HiveError`). A request over the config's
+``max_request_bytes`` is refused before it is decoded at all. The caller may also give
+what a Python caller may, ``source_agent`` for one: an app that must pin who is calling
+checks the request's ``args`` before handing it over. ``tests/reliability/test_fuzz.py``
+fuzzes this.
 """
 
 from __future__ import annotations
@@ -136,15 +138,35 @@ def _refusal(field: str, error: msgspec.ValidationError) -> InvalidInputError:
     return InvalidInputError(".".join(part for part in (field, where) if part) or "request", reason)
 
 
-def _decode(raw: object, field: str, into: Any) -> Any:
-    """``raw`` decoded as JSON into ``into``; any failure an InvalidInputError on ``field``."""
+def _request_bytes(raw: object, limit: int) -> bytes:
+    """The request as bytes, refused unread when over ``limit`` bytes: decoding builds
+    a Python object per JSON value (a 40 MiB request of small values takes gigabytes and
+    seconds), so the size is checked first, and only on what was received."""
     if isinstance(raw, str):
+        # A character takes at least one byte: a text this long is over the limit.
+        if len(raw) > limit:
+            raise _too_large(f"more than {limit} bytes ({len(raw)} characters)", limit)
         try:
             raw = raw.encode("utf-8")
         except UnicodeEncodeError:
-            raise InvalidInputError(field, "is not valid text (a lone surrogate)") from None
-    if not isinstance(raw, bytes | msgspec.Raw):
-        raise InvalidInputError(field, f"must be bytes or str, got {type(raw).__name__}")
+            raise InvalidInputError("request", "is not valid text (a lone surrogate)") from None
+    if not isinstance(raw, bytes):
+        raise InvalidInputError("request", f"must be bytes or str, got {type(raw).__name__}")
+    if len(raw) > limit:
+        raise _too_large(f"{len(raw)} bytes", limit)
+    return raw
+
+
+def _too_large(size: str, limit: int) -> InvalidInputError:
+    return InvalidInputError(
+        "request",
+        f"is {size}, over the limit of {limit} bytes for one request (max_request_bytes): "
+        "send less per request, or raise max_request_bytes in the runtime's config",
+    )
+
+
+def _decode(raw: bytes | msgspec.Raw, field: str, into: Any) -> Any:
+    """``raw`` decoded as JSON into ``into``; any failure an InvalidInputError on ``field``."""
     try:
         return msgspec.json.decode(raw, type=into)
     except msgspec.ValidationError as exc:
@@ -186,9 +208,12 @@ async def call_json(client: OrchestrationClient, raw: bytes | str) -> bytes:
     request that is not valid JSON, not such an object, names an operation not in
     :data:`OPERATIONS`, or gives an unknown, missing or wrongly typed argument raises
     :class:`InvalidInputError` naming the field; the operation raises its own
-    :class:`HiveError` as it would in Python.
+    :class:`HiveError` as it would in Python. A request over the config's
+    ``max_request_bytes`` (4 MiB by default) is refused (on ``request``) before it is
+    decoded.
     """
-    request: WireRequest = _decode(raw, "request", WireRequest)
+    limit = client.runtime.config.max_request_bytes
+    request: WireRequest = _decode(_request_bytes(raw, limit), "request", WireRequest)
     args = _arguments(request)
     method: Callable[..., Awaitable[object]] = getattr(client, request.op)
     return msgspec.json.encode(await method(**args))

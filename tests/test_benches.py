@@ -56,6 +56,13 @@ def _kernel(figures: dict[str, Any]) -> None:
     assert all(row["rate"] > 0 for row in figures["rows"])
 
 
+def _inputs(figures: dict[str, Any]) -> None:
+    assert figures["size_mib"] == 2
+    assert len(figures["rows"]) == 6  # five payload shapes and a call_json request
+    assert all(row["refusal_ms"] > 0 and row["stall_ms"] > 0 for row in figures["rows"])
+    assert set(figures["at_the_limit_ms"]) == {"numbers", "one-item lists", "one-member objects"}
+
+
 RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
     "tasks.py": (["--tasks", "100", "--handoffs", "10", "--json"], _tasks),
     "agents.py": (["--tasks", "100", "--copies", "2", "--json"], _agents),
@@ -63,6 +70,7 @@ RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
     "workers.py": (["--beats", "1500", "--json"], _workers),
     "kernel.py": (["--asks", "300", "--repeat", "1", "--json"], _kernel),
     "client.py": (["--events", "200"], None),
+    "inputs.py": (["--size", "2", "--repeat", "1", "--json"], _inputs),
 }
 
 

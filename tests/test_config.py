@@ -360,3 +360,58 @@ async def test_a_config_built_in_code_is_validated_at_open(
         async with Runtime.open(tmp_path / "hive.db", config=config):
             pytest.fail("opened with an invalid config")
     assert caught.value.field == field
+
+
+# -- durations ------------------------------------------------------------------------------
+
+#: Each duration field and its bounds, in seconds: what takes a task from a live worker at
+#: least 0.1, a deadline waited for at least 0.01, a retry delay at least 0.001; a day at
+#: most.
+DURATION_BOUNDS = {
+    "lease_timeout": (0.1, 86_400.0),
+    "worker_timeout": (0.1, 86_400.0),
+    "ask_timeout": (0.01, 86_400.0),
+    "busy_timeout": (0.01, 86_400.0),
+    "shutdown_timeout": (0.01, 86_400.0),
+    "restart_window": (0.01, 86_400.0),
+    "retry_backoff": (0.001, 86_400.0),
+    "retry_backoff_max": (0.001, 86_400.0),
+}
+
+
+def _out_of_bounds() -> list[Any]:
+    cases = []
+    for field, (low, high) in DURATION_BOUNDS.items():
+        for value in (1e-300, 1e-320, 0.0, low * 0.99, high * 1.01, math.inf, math.nan, "inf"):
+            cases.append(pytest.param(field, value, id=f"{field}-{value!r}"))
+    return cases
+
+
+@pytest.mark.parametrize(("field", "value"), _out_of_bounds())
+def test_a_duration_out_of_its_bounds_is_refused(field: str, value: object) -> None:
+    with pytest.raises(ConfigError) as caught:
+        RuntimeConfig.load(env={}, **{field: value})
+    assert caught.value.field == field
+    low, high = DURATION_BOUNDS[field]
+    assert f"from {low:g} to {high:g} seconds" in caught.value.reason
+    # From the environment (text) too, and in a config built in code when it is used.
+    with pytest.raises(ConfigError):
+        RuntimeConfig.load(env={f"{ENV_PREFIX}{field.upper()}": str(value)})
+    with pytest.raises(ConfigError):
+        RuntimeConfig(**{field: value}).validated()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("field", list(DURATION_BOUNDS))
+def test_a_duration_at_its_bounds_is_accepted(field: str) -> None:
+    for value in DURATION_BOUNDS[field]:
+        assert getattr(RuntimeConfig.load(env={}, **{field: value}), field) == value
+
+
+def test_max_request_bytes() -> None:
+    assert RuntimeConfig().max_request_bytes == 4 * 1024 * 1024
+    config = RuntimeConfig.load(env={f"{ENV_PREFIX}MAX_REQUEST_BYTES": "65536"})
+    assert config.max_request_bytes == 65536
+    for bad in (0, -1, "big", 1.5):
+        with pytest.raises(ConfigError) as caught:
+            RuntimeConfig.load(env={}, max_request_bytes=bad)
+        assert caught.value.field == "max_request_bytes"

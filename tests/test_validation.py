@@ -8,7 +8,9 @@ working (the next valid publish gets the next sequence number).
 from __future__ import annotations
 
 import math
+import tracemalloc
 import types
+import unicodedata
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
@@ -18,9 +20,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hive_orchestration._validate import encode_json_object
+from hive_orchestration.agents import AgentRegistry
 from hive_orchestration.config import RuntimeConfig
 from hive_orchestration.embedded import Runtime
-from hive_orchestration.errors import InvalidInputError
+from hive_orchestration.errors import InvalidInputError, NotFoundError, RequestTimeoutError
+from hive_orchestration.events import TopicRegistry, UnifiedEvent
 from hive_orchestration.messages.events import Event
 
 pytestmark = pytest.mark.anyio
@@ -410,12 +415,19 @@ def _payload_is_valid(value: object) -> bool:
 _RUNTIME_OWNED = {"task", "run", "worker", "plan", "planning", "actor"}
 
 
+def _reads_as_runtime_owned(value: str) -> bool:
+    """The namespace, compatibility- and case-folded, is a runtime one or its plural."""
+    namespace = unicodedata.normalize("NFKC", value.split(".", 1)[0]).casefold().strip()
+    return namespace in _RUNTIME_OWNED or namespace.removesuffix("s") in _RUNTIME_OWNED
+
+
 def _type_is_surely_valid(value: str) -> bool:
     return (
         bool(value.strip())
         and _payload_is_valid(value)
         and value.isprintable()
-        and value.split(".", 1)[0] not in _RUNTIME_OWNED
+        and value.split(".", 1)[0].isascii()  # accents and the like are folded too
+        and not _reads_as_runtime_owned(value)
     )
 
 
@@ -425,7 +437,7 @@ def _type_is_surely_invalid(value: str) -> bool:
         or not _payload_is_valid(value)
         or any(ord(ch) < 0x20 for ch in value)
         or len(value) > 256
-        or value.split(".", 1)[0] in _RUNTIME_OWNED
+        or (_payload_is_valid(value) and _reads_as_runtime_owned(value))
     )
 
 
@@ -475,3 +487,522 @@ def test_any_payload_is_stored_exactly_or_refused(
 ) -> None:
     # One runtime (":memory:") per generated batch of up to 8 publishes.
     anyio.run(_check_examples, examples, backend=backend)
+
+
+# -- oversized payloads: refused without being read whole -----------------------------------
+#
+# The check counts a lower bound of the encoded size as it reads (a container by its length
+# before its items, a string by its length before its characters) and stops once the count
+# passes the limit. What proves it here cannot flake: the memory the refusal allocates
+# (tracemalloc; reading a 40 MiB payload whole takes at least its encoding, 40 MiB) and
+# values the check must never touch (_Unread), placed where the limit is already passed.
+
+MiB = 1024 * 1024
+BIG = 40 * MiB
+#: Most memory a refusal may allocate: a fraction of the 1 MiB limit (it reads nothing
+#: whole; the count and the error take a few kilobytes).
+REFUSAL_PEAK = MiB // 4
+
+
+def _huge_string() -> dict[str, object]:
+    return {"blob": "x" * BIG}
+
+
+def _huge_text() -> dict[str, object]:
+    return {"blob": "é" * (BIG // 2)}  # 40 MiB of UTF-8: valid text, not ASCII
+
+
+def _huge_list() -> dict[str, object]:
+    return {"items": ["abcdef"] * (BIG // 9 + 1)}  # '"abcdef",' is 9 bytes
+
+
+def _wide_object() -> dict[str, object]:
+    value = "v" * 100
+    # '"key-0000000":"v...v",' is 13 + 1 + 102 + 1 bytes.
+    return {f"key-{i:07d}": value for i in range(BIG // 117 + 1)}
+
+
+def _deep_tree() -> dict[str, object]:
+    tree: object = ["abcdef"] * 1_300  # shared: 8**4 leaves of 11.7 kB, 6 levels deep
+    for _ in range(4):
+        tree = {f"k{j}": tree for j in range(8)}
+    return {"tree": tree}
+
+
+def _many_lists() -> dict[str, object]:
+    return {"rows": [[0] * 10_000] * 2_100}  # 2 100 lists of 20 kB: each fits, not all
+
+
+OVERSIZED = [
+    pytest.param(_huge_string, id="one-huge-string"),
+    pytest.param(_huge_text, id="one-huge-non-ascii-text"),
+    pytest.param(_huge_list, id="huge-list-of-small-items"),
+    pytest.param(_wide_object, id="wide-object"),
+    pytest.param(_deep_tree, id="deep-and-wide-tree"),
+    pytest.param(_many_lists, id="many-lists-each-under-the-limit"),
+]
+
+
+async def _refusal_peak(call: Callable[[], Any]) -> tuple[InvalidInputError, int]:
+    """The error ``call()`` raises and the most memory it allocated meanwhile. The
+    refusal happens before the call's first await: nothing else runs during it."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidInputError) as err:
+            await call()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return err.value, peak
+
+
+@pytest.mark.parametrize("make", OVERSIZED)
+async def test_an_oversized_payload_is_refused_without_reading_it_whole(
+    db_path: str, make: Callable[[], dict[str, object]]
+) -> None:
+    data = make()
+    async with Runtime.open(db_path) as rt:
+        checked = _Checked(rt, await rt.publish("first", None))
+        error, peak = await _refusal_peak(lambda: rt.publish("big", data))
+        assert error.field == "data"
+        assert "1048576" in error.reason
+        assert "max_payload_bytes" in error.reason
+        assert peak < REFUSAL_PEAK, f"the refusal allocated {peak} bytes"
+        await checked.assert_nothing_written()
+        await checked.assert_still_works()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # no runtime: once is enough
+@pytest.mark.parametrize("make", OVERSIZED)
+def test_each_oversized_shape_is_as_big_as_it_says(
+    anyio_backend: str, make: Callable[[], dict[str, object]]
+) -> None:
+    assert len(msgspec.json.encode(make())) > BIG
+
+
+class _Unread(Mapping[str, object]):
+    """A value the check must never read: it is placed past the point where the count
+    has passed the limit (its length, 1, may be asked)."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, key: str) -> object:
+        raise AssertionError("the check read past the limit")
+
+    def __iter__(self) -> Iterator[str]:
+        raise AssertionError("the check read past the limit")
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        pytest.param({"blob": "x" * 2 * MiB, "after": _Unread()}, "data", id="after-a-string"),
+        pytest.param(
+            {"a": {"blob": "é" * MiB, "after": [_Unread()]}}, "data", id="after-nested-text"
+        ),
+        pytest.param({"items": [[0] * 300_000] * 2 + [_Unread()]}, "data", id="after-lists"),
+        pytest.param(
+            {"items": list(range(600_000)), "after": _Unread()}, "data", id="after-numbers"
+        ),
+    ],
+)
+async def test_the_check_stops_once_the_limit_is_passed(
+    db_path: str, data: dict[str, object], field: str
+) -> None:
+    async with Runtime.open(db_path) as rt:
+        checked = _Checked(rt, await rt.publish("first", None))
+        with pytest.raises(InvalidInputError) as err:
+            await rt.publish("big", data)
+        _refused(err, field)
+        await checked.assert_nothing_written()
+
+
+def _huge() -> dict[str, object]:
+    return {"items": ["x" * 100] * (BIG // 103 + 1)}
+
+
+async def _claimed(rt: Runtime) -> Any:
+    await rt.create_task("job")
+    claim = await rt.claim_task("w1", lease=60)
+    assert claim is not None
+    return claim
+
+
+def _plan_of_many_subtasks() -> dict[str, object]:
+    return {"subtasks": [{}] * (BIG // 3)}
+
+
+def _subtasks_with(payload: dict[str, object]) -> dict[str, object]:
+    return {"subtasks": [{"id": "a", "task_type": "t", "payload": payload}]}
+
+
+# (what to build before the call, the call with it, the field it is refused on)
+Oversized = tuple[Callable[[], Any], Callable[[Runtime, Any, Any], Any], str]
+ENTRY_POINTS: dict[str, Oversized] = {
+    "create_task": (_huge, lambda rt, c, big: rt.create_task("t", big), "payload"),
+    "create_task-workflow": (
+        _huge,
+        lambda rt, c, big: rt.create_task("t", {"ok": 1}, workflow=big),
+        "workflow",
+    ),
+    "create_tasks": (
+        _huge,
+        lambda rt, c, big: rt.create_tasks(
+            [{"task_type": "t"}, {"task_type": "t", "payload": big}]
+        ),
+        "tasks[1].payload",
+    ),
+    "update_task_status": (
+        _huge,
+        lambda rt, c, big: rt.update_task_status(c.task.id, "completed", result=big),
+        "result",
+    ),
+    "complete_task": (_huge, lambda rt, c, big: rt.complete_task(c.lease, big), "result"),
+    "heartbeat": (_huge, lambda rt, c, big: rt.heartbeat(c.lease, progress=big), "progress"),
+    "register_worker": (
+        _huge,
+        lambda rt, c, big: rt.register_worker("w2", metadata=big),
+        "metadata",
+    ),
+    "queue_planning_request": (
+        _huge,
+        lambda rt, c, big: rt.queue_planning_request("plan it", context_data=big),
+        "context_data",
+    ),
+    "subtask-payload": (
+        lambda: _subtasks_with(_huge()),
+        lambda rt, c, big: rt.create_execution_plan(big),
+        "plan_data.subtasks[0].payload",
+    ),
+    "plan-data": (
+        lambda: {"subtasks": [{"id": "a", "task_type": "t"}], "notes": _huge()},
+        lambda rt, c, big: rt.create_execution_plan(big),
+        "plan_data",
+    ),
+    "plan-of-many-subtasks": (
+        _plan_of_many_subtasks,
+        lambda rt, c, big: rt.create_execution_plan(big),
+        "plan_data",
+    ),
+    "publish_event": (
+        lambda: UnifiedEvent(event_type="task.completed", payload={"task_id": "t", **_huge()}),
+        lambda rt, c, big: rt.client().publish_event(
+            msgspec.structs.replace(big, task_id=c.task.id)
+        ),
+        "result",
+    ),
+}
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+async def test_every_json_argument_is_refused_oversized_without_being_read_whole(
+    db_path: str, entry: str
+) -> None:
+    make, call, field = ENTRY_POINTS[entry]
+    big = make()
+    # The plan's own limit (64 MiB by default) is lowered to a few payloads here.
+    config = RuntimeConfig(max_plan_bytes=4 * MiB)
+    async with Runtime.open(db_path, config=config) as rt:
+        claim = await _claimed(rt)
+        before = await rt.statistics()
+        error, peak = await _refusal_peak(lambda: call(rt, claim, big))
+        assert error.field == field
+        assert "max_p" in error.reason  # names the setting: max_payload_bytes, max_plan_bytes
+        assert peak < REFUSAL_PEAK, f"the refusal allocated {peak} bytes"
+        after = await rt.statistics()
+        assert after.storage.writes == before.storage.writes
+        assert after.storage.last_seq == before.storage.last_seq
+        task = await rt.get_task(claim.task.id)
+        assert task is not None
+        assert task.status == "assigned"
+
+
+KiB = 1024
+
+
+@pytest.mark.parametrize(
+    ("data", "limit"),
+    [
+        pytest.param({"b": "x" * (MiB - 8)}, MiB, id="string-1MiB"),
+        pytest.param({"b": "x" * (64 * KiB - 8)}, 64 * KiB, id="string"),
+        pytest.param({"b": "é" * ((64 * KiB - 8) // 2)}, 64 * KiB, id="non-ascii-text"),
+        pytest.param({"i": [7] * ((64 * KiB - 8) // 2)}, 64 * KiB, id="numbers"),
+        pytest.param({"i": [0.5] * ((64 * KiB - 8) // 4)}, 64 * KiB, id="floats"),
+        pytest.param({"i": [[]] * ((64 * KiB - 8) // 3)}, 64 * KiB, id="empty-lists"),
+        pytest.param({"i": [{}] * ((64 * KiB - 8) // 3)}, 64 * KiB, id="empty-objects"),
+        pytest.param({"i": [None] * ((64 * KiB - 8) // 5)}, 64 * KiB, id="nulls"),
+        pytest.param({"i": [False] * ((64 * KiB - 8) // 6)}, 64 * KiB, id="falses"),
+    ],
+)
+async def test_a_payload_at_the_limit_is_accepted(
+    db_path: str, data: dict[str, Any], limit: int
+) -> None:
+    size = len(msgspec.json.encode(data))
+    assert limit - 8 <= size <= limit
+    async with Runtime.open(db_path, config=RuntimeConfig(max_payload_bytes=size)) as rt:
+        event = await rt.publish("at.limit", data)
+        assert event.data == data
+        (stored,) = await rt.read_events(after=event.seq - 1, limit=1)
+        assert stored.data == data
+        with pytest.raises(InvalidInputError) as err:
+            await rt.publish("over.limit", {**data, "": 0})
+        _refused(err, "data")
+
+
+_sizable = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=INT64_MIN, max_value=INT64_MAX)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(), inner, max_size=6),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(data=st.dictionaries(st.text(), _sizable, max_size=6))
+def test_the_size_check_never_refuses_a_payload_within_the_limit(data: dict[str, Any]) -> None:
+    # The walk's count is a lower bound of the encoded size: a payload exactly at the
+    # limit passes, one byte over is refused.
+    size = len(msgspec.json.encode(data))
+    checked, encoded = encode_json_object(data, "data", max_bytes=size, max_depth=100)
+    assert len(encoded) == size
+    assert checked == data
+    with pytest.raises(InvalidInputError) as err:
+        encode_json_object(data, "data", max_bytes=size - 1, max_depth=100)
+    assert err.value.field == "data"
+
+
+# -- durations: bounds a user can live with --------------------------------------------------
+#
+# A lease, a lease extension or a run timeout is at least 0.1 s; a caller's deadline at least
+# 0.01 s; a delay or a wait is 0 or at least 0.001 s. Leases, extensions and waits are at
+# most a day, timeouts and delays at most a year; NaN and infinities are refused.
+
+DurationCall = Callable[[Runtime, Any, float], Any]
+TINY = [1e-300, 1e-320]
+
+
+async def _prepared(rt: Runtime) -> Any:
+    """A claim, and something ready for each wait (so that an accepted wait returns at
+    once): a task of type ``ready`` and a planning request."""
+    claim = await _claimed(rt)
+    await rt.create_task("ready")
+    await rt.queue_planning_request("plan it")
+    return claim
+
+
+def _plan_with_timeout(seconds: float) -> dict[str, object]:
+    return {"subtasks": [{"id": "a", "task_type": "t", "timeout": seconds}]}
+
+
+DURATIONS: dict[str, tuple[DurationCall, str, float, float, bool]] = {
+    # name: (call, field, shortest accepted, longest accepted, 0 accepted)
+    "claim_task-lease": (
+        lambda rt, c, s: rt.claim_task("w2", lease=s),
+        "lease",
+        0.1,
+        86_400.0,
+        False,
+    ),
+    "claim_tasks-lease": (
+        lambda rt, c, s: rt.claim_tasks("w2", limit=1, lease=s),
+        "lease",
+        0.1,
+        86_400.0,
+        False,
+    ),
+    "claim_task-wait": (
+        lambda rt, c, s: rt.claim_task("w2", ["ready"], wait=s),
+        "wait",
+        0.001,
+        86_400.0,
+        True,
+    ),
+    "heartbeat-extend": (
+        lambda rt, c, s: rt.heartbeat(c.lease, extend=s),
+        "extend",
+        0.1,
+        86_400.0,
+        False,
+    ),
+    "create_task-timeout": (
+        lambda rt, c, s: rt.create_task("t", timeout=s),
+        "timeout",
+        0.1,
+        366 * 86_400.0,
+        False,
+    ),
+    "fail_task-retry_after": (
+        lambda rt, c, s: rt.fail_task(c.lease, "boom", retry_after=s),
+        "retry_after",
+        0.001,
+        366 * 86_400.0,
+        True,
+    ),
+    "claim_planning_request-wait": (
+        lambda rt, c, s: rt.claim_planning_request("planner", wait=s),
+        "wait",
+        0.001,
+        86_400.0,
+        True,
+    ),
+    "wait_for_plan-timeout": (
+        lambda rt, c, s: rt.wait_for_plan("no-such-plan", timeout=s),
+        "timeout",
+        0.01,
+        366 * 86_400.0,
+        False,
+    ),
+    "subtask-timeout": (
+        lambda rt, c, s: rt.create_execution_plan(_plan_with_timeout(s)),
+        "plan_data.subtasks[0].timeout",
+        0.1,
+        366 * 86_400.0,
+        False,
+    ),
+}
+
+
+def _duration_cases() -> Iterator[Any]:
+    for name, (_, field, low, high, zero) in DURATIONS.items():
+        bad = [*TINY, low * 0.99, high * 1.01, math.nan, math.inf, -low]
+        if not zero:
+            bad.append(0.0)
+        for value in bad:
+            yield pytest.param(name, value, field, id=f"{name}-{value!r}")
+
+
+@pytest.mark.parametrize(("name", "value", "field"), list(_duration_cases()))
+async def test_a_duration_out_of_its_bounds_is_refused(
+    db_path: str, name: str, value: float, field: str
+) -> None:
+    call = DURATIONS[name][0]
+    async with Runtime.open(db_path) as rt:
+        claim = await _prepared(rt)
+        before = await rt.statistics()
+        with pytest.raises(InvalidInputError) as err:
+            await call(rt, claim, value)
+        _refused(err, field)
+        assert "seconds" in err.value.reason or "finite" in err.value.reason
+        after = await rt.statistics()
+        assert after.storage.writes == before.storage.writes
+        task = await rt.get_task(claim.task.id)
+        assert task is not None
+        assert task.status == "assigned"
+
+
+@pytest.mark.parametrize("name", list(DURATIONS))
+async def test_a_duration_at_its_bounds_is_accepted(db_path: str, name: str) -> None:
+    call, _, low, high, zero = DURATIONS[name]
+    for i, value in enumerate([low, high, *([0.0] if zero else [])]):
+        async with Runtime.open(f"{db_path}-{i}") as rt:
+            claim = await _prepared(rt)
+            try:
+                with anyio.fail_after(TIMEOUT):
+                    await call(rt, claim, value)
+            except InvalidInputError as exc:
+                pytest.fail(f"{name}={value!r} refused: {exc}")
+            except (NotFoundError, RequestTimeoutError):
+                pass  # wait_for_plan of an unknown plan, told or timed out: accepted
+
+
+@pytest.mark.parametrize("lease", [1e-300, 0.05, 86_401.0, math.nan])
+def test_an_agent_lease_out_of_bounds_is_refused(lease: float) -> None:
+    registry = AgentRegistry()
+    with pytest.raises(InvalidInputError) as err:
+        registry.register("job", lambda context: None, lease=lease)
+    _refused(err, "lease")
+    registry.register("job", lambda context: None, lease=0.1)
+
+
+# -- event types that read as the runtime's own --------------------------------------------
+
+LOOK_ALIKES = [
+    "Task.completed",
+    "TASK.completed",
+    "tasks.completed",
+    "Tasks.completed",
+    "\uff54ask.completed",  # fullwidth t
+    "\uff34\uff21\uff33\uff2b.completed",  # fullwidth TASK
+    "t\u00e1sk.completed",  # an accent
+    "ta\u0301sk.completed",  # a combining accent
+    "ta\u200bsk.completed",  # a zero-width space
+    "ta\u00adsk.completed",  # a soft hyphen
+    "task\u3000.completed",  # an ideographic space
+    "Plan.completed",
+    "plans.completed",
+    "Planning.requested",
+    "Workers.offline",
+    "RUN.lost",
+    "runs.lost",
+    "Actor.restarted",
+    "Task",
+    "tasks",
+]
+APP_TYPES = [
+    "tasking.done",
+    "taskforce.started",
+    "runner.started",
+    "planner.done",
+    "workflow.completed",
+    "review.completed",
+    "t.ask",
+    "ta sk.completed",
+    "s.completed",
+]
+
+
+@pytest.mark.parametrize("event_type", LOOK_ALIKES)
+async def test_publish_refuses_a_look_alike_of_a_runtime_namespace(
+    db_path: str, event_type: str
+) -> None:
+    async with Runtime.open(db_path) as rt:
+        checked = _Checked(rt, await rt.publish("first", {"n": 1}))
+        client = rt.client()
+        for publish in (
+            lambda: rt.publish(event_type, {"x": 1}),
+            lambda: client.publish(event_type, {"x": 1}),
+            lambda: client.publish_event(UnifiedEvent(event_type=event_type, payload={"x": 1})),
+        ):
+            with pytest.raises(InvalidInputError) as err:
+                await publish()
+            _refused(err, "event_type")
+            assert "reads as the runtime's own namespace" in err.value.reason
+        await checked.assert_nothing_written()
+        await checked.assert_still_works()
+
+
+@pytest.mark.parametrize("event_type", APP_TYPES)
+async def test_publish_takes_an_app_namespace_that_only_starts_like_one(
+    db_path: str, event_type: str
+) -> None:
+    async with Runtime.open(db_path) as rt:
+        event = await rt.publish(event_type, {"x": 1})
+        assert await rt.read_events() == [event]
+
+
+@pytest.mark.parametrize("pattern", ["Task.*", "tasks.*", "\uff54ask.completed", "Plans"])
+async def test_subscribe_refuses_a_pattern_only_a_refused_event_could_match(
+    db_path: str, pattern: str
+) -> None:
+    async with Runtime.open(db_path) as rt:
+        with pytest.raises(InvalidInputError) as err:
+            async with rt.subscribe(pattern):
+                pytest.fail("subscribed")
+        _refused(err, "pattern")
+        assert "can match no event" in err.value.reason
+        assert (await rt.statistics()).broadcast.subscribers == 0
+        with pytest.raises(InvalidInputError):
+            TopicRegistry().register(pattern, print)
+        # Those patterns are case-sensitive globs: the runtime's own are matched exactly.
+        async with rt.subscribe("task*") as loose, rt.subscribe("task.*") as own:
+            task_id = await rt.create_task("job")
+            app = await rt.publish("taskforce.started", {"task_id": task_id})
+            with anyio.fail_after(TIMEOUT):
+                created = await own.receive()
+                assert created.type == "task.created"
+                assert await loose.receive() == created
+                assert await loose.receive() == app

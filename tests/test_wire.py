@@ -4,10 +4,13 @@ JSON requests, and each kind of malformed request refused by name. Its fuzzing i
 
 from __future__ import annotations
 
+import tracemalloc
+from typing import Any
+
 import msgspec
 import pytest
 
-from hive_orchestration import InvalidInputError, OrchestrationClient
+from hive_orchestration import InvalidInputError, OrchestrationClient, RuntimeConfig
 from hive_orchestration.wire import OPERATIONS, call_json
 
 pytestmark = pytest.mark.anyio
@@ -86,3 +89,70 @@ def test_the_operations_are_the_clients_json_ones() -> None:
     assert {"create_task", "claim_task", "complete_task", "wait_for_plan"} <= OPERATIONS
     assert not {"subscribe", "events", "on_event", "attach", "bind"} & OPERATIONS
     assert not {"publish_event", "aclose_callbacks", "subscribe_to_task_events"} & OPERATIONS
+
+
+MiB = 1024 * 1024
+
+
+def _create_task_with_items(count: int) -> bytes:
+    """A create_task request whose payload is a list of ``count`` zeros."""
+    head = b'{"op": "create_task", "args": {"task_type": "t", "payload": {"items": ['
+    return head + b"0," * (count - 1) + b"0]}}}"
+
+
+async def _refused_unread(client: OrchestrationClient, raw: bytes | str) -> InvalidInputError:
+    """Refused, with no more memory than a fraction of the 4 MiB request limit: the
+    request was not decoded (a 40 MiB request of small values decodes into gigabytes)."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidInputError) as refused:
+            await call_json(client, raw)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < MiB, f"the refusal allocated {peak} bytes"
+    return refused.value
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: _create_task_with_items(20 * MiB), id="bytes-of-small-values"),
+        pytest.param(lambda: _create_task_with_items(20 * MiB).decode(), id="text-of-small-values"),
+        pytest.param(
+            lambda: b'{"op": "create_task", "args": {"task_type": "' + b"t" * 40 * MiB + b'"}}',
+            id="one-huge-string",
+        ),
+        pytest.param(lambda: b"[" * (40 * MiB), id="not-even-json"),
+    ],
+)
+async def test_an_oversized_request_is_refused_before_it_is_decoded(make: Any) -> None:
+    raw = make()
+    assert len(raw) >= 40 * MiB
+    async with OrchestrationClient(":memory:") as client:
+        error = await _refused_unread(client, raw)
+        assert error.field == "request"
+        assert "max_request_bytes" in error.reason
+        assert str(4 * MiB) in error.reason
+        assert await client.last_seq() == 0  # nothing was written
+        # The runtime goes on: the next request is served.
+        assert msgspec.json.decode(await call_json(client, request("create_task", task_type="t")))
+
+
+async def test_the_request_limit_is_the_configs_and_a_request_within_it_is_served() -> None:
+    config = RuntimeConfig(max_request_bytes=64 * 1024, max_payload_bytes=64 * 1024)
+    raw = _create_task_with_items(20_000)  # 40 kB
+    async with OrchestrationClient(":memory:", config=config) as client:
+        task_id = msgspec.json.decode(await call_json(client, raw))
+        task = await client.get_task(task_id)
+        assert task is not None
+        assert len(task.payload["items"]) == 20_000
+        # Text is measured in bytes: 40 000 characters of two bytes each are over.
+        wide = request("create_task", task_type="t", payload={"s": "é" * 40_000}).decode()
+        assert len(wide) < 64 * 1024 < len(wide.encode())
+        error = await _refused_unread(client, wide)
+        assert error.field == "request"
+        assert "65536" in error.reason
+        over = _create_task_with_items(40_000)  # 80 kB
+        assert (await _refused_unread(client, over)).field == "request"
+        assert await client.last_seq() == 1  # the one task.created

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import msgspec
 
-from .._validate import MAX_NAMES, check_identifier, check_int, check_names, check_seconds
+from .._validate import MAX_NAMES, check_identifier, check_int, check_lease, check_names
 from ..errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ class AgentRegistry:
             capabilities=tuple(declared),
             copies=check_int(copies, "copies", minimum=1, maximum=1000),
             description=description,
-            lease=None if lease is None else check_seconds(lease, "lease", maximum=86_400.0),
+            lease=None if lease is None else check_lease(lease, "lease"),
         )
         self._agents[agent_type] = spec
         return spec
