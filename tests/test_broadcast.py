@@ -810,6 +810,7 @@ async def _check_index(operations: list[tuple[str, Any]]) -> None:
     # Nothing went to a subscription that was gone (its feed would have ignored it).
     assert stats.delivered == expected_deliveries
     assert not actor._index.buckets
+    assert not actor._index._globs
     assert not actor._index.everything
 
 

@@ -202,10 +202,11 @@ class _Bucket:
 class _Index:
     """Subscriptions filed by what their pattern can match (see the module's docstring)."""
 
-    __slots__ = ("_prefix_lengths", "_routes", "buckets", "everything")
+    __slots__ = ("_globs", "_prefix_lengths", "_routes", "buckets", "everything")
 
     def __init__(self) -> None:
         self.buckets: dict[tuple[str, str], _Bucket] = {}
+        self._globs: dict[tuple[str, str], _Bucket] = {}  # the glob buckets among them
         #: ``*`` subscriptions without filters: handed each commit whole.
         self.everything: dict[int, _Subscriber] = {}
         self._prefix_lengths: Counter[int] = Counter()
@@ -221,6 +222,8 @@ class _Index:
                 kind, text = route
                 matches = compile_pattern(text) if kind == "glob" else None
                 bucket = self.buckets[route] = _Bucket(matches)
+                if kind == "glob":
+                    self._globs[route] = bucket
                 if kind == "prefix":
                     self._prefix_lengths[len(route[1])] += 1
                 self._routes.clear()
@@ -236,6 +239,7 @@ class _Index:
             bucket.remove(subscriber)
             if not bucket:
                 del self.buckets[route]
+                self._globs.pop(route, None)
                 if route[0] == "prefix":
                     self._prefix_lengths[len(route[1])] -= 1
                     if not self._prefix_lengths[len(route[1])]:
@@ -258,8 +262,8 @@ class _Index:
                     matched.append(bucket)
         if (bucket := buckets.get(("all", ""))) is not None:
             matched.append(bucket)
-        for bucket in buckets.values():
-            # Globs are rare; each is tested once per event type, then cached.
+        for bucket in self._globs.values():
+            # Each glob is tested once per event type, then cached.
             if bucket.matches is not None and bucket.matches(event_type):
                 matched.append(bucket)
         if len(self._routes) >= _ROUTES_CACHED:
