@@ -520,7 +520,21 @@ async def _start_a_1500_subtask_plan(rt: Runtime) -> None:
     assert await rt.mark_plan_execution_started(plan_id)
 
 
+async def _four_creators_of_4_times_600(rt: Runtime) -> None:
+    """Commits of about 2 400 events, one after another: the reader works through each
+    while the next is being made, so it is often part of a commit behind, never more."""
+
+    async def creator() -> None:
+        for _ in range(4):
+            await rt.create_tasks([{"task_type": "bulk"}] * 600)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(creator)
+
+
 LARGE_COMMITS = {
+    "sustained_2400": _four_creators_of_4_times_600,
     "two_create_tasks_600": _two_batches_of_600,
     "plan_1500": _start_a_1500_subtask_plan,
 }
@@ -630,9 +644,34 @@ async def test_subscribers_end_cleanly_at_shutdown_with_creates_in_flight(db_pat
 # -- a reader that does not keep up ---------------------------------------------------------
 
 
+async def test_a_reader_part_way_through_its_last_commit_does_not_lag(db_path: str) -> None:
+    """Behind by more than its buffer, but only on the last commit it was given: it is
+    reading, so the next commit is handed over. Behind on an earlier one too, it lags."""
+    async with Runtime.open(db_path) as rt, rt.subscribe("task.*", buffer=10) as sub:
+        await rt.create_tasks([{"task_type": "first"}] * 30)
+        got = await _receive_n(sub, 15)  # 15 of the first commit left: more than 10
+        await rt.create_tasks([{"task_type": "second"}] * 30)
+        got += await _receive_n(sub, 45)  # handed over, not dropped
+        log = await _whole_log(rt)
+        assert got == log
+
+        await rt.create_tasks([{"task_type": "third"}] * 30)
+        got = await _receive_n(sub, 5)  # 25 of the third left
+        await rt.create_tasks([{"task_type": "fourth"}] * 30)  # 55 behind, on two commits
+        await rt.create_tasks([{"task_type": "fifth"}] * 30)  # lags here
+        got += await _receive_n(sub, 55)
+        with anyio.fail_after(TIMEOUT), pytest.raises(SubscriberLaggedError) as info:
+            await sub.receive()
+        log = await _whole_log(rt)
+        assert got == log[60:120]
+        assert info.value.last_seq == log[119].seq
+        assert (await rt.statistics()).broadcast.lagged == 1
+
+
 async def test_a_lagging_reader_gets_whole_commits_then_a_replayable_lag(db_path: str) -> None:
     """A commit is handed over whole; the subscriber lags at the first commit that finds
-    its buffer's worth unread, and the log has exactly what it missed."""
+    it its buffer's worth behind on more than the last commit, and the log has exactly
+    what it missed."""
     async with Runtime.open(db_path) as rt, rt.subscribe("task.*", buffer=5) as stuck:
         # Commits of 3, then 4 (3 unread < 5: taken whole, 7 unread), then 2 (lags).
         for size in (3, 4, 2, 1):

@@ -7,12 +7,14 @@ decodes its own copy of an event's data when it takes it. A commit costs its mem
 however many subscribers it goes to.
 
 Lagging. A commit is handed to each subscriber whole, whatever its size, and pushing
-never waits. A subscriber lags when a commit comes while it still has ``capacity``
-(``subscriber_buffer``) or more events unread from earlier commits. A reader that keeps
-up therefore never lags because one commit was large, and a subscriber holds at most
-``capacity - 1`` events plus one commit's (references, not copies). After each commit
-the actor yields to the event loop, so that the subscribers it woke can read before the
-next commit is counted against them. Overflow policy, per subscription:
+never waits. When a commit comes, a subscriber may be behind by less than ``capacity``
+(``subscriber_buffer``) events, or by any part of the last commit it was given: a
+reader works through a large commit while the next one is being made, and one that
+keeps up with the commits never lags because they are large. A subscriber that is
+``capacity`` events behind and still has events of an earlier commit than the last
+unread lags. It thus holds at most ``capacity - 1`` events or one commit's, whichever is
+more, plus the commit being handed over (references, not copies). Overflow policy, per
+subscription:
 
 - ``error`` (default): the feed ends with a :class:`Lagged` marker after the events it
   holds, and the subscriber is dropped. Reading past its queued events raises
@@ -42,7 +44,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import cast
 
 import anyio
-import anyio.lowlevel
 import msgspec
 
 from ..messages.events import (
@@ -85,6 +86,7 @@ class _Subscriber:
         "id",
         "internal",
         "key",
+        "last_push",
         "last_seq",
         "overflow",
         "pattern",
@@ -111,6 +113,7 @@ class _Subscriber:
         self.capacity = message.capacity
         self.overflow = message.overflow
         self.last_seq = 0
+        self.last_push = 0  # events of the last commit it was given
         self.dropped = 0
 
     @property
@@ -293,11 +296,7 @@ class BroadcastActor(Actor[BroadcastMessage]):
     async def receive(self, message: BroadcastMessage) -> object:
         match message:
             case Publish(events=events, data_json=data_json):
-                if self._fan_out(tuple(zip(events, data_json, strict=True))):
-                    # Let the subscribers just woken read before the next commit, which
-                    # may be queued behind this one, is counted against them. Shielded: the
-                    # commit is delivered, a cancellation here must not fail the message.
-                    await anyio.lowlevel.cancel_shielded_checkpoint()
+                self._fan_out(tuple(zip(events, data_json, strict=True)))
                 return None
             case Subscribe():
                 added = _Subscriber(next(self._ids), message)
@@ -337,8 +336,8 @@ class BroadcastActor(Actor[BroadcastMessage]):
         self._subscribers.clear()
         self._index = _Index()
 
-    def _fan_out(self, entries: tuple[Entry, ...]) -> bool:
-        """Hand one commit's events to their subscribers; True if any was given some."""
+    def _fan_out(self, entries: tuple[Entry, ...]) -> None:
+        """Hand one commit's events to their subscribers."""
         self._published += len(entries)
         self._largest_commit = max(self._largest_commit, len(entries))
         index = self._index
@@ -366,29 +365,30 @@ class BroadcastActor(Actor[BroadcastMessage]):
                         batch.append(entry)
         self._examined += examined
         gone: list[_Subscriber] = []
-        woken = False
         if entries:
             for subscriber in index.everything.values():
-                woken |= self._deliver(subscriber, entries, gone)
+                self._deliver(subscriber, entries, gone)
         for subscriber, batch in matched.items():
-            woken |= self._deliver(subscriber, batch, gone)
+            self._deliver(subscriber, batch, gone)
         for subscriber in gone:
             if self._subscribers.pop(subscriber.id, None) is not None:
                 index.remove(subscriber)
-        return woken
 
     def _deliver(
         self, subscriber: _Subscriber, batch: Sequence[Entry], gone: list[_Subscriber]
-    ) -> bool:
+    ) -> None:
         feed = subscriber.feed
         if feed.reader_closed:
             gone.append(subscriber)
-            return False
-        if feed.unread >= subscriber.capacity:
+            return
+        unread = feed.unread
+        # FIFO: the last ``last_push`` events given are the newest, so it is behind on an
+        # earlier commit exactly when more than those are unread.
+        if unread >= subscriber.capacity and unread > subscriber.last_push:
             if subscriber.overflow == "drop":
                 subscriber.dropped += len(batch)
                 self._dropped += len(batch)
-                return False
+                return
             feed.lag(subscriber.last_seq)
             self._lagged += 1
             gone.append(subscriber)
@@ -396,10 +396,10 @@ class BroadcastActor(Actor[BroadcastMessage]):
                 "subscriber %d lagged after event %d (%d unread); dropped",
                 subscriber.id,
                 subscriber.last_seq,
-                feed.unread,
+                unread,
             )
-            return True
+            return
         feed.push(batch)
         subscriber.last_seq = batch[-1][0].seq
+        subscriber.last_push = len(batch)
         self._delivered += len(batch)
-        return True
