@@ -105,10 +105,10 @@ class Subscription:
     """Live events matching a pattern, in log order. Iterate it with ``async for``.
 
     Iteration ends when the runtime stops, after every event committed before it stopped.
-    If a commit comes while the subscriber still has its buffer's worth of earlier events
-    unread, iteration raises :class:`SubscriberLaggedError` once it has read what it was
-    given (unless it subscribed with ``overflow="drop"``); replay the log from
-    ``error.last_seq`` to catch up.
+    If a commit comes while the subscriber is its buffer's worth behind, not just on the
+    last commit it was given, iteration raises :class:`SubscriberLaggedError` once it has
+    read what it was given (unless it subscribed with ``overflow="drop"``); replay the log
+    from ``error.last_seq`` to catch up.
     """
 
     def __init__(

@@ -679,7 +679,7 @@ async def test_a_lagging_reader_gets_whole_commits_then_a_replayable_lag(db_path
         log = await _whole_log(rt)
         stats = (await rt.statistics()).broadcast
         assert stats.lagged == 1
-        # It holds 7: at most 5 - 1 unread from earlier commits, plus one whole commit.
+        # It holds 7: 3 (fewer than 5) when the second commit came, then that commit.
         given = await _receive_n(stuck, 7)
         assert given == log[:7]
         with anyio.fail_after(TIMEOUT), pytest.raises(SubscriberLaggedError) as info:

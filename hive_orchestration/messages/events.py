@@ -257,9 +257,9 @@ class Subscribe(Request[int], frozen=True):
 
     ``pattern`` is a glob over event types (``"*"``, ``"task.*"``, ``"plan.completed"``);
     ``filters`` must all equal the event's field of that name (or its ``data`` key).
-    ``sink`` is the subscriber's feed; ``capacity`` is how many events it may leave
-    unread from earlier commits when a new one comes before it lags (see
-    :class:`~hive_orchestration.actors.broadcast.BroadcastActor`).
+    ``sink`` is the subscriber's feed; ``capacity`` is how far behind it may be when a
+    commit comes (any part of the last commit it was given is allowed too) before it lags
+    (see :class:`~hive_orchestration.actors.broadcast.BroadcastActor`).
     ``types``, if given, narrows the pattern to exactly these types; ``require`` names
     event fields that must be set (``plan_id``: events of plans and their tasks).
     """
@@ -290,7 +290,7 @@ class BroadcastStats(msgspec.Struct, frozen=True):
     #: match). ``*`` subscriptions without filters take every event untested.
     examined: int = 0
     #: Most events one commit handed over (a subscriber may hold its buffer's worth
-    #: less one, plus one commit's).
+    #: less one or one commit's, plus the commit being handed over).
     largest_commit: int = 0
 
 
