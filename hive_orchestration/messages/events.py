@@ -88,11 +88,11 @@ _BURST = 64
 
 
 class _End:
-    """The clean end of a feed (the runtime stopped), after everything queued."""
+    """How a feed ends once everything queued was read (besides a :class:`Lagged`)."""
 
 
-_CLEAN_END = _End()
-_FINISHED = _End()  # the end was handed out: every later read ends too
+_CLEAN_END = _End()  # the runtime stopped
+_FINISHED = _End()  # the end was handed out (or the reader left): every later read ends
 
 
 #: Decodes an entry's stored data (always a JSON object) for the subscriber taking it.
