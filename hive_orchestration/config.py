@@ -96,10 +96,12 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     #: ``restart_window`` seconds stops the runtime with the cause.
     max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 5
     restart_window: DeadlineSeconds = 10.0
-    #: Events buffered per subscriber before the overflow policy applies.
+    #: How many events a subscriber may have unread when a commit comes, beyond what is
+    #: left of the last commit it was given (a commit is handed over whole), before the
+    #: overflow policy applies.
     subscriber_buffer: Positive = 1000
     #: ``error``: a subscriber that overflows gets SubscriberLaggedError and is closed (it
-    #: can replay from the durable log). ``drop``: it silently misses the overflowing events.
+    #: can replay from the durable log). ``drop``: it silently misses that commit's events.
     subscriber_overflow: Literal["error", "drop"] = "error"
     #: Largest accepted JSON payload, in bytes once encoded.
     max_payload_bytes: Positive = 1024 * 1024

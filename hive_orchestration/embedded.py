@@ -20,10 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
-import anyio.lowlevel
 import msgspec
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._groups import leaves
 from ._plan_ops import PlanOps
@@ -55,8 +53,8 @@ from .events import RUNTIME_NAMESPACES, check_pattern, reserved_namespace
 from .messages.events import (
     BroadcastMessage,
     BroadcastStats,
-    Delivery,
     Event,
+    EventFeed,
     GetBroadcastStats,
     JsonValue,
     Lagged,
@@ -103,33 +101,31 @@ class RuntimeStatistics(msgspec.Struct, frozen=True):
     broadcast: BroadcastStats
 
 
-#: Most buffered events a subscription hands out in a row before it yields to the loop.
-_BURST = 64
-
-
 class Subscription:
     """Live events matching a pattern, in log order. Iterate it with ``async for``.
 
-    Iteration ends when the runtime stops. If the subscriber falls more than its buffer
-    behind, iteration raises :class:`SubscriberLaggedError` (unless it subscribed with
-    ``overflow="drop"``); replay the log from ``error.last_seq`` to catch up.
+    Iteration ends when the runtime stops, after every event committed before it stopped.
+    If a commit comes while the subscriber is its buffer's worth behind, not just on the
+    last commit it was given, iteration raises :class:`SubscriberLaggedError` once it has
+    read what it was given (unless it subscribed with ``overflow="drop"``); replay the log
+    from ``error.last_seq`` to catch up.
     """
 
     def __init__(
-        self,
-        receive: MemoryObjectReceiveStream[Delivery],
-        pattern: str,
-        close: Callable[[], None],
-        thread: int,
+        self, feed: EventFeed, pattern: str, close: Callable[[], None], thread: int
     ) -> None:
-        self._receive = receive
+        self._feed = feed
         self._close = close
         self._thread = thread  # the runtime's event loop thread (see Runtime._check_loop)
         self.pattern = pattern
         #: The sequence number of the last event received.
         self.last_seq = 0
         self._lagged: SubscriberLaggedError | None = None
-        self._burst = 0  # events taken in a row without yielding
+
+    @property
+    def unread(self) -> int:
+        """Events handed to this subscription and not received yet."""
+        return self._feed.unread
 
     def __aiter__(self) -> Subscription:
         return self
@@ -152,24 +148,11 @@ class Subscription:
         if self._lagged is not None:
             raise SubscriberLaggedError(self._lagged.last_seq)
         try:
-            if self._burst < _BURST:
-                # A buffered event is taken without a trip round the event loop (the
-                # stream's own receive yields on every item: 70-100 us of CPU per task in
-                # bench/tasks.py), at most _BURST in a row, so that a subscriber working
-                # through a backlog still lets other tasks run. Every call stays a
-                # cancellation point.
-                await anyio.lowlevel.checkpoint_if_cancelled()
-                try:
-                    item = self._receive.receive_nowait()
-                    self._burst += 1
-                except anyio.WouldBlock:
-                    self._burst = 0
-                    item = await self._receive.receive()
-            else:
-                self._burst = 0
-                item = await self._receive.receive()
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            item = await self._feed.receive()
+        except anyio.EndOfStream:
             raise RuntimeStoppedError("the subscription ended: the runtime stopped") from None
+        except anyio.ClosedResourceError:
+            raise RuntimeStoppedError("the subscription was closed") from None
         if isinstance(item, Lagged):
             self._lagged = SubscriberLaggedError(item.last_seq)
             raise self._lagged
@@ -490,24 +473,21 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
             (check_identifier(key, "filters"), check_identifier(value, f"filters.{key}"))
             for key, value in sorted(filters.items())
         )
-        # One extra slot, kept for the Lagged marker.
-        send, receive = anyio.create_memory_object_stream[Delivery](capacity + 1)
+        feed = EventFeed()
         try:
             subscription_id = await self._broadcast.ask(
-                Subscribe(pattern, checked, send, capacity, policy)
+                Subscribe(pattern, checked, feed, capacity, policy)
             )
         except BaseException:
-            send.close()
-            receive.close()
+            feed.close()
             raise
 
         def close() -> None:
-            receive.close()
-            send.close()
+            feed.close()
             with suppress(RuntimeStoppedError):
                 self._broadcast.try_tell(Unsubscribe(subscription_id))
 
-        return Subscription(receive, pattern, close, self._thread)
+        return Subscription(feed, pattern, close, self._thread)
 
     async def read_events(
         self,

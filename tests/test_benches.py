@@ -69,7 +69,10 @@ RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
     "plans.py": (["--layers", "3", "--width", "4", "--json"], _plans),
     "workers.py": (["--beats", "1500", "--json"], _workers),
     "kernel.py": (["--asks", "300", "--repeat", "1", "--json"], _kernel),
-    "client.py": (["--events", "200"], None),
+    "client.py": (
+        ["--events", "200", "--fanout-events", "100", "--subscribers", "5,10", "--repeat", "1"],
+        None,
+    ),
     "inputs.py": (["--size", "2", "--repeat", "1", "--json"], _inputs),
 }
 
@@ -96,6 +99,9 @@ def test_bench_runs(script: str, backend: str) -> None:
             "replay",
             "live",
             "fan-out",
+            "subscribers",
+            "5",
+            "10",
         ]
         return
     # The human-readable table, then the same figures as JSON.

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
 import anyio.lowlevel
+import msgspec
 import pytest
 from anyio.abc import TaskStatus
 from hypothesis import given, settings
@@ -26,7 +28,7 @@ from hypothesis import strategies as st
 from hive_orchestration.config import RuntimeConfig
 from hive_orchestration.embedded import Runtime, Subscription
 from hive_orchestration.errors import RuntimeStoppedError, SubscriberLaggedError
-from hive_orchestration.messages.events import Event, compile_pattern
+from hive_orchestration.messages.events import BroadcastStats, Event, compile_pattern
 
 pytestmark = pytest.mark.anyio
 
@@ -274,7 +276,7 @@ async def test_a_cancelled_subscriber_stops_even_with_events_buffered(db_path: s
 async def _until_buffered(sub: Subscription, n: int) -> None:
     with anyio.fail_after(TIMEOUT):
         # The broadcast actor fills the buffer after publish returns; nothing signals it.
-        while sub._receive.statistics().current_buffer_used < n:  # noqa: ASYNC110
+        while sub.unread < n:  # noqa: ASYNC110
             await anyio.sleep(0.001)
 
 
@@ -457,11 +459,11 @@ async def test_a_broadcast_crash_tells_subscribers_where_their_stream_broke(
     original = BroadcastActor._fan_out
     armed = {"crash": False}
 
-    def flaky(self: BroadcastActor, event: Event, data_json: bytes) -> None:
+    def flaky(self: BroadcastActor, entries: tuple[tuple[Event, bytes], ...]) -> bool:
         if armed["crash"]:
             armed["crash"] = False
             raise RuntimeError("fan-out fault")
-        original(self, event, data_json)
+        return original(self, entries)
 
     monkeypatch.setattr(BroadcastActor, "_fan_out", flaky)
     async with Runtime.open(db_path) as rt:
@@ -494,3 +496,409 @@ async def test_subscribers_and_publisher_do_not_share_mutable_data(db_path: str)
         items.append(3)
         assert seen_two.data == {"items": [1, 2]}
         assert published.data == {"items": [1, 2]}
+
+
+# -- large commits: a reader that keeps up never lags -----------------------------------------
+
+
+async def _whole_log(rt: Runtime) -> list[Event]:
+    log: list[Event] = []
+    while page := await rt.read_events(log[-1].seq if log else 0, limit=10_000):
+        log += page
+    return log
+
+
+async def _two_batches_of_600(rt: Runtime) -> None:
+    async with anyio.create_task_group() as tg:
+        for batch in range(2):
+            tg.start_soon(rt.create_tasks, [{"task_type": f"bulk{batch}"}] * 600)
+
+
+async def _start_a_1500_subtask_plan(rt: Runtime) -> None:
+    subtasks = [{"id": f"s{i}", "task_type": "step"} for i in range(1500)]
+    plan_id = await rt.create_execution_plan({"subtasks": subtasks}, approved=True)
+    assert await rt.mark_plan_execution_started(plan_id)
+
+
+async def _four_creators_of_4_times_600(rt: Runtime) -> None:
+    """Commits of about 2 400 events, one after another: the reader works through each
+    while the next is being made, so it is often part of a commit behind, never more."""
+
+    async def creator() -> None:
+        for _ in range(4):
+            await rt.create_tasks([{"task_type": "bulk"}] * 600)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(creator)
+
+
+LARGE_COMMITS = {
+    "sustained_2400": _four_creators_of_4_times_600,
+    "two_create_tasks_600": _two_batches_of_600,
+    "plan_1500": _start_a_1500_subtask_plan,
+}
+
+
+@pytest.mark.parametrize("load", sorted(LARGE_COMMITS))
+async def test_a_reader_that_keeps_up_never_lags_through_large_commits(
+    db_path: str, load: str
+) -> None:
+    """One commit of more events than the buffer (1 000 by default) goes to readers that
+    read as fast as they can: each must get every event, not a SubscriberLaggedError."""
+    patterns = ["*", "task.*", "task.created"]
+    async with Runtime.open(db_path) as rt, AsyncExitStack() as stack:
+        readers = [_Reader(await stack.enter_async_context(rt.subscribe(p))) for p in patterns]
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                for reader in readers:
+                    tg.start_soon(reader.run)
+                await LARGE_COMMITS[load](rt)
+                log = await _whole_log(rt)
+                for reader in readers:
+                    await reader.wait_for(log)
+                tg.cancel_scope.cancel()
+        stats = (await rt.statistics()).broadcast
+    for reader in readers:
+        assert reader.error is None, reader.sub.pattern
+        assert reader.got == reader.expected(log), reader.sub.pattern
+    assert stats.lagged == 0
+    assert stats.largest_commit > 1000  # the load did make a commit larger than the buffer
+
+
+class _Reader:
+    """Reads a subscription as fast as it can, keeping what it got and how it ended."""
+
+    def __init__(self, sub: Subscription) -> None:
+        self.sub = sub
+        self.got: list[Event] = []
+        self.error: BaseException | None = None
+        self.ended = False
+        self._changed = anyio.Event()
+
+    def expected(self, log: list[Event]) -> list[Event]:
+        matches = compile_pattern(self.sub.pattern)
+        return [event for event in log if matches(event.type)]
+
+    async def run(self) -> None:
+        try:
+            async for event in self.sub:
+                self.got.append(event)
+                self._changed.set()
+            self.ended = True
+        except (SubscriberLaggedError, RuntimeStoppedError) as exc:
+            self.error = exc
+        self._changed.set()
+
+    async def changed(self) -> None:
+        """Until it gets an event or its stream ends."""
+        self._changed = anyio.Event()
+        await self._changed.wait()
+
+    async def wait_for(self, log: list[Event]) -> None:
+        """Until it got every event of ``log`` it matches, or its stream ended."""
+        count = len(self.expected(log))
+        while len(self.got) < count and self.error is None and not self.ended:
+            await self.changed()
+
+
+async def test_subscribers_end_cleanly_at_shutdown_with_creates_in_flight(db_path: str) -> None:
+    """Leaving the block while large creates are queued: every plain subscriber gets what
+    was committed, then a clean end of iteration, not a SubscriberLaggedError."""
+    readers: list[_Reader] = []
+
+    async def consume(rt: Runtime, pattern: str, *, task_status: TaskStatus[None]) -> None:
+        async with rt.subscribe(pattern) as sub:
+            reader = _Reader(sub)
+            readers.append(reader)
+            task_status.started()
+            await reader.run()
+
+    async def create(rt: Runtime) -> None:
+        try:
+            for _ in range(20):
+                await rt.create_tasks([{"task_type": "bulk"}] * 600)
+        except RuntimeStoppedError:
+            return  # the block ended while it went on creating
+        pytest.fail("the block was meant to end with creates in flight")
+
+    with anyio.fail_after(TIMEOUT):
+        # The task group outlives the runtime, so the readers see it stop.
+        async with anyio.create_task_group() as tg, Runtime.open(db_path) as rt:
+            for pattern in ["*", "task.*", "task.created"]:
+                await tg.start(consume, rt, pattern)
+            for _ in range(4):
+                tg.start_soon(create, rt)
+            while not readers[0].got:  # a first commit landed; more are in flight
+                await readers[0].changed()
+    async with Runtime.open(db_path) as rt:
+        log = await _whole_log(rt)
+    assert len(log) >= 1200
+    for reader in readers:
+        assert reader.error is None, (reader.sub.pattern, reader.error)
+        assert reader.ended, reader.sub.pattern
+        # Everything committed before the stop was delivered.
+        assert reader.got == reader.expected(log), reader.sub.pattern
+
+
+# -- a reader that does not keep up ---------------------------------------------------------
+
+
+async def test_a_reader_part_way_through_its_last_commit_does_not_lag(db_path: str) -> None:
+    """Behind by more than its buffer, but only on the last commit it was given: it is
+    reading, so the next commit is handed over. Behind on an earlier one too, it lags."""
+    async with Runtime.open(db_path) as rt, rt.subscribe("task.*", buffer=10) as sub:
+        await rt.create_tasks([{"task_type": "first"}] * 30)
+        got = await _receive_n(sub, 15)  # 15 of the first commit left: more than 10
+        await rt.create_tasks([{"task_type": "second"}] * 30)
+        got += await _receive_n(sub, 45)  # handed over, not dropped
+        log = await _whole_log(rt)
+        assert got == log
+
+        await rt.create_tasks([{"task_type": "third"}] * 30)
+        got = await _receive_n(sub, 5)  # 25 of the third left
+        await rt.create_tasks([{"task_type": "fourth"}] * 30)  # 55 behind, on two commits
+        await rt.create_tasks([{"task_type": "fifth"}] * 30)  # lags here
+        got += await _receive_n(sub, 55)
+        with anyio.fail_after(TIMEOUT), pytest.raises(SubscriberLaggedError) as info:
+            await sub.receive()
+        log = await _whole_log(rt)
+        assert got == log[60:120]
+        assert info.value.last_seq == log[119].seq
+        assert (await rt.statistics()).broadcast.lagged == 1
+
+
+async def test_a_lagging_reader_gets_whole_commits_then_a_replayable_lag(db_path: str) -> None:
+    """A commit is handed over whole; the subscriber lags at the first commit that finds
+    it its buffer's worth behind on more than the last commit, and the log has exactly
+    what it missed."""
+    async with Runtime.open(db_path) as rt, rt.subscribe("task.*", buffer=5) as stuck:
+        # Commits of 3, then 4 (3 unread < 5: taken whole, 7 unread), then 2 (lags).
+        for size in (3, 4, 2, 1):
+            await rt.create_tasks([{"task_type": f"size{size}"}] * size)
+        log = await _whole_log(rt)
+        stats = (await rt.statistics()).broadcast
+        assert stats.lagged == 1
+        # It holds 7: 3 (fewer than 5) when the second commit came, then that commit.
+        given = await _receive_n(stuck, 7)
+        assert given == log[:7]
+        with anyio.fail_after(TIMEOUT), pytest.raises(SubscriberLaggedError) as info:
+            await stuck.receive()
+        assert info.value.last_seq == log[6].seq
+        # Replaying from last_seq gives the rest: nothing missed, nothing twice.
+        assert given + await rt.read_events(after=info.value.last_seq) == log
+        with pytest.raises(SubscriberLaggedError):  # it stays dropped
+            await stuck.receive()
+
+
+async def test_a_dropping_reader_skips_whole_commits_and_holds_a_bounded_backlog(
+    db_path: str,
+) -> None:
+    async with (
+        Runtime.open(db_path) as rt,
+        rt.subscribe("task.*", buffer=5, overflow="drop") as stuck,
+    ):
+        for size in (3, 4, 2, 1):
+            await rt.create_tasks([{"task_type": f"size{size}"}] * size)
+        log = await _whole_log(rt)
+        stats = (await rt.statistics()).broadcast
+        assert (stats.dropped, stats.lagged) == (3, 0)
+        assert stuck.unread == 7
+        assert await _receive_n(stuck, 7) == log[:7]
+        # Read out, it takes commits again.
+        later = await rt.create_task("later")
+        (event,) = await _receive_n(stuck, 1)
+        assert (event.type, event.task_id) == ("task.created", later)
+
+
+# -- matching through the index -------------------------------------------------------------
+
+_TYPES = ["a", "b", "a.b", "a.bb", "ab.b", "b.a", "a.", "a.b.a", "ba"]
+_type_text = st.text(alphabet="ab.", min_size=1, max_size=4)
+_patterns = st.one_of(
+    st.just("*"),
+    st.sampled_from(_TYPES),  # exact
+    # Prefixes ("a.*" among them), often a whole type ("a.*" and "a.", "a*" and "a").
+    st.tuples(st.one_of(st.sampled_from(_TYPES), _type_text), st.sampled_from(["*", ".*"])).map(
+        "".join
+    ),
+    st.text(alphabet="ab.*?[]!", min_size=1, max_size=6),  # any glob, brackets too
+)
+_values = st.sampled_from(["x", "y"])
+_subscriptions = st.fixed_dictionaries(
+    {
+        "pattern": _patterns,
+        "filters": st.one_of(
+            st.just({}),
+            st.dictionaries(
+                st.sampled_from(["task_id", "source", "plan_id", "color"]), _values, max_size=2
+            ),
+        ),
+        "types": st.one_of(st.just(()), st.lists(st.sampled_from(_TYPES), max_size=3).map(tuple)),
+        "require": st.sampled_from([(), (), ("plan_id",), ("task_id",)]),
+    }
+)
+_events = st.builds(
+    lambda type_, task_id, plan_id, source, color: (type_, task_id, plan_id, source, color),
+    st.sampled_from(_TYPES),
+    st.sampled_from([None, "x", "y"]),
+    st.sampled_from([None, "x"]),
+    _values,
+    st.sampled_from([None, "x", "y", 1]),
+)
+_operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("subscribe"), _subscriptions),
+        st.tuples(st.just("unsubscribe"), st.integers(min_value=0, max_value=30)),
+        st.tuples(st.just("publish"), st.lists(_events, min_size=1, max_size=6)),
+    ),
+    max_size=30,
+)
+
+
+def _brute_force(spec: dict[str, Any], event: Event) -> bool:
+    """What a subscription means, tested the slow way: fnmatch, then each condition."""
+    if not fnmatch.fnmatchcase(event.type, spec["pattern"]):
+        return False
+    if spec["types"] and event.type not in spec["types"]:
+        return False
+    if any(getattr(event, key) is None for key in spec["require"]):
+        return False
+    for key, wanted in spec["filters"].items():
+        if key in ("task_id", "source", "plan_id"):
+            if getattr(event, key) != wanted:
+                return False
+        elif key not in event.data or str(event.data[key]) != wanted:
+            return False
+    return True
+
+
+async def _check_index(operations: list[tuple[str, Any]]) -> None:
+    from hive_orchestration.actors.broadcast import BroadcastActor
+    from hive_orchestration.messages.events import (
+        EventFeed,
+        GetBroadcastStats,
+        Publish,
+        Subscribe,
+        Unsubscribe,
+    )
+
+    actor = BroadcastActor()
+    live: dict[int, tuple[dict[str, Any], EventFeed, list[Event]]] = {}
+    ended: list[tuple[list[Event], list[Event]]] = []
+    seq = itertools.count(1)
+    expected_deliveries = 0
+
+    def drain(feed: EventFeed) -> list[Event]:
+        got: list[Event] = []
+        while True:
+            try:
+                item = feed.receive_nowait()
+            except anyio.WouldBlock:
+                return got
+            assert isinstance(item, Event)
+            got.append(item)
+
+    for operation, argument in operations:
+        if operation == "subscribe":
+            feed = EventFeed()
+            filters = tuple(sorted(argument["filters"].items()))
+            message = Subscribe(
+                argument["pattern"],
+                filters,
+                feed,
+                1_000_000,
+                "error",
+                types=argument["types"],
+                require=argument["require"],
+            )
+            live[await actor.receive(message)] = (argument, feed, [])
+        elif operation == "unsubscribe" and live:
+            subscription_id = sorted(live)[argument % len(live)]
+            _, feed, expected = live.pop(subscription_id)
+            ended.append((drain(feed), expected))
+            await actor.receive(Unsubscribe(subscription_id))
+        elif operation == "publish":
+            events = []
+            for type_, task_id, plan_id, source, color in argument:
+                data: dict[str, Any] = {} if color is None else {"color": color}
+                events.append(
+                    Event(
+                        seq=next(seq),
+                        type=type_,
+                        timestamp=0.0,
+                        source=source,
+                        task_id=task_id,
+                        plan_id=plan_id,
+                        data=data,
+                    )
+                )
+            payloads = tuple(msgspec.json.encode(event.data) for event in events)
+            await actor.receive(Publish(tuple(events), payloads))
+            for spec, _, expected in live.values():
+                matched = [event for event in events if _brute_force(spec, event)]
+                expected += matched
+                expected_deliveries += len(matched)
+    for subscription_id, (_, feed, expected) in list(live.items()):
+        ended.append((drain(feed), expected))
+        await actor.receive(Unsubscribe(subscription_id))
+    for got, expected in ended:
+        assert got == expected
+    stats = await actor.receive(GetBroadcastStats())
+    assert isinstance(stats, BroadcastStats)
+    # Nothing went to a subscription that was gone (its feed would have ignored it).
+    assert stats.delivered == expected_deliveries
+    assert not actor._index.buckets
+    assert not actor._index._globs
+    assert not actor._index.everything
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@settings(max_examples=150, deadline=None, database=None)
+@given(operations=_operations)
+def test_the_index_matches_what_brute_force_matches(
+    backend: str, operations: list[tuple[str, Any]]
+) -> None:
+    anyio.run(_check_index, operations, backend=backend)
+
+
+async def test_a_publish_tests_only_the_subscriptions_that_can_match_it(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1 000 subscriptions, two of which can take a ``job.7`` event of task ``t7``: a
+    publish must not test the pattern and filters of every one (the fan-out cost)."""
+    from hive_orchestration.actors import broadcast
+
+    pattern_tests = 0
+
+    def counting_compile(pattern: str) -> Callable[[str], bool]:
+        matches = compile_pattern(pattern)
+
+        def counted(event_type: str) -> bool:
+            nonlocal pattern_tests
+            pattern_tests += 1
+            return matches(event_type)
+
+        return counted
+
+    monkeypatch.setattr(broadcast, "compile_pattern", counting_compile)
+    published = 10
+    async with Runtime.open(db_path) as rt, AsyncExitStack() as stack:
+        subscribe = stack.enter_async_context
+        for i in range(300):
+            await subscribe(rt.subscribe(f"job.{i}"))
+            await subscribe(rt.subscribe(f"flow{i}.*"))
+            await subscribe(rt.subscribe("*", task_id=f"t{i}"))
+        for i in range(100):  # globs: tested once per new event type, not per event
+            await subscribe(rt.subscribe(f"*.n{i}"))
+        exact = await subscribe(rt.subscribe("job.7"))
+        filtered = await subscribe(rt.subscribe("*", task_id="t7"))
+        pattern_tests = 0
+        events = [await rt.publish("job.7", {"i": i}, task_id="t7") for i in range(published)]
+        stats = (await rt.statistics()).broadcast
+        assert await _receive_n(exact, published) == events
+        assert await _receive_n(filtered, published) == events
+    assert pattern_tests <= 100
+    # Per event: job.7's bucket (2 subscriptions) and task_id t7 under "*" (2).
+    assert stats.examined == 4 * published
+    assert stats.delivered == 4 * published

@@ -58,7 +58,7 @@ from ..errors import (
     NotFoundError,
     RuntimeStoppedError,
 )
-from ..messages.events import BroadcastMessage, Delivery, Event, JsonValue, Lagged, Subscribe
+from ..messages.events import BroadcastMessage, Event, EventFeed, JsonValue, Lagged, Subscribe
 from ..messages.plans import (
     PLAN_FINAL,
     SUBTASK_FINAL,
@@ -1019,13 +1019,12 @@ class PlanFeed:
 
     async def _follow(self) -> bool:
         """One subscription; True to subscribe again, False once the runtime stops."""
-        send, receive = anyio.create_memory_object_stream[Delivery](self._capacity + 1)
-        with send, receive:
+        with EventFeed() as receive:
             await self._broadcast.ask(
                 Subscribe(
                     "task.*",
                     (),
-                    send,
+                    receive,
                     self._capacity,
                     "error",
                     types=PLAN_EVENT_TYPES,

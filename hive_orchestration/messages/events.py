@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Literal, TypeAlias, Union
 
+import anyio
+import anyio.lowlevel
 import msgspec
-from anyio.streams.memory import MemoryObjectSendStream
 
 from ..runtime import Request
 
@@ -16,7 +18,9 @@ __all__ = [
     "BroadcastMessage",
     "BroadcastStats",
     "Delivery",
+    "Entry",
     "Event",
+    "EventFeed",
     "GetBroadcastStats",
     "JsonValue",
     "Lagged",
@@ -74,9 +78,171 @@ class Lagged(msgspec.Struct, frozen=True):
 
 Delivery: TypeAlias = Event | Lagged
 
+#: One committed event as the broadcast actor holds it, once for every subscriber: the
+#: event and its data as stored. A subscriber decodes its own copy of the data when it
+#: takes the event, so no two of them (nor the publisher) share a mutable dict.
+Entry: TypeAlias = tuple[Event, bytes]
+
+#: Most events a feed hands out in a row without a trip round the event loop.
+_BURST = 64
+
+
+class _End:
+    """How a feed ends once everything queued was read (besides a :class:`Lagged`)."""
+
+
+_CLEAN_END = _End()  # the runtime stopped
+_FINISHED = _End()  # the end was handed out (or the reader left): every later read ends
+
+
+#: Decodes an entry's stored data (always a JSON object) for the subscriber taking it.
+_decode_data = msgspec.json.Decoder().decode
+
+
+class EventFeed:
+    """What one subscriber has not read yet: written by the broadcast actor, read by the
+    subscriber's task(s).
+
+    The broadcast actor pushes one commit's matching events at a time, as a sequence of
+    :data:`Entry` it shares with every other subscriber (references, not copies: a commit
+    costs its memory once, whatever the number of subscribers). ``unread`` counts what
+    the reader has not taken; the broadcast actor decides on it whether the subscriber
+    lags (see :class:`~hive_orchestration.actors.broadcast.BroadcastActor`). Pushing never
+    waits.
+
+    The reader side reads like an anyio memory stream: :meth:`receive` gives the next
+    event, then, once everything pushed was taken, either a :class:`Lagged` marker (the
+    subscriber was dropped) or :class:`anyio.EndOfStream` (the runtime stopped);
+    :meth:`close` (or leaving ``with feed:``) is the reader leaving, after which
+    :meth:`receive` raises :class:`anyio.ClosedResourceError` and what was queued is
+    released at once.
+    """
+
+    __slots__ = (
+        "_burst",
+        "_chunks",
+        "_closed",
+        "_end",
+        "_event_type",
+        "_index",
+        "_waiter",
+        "unread",
+    )
+
+    def __init__(self) -> None:
+        self._chunks: deque[Sequence[Entry]] = deque()
+        self._index = 0  # position of the next entry in the first chunk
+        #: Events pushed and not yet taken by the reader.
+        self.unread = 0
+        self._end: Lagged | _End | None = None
+        self._waiter: anyio.Event | None = None
+        self._event_type: type[anyio.Event] | None = None
+        self._burst = 0  # events handed out in a row without yielding
+        self._closed = False
+
+    # -- the broadcast actor's side --------------------------------------------------------
+
+    @property
+    def reader_closed(self) -> bool:
+        """The reader left: nothing more is wanted."""
+        return self._closed
+
+    def push(self, entries: Sequence[Entry]) -> None:
+        """Queue ``entries`` (not empty, in ``seq`` order, not to be changed later)."""
+        if self._end is not None:
+            return
+        self._chunks.append(entries)
+        self.unread += len(entries)
+        self._wake()
+
+    def lag(self, last_seq: int) -> None:
+        """End the feed, after what is queued, with a :class:`Lagged` marker."""
+        if self._end is None:
+            self._end = Lagged(last_seq)
+            self._wake()
+
+    def finish(self) -> None:
+        """End the feed cleanly, after what is queued: the runtime stopped."""
+        if self._end is None:
+            self._end = _CLEAN_END
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.set()
+
+    # -- the reader's side -----------------------------------------------------------------
+
+    def receive_nowait(self) -> Delivery:
+        """The next event, or the end marker; :class:`anyio.WouldBlock` if none is queued."""
+        if self._closed:
+            raise anyio.ClosedResourceError
+        chunks = self._chunks
+        if chunks:
+            chunk = chunks[0]
+            event, data_json = chunk[self._index]
+            self._index += 1
+            self.unread -= 1
+            if self._index == len(chunk):
+                chunks.popleft()
+                self._index = 0
+            return msgspec.structs.replace(event, data=_decode_data(data_json))
+        end = self._end
+        if end is None:
+            raise anyio.WouldBlock
+        if isinstance(end, Lagged):
+            self._end = _FINISHED
+            return end
+        self._end = _FINISHED
+        raise anyio.EndOfStream
+
+    async def receive(self) -> Delivery:
+        """The next event or end marker, waiting for one.
+
+        A queued event is taken without a trip round the event loop (a loop round trip
+        per event costs more than the rest of the delivery), at most ``_BURST`` in a row,
+        so that a reader working through a backlog still lets other tasks run. Every
+        call is a cancellation point, and a cancelled call takes nothing.
+        """
+        if self._burst < _BURST:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+        else:
+            self._burst = 0
+            await anyio.lowlevel.checkpoint()
+        while True:
+            try:
+                item = self.receive_nowait()
+            except anyio.WouldBlock:
+                self._burst = 0
+                if self._waiter is None:
+                    if self._event_type is None:
+                        self._event_type = type(anyio.Event())
+                    self._waiter = self._event_type()
+                await self._waiter.wait()
+                continue
+            self._burst += 1
+            return item
+
+    def close(self) -> None:
+        """The reader leaves (idempotent): what was queued is released now."""
+        self._closed = True
+        self._chunks.clear()
+        self.unread = 0
+        self._index = 0
+        self._end = _FINISHED
+        self._wake()
+
+    def __enter__(self) -> EventFeed:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 class Publish(msgspec.Struct, frozen=True):
-    """Fan these events out, in this order (told; no reply).
+    """Fan these events (one commit's) out, in this order (told; no reply).
 
     ``data_json`` holds each event's data as stored: every subscriber gets its own copy
     decoded from it, so that no two of them (nor the publisher) share a mutable dict.
@@ -91,14 +257,16 @@ class Subscribe(Request[int], frozen=True):
 
     ``pattern`` is a glob over event types (``"*"``, ``"task.*"``, ``"plan.completed"``);
     ``filters`` must all equal the event's field of that name (or its ``data`` key).
-    ``sink`` holds ``capacity`` events plus one slot for the :class:`Lagged` marker.
+    ``sink`` is the subscriber's feed; ``capacity`` is how far behind it may be when a
+    commit comes (any part of the last commit it was given is allowed too) before it lags
+    (see :class:`~hive_orchestration.actors.broadcast.BroadcastActor`).
     ``types``, if given, narrows the pattern to exactly these types; ``require`` names
     event fields that must be set (``plan_id``: events of plans and their tasks).
     """
 
     pattern: str
     filters: tuple[tuple[str, str], ...]
-    sink: MemoryObjectSendStream[Delivery]
+    sink: EventFeed
     capacity: int
     overflow: Literal["error", "drop"]
     types: tuple[str, ...] = ()
@@ -118,6 +286,12 @@ class BroadcastStats(msgspec.Struct, frozen=True):
     dropped: int
     lagged: int
     internal: int = 0
+    #: Subscriptions tested against an event (the index narrowed them to ones that can
+    #: match). ``*`` subscriptions without filters take every event untested.
+    examined: int = 0
+    #: Most events one commit handed over (a subscriber may hold its buffer's worth
+    #: less one or one commit's, plus the commit being handed over).
+    largest_commit: int = 0
 
 
 class GetBroadcastStats(Request[BroadcastStats], frozen=True):
