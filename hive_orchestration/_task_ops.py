@@ -101,16 +101,16 @@ class TaskOps(Caller):
         timeout: float | None = None,  # noqa: ASYNC109 - the task's run timeout, not this call's
         concurrency_key: str | None = None,
         concurrency_limit: int | None = None,
-        requires: Iterable[str] = (),
+        requires: str | Iterable[str] | None = (),
     ) -> str:
         """Create a queued task and return its id (durable when this returns).
 
         With an ``idempotency_key`` already used, nothing is created and the first task's
         id is returned. ``title`` defaults to the task type. ``timeout`` bounds each run,
         in seconds from its claim. Tasks sharing a ``concurrency_key`` are held by at most
-        ``concurrency_limit`` (default 1) claims at once. A task with ``requires`` goes
-        only to a worker that has all of those capabilities (otherwise: one that handles
-        its task type).
+        ``concurrency_limit`` (default 1) claims at once. A task with ``requires`` (a
+        capability or a list of them) goes only to a worker that has all of those
+        capabilities (otherwise: one that handles its task type).
         """
         self._check_open()
         return await self._tasks.ask(
@@ -193,7 +193,7 @@ class TaskOps(Caller):
         timeout: float | None = None,
         concurrency_key: str | None = None,
         concurrency_limit: int | None = None,
-        requires: Iterable[str] = (),
+        requires: str | Iterable[str] | None = (),
     ) -> CreateTask:
         """create_task's arguments, checked, as the TaskManager's message."""
         task_type = check_identifier(task_type, "task_type")

@@ -737,8 +737,8 @@ OPS: dict[str, Operation] = {
             "timeout": seconds(optional=True),
             "concurrency_key": ident("task_types", optional=True),
             "concurrency_limit": integer(1, 2**63 - 1, optional=True),
-            # None is taken as "no requirement" (as by task_types): lenient, not a gap.
-            "requires": names(none_ok=True),
+            # A name, a list of names, or None ("no requirement"), as task_types takes.
+            "requires": task_types(),
         },
     ),
     "create_tasks": Operation("await", {"tasks": NEW_TASKS}),
