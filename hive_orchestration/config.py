@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from ._validate import DAY, MIN_DEADLINE, MIN_DELAY, MIN_LEASE
-from .errors import ConfigError
+from .errors import ConfigError, InvalidInputError
 
 __all__ = [
     "DB_PATH_ENV",
@@ -33,6 +33,7 @@ __all__ = [
     "FeatureFlags",
     "RuntimeConfig",
     "choose_db_path",
+    "resolve_db_path",
 ]
 
 #: Where ``Runtime.open()`` keeps its database when no path is given anywhere (the seeds'
@@ -221,6 +222,27 @@ def choose_db_path(
             raise ConfigError("db_path", f"${DB_PATH_ENV} is empty: unset it or name a file")
         return value, f"${DB_PATH_ENV}"
     return str(DEFAULT_DB_PATH), "the default, relative to the working directory"
+
+
+def resolve_db_path(
+    path: str | os.PathLike[str] | None, config: RuntimeConfig | None = None
+) -> tuple[str, str]:
+    """The database to open, absolute (or ``":memory:"``), and where the choice came from
+    (:func:`choose_db_path`). Refuses a path that is not one, naming ``path`` when it was
+    given, else ``db_path``.
+
+    Absolute once, at open: a restarted storage actor reconnects to the same file even if
+    the app changed its working directory meanwhile.
+    """
+    chosen, source = choose_db_path(path, config)
+    error = InvalidInputError if path is not None else ConfigError
+    field = "path" if path is not None else "db_path"
+    if not isinstance(chosen, str | os.PathLike):
+        raise error(field, f"must be a path or ':memory:', got {type(chosen).__name__}")
+    text = os.fspath(chosen)
+    if not isinstance(text, str) or not text.strip():
+        raise error(field, "must be a non-empty path or ':memory:'")
+    return (text if text == ":memory:" else str(Path(text).absolute())), source
 
 
 def _seconds_bounds() -> dict[str, tuple[float, float]]:

@@ -16,7 +16,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -39,9 +38,8 @@ from .actors.broadcast import BroadcastActor
 from .actors.plan_executor import PlanExecutor, PlanFeed
 from .actors.task_manager import TaskManager
 from .actors.worker_registry import WorkerRegistry
-from .config import RuntimeConfig, choose_db_path
+from .config import RuntimeConfig, resolve_db_path
 from .errors import (
-    ConfigError,
     InvalidInputError,
     RuntimeFailedError,
     RuntimeStoppedError,
@@ -74,7 +72,7 @@ from .messages.tasks import TaskManagerMessage, Wake
 from .messages.workers import RegistryWake, WorkerRegistryMessage
 from .runtime import ActorRef, Alarm, ChildRestart, ChildSpec, Supervisor
 from .storage import StorageActor
-from .storage.database import MEMORY, DatabaseClaim
+from .storage.database import DatabaseClaim
 
 if TYPE_CHECKING:
     from .client import OrchestrationClient
@@ -229,7 +227,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
         intensity while the block runs.
         """
         config = RuntimeConfig.checked(config)
-        db_path, source = _resolve_path(path, config)
+        db_path, source = resolve_db_path(path, config)
         claim = DatabaseClaim(db_path)
         try:
             await anyio.to_thread.run_sync(claim.acquire)
@@ -595,26 +593,7 @@ def _normalize_path(
     path: str | os.PathLike[str] | None, config: RuntimeConfig | None = None
 ) -> str:
     """The database ``Runtime.open(path, config=config)`` opens, as an absolute path."""
-    return _resolve_path(path, config)[0]
-
-
-def _resolve_path(
-    path: str | os.PathLike[str] | None, config: RuntimeConfig | None
-) -> tuple[str, str]:
-    """The database to open, absolute (or ``":memory:"``), and where the choice came from.
-
-    Absolute once, at open: the storage actor reconnects to the same file after a
-    restart even if the app changed its working directory meanwhile.
-    """
-    chosen, source = choose_db_path(path, config)
-    error = InvalidInputError if path is not None else ConfigError
-    field = "path" if path is not None else "db_path"
-    if not isinstance(chosen, str | os.PathLike):
-        raise error(field, f"must be a path or ':memory:', got {type(chosen).__name__}")
-    text = os.fspath(chosen)
-    if not isinstance(text, str) or not text.strip():
-        raise error(field, "must be a non-empty path or ':memory:'")
-    return (text if text == MEMORY else str(Path(text).absolute())), source
+    return resolve_db_path(path, config)[0]
 
 
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import TypeVar
 
 import anyio
@@ -35,7 +34,7 @@ from ._validate import (
     check_int,
     check_optional_text,
 )
-from .config import RuntimeConfig, choose_db_path
+from .config import RuntimeConfig, resolve_db_path
 from .errors import ConfigError, InvalidInputError, NotFoundError, RuntimeStoppedError
 from .messages.events import Event
 from .messages.plans import ExecutionPlan, PlanProgress, PlanStatus, SubtaskState
@@ -243,17 +242,12 @@ class Inspector:
 
 def _normalize_path(path: str | os.PathLike[str] | None, config: RuntimeConfig) -> str:
     """The database to read, as an absolute path: chosen as ``Runtime.open`` chooses it."""
-    chosen, _ = choose_db_path(path, config)
-    error = InvalidInputError if path is not None else ConfigError
-    field = "path" if path is not None else "db_path"
-    if not isinstance(chosen, str | os.PathLike):
-        raise error(field, f"must be a path, got {type(chosen).__name__}")
-    text = os.fspath(chosen)
-    if not isinstance(text, str) or not text.strip():
-        raise error(field, "must be a non-empty path")
-    if text == MEMORY:
+    chosen, _ = resolve_db_path(path, config)
+    if chosen == MEMORY:
+        field = "path" if path is not None else "db_path"
+        error = InvalidInputError if path is not None else ConfigError
         raise error(field, "':memory:' lives inside its runtime's process; inspect a database file")
-    return str(Path(text).absolute())
+    return chosen
 
 
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
