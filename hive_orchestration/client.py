@@ -16,15 +16,17 @@ durable log, and callbacks.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
 import os
+import typing
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
 import anyio
 
@@ -35,10 +37,12 @@ from ._worker_ops import WorkerOps
 from .config import RuntimeConfig
 from .embedded import Runtime, Subscription
 from .errors import (
+    ConnectionLostError,
     HiveError,
     InvalidInputError,
     NotFoundError,
     RuntimeStoppedError,
+    StorageError,
     SubscriberLaggedError,
 )
 from .events import (
@@ -59,6 +63,8 @@ from .events import (
 from .messages.events import Event, compile_pattern, matches_filters
 from .messages.tasks import TaskStatus
 from .messages.workers import WorkerStatus
+from .remote.client import RemoteRuntime
+from .storage.database import read_owner
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
@@ -70,6 +76,11 @@ __all__ = ["CallbackSubscription", "EventStream", "OrchestrationClient"]
 log = logging.getLogger("hive_orchestration.client")
 
 _PAGE = 1000
+#: What a client talks to: the runtime in this process, or the one that owns the database
+#: in another process, through its socket.
+_Backend: TypeAlias = Runtime | RemoteRuntime
+#: Tries to reach a database whose owner is changing (exiting as this client connects).
+_OPEN_ATTEMPTS = 3
 _NOT_OPEN = (
     "the client is not open: use `async with OrchestrationClient(...) as client:`, "
     "or get one from a running runtime with `runtime.client()`"
@@ -81,12 +92,17 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
 
     ``OrchestrationClient(db_path=...)`` starts and owns an embedded runtime for its
     ``async with`` block (``":memory:"`` for a throwaway one; the default is
-    ``hive/db/hive-internal.db``). ``runtime.client()`` returns one bound to a running
-    runtime instead. ``source_agent`` is recorded as the ``source`` of the events its
-    calls cause (calls that hold a lease record the worker's id instead, and worker events
-    the worker's own id) and of the tasks, plans and planning requests it creates;
-    ``correlation_id`` is given to every task it creates and every event it publishes, and
-    so to every event of those tasks.
+    ``hive/db/hive-internal.db``). If a runtime in another process of this user owns that
+    database already, the client connects to it through the socket it serves instead,
+    and works the same: every operation, with the same checks, answers and errors, its
+    subscriptions, event streams and callbacks (``client.remote`` says which it is).
+    ``runtime.client()`` returns one bound to a running runtime instead.
+
+    ``source_agent`` is recorded as the ``source`` of the events its calls cause (calls
+    that hold a lease record the worker's id instead, and worker events the worker's own
+    id) and of the tasks, plans and planning requests it creates; ``correlation_id`` is
+    given to every task it creates and every event it publishes, and so to every event of
+    those tasks.
     """
 
     def __init__(
@@ -100,7 +116,7 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
         self._db_path = db_path
         self._open_config = config
         self._owns = True
-        self._runtime: Runtime | None = None
+        self._runtime: _Backend | None = None
         self._stack: AsyncExitStack | None = None
         self._closed = False
         self._handles: set[CallbackSubscription] = set()
@@ -110,7 +126,7 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
     @classmethod
     def _bound(
         cls,
-        runtime: Runtime,
+        runtime: _Backend,
         *,
         source_agent: str | None,
         correlation_id: str | None,
@@ -120,14 +136,20 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
         client._attach(runtime)
         return client
 
-    def _attach(self, runtime: Runtime) -> None:
+    def _attach(self, runtime: _Backend) -> None:
         self._runtime = runtime
+        self._config = runtime.config
+        if isinstance(runtime, RemoteRuntime):
+            # Each operation is sent as it is called, to run as the very same operation in
+            # the owner's process: its checks, answer and errors are the owner's.
+            for name in _remote_operations():
+                setattr(self, name, _remote_operation(self, runtime, name))
+            return
         # The operation mixins send to these actors; the runtime keeps them for its life.
         self._tasks = runtime._tasks
         self._workers = runtime._workers
         self._plans = runtime._plans
         self._storage = runtime._storage
-        self._config = runtime.config
 
     def bind(
         self, *, source_agent: str | None = None, correlation_id: str | None = None
@@ -136,9 +158,8 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
 
         Unnamed defaults are kept; it does not own the runtime.
         """
-        runtime = self.runtime
         return OrchestrationClient._bound(
-            runtime,
+            self._backend(),
             source_agent=self._agent(check_optional_text(source_agent, "source_agent")),
             correlation_id=self._correlation(check_optional_text(correlation_id, "correlation_id")),
         )
@@ -152,12 +173,47 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
             if self._stack is not None:
                 raise RuntimeStoppedError("this client is already open (nested `async with`)")
             stack = AsyncExitStack()
-            runtime = await stack.enter_async_context(
-                Runtime.open(self._db_path, config=self._open_config)
-            )
+            try:
+                backend = await self._open(stack)
+            except BaseException:
+                await stack.aclose()
+                raise
             self._stack = stack
-            self._attach(runtime)
+            self._attach(backend)
         return self
+
+    async def _open(self, stack: AsyncExitStack) -> _Backend:
+        """Start the runtime on the database, or, if a runtime of another process owns
+        it and serves its socket, connect to that one."""
+        for attempt in range(_OPEN_ATTEMPTS):
+            try:
+                return await stack.enter_async_context(
+                    Runtime.open(self._db_path, config=self._open_config)
+                )
+            except StorageError as error:
+                if error.fault != "in_use" or error.path is None:
+                    raise
+                pid, address = await anyio.to_thread.run_sync(read_owner, error.path)
+                if address is None:
+                    raise StorageError(
+                        f"{error} (that runtime serves no socket to connect to: it was"
+                        " opened with serve_socket=False, or is of an older version)",
+                        path=error.path,
+                        fault="in_use",
+                    ) from None
+                config = RuntimeConfig.checked(self._open_config)
+                try:
+                    return await stack.enter_async_context(
+                        RemoteRuntime.connect(
+                            address, name=self._default_agent, silence=config.remote_timeout
+                        )
+                    )
+                except ConnectionLostError:
+                    if attempt == _OPEN_ATTEMPTS - 1:
+                        raise
+                    # The owner (pid) is going away as we come: try to open it again.
+                    log.info("the runtime of pid %s went away as this client came", pid)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def __aexit__(
         self,
@@ -180,8 +236,21 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
 
     @property
     def runtime(self) -> Runtime:
-        """The runtime this client talks to."""
-        return self._runtime_running()
+        """The runtime this client talks to (in this process: see :attr:`remote`)."""
+        backend = self._backend()
+        if isinstance(backend, RemoteRuntime):
+            raise HiveError(
+                f"this client talks to the runtime of process {backend.owner_pid} through its"
+                " socket: that Runtime object lives in that process. Use the client's own"
+                " operations, which reach it"
+            )
+        return backend
+
+    @property
+    def remote(self) -> bool:
+        """Whether the runtime this client talks to is in another process (reached through
+        the socket it serves) rather than in this one."""
+        return isinstance(self._runtime, RemoteRuntime)
 
     @property
     def db_path(self) -> str:
@@ -202,9 +271,9 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
 
     def _check_open(self) -> None:
         """Before every call that talks to the runtime (from its event loop's thread)."""
-        self._runtime_running()._check_open()
+        self._backend()._check_open()
 
-    def _runtime_running(self) -> Runtime:
+    def _backend(self) -> _Backend:
         if self._runtime is None:
             raise RuntimeStoppedError(_NOT_OPEN)
         if self._closed:
@@ -229,7 +298,7 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
         Only events committed after the subscription began; to start from a point of the
         log, use :meth:`events`.
         """
-        return self.runtime.subscribe(pattern, buffer=buffer, overflow=overflow, **filters)
+        return self._backend().subscribe(pattern, buffer=buffer, overflow=overflow, **filters)
 
     def events(
         self,
@@ -250,16 +319,14 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
         """
         # Only builds the stream (the sync client does it from its own thread): reading
         # it checks the event loop.
-        self._runtime_running()
+        backend = self._backend()
         if after is not None:
             check_int(after, "after", minimum=0)
-        return EventStream(
-            self.runtime, pattern=pattern, after=after, buffer=buffer, filters=filters
-        )
+        return EventStream(backend, pattern=pattern, after=after, buffer=buffer, filters=filters)
 
     async def last_seq(self) -> int:
         """The sequence number of the last durable event (``0``: the log is empty)."""
-        return await self.runtime.last_seq()
+        return await self._backend().last_seq()
 
     async def read_events(
         self,
@@ -273,7 +340,7 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
     ) -> list[Event]:
         """Durable events with ``seq > after``, oldest first, at most ``limit`` (see
         :meth:`Runtime.read_events` for the filters)."""
-        return await self.runtime.read_events(
+        return await self._backend().read_events(
             after,
             limit=limit,
             pattern=pattern,
@@ -310,11 +377,12 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
         self._check_open()
         if not callable(callback):
             raise InvalidInputError("callback", f"must be callable, got {type(callback).__name__}")
-        stream = EventStream(self.runtime, pattern=pattern, after=None, filters=filters)
+        backend = self._backend()
+        stream = EventStream(backend, pattern=pattern, after=None, filters=filters)
         await stream.open()
         handle = CallbackSubscription(stream, callback, self._handles)
         try:
-            self.runtime._spawn(handle._run)
+            backend._spawn(handle._run)
         except BaseException:
             await stream.aclose()
             raise
@@ -344,7 +412,7 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
         """Append an app event (``review.completed``...) to the durable log and fan it
         out; returns it with its ``seq``, once durable. The runtime's own event types
         (``task.*``, ``plan.*``...) are refused: see :meth:`publish_task_event`."""
-        return await self.runtime.publish(
+        return await self._backend().publish(
             event_type,
             data,
             source=self._default_agent or "client",
@@ -449,7 +517,7 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
                     task_id, reason=reason if isinstance(reason, str) else None
                 )
             return None
-        return await self.runtime.publish(
+        return await self._backend().publish(
             event_type,
             payload,
             source=source_agent or self._default_agent or "client",
@@ -458,6 +526,54 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
             plan_id=event.plan_id,
             worker_id=event.worker_id,
         )
+
+
+@functools.cache
+def _remote_operations() -> Mapping[str, tuple[inspect.Signature, Any]]:
+    """Every operation a client sends to a runtime in another process: its signature
+    (without ``self``), to bind a call's arguments as Python would, and its return type,
+    to decode the answer into."""
+    from .wire import OPERATIONS
+
+    found = {}
+    for name in sorted(OPERATIONS):
+        method = getattr(OrchestrationClient, name)
+        signature = inspect.signature(method)
+        parameters = list(signature.parameters.values())[1:]
+        found[name] = (
+            signature.replace(parameters=parameters),
+            typing.get_type_hints(method)["return"],
+        )
+    return found
+
+
+def _remote_operation(
+    client: OrchestrationClient, remote: RemoteRuntime, name: str
+) -> Callable[..., Awaitable[Any]]:
+    """``client``'s operation ``name``, sent to ``remote`` as it is called."""
+    from .wire import EXCLUSIVE
+
+    signature, returns = _remote_operations()[name]
+    exclusive = name in EXCLUSIVE
+
+    async def operation(*args: Any, **kwargs: Any) -> Any:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{name}(): {exc}") from None
+        return await remote.call(
+            name,
+            bound.arguments,
+            agent=client._default_agent,
+            correlation=client._default_correlation,
+            returns=returns,
+            exclusive=exclusive,
+        )
+
+    operation.__name__ = operation.__qualname__ = name
+    operation.__doc__ = getattr(OrchestrationClient, name).__doc__
+    operation.__signature__ = signature  # type: ignore[attr-defined]
+    return operation
 
 
 _TASK_CHANGES = frozenset(
@@ -512,7 +628,7 @@ class EventStream:
 
     def __init__(
         self,
-        runtime: Runtime,
+        runtime: _Backend,
         *,
         pattern: str = "*",
         after: int | None = None,

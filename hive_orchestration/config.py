@@ -128,6 +128,19 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     worker_timeout: LeaseSeconds = 30.0
     #: Publish a ``worker.heartbeat`` event for every heartbeat (off: they are frequent).
     publish_heartbeats: bool = False
+    #: Serve the message API to this user's other processes on a Unix socket beside the
+    #: database (a file database only), so that their clients reach this runtime.
+    serve_socket: bool = True
+    #: A connection to another process's runtime that carries nothing (not even the
+    #: keepalive pings, sent every quarter of this, at most 5 s) for this long is dead:
+    #: its calls fail with ConnectionLostError. The server drops a client silent for three
+    #: times this (clients are told, and ping often enough), and one that takes no frame
+    #: within this.
+    remote_timeout: Annotated[float, msgspec.Meta(ge=1.0, le=DAY)] = 10.0
+    #: Largest frame the socket server reads (a call's arguments, once encoded).
+    max_frame_bytes: Annotated[int, msgspec.Meta(ge=64 * 1024)] = 16 * 1024 * 1024
+    #: Calls one connection may have in flight; past that the server stops reading it.
+    max_calls_in_flight: Positive = 256
     features: FeatureFlags = FeatureFlags()
 
     @classmethod

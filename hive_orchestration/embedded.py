@@ -11,12 +11,13 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import anyio
 import msgspec
@@ -72,10 +73,11 @@ from .messages.tasks import TaskManagerMessage, Wake
 from .messages.workers import RegistryWake, WorkerRegistryMessage
 from .runtime import ActorRef, Alarm, ChildRestart, ChildSpec, Supervisor
 from .storage import StorageActor
-from .storage.database import DatabaseClaim
+from .storage.database import MEMORY, DatabaseClaim
 
 if TYPE_CHECKING:
     from .client import OrchestrationClient
+    from .remote.server import Server
 
 __all__ = ["MailboxStats", "Runtime", "RuntimeStatistics", "Subscription"]
 
@@ -186,6 +188,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
         self._supervisor = supervisor
         self._closed = False
         self._callbacks: TaskGroup | None = None
+        self._server: Server | None = None
         # Built inside ``open``, on the thread whose event loop runs the actors: every entry
         # point compares the caller's thread with it (see _check_loop).
         self._thread = threading.get_ident()
@@ -347,27 +350,30 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(supervisor.run)
+                server = None
+                if config.serve_socket and db_path != MEMORY and sys.platform != "win32":
+                    from .remote.server import Server
+
+                    # This user's other processes reach the runtime through it; it stops
+                    # first, so that the calls it still runs find the actors running.
+                    server = Server(runtime, claim)
+                    await tg.start(server.run)
                 try:
                     # The app's event callbacks live here: they stop before the actors do.
                     async with anyio.create_task_group() as callbacks:
                         runtime._callbacks = callbacks
+                        runtime._server = server
                         try:
                             yield runtime
                         finally:
                             callbacks.cancel_scope.cancel()
                 finally:
+                    if server is not None:
+                        await server.stop(grace=min(config.shutdown_timeout, 2.0))
                     runtime._closed = True
                     await supervisor.stop()
         except BaseExceptionGroup as group:
-            cause = _unwrap(group)
-            if isinstance(cause, KeyboardInterrupt | SystemExit) and _loop_shutting_down():
-                # asyncio already raised this one out of its loop, from the task it ended,
-                # and is now cancelling every task to close the loop. Raised bare again, it
-                # would abort that shutdown too, before anyio's worker threads are told to
-                # stop, and the process would never exit. In its group it ends this task
-                # like any failure; the loop's owner raises the original.
-                raise
-            raise cause from cause.__cause__
+            raise_cause(group)
         finally:
             claim.release()
 
@@ -594,6 +600,19 @@ def _normalize_path(
 ) -> str:
     """The database ``Runtime.open(path, config=config)`` opens, as an absolute path."""
     return resolve_db_path(path, config)[0]
+
+
+def raise_cause(group: BaseExceptionGroup[BaseException]) -> NoReturn:
+    """Raise what failed a block that ran in task groups (the app's error, as it raised it)."""
+    cause = _unwrap(group)
+    if isinstance(cause, KeyboardInterrupt | SystemExit) and _loop_shutting_down():
+        # asyncio already raised this one out of its loop, from the task it ended, and is
+        # now cancelling every task to close the loop. Raised bare again, it would abort
+        # that shutdown too, before anyio's worker threads are told to stop, and the process
+        # would never exit. In its group it ends this task like any failure; the loop's
+        # owner raises the original.
+        raise group
+    raise cause from cause.__cause__
 
 
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:

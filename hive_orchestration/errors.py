@@ -20,6 +20,10 @@ that matches what you can do about it:
 - :class:`NewerSchemaError` - the database was written by a newer version of this package.
 - :class:`SubscriberLaggedError` - an event subscriber fell too far behind; resubscribe from
   the last sequence number it saw.
+- :class:`WrongEventLoopError` - a call from a thread other than the runtime's event loop.
+- :class:`ConnectionLostError` - the connection to the runtime of another process broke
+  (it exited, was killed, or stopped answering); :class:`OutcomeUnknownError` for a call
+  that was in flight then.
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ from typing import Literal, TypeAlias
 __all__ = [
     "ActorFailedError",
     "ConfigError",
+    "ConnectionLostError",
     "HiveError",
     "IllegalTransitionError",
     "InvalidInputError",
     "LeaseLostError",
     "NewerSchemaError",
     "NotFoundError",
+    "OutcomeUnknownError",
     "RequestTimeoutError",
     "RuntimeFailedError",
     "RuntimeStoppedError",
@@ -244,3 +250,19 @@ class SubscriberLaggedError(HiveError):
             f"subscriber fell behind and was dropped after event {last_seq}; "
             f"replay from sequence {last_seq} to catch up"
         )
+
+
+class ConnectionLostError(HiveError):
+    """The connection to the runtime that owns the database, in another process, broke:
+    that process exited or was killed, or sent nothing for ``remote_timeout`` seconds.
+
+    Raised by every call made after that (and by a subscription's reader). Open a new
+    client to reconnect once a runtime owns the database again.
+    """
+
+
+class OutcomeUnknownError(ConnectionLostError):
+    """The connection broke while this call was in flight: it may or may not have been
+    applied. Re-read before retrying what is not idempotent; a ``create_task`` retried
+    with the same ``idempotency_key`` is safe.
+    """

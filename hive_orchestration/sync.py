@@ -42,7 +42,10 @@ def _blocking(
     def call(self: SyncOrchestrationClient, /, *args: P.args, **kwargs: P.kwargs) -> R:
         client, portal = self._open()
         try:
-            result: R = portal.call(functools.partial(method, client, *args, **kwargs))
+            # Looked up on the client: one that talks to another process's runtime has
+            # its operations replaced by ones that send them there.
+            bound = getattr(client, method.__name__)
+            result: R = portal.call(functools.partial(bound, *args, **kwargs))
         except HiveError as exc:
             # Raised afresh in the caller's thread: the portal's and the event loop's
             # frames say nothing the caller can act on (the cause, if any, is kept).
@@ -175,6 +178,11 @@ class SyncOrchestrationClient:
     @property
     def source_agent(self) -> str | None:
         return self._async.source_agent
+
+    @property
+    def remote(self) -> bool:
+        """Whether the runtime is in another process (see :attr:`OrchestrationClient.remote`)."""
+        return self._async.remote
 
     @property
     def correlation_id(self) -> str | None:

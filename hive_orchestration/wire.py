@@ -41,7 +41,7 @@ import msgspec
 from .client import OrchestrationClient
 from .errors import InvalidInputError
 
-__all__ = ["OPERATIONS", "WireRequest", "call_json"]
+__all__ = ["EXCLUSIVE", "OPERATIONS", "WireRequest", "call_json", "msgpack_arguments"]
 
 #: Operations that could be carried but make no sense from another process.
 _LOCAL_ONLY = frozenset({"aclose_callbacks"})
@@ -123,6 +123,9 @@ _OPERATIONS = _operations()
 #: The operations a request may name: every public async operation of the client whose
 #: arguments and result are JSON values (not callbacks, registries, event objects or streams).
 OPERATIONS: frozenset[str] = frozenset(_OPERATIONS)
+#: Operations that hand the caller something no one else may hold at once (a claim): a
+#: caller that leaves before it takes the answer hands it back.
+EXCLUSIVE: frozenset[str] = frozenset({"claim_task", "claim_tasks", "claim_planning_request"})
 
 
 def _refusal(field: str, error: msgspec.ValidationError) -> InvalidInputError:
@@ -177,28 +180,48 @@ def _decode(raw: bytes | msgspec.Raw, field: str, into: Any) -> Any:
         raise InvalidInputError(field, "is nested too deeply") from None
 
 
+def _decode_msgpack(raw: bytes | msgspec.Raw, field: str, into: Any) -> Any:
+    """``raw`` decoded as msgpack into ``into``; any failure an InvalidInputError."""
+    try:
+        return msgspec.msgpack.decode(raw, type=into)
+    except msgspec.ValidationError as exc:
+        raise _refusal(field, exc) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidInputError(field, f"is not a valid value: {exc}") from None
+    except RecursionError:
+        raise InvalidInputError(field, "is nested too deeply") from None
+
+
 def _short(name: str) -> str:
     """A name the caller made up, cut short for a message."""
     return name if len(name) <= 80 else f"{name[:77]}..."
 
 
-def _arguments(request: WireRequest) -> dict[str, Any]:
-    operation = _OPERATIONS.get(request.op)
+def _arguments(
+    op: str,
+    args: Mapping[str, msgspec.Raw],
+    decode: Callable[[msgspec.Raw, str, Any], Any] = _decode,
+) -> dict[str, Any]:
+    """The arguments of a request for ``op``, each decoded (by ``decode``: JSON, or
+    msgpack for the socket protocol) into the type the operation takes."""
+    operation = _OPERATIONS.get(op)
     if operation is None:
         raise InvalidInputError(
-            "op",
-            f"unknown operation {_short(request.op)!r}; one of {', '.join(sorted(OPERATIONS))}",
+            "op", f"unknown operation {_short(op)!r}; one of {', '.join(sorted(OPERATIONS))}"
         )
-    for name in request.args:
+    for name in args:
         if name not in operation.types:
             valid = ", ".join(operation.types) or "none"
-            raise InvalidInputError(_short(name), f"is not an argument of {request.op} ({valid})")
+            raise InvalidInputError(_short(name), f"is not an argument of {op} ({valid})")
     for name in operation.required:
-        if name not in request.args:
-            raise InvalidInputError(name, f"is required by {request.op}")
-    return {
-        name: _decode(value, name, operation.types[name]) for name, value in request.args.items()
-    }
+        if name not in args:
+            raise InvalidInputError(name, f"is required by {op}")
+    return {name: decode(value, name, operation.types[name]) for name, value in args.items()}
+
+
+def msgpack_arguments(op: str, args: Mapping[str, msgspec.Raw]) -> dict[str, Any]:
+    """:func:`call_json`'s checks of a request, for arguments sent as msgpack values."""
+    return _arguments(op, args, _decode_msgpack)
 
 
 async def call_json(client: OrchestrationClient, raw: bytes | str) -> bytes:
@@ -212,8 +235,8 @@ async def call_json(client: OrchestrationClient, raw: bytes | str) -> bytes:
     ``max_request_bytes`` (4 MiB by default) is refused (on ``request``) before it is
     decoded.
     """
-    limit = client.runtime.config.max_request_bytes
+    limit = client._config.max_request_bytes
     request: WireRequest = _decode(_request_bytes(raw, limit), "request", WireRequest)
-    args = _arguments(request)
+    args = _arguments(request.op, request.args)
     method: Callable[..., Awaitable[object]] = getattr(client, request.op)
     return msgspec.json.encode(await method(**args))

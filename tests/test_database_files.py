@@ -133,7 +133,10 @@ async def test_the_lock_file_is_overwritten_in_place_never_truncated(tmp_path: P
     db = tmp_path / "hive.db"
     lock = lock_of(db)
     async with Runtime.open(db):
-        assert lock.read_text().strip() == str(os.getpid())
+        # The pid, then where the runtime serves its socket (read by other processes).
+        pid, address = lock.read_text().split()
+        assert pid == str(os.getpid())
+        assert address.startswith("unix:")
         inode = lock.stat().st_ino
         with pytest.raises(StorageError, match=f"pid {os.getpid()}, this process"):
             async with Runtime.open(db):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Literal, TypeAlias, Union
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, Union
 
 import anyio
 import anyio.lowlevel
@@ -31,9 +31,15 @@ __all__ = [
     "matches_filters",
 ]
 
-JsonValue: TypeAlias = Union[  # noqa: UP007 - a recursive alias needs the Union form
-    bool, int, float, str, list["JsonValue"], dict[str, "JsonValue"], None
-]
+if TYPE_CHECKING:
+    JsonValue: TypeAlias = Union[  # noqa: UP007 - a recursive alias needs the Union form
+        bool, int, float, str, list["JsonValue"], dict[str, "JsonValue"], None
+    ]
+else:
+    # At run time a JSON value is Any: msgspec cannot decode through a recursive alias, and
+    # the structs that hold JSON (tasks, events...) are decoded from the wire. What a JSON
+    # value may be is checked where it enters (_validate), not by the decoder.
+    JsonValue = Any
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True):
@@ -134,7 +140,7 @@ class EventFeed:
         self._index = 0  # position of the next entry in the first chunk
         #: Events pushed and not yet taken by the reader.
         self.unread = 0
-        self._end: Lagged | _End | None = None
+        self._end: Lagged | _End | Exception | None = None
         self._waiter: anyio.Event | None = None
         self._event_type: type[anyio.Event] | None = None
         self._burst = 0  # events handed out in a row without yielding
@@ -167,6 +173,13 @@ class EventFeed:
             self._end = _CLEAN_END
             self._wake()
 
+    def fail(self, error: Exception) -> None:
+        """End the feed, after what is queued, with ``error`` raised to every later read
+        (the connection to a runtime in another process broke)."""
+        if self._end is None:
+            self._end = error
+            self._wake()
+
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None:
@@ -192,11 +205,53 @@ class EventFeed:
         end = self._end
         if end is None:
             raise anyio.WouldBlock
+        if isinstance(end, Exception):
+            raise end
         if isinstance(end, Lagged):
             self._end = _FINISHED
             return end
         self._end = _FINISHED
         raise anyio.EndOfStream
+
+    def take_nowait(self, limit: int) -> list[Entry] | Lagged:
+        """Up to ``limit`` queued entries as stored (not decoded: for a reader that passes
+        them on as they are, such as a socket), or the end marker once all were taken:
+        :class:`Lagged`, or :class:`anyio.EndOfStream`. :class:`anyio.WouldBlock` if
+        nothing is queued; :class:`anyio.ClosedResourceError` once the reader closed it."""
+        if self._closed:
+            raise anyio.ClosedResourceError
+        chunks = self._chunks
+        if not chunks:
+            end = self._end
+            if end is None:
+                raise anyio.WouldBlock
+            if isinstance(end, Exception):
+                raise end
+            self._end = _FINISHED
+            if isinstance(end, Lagged):
+                return end
+            raise anyio.EndOfStream
+        taken: list[Entry] = []
+        while chunks and len(taken) < limit:
+            chunk = chunks[0]
+            stop = min(len(chunk), self._index + limit - len(taken))
+            taken.extend(chunk[self._index : stop])
+            if stop == len(chunk):
+                chunks.popleft()
+                self._index = 0
+            else:
+                self._index = stop
+        self.unread -= len(taken)
+        return taken
+
+    async def wait_readable(self) -> None:
+        """Wait until something is queued or the feed has ended (or was closed)."""
+        while not self._chunks and self._end is None and not self._closed:
+            if self._waiter is None:
+                if self._event_type is None:
+                    self._event_type = type(anyio.Event())
+                self._waiter = self._event_type()
+            await self._waiter.wait()
 
     async def receive(self) -> Delivery:
         """The next event or end marker, waiting for one.

@@ -28,6 +28,7 @@ __all__ = [
     "open_database",
     "prepare_path",
     "read_only_uri",
+    "read_owner",
     "read_schema_version",
 ]
 
@@ -142,16 +143,55 @@ class DatabaseClaim:
         if self._lock_fd is not None:
             fd, self._lock_fd = self._lock_fd, None
             with contextlib.suppress(OSError):  # the lock goes with the descriptor anyway
-                os.pwrite(fd, _pid_record(""), 0)  # no stale pid for the next opener
+                # No stale pid or address for the next opener (or a client) to report.
+                os.pwrite(fd, _pid_record("") + _address_record(""), 0)
             os.close(fd)  # closing the descriptor releases the flock
+
+    def record_address(self, address: str) -> None:
+        """Write where the runtime serves its message API (``""``: nowhere) into the
+        lock file, for the clients of other processes to find (:func:`read_owner`)."""
+        if self._lock_fd is not None:
+            os.pwrite(self._lock_fd, _address_record(address), _PID_WIDTH)
 
 
 #: Bytes of the lock file's pid record: more than any pid has digits.
 _PID_WIDTH = 32
+#: Bytes of the lock file's address record, after the pid's (a socket path fits in 108).
+_ADDRESS_WIDTH = 480
 
 
 def _pid_record(pid: str) -> bytes:
     return pid.ljust(_PID_WIDTH - 1).encode() + b"\n"
+
+
+def _address_record(address: str) -> bytes:
+    raw = address.encode("utf-8", "surrogateescape")
+    if len(raw) >= _ADDRESS_WIDTH or b"\n" in raw:
+        raise ValueError(f"address too long to record: {address!r}")
+    return raw.ljust(_ADDRESS_WIDTH - 1) + b"\n"
+
+
+def read_owner(path: str) -> tuple[str | None, str | None]:
+    """The pid of the runtime that holds ``path`` and the address it serves on, as its
+    lock file says (each ``None`` when not recorded). Reads without taking the lock: the
+    answer may be stale by the time it is used (the caller connects and finds out)."""
+    lock_path = f"{os.path.realpath(path)}.lock"
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None, None
+    try:
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode) or found.st_uid != os.geteuid():
+            return None, None  # not a lock file this user's runtime wrote
+        raw = os.pread(fd, _PID_WIDTH + _ADDRESS_WIDTH, 0)
+    except OSError:
+        return None, None
+    finally:
+        os.close(fd)
+    pid = raw[:_PID_WIDTH].decode(errors="replace").strip() or None
+    address = raw[_PID_WIDTH:].decode("utf-8", "surrogateescape").strip() or None
+    return pid, address
 
 
 def _check_lock_file(path: str, lock_path: str, found: os.stat_result) -> None:

@@ -954,7 +954,7 @@ async def test_the_runtime_failure_names_the_actor_past_its_limit_and_its_fault(
     """The storage actor crashes on a read, past its restart intensity (``max_restarts=0``),
     while the TaskManager's write for a ``create_task`` waits in its mailbox. Giving up, the
     supervisor discards that mailbox, so the write fails with RuntimeStoppedError and the
-    TaskManager crashes on it (OutcomeUnknownError). That crash is a consequence of the
+    TaskManager crashes on it (CommitOutcomeUnknown). That crash is a consequence of the
     stop: the supervisor neither restarts nor counts it (``Supervisor._failed``), so
     ``Runtime.open`` raises the storage actor's RuntimeFailedError, from the fault."""
     gate = anyio.Event()

@@ -37,8 +37,10 @@ BEFORE, WHILE = 20, 30
 
 
 def lock_holder(path: str) -> str:
-    """What the lock file beside ``path`` says: the owner's pid, or nothing."""
-    return Path(f"{path}.lock").read_text().strip()
+    """What the lock file beside ``path`` says: the owner's pid, or nothing (the
+    address it serves on follows the pid)."""
+    words = Path(f"{path}.lock").read_text().split()
+    return words[0] if words else ""
 
 
 async def refused_by(path: str, owner: int) -> StorageError:

@@ -239,7 +239,7 @@ _LEASED = (Heartbeat, StartTask, CompleteTask, FailTask, ReleaseTask)
 _ENDS_PLAN_TASKS = (UpdateTaskStatus, CancelTask, DeleteTask, CompleteTask, FailTask, ReleaseWorker)
 
 
-class OutcomeUnknownError(RuntimeError):
+class CommitOutcomeUnknown(RuntimeError):
     """A commit whose outcome is unknown: the actor crashes on purpose and reloads."""
 
 
@@ -548,7 +548,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         """Commit, then answer; returns the claims no one was there to receive."""
         try:
             error = await self._commit(work, forwards)
-        except OutcomeUnknownError as exc:
+        except CommitOutcomeUnknown as exc:
             for envelope, _ in work.answers:  # claims handed out from older batches too
                 envelope.fail(ActorFailedError(self.name, exc))
             raise
@@ -634,7 +634,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         except HiveError as exc:
             # The storage actor crashed or stopped mid-batch: the write may or may not be
             # on disk. Only the database knows, so this actor restarts and reloads it.
-            raise OutcomeUnknownError(
+            raise CommitOutcomeUnknown(
                 f"storage did not say whether a batch was committed ({exc}); the task"
                 " manager restarts from the database"
             ) from exc

@@ -1,0 +1,549 @@
+"""The client's side of a connection to the runtime of another process.
+
+:class:`RemoteRuntime` stands where an in-process :class:`~hive_orchestration.Runtime`
+stands for an :class:`~hive_orchestration.OrchestrationClient`: it carries the client's
+operations as calls over the socket (pipelined: many calls share one connection, each
+answered when it is done), its subscriptions as server-pushed event frames into the same
+:class:`~hive_orchestration.Subscription` an in-process subscriber reads, and its
+callbacks in a task group of its own. One reader task takes every frame from the server
+and hands it to whoever waits for it; it never waits for a slow reader, which lags as an
+in-process subscriber does.
+
+When the connection breaks (the owner exited or was killed, or sent nothing for
+``remote_timeout`` seconds although pinged), every call in flight fails with
+:class:`OutcomeUnknownError`, later calls with :class:`ConnectionLostError`, and every
+subscription ends with the same. An owner that stops cleanly says goodbye first: then it
+is :class:`RuntimeStoppedError` and subscriptions end as they do in-process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from contextlib import asynccontextmanager, suppress
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
+import msgspec
+from anyio.abc import SocketStream, TaskGroup
+
+from ..config import RuntimeConfig
+from ..embedded import raise_cause
+from ..errors import (
+    ConnectionLostError,
+    HiveError,
+    InvalidInputError,
+    OutcomeUnknownError,
+    RuntimeStoppedError,
+    WrongEventLoopError,
+)
+from ..messages.events import Event, EventFeed
+from .address import connect_path
+from .protocol import (
+    PROTOCOL_VERSION,
+    Call,
+    Cancel,
+    Ended,
+    Events,
+    Failure,
+    FrameError,
+    FrameReader,
+    Goodbye,
+    Hello,
+    Ping,
+    Pong,
+    Received,
+    Refused,
+    Result,
+    ServerFrame,
+    Subscribe,
+    Unsubscribe,
+    Welcome,
+    decode_error,
+    frame,
+    too_large,
+)
+
+if TYPE_CHECKING:
+    from ..embedded import Subscription
+
+__all__ = ["RemoteRuntime"]
+
+log = logging.getLogger("hive_orchestration.remote")
+
+#: Largest frame a client reads from its server (an answer of many tasks is large).
+_MAX_ANSWER = 512 * 1024 * 1024
+#: How long the client waits for the server's welcome.
+_HANDSHAKE = 5.0
+
+
+class _Pending:
+    """A call waiting for its answer."""
+
+    __slots__ = ("done", "error", "value")
+
+    def __init__(self, done: anyio.Event) -> None:
+        self.done = done
+        self.value: msgspec.Raw | None = None
+        self.error: HiveError | None = None
+
+
+def _argument(value: object) -> object:
+    """What msgspec cannot encode as it is: the shapes a Python caller may pass."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    if isinstance(value, Iterable) and not isinstance(value, str | bytes):
+        return list(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise NotImplementedError
+
+
+def _enc_hook(value: object) -> object:
+    try:
+        return _argument(value)
+    except NotImplementedError:
+        raise TypeError(f"a {type(value).__name__} cannot be sent") from None
+
+
+_encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+
+
+class RemoteRuntime:
+    """A connection to the runtime that owns a database in another process."""
+
+    def __init__(self, stream: SocketStream, welcome: Welcome, address: str) -> None:
+        self._stream = stream
+        self._welcome = welcome
+        self.address = address
+        self.owner_pid = welcome.pid
+        self._config = RuntimeConfig(
+            subscriber_buffer=welcome.subscriber_buffer,
+            subscriber_overflow=welcome.subscriber_overflow,
+        )
+        self._lock = anyio.Lock()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._feeds: dict[int, tuple[EventFeed, int, Literal["error", "drop"]]] = {}
+        self._thread = threading.get_ident()
+        self._lost: HiveError | None = None  # why no call can be made any more
+        self._goodbye: str | None = None  # the owner is stopping: no new calls
+        self._closed = False
+        self._last_heard = anyio.current_time()
+        self._callbacks: TaskGroup | None = None
+        self._event_type = type(anyio.Event())
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(
+        cls, address: str, *, name: str | None = None, silence: float = 10.0
+    ) -> AsyncIterator[RemoteRuntime]:
+        """Connect to the runtime serving at ``address`` (as its lock file records it) for
+        the block; ``silence`` is how long a silent connection lives (``remote_timeout``).
+        Raises :class:`ConnectionLostError` if nothing answers there."""
+        try:
+            stream = await anyio.connect_unix(connect_path(address))
+        except OSError as exc:
+            raise ConnectionLostError(
+                f"cannot connect to the runtime at {address}: {exc.strerror or exc}"
+            ) from None
+        async with stream:
+            reader = FrameReader(stream, ServerFrame, _MAX_ANSWER)
+            welcome = await cls._handshake(stream, reader, address, name)
+            remote = cls(stream, welcome, address)
+            try:
+                async with anyio.create_task_group() as group:
+                    group.start_soon(remote._read, reader)
+                    group.start_soon(remote._keepalive, silence)
+                    try:
+                        # The app's event callbacks: they stop before the connection does.
+                        async with anyio.create_task_group() as callbacks:
+                            remote._callbacks = callbacks
+                            try:
+                                yield remote
+                            finally:
+                                callbacks.cancel_scope.cancel()
+                    finally:
+                        remote._closed = True
+                        group.cancel_scope.cancel()
+            except BaseExceptionGroup as failed:
+                raise_cause(failed)
+
+    @staticmethod
+    async def _handshake(
+        stream: SocketStream, reader: FrameReader, address: str, name: str | None
+    ) -> Welcome:
+        try:
+            with anyio.fail_after(_HANDSHAKE):
+                await stream.send(frame(Hello(PROTOCOL_VERSION, name=name)))
+                answer = await reader.read()
+        except TimeoutError:
+            raise ConnectionLostError(
+                f"the runtime at {address} did not answer within {_HANDSHAKE:g}s"
+            ) from None
+        except (anyio.EndOfStream, anyio.BrokenResourceError, FrameError, OSError) as exc:
+            raise ConnectionLostError(
+                f"the runtime at {address} closed the connection at once ({exc or 'no answer'})"
+            ) from None
+        if isinstance(answer, Refused):
+            raise decode_error(answer.error)
+        if not isinstance(answer, Welcome):
+            raise ConnectionLostError(f"the runtime at {address} did not welcome this client")
+        return answer
+
+    @property
+    def path(self) -> str:
+        """The database file the owner holds."""
+        return self._welcome.db_path
+
+    @property
+    def config(self) -> RuntimeConfig:
+        """The defaults that apply on this side (the owner's own config governs the rest)."""
+        return self._config
+
+    def _check_running(self) -> None:
+        lost = self._lost
+        if lost is not None:
+            raise type(lost)(str(lost))  # a fresh one: several callers may raise it at once
+        if self._goodbye is not None:
+            raise RuntimeStoppedError(self._stopped_text(self._goodbye))
+        if self._closed:
+            raise RuntimeStoppedError("the connection to the runtime is closed")
+
+    def _check_loop(self) -> None:
+        if threading.get_ident() != self._thread:
+            names = {thread.ident: thread.name for thread in threading.enumerate()}
+            raise WrongEventLoopError(
+                names.get(self._thread, f"thread {self._thread}"), threading.current_thread().name
+            )
+
+    def _check_open(self) -> None:
+        self._check_running()
+        self._check_loop()
+
+    def _spawn(self, function: Callable[[], Coroutine[Any, Any, object]]) -> None:
+        self._check_running()
+        assert self._callbacks is not None
+        self._callbacks.start_soon(function)
+
+    # -- calls ------------------------------------------------------------------------------
+
+    async def call(
+        self,
+        op: str,
+        args: Mapping[str, object],
+        *,
+        agent: str | None,
+        correlation: str | None,
+        returns: Any,
+        exclusive: bool = False,
+    ) -> Any:
+        """Run ``op`` on the owner; its answer decoded into ``returns``, or its error."""
+        self._check_open()
+        call_id = next(self._ids)
+        encoded = {name: msgspec.Raw(self._encode(name, value)) for name, value in args.items()}
+        data = frame(Call(call_id, op, encoded, agent, correlation))
+        if len(data) - 4 > self._welcome.max_frame:
+            raise too_large(f"this {op} call", len(data) - 4, self._welcome.max_frame)
+        pending = _Pending(self._event_type())
+        self._pending[call_id] = pending
+        try:
+            await self._send_bytes(data)
+            await pending.done.wait()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                if self._pending.pop(call_id, None) is not None and not pending.done.is_set():
+                    await self._send_quietly(Cancel(call_id))
+                elif exclusive and pending.value is not None:
+                    await self._send_quietly(Received(call_id, kept=False))
+            raise
+        self._pending.pop(call_id, None)
+        if pending.error is not None:
+            raise pending.error.with_traceback(None)
+        assert pending.value is not None
+        try:
+            value = msgspec.msgpack.decode(pending.value, type=returns)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            if exclusive:
+                await self._send_quietly(Received(call_id, kept=False))
+            raise HiveError(f"the runtime's answer to {op} could not be read: {exc}") from None
+        if exclusive:
+            with anyio.CancelScope(shield=True):
+                await self._send_quietly(Received(call_id, kept=True))
+        return value
+
+    def _encode(self, name: str, value: object) -> bytes:
+        try:
+            return _encoder.encode(value)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InvalidInputError(name, f"cannot be sent to the runtime: {exc}") from None
+        except RecursionError:
+            raise InvalidInputError(name, "is nested too deeply") from None
+
+    async def _send_bytes(self, data: bytes) -> None:
+        self._check_running()
+        try:
+            async with self._lock:
+                await self._stream.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            self._lose(ConnectionLostError(self._why(f"the connection broke ({exc})")))
+            self._check_running()
+            raise  # pragma: no cover - _check_running raised
+
+    async def _send_quietly(self, message: msgspec.Struct) -> None:
+        """Send a notice the server needs but nobody waits on (cancel, receipt)."""
+        if self._lost is not None or self._closed:
+            return
+        with suppress(HiveError), anyio.move_on_after(5.0):
+            await self._send_bytes(frame(message))
+
+    # -- events -----------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def subscribe(
+        self,
+        pattern: str = "*",
+        *,
+        buffer: int | None = None,
+        overflow: Literal["error", "drop"] | None = None,
+        **filters: str,
+    ) -> AsyncIterator[Subscription]:
+        subscription = await self._open_subscription(
+            pattern, buffer=buffer, overflow=overflow, filters=filters
+        )
+        try:
+            yield subscription
+        finally:
+            subscription.close()
+
+    async def _open_subscription(
+        self,
+        pattern: str,
+        *,
+        buffer: int | None,
+        overflow: Literal["error", "drop"] | None,
+        filters: Mapping[str, str],
+    ) -> Subscription:
+        """A subscription registered with the owner (its checks are the owner's)."""
+        from ..embedded import Subscription
+
+        self._check_open()
+        if not isinstance(pattern, str):
+            raise InvalidInputError("pattern", f"must be a string, got {type(pattern).__name__}")
+        subscription_id = next(self._ids)
+        feed = EventFeed()
+        capacity = self._config.subscriber_buffer
+        if isinstance(buffer, int) and buffer > 0:
+            capacity = buffer
+        policy = overflow if overflow in ("error", "drop") else self._config.subscriber_overflow
+        self._feeds[subscription_id] = (feed, capacity, policy)
+        try:
+            await self.call_frame(
+                subscription_id,
+                Subscribe(subscription_id, pattern, dict(filters), buffer, overflow),
+            )
+        except BaseException:
+            self._feeds.pop(subscription_id, None)
+            feed.close()
+            raise
+
+        def close() -> None:
+            feed.close()
+            if self._feeds.pop(subscription_id, None) is not None and self._lost is None:
+                with suppress(HiveError):
+                    self._spawn_notice(Unsubscribe(subscription_id))
+
+        return Subscription(feed, pattern, close, self._thread)
+
+    async def call_frame(self, call_id: int, message: msgspec.Struct) -> None:
+        """Send a frame answered like a call (a subscribe), and wait for that answer."""
+        pending = _Pending(self._event_type())
+        self._pending[call_id] = pending
+        try:
+            await self._send_bytes(frame(message))
+            await pending.done.wait()
+        finally:
+            self._pending.pop(call_id, None)
+        if pending.error is not None:
+            raise pending.error.with_traceback(None)
+
+    def _spawn_notice(self, message: msgspec.Struct) -> None:
+        """Send ``message`` soon, from a task of the connection (``close()`` is sync)."""
+        if self._callbacks is not None and not self._closed:
+            self._callbacks.start_soon(self._send_quietly, message)
+
+    async def read_events(
+        self,
+        after: int = 0,
+        *,
+        limit: int = 1000,
+        pattern: str = "*",
+        task_id: str | None = None,
+        plan_id: str | None = None,
+        correlation_id: str | None = None,
+    ) -> list[Event]:
+        args: dict[str, object] = {"after": after, "limit": limit, "pattern": pattern}
+        for name, value in (
+            ("task_id", task_id),
+            ("plan_id", plan_id),
+            ("correlation_id", correlation_id),
+        ):
+            if value is not None:
+                args[name] = value
+        events: list[Event] = await self.call(
+            "read_events", args, agent=None, correlation=None, returns=list[Event]
+        )
+        return events
+
+    async def last_seq(self) -> int:
+        seq: int = await self.call("last_seq", {}, agent=None, correlation=None, returns=int)
+        return seq
+
+    async def publish(
+        self,
+        event_type: str,
+        data: Mapping[str, object] | None = None,
+        *,
+        source: str = "runtime",
+        correlation_id: str | None = None,
+        task_id: str | None = None,
+        plan_id: str | None = None,
+        worker_id: str | None = None,
+    ) -> Event:
+        args: dict[str, object] = {"event_type": event_type}
+        if data is not None:
+            args["data"] = data
+        for name, value in (("task_id", task_id), ("plan_id", plan_id), ("worker_id", worker_id)):
+            if value is not None:
+                args[name] = value
+        event: Event = await self.call(
+            "publish", args, agent=source, correlation=correlation_id, returns=Event
+        )
+        return event
+
+    # -- the connection's own tasks ---------------------------------------------------------
+
+    async def _read(self, reader: FrameReader) -> None:
+        """Hand every frame from the server to whoever waits for it, until it closes."""
+        goodbye: str | None = None
+        try:
+            while True:
+                message = await reader.read()
+                self._last_heard = anyio.current_time()
+                match message:
+                    case Result(id=call_id, value=value):
+                        pending = self._pending.get(call_id)
+                        if pending is not None:
+                            pending.value = value
+                            pending.done.set()
+                    case Failure(id=call_id):
+                        pending = self._pending.get(call_id)
+                        if pending is not None:
+                            pending.error = decode_error(message)
+                            pending.done.set()
+                    case Events(id=subscription_id, entries=entries):
+                        self._deliver(subscription_id, entries)
+                    case Ended(id=subscription_id, lagged=lagged):
+                        found = self._feeds.pop(subscription_id, None)
+                        if found is not None:
+                            if lagged is not None:
+                                found[0].lag(lagged)
+                            else:
+                                found[0].finish()
+                    case Goodbye(reason=reason):
+                        goodbye = self._goodbye = reason
+                    case Pong():
+                        pass
+                    case _:
+                        raise FrameError(f"unexpected {type(message).__name__}")
+        except anyio.EndOfStream:
+            why = "the connection closed"
+        except FrameError as exc:
+            why = f"the runtime sent something this client cannot read ({exc})"
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            why = f"the connection broke ({exc})"
+        if goodbye is not None:
+            self._stopped(goodbye)
+        else:
+            self._lose(ConnectionLostError(self._why(why)))
+
+    def _deliver(self, subscription_id: int, entries: list[tuple[Event, bytes]]) -> None:
+        found = self._feeds.get(subscription_id)
+        if found is None or not entries:
+            return  # closed on this side: its Unsubscribe is on its way
+        feed, capacity, policy = found
+        if feed.reader_closed:
+            return
+        # The in-process rule: a reader behind by its buffer's worth, beyond what is left of
+        # the last batch it was given, lags; a batch is handed over whole.
+        if feed.unread > capacity:
+            if policy == "drop":
+                return
+            del self._feeds[subscription_id]
+            feed.lag(entries[0][0].seq - 1)
+            self._spawn_notice(Unsubscribe(subscription_id))
+            return
+        feed.push(entries)
+
+    async def _keepalive(self, silence: float) -> None:
+        """Ping while quiet; a server silent for ``silence`` seconds is gone. Pings come
+        often enough for the server's own idle limit too."""
+        interval = min(silence / 4, self._welcome.idle / 4, 5.0)
+        nonce = itertools.count(1)
+        while True:
+            await anyio.sleep(interval)
+            quiet = anyio.current_time() - self._last_heard
+            if quiet >= silence:
+                self._lose(
+                    ConnectionLostError(
+                        self._why(f"the runtime sent nothing for {quiet:.1f}s although pinged")
+                    )
+                )
+                await self._stream.aclose()
+                return
+            await self._send_quietly(Ping(next(nonce)))
+
+    def _why(self, what: str) -> str:
+        return (
+            f"lost the runtime of process {self.owner_pid} ({self.address}) that owns"
+            f" {self.path!r}: {what}. Open a new client once a runtime owns the database again"
+        )
+
+    def _lose(self, error: ConnectionLostError) -> None:
+        """The connection is gone: fail what waits, end every subscription."""
+        if self._lost is not None:
+            return
+        self._lost = error
+        if not self._closed:
+            log.warning("%s", error)
+        for pending in self._pending.values():
+            pending.error = OutcomeUnknownError(
+                f"{error}; this call was in flight, so it may or may not have been applied"
+            )
+            pending.done.set()
+        self._pending.clear()
+        for feed, _, _ in self._feeds.values():
+            feed.fail(ConnectionLostError(str(error)))
+        self._feeds.clear()
+
+    def _stopped_text(self, reason: str) -> str:
+        return f"the runtime of process {self.owner_pid} that owns {self.path!r} stopped: {reason}"
+
+    def _stopped(self, reason: str) -> None:
+        """The owner said goodbye, then closed: like an in-process runtime stopping."""
+        error = RuntimeStoppedError(self._stopped_text(reason))
+        self._lost = error
+        for pending in self._pending.values():
+            pending.error = error
+            pending.done.set()
+        self._pending.clear()
+        for feed, _, _ in self._feeds.values():
+            feed.finish()
+        self._feeds.clear()

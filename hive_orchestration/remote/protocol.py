@@ -1,0 +1,286 @@
+"""The wire: what a client and the runtime that owns a database say to each other.
+
+A connection carries frames, each a 4-byte big-endian length then that many bytes of
+msgpack: one :data:`ClientFrame` or :data:`ServerFrame` (tagged msgspec Structs). The
+length is checked against the receiver's limit before a byte of the body is read, so a
+peer cannot make the other side buffer more than it agreed to.
+
+A conversation: the client sends :class:`Hello` (the protocol version, a token where
+one is needed), the server answers :class:`Welcome` (its limits and what it is) or
+:class:`Refused` and closes. Then the client sends :class:`Call` frames, each with its
+own id, and may send more before the first is answered (pipelining); the server answers
+each with :class:`Result` or :class:`Failure` in whatever order they finish. Operations
+are the client's public operations by name, arguments by name, each argument its own
+msgpack value (decoded by the server into the type the operation takes). A call that
+hands the caller something exclusive (a claim) is acknowledged by the client with
+:class:`Received`: a claim the client did not take goes back at once. Subscriptions push
+:class:`Events` frames until :class:`Ended`. :class:`Ping` proves the peer alive.
+docs/PROTOCOL.md describes the same for implementers in other languages.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Literal, TypeAlias
+
+import anyio
+import msgspec
+from anyio.abc import ByteReceiveStream, ByteSendStream
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from ..errors import HiveError, InvalidInputError
+from ..messages.events import Event
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Call",
+    "Cancel",
+    "ClientFrame",
+    "Ended",
+    "Events",
+    "Failure",
+    "FrameError",
+    "FrameReader",
+    "Goodbye",
+    "Hello",
+    "Ping",
+    "Pong",
+    "Received",
+    "Refused",
+    "Result",
+    "ServerFrame",
+    "Subscribe",
+    "Unsubscribe",
+    "Welcome",
+    "decode_error",
+    "encode_error",
+    "frame",
+]
+
+#: Bumped on any change a peer of the previous version would misread.
+PROTOCOL_VERSION = 1
+
+_HEADER = struct.Struct(">I")
+
+
+class _Frame(msgspec.Struct, frozen=True, tag_field="kind"):
+    """Every frame names its kind in the field ``kind``."""
+
+
+# -- client -> server ---------------------------------------------------------------------
+
+
+class Hello(_Frame, frozen=True, tag="hello"):
+    version: int
+    #: Who the client is, for the server's log and statistics (not an identity).
+    name: str | None = None
+    token: str | None = None
+
+
+class Call(_Frame, frozen=True, tag="call"):
+    """Run operation ``op`` with ``args`` (each its own msgpack value), as ``agent`` with
+    ``correlation`` as the defaults a client stamps on what it causes."""
+
+    id: int
+    op: str
+    args: dict[str, msgspec.Raw] = {}
+    agent: str | None = None
+    correlation: str | None = None
+
+
+class Cancel(_Frame, frozen=True, tag="cancel"):
+    """The caller stopped waiting for call ``id``: stop it if it still runs."""
+
+    id: int
+
+
+class Received(_Frame, frozen=True, tag="received"):
+    """The caller took (``kept``) or did not take the exclusive result of call ``id``."""
+
+    id: int
+    kept: bool
+
+
+class Subscribe(_Frame, frozen=True, tag="subscribe"):
+    """Open a live subscription; answered with a :class:`Result` (its id is ``id``) once
+    it is registered, then fed with :class:`Events` until :class:`Ended`."""
+
+    id: int
+    pattern: str
+    filters: dict[str, str] = {}
+    buffer: int | None = None
+    overflow: Literal["error", "drop"] | None = None
+
+
+class Unsubscribe(_Frame, frozen=True, tag="unsubscribe"):
+    id: int
+
+
+class Ping(_Frame, frozen=True, tag="ping"):
+    nonce: int
+
+
+ClientFrame: TypeAlias = Hello | Call | Cancel | Received | Subscribe | Unsubscribe | Ping
+
+
+# -- server -> client ---------------------------------------------------------------------
+
+
+class Welcome(_Frame, frozen=True, tag="welcome"):
+    version: int
+    #: The owning process and the database it serves (absolute path).
+    pid: int
+    db_path: str
+    #: Largest frame the server reads; a bigger call is refused before it is sent.
+    max_frame: int
+    #: Calls a connection may have in flight; more wait (the server stops reading).
+    max_in_flight: int
+    #: Defaults of a subscription's buffer and overflow policy.
+    subscriber_buffer: int
+    subscriber_overflow: Literal["error", "drop"]
+    #: The server closes a connection silent this long: ping more often than that.
+    idle: float = 30.0
+    #: What the connection may do: ``admin`` (the owner's own user), ``agent``.
+    role: str = "admin"
+    #: The identity every call is made as, when the server pins it (a token's).
+    identity: str | None = None
+
+
+class Refused(_Frame, frozen=True, tag="refused"):
+    """The handshake failed (wrong version, token, peer): ``error`` as :class:`Failure`."""
+
+    error: Failure
+
+
+class Result(_Frame, frozen=True, tag="result"):
+    id: int
+    value: msgspec.Raw
+
+
+class Failure(_Frame, frozen=True, tag="failure"):
+    """Call ``id`` raised: the package error's class name, message and attributes."""
+
+    id: int
+    type: str
+    message: str
+    attrs: dict[str, Any] = {}
+
+
+class Events(_Frame, frozen=True, tag="events"):
+    """Committed events of subscription ``id``, in log order; each event's ``data`` is
+    empty and its data travels beside it as the JSON it is stored as."""
+
+    id: int
+    entries: list[tuple[Event, bytes]]
+
+
+class Ended(_Frame, frozen=True, tag="ended"):
+    """Subscription ``id`` is over: ``lagged`` (the last seq it was given) if it fell a
+    whole buffer behind, else the runtime stopped or the client unsubscribed."""
+
+    id: int
+    lagged: int | None = None
+
+
+class Pong(_Frame, frozen=True, tag="pong"):
+    nonce: int
+
+
+class Goodbye(_Frame, frozen=True, tag="goodbye"):
+    """The runtime is stopping: nothing more will be answered on this connection."""
+
+    reason: str
+
+
+ServerFrame: TypeAlias = Welcome | Refused | Result | Failure | Events | Ended | Pong | Goodbye
+
+
+# -- frames on a byte stream --------------------------------------------------------------
+
+
+class FrameError(HiveError):
+    """A peer sent something that is not a frame of this protocol (or too big a one)."""
+
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def frame(message: msgspec.Struct) -> bytes:
+    """``message`` as one frame: its length, then its msgpack."""
+    body = _encoder.encode(message)
+    return _HEADER.pack(len(body)) + body
+
+
+class FrameReader:
+    """Reads frames of one kind from a byte stream, each checked against ``limit``."""
+
+    def __init__(self, stream: ByteReceiveStream, kind: Any, limit: int) -> None:
+        self._stream = BufferedByteReceiveStream(stream)
+        self._decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(kind)
+        self.limit = limit
+
+    async def read(self) -> Any:
+        """The next frame; :class:`anyio.EndOfStream` at a clean end between frames,
+        :class:`FrameError` for anything else (half a frame, too big, not msgpack)."""
+        try:
+            header = await self._stream.receive_exactly(_HEADER.size)
+        except anyio.IncompleteRead:
+            if self._stream.buffer:
+                raise FrameError("the connection closed in the middle of a frame") from None
+            raise anyio.EndOfStream from None
+        (size,) = _HEADER.unpack(header)
+        if size > self.limit:
+            raise FrameError(f"a frame of {size} bytes is over the limit of {self.limit}")
+        try:
+            body = await self._stream.receive_exactly(size)
+        except anyio.IncompleteRead:
+            raise FrameError("the connection closed in the middle of a frame") from None
+        try:
+            return self._decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise FrameError(f"not a frame of this protocol: {exc}") from None
+
+
+async def send_frame(stream: ByteSendStream, message: msgspec.Struct) -> None:
+    await stream.send(frame(message))
+
+
+# -- errors across the wire ---------------------------------------------------------------
+
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+def encode_error(call_id: int, error: BaseException) -> Failure:
+    """A package error as a :class:`Failure`: its class name, message and plain attributes
+    (``field``, ``reason``, ``kind``, ``id``...). Anything else is reported as a
+    :class:`HiveError` that names its type, never with its traceback."""
+    if isinstance(error, HiveError):
+        attrs = {k: v for k, v in vars(error).items() if isinstance(v, _JSON_SCALARS)}
+        return Failure(call_id, type(error).__name__, str(error), attrs)
+    return Failure(
+        call_id, "HiveError", f"the runtime failed on this call: {type(error).__name__}: {error}"
+    )
+
+
+def decode_error(failure: Failure) -> HiveError:
+    """The error a :class:`Failure` describes, of the same class when it is one of the
+    package's (with its attributes), else a :class:`HiveError` with its message."""
+    from .. import errors
+
+    cls = getattr(errors, failure.type, None)
+    if not (isinstance(cls, type) and issubclass(cls, HiveError)):
+        return HiveError(f"{failure.type}: {failure.message}")
+    error = cls.__new__(cls)
+    Exception.__init__(error, failure.message)
+    for name, value in failure.attrs.items():
+        if isinstance(name, str) and not name.startswith("_") and isinstance(value, _JSON_SCALARS):
+            setattr(error, name, value)
+    return error
+
+
+def too_large(what: str, size: int, limit: int) -> InvalidInputError:
+    return InvalidInputError(
+        "request",
+        f"{what} is {size} bytes once encoded, over the {limit} bytes the runtime reads in"
+        " one frame: send less per call",
+    )

@@ -1,0 +1,483 @@
+"""Clients in another process: the owner's runtime serves its message API on a Unix
+socket, and ``OrchestrationClient(db_path=...)`` of the same database connects to it.
+
+Every test runs a real owner process (``_owner.py``) on a real file, and talks to it from
+this process through the real socket, on both backends (the owner runs on the test's
+backend too). Faults are real: the owner is killed with SIGKILL, or stopped; hostile
+peers write raw bytes to the socket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from hive_orchestration import (
+    Claim,
+    ConnectionLostError,
+    Event,
+    IllegalTransitionError,
+    InvalidInputError,
+    NotFoundError,
+    OrchestrationClient,
+    OutcomeUnknownError,
+    RuntimeStoppedError,
+    SubscriberLaggedError,
+    SyncOrchestrationClient,
+    Task,
+    TaskCompletedEvent,
+    TaskStatus,
+)
+from hive_orchestration.storage.database import read_owner
+
+pytestmark = pytest.mark.anyio
+
+OWNER = Path(__file__).with_name("_owner.py")
+#: Only turns a hang into a failure.
+DEADLINE = 30.0
+
+
+class Owner:
+    def __init__(self, process: Process, address: str, pid: int) -> None:
+        self.process = process
+        self.address = address
+        self.pid = pid
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+
+    async def stop(self) -> int:
+        """Close its stdin: it stops its runtime cleanly and exits."""
+        assert self.process.stdin is not None
+        await self.process.stdin.aclose()
+        with anyio.fail_after(DEADLINE):
+            return await self.process.wait()
+
+
+@asynccontextmanager
+async def owner(db_path: str, backend: str, **config: Any) -> AsyncIterator[Owner]:
+    """A process that owns ``db_path`` and serves it, until the block ends."""
+    command = [sys.executable, str(OWNER), db_path, backend, json.dumps(config)]
+    process = await anyio.open_process(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        lines = BufferedByteReceiveStream(process.stdout)
+        with anyio.fail_after(DEADLINE):
+            try:
+                ready = json.loads(await lines.receive_until(b"\n", 1 << 16))
+            except (anyio.EndOfStream, anyio.IncompleteRead):
+                assert process.stderr is not None
+                errors = await process.stderr.receive() if process.returncode is None else b""
+                raise AssertionError(f"the owner did not start: {errors!r}") from None
+        yield Owner(process, ready["ready"], ready["pid"])
+    finally:
+        with anyio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            await process.aclose()
+
+
+# -- every operation, as in-process ------------------------------------------------------
+
+
+async def test_a_client_of_another_process_works_as_an_in_process_one(
+    db_path: str, anyio_backend: str
+) -> None:
+    absolute = str(Path(db_path).absolute())  # noqa: ASYNC240
+    async with (
+        owner(db_path, anyio_backend),
+        OrchestrationClient(db_path=db_path, source_agent="planner") as client,
+    ):
+        assert client.remote
+        assert client.db_path == absolute
+        task_id = await client.create_task("build", {"n": 1}, priority=5, tags=("a", "b"))
+        task = await client.get_task(task_id)
+        assert isinstance(task, Task)
+        assert (task.status, task.payload, task.tags, task.source_agent) == (
+            TaskStatus.QUEUED,
+            {"n": 1},
+            ("a", "b"),
+            "planner",
+        )
+        # The owner's checks, with the package's errors and their fields.
+        with pytest.raises(InvalidInputError) as bad:
+            await client.create_task("", {})
+        assert bad.value.field == "task_type"
+        with pytest.raises(NotFoundError) as missing:
+            await client.cancel_task("no-such-task")
+        assert (missing.value.kind, missing.value.id) == ("task", "no-such-task")
+        with pytest.raises(TypeError):
+            await client.create_task()  # type: ignore[call-arg]
+        # A claim, its lease, and the worker's calls with it.
+        claim = await client.claim_task("w1", ["build"], start=True)
+        assert isinstance(claim, Claim)
+        assert claim.task.id == task_id
+        done = await client.complete_task(claim.lease, {"ok": True})
+        assert done.status is TaskStatus.COMPLETED
+        with pytest.raises(IllegalTransitionError) as illegal:
+            await client.update_task_status(task_id, "running")
+        assert (illegal.value.current, illegal.value.requested) == ("completed", "running")
+        # The seeds' plan loop, across the socket.
+        plan_id = await client.create_execution_plan(
+            {
+                "subtasks": [
+                    {"id": "a", "task_type": "step"},
+                    {"id": "b", "task_type": "step", "dependencies": ["a"]},
+                ]
+            }
+        )
+        assert await client.mark_plan_execution_started(plan_id)
+        ran = []
+        while (step := await client.get_next_planned_subtask(plan_id)) is not None:
+            ran.append(step.subtask_id)
+            await client.update_task_status(step.id, "completed")
+        assert ran == ["a", "b"]
+        assert await client.get_execution_plan_status(plan_id) == "completed"
+        # App events and the log.
+        published = await client.publish("review.done", {"score": 9})
+        assert isinstance(published, Event)
+        assert published.source == "planner"
+        log = await client.read_events(published.seq - 1)
+        assert [e.type for e in log] == ["review.done"]
+        assert await client.last_seq() == published.seq
+        # A client bound to other defaults shares the connection.
+        bound = client.bind(source_agent="deployer")
+        other = await bound.create_task("deploy")
+        assert (await client.get_task(other)).source_agent == "deployer"  # type: ignore[union-attr]
+
+
+async def test_a_sync_client_of_another_process(db_path: str, anyio_backend: str) -> None:
+    async with owner(db_path, anyio_backend):
+
+        def use() -> tuple[bool, TaskStatus]:
+            with SyncOrchestrationClient(db_path=db_path, backend=anyio_backend) as client:
+                task_id = client.create_task("report", {"day": "monday"})
+                client.update_task_status(task_id, "completed")
+                client.publish_task_event(TaskCompletedEvent(task_id=task_id))  # a no-op
+                task = client.get_task(task_id)
+                assert task is not None
+                return client.remote, task.status
+
+        remote, status = await anyio.to_thread.run_sync(use)
+    assert remote
+    assert status is TaskStatus.COMPLETED
+
+
+# -- events --------------------------------------------------------------------------------
+
+
+async def test_subscriptions_streams_and_callbacks_cross_the_socket(
+    db_path: str, anyio_backend: str
+) -> None:
+    async with (
+        owner(db_path, anyio_backend),
+        OrchestrationClient(db_path=db_path) as client,
+    ):
+        seen: list[Event] = []
+        marker_seen = anyio.Event()
+
+        def collect(event: Event) -> None:
+            seen.append(event)
+            if event.type == "task.created" and event.data.get("task_type") == "marker":
+                marker_seen.set()
+
+        handle = await client.subscribe_to_task_events("*", collect)
+        # Two commits larger than the buffer: a reader that keeps up does not lag.
+        async with client.subscribe("task.created") as live, anyio.create_task_group() as group:
+            for _ in range(2):
+                group.start_soon(client.create_tasks, [{"task_type": "bulk"} for _ in range(600)])
+            created = [await live.receive() for _ in range(1200)]
+        seqs = [event.seq for event in created]
+        assert seqs == sorted(seqs)
+        assert len(set(seqs)) == 1200
+        last = await client.last_seq()
+        # The log, then live, with no gap and no duplicate.
+        async with client.events(after=0, pattern="task.created") as stream:
+            replayed = [await stream.receive() for _ in range(1200)]
+            marker = await client.create_task("marker")
+            tail = await stream.receive()
+        assert [e.seq for e in replayed] == seqs
+        assert tail.task_id == marker
+        # The callback saw everything, in order.
+        with anyio.fail_after(DEADLINE):
+            await marker_seen.wait()
+        assert [e.seq for e in seen if e.seq <= last] == seqs
+        await handle.aclose()
+        assert handle.errors == 0
+
+
+async def test_a_slow_remote_reader_lags_and_its_stream_catches_up(
+    db_path: str, anyio_backend: str
+) -> None:
+    async with (
+        owner(db_path, anyio_backend),
+        OrchestrationClient(db_path=db_path) as client,
+    ):
+        async with client.subscribe("app.*", buffer=5) as live:
+            for n in range(3):  # commits of one event: the reader falls behind
+                await client.publish("app.tick", {"n": n})
+            first = await live.receive()
+            for n in range(3, 20):
+                await client.publish("app.tick", {"n": n})
+            with pytest.raises(SubscriberLaggedError) as lagged:
+                await _drain(live)
+        assert first.data == {"n": 0}
+        assert lagged.value.last_seq >= first.seq
+        async with client.events(after=0, pattern="app.*", buffer=5) as stream:
+            got = [await stream.receive() for _ in range(20)]
+        assert [e.data["n"] for e in got] == list(range(20))
+
+
+async def _drain(subscription: Any) -> None:
+    while True:
+        await subscription.receive()
+
+
+# -- the owner goes away -----------------------------------------------------------------
+
+
+async def test_a_killed_owner_fails_calls_and_subscriptions_promptly(
+    db_path: str, anyio_backend: str
+) -> None:
+    async with (
+        owner(db_path, anyio_backend) as process,
+        OrchestrationClient(db_path=db_path) as client,
+    ):
+        await client.create_task("build")
+        outcome: list[BaseException] = []
+
+        async def wait_for_work() -> None:
+            try:
+                await client.claim_task("w1", ["nothing-of-this-type"], wait=20)
+            except ConnectionLostError as exc:
+                outcome.append(exc)
+
+        async with client.subscribe("*") as live:
+            with anyio.fail_after(DEADLINE):
+                async with anyio.create_task_group() as group:
+                    group.start_soon(wait_for_work)
+                    await anyio.wait_all_tasks_blocked()
+                    process.kill()
+                    started = anyio.current_time()
+                    with pytest.raises(ConnectionLostError) as ended:
+                        await live.receive()
+            # EOF is seen at once: no waiting for remote_timeout.
+            assert anyio.current_time() - started < 5.0
+        assert isinstance(outcome[0], OutcomeUnknownError)
+        assert str(process.pid) in str(ended.value)
+        with pytest.raises(ConnectionLostError) as later:
+            await client.get_task("x")
+        assert not isinstance(later.value, OutcomeUnknownError)
+    # The database can be opened again (recovery runs) by a new client.
+    async with OrchestrationClient(db_path=db_path) as client:
+        assert not client.remote
+        assert len(await client.get_queued_tasks()) == 1
+
+
+async def test_an_owner_that_stops_ends_streams_cleanly(db_path: str, anyio_backend: str) -> None:
+    async with (
+        owner(db_path, anyio_backend) as process,
+        OrchestrationClient(db_path=db_path) as client,
+    ):
+        await client.create_task("build")
+        got: list[Event] = []
+        answers: list[BaseException | None] = []
+
+        async def wait_for_work() -> None:
+            try:
+                await client.claim_task("w1", ["nothing-of-this-type"], wait=20)
+            except RuntimeStoppedError as exc:
+                answers.append(exc)
+
+        async with client.subscribe("*") as live:
+            with anyio.fail_after(DEADLINE):
+                async with anyio.create_task_group() as group:
+                    group.start_soon(wait_for_work)
+                    await anyio.wait_all_tasks_blocked()
+                    assert await process.stop() == 0
+                    async for event in live:  # ends, without an error
+                        got.append(event)
+        assert len(answers) == 1
+        with pytest.raises(RuntimeStoppedError):
+            await client.get_task("x")
+
+
+async def test_a_claim_whose_remote_caller_left_goes_back_at_once(
+    db_path: str, anyio_backend: str
+) -> None:
+    async with (
+        owner(db_path, anyio_backend),
+        OrchestrationClient(db_path=db_path) as leaving,
+        OrchestrationClient(db_path=db_path) as staying,
+    ):
+        # Parked, then cancelled before a task comes: nothing is held.
+        with anyio.move_on_after(0.2):
+            await leaving.claim_task("w-gone", ["job"], wait=10)
+        task_id = await staying.create_task("job")
+        claim = await staying.claim_task("w-here", ["job"], wait=5)
+        assert claim is not None
+        assert claim.task.id == task_id
+        await staying.complete_task(claim.lease)
+        # Many claims cancelled at any moment, answered or not: none is left held.
+        for _ in range(30):
+            await staying.create_task("job")
+        taken: list[Claim] = []
+        for i in range(30):
+            with anyio.move_on_after(0.0005 * i):
+                got = await leaving.claim_task("w-gone", ["job"], wait=1)
+                if got is not None:
+                    taken.append(got)  # received: it is this caller's to hand back
+        for got in taken:
+            await leaving.release_task(got.lease)
+        with anyio.fail_after(DEADLINE):
+            while True:
+                held = await staying.get_tasks_by_status("assigned")
+                if not held:
+                    break
+                await anyio.sleep(0.02)  # a give-back is on its way
+        queued = await staying.get_queued_tasks(limit=100)
+        assert len(queued) == 30
+
+
+# -- the socket is the owner's alone ------------------------------------------------------
+
+
+async def test_the_socket_is_private_and_recorded_beside_the_lock(
+    db_path: str, anyio_backend: str
+) -> None:
+    beside = Path(os.path.realpath(Path(db_path).parent)) / "hive.db.hive"  # noqa: ASYNC240
+    async with owner(db_path, anyio_backend) as process:
+        pid, address = read_owner(db_path)
+        assert pid == str(process.pid)
+        assert address == process.address
+        assert address is not None
+        assert address.startswith("unix:")
+        modes = _modes(address.removeprefix("unix:"))
+        assert modes == (str(beside), 0o600, 0o700)
+        await process.stop()
+    # Gone with its owner: the file, its folder and the record.
+    assert not _exists(address.removeprefix("unix:"))
+    assert not _exists(str(beside))
+    assert read_owner(db_path) == (None, None)
+
+
+def _modes(path: str) -> tuple[str, int, int]:
+    found = Path(path)
+    return (
+        str(found.parent),
+        stat.S_IMODE(found.stat().st_mode),
+        stat.S_IMODE(found.parent.stat().st_mode),
+    )
+
+
+def _exists(path: str) -> bool:
+    return Path(path).exists()
+
+
+async def test_a_long_path_falls_back_to_a_socket_that_checks_its_peer(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    db_path = str(deep / "hive.db")
+    async with owner(db_path, anyio_backend) as process:
+        assert process.address.startswith(("abstract:", "unix:"))
+        assert len(process.address) < 120
+        # Another user (uid 65534) connects: refused before a byte is read or written.
+        script = (
+            "import os, socket, sys\n"
+            "os.setgid(65534); os.setuid(65534)\n"
+            "s = socket.socket(socket.AF_UNIX)\n"
+            "s.settimeout(10)\n"
+            "target = sys.argv[1]\n"
+            "s.connect('\\0' + target[9:] if target.startswith('abstract:') else target[5:])\n"
+            "try:\n"
+            "    s.sendall(b'\\x00\\x00\\x00\\x05hello')\n"
+            "    print(repr(s.recv(100)))\n"
+            "except (BrokenPipeError, ConnectionResetError):\n"
+            "    print(repr(b''))\n"
+        )
+        result = await anyio.run_process(
+            [sys.executable, "-c", script, process.address], check=False
+        )
+        assert result.stdout.strip() == b"b''", result.stderr
+        # The owner's own user still gets in.
+        async with OrchestrationClient(db_path=db_path) as client:
+            assert client.remote
+            await client.create_task("build")
+
+
+def _raw_connect(address: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(DEADLINE)
+    target = address.removeprefix("unix:")
+    if address.startswith("abstract:"):
+        target = "\0" + address.removeprefix("abstract:")
+    sock.connect(target)
+    return sock
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes ``sock`` within ``seconds`` (it is closed here after)."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(1 << 16):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        pass
+    finally:
+        sock.close()
+    return True
+
+
+async def test_hostile_peers_are_cut_off_and_the_owner_serves_on(
+    db_path: str, anyio_backend: str
+) -> None:
+    async with owner(db_path, anyio_backend, remote_timeout=1.0) as process:
+
+        def attack() -> list[bool]:
+            results = []
+            # Garbage instead of a hello.
+            sock = _raw_connect(process.address)
+            sock.sendall(b"\x00\x00\x00\x08garbage!")
+            results.append(_closed_within(sock, 5))
+            # A frame announced as 4 GiB: refused without reading it.
+            sock = _raw_connect(process.address)
+            sock.sendall(struct.pack(">I", 0xFFFFFFFF) + b"x" * 100)
+            results.append(_closed_within(sock, 5))
+            # Nothing at all: cut at the handshake deadline (5 s).
+            sock = _raw_connect(process.address)
+            results.append(_closed_within(sock, 10))
+            # A hello, then half a frame, then silence: cut at 3 x remote_timeout.
+            sock = _raw_connect(process.address)
+            import msgspec
+
+            hello = msgspec.msgpack.encode({"kind": "hello", "version": 1})
+            sock.sendall(struct.pack(">I", len(hello)) + hello + b"\x00\x00\x01")
+            results.append(_closed_within(sock, 10))
+            return results
+
+        assert await anyio.to_thread.run_sync(attack) == [True, True, True, True]
+        async with OrchestrationClient(db_path=db_path) as client:
+            assert client.remote
+            task_id = await client.create_task("build")
+            assert (await client.get_task(task_id)) is not None
