@@ -6,16 +6,22 @@ compares greater, even within one millisecond. Tasks created together (one
 ``create_tasks`` call, or one TaskManager batch) share their ``created_at``, and the
 queue breaks that tie by id: monotonic ids keep it in creation order, which is also the
 database's row order.
+
+Lease secrets (:func:`new_secret`) come from here too, but from ``os.urandom``: an id is
+public and a secret is not, and the ids' Mersenne Twister is no cryptographic generator:
+its state is linear in its output, so a few hundred ids (74 of its bits each) give it
+away, and with it every later draw.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import random
 import threading
 import time
 
-__all__ = ["new_id"]
+__all__ = ["new_id", "new_secret"]
 
 _RANDOM_BITS = 74  # what a version 7 UUID leaves after 48 bits of time, version and variant
 _lock = threading.Lock()  # runtimes in several threads share the counter
@@ -23,6 +29,17 @@ _last = 0
 # Our own generator: drawing from the random module's would shift the sequence of an app
 # that seeds it for its own use, and make our ids follow its seed.
 _random = random.Random()
+#: A lease secret's size: 128 bits, beyond any guess or search.
+_SECRET_BYTES = 16
+# os.urandom releases the GIL, so with another thread busy (the storage driver's) each
+# call waited for that thread to give the GIL back (measured: 130 to 300 us a secret,
+# against 0.4 us with no other thread; 1.4 us drawn in bulk with that thread busy).
+# Secrets are cut from a 4 KiB draw instead, one wait per 256 claims. The bytes are the
+# kernel's CSPRNG's either way; each is handed out once, and a forked child drops the rest.
+_POOL_BYTES = 4096
+_pool_lock = threading.Lock()
+_pool = b""
+_pool_at = 0
 
 
 def _forget_after_fork() -> None:
@@ -30,6 +47,15 @@ def _forget_after_fork() -> None:
     _last = 0  # a child must not count on from its parent's last id in the same millisecond
     _lock = threading.Lock()  # another thread of the parent may have held it at the fork
     _random.seed()  # nor draw the same bits as its parent
+    _forget_secrets()
+
+
+def _forget_secrets() -> None:
+    global _pool, _pool_at, _pool_lock
+    # What is left of the parent's draw: a child handing it out would give its claims
+    # the secrets the parent gives its own.
+    _pool, _pool_at = b"", 0
+    _pool_lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
@@ -54,3 +80,15 @@ def new_id() -> str:
     # str(uuid.UUID(int=full)), without building the UUID object (a third of the cost).
     h = f"{full:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def new_secret() -> str:
+    """A fresh secret of 128 random bits from the OS's CSPRNG, as 22 URL-safe characters
+    (what ``secrets.token_urlsafe(16)`` gives, drawn in bulk)."""
+    global _pool, _pool_at
+    with _pool_lock:
+        if _pool_at + _SECRET_BYTES > len(_pool):
+            _pool, _pool_at = os.urandom(_POOL_BYTES), 0
+        raw = _pool[_pool_at : _pool_at + _SECRET_BYTES]
+        _pool_at += _SECRET_BYTES
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()

@@ -71,6 +71,8 @@ JsonObject = dict[str, JsonValue]
 _MAX_PRIORITY = 2**31 - 1
 #: Most tasks one create_tasks or claim_tasks call takes (each call is one transaction).
 _MAX_BATCH = 1000
+#: The longest lease secret taken to be hashed: a claim's is 22 characters.
+_SECRET_LIMIT = 256
 
 
 class TaskOps(Caller):
@@ -581,6 +583,9 @@ def _lease(value: object) -> Lease:
     check_identifier(value.task_id, "lease.task_id")
     check_identifier(value.run_id, "lease.run_id")
     check_int(value.attempt, "lease.attempt", minimum=1)
+    # Its shape only: a missing (empty) or wrong secret is the TaskManager's to refuse,
+    # with LeaseLostError, as any lease that does not hold its task.
+    check_str(value.secret, "lease.secret", limit=_SECRET_LIMIT)
     return value
 
 

@@ -11,8 +11,11 @@ bytes and hands them to :func:`call_json`, with the client that speaks for that 
 A request is ``{"op": "<operation>", "args": {...}}``: the name of one of the client's
 operations and its arguments by name, exactly as in Python (``args`` may be left out). A
 lease is sent back as the object ``claim_task`` answered (``{"task_id": ..., "run_id": ...,
-"attempt": ...}``), a datetime as an ISO 8601 string. The answer is the operation's result
-encoded as JSON (a task, a list of them, an id, ``null``...).
+"attempt": ..., "secret": ...}``), secret included: the claim's answer is the only place
+the secret is ever shown, and a lease without it (one rebuilt from ``get_runs``) is refused
+with :class:`~hive_orchestration.errors.LeaseLostError`, as a wrong one is. A datetime
+travels as an ISO 8601 string. The answer is the operation's result encoded as JSON (a
+task, a list of them, an id, ``null``...).
 
 Nothing is trusted more for coming as bytes, and nothing less: a malformed request (not
 JSON, not such an object, an unknown operation, an unknown, missing or mistyped argument)

@@ -126,7 +126,8 @@ async def test_claim_returns_a_token_naming_the_task_run_and_attempt(db_path: st
         task_id = await rt.create_task("job")
         got = await claim(rt)
         (run,) = await rt.get_runs(task_id)
-        assert got.lease == Lease(task_id, run.id, 1)
+        assert (got.lease.task_id, got.lease.run_id, got.lease.attempt) == (task_id, run.id, 1)
+        assert got.lease.secret  # the claimer's proof (tests/test_lease_secrets.py)
         assert got.task.status is TaskStatus.ASSIGNED
         assert got.expires_at == run.lease_expires_at
 
@@ -364,10 +365,11 @@ async def test_a_token_that_never_held_the_task_is_refused(db_path: str) -> None
     async with runtime(db_path) as rt:
         task_id = await rt.create_task("job")
         c = await claim(rt)
+        secret = c.lease.secret  # the claim's own: the ids alone must be refused
         for forged in (
-            Lease(task_id, "not-a-run", 1),
-            Lease(task_id, c.lease.run_id, 7),
-            Lease("no-such-task", c.lease.run_id, 1),
+            Lease(task_id, "not-a-run", 1, secret),
+            Lease(task_id, c.lease.run_id, 7, secret),
+            Lease("no-such-task", c.lease.run_id, 1, secret),
         ):
             with pytest.raises(LeaseLostError):
                 await rt.complete_task(forged, {"x": 1})

@@ -7,7 +7,7 @@ import sys
 import threading
 import uuid
 
-from hive_orchestration._ids import new_id
+from hive_orchestration._ids import new_id, new_secret
 
 
 def test_ids_increase_within_a_millisecond_and_across_threads() -> None:
@@ -68,3 +68,38 @@ def test_ids_leave_the_random_module_alone() -> None:
     random.seed(42)
     new_id()
     assert [random.random() for _ in range(3)] == expected
+
+
+def test_a_forked_child_draws_secrets_of_its_own() -> None:
+    """Lease secrets are cut from a pooled draw of os.urandom: a child that went on with
+    its parent's pool would hand its claims the very secrets the parent hands its own."""
+    import os
+
+    new_secret()  # the parent's pool is drawn, and most of it left
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, " ".join(new_secret() for _ in range(4)).encode())
+        os._exit(0)
+    os.close(write)
+    child = set(os.read(read, 4096).decode().split())
+    os.waitpid(pid, 0)
+    parent = {new_secret() for _ in range(4)}
+    assert len(child) == 4
+    assert not child & parent
+
+
+def test_secrets_never_repeat_across_threads() -> None:
+    made: list[list[str]] = [[] for _ in range(4)]
+
+    def make(into: list[str]) -> None:
+        into.extend(new_secret() for _ in range(5_000))
+
+    threads = [threading.Thread(target=make, args=(into,)) for into in made]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    every = [s for secrets in made for s in secrets]
+    assert len(set(every)) == len(every) == 20_000
+    assert {len(s) for s in every} == {22}

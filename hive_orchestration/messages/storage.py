@@ -39,6 +39,7 @@ __all__ = [
     "FetchRuns",
     "FetchTask",
     "FindIdempotencyKeys",
+    "LoadLeaseHashes",
     "LoadRuns",
     "LoadTasks",
     "LoadWorkers",
@@ -90,6 +91,9 @@ class PutRun(msgspec.Struct, frozen=True, tag="put_run"):
     """Insert the run, or replace every column of its row."""
 
     run: Run
+    #: The hash of its lease's secret, for a run a claim opens (kept off :class:`Run`,
+    #: which every read returns).
+    lease_hash: bytes | None = None
 
 
 class SetRunState(msgspec.Struct, frozen=True, tag="set_run_state"):
@@ -191,6 +195,13 @@ class LoadTasks(Request[tuple[Task, ...]], frozen=True):
 
 class LoadRuns(Request[tuple[Run, ...]], frozen=True):
     """Every run of the tasks in one of ``statuses``, oldest first."""
+
+    statuses: tuple[str, ...]
+
+
+class LoadLeaseHashes(Request[dict[str, bytes]], frozen=True):
+    """run id -> the hash of its lease's secret, for each open run of the tasks in one of
+    ``statuses`` that a claim opened (the TaskManager's claims, at start-up)."""
 
     statuses: tuple[str, ...]
 
@@ -316,6 +327,7 @@ StorageMessage: TypeAlias = (
     | GetStorageStats
     | LoadTasks
     | LoadRuns
+    | LoadLeaseHashes
     | FindIdempotencyKeys
     | QueryTasks
     | CountTasks

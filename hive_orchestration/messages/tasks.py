@@ -170,16 +170,37 @@ class Run(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Lease(msgspec.Struct, frozen=True):
-    """The fencing token of a claim: which run of which task a worker holds.
+    """The fencing token of a claim: which run of which task a worker holds, and the
+    secret that proves the worker is the one that claimed it.
 
     Every call a worker makes about its task carries it; once the claim is over (lease
     expired, task cancelled, or handed to another run), the token is refused with
-    :class:`~hive_orchestration.errors.LeaseLostError`.
+    :class:`~hive_orchestration.errors.LeaseLostError`. So is a token whose ``secret`` is
+    not its claim's: the ids and the attempt are in every read of the runs, but the secret
+    is handed out once, in the claim's answer, and never shown again (the runtime keeps
+    only its hash). Pass the lease as it came; one rebuilt from ids is refused.
     """
 
     task_id: str
     run_id: str
     attempt: int
+    #: Empty in a lease built by hand: refused like a wrong one.
+    secret: str = ""
+
+    def __repr__(self) -> str:
+        # Not in logs or tracebacks: whoever reads them could act for the worker.
+        return (
+            f"Lease(task_id={self.task_id!r}, run_id={self.run_id!r},"
+            f" attempt={self.attempt!r}, secret=<hidden>)"
+        )
+
+    def __rich_repr__(self) -> list[tuple[str, object]]:
+        return [
+            ("task_id", self.task_id),
+            ("run_id", self.run_id),
+            ("attempt", self.attempt),
+            ("secret", "<hidden>"),
+        ]
 
 
 class Claim(msgspec.Struct, frozen=True):

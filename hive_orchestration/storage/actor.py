@@ -49,6 +49,7 @@ from ..messages.storage import (
     FindIdempotencyKeys,
     GetStorageStats,
     LoadActivePlans,
+    LoadLeaseHashes,
     LoadPlanningRequests,
     LoadPlanTasks,
     LoadRuns,
@@ -216,6 +217,14 @@ class StorageActor(Actor[StorageMessage]):
                     statuses,
                 )
                 return tuple(run_from_row(row) for row in rows)
+            case LoadLeaseHashes(statuses=statuses):
+                rows = await db.fetchall(
+                    "SELECT id, lease_hash FROM runs WHERE task_id IN"
+                    f" (SELECT id FROM tasks WHERE status IN ({_marks(statuses)}))"
+                    " AND lease_hash IS NOT NULL AND status IN ('assigned', 'running')",
+                    statuses,
+                )
+                return {str(run_id): bytes(cast(bytes, digest)) for run_id, digest in rows}
             case FindIdempotencyKeys(keys=keys):
                 found: dict[str, str] = {}
                 for start in range(0, len(keys), _KEYS_PER_QUERY):
@@ -506,6 +515,7 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
     runs: dict[str, Run] = {}
     put_tasks: set[str] = set()  # rows that may be new in this write: written whole
     put_runs: set[str] = set()
+    lease_hashes: dict[str, bytes] = {}  # a put run's, kept when a state write follows it
     workers: dict[str, Worker] = {}
     deleted: list[str] = []
     gone: list[str] = []  # deleted workers
@@ -524,9 +534,11 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
             case PutTask(task=task):
                 tasks[task.id] = task
                 put_tasks.add(task.id)
-            case PutRun(run=run):
+            case PutRun(run=run, lease_hash=lease_hash):
                 runs[run.id] = run
                 put_runs.add(run.id)
+                if lease_hash is not None:
+                    lease_hashes[run.id] = lease_hash
             case PutPlanningRequest(request=request):
                 requests[request.id] = request
             case PutPlan():
@@ -565,7 +577,7 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
             states.append(task_state_statement(task))
     for run_id, run in runs.items():
         if run_id in put_runs:
-            statements.append(run_statement(run))
+            statements.append(run_statement(run, lease_hashes.get(run_id)))
         else:
             states.append(run_state_statement(run))
     statements += [worker_statement(worker) for worker in workers.values()]
@@ -579,8 +591,8 @@ def _in_order(op: WriteOp) -> Statement:
             return task_statement(task)
         case SetTaskState(task=task):
             return task_state_statement(task)
-        case PutRun(run=run):
-            return run_statement(run)
+        case PutRun(run=run, lease_hash=lease_hash):
+            return run_statement(run, lease_hash)
         case SetRunState(run=run):
             return run_state_statement(run)
         case DeleteTaskRow(task_id=task_id):

@@ -71,7 +71,9 @@ def upsert(table: str, columns: str, *, values: str | None = None) -> str:
 
 
 _PUT_TASK = upsert("tasks", TASK_COLUMNS)
-_PUT_RUN = upsert("runs", RUN_COLUMNS)
+# The hash of a lease's secret is written, never read back with the run (RUN_COLUMNS):
+# no read can hand it out.
+_PUT_RUN = upsert("runs", f"{RUN_COLUMNS}, lease_hash")
 _PUT_WORKER = upsert("workers", WORKER_COLUMNS)
 
 #: The columns of a task that change after it is created (the state machine's); the
@@ -145,7 +147,7 @@ def task_statement(task: Task) -> Statement:
     return _PUT_TASK, params
 
 
-def run_statement(run: Run) -> Statement:
+def run_statement(run: Run, lease_hash: bytes | None = None) -> Statement:
     params: Params = (
         run.id,
         run.task_id,
@@ -161,6 +163,7 @@ def run_statement(run: Run) -> Statement:
         run.lease_seconds,
         time_text(run.lease_expires_at),
         _json(run.progress),
+        lease_hash,
     )
     return _PUT_RUN, params
 

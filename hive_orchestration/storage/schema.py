@@ -196,6 +196,13 @@ _V6: tuple[str, ...] = (
     "CREATE INDEX idx_events_plan_id ON events (plan_id) WHERE plan_id IS NOT NULL",
 )
 
+# Version 7: leases that cannot be forged. The SHA-256 of the secret handed to the run's
+# claimer, so that its claim stands when the TaskManager restarts; never the secret
+# itself. No salt and no slow KDF: those protect guessable secrets (passwords), and this
+# one is 128 random bits, each claim's own, so there is no table to precompute and no
+# search to slow down. NULL for runs of earlier versions and runs no claim opened.
+_V7: tuple[str, ...] = ("ALTER TABLE runs ADD COLUMN lease_hash BLOB",)
+
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5, _V6)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7)
 SCHEMA_VERSION = len(MIGRATIONS)

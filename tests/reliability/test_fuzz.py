@@ -438,6 +438,7 @@ def _lease_ok(value: object) -> bool:
         and _is_str(value.task_id)
         and _is_str(value.run_id)
         and _is_int(value.attempt)
+        and _is_str(value.secret)
     )
 
 
@@ -445,7 +446,14 @@ def _leases(pool: Pool) -> st.SearchStrategy[object]:
     real = st.sampled_from(pool.leases) if pool.leases else st.nothing()
     tasks = _ids("tasks")(pool)
     runs = _ids("runs")(pool)
-    forged = st.builds(Lease, task_id=tasks, run_id=runs, attempt=st.integers(-2, 5))
+    # Real ids and a secret that is not the claim's (none, or a guess).
+    forged = st.builds(
+        Lease,
+        task_id=tasks,
+        run_id=runs,
+        attempt=st.integers(-2, 5),
+        secret=st.one_of(st.just(""), texts),
+    )
     # A Lease built by hand with fields of the wrong type (msgspec does not check at
     # construction) must be refused at the boundary, never reach the TaskManager.
     mistyped = st.builds(
@@ -453,6 +461,7 @@ def _leases(pool: Pool) -> st.SearchStrategy[object]:
         task_id=st.one_of(tasks, junk),
         run_id=st.one_of(runs, st.none(), junk),
         attempt=st.one_of(st.integers(-2, 5), junk),
+        secret=st.one_of(st.just(""), junk),
     )
     as_dict = st.builds(
         lambda lease: msgspec.structs.asdict(lease),

@@ -21,8 +21,12 @@ ago it finished and across restarts, and opening a database loads no key.
 Claims. A worker's ``claim_task`` is parked until the end of its batch, then handed the
 best ready task of its types (priority, then age) from the :class:`ReadyQueue`; with
 ``wait`` it stays parked, first come first served, until a task arrives, and no one
-polls. A claim opens a run with a lease; its token (task, run, attempt) must come with
-every later call, and a token whose claim is over gets :class:`LeaseLostError`. Leases,
+polls. A claim opens a run with a lease; its token (task, run, attempt, and a secret drawn
+for the claim) must come with every later call, and a token whose claim is over, or whose
+secret is not its claim's, gets :class:`LeaseLostError`. The ids are in every read of
+the runs; the secret is in the claim's answer only, and this actor keeps its SHA-256 (in
+memory with the claim's deadlines, and in the run's row, so that a restart after a crash
+keeps the claims provable). An ``Unclaimed`` give-back must carry it too. Leases,
 run timeouts, retry backoffs and claim waits are deadlines kept by this actor; one
 :class:`~hive_orchestration.runtime.Alarm` wakes it at the earliest, and every batch
 first settles what is due. A claim whose asker left before the answer (deadline,
@@ -88,6 +92,8 @@ recovered: the worker went away, the task did nothing wrong); then it ends faile
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import random
 from collections import OrderedDict, deque
@@ -100,7 +106,7 @@ from typing import NamedTuple
 import anyio
 import msgspec
 
-from ..._ids import new_id
+from ..._ids import new_id, new_secret
 from ...errors import (
     ActorFailedError,
     HiveError,
@@ -118,6 +124,7 @@ from ...messages.storage import (
     FetchRuns,
     FetchTask,
     FindIdempotencyKeys,
+    LoadLeaseHashes,
     LoadRuns,
     LoadTasks,
     PutRun,
@@ -263,10 +270,14 @@ class _Undo:
 
 
 class _Due(NamedTuple):
-    """A claimed run's deadlines, on the monotonic clock."""
+    """A claimed run's deadlines, on the monotonic clock, and the hash of its lease's
+    secret: kept here since it lives exactly as long (set at the claim, dropped when the
+    claim ends, put back after a failed commit), and never on the :class:`Run`, which
+    reads return."""
 
     lease: float
     timeout: float | None
+    lease_hash: bytes | None  # None (a row from before lease secrets): nothing proves it
 
     def next(self) -> tuple[float, bool]:
         """The earliest, and whether it is the timeout."""
@@ -386,6 +397,9 @@ class TaskManager(Actor[TaskManagerMessage]):
         self._keys = {t.idempotency_key: t.id for t in tasks if t.idempotency_key is not None}
         for run in runs:
             self._remember_run(run)
+        # A crash's restart keeps the claims, so their secrets must still be proved; on
+        # open, recovery ends them all.
+        hashes = {} if self._recover else await self._storage.ask(LoadLeaseHashes(LIVE))
         now = self._read_clocks()
         if self._recover:
             await self._recover_claims(now)
@@ -400,7 +414,7 @@ class TaskManager(Actor[TaskManagerMessage]):
                 if run.status in _RUN_OPEN and run.lease_seconds is not None:
                     renewed = now + timedelta(seconds=run.lease_seconds)
                     self._runs[run.id] = msgspec.structs.replace(run, lease_expires_at=renewed)
-        self._reindex()
+        self._reindex(hashes)
         self._arm()
         log.info(
             "task manager: %d live task(s), %d run(s), %d claimed",
@@ -690,9 +704,10 @@ class TaskManager(Actor[TaskManagerMessage]):
         self._reindex()
         log.warning("commit failed; %d task(s) restored in memory", len(work.undo))
 
-    def _reindex(self) -> None:
+    def _reindex(self, hashes: Mapping[str, bytes] | None = None) -> None:
         """Rebuild what is derived from tasks and runs: the ready queue, the claims and
-        their deadlines. O(live tasks): at start-up and after a failed commit only."""
+        their deadlines. O(live tasks): at start-up (with the stored ``hashes`` of the
+        claims' secrets) and after a failed commit only."""
         self._ready = ReadyQueue(self._type_limits)
         self._held = {}
         self._deadlines = Deadlines()
@@ -710,7 +725,9 @@ class TaskManager(Actor[TaskManagerMessage]):
                 self._held[owner.id] = run.id
                 # Kept from before a failed commit; at start-up, from the stored times.
                 kept = self._due.get(run.id)
-                due[run.id] = self._due_from_wall(run, owner) if kept is None else kept
+                if kept is None:
+                    kept = self._due_from_wall(run, owner, (hashes or {}).get(run.id))
+                due[run.id] = kept
                 self._deadlines.set(run.id, due[run.id].next()[0])
         self._due = due
 
@@ -744,7 +761,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         remaining = (at - self._wall).total_seconds()
         return self._mono + min(max(remaining, 0.0), max(longest, 0.0))
 
-    def _due_from_wall(self, run: Run, task: Task) -> _Due:
+    def _due_from_wall(self, run: Run, task: Task, lease_hash: bytes | None) -> _Due:
         """A claimed run's deadlines, from its stored times (at start-up): its lease, set
         whole when it was loaded, and what remains of its timeout."""
         assert run.lease_expires_at is not None
@@ -753,7 +770,7 @@ class TaskManager(Actor[TaskManagerMessage]):
             ends = run.started_at + timedelta(seconds=task.timeout)
             timeout = self._from_wall(ends, task.timeout)
         lease = self._from_wall(run.lease_expires_at, run.lease_seconds or 0.0)
-        return _Due(lease, timeout)
+        return _Due(lease, timeout, lease_hash)
 
     def _backoff_end(self, task: Task) -> float | None:
         """When the queued ``task``'s backoff ends (``None``: it has none)."""
@@ -885,8 +902,12 @@ class TaskManager(Actor[TaskManagerMessage]):
         )
         self._remember_run(run)
         timeout = None if task.timeout is None else self._mono + task.timeout
-        self._due[run.id] = _Due(self._mono + claim.lease, timeout)
-        work.ops.append(PutRun(run))
+        # The secret goes to the claimer, in the answer, and nowhere else: memory and the
+        # database keep its hash.
+        secret = new_secret()
+        lease_hash = _hash(secret)
+        self._due[run.id] = _Due(self._mono + claim.lease, timeout, lease_hash)
+        work.ops.append(PutRun(run, lease_hash))
         updated = self._transition(
             task,
             A,
@@ -901,7 +922,7 @@ class TaskManager(Actor[TaskManagerMessage]):
             updated = self._start(updated, run, work, now)
             run = self._runs[run.id]
         self._deadlines.set(run.id, self._due[run.id].next()[0])
-        return Claim(updated, Lease(task_id, run.id, run.run_number), expires)
+        return Claim(updated, Lease(task_id, run.id, run.run_number, secret), expires)
 
     def _start(self, task: Task, run: Run, work: _Batch, now: datetime) -> Task:
         """The claimed ``task`` (assigned) starts running on its ``run``."""
@@ -917,6 +938,8 @@ class TaskManager(Actor[TaskManagerMessage]):
         task = self._tasks.get(claim.lease.task_id)
         if task is None or self._held.get(task.id) != claim.lease.run_id:
             return
+        if not _proves(claim.lease, self._due[claim.lease.run_id].lease_hash):
+            return  # not the claim that was answered: it frees no one's task
         run = self._runs[claim.lease.run_id]
         note = "the claimer stopped waiting before it received the task"
         self._close_run(run, RunStatus.RELEASED, work, now, error=note)
@@ -929,7 +952,10 @@ class TaskManager(Actor[TaskManagerMessage]):
         if task is not None and run_id == lease.run_id and lease.task_id not in work.deleted:
             held = self._runs[run_id]
             if held.run_number == lease.attempt:
-                return task, held
+                if _proves(lease, self._due[run_id].lease_hash):
+                    return task, held
+                # The ids and attempt are in every read of the runs; the secret is not.
+                raise _lost(lease, _NOT_THE_CLAIMER, task.status)
         run = self._runs.get(lease.run_id)
         if lease.task_id in work.deleted:
             raise _lost(lease, "the task was deleted", "deleted")
@@ -1493,6 +1519,26 @@ def _claims(outcome: object) -> tuple[Claim, ...]:
 
 def _run_data(run: Run) -> dict[str, JsonValue]:
     return {"run_id": run.id, "attempt": run.run_number}
+
+
+_NOT_THE_CLAIMER = (
+    "this lease's secret does not match the claim's: only the worker that claimed the task"
+    " can act on it, with the lease its claim returned, passed on as it came (a lease"
+    " rebuilt from get_runs has no secret)"
+)
+
+
+def _hash(secret: str) -> bytes:
+    # SHA-256 with no salt or KDF: the secret is 128 random bits, not a password, so
+    # there is no table worth precomputing and no search to slow down.
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
+
+
+def _proves(lease: Lease, lease_hash: bytes | None) -> bool:
+    """Whether ``lease`` carries the secret whose hash is ``lease_hash``, compared in
+    constant time (hashes are compared, not secrets, so even a leaky compare would tell
+    a guesser about nothing but the hash of its own guess)."""
+    return lease_hash is not None and hmac.compare_digest(_hash(lease.secret), lease_hash)
 
 
 def _lost(lease: Lease, reason: str, status: TaskStatus | str) -> LeaseLostError:
