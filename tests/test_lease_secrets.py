@@ -260,7 +260,9 @@ async def test_no_read_returns_the_secret_or_its_hash(db_path: str) -> None:
 
 def _assert_not_in_files(db_path: str, claims: list[Claim]) -> None:
     assert all(len(claim.lease.secret) == 22 for claim in claims), "a claim without its secret"
-    files = [p for p in Path(db_path).parent.iterdir() if p.name.startswith("hive.db")]
+    files = [
+        p for p in Path(db_path).parent.iterdir() if p.name.startswith("hive.db") and p.is_file()
+    ]
     assert files
     for path in files:
         data = path.read_bytes()
