@@ -163,6 +163,10 @@ class Server:
             self._connections.add(connection)
             try:
                 await connection.run()
+            except Exception:
+                # A bug in serving one connection must not take the listener, and with it
+                # the runtime, down: that connection ends, the others go on.
+                log.exception("connection %d failed", connection.number)
             finally:
                 self._connections.discard(connection)
 
