@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import msgspec
 
-from .._validate import MAX_NAMES, check_identifier, check_int, check_lease, check_names
+from .._validate import (
+    MAX_NAMES,
+    check_identifier,
+    check_int,
+    check_lease,
+    check_names,
+    check_optional_text,
+)
 from ..errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -50,7 +57,8 @@ class AgentHealth(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class AgentSpec:
-    """A registered agent. ``copies`` workers run it, named ``<agent_type>-<n>``."""
+    """A registered agent. ``copies`` workers run it, named ``<worker_prefix>-<n>``
+    (the prefix is the agent type unless one was given)."""
 
     agent_type: str
     handler: Handler
@@ -59,6 +67,11 @@ class AgentSpec:
     description: str
     lease: float | None
     health: AgentHealth = AgentHealth.HEALTHY
+    worker_prefix: str | None = None
+
+    def worker_id(self, copy: int) -> str:
+        """The id of its ``copy``-th worker (from 1)."""
+        return f"{self.worker_prefix or self.agent_type}-{copy}"
 
     @property
     def handles(self) -> tuple[str, ...]:
@@ -84,10 +97,17 @@ class AgentRegistry:
         copies: int = 1,
         description: str = "",
         lease: float | None = None,
+        worker_prefix: str | None = None,
     ) -> AgentSpec:
         """Add (or replace) the agent ``agent_type``. A capability given as a string is
-        ``AgentCapability(name)``; with none, the agent takes tasks of its own type."""
+        ``AgentCapability(name)``; with none, the agent takes tasks of its own type.
+
+        Its workers are ``<worker_prefix>-1`` to ``-<copies>``, ``worker_prefix`` being the
+        agent type unless given: give each process that runs the same agent a prefix of
+        its own, since a worker that registers under an id already in use is taken for
+        that worker restarted, and what the other held goes back to the queue."""
         agent_type = check_identifier(agent_type, "agent_type")
+        prefix = check_optional_text(worker_prefix, "worker_prefix", max_length=200)
         if not callable(handler):
             raise InvalidInputError("handler", "must be an async function of a TaskContext")
         declared: list[AgentCapability] = []
@@ -119,6 +139,7 @@ class AgentRegistry:
             copies=check_int(copies, "copies", minimum=1, maximum=1000),
             description=description,
             lease=None if lease is None else check_lease(lease, "lease"),
+            worker_prefix=prefix,
         )
         self._agents[agent_type] = spec
         return spec

@@ -1,18 +1,26 @@
 """Running agents: each copy of each registered agent is a worker of the runtime.
 
 ``async with AgentRunner(runtime, registry):`` starts, for every agent, ``copies``
-workers named ``<agent_type>-<n>``. Each registers (with the agent's capabilities),
-heartbeats on its own, and loops: claim and start a task it can take in one commit
-(waiting, not polling), run the handler, then complete the task with the handler's result
-or fail it with the handler's exception (the agent carries on). While the handler runs,
-the lease is renewed in the background; the handler is cancelled if the task is cancelled
-(``cancel_task``), if its lease is lost, or at the task's ``timeout`` (the run then ends
-timed out).
+workers named ``<agent_type>-<n>`` (or ``<worker_prefix>-<n>``). Each registers (with
+the agent's capabilities), heartbeats on its own, and loops: claim and start a task it can
+take in one commit (waiting, not polling), run the handler, then complete the task with
+the handler's result or fail it with the handler's exception (the agent carries on).
+While the handler runs, the lease is renewed in the background; the handler is cancelled
+if the task is cancelled (``cancel_task``), if its lease is lost, or at the task's
+``timeout`` (the run then ends timed out).
 
 Leaving the block stops the copies: they claim nothing more, in-flight handlers get
 ``stop_timeout`` seconds to finish and report, and past that they are cancelled and their
 tasks handed back to the queue (``release_task``: not counted as an attempt). The workers
-are then unregistered. No task is left running and none is lost.
+are then unregistered. No task is left running and none is lost. If the runtime goes away
+on its own (it stops, or the connection to it breaks), the copies stop: :meth:`wait`
+returns and :attr:`stopped_by` says why.
+
+``runtime`` is a :class:`~hive_orchestration.Runtime` or an
+:class:`~hive_orchestration.OrchestrationClient`, which may be a client of the runtime of
+another process: then every copy's calls, heartbeats as much as work, travel on that
+client's one connection. If it breaks, the owner declares the copies offline and requeues
+their tasks at once, and here their handlers are cancelled and the copies stop.
 """
 
 from __future__ import annotations
@@ -23,18 +31,29 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from .._groups import leaves
-from ..errors import HiveError, InvalidInputError, LeaseLostError, RuntimeStoppedError
+from ..errors import (
+    ConnectionLostError,
+    HiveError,
+    InvalidInputError,
+    LeaseLostError,
+    RuntimeStoppedError,
+)
 from ..messages.tasks import Claim, Lease, Task
 from .registry import AgentRegistry, AgentSpec
 
 if TYPE_CHECKING:
+    from ..client import OrchestrationClient
+    from ..config import RuntimeConfig
     from ..embedded import Runtime
+
+    #: What the runner talks to: the runtime, or a client (of it, or of another process's).
+    Target: TypeAlias = Runtime | OrchestrationClient
 
 __all__ = ["AgentRunner", "TaskContext"]
 
@@ -44,7 +63,7 @@ log = logging.getLogger("hive_orchestration.agents")
 class TaskContext:
     """What a handler gets: the task, and a way to report progress on it."""
 
-    def __init__(self, runtime: Runtime, claim: Claim, worker_id: str) -> None:
+    def __init__(self, runtime: Target, claim: Claim, worker_id: str) -> None:
         self._runtime = runtime
         self.task: Task = claim.task
         self.lease: Lease = claim.lease
@@ -95,7 +114,7 @@ class AgentRunner:
 
     def __init__(
         self,
-        runtime: Runtime,
+        runtime: Target,
         registry: AgentRegistry,
         *,
         stop_timeout: float = 10.0,
@@ -114,19 +133,36 @@ class AgentRunner:
         # the stop's grace period is over (a handler starting after that is cancelled).
         self._claiming: set[anyio.CancelScope] = set()
         self._grace_over = False
+        self._gone = False  # the connection to the runtime broke: nothing can be reported
         self._copies = 0
         self._all_stopped = anyio.Event()
-        #: Tasks completed / failed by handlers since the start (for dashboards and tests).
+        #: Tasks completed / failed by handlers since the start (for dashboards and tests),
+        #: and handed back unfinished when the runner stopped (not counted as attempts).
         self.completed = 0
         self.failed = 0
+        self.released = 0
+        #: Why the copies stopped on their own, if they did: the runtime stopped, or the
+        #: connection to the runtime of another process broke.
+        self.stopped_by: HiveError | None = None
 
     @property
     def worker_ids(self) -> list[str]:
         return [
-            f"{spec.agent_type}-{n}"
+            spec.worker_id(n)
             for spec in self._registry.list_agents()
             for n in range(1, spec.copies + 1)
         ]
+
+    @property
+    def _config(self) -> RuntimeConfig:
+        # The runtime's, or a client's copy of it: for a client of another process, the
+        # owner's timeouts as its welcome told them (renewals and heartbeats follow them).
+        return self._runtime._config
+
+    async def wait(self) -> None:
+        """Until every copy has stopped: the runner stops, or the runtime went away (then
+        :attr:`stopped_by` says how). A process that only runs agents waits on this."""
+        await self._all_stopped.wait()
 
     async def __aenter__(self) -> AgentRunner:
         self._group = anyio.create_task_group()
@@ -136,7 +172,7 @@ class AgentRunner:
             self._group.start_soon(self._stop_copies)
             for spec in self._registry.list_agents():
                 for n in range(1, spec.copies + 1):
-                    await self._group.start(self._copy, spec, f"{spec.agent_type}-{n}")
+                    await self._group.start(self._copy, spec, spec.worker_id(n))
         except BaseException as exc:
             self._stopping.set()
             await self._group.__aexit__(type(exc), exc, exc.__traceback__)
@@ -183,8 +219,13 @@ class AgentRunner:
                         claim = await self._claim(spec, worker_id)
                         if claim is not None:
                             await self._work(spec, worker_id, claim, state)
-                    except RuntimeStoppedError:
-                        break  # the runtime is going away: nothing more to claim
+                    except (RuntimeStoppedError, ConnectionLostError) as exc:
+                        # The runtime is going away, or the connection to it broke (it
+                        # does not come back: the owner has requeued what this copy
+                        # held): nothing more to claim.
+                        if self.stopped_by is None and not self._stopping.is_set():
+                            self.stopped_by = exc
+                        break
                     except HiveError as exc:
                         # A storage fault or a restarting actor: the task, if any, is
                         # still leased and comes back on its own; keep the agent alive.
@@ -252,7 +293,7 @@ class AgentRunner:
 
         It ticks whether or not a task is held, so a task is renewed at most a third of a
         lease after its claim (the claim itself set the lease), then every third."""
-        interval = (spec.lease or self._runtime.config.lease_timeout) / 3
+        interval = (spec.lease or self._config.lease_timeout) / 3
         while True:
             await anyio.sleep(interval)
             held = state.held
@@ -268,7 +309,7 @@ class AgentRunner:
                 log.warning("worker %s: lease renewal failed: %s", worker_id, exc)
 
     async def _heartbeat(self, spec: AgentSpec, worker_id: str) -> None:
-        interval = self._runtime.config.worker_timeout / 3
+        interval = self._config.worker_timeout / 3
         while True:
             await anyio.sleep(interval)
             try:
@@ -319,8 +360,8 @@ class AgentRunner:
     async def _report(self, worker_id: str, lease: Lease, outcome: _Outcome) -> None:
         rt = self._runtime
         try:
-            if outcome.lost or outcome.timed_out:
-                return  # the runtime already ended this run
+            if outcome.lost or outcome.timed_out or self._gone:
+                return  # the runtime already ended this run (or the connection to it broke)
             if outcome.error is not None:
                 error = outcome.error
                 await rt.fail_task(lease, f"{type(error).__name__}: {error}"[:10_000])
@@ -337,6 +378,7 @@ class AgentRunner:
             else:
                 # Interrupted: the runner stops, or its task group was torn down.
                 await rt.release_task(lease, reason=f"{worker_id} stopped before finishing")
+                self.released += 1
         except LeaseLostError:
             pass  # cancelled, timed out or taken over meanwhile: the result is not ours to give
         except HiveError as exc:
@@ -358,9 +400,31 @@ class AgentRunner:
                         tg.cancel_scope.cancel()
 
                     tg.start_soon(stop)
-                    async for event in events:
-                        for run_id, scope in self._running.get(event.task_id or "", {}).items():
-                            log.info("task %s cancelled: stopping run %s", event.task_id, run_id)
-                            scope.cancel()
-        except RuntimeStoppedError:
-            pass
+                    try:
+                        async for event in events:
+                            runs = self._running.get(event.task_id or "", {})
+                            for run_id, scope in runs.items():
+                                log.info(
+                                    "task %s cancelled: stopping run %s", event.task_id, run_id
+                                )
+                                scope.cancel()
+                    except RuntimeStoppedError:
+                        # Caught here, not around the task group (which would wrap it): the
+                        # runtime stops, and the copies stop on their own.
+                        pass
+                    except ConnectionLostError as exc:
+                        self._connection_lost(exc)
+        except (RuntimeStoppedError, ConnectionLostError):
+            pass  # the subscription could not even start: the copies stop on their own
+
+    def _connection_lost(self, error: ConnectionLostError) -> None:
+        """The connection to the runtime of another process broke (this subscription
+        hears of it at once). The owner has requeued every task the copies held, so their
+        handlers' work is no longer theirs: cancel them now rather than at the next lease
+        renewal, and report nothing."""
+        if self.stopped_by is None and not self._stopping.is_set():
+            self.stopped_by = error
+        self._gone = True
+        for runs in list(self._running.values()):
+            for scope in list(runs.values()):
+                scope.cancel()

@@ -1,8 +1,9 @@
 """The command line: parsing, the commands, and their exit codes.
 
-Every command but ``demo`` and ``db upgrade`` reads the database through the read-only
-:class:`~hive_orchestration.inspector.Inspector`, so it works while an app holds the
-database (and writes nothing to it). Exit codes: 0 done, 1 not found or refused by the
+Every command but ``demo``, ``worker`` and ``db upgrade`` reads the database through the
+read-only :class:`~hive_orchestration.inspector.Inspector`, so it works while an app holds
+the database (and writes nothing to it); ``worker`` (:mod:`.worker`) runs an agent's
+handler as workers of the runtime that owns it. Exit codes: 0 done, 1 not found or refused by the
 runtime (the reason on stderr), 2 bad usage or input, 130 interrupted.
 """
 
@@ -33,6 +34,7 @@ from ..storage.database import read_schema_version
 from ..storage.schema import SCHEMA_VERSION
 from .demo import run_demo
 from .report import plan_report, plan_summaries, status_report, task_report
+from .worker import MAX_CONCURRENCY, run_worker
 
 __all__ = ["POLL_INTERVAL", "build_parser", "main"]
 
@@ -70,6 +72,21 @@ def _count(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _bounded(minimum: int, maximum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(
+                f"must be between {minimum} and {maximum}, got {value}"
+            )
+        return value
+
+    return parse
+
+
 def _seq(text: str) -> int:
     try:
         value = int(text)
@@ -96,8 +113,8 @@ def _seconds(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hive-orchestration",
-        description="Run the demo, or look into a hive-orchestration database, even while "
-        "an app is using it (read-only: nothing is written).",
+        description="Run the demo, look into a hive-orchestration database even while "
+        "an app is using it (read-only: nothing is written), or run workers for it.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -179,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --follow: stop after SECONDS",
     )
 
+    _worker_parser(commands, common)
+
     db = commands.add_parser("db", help="the database's schema version, and migrating it")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db_commands.add_parser(
@@ -190,6 +209,68 @@ def build_parser() -> argparse.ArgumentParser:
         help="migrate the file to this package's schema (the app using it must be stopped)",
     )
     return parser
+
+
+def _worker_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
+    worker = commands.add_parser(
+        "worker",
+        parents=[common],
+        help="run an agent's handler as workers in this process, until SIGTERM",
+        description="Import HANDLER from MODULE (an async function of a TaskContext, as "
+        "AgentRunner runs) and run --concurrency copies of it as workers of the runtime "
+        "that owns --db (through its socket; if no process owns it, this one opens it). "
+        "They register, heartbeat, claim, run and report on one connection: if it breaks, "
+        "the runtime requeues their tasks at once. SIGTERM or Ctrl-C drains: in-flight "
+        "handlers get --drain-timeout seconds, the rest go back to the queue uncounted; "
+        "exit 0. Exit 1 if the runtime goes away, 2 for a bad MODULE:HANDLER.",
+    )
+    worker.add_argument("handler", metavar="MODULE:HANDLER", help="e.g. myapp.agents:deploy")
+    worker.add_argument(
+        "--concurrency",
+        type=_bounded(1, MAX_CONCURRENCY),
+        default=1,
+        metavar="N",
+        help="copies of the handler, each a worker taking one task at a time (default 1)",
+    )
+    worker.add_argument(
+        "--task-types",
+        nargs="+",
+        metavar="TYPE",
+        help="the task types (capabilities) its workers take (default: the agent type)",
+    )
+    worker.add_argument(
+        "--agent-type",
+        metavar="TYPE",
+        help="the role its workers register with (default: the handler's name)",
+    )
+    worker.add_argument(
+        "--worker-id",
+        metavar="PREFIX",
+        help="its workers are PREFIX-1 .. PREFIX-N (default: AGENT_TYPE-HOST-PID; give each"
+        " process its own: a worker registering under a live worker's id replaces it)",
+    )
+    worker.add_argument(
+        "--lease",
+        type=_seconds,
+        metavar="SECONDS",
+        help="the lease of each claim (default: the runtime's lease_timeout)",
+    )
+    worker.add_argument(
+        "--drain-timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long in-flight handlers may take to finish (default 10)",
+    )
+    worker.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default="warning",
+        help="the package's log on stderr (default warning)",
+    )
 
 
 # -- entry point -------------------------------------------------------------------------
@@ -216,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "demo":
         handler: _Handler = _demo
+    elif args.command == "worker":
+        handler = run_worker
     else:
         if args.command != "db" and not args.json and not _rich_available():
             print(f"error: {RICH_MISSING}", file=sys.stderr)

@@ -122,9 +122,14 @@ class RemoteRuntime:
         self._welcome = welcome
         self.address = address
         self.owner_pid = welcome.pid
+        # What the owner told: the defaults of this side's subscriptions, and the timeouts
+        # a worker of this process keeps its leases and heartbeats by.
+        defaults = RuntimeConfig()
         self._config = RuntimeConfig(
             subscriber_buffer=welcome.subscriber_buffer,
             subscriber_overflow=welcome.subscriber_overflow,
+            lease_timeout=welcome.lease_timeout or defaults.lease_timeout,
+            worker_timeout=welcome.worker_timeout or defaults.worker_timeout,
         )
         self._lock = anyio.Lock()
         self._ids = itertools.count(1)

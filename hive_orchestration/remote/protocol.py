@@ -144,6 +144,10 @@ class Welcome(_Frame, frozen=True, tag="welcome"):
     role: str = "admin"
     #: The identity every call is made as, when the server pins it (a token's).
     identity: str | None = None
+    #: The owner's lease and worker timeouts: a worker renews its leases and heartbeats
+    #: by them (a third of each); absent from an older server (then the defaults).
+    lease_timeout: float | None = None
+    worker_timeout: float | None = None
 
 
 class Refused(_Frame, frozen=True, tag="refused"):

@@ -16,7 +16,10 @@ disconnected; anything that is not a
 frame of the protocol closes the connection. A peer of another user is refused before a
 byte is read. What a connection left behind is undone as it closes: its calls are
 cancelled (a claim answered as the caller left goes back to the queue), its
-subscriptions end, and the claims it was answered but never acknowledged go back.
+subscriptions end, and the claims it was answered but never acknowledged go back. A
+worker that registered, heartbeat or claimed through it, and did not unregister, is dead
+with it: its tasks go back to the queue at once and it is declared offline (see
+``_Connection._note_worker``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
@@ -37,6 +40,7 @@ from ..errors import HiveError, RuntimeStoppedError
 from ..messages.events import Lagged
 from ..messages.plans import PlanningRequest, UnclaimedRequest
 from ..messages.tasks import Claim, Unclaimed
+from ..messages.workers import WorkerStatus
 from ..wire import EXCLUSIVE, msgpack_arguments
 from .address import ABSTRACT, choose_address, connect_path, peer_uid, remove_address
 from .protocol import (
@@ -80,6 +84,13 @@ MAX_SUBSCRIPTIONS = 1000
 _EVENTS_PER_FRAME = 1000
 #: Clients kept per connection for the (agent, correlation) pairs it calls as.
 _CLIENTS_PER_CONNECTION = 64
+#: The operations by which a connection acts for the worker named by their ``worker_id``.
+_WORKER_OPS = frozenset(
+    {"register_worker", "update_worker_heartbeat", "claim_task", "claim_tasks", "unregister_worker"}
+)
+#: Most worker ids one connection is held to account for (a process runs a few workers;
+#: past this, more are not tracked and are left to the heartbeat timeout).
+MAX_WORKERS_PER_CONNECTION = 10_000
 
 _encode = msgspec.msgpack.Encoder().encode
 
@@ -97,6 +108,8 @@ class Server:
         #: A connection silent this long (no call, no ping) is closed.
         self.idle = 3 * config.remote_timeout
         self._connections: set[_Connection] = set()
+        #: The connection that last acted for each worker (see _Connection._note_worker).
+        self.worker_connections: dict[str, _Connection] = {}
         self._ids = itertools.count(1)
         self.address: str | None = None
         self._scope: anyio.CancelScope | None = None
@@ -193,6 +206,8 @@ class _Connection:
         )
         self._group: TaskGroup | None = None
         self._broken = False
+        #: The workers this connection acts for (see _note_worker).
+        self._workers: set[str] = set()
         self.name: str | None = None
         #: The runtime is stopping: no new call is run; set ``drained`` once none runs.
         self.stopping = False
@@ -232,6 +247,8 @@ class _Connection:
                 subscriber_buffer=config.subscriber_buffer,
                 subscriber_overflow=config.subscriber_overflow,
                 idle=self._server.idle,
+                lease_timeout=config.lease_timeout,
+                worker_timeout=config.worker_timeout,
             )
         )
         if self._broken:
@@ -251,6 +268,7 @@ class _Connection:
                 for value in self._unacknowledged.values():
                     await self._give_back(value)
                 self._unacknowledged.clear()
+                await self._workers_gone()
             log.debug("connection %d (%s) closed", self.number, self.name)
 
     async def _read(self, reader: FrameReader) -> None:
@@ -353,6 +371,8 @@ class _Connection:
         value = await method(**args)
         if message.op in EXCLUSIVE and value:
             self._unacknowledged[message.id] = value
+        if message.op in _WORKER_OPS:
+            self._note_worker(message.op, args, value)
         return Result(message.id, msgspec.Raw(_encode(value)))
 
     def _client(self, agent: str | None, correlation: str | None) -> OrchestrationClient:
@@ -366,6 +386,70 @@ class _Connection:
         else:
             self._clients.move_to_end(key)
         return client
+
+    # -- the workers this connection acts for --------------------------------------------------
+
+    def _note_worker(self, op: str, args: dict[str, Any], value: object) -> None:
+        """After a worker operation succeeded: this connection now carries that worker.
+
+        A worker is alive only as long as the connection that carries its work: once it
+        registered, heartbeat or claimed here, the end of this connection is its death
+        (unless it unregistered, or said it is offline, or another connection acted for it
+        since: a worker restarted in a new process owns its id from then on)."""
+        worker_id = args.get("worker_id")
+        if not isinstance(worker_id, str):
+            return
+        owners = self._server.worker_connections
+        if op == "unregister_worker" or (
+            op == "update_worker_heartbeat"
+            and (not value or args.get("status") == WorkerStatus.OFFLINE)
+        ):
+            if op == "unregister_worker" or owners.get(worker_id) is self:
+                owners.pop(worker_id, None)
+            self._workers.discard(worker_id)
+            return
+        if worker_id not in self._workers:
+            if len(self._workers) >= MAX_WORKERS_PER_CONNECTION:
+                return
+            self._workers.add(worker_id)
+        owners[worker_id] = self
+
+    async def _workers_gone(self) -> None:
+        """The connection ended: each worker it carried is dead. Its tasks go back to the
+        queue now (runs lost, an attempt counted, as when a silent worker is declared
+        offline) rather than when their leases run out, and it is declared offline.
+
+        Through the runtime's public operations (``release_worker_tasks``, then
+        ``update_worker_heartbeat(..., "offline")``), so it is the very change an operator
+        would make, logged and committed as such. Not when the runtime is stopping: its
+        workers are not dead, and the next open requeues what they held."""
+        owners = self._server.worker_connections
+        gone = [worker_id for worker_id in self._workers if owners.get(worker_id) is self]
+        self._workers.clear()
+        for worker_id in gone:
+            del owners[worker_id]
+        if not gone or self.stopping:
+            return
+        client = self._server.client(None, None)
+        reason = f"the connection of worker {{}} to the runtime closed ({self.name or 'a client'})"
+        with anyio.move_on_after(self._server.timeout):
+            for worker_id in gone:
+                try:
+                    released = await client.release_worker_tasks(
+                        worker_id, reason=reason.format(worker_id)
+                    )
+                    if owners.get(worker_id) is None:  # not back on another connection
+                        await client.update_worker_heartbeat(worker_id, WorkerStatus.OFFLINE)
+                except HiveError as error:  # stopping: recovery at the next open requeues
+                    log.info("connection %d: worker %s: %s", self.number, worker_id, error)
+                    return
+                log.info(
+                    "connection %d (%s) closed: worker %s offline, %d task(s) requeued",
+                    self.number,
+                    self.name,
+                    worker_id,
+                    released,
+                )
 
     async def _subscription(
         self, message: Subscribe, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED

@@ -1,0 +1,43 @@
+"""Handlers the worker command's tests run (``hive-orchestration worker _handlers:NAME``,
+from this folder: the command imports from the current directory)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+
+from hive_orchestration import TaskContext
+
+
+async def echo(context: TaskContext) -> dict[str, object]:
+    return {"echo": dict(context.payload), "worker": context.worker_id}
+
+
+async def gated(context: TaskContext) -> dict[str, object]:
+    """Runs until the file its payload names exists (the test creates it, or never)."""
+    gate = Path(str(context.payload["gate"]))
+    await context.progress({"waiting": str(gate)}, phase="waiting")
+    while not await anyio.to_thread.run_sync(gate.exists):  # noqa: ASYNC110 - a file
+        await anyio.sleep(0.02)
+    return {"gate": str(gate)}
+
+
+async def lasting(context: TaskContext) -> dict[str, object]:
+    """Works for the seconds its payload says (longer than the owner's lease)."""
+    seconds = float(str(context.payload["seconds"]))
+    await anyio.sleep(seconds)
+    return {"worked": seconds}
+
+
+async def picky(context: TaskContext) -> dict[str, object]:
+    if context.payload.get("fail"):
+        raise ValueError(f"refusing {context.task.id}")
+    return {"ok": True}
+
+
+def not_async(context: TaskContext) -> None:
+    return None
+
+
+NOT_CALLABLE = 42
