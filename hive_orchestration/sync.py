@@ -120,6 +120,9 @@ class SyncOrchestrationClient:
         self,
         db_path: str | os.PathLike[str] | None = None,
         *,
+        url: str | None = None,
+        token: str | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
         config: RuntimeConfig | None = None,
         source_agent: str | None = None,
         correlation_id: str | None = None,
@@ -128,7 +131,13 @@ class SyncOrchestrationClient:
         if backend not in ("asyncio", "trio"):
             raise InvalidInputError("backend", f"must be 'asyncio' or 'trio', got {backend!r}")
         self._async = OrchestrationClient(
-            db_path, config=config, source_agent=source_agent, correlation_id=correlation_id
+            db_path,
+            url=url,
+            token=token,
+            tls_ca=tls_ca,
+            config=config,
+            source_agent=source_agent,
+            correlation_id=correlation_id,
         )
         self._backend = backend
         self._portal: BlockingPortal | None = None
