@@ -260,6 +260,9 @@ class Server:
                     # ssl.SSLError is an OSError: a plain client, a wrong certificate...
                     log.info("connection from %s: TLS handshake failed: %s", peer, exc)
                     return
+                except Exception:  # never the listener's end, and with it the runtime's
+                    log.exception("connection from %s: TLS handshake failed", peer)
+                    return
                 finally:
                     self._arriving -= 1
                 if handshake.cancelled_caught:
