@@ -5,7 +5,9 @@
 
 The ``with`` block starts an event loop in a thread of its own (anyio's blocking portal),
 runs an embedded runtime on it and stops both at the end. Every method sends its message
-through the portal and waits for the reply, so it may be called from any thread.
+through the portal and waits for the reply, so it may be called from any thread. Given
+``url=`` and ``token=`` (or ``$HIVE_ORCHESTRATION_URL``), it connects to a runtime served
+over TCP instead, as :class:`~hive_orchestration.OrchestrationClient` does.
 """
 
 from __future__ import annotations

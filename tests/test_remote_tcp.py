@@ -391,6 +391,25 @@ async def test_no_tls_off_loopback_is_refused_before_anything_is_bound(
         del os.environ["HIVE_ORCHESTRATION_URL"]
 
 
+@pytest.mark.anyio
+async def test_an_address_that_cannot_be_bound_fails_the_open(
+    db_path: str, anyio_backend: str, tokens: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = RuntimeConfig(listen=(f"tcp://127.0.0.1:{port}",), tokens_file=tokens)
+        with pytest.raises(ConfigError, match="Address already in use") as caught:
+            async with Runtime.open(db_path, config=config):
+                pass
+        assert caught.value.field == "listen"
+    # Nothing is left behind: the file opens at once, its socket served.
+    async with Runtime.open(db_path) as runtime:
+        assert runtime._server is not None
+        assert runtime._server.address
+
+
 # -- tokens -------------------------------------------------------------------------------
 
 
