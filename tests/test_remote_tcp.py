@@ -657,3 +657,16 @@ def test_a_tokens_file_is_checked_when_loaded(tmp_path: Path) -> None:
     path.write_text(json.dumps({"tokens": [{"token": APP, "identity": "app"}]}))
     path.chmod(0o600)
     assert load_tokens(path).find(APP) is not None
+
+
+def test_the_clients_variables_are_not_runtime_settings() -> None:
+    env = {
+        "HIVE_ORCHESTRATION_URL": "hives://hive.example.com:7443",
+        "HIVE_ORCHESTRATION_TOKEN": ADMIN,
+        "HIVE_ORCHESTRATION_TLS_CA": "/etc/hive/ca.pem",
+        "HIVE_ORCHESTRATION_LISTEN": '["tcp://127.0.0.1:0", "tcp://[::1]:0"]',
+        "HIVE_ORCHESTRATION_MAX_CONNECTIONS": "8",
+    }
+    config = RuntimeConfig.load(env=env)
+    assert config.listen == ("tcp://127.0.0.1:0", "tcp://[::1]:0")
+    assert config.max_connections == 8
