@@ -340,24 +340,25 @@ async def test_no_tls_off_loopback_is_refused_before_anything_is_bound(
 ) -> None:
     own = _own_address()
     for host in ["0.0.0.0", *([own] if own else [])]:
-        result = await anyio.run_process(
-            [
-                sys.executable,
-                "-m",
-                "hive_orchestration",
-                "serve",
-                "--db",
-                db_path,
-                "--backend",
-                anyio_backend,
-                "--listen",
-                f"tcp://{host}:0",
-                "--tokens",
-                tokens,
-            ],
-            check=False,
-            env=_environment(),
-        )
+        with anyio.fail_after(DEADLINE):  # a server that starts instead would never end
+            result = await anyio.run_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "hive_orchestration",
+                    "serve",
+                    "--db",
+                    db_path,
+                    "--backend",
+                    anyio_backend,
+                    "--listen",
+                    f"tcp://{host}:0",
+                    "--tokens",
+                    tokens,
+                ],
+                check=False,
+                env=_environment(),
+            )
         assert result.returncode == 2
         error = result.stderr.decode()
         assert f"tcp://{host}:0 is not this machine's loopback" in error
