@@ -23,6 +23,7 @@ from .client import CallbackSubscription, EventStream, OrchestrationClient
 from .config import DEFAULT_DB_PATH, FeatureFlags, RuntimeConfig
 from .embedded import MailboxStats, Runtime, RuntimeStatistics, Subscription
 from .errors import (
+    AccessDeniedError,
     ActorFailedError,
     ConfigError,
     ConnectionLostError,
@@ -83,6 +84,7 @@ _logging.getLogger("hive_orchestration").addHandler(_logging.NullHandler())
 __all__ = [
     "DEFAULT_DB_PATH",
     "SCHEMA_VERSION",
+    "AccessDeniedError",
     "ActorFailedError",
     "AgentCapability",
     "AgentHealth",

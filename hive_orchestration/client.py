@@ -34,9 +34,11 @@ from ._plan_ops import PlanOps
 from ._task_ops import TaskOps
 from ._validate import check_identifier, check_int, check_optional_text
 from ._worker_ops import WorkerOps
-from .config import RuntimeConfig
+from .config import TLS_CA_ENV, TOKEN_ENV, URL_ENV, RuntimeConfig
 from .embedded import Runtime, Subscription
 from .errors import (
+    AccessDeniedError,
+    ConfigError,
     ConnectionLostError,
     HiveError,
     InvalidInputError,
@@ -64,6 +66,7 @@ from .messages.events import Event, compile_pattern, matches_filters
 from .messages.tasks import TaskStatus
 from .messages.workers import WorkerStatus
 from .remote.client import RemoteRuntime
+from .remote.tcp import parse_url
 from .storage.database import read_owner
 
 if TYPE_CHECKING:
@@ -98,6 +101,17 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
     subscriptions, event streams and callbacks (``client.remote`` says which it is).
     ``runtime.client()`` returns one bound to a running runtime instead.
 
+    ``OrchestrationClient(url="hives://host:7000", token=...)`` connects to a runtime
+    served over TCP (``hive-orchestration serve``) and never opens a database itself:
+    ``hive://`` for a server on this machine's loopback, ``hives://`` (TLS, the server's
+    certificate checked against ``tls_ca`` or the system's authorities) for any other.
+    Given neither ``url`` nor ``db_path``, a client connects to
+    ``$HIVE_ORCHESTRATION_URL`` when it is set, before any database setting
+    (``config.db_path``, ``$HIVE_ORCHESTRATION_DB_PATH``, the default); ``token`` and
+    ``tls_ca`` default to ``$HIVE_ORCHESTRATION_TOKEN`` and
+    ``$HIVE_ORCHESTRATION_TLS_CA``. An agent token acts as its own identity: a client
+    without ``source_agent`` takes it, one with another is refused at open.
+
     ``source_agent`` is recorded as the ``source`` of the events its calls cause (calls
     that hold a lease record the worker's id instead, and worker events the worker's own
     id) and of the tasks, plans and planning requests it creates; ``correlation_id`` is
@@ -109,10 +123,26 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
         self,
         db_path: str | os.PathLike[str] | None = None,
         *,
+        url: str | None = None,
+        token: str | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
         config: RuntimeConfig | None = None,
         source_agent: str | None = None,
         correlation_id: str | None = None,
     ) -> None:
+        if url is not None:
+            if db_path is not None:
+                raise InvalidInputError(
+                    "url", "give url or db_path, not both: a client with a url opens no database"
+                )
+            parse_url(url)  # refused now if malformed, or off loopback without TLS
+        if token is not None and not isinstance(token, str):
+            raise InvalidInputError("token", f"must be a string, got {type(token).__name__}")
+        if tls_ca is not None and not isinstance(tls_ca, str | os.PathLike):
+            raise InvalidInputError("tls_ca", f"must be a path, got {type(tls_ca).__name__}")
+        self._url = url
+        self._token = token
+        self._tls_ca = None if tls_ca is None else os.fspath(tls_ca)
         self._db_path = db_path
         self._open_config = config
         self._owns = True
@@ -182,9 +212,50 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
             self._attach(backend)
         return self
 
+    def _target_url(self) -> str | None:
+        """The url this client connects to, or None: it opens (or reaches) a database."""
+        if self._url is not None:
+            return self._url
+        if self._db_path is not None:
+            return None
+        value = os.environ.get(URL_ENV)
+        if value is not None and not value.strip():
+            raise ConfigError("url", f"${URL_ENV} is empty: unset it or name a server")
+        return value
+
+    async def _connect_url(self, stack: AsyncExitStack, url: str) -> RemoteRuntime:
+        config = RuntimeConfig.checked(self._open_config)
+        token = self._token if self._token is not None else os.environ.get(TOKEN_ENV)
+        tls_ca = self._tls_ca if self._tls_ca is not None else os.environ.get(TLS_CA_ENV)
+        remote = await stack.enter_async_context(
+            RemoteRuntime.connect_url(
+                url,
+                token=token or None,
+                tls_ca=tls_ca or None,
+                name=self._default_agent,
+                silence=config.remote_timeout,
+            )
+        )
+        identity = remote.identity
+        if remote.role != "admin" and identity is not None:
+            if self._default_agent is None:
+                self._default_agent = identity  # what the server records anyway
+            elif self._default_agent != identity:
+                raise AccessDeniedError(
+                    "connect",
+                    f"the token acts as {identity!r}, and every call of this client as"
+                    f" source_agent {self._default_agent!r} would be refused: leave"
+                    " source_agent out, or use that agent's token",
+                )
+        return remote
+
     async def _open(self, stack: AsyncExitStack) -> _Backend:
-        """Start the runtime on the database, or, if a runtime of another process owns
-        it and serves its socket, connect to that one."""
+        """Connect to the runtime served at the url; else start the runtime on the
+        database, or, if a runtime of another process owns it and serves its socket,
+        connect to that one."""
+        url = self._target_url()
+        if url is not None:
+            return await self._connect_url(stack, url)
         for attempt in range(_OPEN_ATTEMPTS):
             try:
                 return await stack.enter_async_context(
@@ -254,9 +325,13 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
 
     @property
     def db_path(self) -> str:
-        """The database file (``":memory:"`` for a throwaway database)."""
+        """The database file (``":memory:"`` for a throwaway database); for a client
+        with a url, the server's file once open, the url until then."""
         if self._runtime is not None:
             return self._runtime.path
+        url = self._target_url()
+        if url is not None:
+            return url
         from .embedded import _normalize_path
 
         return _normalize_path(self._db_path, self._open_config)

@@ -30,6 +30,9 @@ __all__ = [
     "DB_PATH_ENV",
     "DEFAULT_DB_PATH",
     "ENV_PREFIX",
+    "TLS_CA_ENV",
+    "TOKEN_ENV",
+    "URL_ENV",
     "FeatureFlags",
     "RuntimeConfig",
     "choose_db_path",
@@ -44,6 +47,13 @@ DEFAULT_DB_PATH = Path("hive") / "db" / "hive-internal.db"
 ENV_PREFIX = "HIVE_ORCHESTRATION_"
 #: The environment variable that names the database (the ``db_path`` field's).
 DB_PATH_ENV = f"{ENV_PREFIX}DB_PATH"
+#: A client's settings, not the runtime's: where the runtime is served (``hive://`` or
+#: ``hives://HOST:PORT``), the token to present there, and the CA file that signed its
+#: certificate. Read by the clients (see OrchestrationClient), skipped by ``load``.
+URL_ENV = f"{ENV_PREFIX}URL"
+TOKEN_ENV = f"{ENV_PREFIX}TOKEN"
+TLS_CA_ENV = f"{ENV_PREFIX}TLS_CA"
+_CLIENT_ENV = frozenset({URL_ENV, TOKEN_ENV, TLS_CA_ENV})
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 # Durations, in seconds, bounded as the API's own (hive_orchestration._validate says why):
@@ -141,6 +151,20 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=64 * 1024)] = 16 * 1024 * 1024
     #: Calls one connection may have in flight; past that the server stops reading it.
     max_calls_in_flight: Positive = 256
+    #: Where else to serve the message API: ``tcp://HOST:PORT`` addresses (port 0: any
+    #: free port), beside the Unix socket. Off loopback only with ``tls_cert``; every TCP
+    #: connection needs a token of ``tokens_file`` (docs/SERVING.md).
+    listen: tuple[str, ...] = ()
+    #: The server's certificate chain and private key (PEM files): TCP connections are
+    #: then TLS (clients use ``hives://``).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: The tokens TCP clients authenticate with: their identity, role and worker ids
+    #: (TOML, or JSON for a ``.json`` file; docs/SERVING.md).
+    tokens_file: str | None = None
+    #: Connections served at once (Unix socket and TCP together); one more is refused
+    #: with a ConnectionLostError that names this limit, and closed.
+    max_connections: Positive = 1024
     features: FeatureFlags = FeatureFlags()
 
     @classmethod
@@ -166,7 +190,7 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
                 raise ConfigError("toml_path", f"{str(toml_path)!r} is not TOML: {exc}") from exc
         environ = os.environ if env is None else env
         for key, value in environ.items():
-            if not key.startswith(ENV_PREFIX):
+            if not key.startswith(ENV_PREFIX) or key in _CLIENT_ENV:
                 continue
             name = key[len(ENV_PREFIX) :].lower()
             if name.startswith("features__"):
@@ -174,12 +198,12 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
                 if not isinstance(features, dict):
                     raise ConfigError("features", "must be a table of flags")
                 features[name[len("features__") :]] = value
-            elif value.lstrip().startswith("{"):
-                # A table (concurrency_limits) comes from the environment as JSON.
+            elif value.lstrip().startswith(("{", "[")):
+                # A table (concurrency_limits) or a list (listen) comes as JSON.
                 try:
                     raw[name] = msgspec.json.decode(value)
                 except msgspec.DecodeError as exc:
-                    raise ConfigError(name, f"is not a JSON object: {exc}") from None
+                    raise ConfigError(name, f"is not JSON: {exc}") from None
             else:
                 raw[name] = value
         raw.update(overrides)

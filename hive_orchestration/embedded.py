@@ -231,6 +231,12 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
         """
         config = RuntimeConfig.checked(config)
         db_path, source = resolve_db_path(path, config)
+        tcp = None
+        if config.listen:
+            from .remote.tcp import prepare_tcp
+
+            # Refused (ConfigError) before the database is touched or a port bound.
+            tcp = await anyio.to_thread.run_sync(prepare_tcp, config)
         claim = DatabaseClaim(db_path)
         try:
             await anyio.to_thread.run_sync(claim.acquire)
@@ -351,13 +357,17 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
             async with anyio.create_task_group() as tg:
                 await tg.start(supervisor.run)
                 server = None
-                if config.serve_socket and db_path != MEMORY and sys.platform != "win32":
+                unix = config.serve_socket and db_path != MEMORY and sys.platform != "win32"
+                if unix or tcp is not None:
                     from .remote.server import Server
 
                     # This user's other processes reach the runtime through it; it stops
                     # first, so that the calls it still runs find the actors running.
-                    server = Server(runtime, claim)
-                    await tg.start(server.run)
+                    server = Server(runtime, claim, tcp)
+                    if tcp is not None:  # first: an address it cannot bind stops the open
+                        await tg.start(server.run_tcp)
+                    if unix:
+                        await tg.start(server.run)
                 try:
                     # The app's event callbacks live here: they stop before the actors do.
                     async with anyio.create_task_group() as callbacks:

@@ -24,6 +24,8 @@ that matches what you can do about it:
 - :class:`ConnectionLostError` - the connection to the runtime of another process broke
   (it exited, was killed, or stopped answering); :class:`OutcomeUnknownError` for a call
   that was in flight then.
+- :class:`AccessDeniedError` - the runtime served over TCP refused this connection's token,
+  or this call for the token's role; nothing was done.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 from typing import Literal, TypeAlias
 
 __all__ = [
+    "AccessDeniedError",
     "ActorFailedError",
     "ConfigError",
     "ConnectionLostError",
@@ -266,3 +269,17 @@ class OutcomeUnknownError(ConnectionLostError):
     applied. Re-read before retrying what is not idempotent; a ``create_task`` retried
     with the same ``idempotency_key`` is safe.
     """
+
+
+class AccessDeniedError(HiveError, PermissionError):
+    """A runtime served over TCP refused a connection (no token, or a wrong one) or a call
+    its token's role may not make (``operation``, ``reason``); nothing was done.
+
+    An ``agent`` token acts as its own identity and for its own worker ids only; what it
+    may call is listed in docs/SERVING.md. Use a token with the rights the call needs.
+    """
+
+    def __init__(self, operation: str, reason: str) -> None:
+        self.operation = operation
+        self.reason = reason
+        super().__init__(f"{operation} refused: {reason}")

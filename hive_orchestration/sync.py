@@ -5,7 +5,9 @@
 
 The ``with`` block starts an event loop in a thread of its own (anyio's blocking portal),
 runs an embedded runtime on it and stops both at the end. Every method sends its message
-through the portal and waits for the reply, so it may be called from any thread.
+through the portal and waits for the reply, so it may be called from any thread. Given
+``url=`` and ``token=`` (or ``$HIVE_ORCHESTRATION_URL``), it connects to a runtime served
+over TCP instead, as :class:`~hive_orchestration.OrchestrationClient` does.
 """
 
 from __future__ import annotations
@@ -120,6 +122,9 @@ class SyncOrchestrationClient:
         self,
         db_path: str | os.PathLike[str] | None = None,
         *,
+        url: str | None = None,
+        token: str | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
         config: RuntimeConfig | None = None,
         source_agent: str | None = None,
         correlation_id: str | None = None,
@@ -128,7 +133,13 @@ class SyncOrchestrationClient:
         if backend not in ("asyncio", "trio"):
             raise InvalidInputError("backend", f"must be 'asyncio' or 'trio', got {backend!r}")
         self._async = OrchestrationClient(
-            db_path, config=config, source_agent=source_agent, correlation_id=correlation_id
+            db_path,
+            url=url,
+            token=token,
+            tls_ca=tls_ca,
+            config=config,
+            source_agent=source_agent,
+            correlation_id=correlation_id,
         )
         self._backend = backend
         self._portal: BlockingPortal | None = None

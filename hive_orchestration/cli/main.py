@@ -1,28 +1,33 @@
 """The command line: parsing, the commands, and their exit codes.
 
-Every command but ``demo``, ``worker`` and ``db upgrade`` reads the database through the
-read-only :class:`~hive_orchestration.inspector.Inspector`, so it works while an app holds
-the database (and writes nothing to it); ``worker`` (:mod:`.worker`) runs an agent's
-handler as workers of the runtime that owns it. Exit codes: 0 done, 1 not found or refused by the
-runtime (the reason on stderr), 2 bad usage or input, 130 interrupted.
+Every command but ``demo``, ``worker``, ``serve`` and ``db upgrade`` reads the database
+through the read-only :class:`~hive_orchestration.inspector.Inspector`, so it works while
+an app holds the database (and writes nothing to it). ``worker`` (:mod:`.worker`) runs an
+agent's handler as workers of the runtime that owns it; ``serve`` runs a runtime of its
+own and serves its message API (Unix socket, TCP) until SIGTERM or SIGINT. Exit codes: 0
+done, 1 not found or refused by the runtime (the reason on stderr), 2 bad usage or input,
+130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.to_thread
 import msgspec
 
 from .._validate import MAX_READ
-from ..config import DB_PATH_ENV, DEFAULT_DB_PATH, choose_db_path
+from ..config import DB_PATH_ENV, DEFAULT_DB_PATH, RuntimeConfig, choose_db_path
 from ..embedded import Runtime
 from ..errors import HiveError, InvalidInputError, NewerSchemaError, StorageError
 from ..inspector import Inspector
@@ -197,6 +202,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _worker_parser(commands, common)
+    serve = commands.add_parser(
+        "serve",
+        parents=[common],
+        help="run the runtime and serve its message API (Unix socket, TCP) until stopped",
+        description="Open the database (as an app would: the runtime is this process's) and"
+        " serve its message API on its Unix socket, and on every --listen tcp://HOST:PORT,"
+        " until SIGTERM or SIGINT; then stop cleanly (clients are told, calls in flight"
+        " finish). Prints one JSON line once serving: the database, the pid and the"
+        " addresses clients connect to (a port 0 replaced by the one bound). Off loopback,"
+        " TCP needs --tls-cert and --tls-key; every TCP client needs a token of --tokens"
+        " (docs/SERVING.md). The other settings come from HIVE_ORCHESTRATION_* variables.",
+    )
+    serve.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help="tcp://HOST:PORT to serve on too (repeatable; 'unix' or none: the socket alone)",
+    )
+    serve.add_argument("--tls-cert", metavar="PEM", help="the server's certificate chain")
+    serve.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    serve.add_argument(
+        "--tokens", metavar="FILE", help="tokens of TCP clients (TOML, or .json): identity, role"
+    )
+    serve.add_argument(
+        "--max-connections", type=_count(1), metavar="N", help="connections at once (1024)"
+    )
 
     db = commands.add_parser("db", help="the database's schema version, and migrating it")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -299,6 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler: _Handler = _demo
     elif args.command == "worker":
         handler = run_worker
+    elif args.command == "serve":
+        handler = _serve
     else:
         if args.command != "db" and not args.json and not _rich_available():
             print(f"error: {RICH_MISSING}", file=sys.stderr)
@@ -369,6 +403,42 @@ def _show(args: argparse.Namespace, value: object, render: str) -> None:
 
 async def _demo(args: argparse.Namespace) -> None:
     await run_demo(args.db)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    overrides: dict[str, Any] = {}
+    if args.listen:  # else $HIVE_ORCHESTRATION_LISTEN, if set
+        overrides["listen"] = tuple(address for address in args.listen if address != "unix")
+    for name, value in (
+        ("tls_cert", args.tls_cert),
+        ("tls_key", args.tls_key),
+        ("tokens_file", args.tokens),
+        ("max_connections", args.max_connections),
+    ):
+        if value is not None:
+            overrides[name] = value
+    config = RuntimeConfig.load(**overrides)
+    # A server's log is its only account of who connected, and who was refused.
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # Before the runtime opens: a signal that comes while it opens stops it once open.
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with Runtime.open(args.db, config=config) as runtime:
+            server = runtime._server
+            addresses = [] if server is None else list(server.tcp_addresses)
+            if server is not None and server.address:
+                addresses.insert(0, server.address)
+            _print_json({"serving": runtime.path, "pid": os.getpid(), "addresses": addresses})
+            async for signum in signals:
+                print(
+                    f"{signal.Signals(signum).name}: stopping (clients are told; calls in"
+                    " flight finish)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                break
+    _print_json({"stopped": runtime.path})
 
 
 async def _status(args: argparse.Namespace) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import ssl
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import msgspec
-from anyio.abc import SocketStream, TaskGroup
+from anyio.abc import ByteStream, TaskGroup
 
 from ..config import RuntimeConfig
 from ..embedded import raise_cause
@@ -117,7 +118,7 @@ _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 class RemoteRuntime:
     """A connection to the runtime that owns a database in another process."""
 
-    def __init__(self, stream: SocketStream, welcome: Welcome, address: str) -> None:
+    def __init__(self, stream: ByteStream, welcome: Welcome, address: str) -> None:
         self._stream = stream
         self._welcome = welcome
         self.address = address
@@ -159,9 +160,89 @@ class RemoteRuntime:
             raise ConnectionLostError(
                 f"cannot connect to the runtime at {address}: {exc.strerror or exc}"
             ) from None
+        async with cls._session(stream, address, name, silence, None) as remote:
+            yield remote
+
+    @classmethod
+    @asynccontextmanager
+    async def connect_url(
+        cls,
+        url: str,
+        *,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        name: str | None = None,
+        silence: float = 10.0,
+    ) -> AsyncIterator[RemoteRuntime]:
+        """Connect to the runtime served at ``url`` (``hive://HOST:PORT``, loopback only,
+        or ``hives://HOST:PORT``: TLS, the server's certificate checked against ``tls_ca``
+        or the system's authorities) with ``token``. Refused before connecting
+        (:class:`InvalidInputError` on ``url``) when malformed or off loopback without
+        TLS; :class:`ConnectionLostError` if nothing answers there or the TLS handshake
+        fails; :class:`AccessDeniedError` if the server refuses the token."""
+        from .tcp import client_context, parse_url
+
+        endpoint = parse_url(url)
+        context = client_context(tls_ca) if endpoint.tls else None
+        shown = endpoint.url()
+        try:
+            with anyio.fail_after(_HANDSHAKE):
+                stream: ByteStream
+                if context is None:
+                    stream = await anyio.connect_tcp(endpoint.host, endpoint.port)
+                else:
+                    stream = await anyio.connect_tcp(
+                        endpoint.host,
+                        endpoint.port,
+                        ssl_context=context,
+                        tls_hostname=endpoint.host,
+                        tls_standard_compatible=False,
+                    )
+        except TimeoutError:
+            raise ConnectionLostError(
+                f"cannot connect to the runtime at {shown}: no answer within {_HANDSHAKE:g}s"
+            ) from None
+        except ssl.SSLCertVerificationError as exc:
+            advice = (
+                f"connect with a name the certificate is for, not {endpoint.host!r}"
+                if "mismatch" in str(exc.verify_message)
+                else "give the certificate of the authority that signed it (tls_ca=,"
+                " $HIVE_ORCHESTRATION_TLS_CA)"
+            )
+            raise ConnectionLostError(
+                f"cannot connect to the runtime at {shown}: its certificate is not trusted"
+                f" ({exc.verify_message}): {advice}"
+            ) from None
+        except (OSError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
+            hint = (
+                " (the TLS handshake failed: does it serve TLS? hive:// is for a server"
+                " without TLS)"
+                if endpoint.tls
+                else ""
+            )
+            raise ConnectionLostError(
+                f"cannot connect to the runtime at {shown}:"
+                f" {getattr(exc, 'strerror', None) or exc or type(exc).__name__}{hint}"
+            ) from None
+        hint = "" if endpoint.tls else "; if it serves TLS, connect with hives://"
+        async with cls._session(stream, shown, name, silence, token, hint) as remote:
+            yield remote
+
+    @classmethod
+    @asynccontextmanager
+    async def _session(
+        cls,
+        stream: ByteStream,
+        address: str,
+        name: str | None,
+        silence: float,
+        token: str | None,
+        hint: str = "",
+    ) -> AsyncIterator[RemoteRuntime]:
+        """The connection over ``stream``, from the handshake until the block ends."""
         async with stream:
             reader = FrameReader(stream, ServerFrame, _MAX_ANSWER)
-            welcome = await cls._handshake(stream, reader, address, name)
+            welcome = await cls._handshake(stream, reader, address, name, token, hint)
             remote = cls(stream, welcome, address)
             try:
                 async with anyio.create_task_group() as group:
@@ -183,19 +264,25 @@ class RemoteRuntime:
 
     @staticmethod
     async def _handshake(
-        stream: SocketStream, reader: FrameReader, address: str, name: str | None
+        stream: ByteStream,
+        reader: FrameReader,
+        address: str,
+        name: str | None,
+        token: str | None = None,
+        hint: str = "",
     ) -> Welcome:
         try:
             with anyio.fail_after(_HANDSHAKE):
-                await stream.send(frame(Hello(PROTOCOL_VERSION, name=name)))
+                await stream.send(frame(Hello(PROTOCOL_VERSION, name=name, token=token)))
                 answer = await reader.read()
         except TimeoutError:
             raise ConnectionLostError(
-                f"the runtime at {address} did not answer within {_HANDSHAKE:g}s"
+                f"the runtime at {address} did not answer within {_HANDSHAKE:g}s{hint}"
             ) from None
         except (anyio.EndOfStream, anyio.BrokenResourceError, FrameError, OSError) as exc:
             raise ConnectionLostError(
-                f"the runtime at {address} closed the connection at once ({exc or 'no answer'})"
+                f"the runtime at {address} closed the connection at once"
+                f" ({str(exc) or 'no answer'}){hint}"
             ) from None
         if isinstance(answer, Refused):
             raise decode_error(answer.error)
@@ -207,6 +294,17 @@ class RemoteRuntime:
     def path(self) -> str:
         """The database file the owner holds."""
         return self._welcome.db_path
+
+    @property
+    def identity(self) -> str | None:
+        """The identity the server acts as for this connection (a token's), or None for
+        the owner's own user on the Unix socket."""
+        return self._welcome.identity
+
+    @property
+    def role(self) -> str:
+        """What the connection may do: ``admin`` or ``agent`` (see docs/SERVING.md)."""
+        return self._welcome.role
 
     @property
     def config(self) -> RuntimeConfig:

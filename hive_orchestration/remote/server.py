@@ -20,6 +20,15 @@ subscriptions end, and the claims it was answered but never acknowledged go back
 worker that registered, heartbeat or claimed through it, and did not unregister, is dead
 with it: its tasks go back to the queue at once and it is declared offline (see
 ``_Connection._note_worker``).
+
+Given TCP addresses (``RuntimeConfig.listen``, see :mod:`.tcp`), it serves them too, TLS
+when it has a certificate. A TCP peer's hello must carry a token of the tokens file (see
+:mod:`.access`), read under a small frame limit until it does; a wrong or missing one is
+answered Refused and the connection closed before anything runs. Every call then passes
+``_Connection._authorize`` before it runs: the one place an agent token is held to its
+identity and its worker ids. At most ``max_connections`` connections are served at once
+(Unix socket and TCP together): one more is answered Refused (ConnectionLostError naming
+the limit) and closed; past a few such refusals at once, closed without a word.
 """
 
 from __future__ import annotations
@@ -28,20 +37,28 @@ import itertools
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
-from anyio.abc import SocketAttribute, SocketStream, TaskGroup, TaskStatus
+from anyio.abc import ByteStream, Listener, SocketAttribute, SocketStream, TaskGroup, TaskStatus
+from anyio.streams.tls import TLSStream
 
-from ..errors import HiveError, RuntimeStoppedError
+from ..errors import (
+    AccessDeniedError,
+    ConfigError,
+    ConnectionLostError,
+    HiveError,
+    RuntimeStoppedError,
+)
 from ..messages.events import Lagged
 from ..messages.plans import PlanningRequest, UnclaimedRequest
 from ..messages.tasks import Claim, Unclaimed
 from ..messages.workers import WorkerStatus
 from ..wire import EXCLUSIVE, msgpack_arguments
+from .access import OWNER, Authorizer, Identity, Tokens
 from .address import ABSTRACT, choose_address, connect_path, peer_uid, remove_address
 from .protocol import (
     PROTOCOL_VERSION,
@@ -71,6 +88,7 @@ if TYPE_CHECKING:
     from ..client import OrchestrationClient
     from ..embedded import Runtime, Subscription
     from ..storage.database import DatabaseClaim
+    from .tcp import TcpSettings
 
 __all__ = ["HANDSHAKE_TIMEOUT", "Server"]
 
@@ -91,17 +109,36 @@ _WORKER_OPS = frozenset(
 #: Most worker ids one connection is held to account for (a process runs a few workers;
 #: past this, more are not tracked and are left to the heartbeat timeout).
 MAX_WORKERS_PER_CONNECTION = 10_000
+#: Connections past ``max_connections`` told so at once; past these too, one is closed
+#: without a word (a flood of them costs a closed socket each, nothing more).
+_REFUSING = 16
+#: How long telling a connection past the limit may take.
+_REFUSAL_TIME = 1.0
+#: Largest hello read from a peer not yet authenticated (a token is a few dozen bytes).
+_HELLO_LIMIT = 64 * 1024
+#: Most bytes read and dropped from a refused peer before closing on it.
+_LINGER_BYTES = 1024 * 1024
 
 _encode = msgspec.msgpack.Encoder().encode
 
 
 class Server:
-    """Serves one runtime on a Unix socket (see :mod:`.address` for where)."""
+    """Serves one runtime on a Unix socket (see :mod:`.address` for where), and on the
+    TCP addresses of ``tcp`` (see :mod:`.tcp`) when given."""
 
-    def __init__(self, runtime: Runtime, claim: DatabaseClaim) -> None:
+    def __init__(
+        self, runtime: Runtime, claim: DatabaseClaim, tcp: TcpSettings | None = None
+    ) -> None:
         self._runtime = runtime
         self._claim = claim
+        self._tcp = tcp
         config = runtime.config
+        self.max_connections = config.max_connections
+        #: Accepted, not yet a connection: in the TLS handshake, or being refused.
+        self._arriving = 0
+        #: Where clients reach it over TCP (``hive://`` or ``hives://HOST:PORT``).
+        self.tcp_addresses: list[str] = []
+        self._tcp_scope: anyio.CancelScope | None = None
         self.max_frame = config.max_frame_bytes
         self.max_in_flight = config.max_calls_in_flight
         self.timeout = config.remote_timeout
@@ -164,6 +201,8 @@ class Server:
                     await connection.drained.wait()
         if self._scope is not None:
             self._scope.cancel()
+        if self._tcp_scope is not None:
+            self._tcp_scope.cancel()
 
     async def _accept(self, stream: SocketStream) -> None:
         async with stream:
@@ -172,16 +211,123 @@ class Server:
             if uid is not None and uid != os.geteuid():
                 log.warning("refused a connection from user %d on the runtime's socket", uid)
                 return  # not a byte read or written for another user
-            connection = _Connection(self, stream, next(self._ids))
-            self._connections.add(connection)
+            if self._flooded("unix"):
+                return
+            await self._admit(stream, "unix", None)
+
+    async def run_tcp(
+        self, *, task_status: TaskStatus[list[str]] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen on the TCP addresses until cancelled; reports where clients reach them
+        (a port 0 replaced by the one bound). An address that cannot be bound raises
+        :class:`ConfigError` (the runtime does not start: it was asked to serve there)."""
+        assert self._tcp is not None
+        listeners: list[Listener[SocketStream]] = []
+        try:
+            for endpoint in self._tcp.endpoints:
+                try:
+                    bound = await anyio.create_tcp_listener(
+                        local_host=endpoint.host, local_port=endpoint.port
+                    )
+                except OSError as exc:
+                    raise ConfigError(
+                        "listen",
+                        f"cannot listen on tcp://{endpoint.host}:{endpoint.port}:"
+                        f" {exc.strerror or exc}; choose another address or port, or stop"
+                        " what listens there",
+                    ) from None
+                listeners.append(bound)
+                for host, port in _bound(bound):
+                    self.tcp_addresses.append(endpoint._replace(host=host, port=port).url())
+            for address in self.tcp_addresses:
+                log.info("serving the runtime's message API on %s", address)
+            with anyio.CancelScope() as self._tcp_scope:
+                async with anyio.create_task_group() as group:
+                    for listener in listeners:
+                        group.start_soon(listener.serve, self._accept_tcp, group)
+                    task_status.started(list(self.tcp_addresses))
+        finally:
+            self.tcp_addresses = []
+            with anyio.CancelScope(shield=True):
+                for listener in listeners:
+                    await listener.aclose()
+
+    async def _accept_tcp(self, stream: SocketStream) -> None:
+        assert self._tcp is not None
+        peer = _peer(stream)
+        async with stream:
+            if self._flooded(peer):
+                return
+            served: ByteStream = stream
+            if self._tcp.tls is not None:
+                self._arriving += 1
+                try:
+                    with anyio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
+                        served = await TLSStream.wrap(
+                            stream,
+                            server_side=True,
+                            ssl_context=self._tcp.tls,
+                            standard_compatible=False,
+                        )
+                except (OSError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
+                    # ssl.SSLError is an OSError: a plain client, a wrong certificate...
+                    log.info("connection from %s: TLS handshake failed: %s", peer, exc)
+                    return
+                except Exception:  # never the listener's end, and with it the runtime's
+                    log.exception("connection from %s: TLS handshake failed", peer)
+                    return
+                finally:
+                    self._arriving -= 1
+                if handshake.cancelled_caught:
+                    log.info(
+                        "connection from %s: no TLS handshake within %gs", peer, HANDSHAKE_TIMEOUT
+                    )
+                    return
+            await self._admit(served, peer, self._tcp.tokens)
+
+    def _flooded(self, peer: str) -> bool:
+        """Past the limit and the room to say so: the caller closes without a word."""
+        if len(self._connections) + self._arriving < self.max_connections + _REFUSING:
+            return False
+        log.warning("connection from %s closed: past max_connections, and busy refusing", peer)
+        return True
+
+    async def _admit(self, stream: ByteStream, peer: str, tokens: Tokens | None) -> None:
+        """Serve one connection (``tokens``: the hello must present one of them), or
+        refuse it past ``max_connections``."""
+        if len(self._connections) >= self.max_connections:
+            log.warning(
+                "connection from %s refused: %d connections, max_connections",
+                peer,
+                len(self._connections),
+            )
+            error = ConnectionLostError(
+                f"the runtime serves {self.max_connections} connections, the most it may"
+                " (max_connections): retry later, or raise max_connections in its config"
+            )
+            self._arriving += 1
             try:
-                await connection.run()
-            except Exception:
-                # A bug in serving one connection must not take the listener, and with it
-                # the runtime, down: that connection ends, the others go on.
-                log.exception("connection %d failed", connection.number)
+                await self._refuse(stream, error)
             finally:
-                self._connections.discard(connection)
+                self._arriving -= 1
+            return
+        connection = _Connection(self, stream, next(self._ids), tokens=tokens, peer=peer)
+        self._connections.add(connection)
+        try:
+            await connection.run()
+        except Exception:
+            # A bug in serving one connection must not take the listener, and with it
+            # the runtime, down: that connection ends, the others go on.
+            log.exception("connection %d failed", connection.number)
+        finally:
+            self._connections.discard(connection)
+
+    async def _refuse(self, stream: ByteStream, error: HiveError) -> None:
+        """Answer Refused with ``error``; the caller then closes the connection."""
+        with anyio.move_on_after(_REFUSAL_TIME):
+            with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                await stream.send(frame(Refused(encode_error(0, error))))
+        await _linger(stream)
 
     def client(self, agent: str | None, correlation: str | None) -> OrchestrationClient:
         return self._runtime.client(source_agent=agent, correlation_id=correlation)
@@ -190,11 +336,25 @@ class Server:
 class _Connection:
     """One client's connection: reads its frames, runs its calls and subscriptions."""
 
-    def __init__(self, server: Server, stream: SocketStream, number: int) -> None:
+    def __init__(
+        self,
+        server: Server,
+        stream: ByteStream,
+        number: int,
+        *,
+        tokens: Tokens | None = None,
+        peer: str = "unix",
+    ) -> None:
         self._server = server
         self._runtime = server._runtime
         self._stream = stream
         self.number = number
+        self.peer = peer
+        #: None: the owner's own user (Unix socket); else the hello must give one of them.
+        self._tokens = tokens
+        self.identity: Identity = OWNER
+        #: The rules an agent token's calls pass (None: admin, anything goes).
+        self._access: Authorizer | None = None
         self._lock = anyio.Lock()
         self._slots = anyio.Semaphore(server.max_in_flight)
         self._calls: dict[int, anyio.CancelScope] = {}
@@ -215,6 +375,8 @@ class _Connection:
 
     async def run(self) -> None:
         reader = FrameReader(self._stream, ClientFrame, self._server.max_frame)
+        if self._tokens is not None:
+            reader.limit = _HELLO_LIMIT  # the full limit once its token is known
         hello: object = None
         with anyio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
             try:
@@ -236,6 +398,15 @@ class _Connection:
             await self._send(Refused(Failure(0, "HiveError", reason)))
             return
         self.name = hello.name
+        if self._tokens is not None:
+            identity = self._tokens.find(hello.token)
+            if identity is None:
+                await self._refuse_token(hello.token)
+                return
+            self.identity = identity
+            reader.limit = self._server.max_frame
+            if identity.role == "agent":
+                self._access = Authorizer(identity, self._server.client(None, None))
         config = self._runtime.config
         await self._send(
             Welcome(
@@ -249,11 +420,19 @@ class _Connection:
                 idle=self._server.idle,
                 lease_timeout=config.lease_timeout,
                 worker_timeout=config.worker_timeout,
+                role=self.identity.role,
+                identity=self.identity.name,
             )
         )
         if self._broken:
             return
-        log.debug("connection %d (%s) opened", self.number, self.name)
+        log.debug(
+            "connection %d (%s) opened from %s as %s",
+            self.number,
+            self.name,
+            self.peer,
+            self.identity.name or "the owner's user",
+        )
         try:
             async with anyio.create_task_group() as group:
                 self._group = group
@@ -270,6 +449,27 @@ class _Connection:
                 self._unacknowledged.clear()
                 await self._workers_gone()
             log.debug("connection %d (%s) closed", self.number, self.name)
+
+    async def _refuse_token(self, token: str | None) -> None:
+        """No token, or an unknown one: Refused, and the connection closes; nothing ran."""
+        if token:
+            reason = (
+                "the token is not one this runtime knows: check the token given"
+                " (token=, $HIVE_ORCHESTRATION_TOKEN) against the server's tokens file"
+            )
+        else:
+            reason = (
+                "this runtime is served over TCP and needs a token: pass token= or set"
+                " $HIVE_ORCHESTRATION_TOKEN (the server's tokens file lists them)"
+            )
+        log.warning(
+            "connection %d from %s refused: %s token",
+            self.number,
+            self.peer,
+            "an unknown" if token else "no",
+        )
+        await self._send(Refused(encode_error(0, AccessDeniedError("connect", reason))))
+        await _linger(self._stream)
 
     async def _read(self, reader: FrameReader) -> None:
         idle = self._server.idle
@@ -366,7 +566,8 @@ class _Connection:
 
     async def _run(self, message: Call) -> Result:
         args = msgpack_arguments(message.op, message.args)
-        client = self._client(message.agent, message.correlation)
+        agent = await self._authorize(message.op, args, message.agent)
+        client = self._client(agent, message.correlation)
         method: Callable[..., Awaitable[object]] = getattr(client, message.op)
         value = await method(**args)
         if message.op in EXCLUSIVE and value:
@@ -374,6 +575,16 @@ class _Connection:
         if message.op in _WORKER_OPS:
             self._note_worker(message.op, args, value)
         return Result(message.id, msgspec.Raw(_encode(value)))
+
+    async def _authorize(self, op: str, args: Mapping[str, Any], agent: str | None) -> str | None:
+        """Whether this connection may make this call, and as which source agent: every
+        call passes here before it runs, whatever frame a client sends. The owner's user
+        (Unix socket) and admin tokens may call anything as anyone; an agent token runs
+        as its identity by the rules of :data:`.access.AGENT_RULES`, or is refused
+        (AccessDeniedError) with nothing done."""
+        if self._access is None:
+            return agent
+        return await self._access.check(op, args, agent)
 
     def _client(self, agent: str | None, correlation: str | None) -> OrchestrationClient:
         key = (agent, correlation)
@@ -536,3 +747,34 @@ def _stopping() -> RuntimeStoppedError:
         "the runtime stopped before answering this call (a claim it was waiting for went"
         " back to the queue)"
     )
+
+
+async def _linger(stream: ByteStream) -> None:
+    """After a refusal: read and drop what the peer sent (its hello, calls behind it)
+    until it closes, for a moment at most. Closing with unread bytes would reset the
+    connection, and the peer might lose the Refused frame that says why."""
+    dropped = 0
+    with anyio.move_on_after(_REFUSAL_TIME):
+        with suppress(
+            anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError
+        ):
+            while dropped < _LINGER_BYTES:
+                dropped += len(await stream.receive())
+
+
+def _bound(listener: Listener[SocketStream]) -> list[tuple[str, int]]:
+    """The (host, port) pairs a TCP listener bound (one per address family)."""
+    found = []
+    for each in getattr(listener, "listeners", [listener]):
+        address = each.extra(SocketAttribute.local_address)
+        found.append((str(address[0]), int(address[1])))
+    return found
+
+
+def _peer(stream: SocketStream) -> str:
+    """A TCP peer's address, for the log."""
+    try:
+        address = stream.extra(SocketAttribute.remote_address)
+    except anyio.TypedAttributeLookupError:  # pragma: no cover - TCP streams have it
+        return "tcp"
+    return f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
