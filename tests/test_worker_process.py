@@ -364,7 +364,9 @@ async def test_a_worker_whose_connection_ends_is_offline(db_path: str, anyio_bac
             await until(watch, lambda: offline(watch, "moved"))
             assert not await offline(watch, "idle")
             await first.register_worker("moved", "builder")  # and back on the first
+        # Both, in turn (each is released, then declared offline, one after the other).
         await until(watch, lambda: offline(watch, "idle"))
+        await until(watch, lambda: offline(watch, "moved"))
         for worker_id in ("idle", "moved"):
             found = await watch.get_worker(worker_id)
             assert found is not None
