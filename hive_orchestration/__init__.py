@@ -70,6 +70,7 @@ from .messages.plans import (
 )
 from .messages.tasks import Claim, Lease, Run, RunStatus, Task, TaskStatus
 from .messages.workers import Worker, WorkerStatus
+from .remote.status import ConnectionStatus, ServerStatus
 from .storage.schema import SCHEMA_VERSION
 from .sync import SyncOrchestrationClient
 from .wire import call_json
@@ -91,6 +92,7 @@ __all__ = [
     "Claim",
     "ConfigError",
     "ConnectionLostError",
+    "ConnectionStatus",
     "Event",
     "SubtaskStatus",
     "SubtaskState",
@@ -116,6 +118,7 @@ __all__ = [
     "RunStatus",
     "Runtime",
     "RuntimeConfig",
+    "ServerStatus",
     "RuntimeFailedError",
     "RuntimeStatistics",
     "RuntimeStoppedError",

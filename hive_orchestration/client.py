@@ -64,6 +64,7 @@ from .messages.events import Event, compile_pattern, matches_filters
 from .messages.tasks import TaskStatus
 from .messages.workers import WorkerStatus
 from .remote.client import RemoteRuntime
+from .remote.status import ServerStatus
 from .storage.database import read_owner
 
 if TYPE_CHECKING:
@@ -348,6 +349,19 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
             plan_id=plan_id,
             correlation_id=correlation_id,
         )
+
+    async def server_status(self) -> ServerStatus:
+        """Who is connected to the runtime through its socket now: the owning process,
+        the address it serves on (None if it serves none), and each client connection
+        (its name, the client's pid, since when, its calls in flight and subscriptions).
+        From a client of another process it is asked of the owner, and lists that client
+        too. ``hive-orchestration status`` shows it."""
+        self._check_open()
+        runtime = self.runtime  # a client of another process sends this call to its owner
+        server = runtime._server
+        if server is None:
+            return ServerStatus(pid=os.getpid(), db_path=runtime.path, address=None, connections=[])
+        return server.status()
 
     async def subscribe_to_task_events(
         self,

@@ -27,6 +27,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import anyio
@@ -38,7 +39,7 @@ from ..messages.events import Lagged
 from ..messages.plans import PlanningRequest, UnclaimedRequest
 from ..messages.tasks import Claim, Unclaimed
 from ..wire import EXCLUSIVE, msgpack_arguments
-from .address import ABSTRACT, choose_address, connect_path, peer_uid, remove_address
+from .address import ABSTRACT, choose_address, connect_path, peer_pid, peer_uid, remove_address
 from .protocol import (
     PROTOCOL_VERSION,
     Call,
@@ -62,6 +63,7 @@ from .protocol import (
     encode_error,
     frame,
 )
+from .status import ConnectionStatus, ServerStatus
 
 if TYPE_CHECKING:
     from ..client import OrchestrationClient
@@ -169,6 +171,17 @@ class Server:
     def client(self, agent: str | None, correlation: str | None) -> OrchestrationClient:
         return self._runtime.client(source_agent=agent, correlation_id=correlation)
 
+    def status(self) -> ServerStatus:
+        """Where it serves and who is connected now, oldest connection first (what
+        ``OrchestrationClient.server_status`` answers)."""
+        connections = sorted(self._connections, key=lambda connection: connection.number)
+        return ServerStatus(
+            pid=os.getpid(),
+            db_path=self._runtime.path,
+            address=self.address,
+            connections=[connection.status() for connection in connections],
+        )
+
 
 class _Connection:
     """One client's connection: reads its frames, runs its calls and subscriptions."""
@@ -193,6 +206,19 @@ class _Connection:
         #: The runtime is stopping: no new call is run; set ``drained`` once none runs.
         self.stopping = False
         self.drained = anyio.Event()
+        self.connected_at = datetime.now(UTC)
+        raw = stream.extra(SocketAttribute.raw_socket, None)
+        self.pid = None if raw is None else peer_pid(raw)
+
+    def status(self) -> ConnectionStatus:
+        return ConnectionStatus(
+            id=self.number,
+            name=self.name,
+            pid=self.pid,
+            connected_at=self.connected_at,
+            calls_in_flight=len(self._calls),
+            subscriptions=len(self._subscriptions),
+        )
 
     async def run(self) -> None:
         reader = FrameReader(self._stream, ClientFrame, self._server.max_frame)
