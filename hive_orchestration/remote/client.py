@@ -117,11 +117,17 @@ _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 class RemoteRuntime:
     """A connection to the runtime that owns a database in another process."""
 
-    def __init__(self, stream: SocketStream, welcome: Welcome, address: str) -> None:
+    def __init__(
+        self, stream: SocketStream, welcome: Welcome, address: str, *, silence: float = 10.0
+    ) -> None:
         self._stream = stream
         self._welcome = welcome
         self.address = address
         self.owner_pid = welcome.pid
+        self._silence = silence
+        # The owner stops reading a connection that has as many calls running as it said
+        # it runs (its pings too, so the connection would look dead): more wait here.
+        self._slots = anyio.Semaphore(max(1, welcome.max_in_flight))
         self._config = RuntimeConfig(
             subscriber_buffer=welcome.subscriber_buffer,
             subscriber_overflow=welcome.subscriber_overflow,
@@ -157,7 +163,7 @@ class RemoteRuntime:
         async with stream:
             reader = FrameReader(stream, ServerFrame, _MAX_ANSWER)
             welcome = await cls._handshake(stream, reader, address, name)
-            remote = cls(stream, welcome, address)
+            remote = cls(stream, welcome, address, silence=silence)
             try:
                 async with anyio.create_task_group() as group:
                     group.start_soon(remote._read, reader)
@@ -253,17 +259,18 @@ class RemoteRuntime:
         if len(data) - 4 > self._welcome.max_frame:
             raise too_large(f"this {op} call", len(data) - 4, self._welcome.max_frame)
         pending = _Pending(self._event_type())
-        self._pending[call_id] = pending
-        try:
-            await self._send_bytes(data)
-            await pending.done.wait()
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                if self._pending.pop(call_id, None) is not None and not pending.done.is_set():
-                    await self._send_quietly(Cancel(call_id))
-                elif exclusive and pending.value is not None:
-                    await self._send_quietly(Received(call_id, kept=False))
-            raise
+        async with self._slots:
+            self._pending[call_id] = pending
+            try:
+                await self._send_bytes(data)
+                await pending.done.wait()
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    if self._pending.pop(call_id, None) is not None and not pending.done.is_set():
+                        await self._send_quietly(Cancel(call_id))
+                    elif exclusive and pending.value is not None:
+                        await self._send_quietly(Received(call_id, kept=False))
+                raise
         self._pending.pop(call_id, None)
         if pending.error is not None:
             raise pending.error.with_traceback(None)
@@ -291,11 +298,22 @@ class RemoteRuntime:
         self._check_running()
         try:
             async with self._lock:
-                await self._stream.send(data)
+                # A frame goes out whole, whatever cancels its caller meanwhile: cut short,
+                # the owner would read the frames after it as its rest. An owner that takes
+                # none for as long as a silent one lives is as good as gone.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self._silence) as sending:
+                    await self._stream.send(data)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             self._lose(ConnectionLostError(self._why(f"the connection broke ({exc})")))
             self._check_running()
             raise  # pragma: no cover - _check_running raised
+        if sending.cancelled_caught:
+            self._lose(
+                ConnectionLostError(self._why(f"the runtime took no frame for {self._silence:g}s"))
+            )
+            with anyio.CancelScope(shield=True):
+                await self._stream.aclose()  # half a frame went out: nothing more may follow
+            self._check_running()
 
     async def _send_quietly(self, message: msgspec.Struct) -> None:
         """Send a notice the server needs but nobody waits on (cancel, receipt)."""

@@ -340,8 +340,8 @@ class _Connection:
 
     async def _call(self, message: Call, scope: anyio.CancelScope) -> None:
         try:
+            answer: Result | Failure | None = None
             with scope:
-                answer: Result | Failure
                 try:
                     answer = await self._run(message)
                 except HiveError as error:
@@ -349,8 +349,13 @@ class _Connection:
                 except Exception as error:  # a bug: the caller hears of it, the server goes on
                     log.exception("connection %d: %s failed", self.number, message.op)
                     answer = encode_error(message.id, error)
+            if answer is not None:
+                # Outside the call's scope: a Cancel that came as the answer was being
+                # written would cut the frame short, and the client would read the frames
+                # after it as its rest. (A claim answered to a caller that left goes back
+                # below.)
                 await self._send(answer)
-            if scope.cancelled_caught and self.stopping:
+            elif scope.cancelled_caught and self.stopping:
                 with anyio.CancelScope(shield=True):
                     await self._send(encode_error(message.id, _stopping()))
         finally:

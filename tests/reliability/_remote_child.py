@@ -1,0 +1,74 @@
+"""Child process of ``test_remote_faults.py``: clients of a
+database that another process owns. One JSON object per line on stdout, flushed at once,
+each written only after the call it reports returned.
+
+Usage::
+
+    python _remote_child.py load BACKEND DB_PATH TAG CLIENTS ROUNDS
+
+- ``load``: opens CLIENTS clients at once (each its own connection to the owner), prints
+  ``{"op": "open"}`` once all are connected, waits for a line on stdin (so that every
+  child's clients are connected before any starts), then each client, ROUNDS times:
+  creates a ``job`` task (idempotency key ``TAG-C-R``), claims one (any client's) and
+  completes it: ``{"op": "created" | "claimed" | "completed", "task": T, ...}``. Prints
+  ``{"op": "done"}`` and exits once every client is through.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from hive_orchestration import OrchestrationClient
+
+
+def say(**fields: Any) -> None:
+    sys.stdout.write(json.dumps(fields) + "\n")
+    sys.stdout.flush()
+
+
+async def load(db_path: str, tag: str, clients: int, rounds: int) -> None:
+    async with anyio.create_task_group() as group:
+        opened = 0
+        go = anyio.Event()
+        all_open = anyio.Event()
+
+        async def one(n: int) -> None:
+            nonlocal opened
+            worker = f"{tag}-w{n}"
+            async with OrchestrationClient(db_path=db_path, source_agent=worker) as client:
+                assert client.remote, "the database is owned by another process"
+                opened += 1
+                if opened == clients:
+                    all_open.set()
+                await go.wait()
+                for r in range(rounds):
+                    task_id = await client.create_task(
+                        "job", {"n": r}, idempotency_key=f"{tag}-{n}-{r}"
+                    )
+                    say(op="created", task=task_id, key=f"{tag}-{n}-{r}")
+                    claim = await client.claim_task(worker, ["job"], wait=60)
+                    assert claim is not None, "as many claims as tasks: one always comes"
+                    say(op="claimed", task=claim.task.id, run=claim.lease.run_id, worker=worker)
+                    done = await client.complete_task(claim.lease, {"by": worker})
+                    say(op="completed", task=done.id, run=claim.lease.run_id, worker=worker)
+
+        for n in range(clients):
+            group.start_soon(one, n)
+        await all_open.wait()
+        say(op="open")
+        await anyio.to_thread.run_sync(sys.stdin.readline)
+        go.set()
+    say(op="done")
+
+
+if __name__ == "__main__":
+    mode, backend, path, tag = sys.argv[1:5]
+    if mode == "load":
+        anyio.run(load, path, tag, int(sys.argv[5]), int(sys.argv[6]), backend=backend)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
