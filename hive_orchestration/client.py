@@ -65,7 +65,7 @@ from .messages.tasks import TaskStatus
 from .messages.workers import WorkerStatus
 from .remote.client import RemoteRuntime
 from .remote.status import ServerStatus
-from .storage.database import read_owner
+from .storage.database import STARTING, STOPPING, read_owner
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
@@ -80,8 +80,6 @@ _PAGE = 1000
 #: What a client talks to: the runtime in this process, or the one that owns the database
 #: in another process, through its socket.
 _Backend: TypeAlias = Runtime | RemoteRuntime
-#: Tries to reach a database whose owner is changing (exiting as this client connects).
-_OPEN_ATTEMPTS = 3
 _NOT_OPEN = (
     "the client is not open: use `async with OrchestrationClient(...) as client:`, "
     "or get one from a running runtime with `runtime.client()`"
@@ -186,35 +184,7 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
     async def _open(self, stack: AsyncExitStack) -> _Backend:
         """Start the runtime on the database, or, if a runtime of another process owns
         it and serves its socket, connect to that one."""
-        for attempt in range(_OPEN_ATTEMPTS):
-            try:
-                return await stack.enter_async_context(
-                    Runtime.open(self._db_path, config=self._open_config)
-                )
-            except StorageError as error:
-                if error.fault != "in_use" or error.path is None:
-                    raise
-                pid, address = await anyio.to_thread.run_sync(read_owner, error.path)
-                if address is None:
-                    raise StorageError(
-                        f"{error} (that runtime serves no socket to connect to: it was"
-                        " opened with serve_socket=False, or is of an older version)",
-                        path=error.path,
-                        fault="in_use",
-                    ) from None
-                config = RuntimeConfig.checked(self._open_config)
-                try:
-                    return await stack.enter_async_context(
-                        RemoteRuntime.connect(
-                            address, name=self._default_agent, silence=config.remote_timeout
-                        )
-                    )
-                except ConnectionLostError:
-                    if attempt == _OPEN_ATTEMPTS - 1:
-                        raise
-                    # The owner (pid) is going away as we come: try to open it again.
-                    log.info("the runtime of pid %s went away as this client came", pid)
-        raise AssertionError("unreachable")  # pragma: no cover
+        return await reach(stack, self._db_path, self._open_config, self._default_agent)
 
     async def __aexit__(
         self,
@@ -540,6 +510,54 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
             plan_id=event.plan_id,
             worker_id=event.worker_id,
         )
+
+
+async def reach(
+    stack: AsyncExitStack,
+    db_path: str | os.PathLike[str] | None,
+    config: RuntimeConfig | None,
+    name: str | None,
+) -> _Backend:
+    """Open the runtime on the database in ``stack``, or connect to the runtime of the
+    process that owns it: the file's lock decides. An owner that is opening or closing
+    (its lock file says so, or its socket refuses) is waited for, up to
+    ``remote_timeout``, trying both again: then it serves, or the file is free."""
+    checked = RuntimeConfig.checked(config)
+    deadline = anyio.current_time() + checked.remote_timeout
+    pause = 0.01
+    while True:
+        try:
+            return await stack.enter_async_context(Runtime.open(db_path, config=config))
+        except StorageError as error:
+            if error.fault != "in_use" or error.path is None:
+                raise
+            pid, address = await anyio.to_thread.run_sync(read_owner, error.path)
+            if address is None:
+                raise StorageError(
+                    f"{error} (that runtime serves no socket to connect to: it was"
+                    " opened with serve_socket=False, or is of an older version)",
+                    path=error.path,
+                    fault="in_use",
+                ) from None
+            if address in (STARTING, STOPPING):
+                why = f"the runtime of pid {pid} that owns {error.path!r} is {address}"
+                failure: HiveError = ConnectionLostError(
+                    f"{why} and did not serve within {checked.remote_timeout:g}s"
+                    " (remote_timeout): try again once it is open"
+                )
+            else:
+                try:
+                    return await stack.enter_async_context(
+                        RemoteRuntime.connect(address, name=name, silence=checked.remote_timeout)
+                    )
+                except ConnectionLostError as exc:
+                    why = f"the runtime of pid {pid} is going away or coming ({exc})"
+                    failure = exc
+        if anyio.current_time() + pause > deadline:
+            raise failure
+        log.info("%s: trying again", why)
+        await anyio.sleep(pause)
+        pause = min(2 * pause, 0.25)
 
 
 @functools.cache

@@ -231,7 +231,8 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
         """
         config = RuntimeConfig.checked(config)
         db_path, source = resolve_db_path(path, config)
-        claim = DatabaseClaim(db_path)
+        serving = config.serve_socket and db_path != MEMORY and sys.platform != "win32"
+        claim = DatabaseClaim(db_path, serving=serving)
         try:
             await anyio.to_thread.run_sync(claim.acquire)
         except OSError as exc:
@@ -351,7 +352,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
             async with anyio.create_task_group() as tg:
                 await tg.start(supervisor.run)
                 server = None
-                if config.serve_socket and db_path != MEMORY and sys.platform != "win32":
+                if serving:
                     from .remote.server import Server
 
                     # This user's other processes reach the runtime through it; it stops

@@ -38,6 +38,7 @@ from ..errors import HiveError, RuntimeStoppedError
 from ..messages.events import Lagged
 from ..messages.plans import PlanningRequest, UnclaimedRequest
 from ..messages.tasks import Claim, Unclaimed
+from ..storage.database import STOPPING
 from ..wire import EXCLUSIVE, msgpack_arguments
 from .address import ABSTRACT, choose_address, connect_path, peer_pid, peer_uid, remove_address
 from .protocol import (
@@ -116,6 +117,8 @@ class Server:
         except (OSError, HiveError) as exc:
             # The runtime works without it; only other processes cannot reach it.
             log.warning("not serving the message API on a socket: %s", exc)
+            with suppress(OSError):
+                self._claim.record_address("")  # no longer "starting": clients give up
             task_status.started("")
             return
         try:
@@ -129,7 +132,8 @@ class Server:
         finally:
             self.address = None
             with suppress(OSError):
-                self._claim.record_address("")
+                # Closing: a client that comes now waits for the file to be free.
+                self._claim.record_address(STOPPING)
             remove_address(address)
 
     async def stop(self, grace: float) -> None:

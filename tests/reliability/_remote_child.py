@@ -5,6 +5,7 @@ each written only after the call it reports returned.
 Usage::
 
     python _remote_child.py load BACKEND DB_PATH TAG CLIENTS ROUNDS
+    python _remote_child.py slow_owner BACKEND DB_PATH TAG
 
 - ``load``: opens CLIENTS clients at once (each its own connection to the owner), prints
   ``{"op": "open"}`` once all are connected, waits for a line on stdin (so that every
@@ -12,6 +13,11 @@ Usage::
   creates a ``job`` task (idempotency key ``TAG-C-R``), claims one (any client's) and
   completes it: ``{"op": "created" | "claimed" | "completed", "task": T, ...}``. Prints
   ``{"op": "done"}`` and exits once every client is through.
+- ``slow_owner``: an owner caught opening: takes the database's lock as a runtime that
+  will serve does (its lock file says ``starting``), prints ``{"op": "claimed"}``, waits
+  for a line on stdin, lets the lock go and opens a client (which owns the database, or
+  connects to whoever took it meanwhile): ``{"op": "open", "remote": BOOL}``; exits once
+  its stdin closes.
 """
 
 from __future__ import annotations
@@ -66,9 +72,24 @@ async def load(db_path: str, tag: str, clients: int, rounds: int) -> None:
     say(op="done")
 
 
+async def slow_owner(db_path: str) -> None:
+    from hive_orchestration.storage.database import DatabaseClaim
+
+    claim = DatabaseClaim(db_path, serving=True)
+    await anyio.to_thread.run_sync(claim.acquire)
+    say(op="claimed")
+    await anyio.to_thread.run_sync(sys.stdin.readline)
+    claim.release()
+    async with OrchestrationClient(db_path=db_path) as client:
+        say(op="open", remote=client.remote)
+        await anyio.to_thread.run_sync(sys.stdin.read)
+
+
 if __name__ == "__main__":
     mode, backend, path, tag = sys.argv[1:5]
     if mode == "load":
         anyio.run(load, path, tag, int(sys.argv[5]), int(sys.argv[6]), backend=backend)
+    elif mode == "slow_owner":
+        anyio.run(slow_owner, path, backend=backend)
     else:
         raise SystemExit(f"unknown mode {mode!r}")

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 import time
@@ -53,6 +54,7 @@ from hive_orchestration.remote.protocol import (
     frame,
 )
 from hive_orchestration.remote.server import HANDSHAKE_TIMEOUT
+from hive_orchestration.storage.database import STARTING, read_owner
 
 from ._audit import audit_tasks, read_log
 from ._remote import DEADLINE, HELLO, RawPeer, call_frame, child, eventually, owner, start_owner
@@ -632,3 +634,34 @@ async def _none_assigned(client: OrchestrationClient) -> bool:
 async def _in_flight_at_least(client: OrchestrationClient, calls: int) -> bool:
     status = await client.server_status()
     return sum(connection.calls_in_flight for connection in status.connections) >= calls
+
+
+async def test_a_client_that_comes_as_the_owner_opens_waits_for_it(
+    db_path: str, anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that found the database held by a runtime not serving yet (opening:
+    storage, migrations, recovery) was told at once that it serves no socket, or read the
+    address a killed owner left in the lock file and could not connect: apps started
+    together failed. The lock file says "starting" until the owner serves; a client waits
+    (up to remote_timeout), trying the file and the socket again."""
+    caplog.set_level(logging.INFO, logger="hive_orchestration.client")
+    async with child("slow_owner", anyio_backend, db_path, "owner") as opening:
+        await opening.expect("claimed")
+        assert read_owner(db_path)[1] == STARTING
+        came: list[bool] = []
+
+        async def come() -> None:
+            async with OrchestrationClient(db_path=db_path) as client:
+                came.append(client.remote)
+                await client.create_task("came-early")
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(come)
+            await eventually(lambda: _logged(caplog, "is starting"))
+            await opening.tell()  # the owner goes on opening (or this client takes the file)
+        assert len(came) == 1
+        await opening.expect("open")
+
+
+async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return any(text in record.getMessage() for record in caplog.records)
