@@ -141,6 +141,11 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=64 * 1024)] = 16 * 1024 * 1024
     #: Calls one connection may have in flight; past that the server stops reading it.
     max_calls_in_flight: Positive = 256
+    #: A client of another process's runtime (reached through its socket) takes the
+    #: database over when that runtime goes away: it opens it itself (recovery runs) and
+    #: goes on, or connects to the client that took it first (the file's lock decides).
+    #: Off: its calls fail with ConnectionLostError once the owner is gone.
+    take_over: bool = False
     features: FeatureFlags = FeatureFlags()
 
     @classmethod

@@ -143,6 +143,8 @@ class RemoteRuntime:
         self._last_heard = anyio.current_time()
         self._callbacks: TaskGroup | None = None
         self._event_type = type(anyio.Event())
+        #: Set once no call can be made any more (the owner went away or said goodbye).
+        self.gone = anyio.Event()
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -178,6 +180,7 @@ class RemoteRuntime:
                                 callbacks.cancel_scope.cancel()
                     finally:
                         remote._closed = True
+                        remote.gone.set()
                         group.cancel_scope.cancel()
             except BaseExceptionGroup as failed:
                 raise_cause(failed)
@@ -539,6 +542,7 @@ class RemoteRuntime:
         if self._lost is not None:
             return
         self._lost = error
+        self.gone.set()
         if not self._closed:
             log.warning("%s", error)
         for pending in self._pending.values():
@@ -558,6 +562,7 @@ class RemoteRuntime:
         """The owner said goodbye, then closed: like an in-process runtime stopping."""
         error = RuntimeStoppedError(self._stopped_text(reason))
         self._lost = error
+        self.gone.set()
         for pending in self._pending.values():
             pending.error = error
             pending.done.set()

@@ -154,11 +154,17 @@ class DatabaseClaim:
             self._keeper.close()
             self._keeper = None
         if self._lock_fd is not None:
+            self.clear_records()
             fd, self._lock_fd = self._lock_fd, None
-            with contextlib.suppress(OSError):  # the lock goes with the descriptor anyway
-                # No stale pid or address for the next opener (or a client) to report.
-                os.pwrite(fd, _pid_record("") + _address_record(""), 0)
             os.close(fd)  # closing the descriptor releases the flock
+
+    def clear_records(self) -> None:
+        """No stale pid or address for the next opener (or a client) to report: done as
+        the claim goes, while it still holds the lock (a client that finds the lock held
+        and the records empty waits for it to go)."""
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):  # the lock goes with the descriptor anyway
+                os.pwrite(self._lock_fd, _pid_record("") + _address_record(""), 0)
 
     def record_address(self, address: str) -> None:
         """Write where the runtime serves its message API (``""``: nowhere) into the

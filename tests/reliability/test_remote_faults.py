@@ -663,5 +663,30 @@ async def test_a_client_that_comes_as_the_owner_opens_waits_for_it(
         await opening.expect("open")
 
 
+async def test_a_client_that_comes_as_the_owner_lets_go_waits_for_it(
+    db_path: str, anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An owner letting the file go clears its lock file's records, then unlocks it: a
+    client in between found the lock held and no address, and was told the owner serves
+    no socket (found by the take-over race of test_take_over.py). It waits instead."""
+    caplog.set_level(logging.INFO, logger="hive_orchestration.client")
+    async with child("slow_owner", anyio_backend, db_path, "owner") as going:
+        await going.expect("claimed")
+        await going.tell("clear\n")
+        await going.expect("cleared")
+        assert read_owner(db_path) == (None, None)
+        came: list[bool] = []
+
+        async def come() -> None:
+            async with OrchestrationClient(db_path=db_path) as client:
+                came.append(client.remote)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(come)
+            await eventually(lambda: _logged(caplog, "is stopping"))
+            await going.tell()  # it lets the lock go
+        assert len(came) == 1
+
+
 async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
     return any(text in record.getMessage() for record in caplog.records)
