@@ -71,6 +71,7 @@ from .messages.plans import (
 )
 from .messages.tasks import Claim, Lease, Run, RunStatus, Task, TaskStatus
 from .messages.workers import Worker, WorkerStatus
+from .remote.status import ConnectionStatus, ServerStatus
 from .storage.schema import SCHEMA_VERSION
 from .sync import SyncOrchestrationClient
 from .wire import call_json
@@ -93,6 +94,7 @@ __all__ = [
     "Claim",
     "ConfigError",
     "ConnectionLostError",
+    "ConnectionStatus",
     "Event",
     "SubtaskStatus",
     "SubtaskState",
@@ -118,6 +120,7 @@ __all__ = [
     "RunStatus",
     "Runtime",
     "RuntimeConfig",
+    "ServerStatus",
     "RuntimeFailedError",
     "RuntimeStatistics",
     "RuntimeStoppedError",

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
 import anyio
 
+from ._keeper import Keeper, reach, usable
 from ._plan_ops import PlanOps
 from ._task_ops import TaskOps
 from ._validate import check_identifier, check_int, check_optional_text
@@ -43,8 +44,8 @@ from .errors import (
     HiveError,
     InvalidInputError,
     NotFoundError,
+    OutcomeUnknownError,
     RuntimeStoppedError,
-    StorageError,
     SubscriberLaggedError,
 )
 from .events import (
@@ -66,8 +67,8 @@ from .messages.events import Event, compile_pattern, matches_filters
 from .messages.tasks import TaskStatus
 from .messages.workers import WorkerStatus
 from .remote.client import RemoteRuntime
+from .remote.status import ServerStatus
 from .remote.tcp import parse_url
-from .storage.database import read_owner
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
@@ -82,8 +83,6 @@ _PAGE = 1000
 #: What a client talks to: the runtime in this process, or the one that owns the database
 #: in another process, through its socket.
 _Backend: TypeAlias = Runtime | RemoteRuntime
-#: Tries to reach a database whose owner is changing (exiting as this client connects).
-_OPEN_ATTEMPTS = 3
 _NOT_OPEN = (
     "the client is not open: use `async with OrchestrationClient(...) as client:`, "
     "or get one from a running runtime with `runtime.client()`"
@@ -150,6 +149,8 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
         self._stack: AsyncExitStack | None = None
         self._closed = False
         self._handles: set[CallbackSubscription] = set()
+        #: With ``take_over``: what holds the runtime the client talks to, and replaces it.
+        self._keeper: Keeper | None = None
         self._default_agent = check_optional_text(source_agent, "source_agent")
         self._default_correlation = check_optional_text(correlation_id, "correlation_id")
 
@@ -169,6 +170,12 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
     def _attach(self, runtime: _Backend) -> None:
         self._runtime = runtime
         self._config = runtime.config
+        if self._keeper is not None:
+            # Each operation goes to whatever the keeper holds when it is called: the
+            # owner through its socket, or the runtime this client took over.
+            for name in _remote_operations():
+                setattr(self, name, _kept_operation(self, self._keeper, name))
+            return
         if isinstance(runtime, RemoteRuntime):
             # Each operation is sent as it is called, to run as the very same operation in
             # the owner's process: its checks, answer and errors are the owner's.
@@ -188,6 +195,17 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
 
         Unnamed defaults are kept; it does not own the runtime.
         """
+        if self._keeper is not None:  # it follows the keeper's runtime as this one does
+            client = OrchestrationClient(
+                source_agent=self._agent(check_optional_text(source_agent, "source_agent")),
+                correlation_id=self._correlation(
+                    check_optional_text(correlation_id, "correlation_id")
+                ),
+            )
+            client._owns = False
+            client._keeper = self._keeper
+            client._attach(self._backend())
+            return client
         return OrchestrationClient._bound(
             self._backend(),
             source_agent=self._agent(check_optional_text(source_agent, "source_agent")),
@@ -252,39 +270,17 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
     async def _open(self, stack: AsyncExitStack) -> _Backend:
         """Connect to the runtime served at the url; else start the runtime on the
         database, or, if a runtime of another process owns it and serves its socket,
-        connect to that one."""
+        connect to that one (with ``take_over``, through a keeper that replaces it when
+        its owner goes away)."""
         url = self._target_url()
         if url is not None:
             return await self._connect_url(stack, url)
-        for attempt in range(_OPEN_ATTEMPTS):
-            try:
-                return await stack.enter_async_context(
-                    Runtime.open(self._db_path, config=self._open_config)
-                )
-            except StorageError as error:
-                if error.fault != "in_use" or error.path is None:
-                    raise
-                pid, address = await anyio.to_thread.run_sync(read_owner, error.path)
-                if address is None:
-                    raise StorageError(
-                        f"{error} (that runtime serves no socket to connect to: it was"
-                        " opened with serve_socket=False, or is of an older version)",
-                        path=error.path,
-                        fault="in_use",
-                    ) from None
-                config = RuntimeConfig.checked(self._open_config)
-                try:
-                    return await stack.enter_async_context(
-                        RemoteRuntime.connect(
-                            address, name=self._default_agent, silence=config.remote_timeout
-                        )
-                    )
-                except ConnectionLostError:
-                    if attempt == _OPEN_ATTEMPTS - 1:
-                        raise
-                    # The owner (pid) is going away as we come: try to open it again.
-                    log.info("the runtime of pid %s went away as this client came", pid)
-        raise AssertionError("unreachable")  # pragma: no cover
+        if RuntimeConfig.checked(self._open_config).take_over:
+            keeper = Keeper(self._db_path, self._open_config, self._default_agent)
+            backend = await stack.enter_async_context(keeper.running())
+            self._keeper = keeper
+            return backend
+        return await reach(stack, self._db_path, self._open_config, self._default_agent)
 
     async def __aexit__(
         self,
@@ -321,7 +317,8 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
     def remote(self) -> bool:
         """Whether the runtime this client talks to is in another process (reached through
         the socket it serves) rather than in this one."""
-        return isinstance(self._runtime, RemoteRuntime)
+        runtime = self._runtime if self._keeper is None else self._keeper.current
+        return isinstance(runtime, RemoteRuntime)
 
     @property
     def db_path(self) -> str:
@@ -346,15 +343,34 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
 
     def _check_open(self) -> None:
         """Before every call that talks to the runtime (from its event loop's thread)."""
+        if self._keeper is not None and not self._closed:
+            # The runtime may be changing hands: the call waits for the next (_live).
+            self._keeper.check()
+            assert self._runtime is not None
+            self._runtime._check_loop()
+            return
         self._backend()._check_open()
 
     def _backend(self) -> _Backend:
-        if self._runtime is None:
+        runtime = self._runtime
+        if self._keeper is not None and not self._closed:
+            self._keeper.check()
+            runtime = self._keeper.current
+        if runtime is None:
             raise RuntimeStoppedError(_NOT_OPEN)
         if self._closed:
             raise RuntimeStoppedError("this client was closed; create a new one")
-        self._runtime._check_running()
-        return self._runtime
+        runtime._check_running()
+        return runtime
+
+    async def _live(self) -> _Backend:
+        """:meth:`_backend`, once there is one to call (with ``take_over``, a call made
+        while the database changes hands waits for its next owner)."""
+        if self._keeper is None or self._closed:
+            return self._backend()
+        backend = await self._keeper.live()
+        backend._check_open()
+        return backend
 
     def subscribe(
         self,
@@ -394,14 +410,26 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
         """
         # Only builds the stream (the sync client does it from its own thread): reading
         # it checks the event loop.
-        backend = self._backend()
+        if self._keeper is not None:
+            self._keeper.check()  # the stream waits for the next runtime if this one goes
+            backend = self._keeper.current
+        else:
+            backend = self._backend()
+        assert backend is not None
         if after is not None:
             check_int(after, "after", minimum=0)
-        return EventStream(backend, pattern=pattern, after=after, buffer=buffer, filters=filters)
+        return EventStream(
+            backend,
+            pattern=pattern,
+            after=after,
+            buffer=buffer,
+            filters=filters,
+            keeper=self._keeper,
+        )
 
     async def last_seq(self) -> int:
         """The sequence number of the last durable event (``0``: the log is empty)."""
-        return await self._backend().last_seq()
+        return await (await self._live()).last_seq()
 
     async def read_events(
         self,
@@ -415,7 +443,7 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
     ) -> list[Event]:
         """Durable events with ``seq > after``, oldest first, at most ``limit`` (see
         :meth:`Runtime.read_events` for the filters)."""
-        return await self._backend().read_events(
+        return await (await self._live()).read_events(
             after,
             limit=limit,
             pattern=pattern,
@@ -423,6 +451,19 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
             plan_id=plan_id,
             correlation_id=correlation_id,
         )
+
+    async def server_status(self) -> ServerStatus:
+        """Who is connected to the runtime through its socket now: the owning process,
+        the address it serves on (None if it serves none), and each client connection
+        (its name, the client's pid, since when, its calls in flight and subscriptions).
+        From a client of another process it is asked of the owner, and lists that client
+        too. ``hive-orchestration status`` shows it."""
+        self._check_open()
+        runtime = self.runtime  # a client of another process sends this call to its owner
+        server = runtime._server
+        if server is None:
+            return ServerStatus(pid=os.getpid(), db_path=runtime.path, address=None, connections=[])
+        return server.status()
 
     async def subscribe_to_task_events(
         self,
@@ -452,12 +493,18 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
         self._check_open()
         if not callable(callback):
             raise InvalidInputError("callback", f"must be callable, got {type(callback).__name__}")
-        backend = self._backend()
-        stream = EventStream(backend, pattern=pattern, after=None, filters=filters)
+        backend = await self._live()
+        stream = EventStream(
+            backend, pattern=pattern, after=None, filters=filters, keeper=self._keeper
+        )
         await stream.open()
         handle = CallbackSubscription(stream, callback, self._handles)
         try:
-            backend._spawn(handle._run)
+            if self._keeper is not None and self._keeper.group is not None:
+                # The keeper's task group: the callback outlives a change of runtime.
+                self._keeper.group.start_soon(handle._run)
+            else:
+                backend._spawn(handle._run)
         except BaseException:
             await stream.aclose()
             raise
@@ -487,7 +534,7 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
         """Append an app event (``review.completed``...) to the durable log and fan it
         out; returns it with its ``seq``, once durable. The runtime's own event types
         (``task.*``, ``plan.*``...) are refused: see :meth:`publish_task_event`."""
-        return await self._backend().publish(
+        return await (await self._live()).publish(
             event_type,
             data,
             source=self._default_agent or "client",
@@ -592,7 +639,7 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
                     task_id, reason=reason if isinstance(reason, str) else None
                 )
             return None
-        return await self._backend().publish(
+        return await (await self._live()).publish(
             event_type,
             payload,
             source=source_agent or self._default_agent or "client",
@@ -647,6 +694,54 @@ def _remote_operation(
 
     operation.__name__ = operation.__qualname__ = name
     operation.__doc__ = getattr(OrchestrationClient, name).__doc__
+    operation.__signature__ = signature  # type: ignore[attr-defined]
+    return operation
+
+
+def _kept_operation(
+    client: OrchestrationClient, keeper: Keeper, name: str
+) -> Callable[..., Awaitable[Any]]:
+    """``client``'s operation ``name``, sent to whatever ``keeper`` holds when it is
+    called: the owner in another process, or the runtime this client took over. A call
+    made while the database changes hands waits for its next owner; one that could not go
+    out to an owner that went away goes to the next."""
+    from .wire import EXCLUSIVE
+
+    signature, returns = _remote_operations()[name]
+    exclusive = name in EXCLUSIVE
+    method = getattr(OrchestrationClient, name)
+
+    async def operation(*args: Any, **kwargs: Any) -> Any:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{name}(): {exc}") from None
+        backend = await client._live()
+        while True:
+            if isinstance(backend, Runtime):
+                local = backend.client(
+                    source_agent=client._default_agent,
+                    correlation_id=client._default_correlation,
+                )
+                return await method(local, *args, **kwargs)
+            try:
+                return await backend.call(
+                    name,
+                    bound.arguments,
+                    agent=client._default_agent,
+                    correlation=client._default_correlation,
+                    returns=returns,
+                    exclusive=exclusive,
+                )
+            except OutcomeUnknownError:
+                raise  # it went out: it may have been applied
+            except ConnectionLostError:
+                if usable(backend):
+                    raise
+                backend = await keeper.replaced(backend)  # it never went out
+
+    operation.__name__ = operation.__qualname__ = name
+    operation.__doc__ = method.__doc__
     operation.__signature__ = signature  # type: ignore[attr-defined]
     return operation
 
@@ -709,8 +804,13 @@ class EventStream:
         after: int | None = None,
         buffer: int | None = None,
         filters: Mapping[str, str] | None = None,
+        keeper: Keeper | None = None,
     ) -> None:
         self._runtime = runtime
+        #: With ``take_over``: where the next runtime comes from when this one goes away.
+        self._keeper = keeper
+        self._moving = False
+        self._open_done = False
         self.pattern = check_identifier(pattern, "pattern")
         self._matches = compile_pattern(pattern)
         self._filters = dict(filters or {})
@@ -746,6 +846,7 @@ class EventStream:
         if self._after is None:
             # "From now": everything after the log's end as the subscription began.
             self.last_seq = self._cursor = await self._runtime.last_seq()
+        self._open_done = True
 
     async def _subscribe(self) -> None:
         self._subscription = await self._runtime._open_subscription(
@@ -779,6 +880,34 @@ class EventStream:
         """The next event; :class:`RuntimeStoppedError` once the runtime stopped."""
         if self._closed:
             raise RuntimeStoppedError("the event stream was closed")
+        while True:
+            try:
+                if self._moving:
+                    await self._resume()
+                return await self._receive()
+            except (ConnectionLostError, RuntimeStoppedError):
+                old = self._runtime
+                if self._keeper is None or self._closed or usable(old):
+                    raise
+                # The runtime changed hands (take_over): go on with the next one, from the
+                # last event given. The log is durable: the next has every event.
+                self._runtime = await self._keeper.replaced(old)
+                self._moving = True
+
+    async def _resume(self) -> None:
+        self._moving = False
+        if self._subscription is not None:
+            self._subscription.close()
+            self._subscription = None
+        if not self._open_done:
+            self._opened = False  # open again, on the next runtime
+            return
+        await self._subscribe()  # first, then the replay: no gap between them
+        self._pending.clear()
+        self._cursor = self.last_seq
+        self._replaying = True
+
+    async def _receive(self) -> Event:
         await self.open()
         while True:
             if self._pending:

@@ -165,6 +165,11 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     #: Connections served at once (Unix socket and TCP together); one more is refused
     #: with a ConnectionLostError that names this limit, and closed.
     max_connections: Positive = 1024
+    #: A client of another process's runtime (reached through its socket) takes the
+    #: database over when that runtime goes away: it opens it itself (recovery runs) and
+    #: goes on, or connects to the client that took it first (the file's lock decides).
+    #: Off: its calls fail with ConnectionLostError once the owner is gone.
+    take_over: bool = False
     features: FeatureFlags = FeatureFlags()
 
     @classmethod

@@ -237,7 +237,8 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
 
             # Refused (ConfigError) before the database is touched or a port bound.
             tcp = await anyio.to_thread.run_sync(prepare_tcp, config)
-        claim = DatabaseClaim(db_path)
+        unix = config.serve_socket and db_path != MEMORY and sys.platform != "win32"
+        claim = DatabaseClaim(db_path, serving=unix)
         try:
             await anyio.to_thread.run_sync(claim.acquire)
         except OSError as exc:
@@ -357,7 +358,6 @@ class Runtime(TaskOps, WorkerOps, PlanOps):
             async with anyio.create_task_group() as tg:
                 await tg.start(supervisor.run)
                 server = None
-                unix = config.serve_socket and db_path != MEMORY and sys.platform != "win32"
                 if unix or tcp is not None:
                     from .remote.server import Server
 

@@ -313,3 +313,4 @@ class SyncOrchestrationClient:
     publish_task_event = _blocking(OrchestrationClient.publish_task_event)
     read_events = _blocking(OrchestrationClient.read_events)
     last_seq = _blocking(OrchestrationClient.last_seq)
+    server_status = _blocking(OrchestrationClient.server_status)

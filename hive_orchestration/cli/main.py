@@ -2,11 +2,13 @@
 
 Every command but ``demo``, ``worker``, ``serve`` and ``db upgrade`` reads the database
 through the read-only :class:`~hive_orchestration.inspector.Inspector`, so it works while
-an app holds the database (and writes nothing to it). ``worker`` (:mod:`.worker`) runs an
-agent's handler as workers of the runtime that owns it; ``serve`` runs a runtime of its
-own and serves its message API (Unix socket, TCP) until SIGTERM or SIGINT. Exit codes: 0
-done, 1 not found or refused by the runtime (the reason on stderr), 2 bad usage or input,
-130 interrupted.
+an app holds the database (and writes nothing to it). What only the runtime that owns it
+knows comes from that runtime, through its socket, when it serves one (:mod:`.owner`):
+who is connected (``status``), and new events as it commits them (``events --follow``).
+``worker`` (:mod:`.worker`) runs an agent's handler as workers of the runtime that owns
+it; ``serve`` runs a runtime of its own and serves its message API (Unix socket, TCP)
+until SIGTERM or SIGINT. Exit codes: 0 done, 1 not found or refused by the runtime (the
+reason on stderr), 2 bad usage or input, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -29,7 +31,13 @@ import msgspec
 from .._validate import MAX_READ
 from ..config import DB_PATH_ENV, DEFAULT_DB_PATH, RuntimeConfig, choose_db_path
 from ..embedded import Runtime
-from ..errors import HiveError, InvalidInputError, NewerSchemaError, StorageError
+from ..errors import (
+    ConnectionLostError,
+    HiveError,
+    InvalidInputError,
+    NewerSchemaError,
+    StorageError,
+)
 from ..inspector import Inspector
 from ..messages.events import Event
 from ..messages.plans import PlanStatus
@@ -38,15 +46,16 @@ from ..messages.workers import WorkerStatus
 from ..storage.database import read_schema_version
 from ..storage.schema import SCHEMA_VERSION
 from .demo import run_demo
+from .owner import connected, owner_view
 from .report import plan_report, plan_summaries, status_report, task_report
 from .worker import MAX_CONCURRENCY, run_worker
 
 __all__ = ["POLL_INTERVAL", "build_parser", "main"]
 
-#: How often ``events --follow`` reads the log for new events. The app that writes them
-#: runs in another process, and SQLite tells a reader nothing when a writer commits, so
-#: following is polling: one indexed read from the last seq seen, 4 times a second. (An
-#: app following its own events in-process uses ``Runtime.subscribe``: pushed, no poll.)
+#: How often ``events --follow`` reads the log for new events while no runtime serves the
+#: database (one that does pushes them through its socket). SQLite tells a reader nothing
+#: when a writer commits, so without a runtime to ask, following is polling: one indexed
+#: read from the last seq seen, 4 times a second, each time looking for an owner too.
 POLL_INTERVAL = 0.25
 #: Events read per poll; a backlog larger than this is read page by page without pause.
 _PAGE = 1000
@@ -173,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Without --after: the newest --limit events that match; with --after "
         "SEQ: the first --limit events after SEQ. With --follow, --after SEQ prints every "
         "event after SEQ (without it, the newest --limit), then goes on printing new events "
-        "as they are written (polling the log 4 times a second) until Ctrl-C, --max-events "
-        "or --for; with --json, one JSON object per line.",
+        "as they are written (pushed by the runtime that owns the database, through its "
+        "socket; read from the file 4 times a second while none serves it) until Ctrl-C, "
+        "--max-events or --for; with --json, one JSON object per line.",
     )
     events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
     events.add_argument(
@@ -444,6 +454,8 @@ async def _serve(args: argparse.Namespace) -> None:
 async def _status(args: argparse.Namespace) -> None:
     async with Inspector.open(args.db) as inspector:
         report = await status_report(inspector)
+    # Who is connected only the owner knows: asked through its socket, if it serves one.
+    report = msgspec.structs.replace(report, owner=await owner_view(args.db))
     _show(args, report, "render_status")
 
 
@@ -552,10 +564,26 @@ async def _follow(inspector: Inspector, args: argparse.Namespace) -> None:
         )
         if show(backlog):
             return
+        filters = {
+            name: value
+            for name in ("task_id", "plan_id", "correlation_id")
+            if (value := getattr(args, name)) is not None
+        }
         while True:
-            # The end of the log before the read: once a read returns less than a page,
-            # every event up to that end has been seen (the filters skipped the others),
-            # so the next read starts there instead of scanning them again.
+            # A runtime that serves the file pushes its events as it commits them...
+            async with connected(inspector.path, "hive-orchestration events --follow") as client:
+                if client is not None:
+                    stream = client.events(after=cursor, pattern=args.pattern, **filters)
+                    try:
+                        async with stream:
+                            async for event in stream:  # ends when the owner stops
+                                if show([event]):
+                                    return
+                    except ConnectionLostError:
+                        pass  # killed: read the file until a runtime serves it again
+                    cursor = max(cursor, stream.last_seq)
+                    continue
+            # ... else nothing pushes: read the log, and look for an owner again.
             end = await inspector.last_seq()
             batch = await read(cursor, _PAGE)
             if show(batch):
@@ -563,6 +591,8 @@ async def _follow(inspector: Inspector, args: argparse.Namespace) -> None:
             if batch:
                 cursor = batch[-1].seq
             if len(batch) < _PAGE:
+                # Every event up to the log's end before the read has been seen (the
+                # filters skipped the others): the next read starts there.
                 cursor = max(cursor, end)
                 await anyio.sleep(POLL_INTERVAL)
 

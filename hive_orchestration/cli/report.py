@@ -17,8 +17,10 @@ from ..messages.events import Event
 from ..messages.plans import ExecutionPlan, PlanProgress, PlanStatus, SubtaskState
 from ..messages.tasks import Run, Task, TaskStatus
 from ..messages.workers import Worker, WorkerStatus
+from ..remote.status import ConnectionStatus
 
 __all__ = [
+    "OwnerView",
     "PlanReport",
     "PlanSummary",
     "Progress",
@@ -68,6 +70,14 @@ class PlanSummary(msgspec.Struct, frozen=True, kw_only=True):
     progress: Progress
 
 
+class OwnerView(msgspec.Struct, frozen=True, kw_only=True):
+    """The runtime that owns the database, as it says through its socket."""
+
+    pid: int
+    address: str | None
+    clients: list[ConnectionStatus]  # connected now, the command itself left out
+
+
 class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     db: str
     schema_version: int
@@ -76,6 +86,7 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     tasks: dict[str, int]  # by status, every status listed
     workers: list[Worker]  # every worker not offline
     plans: list[PlanSummary]  # executing
+    owner: OwnerView | None = None  # None: no runtime serves it now
 
 
 class TaskReport(msgspec.Struct, frozen=True, kw_only=True):

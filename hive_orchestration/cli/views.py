@@ -146,8 +146,34 @@ def render_status(out: Console, report: StatusReport) -> None:
     for status, count in report.tasks.items():
         tasks.add_row(_status(status), _text(count, "" if count else "dim"))
     out.print(tasks)
+    render_owner(out, report)
     render_workers(out, report.workers, title=f"Active workers ({len(report.workers)})")
     render_plans(out, report.plans, title=f"Executing plans ({len(report.plans)})")
+
+
+def render_owner(out: Console, report: StatusReport) -> None:
+    owner = report.owner
+    if owner is None:
+        out.print(Text("no runtime serves this database now (or it serves no socket)", "dim"))
+        return
+    out.print(
+        Text.assemble(
+            ("owned by ", "bold"), f"process {owner.pid}", f"  serving on {owner.address}"
+        )
+    )
+    table = _table(f"Connected clients ({len(owner.clients)})")
+    for header in ("#", "name", "pid", "connected", "calls in flight", "subscriptions"):
+        table.add_column(header, justify="right" if header in ("#", "pid") else "left")
+    for client in owner.clients:
+        table.add_row(
+            _text(client.id),
+            _text(client.name),
+            _text(client.pid),
+            _ago(client.connected_at),
+            _text(client.calls_in_flight),
+            _text(client.subscriptions),
+        )
+    _print(out, table, len(owner.clients))
 
 
 # -- tasks -------------------------------------------------------------------------------

@@ -24,7 +24,15 @@ import sys
 
 from ..errors import StorageError
 
-__all__ = ["ABSTRACT", "UNIX", "choose_address", "connect_path", "peer_uid", "remove_address"]
+__all__ = [
+    "ABSTRACT",
+    "UNIX",
+    "choose_address",
+    "connect_path",
+    "peer_pid",
+    "peer_uid",
+    "remove_address",
+]
 
 UNIX = "unix:"
 ABSTRACT = "abstract:"
@@ -87,6 +95,20 @@ def peer_uid(sock: socket.socket) -> int | None:
     raw = sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", raw)
     return int(uid)
+
+
+def peer_pid(sock: socket.socket) -> int | None:
+    """The process at the other end of a Unix socket (Linux), or None where the system
+    does not say (another platform, a socket of another family)."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:  # pragma: no cover - not Linux
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid, _uid, _gid = struct.unpack("3i", raw)
+    return int(pid) or None
 
 
 def _private_folder(folder: str) -> bool:

@@ -118,11 +118,17 @@ _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 class RemoteRuntime:
     """A connection to the runtime that owns a database in another process."""
 
-    def __init__(self, stream: ByteStream, welcome: Welcome, address: str) -> None:
+    def __init__(
+        self, stream: ByteStream, welcome: Welcome, address: str, *, silence: float = 10.0
+    ) -> None:
         self._stream = stream
         self._welcome = welcome
         self.address = address
         self.owner_pid = welcome.pid
+        self._silence = silence
+        # The owner stops reading a connection that has as many calls running as it said
+        # it runs (its pings too, so the connection would look dead): more wait here.
+        self._slots = anyio.Semaphore(max(1, welcome.max_in_flight))
         # What the owner told: the defaults of this side's subscriptions, and the timeouts
         # a worker of this process keeps its leases and heartbeats by.
         defaults = RuntimeConfig()
@@ -143,6 +149,8 @@ class RemoteRuntime:
         self._last_heard = anyio.current_time()
         self._callbacks: TaskGroup | None = None
         self._event_type = type(anyio.Event())
+        #: Set once no call can be made any more (the owner went away or said goodbye).
+        self.gone = anyio.Event()
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -243,7 +251,7 @@ class RemoteRuntime:
         async with stream:
             reader = FrameReader(stream, ServerFrame, _MAX_ANSWER)
             welcome = await cls._handshake(stream, reader, address, name, token, hint)
-            remote = cls(stream, welcome, address)
+            remote = cls(stream, welcome, address, silence=silence)
             try:
                 async with anyio.create_task_group() as group:
                     group.start_soon(remote._read, reader)
@@ -258,6 +266,7 @@ class RemoteRuntime:
                                 callbacks.cancel_scope.cancel()
                     finally:
                         remote._closed = True
+                        remote.gone.set()
                         group.cancel_scope.cancel()
             except BaseExceptionGroup as failed:
                 raise_cause(failed)
@@ -356,17 +365,18 @@ class RemoteRuntime:
         if len(data) - 4 > self._welcome.max_frame:
             raise too_large(f"this {op} call", len(data) - 4, self._welcome.max_frame)
         pending = _Pending(self._event_type())
-        self._pending[call_id] = pending
-        try:
-            await self._send_bytes(data)
-            await pending.done.wait()
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                if self._pending.pop(call_id, None) is not None and not pending.done.is_set():
-                    await self._send_quietly(Cancel(call_id))
-                elif exclusive and pending.value is not None:
-                    await self._send_quietly(Received(call_id, kept=False))
-            raise
+        async with self._slots:
+            self._pending[call_id] = pending
+            try:
+                await self._send_bytes(data)
+                await pending.done.wait()
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    if self._pending.pop(call_id, None) is not None and not pending.done.is_set():
+                        await self._send_quietly(Cancel(call_id))
+                    elif exclusive and pending.value is not None:
+                        await self._send_quietly(Received(call_id, kept=False))
+                raise
         self._pending.pop(call_id, None)
         if pending.error is not None:
             raise pending.error.with_traceback(None)
@@ -394,11 +404,22 @@ class RemoteRuntime:
         self._check_running()
         try:
             async with self._lock:
-                await self._stream.send(data)
+                # A frame goes out whole, whatever cancels its caller meanwhile: cut short,
+                # the owner would read the frames after it as its rest. An owner that takes
+                # none for as long as a silent one lives is as good as gone.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self._silence) as sending:
+                    await self._stream.send(data)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             self._lose(ConnectionLostError(self._why(f"the connection broke ({exc})")))
             self._check_running()
             raise  # pragma: no cover - _check_running raised
+        if sending.cancelled_caught:
+            self._lose(
+                ConnectionLostError(self._why(f"the runtime took no frame for {self._silence:g}s"))
+            )
+            with anyio.CancelScope(shield=True):
+                await self._stream.aclose()  # half a frame went out: nothing more may follow
+            self._check_running()
 
     async def _send_quietly(self, message: msgspec.Struct) -> None:
         """Send a notice the server needs but nobody waits on (cancel, receipt)."""
@@ -624,6 +645,7 @@ class RemoteRuntime:
         if self._lost is not None:
             return
         self._lost = error
+        self.gone.set()
         if not self._closed:
             log.warning("%s", error)
         for pending in self._pending.values():
@@ -643,6 +665,7 @@ class RemoteRuntime:
         """The owner said goodbye, then closed: like an in-process runtime stopping."""
         error = RuntimeStoppedError(self._stopped_text(reason))
         self._lost = error
+        self.gone.set()
         for pending in self._pending.values():
             pending.error = error
             pending.done.set()

@@ -39,6 +39,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import suppress
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -57,9 +58,10 @@ from ..messages.events import Lagged
 from ..messages.plans import PlanningRequest, UnclaimedRequest
 from ..messages.tasks import Claim, Unclaimed
 from ..messages.workers import WorkerStatus
+from ..storage.database import STOPPING
 from ..wire import EXCLUSIVE, msgpack_arguments
 from .access import OWNER, Authorizer, Identity, Tokens
-from .address import ABSTRACT, choose_address, connect_path, peer_uid, remove_address
+from .address import ABSTRACT, choose_address, connect_path, peer_pid, peer_uid, remove_address
 from .protocol import (
     PROTOCOL_VERSION,
     Call,
@@ -83,6 +85,7 @@ from .protocol import (
     encode_error,
     frame,
 )
+from .status import ConnectionStatus, ServerStatus
 
 if TYPE_CHECKING:
     from ..client import OrchestrationClient
@@ -164,6 +167,8 @@ class Server:
         except (OSError, HiveError) as exc:
             # The runtime works without it; only other processes cannot reach it.
             log.warning("not serving the message API on a socket: %s", exc)
+            with suppress(OSError):
+                self._claim.record_address("")  # no longer "starting": clients give up
             task_status.started("")
             return
         try:
@@ -177,7 +182,8 @@ class Server:
         finally:
             self.address = None
             with suppress(OSError):
-                self._claim.record_address("")
+                # Closing: a client that comes now waits for the file to be free.
+                self._claim.record_address(STOPPING)
             remove_address(address)
 
     async def stop(self, grace: float) -> None:
@@ -332,6 +338,17 @@ class Server:
     def client(self, agent: str | None, correlation: str | None) -> OrchestrationClient:
         return self._runtime.client(source_agent=agent, correlation_id=correlation)
 
+    def status(self) -> ServerStatus:
+        """Where it serves and who is connected now, oldest connection first (what
+        ``OrchestrationClient.server_status`` answers)."""
+        connections = sorted(self._connections, key=lambda connection: connection.number)
+        return ServerStatus(
+            pid=os.getpid(),
+            db_path=self._runtime.path,
+            address=self.address,
+            connections=[connection.status() for connection in connections],
+        )
+
 
 class _Connection:
     """One client's connection: reads its frames, runs its calls and subscriptions."""
@@ -372,6 +389,19 @@ class _Connection:
         #: The runtime is stopping: no new call is run; set ``drained`` once none runs.
         self.stopping = False
         self.drained = anyio.Event()
+        self.connected_at = datetime.now(UTC)
+        raw = stream.extra(SocketAttribute.raw_socket, None)
+        self.pid = None if raw is None else peer_pid(raw)
+
+    def status(self) -> ConnectionStatus:
+        return ConnectionStatus(
+            id=self.number,
+            name=self.name,
+            pid=self.pid,
+            connected_at=self.connected_at,
+            calls_in_flight=len(self._calls),
+            subscriptions=len(self._subscriptions),
+        )
 
     async def run(self) -> None:
         reader = FrameReader(self._stream, ClientFrame, self._server.max_frame)
@@ -536,8 +566,8 @@ class _Connection:
 
     async def _call(self, message: Call, scope: anyio.CancelScope) -> None:
         try:
+            answer: Result | Failure | None = None
             with scope:
-                answer: Result | Failure
                 try:
                     answer = await self._run(message)
                 except HiveError as error:
@@ -545,8 +575,13 @@ class _Connection:
                 except Exception as error:  # a bug: the caller hears of it, the server goes on
                     log.exception("connection %d: %s failed", self.number, message.op)
                     answer = encode_error(message.id, error)
+            if answer is not None:
+                # Outside the call's scope: a Cancel that came as the answer was being
+                # written would cut the frame short, and the client would read the frames
+                # after it as its rest. (A claim answered to a caller that left goes back
+                # below.)
                 await self._send(answer)
-            if scope.cancelled_caught and self.stopping:
+            elif scope.cancelled_caught and self.stopping:
                 with anyio.CancelScope(shield=True):
                     await self._send(encode_error(message.id, _stopping()))
         finally:

@@ -23,6 +23,8 @@ from .schema import MIGRATIONS, SCHEMA_VERSION
 
 __all__ = [
     "MEMORY",
+    "STARTING",
+    "STOPPING",
     "DatabaseClaim",
     "Target",
     "open_database",
@@ -33,6 +35,11 @@ __all__ = [
 ]
 
 MEMORY = ":memory:"
+#: What a lock file says in place of an address while its runtime is opening (it will
+#: serve, and records where once it does) and once it has stopped serving (it is
+#: closing): a client waits and tries again. An empty record: it serves no socket.
+STARTING = "starting"
+STOPPING = "stopping"
 
 if sys.platform != "win32":
     import fcntl
@@ -67,8 +74,11 @@ class DatabaseClaim:
       so that a restarted storage actor finds the same data instead of an empty database.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, serving: bool = False) -> None:
         self._path = path
+        #: Whether the runtime will serve its socket: the lock file says STARTING until
+        #: it records where (else nothing, so that a client is told at once).
+        self._serving = serving
         self._keeper: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         if path == MEMORY:
@@ -132,8 +142,11 @@ class DatabaseClaim:
         # The pid is for the error above, the flock is the claim: on a full disk, go on
         # without it (the next opener then reports "pid unknown"). A fixed-width record
         # overwrites whatever a previous owner left, so the file is never truncated.
+        # The address record too: a killed owner left its own there, which names no one
+        # now that this runtime holds the file.
+        starting = _address_record(STARTING if self._serving else "")
         with contextlib.suppress(OSError):
-            os.pwrite(fd, _pid_record(str(os.getpid())), 0)
+            os.pwrite(fd, _pid_record(str(os.getpid())) + starting, 0)
         self._lock_fd = fd
 
     def release(self) -> None:
@@ -141,11 +154,17 @@ class DatabaseClaim:
             self._keeper.close()
             self._keeper = None
         if self._lock_fd is not None:
+            self.clear_records()
             fd, self._lock_fd = self._lock_fd, None
-            with contextlib.suppress(OSError):  # the lock goes with the descriptor anyway
-                # No stale pid or address for the next opener (or a client) to report.
-                os.pwrite(fd, _pid_record("") + _address_record(""), 0)
             os.close(fd)  # closing the descriptor releases the flock
+
+    def clear_records(self) -> None:
+        """No stale pid or address for the next opener (or a client) to report: done as
+        the claim goes, while it still holds the lock (a client that finds the lock held
+        and the records empty waits for it to go)."""
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):  # the lock goes with the descriptor anyway
+                os.pwrite(self._lock_fd, _pid_record("") + _address_record(""), 0)
 
     def record_address(self, address: str) -> None:
         """Write where the runtime serves its message API (``""``: nowhere) into the
@@ -173,7 +192,8 @@ def _address_record(address: str) -> bytes:
 
 def read_owner(path: str) -> tuple[str | None, str | None]:
     """The pid of the runtime that holds ``path`` and the address it serves on, as its
-    lock file says (each ``None`` when not recorded). Reads without taking the lock: the
+    lock file says (each ``None`` when not recorded; the address :data:`STARTING` or
+    :data:`STOPPING` while it is opening or closing). Reads without taking the lock: the
     answer may be stale by the time it is used (the caller connects and finds out)."""
     lock_path = f"{os.path.realpath(path)}.lock"
     try:

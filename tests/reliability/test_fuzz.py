@@ -827,6 +827,7 @@ OPS: dict[str, Operation] = {
     ),
     "publish_event": Operation("await", {"event": EVENT}),
     "publish_task_event": Operation("await", {"event": EVENT}),
+    "server_status": Operation("await", {}),
     "queue_planning_request": Operation(
         "await",
         {
