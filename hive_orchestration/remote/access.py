@@ -108,6 +108,8 @@ AGENT_RULES: Mapping[str, Rule] = MappingProxyType(
         "get_unroutable_tasks": _R.READ,
         "get_worker": _R.READ,
         "last_seq": _R.READ,
+        # Who is connected (names, pids): what an operator sees, and nothing of the work.
+        "server_status": _R.READ,
         "read_events": _R.READ,
         "wait_for_plan": _R.READ,
         # what it starts, as itself

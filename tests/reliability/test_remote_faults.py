@@ -460,8 +460,8 @@ async def test_a_claim_cut_off_mid_call_goes_back_or_expires_and_is_completed_on
         cut = await anyio.to_thread.run_sync(cut_off, process.address)
         async with OrchestrationClient(db_path=db_path) as client:
             later = await client.create_task("later")
-            # Every claim but the kept ones went back at once, the kept ones once their 1 s
-            # lease ran out: nothing stays held by a peer that is gone.
+            # Every claim went back at once (the kept ones with the connection that carried
+            # their worker): nothing stays held by a peer that is gone.
             await eventually(lambda: _none_assigned(client))
             # The gone peers' leases complete nothing.
             for way, claim in cut:
@@ -477,8 +477,9 @@ async def test_a_claim_cut_off_mid_call_goes_back_or_expires_and_is_completed_on
             assert all(task.result == {"by": "here"} for task in tasks.values())
             # The parked claim of the gone peer was never handed the later task.
             assert [run.worker_id for run in runs[later]] == ["here"]
-            # How each claim of a gone peer ended: handed back, or its lease ran out (the
-            # kept ones); none is counted as done.
+            # How each claim of a gone peer ended: handed back, or (the kept ones) taken
+            # back when the connection that carried its worker ended; none is counted as
+            # done.
             ended = {
                 (event.data["worker_id"], event.data["reason"])
                 for event in await client.read_events(0, limit=10_000, pattern="task.*")
@@ -486,7 +487,7 @@ async def test_a_claim_cut_off_mid_call_goes_back_or_expires_and_is_completed_on
             }
             for n, (way, _) in enumerate(cut):
                 if way != "unread":  # that one ran, or was cancelled before it ran
-                    reason = "lease_expired" if way == "kept" else "unclaimed"
+                    reason = "worker_lost" if way == "kept" else "unclaimed"
                     assert (f"gone-{n}", reason) in ended, ended
 
 
