@@ -151,6 +151,7 @@ class RemoteRuntime:
         self._event_type = type(anyio.Event())
         #: Set once no call can be made any more (the owner went away or said goodbye).
         self.gone = anyio.Event()
+        self._reader_done = anyio.Event()
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -267,6 +268,7 @@ class RemoteRuntime:
                     finally:
                         remote._closed = True
                         remote.gone.set()
+                        await remote._close_gracefully(stream)
                         group.cancel_scope.cancel()
             except BaseExceptionGroup as failed:
                 raise_cause(failed)
@@ -554,8 +556,29 @@ class RemoteRuntime:
 
     # -- the connection's own tasks ---------------------------------------------------------
 
+    async def _close_gracefully(self, stream: ByteStream) -> None:
+        """Say this side is done (EOF) and let the server close the connection, so that the
+        reader ends on its own: a receive cancelled (or a socket closed under it) on
+        asyncio just as bytes arrive makes the loop log an InvalidStateError (the socket's
+        readiness callback fires on a finished future). Bounded: a server that does not
+        close within a second is cut off by the caller."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+            try:
+                await stream.send_eof()
+            except (NotImplementedError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return
+            except OSError:
+                return
+            await self._reader_done.wait()
+
     async def _read(self, reader: FrameReader) -> None:
         """Hand every frame from the server to whoever waits for it, until it closes."""
+        try:
+            await self._read_frames(reader)
+        finally:
+            self._reader_done.set()
+
+    async def _read_frames(self, reader: FrameReader) -> None:
         goodbye: str | None = None
         try:
             while True:
