@@ -63,6 +63,18 @@ def _inputs(figures: dict[str, Any]) -> None:
     assert set(figures["at_the_limit_ms"]) == {"numbers", "one-item lists", "one-member objects"}
 
 
+def _remote(figures: dict[str, Any]) -> None:
+    assert (figures["tasks"], figures["clients"], figures["calls"]) == (80, 8, 20)
+    assert figures["local_rate"] > 0
+    assert figures["remote_rate"] > 0
+    assert [found["op"] for found in figures["latencies"]] == ["get_task", "create_task"]
+    for found in figures["latencies"]:
+        assert 0 < found["local_p50"] <= found["local_p99"]
+        assert 0 < found["remote_p50"] <= found["remote_p99"]
+    assert 0 < figures["echo_p50"] <= figures["echo_p99"]
+    assert figures["connections"] == 20
+
+
 RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
     "tasks.py": (["--tasks", "100", "--handoffs", "10", "--json"], _tasks),
     "agents.py": (["--tasks", "100", "--copies", "2", "--json"], _agents),
@@ -74,6 +86,10 @@ RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
         None,
     ),
     "inputs.py": (["--size", "2", "--repeat", "1", "--json"], _inputs),
+    "remote.py": (
+        ["--tasks", "80", "--calls", "20", "--connections", "20", "--repeat", "1", "--json"],
+        _remote,
+    ),
 }
 
 
