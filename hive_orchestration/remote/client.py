@@ -18,6 +18,7 @@ is :class:`RuntimeStoppedError` and subscriptions end as they do in-process.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -45,7 +46,7 @@ from ..messages.events import Event, EventFeed
 from .address import connect_path
 from .protocol import (
     PROTOCOL_VERSION,
-    Call,
+    CallOut,
     Cancel,
     Ended,
     Events,
@@ -79,6 +80,39 @@ log = logging.getLogger("hive_orchestration.remote")
 _MAX_ANSWER = 512 * 1024 * 1024
 #: How long the client waits for the server's welcome.
 _HANDSHAKE = 5.0
+
+
+def _call_frame(
+    call_id: int,
+    op: str,
+    args: Mapping[str, object],
+    agent: str | None,
+    correlation: str | None,
+) -> bytes:
+    """A call as one frame, its arguments encoded with it in one pass. An argument that
+    cannot be sent is named: each is tried on its own then (only then)."""
+    try:
+        arguments = args if isinstance(args, dict) else dict(args)
+        return frame(CallOut(call_id, op, arguments, agent, correlation), _encoder)
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        for name, value in args.items():
+            _encode_argument(name, value)
+        raise
+
+
+def _encode_argument(name: str, value: object) -> bytes:
+    try:
+        return _encoder.encode(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidInputError(name, f"cannot be sent to the runtime: {exc}") from None
+    except RecursionError:
+        raise InvalidInputError(name, "is nested too deeply") from None
+
+
+@functools.cache
+def _decoder(returns: Any) -> msgspec.msgpack.Decoder[Any]:
+    """The decoder of answers of type ``returns`` (one per operation's return type)."""
+    return msgspec.msgpack.Decoder(returns)
 
 
 class _Pending:
@@ -126,9 +160,10 @@ class RemoteRuntime:
         self.address = address
         self.owner_pid = welcome.pid
         self._silence = silence
-        # The owner stops reading a connection that has as many calls running as it said
-        # it runs (its pings too, so the connection would look dead): more wait here.
-        self._slots = anyio.Semaphore(max(1, welcome.max_in_flight))
+        # Calls running on the connection, at most as many as the owner runs at once.
+        self._in_flight = 0
+        self._max_in_flight = max(1, welcome.max_in_flight)
+        self._slot_freed: anyio.Event | None = None
         # What the owner told: the defaults of this side's subscriptions, and the timeouts
         # a worker of this process keeps its leases and heartbeats by.
         defaults = RuntimeConfig()
@@ -138,7 +173,9 @@ class RemoteRuntime:
             lease_timeout=welcome.lease_timeout or defaults.lease_timeout,
             worker_timeout=welcome.worker_timeout or defaults.worker_timeout,
         )
-        self._lock = anyio.Lock()
+        # Frames queued for the task writing now, in the order they were sent.
+        self._outbox: list[bytes] = []
+        self._writing = False
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._feeds: dict[int, tuple[EventFeed, int, Literal["error", "drop"]]] = {}
@@ -362,60 +399,81 @@ class RemoteRuntime:
         """Run ``op`` on the owner; its answer decoded into ``returns``, or its error."""
         self._check_open()
         call_id = next(self._ids)
-        encoded = {name: msgspec.Raw(self._encode(name, value)) for name, value in args.items()}
-        data = frame(Call(call_id, op, encoded, agent, correlation))
+        data = _call_frame(call_id, op, args, agent, correlation)
         if len(data) - 4 > self._welcome.max_frame:
             raise too_large(f"this {op} call", len(data) - 4, self._welcome.max_frame)
         pending = _Pending(self._event_type())
-        async with self._slots:
-            self._pending[call_id] = pending
-            try:
-                await self._send_bytes(data)
-                await pending.done.wait()
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    if self._pending.pop(call_id, None) is not None and not pending.done.is_set():
-                        await self._send_quietly(Cancel(call_id))
-                    elif exclusive and pending.value is not None:
-                        await self._send_quietly(Received(call_id, kept=False))
-                raise
+        while self._in_flight >= self._max_in_flight:
+            # The owner stops reading a connection with as many calls running as it
+            # said it runs (its pings too, so it would look dead): more wait here.
+            if self._slot_freed is None:
+                self._slot_freed = self._event_type()
+            await self._slot_freed.wait()
+        self._in_flight += 1
+        self._pending[call_id] = pending
+        try:
+            await self._send_bytes(data)
+            await pending.done.wait()
+        except BaseException:
+            # Sent even as this task is cancelled (the write is shielded).
+            if self._pending.pop(call_id, None) is not None and not pending.done.is_set():
+                await self._send_quietly(Cancel(call_id))
+            elif exclusive and pending.value is not None:
+                await self._send_quietly(Received(call_id, kept=False))
+            raise
+        finally:
+            self._in_flight -= 1
+            freed, self._slot_freed = self._slot_freed, None
+            if freed is not None:
+                freed.set()
         self._pending.pop(call_id, None)
         if pending.error is not None:
             raise pending.error.with_traceback(None)
         assert pending.value is not None
         try:
-            value = msgspec.msgpack.decode(pending.value, type=returns)
+            value = _decoder(returns).decode(pending.value)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             if exclusive:
                 await self._send_quietly(Received(call_id, kept=False))
             raise HiveError(f"the runtime's answer to {op} could not be read: {exc}") from None
         if exclusive:
-            with anyio.CancelScope(shield=True):
-                await self._send_quietly(Received(call_id, kept=True))
+            await self._send_quietly(Received(call_id, kept=True))
         return value
 
-    def _encode(self, name: str, value: object) -> bytes:
-        try:
-            return _encoder.encode(value)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise InvalidInputError(name, f"cannot be sent to the runtime: {exc}") from None
-        except RecursionError:
-            raise InvalidInputError(name, "is nested too deeply") from None
-
     async def _send_bytes(self, data: bytes) -> None:
+        """Send one frame; :class:`ConnectionLostError` if the connection is gone. The
+        first task to send while none is writing writes it, and whatever other tasks
+        queue meanwhile, in as few writes as it can; the others go on at once (each
+        waits for its answer, which fails, outcome unknown, if the connection breaks
+        before it comes)."""
         self._check_running()
+        self._outbox.append(data)
+        if not self._writing:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        self._writing = True
         try:
-            async with self._lock:
-                # A frame goes out whole, whatever cancels its caller meanwhile: cut short,
-                # the owner would read the frames after it as its rest. An owner that takes
-                # none for as long as a silent one lives is as good as gone.
-                with anyio.CancelScope(shield=True), anyio.move_on_after(self._silence) as sending:
-                    await self._stream.send(data)
+            # Shielded: a frame cut short by a caller's cancellation would garble the
+            # connection (the owner would read the frames after it as its rest). An owner
+            # that takes none for as long as a silent one lives is as good as gone.
+            with anyio.CancelScope(shield=True) as sending:
+                if len(self._pending) > 1:
+                    # Other calls wait: callers woken with this one (answers that came
+                    # together) send in this round of the event loop, and join this write.
+                    await anyio.lowlevel.checkpoint()
+                while self._outbox:
+                    frames, self._outbox = self._outbox, []
+                    sending.deadline = anyio.current_time() + self._silence
+                    await self._stream.send(frames[0] if len(frames) == 1 else b"".join(frames))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            self._outbox.clear()
             self._lose(ConnectionLostError(self._why(f"the connection broke ({exc})")))
             self._check_running()
-            raise  # pragma: no cover - _check_running raised
+        finally:
+            self._writing = False
         if sending.cancelled_caught:
+            self._outbox.clear()
             self._lose(
                 ConnectionLostError(self._why(f"the runtime took no frame for {self._silence:g}s"))
             )
@@ -427,7 +485,7 @@ class RemoteRuntime:
         """Send a notice the server needs but nobody waits on (cancel, receipt)."""
         if self._lost is not None or self._closed:
             return
-        with suppress(HiveError), anyio.move_on_after(5.0):
+        with suppress(HiveError):
             await self._send_bytes(frame(message))
 
     # -- events -----------------------------------------------------------------------------

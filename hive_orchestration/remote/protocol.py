@@ -25,8 +25,7 @@ from typing import Any, Literal, TypeAlias
 
 import anyio
 import msgspec
-from anyio.abc import ByteReceiveStream, ByteSendStream
-from anyio.streams.buffered import BufferedByteReceiveStream
+from anyio.abc import ByteReceiveStream
 
 from ..errors import HiveError, InvalidInputError
 from ..messages.events import Event
@@ -34,6 +33,7 @@ from ..messages.events import Event
 __all__ = [
     "PROTOCOL_VERSION",
     "Call",
+    "CallOut",
     "Cancel",
     "ClientFrame",
     "Ended",
@@ -48,6 +48,7 @@ __all__ = [
     "Received",
     "Refused",
     "Result",
+    "ResultOut",
     "ServerFrame",
     "Subscribe",
     "Unsubscribe",
@@ -84,6 +85,17 @@ class Call(_Frame, frozen=True, tag="call"):
     id: int
     op: str
     args: dict[str, msgspec.Raw] = {}
+    agent: str | None = None
+    correlation: str | None = None
+
+
+class CallOut(_Frame, frozen=True, tag="call"):
+    """A :class:`Call` as its sender builds it: the arguments as they are, encoded with
+    the frame rather than each on its own first (the same bytes, made in one pass)."""
+
+    id: int
+    op: str
+    args: dict[str, Any] = {}
     agent: str | None = None
     correlation: str | None = None
 
@@ -161,6 +173,14 @@ class Result(_Frame, frozen=True, tag="result"):
     value: msgspec.Raw
 
 
+class ResultOut(_Frame, frozen=True, tag="result"):
+    """A :class:`Result` as the server builds it: the value as it is, encoded once with
+    the frame (the same bytes as a Result of that value's msgpack)."""
+
+    id: int
+    value: Any
+
+
 class Failure(_Frame, frozen=True, tag="failure"):
     """Call ``id`` raised: the package error's class name, message and attributes."""
 
@@ -207,46 +227,83 @@ class FrameError(HiveError):
 
 
 _encoder = msgspec.msgpack.Encoder()
+#: Most bytes asked of the stream at once. Frames that came together are read from one
+#: chunk with no further wait; a bigger frame is read on in chunks of up to _LARGE.
+_CHUNK = 64 * 1024
+_LARGE = 1024 * 1024
 
 
-def frame(message: msgspec.Struct) -> bytes:
+def frame(message: msgspec.Struct, encoder: msgspec.msgpack.Encoder = _encoder) -> bytes:
     """``message`` as one frame: its length, then its msgpack."""
-    body = _encoder.encode(message)
+    body = encoder.encode(message)
     return _HEADER.pack(len(body)) + body
 
 
 class FrameReader:
-    """Reads frames of one kind from a byte stream, each checked against ``limit``."""
+    """Reads frames of one kind from a byte stream, each checked against ``limit``.
+
+    It asks the stream for whatever has arrived (up to 64 KiB) rather than for a header
+    then a body: a frame costs one read of the stream, or none when it came with the one
+    before (pipelined calls, a burst of events). A frame's length is checked as soon as
+    its header is in, before the rest of it is read, so a peer cannot make this side hold
+    more than ``limit`` bytes (and one chunk) for it.
+    """
 
     def __init__(self, stream: ByteReceiveStream, kind: Any, limit: int) -> None:
-        self._stream = BufferedByteReceiveStream(stream)
+        self._stream = stream
         self._decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(kind)
         self.limit = limit
+        # Received and not yet read: ``_data[_pos:]``. Never changed in place, only
+        # replaced: a frame decoded from it may keep views of it (``msgspec.Raw``).
+        self._data = b""
+        self._pos = 0
 
     async def read(self) -> Any:
         """The next frame; :class:`anyio.EndOfStream` at a clean end between frames,
         :class:`FrameError` for anything else (half a frame, too big, not msgpack)."""
-        try:
-            header = await self._stream.receive_exactly(_HEADER.size)
-        except anyio.IncompleteRead:
-            if self._stream.buffer:
-                raise FrameError("the connection closed in the middle of a frame") from None
-            raise anyio.EndOfStream from None
-        (size,) = _HEADER.unpack(header)
+        while len(self._data) - self._pos < _HEADER.size:
+            await self._receive()
+        (size,) = _HEADER.unpack_from(self._data, self._pos)
         if size > self.limit:
             raise FrameError(f"a frame of {size} bytes is over the limit of {self.limit}")
-        try:
-            body = await self._stream.receive_exactly(size)
-        except anyio.IncompleteRead:
-            raise FrameError("the connection closed in the middle of a frame") from None
+        start = self._pos + _HEADER.size
+        end = start + size
+        body: bytes | bytearray | memoryview
+        if end <= len(self._data):
+            body = memoryview(self._data)[start:end]
+            self._pos = end
+        else:
+            body = await self._rest(start, size)
         try:
             return self._decoder.decode(body)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise FrameError(f"not a frame of this protocol: {exc}") from None
 
+    async def _receive(self) -> None:
+        """Take what has arrived onto what is left of the last chunk."""
+        try:
+            chunk = await self._stream.receive(_CHUNK)
+        except anyio.EndOfStream:
+            if self._pos < len(self._data):
+                raise FrameError("the connection closed in the middle of a frame") from None
+            raise
+        if self._pos < len(self._data):
+            chunk = self._data[self._pos :] + chunk  # a header cut in two: a few bytes
+        self._data = chunk
+        self._pos = 0
 
-async def send_frame(stream: ByteSendStream, message: msgspec.Struct) -> None:
-    await stream.send(frame(message))
+    async def _rest(self, start: int, size: int) -> bytearray:
+        """A frame longer than what has arrived of it: the rest of it, and nothing of the
+        frame after it."""
+        body = bytearray(memoryview(self._data)[start:])
+        self._data = b""
+        self._pos = 0
+        while len(body) < size:
+            try:
+                body += await self._stream.receive(min(size - len(body), _LARGE))
+            except anyio.EndOfStream:
+                raise FrameError("the connection closed in the middle of a frame") from None
+        return body
 
 
 # -- errors across the wire ---------------------------------------------------------------

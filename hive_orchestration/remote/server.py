@@ -36,6 +36,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import suppress
@@ -78,7 +79,7 @@ from .protocol import (
     Pong,
     Received,
     Refused,
-    Result,
+    ResultOut,
     Subscribe,
     Unsubscribe,
     Welcome,
@@ -122,7 +123,12 @@ _HELLO_LIMIT = 64 * 1024
 #: Most bytes read and dropped from a refused peer before closing on it.
 _LINGER_BYTES = 1024 * 1024
 
-_encode = msgspec.msgpack.Encoder().encode
+#: Idle call runners a connection keeps (more run while more calls are in flight).
+_IDLE_RUNNERS = 64
+#: Bytes queued for a peer past which whoever sends to it waits for the writer.
+_OUTBOX_HIGH = 256 * 1024
+#: Frames smaller than this that are queued together are written as one.
+_JOIN_BELOW = 64 * 1024
 
 
 class Server:
@@ -372,9 +378,25 @@ class _Connection:
         self.identity: Identity = OWNER
         #: The rules an agent token's calls pass (None: admin, anything goes).
         self._access: Authorizer | None = None
-        self._lock = anyio.Lock()
-        self._slots = anyio.Semaphore(server.max_in_flight)
         self._calls: dict[int, anyio.CancelScope] = {}
+        # The reader waits on this while max_in_flight calls run (it stops reading).
+        self._slot_freed: anyio.Event | None = None
+        # Tasks that ran a call and wait for the next: handing a call to one costs a
+        # fraction of starting a task.
+        self._idle: list[_Runner] = []
+        # Frames queued for the task writing now, in the order they were sent; their size.
+        self._outbox: list[bytes] = []
+        self._outbox_size = 0
+        self._writing = False
+        self._flushing: anyio.CancelScope | None = None
+        self._room: anyio.Event | None = None  # the outbox went under _OUTBOX_HIGH
+        # The backend's own classes: made per call, and anyio's dispatch to the backend
+        # at each construction costs more than the object.
+        self._event_type = type(anyio.Event())
+        self._scope_type = type(anyio.CancelScope())
+        # When the reader last heard from the peer (time.monotonic()); None while it is
+        # not reading (it waits for a call slot).
+        self._heard: float | None = time.monotonic()
         self._subscriptions: dict[int, Subscription] = {}
         # Exclusive answers sent and not yet acknowledged: given back unless taken.
         self._unacknowledged: dict[int, object] = {}
@@ -466,11 +488,13 @@ class _Connection:
         try:
             async with anyio.create_task_group() as group:
                 self._group = group
+                group.start_soon(self._watch)
                 try:
                     await self._read(reader)
                 finally:
                     group.cancel_scope.cancel()
         finally:
+            self.drained.set()  # nothing more will be sent on this connection
             with anyio.CancelScope(shield=True):
                 for subscription in self._subscriptions.values():
                     subscription.close()
@@ -502,104 +526,141 @@ class _Connection:
         await _linger(self._stream)
 
     async def _read(self, reader: FrameReader) -> None:
+        while True:
+            self._heard = time.monotonic()
+            try:
+                message = await reader.read()
+            except FrameError as exc:
+                log.info("connection %d (%s) closed: %s", self.number, self.name, exc)
+                return
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                return
+            except (anyio.BrokenResourceError, OSError) as exc:
+                log.info("connection %d (%s) broke: %s", self.number, self.name, exc)
+                return
+            if not await self._dispatch(message):
+                return
+
+    async def _watch(self) -> None:
+        """Close the connection once the peer has been silent for ``idle`` seconds (not
+        even a ping). One task that wakes about once a period, where a deadline per frame
+        read would cost a timer set and cancelled per frame."""
         idle = self._server.idle
         while True:
-            with anyio.move_on_after(idle) as waiting:
-                try:
-                    message = await reader.read()
-                except FrameError as exc:
-                    log.info("connection %d (%s) closed: %s", self.number, self.name, exc)
-                    return
-                except (anyio.EndOfStream, anyio.ClosedResourceError):
-                    return
-                except (anyio.BrokenResourceError, OSError) as exc:
-                    log.info("connection %d (%s) broke: %s", self.number, self.name, exc)
-                    return
-            if waiting.cancelled_caught:
-                log.info("connection %d (%s): silent for %gs", self.number, self.name, idle)
+            heard = self._heard
+            if heard is None:  # the reader waits for a call slot, not for the peer
+                await anyio.sleep(idle)
+                continue
+            silent = time.monotonic() - heard
+            if silent >= idle:
+                self._close(f"silent for {idle:g}s")
                 return
-            match message:
-                case Call():
-                    if message.id in self._calls or message.id in self._unacknowledged:
-                        log.info("connection %d: call id %d reused", self.number, message.id)
-                        return
-                    if self.stopping:
-                        await self._send(encode_error(message.id, _stopping()))
-                        continue
-                    await self._slots.acquire()  # past the limit: stop reading (backpressure)
-                    scope = anyio.CancelScope()
-                    self._calls[message.id] = scope
+            await anyio.sleep(idle - silent)
+
+    async def _dispatch(self, message: object) -> bool:
+        """Act on one frame from the peer; False if the connection must end."""
+        match message:
+            case Call():
+                if message.id in self._calls or message.id in self._unacknowledged:
+                    log.info("connection %d: call id %d reused", self.number, message.id)
+                    return False
+                if self.stopping:
+                    await self._send(encode_error(message.id, _stopping()))
+                    return True
+                if len(self._calls) >= self._server.max_in_flight:
+                    # Past the limit: stop reading until a call ends (backpressure); the
+                    # peer is not silent meanwhile, this side is not listening.
+                    self._heard = None
+                    while len(self._calls) >= self._server.max_in_flight:
+                        self._slot_freed = self._event_type()
+                        await self._slot_freed.wait()
+                scope = self._scope_type()
+                self._calls[message.id] = scope
+                if self._idle:
+                    self._idle.pop().hand(message, scope)
+                else:
                     assert self._group is not None
-                    self._group.start_soon(self._call, message, scope)
-                case Cancel(id=call_id):
-                    running = self._calls.get(call_id)
-                    if running is not None:
-                        running.cancel()
-                    elif call_id in self._unacknowledged:
-                        await self._give_back(self._unacknowledged.pop(call_id))
-                case Received(id=call_id, kept=kept):
-                    value = self._unacknowledged.pop(call_id, None)
-                    if value is not None and not kept:
-                        await self._give_back(value)
-                case Subscribe():
-                    if message.id in self._subscriptions:
-                        log.info("connection %d: subscription %d reused", self.number, message.id)
-                        return
-                    if len(self._subscriptions) >= MAX_SUBSCRIPTIONS:
-                        error = HiveError(
-                            f"this connection holds {MAX_SUBSCRIPTIONS} subscriptions, the"
-                            " most it may: close some first"
-                        )
-                        await self._send(encode_error(message.id, error))
-                        continue
-                    assert self._group is not None
-                    await self._group.start(self._subscription, message)
-                case Unsubscribe(id=subscription_id):
-                    subscription = self._subscriptions.get(subscription_id)
-                    if subscription is not None:
-                        subscription.close()  # its pump sends Ended
-                case Ping(nonce=nonce):
-                    await self._send(Pong(nonce))
-                case Hello():
-                    log.info("connection %d: a second hello", self.number)
-                    return
+                    self._group.start_soon(self._runner, message, scope)
+            case Cancel(id=call_id):
+                running = self._calls.get(call_id)
+                if running is not None:
+                    running.cancel()
+                elif call_id in self._unacknowledged:
+                    await self._give_back(self._unacknowledged.pop(call_id))
+            case Received(id=call_id, kept=kept):
+                value = self._unacknowledged.pop(call_id, None)
+                if value is not None and not kept:
+                    await self._give_back(value)
+            case Subscribe():
+                if message.id in self._subscriptions:
+                    log.info("connection %d: subscription %d reused", self.number, message.id)
+                    return False
+                if len(self._subscriptions) >= MAX_SUBSCRIPTIONS:
+                    error = HiveError(
+                        f"this connection holds {MAX_SUBSCRIPTIONS} subscriptions, the"
+                        " most it may: close some first"
+                    )
+                    await self._send(encode_error(message.id, error))
+                    return True
+                assert self._group is not None
+                await self._group.start(self._subscription, message)
+            case Unsubscribe(id=subscription_id):
+                subscription = self._subscriptions.get(subscription_id)
+                if subscription is not None:
+                    subscription.close()  # its pump sends Ended
+            case Ping(nonce=nonce):
+                await self._send(Pong(nonce))
+            case Hello():
+                log.info("connection %d: a second hello", self.number)
+                return False
+        return True
+
+    async def _runner(self, message: Call, scope: anyio.CancelScope) -> None:
+        """Run calls one after another: this one, then each handed to it while it waits
+        among the idle (a few are kept; past that it ends)."""
+        while True:
+            await self._call(message, scope)
+            if len(self._idle) >= _IDLE_RUNNERS:
+                return
+            runner = _Runner(self._event_type())
+            self._idle.append(runner)
+            await runner.handed.wait()
+            message, scope = runner.call
 
     async def _call(self, message: Call, scope: anyio.CancelScope) -> None:
         try:
-            answer: Result | Failure | None = None
             with scope:
                 try:
-                    answer = await self._run(message)
+                    # Encoded here: a value that cannot be is this call's failure.
+                    answer = frame(await self._run(message))
                 except HiveError as error:
-                    answer = encode_error(message.id, error)
+                    answer = frame(encode_error(message.id, error))
                 except Exception as error:  # a bug: the caller hears of it, the server goes on
                     log.exception("connection %d: %s failed", self.number, message.op)
-                    answer = encode_error(message.id, error)
-            if answer is not None:
-                # Outside the call's scope: a Cancel that came as the answer was being
-                # written would cut the frame short, and the client would read the frames
-                # after it as its rest. (A claim answered to a caller that left goes back
-                # below.)
-                await self._send(answer)
-            elif scope.cancelled_caught and self.stopping:
-                with anyio.CancelScope(shield=True):
-                    await self._send(encode_error(message.id, _stopping()))
+                    answer = frame(encode_error(message.id, error))
+            if scope.cancelled_caught:
+                if not self.stopping:
+                    return  # the caller left: nobody waits for an answer
+                answer = frame(encode_error(message.id, _stopping()))
+            # Outside the call's scope: a Cancel that comes now must not cut the frame.
+            await self._send_frame(answer)
         finally:
             del self._calls[message.id]
-            self._slots.release()
+            freed, self._slot_freed = self._slot_freed, None
+            if freed is not None:
+                freed.set()
             if scope.cancel_called and message.id in self._unacknowledged:
                 # The caller left (it said so) while its claim was on its way: nobody holds it.
                 with anyio.CancelScope(shield=True):
                     await self._give_back(self._unacknowledged.pop(message.id))
-            if self.stopping and not self._calls:
-                self.drained.set()
+            self._check_drained()
 
     def cancel_calls(self) -> None:
         """Stopping: end the calls still running (each is answered RuntimeStoppedError)."""
         for scope in self._calls.values():
             scope.cancel()
 
-    async def _run(self, message: Call) -> Result:
+    async def _run(self, message: Call) -> ResultOut:
         args = msgpack_arguments(message.op, message.args)
         agent = await self._authorize(message.op, args, message.agent)
         client = self._client(agent, message.correlation)
@@ -609,7 +670,7 @@ class _Connection:
             self._unacknowledged[message.id] = value
         if message.op in _WORKER_OPS:
             self._note_worker(message.op, args, value)
-        return Result(message.id, msgspec.Raw(_encode(value)))
+        return ResultOut(message.id, value)
 
     async def _authorize(self, op: str, args: Mapping[str, Any], agent: str | None) -> str | None:
         """Whether this connection may make this call, and as which source agent: every
@@ -716,7 +777,7 @@ class _Connection:
         feed = subscription._feed
         ended = Ended(message.id)
         try:
-            await self._send(Result(message.id, msgspec.Raw(_encode(message.id))))
+            await self._send(ResultOut(message.id, message.id))
             while True:
                 await feed.wait_readable()
                 try:
@@ -736,19 +797,65 @@ class _Connection:
             del self._subscriptions[message.id]
 
     async def _send(self, message: msgspec.Struct) -> None:
-        """Write one frame. A peer that does not take it within ``remote_timeout`` is
-        stalled, and one whose connection broke is gone: either way the connection is
-        closed (its reader then ends, and with it every task of the connection)."""
+        await self._send_frame(frame(message))
+
+    async def _send_frame(self, data: bytes) -> None:
+        """Send one frame. The first task to send while none is writing writes it, and
+        whatever other tasks queue meanwhile, in as few writes as it can (no task hop on
+        the way out: that costs more than the write). Another task's frame only waits its
+        turn, unless the peer is a lot behind (_OUTBOX_HIGH queued): then its sender waits
+        too, so a peer that reads slowly slows the calls and subscriptions it is sent for.
+
+        A peer that does not take a write within ``remote_timeout`` is stalled, and one
+        whose connection broke is gone: either way the connection is closed (its reader
+        then ends, and with it every task of the connection)."""
         if self._broken:
             return
-        data = frame(message)
-        async with self._lock:
-            with anyio.move_on_after(self._server.timeout) as sending:
-                try:
-                    await self._stream.send(data)
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                    self._close("the peer went away")
-                    return
+        if self._group is None:  # the handshake: nothing else sends yet
+            await self._write_now(data)
+            return
+        self._outbox.append(data)
+        self._outbox_size += len(data)
+        if not self._writing:
+            await self._flush()
+            return
+        while self._outbox_size > _OUTBOX_HIGH and self._writing and not self._broken:
+            if self._room is None:
+                self._room = self._event_type()
+            await self._room.wait()
+
+    async def _flush(self) -> None:
+        timeout = self._server.timeout
+        self._writing = True
+        try:
+            with anyio.CancelScope() as self._flushing:
+                while self._outbox:
+                    frames, self._outbox, self._outbox_size = self._outbox, [], 0
+                    self._flushing.deadline = anyio.current_time() + timeout
+                    for data in _batches(frames):
+                        await self._stream.send(data)
+                    room, self._room = self._room, None
+                    if room is not None:
+                        room.set()
+            if self._flushing.cancelled_caught and not self._broken:
+                self._close(f"the peer took no frame for {timeout:g}s")
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            self._flushing = None
+            self._close("the peer went away")
+        finally:
+            self._writing = False
+            self._flushing = None
+            self._check_drained()
+
+    async def _write_now(self, data: bytes) -> None:
+        if self._broken:
+            return
+        with anyio.move_on_after(self._server.timeout) as sending:
+            try:
+                await self._stream.send(data)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                self._close("the peer went away")
+                return
         if sending.cancelled_caught:
             self._close(f"the peer took no frame for {self._server.timeout:g}s")
 
@@ -756,13 +863,24 @@ class _Connection:
         if not self._broken:
             self._broken = True
             log.info("connection %d (%s) closed: %s", self.number, self.name, why)
+        self._outbox.clear()
+        if self._flushing is not None:
+            self._flushing.cancel()  # a write to a peer that is gone or stalled
+        room, self._room = self._room, None
+        if room is not None:
+            room.set()
         if self._group is not None:
             self._group.cancel_scope.cancel()
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        """Stopping: ``drained`` once no call runs and every answer was written."""
+        if self.stopping and not self._calls and not self._writing and not self._outbox:
+            self.drained.set()
 
     async def goodbye(self, reason: str) -> None:
-        if not self._calls:
-            self.drained.set()
         await self._send(Goodbye(reason))
+        self._check_drained()
 
     async def _give_back(self, value: object) -> None:
         """Hand back what an exclusive call answered and its caller never took."""
@@ -775,6 +893,45 @@ class _Connection:
                 await self._runtime._plans.tell(UnclaimedRequest(value))
         except HiveError as error:  # stopping: recovery at the next open requeues it
             log.info("connection %d: could not give back a claim: %s", self.number, error)
+
+
+class _Runner:
+    """An idle call runner of a connection, waiting to be handed a call."""
+
+    __slots__ = ("call", "handed")
+
+    def __init__(self, handed: anyio.Event) -> None:
+        self.handed = handed
+        self.call: tuple[Call, anyio.CancelScope]
+
+    def hand(self, message: Call, scope: anyio.CancelScope) -> None:
+        self.call = (message, scope)
+        self.handed.set()
+
+
+def _batches(frames: list[bytes]) -> list[bytes]:
+    """Frames queued together as few writes: small ones joined (one system call for a
+    burst of answers), a large one alone (not copied again)."""
+    if len(frames) == 1:
+        return frames
+    batches: list[bytes] = []
+    small: list[bytes] = []
+    size = 0
+    for data in frames:
+        if len(data) >= _JOIN_BELOW:
+            if small:
+                batches.append(b"".join(small))
+                small, size = [], 0
+            batches.append(data)
+            continue
+        small.append(data)
+        size += len(data)
+        if size >= _JOIN_BELOW:
+            batches.append(b"".join(small))
+            small, size = [], 0
+    if small:
+        batches.append(b"".join(small))
+    return batches
 
 
 def _stopping() -> RuntimeStoppedError:
