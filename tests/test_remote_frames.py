@@ -1,0 +1,265 @@
+"""The wire's frames on a stream: how they are read, written and interleaved.
+
+The frame reader is driven by a scripted stream (what a socket hands over, chunk by
+chunk); the server's writes by a real owner in this process and a raw socket client in a
+worker thread, which can stop reading to make the server's writes block.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import socket
+import struct
+import termios
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+from anyio.abc import SocketAttribute
+
+from hive_orchestration import Runtime, RuntimeConfig
+from hive_orchestration.remote.address import connect_path
+from hive_orchestration.remote.protocol import (
+    PROTOCOL_VERSION,
+    Call,
+    CallOut,
+    Cancel,
+    ClientFrame,
+    FrameError,
+    FrameReader,
+    Hello,
+    Ping,
+    Pong,
+    Result,
+    ResultOut,
+    ServerFrame,
+    Welcome,
+    frame,
+)
+
+pytestmark = pytest.mark.anyio
+
+#: Only turns a hang into a failure.
+DEADLINE = 30.0
+
+
+class Scripted(anyio.abc.ByteReceiveStream):
+    """A stream that hands over ``chunks`` as a socket would: at most what is asked for,
+    the rest of a chunk kept for the next receive. Counts the receives."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self._chunks = list(chunks)
+        self.receives = 0
+        self.largest = 0  # the most bytes handed over at once
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        await anyio.lowlevel.checkpoint()
+        self.receives += 1
+        if not self._chunks:
+            raise anyio.EndOfStream
+        chunk = self._chunks.pop(0)
+        if len(chunk) > max_bytes:
+            chunk, rest = chunk[:max_bytes], chunk[max_bytes:]
+            self._chunks.insert(0, rest)
+        self.largest = max(self.largest, len(chunk))
+        return chunk
+
+    async def aclose(self) -> None:
+        self._chunks.clear()
+
+
+def _call(call_id: int, op: str = "get_task", **args: object) -> bytes:
+    raw = {name: msgspec.Raw(msgspec.msgpack.encode(value)) for name, value in args.items()}
+    return frame(Call(call_id, op, raw))
+
+
+async def test_frames_that_arrive_together_are_read_with_one_receive() -> None:
+    calls = [_call(n, task_id=f"t{n}") for n in range(1, 4)]
+    stream = Scripted([b"".join(calls)])
+    reader = FrameReader(stream, ClientFrame, 1 << 20)
+    got = [await reader.read() for _ in calls]
+    assert [message.id for message in got] == [1, 2, 3]
+    assert msgspec.msgpack.decode(got[2].args["task_id"]) == "t3"
+    assert stream.receives == 1
+    with pytest.raises(anyio.EndOfStream):  # a clean end, between frames
+        await reader.read()
+
+
+async def test_a_frame_cut_anywhere_is_read_whole() -> None:
+    data = _call(7, task_id="x" * 5000) + _call(8, task_id="y")
+    for cut in (1, 3, 4, 5, 100, len(data) - 40, len(data) - 1):
+        stream = Scripted([data[:cut], data[cut:]])
+        reader = FrameReader(stream, ClientFrame, 1 << 20)
+        first, second = await reader.read(), await reader.read()
+        assert (first.id, second.id) == (7, 8), cut
+        assert msgspec.msgpack.decode(first.args["task_id"]) == "x" * 5000
+
+
+async def test_a_large_frame_is_read_in_chunks_and_nothing_of_the_next() -> None:
+    big = _call(1, task_id="z" * 3_000_000)
+    after = _call(2, task_id="after")
+    stream = Scripted([big[:1000], big[1000:] + after])
+    reader = FrameReader(stream, ClientFrame, 4 << 20)
+    first = await reader.read()
+    assert msgspec.msgpack.decode(first.args["task_id"]) == "z" * 3_000_000
+    # The rest of the big frame was asked for by its size: the next frame was not taken
+    # with it, and comes whole from the next read.
+    assert (await reader.read()).id == 2
+    assert stream.largest <= 1 << 20  # read on in chunks of at most 1 MiB
+
+
+async def test_an_oversized_frame_is_refused_before_its_body_is_read() -> None:
+    header = struct.pack(">I", 10_000_000)
+    stream = Scripted([header + b"x" * 100, b"y" * 65536, b"z" * 65536])
+    reader = FrameReader(stream, ClientFrame, 1 << 20)
+    with pytest.raises(FrameError, match="over the limit"):
+        await reader.read()
+    assert stream.receives == 1
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [[b"\x00\x00"], [b"\x00\x00\x00\x10abc"], [_call(1, task_id="t")[:-1]]],
+    ids=["half a header", "half a body", "all but a byte"],
+)
+async def test_a_stream_that_ends_in_a_frame_is_a_frame_error(chunks: list[bytes]) -> None:
+    reader = FrameReader(Scripted(chunks), ClientFrame, 1 << 20)
+    with pytest.raises(FrameError, match="middle of a frame"):
+        await reader.read()
+
+
+@pytest.mark.parametrize(
+    ("sent", "built", "into"),
+    [
+        (
+            Call(3, "create_task", {"task_type": msgspec.Raw(msgspec.msgpack.encode("b"))}),
+            CallOut(3, "create_task", {"task_type": "b"}),
+            ClientFrame,
+        ),
+        (
+            Result(9, msgspec.Raw(msgspec.msgpack.encode({"a": [1, 2.5, None]}))),
+            ResultOut(9, {"a": [1, 2.5, None]}),
+            ServerFrame,
+        ),
+    ],
+    ids=["call", "result"],
+)
+def test_a_frame_built_in_one_pass_is_the_same_bytes(
+    sent: msgspec.Struct, built: msgspec.Struct, into: Any
+) -> None:
+    assert frame(built) == frame(sent)
+    assert msgspec.msgpack.decode(frame(built)[4:], type=into) == sent
+
+
+# -- the server's writes ------------------------------------------------------------------
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes received on ``sock`` and not yet read (FIONREAD)."""
+    found = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, found)
+    return found[0]
+
+
+def _read_frame(sock: socket.socket) -> Any:
+    def exactly(size: int) -> bytes:
+        data = bytearray()
+        while len(data) < size:
+            chunk = sock.recv(size - len(data))
+            if not chunk:
+                raise EOFError(f"the server closed after {len(data)} of {size} bytes")
+            data += chunk
+        return bytes(data)
+
+    (size,) = struct.unpack(">I", exactly(4))
+    return msgspec.msgpack.decode(exactly(size), type=ServerFrame)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    with anyio.fail_after(DEADLINE):
+        while not condition():  # noqa: ASYNC110 - a socket's state: no event to wait on
+            await anyio.sleep(0.005)
+
+
+async def test_a_cancel_that_comes_while_the_answer_is_written_does_not_cut_it(
+    db_path: str, anyio_backend: str
+) -> None:
+    # The answer (an event of 900 KB) is more than the socket holds, and the client
+    # does not read: the server's write of it blocks. A Cancel of that call, then a
+    # ping, come meanwhile. The answer must still go out whole, then the pong: a frame
+    # cut in two would garble every frame after it.
+    config = RuntimeConfig(remote_timeout=60.0)
+    async with Runtime.open(db_path, config=config) as runtime:
+        server = runtime._server
+        assert server is not None
+        assert server.address
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(DEADLINE)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await anyio.to_thread.run_sync(sock.connect, connect_path(server.address))
+        try:
+            # Blocking calls in a thread: the owner's loop is this one.
+            await anyio.to_thread.run_sync(sock.sendall, frame(Hello(PROTOCOL_VERSION)))
+            assert isinstance(await anyio.to_thread.run_sync(_read_frame, sock), Welcome)
+            blob = "x" * 900_000
+            args = {"event_type": "app.big", "data": {"blob": blob}}
+            await anyio.to_thread.run_sync(sock.sendall, _call(1, "publish", **args))
+            await _until(lambda: _unread(sock) > 0)  # the answer is on its way
+            await anyio.to_thread.run_sync(sock.sendall, frame(Cancel(1)) + frame(Ping(7)))
+            (connection,) = server._connections
+            served = connection._stream.extra(SocketAttribute.raw_socket)
+            await _until(lambda: _unread(served) == 0)  # the server read both
+            await anyio.wait_all_tasks_blocked()  # and acted on them
+
+            def read_two() -> list[Any]:
+                return [_read_frame(sock), _read_frame(sock)]
+
+            answer, pong = await anyio.to_thread.run_sync(read_two)
+        finally:
+            sock.close()
+    assert isinstance(answer, Result)
+    assert answer.id == 1
+    assert msgspec.msgpack.decode(answer.value)["data"] == {"blob": blob}
+    assert pong == Pong(7)
+
+
+async def test_past_its_calls_in_flight_a_connection_is_not_read_nor_cut_as_silent(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    # Two calls in flight at most; two claims wait for work longer than the connection
+    # may be silent (3 x remote_timeout = 3 s): the third call waits unread, and the
+    # connection stays open, since it is this side that does not listen.
+    config = RuntimeConfig(remote_timeout=1.0, max_calls_in_flight=2)
+    async with Runtime.open(tmp_path / "hive.db", config=config) as runtime:
+        server = runtime._server
+        assert server is not None
+        assert server.address
+
+        def talk() -> list[tuple[int, object]]:
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(DEADLINE)
+            sock.connect(connect_path(server.address or ""))
+            try:
+                sock.sendall(frame(Hello(PROTOCOL_VERSION)))
+                assert isinstance(_read_frame(sock), Welcome)
+                claim = {"worker_id": "w", "task_types": ["nothing"], "wait": 3.5}
+                sock.sendall(
+                    _call(1, "claim_task", **claim)
+                    + _call(2, "claim_task", **claim)
+                    + _call(3, "get_task", task_id="no-such-task")
+                )
+                answers = []
+                for _ in range(3):
+                    answer = _read_frame(sock)
+                    answers.append((answer.id, msgspec.msgpack.decode(answer.value)))
+                return answers
+            finally:
+                sock.close()
+
+        answers = await anyio.to_thread.run_sync(talk)
+    assert sorted(answers[:2]) == [(1, None), (2, None)]
+    assert answers[2] == (3, None)
