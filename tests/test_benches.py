@@ -65,8 +65,12 @@ def _inputs(figures: dict[str, Any]) -> None:
 
 def _remote(figures: dict[str, Any]) -> None:
     assert (figures["tasks"], figures["clients"], figures["calls"]) == (80, 8, 20)
-    assert figures["local_rate"] > 0
-    assert figures["remote_rate"] > 0
+    assert [shape["slots"] for shape in figures["shapes"]] == [1, 16]
+    for shape in figures["shapes"]:
+        assert shape["local_rate"] > 0
+        assert shape["remote_rate"] > 0
+        assert shape["local_commits"] > 0
+        assert shape["remote_commits"] > 0
     assert [found["op"] for found in figures["latencies"]] == ["get_task", "create_task"]
     for found in figures["latencies"]:
         assert 0 < found["local_p50"] <= found["local_p99"]
