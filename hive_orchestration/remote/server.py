@@ -1,10 +1,13 @@
 """The runtime's message API served to other processes (see :mod:`.protocol`).
 
 A :class:`Server` runs inside ``Runtime.open`` for the runtime's whole life. Each
-connection is one task group: a reader that takes frames in order, a task per call in
-flight (at most ``max_calls_in_flight``: past that the reader stops reading, so a client
-that sends faster than the runtime answers is slowed, not buffered), and a task per
-subscription pumping committed events out as they come. Every call runs as the same
+connection is one task group: a reader that takes frames in order, a runner task per call
+in flight (at most ``max_calls_in_flight``: past that the reader stops reading, so a
+client that sends faster than the runtime answers is slowed, not buffered; runners are
+kept for the next calls, since starting a task costs more than a call's own work), a task
+per subscription pumping committed events out as they come, and a watchdog for silence.
+Whichever task has a frame to send while none is writing writes it, with whatever the
+others queued meanwhile (no hop to a writer task on the way out). Every call runs as the same
 operation of an :class:`~hive_orchestration.OrchestrationClient` in this process, so it
 gets exactly the checks, answers and errors an in-process caller gets.
 
