@@ -832,6 +832,10 @@ class _Connection:
         self._writing = True
         try:
             with anyio.CancelScope() as self._flushing:
+                if len(self._calls) > 1:
+                    # Other calls run: those that end in this round of the event loop
+                    # (a commit answers many at once) join this write.
+                    await anyio.lowlevel.checkpoint()
                 while self._outbox:
                     frames, self._outbox, self._outbox_size = self._outbox, [], 0
                     self._flushing.deadline = anyio.current_time() + timeout
