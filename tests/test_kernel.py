@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -574,6 +575,25 @@ async def test_a_crash_whose_text_cannot_be_encoded_is_still_reported(
         logged = await runtime.read_events()
     assert [e.type for e in logged] == ["actor.restarted", "still.serving"]
     assert logged[0].data["error"] == "bad byte \\udc80"
+
+
+async def test_a_crash_whose_text_cannot_be_encoded_is_logged_as_text_a_handler_can_write(
+    db_path: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A UTF-8 log file (or pytest-xdist's channel) fails on a lone surrogate and loses the
+    # record: the crash is logged escaped, traceback included.
+    fail_storage_reads_once(monkeypatch, ValueError("bad byte \udc80"))
+    with caplog.at_level(logging.WARNING, logger="hive_orchestration.runtime"):
+        async with Runtime.open(db_path) as runtime:
+            with pytest.raises(ActorFailedError):
+                await runtime.read_events()
+    crashes = [r for r in caplog.records if "crashed" in r.getMessage()]
+    assert crashes
+    for record in crashes:
+        text = logging.Formatter().format(record)
+        text.encode("utf-8")  # raises if a surrogate is left
+        assert "bad byte \\udc80" in text
+        assert "Traceback" in text
 
 
 async def test_no_thread_or_task_outlives_the_runtime(db_path: str) -> None:

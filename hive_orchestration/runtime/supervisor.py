@@ -14,6 +14,7 @@ still queued after that is failed with :class:`RuntimeStoppedError`, so no asker
 from __future__ import annotations
 
 import logging
+import traceback
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,22 @@ from .actor import Actor, ActorRef, Envelope, run_actor
 __all__ = ["ChildRestart", "ChildSpec", "Supervisor"]
 
 log = logging.getLogger("hive_orchestration.runtime")
+
+
+def _log_crash(name: str, exc: BaseException) -> None:
+    """Log an actor's crash with its traceback, as text any handler can write.
+
+    An exception's text may hold a lone surrogate (bytes decoded with surrogateescape,
+    say): a handler writing UTF-8 would fail on it and lose the record. Such a crash is
+    logged with its traceback escaped into the message instead of attached."""
+    trace = "".join(traceback.format_exception(exc))
+    try:
+        trace.encode("utf-8")
+    except UnicodeEncodeError:
+        safe = trace.encode("utf-8", "backslashreplace").decode("utf-8")
+        log.warning("%s crashed; restarting\n%s", name, safe.rstrip())
+        return
+    log.warning("%s crashed (%s: %s); restarting", name, type(exc).__name__, exc, exc_info=exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,13 +202,7 @@ class Supervisor:
                         log.error("%s crashed %d times; giving up", name, len(crashes))
                         self._failed = RuntimeFailedError(name, len(crashes), self._window, exc)
                         raise self._failed from exc
-                    log.warning(
-                        "%s crashed (%s: %s); restarting",
-                        name,
-                        type(exc).__name__,
-                        exc,
-                        exc_info=exc,
-                    )
+                    _log_crash(name, exc)
         finally:
             self._done[name].set()
             stopped = RuntimeStoppedError(f"actor {name!r} stopped before answering")
