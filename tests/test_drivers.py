@@ -35,8 +35,6 @@ KINDS = ["thread", "aiosqlite", "aiosqlite-per-statement"]
 
 @pytest.fixture(params=KINDS)
 def kind(request: pytest.FixtureRequest, anyio_backend: str) -> str:
-    if request.param.startswith("aiosqlite") and anyio_backend == "trio":
-        pytest.skip("aiosqlite runs only on asyncio")
     return str(request.param)
 
 
@@ -127,13 +125,12 @@ async def test_a_probe_finds_the_faulty_units_and_writes_nothing(tmp_path: Path,
     assert roles(path) == [("w0", "a")]
 
 
+@pytest.mark.asyncio_only
 async def test_the_installed_aiosqlite_runs_a_batch_in_one_await(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str
 ) -> None:
     """With the aiosqlite this project installs, a transaction is one call on its thread,
     not one await per statement: no statement goes through aiosqlite's execute."""
-    if anyio_backend == "trio":
-        pytest.skip("aiosqlite runs only on asyncio")
     path = tmp_path / "d.db"
     async with opened(path, "aiosqlite") as driver:
         assert isinstance(driver, AiosqliteDriver)

@@ -43,8 +43,6 @@ INTERRUPT = Path(__file__).with_name("_interrupt.py")
 
 @pytest.fixture(params=["aiosqlite", "thread"])
 def driver(request: pytest.FixtureRequest, anyio_backend: str) -> Driver:
-    if request.param == "aiosqlite" and anyio_backend == "trio":
-        pytest.skip("aiosqlite runs only on asyncio")
     return request.param  # type: ignore[no-any-return]
 
 

@@ -356,8 +356,6 @@ DriverKind = Literal["thread", "aiosqlite"]
 
 @pytest.fixture(params=["thread", "aiosqlite"])
 def driver_kind(request: pytest.FixtureRequest, anyio_backend: str) -> DriverKind:
-    if request.param == "aiosqlite" and anyio_backend == "trio":
-        pytest.skip("aiosqlite runs only on asyncio")
     return request.param  # type: ignore[no-any-return]
 
 
