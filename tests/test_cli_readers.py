@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
@@ -58,12 +60,12 @@ OLD = 3
 NOISE = 2500
 
 
-async def _fill(db_path: str) -> Populated:
+async def _fill(db_path: str, noise: int = NOISE) -> Populated:
     async with Runtime.open(db_path) as runtime:
         made = await populate(runtime)
         for n in range(OLD):
             await runtime.publish("app.old", {"n": n})
-        for start in range(0, NOISE, 500):
+        for start in range(0, noise, 500):
             async with anyio.create_task_group() as group:
                 for n in range(start, start + 500):
                     group.start_soon(runtime.publish, "app.noise", {"n": n})
@@ -191,6 +193,31 @@ async def test_status_through_the_socket_leaves_itself_out(
         # A runtime's schema version is its package's: it migrated the file at open.
         assert report["schema_version"] == SCHEMA_VERSION
         await process.stop()
+
+
+async def test_an_owner_killed_mid_answer_sends_the_question_to_the_file(
+    db_path: str, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _fill(db_path, noise=0)
+    async with owner(db_path, anyio_backend) as process:
+        asked = []
+        tasks = reader_module.OwnerReader.tasks
+
+        async def killed(self: reader_module.OwnerReader, *args: Any, **kwargs: Any) -> Any:
+            asked.append(self.path)
+            os.kill(process.pid, signal.SIGKILL)  # it answers nothing more
+            return await tasks(self, *args, **kwargs)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(reader_module.OwnerReader, "tasks", killed)
+            code, out, err = await _run("tasks", "--db", db_path, "--json")
+        assert (code, err) == (0, "")
+        assert len(asked) == 1  # the owner was asked first, and went away
+        with anyio.fail_after(30):
+            await process.process.wait()
+    # What the file gives: the owner died before it could change anything.
+    assert (code, out) == (await _run("tasks", "--db", db_path, "--json"))[:2]
+    assert len(json.loads(out)) == 7
 
 
 # -- --url: a runtime served over TCP ------------------------------------------------------
