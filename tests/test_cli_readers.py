@@ -19,8 +19,8 @@ from typing import Any
 
 import anyio
 import pytest
-from _populate import Populated, populate
-from reliability._remote import owner
+from _populate import WORKER, Populated, populate
+from reliability._remote import eventually, owner
 from test_remote_tcp import ADMIN, DEPLOYER, serve, write_tokens
 
 from hive_orchestration import SCHEMA_VERSION, OrchestrationClient, Runtime
@@ -218,6 +218,35 @@ async def test_an_owner_killed_mid_answer_sends_the_question_to_the_file(
     # What the file gives: the owner died before it could change anything.
     assert (code, out) == (await _run("tasks", "--db", db_path, "--json"))[:2]
     assert len(json.loads(out)) == 7
+
+
+async def test_workers_through_the_socket_show_what_only_the_owner_knows(
+    db_path: str, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's work is a sign of life the registry keeps in memory, unwritten: the
+    owner shows it, the file cannot."""
+    await _fill(db_path, noise=0)
+    async with owner(db_path, anyio_backend) as process:
+        async with OrchestrationClient(db_path=db_path) as client:
+            await client.create_task("compile", {"n": 3})
+            claim = await client.claim_task(WORKER, "compile")
+            assert claim is not None
+
+            beats: list[str] = []
+
+            async def differ() -> bool:
+                with file_only(monkeypatch):
+                    written = await _run("workers", "--db", db_path, "--json")
+                told = await _run("workers", "--db", db_path, "--json")
+                (on_file,) = json.loads(written[1])
+                (in_memory,) = json.loads(told[1])
+                beats[:] = [on_file["last_heartbeat"], in_memory["last_heartbeat"]]
+                return beats[0] != beats[1]
+
+            await eventually(differ)  # the registry is told of the claim after it
+            on_file, in_memory = beats
+            assert in_memory > on_file  # ISO 8601 in UTC: compared as text
+        await process.stop()
 
 
 # -- --url: a runtime served over TCP ------------------------------------------------------
