@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
 import anyio
 
+from ._inspect_ops import InspectOps
 from ._keeper import Keeper, reach, usable
 from ._plan_ops import PlanOps
 from ._task_ops import TaskOps
@@ -69,6 +70,7 @@ from .messages.workers import WorkerStatus
 from .remote.client import RemoteRuntime
 from .remote.status import ServerStatus
 from .remote.tcp import parse_url
+from .storage.schema import SCHEMA_VERSION
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
@@ -89,7 +91,7 @@ _NOT_OPEN = (
 )
 
 
-class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
+class OrchestrationClient(TaskOps, WorkerOps, PlanOps, InspectOps):
     """Every operation of the seeds, with their names and arguments, as typed messages.
 
     ``OrchestrationClient(db_path=...)`` starts and owns an embedded runtime for its
@@ -462,7 +464,13 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps):
         runtime = self.runtime  # a client of another process sends this call to its owner
         server = runtime._server
         if server is None:
-            return ServerStatus(pid=os.getpid(), db_path=runtime.path, address=None, connections=[])
+            return ServerStatus(
+                pid=os.getpid(),
+                db_path=runtime.path,
+                schema_version=SCHEMA_VERSION,
+                address=None,
+                connections=[],
+            )
         return server.status()
 
     async def subscribe_to_task_events(

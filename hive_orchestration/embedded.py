@@ -24,6 +24,7 @@ import msgspec
 from anyio.abc import TaskGroup
 
 from ._groups import leaves
+from ._inspect_ops import InspectOps
 from ._plan_ops import PlanOps
 from ._task_ops import TaskOps
 from ._validate import (
@@ -160,7 +161,7 @@ class Subscription:
         return item
 
 
-class Runtime(TaskOps, WorkerOps, PlanOps):
+class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps):
     """An embedded, durable orchestration runtime on one SQLite database.
 
     Create it with :meth:`open`; every method sends a typed message to an actor.

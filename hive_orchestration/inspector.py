@@ -230,6 +230,11 @@ class Inspector:
         """The sequence number of the last event in the log now (0 for an empty log)."""
         return (await self._ask(GetStorageStats())).last_seq
 
+    async def schema_version(self) -> int:
+        """The file's schema version (this package's: an older or newer one is refused
+        at open)."""
+        return (await self._ask(GetStorageStats())).schema_version
+
     async def statistics(self) -> StorageStats:
         """The storage actor's view: path, driver, schema version, last event seq."""
         return await self._ask(GetStorageStats())

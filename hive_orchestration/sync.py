@@ -256,6 +256,8 @@ class SyncOrchestrationClient:
     cancel_task = _blocking(OrchestrationClient.cancel_task)
     delete_task = _blocking(OrchestrationClient.delete_task)
     get_tasks_by_status = _blocking(OrchestrationClient.get_tasks_by_status)
+    count_tasks = _blocking(OrchestrationClient.count_tasks)
+    list_tasks = _blocking(OrchestrationClient.list_tasks)
     get_queued_tasks = _blocking(OrchestrationClient.get_queued_tasks)
     get_pending_tasks = _blocking(OrchestrationClient.get_pending_tasks)
     get_unroutable_tasks = _blocking(OrchestrationClient.get_unroutable_tasks)
@@ -277,6 +279,7 @@ class SyncOrchestrationClient:
     register_worker = _blocking(OrchestrationClient.register_worker)
     update_worker_heartbeat = _blocking(OrchestrationClient.update_worker_heartbeat)
     get_active_workers = _blocking(OrchestrationClient.get_active_workers)
+    list_workers = _blocking(OrchestrationClient.list_workers)
     get_worker = _blocking(OrchestrationClient.get_worker)
     unregister_worker = _blocking(OrchestrationClient.unregister_worker)
     # Plans and the planning queue.

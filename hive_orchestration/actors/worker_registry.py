@@ -53,6 +53,7 @@ from ..messages.tasks import ReleaseWorker, TaskManagerMessage
 from ..messages.workers import (
     GetActiveWorkers,
     GetWorker,
+    GetWorkers,
     RegisterWorker,
     RegistryWake,
     UnregisterWorker,
@@ -163,6 +164,10 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
                 ]
                 live.sort(key=lambda worker: worker.last_heartbeat, reverse=True)
                 return live
+            case GetWorkers(status=status):
+                found = [w for w in self._workers.values() if status is None or w.status is status]
+                found.sort(key=lambda worker: worker.last_heartbeat, reverse=True)
+                return found
             case WorkerHeartbeat(worker_id=worker_id, status=status):
                 return self._heartbeat(worker_id, status, work, now)
             case UnregisterWorker(worker_id=worker_id):

@@ -13,8 +13,10 @@ Commands (each takes ``--db PATH``, default ``hive/db/hive-internal.db``):
   [--correlation ID] [--limit N] [--max-events N] [--for SECONDS]``: the event log.
 - ``db current`` / ``db upgrade``: the file's schema version; migrating it.
 
-Everything but ``demo`` and ``db upgrade`` reads through the read-only inspector, so it
-works on the database of a running app. ``--json`` prints one JSON document (for
+The readers (``status`` to ``events``) ask the runtime that owns the database through
+its socket when one serves it, else read the file through the read-only inspector, so
+they work on the database of a running app; with ``--url URL`` (``--token``,
+``--tls-ca``) they ask a runtime served over TCP instead. ``--json`` prints one JSON document (for
 ``events --follow``, one JSON object per line) and needs nothing beyond the package; the
 tables need ``rich`` (``pip install 'hive-orchestration[cli]'``).
 """

@@ -1,10 +1,13 @@
 """The command line: parsing, the commands, and their exit codes.
 
-Every command but ``demo``, ``worker``, ``serve`` and ``db upgrade`` reads the database
-through the read-only :class:`~hive_orchestration.inspector.Inspector`, so it works while
-an app holds the database (and writes nothing to it). What only the runtime that owns it
-knows comes from that runtime, through its socket, when it serves one (:mod:`.owner`):
-who is connected (``status``), and new events as it commits them (``events --follow``).
+The readers (``status``, ``tasks``, ``task``, ``workers``, ``plans``, ``plan``,
+``events``) ask the runtime that owns the database, through its socket, when it serves
+one, and otherwise read the file through the read-only
+:class:`~hive_orchestration.inspector.Inspector` (:mod:`.reader`): either way they work
+while an app holds the database, and write nothing to it. Through the socket they also
+show who is connected (``status``), and new events as the owner commits them (``events
+--follow``, pushed). With ``--url`` (or ``$HIVE_ORCHESTRATION_URL``) they ask a runtime
+served over TCP, on another machine, with a token, and open no file at all.
 ``worker`` (:mod:`.worker`) runs an agent's handler as workers of the runtime that owns
 it; ``serve`` runs a runtime of its own and serves its message API (Unix socket, TCP)
 until SIGTERM or SIGINT. Exit codes: 0 done, 1 not found or refused by the runtime (the
@@ -21,6 +24,7 @@ import shlex
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,15 @@ import anyio.to_thread
 import msgspec
 
 from .._validate import MAX_READ
-from ..config import DB_PATH_ENV, DEFAULT_DB_PATH, RuntimeConfig, choose_db_path
+from ..config import (
+    DB_PATH_ENV,
+    DEFAULT_DB_PATH,
+    TLS_CA_ENV,
+    TOKEN_ENV,
+    URL_ENV,
+    RuntimeConfig,
+    choose_db_path,
+)
 from ..embedded import Runtime
 from ..errors import (
     ConnectionLostError,
@@ -46,8 +58,8 @@ from ..messages.workers import WorkerStatus
 from ..storage.database import read_schema_version
 from ..storage.schema import SCHEMA_VERSION
 from .demo import run_demo
-from .owner import connected, owner_view
-from .report import plan_report, plan_summaries, status_report, task_report
+from .reader import OwnerReader, Reader, answer, owner_reader
+from .report import OwnerView, plan_report, plan_summaries, status_report, task_report
 from .worker import MAX_CONCURRENCY, run_worker
 
 __all__ = ["POLL_INTERVAL", "build_parser", "main"]
@@ -144,46 +156,70 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print JSON instead of tables (needs no extra)"
     )
     both = [common, shown]
+    remote = argparse.ArgumentParser(add_help=False)
+    served = remote.add_argument_group(
+        "a runtime served over TCP (instead of --db; docs/SERVING.md)"
+    )
+    served.add_argument(
+        "--url",
+        metavar="URL",
+        help=f"hives://HOST:PORT (TLS) or hive://127.0.0.1:PORT (loopback): ask the runtime"
+        f" served there (default: ${URL_ENV} if set and --db is not given)",
+    )
+    served.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help=f"its token (default: ${TOKEN_ENV}; prefer it, as other users can read a"
+        " --token in ps); an agent token may read",
+    )
+    served.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        help=f"the authorities to check its certificate against (default: ${TLS_CA_ENV},"
+        " else the system's)",
+    )
+    readers = [common, shown, remote]
 
     commands.add_parser(
         "demo", parents=[common], help="run the embedded runtime on a local SQLite file"
     )
     commands.add_parser(
-        "status", parents=both, help="task counts by status, active workers, executing plans"
+        "status", parents=readers, help="task counts by status, active workers, executing plans"
     )
 
-    tasks = commands.add_parser("tasks", parents=both, help="list tasks, newest first")
+    tasks = commands.add_parser("tasks", parents=readers, help="list tasks, newest first")
     tasks.add_argument("--status", choices=[*dict.fromkeys(s.value for s in TaskStatus)])
     tasks.add_argument("--type", dest="task_type", metavar="TYPE", help="only this task type")
     tasks.add_argument("--limit", type=_count(1), default=50, help="at most N (default 50)")
 
-    task = commands.add_parser("task", parents=both, help="one task with its runs and events")
+    task = commands.add_parser("task", parents=readers, help="one task with its runs and events")
     task.add_argument("task_id", metavar="ID")
     task.add_argument(
         "--events", type=_count(1), default=50, help="its newest N events (default 50)"
     )
 
-    workers = commands.add_parser("workers", parents=both, help="registered workers")
+    workers = commands.add_parser("workers", parents=readers, help="registered workers")
     workers.add_argument("--status", choices=[s.value for s in WorkerStatus])
 
-    plans = commands.add_parser("plans", parents=both, help="execution plans, newest first")
+    plans = commands.add_parser("plans", parents=readers, help="execution plans, newest first")
     plans.add_argument("--status", choices=[s.value for s in PlanStatus])
     plans.add_argument("--limit", type=_count(1), default=50, help="at most N (default 50)")
 
     plan = commands.add_parser(
-        "plan", parents=both, help="one plan: its DAG in dependency layers, and its progress"
+        "plan", parents=readers, help="one plan: its DAG in dependency layers, and its progress"
     )
     plan.add_argument("plan_id", metavar="ID")
 
     events = commands.add_parser(
         "events",
-        parents=both,
+        parents=readers,
         help="the event log: the newest events, or those after a seq; --follow for new ones",
         description="Without --after: the newest --limit events that match; with --after "
         "SEQ: the first --limit events after SEQ. With --follow, --after SEQ prints every "
         "event after SEQ (without it, the newest --limit), then goes on printing new events "
         "as they are written (pushed by the runtime that owns the database, through its "
-        "socket; read from the file 4 times a second while none serves it) until Ctrl-C, "
+        "socket, or by the one at --url; read from the file 4 times a second while none "
+        "serves it) until Ctrl-C, "
         "--max-events or --for; with --json, one JSON object per line.",
     )
     events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
@@ -333,6 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"hive-orchestration events: error: {usage}", file=sys.stderr)
             return 2
     try:
+        if hasattr(args, "url"):
+            args.url = _url(args)
         args.db = _database(args.db)
     except InvalidInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -364,6 +402,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_stdout()
         return 1
     return 0
+
+
+def _url(args: argparse.Namespace) -> str | None:
+    """The server a reader asks: ``--url``, else ``$HIVE_ORCHESTRATION_URL`` unless
+    ``--db`` names a file (as ``OrchestrationClient`` chooses)."""
+    if args.url is not None:
+        if args.db is not None:
+            raise InvalidInputError("--url", "give --url or --db, not both")
+        if not args.url.strip():
+            raise InvalidInputError("--url", "must be a non-empty url (hives://HOST:PORT)")
+        return str(args.url)
+    if args.db is not None:
+        return None
+    value = os.environ.get(URL_ENV)
+    if value is not None and not value.strip():
+        raise InvalidInputError(URL_ENV, "is empty: unset it or name a server")
+    return value
 
 
 def _database(given: str | None) -> str:
@@ -451,67 +506,84 @@ async def _serve(args: argparse.Namespace) -> None:
     _print_json({"stopped": runtime.path})
 
 
+def _name(args: argparse.Namespace) -> str:
+    """What the command calls itself on the owner's connection list."""
+    return f"hive-orchestration {args.command}"
+
+
 async def _status(args: argparse.Namespace) -> None:
-    async with Inspector.open(args.db) as inspector:
-        report = await status_report(inspector)
-    # Who is connected only the owner knows: asked through its socket, if it serves one.
-    report = msgspec.structs.replace(report, owner=await owner_view(args.db))
-    _show(args, report, "render_status")
+    async def ask(reader: Reader) -> object:
+        report = await status_report(reader)
+        if isinstance(reader, OwnerReader):
+            # Who is connected only the owner knows.
+            status = await reader.server(_name(args))
+            owner = OwnerView(pid=status.pid, address=status.address, clients=status.connections)
+            report = msgspec.structs.replace(report, owner=owner)
+        return report
+
+    _show(args, await answer(args, _name(args), ask), "render_status")
 
 
 async def _tasks(args: argparse.Namespace) -> None:
-    async with Inspector.open(args.db) as inspector:
-        tasks = await inspector.tasks(args.status, task_type=args.task_type, limit=args.limit)
-    _show(args, tasks, "render_tasks")
+    async def ask(reader: Reader) -> object:
+        return await reader.tasks(args.status, task_type=args.task_type, limit=args.limit)
+
+    _show(args, await answer(args, _name(args), ask), "render_tasks")
 
 
 async def _task(args: argparse.Namespace) -> None:
-    async with Inspector.open(args.db) as inspector:
-        report = await task_report(inspector, args.task_id, events=args.events)
-    _show(args, report, "render_task")
+    async def ask(reader: Reader) -> object:
+        return await task_report(reader, args.task_id, events=args.events)
+
+    _show(args, await answer(args, _name(args), ask), "render_task")
 
 
 async def _workers(args: argparse.Namespace) -> None:
-    async with Inspector.open(args.db) as inspector:
-        workers = await inspector.workers(args.status)
-    _show(args, workers, "render_workers")
+    async def ask(reader: Reader) -> object:
+        return await reader.workers(args.status)
+
+    _show(args, await answer(args, _name(args), ask), "render_workers")
 
 
 async def _plans(args: argparse.Namespace) -> None:
-    async with Inspector.open(args.db) as inspector:
-        plans = await plan_summaries(
-            inspector, await inspector.plans(args.status, limit=args.limit)
-        )
-    _show(args, plans, "render_plans")
+    async def ask(reader: Reader) -> object:
+        return await plan_summaries(reader, await reader.plans(args.status, limit=args.limit))
+
+    _show(args, await answer(args, _name(args), ask), "render_plans")
 
 
 async def _plan(args: argparse.Namespace) -> None:
-    async with Inspector.open(args.db) as inspector:
-        report = await plan_report(inspector, args.plan_id)
-    _show(args, report, "render_plan")
+    async def ask(reader: Reader) -> object:
+        return await plan_report(reader, args.plan_id)
+
+    _show(args, await answer(args, _name(args), ask), "render_plan")
 
 
 async def _events(args: argparse.Namespace) -> None:
-    async with Inspector.open(args.db) as inspector:
-        if args.follow:
-            await _follow(inspector, args)
-            return
-        events: list[Event] = []
-        if args.limit:
-            events = await inspector.events(
-                args.after or 0,
-                limit=args.limit,
-                pattern=args.pattern,
-                task_id=args.task_id,
-                plan_id=args.plan_id,
-                correlation_id=args.correlation_id,
-                newest=args.after is None,
-            )
-    _show(args, events, "render_events")
+    if args.follow:
+        await _follow(args)
+        return
+
+    async def ask(reader: Reader) -> object:
+        if not args.limit:
+            return []
+        return await reader.events(
+            args.after or 0,
+            limit=args.limit,
+            pattern=args.pattern,
+            task_id=args.task_id,
+            plan_id=args.plan_id,
+            correlation_id=args.correlation_id,
+            newest=args.after is None,
+        )
+
+    _show(args, await answer(args, _name(args), ask), "render_events")
 
 
-async def _follow(inspector: Inspector, args: argparse.Namespace) -> None:
-    """Print the backlog, then every new event that matches, until a bound is reached."""
+async def _follow(args: argparse.Namespace) -> None:
+    """Print the backlog, then every new event that matches, until a bound is reached:
+    pushed by the runtime that serves the database while one does, read from the file
+    while none does (with ``--url``: from that server alone)."""
     if args.json:
 
         def emit(event: Event) -> None:
@@ -537,8 +609,8 @@ async def _follow(inspector: Inspector, args: argparse.Namespace) -> None:
                 return True
         return False
 
-    async def read(after: int, limit: int, *, newest: bool = False) -> list[Event]:
-        return await inspector.events(
+    async def read(reader: Reader, after: int, limit: int, *, newest: bool = False) -> list[Event]:
+        return await reader.events(
             after,
             limit=limit,
             pattern=args.pattern,
@@ -548,53 +620,71 @@ async def _follow(inspector: Inspector, args: argparse.Namespace) -> None:
             newest=newest,
         )
 
+    filters = {
+        name: value
+        for name in ("task_id", "plan_id", "correlation_id")
+        if (value := getattr(args, name)) is not None
+    }
+    name = "hive-orchestration events --follow"
+    cursor: int | None = None
+    inspector: Inspector | None = None
     with anyio.move_on_after(math.inf if args.duration is None else args.duration):
-        if args.after is None:
-            # The log's end first, then the backlog: whatever is committed in between is
-            # in the backlog or after the cursor, never skipped.
-            cursor = await inspector.last_seq()
-            backlog = await read(0, args.limit, newest=True) if args.limit else []
-            cursor = max([cursor, *(event.seq for event in backlog)])
-        else:
-            cursor, backlog = args.after, []
-        print(
-            f"following {shlex.quote(inspector.path)} after seq {cursor} (Ctrl-C to stop)",
-            file=sys.stderr,
-            flush=True,
-        )
-        if show(backlog):
-            return
-        filters = {
-            name: value
-            for name in ("task_id", "plan_id", "correlation_id")
-            if (value := getattr(args, name)) is not None
-        }
-        while True:
-            # A runtime that serves the file pushes its events as it commits them...
-            async with connected(inspector.path, "hive-orchestration events --follow") as client:
-                if client is not None:
-                    stream = client.events(after=cursor, pattern=args.pattern, **filters)
-                    try:
-                        async with stream:
-                            async for event in stream:  # ends when the owner stops
-                                if show([event]):
-                                    return
-                    except ConnectionLostError:
-                        pass  # killed: read the file until a runtime serves it again
-                    cursor = max(cursor, stream.last_seq)
-                    continue
-            # ... else nothing pushes: read the log, and look for an owner again.
-            end = await inspector.last_seq()
-            batch = await read(cursor, _PAGE)
-            if show(batch):
-                return
-            if batch:
-                cursor = batch[-1].seq
-            if len(batch) < _PAGE:
-                # Every event up to the log's end before the read has been seen (the
-                # filters skipped the others): the next read starts there.
-                cursor = max(cursor, end)
-                await anyio.sleep(POLL_INTERVAL)
+        async with AsyncExitStack() as files:
+            while True:
+                async with owner_reader(args, name) as owner:
+                    reader: Reader
+                    if owner is not None:
+                        reader = owner
+                    else:
+                        if inspector is None:  # opened once, kept while no runtime serves
+                            inspector = await files.enter_async_context(Inspector.open(args.db))
+                        reader = inspector
+                    if cursor is None:
+                        if args.after is None:
+                            # The log's end first, then the backlog: whatever is committed
+                            # in between is in the backlog or after the cursor, never skipped.
+                            cursor = await reader.last_seq()
+                            backlog = (
+                                await read(reader, 0, args.limit, newest=True) if args.limit else []
+                            )
+                            cursor = max([cursor, *(event.seq for event in backlog)])
+                        else:
+                            cursor, backlog = args.after, []
+                        print(
+                            f"following {shlex.quote(reader.path)} after seq {cursor}"
+                            " (Ctrl-C to stop)",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                        if show(backlog):
+                            return
+                    if owner is not None:
+                        # A runtime that serves the file pushes its events as it commits them.
+                        stream = owner.client.events(after=cursor, pattern=args.pattern, **filters)
+                        try:
+                            async with stream:
+                                async for event in stream:  # ends when the owner stops
+                                    if show([event]):
+                                        return
+                        except ConnectionLostError:
+                            if args.url is not None:
+                                raise
+                            # killed: read the file until a runtime serves it again
+                        cursor = max(cursor, stream.last_seq)
+                        continue
+                # Nothing pushes: read the log, and look for an owner again.
+                assert inspector is not None
+                end = await inspector.last_seq()
+                batch = await read(inspector, cursor, _PAGE)
+                if show(batch):
+                    return
+                if batch:
+                    cursor = batch[-1].seq
+                if len(batch) < _PAGE:
+                    # Every event up to the log's end before the read has been seen (the
+                    # filters skipped the others): the next read starts there.
+                    cursor = max(cursor, end)
+                    await anyio.sleep(POLL_INTERVAL)
 
 
 async def _db_current(args: argparse.Namespace) -> None:

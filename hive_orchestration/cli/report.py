@@ -1,4 +1,5 @@
-"""What each command shows, gathered from the inspector as plain msgspec structs.
+"""What each command shows, gathered from a :class:`~.reader.Reader` (the runtime that
+owns the database, or the file) as plain msgspec structs.
 
 The same struct is printed as JSON (``--json``) or drawn for a person by
 :mod:`hive_orchestration.cli.views`; nothing here needs ``rich``.
@@ -8,16 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from ..errors import NotFoundError
-from ..inspector import Inspector
 from ..messages.events import Event
 from ..messages.plans import ExecutionPlan, PlanProgress, PlanStatus, SubtaskState
 from ..messages.tasks import Run, Task, TaskStatus
 from ..messages.workers import Worker, WorkerStatus
 from ..remote.status import ConnectionStatus
+
+if TYPE_CHECKING:
+    from .reader import Reader
 
 __all__ = [
     "OwnerView",
@@ -130,54 +134,55 @@ def _summary(plan: ExecutionPlan, progress: PlanProgress) -> PlanSummary:
     )
 
 
-async def plan_summaries(inspector: Inspector, plans: Sequence[ExecutionPlan]) -> list[PlanSummary]:
+async def plan_summaries(reader: Reader, plans: Sequence[ExecutionPlan]) -> list[PlanSummary]:
     summaries = []
     for plan in plans:
         try:
-            progress = await inspector.plan_progress(plan.id)
+            progress = await reader.plan_progress(plan.id)
         except NotFoundError:
             continue  # deleted between the listing and this read
         summaries.append(_summary(plan, progress))
     return summaries
 
 
-async def status_report(inspector: Inspector) -> StatusReport:
-    counts = await inspector.task_counts()
-    workers = [w for w in await inspector.workers() if w.status is not WorkerStatus.OFFLINE]
-    executing = await inspector.plans(PlanStatus.EXECUTING, limit=1000)
-    stats = await inspector.statistics()
+async def status_report(reader: Reader) -> StatusReport:
+    counts = await reader.task_counts()
+    workers = [w for w in await reader.workers() if w.status is not WorkerStatus.OFFLINE]
+    executing = await reader.plans(PlanStatus.EXECUTING, limit=1000)
+    schema_version = await reader.schema_version()
+    last_seq = await reader.last_seq()
     # Every status, in lifecycle order, so that a zero reads as zero rather than missing;
     # a status written by another tool is kept after them.
     known = {status.value: counts.get(status.value, 0) for status in TaskStatus}
     return StatusReport(
-        db=inspector.path,
-        schema_version=stats.schema_version,
-        last_seq=stats.last_seq,
+        db=reader.path,
+        schema_version=schema_version,
+        last_seq=last_seq,
         total_tasks=sum(counts.values()),
         tasks=known | {k: v for k, v in counts.items() if k not in known},
         workers=workers,
-        plans=await plan_summaries(inspector, executing),
+        plans=await plan_summaries(reader, executing),
     )
 
 
-async def task_report(inspector: Inspector, task_id: str, *, events: int) -> TaskReport:
-    task = await inspector.task(task_id)
+async def task_report(reader: Reader, task_id: str, *, events: int) -> TaskReport:
+    task = await reader.task(task_id)
     if task is None:
         raise NotFoundError("task", task_id)
     return TaskReport(
         task=task,
-        runs=await inspector.runs(task_id),
-        events=await inspector.events(task_id=task_id, limit=events, newest=True),
+        runs=await reader.runs(task_id),
+        events=await reader.events(task_id=task_id, limit=events, newest=True),
     )
 
 
-async def plan_report(inspector: Inspector, plan_id: str) -> PlanReport:
-    plan = await inspector.plan(plan_id)
+async def plan_report(reader: Reader, plan_id: str) -> PlanReport:
+    plan = await reader.plan(plan_id)
     if plan is None:
         raise NotFoundError("plan", plan_id)
-    progress = await inspector.plan_progress(plan_id)
-    states = {state.subtask_id: state for state in await inspector.plan_subtasks(plan_id)}
-    task_statuses = await inspector.plan_task_statuses(plan_id)
+    progress = await reader.plan_progress(plan_id)
+    states = {state.subtask_id: state for state in await reader.plan_subtasks(plan_id)}
+    task_statuses = await reader.plan_task_statuses(plan_id)
     return PlanReport(
         plan=plan,
         progress=Progress.of(progress),

@@ -14,6 +14,7 @@ from .tasks import JsonObject
 __all__ = [
     "GetActiveWorkers",
     "GetWorker",
+    "GetWorkers",
     "RegisterWorker",
     "RegistryWake",
     "UnregisterWorker",
@@ -74,6 +75,13 @@ class GetActiveWorkers(Request[list[Worker]], frozen=True):
     role: str | None = None
 
 
+class GetWorkers(Request[list[Worker]], frozen=True):
+    """Every registered worker of ``status`` (all if None), offline ones too, newest
+    heartbeat first."""
+
+    status: WorkerStatus | None = None
+
+
 class WorkerHeartbeat(Request[bool], frozen=True, kw_only=True):
     """The worker is alive (optionally: now in ``status``). False for an unknown worker."""
 
@@ -102,6 +110,7 @@ WorkerRegistryMessage: TypeAlias = (
     RegisterWorker
     | GetWorker
     | GetActiveWorkers
+    | GetWorkers
     | WorkerHeartbeat
     | UnregisterWorker
     | WorkersSeen

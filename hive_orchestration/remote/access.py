@@ -89,6 +89,7 @@ AGENT_RULES: Mapping[str, Rule] = MappingProxyType(
         # reads
         "check_subtask_dependencies": _R.READ,
         "check_subtask_dependencies_batch": _R.READ,
+        "count_tasks": _R.READ,
         "get_active_workers": _R.READ,
         "get_execution_plan": _R.READ,
         "get_execution_plan_status": _R.READ,
@@ -108,6 +109,8 @@ AGENT_RULES: Mapping[str, Rule] = MappingProxyType(
         "get_unroutable_tasks": _R.READ,
         "get_worker": _R.READ,
         "last_seq": _R.READ,
+        "list_tasks": _R.READ,
+        "list_workers": _R.READ,
         # Who is connected (names, pids): what an operator sees, and nothing of the work.
         "server_status": _R.READ,
         "read_events": _R.READ,

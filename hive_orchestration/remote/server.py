@@ -63,6 +63,7 @@ from ..messages.plans import PlanningRequest, UnclaimedRequest
 from ..messages.tasks import Claim, Unclaimed
 from ..messages.workers import WorkerStatus
 from ..storage.database import STOPPING
+from ..storage.schema import SCHEMA_VERSION
 from ..wire import EXCLUSIVE, msgpack_arguments
 from .access import OWNER, Authorizer, Identity, Tokens
 from .address import ABSTRACT, choose_address, connect_path, peer_pid, peer_uid, remove_address
@@ -354,6 +355,7 @@ class Server:
         return ServerStatus(
             pid=os.getpid(),
             db_path=self._runtime.path,
+            schema_version=SCHEMA_VERSION,
             address=self.address,
             connections=[connection.status() for connection in connections],
         )

@@ -32,5 +32,7 @@ class ServerStatus(msgspec.Struct, frozen=True, kw_only=True):
 
     pid: int
     db_path: str
+    #: The database's schema version (the owner migrated it to its package's at open).
+    schema_version: int
     address: str | None
     connections: list[ConnectionStatus]

@@ -772,6 +772,16 @@ OPS: dict[str, Operation] = {
         },
     ),
     "get_active_workers": Operation("await", {"role": ident(optional=True)}),
+    "count_tasks": Operation("await", {}),
+    "list_tasks": Operation(
+        "await",
+        {
+            "status": choice(TaskStatus, optional=True),
+            "task_type": ident("task_types", optional=True),
+            "limit": LIMIT,
+        },
+    ),
+    "list_workers": Operation("await", {"status": choice(WorkerStatus, optional=True)}),
     "get_execution_plan": Operation("await", {"plan_id": PLAN}),
     "get_execution_plan_status": Operation("await", {"plan_id": PLAN}),
     "get_execution_plan_status_cached": Operation("await", {"plan_id": PLAN}),
