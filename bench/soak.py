@@ -303,10 +303,9 @@ def main() -> None:
         args.backlog,
         backend=args.backend,
     )
-    if args.json:
+    print(render(result))
+    if args.json:  # the same figures, for a machine
         print(json.dumps({**asdict(result), "growth": result.growth, "slope": result.slope}))
-    else:
-        print(render(result))
 
 
 if __name__ == "__main__":

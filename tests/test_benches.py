@@ -79,6 +79,16 @@ def _remote(figures: dict[str, Any]) -> None:
     assert figures["connections"] == 20
 
 
+def _soak(figures: dict[str, Any]) -> None:
+    samples = figures["samples"]
+    assert len(samples) >= 3  # at 0 s, every 2 s, and at the end
+    assert all(sample["rss"] > 0 for sample in samples)
+    last = samples[-1]["counts"]
+    assert last["created"] > 0
+    assert last["completed"] > 0
+    assert figures["growth"] >= 0
+
+
 RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
     "tasks.py": (["--tasks", "100", "--handoffs", "10", "--json"], _tasks),
     "agents.py": (["--tasks", "100", "--copies", "2", "--json"], _agents),
@@ -90,6 +100,7 @@ RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
         None,
     ),
     "inputs.py": (["--size", "2", "--repeat", "1", "--json"], _inputs),
+    "soak.py": (["--minutes", "0.1", "--sample", "2", "--warmup", "2", "--json"], _soak),
     "remote.py": (
         ["--tasks", "80", "--calls", "20", "--connections", "20", "--repeat", "1", "--json"],
         _remote,
