@@ -138,3 +138,55 @@ async def test_a_busy_actor_takes_its_backlog_with_few_yields_but_still_yields()
         await supervisor.stop()
     assert handled == list(range(64))
     assert 4 <= turns <= 16
+
+
+class Inline(Actor[Any]):
+    """Handles ints inline when idle (strings never); 0 crashes it inline."""
+
+    def __init__(self, log: list[tuple[str, object]]) -> None:
+        self.log = log
+
+    def receive_inline(self, message: Any) -> bool:
+        if not isinstance(message, int):
+            return False
+        if message == 0:
+            raise ZeroDivisionError("inline boom")
+        self.log.append((anyio.get_current_task().name, message))
+        return True
+
+    async def receive(self, message: Any) -> object:
+        self.log.append((anyio.get_current_task().name, message))
+        return None
+
+
+async def test_a_tell_to_an_idle_actor_is_handled_in_the_senders_task_in_order() -> None:
+    ref: ActorRef[Any] = ActorRef("inline", mailbox_size=16, ask_timeout=5.0)
+    log: list[tuple[str, object]] = []
+    restarts: list[str] = []
+    supervisor = Supervisor(
+        [ChildSpec(ref, lambda: Inline(log))],
+        max_restarts=3,
+        restart_window=60.0,
+        shutdown_timeout=5.0,
+        on_restart=lambda restart: restarts.append(restart.error_type),
+    )
+    me = anyio.get_current_task().name
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+        await anyio.wait_all_tasks_blocked()
+        assert ref.try_tell(1)  # idle: handled here, at once
+        assert log == [(me, 1)]
+        assert ref.try_tell("queued")  # not for inline: queued, the actor's task wakes
+        assert ref.try_tell(2)  # something is queued: queued behind it, to keep order
+        await anyio.wait_all_tasks_blocked()
+        assert [message for _, message in log] == [1, "queued", 2]
+        assert all(task != me for task, _ in log[1:])
+        # A crash inline crashes the actor; its replacement serves what follows.
+        assert ref.try_tell(0)
+        await anyio.wait_all_tasks_blocked()
+        assert restarts == ["ZeroDivisionError"]
+        assert supervisor.restarts == {"inline": 1}
+        assert ref.try_tell(3)
+        await anyio.wait_all_tasks_blocked()
+        assert log[-1] == (me, 3)
+        await supervisor.stop()

@@ -153,7 +153,17 @@ class Mailbox(Generic[M]):
     each time). Senders waiting for room are served first come first served.
     """
 
-    __slots__ = ("_broken", "_closed", "_queue", "_receiver", "_senders", "owner", "size")
+    __slots__ = (
+        "_broken",
+        "_closed",
+        "_crash",
+        "_inline",
+        "_queue",
+        "_receiver",
+        "_senders",
+        "owner",
+        "size",
+    )
 
     def __init__(self, owner: str, size: int) -> None:
         self.owner = owner
@@ -163,6 +173,10 @@ class Mailbox(Generic[M]):
         self._receiver: anyio.Event | None = None  # the actor, waiting on an empty box
         self._closed = False  # no new messages; what is queued is still handled
         self._broken: BaseException | None = None  # discarded: nothing is handled
+        # The idle actor's Actor.receive_inline, while it waits (see run_actor), and what
+        # it raised, for the actor's own task to crash with.
+        self._inline: Callable[[M], bool] | None = None
+        self._crash: Exception | None = None
 
     def put_nowait(self, envelope: Envelope[M]) -> bool:
         """Enqueue without waiting; False when the mailbox is full."""
@@ -170,12 +184,42 @@ class Mailbox(Generic[M]):
             raise RuntimeStoppedError(f"actor {self.owner!r} is stopped")
         if self._senders or len(self._queue) >= self.size:
             return False
-        self._queue.append(envelope)
         receiver = self._receiver
         if receiver is not None:
+            # The actor waits on an empty box: a tell it can handle at once is handled
+            # here, in order (nothing is queued before it), without waking its task.
+            inline = self._inline
+            if inline is not None and envelope.reply is None and self._run_inline(inline, envelope):
+                return True
             self._receiver = None
             receiver.set()
+        self._queue.append(envelope)
         return True
+
+    def _run_inline(self, inline: Callable[[M], bool], envelope: Envelope[M]) -> bool:
+        self._inline = None  # a tell to this actor from inside the handler is queued
+        envelope.started = True
+        try:
+            handled = inline(envelope.message)
+        except HiveError as err:
+            kind = type(envelope.message).__name__
+            log.warning("%s: %s on a told %s", self.owner, type(err).__name__, kind)
+            handled = True
+        except Exception as exc:
+            # The actor crashes on it as if in its own loop: its task wakes and raises it.
+            envelope.done = True
+            self._crash = exc
+            self._wake_receiver()
+            return True
+        self._inline = inline
+        envelope.done = handled
+        envelope.started = handled
+        return handled
+
+    def take_crash(self) -> Exception | None:
+        """What an inline handler raised, once (see :meth:`Actor.receive_inline`)."""
+        crash, self._crash = self._crash, None
+        return crash
 
     async def put(self, envelope: Envelope[M]) -> None:
         """Enqueue, waiting for room (backpressure) when the mailbox is full."""
@@ -213,7 +257,7 @@ class Mailbox(Generic[M]):
 
     async def wait(self) -> bool:
         """Wait until something is queued; False once the box is closed and empty."""
-        while not self._queue and not self._senders:
+        while not self._queue and not self._senders and self._crash is None:
             if self._closed:
                 return False
             receiver = self._receiver = anyio.Event()
@@ -458,6 +502,17 @@ class Actor(Generic[M]):
     async def receive(self, message: M) -> object:
         raise HiveError(f"{type(self).__name__} does not handle {type(message).__name__}")
 
+    def receive_inline(self, message: M) -> bool:
+        """Handle a told ``message`` at once, in the sender's task; False to queue it.
+
+        Called only while the actor is idle (waiting on an empty mailbox, so the order of
+        messages is kept) and only for tells: it saves waking the actor's task. It must
+        not wait (it cannot) and should be quick. Its outcomes are a told message's in
+        :meth:`receive_batch`: a :class:`HiveError` is logged, anything else crashes the
+        actor (its task wakes and raises it, and its supervisor restarts it).
+        """
+        return False
+
     async def receive_batch(self, batch: Sequence[Envelope[M]]) -> None:
         for envelope in batch:
             envelope.started = True
@@ -498,6 +553,8 @@ async def run_actor(
     limit = max(1, actor.max_batch)
     error: BaseException | None = None
     unyielding = 0  # batches taken in a row without waiting for the loop
+    overridden = type(actor).receive_inline is not Actor.receive_inline
+    inline = actor.receive_inline if overridden else None
     try:
         while True:
             batch: list[Envelope[M]] = []
@@ -514,7 +571,17 @@ async def run_actor(
                     await anyio.lowlevel.checkpoint()
             else:
                 unyielding = 0
-                if not await mailbox.wait():
+                mailbox._inline = inline
+                try:
+                    more = await mailbox.wait()
+                finally:
+                    mailbox._inline = None
+                crash = mailbox.take_crash()
+                if crash is not None:
+                    if on_crash is not None:
+                        on_crash(crash)
+                    raise crash
+                if not more:
                     return  # closed and drained: a clean stop
                 batch = mailbox.take(limit)
             try:
