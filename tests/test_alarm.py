@@ -114,3 +114,34 @@ async def test_nan_is_refused() -> None:
     async with sleeper() as (alarm, _woken, _signal):
         with pytest.raises(ValueError, match="NaN"):
             alarm.set(float("nan"))
+
+
+async def test_a_later_time_does_not_wake_the_alarms_task_an_earlier_one_does() -> None:
+    """An actor moves its alarm after most batches, mostly later: waking the alarm's task
+    for each would cost a round of the event loop per batch. A later time is looked at
+    when the task wakes for the earlier one; it still fires at the later time."""
+    async with sleeper() as (alarm, woken, signal):
+        now = anyio.current_time()
+        alarm.set(now + 0.2)
+        await anyio.wait_all_tasks_blocked()
+        waiting_on = alarm._changed
+        for later in (0.3, 60.0, 0.25):
+            alarm.set(now + later)
+            await anyio.wait_all_tasks_blocked()
+            assert alarm._changed is waiting_on  # not woken
+        alarm.set(None)
+        await anyio.wait_all_tasks_blocked()
+        assert alarm._changed is waiting_on
+        alarm.set(now + 0.25)
+        with anyio.fail_after(5):
+            fired = await signal.receive()
+        assert fired >= now + 0.25
+        alarm.set(now + 3600)
+        await anyio.wait_all_tasks_blocked()
+        waiting_on = alarm._changed
+        alarm.set(anyio.current_time() + 0.01)  # earlier: woken, and fires then
+        await anyio.wait_all_tasks_blocked()
+        assert alarm._changed is not waiting_on
+        with anyio.fail_after(5):
+            await signal.receive()
+    assert len(woken) == 2

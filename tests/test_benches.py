@@ -89,6 +89,19 @@ def _soak(figures: dict[str, Any]) -> None:
     assert figures["growth"] >= 0
 
 
+def _peers(figures: dict[str, Any]) -> None:
+    assert (figures["tasks"], figures["handoffs"]) == (100, 10)
+    [one_round] = figures["rounds"]
+    assert one_round["huey_sequential"] > 0
+    assert one_round["huey_concurrent"] > 0
+    [hive] = one_round["hive"]
+    for rate in ("sequential", "concurrent", "batched"):
+        assert hive[rate] > 0
+    assert hive["commits_per_task"] > 0
+    assert 0 < hive["handoff_p50"] <= hive["handoff_p99"]
+    assert hive["floor_p50"] > 0
+
+
 RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
     "tasks.py": (["--tasks", "100", "--handoffs", "10", "--json"], _tasks),
     "agents.py": (["--tasks", "100", "--copies", "2", "--json"], _agents),
@@ -101,6 +114,7 @@ RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
     ),
     "inputs.py": (["--size", "2", "--repeat", "1", "--json"], _inputs),
     "soak.py": (["--minutes", "0.1", "--sample", "2", "--warmup", "2", "--json"], _soak),
+    "peers.py": (["--tasks", "100", "--handoffs", "10", "--repeat", "1", "--json"], _peers),
     "remote.py": (
         ["--tasks", "80", "--calls", "20", "--connections", "20", "--repeat", "1", "--json"],
         _remote,

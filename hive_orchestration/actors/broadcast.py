@@ -293,6 +293,14 @@ class BroadcastActor(Actor[BroadcastMessage]):
         self._examined = 0
         self._largest_commit = 0
 
+    def receive_inline(self, message: BroadcastMessage) -> bool:
+        # A commit's events are fanned out in the storage actor's task when this actor is
+        # idle: pushing never waits, and it saves waking this actor once per commit.
+        if isinstance(message, Publish):
+            self._fan_out(tuple(zip(message.events, message.data_json, strict=True)))
+            return True
+        return False
+
     async def receive(self, message: BroadcastMessage) -> object:
         match message:
             case Publish(events=events, data_json=data_json):

@@ -121,6 +121,29 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
         self._arm()
         log.info("worker registry: %d worker(s)", len(self._workers))
 
+    def receive_inline(self, message: WorkerRegistryMessage) -> bool:
+        # The TaskManager tells who is at work after each of its batches: while this actor
+        # is idle, nothing is due and every worker named is live, that moves times in
+        # memory only (what a batch would do, writing nothing), so it is done at once
+        # in the sender's task rather than by waking this actor once per batch.
+        if not isinstance(message, WorkersSeen):
+            return False
+        mono = self._monotonic()
+        if self._deadlines and self._deadlines[0][0] <= mono:
+            return False  # a deadline is due: a batch settles it, and may write
+        workers = self._workers
+        for worker_id in message.worker_ids:
+            worker = workers.get(worker_id)
+            if worker is not None and worker.status is WorkerStatus.OFFLINE:
+                return False  # back to work: live again, written by a batch
+        self._mono = mono
+        now = self._clock()
+        work = _Batch()
+        for worker_id in message.worker_ids:
+            self._seen(worker_id, work, now)
+        assert not work.ops  # only live workers: memory only
+        return True
+
     async def receive_batch(self, batch: Sequence[Envelope[WorkerRegistryMessage]]) -> None:
         now = self._clock()
         self._mono = self._monotonic()

@@ -32,6 +32,7 @@ import anyio
 import anyio.to_thread
 import msgspec
 
+from .._loop import backend_options
 from .._validate import MAX_READ
 from ..config import (
     DB_PATH_ENV,
@@ -354,6 +355,10 @@ def _worker_parser(
 # -- entry point -------------------------------------------------------------------------
 
 
+#: The commands that run until stopped, on an event loop of their own.
+_LONG_RUNNERS = frozenset({"demo", "worker", "serve"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns its exit code (``sys.exit(main())``)."""
     parser = build_parser()
@@ -386,8 +391,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {RICH_MISSING}", file=sys.stderr)
             return 2
         handler = _HANDLERS[args.command if args.command != "db" else f"db {args.db_command}"]
+    # The long runners own their loop for the life of the process: uvloop when installed.
+    options = backend_options(args.backend) if args.command in _LONG_RUNNERS else {}
     try:
-        anyio.run(handler, args, backend=args.backend)
+        anyio.run(handler, args, backend=args.backend, backend_options=options)
     except InvalidInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

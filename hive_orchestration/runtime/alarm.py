@@ -35,7 +35,7 @@ class Alarm(Generic[M]):
     ``set``; a time already past fires at once.
     """
 
-    __slots__ = ("_at", "_changed", "_clock", "message", "ref")
+    __slots__ = ("_at", "_changed", "_clock", "_until", "message", "ref")
 
     def __init__(
         self,
@@ -49,6 +49,9 @@ class Alarm(Generic[M]):
         self._clock = clock
         self._at: float | None = None
         self._changed: anyio.Event | None = None
+        # When run() wakes next by itself (inf: never; -inf: it is not waiting). A later
+        # time needs no wake-up: run() looks again when it wakes and sleeps on.
+        self._until = -math.inf
 
     @property
     def at(self) -> float | None:
@@ -59,7 +62,10 @@ class Alarm(Generic[M]):
         if at is not None and math.isnan(at):
             raise ValueError("an alarm time cannot be NaN")
         self._at = at
-        if self._changed is not None:
+        # Only an earlier time wakes run() now. An actor moves its alarm after most of its
+        # batches, mostly later (a new lease ends after the ones before it), and waking
+        # the alarm's task for each would cost a round of the event loop per batch.
+        if self._changed is not None and at is not None and at < self._until:
             self._changed.set()
 
     async def run(self) -> None:
@@ -67,12 +73,20 @@ class Alarm(Generic[M]):
             self._changed = anyio.Event()
             at = self._at
             if at is None:
-                await self._changed.wait()
+                self._until = math.inf
+                try:
+                    await self._changed.wait()
+                finally:
+                    self._until = -math.inf
                 continue
             delay = at - self._clock()
             if delay > 0:
-                with anyio.move_on_after(delay):
-                    await self._changed.wait()
+                self._until = at
+                try:
+                    with anyio.move_on_after(delay):
+                        await self._changed.wait()
+                finally:
+                    self._until = -math.inf
                 continue  # changed, or due: look again
             self._at = None
             try:

@@ -144,13 +144,21 @@ class Handler:
 #: By the name of the actor's mailbox. ``test_every_actor_of_the_runtime_is_covered`` checks
 #: that these are exactly the runtime's actors.
 HANDLERS: dict[str, tuple[Handler, ...]] = {
-    "broadcast": (Handler(BroadcastActor, "receive", _message),),
+    "broadcast": (
+        Handler(BroadcastActor, "receive", _message),
+        # A commit's events, fanned out in the storage actor's task while it is idle.
+        Handler(BroadcastActor, "receive_inline", _message),
+    ),
     "storage": (
         Handler(StorageActor, "_commit", _writes),
         Handler(StorageActor, "_query", _message),
     ),
     "tasks": (Handler(TaskManager, "_handle", _message),),
-    "workers": (Handler(WorkerRegistry, "_handle", _message),),
+    "workers": (
+        Handler(WorkerRegistry, "_handle", _message),
+        # WorkersSeen for live workers, handled in the TaskManager's task while it is idle.
+        Handler(WorkerRegistry, "receive_inline", _message),
+    ),
     "plans": (Handler(PlanExecutor, "_handle", _message),),
 }
 ACTORS = list(HANDLERS)
