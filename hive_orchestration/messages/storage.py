@@ -16,6 +16,7 @@ from .workers import Worker
 __all__ = [
     "AppendEvent",
     "CheckDependencies",
+    "CheckReaders",
     "CountSubtasks",
     "FetchPlan",
     "FetchPlanningRequest",
@@ -256,6 +257,11 @@ class GetStorageStats(Request[StorageStats], frozen=True):
     pass
 
 
+class CheckReaders(msgspec.Struct, frozen=True):
+    """Told by a read-only reader whose read crashed: the storage actor crashes on it
+    (see ``storage/readers.py``), so that it is restarted and reported as ever."""
+
+
 class LoadWorkers(Request[tuple[Worker, ...]], frozen=True):
     """Every registered worker (the WorkerRegistry's state, at start-up)."""
 
@@ -325,6 +331,7 @@ StorageMessage: TypeAlias = (
     Write
     | ReadEvents
     | GetStorageStats
+    | CheckReaders
     | LoadTasks
     | LoadRuns
     | LoadLeaseHashes

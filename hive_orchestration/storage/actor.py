@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from typing import cast
 
 import anyio
@@ -36,6 +37,7 @@ from ..messages.plans import PlanningRequest, SubtaskState
 from ..messages.storage import (
     AppendEvent,
     CheckDependencies,
+    CheckReaders,
     Committed,
     CountSubtasks,
     CountTasks,
@@ -82,6 +84,7 @@ from . import plans
 from .database import Target, open_database
 from .drivers import Driver, Statement
 from .faults import storage_error
+from .readers import POOLED, ReaderPool
 from .rows import (
     DELETE_TASK,
     DELETE_WORKER,
@@ -114,6 +117,9 @@ _KEYS_PER_QUERY = 500
 _EVENT_COLUMNS = "seq, type, timestamp, source, correlation_id, task_id, plan_id, worker_id, data"
 
 _Pending = tuple[Envelope[StorageMessage], Write]
+#: The read-only connection of the reader task running a read (readers.py); unset in the
+#: actor's own task, whose reads run on the write connection.
+_READER: ContextVar[Driver | None] = ContextVar("hive_storage_reader", default=None)
 
 
 class StorageActor(Actor[StorageMessage]):
@@ -124,8 +130,11 @@ class StorageActor(Actor[StorageMessage]):
         events: ActorRef[BroadcastMessage] | None = None,
         *,
         read_only: bool = False,
+        readers: ReaderPool | None = None,
     ) -> None:
         self.max_batch = config.max_batch
+        #: Where the large reads go (see readers.py); None: all on the write connection.
+        self._readers = readers
         self._read_only = read_only
         self._target = target if isinstance(target, Target) else Target(target, target)
         self._config = config
@@ -156,6 +165,11 @@ class StorageActor(Actor[StorageMessage]):
     async def receive_batch(self, batch: Sequence[Envelope[StorageMessage]]) -> None:
         # All the writes of a batch are one unit: if the actor crashes in it, every writer
         # hears so. Reads are started one by one, so a crash hands the unstarted ones on.
+        if self._readers is not None:
+            # A reader's read crashed: crash as that read would have on the write
+            # connection, before anything of this batch starts (it all goes on to the
+            # replacement), so that the supervisor restarts and reports it as ever.
+            self._readers.raise_crash()
         writes: list[_Pending] = []
         for envelope in batch:
             if isinstance(envelope.message, Write):
@@ -177,23 +191,48 @@ class StorageActor(Actor[StorageMessage]):
                 continue
             envelope.started = True
             message = envelope.message
-            try:
-                envelope.resolve(await self._query(message))
-            except sqlite3.Error as exc:
-                action = f"cannot read ({type(message).__name__})"
-                envelope.fail(self._error(exc, action))
-            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-                # A row another tool wrote, that does not decode: refuse the read, stay up.
-                reason = f"cannot decode a row ({type(message).__name__}): {exc}"
-                envelope.fail(StorageError(reason))
-            except HiveError as exc:
-                envelope.fail(exc)
+            if self._readers is not None and isinstance(message, POOLED):
+                # After this batch's writes committed: the read sees them (readers.py).
+                await self._readers.submit((self._reader_job(envelope), envelope.fail))
+            else:
+                await self._answer(envelope)
+
+    def _reader_job(
+        self, envelope: Envelope[StorageMessage]
+    ) -> Callable[[Driver], Awaitable[None]]:
+        async def job(db: Driver) -> None:
+            # Only this reader's task sees the variable: the actor's reads stay on its own.
+            _READER.set(db)
+            await self._answer(envelope)
+
+        return job
+
+    def _connection(self) -> Driver:
+        """The connection a read runs on: a reader's, in a reader's task, else the writer's."""
+        reader = _READER.get()
+        return self._require_db() if reader is None else reader
+
+    async def _answer(self, envelope: Envelope[StorageMessage]) -> None:
+        message = envelope.message
+        try:
+            envelope.resolve(await self._query(message))
+        except sqlite3.Error as exc:
+            action = f"cannot read ({type(message).__name__})"
+            envelope.fail(self._error(exc, action))
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            # A row another tool wrote, that does not decode: refuse the read, stay up.
+            reason = f"cannot decode a row ({type(message).__name__}): {exc}"
+            envelope.fail(StorageError(reason))
+        except HiveError as exc:
+            envelope.fail(exc)
 
     async def _query(self, message: StorageMessage) -> object:
-        db = self._require_db()
+        db = self._connection()
         match message:
             case ReadEvents() as read:
                 return await self._read_events(read)
+            case CheckReaders():
+                return None  # what it checks was done as the batch began
             case GetStorageStats():
                 if self._read_only:
                     # Another process appends to the log: report where it stands now.
@@ -339,7 +378,7 @@ class StorageActor(Actor[StorageMessage]):
             log.debug("broadcast stopped; %d event(s) not fanned out", len(message.events))
 
     async def _read_events(self, read: ReadEvents) -> tuple[Event, ...]:
-        rows = await self._require_db().fetchall(*_events_sql(read))
+        rows = await self._connection().fetchall(*_events_sql(read))
         return tuple(_event_from_row(row) for row in rows)
 
     def _statistics(self) -> StorageStats:
