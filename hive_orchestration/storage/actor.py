@@ -83,6 +83,7 @@ from ..runtime import Actor, ActorRef, Envelope
 from . import plans
 from .database import Target, open_database
 from .drivers import Driver, Statement
+from .event_reads import events_sql, read_event_rows
 from .faults import storage_error
 from .readers import POOLED, ReaderPool
 from .rows import (
@@ -114,7 +115,6 @@ _INSERT_EVENT = (
 FIND_KEYS_SQL = "SELECT idempotency_key, id FROM tasks WHERE idempotency_key IN ({marks})"
 #: Under SQLite's oldest limit on bound parameters (999).
 _KEYS_PER_QUERY = 500
-_EVENT_COLUMNS = "seq, type, timestamp, source, correlation_id, task_id, plan_id, worker_id, data"
 
 _Pending = tuple[Envelope[StorageMessage], Write]
 #: The read-only connection of the reader task running a read (readers.py); unset in the
@@ -378,7 +378,7 @@ class StorageActor(Actor[StorageMessage]):
             log.debug("broadcast stopped; %d event(s) not fanned out", len(message.events))
 
     async def _read_events(self, read: ReadEvents) -> tuple[Event, ...]:
-        rows = await self._connection().fetchall(*_events_sql(read))
+        rows = await read_event_rows(self._connection(), read)
         return tuple(_event_from_row(row) for row in rows)
 
     def _statistics(self) -> StorageStats:
@@ -514,26 +514,8 @@ def _tasks_sql(query: QueryTasks) -> Statement:
 
 
 def _events_sql(read: ReadEvents) -> Statement:
-    """The statement of a ReadEvents. The task, plan and correlation filters each have a
-    partial index whose rowid order is seq order, so a filtered read is a range scan."""
-    where = ["seq > ?"]
-    params: list[object] = [read.after]
-    if read.pattern != "*":
-        where.append("type GLOB ?")
-        params.append(read.pattern)
-    for column, value in (
-        ("task_id", read.task_id),
-        ("plan_id", read.plan_id),
-        ("correlation_id", read.correlation_id),
-    ):
-        if value is not None:
-            where.append(f"{column} = ?")
-            params.append(value)
-    params.append(read.limit)
-    select = f"SELECT {_EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)}"
-    if read.newest:
-        return f"SELECT * FROM ({select} ORDER BY seq DESC LIMIT ?) ORDER BY seq", tuple(params)
-    return f"{select} ORDER BY seq LIMIT ?", tuple(params)
+    """The one-statement form of a ReadEvents (by id: a range of that id's index)."""
+    return events_sql(read)
 
 
 def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
