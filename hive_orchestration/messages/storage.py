@@ -217,12 +217,15 @@ class FindIdempotencyKeys(Request[dict[str, str]], frozen=True):
 
 class QueryTasks(Request[list[Task]], frozen=True, kw_only=True):
     """Tasks in ``status`` (any if None) and of ``task_type`` (any if None): by priority
-    (highest first), then creation time; or, with ``newest_first``, newest first."""
+    (highest first), then creation time, then id; or, with ``newest_first``, newest first.
+    ``after``: the page starts after the task with this (priority, created_at, id) key,
+    in the priority order (``status`` given, not ``newest_first``)."""
 
     status: str | None = None
     task_type: str | None = None
     limit: int | None = None
     newest_first: bool = False
+    after: tuple[int, datetime, str] | None = None
 
 
 class CountTasks(Request[dict[str, int]], frozen=True):

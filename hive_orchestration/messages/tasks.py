@@ -293,16 +293,19 @@ class DeleteTask(Request[bool], frozen=True):
 
 
 class GetTasksByStatus(Request[list[Task]], frozen=True, kw_only=True):
-    """Tasks in ``status``, by priority (highest first), then creation time."""
+    """Tasks in ``status``, by priority (highest first), then creation time, then id: at
+    most ``limit``, from just after the task ``after`` in that order (see listing.py)."""
 
     status: TaskStatus
     task_type: str | None = None
-    limit: int | None = None
+    limit: int = 1000
+    after: str | None = None
 
 
 class GetQueuedTasks(Request[list[Task]], frozen=True, kw_only=True):
     limit: int = 10
     task_type: str | None = None
+    after: str | None = None
 
 
 class CreateRun(Request[str], frozen=True, kw_only=True):

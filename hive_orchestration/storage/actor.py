@@ -85,6 +85,7 @@ from .database import Target, open_database
 from .drivers import Driver, Statement
 from .event_reads import events_sql, read_event_rows
 from .faults import storage_error
+from .pages import tasks_page_sql
 from .readers import POOLED, ReaderPool
 from .rows import (
     DELETE_TASK,
@@ -494,6 +495,8 @@ async def _max_seq(db: Driver) -> int:
 
 
 def _tasks_sql(query: QueryTasks) -> Statement:
+    if query.after is not None and query.status is not None and not query.newest_first:
+        return tasks_page_sql(query.status, query.task_type, query.after, query.limit)
     where: list[str] = []
     params: list[object] = []
     if query.status is not None:
@@ -508,7 +511,7 @@ def _tasks_sql(query: QueryTasks) -> Statement:
     if query.newest_first:
         sql += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
     else:
-        sql += " ORDER BY priority DESC, created_at, rowid LIMIT ?"
+        sql += " ORDER BY priority DESC, created_at, id LIMIT ?"
     params.append(-1 if query.limit is None else query.limit)
     return sql, tuple(params)
 
