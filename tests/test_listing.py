@@ -193,3 +193,56 @@ async def test_a_page_of_tasks_is_a_range_of_the_status_index(
         )
         assert "idx_tasks_status_order" in plan, plan
         assert "TEMP B-TREE" not in plan, plan
+
+
+async def _pages(list_page: Any, limit: int, key: str = "id") -> list[Any]:
+    """Every item of a listing, ``limit`` at a time, through its ``after`` cursor."""
+    seen: list[Any] = []
+    after: str | None = None
+    while True:
+        page = await list_page(limit=limit, after=after)
+        seen += page
+        if len(page) < limit:
+            return seen
+        after = getattr(page[-1], key)
+
+
+async def test_plans_requests_unroutable_and_the_inspector_page_the_same_way(
+    db_path: str, anyio_backend: str
+) -> None:
+    """Every other listing with a cursor: paged 3 at a time, each reads what one large
+    page reads, in the same order, and refuses an unknown cursor naming ``after``."""
+    from hive_orchestration.inspector import Inspector
+
+    async with Runtime.open(db_path) as rt:
+        for n in range(8):
+            await rt.queue_planning_request(f"plan {n}", priority=n % 3)
+            await rt.create_execution_plan(
+                {"title": f"p{n}", "subtasks": [{"id": "a", "task_type": "nobody-does-this"}]}
+            )
+        await rt.register_worker("w", "w", ["something-else"])
+        for n in range(8):
+            await rt.create_task("nobody-does-this", {"n": n}, priority=n % 3)
+        listings = {
+            "get_execution_plans": lambda **kw: rt.get_execution_plans(None, **kw),
+            "get_planning_queue": lambda **kw: rt.get_planning_queue(None, **kw),
+            "get_unroutable_tasks": rt.get_unroutable_tasks,
+        }
+        for name, listing in listings.items():
+            whole = await listing(limit=100)
+            assert len(whole) >= 8, name  # a plan queues its own planning request too
+            assert [x.id for x in await _pages(listing, 3)] == [x.id for x in whole], name
+            with pytest.raises(InvalidInputError) as caught:
+                await listing(limit=3, after="no-such-id")
+            assert caught.value.field == "after", name
+            with pytest.raises(InvalidInputError) as caught:
+                await listing(limit=MAX_LIMIT + 1)
+            assert caught.value.field == "limit", name
+    async with Inspector.open(db_path) as inspector:
+        for name, listing in {"tasks": inspector.tasks, "plans": inspector.plans}.items():
+            whole = await listing(limit=100)
+            assert len(whole) >= 8, name  # a plan queues its own planning request too
+            assert [x.id for x in await _pages(listing, 3)] == [x.id for x in whole], name
+            with pytest.raises(InvalidInputError) as caught:
+                await listing(limit=3, after="no-such-id")
+            assert caught.value.field == "after", name

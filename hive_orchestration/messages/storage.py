@@ -274,10 +274,12 @@ class FetchPlan(Request["ExecutionPlan | None"], frozen=True):
 
 
 class QueryPlans(Request[list[ExecutionPlan]], frozen=True, kw_only=True):
-    """Plans in ``status`` (any if None), newest first."""
+    """Plans in ``status`` (any if None), newest first (generation time, then id), from
+    just after the plan ``after``; an unknown ``after`` is an InvalidInputError."""
 
     status: PlanStatus | None = None
     limit: int | None = None
+    after: str | None = None
 
 
 class LoadActivePlans(Request[tuple[ExecutionPlan, ...]], frozen=True):
@@ -301,10 +303,13 @@ class FetchPlanningRequest(Request["PlanningRequest | None"], frozen=True):
 
 
 class QueryPlanningRequests(Request[list[PlanningRequest]], frozen=True, kw_only=True):
-    """Requests in ``status`` (any if None), by priority (highest first), then age."""
+    """Requests in ``status`` (any if None), by priority (highest first), then age, then
+    id, from just after the request ``after``; an unknown ``after`` is an
+    InvalidInputError."""
 
     status: str | None = None
     limit: int | None = None
+    after: str | None = None
 
 
 class LoadPlanningRequests(Request[tuple[PlanningRequest, ...]], frozen=True):

@@ -407,9 +407,12 @@ class ReleaseWorker(Request[int], frozen=True, kw_only=True):
 
 
 class GetUnroutableTasks(Request[list[Task]], frozen=True):
-    """Queued tasks that no worker able to do one of ``capability_sets`` can take."""
+    """Queued tasks that no worker able to do one of ``capability_sets`` can take: at
+    most ``limit``, in the listing order from just after the task ``after``."""
 
     capability_sets: tuple[tuple[str, ...], ...]
+    limit: int = 1000
+    after: str | None = None
 
 
 class Unclaimed(msgspec.Struct, frozen=True):

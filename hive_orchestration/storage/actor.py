@@ -85,7 +85,7 @@ from .database import Target, open_database
 from .drivers import Driver, Statement
 from .event_reads import events_sql, read_event_rows
 from .faults import storage_error
-from .pages import tasks_page_sql
+from .pages import plan_page_sql, request_page_sql, tasks_page_sql
 from .readers import POOLED, ReaderPool
 from .rows import (
     DELETE_TASK,
@@ -99,6 +99,7 @@ from .rows import (
     task_from_row,
     task_state_statement,
     task_statement,
+    time_text,
     worker_from_row,
     worker_statement,
 )
@@ -423,13 +424,8 @@ async def _query_plans(db: Driver, message: StorageMessage) -> object:
         case FetchPlan(plan_id=plan_id):
             rows = await db.fetchall(f"{plan_sql} WHERE id = ?", (plan_id,))
             return plans.plan_from_row(rows[0]) if rows else None
-        case QueryPlans(status=status, limit=limit):
-            where = "" if status is None else " WHERE status = ?"
-            params: tuple[object, ...] = () if status is None else (status.value,)
-            rows = await db.fetchall(
-                f"{plan_sql}{where} ORDER BY generated_at DESC, rowid DESC LIMIT ?",
-                (*params, -1 if limit is None else limit),
-            )
+        case QueryPlans(status=status, limit=limit, after=after):
+            rows = await db.fetchall(*await plan_page_sql(db, plan_sql, status, limit, after))
             return [plans.plan_from_row(row) for row in rows]
         case LoadActivePlans():
             rows = await db.fetchall(
@@ -461,14 +457,9 @@ async def _query_plans(db: Driver, message: StorageMessage) -> object:
         case FetchPlanningRequest(request_id=request_id):
             rows = await db.fetchall(f"{request_sql} WHERE id = ?", (request_id,))
             return plans.request_from_row(rows[0]) if rows else None
-        case QueryPlanningRequests(status=status, limit=limit):
-            where = "" if status is None else " WHERE status = ?"
-            params = () if status is None else (status,)
-            rows = await db.fetchall(
-                f"{request_sql}{where} ORDER BY priority DESC, created_at, rowid LIMIT ?",
-                (*params, -1 if limit is None else limit),
-            )
-            return [plans.request_from_row(row) for row in rows]
+        case QueryPlanningRequests(status=status, limit=limit, after=after):
+            statement = await request_page_sql(db, request_sql, status, limit, after)
+            return [plans.request_from_row(row) for row in await db.fetchall(*statement)]
         case LoadPlanningRequests(statuses=statuses):
             rows = await db.fetchall(
                 f"{request_sql} WHERE status IN ({_marks(statuses)})"
@@ -505,11 +496,14 @@ def _tasks_sql(query: QueryTasks) -> Statement:
     if query.task_type is not None:
         where.append("task_type = ?")
         params.append(query.task_type)
+    if query.after is not None and query.newest_first:
+        where.append("(created_at, id) < (?, ?)")
+        params += [time_text(query.after[1]), query.after[2]]
     sql = f"SELECT {TASK_COLUMNS} FROM tasks"
     if where:
         sql += " WHERE " + " AND ".join(where)
     if query.newest_first:
-        sql += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
     else:
         sql += " ORDER BY priority DESC, created_at, id LIMIT ?"
     params.append(-1 if query.limit is None else query.limit)

@@ -1147,14 +1147,16 @@ class TaskManager(Actor[TaskManagerMessage]):
                 )
             case ReleaseWorker(worker_id=worker_id, reason=reason):
                 return self._release_worker(worker_id, reason, work, now)
-            case GetUnroutableTasks(capability_sets=sets):
+            case GetUnroutableTasks(capability_sets=sets, limit=limit, after=after):
+                lower = None if after is None else _page_order(await self._cursor(after))
                 stuck = [
                     task
                     for task in self._tasks.values()
-                    if task.status is Q and not any(can_take(task, caps) for caps in sets)
+                    if task.status is Q
+                    and (lower is None or _page_order(task) > lower)
+                    and not any(can_take(task, caps) for caps in sets)
                 ]
-                stuck.sort(key=_priority_order)
-                return stuck
+                return heapq.nsmallest(limit, stuck, key=_page_order)
             case Wake():
                 return None  # what was due was settled when the batch began
             case PlansSettled(seq=seq):
@@ -1366,20 +1368,23 @@ class TaskManager(Actor[TaskManagerMessage]):
         work.ops.append(self._event("task.deleted", task, now, None, {"task_type": task.task_type}))
         return True
 
+    async def _cursor(self, after: str) -> Task:
+        """The task a page starts after: in memory, or read (a task that left memory)."""
+        start = self._tasks.get(after) or await self._storage.ask(FetchTask(after))
+        if start is None:
+            raise InvalidInputError(
+                "after",
+                f"no task has the id {after!r} (deleted since?): pass the id of the last"
+                " task of the previous page, or start again without after",
+            )
+        return start
+
     async def _list(
         self, status: TaskStatus, task_type: str | None, limit: int, after: str | None
     ) -> object:
         """A page of a status's tasks (see listing.py): terminal ones from storage, the
         live ones from memory, both in (priority, created_at, id) order from ``after``."""
-        start: Task | None = None
-        if after is not None:
-            start = self._tasks.get(after) or await self._storage.ask(FetchTask(after))
-            if start is None:
-                raise InvalidInputError(
-                    "after",
-                    f"no task has the id {after!r} (deleted since?): pass the id of the last"
-                    " task of the previous page, or start again without after",
-                )
+        start = None if after is None else await self._cursor(after)
         if status in TERMINAL:
             key = None if start is None else (start.priority, start.created_at, start.id)
             query = QueryTasks(status=status.value, task_type=task_type, limit=limit, after=key)
