@@ -35,18 +35,23 @@ EVENT_COLUMNS = "seq, type, timestamp, source, correlation_id, task_id, plan_id,
 MAX_TYPES = 64
 _GLOB_SPECIAL = frozenset("*?[")
 # The loose index scan: the first type of the range, then each next one, O(log n) each;
-# the outer query keeps those the pattern matches, with the log's last seq.
-_TYPES_SQL = """
+# the outer query keeps those the pattern matches, with the log's last seq. The bounds
+# must be plain range terms (an upper bound in an OR is a filter, not a range: each step
+# past the last type would then read the index to its end).
+_WALK = """
 WITH RECURSIVE found(type) AS (
-    SELECT (SELECT min(type) FROM events WHERE type >= ?1 AND (?2 IS NULL OR type < ?2))
+    SELECT (SELECT min(type) FROM events WHERE type >= ?1{upper})
     UNION ALL
-    SELECT (SELECT min(type) FROM events WHERE type > found.type AND (?2 IS NULL OR type < ?2))
+    SELECT (SELECT min(type) FROM events WHERE type > found.type{upper})
     FROM found WHERE found.type IS NOT NULL
     LIMIT ?3
 )
 SELECT type, type GLOB ?4, (SELECT coalesce(max(seq), 0) FROM events) FROM found
 WHERE type IS NOT NULL
 """
+#: The walk of a range with an upper bound (``?2``), and of one without (an empty prefix).
+_TYPES_SQL = _WALK.format(upper=" AND type < ?2")
+_ALL_TYPES_SQL = _WALK.format(upper="")
 
 
 def literal_prefix(pattern: str) -> str:
@@ -120,7 +125,9 @@ async def read_event_rows(db: Driver, read: ReadEvents) -> list[Row]:
         return await db.fetchall(*events_sql(read))
     prefix = literal_prefix(read.pattern)
     upper = _upper_bound(prefix)
-    rows = await db.fetchall(_TYPES_SQL, (prefix, upper, MAX_TYPES + 1, read.pattern))
+    walk = _ALL_TYPES_SQL if upper is None else _TYPES_SQL
+    # ?2 is bound even where the walk has no upper bound: numbered parameters may skip.
+    rows = await db.fetchall(walk, (prefix, upper, MAX_TYPES + 1, read.pattern))
     if len(rows) > MAX_TYPES:
         return await db.fetchall(*events_sql(read))  # more types than it pays to resolve
     types = [str(type_) for type_, matches, _ in rows if matches]
