@@ -190,26 +190,34 @@ async def _write_until(rt: Runtime, stop: anyio.Event, latencies: list[float]) -
         latencies += [after_create - began, after_claim - after_create, done - after_claim]
 
 
-async def _largest_read(rt: Runtime) -> tuple[int, int]:
-    """Every completed task: paged at the largest limit where the listing pages."""
+async def _largest_read(rt: Runtime, page_size: int | None) -> tuple[int, int]:
+    """Every completed task: paged (at the largest limit unless ``page_size``) where the
+    listing pages, else in one unbounded call."""
     parameters = inspect.signature(rt.get_tasks_by_status).parameters
     if "after" not in parameters:
         return len(await rt.get_tasks_by_status("completed")), 1
     from hive_orchestration.listing import MAX_LIMIT  # only where listings page
 
+    limit = page_size or MAX_LIMIT
     rows = pages = 0
     after: str | None = None
     while True:
-        page = await rt.get_tasks_by_status("completed", limit=MAX_LIMIT, after=after)
+        page = await rt.get_tasks_by_status("completed", limit=limit, after=after)
         rows += len(page)
         pages += 1
-        if len(page) < MAX_LIMIT:
+        if len(page) < limit:
             return rows, pages
         after = page[-1].id
 
 
 async def run(
-    backend: str, count: int, seconds: float, repeat: int, source: Path, build_seconds: float
+    backend: str,
+    count: int,
+    seconds: float,
+    repeat: int,
+    source: Path,
+    build_seconds: float,
+    page_size: int | None,
 ) -> Result:
     with tempfile.TemporaryDirectory(prefix="hive-bench-reads-") as folder:
         path = Path(folder) / "reads.db"
@@ -236,7 +244,7 @@ async def run(
                 await anyio.sleep(0.2)  # the writer is going before the read starts
                 skip = len(during)
                 began = time.perf_counter()
-                rows, pages = await _largest_read(rt)
+                rows, pages = await _largest_read(rt, page_size)
                 read_seconds = time.perf_counter() - began
                 stop.set()
             del during[:skip]
@@ -305,6 +313,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=1_000_000)
     parser.add_argument("--seconds", type=float, default=3.0, help="the writer alone")
     parser.add_argument("--repeat", type=int, default=5, help="each empty event read")
+    parser.add_argument("--page", type=int, help="the largest read's limit (default: the most)")
     parser.add_argument("--cache", type=Path, default=CACHE, help="where the database is kept")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args()
@@ -317,6 +326,7 @@ def main() -> None:
         args.repeat,
         source,
         build_seconds,
+        args.page,
         backend=args.backend,
     )
     print(render(result))
