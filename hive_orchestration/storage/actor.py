@@ -14,6 +14,10 @@ the faulty writes, so one bad write never fails its neighbours. Any other SQLite
 
 Committed events are then published to the broadcast actor in sequence order.
 
+The reads of a batch start after its writes committed. The large ones (listings, counts,
+the event log) are handed to a pool of read-only connections (:mod:`.readers`), so that
+the actor goes on committing while they run; the others run here, in order.
+
 Opened ``read_only`` (the inspector, beside a runtime that may own the database in another
 process), the actor takes no claim and writes nothing, not even a pragma or a migration:
 every :class:`Write` is refused with a :class:`StorageError`, and queries work as usual.
