@@ -38,6 +38,7 @@ from ._validate import (
 )
 from .config import RuntimeConfig
 from .errors import InvalidInputError, NotFoundError, RequestTimeoutError
+from .listing import check_after, check_limit
 from .messages.plans import (
     PLAN_FINAL,
     ApprovePlan,
@@ -169,15 +170,22 @@ class PlanOps(Caller):
         )
 
     async def get_planning_queue(
-        self, status: PlanningStatus | str | None = PlanningStatus.PENDING, *, limit: int = 100
+        self,
+        status: PlanningStatus | str | None = PlanningStatus.PENDING,
+        *,
+        limit: int = 100,
+        after: str | None = None,
     ) -> list[PlanningRequest]:
-        """Planning requests in ``status`` (all if None), by priority then age."""
+        """Planning requests in ``status`` (all if None), by priority, then age, then id:
+        at most ``limit`` (at most 10 000), from just after the request ``after`` (the
+        last of the previous page; see :mod:`hive_orchestration.listing`)."""
         self._check_open()
         checked = None if status is None else check_choice(status, PlanningStatus, "status")
         return await self._storage.ask(
             QueryPlanningRequests(
                 status=None if checked is None else checked.value,
-                limit=check_int(limit, "limit", minimum=1, maximum=_MAX_LIST),
+                limit=check_limit(limit),
+                after=check_after(after),
             )
         )
 
@@ -316,14 +324,17 @@ class PlanOps(Caller):
         return await self._plans.ask(GetPlan(check_identifier(plan_id, "plan_id")))
 
     async def get_execution_plans(
-        self, status: PlanStatus | str | None = None, *, limit: int = 100
+        self, status: PlanStatus | str | None = None, *, limit: int = 100, after: str | None = None
     ) -> list[ExecutionPlan]:
-        """Plans in ``status`` (all if None), newest first."""
+        """Plans in ``status`` (all if None), newest first (then by id): at most ``limit``
+        (at most 10 000), from just after the plan ``after`` (the last of the previous
+        page; see :mod:`hive_orchestration.listing`)."""
         self._check_open()
         return await self._storage.ask(
             QueryPlans(
                 status=None if status is None else check_choice(status, PlanStatus, "status"),
-                limit=check_int(limit, "limit", minimum=1, maximum=_MAX_LIST),
+                limit=check_limit(limit),
+                after=check_after(after),
             )
         )
 

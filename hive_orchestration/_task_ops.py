@@ -32,6 +32,7 @@ from ._validate import (
 )
 from .config import RuntimeConfig
 from .errors import InvalidInputError
+from .listing import check_after, check_limit
 from .messages.events import JsonValue
 from .messages.tasks import (
     CancelTask,
@@ -300,28 +301,39 @@ class TaskOps(Caller):
         *,
         task_type: str | None = None,
         limit: int | None = None,
+        after: str | None = None,
     ) -> list[Task]:
-        """Tasks in ``status``, highest priority first, then oldest first."""
+        """Tasks in ``status``, highest priority first, then oldest first, then by id: at
+        most ``limit`` (default 1000, at most 10 000). ``after``, the id of the last task
+        of the previous page, gives the next page (see :mod:`hive_orchestration.listing`)."""
         self._check_open()
         message = GetTasksByStatus(
             status=_status(status),
             task_type=check_optional_text(task_type, "task_type"),
-            limit=None if limit is None else check_int(limit, "limit", minimum=1),
+            limit=check_limit(limit),
+            after=check_after(after),
         )
         return await self._tasks.ask(message)
 
-    async def get_queued_tasks(self, limit: int = 10, task_type: str | None = None) -> list[Task]:
-        """Queued tasks (optionally of one type), highest priority first, then oldest."""
+    async def get_queued_tasks(
+        self, limit: int = 10, task_type: str | None = None, *, after: str | None = None
+    ) -> list[Task]:
+        """Queued tasks (optionally of one type), highest priority first, then oldest: at
+        most ``limit`` (at most 10 000), after the task ``after`` (a page's last)."""
         self._check_open()
         message = GetQueuedTasks(
-            limit=check_int(limit, "limit", minimum=1),
+            limit=check_limit(limit),
             task_type=check_optional_text(task_type, "task_type"),
+            after=check_after(after),
         )
         return await self._tasks.ask(message)
 
-    async def get_pending_tasks(self) -> list[Task]:
-        """Tasks waiting to be picked up (``pending`` is the seeds' name for ``queued``)."""
-        return await self.get_tasks_by_status(TaskStatus.QUEUED)
+    async def get_pending_tasks(
+        self, *, limit: int | None = None, after: str | None = None
+    ) -> list[Task]:
+        """Tasks waiting to be picked up (``pending`` is the seeds' name for ``queued``),
+        paged as :meth:`get_tasks_by_status`."""
+        return await self.get_tasks_by_status(TaskStatus.QUEUED, limit=limit, after=after)
 
     async def create_run(
         self, task_id: str, worker_id: str | None = None, *, phase: str | None = None

@@ -18,6 +18,7 @@ from ._validate import (
     encode_json_object,
 )
 from .config import RuntimeConfig
+from .listing import check_after, check_limit
 from .messages.events import JsonValue
 from .messages.tasks import GetUnroutableTasks, Task, TaskManagerMessage
 from .messages.workers import (
@@ -104,15 +105,20 @@ class WorkerOps(Caller):
         self._check_open()
         return await self._workers.ask(UnregisterWorker(check_identifier(worker_id, "worker_id")))
 
-    async def get_unroutable_tasks(self) -> list[Task]:
+    async def get_unroutable_tasks(
+        self, *, limit: int | None = None, after: str | None = None
+    ) -> list[Task]:
         """Queued tasks that no live registered worker can take (by its capabilities),
-        highest priority first: work that waits for a kind of worker nobody runs."""
+        highest priority first: work that waits for a kind of worker nobody runs. At most
+        ``limit`` (default 1000, at most 10 000), from just after the task ``after``
+        (see :mod:`hive_orchestration.listing`)."""
         self._check_open()
+        checked_limit, cursor = check_limit(limit), check_after(after)
         workers = await self._workers.ask(GetActiveWorkers())
         if any(not worker.capabilities for worker in workers):
             return []  # a worker without declared capabilities takes anything
         sets = tuple(worker.capabilities for worker in workers)
-        return await self._tasks.ask(GetUnroutableTasks(sets))
+        return await self._tasks.ask(GetUnroutableTasks(sets, limit=checked_limit, after=cursor))
 
 
 def capability_list(value: Iterable[str], field: str) -> tuple[str, ...]:

@@ -95,6 +95,10 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     storage_driver: Literal["auto", "aiosqlite", "thread"] = "auto"
     #: How long SQLite waits for another process's lock before a write fails.
     busy_timeout: DeadlineSeconds = 5.0
+    #: Read-only connections that serve the large reads (listings, counts, the event log)
+    #: beside the write connection, so that a long read never holds up a commit; 0 runs
+    #: every read on the write connection. A ``:memory:`` database has one connection.
+    read_connections: Annotated[int, msgspec.Meta(ge=0, le=16)] = 2
     #: Capacity of every actor's mailbox; senders wait when it is full (backpressure).
     mailbox_size: Positive = 4096
     #: Most requests the storage actor commits in one transaction.

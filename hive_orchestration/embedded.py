@@ -65,6 +65,7 @@ from .messages.events import (
 from .messages.plans import PlanExecutorMessage
 from .messages.storage import (
     AppendEvent,
+    CheckReaders,
     GetStorageStats,
     StorageMessage,
     StorageStats,
@@ -75,6 +76,7 @@ from .messages.workers import RegistryWake, WorkerRegistryMessage
 from .runtime import ActorRef, Alarm, ChildRestart, ChildSpec, Supervisor
 from .storage import StorageActor
 from .storage.database import MEMORY, DatabaseClaim
+from .storage.readers import ReaderPool
 
 if TYPE_CHECKING:
     from .client import OrchestrationClient
@@ -280,6 +282,25 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps):
             except RuntimeStoppedError:
                 pass
 
+        # The large reads' own connections (storage/readers.py): a file database only.
+        readers = (
+            ReaderPool(
+                claim.target,
+                size=config.read_connections,
+                driver=config.storage_driver,
+                busy_timeout=config.busy_timeout,
+                queue=config.mailbox_size,
+            )
+            if config.read_connections and not claim.target.memory
+            else None
+        )
+        if readers is not None:
+
+            def poke_storage() -> None:
+                with suppress(RuntimeStoppedError):  # a full mailbox: the next batch checks
+                    storage.try_tell(CheckReaders())
+
+            readers.poke = poke_storage
         subscription_ids = itertools.count(1)
         wall = wall_clock or _utc_now
         # Every deadline (leases, timeouts, backoffs, liveness, claim waits) runs on the
@@ -318,7 +339,11 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps):
             [
                 # Subscription ids are numbered across restarts (see BroadcastActor).
                 ChildSpec(broadcast, lambda: BroadcastActor(subscription_ids)),
-                ChildSpec(storage, lambda: StorageActor(claim.target, config, broadcast)),
+                ChildSpec(
+                    storage,
+                    lambda: StorageActor(claim.target, config, broadcast, readers=readers),
+                    services=() if readers is None else (readers.run,),
+                ),
                 ChildSpec(tasks, task_manager, services=(alarm.run,)),
                 ChildSpec(
                     workers,
@@ -386,6 +411,8 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps):
         except BaseExceptionGroup as group:
             raise_cause(group)
         finally:
+            if readers is not None:
+                readers.close()  # its service may never have started
             claim.release()
 
     # -- events ---------------------------------------------------------------------------

@@ -27,15 +27,14 @@ import anyio
 
 from ._groups import leaves
 from ._validate import (
-    MAX_READ,
     check_choice,
     check_event_read,
     check_identifier,
-    check_int,
     check_optional_text,
 )
 from .config import RuntimeConfig, resolve_db_path
 from .errors import ConfigError, InvalidInputError, NotFoundError, RuntimeStoppedError
+from .listing import check_after, check_limit
 from .messages.events import Event
 from .messages.plans import ExecutionPlan, PlanProgress, PlanStatus, SubtaskState
 from .messages.storage import (
@@ -139,13 +138,31 @@ class Inspector:
         *,
         task_type: str | None = None,
         limit: int = 100,
+        after: str | None = None,
     ) -> list[Task]:
-        """Tasks in ``status`` and of ``task_type`` (any if None), newest first."""
+        """Tasks in ``status`` and of ``task_type`` (any if None), newest first (then by
+        id): at most ``limit``, from just after the task ``after`` (the last of the
+        previous page; see :mod:`hive_orchestration.listing`)."""
+        checked_status = None if status is None else check_choice(status, TaskStatus, "status")
+        checked_type = check_optional_text(task_type, "task_type")
+        checked_limit = check_limit(limit)
+        cursor = check_after(after)
+        key = None
+        if cursor is not None:
+            start = await self._ask(FetchTask(cursor))
+            if start is None:
+                raise InvalidInputError(
+                    "after",
+                    f"no task has the id {cursor!r} (deleted since?): pass the id of the last"
+                    " task of the previous page, or start again without after",
+                )
+            key = (start.priority, start.created_at, start.id)
         query = QueryTasks(
-            status=None if status is None else check_choice(status, TaskStatus, "status").value,
-            task_type=check_optional_text(task_type, "task_type"),
-            limit=check_int(limit, "limit", minimum=1, maximum=MAX_READ),
+            status=None if checked_status is None else checked_status.value,
+            task_type=checked_type,
+            limit=checked_limit,
             newest_first=True,
+            after=key,
         )
         return await self._ask(query)
 
@@ -173,12 +190,14 @@ class Inspector:
     # -- plans ----------------------------------------------------------------------------
 
     async def plans(
-        self, status: PlanStatus | str | None = None, *, limit: int = 100
+        self, status: PlanStatus | str | None = None, *, limit: int = 100, after: str | None = None
     ) -> list[ExecutionPlan]:
-        """Plans in ``status`` (all if None), newest first."""
+        """Plans in ``status`` (all if None), newest first (then by id), from just after
+        the plan ``after``."""
         query = QueryPlans(
             status=None if status is None else check_choice(status, PlanStatus, "status"),
-            limit=check_int(limit, "limit", minimum=1, maximum=MAX_READ),
+            limit=check_limit(limit),
+            after=check_after(after),
         )
         return await self._ask(query)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,22 @@ def _peers(figures: dict[str, Any]) -> None:
     assert hive["floor_p50"] > 0
 
 
+def _reads(figures: dict[str, Any]) -> None:
+    assert figures["tasks"] == 300
+    assert figures["events"] >= 4 * 300
+    assert figures["read_rows"] >= 300
+    assert figures["alone"]["calls"] > 0
+    assert set(figures["empty_reads"]) == {
+        "pattern nothing.*",
+        "exact nothing.here",
+        "pattern *.nothing",
+        "unknown task_id",
+    }
+
+
+#: Where reads.py keeps its small database between the suite's runs.
+_READS_CACHE = str(Path(tempfile.gettempdir()) / "hive-bench-reads-suite")
+
 RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
     "tasks.py": (["--tasks", "100", "--handoffs", "10", "--json"], _tasks),
     "agents.py": (["--tasks", "100", "--copies", "2", "--json"], _agents),
@@ -115,6 +132,10 @@ RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
     "inputs.py": (["--size", "2", "--repeat", "1", "--json"], _inputs),
     "soak.py": (["--minutes", "0.1", "--sample", "2", "--warmup", "2", "--json"], _soak),
     "peers.py": (["--tasks", "100", "--handoffs", "10", "--repeat", "1", "--json"], _peers),
+    "reads.py": (
+        ["--tasks", "300", "--seconds", "0.3", "--repeat", "1", "--cache", _READS_CACHE, "--json"],
+        _reads,
+    ),
     "remote.py": (
         ["--tasks", "80", "--calls", "20", "--connections", "20", "--repeat", "1", "--json"],
         _remote,

@@ -16,6 +16,7 @@ from .workers import Worker
 __all__ = [
     "AppendEvent",
     "CheckDependencies",
+    "CheckReaders",
     "CountSubtasks",
     "FetchPlan",
     "FetchPlanningRequest",
@@ -216,12 +217,15 @@ class FindIdempotencyKeys(Request[dict[str, str]], frozen=True):
 
 class QueryTasks(Request[list[Task]], frozen=True, kw_only=True):
     """Tasks in ``status`` (any if None) and of ``task_type`` (any if None): by priority
-    (highest first), then creation time; or, with ``newest_first``, newest first."""
+    (highest first), then creation time, then id; or, with ``newest_first``, newest first.
+    ``after``: the page starts after the task with this (priority, created_at, id) key,
+    in the priority order (``status`` given, not ``newest_first``)."""
 
     status: str | None = None
     task_type: str | None = None
     limit: int | None = None
     newest_first: bool = False
+    after: tuple[int, datetime, str] | None = None
 
 
 class CountTasks(Request[dict[str, int]], frozen=True):
@@ -256,6 +260,11 @@ class GetStorageStats(Request[StorageStats], frozen=True):
     pass
 
 
+class CheckReaders(msgspec.Struct, frozen=True):
+    """Told by a read-only reader whose read crashed: the storage actor crashes on it
+    (see ``storage/readers.py``), so that it is restarted and reported as ever."""
+
+
 class LoadWorkers(Request[tuple[Worker, ...]], frozen=True):
     """Every registered worker (the WorkerRegistry's state, at start-up)."""
 
@@ -265,10 +274,12 @@ class FetchPlan(Request["ExecutionPlan | None"], frozen=True):
 
 
 class QueryPlans(Request[list[ExecutionPlan]], frozen=True, kw_only=True):
-    """Plans in ``status`` (any if None), newest first."""
+    """Plans in ``status`` (any if None), newest first (generation time, then id), from
+    just after the plan ``after``; an unknown ``after`` is an InvalidInputError."""
 
     status: PlanStatus | None = None
     limit: int | None = None
+    after: str | None = None
 
 
 class LoadActivePlans(Request[tuple[ExecutionPlan, ...]], frozen=True):
@@ -292,10 +303,13 @@ class FetchPlanningRequest(Request["PlanningRequest | None"], frozen=True):
 
 
 class QueryPlanningRequests(Request[list[PlanningRequest]], frozen=True, kw_only=True):
-    """Requests in ``status`` (any if None), by priority (highest first), then age."""
+    """Requests in ``status`` (any if None), by priority (highest first), then age, then
+    id, from just after the request ``after``; an unknown ``after`` is an
+    InvalidInputError."""
 
     status: str | None = None
     limit: int | None = None
+    after: str | None = None
 
 
 class LoadPlanningRequests(Request[tuple[PlanningRequest, ...]], frozen=True):
@@ -325,6 +339,7 @@ StorageMessage: TypeAlias = (
     Write
     | ReadEvents
     | GetStorageStats
+    | CheckReaders
     | LoadTasks
     | LoadRuns
     | LoadLeaseHashes

@@ -293,16 +293,19 @@ class DeleteTask(Request[bool], frozen=True):
 
 
 class GetTasksByStatus(Request[list[Task]], frozen=True, kw_only=True):
-    """Tasks in ``status``, by priority (highest first), then creation time."""
+    """Tasks in ``status``, by priority (highest first), then creation time, then id: at
+    most ``limit``, from just after the task ``after`` in that order (see listing.py)."""
 
     status: TaskStatus
     task_type: str | None = None
-    limit: int | None = None
+    limit: int = 1000
+    after: str | None = None
 
 
 class GetQueuedTasks(Request[list[Task]], frozen=True, kw_only=True):
     limit: int = 10
     task_type: str | None = None
+    after: str | None = None
 
 
 class CreateRun(Request[str], frozen=True, kw_only=True):
@@ -404,9 +407,12 @@ class ReleaseWorker(Request[int], frozen=True, kw_only=True):
 
 
 class GetUnroutableTasks(Request[list[Task]], frozen=True):
-    """Queued tasks that no worker able to do one of ``capability_sets`` can take."""
+    """Queued tasks that no worker able to do one of ``capability_sets`` can take: at
+    most ``limit``, in the listing order from just after the task ``after``."""
 
     capability_sets: tuple[tuple[str, ...], ...]
+    limit: int = 1000
+    after: str | None = None
 
 
 class Unclaimed(msgspec.Struct, frozen=True):

@@ -14,6 +14,10 @@ the faulty writes, so one bad write never fails its neighbours. Any other SQLite
 
 Committed events are then published to the broadcast actor in sequence order.
 
+The reads of a batch start after its writes committed. The large ones (listings, counts,
+the event log) are handed to a pool of read-only connections (:mod:`.readers`), so that
+the actor goes on committing while they run; the others run here, in order.
+
 Opened ``read_only`` (the inspector, beside a runtime that may own the database in another
 process), the actor takes no claim and writes nothing, not even a pragma or a migration:
 every :class:`Write` is refused with a :class:`StorageError`, and queries work as usual.
@@ -23,10 +27,12 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Sequence
-from typing import cast
+from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
+from typing import TypeVar, cast
 
 import anyio
+import anyio.lowlevel
 import msgspec
 
 from ..config import RuntimeConfig
@@ -36,6 +42,7 @@ from ..messages.plans import PlanningRequest, SubtaskState
 from ..messages.storage import (
     AppendEvent,
     CheckDependencies,
+    CheckReaders,
     Committed,
     CountSubtasks,
     CountTasks,
@@ -80,8 +87,11 @@ from ..messages.workers import Worker
 from ..runtime import Actor, ActorRef, Envelope
 from . import plans
 from .database import Target, open_database
-from .drivers import Driver, Statement
+from .drivers import Driver, Row, Statement
+from .event_reads import events_sql, read_event_rows
 from .faults import storage_error
+from .pages import plan_page_sql, request_page_sql, tasks_page_sql
+from .readers import POOLED, ReaderPool
 from .rows import (
     DELETE_TASK,
     DELETE_WORKER,
@@ -94,6 +104,7 @@ from .rows import (
     task_from_row,
     task_state_statement,
     task_statement,
+    time_text,
     worker_from_row,
     worker_statement,
 )
@@ -111,9 +122,11 @@ _INSERT_EVENT = (
 FIND_KEYS_SQL = "SELECT idempotency_key, id FROM tasks WHERE idempotency_key IN ({marks})"
 #: Under SQLite's oldest limit on bound parameters (999).
 _KEYS_PER_QUERY = 500
-_EVENT_COLUMNS = "seq, type, timestamp, source, correlation_id, task_id, plan_id, worker_id, data"
 
 _Pending = tuple[Envelope[StorageMessage], Write]
+#: The read-only connection of the reader task running a read (readers.py); unset in the
+#: actor's own task, whose reads run on the write connection.
+_READER: ContextVar[Driver | None] = ContextVar("hive_storage_reader", default=None)
 
 
 class StorageActor(Actor[StorageMessage]):
@@ -124,8 +137,11 @@ class StorageActor(Actor[StorageMessage]):
         events: ActorRef[BroadcastMessage] | None = None,
         *,
         read_only: bool = False,
+        readers: ReaderPool | None = None,
     ) -> None:
         self.max_batch = config.max_batch
+        #: Where the large reads go (see readers.py); None: all on the write connection.
+        self._readers = readers
         self._read_only = read_only
         self._target = target if isinstance(target, Target) else Target(target, target)
         self._config = config
@@ -156,6 +172,11 @@ class StorageActor(Actor[StorageMessage]):
     async def receive_batch(self, batch: Sequence[Envelope[StorageMessage]]) -> None:
         # All the writes of a batch are one unit: if the actor crashes in it, every writer
         # hears so. Reads are started one by one, so a crash hands the unstarted ones on.
+        if self._readers is not None:
+            # A reader's read crashed: crash as that read would have on the write
+            # connection, before anything of this batch starts (it all goes on to the
+            # replacement), so that the supervisor restarts and reports it as ever.
+            self._readers.raise_crash()
         writes: list[_Pending] = []
         for envelope in batch:
             if isinstance(envelope.message, Write):
@@ -177,23 +198,48 @@ class StorageActor(Actor[StorageMessage]):
                 continue
             envelope.started = True
             message = envelope.message
-            try:
-                envelope.resolve(await self._query(message))
-            except sqlite3.Error as exc:
-                action = f"cannot read ({type(message).__name__})"
-                envelope.fail(self._error(exc, action))
-            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-                # A row another tool wrote, that does not decode: refuse the read, stay up.
-                reason = f"cannot decode a row ({type(message).__name__}): {exc}"
-                envelope.fail(StorageError(reason))
-            except HiveError as exc:
-                envelope.fail(exc)
+            if self._readers is not None and isinstance(message, POOLED):
+                # After this batch's writes committed: the read sees them (readers.py).
+                await self._readers.submit((self._reader_job(envelope), envelope.fail))
+            else:
+                await self._answer(envelope)
+
+    def _reader_job(
+        self, envelope: Envelope[StorageMessage]
+    ) -> Callable[[Driver], Awaitable[None]]:
+        async def job(db: Driver) -> None:
+            # Only this reader's task sees the variable: the actor's reads stay on its own.
+            _READER.set(db)
+            await self._answer(envelope)
+
+        return job
+
+    def _connection(self) -> Driver:
+        """The connection a read runs on: a reader's, in a reader's task, else the writer's."""
+        reader = _READER.get()
+        return self._require_db() if reader is None else reader
+
+    async def _answer(self, envelope: Envelope[StorageMessage]) -> None:
+        message = envelope.message
+        try:
+            envelope.resolve(await self._query(message))
+        except sqlite3.Error as exc:
+            action = f"cannot read ({type(message).__name__})"
+            envelope.fail(self._error(exc, action))
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            # A row another tool wrote, that does not decode: refuse the read, stay up.
+            reason = f"cannot decode a row ({type(message).__name__}): {exc}"
+            envelope.fail(StorageError(reason))
+        except HiveError as exc:
+            envelope.fail(exc)
 
     async def _query(self, message: StorageMessage) -> object:
-        db = self._require_db()
+        db = self._connection()
         match message:
             case ReadEvents() as read:
                 return await self._read_events(read)
+            case CheckReaders():
+                return None  # what it checks was done as the batch began
             case GetStorageStats():
                 if self._read_only:
                     # Another process appends to the log: report where it stands now.
@@ -233,7 +279,7 @@ class StorageActor(Actor[StorageMessage]):
                     found.update((str(key), str(task_id)) for key, task_id in rows)
                 return found
             case QueryTasks() as query:
-                return [task_from_row(row) for row in await db.fetchall(*_tasks_sql(query))]
+                return await _decoded(await db.fetchall(*_tasks_sql(query)), task_from_row)
             case FetchTask(task_id=task_id):
                 rows = await db.fetchall(
                     f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,)
@@ -339,8 +385,8 @@ class StorageActor(Actor[StorageMessage]):
             log.debug("broadcast stopped; %d event(s) not fanned out", len(message.events))
 
     async def _read_events(self, read: ReadEvents) -> tuple[Event, ...]:
-        rows = await self._require_db().fetchall(*_events_sql(read))
-        return tuple(_event_from_row(row) for row in rows)
+        rows = await read_event_rows(self._connection(), read)
+        return tuple(await _decoded(rows, _event_from_row))
 
     def _statistics(self) -> StorageStats:
         return StorageStats(
@@ -383,13 +429,8 @@ async def _query_plans(db: Driver, message: StorageMessage) -> object:
         case FetchPlan(plan_id=plan_id):
             rows = await db.fetchall(f"{plan_sql} WHERE id = ?", (plan_id,))
             return plans.plan_from_row(rows[0]) if rows else None
-        case QueryPlans(status=status, limit=limit):
-            where = "" if status is None else " WHERE status = ?"
-            params: tuple[object, ...] = () if status is None else (status.value,)
-            rows = await db.fetchall(
-                f"{plan_sql}{where} ORDER BY generated_at DESC, rowid DESC LIMIT ?",
-                (*params, -1 if limit is None else limit),
-            )
+        case QueryPlans(status=status, limit=limit, after=after):
+            rows = await db.fetchall(*await plan_page_sql(db, plan_sql, status, limit, after))
             return [plans.plan_from_row(row) for row in rows]
         case LoadActivePlans():
             rows = await db.fetchall(
@@ -421,14 +462,9 @@ async def _query_plans(db: Driver, message: StorageMessage) -> object:
         case FetchPlanningRequest(request_id=request_id):
             rows = await db.fetchall(f"{request_sql} WHERE id = ?", (request_id,))
             return plans.request_from_row(rows[0]) if rows else None
-        case QueryPlanningRequests(status=status, limit=limit):
-            where = "" if status is None else " WHERE status = ?"
-            params = () if status is None else (status,)
-            rows = await db.fetchall(
-                f"{request_sql}{where} ORDER BY priority DESC, created_at, rowid LIMIT ?",
-                (*params, -1 if limit is None else limit),
-            )
-            return [plans.request_from_row(row) for row in rows]
+        case QueryPlanningRequests(status=status, limit=limit, after=after):
+            statement = await request_page_sql(db, request_sql, status, limit, after)
+            return [plans.request_from_row(row) for row in await db.fetchall(*statement)]
         case LoadPlanningRequests(statuses=statuses):
             rows = await db.fetchall(
                 f"{request_sql} WHERE status IN ({_marks(statuses)})"
@@ -445,6 +481,25 @@ async def _query_plans(db: Driver, message: StorageMessage) -> object:
     raise HiveError(f"the storage actor does not handle {type(message).__name__}")
 
 
+#: Rows decoded between two yields to the event loop: about 2.5 ms of tasks.
+_DECODE_CHUNK = 256
+_T = TypeVar("_T")
+
+
+async def _decoded(rows: list[Row], decode: Callable[[Row], _T]) -> list[_T]:
+    """Decode a page's rows, letting the event loop run between chunks: a page of 10 000
+    tasks is about 95 ms of decoding, which in one go would hold every writer up that
+    long (the rows themselves are read on the reader's thread)."""
+    if len(rows) <= _DECODE_CHUNK:
+        return [decode(row) for row in rows]
+    decoded: list[_T] = []
+    for start in range(0, len(rows), _DECODE_CHUNK):
+        if start:
+            await anyio.lowlevel.checkpoint()
+        decoded += [decode(row) for row in rows[start : start + _DECODE_CHUNK]]
+    return decoded
+
+
 def _marks(values: tuple[str, ...]) -> str:
     return ", ".join("?" * len(values))
 
@@ -455,6 +510,8 @@ async def _max_seq(db: Driver) -> int:
 
 
 def _tasks_sql(query: QueryTasks) -> Statement:
+    if query.after is not None and query.status is not None and not query.newest_first:
+        return tasks_page_sql(query.status, query.task_type, query.after, query.limit)
     where: list[str] = []
     params: list[object] = []
     if query.status is not None:
@@ -463,38 +520,23 @@ def _tasks_sql(query: QueryTasks) -> Statement:
     if query.task_type is not None:
         where.append("task_type = ?")
         params.append(query.task_type)
+    if query.after is not None and query.newest_first:
+        where.append("(created_at, id) < (?, ?)")
+        params += [time_text(query.after[1]), query.after[2]]
     sql = f"SELECT {TASK_COLUMNS} FROM tasks"
     if where:
         sql += " WHERE " + " AND ".join(where)
     if query.newest_first:
-        sql += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
     else:
-        sql += " ORDER BY priority DESC, created_at, rowid LIMIT ?"
+        sql += " ORDER BY priority DESC, created_at, id LIMIT ?"
     params.append(-1 if query.limit is None else query.limit)
     return sql, tuple(params)
 
 
 def _events_sql(read: ReadEvents) -> Statement:
-    """The statement of a ReadEvents. The task, plan and correlation filters each have a
-    partial index whose rowid order is seq order, so a filtered read is a range scan."""
-    where = ["seq > ?"]
-    params: list[object] = [read.after]
-    if read.pattern != "*":
-        where.append("type GLOB ?")
-        params.append(read.pattern)
-    for column, value in (
-        ("task_id", read.task_id),
-        ("plan_id", read.plan_id),
-        ("correlation_id", read.correlation_id),
-    ):
-        if value is not None:
-            where.append(f"{column} = ?")
-            params.append(value)
-    params.append(read.limit)
-    select = f"SELECT {_EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)}"
-    if read.newest:
-        return f"SELECT * FROM ({select} ORDER BY seq DESC LIMIT ?) ORDER BY seq", tuple(params)
-    return f"{select} ORDER BY seq LIMIT ?", tuple(params)
+    """The one-statement form of a ReadEvents (by id: a range of that id's index)."""
+    return events_sql(read)
 
 
 def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:

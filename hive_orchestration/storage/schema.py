@@ -203,6 +203,17 @@ _V6: tuple[str, ...] = (
 # search to slow down. NULL for runs of earlier versions and runs no claim opened.
 _V7: tuple[str, ...] = ("ALTER TABLE runs ADD COLUMN lease_hash BLOB",)
 
+# Version 8: the event log read by type (storage/event_reads.py). Its rowid (seq) order
+# within a type serves ``type = ? AND seq > ? ORDER BY seq``, and its type order finds the
+# distinct types a pattern matches in O(log n) each: a pattern that matches nothing no
+# longer reads the whole log.
+# And the tasks of a status in a listing's order (listing.py), so that a page of a
+# million completed tasks is a range of this index from its cursor, never a sort of all.
+_V8: tuple[str, ...] = (
+    "CREATE INDEX idx_events_type ON events (type)",
+    "CREATE INDEX idx_tasks_status_order ON tasks (status, priority DESC, created_at, id)",
+)
+
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8)
 SCHEMA_VERSION = len(MIGRATIONS)

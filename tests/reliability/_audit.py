@@ -147,12 +147,24 @@ def check_attempts(ledger: Ledger, event: Event, task_id: str, where: str) -> No
     ledger.attempts[task_id] = attempts
 
 
+async def every_task(client: OrchestrationClient, status: TaskStatus) -> list[Task]:
+    """Every task of ``status``, page by page (a listing returns at most its limit)."""
+    found: list[Task] = []
+    after: str | None = None
+    while True:
+        page = await client.get_tasks_by_status(status, limit=10_000, after=after)
+        found += page
+        if len(page) < 10_000:
+            return found
+        after = page[-1].id
+
+
 async def read_tasks(client: OrchestrationClient) -> tuple[dict[str, Task], list[str]]:
     """Every task, read status by status: a task listed under two statuses is a problem."""
     tasks: dict[str, Task] = {}
     problems: list[str] = []
     for status in TaskStatus:
-        for task in await client.get_tasks_by_status(status):
+        for task in await every_task(client, status):
             if task.status is not status:
                 problems.append(f"task {task.id} listed as {status.value} is {task.status.value}")
             if task.id in tasks:

@@ -85,7 +85,7 @@ from hive_orchestration.messages.storage import AppendEvent, ReadEvents, Write
 from hive_orchestration.runtime import ActorRef
 from hive_orchestration.storage import StorageActor
 
-from ._audit import HOLDING, audit_tasks, read_log
+from ._audit import HOLDING, audit_tasks, every_task, read_log
 
 pytestmark = pytest.mark.anyio
 
@@ -599,7 +599,7 @@ async def serve_everything(runtime: Runtime, client: OrchestrationClient, load: 
     done = await client.complete_task(claim.lease, {"swept": True})
     assert done.status is TaskStatus.COMPLETED
     assert [run.status for run in await client.get_runs(task_id)] == [RunStatus.COMPLETED]
-    assert task_id in {t.id for t in await client.get_tasks_by_status("completed")}
+    assert task_id in {t.id for t in await every_task(client, TaskStatus.COMPLETED)}
     cancelled = await client.create_task(SWEEP_TYPE)
     assert (await client.cancel_task(cancelled, reason="sweep")).status is TaskStatus.CANCELLED
     assert await client.delete_task(cancelled)

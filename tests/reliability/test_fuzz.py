@@ -669,6 +669,10 @@ REQUEST = ident("requests")
 WORKER = ident("workers")
 PRIORITY = integer(0, 2**31 - 1)
 LIMIT = integer(1, 10_000)
+#: A listing's limit where None means its default (hive_orchestration/listing.py), and its
+#: cursor: a task's id, or one no task has (refused naming ``after``).
+OPT_LIMIT = integer(1, 10_000, optional=True)
+CURSOR = ident("tasks", optional=True)
 
 OPS: dict[str, Operation] = {
     "aclose_callbacks": Operation("await", {}),
@@ -786,18 +790,29 @@ OPS: dict[str, Operation] = {
     "get_execution_plan_status": Operation("await", {"plan_id": PLAN}),
     "get_execution_plan_status_cached": Operation("await", {"plan_id": PLAN}),
     "get_execution_plans": Operation(
-        "await", {"status": choice(PlanStatus, optional=True), "limit": LIMIT}
+        "await",
+        {
+            "status": choice(PlanStatus, optional=True),
+            "limit": LIMIT,
+            "after": ident("plans", optional=True),
+        },
     ),
     "get_next_planned_subtask": Operation("await", {"plan_id": PLAN}),
-    "get_pending_tasks": Operation("await", {}),
+    "get_pending_tasks": Operation("await", {"limit": OPT_LIMIT, "after": CURSOR}),
     "get_plan_progress": Operation("await", {"plan_id": PLAN}),
     "get_plan_subtasks": Operation("await", {"plan_id": PLAN}),
     "get_planning_queue": Operation(
-        "await", {"status": choice(PlanningStatus, optional=True), "limit": LIMIT}
+        "await",
+        {
+            "status": choice(PlanningStatus, optional=True),
+            "limit": LIMIT,
+            "after": ident("requests", optional=True),
+        },
     ),
     "get_planning_request": Operation("await", {"request_id": REQUEST}),
     "get_queued_tasks": Operation(
-        "await", {"limit": integer(1, 2**63 - 1), "task_type": ident("task_types", optional=True)}
+        "await",
+        {"limit": LIMIT, "task_type": ident("task_types", optional=True), "after": CURSOR},
     ),
     "get_run": Operation("await", {"run_id": ident("runs")}),
     "get_runs": Operation("await", {"task_id": TASK}),
@@ -807,10 +822,11 @@ OPS: dict[str, Operation] = {
         {
             "status": choice(TaskStatus, "pending"),
             "task_type": ident("task_types", optional=True),
-            "limit": integer(1, 2**63 - 1, optional=True),
+            "limit": OPT_LIMIT,
+            "after": CURSOR,
         },
     ),
-    "get_unroutable_tasks": Operation("await", {}),
+    "get_unroutable_tasks": Operation("await", {"limit": OPT_LIMIT, "after": CURSOR}),
     "get_worker": Operation("await", {"worker_id": WORKER}),
     "heartbeat": Operation(
         "await",

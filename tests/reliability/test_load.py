@@ -36,7 +36,7 @@ from hive_orchestration import (
     TaskStatus,
 )
 
-from ._audit import audit_tasks, read_log
+from ._audit import audit_tasks, every_task, read_log
 
 pytestmark = pytest.mark.anyio
 
@@ -253,7 +253,7 @@ async def run_load(
     # Reopened: the same tasks, all completed.
     async with Runtime.open(db_path, config=config) as runtime:
         client = runtime.client(source_agent="auditor")
-        done = await client.get_tasks_by_status("completed")
+        done = await every_task(client, TaskStatus.COMPLETED)  # past one page's limit
         assert {task.id for task in done} == created
         for status in ("queued", "assigned", "running", "failed"):
             assert await client.get_tasks_by_status(status) == []

@@ -93,6 +93,7 @@ recovered: the worker went away, the task did nothing wrong); then it ends faile
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import logging
 import random
@@ -111,6 +112,7 @@ from ...errors import (
     ActorFailedError,
     HiveError,
     IllegalTransitionError,
+    InvalidInputError,
     LeaseLostError,
     NotFoundError,
     RuntimeStoppedError,
@@ -1089,10 +1091,10 @@ class TaskManager(Actor[TaskManagerMessage]):
                 return self._transition(task, TaskStatus.CANCELLED, work, now, source, changes)
             case DeleteTask(task_id=task_id):
                 return await self._delete(task_id, work, now)
-            case GetTasksByStatus(status=status, task_type=task_type, limit=limit):
-                return self._list(status, task_type, limit)
-            case GetQueuedTasks(limit=limit, task_type=task_type):
-                return self._list(TaskStatus.QUEUED, task_type, limit)
+            case GetTasksByStatus(status=status, task_type=task_type, limit=limit, after=after):
+                return await self._list(status, task_type, limit, after)
+            case GetQueuedTasks(limit=limit, task_type=task_type, after=after):
+                return await self._list(TaskStatus.QUEUED, task_type, limit, after)
             case CreateRun():
                 return self._create_run(message, await self._find(message.task_id, work), work, now)
             case GetRun(run_id=run_id):
@@ -1145,14 +1147,16 @@ class TaskManager(Actor[TaskManagerMessage]):
                 )
             case ReleaseWorker(worker_id=worker_id, reason=reason):
                 return self._release_worker(worker_id, reason, work, now)
-            case GetUnroutableTasks(capability_sets=sets):
+            case GetUnroutableTasks(capability_sets=sets, limit=limit, after=after):
+                lower = None if after is None else _page_order(await self._cursor(after))
                 stuck = [
                     task
                     for task in self._tasks.values()
-                    if task.status is Q and not any(can_take(task, caps) for caps in sets)
+                    if task.status is Q
+                    and (lower is None or _page_order(task) > lower)
+                    and not any(can_take(task, caps) for caps in sets)
                 ]
-                stuck.sort(key=_priority_order)
-                return stuck
+                return heapq.nsmallest(limit, stuck, key=_page_order)
             case Wake():
                 return None  # what was due was settled when the batch began
             case PlansSettled(seq=seq):
@@ -1364,16 +1368,36 @@ class TaskManager(Actor[TaskManagerMessage]):
         work.ops.append(self._event("task.deleted", task, now, None, {"task_type": task.task_type}))
         return True
 
-    def _list(self, status: TaskStatus, task_type: str | None, limit: int | None) -> object:
+    async def _cursor(self, after: str) -> Task:
+        """The task a page starts after: in memory, or read (a task that left memory)."""
+        start = self._tasks.get(after) or await self._storage.ask(FetchTask(after))
+        if start is None:
+            raise InvalidInputError(
+                "after",
+                f"no task has the id {after!r} (deleted since?): pass the id of the last"
+                " task of the previous page, or start again without after",
+            )
+        return start
+
+    async def _list(
+        self, status: TaskStatus, task_type: str | None, limit: int, after: str | None
+    ) -> object:
+        """A page of a status's tasks (see listing.py): terminal ones from storage, the
+        live ones from memory, both in (priority, created_at, id) order from ``after``."""
+        start = None if after is None else await self._cursor(after)
         if status in TERMINAL:
-            return _Forward(QueryTasks(status=status.value, task_type=task_type, limit=limit))
+            key = None if start is None else (start.priority, start.created_at, start.id)
+            query = QueryTasks(status=status.value, task_type=task_type, limit=limit, after=key)
+            return _Forward(query)
+        lower = None if start is None else _page_order(start)
         found = [
             task
             for task in self._tasks.values()
-            if task.status is status and (task_type is None or task.task_type == task_type)
+            if task.status is status
+            and (task_type is None or task.task_type == task_type)
+            and (lower is None or _page_order(task) > lower)
         ]
-        found.sort(key=_priority_order)
-        return found if limit is None else found[:limit]
+        return heapq.nsmallest(limit, found, key=_page_order)
 
     def _create_run(self, message: CreateRun, task: Task, work: _Batch, now: datetime) -> str:
         if task.status in TERMINAL:
@@ -1507,6 +1531,11 @@ def _refuse_unknown_keys(items: Sequence[CreateTask], work: _Batch) -> None:
 
 def _priority_order(task: Task) -> tuple[int, datetime]:
     return (-task.priority, task.created_at)
+
+
+def _page_order(task: Task) -> tuple[int, datetime, str]:
+    """A listing's order (listing.py): keys fixed at creation, the id last to break ties."""
+    return (-task.priority, task.created_at, task.id)
 
 
 def _claims(outcome: object) -> tuple[Claim, ...]:
