@@ -880,6 +880,12 @@ async def test_a_fault_past_the_restart_limit_stops_the_runtime_and_a_reopen_rec
                     if e.type == "task.retrying" and e.data["reason"] == "recovered"
                 ]
                 # Then everything runs to its end: the plans and every task.
+                # A plan created just before the stop was never started by the load (its
+                # start is the load's next call): start it now, as its app would.
+                for plan_id in load.plans:
+                    plan = await client.get_execution_plan(plan_id)
+                    if plan is not None and plan.status is PlanStatus.DRAFT:
+                        assert await client.mark_plan_execution_started(plan_id)
                 rerun = Load(rng=rng, plans=list(load.plans))
                 with rerun.halt:
                     async with anyio.create_task_group() as tg:
