@@ -163,6 +163,8 @@ class Metrics:
         self._claimed: dict[str, tuple[float, str]] = {}  # task id -> (claimed at, type)
         #: The newest finished tasks (the dashboard's throughput and percentiles).
         self.recent: deque[Finished] = deque(maxlen=RECENT)
+        #: When the newest tasks were created, and their type (the queues' rates).
+        self.recent_created: deque[tuple[float, str]] = deque(maxlen=RECENT)
         #: The last seq folded in.
         self.last_seq = 0
         self._refreshing = anyio.Lock()
@@ -182,6 +184,7 @@ class Metrics:
         status = data.get("status")
         if event.type == "task.created":
             self.created.labels(task_type).inc()
+            self.recent_created.append((at, task_type))
             if event.plan_id is None:  # a plan's task waits, blocked, until it is ready
                 self._ready[task_id] = at
                 _forget_oldest(self._ready)
@@ -274,6 +277,16 @@ class Metrics:
         for done in self.recent:
             if now - done.at <= window:
                 rates[done.status] = rates.get(done.status, 0.0) + 60.0 / window
+        return rates
+
+    def created_rate(self, window: float = 300.0, now: float | None = None) -> dict[str, float]:
+        """Tasks created per minute over the last ``window`` seconds, by type (of the
+        newest ones seen since the exporter started)."""
+        now = time.time() if now is None else now
+        rates: dict[str, float] = {}
+        for at, task_type in self.recent_created:
+            if now - at <= window:
+                rates[task_type] = rates.get(task_type, 0.0) + 60.0 / window
         return rates
 
     def run_percentiles(self, points: Iterable[float] = (50, 95, 99)) -> dict[str, float]:
