@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -212,3 +215,46 @@ def test_a_plan_turns_completed_in_the_browser_without_a_reload(owned: str, back
             page.screenshot(path=str(ARTEFACTS / f"{shot}-events.png"))
         finally:
             browser.close()
+
+
+def test_serve_serves_the_dashboard_and_its_runtimes_statistics(db_path: str, backend: str) -> None:
+    """``serve --dashboard`` runs the dashboard in the runtime's own process: /metrics has
+    what only that process knows (mailboxes, restarts, commits)."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hive_orchestration",
+            "serve",
+            "--db",
+            db_path,
+            "--backend",
+            backend,
+            "--dashboard",
+            "127.0.0.1:0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert process.stdout is not None
+        line = json.loads(process.stdout.readline())
+        url = line["dashboard"]
+        with SyncOrchestrationClient(db_path=db_path) as client:
+            assert client.remote
+            client.create_task("compile", {"n": 1})
+        status, _, text = get(url + "metrics")
+        assert status == 200
+        assert 'hive_mailbox_depth{actor="tasks"}' in text
+        assert 'hive_actor_restarts_total{actor="storage"} 0.0' in text
+        assert 'hive_tasks{status="queued"} 1.0' in text
+        assert get(url)[0] == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        assert json.loads(process.stdout.readline()) == {"stopped": line["serving"]}
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()

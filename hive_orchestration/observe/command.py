@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+from functools import partial
 from typing import TYPE_CHECKING
 
 import anyio
@@ -87,8 +88,9 @@ async def run_dashboard(args: argparse.Namespace) -> None:
 
             group.start_soon(follow)
             await followed.wait()
-            app = create_app(metrics, token=token)
-            url = await group.start(serve_app, app, args.host, args.port)
+            closing = anyio.Event()
+            app = create_app(metrics, token=token, closing=closing)
+            url = await group.start(partial(serve_app, closing=closing), app, args.host, args.port)
             _announce(dashboard=url, db=source.reader.path, pid=os.getpid())
             async for signum in signals:
                 print(
@@ -127,5 +129,7 @@ async def serve_beside(
     metrics = Metrics(Source.of_runtime(runtime, "hive-orchestration serve --dashboard"))
     async with anyio.create_task_group() as group:
         await group.start(metrics.run)
-        url = await group.start(serve_app, create_app(metrics, token=token), host, port)
+        closing = anyio.Event()
+        app = create_app(metrics, token=token, closing=closing)
+        url = await group.start(partial(serve_app, closing=closing), app, host, port)
         task_status.started(url)

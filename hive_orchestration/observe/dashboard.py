@@ -19,7 +19,7 @@ import ipaddress
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 from urllib.parse import urlencode
 
@@ -29,7 +29,7 @@ from anyio.abc import TaskStatus as StartStatus
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -50,6 +50,8 @@ TOKEN_ENV = "HIVE_ORCHESTRATION_DASHBOARD_TOKEN"
 _COOKIE = "hive_dashboard"
 #: Events shown when a tail or a task's page opens.
 _BACKLOG = 200
+#: Seconds the web server has to stop once asked (live streams are cut after 0.5 s).
+_STOPPING = 10.0
 
 
 def is_loopback(host: str) -> bool:
@@ -59,6 +61,57 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+class _EventStream(Response):
+    """Server-sent events from ``source.follow``, until the browser goes away or the
+    dashboard closes; then the response ends cleanly (a server that cancels an open
+    response logs the cancellation as an error)."""
+
+    def __init__(
+        self,
+        source: Source,
+        after: int,
+        filters: dict[str, str],
+        closing: anyio.Event,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        # Its length is unknown: no Content-Length (a Response of no content says 0).
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        self._source, self._after, self._filters, self._closing = source, after, filters, closing
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+
+        async def chunk(data: bytes) -> None:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        async with anyio.create_task_group() as group:
+
+            async def gone() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                group.cancel_scope.cancel()
+
+            async def closed() -> None:
+                await self._closing.wait()
+                group.cancel_scope.cancel()
+
+            group.start_soon(gone)
+            group.start_soon(closed)
+            await chunk(b": hive-orchestration events\n\n")  # opens the stream at once
+            async for event in self._source.follow(
+                self._after,
+                pattern=self._filters.get("pattern", "*"),
+                task_id=self._filters.get("task_id"),
+                plan_id=self._filters.get("plan_id"),
+                correlation_id=self._filters.get("correlation_id"),
+            ):
+                await chunk(b"id: %d\ndata: %s\n\n" % (event.seq, msgspec.json.encode(event)))
+            group.cancel_scope.cancel()
+        with anyio.CancelScope(shield=True), suppress(OSError, anyio.BrokenResourceError):
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _host_of(header: str) -> str:
@@ -117,9 +170,13 @@ class _Guard:
         return hmac.compare_digest(given.encode(), self.token.encode())
 
 
-def create_app(metrics: Metrics, *, token: str | None = None) -> ASGIApp:
+def create_app(
+    metrics: Metrics, *, token: str | None = None, closing: anyio.Event | None = None
+) -> ASGIApp:
     """The dashboard over ``metrics.source`` (whose :meth:`Metrics.run` the caller runs:
-    :func:`watching`). With ``token``, every request must present it."""
+    :func:`watching`). With ``token``, every request must present it. Its live streams
+    end when ``closing`` is set (before the server stops: see :func:`serve_app`)."""
+    closing = anyio.Event() if closing is None else closing
     source = metrics.source
     reader = source.reader
 
@@ -222,19 +279,14 @@ def create_app(metrics: Metrics, *, token: str | None = None) -> ASGIApp:
         except (InvalidInputError, ValueError) as exc:
             return Response(f"{exc}\n", 400, media_type="text/plain")
 
-        async def feed() -> AsyncIterator[bytes]:
-            yield b": hive-orchestration events\n\n"  # opens the stream at once
-            async for event in source.follow(
-                after,
-                pattern=chosen.get("pattern", "*"),
-                task_id=chosen.get("task_id"),
-                plan_id=chosen.get("plan_id"),
-                correlation_id=chosen.get("correlation_id"),
-            ):
-                yield b"id: %d\ndata: %s\n\n" % (event.seq, msgspec.json.encode(event))
-
-        headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
-        return StreamingResponse(feed(), media_type="text/event-stream", headers=headers)
+        return _EventStream(
+            source,
+            after,
+            chosen,
+            closing,
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+            media_type="text/event-stream",
+        )
 
     async def scrape(request: Request) -> Response:
         return Response(await metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
@@ -270,11 +322,12 @@ async def serve_app(
     host: str,
     port: int,
     *,
+    closing: anyio.Event | None = None,
     task_status: StartStatus[str] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``host:port`` with Hypercorn, on the running event loop (asyncio
     or trio), until cancelled; started with the url it serves at (a port 0 replaced by
-    the one bound)."""
+    the one bound). ``closing`` is set first when it stops (the app's live streams end)."""
     from hypercorn.config import Config
 
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
@@ -290,7 +343,6 @@ async def serve_app(
     bound = sock.getsockname()[1]
     shown = f"[{host.strip('[]')}]" if family == socket.AF_INET6 else host
     config = Config()
-    config.bind = [f"fd://{sock.fileno()}"]
     config.accesslog = None
     config.errorlog = None
     # Live streams are ended by the shutdown, not waited for.
@@ -306,19 +358,26 @@ async def serve_app(
     else:
         from hypercorn.asyncio import serve
 
-    async def run() -> None:
-        await serve(app, config, shutdown_trigger=stopped)
+    # Hypercorn is stopped by its trigger, not cancelled (cancelled, it leaves its own
+    # tasks' errors unretrieved): shielded, with a deadline once stopping.
+    shield = anyio.CancelScope(shield=True)
 
-    try:
-        async with anyio.create_task_group() as group:
-            group.start_soon(run)
-            task_status.started(f"http://{shown}:{bound}/")
-            try:
-                await anyio.sleep_forever()
-            finally:
-                stop.set()
-    finally:
-        sock.close()
+    async def run() -> None:
+        with shield:
+            await serve(app, config, shutdown_trigger=stopped)
+
+    fd = sock.detach()  # Hypercorn's now: it closes it
+    config.bind = [f"fd://{fd}"]
+    async with anyio.create_task_group() as group:
+        group.start_soon(run)
+        task_status.started(f"http://{shown}:{bound}/")
+        try:
+            await anyio.sleep_forever()
+        finally:
+            if closing is not None:
+                closing.set()
+            stop.set()
+            shield.deadline = anyio.current_time() + _STOPPING
 
 
 def _on_trio() -> bool:
