@@ -179,6 +179,8 @@ def test_a_plan_turns_completed_in_the_browser_without_a_reload(owned: str, back
                     assert claim.task.subtask_id == subtask
                     page.wait_for_selector(node.format(subtask, "running"), timeout=SHOWN)
                     if subtask == "review":
+                        # The plan's progress is refreshed from the server, too.
+                        page.wait_for_selector("#side:has-text('2/4 done')", timeout=SHOWN)
                         page.screenshot(path=str(ARTEFACTS / f"{shot}-plan-running.png"))
                     client.complete_task(claim.lease, {"done": subtask})
                     page.wait_for_selector(node.format(subtask, "completed"), timeout=SHOWN)

@@ -6,6 +6,9 @@ backends."""
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,6 +45,17 @@ async def scrape(metrics: Metrics) -> tuple[int, str, Samples]:
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return sent[0]["status"], headers[b"content-type"].decode(), samples
+
+
+def grafana_metrics() -> set[str]:
+    """The metrics docs/grafana-dashboard.json graphs."""
+    doc = json.loads((Path(__file__).parent.parent / "docs" / "grafana-dashboard.json").read_text())
+    return {
+        name
+        for panel in doc["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\bhive_[a-z_]+", target["expr"])
+    }
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -142,3 +156,6 @@ async def test_scraped_figures_match_what_was_done(db_path: str) -> None:
     assert value(samples, "hive_storage_writes_total") >= commits
     assert ("hive_mailbox_depth", (("actor", "tasks"),)) in samples
     assert value(samples, "hive_actor_restarts_total", actor="storage") == 0
+    # The Grafana dashboard of the docs graphs only what is scraped.
+    scraped = {name for name, _ in samples}
+    assert grafana_metrics() - scraped == set()
