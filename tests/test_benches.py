@@ -89,6 +89,14 @@ def _soak(figures: dict[str, Any]) -> None:
     assert figures["growth"] >= 0
 
 
+def _metrics(figures: dict[str, Any]) -> None:
+    assert figures["tasks"] == 100
+    for shape in figures["shapes"]:
+        assert [r["off"] > 0 and r["on"] > 0 and r["scrapes"] >= 1 for r in shape["rounds"]] == [
+            True
+        ]
+
+
 RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
     "tasks.py": (["--tasks", "100", "--handoffs", "10", "--json"], _tasks),
     "agents.py": (["--tasks", "100", "--copies", "2", "--json"], _agents),
@@ -100,6 +108,7 @@ RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
         None,
     ),
     "inputs.py": (["--size", "2", "--repeat", "1", "--json"], _inputs),
+    "metrics.py": (["--tasks", "100", "--repeat", "1", "--json"], _metrics),
     "soak.py": (["--minutes", "0.1", "--sample", "2", "--warmup", "2", "--json"], _soak),
     "remote.py": (
         ["--tasks", "80", "--calls", "20", "--connections", "20", "--repeat", "1", "--json"],

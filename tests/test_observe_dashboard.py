@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -254,6 +255,41 @@ def test_serve_serves_the_dashboard_and_its_runtimes_statistics(db_path: str, ba
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
         assert json.loads(process.stdout.readline()) == {"stopped": line["serving"]}
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def test_the_dashboard_goes_on_from_the_file_when_its_runtime_stops(
+    db_path: str, backend: str
+) -> None:
+    process, _ = start_owner(db_path, backend)
+    try:
+        with SyncOrchestrationClient(db_path=db_path) as client:
+            assert client.remote
+            before = client.create_task("compile", {"n": 1}, title="before")
+        with dashboard("--db", db_path, "--backend", backend) as board:
+            assert "before" in get(f"{board.url}tasks/{before}")[2]
+            assert process.stdin is not None
+            process.stdin.close()
+            assert process.wait(30) == 0
+            # Another program owns the file now; the dashboard reads the file.
+            with SyncOrchestrationClient(db_path=db_path) as client:
+                after = client.create_task("compile", {"n": 2}, title="after")
+            deadline = time.monotonic() + 30
+            while True:
+                status, _, page = get(f"{board.url}tasks/{after}")
+                _, _, metrics = get(board.url + "metrics")
+                counted = 'hive_tasks_created_total{task_type="compile"} 1.0' in metrics
+                if (status == 200 and "after" in page and counted) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            assert status == 200
+            assert counted  # followed on from the file, without counting "before" again
+            assert board.process.poll() is None
     finally:
         if process.poll() is None:
             process.kill()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ..errors import HiveError, InvalidInputError
+from ..errors import ConnectionLostError, HiveError, InvalidInputError
 from .dashboard import TOKEN_ENV, create_app, is_loopback, serve_app
 from .metrics import Metrics
 from .source import Source
@@ -63,35 +63,47 @@ def _announce(**fields: object) -> None:
 
 async def run_dashboard(args: argparse.Namespace) -> None:
     """The dashboard of the database ``--db`` (its runtime, through its socket, if one
-    serves it; else the file, read-only) or of the runtime at ``--url``."""
+    serves it; else the file, read-only) or of the runtime at ``--url``. When the runtime
+    of ``--db`` stops, it goes on from the file (or the next runtime to serve it) where
+    it was; a runtime at ``--url`` that stops ends it, with the reason."""
     token = dashboard_token(args.host)
+    name = "hive-orchestration dashboard"
+    url = None
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with (
-            Source.open(args, "hive-orchestration dashboard") as source,
-            anyio.create_task_group() as group,
-        ):
-            metrics = Metrics(source)
-            followed = anyio.Event()
+        async with anyio.create_task_group() as group:
+            found: list[Metrics] = []
+            following = anyio.Event()
 
             async def follow() -> None:
-                try:
-                    await metrics.run(task_status=_Started(followed))
-                except HiveError as exc:  # the runtime went away
-                    raise HiveError(
-                        f"the runtime serving {source.reader.path} stopped ({exc}):"
-                        " start the dashboard again"
-                    ) from exc
-                raise HiveError(
-                    f"the runtime serving {source.reader.path} stopped: start the dashboard"
-                    " again (it reads the file when no runtime serves it)"
-                )
+                while True:
+                    async with Source.open(args, name) as opened:
+                        if not found:
+                            found.append(Metrics(opened))
+                            after = None
+                        else:  # the pages read through the same Source: give it the new reader
+                            found[0].source.reader = opened.reader
+                            after = found[0].last_seq
+                        try:
+                            await found[0].run(after=after, task_status=_Started(following))
+                        except ConnectionLostError:
+                            if args.url is not None:
+                                raise
+                    if args.url is not None:
+                        raise HiveError(f"the runtime at {args.url} stopped")
+                    print(
+                        f"the runtime serving {found[0].source.reader.path} stopped: reading"
+                        " the file",
+                        file=sys.stderr,
+                        flush=True,
+                    )
 
             group.start_soon(follow)
-            await followed.wait()
+            await following.wait()
+            metrics = found[0]
             closing = anyio.Event()
             app = create_app(metrics, token=token, closing=closing)
             url = await group.start(partial(serve_app, closing=closing), app, args.host, args.port)
-            _announce(dashboard=url, db=source.reader.path, pid=os.getpid())
+            _announce(dashboard=url, db=metrics.source.reader.path, pid=os.getpid())
             async for signum in signals:
                 print(
                     f"{signal.Signals(signum).name}: stopping the dashboard",

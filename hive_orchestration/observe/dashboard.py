@@ -177,8 +177,9 @@ def create_app(
     :func:`watching`). With ``token``, every request must present it. Its live streams
     end when ``closing`` is set (before the server stops: see :func:`serve_app`)."""
     closing = anyio.Event() if closing is None else closing
+    # The reader is looked up at each request: the command swaps it when the runtime it
+    # read from stops (the file is read then).
     source = metrics.source
-    reader = source.reader
 
     def base(request: Request) -> str:
         return str(request.scope.get("root_path", "")) + "/"
@@ -199,37 +200,37 @@ def create_app(
         )
 
     async def overview(request: Request) -> Response:
-        report = await status_report(reader)
-        failures = await reader.tasks(TaskStatus.FAILED, limit=10)
+        report = await status_report(source.reader)
+        failures = await source.reader.tasks(TaskStatus.FAILED, limit=10)
         body = pages.overview(report, metrics.throughput(), metrics.run_percentiles(), failures)
         return page(request, "Overview", body, "overview", {"pattern": "task.*"})
 
     async def queues(request: Request) -> Response:
-        queued = await reader.tasks(TaskStatus.QUEUED, limit=MAX_READ)
+        queued = await source.reader.tasks(TaskStatus.QUEUED, limit=MAX_READ)
         body = pages.queues(queued, len(queued) >= MAX_READ, metrics.created_rate())
         return page(request, "Queues", body, "queues", {"pattern": "task.*"})
 
     async def workers(request: Request) -> Response:
-        body = pages.workers(await reader.workers())
+        body = pages.workers(await source.reader.workers())
         return page(request, "Workers", body, "workers", {"pattern": "worker.*"})
 
     async def task(request: Request) -> Response:
         task_id = request.path_params["task_id"]
         try:
-            report = await task_report(reader, task_id, events=_BACKLOG)
+            report = await task_report(source.reader, task_id, events=_BACKLOG)
         except NotFoundError:
             return missing(request, f"no task {task_id}")
         return page(request, "Task", pages.task(report), "task", {"task_id": task_id})
 
     async def plans(request: Request) -> Response:
-        listed = await reader.plans(limit=200)
-        body = pages.plans(await plan_summaries(reader, listed))
+        listed = await source.reader.plans(limit=200)
+        body = pages.plans(await plan_summaries(source.reader, listed))
         return page(request, "Plans", body, "plans", {"pattern": "plan.*"})
 
     async def plan(request: Request) -> Response:
         plan_id = request.path_params["plan_id"]
         try:
-            report = await plan_report(reader, plan_id)
+            report = await plan_report(source.reader, plan_id)
         except NotFoundError:
             return missing(request, f"no plan {plan_id}")
         if request.headers.get("x-fragment") == "side":
@@ -251,8 +252,8 @@ def create_app(
     async def events(request: Request) -> Response:
         try:
             chosen = filters(request)
-            after = await reader.last_seq()
-            recent = await reader.events(
+            after = await source.reader.last_seq()
+            recent = await source.reader.events(
                 0,
                 limit=_BACKLOG,
                 pattern=chosen.get("pattern", "*"),
@@ -273,7 +274,7 @@ def create_app(
         try:
             chosen = filters(request)
             resume = request.headers.get("last-event-id") or request.query_params.get("after")
-            after = int(resume) if resume else await reader.last_seq()
+            after = int(resume) if resume else await source.reader.last_seq()
             if after < 0:
                 raise InvalidInputError("after", "must be a seq (0 or more)")
         except (InvalidInputError, ValueError) as exc:

@@ -24,7 +24,9 @@ Two kinds of figures, each computed from what the runtime publicly says:
 
 from __future__ import annotations
 
+import math
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from contextlib import asynccontextmanager
@@ -33,8 +35,13 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskStatus as StartStatus
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
@@ -109,56 +116,19 @@ class Metrics:
     def __init__(self, source: Source) -> None:
         self.source = source
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.events = Counter(
-            "hive_events", "Events committed to the log, by type", ["event_type"], registry=r
-        )
-        self.created = Counter(
-            "hive_tasks_created", "Tasks created (task.created), by type", ["task_type"], registry=r
-        )
-        self.finished = Counter(
-            "hive_tasks_finished",
-            "Tasks that reached a final status (completed, failed, cancelled, timed_out)",
-            ["task_type", "status"],
-            registry=r,
-        )
-        self.retries = Counter(
-            "hive_task_retries",
-            "Tasks queued again after a run ended without success (task.retrying), by reason",
-            ["reason"],
-            registry=r,
-        )
-        self.leases_lost = Counter(
-            "hive_leases_lost",
-            "Runs that ended because their worker's lease expired or the worker was lost",
-            ["reason"],
-            registry=r,
-        )
-        self.queue_wait = Histogram(
-            "hive_task_queue_wait_seconds",
-            "From a task becoming queued (created, ready in its plan, or due again after a"
-            " retry) to a worker claiming it",
-            ["task_type"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.run_seconds = Histogram(
-            "hive_task_run_seconds",
-            "A run, from its claim to its end (completed, failed, timed out, lost, released"
-            " or cancelled)",
-            ["task_type"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.delivery = Histogram(
-            "hive_event_delivery_seconds",
-            "From an event's timestamp (taken as the runtime records it) to its arrival at"
-            " this exporter's subscription",
-            buckets=DELIVERY_BUCKETS,
-            registry=r,
-        )
+        # Folded into plain dicts, rendered at scrape (_Counted): an event costs a few
+        # dict updates, not a prometheus-client child lookup and lock per figure.
+        self.events: dict[str, int] = {}
+        self.created: dict[str, int] = {}
+        self.finished: dict[tuple[str, str], int] = {}
+        self.retries: dict[str, int] = {}
+        self.leases_lost: dict[str, int] = {}
+        self.queue_wait: dict[str, _Histogram] = {}
+        self.run_seconds: dict[str, _Histogram] = {}
+        self.delivery = _Histogram(DELIVERY_BUCKETS)
+        self.registry.register(_Counted(self))
         self._snapshot = _Snapshot()
-        r.register(_SnapshotCollector(self))
+        self.registry.register(_SnapshotCollector(self))
         self._ready: dict[str, float] = {}  # task id -> when it became claimable
         self._claimed: dict[str, tuple[float, str]] = {}  # task id -> (claimed at, type)
         #: The newest finished tasks (the dashboard's throughput and percentiles).
@@ -174,16 +144,17 @@ class Metrics:
     def observe(self, event: Event, received: float | None = None) -> None:
         """Fold one event in (each once, in log order)."""
         self.last_seq = max(self.last_seq, event.seq)
-        self.events.labels(event.type).inc()
+        events = self.events
+        events[event.type] = events.get(event.type, 0) + 1
         if received is not None:
-            self.delivery.observe(max(0.0, received - event.timestamp))
+            self.delivery.observe(received - event.timestamp)
         if event.task_id is None or not event.type.startswith(("task.", "plan.subtask_ready")):
             return
         task_id, at, data = event.task_id, event.timestamp, event.data
         task_type = str(data.get("task_type", ""))
         status = data.get("status")
         if event.type == "task.created":
-            self.created.labels(task_type).inc()
+            self.created[task_type] = self.created.get(task_type, 0) + 1
             self.recent_created.append((at, task_type))
             if event.plan_id is None:  # a plan's task waits, blocked, until it is ready
                 self._ready[task_id] = at
@@ -198,7 +169,7 @@ class Metrics:
             claimed = self._claimed.pop(task_id, None)
             if claimed is not None:
                 run_seconds = max(0.0, at - claimed[0])
-                self.run_seconds.labels(claimed[1]).observe(run_seconds)
+                _histogram(self.run_seconds, claimed[1]).observe(run_seconds)
         if status == TaskStatus.QUEUED.value:
             retry_in = data.get("retry_in")
             delay = float(retry_in) if isinstance(retry_in, int | float) else 0.0
@@ -207,24 +178,30 @@ class Metrics:
         elif status == TaskStatus.ASSIGNED.value:
             ready = self._ready.pop(task_id, None)
             if ready is not None:
-                self.queue_wait.labels(task_type).observe(max(0.0, at - ready))
+                _histogram(self.queue_wait, task_type).observe(max(0.0, at - ready))
             self._claimed[task_id] = (at, task_type)
             _forget_oldest(self._claimed)
         reason = data.get("reason")
         if event.type == "task.retrying" and isinstance(reason, str):
-            self.retries.labels(reason).inc()
+            self.retries[reason] = self.retries.get(reason, 0) + 1
         if isinstance(reason, str) and reason in LOST_REASONS:
-            self.leases_lost.labels(reason).inc()
+            self.leases_lost[reason] = self.leases_lost.get(reason, 0) + 1
         if isinstance(status, str) and status in _FINAL:
             self._ready.pop(task_id, None)
-            self.finished.labels(task_type, status).inc()
+            key = (task_type, status)
+            self.finished[key] = self.finished.get(key, 0) + 1
             self.recent.append(Finished(at, task_type, status, run_seconds))
 
-    async def run(self, *, task_status: StartStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Follow the log from its end, folding every new event in, until cancelled (or
-        the runtime stops). Started (``task_group.start``) once its place in the log is
-        taken: every event committed after that is counted."""
-        self.last_seq = await self.source.reader.last_seq()
+    async def run(
+        self,
+        *,
+        after: int | None = None,
+        task_status: StartStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Follow the log from its end (or from seq ``after``), folding every new event
+        in, until cancelled (or the runtime stops). Started (``task_group.start``) once
+        its place in the log is taken: every event committed after that is counted."""
+        self.last_seq = await self.source.reader.last_seq() if after is None else after
         task_status.started()
         async for event in self.source.follow(self.last_seq):
             self.observe(event, time.time())
@@ -296,6 +273,87 @@ class Metrics:
             return {}
         last = len(durations) - 1
         return {f"p{p:g}": durations[min(last, round(last * p / 100))] for p in points}
+
+
+class _Histogram:
+    """Observations in buckets (each counted in the first whose bound holds it)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        value = max(0.0, value)
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        total, out = 0, []
+        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
+            total += count
+            out.append(("+Inf" if math.isinf(bound) else repr(bound), float(total)))
+        return out
+
+
+def _histogram(by: dict[str, _Histogram], key: str) -> _Histogram:
+    found = by.get(key)
+    if found is None:
+        found = by[key] = _Histogram(DURATION_BUCKETS)
+    return found
+
+
+class _Counted(Collector):
+    """What :meth:`Metrics.observe` counted, as metric families."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        m = self._metrics
+        for name, text, label, counts in (
+            ("hive_events", "Events committed to the log, by type", "event_type", m.events),
+            ("hive_tasks_created", "Tasks created (task.created), by type", "task_type",
+             m.created),
+            ("hive_task_retries", "Tasks queued again after a run ended without success"
+             " (task.retrying), by reason", "reason", m.retries),
+            ("hive_leases_lost", "Runs that ended because their worker's lease expired or"
+             " the worker was lost", "reason", m.leases_lost),
+        ):  # fmt: skip
+            family = CounterMetricFamily(name, text, labels=[label])
+            for key, count in sorted(counts.items()):
+                family.add_metric([key], count)
+            yield family
+        finished = CounterMetricFamily(
+            "hive_tasks_finished",
+            "Tasks that reached a final status (completed, failed, cancelled, timed_out)",
+            labels=["task_type", "status"],
+        )
+        for (task_type, status), count in sorted(m.finished.items()):
+            finished.add_metric([task_type, status], count)
+        yield finished
+        for name, text, by in (
+            ("hive_task_queue_wait_seconds", "From a task becoming queued (created, ready in"
+             " its plan, or due again after a retry) to a worker claiming it", m.queue_wait),
+            ("hive_task_run_seconds", "A run, from its claim to its end (completed, failed,"
+             " timed out, lost, released or cancelled)", m.run_seconds),
+        ):  # fmt: skip
+            histograms = HistogramMetricFamily(name, text, labels=["task_type"])
+            for task_type, hist in sorted(by.items()):
+                histograms.add_metric([task_type], hist.cumulative(), hist.sum)
+            yield histograms
+        delivery = HistogramMetricFamily(
+            "hive_event_delivery_seconds",
+            "From an event's timestamp (taken as the runtime records it) to its arrival at"
+            " this exporter's subscription",
+        )
+        delivery.add_metric([], m.delivery.cumulative(), m.delivery.sum)
+        yield delivery
 
 
 class _SnapshotCollector(Collector):
