@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -296,3 +297,32 @@ def test_the_dashboard_goes_on_from_the_file_when_its_runtime_stops(
             process.wait()
         if process.stdout is not None:
             process.stdout.close()
+
+
+def test_the_stream_resumes_after_the_last_event_id_and_filters(owned: str, backend: str) -> None:
+    """A browser's EventSource that reconnects sends the last id it saw: the stream goes
+    on from there, with no gap and no duplicate, filtered as asked."""
+    with (
+        SyncOrchestrationClient(db_path=owned) as client,
+        dashboard("--db", owned, "--backend", backend) as board,
+    ):
+        seqs = [
+            client.publish("app.note" if n % 2 else "other.note", {"n": n}).seq for n in range(6)
+        ]
+        wanted = [seq for n, seq in enumerate(seqs) if n % 2 and seq > seqs[1]]
+        request = urllib.request.Request(
+            board.url + "stream?pattern=app.*", headers={"Last-Event-ID": str(seqs[1])}
+        )
+        got: list[int] = []
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            data: dict[str, Any] = {}
+            while len(got) < len(wanted):
+                line = response.readline().decode()
+                if line.startswith("id: "):
+                    got.append(int(line[4:]))
+                elif line.startswith("data: "):
+                    data = json.loads(line[6:])
+                    assert data["type"] == "app.note"
+                    assert data["seq"] == got[-1]
+        assert got == wanted

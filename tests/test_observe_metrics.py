@@ -19,6 +19,7 @@ pytest.importorskip("prometheus_client", reason="the metrics extra is not instal
 from prometheus_client.parser import text_string_to_metric_families
 
 from hive_orchestration import Runtime
+from hive_orchestration.messages.events import Event
 from hive_orchestration.observe.metrics import Metrics, metrics_app, watch
 
 pytestmark = pytest.mark.anyio
@@ -159,3 +160,49 @@ async def test_scraped_figures_match_what_was_done(db_path: str) -> None:
     # The Grafana dashboard of the docs graphs only what is scraped.
     scraped = {name for name, _ in samples}
     assert grafana_metrics() - scraped == set()
+
+
+def _event(seq: int, kind: str, at: float, task: str, **data: Any) -> Event:
+    plan = data.pop("plan_id", None)
+    return Event(
+        seq=seq, type=kind, timestamp=at, source="t", task_id=task, plan_id=plan, data=data
+    )
+
+
+def test_waits_count_from_when_a_task_became_claimable() -> None:
+    """A plan's task waits from ``plan.subtask_ready``, not from its creation; a retried
+    one from the end of its backoff; a run from its claim to its end. The dashboard's
+    rates divide by the time the exporter has been counting."""
+    metrics = Metrics(None)  # type: ignore[arg-type]  # folded by hand: no source read
+    metrics.started = 1000.0
+    q, a, r = {"previous": "queued"}, {"previous": "assigned"}, {"previous": "running"}
+    events = [
+        _event(1, "task.created", 1000.0, "p1", task_type="b", plan_id="plan"),
+        _event(2, "plan.subtask_ready", 1010.0, "p1", task_type="b", status="queued"),
+        _event(3, "task.assigned", 1012.0, "p1", task_type="b", status="assigned", **q),
+        _event(4, "task.started", 1013.0, "p1", task_type="b", status="running", **a),
+        _event(
+            5,
+            "task.retrying",
+            1020.0,
+            "p1",
+            task_type="b",
+            status="queued",
+            **r,
+            reason="failed",
+            retry_in=30.0,
+        ),
+        _event(6, "task.assigned", 1055.0, "p1", task_type="b", status="assigned", **q),
+        _event(7, "task.completed", 1058.0, "p1", task_type="b", status="completed", **a),
+    ]
+    for event in events:
+        metrics.observe(event)
+    assert metrics.queue_wait["b"].counts[metrics.queue_wait["b"].bounds.index(2.5)] == 1
+    assert metrics.queue_wait["b"].counts[metrics.queue_wait["b"].bounds.index(5.0)] == 1
+    assert metrics.queue_wait["b"].sum == 2.0 + 5.0
+    assert metrics.run_seconds["b"].sum == 8.0 + 3.0
+    assert metrics.retries == {"failed": 1}
+    assert metrics.finished == {("b", "completed"): 1}
+    assert metrics.throughput(now=1060.0) == {"completed": 1.0}  # 1 in the 60 s counted
+    assert metrics.created_rate(now=1060.0) == {"b": 1.0}
+    assert metrics.run_percentiles((50,)) == {"p50": 3.0}

@@ -137,6 +137,8 @@ class Metrics:
         self.recent_created: deque[tuple[float, str]] = deque(maxlen=RECENT)
         #: The last seq folded in.
         self.last_seq = 0
+        #: When it began to count (Unix seconds).
+        self.started = time.time()
         self._refreshing = anyio.Lock()
 
     # -- counted from events ------------------------------------------------------------
@@ -201,7 +203,11 @@ class Metrics:
         """Follow the log from its end (or from seq ``after``), folding every new event
         in, until cancelled (or the runtime stops). Started (``task_group.start``) once
         its place in the log is taken: every event committed after that is counted."""
-        self.last_seq = await self.source.reader.last_seq() if after is None else after
+        if after is None:
+            self.last_seq = await self.source.reader.last_seq()
+            self.started = time.time()
+        else:
+            self.last_seq = after
         task_status.started()
         async for event in self.source.follow(self.last_seq):
             self.observe(event, time.time())
@@ -250,20 +256,22 @@ class Metrics:
         """Tasks finished per minute over the last ``window`` seconds, by final status
         (of those seen since the exporter started)."""
         now = time.time() if now is None else now
+        seen = max(1.0, min(window, now - self.started))  # a younger exporter saw less
         rates: dict[str, float] = {}
         for done in self.recent:
             if now - done.at <= window:
-                rates[done.status] = rates.get(done.status, 0.0) + 60.0 / window
+                rates[done.status] = rates.get(done.status, 0.0) + 60.0 / seen
         return rates
 
     def created_rate(self, window: float = 300.0, now: float | None = None) -> dict[str, float]:
         """Tasks created per minute over the last ``window`` seconds, by type (of the
         newest ones seen since the exporter started)."""
         now = time.time() if now is None else now
+        seen = max(1.0, min(window, now - self.started))
         rates: dict[str, float] = {}
         for at, task_type in self.recent_created:
             if now - at <= window:
-                rates[task_type] = rates.get(task_type, 0.0) + 60.0 / window
+                rates[task_type] = rates.get(task_type, 0.0) + 60.0 / seen
         return rates
 
     def run_percentiles(self, points: Iterable[float] = (50, 95, 99)) -> dict[str, float]:

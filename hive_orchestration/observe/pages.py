@@ -196,7 +196,7 @@ def overview(
         for status, count in report.tasks.items()
     )
     rate = _table(
-        ["final status", "tasks per minute (last 5 min)"],
+        ["final status", "tasks per minute (last 5 min, or since the dashboard started)"],
         [[_status(s), f"{r:.1f}"] for s, r in sorted(throughput.items())],
         "no task has finished since the dashboard started",
     )
