@@ -125,6 +125,9 @@ async def lifecycle(
             else:
                 async with watch(rt) as metrics:
                     rate = await go()
+                    # One more, after the clock stopped: a short run still scrapes once.
+                    await metrics.exposition()
+                    scrapes += 1
                     assert metrics.last_seq > 0
             outer.cancel_scope.cancel()
         return rate, scrapes
