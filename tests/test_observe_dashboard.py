@@ -326,3 +326,48 @@ def test_the_stream_resumes_after_the_last_event_id_and_filters(owned: str, back
                     assert data["type"] == "app.note"
                     assert data["seq"] == got[-1]
         assert got == wanted
+
+
+def test_a_dashboard_of_a_runtime_served_over_tcp(
+    db_path: str, backend: str, tmp_path: Path
+) -> None:
+    """``dashboard --url`` with an agent's token reads a runtime served over TCP (no file
+    opened); a runtime that stops ends it, saying so."""
+    from test_remote_tcp import DEPLOYER, write_tokens
+
+    tokens = write_tokens(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HIVE_ORCHESTRATION_")}
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "hive_orchestration", "serve", "--db", db_path),
+            *("--backend", backend, "--listen", "tcp://127.0.0.1:0", "--tokens", tokens),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None
+        served = json.loads(process.stdout.readline())
+        url = next(a for a in served["addresses"] if a.startswith("hive://"))
+        with SyncOrchestrationClient(db_path=db_path) as client:
+            task_id = client.create_task("deploy", {"env": "<prod>"}, title="over tcp")
+        with dashboard(
+            "--url", url, "--backend", backend, env={"HIVE_ORCHESTRATION_TOKEN": DEPLOYER}
+        ) as board:
+            status, _, page = get(f"{board.url}tasks/{task_id}")
+            assert status == 200
+            assert "over tcp" in page
+            assert "&lt;prod&gt;" in page
+            assert 'hive_tasks{status="queued"} 1.0' in get(board.url + "metrics")[2]
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(30) == 0
+            assert board.process.wait(30) == 1
+            assert board.process.stderr is not None
+            assert b"stopped" in board.process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
