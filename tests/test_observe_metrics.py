@@ -206,3 +206,23 @@ def test_waits_count_from_when_a_task_became_claimable() -> None:
     assert metrics.throughput(now=1060.0) == {"completed": 1.0}  # 1 in the 60 s counted
     assert metrics.created_rate(now=1060.0) == {"b": 1.0}
     assert metrics.run_percentiles((50,)) == {"p50": 3.0}
+
+
+async def test_a_queue_too_deep_to_read_whole_is_not_reported_by_type(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Depth by type is read from one page of queued tasks: past a page's worth it would
+    be under-reported, so it is left out (the total stays, in ``hive_tasks``)."""
+    from hive_orchestration.observe import metrics as module
+
+    monkeypatch.setattr(module, "MAX_READ", 3)
+    async with Runtime.open(db_path) as runtime, watch(runtime) as metrics:
+        await runtime.create_task("a", {})
+        await runtime.create_task("b", {})
+        _, _, samples = await scrape(metrics)
+        assert value(samples, "hive_queue_depth", task_type="a") == 1
+        assert value(samples, "hive_queue_depth", task_type="b") == 1
+        await runtime.create_task("b", {})
+        _, _, samples = await scrape(metrics)
+        assert not [name for name, _ in samples if name.startswith("hive_queue_")]
+        assert value(samples, "hive_tasks", status="queued") == 3

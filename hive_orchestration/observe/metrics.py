@@ -219,8 +219,11 @@ class Metrics:
         async with self._refreshing:
             reader = self.source.reader
             snapshot = _Snapshot(tasks=await reader.task_counts())
-            queued = await reader.tasks(TaskStatus.QUEUED, limit=MAX_READ)
-            if len(queued) < MAX_READ:
+            # A queue the page cannot hold is not read at all (a million queued tasks
+            # would cost a full page a scrape for figures that are then left out).
+            full = snapshot.tasks.get(TaskStatus.QUEUED.value, 0) >= MAX_READ
+            queued = [] if full else await reader.tasks(TaskStatus.QUEUED, limit=MAX_READ)
+            if not full and len(queued) < MAX_READ:
                 now = time.time()
                 depth: dict[str, int] = {}
                 for task in queued:
