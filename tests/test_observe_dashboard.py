@@ -215,6 +215,7 @@ def test_a_plan_turns_completed_in_the_browser_without_a_reload(owned: str, back
             assert len(texts) == 2
             assert all("app.note" in text for text in texts)
             assert any(EVIL_TITLE in text for text in texts)
+            assert page.locator("#tail td.empty").count() == 0
             assert page.evaluate("window.__xss") is None
             page.screenshot(path=str(ARTEFACTS / f"{shot}-events.png"))
         finally:

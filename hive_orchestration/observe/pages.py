@@ -140,10 +140,15 @@ es.onmessage=(m)=>{
     return;}
   if(root.page==='events'){
     const body=document.querySelector('#tail tbody'); if(!body) return;
+    for(const empty of body.querySelectorAll('td.empty')) empty.parentElement.remove();
     const tr=document.createElement('tr');
-    for(const v of [ev.seq,new Date(ev.timestamp*1000).toISOString().slice(11,23),ev.type,
-      ev.source,ev.task_id||'',ev.plan_id||'',ev.worker_id||'',JSON.stringify(ev.data)]){
-      const td=document.createElement('td');td.textContent=String(v);tr.appendChild(td);}
+    const when=new Date(ev.timestamp*1000).toISOString().replace('T',' ').slice(0,19);
+    for(const [v,link] of [[ev.seq],[when],[ev.type],[ev.source],[ev.task_id,'tasks/'],
+      [ev.plan_id,'plans/'],[ev.worker_id],[JSON.stringify(ev.data)]]){
+      const td=document.createElement('td');
+      if(link&&v){const a=document.createElement('a');a.href=link+encodeURIComponent(v);
+        a.textContent=v;td.appendChild(a);} else td.textContent=v==null?'':String(v);
+      tr.appendChild(td);}
     tr.dataset.seq=ev.seq; body.prepend(tr);
     while(body.rows.length>500) body.deleteRow(body.rows.length-1);
     return;}
