@@ -293,9 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
         " browser gives once as ?token=TOKEN and a scraper as 'Authorization: Bearer'."
         " Needs the 'dashboard' extra.",
     )
-    dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on")
     dashboard.add_argument(
-        "--port", type=_bounded(0, 65535), default=7734, help="port (0: any free one)"
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    dashboard.add_argument(
+        "--port", type=_bounded(0, 65535), default=7734, help="port (default 7734; 0: any free one)"
     )
 
     db = commands.add_parser("db", help="the database's schema version, and migrating it")
