@@ -1,7 +1,7 @@
 """Prometheus metrics of a hive-orchestration database (extra ``metrics``:
 prometheus-client).
 
-Two kinds of figures, each computed from what the runtime publicly says:
+Three kinds of figures, each computed from what the runtime publicly says:
 
 - **Counted from events** (``hive_events_total``, ``hive_tasks_created_total``,
   ``hive_tasks_finished_total``, ``hive_task_retries_total``, ``hive_leases_lost_total``,
