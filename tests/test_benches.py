@@ -119,6 +119,15 @@ def _reads(figures: dict[str, Any]) -> None:
 #: Where reads.py keeps its small database between the suite's runs.
 _READS_CACHE = str(Path(tempfile.gettempdir()) / "hive-bench-reads-suite")
 
+
+def _metrics(figures: dict[str, Any]) -> None:
+    assert figures["tasks"] == 100
+    for shape in figures["shapes"]:
+        assert [r["off"] > 0 and r["on"] > 0 and r["scrapes"] >= 1 for r in shape["rounds"]] == [
+            True
+        ]
+
+
 RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
     "tasks.py": (["--tasks", "100", "--handoffs", "10", "--json"], _tasks),
     "agents.py": (["--tasks", "100", "--copies", "2", "--json"], _agents),
@@ -130,6 +139,7 @@ RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
         None,
     ),
     "inputs.py": (["--size", "2", "--repeat", "1", "--json"], _inputs),
+    "metrics.py": (["--tasks", "100", "--repeat", "1", "--json"], _metrics),
     "soak.py": (["--minutes", "0.1", "--sample", "2", "--warmup", "2", "--json"], _soak),
     "peers.py": (["--tasks", "100", "--handoffs", "10", "--repeat", "1", "--json"], _peers),
     "reads.py": (

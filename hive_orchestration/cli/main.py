@@ -276,6 +276,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-connections", type=_count(1), metavar="N", help="connections at once (1024)"
     )
+    serve.add_argument(
+        "--dashboard",
+        metavar="HOST:PORT",
+        help="serve the web dashboard and /metrics there too (extra 'dashboard'; off"
+        " loopback it needs $HIVE_ORCHESTRATION_DASHBOARD_TOKEN)",
+    )
+
+    dashboard = commands.add_parser(
+        "dashboard",
+        parents=[common, remote],
+        help="a read-only web dashboard of the database (and /metrics), until stopped",
+        description="Serve a web dashboard (overview, queues, workers, tasks, plans drawn"
+        " live, the event tail) and Prometheus /metrics for --db (its runtime through its"
+        " socket if one serves it, else the file) or --url. It only reads. Loopback by"
+        " default; another --host needs $HIVE_ORCHESTRATION_DASHBOARD_TOKEN, which a"
+        " browser gives once as ?token=TOKEN and a scraper as 'Authorization: Bearer'."
+        " Needs the 'dashboard' extra.",
+    )
+    dashboard.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    dashboard.add_argument(
+        "--port", type=_bounded(0, 65535), default=7734, help="port (default 7734; 0: any free one)"
+    )
 
     db = commands.add_parser("db", help="the database's schema version, and migrating it")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -386,6 +410,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = run_worker
     elif args.command == "serve":
         handler = _serve
+    elif args.command == "dashboard":
+        handler = _dashboard
     else:
         if args.command != "db" and not args.json and not _rich_available():
             print(f"error: {RICH_MISSING}", file=sys.stderr)
@@ -477,7 +503,29 @@ async def _demo(args: argparse.Namespace) -> None:
     await run_demo(args.db)
 
 
+DASHBOARD_MISSING = (
+    "the dashboard needs Starlette, Hypercorn and prometheus-client:"
+    " pip install 'hive-orchestration[dashboard]'"
+)
+
+
+def _observe() -> Any:
+    """The dashboard's module (imported only by the commands that serve it)."""
+    try:
+        from ..observe import command
+    except ImportError as exc:
+        raise InvalidInputError("dashboard", f"{DASHBOARD_MISSING} ({exc})") from exc
+    return command
+
+
+async def _dashboard(args: argparse.Namespace) -> None:
+    await _observe().run_dashboard(args)
+
+
 async def _serve(args: argparse.Namespace) -> None:
+    observe = None if args.dashboard is None else _observe()
+    if observe is not None:
+        observe.dashboard_token(observe.parse_address(args.dashboard, 7734)[0])
     overrides: dict[str, Any] = {}
     if args.listen:  # else $HIVE_ORCHESTRATION_LISTEN, if set
         overrides["listen"] = tuple(address for address in args.listen if address != "unix")
@@ -501,15 +549,26 @@ async def _serve(args: argparse.Namespace) -> None:
             addresses = [] if server is None else list(server.tcp_addresses)
             if server is not None and server.address:
                 addresses.insert(0, server.address)
-            _print_json({"serving": runtime.path, "pid": os.getpid(), "addresses": addresses})
-            async for signum in signals:
-                print(
-                    f"{signal.Signals(signum).name}: stopping (clients are told; calls in"
-                    " flight finish)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                break
+            async with anyio.create_task_group() as beside:
+                shown: dict[str, object] = {
+                    "serving": runtime.path,
+                    "pid": os.getpid(),
+                    "addresses": addresses,
+                }
+                if observe is not None:
+                    shown["dashboard"] = await beside.start(
+                        observe.serve_beside, runtime, args.dashboard
+                    )
+                _print_json(shown)
+                async for signum in signals:
+                    print(
+                        f"{signal.Signals(signum).name}: stopping (clients are told; calls in"
+                        " flight finish)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    break
+                beside.cancel_scope.cancel()
     _print_json({"stopped": runtime.path})
 
 

@@ -1,0 +1,498 @@
+"""Prometheus metrics of a hive-orchestration database (extra ``metrics``:
+prometheus-client).
+
+Three kinds of figures, each computed from what the runtime publicly says:
+
+- **Counted from events** (``hive_events_total``, ``hive_tasks_created_total``,
+  ``hive_tasks_finished_total``, ``hive_task_retries_total``, ``hive_leases_lost_total``,
+  and the histograms ``hive_task_queue_wait_seconds``, ``hive_task_run_seconds``,
+  ``hive_event_delivery_seconds``): :meth:`Metrics.run` follows the event log from its end
+  when it starts, so, as for any Prometheus counter, they count what happened since the
+  exporter started (``rate()`` is the figure to graph). Every task transition is an event
+  carrying the task's type, its new status and its previous one, so nothing is guessed.
+- **Read at each scrape** (``hive_tasks``, ``hive_claims_in_flight``, ``hive_queue_depth``,
+  ``hive_queue_oldest_age_seconds``, ``hive_workers``, ``hive_plans``): bounded public
+  reads (``count_tasks``, ``list_tasks``, ``list_workers``, ``get_execution_plans``). A
+  per-type or per-status figure whose page of rows came back full (``MAX_READ`` rows) is
+  left out rather than under-reported.
+- **The runtime's own statistics**, in its process only (:meth:`Runtime.statistics`):
+  ``hive_mailbox_depth``, ``hive_actor_restarts_total``, ``hive_storage_commits_total``,
+  ``hive_storage_writes_total``, ``hive_commit_batch_size_max``,
+  ``hive_subscriber_lagged_total``... Over a socket they are not served, so a dashboard
+  pointed at another process's runtime does not show them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from bisect import bisect_left
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskStatus as StartStatus
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+from .._validate import MAX_READ
+from ..messages.events import Event
+from ..messages.plans import PlanStatus
+from ..messages.tasks import TaskStatus
+from ..messages.workers import WorkerStatus
+from .source import Source
+
+if TYPE_CHECKING:
+    from ..embedded import Runtime, RuntimeStatistics
+
+__all__ = ["DURATION_BUCKETS", "Metrics", "metrics_app", "watch"]
+
+#: Seconds, from a few milliseconds to a day: a queue wait or a run may last hours.
+DURATION_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+    300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0,
+)  # fmt: skip
+#: From the event's timestamp to its arrival here: sub-millisecond to seconds.
+DELIVERY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+#: Tasks waiting (or running) whose start time is remembered to time their wait (or run):
+#: beyond it the oldest are forgotten, and their wait is not observed, rather than
+#: growing without bound on a deep queue.
+TRACKED = 100_000
+#: Finished runs kept for the dashboard's throughput and latency percentiles.
+RECENT = 2000
+#: How a run that ended without its worker is named in ``task.retrying``/``task.failed``.
+LOST_REASONS = frozenset({"lease_expired", "worker_lost"})
+
+_ACTIVE = frozenset({TaskStatus.ASSIGNED.value, TaskStatus.RUNNING.value})
+_FINAL = frozenset(
+    s.value
+    for s in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.TIMED_OUT)
+)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A task that ended, for the dashboard: when, how, and its last run's duration."""
+
+    at: float
+    task_type: str
+    status: str
+    run_seconds: float | None
+
+
+@dataclass
+class _Snapshot:
+    """What the last scrape read."""
+
+    tasks: dict[str, int] = field(default_factory=dict)
+    queue_depth: dict[str, int] | None = None  # None: too many queued tasks to count by type
+    queue_oldest: dict[str, float] = field(default_factory=dict)
+    workers: dict[str, int] = field(default_factory=dict)
+    plans: dict[str, int] = field(default_factory=dict)
+    statistics: RuntimeStatistics | None = None
+
+
+def _forget_oldest(tracked: MutableMapping[str, Any]) -> None:
+    while len(tracked) > TRACKED:
+        del tracked[next(iter(tracked))]
+
+
+class Metrics:
+    """The metrics of one source, in a registry of their own (never the global one, so
+    that two runtimes of a process, or a test, do not mix)."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self.registry = CollectorRegistry(auto_describe=True)
+        # Folded into plain dicts, rendered at scrape (_Counted): an event costs a few
+        # dict updates, not a prometheus-client child lookup and lock per figure.
+        self.events: dict[str, int] = {}
+        self.created: dict[str, int] = {}
+        self.finished: dict[tuple[str, str], int] = {}
+        self.retries: dict[str, int] = {}
+        self.leases_lost: dict[str, int] = {}
+        self.queue_wait: dict[str, _Histogram] = {}
+        self.run_seconds: dict[str, _Histogram] = {}
+        self.delivery = _Histogram(DELIVERY_BUCKETS)
+        self.registry.register(_Counted(self))
+        self._snapshot = _Snapshot()
+        self.registry.register(_SnapshotCollector(self))
+        self._ready: dict[str, float] = {}  # task id -> when it became claimable
+        self._claimed: dict[str, tuple[float, str]] = {}  # task id -> (claimed at, type)
+        #: The newest finished tasks (the dashboard's throughput and percentiles).
+        self.recent: deque[Finished] = deque(maxlen=RECENT)
+        #: When the newest tasks were created, and their type (the queues' rates).
+        self.recent_created: deque[tuple[float, str]] = deque(maxlen=RECENT)
+        #: The last seq folded in.
+        self.last_seq = 0
+        #: When it began to count (Unix seconds).
+        self.started = time.time()
+        self._refreshing = anyio.Lock()
+
+    # -- counted from events ------------------------------------------------------------
+
+    def observe(self, event: Event, received: float | None = None) -> None:
+        """Fold one event in (each once, in log order)."""
+        self.last_seq = max(self.last_seq, event.seq)
+        events = self.events
+        events[event.type] = events.get(event.type, 0) + 1
+        if received is not None:
+            self.delivery.observe(received - event.timestamp)
+        if event.task_id is None or not event.type.startswith(("task.", "plan.subtask_ready")):
+            return
+        task_id, at, data = event.task_id, event.timestamp, event.data
+        task_type = str(data.get("task_type", ""))
+        status = data.get("status")
+        if event.type == "task.created":
+            self.created[task_type] = self.created.get(task_type, 0) + 1
+            self.recent_created.append((at, task_type))
+            if event.plan_id is None:  # a plan's task waits, blocked, until it is ready
+                self._ready[task_id] = at
+                _forget_oldest(self._ready)
+            return
+        if event.type == "task.deleted":
+            self._ready.pop(task_id, None)
+            self._claimed.pop(task_id, None)
+            return
+        run_seconds = None
+        if data.get("previous") in _ACTIVE and status not in _ACTIVE:
+            claimed = self._claimed.pop(task_id, None)
+            if claimed is not None:
+                run_seconds = max(0.0, at - claimed[0])
+                _histogram(self.run_seconds, claimed[1]).observe(run_seconds)
+        if status == TaskStatus.QUEUED.value:
+            retry_in = data.get("retry_in")
+            delay = float(retry_in) if isinstance(retry_in, int | float) else 0.0
+            self._ready[task_id] = at + delay
+            _forget_oldest(self._ready)
+        elif status == TaskStatus.ASSIGNED.value:
+            ready = self._ready.pop(task_id, None)
+            if ready is not None:
+                _histogram(self.queue_wait, task_type).observe(max(0.0, at - ready))
+            self._claimed[task_id] = (at, task_type)
+            _forget_oldest(self._claimed)
+        reason = data.get("reason")
+        if event.type == "task.retrying" and isinstance(reason, str):
+            self.retries[reason] = self.retries.get(reason, 0) + 1
+        if isinstance(reason, str) and reason in LOST_REASONS:
+            self.leases_lost[reason] = self.leases_lost.get(reason, 0) + 1
+        if isinstance(status, str) and status in _FINAL:
+            self._ready.pop(task_id, None)
+            key = (task_type, status)
+            self.finished[key] = self.finished.get(key, 0) + 1
+            self.recent.append(Finished(at, task_type, status, run_seconds))
+
+    async def run(
+        self,
+        *,
+        after: int | None = None,
+        task_status: StartStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Follow the log from its end (or from seq ``after``), folding every new event
+        in, until cancelled (or the runtime stops). Started (``task_group.start``) once
+        its place in the log is taken: every event committed after that is counted."""
+        if after is None:
+            self.last_seq = await self.source.reader.last_seq()
+            self.started = time.time()
+        else:
+            self.last_seq = after
+        task_status.started()
+        async for event in self.source.follow(self.last_seq):
+            self.observe(event, time.time())
+
+    # -- read at each scrape ------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Read the figures of the moment (one scrape at a time)."""
+        async with self._refreshing:
+            reader = self.source.reader
+            snapshot = _Snapshot(tasks=await reader.task_counts())
+            # A queue the page cannot hold is not read at all (a million queued tasks
+            # would cost a full page a scrape for figures that are then left out).
+            full = snapshot.tasks.get(TaskStatus.QUEUED.value, 0) >= MAX_READ
+            queued = [] if full else await reader.tasks(TaskStatus.QUEUED, limit=MAX_READ)
+            if not full and len(queued) < MAX_READ:
+                now = time.time()
+                depth: dict[str, int] = {}
+                for task in queued:
+                    depth[task.task_type] = depth.get(task.task_type, 0) + 1
+                    # Queued since its last transition, claimable from available_at.
+                    since = task.updated_at.timestamp()
+                    if task.available_at is not None:
+                        since = max(since, task.available_at.timestamp())
+                    age = max(0.0, now - since)
+                    snapshot.queue_oldest[task.task_type] = max(
+                        age, snapshot.queue_oldest.get(task.task_type, 0.0)
+                    )
+                snapshot.queue_depth = depth
+            for worker in await reader.workers():
+                key = worker.status.value
+                snapshot.workers[key] = snapshot.workers.get(key, 0) + 1
+            for plan_status in PlanStatus:
+                plans = await reader.plans(plan_status, limit=MAX_READ)
+                if len(plans) < MAX_READ:
+                    snapshot.plans[plan_status.value] = len(plans)
+            if self.source.runtime is not None:
+                snapshot.statistics = await self.source.runtime.statistics()
+            self._snapshot = snapshot
+
+    async def exposition(self) -> bytes:
+        """The text a scrape gets: the figures read now, and the counters."""
+        await self.refresh()
+        return generate_latest(self.registry)
+
+    # -- for the dashboard --------------------------------------------------------------
+
+    def throughput(self, window: float = 300.0, now: float | None = None) -> dict[str, float]:
+        """Tasks finished per minute over the last ``window`` seconds, by final status
+        (of those seen since the exporter started)."""
+        now = time.time() if now is None else now
+        seen = max(1.0, min(window, now - self.started))  # a younger exporter saw less
+        rates: dict[str, float] = {}
+        for done in self.recent:
+            if now - done.at <= window:
+                rates[done.status] = rates.get(done.status, 0.0) + 60.0 / seen
+        return rates
+
+    def created_rate(self, window: float = 300.0, now: float | None = None) -> dict[str, float]:
+        """Tasks created per minute over the last ``window`` seconds, by type (of the
+        newest ones seen since the exporter started)."""
+        now = time.time() if now is None else now
+        seen = max(1.0, min(window, now - self.started))
+        rates: dict[str, float] = {}
+        for at, task_type in self.recent_created:
+            if now - at <= window:
+                rates[task_type] = rates.get(task_type, 0.0) + 60.0 / seen
+        return rates
+
+    def run_percentiles(self, points: Iterable[float] = (50, 95, 99)) -> dict[str, float]:
+        """Run durations of the newest finished tasks at each percentile (empty if none)."""
+        durations = sorted(d.run_seconds for d in self.recent if d.run_seconds is not None)
+        if not durations:
+            return {}
+        last = len(durations) - 1
+        return {f"p{p:g}": durations[min(last, round(last * p / 100))] for p in points}
+
+
+class _Histogram:
+    """Observations in buckets (each counted in the first whose bound holds it)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        value = max(0.0, value)
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        total, out = 0, []
+        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
+            total += count
+            out.append(("+Inf" if math.isinf(bound) else repr(bound), float(total)))
+        return out
+
+
+def _histogram(by: dict[str, _Histogram], key: str) -> _Histogram:
+    found = by.get(key)
+    if found is None:
+        found = by[key] = _Histogram(DURATION_BUCKETS)
+    return found
+
+
+class _Counted(Collector):
+    """What :meth:`Metrics.observe` counted, as metric families."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        m = self._metrics
+        for name, text, label, counts in (
+            ("hive_events", "Events committed to the log, by type", "event_type", m.events),
+            ("hive_tasks_created", "Tasks created (task.created), by type", "task_type",
+             m.created),
+            ("hive_task_retries", "Tasks queued again after a run ended without success"
+             " (task.retrying), by reason", "reason", m.retries),
+            ("hive_leases_lost", "Runs that ended because their worker's lease expired or"
+             " the worker was lost", "reason", m.leases_lost),
+        ):  # fmt: skip
+            family = CounterMetricFamily(name, text, labels=[label])
+            for key, count in sorted(counts.items()):
+                family.add_metric([key], count)
+            yield family
+        finished = CounterMetricFamily(
+            "hive_tasks_finished",
+            "Tasks that reached a final status (completed, failed, cancelled, timed_out)",
+            labels=["task_type", "status"],
+        )
+        for (task_type, status), count in sorted(m.finished.items()):
+            finished.add_metric([task_type, status], count)
+        yield finished
+        for name, text, by in (
+            ("hive_task_queue_wait_seconds", "From a task becoming queued (created, ready in"
+             " its plan, or due again after a retry) to a worker claiming it", m.queue_wait),
+            ("hive_task_run_seconds", "A run, from its claim to its end (completed, failed,"
+             " timed out, lost, released or cancelled)", m.run_seconds),
+        ):  # fmt: skip
+            histograms = HistogramMetricFamily(name, text, labels=["task_type"])
+            for task_type, hist in sorted(by.items()):
+                histograms.add_metric([task_type], hist.cumulative(), hist.sum)
+            yield histograms
+        delivery = HistogramMetricFamily(
+            "hive_event_delivery_seconds",
+            "From an event's timestamp (taken as the runtime records it) to its arrival at"
+            " this exporter's subscription",
+        )
+        delivery.add_metric([], m.delivery.cumulative(), m.delivery.sum)
+        yield delivery
+
+
+class _SnapshotCollector(Collector):
+    """The figures of the last :meth:`Metrics.refresh`, as metric families (labels that
+    are gone are gone, unlike a Gauge's children)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # read at scrape: no fixed set to describe
+
+    def collect(self) -> Iterable[Metric]:
+        snap = self._metrics._snapshot
+        tasks = GaugeMetricFamily("hive_tasks", "Tasks by status, now", labels=["status"])
+        for status in dict.fromkeys(s.value for s in TaskStatus):
+            tasks.add_metric([status], snap.tasks.get(status, 0))
+        yield tasks
+        in_flight = snap.tasks.get("assigned", 0) + snap.tasks.get("running", 0)
+        yield GaugeMetricFamily(
+            "hive_claims_in_flight", "Tasks held by a worker's claim (assigned or running)",
+            value=in_flight,
+        )  # fmt: skip
+        if snap.queue_depth is not None:
+            depth = GaugeMetricFamily(
+                "hive_queue_depth", "Queued tasks by type, now", labels=["task_type"]
+            )
+            oldest = GaugeMetricFamily(
+                "hive_queue_oldest_age_seconds",
+                "How long the longest-waiting queued task of each type has been claimable",
+                labels=["task_type"],
+            )
+            for task_type, count in sorted(snap.queue_depth.items()):
+                depth.add_metric([task_type], count)
+                oldest.add_metric([task_type], snap.queue_oldest.get(task_type, 0.0))
+            yield depth
+            yield oldest
+        workers = GaugeMetricFamily(
+            "hive_workers", "Registered workers by status", labels=["status"]
+        )
+        for worker_status in WorkerStatus:
+            workers.add_metric([worker_status.value], snap.workers.get(worker_status.value, 0))
+        yield workers
+        plans = GaugeMetricFamily("hive_plans", "Execution plans by status", labels=["status"])
+        for plan_status, count in snap.plans.items():
+            plans.add_metric([plan_status], count)
+        yield plans
+        stats = snap.statistics
+        if stats is None:
+            return
+        mailbox = GaugeMetricFamily(
+            "hive_mailbox_depth", "Messages queued in each actor's mailbox", labels=["actor"]
+        )
+        capacity = GaugeMetricFamily(
+            "hive_mailbox_capacity", "Each actor's mailbox capacity", labels=["actor"]
+        )
+        for actor, box in stats.mailboxes.items():
+            mailbox.add_metric([actor], box.queued)
+            capacity.add_metric([actor], box.capacity)
+        yield mailbox
+        yield capacity
+        restarts = CounterMetricFamily(
+            "hive_actor_restarts", "Actor restarts by the supervisor", labels=["actor"]
+        )
+        for actor, count in stats.restarts.items():
+            restarts.add_metric([actor], count)
+        yield restarts
+        storage, broadcast = stats.storage, stats.broadcast
+        for name, text, value in (
+            ("hive_storage_commits", "Transactions committed by the storage actor",
+             storage.transactions),
+            ("hive_storage_writes", "Writes committed (a commit groups several)", storage.writes),
+            ("hive_storage_failed_writes", "Writes that failed", storage.failed_writes),
+            ("hive_events_published", "Events handed to the broadcast actor", broadcast.published),
+            ("hive_events_delivered", "Events delivered to subscribers", broadcast.delivered),
+            ("hive_events_dropped", "Events dropped for subscribers with overflow='drop'",
+             broadcast.dropped),
+            ("hive_subscriber_lagged", "Times a subscriber fell its buffer's worth behind",
+             broadcast.lagged),
+        ):  # fmt: skip
+            yield CounterMetricFamily(name, text, value=value)
+        yield GaugeMetricFamily(
+            "hive_commit_batch_size_max", "Most writes one commit has grouped",
+            value=storage.largest_batch,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "hive_subscribers", "The app's live subscriptions", value=broadcast.subscribers
+        )
+
+
+def metrics_app(metrics: Metrics) -> Callable[..., Awaitable[None]]:
+    """An ASGI app that answers every GET with the exposition, to mount where an app's
+    own server wants it (``Mount("/metrics", metrics_app(m))``)."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["method"] not in ("GET", "HEAD"):
+            await _respond(send, 405, b"GET only\n", b"text/plain; charset=utf-8")
+            return
+        body = await metrics.exposition()
+        await _respond(send, 200, body, CONTENT_TYPE_LATEST.encode())
+
+    return app
+
+
+async def _respond(send: Any, status: int, body: bytes, content_type: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", content_type), (b"content-length", b"%d" % len(body))],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+@asynccontextmanager
+async def watch(runtime: Runtime) -> AsyncIterator[Metrics]:
+    """The metrics of a runtime of this process, counted for the block::
+
+    async with Runtime.open("app.db") as runtime, watch(runtime) as metrics:
+        app.mount("/metrics", metrics_app(metrics))  # in the app's own ASGI server
+    """
+    metrics = Metrics(Source.of_runtime(runtime))
+    async with anyio.create_task_group() as group:
+        await group.start(metrics.run)
+        try:
+            yield metrics
+        finally:
+            group.cancel_scope.cancel()

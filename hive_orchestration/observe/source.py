@@ -1,0 +1,102 @@
+"""Where the metrics and the dashboard read from: a :class:`~..cli.reader.Reader` (the
+runtime that owns the database, through its socket or over TCP, or the file read-only),
+and, in the runtime's own process, the runtime itself for what only it can say
+(mailboxes, restarts, commits: :meth:`Runtime.statistics`).
+
+New events come from ``client.events(after=)`` when a runtime answers (pushed as it
+commits them, caught up from the log after a lag), and from reading the log every
+``POLL_INTERVAL`` when only the file does (nothing pushes then).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ..cli.reader import OwnerReader, Reader, open_reader
+from ..messages.events import Event
+
+if TYPE_CHECKING:
+    from ..embedded import Runtime
+
+__all__ = ["POLL_INTERVAL", "Source"]
+
+#: How often the log is read for new events when no runtime pushes them (the file alone).
+POLL_INTERVAL = 0.5
+#: Events read from the file at once while following it.
+_PAGE = 1000
+
+
+class Source:
+    """The reads of an observer, and its feed of new events."""
+
+    def __init__(self, reader: Reader, runtime: Runtime | None = None) -> None:
+        self.reader = reader
+        #: The runtime, when the observer runs in its process: its statistics are read.
+        self.runtime = runtime
+
+    @classmethod
+    def of_runtime(cls, runtime: Runtime, name: str = "observe") -> Source:
+        """The source of a runtime of this process: its public operations, through a
+        client of its own (as any agent's), and its statistics."""
+        client = runtime.client(source_agent=name)
+        return cls(OwnerReader(client, name), runtime)
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, args: argparse.Namespace, name: str) -> AsyncIterator[Source]:
+        """The source the command line names (``--db`` or ``--url``), for the block: the
+        runtime that serves it if one does, else the file, read-only."""
+        async with open_reader(args, name) as reader:
+            yield cls(reader)
+
+    async def follow(
+        self,
+        after: int,
+        *,
+        pattern: str = "*",
+        task_id: str | None = None,
+        plan_id: str | None = None,
+        correlation_id: str | None = None,
+    ) -> AsyncIterator[Event]:
+        """Every event after seq ``after`` that matches, in log order, then each new one
+        as it comes, until cancelled (or, from a runtime, until it stops)."""
+        filters: dict[str, str] = {
+            name: value
+            for name, value in (
+                ("task_id", task_id),
+                ("plan_id", plan_id),
+                ("correlation_id", correlation_id),
+            )
+            if value is not None
+        }
+        if isinstance(self.reader, OwnerReader):
+            stream = self.reader.client.events(after, pattern, buffer=None, **filters)
+            async with stream:
+                async for event in stream:
+                    yield event
+            return
+        cursor = after
+        while True:
+            end = await self.reader.last_seq()
+            batch = await self.reader.events(
+                cursor,
+                limit=_PAGE,
+                pattern=pattern,
+                task_id=task_id,
+                plan_id=plan_id,
+                correlation_id=correlation_id,
+            )
+            for event in batch:
+                yield event
+            if batch:
+                cursor = batch[-1].seq
+            if len(batch) < _PAGE:
+                # Everything up to the log's end before the read was seen (the filters
+                # skipped the rest): the next read starts there.
+                cursor = max(cursor, end)
+                await anyio.sleep(POLL_INTERVAL)
