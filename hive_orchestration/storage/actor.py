@@ -82,6 +82,7 @@ from . import plans
 from .database import Target, open_database
 from .drivers import Driver, Statement
 from .faults import storage_error
+from .queues import QUEUE_QUERIES, query_queues
 from .rows import (
     DELETE_TASK,
     DELETE_WORKER,
@@ -253,6 +254,8 @@ class StorageActor(Actor[StorageMessage]):
                 return tuple(worker_from_row(row) for row in rows)
             case _ if isinstance(message, _PLAN_QUERIES):
                 return await _query_plans(db, message)
+            case _ if isinstance(message, QUEUE_QUERIES):
+                return await query_queues(db, message)
             case other:
                 raise HiveError(f"the storage actor does not handle {type(other).__name__}")
 
