@@ -1,7 +1,8 @@
 """The TaskManager actor: the one owner of every task, every run and every claim.
 
-It keeps the live tasks (not terminal) and their runs in memory, with the most recently
-finished tasks, and is the only code that changes them. It handles a batch of requests at
+It keeps in memory the claimed tasks (assigned, running), the head of each ready queue
+(below), the most recently finished tasks, and the runs of all of these, and is the only
+code that changes tasks and runs. It handles a batch of requests at
 a time: each is checked against the state machine below and applied in memory, and the
 whole batch's changes (task rows, run rows and events, in order) go to the storage actor
 as ONE write, so that state and event log are committed together. Only after that commit
@@ -10,7 +11,25 @@ was before the batch (an undo record per task and per idempotency key) and every
 of the batch is refused with the storage error.
 
 Reads of tasks that are no longer in memory are forwarded to the storage actor, queued
-behind the batch's write, so they always see committed state.
+behind the batch's write, so they always see committed state; so are the listings.
+
+The backlog stays in SQLite. A ready queue is the queued tasks of one task type,
+requirement list and concurrency key; memory holds its best ``ready_head`` tasks (the
+:class:`ReadyQueue` knows where each head ends, its *bound*) and reads the next ones,
+through the partial index ``idx_tasks_ready``, when fewer than half are left: one storage
+read before a batch, for every queue that ran low, so claims are answered from memory and
+wait for storage only when a head ran dry (a claim that would otherwise get a worse task,
+or none, while better ones are in storage waits for that read, made right after the
+batch's commit). The reads happen between batches: the last commit is done and no other
+is in flight, and the TaskManager is the only writer of tasks, so a read sees exactly the
+state memory was built on, and a task created or changed meanwhile cannot be missed or
+held twice. A task queued after its queue's bound (created, requeued or released by its
+plan) is written and left to storage once committed; a head that grew past twice its
+size (better tasks than its bound) lets go of its worst. A task memory does not hold (the
+backlog, blocked subtasks, long-finished tasks) is read with its runs when a change is
+asked for, in one read per batch, and changes exactly as it would in memory. Opening
+loads the claimed tasks and the heads, not the backlog, so its time and memory do not
+grow with it.
 
 Idempotency keys. Memory knows the keys of the tasks in memory only; a finished task's key
 leaves with it and lives on in SQLite, behind the unique index. Before a batch is handled,
@@ -101,7 +120,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import anyio
 import msgspec
@@ -123,13 +142,18 @@ from ...messages.storage import (
     FetchRun,
     FetchRuns,
     FetchTask,
+    FetchTasks,
     FindIdempotencyKeys,
     LoadLeaseHashes,
+    LoadQueueHeads,
     LoadRuns,
     LoadTasks,
     PutRun,
     PutTask,
     QueryTasks,
+    QueryUnroutable,
+    QueueHead,
+    QueueHeads,
     SetRunState,
     SetTaskState,
     StorageMessage,
@@ -175,7 +199,7 @@ from ...messages.tasks import (
 )
 from ...messages.workers import WorkerRegistryMessage, WorkersSeen
 from ...runtime import Actor, ActorRef, Alarm, Deadlines, Envelope, Request
-from .ready import ReadyQueue, can_take
+from .ready import Bound, QueueId, ReadyQueue, bound_of
 
 __all__ = ["LIVE", "TRANSITIONS", "TaskManager"]
 
@@ -205,8 +229,10 @@ TRANSITIONS: dict[tuple[TaskStatus, TaskStatus], str] = {
     (B, TaskStatus.CANCELLED): "task.cancelled",
 }
 
-#: Statuses kept in memory; the others are loaded from storage when asked for.
+#: Statuses that are not terminal (the live tasks).
 LIVE = tuple(status.value for status in TaskStatus if status not in TERMINAL)
+#: Statuses loaded whole at start-up: the claimed tasks (queued ones are read by head).
+_CLAIMED = (A.value, R.value)
 #: A task in these statuses holds its concurrency slots.
 _HOLDING = frozenset({A, R})
 _RUN_OPEN = frozenset({RunStatus.ASSIGNED, RunStatus.RUNNING})
@@ -295,11 +321,14 @@ class _Waiter:
     envelope: Envelope[TaskManagerMessage]
     claim: ClaimTask | ClaimTasks
     deadline: float | None
+    # A ClaimTasks's claims so far, committed, when a drained head left it short: it
+    # stays parked for the rest, which the head's next tasks bring (see _dispatch).
+    taken: list[Claim] = field(default_factory=list)
 
     @property
-    def nothing(self) -> tuple[()] | None:
-        """The answer when no task came."""
-        return () if isinstance(self.claim, ClaimTasks) else None
+    def nothing(self) -> tuple[Claim, ...] | None:
+        """The answer when no (more) task came."""
+        return tuple(self.taken) if isinstance(self.claim, ClaimTasks) else None
 
 
 @dataclass(slots=True)
@@ -319,6 +348,9 @@ class _Batch:
     parked: list[int] = field(default_factory=list)  # waiters that arrived in this batch
     seqs: tuple[int, ...] = ()  # the committed events' sequence numbers
     plan_enders: set[int] = field(default_factory=set)  # envelopes that ended a plan's task
+    starved: bool = False  # a claim waits for a drained head's next tasks
+    # Parked ClaimTasks this batch gave claims to, and how many they had before.
+    grown: list[tuple[int, int]] = field(default_factory=list)
 
 
 class TaskManager(Actor[TaskManagerMessage]):
@@ -341,8 +373,16 @@ class TaskManager(Actor[TaskManagerMessage]):
         monotonic: Callable[[], float] = anyio.current_time,
         rng: random.Random | None = None,
         plan_barrier: bool = False,
+        ready_head: int = 1024,
     ) -> None:
         self._storage = storage
+        # How many of each ready queue's best tasks memory holds; it reads the next ones
+        # when fewer than half are left, and lets go of the worst when over twice as many.
+        self._head = max(1, ready_head)
+        self._low = max(1, self._head // 2)
+        # Tasks this batch left out of memory's heads (queued after their queue's bound,
+        # or blocked): memory lets go of them once the batch is committed.
+        self._spill: set[str] = set()
         self._workers = workers
         self._alarm = alarm
         self._recover = recover
@@ -358,7 +398,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         self._backoff_max = retry_backoff_max
         self._type_limits = dict(concurrency_limits or {})
         self._rng = rng or random.Random()
-        self._tasks: dict[str, Task] = {}  # live tasks, and the recently finished ones
+        self._tasks: dict[str, Task] = {}  # claimed, heads of queues, recently finished
         self._finished: OrderedDict[str, None] = OrderedDict()  # finished, oldest first
         # Idempotency key -> task id, for the tasks in memory only: the keys of tasks that
         # left memory are looked up in storage (see _look_up_keys).
@@ -391,12 +431,22 @@ class TaskManager(Actor[TaskManagerMessage]):
         )
 
     async def started(self) -> None:
-        tasks = await self._storage.ask(LoadTasks(LIVE))
-        runs = await self._storage.ask(LoadRuns(LIVE))
+        # The claimed tasks, whole, and the head of each ready queue: not the backlog
+        # behind the heads, nor the blocked subtasks, which are read when asked for.
+        tasks = list(await self._storage.ask(LoadTasks(_CLAIMED)))
+        runs = list(await self._storage.ask(LoadRuns(_CLAIMED)))
+        heads = await self._storage.ask(LoadQueueHeads(None, self._head))
+        bounds: dict[QueueId, Bound] = {}
+        for head, queued in heads.heads:
+            tasks += queued
+            if len(queued) >= self._head:
+                bounds[(head.task_type, head.requires, head.concurrency_key)] = bound_of(queued[-1])
+        runs += heads.runs
         self._tasks = {task.id: task for task in tasks}
         self._keys = {t.idempotency_key: t.id for t in tasks if t.idempotency_key is not None}
         for run in runs:
             self._remember_run(run)
+        self._ready = ReadyQueue(self._type_limits, bounds)
         # A crash's restart keeps the claims, so their secrets must still be proved; on
         # open, recovery ends them all.
         hashes = {} if self._recover else await self._storage.ask(LoadLeaseHashes(LIVE))
@@ -417,8 +467,10 @@ class TaskManager(Actor[TaskManagerMessage]):
         self._reindex(hashes)
         self._arm()
         log.info(
-            "task manager: %d live task(s), %d run(s), %d claimed",
+            "task manager: %d task(s) in memory (%d queue(s) with a backlog in storage),"
+            " %d run(s), %d claimed",
             len(self._tasks),
+            len(self._ready.bounds()),
             len(self._runs),
             len(self._held),
         )
@@ -462,12 +514,16 @@ class TaskManager(Actor[TaskManagerMessage]):
             reply = await self._storage.request(Write(tuple(work.ops)))
             await reply.wait()  # a failure fails the start-up; the next start recovers again
             log.warning("recovered %d task(s) held when the runtime stopped", len(work.undo))
+        self._shed()
 
     # -- the batch loop ----------------------------------------------------------------------
 
     async def receive_batch(self, batch: Sequence[Envelope[TaskManagerMessage]]) -> None:
         work = _Batch()
         await self._look_up_keys(batch, work)
+        # Heads that ran low (or that a claim or a key waits for) are read before the
+        # batch: one storage read, queued behind the last commit, so it is exact.
+        await self._refill(self._ready.low(self._low))
         now = self._read_clocks()
         self._settle_due(work, now)
         forwards: list[tuple[Envelope[TaskManagerMessage], Request[object]]] = []
@@ -504,14 +560,17 @@ class TaskManager(Actor[TaskManagerMessage]):
         self._dispatch(work, now)
         while True:
             unclaimed = await self._finish(work, forwards, now)
-            if not unclaimed:
+            starved = work.starved
+            if not unclaimed and not starved:
                 break
             # Claims whose askers left before the answer: hand the tasks back (and on to
-            # whoever is waiting), as one more batch.
+            # whoever is waiting), as one more batch. Claims that a drained head starved:
+            # read its next tasks, then hand them out.
             work, forwards = _Batch(), []
+            refilled = await self._refill(self._ready.low(self._low)) if starved else True
             for claim in unclaimed:
                 self._release_unclaimed(claim, work, now)
-            self._dispatch(work, now)
+            self._dispatch(work, now, refilled=refilled)
         self._evict()
         self._arm()
 
@@ -520,9 +579,9 @@ class TaskManager(Actor[TaskManagerMessage]):
     ) -> None:
         """Ask storage, in one read for the whole batch, who owns the idempotency keys of
         its creates that memory does not know. Memory holds the keys of the tasks it holds
-        (every live one), so a key found there belongs to a task that finished and left
-        memory. The TaskManager is the only writer of tasks and its last commit is done, so
-        the answer is exact until this batch changes it."""
+        only, so a key found there belongs to a task memory let go of (finished long ago,
+        or in a queue's backlog). The TaskManager is the only writer of tasks and its last
+        commit is done, so the answer is exact until this batch changes it."""
         keys: set[str] = set()
         for envelope in batch:
             message = envelope.message
@@ -545,6 +604,103 @@ class TaskManager(Actor[TaskManagerMessage]):
             # task with that key: it fails, and creates nothing, like a failed commit.
             work.key_errors = dict.fromkeys(keys, exc)
 
+    async def _refill(self, queues: set[QueueId]) -> bool:
+        """Read the next tasks of ``queues`` after what memory holds of each, in one
+        storage read, and add them; whether it could. Called between batches only (the
+        last commit is done and none is in flight), so the read sees exactly the state
+        memory was built on: a task created or changed since is in memory already or in
+        the read, never in neither, and none is in both (memory wins: it is newer)."""
+        bounds = self._ready.bounds()
+        heads = tuple(QueueHead(q[0], q[1], q[2], _after(bounds[q])) for q in queues if q in bounds)
+        self._ready.wanted.clear()
+        if not heads:
+            return True
+        try:
+            loaded = await self._storage.ask(LoadQueueHeads(heads, self._head))
+        except HiveError as exc:
+            # Claims go on with what is held; the heads are read again at the next batch.
+            log.warning("could not read the next tasks of %d queue(s): %s", len(heads), exc)
+            return False
+        self._take_heads(loaded)
+        return True
+
+    def _take_heads(self, loaded: QueueHeads) -> None:
+        runs: dict[str, list[Run]] = {}
+        for run in loaded.runs:
+            runs.setdefault(run.task_id, []).append(run)
+        queues: list[QueueId] = []
+        for head, tasks in loaded.heads:
+            queue = (head.task_type, head.requires, head.concurrency_key)
+            queues.append(queue)
+            self._ready.set_bound(queue, bound_of(tasks[-1]) if len(tasks) >= self._head else None)
+            for task in tasks:
+                if task.id in self._tasks:
+                    continue  # memory's copy is the newer one
+                self._tasks[task.id] = task
+                for run in runs.get(task.id, ()):
+                    self._remember_run(run)
+                key = task.idempotency_key
+                if key is not None:
+                    self._keys.setdefault(key, task.id)
+                self._index(None, task)
+        self._ready.extended(queues)
+
+    def _shed(self) -> None:
+        """After a commit: let go of what the batch left to storage, and of the worst
+        tasks of heads that grew past twice their size (new tasks better than their
+        bound); all of it is committed, and read back when its turn comes."""
+        for task_id in self._spill:
+            task = self._tasks.get(task_id)
+            if (
+                task is None
+                or task.status is B
+                or (task.status is Q and not self._ready.holds(task_id))
+            ):
+                self._drop(task_id)
+        self._spill.clear()
+        for queue in self._ready.over(2 * self._head):
+            for task_id in self._ready.trim(queue, self._head):
+                self._drop(task_id)
+
+    def _drop(self, task_id: str) -> None:
+        """Forget a task memory does not need (its committed state is in storage)."""
+        task = self._tasks.pop(task_id, None)
+        key = None if task is None else task.idempotency_key
+        if key is not None and self._keys.get(key) == task_id:
+            del self._keys[key]  # answered by storage from now on
+        self._ready_at.pop(task_id, None)
+        for run_id in self._runs_of.pop(task_id, []):
+            self._runs.pop(run_id, None)
+
+    async def _fetch(self, task_ids: Sequence[str], work: _Batch) -> dict[str, Task]:
+        """The tasks among ``task_ids`` that exist, from memory or else from storage
+        (with their runs, which memory then holds: every run of a task in memory is in
+        memory). One read for all of those not in memory; what is read is committed
+        state, the batch has not changed it (it would be in memory)."""
+        found: dict[str, Task] = {}
+        missing: list[str] = []
+        for task_id in task_ids:
+            if task_id in work.deleted:
+                continue
+            task = self._tasks.get(task_id)
+            if task is not None:
+                found[task_id] = task
+            else:
+                missing.append(task_id)
+        if missing:
+            stored = await self._storage.ask(FetchTasks(tuple(missing)))
+            for task in stored.tasks:
+                if task.id not in found:
+                    found[task.id] = task
+                    # Undo forgets the runs if the batch fails; a commit leaves the task
+                    # in memory only if the batch changed it (_shed).
+                    self._touch(task.id, work)
+                    self._spill.add(task.id)
+            for run in stored.runs:
+                if run.task_id in work.undo and run.id not in self._runs:
+                    self._remember_run(run)
+        return found
+
     def _report_seen(self, seen: set[str]) -> None:
         """Tell the registry who is at work, so a busy worker is not declared offline
         for want of a registry heartbeat. Best effort: with its mailbox full, the next
@@ -566,8 +722,17 @@ class TaskManager(Actor[TaskManagerMessage]):
             for envelope, _ in work.answers:  # claims handed out from older batches too
                 envelope.fail(ActorFailedError(self.name, exc))
             raise
+        short: list[_Waiter] = []
         if error is not None:
             self._restore(work, now)
+            for waiter_id, before in work.grown:
+                waiter = self._waiters.get(waiter_id)
+                if waiter is not None:  # still parked for more: not with this batch's
+                    del waiter.taken[before:]
+                    self._unpark(waiter_id)
+                    short.append(waiter)
+        else:
+            self._shed()
         barrier = self._plan_barrier_seq(work) if error is None else 0
         held: list[tuple[Envelope[TaskManagerMessage], object]] = []
         unclaimed: list[Claim] = []
@@ -600,6 +765,11 @@ class TaskManager(Actor[TaskManagerMessage]):
                 envelope.resolve(outcome)
         if held:
             self._held_back.append((barrier, held))
+        for waiter in short:
+            if not waiter.taken:
+                waiter.envelope.fail(cast(HiveError, error))
+            elif not waiter.envelope.resolve(tuple(waiter.taken), Unclaimed(tuple(waiter.taken))):
+                unclaimed += waiter.taken  # those of earlier, committed batches
         return unclaimed
 
     def _plan_barrier_seq(self, work: _Batch) -> int:
@@ -676,6 +846,7 @@ class TaskManager(Actor[TaskManagerMessage]):
 
     def _restore(self, work: _Batch, now: datetime) -> None:
         """After a failed commit: put memory back exactly as it was before the batch."""
+        self._spill.clear()  # what the batch left to storage is memory's again
         for task_id, undo in work.undo.items():
             for run_id in self._runs_of.pop(task_id, ()):
                 self._runs.pop(run_id, None)
@@ -706,9 +877,9 @@ class TaskManager(Actor[TaskManagerMessage]):
 
     def _reindex(self, hashes: Mapping[str, bytes] | None = None) -> None:
         """Rebuild what is derived from tasks and runs: the ready queue, the claims and
-        their deadlines. O(live tasks): at start-up (with the stored ``hashes`` of the
+        their deadlines. O(tasks in memory): at start-up (with the stored ``hashes`` of the
         claims' secrets) and after a failed commit only."""
-        self._ready = ReadyQueue(self._type_limits)
+        self._ready = ReadyQueue(self._type_limits, self._ready.bounds())
         self._held = {}
         self._deadlines = Deadlines()
         for task in self._tasks.values():
@@ -741,9 +912,12 @@ class TaskManager(Actor[TaskManagerMessage]):
                 self._ready.unhold(old)
         if new is not None:
             if new.status is Q:
-                self._ready.add(new, self._mono, self._backoff_end(new))
+                if not self._ready.add(new, self._mono, self._backoff_end(new)):
+                    self._spill.add(new.id)  # after its queue's head: storage's
             elif new.status in _HOLDING:
                 self._ready.hold(new)
+            elif new.status is B:
+                self._spill.add(new.id)  # read back when its plan queues it
 
     # -- deadlines -----------------------------------------------------------------------------
 
@@ -842,11 +1016,13 @@ class TaskManager(Actor[TaskManagerMessage]):
             self._waits.set(waiter_id, deadline)
         work.parked.append(waiter_id)
 
-    def _dispatch(self, work: _Batch, now: datetime) -> None:
+    def _dispatch(self, work: _Batch, now: datetime, *, refilled: bool = True) -> None:
         """Hand ready tasks to parked claims, oldest claim first.
 
         Only the claims parked in this batch can find something if nothing became ready
-        since the last dispatch; claims that do not wait are answered now either way.
+        since the last dispatch; claims that do not wait are answered now either way,
+        unless a drained head starved them: they stay parked for its next tasks, read
+        once the batch is committed (not when that read just failed: ``refilled``).
         """
         if self._ready.changed:
             candidates = list(self._waiters)
@@ -860,24 +1036,36 @@ class TaskManager(Actor[TaskManagerMessage]):
             reply = waiter.envelope.reply
             if reply is not None and reply.done:  # the claimer stopped waiting
                 self._unpark(waiter_id)
+                for claim in waiter.taken:  # committed, never received: hand them back
+                    self._release_unclaimed(claim, work, now)
                 continue
             request = waiter.claim
             task_id = self._ready.pop(request.task_types)
             if task_id is None:
-                if waiter.deadline is None:
+                if self._ready.starved and refilled:
+                    work.starved = True
+                    continue
+                if waiter.deadline is None or waiter.taken:
                     self._unpark(waiter_id)
                     work.answers.append((waiter.envelope, waiter.nothing))
                 continue
-            self._unpark(waiter_id)
             if isinstance(request, ClaimTask):
+                self._unpark(waiter_id)
                 work.answers.append((waiter.envelope, self._assign(task_id, request, work, now)))
                 continue
-            claims = [self._assign(task_id, request, work, now)]
+            work.grown.append((waiter_id, len(waiter.taken)))
+            claims = waiter.taken
+            claims.append(self._assign(task_id, request, work, now))
             while len(claims) < request.limit:
                 task_id = self._ready.pop(request.task_types)
                 if task_id is None:
                     break
                 claims.append(self._assign(task_id, request, work, now))
+            if len(claims) < request.limit and self._ready.starved and refilled:
+                # A head ran dry mid-claim: the rest once its next tasks are read.
+                work.starved = True
+                continue
+            self._unpark(waiter_id)
             work.answers.append((waiter.envelope, tuple(claims)))
 
     def _unpark(self, waiter_id: int) -> None:
@@ -1052,8 +1240,11 @@ class TaskManager(Actor[TaskManagerMessage]):
                 return tuple(self._create(item, work, now) for item in items)
             case QueueTasks(task_ids=task_ids, source_agent=source):
                 queued = []
+                known = await self._fetch(task_ids, work)
                 for task_id in task_ids:
-                    task = self._tasks.get(task_id)
+                    task = known.get(task_id)
+                    if task is not None:
+                        task = self._tasks.get(task_id, task)  # changed by an earlier item
                     if task is not None and task.status is B and task_id not in work.deleted:
                         extra: dict[str, JsonValue] = {"subtask_id": task.subtask_id}
                         self._transition(task, Q, work, now, source, {}, extra)
@@ -1061,8 +1252,11 @@ class TaskManager(Actor[TaskManagerMessage]):
                 return tuple(queued)
             case CancelTasks(task_ids=task_ids, statuses=statuses, reason=reason):
                 cancelled = []
+                known = await self._fetch(task_ids, work)
                 for task_id in task_ids:
-                    task = self._tasks.get(task_id)
+                    task = known.get(task_id)
+                    if task is not None:
+                        task = self._tasks.get(task_id, task)  # changed by an earlier item
                     if task is None or task.status not in statuses or task_id in work.deleted:
                         continue
                     self._end_claim(task, RunStatus.CANCELLED, work, now, reason)
@@ -1146,13 +1340,7 @@ class TaskManager(Actor[TaskManagerMessage]):
             case ReleaseWorker(worker_id=worker_id, reason=reason):
                 return self._release_worker(worker_id, reason, work, now)
             case GetUnroutableTasks(capability_sets=sets):
-                stuck = [
-                    task
-                    for task in self._tasks.values()
-                    if task.status is Q and not any(can_take(task, caps) for caps in sets)
-                ]
-                stuck.sort(key=_priority_order)
-                return stuck
+                return _Forward(QueryUnroutable(sets))
             case Wake():
                 return None  # what was due was settled when the batch began
             case PlansSettled(seq=seq):
@@ -1365,15 +1553,9 @@ class TaskManager(Actor[TaskManagerMessage]):
         return True
 
     def _list(self, status: TaskStatus, task_type: str | None, limit: int | None) -> object:
-        if status in TERMINAL:
-            return _Forward(QueryTasks(status=status.value, task_type=task_type, limit=limit))
-        found = [
-            task
-            for task in self._tasks.values()
-            if task.status is status and (task_type is None or task.task_type == task_type)
-        ]
-        found.sort(key=_priority_order)
-        return found if limit is None else found[:limit]
+        # Memory holds only the heads of the queues: storage answers, behind the batch's
+        # commit, so it sees the batch's changes.
+        return _Forward(QueryTasks(status=status.value, task_type=task_type, limit=limit))
 
     def _create_run(self, message: CreateRun, task: Task, work: _Batch, now: datetime) -> str:
         if task.status in TERMINAL:
@@ -1418,16 +1600,13 @@ class TaskManager(Actor[TaskManagerMessage]):
     # -- helpers -----------------------------------------------------------------------------
 
     async def _find(self, task_id: str, work: _Batch) -> Task:
-        """The task, from memory or, for one that finished long ago, from storage (rare).
-
-        Every live task is in memory, so one found in storage is finished: any change to it
-        is refused by the state machine, exactly as while it was in memory.
-        """
+        """The task, from memory or else from storage: one of a queue's backlog, a
+        blocked subtask, or one that finished long ago (with its runs: see _fetch)."""
         if task_id in work.deleted:  # deleted earlier in this batch, not yet committed
             raise NotFoundError("task", task_id)
         task = self._tasks.get(task_id)
         if task is None:
-            task = await self._storage.ask(FetchTask(task_id))
+            task = (await self._fetch((task_id,), work)).get(task_id)
             if task is None:
                 raise NotFoundError("task", task_id)
         return task
@@ -1505,8 +1684,9 @@ def _refuse_unknown_keys(items: Sequence[CreateTask], work: _Batch) -> None:
                 raise work.key_errors[key]
 
 
-def _priority_order(task: Task) -> tuple[int, datetime]:
-    return (-task.priority, task.created_at)
+def _after(bound: Bound) -> tuple[int, datetime, str]:
+    """A bound as storage resumes after it: (priority, created_at, id)."""
+    return (-bound.neg_priority, bound.created_at, bound.task_id)
 
 
 def _claims(outcome: object) -> tuple[Claim, ...]:
