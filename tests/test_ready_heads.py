@@ -22,6 +22,7 @@ from hive_orchestration import Claim, Runtime, RuntimeConfig
 from hive_orchestration import embedded as embedded_module
 from hive_orchestration.actors.task_manager import TaskManager
 from hive_orchestration.messages.tasks import ClaimTask, CreateTask
+from hive_orchestration.runtime import Envelope, Reply
 
 pytestmark = pytest.mark.anyio
 
@@ -129,6 +130,84 @@ async def test_tasks_created_in_the_batch_that_drains_a_head_are_ordered_and_not
         rest = [c.task.id for c in await claim_all(rt, "job")]
         assert rest == [old[4], old[5], low, lowest]
         assert queued_in_memory(manager) == 0
+
+
+@asynccontextmanager
+async def refills_held(
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[tuple[anyio.Event, anyio.Event]]:
+    """Once ``arm`` is set, the next read of heads is served by storage at once but its
+    answer reaches the TaskManager only when ``release`` is set: batches go on meanwhile,
+    with that read in flight."""
+    arm, release, sent = anyio.Event(), anyio.Event(), anyio.Event()
+    original = TaskManager._send_refill
+
+    async with anyio.create_task_group() as tg:
+
+        async def send(self: TaskManager, queues: Any) -> Any:
+            refill = await original(self, queues)
+            if refill is None or not arm.is_set() or sent.is_set():
+                return refill
+            sent.set()
+            real, proxy = refill.reply, Reply[Any]()
+
+            async def relay() -> None:
+                value = await real.wait()
+                await release.wait()
+                proxy.resolve(value)
+
+            tg.start_soon(relay)
+            refill.reply = proxy
+            return refill
+
+        monkeypatch.setattr(TaskManager, "_send_refill", send)
+        yield arm, release
+        release.set()
+
+
+async def test_tasks_created_and_changed_while_a_read_is_in_flight_are_not_lost(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The head is read after its bound (priority 8) while, before its answer comes, a
+    task is created before the bound (9: held), one between the bound and where the read
+    ends (5: left to storage, then taken in from memory's copy), one at the end (1), and a
+    task of the read is cancelled. Every task is handed out once, in claim order."""
+    async with refills_held(monkeypatch) as (arm, release), runtime(db_path) as rt:
+        ids = {p: await rt.create_task("job", priority=p) for p in (9, 8, 6, 4, 2, 0)}
+        got = [await rt.claim_task("w", "job")]
+        arm.set()
+        got.append(await rt.claim_task("w", "job"))  # the head is empty: read it (held)
+        nine = await rt.create_task("job", priority=9)
+        five = await rt.create_task("job", priority=5)
+        one = await rt.create_task("job", priority=1)
+        cancelled = await rt.cancel_task(ids[6])  # in the read's answer
+        assert cancelled.status.value == "cancelled"
+        release.set()
+        got += await claim_all(rt, "job")
+        assert [c.task.id for c in got if c is not None] == [
+            ids[9],
+            ids[8],
+            nine,
+            five,
+            ids[4],
+            ids[2],
+            one,
+            ids[0],
+        ]
+
+
+async def test_a_task_deleted_while_a_read_is_in_flight_is_not_handed_out(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with refills_held(monkeypatch) as (arm, release), runtime(db_path) as rt:
+        ids = {p: await rt.create_task("job", priority=p) for p in (9, 8, 6, 4, 2, 0)}
+        got = [await rt.claim_task("w", "job")]
+        arm.set()
+        got.append(await rt.claim_task("w", "job"))
+        assert await rt.delete_task(ids[4])  # in the read's answer, gone from storage
+        release.set()
+        got += await claim_all(rt, "job")
+        assert [c.task.id for c in got if c is not None] == [ids[9], ids[8], ids[6], ids[2], ids[0]]
 
 
 async def test_concurrent_creators_and_claimers_hand_out_every_task_once(db_path: str) -> None:
@@ -281,8 +360,6 @@ async def test_a_keys_better_tasks_in_storage_hold_back_a_worse_task_of_another_
 
 async def one_batch(rt: Runtime, *messages: object) -> list[object]:
     """Queue all messages at once, so that the TaskManager handles them as one batch."""
-    from hive_orchestration.runtime import Envelope, Reply
-
     replies: list[Reply[object]] = []
     for message in messages:
         reply: Reply[object] = Reply()

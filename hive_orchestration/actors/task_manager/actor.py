@@ -198,8 +198,8 @@ from ...messages.tasks import (
     Wake,
 )
 from ...messages.workers import WorkerRegistryMessage, WorkersSeen
-from ...runtime import Actor, ActorRef, Alarm, Deadlines, Envelope, Request
-from .ready import Bound, QueueId, ReadyQueue, bound_of
+from ...runtime import Actor, ActorRef, Alarm, Deadlines, Envelope, Reply, Request
+from .ready import Bound, QueueId, ReadyQueue, bound_of, queue_of
 
 __all__ = ["LIVE", "TRANSITIONS", "TaskManager"]
 
@@ -295,6 +295,20 @@ class _Undo:
     ready_at: float | None = None  # the end of its backoff
 
 
+@dataclass(slots=True)
+class _Refill:
+    """A read of the next tasks of ``queues``, in flight while batches go on, and what
+    those batches did that the read may not show."""
+
+    reply: Reply[QueueHeads]
+    queues: set[QueueId]
+    touched: set[str] = field(default_factory=set)  # tasks changed since it was sent
+    # Tasks of its queues memory let go of since (queued after their bound), with runs.
+    spilled: dict[str, tuple[Task, list[Run]]] = field(default_factory=dict)
+    stale: set[QueueId] = field(default_factory=set)  # trimmed since: their answer is void
+    void: bool = False  # a batch failed since: the whole answer is void
+
+
 class _Due(NamedTuple):
     """A claimed run's deadlines, on the monotonic clock, and the hash of its lease's
     secret: kept here since it lives exactly as long (set at the claim, dropped when the
@@ -383,6 +397,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         # Tasks this batch left out of memory's heads (queued after their queue's bound,
         # or blocked): memory lets go of them once the batch is committed.
         self._spill: set[str] = set()
+        self._refilling: _Refill | None = None  # the read of heads in flight, if any
         self._workers = workers
         self._alarm = alarm
         self._recover = recover
@@ -520,10 +535,10 @@ class TaskManager(Actor[TaskManagerMessage]):
 
     async def receive_batch(self, batch: Sequence[Envelope[TaskManagerMessage]]) -> None:
         work = _Batch()
+        refill = self._refilling
+        if refill is not None and refill.reply.done:
+            await self._take_refill(refill)  # the heads read since the last batch
         await self._look_up_keys(batch, work)
-        # Heads that ran low (or that a claim or a key waits for) are read before the
-        # batch: one storage read, queued behind the last commit, so it is exact.
-        await self._refill(self._ready.low(self._low))
         now = self._read_clocks()
         self._settle_due(work, now)
         forwards: list[tuple[Envelope[TaskManagerMessage], Request[object]]] = []
@@ -567,11 +582,15 @@ class TaskManager(Actor[TaskManagerMessage]):
             # whoever is waiting), as one more batch. Claims that a drained head starved:
             # read its next tasks, then hand them out.
             work, forwards = _Batch(), []
-            refilled = await self._refill(self._ready.low(self._low)) if starved else True
+            refilled = await self._refill_now() if starved else True
             for claim in unclaimed:
                 self._release_unclaimed(claim, work, now)
             self._dispatch(work, now, refilled=refilled)
         self._evict()
+        # Heads that ran under half: their next tasks are read while the next batches
+        # go on (one read at a time), and taken in before the first batch after it.
+        if self._refilling is None:
+            self._refilling = await self._send_refill(self._ready.low(self._low))
         self._arm()
 
     async def _look_up_keys(
@@ -604,61 +623,113 @@ class TaskManager(Actor[TaskManagerMessage]):
             # task with that key: it fails, and creates nothing, like a failed commit.
             work.key_errors = dict.fromkeys(keys, exc)
 
-    async def _refill(self, queues: set[QueueId]) -> bool:
-        """Read the next tasks of ``queues`` after what memory holds of each, in one
-        storage read, and add them; whether it could. Called between batches only (the
-        last commit is done and none is in flight), so the read sees exactly the state
-        memory was built on: a task created or changed since is in memory already or in
-        the read, never in neither, and none is in both (memory wins: it is newer)."""
+    async def _send_refill(self, queues: set[QueueId]) -> _Refill | None:
+        """Ask storage for the next tasks of ``queues`` after what memory holds of each,
+        in one read; not waited for here."""
+        self._ready.wanted.clear()
         bounds = self._ready.bounds()
         heads = tuple(QueueHead(q[0], q[1], q[2], _after(bounds[q])) for q in queues if q in bounds)
-        self._ready.wanted.clear()
         if not heads:
-            return True
+            return None
         try:
-            loaded = await self._storage.ask(LoadQueueHeads(heads, self._head))
+            reply = await self._storage.request(LoadQueueHeads(heads, self._head))
         except HiveError as exc:
-            # Claims go on with what is held; the heads are read again at the next batch.
             log.warning("could not read the next tasks of %d queue(s): %s", len(heads), exc)
-            return False
-        self._take_heads(loaded)
-        return True
+            return None
+        return _Refill(reply, {(h.task_type, h.requires, h.concurrency_key) for h in heads})
 
-    def _take_heads(self, loaded: QueueHeads) -> None:
+    async def _refill_now(self) -> bool:
+        """For claims a drained head starved: take the read in flight, then read what is
+        still wanted, and wait for it. Whether the heads could be read."""
+        if self._refilling is not None:
+            if not await self._take_refill(self._refilling):
+                return False
+            if not self._ready.wanted:
+                return True  # what the claims waited for came with it
+        refill = await self._send_refill(self._ready.low(self._low))
+        if refill is None:
+            return not self._ready.wanted
+        self._refilling = refill
+        return await self._take_refill(refill)
+
+    async def _take_refill(self, refill: _Refill) -> bool:
+        """Add what ``refill`` read. The read was served at some point between its
+        sending and now, while batches went on: a task changed since it was sent is known
+        better by memory (skipped), and a task memory left to storage since (queued after
+        its bound) is added from memory's copy if the new bound takes it in, so none is
+        missed nor held twice. A queue trimmed since, or a batch that failed since, voids
+        the read (its tasks come again with the next one), and so does a task of the read
+        changed since whose state memory does not know: the queue is read again."""
+        self._refilling = None
+        try:
+            loaded = await refill.reply.wait()
+        except HiveError as exc:
+            # Claims go on with what is held; the heads are read again after a batch.
+            log.warning("could not read the next tasks of %d queue(s): %s", len(refill.queues), exc)
+            return False
+        if refill.void:
+            return True
         runs: dict[str, list[Run]] = {}
         for run in loaded.runs:
             runs.setdefault(run.task_id, []).append(run)
         queues: list[QueueId] = []
         for head, tasks in loaded.heads:
             queue = (head.task_type, head.requires, head.concurrency_key)
+            if queue in refill.stale or any(
+                task.id in refill.touched
+                and task.id not in self._tasks
+                and task.id not in refill.spilled
+                for task in tasks
+            ):
+                # Trimmed since, or holding a task changed since whose state memory
+                # does not know (deleted, or looked at and left as it was): read again.
+                self._ready.wanted.add(queue)
+                continue
             queues.append(queue)
-            self._ready.set_bound(queue, bound_of(tasks[-1]) if len(tasks) >= self._head else None)
+            bound = bound_of(tasks[-1]) if len(tasks) >= self._head else None
+            self._ready.set_bound(queue, bound)
             for task in tasks:
-                if task.id in self._tasks:
-                    continue  # memory's copy is the newer one
-                self._tasks[task.id] = task
-                for run in runs.get(task.id, ()):
-                    self._remember_run(run)
-                key = task.idempotency_key
-                if key is not None:
-                    self._keys.setdefault(key, task.id)
-                self._index(None, task)
+                if task.id not in self._tasks and task.id not in refill.touched:
+                    self._take_in(task, runs.get(task.id, ()))
+            for task, task_runs in list(refill.spilled.values()):
+                if (
+                    queue_of(task) == queue
+                    and task.id not in self._tasks
+                    and (bound is None or bound_of(task)[:3] <= bound[:3])
+                ):
+                    self._take_in(task, task_runs)
         self._ready.extended(queues)
+        return True
+
+    def _take_in(self, task: Task, runs: Sequence[Run]) -> None:
+        """Hold a queued task read back from storage, with its runs."""
+        self._tasks[task.id] = task
+        for run in runs:
+            self._remember_run(run)
+        key = task.idempotency_key
+        if key is not None:
+            self._keys.setdefault(key, task.id)
+        self._index(None, task)
 
     def _shed(self) -> None:
         """After a commit: let go of what the batch left to storage, and of the worst
         tasks of heads that grew past twice their size (new tasks better than their
         bound); all of it is committed, and read back when its turn comes."""
+        refill = self._refilling
         for task_id in self._spill:
             task = self._tasks.get(task_id)
-            if (
-                task is None
-                or task.status is B
-                or (task.status is Q and not self._ready.holds(task_id))
-            ):
+            if task is not None and task.status is Q and not self._ready.holds(task_id):
+                if refill is not None and queue_of(task) in refill.queues:
+                    # The read in flight may have been served before this commit.
+                    runs = [self._runs[r] for r in self._runs_of.get(task_id, ())]
+                    refill.spilled[task_id] = (task, runs)
+                self._drop(task_id)
+            elif task is None or task.status is B:
                 self._drop(task_id)
         self._spill.clear()
         for queue in self._ready.over(2 * self._head):
+            if refill is not None and queue in refill.queues:
+                refill.stale.add(queue)  # it read after the old bound: tasks would be lost
             for task_id in self._ready.trim(queue, self._head):
                 self._drop(task_id)
 
@@ -826,6 +897,10 @@ class TaskManager(Actor[TaskManagerMessage]):
 
     def _touch(self, task_id: str, work: _Batch) -> None:
         """Remember a task's memory state before the batch first changes it."""
+        refill = self._refilling
+        if refill is not None:
+            refill.touched.add(task_id)  # the read in flight may hold an older copy
+            refill.spilled.pop(task_id, None)
         if task_id not in work.undo:
             run_ids = self._runs_of.get(task_id)
             work.undo[task_id] = _Undo(
@@ -847,6 +922,9 @@ class TaskManager(Actor[TaskManagerMessage]):
     def _restore(self, work: _Batch, now: datetime) -> None:
         """After a failed commit: put memory back exactly as it was before the batch."""
         self._spill.clear()  # what the batch left to storage is memory's again
+        if self._refilling is not None:
+            # It may skip tasks the failed batch touched but did not change: read again.
+            self._refilling.void = True
         for task_id, undo in work.undo.items():
             for run_id in self._runs_of.pop(task_id, ()):
                 self._runs.pop(run_id, None)
