@@ -67,6 +67,7 @@ class Result:
     claim_p90: float
     claim_p99: float
     claim_max: float
+    slowest_claim: int  # its place in the sequence (0: the first claim after the open)
     claims_over_2ms: int
     get_task: float  # seconds, one call on a task deep in the backlog
     cancel_task: float
@@ -139,6 +140,7 @@ async def _measure(path: Path, count: int, claims: int, backend: str, synchronou
             latencies.append(time.perf_counter() - t0)
             assert claim is not None
             await rt.complete_task(claim.lease, {"ok": True})
+        slowest = max(range(len(latencies)), key=latencies.__getitem__)
         latencies.sort()
         t0 = time.perf_counter()
         task = await rt.get_task(deep[0])
@@ -167,6 +169,7 @@ async def _measure(path: Path, count: int, claims: int, backend: str, synchronou
         claim_p90=latencies[int(len(latencies) * 0.90)],
         claim_p99=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
         claim_max=latencies[-1],
+        slowest_claim=slowest,
         claims_over_2ms=sum(1 for latency in latencies if latency >= CLAIM_P99_GOAL),
         get_task=get_task,
         cancel_task=cancel_task,
@@ -235,8 +238,8 @@ def report(result: Result) -> str:
             f"  claim p90          {result.claim_p90 * 1e3:8.3f} ms",
             f"  claim p99          {result.claim_p99 * 1e3:8.3f} ms   goal < 2 ms"
             f"    {mark(result.claim_p99 < CLAIM_P99_GOAL)}",
-            f"  claim max          {result.claim_max * 1e3:8.3f} ms   ({result.claims_over_2ms:,}"
-            " claims took 2 ms or more)",
+            f"  claim max          {result.claim_max * 1e3:8.3f} ms   (claim"
+            f" #{result.slowest_claim}; {result.claims_over_2ms:,} took 2 ms or more)",
             f"  get_task (deep)    {result.get_task * 1e3:8.3f} ms",
             f"  cancel_task (deep) {result.cancel_task * 1e3:8.3f} ms",
             f"  get_runs (deep)    {result.get_runs * 1e3:8.3f} ms",

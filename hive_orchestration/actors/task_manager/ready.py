@@ -134,6 +134,9 @@ class ReadyQueue:
         self._empty: dict[Route, set[QueueId]] = {}
         #: Queues whose next tasks a claim or a concurrency key is waiting for.
         self.wanted: set[QueueId] = set()
+        # Queues that lost a ready task or got a bound since low() last looked: only
+        # they can have run low, so a batch's look costs nothing for the other queues.
+        self._maybe_low: set[QueueId] = set()
         #: Set by :meth:`pop` when it found nothing because a queue starved it.
         self.starved = False
         # The best entry a concurrency key held back in this pop until storage is read.
@@ -333,6 +336,8 @@ class ReadyQueue:
             return
         members = self._members[queue]
         del members[task_id]
+        if queue in self._bounds:
+            self._maybe_low.add(queue)
         if not members:
             del self._members[queue]
             if queue in self._bounds:
@@ -372,6 +377,7 @@ class ReadyQueue:
             self.wanted.discard(queue)
             return
         self._bounds[queue] = bound
+        self._maybe_low.add(queue)
         if key is not None:
             self._bounded_keys.setdefault(key, set()).add(queue)
         if queue not in self._members:
@@ -381,9 +387,10 @@ class ReadyQueue:
         """The queues to read more of: those with tasks in storage and fewer than
         ``least`` ready tasks held, and those a claim or a key waits for."""
         wanted = set(self.wanted)
-        for queue in self._bounds:
-            if len(self._members.get(queue, ())) < least:
+        for queue in self._maybe_low:
+            if queue in self._bounds and len(self._members.get(queue, ())) < least:
                 wanted.add(queue)
+        self._maybe_low.clear()
         return wanted
 
     def extended(self, queues: Collection[QueueId]) -> None:
