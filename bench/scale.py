@@ -23,7 +23,7 @@ Run from the repository root::
 
     python bench/scale.py                       # 1,000,000 tasks, asyncio
     python bench/scale.py --tasks 100000 --backend trio
-    python bench/scale.py --json
+    python bench/scale.py --json           # the table, then the figures as JSON
 """
 
 from __future__ import annotations
@@ -277,12 +277,18 @@ def main() -> None:
         for backend in backends:
             result = measure_in_child(path, args.tasks, args.claims, backend, args.synchronous)
             results.append(result)
-            if not args.json:
-                print(report(result), flush=True)
+            print(report(result), flush=True)
+    load = os.getloadavg()
+    print(f"load average: {' '.join(f'{x:.2f}' for x in load)}")
     if args.json:
-        print(json.dumps([asdict(r) for r in results], indent=2))
-    else:
-        print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        figures = {
+            "backend": args.backend,
+            "tasks": args.tasks,
+            "claims": args.claims,
+            "load_average": list(load),
+            "runs": [asdict(r) for r in results],
+        }
+        print(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

@@ -79,6 +79,14 @@ def _remote(figures: dict[str, Any]) -> None:
     assert figures["connections"] == 20
 
 
+def _scale(figures: dict[str, Any]) -> None:
+    assert (figures["tasks"], figures["claims"]) == (300, 50)
+    for run in figures["runs"]:
+        assert run["open_seconds"] > 0
+        assert run["rss_after_open_mb"] > 0
+        assert 0 < run["claim_p50"] <= run["claim_p99"] <= run["claim_max"]
+
+
 RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
     "tasks.py": (["--tasks", "100", "--handoffs", "10", "--json"], _tasks),
     "agents.py": (["--tasks", "100", "--copies", "2", "--json"], _agents),
@@ -90,6 +98,7 @@ RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
         None,
     ),
     "inputs.py": (["--size", "2", "--repeat", "1", "--json"], _inputs),
+    "scale.py": (["--tasks", "300", "--claims", "50", "--json"], _scale),
     "remote.py": (
         ["--tasks", "80", "--calls", "20", "--connections", "20", "--repeat", "1", "--json"],
         _remote,
