@@ -4,7 +4,7 @@ A ready queue is the queued tasks of one (task type, requirement list, concurren
 in claim order: priority highest first, then ``created_at``, then id (time-ordered ids:
 creation order). The TaskManager keeps the best tasks of each queue in memory and asks
 for the next ones after the last it holds; each ask is a range scan of the partial index
-``idx_tasks_ready`` (schema version 8), whatever the size of the backlog.
+``idx_tasks_ready`` (schema version 9), whatever the size of the backlog.
 """
 
 from __future__ import annotations
