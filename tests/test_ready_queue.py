@@ -416,6 +416,34 @@ def test_a_freed_key_sends_back_only_the_tasks_within_reach() -> None:
     assert len(queue) == 997
 
 
+def test_a_task_held_back_for_storage_starves_every_pop_until_its_queue_is_read() -> None:
+    """A pop that hands out a better task may set aside one of a key whose queue has
+    better tasks in storage; the next pop must not answer "nothing" (a claim that does not
+    wait would go empty-handed while that task may be eligible): it starves until the
+    queue is read, then hands it out. (Found by the heads-against-whole property test.)"""
+    queue = ReadyQueue({"a": 1})
+    t1 = make_task("t1", "b", priority=0, key="k1", limit=2)
+    t2 = make_task("t2", "a", priority=0, key="k1")
+    t3 = make_task("t3", "a", priority=1, key="k1")
+    stored = queue_of(t3)
+    queue.set_bound(stored, bound_of(t3))  # t2 is in storage, after t3
+    queue.add(t1, NOW)
+    assert queue.add(t3, NOW)
+    assert queue.pop(None) == "t3"  # t1 waits: storage may hold better tasks of k1
+    queue.hold(t3)
+    assert stored in queue.low(1)
+    # The read is in flight (the TaskManager reads in the background): no answer yet.
+    assert queue.pop(None) is None
+    assert queue.starved
+    assert queue.pop(["b"]) is None
+    assert queue.starved
+    queue.set_bound(stored, None)
+    assert queue.add(t2, NOW)
+    queue.extended([stored])
+    assert queue.pop(None) == "t1"  # the best of k1 now (t2 comes after it, by id)
+    assert not queue.starved
+
+
 # -- per-type limits ---------------------------------------------------------------------------
 
 
