@@ -444,6 +444,28 @@ def test_a_task_held_back_for_storage_starves_every_pop_until_its_queue_is_read(
     assert not queue.starved
 
 
+def test_a_trim_lets_go_of_the_tasks_in_backoff_after_its_new_bound() -> None:
+    """Every task held of a queue comes before its bound, those in backoff too: one left
+    held after a trim's bound would join the head when due and go before the tasks of
+    storage that come before it. (Found by the heads-against-whole property test.)"""
+    queue = ReadyQueue()
+    t0 = make_task("t0", priority=0)
+    t1 = make_task("t1", priority=1)
+    t2 = make_task("t2", priority=0, available=NOW + 1)  # in backoff
+    t3 = make_task("t3", priority=2, available=NOW + 1)  # in backoff, before the bound
+    for task in (t0, t2, t3, t1):
+        add_delayed(queue, task, NOW)
+    assert sorted(queue.trim(queue_of(t1), 1)) == ["t0", "t2"]
+    assert not queue.holds("t2")
+    assert queue.holds("t3")
+    assert queue.pop(None) == "t1"
+    queue.promote(NOW + 1)
+    assert queue.pop(None) == "t3"
+    assert queue.pop(None) is None
+    assert queue.starved  # t0 and t2 are storage's: read them first
+    assert queue_of(t0) in queue.low(1)
+
+
 # -- per-type limits ---------------------------------------------------------------------------
 
 

@@ -413,18 +413,28 @@ class ReadyQueue:
 
     def trim(self, queue: QueueId, keep: int) -> list[str]:
         """Let go of all but the best ``keep`` ready tasks held of ``queue`` (its bound
-        moves to the last one kept); returns the ids let go of (now storage's only)."""
+        moves to the last one kept), and of its tasks in backoff after that; returns the
+        ids let go of (now storage's only)."""
         members = sorted(self._members.get(queue, {}).values())
         if len(members) <= keep or keep < 1:
             return []
         last = members[keep - 1]
-        dropped = [entry.task_id for entry in members[keep:]]
-        for task_id in dropped:
-            self.discard(task_id)
         # A datetime's float timestamp is exact to well under a microsecond at today's
         # epoch, so the datetime (and the text storage compares with) comes back exactly.
         created_at = datetime.fromtimestamp(last.created, UTC)
-        self.set_bound(queue, Bound(last.neg_priority, last.created, last.task_id, created_at))
+        bound = Bound(last.neg_priority, last.created, last.task_id, created_at)
+        dropped = [entry.task_id for entry in members[keep:]]
+        # The tasks of the queue in backoff after the bound go too: held, one would join
+        # the head when due and go before the tasks of storage that come before it. A
+        # scan of the backoff heap, as a trim comes once per ``keep`` tasks added at most.
+        dropped += [
+            entry.task_id
+            for _, entry in self._delayed
+            if entry.queue == queue and self._valid(entry) and entry.after(bound)
+        ]
+        for task_id in dropped:
+            self.discard(task_id)
+        self.set_bound(queue, bound)
         return dropped
 
     # -- concurrency keys ---------------------------------------------------------------
