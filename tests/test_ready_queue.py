@@ -817,8 +817,22 @@ def test_a_queue_holding_only_heads_hands_out_what_one_holding_all_does(
     for op in ops:
         match op:
             case ("add", str(task_id), dict(spec)):
-                if task_id in model.held:
+                # As the TaskManager adds: a task that changes while queued is discarded
+                # first (``_index``), one that is held is unheld first, and a task keeps
+                # its type, priority, creation time and key for life; a task queued again
+                # (a retry, say) differs only in its backoff.
+                if task_id in model.queued or task_id in model.held:
                     continue
+                first = model.tasks.get(task_id)
+                if first is not None:
+                    spec = {
+                        **spec,
+                        "task_type": first.task_type,
+                        "priority": first.priority,
+                        "created": (first.created_at - T0).total_seconds(),
+                        "key": first.concurrency_key,
+                        "limit": first.concurrency_limit,
+                    }
                 delay = spec["delay"]
                 task = make_task(
                     task_id,
