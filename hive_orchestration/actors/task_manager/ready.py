@@ -295,6 +295,12 @@ class ReadyQueue:
             elif self._type_full(entry.task_type):  # in a mixed heap of requirements
                 heapq.heappop(heap)
                 self._type_blocked.setdefault(entry.task_type, []).append(entry)
+            elif entry.key is not None and self._waits_for_storage(entry):
+                # It stays on top, so every pop that reaches its route starves until the
+                # key's queues are read: set aside, a later pop would not see it and
+                # answer "nothing" while it may be the best eligible task. What lies
+                # under it in this heap comes after it, so nothing here goes meanwhile.
+                return None
             else:
                 return entry
         del self._heaps[route]
@@ -407,18 +413,28 @@ class ReadyQueue:
 
     def trim(self, queue: QueueId, keep: int) -> list[str]:
         """Let go of all but the best ``keep`` ready tasks held of ``queue`` (its bound
-        moves to the last one kept); returns the ids let go of (now storage's only)."""
+        moves to the last one kept), and of its tasks in backoff after that; returns the
+        ids let go of (now storage's only)."""
         members = sorted(self._members.get(queue, {}).values())
         if len(members) <= keep or keep < 1:
             return []
         last = members[keep - 1]
-        dropped = [entry.task_id for entry in members[keep:]]
-        for task_id in dropped:
-            self.discard(task_id)
         # A datetime's float timestamp is exact to well under a microsecond at today's
         # epoch, so the datetime (and the text storage compares with) comes back exactly.
         created_at = datetime.fromtimestamp(last.created, UTC)
-        self.set_bound(queue, Bound(last.neg_priority, last.created, last.task_id, created_at))
+        bound = Bound(last.neg_priority, last.created, last.task_id, created_at)
+        dropped = [entry.task_id for entry in members[keep:]]
+        # The tasks of the queue in backoff after the bound go too: held, one would join
+        # the head when due and go before the tasks of storage that come before it. A
+        # scan of the backoff heap, as a trim comes once per ``keep`` tasks added at most.
+        dropped += [
+            entry.task_id
+            for _, entry in self._delayed
+            if entry.queue == queue and self._valid(entry) and entry.after(bound)
+        ]
+        for task_id in dropped:
+            self.discard(task_id)
+        self.set_bound(queue, bound)
         return dropped
 
     # -- concurrency keys ---------------------------------------------------------------
@@ -462,16 +478,18 @@ class ReadyQueue:
         if free <= 0:
             return False
         best = self._best_of_key(entry.key, free)
-        if not best or entry > best[-1]:
-            return False
-        # Among the best held, but a queue of the key may have better ones in storage:
-        # read them first (this entry waits with the key's blocked ones until then).
+        return bool(best) and entry <= best[-1]
+
+    def _waits_for_storage(self, entry: _Entry) -> bool:
+        """Whether ``entry``, among the best held of its key, must wait because a queue
+        of the key may have better tasks in storage: they are wanted, read first."""
+        assert entry.key is not None
         later = {q for q in self._bounded_keys.get(entry.key, ()) if entry.after(self._bounds[q])}
-        if later:
-            self.wanted |= later
-            if self._waiting_for is None or entry < self._waiting_for:
-                self._waiting_for = entry
+        if not later:
             return False
+        self.wanted |= later
+        if self._waiting_for is None or entry < self._waiting_for:
+            self._waiting_for = entry
         return True
 
     def _forget(self, key: str) -> None:
@@ -498,6 +516,9 @@ class ReadyQueue:
             if not self._valid(entry):
                 continue
             if self._key_allows(entry):
+                # Back in its heap even if it waits for storage: the pops that reach it
+                # starve until the read (and the read is wanted from now on).
+                self._waits_for_storage(entry)
                 self._push(entry)
             else:
                 kept.append(entry)  # a smaller limit of its own
