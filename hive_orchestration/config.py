@@ -135,6 +135,11 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     #: seconds, at most ``retry_backoff_max``, with jitter (between half and all of it).
     retry_backoff: DelaySeconds = 1.0
     retry_backoff_max: DelaySeconds = 300.0
+    #: How many of each ready queue's best tasks the TaskManager holds in memory (a
+    #: queue: the queued tasks of one task type, requirement list and concurrency key).
+    #: The rest of the backlog stays in SQLite and is read back, by an index, when fewer
+    #: than half are left; so memory is this times the number of queues, not the backlog.
+    ready_queue_head: Positive = 1024
     #: At most N tasks of a task type assigned or running at once (``{"deploy": 1}``).
     concurrency_limits: dict[str, Positive] = msgspec.field(default_factory=dict)
     #: A worker that sends no heartbeat for this long is declared offline and what it

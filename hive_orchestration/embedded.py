@@ -329,6 +329,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps):
                 retry_backoff=config.retry_backoff,
                 retry_backoff_max=config.retry_backoff_max,
                 concurrency_limits=config.concurrency_limits,
+                ready_head=config.ready_queue_head,
                 # A call that ends a plan's task answers once its plan has reacted.
                 plan_barrier=True,
                 clock=wall,

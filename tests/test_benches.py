@@ -128,6 +128,14 @@ def _metrics(figures: dict[str, Any]) -> None:
         ]
 
 
+def _scale(figures: dict[str, Any]) -> None:
+    assert (figures["tasks"], figures["claims"]) == (300, 50)
+    for run in figures["runs"]:
+        assert run["open_seconds"] > 0
+        assert run["rss_after_open_mb"] > 0
+        assert 0 < run["claim_p50"] <= run["claim_p99"] <= run["claim_max"]
+
+
 RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
     "tasks.py": (["--tasks", "100", "--handoffs", "10", "--json"], _tasks),
     "agents.py": (["--tasks", "100", "--copies", "2", "--json"], _agents),
@@ -146,6 +154,7 @@ RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
         ["--tasks", "300", "--seconds", "0.3", "--repeat", "1", "--cache", _READS_CACHE, "--json"],
         _reads,
     ),
+    "scale.py": (["--tasks", "300", "--claims", "50", "--json"], _scale),
     "remote.py": (
         ["--tasks", "80", "--calls", "20", "--connections", "20", "--repeat", "1", "--json"],
         _remote,

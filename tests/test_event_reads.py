@@ -23,6 +23,7 @@ from hive_orchestration.storage.event_reads import (
     events_sql,
     read_event_rows,
 )
+from hive_orchestration.storage.schema import SCHEMA_VERSION
 
 pytestmark = pytest.mark.anyio
 
@@ -148,6 +149,7 @@ async def test_a_version_7_database_gains_the_version_8_indexes(
     with closing(sqlite3.connect(db_path)) as conn:
         conn.execute("DROP INDEX idx_events_type")  # what version 8 adds
         conn.execute("DROP INDEX idx_tasks_status_order")
+        conn.execute("DROP INDEX idx_tasks_ready")  # what version 9 adds
         conn.execute("PRAGMA user_version = 7")
     async with Runtime.open(db_path) as rt:
         assert [e.type for e in await rt.read_events(pattern="app.*")] == ["app.note"]
@@ -156,4 +158,4 @@ async def test_a_version_7_database_gains_the_version_8_indexes(
         assert "idx_tasks_status_order" in {
             row[1] for row in conn.execute("PRAGMA index_list(tasks)")
         }
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 8
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hive_orchestration.actors.task_manager.ready import ReadyQueue
+from hive_orchestration.actors.task_manager.ready import ReadyQueue, bound_of, queue_of
 from hive_orchestration.messages.tasks import Task, TaskStatus
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -416,6 +416,56 @@ def test_a_freed_key_sends_back_only_the_tasks_within_reach() -> None:
     assert len(queue) == 997
 
 
+def test_a_task_held_back_for_storage_starves_every_pop_until_its_queue_is_read() -> None:
+    """A pop that hands out a better task may set aside one of a key whose queue has
+    better tasks in storage; the next pop must not answer "nothing" (a claim that does not
+    wait would go empty-handed while that task may be eligible): it starves until the
+    queue is read, then hands it out. (Found by the heads-against-whole property test.)"""
+    queue = ReadyQueue({"a": 1})
+    t1 = make_task("t1", "b", priority=0, key="k1", limit=2)
+    t2 = make_task("t2", "a", priority=0, key="k1")
+    t3 = make_task("t3", "a", priority=1, key="k1")
+    stored = queue_of(t3)
+    queue.set_bound(stored, bound_of(t3))  # t2 is in storage, after t3
+    queue.add(t1, NOW)
+    assert queue.add(t3, NOW)
+    assert queue.pop(None) == "t3"  # t1 waits: storage may hold better tasks of k1
+    queue.hold(t3)
+    assert stored in queue.low(1)
+    # The read is in flight (the TaskManager reads in the background): no answer yet.
+    assert queue.pop(None) is None
+    assert queue.starved
+    assert queue.pop(["b"]) is None
+    assert queue.starved
+    queue.set_bound(stored, None)
+    assert queue.add(t2, NOW)
+    queue.extended([stored])
+    assert queue.pop(None) == "t1"  # the best of k1 now (t2 comes after it, by id)
+    assert not queue.starved
+
+
+def test_a_trim_lets_go_of_the_tasks_in_backoff_after_its_new_bound() -> None:
+    """Every task held of a queue comes before its bound, those in backoff too: one left
+    held after a trim's bound would join the head when due and go before the tasks of
+    storage that come before it. (Found by the heads-against-whole property test.)"""
+    queue = ReadyQueue()
+    t0 = make_task("t0", priority=0)
+    t1 = make_task("t1", priority=1)
+    t2 = make_task("t2", priority=0, available=NOW + 1)  # in backoff
+    t3 = make_task("t3", priority=2, available=NOW + 1)  # in backoff, before the bound
+    for task in (t0, t2, t3, t1):
+        add_delayed(queue, task, NOW)
+    assert sorted(queue.trim(queue_of(t1), 1)) == ["t0", "t2"]
+    assert not queue.holds("t2")
+    assert queue.holds("t3")
+    assert queue.pop(None) == "t1"
+    queue.promote(NOW + 1)
+    assert queue.pop(None) == "t3"
+    assert queue.pop(None) is None
+    assert queue.starved  # t0 and t2 are storage's: read them first
+    assert queue_of(t0) in queue.low(1)
+
+
 # -- per-type limits ---------------------------------------------------------------------------
 
 
@@ -667,3 +717,208 @@ def test_random_operations_match_the_model(ops: list[tuple[Any, ...]]) -> None:
             case _:  # pragma: no cover
                 pytest.fail(f"unknown operation {op!r}")
         assert len(queue) == len(model.queued)
+
+
+class Backlogged:
+    """A :class:`ReadyQueue` that holds ``head`` ready tasks of each queue, over a
+    simulated storage (the backlog), driven as the TaskManager drives it: a task it does
+    not take stays in storage, a starved pop reads the wanted queues' next tasks after
+    their bounds, and a head past its size is trimmed after every operation (the
+    TaskManager lets a head grow to twice its size first: the same, less often)."""
+
+    def __init__(self, head: int) -> None:
+        self.queue = ReadyQueue(TYPE_LIMITS)
+        self.head = head
+        self.stored: dict[str, tuple[Task, float | None]] = {}
+        self.reads = 0
+
+    def add(self, task: Task, now: float, available: float | None) -> None:
+        self.stored.pop(task.id, None)
+        if not self.queue.add(task, now, available):
+            self.stored[task.id] = (task, available)
+
+    def discard(self, task_id: str) -> None:
+        self.queue.discard(task_id)
+        self.stored.pop(task_id, None)
+
+    def pop(self, types: list[str] | None, now: float) -> str | None:
+        for _ in range(1000):
+            got = self.queue.pop(types)
+            if got is not None or not self.queue.starved:
+                return got
+            self.read(self.queue.low(1), now)
+        raise AssertionError("a pop starved 1000 times in a row")
+
+    def read(self, queues: set[Any], now: float) -> None:
+        self.reads += 1
+        bounds = self.queue.bounds()
+        for queue in queues:
+            if queue not in bounds:
+                continue
+            after = sorted(
+                (task for task, _ in self.stored.values() if queue_of(task) == queue),
+                key=lambda task: bound_of(task)[:3],
+            )
+            assert all(bound_of(task)[:3] > bounds[queue][:3] for task in after), (
+                "a task of the backlog before its queue's bound"
+            )
+            taken = after[: self.head]
+            bound = bound_of(taken[-1]) if len(taken) >= self.head else None
+            self.queue.set_bound(queue, bound)
+            for task in taken:
+                _, available = self.stored.pop(task.id)
+                assert self.queue.add(task, now, available)
+        self.queue.extended(list(queues))
+
+    def trim(self, tasks: dict[str, Task], available: dict[str, float | None]) -> None:
+        for queue in self.queue.over(self.head):
+            for task_id in self.queue.trim(queue, self.head):
+                self.stored[task_id] = (tasks[task_id], available[task_id])
+
+
+# Few queues, so that heads fill, are trimmed and run dry often.
+crowded_specs = st.fixed_dictionaries(
+    {
+        "task_type": st.sampled_from(["a", "a", "a", "b"]),
+        "priority": st.integers(0, 3),
+        "created": st.integers(0, 5),
+        "key": st.sampled_from([None, None, "k1"]),
+        "limit": st.sampled_from([None, 1, 2, 3]),
+        "delay": st.one_of(st.none(), st.none(), st.none(), st.integers(-2, 5)),
+    }
+)
+crowded = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.sampled_from(TASK_IDS), crowded_specs),
+        st.tuples(st.just("add"), st.sampled_from(TASK_IDS), crowded_specs),
+        pop,
+        pop,
+        unhold,
+        st.tuples(st.just("discard"), pick),
+        st.tuples(st.just("take"), pick),
+        st.tuples(st.just("promote"), st.integers(0, 4)),
+    ),
+    min_size=30,
+    max_size=120,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(crowded, st.integers(1, 3))
+def test_a_queue_holding_only_heads_hands_out_what_one_holding_all_does(
+    ops: list[tuple[Any, ...]], head: int
+) -> None:
+    """The same operations on a queue that holds every task and on one that holds only
+    the heads (the backlog in a simulated storage): every pop gives the same task."""
+    whole = ReadyQueue(TYPE_LIMITS)
+    heads = Backlogged(head)
+    model = Model()  # only to pick tasks by rank and to know what is queued or held
+    available: dict[str, float | None] = {}
+    for op in ops:
+        match op:
+            case ("add", str(task_id), dict(spec)):
+                # As the TaskManager adds: a task that changes while queued is discarded
+                # first (``_index``), one that is held is unheld first, and a task keeps
+                # its type, priority, creation time and key for life; a task queued again
+                # (a retry, say) differs only in its backoff.
+                if task_id in model.queued or task_id in model.held:
+                    continue
+                # One limit per key: see the xfail test below for a key whose tasks
+                # carry different limits.
+                same_key = [t for t in model.tasks.values() if t.concurrency_key == spec["key"]]
+                if spec["key"] is not None and same_key:
+                    spec = {**spec, "limit": same_key[0].concurrency_limit}
+                first = model.tasks.get(task_id)
+                if first is not None:
+                    spec = {
+                        **spec,
+                        "task_type": first.task_type,
+                        "priority": first.priority,
+                        "created": (first.created_at - T0).total_seconds(),
+                        "key": first.concurrency_key,
+                        "limit": first.concurrency_limit,
+                    }
+                delay = spec["delay"]
+                task = make_task(
+                    task_id,
+                    spec["task_type"],
+                    priority=spec["priority"],
+                    created=spec["created"],
+                    key=spec["key"],
+                    limit=spec["limit"] if spec["key"] is not None else None,
+                    available=None if delay is None else model.now + delay,
+                )
+                available[task_id] = available_of(task)
+                whole.add(task, model.now, available[task_id])
+                heads.add(task, model.now, available[task_id])
+                model.tasks[task_id] = task
+                model.queued.add(task_id)
+            case ("discard", which):
+                task_id = model.choose(model.queued, which)
+                whole.discard(task_id)
+                heads.discard(task_id)
+                model.queued.discard(task_id)
+            case ("take", which):
+                task_id = model.choose(model.queued, which)
+                if task_id not in model.queued:
+                    continue
+                for queue in (whole, heads.queue):
+                    queue.discard(task_id)
+                    queue.hold(model.tasks[task_id])
+                heads.stored.pop(task_id, None)
+                model.queued.discard(task_id)
+                model.held.add(task_id)
+            case ("unhold", which):
+                task_id = model.choose(model.held, which)
+                if task_id not in model.held:
+                    continue
+                whole.unhold(model.tasks[task_id])
+                heads.queue.unhold(model.tasks[task_id])
+                model.held.discard(task_id)
+            case ("promote", int(step)):
+                model.now += step
+                whole.promote(model.now)
+                heads.queue.promote(model.now)
+            case ("pop", task_types):
+                types = None if task_types is None else list(task_types)
+                expected = whole.pop(types)
+                got = heads.pop(types, model.now)
+                assert got == expected, f"pop({types}): {got}, holding all: {expected}"
+                if got is not None:
+                    whole.hold(model.tasks[got])
+                    heads.queue.hold(model.tasks[got])
+                    model.queued.discard(got)
+                    model.held.add(got)
+        heads.trim(model.tasks, available)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known: a head cannot tell that its backlog holds a task of the same key with a"
+    " larger concurrency_limit than the tasks it holds (storage would have to say)",
+)
+def test_a_key_whose_tasks_in_storage_have_a_larger_limit_than_those_held() -> None:
+    """Tasks of one key with different limits, across a head's bound: the whole queue
+    hands out t2 (its limit 3 leaves it a slot), the heads hold only t1 (limit 1, full)
+    and do not read t2. Found by the heads-against-whole property test (seed 22, 5000
+    examples), which now gives every task of a key the same limit."""
+    whole = ReadyQueue(TYPE_LIMITS)
+    heads = Backlogged(1)
+    t0 = make_task("t0", "b", priority=0, key="k1")
+    t2 = make_task("t2", "a", priority=0, key="k1", limit=3)
+    t1 = make_task("t1", "a", priority=0, key="k1")
+    tasks = {task.id: task for task in (t0, t1, t2)}
+    available: dict[str, float | None] = dict.fromkeys(tasks)
+    for task in (t0, t2):
+        whole.add(task, NOW)
+        heads.add(task, NOW, None)
+        heads.trim(tasks, available)
+    assert whole.pop(None) == heads.pop(None, NOW) == "t0"
+    whole.hold(t0)
+    heads.queue.hold(t0)
+    whole.add(t1, NOW)
+    heads.add(t1, NOW, None)
+    heads.trim(tasks, available)
+    assert "t2" in heads.stored
+    assert whole.pop(None) == "t2"
+    assert heads.pop(None, NOW) == "t2"

@@ -39,7 +39,13 @@ __all__ = [
     "FetchRun",
     "FetchRuns",
     "FetchTask",
+    "FetchTasks",
     "FindIdempotencyKeys",
+    "LoadQueueHeads",
+    "QueryUnroutable",
+    "QueueHead",
+    "QueueHeads",
+    "TasksWithRuns",
     "LoadLeaseHashes",
     "LoadRuns",
     "LoadTasks",
@@ -244,6 +250,60 @@ class FetchRuns(Request[list[Run]], frozen=True):
     task_id: str
 
 
+class TasksWithRuns(msgspec.Struct, frozen=True):
+    """Tasks and every run of them, oldest run first."""
+
+    tasks: tuple[Task, ...]
+    runs: tuple[Run, ...]
+
+
+class FetchTasks(Request[TasksWithRuns], frozen=True):
+    """The tasks among ``task_ids`` that exist, with their runs: for the TaskManager, to
+    act on tasks its memory does not hold (the backlog beyond the ready queues' heads,
+    blocked subtasks, tasks that finished long ago)."""
+
+    task_ids: tuple[str, ...]
+
+
+class QueueHead(msgspec.Struct, frozen=True):
+    """One ready queue (the queued tasks of one task type, requirement list and
+    concurrency key, as stored) and where the part memory holds ends: ``after`` is the
+    (priority, created_at, id) of the last task of the queue, in claim order (priority
+    highest first, then created_at, then id), that memory holds; ``None``: from the best."""
+
+    task_type: str
+    requires: tuple[str, ...]
+    concurrency_key: str | None
+    after: tuple[int, datetime, str] | None = None
+
+
+class QueueHeads(msgspec.Struct, frozen=True):
+    """Each queue asked for, with its next tasks in claim order, and every run of them."""
+
+    heads: tuple[tuple[QueueHead, tuple[Task, ...]], ...]
+    runs: tuple[Run, ...]
+
+
+class LoadQueueHeads(Request[QueueHeads], frozen=True):
+    """The next ``limit`` queued tasks of each of ``heads`` after its ``after``, in claim
+    order; ``heads=None``: of every queue that has a queued task, from its best (the
+    TaskManager's start-up). A range scan of ``idx_tasks_ready`` per queue."""
+
+    heads: tuple[QueueHead, ...] | None
+    limit: int
+
+
+class QueryUnroutable(Request[list[Task]], frozen=True):
+    """Queued tasks that no worker able to do one of ``capability_sets`` can take, in
+    claim order: one scan of the queues (``idx_tasks_ready``), then the tasks of the
+    queues no set covers. At most ``limit``, after the task whose (priority, created_at,
+    id) is ``after``."""
+
+    capability_sets: tuple[tuple[str, ...], ...]
+    limit: int | None = None
+    after: tuple[int, datetime, str] | None = None
+
+
 class StorageStats(msgspec.Struct, frozen=True):
     path: str
     driver: str
@@ -347,6 +407,9 @@ StorageMessage: TypeAlias = (
     | QueryTasks
     | CountTasks
     | FetchTask
+    | FetchTasks
+    | LoadQueueHeads
+    | QueryUnroutable
     | FetchRun
     | FetchRuns
     | LoadWorkers

@@ -91,6 +91,7 @@ from .drivers import Driver, Row, Statement
 from .event_reads import events_sql, read_event_rows
 from .faults import storage_error
 from .pages import plan_page_sql, request_page_sql, tasks_page_sql
+from .queues import QUEUE_QUERIES, query_queues
 from .readers import POOLED, ReaderPool
 from .rows import (
     DELETE_TASK,
@@ -299,6 +300,8 @@ class StorageActor(Actor[StorageMessage]):
                 return tuple(worker_from_row(row) for row in rows)
             case _ if isinstance(message, _PLAN_QUERIES):
                 return await _query_plans(db, message)
+            case _ if isinstance(message, QUEUE_QUERIES):
+                return await query_queues(db, message)
             case other:
                 raise HiveError(f"the storage actor does not handle {type(other).__name__}")
 

@@ -214,6 +214,17 @@ _V8: tuple[str, ...] = (
     "CREATE INDEX idx_tasks_status_order ON tasks (status, priority DESC, created_at, id)",
 )
 
+# Version 9: the ready queues read from an index. The TaskManager holds only the best
+# tasks of each queue (one task type, requirement list and concurrency key) in memory and
+# reads the next ones as that head drains: a range scan here, in claim order (priority
+# highest first, then age, then id: ids are time-ordered, so that is creation order).
+# Partial: a task leaves it when it is claimed or ends, so it stays the size of the backlog.
+_V9: tuple[str, ...] = (
+    "CREATE INDEX idx_tasks_ready ON tasks"
+    " (task_type, requires, concurrency_key, priority DESC, created_at, id)"
+    " WHERE status = 'queued'",
+)
+
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9)
 SCHEMA_VERSION = len(MIGRATIONS)

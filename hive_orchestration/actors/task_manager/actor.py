@@ -1,7 +1,8 @@
 """The TaskManager actor: the one owner of every task, every run and every claim.
 
-It keeps the live tasks (not terminal) and their runs in memory, with the most recently
-finished tasks, and is the only code that changes them. It handles a batch of requests at
+It keeps in memory the claimed tasks (assigned, running), the head of each ready queue
+(below), the most recently finished tasks, and the runs of all of these, and is the only
+code that changes tasks and runs. It handles a batch of requests at
 a time: each is checked against the state machine below and applied in memory, and the
 whole batch's changes (task rows, run rows and events, in order) go to the storage actor
 as ONE write, so that state and event log are committed together. Only after that commit
@@ -10,7 +11,25 @@ was before the batch (an undo record per task and per idempotency key) and every
 of the batch is refused with the storage error.
 
 Reads of tasks that are no longer in memory are forwarded to the storage actor, queued
-behind the batch's write, so they always see committed state.
+behind the batch's write, so they always see committed state; so are the listings.
+
+The backlog stays in SQLite. A ready queue is the queued tasks of one task type,
+requirement list and concurrency key; memory holds its best ``ready_head`` tasks (the
+:class:`ReadyQueue` knows where each head ends, its *bound*) and reads the next ones,
+through the partial index ``idx_tasks_ready``, when fewer than half are left: one storage
+read before a batch, for every queue that ran low, so claims are answered from memory and
+wait for storage only when a head ran dry (a claim that would otherwise get a worse task,
+or none, while better ones are in storage waits for that read, made right after the
+batch's commit). The reads happen between batches: the last commit is done and no other
+is in flight, and the TaskManager is the only writer of tasks, so a read sees exactly the
+state memory was built on, and a task created or changed meanwhile cannot be missed or
+held twice. A task queued after its queue's bound (created, requeued or released by its
+plan) is written and left to storage once committed; a head that grew past twice its
+size (better tasks than its bound) lets go of its worst. A task memory does not hold (the
+backlog, blocked subtasks, long-finished tasks) is read with its runs when a change is
+asked for, in one read per batch, and changes exactly as it would in memory. Opening
+loads the claimed tasks and the heads, not the backlog, so its time and memory do not
+grow with it.
 
 Idempotency keys. Memory knows the keys of the tasks in memory only; a finished task's key
 leaves with it and lives on in SQLite, behind the unique index. Before a batch is handled,
@@ -93,7 +112,6 @@ recovered: the worker went away, the task did nothing wrong); then it ends faile
 from __future__ import annotations
 
 import hashlib
-import heapq
 import hmac
 import logging
 import random
@@ -102,7 +120,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import anyio
 import msgspec
@@ -125,13 +143,18 @@ from ...messages.storage import (
     FetchRun,
     FetchRuns,
     FetchTask,
+    FetchTasks,
     FindIdempotencyKeys,
     LoadLeaseHashes,
+    LoadQueueHeads,
     LoadRuns,
     LoadTasks,
     PutRun,
     PutTask,
     QueryTasks,
+    QueryUnroutable,
+    QueueHead,
+    QueueHeads,
     SetRunState,
     SetTaskState,
     StorageMessage,
@@ -176,8 +199,8 @@ from ...messages.tasks import (
     Wake,
 )
 from ...messages.workers import WorkerRegistryMessage, WorkersSeen
-from ...runtime import Actor, ActorRef, Alarm, Deadlines, Envelope, Request
-from .ready import ReadyQueue, can_take
+from ...runtime import Actor, ActorRef, Alarm, Deadlines, Envelope, Reply, Request
+from .ready import Bound, QueueId, ReadyQueue, bound_of, queue_of
 
 __all__ = ["LIVE", "TRANSITIONS", "TaskManager"]
 
@@ -207,8 +230,10 @@ TRANSITIONS: dict[tuple[TaskStatus, TaskStatus], str] = {
     (B, TaskStatus.CANCELLED): "task.cancelled",
 }
 
-#: Statuses kept in memory; the others are loaded from storage when asked for.
+#: Statuses that are not terminal (the live tasks).
 LIVE = tuple(status.value for status in TaskStatus if status not in TERMINAL)
+#: Statuses loaded whole at start-up: the claimed tasks (queued ones are read by head).
+_CLAIMED = (A.value, R.value)
 #: A task in these statuses holds its concurrency slots.
 _HOLDING = frozenset({A, R})
 _RUN_OPEN = frozenset({RunStatus.ASSIGNED, RunStatus.RUNNING})
@@ -271,6 +296,20 @@ class _Undo:
     ready_at: float | None = None  # the end of its backoff
 
 
+@dataclass(slots=True)
+class _Refill:
+    """A read of the next tasks of ``queues``, in flight while batches go on, and what
+    those batches did that the read may not show."""
+
+    reply: Reply[QueueHeads]
+    queues: set[QueueId]
+    touched: set[str] = field(default_factory=set)  # tasks changed since it was sent
+    # Tasks of its queues memory let go of since (queued after their bound), with runs.
+    spilled: dict[str, tuple[Task, list[Run]]] = field(default_factory=dict)
+    stale: set[QueueId] = field(default_factory=set)  # trimmed since: their answer is void
+    void: bool = False  # a batch failed since: the whole answer is void
+
+
 class _Due(NamedTuple):
     """A claimed run's deadlines, on the monotonic clock, and the hash of its lease's
     secret: kept here since it lives exactly as long (set at the claim, dropped when the
@@ -297,11 +336,14 @@ class _Waiter:
     envelope: Envelope[TaskManagerMessage]
     claim: ClaimTask | ClaimTasks
     deadline: float | None
+    # A ClaimTasks's claims so far, committed, when a drained head left it short: it
+    # stays parked for the rest, which the head's next tasks bring (see _dispatch).
+    taken: list[Claim] = field(default_factory=list)
 
     @property
-    def nothing(self) -> tuple[()] | None:
-        """The answer when no task came."""
-        return () if isinstance(self.claim, ClaimTasks) else None
+    def nothing(self) -> tuple[Claim, ...] | None:
+        """The answer when no (more) task came."""
+        return tuple(self.taken) if isinstance(self.claim, ClaimTasks) else None
 
 
 @dataclass(slots=True)
@@ -321,6 +363,9 @@ class _Batch:
     parked: list[int] = field(default_factory=list)  # waiters that arrived in this batch
     seqs: tuple[int, ...] = ()  # the committed events' sequence numbers
     plan_enders: set[int] = field(default_factory=set)  # envelopes that ended a plan's task
+    starved: bool = False  # a claim waits for a drained head's next tasks
+    # Parked ClaimTasks this batch gave claims to, and how many they had before.
+    grown: list[tuple[int, int]] = field(default_factory=list)
 
 
 class TaskManager(Actor[TaskManagerMessage]):
@@ -343,8 +388,17 @@ class TaskManager(Actor[TaskManagerMessage]):
         monotonic: Callable[[], float] = anyio.current_time,
         rng: random.Random | None = None,
         plan_barrier: bool = False,
+        ready_head: int = 1024,
     ) -> None:
         self._storage = storage
+        # How many of each ready queue's best tasks memory holds; it reads the next ones
+        # when fewer than half are left, and lets go of the worst when over twice as many.
+        self._head = max(1, ready_head)
+        self._low = max(1, self._head // 2)
+        # Tasks this batch left out of memory's heads (queued after their queue's bound,
+        # or blocked): memory lets go of them once the batch is committed.
+        self._spill: set[str] = set()
+        self._refilling: _Refill | None = None  # the read of heads in flight, if any
         self._workers = workers
         self._alarm = alarm
         self._recover = recover
@@ -360,7 +414,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         self._backoff_max = retry_backoff_max
         self._type_limits = dict(concurrency_limits or {})
         self._rng = rng or random.Random()
-        self._tasks: dict[str, Task] = {}  # live tasks, and the recently finished ones
+        self._tasks: dict[str, Task] = {}  # claimed, heads of queues, recently finished
         self._finished: OrderedDict[str, None] = OrderedDict()  # finished, oldest first
         # Idempotency key -> task id, for the tasks in memory only: the keys of tasks that
         # left memory are looked up in storage (see _look_up_keys).
@@ -393,12 +447,22 @@ class TaskManager(Actor[TaskManagerMessage]):
         )
 
     async def started(self) -> None:
-        tasks = await self._storage.ask(LoadTasks(LIVE))
-        runs = await self._storage.ask(LoadRuns(LIVE))
+        # The claimed tasks, whole, and the head of each ready queue: not the backlog
+        # behind the heads, nor the blocked subtasks, which are read when asked for.
+        tasks = list(await self._storage.ask(LoadTasks(_CLAIMED)))
+        runs = list(await self._storage.ask(LoadRuns(_CLAIMED)))
+        heads = await self._storage.ask(LoadQueueHeads(None, self._head))
+        bounds: dict[QueueId, Bound] = {}
+        for head, queued in heads.heads:
+            tasks += queued
+            if len(queued) >= self._head:
+                bounds[(head.task_type, head.requires, head.concurrency_key)] = bound_of(queued[-1])
+        runs += heads.runs
         self._tasks = {task.id: task for task in tasks}
         self._keys = {t.idempotency_key: t.id for t in tasks if t.idempotency_key is not None}
         for run in runs:
             self._remember_run(run)
+        self._ready = ReadyQueue(self._type_limits, bounds)
         # A crash's restart keeps the claims, so their secrets must still be proved; on
         # open, recovery ends them all.
         hashes = {} if self._recover else await self._storage.ask(LoadLeaseHashes(LIVE))
@@ -419,8 +483,10 @@ class TaskManager(Actor[TaskManagerMessage]):
         self._reindex(hashes)
         self._arm()
         log.info(
-            "task manager: %d live task(s), %d run(s), %d claimed",
+            "task manager: %d task(s) in memory (%d queue(s) with a backlog in storage),"
+            " %d run(s), %d claimed",
             len(self._tasks),
+            len(self._ready.bounds()),
             len(self._runs),
             len(self._held),
         )
@@ -464,11 +530,15 @@ class TaskManager(Actor[TaskManagerMessage]):
             reply = await self._storage.request(Write(tuple(work.ops)))
             await reply.wait()  # a failure fails the start-up; the next start recovers again
             log.warning("recovered %d task(s) held when the runtime stopped", len(work.undo))
+        self._shed()
 
     # -- the batch loop ----------------------------------------------------------------------
 
     async def receive_batch(self, batch: Sequence[Envelope[TaskManagerMessage]]) -> None:
         work = _Batch()
+        refill = self._refilling
+        if refill is not None and refill.reply.done:
+            await self._take_refill(refill)  # the heads read since the last batch
         await self._look_up_keys(batch, work)
         now = self._read_clocks()
         self._settle_due(work, now)
@@ -506,15 +576,22 @@ class TaskManager(Actor[TaskManagerMessage]):
         self._dispatch(work, now)
         while True:
             unclaimed = await self._finish(work, forwards, now)
-            if not unclaimed:
+            starved = work.starved
+            if not unclaimed and not starved:
                 break
             # Claims whose askers left before the answer: hand the tasks back (and on to
-            # whoever is waiting), as one more batch.
+            # whoever is waiting), as one more batch. Claims that a drained head starved:
+            # read its next tasks, then hand them out.
             work, forwards = _Batch(), []
+            refilled = await self._refill_now() if starved else True
             for claim in unclaimed:
                 self._release_unclaimed(claim, work, now)
-            self._dispatch(work, now)
+            self._dispatch(work, now, refilled=refilled)
         self._evict()
+        # Heads that ran under half: their next tasks are read while the next batches
+        # go on (one read at a time), and taken in before the first batch after it.
+        if self._refilling is None:
+            self._refilling = await self._send_refill(self._ready.low(self._low))
         self._arm()
 
     async def _look_up_keys(
@@ -522,9 +599,9 @@ class TaskManager(Actor[TaskManagerMessage]):
     ) -> None:
         """Ask storage, in one read for the whole batch, who owns the idempotency keys of
         its creates that memory does not know. Memory holds the keys of the tasks it holds
-        (every live one), so a key found there belongs to a task that finished and left
-        memory. The TaskManager is the only writer of tasks and its last commit is done, so
-        the answer is exact until this batch changes it."""
+        only, so a key found there belongs to a task memory let go of (finished long ago,
+        or in a queue's backlog). The TaskManager is the only writer of tasks and its last
+        commit is done, so the answer is exact until this batch changes it."""
         keys: set[str] = set()
         for envelope in batch:
             message = envelope.message
@@ -547,6 +624,155 @@ class TaskManager(Actor[TaskManagerMessage]):
             # task with that key: it fails, and creates nothing, like a failed commit.
             work.key_errors = dict.fromkeys(keys, exc)
 
+    async def _send_refill(self, queues: set[QueueId]) -> _Refill | None:
+        """Ask storage for the next tasks of ``queues`` after what memory holds of each,
+        in one read; not waited for here."""
+        self._ready.wanted.clear()
+        bounds = self._ready.bounds()
+        heads = tuple(QueueHead(q[0], q[1], q[2], _after(bounds[q])) for q in queues if q in bounds)
+        if not heads:
+            return None
+        try:
+            reply = await self._storage.request(LoadQueueHeads(heads, self._head))
+        except HiveError as exc:
+            log.warning("could not read the next tasks of %d queue(s): %s", len(heads), exc)
+            return None
+        return _Refill(reply, {(h.task_type, h.requires, h.concurrency_key) for h in heads})
+
+    async def _refill_now(self) -> bool:
+        """For claims a drained head starved: take the read in flight, then read what is
+        still wanted, and wait for it. Whether the heads could be read."""
+        if self._refilling is not None:
+            if not await self._take_refill(self._refilling):
+                return False
+            if not self._ready.wanted:
+                return True  # what the claims waited for came with it
+        refill = await self._send_refill(self._ready.low(self._low))
+        if refill is None:
+            return not self._ready.wanted
+        self._refilling = refill
+        return await self._take_refill(refill)
+
+    async def _take_refill(self, refill: _Refill) -> bool:
+        """Add what ``refill`` read. The read was served at some point between its
+        sending and now, while batches went on: a task changed since it was sent is known
+        better by memory (skipped), and a task memory left to storage since (queued after
+        its bound) is added from memory's copy if the new bound takes it in, so none is
+        missed nor held twice. A queue trimmed since, or a batch that failed since, voids
+        the read (its tasks come again with the next one), and so does a task of the read
+        changed since whose state memory does not know: the queue is read again."""
+        self._refilling = None
+        try:
+            loaded = await refill.reply.wait()
+        except HiveError as exc:
+            # Claims go on with what is held; the heads are read again after a batch.
+            log.warning("could not read the next tasks of %d queue(s): %s", len(refill.queues), exc)
+            return False
+        if refill.void:
+            return True
+        runs: dict[str, list[Run]] = {}
+        for run in loaded.runs:
+            runs.setdefault(run.task_id, []).append(run)
+        queues: list[QueueId] = []
+        for head, tasks in loaded.heads:
+            queue = (head.task_type, head.requires, head.concurrency_key)
+            if queue in refill.stale or any(
+                task.id in refill.touched
+                and task.id not in self._tasks
+                and task.id not in refill.spilled
+                for task in tasks
+            ):
+                # Trimmed since, or holding a task changed since whose state memory
+                # does not know (deleted, or looked at and left as it was): read again.
+                self._ready.wanted.add(queue)
+                continue
+            queues.append(queue)
+            bound = bound_of(tasks[-1]) if len(tasks) >= self._head else None
+            self._ready.set_bound(queue, bound)
+            for task in tasks:
+                if task.id not in self._tasks and task.id not in refill.touched:
+                    self._take_in(task, runs.get(task.id, ()))
+            for task, task_runs in list(refill.spilled.values()):
+                if (
+                    queue_of(task) == queue
+                    and task.id not in self._tasks
+                    and (bound is None or bound_of(task)[:3] <= bound[:3])
+                ):
+                    self._take_in(task, task_runs)
+        self._ready.extended(queues)
+        return True
+
+    def _take_in(self, task: Task, runs: Sequence[Run]) -> None:
+        """Hold a queued task read back from storage, with its runs."""
+        self._tasks[task.id] = task
+        for run in runs:
+            self._remember_run(run)
+        key = task.idempotency_key
+        if key is not None:
+            self._keys.setdefault(key, task.id)
+        self._index(None, task)
+
+    def _shed(self) -> None:
+        """After a commit: let go of what the batch left to storage, and of the worst
+        tasks of heads that grew past twice their size (new tasks better than their
+        bound); all of it is committed, and read back when its turn comes."""
+        refill = self._refilling
+        for task_id in self._spill:
+            task = self._tasks.get(task_id)
+            if task is not None and task.status is Q and not self._ready.holds(task_id):
+                if refill is not None and queue_of(task) in refill.queues:
+                    # The read in flight may have been served before this commit.
+                    runs = [self._runs[r] for r in self._runs_of.get(task_id, ())]
+                    refill.spilled[task_id] = (task, runs)
+                self._drop(task_id)
+            elif task is None or task.status is B:
+                self._drop(task_id)
+        self._spill.clear()
+        for queue in self._ready.over(2 * self._head):
+            if refill is not None and queue in refill.queues:
+                refill.stale.add(queue)  # it read after the old bound: tasks would be lost
+            for task_id in self._ready.trim(queue, self._head):
+                self._drop(task_id)
+
+    def _drop(self, task_id: str) -> None:
+        """Forget a task memory does not need (its committed state is in storage)."""
+        task = self._tasks.pop(task_id, None)
+        key = None if task is None else task.idempotency_key
+        if key is not None and self._keys.get(key) == task_id:
+            del self._keys[key]  # answered by storage from now on
+        self._ready_at.pop(task_id, None)
+        for run_id in self._runs_of.pop(task_id, []):
+            self._runs.pop(run_id, None)
+
+    async def _fetch(self, task_ids: Sequence[str], work: _Batch) -> dict[str, Task]:
+        """The tasks among ``task_ids`` that exist, from memory or else from storage
+        (with their runs, which memory then holds: every run of a task in memory is in
+        memory). One read for all of those not in memory; what is read is committed
+        state, the batch has not changed it (it would be in memory)."""
+        found: dict[str, Task] = {}
+        missing: list[str] = []
+        for task_id in task_ids:
+            if task_id in work.deleted:
+                continue
+            task = self._tasks.get(task_id)
+            if task is not None:
+                found[task_id] = task
+            else:
+                missing.append(task_id)
+        if missing:
+            stored = await self._storage.ask(FetchTasks(tuple(missing)))
+            for task in stored.tasks:
+                if task.id not in found:
+                    found[task.id] = task
+                    # Undo forgets the runs if the batch fails; a commit leaves the task
+                    # in memory only if the batch changed it (_shed).
+                    self._touch(task.id, work)
+                    self._spill.add(task.id)
+            for run in stored.runs:
+                if run.task_id in work.undo and run.id not in self._runs:
+                    self._remember_run(run)
+        return found
+
     def _report_seen(self, seen: set[str]) -> None:
         """Tell the registry who is at work, so a busy worker is not declared offline
         for want of a registry heartbeat. Best effort: with its mailbox full, the next
@@ -568,8 +794,17 @@ class TaskManager(Actor[TaskManagerMessage]):
             for envelope, _ in work.answers:  # claims handed out from older batches too
                 envelope.fail(ActorFailedError(self.name, exc))
             raise
+        short: list[_Waiter] = []
         if error is not None:
             self._restore(work, now)
+            for waiter_id, before in work.grown:
+                waiter = self._waiters.get(waiter_id)
+                if waiter is not None:  # still parked for more: not with this batch's
+                    del waiter.taken[before:]
+                    self._unpark(waiter_id)
+                    short.append(waiter)
+        else:
+            self._shed()
         barrier = self._plan_barrier_seq(work) if error is None else 0
         held: list[tuple[Envelope[TaskManagerMessage], object]] = []
         unclaimed: list[Claim] = []
@@ -602,6 +837,11 @@ class TaskManager(Actor[TaskManagerMessage]):
                 envelope.resolve(outcome)
         if held:
             self._held_back.append((barrier, held))
+        for waiter in short:
+            if not waiter.taken:
+                waiter.envelope.fail(cast(HiveError, error))
+            elif not waiter.envelope.resolve(tuple(waiter.taken), Unclaimed(tuple(waiter.taken))):
+                unclaimed += waiter.taken  # those of earlier, committed batches
         return unclaimed
 
     def _plan_barrier_seq(self, work: _Batch) -> int:
@@ -658,6 +898,10 @@ class TaskManager(Actor[TaskManagerMessage]):
 
     def _touch(self, task_id: str, work: _Batch) -> None:
         """Remember a task's memory state before the batch first changes it."""
+        refill = self._refilling
+        if refill is not None:
+            refill.touched.add(task_id)  # the read in flight may hold an older copy
+            refill.spilled.pop(task_id, None)
         if task_id not in work.undo:
             run_ids = self._runs_of.get(task_id)
             work.undo[task_id] = _Undo(
@@ -678,6 +922,10 @@ class TaskManager(Actor[TaskManagerMessage]):
 
     def _restore(self, work: _Batch, now: datetime) -> None:
         """After a failed commit: put memory back exactly as it was before the batch."""
+        self._spill.clear()  # what the batch left to storage is memory's again
+        if self._refilling is not None:
+            # It may skip tasks the failed batch touched but did not change: read again.
+            self._refilling.void = True
         for task_id, undo in work.undo.items():
             for run_id in self._runs_of.pop(task_id, ()):
                 self._runs.pop(run_id, None)
@@ -708,9 +956,9 @@ class TaskManager(Actor[TaskManagerMessage]):
 
     def _reindex(self, hashes: Mapping[str, bytes] | None = None) -> None:
         """Rebuild what is derived from tasks and runs: the ready queue, the claims and
-        their deadlines. O(live tasks): at start-up (with the stored ``hashes`` of the
+        their deadlines. O(tasks in memory): at start-up (with the stored ``hashes`` of the
         claims' secrets) and after a failed commit only."""
-        self._ready = ReadyQueue(self._type_limits)
+        self._ready = ReadyQueue(self._type_limits, self._ready.bounds())
         self._held = {}
         self._deadlines = Deadlines()
         for task in self._tasks.values():
@@ -743,9 +991,12 @@ class TaskManager(Actor[TaskManagerMessage]):
                 self._ready.unhold(old)
         if new is not None:
             if new.status is Q:
-                self._ready.add(new, self._mono, self._backoff_end(new))
+                if not self._ready.add(new, self._mono, self._backoff_end(new)):
+                    self._spill.add(new.id)  # after its queue's head: storage's
             elif new.status in _HOLDING:
                 self._ready.hold(new)
+            elif new.status is B:
+                self._spill.add(new.id)  # read back when its plan queues it
 
     # -- deadlines -----------------------------------------------------------------------------
 
@@ -844,11 +1095,13 @@ class TaskManager(Actor[TaskManagerMessage]):
             self._waits.set(waiter_id, deadline)
         work.parked.append(waiter_id)
 
-    def _dispatch(self, work: _Batch, now: datetime) -> None:
+    def _dispatch(self, work: _Batch, now: datetime, *, refilled: bool = True) -> None:
         """Hand ready tasks to parked claims, oldest claim first.
 
         Only the claims parked in this batch can find something if nothing became ready
-        since the last dispatch; claims that do not wait are answered now either way.
+        since the last dispatch; claims that do not wait are answered now either way,
+        unless a drained head starved them: they stay parked for its next tasks, read
+        once the batch is committed (not when that read just failed: ``refilled``).
         """
         if self._ready.changed:
             candidates = list(self._waiters)
@@ -862,24 +1115,36 @@ class TaskManager(Actor[TaskManagerMessage]):
             reply = waiter.envelope.reply
             if reply is not None and reply.done:  # the claimer stopped waiting
                 self._unpark(waiter_id)
+                for claim in waiter.taken:  # committed, never received: hand them back
+                    self._release_unclaimed(claim, work, now)
                 continue
             request = waiter.claim
             task_id = self._ready.pop(request.task_types)
             if task_id is None:
-                if waiter.deadline is None:
+                if self._ready.starved and refilled:
+                    work.starved = True
+                    continue
+                if waiter.deadline is None or waiter.taken:
                     self._unpark(waiter_id)
                     work.answers.append((waiter.envelope, waiter.nothing))
                 continue
-            self._unpark(waiter_id)
             if isinstance(request, ClaimTask):
+                self._unpark(waiter_id)
                 work.answers.append((waiter.envelope, self._assign(task_id, request, work, now)))
                 continue
-            claims = [self._assign(task_id, request, work, now)]
+            work.grown.append((waiter_id, len(waiter.taken)))
+            claims = waiter.taken
+            claims.append(self._assign(task_id, request, work, now))
             while len(claims) < request.limit:
                 task_id = self._ready.pop(request.task_types)
                 if task_id is None:
                     break
                 claims.append(self._assign(task_id, request, work, now))
+            if len(claims) < request.limit and self._ready.starved and refilled:
+                # A head ran dry mid-claim: the rest once its next tasks are read.
+                work.starved = True
+                continue
+            self._unpark(waiter_id)
             work.answers.append((waiter.envelope, tuple(claims)))
 
     def _unpark(self, waiter_id: int) -> None:
@@ -1054,8 +1319,11 @@ class TaskManager(Actor[TaskManagerMessage]):
                 return tuple(self._create(item, work, now) for item in items)
             case QueueTasks(task_ids=task_ids, source_agent=source):
                 queued = []
+                known = await self._fetch(task_ids, work)
                 for task_id in task_ids:
-                    task = self._tasks.get(task_id)
+                    task = known.get(task_id)
+                    if task is not None:
+                        task = self._tasks.get(task_id, task)  # changed by an earlier item
                     if task is not None and task.status is B and task_id not in work.deleted:
                         extra: dict[str, JsonValue] = {"subtask_id": task.subtask_id}
                         self._transition(task, Q, work, now, source, {}, extra)
@@ -1063,8 +1331,11 @@ class TaskManager(Actor[TaskManagerMessage]):
                 return tuple(queued)
             case CancelTasks(task_ids=task_ids, statuses=statuses, reason=reason):
                 cancelled = []
+                known = await self._fetch(task_ids, work)
                 for task_id in task_ids:
-                    task = self._tasks.get(task_id)
+                    task = known.get(task_id)
+                    if task is not None:
+                        task = self._tasks.get(task_id, task)  # changed by an earlier item
                     if task is None or task.status not in statuses or task_id in work.deleted:
                         continue
                     self._end_claim(task, RunStatus.CANCELLED, work, now, reason)
@@ -1148,15 +1419,10 @@ class TaskManager(Actor[TaskManagerMessage]):
             case ReleaseWorker(worker_id=worker_id, reason=reason):
                 return self._release_worker(worker_id, reason, work, now)
             case GetUnroutableTasks(capability_sets=sets, limit=limit, after=after):
-                lower = None if after is None else _page_order(await self._cursor(after))
-                stuck = [
-                    task
-                    for task in self._tasks.values()
-                    if task.status is Q
-                    and (lower is None or _page_order(task) > lower)
-                    and not any(can_take(task, caps) for caps in sets)
-                ]
-                return heapq.nsmallest(limit, stuck, key=_page_order)
+                # Memory holds only the heads of the queues: storage scans them all.
+                start = None if after is None else await self._cursor(after)
+                key = None if start is None else (start.priority, start.created_at, start.id)
+                return _Forward(QueryUnroutable(sets, limit=limit, after=key))
             case Wake():
                 return None  # what was due was settled when the batch began
             case PlansSettled(seq=seq):
@@ -1382,22 +1648,14 @@ class TaskManager(Actor[TaskManagerMessage]):
     async def _list(
         self, status: TaskStatus, task_type: str | None, limit: int, after: str | None
     ) -> object:
-        """A page of a status's tasks (see listing.py): terminal ones from storage, the
-        live ones from memory, both in (priority, created_at, id) order from ``after``."""
+        """A page of a status's tasks (see listing.py) in (priority, created_at, id) order
+        from ``after``. Memory holds only the heads of the queues, so storage answers,
+        behind the batch's commit: the page sees the batch's changes."""
         start = None if after is None else await self._cursor(after)
-        if status in TERMINAL:
-            key = None if start is None else (start.priority, start.created_at, start.id)
-            query = QueryTasks(status=status.value, task_type=task_type, limit=limit, after=key)
-            return _Forward(query)
-        lower = None if start is None else _page_order(start)
-        found = [
-            task
-            for task in self._tasks.values()
-            if task.status is status
-            and (task_type is None or task.task_type == task_type)
-            and (lower is None or _page_order(task) > lower)
-        ]
-        return heapq.nsmallest(limit, found, key=_page_order)
+        key = None if start is None else (start.priority, start.created_at, start.id)
+        return _Forward(
+            QueryTasks(status=status.value, task_type=task_type, limit=limit, after=key)
+        )
 
     def _create_run(self, message: CreateRun, task: Task, work: _Batch, now: datetime) -> str:
         if task.status in TERMINAL:
@@ -1442,16 +1700,13 @@ class TaskManager(Actor[TaskManagerMessage]):
     # -- helpers -----------------------------------------------------------------------------
 
     async def _find(self, task_id: str, work: _Batch) -> Task:
-        """The task, from memory or, for one that finished long ago, from storage (rare).
-
-        Every live task is in memory, so one found in storage is finished: any change to it
-        is refused by the state machine, exactly as while it was in memory.
-        """
+        """The task, from memory or else from storage: one of a queue's backlog, a
+        blocked subtask, or one that finished long ago (with its runs: see _fetch)."""
         if task_id in work.deleted:  # deleted earlier in this batch, not yet committed
             raise NotFoundError("task", task_id)
         task = self._tasks.get(task_id)
         if task is None:
-            task = await self._storage.ask(FetchTask(task_id))
+            task = (await self._fetch((task_id,), work)).get(task_id)
             if task is None:
                 raise NotFoundError("task", task_id)
         return task
@@ -1529,13 +1784,9 @@ def _refuse_unknown_keys(items: Sequence[CreateTask], work: _Batch) -> None:
                 raise work.key_errors[key]
 
 
-def _priority_order(task: Task) -> tuple[int, datetime]:
-    return (-task.priority, task.created_at)
-
-
-def _page_order(task: Task) -> tuple[int, datetime, str]:
-    """A listing's order (listing.py): keys fixed at creation, the id last to break ties."""
-    return (-task.priority, task.created_at, task.id)
+def _after(bound: Bound) -> tuple[int, datetime, str]:
+    """A bound as storage resumes after it: (priority, created_at, id)."""
+    return (-bound.neg_priority, bound.created_at, bound.task_id)
 
 
 def _claims(outcome: object) -> tuple[Claim, ...]:

@@ -20,6 +20,18 @@ the queue without taking one. Tasks in backoff are not ready and hold nothing ba
 Entries are never removed from the middle of a heap: each carries the generation of the
 task's entry, and an entry whose task left the queue (claimed, cancelled, deleted) or was
 queued again since is skipped when it reaches the top.
+
+Heads of a backlog. The queue may hold only the best tasks of a *queue* (the tasks of one
+task type, requirement list and concurrency key: what storage indexes), the rest staying
+in storage: such a queue has a *bound*, the claim-order key of the last task held, and
+every task of the queue that is not held comes after it. A task queued after its queue's
+bound is not taken (:meth:`add` says so: the caller leaves it to storage), and a task is
+only handed out if no queue it competes with could have a better one in storage: a
+claim whose routes include a queue with nothing held and a bound before the best task
+held (*starved*), or a concurrency key whose tasks in storage may come before a task,
+waits for that queue's next tasks (:attr:`wanted`; the TaskManager reads them with
+:meth:`bounds` and adds them with :meth:`add` and :meth:`extend`). The TaskManager keeps
+each head between :meth:`low` and twice its size (:meth:`trim`).
 """
 
 from __future__ import annotations
@@ -27,14 +39,39 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from collections.abc import Collection, Mapping
+from datetime import UTC, datetime
 from typing import NamedTuple, TypeAlias
 
 from ...messages.tasks import Task
 
-__all__ = ["ReadyQueue", "can_take"]
+__all__ = ["Bound", "QueueId", "ReadyQueue", "bound_of", "can_take", "queue_of"]
 
 #: A task type (tasks without requirements) or a set of required capabilities.
 Route: TypeAlias = str | frozenset[str]
+#: A queue as storage indexes it: task type, requirement list, concurrency key.
+QueueId: TypeAlias = tuple[str, tuple[str, ...], str | None]
+
+
+class Bound(NamedTuple):
+    """The claim-order key of the last task held of a queue whose other tasks are in
+    storage (they all come after it): compared with an entry's first three fields."""
+
+    neg_priority: int
+    created: float
+    task_id: str
+    created_at: datetime  # as stored, for storage to resume after it
+
+
+def queue_of(task: Task) -> QueueId:
+    return (task.task_type, task.requires, task.concurrency_key)
+
+
+def bound_of(task: Task) -> Bound:
+    return Bound(-task.priority, task.created_at.timestamp(), task.id, task.created_at)
+
+
+def _route_of(queue: QueueId) -> Route:
+    return frozenset(queue[1]) if queue[1] else queue[0]
 
 
 class _Entry(NamedTuple):
@@ -46,6 +83,11 @@ class _Entry(NamedTuple):
     route: Route
     key: str | None
     limit: int
+    queue: QueueId
+
+    def after(self, bound: Bound) -> bool:
+        """Whether this entry comes after ``bound`` in claim order."""
+        return (self.neg_priority, self.created, self.task_id) > bound[:3]
 
 
 def can_take(task: Task, capabilities: Collection[str] | None) -> bool:
@@ -61,7 +103,11 @@ def can_take(task: Task, capabilities: Collection[str] | None) -> bool:
 class ReadyQueue:
     """The queued tasks, as far as handing them out is concerned."""
 
-    def __init__(self, type_limits: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        type_limits: Mapping[str, int] | None = None,
+        bounds: Mapping[QueueId, Bound] | None = None,
+    ) -> None:
         self._type_limits = dict(type_limits or {})
         self._heaps: dict[Route, list[_Entry]] = {}
         self._delayed: list[tuple[float, _Entry]] = []
@@ -78,6 +124,25 @@ class ReadyQueue:
         self._held_keys: Counter[str] = Counter()
         #: Set when a task may have become claimable; the TaskManager clears it.
         self.changed = False
+        # The ready entries held of each queue (task id -> entry), wherever they wait.
+        self._members: dict[QueueId, dict[str, _Entry]] = {}
+        self._member_of: dict[str, QueueId] = {}
+        # Queues with tasks in storage: their bounds, and by route and by concurrency key;
+        # those of them with no ready entry held, by route (what starves a claim).
+        self._bounds: dict[QueueId, Bound] = {}
+        self._bounded_keys: dict[str, set[QueueId]] = {}
+        self._empty: dict[Route, set[QueueId]] = {}
+        #: Queues whose next tasks a claim or a concurrency key is waiting for.
+        self.wanted: set[QueueId] = set()
+        # Queues that lost a ready task or got a bound since low() last looked: only
+        # they can have run low, so a batch's look costs nothing for the other queues.
+        self._maybe_low: set[QueueId] = set()
+        #: Set by :meth:`pop` when it found nothing because a queue starved it.
+        self.starved = False
+        # The best entry a concurrency key held back in this pop until storage is read.
+        self._waiting_for: _Entry | None = None
+        for queue, bound in (bounds or {}).items():
+            self.set_bound(queue, bound)
 
     def __len__(self) -> int:
         """Queued tasks (ready, delayed or blocked)."""
@@ -85,11 +150,19 @@ class ReadyQueue:
 
     # -- queued tasks -------------------------------------------------------------------
 
-    def add(self, task: Task, now: float, available: float | None = None) -> None:
+    def add(self, task: Task, now: float, available: float | None = None) -> bool:
         """``task`` is queued: hand it out when it is the best ready one, not before
         ``available`` (the end of its backoff). ``now``, ``available`` and the times given
         to :meth:`promote` are on the caller's monotonic clock, not ``task.available_at``'s
-        wall clock: a wall clock stepped back must not hold a task back for the step."""
+        wall clock: a wall clock stepped back must not hold a task back for the step.
+
+        Returns ``False``, holding nothing of it, for a task after its queue's bound: its
+        turn comes when storage hands it back with the queue's next tasks."""
+        queue = queue_of(task)
+        bound = self._bounds.get(queue)
+        if bound is not None and bound_of(task)[:3] > bound[:3]:
+            self.discard(task.id)
+            return False
         self._next_generation += 1
         generation = self._next_generation
         self._generation[task.id] = generation
@@ -105,17 +178,21 @@ class ReadyQueue:
             frozenset(task.requires) if task.requires else task.task_type,
             task.concurrency_key,
             task.concurrency_limit or 1,
+            queue,
         )
+        self._leave(task.id)  # added again while queued: its old entry is stale
         if available is not None and available > now:
             heapq.heappush(self._delayed, (available, entry))
         else:
             self._ready(entry)
         if previous is not None:
             self._forget(previous)  # its old entry is stale now
+        return True
 
     def discard(self, task_id: str) -> None:
         """``task_id`` left the queue (its entries are skipped from now on)."""
         self._generation.pop(task_id, None)
+        self._leave(task_id)
         key = self._key_of.pop(task_id, None)
         if key is not None:
             self._forget(key)
@@ -140,10 +217,17 @@ class ReadyQueue:
         """Take the best ready task a claim that can do ``capabilities`` (``None``:
         anything) may take, within the concurrency limits; its id, or ``None``."""
         best: _Entry | None = None
+        self._waiting_for = None
         for route in self._routes(capabilities):
             entry = self._head(route)
             if entry is not None and (best is None or entry < best):
                 best = entry
+        starving = self._starving(capabilities, best)
+        waiting = self._held_back_for_storage()
+        self.starved = bool(starving) or (waiting is not None and (best is None or waiting < best))
+        if self.starved:
+            self.wanted |= starving
+            return None
         if best is None:
             return None
         heap = self._heaps[best.route]
@@ -151,10 +235,40 @@ class ReadyQueue:
         if not heap:
             del self._heaps[best.route]
         del self._generation[best.task_id]
+        self._leave(best.task_id)
         if best.key is not None:
             del self._key_of[best.task_id]
             self._key_heap(best.key)  # let go of its entry (and of an emptied key)
         return best.task_id
+
+    def _held_back_for_storage(self) -> _Entry | None:
+        waiting, self._waiting_for = self._waiting_for, None
+        return waiting
+
+    def _starving(self, capabilities: Collection[str] | None, best: _Entry | None) -> set[QueueId]:
+        """The queues, among the routes of a claim that can do ``capabilities``, with no
+        ready task held whose tasks in storage may come before ``best`` (its best
+        choice among those held, if any) and could be handed out."""
+        starving: set[QueueId] = set()
+        for route, queues in self._empty.items():
+            if capabilities is not None and not (
+                route in capabilities
+                if isinstance(route, str)
+                else all(need in capabilities for need in route)
+            ):
+                continue
+            for queue in queues:
+                if self._type_full(queue[0]):
+                    continue
+                # A full key: nothing of it goes now. (With no ready task of the key held,
+                # its limit is unknown here: reading the queue tells.)
+                key = queue[2]
+                limit = None if key is None else self._key_limit.get(key)
+                if key is not None and limit is not None and self._held_keys[key] >= limit:
+                    continue
+                if best is None or best.after(self._bounds[queue]):
+                    starving.add(queue)
+        return starving
 
     def _routes(self, capabilities: Collection[str] | None) -> list[Route]:
         if capabilities is None:
@@ -181,6 +295,12 @@ class ReadyQueue:
             elif self._type_full(entry.task_type):  # in a mixed heap of requirements
                 heapq.heappop(heap)
                 self._type_blocked.setdefault(entry.task_type, []).append(entry)
+            elif entry.key is not None and self._waits_for_storage(entry):
+                # It stays on top, so every pop that reaches its route starves until the
+                # key's queues are read: set aside, a later pop would not see it and
+                # answer "nothing" while it may be the best eligible task. What lies
+                # under it in this heap comes after it, so nothing here goes meanwhile.
+                return None
             else:
                 return entry
         del self._heaps[route]
@@ -199,11 +319,123 @@ class ReadyQueue:
 
     def _ready(self, entry: _Entry) -> None:
         """``entry`` is ready (queued, past any backoff): into its route and its key."""
+        queue = entry.queue
+        members = self._members.get(queue)
+        if members is None:
+            members = self._members[queue] = {}
+            if queue in self._bounds:
+                self._unempty(queue)
+        members[entry.task_id] = entry
+        self._member_of[entry.task_id] = queue
         key = entry.key
         if key is not None:
             heapq.heappush(self._by_key.setdefault(key, []), entry)
             self._key_limit[key] = max(self._key_limit.get(key, 0), entry.limit)
         self._push(entry)
+
+    # -- heads of a backlog ---------------------------------------------------------------
+
+    def _leave(self, task_id: str) -> None:
+        """``task_id``'s ready entry is no longer held (taken, discarded, replaced)."""
+        queue = self._member_of.pop(task_id, None)
+        if queue is None:
+            return
+        members = self._members[queue]
+        del members[task_id]
+        if queue in self._bounds:
+            self._maybe_low.add(queue)
+        if not members:
+            del self._members[queue]
+            if queue in self._bounds:
+                self._empty.setdefault(_route_of(queue), set()).add(queue)
+
+    def _unempty(self, queue: QueueId) -> None:
+        route = _route_of(queue)
+        empty = self._empty.get(route)
+        if empty is not None:
+            empty.discard(queue)
+            if not empty:
+                del self._empty[route]
+
+    def held_in(self, queue: QueueId) -> int:
+        """Ready tasks held of ``queue`` (not counting those in backoff)."""
+        return len(self._members.get(queue, ()))
+
+    def holds(self, task_id: str) -> bool:
+        """Whether ``task_id`` is queued here (ready, blocked or in backoff)."""
+        return task_id in self._generation
+
+    def bounds(self) -> dict[QueueId, Bound]:
+        """The queues with tasks in storage, and where what is held of each ends."""
+        return dict(self._bounds)
+
+    def set_bound(self, queue: QueueId, bound: Bound | None) -> None:
+        """``queue``'s tasks after ``bound`` are in storage (``None``: none are)."""
+        key = queue[2]
+        if bound is None:
+            if self._bounds.pop(queue, None) is not None:
+                self._unempty(queue)
+                if key is not None:
+                    keyed = self._bounded_keys[key]
+                    keyed.discard(queue)
+                    if not keyed:
+                        del self._bounded_keys[key]
+            self.wanted.discard(queue)
+            return
+        self._bounds[queue] = bound
+        self._maybe_low.add(queue)
+        if key is not None:
+            self._bounded_keys.setdefault(key, set()).add(queue)
+        if queue not in self._members:
+            self._empty.setdefault(_route_of(queue), set()).add(queue)
+
+    def low(self, least: int) -> set[QueueId]:
+        """The queues to read more of: those with tasks in storage and fewer than
+        ``least`` ready tasks held, and those a claim or a key waits for."""
+        wanted = set(self.wanted)
+        for queue in self._maybe_low:
+            if queue in self._bounds and len(self._members.get(queue, ())) < least:
+                wanted.add(queue)
+        self._maybe_low.clear()
+        return wanted
+
+    def extended(self, queues: Collection[QueueId]) -> None:
+        """More of ``queues`` was added: the tasks their keys held back may go now."""
+        self.wanted.difference_update(queues)
+        for key in {queue[2] for queue in queues}:
+            if key is not None:
+                self._release(key)
+        self.changed = True
+
+    def over(self, most: int) -> list[QueueId]:
+        """The queues with more than ``most`` ready tasks held."""
+        return [queue for queue, members in self._members.items() if len(members) > most]
+
+    def trim(self, queue: QueueId, keep: int) -> list[str]:
+        """Let go of all but the best ``keep`` ready tasks held of ``queue`` (its bound
+        moves to the last one kept), and of its tasks in backoff after that; returns the
+        ids let go of (now storage's only)."""
+        members = sorted(self._members.get(queue, {}).values())
+        if len(members) <= keep or keep < 1:
+            return []
+        last = members[keep - 1]
+        # A datetime's float timestamp is exact to well under a microsecond at today's
+        # epoch, so the datetime (and the text storage compares with) comes back exactly.
+        created_at = datetime.fromtimestamp(last.created, UTC)
+        bound = Bound(last.neg_priority, last.created, last.task_id, created_at)
+        dropped = [entry.task_id for entry in members[keep:]]
+        # The tasks of the queue in backoff after the bound go too: held, one would join
+        # the head when due and go before the tasks of storage that come before it. A
+        # scan of the backoff heap, as a trim comes once per ``keep`` tasks added at most.
+        dropped += [
+            entry.task_id
+            for _, entry in self._delayed
+            if entry.queue == queue and self._valid(entry) and entry.after(bound)
+        ]
+        for task_id in dropped:
+            self.discard(task_id)
+        self.set_bound(queue, bound)
+        return dropped
 
     # -- concurrency keys ---------------------------------------------------------------
 
@@ -248,6 +480,18 @@ class ReadyQueue:
         best = self._best_of_key(entry.key, free)
         return bool(best) and entry <= best[-1]
 
+    def _waits_for_storage(self, entry: _Entry) -> bool:
+        """Whether ``entry``, among the best held of its key, must wait because a queue
+        of the key may have better tasks in storage: they are wanted, read first."""
+        assert entry.key is not None
+        later = {q for q in self._bounded_keys.get(entry.key, ()) if entry.after(self._bounds[q])}
+        if not later:
+            return False
+        self.wanted |= later
+        if self._waiting_for is None or entry < self._waiting_for:
+            self._waiting_for = entry
+        return True
+
     def _forget(self, key: str) -> None:
         """An entry of ``key`` went stale without taking a slot: drop it if on top (and
         an emptied key); it may have been one of the key's best, so the next ones may
@@ -272,6 +516,9 @@ class ReadyQueue:
             if not self._valid(entry):
                 continue
             if self._key_allows(entry):
+                # Back in its heap even if it waits for storage: the pops that reach it
+                # starve until the read (and the read is wanted from now on).
+                self._waits_for_storage(entry)
                 self._push(entry)
             else:
                 kept.append(entry)  # a smaller limit of its own

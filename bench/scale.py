@@ -1,0 +1,297 @@
+"""Benchmark of a runtime opened on a large backlog: a million queued tasks.
+
+Issue 21's goal: with 1,000,000 queued tasks, ``Runtime.open`` is ready in under 1 s, the
+process holds under 200 MB resident after the open, and ``claim_task`` answers in under
+2 ms at p99.
+
+1. The database: ``--tasks`` queued tasks (1,000,000), built once through the runtime's own
+   batch ``create_tasks`` (so the rows, events and indexes are exactly the runtime's), in
+   chunks of 1,000 from 4 concurrent producers at ``synchronous=NORMAL`` (only the build;
+   the measurement runs at the default FULL). Cached under ``bench/.cache/`` (gitignored),
+   keyed by the task count and the schema version, so a schema change builds a new one.
+   Tasks spread over 4 priorities, one task type.
+2. The measurement, in a fresh process, on a copy of the cached file (the measurement
+   changes it): the time from calling ``Runtime.open`` to being inside it (ready), the
+   resident memory (VmRSS) right after and at the end, then ``--claims`` claims (10,000)
+   one after another, each ``claim_task(start=True)`` then ``complete_task``, with the
+   latency of each claim (a claim is a durable commit: at FULL its fsync is most of it;
+   ``--synchronous NORMAL`` shows the rest); then a few calls on tasks deep in the
+   backlog, which a bounded memory does not hold: ``get_task``, ``cancel_task``,
+   ``get_runs``, and one ``create_task``.
+
+Run from the repository root::
+
+    python bench/scale.py                       # 1,000,000 tasks, asyncio
+    python bench/scale.py --tasks 100000 --backend trio
+    python bench/scale.py --json           # the table, then the figures as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import anyio
+
+from hive_orchestration import Runtime, RuntimeConfig
+from hive_orchestration.storage.schema import SCHEMA_VERSION
+
+OPEN_GOAL = 1.0  # seconds
+RSS_GOAL = 200.0  # MB
+CLAIM_P99_GOAL = 0.002  # seconds
+CACHE = Path(__file__).resolve().parent / ".cache"
+CHUNK = 1000
+PRODUCERS = 4
+PRIORITIES = 4
+
+
+@dataclass
+class Result:
+    backend: str
+    synchronous: str
+    tasks: int
+    open_seconds: float
+    rss_after_open_mb: float
+    rss_end_mb: float
+    claims: int
+    claim_p50: float
+    claim_p90: float
+    claim_p99: float
+    claim_max: float
+    slowest_claim: int  # its place in the sequence (0: the first claim after the open)
+    claims_over_2ms: int
+    get_task: float  # seconds, one call on a task deep in the backlog
+    cancel_task: float
+    get_runs: float
+    create_task: float
+
+
+def database(count: int) -> Path:
+    """The cached database with ``count`` queued tasks, built if missing."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = CACHE / f"queued-{count}-v{SCHEMA_VERSION}.db"
+    if not path.exists():
+        # A partial file of this process's own: two runs may build at once (the suite's
+        # workers do), and the rename is atomic.
+        partial = path.with_suffix(f".building-{os.getpid()}")
+        for stale in CACHE.glob(f"{partial.name}*"):
+            stale.unlink()
+        started = time.perf_counter()
+        anyio.run(_build, partial, count)
+        # A clean close checkpointed the WAL: the .db file alone is the database.
+        partial.replace(path)
+        Path(f"{partial}.lock").unlink(missing_ok=True)
+        print(f"built {path.name} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return path
+
+
+async def _build(path: Path, count: int) -> None:
+    config = RuntimeConfig(synchronous="NORMAL", serve_socket=False)
+    async with Runtime.open(path, config=config) as rt:
+
+        async def producer(first: int) -> None:
+            for start in range(first * CHUNK, count, PRODUCERS * CHUNK):
+                end = min(start + CHUNK, count)
+                await rt.create_tasks(
+                    [
+                        {
+                            "task_type": "bulk",
+                            "title": f"bulk {n}",
+                            "payload": {"n": n},
+                            "priority": n % PRIORITIES,
+                        }
+                        for n in range(start, end)
+                    ]
+                )
+
+        async with anyio.create_task_group() as tg:
+            for p in range(PRODUCERS):
+                tg.start_soon(producer, p)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def _measure(path: Path, count: int, claims: int, backend: str, synchronous: str) -> Result:
+    config = RuntimeConfig(serve_socket=False, synchronous=synchronous)  # type: ignore[arg-type]
+    # A task deep in the backlog (created last, lowest priority but one): no bounded head
+    # of the queue holds it.
+    deep = await _deep_task_ids(path)
+    started = time.perf_counter()
+    async with Runtime.open(path, config=config) as rt:
+        opened = time.perf_counter() - started
+        rss_open = _rss_mb()
+        latencies = []
+        for _ in range(claims):
+            t0 = time.perf_counter()
+            claim = await rt.claim_task("bench-worker", "bulk", start=True)
+            latencies.append(time.perf_counter() - t0)
+            assert claim is not None
+            await rt.complete_task(claim.lease, {"ok": True})
+        slowest = max(range(len(latencies)), key=latencies.__getitem__)
+        latencies.sort()
+        t0 = time.perf_counter()
+        task = await rt.get_task(deep[0])
+        get_task = time.perf_counter() - t0
+        assert task is not None
+        assert task.status.value == "queued", task
+        t0 = time.perf_counter()
+        await rt.cancel_task(deep[1], reason="bench")
+        cancel_task = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        await rt.get_runs(deep[0])
+        get_runs = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        await rt.create_task("bulk", {"n": -1})
+        create_task = time.perf_counter() - t0
+        rss_end = _rss_mb()
+    return Result(
+        backend=backend,
+        synchronous=synchronous,
+        tasks=count,
+        open_seconds=opened,
+        rss_after_open_mb=rss_open,
+        rss_end_mb=rss_end,
+        claims=claims,
+        claim_p50=statistics.median(latencies),
+        claim_p90=latencies[int(len(latencies) * 0.90)],
+        claim_p99=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+        claim_max=latencies[-1],
+        slowest_claim=slowest,
+        claims_over_2ms=sum(1 for latency in latencies if latency >= CLAIM_P99_GOAL),
+        get_task=get_task,
+        cancel_task=cancel_task,
+        get_runs=get_runs,
+        create_task=create_task,
+    )
+
+
+async def _deep_task_ids(path: Path) -> list[str]:
+    """Two of the last tasks created at the lowest priority, read with plain sqlite3
+    before the runtime opens (not counted)."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = conn.execute(
+            "SELECT id FROM tasks WHERE status = 'queued' AND priority = 0"
+            " ORDER BY created_at DESC LIMIT 2"
+        ).fetchall()
+    finally:
+        conn.close()
+    return [row[0] for row in rows]
+
+
+def measure_in_child(path: Path, count: int, claims: int, backend: str, synchronous: str) -> Result:
+    """Run the measurement in a fresh process, on a copy of the cached database."""
+    with tempfile.TemporaryDirectory(prefix="hive-scale-", dir=CACHE) as folder:
+        copy = Path(folder) / "copy.db"
+        shutil.copyfile(path, copy)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                str(copy),
+                "--tasks",
+                str(count),
+                "--claims",
+                str(claims),
+                "--backend",
+                backend,
+                "--synchronous",
+                synchronous,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+    return Result(**json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def report(result: Result) -> str:
+    def mark(ok: bool) -> str:
+        return "ok" if ok else "MISSED"
+
+    return "\n".join(
+        [
+            f"{result.tasks:,} queued tasks, {result.backend}, synchronous={result.synchronous}:",
+            f"  open to ready      {result.open_seconds:8.3f} s    goal < {OPEN_GOAL:g} s"
+            f"    {mark(result.open_seconds < OPEN_GOAL)}",
+            f"  RSS after open     {result.rss_after_open_mb:8.1f} MB   goal < {RSS_GOAL:g} MB"
+            f"  {mark(result.rss_after_open_mb < RSS_GOAL)}",
+            f"  RSS at the end     {result.rss_end_mb:8.1f} MB",
+            f"  claim p50          {result.claim_p50 * 1e3:8.3f} ms   ({result.claims:,}"
+            " claims, each then completed)",
+            f"  claim p90          {result.claim_p90 * 1e3:8.3f} ms",
+            f"  claim p99          {result.claim_p99 * 1e3:8.3f} ms   goal < 2 ms"
+            f"    {mark(result.claim_p99 < CLAIM_P99_GOAL)}",
+            f"  claim max          {result.claim_max * 1e3:8.3f} ms   (claim"
+            f" #{result.slowest_claim}; {result.claims_over_2ms:,} took 2 ms or more)",
+            f"  get_task (deep)    {result.get_task * 1e3:8.3f} ms",
+            f"  cancel_task (deep) {result.cancel_task * 1e3:8.3f} ms",
+            f"  get_runs (deep)    {result.get_runs * 1e3:8.3f} ms",
+            f"  create_task        {result.create_task * 1e3:8.3f} ms",
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", type=int, default=1_000_000)
+    parser.add_argument("--claims", type=int, default=10_000)
+    parser.add_argument("--backend", choices=("asyncio", "trio", "both"), default="asyncio")
+    parser.add_argument("--synchronous", choices=("FULL", "NORMAL"), default="FULL")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        result = anyio.run(
+            _measure,
+            Path(args.child),
+            args.tasks,
+            args.claims,
+            args.backend,
+            args.synchronous,
+            backend=args.backend,
+        )
+        print(json.dumps(asdict(result)))
+        return
+    path = database(args.tasks)
+    backends = ("asyncio", "trio") if args.backend == "both" else (args.backend,)
+    results = []
+    for _ in range(args.repeat):
+        for backend in backends:
+            result = measure_in_child(path, args.tasks, args.claims, backend, args.synchronous)
+            results.append(result)
+            print(report(result), flush=True)
+    load = os.getloadavg()
+    print(f"load average: {' '.join(f'{x:.2f}' for x in load)}")
+    if args.json:
+        figures = {
+            "backend": args.backend,
+            "tasks": args.tasks,
+            "claims": args.claims,
+            "load_average": list(load),
+            "runs": [asdict(r) for r in results],
+        }
+        print(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()

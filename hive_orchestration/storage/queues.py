@@ -1,0 +1,154 @@
+"""The ready queues' reads: the TaskManager's heads, refilled from ``idx_tasks_ready``.
+
+A ready queue is the queued tasks of one (task type, requirement list, concurrency key),
+in claim order: priority highest first, then ``created_at``, then id (time-ordered ids:
+creation order). The TaskManager keeps the best tasks of each queue in memory and asks
+for the next ones after the last it holds; each ask is a range scan of the partial index
+``idx_tasks_ready`` (schema version 9), whatever the size of the backlog.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import cast
+
+import msgspec
+
+from ..messages.storage import (
+    FetchTasks,
+    LoadQueueHeads,
+    QueryUnroutable,
+    QueueHead,
+    QueueHeads,
+    StorageMessage,
+    TasksWithRuns,
+)
+from ..messages.tasks import Run, Task
+from .drivers import Driver
+from .rows import RUN_COLUMNS, TASK_COLUMNS, run_from_row, task_from_row, time_text
+
+__all__ = ["QUEUE_QUERIES", "query_queues", "requires_text"]
+
+QUEUE_QUERIES = (FetchTasks, LoadQueueHeads, QueryUnroutable)
+#: Under SQLite's oldest limit on bound parameters (999).
+_IDS_PER_QUERY = 500
+_encode = msgspec.json.Encoder().encode
+# Each condition names the partial index's own WHERE (status = 'queued') so that the
+# planner may use it, and the queue's three columns by equality (IS: they may be NULL).
+_QUEUE = (
+    f"SELECT {TASK_COLUMNS} FROM tasks WHERE status = 'queued'"
+    " AND task_type = ? AND requires IS ? AND concurrency_key IS ?"
+)
+_FIRST = f"{_QUEUE} ORDER BY priority DESC, created_at, id LIMIT ?"
+# After (p, c, i): the rest of priority p after (c, i), then the lower priorities. Two
+# range scans, as the index is ordered (priority DESC, created_at, id).
+_SAME_PRIORITY = (
+    f"{_QUEUE} AND priority = ? AND (created_at, id) > (?, ?) ORDER BY created_at, id LIMIT ?"
+)
+_LOWER = f"{_QUEUE} AND priority < ? ORDER BY priority DESC, created_at, id LIMIT ?"
+_QUEUES = (
+    "SELECT DISTINCT task_type, requires, concurrency_key FROM tasks"
+    " INDEXED BY idx_tasks_ready WHERE status = 'queued'"
+)
+_ROUTES = (
+    "SELECT DISTINCT task_type, requires FROM tasks"
+    " INDEXED BY idx_tasks_ready WHERE status = 'queued'"
+)
+_OF_ROUTE = (
+    f"SELECT {TASK_COLUMNS} FROM tasks WHERE status = 'queued'"
+    " AND task_type = ? AND requires IS ? ORDER BY priority DESC, created_at, id"
+)
+
+
+def requires_text(requires: Sequence[str]) -> str | None:
+    """The ``requires`` column of a task that requires ``requires`` (as ``rows`` writes it)."""
+    return _encode(list(requires)).decode() if requires else None
+
+
+async def query_queues(db: Driver, message: StorageMessage) -> object:
+    match message:
+        case LoadQueueHeads(heads=heads, limit=limit):
+            if heads is None:
+                heads = tuple(await _all_queues(db))
+            loaded: list[tuple[QueueHead, tuple[Task, ...]]] = []
+            for head in heads:
+                loaded.append((head, tuple(await _head(db, head, limit))))
+            ids = [task.id for _, tasks in loaded for task in tasks]
+            return QueueHeads(tuple(loaded), tuple(await _runs_of(db, ids)))
+        case FetchTasks(task_ids=task_ids):
+            tasks: list[Task] = []
+            for start in range(0, len(task_ids), _IDS_PER_QUERY):
+                chunk = task_ids[start : start + _IDS_PER_QUERY]
+                marks = ", ".join("?" * len(chunk))
+                sql = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id IN ({marks})"
+                tasks += [task_from_row(row) for row in await db.fetchall(sql, chunk)]
+            runs = await _runs_of(db, [task.id for task in tasks])
+            return TasksWithRuns(tuple(tasks), tuple(runs))
+        case QueryUnroutable(capability_sets=sets, limit=limit, after=after):
+            stuck: list[Task] = []
+            for task_type, requires in await db.fetchall(_ROUTES):
+                needs = _parse_requires(requires)
+                if any(_takes(task_type, needs, caps) for caps in sets):
+                    continue
+                rows = await db.fetchall(_OF_ROUTE, (task_type, requires))
+                stuck += [task_from_row(row) for row in rows]
+            if after is not None:
+                bound = (-after[0], after[1], after[2])
+                stuck = [t for t in stuck if (-t.priority, t.created_at, t.id) > bound]
+            stuck.sort(key=lambda task: (-task.priority, task.created_at, task.id))
+            return stuck if limit is None else stuck[:limit]
+    raise TypeError(f"not a queue query: {type(message).__name__}")  # pragma: no cover
+
+
+async def _all_queues(db: Driver) -> list[QueueHead]:
+    rows = await db.fetchall(_QUEUES)
+    return [
+        QueueHead(str(task_type), _parse_requires(requires), cast("str | None", key))
+        for task_type, requires, key in rows
+    ]
+
+
+async def _head(db: Driver, head: QueueHead, limit: int) -> list[Task]:
+    queue = (head.task_type, requires_text(head.requires), head.concurrency_key)
+    if head.after is None:
+        rows = await db.fetchall(_FIRST, (*queue, limit))
+        return [task_from_row(row) for row in rows]
+    priority, created_at, task_id = head.after
+    rows = await db.fetchall(_SAME_PRIORITY, (*queue, priority, _text(created_at), task_id, limit))
+    if len(rows) < limit:
+        rows += await db.fetchall(_LOWER, (*queue, priority, limit - len(rows)))
+    return [task_from_row(row) for row in rows]
+
+
+async def _runs_of(db: Driver, task_ids: Sequence[str]) -> list[Run]:
+    runs: list[Run] = []
+    for start in range(0, len(task_ids), _IDS_PER_QUERY):
+        chunk = tuple(task_ids[start : start + _IDS_PER_QUERY])
+        marks = ", ".join("?" * len(chunk))
+        sql = (
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE task_id IN ({marks})"
+            " ORDER BY task_id, run_number, rowid"
+        )
+        runs += [run_from_row(row) for row in await db.fetchall(sql, chunk)]
+    return runs
+
+
+def _text(value: datetime) -> str:
+    text = time_text(value)
+    assert text is not None
+    return text
+
+
+def _parse_requires(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return tuple(cast("list[str]", msgspec.json.decode(str(value))))
+
+
+def _takes(task_type: object, requires: tuple[str, ...], capabilities: Sequence[str]) -> bool:
+    """Whether a worker that can do ``capabilities`` takes the queue's tasks (as
+    :func:`~hive_orchestration.actors.task_manager.ready.can_take`)."""
+    if requires:
+        return all(need in capabilities for need in requires)
+    return task_type in capabilities
