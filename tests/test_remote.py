@@ -9,23 +9,17 @@ peers write raw bytes to the socket.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import socket
 import stat
 import struct
-import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from anyio.abc import Process
-from anyio.streams.buffered import BufferedByteReceiveStream
+from reliability._remote import DEADLINE, owner
 
 from hive_orchestration import (
     Claim,
@@ -46,54 +40,6 @@ from hive_orchestration import (
 from hive_orchestration.storage.database import read_owner
 
 pytestmark = pytest.mark.anyio
-
-OWNER = Path(__file__).with_name("_owner.py")
-#: Only turns a hang into a failure.
-DEADLINE = 30.0
-
-
-class Owner:
-    def __init__(self, process: Process, address: str, pid: int) -> None:
-        self.process = process
-        self.address = address
-        self.pid = pid
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-
-    async def stop(self) -> int:
-        """Close its stdin: it stops its runtime cleanly and exits."""
-        assert self.process.stdin is not None
-        await self.process.stdin.aclose()
-        with anyio.fail_after(DEADLINE):
-            return await self.process.wait()
-
-
-@asynccontextmanager
-async def owner(db_path: str, backend: str, **config: Any) -> AsyncIterator[Owner]:
-    """A process that owns ``db_path`` and serves it, until the block ends."""
-    command = [sys.executable, str(OWNER), db_path, backend, json.dumps(config)]
-    process = await anyio.open_process(
-        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    try:
-        assert process.stdout is not None
-        lines = BufferedByteReceiveStream(process.stdout)
-        with anyio.fail_after(DEADLINE):
-            try:
-                ready = json.loads(await lines.receive_until(b"\n", 1 << 16))
-            except (anyio.EndOfStream, anyio.IncompleteRead):
-                assert process.stderr is not None
-                errors = await process.stderr.receive() if process.returncode is None else b""
-                raise AssertionError(f"the owner did not start: {errors!r}") from None
-        yield Owner(process, ready["ready"], ready["pid"])
-    finally:
-        with anyio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-            await process.aclose()
-
 
 # -- every operation, as in-process ------------------------------------------------------
 
