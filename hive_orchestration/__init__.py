@@ -47,6 +47,7 @@ from .events import (
     TaskCompletedEvent,
     TaskCreatedEvent,
     TaskFailedEvent,
+    TaskRetriedEvent,
     TaskStartedEvent,
     TopicRegistry,
     UnifiedEvent,
@@ -69,7 +70,7 @@ from .messages.plans import (
     SubtaskState,
     SubtaskStatus,
 )
-from .messages.tasks import Claim, Lease, Run, RunStatus, Task, TaskStatus
+from .messages.tasks import Claim, Lease, RevokedTaskType, Run, RunStatus, Task, TaskStatus
 from .messages.workers import Worker, WorkerStatus
 from .remote.status import ConnectionStatus, ServerStatus
 from .storage.schema import SCHEMA_VERSION
@@ -145,6 +146,8 @@ __all__ = [
     "TaskCompletedEvent",
     "TaskCreatedEvent",
     "TaskFailedEvent",
+    "TaskRetriedEvent",
+    "RevokedTaskType",
     "TaskOperations",
     "TaskStartedEvent",
     "TopicRegistry",

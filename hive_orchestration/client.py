@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
 import anyio
 
+from ._control_ops import ControlOps
 from ._inspect_ops import InspectOps
 from ._keeper import Keeper, reach, usable
 from ._plan_ops import PlanOps
@@ -56,6 +57,7 @@ from .events import (
     TaskCompletedEvent,
     TaskCreatedEvent,
     TaskFailedEvent,
+    TaskRetriedEvent,
     TaskStartedEvent,
     TopicRegistry,
     UnifiedEvent,
@@ -91,7 +93,7 @@ _NOT_OPEN = (
 )
 
 
-class OrchestrationClient(TaskOps, WorkerOps, PlanOps, InspectOps):
+class OrchestrationClient(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps):
     """Every operation of the seeds, with their names and arguments, as typed messages.
 
     ``OrchestrationClient(db_path=...)`` starts and owns an embedded runtime for its
@@ -582,6 +584,8 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps, InspectOps):
                 await self.update_task_status(task_id, TaskStatus.FAILED, error=error)
             case TaskCancelledEvent(task_id=task_id, reason=reason):
                 await self.cancel_task(task_id, reason=reason)
+            case TaskRetriedEvent(task_id=task_id, reason=reason):
+                await self.retry_task(task_id, reason=reason)
             case TaskCreatedEvent():
                 raise InvalidInputError(
                     "event",

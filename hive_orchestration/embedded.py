@@ -23,6 +23,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup
 
+from ._control_ops import ControlOps
 from ._groups import leaves
 from ._inspect_ops import InspectOps
 from ._plan_ops import PlanOps
@@ -163,7 +164,7 @@ class Subscription:
         return item
 
 
-class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps):
+class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps):
     """An embedded, durable orchestration runtime on one SQLite database.
 
     Create it with :meth:`open`; every method sends a typed message to an actor.

@@ -10,7 +10,7 @@ import msgspec
 from ..runtime import Request
 from .events import Event
 from .plans import ExecutionPlan, PlanningRequest, PlanStatus, SubtaskState
-from .tasks import Run, Task
+from .tasks import RevokedTaskType, Run, Task
 from .workers import Worker
 
 __all__ = [
@@ -61,6 +61,10 @@ __all__ = [
     "StorageStats",
     "Write",
     "WriteOp",
+    "CountTasksByType",
+    "DeleteRevokedType",
+    "LoadRevokedTypes",
+    "PutRevokedType",
 ]
 
 
@@ -146,6 +150,18 @@ class PutSubtask(msgspec.Struct, frozen=True, tag="put_subtask"):
     state: SubtaskState
 
 
+class PutRevokedType(msgspec.Struct, frozen=True, tag="put_revoked_type"):
+    """Record that the tasks of a type are not handed out (docs/CONTROL.md)."""
+
+    revoked: RevokedTaskType
+
+
+class DeleteRevokedType(msgspec.Struct, frozen=True, tag="delete_revoked_type"):
+    """A revoked task type is restored."""
+
+    task_type: str
+
+
 WriteOp: TypeAlias = (
     AppendEvent
     | PutTask
@@ -159,6 +175,8 @@ WriteOp: TypeAlias = (
     | PutPlan
     | SetPlanStatus
     | PutSubtask
+    | PutRevokedType
+    | DeleteRevokedType
 )
 
 
@@ -395,6 +413,14 @@ class CountSubtasks(Request[dict[str, int]], frozen=True):
     plan_id: str
 
 
+class LoadRevokedTypes(Request[tuple[RevokedTaskType, ...]], frozen=True):
+    """Every revoked task type, oldest revocation first (the TaskManager, at start-up)."""
+
+
+class CountTasksByType(Request[dict[str, dict[str, int]]], frozen=True):
+    """status -> task type -> how many tasks, in one query (empty ones left out)."""
+
+
 StorageMessage: TypeAlias = (
     Write
     | ReadEvents
@@ -424,4 +450,6 @@ StorageMessage: TypeAlias = (
     | CheckDependencies
     | NextPlannedTask
     | CountSubtasks
+    | LoadRevokedTypes
+    | CountTasksByType
 )
