@@ -23,6 +23,7 @@ from hive_orchestration import (
     RequestTimeoutError,
     Runtime,
     RuntimeConfig,
+    SyncOrchestrationClient,
     Task,
     TaskRetriedEvent,
     TaskStatus,
@@ -472,3 +473,20 @@ async def test_a_key_freed_and_taken_in_one_batch(db_path: str) -> None:
         for key in ("s", "m"):
             holder = await runtime.create_task("job", idempotency_key=key)
             assert holder not in (in_storage, claimed)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_control_from_sync_code(db_path: str, backend: str) -> None:
+    with SyncOrchestrationClient(db_path=db_path, source_agent="cron", backend=backend) as client:
+        task_id = client.create_task("report", max_retries=0)
+        assert client.revoke_task_type("report") is True
+        assert client.claim_task("w1", ["report"]) is None
+        assert client.restore_task_type("report") is True
+        claim = client.claim_task("w1", ["report"], start=True)
+        assert claim is not None
+        client.fail_task(claim.lease, "boom")
+        assert client.wait_for_task(task_id, timeout=DEADLINE).status is TaskStatus.FAILED
+        assert client.retry_task(task_id).status is TaskStatus.QUEUED
+        assert client.get_task_counts() == {"queued": {"report": 1}}
+        assert client.get_revoked_task_types() == []
+        assert client.flush_queue() == 1

@@ -35,7 +35,9 @@ Idempotency keys. Memory knows the keys of the tasks in memory only; a finished 
 leaves with it and lives on in SQLite, behind the unique index. Before a batch is handled,
 the keys of its creates that memory does not know are looked up in storage, one read for
 the whole batch, so a key stays its first task's until that task is deleted, however long
-ago it finished and across restarts, and opening a database loads no key.
+ago it finished and across restarts, and opening a database loads no key. A task created
+with ``idempotency_scope="active"`` holds its key only while live: it lets go of it as it
+ends, and storage's unique index covers only the keys still held (control.py).
 
 Claims. A worker's ``claim_task`` is parked until the end of its batch, then handed the
 best ready task of its types (priority, then age) from the :class:`ReadyQueue`; with
@@ -87,10 +89,14 @@ blocked    queued     its plan's dependencies are all done (PlanExecutor  plan.s
                       only, never update_task_status)
 blocked    cancelled  cancel_task, its plan failed, was cancelled or      task.cancelled
                       skips it
+failed     queued     retry_task only (control.py), attempts reset; not   task.retried
+timed_out             a plan's subtask
+cancelled
 =========  =========  ==================================================  ==============
 
 Everything else is refused with :class:`IllegalTransitionError` and changes nothing:
-completed, failed, cancelled and timed_out are terminal, and a claimed task is started
+completed, failed, cancelled and timed_out are terminal (only ``retry_task``, which is not
+in :data:`TRANSITIONS`, takes a task out of the last three), and a claimed task is started
 before it completes. Setting a task's current status again is refused too, so that each
 transition publishes exactly one event, with one exception: asking a finished task for
 the status it already has, with nothing that contradicts it (the same result or error,
