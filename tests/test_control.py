@@ -7,7 +7,8 @@ SIGKILL and socket tests are in tests/test_control_remote.py).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,12 +24,20 @@ from hive_orchestration import (
     RequestTimeoutError,
     Runtime,
     RuntimeConfig,
+    StorageError,
     SyncOrchestrationClient,
     Task,
     TaskRetriedEvent,
     TaskStatus,
 )
-from hive_orchestration.messages.tasks import CancelTask, CreateTask, GetTask
+from hive_orchestration.messages.tasks import (
+    CancelTask,
+    CreateTask,
+    GetTask,
+    RetryTask,
+    RevokeTaskType,
+)
+from hive_orchestration.storage import drivers
 
 pytestmark = pytest.mark.anyio
 
@@ -490,3 +499,45 @@ def test_control_from_sync_code(db_path: str, backend: str) -> None:
         assert client.get_task_counts() == {"queued": {"report": 1}}
         assert client.get_revoked_task_types() == []
         assert client.flush_queue() == 1
+
+
+async def test_a_failed_commit_leaves_revocations_retries_and_keys_as_they_were(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failures = {"left": 0}
+    originals = {cls: cls.transaction for cls in (drivers.ThreadDriver, drivers.AiosqliteDriver)}
+
+    def failing(cls: type[drivers.Driver]) -> Callable[..., Awaitable[None]]:
+        async def transaction(self: drivers.Driver, statements: list[drivers.Statement]) -> None:
+            if failures["left"]:
+                failures["left"] -= 1
+                raise sqlite3.OperationalError("disk I/O error (injected)")
+            await originals[cls](self, statements)  # type: ignore[arg-type]
+
+        return transaction
+
+    for cls in originals:
+        monkeypatch.setattr(cls, "transaction", failing(cls))
+    async with Runtime.open(db_path) as runtime:
+        queued = await runtime.create_task("mail")
+        failed = await failed_task(runtime, idempotency_key="k", idempotency_scope="active")
+        seq = (await runtime.statistics()).storage.last_seq
+        failures["left"] = 1
+        out = await one_batch(
+            runtime,
+            RevokeTaskType(task_type="mail"),
+            RetryTask(task_id=failed),
+            CreateTask(title="t", task_type="build", payload={}, idempotency_key="k"),
+        )
+        assert all(isinstance(o, StorageError) for o in out), out
+        assert (await runtime.statistics()).storage.last_seq == seq  # nothing published
+        # Memory is as before the batch: mail is handed out, the task still failed, the
+        # key free (a create takes it).
+        assert await runtime.get_revoked_task_types() == []
+        claim = await runtime.claim_task("w1", ["mail"])
+        assert claim is not None
+        assert claim.task.id == queued
+        assert (await runtime.get_task(failed)).status is TaskStatus.FAILED  # type: ignore[union-attr]
+        assert await runtime.create_task("build", idempotency_key="k") != failed
+    async with Runtime.open(db_path) as runtime:
+        assert await runtime.get_revoked_task_types() == []
