@@ -541,3 +541,28 @@ async def test_a_failed_commit_leaves_revocations_retries_and_keys_as_they_were(
         assert await runtime.create_task("build", idempotency_key="k") != failed
     async with Runtime.open(db_path) as runtime:
         assert await runtime.get_revoked_task_types() == []
+
+
+async def test_a_flushed_subtask_is_withdrawn_from_its_plan(db_path: str) -> None:
+    async with Runtime.open(db_path) as runtime:
+        plan = await runtime.create_execution_plan(
+            {
+                "subtasks": [
+                    {"id": "a", "title": "a", "task_type": "step"},
+                    {"id": "b", "title": "b", "task_type": "other"},
+                ]
+            },
+            approved=True,
+            failure_policy="continue",
+        )
+        await runtime.mark_plan_execution_started(plan)
+        assert await runtime.flush_queue("step") == 1
+        # Answered once the plan has taken it in: the subtask is withdrawn at once.
+        states = {s.subtask_id: s for s in await runtime.get_plan_subtasks(plan)}
+        assert states["a"].status.value == "cancelled"
+        assert states["a"].error == "its task was deleted"
+        claim = await runtime.claim_task("w1", ["other"], start=True)
+        assert claim is not None
+        await runtime.complete_task(claim.lease)
+        ended = await runtime.wait_for_plan(plan, timeout=DEADLINE)
+        assert ended.status.value == "failed"
