@@ -6,13 +6,16 @@ backends; the test's client talks to it through the real socket.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 from reliability._remote import DEADLINE, owner
+from test_remote_tcp import ADMIN, DEPLOYER, serve, write_tokens
 
 from hive_orchestration import (
+    AccessDeniedError,
     IllegalTransitionError,
     OrchestrationClient,
     RequestTimeoutError,
@@ -87,3 +90,47 @@ async def test_control_through_the_socket_and_across_a_sigkill(
         assert [(e.data["task_type"], e.data["reason"]) for e in revoked] == [
             ("build", "maintenance")
         ]
+
+
+async def test_over_tcp_an_agent_retries_its_own_tasks_and_only_an_admin_controls_types(
+    db_path: str, anyio_backend: str, tmp_path: Path
+) -> None:
+    tokens = write_tokens(tmp_path)
+    async with serve(
+        db_path, anyio_backend, tmp_path, "--listen", "tcp://127.0.0.1:0", "--tokens", tokens
+    ) as served:
+        url = served.url()
+        async with (
+            OrchestrationClient(url=url, token=ADMIN, source_agent="ops") as admin,
+            OrchestrationClient(url=url, token=DEPLOYER) as deployer,
+        ):
+            others = await admin.create_task("deploy")
+            await admin.cancel_task(others)
+            own = await deployer.create_task("deploy")
+            await deployer.cancel_task(own)
+            before = await admin.last_seq()
+            refusals = [
+                lambda: deployer.retry_task(others),  # not a task it created
+                lambda: deployer.revoke_task_type("deploy"),
+                lambda: deployer.restore_task_type("deploy"),
+                lambda: deployer.flush_queue("deploy"),
+                lambda: deployer.flush_queue(),
+            ]
+            for refused in refusals:
+                with pytest.raises(AccessDeniedError):
+                    await refused()
+            assert await admin.last_seq() == before  # nothing was done
+            # Its own task it may retry (recorded as itself), and it may read and wait.
+            assert (await deployer.retry_task(own)).status is TaskStatus.QUEUED
+            assert (await deployer.wait_for_task(others, timeout=DEADLINE)).id == others
+            assert await deployer.get_task_counts() == {
+                "queued": {"deploy": 1},
+                "cancelled": {"deploy": 1},
+            }
+            assert await deployer.get_revoked_task_types() == []
+            (event,) = await admin.read_events(before, pattern="task.retried")
+            assert (event.source, event.data["by"]) == ("ai-deployer", "ai-deployer")
+            # The admin may do what the agent may not.
+            assert await admin.revoke_task_type("deploy") is True
+            assert await admin.restore_task_type("deploy") is True
+            assert await admin.flush_queue("deploy") == 1
