@@ -16,6 +16,9 @@ are then unregistered. No task is left running and none is lost. If the runtime 
 on its own (it stops, or the connection to it breaks), the copies stop: :meth:`wait`
 returns and :attr:`stopped_by` says why.
 
+A handler's exception fails its run; ``retry_on`` and ``fail_on`` say whether the task may
+be tried again (while attempts remain) or fails for good at once (see :mod:`.retry`).
+
 ``runtime`` is a :class:`~hive_orchestration.Runtime` or an
 :class:`~hive_orchestration.OrchestrationClient`, which may be a client of the runtime of
 another process: then every copy's calls, heartbeats as much as work, travel on that
@@ -28,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeAlias
@@ -46,6 +49,7 @@ from ..errors import (
 )
 from ..messages.tasks import Claim, Lease, Task
 from .registry import AgentRegistry, AgentSpec
+from .retry import RetryPolicy
 
 if TYPE_CHECKING:
     from ..client import OrchestrationClient
@@ -119,8 +123,12 @@ class AgentRunner:
         *,
         stop_timeout: float = 10.0,
         claim_wait: float = 5.0,
+        retry_on: Iterable[type[BaseException]] | None = None,
+        fail_on: Iterable[type[BaseException]] = (),
     ) -> None:
         self._runtime = runtime
+        #: Which handler exceptions are retried (None: all) and which fail at once.
+        self.retry_policy = RetryPolicy.of(retry_on, fail_on)
         self._registry = registry
         self._stop_timeout = stop_timeout
         self._claim_wait = claim_wait
@@ -364,7 +372,11 @@ class AgentRunner:
                 return  # the runtime already ended this run (or the connection to it broke)
             if outcome.error is not None:
                 error = outcome.error
-                await rt.fail_task(lease, f"{type(error).__name__}: {error}"[:10_000])
+                await rt.fail_task(
+                    lease,
+                    f"{type(error).__name__}: {error}"[:10_000],
+                    retryable=self.retry_policy.retryable(error),
+                )
                 self.failed += 1
             elif outcome.finished:
                 try:
