@@ -231,7 +231,9 @@ class PlanOps(Caller):
         ``plan_data`` is a JSON object with ``subtasks``: a list of objects with ``id``,
         ``task_type`` (or ``type``) and optionally ``title``, ``description``, ``payload``,
         ``priority``, ``dependencies`` (ids of subtasks of the plan), ``max_retries``,
-        ``timeout``, ``requires`` and ``estimated_duration``; its other keys (``title``,
+        ``timeout``, ``requires``, ``estimated_duration`` and ``always_run`` (run once the
+        dependencies have ended, whatever their outcome: a cleanup step; see
+        docs/PLAN_DATA.md); its other keys (``title``,
         for one) are kept as given. The whole plan is checked first: a bad field, a
         duplicate id, an unknown dependency, an empty plan or a cycle (named) is an
         :class:`InvalidInputError`, and nothing is written. ``planning_task_id`` links

@@ -130,6 +130,10 @@ class Subtask(
     timeout: float | None = None
     requires: tuple[str, ...] = ()
     estimated_duration: float | None = None
+    #: Runs once its dependencies have all ended, whatever their outcome (completed,
+    #: failed, timed out, cancelled or skipped): a cleanup or report step. Under
+    #: ``fail_fast`` the plan waits for such steps before it ends failed.
+    always_run: bool = False
 
 
 class PlanningRequest(msgspec.Struct, frozen=True, kw_only=True):
