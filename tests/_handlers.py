@@ -55,3 +55,9 @@ async def erring(context: TaskContext) -> dict[str, object]:
         kind = Transient if name == "Transient" else getattr(__import__("builtins"), name)
         raise kind(f"attempt {context.attempt}")
     return {"attempt": context.attempt}
+
+
+async def summing(context: TaskContext) -> dict[str, object]:
+    """A plan step: the sum of its dependencies' ``n`` (read through the runtime)."""
+    inputs = await context.dependency_results()
+    return {"sum": sum(int(str((dep.result or {})["n"])) for dep in inputs.values())}

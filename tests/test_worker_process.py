@@ -288,6 +288,34 @@ async def test_retry_on_and_fail_on_say_which_exceptions_are_retried(
         assert out.splitlines()[-1] == "worker: stopped: 2 completed, 5 failed, 0 handed back"
 
 
+async def test_a_plan_step_in_a_worker_process_reads_its_dependencies_results(
+    db_path: str, anyio_backend: str
+) -> None:
+    async with (
+        owner(db_path, anyio_backend),
+        OrchestrationClient(db_path=db_path) as client,
+        worker(db_path, anyio_backend, "_handlers:summing", "--task-types", "sum"),
+    ):
+        plan_id = await client.create_execution_plan(
+            {
+                "subtasks": [
+                    {"id": f"n{i}", "task_type": "number", "payload": {"n": i}} for i in range(5)
+                ]
+                + [{"id": "total", "task_type": "sum", "dependencies": [f"n{i}" for i in range(5)]}]
+            }
+        )
+        assert await client.mark_plan_execution_started(plan_id)
+        for _ in range(5):
+            got = await client.claim_task("numbers", ["number"], wait=DEADLINE, start=True)
+            assert got is not None
+            await client.complete_task(got.lease, {"n": got.task.payload["n"]})
+        plan = await client.wait_for_plan(plan_id, timeout=DEADLINE)
+        assert plan.status.value == "completed", plan.error
+        (total,) = [s for s in await client.get_plan_subtasks(plan_id) if s.subtask_id == "total"]
+        assert total.task_id is not None
+        assert (await get(client, total.task_id)).result == {"sum": 10}
+
+
 # -- stopping ------------------------------------------------------------------------------
 
 

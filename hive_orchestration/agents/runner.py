@@ -47,6 +47,7 @@ from ..errors import (
     LeaseLostError,
     RuntimeStoppedError,
 )
+from ..messages.plan_data import DependencyResult
 from ..messages.tasks import Claim, Lease, Task
 from .registry import AgentRegistry, AgentSpec
 from .retry import RetryPolicy
@@ -84,6 +85,25 @@ class TaskContext:
     async def progress(self, data: Mapping[str, object], *, phase: str | None = None) -> None:
         """Record progress on the run (stored, published as ``task.progress``)."""
         await self._runtime.report_progress(self.lease, data, phase=phase)
+
+    async def dependency_results(self) -> dict[str, DependencyResult]:
+        """For a plan subtask: every dependency, by subtask id, with how it ended and its
+        result (``get_dependency_results``, page after page). Each page is bounded; a
+        subtask with thousands of large inputs reads them with ``subtask_ids`` or pages
+        of its own instead of all at once."""
+        found: dict[str, DependencyResult] = {}
+        after: str | None = None
+        while True:
+            page = await self._runtime.get_dependency_results(self.task.id, after=after)
+            found.update((d.subtask_id, d) for d in page.dependencies)
+            if page.next_after is None:
+                return found
+            after = page.next_after
+
+    async def dependency_result(self, subtask_id: str) -> DependencyResult:
+        """For a plan subtask: its dependency ``subtask_id``, with its result."""
+        page = await self._runtime.get_dependency_results(self.task.id, [subtask_id])
+        return page.dependencies[0]
 
 
 @dataclass(slots=True)

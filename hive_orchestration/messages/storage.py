@@ -9,6 +9,7 @@ import msgspec
 
 from ..runtime import Request
 from .events import Event
+from .plan_data import LoadDependencyResults
 from .plans import ExecutionPlan, PlanningRequest, PlanStatus, SubtaskState
 from .tasks import Run, Task
 from .workers import Worker
@@ -424,4 +425,5 @@ StorageMessage: TypeAlias = (
     | CheckDependencies
     | NextPlannedTask
     | CountSubtasks
+    | LoadDependencyResults
 )

@@ -39,6 +39,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..errors import ActorFailedError, RuntimeStoppedError, StorageError
+from ..messages.plan_data import LoadDependencyResults
 from ..messages.storage import CountTasks, QueryPlanningRequests, QueryPlans, QueryTasks, ReadEvents
 from .database import Target, read_only_uri
 from .drivers import Driver, connect
@@ -49,7 +50,14 @@ __all__ = ["POOLED", "Job", "ReaderPool"]
 log = logging.getLogger("hive_orchestration.storage")
 
 #: The reads that go to the pool: the ones whose size grows with the database.
-POOLED = (QueryTasks, CountTasks, ReadEvents, QueryPlans, QueryPlanningRequests)
+POOLED = (
+    QueryTasks,
+    CountTasks,
+    ReadEvents,
+    QueryPlans,
+    QueryPlanningRequests,
+    LoadDependencyResults,  # up to max_bytes of results
+)
 
 #: A read to run: given a connection, it answers its asker itself (and never raises but
 #: for cancellation). ``stopped`` fails its asker, for a read that will never run.
