@@ -101,7 +101,9 @@ class FailurePolicy(enum.StrEnum):
     ``fail_fast`` (default): the plan fails at once; every subtask not yet started is
     cancelled (running ones finish, and their outcome is recorded). ``continue``:
     independent branches go on; whatever depends on the failed subtask is skipped; the
-    plan fails once everything else has ended.
+    plan fails once everything else has ended. Subtasks marked ``always_run`` are neither
+    cancelled nor skipped by a failure: they run once their dependencies have ended, and
+    a fail-fast plan ends ``failed`` only after them.
     """
 
     FAIL_FAST = "fail_fast"
