@@ -40,8 +40,8 @@ def sub(subtask_id: str, *dependencies: str, **fields: Any) -> Spec:
     return {"id": subtask_id, "task_type": subtask_id, "dependencies": list(dependencies), **fields}
 
 
-def cleanup(subtask_id: str, *dependencies: str) -> Spec:
-    return sub(subtask_id, *dependencies, always_run=True)
+def cleanup(subtask_id: str, *dependencies: str, **fields: Any) -> Spec:
+    return sub(subtask_id, *dependencies, always_run=True, **fields)
 
 
 async def started(rt: Runtime, *subtasks: Spec, **kwargs: Any) -> str:
@@ -179,6 +179,7 @@ async def test_fail_fast_runs_the_always_run_steps_and_then_fails_the_plan(db_pa
         tidy_done = [e for e in events if e.type == "task.completed" and e.seq < failed.seq]
         assert len(tidy_done) == 2  # slow and tidy
         assert failed.data["reason"] == plan.error
+        assert failed.data["subtask_id"] == "boom"
 
 
 async def test_a_failing_cleanup_fails_a_plan_whose_steps_completed(db_path: str) -> None:
@@ -234,3 +235,33 @@ async def test_always_run_must_be_a_boolean(db_path: str) -> None:
             await rt.create_execution_plan(bad)
         assert refused.value.field == "plan_data.subtasks[1].always_run"
         assert await rt.get_execution_plans() == []
+
+
+async def test_while_failing_a_retry_is_cancelled_but_the_cleanup_retries(db_path: str) -> None:
+    async with runtime(db_path) as rt:
+        plan_id = await started(
+            rt,
+            sub("boom"),
+            sub("slow", max_retries=3),  # running when boom fails, then fails retryably
+            cleanup("tidy", "boom", "slow", max_retries=3),
+        )
+        slow = await claim(rt, "slow")
+        await fail(rt, "boom")
+        await barrier(rt)
+        await rt.fail_task(slow.lease, "flaky")  # attempts left: back to the queue...
+        await barrier(rt)
+        tasks = {s.subtask_id: s.task_id for s in await rt.get_plan_subtasks(plan_id)}
+        gone = await rt.get_task(str(tasks["slow"]))
+        assert gone is not None
+        assert gone.status is TaskStatus.CANCELLED  # ...but the failing plan will not run it
+        # The cleanup, now queued, is retried like any task while attempts remain.
+        first = await claim(rt, "tidy")
+        await rt.fail_task(first.lease, "tidy hiccup")
+        await complete(rt, "tidy")
+        plan = await rt.wait_for_plan(plan_id, timeout=SOON)
+        assert plan.status is PlanStatus.FAILED
+        assert await statuses(rt, plan_id) == {
+            "boom": SubtaskStatus.FAILED,
+            "slow": SubtaskStatus.CANCELLED,
+            "tidy": SubtaskStatus.COMPLETED,
+        }

@@ -746,9 +746,8 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         if sub.state.status in SUBTASK_FINAL:
             return  # settled already (skipped or cancelled by this plan, or reconciled)
         if event.type == "task.retrying":
-            if held.plan.status in PLAN_FINAL or (
-                not sub.always and failing(held.plan.failure_policy, _statuses(held))
-            ):
+            # (held.failure: failed fast, its always-run steps still to run)
+            if held.plan.status in PLAN_FINAL or (held.failure is not None and not sub.always):
                 # It was running when the plan stopped and now goes back to the queue:
                 # the plan will not run it again.
                 reason = held.plan.error or f"plan {held.plan.status.value}"
@@ -905,7 +904,11 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
                 held, PlanStatus.COMPLETED, "plan.completed", None, {"counts": counts}, work, now
             )
         elif held.failure is not None:  # failed fast, then ran its always-run steps
-            failed: dict[str, JsonValue] = {"counts": counts, "reason": held.failure}
+            failed: dict[str, JsonValue] = {
+                "counts": counts,
+                "subtask_id": held.failure_subtask,
+                "reason": held.failure,
+            }
             self._set_status(
                 held, PlanStatus.FAILED, "plan.failed", None, failed, work, now, held.failure
             )
