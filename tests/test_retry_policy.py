@@ -106,6 +106,27 @@ async def test_fail_on_fails_at_once_and_wins_over_retry_on(db_path: str) -> Non
     assert (retried.status, retried.result) == (TaskStatus.COMPLETED, {"attempt": 2})
 
 
+async def test_the_failed_event_says_the_failure_was_not_retryable(db_path: str) -> None:
+    config = RuntimeConfig(retry_backoff=0.01, retry_backoff_max=0.02)
+    async with Runtime.open(db_path, config=config) as rt:
+        registry = AgentRegistry()
+        registry.register("job", handler)
+        at_once = await rt.create_task("job", {"raise": "KeyError"}, max_retries=3)
+        exhausted = await rt.create_task("job", {"raise": "ValueError"}, max_retries=0)
+        async with (
+            rt.subscribe("task.failed") as events,
+            AgentRunner(rt, registry, claim_wait=0.2, fail_on=(KeyError,)),
+        ):
+            seen: dict[str, Any] = {}
+            with anyio.fail_after(SOON):
+                while len(seen) < 2:
+                    event = await events.receive()
+                    seen[str(event.task_id)] = event.data
+        assert seen[at_once]["retryable"] is False
+        assert seen[at_once]["attempts"] == 1
+        assert "retryable" not in seen[exhausted]  # it ran out of attempts instead
+
+
 async def test_fail_on_alone_keeps_retrying_everything_else(db_path: str) -> None:
     failed, retried = await run(
         db_path,
