@@ -127,6 +127,48 @@ async def test_the_failed_event_says_the_failure_was_not_retryable(db_path: str)
         assert "retryable" not in seen[exhausted]  # it ran out of attempts instead
 
 
+async def test_an_agents_own_policy_replaces_the_runners(db_path: str) -> None:
+    config = RuntimeConfig(retry_backoff=0.01, retry_backoff_max=0.02)
+    async with Runtime.open(db_path, config=config) as rt:
+        registry = AgentRegistry()
+        registry.register("strict", handler, fail_on=(ValueError,))
+        registry.register("lenient", handler)  # the runner's: retry only KeyError
+
+        @registry.agent("picky", retry_on=(KeyError,), fail_on=())
+        async def picky(context: TaskContext) -> Mapping[str, object]:
+            return await handler(context)
+
+        strict = await rt.create_task("strict", {"raise": "ValueError"}, max_retries=3)
+        # Failed at once by the runner's policy, retried by the agent's own.
+        own = await rt.create_task("strict", {"raise": "Transient", "succeed_on": 2})
+        lenient = await rt.create_task("lenient", {"raise": "ValueError"}, max_retries=3)
+        retried = await rt.create_task("picky", {"raise": "KeyError", "succeed_on": 2})
+        ids = (strict, own, lenient, retried)
+        async with (
+            rt.subscribe("task.*") as events,
+            AgentRunner(rt, registry, claim_wait=0.2, retry_on=(KeyError,)),
+        ):
+            with anyio.fail_after(SOON):
+                while True:
+                    tasks = [await rt.get_task(task_id) for task_id in ids]
+                    ended = (TaskStatus.COMPLETED, TaskStatus.FAILED)
+                    if all(t is not None and t.status in ended for t in tasks):
+                        break
+                    await events.receive()
+        assert registry.get("lenient").retry_policy is None  # type: ignore[union-attr]
+        by_id = {t.id: t for t in tasks if t is not None}
+        assert (by_id[strict].status, by_id[strict].attempts) == (TaskStatus.FAILED, 1)
+        assert by_id[own].result == {"attempt": 2}
+        assert (by_id[lenient].status, by_id[lenient].attempts) == (TaskStatus.FAILED, 1)
+        assert by_id[retried].result == {"attempt": 2}
+
+
+def test_an_agents_policy_is_checked_when_it_registers() -> None:
+    with pytest.raises(InvalidInputError) as refused:
+        AgentRegistry().register("a", handler, fail_on=("KeyError",))  # type: ignore[arg-type]
+    assert refused.value.field == "fail_on[0]"
+
+
 async def test_fail_on_alone_keeps_retrying_everything_else(db_path: str) -> None:
     failed, retried = await run(
         db_path,

@@ -115,6 +115,7 @@ class _Outcome:
     finished: bool = False
     lost: bool = False  # the lease was lost (expired, cancelled, deleted, taken over)
     timed_out: bool = False
+    retryable: bool = True  # the error, by the agent's (or the runner's) retry policy
 
 
 @dataclass(slots=True)
@@ -147,7 +148,8 @@ class AgentRunner:
         fail_on: Iterable[type[BaseException]] = (),
     ) -> None:
         self._runtime = runtime
-        #: Which handler exceptions are retried (None: all) and which fail at once.
+        #: Which handler exceptions are retried (None: all) and which fail at once, for
+        #: the agents registered without a policy of their own.
         self.retry_policy = RetryPolicy.of(retry_on, fail_on)
         self._registry = registry
         self._stop_timeout = stop_timeout
@@ -372,6 +374,7 @@ class AgentRunner:
                     outcome.finished = True
                 except Exception as exc:
                     outcome.error = exc
+                    outcome.retryable = (spec.retry_policy or self.retry_policy).retryable(exc)
             outcome.timed_out = deadline.cancelled_caught
         except LeaseLostError:
             outcome.lost = True  # cancelled or taken over before its handler started
@@ -395,7 +398,7 @@ class AgentRunner:
                 await rt.fail_task(
                     lease,
                     f"{type(error).__name__}: {error}"[:10_000],
-                    retryable=self.retry_policy.retryable(error),
+                    retryable=outcome.retryable,
                 )
                 self.failed += 1
             elif outcome.finished:
