@@ -265,3 +265,26 @@ async def test_while_failing_a_retry_is_cancelled_but_the_cleanup_retries(db_pat
             "slow": SubtaskStatus.CANCELLED,
             "tidy": SubtaskStatus.COMPLETED,
         }
+
+
+async def test_an_always_run_step_waits_across_a_reopen(db_path: str) -> None:
+    """The count of what an always-run step still waits for is rebuilt from the rows."""
+    async with runtime(db_path) as rt:
+        plan_id = await started(
+            rt,
+            sub("a"),
+            sub("b", "a"),  # skipped once a fails
+            sub("c"),
+            cleanup("tidy", "b", "c"),
+            failure_policy="continue",
+        )
+        await fail(rt, "a")
+        await barrier(rt)
+    async with runtime(db_path) as rt:
+        assert (await statuses(rt, plan_id))["b"] is SubtaskStatus.SKIPPED
+        assert not await queued(rt, plan_id, "tidy")  # c has not ended
+        await complete(rt, "c")
+        await complete(rt, "tidy")
+        plan = await rt.wait_for_plan(plan_id, timeout=SOON)
+        assert plan.status is PlanStatus.FAILED
+        assert (await statuses(rt, plan_id))["tidy"] is SubtaskStatus.COMPLETED
