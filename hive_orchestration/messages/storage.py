@@ -9,6 +9,7 @@ import msgspec
 
 from ..runtime import Request
 from .events import Event
+from .plan_data import LoadDependencyResults
 from .plans import ExecutionPlan, PlanningRequest, PlanStatus, SubtaskState
 from .tasks import RevokedTaskType, Run, Task
 from .workers import Worker
@@ -452,4 +453,5 @@ StorageMessage: TypeAlias = (
     | CountSubtasks
     | LoadRevokedTypes
     | CountTasksByType
+    | LoadDependencyResults
 )

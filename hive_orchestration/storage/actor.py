@@ -38,6 +38,7 @@ import msgspec
 from ..config import RuntimeConfig
 from ..errors import HiveError, RuntimeStoppedError, StorageError
 from ..messages.events import BroadcastMessage, Event, Publish
+from ..messages.plan_data import LoadDependencyResults
 from ..messages.plans import PlanningRequest, SubtaskState
 from ..messages.storage import (
     AppendEvent,
@@ -94,6 +95,7 @@ from .drivers import Driver, Row, Statement
 from .event_reads import events_sql, read_event_rows
 from .faults import storage_error
 from .pages import plan_page_sql, request_page_sql, tasks_page_sql
+from .plan_data import load_dependency_results
 from .queues import QUEUE_QUERIES, query_queues
 from .readers import POOLED, ReaderPool
 from .rows import (
@@ -432,6 +434,7 @@ _PLAN_QUERIES = (
     CheckDependencies,
     NextPlannedTask,
     CountSubtasks,
+    LoadDependencyResults,
 )
 
 
@@ -491,6 +494,8 @@ async def _query_plans(db: Driver, message: StorageMessage) -> object:
             return await plans.next_planned_task(db, plan_id)
         case CountSubtasks(plan_id=plan_id):
             return await plans.count_subtasks(db, plan_id)
+        case LoadDependencyResults():
+            return await load_dependency_results(db, message)
     raise HiveError(f"the storage actor does not handle {type(message).__name__}")
 
 

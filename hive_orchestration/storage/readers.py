@@ -39,6 +39,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..errors import ActorFailedError, RuntimeStoppedError, StorageError
+from ..messages.plan_data import LoadDependencyResults
 from ..messages.storage import (
     CountTasks,
     CountTasksByType,
@@ -63,6 +64,7 @@ POOLED = (
     QueryPlans,
     QueryPlanningRequests,
     CountTasksByType,
+    LoadDependencyResults,  # up to max_bytes of results
 )
 
 #: A read to run: given a connection, it answers its asker itself (and never raises but

@@ -1327,6 +1327,8 @@ class TaskManager(Actor[TaskManagerMessage]):
             data["error"] = error
         if count and (not retryable or attempts > task.max_retries):
             final = TaskStatus.TIMED_OUT if reason == "timed_out" else TaskStatus.FAILED
+            if not retryable:  # why it ended with attempts left (an agent's fail_on, say)
+                data["retryable"] = False
             return self._transition(task, final, work, now, source, changes, data)
         delay = 0.0
         if count:
