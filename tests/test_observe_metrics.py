@@ -155,6 +155,16 @@ async def test_scraped_figures_match_what_was_done(db_path: str) -> None:
     assert value(samples, "hive_storage_commits_total") > 0
     commits = value(samples, "hive_storage_commits_total")
     assert value(samples, "hive_storage_writes_total") >= commits
+    # Every commit timed and sized, in the histograms (scraped after the last commit
+    # the test made, and nothing commits while it reads: the counts match exactly).
+    assert value(samples, "hive_commit_seconds_count") == commits
+    assert value(samples, "hive_commit_seconds_sum") > 0
+    assert value(samples, "hive_commit_seconds_bucket", le="+Inf") == commits
+    assert value(samples, "hive_commit_batch_size_count") == commits
+    assert value(samples, "hive_commit_batch_size_sum") == value(
+        samples, "hive_storage_writes_total"
+    )
+    assert value(samples, "hive_commit_batch_size_bucket", le="1.0") >= 1
     assert ("hive_mailbox_depth", (("actor", "tasks"),)) in samples
     assert value(samples, "hive_actor_restarts_total", actor="storage") == 0
     # The Grafana dashboard of the docs graphs only what is scraped.

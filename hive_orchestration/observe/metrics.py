@@ -17,7 +17,8 @@ Three kinds of figures, each computed from what the runtime publicly says:
   left out rather than under-reported.
 - **The runtime's own statistics**, in its process only (:meth:`Runtime.statistics`):
   ``hive_mailbox_depth``, ``hive_actor_restarts_total``, ``hive_storage_commits_total``,
-  ``hive_storage_writes_total``, ``hive_commit_batch_size_max``,
+  ``hive_storage_writes_total``, ``hive_commit_batch_size_max``, the histograms
+  ``hive_commit_seconds`` and ``hive_commit_batch_size``,
   ``hive_subscriber_lagged_total``... Over a socket they are not served, so a dashboard
   pointed at another process's runtime does not show them.
 """
@@ -48,6 +49,7 @@ from prometheus_client.registry import Collector
 from .._validate import MAX_READ
 from ..messages.events import Event
 from ..messages.plans import PlanStatus
+from ..messages.storage import Buckets
 from ..messages.tasks import TaskStatus
 from ..messages.workers import WorkerStatus
 from .source import Source
@@ -309,6 +311,14 @@ class _Histogram:
         return out
 
 
+def _cumulative(buckets: Buckets) -> list[tuple[str, float]]:
+    total, out = 0, []
+    for bound, count in zip((*buckets.bounds, math.inf), buckets.counts, strict=True):
+        total += count
+        out.append(("+Inf" if math.isinf(bound) else repr(bound), float(total)))
+    return out
+
+
 def _histogram(by: dict[str, _Histogram], key: str) -> _Histogram:
     found = by.get(key)
     if found is None:
@@ -450,6 +460,16 @@ class _SnapshotCollector(Collector):
             "hive_commit_batch_size_max", "Most writes one commit has grouped",
             value=storage.largest_batch,
         )  # fmt: skip
+        for name, text, buckets in (
+            ("hive_commit_seconds", "How long the storage actor's commits took (statements,"
+             " COMMIT and fsync)", storage.commit_seconds),
+            ("hive_commit_batch_size", "Writes grouped into one commit",
+             storage.commit_batch_size),
+        ):  # fmt: skip
+            if buckets.bounds:
+                histogram = HistogramMetricFamily(name, text)
+                histogram.add_metric([], _cumulative(buckets), buckets.sum)
+                yield histogram
         yield GaugeMetricFamily(
             "hive_subscribers", "The app's live subscriptions", value=broadcast.subscribers
         )

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from typing import TypeVar, cast
@@ -40,7 +42,10 @@ from ..errors import HiveError, RuntimeStoppedError, StorageError
 from ..messages.events import BroadcastMessage, Event, Publish
 from ..messages.plans import PlanningRequest, SubtaskState
 from ..messages.storage import (
+    COMMIT_BATCH_BOUNDS,
+    COMMIT_SECONDS_BOUNDS,
     AppendEvent,
+    Buckets,
     CheckDependencies,
     CheckReaders,
     Committed,
@@ -153,6 +158,12 @@ class StorageActor(Actor[StorageMessage]):
         self._writes = 0
         self._failed_writes = 0
         self._largest_batch = 0
+        # Fixed buckets counted in place: a commit costs two increments and two adds
+        # here, no allocation and no lock (only this actor's task touches them).
+        self._commit_counts = [0] * (len(COMMIT_SECONDS_BOUNDS) + 1)
+        self._commit_sum = 0.0
+        self._batch_counts = [0] * (len(COMMIT_BATCH_BOUNDS) + 1)
+        self._batch_sum = 0
 
     async def started(self) -> None:
         self._db, self._last_seq = await open_database(
@@ -325,6 +336,7 @@ class StorageActor(Actor[StorageMessage]):
                         op_json.append(op.data_json)
                 units.append(_row_statements(write.ops) + event_rows)
                 seqs.append(tuple(unit_seqs))
+            began = time.perf_counter()
             try:
                 await db.transaction([statement for unit in units for statement in unit])
             except sqlite3.IntegrityError as exc:
@@ -336,10 +348,15 @@ class StorageActor(Actor[StorageMessage]):
             except sqlite3.Error as exc:
                 self._fail(writes, exc)
                 return
+            took = time.perf_counter() - began
             self._last_seq = seq
             self._transactions += 1
             self._writes += len(writes)
             self._largest_batch = max(self._largest_batch, len(writes))
+            self._commit_counts[bisect_left(COMMIT_SECONDS_BOUNDS, took)] += 1
+            self._commit_sum += took
+            self._batch_counts[bisect_left(COMMIT_BATCH_BOUNDS, len(writes))] += 1
+            self._batch_sum += len(writes)
         # Publish before answering, so that an event caused by a write is already on its
         # way to subscribers when the writer learns the write is durable; answer in a
         # finally, so that a cancellation while publishing cannot report a committed write
@@ -402,6 +419,12 @@ class StorageActor(Actor[StorageMessage]):
             failed_writes=self._failed_writes,
             largest_batch=self._largest_batch,
             last_seq=self._last_seq,
+            commit_seconds=Buckets(
+                COMMIT_SECONDS_BOUNDS, tuple(self._commit_counts), self._commit_sum
+            ),
+            commit_batch_size=Buckets(
+                COMMIT_BATCH_BOUNDS, tuple(self._batch_counts), float(self._batch_sum)
+            ),
         )
 
     def _require_db(self) -> Driver:
