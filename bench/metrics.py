@@ -8,7 +8,10 @@ the metrics off and once with them on
 histograms) and a scraper reading ``/metrics`` every ``--scrape`` seconds (its reads:
 ``count_tasks``, a page of queued tasks, the workers, the plans, the runtime's
 statistics). Off and on alternate, their order swapped each round, each on a fresh file;
-the cost is 1 - (rate on / rate off), its median over the rounds.
+the cost is 1 - (rate on / rate off), its median over the rounds. The process's CPU
+time per task (every thread: the SQLite driver's too) is given beside it, on/off - 1:
+other processes on a shared machine move it far less than the rate, so it shows what
+the metrics cost when the rates are too noisy to.
 
 Goal: cost under 5%.
 
@@ -44,6 +47,8 @@ class Round:
     off: float  # tasks/s
     on: float
     scrapes: int
+    off_cpu: float = 0.0  # CPU seconds per task (the process, every thread)
+    on_cpu: float = 0.0
 
 
 @dataclass
@@ -52,6 +57,7 @@ class Shape:
     producers: int
     rounds: list[Round]
     cost: float  # median of 1 - on/off
+    cpu_cost: float = 0.0  # median of on_cpu/off_cpu - 1
 
 
 @dataclass
@@ -64,12 +70,14 @@ class Result:
 
 async def lifecycle(
     path: Path, count: int, slots: int, producers: int, scrape: float | None
-) -> tuple[float, int]:
-    """Tasks per second from the first create to the last completion; scrapes made."""
+) -> tuple[float, int, float]:
+    """Tasks per second from the first create to the last completion; scrapes made;
+    CPU seconds per task over the same span."""
     config = RuntimeConfig(lease_timeout=60.0)
     async with Runtime.open(path, config=config) as rt:
         completed = 0
         last = 0.0
+        last_cpu = 0.0
         scrapes = 0
 
         async def producer(first: int) -> None:
@@ -77,7 +85,7 @@ async def lifecycle(
                 await rt.create_task("bench", {"n": n})
 
         async def worker(name: str) -> None:
-            nonlocal completed, last
+            nonlocal completed, last, last_cpu
             while completed < count:
                 claim = await rt.claim_task(name, "bench", wait=1.0, start=True)
                 if claim is None:
@@ -86,6 +94,7 @@ async def lifecycle(
                 completed += 1
                 if completed == count:
                     last = time.perf_counter()
+                    last_cpu = time.process_time()
                     work.cancel_scope.cancel()
 
         async def scraper() -> None:
@@ -101,10 +110,11 @@ async def lifecycle(
                 async for _ in events:
                     pass
 
-        async def go() -> float:
+        async def go() -> tuple[float, float]:
             outer.start_soon(subscriber)
             await subscribed.wait()
             start = time.perf_counter()
+            start_cpu = time.process_time()
             async with anyio.create_task_group() as group:
                 nonlocal work
                 work = group
@@ -115,22 +125,22 @@ async def lifecycle(
                     group.start_soon(producer, p)
                 if scrape is not None:
                     group.start_soon(scraper)
-            return count / (last - start)
+            return count / (last - start), (last_cpu - start_cpu) / count
 
         work: anyio.abc.TaskGroup
         subscribed = anyio.Event()
         async with anyio.create_task_group() as outer:
             if scrape is None:
-                rate = await go()
+                rate, cpu = await go()
             else:
                 async with watch(rt) as metrics:
-                    rate = await go()
+                    rate, cpu = await go()
                     # One more, after the clock stopped: a short run still scrapes once.
                     await metrics.exposition()
                     scrapes += 1
                     assert metrics.last_seq > 0
             outer.cancel_scope.cancel()
-        return rate, scrapes
+        return rate, scrapes, cpu
 
 
 async def run(backend: str, count: int, repeat: int, scrape: float) -> Result:
@@ -140,16 +150,20 @@ async def run(backend: str, count: int, repeat: int, scrape: float) -> Result:
         for slots, producers in SHAPES:
             rounds = []
             for r in range(repeat):
-                rates: dict[bool, tuple[float, int]] = {}
+                rates: dict[bool, tuple[float, int, float]] = {}
                 for on in (False, True) if r % 2 == 0 else (True, False):
                     n += 1
                     path = Path(folder) / f"metrics-{n}.db"
                     rates[on] = await lifecycle(
                         path, count, slots, producers, scrape if on else None
                     )
-                rounds.append(Round(off=rates[False][0], on=rates[True][0], scrapes=rates[True][1]))
+                without, with_ = rates[False], rates[True]
+                rounds.append(
+                    Round(without[0], with_[0], with_[1], off_cpu=without[2], on_cpu=with_[2])
+                )
             cost = statistics.median(1 - r.on / r.off for r in rounds)
-            shapes.append(Shape(slots, producers, rounds, cost))
+            cpu_cost = statistics.median(r.on_cpu / r.off_cpu - 1 for r in rounds)
+            shapes.append(Shape(slots, producers, rounds, cost, cpu_cost))
     return Result(backend=backend, tasks=count, scrape_every=scrape, shapes=shapes)
 
 
@@ -166,6 +180,10 @@ def render(result: Result) -> str:
             f"{shape.slots:>2} slot(s)/worker, {shape.producers:>3} creators: {rounds} tasks/s;"
             f" cost {shape.cost:+.1%} (median)  goal < {COST_GOAL:.0%} {verdict}"
         )
+        cpu = "; ".join(
+            f"off {r.off_cpu * 1e6:,.0f} on {r.on_cpu * 1e6:,.0f}" for r in shape.rounds
+        )
+        lines.append(f"{'':>30}CPU per task: {cpu} µs; cost {shape.cpu_cost:+.1%} (median)")
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "CheckDependencies",
     "CheckReaders",
     "CountSubtasks",
+    "CountQueued",
     "FetchPlan",
     "FetchPlanningRequest",
     "LoadActivePlans",
@@ -241,6 +242,12 @@ class CountTasks(Request[dict[str, int]], frozen=True):
     """Every task counted by status (statuses without a task are left out)."""
 
 
+class CountQueued(Request[dict[str, tuple[int, datetime]]], frozen=True):
+    """The queued tasks by type: how many, and since when the one that has waited longest
+    has been claimable (its last transition, or its ``available_at`` if later). One
+    aggregate over ``idx_tasks_ready``: no row is decoded, whatever the depth."""
+
+
 class FetchTask(Request["Task | None"], frozen=True):
     task_id: str
 
@@ -433,6 +440,7 @@ StorageMessage: TypeAlias = (
     | FindIdempotencyKeys
     | QueryTasks
     | CountTasks
+    | CountQueued
     | FetchTask
     | FetchTasks
     | LoadQueueHeads

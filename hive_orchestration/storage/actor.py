@@ -31,6 +31,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
+from datetime import datetime
 from typing import TypeVar, cast
 
 import anyio
@@ -49,6 +50,7 @@ from ..messages.storage import (
     CheckDependencies,
     CheckReaders,
     Committed,
+    CountQueued,
     CountSubtasks,
     CountTasks,
     DeleteTaskRow,
@@ -123,6 +125,12 @@ log = logging.getLogger("hive_orchestration.storage")
 _INSERT_EVENT = (
     "INSERT INTO events (seq, type, timestamp, source, correlation_id, task_id, plan_id,"
     " worker_id, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+#: Queued tasks by type, and the earliest time one of each became claimable: the
+#: partial index ``idx_tasks_ready`` holds exactly the queued tasks, by type first.
+_COUNT_QUEUED = (
+    "SELECT task_type, COUNT(*), MIN(max(updated_at, coalesce(available_at, updated_at)))"
+    " FROM tasks INDEXED BY idx_tasks_ready WHERE status = 'queued' GROUP BY task_type"
 )
 #: The owners of some idempotency keys, through the unique index on the key.
 FIND_KEYS_SQL = "SELECT idempotency_key, id FROM tasks WHERE idempotency_key IN ({marks})"
@@ -260,6 +268,12 @@ class StorageActor(Actor[StorageMessage]):
             case CountTasks():
                 rows = await db.fetchall("SELECT status, COUNT(*) FROM tasks GROUP BY status")
                 return {str(status): cast(int, count) for status, count in rows}
+            case CountQueued():
+                rows = await db.fetchall(_COUNT_QUEUED)
+                return {
+                    str(task_type): (cast(int, count), datetime.fromisoformat(str(since)))
+                    for task_type, count, since in rows
+                }
             case LoadTasks(statuses=statuses):
                 rows = await db.fetchall(
                     f"SELECT {TASK_COLUMNS} FROM tasks WHERE status IN ({_marks(statuses)})"
