@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
@@ -224,3 +225,41 @@ def test_a_carried_trace_context_is_checked() -> None:
     with pytest.raises(InvalidInputError) as caught:
         check_trace(None, "vendor=1")
     assert caught.value.field == "tracestate"
+
+
+async def test_a_call_frame_carries_its_trace_context_and_a_bad_one_is_refused(
+    db_path: str,
+) -> None:
+    """Spoken by hand on the owner's socket: the context in a ``call`` frame is what the
+    task records (tracing is off in the owner's process: it comes from the frame alone),
+    and a malformed one is refused with nothing created."""
+    from reliability._remote import HELLO, RawPeer
+
+    from hive_orchestration.remote.protocol import Call, Failure, Result, decode_error, frame
+
+    good = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
+
+    def create(peer: RawPeer, call_id: int, traceparent: str) -> Result | Failure:
+        args = {"task_type": msgspec.Raw(msgspec.msgpack.encode("carried"))}
+        peer.send(frame(Call(call_id, "create_task", args, traceparent=traceparent)))
+        return peer.answer(call_id)
+
+    async with Runtime.open(db_path) as runtime:
+        assert runtime._server is not None
+        peer = RawPeer(runtime._server.address)
+        try:
+            await anyio.to_thread.run_sync(peer.send, HELLO)
+            await anyio.to_thread.run_sync(peer.read)
+            refused = await anyio.to_thread.run_sync(create, peer, 1, "00-not-a-trace")
+            created = await anyio.to_thread.run_sync(create, peer, 2, good)
+        finally:
+            peer.close()
+        assert isinstance(refused, Failure)
+        error = decode_error(refused)
+        assert isinstance(error, InvalidInputError)
+        assert error.field == "traceparent"
+        assert isinstance(created, Result)
+        task = await runtime.get_task(msgspec.msgpack.decode(created.value))
+        assert task is not None
+        assert (task.traceparent, task.tracestate) == (good, None)
+        assert (await runtime.count_tasks()) == {"queued": 1}
