@@ -40,6 +40,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from .._groups import leaves
+from .._trace import run_span
 from ..errors import (
     ConnectionLostError,
     HiveError,
@@ -116,6 +117,16 @@ class _Outcome:
     lost: bool = False  # the lease was lost (expired, cancelled, deleted, taken over)
     timed_out: bool = False
     retryable: bool = True  # the error, by the agent's (or the runner's) retry policy
+
+    def describe(self) -> str:
+        """How the run ended, in a word (its span's ``hive.run.outcome``)."""
+        if self.lost:
+            return "lost"
+        if self.timed_out:
+            return "timed_out"
+        if self.error is not None:
+            return "failed"
+        return "completed" if self.finished else "released"
 
 
 @dataclass(slots=True)
@@ -350,7 +361,6 @@ class AgentRunner:
                 log.warning("worker %s: heartbeat failed: %s", worker_id, exc)
 
     async def _work(self, spec: AgentSpec, worker_id: str, claim: Claim, state: _Copy) -> None:
-        rt = self._runtime
         lease = claim.lease
         outcome = _Outcome()
         scope = anyio.CancelScope()
@@ -363,6 +373,26 @@ class AgentRunner:
         # when it falls behind).
         runs = self._running.setdefault(lease.task_id, {})
         runs[lease.run_id] = scope
+        # The run's span (tracing on: _trace.py), from the claim to the report, current
+        # for the handler: its own spans, and the tasks it creates, are its children.
+        with run_span(claim.task, worker_id, lease.run_id) as span:
+            try:
+                await self._run(spec, worker_id, claim, state, outcome, scope)
+            finally:
+                span.ended(outcome.describe(), outcome.error)
+
+    async def _run(
+        self,
+        spec: AgentSpec,
+        worker_id: str,
+        claim: Claim,
+        state: _Copy,
+        outcome: _Outcome,
+        scope: anyio.CancelScope,
+    ) -> None:
+        rt = self._runtime
+        lease = claim.lease
+        runs = self._running[lease.task_id]
         try:
             await rt.heartbeat(lease)
             context = TaskContext(rt, claim, worker_id)

@@ -386,6 +386,13 @@ def _worker_parser(
         help="on SIGTERM, how long in-flight handlers may take to finish (default 10)",
     )
     worker.add_argument(
+        "--trace",
+        action="store_true",
+        help="each run is an OpenTelemetry span continuing the trace that created its task"
+        " (extra otel; spans go to the global tracer provider, which the handler's module or"
+        " `opentelemetry-instrument` sets up)",
+    )
+    worker.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
         default="warning",

@@ -118,6 +118,8 @@ def retry_policy(args: argparse.Namespace) -> RetryPolicy:
 
 async def run_worker(args: argparse.Namespace) -> None:
     """The ``worker`` command (``args`` as :func:`~.main.build_parser` parses them)."""
+    if getattr(args, "trace", False):
+        _enable_tracing()
     handler = load_handler(args.handler)
     policy = retry_policy(args)
     agent_type = args.agent_type or args.handler.rpartition(":")[2].rpartition(".")[2]
@@ -169,6 +171,17 @@ async def run_worker(args: argparse.Namespace) -> None:
         # The runtime went away (it stopped, or the connection to it broke): exit 1, for
         # whatever supervises this process to start it again once a runtime owns the file.
         raise HiveError(f"the workers stopped: {runner.stopped_by}")
+
+
+def _enable_tracing() -> None:
+    try:
+        from ..observe.tracing import enable
+    except ImportError as exc:
+        raise InvalidInputError(
+            "--trace",
+            f"needs OpenTelemetry ({exc.name} is missing): pip install 'hive-orchestration[otel]'",
+        ) from None
+    enable()
 
 
 async def _serve(

@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
+from datetime import datetime
 from typing import TypeVar, cast
 
 import anyio
@@ -41,10 +44,14 @@ from ..messages.events import BroadcastMessage, Event, Publish
 from ..messages.plan_data import LoadDependencyResults
 from ..messages.plans import PlanningRequest, SubtaskState
 from ..messages.storage import (
+    COMMIT_BATCH_BOUNDS,
+    COMMIT_SECONDS_BOUNDS,
     AppendEvent,
+    Buckets,
     CheckDependencies,
     CheckReaders,
     Committed,
+    CountQueued,
     CountSubtasks,
     CountTasks,
     DeleteRevokedType,
@@ -124,6 +131,12 @@ _INSERT_EVENT = (
     "INSERT INTO events (seq, type, timestamp, source, correlation_id, task_id, plan_id,"
     " worker_id, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+#: Queued tasks by type, and the earliest time one of each became claimable: the
+#: partial index ``idx_tasks_ready`` holds exactly the queued tasks, by type first.
+_COUNT_QUEUED = (
+    "SELECT task_type, COUNT(*), MIN(max(updated_at, coalesce(available_at, updated_at)))"
+    " FROM tasks INDEXED BY idx_tasks_ready WHERE status = 'queued' GROUP BY task_type"
+)
 #: The owners of some idempotency keys, through the unique index on the key.
 #: A task of scope 'active' holds its key only while live: the index's own condition.
 FIND_KEYS_SQL = (
@@ -163,6 +176,12 @@ class StorageActor(Actor[StorageMessage]):
         self._writes = 0
         self._failed_writes = 0
         self._largest_batch = 0
+        # Fixed buckets counted in place: a commit costs two increments and two adds
+        # here, no allocation and no lock (only this actor's task touches them).
+        self._commit_counts = [0] * (len(COMMIT_SECONDS_BOUNDS) + 1)
+        self._commit_sum = 0.0
+        self._batch_counts = [0] * (len(COMMIT_BATCH_BOUNDS) + 1)
+        self._batch_sum = 0
 
     async def started(self) -> None:
         self._db, self._last_seq = await open_database(
@@ -259,6 +278,12 @@ class StorageActor(Actor[StorageMessage]):
             case CountTasks():
                 rows = await db.fetchall("SELECT status, COUNT(*) FROM tasks GROUP BY status")
                 return {str(status): cast(int, count) for status, count in rows}
+            case CountQueued():
+                rows = await db.fetchall(_COUNT_QUEUED)
+                return {
+                    str(task_type): (cast(int, count), datetime.fromisoformat(str(since)))
+                    for task_type, count, since in rows
+                }
             case LoadTasks(statuses=statuses):
                 rows = await db.fetchall(
                     f"SELECT {TASK_COLUMNS} FROM tasks WHERE status IN ({_marks(statuses)})"
@@ -337,6 +362,7 @@ class StorageActor(Actor[StorageMessage]):
                         op_json.append(op.data_json)
                 units.append(_row_statements(write.ops) + event_rows)
                 seqs.append(tuple(unit_seqs))
+            began = time.perf_counter()
             try:
                 await db.transaction([statement for unit in units for statement in unit])
             except sqlite3.IntegrityError as exc:
@@ -348,10 +374,15 @@ class StorageActor(Actor[StorageMessage]):
             except sqlite3.Error as exc:
                 self._fail(writes, exc)
                 return
+            took = time.perf_counter() - began
             self._last_seq = seq
             self._transactions += 1
             self._writes += len(writes)
             self._largest_batch = max(self._largest_batch, len(writes))
+            self._commit_counts[bisect_left(COMMIT_SECONDS_BOUNDS, took)] += 1
+            self._commit_sum += took
+            self._batch_counts[bisect_left(COMMIT_BATCH_BOUNDS, len(writes))] += 1
+            self._batch_sum += len(writes)
         # Publish before answering, so that an event caused by a write is already on its
         # way to subscribers when the writer learns the write is durable; answer in a
         # finally, so that a cancellation while publishing cannot report a committed write
@@ -414,6 +445,12 @@ class StorageActor(Actor[StorageMessage]):
             failed_writes=self._failed_writes,
             largest_batch=self._largest_batch,
             last_seq=self._last_seq,
+            commit_seconds=Buckets(
+                COMMIT_SECONDS_BOUNDS, tuple(self._commit_counts), self._commit_sum
+            ),
+            commit_batch_size=Buckets(
+                COMMIT_BATCH_BOUNDS, tuple(self._batch_counts), float(self._batch_sum)
+            ),
         )
 
     def _require_db(self) -> Driver:

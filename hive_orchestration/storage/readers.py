@@ -41,6 +41,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ..errors import ActorFailedError, RuntimeStoppedError, StorageError
 from ..messages.plan_data import LoadDependencyResults
 from ..messages.storage import (
+    CountQueued,
     CountTasks,
     CountTasksByType,
     QueryPlanningRequests,
@@ -64,6 +65,7 @@ POOLED = (
     QueryPlans,
     QueryPlanningRequests,
     CountTasksByType,
+    CountQueued,
     LoadDependencyResults,  # up to max_bytes of results
 )
 

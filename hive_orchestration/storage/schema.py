@@ -247,6 +247,14 @@ _V10: tuple[str, ...] = (
     """,
 )
 
+# Version 11: the W3C trace context of the call that created a task (``traceparent``,
+# ``tracestate``), kept with it so that the run a worker makes of it, maybe days later in
+# another process, continues that trace. NULL when tracing was off at its creation.
+_V11: tuple[str, ...] = (
+    "ALTER TABLE tasks ADD COLUMN traceparent TEXT",
+    "ALTER TABLE tasks ADD COLUMN tracestate TEXT",
+)
+
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10, _V11)
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1561,6 +1561,8 @@ class TaskManager(Actor[TaskManagerMessage]):
             requires=message.requires,
             plan_id=message.plan_id,
             subtask_id=message.subtask_id,
+            traceparent=message.traceparent,
+            tracestate=message.tracestate,
             created_at=now,
             updated_at=now,
         )
