@@ -49,6 +49,7 @@ __all__ = [
     "LoadLeaseHashes",
     "LoadRuns",
     "LoadTasks",
+    "LoadTimers",
     "LoadWorkers",
     "PutRun",
     "PutTask",
@@ -395,6 +396,17 @@ class CountSubtasks(Request[dict[str, int]], frozen=True):
     plan_id: str
 
 
+class LoadTimers(Request[tuple[tuple[str, datetime, datetime], ...]], frozen=True):
+    """The next ``limit`` queued tasks by ``column`` (``run_at``: delayed tasks by start
+    time; ``expires_at``: by expiry) after ``after`` (a (time, task id), ``None``: from
+    the first), in that order, as (task id, time, created_at). A range scan of
+    ``idx_tasks_delayed`` (``idx_tasks_expiring``)."""
+
+    column: Literal["run_at", "expires_at"]
+    after: tuple[datetime, str] | None
+    limit: int
+
+
 StorageMessage: TypeAlias = (
     Write
     | ReadEvents
@@ -424,4 +436,5 @@ StorageMessage: TypeAlias = (
     | CheckDependencies
     | NextPlannedTask
     | CountSubtasks
+    | LoadTimers
 )

@@ -45,7 +45,7 @@ TASK_COLUMNS = (
     "id, title, description, task_type, priority, status, current_phase, workflow, payload,"
     " created_at, updated_at, assigned_worker, due_date, max_retries, tags, attempts, result,"
     " error, idempotency_key, correlation_id, source_agent, timeout, available_at,"
-    " concurrency_key, concurrency_limit, requires, plan_id, subtask_id"
+    " concurrency_key, concurrency_limit, requires, plan_id, subtask_id, run_at, expires_at"
 )
 RUN_COLUMNS = (
     "id, task_id, worker_id, run_number, status, phase, result_data, error_message,"
@@ -80,7 +80,8 @@ _PUT_WORKER = upsert("workers", WORKER_COLUMNS)
 #: others are fixed at creation. A state change writes only these: an UPDATE that leaves
 #: the priority index alone and encodes no payload costs a third of a whole-row upsert.
 TASK_STATE_COLUMNS = (
-    "status, current_phase, updated_at, assigned_worker, attempts, result, error, available_at"
+    "status, current_phase, updated_at, assigned_worker, attempts, result, error, available_at,"
+    " run_at"
 )
 #: The columns of a run that change after it is opened.
 RUN_STATE_COLUMNS = (
@@ -143,6 +144,8 @@ def task_statement(task: Task) -> Statement:
         _json(list(task.requires)) if task.requires else None,
         task.plan_id,
         task.subtask_id,
+        time_text(task.run_at),
+        time_text(task.expires_at),
     )
     return _PUT_TASK, params
 
@@ -179,6 +182,7 @@ def task_state_statement(task: Task) -> Statement:
         _json(task.result),
         task.error,
         time_text(task.available_at),
+        time_text(task.run_at),
         task.id,
     )
     return SET_TASK_STATE, params
@@ -213,7 +217,8 @@ def task_from_row(row: tuple[object, ...]) -> Task:
     (id_, title, description, task_type, priority, status, phase, workflow, payload,
      created_at, updated_at, assigned_worker, due_date, max_retries, tags, attempts,
      result, error, idempotency_key, correlation_id, source_agent, timeout, available_at,
-     concurrency_key, concurrency_limit, requires, plan_id, subtask_id) = row  # fmt: skip
+     concurrency_key, concurrency_limit, requires, plan_id, subtask_id, run_at,
+     expires_at) = row  # fmt: skip
     # Rows written by other tools may leave the seed schema's nullable columns empty.
     created = parse_time(created_at) or parse_time(updated_at) or EPOCH
     return Task(
@@ -245,6 +250,8 @@ def task_from_row(row: tuple[object, ...]) -> Task:
         requires=_parse_list(requires),
         plan_id=cast("str | None", plan_id),
         subtask_id=cast("str | None", subtask_id),
+        run_at=parse_time(run_at),
+        expires_at=parse_time(expires_at),
     )
 
 
