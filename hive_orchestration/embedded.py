@@ -330,6 +330,8 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps):
                 retry_backoff_max=config.retry_backoff_max,
                 concurrency_limits=config.concurrency_limits,
                 ready_head=config.ready_queue_head,
+                rate_limits={t: (r.starts, r.per) for t, r in config.rate_limits.items()},
+                key_rate_limits={k: (r.starts, r.per) for k, r in config.key_rate_limits.items()},
                 # A call that ends a plan's task answers once its plan has reacted.
                 plan_barrier=True,
                 clock=wall,

@@ -24,9 +24,11 @@ import pytest
 from reliability._remote import eventually, owner
 
 from hive_orchestration import (
+    ConfigError,
     Event,
     InvalidInputError,
     OrchestrationClient,
+    RateLimit,
     Runtime,
     RuntimeConfig,
     TaskStatus,
@@ -299,3 +301,81 @@ async def test_delays_and_expiries_survive_sigkill_and_work_through_the_socket(
 
         await eventually(expired, within=SOON)
         assert await rt.claim_task("w", "other") is None
+
+
+# -- rate limits ---------------------------------------------------------------------------
+
+PER = 0.6
+
+
+async def test_a_rate_limited_type_hands_out_n_per_interval_and_a_claim_waits(
+    db_path: str,
+) -> None:
+    limits = {"email": RateLimit(starts=2, per=PER)}
+    async with runtime(db_path, rate_limits=limits) as rt:
+        await rt.create_tasks([{"task_type": "email", "payload": {"n": n}} for n in range(5)])
+        other = await rt.create_task("build", {})
+        start = anyio.current_time()
+        first = await rt.claim_tasks("w", ["email", "build"], limit=10)
+        # Two emails, and the build task: the limit holds the type back, not the claim.
+        assert sorted(c.task.task_type for c in first) == ["build", "email", "email"]
+        assert other in {c.task.id for c in first}
+        assert await rt.claim_task("w", "email") is None
+        # A parked claim is woken when the oldest start leaves the window.
+        third = await rt.claim_task("w", "email", wait=SOON)
+        took = anyio.current_time() - start
+        assert third is not None
+        assert PER - EARLY <= took <= PER + LATE
+        fourth = await rt.claim_task("w", "email", wait=SOON)
+        assert fourth is not None
+        assert anyio.current_time() - start <= PER + LATE  # the second start freed too
+        assert await rt.claim_task("w", "email") is None  # 2 in the last PER again
+
+
+async def test_a_rate_limited_key_counts_the_claims_of_every_type_with_that_key(
+    db_path: str,
+) -> None:
+    limits = {"api": RateLimit(starts=1, per=PER)}
+    async with runtime(db_path, key_rate_limits=limits) as rt:
+        a = await rt.create_task("fetch", {}, concurrency_key="api", concurrency_limit=10)
+        b = await rt.create_task("push", {}, concurrency_key="api", concurrency_limit=10)
+        free = await rt.create_task("fetch", {})
+        got = {c.task.id for c in await rt.claim_tasks("w", ["fetch", "push"], limit=10)}
+        assert len(got & {a, b}) == 1
+        assert free in got
+        start = anyio.current_time()
+        later = await rt.claim_task("w", ["fetch", "push"], wait=SOON)
+        assert later is not None
+        assert later.task.id in {a, b} - got
+        assert anyio.current_time() - start <= PER + LATE
+
+
+async def test_the_rate_window_survives_sigkill(db_path: str, anyio_backend: str) -> None:
+    """Two claims just before a SIGKILL fill the window: after the restart, the third
+    still waits for the window, not a fresh one."""
+    window = 4.0  # longer than a restart on a loaded machine, with room to spare
+    config = {"rate_limits": {"email": {"starts": 2, "per": window}}}
+    async with (
+        owner(db_path, anyio_backend, **config) as served,
+        OrchestrationClient(db_path=db_path) as client,
+    ):
+        await client.create_tasks([{"task_type": "email"} for _ in range(3)])
+        start = anyio.current_time()
+        assert len(await client.claim_tasks("w", "email", limit=3)) == 2
+        served.kill()
+        await served.process.wait()
+    async with runtime(db_path, rate_limits={"email": RateLimit(starts=2, per=window)}) as rt:
+        # The two claims were requeued by the recovery; the window still holds them.
+        claim = await rt.claim_task("w", "email", wait=SOON)
+        assert claim is not None
+        assert anyio.current_time() - start >= window - EARLY
+
+
+def test_rate_limits_are_checked_as_config() -> None:
+    assert RuntimeConfig.from_mapping(
+        {"rate_limits": {"email": {"starts": 5, "per": 1.5}}}
+    ).rate_limits == {"email": RateLimit(5, 1.5)}
+    for bad in ({"starts": 0, "per": 1}, {"starts": 1, "per": 0}, {"starts": 1}):
+        with pytest.raises(ConfigError) as error:
+            RuntimeConfig.from_mapping({"key_rate_limits": {"api": bad}})
+        assert "key_rate_limits" in str(error.value)

@@ -48,6 +48,7 @@ __all__ = [
     "TasksWithRuns",
     "LoadLeaseHashes",
     "LoadRuns",
+    "LoadStarts",
     "LoadTasks",
     "LoadTimers",
     "LoadWorkers",
@@ -407,6 +408,16 @@ class LoadTimers(Request[tuple[tuple[str, datetime, datetime], ...]], frozen=Tru
     limit: int
 
 
+class LoadStarts(Request[tuple[tuple[str, str | None, datetime], ...]], frozen=True):
+    """The claims made since ``since`` of tasks of ``task_types`` or with a concurrency
+    key of ``keys``, as (task type, concurrency key, the run's started_at), oldest first:
+    the rate limits' windows at open. A range of ``idx_runs_started``."""
+
+    task_types: tuple[str, ...]
+    keys: tuple[str, ...]
+    since: datetime
+
+
 StorageMessage: TypeAlias = (
     Write
     | ReadEvents
@@ -437,4 +448,5 @@ StorageMessage: TypeAlias = (
     | NextPlannedTask
     | CountSubtasks
     | LoadTimers
+    | LoadStarts
 )

@@ -18,6 +18,7 @@ import msgspec
 from ..messages.storage import (
     FetchTasks,
     LoadQueueHeads,
+    LoadStarts,
     LoadTimers,
     QueryUnroutable,
     QueueHead,
@@ -38,7 +39,7 @@ from .rows import (
 
 __all__ = ["QUEUE_QUERIES", "query_queues", "requires_text"]
 
-QUEUE_QUERIES = (FetchTasks, LoadQueueHeads, QueryUnroutable, LoadTimers)
+QUEUE_QUERIES = (FetchTasks, LoadQueueHeads, QueryUnroutable, LoadTimers, LoadStarts)
 #: Under SQLite's oldest limit on bound parameters (999).
 _IDS_PER_QUERY = 500
 _encode = msgspec.json.Encoder().encode
@@ -121,6 +122,21 @@ async def query_queues(db: Driver, message: StorageMessage) -> object:
                 stuck = [t for t in stuck if (-t.priority, t.created_at, t.id) > bound]
             stuck.sort(key=lambda task: (-task.priority, task.created_at, task.id))
             return stuck if limit is None else stuck[:limit]
+        case LoadStarts(task_types=types, keys=keys, since=since):
+            marks = ", ".join("?" * len(types))
+            key_marks = ", ".join("?" * len(keys))
+            sql = (
+                "SELECT t.task_type, t.concurrency_key, r.started_at"
+                " FROM runs r INDEXED BY idx_runs_started JOIN tasks t ON t.id = r.task_id"
+                " WHERE r.lease_seconds IS NOT NULL AND r.started_at >= ?"
+                f" AND (t.task_type IN ({marks}) OR t.concurrency_key IN ({key_marks}))"
+                " ORDER BY r.started_at"
+            )
+            rows = await db.fetchall(sql, (_text(since), *types, *keys))
+            return tuple(
+                (str(kind), cast("str | None", key), cast(datetime, parse_time(started)))
+                for kind, key, started in rows
+            )
         case LoadTimers(column=column, after=after, limit=limit):
             at, task_id = ("", "") if after is None else (_text(after[0]), after[1])
             rows = await db.fetchall(_TIMERS[column], (at, task_id, limit))

@@ -243,6 +243,9 @@ _V10: tuple[str, ...] = (
     " WHERE status = 'queued' AND run_at IS NOT NULL",
     "CREATE INDEX idx_tasks_expiring ON tasks (expires_at, id)"
     " WHERE status = 'queued' AND expires_at IS NOT NULL",
+    # The rate limits' windows, rebuilt on open from the recent claims (a claim's run has
+    # a lease): a range of the last seconds, whatever the number of runs.
+    "CREATE INDEX idx_runs_started ON runs (started_at) WHERE lease_seconds IS NOT NULL",
 )
 
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n.

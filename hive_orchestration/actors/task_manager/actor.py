@@ -148,6 +148,7 @@ from ...messages.storage import (
     LoadLeaseHashes,
     LoadQueueHeads,
     LoadRuns,
+    LoadStarts,
     LoadTasks,
     LoadTimers,
     PutRun,
@@ -202,6 +203,7 @@ from ...messages.tasks import (
 from ...messages.workers import WorkerRegistryMessage, WorkersSeen
 from ...runtime import Actor, ActorRef, Alarm, Deadlines, Envelope, Reply, Request
 from .delays import Frame, Timers
+from .limits import RateLimits
 from .ready import Bound, QueueId, ReadyQueue, bound_of, queue_of
 
 __all__ = ["LIVE", "TRANSITIONS", "TaskManager"]
@@ -391,6 +393,8 @@ class TaskManager(Actor[TaskManagerMessage]):
         rng: random.Random | None = None,
         plan_barrier: bool = False,
         ready_head: int = 1024,
+        rate_limits: Mapping[str, tuple[int, float]] | None = None,
+        key_rate_limits: Mapping[str, tuple[int, float]] | None = None,
     ) -> None:
         self._storage = storage
         # How many of each ready queue's best tasks memory holds; it reads the next ones
@@ -450,6 +454,8 @@ class TaskManager(Actor[TaskManagerMessage]):
         self._expiries = Timers("expires_at", self._head)
         self._frame = Frame(self._wall, self._mono)  # read at the start
         self._timers_failed: float | None = None  # when a read of them last failed
+        # At most N claims per interval of a task type or concurrency key (limits.py).
+        self._limits = RateLimits(rate_limits, key_rate_limits)
         self._held_back: deque[tuple[int, list[tuple[Envelope[TaskManagerMessage], object]]]] = (
             deque()
         )
@@ -489,6 +495,7 @@ class TaskManager(Actor[TaskManagerMessage]):
                 if run.status in _RUN_OPEN and run.lease_seconds is not None:
                     renewed = now + timedelta(seconds=run.lease_seconds)
                     self._runs[run.id] = msgspec.structs.replace(run, lease_expires_at=renewed)
+        await self._load_starts()
         self._reindex(hashes)
         await self._load_timers(fail=True)
         self._arm()
@@ -973,6 +980,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         their deadlines. O(tasks in memory): at start-up (with the stored ``hashes`` of the
         claims' secrets) and after a failed commit only."""
         self._ready = ReadyQueue(self._type_limits, self._ready.bounds())
+        self._ready.pause(self._limits.full_types, self._limits.full_keys)
         self._held = {}
         self._deadlines = Deadlines()
         for task in self._tasks.values():
@@ -1076,6 +1084,8 @@ class TaskManager(Actor[TaskManagerMessage]):
                 self._close_run(run, RunStatus.LOST, work, now, error=error)
                 self._requeue(task, run, "lease_expired", error, work, now, retry_after=0.0)
         self._ready.promote(mono)
+        if self._limits:
+            self._ready.resume(*self._limits.freed(mono))
         while (waiter_id := self._waits.pop_due(mono)) is not None:
             waiter = self._waiters.pop(waiter_id)
             work.answers.append((waiter.envelope, waiter.nothing))
@@ -1093,6 +1103,9 @@ class TaskManager(Actor[TaskManagerMessage]):
         if delayed is not None:
             times.append(delayed)
         times += self._timers_due()
+        frees = self._limits.next_free()
+        if frees is not None:
+            times.append(frees)
         wake = min(times) if times else None
         if wake != self._alarm.at:
             self._alarm.set(wake)
@@ -1245,6 +1258,35 @@ class TaskManager(Actor[TaskManagerMessage]):
             self._expire(task, work, now)
         return None
 
+    # -- rate limits (limits.py) ---------------------------------------------------------------
+
+    async def _load_starts(self) -> None:
+        """At start-up: the rate limits' windows, from the claims of the last ``per``
+        seconds (each a deadline from now, at most ``per`` away: see limits.py)."""
+        if not self._limits:
+            return
+        types, keys = self._limits.limited()
+        since = self._wall - timedelta(seconds=self._limits.longest())
+        rows = await self._storage.ask(LoadStarts(types, keys, since))
+        by_type: dict[str, list[float]] = {}
+        by_key: dict[str, list[float]] = {}
+        for task_type, key, started in rows:
+            ago = max((self._wall - started).total_seconds(), 0.0)
+            at = self._mono - ago
+            by_type.setdefault(task_type, []).append(at)
+            if key is not None:
+                by_key.setdefault(key, []).append(at)
+        self._limits.load(by_type, by_key, self._mono)
+
+    def _count_start(self, task: Task) -> None:
+        """``task`` was claimed: a full window holds its type or key back."""
+        type_full, key_full = self._limits.started(task, self._mono)
+        if type_full or key_full:
+            self._ready.pause(
+                (task.task_type,) if type_full else (),
+                (task.concurrency_key,) if key_full and task.concurrency_key else (),
+            )
+
     # -- claims --------------------------------------------------------------------------------
 
     def _park(
@@ -1352,6 +1394,8 @@ class TaskManager(Actor[TaskManagerMessage]):
             {"run_id": run.id, "attempt": run.run_number},
         )
         self._held[task_id] = run.id
+        if self._limits:
+            self._count_start(updated)
         if claim.start:
             updated = self._start(updated, run, work, now)
             run = self._runs[run.id]
