@@ -379,3 +379,30 @@ def test_rate_limits_are_checked_as_config() -> None:
         with pytest.raises(ConfigError) as error:
             RuntimeConfig.from_mapping({"key_rate_limits": {"api": bad}})
         assert "key_rate_limits" in str(error.value)
+
+
+def test_a_delayed_tasks_queue_wait_counts_from_its_start_time() -> None:
+    from hive_orchestration.observe.metrics import Metrics
+
+    metrics = Metrics(None)  # type: ignore[arg-type]  # folded by hand: no source read
+    run_at = datetime.fromtimestamp(1100.0, UTC).isoformat()
+    for event in (
+        Event(
+            seq=1,
+            type="task.created",
+            timestamp=1000.0,
+            source="t",
+            task_id="d",
+            data={"task_type": "job", "run_at": run_at},
+        ),
+        Event(
+            seq=2,
+            type="task.assigned",
+            timestamp=1102.0,
+            source="t",
+            task_id="d",
+            data={"task_type": "job", "status": "assigned", "previous": "queued"},
+        ),
+    ):
+        metrics.observe(event)
+    assert metrics.queue_wait["job"].sum == 2.0  # not the 100 s it was delayed

@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -104,6 +105,14 @@ class _Snapshot:
     statistics: RuntimeStatistics | None = None
 
 
+def _timestamp(text: str, default: float) -> float:
+    """An event's ISO 8601 time as Unix seconds (``default`` if it is not one)."""
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return default
+
+
 def _forget_oldest(tracked: MutableMapping[str, Any]) -> None:
     while len(tracked) > TRACKED:
         del tracked[next(iter(tracked))]
@@ -159,7 +168,9 @@ class Metrics:
             self.created[task_type] = self.created.get(task_type, 0) + 1
             self.recent_created.append((at, task_type))
             if event.plan_id is None:  # a plan's task waits, blocked, until it is ready
-                self._ready[task_id] = at
+                run_at = data.get("run_at")  # a delayed task is ready from its start time
+                due = at if not isinstance(run_at, str) else max(at, _timestamp(run_at, at))
+                self._ready[task_id] = due
                 _forget_oldest(self._ready)
             return
         if event.type == "task.deleted":
@@ -228,10 +239,12 @@ class Metrics:
                 depth: dict[str, int] = {}
                 for task in queued:
                     depth[task.task_type] = depth.get(task.task_type, 0) + 1
-                    # Queued since its last transition, claimable from available_at.
+                    # Queued since its last transition, claimable from available_at
+                    # (a delayed task from its run_at: it waits for no worker before).
                     since = task.updated_at.timestamp()
-                    if task.available_at is not None:
-                        since = max(since, task.available_at.timestamp())
+                    for claimable in (task.available_at, task.run_at):
+                        if claimable is not None:
+                            since = max(since, claimable.timestamp())
                     age = max(0.0, now - since)
                     snapshot.queue_oldest[task.task_type] = max(
                         age, snapshot.queue_oldest.get(task.task_type, 0.0)
