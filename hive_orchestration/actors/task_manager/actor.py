@@ -79,9 +79,9 @@ running    failed     lease expiry or worker lost with none left,
                       update_task_status(failed)
 assigned   timed_out  timeout with no attempt left,                       task.timed_out
 running    timed_out  update_task_status(timed_out)
-queued     cancelled  cancel_task, update_task_status(cancelled)          task.cancelled
-assigned   cancelled
-running    cancelled
+queued     cancelled  cancel_task, update_task_status(cancelled), its     task.cancelled
+assigned   cancelled  expiry while queued (data.reason: expired;
+running    cancelled  delays.py)
 (new)      blocked    a plan's subtasks are created (PlanExecutor)        task.created
 blocked    queued     its plan's dependencies are all done (PlanExecutor  plan.subtask_ready
                       only, never update_task_status)
@@ -100,6 +100,12 @@ telling the truth, not making a change. A requeue's ``task.retrying`` says why i
 (``failed``, ``timed_out``, ``lease_expired``, ``worker_lost``, ``released``,
 ``unclaimed``, ``recovered``, ``requeued``). Deleting a task publishes ``task.deleted``;
 a progress report publishes ``task.progress`` (no status change).
+
+Time (delays.py, limits.py; docs/TIMING.md). A delayed task (``run_at``) is queued but
+neither in the ready index nor in memory until it comes due; a queued task past its
+expiry is cancelled, and never handed out; a rate-limited type or key is held back while
+its window is full. The earliest start times and expiries (read from their indexes a
+range at a time) and the rate windows are deadlines of the same alarm.
 
 Attempts: every run that ends without success counts one (failed, timed out, lost),
 except a released run (handed back by its worker, or never received by it). While
