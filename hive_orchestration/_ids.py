@@ -21,7 +21,7 @@ import random
 import threading
 import time
 
-__all__ = ["new_id", "new_secret"]
+__all__ = ["advance_past", "new_id", "new_secret"]
 
 _RANDOM_BITS = 74  # what a version 7 UUID leaves after 48 bits of time, version and variant
 _lock = threading.Lock()  # runtimes in several threads share the counter
@@ -80,6 +80,24 @@ def new_id() -> str:
     # str(uuid.UUID(int=full)), without building the UUID object (a third of the cost).
     h = f"{full:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def advance_past(last: str) -> None:
+    """Make every later :func:`new_id` of this process greater than ``last`` (an id made
+    by :func:`new_id`, here or in another process), whatever the clock says: so that an
+    id tells a row made by this process from one made before it (the TaskManager's
+    clocks, actors/task_manager/delays.py). Anything else is ignored."""
+    global _last
+    try:
+        full = int(last.replace("-", ""), 16)
+    except ValueError:
+        return
+    if len(last) != 36 or full >> 128:
+        return
+    high = (full >> 80) << 12 | (full >> 64) & 0xFFF
+    value = high << 62 | full & ((1 << 62) - 1)
+    with _lock:
+        _last = max(_last, value)
 
 
 def new_secret() -> str:

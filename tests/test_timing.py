@@ -146,6 +146,42 @@ async def test_a_stepped_wall_clock_neither_hands_out_a_delayed_task_early_nor_l
         assert DELAY - EARLY <= took <= DELAY + LATE
 
 
+async def test_start_times_read_back_from_storage_ignore_a_step_of_the_wall_clock(
+    db_path: str,
+) -> None:
+    """With a head of 1, memory holds at most 2 start times: the others are read back
+    from storage after the wall clock was stepped an hour forward, and still come due
+    on the monotonic clock, not at once."""
+    clock = SteppedClock()
+    config = RuntimeConfig(ready_queue_head=1)
+    async with Runtime.open(db_path, config=config, wall_clock=clock) as rt:
+        start = anyio.current_time()
+        delays = [DELAY + n * 0.1 for n in range(6)]
+        ids = [await rt.create_task("job", {}, delay=d) for d in delays]
+        clock.offset += timedelta(hours=1)
+        for _ in ids:
+            claim = await rt.claim_task("w", "job", wait=SOON)
+            assert claim is not None
+            took = anyio.current_time() - start
+            assert took >= delays[ids.index(claim.task.id)] - EARLY
+        assert anyio.current_time() - start <= delays[-1] + LATE
+
+
+async def test_a_clock_stepped_back_while_down_does_not_stretch_a_delay(db_path: str) -> None:
+    """A stored start time becomes a deadline once, at the open: never further than the
+    delay that was set (here an hour's step back would have made it an hour late)."""
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job", {}, delay=DELAY)
+    clock = SteppedClock()
+    clock.offset -= timedelta(hours=1)
+    async with Runtime.open(db_path, wall_clock=clock) as rt:
+        start = anyio.current_time()
+        claim = await rt.claim_task("w", "job", wait=SOON)
+        assert claim is not None
+        assert claim.task.id == task_id
+        assert anyio.current_time() - start <= DELAY + LATE
+
+
 async def test_only_the_first_delayed_tasks_are_in_memory_and_none_comes_early(
     db_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

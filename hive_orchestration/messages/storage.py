@@ -48,6 +48,7 @@ __all__ = [
     "TasksWithRuns",
     "LoadLeaseHashes",
     "LoadRuns",
+    "LastTaskId",
     "LoadStarts",
     "LoadTasks",
     "LoadTimers",
@@ -408,6 +409,11 @@ class LoadTimers(Request[tuple[tuple[str, datetime, datetime], ...]], frozen=Tru
     limit: int
 
 
+class LastTaskId(Request["str | None"], frozen=True):
+    """The greatest task id (``None``: no task): what tells the tasks made before the
+    TaskManager's start from those made after (actors/task_manager/delays.py)."""
+
+
 class LoadStarts(Request[tuple[tuple[str, str | None, datetime], ...]], frozen=True):
     """The claims made since ``since`` of tasks of ``task_types`` or with a concurrency
     key of ``keys``, as (task type, concurrency key, the run's started_at), oldest first:
@@ -449,4 +455,5 @@ StorageMessage: TypeAlias = (
     | CountSubtasks
     | LoadTimers
     | LoadStarts
+    | LastTaskId
 )

@@ -17,6 +17,7 @@ import msgspec
 
 from ..messages.storage import (
     FetchTasks,
+    LastTaskId,
     LoadQueueHeads,
     LoadStarts,
     LoadTimers,
@@ -39,7 +40,7 @@ from .rows import (
 
 __all__ = ["QUEUE_QUERIES", "query_queues", "requires_text"]
 
-QUEUE_QUERIES = (FetchTasks, LoadQueueHeads, QueryUnroutable, LoadTimers, LoadStarts)
+QUEUE_QUERIES = (FetchTasks, LoadQueueHeads, QueryUnroutable, LoadTimers, LoadStarts, LastTaskId)
 #: Under SQLite's oldest limit on bound parameters (999).
 _IDS_PER_QUERY = 500
 _encode = msgspec.json.Encoder().encode
@@ -122,6 +123,9 @@ async def query_queues(db: Driver, message: StorageMessage) -> object:
                 stuck = [t for t in stuck if (-t.priority, t.created_at, t.id) > bound]
             stuck.sort(key=lambda task: (-task.priority, task.created_at, task.id))
             return stuck if limit is None else stuck[:limit]
+        case LastTaskId():
+            rows = await db.fetchall("SELECT MAX(id) FROM tasks")
+            return None if rows[0][0] is None else str(rows[0][0])
         case LoadStarts(task_types=types, keys=keys, since=since):
             marks = ", ".join("?" * len(types))
             key_marks = ", ".join("?" * len(keys))

@@ -151,6 +151,7 @@ from ...messages.storage import (
     FetchTask,
     FetchTasks,
     FindIdempotencyKeys,
+    LastTaskId,
     LoadLeaseHashes,
     LoadQueueHeads,
     LoadRuns,
@@ -401,6 +402,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         ready_head: int = 1024,
         rate_limits: Mapping[str, tuple[int, float]] | None = None,
         key_rate_limits: Mapping[str, tuple[int, float]] | None = None,
+        frame: Frame | None = None,
     ) -> None:
         self._storage = storage
         # How many of each ready queue's best tasks memory holds; it reads the next ones
@@ -458,7 +460,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         # of each, read from storage a range at a time, with their monotonic deadlines.
         self._starts = Timers("run_at", self._head)
         self._expiries = Timers("expires_at", self._head)
-        self._frame = Frame(self._wall, self._mono)  # read at the start
+        self._frame = frame or Frame()  # the process's: read at the first start
         self._timers_failed: float | None = None  # when a read of them last failed
         # At most N claims per interval of a task type or concurrency key (limits.py).
         self._limits = RateLimits(rate_limits, key_rate_limits)
@@ -486,8 +488,11 @@ class TaskManager(Actor[TaskManagerMessage]):
         # A crash's restart keeps the claims, so their secrets must still be proved; on
         # open, recovery ends them all.
         hashes = {} if self._recover else await self._storage.ask(LoadLeaseHashes(LIVE))
+        if not self._frame.started:
+            watermark = await self._storage.ask(LastTaskId())
+            now = self._read_clocks()
+            self._frame.start(self._wall, self._mono, watermark)
         now = self._read_clocks()
-        self._frame = Frame(self._wall, self._mono)
         if self._recover:
             await self._recover_claims(now)
             if self._on_recovered is not None:
@@ -1157,10 +1162,10 @@ class TaskManager(Actor[TaskManagerMessage]):
     def _time(self, task: Task) -> None:
         """The queued ``task``'s start time and expiry, if any, to the timers."""
         if task.run_at is not None:
-            deadline = self._frame.deadline(task.run_at, task.created_at)
+            deadline = self._frame.deadline(task.id, task.run_at, task.created_at)
             self._starts.add(task.id, task.run_at, deadline)
         if task.expires_at is not None:
-            deadline = self._frame.deadline(task.expires_at, task.created_at)
+            deadline = self._frame.deadline(task.id, task.expires_at, task.created_at)
             self._expiries.add(task.id, task.expires_at, deadline)
 
     def _untime(self, task: Task) -> None:
@@ -1186,7 +1191,7 @@ class TaskManager(Actor[TaskManagerMessage]):
                 self._timers_failed = self._mono
                 return
             frame = self._frame
-            timers.take(((i, at, frame.deadline(at, made)) for i, at, made in rows), len(rows))
+            timers.take(((i, at, frame.deadline(i, at, made)) for i, at, made in rows), len(rows))
         self._timers_failed = None
 
     def _timers_due(self) -> list[float]:
@@ -1258,7 +1263,7 @@ class TaskManager(Actor[TaskManagerMessage]):
                 return task_id
             deadline = self._expiries.deadline(task_id)
             if deadline is None:
-                deadline = self._frame.deadline(task.expires_at, task.created_at)
+                deadline = self._frame.deadline(task_id, task.expires_at, task.created_at)
             if deadline > self._mono:
                 return task_id
             self._expire(task, work, now)

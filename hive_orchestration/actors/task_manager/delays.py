@@ -11,15 +11,17 @@ storage's only; it reads the next ones when fewer than half are left. The TaskMa
 one alarm wakes it at the first deadline, so no one polls.
 
 Clocks. Each deadline runs on the monotonic clock. A stored time is the wall time of that
-deadline in the *frame* read when the TaskManager started (its wall and monotonic clocks
-read together), so that the same process turns it back into exactly the same deadline
-whenever it reads it again, whatever the wall clock did meanwhile. When the wall clock
-has not been stepped since the start (the usual case) the frame and the wall clock agree
-and the time given (``run_at``) is stored as given. A time stored by an earlier process
-is turned into a deadline once, by the wall clock at the start, and never later than the
-span that was set from the start (``at - created_at``): a clock stepped back while the
-runtime was down cannot stretch a delay, and one stepped forward ends it at once (there
-is no monotonic clock across a restart), as for every other stored deadline.
+deadline in the *frame* read when the runtime's TaskManager first started (its wall and
+monotonic clocks read together, kept across its restarts), so that the process turns it
+back into exactly the same deadline whenever it reads it again, whatever the wall clock
+did meanwhile. When the wall clock has not been stepped since the start (the usual
+case) the frame and the wall clock agree and the time given (``run_at``) is stored as
+given. A time stored by an earlier process (a task whose id is not greater than the
+greatest at the start: this process's ids are made greater, see ``_ids.advance_past``)
+is turned into a deadline by the wall clock at the start, and never later than the span
+that was set, counted from the start (``at - created_at``): a clock stepped back while
+the runtime was down cannot stretch a delay, and one stepped forward ends it at once
+(there is no monotonic clock across a restart), as for every other stored deadline.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Literal
 
+from ..._ids import advance_past
 from ...runtime import Deadlines
 
 __all__ = ["Frame", "Timers"]
@@ -38,18 +41,32 @@ _STEP = 1e-3
 
 
 class Frame:
-    """The wall and monotonic clocks read together, once, at the TaskManager's start."""
+    """The wall and monotonic clocks read together, once, when the runtime's TaskManager
+    first starts (a restart of the actor keeps it: the process and its monotonic clock go
+    on), and the greatest task id then (``None``: there was no task)."""
 
-    __slots__ = ("mono", "wall")
+    __slots__ = ("mono", "started", "wall", "watermark")
 
-    def __init__(self, wall: datetime, mono: float) -> None:
-        self.wall = wall
-        self.mono = mono
+    def __init__(self) -> None:
+        self.wall = datetime.fromtimestamp(0).astimezone()
+        self.mono = 0.0
+        self.watermark: str | None = None
+        self.started = False
 
-    def deadline(self, at: datetime, created_at: datetime) -> float:
-        """The stored time ``at`` of a task created at ``created_at`` as a deadline."""
+    def start(self, wall: datetime, mono: float, watermark: str | None) -> None:
+        """Read once: later calls change nothing."""
+        if self.started:
+            return
+        self.wall, self.mono, self.watermark = wall, mono, watermark
+        if watermark is not None:
+            advance_past(watermark)  # every task made from now on has a greater id
+        self.started = True
+
+    def deadline(self, task_id: str, at: datetime, created_at: datetime) -> float:
+        """The stored time ``at`` of the task ``task_id``, created at ``created_at``, as
+        a deadline."""
         deadline = self.mono + (at - self.wall).total_seconds()
-        if created_at < self.wall:
+        if self.watermark is not None and task_id <= self.watermark:
             # Set by an earlier process, on a clock that may have been stepped since:
             # never more than the span that was set, from the start.
             deadline = min(deadline, self.mono + max((at - created_at).total_seconds(), 0.0))
@@ -121,7 +138,8 @@ class Timers:
 
     def low(self) -> bool:
         """Whether to read (more) from storage before the next batch."""
-        return not self.loaded or (self.bound is not None and len(self._keys) < self._size // 2)
+        least = max(1, self._size // 2)
+        return not self.loaded or (self.bound is not None and len(self._keys) < least)
 
     def after(self) -> tuple[datetime, str] | None:
         """Where the next read starts (``None``: from the first)."""
