@@ -442,3 +442,20 @@ def test_a_delayed_tasks_queue_wait_counts_from_its_start_time() -> None:
     ):
         metrics.observe(event)
     assert metrics.queue_wait["job"].sum == 2.0  # not the 100 s it was delayed
+
+
+def test_ids_made_after_advance_past_are_greater_whatever_the_clock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What tells a task of an earlier process (whose clock was ahead) from this one's."""
+    from hive_orchestration import _ids
+    from hive_orchestration._ids import advance_past, new_id
+
+    monkeypatch.setattr(_ids, "_last", _ids._last)  # the other tests' ids stay of today
+    ahead = "fffffff0-0000-7000-8000-000000000000"  # an id from a clock far ahead
+    advance_past(ahead)
+    made = [new_id() for _ in range(3)]
+    assert made == sorted(made)
+    assert made[0] > ahead
+    advance_past("not an id")  # ignored
+    assert new_id() > made[-1]
