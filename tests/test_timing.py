@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from reliability._remote import eventually, owner
 
@@ -459,3 +460,20 @@ def test_ids_made_after_advance_past_are_greater_whatever_the_clock(
     assert made[0] > ahead
     advance_past("not an id")  # ignored
     assert new_id() > made[-1]
+
+
+async def test_times_travel_as_iso_8601_text_in_json_requests(db_path: str) -> None:
+    from hive_orchestration.wire import call_json
+
+    async with runtime(db_path) as rt:
+        at = datetime.now(UTC) + timedelta(hours=1)
+        request = {"task_type": "job", "run_at": at.isoformat(), "expires_in": 7200}
+        raw = await call_json(
+            rt.client(), msgspec.json.encode({"op": "create_task", "args": request})
+        )
+        task = await rt.get_task(msgspec.json.decode(raw))
+        assert task is not None
+        assert task.run_at == at
+        assert task.expires_at is not None
+        far = datetime(9999, 12, 31, tzinfo=UTC)
+        assert await rt.create_task("job", {}, run_at=far)  # no overflow anywhere

@@ -79,7 +79,10 @@ class Frame:
         step = (wall - self.wall).total_seconds() - (mono - self.mono)
         if abs(step) < _STEP:
             return given
-        return self.wall + timedelta(seconds=deadline - self.mono)
+        try:
+            return self.wall + timedelta(seconds=deadline - self.mono)
+        except OverflowError:  # a time near the year 9999: the step does not matter there
+            return given
 
 
 class Timers:
