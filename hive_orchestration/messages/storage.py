@@ -410,8 +410,9 @@ class LoadTimers(Request[tuple[tuple[str, datetime, datetime], ...]], frozen=Tru
 
 
 class LastTaskId(Request["str | None"], frozen=True):
-    """The greatest task id (``None``: no task): what tells the tasks made before the
-    TaskManager's start from those made after (actors/task_manager/delays.py)."""
+    """The greatest id of the last tasks inserted (``None``: no task): what tells the
+    tasks made before the TaskManager's start from those made after
+    (actors/task_manager/delays.py)."""
 
 
 class LoadStarts(Request[tuple[tuple[str, str | None, datetime], ...]], frozen=True):

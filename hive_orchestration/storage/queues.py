@@ -15,6 +15,7 @@ from typing import cast
 
 import msgspec
 
+from .._ids import is_new_id
 from ..messages.storage import (
     FetchTasks,
     LastTaskId,
@@ -124,8 +125,12 @@ async def query_queues(db: Driver, message: StorageMessage) -> object:
             stuck.sort(key=lambda task: (-task.priority, task.created_at, task.id))
             return stuck if limit is None else stuck[:limit]
         case LastTaskId():
-            rows = await db.fetchall("SELECT MAX(id) FROM tasks")
-            return None if rows[0][0] is None else str(rows[0][0])
+            # The last rows inserted, by the table's own b-tree: the open reads no index
+            # it does not need (a damaged one fails only what uses it). Ids are made in
+            # insertion order (each process makes its ids greater than those before it),
+            # so the greatest is among them, but for the few a batch made out of order.
+            rows = await db.fetchall("SELECT id FROM tasks ORDER BY rowid DESC LIMIT 64")
+            return max((str(r[0]) for r in rows if is_new_id(str(r[0]))), default=None)
         case LoadStarts(task_types=types, keys=keys, since=since):
             marks = ", ".join("?" * len(types))
             key_marks = ", ".join("?" * len(keys))

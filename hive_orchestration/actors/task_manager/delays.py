@@ -17,7 +17,8 @@ back into exactly the same deadline whenever it reads it again, whatever the wal
 did meanwhile. When the wall clock has not been stepped since the start (the usual
 case) the frame and the wall clock agree and the time given (``run_at``) is stored as
 given. A time stored by an earlier process (a task whose id is not greater than the
-greatest at the start: this process's ids are made greater, see ``_ids.advance_past``)
+greatest at the start, or not one of ours: this process's ids are made greater, see
+``_ids.advance_past``)
 is turned into a deadline by the wall clock at the start, and never later than the span
 that was set, counted from the start (``at - created_at``): a clock stepped back while
 the runtime was down cannot stretch a delay, and one stepped forward ends it at once
@@ -30,7 +31,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Literal
 
-from ..._ids import advance_past
+from ..._ids import advance_past, is_new_id
 from ...runtime import Deadlines
 
 __all__ = ["Frame", "Timers"]
@@ -66,7 +67,7 @@ class Frame:
         """The stored time ``at`` of the task ``task_id``, created at ``created_at``, as
         a deadline."""
         deadline = self.mono + (at - self.wall).total_seconds()
-        if self.watermark is not None and task_id <= self.watermark:
+        if not is_new_id(task_id) or (self.watermark is not None and task_id <= self.watermark):
             # Set by an earlier process, on a clock that may have been stepped since:
             # never more than the span that was set, from the start.
             deadline = min(deadline, self.mono + max((at - created_at).total_seconds(), 0.0))
