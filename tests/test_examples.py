@@ -28,6 +28,9 @@ EXPECTED = {
         "cleanup saw fetch-asia=failed, fetch-eu=completed, fetch-us=completed,"
         " merge=completed, publish=skipped"
     ),
+    "timed_tasks.py": (
+        "reminder after its delay: True; offer expired; 5 emails, never more than 2 in 1 s: True"
+    ),
     "deployment_processes.py": (
         "plan 'Deploy to production': completed, 6/6 subtasks (3 by ai-deployer, 3 by checker);"
         " 4 processes, every one exited 0"
