@@ -26,6 +26,7 @@ from anyio.abc import TaskGroup
 from ._groups import leaves
 from ._inspect_ops import InspectOps
 from ._plan_ops import PlanOps
+from ._retention_ops import RetentionOps, retain
 from ._task_ops import TaskOps
 from ._validate import (
     _show,
@@ -163,7 +164,7 @@ class Subscription:
         return item
 
 
-class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps):
+class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, RetentionOps):
     """An embedded, durable orchestration runtime on one SQLite database.
 
     Create it with :meth:`open`; every method sends a typed message to an actor.
@@ -330,6 +331,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps):
                 retry_backoff_max=config.retry_backoff_max,
                 concurrency_limits=config.concurrency_limits,
                 ready_head=config.ready_queue_head,
+                delete_on_success=frozenset(config.delete_on_success),
                 # A call that ends a plan's task answers once its plan has reacted.
                 plan_barrier=True,
                 clock=wall,
@@ -400,6 +402,9 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps):
                     async with anyio.create_task_group() as callbacks:
                         runtime._callbacks = callbacks
                         runtime._server = server
+                        if config.retention is not None:
+                            # Stops with the callbacks, before the actors it calls.
+                            callbacks.start_soon(retain, runtime, config.retention)
                         try:
                             yield runtime
                         finally:

@@ -52,6 +52,8 @@ __all__ = [
     "UpdateRunStatus",
     "UpdateTaskStatus",
     "Wake",
+    "PurgeOutcome",
+    "PurgeTasks",
 ]
 
 JsonObject: TypeAlias = dict[str, JsonValue]
@@ -439,6 +441,29 @@ class PlansSettled(msgspec.Struct, frozen=True):
     seq: int
 
 
+class PurgeOutcome(msgspec.Struct, frozen=True):
+    """One chunk of a purge: how many tasks it deleted, and whether storage may hold more
+    (it found as many as it was asked for)."""
+
+    purged: int
+    more: bool
+
+
+class PurgeTasks(Request[PurgeOutcome], frozen=True, kw_only=True):
+    """Delete, with their runs and events, at most ``limit`` finished tasks last changed
+    more than ``older_than`` seconds ago by the TaskManager's clock (see FindPurgeable
+    for which ones are never purged): one chunk of a purge, one transaction, so that
+    other writers go between two chunks."""
+
+    older_than: float
+    statuses: tuple[str, ...]
+    task_type: str | None = None
+    include_keyed: bool = False
+    limit: int = 1000
+    source_agent: str | None = None
+    reason: str = "purge"
+
+
 TaskManagerMessage: TypeAlias = (
     CreateTask
     | CreateTasks
@@ -466,4 +491,5 @@ TaskManagerMessage: TypeAlias = (
     | Unclaimed
     | Wake
     | PlansSettled
+    | PurgeTasks
 )

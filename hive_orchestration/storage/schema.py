@@ -225,6 +225,19 @@ _V9: tuple[str, ...] = (
     " WHERE status = 'queued'",
 )
 
+# Version 10: retention (docs/RETENTION.md). The event log remembers how far it was
+# trimmed, so that its sequence numbers never go back (a log trimmed empty, then reopened,
+# goes on after the last number it ever gave) and a replay from before that point is told
+# so. And the finished tasks in the order they finished, so that a purge of those older
+# than an age reads a range of this index, not the whole table (its WHERE is the very
+# term the purge's query repeats, so the planner may use it).
+_V10: tuple[str, ...] = (
+    "CREATE TABLE event_log (id INTEGER PRIMARY KEY CHECK (id = 1),"
+    " trimmed_through INTEGER NOT NULL DEFAULT 0)",
+    "CREATE INDEX idx_tasks_finished ON tasks (updated_at)"
+    " WHERE status IN ('completed', 'failed', 'cancelled', 'timed_out')",
+)
+
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10)
 SCHEMA_VERSION = len(MIGRATIONS)
