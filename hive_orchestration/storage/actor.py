@@ -653,7 +653,7 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
             or any(run.task_id in deleted for run in runs.values())
         )
     ) or (gone and not workers.keys().isdisjoint(gone)):
-        return [s for op in ops if not isinstance(op, AppendEvent) for s in _in_order(op)]
+        return [s for op in ops if not isinstance(op, AppendEvent) for s in _in_order_all(op)]
     statements: list[Statement] = retention
     statements += [(DELETE_TASK, (task_id,)) for task_id in deleted]
     statements += [(DELETE_WORKER, (worker_id,)) for worker_id in gone]
@@ -679,16 +679,17 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
     return statements + states
 
 
-def _in_order(op: WriteOp) -> list[Statement]:
+def _in_order_all(op: WriteOp) -> list[Statement]:
+    """The statements of one op (a retention op has several, a row op one)."""
     match op:
         case DeleteTaskEvents(task_ids=task_ids):
             return delete_events_statements(task_ids)
         case TrimEventLog(through=through):
             return trim_statements(through)
-    return [_in_order_row(op)]
+    return [_in_order(op)]
 
 
-def _in_order_row(op: WriteOp) -> Statement:
+def _in_order(op: WriteOp) -> Statement:
     match op:
         case PutTask(task=task):
             return task_statement(task)

@@ -230,11 +230,12 @@ _V9: tuple[str, ...] = (
 # goes on after the last number it ever gave) and a replay from before that point is told
 # so. And the finished tasks in the order they finished, so that a purge of those older
 # than an age reads a range of this index, not the whole table (its WHERE is the very
-# term the purge's query repeats, so the planner may use it).
+# term the purge's query repeats, so the planner may use it). IF NOT EXISTS: a database
+# whose user_version was set back by hand (tests do) migrates again without harm.
 _V10: tuple[str, ...] = (
-    "CREATE TABLE event_log (id INTEGER PRIMARY KEY CHECK (id = 1),"
+    "CREATE TABLE IF NOT EXISTS event_log (id INTEGER PRIMARY KEY CHECK (id = 1),"
     " trimmed_through INTEGER NOT NULL DEFAULT 0)",
-    "CREATE INDEX idx_tasks_finished ON tasks (updated_at)"
+    "CREATE INDEX IF NOT EXISTS idx_tasks_finished ON tasks (updated_at)"
     " WHERE status IN ('completed', 'failed', 'cancelled', 'timed_out')",
 )
 
