@@ -76,6 +76,8 @@ def delete_events_statements(task_ids: tuple[str, ...]) -> list[Statement]:
 
 
 async def find_purgeable(db: Driver, query: FindPurgeable) -> tuple[tuple[str, str | None], ...]:
+    # INDEXED BY: with the status term, the planner would rather read every finished task
+    # through idx_tasks_status_order and sort them, for each chunk.
     where = [TERMINAL_SQL, "updated_at < ?", _PLAN_DONE]
     params: list[object] = [time_text(query.before)]
     where.append(f"status IN ({', '.join('?' * len(query.statuses))})")
@@ -87,7 +89,8 @@ async def find_purgeable(db: Driver, query: FindPurgeable) -> tuple[tuple[str, s
         where.append("idempotency_key IS NULL")
     params.append(query.limit)
     rows = await db.fetchall(
-        f"SELECT id, idempotency_key FROM tasks WHERE {' AND '.join(where)}"
+        f"SELECT id, idempotency_key FROM tasks INDEXED BY idx_tasks_finished"
+        f" WHERE {' AND '.join(where)}"
         " ORDER BY updated_at LIMIT ?",
         tuple(params),
     )
@@ -97,7 +100,8 @@ async def find_purgeable(db: Driver, query: FindPurgeable) -> tuple[tuple[str, s
 async def retention_due(db: Driver, include_keyed: bool) -> tuple[datetime | None, float | None]:
     keyed = "" if include_keyed else " AND idempotency_key IS NULL"
     rows = await db.fetchall(
-        f"SELECT min(updated_at) FROM tasks WHERE {TERMINAL_SQL}{keyed} AND updated_at IS NOT NULL"
+        "SELECT min(updated_at) FROM tasks INDEXED BY idx_tasks_finished"
+        f" WHERE {TERMINAL_SQL}{keyed} AND updated_at IS NOT NULL"
     )
     oldest_task = rows[0][0]
     rows = await db.fetchall(
