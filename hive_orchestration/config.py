@@ -90,7 +90,7 @@ class RetentionPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What the runtime deletes by itself (docs/RETENTION.md): every limit is off unless
     set. It runs on its own, woken when the oldest finished task or event reaches its age
     (never more often than every ``interval`` seconds; the size limits are looked at that
-    often), in chunks of ``chunk`` rows, one transaction each, so that writers go between.
+    often), in chunks of ``chunk`` tasks, one transaction each, so that writers go between.
     """
 
     #: Purge finished tasks (completed, failed, cancelled, timed out) last changed longer
@@ -106,8 +106,8 @@ class RetentionPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     events_max_bytes: Annotated[int, msgspec.Meta(ge=1024)] | None = None
     #: Least time between two passes, in seconds.
     interval: AgeSeconds = 60.0
-    #: Rows deleted per transaction.
-    chunk: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1000
+    #: Tasks purged per transaction (events trimmed per transaction: four times this).
+    chunk: Annotated[int, msgspec.Meta(ge=1, le=25_000)] = 250
 
 
 class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
