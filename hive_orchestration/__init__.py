@@ -20,7 +20,7 @@ from .agents import (
     auto_register_adapters,
 )
 from .client import CallbackSubscription, EventStream, OrchestrationClient
-from .config import DEFAULT_DB_PATH, FeatureFlags, RuntimeConfig
+from .config import DEFAULT_DB_PATH, FeatureFlags, RetentionPolicy, RuntimeConfig
 from .embedded import MailboxStats, Runtime, RuntimeStatistics, Subscription
 from .errors import (
     AccessDeniedError,
@@ -121,6 +121,7 @@ __all__ = [
     "RunStatus",
     "Runtime",
     "RuntimeConfig",
+    "RetentionPolicy",
     "ServerStatus",
     "RuntimeFailedError",
     "RuntimeStatistics",

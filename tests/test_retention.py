@@ -5,23 +5,24 @@ sequence number gets. Every test runs on a real SQLite file, on asyncio and trio
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import anyio
 import pytest
 
 from hive_orchestration import (
+    ConfigError,
     EventsTrimmedError,
     InvalidInputError,
     OrchestrationClient,
+    RetentionPolicy,
     Runtime,
     RuntimeConfig,
+    SyncOrchestrationClient,
     TaskStatus,
 )
-from hive_orchestration.config import RetentionPolicy
 from hive_orchestration.events import EventsTrimmed, TasksPurged
 from hive_orchestration.messages.storage import TrimEventLog, Write
-
-pytestmark = pytest.mark.anyio
 
 #: Only turns a hang into a failure.
 DEADLINE = 30.0
@@ -63,6 +64,7 @@ async def _finish(runtime: Runtime, task_type: str, *, fail: bool = False) -> st
 # -- purge ---------------------------------------------------------------------------------
 
 
+@pytest.mark.anyio
 async def test_a_purge_deletes_old_finished_tasks_with_their_runs_and_events(
     db_path: str, anyio_backend: str
 ) -> None:
@@ -111,6 +113,7 @@ async def test_a_purge_deletes_old_finished_tasks_with_their_runs_and_events(
         assert await runtime.get_task(recent) is not None
 
 
+@pytest.mark.anyio
 async def test_a_purge_works_in_chunks_and_narrows_by_status_and_type(
     db_path: str, anyio_backend: str
 ) -> None:
@@ -129,6 +132,7 @@ async def test_a_purge_works_in_chunks_and_narrows_by_status_and_type(
         assert {TasksPurged.of(e).task_type for e in chunks} == {"build"}
 
 
+@pytest.mark.anyio
 async def test_a_purge_keeps_the_tasks_of_a_plan_that_has_not_ended(
     db_path: str, anyio_backend: str
 ) -> None:
@@ -157,6 +161,7 @@ async def _claim_and_complete(runtime: Runtime, task_type: str) -> str:
     return claim.task.id
 
 
+@pytest.mark.anyio
 async def test_purge_and_trim_refuse_bad_arguments(db_path: str, anyio_backend: str) -> None:
     async with Runtime.open(db_path) as runtime:
         for call, field in (
@@ -179,6 +184,7 @@ async def test_purge_and_trim_refuse_bad_arguments(db_path: str, anyio_backend: 
 # -- delete on success ---------------------------------------------------------------------
 
 
+@pytest.mark.anyio
 async def test_tasks_of_a_delete_on_success_type_go_as_they_complete(
     db_path: str, anyio_backend: str
 ) -> None:
@@ -219,6 +225,7 @@ async def test_tasks_of_a_delete_on_success_type_go_as_they_complete(
 # -- the event log -------------------------------------------------------------------------
 
 
+@pytest.mark.anyio
 async def test_trimming_the_log_refuses_a_replay_from_before_it(
     db_path: str, anyio_backend: str
 ) -> None:
@@ -256,6 +263,7 @@ async def _first_of_stream(client: OrchestrationClient, *, after: int) -> None:
             await stream.__anext__()
 
 
+@pytest.mark.anyio
 async def test_trimming_by_bytes_keeps_the_newest_that_fit(
     db_path: str, anyio_backend: str
 ) -> None:
@@ -271,6 +279,7 @@ async def test_trimming_by_bytes_keeps_the_newest_that_fit(
         assert through == last - 9
 
 
+@pytest.mark.anyio
 async def test_sequence_numbers_never_go_back_after_a_trim_even_with_an_empty_log(
     db_path: str, anyio_backend: str
 ) -> None:
@@ -293,6 +302,7 @@ async def test_sequence_numbers_never_go_back_after_a_trim_even_with_an_empty_lo
 # -- the automatic policy ------------------------------------------------------------------
 
 
+@pytest.mark.anyio
 async def test_the_retention_policy_purges_and_trims_by_itself(
     db_path: str, anyio_backend: str
 ) -> None:
@@ -311,6 +321,7 @@ async def test_the_retention_policy_purges_and_trims_by_itself(
 # -- through the socket --------------------------------------------------------------------
 
 
+@pytest.mark.anyio
 async def test_retention_through_the_socket_and_the_trimmed_error_crosses_it(
     db_path: str, anyio_backend: str
 ) -> None:
@@ -340,3 +351,35 @@ async def test_retention_through_the_socket_and_the_trimmed_error_crosses_it(
         with pytest.raises(EventsTrimmedError):
             await runtime.read_events(after=1)
         assert await runtime.get_task(task_id) is None
+
+
+# -- the sync client and the config --------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_the_sync_client_purges_and_trims(tmp_path: Path, backend: str) -> None:
+    with SyncOrchestrationClient(db_path=str(tmp_path / "h.db"), backend=backend) as client:
+        task_id = client.create_task("build", {})
+        assert client.update_task_status(task_id, "completed")
+        assert client.purge_tasks(0) == 1
+        assert client.get_task(task_id) is None
+        for n in range(3):
+            client.publish("app.note", {"n": n})
+        through = client.trim_events(max_events=1)
+        assert through > 0
+        with pytest.raises(EventsTrimmedError):
+            client.read_events(after=1)
+
+
+def test_a_bad_retention_policy_is_refused_naming_its_field() -> None:
+    config = RuntimeConfig.load(env={"HIVE_ORCHESTRATION_RETENTION": '{"events_max_age": 3600}'})
+    assert config.retention == RetentionPolicy(events_max_age=3600.0)
+    for bad, field in (
+        ('{"finished_max_age": 0.5}', "retention.finished_max_age"),
+        ('{"chunk": 0}', "retention.chunk"),
+        ('{"events_max_count": 0}', "retention.events_max_count"),
+        ('{"keep": 1}', "retention.keep"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            RuntimeConfig.load(env={"HIVE_ORCHESTRATION_RETENTION": bad})
+        assert info.value.field == field, bad

@@ -98,8 +98,11 @@ or none), is a no-op answered ``False`` with no event. An app that publishes a
 ``TaskCompletedEvent`` for a task it just completed (as the seeds' client does) is
 telling the truth, not making a change. A requeue's ``task.retrying`` says why in ``data.reason``
 (``failed``, ``timed_out``, ``lease_expired``, ``worker_lost``, ``released``,
-``unclaimed``, ``recovered``, ``requeued``). Deleting a task publishes ``task.deleted``;
-a progress report publishes ``task.progress`` (no status change).
+``unclaimed``, ``recovered``, ``requeued``). Deleting a task publishes ``task.deleted``
+(so does a task of a ``delete_on_success`` type, in the commit that completes it, with
+``reason: delete_on_success``); a purge of finished tasks (retention.py) publishes one
+``retention.purged`` per chunk instead; a progress report publishes ``task.progress`` (no
+status change).
 
 Attempts: every run that ends without success counts one (failed, timed out, lost),
 except a released run (handed back by its worker, or never received by it). While
