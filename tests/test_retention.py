@@ -12,6 +12,7 @@ import pytest
 
 from hive_orchestration import (
     ConfigError,
+    Event,
     EventsTrimmedError,
     InvalidInputError,
     OrchestrationClient,
@@ -306,16 +307,22 @@ async def test_sequence_numbers_never_go_back_after_a_trim_even_with_an_empty_lo
 async def test_the_retention_policy_purges_and_trims_by_itself(
     db_path: str, anyio_backend: str
 ) -> None:
-    policy = RetentionPolicy(finished_max_age=1.0, events_max_count=1000, interval=1.0)
+    policy = RetentionPolicy(finished_max_age=1.0, events_max_count=1, interval=1.0)
     async with Runtime.open(db_path, config=RuntimeConfig(retention=policy)) as runtime:
-        async with runtime.subscribe("retention.purged") as purges:
+        async with runtime.subscribe("retention.*") as passes:
             done = await _finish(runtime, "build")
             live = await runtime.create_task("build", {})
+            seen: dict[str, Event] = {}
             with anyio.fail_after(DEADLINE):
-                event = await purges.receive()
-        assert event.source == "retention"
+                while len(seen) < 2:
+                    event = await passes.receive()
+                    seen[event.type] = event
+        assert {event.source for event in seen.values()} == {"retention"}
         assert await runtime.get_task(done) is None
         assert await runtime.get_task(live) is not None
+        # One kept when it trimmed, and only retention's own events since.
+        kept = await runtime.read_events()
+        assert len([e for e in kept if not e.type.startswith("retention.")]) <= 1
 
 
 # -- through the socket --------------------------------------------------------------------

@@ -38,9 +38,10 @@ _LIVE_SQL = "('blocked', 'queued', 'assigned', 'running')"
 # A plan's tasks are its subtasks' results, read by its later steps and its status: they
 # stay while the plan has not ended, or while any task of it is still live (a failed plan
 # whose cancelled-but-running tasks have not ended yet).
+# Correlated, both: a lookup by key per candidate, never a list of every ended plan.
 _PLAN_DONE = (
-    "(plan_id IS NULL OR (plan_id IN (SELECT id FROM execution_plans"
-    " WHERE status IN ('completed', 'failed', 'cancelled'))"
+    "(plan_id IS NULL OR (EXISTS (SELECT 1 FROM execution_plans AS plan"
+    " WHERE plan.id = tasks.plan_id AND plan.status IN ('completed', 'failed', 'cancelled'))"
     f" AND NOT EXISTS (SELECT 1 FROM tasks AS live WHERE live.plan_id = tasks.plan_id"
     f" AND live.status IN {_LIVE_SQL})))"
 )
