@@ -23,6 +23,7 @@ EXPECTED = {
     ),
     "sync_app.py": "completed 3 of 3 report(s) in a plain thread: ['report-worker-1']",
     "batch_worker.py": "completed 11 of 12 thumbnail(s), 1 failed for good",
+    "retention.py": "the reader goes on with 6 event(s) from seq 21",
     "deployment_processes.py": (
         "plan 'Deploy to production': completed, 6/6 subtasks (3 by ai-deployer, 3 by checker);"
         " 4 processes, every one exited 0"
