@@ -23,6 +23,7 @@ from hive_orchestration import (
     TaskStatus,
 )
 from hive_orchestration.events import EventsTrimmed, TasksPurged
+from hive_orchestration.inspector import Inspector
 from hive_orchestration.messages.storage import TrimEventLog, Write
 
 #: Only turns a hang into a failure.
@@ -390,3 +391,20 @@ def test_a_bad_retention_policy_is_refused_naming_its_field() -> None:
         with pytest.raises(ConfigError) as info:
             RuntimeConfig.load(env={"HIVE_ORCHESTRATION_RETENTION": bad})
         assert info.value.field == field, bad
+
+
+@pytest.mark.anyio
+async def test_the_inspector_beside_the_runtime_sees_the_trim(
+    db_path: str, anyio_backend: str
+) -> None:
+    async with Runtime.open(db_path) as runtime:
+        for n in range(10):
+            await runtime.publish("app.note", {"n": n})
+        async with Inspector.open(db_path) as inspector:
+            assert len(await inspector.events(after=1)) == 9  # nothing trimmed yet
+            through = await runtime.trim_events(max_events=2)
+            # Trimmed by the runtime after the inspector opened: it reads the file's mark.
+            with pytest.raises(EventsTrimmedError) as info:
+                await inspector.events(after=1)
+            assert info.value.oldest_seq == through + 1
+            assert await inspector.last_seq() == await runtime.last_seq()

@@ -424,13 +424,18 @@ class StorageActor(Actor[StorageMessage]):
         # ``after=0`` reads from wherever the log starts; a later ``after`` that the log
         # no longer reaches back to would miss events: refused, before and after the read
         # (a trim that committed while it ran may have taken what it was about to read).
-        self._check_trimmed(read)
+        await self._check_trimmed(read)
         rows = await read_event_rows(self._connection(), read)
-        self._check_trimmed(read)
+        await self._check_trimmed(read)
         return tuple(await _decoded(rows, _event_from_row))
 
-    def _check_trimmed(self, read: ReadEvents) -> None:
-        if 0 < read.after < self._trimmed and not read.newest:
+    async def _check_trimmed(self, read: ReadEvents) -> None:
+        if read.after <= 0 or read.newest:
+            return
+        if self._read_only:
+            # The runtime of another process trims: ask the file how far, each time.
+            self._trimmed = await trimmed_through(self._connection())
+        if read.after < self._trimmed:
             raise EventsTrimmedError(read.after, self._trimmed + 1)
 
     def _statistics(self) -> StorageStats:
