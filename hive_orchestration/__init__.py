@@ -20,13 +20,14 @@ from .agents import (
     auto_register_adapters,
 )
 from .client import CallbackSubscription, EventStream, OrchestrationClient
-from .config import DEFAULT_DB_PATH, FeatureFlags, RateLimit, RuntimeConfig
+from .config import DEFAULT_DB_PATH, FeatureFlags, RateLimit, RetentionPolicy, RuntimeConfig
 from .embedded import MailboxStats, Runtime, RuntimeStatistics, Subscription
 from .errors import (
     AccessDeniedError,
     ActorFailedError,
     ConfigError,
     ConnectionLostError,
+    EventsTrimmedError,
     HiveError,
     IllegalTransitionError,
     InvalidInputError,
@@ -125,6 +126,7 @@ __all__ = [
     "RunStatus",
     "Runtime",
     "RuntimeConfig",
+    "RetentionPolicy",
     "ServerStatus",
     "RuntimeFailedError",
     "RuntimeStatistics",
@@ -132,6 +134,7 @@ __all__ = [
     "StorageError",
     "Subscription",
     "SubscriberLaggedError",
+    "EventsTrimmedError",
     "Task",
     "TaskContext",
     "TaskStatus",

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
 import anyio
+import msgspec
 
 from ._caller import Caller
 from ._validate import (
@@ -25,6 +26,7 @@ from ._validate import (
     check_str,
 )
 from .errors import NotFoundError, RequestTimeoutError
+from .messages.events import Event
 from .messages.storage import CountTasksByType, StorageMessage
 from .messages.tasks import (
     TERMINAL,
@@ -37,6 +39,7 @@ from .messages.tasks import (
     RevokeTaskType,
     Task,
     TaskManagerMessage,
+    TaskStatus,
 )
 from .runtime import ActorRef
 
@@ -44,6 +47,18 @@ if TYPE_CHECKING:
     from .embedded import Subscription
 
 __all__ = ["ControlOps"]
+
+
+def _completed(task: Task, event: Event) -> Task:
+    """A task deleted as it completed, as its ``task.completed`` event tells it."""
+    result = event.data.get("result")
+    return msgspec.structs.replace(
+        task,
+        status=TaskStatus.COMPLETED,
+        result=result if isinstance(result, dict) else None,
+        updated_at=datetime.fromtimestamp(event.timestamp, UTC),
+    )
+
 
 #: Tasks one flush deletes per commit: each chunk is durable on its own.
 _FLUSH_CHUNK = 1000
@@ -56,6 +71,18 @@ class ControlOps(Caller):
     _storage: ActorRef[StorageMessage]
 
     def _check_open(self) -> None:  # pragma: no cover - provided by Runtime
+        raise NotImplementedError
+
+    async def read_events(  # pragma: no cover - provided by Runtime
+        self,
+        after: int = 0,
+        *,
+        limit: int = 1000,
+        pattern: str = "*",
+        task_id: str | None = None,
+        plan_id: str | None = None,
+        correlation_id: str | None = None,
+    ) -> list[Event]:
         raise NotImplementedError
 
     def subscribe(  # pragma: no cover - provided by Runtime
@@ -95,10 +122,20 @@ class ControlOps(Caller):
             # every change committed before the event that woke it (and any dropped).
             changes = self.subscribe("task.*", buffer=1, overflow="drop", task_id=task_id)
             async with changes as changed:
+                last: Task | None = None
                 while True:
                     task = await self._tasks.ask(GetTask(task_id))
                     if task is None:
+                        if last is not None:
+                            # Deleted as it completed (RuntimeConfig.delete_on_success):
+                            # its completion stays in the log, with its result.
+                            done = await self.read_events(
+                                pattern="task.completed", task_id=task_id, limit=10
+                            )
+                            if done:
+                                return _completed(last, done[-1])
                         raise NotFoundError("task", task_id)
+                    last = task
                     if task.status in TERMINAL:
                         return task
                     await changed.receive()

@@ -34,6 +34,7 @@ from ._control_ops import ControlOps
 from ._inspect_ops import InspectOps
 from ._keeper import Keeper, reach, usable
 from ._plan_ops import PlanOps
+from ._retention_ops import RetentionOps
 from ._task_ops import TaskOps
 from ._validate import check_identifier, check_int, check_optional_text
 from ._worker_ops import WorkerOps
@@ -93,7 +94,7 @@ _NOT_OPEN = (
 )
 
 
-class OrchestrationClient(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps):
+class OrchestrationClient(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps):
     """Every operation of the seeds, with their names and arguments, as typed messages.
 
     ``OrchestrationClient(db_path=...)`` starts and owns an embedded runtime for its

@@ -35,6 +35,7 @@ __all__ = [
     "URL_ENV",
     "FeatureFlags",
     "RateLimit",
+    "RetentionPolicy",
     "RuntimeConfig",
     "choose_db_path",
     "resolve_db_path",
@@ -86,6 +87,35 @@ class RateLimit(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     starts: Positive
     per: Annotated[float, msgspec.Meta(ge=MIN_DELAY, le=DAY)]
+
+
+#: An age something is kept for: a second at least (a shorter one is a mistake), at most
+#: a hundred years.
+AgeSeconds = Annotated[float, msgspec.Meta(ge=1.0, le=100 * 365 * DAY)]
+
+
+class RetentionPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What the runtime deletes by itself (docs/RETENTION.md): every limit is off unless
+    set. It runs on its own, woken when the oldest finished task or event reaches its age
+    (never more often than every ``interval`` seconds; the size limits are looked at that
+    often), in chunks of ``chunk`` tasks, one transaction each, so that writers go between.
+    """
+
+    #: Purge finished tasks (completed, failed, cancelled, timed out) last changed longer
+    #: ago than this, with their runs and events.
+    finished_max_age: AgeSeconds | None = None
+    #: Purge the finished tasks that hold an idempotency key too (their keys are freed).
+    include_keyed: bool = False
+    #: Trim events older than this from the event log.
+    events_max_age: AgeSeconds | None = None
+    #: Keep at most this many events (the newest).
+    events_max_count: Positive | None = None
+    #: Keep at most this many bytes of events (the newest; see docs/RETENTION.md).
+    events_max_bytes: Annotated[int, msgspec.Meta(ge=1024)] | None = None
+    #: Least time between two passes, in seconds.
+    interval: AgeSeconds = 60.0
+    #: Tasks purged per transaction (events trimmed per transaction: four times this).
+    chunk: Annotated[int, msgspec.Meta(ge=1, le=25_000)] = 250
 
 
 class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -192,6 +222,13 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     #: goes on, or connects to the client that took it first (the file's lock decides).
     #: Off: its calls fail with ConnectionLostError once the owner is gone.
     take_over: bool = False
+    #: Task types whose tasks are deleted (with their runs) as they complete, like Huey's
+    #: and procrastinate's delete-on-success; ``"*"``: every type. Their events stay (the
+    #: event log has its own retention); a plan's task or one with an idempotency key is
+    #: kept (docs/RETENTION.md).
+    delete_on_success: tuple[str, ...] = ()
+    #: Automatic retention of finished tasks and of the event log (None: none).
+    retention: RetentionPolicy | None = None
     features: FeatureFlags = FeatureFlags()
 
     @classmethod

@@ -27,6 +27,7 @@ from ._control_ops import ControlOps
 from ._groups import leaves
 from ._inspect_ops import InspectOps
 from ._plan_ops import PlanOps
+from ._retention_ops import RetentionOps, retain
 from ._task_ops import TaskOps
 from ._validate import (
     _show,
@@ -166,7 +167,7 @@ class Subscription:
         return item
 
 
-class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps):
+class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps):
     """An embedded, durable orchestration runtime on one SQLite database.
 
     Create it with :meth:`open`; every method sends a typed message to an actor.
@@ -339,6 +340,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps):
                 rate_limits={t: (r.starts, r.per) for t, r in config.rate_limits.items()},
                 key_rate_limits={k: (r.starts, r.per) for k, r in config.key_rate_limits.items()},
                 frame=frame,
+                delete_on_success=frozenset(config.delete_on_success),
                 # A call that ends a plan's task answers once its plan has reacted.
                 plan_barrier=True,
                 clock=wall,
@@ -409,6 +411,9 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps):
                     async with anyio.create_task_group() as callbacks:
                         runtime._callbacks = callbacks
                         runtime._server = server
+                        if config.retention is not None:
+                            # Stops with the callbacks, before the actors it calls.
+                            callbacks.start_soon(retain, runtime, config.retention)
                         try:
                             yield runtime
                         finally:

@@ -20,6 +20,8 @@ that matches what you can do about it:
 - :class:`NewerSchemaError` - the database was written by a newer version of this package.
 - :class:`SubscriberLaggedError` - an event subscriber fell too far behind; resubscribe from
   the last sequence number it saw.
+- :class:`EventsTrimmedError` - a replay from a sequence number older than the oldest the
+  trimmed event log keeps (docs/RETENTION.md); ``oldest_seq`` says where the log starts.
 - :class:`WrongEventLoopError` - a call from a thread other than the runtime's event loop.
 - :class:`ConnectionLostError` - the connection to the runtime of another process broke
   (it exited, was killed, or stopped answering); :class:`OutcomeUnknownError` for a call
@@ -37,6 +39,7 @@ __all__ = [
     "ActorFailedError",
     "ConfigError",
     "ConnectionLostError",
+    "EventsTrimmedError",
     "HiveError",
     "IllegalTransitionError",
     "InvalidInputError",
@@ -252,6 +255,25 @@ class SubscriberLaggedError(HiveError):
         super().__init__(
             f"subscriber fell behind and was dropped after event {last_seq}; "
             f"replay from sequence {last_seq} to catch up"
+        )
+
+
+class EventsTrimmedError(HiveError):
+    """A read of the event log from ``after`` (a replay, a stream catching up) asked for
+    events the log no longer keeps: retention trimmed every event up to ``oldest_seq - 1``.
+
+    Nothing was read. Events after ``after`` and before ``oldest_seq`` are gone for good:
+    rebuild what the reader derives from them from the current state (tasks, plans), then
+    read on from ``oldest_seq - 1``.
+    """
+
+    def __init__(self, after: int, oldest_seq: int) -> None:
+        self.after = after
+        self.oldest_seq = oldest_seq
+        super().__init__(
+            f"cannot read the event log after sequence {after}: it was trimmed, its oldest"
+            f" kept sequence is {oldest_seq}; rebuild from the current state, then read"
+            f" after={oldest_seq - 1}"
         )
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "RUNTIME_EVENT_TYPES",
     "RUNTIME_NAMESPACES",
     "EventHandler",
+    "EventsTrimmed",
     "OrchestrationEvent",
     "TaskCancelledEvent",
     "TaskCompletedEvent",
@@ -41,6 +42,7 @@ __all__ = [
     "TaskFailedEvent",
     "TaskRetriedEvent",
     "TaskStartedEvent",
+    "TasksPurged",
     "TopicRegistry",
     "UnifiedEvent",
     "UnifiedEventType",
@@ -97,6 +99,9 @@ class UnifiedEventType(enum.StrEnum):
     PLANNING_RELEASED = "planning.released"
     # The supervisor.
     ACTOR_RESTARTED = "actor.restarted"
+    # Retention (docs/RETENTION.md): a purge's chunk, a trim's chunk.
+    RETENTION_PURGED = "retention.purged"
+    RETENTION_TRIMMED = "retention.trimmed"
     # App events: published by agents, never by the runtime.
     REVIEW_REQUESTED = "review.requested"
     REVIEW_COMPLETED = "review.completed"
@@ -113,7 +118,7 @@ class UnifiedEventType(enum.StrEnum):
 
 
 #: The namespaces the runtime publishes in; nobody else may.
-RUNTIME_NAMESPACES = ("task", "run", "worker", "plan", "planning", "actor")
+RUNTIME_NAMESPACES = ("task", "run", "worker", "plan", "planning", "actor", "retention")
 #: The event types the runtime publishes.
 RUNTIME_EVENT_TYPES = frozenset(
     member.value for member in UnifiedEventType if member.value.split(".")[0] in RUNTIME_NAMESPACES
@@ -308,6 +313,39 @@ class WorkerOfflineEvent(OrchestrationEvent, frozen=True, kw_only=True):
 
     event_type: ClassVar[str] = "worker.offline"
     worker_id: str
+
+
+class TasksPurged(msgspec.Struct, frozen=True, kw_only=True):
+    """The data of a ``retention.purged`` event: one chunk of a purge deleted ``count``
+    finished tasks (with their runs and events) last changed before ``before``; the
+    event's ``source`` says who purged (the caller's source agent, or ``retention`` for
+    the automatic policy), ``reason`` why. ``TasksPurged.of(event)`` reads it."""
+
+    event_type: ClassVar[str] = "retention.purged"
+    count: int
+    before: str
+    statuses: list[str]
+    reason: str
+    task_type: str | None = None
+
+    @classmethod
+    def of(cls, event: Event) -> TasksPurged:
+        return msgspec.convert(event.data, cls)
+
+
+class EventsTrimmed(msgspec.Struct, frozen=True, kw_only=True):
+    """The data of a ``retention.trimmed`` event: the event log was trimmed through
+    ``through`` (every event up to it is gone; a replay from before it gets
+    :class:`~hive_orchestration.errors.EventsTrimmedError`); ``reason`` says which limit
+    (``older_than``, ``max_events``, ``max_bytes``, or several) asked for it."""
+
+    event_type: ClassVar[str] = "retention.trimmed"
+    through: int
+    reason: str
+
+    @classmethod
+    def of(cls, event: Event) -> EventsTrimmed:
+        return msgspec.convert(event.data, cls)
 
 
 #: A callback for events: a plain or an async function of one :class:`Event`.

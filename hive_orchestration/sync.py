@@ -255,6 +255,8 @@ class SyncOrchestrationClient:
     update_task_status = _blocking(OrchestrationClient.update_task_status)
     cancel_task = _blocking(OrchestrationClient.cancel_task)
     delete_task = _blocking(OrchestrationClient.delete_task)
+    purge_tasks = _blocking(OrchestrationClient.purge_tasks)
+    trim_events = _blocking(OrchestrationClient.trim_events)
     get_tasks_by_status = _blocking(OrchestrationClient.get_tasks_by_status)
     count_tasks = _blocking(OrchestrationClient.count_tasks)
     list_tasks = _blocking(OrchestrationClient.list_tasks)

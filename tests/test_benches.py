@@ -120,6 +120,14 @@ def _reads(figures: dict[str, Any]) -> None:
 _READS_CACHE = str(Path(tempfile.gettempdir()) / "hive-bench-reads-suite")
 
 
+def _retention(figures: dict[str, Any]) -> None:
+    assert figures["tasks"] == 300
+    assert figures["purged"] == 300  # every bench task, not the writer's own
+    assert figures["alone"]["calls"] > 0
+    assert figures["trimmed_through"] > 0
+    assert figures["free_pages"] > 0  # freed, kept for reuse: the runtime does not vacuum
+
+
 def _metrics(figures: dict[str, Any]) -> None:
     assert figures["tasks"] == 100
     for shape in figures["shapes"]:
@@ -155,6 +163,10 @@ RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
         _reads,
     ),
     "scale.py": (["--tasks", "300", "--claims", "50", "--json"], _scale),
+    "retention.py": (
+        ["--tasks", "300", "--seconds", "0.3", "--cache", _READS_CACHE, "--json"],
+        _retention,
+    ),
     "remote.py": (
         ["--tasks", "80", "--calls", "20", "--connections", "20", "--repeat", "1", "--json"],
         _remote,

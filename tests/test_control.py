@@ -89,6 +89,33 @@ async def test_wait_for_task_returns_a_task_as_soon_as_it_ends(db_path: str) -> 
         assert (failed.status, failed.error) == (TaskStatus.FAILED, "boom")
 
 
+async def test_wait_for_task_returns_a_task_deleted_as_it_completed(db_path: str) -> None:
+    """A type deleted on success (RuntimeConfig.delete_on_success): the waiter gets the
+    completion and its result, from the log, not NotFoundError."""
+    config = RuntimeConfig(delete_on_success=("mail",))
+    async with Runtime.open(db_path, config=config) as runtime:
+        task_id = await runtime.create_task("mail")
+        got: list[Any] = []
+
+        async def wait() -> None:
+            got.append(await runtime.wait_for_task(task_id, timeout=DEADLINE))
+
+        with anyio.fail_after(DEADLINE):
+            async with anyio.create_task_group() as group:
+                group.start_soon(wait)
+                await anyio.wait_all_tasks_blocked()
+                claim = await runtime.claim_task("w1", ["mail"], start=True)
+                assert claim is not None
+                await runtime.complete_task(claim.lease, {"sent": True})
+        assert await runtime.get_task(task_id) is None
+        (task,) = got
+        assert (task.id, task.status, task.result) == (
+            task_id,
+            TaskStatus.COMPLETED,
+            {"sent": True},
+        )
+
+
 async def test_wait_for_task_times_out_with_the_package_error(db_path: str) -> None:
     async with Runtime.open(db_path) as runtime:
         task_id = await runtime.create_task("build")

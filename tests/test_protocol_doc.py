@@ -149,6 +149,7 @@ ERRORS: list[errors.HiveError] = [
     errors.StorageError("disk full", path="/x.db", fault="disk_full"),
     errors.NewerSchemaError("/x.db", 9, 7),
     errors.SubscriberLaggedError(42),
+    errors.EventsTrimmedError(3, 10),
     errors.ConnectionLostError("too many"),
     errors.HiveError("anything"),
 ]

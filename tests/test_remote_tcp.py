@@ -629,6 +629,8 @@ def test_every_operation_has_a_rule_for_agents() -> None:
         "revoke_task_type",
         "restore_task_type",
         "flush_queue",
+        "purge_tasks",
+        "trim_events",
     }
 
 

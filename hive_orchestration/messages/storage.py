@@ -73,6 +73,12 @@ __all__ = [
     "DeleteRevokedType",
     "LoadRevokedTypes",
     "PutRevokedType",
+    "DeleteTaskEvents",
+    "TrimEventLog",
+    "FindPurgeable",
+    "EventTrimPlan",
+    "PlanEventTrim",
+    "RetentionDue",
 ]
 
 
@@ -170,6 +176,59 @@ class DeleteRevokedType(msgspec.Struct, frozen=True, tag="delete_revoked_type"):
     task_type: str
 
 
+# -- retention (docs/RETENTION.md) --------------------------------------------------------
+
+
+class DeleteTaskEvents(msgspec.Struct, frozen=True, tag="delete_task_events"):
+    """Delete the events of these tasks (a purge: the tasks go in the same write)."""
+
+    task_ids: tuple[str, ...]
+
+
+class TrimEventLog(msgspec.Struct, frozen=True, tag="trim_event_log"):
+    """Delete every event with ``seq <= through`` and remember that the log was trimmed
+    that far (it never goes back: a lower ``through`` than before trims nothing)."""
+
+    through: int
+
+
+class FindPurgeable(Request[tuple[tuple[str, str | None], ...]], frozen=True):
+    """At most ``limit`` ids (with their idempotency keys) of finished tasks last changed
+    before ``before``, oldest first, in one of ``statuses`` (terminal ones), of
+    ``task_type`` if given; never a task
+    of a plan that has not ended or still has a live task, nor (unless ``include_keyed``)
+    one that holds an idempotency key."""
+
+    before: datetime
+    statuses: tuple[str, ...]
+    task_type: str | None
+    include_keyed: bool
+    limit: int
+
+
+class EventTrimPlan(msgspec.Struct, frozen=True):
+    """Where the log starts and the last seq a trim would delete (0: none)."""
+
+    first_seq: int
+    through: int
+
+
+class PlanEventTrim(Request[EventTrimPlan], frozen=True):
+    """The last seq to trim so that no event older than ``before`` (a Unix time) is kept,
+    at most ``max_events`` are kept, and at most ``max_bytes`` (see docs/RETENTION.md)."""
+
+    before: float | None
+    max_events: int | None
+    max_bytes: int | None
+
+
+class RetentionDue(Request["tuple[datetime | None, float | None]"], frozen=True):
+    """When the oldest purgeable finished task last changed and the oldest kept event's
+    time (None: there is none), for the retention policy's next wake-up."""
+
+    include_keyed: bool
+
+
 WriteOp: TypeAlias = (
     AppendEvent
     | PutTask
@@ -185,6 +244,8 @@ WriteOp: TypeAlias = (
     | PutSubtask
     | PutRevokedType
     | DeleteRevokedType
+    | DeleteTaskEvents
+    | TrimEventLog
 )
 
 
@@ -370,6 +431,8 @@ class StorageStats(msgspec.Struct, frozen=True):
     #: included), and how many writes each grouped (``COMMIT_*_BOUNDS``).
     commit_seconds: Buckets = Buckets()
     commit_batch_size: Buckets = Buckets()
+    #: Every event up to this sequence number was trimmed by retention (0: none was).
+    trimmed_through: int = 0
 
 
 class GetStorageStats(Request[StorageStats], frozen=True):
@@ -522,4 +585,7 @@ StorageMessage: TypeAlias = (
     | LoadTimers
     | LoadStarts
     | LastTaskId
+    | FindPurgeable
+    | PlanEventTrim
+    | RetentionDue
 )

@@ -59,6 +59,8 @@ __all__ = [
     "RetryTask",
     "RevokedTaskType",
     "RevokeTaskType",
+    "PurgeOutcome",
+    "PurgeTasks",
 ]
 
 JsonObject: TypeAlias = dict[str, JsonValue]
@@ -524,6 +526,29 @@ class FlushQueue(Request[int], frozen=True, kw_only=True):
     source_agent: str | None = None
 
 
+class PurgeOutcome(msgspec.Struct, frozen=True):
+    """One chunk of a purge: how many tasks it deleted, and whether storage may hold more
+    (it found as many as it was asked for)."""
+
+    purged: int
+    more: bool
+
+
+class PurgeTasks(Request[PurgeOutcome], frozen=True, kw_only=True):
+    """Delete, with their runs and events, at most ``limit`` finished tasks last changed
+    more than ``older_than`` seconds ago by the TaskManager's clock (see FindPurgeable
+    for which ones are never purged): one chunk of a purge, one transaction, so that
+    other writers go between two chunks."""
+
+    older_than: float
+    statuses: tuple[str, ...]
+    task_type: str | None = None
+    include_keyed: bool = False
+    limit: int = 1000
+    source_agent: str | None = None
+    reason: str = "purge"
+
+
 TaskManagerMessage: TypeAlias = (
     CreateTask
     | CreateTasks
@@ -556,4 +581,5 @@ TaskManagerMessage: TypeAlias = (
     | RestoreTaskType
     | GetRevokedTaskTypes
     | FlushQueue
+    | PurgeTasks
 )

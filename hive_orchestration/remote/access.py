@@ -152,6 +152,8 @@ AGENT_RULES: Mapping[str, Rule] = MappingProxyType(
         "fail_planning_request": _R.HELD_REQUEST,
         # by hand, on anyone's: admin tokens only
         "delete_task": _R.ADMIN,
+        "purge_tasks": _R.ADMIN,
+        "trim_events": _R.ADMIN,
         "create_run": _R.ADMIN,
         "update_run_status": _R.ADMIN,
         # control by hand (docs/CONTROL.md): an operator's, on anyone's tasks

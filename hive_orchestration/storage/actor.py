@@ -39,7 +39,7 @@ import anyio.lowlevel
 import msgspec
 
 from ..config import RuntimeConfig
-from ..errors import HiveError, RuntimeStoppedError, StorageError
+from ..errors import EventsTrimmedError, HiveError, RuntimeStoppedError, StorageError
 from ..messages.events import BroadcastMessage, Event, Publish
 from ..messages.plan_data import LoadDependencyResults
 from ..messages.plans import PlanningRequest, SubtaskState
@@ -55,6 +55,7 @@ from ..messages.storage import (
     CountSubtasks,
     CountTasks,
     DeleteRevokedType,
+    DeleteTaskEvents,
     DeleteTaskRow,
     DeleteWorkerRow,
     FetchPlan,
@@ -63,6 +64,7 @@ from ..messages.storage import (
     FetchRuns,
     FetchTask,
     FindIdempotencyKeys,
+    FindPurgeable,
     GetStorageStats,
     LoadActivePlans,
     LoadLeaseHashes,
@@ -73,6 +75,7 @@ from ..messages.storage import (
     LoadTasks,
     LoadWorkers,
     NextPlannedTask,
+    PlanEventTrim,
     PutPlan,
     PutPlanningRequest,
     PutRevokedType,
@@ -84,11 +87,13 @@ from ..messages.storage import (
     QueryPlans,
     QueryTasks,
     ReadEvents,
+    RetentionDue,
     SetPlanStatus,
     SetRunState,
     SetTaskState,
     StorageMessage,
     StorageStats,
+    TrimEventLog,
     Write,
     WriteOp,
 )
@@ -105,6 +110,14 @@ from .pages import plan_page_sql, request_page_sql, tasks_page_sql
 from .plan_data import load_dependency_results
 from .queues import QUEUE_QUERIES, query_queues
 from .readers import POOLED, ReaderPool
+from .retention import (
+    delete_events_statements,
+    find_purgeable,
+    plan_event_trim,
+    retention_due,
+    trim_statements,
+    trimmed_through,
+)
 from .rows import (
     DELETE_TASK,
     DELETE_WORKER,
@@ -177,6 +190,9 @@ class StorageActor(Actor[StorageMessage]):
         self._events = events
         self._db: Driver | None = None
         self._last_seq = 0
+        # How far retention trimmed the log: raised before a trim commits (and put back if
+        # it fails), so that a read that overlapped the trim is refused, never short.
+        self._trimmed = 0
         self._transactions = 0
         self._writes = 0
         self._failed_writes = 0
@@ -196,6 +212,9 @@ class StorageActor(Actor[StorageMessage]):
             busy_timeout=self._config.busy_timeout,
             read_only=self._read_only,
         )
+        self._trimmed = await trimmed_through(self._db)
+        # A log trimmed to nothing goes on after the last number it ever gave.
+        self._last_seq = max(self._last_seq, self._trimmed)
         mode = "read-only, " if self._read_only else ""
         log.info("storage open: %s (%sdriver %s)", self._target.display, mode, self._db.name)
 
@@ -278,7 +297,8 @@ class StorageActor(Actor[StorageMessage]):
             case GetStorageStats():
                 if self._read_only:
                     # Another process appends to the log: report where it stands now.
-                    self._last_seq = await _max_seq(db)
+                    self._trimmed = await trimmed_through(db)
+                    self._last_seq = max(await _max_seq(db), self._trimmed)
                 return self._statistics()
             case CountTasks():
                 rows = await db.fetchall("SELECT status, COUNT(*) FROM tasks GROUP BY status")
@@ -335,6 +355,12 @@ class StorageActor(Actor[StorageMessage]):
                     (task_id,),
                 )
                 return [run_from_row(row) for row in rows]
+            case FindPurgeable() as find:
+                return await find_purgeable(db, find)
+            case PlanEventTrim() as plan:
+                return await plan_event_trim(db, plan)
+            case RetentionDue(include_keyed=include_keyed):
+                return await retention_due(db, include_keyed)
             case LoadWorkers():
                 rows = await db.fetchall(f"SELECT {WORKER_COLUMNS} FROM workers ORDER BY rowid")
                 return tuple(worker_from_row(row) for row in rows)
@@ -367,16 +393,23 @@ class StorageActor(Actor[StorageMessage]):
                         op_json.append(op.data_json)
                 units.append(_row_statements(write.ops) + event_rows)
                 seqs.append(tuple(unit_seqs))
+            trimmed = self._trimmed
+            for _, write in writes:
+                for op in write.ops:
+                    if isinstance(op, TrimEventLog):
+                        self._trimmed = max(self._trimmed, op.through)
             began = time.perf_counter()
             try:
                 await db.transaction([statement for unit in units for statement in unit])
             except sqlite3.IntegrityError as exc:
+                self._trimmed = trimmed
                 if not isolate or len(writes) == 1:
                     self._fail(writes, exc)
                     return
                 await self._isolate(writes, units)
                 return
             except sqlite3.Error as exc:
+                self._trimmed = trimmed
                 self._fail(writes, exc)
                 return
             took = time.perf_counter() - began
@@ -436,8 +469,22 @@ class StorageActor(Actor[StorageMessage]):
             log.debug("broadcast stopped; %d event(s) not fanned out", len(message.events))
 
     async def _read_events(self, read: ReadEvents) -> tuple[Event, ...]:
+        # ``after=0`` reads from wherever the log starts; a later ``after`` that the log
+        # no longer reaches back to would miss events: refused, before and after the read
+        # (a trim that committed while it ran may have taken what it was about to read).
+        await self._check_trimmed(read)
         rows = await read_event_rows(self._connection(), read)
+        await self._check_trimmed(read)
         return tuple(await _decoded(rows, _event_from_row))
+
+    async def _check_trimmed(self, read: ReadEvents) -> None:
+        if read.after <= 0 or read.newest:
+            return
+        if self._read_only:
+            # The runtime of another process trims: ask the file how far, each time.
+            self._trimmed = await trimmed_through(self._connection())
+        if read.after < self._trimmed:
+            raise EventsTrimmedError(read.after, self._trimmed + 1)
 
     def _statistics(self) -> StorageStats:
         return StorageStats(
@@ -456,6 +503,7 @@ class StorageActor(Actor[StorageMessage]):
             commit_batch_size=Buckets(
                 COMMIT_BATCH_BOUNDS, tuple(self._batch_counts), float(self._batch_sum)
             ),
+            trimmed_through=self._trimmed,
         )
 
     def _require_db(self) -> Driver:
@@ -626,6 +674,7 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
     plan_updates: list[Statement] = []  # in order: each sets whole status and times
     subtasks: dict[tuple[str, str], SubtaskState] = {}
     control: list[Statement] = []  # revoked task types, in order
+    retention: list[Statement] = []  # a purge's events, a trim: before the rows go
     for op in ops:
         match op:
             case SetTaskState(task=task):
@@ -658,6 +707,10 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
                 gone.append(worker_id)
             case PutRevokedType() | DeleteRevokedType():
                 control.append(revoked_statement(op))
+            case DeleteTaskEvents(task_ids=task_ids):
+                retention += delete_events_statements(task_ids)
+            case TrimEventLog(through=through):
+                retention += trim_statements(through)
     if (
         deleted
         and (
@@ -665,8 +718,9 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
             or any(run.task_id in deleted for run in runs.values())
         )
     ) or (gone and not workers.keys().isdisjoint(gone)):
-        return [_in_order(op) for op in ops if not isinstance(op, AppendEvent)]
-    statements: list[Statement] = [(DELETE_TASK, (task_id,)) for task_id in deleted]
+        return [s for op in ops if not isinstance(op, AppendEvent) for s in _in_order_all(op)]
+    statements: list[Statement] = retention
+    statements += [(DELETE_TASK, (task_id,)) for task_id in deleted]
     statements += [(DELETE_WORKER, (worker_id,)) for worker_id in gone]
     # Referenced rows before the rows that reference them: request <- plan <- subtask,
     # task <- run, task <- subtask. New rows before state writes, so that a statement
@@ -691,6 +745,16 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
     statements += [worker_statement(worker) for worker in workers.values()]
     statements += [plans.subtask_statement(state) for state in subtasks.values()]
     return statements + states + control
+
+
+def _in_order_all(op: WriteOp) -> list[Statement]:
+    """The statements of one op (a retention op has several, a row op one)."""
+    match op:
+        case DeleteTaskEvents(task_ids=task_ids):
+            return delete_events_statements(task_ids)
+        case TrimEventLog(through=through):
+            return trim_statements(through)
+    return [_in_order(op)]
 
 
 def _in_order(op: WriteOp) -> Statement:

@@ -44,6 +44,7 @@ from ..messages.storage import (
     CountQueued,
     CountTasks,
     CountTasksByType,
+    PlanEventTrim,
     QueryPlanningRequests,
     QueryPlans,
     QueryTasks,
@@ -67,6 +68,7 @@ POOLED = (
     CountTasksByType,
     CountQueued,
     LoadDependencyResults,  # up to max_bytes of results
+    PlanEventTrim,
 )
 
 #: A read to run: given a connection, it answers its asker itself (and never raises but

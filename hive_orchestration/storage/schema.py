@@ -278,6 +278,24 @@ _V12: tuple[str, ...] = (
     "CREATE INDEX idx_runs_started ON runs (started_at) WHERE lease_seconds IS NOT NULL",
 )
 
+# Version 13: retention (docs/RETENTION.md). The event log remembers how far it was
+# trimmed, so that its sequence numbers never go back (a log trimmed empty, then reopened,
+# goes on after the last number it ever gave) and a replay from before that point is told
+# so. And the finished tasks in the order they finished, so that a purge of those older
+# than an age reads a range of this index, not the whole table (its WHERE is the very
+# term the purge's query repeats, so the planner may use it). IF NOT EXISTS: a database
+# whose user_version was set back by hand (tests do) migrates again without harm.
+_V13: tuple[str, ...] = (
+    "CREATE TABLE IF NOT EXISTS event_log (id INTEGER PRIMARY KEY CHECK (id = 1),"
+    " trimmed_through INTEGER NOT NULL DEFAULT 0)",
+    "CREATE INDEX IF NOT EXISTS idx_tasks_finished ON tasks (updated_at)"
+    " WHERE status IN ('completed', 'failed', 'cancelled', 'timed_out')",
+    # Deleting a task sets the references to it to NULL (ON DELETE SET NULL): without an
+    # index on the referencing column, SQLite scans that table once per deleted task.
+    "CREATE INDEX IF NOT EXISTS idx_plan_execution_task_id ON plan_execution (task_id)",
+    "CREATE INDEX IF NOT EXISTS idx_workers_current_task_id ON workers (current_task_id)",
+)
+
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V1,
@@ -292,5 +310,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V10,
     _V11,
     _V12,
+    _V13,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -682,6 +682,26 @@ CURSOR = ident("tasks", optional=True)
 SCOPE = Kind(
     lambda _: st.sampled_from(("forever", "active", "", "ACTIVE", "until", "\x00")), _is_str
 )
+# Retention deletes from the log: a purge leaves holes in its seqs, a trim takes events of
+# live tasks, and the audit checks a whole log against the tasks. So a valid purge or trim
+# here is one that keeps everything (an age of ~95 years, a count or size no log here
+# reaches) and the rest is refused; tests/test_retention.py checks what they delete.
+STATUSES = Kind(
+    lambda pool: st.one_of(
+        st.none(),
+        st.sampled_from((["completed"], ("failed", "cancelled"), ["timed_out", "queued"])),
+        names().near(pool),
+    ),
+    _optional(_is_names),
+)
+KEEPING_AGE = Kind(
+    lambda _: st.sampled_from((None, 3e9, -1, math.nan, math.inf, 10**400, 1e10, True, "1")),
+    _optional(_is_number),
+)
+KEEPING_COUNT = Kind(
+    lambda _: st.sampled_from((None, 10**12, -1, 1.5, 10**400, True, "1")),
+    _optional(_is_int),
+)
 
 OPS: dict[str, Operation] = {
     "aclose_callbacks": Operation("await", {}),
@@ -908,6 +928,17 @@ OPS: dict[str, Operation] = {
             "complexity_estimate": ident(optional=True),
         },
     ),
+    "purge_tasks": Operation(
+        "await",
+        {
+            "older_than": Kind(KEEPING_AGE.near, _is_number),
+            "statuses": STATUSES,
+            "task_type": ident("task_types", optional=True),
+            "include_keyed": BOOL,
+            "chunk": integer(1, 100_000),
+            "source_agent": OPT_AGENT,
+        },
+    ),
     "read_events": Operation(
         "await",
         {
@@ -945,6 +976,16 @@ OPS: dict[str, Operation] = {
             "task_id": Kind(lambda pool: st.one_of(st.just("*"), TASK.near(pool)), _is_str),
             "callback": CALLBACK,
             "pattern": PATTERN,
+        },
+    ),
+    "trim_events": Operation(
+        "await",
+        {
+            "older_than": KEEPING_AGE,
+            "max_events": KEEPING_COUNT,
+            "max_bytes": KEEPING_COUNT,
+            "chunk": integer(1, 100_000),
+            "source_agent": OPT_AGENT,
         },
     ),
     "unregister_worker": Operation("await", {"worker_id": WORKER}),
@@ -1097,6 +1138,10 @@ def _field_root(field_name: str) -> str:
     return re.split(r"[.\[]", field_name, maxsplit=1)[0]
 
 
+#: Fields an operation that needs one of several arguments names when given none of them.
+NAMED_WHEN_NONE: dict[str, tuple[str, ...]] = {"trim_events": ("older_than",)}
+
+
 def judge(
     op: str | None,
     error: Exception | None,
@@ -1174,7 +1219,7 @@ class Harness:
             self.call(op, kwargs)
         except Exception as raised:
             error = raised
-        named = None if op in EVENT_OPS else {*kwargs, "filters"}
+        named = None if op in EVENT_OPS else {*kwargs, "filters", *NAMED_WHEN_NONE.get(op, ())}
         judge(op, error, mistyped, known, named)
 
     async def wire(

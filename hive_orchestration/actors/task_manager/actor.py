@@ -104,8 +104,11 @@ or none), is a no-op answered ``False`` with no event. An app that publishes a
 ``TaskCompletedEvent`` for a task it just completed (as the seeds' client does) is
 telling the truth, not making a change. A requeue's ``task.retrying`` says why in ``data.reason``
 (``failed``, ``timed_out``, ``lease_expired``, ``worker_lost``, ``released``,
-``unclaimed``, ``recovered``, ``requeued``). Deleting a task publishes ``task.deleted``;
-a progress report publishes ``task.progress`` (no status change).
+``unclaimed``, ``recovered``, ``requeued``). Deleting a task publishes ``task.deleted``
+(so does a task of a ``delete_on_success`` type, in the commit that completes it, with
+``reason: delete_on_success``); a purge of finished tasks (retention.py) publishes one
+``retention.purged`` per chunk instead; a progress report publishes ``task.progress`` (no
+status change).
 
 Time (delays.py, limits.py; docs/TIMING.md). A delayed task (``run_at``) is queued but
 neither in the ready index nor in memory until it comes due; a queued task past its
@@ -151,12 +154,14 @@ from ...errors import (
 from ...messages.events import Event, JsonValue
 from ...messages.storage import (
     AppendEvent,
+    DeleteTaskEvents,
     DeleteTaskRow,
     FetchRun,
     FetchRuns,
     FetchTask,
     FetchTasks,
     FindIdempotencyKeys,
+    FindPurgeable,
     LastTaskId,
     LoadLeaseHashes,
     LoadQueueHeads,
@@ -201,6 +206,8 @@ from ...messages.tasks import (
     Heartbeat,
     Lease,
     PlansSettled,
+    PurgeOutcome,
+    PurgeTasks,
     QueueTasks,
     ReleaseTask,
     ReleaseWorker,
@@ -225,6 +232,7 @@ from . import control
 from .delays import Frame, Timers
 from .limits import RateLimits
 from .ready import Bound, QueueId, ReadyQueue, bound_of, queue_of
+from .retention import deletes_on_success, purged_event
 
 __all__ = ["LIVE", "TRANSITIONS", "TaskManager"]
 
@@ -292,6 +300,7 @@ _WRITES = (
     RevokeTaskType,
     RestoreTaskType,
     FlushQueue,
+    PurgeTasks,
 )
 #: Requests a worker makes with its lease token: each is a sign of that worker's life.
 _LEASED = (Heartbeat, StartTask, CompleteTask, FailTask, ReleaseTask)
@@ -430,8 +439,11 @@ class TaskManager(Actor[TaskManagerMessage]):
         rate_limits: Mapping[str, tuple[int, float]] | None = None,
         key_rate_limits: Mapping[str, tuple[int, float]] | None = None,
         frame: Frame | None = None,
+        delete_on_success: frozenset[str] = frozenset(),
     ) -> None:
         self._storage = storage
+        # Task types whose tasks are deleted as they complete ("*": every type).
+        self._delete_on_success = delete_on_success
         # How many of each ready queue's best tasks memory holds; it reads the next ones
         # when fewer than half are left, and lets go of the worst when over twice as many.
         self._head = max(1, ready_head)
@@ -1688,6 +1700,8 @@ class TaskManager(Actor[TaskManagerMessage]):
             case PlansSettled(seq=seq):
                 self._release_held_back(seq)
                 return None
+            case PurgeTasks():
+                return await self._purge(message, work, now)
             case Unclaimed(claims=claims):
                 for claim in claims:
                     self._release_unclaimed(claim, work, now)
@@ -1887,6 +1901,11 @@ class TaskManager(Actor[TaskManagerMessage]):
         if extra:
             data.update(extra)
         work.ops.append(self._event(event_type, updated, now, source, data))
+        if status is TaskStatus.COMPLETED and deletes_on_success(updated, self._delete_on_success):
+            # Its completion is logged and answered; the row goes in the same commit.
+            self._remove(updated.id, work, None)
+            deleted = {"task_type": updated.task_type, "reason": "delete_on_success"}
+            work.ops.append(self._event("task.deleted", updated, now, source, dict(deleted)))
         return updated
 
     async def _delete(self, task_id: str, work: _Batch, now: datetime) -> bool:
@@ -1900,9 +1919,43 @@ class TaskManager(Actor[TaskManagerMessage]):
         source: str | None = None,
         extra: dict[str, JsonValue] | None = None,
     ) -> bool:
-        task_id = task.id
+        self._remove(task.id, work, task.idempotency_key)
+        data: dict[str, JsonValue] = {"task_type": task.task_type, **(extra or {})}
+        work.ops.append(self._event("task.deleted", task, now, source, data))
+        return True
+
+    async def _purge(self, message: PurgeTasks, work: _Batch, now: datetime) -> PurgeOutcome:
+        """One chunk of a purge (docs/RETENTION.md): storage names the candidates, memory
+        has the last word on those it holds (the recently finished), and the tasks go with
+        their runs and events, in this batch's one commit."""
+        before = now - timedelta(seconds=message.older_than)
+        found = await self._storage.ask(
+            FindPurgeable(
+                before,
+                message.statuses,
+                message.task_type,
+                message.include_keyed,
+                message.limit,
+            )
+        )
+        purged: list[str] = []
+        for task_id, key in found:
+            if task_id in work.deleted or task_id in work.undo:
+                continue  # changed by this batch: the next chunk judges it again
+            known = self._tasks.get(task_id)
+            if known is not None and (known.status not in TERMINAL or known.updated_at >= before):
+                continue
+            self._remove(task_id, work, key)
+            purged.append(task_id)
+        if purged:
+            work.ops.append(DeleteTaskEvents(tuple(purged)))
+            work.ops.append(purged_event(message, before, len(purged), now))
+        return PurgeOutcome(len(purged), len(found) >= message.limit)
+
+    def _remove(self, task_id: str, work: _Batch, key: str | None) -> None:
+        """Delete a task and its runs, in memory and (in this batch's write) in storage."""
         self._touch(task_id, work)
-        self._tasks.pop(task_id, None)
+        task = self._tasks.pop(task_id, None)
         self._index(task, None)
         held = self._held.pop(task_id, None)
         if held is not None:
@@ -1911,16 +1964,12 @@ class TaskManager(Actor[TaskManagerMessage]):
         self._finished.pop(task_id, None)
         for run_id in self._runs_of.pop(task_id, []):
             self._runs.pop(run_id, None)
-        key = task.idempotency_key
         if key is not None and self._keys.get(key) == task_id:
             self._set_key(key, None, work)
         elif key is not None and work.stored_keys.get(key) == task_id:
             del work.stored_keys[key]  # a later create in this batch may take the key
         work.deleted.add(task_id)
         work.ops.append(DeleteTaskRow(task_id))
-        data: dict[str, JsonValue] = {"task_type": task.task_type, **(extra or {})}
-        work.ops.append(self._event("task.deleted", task, now, source, data))
-        return True
 
     async def _cursor(self, after: str) -> Task:
         """The task a page starts after: in memory, or read (a task that left memory)."""
