@@ -43,6 +43,7 @@ from .errors import (
 )
 from .events import (
     OrchestrationEvent,
+    ScheduleFiredEvent,
     TaskCancelledEvent,
     TaskCompletedEvent,
     TaskCreatedEvent,
@@ -69,6 +70,7 @@ from .messages.plans import (
     SubtaskState,
     SubtaskStatus,
 )
+from .messages.schedules import CatchUp, Schedule
 from .messages.tasks import Claim, Lease, Run, RunStatus, Task, TaskStatus
 from .messages.workers import Worker, WorkerStatus
 from .remote.status import ConnectionStatus, ServerStatus
@@ -156,4 +158,8 @@ __all__ = [
     "WorkerRegisteredEvent",
     "call_json",
     "create_task_event",
+    # periodic schedules (docs/SCHEDULES.md)
+    "CatchUp",
+    "Schedule",
+    "ScheduleFiredEvent",
 ]

@@ -26,6 +26,7 @@ from anyio.abc import TaskGroup
 from ._groups import leaves
 from ._inspect_ops import InspectOps
 from ._plan_ops import PlanOps
+from ._schedule_ops import ScheduleOps
 from ._task_ops import TaskOps
 from ._validate import (
     _show,
@@ -38,6 +39,7 @@ from ._validate import (
 from ._worker_ops import WorkerOps
 from .actors.broadcast import BroadcastActor
 from .actors.plan_executor import PlanExecutor, PlanFeed
+from .actors.scheduler import Scheduler
 from .actors.task_manager import TaskManager
 from .actors.worker_registry import WorkerRegistry
 from .config import RuntimeConfig, resolve_db_path
@@ -63,6 +65,7 @@ from .messages.events import (
     compile_pattern,
 )
 from .messages.plans import PlanExecutorMessage
+from .messages.schedules import SchedulerMessage, SchedulerWake
 from .messages.storage import (
     AppendEvent,
     CheckReaders,
@@ -163,7 +166,7 @@ class Subscription:
         return item
 
 
-class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps):
+class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ScheduleOps):
     """An embedded, durable orchestration runtime on one SQLite database.
 
     Create it with :meth:`open`; every method sends a typed message to an actor.
@@ -180,6 +183,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps):
         workers: ActorRef[WorkerRegistryMessage],
         plans: ActorRef[PlanExecutorMessage],
         supervisor: Supervisor,
+        schedules: ActorRef[SchedulerMessage],
     ) -> None:
         self._path = path
         self._config = config
@@ -188,6 +192,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps):
         self._tasks = tasks
         self._workers = workers
         self._plans = plans
+        self._schedules = schedules
         self._supervisor = supervisor
         self._closed = False
         self._callbacks: TaskGroup | None = None
@@ -263,6 +268,9 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps):
         plans: ActorRef[PlanExecutorMessage] = ActorRef(
             "plans", mailbox_size=config.mailbox_size, ask_timeout=config.ask_timeout
         )
+        schedules: ActorRef[SchedulerMessage] = ActorRef(
+            "schedules", mailbox_size=config.mailbox_size, ask_timeout=config.ask_timeout
+        )
 
         def on_restart(restart: ChildRestart) -> None:
             # Never wait here: the restarted child may be the storage actor itself.
@@ -310,6 +318,9 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps):
         alarm: Alarm[TaskManagerMessage] = Alarm(tasks, Wake(), clock=monotonic)
         registry_alarm: Alarm[WorkerRegistryMessage] = Alarm(
             workers, RegistryWake(), clock=monotonic
+        )
+        scheduler_alarm: Alarm[SchedulerMessage] = Alarm(
+            schedules, SchedulerWake(), clock=monotonic
         )
         recovered = False
 
@@ -365,6 +376,19 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps):
                     lambda: PlanExecutor(storage, tasks),
                     services=(PlanFeed(broadcast, plans).run,),
                 ),
+                # It asks the TaskManager to create each slot's task.
+                ChildSpec(
+                    schedules,
+                    lambda: Scheduler(
+                        storage,
+                        tasks,
+                        alarm=scheduler_alarm,
+                        clock=wall,
+                        monotonic=monotonic,
+                        clock_check=config.schedule_clock_check,
+                    ),
+                    services=(scheduler_alarm.run,),
+                ),
             ],
             max_restarts=config.max_restarts,
             restart_window=config.restart_window,
@@ -380,6 +404,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps):
             workers=workers,
             plans=plans,
             supervisor=supervisor,
+            schedules=schedules,
         )
         try:
             async with anyio.create_task_group() as tg:
@@ -596,7 +621,14 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps):
     async def statistics(self) -> RuntimeStatistics:
         self._check_open()
         mailboxes = {}
-        for ref in (self._broadcast, self._storage, self._tasks, self._workers, self._plans):
+        for ref in (
+            self._broadcast,
+            self._storage,
+            self._tasks,
+            self._workers,
+            self._plans,
+            self._schedules,
+        ):
             stats = ref.statistics()
             mailboxes[ref.name] = MailboxStats(
                 queued=stats.current_buffer_used,

@@ -10,6 +10,7 @@ import msgspec
 from ..runtime import Request
 from .events import Event
 from .plans import ExecutionPlan, PlanningRequest, PlanStatus, SubtaskState
+from .schedules import Schedule
 from .tasks import Run, Task
 from .workers import Worker
 
@@ -61,6 +62,10 @@ __all__ = [
     "StorageStats",
     "Write",
     "WriteOp",
+    "PutSchedule",
+    "SetScheduleSlot",
+    "DeleteScheduleRow",
+    "LoadSchedules",
 ]
 
 
@@ -146,6 +151,29 @@ class PutSubtask(msgspec.Struct, frozen=True, tag="put_subtask"):
     state: SubtaskState
 
 
+class PutSchedule(msgspec.Struct, frozen=True, tag="put_schedule"):
+    """Insert a schedule, or write its definition and pause state over the row of its
+    name. What it fired (``last_slot``, ``last_task_id``, ``fired``) is written only on
+    insert: afterwards only :class:`SetScheduleSlot` moves it, so a redefinition can
+    never move a schedule back to a slot it already fired."""
+
+    schedule: Schedule
+
+
+class SetScheduleSlot(msgspec.Struct, frozen=True, tag="set_schedule_slot"):
+    """A schedule (by id) fired ``slot`` with task ``task_id``: moves its last slot
+    forward, never back (a slot at or before it changes nothing)."""
+
+    schedule_id: str
+    slot: datetime
+    task_id: str
+    at: datetime
+
+
+class DeleteScheduleRow(msgspec.Struct, frozen=True, tag="delete_schedule"):
+    schedule_id: str
+
+
 WriteOp: TypeAlias = (
     AppendEvent
     | PutTask
@@ -159,6 +187,9 @@ WriteOp: TypeAlias = (
     | PutPlan
     | SetPlanStatus
     | PutSubtask
+    | PutSchedule
+    | SetScheduleSlot
+    | DeleteScheduleRow
 )
 
 
@@ -395,6 +426,10 @@ class CountSubtasks(Request[dict[str, int]], frozen=True):
     plan_id: str
 
 
+class LoadSchedules(Request[tuple[Schedule, ...]], frozen=True):
+    """Every schedule, by name."""
+
+
 StorageMessage: TypeAlias = (
     Write
     | ReadEvents
@@ -424,4 +459,5 @@ StorageMessage: TypeAlias = (
     | CheckDependencies
     | NextPlannedTask
     | CountSubtasks
+    | LoadSchedules
 )

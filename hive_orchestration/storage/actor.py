@@ -46,6 +46,7 @@ from ..messages.storage import (
     Committed,
     CountSubtasks,
     CountTasks,
+    DeleteScheduleRow,
     DeleteTaskRow,
     DeleteWorkerRow,
     FetchPlan,
@@ -60,6 +61,7 @@ from ..messages.storage import (
     LoadPlanningRequests,
     LoadPlanTasks,
     LoadRuns,
+    LoadSchedules,
     LoadSubtasks,
     LoadTasks,
     LoadWorkers,
@@ -67,6 +69,7 @@ from ..messages.storage import (
     PutPlan,
     PutPlanningRequest,
     PutRun,
+    PutSchedule,
     PutSubtask,
     PutTask,
     PutWorker,
@@ -76,6 +79,7 @@ from ..messages.storage import (
     ReadEvents,
     SetPlanStatus,
     SetRunState,
+    SetScheduleSlot,
     SetTaskState,
     StorageMessage,
     StorageStats,
@@ -109,6 +113,7 @@ from .rows import (
     worker_from_row,
     worker_statement,
 )
+from .schedules import load_schedules, schedule_statement
 from .schema import SCHEMA_VERSION
 
 __all__ = ["StorageActor"]
@@ -298,6 +303,8 @@ class StorageActor(Actor[StorageMessage]):
             case LoadWorkers():
                 rows = await db.fetchall(f"SELECT {WORKER_COLUMNS} FROM workers ORDER BY rowid")
                 return tuple(worker_from_row(row) for row in rows)
+            case LoadSchedules():
+                return await load_schedules(db)
             case _ if isinstance(message, _PLAN_QUERIES):
                 return await _query_plans(db, message)
             case _ if isinstance(message, QUEUE_QUERIES):
@@ -568,6 +575,7 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
     new_plans: list[Statement] = []
     plan_updates: list[Statement] = []  # in order: each sets whole status and times
     subtasks: dict[tuple[str, str], SubtaskState] = {}
+    schedules: list[Statement] = []  # in order: they reference no other row
     for op in ops:
         match op:
             case SetTaskState(task=task):
@@ -598,6 +606,8 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
                 workers[worker.id] = worker
             case DeleteWorkerRow(worker_id=worker_id):
                 gone.append(worker_id)
+            case PutSchedule() | SetScheduleSlot() | DeleteScheduleRow():
+                schedules.append(schedule_statement(op))
     if (
         deleted
         and (
@@ -627,7 +637,7 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
             states.append(run_state_statement(run))
     statements += [worker_statement(worker) for worker in workers.values()]
     statements += [plans.subtask_statement(state) for state in subtasks.values()]
-    return statements + states
+    return statements + states + schedules
 
 
 def _in_order(op: WriteOp) -> Statement:
@@ -654,6 +664,8 @@ def _in_order(op: WriteOp) -> Statement:
             return plans.plan_status_statement(op)
         case PutSubtask(state=state):
             return plans.subtask_statement(state)
+        case PutSchedule() | SetScheduleSlot() | DeleteScheduleRow():
+            return schedule_statement(op)
     raise AssertionError(f"not a row write: {op!r}")
 
 

@@ -201,6 +201,7 @@ from ...messages.tasks import (
 from ...messages.workers import WorkerRegistryMessage, WorkersSeen
 from ...runtime import Actor, ActorRef, Alarm, Deadlines, Envelope, Reply, Request
 from .ready import Bound, QueueId, ReadyQueue, bound_of, queue_of
+from .schedule_slots import slot_ops
 
 __all__ = ["LIVE", "TRANSITIONS", "TaskManager"]
 
@@ -1498,6 +1499,8 @@ class TaskManager(Actor[TaskManagerMessage]):
         if key is not None:
             owner = self._keys.get(key) or work.stored_keys.get(key)
             if owner is not None:
+                if message.schedule is not None:
+                    work.ops += slot_ops(message.schedule, owner, None, now)
                 return owner  # the first task's id; nothing is created
         task = Task(
             id=message.task_id or new_id(),
@@ -1538,6 +1541,8 @@ class TaskManager(Actor[TaskManagerMessage]):
                 {"task_type": task.task_type, "title": task.title, "priority": task.priority},
             )
         )
+        if message.schedule is not None:  # the slot's advance: in this very write
+            work.ops += slot_ops(message.schedule, task.id, task, now)
         return task.id
 
     def _update(self, message: UpdateTaskStatus, task: Task, work: _Batch, now: datetime) -> bool:
