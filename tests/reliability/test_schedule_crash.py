@@ -96,15 +96,15 @@ def _check(db_path: str) -> dict[str, int]:
         ).fetchall()
         counts = {}
         for schedule_id, name, definition, last_slot, last_task_id, count in schedules:
-            start = datetime.fromisoformat(json.loads(definition)["start_at"])
-            prefix = f"schedule:{schedule_id}:"
+            spec = json.loads(definition)
+            start = datetime.fromisoformat(spec["start_at"])
+            # The schedule's tasks by their payload (each schedule has its own n), not by
+            # what the Scheduler stamps on them.
             tasks = db.execute(
-                "SELECT id, idempotency_key FROM tasks WHERE idempotency_key LIKE ?"
-                " ORDER BY created_at, rowid",
-                (prefix + "%",),
+                "SELECT id, idempotency_key FROM tasks WHERE task_type = 'tick'"
+                " AND json_extract(payload, '$.n') = ? ORDER BY created_at, rowid",
+                (spec["task"]["payload"]["n"],),
             ).fetchall()
-            slots = {task_id: datetime.fromisoformat(key[len(prefix) :]) for task_id, key in tasks}
-            assert len(slots) == count, (name, len(slots), count)
             events = [
                 json.loads(data)
                 for (data,) in db.execute(
@@ -112,8 +112,13 @@ def _check(db_path: str) -> dict[str, int]:
                 )
             ]
             events = [e for e in events if e["schedule_id"] == schedule_id]
+            # One event per task, in the same order, and no slot twice.
             assert [e["task_id"] for e in events] == [task_id for task_id, _ in tasks], name
-            assert all(datetime.fromisoformat(e["slot"]) == slots[e["task_id"]] for e in events)
+            slots = {e["task_id"]: datetime.fromisoformat(e["slot"]) for e in events}
+            assert len(set(slots.values())) == len(slots), (name, "a slot fired twice")
+            assert len(slots) == count, (name, len(slots), count)
+            for task_id, key in tasks:
+                assert key == f"schedule:{schedule_id}:{slots[task_id].isoformat()}", name
             if count:
                 assert datetime.fromisoformat(last_slot) == max(slots.values()), name
                 assert last_task_id == tasks[-1][0], name
