@@ -23,6 +23,10 @@ EXPECTED = {
     ),
     "sync_app.py": "completed 3 of 3 report(s) in a plain thread: ['report-worker-1']",
     "batch_worker.py": "completed 11 of 12 thumbnail(s), 1 failed for good",
+    "periodic_schedules.py": (
+        "health-check: 3 probe(s) completed, one task per fired slot: True, paused: True;"
+        " nightly-report kept: True"
+    ),
     "deployment_processes.py": (
         "plan 'Deploy to production': completed, 6/6 subtasks (3 by ai-deployer, 3 by checker);"
         " 4 processes, every one exited 0"
