@@ -63,7 +63,7 @@ State machine (``pending`` is the extraction plan's name for ``queued``):
 =========  =========  ==================================================  ==============
 from       to         caused by                                           event
 =========  =========  ==================================================  ==============
-(new)      queued     create_task                                         task.created
+(new)      queued     create_task, a schedule's slot (the Scheduler)      task.created
 queued     assigned   claim_task, update_task_status(assigned)            task.assigned
 queued     running    update_task_status(running)                         task.started
 queued     completed  update_task_status(completed): resolved by hand,    task.completed
