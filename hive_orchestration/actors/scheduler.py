@@ -267,7 +267,11 @@ class Scheduler(Actor[SchedulerMessage]):
             upcoming = self._next_slot(schedule)
             if upcoming is None or upcoming > now:
                 continue
-            latest, count = slots.due(floor_of(schedule.not_before, schedule.last_slot), now)
+            try:
+                latest, count = slots.due(floor_of(schedule.not_before, schedule.last_slot), now)
+            except (ArithmeticError, ValueError) as exc:  # a date out of range: that one only
+                log.error("schedule %s: its due slots cannot be worked out: %s", schedule.name, exc)
+                continue
             if latest is None:
                 continue
             late = (now - latest).total_seconds()
@@ -375,7 +379,12 @@ class Scheduler(Actor[SchedulerMessage]):
         known = self._next.get(schedule.id)
         if known is not None and known[0] == floor:
             return known[1]
-        upcoming = slots.next_after(floor)
+        try:
+            upcoming = slots.next_after(floor)
+        except (ArithmeticError, ValueError) as exc:
+            # A date out of range (year 9999) stops this schedule, not the scheduler.
+            log.error("schedule %s: its next slot cannot be worked out: %s", schedule.name, exc)
+            upcoming = None
         self._next[schedule.id] = (floor, upcoming)
         return upcoming
 
