@@ -14,7 +14,6 @@ from ._caller import Caller
 from ._slots import check_cron, check_timezone
 from ._task_ops import TaskOps, _when
 from ._validate import (
-    MIN_DELAY,
     MIN_LEASE,
     YEAR,
     check_bool,
@@ -38,6 +37,8 @@ from .runtime import ActorRef
 
 __all__ = ["ScheduleOps"]
 
+#: The shortest grace: a slot fired within it of its time is on time.
+MIN_GRACE = 1.0
 #: The longest schedule name.
 _NAME_LIMIT = 200
 
@@ -132,7 +133,9 @@ class ScheduleOps(Caller):
             every=interval,
             start_at=_when(start_at, "start_at"),
             catch_up=check_choice(catch_up, CatchUp, "catch_up"),
-            grace=check_seconds(grace, "grace", minimum=MIN_DELAY, maximum=YEAR, zero=True),
+            # At least a second: a slot is always fired a little after its time (a wake-up,
+            # a commit), and a tighter grace would count every slot as missed.
+            grace=check_seconds(grace, "grace", minimum=MIN_GRACE, maximum=YEAR),
             paused=check_bool(paused, "paused"),
             source_agent=task.source_agent,
             replace=check_bool(replace, "replace"),

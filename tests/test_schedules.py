@@ -315,6 +315,7 @@ async def test_bad_input_is_refused_naming_the_field_and_nothing_is_written(
             ({"every": 0.01}, "every"),
             ({"every": float("nan")}, "every"),
             ({"every": 60.0, "grace": -1.0}, "grace"),
+            ({"every": 60.0, "grace": 0.5}, "grace"),  # every slot would be late
             ({"every": 60.0, "catch_up": "all"}, "catch_up"),
             ({"every": 60.0, "priority": -1}, "priority"),
             ({"every": 60.0, "payload": {"x": {1, 2}}}, "payload.x"),

@@ -58,8 +58,8 @@ class Schedule(msgspec.Struct, frozen=True, kw_only=True):
     #: Interval slots count from here; cron slots come at or after it.
     start_at: datetime
     catch_up: CatchUp = CatchUp.ONCE
-    #: How late (seconds) a slot may fire and still count as on time; a later one was
-    #: missed, and ``catch_up`` decides.
+    #: How late (seconds, at least 1) a slot may fire and still count as on time; a
+    #: later one was missed, and ``catch_up`` decides.
     grace: float = 60.0
     paused: bool = False
     #: No slot before this fires: the creation (or ``start_at``), or the last resume.
