@@ -13,6 +13,7 @@ import itertools
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import anyio
@@ -32,6 +33,8 @@ from hive_orchestration import (
     _slots,
 )
 from hive_orchestration._slots import Slots
+from hive_orchestration.messages.storage import SetScheduleSlot
+from hive_orchestration.storage import actor as storage_actor
 
 #: Generous: only turns a hang into a failure.
 DEADLINE = 30.0
@@ -294,6 +297,37 @@ async def test_replace_redefines_a_schedule_and_keeps_what_it_fired(db_path: str
             30.0,
             first.start_at,
         )
+
+
+@pytest.mark.anyio
+async def test_a_slot_whose_commit_failed_fires_once_when_storage_works_again(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first write that advances a schedule fails (as a full disk would): the task
+    # written with it is rolled back too, and the Scheduler tries the slot again.
+    original = storage_actor.schedule_statement
+    failed: list[SetScheduleSlot] = []
+
+    def flaky(op: Any) -> tuple[str, tuple[object, ...]]:
+        if isinstance(op, SetScheduleSlot) and not failed:
+            failed.append(op)
+            return ("INSERT INTO no_such_table VALUES (1)", ())
+        return original(op)
+
+    monkeypatch.setattr(storage_actor, "schedule_statement", flaky)
+    clock = WallClock()
+    async with Runtime.open(db_path, config=CONFIG, wall_clock=clock) as runtime:
+        client = runtime.client()
+        schedule = await client.create_schedule("flaky", "f", every=60.0)
+        clock.step(61)
+        (event,) = await fired(client, 1)
+        data = ScheduleFiredEvent.from_event(event)
+        assert failed  # the first try failed...
+        assert data.slot == failed[0].slot == schedule.start_at  # ...and the slot fired after
+        assert data.missed == 0
+        tasks = await client.list_tasks(task_type="f")
+        assert [task.id for task in tasks] == [data.task_id]
+        assert (await settle(client, "flaky")).fired == 1
 
 
 # -- bad input -----------------------------------------------------------------------------
