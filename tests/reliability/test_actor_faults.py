@@ -7,8 +7,9 @@ reader reads and publishes, a follower reads the whole log (``client.events(afte
 and a watcher holds a live subscription. At a random moment the fault is armed in one
 actor's handler (the per-message handler: ``receive`` of the broadcast actor, ``_commit``
 and ``_query`` of the storage actor, ``_handle`` of the TaskManager, the WorkerRegistry,
-the PlanExecutor and the Scheduler): it raises twice, first on a message a client is waiting for (after a
-random number of them), then on any message (after a random number more).
+the PlanExecutor and the Scheduler): it raises twice, first on a message a client is
+waiting for (after a random number of them), then on any message (after a random number
+more).
 
 Then, for each actor (the list is checked against the runtime's own children, so that a
 new actor is not forgotten):
