@@ -26,14 +26,14 @@ async def main(db_path: str) -> None:
         app = runtime.client(source_agent="ops-app")
         nightly = await app.create_schedule(
             "nightly-report",
+            "0 3 * * *",  # 03:00 every day, on Paris wall time (summer or winter)
             "report",
             {"kind": "daily"},
-            cron="0 3 * * *",  # 03:00 every day, on Paris wall time (summer or winter)
             timezone="Europe/Paris",
             catch_up="once",  # down at 03:00? one report when it comes back, not several
         )
         print(f"{nightly.name}: next at {nightly.next_slot} (03:00 in {nightly.timezone})")
-        await app.create_schedule("health-check", "probe", {"url": "/health"}, every=0.2)
+        await app.create_schedule("health-check", 0.2, "probe", {"url": "/health"})  # 0.2 s
         async with app.subscribe("schedule.fired") as fired:
             done = 0
             while done < SLOTS:

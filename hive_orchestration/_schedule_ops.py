@@ -55,12 +55,11 @@ class ScheduleOps(Caller):
     async def create_schedule(
         self,
         name: str,
+        when: str | float,
         task_type: str,
         payload: Mapping[str, object] | None = None,
         *,
-        cron: str | None = None,
         timezone: str = "UTC",
-        every: float | None = None,
         start_at: datetime | None = None,
         catch_up: CatchUp | str = CatchUp.ONCE,
         grace: float = 60.0,
@@ -81,9 +80,10 @@ class ScheduleOps(Caller):
     ) -> Schedule:
         """Create a durable named schedule that creates a task at each of its slots.
 
-        Give ``cron`` (5 fields, or 6 with seconds first; read in ``timezone``, an IANA
-        name; needs the ``cron`` extra) or ``every`` (seconds; slots are ``start_at +
-        k * every``, ``start_at`` defaulting to one interval from now). The task is
+        ``when`` is a cron expression (a string: 5 fields, or 6 with seconds first; read
+        in ``timezone``, an IANA name; needs the ``cron`` extra) or a fixed interval (a
+        number of seconds: slots are ``start_at + k * interval``, ``start_at``
+        defaulting to one interval from now). The task is
         ``create_task(task_type, payload, ...)`` with the other arguments, each slot's
         own idempotency key added. ``catch_up`` says what a slot more than ``grace``
         seconds late does: ``"once"`` (default) fires the latest missed slot once,
@@ -93,14 +93,13 @@ class ScheduleOps(Caller):
         self._check_open()
         assert isinstance(self, TaskOps)
         name = check_identifier(name, "name", max_length=_NAME_LIMIT)
-        if (cron is None) == (every is None):
-            raise InvalidInputError(
-                "cron", "give a cron expression or every=SECONDS (an interval), exactly one"
-            )
         timezone = check_timezone(timezone)
-        interval = None
-        if every is not None:
-            interval = check_seconds(every, "every", minimum=MIN_LEASE, maximum=YEAR)
+        cron: str | None = None
+        interval: float | None = None
+        if isinstance(when, str):
+            cron = check_cron(when, timezone, "when")
+        elif isinstance(when, int | float) and not isinstance(when, bool):
+            interval = check_seconds(when, "when", minimum=MIN_LEASE, maximum=YEAR)
             if timezone != "UTC":
                 raise InvalidInputError(
                     "timezone",
@@ -108,7 +107,11 @@ class ScheduleOps(Caller):
                     " in every time zone",
                 )
         else:
-            cron = check_cron(cron, timezone)
+            raise InvalidInputError(
+                "when",
+                "must be a cron expression (a string such as '0 3 * * *') or an interval"
+                f" in seconds (a number), got {type(when).__name__}",
+            )
         task = self._create_message(
             task_type,
             payload,

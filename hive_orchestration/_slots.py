@@ -38,21 +38,21 @@ def _cronsim() -> tuple[Callable[..., Iterator[datetime]], type[Exception]]:
         from cronsim import CronSim, CronSimError
     except ImportError:  # pragma: no cover - the test environment has the extra
         raise InvalidInputError(
-            "cron",
+            "when",
             "cron schedules need the cron parser of the optional extra"
             f" {CRON_EXTRA!r}: pip install 'hive-orchestration[{CRON_EXTRA}]' (or give"
-            " every=SECONDS for a fixed interval)",
+            " a number of seconds for a fixed interval)",
         ) from None
     return CronSim, CronSimError
 
 
 def check_timezone(value: object, field: str = "timezone") -> str:
     """An IANA time zone name that this machine's zone database knows."""
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str) or not value.strip() or len(value) > 128:
         raise InvalidInputError(field, "must be an IANA time zone name such as 'Europe/Paris'")
     try:
         ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long for a path
         raise InvalidInputError(
             field,
             f"{value[:80]!r} is not a time zone this machine knows (an IANA name such as"
@@ -61,7 +61,7 @@ def check_timezone(value: object, field: str = "timezone") -> str:
     return value
 
 
-def check_cron(value: object, timezone: str, field: str = "cron") -> str:
+def check_cron(value: object, timezone: str, field: str = "when") -> str:
     """A cron expression cronsim reads: 5 fields (minute hour day month weekday), or 6
     with seconds first; that fires at least once in the next 50 years."""
     if not isinstance(value, str) or not value.strip():
@@ -71,8 +71,10 @@ def check_cron(value: object, timezone: str, field: str = "cron") -> str:
     cron_sim, cron_error = _cronsim()
     try:
         next(iter(cron_sim(value, datetime.now(ZoneInfo(timezone)))))
-    except cron_error as exc:
-        raise InvalidInputError(field, f"{value!r} is not a cron expression: {exc}") from None
+    except (cron_error, ValueError, LookupError, ArithmeticError) as exc:
+        # cronsim's own error for what it refuses; the others for what slips past its
+        # checks (a range it cannot count): a bad expression either way.
+        raise InvalidInputError(field, f"{value[:80]!r} is not a cron expression: {exc}") from None
     except StopIteration:
         raise InvalidInputError(field, f"{value!r} never fires in the next 50 years") from None
     return value

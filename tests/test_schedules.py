@@ -88,9 +88,9 @@ async def test_an_interval_schedule_creates_its_tasks_from_the_template(db_path:
         client = runtime.client(source_agent="planner", correlation_id="nightly")
         schedule = await client.create_schedule(
             "sweep",
+            0.2,
             "cleanup",
             {"dir": "/tmp"},
-            every=0.2,
             priority=7,
             requires=("disk",),
             tags=("ops",),
@@ -154,7 +154,7 @@ async def test_a_cron_schedule_fires_on_its_whole_seconds_in_its_time_zone(
     async with Runtime.open(db_path, config=CONFIG) as runtime:
         client = runtime.client()
         schedule = await client.create_schedule(
-            "every-second", "tick", cron="* * * * * *", timezone="America/New_York"
+            "every-second", "* * * * * *", "tick", timezone="America/New_York"
         )
         assert schedule.timezone == "America/New_York"
         assert schedule.next_slot is not None
@@ -172,7 +172,7 @@ async def test_pause_resume_and_delete_each_publish_an_event_and_pausing_stops_f
     clock = WallClock()
     async with Runtime.open(db_path, config=CONFIG, wall_clock=clock) as runtime:
         client = runtime.client(source_agent="ops")
-        schedule = await client.create_schedule("hourly", "report", every=60.0, grace=30.0)
+        schedule = await client.create_schedule("hourly", 60.0, "report", grace=30.0)
         clock.step(61)
         assert (await settle(client, "hourly")).fired == 1
         paused = await client.pause_schedule("hourly")
@@ -216,8 +216,8 @@ async def test_slots_missed_while_down_fire_once_or_are_skipped(db_path: str) ->
     clock = WallClock()
     async with Runtime.open(db_path, config=CONFIG, wall_clock=clock) as runtime:
         client = runtime.client()
-        once = await client.create_schedule("once", "a", every=60.0, grace=20.0)
-        skip = await client.create_schedule("skip", "b", every=60.0, grace=20.0, catch_up="skip")
+        once = await client.create_schedule("once", 60.0, "a", grace=20.0)
+        skip = await client.create_schedule("skip", 60.0, "b", grace=20.0, catch_up="skip")
         assert (once.catch_up, skip.catch_up) == (CatchUp.ONCE, CatchUp.SKIP)
     # Down for ten slots and 40 s: the latest slot is 40 s late, past its 20 s grace.
     clock.step(640)
@@ -251,7 +251,7 @@ async def test_a_clock_stepped_back_fires_nothing_twice_and_one_stepped_forward_
     clock = WallClock()
     async with Runtime.open(db_path, config=CONFIG, wall_clock=clock) as runtime:
         client = runtime.client()
-        schedule = await client.create_schedule("minutely", "m", every=60.0, grace=20.0)
+        schedule = await client.create_schedule("minutely", 60.0, "m", grace=20.0)
         clock.step(61)
         first = await settle(client, "minutely")
         assert first.fired == 1
@@ -278,13 +278,13 @@ async def test_replace_redefines_a_schedule_and_keeps_what_it_fired(db_path: str
     clock = WallClock()
     async with Runtime.open(db_path, config=CONFIG, wall_clock=clock) as runtime:
         client = runtime.client()
-        first = await client.create_schedule("r", "old", every=60.0)
+        first = await client.create_schedule("r", 60.0, "old")
         clock.step(61)
         assert (await settle(client, "r")).fired == 1
         with pytest.raises(InvalidInputError) as info:
-            await client.create_schedule("r", "new", every=30.0)
+            await client.create_schedule("r", 30.0, "new")
         assert info.value.field == "name"
-        redefined = await client.create_schedule("r", "new", every=30.0, replace=True)
+        redefined = await client.create_schedule("r", 30.0, "new", replace=True)
         assert (redefined.id, redefined.fired, redefined.task.task_type) == (first.id, 1, "new")
         assert redefined.last_slot == first.start_at
         (updated,) = await events_of(client, "schedule.updated")
@@ -318,7 +318,7 @@ async def test_a_slot_whose_commit_failed_fires_once_when_storage_works_again(
     clock = WallClock()
     async with Runtime.open(db_path, config=CONFIG, wall_clock=clock) as runtime:
         client = runtime.client()
-        schedule = await client.create_schedule("flaky", "f", every=60.0)
+        schedule = await client.create_schedule("flaky", 60.0, "f")
         clock.step(61)
         (event,) = await fired(client, 1)
         data = ScheduleFiredEvent.from_event(event)
@@ -339,28 +339,30 @@ async def test_bad_input_is_refused_naming_the_field_and_nothing_is_written(
 ) -> None:
     async with Runtime.open(db_path, config=CONFIG) as runtime:
         client = runtime.client()
-        cases: list[tuple[dict[str, object], str]] = [
-            ({}, "cron"),  # neither
-            ({"cron": "* * * * *", "every": 60.0}, "cron"),  # both
-            ({"cron": "61 * * * *"}, "cron"),
-            ({"cron": "0 0 30 2 *"}, "cron"),  # never (February 30th)
-            ({"cron": "* * * * *", "timezone": "Mars/Olympus"}, "timezone"),
-            ({"every": 60.0, "timezone": "Europe/Paris"}, "timezone"),
-            ({"every": 0.01}, "every"),
-            ({"every": float("nan")}, "every"),
-            ({"every": 60.0, "grace": -1.0}, "grace"),
-            ({"every": 60.0, "grace": 0.5}, "grace"),  # every slot would be late
-            ({"every": 60.0, "catch_up": "all"}, "catch_up"),
-            ({"every": 60.0, "priority": -1}, "priority"),
-            ({"every": 60.0, "payload": {"x": {1, 2}}}, "payload.x"),
-            ({"every": 60.0, "start_at": datetime(2030, 1, 1)}, "start_at"),  # naive
-            ({"every": 60.0, "name": ""}, "name"),
+        cases: list[tuple[object, dict[str, object], str]] = [
+            (None, {}, "when"),  # neither a cron expression nor an interval
+            (True, {}, "when"),  # a bool is no number of seconds
+            ("61 * * * *", {}, "when"),
+            ("0 0 30 2 *", {}, "when"),  # never (February 30th)
+            ("", {}, "when"),
+            ("* * * * *", {"timezone": "Mars/Olympus"}, "timezone"),
+            ("* * * * *", {"timezone": "x" * 5000}, "timezone"),
+            (60.0, {"timezone": "Europe/Paris"}, "timezone"),
+            (0.01, {}, "when"),
+            (float("nan"), {}, "when"),
+            (60.0, {"grace": -1.0}, "grace"),
+            (60.0, {"grace": 0.5}, "grace"),  # every slot would be late
+            (60.0, {"catch_up": "all"}, "catch_up"),
+            (60.0, {"priority": -1}, "priority"),
+            (60.0, {"payload": {"x": {1, 2}}}, "payload.x"),
+            (60.0, {"start_at": datetime(2030, 1, 1)}, "start_at"),  # naive
+            (60.0, {"name": ""}, "name"),
         ]
-        for arguments, field in cases:
+        for when, arguments, field in cases:
             name = arguments.pop("name", "s")
             with pytest.raises(InvalidInputError) as info:
-                await client.create_schedule(name, "t", **arguments)  # type: ignore[arg-type]
-            assert info.value.field == field, (arguments, info.value)
+                await client.create_schedule(name, when, "t", **arguments)  # type: ignore[arg-type]
+            assert info.value.field == field, (when, arguments, info.value)
         assert await client.list_schedules() == []
         assert await events_of(client, "schedule.*") == []
 
@@ -375,11 +377,11 @@ async def test_a_cron_schedule_without_the_extra_says_which_extra_to_install(
         async with Runtime.open(db_path, config=CONFIG) as runtime:
             client = runtime.client()
             with pytest.raises(InvalidInputError) as info:
-                await client.create_schedule("c", "t", cron="0 3 * * *")
-            assert info.value.field == "cron"
+                await client.create_schedule("c", "0 3 * * *", "t")
+            assert info.value.field == "when"
             assert "hive-orchestration[cron]" in info.value.reason
             # Interval schedules need no extra.
-            assert (await client.create_schedule("i", "t", every=60.0)).every == 60.0
+            assert (await client.create_schedule("i", 60.0, "t")).every == 60.0
     finally:
         monkeypatch.undo()
         _slots._cronsim.cache_clear()
@@ -390,7 +392,7 @@ async def test_a_cron_schedule_without_the_extra_says_which_extra_to_install(
 
 def test_the_sync_client_manages_schedules(db_path: str) -> None:
     with SyncOrchestrationClient(db_path=db_path, source_agent="cron-app") as client:
-        created = client.create_schedule("nightly", "backup", cron="0 3 * * *", timezone="UTC")
+        created = client.create_schedule("nightly", "0 3 * * *", "backup", timezone="UTC")
         assert created.next_slot is not None
         assert created.next_slot.hour == 3
         assert [s.name for s in client.list_schedules()] == ["nightly"]

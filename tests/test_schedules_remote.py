@@ -33,7 +33,7 @@ async def test_schedules_through_the_socket_work_as_in_process(
         assert client.remote
         start = datetime.now(UTC) + timedelta(seconds=0.5)
         created = await client.create_schedule(
-            "ping", "ping", {"x": 1}, every=0.2, start_at=start, priority=3
+            "ping", 0.2, "ping", {"x": 1}, start_at=start, priority=3
         )
         assert isinstance(created, Schedule)
         assert (created.start_at, created.every, created.source_agent) == (
@@ -53,13 +53,13 @@ async def test_schedules_through_the_socket_work_as_in_process(
         assert task is not None
         assert (task.task_type, task.priority, task.source_agent) == ("ping", 3, "remote-app")
         tokyo = await client.create_schedule(
-            "nightly", "report", cron="0 3 * * *", timezone="Asia/Tokyo"
+            "nightly", "0 3 * * *", "report", timezone="Asia/Tokyo"
         )
         assert tokyo.next_slot is not None
         assert (tokyo.next_slot.hour, tokyo.next_slot.minute) == (18, 0)  # 03:00 JST in UTC
         assert [s.name for s in await client.list_schedules()] == ["nightly", "ping"]
         with pytest.raises(InvalidInputError) as info:
-            await client.create_schedule("ping", "ping", every=1.0)
+            await client.create_schedule("ping", 1.0, "ping")
         assert info.value.field == "name"
         with pytest.raises(NotFoundError):
             await client.resume_schedule("nope")
@@ -73,8 +73,8 @@ async def test_schedules_through_the_socket_work_as_in_process(
 
 async def test_an_agent_token_manages_its_own_schedules_only(db_path: str) -> None:
     async with Runtime.open(db_path) as runtime:
-        await runtime.client(source_agent="app").create_schedule("mine", "t", every=60.0)
-        await runtime.client(source_agent="other").create_schedule("theirs", "t", every=60.0)
+        await runtime.client(source_agent="app").create_schedule("mine", 60.0, "t")
+        await runtime.client(source_agent="other").create_schedule("theirs", 60.0, "t")
         agent = Authorizer(Identity("app", "agent", frozenset({"app"})), runtime.client())
         for op in ("get_schedule", "pause_schedule", "resume_schedule", "delete_schedule"):
             assert await agent.check(op, {"name": "mine"}, None) == "app"
@@ -83,7 +83,7 @@ async def test_an_agent_token_manages_its_own_schedules_only(db_path: str) -> No
         for op in ("pause_schedule", "resume_schedule", "delete_schedule"):
             with pytest.raises(AccessDeniedError):
                 await agent.check(op, {"name": "theirs"}, None)
-        new = {"name": "new", "task_type": "t", "every": 60.0}
+        new = {"name": "new", "when": 60.0, "task_type": "t"}
         assert await agent.check("create_schedule", new, None) == "app"
         with pytest.raises(AccessDeniedError):
             await agent.check("create_schedule", {**new, "source_agent": "other"}, None)

@@ -50,7 +50,7 @@ _decode = msgspec.json.Decoder(Schedule).decode
 
 def stamp(value: datetime) -> str:
     """Fixed-width UTC text: its order is the instants' order."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def _stamp(value: datetime | None) -> str | None:

@@ -647,7 +647,7 @@ async def serve_everything(runtime: Runtime, client: OrchestrationClient, load: 
     # Schedules (the Scheduler, which asks the TaskManager for the slot's task).
     async with client.subscribe("schedule.fired") as fired:
         start = datetime.now(UTC) + timedelta(seconds=0.1)
-        await client.create_schedule("sweep", SWEEP_TYPE, start_at=start, every=3600.0)
+        await client.create_schedule("sweep", 3600.0, SWEEP_TYPE, start_at=start)
         with anyio.fail_after(5):
             slot = await fired.receive()
     assert slot.task_id is not None

@@ -145,7 +145,7 @@ async def test_each_slot_fires_exactly_once_across_sigkill(
     async with Runtime.open(db_path, config=CONFIG) as runtime:
         client = runtime.client(source_agent="crash-test")
         for n in range(SCHEDULES):
-            await client.create_schedule(f"s{n}", "tick", {"n": n}, every=EVERY)
+            await client.create_schedule(f"s{n}", EVERY, "tick", {"n": n})
     reported = 0
     for round_number in range(ROUNDS):
         stderr = tmp_path / f"child-{round_number}.err"
