@@ -48,6 +48,7 @@ from .events import (
     TaskCompletedEvent,
     TaskCreatedEvent,
     TaskFailedEvent,
+    TaskRetriedEvent,
     TaskStartedEvent,
     TopicRegistry,
     UnifiedEvent,
@@ -71,7 +72,7 @@ from .messages.plans import (
     SubtaskStatus,
 )
 from .messages.schedules import CatchUp, Schedule
-from .messages.tasks import Claim, Lease, Run, RunStatus, Task, TaskStatus
+from .messages.tasks import Claim, Lease, RevokedTaskType, Run, RunStatus, Task, TaskStatus
 from .messages.workers import Worker, WorkerStatus
 from .remote.status import ConnectionStatus, ServerStatus
 from .storage.schema import SCHEMA_VERSION
@@ -147,6 +148,8 @@ __all__ = [
     "TaskCompletedEvent",
     "TaskCreatedEvent",
     "TaskFailedEvent",
+    "TaskRetriedEvent",
+    "RevokedTaskType",
     "TaskOperations",
     "TaskStartedEvent",
     "TopicRegistry",

@@ -51,6 +51,7 @@ from .messages.tasks import (
     GetTask,
     GetTasksByStatus,
     Heartbeat,
+    IdempotencyScope,
     Lease,
     ReleaseTask,
     ReleaseWorker,
@@ -105,11 +106,15 @@ class TaskOps(Caller):
         concurrency_key: str | None = None,
         concurrency_limit: int | None = None,
         requires: str | Iterable[str] | None = (),
+        idempotency_scope: str = "forever",
     ) -> str:
         """Create a queued task and return its id (durable when this returns).
 
-        With an ``idempotency_key`` already used, nothing is created and the first task's
-        id is returned. ``title`` defaults to the task type. ``timeout`` bounds each run,
+        With an ``idempotency_key`` already held, nothing is created and the holder's id
+        is returned. A task holds its key forever (``idempotency_scope="forever"``, the
+        default: until it is deleted) or while it is live (``"active"``: until it
+        completes, fails, times out or is cancelled; docs/CONTROL.md).
+        ``title`` defaults to the task type. ``timeout`` bounds each run,
         in seconds from its claim. Tasks sharing a ``concurrency_key`` are held by at most
         ``concurrency_limit`` (default 1) claims at once. A task with ``requires`` (a
         capability or a list of them) goes only to a worker that has all of those
@@ -134,6 +139,7 @@ class TaskOps(Caller):
                 concurrency_key=concurrency_key,
                 concurrency_limit=concurrency_limit,
                 requires=requires,
+                idempotency_scope=idempotency_scope,
             )
         )
 
@@ -158,7 +164,7 @@ class TaskOps(Caller):
                 raise InvalidInputError("tasks", f"holds more than {_MAX_BATCH} items")
             if not isinstance(item, Mapping):
                 raise InvalidInputError(field, f"must be a mapping, got {type(item).__name__}")
-            # Read no further than the first unknown key (an item holds at most 17).
+            # Read no further than the first unknown key (an item holds at most 18).
             unknown = next((key for key in item if key not in _CREATE_ARGS), None)
             if unknown is not None:
                 name = unknown if isinstance(unknown, str) else _show(unknown)
@@ -197,6 +203,7 @@ class TaskOps(Caller):
         concurrency_key: str | None = None,
         concurrency_limit: int | None = None,
         requires: str | Iterable[str] | None = (),
+        idempotency_scope: str = "forever",
     ) -> CreateTask:
         """create_task's arguments, checked, as the TaskManager's message."""
         task_type = check_identifier(task_type, "task_type")
@@ -223,6 +230,7 @@ class TaskOps(Caller):
             concurrency_key=check_optional_text(concurrency_key, "concurrency_key"),
             concurrency_limit=concurrency_limit,
             requires=_types(requires, "requires") or (),
+            idempotency_scope=_scope(idempotency_scope),
         )
 
     async def get_task(self, task_id: str) -> Task | None:
@@ -612,6 +620,16 @@ def _when(value: object, field: str) -> datetime | None:
         return value.astimezone(UTC)  # stored and returned in UTC: the same instant
     except OverflowError:
         raise InvalidInputError(field, f"{value.isoformat()} is out of range in UTC") from None
+
+
+def _scope(value: object) -> IdempotencyScope:
+    if value == "forever" or value == "active":
+        return value
+    raise InvalidInputError(
+        "idempotency_scope",
+        f"must be 'forever' (the key is held until the task is deleted) or 'active' (held"
+        f" until the task ends), got {_show(value)}",
+    )
 
 
 def _rfc3339(value: str, field: str) -> datetime:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
 import anyio
 
+from ._control_ops import ControlOps
 from ._inspect_ops import InspectOps
 from ._keeper import Keeper, reach, usable
 from ._plan_ops import PlanOps
@@ -57,6 +58,7 @@ from .events import (
     TaskCompletedEvent,
     TaskCreatedEvent,
     TaskFailedEvent,
+    TaskRetriedEvent,
     TaskStartedEvent,
     TopicRegistry,
     UnifiedEvent,
@@ -92,7 +94,7 @@ _NOT_OPEN = (
 )
 
 
-class OrchestrationClient(TaskOps, WorkerOps, PlanOps, InspectOps, ScheduleOps):
+class OrchestrationClient(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, ScheduleOps):
     """Every operation of the seeds, with their names and arguments, as typed messages.
 
     ``OrchestrationClient(db_path=...)`` starts and owns an embedded runtime for its
@@ -584,6 +586,8 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps, InspectOps, ScheduleOps):
                 await self.update_task_status(task_id, TaskStatus.FAILED, error=error)
             case TaskCancelledEvent(task_id=task_id, reason=reason):
                 await self.cancel_task(task_id, reason=reason)
+            case TaskRetriedEvent(task_id=task_id, reason=reason):
+                await self.retry_task(task_id, reason=reason)
             case TaskCreatedEvent():
                 raise InvalidInputError(
                     "event",

@@ -23,6 +23,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup
 
+from ._control_ops import ControlOps
 from ._groups import leaves
 from ._inspect_ops import InspectOps
 from ._plan_ops import PlanOps
@@ -166,7 +167,7 @@ class Subscription:
         return item
 
 
-class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ScheduleOps):
+class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, ScheduleOps):
     """An embedded, durable orchestration runtime on one SQLite database.
 
     Create it with :meth:`open`; every method sends a typed message to an actor.

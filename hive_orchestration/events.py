@@ -41,6 +41,7 @@ __all__ = [
     "TaskCompletedEvent",
     "TaskCreatedEvent",
     "TaskFailedEvent",
+    "TaskRetriedEvent",
     "TaskStartedEvent",
     "TopicRegistry",
     "UnifiedEvent",
@@ -71,6 +72,11 @@ class UnifiedEventType(enum.StrEnum):
     TASK_TIMED_OUT = "task.timed_out"
     TASK_CANCELLED = "task.cancelled"
     TASK_DELETED = "task.deleted"
+    # Control by hand (docs/CONTROL.md): who did it is in data.by.
+    TASK_RETRIED = "task.retried"
+    TASK_TYPE_REVOKED = "task.type_revoked"
+    TASK_TYPE_RESTORED = "task.type_restored"
+    TASK_QUEUE_FLUSHED = "task.queue_flushed"
     # Workers (the WorkerRegistry).
     WORKER_REGISTERED = "worker.registered"
     WORKER_HEARTBEAT = "worker.heartbeat"
@@ -276,6 +282,16 @@ class TaskCancelledEvent(OrchestrationEvent, frozen=True, kw_only=True):
     """Publishing it cancels the task."""
 
     event_type: ClassVar[str] = "task.cancelled"
+    task_id: str
+    reason: str | None = None
+
+
+class TaskRetriedEvent(OrchestrationEvent, frozen=True, kw_only=True):
+    """Publishing it sends the failed, timed-out or cancelled task back to the queue with
+    a fresh attempt budget (``retry_task``); the runtime logs ``task.retried`` with
+    ``data.by`` (who) and ``data.note`` (``reason``)."""
+
+    event_type: ClassVar[str] = "task.retried"
     task_id: str
     reason: str | None = None
 

@@ -310,6 +310,14 @@ class SyncOrchestrationClient:
     )
     get_next_planned_subtask = _blocking(OrchestrationClient.get_next_planned_subtask)
     wait_for_plan = _blocking(OrchestrationClient.wait_for_plan)
+    # Control by hand (docs/CONTROL.md).
+    wait_for_task = _blocking(OrchestrationClient.wait_for_task)
+    retry_task = _blocking(OrchestrationClient.retry_task)
+    revoke_task_type = _blocking(OrchestrationClient.revoke_task_type)
+    restore_task_type = _blocking(OrchestrationClient.restore_task_type)
+    get_revoked_task_types = _blocking(OrchestrationClient.get_revoked_task_types)
+    flush_queue = _blocking(OrchestrationClient.flush_queue)
+    get_task_counts = _blocking(OrchestrationClient.get_task_counts)
     # Events.
     publish = _blocking(OrchestrationClient.publish)
     publish_event = _blocking(OrchestrationClient.publish_event)

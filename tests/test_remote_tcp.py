@@ -621,7 +621,15 @@ async def test_past_max_connections_a_client_is_told_and_served_once_one_leaves(
 def test_every_operation_has_a_rule_for_agents() -> None:
     assert set(AGENT_RULES) == set(OPERATIONS)
     admin_only = {op for op, rule in AGENT_RULES.items() if rule is Rule.ADMIN}
-    assert admin_only == {"delete_task", "create_run", "update_run_status"}
+    assert admin_only == {
+        "delete_task",
+        "create_run",
+        "update_run_status",
+        # control by hand (docs/CONTROL.md)
+        "revoke_task_type",
+        "restore_task_type",
+        "flush_queue",
+    }
 
 
 def test_a_tokens_file_is_checked_when_loaded(tmp_path: Path) -> None:

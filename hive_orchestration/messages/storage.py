@@ -11,7 +11,7 @@ from ..runtime import Request
 from .events import Event
 from .plans import ExecutionPlan, PlanningRequest, PlanStatus, SubtaskState
 from .schedules import Schedule
-from .tasks import Run, Task
+from .tasks import RevokedTaskType, Run, Task
 from .workers import Worker
 
 __all__ = [
@@ -62,6 +62,10 @@ __all__ = [
     "StorageStats",
     "Write",
     "WriteOp",
+    "CountTasksByType",
+    "DeleteRevokedType",
+    "LoadRevokedTypes",
+    "PutRevokedType",
     "PutSchedule",
     "SetScheduleSlot",
     "DeleteScheduleRow",
@@ -151,6 +155,18 @@ class PutSubtask(msgspec.Struct, frozen=True, tag="put_subtask"):
     state: SubtaskState
 
 
+class PutRevokedType(msgspec.Struct, frozen=True, tag="put_revoked_type"):
+    """Record that the tasks of a type are not handed out (docs/CONTROL.md)."""
+
+    revoked: RevokedTaskType
+
+
+class DeleteRevokedType(msgspec.Struct, frozen=True, tag="delete_revoked_type"):
+    """A revoked task type is restored."""
+
+    task_type: str
+
+
 class PutSchedule(msgspec.Struct, frozen=True, tag="put_schedule"):
     """Insert a schedule, or write its definition and pause state over the row of its
     name. What it fired (``last_slot``, ``last_task_id``, ``fired``) is written only on
@@ -187,6 +203,8 @@ WriteOp: TypeAlias = (
     | PutPlan
     | SetPlanStatus
     | PutSubtask
+    | PutRevokedType
+    | DeleteRevokedType
     | PutSchedule
     | SetScheduleSlot
     | DeleteScheduleRow
@@ -426,6 +444,14 @@ class CountSubtasks(Request[dict[str, int]], frozen=True):
     plan_id: str
 
 
+class LoadRevokedTypes(Request[tuple[RevokedTaskType, ...]], frozen=True):
+    """Every revoked task type, oldest revocation first (the TaskManager, at start-up)."""
+
+
+class CountTasksByType(Request[dict[str, dict[str, int]]], frozen=True):
+    """status -> task type -> how many tasks, in one query (empty ones left out)."""
+
+
 class LoadSchedules(Request[tuple[Schedule, ...]], frozen=True):
     """Every schedule, by name."""
 
@@ -459,5 +485,7 @@ StorageMessage: TypeAlias = (
     | CheckDependencies
     | NextPlannedTask
     | CountSubtasks
+    | LoadRevokedTypes
+    | CountTasksByType
     | LoadSchedules
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
-from typing import TypeAlias
+from typing import Literal, TypeAlias
 
 import msgspec
 
@@ -53,9 +53,19 @@ __all__ = [
     "UpdateRunStatus",
     "UpdateTaskStatus",
     "Wake",
+    "FlushQueue",
+    "GetRevokedTaskTypes",
+    "IdempotencyScope",
+    "RestoreTaskType",
+    "RetryTask",
+    "RevokedTaskType",
+    "RevokeTaskType",
 ]
 
 JsonObject: TypeAlias = dict[str, JsonValue]
+#: How long a task holds its idempotency key: ``"forever"`` (until the task is deleted)
+#: or ``"active"`` (until it ends: completed, failed, timed out or cancelled).
+IdempotencyScope: TypeAlias = Literal["forever", "active"]
 
 
 class TaskStatus(enum.StrEnum):
@@ -121,6 +131,8 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     result: JsonObject | None = None
     error: str | None = None
     idempotency_key: str | None = None
+    #: How long the task holds its idempotency key (see docs/CONTROL.md).
+    idempotency_scope: IdempotencyScope = "forever"
     correlation_id: str | None = None
     source_agent: str | None = None
     #: Seconds one run may take from its claim before it ends as timed out.
@@ -241,6 +253,7 @@ class CreateTask(Request[str], frozen=True, kw_only=True):
     plan_id: str | None = None
     subtask_id: str | None = None
     blocked: bool = False
+    idempotency_scope: IdempotencyScope = "forever"
     #: Set by the Scheduler only: the schedule slot this task fires. Its advance and its
     #: ``schedule.fired`` event are committed in the very write that creates the task.
     schedule: ScheduleSlot | None = None
@@ -443,6 +456,57 @@ class PlansSettled(msgspec.Struct, frozen=True):
     seq: int
 
 
+# -- control by hand (docs/CONTROL.md) ----------------------------------------------------
+
+
+class RetryTask(Request[Task], frozen=True, kw_only=True):
+    """Send a failed, timed-out or cancelled task back to the queue with a fresh attempt
+    budget (``task.retried``, naming ``source_agent``); returns it as queued."""
+
+    task_id: str
+    reason: str | None = None
+    source_agent: str | None = None
+
+
+class RevokeTaskType(Request[bool], frozen=True, kw_only=True):
+    """Hand out no task of ``task_type`` until it is restored: its queued tasks, and those
+    created meanwhile, stay queued. ``False`` if it was revoked already."""
+
+    task_type: str
+    reason: str | None = None
+    source_agent: str | None = None
+
+
+class RestoreTaskType(Request[bool], frozen=True, kw_only=True):
+    """Hand out the tasks of a revoked ``task_type`` again. ``False`` if it was not."""
+
+    task_type: str
+    source_agent: str | None = None
+
+
+class RevokedTaskType(msgspec.Struct, frozen=True, kw_only=True):
+    """A task type whose tasks are not handed out: since when, by whom and why."""
+
+    task_type: str
+    revoked_at: datetime
+    source_agent: str | None = None
+    reason: str | None = None
+
+
+class GetRevokedTaskTypes(Request[list[RevokedTaskType]], frozen=True):
+    """The revoked task types, in the order they were revoked."""
+
+
+class FlushQueue(Request[int], frozen=True, kw_only=True):
+    """Delete up to ``limit`` queued tasks of ``task_type`` (any if ``None``) created at or
+    before ``before``, in one commit (a ``task.deleted`` each); returns how many."""
+
+    task_type: str | None = None
+    before: datetime
+    limit: int
+    source_agent: str | None = None
+
+
 TaskManagerMessage: TypeAlias = (
     CreateTask
     | CreateTasks
@@ -470,6 +534,11 @@ TaskManagerMessage: TypeAlias = (
     | Unclaimed
     | Wake
     | PlansSettled
+    | RetryTask
+    | RevokeTaskType
+    | RestoreTaskType
+    | GetRevokedTaskTypes
+    | FlushQueue
 )
 
 

@@ -117,6 +117,9 @@ AGENT_RULES: Mapping[str, Rule] = MappingProxyType(
         "server_status": _R.READ,
         "read_events": _R.READ,
         "wait_for_plan": _R.READ,
+        "wait_for_task": _R.READ,
+        "get_task_counts": _R.READ,
+        "get_revoked_task_types": _R.READ,
         # what it starts, as itself
         "create_task": _R.AS_ITSELF,
         "create_tasks": _R.AS_ITSELF,
@@ -140,6 +143,7 @@ AGENT_RULES: Mapping[str, Rule] = MappingProxyType(
         "claim_planning_request": _R.ITS_WORKER,  # agent_id: a worker id or its identity
         # what it made or asked for
         "cancel_task": _R.ITS_TASK,
+        "retry_task": _R.ITS_TASK,
         "update_task_status": _R.ITS_TASK,  # assigned_worker, if set, one of its own
         "approve_plan": _R.ITS_PLAN,
         "mark_plan_execution_started": _R.ITS_PLAN,
@@ -158,6 +162,10 @@ AGENT_RULES: Mapping[str, Rule] = MappingProxyType(
         "delete_task": _R.ADMIN,
         "create_run": _R.ADMIN,
         "update_run_status": _R.ADMIN,
+        # control by hand (docs/CONTROL.md): an operator's, on anyone's tasks
+        "revoke_task_type": _R.ADMIN,
+        "restore_task_type": _R.ADMIN,
+        "flush_queue": _R.ADMIN,
     }
 )
 

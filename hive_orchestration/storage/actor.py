@@ -46,6 +46,7 @@ from ..messages.storage import (
     Committed,
     CountSubtasks,
     CountTasks,
+    DeleteRevokedType,
     DeleteScheduleRow,
     DeleteTaskRow,
     DeleteWorkerRow,
@@ -68,6 +69,7 @@ from ..messages.storage import (
     NextPlannedTask,
     PutPlan,
     PutPlanningRequest,
+    PutRevokedType,
     PutRun,
     PutSchedule,
     PutSubtask,
@@ -90,6 +92,7 @@ from ..messages.tasks import Run, Task
 from ..messages.workers import Worker
 from ..runtime import Actor, ActorRef, Envelope
 from . import plans
+from .control import CONTROL_QUERIES, frees_key, query_control, revoked_statement
 from .database import Target, open_database
 from .drivers import Driver, Row, Statement
 from .event_reads import events_sql, read_event_rows
@@ -125,7 +128,12 @@ _INSERT_EVENT = (
     " worker_id, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 #: The owners of some idempotency keys, through the unique index on the key.
-FIND_KEYS_SQL = "SELECT idempotency_key, id FROM tasks WHERE idempotency_key IN ({marks})"
+#: A task of scope 'active' holds its key only while live: the index's own condition.
+FIND_KEYS_SQL = (
+    "SELECT idempotency_key, id FROM tasks WHERE idempotency_key IN ({marks})"
+    " AND idempotency_key IS NOT NULL AND (idempotency_scope IS NULL"
+    " OR status IN ('queued', 'blocked', 'assigned', 'running'))"
+)
 #: Under SQLite's oldest limit on bound parameters (999).
 _KEYS_PER_QUERY = 500
 
@@ -309,6 +317,8 @@ class StorageActor(Actor[StorageMessage]):
                 return await _query_plans(db, message)
             case _ if isinstance(message, QUEUE_QUERIES):
                 return await query_queues(db, message)
+            case _ if isinstance(message, CONTROL_QUERIES):
+                return await query_control(db, message)
             case other:
                 raise HiveError(f"the storage actor does not handle {type(other).__name__}")
 
@@ -575,6 +585,7 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
     new_plans: list[Statement] = []
     plan_updates: list[Statement] = []  # in order: each sets whole status and times
     subtasks: dict[tuple[str, str], SubtaskState] = {}
+    control: list[Statement] = []  # revoked task types, in order
     schedules: list[Statement] = []  # in order: they reference no other row
     for op in ops:
         match op:
@@ -606,6 +617,8 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
                 workers[worker.id] = worker
             case DeleteWorkerRow(worker_id=worker_id):
                 gone.append(worker_id)
+            case PutRevokedType() | DeleteRevokedType():
+                control.append(revoked_statement(op))
             case PutSchedule() | SetScheduleSlot() | DeleteScheduleRow():
                 schedules.append(schedule_statement(op))
     if (
@@ -628,6 +641,9 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
     for task_id, task in tasks.items():
         if task_id in put_tasks:
             statements.append(task_statement(task))
+        elif frees_key(task):
+            # Before the puts: a task created in this write may take the key it frees.
+            statements.insert(0, task_state_statement(task))
         else:
             states.append(task_state_statement(task))
     for run_id, run in runs.items():
@@ -637,7 +653,7 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
             states.append(run_state_statement(run))
     statements += [worker_statement(worker) for worker in workers.values()]
     statements += [plans.subtask_statement(state) for state in subtasks.values()]
-    return statements + states + schedules
+    return statements + states + control + schedules
 
 
 def _in_order(op: WriteOp) -> Statement:
@@ -664,6 +680,8 @@ def _in_order(op: WriteOp) -> Statement:
             return plans.plan_status_statement(op)
         case PutSubtask(state=state):
             return plans.subtask_statement(state)
+        case PutRevokedType() | DeleteRevokedType():
+            return revoked_statement(op)
         case PutSchedule() | SetScheduleSlot() | DeleteScheduleRow():
             return schedule_statement(op)
     raise AssertionError(f"not a row write: {op!r}")

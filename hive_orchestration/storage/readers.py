@@ -39,7 +39,14 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..errors import ActorFailedError, RuntimeStoppedError, StorageError
-from ..messages.storage import CountTasks, QueryPlanningRequests, QueryPlans, QueryTasks, ReadEvents
+from ..messages.storage import (
+    CountTasks,
+    CountTasksByType,
+    QueryPlanningRequests,
+    QueryPlans,
+    QueryTasks,
+    ReadEvents,
+)
 from .database import Target, read_only_uri
 from .drivers import Driver, connect
 from .faults import storage_error
@@ -49,7 +56,14 @@ __all__ = ["POOLED", "Job", "ReaderPool"]
 log = logging.getLogger("hive_orchestration.storage")
 
 #: The reads that go to the pool: the ones whose size grows with the database.
-POOLED = (QueryTasks, CountTasks, ReadEvents, QueryPlans, QueryPlanningRequests)
+POOLED = (
+    QueryTasks,
+    CountTasks,
+    ReadEvents,
+    QueryPlans,
+    QueryPlanningRequests,
+    CountTasksByType,
+)
 
 #: A read to run: given a connection, it answers its asker itself (and never raises but
 #: for cancellation). ``stopped`` fails its asker, for a read that will never run.

@@ -225,11 +225,33 @@ _V9: tuple[str, ...] = (
     " WHERE status = 'queued'",
 )
 
-# Version 10: periodic schedules (actors/scheduler.py). The definition is one JSON
+# Version 10: control by hand (docs/CONTROL.md). A task's idempotency key may be held
+# only while the task is live (idempotency_scope 'active'; NULL: forever, as before), so
+# the unique index covers the keys still held: a live task's, or any key held forever.
+# Its WHERE names the live statuses literally, as the TaskManager's lookup does, so that
+# the planner uses it for that lookup. And the task types whose tasks are not handed out
+# (revoke_task_type), one row each until restored.
+_V10: tuple[str, ...] = (
+    "ALTER TABLE tasks ADD COLUMN idempotency_scope TEXT",
+    "DROP INDEX idx_tasks_idempotency_key",
+    "CREATE UNIQUE INDEX idx_tasks_idempotency_key ON tasks (idempotency_key)"
+    " WHERE idempotency_key IS NOT NULL AND (idempotency_scope IS NULL"
+    " OR status IN ('queued', 'blocked', 'assigned', 'running'))",
+    """
+    CREATE TABLE revoked_task_types (
+        task_type TEXT PRIMARY KEY,
+        revoked_at TIMESTAMP NOT NULL,
+        source_agent TEXT,
+        reason TEXT
+    )
+    """,
+)
+
+# Version 11: periodic schedules (actors/scheduler.py). The definition is one JSON
 # document, written whole; what the schedule fired is in its own columns, moved only
 # forward, in the TaskManager's write that creates the slot's task (storage/schedules.py).
 # Times are fixed-width UTC text, so that comparing the text compares the instants.
-_V10: tuple[str, ...] = (
+_V11: tuple[str, ...] = (
     "CREATE TABLE schedules ("
     " id TEXT PRIMARY KEY,"
     " name TEXT NOT NULL UNIQUE,"
@@ -244,5 +266,5 @@ _V10: tuple[str, ...] = (
 )
 
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10, _V11)
 SCHEMA_VERSION = len(MIGRATIONS)

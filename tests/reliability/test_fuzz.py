@@ -699,6 +699,10 @@ TIMEZONE = Kind(
     ),
     _is_str,
 )
+#: How long a task holds its idempotency key.
+SCOPE = Kind(
+    lambda _: st.sampled_from(("forever", "active", "", "ACTIVE", "until", "\x00")), _is_str
+)
 
 OPS: dict[str, Operation] = {
     "aclose_callbacks": Operation("await", {}),
@@ -778,6 +782,7 @@ OPS: dict[str, Operation] = {
             "concurrency_limit": integer(1, 2**63 - 1, optional=True),
             # A name, a list of names, or None ("no requirement"), as task_types takes.
             "requires": task_types(),
+            "idempotency_scope": SCOPE,
         },
     ),
     "create_tasks": Operation("await", {"tasks": NEW_TASKS}),
@@ -803,6 +808,27 @@ OPS: dict[str, Operation] = {
     ),
     "get_active_workers": Operation("await", {"role": ident(optional=True)}),
     "count_tasks": Operation("await", {}),
+    # Control by hand (docs/CONTROL.md).
+    "flush_queue": Operation(
+        "await", {"task_type": ident("task_types", optional=True), "source_agent": OPT_AGENT}
+    ),
+    "get_revoked_task_types": Operation("await", {}),
+    "get_task_counts": Operation("await", {}),
+    "restore_task_type": Operation(
+        "await", {"task_type": ident("task_types"), "source_agent": OPT_AGENT}
+    ),
+    "retry_task": Operation(
+        "await", {"task_id": TASK, "reason": text(optional=True), "source_agent": OPT_AGENT}
+    ),
+    "revoke_task_type": Operation(
+        "await",
+        {
+            "task_type": ident("task_types"),
+            "reason": text(optional=True),
+            "source_agent": OPT_AGENT,
+        },
+    ),
+    "wait_for_task": Operation("await", {"task_id": TASK, "timeout": seconds(optional=True)}),
     "list_tasks": Operation(
         "await",
         {

@@ -35,7 +35,9 @@ Idempotency keys. Memory knows the keys of the tasks in memory only; a finished 
 leaves with it and lives on in SQLite, behind the unique index. Before a batch is handled,
 the keys of its creates that memory does not know are looked up in storage, one read for
 the whole batch, so a key stays its first task's until that task is deleted, however long
-ago it finished and across restarts, and opening a database loads no key.
+ago it finished and across restarts, and opening a database loads no key. A task created
+with ``idempotency_scope="active"`` holds its key only while live: it lets go of it as it
+ends, and storage's unique index covers only the keys still held (control.py).
 
 Claims. A worker's ``claim_task`` is parked until the end of its batch, then handed the
 best ready task of its types (priority, then age) from the :class:`ReadyQueue`; with
@@ -87,10 +89,14 @@ blocked    queued     its plan's dependencies are all done (PlanExecutor  plan.s
                       only, never update_task_status)
 blocked    cancelled  cancel_task, its plan failed, was cancelled or      task.cancelled
                       skips it
+failed     queued     retry_task only (control.py), attempts reset; not   task.retried
+timed_out             a plan's subtask
+cancelled
 =========  =========  ==================================================  ==============
 
 Everything else is refused with :class:`IllegalTransitionError` and changes nothing:
-completed, failed, cancelled and timed_out are terminal, and a claimed task is started
+completed, failed, cancelled and timed_out are terminal (only ``retry_task``, which is not
+in :data:`TRANSITIONS`, takes a task out of the last three), and a claimed task is started
 before it completes. Setting a task's current status again is refused too, so that each
 transition publishes exactly one event, with one exception: asking a finished task for
 the status it already has, with nothing that contradicts it (the same result or error,
@@ -175,7 +181,9 @@ from ...messages.tasks import (
     CreateTasks,
     DeleteTask,
     FailTask,
+    FlushQueue,
     GetQueuedTasks,
+    GetRevokedTaskTypes,
     GetRun,
     GetRuns,
     GetTask,
@@ -187,6 +195,10 @@ from ...messages.tasks import (
     QueueTasks,
     ReleaseTask,
     ReleaseWorker,
+    RestoreTaskType,
+    RetryTask,
+    RevokedTaskType,
+    RevokeTaskType,
     Run,
     RunStatus,
     StartTask,
@@ -200,6 +212,7 @@ from ...messages.tasks import (
 )
 from ...messages.workers import WorkerRegistryMessage, WorkersSeen
 from ...runtime import Actor, ActorRef, Alarm, Deadlines, Envelope, Reply, Request
+from . import control
 from .ready import Bound, QueueId, ReadyQueue, bound_of, queue_of
 from .schedule_slots import slot_ops
 
@@ -265,13 +278,25 @@ _WRITES = (
     FailTask,
     ReleaseTask,
     ReleaseWorker,
+    RetryTask,
+    RevokeTaskType,
+    RestoreTaskType,
+    FlushQueue,
 )
 #: Requests a worker makes with its lease token: each is a sign of that worker's life.
 _LEASED = (Heartbeat, StartTask, CompleteTask, FailTask, ReleaseTask)
 #: Requests from outside the plan executor that can end a plan's task: with a plan
 #: barrier, their answers wait until the plan executor has applied what the end caused.
 #: (The plan executor's own requests are never held: it waits for them.)
-_ENDS_PLAN_TASKS = (UpdateTaskStatus, CancelTask, DeleteTask, CompleteTask, FailTask, ReleaseWorker)
+_ENDS_PLAN_TASKS = (
+    UpdateTaskStatus,
+    CancelTask,
+    DeleteTask,
+    CompleteTask,
+    FailTask,
+    ReleaseWorker,
+    FlushQueue,
+)
 
 
 class CommitOutcomeUnknown(RuntimeError):
@@ -367,6 +392,8 @@ class _Batch:
     starved: bool = False  # a claim waits for a drained head's next tasks
     # Parked ClaimTasks this batch gave claims to, and how many they had before.
     grown: list[tuple[int, int]] = field(default_factory=list)
+    # The revoked task types before the batch first changed them (None: unchanged).
+    revoked: dict[str, RevokedTaskType] | None = None
 
 
 class TaskManager(Actor[TaskManagerMessage]):
@@ -414,6 +441,9 @@ class TaskManager(Actor[TaskManagerMessage]):
         self._backoff_base = retry_backoff
         self._backoff_max = retry_backoff_max
         self._type_limits = dict(concurrency_limits or {})
+        # Task types whose tasks are not handed out (control.py), durable in their table;
+        # the ready queue reads the same dict.
+        self._revoked: dict[str, RevokedTaskType] = {}
         self._rng = rng or random.Random()
         self._tasks: dict[str, Task] = {}  # claimed, heads of queues, recently finished
         self._finished: OrderedDict[str, None] = OrderedDict()  # finished, oldest first
@@ -424,7 +454,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         self._runs_of: dict[str, list[str]] = {}
         # Derived from the above (rebuilt by _reindex): what can be handed out, which run
         # holds each claimed task, and the claimed runs' next deadlines.
-        self._ready = ReadyQueue(self._type_limits)
+        self._ready = ReadyQueue(self._type_limits, revoked=self._revoked)
         self._held: dict[str, str] = {}  # task id -> the run holding its claim
         # Run id -> its lease or timeout, one entry per claim (moved, not added to, when a
         # heartbeat moves it; dropped when the claim ends), so it stays O(live claims).
@@ -459,11 +489,12 @@ class TaskManager(Actor[TaskManagerMessage]):
             if len(queued) >= self._head:
                 bounds[(head.task_type, head.requires, head.concurrency_key)] = bound_of(queued[-1])
         runs += heads.runs
+        await control.load_revoked(self)
         self._tasks = {task.id: task for task in tasks}
         self._keys = {t.idempotency_key: t.id for t in tasks if t.idempotency_key is not None}
         for run in runs:
             self._remember_run(run)
-        self._ready = ReadyQueue(self._type_limits, bounds)
+        self._ready = ReadyQueue(self._type_limits, bounds, self._revoked)
         # A crash's restart keeps the claims, so their secrets must still be proved; on
         # open, recovery ends them all.
         hashes = {} if self._recover else await self._storage.ask(LoadLeaseHashes(LIVE))
@@ -952,6 +983,9 @@ class TaskManager(Actor[TaskManagerMessage]):
                 self._keys.pop(key, None)
             else:
                 self._keys[key] = owner
+        if work.revoked is not None:
+            self._revoked.clear()
+            self._revoked.update(work.revoked)
         self._reindex()
         log.warning("commit failed; %d task(s) restored in memory", len(work.undo))
 
@@ -959,7 +993,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         """Rebuild what is derived from tasks and runs: the ready queue, the claims and
         their deadlines. O(tasks in memory): at start-up (with the stored ``hashes`` of the
         claims' secrets) and after a failed commit only."""
-        self._ready = ReadyQueue(self._type_limits, self._ready.bounds())
+        self._ready = ReadyQueue(self._type_limits, self._ready.bounds(), self._revoked)
         self._held = {}
         self._deadlines = Deadlines()
         for task in self._tasks.values():
@@ -1433,6 +1467,10 @@ class TaskManager(Actor[TaskManagerMessage]):
                 for claim in claims:
                     self._release_unclaimed(claim, work, now)
                 return None
+            case RetryTask() | RevokeTaskType() | RestoreTaskType() | FlushQueue():
+                return await control.handle(self, message, work, now)
+            case GetRevokedTaskTypes():
+                return list(self._revoked.values())
             case ClaimTask() | ClaimTasks():  # pragma: no cover - parked by receive_batch
                 raise HiveError("claims are parked, not handled")
         raise HiveError(f"the task manager does not handle {type(message).__name__}")
@@ -1497,7 +1535,7 @@ class TaskManager(Actor[TaskManagerMessage]):
     def _create(self, message: CreateTask, work: _Batch, now: datetime) -> str:
         key = message.idempotency_key
         if key is not None:
-            owner = self._keys.get(key) or work.stored_keys.get(key)
+            owner = control.key_owner(self, key, work)
             if owner is not None:
                 if message.schedule is not None:
                     work.ops += slot_ops(message.schedule, owner, None, now)
@@ -1515,6 +1553,7 @@ class TaskManager(Actor[TaskManagerMessage]):
             max_retries=message.max_retries,
             due_date=message.due_date,
             idempotency_key=key,
+            idempotency_scope=message.idempotency_scope,
             correlation_id=message.correlation_id,
             source_agent=message.source_agent,
             timeout=message.timeout,
@@ -1600,6 +1639,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         self._index(task, updated)
         if status in TERMINAL:
             self._finished[task.id] = None
+            control.let_go_of_key(self, updated, work)
         work.ops.append(SetTaskState(updated))
         data: dict[str, JsonValue] = {
             "status": status.value,
@@ -1618,7 +1658,17 @@ class TaskManager(Actor[TaskManagerMessage]):
         return updated
 
     async def _delete(self, task_id: str, work: _Batch, now: datetime) -> bool:
-        task = await self._find(task_id, work)
+        return self._delete_task(await self._find(task_id, work), work, now)
+
+    def _delete_task(
+        self,
+        task: Task,
+        work: _Batch,
+        now: datetime,
+        source: str | None = None,
+        extra: dict[str, JsonValue] | None = None,
+    ) -> bool:
+        task_id = task.id
         self._touch(task_id, work)
         self._tasks.pop(task_id, None)
         self._index(task, None)
@@ -1636,7 +1686,8 @@ class TaskManager(Actor[TaskManagerMessage]):
             del work.stored_keys[key]  # a later create in this batch may take the key
         work.deleted.add(task_id)
         work.ops.append(DeleteTaskRow(task_id))
-        work.ops.append(self._event("task.deleted", task, now, None, {"task_type": task.task_type}))
+        data: dict[str, JsonValue] = {"task_type": task.task_type, **(extra or {})}
+        work.ops.append(self._event("task.deleted", task, now, source, data))
         return True
 
     async def _cursor(self, after: str) -> Task:

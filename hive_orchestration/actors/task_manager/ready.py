@@ -107,8 +107,12 @@ class ReadyQueue:
         self,
         type_limits: Mapping[str, int] | None = None,
         bounds: Mapping[QueueId, Bound] | None = None,
+        revoked: Collection[str] = frozenset(),
     ) -> None:
         self._type_limits = dict(type_limits or {})
+        # Task types whose tasks are not handed out (revoke_task_type): the owner's set,
+        # read here, so a type is held back as if its concurrency limit were reached.
+        self._revoked = revoked
         self._heaps: dict[Route, list[_Entry]] = {}
         self._delayed: list[tuple[float, _Entry]] = []
         self._blocked: dict[str, list[_Entry]] = {}  # concurrency key -> heap of entries
@@ -307,6 +311,8 @@ class ReadyQueue:
         return None
 
     def _type_full(self, task_type: str) -> bool:
+        if task_type in self._revoked:
+            return True
         limit = self._type_limits.get(task_type)
         return limit is not None and self._held_types[task_type] >= limit
 
@@ -553,6 +559,14 @@ class ReadyQueue:
             if self._held_keys[key] <= 0:
                 del self._held_keys[key]
             self._release(key)
+
+    def restored(self, task_type: str) -> None:
+        """``task_type`` is no longer revoked: its tasks set aside may go again."""
+        if self._heaps.get(task_type):
+            self.changed = True
+        for entry in self._type_blocked.pop(task_type, ()):
+            if self._valid(entry):
+                self._push(entry)
 
     def held(self, task_type: str) -> int:
         return self._held_types[task_type]
