@@ -60,6 +60,7 @@ from .events import (
 )
 from .interfaces import EventProtocol, TaskOperations, WorkerOperations
 from .messages.events import Event
+from .messages.plan_data import DependencyResult, DependencyResults
 from .messages.plans import (
     ExecutionPlan,
     FailurePolicy,
@@ -95,6 +96,8 @@ __all__ = [
     "AgentRegistry",
     "AgentRunner",
     "Claim",
+    "DependencyResult",
+    "DependencyResults",
     "ConfigError",
     "ConnectionLostError",
     "ConnectionStatus",

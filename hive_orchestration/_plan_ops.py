@@ -39,6 +39,7 @@ from ._validate import (
 from .config import RuntimeConfig
 from .errors import InvalidInputError, NotFoundError, RequestTimeoutError
 from .listing import check_after, check_limit
+from .messages.plan_data import DependencyResults, LoadDependencyResults
 from .messages.plans import (
     PLAN_FINAL,
     ApprovePlan,
@@ -81,6 +82,8 @@ __all__ = ["PlanOps"]
 
 _MAX_PRIORITY = 2**31 - 1
 _MAX_LIST = 10_000
+#: Dependencies in one page of get_dependency_results.
+_MAX_DEPENDENCY_PAGE = 1000
 _PLAN_KEYS = ("subtasks",)
 # msgspec names the place of a type error as "... - at `$.subtasks[3].priority`".
 _AT = re.compile(r" - at `\$(.*)`$")
@@ -231,7 +234,9 @@ class PlanOps(Caller):
         ``plan_data`` is a JSON object with ``subtasks``: a list of objects with ``id``,
         ``task_type`` (or ``type``) and optionally ``title``, ``description``, ``payload``,
         ``priority``, ``dependencies`` (ids of subtasks of the plan), ``max_retries``,
-        ``timeout``, ``requires`` and ``estimated_duration``; its other keys (``title``,
+        ``timeout``, ``requires``, ``estimated_duration`` and ``always_run`` (run once the
+        dependencies have ended, whatever their outcome: a cleanup step; see
+        docs/PLAN_DATA.md); its other keys (``title``,
         for one) are kept as given. The whole plan is checked first: a bad field, a
         duplicate id, an unknown dependency, an empty plan or a cycle (named) is an
         :class:`InvalidInputError`, and nothing is written. ``planning_task_id`` links
@@ -434,6 +439,51 @@ class PlanOps(Caller):
                         return plan
                     await changed.receive()
         raise RequestTimeoutError("plans", f"wait_for_plan({plan_id!r})", limit)
+
+    # -- data between plan steps ------------------------------------------------------------
+
+    async def get_dependency_results(
+        self,
+        task_id: str,
+        subtask_ids: Iterable[str] | None = None,
+        *,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> DependencyResults:
+        """What the dependencies of a plan subtask gave: for the subtask whose task is
+        ``task_id``, each dependency (those in ``subtask_ids``, else all) with how it
+        ended, its task and that task's result (or error), by subtask id.
+
+        One page: at most ``limit`` dependencies (at most 1000), and no more results than
+        half a frame (``max_frame_bytes``, at least one dependency); ``next_after`` says
+        where the next page starts (None: that was the last). A handler calls it with its
+        own task's id (``TaskContext.dependency_results`` reads every page). A task that
+        is not a plan's subtask, or a name that is not one of its dependencies, is an
+        :class:`InvalidInputError`; an unknown task, :class:`NotFoundError`.
+        """
+        self._check_open()
+        names: tuple[str, ...] | None = None
+        if subtask_ids is not None:
+            if isinstance(subtask_ids, str) or not isinstance(subtask_ids, Iterable):
+                raise InvalidInputError("subtask_ids", "must be a list of subtask ids")
+            checked: list[str] = []
+            for i, name in enumerate(subtask_ids):
+                if i == _MAX_DEPENDENCY_PAGE:
+                    raise InvalidInputError(
+                        "subtask_ids", f"holds more than {_MAX_DEPENDENCY_PAGE} ids"
+                    )
+                checked.append(check_identifier(name, f"subtask_ids[{i}]"))
+            names = tuple(checked)
+        config = self._config
+        return await self._storage.ask(
+            LoadDependencyResults(
+                task_id=check_identifier(task_id, "task_id"),
+                subtask_ids=names,
+                after=check_after(after),
+                limit=check_int(limit, "limit", minimum=1, maximum=_MAX_DEPENDENCY_PAGE),
+                max_bytes=max(config.max_payload_bytes, config.max_frame_bytes // 2),
+            )
+        )
 
     # -- checking plan data -----------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from typing import Any, cast
 import msgspec
 
 from ._caller import Caller
+from ._trace import outgoing
 from ._validate import (
     MIN_LEASE,
     YEAR,
@@ -211,7 +212,10 @@ class TaskOps(Caller):
             concurrency_limit = check_int(concurrency_limit, "concurrency_limit", minimum=1)
             if concurrency_key is None:
                 raise InvalidInputError("concurrency_limit", "needs a concurrency_key to limit")
+        trace = outgoing()
         return CreateTask(
+            traceparent=None if trace is None else trace[0],
+            tracestate=None if trace is None else trace[1],
             title=check_str(task_type if title is None else title, "title", empty=False),
             task_type=task_type,
             payload=self._json(payload, "payload") or {},

@@ -70,11 +70,13 @@ from .messages.schedules import SchedulerMessage, SchedulerWake
 from .messages.storage import (
     AppendEvent,
     CheckReaders,
+    CountQueued,
     GetStorageStats,
     StorageMessage,
     StorageStats,
     Write,
 )
+from .messages.tap import EventTap, Fold
 from .messages.tasks import TaskManagerMessage, Wake
 from .messages.workers import RegistryWake, WorkerRegistryMessage
 from .runtime import ActorRef, Alarm, ChildRestart, ChildSpec, Supervisor
@@ -517,6 +519,31 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, ScheduleOps):
         finally:
             subscription.close()
 
+    @asynccontextmanager
+    async def tap(self, fold: Fold) -> AsyncIterator[EventTap]:
+        """Fold every event committed from now on, for the block, in this process: ``fold``
+        is called with each commit's events as the broadcast actor fans them out (see
+        :mod:`hive_orchestration.messages.tap`: it must be quick, never block, and only
+        read them). Cheaper than :meth:`subscribe` for an observer that only counts (the
+        Prometheus exporter). ``await tap.receive()`` waits for its end: ``EndOfStream``
+        when the runtime stops, a ``Lagged`` marker if the fan-out broke, or what
+        ``fold`` raised."""
+        self._check_open()
+        tap = EventTap(fold)
+        try:
+            subscription_id = await self._broadcast.ask(
+                Subscribe("*", (), tap, 1, "error", internal=True)
+            )
+        except BaseException:
+            tap.close()
+            raise
+        try:
+            yield tap
+        finally:
+            tap.close()
+            with suppress(RuntimeStoppedError):
+                self._broadcast.try_tell(Unsubscribe(subscription_id))
+
     async def _open_subscription(
         self,
         pattern: str,
@@ -618,6 +645,13 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, ScheduleOps):
         return (await self._storage.ask(GetStorageStats())).last_seq
 
     # -- introspection --------------------------------------------------------------------
+
+    async def queue_depths(self) -> dict[str, tuple[int, datetime]]:
+        """The queued tasks by type: how many, and since when the longest-waiting one has
+        been claimable. One aggregate query on a reader connection, whatever the depth
+        (the Prometheus exporter's ``hive_queue_depth``, in this process)."""
+        self._check_open()
+        return await self._storage.ask(CountQueued())
 
     async def statistics(self) -> RuntimeStatistics:
         self._check_open()

@@ -309,6 +309,7 @@ class SyncOrchestrationClient:
         OrchestrationClient.check_subtask_dependencies_batch
     )
     get_next_planned_subtask = _blocking(OrchestrationClient.get_next_planned_subtask)
+    get_dependency_results = _blocking(OrchestrationClient.get_dependency_results)
     wait_for_plan = _blocking(OrchestrationClient.wait_for_plan)
     # Control by hand (docs/CONTROL.md).
     wait_for_task = _blocking(OrchestrationClient.wait_for_task)

@@ -41,3 +41,23 @@ def not_async(context: TaskContext) -> None:
 
 
 NOT_CALLABLE = 42
+
+
+class Transient(Exception):
+    """A failure worth another attempt (the retry tests name it: ``_handlers:Transient``)."""
+
+
+async def erring(context: TaskContext) -> dict[str, object]:
+    """Raises the builtin exception its payload names (``{"raise": "KeyError"}``), or
+    :class:`Transient`, until the attempt its payload says it succeeds on."""
+    if context.attempt < int(str(context.payload.get("succeed_on", 1_000))):
+        name = str(context.payload["raise"])
+        kind = Transient if name == "Transient" else getattr(__import__("builtins"), name)
+        raise kind(f"attempt {context.attempt}")
+    return {"attempt": context.attempt}
+
+
+async def summing(context: TaskContext) -> dict[str, object]:
+    """A plan step: the sum of its dependencies' ``n`` (read through the runtime)."""
+    inputs = await context.dependency_results()
+    return {"sum": sum(int(str((dep.result or {})["n"])) for dep in inputs.values())}

@@ -159,7 +159,9 @@ async def test_a_version_7_database_gains_the_version_8_indexes(
             " WHERE idempotency_key IS NOT NULL"
         )
         conn.execute("DROP TABLE revoked_task_types")
-        conn.execute("DROP TABLE schedules")  # what version 11 adds
+        conn.execute("ALTER TABLE tasks DROP COLUMN traceparent")  # what version 11 adds
+        conn.execute("ALTER TABLE tasks DROP COLUMN tracestate")
+        conn.execute("DROP TABLE schedules")  # what version 12 adds
         conn.execute("PRAGMA user_version = 7")
     async with Runtime.open(db_path) as rt:
         assert [e.type for e in await rt.read_events(pattern="app.*")] == ["app.note"]

@@ -24,6 +24,10 @@ EXPECTED = {
     "sync_app.py": "completed 3 of 3 report(s) in a plain thread: ['report-worker-1']",
     "batch_worker.py": "completed 11 of 12 thumbnail(s), 1 failed for good",
     "control_by_hand.py": "tasks by status and type: {'completed': {'mail': 2}}",
+    "plan_data_and_cleanup.py": (
+        "cleanup saw fetch-asia=failed, fetch-eu=completed, fetch-us=completed,"
+        " merge=completed, publish=skipped"
+    ),
     "periodic_schedules.py": (
         "health-check: 3 probe(s) completed, one task per fired slot: True, paused: True;"
         " nightly-report kept: True"

@@ -19,8 +19,10 @@ pytest.importorskip("prometheus_client", reason="the metrics extra is not instal
 from prometheus_client.parser import text_string_to_metric_families
 
 from hive_orchestration import Runtime
+from hive_orchestration.cli.reader import OwnerReader
 from hive_orchestration.messages.events import Event
 from hive_orchestration.observe.metrics import Metrics, metrics_app, watch
+from hive_orchestration.observe.source import Source
 
 pytestmark = pytest.mark.anyio
 
@@ -155,6 +157,16 @@ async def test_scraped_figures_match_what_was_done(db_path: str) -> None:
     assert value(samples, "hive_storage_commits_total") > 0
     commits = value(samples, "hive_storage_commits_total")
     assert value(samples, "hive_storage_writes_total") >= commits
+    # Every commit timed and sized, in the histograms (scraped after the last commit
+    # the test made, and nothing commits while it reads: the counts match exactly).
+    assert value(samples, "hive_commit_seconds_count") == commits
+    assert value(samples, "hive_commit_seconds_sum") > 0
+    assert value(samples, "hive_commit_seconds_bucket", le="+Inf") == commits
+    assert value(samples, "hive_commit_batch_size_count") == commits
+    assert value(samples, "hive_commit_batch_size_sum") == value(
+        samples, "hive_storage_writes_total"
+    )
+    assert value(samples, "hive_commit_batch_size_bucket", le="1.0") >= 1
     assert ("hive_mailbox_depth", (("actor", "tasks"),)) in samples
     assert value(samples, "hive_actor_restarts_total", actor="storage") == 0
     # The Grafana dashboard of the docs graphs only what is scraped.
@@ -216,7 +228,9 @@ async def test_a_queue_too_deep_to_read_whole_is_not_reported_by_type(
     from hive_orchestration.observe import metrics as module
 
     monkeypatch.setattr(module, "MAX_READ", 3)
-    async with Runtime.open(db_path) as runtime, watch(runtime) as metrics:
+    async with Runtime.open(db_path) as runtime:
+        # Read as from another process (its socket): public reads only, no runtime.
+        metrics = Metrics(Source(OwnerReader(runtime.client(source_agent="t"), "t")))
         await runtime.create_task("a", {})
         await runtime.create_task("b", {})
         _, _, samples = await scrape(metrics)
@@ -226,3 +240,28 @@ async def test_a_queue_too_deep_to_read_whole_is_not_reported_by_type(
         _, _, samples = await scrape(metrics)
         assert not [name for name, _ in samples if name.startswith("hive_queue_")]
         assert value(samples, "hive_tasks", status="queued") == 3
+
+
+async def test_in_the_runtimes_process_queue_depth_is_exact_at_any_depth(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In the runtime's process the depth by type is one aggregate query, not a page of
+    rows: past a page's worth it is still reported, exactly, and the oldest age counts
+    from when a retried task is due again, not from its failure."""
+    from hive_orchestration.observe import metrics as module
+
+    monkeypatch.setattr(module, "MAX_READ", 3)
+    async with Runtime.open(db_path) as runtime, watch(runtime) as metrics:
+        for n in range(5):
+            await runtime.create_task("b", {"n": n})
+        retried = await runtime.create_task("r", {})
+        claim = await runtime.claim_task("w", "r", start=True)
+        assert claim is not None
+        assert claim.task.id == retried
+        await runtime.fail_task(claim.lease, "again later", retry_after=3600)
+        _, _, samples = await scrape(metrics)
+    assert value(samples, "hive_queue_depth", task_type="b") == 5
+    assert value(samples, "hive_queue_depth", task_type="r") == 1
+    assert 0 < value(samples, "hive_queue_oldest_age_seconds", task_type="b") < 60
+    # Due in an hour: claimable since no time at all (its age is not negative).
+    assert value(samples, "hive_queue_oldest_age_seconds", task_type="r") == 0

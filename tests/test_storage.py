@@ -97,6 +97,32 @@ async def test_group_commit_batches_concurrent_writes(db_path: str, driver: Driv
     assert len(stored_events(db_path)) == writers
 
 
+async def test_each_commit_is_timed_and_sized_in_fixed_buckets(
+    db_path: str, driver: Driver
+) -> None:
+    async with storage(db_path, driver) as ref:
+        await ref.ask(Write(ops=(append("alone"),)))
+        async with anyio.create_task_group() as tg:
+            for i in range(50):
+                tg.start_soon(ref.ask, Write(ops=(append("w", i=i),)))
+        # A write that fails is not a commit: it is in neither histogram.
+        # A Struct is not validated when built: this event's type (NOT NULL) is None.
+        bad = Event(type=None, timestamp=1.0, source="test")  # type: ignore[arg-type]
+        with pytest.raises(StorageError):
+            await ref.ask(Write(ops=(AppendEvent(bad, b"{}"),)))
+        stats = await ref.ask(GetStorageStats())
+    seconds, sizes = stats.commit_seconds, stats.commit_batch_size
+    assert len(seconds.counts) == len(seconds.bounds) + 1
+    assert sum(seconds.counts) == stats.transactions
+    assert seconds.sum > 0
+    assert sum(sizes.counts) == stats.transactions
+    assert sizes.sum == stats.writes == 51
+    assert sizes.counts[0] >= 1  # the first write, committed alone
+    # The largest batch is in the bucket whose bound is the first to hold it.
+    largest = max(i for i, count in enumerate(sizes.counts) if count)
+    assert sizes.bounds[largest - 1] < stats.largest_batch <= sizes.bounds[largest]
+
+
 async def test_a_reply_means_the_write_is_on_disk(db_path: str, driver: Driver) -> None:
     """Each acknowledged write is visible to a separate connection at once (committed)."""
     async with storage(db_path, driver) as ref:

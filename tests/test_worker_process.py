@@ -238,6 +238,84 @@ async def test_a_handler_that_raises_fails_its_task_and_the_worker_goes_on(
         assert out.splitlines()[-1] == "worker: stopped: 1 completed, 1 failed, 0 handed back"
 
 
+async def test_retry_on_and_fail_on_say_which_exceptions_are_retried(
+    db_path: str, anyio_backend: str
+) -> None:
+    async with (
+        owner(db_path, anyio_backend),
+        OrchestrationClient(db_path=db_path) as client,
+        worker(
+            db_path,
+            anyio_backend,
+            "_handlers:erring",
+            "--task-types",
+            "job",
+            "--retry-on",
+            "_handlers:Transient",
+            "OSError",
+            "--fail-on",
+            "FileNotFoundError",
+        ) as process,
+    ):
+        jobs = {
+            "transient": {"raise": "Transient", "succeed_on": 2},
+            "os": {"raise": "ConnectionError", "succeed_on": 3},  # an OSError
+            "not_found": {"raise": "FileNotFoundError"},  # an OSError, but --fail-on
+            "other": {"raise": "ValueError"},  # not named: fails at once
+        }
+        ids = {
+            name: await client.create_task("job", job, max_retries=5) for name, job in jobs.items()
+        }
+
+        async def all_ended() -> bool:
+            for task_id in ids.values():
+                task = await get(client, task_id)
+                if task.status not in (TaskStatus.COMPLETED, TaskStatus.FAILED):
+                    return False
+            return True
+
+        await until(client, all_ended)
+        ended = {name: await get(client, task_id) for name, task_id in ids.items()}
+        assert ended["transient"].result == {"attempt": 2}
+        assert ended["os"].result == {"attempt": 3}
+        for name in ("not_found", "other"):
+            assert ended[name].status is TaskStatus.FAILED
+            assert ended[name].attempts == 1, name
+            assert len(await client.get_runs(ids[name])) == 1
+        process.signal(signal.SIGTERM)
+        code, out, err = await process.exit()
+        assert code == 0, err
+        assert out.splitlines()[-1] == "worker: stopped: 2 completed, 5 failed, 0 handed back"
+
+
+async def test_a_plan_step_in_a_worker_process_reads_its_dependencies_results(
+    db_path: str, anyio_backend: str
+) -> None:
+    async with (
+        owner(db_path, anyio_backend),
+        OrchestrationClient(db_path=db_path) as client,
+        worker(db_path, anyio_backend, "_handlers:summing", "--task-types", "sum"),
+    ):
+        plan_id = await client.create_execution_plan(
+            {
+                "subtasks": [
+                    {"id": f"n{i}", "task_type": "number", "payload": {"n": i}} for i in range(5)
+                ]
+                + [{"id": "total", "task_type": "sum", "dependencies": [f"n{i}" for i in range(5)]}]
+            }
+        )
+        assert await client.mark_plan_execution_started(plan_id)
+        for _ in range(5):
+            got = await client.claim_task("numbers", ["number"], wait=DEADLINE, start=True)
+            assert got is not None
+            await client.complete_task(got.lease, {"n": got.task.payload["n"]})
+        plan = await client.wait_for_plan(plan_id, timeout=DEADLINE)
+        assert plan.status.value == "completed", plan.error
+        (total,) = [s for s in await client.get_plan_subtasks(plan_id) if s.subtask_id == "total"]
+        assert total.task_id is not None
+        assert (await get(client, total.task_id)).result == {"sum": 10}
+
+
 # -- stopping ------------------------------------------------------------------------------
 
 
@@ -440,6 +518,18 @@ async def test_a_worker_exits_1_when_its_runtime_goes_away(
         (["_broken:run"], "importing '_broken' failed: RuntimeError: no config file"),
         (["_handlers:echo", "--worker-id", "a\tb"], "invalid --worker-id: must not contain"),
         (["_handlers:echo", "--task-types", " "], "invalid --task-types: must not be empty"),
+        (
+            ["_handlers:echo", "--retry-on", "no_such_module_here:Error"],
+            "invalid --retry-on: 'no_such_module_here:Error': no module named",
+        ),
+        (
+            ["_handlers:echo", "--fail-on", "ValueError", "_handlers:Missing"],
+            "invalid --fail-on: '_handlers:Missing': module '_handlers' has no 'Missing'",
+        ),
+        (
+            ["_handlers:echo", "--fail-on", "_handlers:echo"],
+            "invalid --fail-on: '_handlers:echo' is not an exception class (it is a function)",
+        ),
     ],
 )
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])

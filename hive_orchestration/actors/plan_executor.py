@@ -17,6 +17,8 @@ the plan ends, its subtask ends the same way and the plan reacts:
   depends on it, transitively (their tasks are cancelled), and lets the rest go on.
 
 A plan whose subtasks have all ended is completed if they all completed, else failed.
+A subtask marked ``always_run`` waits for its dependencies to end, whatever their
+outcome, instead of to complete; the rules are in :mod:`hive_orchestration._plan_steps`.
 
 Durability and recovery. The database holds everything: the plan (``execution_plans``),
 one row per subtask (``plan_execution``) and the tasks themselves, which name their
@@ -52,6 +54,7 @@ import anyio
 import msgspec
 
 from .._ids import new_id
+from .._plan_steps import PLAN_FAILED, blocks, failing, failure_reason, first_failure
 from ..errors import (
     HiveError,
     IllegalTransitionError,
@@ -154,7 +157,8 @@ class _Sub:
 
     state: SubtaskState
     dependents: list[str] = field(default_factory=list)
-    remaining: int = 0  # dependencies not completed yet
+    remaining: int = 0  # dependencies not completed yet (not ended yet, if always)
+    always: bool = False  # always_run: waits for its dependencies to end, not complete
 
 
 @dataclass(slots=True)
@@ -163,6 +167,9 @@ class _Plan:
     subs: dict[str, _Sub]
     by_task: dict[str, str]  # task id -> subtask id
     unfinished: int
+    # Why a fail-fast plan failed while its always-run steps still run (it ends then).
+    failure: str | None = None
+    failure_subtask: str | None = None
 
     @classmethod
     def build(cls, plan: ExecutionPlan, states: Sequence[SubtaskState]) -> _Plan:
@@ -172,13 +179,13 @@ class _Plan:
             state = known.get(spec.id) or SubtaskState(
                 plan_id=plan.id, subtask_id=spec.id, dependencies=spec.dependencies
             )
-            subs[spec.id] = _Sub(state)
+            subs[spec.id] = _Sub(state, always=spec.always_run)
         for spec in plan.subtasks:
             for need in spec.dependencies:
                 subs[need].dependents.append(spec.id)
         for sub in subs.values():
             sub.remaining = sum(
-                subs[need].state.status is not SubtaskStatus.COMPLETED
+                blocks(subs[need].state.status, always_run=sub.always)
                 for need in sub.state.dependencies
             )
         by_task = {s.state.task_id: k for k, s in subs.items() if s.state.task_id is not None}
@@ -288,6 +295,12 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
             if sub.state.task_id != task_id:
                 self._update(held, sub, work, task_id=task_id)
                 held.by_task[task_id] = subtask_id
+        if held.failure is None and failing(held.plan.failure_policy, _statuses(held)):
+            # Failed fast before a restart, its always-run steps still to end: the cause
+            # is read back from the rows, before settling what it cancelled meanwhile.
+            cause = first_failure(sub.state for sub in held.subs.values())
+            if cause is not None:
+                held.failure_subtask, held.failure = cause
         if held.plan.status not in (PlanStatus.DRAFT, PlanStatus.APPROVED):
             # A started plan's subtasks all got their tasks in the write that started it
             # (their rows name them), so an unfinished subtask without a task had it
@@ -317,6 +330,11 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
                 self._settle(held, sub, ended, None, work, now)
             elif status in _TASK_WORKING and sub.state.status is SubtaskStatus.PENDING:
                 self._update(held, sub, work, status=SubtaskStatus.READY, started_at=now)
+        if _executing(held) and failing(held.plan.failure_policy, _statuses(held)):
+            # Failed fast, waiting for its always-run steps: what the failure cancels
+            # may not all have been cancelled when the process died.
+            note = PLAN_FAILED + (held.failure or "a subtask did not complete")
+            self._stop_subtasks(held, _NOT_STARTED, SubtaskStatus.CANCELLED, note, work, now, True)
         if held.plan.status is PlanStatus.EXECUTING:
             for sub in held.subs.values():
                 state = sub.state
@@ -728,7 +746,8 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         if sub.state.status in SUBTASK_FINAL:
             return  # settled already (skipped or cancelled by this plan, or reconciled)
         if event.type == "task.retrying":
-            if held.plan.status in PLAN_FINAL:
+            # (held.failure: failed fast, its always-run steps still to run)
+            if held.plan.status in PLAN_FINAL or (held.failure is not None and not sub.always):
                 # It was running when the plan stopped and now goes back to the queue:
                 # the plan will not run it again.
                 reason = held.plan.error or f"plan {held.plan.status.value}"
@@ -760,9 +779,12 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         self._update(held, sub, work, status=status, completed_at=now, error=error)
         held.unfinished -= 1
         plan = held.plan
+        self._ended(held, sub, work, now)
         if status is SubtaskStatus.COMPLETED:
             for dependent_id in sub.dependents:
                 dependent = held.subs[dependent_id]
+                if dependent.always:
+                    continue  # counted by _ended
                 dependent.remaining -= 1
                 if (
                     dependent.remaining == 0
@@ -777,15 +799,19 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
     def _apply_policy(self, held: _Plan, sub: _Sub, work: _Work, now: datetime) -> None:
         """A subtask of an executing plan ended without completing: fail fast, or skip
         what depends on it."""
-        what = "was cancelled" if sub.state.status is SubtaskStatus.CANCELLED else "failed"
         subtask_id = sub.state.subtask_id
-        why = f"subtask {subtask_id!r} {what}"
-        if sub.state.error:
-            why += f": {sub.state.error}"
+        why = failure_reason(sub.state)
         if held.plan.failure_policy is FailurePolicy.FAIL_FAST:
             self._stop_subtasks(
-                held, _NOT_STARTED, SubtaskStatus.CANCELLED, f"plan failed: {why}", work, now
+                held, _NOT_STARTED, SubtaskStatus.CANCELLED, PLAN_FAILED + why, work, now, True
             )
+            if any(s.always and s.state.status not in SUBTASK_FINAL for s in held.subs.values()):
+                # Its always-run steps run first; the plan fails when they have ended.
+                if held.failure is None:
+                    held.failure, held.failure_subtask = why, subtask_id
+                return
+            if held.failure is not None:  # the first failure's, not its cleanup's
+                subtask_id, why = held.failure_subtask or subtask_id, held.failure
             data: dict[str, JsonValue] = {"subtask_id": subtask_id, "reason": why}
             self._set_status(held, PlanStatus.FAILED, "plan.failed", None, data, work, now, why)
         else:
@@ -798,12 +824,13 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         stack = list(failed.dependents)
         while stack:
             sub = held.subs[stack.pop()]
-            if sub.state.status is not SubtaskStatus.PENDING:
-                continue
+            if sub.state.status is not SubtaskStatus.PENDING or sub.always:
+                continue  # an always-run step is not skipped: it runs once they all ended
             self._update(
                 held, sub, work, status=SubtaskStatus.SKIPPED, completed_at=now, error=reason
             )
             held.unfinished -= 1
+            self._ended(held, sub, work, now)
             if sub.state.task_id is not None:
                 skipped.append(sub.state.task_id)
             stack.extend(sub.dependents)
@@ -820,24 +847,46 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         reason: str,
         work: _Work,
         now: datetime,
+        spare_always: bool = False,
     ) -> None:
         """Cancel the plan's tasks in ``statuses``. Subtasks still pending (never queued,
         so never started) end at once; ready ones end when their task's cancellation (or
-        its own end, if it had started) comes back as an event."""
+        its own end, if it had started) comes back as an event. With ``spare_always``
+        (failing fast), always-run subtasks are left to run once their dependencies end."""
         task_ids: list[str] = []
         for sub in held.subs.values():
             state = sub.state
-            if state.status in SUBTASK_FINAL:
+            if state.status in SUBTASK_FINAL or (spare_always and sub.always):
                 continue
             if state.task_id is not None:
                 task_ids.append(state.task_id)
             if state.status is SubtaskStatus.PENDING:
                 self._update(held, sub, work, status=status, completed_at=now, error=reason)
                 held.unfinished -= 1
+                self._ended(held, sub, work, now, ready=spare_always)
         if task_ids:
             work.cancels.append(
                 CancelTasks(task_ids=tuple(task_ids), statuses=statuses, reason=reason)
             )
+
+    def _ended(
+        self, held: _Plan, sub: _Sub, work: _Work, now: datetime, *, ready: bool = True
+    ) -> None:
+        """``sub`` has just ended, one way or another: its always-run dependents have one
+        dependency less to wait for, and run once they wait for none (not ``ready``: the
+        plan is being cancelled, they are cancelled too)."""
+        for dependent_id in sub.dependents:
+            dependent = held.subs[dependent_id]
+            if not dependent.always:
+                continue
+            dependent.remaining -= 1
+            if (
+                ready
+                and dependent.remaining == 0
+                and dependent.state.status is SubtaskStatus.PENDING
+                and _executing(held)
+            ):
+                self._ready(held, dependent, work, now)
 
     def _maybe_finish(self, held: _Plan, work: _Work, now: datetime) -> None:
         if held.unfinished or held.plan.status is not PlanStatus.EXECUTING:
@@ -853,6 +902,15 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         if not not_done:
             self._set_status(
                 held, PlanStatus.COMPLETED, "plan.completed", None, {"counts": counts}, work, now
+            )
+        elif held.failure is not None:  # failed fast, then ran its always-run steps
+            failed: dict[str, JsonValue] = {
+                "counts": counts,
+                "subtask_id": held.failure_subtask,
+                "reason": held.failure,
+            }
+            self._set_status(
+                held, PlanStatus.FAILED, "plan.failed", None, failed, work, now, held.failure
             )
         else:
             why = f"{len(not_done)} subtask(s) did not complete: {', '.join(not_done[:5])}"
@@ -973,6 +1031,10 @@ def _pending(work: _Work) -> bool:
 
 def _executing(held: _Plan) -> bool:
     return held.plan.status is PlanStatus.EXECUTING
+
+
+def _statuses(held: _Plan) -> list[SubtaskStatus]:
+    return [sub.state.status for sub in held.subs.values()]
 
 
 class _EffectsFailed(RuntimeError):

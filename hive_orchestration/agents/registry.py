@@ -25,6 +25,7 @@ from .._validate import (
     check_optional_text,
 )
 from ..errors import InvalidInputError
+from .retry import RetryPolicy
 
 if TYPE_CHECKING:
     from .runner import TaskContext
@@ -68,6 +69,8 @@ class AgentSpec:
     lease: float | None
     health: AgentHealth = AgentHealth.HEALTHY
     worker_prefix: str | None = None
+    #: Which of its handler's exceptions are retried; None: the runner's policy.
+    retry_policy: RetryPolicy | None = None
 
     def worker_id(self, copy: int) -> str:
         """The id of its ``copy``-th worker (from 1)."""
@@ -98,6 +101,8 @@ class AgentRegistry:
         description: str = "",
         lease: float | None = None,
         worker_prefix: str | None = None,
+        retry_on: Iterable[type[BaseException]] | None = None,
+        fail_on: Iterable[type[BaseException]] | None = None,
     ) -> AgentSpec:
         """Add (or replace) the agent ``agent_type``. A capability given as a string is
         ``AgentCapability(name)``; with none, the agent takes tasks of its own type.
@@ -105,7 +110,12 @@ class AgentRegistry:
         Its workers are ``<worker_prefix>-1`` to ``-<copies>``, ``worker_prefix`` being the
         agent type unless given: give each process that runs the same agent a prefix of
         its own, since a worker that registers under an id already in use is taken for
-        that worker restarted, and what the other held goes back to the queue."""
+        that worker restarted, and what the other held goes back to the queue.
+
+        ``retry_on`` / ``fail_on`` give the agent a retry policy of its own
+        (:mod:`.retry`), which replaces the runner's whole: with either given, the other
+        is this agent's too (``retry_on`` None: every exception not in ``fail_on`` is
+        retried)."""
         agent_type = check_identifier(agent_type, "agent_type")
         prefix = check_optional_text(worker_prefix, "worker_prefix", max_length=200)
         if not callable(handler):
@@ -132,7 +142,11 @@ class AgentRegistry:
             raise InvalidInputError(
                 "capabilities", f"hand the agent {len(handles)} task types; at most {MAX_NAMES}"
             )
+        policy = None
+        if retry_on is not None or fail_on is not None:
+            policy = RetryPolicy.of(retry_on, () if fail_on is None else fail_on)
         spec = AgentSpec(
+            retry_policy=policy,
             agent_type=agent_type,
             handler=handler,
             capabilities=tuple(declared),
@@ -151,6 +165,8 @@ class AgentRegistry:
         capabilities: Iterable[AgentCapability | str] = (),
         copies: int = 1,
         description: str = "",
+        retry_on: Iterable[type[BaseException]] | None = None,
+        fail_on: Iterable[type[BaseException]] | None = None,
     ) -> Callable[[Handler], Handler]:
         """Decorator form of :meth:`register`."""
 
@@ -161,6 +177,8 @@ class AgentRegistry:
                 capabilities=capabilities,
                 copies=copies,
                 description=description,
+                retry_on=retry_on,
+                fail_on=fail_on,
             )
             return handler
 

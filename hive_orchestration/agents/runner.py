@@ -16,6 +16,9 @@ are then unregistered. No task is left running and none is lost. If the runtime 
 on its own (it stops, or the connection to it breaks), the copies stop: :meth:`wait`
 returns and :attr:`stopped_by` says why.
 
+A handler's exception fails its run; ``retry_on`` and ``fail_on`` say whether the task may
+be tried again (while attempts remain) or fails for good at once (see :mod:`.retry`).
+
 ``runtime`` is a :class:`~hive_orchestration.Runtime` or an
 :class:`~hive_orchestration.OrchestrationClient`, which may be a client of the runtime of
 another process: then every copy's calls, heartbeats as much as work, travel on that
@@ -28,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeAlias
@@ -37,6 +40,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from .._groups import leaves
+from .._trace import run_span
 from ..errors import (
     ConnectionLostError,
     HiveError,
@@ -44,8 +48,10 @@ from ..errors import (
     LeaseLostError,
     RuntimeStoppedError,
 )
+from ..messages.plan_data import DependencyResult
 from ..messages.tasks import Claim, Lease, Task
 from .registry import AgentRegistry, AgentSpec
+from .retry import RetryPolicy
 
 if TYPE_CHECKING:
     from ..client import OrchestrationClient
@@ -81,6 +87,25 @@ class TaskContext:
         """Record progress on the run (stored, published as ``task.progress``)."""
         await self._runtime.report_progress(self.lease, data, phase=phase)
 
+    async def dependency_results(self) -> dict[str, DependencyResult]:
+        """For a plan subtask: every dependency, by subtask id, with how it ended and its
+        result (``get_dependency_results``, page after page). Each page is bounded; a
+        subtask with thousands of large inputs reads them with ``subtask_ids`` or pages
+        of its own instead of all at once."""
+        found: dict[str, DependencyResult] = {}
+        after: str | None = None
+        while True:
+            page = await self._runtime.get_dependency_results(self.task.id, after=after)
+            found.update((d.subtask_id, d) for d in page.dependencies)
+            if page.next_after is None:
+                return found
+            after = page.next_after
+
+    async def dependency_result(self, subtask_id: str) -> DependencyResult:
+        """For a plan subtask: its dependency ``subtask_id``, with its result."""
+        page = await self._runtime.get_dependency_results(self.task.id, [subtask_id])
+        return page.dependencies[0]
+
 
 @dataclass(slots=True)
 class _Outcome:
@@ -91,6 +116,17 @@ class _Outcome:
     finished: bool = False
     lost: bool = False  # the lease was lost (expired, cancelled, deleted, taken over)
     timed_out: bool = False
+    retryable: bool = True  # the error, by the agent's (or the runner's) retry policy
+
+    def describe(self) -> str:
+        """How the run ended, in a word (its span's ``hive.run.outcome``)."""
+        if self.lost:
+            return "lost"
+        if self.timed_out:
+            return "timed_out"
+        if self.error is not None:
+            return "failed"
+        return "completed" if self.finished else "released"
 
 
 @dataclass(slots=True)
@@ -119,8 +155,13 @@ class AgentRunner:
         *,
         stop_timeout: float = 10.0,
         claim_wait: float = 5.0,
+        retry_on: Iterable[type[BaseException]] | None = None,
+        fail_on: Iterable[type[BaseException]] = (),
     ) -> None:
         self._runtime = runtime
+        #: Which handler exceptions are retried (None: all) and which fail at once, for
+        #: the agents registered without a policy of their own.
+        self.retry_policy = RetryPolicy.of(retry_on, fail_on)
         self._registry = registry
         self._stop_timeout = stop_timeout
         self._claim_wait = claim_wait
@@ -320,7 +361,6 @@ class AgentRunner:
                 log.warning("worker %s: heartbeat failed: %s", worker_id, exc)
 
     async def _work(self, spec: AgentSpec, worker_id: str, claim: Claim, state: _Copy) -> None:
-        rt = self._runtime
         lease = claim.lease
         outcome = _Outcome()
         scope = anyio.CancelScope()
@@ -333,6 +373,26 @@ class AgentRunner:
         # when it falls behind).
         runs = self._running.setdefault(lease.task_id, {})
         runs[lease.run_id] = scope
+        # The run's span (tracing on: _trace.py), from the claim to the report, current
+        # for the handler: its own spans, and the tasks it creates, are its children.
+        with run_span(claim.task, worker_id, lease.run_id) as span:
+            try:
+                await self._run(spec, worker_id, claim, state, outcome, scope)
+            finally:
+                span.ended(outcome.describe(), outcome.error)
+
+    async def _run(
+        self,
+        spec: AgentSpec,
+        worker_id: str,
+        claim: Claim,
+        state: _Copy,
+        outcome: _Outcome,
+        scope: anyio.CancelScope,
+    ) -> None:
+        rt = self._runtime
+        lease = claim.lease
+        runs = self._running[lease.task_id]
         try:
             await rt.heartbeat(lease)
             context = TaskContext(rt, claim, worker_id)
@@ -344,6 +404,7 @@ class AgentRunner:
                     outcome.finished = True
                 except Exception as exc:
                     outcome.error = exc
+                    outcome.retryable = (spec.retry_policy or self.retry_policy).retryable(exc)
             outcome.timed_out = deadline.cancelled_caught
         except LeaseLostError:
             outcome.lost = True  # cancelled or taken over before its handler started
@@ -364,7 +425,11 @@ class AgentRunner:
                 return  # the runtime already ended this run (or the connection to it broke)
             if outcome.error is not None:
                 error = outcome.error
-                await rt.fail_task(lease, f"{type(error).__name__}: {error}"[:10_000])
+                await rt.fail_task(
+                    lease,
+                    f"{type(error).__name__}: {error}"[:10_000],
+                    retryable=outcome.retryable,
+                )
                 self.failed += 1
             elif outcome.finished:
                 try:

@@ -328,7 +328,7 @@ def _worker_parser(
         "They register, heartbeat, claim, run and report on one connection: if it breaks, "
         "the runtime requeues their tasks at once. SIGTERM or Ctrl-C drains: in-flight "
         "handlers get --drain-timeout seconds, the rest go back to the queue uncounted; "
-        "exit 0. Exit 1 if the runtime goes away, 2 for a bad MODULE:HANDLER.",
+        "exit 0. Exit 1 if the runtime goes away, 2 for a bad MODULE:HANDLER or MODULE:CLASS.",
     )
     worker.add_argument("handler", metavar="MODULE:HANDLER", help="e.g. myapp.agents:deploy")
     worker.add_argument(
@@ -362,11 +362,35 @@ def _worker_parser(
         help="the lease of each claim (default: the runtime's lease_timeout)",
     )
     worker.add_argument(
+        "--retry-on",
+        nargs="+",
+        action="extend",
+        metavar="MODULE:CLASS",
+        help="retry only a handler's exceptions of these classes (and subclasses), as "
+        "'myapp.errors:Transient' or a builtin's name ('TimeoutError'); any other fails "
+        "the task at once (default: every exception is retried while attempts remain)",
+    )
+    worker.add_argument(
+        "--fail-on",
+        nargs="+",
+        action="extend",
+        metavar="MODULE:CLASS",
+        help="fail the task at once, never retried, on these exception classes (wins "
+        "over --retry-on)",
+    )
+    worker.add_argument(
         "--drain-timeout",
         type=_seconds,
         default=10.0,
         metavar="SECONDS",
         help="on SIGTERM, how long in-flight handlers may take to finish (default 10)",
+    )
+    worker.add_argument(
+        "--trace",
+        action="store_true",
+        help="each run is an OpenTelemetry span continuing the trace that created its task"
+        " (extra otel; spans go to the global tracer provider, which the handler's module or"
+        " `opentelemetry-instrument` sets up)",
     )
     worker.add_argument(
         "--log-level",

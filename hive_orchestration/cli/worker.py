@@ -13,6 +13,11 @@ seconds to finish and report, the rest are cancelled and their tasks handed back
 queue (not counted as attempts), the workers unregister, and the process exits 0. A second
 signal ends the grace period at once. If the runtime goes away (its owner stops or dies),
 the workers stop and the process exits 1, saying why, for a supervisor to restart it.
+
+``--retry-on`` and ``--fail-on`` name exception classes (``package.module:Class``, or a
+builtin's bare name) whose raising by the handler is retried, or fails the task at once
+(:mod:`hive_orchestration.agents.retry`); a name that does not import is refused (exit
+2) before anything is opened.
 """
 
 from __future__ import annotations
@@ -32,13 +37,14 @@ from typing import cast
 import anyio
 
 from ..agents.registry import AgentCapability, AgentRegistry, Handler
+from ..agents.retry import RetryPolicy, load_exception_type
 from ..agents.runner import AgentRunner
 from ..client import OrchestrationClient
 from ..embedded import raise_cause
 from ..errors import HiveError, InvalidInputError
 from ..remote.client import RemoteRuntime
 
-__all__ = ["load_handler", "run_worker"]
+__all__ = ["load_handler", "retry_policy", "run_worker"]
 
 #: Copies one worker process may run (each is a worker of the runtime).
 MAX_CONCURRENCY = 1000
@@ -97,9 +103,25 @@ def load_handler(target: str) -> Handler:
     return cast(Handler, handler)
 
 
+def retry_policy(args: argparse.Namespace) -> RetryPolicy:
+    """The ``--retry-on`` and ``--fail-on`` classes, imported (each name that does not
+    lead to an exception class is an :class:`InvalidInputError` naming its option)."""
+    retry_on = getattr(args, "retry_on", None)
+    fail_on = getattr(args, "fail_on", None) or ()
+    return RetryPolicy(
+        None
+        if retry_on is None
+        else tuple(load_exception_type(name, "--retry-on") for name in retry_on),
+        tuple(load_exception_type(name, "--fail-on") for name in fail_on),
+    )
+
+
 async def run_worker(args: argparse.Namespace) -> None:
     """The ``worker`` command (``args`` as :func:`~.main.build_parser` parses them)."""
+    if getattr(args, "trace", False):
+        _enable_tracing()
     handler = load_handler(args.handler)
+    policy = retry_policy(args)
     agent_type = args.agent_type or args.handler.rpartition(":")[2].rpartition(".")[2]
     prefix = args.worker_id or f"{agent_type}-{socket.gethostname()}-{os.getpid()}"
     registry = AgentRegistry()
@@ -139,7 +161,9 @@ async def run_worker(args: argparse.Namespace) -> None:
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(on_signals, signals)
-                runner = await _serve(args, registry, spec.handles, agent_type, running, stop)
+                runner = await _serve(
+                    args, registry, spec.handles, agent_type, running, stop, policy
+                )
                 group.cancel_scope.cancel()
         except BaseExceptionGroup as failed:
             raise_cause(failed)
@@ -149,6 +173,17 @@ async def run_worker(args: argparse.Namespace) -> None:
         raise HiveError(f"the workers stopped: {runner.stopped_by}")
 
 
+def _enable_tracing() -> None:
+    try:
+        from ..observe.tracing import enable
+    except ImportError as exc:
+        raise InvalidInputError(
+            "--trace",
+            f"needs OpenTelemetry ({exc.name} is missing): pip install 'hive-orchestration[otel]'",
+        ) from None
+    enable()
+
+
 async def _serve(
     args: argparse.Namespace,
     registry: AgentRegistry,
@@ -156,11 +191,18 @@ async def _serve(
     agent_type: str,
     running: anyio.CancelScope,
     stop: anyio.Event,
+    policy: RetryPolicy,
 ) -> AgentRunner:
     """Run the agent's copies on one client until ``stop`` (a signal, or the copies
     stopped on their own); returns the runner, stopped."""
     async with OrchestrationClient(db_path=args.db, source_agent=agent_type) as client:
-        runner = AgentRunner(client, registry, stop_timeout=args.drain_timeout)
+        runner = AgentRunner(
+            client,
+            registry,
+            stop_timeout=args.drain_timeout,
+            retry_on=policy.retry_on,
+            fail_on=policy.fail_on,
+        )
         with running:
             async with runner, anyio.create_task_group() as watch:
 

@@ -101,7 +101,9 @@ class FailurePolicy(enum.StrEnum):
     ``fail_fast`` (default): the plan fails at once; every subtask not yet started is
     cancelled (running ones finish, and their outcome is recorded). ``continue``:
     independent branches go on; whatever depends on the failed subtask is skipped; the
-    plan fails once everything else has ended.
+    plan fails once everything else has ended. Subtasks marked ``always_run`` are neither
+    cancelled nor skipped by a failure: they run once their dependencies have ended, and
+    a fail-fast plan ends ``failed`` only after them.
     """
 
     FAIL_FAST = "fail_fast"
@@ -130,6 +132,10 @@ class Subtask(
     timeout: float | None = None
     requires: tuple[str, ...] = ()
     estimated_duration: float | None = None
+    #: Runs once its dependencies have all ended, whatever their outcome (completed,
+    #: failed, timed out, cancelled or skipped): a cleanup or report step. Under
+    #: ``fail_fast`` the plan waits for such steps before it ends failed.
+    always_run: bool = False
 
 
 class PlanningRequest(msgspec.Struct, frozen=True, kw_only=True):

@@ -9,6 +9,7 @@ import msgspec
 
 from ..runtime import Request
 from .events import Event
+from .plan_data import LoadDependencyResults
 from .plans import ExecutionPlan, PlanningRequest, PlanStatus, SubtaskState
 from .schedules import Schedule
 from .tasks import RevokedTaskType, Run, Task
@@ -19,6 +20,7 @@ __all__ = [
     "CheckDependencies",
     "CheckReaders",
     "CountSubtasks",
+    "CountQueued",
     "FetchPlan",
     "FetchPlanningRequest",
     "LoadActivePlans",
@@ -60,6 +62,9 @@ __all__ = [
     "ReadEvents",
     "StorageMessage",
     "StorageStats",
+    "COMMIT_BATCH_BOUNDS",
+    "COMMIT_SECONDS_BOUNDS",
+    "Buckets",
     "Write",
     "WriteOp",
     "CountTasksByType",
@@ -287,6 +292,12 @@ class CountTasks(Request[dict[str, int]], frozen=True):
     """Every task counted by status (statuses without a task are left out)."""
 
 
+class CountQueued(Request[dict[str, tuple[int, datetime]]], frozen=True):
+    """The queued tasks by type: how many, and since when the one that has waited longest
+    has been claimable (its last transition, or its ``available_at`` if later). One
+    aggregate over ``idx_tasks_ready``: no row is decoded, whatever the depth."""
+
+
 class FetchTask(Request["Task | None"], frozen=True):
     task_id: str
 
@@ -353,6 +364,26 @@ class QueryUnroutable(Request[list[Task]], frozen=True):
     after: tuple[int, datetime, str] | None = None
 
 
+#: Upper bounds of the commit-duration buckets (seconds): an fsync on a fast disk is tens
+#: of microseconds, a commit stalled on a busy or network disk seconds.
+COMMIT_SECONDS_BOUNDS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+)  # fmt: skip
+#: Upper bounds of the batch-size buckets (writes grouped into one commit), up to the
+#: default ``max_batch`` (1024).
+COMMIT_BATCH_BOUNDS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0)
+
+
+class Buckets(msgspec.Struct, frozen=True):
+    """A histogram: ``counts[i]`` observations at most ``bounds[i]`` and above the bound
+    before it (not cumulative); the last count is above every bound."""
+
+    bounds: tuple[float, ...] = ()
+    counts: tuple[int, ...] = ()
+    sum: float = 0.0
+
+
 class StorageStats(msgspec.Struct, frozen=True):
     path: str
     driver: str
@@ -363,6 +394,10 @@ class StorageStats(msgspec.Struct, frozen=True):
     failed_writes: int
     largest_batch: int
     last_seq: int
+    #: How long each committed transaction took (its statements and COMMIT, fsync
+    #: included), and how many writes each grouped (``COMMIT_*_BOUNDS``).
+    commit_seconds: Buckets = Buckets()
+    commit_batch_size: Buckets = Buckets()
 
 
 class GetStorageStats(Request[StorageStats], frozen=True):
@@ -467,6 +502,7 @@ StorageMessage: TypeAlias = (
     | FindIdempotencyKeys
     | QueryTasks
     | CountTasks
+    | CountQueued
     | FetchTask
     | FetchTasks
     | LoadQueueHeads
@@ -487,5 +523,6 @@ StorageMessage: TypeAlias = (
     | CountSubtasks
     | LoadRevokedTypes
     | CountTasksByType
+    | LoadDependencyResults
     | LoadSchedules
 )

@@ -147,6 +147,10 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     #: The execution plan this task is a subtask of, and its id in that plan.
     plan_id: str | None = None
     subtask_id: str | None = None
+    #: The W3C trace context of the call that created it (``traceparent``, and its
+    #: ``tracestate``), when tracing was on there: a worker's run continues that trace.
+    traceparent: str | None = None
+    tracestate: str | None = None
     created_at: datetime
     updated_at: datetime
 
@@ -254,6 +258,9 @@ class CreateTask(Request[str], frozen=True, kw_only=True):
     subtask_id: str | None = None
     blocked: bool = False
     idempotency_scope: IdempotencyScope = "forever"
+    #: The creating call's W3C trace context (hive_orchestration/_trace.py).
+    traceparent: str | None = None
+    tracestate: str | None = None
     #: Set by the Scheduler only: the schedule slot this task fires. Its advance and its
     #: ``schedule.fired`` event are committed in the very write that creates the task.
     schedule: ScheduleSlot | None = None

@@ -98,6 +98,7 @@ AGENT_RULES: Mapping[str, Rule] = MappingProxyType(
         "get_execution_plan_status_cached": _R.READ,
         "get_execution_plans": _R.READ,
         "get_next_planned_subtask": _R.READ,
+        "get_dependency_results": _R.READ,
         "get_pending_tasks": _R.READ,
         "get_plan_progress": _R.READ,
         "get_plan_subtasks": _R.READ,

@@ -32,6 +32,7 @@ import anyio
 import msgspec
 from anyio.abc import ByteStream, TaskGroup
 
+from .._trace import outgoing
 from ..config import RuntimeConfig
 from ..embedded import raise_cause
 from ..errors import (
@@ -46,6 +47,7 @@ from ..messages.events import Event, EventFeed
 from .address import connect_path
 from .protocol import (
     PROTOCOL_VERSION,
+    TRACED_OPS,
     CallOut,
     Cancel,
     Ended,
@@ -91,9 +93,14 @@ def _call_frame(
 ) -> bytes:
     """A call as one frame, its arguments encoded with it in one pass. An argument that
     cannot be sent is named: each is tried on its own then (only then)."""
+    trace = outgoing() if op in TRACED_OPS else None
     try:
         arguments = args if isinstance(args, dict) else dict(args)
-        return frame(CallOut(call_id, op, arguments, agent, correlation), _encoder)
+        if trace is not None:
+            call = CallOut(call_id, op, arguments, agent, correlation, trace[0], trace[1])
+        else:
+            call = CallOut(call_id, op, arguments, agent, correlation)
+        return frame(call, _encoder)
     except (TypeError, ValueError, OverflowError, RecursionError):
         for name, value in args.items():
             _encode_argument(name, value)

@@ -58,6 +58,9 @@ __all__ = [
     "frame",
 ]
 
+#: The calls whose frame carries the caller's trace context: those that create tasks.
+TRACED_OPS = frozenset({"create_task", "create_tasks"})
+
 #: Bumped on any change a peer of the previous version would misread.
 PROTOCOL_VERSION = 1
 
@@ -87,6 +90,10 @@ class Call(_Frame, frozen=True, tag="call"):
     args: dict[str, msgspec.Raw] = {}
     agent: str | None = None
     correlation: str | None = None
+    #: The caller's W3C trace context (hive_orchestration/_trace.py), when tracing is on
+    #: there: a task the call creates continues the caller's trace.
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 class CallOut(_Frame, frozen=True, tag="call"):
@@ -98,6 +105,8 @@ class CallOut(_Frame, frozen=True, tag="call"):
     args: dict[str, Any] = {}
     agent: str | None = None
     correlation: str | None = None
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 class Cancel(_Frame, frozen=True, tag="cancel"):

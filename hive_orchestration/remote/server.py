@@ -51,6 +51,7 @@ import msgspec
 from anyio.abc import ByteStream, Listener, SocketAttribute, SocketStream, TaskGroup, TaskStatus
 from anyio.streams.tls import TLSStream
 
+from .._trace import CARRIED, check_trace
 from ..errors import (
     AccessDeniedError,
     ConfigError,
@@ -670,7 +671,16 @@ class _Connection:
         agent = await self._authorize(message.op, args, message.agent)
         client = self._client(agent, message.correlation)
         method: Callable[..., Awaitable[object]] = getattr(client, message.op)
-        value = await method(**args)
+        trace = check_trace(message.traceparent, message.tracestate)
+        if trace is None:
+            value = await method(**args)
+        else:
+            # The task this call creates continues the caller's trace, not the server's.
+            carried = CARRIED.set(trace)
+            try:
+                value = await method(**args)
+            finally:
+                CARRIED.reset(carried)
         if message.op in EXCLUSIVE and value:
             self._unacknowledged[message.id] = value
         if message.op in _WORKER_OPS:

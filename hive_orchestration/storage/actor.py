@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
+from datetime import datetime
 from typing import TypeVar, cast
 
 import anyio
@@ -38,12 +41,17 @@ import msgspec
 from ..config import RuntimeConfig
 from ..errors import HiveError, RuntimeStoppedError, StorageError
 from ..messages.events import BroadcastMessage, Event, Publish
+from ..messages.plan_data import LoadDependencyResults
 from ..messages.plans import PlanningRequest, SubtaskState
 from ..messages.storage import (
+    COMMIT_BATCH_BOUNDS,
+    COMMIT_SECONDS_BOUNDS,
     AppendEvent,
+    Buckets,
     CheckDependencies,
     CheckReaders,
     Committed,
+    CountQueued,
     CountSubtasks,
     CountTasks,
     DeleteRevokedType,
@@ -98,6 +106,7 @@ from .drivers import Driver, Row, Statement
 from .event_reads import events_sql, read_event_rows
 from .faults import storage_error
 from .pages import plan_page_sql, request_page_sql, tasks_page_sql
+from .plan_data import load_dependency_results
 from .queues import QUEUE_QUERIES, query_queues
 from .readers import POOLED, ReaderPool
 from .rows import (
@@ -126,6 +135,12 @@ log = logging.getLogger("hive_orchestration.storage")
 _INSERT_EVENT = (
     "INSERT INTO events (seq, type, timestamp, source, correlation_id, task_id, plan_id,"
     " worker_id, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+#: Queued tasks by type, and the earliest time one of each became claimable: the
+#: partial index ``idx_tasks_ready`` holds exactly the queued tasks, by type first.
+_COUNT_QUEUED = (
+    "SELECT task_type, COUNT(*), MIN(max(updated_at, coalesce(available_at, updated_at)))"
+    " FROM tasks INDEXED BY idx_tasks_ready WHERE status = 'queued' GROUP BY task_type"
 )
 #: The owners of some idempotency keys, through the unique index on the key.
 #: A task of scope 'active' holds its key only while live: the index's own condition.
@@ -166,6 +181,12 @@ class StorageActor(Actor[StorageMessage]):
         self._writes = 0
         self._failed_writes = 0
         self._largest_batch = 0
+        # Fixed buckets counted in place: a commit costs two increments and two adds
+        # here, no allocation and no lock (only this actor's task touches them).
+        self._commit_counts = [0] * (len(COMMIT_SECONDS_BOUNDS) + 1)
+        self._commit_sum = 0.0
+        self._batch_counts = [0] * (len(COMMIT_BATCH_BOUNDS) + 1)
+        self._batch_sum = 0
 
     async def started(self) -> None:
         self._db, self._last_seq = await open_database(
@@ -262,6 +283,12 @@ class StorageActor(Actor[StorageMessage]):
             case CountTasks():
                 rows = await db.fetchall("SELECT status, COUNT(*) FROM tasks GROUP BY status")
                 return {str(status): cast(int, count) for status, count in rows}
+            case CountQueued():
+                rows = await db.fetchall(_COUNT_QUEUED)
+                return {
+                    str(task_type): (cast(int, count), datetime.fromisoformat(str(since)))
+                    for task_type, count, since in rows
+                }
             case LoadTasks(statuses=statuses):
                 rows = await db.fetchall(
                     f"SELECT {TASK_COLUMNS} FROM tasks WHERE status IN ({_marks(statuses)})"
@@ -342,6 +369,7 @@ class StorageActor(Actor[StorageMessage]):
                         op_json.append(op.data_json)
                 units.append(_row_statements(write.ops) + event_rows)
                 seqs.append(tuple(unit_seqs))
+            began = time.perf_counter()
             try:
                 await db.transaction([statement for unit in units for statement in unit])
             except sqlite3.IntegrityError as exc:
@@ -353,10 +381,15 @@ class StorageActor(Actor[StorageMessage]):
             except sqlite3.Error as exc:
                 self._fail(writes, exc)
                 return
+            took = time.perf_counter() - began
             self._last_seq = seq
             self._transactions += 1
             self._writes += len(writes)
             self._largest_batch = max(self._largest_batch, len(writes))
+            self._commit_counts[bisect_left(COMMIT_SECONDS_BOUNDS, took)] += 1
+            self._commit_sum += took
+            self._batch_counts[bisect_left(COMMIT_BATCH_BOUNDS, len(writes))] += 1
+            self._batch_sum += len(writes)
         # Publish before answering, so that an event caused by a write is already on its
         # way to subscribers when the writer learns the write is durable; answer in a
         # finally, so that a cancellation while publishing cannot report a committed write
@@ -419,6 +452,12 @@ class StorageActor(Actor[StorageMessage]):
             failed_writes=self._failed_writes,
             largest_batch=self._largest_batch,
             last_seq=self._last_seq,
+            commit_seconds=Buckets(
+                COMMIT_SECONDS_BOUNDS, tuple(self._commit_counts), self._commit_sum
+            ),
+            commit_batch_size=Buckets(
+                COMMIT_BATCH_BOUNDS, tuple(self._batch_counts), float(self._batch_sum)
+            ),
         )
 
     def _require_db(self) -> Driver:
@@ -439,6 +478,7 @@ _PLAN_QUERIES = (
     CheckDependencies,
     NextPlannedTask,
     CountSubtasks,
+    LoadDependencyResults,
 )
 
 
@@ -498,6 +538,8 @@ async def _query_plans(db: Driver, message: StorageMessage) -> object:
             return await plans.next_planned_task(db, plan_id)
         case CountSubtasks(plan_id=plan_id):
             return await plans.count_subtasks(db, plan_id)
+        case LoadDependencyResults():
+            return await load_dependency_results(db, message)
     raise HiveError(f"the storage actor does not handle {type(message).__name__}")
 
 

@@ -39,7 +39,9 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..errors import ActorFailedError, RuntimeStoppedError, StorageError
+from ..messages.plan_data import LoadDependencyResults
 from ..messages.storage import (
+    CountQueued,
     CountTasks,
     CountTasksByType,
     QueryPlanningRequests,
@@ -63,6 +65,8 @@ POOLED = (
     QueryPlans,
     QueryPlanningRequests,
     CountTasksByType,
+    CountQueued,
+    LoadDependencyResults,  # up to max_bytes of results
 )
 
 #: A read to run: given a connection, it answers its asker itself (and never raises but

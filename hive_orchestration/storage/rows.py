@@ -45,7 +45,8 @@ TASK_COLUMNS = (
     "id, title, description, task_type, priority, status, current_phase, workflow, payload,"
     " created_at, updated_at, assigned_worker, due_date, max_retries, tags, attempts, result,"
     " error, idempotency_key, correlation_id, source_agent, timeout, available_at,"
-    " concurrency_key, concurrency_limit, requires, plan_id, subtask_id, idempotency_scope"
+    " concurrency_key, concurrency_limit, requires, plan_id, subtask_id, idempotency_scope,"
+    " traceparent, tracestate"
 )
 RUN_COLUMNS = (
     "id, task_id, worker_id, run_number, status, phase, result_data, error_message,"
@@ -144,6 +145,8 @@ def task_statement(task: Task) -> Statement:
         task.plan_id,
         task.subtask_id,
         None if task.idempotency_scope == "forever" else task.idempotency_scope,
+        task.traceparent,
+        task.tracestate,
     )
     return _PUT_TASK, params
 
@@ -215,7 +218,7 @@ def task_from_row(row: tuple[object, ...]) -> Task:
      created_at, updated_at, assigned_worker, due_date, max_retries, tags, attempts,
      result, error, idempotency_key, correlation_id, source_agent, timeout, available_at,
      concurrency_key, concurrency_limit, requires, plan_id, subtask_id,
-     idempotency_scope) = row  # fmt: skip
+     idempotency_scope, traceparent, tracestate) = row  # fmt: skip
     # Rows written by other tools may leave the seed schema's nullable columns empty.
     created = parse_time(created_at) or parse_time(updated_at) or EPOCH
     return Task(
@@ -248,6 +251,8 @@ def task_from_row(row: tuple[object, ...]) -> Task:
         plan_id=cast("str | None", plan_id),
         subtask_id=cast("str | None", subtask_id),
         idempotency_scope="active" if idempotency_scope == "active" else "forever",
+        traceparent=cast("str | None", traceparent),
+        tracestate=cast("str | None", tracestate),
     )
 
 

@@ -247,11 +247,19 @@ _V10: tuple[str, ...] = (
     """,
 )
 
-# Version 11: periodic schedules (actors/scheduler.py). The definition is one JSON
+# Version 11: the W3C trace context of the call that created a task (``traceparent``,
+# ``tracestate``), kept with it so that the run a worker makes of it, maybe days later in
+# another process, continues that trace. NULL when tracing was off at its creation.
+_V11: tuple[str, ...] = (
+    "ALTER TABLE tasks ADD COLUMN traceparent TEXT",
+    "ALTER TABLE tasks ADD COLUMN tracestate TEXT",
+)
+
+# Version 12: periodic schedules (actors/scheduler.py). The definition is one JSON
 # document, written whole; what the schedule fired is in its own columns, moved only
 # forward, in the TaskManager's write that creates the slot's task (storage/schedules.py).
 # Times are fixed-width UTC text, so that comparing the text compares the instants.
-_V11: tuple[str, ...] = (
+_V12: tuple[str, ...] = (
     "CREATE TABLE schedules ("
     " id TEXT PRIMARY KEY,"
     " name TEXT NOT NULL UNIQUE,"
@@ -266,5 +274,18 @@ _V11: tuple[str, ...] = (
 )
 
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10, _V11)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    _V1,
+    _V2,
+    _V3,
+    _V4,
+    _V5,
+    _V6,
+    _V7,
+    _V8,
+    _V9,
+    _V10,
+    _V11,
+    _V12,
+)
 SCHEMA_VERSION = len(MIGRATIONS)

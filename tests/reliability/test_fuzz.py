@@ -838,6 +838,15 @@ OPS: dict[str, Operation] = {
         },
     ),
     "list_workers": Operation("await", {"status": choice(WorkerStatus, optional=True)}),
+    "get_dependency_results": Operation(
+        "await",
+        {
+            "task_id": TASK,
+            "subtask_ids": names(none_ok=True),
+            "after": ident("tasks", optional=True),
+            "limit": integer(1, 1000),
+        },
+    ),
     "get_execution_plan": Operation("await", {"plan_id": PLAN}),
     "get_execution_plan_status": Operation("await", {"plan_id": PLAN}),
     "get_execution_plan_status_cached": Operation("await", {"plan_id": PLAN}),

@@ -1328,6 +1328,8 @@ class TaskManager(Actor[TaskManagerMessage]):
             data["error"] = error
         if count and (not retryable or attempts > task.max_retries):
             final = TaskStatus.TIMED_OUT if reason == "timed_out" else TaskStatus.FAILED
+            if not retryable:  # why it ended with attempts left (an agent's fail_on, say)
+                data["retryable"] = False
             return self._transition(task, final, work, now, source, changes, data)
         delay = 0.0
         if count:
@@ -1562,6 +1564,8 @@ class TaskManager(Actor[TaskManagerMessage]):
             requires=message.requires,
             plan_id=message.plan_id,
             subtask_id=message.subtask_id,
+            traceparent=message.traceparent,
+            tracestate=message.tracestate,
             created_at=now,
             updated_at=now,
         )
