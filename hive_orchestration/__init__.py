@@ -20,7 +20,7 @@ from .agents import (
     auto_register_adapters,
 )
 from .client import CallbackSubscription, EventStream, OrchestrationClient
-from .config import DEFAULT_DB_PATH, FeatureFlags, RuntimeConfig
+from .config import DEFAULT_DB_PATH, FeatureFlags, RateLimit, RuntimeConfig
 from .embedded import MailboxStats, Runtime, RuntimeStatistics, Subscription
 from .errors import (
     AccessDeniedError,
@@ -121,6 +121,7 @@ __all__ = [
     "NewerSchemaError",
     "NotFoundError",
     "OutcomeUnknownError",
+    "RateLimit",
     "RequestTimeoutError",
     "Run",
     "RunStatus",

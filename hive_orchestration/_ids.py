@@ -18,10 +18,11 @@ from __future__ import annotations
 import base64
 import os
 import random
+import re
 import threading
 import time
 
-__all__ = ["new_id", "new_secret"]
+__all__ = ["advance_past", "is_new_id", "new_id", "new_secret"]
 
 _RANDOM_BITS = 74  # what a version 7 UUID leaves after 48 bits of time, version and variant
 _lock = threading.Lock()  # runtimes in several threads share the counter
@@ -80,6 +81,30 @@ def new_id() -> str:
     # str(uuid.UUID(int=full)), without building the UUID object (a third of the cost).
     h = f"{full:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_SHAPE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+
+def is_new_id(value: str) -> bool:
+    """Whether ``value`` looks like an id :func:`new_id` made (a version 7 UUID, lower
+    case): such ids compare in the order they were made."""
+    return len(value) == 36 and _SHAPE.fullmatch(value) is not None
+
+
+def advance_past(last: str) -> None:
+    """Make every later :func:`new_id` of this process greater than ``last`` (an id made
+    by :func:`new_id`, here or in another process), whatever the clock says: so that an
+    id tells a row made by this process from one made before it (the TaskManager's
+    clocks, actors/task_manager/delays.py). Anything else is ignored."""
+    global _last
+    if not is_new_id(last):
+        return
+    full = int(last.replace("-", ""), 16)
+    high = (full >> 80) << 12 | (full >> 64) & 0xFFF
+    value = high << 62 | full & ((1 << 62) - 1)
+    with _lock:
+        _last = max(_last, value)
 
 
 def new_secret() -> str:

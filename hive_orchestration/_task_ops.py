@@ -16,6 +16,7 @@ import msgspec
 from ._caller import Caller
 from ._trace import outgoing
 from ._validate import (
+    MIN_DELAY,
     MIN_LEASE,
     YEAR,
     _show,
@@ -74,6 +75,8 @@ JsonObject = dict[str, JsonValue]
 _MAX_PRIORITY = 2**31 - 1
 #: Most tasks one create_tasks or claim_tasks call takes (each call is one transaction).
 _MAX_BATCH = 1000
+#: The longest delay or expiry span (ten years): past it, a date is the way to say it.
+_LONGEST = 10 * YEAR
 #: The longest lease secret taken to be hashed: a claim's is 22 characters.
 _SECRET_LIMIT = 256
 
@@ -108,6 +111,10 @@ class TaskOps(Caller):
         concurrency_limit: int | None = None,
         requires: str | Iterable[str] | None = (),
         idempotency_scope: str = "forever",
+        run_at: datetime | None = None,
+        delay: float | None = None,
+        expires_at: datetime | None = None,
+        expires_in: float | None = None,
     ) -> str:
         """Create a queued task and return its id (durable when this returns).
 
@@ -120,6 +127,11 @@ class TaskOps(Caller):
         ``concurrency_limit`` (default 1) claims at once. A task with ``requires`` (a
         capability or a list of them) goes only to a worker that has all of those
         capabilities (otherwise: one that handles its task type).
+
+        A delayed task (``run_at``, a timezone-aware datetime, or ``delay`` seconds from
+        now) is not handed out before then; a task with ``expires_at`` (or ``expires_in``
+        seconds from now) is never handed out after it: still queued then, it ends
+        ``cancelled`` with the reason ``expired``. See docs/TIMING.md.
         """
         self._check_open()
         return await self._tasks.ask(
@@ -141,6 +153,10 @@ class TaskOps(Caller):
                 concurrency_limit=concurrency_limit,
                 requires=requires,
                 idempotency_scope=idempotency_scope,
+                run_at=run_at,
+                delay=delay,
+                expires_at=expires_at,
+                expires_in=expires_in,
             )
         )
 
@@ -173,10 +189,11 @@ class TaskOps(Caller):
             if "task_type" not in item:
                 raise InvalidInputError(f"{field}.task_type", "is missing")
             arguments = dict(cast(Mapping[str, Any], item))
-            if isinstance(arguments.get("due_date"), str):
-                # Items are JSON-shaped (they may come through the wire): a due date may
-                # be RFC 3339 text, as create_task's is when sent as JSON.
-                arguments["due_date"] = _rfc3339(arguments["due_date"], f"{field}.due_date")
+            for name in ("due_date", "run_at", "expires_at"):
+                if isinstance(arguments.get(name), str):
+                    # Items are JSON-shaped (they may come through the wire): a time may
+                    # be RFC 3339 text, as create_task's is when sent as JSON.
+                    arguments[name] = _rfc3339(arguments[name], f"{field}.{name}")
             try:
                 messages.append(self._create_message(**arguments))
             except InvalidInputError as exc:
@@ -205,9 +222,19 @@ class TaskOps(Caller):
         concurrency_limit: int | None = None,
         requires: str | Iterable[str] | None = (),
         idempotency_scope: str = "forever",
+        run_at: datetime | None = None,
+        delay: float | None = None,
+        expires_at: datetime | None = None,
+        expires_in: float | None = None,
     ) -> CreateTask:
         """create_task's arguments, checked, as the TaskManager's message."""
         task_type = check_identifier(task_type, "task_type")
+        if run_at is not None and delay is not None:
+            raise InvalidInputError("delay", "cannot be given with run_at: give one of them")
+        if expires_at is not None and expires_in is not None:
+            raise InvalidInputError(
+                "expires_in", "cannot be given with expires_at: give one of them"
+            )
         if concurrency_limit is not None:
             concurrency_limit = check_int(concurrency_limit, "concurrency_limit", minimum=1)
             if concurrency_key is None:
@@ -235,6 +262,12 @@ class TaskOps(Caller):
             concurrency_limit=concurrency_limit,
             requires=_types(requires, "requires") or (),
             idempotency_scope=_scope(idempotency_scope),
+            run_at=_when(run_at, "run_at"),
+            delay=None if delay is None else check_delay(delay, "delay", maximum=_LONGEST),
+            expires_at=_when(expires_at, "expires_at"),
+            expires_in=None
+            if expires_in is None
+            else check_seconds(expires_in, "expires_in", minimum=MIN_DELAY, maximum=_LONGEST),
         )
 
     async def get_task(self, task_id: str) -> Task | None:

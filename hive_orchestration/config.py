@@ -34,6 +34,7 @@ __all__ = [
     "TOKEN_ENV",
     "URL_ENV",
     "FeatureFlags",
+    "RateLimit",
     "RuntimeConfig",
     "choose_db_path",
     "resolve_db_path",
@@ -78,6 +79,13 @@ class FeatureFlags(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     enable_unified_events: bool = False
     enable_dual_write: bool = False
     enable_agent_adapters: bool = False
+
+
+class RateLimit(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """At most ``starts`` claims every ``per`` seconds (a sliding window; docs/TIMING.md)."""
+
+    starts: Positive
+    per: Annotated[float, msgspec.Meta(ge=MIN_DELAY, le=DAY)]
 
 
 class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -142,6 +150,11 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     ready_queue_head: Positive = 1024
     #: At most N tasks of a task type assigned or running at once (``{"deploy": 1}``).
     concurrency_limits: dict[str, Positive] = msgspec.field(default_factory=dict)
+    #: At most N claims per interval of a task type (``{"send_email": {"starts": 10,
+    #: "per": 60}}``); claims beyond it wait. Kept across restarts (docs/TIMING.md).
+    rate_limits: dict[str, RateLimit] = msgspec.field(default_factory=dict)
+    #: The same per concurrency key (a task's ``concurrency_key``).
+    key_rate_limits: dict[str, RateLimit] = msgspec.field(default_factory=dict)
     #: A worker that sends no heartbeat for this long is declared offline and what it
     #: holds goes back to the queue.
     worker_timeout: LeaseSeconds = 30.0

@@ -41,7 +41,7 @@ from ._worker_ops import WorkerOps
 from .actors.broadcast import BroadcastActor
 from .actors.plan_executor import PlanExecutor, PlanFeed
 from .actors.scheduler import Scheduler
-from .actors.task_manager import TaskManager
+from .actors.task_manager import Frame, TaskManager
 from .actors.worker_registry import WorkerRegistry
 from .config import RuntimeConfig, resolve_db_path
 from .errors import (
@@ -326,6 +326,9 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, ScheduleOps):
             schedules, SchedulerWake(), clock=monotonic
         )
         recovered = False
+        # The TaskManager's reading of the clocks at its first start, kept across its
+        # restarts: the process's monotonic clock goes on (actors/task_manager/delays.py).
+        frame = Frame()
 
         def mark_recovered() -> None:
             nonlocal recovered
@@ -344,6 +347,9 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, ScheduleOps):
                 retry_backoff_max=config.retry_backoff_max,
                 concurrency_limits=config.concurrency_limits,
                 ready_head=config.ready_queue_head,
+                rate_limits={t: (r.starts, r.per) for t, r in config.rate_limits.items()},
+                key_rate_limits={k: (r.starts, r.per) for k, r in config.key_rate_limits.items()},
+                frame=frame,
                 # A call that ends a plan's task answers once its plan has reacted.
                 plan_barrier=True,
                 clock=wall,

@@ -150,18 +150,21 @@ async def test_a_version_7_database_gains_the_version_8_indexes(
         conn.execute("DROP INDEX idx_events_type")  # what version 8 adds
         conn.execute("DROP INDEX idx_tasks_status_order")
         conn.execute("DROP INDEX idx_tasks_ready")  # what version 9 adds
-        # What version 10 adds: a key's scope (its index back to the plain one), and the
-        # revoked types.
+        conn.execute("DROP TABLE schedules")  # what version 13 adds
+        conn.execute("DROP INDEX idx_tasks_delayed")  # what version 12 adds
+        conn.execute("DROP INDEX idx_tasks_expiring")
+        conn.execute("DROP INDEX idx_runs_started")
+        conn.execute("ALTER TABLE tasks DROP COLUMN run_at")
+        conn.execute("ALTER TABLE tasks DROP COLUMN expires_at")
+        conn.execute("ALTER TABLE tasks DROP COLUMN traceparent")  # version 11
+        conn.execute("ALTER TABLE tasks DROP COLUMN tracestate")
+        conn.execute("DROP TABLE revoked_task_types")  # version 10
         conn.execute("DROP INDEX idx_tasks_idempotency_key")
         conn.execute("ALTER TABLE tasks DROP COLUMN idempotency_scope")
-        conn.execute(
+        conn.execute(  # as version 2 made it
             "CREATE UNIQUE INDEX idx_tasks_idempotency_key ON tasks (idempotency_key)"
             " WHERE idempotency_key IS NOT NULL"
         )
-        conn.execute("DROP TABLE revoked_task_types")
-        conn.execute("ALTER TABLE tasks DROP COLUMN traceparent")  # what version 11 adds
-        conn.execute("ALTER TABLE tasks DROP COLUMN tracestate")
-        conn.execute("DROP TABLE schedules")  # what version 12 adds
         conn.execute("PRAGMA user_version = 7")
     async with Runtime.open(db_path) as rt:
         assert [e.type for e in await rt.read_events(pattern="app.*")] == ["app.note"]

@@ -28,6 +28,9 @@ EXPECTED = {
         "cleanup saw fetch-asia=failed, fetch-eu=completed, fetch-us=completed,"
         " merge=completed, publish=skipped"
     ),
+    "timed_tasks.py": (
+        "reminder after its delay: True; offer expired; 5 emails, never more than 2 in 1 s: True"
+    ),
     "periodic_schedules.py": (
         "health-check: 3 probe(s) completed, one task per fired slot: True, paused: True;"
         " nightly-report kept: True"

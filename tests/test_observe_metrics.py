@@ -259,8 +259,12 @@ async def test_in_the_runtimes_process_queue_depth_is_exact_at_any_depth(
         assert claim is not None
         assert claim.task.id == retried
         await runtime.fail_task(claim.lease, "again later", retry_after=3600)
+        for _ in range(2):  # delayed: queued, outside the ready index until due
+            await runtime.create_task("d", {}, delay=3600)
         _, _, samples = await scrape(metrics)
     assert value(samples, "hive_queue_depth", task_type="b") == 5
+    assert value(samples, "hive_queue_depth", task_type="d") == 2
+    assert value(samples, "hive_queue_oldest_age_seconds", task_type="d") == 0
     assert value(samples, "hive_queue_depth", task_type="r") == 1
     assert 0 < value(samples, "hive_queue_oldest_age_seconds", task_type="b") < 60
     # Due in an hour: claimable since no time at all (its age is not negative).

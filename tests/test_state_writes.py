@@ -61,7 +61,7 @@ TASK_FIXED = {
     "id", "title", "description", "task_type", "priority", "workflow", "payload", "tags",
     "max_retries", "due_date", "idempotency_key", "correlation_id", "source_agent",
     "timeout", "concurrency_key", "concurrency_limit", "requires", "plan_id", "subtask_id",
-    "created_at", "idempotency_scope", "traceparent", "tracestate",
+    "created_at", "idempotency_scope", "traceparent", "tracestate", "expires_at",
 }  # fmt: skip
 #: Run fields fixed when the run is opened.
 RUN_FIXED = {"id", "task_id", "worker_id", "run_number", "lease_seconds"}

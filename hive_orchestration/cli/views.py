@@ -215,6 +215,8 @@ def render_task(out: Console, report: TaskReport) -> None:
         ("created", _when(task.created_at)),
         ("updated", _when(task.updated_at)),
         ("available at", _when(task.available_at)),
+        ("run at", _when(task.run_at)),
+        ("expires at", _when(task.expires_at)),
         ("plan", _text(f"{task.plan_id} / {task.subtask_id}" if task.plan_id else None)),
         ("correlation", _text(task.correlation_id)),
         ("idempotency key", _text(task.idempotency_key)),

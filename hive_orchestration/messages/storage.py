@@ -51,7 +51,10 @@ __all__ = [
     "TasksWithRuns",
     "LoadLeaseHashes",
     "LoadRuns",
+    "LastTaskId",
+    "LoadStarts",
     "LoadTasks",
+    "LoadTimers",
     "LoadWorkers",
     "PutRun",
     "PutTask",
@@ -487,6 +490,33 @@ class CountTasksByType(Request[dict[str, dict[str, int]]], frozen=True):
     """status -> task type -> how many tasks, in one query (empty ones left out)."""
 
 
+class LoadTimers(Request[tuple[tuple[str, datetime, datetime], ...]], frozen=True):
+    """The next ``limit`` queued tasks by ``column`` (``run_at``: delayed tasks by start
+    time; ``expires_at``: by expiry) after ``after`` (a (time, task id), ``None``: from
+    the first), in that order, as (task id, time, created_at). A range scan of
+    ``idx_tasks_delayed`` (``idx_tasks_expiring``)."""
+
+    column: Literal["run_at", "expires_at"]
+    after: tuple[datetime, str] | None
+    limit: int
+
+
+class LastTaskId(Request["str | None"], frozen=True):
+    """The greatest id of the last tasks inserted (``None``: no task): what tells the
+    tasks made before the TaskManager's start from those made after
+    (actors/task_manager/delays.py)."""
+
+
+class LoadStarts(Request[tuple[tuple[str, str | None, datetime], ...]], frozen=True):
+    """The claims made since ``since`` of tasks of ``task_types`` or with a concurrency
+    key of ``keys``, as (task type, concurrency key, the run's started_at), oldest first:
+    the rate limits' windows at open. A range of ``idx_runs_started``."""
+
+    task_types: tuple[str, ...]
+    keys: tuple[str, ...]
+    since: datetime
+
+
 class LoadSchedules(Request[tuple[Schedule, ...]], frozen=True):
     """Every schedule, by name."""
 
@@ -524,5 +554,8 @@ StorageMessage: TypeAlias = (
     | LoadRevokedTypes
     | CountTasksByType
     | LoadDependencyResults
+    | LoadTimers
+    | LoadStarts
+    | LastTaskId
     | LoadSchedules
 )

@@ -153,6 +153,12 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     tracestate: str | None = None
     created_at: datetime
     updated_at: datetime
+    #: A delayed task: not handed out before this time (docs/TIMING.md). Cleared when
+    #: it comes due, so a queued task with ``run_at`` set is still waiting for it.
+    run_at: datetime | None = None
+    #: Never handed out after this time: a task still queued then ends ``cancelled``
+    #: with the reason ``expired`` (docs/TIMING.md).
+    expires_at: datetime | None = None
 
     @property
     def type(self) -> str:
@@ -261,6 +267,14 @@ class CreateTask(Request[str], frozen=True, kw_only=True):
     #: The creating call's W3C trace context (hive_orchestration/_trace.py).
     traceparent: str | None = None
     tracestate: str | None = None
+    #: Not claimable before ``run_at``, or before ``delay`` seconds from its creation
+    #: (one of them); never handed out after ``expires_at``, or ``expires_in`` seconds
+    #: from its creation (one of them). Relative spans are resolved by the TaskManager
+    #: on its monotonic clock, so the caller's clock does not matter.
+    run_at: datetime | None = None
+    delay: float | None = None
+    expires_at: datetime | None = None
+    expires_in: float | None = None
     #: Set by the Scheduler only: the schedule slot this task fires. Its advance and its
     #: ``schedule.fired`` event are committed in the very write that creates the task.
     schedule: ScheduleSlot | None = None

@@ -40,6 +40,7 @@ from collections.abc import (
 )
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
@@ -118,6 +119,14 @@ class _Snapshot:
     workers: dict[str, int] = field(default_factory=dict)
     plans: dict[str, int] = field(default_factory=dict)
     statistics: RuntimeStatistics | None = None
+
+
+def _timestamp(text: str, default: float) -> float:
+    """An event's ISO 8601 time as Unix seconds (``default`` if it is not one)."""
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return default
 
 
 def _forget_oldest(tracked: MutableMapping[str, Any]) -> None:
@@ -199,10 +208,11 @@ class Metrics:
             self.created[task_type] = self.created.get(task_type, 0) + 1
             self.recent_created.append((at, task_type))
             if event.plan_id is None:  # a plan's task waits, blocked, until it is ready
-                ready = self._ready
-                ready[task_id] = at
-                if len(ready) > TRACKED:
-                    _forget_oldest(ready)
+                run_at = data.get("run_at")  # a delayed task is ready from its start time
+                due = at if not isinstance(run_at, str) else max(at, _timestamp(run_at, at))
+                self._ready[task_id] = due
+                if len(self._ready) > TRACKED:
+                    _forget_oldest(self._ready)
             return
         if kind == "task.deleted":
             self._ready.pop(task_id, None)
@@ -301,10 +311,12 @@ class Metrics:
                 depth: dict[str, int] = {}
                 for task in queued:
                     depth[task.task_type] = depth.get(task.task_type, 0) + 1
-                    # Queued since its last transition, claimable from available_at.
+                    # Queued since its last transition, claimable from available_at
+                    # (a delayed task from its run_at: it waits for no worker before).
                     since = task.updated_at.timestamp()
-                    if task.available_at is not None:
-                        since = max(since, task.available_at.timestamp())
+                    for claimable in (task.available_at, task.run_at):
+                        if claimable is not None:
+                            since = max(since, claimable.timestamp())
                     age = max(0.0, now - since)
                     snapshot.queue_oldest[task.task_type] = max(
                         age, snapshot.queue_oldest.get(task.task_type, 0.0)

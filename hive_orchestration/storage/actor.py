@@ -137,10 +137,15 @@ _INSERT_EVENT = (
     " worker_id, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 #: Queued tasks by type, and the earliest time one of each became claimable: the
-#: partial index ``idx_tasks_ready`` holds exactly the queued tasks, by type first.
+#: partial index ``idx_tasks_ready`` holds exactly the queued tasks that are not delayed,
+#: by type first, and ``idx_tasks_delayed`` the delayed ones (claimable from run_at).
 _COUNT_QUEUED = (
-    "SELECT task_type, COUNT(*), MIN(max(updated_at, coalesce(available_at, updated_at)))"
-    " FROM tasks INDEXED BY idx_tasks_ready WHERE status = 'queued' GROUP BY task_type"
+    "SELECT task_type, COUNT(*), MIN(since) FROM ("
+    " SELECT task_type, max(updated_at, coalesce(available_at, updated_at)) AS since"
+    " FROM tasks INDEXED BY idx_tasks_ready WHERE status = 'queued' AND run_at IS NULL"
+    " UNION ALL SELECT task_type, run_at FROM tasks INDEXED BY idx_tasks_delayed"
+    " WHERE status = 'queued' AND run_at IS NOT NULL"
+    ") GROUP BY task_type"
 )
 #: The owners of some idempotency keys, through the unique index on the key.
 #: A task of scope 'active' holds its key only while live: the index's own condition.

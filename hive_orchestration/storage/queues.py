@@ -15,9 +15,13 @@ from typing import cast
 
 import msgspec
 
+from .._ids import is_new_id
 from ..messages.storage import (
     FetchTasks,
+    LastTaskId,
     LoadQueueHeads,
+    LoadStarts,
+    LoadTimers,
     QueryUnroutable,
     QueueHead,
     QueueHeads,
@@ -26,18 +30,27 @@ from ..messages.storage import (
 )
 from ..messages.tasks import Run, Task
 from .drivers import Driver
-from .rows import RUN_COLUMNS, TASK_COLUMNS, run_from_row, task_from_row, time_text
+from .rows import (
+    RUN_COLUMNS,
+    TASK_COLUMNS,
+    parse_time,
+    run_from_row,
+    task_from_row,
+    time_text,
+)
 
 __all__ = ["QUEUE_QUERIES", "query_queues", "requires_text"]
 
-QUEUE_QUERIES = (FetchTasks, LoadQueueHeads, QueryUnroutable)
+QUEUE_QUERIES = (FetchTasks, LoadQueueHeads, QueryUnroutable, LoadTimers, LoadStarts, LastTaskId)
 #: Under SQLite's oldest limit on bound parameters (999).
 _IDS_PER_QUERY = 500
 _encode = msgspec.json.Encoder().encode
-# Each condition names the partial index's own WHERE (status = 'queued') so that the
+# Each condition names the partial index's own WHERE (status = 'queued', and no start
+# time still to come: a delayed task joins the index when it comes due) so that the
 # planner may use it, and the queue's three columns by equality (IS: they may be NULL).
+_READY = "status = 'queued' AND run_at IS NULL"
 _QUEUE = (
-    f"SELECT {TASK_COLUMNS} FROM tasks WHERE status = 'queued'"
+    f"SELECT {TASK_COLUMNS} FROM tasks WHERE {_READY}"
     " AND task_type = ? AND requires IS ? AND concurrency_key IS ?"
 )
 _FIRST = f"{_QUEUE} ORDER BY priority DESC, created_at, id LIMIT ?"
@@ -49,12 +62,25 @@ _SAME_PRIORITY = (
 _LOWER = f"{_QUEUE} AND priority < ? ORDER BY priority DESC, created_at, id LIMIT ?"
 _QUEUES = (
     "SELECT DISTINCT task_type, requires, concurrency_key FROM tasks"
-    " INDEXED BY idx_tasks_ready WHERE status = 'queued'"
+    f" INDEXED BY idx_tasks_ready WHERE {_READY}"
 )
 _ROUTES = (
-    "SELECT DISTINCT task_type, requires FROM tasks"
-    " INDEXED BY idx_tasks_ready WHERE status = 'queued'"
+    f"SELECT DISTINCT task_type, requires FROM tasks INDEXED BY idx_tasks_ready WHERE {_READY}"
 )
+# The earliest start times (expiries) of queued tasks after a (time, id), in that order:
+# a range scan of idx_tasks_delayed (idx_tasks_expiring).
+_TIMERS = {
+    "run_at": (
+        "SELECT id, run_at, created_at FROM tasks INDEXED BY idx_tasks_delayed"
+        " WHERE status = 'queued' AND run_at IS NOT NULL AND (run_at, id) > (?, ?)"
+        " ORDER BY run_at, id LIMIT ?"
+    ),
+    "expires_at": (
+        "SELECT id, expires_at, created_at FROM tasks INDEXED BY idx_tasks_expiring"
+        " WHERE status = 'queued' AND expires_at IS NOT NULL AND (expires_at, id) > (?, ?)"
+        " ORDER BY expires_at, id LIMIT ?"
+    ),
+}
 _OF_ROUTE = (
     f"SELECT {TASK_COLUMNS} FROM tasks WHERE status = 'queued'"
     " AND task_type = ? AND requires IS ? ORDER BY priority DESC, created_at, id"
@@ -98,6 +124,35 @@ async def query_queues(db: Driver, message: StorageMessage) -> object:
                 stuck = [t for t in stuck if (-t.priority, t.created_at, t.id) > bound]
             stuck.sort(key=lambda task: (-task.priority, task.created_at, task.id))
             return stuck if limit is None else stuck[:limit]
+        case LastTaskId():
+            # The last rows inserted, by the table's own b-tree: the open reads no index
+            # it does not need (a damaged one fails only what uses it). Ids are made in
+            # insertion order (each process makes its ids greater than those before it),
+            # so the greatest is among them, but for the few a batch made out of order.
+            rows = await db.fetchall("SELECT id FROM tasks ORDER BY rowid DESC LIMIT 64")
+            return max((str(r[0]) for r in rows if is_new_id(str(r[0]))), default=None)
+        case LoadStarts(task_types=types, keys=keys, since=since):
+            marks = ", ".join("?" * len(types))
+            key_marks = ", ".join("?" * len(keys))
+            sql = (
+                "SELECT t.task_type, t.concurrency_key, r.started_at"
+                " FROM runs r INDEXED BY idx_runs_started JOIN tasks t ON t.id = r.task_id"
+                " WHERE r.lease_seconds IS NOT NULL AND r.started_at >= ?"
+                f" AND (t.task_type IN ({marks}) OR t.concurrency_key IN ({key_marks}))"
+                " ORDER BY r.started_at"
+            )
+            rows = await db.fetchall(sql, (_text(since), *types, *keys))
+            return tuple(
+                (str(kind), cast("str | None", key), cast(datetime, parse_time(started)))
+                for kind, key, started in rows
+            )
+        case LoadTimers(column=column, after=after, limit=limit):
+            at, task_id = ("", "") if after is None else (_text(after[0]), after[1])
+            rows = await db.fetchall(_TIMERS[column], (at, task_id, limit))
+            return tuple(
+                (str(id_), cast(datetime, parse_time(when)), cast(datetime, parse_time(created)))
+                for id_, when, created in rows
+            )
     raise TypeError(f"not a queue query: {type(message).__name__}")  # pragma: no cover
 
 

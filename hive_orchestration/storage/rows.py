@@ -46,7 +46,7 @@ TASK_COLUMNS = (
     " created_at, updated_at, assigned_worker, due_date, max_retries, tags, attempts, result,"
     " error, idempotency_key, correlation_id, source_agent, timeout, available_at,"
     " concurrency_key, concurrency_limit, requires, plan_id, subtask_id, idempotency_scope,"
-    " traceparent, tracestate"
+    " traceparent, tracestate, run_at, expires_at"
 )
 RUN_COLUMNS = (
     "id, task_id, worker_id, run_number, status, phase, result_data, error_message,"
@@ -81,7 +81,8 @@ _PUT_WORKER = upsert("workers", WORKER_COLUMNS)
 #: others are fixed at creation. A state change writes only these: an UPDATE that leaves
 #: the priority index alone and encodes no payload costs a third of a whole-row upsert.
 TASK_STATE_COLUMNS = (
-    "status, current_phase, updated_at, assigned_worker, attempts, result, error, available_at"
+    "status, current_phase, updated_at, assigned_worker, attempts, result, error, available_at,"
+    " run_at"
 )
 #: The columns of a run that change after it is opened.
 RUN_STATE_COLUMNS = (
@@ -147,6 +148,8 @@ def task_statement(task: Task) -> Statement:
         None if task.idempotency_scope == "forever" else task.idempotency_scope,
         task.traceparent,
         task.tracestate,
+        time_text(task.run_at),
+        time_text(task.expires_at),
     )
     return _PUT_TASK, params
 
@@ -183,6 +186,7 @@ def task_state_statement(task: Task) -> Statement:
         _json(task.result),
         task.error,
         time_text(task.available_at),
+        time_text(task.run_at),
         task.id,
     )
     return SET_TASK_STATE, params
@@ -218,7 +222,7 @@ def task_from_row(row: tuple[object, ...]) -> Task:
      created_at, updated_at, assigned_worker, due_date, max_retries, tags, attempts,
      result, error, idempotency_key, correlation_id, source_agent, timeout, available_at,
      concurrency_key, concurrency_limit, requires, plan_id, subtask_id,
-     idempotency_scope, traceparent, tracestate) = row  # fmt: skip
+     idempotency_scope, traceparent, tracestate, run_at, expires_at) = row  # fmt: skip
     # Rows written by other tools may leave the seed schema's nullable columns empty.
     created = parse_time(created_at) or parse_time(updated_at) or EPOCH
     return Task(
@@ -253,6 +257,8 @@ def task_from_row(row: tuple[object, ...]) -> Task:
         idempotency_scope="active" if idempotency_scope == "active" else "forever",
         traceparent=cast("str | None", traceparent),
         tracestate=cast("str | None", tracestate),
+        run_at=parse_time(run_at),
+        expires_at=parse_time(expires_at),
     )
 
 

@@ -255,11 +255,34 @@ _V11: tuple[str, ...] = (
     "ALTER TABLE tasks ADD COLUMN tracestate TEXT",
 )
 
-# Version 12: periodic schedules (actors/scheduler.py). The definition is one JSON
+# Version 12: time (docs/TIMING.md). A delayed task's start time (``run_at``: not
+# claimable before it; cleared when it comes due) and a queued task's expiry. A delayed
+# task leaves the ready index until it is due, so that a million of them never sit in
+# the heads the TaskManager holds, nor lie in the range scans of the queues that are
+# ready; two more partial indexes give the TaskManager the earliest start times and
+# expiries, in time order, a range at a time. idx_tasks_ready is made again with the new
+# condition (the queries of storage/queues.py name it, so that the planner uses it).
+_V12: tuple[str, ...] = (
+    "ALTER TABLE tasks ADD COLUMN run_at TIMESTAMP",
+    "ALTER TABLE tasks ADD COLUMN expires_at TIMESTAMP",
+    "DROP INDEX idx_tasks_ready",
+    "CREATE INDEX idx_tasks_ready ON tasks"
+    " (task_type, requires, concurrency_key, priority DESC, created_at, id)"
+    " WHERE status = 'queued' AND run_at IS NULL",
+    "CREATE INDEX idx_tasks_delayed ON tasks (run_at, id)"
+    " WHERE status = 'queued' AND run_at IS NOT NULL",
+    "CREATE INDEX idx_tasks_expiring ON tasks (expires_at, id)"
+    " WHERE status = 'queued' AND expires_at IS NOT NULL",
+    # The rate limits' windows, rebuilt on open from the recent claims (a claim's run has
+    # a lease): a range of the last seconds, whatever the number of runs.
+    "CREATE INDEX idx_runs_started ON runs (started_at) WHERE lease_seconds IS NOT NULL",
+)
+
+# Version 13: periodic schedules (actors/scheduler.py). The definition is one JSON
 # document, written whole; what the schedule fired is in its own columns, moved only
 # forward, in the TaskManager's write that creates the slot's task (storage/schedules.py).
 # Times are fixed-width UTC text, so that comparing the text compares the instants.
-_V12: tuple[str, ...] = (
+_V13: tuple[str, ...] = (
     "CREATE TABLE schedules ("
     " id TEXT PRIMARY KEY,"
     " name TEXT NOT NULL UNIQUE,"
@@ -287,5 +310,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V10,
     _V11,
     _V12,
+    _V13,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -554,6 +554,10 @@ def _new_tasks(pool: Pool) -> st.SearchStrategy[object]:
             "tags": names().near(pool),
             "concurrency_limit": integer(1, 3).near(pool),
             "concurrency_key": st.one_of(st.just("fz-key"), junk),
+            "run_at": DUE_DATE.near(pool),
+            "delay": seconds(optional=True).near(pool),
+            "expires_at": DUE_DATE.near(pool),
+            "expires_in": seconds(optional=True).near(pool),
             "unknown": junk,
         },
     )
@@ -783,6 +787,10 @@ OPS: dict[str, Operation] = {
             # A name, a list of names, or None ("no requirement"), as task_types takes.
             "requires": task_types(),
             "idempotency_scope": SCOPE,
+            "run_at": DUE_DATE,
+            "delay": seconds(optional=True),
+            "expires_at": DUE_DATE,
+            "expires_in": seconds(optional=True),
         },
     ),
     "create_tasks": Operation("await", {"tasks": NEW_TASKS}),

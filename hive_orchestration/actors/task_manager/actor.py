@@ -81,9 +81,9 @@ running    failed     lease expiry or worker lost with none left,
                       update_task_status(failed)
 assigned   timed_out  timeout with no attempt left,                       task.timed_out
 running    timed_out  update_task_status(timed_out)
-queued     cancelled  cancel_task, update_task_status(cancelled)          task.cancelled
-assigned   cancelled
-running    cancelled
+queued     cancelled  cancel_task, update_task_status(cancelled), its     task.cancelled
+assigned   cancelled  expiry while queued (data.reason: expired;
+running    cancelled  delays.py)
 (new)      blocked    a plan's subtasks are created (PlanExecutor)        task.created
 blocked    queued     its plan's dependencies are all done (PlanExecutor  plan.subtask_ready
                       only, never update_task_status)
@@ -106,6 +106,12 @@ telling the truth, not making a change. A requeue's ``task.retrying`` says why i
 (``failed``, ``timed_out``, ``lease_expired``, ``worker_lost``, ``released``,
 ``unclaimed``, ``recovered``, ``requeued``). Deleting a task publishes ``task.deleted``;
 a progress report publishes ``task.progress`` (no status change).
+
+Time (delays.py, limits.py; docs/TIMING.md). A delayed task (``run_at``) is queued but
+neither in the ready index nor in memory until it comes due; a queued task past its
+expiry is cancelled, and never handed out; a rate-limited type or key is held back while
+its window is full. The earliest start times and expiries (read from their indexes a
+range at a time) and the rate windows are deadlines of the same alarm.
 
 Attempts: every run that ends without success counts one (failed, timed out, lost),
 except a released run (handed back by its worker, or never received by it). While
@@ -151,10 +157,13 @@ from ...messages.storage import (
     FetchTask,
     FetchTasks,
     FindIdempotencyKeys,
+    LastTaskId,
     LoadLeaseHashes,
     LoadQueueHeads,
     LoadRuns,
+    LoadStarts,
     LoadTasks,
+    LoadTimers,
     PutRun,
     PutTask,
     QueryTasks,
@@ -213,6 +222,8 @@ from ...messages.tasks import (
 from ...messages.workers import WorkerRegistryMessage, WorkersSeen
 from ...runtime import Actor, ActorRef, Alarm, Deadlines, Envelope, Reply, Request
 from . import control
+from .delays import Frame, Timers
+from .limits import RateLimits
 from .ready import Bound, QueueId, ReadyQueue, bound_of, queue_of
 from .schedule_slots import slot_ops
 
@@ -417,6 +428,9 @@ class TaskManager(Actor[TaskManagerMessage]):
         rng: random.Random | None = None,
         plan_barrier: bool = False,
         ready_head: int = 1024,
+        rate_limits: Mapping[str, tuple[int, float]] | None = None,
+        key_rate_limits: Mapping[str, tuple[int, float]] | None = None,
+        frame: Frame | None = None,
     ) -> None:
         self._storage = storage
         # How many of each ready queue's best tasks memory holds; it reads the next ones
@@ -473,6 +487,14 @@ class TaskManager(Actor[TaskManagerMessage]):
         # that the caller's next read of the plan sees what the end released.
         self._plan_barrier = plan_barrier
         self._plans_settled = 0
+        # Delayed tasks' start times and queued tasks' expiries (delays.py): the earliest
+        # of each, read from storage a range at a time, with their monotonic deadlines.
+        self._starts = Timers("run_at", self._head)
+        self._expiries = Timers("expires_at", self._head)
+        self._frame = frame or Frame()  # the process's: read at the first start
+        self._timers_failed: float | None = None  # when a read of them last failed
+        # At most N claims per interval of a task type or concurrency key (limits.py).
+        self._limits = RateLimits(rate_limits, key_rate_limits)
         self._held_back: deque[tuple[int, list[tuple[Envelope[TaskManagerMessage], object]]]] = (
             deque()
         )
@@ -498,6 +520,10 @@ class TaskManager(Actor[TaskManagerMessage]):
         # A crash's restart keeps the claims, so their secrets must still be proved; on
         # open, recovery ends them all.
         hashes = {} if self._recover else await self._storage.ask(LoadLeaseHashes(LIVE))
+        if not self._frame.started:
+            watermark = await self._storage.ask(LastTaskId())
+            now = self._read_clocks()
+            self._frame.start(self._wall, self._mono, watermark)
         now = self._read_clocks()
         if self._recover:
             await self._recover_claims(now)
@@ -512,7 +538,9 @@ class TaskManager(Actor[TaskManagerMessage]):
                 if run.status in _RUN_OPEN and run.lease_seconds is not None:
                     renewed = now + timedelta(seconds=run.lease_seconds)
                     self._runs[run.id] = msgspec.structs.replace(run, lease_expires_at=renewed)
+        await self._load_starts()
         self._reindex(hashes)
+        await self._load_timers(fail=True)
         self._arm()
         log.info(
             "task manager: %d task(s) in memory (%d queue(s) with a backlog in storage),"
@@ -574,6 +602,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         await self._look_up_keys(batch, work)
         now = self._read_clocks()
         self._settle_due(work, now)
+        await self._settle_timers(work, now)
         forwards: list[tuple[Envelope[TaskManagerMessage], Request[object]]] = []
         seen: set[str] = set()  # workers at work in this batch
         for envelope in batch:
@@ -986,6 +1015,9 @@ class TaskManager(Actor[TaskManagerMessage]):
         if work.revoked is not None:
             self._revoked.clear()
             self._revoked.update(work.revoked)
+        # They may hold times of tasks the batch made or changed: read again from storage.
+        self._starts.clear()
+        self._expiries.clear()
         self._reindex()
         log.warning("commit failed; %d task(s) restored in memory", len(work.undo))
 
@@ -994,6 +1026,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         their deadlines. O(tasks in memory): at start-up (with the stored ``hashes`` of the
         claims' secrets) and after a failed commit only."""
         self._ready = ReadyQueue(self._type_limits, self._ready.bounds(), self._revoked)
+        self._ready.pause(self._limits.full_types, self._limits.full_keys)
         self._held = {}
         self._deadlines = Deadlines()
         for task in self._tasks.values():
@@ -1022,11 +1055,15 @@ class TaskManager(Actor[TaskManagerMessage]):
             if old.status is Q:
                 self._ready.discard(old.id)
                 self._ready_at.pop(old.id, None)
+                self._untime(old)
             elif old.status in _HOLDING:
                 self._ready.unhold(old)
         if new is not None:
             if new.status is Q:
-                if not self._ready.add(new, self._mono, self._backoff_end(new)):
+                self._time(new)
+                if new.run_at is not None:
+                    self._spill.add(new.id)  # storage's until due: memory keeps its time
+                elif not self._ready.add(new, self._mono, self._backoff_end(new)):
                     self._spill.add(new.id)  # after its queue's head: storage's
             elif new.status in _HOLDING:
                 self._ready.hold(new)
@@ -1093,6 +1130,8 @@ class TaskManager(Actor[TaskManagerMessage]):
                 self._close_run(run, RunStatus.LOST, work, now, error=error)
                 self._requeue(task, run, "lease_expired", error, work, now, retry_after=0.0)
         self._ready.promote(mono)
+        if self._limits:
+            self._ready.resume(*self._limits.freed(mono))
         while (waiter_id := self._waits.pop_due(mono)) is not None:
             waiter = self._waiters.pop(waiter_id)
             work.answers.append((waiter.envelope, waiter.nothing))
@@ -1109,9 +1148,190 @@ class TaskManager(Actor[TaskManagerMessage]):
         delayed = self._ready.next_delayed()
         if delayed is not None:
             times.append(delayed)
+        times += self._timers_due()
+        frees = self._limits.next_free()
+        if frees is not None:
+            times.append(frees)
         wake = min(times) if times else None
         if wake != self._alarm.at:
             self._alarm.set(wake)
+
+    # -- delayed tasks and expiries (delays.py) ----------------------------------------------
+
+    def _times(
+        self, message: CreateTask, prefix: str = ""
+    ) -> tuple[datetime | None, datetime | None]:
+        """A create's start time and expiry as stored (``None``: none, or a start time
+        already past), checked against this batch's clocks."""
+        wall, mono = self._wall, self._mono
+        start: datetime | None = None
+        ready = mono
+        if message.run_at is not None or message.delay is not None:
+            if message.delay is not None:
+                given = wall + timedelta(seconds=message.delay)
+                ready = mono + message.delay
+            else:
+                assert message.run_at is not None
+                given = message.run_at
+                ready = mono + (given - wall).total_seconds()
+            if ready > mono:
+                start = self._frame.stored(ready, wall, mono, given)
+        expiry: datetime | None = None
+        if message.expires_at is not None or message.expires_in is not None:
+            name = "expires_in" if message.expires_in is not None else "expires_at"
+            if message.expires_in is not None:
+                given = wall + timedelta(seconds=message.expires_in)
+                ends = mono + message.expires_in
+            else:
+                assert message.expires_at is not None
+                given = message.expires_at
+                ends = mono + (given - wall).total_seconds()
+            if ends <= ready:
+                why = "is not after the task's start time" if start else "is already past"
+                raise InvalidInputError(
+                    prefix + name, f"{why}: the task could never be handed out; give a later one"
+                )
+            expiry = self._frame.stored(ends, wall, mono, given)
+        return start, expiry
+
+    def _time(self, task: Task) -> None:
+        """The queued ``task``'s start time and expiry, if any, to the timers."""
+        if task.run_at is not None:
+            deadline = self._frame.deadline(task.id, task.run_at, task.created_at)
+            self._starts.add(task.id, task.run_at, deadline)
+        if task.expires_at is not None:
+            deadline = self._frame.deadline(task.id, task.expires_at, task.created_at)
+            self._expiries.add(task.id, task.expires_at, deadline)
+
+    def _untime(self, task: Task) -> None:
+        if task.run_at is not None:
+            self._starts.discard(task.id)
+        if task.expires_at is not None:
+            self._expiries.discard(task.id)
+
+    async def _load_timers(self, *, fail: bool = False) -> None:
+        """Read the next start times and expiries of the timers that ran low. Between
+        batches: the last commit is done, so storage holds exactly what memory left it."""
+        for timers in (self._starts, self._expiries):
+            if not timers.low():
+                continue
+            try:
+                rows = await self._storage.ask(
+                    LoadTimers(timers.column, timers.after(), timers.size)
+                )
+            except HiveError as exc:
+                if fail:
+                    raise
+                log.warning("could not read the queued tasks' %s: %s", timers.column, exc)
+                self._timers_failed = self._mono
+                return
+            frame = self._frame
+            timers.take(((i, at, frame.deadline(i, at, made)) for i, at, made in rows), len(rows))
+        self._timers_failed = None
+
+    def _timers_due(self) -> list[float]:
+        """When the timers want the next batch: their first deadlines, or at once when
+        they have to read from storage (a second after a failed read)."""
+        if self._starts.low() or self._expiries.low():
+            failed = self._timers_failed
+            return [self._mono if failed is None else failed + 1.0]
+        times = []
+        for timers in (self._starts, self._expiries):
+            first = timers.first()
+            if first is not None:
+                times.append(first)
+        return times
+
+    async def _settle_timers(self, work: _Batch, now: datetime) -> None:
+        """Expire the queued tasks whose expiry is past; queue the delayed tasks that
+        came due (they join the ready index and their queue's head)."""
+        await self._load_timers()
+        mono = self._mono
+        expired: list[str] = []
+        while (task_id := self._expiries.pop_due(mono)) is not None:
+            expired.append(task_id)
+        due: list[str] = []
+        while (task_id := self._starts.pop_due(mono)) is not None:
+            due.append(task_id)
+        if not expired and not due:
+            return
+        try:
+            found = await self._fetch(expired + due, work)
+        except HiveError as exc:
+            log.warning("could not read %d timed task(s): %s", len(expired) + len(due), exc)
+            self._starts.clear()  # read again, and these with them
+            self._expiries.clear()
+            return
+        for task_id in expired:
+            task = self._tasks.get(task_id, found.get(task_id))
+            if task is not None and task.status is Q and task.expires_at is not None:
+                self._expire(task, work, now)
+        for task_id in due:
+            task = self._tasks.get(task_id, found.get(task_id))
+            if task is not None and task.status is Q and task.run_at is not None:
+                self._touch(task_id, work)
+                updated = msgspec.structs.replace(task, run_at=None, updated_at=now)
+                self._tasks[task_id] = updated
+                self._index(task, updated)
+                work.ops.append(SetTaskState(updated))
+
+    def _expire(self, task: Task, work: _Batch, now: datetime) -> None:
+        """The queued ``task``'s expiry passed: it ends cancelled, reason ``expired``."""
+        assert task.expires_at is not None
+        at = task.expires_at.isoformat()
+        self._transition(
+            task,
+            TaskStatus.CANCELLED,
+            work,
+            now,
+            None,
+            {"error": f"expired: not handed out by {at}"},
+            {"reason": "expired", "expires_at": at},
+        )
+
+    def _pop(self, task_types: Sequence[str] | None, work: _Batch, now: datetime) -> str | None:
+        """The ready queue's next task for a claim, never one past its expiry (those end
+        here, should their timer not have come up yet)."""
+        while (task_id := self._ready.pop(task_types)) is not None:
+            task = self._tasks[task_id]
+            if task.expires_at is None:
+                return task_id
+            deadline = self._expiries.deadline(task_id)
+            if deadline is None:
+                deadline = self._frame.deadline(task_id, task.expires_at, task.created_at)
+            if deadline > self._mono:
+                return task_id
+            self._expire(task, work, now)
+        return None
+
+    # -- rate limits (limits.py) ---------------------------------------------------------------
+
+    async def _load_starts(self) -> None:
+        """At start-up: the rate limits' windows, from the claims of the last ``per``
+        seconds (each a deadline from now, at most ``per`` away: see limits.py)."""
+        if not self._limits:
+            return
+        types, keys = self._limits.limited()
+        since = self._wall - timedelta(seconds=self._limits.longest())
+        rows = await self._storage.ask(LoadStarts(types, keys, since))
+        by_type: dict[str, list[float]] = {}
+        by_key: dict[str, list[float]] = {}
+        for task_type, key, started in rows:
+            ago = max((self._wall - started).total_seconds(), 0.0)
+            at = self._mono - ago
+            by_type.setdefault(task_type, []).append(at)
+            if key is not None:
+                by_key.setdefault(key, []).append(at)
+        self._limits.load(by_type, by_key, self._mono)
+
+    def _count_start(self, task: Task) -> None:
+        """``task`` was claimed: a full window holds its type or key back."""
+        type_full, key_full = self._limits.started(task, self._mono)
+        if type_full or key_full:
+            self._ready.pause(
+                (task.task_type,) if type_full else (),
+                (task.concurrency_key,) if key_full and task.concurrency_key else (),
+            )
 
     # -- claims --------------------------------------------------------------------------------
 
@@ -1154,7 +1374,7 @@ class TaskManager(Actor[TaskManagerMessage]):
                     self._release_unclaimed(claim, work, now)
                 continue
             request = waiter.claim
-            task_id = self._ready.pop(request.task_types)
+            task_id = self._pop(request.task_types, work, now)
             if task_id is None:
                 if self._ready.starved and refilled:
                     work.starved = True
@@ -1171,7 +1391,7 @@ class TaskManager(Actor[TaskManagerMessage]):
             claims = waiter.taken
             claims.append(self._assign(task_id, request, work, now))
             while len(claims) < request.limit:
-                task_id = self._ready.pop(request.task_types)
+                task_id = self._pop(request.task_types, work, now)
                 if task_id is None:
                     break
                 claims.append(self._assign(task_id, request, work, now))
@@ -1220,6 +1440,8 @@ class TaskManager(Actor[TaskManagerMessage]):
             {"run_id": run.id, "attempt": run.run_number},
         )
         self._held[task_id] = run.id
+        if self._limits:
+            self._count_start(updated)
         if claim.start:
             updated = self._start(updated, run, work, now)
             run = self._runs[run.id]
@@ -1350,10 +1572,12 @@ class TaskManager(Actor[TaskManagerMessage]):
         match message:
             case CreateTask():
                 _refuse_unknown_keys((message,), work)
-                return self._create(message, work, now)
+                return self._create(message, work, now, self._times(message))
             case CreateTasks(tasks=items):
                 _refuse_unknown_keys(items, work)  # before any is created: all or nothing
-                return tuple(self._create(item, work, now) for item in items)
+                times = [self._times(item, f"tasks[{i}].") for i, item in enumerate(items)]
+                pairs = zip(items, times, strict=True)
+                return tuple(self._create(item, work, now, when) for item, when in pairs)
             case QueueTasks(task_ids=task_ids, source_agent=source):
                 queued = []
                 known = await self._fetch(task_ids, work)
@@ -1534,7 +1758,13 @@ class TaskManager(Actor[TaskManagerMessage]):
             released += 1
         return released
 
-    def _create(self, message: CreateTask, work: _Batch, now: datetime) -> str:
+    def _create(
+        self,
+        message: CreateTask,
+        work: _Batch,
+        now: datetime,
+        times: tuple[datetime | None, datetime | None] = (None, None),
+    ) -> str:
         key = message.idempotency_key
         if key is not None:
             owner = control.key_owner(self, key, work)
@@ -1568,6 +1798,8 @@ class TaskManager(Actor[TaskManagerMessage]):
             tracestate=message.tracestate,
             created_at=now,
             updated_at=now,
+            run_at=times[0],
+            expires_at=times[1],
         )
         self._touch(task.id, work)
         self._tasks[task.id] = task
@@ -1575,15 +1807,16 @@ class TaskManager(Actor[TaskManagerMessage]):
         if key is not None:
             self._set_key(key, task.id, work)
         work.ops.append(PutTask(task))
-        work.ops.append(
-            self._event(
-                "task.created",
-                task,
-                now,
-                message.source_agent,
-                {"task_type": task.task_type, "title": task.title, "priority": task.priority},
-            )
-        )
+        data: dict[str, JsonValue] = {
+            "task_type": task.task_type,
+            "title": task.title,
+            "priority": task.priority,
+        }
+        if task.run_at is not None:
+            data["run_at"] = task.run_at.isoformat()
+        if task.expires_at is not None:
+            data["expires_at"] = task.expires_at.isoformat()
+        work.ops.append(self._event("task.created", task, now, message.source_agent, data))
         if message.schedule is not None:  # the slot's advance: in this very write
             work.ops += slot_ops(message.schedule, task.id, task, now)
         return task.id

@@ -126,6 +126,10 @@ class ReadyQueue:
         self._next_generation = 0
         self._held_types: Counter[str] = Counter()
         self._held_keys: Counter[str] = Counter()
+        # Task types and concurrency keys whose rate limit is used up for now (limits.py):
+        # held back like a type or key whose concurrency limit is reached.
+        self._paused_types: set[str] = set()
+        self._paused_keys: set[str] = set()
         #: Set when a task may have become claimable; the TaskManager clears it.
         self.changed = False
         # The ready entries held of each queue (task id -> entry), wherever they wait.
@@ -270,6 +274,8 @@ class ReadyQueue:
                 limit = None if key is None else self._key_limit.get(key)
                 if key is not None and limit is not None and self._held_keys[key] >= limit:
                     continue
+                if key is not None and key in self._paused_keys:
+                    continue
                 if best is None or best.after(self._bounds[queue]):
                     starving.add(queue)
         return starving
@@ -311,7 +317,7 @@ class ReadyQueue:
         return None
 
     def _type_full(self, task_type: str) -> bool:
-        if task_type in self._revoked:
+        if task_type in self._revoked or task_type in self._paused_types:
             return True
         limit = self._type_limits.get(task_type)
         return limit is not None and self._held_types[task_type] >= limit
@@ -480,6 +486,8 @@ class ReadyQueue:
         """Whether ``entry`` may take a slot of its key now: one is free and no better
         ready task of the key is left without one."""
         assert entry.key is not None
+        if entry.key in self._paused_keys:
+            return False
         free = entry.limit - self._held_keys[entry.key]
         if free <= 0:
             return False
@@ -564,9 +572,33 @@ class ReadyQueue:
         """``task_type`` is no longer revoked: its tasks set aside may go again."""
         if self._heaps.get(task_type):
             self.changed = True
+        if self._type_full(task_type):
+            return  # held back still (its rate or concurrency limit): they go when it frees
         for entry in self._type_blocked.pop(task_type, ()):
             if self._valid(entry):
                 self._push(entry)
 
     def held(self, task_type: str) -> int:
         return self._held_types[task_type]
+
+    # -- rate limits ----------------------------------------------------------------------
+
+    def pause(self, task_types: Collection[str] = (), keys: Collection[str] = ()) -> None:
+        """Hand out no task of ``task_types`` nor of ``keys`` until :meth:`resume`."""
+        self._paused_types.update(task_types)
+        self._paused_keys.update(keys)
+
+    def resume(self, task_types: Collection[str] = (), keys: Collection[str] = ()) -> None:
+        """The tasks of ``task_types`` and ``keys`` may go again (as far as the rate
+        limits go): those set aside for them go back to their heaps."""
+        for task_type in task_types:
+            self._paused_types.discard(task_type)
+            if self._heaps.get(task_type):
+                self.changed = True
+            if not self._type_full(task_type):
+                for entry in self._type_blocked.pop(task_type, ()):
+                    if self._valid(entry):
+                        self._push(entry)
+        for key in keys:
+            self._paused_keys.discard(key)
+            self._release(key)
