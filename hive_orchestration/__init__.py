@@ -44,6 +44,7 @@ from .errors import (
 )
 from .events import (
     OrchestrationEvent,
+    ScheduleFiredEvent,
     TaskCancelledEvent,
     TaskCompletedEvent,
     TaskCreatedEvent,
@@ -72,6 +73,7 @@ from .messages.plans import (
     SubtaskState,
     SubtaskStatus,
 )
+from .messages.schedules import CatchUp, Schedule
 from .messages.tasks import Claim, Lease, RevokedTaskType, Run, RunStatus, Task, TaskStatus
 from .messages.workers import Worker, WorkerStatus
 from .remote.status import ConnectionStatus, ServerStatus
@@ -166,4 +168,8 @@ __all__ = [
     "WorkerRegisteredEvent",
     "call_json",
     "create_task_event",
+    # periodic schedules (docs/SCHEDULES.md)
+    "CatchUp",
+    "Schedule",
+    "ScheduleFiredEvent",
 ]

@@ -35,6 +35,7 @@ from ._inspect_ops import InspectOps
 from ._keeper import Keeper, reach, usable
 from ._plan_ops import PlanOps
 from ._retention_ops import RetentionOps
+from ._schedule_ops import ScheduleOps
 from ._task_ops import TaskOps
 from ._validate import check_identifier, check_int, check_optional_text
 from ._worker_ops import WorkerOps
@@ -94,7 +95,9 @@ _NOT_OPEN = (
 )
 
 
-class OrchestrationClient(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps):
+class OrchestrationClient(
+    TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps, ScheduleOps
+):
     """Every operation of the seeds, with their names and arguments, as typed messages.
 
     ``OrchestrationClient(db_path=...)`` starts and owns an embedded runtime for its
@@ -192,6 +195,7 @@ class OrchestrationClient(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, R
         self._workers = runtime._workers
         self._plans = runtime._plans
         self._storage = runtime._storage
+        self._schedules = runtime._schedules
 
     def bind(
         self, *, source_agent: str | None = None, correlation_id: str | None = None

@@ -190,6 +190,9 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     worker_timeout: LeaseSeconds = 30.0
     #: Publish a ``worker.heartbeat`` event for every heartbeat (off: they are frequent).
     publish_heartbeats: bool = False
+    #: The longest the scheduler's alarm sleeps before it reads the wall clock again: a
+    #: wall clock stepped meanwhile is seen within this (docs/SCHEDULES.md, "Clocks").
+    schedule_clock_check: DeadlineSeconds = 60.0
     #: Serve the message API to this user's other processes on a Unix socket beside the
     #: database (a file database only), so that their clients reach this runtime.
     serve_socket: bool = True

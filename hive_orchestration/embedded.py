@@ -28,6 +28,7 @@ from ._groups import leaves
 from ._inspect_ops import InspectOps
 from ._plan_ops import PlanOps
 from ._retention_ops import RetentionOps, retain
+from ._schedule_ops import ScheduleOps
 from ._task_ops import TaskOps
 from ._validate import (
     _show,
@@ -40,6 +41,7 @@ from ._validate import (
 from ._worker_ops import WorkerOps
 from .actors.broadcast import BroadcastActor
 from .actors.plan_executor import PlanExecutor, PlanFeed
+from .actors.scheduler import Scheduler
 from .actors.task_manager import Frame, TaskManager
 from .actors.worker_registry import WorkerRegistry
 from .config import RuntimeConfig, resolve_db_path
@@ -65,6 +67,7 @@ from .messages.events import (
     compile_pattern,
 )
 from .messages.plans import PlanExecutorMessage
+from .messages.schedules import SchedulerMessage, SchedulerWake
 from .messages.storage import (
     AppendEvent,
     CheckReaders,
@@ -167,7 +170,7 @@ class Subscription:
         return item
 
 
-class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps):
+class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps, ScheduleOps):
     """An embedded, durable orchestration runtime on one SQLite database.
 
     Create it with :meth:`open`; every method sends a typed message to an actor.
@@ -184,6 +187,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps)
         workers: ActorRef[WorkerRegistryMessage],
         plans: ActorRef[PlanExecutorMessage],
         supervisor: Supervisor,
+        schedules: ActorRef[SchedulerMessage],
     ) -> None:
         self._path = path
         self._config = config
@@ -192,6 +196,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps)
         self._tasks = tasks
         self._workers = workers
         self._plans = plans
+        self._schedules = schedules
         self._supervisor = supervisor
         self._closed = False
         self._callbacks: TaskGroup | None = None
@@ -267,6 +272,9 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps)
         plans: ActorRef[PlanExecutorMessage] = ActorRef(
             "plans", mailbox_size=config.mailbox_size, ask_timeout=config.ask_timeout
         )
+        schedules: ActorRef[SchedulerMessage] = ActorRef(
+            "schedules", mailbox_size=config.mailbox_size, ask_timeout=config.ask_timeout
+        )
 
         def on_restart(restart: ChildRestart) -> None:
             # Never wait here: the restarted child may be the storage actor itself.
@@ -314,6 +322,9 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps)
         alarm: Alarm[TaskManagerMessage] = Alarm(tasks, Wake(), clock=monotonic)
         registry_alarm: Alarm[WorkerRegistryMessage] = Alarm(
             workers, RegistryWake(), clock=monotonic
+        )
+        scheduler_alarm: Alarm[SchedulerMessage] = Alarm(
+            schedules, SchedulerWake(), clock=monotonic
         )
         recovered = False
         # The TaskManager's reading of the clocks at its first start, kept across its
@@ -376,6 +387,19 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps)
                     lambda: PlanExecutor(storage, tasks),
                     services=(PlanFeed(broadcast, plans).run,),
                 ),
+                # It asks the TaskManager to create each slot's task.
+                ChildSpec(
+                    schedules,
+                    lambda: Scheduler(
+                        storage,
+                        tasks,
+                        alarm=scheduler_alarm,
+                        clock=wall,
+                        monotonic=monotonic,
+                        clock_check=config.schedule_clock_check,
+                    ),
+                    services=(scheduler_alarm.run,),
+                ),
             ],
             max_restarts=config.max_restarts,
             restart_window=config.restart_window,
@@ -391,6 +415,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps)
             workers=workers,
             plans=plans,
             supervisor=supervisor,
+            schedules=schedules,
         )
         try:
             async with anyio.create_task_group() as tg:
@@ -642,7 +667,14 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps)
     async def statistics(self) -> RuntimeStatistics:
         self._check_open()
         mailboxes = {}
-        for ref in (self._broadcast, self._storage, self._tasks, self._workers, self._plans):
+        for ref in (
+            self._broadcast,
+            self._storage,
+            self._tasks,
+            self._workers,
+            self._plans,
+            self._schedules,
+        ):
             stats = ref.statistics()
             mailboxes[ref.name] = MailboxStats(
                 queued=stats.current_buffer_used,

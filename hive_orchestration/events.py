@@ -22,6 +22,7 @@ import enum
 import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
 from typing import Any, ClassVar, TypeAlias
 
 import msgspec
@@ -36,6 +37,7 @@ __all__ = [
     "EventHandler",
     "EventsTrimmed",
     "OrchestrationEvent",
+    "ScheduleFiredEvent",
     "TaskCancelledEvent",
     "TaskCompletedEvent",
     "TaskCreatedEvent",
@@ -102,6 +104,14 @@ class UnifiedEventType(enum.StrEnum):
     # Retention (docs/RETENTION.md): a purge's chunk, a trim's chunk.
     RETENTION_PURGED = "retention.purged"
     RETENTION_TRIMMED = "retention.trimmed"
+    # Periodic schedules (docs/SCHEDULES.md).
+    SCHEDULE_CREATED = "schedule.created"
+    SCHEDULE_UPDATED = "schedule.updated"
+    SCHEDULE_PAUSED = "schedule.paused"
+    SCHEDULE_RESUMED = "schedule.resumed"
+    SCHEDULE_DELETED = "schedule.deleted"
+    SCHEDULE_FIRED = "schedule.fired"
+    SCHEDULE_SKIPPED = "schedule.skipped"
     # App events: published by agents, never by the runtime.
     REVIEW_REQUESTED = "review.requested"
     REVIEW_COMPLETED = "review.completed"
@@ -118,7 +128,9 @@ class UnifiedEventType(enum.StrEnum):
 
 
 #: The namespaces the runtime publishes in; nobody else may.
-RUNTIME_NAMESPACES = ("task", "run", "worker", "plan", "planning", "actor", "retention")
+RUNTIME_NAMESPACES = (
+    "task", "run", "worker", "plan", "planning", "actor", "retention", "schedule",
+)  # fmt: skip
 #: The event types the runtime publishes.
 RUNTIME_EVENT_TYPES = frozenset(
     member.value for member in UnifiedEventType if member.value.split(".")[0] in RUNTIME_NAMESPACES
@@ -345,6 +357,31 @@ class EventsTrimmed(msgspec.Struct, frozen=True, kw_only=True):
 
     @classmethod
     def of(cls, event: Event) -> EventsTrimmed:
+        return msgspec.convert(event.data, cls)
+
+
+class ScheduleFiredEvent(OrchestrationEvent, frozen=True, kw_only=True):
+    """``schedule.fired``: a schedule's slot created its task (committed together); it
+    cannot be published by hand. Read one from the log with :meth:`from_event`."""
+
+    event_type: ClassVar[str] = "schedule.fired"
+    schedule: str
+    schedule_id: str
+    #: The slot fired: the instant the schedule named, not when the task was created.
+    slot: datetime
+    task_id: str
+    task_type: str
+    #: Seconds between the slot and its firing.
+    late: float = 0.0
+    #: Fired more than the schedule's ``grace`` late (catch_up="once").
+    catch_up: bool = False
+    #: Earlier due slots passed over for this one: they never fire.
+    missed: int = 0
+
+    @classmethod
+    def from_event(cls, event: Event) -> ScheduleFiredEvent:
+        if event.type != cls.event_type:
+            raise InvalidInputError("event", f"is a {event.type!r} event, not {cls.event_type!r}")
         return msgspec.convert(event.data, cls)
 
 

@@ -396,7 +396,7 @@ def test_unified_event_types_cover_every_event_the_runtime_publishes() -> None:
     # Every event type literal in the actors' source must be a member, so a new event
     # cannot be added without its UnifiedEventType.
     root = Path(hive_orchestration.__file__).parent
-    literal = re.compile(r'"((?:task|run|worker|plan|planning|actor|retention)\.[a-z_]+)"')
+    literal = re.compile(r'"((?:task|run|worker|plan|planning|actor|retention|schedule)\.[a-z_]+)"')
     found: set[str] = set()
     for path in [*root.glob("actors/**/*.py"), root / "embedded.py", root / "_retention_ops.py"]:
         found.update(literal.findall(path.read_text()))

@@ -303,6 +303,7 @@ async def test_runtime_applies_its_config(anyio_backend: str, tmp_path: Path) ->
             "tasks": 7,
             "workers": 7,
             "plans": 7,
+            "schedules": 7,
         }
         await runtime.publish("config.small", {"x": "y"})
         with pytest.raises(InvalidInputError) as caught:

@@ -32,6 +32,10 @@ EXPECTED = {
         "reminder after its delay: True; offer expired; 5 emails, never more than 2 in 1 s: True"
     ),
     "retention.py": "the reader goes on with 6 event(s) from seq 21",
+    "periodic_schedules.py": (
+        "health-check: 3 probe(s) completed, one task per fired slot: True, paused: True;"
+        " nightly-report kept: True"
+    ),
     "deployment_processes.py": (
         "plan 'Deploy to production': completed, 6/6 subtasks (3 by ai-deployer, 3 by checker);"
         " 4 processes, every one exited 0"

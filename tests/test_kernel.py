@@ -500,7 +500,14 @@ async def test_every_restart_is_published_as_a_durable_event(
         logged = await runtime.read_events()
         assert [e.type for e in logged] == ["actor.restarted"]
         restarts = (await runtime.statistics()).restarts
-        assert restarts == {"broadcast": 0, "storage": 1, "tasks": 0, "workers": 0, "plans": 0}
+        assert restarts == {
+            "broadcast": 0,
+            "storage": 1,
+            "tasks": 0,
+            "workers": 0,
+            "plans": 0,
+            "schedules": 0,
+        }
 
 
 async def test_the_default_deadline_is_kept_by_the_watchdog() -> None:

@@ -11,6 +11,7 @@ from ..runtime import Request
 from .events import Event
 from .plan_data import LoadDependencyResults
 from .plans import ExecutionPlan, PlanningRequest, PlanStatus, SubtaskState
+from .schedules import Schedule
 from .tasks import RevokedTaskType, Run, Task
 from .workers import Worker
 
@@ -79,6 +80,10 @@ __all__ = [
     "EventTrimPlan",
     "PlanEventTrim",
     "RetentionDue",
+    "PutSchedule",
+    "SetScheduleSlot",
+    "DeleteScheduleRow",
+    "LoadSchedules",
 ]
 
 
@@ -229,6 +234,29 @@ class RetentionDue(Request["tuple[datetime | None, float | None]"], frozen=True)
     include_keyed: bool
 
 
+class PutSchedule(msgspec.Struct, frozen=True, tag="put_schedule"):
+    """Insert a schedule, or write its definition and pause state over the row of its
+    name. What it fired (``last_slot``, ``last_task_id``, ``fired``) is written only on
+    insert: afterwards only :class:`SetScheduleSlot` moves it, so a redefinition can
+    never move a schedule back to a slot it already fired."""
+
+    schedule: Schedule
+
+
+class SetScheduleSlot(msgspec.Struct, frozen=True, tag="set_schedule_slot"):
+    """A schedule (by id) fired ``slot`` with task ``task_id``: moves its last slot
+    forward, never back (a slot at or before it changes nothing)."""
+
+    schedule_id: str
+    slot: datetime
+    task_id: str
+    at: datetime
+
+
+class DeleteScheduleRow(msgspec.Struct, frozen=True, tag="delete_schedule"):
+    schedule_id: str
+
+
 WriteOp: TypeAlias = (
     AppendEvent
     | PutTask
@@ -246,6 +274,9 @@ WriteOp: TypeAlias = (
     | DeleteRevokedType
     | DeleteTaskEvents
     | TrimEventLog
+    | PutSchedule
+    | SetScheduleSlot
+    | DeleteScheduleRow
 )
 
 
@@ -549,6 +580,10 @@ class LoadStarts(Request[tuple[tuple[str, str | None, datetime], ...]], frozen=T
     since: datetime
 
 
+class LoadSchedules(Request[tuple[Schedule, ...]], frozen=True):
+    """Every schedule, by name."""
+
+
 StorageMessage: TypeAlias = (
     Write
     | ReadEvents
@@ -588,4 +623,5 @@ StorageMessage: TypeAlias = (
     | FindPurgeable
     | PlanEventTrim
     | RetentionDue
+    | LoadSchedules
 )

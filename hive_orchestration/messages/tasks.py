@@ -44,6 +44,7 @@ __all__ = [
     "ReleaseWorker",
     "Run",
     "RunStatus",
+    "ScheduleSlot",
     "StartTask",
     "Task",
     "TaskManagerMessage",
@@ -276,6 +277,9 @@ class CreateTask(Request[str], frozen=True, kw_only=True):
     delay: float | None = None
     expires_at: datetime | None = None
     expires_in: float | None = None
+    #: Set by the Scheduler only: the schedule slot this task fires. Its advance and its
+    #: ``schedule.fired`` event are committed in the very write that creates the task.
+    schedule: ScheduleSlot | None = None
 
 
 class CreateTasks(Request[tuple[str, ...]], frozen=True):
@@ -583,3 +587,19 @@ TaskManagerMessage: TypeAlias = (
     | FlushQueue
     | PurgeTasks
 )
+
+
+class ScheduleSlot(msgspec.Struct, frozen=True, kw_only=True):
+    """A schedule's slot, carried by the :class:`CreateTask` that fires it.
+
+    The TaskManager writes the schedule's advance to ``slot`` (only forward, so a slot
+    fired again cannot move it back) and the ``schedule.fired`` event (``data``, plus
+    the task's id) in the same write as the task: a crash leaves both or neither.
+    """
+
+    schedule_id: str
+    name: str
+    slot: datetime
+    #: The ``schedule.fired`` event's data (who and why), the task id added.
+    data: JsonObject
+    source_agent: str | None = None

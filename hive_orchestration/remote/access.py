@@ -77,6 +77,8 @@ class Rule(enum.Enum):
     ITS_REQUEST = "on its own planning requests"
     #: A planning request one of its worker ids (or its identity) holds.
     HELD_REQUEST = "on planning requests it holds"
+    #: A periodic schedule it created.
+    ITS_SCHEDULE = "on its own schedules"
     #: Refused: an admin token's business.
     ADMIN = "admin only"
 
@@ -150,6 +152,13 @@ AGENT_RULES: Mapping[str, Rule] = MappingProxyType(
         "create_planned_subtasks_from_plan": _R.ITS_PLAN,
         "cancel_planning_request": _R.ITS_REQUEST,
         "fail_planning_request": _R.HELD_REQUEST,
+        # periodic schedules (docs/SCHEDULES.md): an agent's tasks come from its own
+        "get_schedule": _R.READ,
+        "list_schedules": _R.READ,
+        "create_schedule": _R.AS_ITSELF,  # replace=True: of a schedule of its own only
+        "pause_schedule": _R.ITS_SCHEDULE,
+        "resume_schedule": _R.ITS_SCHEDULE,
+        "delete_schedule": _R.ITS_SCHEDULE,
         # by hand, on anyone's: admin tokens only
         "delete_task": _R.ADMIN,
         "purge_tasks": _R.ADMIN,
@@ -208,6 +217,8 @@ class Authorizer:
                 await self._check_answers(op, args.get("planning_task_id"))
             case "claim_planning_request":
                 self._check_worker(op, "agent_id", args.get("agent_id"))
+            case "create_schedule" if args.get("replace") is True:
+                await self._check_schedule(op, args.get("name"))
         match rule:
             case Rule.ITS_WORKER if op != "claim_planning_request":
                 self._check_worker(op, "worker_id", args.get("worker_id"))
@@ -223,6 +234,8 @@ class Authorizer:
                 request = await self._reader.get_planning_request(args["request_id"])
                 if request is not None and request.requestor != name:
                     self._deny(op, f"planning request {request.id!r} is not one it queued")
+            case Rule.ITS_SCHEDULE:
+                await self._check_schedule(op, args.get("name"))
             case Rule.HELD_REQUEST:
                 request = await self._reader.get_planning_request(args["request_id"])
                 if request is not None and request.assigned_agent not in self._actors:
@@ -263,6 +276,14 @@ class Authorizer:
             return  # the operation says it is not found
         if request.assigned_agent not in self._actors and request.requestor != self._name:
             self._deny(op, f"answers planning request {request.id!r}, which it does not hold")
+
+    async def _check_schedule(self, op: str, name: object) -> None:
+        """A schedule it created (an unknown one: the operation answers as for anyone)."""
+        if not isinstance(name, str):
+            return  # refused by the operation
+        schedule = await self._reader.get_schedule(name)
+        if schedule is not None and schedule.source_agent != self._name:
+            self._deny(op, f"schedule {schedule.name!r} is not one it created")
 
     async def _owns_plan(self, plan: ExecutionPlan) -> bool:
         if plan.source_agent == self._name:

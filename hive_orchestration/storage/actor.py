@@ -55,6 +55,7 @@ from ..messages.storage import (
     CountSubtasks,
     CountTasks,
     DeleteRevokedType,
+    DeleteScheduleRow,
     DeleteTaskEvents,
     DeleteTaskRow,
     DeleteWorkerRow,
@@ -71,6 +72,7 @@ from ..messages.storage import (
     LoadPlanningRequests,
     LoadPlanTasks,
     LoadRuns,
+    LoadSchedules,
     LoadSubtasks,
     LoadTasks,
     LoadWorkers,
@@ -80,6 +82,7 @@ from ..messages.storage import (
     PutPlanningRequest,
     PutRevokedType,
     PutRun,
+    PutSchedule,
     PutSubtask,
     PutTask,
     PutWorker,
@@ -90,6 +93,7 @@ from ..messages.storage import (
     RetentionDue,
     SetPlanStatus,
     SetRunState,
+    SetScheduleSlot,
     SetTaskState,
     StorageMessage,
     StorageStats,
@@ -134,6 +138,7 @@ from .rows import (
     worker_from_row,
     worker_statement,
 )
+from .schedules import load_schedules, schedule_statement
 from .schema import SCHEMA_VERSION
 
 __all__ = ["StorageActor"]
@@ -364,6 +369,8 @@ class StorageActor(Actor[StorageMessage]):
             case LoadWorkers():
                 rows = await db.fetchall(f"SELECT {WORKER_COLUMNS} FROM workers ORDER BY rowid")
                 return tuple(worker_from_row(row) for row in rows)
+            case LoadSchedules():
+                return await load_schedules(db)
             case _ if isinstance(message, _PLAN_QUERIES):
                 return await _query_plans(db, message)
             case _ if isinstance(message, QUEUE_QUERIES):
@@ -675,6 +682,7 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
     subtasks: dict[tuple[str, str], SubtaskState] = {}
     control: list[Statement] = []  # revoked task types, in order
     retention: list[Statement] = []  # a purge's events, a trim: before the rows go
+    schedules: list[Statement] = []  # in order: they reference no other row
     for op in ops:
         match op:
             case SetTaskState(task=task):
@@ -711,6 +719,8 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
                 retention += delete_events_statements(task_ids)
             case TrimEventLog(through=through):
                 retention += trim_statements(through)
+            case PutSchedule() | SetScheduleSlot() | DeleteScheduleRow():
+                schedules.append(schedule_statement(op))
     if (
         deleted
         and (
@@ -744,7 +754,7 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
             states.append(run_state_statement(run))
     statements += [worker_statement(worker) for worker in workers.values()]
     statements += [plans.subtask_statement(state) for state in subtasks.values()]
-    return statements + states + control
+    return statements + states + control + schedules
 
 
 def _in_order_all(op: WriteOp) -> list[Statement]:
@@ -783,6 +793,8 @@ def _in_order(op: WriteOp) -> Statement:
             return plans.subtask_statement(state)
         case PutRevokedType() | DeleteRevokedType():
             return revoked_statement(op)
+        case PutSchedule() | SetScheduleSlot() | DeleteScheduleRow():
+            return schedule_statement(op)
     raise AssertionError(f"not a row write: {op!r}")
 
 

@@ -296,6 +296,24 @@ _V13: tuple[str, ...] = (
     "CREATE INDEX IF NOT EXISTS idx_workers_current_task_id ON workers (current_task_id)",
 )
 
+# Version 14: periodic schedules (actors/scheduler.py). The definition is one JSON
+# document, written whole; what the schedule fired is in its own columns, moved only
+# forward, in the TaskManager's write that creates the slot's task (storage/schedules.py).
+# Times are fixed-width UTC text, so that comparing the text compares the instants.
+_V14: tuple[str, ...] = (
+    "CREATE TABLE schedules ("
+    " id TEXT PRIMARY KEY,"
+    " name TEXT NOT NULL UNIQUE,"
+    " definition TEXT NOT NULL,"
+    " paused INTEGER NOT NULL DEFAULT 0,"
+    " not_before TEXT NOT NULL,"
+    " last_slot TEXT,"
+    " last_task_id TEXT,"
+    " fired INTEGER NOT NULL DEFAULT 0,"
+    " created_at TEXT NOT NULL,"
+    " updated_at TEXT NOT NULL)",
+)
+
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V1,
@@ -311,5 +329,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V11,
     _V12,
     _V13,
+    _V14,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

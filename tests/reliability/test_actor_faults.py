@@ -6,9 +6,10 @@ registered workers claim, start, heartbeat and complete them, a planner runs a p
 reader reads and publishes, a follower reads the whole log (``client.events(after=0)``)
 and a watcher holds a live subscription. At a random moment the fault is armed in one
 actor's handler (the per-message handler: ``receive`` of the broadcast actor, ``_commit``
-and ``_query`` of the storage actor, ``_handle`` of the TaskManager, the WorkerRegistry and
-the PlanExecutor): it raises twice, first on a message a client is waiting for (after a
-random number of them), then on any message (after a random number more).
+and ``_query`` of the storage actor, ``_handle`` of the TaskManager, the WorkerRegistry,
+the PlanExecutor and the Scheduler): it raises twice, first on a message a client is
+waiting for (after a random number of them), then on any message (after a random number
+more).
 
 Then, for each actor (the list is checked against the runtime's own children, so that a
 new actor is not forgotten):
@@ -19,7 +20,7 @@ new actor is not forgotten):
 - the supervisor restarted the actor once per fault (``statistics().restarts``), and the log
   holds an ``actor.restarted`` event for every restart, each caused by the fault;
 - the runtime then serves every kind of operation (tasks, claims, workers, events, plans,
-  the planning queue, statistics) while the load goes on;
+  the planning queue, schedules, statistics) while the load goes on;
 - every create was acknowledged in the end, exactly one task per key; every task and plan
   completed, each task exactly once; the audit of tasks, runs and the event log is clean;
 - the follower saw every event once, in order; the watcher kept receiving events;
@@ -49,6 +50,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 from functools import partial
 from typing import Any, Literal, TypeVar
@@ -79,6 +81,7 @@ from hive_orchestration import (
 )
 from hive_orchestration.actors.broadcast import BroadcastActor
 from hive_orchestration.actors.plan_executor import PlanExecutor
+from hive_orchestration.actors.scheduler import Scheduler
 from hive_orchestration.actors.task_manager import TaskManager
 from hive_orchestration.actors.worker_registry import WorkerRegistry
 from hive_orchestration.messages.storage import AppendEvent, ReadEvents, Write
@@ -160,6 +163,7 @@ HANDLERS: dict[str, tuple[Handler, ...]] = {
         Handler(WorkerRegistry, "receive_inline", _message),
     ),
     "plans": (Handler(PlanExecutor, "_handle", _message),),
+    "schedules": (Handler(Scheduler, "_handle", _message),),
 }
 ACTORS = list(HANDLERS)
 
@@ -481,6 +485,7 @@ async def reader(runtime: Runtime, client: OrchestrationClient, load: Load) -> N
         await attempt(load, "queued", partial(client.get_tasks_by_status, "queued", limit=20))
         await attempt(load, "tail", partial(client.read_events, 0, limit=20))
         await attempt(load, "statistics", runtime.statistics)
+        await attempt(load, "schedules", client.list_schedules)
         await attempt(load, "publish", partial(client.publish, "load.tick", {"n": n}))
         for plan_id in load.plans:
             await attempt(load, "plan status", partial(client.get_execution_plan_status, plan_id))
@@ -639,6 +644,19 @@ async def serve_everything(runtime: Runtime, client: OrchestrationClient, load: 
     assert await client.mark_plan_execution_started(plan_id)
     assert await client.get_execution_plan_status_cached(plan_id) == "executing"
     load.plans.append(plan_id)
+    # Schedules (the Scheduler, which asks the TaskManager for the slot's task).
+    async with client.subscribe("schedule.fired") as fired:
+        start = datetime.now(UTC) + timedelta(seconds=0.1)
+        await client.create_schedule("sweep", 3600.0, SWEEP_TYPE, start_at=start)
+        with anyio.fail_after(5):
+            slot = await fired.receive()
+    assert slot.task_id is not None
+    await client.cancel_task(slot.task_id, reason="sweep")  # nobody takes sweeps
+    assert (await client.pause_schedule("sweep")).paused
+    swept = await client.get_schedule("sweep")
+    assert swept is not None
+    assert (swept.fired, swept.last_task_id) == (1, slot.task_id)
+    assert await client.delete_schedule("sweep")
     stats = await runtime.statistics()
     assert set(stats.mailboxes) == set(ACTORS)
 

@@ -51,6 +51,7 @@ from hypothesis import strategies as st
 
 from hive_orchestration import (
     ActorFailedError,
+    CatchUp,
     FailurePolicy,
     HiveError,
     InvalidInputError,
@@ -678,6 +679,30 @@ LIMIT = integer(1, 10_000)
 OPT_LIMIT = integer(1, 10_000, optional=True)
 CURSOR = ident("tasks", optional=True)
 
+#: A few names only, so that the schedules the fuzz creates (and that then fire) stay few.
+SCHEDULE = Kind(
+    lambda _: st.sampled_from(("fz-sched", "fz-other", "", " ", "\x00", "x" * 201, "\ud800")),
+    _is_str,
+)
+#: A cron expression (valid or not), or an interval in seconds.
+WHEN = Kind(
+    lambda pool: st.one_of(
+        st.sampled_from(("0 3 * * *", "* * * * * *", "61 * * * *", "0 0 30 2 *", "", "L L")),
+        st.sampled_from(("* * * * *  *", "@daily", "x" * 300, "\x00", "1-2/0 * * * *")),
+        texts,
+        seconds().near(pool),
+        st.sampled_from((3600, 0.1, 0.099)),
+    ),
+    lambda value: _is_str(value) or _is_number(value),
+)
+TIMEZONE = Kind(
+    lambda _: st.one_of(
+        st.sampled_from(("UTC", "Europe/Paris", "Mars/Olympus", "", "../../etc/passwd")),
+        st.sampled_from(("/etc/localtime", "x" * 5000, "UTC\x00", "Europe/", "\ud800")),
+        texts,
+    ),
+    _is_str,
+)
 #: How long a task holds its idempotency key.
 SCOPE = Kind(
     lambda _: st.sampled_from(("forever", "active", "", "ACTIVE", "until", "\x00")), _is_str
@@ -1028,6 +1053,39 @@ OPS: dict[str, Operation] = {
         "await", {"worker_id": WORKER, "status": choice(WorkerStatus, optional=True)}
     ),
     "wait_for_plan": Operation("await", {"plan_id": PLAN, "timeout": seconds(optional=True)}),
+    # Periodic schedules (docs/SCHEDULES.md).
+    "create_schedule": Operation(
+        "await",
+        {
+            "name": SCHEDULE,
+            "when": WHEN,
+            "task_type": ident("task_types"),
+            "payload": json_object(),
+            "timezone": TIMEZONE,
+            "start_at": DUE_DATE,
+            "catch_up": choice(CatchUp),
+            "grace": seconds(),
+            "paused": BOOL,
+            "replace": BOOL,
+            "title": text(optional=True),
+            "description": text(optional=True),
+            "priority": PRIORITY,
+            "workflow": json_object(),
+            "tags": names(none_ok=True),
+            "max_retries": integer(0, 1000),
+            "correlation_id": ident(optional=True),
+            "source_agent": OPT_AGENT,
+            "timeout": seconds(optional=True),
+            "concurrency_key": ident("task_types", optional=True),
+            "concurrency_limit": integer(1, 2**63 - 1, optional=True),
+            "requires": task_types(),
+        },
+    ),
+    "get_schedule": Operation("await", {"name": SCHEDULE}),
+    "list_schedules": Operation("await", {}),
+    "pause_schedule": Operation("await", {"name": SCHEDULE, "source_agent": OPT_AGENT}),
+    "resume_schedule": Operation("await", {"name": SCHEDULE, "source_agent": OPT_AGENT}),
+    "delete_schedule": Operation("await", {"name": SCHEDULE, "source_agent": OPT_AGENT}),
 }
 #: Operations whose errors name the fields of the event they were given.
 EVENT_OPS = frozenset({"publish_event", "publish_task_event"})

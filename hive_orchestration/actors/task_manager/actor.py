@@ -65,7 +65,7 @@ State machine (``pending`` is the extraction plan's name for ``queued``):
 =========  =========  ==================================================  ==============
 from       to         caused by                                           event
 =========  =========  ==================================================  ==============
-(new)      queued     create_task                                         task.created
+(new)      queued     create_task, a schedule's slot (the Scheduler)      task.created
 queued     assigned   claim_task, update_task_status(assigned)            task.assigned
 queued     running    update_task_status(running)                         task.started
 queued     completed  update_task_status(completed): resolved by hand,    task.completed
@@ -233,6 +233,7 @@ from .delays import Frame, Timers
 from .limits import RateLimits
 from .ready import Bound, QueueId, ReadyQueue, bound_of, queue_of
 from .retention import deletes_on_success, purged_event
+from .schedule_slots import slot_ops
 
 __all__ = ["LIVE", "TRANSITIONS", "TaskManager"]
 
@@ -1782,6 +1783,8 @@ class TaskManager(Actor[TaskManagerMessage]):
         if key is not None:
             owner = control.key_owner(self, key, work)
             if owner is not None:
+                if message.schedule is not None:
+                    work.ops += slot_ops(message.schedule, owner, None, now)
                 return owner  # the first task's id; nothing is created
         task = Task(
             id=message.task_id or new_id(),
@@ -1828,6 +1831,8 @@ class TaskManager(Actor[TaskManagerMessage]):
         if task.expires_at is not None:
             data["expires_at"] = task.expires_at.isoformat()
         work.ops.append(self._event("task.created", task, now, message.source_agent, data))
+        if message.schedule is not None:  # the slot's advance: in this very write
+            work.ops += slot_ops(message.schedule, task.id, task, now)
         return task.id
 
     def _update(self, message: UpdateTaskStatus, task: Task, work: _Batch, now: datetime) -> bool:
