@@ -61,6 +61,24 @@ def grafana_metrics() -> set[str]:
     }
 
 
+#: ``histogram_quantile(q, sum by (le) (rate(NAME_bucket[...])))``: a histogram graphed as
+#: percentiles over its buckets' rates.
+_QUANTILE = re.compile(
+    r"histogram_quantile\(\s*[0-9.]+,\s*sum by \(le\) \(rate\((hive_[a-z_]+)_bucket\["
+)
+
+
+def grafana_quantiles() -> set[str]:
+    """The histograms docs/grafana-dashboard.json graphs as percentiles."""
+    doc = json.loads((Path(__file__).parent.parent / "docs" / "grafana-dashboard.json").read_text())
+    return {
+        name
+        for panel in doc["panels"]
+        for target in panel["targets"]
+        for name in _QUANTILE.findall(target["expr"])
+    }
+
+
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
@@ -172,6 +190,10 @@ async def test_scraped_figures_match_what_was_done(db_path: str) -> None:
     # The Grafana dashboard of the docs graphs only what is scraped.
     scraped = {name for name, _ in samples}
     assert grafana_metrics() - scraped == set()
+    # ...and every histogram it serves, as percentiles (the commits' ones included).
+    histograms = {name.removesuffix("_bucket") for name, _ in samples if name.endswith("_bucket")}
+    assert {"hive_commit_seconds", "hive_commit_batch_size"} <= histograms
+    assert grafana_quantiles() == histograms
 
 
 def _event(seq: int, kind: str, at: float, task: str, **data: Any) -> Event:
