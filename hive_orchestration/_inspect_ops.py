@@ -1,18 +1,21 @@
 """The reads an operator's view needs and the seeds' operations do not give: every task
-counted by status, the newest tasks of any status, and every registered worker.
+counted by status, the queued ones counted by type, the newest tasks of any status, and
+every registered worker.
 
 ``hive-orchestration status``, ``tasks`` and ``workers`` ask them of the runtime that
 owns a database, through its socket or over TCP, where they would otherwise read the
 file (the read-only :class:`~hive_orchestration.inspector.Inspector` answers the same
-questions the same way). Each is one bounded read: a count, a page of at most
-``MAX_READ`` rows, or the registry's own list of workers.
+questions the same way, but for ``queue_depths``). Each is one bounded read: a count, a
+page of at most ``MAX_READ`` rows, or the registry's own list of workers.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from ._caller import Caller
 from ._validate import MAX_READ, check_choice, check_int, check_optional_text
-from .messages.storage import CountTasks, QueryTasks, StorageMessage
+from .messages.storage import CountQueued, CountTasks, QueryTasks, StorageMessage
 from .messages.tasks import Task, TaskStatus
 from .messages.workers import GetWorkers, Worker, WorkerRegistryMessage, WorkerStatus
 from .runtime import ActorRef
@@ -34,6 +37,15 @@ class InspectOps(Caller):
         out."""
         self._check_open()
         return await self._storage.ask(CountTasks())
+
+    async def queue_depths(self) -> dict[str, tuple[int, datetime]]:
+        """The queued tasks by type: how many, and since when the longest-waiting one has
+        been claimable (a delayed task from its start time, a retried one from the end
+        of its backoff). One aggregate query on a reader connection, whatever the depth:
+        the Prometheus exporter's ``hive_queue_depth``, in the runtime's process or
+        through its socket."""
+        self._check_open()
+        return await self._storage.ask(CountQueued())
 
     async def list_tasks(
         self,

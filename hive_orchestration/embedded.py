@@ -71,7 +71,6 @@ from .messages.schedules import SchedulerMessage, SchedulerWake
 from .messages.storage import (
     AppendEvent,
     CheckReaders,
-    CountQueued,
     GetStorageStats,
     StorageMessage,
     StorageStats,
@@ -656,13 +655,6 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps,
         return (await self._storage.ask(GetStorageStats())).last_seq
 
     # -- introspection --------------------------------------------------------------------
-
-    async def queue_depths(self) -> dict[str, tuple[int, datetime]]:
-        """The queued tasks by type: how many, and since when the longest-waiting one has
-        been claimable. One aggregate query on a reader connection, whatever the depth
-        (the Prometheus exporter's ``hive_queue_depth``, in this process)."""
-        self._check_open()
-        return await self._storage.ask(CountQueued())
 
     async def statistics(self) -> RuntimeStatistics:
         self._check_open()

@@ -260,6 +260,7 @@ class SyncOrchestrationClient:
     get_tasks_by_status = _blocking(OrchestrationClient.get_tasks_by_status)
     count_tasks = _blocking(OrchestrationClient.count_tasks)
     list_tasks = _blocking(OrchestrationClient.list_tasks)
+    queue_depths = _blocking(OrchestrationClient.queue_depths)
     get_queued_tasks = _blocking(OrchestrationClient.get_queued_tasks)
     get_pending_tasks = _blocking(OrchestrationClient.get_pending_tasks)
     get_unroutable_tasks = _blocking(OrchestrationClient.get_unroutable_tasks)

@@ -6,20 +6,24 @@ backends."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from reliability._remote import eventually
+from reliability._remote import eventually, owner
+from test_remote_tcp import DEPLOYER, serve, write_tokens
 
 pytest.importorskip("prometheus_client", reason="the metrics extra is not installed")
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from hive_orchestration import Runtime
-from hive_orchestration.cli.reader import OwnerReader
+from hive_orchestration import OrchestrationClient, Runtime
+from hive_orchestration.inspector import Inspector
 from hive_orchestration.messages.events import Event
 from hive_orchestration.observe.metrics import Metrics, metrics_app, watch
 from hive_orchestration.observe.source import Source
@@ -245,23 +249,25 @@ def test_waits_count_from_when_a_task_became_claimable() -> None:
 async def test_a_queue_too_deep_to_read_whole_is_not_reported_by_type(
     db_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Depth by type is read from one page of queued tasks: past a page's worth it would
-    be under-reported, so it is left out (the total stays, in ``hive_tasks``)."""
+    """From the file alone (no runtime owns it: the read-only inspector) depth by type is
+    read from one page of queued tasks: past a page's worth it would be under-reported,
+    so it is left out (the total stays, in ``hive_tasks``)."""
     from hive_orchestration.observe import metrics as module
 
     monkeypatch.setattr(module, "MAX_READ", 3)
     async with Runtime.open(db_path) as runtime:
-        # Read as from another process (its socket): public reads only, no runtime.
-        metrics = Metrics(Source(OwnerReader(runtime.client(source_agent="t"), "t")))
         await runtime.create_task("a", {})
         await runtime.create_task("b", {})
-        _, _, samples = await scrape(metrics)
-        assert value(samples, "hive_queue_depth", task_type="a") == 1
-        assert value(samples, "hive_queue_depth", task_type="b") == 1
+    async with Inspector.open(db_path) as inspector:
+        _, _, samples = await scrape(Metrics(Source(inspector)))
+    assert value(samples, "hive_queue_depth", task_type="a") == 1
+    assert value(samples, "hive_queue_depth", task_type="b") == 1
+    async with Runtime.open(db_path) as runtime:
         await runtime.create_task("b", {})
-        _, _, samples = await scrape(metrics)
-        assert not [name for name, _ in samples if name.startswith("hive_queue_")]
-        assert value(samples, "hive_tasks", status="queued") == 3
+    async with Inspector.open(db_path) as inspector:
+        _, _, samples = await scrape(Metrics(Source(inspector)))
+    assert not [name for name, _ in samples if name.startswith("hive_queue_")]
+    assert value(samples, "hive_tasks", status="queued") == 3
 
 
 async def test_in_the_runtimes_process_queue_depth_is_exact_at_any_depth(
@@ -291,3 +297,100 @@ async def test_in_the_runtimes_process_queue_depth_is_exact_at_any_depth(
     assert 0 < value(samples, "hive_queue_oldest_age_seconds", task_type="b") < 60
     # Due in an hour: claimable since no time at all (its age is not negative).
     assert value(samples, "hive_queue_oldest_age_seconds", task_type="r") == 0
+
+
+async def _deep_queues(client: OrchestrationClient) -> None:
+    """5 ready tasks of ``b``, one of ``r`` failed and due again in an hour, 2 of ``d``
+    delayed by an hour: 8 queued, past the (patched) page of 3."""
+    await client.create_tasks([{"task_type": "b", "payload": {"n": n}} for n in range(5)])
+    await client.register_worker("deployer-1", "deployer", ["r"], {})
+    retried = await client.create_task("r", {})
+    claim = await client.claim_task("deployer-1", "r", start=True)
+    assert claim is not None
+    assert claim.task.id == retried
+    await client.fail_task(claim.lease, "again later", retry_after=3600)
+    for _ in range(2):
+        await client.create_task("d", {}, delay=3600)
+
+
+def _assert_exact_depths(samples: Samples) -> None:
+    assert value(samples, "hive_tasks", status="queued") == 8
+    assert value(samples, "hive_queue_depth", task_type="b") == 5
+    assert value(samples, "hive_queue_depth", task_type="r") == 1
+    assert value(samples, "hive_queue_depth", task_type="d") == 2
+    assert 0 < value(samples, "hive_queue_oldest_age_seconds", task_type="b") < 600
+    assert value(samples, "hive_queue_oldest_age_seconds", task_type="r") == 0
+    assert value(samples, "hive_queue_oldest_age_seconds", task_type="d") == 0
+
+
+@asynccontextmanager
+async def _exporter(**args: object) -> AsyncIterator[Metrics]:
+    """The exporter of ``hive-orchestration dashboard`` with these arguments, on the
+    source it opens (the runtime that serves them, in another process)."""
+    namespace = argparse.Namespace(
+        **{"db": None, "url": None, "token": None, "tls_ca": None, **args}
+    )
+    async with Source.open(namespace, "dashboard") as source:
+        assert source.runtime is None  # another process's: only what the socket serves
+        yield Metrics(source)
+
+
+async def test_through_the_socket_queue_depth_is_exact_at_any_depth(
+    db_path: str, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``dashboard --db`` of a database another process's runtime owns: depth by type
+    is the owner's one aggregate query (``queue_depths``, through its socket), reported
+    exactly past a page's worth of queued tasks, as in the runtime's own process."""
+    from hive_orchestration.observe import metrics as module
+
+    monkeypatch.setattr(module, "MAX_READ", 3)
+    async with owner(db_path, anyio_backend) as process:
+        async with OrchestrationClient(db_path=db_path, source_agent="t") as client:
+            assert client.remote
+            await _deep_queues(client)
+        async with _exporter(db=db_path) as metrics:
+            _, _, samples = await scrape(metrics)
+        await process.stop()
+    _assert_exact_depths(samples)
+
+
+async def test_over_tcp_an_agent_token_reads_exact_queue_depths(
+    db_path: str, anyio_backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``dashboard --url`` with an agent's token: ``queue_depths`` is a read it may make."""
+    from hive_orchestration.observe import metrics as module
+
+    monkeypatch.setattr(module, "MAX_READ", 3)
+    tokens = write_tokens(tmp_path)
+    async with serve(db_path, anyio_backend, tmp_path, "--listen", "tcp://127.0.0.1:0",
+                     "--tokens", tokens) as served:  # fmt: skip
+        url = served.url()
+        async with OrchestrationClient(url=url, token=DEPLOYER) as client:
+            await _deep_queues(client)
+        async with _exporter(url=url, token=DEPLOYER) as metrics:
+            _, _, samples = await scrape(metrics)
+    _assert_exact_depths(samples)
+
+
+async def test_a_runtime_that_serves_no_queue_depths_is_read_a_page_of(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runtime of an older version, through its socket, refuses ``queue_depths`` as an
+    unknown operation: the exporter reads a page of queued tasks instead, as from the
+    file, and does not ask again."""
+    from hive_orchestration import wire
+
+    older = {op: spec for op, spec in wire._OPERATIONS.items() if op != "queue_depths"}
+    monkeypatch.setattr(wire, "_OPERATIONS", older)  # what this process's server serves
+    async with Runtime.open(db_path) as runtime:
+        await runtime.create_task("a", {})
+        await runtime.create_task("a", {})
+        async with _exporter(db=db_path) as metrics:
+            assert metrics.source.queue_depths is not None
+            _, _, samples = await scrape(metrics)
+            assert metrics.source.queue_depths is None
+            await runtime.create_task("b", {})
+            _, _, again = await scrape(metrics)
+    assert value(samples, "hive_queue_depth", task_type="a") == 2
+    assert value(again, "hive_queue_depth", task_type="a") == 2
+    assert value(again, "hive_queue_depth", task_type="b") == 1

@@ -23,6 +23,7 @@ import os
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import datetime
 from typing import Protocol, TypeVar
 
 import anyio
@@ -135,6 +136,11 @@ class OwnerReader:
 
     async def task_counts(self) -> dict[str, int]:
         return await self.client.count_tasks()
+
+    async def queue_depths(self) -> dict[str, tuple[int, datetime]]:
+        """The owner's one aggregate count of its queued tasks by type (not a read the
+        file alone answers: the exporter reads a page of queued tasks there)."""
+        return await self.client.queue_depths()
 
     async def tasks(
         self,

@@ -12,9 +12,9 @@ Three kinds of figures, each computed from what the runtime publicly says:
   carrying the task's type, its new status and its previous one, so nothing is guessed.
 - **Read at each scrape** (``hive_tasks``, ``hive_claims_in_flight``, ``hive_queue_depth``,
   ``hive_queue_oldest_age_seconds``, ``hive_workers``, ``hive_plans``): bounded public
-  reads (``count_tasks``, ``list_tasks``, ``list_workers``, ``get_execution_plans``). A
-  per-type or per-status figure whose page of rows came back full (``MAX_READ`` rows) is
-  left out rather than under-reported.
+  reads (``count_tasks``, ``queue_depths`` where a runtime answers, else ``list_tasks``,
+  ``list_workers``, ``get_execution_plans``). A per-type or per-status figure whose page
+  of rows came back full (``MAX_READ`` rows) is left out rather than under-reported.
 - **The runtime's own statistics**, in its process only (:meth:`Runtime.statistics`):
   ``hive_mailbox_depth``, ``hive_actor_restarts_total``, ``hive_storage_commits_total``,
   ``hive_storage_writes_total``, ``hive_commit_batch_size_max``, the histograms
@@ -56,6 +56,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from .._validate import MAX_READ
+from ..errors import InvalidInputError
 from ..messages.events import Entry, Event
 from ..messages.plans import PlanStatus
 from ..messages.storage import Buckets
@@ -286,6 +287,26 @@ class Metrics:
 
     # -- read at each scrape ------------------------------------------------------------
 
+    async def _queue_depths(self) -> dict[str, tuple[int, datetime]] | None:
+        """The source's runtime's count of its queued tasks by type, or None where there
+        is none to ask (the file alone) or it does not know the operation (the runtime
+        of an older version, through its socket): the page of queued tasks is read then."""
+        ask = self.source.queue_depths
+        if ask is None:
+            return None
+        try:
+            return await ask()
+        except InvalidInputError as error:
+            if error.field != "op":
+                raise
+            log.warning(
+                "metrics: the runtime serves no queue_depths (an older version);"
+                " reading queued tasks instead, depth left out past %d",
+                MAX_READ,
+            )
+            self.source.queue_depths = None  # it will not learn it while connected
+            return None
+
     async def refresh(self) -> None:
         """Read the figures of the moment (one scrape at a time)."""
         async with self._refreshing:
@@ -294,19 +315,19 @@ class Metrics:
             # A queue the page cannot hold is not read at all (a million queued tasks
             # would cost a full page a scrape for figures that are then left out).
             full = snapshot.tasks.get(TaskStatus.QUEUED.value, 0) >= MAX_READ
-            runtime = self.source.runtime
-            if runtime is not None:
-                # In its process: one aggregate query, exact at any depth, no row decoded
-                # (a page of queued tasks is about 14 ms of CPU per thousand).
+            depths = await self._queue_depths()
+            if depths is not None:
+                # A runtime answers (in its process or through its socket): one aggregate
+                # query, exact at any depth, no row decoded (a page of queued tasks is
+                # about 14 ms of CPU per thousand, and says nothing past MAX_READ).
                 now = time.time()
-                depths = await runtime.queue_depths()
                 snapshot.queue_depth = {t: count for t, (count, _) in depths.items()}
                 snapshot.queue_oldest = {
                     t: max(0.0, now - since.timestamp()) for t, (_, since) in depths.items()
                 }
                 full = True  # nothing more to read
             queued = [] if full else await reader.tasks(TaskStatus.QUEUED, limit=MAX_READ)
-            if runtime is None and not full and len(queued) < MAX_READ:
+            if depths is None and not full and len(queued) < MAX_READ:
                 now = time.time()
                 depth: dict[str, int] = {}
                 for task in queued:

@@ -1,7 +1,8 @@
 """Where the metrics and the dashboard read from: a :class:`~..cli.reader.Reader` (the
 runtime that owns the database, through its socket or over TCP, or the file read-only),
-and, in the runtime's own process, the runtime itself for what only it can say
-(mailboxes, restarts, commits: :meth:`Runtime.statistics`).
+the runtime's count of its queued tasks by type wherever a runtime answers
+(``queue_depths``), and, in the runtime's own process, the runtime itself for what only
+it can say (mailboxes, restarts, commits: :meth:`Runtime.statistics`).
 
 New events come from ``client.events(after=)`` when a runtime answers (pushed as it
 commits them, caught up from the log after a lag), and from reading the log every
@@ -11,9 +12,10 @@ commits them, caught up from the log after a lag), and from reading the log ever
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from datetime import datetime
+from typing import TYPE_CHECKING, TypeAlias
 
 import anyio
 
@@ -23,7 +25,11 @@ from ..messages.events import Event
 if TYPE_CHECKING:
     from ..embedded import Runtime
 
-__all__ = ["POLL_INTERVAL", "Source"]
+__all__ = ["POLL_INTERVAL", "QueueDepths", "Source"]
+
+#: The queued tasks by type: how many, and since when the longest-waiting one has been
+#: claimable (``queue_depths`` of a runtime or of a client).
+QueueDepths: TypeAlias = Callable[[], Awaitable[dict[str, tuple[int, datetime]]]]
 
 #: How often the log is read for new events when no runtime pushes them (the file alone).
 POLL_INTERVAL = 0.5
@@ -38,6 +44,16 @@ class Source:
         self.reader = reader
         #: The runtime, when the observer runs in its process: its statistics are read.
         self.runtime = runtime
+        #: The runtime's one aggregate count of its queued tasks by type, exact at any
+        #: depth: in its process, or through its socket or TCP. None for the file alone
+        #: (the read-only inspector), where a page of queued tasks is read instead.
+        self.queue_depths: QueueDepths | None = (
+            runtime.queue_depths
+            if runtime is not None
+            else reader.queue_depths
+            if isinstance(reader, OwnerReader)
+            else None
+        )
 
     @classmethod
     def of_runtime(cls, runtime: Runtime, name: str = "observe") -> Source:

@@ -114,6 +114,7 @@ AGENT_RULES: Mapping[str, Rule] = MappingProxyType(
         "last_seq": _R.READ,
         "list_tasks": _R.READ,
         "list_workers": _R.READ,
+        "queue_depths": _R.READ,
         # Who is connected (names, pids): what an operator sees, and nothing of the work.
         "server_status": _R.READ,
         "read_events": _R.READ,
