@@ -304,7 +304,7 @@ class Metrics:
                 " reading queued tasks instead, depth left out past %d",
                 MAX_READ,
             )
-            self.source.queue_depths = None  # it will not learn it while connected
+            self.source.refused_queue_depths()  # it will not learn it while connected
             return None
 
     async def refresh(self) -> None:

@@ -44,16 +44,25 @@ class Source:
         self.reader = reader
         #: The runtime, when the observer runs in its process: its statistics are read.
         self.runtime = runtime
-        #: The runtime's one aggregate count of its queued tasks by type, exact at any
-        #: depth: in its process, or through its socket or TCP. None for the file alone
-        #: (the read-only inspector), where a page of queued tasks is read instead.
-        self.queue_depths: QueueDepths | None = (
-            runtime.queue_depths
-            if runtime is not None
-            else reader.queue_depths
-            if isinstance(reader, OwnerReader)
-            else None
-        )
+        #: A reader whose runtime refused ``queue_depths`` (an older version).
+        self._refused: Reader | None = None
+
+    @property
+    def queue_depths(self) -> QueueDepths | None:
+        """The runtime's one aggregate count of its queued tasks by type, exact at any
+        depth: in its process, or through its socket or TCP. None for the file alone (the
+        read-only inspector), where a page of queued tasks is read instead. Looked up at
+        each use: the dashboard swaps the reader when the runtime it read stops."""
+        if self.runtime is not None:
+            return self.runtime.queue_depths
+        reader = self.reader
+        if isinstance(reader, OwnerReader) and reader is not self._refused:
+            return reader.queue_depths
+        return None
+
+    def refused_queue_depths(self) -> None:
+        """The reader's runtime does not know ``queue_depths``: not asked again of it."""
+        self._refused = self.reader
 
     @classmethod
     def of_runtime(cls, runtime: Runtime, name: str = "observe") -> Source:
