@@ -17,6 +17,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import anyio
+import msgspec
 import pytest
 
 from hive_orchestration import (
@@ -145,6 +146,36 @@ async def test_an_interval_schedule_creates_its_tasks_from_the_template(db_path:
         assert now.last_slot is not None
         assert now.last_slot >= slots[-1][0]
         assert now.next_slot == now.last_slot + timedelta(seconds=0.2)
+
+
+@pytest.mark.anyio
+async def test_a_slots_task_frees_its_key_as_it_ends_so_retention_takes_it(
+    db_path: str,
+) -> None:
+    """A scheduled job's tasks would pile up for ever if their slot keys were held for
+    ever (retention keeps keyed tasks); the key is held while the task lives, which is
+    all the Scheduler needs (a fired slot is past), so a purge and delete_on_success take
+    them like any others, and the schedule does not fire that slot again."""
+    wall = WallClock()
+    config = msgspec.structs.replace(CONFIG, delete_on_success=("mail",))
+    async with Runtime.open(db_path, config=config, wall_clock=wall) as runtime:
+        await runtime.create_schedule("sweep", 0.2, "cleanup", {})
+        await runtime.create_schedule("digest", 0.2, "mail", {})
+        (sweep,) = await fired(runtime.client(), 1, "sweep")
+        (digest,) = await fired(runtime.client(), 1, "digest")
+        await runtime.pause_schedule("sweep")
+        await runtime.pause_schedule("digest")
+        for task_type in ("cleanup", "mail"):
+            claim = await runtime.claim_task("w1", task_type, start=True)
+            assert claim is not None
+            assert claim.task.idempotency_scope == "active"
+            await runtime.complete_task(claim.lease)
+        assert await runtime.get_task(str(digest.task_id)) is None  # deleted on success
+        wall.step(3600)
+        assert await runtime.purge_tasks(1800, task_type="cleanup") >= 1
+        assert await runtime.get_task(str(sweep.task_id)) is None
+        fired_before = (await settle(runtime.client(), "sweep")).fired
+        assert (await settle(runtime.client(), "sweep")).fired == fired_before
 
 
 @pytest.mark.anyio
