@@ -40,7 +40,7 @@ from ._task_ops import TaskOps
 from ._validate import check_identifier, check_int, check_optional_text
 from ._worker_ops import WorkerOps
 from .config import TLS_CA_ENV, TOKEN_ENV, URL_ENV, RuntimeConfig
-from .embedded import Runtime, Subscription
+from .embedded import Runtime, RuntimeStatistics, Subscription
 from .errors import (
     AccessDeniedError,
     ConfigError,
@@ -479,6 +479,15 @@ class OrchestrationClient(
                 connections=[],
             )
         return server.status()
+
+    async def statistics(self) -> RuntimeStatistics:
+        """The runtime's own figures (:meth:`Runtime.statistics`): each actor's mailbox,
+        the supervisor's restarts, the storage actor's commits and writes with their
+        histograms, the broadcast actor's deliveries and lags. From a client of another
+        process it is asked of the owner (what the Prometheus exporter of a runtime
+        reached through its socket or over TCP serves)."""
+        self._check_open()
+        return await self.runtime.statistics()
 
     async def subscribe_to_task_events(
         self,

@@ -329,6 +329,7 @@ class SyncOrchestrationClient:
     read_events = _blocking(OrchestrationClient.read_events)
     last_seq = _blocking(OrchestrationClient.last_seq)
     server_status = _blocking(OrchestrationClient.server_status)
+    statistics = _blocking(OrchestrationClient.statistics)
     # periodic schedules (docs/SCHEDULES.md)
     create_schedule = _blocking(OrchestrationClient.create_schedule)
     get_schedule = _blocking(OrchestrationClient.get_schedule)

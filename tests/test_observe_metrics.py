@@ -394,3 +394,118 @@ async def test_a_runtime_that_serves_no_queue_depths_is_read_a_page_of(
     assert value(samples, "hive_queue_depth", task_type="a") == 2
     assert value(again, "hive_queue_depth", task_type="a") == 2
     assert value(again, "hive_queue_depth", task_type="b") == 1
+
+
+_ACTORS = ("broadcast", "storage", "tasks", "workers", "plans", "schedules")
+
+
+def _histogram(samples: Samples, name: str) -> tuple[float, float, list[float]]:
+    """A histogram's count, sum and cumulative bucket counts (by bound, ``+Inf`` last)."""
+    buckets = sorted(
+        (float(dict(labels)["le"]), count)
+        for (sample, labels), count in samples.items()
+        if sample == f"{name}_bucket"
+    )
+    assert buckets, f"{name} was not served"
+    return value(samples, f"{name}_count"), value(samples, f"{name}_sum"), [c for _, c in buckets]
+
+
+def _assert_commit_figures(samples: Samples) -> tuple[float, float]:
+    """The storage actor's figures agree with each other: every commit counted once in
+    each histogram, its batches summing to the writes. Its commits and writes."""
+    commits = value(samples, "hive_storage_commits_total")
+    writes = value(samples, "hive_storage_writes_total")
+    assert 0 < commits <= writes
+    count, took, cumulative = _histogram(samples, "hive_commit_seconds")
+    assert count == commits
+    assert cumulative == sorted(cumulative)  # cumulative: never decreasing
+    assert cumulative[-1] == count  # +Inf holds them all
+    assert took > 0
+    count, grouped, cumulative = _histogram(samples, "hive_commit_batch_size")
+    assert count == commits
+    assert cumulative == sorted(cumulative)
+    assert cumulative[-1] == count
+    assert grouped == writes  # each write in exactly one commit's batch
+    assert value(samples, "hive_commit_batch_size_max") >= 1
+    return commits, writes
+
+
+async def test_through_the_socket_the_runtimes_statistics_are_served(
+    db_path: str, anyio_backend: str
+) -> None:
+    """``dashboard --db`` of a database another process's runtime owns: its mailboxes
+    (the capacity that process was configured with), restarts and the storage actor's
+    commit histograms come through its socket (``statistics``), and move by what this
+    test writes between two scrapes."""
+    async with owner(db_path, anyio_backend, mailbox_size=77) as process:
+        async with OrchestrationClient(db_path=db_path, source_agent="t") as client:
+            assert client.remote
+            await client.create_task("build", {"n": 0})
+            async with _exporter(db=db_path) as metrics:
+                _, _, before = await scrape(metrics)
+                async with client.subscribe("task.created") as created:
+                    for n in range(1, 8):  # one write each, the call waiting for its commit
+                        await client.create_task("build", {"n": n})
+                    for _ in range(7):  # the owner published them: an event each
+                        await created.__anext__()
+                    _, _, after = await scrape(metrics)
+        await process.stop()
+    for actor in _ACTORS:
+        assert value(after, "hive_mailbox_capacity", actor=actor) == 77
+        assert ("hive_mailbox_depth", (("actor", actor),)) in after
+        assert 0 <= value(after, "hive_mailbox_depth", actor=actor) <= 77
+    assert not any(name == "hive_actor_restarts_total" and n for (name, _), n in after.items())
+    commits, writes = _assert_commit_figures(before)
+    commits_after, writes_after = _assert_commit_figures(after)
+    assert writes_after - writes == 7
+    assert 1 <= commits_after - commits <= 7
+    assert value(before, "hive_subscribers") == 0
+    assert value(after, "hive_subscribers") == 1  # this test's, through the socket
+    published = value(after, "hive_events_published_total")
+    assert published - value(before, "hive_events_published_total") >= 7
+    assert value(after, "hive_events_delivered_total") >= 7
+
+
+async def test_over_tcp_an_agent_token_reads_the_runtimes_statistics(
+    db_path: str, anyio_backend: str, tmp_path: Path
+) -> None:
+    """``dashboard --url`` with an agent's token: ``statistics`` is a read it may make."""
+    tokens = write_tokens(tmp_path)
+    async with serve(db_path, anyio_backend, tmp_path, "--listen", "tcp://127.0.0.1:0",
+                     "--tokens", tokens) as served:  # fmt: skip
+        url = served.url()
+        async with OrchestrationClient(url=url, token=DEPLOYER) as client:
+            for n in range(3):
+                await client.create_task("deploy", {"n": n})
+            stats = await client.statistics()
+        async with _exporter(url=url, token=DEPLOYER) as metrics:
+            _, _, samples = await scrape(metrics)
+    assert stats.storage.writes >= 3
+    assert set(stats.mailboxes) == set(_ACTORS)
+    for actor in _ACTORS:
+        assert value(samples, "hive_mailbox_capacity", actor=actor) > 0
+    _, writes = _assert_commit_figures(samples)
+    assert writes >= stats.storage.writes
+
+
+async def test_a_runtime_that_serves_no_statistics_is_left_out_quietly(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runtime of an older version, through its socket, refuses ``statistics`` as an
+    unknown operation: the scrape goes on without those figures, and does not ask again."""
+    from hive_orchestration import wire
+
+    older = {op: spec for op, spec in wire._OPERATIONS.items() if op != "statistics"}
+    monkeypatch.setattr(wire, "_OPERATIONS", older)  # what this process's server serves
+    async with Runtime.open(db_path) as runtime:
+        await runtime.create_task("a", {})
+        async with _exporter(db=db_path) as metrics:
+            assert metrics.source.statistics is not None
+            status, _, samples = await scrape(metrics)
+            assert metrics.source.statistics is None
+            _, _, again = await scrape(metrics)
+    assert status == 200
+    for scraped in (samples, again):
+        assert value(scraped, "hive_queue_depth", task_type="a") == 1
+        assert not any(name.startswith("hive_mailbox") for name, _ in scraped)
+        assert not any(name.startswith("hive_commit") for name, _ in scraped)

@@ -31,6 +31,7 @@ import anyio
 from .._validate import MAX_READ
 from ..client import OrchestrationClient
 from ..config import TLS_CA_ENV, TOKEN_ENV
+from ..embedded import RuntimeStatistics
 from ..errors import ConnectionLostError
 from ..inspector import Inspector
 from ..messages.events import Event
@@ -141,6 +142,11 @@ class OwnerReader:
         """The owner's one aggregate count of its queued tasks by type (not a read the
         file alone answers: the exporter reads a page of queued tasks there)."""
         return await self.client.queue_depths()
+
+    async def statistics(self) -> RuntimeStatistics:
+        """The owner's own figures (mailboxes, restarts, commits, deliveries): what only
+        a runtime can say, the file alone does not."""
+        return await self.client.statistics()
 
     async def tasks(
         self,

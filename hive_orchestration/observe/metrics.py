@@ -15,12 +15,13 @@ Three kinds of figures, each computed from what the runtime publicly says:
   reads (``count_tasks``, ``queue_depths`` where a runtime answers, else ``list_tasks``,
   ``list_workers``, ``get_execution_plans``). A per-type or per-status figure whose page
   of rows came back full (``MAX_READ`` rows) is left out rather than under-reported.
-- **The runtime's own statistics**, in its process only (:meth:`Runtime.statistics`):
-  ``hive_mailbox_depth``, ``hive_actor_restarts_total``, ``hive_storage_commits_total``,
-  ``hive_storage_writes_total``, ``hive_commit_batch_size_max``, the histograms
-  ``hive_commit_seconds`` and ``hive_commit_batch_size``,
-  ``hive_subscriber_lagged_total``... Over a socket they are not served, so a dashboard
-  pointed at another process's runtime does not show them.
+- **The runtime's own statistics** (:meth:`Runtime.statistics`, ``statistics`` through
+  its socket or over TCP): ``hive_mailbox_depth``, ``hive_actor_restarts_total``,
+  ``hive_storage_commits_total``, ``hive_storage_writes_total``,
+  ``hive_commit_batch_size_max``, the histograms ``hive_commit_seconds`` and
+  ``hive_commit_batch_size``, ``hive_subscriber_lagged_total``... read at each scrape
+  wherever a runtime answers; the file alone (no runtime owns it) has none, and a
+  runtime of an older version that refuses the operation is not asked again.
 """
 
 from __future__ import annotations
@@ -304,7 +305,26 @@ class Metrics:
                 " reading queued tasks instead, depth left out past %d",
                 MAX_READ,
             )
-            self.source.refused_queue_depths()  # it will not learn it while connected
+            self.source.refused("queue_depths")
+            return None
+
+    async def _statistics(self) -> RuntimeStatistics | None:
+        """The source's runtime's own figures, or None where there is none to ask (the
+        file alone) or it does not know the operation (the runtime of an older version,
+        through its socket): the figures are left out then."""
+        ask = self.source.statistics
+        if ask is None:
+            return None
+        try:
+            return await ask()
+        except InvalidInputError as error:
+            if error.field != "op":
+                raise
+            log.warning(
+                "metrics: the runtime serves no statistics (an older version);"
+                " mailbox, restart, commit and delivery figures left out"
+            )
+            self.source.refused("statistics")
             return None
 
     async def refresh(self) -> None:
@@ -350,8 +370,7 @@ class Metrics:
                 plans = await reader.plans(plan_status, limit=MAX_READ)
                 if len(plans) < MAX_READ:
                     snapshot.plans[plan_status.value] = len(plans)
-            if self.source.runtime is not None:
-                snapshot.statistics = await self.source.runtime.statistics()
+            snapshot.statistics = await self._statistics()
             self._snapshot = snapshot
 
     async def exposition(self) -> bytes:

@@ -1,8 +1,8 @@
 """Where the metrics and the dashboard read from: a :class:`~..cli.reader.Reader` (the
 runtime that owns the database, through its socket or over TCP, or the file read-only),
-the runtime's count of its queued tasks by type wherever a runtime answers
-(``queue_depths``), and, in the runtime's own process, the runtime itself for what only
-it can say (mailboxes, restarts, commits: :meth:`Runtime.statistics`).
+and what only a runtime can say, wherever one answers (in its process, or through its
+socket or TCP): its count of its queued tasks by type (``queue_depths``) and its own
+figures (mailboxes, restarts, commits: ``statistics``, :meth:`Runtime.statistics`).
 
 New events come from ``client.events(after=)`` when a runtime answers (pushed as it
 commits them, caught up from the log after a lag), and from reading the log every
@@ -23,13 +23,15 @@ from ..cli.reader import OwnerReader, Reader, open_reader
 from ..messages.events import Event
 
 if TYPE_CHECKING:
-    from ..embedded import Runtime
+    from ..embedded import Runtime, RuntimeStatistics
 
-__all__ = ["POLL_INTERVAL", "QueueDepths", "Source"]
+__all__ = ["POLL_INTERVAL", "QueueDepths", "Source", "Statistics"]
 
 #: The queued tasks by type: how many, and since when the longest-waiting one has been
 #: claimable (``queue_depths`` of a runtime or of a client).
 QueueDepths: TypeAlias = Callable[[], Awaitable[dict[str, tuple[int, datetime]]]]
+#: The runtime's own figures (``statistics`` of a runtime or of a client).
+Statistics: TypeAlias = Callable[[], Awaitable["RuntimeStatistics"]]
 
 #: How often the log is read for new events when no runtime pushes them (the file alone).
 POLL_INTERVAL = 0.5
@@ -42,32 +44,50 @@ class Source:
 
     def __init__(self, reader: Reader, runtime: Runtime | None = None) -> None:
         self.reader = reader
-        #: The runtime, when the observer runs in its process: its statistics are read.
+        #: The runtime, when the observer runs in its process: asked directly.
         self.runtime = runtime
-        #: A reader whose runtime refused ``queue_depths`` (an older version).
-        self._refused: Reader | None = None
+        #: The operations the runtime behind a reader refused (an older version), by
+        #: the reader they were asked through.
+        self._refused: dict[str, Reader] = {}
+
+    def _owner(self, op: str) -> OwnerReader | None:
+        """The reader, if a runtime answers through it that did not refuse ``op``.
+        Looked up at each use: the dashboard swaps the reader when the runtime it read
+        stops."""
+        reader = self.reader
+        if isinstance(reader, OwnerReader) and self._refused.get(op) is not reader:
+            return reader
+        return None
 
     @property
     def queue_depths(self) -> QueueDepths | None:
         """The runtime's one aggregate count of its queued tasks by type, exact at any
         depth: in its process, or through its socket or TCP. None for the file alone (the
-        read-only inspector), where a page of queued tasks is read instead. Looked up at
-        each use: the dashboard swaps the reader when the runtime it read stops."""
+        read-only inspector), where a page of queued tasks is read instead."""
         if self.runtime is not None:
             return self.runtime.queue_depths
-        reader = self.reader
-        if isinstance(reader, OwnerReader) and reader is not self._refused:
-            return reader.queue_depths
-        return None
+        owner = self._owner("queue_depths")
+        return None if owner is None else owner.queue_depths
 
-    def refused_queue_depths(self) -> None:
-        """The reader's runtime does not know ``queue_depths``: not asked again of it."""
-        self._refused = self.reader
+    @property
+    def statistics(self) -> Statistics | None:
+        """The runtime's own figures: in its process, or through its socket or TCP. None
+        for the file alone, which has none, or a runtime that refused them."""
+        if self.runtime is not None:
+            return self.runtime.statistics
+        owner = self._owner("statistics")
+        return None if owner is None else owner.statistics
+
+    def refused(self, op: str) -> None:
+        """The reader's runtime does not know ``op`` (an older version): not asked again
+        of it (it will not learn it while connected)."""
+        self._refused[op] = self.reader
 
     @classmethod
     def of_runtime(cls, runtime: Runtime, name: str = "observe") -> Source:
         """The source of a runtime of this process: its public operations, through a
-        client of its own (as any agent's), and its statistics."""
+        client of its own (as any agent's), and its queue depths and statistics asked
+        of it directly."""
         client = runtime.client(source_agent=name)
         return cls(OwnerReader(client, name), runtime)
 

@@ -117,6 +117,10 @@ AGENT_RULES: Mapping[str, Rule] = MappingProxyType(
         "queue_depths": _R.READ,
         # Who is connected (names, pids): what an operator sees, and nothing of the work.
         "server_status": _R.READ,
+        # The runtime's own counters (mailbox depths, restarts, commits and writes, their
+        # histograms, deliveries and lags) and its file's path and schema version, which
+        # server_status already shows: figures of load, nothing of any task's content.
+        "statistics": _R.READ,
         "read_events": _R.READ,
         "wait_for_plan": _R.READ,
         "wait_for_task": _R.READ,

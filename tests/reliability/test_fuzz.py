@@ -837,6 +837,7 @@ OPS: dict[str, Operation] = {
     "get_active_workers": Operation("await", {"role": ident(optional=True)}),
     "count_tasks": Operation("await", {}),
     "queue_depths": Operation("await", {}),
+    "statistics": Operation("await", {}),
     # Control by hand (docs/CONTROL.md).
     "flush_queue": Operation(
         "await", {"task_type": ident("task_types", optional=True), "source_agent": OPT_AGENT}
