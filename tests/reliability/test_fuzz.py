@@ -1452,7 +1452,7 @@ NOT_ON_THE_WIRE = frozenset(
     }
 )
 #: Arguments the wire decodes into a type before the call (the rest go as JSON values).
-WIRE_CONVERTED = frozenset({"lease", "due_date"})
+WIRE_CONVERTED = frozenset({"lease", "due_date", "run_at", "expires_at", "start_at"})
 
 
 def _text(value: str) -> str:
