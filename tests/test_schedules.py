@@ -34,7 +34,10 @@ from hive_orchestration import (
     _slots,
 )
 from hive_orchestration._slots import Slots
+from hive_orchestration.errors import RequestTimeoutError
 from hive_orchestration.messages.storage import SetScheduleSlot
+from hive_orchestration.messages.tasks import CreateTasks
+from hive_orchestration.runtime import ActorRef
 from hive_orchestration.storage import actor as storage_actor
 
 #: Generous: only turns a hang into a failure.
@@ -359,6 +362,62 @@ async def test_a_slot_whose_commit_failed_fires_once_when_storage_works_again(
         tasks = await client.list_tasks(task_type="f")
         assert [task.id for task in tasks] == [data.task_id]
         assert (await settle(client, "flaky")).fired == 1
+
+
+@pytest.mark.anyio
+async def test_a_slot_whose_fire_outcome_was_lost_fires_once_after_its_task_ended(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The TaskManager commits the slot's task and the schedule's advance, but the
+    # Scheduler's ask fails after that (its reply lost past a deadline): the Scheduler does
+    # not know the slot fired. The task then ends, freeing its idempotency key (scope
+    # "active"), so the key cannot stop a second task: only reading the schedules back can.
+    original = ActorRef.ask
+    ended = anyio.Event()
+    failed = anyio.Event()
+    failed_at: list[float] = []
+
+    async def lose_the_first_reply(
+        self: ActorRef[Any],
+        message: Any,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - the wrapped ask's own
+    ) -> Any:
+        reply = await original(self, message, timeout=timeout)
+        if isinstance(message, CreateTasks) and not failed.is_set():
+            # Held until the task has ended, so the Scheduler learns of the failure only
+            # when the key no longer guards the slot.
+            await ended.wait()
+            failed_at.append(anyio.current_time())
+            failed.set()
+            raise RequestTimeoutError(self.name, type(message).__name__, 5.0)
+        return reply
+
+    monkeypatch.setattr(ActorRef, "ask", lose_the_first_reply)
+    clock = WallClock()
+    async with Runtime.open(db_path, config=CONFIG, wall_clock=clock) as runtime:
+        client = runtime.client()
+        schedule = await client.create_schedule("lost", 60.0, "l")
+        clock.step(61)
+        (event,) = await fired(client, 1, "lost")
+        claim = await runtime.claim_task("w1", "l", start=True)
+        assert claim is not None
+        assert claim.task.id == event.data["task_id"]
+        await runtime.complete_task(claim.lease)
+        ended.set()
+        with anyio.fail_after(DEADLINE):
+            await failed.wait()
+        # The Scheduler holds a failed slot back for its retry_after (1 s by default) from
+        # before the ask; past that, a Scheduler that had not read the schedules back would
+        # fire the slot again in the batch that settle() wakes (its next slot is 60 s on).
+        await anyio.sleep_until(failed_at[0] + 1.0)
+        settled = await settle(client, "lost")
+        assert (settled.fired, settled.last_slot) == (1, schedule.start_at)
+        assert settled.last_task_id == event.data["task_id"]
+        assert [task.id for task in await client.list_tasks(task_type="l")] == [
+            event.data["task_id"]
+        ]
+        assert len(await events_of(client, "schedule.fired")) == 1
 
 
 # -- bad input -----------------------------------------------------------------------------
