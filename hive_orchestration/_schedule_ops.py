@@ -74,6 +74,7 @@ class ScheduleOps(Caller):
         correlation_id: str | None = None,
         source_agent: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - each task's run timeout
+        expires_in: float | None = None,
         concurrency_key: str | None = None,
         concurrency_limit: int | None = None,
         requires: str | Iterable[str] | None = (),
@@ -85,9 +86,11 @@ class ScheduleOps(Caller):
         number of seconds: slots are ``start_at + k * interval``, ``start_at``
         defaulting to one interval from now). The task is
         ``create_task(task_type, payload, ...)`` with the other arguments, each slot's
-        own idempotency key added. ``catch_up`` says what a slot more than ``grace``
-        seconds late does: ``"once"`` (default) fires the latest missed slot once,
-        ``"skip"`` fires none. A name already taken is refused unless ``replace``, which
+        own idempotency key added; ``expires_in`` (seconds) ends each task cancelled
+        (reason ``expired``) if it is still queued that long after it was created, so
+        slots whose workers are down do not pile up. ``catch_up`` says what a slot more
+        than ``grace`` seconds late does: ``"once"`` (default) fires the latest missed
+        slot once, ``"skip"`` fires none. A name already taken is refused unless ``replace``, which
         redefines the schedule and keeps what it fired. Durable when this returns.
         """
         self._check_open()
@@ -124,6 +127,8 @@ class ScheduleOps(Caller):
             correlation_id=correlation_id,
             source_agent=source_agent,
             timeout=timeout,
+            # Counted from each task's creation (its slot's firing), not from now.
+            expires_in=expires_in,
             concurrency_key=concurrency_key,
             concurrency_limit=concurrency_limit,
             requires=requires,

@@ -152,6 +152,42 @@ async def test_an_interval_schedule_creates_its_tasks_from_the_template(db_path:
 
 
 @pytest.mark.anyio
+async def test_a_slots_task_unclaimed_past_the_templates_expires_in_ends_cancelled_expired(
+    db_path: str,
+) -> None:
+    """With its workers down, a periodic job's tasks would pile up, one per slot;
+    ``expires_in`` ends each one cancelled (reason ``expired``) that long after it was
+    created (when its slot fired, not when the schedule was)."""
+    # The real wall clock: a stepped one would store expires_at in the TaskManager's
+    # start-time frame (docs/TIMING.md, "Clocks"), not as created_at + expires_in.
+    async with Runtime.open(db_path, config=CONFIG) as runtime:
+        client = runtime.client()
+        schedule = await client.create_schedule("offer", 0.5, "o", expires_in=0.2)
+        assert schedule.task.expires_in == 0.2
+        (fire,) = await fired(client, 1, "offer")
+        await client.pause_schedule("offer")
+        with anyio.fail_after(DEADLINE):
+            async with client.events(after=0, pattern="task.cancelled") as stream:
+                async for event in stream:
+                    if event.task_id == fire.data["task_id"]:
+                        break
+        assert event.data["reason"] == "expired"
+        task = await client.get_task(str(fire.data["task_id"]))
+        assert task is not None
+        assert task.status == "cancelled"
+        assert task.error is not None
+        assert task.error.startswith("expired")
+        assert task.expires_at is not None
+        # From the task's creation at its slot (0.5 s or more after the schedule's).
+        assert task.expires_at - task.created_at == timedelta(seconds=0.2)
+        assert task.created_at >= schedule.start_at
+    async with Runtime.open(db_path, config=CONFIG) as runtime:
+        reread = await runtime.get_schedule("offer")
+        assert reread is not None
+        assert reread.task.expires_in == 0.2  # the template keeps it across a reopen
+
+
+@pytest.mark.anyio
 async def test_a_slots_task_frees_its_key_as_it_ends_so_retention_takes_it(
     db_path: str,
 ) -> None:
@@ -446,6 +482,10 @@ async def test_bad_input_is_refused_naming_the_field_and_nothing_is_written(
             (60.0, {"priority": -1}, "priority"),
             (60.0, {"payload": {"x": {1, 2}}}, "payload.x"),
             (60.0, {"start_at": datetime(2030, 1, 1)}, "start_at"),  # naive
+            (60.0, {"expires_in": 0.0}, "expires_in"),
+            (60.0, {"expires_in": -1.0}, "expires_in"),
+            (60.0, {"expires_in": float("nan")}, "expires_in"),
+            (60.0, {"expires_in": "soon"}, "expires_in"),
             (60.0, {"name": ""}, "name"),
         ]
         for when, arguments, field in cases:

@@ -1078,6 +1078,7 @@ OPS: dict[str, Operation] = {
             "correlation_id": ident(optional=True),
             "source_agent": OPT_AGENT,
             "timeout": seconds(optional=True),
+            "expires_in": seconds(optional=True),
             "concurrency_key": ident("task_types", optional=True),
             "concurrency_limit": integer(1, 2**63 - 1, optional=True),
             "requires": task_types(),
