@@ -42,7 +42,7 @@ from collections.abc import (
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
 from anyio.abc import TaskStatus as StartStatus
@@ -69,6 +69,8 @@ if TYPE_CHECKING:
     from ..embedded import Runtime, RuntimeStatistics
 
 __all__ = ["DURATION_BUCKETS", "Metrics", "metrics_app", "watch"]
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("hive_orchestration.observe")
 
@@ -288,11 +290,13 @@ class Metrics:
 
     # -- read at each scrape ------------------------------------------------------------
 
-    async def _queue_depths(self) -> dict[str, tuple[int, datetime]] | None:
-        """The source's runtime's count of its queued tasks by type, or None where there
-        is none to ask (the file alone) or it does not know the operation (the runtime
-        of an older version, through its socket): the page of queued tasks is read then."""
-        ask = self.source.queue_depths
+    async def _optional(
+        self, op: str, ask: Callable[[], Awaitable[_T]] | None, instead: str
+    ) -> _T | None:
+        """What the source's runtime answers to ``op``, or None where there is none to ask
+        (the file alone) or it does not know the operation (the runtime of an older
+        version, through its socket: asked no more); ``instead`` says what the scrape
+        does then."""
         if ask is None:
             return None
         try:
@@ -300,31 +304,8 @@ class Metrics:
         except InvalidInputError as error:
             if error.field != "op":
                 raise
-            log.warning(
-                "metrics: the runtime serves no queue_depths (an older version);"
-                " reading queued tasks instead, depth left out past %d",
-                MAX_READ,
-            )
-            self.source.refused("queue_depths")
-            return None
-
-    async def _statistics(self) -> RuntimeStatistics | None:
-        """The source's runtime's own figures, or None where there is none to ask (the
-        file alone) or it does not know the operation (the runtime of an older version,
-        through its socket): the figures are left out then."""
-        ask = self.source.statistics
-        if ask is None:
-            return None
-        try:
-            return await ask()
-        except InvalidInputError as error:
-            if error.field != "op":
-                raise
-            log.warning(
-                "metrics: the runtime serves no statistics (an older version);"
-                " mailbox, restart, commit and delivery figures left out"
-            )
-            self.source.refused("statistics")
+            log.warning("metrics: the runtime serves no %s (an older version); %s", op, instead)
+            self.source.refused(op)
             return None
 
     async def refresh(self) -> None:
@@ -335,7 +316,11 @@ class Metrics:
             # A queue the page cannot hold is not read at all (a million queued tasks
             # would cost a full page a scrape for figures that are then left out).
             full = snapshot.tasks.get(TaskStatus.QUEUED.value, 0) >= MAX_READ
-            depths = await self._queue_depths()
+            depths = await self._optional(
+                "queue_depths",
+                self.source.queue_depths,
+                f"reading queued tasks instead, depth left out past {MAX_READ}",
+            )
             if depths is not None:
                 # A runtime answers (in its process or through its socket): one aggregate
                 # query, exact at any depth, no row decoded (a page of queued tasks is
@@ -370,7 +355,11 @@ class Metrics:
                 plans = await reader.plans(plan_status, limit=MAX_READ)
                 if len(plans) < MAX_READ:
                     snapshot.plans[plan_status.value] = len(plans)
-            snapshot.statistics = await self._statistics()
+            snapshot.statistics = await self._optional(
+                "statistics",
+                self.source.statistics,
+                "mailbox, restart, commit and delivery figures left out",
+            )
             self._snapshot = snapshot
 
     async def exposition(self) -> bytes:
