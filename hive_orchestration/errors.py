@@ -66,6 +66,7 @@ StorageFault: TypeAlias = Literal[
     "corrupt",
     "cannot_open",
     "needs_recovery",
+    "unavailable",
 ]
 
 
@@ -202,7 +203,8 @@ class RuntimeFailedError(HiveError):
 
 
 class StorageError(HiveError):
-    """SQLite refused an operation (disk full, read-only file, locked, corrupt...).
+    """The database refused an operation (disk full, read-only file, locked, corrupt,
+    a PostgreSQL server out of reach...).
 
     Nothing of the failed request was written: each request is applied whole or not at all.
     The message names the file, the cause and what to do; ``path`` is the file (None when
@@ -220,6 +222,10 @@ class StorageError(HiveError):
     - ``"needs_recovery"``: a program was killed in the middle of a write, and a
       read-only reader cannot undo it; opening the database once for writing (the app,
       or ``hive-orchestration db upgrade``) does.
+    - ``"unavailable"`` (PostgreSQL): the server could not be reached, or the connection
+      was lost before the write was committed, so nothing of it was applied; the runtime
+      reconnects on its next call: retry once the server is back. (A connection lost
+      while the commit itself was on its way is no refusal: the write may have landed.)
     - ``None``: anything else (a missing file for a reader, a schema problem...).
     """
 

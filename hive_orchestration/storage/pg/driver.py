@@ -1,0 +1,385 @@
+"""The PostgreSQL driver: psycopg 3's synchronous connection, driven on anyio worker threads.
+
+psycopg's own async mode (like asyncpg) runs on asyncio only; the runtime runs on trio
+too. So, exactly as SQLite's thread driver does, each connection is used by one worker
+thread at a time (a ``CapacityLimiter(1)`` per connection), and a whole transaction is one
+function run in that thread: one thread hop however many statements it holds (pg-design
+section 2: the hop costs 0.1-0.3 ms, a durable commit 3-6 ms).
+
+- **Transactions.** The connection is in autocommit mode, and the driver sends ``BEGIN`` /
+  ``COMMIT`` itself, so a transaction is exactly what :meth:`Driver.transaction` says it is.
+  ``BEGIN`` and the statements go in one pipeline (one network round trip for the lot;
+  consecutive statements with the same SQL are one ``executemany``), then the UPDATEs'
+  row counts are checked, then ``COMMIT``: a count that is short rolls back, never commits.
+- **Placeholders.** The SQL shared with SQLite uses ``?`` (and ``?NNN``); each statement
+  text is translated once (cached) to psycopg's ``%s``, with its ``%`` doubled.
+- **Errors.** Every psycopg error leaves as a port exception (:mod:`.faults`). A connection
+  lost before ``COMMIT`` was sent is :class:`StoreError` with fault ``unavailable``: nothing
+  was applied. One lost while ``COMMIT`` was on its way is :class:`CommitUnknownError`: the
+  transaction may have landed, and the writer must read back. Either way the connection is
+  dropped, and the next call opens a new one.
+- **Cancellation.** A transaction and a probe run shielded: the thread finishes them
+  whatever the caller does, so the connection is never left inside a transaction.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, LiteralString, TypeVar
+
+import anyio
+import anyio.to_thread
+import psycopg
+from psycopg.pq import TransactionStatus
+
+from ..port import (
+    CommitUnknownError,
+    Driver,
+    Params,
+    Row,
+    Statement,
+    StoreError,
+    StoreIntegrityError,
+)
+from .faults import connect_error, connection_lost, store_error
+
+__all__ = ["PostgresDriver", "PostgresReader", "check_updated", "coalesce", "translate"]
+
+Connection = psycopg.Connection[tuple[Any, ...]]
+T = TypeVar("T")
+
+#: Seconds to wait for the server to accept a connection before the call fails.
+CONNECT_TIMEOUT = 10.0
+
+
+# -- statements ------------------------------------------------------------------------
+
+
+def check_updated(sql: str, rows: int, changed: int) -> None:
+    """An UPDATE here writes a row its writer knows exists: one that is missing means the
+    writer's memory and the database disagree, so the transaction fails (and the storage
+    actor refuses the write that holds it) rather than lose the change in silence."""
+    if changed != rows and sql.lstrip().startswith("UPDATE"):
+        table = sql.split(None, 2)[1]
+        missing = rows - changed
+        raise StoreIntegrityError(f"{missing} of {rows} {table} row(s) to update are missing")
+
+
+def coalesce(statements: Sequence[Statement]) -> list[tuple[str, list[Params]]]:
+    """Merge consecutive statements with the same SQL, keeping their order exactly."""
+    runs: list[tuple[str, list[Params]]] = []
+    for sql, params in statements:
+        if runs and runs[-1][0] == sql:
+            runs[-1][1].append(params)
+        else:
+            runs.append((sql, [params]))
+    return runs
+
+
+# Outside quotes and comments: a mark (``?`` or ``?NNN``) or a ``%``; a quoted literal,
+# a quoted name or a comment is copied whole (only its ``%`` doubled).
+_TOKENS = re.compile(
+    r"""
+      (?P<literal>'(?:[^']|'')*')
+    | (?P<name>"(?:[^"]|"")*")
+    | (?P<line>--[^\n]*)
+    | (?P<block>/\*.*?\*/)
+    | \?(?P<number>[0-9]+)?
+    | %
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+
+
+@functools.lru_cache(maxsize=2048)
+def translate(sql: str) -> tuple[LiteralString, tuple[int, ...] | None]:
+    """``sql`` with SQLite's marks as psycopg's, and how to order its parameters.
+
+    ``?`` becomes ``%s``; ``?NNN`` (SQLite's numbered mark, which may repeat) becomes ``%s``
+    too, and the second item lists, for each ``%s`` in order, the 0-based index of the
+    parameter it takes (None when that is simply 0, 1, 2...). A plain ``?`` after numbered
+    ones takes the number after the largest so far, as in SQLite. Every ``%`` is doubled,
+    so that a ``LIKE 'a%'`` stays what it was. Cached: the storage actor sends the same
+    few hundred texts over and over.
+    """
+    order: list[int] = []
+    highest = 0
+
+    def replace(match: re.Match[str]) -> str:
+        nonlocal highest
+        text = match.group(0)
+        if text == "%":
+            return "%%"
+        if text[0] != "?":
+            return text.replace("%", "%%")
+        number = match.group("number")
+        index = int(number) if number is not None else highest + 1
+        highest = max(highest, index)
+        order.append(index - 1)
+        return "%s"
+
+    text = _TOKENS.sub(replace, sql)
+    plain = order == list(range(len(order)))
+    # The text is the program's own SQL, only rewritten: as literal as what it came from
+    # (mypy reads LiteralString as str; psycopg's annotations ask for it).
+    return text, None if plain else tuple(order)
+
+
+def _bind(order: tuple[int, ...] | None, params: Params) -> Params:
+    return params if order is None else tuple(params[i] for i in order)
+
+
+def _execute(conn: Connection, sql: str, params: Params = ()) -> int:
+    text, order = translate(sql)
+    with conn.cursor() as cursor:
+        cursor.execute(text, _bind(order, params))
+        return cursor.rowcount
+
+
+def _fetchall(conn: Connection, sql: str, params: Params) -> list[Row]:
+    text, order = translate(sql)
+    with conn.cursor() as cursor:
+        cursor.execute(text, _bind(order, params))
+        return cursor.fetchall()
+
+
+def _rollback(conn: Connection) -> None:
+    """End a failed transaction (if the connection still lives to be told)."""
+    if not connection_lost(conn) and conn.info.transaction_status != TransactionStatus.IDLE:
+        conn.execute("ROLLBACK")
+
+
+def _transaction(conn: Connection, statements: Sequence[Statement]) -> None:
+    runs = coalesce(statements)
+    counted: list[tuple[str, int, psycopg.Cursor[tuple[Any, ...]]]] = []
+    try:
+        # One round trip: BEGIN and every run, sent together, read back at the sync.
+        with conn.pipeline():
+            conn.execute("BEGIN")
+            for sql, rows in runs:
+                text, order = translate(sql)
+                cursor = conn.cursor()
+                cursor.executemany(text, [_bind(order, row) for row in rows])
+                counted.append((sql, len(rows), cursor))
+        for sql, rows_sent, cursor in counted:
+            check_updated(sql, rows_sent, cursor.rowcount)
+    except BaseException:
+        _rollback(conn)
+        raise
+    finally:
+        for _, _, cursor in counted:
+            cursor.close()
+    _commit(conn)
+
+
+def _commit(conn: Connection) -> None:
+    try:
+        conn.execute("COMMIT")
+    except psycopg.Error as exc:
+        if connection_lost(conn):
+            # COMMIT was sent (or being sent) when the connection went: the server may
+            # have committed before it went, or not. Only a read tells which.
+            error = CommitUnknownError(
+                f"the connection was lost during COMMIT ({str(exc).strip()})",
+                fault="unavailable",
+            )
+            raise error from exc
+        _rollback(conn)
+        raise
+
+
+def _probe(conn: Connection, units: Sequence[Sequence[Statement]]) -> list[StoreError | None]:
+    results: list[StoreError | None] = []
+    conn.execute("BEGIN")
+    try:
+        for unit in units:
+            # PostgreSQL aborts the whole transaction on an error; a savepoint per unit
+            # keeps the next unit's test clean (SQLite needs it only to undo the unit).
+            conn.execute("SAVEPOINT unit")
+            try:
+                for sql, params in unit:
+                    check_updated(sql, 1, _execute(conn, sql, params))
+            except (psycopg.Error, StoreIntegrityError) as exc:
+                if isinstance(exc, psycopg.Error) and connection_lost(conn):
+                    raise
+                conn.execute("ROLLBACK TO SAVEPOINT unit")
+                results.append(exc if isinstance(exc, StoreError) else store_error(exc))
+            else:
+                results.append(None)
+            conn.execute("RELEASE SAVEPOINT unit")
+    finally:
+        _rollback(conn)
+    return results
+
+
+# -- the driver ------------------------------------------------------------------------
+
+
+class PostgresDriver(Driver):
+    """One PostgreSQL connection (the write connection), opened again after a loss.
+
+    ``url`` is a ``postgresql://`` URL (libpq's forms and parameters); ``application_name``
+    shows in ``pg_stat_activity``, so that an operator can tell a runtime's connections.
+    """
+
+    name = "postgres"
+    #: Set on every connection this driver opens (``SET SESSION CHARACTERISTICS``...).
+    _read_only = False
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        application_name: str = "hive-orchestration",
+        connect_timeout: float = CONNECT_TIMEOUT,
+        on_connect: Callable[[Connection], None] | None = None,
+    ) -> None:
+        self.url = url
+        self._application_name = application_name
+        self._connect_timeout = connect_timeout
+        self._on_connect = on_connect
+        self._conn: Connection | None = None
+        # One thread at a time on the connection; calls are already serial, this makes sure.
+        self._limiter = anyio.CapacityLimiter(1)
+        #: Connections opened so far (the first, then one per reconnection).
+        self.connects = 0
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        application_name: str = "hive-orchestration",
+        connect_timeout: float = CONNECT_TIMEOUT,
+        on_connect: Callable[[Connection], None] | None = None,
+    ) -> PostgresDriver:
+        """Connect now, so that a server out of reach fails the open, not the first write.
+
+        ``on_connect(connection)`` runs in the connection's thread on each connection
+        opened, before anything else uses it (the owner's claim: :mod:`.claim`); what it
+        raises fails the call, and the connection is closed.
+        """
+        driver = cls(
+            url,
+            application_name=application_name,
+            connect_timeout=connect_timeout,
+            on_connect=on_connect,
+        )
+        await driver.run(lambda conn: None)
+        return driver
+
+    # The connection, in the thread. --------------------------------------------------
+
+    def _connect(self) -> Connection:
+        try:
+            conn = psycopg.connect(
+                self.url,
+                autocommit=True,
+                application_name=self._application_name,
+                connect_timeout=max(1, round(self._connect_timeout)),
+                # A server (or a network) that vanished without a word is noticed in about
+                # 11 s, not TCP's two hours, so that a call fails and the next reconnects.
+                keepalives=1,
+                keepalives_idle=5,
+                keepalives_interval=2,
+                keepalives_count=3,
+            )
+        except psycopg.Error as exc:
+            raise connect_error(exc) from exc
+        try:
+            # Timestamps come back in UTC (their text is what the SQLite store stores).
+            conn.execute("SET TIME ZONE 'UTC'")
+            if self._read_only:
+                conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+            if self._on_connect is not None:
+                self._on_connect(conn)
+        except psycopg.Error as exc:
+            conn.close()
+            raise store_error(exc, lost=connection_lost(conn)) from exc
+        except BaseException:
+            conn.close()
+            raise
+        self.connects += 1
+        return conn
+
+    def _call(self, job: Callable[..., T], args: tuple[Any, ...]) -> T:
+        conn = self._conn
+        if conn is None or connection_lost(conn):
+            if conn is not None:
+                conn.close()
+            self._conn = None
+            conn = self._conn = self._connect()
+        try:
+            return job(conn, *args)
+        except psycopg.Error as exc:
+            lost = connection_lost(conn)
+            if lost:
+                self._drop(conn)
+            raise store_error(exc, lost=lost) from exc
+        except CommitUnknownError:
+            self._drop(conn)
+            raise
+
+    def _drop(self, conn: Connection) -> None:
+        conn.close()
+        if self._conn is conn:
+            self._conn = None
+
+    async def run(self, job: Callable[..., T], *args: Any) -> T:
+        """Run ``job(connection, *args)`` in the connection's thread, the connection opened
+        (again) first if it is not; psycopg errors leave as port exceptions. For this
+        store's own modules (migrations, ownership), which need more than statements."""
+        return await anyio.to_thread.run_sync(self._call, job, args, limiter=self._limiter)
+
+    # The port. ---------------------------------------------------------------------
+
+    async def execute(self, sql: str, params: Params = ()) -> None:
+        await self.run(_execute, sql, params)
+
+    async def fetchall(self, sql: str, params: Params = ()) -> list[Row]:
+        return await self.run(_fetchall, sql, params)
+
+    async def transaction(self, statements: Sequence[Statement]) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.run(_transaction, statements)
+
+    async def probe(self, units: Sequence[Sequence[Statement]]) -> list[StoreError | None]:
+        with anyio.CancelScope(shield=True):
+            results = await self.run(_probe, units)
+        return results
+
+    async def close(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._close, limiter=self._limiter)
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+class PostgresReader(PostgresDriver):
+    """A read-only connection, for the storage readers (:mod:`..readers`): every
+    transaction on it is ``READ ONLY``, so a write that got here by mistake is refused by
+    the server (``fault="read_only"``), and it never waits for the writer (MVCC)."""
+
+    name = "postgres-reader"
+    _read_only = True
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        application_name: str = "hive-orchestration:reader",
+        connect_timeout: float = CONNECT_TIMEOUT,
+        on_connect: Callable[[Connection], None] | None = None,
+    ) -> PostgresDriver:
+        return await super().open(
+            url,
+            application_name=application_name,
+            connect_timeout=connect_timeout,
+            on_connect=on_connect,
+        )
