@@ -59,7 +59,7 @@ def pg_url() -> str:
 def raw(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     """Rows read on a connection of the test's own, beside the driver's."""
     with psycopg.connect(url, autocommit=True) as conn:
-        cursor = conn.execute(sql, params)
+        cursor = conn.execute(sql, params or None)
         return cursor.fetchall() if cursor.description else []
 
 

@@ -1,0 +1,200 @@
+"""One runtime owns a PostgreSQL database at a time, as one owns a SQLite file.
+
+The SQLite store's claim is a ``flock`` on the file's lock file, which records the owner's
+pid and the address its socket serves on (:mod:`..database`). Here:
+
+- **The claim** is a session advisory lock (``pg_try_advisory_lock``) held by the
+  runtime's *write connection*: :meth:`DatabaseClaim.hold` is that driver's hook, run on
+  every connection it opens. So the claim and the writes go together: PostgreSQL drops the
+  lock the moment the session ends (the process killed, even by SIGKILL, or the
+  connection lost), and a writer that reconnects takes it again before it writes
+  anything, or is refused (``in_use``) if another runtime took the database meanwhile. A
+  second runtime on the same database is refused with :class:`StorageError`
+  ``fault="in_use"``, naming the owner's pid and host.
+- **The records** (pid, host, the socket address clients connect to) are a row of
+  ``hive_nodes``. A client given the URL reads it (:func:`read_owner`) and believes it only
+  while the lock is held (``pg_locks``): a killed owner's row names no one.
+
+Advisory locks belong to one database, so runtimes on other databases of the same server
+never meet. Single node: next, several nodes each hold a lock on their own id and share
+the work; ``hive_nodes`` is already one row per node so that they can.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import uuid
+from typing import Any
+
+import psycopg
+
+from ...errors import StorageError
+from . import display_url
+from .driver import CONNECT_TIMEOUT
+from .faults import connect_error, storage_error, store_error
+from .schema import MIGRATE_LOCK
+
+__all__ = ["OWNER_LOCK", "STARTING", "STOPPING", "DatabaseClaim", "read_owner"]
+
+#: The advisory lock the owning runtime's write connection holds. "hiveownr" in ASCII.
+OWNER_LOCK = 0x68697665_6F776E72
+# How pg_locks shows a bigint advisory key: its high and low halves.
+_LOCK_HIGH, _LOCK_LOW = OWNER_LOCK >> 32, OWNER_LOCK & 0xFFFFFFFF
+
+#: As for a SQLite file (:mod:`..database`): the address while the owner opens, and once
+#: it has stopped serving; a client waits and tries again.
+STARTING = "starting"
+STOPPING = "stopping"
+
+Connection = psycopg.Connection[tuple[Any, ...]]
+
+_NODES = (
+    "CREATE TABLE IF NOT EXISTS hive_nodes ("
+    ' id text COLLATE "C" PRIMARY KEY,'
+    " pid bigint NOT NULL,"
+    " host text NOT NULL,"
+    " address text,"
+    " started_at timestamptz NOT NULL DEFAULT now())"
+)
+
+_HELD = (
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND classid = %s AND objid = %s AND objsubid = 1)"
+)
+
+
+def _connect(url: str, application_name: str) -> Connection:
+    try:
+        return psycopg.connect(
+            url,
+            autocommit=True,
+            application_name=application_name,
+            connect_timeout=round(CONNECT_TIMEOUT),
+        )
+    except psycopg.Error as exc:
+        raise storage_error(url, connect_error(exc), action="cannot open") from exc
+
+
+def _holder(conn: Connection) -> tuple[str | None, str | None]:
+    """(pid, address) of the owner as its row says, if the lock is held (else Nones)."""
+    held = conn.execute(_HELD, (_LOCK_HIGH, _LOCK_LOW)).fetchone()
+    if held is None or not held[0]:
+        return None, None
+    table = conn.execute("SELECT to_regclass('hive_nodes') IS NOT NULL").fetchone()
+    if table is None or not table[0]:
+        return None, None
+    row = conn.execute(
+        "SELECT pid, host, address FROM hive_nodes ORDER BY started_at DESC LIMIT 1"
+    ).fetchone()
+    if row is None:
+        return None, None
+    pid, host, address = row
+    where = "" if host == socket.gethostname() else f" on {host}"
+    return f"{pid}{where}", address or None
+
+
+def read_owner(url: str) -> tuple[str | None, str | None]:
+    """The pid (with its host, if not this one) of the runtime that owns the database at
+    ``url`` and the address it serves on (each None when not recorded; the address
+    :data:`STARTING` or :data:`STOPPING` while it opens or closes). Blocking: call it from
+    a worker thread. The answer may be stale by the time it is used (the caller connects
+    and finds out), as for a SQLite file."""
+    try:
+        conn = _connect(url, "hive-orchestration:client")
+    except StorageError:
+        return None, None
+    try:
+        return _holder(conn)
+    except psycopg.Error:
+        return None, None
+    finally:
+        conn.close()
+
+
+class DatabaseClaim:
+    """The runtime's hold on a PostgreSQL database for its whole life (see the module).
+
+    Give :meth:`hold` to the write connection's driver (``on_connect``); the first
+    connection takes the claim, and each one opened after a loss takes it again.
+    """
+
+    def __init__(self, url: str, *, serving: bool = False) -> None:
+        self.url = url
+        self.display = display_url(url)
+        #: Whether the runtime will serve its socket: the record says STARTING until it
+        #: records where (else nothing, so that a client is told at once).
+        self._serving = serving
+        self.node_id = uuid.uuid4().hex
+        self._address: str = STARTING if serving else ""
+        self._held = False
+
+    def hold(self, conn: Connection) -> None:
+        """Take the claim on ``conn`` (blocking: the driver calls it in its thread, on each
+        connection it opens), and record this runtime; raises :class:`StorageError`
+        ``fault="in_use"`` if another runtime holds it."""
+        try:
+            got = conn.execute("SELECT pg_try_advisory_lock(%s)", (OWNER_LOCK,)).fetchone()
+            if got is None or not got[0]:
+                pid, _ = _holder(conn)
+                raise self._in_use(pid)
+            with conn.transaction():
+                # Made here, not by a migration: the claim comes before the schema is read.
+                # Under the migration lock, so that two runtimes never create it at once.
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
+                conn.execute(_NODES)
+                # This runtime holds the lock, so every other row is a dead owner's.
+                conn.execute("DELETE FROM hive_nodes WHERE id <> %s", (self.node_id,))
+                conn.execute(
+                    "INSERT INTO hive_nodes (id, pid, host, address) VALUES (%s, %s, %s, %s)"
+                    " ON CONFLICT (id) DO UPDATE SET address = excluded.address",
+                    (self.node_id, os.getpid(), socket.gethostname(), self._address),
+                )
+        except psycopg.Error as exc:
+            raise store_error(exc, lost=conn.closed or conn.broken) from exc
+        self._held = True
+
+    def _in_use(self, holder: str | None) -> StorageError:
+        here = ", this process" if holder == str(os.getpid()) else ""
+        return StorageError(
+            f"database {self.display!r} is already open in another runtime (pid"
+            f" {holder or 'unknown'}{here}); one runtime owns a database at a time: close it"
+            " first, or use another database",
+            path=self.display,
+            fault="in_use",
+        )
+
+    def _write(self, address: str) -> None:
+        conn = _connect(self.url, "hive-orchestration:owner")
+        try:
+            conn.execute(
+                "UPDATE hive_nodes SET address = %s WHERE id = %s", (address, self.node_id)
+            )
+        except psycopg.Error as exc:
+            raise storage_error(self.url, exc, action="cannot record the owner") from exc
+        finally:
+            conn.close()
+
+    def record_address(self, address: str) -> None:
+        """Record where the runtime serves its message API (``""``: nowhere), for the
+        clients of other processes to find (:func:`read_owner`). Blocking."""
+        self._address = address
+        if self._held:
+            self._write(address)
+
+    def clear_records(self) -> None:
+        """No address for a client to find any more: done as the claim goes (the row
+        itself is deleted by the next owner, and is believed only while the lock is
+        held). Best effort: a server out of reach has no client to mislead either."""
+        self._address = ""
+        if self._held:
+            with contextlib.suppress(StorageError):
+                self._write("")
+
+    def release(self) -> None:
+        """Forget the records; the lock itself goes with the write connection, which its
+        driver closes."""
+        self.clear_records()
+        self._held = False
