@@ -250,14 +250,18 @@ async def test_failed_migration_leaves_the_database_at_the_version_before(
 # -- one owner at a time -----------------------------------------------------------------
 
 
+def backend_pid(conn: Any) -> int:
+    return int(conn.info.backend_pid)
+
+
 @pytest.mark.anyio
 async def test_second_runtime_on_the_database_is_refused(pg_url: str) -> None:
     first = DatabaseClaim(pg_url, serving=True)
-    owner = await PostgresDriver.open(pg_url, on_connect=first.hold)
+    await anyio.to_thread.run_sync(first.acquire)
     try:
         second = DatabaseClaim(pg_url)
         with pytest.raises(StorageError) as caught:
-            await PostgresDriver.open(pg_url, on_connect=second.hold)
+            await anyio.to_thread.run_sync(second.acquire)
         assert caught.value.fault == "in_use"
         assert f"pid {os.getpid()}, this process" in str(caught.value)
         assert caught.value.path == pg_url
@@ -268,51 +272,68 @@ async def test_second_runtime_on_the_database_is_refused(pg_url: str) -> None:
             str(os.getpid()),
             "/run/hive.sock",
         )
-        first.release()
     finally:
-        await owner.close()
-    # Closed: the claim went with its connection, and nobody is found any more.
+        first.release()
+    # Released: nobody is found any more, and the next runtime takes it.
     assert await anyio.to_thread.run_sync(read_owner, pg_url) == (None, None)
-    third = await PostgresDriver.open(pg_url, on_connect=DatabaseClaim(pg_url).hold)
-    await third.close()
+    third = DatabaseClaim(pg_url)
+    await anyio.to_thread.run_sync(third.acquire)
+    third.release()
 
 
 @pytest.mark.anyio
 async def test_claim_of_a_killed_owner_is_free_and_its_record_names_no_one(pg_url: str) -> None:
     first = DatabaseClaim(pg_url, serving=True)
-    owner = await PostgresDriver.open(pg_url, on_connect=first.hold)
+    await anyio.to_thread.run_sync(first.acquire)
+    writer = await PostgresDriver.open(pg_url, on_connect=first.hold)
     await anyio.to_thread.run_sync(first.record_address, "/run/old.sock")
-    pid = owner._conn.info.backend_pid  # type: ignore[union-attr]
-    raw(pg_url, "SELECT pg_terminate_backend(%s)", (pid,))  # as if its process were killed
+    # Its sessions end, as when its process is killed or the server restarts.
+    for pid in (backend_pid(first._conn), backend_pid(writer._conn)):
+        raw(pg_url, "SELECT pg_terminate_backend(%s)", (pid,))
     assert await anyio.to_thread.run_sync(read_owner, pg_url) == (None, None)
-    second = await PostgresDriver.open(pg_url, on_connect=DatabaseClaim(pg_url).hold)
+    second = DatabaseClaim(pg_url)
+    await anyio.to_thread.run_sync(second.acquire)
     try:
         # The first one's writer finds its connection gone, reconnects on its next call,
         # and finds it lost the claim: refused rather than writing beside the new owner.
         with pytest.raises(StoreError) as lost:
-            await owner.fetchall("SELECT 1")
+            await writer.fetchall("SELECT 1")
         assert lost.value.fault == "unavailable"
-        with pytest.raises(StorageError) as caught:
-            await owner.fetchall("SELECT 1")
+        with pytest.raises(StoreError) as caught:
+            await writer.fetchall("SELECT 1")
         assert caught.value.fault == "in_use"
+        assert "already open in another runtime" in str(caught.value)
         assert raw(pg_url, "SELECT count(*) FROM hive_nodes") == [(1,)]
     finally:
-        await second.close()
-        await owner.close()
+        second.release()
+        first.release()
+        await writer.close()
 
 
 @pytest.mark.anyio
-async def test_owner_whose_connection_was_lost_takes_its_claim_back(pg_url: str) -> None:
+async def test_owner_whose_connections_were_lost_takes_its_claim_back(pg_url: str) -> None:
     claim = DatabaseClaim(pg_url)
-    owner = await PostgresDriver.open(pg_url, on_connect=claim.hold)
+    await anyio.to_thread.run_sync(claim.acquire)
+    writer = await PostgresDriver.open(pg_url, on_connect=claim.hold)
     try:
-        pid = owner._conn.info.backend_pid  # type: ignore[union-attr]
-        raw(pg_url, "SELECT pg_terminate_backend(%s)", (pid,))
+        for pid in (backend_pid(claim._conn), backend_pid(writer._conn)):
+            raw(pg_url, "SELECT pg_terminate_backend(%s)", (pid,))
         with pytest.raises(StoreError):
-            await owner.fetchall("SELECT 1")
-        assert await owner.fetchall("SELECT 1") == [(1,)]  # reconnected, claim taken again
+            await writer.fetchall("SELECT 1")
+        assert await writer.fetchall("SELECT 1") == [(1,)]  # reconnected, claim taken again
         with pytest.raises(StorageError) as caught:
-            await PostgresDriver.open(pg_url, on_connect=DatabaseClaim(pg_url).hold)
+            await anyio.to_thread.run_sync(DatabaseClaim(pg_url).acquire)
         assert caught.value.fault == "in_use"
     finally:
-        await owner.close()
+        claim.release()
+        await writer.close()
+
+
+@pytest.mark.anyio
+async def test_released_claim_lets_no_write_connection_open(pg_url: str) -> None:
+    claim = DatabaseClaim(pg_url)
+    await anyio.to_thread.run_sync(claim.acquire)
+    claim.release()
+    with pytest.raises(StoreError) as caught:
+        await PostgresDriver.open(pg_url, on_connect=claim.hold)
+    assert caught.value.fault == "in_use"

@@ -3,14 +3,15 @@
 The SQLite store's claim is a ``flock`` on the file's lock file, which records the owner's
 pid and the address its socket serves on (:mod:`..database`). Here:
 
-- **The claim** is a session advisory lock (``pg_try_advisory_lock``) held by the
-  runtime's *write connection*: :meth:`DatabaseClaim.hold` is that driver's hook, run on
-  every connection it opens. So the claim and the writes go together: PostgreSQL drops the
-  lock the moment the session ends (the process killed, even by SIGKILL, or the
-  connection lost), and a writer that reconnects takes it again before it writes
-  anything, or is refused (``in_use``) if another runtime took the database meanwhile. A
-  second runtime on the same database is refused with :class:`StorageError`
-  ``fault="in_use"``, naming the owner's pid and host.
+- **The claim** is a session advisory lock (``pg_try_advisory_lock``) held by a
+  connection of its own for the runtime's whole life (across restarts of the storage
+  actor, as a flock is). PostgreSQL drops it the moment that session ends: the process
+  killed (even by SIGKILL), the server restarted. A second runtime on the same database
+  is refused with :class:`StorageError` ``fault="in_use"``, naming the owner's pid and
+  host. The write connection's driver checks the claim each time it connects
+  (:meth:`DatabaseClaim.hold`), and takes it again if it was lost with the server, or is
+  refused if another runtime took the database meanwhile: a runtime never writes to a
+  database it no longer owns after a reconnection.
 - **The records** (pid, host, the socket address clients connect to) are a row of
   ``hive_nodes``. A client given the URL reads it (:func:`read_owner`) and believes it only
   while the lock is held (``pg_locks``): a killed owner's row names no one.
@@ -25,15 +26,17 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 import uuid
 from typing import Any
 
 import psycopg
 
 from ...errors import StorageError
+from ..port import StoreError
 from . import display_url
 from .driver import CONNECT_TIMEOUT
-from .faults import connect_error, storage_error, store_error
+from .faults import connect_error, connection_lost, storage_error
 from .schema import MIGRATE_LOCK
 
 __all__ = ["OWNER_LOCK", "STARTING", "STOPPING", "DatabaseClaim", "read_owner"]
@@ -62,7 +65,7 @@ _NODES = (
 _HELD = (
     "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
     " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-    " AND classid = %s AND objid = %s AND objsubid = 1)"
+    " AND classid = %s AND objid = %s AND objsubid = 1"
 )
 
 
@@ -80,7 +83,7 @@ def _connect(url: str, application_name: str) -> Connection:
 
 def _holder(conn: Connection) -> tuple[str | None, str | None]:
     """(pid, address) of the owner as its row says, if the lock is held (else Nones)."""
-    held = conn.execute(_HELD, (_LOCK_HIGH, _LOCK_LOW)).fetchone()
+    held = conn.execute(_HELD + ")", (_LOCK_HIGH, _LOCK_LOW)).fetchone()
     if held is None or not held[0]:
         return None, None
     table = conn.execute("SELECT to_regclass('hive_nodes') IS NOT NULL").fetchone()
@@ -115,10 +118,16 @@ def read_owner(url: str) -> tuple[str | None, str | None]:
 
 
 class DatabaseClaim:
-    """The runtime's hold on a PostgreSQL database for its whole life (see the module).
+    """The runtime's hold on a PostgreSQL database for its whole life, across restarts of
+    the storage actor (see the module).
 
-    Give :meth:`hold` to the write connection's driver (``on_connect``); the first
-    connection takes the claim, and each one opened after a loss takes it again.
+    :meth:`acquire` opens the claim's own connection and takes the lock there; it is held
+    until :meth:`release` (or the process's end). Give :meth:`hold` to the write
+    connection's driver (``on_connect``): each write connection opened checks that the
+    claim is still held, and takes it again if its connection was lost (a server
+    restart), or refuses (``in_use``) if another runtime took the database meanwhile.
+    Its methods are called from worker threads and the driver's thread: a lock keeps
+    them one at a time.
     """
 
     def __init__(self, url: str, *, serving: bool = False) -> None:
@@ -126,15 +135,44 @@ class DatabaseClaim:
         self.display = display_url(url)
         #: Whether the runtime will serve its socket: the record says STARTING until it
         #: records where (else nothing, so that a client is told at once).
-        self._serving = serving
         self.node_id = uuid.uuid4().hex
         self._address: str = STARTING if serving else ""
-        self._held = False
+        self._conn: Connection | None = None
+        self._backend_pid = 0
+        self._released = False
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        """Take the claim (blocking: call it from a worker thread). Raises
+        :class:`StorageError`: ``fault="in_use"`` naming the owner if another runtime holds
+        it, or the server's fault if it cannot be reached or refuses the URL."""
+        with self._lock:
+            self._released = False
+            self._take()
 
     def hold(self, conn: Connection) -> None:
-        """Take the claim on ``conn`` (blocking: the driver calls it in its thread, on each
-        connection it opens), and record this runtime; raises :class:`StorageError`
-        ``fault="in_use"`` if another runtime holds it."""
+        """The write connection's ``on_connect``: the claim must be held before it writes."""
+        with self._lock:
+            if self._released:
+                raise StoreError(
+                    f"database {self.display!r} is no longer claimed by this runtime (it is"
+                    " closing); nothing more is written",
+                    fault="in_use",
+                )
+            # Asked of the server, on the new connection: the claim's own connection may be
+            # gone without its client knowing yet (it has not used it since).
+            if connection_lost(self._conn) or not self._held_by(conn, self._backend_pid):
+                try:
+                    self._take()
+                except StorageError as exc:
+                    # The driver's caller (the storage actor) hears the port's error.
+                    raise StoreError(str(exc), fault=exc.fault) from exc
+
+    def _take(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        conn = _connect(self.url, "hive-orchestration:owner")
         try:
             got = conn.execute("SELECT pg_try_advisory_lock(%s)", (OWNER_LOCK,)).fetchone()
             if got is None or not got[0]:
@@ -153,8 +191,19 @@ class DatabaseClaim:
                     (self.node_id, os.getpid(), socket.gethostname(), self._address),
                 )
         except psycopg.Error as exc:
-            raise store_error(exc, lost=conn.closed or conn.broken) from exc
-        self._held = True
+            conn.close()
+            raise storage_error(self.url, exc, action="cannot open") from exc
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        self._backend_pid = conn.info.backend_pid
+
+    @staticmethod
+    def _held_by(conn: Connection, backend: int) -> bool:
+        """Whether the server session ``backend`` holds the claim (asked on ``conn``)."""
+        row = conn.execute(_HELD + " AND pid = %s)", (_LOCK_HIGH, _LOCK_LOW, backend)).fetchone()
+        return row is not None and bool(row[0])
 
     def _in_use(self, holder: str | None) -> StorageError:
         here = ", this process" if holder == str(os.getpid()) else ""
@@ -167,34 +216,39 @@ class DatabaseClaim:
         )
 
     def _write(self, address: str) -> None:
-        conn = _connect(self.url, "hive-orchestration:owner")
+        conn = self._conn
+        if connection_lost(conn):
+            return  # the next write connection takes the claim again, with this address
+        assert conn is not None
         try:
             conn.execute(
                 "UPDATE hive_nodes SET address = %s WHERE id = %s", (address, self.node_id)
             )
         except psycopg.Error as exc:
             raise storage_error(self.url, exc, action="cannot record the owner") from exc
-        finally:
-            conn.close()
 
     def record_address(self, address: str) -> None:
         """Record where the runtime serves its message API (``""``: nowhere), for the
         clients of other processes to find (:func:`read_owner`). Blocking."""
-        self._address = address
-        if self._held:
+        with self._lock:
+            self._address = address
             self._write(address)
 
     def clear_records(self) -> None:
-        """No address for a client to find any more: done as the claim goes (the row
-        itself is deleted by the next owner, and is believed only while the lock is
-        held). Best effort: a server out of reach has no client to mislead either."""
-        self._address = ""
-        if self._held:
+        """No address for a client to find any more, while the claim is still held. Best
+        effort: a server out of reach has no client to mislead either."""
+        with self._lock:
+            self._address = ""
             with contextlib.suppress(StorageError):
                 self._write("")
 
     def release(self) -> None:
-        """Forget the records; the lock itself goes with the write connection, which its
-        driver closes."""
-        self.clear_records()
-        self._held = False
+        """Let the claim go (idempotent): the row goes, and the lock with its connection."""
+        with self._lock:
+            self._released = True
+            conn, self._conn = self._conn, None
+            if conn is None:
+                return
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("DELETE FROM hive_nodes WHERE id = %s", (self.node_id,))
+            conn.close()

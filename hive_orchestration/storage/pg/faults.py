@@ -139,6 +139,10 @@ def storage_error(url: str, exc: BaseException, *, action: str) -> StorageError:
     else:
         fault = None
     said = str(cause).strip() or type(cause).__name__
+    if fault == "in_use":  # the claim's own words, which name the database and the owner
+        error = StorageError(f"{action}: {said}", path=shown, fault=fault)
+        error.__cause__ = cause
+        return error
     server = _server(url)
     check = f" (`pg_isready {server}`)" if server else ""
     match fault:
@@ -183,8 +187,6 @@ def storage_error(url: str, exc: BaseException, *, action: str) -> StorageError:
                 f"could not take a lock in time, or chose this write as a deadlock's victim"
                 f" ({said}); nothing of it was applied: retry"
             )
-        case "in_use":
-            detail = f"is in use by another runtime ({said})"
         case _:
             detail = f"refused it: {said}"
     error = StorageError(f"{action}: database {shown!r} {detail}", path=shown, fault=fault)
