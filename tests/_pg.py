@@ -1,0 +1,251 @@
+"""A throwaway PostgreSQL cluster for the test session, and a fresh database per test.
+
+Where the server comes from:
+
+- ``HIVE_TEST_PG`` (a server URL, e.g. ``postgresql://postgres@127.0.0.1:5433/hive``): used
+  as is; ``.ci/run`` starts one cluster for both pytest runs and exports it.
+- otherwise a cluster is made on first use: ``initdb`` in a temporary folder from the newest
+  ``/usr/lib/postgresql/*/bin``, started on a free loopback port with its unix socket inside
+  that folder. initdb and postgres refuse to run as root, so as root both run as the
+  ``postgres`` user through ``runuser -u postgres --``.
+
+One cluster serves the whole session, pytest-xdist workers included: the controller process
+only makes an empty shared folder (:func:`configure_session`, no cluster yet, so a run that
+needs no PostgreSQL pays nothing); the first worker that needs a database starts the cluster
+under a lock in that folder and the others reuse it; the controller stops and removes it at
+the end (:func:`finish_session`). Measured at load ~1.5: one shared cluster costs one
+initdb + start (~1.5 s) against four of them in parallel with ``-n 4`` (~4 s of CPU on a
+2-core machine, and four times the memory) for no gain: creating a database is per test.
+
+:func:`new_database` creates a uniquely named database per call and never drops it: ``DROP
+DATABASE`` checkpoints and costs seconds (pg-design section 1), while ``CREATE DATABASE``
+from the template costs ~40 ms; the whole cluster is thrown away at the end instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import itertools
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+__all__ = [
+    "SHARED_ENV",
+    "URL_ENV",
+    "configure_session",
+    "finish_session",
+    "new_database",
+    "server_url",
+    "unavailable_reason",
+]
+
+#: A PostgreSQL server to use instead of starting one (``.ci/run`` sets it).
+URL_ENV = "HIVE_TEST_PG"
+#: The folder the controller shares with its xdist workers (inherited through the
+#: environment: workers are spawned after ``pytest_configure``).
+SHARED_ENV = "_HIVE_TEST_PG_SHARED"
+
+_USER = "postgres"
+
+
+def _pg_bin() -> Path | None:
+    """The newest installed PostgreSQL's bin folder (Debian's layout), if any."""
+    found = [Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin") if Path(p, "initdb").exists()]
+    if not found:
+        return None
+
+    def version(p: Path) -> tuple[int, ...]:
+        try:
+            return tuple(int(x) for x in p.parent.name.split("."))
+        except ValueError:
+            return (0,)
+
+    return max(found, key=version)
+
+
+def unavailable_reason() -> str | None:
+    """Why tests needing PostgreSQL cannot run here, or None when they can."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return "psycopg is not installed (pip install -e '.[postgres]')"
+    if os.environ.get(URL_ENV):
+        return None
+    if _pg_bin() is None:
+        return f"no PostgreSQL under /usr/lib/postgresql/*/bin and {URL_ENV} is unset"
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam(_USER)
+        except KeyError:
+            return f"running as root and there is no {_USER!r} user to run initdb as"
+        if shutil.which("runuser") is None:
+            return "running as root and runuser is missing"
+    return None
+
+
+# --- the cluster ------------------------------------------------------------------------
+
+
+def _as_pg() -> list[str]:
+    return ["runuser", "-u", _USER, "--"] if os.geteuid() == 0 else []
+
+
+def _pg_user() -> str:
+    return _USER if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run(argv: list[str], log: Path) -> None:
+    with log.open("ab") as out:
+        done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        tail = log.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}; its log ends:\n{tail}")
+
+
+def _start_cluster() -> dict[str, Any]:
+    """initdb + start; returns what :func:`_stop_cluster` needs and the server URL."""
+    pg_bin = _pg_bin()
+    if pg_bin is None:
+        raise RuntimeError(unavailable_reason() or "PostgreSQL is not installed")
+    folder = Path(tempfile.mkdtemp(prefix="hive-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(folder, _USER, _USER)
+    data, log, user = folder / "data", folder / "server.log", _pg_user()
+    # --no-sync skips only initdb's own fsync of the new files: the server itself runs with
+    # fsync and synchronous_commit on, so durability tests mean what they say.
+    initdb = [str(pg_bin / "initdb"), "-D", str(data), "-U", user, "-A", "trust", "-E", "UTF8"]
+    _run([*_as_pg(), *initdb, "--no-locale", "--no-sync"], folder / "initdb.log")
+    # The port is picked free just before the start; another process may take it in
+    # between, so a failed start is retried on a new port a few times.
+    for attempt in range(3):
+        port = _free_port()
+        options = (
+            f"-c listen_addresses=127.0.0.1 -p {port} -k {folder} "
+            # Several runtimes at once (writer + readers + listener each) per xdist worker.
+            "-c max_connections=300"
+        )
+        try:
+            pg_ctl = [str(pg_bin / "pg_ctl"), "-D", str(data), "-l", str(log), "-w"]
+            _run([*_as_pg(), *pg_ctl, "-o", options, "start"], folder / "pg_ctl.log")
+            break
+        except RuntimeError:
+            if attempt == 2:
+                _stop_cluster({"bin": str(pg_bin), "folder": str(folder)})
+                raise
+    return {
+        "bin": str(pg_bin),
+        "folder": str(folder),
+        "url": f"postgresql://{user}@127.0.0.1:{port}/postgres",
+    }
+
+
+def _stop_cluster(cluster: dict[str, Any]) -> None:
+    folder = Path(cluster["folder"])
+    if (folder / "data" / "postmaster.pid").exists():
+        # immediate: nothing in a throwaway cluster needs a shutdown checkpoint.
+        pg_ctl = [str(Path(cluster["bin"]) / "pg_ctl"), "-D", str(folder / "data")]
+        subprocess.run(
+            [*_as_pg(), *pg_ctl, "-m", "immediate", "-w", "stop"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- the session: one cluster shared by the controller's workers -------------------------
+
+
+def configure_session() -> None:
+    """In the controller (or a run without xdist): make the shared folder, no cluster yet."""
+    if os.environ.get(URL_ENV) or os.environ.get(SHARED_ENV):
+        return
+    os.environ[SHARED_ENV] = tempfile.mkdtemp(prefix="hive-pg-session-")
+
+
+def finish_session() -> None:
+    """In the controller: stop the cluster a worker may have started, remove the folder."""
+    shared = os.environ.pop(SHARED_ENV, None)
+    if shared is None:
+        return
+    record = Path(shared, "cluster.json")
+    if record.exists():
+        _stop_cluster(json.loads(record.read_text()))
+    shutil.rmtree(shared, ignore_errors=True)
+
+
+_lock = threading.Lock()
+_server: str | None = None
+
+
+def server_url() -> str:
+    """The session's server (``HIVE_TEST_PG``, or the shared cluster, started if need be)."""
+    global _server
+    with _lock:
+        if _server is None:
+            _server = os.environ.get(URL_ENV) or _shared_cluster_url()
+        return _server
+
+
+def _shared_cluster_url() -> str:
+    shared = os.environ.get(SHARED_ENV)
+    if shared is None:
+        # Imported outside a pytest session (a script): own cluster, stopped at exit.
+        import atexit
+
+        cluster = _start_cluster()
+        atexit.register(_stop_cluster, cluster)
+        return str(cluster["url"])
+    with open(Path(shared, "lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        record = Path(shared, "cluster.json")
+        if not record.exists():
+            cluster = _start_cluster()
+            record.write_text(json.dumps(cluster))
+        return str(json.loads(record.read_text())["url"])
+
+
+# --- databases ----------------------------------------------------------------------------
+
+_admin: Any = None
+_names = itertools.count(1)
+
+
+def with_database(url: str, name: str) -> str:
+    """``url`` naming database ``name`` instead (user, host, port and options kept)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+def new_database() -> str:
+    """Create a fresh, empty, uniquely named database and return its URL (never dropped)."""
+    import psycopg
+
+    global _admin
+    server = server_url()
+    # Unique across processes and across runs on one HIVE_TEST_PG server.
+    name = f"hive_t_{uuid.uuid4().hex[:12]}_{next(_names)}"
+    with _lock:
+        if _admin is None or _admin.closed:
+            _admin = psycopg.connect(server, autocommit=True)
+        with contextlib.closing(_admin.cursor()) as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+    return with_database(server, name)
