@@ -7,8 +7,6 @@ next call."""
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -35,25 +33,6 @@ from hive_orchestration.storage.port import (  # noqa: E402
 INSERT = "INSERT INTO workers (id, role) VALUES (?, ?)"
 SET_ROLE = "UPDATE workers SET role = ? WHERE id = ?"
 TABLE = 'CREATE TABLE workers (id text COLLATE "C" PRIMARY KEY, role text NOT NULL)'
-
-
-# -- a database per test (until tests/_pg.py's fixture is on main) -------------------------
-
-
-def _server_url() -> str | None:
-    return os.environ.get("HIVE_TEST_PG") or os.environ.get("HIVE_PG_URL")
-
-
-@pytest.fixture
-def pg_url() -> str:
-    """A fresh, empty database on the test cluster (``HIVE_TEST_PG``)."""
-    server = _server_url()
-    if server is None:
-        pytest.skip("no PostgreSQL cluster: set HIVE_TEST_PG (see docs/POSTGRES.md)")
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(server, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    return f"{server.rsplit('/', 1)[0]}/{name}"
 
 
 def raw(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

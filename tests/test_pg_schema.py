@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import uuid
 from typing import Any
 
+import _pg
 import anyio
 import pytest
 
@@ -30,28 +30,6 @@ from hive_orchestration.storage.pg.claim import (  # noqa: E402
 )
 from hive_orchestration.storage.pg.driver import PostgresDriver  # noqa: E402
 from hive_orchestration.storage.port import StoreError  # noqa: E402
-
-# -- a database per test (until tests/_pg.py's fixture is on main) -------------------------
-
-
-def _server_url() -> str | None:
-    return os.environ.get("HIVE_TEST_PG") or os.environ.get("HIVE_PG_URL")
-
-
-def new_database() -> str:
-    server = _server_url()
-    if server is None:
-        pytest.skip("no PostgreSQL cluster: set HIVE_TEST_PG (see docs/POSTGRES.md)")
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(server, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    return f"{server.rsplit('/', 1)[0]}/{name}"
-
-
-@pytest.fixture
-def pg_url() -> str:
-    """A fresh, empty database on the test cluster (``HIVE_TEST_PG``)."""
-    return new_database()
 
 
 def raw(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -149,10 +127,10 @@ async def test_each_version_has_the_same_tables_columns_and_indexes_as_on_sqlite
 
 
 @pytest.mark.anyio
-async def test_a_database_at_any_version_migrates_to_the_latest(anyio_backend: str) -> None:
+async def test_a_database_at_any_version_migrates_to_the_latest(pg_url: str) -> None:
     latest = sqlite_shape(pg_schema.SCHEMA_VERSION)
     for version in range(pg_schema.SCHEMA_VERSION + 1):
-        url = new_database()
+        url = pg_url if version == 0 else _pg.new_database()
         db = await PostgresDriver.open(url)
         try:
             await pg_schema.migrate(db, target=version)
