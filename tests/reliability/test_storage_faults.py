@@ -1,6 +1,6 @@
 """Storage faults: a read-only, damaged, full or locked database, on real SQLite files.
 
-The behaviour chosen for each (README, "Storage faults and processes"); every refusal is a
+The behaviour chosen for each (docs/delivery.md); every refusal is a
 :class:`StorageError` whose message names the file, the cause and what to do, with
 ``fault`` saying which, and nothing half-written is ever visible:
 
