@@ -56,8 +56,7 @@ from ..messages.events import Event
 from ..messages.plans import PlanStatus
 from ..messages.tasks import TaskStatus
 from ..messages.workers import WorkerStatus
-from ..storage.database import read_schema_version
-from ..storage.schema import SCHEMA_VERSION
+from ..storage import SCHEMA_VERSION, open_store
 from .demo import run_demo
 from .reader import OwnerReader, Reader, answer, owner_reader
 from .report import OwnerView, plan_report, plan_summaries, status_report, task_report
@@ -778,7 +777,7 @@ async def _follow(args: argparse.Namespace) -> None:
 
 
 async def _db_current(args: argparse.Namespace) -> None:
-    version = await anyio.to_thread.run_sync(read_schema_version, args.db)
+    version = await anyio.to_thread.run_sync(open_store(args.db).read_schema_version)
     if version == SCHEMA_VERSION:
         state, advice = "current", "up to date"
     elif version < SCHEMA_VERSION:
@@ -805,7 +804,7 @@ async def _db_current(args: argparse.Namespace) -> None:
 async def _db_upgrade(args: argparse.Namespace) -> None:
     before: int | None
     try:
-        before = await anyio.to_thread.run_sync(read_schema_version, args.db)
+        before = await anyio.to_thread.run_sync(open_store(args.db).read_schema_version)
     except StorageError as exc:
         if exc.fault != "needs_recovery":
             raise
@@ -821,7 +820,7 @@ async def _db_upgrade(args: argparse.Namespace) -> None:
         # which the app's next start would do anyway.
         async with Runtime.open(args.db):
             pass
-    after = await anyio.to_thread.run_sync(read_schema_version, args.db)
+    after = await anyio.to_thread.run_sync(open_store(args.db).read_schema_version)
     if args.json:
         _print_json(
             {
