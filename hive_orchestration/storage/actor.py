@@ -89,6 +89,7 @@ from .port import (
     QUEUE_READS,
     RETENTION_READS,
     TASK_READS,
+    CommitUnknownError,
     Driver,
     Statement,
     Store,
@@ -293,6 +294,14 @@ class StorageActor(Actor[StorageMessage]):
             began = time.perf_counter()
             try:
                 await db.transaction([statement for unit in units for statement in unit])
+            except CommitUnknownError:
+                # The connection went while COMMIT was on its way: the batch may be in
+                # the database or not, so it must not be told "nothing was applied", and
+                # the seqs it took may be taken. Crash: every writer of the batch hears
+                # that the outcome is unknown (ActorFailedError, not StorageError), and
+                # the restarted actor reads the log's last seq from the database.
+                self._trimmed = trimmed
+                raise
             except StoreIntegrityError as exc:
                 self._trimmed = trimmed
                 if not isolate or len(writes) == 1:
