@@ -236,19 +236,25 @@ class StoreClaim(Protocol):
     records where the runtime serves its socket for clients (:meth:`Store.read_owner`)."""
 
     def acquire(self) -> None:
-        """Take the claim; blocking (call it from a worker thread). Raises
-        :class:`~hive_orchestration.StorageError` with ``fault="in_use"`` if another
-        runtime holds it (naming it), or another ``StorageError`` if it cannot be taken."""
+        """Take the claim; blocking (``Runtime.open`` calls it in a worker thread).
+
+        Raises :class:`~hive_orchestration.StorageError` with ``fault="in_use"`` and
+        ``path`` set if another runtime holds it (naming it: clients then look for its
+        socket with :meth:`Store.read_owner`), or another ``StorageError`` if it cannot
+        be taken. Records the owner (``STARTING`` as the address when serving)."""
 
     def release(self) -> None:
-        """Let it go (clears the records first); idempotent; blocking but quick."""
+        """Let it go (clearing the records first); idempotent. Called on the event loop
+        as the runtime closes (also after a failed open): it must not wait on anything
+        that can hang (SQLite: closes a descriptor)."""
 
     def clear_records(self) -> None:
         """Forget the recorded owner and address while still holding the claim."""
 
     def record_address(self, address: str) -> None:
         """Record where the runtime serves (``""``: nowhere; :data:`STARTING` /
-        :data:`STOPPING`); blocking."""
+        :data:`STOPPING`). Called in a worker thread, and on the event loop for ``""``
+        and ``STOPPING`` as serving ends: quick, never hanging."""
 
 
 class StoreSql(Protocol):
@@ -327,8 +333,22 @@ class Store(Protocol):
       for clients and the CLI.
     - Drivers (:class:`Driver`) raise only :class:`StoreError` (and subclasses) for the
       database's failures: :class:`StoreIntegrityError` for a constraint or
-      :func:`check_updated`, :class:`CommitUnknownError` when COMMIT's outcome is unknown;
-      ``probe`` answers ``list[StoreError | None]``.
+      :func:`check_updated`, :class:`CommitUnknownError` when COMMIT's outcome is unknown
+      (the storage actor then crashes on purpose: its writers hear the outcome is
+      unknown, and the restarted actor re-reads ``last_seq``); ``probe`` answers
+      ``list[StoreError | None]``, one verdict per unit.
+    - Shared SQL reaches the store's drivers too, in ``?`` marks (a driver of another
+      paramstyle translates them): the write statements of ``rows.py``, ``plans.py``,
+      ``control.py``, ``schedules.py`` and ``retention.py`` (upserts spelled ``INSERT ...
+      ON CONFLICT (...) DO UPDATE SET x = excluded.x``; an UPDATE a writer expects to find
+      its row begins with ``UPDATE``: :func:`check_updated`), and the reads of
+      ``control.py`` (CONTROL_QUERIES), ``schedules.py`` (LoadSchedules) and
+      ``retention.trimmed_through`` (the ``event_log`` row). Values are bound as the
+      SQLite store keeps them: timestamps as ISO-8601 UTC text, JSON as text, lease
+      hashes as bytes; ``rows.parse_time`` also takes a ``datetime``.
+    - The actor groups a batch's writes into one :meth:`Driver.transaction`: row
+      statements first, then each event's :meth:`StoreSql.event_statement` with the seq
+      it assigned (``last_seq + 1`` onwards, in memory: one writer per database).
     """
 
     @property

@@ -214,7 +214,13 @@ def run_state_statement(run: Run) -> Statement:
 
 
 def parse_time(value: object) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(str(value))
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        # A store whose driver answers timestamps as datetimes (PostgreSQL's timestamptz):
+        # in UTC, as the ISO text SQLite keeps.
+        return value if value.tzinfo is None else value.astimezone(UTC)
+    return datetime.fromisoformat(str(value))
 
 
 def parse_json(value: object) -> JsonObject | None:
