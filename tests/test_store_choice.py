@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from hive_orchestration import ConfigError, OrchestrationClient, Runtime
+from hive_orchestration.cli.main import main
 from hive_orchestration.config import resolve_db_path
 from hive_orchestration.inspector import Inspector
 from hive_orchestration.storage import open_store
@@ -52,6 +53,24 @@ async def test_a_url_without_postgres_support_is_refused_saying_what_to_install(
         async with Inspector.open(url):
             pass
     # Nothing was created where a file path would have been made of the URL.
+    assert _entries(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "command", [["db", "current"], ["db", "upgrade"], ["tasks"], ["status"], ["serve"]]
+)
+@pytest.mark.usefixtures("no_postgres")
+def test_the_command_line_refuses_a_url_without_postgres_support(
+    command: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, "--db", URLS[0]]) == 2
+    _, err = capsys.readouterr()
+    assert "hive-orchestration[postgres]" in err
+    assert err.startswith("error: ")
     assert _entries(tmp_path) == []
 
 

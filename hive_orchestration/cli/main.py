@@ -478,14 +478,19 @@ def _url(args: argparse.Namespace) -> str | None:
 
 
 def _database(given: str | None) -> str:
-    """The database a command uses, as an absolute path: ``--db``, else
-    ``$HIVE_ORCHESTRATION_DB_PATH``, else the default (as ``Runtime.open`` chooses), so
-    that what the command names is the very file an app of this environment opens."""
+    """The database a command uses, as an absolute path (a server's URL as it is given):
+    ``--db``, else ``$HIVE_ORCHESTRATION_DB_PATH``, else the default (as ``Runtime.open``
+    chooses), so that what the command names is the very file an app of this environment
+    opens."""
     chosen, _ = choose_db_path(given)
     text = os.fspath(chosen)
     if not text.strip():
         raise InvalidInputError("--db", "must be a non-empty path")
-    return text if text == ":memory:" else str(Path(text).absolute())
+    # Refused here (a ConfigError) if it names a store this installation does not have.
+    store = open_store(text, field="--db")
+    if text == ":memory:" or store.kind != "sqlite":
+        return text  # a server's URL is no file to anchor to the working directory
+    return str(Path(text).absolute())
 
 
 def _rich_available() -> bool:
