@@ -43,6 +43,7 @@ import msgspec
 from ..config import RuntimeConfig
 from ..errors import EventsTrimmedError, HiveError, RuntimeStoppedError, StorageError
 from ..messages.events import BroadcastMessage, Event, Publish
+from ..messages.plan_data import LoadDependencyResults
 from ..messages.plans import PlanningRequest, SubtaskState
 from ..messages.storage import (
     COMMIT_BATCH_BOUNDS,
@@ -82,6 +83,7 @@ from ..messages.workers import Worker
 from ..runtime import Actor, ActorRef, Envelope
 from . import plans
 from .control import CONTROL_QUERIES, frees_key, query_control, revoked_statement
+from .plan_data import load_dependency_results
 from .port import (
     PLAN_READS,
     QUEUE_READS,
@@ -253,6 +255,8 @@ class StorageActor(Actor[StorageMessage]):
                 return await self._sql.query_retention(db, message)
             case LoadSchedules():
                 return await load_schedules(db)
+            case LoadDependencyResults():
+                return await load_dependency_results(db, message)
             case _ if isinstance(message, PLAN_READS):
                 return await self._sql.query_plans(db, message)
             case _ if isinstance(message, QUEUE_READS):

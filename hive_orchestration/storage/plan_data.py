@@ -5,9 +5,6 @@ Bounded both ways: at most ``limit`` dependencies a page (a subtask may have tho
 and a page stops before the results it holds pass ``max_bytes`` (each result may be as
 large as ``max_payload_bytes``), though it always holds one. The sizes are read first
 (``length`` of the stored JSON), so a result left for the next page is not even loaded.
-
-Every store runs it (its SQL is portable), each giving its own spelling of a text's
-length in bytes (``result_bytes``): it is part of each store's plan reads.
 """
 
 from __future__ import annotations
@@ -29,11 +26,7 @@ def _marks(values: tuple[str, ...] | list[str]) -> str:
     return ", ".join("?" * len(values))
 
 
-async def load_dependency_results(
-    db: Driver, ask: LoadDependencyResults, *, result_bytes: str
-) -> DependencyResults:
-    """``ask``'s page; ``result_bytes`` is the store's SQL for the length in bytes of the
-    text column ``t.result`` (SQLite: ``length(CAST(t.result AS BLOB))``)."""
+async def load_dependency_results(db: Driver, ask: LoadDependencyResults) -> DependencyResults:
     rows = await db.fetchall("SELECT plan_id, subtask_id FROM tasks WHERE id = ?", (ask.task_id,))
     if not rows:
         raise NotFoundError("task", ask.task_id)
@@ -67,7 +60,7 @@ async def load_dependency_results(
     if window:
         rows = await db.fetchall(
             "SELECT pe.subtask_id, pe.status, pe.task_id, COALESCE(pe.error, t.error),"
-            f" {result_bytes}"
+            " length(CAST(t.result AS BLOB))"
             " FROM plan_execution pe LEFT JOIN tasks t ON t.id = pe.task_id"
             f" WHERE pe.plan_id = ? AND pe.subtask_id IN ({_marks(window)})",
             (plan_id, *window),

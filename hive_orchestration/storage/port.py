@@ -63,6 +63,7 @@ __all__ = [
     "QUEUE_READS",
     "RETENTION_READS",
     "STARTING",
+    "SHARED_READS",
     "STOPPING",
     "TASK_READS",
     "CommitUnknownError",
@@ -220,14 +221,14 @@ PLAN_READS = (
     CheckDependencies,
     NextPlannedTask,
     CountSubtasks,
-    LoadDependencyResults,  # plan_data.load_dependency_results, given the store's byte length
 )
 #: The retention reads (what a purge may take, how far a trim goes, when one is due).
 RETENTION_READS = (FindPurgeable, PlanEventTrim, RetentionDue)
-# Answered by shared code on any store, with portable SQL in ``?`` marks (which a driver
-# of another paramstyle translates): the control reads (control.py, CONTROL_QUERIES) and
-# LoadSchedules (schedules.py); so is every write statement (rows.py, plans.py,
-# control.py, schedules.py, retention.py) but the event's (StoreSql.event_statement).
+#: Answered by shared code on any store, with portable SQL in ``?`` marks (which a driver
+#: of another paramstyle translates): LoadDependencyResults (plan_data.py), the control
+#: reads (control.py), LoadSchedules (schedules.py); so is every write statement (rows.py,
+#: plans.py, control.py, schedules.py, retention.py) but the event's (StoreSql).
+SHARED_READS = (LoadDependencyResults,)
 
 
 class StoreClaim(Protocol):

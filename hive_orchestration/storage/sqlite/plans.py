@@ -12,7 +12,6 @@ from typing import cast
 import msgspec
 
 from ...errors import HiveError
-from ...messages.plan_data import LoadDependencyResults
 from ...messages.storage import (
     CheckDependencies,
     CountSubtasks,
@@ -27,7 +26,6 @@ from ...messages.storage import (
     QueryPlans,
     StorageMessage,
 )
-from ..plan_data import load_dependency_results
 from ..plans import (
     PLAN_COLUMNS,
     REQUEST_COLUMNS,
@@ -45,8 +43,6 @@ __all__ = ["check_dependencies", "count_subtasks", "next_planned_task", "query_p
 log = logging.getLogger("hive_orchestration.storage")
 
 _encode = msgspec.json.Encoder().encode
-#: A task result's size in bytes (its JSON text's UTF-8), read before the result itself.
-_RESULT_BYTES = "length(CAST(t.result AS BLOB))"
 
 # Readiness of many tasks in one statement: each task's subtask row, its dependencies
 # (json_each), and the status of each dependency: its row's, or its task's (which the row
@@ -153,8 +149,6 @@ async def query_plans(db: Driver, message: StorageMessage) -> object:
             return await next_planned_task(db, plan_id)
         case CountSubtasks(plan_id=plan_id):
             return await count_subtasks(db, plan_id)
-        case LoadDependencyResults():
-            return await load_dependency_results(db, message, result_bytes=_RESULT_BYTES)
     raise HiveError(f"the storage actor does not handle {type(message).__name__}")
 
 
