@@ -343,8 +343,10 @@ class Store(Protocol):
       ``control.py``, ``schedules.py`` and ``retention.py`` (upserts spelled ``INSERT ...
       ON CONFLICT (...) DO UPDATE SET x = excluded.x``; an UPDATE a writer expects to find
       its row begins with ``UPDATE``: :func:`check_updated`), and the reads of
-      ``control.py`` (CONTROL_QUERIES), ``schedules.py`` (LoadSchedules) and
-      ``retention.trimmed_through`` (the ``event_log`` row). Values are bound as the
+      ``control.py`` (CONTROL_QUERIES), ``schedules.py`` (LoadSchedules),
+      ``plan_data.py`` (:data:`SHARED_READS`: it spells a text's length in bytes
+      SQLite's way, ``length(CAST(x AS BLOB))``) and ``retention.trimmed_through`` (the
+      ``event_log`` row). Values are bound as the
       SQLite store keeps them: timestamps as ISO-8601 UTC text, JSON as text, lease
       hashes as bytes; ``rows.parse_time`` also takes a ``datetime``.
     - The actor groups a batch's writes into one :meth:`Driver.transaction`: row
