@@ -77,7 +77,7 @@ from .messages.schedules import CatchUp, Schedule
 from .messages.tasks import Claim, Lease, RevokedTaskType, Run, RunStatus, Task, TaskStatus
 from .messages.workers import Worker, WorkerStatus
 from .remote.status import ConnectionStatus, ServerStatus
-from .storage.schema import SCHEMA_VERSION
+from .storage import SCHEMA_VERSION
 from .sync import SyncOrchestrationClient
 from .wire import call_json
 
