@@ -52,7 +52,7 @@ import anyio
 
 from hive_orchestration import Runtime, RuntimeConfig
 from hive_orchestration._ids import new_id
-from hive_orchestration.storage.schema import SCHEMA_VERSION
+from hive_orchestration.storage.sqlite.schema import SCHEMA_VERSION
 
 P99_GOAL = 0.010  # seconds: the writer's p99 while the largest read runs
 CACHE = Path(__file__).parent / ".cache"

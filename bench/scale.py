@@ -43,7 +43,7 @@ from pathlib import Path
 import anyio
 
 from hive_orchestration import Runtime, RuntimeConfig
-from hive_orchestration.storage.schema import SCHEMA_VERSION
+from hive_orchestration.storage.sqlite.schema import SCHEMA_VERSION
 
 OPEN_GOAL = 1.0  # seconds
 RSS_GOAL = 200.0  # MB

@@ -58,14 +58,14 @@ import anyio
 from hive_orchestration import Claim, Runtime, RuntimeConfig
 from hive_orchestration._ids import new_id
 from hive_orchestration.messages.tasks import Run, RunStatus, Task, TaskStatus
-from hive_orchestration.storage.drivers import Statement, connect
 from hive_orchestration.storage.rows import (
     run_state_statement,
     run_statement,
     task_state_statement,
     task_statement,
 )
-from hive_orchestration.storage.schema import MIGRATIONS
+from hive_orchestration.storage.sqlite.drivers import Statement, connect
+from hive_orchestration.storage.sqlite.schema import MIGRATIONS
 
 RATE_GOAL = 10_000.0  # tasks per second, end to end
 LATENCY_GOAL = 0.001  # seconds, p50 create -> waiting worker

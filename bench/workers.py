@@ -26,7 +26,7 @@ from pathlib import Path
 import anyio
 
 from hive_orchestration import Runtime
-from hive_orchestration.storage.schema import MIGRATIONS
+from hive_orchestration.storage.sqlite.schema import MIGRATIONS
 
 WORKERS = 1_000
 UPDATE = "UPDATE workers SET last_heartbeat = ?, status = ? WHERE id = ?"

@@ -77,11 +77,11 @@ from .messages.schedules import CatchUp, Schedule
 from .messages.tasks import Claim, Lease, RevokedTaskType, Run, RunStatus, Task, TaskStatus
 from .messages.workers import Worker, WorkerStatus
 from .remote.status import ConnectionStatus, ServerStatus
-from .storage.schema import SCHEMA_VERSION
+from .storage import SCHEMA_VERSION
 from .sync import SyncOrchestrationClient
 from .wire import call_json
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # A library logs but leaves output to the app: without this, Python's last-resort handler
 # would print the runtime's warnings (a worker declared offline...) on the app's stderr.

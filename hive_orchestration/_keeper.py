@@ -27,11 +27,12 @@ from typing import TypeAlias
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from .config import RuntimeConfig
+from .config import RuntimeConfig, resolve_db_path
 from .embedded import Runtime, raise_cause
 from .errors import ConnectionLostError, HiveError, RuntimeStoppedError, StorageError
 from .remote.client import RemoteRuntime
-from .storage.database import STARTING, STOPPING, read_owner
+from .storage import open_store
+from .storage.port import STARTING, STOPPING
 
 __all__ = ["Backend", "Keeper", "reach"]
 
@@ -61,7 +62,11 @@ async def reach(
         except StorageError as error:
             if error.fault != "in_use" or error.path is None:
                 raise
-            pid, address = await anyio.to_thread.run_sync(read_owner, error.path)
+            # The store of what Runtime.open opened (error.path is only what it shows:
+            # a server's URL without its password).
+            target, _ = resolve_db_path(db_path, checked)
+            owner = open_store(target, checked).read_owner
+            pid, address = await anyio.to_thread.run_sync(owner)
             if pid is None:
                 # Neither pid nor address, yet the lock is held: its owner is letting it
                 # go (it clears both first), or took it a moment ago.

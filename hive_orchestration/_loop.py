@@ -2,7 +2,7 @@
 
 uvloop makes the runtime's asyncio loop about 10% faster (bench/peers.py). It is optional
 (the ``uvloop`` extra), so it is used when it is installed, and never asked for on trio.
-An app that embeds the runtime owns its loop and chooses for itself (README, Performance).
+An app that embeds the runtime owns its loop and chooses for itself (docs/performance.md).
 """
 
 from __future__ import annotations

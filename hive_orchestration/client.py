@@ -74,7 +74,7 @@ from .messages.workers import WorkerStatus
 from .remote.client import RemoteRuntime
 from .remote.status import ServerStatus
 from .remote.tcp import parse_url
-from .storage.schema import SCHEMA_VERSION
+from .storage import SCHEMA_VERSION
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager

@@ -129,7 +129,8 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     #: ``FULL`` fsyncs the WAL on every commit: a reply survives power loss. ``NORMAL``
     #: survives a process crash (SIGKILL) but may lose the last commits on power loss.
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
-    #: ``auto`` uses aiosqlite on asyncio and a worker thread under trio.
+    #: ``auto`` uses aiosqlite on asyncio and a worker thread under trio (SQLite only: a
+    #: PostgreSQL database ignores it).
     storage_driver: Literal["auto", "aiosqlite", "thread"] = "auto"
     #: How long SQLite waits for another process's lock before a write fails.
     busy_timeout: DeadlineSeconds = 5.0
@@ -331,7 +332,8 @@ def choose_db_path(
 def resolve_db_path(
     path: str | os.PathLike[str] | None, config: RuntimeConfig | None = None
 ) -> tuple[str, str]:
-    """The database to open, absolute (or ``":memory:"``), and where the choice came from
+    """The database to open, absolute (or ``":memory:"``, or a server's URL as given), and
+    where the choice came from
     (:func:`choose_db_path`). Refuses a path that is not one, naming ``path`` when it was
     given, else ``db_path``.
 
@@ -346,7 +348,14 @@ def resolve_db_path(
     text = os.fspath(chosen)
     if not isinstance(text, str) or not text.strip():
         raise error(field, "must be a non-empty path or ':memory:'")
-    return (text if text == ":memory:" else str(Path(text).absolute())), source
+    if text == ":memory:" or text.lower().startswith(SERVER_SCHEMES):
+        return text, source  # a server's URL is no file to anchor to the working directory
+    return str(Path(text).absolute()), source
+
+
+#: Database names that are a server's URL, not a file (``storage/port.py``'s
+#: POSTGRES_SCHEMES: the storage layer decides which store they open).
+SERVER_SCHEMES = ("postgresql://", "postgres://")
 
 
 def _seconds_bounds() -> dict[str, tuple[float, float]]:

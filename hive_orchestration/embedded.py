@@ -80,8 +80,7 @@ from .messages.tap import EventTap, Fold
 from .messages.tasks import TaskManagerMessage, Wake
 from .messages.workers import RegistryWake, WorkerRegistryMessage
 from .runtime import ActorRef, Alarm, ChildRestart, ChildSpec, Supervisor
-from .storage import StorageActor
-from .storage.database import MEMORY, DatabaseClaim
+from .storage import StorageActor, open_store
 from .storage.readers import ReaderPool
 
 if TYPE_CHECKING:
@@ -248,8 +247,9 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps,
 
             # Refused (ConfigError) before the database is touched or a port bound.
             tcp = await anyio.to_thread.run_sync(prepare_tcp, config)
-        unix = config.serve_socket and db_path != MEMORY and sys.platform != "win32"
-        claim = DatabaseClaim(db_path, serving=unix)
+        store = open_store(db_path, config, field="path" if path is not None else "db_path")
+        unix = config.serve_socket and not store.memory and sys.platform != "win32"
+        claim = store.claim(serving=unix)
         try:
             await anyio.to_thread.run_sync(claim.acquire)
         except OSError as exc:
@@ -293,16 +293,11 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps,
             except RuntimeStoppedError:
                 pass
 
-        # The large reads' own connections (storage/readers.py): a file database only.
+        # The large reads' own connections (storage/readers.py), where the store has them
+        # (a SQLite file: not ``:memory:``).
         readers = (
-            ReaderPool(
-                claim.target,
-                size=config.read_connections,
-                driver=config.storage_driver,
-                busy_timeout=config.busy_timeout,
-                queue=config.mailbox_size,
-            )
-            if config.read_connections and not claim.target.memory
+            ReaderPool(store, size=config.read_connections, queue=config.mailbox_size)
+            if config.read_connections and store.readers
             else None
         )
         if readers is not None:
@@ -363,7 +358,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps,
                 ChildSpec(broadcast, lambda: BroadcastActor(subscription_ids)),
                 ChildSpec(
                     storage,
-                    lambda: StorageActor(claim.target, config, broadcast, readers=readers),
+                    lambda: StorageActor(store, config, broadcast, readers=readers),
                     services=() if readers is None else (readers.run,),
                 ),
                 ChildSpec(tasks, task_manager, services=(alarm.run,)),

@@ -55,8 +55,7 @@ from .messages.storage import (
 from .messages.tasks import Run, Task, TaskStatus
 from .messages.workers import Worker, WorkerStatus
 from .runtime import ActorRef, ChildSpec, Request, Supervisor
-from .storage import StorageActor
-from .storage.database import MEMORY, Target
+from .storage import StorageActor, open_store
 
 __all__ = ["Inspector"]
 
@@ -102,13 +101,13 @@ class Inspector:
         """
         config = RuntimeConfig.checked(config)
         db_path = _normalize_path(path, config)
-        target = Target(db_path, db_path)
+        store = open_store(db_path, config, field="path" if path is not None else "db_path")
         storage: ActorRef[StorageMessage] = ActorRef(
             "storage", mailbox_size=config.mailbox_size, ask_timeout=config.ask_timeout
         )
         supervisor = Supervisor(
             # events=None: a reader commits nothing, so it has nothing to broadcast.
-            [ChildSpec(storage, lambda: StorageActor(target, config, None, read_only=True))],
+            [ChildSpec(storage, lambda: StorageActor(store, config, None, read_only=True))],
             max_restarts=config.max_restarts,
             restart_window=config.restart_window,
             shutdown_timeout=config.shutdown_timeout,
@@ -267,7 +266,7 @@ class Inspector:
 def _normalize_path(path: str | os.PathLike[str] | None, config: RuntimeConfig) -> str:
     """The database to read, as an absolute path: chosen as ``Runtime.open`` chooses it."""
     chosen, _ = resolve_db_path(path, config)
-    if chosen == MEMORY:
+    if chosen == ":memory:":
         field = "path" if path is not None else "db_path"
         error = InvalidInputError if path is not None else ConfigError
         raise error(field, "':memory:' lives inside its runtime's process; inspect a database file")

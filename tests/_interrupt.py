@@ -98,7 +98,7 @@ class Interrupter:
         self.choose = choose
         self.stop = stop
         self.interrupted = 0
-        from hive_orchestration.storage import drivers
+        from hive_orchestration.storage.sqlite import drivers
 
         self.original = drivers._transaction_sync
 
@@ -114,7 +114,7 @@ class Interrupter:
 
 def interrupt(patch: Callable[[Any, str, Any], None], interrupter: Interrupter) -> Interrupter:
     """Install ``interrupter`` with ``patch`` (a test's ``monkeypatch.setattr``)."""
-    from hive_orchestration.storage import drivers
+    from hive_orchestration.storage.sqlite import drivers
 
     patch(drivers, "_transaction_sync", interrupter)
     return interrupter

@@ -3,7 +3,7 @@ Runtime API on real SQLite files, both backends.
 
 Time-based behaviour (lease expiry, backoff, timeouts) uses short real durations. Most
 tests check *that* something happens and in what order; the lease tests also check *when*
-against what the README promises (never before the lease, at most :data:`LATE` after it).
+against what docs/delivery.md promises (never before the lease, at most :data:`LATE` after it).
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ from _populate import PLAN, WORKER, Populated, populate
 
 from hive_orchestration import SCHEMA_VERSION, Runtime
 from hive_orchestration.cli import main
-from hive_orchestration.storage.database import DatabaseClaim
-from hive_orchestration.storage.schema import MIGRATIONS
+from hive_orchestration.storage.sqlite.database import DatabaseClaim
+from hive_orchestration.storage.sqlite.schema import MIGRATIONS
 
 
 @pytest.fixture(scope="module")

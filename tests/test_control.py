@@ -37,7 +37,7 @@ from hive_orchestration.messages.tasks import (
     RetryTask,
     RevokeTaskType,
 )
-from hive_orchestration.storage import drivers
+from hive_orchestration.storage.sqlite import drivers
 
 pytestmark = pytest.mark.anyio
 

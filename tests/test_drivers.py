@@ -16,15 +16,15 @@ from typing import Any
 import aiosqlite
 import pytest
 
-from hive_orchestration.storage.drivers import (
+from hive_orchestration.storage.sqlite.drivers import (
     AiosqliteDriver,
     Driver,
     Statement,
     ThreadDriver,
     connect,
 )
-from hive_orchestration.storage.faults import storage_error
-from hive_orchestration.storage.schema import MIGRATIONS
+from hive_orchestration.storage.sqlite.faults import IntegrityStoreError, storage_error
+from hive_orchestration.storage.sqlite.schema import MIGRATIONS
 
 pytestmark = pytest.mark.anyio
 
@@ -116,11 +116,11 @@ async def test_a_probe_finds_the_faulty_units_and_writes_nothing(tmp_path: Path,
                 [(SET_ROLE, ("b", "w0"))],
             ]
         )
-    assert [type(v) for v in verdicts] == [
-        type(None),
-        sqlite3.IntegrityError,
-        sqlite3.IntegrityError,
-        type(None),
+    assert [v if v is None else type(v) for v in verdicts] == [
+        None,
+        IntegrityStoreError,
+        IntegrityStoreError,
+        None,
     ]
     assert roles(path) == [("w0", "a")]
 

@@ -14,8 +14,8 @@ import pytest
 
 from hive_orchestration import Runtime, RuntimeConfig
 from hive_orchestration.messages.storage import ReadEvents
-from hive_orchestration.storage.drivers import Params, Row
-from hive_orchestration.storage.event_reads import (
+from hive_orchestration.storage.sqlite.drivers import Params, Row
+from hive_orchestration.storage.sqlite.event_reads import (
     _ALL_TYPES_SQL,
     _TYPES_SQL,
     MAX_TYPES,
@@ -23,7 +23,7 @@ from hive_orchestration.storage.event_reads import (
     events_sql,
     read_event_rows,
 )
-from hive_orchestration.storage.schema import SCHEMA_VERSION
+from hive_orchestration.storage.sqlite.schema import SCHEMA_VERSION
 
 pytestmark = pytest.mark.anyio
 

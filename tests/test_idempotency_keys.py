@@ -24,8 +24,9 @@ from hive_orchestration.actors.task_manager import TaskManager
 from hive_orchestration.messages.storage import FindIdempotencyKeys, StorageMessage
 from hive_orchestration.messages.tasks import CreateTask, CreateTasks, DeleteTask, GetTask
 from hive_orchestration.runtime import Envelope, Reply
-from hive_orchestration.storage import drivers
-from hive_orchestration.storage.actor import FIND_KEYS_SQL, StorageActor
+from hive_orchestration.storage import StorageActor
+from hive_orchestration.storage.sqlite import drivers
+from hive_orchestration.storage.sqlite.sql import FIND_KEYS_SQL
 
 pytestmark = pytest.mark.anyio
 

@@ -30,7 +30,7 @@ from hive_orchestration import (
 from hive_orchestration.inspector import Inspector
 from hive_orchestration.messages.events import Event
 from hive_orchestration.messages.storage import AppendEvent, Write
-from hive_orchestration.storage.schema import MIGRATIONS
+from hive_orchestration.storage.sqlite.schema import MIGRATIONS
 
 pytestmark = pytest.mark.anyio
 

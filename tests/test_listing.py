@@ -24,7 +24,7 @@ from hive_orchestration import (
 )
 from hive_orchestration.errors import InvalidInputError
 from hive_orchestration.listing import DEFAULT_LIMIT, MAX_LIMIT
-from hive_orchestration.storage.pages import tasks_page_sql
+from hive_orchestration.storage.sqlite.pages import tasks_page_sql
 
 sys.path.insert(0, str(Path(__file__).parent))
 import anyio.lowlevel

@@ -26,8 +26,7 @@ from hive_orchestration.messages.storage import (
     Write,
 )
 from hive_orchestration.runtime import ActorRef, ChildSpec, Supervisor
-from hive_orchestration.storage import StorageActor
-from hive_orchestration.storage.database import Target
+from hive_orchestration.storage import StorageActor, open_store
 from hive_orchestration.storage.readers import ReaderPool
 
 pytestmark = pytest.mark.anyio
@@ -51,9 +50,7 @@ async def storage_with_readers(
     Path(db_path).parent.mkdir(parents=True, exist_ok=True)
     config = RuntimeConfig(storage_driver=driver)
     ref: ActorRef[StorageMessage] = ActorRef("storage", mailbox_size=4096, ask_timeout=30.0)
-    pool = ReaderPool(
-        Target(db_path, db_path), size=size, driver=driver, busy_timeout=5.0, queue=64
-    )
+    pool = ReaderPool(open_store(db_path, config), size=size, queue=64)
     supervisor = Supervisor(
         [ChildSpec(ref, lambda: StorageActor(db_path, config, readers=pool), (pool.run,))],
         max_restarts=0,

@@ -37,7 +37,7 @@ from hive_orchestration import (
     TaskCompletedEvent,
     TaskStatus,
 )
-from hive_orchestration.storage.database import read_owner
+from hive_orchestration.storage.sqlite.database import read_owner
 
 pytestmark = pytest.mark.anyio
 

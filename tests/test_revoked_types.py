@@ -43,7 +43,7 @@ def test_a_revoked_type_waits_in_place_and_comes_back_in_order() -> None:
 
 
 def test_a_revoked_task_keeps_its_place_in_its_concurrency_key() -> None:
-    """The key's free slot goes to its best ready task, whatever its type (README): a
+    """The key's free slot goes to its best ready task, whatever its type (docs/delivery.md): a
     revoked best task holds it until restored, as a type at its limit does."""
     revoked = {"a"}
     queue = ReadyQueue(revoked=revoked)

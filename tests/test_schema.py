@@ -22,8 +22,8 @@ from hive_orchestration import (
     StorageError,
 )
 from hive_orchestration.messages.storage import ReadEvents
-from hive_orchestration.storage.actor import _events_sql
-from hive_orchestration.storage.schema import MIGRATIONS
+from hive_orchestration.storage.sqlite.event_reads import events_sql as _events_sql
+from hive_orchestration.storage.sqlite.schema import MIGRATIONS
 
 pytestmark = pytest.mark.anyio
 

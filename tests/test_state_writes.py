@@ -45,7 +45,7 @@ from hive_orchestration.storage.rows import (
     task_state_statement,
     task_statement,
 )
-from hive_orchestration.storage.schema import MIGRATIONS
+from hive_orchestration.storage.sqlite.schema import MIGRATIONS
 
 pytestmark = pytest.mark.anyio
 

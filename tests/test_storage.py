@@ -343,7 +343,7 @@ async def test_a_runtime_cancelled_mid_commit_commits_whole_and_answers_truthful
     import time
 
     from hive_orchestration import Runtime
-    from hive_orchestration.storage import drivers
+    from hive_orchestration.storage.sqlite import drivers
 
     original = drivers._transaction_sync
     entered = anyio.Event()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hive_orchestration.messages.plans import SubtaskState, SubtaskStatus
 from hive_orchestration.storage.plans import subtask_statement
-from hive_orchestration.storage.schema import MIGRATIONS
+from hive_orchestration.storage.sqlite.schema import MIGRATIONS
 
 
 def database(path: Path) -> sqlite3.Connection:

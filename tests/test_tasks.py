@@ -940,7 +940,7 @@ async def test_a_failed_commit_restores_memory_exactly(
     """Delete + re-create under the same idempotency key, in a batch whose commit fails:
     afterwards the key still names the original task, and nothing else changed."""
     from hive_orchestration.messages.tasks import CreateTask, DeleteTask
-    from hive_orchestration.storage import drivers
+    from hive_orchestration.storage.sqlite import drivers
 
     failures = {"left": 0}
     originals = {cls: cls.transaction for cls in (drivers.ThreadDriver, drivers.AiosqliteDriver)}

@@ -41,7 +41,6 @@ from hive_orchestration.messages.tasks import Run, RunStatus, Task, TaskStatus
 from hive_orchestration.runtime import ActorRef, ChildSpec, Supervisor
 from hive_orchestration.storage import StorageActor
 from hive_orchestration.storage.actor import _in_order, _row_statements
-from hive_orchestration.storage.drivers import Driver, Statement, _transaction_sync, connect
 from hive_orchestration.storage.rows import (
     RUN_COLUMNS,
     SET_RUN_STATE,
@@ -52,7 +51,8 @@ from hive_orchestration.storage.rows import (
     task_from_row,
     task_statement,
 )
-from hive_orchestration.storage.schema import MIGRATIONS
+from hive_orchestration.storage.sqlite.drivers import Driver, Statement, _transaction_sync, connect
+from hive_orchestration.storage.sqlite.schema import MIGRATIONS
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 TASK_IDS = ["t1", "t2", "t3"]

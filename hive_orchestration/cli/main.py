@@ -56,8 +56,7 @@ from ..messages.events import Event
 from ..messages.plans import PlanStatus
 from ..messages.tasks import TaskStatus
 from ..messages.workers import WorkerStatus
-from ..storage.database import read_schema_version
-from ..storage.schema import SCHEMA_VERSION
+from ..storage import SCHEMA_VERSION, open_store
 from .demo import run_demo
 from .reader import OwnerReader, Reader, answer, owner_reader
 from .report import OwnerView, plan_report, plan_summaries, status_report, task_report
@@ -479,14 +478,19 @@ def _url(args: argparse.Namespace) -> str | None:
 
 
 def _database(given: str | None) -> str:
-    """The database a command uses, as an absolute path: ``--db``, else
-    ``$HIVE_ORCHESTRATION_DB_PATH``, else the default (as ``Runtime.open`` chooses), so
-    that what the command names is the very file an app of this environment opens."""
+    """The database a command uses, as an absolute path (a server's URL as it is given):
+    ``--db``, else ``$HIVE_ORCHESTRATION_DB_PATH``, else the default (as ``Runtime.open``
+    chooses), so that what the command names is the very file an app of this environment
+    opens."""
     chosen, _ = choose_db_path(given)
     text = os.fspath(chosen)
     if not text.strip():
         raise InvalidInputError("--db", "must be a non-empty path")
-    return text if text == ":memory:" else str(Path(text).absolute())
+    # Refused here (a ConfigError) if it names a store this installation does not have.
+    store = open_store(text, field="--db")
+    if text == ":memory:" or store.kind != "sqlite":
+        return text  # a server's URL is no file to anchor to the working directory
+    return str(Path(text).absolute())
 
 
 def _rich_available() -> bool:
@@ -778,7 +782,7 @@ async def _follow(args: argparse.Namespace) -> None:
 
 
 async def _db_current(args: argparse.Namespace) -> None:
-    version = await anyio.to_thread.run_sync(read_schema_version, args.db)
+    version = await anyio.to_thread.run_sync(open_store(args.db).read_schema_version)
     if version == SCHEMA_VERSION:
         state, advice = "current", "up to date"
     elif version < SCHEMA_VERSION:
@@ -805,7 +809,7 @@ async def _db_current(args: argparse.Namespace) -> None:
 async def _db_upgrade(args: argparse.Namespace) -> None:
     before: int | None
     try:
-        before = await anyio.to_thread.run_sync(read_schema_version, args.db)
+        before = await anyio.to_thread.run_sync(open_store(args.db).read_schema_version)
     except StorageError as exc:
         if exc.fault != "needs_recovery":
             raise
@@ -821,7 +825,7 @@ async def _db_upgrade(args: argparse.Namespace) -> None:
         # which the app's next start would do anyway.
         async with Runtime.open(args.db):
             pass
-    after = await anyio.to_thread.run_sync(read_schema_version, args.db)
+    after = await anyio.to_thread.run_sync(open_store(args.db).read_schema_version)
     if args.json:
         _print_json(
             {

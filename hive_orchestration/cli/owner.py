@@ -17,7 +17,8 @@ import anyio.to_thread
 from ..client import OrchestrationClient
 from ..errors import HiveError
 from ..remote.client import RemoteRuntime
-from ..storage.database import STARTING, STOPPING, read_owner
+from ..storage import open_store
+from ..storage.port import STARTING, STOPPING
 
 __all__ = ["connected", "serving"]
 
@@ -25,7 +26,7 @@ __all__ = ["connected", "serving"]
 async def serving(path: str) -> str | None:
     """Where the runtime that owns ``path`` serves, as its lock file says (None: no
     runtime serves it now)."""
-    _, address = await anyio.to_thread.run_sync(read_owner, path)
+    _, address = await anyio.to_thread.run_sync(open_store(path).read_owner)
     return None if address in (None, STARTING, STOPPING) else address
 
 

@@ -63,8 +63,8 @@ from ..messages.events import Lagged
 from ..messages.plans import PlanningRequest, UnclaimedRequest
 from ..messages.tasks import Claim, Unclaimed
 from ..messages.workers import WorkerStatus
-from ..storage.database import STOPPING
-from ..storage.schema import SCHEMA_VERSION
+from ..storage import SCHEMA_VERSION
+from ..storage.port import STOPPING
 from ..wire import EXCLUSIVE, msgpack_arguments
 from .access import OWNER, Authorizer, Identity, Tokens
 from .address import ABSTRACT, choose_address, connect_path, peer_pid, peer_uid, remove_address
@@ -96,7 +96,7 @@ from .status import ConnectionStatus, ServerStatus
 if TYPE_CHECKING:
     from ..client import OrchestrationClient
     from ..embedded import Runtime, Subscription
-    from ..storage.database import DatabaseClaim
+    from ..storage.port import StoreClaim
     from .tcp import TcpSettings
 
 __all__ = ["HANDSHAKE_TIMEOUT", "Server"]
@@ -140,9 +140,7 @@ class Server:
     """Serves one runtime on a Unix socket (see :mod:`.address` for where), and on the
     TCP addresses of ``tcp`` (see :mod:`.tcp`) when given."""
 
-    def __init__(
-        self, runtime: Runtime, claim: DatabaseClaim, tcp: TcpSettings | None = None
-    ) -> None:
+    def __init__(self, runtime: Runtime, claim: StoreClaim, tcp: TcpSettings | None = None) -> None:
         self._runtime = runtime
         self._claim = claim
         self._tcp = tcp

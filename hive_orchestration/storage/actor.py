@@ -1,4 +1,4 @@
-"""The storage actor: the only owner of the SQLite write connection.
+"""The storage actor: the only owner of the store's write connection.
 
 Every write in the runtime is a :class:`Write` message to this actor. It takes whatever is
 waiting in its mailbox (up to ``max_batch``), applies all the writes in one transaction
@@ -9,8 +9,13 @@ what makes many concurrent writers fast.
 A batch runs in a shielded scope: a writer that is cancelled, or a runtime that is shutting
 down, can never stop it between BEGIN and COMMIT. If the transaction fails on a constraint,
 the batch is probed write by write (in savepoints, rolled back) and re-committed without
-the faulty writes, so one bad write never fails its neighbours. Any other SQLite error
+the faulty writes, so one bad write never fails its neighbours. Any other store error
 (disk full, read-only file, I/O error) fails the whole batch; nothing of it is written.
+
+What differs between stores (SQLite, PostgreSQL) is behind the store it is given
+(``storage/port.py``): the connections, the SQL of its reads and of the event rows, and
+the wording of a failure. The actor catches the port's errors only, and has the store
+explain them (:meth:`~.port.Store.explain`).
 
 Committed events are then published to the broadcast actor in sequence order.
 
@@ -26,16 +31,13 @@ every :class:`Write` is refused with a :class:`StorageError`, and queries work a
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
-from datetime import datetime
-from typing import TypeVar, cast
+from typing import cast
 
 import anyio
-import anyio.lowlevel
 import msgspec
 
 from ..config import RuntimeConfig
@@ -48,36 +50,15 @@ from ..messages.storage import (
     COMMIT_SECONDS_BOUNDS,
     AppendEvent,
     Buckets,
-    CheckDependencies,
     CheckReaders,
     Committed,
-    CountQueued,
-    CountSubtasks,
-    CountTasks,
     DeleteRevokedType,
     DeleteScheduleRow,
     DeleteTaskEvents,
     DeleteTaskRow,
     DeleteWorkerRow,
-    FetchPlan,
-    FetchPlanningRequest,
-    FetchRun,
-    FetchRuns,
-    FetchTask,
-    FindIdempotencyKeys,
-    FindPurgeable,
     GetStorageStats,
-    LoadActivePlans,
-    LoadLeaseHashes,
-    LoadPlanningRequests,
-    LoadPlanTasks,
-    LoadRuns,
     LoadSchedules,
-    LoadSubtasks,
-    LoadTasks,
-    LoadWorkers,
-    NextPlannedTask,
-    PlanEventTrim,
     PutPlan,
     PutPlanningRequest,
     PutRevokedType,
@@ -86,11 +67,7 @@ from ..messages.storage import (
     PutSubtask,
     PutTask,
     PutWorker,
-    QueryPlanningRequests,
-    QueryPlans,
-    QueryTasks,
     ReadEvents,
-    RetentionDue,
     SetPlanStatus,
     SetRunState,
     SetScheduleSlot,
@@ -106,69 +83,38 @@ from ..messages.workers import Worker
 from ..runtime import Actor, ActorRef, Envelope
 from . import plans
 from .control import CONTROL_QUERIES, frees_key, query_control, revoked_statement
-from .database import Target, open_database
-from .drivers import Driver, Row, Statement
-from .event_reads import events_sql, read_event_rows
-from .faults import storage_error
-from .pages import plan_page_sql, request_page_sql, tasks_page_sql
 from .plan_data import load_dependency_results
-from .queues import QUEUE_QUERIES, query_queues
-from .readers import POOLED, ReaderPool
-from .retention import (
-    delete_events_statements,
-    find_purgeable,
-    plan_event_trim,
-    retention_due,
-    trim_statements,
-    trimmed_through,
+from .port import (
+    PLAN_READS,
+    QUEUE_READS,
+    RETENTION_READS,
+    TASK_READS,
+    CommitUnknownError,
+    Driver,
+    Statement,
+    Store,
+    StoreError,
+    StoreIntegrityError,
 )
+from .readers import POOLED, ReaderPool
+from .retention import delete_events_statements, trim_statements, trimmed_through
 from .rows import (
     DELETE_TASK,
     DELETE_WORKER,
-    RUN_COLUMNS,
-    TASK_COLUMNS,
-    WORKER_COLUMNS,
-    run_from_row,
+    decoded,
     run_state_statement,
     run_statement,
-    task_from_row,
     task_state_statement,
     task_statement,
-    time_text,
-    worker_from_row,
     worker_statement,
 )
 from .schedules import load_schedules, schedule_statement
-from .schema import SCHEMA_VERSION
+from .sqlite.schema import SCHEMA_VERSION
+from .store import open_store
 
 __all__ = ["StorageActor"]
 
 log = logging.getLogger("hive_orchestration.storage")
-
-_INSERT_EVENT = (
-    "INSERT INTO events (seq, type, timestamp, source, correlation_id, task_id, plan_id,"
-    " worker_id, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-#: Queued tasks by type, and the earliest time one of each became claimable: the
-#: partial index ``idx_tasks_ready`` holds exactly the queued tasks that are not delayed,
-#: by type first, and ``idx_tasks_delayed`` the delayed ones (claimable from run_at).
-_COUNT_QUEUED = (
-    "SELECT task_type, COUNT(*), MIN(since) FROM ("
-    " SELECT task_type, max(updated_at, coalesce(available_at, updated_at)) AS since"
-    " FROM tasks INDEXED BY idx_tasks_ready WHERE status = 'queued' AND run_at IS NULL"
-    " UNION ALL SELECT task_type, run_at FROM tasks INDEXED BY idx_tasks_delayed"
-    " WHERE status = 'queued' AND run_at IS NOT NULL"
-    ") GROUP BY task_type"
-)
-#: The owners of some idempotency keys, through the unique index on the key.
-#: A task of scope 'active' holds its key only while live: the index's own condition.
-FIND_KEYS_SQL = (
-    "SELECT idempotency_key, id FROM tasks WHERE idempotency_key IN ({marks})"
-    " AND idempotency_key IS NOT NULL AND (idempotency_scope IS NULL"
-    " OR status IN ('queued', 'blocked', 'assigned', 'running'))"
-)
-#: Under SQLite's oldest limit on bound parameters (999).
-_KEYS_PER_QUERY = 500
 
 _Pending = tuple[Envelope[StorageMessage], Write]
 #: The read-only connection of the reader task running a read (readers.py); unset in the
@@ -179,7 +125,7 @@ _READER: ContextVar[Driver | None] = ContextVar("hive_storage_reader", default=N
 class StorageActor(Actor[StorageMessage]):
     def __init__(
         self,
-        target: Target | str,
+        store: Store | str,
         config: RuntimeConfig,
         events: ActorRef[BroadcastMessage] | None = None,
         *,
@@ -190,7 +136,8 @@ class StorageActor(Actor[StorageMessage]):
         #: Where the large reads go (see readers.py); None: all on the write connection.
         self._readers = readers
         self._read_only = read_only
-        self._target = target if isinstance(target, Target) else Target(target, target)
+        self._store = open_store(store, config) if isinstance(store, str) else store
+        self._sql = self._store.sql
         self._config = config
         self._events = events
         self._db: Driver | None = None
@@ -210,18 +157,15 @@ class StorageActor(Actor[StorageMessage]):
         self._batch_sum = 0
 
     async def started(self) -> None:
-        self._db, self._last_seq = await open_database(
-            self._target,
-            driver=self._config.storage_driver,
-            synchronous=self._config.synchronous,
-            busy_timeout=self._config.busy_timeout,
-            read_only=self._read_only,
-        )
-        self._trimmed = await trimmed_through(self._db)
+        self._db, self._last_seq = await self._store.open(read_only=self._read_only)
+        try:
+            self._trimmed = await trimmed_through(self._db)
+        except StoreError as exc:
+            raise self._store.explain(exc, "cannot open") from exc
         # A log trimmed to nothing goes on after the last number it ever gave.
         self._last_seq = max(self._last_seq, self._trimmed)
         mode = "read-only, " if self._read_only else ""
-        log.info("storage open: %s (%sdriver %s)", self._target.display, mode, self._db.name)
+        log.info("storage open: %s (%sdriver %s)", self._store.display, mode, self._db.name)
 
     async def stopped(self, error: BaseException | None) -> None:
         if self._db is not None:
@@ -243,9 +187,9 @@ class StorageActor(Actor[StorageMessage]):
                 writes.append((envelope, envelope.message))
         if writes and self._read_only:
             refused = StorageError(
-                f"database {self._target.display!r} was opened read-only: nothing is written;"
+                f"database {self._store.display!r} was opened read-only: nothing is written;"
                 " writes go through the runtime that owns it",
-                path=self._target.display,
+                path=self._store.display,
             )
             self._failed_writes += len(writes)
             for envelope, _ in writes:
@@ -282,7 +226,7 @@ class StorageActor(Actor[StorageMessage]):
         message = envelope.message
         try:
             envelope.resolve(await self._query(message))
-        except sqlite3.Error as exc:
+        except StoreError as exc:
             action = f"cannot read ({type(message).__name__})"
             envelope.fail(self._error(exc, action))
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
@@ -303,78 +247,20 @@ class StorageActor(Actor[StorageMessage]):
                 if self._read_only:
                     # Another process appends to the log: report where it stands now.
                     self._trimmed = await trimmed_through(db)
-                    self._last_seq = max(await _max_seq(db), self._trimmed)
+                    self._last_seq = max(await self._sql.last_seq(db), self._trimmed)
                 return self._statistics()
-            case CountTasks():
-                rows = await db.fetchall("SELECT status, COUNT(*) FROM tasks GROUP BY status")
-                return {str(status): cast(int, count) for status, count in rows}
-            case CountQueued():
-                rows = await db.fetchall(_COUNT_QUEUED)
-                return {
-                    str(task_type): (cast(int, count), datetime.fromisoformat(str(since)))
-                    for task_type, count, since in rows
-                }
-            case LoadTasks(statuses=statuses):
-                rows = await db.fetchall(
-                    f"SELECT {TASK_COLUMNS} FROM tasks WHERE status IN ({_marks(statuses)})"
-                    " ORDER BY priority DESC, created_at, rowid",
-                    statuses,
-                )
-                return tuple(task_from_row(row) for row in rows)
-            case LoadRuns(statuses=statuses):
-                rows = await db.fetchall(
-                    f"SELECT {RUN_COLUMNS} FROM runs WHERE task_id IN"
-                    f" (SELECT id FROM tasks WHERE status IN ({_marks(statuses)}))"
-                    " ORDER BY rowid",
-                    statuses,
-                )
-                return tuple(run_from_row(row) for row in rows)
-            case LoadLeaseHashes(statuses=statuses):
-                rows = await db.fetchall(
-                    "SELECT id, lease_hash FROM runs WHERE task_id IN"
-                    f" (SELECT id FROM tasks WHERE status IN ({_marks(statuses)}))"
-                    " AND lease_hash IS NOT NULL AND status IN ('assigned', 'running')",
-                    statuses,
-                )
-                return {str(run_id): bytes(cast(bytes, digest)) for run_id, digest in rows}
-            case FindIdempotencyKeys(keys=keys):
-                found: dict[str, str] = {}
-                for start in range(0, len(keys), _KEYS_PER_QUERY):
-                    chunk = keys[start : start + _KEYS_PER_QUERY]
-                    rows = await db.fetchall(FIND_KEYS_SQL.format(marks=_marks(chunk)), chunk)
-                    found.update((str(key), str(task_id)) for key, task_id in rows)
-                return found
-            case QueryTasks() as query:
-                return await _decoded(await db.fetchall(*_tasks_sql(query)), task_from_row)
-            case FetchTask(task_id=task_id):
-                rows = await db.fetchall(
-                    f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,)
-                )
-                return task_from_row(rows[0]) if rows else None
-            case FetchRun(run_id=run_id):
-                rows = await db.fetchall(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,))
-                return run_from_row(rows[0]) if rows else None
-            case FetchRuns(task_id=task_id):
-                rows = await db.fetchall(
-                    f"SELECT {RUN_COLUMNS} FROM runs WHERE task_id = ? ORDER BY run_number, rowid",
-                    (task_id,),
-                )
-                return [run_from_row(row) for row in rows]
-            case FindPurgeable() as find:
-                return await find_purgeable(db, find)
-            case PlanEventTrim() as plan:
-                return await plan_event_trim(db, plan)
-            case RetentionDue(include_keyed=include_keyed):
-                return await retention_due(db, include_keyed)
-            case LoadWorkers():
-                rows = await db.fetchall(f"SELECT {WORKER_COLUMNS} FROM workers ORDER BY rowid")
-                return tuple(worker_from_row(row) for row in rows)
+            case _ if isinstance(message, TASK_READS):
+                return await self._sql.query_tasks(db, message)
+            case _ if isinstance(message, RETENTION_READS):
+                return await self._sql.query_retention(db, message)
             case LoadSchedules():
                 return await load_schedules(db)
-            case _ if isinstance(message, _PLAN_QUERIES):
-                return await _query_plans(db, message)
-            case _ if isinstance(message, QUEUE_QUERIES):
-                return await query_queues(db, message)
+            case LoadDependencyResults():
+                return await load_dependency_results(db, message)
+            case _ if isinstance(message, PLAN_READS):
+                return await self._sql.query_plans(db, message)
+            case _ if isinstance(message, QUEUE_READS):
+                return await self._sql.query_queues(db, message)
             case _ if isinstance(message, CONTROL_QUERIES):
                 return await query_control(db, message)
             case other:
@@ -394,7 +280,7 @@ class StorageActor(Actor[StorageMessage]):
                 for op in write.ops:
                     if isinstance(op, AppendEvent):
                         seq += 1
-                        event_rows.append(_event_row(seq, op))
+                        event_rows.append(self._sql.event_statement(seq, op))
                         unit_seqs.append(seq)
                         events.append(msgspec.structs.replace(op.event, seq=seq))
                         op_json.append(op.data_json)
@@ -408,14 +294,22 @@ class StorageActor(Actor[StorageMessage]):
             began = time.perf_counter()
             try:
                 await db.transaction([statement for unit in units for statement in unit])
-            except sqlite3.IntegrityError as exc:
+            except CommitUnknownError:
+                # The connection went while COMMIT was on its way: the batch may be in
+                # the database or not, so it must not be told "nothing was applied", and
+                # the seqs it took may be taken. Crash: every writer of the batch hears
+                # that the outcome is unknown (ActorFailedError, not StorageError), and
+                # the restarted actor reads the log's last seq from the database.
+                self._trimmed = trimmed
+                raise
+            except StoreIntegrityError as exc:
                 self._trimmed = trimmed
                 if not isolate or len(writes) == 1:
                     self._fail(writes, exc)
                     return
                 await self._isolate(writes, units)
                 return
-            except sqlite3.Error as exc:
+            except StoreError as exc:
                 self._trimmed = trimmed
                 self._fail(writes, exc)
                 return
@@ -450,20 +344,18 @@ class StorageActor(Actor[StorageMessage]):
                 self._fail([pending], verdict)
         if len(good) == len(writes):
             # Each write is fine alone but not together: fail them rather than loop.
-            self._fail(writes, sqlite3.IntegrityError("writes conflict with each other"))
+            self._fail(writes, StoreIntegrityError("writes conflict with each other"))
         elif good:
             await self._commit(good, isolate=False)
 
-    def _fail(self, writes: Sequence[_Pending], exc: sqlite3.Error) -> None:
+    def _fail(self, writes: Sequence[_Pending], exc: StoreError) -> None:
         self._failed_writes += len(writes)
         log.warning("%d write(s) failed and were rolled back: %s", len(writes), exc)
         for envelope, _ in writes:
             envelope.fail(self._error(exc, "write rolled back, nothing of it was applied"))
 
-    def _error(self, exc: sqlite3.Error, action: str) -> StorageError:
-        return storage_error(
-            self._target.display, exc, action=action, busy_timeout=self._config.busy_timeout
-        )
+    def _error(self, exc: StoreError, action: str) -> StorageError:
+        return self._store.explain(exc, action)
 
     async def _publish(self, message: Publish) -> None:
         assert self._events is not None
@@ -480,9 +372,9 @@ class StorageActor(Actor[StorageMessage]):
         # no longer reaches back to would miss events: refused, before and after the read
         # (a trim that committed while it ran may have taken what it was about to read).
         await self._check_trimmed(read)
-        rows = await read_event_rows(self._connection(), read)
+        rows = await self._sql.read_events(self._connection(), read)
         await self._check_trimmed(read)
-        return tuple(await _decoded(rows, _event_from_row))
+        return tuple(await decoded(rows, _event_from_row))
 
     async def _check_trimmed(self, read: ReadEvents) -> None:
         if read.after <= 0 or read.newest:
@@ -495,7 +387,7 @@ class StorageActor(Actor[StorageMessage]):
 
     def _statistics(self) -> StorageStats:
         return StorageStats(
-            path=self._target.display,
+            path=self._store.display,
             driver=self._require_db().name,
             synchronous=self._config.synchronous,
             schema_version=SCHEMA_VERSION,
@@ -517,141 +409,6 @@ class StorageActor(Actor[StorageMessage]):
         if self._db is None:  # pragma: no cover - messages only arrive after started()
             raise StorageError("storage is not open")
         return self._db
-
-
-_PLAN_QUERIES = (
-    FetchPlan,
-    QueryPlans,
-    LoadActivePlans,
-    LoadSubtasks,
-    LoadPlanTasks,
-    FetchPlanningRequest,
-    QueryPlanningRequests,
-    LoadPlanningRequests,
-    CheckDependencies,
-    NextPlannedTask,
-    CountSubtasks,
-    LoadDependencyResults,
-)
-
-
-async def _query_plans(db: Driver, message: StorageMessage) -> object:
-    plan_sql = f"SELECT {plans.PLAN_COLUMNS} FROM execution_plans"
-    request_sql = f"SELECT {plans.REQUEST_COLUMNS} FROM planning_queue"
-    match message:
-        case FetchPlan(plan_id=plan_id):
-            rows = await db.fetchall(f"{plan_sql} WHERE id = ?", (plan_id,))
-            return plans.plan_from_row(rows[0]) if rows else None
-        case QueryPlans(status=status, limit=limit, after=after):
-            rows = await db.fetchall(*await plan_page_sql(db, plan_sql, status, limit, after))
-            return [plans.plan_from_row(row) for row in rows]
-        case LoadActivePlans():
-            rows = await db.fetchall(
-                f"{plan_sql} WHERE status = 'executing' OR (status IN ('failed', 'cancelled')"
-                " AND id IN (SELECT plan_id FROM tasks WHERE plan_id IS NOT NULL"
-                " AND status IN ('blocked', 'queued', 'assigned', 'running')))"
-                " ORDER BY generated_at, rowid"
-            )
-            active = []
-            for row in rows:
-                try:
-                    active.append(plans.plan_from_row(row))
-                except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
-                    # One bad row must not keep the runtime from opening.
-                    log.error("plan %s cannot be decoded, not resumed: %s", row[0], exc)
-            return tuple(active)
-        case LoadSubtasks(plan_id=plan_id):
-            rows = await db.fetchall(
-                f"SELECT {plans.SUBTASK_COLUMNS} FROM plan_execution WHERE plan_id = ?"
-                " ORDER BY rowid",
-                (plan_id,),
-            )
-            return tuple(plans.subtask_from_row(row) for row in rows)
-        case LoadPlanTasks(plan_id=plan_id):
-            rows = await db.fetchall(
-                "SELECT id, subtask_id, status FROM tasks WHERE plan_id = ?", (plan_id,)
-            )
-            return tuple((str(a), str(b), str(c)) for a, b, c in rows)
-        case FetchPlanningRequest(request_id=request_id):
-            rows = await db.fetchall(f"{request_sql} WHERE id = ?", (request_id,))
-            return plans.request_from_row(rows[0]) if rows else None
-        case QueryPlanningRequests(status=status, limit=limit, after=after):
-            statement = await request_page_sql(db, request_sql, status, limit, after)
-            return [plans.request_from_row(row) for row in await db.fetchall(*statement)]
-        case LoadPlanningRequests(statuses=statuses):
-            rows = await db.fetchall(
-                f"{request_sql} WHERE status IN ({_marks(statuses)})"
-                " ORDER BY priority DESC, created_at, rowid",
-                statuses,
-            )
-            return tuple(plans.request_from_row(row) for row in rows)
-        case CheckDependencies(task_ids=task_ids):
-            return await plans.check_dependencies(db, task_ids)
-        case NextPlannedTask(plan_id=plan_id):
-            return await plans.next_planned_task(db, plan_id)
-        case CountSubtasks(plan_id=plan_id):
-            return await plans.count_subtasks(db, plan_id)
-        case LoadDependencyResults():
-            return await load_dependency_results(db, message)
-    raise HiveError(f"the storage actor does not handle {type(message).__name__}")
-
-
-#: Rows decoded between two yields to the event loop: about 2.5 ms of tasks.
-_DECODE_CHUNK = 256
-_T = TypeVar("_T")
-
-
-async def _decoded(rows: list[Row], decode: Callable[[Row], _T]) -> list[_T]:
-    """Decode a page's rows, letting the event loop run between chunks: a page of 10 000
-    tasks is about 95 ms of decoding, which in one go would hold every writer up that
-    long (the rows themselves are read on the reader's thread)."""
-    if len(rows) <= _DECODE_CHUNK:
-        return [decode(row) for row in rows]
-    decoded: list[_T] = []
-    for start in range(0, len(rows), _DECODE_CHUNK):
-        if start:
-            await anyio.lowlevel.checkpoint()
-        decoded += [decode(row) for row in rows[start : start + _DECODE_CHUNK]]
-    return decoded
-
-
-def _marks(values: tuple[str, ...]) -> str:
-    return ", ".join("?" * len(values))
-
-
-async def _max_seq(db: Driver) -> int:
-    rows = await db.fetchall("SELECT coalesce(max(seq), 0) FROM events")
-    return cast(int, rows[0][0])
-
-
-def _tasks_sql(query: QueryTasks) -> Statement:
-    if query.after is not None and query.status is not None and not query.newest_first:
-        return tasks_page_sql(query.status, query.task_type, query.after, query.limit)
-    where: list[str] = []
-    params: list[object] = []
-    if query.status is not None:
-        where.append("status = ?")
-        params.append(query.status)
-    if query.task_type is not None:
-        where.append("task_type = ?")
-        params.append(query.task_type)
-    if query.after is not None and query.newest_first:
-        where.append("(created_at, id) < (?, ?)")
-        params += [time_text(query.after[1]), query.after[2]]
-    sql = f"SELECT {TASK_COLUMNS} FROM tasks"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    if query.newest_first:
-        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
-    else:
-        sql += " ORDER BY priority DESC, created_at, id LIMIT ?"
-    params.append(-1 if query.limit is None else query.limit)
-    return sql, tuple(params)
-
-
-def _events_sql(read: ReadEvents) -> Statement:
-    """The one-statement form of a ReadEvents (by id: a range of that id's index)."""
-    return events_sql(read)
 
 
 def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
@@ -796,24 +553,6 @@ def _in_order(op: WriteOp) -> Statement:
         case PutSchedule() | SetScheduleSlot() | DeleteScheduleRow():
             return schedule_statement(op)
     raise AssertionError(f"not a row write: {op!r}")
-
-
-def _event_row(seq: int, op: AppendEvent) -> Statement:
-    event = op.event
-    return (
-        _INSERT_EVENT,
-        (
-            seq,
-            event.type,
-            event.timestamp,
-            event.source,
-            event.correlation_id,
-            event.task_id,
-            event.plan_id,
-            event.worker_id,
-            op.data_json.decode(),
-        ),
-    )
 
 
 def _event_from_row(row: tuple[object, ...]) -> Event:

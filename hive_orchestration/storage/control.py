@@ -13,7 +13,7 @@ from ..messages.storage import (
     StorageMessage,
 )
 from ..messages.tasks import TERMINAL, RevokedTaskType, Task
-from .drivers import Driver, Statement
+from .port import Driver, Statement
 from .rows import EPOCH, parse_time, time_text
 
 __all__ = ["CONTROL_QUERIES", "frees_key", "query_control", "revoked_statement"]

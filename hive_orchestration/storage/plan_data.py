@@ -16,7 +16,7 @@ import msgspec
 from ..errors import InvalidInputError, NotFoundError
 from ..messages.plan_data import DependencyResult, DependencyResults, LoadDependencyResults
 from ..messages.plans import SubtaskStatus
-from .drivers import Driver
+from .port import Driver
 from .rows import parse_json
 
 __all__ = ["load_dependency_results"]

@@ -1,4 +1,5 @@
-"""Plans, subtasks and planning requests to and from rows, and the plan queries.
+"""Plans, subtasks and planning requests to and from rows (every store's; the plan
+queries are each store's own: ``storage/sqlite/plans.py``).
 
 Timestamps are ISO-8601 UTC text and JSON columns text, as for tasks (see :mod:`.rows`).
 """
@@ -21,16 +22,13 @@ from ..messages.plans import (
     SubtaskStatus,
 )
 from ..messages.storage import PutPlan, SetPlanStatus
-from .drivers import Driver, Params, Statement
-from .rows import EPOCH, TASK_COLUMNS, parse_json, parse_time, task_from_row, time_text, upsert
+from .port import Params, Statement
+from .rows import EPOCH, parse_json, parse_time, time_text, upsert
 
 __all__ = [
     "PLAN_COLUMNS",
     "REQUEST_COLUMNS",
     "SUBTASK_COLUMNS",
-    "check_dependencies",
-    "count_subtasks",
-    "next_planned_task",
     "plan_from_row",
     "plan_statement",
     "plan_status_statement",
@@ -216,54 +214,3 @@ def request_from_row(row: Sequence[object]) -> PlanningRequest:
         created_at=created,
         error=cast("str | None", error),
     )
-
-
-# -- queries ---------------------------------------------------------------------------------
-
-# Readiness of many tasks in one statement: each task's subtask row, its dependencies
-# (json_each), and the status of each dependency: its row's, or its task's (which the row
-# follows an instant later).
-_CHECK_DEPENDENCIES = """
-SELECT t.id,
-       COUNT(dep.value) = SUM(
-           CASE WHEN d.status = 'completed' OR dt.status = 'completed' THEN 1 ELSE 0 END
-       )
-FROM tasks AS t
-LEFT JOIN plan_execution AS pe ON pe.plan_id = t.plan_id AND pe.subtask_id = t.subtask_id
-LEFT JOIN json_each(COALESCE(pe.dependencies, '[]')) AS dep
-LEFT JOIN plan_execution AS d ON d.plan_id = t.plan_id AND d.subtask_id = dep.value
-LEFT JOIN tasks AS dt ON dt.id = d.task_id
-WHERE t.id IN (SELECT value FROM json_each(?))
-GROUP BY t.id
-"""
-
-_NEXT_PLANNED = (
-    f"SELECT {TASK_COLUMNS} FROM tasks WHERE plan_id = ? AND status = 'queued'"
-    " ORDER BY priority DESC, created_at, rowid LIMIT 1"
-)
-
-# A ready subtask is counted by its task's status; any other by its own.
-_COUNT_SUBTASKS = """
-SELECT CASE WHEN pe.status = 'ready' AND t.status IS NOT NULL THEN t.status
-            WHEN pe.status = 'pending' AND t.status = 'queued' THEN 'queued'
-            ELSE pe.status END AS s,
-       COUNT(*)
-FROM plan_execution AS pe LEFT JOIN tasks AS t ON t.id = pe.task_id
-WHERE pe.plan_id = ?
-GROUP BY s
-"""
-
-
-async def check_dependencies(db: Driver, task_ids: Sequence[str]) -> dict[str, bool]:
-    rows = await db.fetchall(_CHECK_DEPENDENCIES, (_encode(list(task_ids)).decode(),))
-    return {str(task_id): bool(ready) for task_id, ready in rows}
-
-
-async def next_planned_task(db: Driver, plan_id: str) -> object:
-    rows = await db.fetchall(_NEXT_PLANNED, (plan_id,))
-    return task_from_row(rows[0]) if rows else None
-
-
-async def count_subtasks(db: Driver, plan_id: str) -> dict[str, int]:
-    rows = await db.fetchall(_COUNT_SUBTASKS, (plan_id,))
-    return {str(status): cast(int, count) for status, count in rows}

@@ -12,21 +12,74 @@ Nothing here imports a database library: a store's own modules do, and only they
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal, TypeAlias
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias
 
-from ..errors import StorageFault
+from ..errors import StorageError, StorageFault
+from ..messages.plan_data import LoadDependencyResults
+from ..messages.storage import (
+    AppendEvent,
+    CheckDependencies,
+    CountQueued,
+    CountSubtasks,
+    CountTasks,
+    FetchPlan,
+    FetchPlanningRequest,
+    FetchRun,
+    FetchRuns,
+    FetchTask,
+    FetchTasks,
+    FindIdempotencyKeys,
+    FindPurgeable,
+    LastTaskId,
+    LoadActivePlans,
+    LoadLeaseHashes,
+    LoadPlanningRequests,
+    LoadPlanTasks,
+    LoadQueueHeads,
+    LoadRuns,
+    LoadStarts,
+    LoadSubtasks,
+    LoadTasks,
+    LoadTimers,
+    LoadWorkers,
+    NextPlannedTask,
+    PlanEventTrim,
+    QueryPlanningRequests,
+    QueryPlans,
+    QueryTasks,
+    QueryUnroutable,
+    ReadEvents,
+    RetentionDue,
+    StorageMessage,
+)
+
+if TYPE_CHECKING:
+    from ..config import RuntimeConfig
 
 __all__ = [
+    "PLAN_READS",
     "POSTGRES_SCHEMES",
+    "QUEUE_READS",
+    "RETENTION_READS",
+    "STARTING",
+    "SHARED_READS",
+    "STOPPING",
+    "TASK_READS",
     "CommitUnknownError",
     "Driver",
     "Params",
     "Row",
     "Statement",
+    "Store",
+    "StoreClaim",
     "StoreError",
+    "StoreFactory",
     "StoreIntegrityError",
     "StoreKind",
+    "StoreSql",
+    "check_updated",
+    "coalesce",
     "store_kind",
 ]
 
@@ -44,6 +97,14 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 def store_kind(target: str) -> StoreKind:
     """Which store a ``db_path`` / ``--db`` value names."""
     return "postgres" if target.lower().startswith(POSTGRES_SCHEMES) else "sqlite"
+
+
+#: What an owner record says in place of an address while its runtime is opening (it will
+#: serve, and records where once it does) and once it has stopped serving (it is
+#: closing): a client waits and tries again. ``None`` (nothing recorded): it serves no
+#: socket. The same words for every store (:meth:`Store.read_owner`).
+STARTING = "starting"
+STOPPING = "stopping"
 
 
 class StoreError(Exception):
@@ -67,6 +128,35 @@ class StoreIntegrityError(StoreError):
 class CommitUnknownError(StoreError):
     """The connection was lost while COMMIT was on its way: the transaction may or may not
     have landed. Never report it as "nothing was applied"; whoever wrote must read back."""
+
+
+def check_updated(
+    sql: str, rows: int, changed: int, error: type[StoreError] = StoreIntegrityError
+) -> None:
+    """An UPDATE here writes a row its writer knows exists: one that is missing means the
+    writer's memory and the database disagree, so the transaction fails (and the storage
+    actor refuses the write that holds it) rather than lose the change in silence.
+
+    Every driver calls it with each UPDATE run's row count (``changed``) against the rows
+    it was given (``rows``); ``error`` lets a store raise its own subclass of
+    :class:`StoreIntegrityError`.
+    """
+    if changed != rows and sql.startswith("UPDATE"):
+        table = sql.split(None, 2)[1]
+        missing = rows - changed
+        raise error(f"{missing} of {rows} {table} row(s) to update are missing")
+
+
+def coalesce(statements: Sequence[Statement]) -> list[tuple[str, list[Params]]]:
+    """Merge consecutive statements with the same SQL, keeping their order exactly (one
+    ``executemany`` run each)."""
+    runs: list[tuple[str, list[Params]]] = []
+    for sql, params in statements:
+        if runs and runs[-1][0] == sql:
+            runs[-1][1].append(params)
+        else:
+            runs.append((sql, [params]))
+    return runs
 
 
 class Driver:
@@ -98,3 +188,222 @@ class Driver:
 
     async def close(self) -> None:
         raise NotImplementedError
+
+
+# -- the store: everything the runtime needs of one kind of database ----------------------
+
+#: The reads of the storage actor's own family (tasks, runs, workers, keys, listings).
+TASK_READS = (
+    CountTasks,
+    CountQueued,
+    LoadTasks,
+    LoadRuns,
+    LoadLeaseHashes,
+    FindIdempotencyKeys,
+    QueryTasks,
+    FetchTask,
+    FetchRun,
+    FetchRuns,
+    LoadWorkers,
+)
+#: The TaskManager's ready-queue reads (``storage/sqlite/queues.py`` on SQLite).
+QUEUE_READS = (FetchTasks, LoadQueueHeads, QueryUnroutable, LoadTimers, LoadStarts, LastTaskId)
+#: The plan, subtask and planning-queue reads.
+PLAN_READS = (
+    FetchPlan,
+    QueryPlans,
+    LoadActivePlans,
+    LoadSubtasks,
+    LoadPlanTasks,
+    FetchPlanningRequest,
+    QueryPlanningRequests,
+    LoadPlanningRequests,
+    CheckDependencies,
+    NextPlannedTask,
+    CountSubtasks,
+)
+#: The retention reads (what a purge may take, how far a trim goes, when one is due).
+RETENTION_READS = (FindPurgeable, PlanEventTrim, RetentionDue)
+#: Answered by shared code on any store, with portable SQL in ``?`` marks (which a driver
+#: of another paramstyle translates): LoadDependencyResults (plan_data.py), the control
+#: reads (control.py), LoadSchedules (schedules.py); so is every write statement (rows.py,
+#: plans.py, control.py, schedules.py, retention.py) but the event's (StoreSql).
+SHARED_READS = (LoadDependencyResults,)
+
+
+class StoreClaim(Protocol):
+    """A runtime's hold on its database for its whole life, across storage restarts: no
+    second runtime opens it meanwhile (SQLite: a ``flock`` on ``<file>.lock``), and it
+    records where the runtime serves its socket for clients (:meth:`Store.read_owner`)."""
+
+    def acquire(self) -> None:
+        """Take the claim; blocking (``Runtime.open`` calls it in a worker thread).
+
+        Raises :class:`~hive_orchestration.StorageError` with ``fault="in_use"`` and
+        ``path`` set if another runtime holds it (naming it: clients then look for its
+        socket with :meth:`Store.read_owner`), or another ``StorageError`` if it cannot
+        be taken. Records the owner (``STARTING`` as the address when serving)."""
+
+    def release(self) -> None:
+        """Let it go (clearing the records first); idempotent. Called on the event loop
+        as the runtime closes (also after a failed open): it must not wait on anything
+        that can hang (SQLite: closes a descriptor)."""
+
+    def clear_records(self) -> None:
+        """Forget the recorded owner and address while still holding the claim."""
+
+    def record_address(self, address: str) -> None:
+        """Record where the runtime serves (``""``: nowhere; :data:`STARTING` /
+        :data:`STOPPING`). Called in a worker thread, and on the event loop for ``""``
+        and ``STOPPING`` as serving ends: quick, never hanging."""
+
+
+class StoreSql(Protocol):
+    """The reads and statements whose SQL differs from one store to another, by family.
+
+    Every read runs on the connection it is given (the write connection, or a reader's)
+    and answers what its message's ``Request[...]`` type says, decoded (the shared
+    decoders of ``rows.py`` and ``plans.py`` turn rows into messages). It raises
+    :class:`StoreError` for a database failure, ``InvalidInputError`` for a bad cursor
+    (``after``), ``msgspec`` errors for a row that does not decode.
+    """
+
+    # -- events: the log's own statements -----------------------------------------------
+
+    def event_statement(self, seq: int, op: AppendEvent) -> Statement:
+        """The statement that appends ``op.event`` to the log as number ``seq``
+        (``op.data_json`` is its data, as text)."""
+        ...
+
+    async def last_seq(self, db: Driver) -> int:
+        """The greatest seq in the log (0: empty)."""
+        ...
+
+    async def read_events(self, db: Driver, read: ReadEvents) -> list[Row]:
+        """The rows of ``read``, in seq order, each in ``rows.EVENT_COLUMNS`` order."""
+        ...
+
+    # -- the families of reads: one message of its tuple in, its answer out ---------------
+
+    async def query_tasks(self, db: Driver, message: StorageMessage) -> object:
+        """A message of :data:`TASK_READS`."""
+        ...
+
+    async def query_queues(self, db: Driver, message: StorageMessage) -> object:
+        """A message of :data:`QUEUE_READS`."""
+        ...
+
+    async def query_plans(self, db: Driver, message: StorageMessage) -> object:
+        """A message of :data:`PLAN_READS`."""
+        ...
+
+    async def query_retention(self, db: Driver, message: StorageMessage) -> object:
+        """A message of :data:`RETENTION_READS`."""
+        ...
+
+
+class Store(Protocol):
+    """Everything the runtime needs of one kind of database, chosen at open by
+    :func:`store_kind` (``storage.store.open_store(target, config)`` makes one).
+
+    A store is cheap to make (no I/O); one is made per open runtime, inspector or CLI
+    command, and handed to the storage actor, its reader pool and the socket server.
+    Nothing outside ``storage/`` knows which kind it holds. The interface, for a new store
+    (``storage/pg/`` implements it for PostgreSQL):
+
+    - ``storage/<kind>/__init__.py`` exports ``open_store(target: str, config:
+      RuntimeConfig) -> Store`` (:data:`StoreFactory`); ``storage.store.open_store``
+      imports that package lazily for a target of that kind.
+    - Attributes: ``kind`` (:data:`StoreKind`); ``display`` (what the user named, shown in
+      errors, logs and ``StorageStats.path``; never a password); ``memory`` (the data
+      lives inside this process: no socket is served for it); ``readers`` (whether
+      :meth:`open_reader` may be used: the reader pool is made only then); ``sql``
+      (:class:`StoreSql`, the store's SQL families).
+    - :meth:`claim` -> :class:`StoreClaim`: ownership (one runtime at a time; records the
+      socket address). Called once, before :meth:`open`, by ``Runtime.open``.
+    - :meth:`open` -> ``(Driver, last_seq)``: the write connection, checked and migrated
+      (one transaction; a newer schema than the code knows raises
+      ``NewerSchemaError``; ``read_only``: nothing written, an older schema refused),
+      and the log's greatest seq. Failures raise ``StorageError`` already explained.
+    - :meth:`open_reader` -> ``Driver``: one read-only connection for the reader pool
+      (raises ``StorageError``, explained).
+    - :meth:`explain` ``(exc, action) -> StorageError``: the user's error for a
+      :class:`StoreError` that a driver or a :class:`StoreSql` read raised during
+      ``action`` (the store's own wording: path or server, fault, what to do).
+    - :meth:`read_owner`, :meth:`read_schema_version`: blocking reads without a claim,
+      for clients and the CLI.
+    - Drivers (:class:`Driver`) raise only :class:`StoreError` (and subclasses) for the
+      database's failures: :class:`StoreIntegrityError` for a constraint or
+      :func:`check_updated`, :class:`CommitUnknownError` when COMMIT's outcome is unknown
+      (the storage actor then crashes on purpose: its writers hear the outcome is
+      unknown, and the restarted actor re-reads ``last_seq``); ``probe`` answers
+      ``list[StoreError | None]``, one verdict per unit.
+    - Shared SQL reaches the store's drivers too, in ``?`` marks (a driver of another
+      paramstyle translates them): the write statements of ``rows.py``, ``plans.py``,
+      ``control.py``, ``schedules.py`` and ``retention.py`` (upserts spelled ``INSERT ...
+      ON CONFLICT (...) DO UPDATE SET x = excluded.x``; an UPDATE a writer expects to find
+      its row begins with ``UPDATE``: :func:`check_updated`), and the reads of
+      ``control.py`` (CONTROL_QUERIES), ``schedules.py`` (LoadSchedules),
+      ``plan_data.py`` (:data:`SHARED_READS`: it spells a text's length in bytes
+      SQLite's way, ``length(CAST(x AS BLOB))``) and ``retention.trimmed_through`` (the
+      ``event_log`` row). Values are bound as the
+      SQLite store keeps them: timestamps as ISO-8601 UTC text, JSON as text, lease
+      hashes as bytes; ``rows.parse_time`` also takes a ``datetime``.
+    - The actor groups a batch's writes into one :meth:`Driver.transaction`: row
+      statements first, then each event's :meth:`StoreSql.event_statement` with the seq
+      it assigned (``last_seq + 1`` onwards, in memory: one writer per database).
+    """
+
+    @property
+    def kind(self) -> StoreKind:
+        """Which store this is."""
+        ...
+
+    @property
+    def display(self) -> str:
+        """The database as the user named it (no password), for errors and logs."""
+        ...
+
+    @property
+    def memory(self) -> bool:
+        """Whether the data lives inside this process (no socket is served for it)."""
+        ...
+
+    @property
+    def readers(self) -> bool:
+        """Whether :meth:`open_reader` may be used (a reader pool is made only then)."""
+        ...
+
+    @property
+    def sql(self) -> StoreSql:
+        """The store's SQL families."""
+        ...
+
+    def claim(self, *, serving: bool) -> StoreClaim:
+        """The runtime's claim on the database (not yet taken: call ``acquire``)."""
+        ...
+
+    async def open(self, *, read_only: bool = False) -> tuple[Driver, int]:
+        """The write connection (migrated) and the log's last seq."""
+        ...
+
+    async def open_reader(self) -> Driver:
+        """One read-only connection beside the writer."""
+        ...
+
+    def explain(self, exc: StoreError, action: str) -> StorageError:
+        """The user's error for ``exc``, raised while doing ``action``."""
+        ...
+
+    def read_owner(self) -> tuple[str | None, str | None]:
+        """The pid (or node) holding the database and the address it serves on, each
+        ``None`` when not recorded; blocking, takes no claim, may be stale."""
+        ...
+
+    def read_schema_version(self) -> int:
+        """The database's schema version, read without writing; blocking."""
+        ...
+
+
+#: ``open_store(target, config)`` of a store's package.
+StoreFactory: TypeAlias = Callable[[str, "RuntimeConfig"], Store]

@@ -8,9 +8,10 @@ counts, the event log: see :data:`POOLED`) go to a small, bounded pool of read-o
 connections instead, and the actor goes on committing.
 
 Each reader is a task that runs for the runtime's whole life (a supervisor service, across
-restarts of the storage actor) and owns one connection, opened on its first read with
-``mode=ro`` and ``query_only``: aiosqlite's own thread on asyncio, anyio's worker thread
-under trio, exactly as the write connection (:mod:`.drivers`). Jobs reach the readers
+restarts of the storage actor) and owns one connection, opened on its first read by the
+store (:meth:`~.port.Store.open_reader`; on SQLite with ``mode=ro`` and ``query_only``:
+aiosqlite's own thread on asyncio, anyio's worker thread under trio, exactly as the write
+connection, :mod:`.sqlite.drivers`). Jobs reach the readers
 through a bounded stream; a full stream makes the storage actor wait (backpressure),
 which only happens with that many reads already waiting.
 
@@ -31,9 +32,8 @@ so a reader there would wait for the writer's lock.
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections.abc import Awaitable, Callable
-from typing import Literal, TypeAlias
+from typing import TypeAlias
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -50,9 +50,7 @@ from ..messages.storage import (
     QueryTasks,
     ReadEvents,
 )
-from .database import Target, read_only_uri
-from .drivers import Driver, connect
-from .faults import storage_error
+from .port import Driver, Store, StoreError
 
 __all__ = ["POOLED", "Job", "ReaderPool"]
 
@@ -77,25 +75,14 @@ Job: TypeAlias = tuple[Callable[[Driver], Awaitable[None]], Callable[[BaseExcept
 
 
 class ReaderPool:
-    """``size`` read-only connections to ``target``, each driven by its own task."""
+    """``size`` read-only connections to ``store``'s database, each driven by its own task."""
 
-    def __init__(
-        self,
-        target: Target,
-        *,
-        size: int,
-        driver: Literal["auto", "aiosqlite", "thread"],
-        busy_timeout: float,
-        queue: int,
-        owner: str = "storage",
-    ) -> None:
-        if target.memory or target.uri:
-            raise ValueError("a reader pool reads a database file")
+    def __init__(self, store: Store, *, size: int, queue: int, owner: str = "storage") -> None:
+        if not store.readers:
+            raise ValueError(f"a reader pool cannot read {store.display!r}: it needs a file")
         self.size = size
         self._owner = owner
-        self._target = target
-        self._driver = driver
-        self._busy_timeout = busy_timeout
+        self._store = store
         send, receive = anyio.create_memory_object_stream[Job](queue)
         self._send: MemoryObjectSendStream[Job] = send
         self._receive: MemoryObjectReceiveStream[Job] = receive
@@ -112,8 +99,8 @@ class ReaderPool:
         return self._running
 
     def raise_crash(self) -> None:
-        """Raise what a read crashed on (anything but the domain and SQLite errors a read
-        answers with itself), after failing its asker with :class:`ActorFailedError`: the
+        """Raise what a read crashed on (anything but the store's and the domain's errors a
+        read answers with itself), after failing its asker with :class:`ActorFailedError`: the
         storage actor calls it first thing in each batch (a crashed reader pokes it), so
         that it crashes, and is restarted and reported, as if the read had run in it."""
         if not self._crashes:
@@ -186,30 +173,12 @@ class ReaderPool:
                 await _close(db)
 
     async def _open(self) -> Driver:
-        path = self._target.display
-        try:
-            db = await connect(
-                read_only_uri(self._target.connect),
-                uri=True,
-                driver=self._driver,
-                busy_timeout=self._busy_timeout,
-            )
-        except sqlite3.Error as exc:
-            raise storage_error(path, exc, action="cannot open a reader") from exc
-        try:
-            # Per connection: a second guard, should a write ever get here.
-            await db.execute("PRAGMA query_only=ON")
-        except BaseException as exc:
-            await _close(db)
-            if isinstance(exc, sqlite3.Error):
-                raise storage_error(path, exc, action="cannot open a reader") from exc
-            raise
-        return db
+        return await self._store.open_reader()
 
 
 async def _close(db: Driver) -> None:
     with anyio.CancelScope(shield=True):
         try:
             await db.close()
-        except sqlite3.Error as exc:  # pragma: no cover - closing a read-only connection
+        except StoreError as exc:  # pragma: no cover - closing a read-only connection
             log.warning("closing a storage reader failed: %s", exc)

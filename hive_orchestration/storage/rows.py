@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import cast
+from typing import TypeVar, cast
 
+import anyio.lowlevel
 import msgspec
 
 from ..messages.tasks import JsonObject, Run, RunStatus, Task, TaskStatus
 from ..messages.workers import Worker, WorkerStatus
-from .drivers import Params, Statement
+from .port import Params, Row, Statement
 
 __all__ = [
     "DELETE_TASK",
+    "EVENT_COLUMNS",
+    "decoded",
     "EPOCH",
     "parse_json",
     "parse_time",
@@ -210,7 +214,13 @@ def run_state_statement(run: Run) -> Statement:
 
 
 def parse_time(value: object) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(str(value))
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        # A store whose driver answers timestamps as datetimes (PostgreSQL's timestamptz):
+        # in UTC, as the ISO text SQLite keeps.
+        return value if value.tzinfo is None else value.astimezone(UTC)
+    return datetime.fromisoformat(str(value))
 
 
 def parse_json(value: object) -> JsonObject | None:
@@ -328,3 +338,25 @@ def run_from_row(row: tuple[object, ...]) -> Run:
         lease_expires_at=parse_time(lease_expires_at),
         progress=parse_json(progress),
     )
+
+
+#: The event log's columns, in the order every store's event reads answer them.
+EVENT_COLUMNS = "seq, type, timestamp, source, correlation_id, task_id, plan_id, worker_id, data"
+
+#: Rows decoded between two yields to the event loop: about 2.5 ms of tasks.
+_DECODE_CHUNK = 256
+_T = TypeVar("_T")
+
+
+async def decoded(rows: list[Row], decode: Callable[[Row], _T]) -> list[_T]:
+    """Decode a page's rows, letting the event loop run between chunks: a page of 10 000
+    tasks is about 95 ms of decoding, which in one go would hold every writer up that
+    long (the rows themselves are read on the reader's thread)."""
+    if len(rows) <= _DECODE_CHUNK:
+        return [decode(row) for row in rows]
+    result: list[_T] = []
+    for start in range(0, len(rows), _DECODE_CHUNK):
+        if start:
+            await anyio.lowlevel.checkpoint()
+        result += [decode(row) for row in rows[start : start + _DECODE_CHUNK]]
+    return result

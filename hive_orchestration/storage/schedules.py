@@ -19,7 +19,7 @@ import msgspec
 
 from ..messages.schedules import Schedule
 from ..messages.storage import DeleteScheduleRow, PutSchedule, SetScheduleSlot
-from .drivers import Driver, Statement
+from .port import Driver, Statement
 
 __all__ = ["load_schedules", "schedule_statement", "stamp"]
 

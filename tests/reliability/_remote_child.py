@@ -88,7 +88,7 @@ async def load(db_path: str, tag: str, clients: int, rounds: int) -> None:
 
 
 async def slow_owner(db_path: str) -> None:
-    from hive_orchestration.storage.database import DatabaseClaim
+    from hive_orchestration.storage.sqlite.database import DatabaseClaim
 
     claim = DatabaseClaim(db_path, serving=True)
     await anyio.to_thread.run_sync(claim.acquire)

@@ -864,7 +864,7 @@ OPS: dict[str, Operation] = {
         {
             "status": choice(TaskStatus, optional=True),
             "task_type": ident("task_types", optional=True),
-            "limit": LIMIT,
+            "limit": OPT_LIMIT,
         },
     ),
     "list_workers": Operation("await", {"status": choice(WorkerStatus, optional=True)}),
@@ -884,7 +884,7 @@ OPS: dict[str, Operation] = {
         "await",
         {
             "status": choice(PlanStatus, optional=True),
-            "limit": LIMIT,
+            "limit": OPT_LIMIT,
             "after": ident("plans", optional=True),
         },
     ),
@@ -896,14 +896,14 @@ OPS: dict[str, Operation] = {
         "await",
         {
             "status": choice(PlanningStatus, optional=True),
-            "limit": LIMIT,
+            "limit": OPT_LIMIT,
             "after": ident("requests", optional=True),
         },
     ),
     "get_planning_request": Operation("await", {"request_id": REQUEST}),
     "get_queued_tasks": Operation(
         "await",
-        {"limit": LIMIT, "task_type": ident("task_types", optional=True), "after": CURSOR},
+        {"limit": OPT_LIMIT, "task_type": ident("task_types", optional=True), "after": CURSOR},
     ),
     "get_run": Operation("await", {"run_id": ident("runs")}),
     "get_runs": Operation("await", {"task_id": TASK}),

@@ -54,7 +54,7 @@ from hive_orchestration.remote.protocol import (
     frame,
 )
 from hive_orchestration.remote.server import HANDSHAKE_TIMEOUT
-from hive_orchestration.storage.database import STARTING, read_owner
+from hive_orchestration.storage.sqlite.database import STARTING, read_owner
 
 from ._audit import audit_tasks, read_log
 from ._remote import DEADLINE, HELLO, RawPeer, call_frame, child, eventually, owner, start_owner

@@ -1,6 +1,6 @@
 """Storage faults: a read-only, damaged, full or locked database, on real SQLite files.
 
-The behaviour chosen for each (README, "Storage faults and processes"); every refusal is a
+The behaviour chosen for each (docs/delivery.md); every refusal is a
 :class:`StorageError` whose message names the file, the cause and what to do, with
 ``fault`` saying which, and nothing half-written is ever visible:
 
@@ -481,7 +481,7 @@ def error_of(tmp_path: Path, fault: str) -> sqlite3.Error:
 def test_each_sqlite_fault_is_told_with_the_file_and_what_to_do(
     tmp_path: Path, fault: str, remedy: str
 ) -> None:
-    from hive_orchestration.storage.faults import storage_error
+    from hive_orchestration.storage.sqlite.faults import storage_error
 
     cause = error_of(tmp_path, fault)
     error = storage_error("/data/hive.db", cause, action="cannot read", busy_timeout=2.5)
@@ -493,7 +493,7 @@ def test_each_sqlite_fault_is_told_with_the_file_and_what_to_do(
 
 
 def test_any_other_sqlite_error_is_passed_on_with_the_file() -> None:
-    from hive_orchestration.storage.faults import storage_error
+    from hive_orchestration.storage.sqlite.faults import storage_error
 
     cause = sqlite3.IntegrityError("UNIQUE constraint failed: tasks.id")
     error = storage_error("/data/hive.db", cause, action="write rolled back")

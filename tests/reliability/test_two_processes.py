@@ -1,6 +1,6 @@
 """Two processes on one database file: one runtime owns it, a second is refused.
 
-The rule (README, "Storage faults and processes"): a database file belongs to one runtime
+The rule (docs/delivery.md): a database file belongs to one runtime
 at a time. ``Runtime.open`` takes an exclusive ``flock`` on ``<file>.lock`` beside the real
 file for as long as the runtime is open; a second ``Runtime.open`` of the same file, from
 any process and under any name that reaches the same file through symlinks, is refused at

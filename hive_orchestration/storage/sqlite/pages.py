@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from ..errors import InvalidInputError
-from ..messages.plans import PlanStatus
-from .drivers import Driver, Statement
-from .rows import TASK_COLUMNS, time_text
+from ...errors import InvalidInputError
+from ...messages.plans import PlanStatus
+from ..port import Driver, Statement
+from ..rows import TASK_COLUMNS, time_text
 
 __all__ = ["plan_page_sql", "request_page_sql", "tasks_page_sql"]
 

@@ -16,8 +16,9 @@ from typing import Literal
 
 import anyio.to_thread
 
-from ..errors import NewerSchemaError, StorageError, StorageFault
-from .drivers import Driver, connect
+from ...errors import NewerSchemaError, StorageError, StorageFault
+from ..port import STARTING, STOPPING, Driver, StoreError
+from .drivers import connect
 from .faults import storage_error
 from .schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -28,6 +29,7 @@ __all__ = [
     "DatabaseClaim",
     "Target",
     "open_database",
+    "open_reader",
     "prepare_path",
     "read_only_uri",
     "read_owner",
@@ -35,11 +37,8 @@ __all__ = [
 ]
 
 MEMORY = ":memory:"
-#: What a lock file says in place of an address while its runtime is opening (it will
-#: serve, and records where once it does) and once it has stopped serving (it is
-#: closing): a client waits and tries again. An empty record: it serves no socket.
-STARTING = "starting"
-STOPPING = "stopping"
+# STARTING and STOPPING (port.py): what a lock file says in place of an address while its
+# runtime is opening or closing; an empty record: it serves no socket.
 
 if sys.platform != "win32":
     import fcntl
@@ -513,7 +512,7 @@ async def open_database(
         await anyio.to_thread.run_sync(_prepare_for_writing, path)
     try:
         db = await connect(target.connect, uri=target.uri, driver=driver, busy_timeout=busy_timeout)
-    except sqlite3.Error as exc:
+    except StoreError as exc:
         raise _open_error(path, exc, busy_timeout) from exc
     try:
         version = await _user_version(db, path)
@@ -533,7 +532,7 @@ async def open_database(
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
             await db.close()
-        if isinstance(exc, sqlite3.Error):
+        if isinstance(exc, StoreError):
             raise _open_error(path, exc, busy_timeout) from exc
         raise
     return db, last_seq
@@ -544,7 +543,7 @@ def _prepare_for_writing(path: str) -> None:
     check_writable(path)
 
 
-def _open_error(path: str, exc: sqlite3.Error, busy_timeout: float) -> StorageError:
+def _open_error(path: str, exc: StoreError, busy_timeout: float) -> StorageError:
     return storage_error(path, exc, action="cannot open", busy_timeout=busy_timeout)
 
 
@@ -582,7 +581,7 @@ async def _connect_read_only(
             driver=driver,
             busy_timeout=busy_timeout,
         )
-    except sqlite3.Error as exc:
+    except StoreError as exc:
         raise _open_error(path, exc, busy_timeout) from exc
     try:
         version = await _user_version(db, path)
@@ -603,7 +602,7 @@ async def _connect_read_only(
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
             await db.close()
-        if isinstance(exc, sqlite3.Error):
+        if isinstance(exc, StoreError):
             raise _open_error(path, exc, busy_timeout) from exc
         raise
     return db, last_seq
@@ -615,3 +614,28 @@ async def _user_version(db: Driver, path: str) -> int:
     if not isinstance(version, int):  # pragma: no cover - SQLite always answers an integer
         raise StorageError(f"database {path!r} reports a non-integer user_version")
     return version
+
+
+async def open_reader(
+    target: Target, *, driver: Literal["auto", "aiosqlite", "thread"], busy_timeout: float
+) -> Driver:
+    """One read-only connection (``mode=ro``, ``query_only``) to the file ``target`` names,
+    for the reader pool (readers.py); raises :class:`StorageError`."""
+    path = target.display
+    try:
+        db = await connect(
+            read_only_uri(target.connect), uri=True, driver=driver, busy_timeout=busy_timeout
+        )
+    except StoreError as exc:
+        raise storage_error(path, exc, action="cannot open a reader") from exc
+    try:
+        # Per connection: a second guard, should a write ever get here.
+        await db.execute("PRAGMA query_only=ON")
+    except BaseException as exc:
+        # Closing a read-only connection that failed its first statement: nothing to lose.
+        with anyio.CancelScope(shield=True), contextlib.suppress(StoreError):
+            await db.close()
+        if isinstance(exc, StoreError):
+            raise storage_error(path, exc, action="cannot open a reader") from exc
+        raise
+    return db

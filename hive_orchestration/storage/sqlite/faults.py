@@ -5,6 +5,10 @@ SQLite's own messages ("database is locked", "attempt to write a readonly databa
 the storage layer hands to a caller goes through :func:`storage_error`, which keeps
 SQLite's words (in parentheses, and as ``__cause__``) and adds the path, the fault
 (:attr:`StorageError.fault`) and the remedy.
+
+Below the store, every SQLite error leaves the drivers as the port's
+:class:`~hive_orchestration.storage.port.StoreError` (:func:`store_error`), classified
+here, so that the storage actor catches no ``sqlite3`` exception.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ from __future__ import annotations
 import shlex
 import sqlite3
 
-from ..errors import StorageError, StorageFault
+from ...errors import StorageError, StorageFault
+from ..port import StoreError, StoreIntegrityError
 
-__all__ = ["classify", "storage_error"]
+__all__ = ["classify", "storage_error", "store_error"]
 
 # By SQLite's primary result code (https://sqlite.org/rescode.html).
 _BY_CODE: dict[int, StorageFault] = {
@@ -37,8 +42,42 @@ _BY_EXTENDED_CODE: dict[int, StorageFault] = {
 }
 
 
-def classify(exc: sqlite3.Error) -> StorageFault | None:
+_STORE_CLASSES: dict[type[sqlite3.Error], type[StoreError]] = {}
+
+
+def _store_class(kind: type[sqlite3.Error]) -> type[StoreError]:
+    """The port's error class for a ``sqlite3`` error class: a subclass of both, so that
+    the storage actor sees a :class:`StoreError` (an integrity error a
+    :class:`StoreIntegrityError`) and code that knows it talks to SQLite (the SQLite
+    store's own modules, its tests) still sees the ``sqlite3`` class it always did."""
+    found = _STORE_CLASSES.get(kind)
+    if found is None:
+        base = StoreIntegrityError if issubclass(kind, sqlite3.IntegrityError) else StoreError
+        found = type(f"Store{kind.__name__}", (base, kind), {"__module__": __name__})
+        _STORE_CLASSES[kind] = found
+    return found
+
+
+#: What :func:`~hive_orchestration.storage.port.check_updated` raises on SQLite.
+IntegrityStoreError = _store_class(sqlite3.IntegrityError)
+
+
+def store_error(exc: sqlite3.Error) -> StoreError:
+    """``exc`` as the port's :class:`StoreError`, classified (raise it ``from exc``): the
+    same message, SQLite's result codes kept."""
+    if isinstance(exc, StoreError):
+        return exc
+    error = _store_class(type(exc))(str(exc), fault=classify(exc))
+    for attribute in ("sqlite_errorcode", "sqlite_errorname"):
+        if hasattr(exc, attribute):
+            setattr(error, attribute, getattr(exc, attribute))
+    return error
+
+
+def classify(exc: sqlite3.Error | StoreError) -> StorageFault | None:
     """The fault behind a SQLite error, or None for any other error (a constraint...)."""
+    if isinstance(exc, StoreError):
+        return exc.fault
     if _statement_in_progress(exc):
         return None
     code = getattr(exc, "sqlite_errorcode", 0)
@@ -49,7 +88,7 @@ def classify(exc: sqlite3.Error) -> StorageFault | None:
     return _BY_CODE.get(code & 0xFF)
 
 
-def _statement_in_progress(exc: sqlite3.Error) -> bool:
+def _statement_in_progress(exc: Exception) -> bool:
     """SQLITE_BUSY from this connection's own unfinished statement ("cannot commit
     transaction - SQL statements in progress"), not from another connection's lock: no
     wait helps, and nobody else is involved."""
@@ -57,9 +96,10 @@ def _statement_in_progress(exc: sqlite3.Error) -> bool:
 
 
 def storage_error(
-    path: str, exc: sqlite3.Error, *, action: str, busy_timeout: float | None = None
+    path: str, exc: sqlite3.Error | StoreError, *, action: str, busy_timeout: float | None = None
 ) -> StorageError:
-    """The :class:`StorageError` for ``exc``, raised while doing ``action``.
+    """The :class:`StorageError` for ``exc`` (SQLite's, or the port's error made of one by
+    :func:`store_error`: the same words), raised while doing ``action``.
 
     ``action`` opens the message ("cannot open database", "write rolled back, nothing of it
     was applied"...); the rest names ``path``, says what happened and what to do.

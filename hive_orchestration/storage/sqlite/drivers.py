@@ -14,74 +14,55 @@ statements in progress", however briefly it lingers. The
 storage actor calls them from a shielded scope: a transaction always ends in COMMIT or
 ROLLBACK, never half-way (aiosqlite keeps running a statement whose caller was cancelled,
 and would leave the shared connection inside an open transaction).
+
+They implement the port's :class:`~hive_orchestration.storage.port.Driver`: every
+``sqlite3`` error leaves them as a :class:`~hive_orchestration.storage.port.StoreError`
+(:func:`.faults.store_error`, still a ``sqlite3.Error`` too), a missing row of an UPDATE
+as a :class:`~hive_orchestration.storage.port.StoreIntegrityError`.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Awaitable, Callable, Sequence
-from functools import partial
-from typing import Any, Literal, TypeAlias, cast
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from functools import partial, wraps
+from typing import Any, Literal, ParamSpec, TypeVar, cast
 
 import aiosqlite
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from ..errors import ConfigError
+from ...errors import ConfigError
+from ..port import Driver, Params, Row, Statement, StoreError, coalesce
+from ..port import check_updated as _check_updated
+from .faults import IntegrityStoreError, store_error
 
 __all__ = ["AiosqliteDriver", "Driver", "Params", "Statement", "ThreadDriver", "connect"]
 
-Params: TypeAlias = tuple[object, ...]
-Statement: TypeAlias = tuple[str, Params]
-Row: TypeAlias = tuple[object, ...]
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 def check_updated(sql: str, rows: int, changed: int) -> None:
-    """An UPDATE here writes a row its writer knows exists: one that is missing means the
-    writer's memory and the database disagree, so the transaction fails (and the storage
-    actor refuses the write that holds it) rather than lose the change in silence."""
-    if changed != rows and sql.startswith("UPDATE"):
-        table = sql.split(None, 2)[1]
-        missing = rows - changed
-        raise sqlite3.IntegrityError(f"{missing} of {rows} {table} row(s) to update are missing")
+    """:func:`~hive_orchestration.storage.port.check_updated`, raising an error that is a
+    ``sqlite3.IntegrityError`` too, as every other constraint failure here is."""
+    _check_updated(sql, rows, changed, IntegrityStoreError)
 
 
-def coalesce(statements: Sequence[Statement]) -> list[tuple[str, list[Params]]]:
-    """Merge consecutive statements with the same SQL, keeping their order exactly."""
-    runs: list[tuple[str, list[Params]]] = []
-    for sql, params in statements:
-        if runs and runs[-1][0] == sql:
-            runs[-1][1].append(params)
-        else:
-            runs.append((sql, [params]))
-    return runs
+def _as_store_errors(
+    method: Callable[_P, Coroutine[Any, Any, _R]],
+) -> Callable[_P, Coroutine[Any, Any, _R]]:
+    """A driver method whose ``sqlite3`` errors leave it as the port's StoreError."""
 
+    @wraps(method)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return await method(*args, **kwargs)
+        except sqlite3.Error as exc:
+            raise store_error(exc) from exc
 
-class Driver:
-    """The write connection. Only the storage actor holds one."""
-
-    name: str = "driver"
-
-    async def execute(self, sql: str, params: Params = ()) -> None:
-        raise NotImplementedError
-
-    async def fetchall(self, sql: str, params: Params = ()) -> list[Row]:
-        raise NotImplementedError
-
-    async def transaction(self, statements: Sequence[Statement]) -> None:
-        """Apply ``statements`` in order in one transaction: all of them, or none."""
-        raise NotImplementedError
-
-    async def probe(self, units: Sequence[Sequence[Statement]]) -> list[sqlite3.Error | None]:
-        """Try each unit in its own savepoint, then roll everything back.
-
-        Tells which units of a failed batch are at fault, without writing anything.
-        """
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        raise NotImplementedError
+    return wrapper
 
 
 # -- the thread driver: one hop per call -------------------------------------------------
@@ -119,8 +100,8 @@ def _transaction_sync(conn: sqlite3.Connection, statements: Sequence[Statement])
 
 def _probe_sync(
     conn: sqlite3.Connection, units: Sequence[Sequence[Statement]]
-) -> list[sqlite3.Error | None]:
-    results: list[sqlite3.Error | None] = []
+) -> list[StoreError | None]:
+    results: list[StoreError | None] = []
     _execute_sync(conn, "BEGIN IMMEDIATE")
     try:
         for unit in units:
@@ -130,7 +111,7 @@ def _probe_sync(
                     check_updated(sql, 1, _execute_sync(conn, sql, params))
             except sqlite3.Error as exc:
                 _execute_sync(conn, "ROLLBACK TO unit")
-                results.append(exc)
+                results.append(store_error(exc))
             else:
                 results.append(None)
             _execute_sync(conn, "RELEASE unit")
@@ -157,6 +138,7 @@ class ThreadDriver(Driver):
         self._limiter = anyio.CapacityLimiter(1)
 
     @classmethod
+    @_as_store_errors
     async def open(cls, path: str, busy_timeout: float, *, uri: bool = False) -> ThreadDriver:
         connect = partial(
             sqlite3.connect,
@@ -168,24 +150,29 @@ class ThreadDriver(Driver):
         )
         return cls(await anyio.to_thread.run_sync(connect))
 
+    @_as_store_errors
     async def execute(self, sql: str, params: Params = ()) -> None:
         await anyio.to_thread.run_sync(
             _execute_sync, self._conn, sql, params, limiter=self._limiter
         )
 
+    @_as_store_errors
     async def fetchall(self, sql: str, params: Params = ()) -> list[Row]:
         return await anyio.to_thread.run_sync(
             _fetchall_sync, self._conn, sql, params, limiter=self._limiter
         )
 
+    @_as_store_errors
     async def transaction(self, statements: Sequence[Statement]) -> None:
         await anyio.to_thread.run_sync(
             _transaction_sync, self._conn, statements, limiter=self._limiter
         )
 
-    async def probe(self, units: Sequence[Sequence[Statement]]) -> list[sqlite3.Error | None]:
+    @_as_store_errors
+    async def probe(self, units: Sequence[Sequence[Statement]]) -> list[StoreError | None]:
         return await anyio.to_thread.run_sync(_probe_sync, self._conn, units, limiter=self._limiter)
 
+    @_as_store_errors
     async def close(self) -> None:
         await anyio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
 
@@ -223,6 +210,7 @@ class AiosqliteDriver(Driver):
         self._run = _in_connection_thread(conn) if whole_batches else None
 
     @classmethod
+    @_as_store_errors
     async def open(cls, path: str, busy_timeout: float, *, uri: bool = False) -> AiosqliteDriver:
         pending = aiosqlite.connect(path, isolation_level=None, timeout=busy_timeout, uri=uri)
         try:
@@ -231,12 +219,14 @@ class AiosqliteDriver(Driver):
             await _join_worker(pending)
             raise
 
+    @_as_store_errors
     async def execute(self, sql: str, params: Params = ()) -> None:
         if self._run is not None:
             await self._run(_execute_sync, sql, params)
         else:
             await self._statement(sql, params)
 
+    @_as_store_errors
     async def fetchall(self, sql: str, params: Params = ()) -> list[Row]:
         if self._run is not None:
             return cast("list[Row]", await self._run(_fetchall_sync, sql, params))
@@ -253,6 +243,7 @@ class AiosqliteDriver(Driver):
         async with self._conn.executemany(sql, rows) as cursor:
             return cursor.rowcount
 
+    @_as_store_errors
     async def transaction(self, statements: Sequence[Statement]) -> None:
         # Shielded: aiosqlite runs a statement whose awaiting caller was cancelled anyway,
         # so a cancellation here would leave the connection inside an open transaction.
@@ -270,15 +261,16 @@ class AiosqliteDriver(Driver):
                     await self._statement("ROLLBACK")
                 raise
 
-    async def probe(self, units: Sequence[Sequence[Statement]]) -> list[sqlite3.Error | None]:
+    @_as_store_errors
+    async def probe(self, units: Sequence[Sequence[Statement]]) -> list[StoreError | None]:
         with anyio.CancelScope(shield=True):
             if self._run is not None:
-                return cast("list[sqlite3.Error | None]", await self._run(_probe_sync, units))
+                return cast("list[StoreError | None]", await self._run(_probe_sync, units))
             results = await self._probe(units)
         return results
 
-    async def _probe(self, units: Sequence[Sequence[Statement]]) -> list[sqlite3.Error | None]:
-        results: list[sqlite3.Error | None] = []
+    async def _probe(self, units: Sequence[Sequence[Statement]]) -> list[StoreError | None]:
+        results: list[StoreError | None] = []
         await self._statement("BEGIN IMMEDIATE")
         try:
             for unit in units:
@@ -288,7 +280,7 @@ class AiosqliteDriver(Driver):
                         check_updated(sql, 1, await self._statement(sql, params))
                 except sqlite3.Error as exc:
                     await self._statement("ROLLBACK TO unit")
-                    results.append(exc)
+                    results.append(store_error(exc))
                 else:
                     results.append(None)
                 await self._statement("RELEASE unit")
@@ -297,6 +289,7 @@ class AiosqliteDriver(Driver):
                 await self._statement("ROLLBACK")
         return results
 
+    @_as_store_errors
     async def close(self) -> None:
         with anyio.CancelScope(shield=True):
             try:

@@ -25,12 +25,12 @@ id's index, which is narrower than any type.
 
 from __future__ import annotations
 
-from ..messages.storage import ReadEvents
-from .drivers import Driver, Params, Row
+from ...messages.storage import ReadEvents
+from ..port import Driver, Params, Row
+from ..rows import EVENT_COLUMNS
 
 __all__ = ["EVENT_COLUMNS", "MAX_TYPES", "events_sql", "literal_prefix", "read_event_rows"]
 
-EVENT_COLUMNS = "seq, type, timestamp, source, correlation_id, task_id, plan_id, worker_id, data"
 #: Most distinct types a pattern is resolved into through the type index.
 MAX_TYPES = 64
 _GLOB_SPECIAL = frozenset("*?[")

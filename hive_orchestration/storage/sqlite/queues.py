@@ -15,8 +15,8 @@ from typing import cast
 
 import msgspec
 
-from .._ids import is_new_id
-from ..messages.storage import (
+from ..._ids import is_new_id
+from ...messages.storage import (
     FetchTasks,
     LastTaskId,
     LoadQueueHeads,
@@ -28,9 +28,9 @@ from ..messages.storage import (
     StorageMessage,
     TasksWithRuns,
 )
-from ..messages.tasks import Run, Task
-from .drivers import Driver
-from .rows import (
+from ...messages.tasks import Run, Task
+from ..port import Driver
+from ..rows import (
     RUN_COLUMNS,
     TASK_COLUMNS,
     parse_time,
