@@ -17,13 +17,13 @@ import pytest
 psycopg = pytest.importorskip("psycopg")
 
 from hive_orchestration.errors import StorageError  # noqa: E402
-from hive_orchestration.storage.pg import display_url  # noqa: E402
 from hive_orchestration.storage.pg.driver import (  # noqa: E402
     PostgresDriver,
     PostgresReader,
     translate,
 )
 from hive_orchestration.storage.pg.faults import storage_error  # noqa: E402
+from hive_orchestration.storage.pg.url import display_url  # noqa: E402
 from hive_orchestration.storage.port import (  # noqa: E402
     CommitUnknownError,
     StoreError,
@@ -59,7 +59,7 @@ def roles(url: str) -> list[tuple[Any, ...]]:
 def kill(url: str, driver: PostgresDriver) -> None:
     """End the driver's server session from outside, as an operator (or a restart) does."""
     pid = driver._conn.info.backend_pid  # type: ignore[union-attr]
-    assert raw(url, "SELECT pg_terminate_backend(%s)", (pid,)) == [(True,)]
+    assert raw(url, "SELECT pg_terminate_backend(%s, 10000)", (pid,)) == [(True,)]
 
 
 # -- placeholders (no server needed) -----------------------------------------------------
@@ -96,6 +96,12 @@ def test_numbered_marks_reorder_and_repeat_parameters() -> None:
     assert text == "SELECT %s, %s, %s, %s"
     # A plain ? after numbered ones takes the number after the largest (SQLite's rule).
     assert order == (1, 0, 1, 2)
+
+
+def test_sqlites_bytes_of_a_text_become_postgresqls() -> None:
+    assert translate("SELECT length(CAST(t.result AS BLOB)) FROM t WHERE a = ?")[0] == (
+        "SELECT length(convert_to(t.result, 'UTF8')) FROM t WHERE a = %s"
+    )
 
 
 def test_translation_is_cached_per_text() -> None:
@@ -166,6 +172,12 @@ async def test_fetchall_and_execute_take_question_marks(db: PostgresDriver, pg_u
         "SELECT id, role, '?' FROM workers WHERE id LIKE 'w%' AND role = ?", ("a?",)
     )
     assert rows == [("w%1", "a?", "?")]
+
+
+@pytest.mark.anyio
+async def test_byte_length_counts_utf8_bytes_and_takes_backslashes(db: PostgresDriver) -> None:
+    await db.execute(INSERT, ("w1", "é\\x41"))
+    assert await db.fetchall("SELECT length(CAST(role AS BLOB)) FROM workers") == [(6,)]
 
 
 @pytest.mark.anyio
@@ -304,3 +316,35 @@ def test_display_url_drops_the_password() -> None:
         == "postgresql://u@h/db?sslmode=require"
     )
     assert display_url("postgresql://h/db") == "postgresql://h/db"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "matches", "misses"),
+    [
+        ("job.*", ["job.", "job.created"], ["jobs.x", "Job.created"]),
+        ("?ob", ["job", "mob"], ["ob", "jjob"]),
+        ("[dt]eploy", ["deploy", "teploy"], ["reploy"]),
+        ("[^d]eploy", ["teploy"], ["deploy"]),
+        ("[]a]x", ["]x", "ax"], ["bx"]),
+        ("a.b%c_d\\e", ["a.b%c_d\\e"], ["aXb%c_d\\e", "a.b%cXd\\e"]),
+    ],
+)
+def test_globs_become_anchored_regular_expressions(
+    pattern: str, matches: list[str], misses: list[str]
+) -> None:
+    import re
+
+    from hive_orchestration.storage.pg.sql import glob_regex
+
+    regex = glob_regex(pattern)
+    assert regex is not None
+    for text in matches:
+        assert re.fullmatch(regex, text), (pattern, text)
+    for text in misses:
+        assert not re.fullmatch(regex, text), (pattern, text)
+
+
+def test_an_unclosed_bracket_matches_nothing_as_in_sqlite() -> None:
+    from hive_orchestration.storage.pg.sql import glob_regex
+
+    assert glob_regex("job.[abc") is None

@@ -51,17 +51,23 @@ def test_the_package_imports_without_psycopg() -> None:
 def test_a_postgresql_url_without_psycopg_says_which_extra_to_install() -> None:
     done = run_without_psycopg(
         """
-        from hive_orchestration.errors import StorageError
-        from hive_orchestration.storage.pg import require_psycopg
-        try:
-            require_psycopg("postgresql://me:s3cret@db.example/hive")
-        except StorageError as exc:
-            print(exc.fault, exc.path)
-            print(exc)
+        import anyio
+        from hive_orchestration import Runtime
+        from hive_orchestration.errors import ConfigError
+
+        async def main():
+            try:
+                async with Runtime.open("postgresql://me:s3cret@db.example/hive"):
+                    pass
+            except ConfigError as exc:
+                print(exc.field)
+                print(exc)
+
+        anyio.run(main)
         """
     )
     assert done.returncode == 0, done.stderr
-    first, message = done.stdout.strip().split("\n", 1)
-    assert first == "cannot_open postgresql://me@db.example/hive"
+    field, message = done.stdout.strip().split("\n", 1)
+    assert field == "path"  # Runtime.open's parameter
     assert "pip install 'hive-orchestration[postgres]'" in message
     assert "s3cret" not in done.stdout

@@ -42,10 +42,12 @@ from ..port import (
     Statement,
     StoreError,
     StoreIntegrityError,
+    check_updated,
+    coalesce,
 )
 from .faults import connect_error, connection_lost, store_error
 
-__all__ = ["PostgresDriver", "PostgresReader", "check_updated", "coalesce", "translate"]
+__all__ = ["PostgresDriver", "PostgresReader", "translate"]
 
 Connection = psycopg.Connection[tuple[Any, ...]]
 T = TypeVar("T")
@@ -55,27 +57,6 @@ CONNECT_TIMEOUT = 10.0
 
 
 # -- statements ------------------------------------------------------------------------
-
-
-def check_updated(sql: str, rows: int, changed: int) -> None:
-    """An UPDATE here writes a row its writer knows exists: one that is missing means the
-    writer's memory and the database disagree, so the transaction fails (and the storage
-    actor refuses the write that holds it) rather than lose the change in silence."""
-    if changed != rows and sql.lstrip().startswith("UPDATE"):
-        table = sql.split(None, 2)[1]
-        missing = rows - changed
-        raise StoreIntegrityError(f"{missing} of {rows} {table} row(s) to update are missing")
-
-
-def coalesce(statements: Sequence[Statement]) -> list[tuple[str, list[Params]]]:
-    """Merge consecutive statements with the same SQL, keeping their order exactly."""
-    runs: list[tuple[str, list[Params]]] = []
-    for sql, params in statements:
-        if runs and runs[-1][0] == sql:
-            runs[-1][1].append(params)
-        else:
-            runs.append((sql, [params]))
-    return runs
 
 
 # Outside quotes and comments: a mark (``?`` or ``?NNN``) or a ``%``; a quoted literal,
@@ -93,6 +74,12 @@ _TOKENS = re.compile(
 )
 
 
+# SQLite's spelling of "the UTF-8 bytes of a text" (``length(CAST(x AS BLOB))`` is its byte
+# length), which the SQL shared by both stores uses: PostgreSQL's CAST(text AS bytea)
+# would parse backslashes as escapes, so it becomes convert_to(x, 'UTF8').
+_AS_BLOB = re.compile(r"CAST\(\s*([A-Za-z_][\w.]*)\s+AS\s+BLOB\s*\)", re.IGNORECASE)
+
+
 @functools.lru_cache(maxsize=2048)
 def translate(sql: str) -> tuple[LiteralString, tuple[int, ...] | None]:
     """``sql`` with SQLite's marks as psycopg's, and how to order its parameters.
@@ -101,8 +88,9 @@ def translate(sql: str) -> tuple[LiteralString, tuple[int, ...] | None]:
     too, and the second item lists, for each ``%s`` in order, the 0-based index of the
     parameter it takes (None when that is simply 0, 1, 2...). A plain ``?`` after numbered
     ones takes the number after the largest so far, as in SQLite. Every ``%`` is doubled,
-    so that a ``LIKE 'a%'`` stays what it was. Cached: the storage actor sends the same
-    few hundred texts over and over.
+    so that a ``LIKE 'a%'`` stays what it was. ``CAST(column AS BLOB)`` (SQLite's UTF-8
+    bytes of a text) becomes ``convert_to(column, 'UTF8')``. Cached: the storage actor
+    sends the same few hundred texts over and over.
     """
     order: list[int] = []
     highest = 0
@@ -120,7 +108,7 @@ def translate(sql: str) -> tuple[LiteralString, tuple[int, ...] | None]:
         order.append(index - 1)
         return "%s"
 
-    text = _TOKENS.sub(replace, sql)
+    text = _TOKENS.sub(replace, _AS_BLOB.sub(r"convert_to(\1, 'UTF8')", sql))
     plain = order == list(range(len(order)))
     # The text is the program's own SQL, only rewritten: as literal as what it came from
     # (mypy reads LiteralString as str; psycopg's annotations ask for it).

@@ -15,7 +15,7 @@ import psycopg
 
 from ...errors import StorageError, StorageFault
 from ..port import CommitUnknownError, StoreError, StoreIntegrityError
-from . import display_url
+from .url import display_url
 
 __all__ = ["classify", "connect_error", "connection_lost", "storage_error", "store_error"]
 

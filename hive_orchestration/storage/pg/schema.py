@@ -42,7 +42,7 @@ import shlex
 from typing import TYPE_CHECKING, Any
 
 from ...errors import NewerSchemaError, StorageError
-from . import display_url
+from .url import display_url
 
 if TYPE_CHECKING:
     import psycopg
