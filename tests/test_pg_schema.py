@@ -21,15 +21,14 @@ import pytest
 psycopg = pytest.importorskip("psycopg")
 
 from hive_orchestration.errors import NewerSchemaError, StorageError  # noqa: E402
-from hive_orchestration.storage import schema as sqlite_schema  # noqa: E402
 from hive_orchestration.storage.pg import schema as pg_schema  # noqa: E402
 from hive_orchestration.storage.pg.claim import (  # noqa: E402
-    STARTING,
     DatabaseClaim,
     read_owner,
 )
 from hive_orchestration.storage.pg.driver import PostgresDriver  # noqa: E402
-from hive_orchestration.storage.port import StoreError  # noqa: E402
+from hive_orchestration.storage.port import STARTING, StoreError  # noqa: E402
+from hive_orchestration.storage.sqlite import schema as sqlite_schema  # noqa: E402
 
 
 def raw(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -250,6 +249,12 @@ async def test_second_runtime_on_the_database_is_refused(pg_url: str) -> None:
             str(os.getpid()),
             "/run/hive.sock",
         )
+        # Letting go clears the records first, the claim still held: no owner is named
+        # (a client waits for it to go), and nobody else may take it yet.
+        await anyio.to_thread.run_sync(first.clear_records)
+        assert await anyio.to_thread.run_sync(read_owner, pg_url) == (None, None)
+        with pytest.raises(StorageError, match="pid unknown"):
+            await anyio.to_thread.run_sync(DatabaseClaim(pg_url).acquire)
     finally:
         first.release()
     # Released: nobody is found any more, and the next runtime takes it.
@@ -267,7 +272,7 @@ async def test_claim_of_a_killed_owner_is_free_and_its_record_names_no_one(pg_ur
     await anyio.to_thread.run_sync(first.record_address, "/run/old.sock")
     # Its sessions end, as when its process is killed or the server restarts.
     for pid in (backend_pid(first._conn), backend_pid(writer._conn)):
-        raw(pg_url, "SELECT pg_terminate_backend(%s)", (pid,))
+        raw(pg_url, "SELECT pg_terminate_backend(%s, 10000)", (pid,))
     assert await anyio.to_thread.run_sync(read_owner, pg_url) == (None, None)
     second = DatabaseClaim(pg_url)
     await anyio.to_thread.run_sync(second.acquire)
@@ -295,7 +300,7 @@ async def test_owner_whose_connections_were_lost_takes_its_claim_back(pg_url: st
     writer = await PostgresDriver.open(pg_url, on_connect=claim.hold)
     try:
         for pid in (backend_pid(claim._conn), backend_pid(writer._conn)):
-            raw(pg_url, "SELECT pg_terminate_backend(%s)", (pid,))
+            raw(pg_url, "SELECT pg_terminate_backend(%s, 10000)", (pid,))
         with pytest.raises(StoreError):
             await writer.fetchall("SELECT 1")
         assert await writer.fetchall("SELECT 1") == [(1,)]  # reconnected, claim taken again

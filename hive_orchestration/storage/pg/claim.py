@@ -24,34 +24,34 @@ the work; ``hive_nodes`` is already one row per node so that they can.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import threading
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 
 from ...errors import StorageError
-from ..port import StoreError
-from . import display_url
+from ..port import STARTING, StoreError
 from .driver import CONNECT_TIMEOUT
 from .faults import connect_error, connection_lost, storage_error
 from .schema import MIGRATE_LOCK
+from .url import display_url
 
-__all__ = ["OWNER_LOCK", "STARTING", "STOPPING", "DatabaseClaim", "read_owner"]
+__all__ = ["OWNER_LOCK", "DatabaseClaim", "read_owner"]
 
 #: The advisory lock the owning runtime's write connection holds. "hiveownr" in ASCII.
 OWNER_LOCK = 0x68697665_6F776E72
 # How pg_locks shows a bigint advisory key: its high and low halves.
 _LOCK_HIGH, _LOCK_LOW = OWNER_LOCK >> 32, OWNER_LOCK & 0xFFFFFFFF
 
-#: As for a SQLite file (:mod:`..database`): the address while the owner opens, and once
-#: it has stopped serving; a client waits and tries again.
-STARTING = "starting"
-STOPPING = "stopping"
 
 Connection = psycopg.Connection[tuple[Any, ...]]
+
+log = logging.getLogger("hive_orchestration.storage")
 
 _NODES = (
     "CREATE TABLE IF NOT EXISTS hive_nodes ("
@@ -76,6 +76,13 @@ def _connect(url: str, application_name: str) -> Connection:
             autocommit=True,
             application_name=application_name,
             connect_timeout=round(CONNECT_TIMEOUT),
+            # A server or network gone silent ends the session in seconds, not hours: the
+            # claim is held for the runtime's whole life, mostly idle.
+            keepalives=1,
+            keepalives_idle=5,
+            keepalives_interval=2,
+            keepalives_count=3,
+            tcp_user_timeout=10_000,
         )
     except psycopg.Error as exc:
         raise storage_error(url, connect_error(exc), action="cannot open") from exc
@@ -115,6 +122,34 @@ def read_owner(url: str) -> tuple[str | None, str | None]:
         return None, None
     finally:
         conn.close()
+
+
+#: Seconds the runtime waits for the server as it lets the claim go or records its address
+#: on the event loop (both are called there, and must not hang on a server gone silent).
+_QUICK = 2.0
+
+
+def _quickly(job: Callable[[], None], what: str) -> None:
+    """Run ``job`` in a thread of its own and wait for it at most :data:`_QUICK` seconds;
+    after that it is left to end by itself (its connection's keepalives bound it), and
+    the caller goes on: the server ends the session, and with it the lock, anyway."""
+    done = threading.Event()
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            job()
+        except BaseException as exc:  # handed to the caller below
+            failed.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="hive-pg-claim", daemon=True).start()
+    if not done.wait(_QUICK):
+        log.warning("PostgreSQL did not answer within %gs to %s; going on", _QUICK, what)
+        return
+    if failed:
+        raise failed[0]
 
 
 class DatabaseClaim:
@@ -215,40 +250,67 @@ class DatabaseClaim:
             fault="in_use",
         )
 
-    def _write(self, address: str) -> None:
+    def _write(self, sql: str, params: tuple[object, ...]) -> None:
         conn = self._conn
         if connection_lost(conn):
-            return  # the next write connection takes the claim again, with this address
+            return  # the next write connection takes the claim again, with its records
         assert conn is not None
         try:
-            conn.execute(
-                "UPDATE hive_nodes SET address = %s WHERE id = %s", (address, self.node_id)
-            )
+            conn.execute(sql, params)
         except psycopg.Error as exc:
             raise storage_error(self.url, exc, action="cannot record the owner") from exc
 
+    def _record(self) -> None:
+        self._write(
+            "INSERT INTO hive_nodes (id, pid, host, address) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (id) DO UPDATE SET address = excluded.address",
+            (self.node_id, os.getpid(), socket.gethostname(), self._address),
+        )
+
     def record_address(self, address: str) -> None:
         """Record where the runtime serves its message API (``""``: nowhere), for the
-        clients of other processes to find (:func:`read_owner`). Blocking."""
-        with self._lock:
-            self._address = address
-            self._write(address)
+        clients of other processes to find (:func:`read_owner`). Quick: waits for the
+        server :data:`_QUICK` seconds at most (it is called on the event loop too)."""
+
+        def job() -> None:
+            with self._lock:
+                self._address = address
+                self._record()
+
+        _quickly(job, "the owner's address")
 
     def clear_records(self) -> None:
-        """No address for a client to find any more, while the claim is still held. Best
-        effort: a server out of reach has no client to mislead either."""
-        with self._lock:
-            self._address = ""
-            with contextlib.suppress(StorageError):
-                self._write("")
+        """No owner for a client to find any more (neither pid nor address, as a SQLite
+        lock file's records are cleared), while the claim is still held: a client that
+        finds the lock held and no record waits for it to go. Best effort: a server out
+        of reach has no client to mislead either."""
+
+        def job() -> None:
+            with self._lock:
+                self._address = ""
+                self._write("DELETE FROM hive_nodes WHERE id = %s", (self.node_id,))
+
+        with contextlib.suppress(StorageError):
+            _quickly(job, "clearing the owner's record")
 
     def release(self) -> None:
-        """Let the claim go (idempotent): the row goes, and the lock with its connection."""
-        with self._lock:
-            self._released = True
-            conn, self._conn = self._conn, None
-            if conn is None:
-                return
-            with contextlib.suppress(psycopg.Error):
-                conn.execute("DELETE FROM hive_nodes WHERE id = %s", (self.node_id,))
-            conn.close()
+        """Let the claim go (idempotent): the row goes, and the lock with its connection.
+        Quick, as :meth:`record_address`; if the server does not answer, the lock goes
+        when the server ends the session."""
+
+        def job() -> None:
+            with self._lock:
+                self._released = True
+                conn, self._conn = self._conn, None
+                if conn is None:
+                    return
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("DELETE FROM hive_nodes WHERE id = %s", (self.node_id,))
+                    # Unlocked here, not by closing: the server ends a closed session a
+                    # moment after the close returns, and a runtime opened right after
+                    # would be refused by a lock still held for nobody.
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (OWNER_LOCK,))
+                conn.close()
+
+        self._released = True  # no write connection takes the claim again meanwhile
+        _quickly(job, "letting the claim go")
