@@ -1,0 +1,218 @@
+"""The ready queues' reads on PostgreSQL: the twin of ``storage/sqlite/queues.py``.
+
+The same reads in the same order (priority highest first, then ``created_at``, then
+id), as range scans of the partial index ``idx_tasks_ready``. What differs: PostgreSQL
+spells SQLite's null-safe ``IS ?`` as ``IS NOT DISTINCT FROM ?`` (and its planner still
+uses the index for it only when the value is not NULL, so a queue's NULL columns are
+written ``IS NULL``); it needs no ``INDEXED BY`` (the partial indexes' own WHERE terms are
+repeated); a list of ids is one array parameter; "the last rows inserted" is the greatest
+ids (time-ordered), as it has no rowid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import cast
+
+import msgspec
+
+from ..._ids import is_new_id
+from ...messages.storage import (
+    FetchTasks,
+    LastTaskId,
+    LoadQueueHeads,
+    LoadStarts,
+    LoadTimers,
+    QueryUnroutable,
+    QueueHead,
+    QueueHeads,
+    StorageMessage,
+    TasksWithRuns,
+)
+from ...messages.tasks import Run, Task
+from ..port import Driver
+from ..rows import (
+    RUN_COLUMNS,
+    TASK_COLUMNS,
+    parse_time,
+    run_from_row,
+    task_from_row,
+    time_text,
+)
+
+__all__ = ["query_queues", "requires_text"]
+
+_encode = msgspec.json.Encoder().encode
+_READY = "status = 'queued' AND run_at IS NULL"
+_ROUTES = f"SELECT DISTINCT task_type, requires FROM tasks WHERE {_READY}"
+_QUEUES = f"SELECT DISTINCT task_type, requires, concurrency_key FROM tasks WHERE {_READY}"
+# The earliest start times (expiries) of queued tasks after a (time, id), in that order.
+# With no cursor, from the start: '-infinity' is before every time (SQLite's '' is
+# before every text).
+_TIMERS = {
+    "run_at": (
+        "SELECT id, run_at, created_at FROM tasks"
+        " WHERE status = 'queued' AND run_at IS NOT NULL AND (run_at, id) > (?, ?)"
+        " ORDER BY run_at, id LIMIT ?"
+    ),
+    "expires_at": (
+        "SELECT id, expires_at, created_at FROM tasks"
+        " WHERE status = 'queued' AND expires_at IS NOT NULL AND (expires_at, id) > (?, ?)"
+        " ORDER BY expires_at, id LIMIT ?"
+    ),
+}
+
+
+def _equal(column: str, value: object) -> str:
+    """``column`` equal to ``value``, NULL included (SQLite's ``IS ?``)."""
+    return f"{column} IS NULL" if value is None else f"{column} = ?"
+
+
+def _queue(task_type: str, requires: str | None, key: str | None) -> tuple[str, list[object]]:
+    where = f"{_READY} AND task_type = ? AND {_equal('requires', requires)}"
+    where += f" AND {_equal('concurrency_key', key)}"
+    params: list[object] = [task_type]
+    params += [v for v in (requires, key) if v is not None]
+    return f"SELECT {TASK_COLUMNS} FROM tasks WHERE {where}", params
+
+
+def requires_text(requires: Sequence[str]) -> str | None:
+    """The ``requires`` column of a task that requires ``requires`` (as ``rows`` writes it)."""
+    return _encode(list(requires)).decode() if requires else None
+
+
+async def query_queues(db: Driver, message: StorageMessage) -> object:
+    """A message of :data:`~hive_orchestration.storage.port.QUEUE_READS`."""
+    match message:
+        case LoadQueueHeads(heads=heads, limit=limit):
+            if heads is None:
+                heads = tuple(await _all_queues(db))
+            loaded: list[tuple[QueueHead, tuple[Task, ...]]] = []
+            for head in heads:
+                loaded.append((head, tuple(await _head(db, head, limit))))
+            ids = [task.id for _, tasks in loaded for task in tasks]
+            return QueueHeads(tuple(loaded), tuple(await _runs_of(db, ids)))
+        case FetchTasks(task_ids=task_ids):
+            rows = await db.fetchall(
+                f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY(?)", (list(task_ids),)
+            )
+            tasks = [task_from_row(row) for row in rows]
+            runs = await _runs_of(db, [task.id for task in tasks])
+            return TasksWithRuns(tuple(tasks), tuple(runs))
+        case QueryUnroutable(capability_sets=sets, limit=limit, after=after):
+            stuck: list[Task] = []
+            for task_type, requires in await db.fetchall(_ROUTES):
+                needs = _parse_requires(requires)
+                if any(_takes(task_type, needs, caps) for caps in sets):
+                    continue
+                sql = (
+                    f"SELECT {TASK_COLUMNS} FROM tasks WHERE status = 'queued'"
+                    f" AND task_type = ? AND {_equal('requires', requires)}"
+                    " ORDER BY priority DESC, created_at, id"
+                )
+                params = (task_type,) if requires is None else (task_type, requires)
+                stuck += [task_from_row(row) for row in await db.fetchall(sql, params)]
+            if after is not None:
+                bound = (-after[0], after[1], after[2])
+                stuck = [t for t in stuck if (-t.priority, t.created_at, t.id) > bound]
+            stuck.sort(key=lambda task: (-task.priority, task.created_at, task.id))
+            return stuck if limit is None else stuck[:limit]
+        case LastTaskId():
+            return await _last_new_id(db)
+        case LoadStarts(task_types=types, keys=keys, since=since):
+            sql = (
+                "SELECT t.task_type, t.concurrency_key, r.started_at"
+                " FROM runs r JOIN tasks t ON t.id = r.task_id"
+                " WHERE r.lease_seconds IS NOT NULL AND r.started_at >= ?"
+                " AND (t.task_type = ANY(?) OR t.concurrency_key = ANY(?))"
+                " ORDER BY r.started_at"
+            )
+            rows = await db.fetchall(sql, (_text(since), list(types), list(keys)))
+            return tuple(
+                (str(kind), cast("str | None", key), cast(datetime, parse_time(started)))
+                for kind, key, started in rows
+            )
+        case LoadTimers(column=column, after=after, limit=limit):
+            at, task_id = ("-infinity", "") if after is None else (_text(after[0]), after[1])
+            rows = await db.fetchall(_TIMERS[column], (at, task_id, limit))
+            return tuple(
+                (str(id_), cast(datetime, parse_time(when)), cast(datetime, parse_time(created)))
+                for id_, when, created in rows
+            )
+    raise TypeError(f"not a queue query: {type(message).__name__}")  # pragma: no cover
+
+
+#: Above every id :func:`~hive_orchestration._ids.new_id` makes (a version 7 UUID).
+_NEW_ID_CEILING = "ffffffff-ffff-7fff-bfff-ffffffffffff"
+_ID_PAGE = 256
+
+
+async def _last_new_id(db: Driver) -> str | None:
+    """The greatest id of the form ``new_id`` makes (which compare in the order they were
+    made), down the primary key: no rowid here to find the last rows inserted by, and an
+    id of another form (given by an app) may sort anywhere, so those are passed over."""
+    sql, bound = "SELECT id FROM tasks WHERE id <= ? ORDER BY id DESC LIMIT ?", _NEW_ID_CEILING
+    while True:
+        rows = await db.fetchall(sql, (bound, _ID_PAGE))
+        for (id_,) in rows:
+            if is_new_id(str(id_)):
+                return str(id_)
+        if len(rows) < _ID_PAGE:
+            return None
+        sql, bound = "SELECT id FROM tasks WHERE id < ? ORDER BY id DESC LIMIT ?", str(rows[-1][0])
+
+
+async def _all_queues(db: Driver) -> list[QueueHead]:
+    rows = await db.fetchall(_QUEUES)
+    return [
+        QueueHead(str(task_type), _parse_requires(requires), cast("str | None", key))
+        for task_type, requires, key in rows
+    ]
+
+
+async def _head(db: Driver, head: QueueHead, limit: int) -> list[Task]:
+    select, queue = _queue(head.task_type, requires_text(head.requires), head.concurrency_key)
+    if head.after is None:
+        sql = f"{select} ORDER BY priority DESC, created_at, id LIMIT ?"
+        return [task_from_row(row) for row in await db.fetchall(sql, (*queue, limit))]
+    priority, created_at, task_id = head.after
+    # After (p, c, i): the rest of priority p after (c, i), then the lower priorities.
+    same = (
+        f"{select} AND priority = ? AND (created_at, id) > (?, ?) ORDER BY created_at, id LIMIT ?"
+    )
+    rows = await db.fetchall(same, (*queue, priority, _text(created_at), task_id, limit))
+    if len(rows) < limit:
+        lower = f"{select} AND priority < ? ORDER BY priority DESC, created_at, id LIMIT ?"
+        rows += await db.fetchall(lower, (*queue, priority, limit - len(rows)))
+    return [task_from_row(row) for row in rows]
+
+
+async def _runs_of(db: Driver, task_ids: Sequence[str]) -> list[Run]:
+    if not task_ids:
+        return []
+    rows = await db.fetchall(
+        f"SELECT {RUN_COLUMNS} FROM runs WHERE task_id = ANY(?) ORDER BY task_id, run_number, id",
+        (list(task_ids),),
+    )
+    return [run_from_row(row) for row in rows]
+
+
+def _text(value: datetime) -> str:
+    text = time_text(value)
+    assert text is not None
+    return text
+
+
+def _parse_requires(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return tuple(cast("list[str]", msgspec.json.decode(str(value))))
+
+
+def _takes(task_type: object, requires: tuple[str, ...], capabilities: Sequence[str]) -> bool:
+    """Whether a worker that can do ``capabilities`` takes the queue's tasks (as
+    :func:`~hive_orchestration.actors.task_manager.ready.can_take`)."""
+    if requires:
+        return all(need in capabilities for need in requires)
+    return task_type in capabilities
