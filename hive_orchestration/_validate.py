@@ -220,13 +220,19 @@ def check_bool(value: object, field: str) -> bool:
 
 
 def check_text(value: str, field: str) -> None:
-    """Refuse a string that is not valid text (a lone surrogate cannot be stored)."""
+    """Refuse a string that is not valid text (a lone surrogate cannot be stored), or
+    holds a NUL character (a PostgreSQL text cannot: refused on every store alike, so
+    that what one store accepts the other does too)."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidInputError(
             field, "contains a lone surrogate, which is not valid text"
         ) from None
+    if "\x00" in value:
+        raise InvalidInputError(
+            field, "contains a NUL character (\\x00), which a database text cannot hold"
+        )
 
 
 def encode_json_object(
