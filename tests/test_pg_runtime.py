@@ -7,10 +7,16 @@ socket)."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 from typing import Any
 
 import anyio
 import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -279,3 +285,41 @@ async def test_text_with_a_nul_character_is_refused_on_every_store(
         task = await runtime.get_task(task_id)
         assert task is not None
         assert task.title != "a\x00b"
+
+
+async def test_serve_on_a_postgresql_url_is_found_by_a_client_given_the_url(
+    pg_url: str, anyio_backend: str
+) -> None:
+    """``hive-orchestration serve --db URL`` owns the database and records its socket in
+    it; a client given only the URL connects to it there (it does not open the database)."""
+    command = [sys.executable, "-m", "hive_orchestration", "serve", "--db", pg_url]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HIVE_ORCHESTRATION_")}
+    process = await anyio.open_process(
+        [*command, "--backend", anyio_backend],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None
+        lines = BufferedByteReceiveStream(process.stdout)
+        with anyio.fail_after(60):
+            ready = json.loads(await lines.receive_until(b"\n", 1 << 16))
+        assert ready["serving"] == pg_url
+        async with OrchestrationClient(db_path=pg_url, source_agent="app") as client:
+            assert client.remote
+            status = await client.server_status()
+            assert status.pid == process.pid
+            task_id = await client.create_task("served")
+        assert raw(pg_url, "SELECT id FROM tasks") == [(task_id,)]
+        process.send_signal(signal.SIGTERM)
+        with anyio.fail_after(60):
+            assert await process.wait() == 0
+    finally:
+        with anyio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            await process.aclose()
+    # Stopped: it let the database go, and no owner is named any more.
+    assert raw(pg_url, "SELECT count(*) FROM hive_nodes") == [(0,)]
