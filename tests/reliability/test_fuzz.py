@@ -1434,6 +1434,7 @@ def test_bad_arguments_raise_only_package_errors(harness: Harness, op: str) -> N
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a long variant: past the suite's 300 s (pyproject.toml)
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_bad_arguments_raise_only_package_errors_long(harness: Harness, op: str) -> None:
     fuzz_operation(harness, op, SLOW_EXAMPLES)
@@ -1663,6 +1664,7 @@ def test_structured_wrong_json_raises_only_package_errors(harness: Harness) -> N
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a long variant: past the suite's 300 s (pyproject.toml)
 def test_the_wire_raises_only_package_errors_long(harness: Harness) -> None:
     for strategy in (RAW, _mutations(harness.pool), STRUCTURED):
         fuzz_wire(harness, strategy, SLOW_WIRE_EXAMPLES)
