@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import re
 import sqlite3
@@ -32,6 +33,7 @@ __all__ = [
     "STORE",
     "araw_execute",
     "araw_rows",
+    "as_json",
     "fresh_database",
     "is_postgres",
     "raw_execute",
@@ -100,6 +102,12 @@ async def araw_rows(db: str, sql: str, params: Sequence[object] = ()) -> list[Ro
 async def araw_execute(db: str, sql: str, params: Sequence[object] = ()) -> int:
     """:func:`raw_execute` on a worker thread."""
     return await anyio.to_thread.run_sync(functools.partial(raw_execute, db, sql, params))
+
+
+def as_json(value: object) -> Any:
+    """A JSON column's value as Python: SQLite gives its text, PostgreSQL may give the
+    decoded value already (``json``/``jsonb`` columns)."""
+    return json.loads(value) if isinstance(value, str | bytes) else value
 
 
 _NAME = re.compile(r"[a-z_][a-z0-9_]*")
