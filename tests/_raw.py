@@ -36,6 +36,7 @@ __all__ = [
     "as_json",
     "fresh_database",
     "is_postgres",
+    "never_opened",
     "raw_execute",
     "raw_rows",
     "refusing_writes",
@@ -108,6 +109,18 @@ def as_json(value: object) -> Any:
     """A JSON column's value as Python: SQLite gives its text, PostgreSQL may give the
     decoded value already (``json``/``jsonb`` columns)."""
     return json.loads(value) if isinstance(value, str | bytes) else value
+
+
+def never_opened(db: str) -> bool:
+    """Whether nothing has opened ``db`` yet: no SQLite file (nor its folder's file); on
+    PostgreSQL, a database (which the test fixture creates empty) without a table."""
+    if is_postgres(db):
+        rows = raw_rows(
+            db,
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = current_schema()",
+        )
+        return rows == [(0,)]
+    return not Path(db).exists()
 
 
 _NAME = re.compile(r"[a-z_][a-z0-9_]*")
