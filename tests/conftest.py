@@ -3,8 +3,8 @@
 The store: ``HIVE_TEST_STORE=sqlite`` (the default) or ``postgres`` decides what the
 ``db_path`` fixture gives, a SQLite file path or a fresh PostgreSQL database's URL
 (tests/_pg.py starts the server). In the PostgreSQL run, tests marked ``sqlite_only`` are
-left out, and the tests CI runs there carry the ``on_postgres`` marker (see
-:func:`_on_postgres`), so CI runs ``HIVE_TEST_STORE=postgres pytest -m on_postgres``.
+left out, and the tests CI runs there are given the ``on_postgres`` marker at collection
+(see :func:`_on_postgres`), so CI runs ``HIVE_TEST_STORE=postgres pytest -m on_postgres``.
 """
 
 from __future__ import annotations
@@ -40,8 +40,13 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line(
         "markers",
-        "on_postgres: run in CI's PostgreSQL run (HIVE_TEST_STORE=postgres -m on_postgres);"
-        " the README's guarantees, hypothesis and bad-input tests get it by themselves",
+        "postgres: put this test in CI's PostgreSQL run (beside the README's guarantees,"
+        " hypothesis and bad-input tests, which are in it by themselves)",
+    )
+    config.addinivalue_line(
+        "markers",
+        "on_postgres: given at collection to the tests of CI's PostgreSQL run (select them"
+        " with -m on_postgres); not for use by hand, mark with ``postgres`` instead",
     )
     if STORE == "postgres" and (reason := _pg.unavailable_reason()) is not None:
         raise pytest.UsageError(f"HIVE_TEST_STORE=postgres, but {reason}")
@@ -62,8 +67,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 #      from the README itself, so a row added there is run on both stores without a second
 #      list to keep; a file named whole means all of its tests);
 #   2. the hypothesis and bad-input tests (_EXTRA below; the fuzz harness, which opens its own
-#      database, is marked ``on_postgres`` in its file);
-#   3. any test marked ``on_postgres`` by hand (a test about the PostgreSQL store itself);
+#      database, is marked ``postgres`` in its file);
+#   3. any test marked ``postgres`` by hand;
 # and of 1 and 2 only the tests that open a database through ``db_path`` (directly or through
 # a fixture): the others (mailboxes, frames, the subscription index, ...) never reach the
 # store and would only run twice. Tests marked ``sqlite_only`` are never in it.
@@ -129,7 +134,8 @@ _SELECTION = (*_guarantee_refs(_README), *_EXTRA)
 
 def _one_loop(item: pytest.Item) -> bool:
     """Whether ``item`` is the one of its asyncio/trio pair that runs on PostgreSQL."""
-    backend = getattr(getattr(item, "callspec", None), "params", {}).get("anyio_backend")
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    backend = next((v for v in params.values() if v in ("asyncio", "trio")), None)
     if backend is None:
         return True
     # The node id without its loop: the same in every xdist worker (ids are stable).
@@ -140,11 +146,13 @@ def _one_loop(item: pytest.Item) -> bool:
 def _on_postgres(item: pytest.Item) -> bool:
     if item.get_closest_marker("sqlite_only") is not None:
         return False
-    if item.get_closest_marker("on_postgres") is not None:
+    if not _one_loop(item):
+        return False
+    if item.get_closest_marker("postgres") is not None:
         return True
     if "db_path" not in getattr(item, "fixturenames", ()):
         return False
-    return _one_loop(item) and any(_matches(item.nodeid, ref) for ref in _SELECTION)
+    return any(_matches(item.nodeid, ref) for ref in _SELECTION)
 
 
 def _needs_postgres(item: pytest.Item) -> bool:
