@@ -124,8 +124,8 @@ def _guarantee_refs(readme: Path) -> list[str]:
 
 
 def _matches(nodeid: str, ref: str) -> bool:
-    if "*" in ref:
-        return fnmatch.fnmatchcase(nodeid, ref)
+    if "*" in ref:  # brackets are the test's parameters, not a set of characters
+        return fnmatch.fnmatchcase(nodeid, re.sub(r"([\[\]])", r"[\1]", ref))
     return nodeid == ref or nodeid.startswith((ref + "[", ref + "::"))
 
 
@@ -136,11 +136,14 @@ def _one_loop(item: pytest.Item) -> bool:
     """Whether ``item`` is the one of its asyncio/trio pair that runs on PostgreSQL."""
     params = getattr(getattr(item, "callspec", None), "params", {})
     backend = next((v for v in params.values() if v in ("asyncio", "trio")), None)
-    if backend is None:
-        return True
-    # The node id without its loop: the same in every xdist worker (ids are stable).
-    key = re.sub(r"(?<=[\[-])(asyncio|trio)(?=[-\]])", "", item.nodeid)
-    return backend == ("asyncio", "trio")[zlib.crc32(key.encode()) % 2]
+    return backend is None or backend == _loop_for(item.nodeid)
+
+
+def _loop_for(nodeid: str) -> str:
+    """The loop a test runs on in the PostgreSQL run: a hash of its node id without its
+    loop, so both of a pair agree, and every xdist worker too (ids are stable)."""
+    key = re.sub(r"(?<=[\[-])(asyncio|trio)(?=[-\]])", "", nodeid)
+    return ("asyncio", "trio")[zlib.crc32(key.encode()) % 2]
 
 
 def _on_postgres(item: pytest.Item) -> bool:
