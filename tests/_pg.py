@@ -42,6 +42,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
+    "BIN_GLOB_ENV",
     "SHARED_ENV",
     "URL_ENV",
     "configure_session",
@@ -60,9 +61,15 @@ SHARED_ENV = "_HIVE_TEST_PG_SHARED"
 _USER = "postgres"
 
 
+#: Where PostgreSQL's programs are looked for (Debian's layout); a test points it elsewhere
+#: to see the suite without them.
+BIN_GLOB_ENV = "HIVE_TEST_PG_BIN_GLOB"
+
+
 def _pg_bin() -> Path | None:
-    """The newest installed PostgreSQL's bin folder (Debian's layout), if any."""
-    found = [Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin") if Path(p, "initdb").exists()]
+    """The newest installed PostgreSQL's bin folder, if any."""
+    pattern = os.environ.get(BIN_GLOB_ENV, "/usr/lib/postgresql/*/bin")
+    found = [Path(p) for p in glob.glob(pattern) if Path(p, "initdb").exists()]
     if not found:
         return None
 

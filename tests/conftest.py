@@ -40,6 +40,11 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line(
         "markers",
+        "pg_server: needs the session's PostgreSQL server without asking for ``pg_url`` by"
+        " name (a parameter that gets it with getfixturevalue); left out where there is none",
+    )
+    config.addinivalue_line(
+        "markers",
         "postgres: put this test in CI's PostgreSQL run (beside the README's guarantees,"
         " hypothesis and bad-input tests, which are in it by themselves)",
     )
@@ -160,7 +165,11 @@ def _on_postgres(item: pytest.Item) -> bool:
 
 def _needs_postgres(item: pytest.Item) -> bool:
     names = getattr(item, "fixturenames", ())
-    return "pg_url" in names or (STORE == "postgres" and "db_path" in names)
+    return (
+        "pg_url" in names
+        or item.get_closest_marker("pg_server") is not None
+        or (STORE == "postgres" and "db_path" in names)
+    )
 
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` reads the markers

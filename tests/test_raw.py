@@ -9,7 +9,7 @@ import pytest
 from _raw import araw_execute, araw_rows, is_postgres, raw_execute, raw_rows, refusing_writes
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.pg_server)])
 def raw_db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return str(tmp_path / "raw.db")
