@@ -10,6 +10,7 @@ left out, and the tests CI runs there are given the ``on_postgres`` marker at co
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import re
 import zlib
 from pathlib import Path
@@ -55,6 +56,13 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     if STORE == "postgres" and (reason := _pg.unavailable_reason()) is not None:
         raise pytest.UsageError(f"HIVE_TEST_STORE=postgres, but {reason}")
+    if STORE == "postgres" and importlib.util.find_spec("hive_orchestration.storage.pg") is None:
+        # Without it a URL would be taken for a file name: SQLite files under ./postgresql:/
+        # and a green run that never touched PostgreSQL.
+        raise pytest.UsageError(
+            "HIVE_TEST_STORE=postgres, but this hive_orchestration has no PostgreSQL store"
+            " (hive_orchestration/storage/pg/)"
+        )
     if _is_controller(config):
         _pg.configure_session()
 
