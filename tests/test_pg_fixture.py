@@ -54,7 +54,8 @@ def test_without_postgresql_its_tests_are_deselected_with_one_reason(tmp_path: P
     """No PostgreSQL programs and no HIVE_TEST_PG: the tests needing it are left out (not
     skipped one by one) and the summary says why, once; the others run."""
     here = Path(__file__).parent
-    env = {k: v for k, v in os.environ.items() if k not in (_pg.URL_ENV, _pg.SHARED_ENV)}
+    hidden = (_pg.URL_ENV, _pg.SHARED_ENV, _pg.OWNER_ENV)
+    env = {k: v for k, v in os.environ.items() if k not in hidden}
     env[_pg.BIN_GLOB_ENV] = str(tmp_path / "nowhere" / "*" / "bin")
     env.pop("HIVE_TEST_STORE", None)
     pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0"]
