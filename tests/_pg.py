@@ -31,6 +31,7 @@ import itertools
 import json
 import os
 import pwd
+import shlex
 import shutil
 import socket
 import subprocess
@@ -42,6 +43,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
+    "BIN_GLOB_ENV",
     "SHARED_ENV",
     "URL_ENV",
     "configure_session",
@@ -56,13 +58,21 @@ URL_ENV = "HIVE_TEST_PG"
 #: The folder the controller shares with its xdist workers (inherited through the
 #: environment: workers are spawned after ``pytest_configure``).
 SHARED_ENV = "_HIVE_TEST_PG_SHARED"
+#: The controller's pid: the cluster goes when it does.
+OWNER_ENV = "_HIVE_TEST_PG_OWNER"
 
 _USER = "postgres"
 
 
+#: Where PostgreSQL's programs are looked for (Debian's layout); a test points it elsewhere
+#: to see the suite without them.
+BIN_GLOB_ENV = "HIVE_TEST_PG_BIN_GLOB"
+
+
 def _pg_bin() -> Path | None:
-    """The newest installed PostgreSQL's bin folder (Debian's layout), if any."""
-    found = [Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin") if Path(p, "initdb").exists()]
+    """The newest installed PostgreSQL's bin folder, if any."""
+    pattern = os.environ.get(BIN_GLOB_ENV, "/usr/lib/postgresql/*/bin")
+    found = [Path(p) for p in glob.glob(pattern) if Path(p, "initdb").exists()]
     if not found:
         return None
 
@@ -120,8 +130,9 @@ def _run(argv: list[str], log: Path) -> None:
         raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}; its log ends:\n{tail}")
 
 
-def _start_cluster() -> dict[str, Any]:
-    """initdb + start; returns what :func:`_stop_cluster` needs and the server URL."""
+def _start_cluster(owner: int, shared: str | None = None) -> dict[str, Any]:
+    """initdb + start; returns what :func:`_stop_cluster` needs and the server URL. The
+    cluster (and ``shared``) is removed once process ``owner`` is gone, however it ended."""
     pg_bin = _pg_bin()
     if pg_bin is None:
         raise RuntimeError(unavailable_reason() or "PostgreSQL is not installed")
@@ -150,11 +161,32 @@ def _start_cluster() -> dict[str, Any]:
             if attempt == 2:
                 _stop_cluster({"bin": str(pg_bin), "folder": str(folder)})
                 raise
-    return {
+    cluster = {
         "bin": str(pg_bin),
         "folder": str(folder),
         "url": f"postgresql://{user}@127.0.0.1:{port}/postgres",
     }
+    _watch(cluster, owner, shared)
+    return cluster
+
+
+def _watch(cluster: dict[str, Any], owner: int, shared: str | None) -> None:
+    """A watchdog in its own session: once ``owner`` has ended it stops the cluster and
+    removes its folders. A pytest killed (a timeout, SIGKILL) never runs its unconfigure
+    hook, and a cluster left running holds memory and a port on a shared machine. After a
+    normal end :func:`finish_session` has done it already, and the watchdog finds nothing."""
+    folder = str(cluster["folder"])
+    pg_ctl = [*_as_pg(), str(Path(cluster["bin"]) / "pg_ctl"), "-D", f"{folder}/data"]
+    stop = shlex.join([*pg_ctl, "-m", "immediate", "-w", "stop"])
+    remove = shlex.join(["rm", "-rf", folder, *([shared] if shared else [])])
+    script = f"while kill -0 {owner} 2>/dev/null; do sleep 2; done; {stop}; {remove}"
+    # Backgrounded by the shell, which returns at once: nothing is left to wait for.
+    subprocess.run(
+        ["sh", "-c", f"( {script} ) >/dev/null 2>&1 &"],
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        check=True,
+    )
 
 
 def _stop_cluster(cluster: dict[str, Any]) -> None:
@@ -175,15 +207,19 @@ def _stop_cluster(cluster: dict[str, Any]) -> None:
 
 
 def configure_session() -> None:
-    """In the controller (or a run without xdist): make the shared folder, no cluster yet."""
+    """In the controller (or a run without xdist): name the shared folder (made by the
+    first worker that needs it, so a run without PostgreSQL leaves nothing behind)."""
     if os.environ.get(URL_ENV) or os.environ.get(SHARED_ENV):
         return
-    os.environ[SHARED_ENV] = tempfile.mkdtemp(prefix="hive-pg-session-")
+    name = f"hive-pg-session-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    os.environ[SHARED_ENV] = os.path.join(tempfile.gettempdir(), name)
+    os.environ[OWNER_ENV] = str(os.getpid())
 
 
 def finish_session() -> None:
     """In the controller: stop the cluster a worker may have started, remove the folder."""
     shared = os.environ.pop(SHARED_ENV, None)
+    os.environ.pop(OWNER_ENV, None)
     if shared is None:
         return
     record = Path(shared, "cluster.json")
@@ -211,14 +247,15 @@ def _shared_cluster_url() -> str:
         # Imported outside a pytest session (a script): own cluster, stopped at exit.
         import atexit
 
-        cluster = _start_cluster()
+        cluster = _start_cluster(os.getpid())
         atexit.register(_stop_cluster, cluster)
         return str(cluster["url"])
+    os.makedirs(shared, mode=0o700, exist_ok=True)
     with open(Path(shared, "lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         record = Path(shared, "cluster.json")
         if not record.exists():
-            cluster = _start_cluster()
+            cluster = _start_cluster(int(os.environ.get(OWNER_ENV, os.getpid())), shared)
             record.write_text(json.dumps(cluster))
         return str(json.loads(record.read_text())["url"])
 

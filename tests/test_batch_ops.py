@@ -4,7 +4,6 @@ on claims. Real SQLite files, both backends, through the public API."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,6 +14,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from _raw import raw_rows, refusing_writes
 
 from hive_orchestration import (
     Claim,
@@ -48,11 +48,7 @@ async def event_types(rt: Runtime, task_id: str) -> list[str]:
 
 def rows(db_path: str, sql: str) -> list[tuple[Any, ...]]:
     """What is on disk, read by a separate connection."""
-    conn = sqlite3.connect(db_path)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
+    return raw_rows(db_path, sql)
 
 
 # -- create_tasks ---------------------------------------------------------------------------------
@@ -135,25 +131,19 @@ async def test_a_bad_item_refuses_the_whole_batch(
 
 
 async def test_a_batch_the_database_refuses_leaves_nothing_behind(db_path: str) -> None:
-    """All or nothing at commit too: SQLite refuses the third row, so none is kept,
+    """All or nothing at commit too: the database refuses the third row, so none is kept,
     in memory or on disk, and no event is published."""
     async with runtime(db_path) as rt:
         await rt.create_task("warmup")
-        await anyio.to_thread.run_sync(
-            rows,
-            db_path,
-            "CREATE TRIGGER no_bad BEFORE INSERT ON tasks WHEN NEW.title = 'bad'"
-            " BEGIN SELECT RAISE(ABORT, 'no bad tasks'); END",
-        )
-        with pytest.raises(StorageError, match="no bad tasks"):
-            await rt.create_tasks(
-                [{"task_type": "a"}, {"task_type": "b"}, {"task_type": "c", "title": "bad"}]
-            )
-        assert [t.task_type for t in await rt.get_tasks_by_status("queued")] == ["warmup"]
-        assert [e.type for e in await rt.read_events(0)] == ["task.created"]
-        assert await rt.claim_task("w1", ["a", "b", "c"]) is None
+        async with refusing_writes(db_path, "tasks", "no bad tasks", when="NEW.title = 'bad'"):
+            with pytest.raises(StorageError, match="no bad tasks"):
+                await rt.create_tasks(
+                    [{"task_type": "a"}, {"task_type": "b"}, {"task_type": "c", "title": "bad"}]
+                )
+            assert [t.task_type for t in await rt.get_tasks_by_status("queued")] == ["warmup"]
+            assert [e.type for e in await rt.read_events(0)] == ["task.created"]
+            assert await rt.claim_task("w1", ["a", "b", "c"]) is None
         # The runtime goes on: a good batch right after is taken.
-        await anyio.to_thread.run_sync(rows, db_path, "DROP TRIGGER no_bad")
         assert len(await rt.create_tasks([{"task_type": "a"}, {"task_type": "b"}])) == 2
     assert rows(db_path, "SELECT count(*) FROM tasks") == [(3,)]
 

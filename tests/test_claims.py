@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 import pytest
+from _raw import refusing_writes
 from _timing import loop_time, loop_wall_clock
 
 from hive_orchestration import (
@@ -740,33 +741,17 @@ async def test_a_reopen_requeues_claimed_tasks_and_counts_the_attempt(db_path: s
 async def test_a_failed_commit_leaves_the_claim_unmade(db_path: str) -> None:
     async with runtime(db_path) as rt:
         task_id = await rt.create_task("job")
-        # Make the next write fail inside SQLite: a trigger refuses new runs.
-        await _sql(db_path, "CREATE TRIGGER no_runs BEFORE INSERT ON runs BEGIN"
-                   " SELECT RAISE(ABORT, 'no runs today'); END")  # fmt: skip
-        with pytest.raises(StorageError, match="no runs today"):
-            await rt.claim_task("w1")
-        task = await rt.get_task(task_id)
-        assert task is not None
-        assert task.status is TaskStatus.QUEUED
-        assert await rt.get_runs(task_id) == []
-        await _sql(db_path, "DROP TRIGGER no_runs")
+        # Make the next write fail inside the database: a trigger refuses new runs.
+        async with refusing_writes(db_path, "runs", "no runs today"):
+            with pytest.raises(StorageError, match="no runs today"):
+                await rt.claim_task("w1")
+            task = await rt.get_task(task_id)
+            assert task is not None
+            assert task.status is TaskStatus.QUEUED
+            assert await rt.get_runs(task_id) == []
         c = await claim(rt)
         assert c.task.id == task_id
         assert c.lease.attempt == 1
-
-
-async def _sql(db_path: str, statement: str) -> None:
-    import sqlite3
-
-    def run() -> None:
-        conn = sqlite3.connect(db_path, timeout=10)
-        try:
-            conn.execute(statement)
-            conn.commit()
-        finally:
-            conn.close()
-
-    await anyio.to_thread.run_sync(run)
 
 
 # -- bad input --------------------------------------------------------------------------------
@@ -861,6 +846,7 @@ async def test_a_task_deleted_before_its_claim_is_reported(db_path: str) -> None
         assert await rt.release_worker_tasks("nobody") == 0
 
 
+@pytest.mark.sqlite_only("another connection holds SQLite's write lock (BEGIN IMMEDIATE)")
 async def test_a_slow_commit_is_waited_for_so_memory_matches_the_database(
     db_path: str,
 ) -> None:

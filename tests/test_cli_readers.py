@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 import pytest
 from _populate import WORKER, Populated, populate
+from _raw import never_opened
 from reliability._remote import eventually, owner
 from test_remote_tcp import ADMIN, DEPLOYER, serve, write_tokens
 
@@ -331,7 +332,7 @@ def test_url_refusals_before_connecting(capsys: pytest.CaptureFixture[str], db_p
         assert (code, out) == (2, ""), err
         assert _one_error_line(err), err
         assert reason in err
-    assert not Path(db_path).exists()
+    assert never_opened(db_path)
     for command in ["demo", "worker", "serve", "db"]:
         assert main([command, "--url", "hive://127.0.0.1:1"]) == 2  # readers only
         capsys.readouterr()

@@ -42,6 +42,7 @@ from hive_orchestration import (
     create_task_event,
 )
 from hive_orchestration.events import RUNTIME_EVENT_TYPES, is_runtime_event
+from hive_orchestration.storage import readers
 
 pytestmark = pytest.mark.anyio
 
@@ -557,6 +558,154 @@ async def test_an_event_stream_ends_when_the_runtime_stops(db_path: str) -> None
         await runtime.publish("job.one")
         await wait_until(lambda: len(got) == 1)
     assert [e.type for e in got] == ["job.one"]
+    with pytest.raises(RuntimeStoppedError):
+        await stream.receive()
+
+
+class Stepper:
+    """Holds an event stream at each step of its open, replay and hand-over to live: before
+    each call it makes to the runtime, while a storage reader has its read (opening its
+    connection, as the first read of each reader does), and after the answer. The test
+    lets it go on step by step, and stops the runtime with it held at the step it wants.
+    """
+
+    def __init__(self, runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+        #: Where the stream was held, in order.
+        self.points: list[str] = []
+        self._held = anyio.Event()
+        self._go = anyio.Event()
+        self._free = False
+        for name in ("_open_subscription", "last_seq", "read_events"):
+            monkeypatch.setattr(runtime, name, self._around(name, getattr(runtime, name)))
+        connect = readers.connect
+
+        async def reader_connect(*args: Any, **kwargs: Any) -> Any:
+            await self._hold("in a storage reader")
+            return await connect(*args, **kwargs)
+
+        monkeypatch.setattr(readers, "connect", reader_connect)
+
+    def _around(self, name: str, call: Any) -> Any:
+        async def held(*args: Any, **kwargs: Any) -> Any:
+            await self._hold(f"before {name}")
+            answer = await call(*args, **kwargs)
+            await self._hold(f"after {name}")
+            return answer
+
+        return held
+
+    async def _hold(self, point: str) -> None:
+        if self._free:
+            return
+        self.points.append(point)
+        go = self._go = anyio.Event()
+        self._held.set()
+        await go.wait()
+
+    async def next(self) -> str:
+        """Wait until the stream is held, and say where."""
+        await self._held.wait()
+        self._held = anyio.Event()
+        return self.points[-1]
+
+    def go(self) -> None:
+        self._go.set()
+
+    def free(self) -> None:
+        """Hold nothing any more."""
+        self._free = True
+        self._go.set()
+
+
+#: Where a stream is held, step by step, up to its live subscription: one that replays
+#: the log from the start; one from now (nothing to replay); one that falls behind (a
+#: buffer of 1 and three commits) and catches up from the log.
+_STREAM_STEPS = {
+    "replay": [
+        "before _open_subscription",
+        "after _open_subscription",
+        "before read_events",
+        "in a storage reader",
+        "after read_events",  # the page with job.one
+        "before read_events",
+        "in a storage reader",
+        "after read_events",  # the empty page: over to live
+    ],
+    "from now": [
+        "before _open_subscription",
+        "after _open_subscription",
+        "before last_seq",
+        "after last_seq",
+    ],
+    "lagging": [
+        "before _open_subscription",
+        "after _open_subscription",
+        "before last_seq",
+        "after last_seq",  # three commits are made here: the third one lags
+        "before _open_subscription",  # subscribed again, after two live events
+        "after _open_subscription",
+        "before read_events",
+        "in a storage reader",
+        "after read_events",  # the page with job.three
+        "before read_events",
+        "in a storage reader",
+        "after read_events",  # the empty page: over to live
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "stop_at"),
+    [(kind, stop) for kind, steps in _STREAM_STEPS.items() for stop in range(len(steps) + 1)],
+)
+async def test_an_event_stream_ends_when_the_runtime_stops_at_any_step(
+    db_path: str, monkeypatch: pytest.MonkeyPatch, kind: str, stop_at: int
+) -> None:
+    """Stopped at each step of its open, replay and hand-over to live (or, past the last,
+    once it reads live), a stream ends: its reader's ``async for`` finishes, and a read
+    raises RuntimeStoppedError. A read a storage reader had taken when the runtime
+    stopped once went unanswered, and the stream's reader waited forever."""
+    steps = _STREAM_STEPS[kind]
+    got: list[str] = []
+    ended = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        async with Runtime.open(db_path) as runtime:
+            if kind == "replay":
+                await runtime.publish("job.one")
+            stepper = Stepper(runtime, monkeypatch)
+            stream = runtime.client().events(
+                after=0 if kind == "replay" else None, buffer=1 if kind == "lagging" else None
+            )
+
+            async def read() -> None:
+                async for event in stream:
+                    got.append(event.type)
+                ended.set()
+
+            tg.start_soon(read)
+            for step in steps[:stop_at]:
+                assert await stepper.next() == step
+                if step == "after last_seq" and kind == "lagging":
+                    for name in ("job.one", "job.two", "job.three"):
+                        await runtime.publish(name)  # one commit each
+                stepper.go()
+            if stop_at < len(steps):
+                assert await stepper.next() == steps[stop_at]
+            else:
+                # Past the last step: reading live, every event given.
+                expected = 1 if kind == "replay" else 3 if kind == "lagging" else 0
+                await wait_until(lambda: len(got) == expected)
+                await anyio.wait_all_tasks_blocked()
+        # The runtime has stopped, with the stream held where the test wanted it.
+        stepper.free()
+        # Nothing can wake the stream's reader any more but what the stop did: it runs
+        # until it ends, or waits for good (left waiting, it is cancelled and this fails).
+        await anyio.wait_all_tasks_blocked()
+        waiting = not ended.is_set()
+        tg.cancel_scope.cancel()
+    assert not waiting, f"the stream's reader still waits after the runtime stopped ({kind})"
+    assert stepper.points == steps[: stop_at + 1]
+    assert stream.lags == (1 if kind == "lagging" and stop_at >= 4 else 0)
     with pytest.raises(RuntimeStoppedError):
         await stream.receive()
 

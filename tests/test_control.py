@@ -528,6 +528,7 @@ def test_control_from_sync_code(db_path: str, backend: str) -> None:
         assert client.flush_queue() == 1
 
 
+@pytest.mark.sqlite_only("injects a SQLite I/O error into the SQLite drivers")
 async def test_a_failed_commit_leaves_revocations_retries_and_keys_as_they_were(
     db_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

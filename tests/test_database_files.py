@@ -29,7 +29,10 @@ from hive_orchestration import SCHEMA_VERSION, Runtime, StorageError
 from hive_orchestration.cli import main
 from hive_orchestration.inspector import Inspector
 
-pytestmark = pytest.mark.anyio
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.sqlite_only("the database file, its lock file, its folders and links"),
+]
 
 ROOT = os.geteuid() == 0
 #: A user that is not this one (``nobody`` on most systems); files are given to it with

@@ -26,7 +26,10 @@ from hive_orchestration.storage.sqlite.drivers import (
 from hive_orchestration.storage.sqlite.faults import IntegrityStoreError, storage_error
 from hive_orchestration.storage.sqlite.schema import MIGRATIONS
 
-pytestmark = pytest.mark.anyio
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.sqlite_only("the SQLite drivers (aiosqlite, thread) and SQLite's error classes"),
+]
 
 INSERT = "INSERT INTO workers (id, role) VALUES (?, ?)"
 SET_ROLE = "UPDATE workers SET role = ? WHERE id = ?"

@@ -63,6 +63,7 @@ async def _filled(db_path: str, count: int) -> None:
         await rt.publish("job.completed", {})
 
 
+@pytest.mark.sqlite_only("reads SQLite's EXPLAIN QUERY PLAN of the SQLite store's own SQL")
 async def test_reads_by_type_use_the_type_index(db_path: str, anyio_backend: str) -> None:
     await _filled(db_path, 300)
     with closing(sqlite3.connect(db_path)) as conn:
@@ -92,6 +93,7 @@ async def test_reads_by_type_use_the_type_index(db_path: str, anyio_backend: str
 @pytest.mark.parametrize(
     "pattern", ["nothing.*", "nothing.here", "*.nothing", "job.*", "job.created", "zeta"]
 )
+@pytest.mark.sqlite_only("runs the SQLite store's event-read SQL on a sqlite3 connection")
 async def test_a_type_read_answers_what_a_scan_would(
     db_path: str, anyio_backend: str, pattern: str
 ) -> None:
@@ -141,6 +143,7 @@ async def test_a_page_by_type_leaves_no_gap_while_new_types_are_written(
         assert seen == written
 
 
+@pytest.mark.sqlite_only("builds a version-7 database from SQLite's migrations")
 async def test_a_version_7_database_gains_the_version_8_indexes(
     db_path: str, anyio_backend: str
 ) -> None:

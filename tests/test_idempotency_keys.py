@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 import pytest
+from _raw import raw_rows
 
 from hive_orchestration import Runtime, StorageError
 from hive_orchestration import embedded as embedded_module
@@ -64,8 +65,7 @@ async def last_seq(rt: Runtime) -> int:
 
 
 def stored_count(db_path: str, sql: str, *params: object) -> int:
-    with contextlib.closing(sqlite3.connect(db_path)) as conn:
-        return int(conn.execute(sql, params).fetchone()[0])
+    return int(raw_rows(db_path, sql, params)[0][0])
 
 
 async def one_batch(rt: Runtime, *messages: object) -> list[object]:
@@ -191,6 +191,7 @@ async def test_delete_frees_the_key_of_a_task_that_left_memory(
     assert stored_count(db_path, "SELECT count(*) FROM tasks WHERE id IN (?, ?, ?)", *old[:3]) == 0
 
 
+@pytest.mark.sqlite_only("injects a SQLite I/O error into the SQLite drivers")
 async def test_a_failed_commit_keeps_the_key_of_a_task_that_left_memory(
     db_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -220,6 +221,7 @@ async def test_a_failed_commit_keeps_the_key_of_a_task_that_left_memory(
     assert stored_count(db_path, "SELECT count(*) FROM tasks") == 4
 
 
+@pytest.mark.sqlite_only("injects a SQLite I/O error into the SQLite drivers")
 async def test_a_key_lookup_that_fails_fails_only_its_creates(
     db_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -260,6 +262,7 @@ async def test_a_key_lookup_that_fails_fails_only_its_creates(
     assert stored_count(db_path, "SELECT count(*) FROM tasks") == 3
 
 
+@pytest.mark.sqlite_only("reads SQLite's EXPLAIN QUERY PLAN and pragma_index_list")
 async def test_a_key_lookup_is_a_search_of_the_unique_index(db_path: str) -> None:
     """The lookup that replaced loading every key at open reads the unique index (a
     search per key), never the whole table; and the index refuses a second owner."""

@@ -237,6 +237,7 @@ async def test_writes_are_refused(db_path: str) -> None:
         assert [e.type for e in await runtime.read_events()] == ["before"]
 
 
+@pytest.mark.sqlite_only("the file's bytes, its lock file and WAL file")
 async def test_inspecting_leaves_the_file_untouched(db_path: str) -> None:
     async with Runtime.open(db_path) as runtime:
         made = await populate(runtime)
@@ -267,6 +268,7 @@ async def test_inspecting_leaves_the_file_untouched(db_path: str) -> None:
 # -- refusals ---------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only("a database file (and its folder) that does not exist")
 async def test_missing_database_is_refused_and_not_created(db_path: str) -> None:
     with pytest.raises(StorageError, match="no database at") as caught:
         async with Inspector.open(db_path):
@@ -275,6 +277,7 @@ async def test_missing_database_is_refused_and_not_created(db_path: str) -> None
     assert not Path(db_path).parent.exists()
 
 
+@pytest.mark.sqlite_only("builds an older database from SQLite's migrations; the file's bytes")
 async def test_older_schema_is_refused_untouched(db_path: str) -> None:
     _old_database(db_path, SCHEMA_VERSION - 1)
     before = _fingerprint(Path(db_path))
@@ -286,6 +289,7 @@ async def test_older_schema_is_refused_untouched(db_path: str) -> None:
     assert _user_version(db_path) == SCHEMA_VERSION - 1
 
 
+@pytest.mark.sqlite_only("SQLite's PRAGMA user_version; the file's bytes")
 async def test_newer_schema_is_refused_untouched(db_path: str) -> None:
     Path(db_path).parent.mkdir(parents=True)
     with closing(sqlite3.connect(db_path)) as conn:
@@ -314,6 +318,7 @@ async def test_what_is_not_a_database_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.sqlite_only("the SQLite thread driver")
 async def test_the_thread_driver_reads_as_well(anyio_backend: str, db_path: str) -> None:
     async with Runtime.open(db_path) as runtime:
         made = await populate(runtime)

@@ -449,6 +449,50 @@ async def test_no_asker_hangs_when_the_runtime_stops_past_its_deadline() -> None
         await ref.ask(Echo(1))
 
 
+class HandOn(Request[int], frozen=True):
+    """Handed on by the actor to a helper that never answers it."""
+
+
+class Relay(Actor[Any]):
+    """Hands each message on, as the storage actor hands a large read to its reader pool,
+    to a helper that here never runs it (a reader cancelled at the stop before it did)."""
+
+    def __init__(self, handed: list[Envelope[Any]]) -> None:
+        self.handed = handed
+
+    async def receive_batch(self, batch: Sequence[Envelope[Any]]) -> None:
+        for envelope in batch:
+            envelope.started = True
+            self.handed.append(envelope)
+
+
+async def test_no_asker_hangs_on_a_message_handed_on_and_never_answered() -> None:
+    handed: list[Envelope[Any]] = []
+    ref = probe_ref("relay")
+    outcomes: list[type[BaseException]] = []
+
+    async def ask(deadline: float | None) -> None:
+        try:
+            await ref.ask(HandOn(), timeout=deadline)
+        except HiveError as exc:
+            outcomes.append(type(exc))
+
+    async with anyio.create_task_group() as askers:
+        async with supervised([ChildSpec(ref, lambda: Relay(handed))]) as supervisor:
+            assert ref.deadlines.running
+            askers.start_soon(ask, None)  # the default deadline: kept by the watchdog
+            askers.start_soon(ask, 600.0)  # its own deadline, kept by its cancel scope
+            await anyio.wait_all_tasks_blocked()
+            assert len(handed) == 2
+        # A clean stop: the mailbox drained, and the actor never answered either ask.
+        assert supervisor.restarts == {"relay": 0}
+        # Only the stop can wake the askers now: they run until they end, or wait for
+        # good (left waiting, they are cancelled and this fails).
+        await anyio.wait_all_tasks_blocked()
+        askers.cancel_scope.cancel()
+    assert outcomes == [RuntimeStoppedError] * 2
+
+
 async def test_shutdown_drains_mailboxes_then_stops_in_reverse_start_order() -> None:
     stopped: list[str] = []
     logs: dict[str, list[int]] = {"first": [], "second": []}

@@ -169,6 +169,7 @@ async def test_another_process_and_the_sync_client_page_the_same(
     assert len(local) == 12
 
 
+@pytest.mark.sqlite_only("reads SQLite's EXPLAIN QUERY PLAN of the SQLite store's own SQL")
 async def test_a_page_of_tasks_is_a_range_of_the_status_index(
     db_path: str, anyio_backend: str
 ) -> None:

@@ -28,14 +28,12 @@ Run with ``-s`` to see the crash points (the database's state after each kill).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 from collections import Counter
@@ -46,6 +44,7 @@ from types import ModuleType
 
 import anyio
 import pytest
+from _raw import as_json, fresh_database, is_postgres, raw_rows
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
@@ -190,19 +189,21 @@ def _at_line(at: int) -> Callable[[int, Line, Report], bool]:
 def _crash_point(db: str) -> str:
     """Where the database stands after a kill, before anything reopens it: for each plan,
     its status, its tasks by status, and what the PlanExecutor had not caught up with."""
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        plans = conn.execute("SELECT id, status FROM execution_plans ORDER BY rowid").fetchall()
-        if not plans:
-            count = conn.execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
-            return f"no plan, {count} task(s)"
-        return "; ".join(_plan_point(conn, plan_id, status) for plan_id, status in plans)
+    # Plans in the order they were made (SQLite's rowid; PostgreSQL has none).
+    order = "generated_at, id" if is_postgres(db) else "rowid"
+    plans = raw_rows(db, f"SELECT id, status FROM execution_plans ORDER BY {order}")
+    if not plans:
+        count = raw_rows(db, "SELECT COUNT(*) FROM tasks")[0][0]
+        return f"no plan, {count} task(s)"
+    return "; ".join(_plan_point(db, plan_id, status) for plan_id, status in plans)
 
 
-def _plan_point(conn: sqlite3.Connection, plan_id: str, plan_status: str) -> str:
-    tasks = dict(conn.execute("SELECT subtask_id, status FROM tasks WHERE plan_id = ?", (plan_id,)))
+def _plan_point(db: str, plan_id: str, plan_status: str) -> str:
+    tasks = dict(raw_rows(db, "SELECT subtask_id, status FROM tasks WHERE plan_id = ?", (plan_id,)))
     rows = {
-        subtask: (status, task_id, json.loads(dependencies))
-        for subtask, status, task_id, dependencies in conn.execute(
+        subtask: (status, task_id, as_json(dependencies))
+        for subtask, status, task_id, dependencies in raw_rows(
+            db,
             "SELECT subtask_id, status, task_id, dependencies FROM plan_execution"
             " WHERE plan_id = ?",
             (plan_id,),
@@ -235,9 +236,8 @@ def _plan_point(conn: sqlite3.Connection, plan_id: str, plan_status: str) -> str
 
 def _left(db: str) -> tuple[int, int]:
     """How many plans there are, and how many subtasks are left to complete."""
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        plans = int(conn.execute("SELECT COUNT(*) FROM execution_plans").fetchone()[0])
-        done = conn.execute("SELECT COUNT(*) FROM tasks WHERE status = 'completed'").fetchone()
+    plans = int(raw_rows(db, "SELECT COUNT(*) FROM execution_plans")[0][0])
+    done = raw_rows(db, "SELECT COUNT(*) FROM tasks WHERE status = 'completed'")[0]
     return plans, SUBTASKS * max(plans, 1) - int(done[0])
 
 
@@ -341,8 +341,7 @@ async def _recover(
             if state.task_id is not None
         }
     # No task nor event of anything else.
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        owners = conn.execute("SELECT plan_id, COUNT(*) FROM tasks GROUP BY plan_id").fetchall()
+    owners = raw_rows(db, "SELECT plan_id, COUNT(*) FROM tasks GROUP BY plan_id")
     assert dict(owners) == dict.fromkeys(plan_ids, SUBTASKS), owners
     assert {event.plan_id for event in events} == set(plan_ids)
     for plan in ended:
@@ -375,18 +374,17 @@ def _check(
     subtask_of = {task: subtask for subtask, task in task_of.items()}
 
     # Exactly one task per subtask, and no other task; every row names its task.
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        per_subtask = conn.execute(
-            "SELECT subtask_id, COUNT(*) FROM tasks WHERE plan_id = ? GROUP BY subtask_id",
-            (plan.id,),
-        ).fetchall()
-        all_tasks = conn.execute(
-            "SELECT id, status, plan_id, subtask_id FROM tasks WHERE plan_id = ?", (plan.id,)
-        ).fetchall()
-        rows = conn.execute(
-            "SELECT subtask_id, task_id, status FROM plan_execution WHERE plan_id = ?",
-            (plan.id,),
-        ).fetchall()
+    per_subtask = raw_rows(
+        db,
+        "SELECT subtask_id, COUNT(*) FROM tasks WHERE plan_id = ? GROUP BY subtask_id",
+        (plan.id,),
+    )
+    all_tasks = raw_rows(
+        db, "SELECT id, status, plan_id, subtask_id FROM tasks WHERE plan_id = ?", (plan.id,)
+    )
+    rows = raw_rows(
+        db, "SELECT subtask_id, task_id, status FROM plan_execution WHERE plan_id = ?", (plan.id,)
+    )
     assert dict(per_subtask) == dict.fromkeys(needs, 1), per_subtask
     assert sorted(all_tasks) == sorted(
         (task, "completed", plan.id, subtask) for subtask, task in task_of.items()
@@ -601,13 +599,14 @@ async def test_plan_goes_on_across_restarts(db_path: str) -> None:
     assert await _recover(db_path, report) == 1
 
 
+@pytest.mark.postgres  # its databases are made in the run's store
 async def test_plan_survives_sigkill_while_it_starts(anyio_backend: str, tmp_path: Path) -> None:
     """Killed a little after create_execution_plan returned, while (or before, or after)
     mark_plan_execution_started creates the tasks, writes the plan and queues the roots:
     a plan still a draft is started here; an executing one goes on."""
     points: list[str] = []
     for n, pause in enumerate(START_PAUSES):
-        db = str(tmp_path / f"start-{n}" / "hive.db")
+        db = fresh_database(tmp_path / f"start-{n}")
         report = Report()
         stderr = tmp_path / f"start-{n}.stderr"
         await _run_and_kill(db, "started", anyio_backend, stderr, report, _on("created"), pause)
@@ -616,6 +615,7 @@ async def test_plan_survives_sigkill_while_it_starts(anyio_backend: str, tmp_pat
     print(*points, sep="\n  ")
 
 
+@pytest.mark.postgres  # its databases are made in the run's store
 async def test_plan_survives_sigkill_at_random_points(anyio_backend: str, tmp_path: Path) -> None:
     """Rounds on fresh databases: a child runs the plan (two plans, every other round) and
     is killed at a random line plus a random pause; a second child takes the plans up and
@@ -624,7 +624,7 @@ async def test_plan_survives_sigkill_at_random_points(anyio_backend: str, tmp_pa
     rng = random.Random(seed)
     points: list[str] = []
     for round_ in range(RANDOM_ROUNDS):
-        db = str(tmp_path / f"round-{round_}" / "hive.db")
+        db = fresh_database(tmp_path / f"round-{round_}")
         report = Report()
         try:
             for mode in ("run2" if round_ % 2 else "run", "resume"):

@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
-from contextlib import closing
 from pathlib import Path
 
 import anyio
 import pytest
+from _raw import raw_rows
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from hive_orchestration import PlanStatus, Runtime, SubtaskStatus, TaskStatus
@@ -94,9 +93,9 @@ async def test_a_failing_plan_runs_its_cleanup_after_sigkill(
             if e.type == "plan.failed" and e.plan_id == plan_id
         ]
         assert len(failed) == 1
-    with closing(sqlite3.connect(db_path)) as conn:
-        per_subtask = conn.execute(
-            "SELECT subtask_id, COUNT(*) FROM tasks WHERE plan_id = ? GROUP BY subtask_id",
-            (plan_id,),
-        ).fetchall()
+    per_subtask = raw_rows(
+        db_path,
+        "SELECT subtask_id, COUNT(*) FROM tasks WHERE plan_id = ? GROUP BY subtask_id",
+        (plan_id,),
+    )
     assert dict(per_subtask) == {name: 1 for name in states}

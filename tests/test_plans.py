@@ -15,14 +15,14 @@ was handled and what it caused was applied.
 from __future__ import annotations
 
 import itertools
-import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager, closing
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import pytest
+from _raw import raw_execute, raw_rows
 
 from hive_orchestration import (
     Claim,
@@ -148,8 +148,7 @@ async def all_events(rt: Runtime) -> list[Event]:
 
 
 def query(db_path: str, sql: str, *params: object) -> list[tuple[Any, ...]]:
-    with closing(sqlite3.connect(db_path)) as conn:
-        return conn.execute(sql, params).fetchall()
+    return raw_rows(db_path, sql, params)
 
 
 def tasks_per_subtask(db_path: str, plan_id: str) -> dict[str, int]:
@@ -1911,12 +1910,11 @@ async def test_a_plan_row_that_does_not_decode_does_not_keep_the_runtime_from_op
     async with runtime(db_path) as rt:
         good = await started(rt, plan_of(sub("a")))
         bad = await started(rt, plan_of(sub("x")))
-    with closing(sqlite3.connect(db_path)) as conn:
-        conn.execute(
-            "UPDATE execution_plans SET plan_data = ? WHERE id = ?",
-            ('{"subtasks": [{"id": "x", "task_type": "job", "oops": 1}]}', bad),
-        )
-        conn.commit()
+    raw_execute(
+        db_path,
+        "UPDATE execution_plans SET plan_data = ? WHERE id = ?",
+        ('{"subtasks": [{"id": "x", "task_type": "job", "oops": 1}]}', bad),
+    )
     async with runtime(db_path) as rt:
         await finish(rt, await claim(rt, "job"))
         assert (await rt.wait_for_plan(good, timeout=SOON)).status is PlanStatus.COMPLETED

@@ -13,6 +13,7 @@ from typing import Literal
 import anyio
 import msgspec
 import pytest
+from _raw import is_postgres
 
 from hive_orchestration import Runtime, RuntimeConfig, Task, TaskStatus
 from hive_orchestration.errors import RuntimeStoppedError
@@ -47,7 +48,8 @@ def driver(request: pytest.FixtureRequest, anyio_backend: str) -> Driver:
 async def storage_with_readers(
     db_path: str, driver: Driver, size: int = 2
 ) -> AsyncIterator[tuple[ActorRef[StorageMessage], ReaderPool]]:
-    Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+    if not is_postgres(db_path):
+        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
     config = RuntimeConfig(storage_driver=driver)
     ref: ActorRef[StorageMessage] = ActorRef("storage", mailbox_size=4096, ask_timeout=30.0)
     pool = ReaderPool(open_store(db_path, config), size=size, queue=64)

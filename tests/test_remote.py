@@ -19,6 +19,7 @@ from typing import Any
 
 import anyio
 import pytest
+from _raw import is_postgres
 from reliability._remote import DEADLINE, owner
 
 from hive_orchestration import (
@@ -47,7 +48,7 @@ pytestmark = pytest.mark.anyio
 async def test_a_client_of_another_process_works_as_an_in_process_one(
     db_path: str, anyio_backend: str
 ) -> None:
-    absolute = str(Path(db_path).absolute())  # noqa: ASYNC240
+    absolute = db_path if is_postgres(db_path) else str(Path(db_path).absolute())  # noqa: ASYNC240
     async with (
         owner(db_path, anyio_backend),
         OrchestrationClient(db_path=db_path, source_agent="planner") as client,
@@ -306,6 +307,7 @@ async def test_a_claim_whose_remote_caller_left_goes_back_at_once(
 # -- the socket is the owner's alone ------------------------------------------------------
 
 
+@pytest.mark.sqlite_only("the socket's path beside the database file and its lock file")
 async def test_the_socket_is_private_and_recorded_beside_the_lock(
     db_path: str, anyio_backend: str
 ) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from _raw import is_postgres, raw_execute, raw_rows
 
 from hive_orchestration import (
     DEFAULT_DB_PATH,
@@ -93,6 +94,7 @@ def _sidecars(path: Path) -> list[Path]:
 # -- a fresh database -------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only("SQLite's catalogue, PRAGMA user_version and journal_mode")
 async def test_fresh_database_has_every_table_and_index(db_path: str) -> None:
     assert not Path(db_path).parent.exists()
     async with Runtime.open(db_path) as runtime:
@@ -108,6 +110,7 @@ async def test_fresh_database_has_every_table_and_index(db_path: str) -> None:
         assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
 
 
+@pytest.mark.sqlite_only("SQLite's catalogue (PRAGMA index_info)")
 async def test_indexes_cover_the_named_columns(db_path: str) -> None:
     async with Runtime.open(db_path):
         pass
@@ -132,6 +135,7 @@ async def test_indexes_cover_the_named_columns(db_path: str) -> None:
             assert [row[2] for row in info] == columns, index
 
 
+@pytest.mark.sqlite_only("reads SQLite's EXPLAIN QUERY PLAN of the SQLite store's own SQL")
 async def test_filtered_event_reads_use_the_event_indexes(db_path: str) -> None:
     # A read by task, plan or correlation is a range scan of the index from ``after``,
     # never a scan of the whole log (``hive-orchestration events --plan ID --follow``).
@@ -147,6 +151,7 @@ async def test_filtered_event_reads_use_the_event_indexes(db_path: str) -> None:
                 assert f"INDEX {index} ({field}=? AND rowid>?)" in plan, (field, plan)
 
 
+@pytest.mark.sqlite_only("builds a version-5 database from SQLite's migrations")
 async def test_version_5_database_gains_the_plan_event_index(db_path: str) -> None:
     # A database left at version 5 by the previous release: its events stay, the
     # migration adds the index, and reads by plan find them.
@@ -172,6 +177,7 @@ async def test_version_5_database_gains_the_plan_event_index(db_path: str) -> No
         assert conn.execute("SELECT seq FROM events WHERE plan_id = 'p-1'").fetchall() == [(1,)]
 
 
+@pytest.mark.sqlite_only("the database file's and WAL files' permissions")
 async def test_file_is_private_and_its_folder_is_created(db_path: str) -> None:
     path = Path(db_path)
     assert not path.parent.exists()
@@ -203,23 +209,24 @@ async def test_reopen_keeps_data_and_does_not_migrate_again(db_path: str) -> Non
         first = await runtime.publish("reopen.first", {"n": 1}, task_id="t-1")
     # Data written behind the runtime's back, in a migrated table, must survive a reopen:
     # re-running migration 1 would fail on CREATE TABLE or lose it.
-    with closing(sqlite3.connect(db_path)) as conn, conn:
-        conn.execute("INSERT INTO tasks (id, title, task_type) VALUES ('t-1', 'kept', 'demo')")
+    raw_execute(db_path, "INSERT INTO tasks (id, title, task_type) VALUES ('t-1', 'kept', 'demo')")
     async with Runtime.open(db_path) as runtime:
         stats = await runtime.statistics()
         assert stats.storage.last_seq == first.seq == 1
+        assert stats.storage.schema_version == SCHEMA_VERSION
         assert await runtime.read_events() == [first]
         second = await runtime.publish("reopen.second", {"n": 2})
         assert second.seq == 2
-    assert _pragma(db_path, "user_version") == SCHEMA_VERSION
-    with closing(sqlite3.connect(db_path)) as conn:
-        assert conn.execute("SELECT id, title FROM tasks").fetchall() == [("t-1", "kept")]
-        assert conn.execute("SELECT seq, type FROM events ORDER BY seq").fetchall() == [
-            (1, "reopen.first"),
-            (2, "reopen.second"),
-        ]
+    if not is_postgres(db_path):
+        assert _pragma(db_path, "user_version") == SCHEMA_VERSION
+    assert raw_rows(db_path, "SELECT id, title FROM tasks") == [("t-1", "kept")]
+    assert raw_rows(db_path, "SELECT seq, type FROM events ORDER BY seq") == [
+        (1, "reopen.first"),
+        (2, "reopen.second"),
+    ]
 
 
+@pytest.mark.sqlite_only("SQLite's catalogue and PRAGMA user_version")
 async def test_failed_migration_leaves_the_database_as_it_was(db_path: str) -> None:
     # A version-0 database that already has a table named like one of ours: migration 1
     # fails part-way (tasks..plan_execution are created before events), and must roll back.
@@ -240,6 +247,7 @@ async def test_failed_migration_leaves_the_database_as_it_was(db_path: str) -> N
 # -- refusals ---------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only("the file's bytes, WAL files and PRAGMA user_version")
 async def test_newer_schema_is_refused_and_left_untouched(db_path: str) -> None:
     path = Path(db_path)
     path.parent.mkdir(parents=True)
@@ -271,6 +279,7 @@ async def test_newer_schema_is_refused_and_left_untouched(db_path: str) -> None:
         assert conn.execute("SELECT what FROM future_things").fetchall() == [("from the future",)]
 
 
+@pytest.mark.sqlite_only("SQLite's PRAGMA user_version")
 async def test_current_version_without_the_tables_gives_storage_error(db_path: str) -> None:
     # user_version says "migrated" but the tables are not there: refuse, do not crash.
     Path(db_path).parent.mkdir(parents=True)
@@ -281,6 +290,7 @@ async def test_current_version_without_the_tables_gives_storage_error(db_path: s
             pytest.fail("opened a database without an event log")
 
 
+@pytest.mark.sqlite_only("SQLite's PRAGMA user_version")
 async def test_newer_schema_is_refused_every_time(db_path: str) -> None:
     # The refusal leaves no trace that would let a second attempt through.
     Path(db_path).parent.mkdir(parents=True)
@@ -293,6 +303,7 @@ async def test_newer_schema_is_refused_every_time(db_path: str) -> None:
         assert caught.value.found == SCHEMA_VERSION + 5
 
 
+@pytest.mark.sqlite_only("a file that is not a SQLite database")
 async def test_file_that_is_not_a_database_gives_storage_error(db_path: str) -> None:
     path = Path(db_path)
     path.parent.mkdir(parents=True)
@@ -305,6 +316,7 @@ async def test_file_that_is_not_a_database_gives_storage_error(db_path: str) -> 
     assert _read(path) == garbage
 
 
+@pytest.mark.sqlite_only("a file that is not a SQLite database")
 async def test_text_file_is_not_a_database_either(db_path: str) -> None:
     path = Path(db_path)
     path.parent.mkdir(parents=True)

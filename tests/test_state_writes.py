@@ -13,7 +13,6 @@ pins that behaviour down.
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -24,6 +23,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from _raw import is_postgres, raw_rows
 
 from hive_orchestration import (
     Claim,
@@ -177,12 +177,12 @@ Snapshot = dict[str, tuple[Task, list[Run]]]
 
 
 def stored_in(path: str) -> Snapshot:
-    """Every task and its runs, as the file holds them (read without the runtime)."""
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        tasks = conn.execute(f"SELECT {TASK_COLUMNS} FROM tasks ORDER BY id").fetchall()
-        runs = conn.execute(
-            f"SELECT {RUN_COLUMNS} FROM runs ORDER BY task_id, run_number, rowid"
-        ).fetchall()
+    """Every task and its runs, as the database holds them (read without the runtime)."""
+    tasks = raw_rows(path, f"SELECT {TASK_COLUMNS} FROM tasks ORDER BY id")
+    # Runs in the order get_runs gives them: on SQLite by rowid (the order written);
+    # PostgreSQL has no rowid, so ties of run_number are taken in id order there.
+    order = "id" if is_postgres(path) else "rowid"
+    runs = raw_rows(path, f"SELECT {RUN_COLUMNS} FROM runs ORDER BY task_id, run_number, {order}")
     found: Snapshot = {}
     for row in tasks:
         task = task_from_row(row)

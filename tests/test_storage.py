@@ -13,13 +13,14 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 import anyio.lowlevel
 import msgspec
 import pytest
 from _interrupt import Interrupter, Statement, interrupt
+from _raw import raw_rows
 
 from hive_orchestration import RuntimeConfig, Task, TaskStatus
 from hive_orchestration.errors import RuntimeStoppedError, StorageError
@@ -71,9 +72,8 @@ def append(kind: str, **data: JsonValue) -> AppendEvent:
     return AppendEvent(event, msgspec.json.encode(data))
 
 
-def stored_events(db_path: str) -> list[tuple[int, str, str]]:
-    with contextlib.closing(sqlite3.connect(db_path)) as conn:
-        return conn.execute("SELECT seq, type, data FROM events ORDER BY seq").fetchall()
+def stored_events(db_path: str) -> list[tuple[Any, ...]]:
+    return raw_rows(db_path, "SELECT seq, type, data FROM events ORDER BY seq")
 
 
 async def test_group_commit_batches_concurrent_writes(db_path: str, driver: Driver) -> None:
@@ -152,6 +152,9 @@ def a_task(task_id: str) -> Task:
     )  # fmt: skip
 
 
+@pytest.mark.sqlite_only(
+    "interrupts the SQLite drivers' transaction between two statements (tests/_interrupt.py)"
+)
 async def test_cancelled_writers_leave_no_partial_write(
     db_path: str, driver: Driver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -236,6 +239,9 @@ async def test_cancelled_writers_leave_no_partial_write(
     assert [seq for seq, _, _ in events] == list(range(1, len(events) + 1))  # no gap
 
 
+@pytest.mark.sqlite_only(
+    "its child interrupts the SQLite thread driver's transaction (tests/_interrupt.py)"
+)
 async def test_a_process_killed_in_the_middle_of_a_write_leaves_none_of_it(
     db_path: str, tmp_path: Path, anyio_backend: str
 ) -> None:
@@ -300,6 +306,7 @@ async def test_seqs_continue_after_reopen(db_path: str, driver: Driver) -> None:
     assert stats.last_seq == 3
 
 
+@pytest.mark.sqlite_only("SQLite's synchronous pragma and the SQLite driver choice")
 async def test_synchronous_setting_is_applied(db_path: str, driver: Driver) -> None:
     async with storage(db_path, driver, synchronous="NORMAL") as ref:
         stats = await ref.ask(GetStorageStats())
@@ -307,6 +314,7 @@ async def test_synchronous_setting_is_applied(db_path: str, driver: Driver) -> N
     assert stats.driver == driver
 
 
+@pytest.mark.sqlite_only("another connection holds SQLite's write lock past busy_timeout")
 async def test_a_locked_database_fails_the_write_cleanly(db_path: str, driver: Driver) -> None:
     """SQLite refusing a write is a StorageError for the writer; the actor keeps serving."""
     async with storage(db_path, driver, busy_timeout=0.05) as ref:
@@ -334,6 +342,7 @@ async def test_an_unhandled_message_is_refused_at_once(db_path: str, driver: Dri
         assert (await ref.ask(GetStorageStats())).writes == 0
 
 
+@pytest.mark.sqlite_only("slows the SQLite thread driver's transaction (drivers._transaction_sync)")
 async def test_a_runtime_cancelled_mid_commit_commits_whole_and_answers_truthfully(
     db_path: str, monkeypatch: pytest.MonkeyPatch, anyio_backend: str
 ) -> None:

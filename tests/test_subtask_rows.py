@@ -11,9 +11,13 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from hive_orchestration.messages.plans import SubtaskState, SubtaskStatus
 from hive_orchestration.storage.plans import subtask_statement
 from hive_orchestration.storage.sqlite.schema import MIGRATIONS
+
+pytestmark = pytest.mark.sqlite_only("the SQLite store's subtask statement on a sqlite3 connection")
 
 
 def database(path: Path) -> sqlite3.Connection:

@@ -4,7 +4,6 @@ and concurrent creates. Real SQLite files, both backends."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sqlite3
 import traceback
@@ -15,6 +14,7 @@ from itertools import product
 
 import anyio
 import pytest
+from _raw import raw_rows
 
 from hive_orchestration import (
     Event,
@@ -93,8 +93,7 @@ def utc_aware(value: datetime | None) -> bool:
 
 
 def stored_count(db_path: str, sql: str, *params: object) -> int:
-    with contextlib.closing(sqlite3.connect(db_path)) as conn:
-        return int(conn.execute(sql, params).fetchone()[0])
+    return int(raw_rows(db_path, sql, params)[0][0])
 
 
 # -- operations ----------------------------------------------------------------------------
@@ -490,9 +489,8 @@ async def test_state_machine(db_path: str, start: TaskStatus, target: TaskStatus
                 target.value,
             )
     if event is None:
-        with contextlib.closing(sqlite3.connect(db_path)) as conn:
-            row = conn.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchone()
-        assert row == (start.value,)
+        rows = raw_rows(db_path, "SELECT status FROM tasks WHERE id = ?", (task_id,))
+        assert rows == [(start.value,)]
 
 
 def test_the_transition_table_is_the_documented_one() -> None:
@@ -934,6 +932,7 @@ async def test_a_task_deleted_earlier_in_a_batch_is_gone_for_the_rest_of_it(db_p
         assert len(deleted) == 1
 
 
+@pytest.mark.sqlite_only("injects a SQLite I/O error into the SQLite drivers")
 async def test_a_failed_commit_restores_memory_exactly(
     db_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -12,11 +12,13 @@ import tracemalloc
 import types
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, cast
 
 import anyio
 import msgspec
 import pytest
+from _raw import fresh_database
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -895,10 +897,13 @@ async def test_a_duration_out_of_its_bounds_is_refused(
 
 
 @pytest.mark.parametrize("name", list(DURATIONS))
-async def test_a_duration_at_its_bounds_is_accepted(db_path: str, name: str) -> None:
+async def test_a_duration_at_its_bounds_is_accepted(
+    db_path: str, tmp_path: Path, name: str
+) -> None:
     call, _, low, high, zero = DURATIONS[name]
     for i, value in enumerate([low, high, *([0.0] if zero else [])]):
-        async with Runtime.open(f"{db_path}-{i}") as rt:
+        # A database each: db_path, then as many again in this run's store.
+        async with Runtime.open(db_path if i == 0 else fresh_database(tmp_path / str(i))) as rt:
             claim = await _prepared(rt)
             try:
                 with anyio.fail_after(TIMEOUT):

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import anyio
 import pytest
+from _raw import refusing_writes
 
 from hive_orchestration import (
     ActorFailedError,
@@ -303,29 +304,10 @@ async def test_a_failed_commit_keeps_the_deadlines_of_the_claims(db_path: str) -
         assert held is not None
         await rt.create_task("other")
         clock.step(HOUR)
-        await _sql(
-            db_path,
-            "CREATE TRIGGER no_runs BEFORE INSERT ON runs BEGIN"
-            " SELECT RAISE(ABORT, 'no runs today'); END",
-        )
-        with pytest.raises(StorageError, match="no runs today"):
-            await rt.claim_task("w", "other", lease=60)
-        await _sql(db_path, "DROP TRIGGER no_runs")
+        async with refusing_writes(db_path, "runs", "no runs today"):
+            with pytest.raises(StorageError, match="no runs today"):
+                await rt.claim_task("w", "other", lease=60)
         await rt.heartbeat(held.lease)  # LeaseLostError if the failed commit ended it
         done = await rt.complete_task(held.lease)
         assert done.id == held_id
         assert (done.status, done.attempts) == (TaskStatus.COMPLETED, 0)
-
-
-async def _sql(db_path: str, statement: str) -> None:
-    import sqlite3
-
-    def run() -> None:
-        conn = sqlite3.connect(db_path, timeout=10)
-        try:
-            conn.execute(statement)
-            conn.commit()
-        finally:
-            conn.close()
-
-    await anyio.to_thread.run_sync(run)

@@ -21,6 +21,7 @@ from typing import Any
 
 import anyio
 import pytest
+from _raw import is_postgres
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
@@ -113,8 +114,10 @@ def command(db_path: str, backend: str, *arguments: str) -> list[str]:
 @asynccontextmanager
 async def worker(db_path: str, backend: str, target: str, *options: str) -> AsyncIterator[Worker]:
     """``hive-orchestration worker TARGET`` run from this folder, once it says it is ready."""
+    # A file is passed absolute (the worker runs from this folder); a URL as it is.
+    target_db = db_path if is_postgres(db_path) else str(Path(db_path).absolute())  # noqa: ASYNC240
     process = await anyio.open_process(
-        command(str(Path(db_path).absolute()), backend, target, *options),  # noqa: ASYNC240
+        command(target_db, backend, target, *options),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=HERE,

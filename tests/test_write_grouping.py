@@ -22,6 +22,7 @@ from typing import Literal
 import anyio
 import msgspec
 import pytest
+from _raw import raw_rows
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -374,9 +375,11 @@ async def write_connection(path: Path, kind: DriverKind) -> AsyncIterator[Driver
         await driver.close()
 
 
-def stored_file(path: Path) -> tuple[list[Task], list[Run]]:
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        return stored(conn)
+def stored_file(path: Path | str) -> tuple[list[Task], list[Run]]:
+    """What the database holds (a file, or on PostgreSQL a URL), by its own connection."""
+    tasks = raw_rows(str(path), f"SELECT {TASK_COLUMNS} FROM tasks ORDER BY id")
+    runs = raw_rows(str(path), f"SELECT {RUN_COLUMNS} FROM runs ORDER BY id")
+    return [task_from_row(row) for row in tasks], [run_from_row(row) for row in runs]
 
 
 @pytest.mark.anyio
@@ -463,4 +466,4 @@ async def test_the_storage_actor_fails_only_the_write_with_a_missing_row(
     assert len(outcomes) == 9
     assert not any(isinstance(o, StorageError) for o in outcomes.values())
     expected = [task_state(t, 20 + i) if i != 4 else t for i, t in enumerate(base)]
-    assert stored_file(Path(db_path)) == (sorted(expected, key=lambda t: t.id), [])
+    assert stored_file(db_path) == (sorted(expected, key=lambda t: t.id), [])

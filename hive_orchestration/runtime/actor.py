@@ -340,9 +340,14 @@ class AskWatchdog:
     thus enforced never early and at most one tick late (1/20 of the timeout, between 1 ms
     and 1 s). Answered entries are dropped from the head as new asks arrive, and the whole
     queue is compacted when it grows, so it holds about what is in flight.
+
+    It is also the last word on every ask still open when its actor's supervisor has
+    stopped (:meth:`close`): an actor may hand a message on to something that never
+    answers it (a storage reader cancelled at shutdown before it ran the read it was
+    handed), and nothing else would ever wake that asker.
     """
 
-    __slots__ = ("_queue", "owner", "running", "tick", "timeout")
+    __slots__ = ("_held", "_queue", "owner", "running", "tick", "timeout")
 
     #: Past this many entries, ``expire`` also drops answered ones behind a slow head.
     COMPACT_ABOVE = 4096
@@ -353,6 +358,8 @@ class AskWatchdog:
         self.tick = min(1.0, max(timeout / 20, 0.001))
         self.running = False
         self._queue: deque[tuple[float, Reply[Any], str]] = deque()
+        #: Asks whose deadline their own cancel scope keeps: failed only by :meth:`close`.
+        self._held: set[Reply[Any]] = set()
 
     def add(self, reply: Reply[Any], message: str) -> None:
         queue = self._queue
@@ -379,6 +386,28 @@ class AskWatchdog:
             reply.fail(RequestTimeoutError(self.owner, message, self.timeout))
         if len(queue) > self.COMPACT_ABOVE:
             self._queue = deque(entry for entry in queue if not entry[1].done)
+
+    def hold(self, reply: Reply[Any]) -> None:
+        """Track an ask this watchdog does not time, until :meth:`release`, so that
+        :meth:`close` still answers it."""
+        self._held.add(reply)
+
+    def release(self, reply: Reply[Any]) -> None:
+        self._held.discard(reply)
+
+    def close(self, error: BaseException) -> int:
+        """Fail every ask still unanswered with ``error``; returns how many.
+
+        For the supervisor, once every child and service of it has ended: no answer can
+        come any more. Asks made after this find the mailbox discarded."""
+        failed = 0
+        queue, self._queue = self._queue, deque()
+        for _, reply, _ in queue:
+            failed += reply.fail(error)
+        held, self._held = self._held, set()
+        for reply in held:
+            failed += reply.fail(error)
+        return failed
 
 
 class ActorRef(Generic[M]):
@@ -440,9 +469,13 @@ class ActorRef(Generic[M]):
                 self.deadlines.add(reply, type(message).__name__)
                 return await reply.wait()
             deadline = self.ask_timeout if timeout is None else timeout
-            with anyio.move_on_after(deadline):
-                await self.mailbox.put(envelope)
-                return await reply.wait()
+            self.deadlines.hold(reply)  # answered at the stop if nothing else answers it
+            try:
+                with anyio.move_on_after(deadline):
+                    await self.mailbox.put(envelope)
+                    return await reply.wait()
+            finally:
+                self.deadlines.release(reply)
             raise RequestTimeoutError(self.name, type(message).__name__, deadline)
         finally:
             # An asker that leaves (deadline, cancellation) closes its reply slot, so an

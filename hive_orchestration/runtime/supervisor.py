@@ -123,6 +123,13 @@ class Supervisor:
             # Children after one whose start-up failed never ran: close their mailboxes too.
             for spec in self._children:
                 spec.ref.mailbox.discard(RuntimeStoppedError(f"actor {spec.ref.name!r} is stopped"))
+            # Every child and service has ended, so no ask still open will be answered:
+            # one an actor handed on (a pooled read whose reader was cancelled before it
+            # ran it) would otherwise wait forever, its deadline's watchdog gone too.
+            for spec in self._children:
+                spec.ref.deadlines.close(
+                    RuntimeStoppedError(f"actor {spec.ref.name!r} stopped before answering")
+                )
 
     async def stop(self) -> None:
         """Drain every child in reverse start order within the deadline, then cancel."""

@@ -718,6 +718,7 @@ async def test_a_crashing_actor_is_restarted_and_nothing_acknowledged_is_lost(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a long variant: past the suite's 300 s (pyproject.toml)
 @pytest.mark.parametrize("actor", ACTORS)
 async def test_an_actor_crashing_again_and_again_is_restarted_and_loses_nothing(
     actor: str,

@@ -422,6 +422,7 @@ def seed() -> int:
     return int(os.environ.get("HIVE_RELIABILITY_SEED", "0")) or random.randrange(2**32)
 
 
+@pytest.mark.sqlite_only("interrupts the SQLite driver's transactions (tests/_interrupt.py)")
 async def test_callers_cancelled_at_random_points_leave_no_half_written_state(
     db_path: str, record_property: Callable[[str, object], None], monkeypatch: pytest.MonkeyPatch
 ) -> None:

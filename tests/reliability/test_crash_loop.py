@@ -592,6 +592,7 @@ async def test_a_load_killed_at_random_points_loses_nothing(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a long variant: past the suite's 300 s (pyproject.toml)
 async def test_a_load_killed_many_times_loses_nothing(
     anyio_backend: str, tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:

@@ -45,6 +45,7 @@ from typing import Any, Literal
 import anyio
 import msgspec
 import pytest
+from _raw import fresh_database
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
@@ -1386,7 +1387,7 @@ def harness(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Harness]:
     """One runtime per backend on a file database, on an event loop thread of its own."""
-    path = tmp_path_factory.mktemp("fuzz") / "hive.db"
+    path = fresh_database(tmp_path_factory.mktemp("fuzz"))
     config = RuntimeConfig(synchronous="NORMAL")
     with start_blocking_portal(backend=str(request.param)) as portal:
         client = OrchestrationClient(path, config=config, source_agent="fuzzer")
@@ -1428,12 +1429,14 @@ def test_every_operation_has_a_strategy() -> None:
         assert (how == "await") == (OPS[name].how in ("await", "handle")), name
 
 
+@pytest.mark.postgres
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_bad_arguments_raise_only_package_errors(harness: Harness, op: str) -> None:
     fuzz_operation(harness, op, EXAMPLES)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a long variant: past the suite's 300 s (pyproject.toml)
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_bad_arguments_raise_only_package_errors_long(harness: Harness, op: str) -> None:
     fuzz_operation(harness, op, SLOW_EXAMPLES)
@@ -1650,19 +1653,23 @@ def test_the_wire_carries_every_json_operation() -> None:
     assert async_ops >= OPERATIONS
 
 
+@pytest.mark.postgres
 def test_raw_bytes_raise_only_package_errors(harness: Harness) -> None:
     fuzz_wire(harness, RAW, WIRE_EXAMPLES)
 
 
+@pytest.mark.postgres
 def test_mutated_requests_raise_only_package_errors(harness: Harness) -> None:
     fuzz_wire(harness, _mutations(harness.pool), WIRE_EXAMPLES)
 
 
+@pytest.mark.postgres
 def test_structured_wrong_json_raises_only_package_errors(harness: Harness) -> None:
     fuzz_wire(harness, STRUCTURED, WIRE_EXAMPLES)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a long variant: past the suite's 300 s (pyproject.toml)
 def test_the_wire_raises_only_package_errors_long(harness: Harness) -> None:
     for strategy in (RAW, _mutations(harness.pool), STRUCTURED):
         fuzz_wire(harness, strategy, SLOW_WIRE_EXAMPLES)

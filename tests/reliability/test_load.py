@@ -283,6 +283,7 @@ async def test_200_clients_under_load_lose_nothing(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a long variant: past the suite's 300 s (pyproject.toml)
 async def test_200_clients_under_sustained_load_lose_nothing(
     db_path: str, record_property: Callable[[str, object], None]
 ) -> None:

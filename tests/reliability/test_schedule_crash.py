@@ -6,7 +6,7 @@ the parent kills it with SIGKILL right after it reports a seeded random number o
 firings, so the kill lands while the next slots are being fired (the TaskManager's write
 of a slot's task, the schedule's advance and its event in flight). Six rounds, each a new
 child that first catches up what passed while none ran. Then, on the file as the last
-kill left it (plain sqlite3, nothing reopened), for each schedule:
+kill left it (a plain connection, nothing reopened), for each schedule:
 
 - one task per fired slot, its idempotency key naming the slot; ``fired`` counts them,
   ``last_slot`` is the latest, ``last_task_id`` its task: the advance and the tasks never
@@ -28,7 +28,6 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 from datetime import datetime, timedelta
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from _raw import as_json, raw_rows
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from hive_orchestration import Runtime, RuntimeConfig
@@ -90,58 +90,64 @@ def _text(path: Path) -> str:
 def _check(db_path: str) -> dict[str, int]:
     """The invariants of the module docstring on the file as it is; fired slots per
     schedule."""
-    with sqlite3.connect(db_path) as db:
-        schedules = db.execute(
-            "SELECT id, name, definition, last_slot, last_task_id, fired FROM schedules"
-        ).fetchall()
-        counts = {}
-        for schedule_id, name, definition, last_slot, last_task_id, count in schedules:
-            spec = json.loads(definition)
-            start = datetime.fromisoformat(spec["start_at"])
-            # The schedule's tasks by their payload (each schedule has its own n), not by
-            # what the Scheduler stamps on them.
-            tasks = db.execute(
-                "SELECT id, idempotency_key FROM tasks WHERE task_type = 'tick'"
-                " AND json_extract(payload, '$.n') = ? ORDER BY created_at, rowid",
-                (spec["task"]["payload"]["n"],),
-            ).fetchall()
-            events = [
-                json.loads(data)
-                for (data,) in db.execute(
-                    "SELECT data FROM events WHERE type = 'schedule.fired' ORDER BY seq"
-                )
-            ]
-            events = [e for e in events if e["schedule_id"] == schedule_id]
-            # One event per task, in the same order, and no slot twice.
-            assert [e["task_id"] for e in events] == [task_id for task_id, _ in tasks], name
-            slots = {e["task_id"]: datetime.fromisoformat(e["slot"]) for e in events}
-            assert len(set(slots.values())) == len(slots), (name, "a slot fired twice")
-            assert len(slots) == count, (name, len(slots), count)
-            for task_id, key in tasks:
-                assert key == f"schedule:{schedule_id}:{slots[task_id].isoformat()}", name
-            if count:
-                assert datetime.fromisoformat(last_slot) == max(slots.values()), name
-                assert last_task_id == tasks[-1][0], name
-            else:
-                assert last_slot is None
-            # Forward only, on the grid, and every slot passed over is counted.
-            position = -1
-            for event in events:
-                step = (datetime.fromisoformat(event["slot"]) - start) / timedelta(seconds=EVERY)
-                assert abs(step - round(step)) < 1e-6, (name, event)
-                assert round(step) == position + event["missed"] + 1, (name, position, event)
-                position = round(step)
-            counts[name] = count
-        return counts
+    schedules = raw_rows(
+        db_path, "SELECT id, name, definition, last_slot, last_task_id, fired FROM schedules"
+    )
+    # Every tick task in the order it was created (its task.created event's seq: both
+    # stores keep that order, SQLite's rowid has no twin on PostgreSQL).
+    ticks = raw_rows(
+        db_path,
+        "SELECT t.id, t.idempotency_key, t.payload FROM tasks t JOIN events e"
+        " ON e.task_id = t.id AND e.type = 'task.created'"
+        " WHERE t.task_type = 'tick' ORDER BY e.seq",
+    )
+    fired = [
+        as_json(data)
+        for (data,) in raw_rows(
+            db_path, "SELECT data FROM events WHERE type = 'schedule.fired' ORDER BY seq"
+        )
+    ]
+    counts = {}
+    for schedule_id, name, definition, last_slot, last_task_id, count in schedules:
+        spec = as_json(definition)
+        start = datetime.fromisoformat(spec["start_at"])
+        # The schedule's tasks by their payload (each schedule has its own n), not by
+        # what the Scheduler stamps on them.
+        tasks = [
+            (task_id, key)
+            for task_id, key, payload in ticks
+            if as_json(payload)["n"] == spec["task"]["payload"]["n"]
+        ]
+        events = [e for e in fired if e["schedule_id"] == schedule_id]
+        # One event per task, in the same order, and no slot twice.
+        assert [e["task_id"] for e in events] == [task_id for task_id, _ in tasks], name
+        slots = {e["task_id"]: datetime.fromisoformat(e["slot"]) for e in events}
+        assert len(set(slots.values())) == len(slots), (name, "a slot fired twice")
+        assert len(slots) == count, (name, len(slots), count)
+        for task_id, key in tasks:
+            assert key == f"schedule:{schedule_id}:{slots[task_id].isoformat()}", name
+        if count:
+            assert datetime.fromisoformat(last_slot) == max(slots.values()), name
+            assert last_task_id == tasks[-1][0], name
+        else:
+            assert last_slot is None
+        # Forward only, on the grid, and every slot passed over is counted.
+        position = -1
+        for event in events:
+            step = (datetime.fromisoformat(event["slot"]) - start) / timedelta(seconds=EVERY)
+            assert abs(step - round(step)) < 1e-6, (name, event)
+            assert round(step) == position + event["missed"] + 1, (name, position, event)
+            position = round(step)
+        counts[name] = count
+    return counts
 
 
 async def test_each_slot_fires_exactly_once_across_sigkill(
-    tmp_path: Path, anyio_backend: str
+    db_path: str, tmp_path: Path, anyio_backend: str
 ) -> None:
     seed = int(os.environ.get("HIVE_RELIABILITY_SEED", random.randrange(1 << 32)))
     print(f"seed {seed}")
     rng = random.Random(seed)
-    db_path = str(tmp_path / "hive.db")
     async with Runtime.open(db_path, config=CONFIG) as runtime:
         client = runtime.client(source_agent="crash-test")
         for n in range(SCHEDULES):

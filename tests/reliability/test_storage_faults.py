@@ -46,7 +46,12 @@ from hive_orchestration.inspector import Inspector
 from ._audit import audit_tasks, read_log
 from ._children import child
 
-pytestmark = pytest.mark.anyio
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.sqlite_only(
+        "faults of a SQLite file: read-only media, damaged pages, a full disk, file locks"
+    ),
+]
 
 ROOT = os.geteuid() == 0
 

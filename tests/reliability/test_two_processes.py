@@ -30,7 +30,10 @@ from hive_orchestration.inspector import Inspector
 from ._audit import audit_tasks, read_log
 from ._children import Child, child
 
-pytestmark = pytest.mark.anyio
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.sqlite_only("the flock on the lock file beside the database file, and its names"),
+]
 
 #: Tasks the owner creates before it says it is ready, and acknowledgements to see after.
 BEFORE, WHILE = 20, 30

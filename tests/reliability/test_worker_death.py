@@ -426,6 +426,7 @@ async def test_dead_workers_tasks_are_requeued_in_time_and_completed_by_others(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a long variant: past the suite's 300 s (pyproject.toml)
 @pytest.mark.parametrize("path", ["lease", "registry"])
 async def test_many_dead_workers_tasks_are_requeued_in_time_and_completed_by_others(
     path: Path, db_path: str, record_property: Callable[[str, object], None]
