@@ -19,6 +19,7 @@ from reliability._remote import DEADLINE, eventually, owner
 
 from hive_orchestration import ConnectionStatus, OrchestrationClient, Runtime, RuntimeConfig
 from hive_orchestration.cli import main
+from hive_orchestration.storage.port import store_kind
 
 pytestmark = pytest.mark.anyio
 
@@ -78,7 +79,8 @@ async def test_server_status_in_process(db_path: str) -> None:
 
 
 def _real(path: str) -> str:
-    return os.path.realpath(path)
+    """The database as the owner reports it: a file by its real path, a URL as given."""
+    return path if store_kind(path) == "postgres" else os.path.realpath(path)
 
 
 async def _claim(client: OrchestrationClient) -> None:

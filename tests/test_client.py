@@ -577,13 +577,13 @@ class Stepper:
         self._free = False
         for name in ("_open_subscription", "last_seq", "read_events"):
             monkeypatch.setattr(runtime, name, self._around(name, getattr(runtime, name)))
-        connect = readers.connect
+        open_reader = readers.ReaderPool._open
 
-        async def reader_connect(*args: Any, **kwargs: Any) -> Any:
+        async def reader_open(pool: readers.ReaderPool) -> Any:
             await self._hold("in a storage reader")
-            return await connect(*args, **kwargs)
+            return await open_reader(pool)
 
-        monkeypatch.setattr(readers, "connect", reader_connect)
+        monkeypatch.setattr(readers.ReaderPool, "_open", reader_open)
 
     def _around(self, name: str, call: Any) -> Any:
         async def held(*args: Any, **kwargs: Any) -> Any:

@@ -88,9 +88,9 @@ async def load(db_path: str, tag: str, clients: int, rounds: int) -> None:
 
 
 async def slow_owner(db_path: str) -> None:
-    from hive_orchestration.storage.sqlite.database import DatabaseClaim
+    from hive_orchestration.storage.store import open_store
 
-    claim = DatabaseClaim(db_path, serving=True)
+    claim = open_store(db_path).claim(serving=True)
     await anyio.to_thread.run_sync(claim.acquire)
     say(op="claimed")
     while (await anyio.to_thread.run_sync(sys.stdin.readline)).strip() == "clear":

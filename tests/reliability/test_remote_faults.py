@@ -54,7 +54,8 @@ from hive_orchestration.remote.protocol import (
     frame,
 )
 from hive_orchestration.remote.server import HANDSHAKE_TIMEOUT
-from hive_orchestration.storage.sqlite.database import STARTING, read_owner
+from hive_orchestration.storage.port import STARTING
+from hive_orchestration.storage.store import open_store
 
 from ._audit import audit_tasks, read_log
 from ._remote import DEADLINE, HELLO, RawPeer, call_frame, child, eventually, owner, start_owner
@@ -648,7 +649,7 @@ async def test_a_client_that_comes_as_the_owner_opens_waits_for_it(
     caplog.set_level(logging.INFO, logger="hive_orchestration.client")
     async with child("slow_owner", anyio_backend, db_path, "owner") as opening:
         await opening.expect("claimed")
-        assert read_owner(db_path)[1] == STARTING
+        assert open_store(db_path).read_owner()[1] == STARTING
         came: list[bool] = []
 
         async def come() -> None:
@@ -675,7 +676,7 @@ async def test_a_client_that_comes_as_the_owner_lets_go_waits_for_it(
         await going.expect("claimed")
         await going.tell("clear\n")
         await going.expect("cleared")
-        assert read_owner(db_path) == (None, None)
+        assert open_store(db_path).read_owner() == (None, None)
         came: list[bool] = []
 
         async def come() -> None:
