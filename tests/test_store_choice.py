@@ -102,3 +102,24 @@ def test_anything_else_is_a_sqlite_file(tmp_path: Path) -> None:
     assert open_store(":memory:").memory
     assert not open_store(":memory:").readers
     assert open_store(str(tmp_path / "a.db")).readers
+
+
+def test_a_database_url_gets_one_socket_address_whatever_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The socket's address was derived from the URL taken as a path below the working
+    directory (and a folder beside that "file" tried first); a server's database has no
+    folder, so the address comes from the URL alone and nothing is made on disk."""
+    from hive_orchestration.remote.address import choose_address
+
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    url = "postgresql://hive@127.0.0.1:5432/hive"
+    addresses = set()
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        monkeypatch.chdir(tmp_path / folder)
+        addresses.add(choose_address(url))
+        assert list((tmp_path / folder).iterdir()) == []
+    assert len(addresses) == 1
+    assert addresses.pop().startswith("abstract:")
+    assert choose_address(url) != choose_address(url + "2")

@@ -23,6 +23,7 @@ import struct
 import sys
 
 from ..errors import StorageError
+from ..storage.port import store_kind
 
 __all__ = [
     "ABSTRACT",
@@ -43,11 +44,17 @@ _SUN_PATH = 107
 def choose_address(db_path: str) -> str:
     """A fresh address to listen on for the database at ``db_path`` (its folder made if
     needed), as recorded in the lock file: ``unix:<path>`` or ``abstract:<name>``."""
-    real = os.path.realpath(db_path)
-    beside = f"{real}.hive"
-    path = os.path.join(beside, "socket")
-    if len(os.fsencode(path)) <= _SUN_PATH and _private_folder(beside):
-        return UNIX + path
+    if store_kind(db_path) == "postgres":
+        # A server's database has no folder to put the socket beside (a URL taken as a
+        # path would make folders named "postgresql:" in the working directory): the
+        # runtime folder or an abstract name, recorded in the database for its clients.
+        real = db_path
+    else:
+        real = os.path.realpath(db_path)
+        beside = f"{real}.hive"
+        path = os.path.join(beside, "socket")
+        if len(os.fsencode(path)) <= _SUN_PATH and _private_folder(beside):
+            return UNIX + path
     digest = hashlib.sha256(os.fsencode(real)).hexdigest()[:32]
     runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
     if runtime_dir:
@@ -56,10 +63,18 @@ def choose_address(db_path: str) -> str:
             return UNIX + path
     if sys.platform.startswith("linux"):
         return ABSTRACT + f"hive-{os.geteuid()}-{digest}"
-    raise StorageError(
-        f"no place for the socket of database {db_path!r}: {path!r} is too long for a Unix"
-        " socket and $XDG_RUNTIME_DIR is not set; use a shorter path, set XDG_RUNTIME_DIR,"
-        " or turn the socket off (RuntimeConfig.serve_socket=False)",
+    raise _no_place(db_path, real)
+
+
+def _no_place(db_path: str, real: str) -> StorageError:
+    if store_kind(db_path) == "postgres":
+        where = "a PostgreSQL database has no folder to hold it"
+    else:
+        where = f"{os.path.join(real + '.hive', 'socket')!r} is too long for a Unix socket"
+    return StorageError(
+        f"no place for the socket of database {db_path!r}: {where} and $XDG_RUNTIME_DIR is"
+        " not set; use a shorter path, set XDG_RUNTIME_DIR, or turn the socket off"
+        " (RuntimeConfig.serve_socket=False)",
         path=db_path,
     )
 
