@@ -27,17 +27,15 @@ from ...messages.storage import (
     FetchRuns,
     FetchTask,
     FindIdempotencyKeys,
-    FindPurgeable,
     LoadLeaseHashes,
     LoadRuns,
     LoadTasks,
     LoadWorkers,
-    PlanEventTrim,
     QueryTasks,
     ReadEvents,
-    RetentionDue,
     StorageMessage,
 )
+from .. import retention
 from ..port import Driver, Params, Row, Statement
 from ..rows import (
     EVENT_COLUMNS,
@@ -53,7 +51,7 @@ from ..rows import (
 )
 from . import plans, queues
 from .pages import tasks_page_sql
-from .retention import find_purgeable, plan_event_trim, retention_due
+from .retention import RETENTION_SQL
 
 __all__ = ["PostgresSql", "glob_regex"]
 
@@ -181,14 +179,7 @@ class PostgresSql:
         return await plans.query_plans(db, message)
 
     async def query_retention(self, db: Driver, message: StorageMessage) -> object:
-        match message:
-            case FindPurgeable() as find:
-                return await find_purgeable(db, find)
-            case PlanEventTrim() as plan:
-                return await plan_event_trim(db, plan)
-            case RetentionDue(include_keyed=include_keyed):
-                return await retention_due(db, include_keyed)
-        raise HiveError(f"not a retention read: {type(message).__name__}")
+        return await retention.query_retention(db, RETENTION_SQL, message)
 
 
 # -- listings ----------------------------------------------------------------------------

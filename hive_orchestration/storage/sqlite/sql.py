@@ -21,17 +21,15 @@ from ...messages.storage import (
     FetchRuns,
     FetchTask,
     FindIdempotencyKeys,
-    FindPurgeable,
     LoadLeaseHashes,
     LoadRuns,
     LoadTasks,
     LoadWorkers,
-    PlanEventTrim,
     QueryTasks,
     ReadEvents,
-    RetentionDue,
     StorageMessage,
 )
+from .. import retention
 from ..port import Driver, Row, Statement
 from ..rows import (
     RUN_COLUMNS,
@@ -46,7 +44,7 @@ from ..rows import (
 from . import plans, queues
 from .event_reads import read_event_rows
 from .pages import tasks_page_sql
-from .retention import find_purgeable, plan_event_trim, retention_due
+from .retention import RETENTION_SQL
 
 __all__ = ["FIND_KEYS_SQL", "SqliteSql"]
 
@@ -172,14 +170,7 @@ class SqliteSql:
         return await plans.query_plans(db, message)
 
     async def query_retention(self, db: Driver, message: StorageMessage) -> object:
-        match message:
-            case FindPurgeable() as find:
-                return await find_purgeable(db, find)
-            case PlanEventTrim() as plan:
-                return await plan_event_trim(db, plan)
-            case RetentionDue(include_keyed=include_keyed):
-                return await retention_due(db, include_keyed)
-        raise HiveError(f"not a retention read: {type(message).__name__}")
+        return await retention.query_retention(db, RETENTION_SQL, message)
 
 
 def _marks(values: tuple[str, ...]) -> str:
