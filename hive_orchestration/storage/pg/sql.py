@@ -35,10 +35,9 @@ from ...messages.storage import (
     ReadEvents,
     StorageMessage,
 )
-from .. import retention
-from ..port import Driver, Params, Row, Statement
+from .. import event_reads, retention
+from ..port import Driver, Row, Statement
 from ..rows import (
-    EVENT_COLUMNS,
     RUN_COLUMNS,
     TASK_COLUMNS,
     WORKER_COLUMNS,
@@ -212,9 +211,6 @@ def _tasks_sql(query: QueryTasks) -> Statement:
 
 # -- the event log by type ---------------------------------------------------------------
 
-#: Most distinct types a pattern is resolved into through the type index.
-MAX_TYPES = 64
-_GLOB_SPECIAL = frozenset("*?[")
 # The loose index scan of ``storage/sqlite/event_reads.py``, the LIMIT outside: a
 # recursive query is evaluated only as far as its reader reads it.
 _WALK = """
@@ -270,87 +266,21 @@ def glob_regex(pattern: str) -> str | None:
     return "".join(out)
 
 
-def literal_prefix(pattern: str) -> str:
-    for i, char in enumerate(pattern):
-        if char in _GLOB_SPECIAL:
-            return pattern[:i]
-    return pattern
+def _walk(prefix: str, upper: str | None, regex: object, limit: int) -> Statement:
+    if upper is None:
+        return _ALL_TYPES_SQL, (prefix, regex, limit)
+    return _TYPES_SQL, (prefix, upper, upper, regex, limit)
 
 
-def _upper_bound(prefix: str) -> str | None:
-    """The least string above every string that starts with ``prefix``: code point order,
-    which the C collation of ``events.type`` keeps (schema)."""
-    if not prefix or ord(prefix[-1]) == 0x10FFFF:
-        return None
-    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
-
-
-def events_sql(read: ReadEvents, regex: str | None) -> tuple[str, Params]:
-    where = ["seq > ?"]
-    params: list[object] = [read.after]
-    for column, value in (
-        ("task_id", read.task_id),
-        ("plan_id", read.plan_id),
-        ("correlation_id", read.correlation_id),
-    ):
-        if value is not None:
-            where.append(f"{column} = ?")
-            params.append(value)
-    if regex is not None:
-        where.append("type ~ ?")
-        params.append(regex)
-    params.append(read.limit)
-    select = f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)}"
-    if read.newest:
-        return (
-            f"SELECT * FROM ({select} ORDER BY seq DESC LIMIT ?) AS newest ORDER BY seq",
-            tuple(params),
-        )
-    return f"{select} ORDER BY seq LIMIT ?", tuple(params)
-
-
-def _merged_sql(read: ReadEvents, types: list[str], last_seq: int) -> tuple[str, Params]:
-    order = "DESC" if read.newest else ""
-    parts: list[str] = []
-    params: list[object] = []
-    for n, type_ in enumerate(types):
-        parts.append(
-            f"SELECT * FROM (SELECT {EVENT_COLUMNS} FROM events"
-            f" WHERE type = ? AND seq > ? AND seq <= ? ORDER BY seq {order} LIMIT ?) AS t{n}"
-        )
-        params += [type_, read.after, last_seq, read.limit]
-    union = " UNION ALL ".join(parts)
-    params.append(read.limit)
-    if read.newest:
-        sql = f"SELECT * FROM ({union} ORDER BY seq DESC LIMIT ?) AS newest ORDER BY seq"
-    else:
-        sql = f"{union} ORDER BY seq LIMIT ?"
-    return sql, tuple(params)
+_EVENT_READ_SQL = event_reads.EventReadSql(type_match="type ~ ?", name_subqueries=True, walk=_walk)
 
 
 async def read_event_rows(db: Driver, read: ReadEvents) -> list[Row]:
-    """The rows of ``read``: by the id's index, or by the type index one matching type at
-    a time (``storage/sqlite/event_reads.py`` says why and how)."""
+    """The rows of ``read`` (``storage/event_reads.py``), the pattern as a regular
+    expression: a pattern that no type can match reads nothing."""
     regex = None
     if read.pattern != "*":
         regex = glob_regex(read.pattern)
         if regex is None:
             return []
-    if regex is None or any(
-        value is not None for value in (read.task_id, read.plan_id, read.correlation_id)
-    ):
-        return await db.fetchall(*events_sql(read, regex))
-    prefix = literal_prefix(read.pattern)
-    upper = _upper_bound(prefix)
-    if upper is None:
-        rows = await db.fetchall(_ALL_TYPES_SQL, (prefix, regex, MAX_TYPES + 1))
-    else:
-        rows = await db.fetchall(_TYPES_SQL, (prefix, upper, upper, regex, MAX_TYPES + 1))
-    if len(rows) > MAX_TYPES:
-        return await db.fetchall(*events_sql(read, regex))  # too many types to resolve
-    types = [str(type_) for type_, matches, _ in rows if matches]
-    if not types:
-        return []  # no event in the log has a type the pattern matches
-    last_seq = rows[0][2]
-    assert isinstance(last_seq, int)
-    return await db.fetchall(*_merged_sql(read, types, last_seq))
+    return await event_reads.read_event_rows(_EVENT_READ_SQL, db, read, regex)

@@ -26,14 +26,13 @@ id's index, which is narrower than any type.
 from __future__ import annotations
 
 from ...messages.storage import ReadEvents
-from ..port import Driver, Params, Row
+from .. import event_reads
+from ..event_reads import MAX_TYPES
+from ..port import Driver, Params, Row, Statement
 from ..rows import EVENT_COLUMNS
 
-__all__ = ["EVENT_COLUMNS", "MAX_TYPES", "events_sql", "literal_prefix", "read_event_rows"]
+__all__ = ["EVENT_COLUMNS", "MAX_TYPES", "events_sql", "read_event_rows"]
 
-#: Most distinct types a pattern is resolved into through the type index.
-MAX_TYPES = 64
-_GLOB_SPECIAL = frozenset("*?[")
 # The loose index scan: the first type of the range, then each next one, O(log n) each;
 # the outer query keeps those the pattern matches, with the log's last seq. The bounds
 # must be plain range terms (an upper bound in an OR is a filter, not a range: each step
@@ -54,85 +53,32 @@ _TYPES_SQL = _WALK.format(upper=" AND type < ?2")
 _ALL_TYPES_SQL = _WALK.format(upper="")
 
 
-def literal_prefix(pattern: str) -> str:
-    """What every type the glob ``pattern`` matches starts with."""
-    for i, char in enumerate(pattern):
-        if char in _GLOB_SPECIAL:
-            return pattern[:i]
-    return pattern
+def _walk(prefix: str, upper: str | None, pattern: object, limit: int) -> Statement:
+    # ?2 is bound even where the walk has no upper bound: numbered parameters may skip.
+    return (_ALL_TYPES_SQL if upper is None else _TYPES_SQL), (prefix, upper, limit, pattern)
 
 
-def _upper_bound(prefix: str) -> str | None:
-    """The least string above every string that starts with ``prefix`` (None: none is:
-    the prefix is empty or ends in the last code point). UTF-8 keeps code point order,
-    so SQLite's BINARY collation agrees."""
-    if not prefix or ord(prefix[-1]) == 0x10FFFF:
-        return None
-    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+#: The unary + keeps the planner off the type index, which SQLite would otherwise use for
+#: a GLOB's prefix: a range of a dense type, then a sort of all of it. An id's index is
+#: narrower; with none, the log is read in seq order up to limit.
+EVENT_READ_SQL = event_reads.EventReadSql(
+    type_match="+type GLOB ?", name_subqueries=False, walk=_walk
+)
+
+
+def _match(read: ReadEvents) -> str | None:
+    return None if read.pattern == "*" else read.pattern
 
 
 def events_sql(read: ReadEvents) -> tuple[str, Params]:
-    """One statement for ``read``, in seq order: its id filters use their indexes, its
-    pattern is a ``GLOB`` on each event read."""
-    where = ["seq > ?"]
-    params: list[object] = [read.after]
-    for column, value in (
-        ("task_id", read.task_id),
-        ("plan_id", read.plan_id),
-        ("correlation_id", read.correlation_id),
-    ):
-        if value is not None:
-            where.append(f"{column} = ?")
-            params.append(value)
-    if read.pattern != "*":
-        # The unary + keeps the planner off the type index, which SQLite would otherwise
-        # use for a GLOB's prefix: a range of a dense type, then a sort of all of it. An
-        # id's index is narrower; with none, the log is read in seq order up to limit.
-        where.append("+type GLOB ?")
-        params.append(read.pattern)
-    params.append(read.limit)
-    select = f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)}"
-    if read.newest:
-        return f"SELECT * FROM ({select} ORDER BY seq DESC LIMIT ?) ORDER BY seq", tuple(params)
-    return f"{select} ORDER BY seq LIMIT ?", tuple(params)
+    """One statement for ``read``, in seq order, the pattern a ``GLOB`` on each event."""
+    return event_reads.events_sql(EVENT_READ_SQL, read, _match(read))
 
 
 def _merged_sql(read: ReadEvents, types: list[str], last_seq: int) -> tuple[str, Params]:
-    """Each type's range of the type index, at most ``limit`` each, merged by seq."""
-    order = "DESC" if read.newest else ""
-    parts: list[str] = []
-    params: list[object] = []
-    for type_ in types:
-        parts.append(
-            f"SELECT * FROM (SELECT {EVENT_COLUMNS} FROM events"
-            f" WHERE type = ? AND seq > ? AND seq <= ? ORDER BY seq {order} LIMIT ?)"
-        )
-        params += [type_, read.after, last_seq, read.limit]
-    union = " UNION ALL ".join(parts)
-    params.append(read.limit)
-    if read.newest:
-        sql = f"SELECT * FROM ({union} ORDER BY seq DESC LIMIT ?) ORDER BY seq"
-    else:
-        sql = f"{union} ORDER BY seq LIMIT ?"
-    return sql, tuple(params)
+    return event_reads.merged_sql(EVENT_READ_SQL, read, types, last_seq)
 
 
 async def read_event_rows(db: Driver, read: ReadEvents) -> list[Row]:
     """The rows of ``read`` (see the module's docstring for how)."""
-    if read.pattern == "*" or any(
-        value is not None for value in (read.task_id, read.plan_id, read.correlation_id)
-    ):
-        return await db.fetchall(*events_sql(read))
-    prefix = literal_prefix(read.pattern)
-    upper = _upper_bound(prefix)
-    walk = _ALL_TYPES_SQL if upper is None else _TYPES_SQL
-    # ?2 is bound even where the walk has no upper bound: numbered parameters may skip.
-    rows = await db.fetchall(walk, (prefix, upper, MAX_TYPES + 1, read.pattern))
-    if len(rows) > MAX_TYPES:
-        return await db.fetchall(*events_sql(read))  # more types than it pays to resolve
-    types = [str(type_) for type_, matches, _ in rows if matches]
-    if not types:
-        return []  # no event in the log has a type the pattern matches
-    last_seq = rows[0][2]
-    assert isinstance(last_seq, int)
-    return await db.fetchall(*_merged_sql(read, types, last_seq))
+    return await event_reads.read_event_rows(EVENT_READ_SQL, db, read, _match(read))
