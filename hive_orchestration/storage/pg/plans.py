@@ -28,6 +28,7 @@ from ...messages.storage import (
     QueryPlans,
     StorageMessage,
 )
+from .. import pages
 from ..plans import (
     PLAN_COLUMNS,
     REQUEST_COLUMNS,
@@ -38,7 +39,7 @@ from ..plans import (
 )
 from ..port import Driver, Row
 from ..rows import TASK_COLUMNS, task_from_row
-from .pages import plan_page_sql, request_page_sql
+from .pages import PAGE_SQL
 
 __all__ = ["check_dependencies", "count_subtasks", "next_planned_task", "query_plans"]
 
@@ -122,7 +123,9 @@ async def query_plans(db: Driver, message: StorageMessage) -> object:
             rows = await db.fetchall(f"{plan_sql} WHERE id = ?", (plan_id,))
             return plan_from_row(rows[0]) if rows else None
         case QueryPlans(status=status, limit=limit, after=after):
-            rows = await db.fetchall(*await plan_page_sql(db, plan_sql, status, limit, after))
+            rows = await db.fetchall(
+                *await pages.plan_page_sql(PAGE_SQL, db, plan_sql, status, limit, after)
+            )
             return [plan_from_row(row) for row in rows]
         case LoadActivePlans():
             rows = await db.fetchall(
@@ -154,7 +157,9 @@ async def query_plans(db: Driver, message: StorageMessage) -> object:
             rows = await db.fetchall(f"{request_sql} WHERE id = ?", (request_id,))
             return request_from_row(rows[0]) if rows else None
         case QueryPlanningRequests(status=status, limit=limit, after=after):
-            statement = await request_page_sql(db, request_sql, status, limit, after)
+            statement = await pages.request_page_sql(
+                PAGE_SQL, db, request_sql, status, limit, after
+            )
             return [request_from_row(row) for row in await db.fetchall(*statement)]
         case LoadPlanningRequests(statuses=statuses):
             rows = await db.fetchall(

@@ -35,7 +35,7 @@ from ...messages.storage import (
     ReadEvents,
     StorageMessage,
 )
-from .. import event_reads, retention
+from .. import event_reads, pages, retention
 from ..port import Driver, Row, Statement
 from ..rows import (
     RUN_COLUMNS,
@@ -49,7 +49,7 @@ from ..rows import (
     worker_from_row,
 )
 from . import plans, queues
-from .pages import tasks_page_sql
+from .pages import PAGE_SQL
 from .retention import RETENTION_SQL
 
 __all__ = ["PostgresSql", "glob_regex"]
@@ -186,7 +186,9 @@ class PostgresSql:
 
 def _tasks_sql(query: QueryTasks) -> Statement:
     if query.after is not None and query.status is not None and not query.newest_first:
-        return tasks_page_sql(query.status, query.task_type, query.after, query.limit)
+        return pages.tasks_page_sql(
+            PAGE_SQL, query.status, query.task_type, query.after, query.limit
+        )
     where: list[str] = []
     params: list[object] = []
     if query.status is not None:
