@@ -1,0 +1,543 @@
+"""One client's connection to a :class:`~.server.Server`: its handshake, its calls and
+subscriptions, and what is undone when it closes.
+
+Each connection is one task group: a reader that takes frames in order, a runner task per call
+in flight (at most ``max_calls_in_flight``: past that the reader stops reading, so a
+client that sends faster than the runtime answers is slowed, not buffered; runners are
+kept for the next calls, since starting a task costs more than a call's own work), a task
+per subscription pumping committed events out as they come, and a watchdog for silence.
+Whichever task has a frame to send while none is writing writes it, with whatever the
+others queued meanwhile (no hop to a writer task on the way out). Every call runs as the same
+operation of an :class:`~hive_orchestration.OrchestrationClient` in this process, so it
+gets exactly the checks, answers and errors an in-process caller gets.
+
+What a peer can do to the server is bounded: a frame is refused unread past
+``max_frame_bytes``; a peer that does not say hello within :data:`HANDSHAKE_TIMEOUT`, or
+sends nothing (not even a ping) for three times ``remote_timeout`` (clients are told, and
+ping more often), or does not take a frame within ``remote_timeout`` of it being sent, is
+disconnected; anything that is not a frame of the protocol closes the connection. What a
+connection left behind is undone as it closes: its calls are cancelled (a claim answered
+as the caller left goes back to the queue), its subscriptions end, the claims it was
+answered but never acknowledged go back, and the workers it carried are dead with it
+(:mod:`.workers`).
+
+A TCP peer's hello must carry a token of the tokens file (see :mod:`.access`), read under
+a small frame limit until it does; a wrong or missing one is answered Refused and the
+connection closed before anything runs. Every call then passes
+``_Connection._authorize`` before it runs: the one place an agent token is held to its
+identity and its worker ids. How frames go out is in :mod:`.sending`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import suppress
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+from anyio.abc import ByteStream, SocketAttribute, TaskGroup, TaskStatus
+
+from .._trace import CARRIED, check_trace
+from ..errors import AccessDeniedError, HiveError, RuntimeStoppedError
+from ..messages.events import Lagged
+from ..messages.plans import PlanningRequest, UnclaimedRequest
+from ..messages.tasks import Claim, Unclaimed
+from ..wire import EXCLUSIVE, msgpack_arguments
+from .access import OWNER, Authorizer, Identity, Tokens
+from .address import peer_pid
+from .protocol import (
+    PROTOCOL_VERSION,
+    Call,
+    Cancel,
+    ClientFrame,
+    Ended,
+    Events,
+    Failure,
+    FrameError,
+    FrameReader,
+    Goodbye,
+    Hello,
+    Ping,
+    Pong,
+    Received,
+    Refused,
+    ResultOut,
+    Subscribe,
+    Unsubscribe,
+    Welcome,
+    encode_error,
+    frame,
+)
+from .sending import check_drained, close_connection, send_frame, send_message
+from .status import ConnectionStatus
+from .workers import _WORKER_OPS, note_worker, workers_gone
+
+if TYPE_CHECKING:
+    from ..client import OrchestrationClient
+    from ..embedded import Subscription
+    from .server import Server
+
+
+log = logging.getLogger("hive_orchestration.remote")
+
+#: How long a new connection has to say hello.
+HANDSHAKE_TIMEOUT = 5.0
+#: Most subscriptions one connection may hold at once.
+MAX_SUBSCRIPTIONS = 1000
+#: Most events in one Events frame (a commit's worth is sent in as few as fit).
+_EVENTS_PER_FRAME = 1000
+#: Clients kept per connection for the (agent, correlation) pairs it calls as.
+_CLIENTS_PER_CONNECTION = 64
+#: How long telling a connection past the limit may take.
+_REFUSAL_TIME = 1.0
+#: Largest hello read from a peer not yet authenticated (a token is a few dozen bytes).
+_HELLO_LIMIT = 64 * 1024
+#: Most bytes read and dropped from a refused peer before closing on it.
+_LINGER_BYTES = 1024 * 1024
+
+#: Idle call runners a connection keeps (more run while more calls are in flight).
+_IDLE_RUNNERS = 64
+#: Bytes queued for a peer past which whoever sends to it waits for the writer.
+
+
+class _Connection:
+    """One client's connection: reads its frames, runs its calls and subscriptions."""
+
+    def __init__(
+        self,
+        server: Server,
+        stream: ByteStream,
+        number: int,
+        *,
+        tokens: Tokens | None = None,
+        peer: str = "unix",
+    ) -> None:
+        self._server = server
+        self._runtime = server._runtime
+        self._stream = stream
+        self.number = number
+        self.peer = peer
+        #: None: the owner's own user (Unix socket); else the hello must give one of them.
+        self._tokens = tokens
+        self.identity: Identity = OWNER
+        #: The rules an agent token's calls pass (None: admin, anything goes).
+        self._access: Authorizer | None = None
+        self._calls: dict[int, anyio.CancelScope] = {}
+        # The reader waits on this while max_in_flight calls run (it stops reading).
+        self._slot_freed: anyio.Event | None = None
+        # Tasks that ran a call and wait for the next: handing a call to one costs a
+        # fraction of starting a task.
+        self._idle: list[_Runner] = []
+        # Frames queued for the task writing now, in the order they were sent; their size.
+        self._outbox: list[bytes] = []
+        self._outbox_size = 0
+        self._writing = False
+        self._flushing: anyio.CancelScope | None = None
+        self._room: anyio.Event | None = None  # the outbox went under _OUTBOX_HIGH
+        # The backend's own classes: made per call, and anyio's dispatch to the backend
+        # at each construction costs more than the object.
+        self._event_type = type(anyio.Event())
+        self._scope_type = type(anyio.CancelScope())
+        # When the reader last heard from the peer (time.monotonic()); None while it is
+        # not reading (it waits for a call slot).
+        self._heard: float | None = time.monotonic()
+        self._subscriptions: dict[int, Subscription] = {}
+        # Exclusive answers sent and not yet acknowledged: given back unless taken.
+        self._unacknowledged: dict[int, object] = {}
+        self._clients: OrderedDict[tuple[str | None, str | None], OrchestrationClient] = (
+            OrderedDict()
+        )
+        self._group: TaskGroup | None = None
+        self._broken = False
+        #: The workers this connection acts for (see :func:`.workers.note_worker`).
+        self._workers: set[str] = set()
+        self.name: str | None = None
+        #: The runtime is stopping: no new call is run; set ``drained`` once none runs.
+        self.stopping = False
+        self.drained = anyio.Event()
+        self.connected_at = datetime.now(UTC)
+        raw = stream.extra(SocketAttribute.raw_socket, None)
+        self.pid = None if raw is None else peer_pid(raw)
+
+    def status(self) -> ConnectionStatus:
+        return ConnectionStatus(
+            id=self.number,
+            name=self.name,
+            pid=self.pid,
+            connected_at=self.connected_at,
+            calls_in_flight=len(self._calls),
+            subscriptions=len(self._subscriptions),
+        )
+
+    async def run(self) -> None:
+        reader = FrameReader(self._stream, ClientFrame, self._server.max_frame)
+        if self._tokens is not None:
+            reader.limit = _HELLO_LIMIT  # the full limit once its token is known
+        hello: object = None
+        with anyio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
+            try:
+                hello = await reader.read()
+            except (FrameError, anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
+                log.info("connection %d: no hello (%s)", self.number, exc or type(exc).__name__)
+                return
+        if handshake.cancelled_caught:
+            log.info("connection %d: no hello within %gs", self.number, HANDSHAKE_TIMEOUT)
+            return
+        if not isinstance(hello, Hello) or hello.version != PROTOCOL_VERSION:
+            version = hello.version if isinstance(hello, Hello) else None
+            reason = (
+                f"protocol version {version} is not served here (this runtime speaks"
+                f" {PROTOCOL_VERSION}): use the same version of hive-orchestration"
+                if version is not None
+                else "the first frame must be a hello"
+            )
+            await send_message(self, Refused(Failure(0, "HiveError", reason)))
+            return
+        self.name = hello.name
+        if self._tokens is not None:
+            identity = self._tokens.find(hello.token)
+            if identity is None:
+                await self._refuse_token(hello.token)
+                return
+            self.identity = identity
+            reader.limit = self._server.max_frame
+            if identity.role == "agent":
+                self._access = Authorizer(identity, self._server.client(None, None))
+        config = self._runtime.config
+        await send_message(
+            self,
+            Welcome(
+                version=PROTOCOL_VERSION,
+                pid=os.getpid(),
+                db_path=self._runtime.path,
+                max_frame=self._server.max_frame,
+                max_in_flight=self._server.max_in_flight,
+                subscriber_buffer=config.subscriber_buffer,
+                subscriber_overflow=config.subscriber_overflow,
+                idle=self._server.idle,
+                lease_timeout=config.lease_timeout,
+                worker_timeout=config.worker_timeout,
+                role=self.identity.role,
+                identity=self.identity.name,
+            ),
+        )
+        if self._broken:
+            return
+        log.debug(
+            "connection %d (%s) opened from %s as %s",
+            self.number,
+            self.name,
+            self.peer,
+            self.identity.name or "the owner's user",
+        )
+        try:
+            async with anyio.create_task_group() as group:
+                self._group = group
+                group.start_soon(self._watch)
+                try:
+                    await self._read(reader)
+                finally:
+                    group.cancel_scope.cancel()
+        finally:
+            self.drained.set()  # nothing more will be sent on this connection
+            with anyio.CancelScope(shield=True):
+                for subscription in self._subscriptions.values():
+                    subscription.close()
+                for value in self._unacknowledged.values():
+                    await self._give_back(value)
+                self._unacknowledged.clear()
+                await workers_gone(self)
+            log.debug("connection %d (%s) closed", self.number, self.name)
+
+    async def _refuse_token(self, token: str | None) -> None:
+        """No token, or an unknown one: Refused, and the connection closes; nothing ran."""
+        if token:
+            reason = (
+                "the token is not one this runtime knows: check the token given"
+                " (token=, $HIVE_ORCHESTRATION_TOKEN) against the server's tokens file"
+            )
+        else:
+            reason = (
+                "this runtime is served over TCP and needs a token: pass token= or set"
+                " $HIVE_ORCHESTRATION_TOKEN (the server's tokens file lists them)"
+            )
+        log.warning(
+            "connection %d from %s refused: %s token",
+            self.number,
+            self.peer,
+            "an unknown" if token else "no",
+        )
+        await send_message(self, Refused(encode_error(0, AccessDeniedError("connect", reason))))
+        await _linger(self._stream)
+
+    async def _read(self, reader: FrameReader) -> None:
+        while True:
+            self._heard = time.monotonic()
+            try:
+                message = await reader.read()
+            except FrameError as exc:
+                log.info("connection %d (%s) closed: %s", self.number, self.name, exc)
+                return
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                return
+            except (anyio.BrokenResourceError, OSError) as exc:
+                log.info("connection %d (%s) broke: %s", self.number, self.name, exc)
+                return
+            if not await self._dispatch(message):
+                return
+
+    async def _watch(self) -> None:
+        """Close the connection once the peer has been silent for ``idle`` seconds (not
+        even a ping). One task that wakes about once a period, where a deadline per frame
+        read would cost a timer set and cancelled per frame."""
+        idle = self._server.idle
+        while True:
+            heard = self._heard
+            if heard is None:  # the reader waits for a call slot, not for the peer
+                await anyio.sleep(idle)
+                continue
+            silent = time.monotonic() - heard
+            if silent >= idle:
+                close_connection(self, f"silent for {idle:g}s")
+                return
+            await anyio.sleep(idle - silent)
+
+    async def _dispatch(self, message: object) -> bool:
+        """Act on one frame from the peer; False if the connection must end."""
+        match message:
+            case Call():
+                if message.id in self._calls or message.id in self._unacknowledged:
+                    log.info("connection %d: call id %d reused", self.number, message.id)
+                    return False
+                if self.stopping:
+                    await send_message(self, encode_error(message.id, _stopping()))
+                    return True
+                if len(self._calls) >= self._server.max_in_flight:
+                    # Past the limit: stop reading until a call ends (backpressure); the
+                    # peer is not silent meanwhile, this side is not listening.
+                    self._heard = None
+                    while len(self._calls) >= self._server.max_in_flight:
+                        self._slot_freed = self._event_type()
+                        await self._slot_freed.wait()
+                scope = self._scope_type()
+                self._calls[message.id] = scope
+                if self._idle:
+                    self._idle.pop().hand(message, scope)
+                else:
+                    assert self._group is not None
+                    self._group.start_soon(self._runner, message, scope)
+            case Cancel(id=call_id):
+                running = self._calls.get(call_id)
+                if running is not None:
+                    running.cancel()
+                elif call_id in self._unacknowledged:
+                    await self._give_back(self._unacknowledged.pop(call_id))
+            case Received(id=call_id, kept=kept):
+                value = self._unacknowledged.pop(call_id, None)
+                if value is not None and not kept:
+                    await self._give_back(value)
+            case Subscribe():
+                if message.id in self._subscriptions:
+                    log.info("connection %d: subscription %d reused", self.number, message.id)
+                    return False
+                if len(self._subscriptions) >= MAX_SUBSCRIPTIONS:
+                    error = HiveError(
+                        f"this connection holds {MAX_SUBSCRIPTIONS} subscriptions, the"
+                        " most it may: close some first"
+                    )
+                    await send_message(self, encode_error(message.id, error))
+                    return True
+                assert self._group is not None
+                await self._group.start(self._subscription, message)
+            case Unsubscribe(id=subscription_id):
+                subscription = self._subscriptions.get(subscription_id)
+                if subscription is not None:
+                    subscription.close()  # its pump sends Ended
+            case Ping(nonce=nonce):
+                await send_message(self, Pong(nonce))
+            case Hello():
+                log.info("connection %d: a second hello", self.number)
+                return False
+        return True
+
+    async def _runner(self, message: Call, scope: anyio.CancelScope) -> None:
+        """Run calls one after another: this one, then each handed to it while it waits
+        among the idle (a few are kept; past that it ends)."""
+        while True:
+            await self._call(message, scope)
+            if len(self._idle) >= _IDLE_RUNNERS:
+                return
+            runner = _Runner(self._event_type())
+            self._idle.append(runner)
+            await runner.handed.wait()
+            message, scope = runner.call
+
+    async def _call(self, message: Call, scope: anyio.CancelScope) -> None:
+        try:
+            with scope:
+                try:
+                    # Encoded here: a value that cannot be is this call's failure.
+                    answer = frame(await self._run(message))
+                except HiveError as error:
+                    answer = frame(encode_error(message.id, error))
+                except Exception as error:  # a bug: the caller hears of it, the server goes on
+                    log.exception("connection %d: %s failed", self.number, message.op)
+                    answer = frame(encode_error(message.id, error))
+            if scope.cancelled_caught:
+                if not self.stopping:
+                    return  # the caller left: nobody waits for an answer
+                answer = frame(encode_error(message.id, _stopping()))
+            # Outside the call's scope: a Cancel that comes now must not cut the frame.
+            await send_frame(self, answer)
+        finally:
+            del self._calls[message.id]
+            freed, self._slot_freed = self._slot_freed, None
+            if freed is not None:
+                freed.set()
+            if scope.cancel_called and message.id in self._unacknowledged:
+                # The caller left (it said so) while its claim was on its way: nobody holds it.
+                with anyio.CancelScope(shield=True):
+                    await self._give_back(self._unacknowledged.pop(message.id))
+            check_drained(self)
+
+    def cancel_calls(self) -> None:
+        """Stopping: end the calls still running (each is answered RuntimeStoppedError)."""
+        for scope in self._calls.values():
+            scope.cancel()
+
+    async def _run(self, message: Call) -> ResultOut:
+        args = msgpack_arguments(message.op, message.args)
+        agent = await self._authorize(message.op, args, message.agent)
+        client = self._client(agent, message.correlation)
+        method: Callable[..., Awaitable[object]] = getattr(client, message.op)
+        trace = check_trace(message.traceparent, message.tracestate)
+        if trace is None:
+            value = await method(**args)
+        else:
+            # The task this call creates continues the caller's trace, not the server's.
+            carried = CARRIED.set(trace)
+            try:
+                value = await method(**args)
+            finally:
+                CARRIED.reset(carried)
+        if message.op in EXCLUSIVE and value:
+            self._unacknowledged[message.id] = value
+        if message.op in _WORKER_OPS:
+            note_worker(self, message.op, args, value)
+        return ResultOut(message.id, value)
+
+    async def _authorize(self, op: str, args: Mapping[str, Any], agent: str | None) -> str | None:
+        """Whether this connection may make this call, and as which source agent: every
+        call passes here before it runs, whatever frame a client sends. The owner's user
+        (Unix socket) and admin tokens may call anything as anyone; an agent token runs
+        as its identity by the rules of :data:`.access.AGENT_RULES`, or is refused
+        (AccessDeniedError) with nothing done."""
+        if self._access is None:
+            return agent
+        return await self._access.check(op, args, agent)
+
+    def _client(self, agent: str | None, correlation: str | None) -> OrchestrationClient:
+        key = (agent, correlation)
+        client = self._clients.get(key)
+        if client is None:
+            client = self._server.client(agent, correlation)
+            self._clients[key] = client
+            if len(self._clients) > _CLIENTS_PER_CONNECTION:
+                self._clients.popitem(last=False)
+        else:
+            self._clients.move_to_end(key)
+        return client
+
+    async def _subscription(
+        self, message: Subscribe, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            subscription = await self._runtime._open_subscription(
+                message.pattern,
+                buffer=message.buffer,
+                overflow=message.overflow,
+                filters=message.filters,
+            )
+        except HiveError as error:
+            task_status.started()
+            await send_message(self, encode_error(message.id, error))
+            return
+        self._subscriptions[message.id] = subscription
+        task_status.started()  # registered: later frames (an Unsubscribe) find it
+        feed = subscription._feed
+        ended = Ended(message.id)
+        try:
+            await send_message(self, ResultOut(message.id, message.id))
+            while True:
+                await feed.wait_readable()
+                try:
+                    taken = feed.take_nowait(_EVENTS_PER_FRAME)
+                except anyio.WouldBlock:
+                    continue
+                except (anyio.EndOfStream, anyio.ClosedResourceError):
+                    break
+                if isinstance(taken, Lagged):
+                    ended = Ended(message.id, lagged=taken.last_seq)
+                    break
+                entries = [(msgspec.structs.replace(e, data={}), data) for e, data in taken]
+                await send_message(self, Events(message.id, entries))
+            await send_message(self, ended)
+        finally:
+            subscription.close()
+            del self._subscriptions[message.id]
+
+    async def goodbye(self, reason: str) -> None:
+        await send_message(self, Goodbye(reason))
+        check_drained(self)
+
+    async def _give_back(self, value: object) -> None:
+        """Hand back what an exclusive call answered and its caller never took."""
+        try:
+            if isinstance(value, Claim):
+                await self._runtime._tasks.tell(Unclaimed((value,)))
+            elif isinstance(value, tuple | list) and value and isinstance(value[0], Claim):
+                await self._runtime._tasks.tell(Unclaimed(tuple(value)))
+            elif isinstance(value, PlanningRequest):
+                await self._runtime._plans.tell(UnclaimedRequest(value))
+        except HiveError as error:  # stopping: recovery at the next open requeues it
+            log.info("connection %d: could not give back a claim: %s", self.number, error)
+
+
+class _Runner:
+    """An idle call runner of a connection, waiting to be handed a call."""
+
+    __slots__ = ("call", "handed")
+
+    def __init__(self, handed: anyio.Event) -> None:
+        self.handed = handed
+        self.call: tuple[Call, anyio.CancelScope]
+
+    def hand(self, message: Call, scope: anyio.CancelScope) -> None:
+        self.call = (message, scope)
+        self.handed.set()
+
+
+def _stopping() -> RuntimeStoppedError:
+    return RuntimeStoppedError(
+        "the runtime stopped before answering this call (a claim it was waiting for went"
+        " back to the queue)"
+    )
+
+
+async def _linger(stream: ByteStream) -> None:
+    """After a refusal: read and drop what the peer sent (its hello, calls behind it)
+    until it closes, for a moment at most. Closing with unread bytes would reset the
+    connection, and the peer might lose the Refused frame that says why."""
+    dropped = 0
+    with anyio.move_on_after(_REFUSAL_TIME):
+        with suppress(
+            anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError
+        ):
+            while dropped < _LINGER_BYTES:
+                dropped += len(await stream.receive())

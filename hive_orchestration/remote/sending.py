@@ -1,0 +1,144 @@
+"""How a connection's frames go out: one writer at a time, no task hop on the way out,
+frames queued meanwhile joined into few writes, and a peer that stalls or breaks closed.
+
+Separate from :mod:`.connection`, which decides what to send: this is only the outbox,
+its backpressure (:data:`_OUTBOX_HIGH`) and the deadline on each write.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import anyio
+import msgspec
+
+from .protocol import frame
+
+if TYPE_CHECKING:
+    from .connection import _Connection
+
+
+log = logging.getLogger("hive_orchestration.remote")
+
+#: Bytes queued for a peer past which whoever sends to it waits for the writer.
+_OUTBOX_HIGH = 256 * 1024
+#: Frames smaller than this that are queued together are written as one.
+_JOIN_BELOW = 64 * 1024
+
+
+async def send_message(conn: _Connection, message: msgspec.Struct) -> None:
+    await send_frame(conn, frame(message))
+
+
+async def send_frame(conn: _Connection, data: bytes) -> None:
+    """Send one frame. The first task to send while none is writing writes it, and
+    whatever other tasks queue meanwhile, in as few writes as it can (no task hop on
+    the way out: that costs more than the write). Another task's frame only waits its
+    turn, unless the peer is a lot behind (_OUTBOX_HIGH queued): then its sender waits
+    too, so a peer that reads slowly slows the calls and subscriptions it is sent for.
+
+    A peer that does not take a write within ``remote_timeout`` is stalled, and one
+    whose connection broke is gone: either way the connection is closed (its reader
+    then ends, and with it every task of the connection)."""
+    if conn._broken:
+        return
+    if conn._group is None:  # the handshake: nothing else sends yet
+        await write_now(conn, data)
+        return
+    conn._outbox.append(data)
+    conn._outbox_size += len(data)
+    if not conn._writing:
+        await flush(conn)
+        return
+    while conn._outbox_size > _OUTBOX_HIGH and conn._writing and not conn._broken:
+        if conn._room is None:
+            conn._room = conn._event_type()
+        await conn._room.wait()
+
+
+async def flush(conn: _Connection) -> None:
+    timeout = conn._server.timeout
+    conn._writing = True
+    try:
+        with anyio.CancelScope() as conn._flushing:
+            if len(conn._calls) > 1:
+                # Other calls run: those that end in this round of the event loop
+                # (a commit answers many at once) join this write.
+                await anyio.lowlevel.checkpoint()
+            while conn._outbox:
+                frames, conn._outbox, conn._outbox_size = conn._outbox, [], 0
+                conn._flushing.deadline = anyio.current_time() + timeout
+                for data in _batches(frames):
+                    await conn._stream.send(data)
+                room, conn._room = conn._room, None
+                if room is not None:
+                    room.set()
+        if conn._flushing.cancelled_caught and not conn._broken:
+            close_connection(conn, f"the peer took no frame for {timeout:g}s")
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        conn._flushing = None
+        close_connection(conn, "the peer went away")
+    finally:
+        conn._writing = False
+        conn._flushing = None
+        check_drained(conn)
+
+
+async def write_now(conn: _Connection, data: bytes) -> None:
+    if conn._broken:
+        return
+    with anyio.move_on_after(conn._server.timeout) as sending:
+        try:
+            await conn._stream.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            close_connection(conn, "the peer went away")
+            return
+    if sending.cancelled_caught:
+        close_connection(conn, f"the peer took no frame for {conn._server.timeout:g}s")
+
+
+def close_connection(conn: _Connection, why: str) -> None:
+    if not conn._broken:
+        conn._broken = True
+        log.info("connection %d (%s) closed: %s", conn.number, conn.name, why)
+    conn._outbox.clear()
+    if conn._flushing is not None:
+        conn._flushing.cancel()  # a write to a peer that is gone or stalled
+    room, conn._room = conn._room, None
+    if room is not None:
+        room.set()
+    if conn._group is not None:
+        conn._group.cancel_scope.cancel()
+    check_drained(conn)
+
+
+def check_drained(conn: _Connection) -> None:
+    """Stopping: ``drained`` once no call runs and every answer was written."""
+    if conn.stopping and not conn._calls and not conn._writing and not conn._outbox:
+        conn.drained.set()
+
+
+def _batches(frames: list[bytes]) -> list[bytes]:
+    """Frames queued together as few writes: small ones joined (one system call for a
+    burst of answers), a large one alone (not copied again)."""
+    if len(frames) == 1:
+        return frames
+    batches: list[bytes] = []
+    small: list[bytes] = []
+    size = 0
+    for data in frames:
+        if len(data) >= _JOIN_BELOW:
+            if small:
+                batches.append(b"".join(small))
+                small, size = [], 0
+            batches.append(data)
+            continue
+        small.append(data)
+        size += len(data)
+        if size >= _JOIN_BELOW:
+            batches.append(b"".join(small))
+            small, size = [], 0
+    if small:
+        batches.append(b"".join(small))
+    return batches
