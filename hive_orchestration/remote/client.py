@@ -7,7 +7,8 @@ answered when it is done), its subscriptions as server-pushed event frames into 
 :class:`~hive_orchestration.Subscription` an in-process subscriber reads, and its
 callbacks in a task group of its own. One reader task takes every frame from the server
 and hands it to whoever waits for it; it never waits for a slow reader, which lags as an
-in-process subscriber does.
+in-process subscriber does (:mod:`.inbound`). How a call is written and its answer read
+is in :mod:`.calls`.
 
 When the connection breaks (the owner exited or was killed, or sent nothing for
 ``remote_timeout`` seconds although pinged), every call in flight fails with
@@ -18,13 +19,11 @@ is :class:`RuntimeStoppedError` and subscriptions end as they do in-process.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
-import os
 import ssl
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -32,14 +31,12 @@ import anyio
 import msgspec
 from anyio.abc import ByteStream, TaskGroup
 
-from .._trace import outgoing
 from ..config import RuntimeConfig
 from ..embedded import raise_cause
 from ..errors import (
     ConnectionLostError,
     HiveError,
     InvalidInputError,
-    OutcomeUnknownError,
     RuntimeStoppedError,
     WrongEventLoopError,
 )
@@ -47,21 +44,12 @@ from ..messages.events import Event, EventFeed
 from .address import connect_path
 from .protocol import (
     PROTOCOL_VERSION,
-    TRACED_OPS,
-    CallOut,
     Cancel,
-    Ended,
-    Events,
-    Failure,
     FrameError,
     FrameReader,
-    Goodbye,
     Hello,
-    Ping,
-    Pong,
     Received,
     Refused,
-    Result,
     ServerFrame,
     Subscribe,
     Unsubscribe,
@@ -74,6 +62,9 @@ from .protocol import (
 if TYPE_CHECKING:
     from ..embedded import Subscription
 
+from .calls import _call_frame, _decoder, _Pending
+from .inbound import close_gracefully, keepalive, lose, lost_reason, read_loop, stopped_text
+
 __all__ = ["RemoteRuntime"]
 
 log = logging.getLogger("hive_orchestration.remote")
@@ -82,78 +73,6 @@ log = logging.getLogger("hive_orchestration.remote")
 _MAX_ANSWER = 512 * 1024 * 1024
 #: How long the client waits for the server's welcome.
 _HANDSHAKE = 5.0
-
-
-def _call_frame(
-    call_id: int,
-    op: str,
-    args: Mapping[str, object],
-    agent: str | None,
-    correlation: str | None,
-) -> bytes:
-    """A call as one frame, its arguments encoded with it in one pass. An argument that
-    cannot be sent is named: each is tried on its own then (only then)."""
-    trace = outgoing() if op in TRACED_OPS else None
-    try:
-        arguments = args if isinstance(args, dict) else dict(args)
-        if trace is not None:
-            call = CallOut(call_id, op, arguments, agent, correlation, trace[0], trace[1])
-        else:
-            call = CallOut(call_id, op, arguments, agent, correlation)
-        return frame(call, _encoder)
-    except (TypeError, ValueError, OverflowError, RecursionError):
-        for name, value in args.items():
-            _encode_argument(name, value)
-        raise
-
-
-def _encode_argument(name: str, value: object) -> bytes:
-    try:
-        return _encoder.encode(value)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise InvalidInputError(name, f"cannot be sent to the runtime: {exc}") from None
-    except RecursionError:
-        raise InvalidInputError(name, "is nested too deeply") from None
-
-
-@functools.cache
-def _decoder(returns: Any) -> msgspec.msgpack.Decoder[Any]:
-    """The decoder of answers of type ``returns`` (one per operation's return type)."""
-    return msgspec.msgpack.Decoder(returns)
-
-
-class _Pending:
-    """A call waiting for its answer."""
-
-    __slots__ = ("done", "error", "value")
-
-    def __init__(self, done: anyio.Event) -> None:
-        self.done = done
-        self.value: msgspec.Raw | None = None
-        self.error: HiveError | None = None
-
-
-def _argument(value: object) -> object:
-    """What msgspec cannot encode as it is: the shapes a Python caller may pass."""
-    if isinstance(value, Mapping):
-        return dict(value)
-    if isinstance(value, (set, frozenset)):
-        return sorted(value, key=repr)
-    if isinstance(value, Iterable) and not isinstance(value, str | bytes):
-        return list(value)
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise NotImplementedError
-
-
-def _enc_hook(value: object) -> object:
-    try:
-        return _argument(value)
-    except NotImplementedError:
-        raise TypeError(f"a {type(value).__name__} cannot be sent") from None
-
-
-_encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 
 
 class RemoteRuntime:
@@ -299,8 +218,8 @@ class RemoteRuntime:
             remote = cls(stream, welcome, address, silence=silence)
             try:
                 async with anyio.create_task_group() as group:
-                    group.start_soon(remote._read, reader)
-                    group.start_soon(remote._keepalive, silence)
+                    group.start_soon(read_loop, remote, reader)
+                    group.start_soon(keepalive, remote, silence)
                     try:
                         # The app's event callbacks: they stop before the connection does.
                         async with anyio.create_task_group() as callbacks:
@@ -312,7 +231,7 @@ class RemoteRuntime:
                     finally:
                         remote._closed = True
                         remote.gone.set()
-                        await remote._close_gracefully(stream)
+                        await close_gracefully(remote, stream)
                         group.cancel_scope.cancel()
             except BaseExceptionGroup as failed:
                 raise_cause(failed)
@@ -371,7 +290,7 @@ class RemoteRuntime:
         if lost is not None:
             raise type(lost)(str(lost))  # a fresh one: several callers may raise it at once
         if self._goodbye is not None:
-            raise RuntimeStoppedError(self._stopped_text(self._goodbye))
+            raise RuntimeStoppedError(stopped_text(self, self._goodbye))
         if self._closed:
             raise RuntimeStoppedError("the connection to the runtime is closed")
 
@@ -475,14 +394,17 @@ class RemoteRuntime:
                     await self._stream.send(frames[0] if len(frames) == 1 else b"".join(frames))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             self._outbox.clear()
-            self._lose(ConnectionLostError(self._why(f"the connection broke ({exc})")))
+            lose(self, ConnectionLostError(lost_reason(self, f"the connection broke ({exc})")))
             self._check_running()
         finally:
             self._writing = False
         if sending.cancelled_caught:
             self._outbox.clear()
-            self._lose(
-                ConnectionLostError(self._why(f"the runtime took no frame for {self._silence:g}s"))
+            lose(
+                self,
+                ConnectionLostError(
+                    lost_reason(self, f"the runtime took no frame for {self._silence:g}s")
+                ),
             )
             with anyio.CancelScope(shield=True):
                 await self._stream.aclose()  # half a frame went out: nothing more may follow
@@ -618,146 +540,3 @@ class RemoteRuntime:
             "publish", args, agent=source, correlation=correlation_id, returns=Event
         )
         return event
-
-    # -- the connection's own tasks ---------------------------------------------------------
-
-    async def _close_gracefully(self, stream: ByteStream) -> None:
-        """Say this side is done (EOF) and let the server close the connection, so that the
-        reader ends on its own: a receive cancelled (or a socket closed under it) on
-        asyncio just as bytes arrive makes the loop log an InvalidStateError (the socket's
-        readiness callback fires on a finished future). Bounded: a server that does not
-        close within a second is cut off by the caller."""
-        with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
-            try:
-                await stream.send_eof()
-            except (NotImplementedError, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                return
-            except OSError:
-                return
-            await self._reader_done.wait()
-
-    async def _read(self, reader: FrameReader) -> None:
-        """Hand every frame from the server to whoever waits for it, until it closes."""
-        try:
-            await self._read_frames(reader)
-        finally:
-            self._reader_done.set()
-
-    async def _read_frames(self, reader: FrameReader) -> None:
-        goodbye: str | None = None
-        try:
-            while True:
-                message = await reader.read()
-                self._last_heard = anyio.current_time()
-                match message:
-                    case Result(id=call_id, value=value):
-                        pending = self._pending.get(call_id)
-                        if pending is not None:
-                            pending.value = value
-                            pending.done.set()
-                    case Failure(id=call_id):
-                        pending = self._pending.get(call_id)
-                        if pending is not None:
-                            pending.error = decode_error(message)
-                            pending.done.set()
-                    case Events(id=subscription_id, entries=entries):
-                        self._deliver(subscription_id, entries)
-                    case Ended(id=subscription_id, lagged=lagged):
-                        found = self._feeds.pop(subscription_id, None)
-                        if found is not None:
-                            if lagged is not None:
-                                found[0].lag(lagged)
-                            else:
-                                found[0].finish()
-                    case Goodbye(reason=reason):
-                        goodbye = self._goodbye = reason
-                    case Pong():
-                        pass
-                    case _:
-                        raise FrameError(f"unexpected {type(message).__name__}")
-        except anyio.EndOfStream:
-            why = "the connection closed"
-        except FrameError as exc:
-            why = f"the runtime sent something this client cannot read ({exc})"
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            why = f"the connection broke ({exc})"
-        if goodbye is not None:
-            self._stopped(goodbye)
-        else:
-            self._lose(ConnectionLostError(self._why(why)))
-
-    def _deliver(self, subscription_id: int, entries: list[tuple[Event, bytes]]) -> None:
-        found = self._feeds.get(subscription_id)
-        if found is None or not entries:
-            return  # closed on this side: its Unsubscribe is on its way
-        feed, capacity, policy = found
-        if feed.reader_closed:
-            return
-        # The in-process rule: a reader behind by its buffer's worth, beyond what is left of
-        # the last batch it was given, lags; a batch is handed over whole.
-        if feed.unread > capacity:
-            if policy == "drop":
-                return
-            del self._feeds[subscription_id]
-            feed.lag(entries[0][0].seq - 1)
-            self._spawn_notice(Unsubscribe(subscription_id))
-            return
-        feed.push(entries)
-
-    async def _keepalive(self, silence: float) -> None:
-        """Ping while quiet; a server silent for ``silence`` seconds is gone. Pings come
-        often enough for the server's own idle limit too."""
-        interval = min(silence / 4, self._welcome.idle / 4, 5.0)
-        nonce = itertools.count(1)
-        while True:
-            await anyio.sleep(interval)
-            quiet = anyio.current_time() - self._last_heard
-            if quiet >= silence:
-                self._lose(
-                    ConnectionLostError(
-                        self._why(f"the runtime sent nothing for {quiet:.1f}s although pinged")
-                    )
-                )
-                await self._stream.aclose()
-                return
-            await self._send_quietly(Ping(next(nonce)))
-
-    def _why(self, what: str) -> str:
-        return (
-            f"lost the runtime of process {self.owner_pid} ({self.address}) that owns"
-            f" {self.path!r}: {what}. Open a new client once a runtime owns the database again"
-        )
-
-    def _lose(self, error: ConnectionLostError) -> None:
-        """The connection is gone: fail what waits, end every subscription."""
-        if self._lost is not None:
-            return
-        self._lost = error
-        self.gone.set()
-        if not self._closed:
-            log.warning("%s", error)
-        for pending in self._pending.values():
-            pending.error = OutcomeUnknownError(
-                f"{error}; this call was in flight, so it may or may not have been applied"
-            )
-            pending.done.set()
-        self._pending.clear()
-        for feed, _, _ in self._feeds.values():
-            feed.fail(ConnectionLostError(str(error)))
-        self._feeds.clear()
-
-    def _stopped_text(self, reason: str) -> str:
-        return f"the runtime of process {self.owner_pid} that owns {self.path!r} stopped: {reason}"
-
-    def _stopped(self, reason: str) -> None:
-        """The owner said goodbye, then closed: like an in-process runtime stopping."""
-        error = RuntimeStoppedError(self._stopped_text(reason))
-        self._lost = error
-        self.gone.set()
-        for pending in self._pending.values():
-            pending.error = error
-            pending.done.set()
-        self._pending.clear()
-        for feed, _, _ in self._feeds.values():
-            feed.finish()
-        self._feeds.clear()
