@@ -9,13 +9,7 @@ and joins its route when due. A task whose concurrency group (or whose type, in 
 requirement heap) is full leaves its heap to wait aside for its group and comes back when
 a task of the group stops holding a slot, so a blocked group never costs a scan.
 
-Within a concurrency key, priority holds across routes: a key's free slots go to its best
-ready tasks (priority, then age), whatever their type, so a claimer whose types leave out
-the key's best task gets none of the key's tasks while it waits; the key waits for a
-claimer that can take that task. Each key keeps a heap of its ready tasks for this; a
-task that is not among the best ``free`` of its key waits in the key's blocked heap, and
-only the ones that come within reach go back, when a slot frees or a better task leaves
-the queue without taking one. Tasks in backoff are not ready and hold nothing back.
+Within a concurrency key, priority holds across routes (:mod:`.keys`).
 
 Entries are never removed from the middle of a heap: each carries the generation of the
 task's entry, and an entry whose task left the queue (claimed, cancelled, deleted) or was
@@ -40,64 +34,12 @@ import heapq
 from collections import Counter
 from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
-from typing import NamedTuple, TypeAlias
 
 from ...messages.tasks import Task
+from .keys import forget_entry, key_allows, key_heap, release_key, waits_for_storage
+from .routes import Bound, Entry, QueueId, Route, bound_of, can_take, queue_of, route_of
 
 __all__ = ["Bound", "QueueId", "ReadyQueue", "bound_of", "can_take", "queue_of"]
-
-#: A task type (tasks without requirements) or a set of required capabilities.
-Route: TypeAlias = str | frozenset[str]
-#: A queue as storage indexes it: task type, requirement list, concurrency key.
-QueueId: TypeAlias = tuple[str, tuple[str, ...], str | None]
-
-
-class Bound(NamedTuple):
-    """The claim-order key of the last task held of a queue whose other tasks are in
-    storage (they all come after it): compared with an entry's first three fields."""
-
-    neg_priority: int
-    created: float
-    task_id: str
-    created_at: datetime  # as stored, for storage to resume after it
-
-
-def queue_of(task: Task) -> QueueId:
-    return (task.task_type, task.requires, task.concurrency_key)
-
-
-def bound_of(task: Task) -> Bound:
-    return Bound(-task.priority, task.created_at.timestamp(), task.id, task.created_at)
-
-
-def _route_of(queue: QueueId) -> Route:
-    return frozenset(queue[1]) if queue[1] else queue[0]
-
-
-class _Entry(NamedTuple):
-    neg_priority: int
-    created: float
-    task_id: str
-    generation: int
-    task_type: str
-    route: Route
-    key: str | None
-    limit: int
-    queue: QueueId
-
-    def after(self, bound: Bound) -> bool:
-        """Whether this entry comes after ``bound`` in claim order."""
-        return (self.neg_priority, self.created, self.task_id) > bound[:3]
-
-
-def can_take(task: Task, capabilities: Collection[str] | None) -> bool:
-    """Whether a worker that can do ``capabilities`` (``None``: anything) takes ``task``:
-    all of its ``requires`` if it has any, else its task type."""
-    if capabilities is None:
-        return True
-    if task.requires:
-        return all(need in capabilities for need in task.requires)
-    return task.task_type in capabilities
 
 
 class ReadyQueue:
@@ -113,15 +55,15 @@ class ReadyQueue:
         # Task types whose tasks are not handed out (revoke_task_type): the owner's set,
         # read here, so a type is held back as if its concurrency limit were reached.
         self._revoked = revoked
-        self._heaps: dict[Route, list[_Entry]] = {}
-        self._delayed: list[tuple[float, _Entry]] = []
-        self._blocked: dict[str, list[_Entry]] = {}  # concurrency key -> heap of entries
+        self._heaps: dict[Route, list[Entry]] = {}
+        self._delayed: list[tuple[float, Entry]] = []
+        self._blocked: dict[str, list[Entry]] = {}  # concurrency key -> heap of entries
         # concurrency key -> heap of its ready entries (wherever they wait), best first, and
         # the largest limit any of them has had (the most slots the key may free).
-        self._by_key: dict[str, list[_Entry]] = {}
+        self._by_key: dict[str, list[Entry]] = {}
         self._key_limit: dict[str, int] = {}
         self._key_of: dict[str, str] = {}  # queued task id -> its concurrency key
-        self._type_blocked: dict[str, list[_Entry]] = {}  # task type -> entries
+        self._type_blocked: dict[str, list[Entry]] = {}  # task type -> entries
         self._generation: dict[str, int] = {}  # task id -> its valid entry; absent: not queued
         self._next_generation = 0
         self._held_types: Counter[str] = Counter()
@@ -133,7 +75,7 @@ class ReadyQueue:
         #: Set when a task may have become claimable; the TaskManager clears it.
         self.changed = False
         # The ready entries held of each queue (task id -> entry), wherever they wait.
-        self._members: dict[QueueId, dict[str, _Entry]] = {}
+        self._members: dict[QueueId, dict[str, Entry]] = {}
         self._member_of: dict[str, QueueId] = {}
         # Queues with tasks in storage: their bounds, and by route and by concurrency key;
         # those of them with no ready entry held, by route (what starves a claim).
@@ -148,7 +90,7 @@ class ReadyQueue:
         #: Set by :meth:`pop` when it found nothing because a queue starved it.
         self.starved = False
         # The best entry a concurrency key held back in this pop until storage is read.
-        self._waiting_for: _Entry | None = None
+        self._waiting_for: Entry | None = None
         for queue, bound in (bounds or {}).items():
             self.set_bound(queue, bound)
 
@@ -177,7 +119,7 @@ class ReadyQueue:
         previous = self._key_of.pop(task.id, None)  # added again while queued
         if task.concurrency_key is not None:
             self._key_of[task.id] = task.concurrency_key
-        entry = _Entry(
+        entry = Entry(
             -task.priority,
             task.created_at.timestamp(),
             task.id,
@@ -194,7 +136,7 @@ class ReadyQueue:
         else:
             self._ready(entry)
         if previous is not None:
-            self._forget(previous)  # its old entry is stale now
+            forget_entry(self, previous)  # its old entry is stale now
         return True
 
     def discard(self, task_id: str) -> None:
@@ -203,7 +145,7 @@ class ReadyQueue:
         self._leave(task_id)
         key = self._key_of.pop(task_id, None)
         if key is not None:
-            self._forget(key)
+            forget_entry(self, key)
 
     def promote(self, now: float) -> float | None:
         """Move tasks whose backoff is over into their heaps; when the next one is due."""
@@ -224,7 +166,7 @@ class ReadyQueue:
     def pop(self, capabilities: Collection[str] | None) -> str | None:
         """Take the best ready task a claim that can do ``capabilities`` (``None``:
         anything) may take, within the concurrency limits; its id, or ``None``."""
-        best: _Entry | None = None
+        best: Entry | None = None
         self._waiting_for = None
         for route in self._routes(capabilities):
             entry = self._head(route)
@@ -246,14 +188,14 @@ class ReadyQueue:
         self._leave(best.task_id)
         if best.key is not None:
             del self._key_of[best.task_id]
-            self._key_heap(best.key)  # let go of its entry (and of an emptied key)
+            key_heap(self, best.key)  # let go of its entry (and of an emptied key)
         return best.task_id
 
-    def _held_back_for_storage(self) -> _Entry | None:
+    def _held_back_for_storage(self) -> Entry | None:
         waiting, self._waiting_for = self._waiting_for, None
         return waiting
 
-    def _starving(self, capabilities: Collection[str] | None, best: _Entry | None) -> set[QueueId]:
+    def _starving(self, capabilities: Collection[str] | None, best: Entry | None) -> set[QueueId]:
         """The queues, among the routes of a claim that can do ``capabilities``, with no
         ready task held whose tasks in storage may come before ``best`` (its best
         choice among those held, if any) and could be handed out."""
@@ -289,7 +231,7 @@ class ReadyQueue:
                 routes.append(route)
         return routes
 
-    def _head(self, route: Route) -> _Entry | None:
+    def _head(self, route: Route) -> Entry | None:
         heap = self._heaps.get(route)
         if not heap:
             return None
@@ -299,13 +241,13 @@ class ReadyQueue:
             entry = heap[0]
             if not self._valid(entry):
                 heapq.heappop(heap)
-            elif entry.key is not None and not self._key_allows(entry):
+            elif entry.key is not None and not key_allows(self, entry):
                 heapq.heappop(heap)
                 heapq.heappush(self._blocked.setdefault(entry.key, []), entry)
             elif self._type_full(entry.task_type):  # in a mixed heap of requirements
                 heapq.heappop(heap)
                 self._type_blocked.setdefault(entry.task_type, []).append(entry)
-            elif entry.key is not None and self._waits_for_storage(entry):
+            elif entry.key is not None and waits_for_storage(self, entry):
                 # It stays on top, so every pop that reaches its route starves until the
                 # key's queues are read: set aside, a later pop would not see it and
                 # answer "nothing" while it may be the best eligible task. What lies
@@ -322,14 +264,14 @@ class ReadyQueue:
         limit = self._type_limits.get(task_type)
         return limit is not None and self._held_types[task_type] >= limit
 
-    def _valid(self, entry: _Entry) -> bool:
+    def _valid(self, entry: Entry) -> bool:
         return self._generation.get(entry.task_id) == entry.generation
 
-    def _push(self, entry: _Entry) -> None:
+    def _push(self, entry: Entry) -> None:
         heapq.heappush(self._heaps.setdefault(entry.route, []), entry)
         self.changed = True
 
-    def _ready(self, entry: _Entry) -> None:
+    def _ready(self, entry: Entry) -> None:
         """``entry`` is ready (queued, past any backoff): into its route and its key."""
         queue = entry.queue
         members = self._members.get(queue)
@@ -359,10 +301,10 @@ class ReadyQueue:
         if not members:
             del self._members[queue]
             if queue in self._bounds:
-                self._empty.setdefault(_route_of(queue), set()).add(queue)
+                self._empty.setdefault(route_of(queue), set()).add(queue)
 
     def _unempty(self, queue: QueueId) -> None:
-        route = _route_of(queue)
+        route = route_of(queue)
         empty = self._empty.get(route)
         if empty is not None:
             empty.discard(queue)
@@ -399,7 +341,7 @@ class ReadyQueue:
         if key is not None:
             self._bounded_keys.setdefault(key, set()).add(queue)
         if queue not in self._members:
-            self._empty.setdefault(_route_of(queue), set()).add(queue)
+            self._empty.setdefault(route_of(queue), set()).add(queue)
 
     def low(self, least: int) -> set[QueueId]:
         """The queues to read more of: those with tasks in storage and fewer than
@@ -416,7 +358,7 @@ class ReadyQueue:
         self.wanted.difference_update(queues)
         for key in {queue[2] for queue in queues}:
             if key is not None:
-                self._release(key)
+                release_key(self, key)
         self.changed = True
 
     def over(self, most: int) -> list[QueueId]:
@@ -449,98 +391,6 @@ class ReadyQueue:
         self.set_bound(queue, bound)
         return dropped
 
-    # -- concurrency keys ---------------------------------------------------------------
-
-    def _key_heap(self, key: str) -> list[_Entry]:
-        """The key's ready entries with a valid one on top; an emptied key is forgotten
-        (its blocked entries are then all stale too)."""
-        heap = self._by_key.get(key)
-        if heap is None:
-            return []
-        while heap and not self._valid(heap[0]):
-            heapq.heappop(heap)
-        if not heap:
-            del self._by_key[key]
-            self._key_limit.pop(key, None)
-            self._blocked.pop(key, None)
-        return heap
-
-    def _best_of_key(self, key: str, count: int) -> list[_Entry]:
-        """The ``count`` best ready entries of ``key``, best first: a walk down its heap
-        from the top that skips stale entries, O(count log count) when few are stale."""
-        heap = self._key_heap(key)
-        if count <= 1 or len(heap) <= 1:
-            return heap[:1] if count >= 1 else []
-        best: list[_Entry] = []
-        frontier = [(heap[0], 0)]
-        while frontier and len(best) < count:
-            entry, index = heapq.heappop(frontier)
-            if self._valid(entry):
-                best.append(entry)
-            for child in (2 * index + 1, 2 * index + 2):
-                if child < len(heap):
-                    heapq.heappush(frontier, (heap[child], child))
-        return best
-
-    def _key_allows(self, entry: _Entry) -> bool:
-        """Whether ``entry`` may take a slot of its key now: one is free and no better
-        ready task of the key is left without one."""
-        assert entry.key is not None
-        if entry.key in self._paused_keys:
-            return False
-        free = entry.limit - self._held_keys[entry.key]
-        if free <= 0:
-            return False
-        best = self._best_of_key(entry.key, free)
-        return bool(best) and entry <= best[-1]
-
-    def _waits_for_storage(self, entry: _Entry) -> bool:
-        """Whether ``entry``, among the best held of its key, must wait because a queue
-        of the key may have better tasks in storage: they are wanted, read first."""
-        assert entry.key is not None
-        later = {q for q in self._bounded_keys.get(entry.key, ()) if entry.after(self._bounds[q])}
-        if not later:
-            return False
-        self.wanted |= later
-        if self._waiting_for is None or entry < self._waiting_for:
-            self._waiting_for = entry
-        return True
-
-    def _forget(self, key: str) -> None:
-        """An entry of ``key`` went stale without taking a slot: drop it if on top (and
-        an emptied key); it may have been one of the key's best, so the next ones may
-        come within reach."""
-        self._key_heap(key)
-        self._release(key)
-
-    def _release(self, key: str) -> None:
-        """Send back to their routes the blocked entries of ``key`` that may now take a
-        slot: only those within its best ``free``, so a long wait list costs nothing."""
-        blocked = self._blocked.get(key)
-        if not blocked:
-            return
-        free = self._key_limit.get(key, 1) - self._held_keys[key]
-        best = self._best_of_key(key, free) if free > 0 else []
-        if not best:
-            return
-        bound = best[-1]
-        kept: list[_Entry] = []
-        while blocked and blocked[0] <= bound:
-            entry = heapq.heappop(blocked)
-            if not self._valid(entry):
-                continue
-            if self._key_allows(entry):
-                # Back in its heap even if it waits for storage: the pops that reach it
-                # starve until the read (and the read is wanted from now on).
-                self._waits_for_storage(entry)
-                self._push(entry)
-            else:
-                kept.append(entry)  # a smaller limit of its own
-        for entry in kept:
-            heapq.heappush(blocked, entry)
-        if not blocked:
-            self._blocked.pop(key, None)
-
     # -- concurrency slots ----------------------------------------------------------------
 
     def hold(self, task: Task) -> None:
@@ -566,7 +416,7 @@ class ReadyQueue:
             self._held_keys[key] -= 1
             if self._held_keys[key] <= 0:
                 del self._held_keys[key]
-            self._release(key)
+            release_key(self, key)
 
     def restored(self, task_type: str) -> None:
         """``task_type`` is no longer revoked: its tasks set aside may go again."""
@@ -601,4 +451,4 @@ class ReadyQueue:
                         self._push(entry)
         for key in keys:
             self._paused_keys.discard(key)
-            self._release(key)
+            release_key(self, key)
