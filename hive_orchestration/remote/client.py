@@ -7,8 +7,8 @@ answered when it is done), its subscriptions as server-pushed event frames into 
 :class:`~hive_orchestration.Subscription` an in-process subscriber reads, and its
 callbacks in a task group of its own. One reader task takes every frame from the server
 and hands it to whoever waits for it; it never waits for a slow reader, which lags as an
-in-process subscriber does (:mod:`.inbound`). How a call is written and its answer read
-is in :mod:`.calls`.
+in-process subscriber does (:mod:`.client_inbound`). How it reaches the server is in
+:mod:`.client_dial`, how a call is written and its answer read in :mod:`.client_calls`.
 
 When the connection breaks (the owner exited or was killed, or sent nothing for
 ``remote_timeout`` seconds although pinged), every call in flight fails with
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import ssl
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager, suppress
@@ -43,18 +42,13 @@ from ..errors import (
 from ..messages.events import Event, EventFeed
 from .address import connect_path
 from .protocol import (
-    PROTOCOL_VERSION,
     Cancel,
-    FrameError,
     FrameReader,
-    Hello,
     Received,
-    Refused,
     ServerFrame,
     Subscribe,
     Unsubscribe,
     Welcome,
-    decode_error,
     frame,
     too_large,
 )
@@ -62,8 +56,9 @@ from .protocol import (
 if TYPE_CHECKING:
     from ..embedded import Subscription
 
-from .calls import _call_frame, _decoder, _Pending
-from .inbound import close_gracefully, keepalive, lose, lost_reason, read_loop, stopped_text
+from .client_calls import _call_frame, _decoder, _Pending
+from .client_dial import dial_tcp, handshake
+from .client_inbound import close_gracefully, keepalive, lose, lost_reason, read_loop, stopped_text
 
 __all__ = ["RemoteRuntime"]
 
@@ -71,8 +66,6 @@ log = logging.getLogger("hive_orchestration.remote")
 
 #: Largest frame a client reads from its server (an answer of many tasks is large).
 _MAX_ANSWER = 512 * 1024 * 1024
-#: How long the client waits for the server's welcome.
-_HANDSHAKE = 5.0
 
 
 class RemoteRuntime:
@@ -157,45 +150,7 @@ class RemoteRuntime:
         endpoint = parse_url(url)
         context = client_context(tls_ca) if endpoint.tls else None
         shown = endpoint.url()
-        try:
-            with anyio.fail_after(_HANDSHAKE):
-                stream: ByteStream
-                if context is None:
-                    stream = await anyio.connect_tcp(endpoint.host, endpoint.port)
-                else:
-                    stream = await anyio.connect_tcp(
-                        endpoint.host,
-                        endpoint.port,
-                        ssl_context=context,
-                        tls_hostname=endpoint.host,
-                        tls_standard_compatible=False,
-                    )
-        except TimeoutError:
-            raise ConnectionLostError(
-                f"cannot connect to the runtime at {shown}: no answer within {_HANDSHAKE:g}s"
-            ) from None
-        except ssl.SSLCertVerificationError as exc:
-            advice = (
-                f"connect with a name the certificate is for, not {endpoint.host!r}"
-                if "mismatch" in str(exc.verify_message)
-                else "give the certificate of the authority that signed it (tls_ca=,"
-                " $HIVE_ORCHESTRATION_TLS_CA)"
-            )
-            raise ConnectionLostError(
-                f"cannot connect to the runtime at {shown}: its certificate is not trusted"
-                f" ({exc.verify_message}): {advice}"
-            ) from None
-        except (OSError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
-            hint = (
-                " (the TLS handshake failed: does it serve TLS? hive:// is for a server"
-                " without TLS)"
-                if endpoint.tls
-                else ""
-            )
-            raise ConnectionLostError(
-                f"cannot connect to the runtime at {shown}:"
-                f" {getattr(exc, 'strerror', None) or exc or type(exc).__name__}{hint}"
-            ) from None
+        stream = await dial_tcp(endpoint, context, shown)
         hint = "" if endpoint.tls else "; if it serves TLS, connect with hives://"
         async with cls._session(stream, shown, name, silence, token, hint) as remote:
             yield remote
@@ -214,7 +169,7 @@ class RemoteRuntime:
         """The connection over ``stream``, from the handshake until the block ends."""
         async with stream:
             reader = FrameReader(stream, ServerFrame, _MAX_ANSWER)
-            welcome = await cls._handshake(stream, reader, address, name, token, hint)
+            welcome = await handshake(stream, reader, address, name, token, hint)
             remote = cls(stream, welcome, address, silence=silence)
             try:
                 async with anyio.create_task_group() as group:
@@ -235,34 +190,6 @@ class RemoteRuntime:
                         group.cancel_scope.cancel()
             except BaseExceptionGroup as failed:
                 raise_cause(failed)
-
-    @staticmethod
-    async def _handshake(
-        stream: ByteStream,
-        reader: FrameReader,
-        address: str,
-        name: str | None,
-        token: str | None = None,
-        hint: str = "",
-    ) -> Welcome:
-        try:
-            with anyio.fail_after(_HANDSHAKE):
-                await stream.send(frame(Hello(PROTOCOL_VERSION, name=name, token=token)))
-                answer = await reader.read()
-        except TimeoutError:
-            raise ConnectionLostError(
-                f"the runtime at {address} did not answer within {_HANDSHAKE:g}s{hint}"
-            ) from None
-        except (anyio.EndOfStream, anyio.BrokenResourceError, FrameError, OSError) as exc:
-            raise ConnectionLostError(
-                f"the runtime at {address} closed the connection at once"
-                f" ({str(exc) or 'no answer'}){hint}"
-            ) from None
-        if isinstance(answer, Refused):
-            raise decode_error(answer.error)
-        if not isinstance(answer, Welcome):
-            raise ConnectionLostError(f"the runtime at {address} did not welcome this client")
-        return answer
 
     @property
     def path(self) -> str:

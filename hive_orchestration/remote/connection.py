@@ -7,9 +7,7 @@ client that sends faster than the runtime answers is slowed, not buffered; runne
 kept for the next calls, since starting a task costs more than a call's own work), a task
 per subscription pumping committed events out as they come, and a watchdog for silence.
 Whichever task has a frame to send while none is writing writes it, with whatever the
-others queued meanwhile (no hop to a writer task on the way out). Every call runs as the same
-operation of an :class:`~hive_orchestration.OrchestrationClient` in this process, so it
-gets exactly the checks, answers and errors an in-process caller gets.
+others queued meanwhile (no hop to a writer task on the way out).
 
 What a peer can do to the server is bounded: a frame is refused unread past
 ``max_frame_bytes``; a peer that does not say hello within :data:`HANDSHAKE_TIMEOUT`, or
@@ -19,13 +17,14 @@ disconnected; anything that is not a frame of the protocol closes the connection
 connection left behind is undone as it closes: its calls are cancelled (a claim answered
 as the caller left goes back to the queue), its subscriptions end, the claims it was
 answered but never acknowledged go back, and the workers it carried are dead with it
-(:mod:`.workers`).
+(:mod:`.connection_workers`).
 
 A TCP peer's hello must carry a token of the tokens file (see :mod:`.access`), read under
 a small frame limit until it does; a wrong or missing one is answered Refused and the
 connection closed before anything runs. Every call then passes
 ``_Connection._authorize`` before it runs: the one place an agent token is held to its
-identity and its worker ids. How frames go out is in :mod:`.sending`.
+identity and its worker ids. How a call runs is in :mod:`.connection_calls`, how frames
+go out in :mod:`.connection_out`.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from contextlib import suppress
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -43,14 +42,15 @@ import anyio
 import msgspec
 from anyio.abc import ByteStream, SocketAttribute, TaskGroup, TaskStatus
 
-from .._trace import CARRIED, check_trace
-from ..errors import AccessDeniedError, HiveError, RuntimeStoppedError
+from ..errors import AccessDeniedError, HiveError
 from ..messages.events import Lagged
 from ..messages.plans import PlanningRequest, UnclaimedRequest
 from ..messages.tasks import Claim, Unclaimed
-from ..wire import EXCLUSIVE, msgpack_arguments
 from .access import OWNER, Authorizer, Identity, Tokens
 from .address import peer_pid
+from .connection_calls import _Runner, _stopping, run_calls
+from .connection_out import check_drained, close_connection, send_message
+from .connection_workers import workers_gone
 from .protocol import (
     PROTOCOL_VERSION,
     Call,
@@ -72,11 +72,8 @@ from .protocol import (
     Unsubscribe,
     Welcome,
     encode_error,
-    frame,
 )
-from .sending import check_drained, close_connection, send_frame, send_message
 from .status import ConnectionStatus
-from .workers import _WORKER_OPS, note_worker, workers_gone
 
 if TYPE_CHECKING:
     from ..client import OrchestrationClient
@@ -92,8 +89,6 @@ HANDSHAKE_TIMEOUT = 5.0
 MAX_SUBSCRIPTIONS = 1000
 #: Most events in one Events frame (a commit's worth is sent in as few as fit).
 _EVENTS_PER_FRAME = 1000
-#: Clients kept per connection for the (agent, correlation) pairs it calls as.
-_CLIENTS_PER_CONNECTION = 64
 #: How long telling a connection past the limit may take.
 _REFUSAL_TIME = 1.0
 #: Largest hello read from a peer not yet authenticated (a token is a few dozen bytes).
@@ -101,8 +96,6 @@ _HELLO_LIMIT = 64 * 1024
 #: Most bytes read and dropped from a refused peer before closing on it.
 _LINGER_BYTES = 1024 * 1024
 
-#: Idle call runners a connection keeps (more run while more calls are in flight).
-_IDLE_RUNNERS = 64
 #: Bytes queued for a peer past which whoever sends to it waits for the writer.
 
 
@@ -155,7 +148,7 @@ class _Connection:
         )
         self._group: TaskGroup | None = None
         self._broken = False
-        #: The workers this connection acts for (see :func:`.workers.note_worker`).
+        #: The workers this connection acts for (see :func:`.connection_workers.note_worker`).
         self._workers: set[str] = set()
         self.name: str | None = None
         #: The runtime is stopping: no new call is run; set ``drained`` once none runs.
@@ -331,7 +324,7 @@ class _Connection:
                     self._idle.pop().hand(message, scope)
                 else:
                     assert self._group is not None
-                    self._group.start_soon(self._runner, message, scope)
+                    self._group.start_soon(run_calls, self, message, scope)
             case Cancel(id=call_id):
                 running = self._calls.get(call_id)
                 if running is not None:
@@ -366,71 +359,10 @@ class _Connection:
                 return False
         return True
 
-    async def _runner(self, message: Call, scope: anyio.CancelScope) -> None:
-        """Run calls one after another: this one, then each handed to it while it waits
-        among the idle (a few are kept; past that it ends)."""
-        while True:
-            await self._call(message, scope)
-            if len(self._idle) >= _IDLE_RUNNERS:
-                return
-            runner = _Runner(self._event_type())
-            self._idle.append(runner)
-            await runner.handed.wait()
-            message, scope = runner.call
-
-    async def _call(self, message: Call, scope: anyio.CancelScope) -> None:
-        try:
-            with scope:
-                try:
-                    # Encoded here: a value that cannot be is this call's failure.
-                    answer = frame(await self._run(message))
-                except HiveError as error:
-                    answer = frame(encode_error(message.id, error))
-                except Exception as error:  # a bug: the caller hears of it, the server goes on
-                    log.exception("connection %d: %s failed", self.number, message.op)
-                    answer = frame(encode_error(message.id, error))
-            if scope.cancelled_caught:
-                if not self.stopping:
-                    return  # the caller left: nobody waits for an answer
-                answer = frame(encode_error(message.id, _stopping()))
-            # Outside the call's scope: a Cancel that comes now must not cut the frame.
-            await send_frame(self, answer)
-        finally:
-            del self._calls[message.id]
-            freed, self._slot_freed = self._slot_freed, None
-            if freed is not None:
-                freed.set()
-            if scope.cancel_called and message.id in self._unacknowledged:
-                # The caller left (it said so) while its claim was on its way: nobody holds it.
-                with anyio.CancelScope(shield=True):
-                    await self._give_back(self._unacknowledged.pop(message.id))
-            check_drained(self)
-
     def cancel_calls(self) -> None:
         """Stopping: end the calls still running (each is answered RuntimeStoppedError)."""
         for scope in self._calls.values():
             scope.cancel()
-
-    async def _run(self, message: Call) -> ResultOut:
-        args = msgpack_arguments(message.op, message.args)
-        agent = await self._authorize(message.op, args, message.agent)
-        client = self._client(agent, message.correlation)
-        method: Callable[..., Awaitable[object]] = getattr(client, message.op)
-        trace = check_trace(message.traceparent, message.tracestate)
-        if trace is None:
-            value = await method(**args)
-        else:
-            # The task this call creates continues the caller's trace, not the server's.
-            carried = CARRIED.set(trace)
-            try:
-                value = await method(**args)
-            finally:
-                CARRIED.reset(carried)
-        if message.op in EXCLUSIVE and value:
-            self._unacknowledged[message.id] = value
-        if message.op in _WORKER_OPS:
-            note_worker(self, message.op, args, value)
-        return ResultOut(message.id, value)
 
     async def _authorize(self, op: str, args: Mapping[str, Any], agent: str | None) -> str | None:
         """Whether this connection may make this call, and as which source agent: every
@@ -441,18 +373,6 @@ class _Connection:
         if self._access is None:
             return agent
         return await self._access.check(op, args, agent)
-
-    def _client(self, agent: str | None, correlation: str | None) -> OrchestrationClient:
-        key = (agent, correlation)
-        client = self._clients.get(key)
-        if client is None:
-            client = self._server.client(agent, correlation)
-            self._clients[key] = client
-            if len(self._clients) > _CLIENTS_PER_CONNECTION:
-                self._clients.popitem(last=False)
-        else:
-            self._clients.move_to_end(key)
-        return client
 
     async def _subscription(
         self, message: Subscribe, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -507,27 +427,6 @@ class _Connection:
                 await self._runtime._plans.tell(UnclaimedRequest(value))
         except HiveError as error:  # stopping: recovery at the next open requeues it
             log.info("connection %d: could not give back a claim: %s", self.number, error)
-
-
-class _Runner:
-    """An idle call runner of a connection, waiting to be handed a call."""
-
-    __slots__ = ("call", "handed")
-
-    def __init__(self, handed: anyio.Event) -> None:
-        self.handed = handed
-        self.call: tuple[Call, anyio.CancelScope]
-
-    def hand(self, message: Call, scope: anyio.CancelScope) -> None:
-        self.call = (message, scope)
-        self.handed.set()
-
-
-def _stopping() -> RuntimeStoppedError:
-    return RuntimeStoppedError(
-        "the runtime stopped before answering this call (a claim it was waiting for went"
-        " back to the queue)"
-    )
 
 
 async def _linger(stream: ByteStream) -> None:

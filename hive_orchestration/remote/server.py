@@ -2,8 +2,9 @@
 
 A :class:`Server` runs inside ``Runtime.open`` for the runtime's whole life: it listens,
 admits connections and refuses those past its limits; each connection is then served by
-:mod:`.connection` (its calls and subscriptions), :mod:`.sending` (its frames out) and
-:mod:`.workers` (the workers it carries). Every call runs as the same operation of an
+:mod:`.connection` (its handshake, frames in and subscriptions), :mod:`.connection_calls`
+(its calls), :mod:`.connection_out` (its frames out) and :mod:`.connection_workers` (the
+workers it carries). Every call runs as the same operation of an
 :class:`~hive_orchestration.OrchestrationClient` in this process, so it gets exactly the
 checks, answers and errors an in-process caller gets. A peer of another user is refused
 before a byte is read.
@@ -73,7 +74,7 @@ class Server:
         #: A connection silent this long (no call, no ping) is closed.
         self.idle = 3 * config.remote_timeout
         self._connections: set[_Connection] = set()
-        #: The connection that last acted for each worker (see .workers.note_worker).
+        #: The connection that last acted for each worker (see .connection_workers.note_worker).
         self.worker_connections: dict[str, _Connection] = {}
         self._ids = itertools.count(1)
         self.address: str | None = None
