@@ -488,8 +488,6 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         while len(self._status) > self._cache_size:
             self._status.popitem(last=False)
 
-    # -- the planning queue -----------------------------------------------------------------
-
 
 class _EffectsFailed(RuntimeError):
     """A batch's effects failed part way: the actor restarts to reconcile."""
