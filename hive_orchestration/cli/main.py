@@ -34,6 +34,7 @@ import msgspec
 
 from .._loop import backend_options
 from .._validate import MAX_READ
+from ..api.embedded import Runtime
 from ..config import (
     DB_PATH_ENV,
     DEFAULT_DB_PATH,
@@ -43,7 +44,6 @@ from ..config import (
     RuntimeConfig,
     choose_db_path,
 )
-from ..embedded import Runtime
 from ..errors import (
     ConnectionLostError,
     HiveError,

@@ -39,8 +39,8 @@ import anyio
 from ..agents.registry import AgentCapability, AgentRegistry, Handler
 from ..agents.retry import RetryPolicy, load_exception_type
 from ..agents.runner import AgentRunner
-from ..client import OrchestrationClient
-from ..embedded import raise_cause
+from ..api.client import OrchestrationClient
+from ..api.embedded import raise_cause
 from ..errors import HiveError, InvalidInputError
 from ..remote.client import RemoteRuntime
 

@@ -66,7 +66,7 @@ from ..messages.workers import WorkerStatus
 from .source import Source
 
 if TYPE_CHECKING:
-    from ..embedded import Runtime, RuntimeStatistics
+    from ..api.embedded import Runtime, RuntimeStatistics
 
 __all__ = ["DURATION_BUCKETS", "Metrics", "metrics_app", "watch"]
 

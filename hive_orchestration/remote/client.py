@@ -33,8 +33,8 @@ import msgspec
 from anyio.abc import ByteStream, TaskGroup
 
 from .._trace import outgoing
+from ..api.embedded import raise_cause
 from ..config import RuntimeConfig
-from ..embedded import raise_cause
 from ..errors import (
     ConnectionLostError,
     HiveError,
@@ -72,7 +72,7 @@ from .protocol import (
 )
 
 if TYPE_CHECKING:
-    from ..embedded import Subscription
+    from ..api.embedded import Subscription
 
 __all__ = ["RemoteRuntime"]
 
@@ -523,7 +523,7 @@ class RemoteRuntime:
         filters: Mapping[str, str],
     ) -> Subscription:
         """A subscription registered with the owner (its checks are the owner's)."""
-        from ..embedded import Subscription
+        from ..api.embedded import Subscription
 
         self._check_open()
         if not isinstance(pattern, str):

@@ -52,6 +52,7 @@ from anyio.abc import ByteStream, Listener, SocketAttribute, SocketStream, TaskG
 from anyio.streams.tls import TLSStream
 
 from .._trace import CARRIED, check_trace
+from ..api.wire import EXCLUSIVE, msgpack_arguments
 from ..errors import (
     AccessDeniedError,
     ConfigError,
@@ -65,7 +66,6 @@ from ..messages.tasks import Claim, Unclaimed
 from ..messages.workers import WorkerStatus
 from ..storage import SCHEMA_VERSION
 from ..storage.port import STOPPING
-from ..wire import EXCLUSIVE, msgpack_arguments
 from .access import OWNER, Authorizer, Identity, Tokens
 from .address import ABSTRACT, choose_address, connect_path, peer_pid, peer_uid, remove_address
 from .protocol import (
@@ -94,8 +94,8 @@ from .protocol import (
 from .status import ConnectionStatus, ServerStatus
 
 if TYPE_CHECKING:
-    from ..client import OrchestrationClient
-    from ..embedded import Runtime, Subscription
+    from ..api.client import OrchestrationClient
+    from ..api.embedded import Runtime, Subscription
     from ..storage.port import StoreClaim
     from .tcp import TcpSettings
 

@@ -9,7 +9,7 @@ one runtime per backend, shared by the tests of that backend):
   bounds and just past them, real leases and forged ones, JSON with a bad leaf) and from
   junk: wrong types, NaN and infinities, integers too large to print, empty, huge, NUL and
   lone-surrogate strings, nested containers, sets, bytes, naive datetimes, objects;
-- :func:`hive_orchestration.wire.call_json`, over raw bytes, over valid requests mutated
+- :func:`hive_orchestration.api.wire.call_json`, over raw bytes, over valid requests mutated
   (fields dropped, added, retyped) and over structured but wrong JSON.
 
 What must hold for every call:
@@ -79,7 +79,7 @@ from hive_orchestration import (
     WorkerRegisteredEvent,
     WorkerStatus,
 )
-from hive_orchestration.wire import OPERATIONS, call_json
+from hive_orchestration.api.wire import OPERATIONS, call_json
 
 from ._audit import audit_tasks, read_log
 
@@ -1786,7 +1786,7 @@ async def test_wait_for_plan_times_out_with_a_package_error() -> None:
 
 @pytest.mark.anyio
 async def test_subscribe_refuses_an_unprintable_overflow() -> None:
-    # Fixed in embedded.Runtime._open_subscription: name the refused value by its type
+    # Fixed in api/embedded.py, Runtime._open_subscription: name the refused value by its type
     # (or with _validate._show) rather than repr(): an integer past 4300 digits raises
     # ValueError in repr(), a list nested 5000 deep RecursionError.
     async with OrchestrationClient(":memory:") as client:

@@ -23,12 +23,12 @@ import anyio
 import anyio.to_thread
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
+from ..config import RuntimeConfig
+from ..errors import HiveError, InvalidInputError, RuntimeStoppedError
+from ..events import TopicRegistry
+from ..messages.events import Event
 from .client import CallbackSubscription, EventStream, OrchestrationClient
-from .config import RuntimeConfig
 from .embedded import Subscription
-from .errors import HiveError, InvalidInputError, RuntimeStoppedError
-from .events import TopicRegistry
-from .messages.events import Event
 
 __all__ = ["BlockingEvents", "SyncCallbackSubscription", "SyncOrchestrationClient"]
 

@@ -23,14 +23,8 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup
 
-from ._control_ops import ControlOps
-from ._groups import leaves
-from ._inspect_ops import InspectOps
-from ._plan_ops import PlanOps
-from ._retention_ops import RetentionOps, retain
-from ._schedule_ops import ScheduleOps
-from ._task_ops import TaskOps
-from ._validate import (
+from .._groups import leaves
+from .._validate import (
     _show,
     check_event_read,
     check_identifier,
@@ -38,14 +32,13 @@ from ._validate import (
     check_optional_text,
     encode_json_object,
 )
-from ._worker_ops import WorkerOps
-from .actors.broadcast import BroadcastActor
-from .actors.plan_executor import PlanExecutor, PlanFeed
-from .actors.scheduler import Scheduler
-from .actors.task_manager import Frame, TaskManager
-from .actors.worker_registry import WorkerRegistry
-from .config import RuntimeConfig, resolve_db_path
-from .errors import (
+from ..actors.broadcast import BroadcastActor
+from ..actors.plan_executor import PlanExecutor, PlanFeed
+from ..actors.scheduler import Scheduler
+from ..actors.task_manager import Frame, TaskManager
+from ..actors.worker_registry import WorkerRegistry
+from ..config import RuntimeConfig, resolve_db_path
+from ..errors import (
     InvalidInputError,
     RuntimeFailedError,
     RuntimeStoppedError,
@@ -53,8 +46,8 @@ from .errors import (
     SubscriberLaggedError,
     WrongEventLoopError,
 )
-from .events import RUNTIME_NAMESPACES, check_pattern, reserved_namespace
-from .messages.events import (
+from ..events import RUNTIME_NAMESPACES, check_pattern, reserved_namespace
+from ..messages.events import (
     BroadcastMessage,
     BroadcastStats,
     Event,
@@ -66,9 +59,9 @@ from .messages.events import (
     Unsubscribe,
     compile_pattern,
 )
-from .messages.plans import PlanExecutorMessage
-from .messages.schedules import SchedulerMessage, SchedulerWake
-from .messages.storage import (
+from ..messages.plans import PlanExecutorMessage
+from ..messages.schedules import SchedulerMessage, SchedulerWake
+from ..messages.storage import (
     AppendEvent,
     CheckReaders,
     GetStorageStats,
@@ -76,16 +69,23 @@ from .messages.storage import (
     StorageStats,
     Write,
 )
-from .messages.tap import EventTap, Fold
-from .messages.tasks import TaskManagerMessage, Wake
-from .messages.workers import RegistryWake, WorkerRegistryMessage
-from .runtime import ActorRef, Alarm, ChildRestart, ChildSpec, Supervisor
-from .storage import StorageActor, open_store
-from .storage.readers import ReaderPool
+from ..messages.tap import EventTap, Fold
+from ..messages.tasks import TaskManagerMessage, Wake
+from ..messages.workers import RegistryWake, WorkerRegistryMessage
+from ..runtime import ActorRef, Alarm, ChildRestart, ChildSpec, Supervisor
+from ..storage import StorageActor, open_store
+from ..storage.readers import ReaderPool
+from .ops.control import ControlOps
+from .ops.plans import PlanOps
+from .ops.reads import InspectOps
+from .ops.retention import RetentionOps, retain
+from .ops.schedules import ScheduleOps
+from .ops.tasks import TaskOps
+from .ops.workers import WorkerOps
 
 if TYPE_CHECKING:
+    from ..remote.server import Server
     from .client import OrchestrationClient
-    from .remote.server import Server
 
 __all__ = ["MailboxStats", "Runtime", "RuntimeStatistics", "Subscription"]
 
@@ -243,7 +243,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps,
         db_path, source = resolve_db_path(path, config)
         tcp = None
         if config.listen:
-            from .remote.tcp import prepare_tcp
+            from ..remote.tcp import prepare_tcp
 
             # Refused (ConfigError) before the database is touched or a port bound.
             tcp = await anyio.to_thread.run_sync(prepare_tcp, config)
@@ -416,7 +416,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps,
                 await tg.start(supervisor.run)
                 server = None
                 if unix or tcp is not None:
-                    from .remote.server import Server
+                    from ..remote.server import Server
 
                     # This user's other processes reach the runtime through it; it stops
                     # first, so that the calls it still runs find the actors running.

@@ -41,8 +41,8 @@ from typing import Any
 
 import msgspec
 
+from ..errors import InvalidInputError
 from .client import OrchestrationClient
-from .errors import InvalidInputError
 
 __all__ = ["EXCLUSIVE", "OPERATIONS", "WireRequest", "call_json", "msgpack_arguments"]
 

@@ -30,18 +30,9 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
 import anyio
 
-from ._control_ops import ControlOps
-from ._inspect_ops import InspectOps
-from ._keeper import Keeper, reach, usable
-from ._plan_ops import PlanOps
-from ._retention_ops import RetentionOps
-from ._schedule_ops import ScheduleOps
-from ._task_ops import TaskOps
-from ._validate import check_identifier, check_int, check_optional_text
-from ._worker_ops import WorkerOps
-from .config import TLS_CA_ENV, TOKEN_ENV, URL_ENV, RuntimeConfig
-from .embedded import Runtime, RuntimeStatistics, Subscription
-from .errors import (
+from .._validate import check_identifier, check_int, check_optional_text
+from ..config import TLS_CA_ENV, TOKEN_ENV, URL_ENV, RuntimeConfig
+from ..errors import (
     AccessDeniedError,
     ConfigError,
     ConnectionLostError,
@@ -52,7 +43,7 @@ from .errors import (
     RuntimeStoppedError,
     SubscriberLaggedError,
 )
-from .events import (
+from ..events import (
     EventHandler,
     OrchestrationEvent,
     TaskCancelledEvent,
@@ -68,18 +59,27 @@ from .events import (
     WorkerOfflineEvent,
     WorkerRegisteredEvent,
 )
-from .messages.events import Event, compile_pattern, matches_filters
-from .messages.tasks import TaskStatus
-from .messages.workers import WorkerStatus
-from .remote.client import RemoteRuntime
-from .remote.status import ServerStatus
-from .remote.tcp import parse_url
-from .storage import SCHEMA_VERSION
+from ..messages.events import Event, compile_pattern, matches_filters
+from ..messages.tasks import TaskStatus
+from ..messages.workers import WorkerStatus
+from ..remote.client import RemoteRuntime
+from ..remote.status import ServerStatus
+from ..remote.tcp import parse_url
+from ..storage import SCHEMA_VERSION
+from .embedded import Runtime, RuntimeStatistics, Subscription
+from .keeper import Keeper, reach, usable
+from .ops.control import ControlOps
+from .ops.plans import PlanOps
+from .ops.reads import InspectOps
+from .ops.retention import RetentionOps
+from .ops.schedules import ScheduleOps
+from .ops.tasks import TaskOps
+from .ops.workers import WorkerOps
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
-    from .interfaces import EventProtocol, TaskOperations, WorkerOperations
+    from ..interfaces import EventProtocol, TaskOperations, WorkerOperations
 
 __all__ = ["CallbackSubscription", "EventStream", "OrchestrationClient"]
 

@@ -1,0 +1,20 @@
+"""The API surface: what an app or an agent holds to talk to the runtime.
+
+The rooms, bottom up (``[tool.importlinter]`` keeps this order):
+
+- ``ops/``: the operations of the seeds, one family per module (tasks, plans, workers,
+  control, reads, retention, schedules), each a mixin that turns a call into a typed
+  message to an actor. Both front doors carry them.
+- ``embedded.py``: :class:`Runtime`, the front door in this process: the composition root
+  that starts the actors under their supervisor, and the event APIs (publish, subscribe,
+  read the log).
+- ``keeper.py``: how a client reaches its runtime (opens it, or connects to the process
+  that owns the database), and takes the database over when that process goes away.
+- ``client.py``: :class:`OrchestrationClient`, the front door for agents: the same
+  operations on a runtime in this process or another, with who is calling, event streams
+  and callbacks.
+- ``sync.py`` (:class:`SyncOrchestrationClient`, for code without an event loop) and
+  ``wire.py`` (:func:`call_json`, the operations as JSON bytes), on top of the client.
+
+The public names are re-exported from ``hive_orchestration``; import them from there.
+"""
