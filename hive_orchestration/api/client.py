@@ -66,7 +66,7 @@ from ..remote.client import RemoteRuntime
 from ..remote.status import ServerStatus
 from ..remote.tcp import parse_url
 from ..storage import SCHEMA_VERSION
-from .embedded import Runtime, RuntimeStatistics, Subscription
+from .embedded import Runtime, RuntimeStatistics
 from .keeper import Keeper, reach, usable
 from .ops.control import ControlOps
 from .ops.plans import PlanOps
@@ -75,6 +75,7 @@ from .ops.retention import RetentionOps
 from .ops.schedules import ScheduleOps
 from .ops.tasks import TaskOps
 from .ops.workers import WorkerOps
+from .subscription import Subscription
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager

@@ -17,13 +17,13 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import msgspec
 from anyio.abc import TaskGroup
 
-from .._groups import leaves
+from .._groups import raise_cause
 from .._validate import (
     _show,
     check_event_read,
@@ -40,11 +40,8 @@ from ..actors.worker_registry import WorkerRegistry
 from ..config import RuntimeConfig, resolve_db_path
 from ..errors import (
     InvalidInputError,
-    RuntimeFailedError,
     RuntimeStoppedError,
     StorageError,
-    SubscriberLaggedError,
-    WrongEventLoopError,
 )
 from ..events import RUNTIME_NAMESPACES, check_pattern, reserved_namespace
 from ..messages.events import (
@@ -54,7 +51,6 @@ from ..messages.events import (
     EventFeed,
     GetBroadcastStats,
     JsonValue,
-    Lagged,
     Subscribe,
     Unsubscribe,
     compile_pattern,
@@ -82,6 +78,7 @@ from .ops.retention import RetentionOps, retain
 from .ops.schedules import ScheduleOps
 from .ops.tasks import TaskOps
 from .ops.workers import WorkerOps
+from .subscription import Subscription, wrong_loop
 
 if TYPE_CHECKING:
     from ..remote.server import Server
@@ -107,65 +104,6 @@ class RuntimeStatistics(msgspec.Struct, frozen=True):
     restarts: dict[str, int]
     storage: StorageStats
     broadcast: BroadcastStats
-
-
-class Subscription:
-    """Live events matching a pattern, in log order. Iterate it with ``async for``.
-
-    Iteration ends when the runtime stops, after every event committed before it stopped.
-    If a commit comes while the subscriber is its buffer's worth behind, not just on the
-    last commit it was given, iteration raises :class:`SubscriberLaggedError` once it has
-    read what it was given (unless it subscribed with ``overflow="drop"``); replay the log
-    from ``error.last_seq`` to catch up.
-    """
-
-    def __init__(
-        self, feed: EventFeed, pattern: str, close: Callable[[], None], thread: int
-    ) -> None:
-        self._feed = feed
-        self._close = close
-        self._thread = thread  # the runtime's event loop thread (see Runtime._check_loop)
-        self.pattern = pattern
-        #: The sequence number of the last event received.
-        self.last_seq = 0
-        self._lagged: SubscriberLaggedError | None = None
-
-    @property
-    def unread(self) -> int:
-        """Events handed to this subscription and not received yet."""
-        return self._feed.unread
-
-    def __aiter__(self) -> Subscription:
-        return self
-
-    async def __anext__(self) -> Event:
-        try:
-            return await self.receive()
-        except RuntimeStoppedError:
-            raise StopAsyncIteration from None
-
-    def close(self) -> None:
-        """Stop receiving (idempotent); ``async with runtime.subscribe(...)`` does it for you."""
-        self._close()
-
-    async def receive(self) -> Event:
-        """The next event; :class:`RuntimeStoppedError` once the runtime stopped, and
-        :class:`SubscriberLaggedError` (every time) once the subscriber was dropped."""
-        if threading.get_ident() != self._thread:
-            raise _wrong_loop(self._thread)
-        if self._lagged is not None:
-            raise SubscriberLaggedError(self._lagged.last_seq)
-        try:
-            item = await self._feed.receive()
-        except anyio.EndOfStream:
-            raise RuntimeStoppedError("the subscription ended: the runtime stopped") from None
-        except anyio.ClosedResourceError:
-            raise RuntimeStoppedError("the subscription was closed") from None
-        if isinstance(item, Lagged):
-            self._lagged = SubscriberLaggedError(item.last_seq)
-            raise self._lagged
-        self.last_seq = item.seq
-        return item
 
 
 class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps, ScheduleOps):
@@ -681,7 +619,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps,
         if self._closed:
             raise RuntimeStoppedError("the runtime is closed; use it inside `async with`")
         if threading.get_ident() != self._thread:
-            raise _wrong_loop(self._thread)
+            raise wrong_loop(self._thread)
 
     def _check_running(self) -> None:
         """For what only builds objects (a client): the runtime runs, from any thread."""
@@ -696,7 +634,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps,
         the loop's state (trio). A thread id compare, so it costs next to nothing.
         """
         if threading.get_ident() != self._thread:
-            raise _wrong_loop(self._thread)
+            raise wrong_loop(self._thread)
 
 
 def _normalize_path(
@@ -704,55 +642,6 @@ def _normalize_path(
 ) -> str:
     """The database ``Runtime.open(path, config=config)`` opens, as an absolute path."""
     return resolve_db_path(path, config)[0]
-
-
-def raise_cause(group: BaseExceptionGroup[BaseException]) -> NoReturn:
-    """Raise what failed a block that ran in task groups (the app's error, as it raised it)."""
-    cause = _unwrap(group)
-    if isinstance(cause, KeyboardInterrupt | SystemExit) and _loop_shutting_down():
-        # asyncio already raised this one out of its loop, from the task it ended, and is
-        # now cancelling every task to close the loop. Raised bare again, it would abort
-        # that shutdown too, before anyio's worker threads are told to stop, and the process
-        # would never exit. In its group it ends this task like any failure; the loop's
-        # owner raises the original.
-        raise group
-    raise cause from cause.__cause__
-
-
-def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """anyio wraps every failure of a task group in a group; give the caller the cause."""
-    found = leaves(group)
-    for leaf in found:
-        if isinstance(leaf, RuntimeFailedError):
-            return leaf
-    cancelled = anyio.get_cancelled_exc_class()
-    real = [leaf for leaf in found if not isinstance(leaf, cancelled)]
-    # A RuntimeStoppedError in the app's block is a consequence of the real failure.
-    causes = [leaf for leaf in real if not isinstance(leaf, RuntimeStoppedError)] or real
-    return causes[0] if len(causes) == 1 else group
-
-
-def _wrong_loop(owner: int) -> WrongEventLoopError:
-    names = {thread.ident: thread.name for thread in threading.enumerate()}
-    caller = threading.current_thread().name
-    return WrongEventLoopError(names.get(owner, f"thread {owner}"), caller)
-
-
-def _loop_shutting_down() -> bool:
-    """Whether asyncio is cancelling this task to close its loop (asyncio.run's shutdown
-    after a KeyboardInterrupt or SystemExit ended another task).
-
-    That cancellation is asyncio's own ``Task.cancel()``: anyio takes back every
-    cancellation it makes as its scope exits, so a request still counted by
-    ``Task.cancelling()`` out here is not anyio's. Trio has no such shutdown.
-    """
-    import asyncio  # noqa: TID251 - only asyncio's tasks count cancellation requests
-
-    try:
-        task = asyncio.current_task()
-    except RuntimeError:  # no asyncio loop in this thread: trio
-        return False
-    return task is not None and task.cancelling() > 0
 
 
 def _describe(error: BaseException, limit: int = 500) -> str:

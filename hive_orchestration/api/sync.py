@@ -28,7 +28,7 @@ from ..errors import HiveError, InvalidInputError, RuntimeStoppedError
 from ..events import TopicRegistry
 from ..messages.events import Event
 from .client import CallbackSubscription, EventStream, OrchestrationClient
-from .embedded import Subscription
+from .subscription import Subscription
 
 __all__ = ["BlockingEvents", "SyncCallbackSubscription", "SyncOrchestrationClient"]
 

@@ -36,11 +36,11 @@ from typing import cast
 
 import anyio
 
+from .._groups import raise_cause
 from ..agents.registry import AgentCapability, AgentRegistry, Handler
 from ..agents.retry import RetryPolicy, load_exception_type
 from ..agents.runner import AgentRunner
 from ..api.client import OrchestrationClient
-from ..api.embedded import raise_cause
 from ..errors import HiveError, InvalidInputError
 from ..remote.client import RemoteRuntime
 

@@ -32,8 +32,8 @@ import anyio
 import msgspec
 from anyio.abc import ByteStream, TaskGroup
 
+from .._groups import raise_cause
 from .._trace import outgoing
-from ..api.embedded import raise_cause
 from ..config import RuntimeConfig
 from ..errors import (
     ConnectionLostError,
@@ -72,7 +72,7 @@ from .protocol import (
 )
 
 if TYPE_CHECKING:
-    from ..api.embedded import Subscription
+    from ..api.subscription import Subscription
 
 __all__ = ["RemoteRuntime"]
 
@@ -523,7 +523,7 @@ class RemoteRuntime:
         filters: Mapping[str, str],
     ) -> Subscription:
         """A subscription registered with the owner (its checks are the owner's)."""
-        from ..api.embedded import Subscription
+        from ..api.subscription import Subscription
 
         self._check_open()
         if not isinstance(pattern, str):

@@ -95,7 +95,8 @@ from .status import ConnectionStatus, ServerStatus
 
 if TYPE_CHECKING:
     from ..api.client import OrchestrationClient
-    from ..api.embedded import Runtime, Subscription
+    from ..api.embedded import Runtime
+    from ..api.subscription import Subscription
     from ..storage.port import StoreClaim
     from .tcp import TcpSettings
 

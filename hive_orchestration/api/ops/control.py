@@ -44,7 +44,7 @@ from ...runtime import ActorRef
 from .caller import Caller
 
 if TYPE_CHECKING:
-    from ..embedded import Subscription
+    from ..subscription import Subscription
 
 __all__ = ["ControlOps"]
 

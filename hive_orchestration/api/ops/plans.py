@@ -76,7 +76,7 @@ from .caller import Caller
 from .plan_graph import check_plan_graph
 
 if TYPE_CHECKING:
-    from ..embedded import Subscription
+    from ..subscription import Subscription
 
 __all__ = ["PlanOps"]
 
