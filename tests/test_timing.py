@@ -34,8 +34,8 @@ from hive_orchestration import (
     RuntimeConfig,
     TaskStatus,
 )
-from hive_orchestration import embedded as embedded_module
 from hive_orchestration.actors.task_manager import TaskManager
+from hive_orchestration.api import embedded as embedded_module
 
 pytestmark = pytest.mark.anyio
 

@@ -66,6 +66,7 @@ from ..remote.client import RemoteRuntime
 from ..remote.status import ServerStatus
 from ..remote.tcp import parse_url
 from ..storage import SCHEMA_VERSION
+from .carried import EXCLUSIVE, carried
 from .embedded import Runtime, RuntimeStatistics
 from .keeper import Keeper, reach, usable
 from .ops.control import ControlOps
@@ -682,10 +683,8 @@ def _remote_operations() -> Mapping[str, tuple[inspect.Signature, Any]]:
     """Every operation a client sends to a runtime in another process: its signature
     (without ``self``), to bind a call's arguments as Python would, and its return type,
     to decode the answer into."""
-    from .wire import OPERATIONS
-
     found = {}
-    for name in sorted(OPERATIONS):
+    for name in sorted(carried(OrchestrationClient)):
         method = getattr(OrchestrationClient, name)
         signature = inspect.signature(method)
         parameters = list(signature.parameters.values())[1:]
@@ -700,8 +699,6 @@ def _remote_operation(
     client: OrchestrationClient, remote: RemoteRuntime, name: str
 ) -> Callable[..., Awaitable[Any]]:
     """``client``'s operation ``name``, sent to ``remote`` as it is called."""
-    from .wire import EXCLUSIVE
-
     signature, returns = _remote_operations()[name]
     exclusive = name in EXCLUSIVE
 
@@ -732,8 +729,6 @@ def _kept_operation(
     called: the owner in another process, or the runtime this client took over. A call
     made while the database changes hands waits for its next owner; one that could not go
     out to an owner that went away goes to the next."""
-    from .wire import EXCLUSIVE
-
     signature, returns = _remote_operations()[name]
     exclusive = name in EXCLUSIVE
     method = getattr(OrchestrationClient, name)

@@ -30,24 +30,18 @@ fuzzes this.
 
 from __future__ import annotations
 
-import enum
-import inspect
 import re
-import types
-import typing
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from datetime import datetime
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import msgspec
 
 from ..errors import InvalidInputError
+from .carried import EXCLUSIVE, carried
 from .client import OrchestrationClient
 
 __all__ = ["EXCLUSIVE", "OPERATIONS", "WireRequest", "call_json", "msgpack_arguments"]
 
-#: Operations that could be carried but make no sense from another process.
-_LOCAL_ONLY = frozenset({"aclose_callbacks"})
 # msgspec names the place of a type error as "... - at `$.args.lease`".
 _AT = re.compile(r" - at `\$\.?(.*)`$")
 _MISSING = re.compile(r"missing required field `(.*)`")
@@ -61,74 +55,10 @@ class WireRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     args: dict[str, msgspec.Raw] = {}
 
 
-class _Operation(msgspec.Struct, frozen=True):
-    required: tuple[str, ...]
-    #: The type each argument is decoded into: a lease or a datetime, else any JSON value
-    #: (the operation checks it as it checks a Python value).
-    types: Mapping[str, Any]
-
-
-def _carries(hint: object) -> bool:
-    """Whether values of ``hint`` can travel as JSON (a Struct only where it is the only
-    Struct of its union, so that a JSON object decodes into one type)."""
-    if hint in (str, int, float, bool, type(None), object, Any, datetime):
-        return True
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        structs = [arg for arg in args if isinstance(arg, type) and issubclass(arg, msgspec.Struct)]
-        return len(structs) <= 1 and all(_carries(arg) for arg in args)
-    if origin in (list, tuple, dict, Mapping, Sequence, Iterable):
-        return all(_carries(arg) for arg in args if arg is not Ellipsis)
-    return isinstance(hint, type) and issubclass(hint, enum.Enum | msgspec.Struct)
-
-
-def _needs_conversion(hint: object) -> bool:
-    if hint is datetime or (isinstance(hint, type) and issubclass(hint, msgspec.Struct)):
-        return True
-    return any(_needs_conversion(arg) for arg in typing.get_args(hint))
-
-
-def _describe(method: Callable[..., object]) -> _Operation | None:
-    """The operation's arguments, or None if it cannot be called with JSON."""
-    try:
-        hints = typing.get_type_hints(method)
-    except (NameError, TypeError):  # a type only imported for type checking: not JSON
-        return None
-    parameters = list(inspect.signature(method).parameters.values())[1:]  # without self
-    plain = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    if any(p.kind not in plain for p in parameters):
-        return None
-    if not all(_carries(hints.get(p.name)) for p in parameters):
-        return None
-    if not _carries(hints.get("return")):
-        return None
-    return _Operation(
-        required=tuple(p.name for p in parameters if p.default is inspect.Parameter.empty),
-        types={
-            p.name: hints[p.name] if _needs_conversion(hints[p.name]) else Any for p in parameters
-        },
-    )
-
-
-def _operations() -> dict[str, _Operation]:
-    found = {}
-    for name, method in inspect.getmembers(OrchestrationClient, inspect.iscoroutinefunction):
-        if name.startswith("_") or name in _LOCAL_ONLY:
-            continue
-        operation = _describe(method)
-        if operation is not None:
-            found[name] = operation
-    return found
-
-
-_OPERATIONS = _operations()
+_OPERATIONS = carried(OrchestrationClient)
 #: The operations a request may name: every public async operation of the client whose
 #: arguments and result are JSON values (not callbacks, registries, event objects or streams).
 OPERATIONS: frozenset[str] = frozenset(_OPERATIONS)
-#: Operations that hand the caller something no one else may hold at once (a claim): a
-#: caller that leaves before it takes the answer hands it back.
-EXCLUSIVE: frozenset[str] = frozenset({"claim_task", "claim_tasks", "claim_planning_request"})
 
 
 def _refusal(field: str, error: msgspec.ValidationError) -> InvalidInputError:
