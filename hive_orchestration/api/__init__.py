@@ -17,4 +17,34 @@ The rooms, bottom up (``[tool.importlinter]`` keeps this order):
   ``wire.py`` (:func:`call_json`, the operations as JSON bytes), on top of the client.
 
 The public names are re-exported from ``hive_orchestration``; import them from there.
+
+The runtime cannot import the client it hands out (:meth:`Runtime.client`) nor the socket
+server it runs, since both are built on it: they are given to it here, once, as its
+:class:`~hive_orchestration.api.embedded.Front`.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .client import OrchestrationClient
+from .embedded import Front, Runtime
+
+if TYPE_CHECKING:
+    from ..remote.tcp import TcpSettings
+    from ..storage.port import StoreClaim
+    from .embedded import Serving
+
+
+def _client(runtime: Runtime, agent: str | None, correlation: str | None) -> OrchestrationClient:
+    return OrchestrationClient._bound(runtime, source_agent=agent, correlation_id=correlation)
+
+
+def _serve(runtime: Runtime, claim: StoreClaim, tcp: TcpSettings | None) -> Serving:
+    # Only a runtime that serves loads the socket server (and its TLS).
+    from ..remote.server import Server
+
+    return Server(runtime, claim, tcp)
+
+
+Runtime._front = Front(client=_client, serve=_serve)

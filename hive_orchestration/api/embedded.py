@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Protocol
 
 import anyio
 import msgspec
@@ -81,8 +81,12 @@ from .ops.workers import WorkerOps
 from .subscription import Subscription, wrong_loop
 
 if TYPE_CHECKING:
-    from ..remote.server import Server
-    from .client import OrchestrationClient
+    from anyio.abc import TaskStatus
+
+    from ..remote.status import ServerStatus
+    from ..remote.tcp import TcpSettings
+    from ..storage.port import StoreClaim
+    from .client import OrchestrationClient  # for the annotation of Runtime.client alone
 
 __all__ = ["MailboxStats", "Runtime", "RuntimeStatistics", "Subscription"]
 
@@ -106,11 +110,46 @@ class RuntimeStatistics(msgspec.Struct, frozen=True):
     broadcast: BroadcastStats
 
 
+class Serving(Protocol):
+    """The socket server a runtime runs while it is open (``hive_orchestration.remote.
+    server``): this user's other processes reach the runtime through it, and, with
+    ``listen``, clients over TCP."""
+
+    #: The socket's address while it serves one, else None.
+    address: str | None
+    #: The TCP endpoints it listens on (``listen``).
+    tcp_addresses: list[str]
+
+    async def run(self, *, task_status: TaskStatus[str] = ...) -> None: ...
+
+    async def run_tcp(self, *, task_status: TaskStatus[list[str]] = ...) -> None: ...
+
+    async def stop(self, grace: float) -> None: ...
+
+    def status(self) -> ServerStatus: ...
+
+
+class Front(NamedTuple):
+    """What the API above the runtime lends it: the client :meth:`Runtime.client` hands
+    out, and the socket server :meth:`Runtime.open` runs. Both are built on the runtime
+    (the client opens one; the server calls the client's operations), so the runtime
+    cannot import them: ``hive_orchestration/api/__init__.py`` gives them, once, when the
+    package is imported, before any runtime can open."""
+
+    #: ``client(runtime, source_agent, correlation_id)``: a client bound to ``runtime``.
+    client: Callable[[Runtime, str | None, str | None], OrchestrationClient]
+    #: ``serve(runtime, claim, tcp)``: the server for ``runtime``, not started yet.
+    serve: Callable[[Runtime, StoreClaim, TcpSettings | None], Serving]
+
+
 class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps, ScheduleOps):
     """An embedded, durable orchestration runtime on one SQLite database.
 
     Create it with :meth:`open`; every method sends a typed message to an actor.
     """
+
+    #: Given by ``hive_orchestration.api`` (see :class:`Front`).
+    _front: ClassVar[Front]
 
     def __init__(
         self,
@@ -136,7 +175,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps,
         self._supervisor = supervisor
         self._closed = False
         self._callbacks: TaskGroup | None = None
-        self._server: Server | None = None
+        self._server: Serving | None = None
         # Built inside ``open``, on the thread whose event loop runs the actors: every entry
         # point compares the caller's thread with it (see _check_loop).
         self._thread = threading.get_ident()
@@ -354,11 +393,9 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps,
                 await tg.start(supervisor.run)
                 server = None
                 if unix or tcp is not None:
-                    from ..remote.server import Server
-
                     # This user's other processes reach the runtime through it; it stops
                     # first, so that the calls it still runs find the actors running.
-                    server = Server(runtime, claim, tcp)
+                    server = cls._front.serve(runtime, claim, tcp)
                     if tcp is not None:  # first: an address it cannot bind stops the open
                         await tg.start(server.run_tcp)
                     if unix:
@@ -562,13 +599,11 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps,
         publishes), unless a call names its own. It lives as long as the runtime; use it
         as ``async with`` to stop its event callbacks at the end of a block.
         """
-        from .client import OrchestrationClient
-
         self._check_running()
-        return OrchestrationClient._bound(
+        return self._front.client(
             self,
-            source_agent=check_optional_text(source_agent, "source_agent"),
-            correlation_id=check_optional_text(correlation_id, "correlation_id"),
+            check_optional_text(source_agent, "source_agent"),
+            check_optional_text(correlation_id, "correlation_id"),
         )
 
     def _spawn(self, function: Callable[[], Coroutine[Any, Any, object]]) -> None:
