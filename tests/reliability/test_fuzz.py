@@ -1730,7 +1730,7 @@ async def test_register_worker_refuses_metadata_that_is_not_an_object() -> None:
 
 @pytest.mark.anyio
 async def test_a_forged_lease_is_refused_at_the_boundary() -> None:
-    # Fixed in _task_ops._lease: check the fields too (check_identifier(task_id,
+    # Fixed in api/ops/tasks.py, TaskOps._lease: check the fields too (check_identifier(task_id,
     # "lease.task_id"), check_identifier(run_id, "lease.run_id"), check_int(attempt,
     # "lease.attempt", minimum=1)). Before, run_id=None crashes the TaskManager with
     # KeyError in _holding (self._runs[None]), an unhashable field crashes it with
@@ -1773,7 +1773,7 @@ async def test_publish_event_refuses_a_unified_event_whose_type_is_no_string() -
 
 @pytest.mark.anyio
 async def test_wait_for_plan_times_out_with_a_package_error() -> None:
-    # Fixed in _plan_ops.wait_for_plan: turn anyio.fail_after's TimeoutError into
+    # Fixed in api/ops/plans.py, PlanOps.wait_for_plan: turn anyio.fail_after's TimeoutError into
     # RequestTimeoutError (a HiveError and a TimeoutError, so `except TimeoutError` goes on
     # working), and say so in its docstring.
     async with OrchestrationClient(":memory:") as client:
