@@ -2,6 +2,8 @@
 
 The rooms, bottom up (``[tool.importlinter]`` keeps this order):
 
+- ``subscription.py``: :class:`Subscription`, live events as one subscriber in this
+  process gets them.
 - ``ops/``: the operations of the seeds, one family per module (tasks, plans, workers,
   control, reads, retention, schedules), each a mixin that turns a call into a typed
   message to an actor. Both front doors carry them.
@@ -10,9 +12,11 @@ The rooms, bottom up (``[tool.importlinter]`` keeps this order):
   read the log).
 - ``keeper.py``: how a client reaches its runtime (opens it, or connects to the process
   that owns the database), and takes the database over when that process goes away.
+- ``streams.py``: a client's event streams (:class:`EventStream`, the log then live
+  events) and callbacks (:class:`CallbackSubscription`).
 - ``client.py``: :class:`OrchestrationClient`, the front door for agents: the same
   operations on a runtime in this process or another, with who is calling, event streams
-  and callbacks.
+  and callbacks. ``carried.py`` says which of its operations travel to another process.
 - ``sync.py`` (:class:`SyncOrchestrationClient`, for code without an event loop) and
   ``wire.py`` (:func:`call_json`, the operations as JSON bytes), on top of the client.
 
