@@ -45,7 +45,7 @@ from pathlib import Path
 import anyio
 
 from hive_orchestration import Event, Runtime, RuntimeConfig
-from hive_orchestration.embedded import Subscription
+from hive_orchestration.api.embedded import Subscription
 
 PUBLISHERS = 16
 

@@ -30,7 +30,7 @@ import msgspec
 
 from hive_orchestration import InvalidInputError, OrchestrationClient, Runtime
 from hive_orchestration._validate import check_json_object, encode_json_object
-from hive_orchestration.wire import call_json
+from hive_orchestration.api.wire import call_json
 
 MiB = 1024 * 1024
 

@@ -19,9 +19,11 @@ from .agents import (
     TaskContext,
     auto_register_adapters,
 )
-from .client import CallbackSubscription, EventStream, OrchestrationClient
+from .api.client import CallbackSubscription, EventStream, OrchestrationClient
+from .api.embedded import MailboxStats, Runtime, RuntimeStatistics, Subscription
+from .api.sync import SyncOrchestrationClient
+from .api.wire import call_json
 from .config import DEFAULT_DB_PATH, FeatureFlags, RateLimit, RetentionPolicy, RuntimeConfig
-from .embedded import MailboxStats, Runtime, RuntimeStatistics, Subscription
 from .errors import (
     AccessDeniedError,
     ActorFailedError,
@@ -78,8 +80,6 @@ from .messages.tasks import Claim, Lease, RevokedTaskType, Run, RunStatus, Task,
 from .messages.workers import Worker, WorkerStatus
 from .remote.status import ConnectionStatus, ServerStatus
 from .storage import SCHEMA_VERSION
-from .sync import SyncOrchestrationClient
-from .wire import call_json
 
 __version__ = "0.2.0"
 

@@ -28,8 +28,8 @@ from hive_orchestration import (
     TaskStatus,
 )
 from hive_orchestration.actors.task_manager import TaskManager
+from hive_orchestration.api.wire import call_json
 from hive_orchestration.messages.tasks import ClaimTasks
-from hive_orchestration.wire import call_json
 
 pytestmark = pytest.mark.anyio
 

@@ -25,8 +25,8 @@ from anyio.abc import TaskStatus
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hive_orchestration.api.embedded import Runtime, Subscription
 from hive_orchestration.config import RuntimeConfig
-from hive_orchestration.embedded import Runtime, Subscription
 from hive_orchestration.errors import RuntimeStoppedError, SubscriberLaggedError
 from hive_orchestration.messages.events import BroadcastStats, Event, compile_pattern
 

@@ -399,7 +399,11 @@ def test_unified_event_types_cover_every_event_the_runtime_publishes() -> None:
     root = Path(hive_orchestration.__file__).parent
     literal = re.compile(r'"((?:task|run|worker|plan|planning|actor|retention|schedule)\.[a-z_]+)"')
     found: set[str] = set()
-    for path in [*root.glob("actors/**/*.py"), root / "embedded.py", root / "_retention_ops.py"]:
+    for path in [
+        *root.glob("actors/**/*.py"),
+        root / "api" / "embedded.py",
+        root / "api" / "ops" / "retention.py",
+    ]:
         found.update(literal.findall(path.read_text()))
     found.update(f"planning.{status}" for status in ("failed", "cancelled"))  # f-string
     assert "task.completed" in found

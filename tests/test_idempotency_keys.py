@@ -20,8 +20,8 @@ import pytest
 from _raw import raw_rows
 
 from hive_orchestration import Runtime, StorageError
-from hive_orchestration import embedded as embedded_module
 from hive_orchestration.actors.task_manager import TaskManager
+from hive_orchestration.api import embedded as embedded_module
 from hive_orchestration.messages.storage import FindIdempotencyKeys, StorageMessage
 from hive_orchestration.messages.tasks import CreateTask, CreateTasks, DeleteTask, GetTask
 from hive_orchestration.runtime import Envelope, Reply

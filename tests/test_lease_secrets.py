@@ -45,9 +45,9 @@ from hive_orchestration import (
 )
 from hive_orchestration._ids import new_secret
 from hive_orchestration.actors.task_manager import TaskManager
+from hive_orchestration.api.wire import call_json
 from hive_orchestration.messages.tasks import GetTask, Unclaimed
 from hive_orchestration.storage.sqlite.schema import MIGRATIONS
-from hive_orchestration.wire import call_json
 
 pytestmark = pytest.mark.anyio
 

@@ -378,7 +378,7 @@ async def test_a_runtime_that_serves_no_queue_depths_is_read_a_page_of(
     """The runtime of an older version, through its socket, refuses ``queue_depths`` as an
     unknown operation: the exporter reads a page of queued tasks instead, as from the
     file, and does not ask again."""
-    from hive_orchestration import wire
+    from hive_orchestration.api import wire
 
     older = {op: spec for op, spec in wire._OPERATIONS.items() if op != "queue_depths"}
     monkeypatch.setattr(wire, "_OPERATIONS", older)  # what this process's server serves
@@ -493,7 +493,7 @@ async def test_a_runtime_that_serves_no_statistics_is_left_out_quietly(
 ) -> None:
     """The runtime of an older version, through its socket, refuses ``statistics`` as an
     unknown operation: the scrape goes on without those figures, and does not ask again."""
-    from hive_orchestration import wire
+    from hive_orchestration.api import wire
 
     older = {op: spec for op, spec in wire._OPERATIONS.items() if op != "statistics"}
     monkeypatch.setattr(wire, "_OPERATIONS", older)  # what this process's server serves

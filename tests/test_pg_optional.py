@@ -37,7 +37,7 @@ def test_the_package_imports_without_psycopg() -> None:
     done = run_without_psycopg(
         """
         import hive_orchestration
-        import hive_orchestration.client, hive_orchestration.embedded
+        import hive_orchestration.api.client, hive_orchestration.api.embedded
         import hive_orchestration.storage.actor, hive_orchestration.storage.port
         import hive_orchestration.cli.main, hive_orchestration.remote.server
         assert "psycopg" not in sys.modules, "psycopg was imported"

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hive_orchestration import InvalidInputError
-from hive_orchestration._plan_graph import check_plan_graph
+from hive_orchestration.api.ops.plan_graph import check_plan_graph
 
 
 def test_a_diamond_is_ordered_by_its_dependencies() -> None:

@@ -16,6 +16,7 @@ import msgspec
 import pytest
 
 from hive_orchestration import Runtime, errors
+from hive_orchestration.api.wire import OPERATIONS
 from hive_orchestration.remote.address import connect_path
 from hive_orchestration.remote.protocol import (
     Call,
@@ -27,7 +28,6 @@ from hive_orchestration.remote.protocol import (
     Welcome,
     encode_error,
 )
-from hive_orchestration.wire import OPERATIONS
 
 PAGE = (Path(__file__).parent.parent / "docs" / "PROTOCOL.md").read_text()
 DEADLINE = 30.0

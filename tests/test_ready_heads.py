@@ -19,8 +19,8 @@ import anyio
 import pytest
 
 from hive_orchestration import Claim, Runtime, RuntimeConfig
-from hive_orchestration import embedded as embedded_module
 from hive_orchestration.actors.task_manager import TaskManager
+from hive_orchestration.api import embedded as embedded_module
 from hive_orchestration.messages.tasks import ClaimTask, CreateTask
 from hive_orchestration.runtime import Envelope, Reply
 

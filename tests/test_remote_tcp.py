@@ -42,6 +42,7 @@ from hive_orchestration import (
     SyncOrchestrationClient,
     TaskStatus,
 )
+from hive_orchestration.api.wire import OPERATIONS
 from hive_orchestration.remote.access import AGENT_RULES, Rule, load_tokens
 from hive_orchestration.remote.protocol import (
     PROTOCOL_VERSION,
@@ -54,7 +55,6 @@ from hive_orchestration.remote.protocol import (
     Welcome,
     frame,
 )
-from hive_orchestration.wire import OPERATIONS
 
 #: Only turns a hang into a failure.
 DEADLINE = 30.0

@@ -101,7 +101,7 @@ def test_a_refusal_is_raised_in_the_callers_thread_with_its_frames_only(
     files = [frame.filename for frame in traceback.extract_tb(caught.value.__traceback__)]
     # This test's frame, then the sync client's: no portal, event loop or actor frames.
     assert files[0] == __file__
-    assert [f.rsplit("/", 2)[-2:] for f in files[1:]] == [["hive_orchestration", "sync.py"]]
+    assert [f.rsplit("/", 3)[-3:] for f in files[1:]] == [["hive_orchestration", "api", "sync.py"]]
 
 
 @backends

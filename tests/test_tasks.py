@@ -1072,4 +1072,4 @@ async def test_a_refusal_is_raised_at_the_call_without_the_actors_frames(db_path
     frames = [frame.filename for frame in traceback.extract_tb(caught.value.__traceback__)]
     internal = [f for f in frames if "/actors/" in f or "/storage/" in f]
     assert internal == []
-    assert any(f.endswith("_task_ops.py") for f in frames)
+    assert any(f.endswith("/api/ops/tasks.py") for f in frames)

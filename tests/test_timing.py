@@ -34,8 +34,8 @@ from hive_orchestration import (
     RuntimeConfig,
     TaskStatus,
 )
-from hive_orchestration import embedded as embedded_module
 from hive_orchestration.actors.task_manager import TaskManager
+from hive_orchestration.api import embedded as embedded_module
 
 pytestmark = pytest.mark.anyio
 
@@ -463,7 +463,7 @@ def test_ids_made_after_advance_past_are_greater_whatever_the_clock(
 
 
 async def test_times_travel_as_iso_8601_text_in_json_requests(db_path: str) -> None:
-    from hive_orchestration.wire import call_json
+    from hive_orchestration.api.wire import call_json
 
     async with runtime(db_path) as rt:
         at = datetime.now(UTC) + timedelta(hours=1)

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from hive_orchestration._validate import encode_json_object
 from hive_orchestration.agents import AgentRegistry
+from hive_orchestration.api.embedded import Runtime
 from hive_orchestration.config import RuntimeConfig
-from hive_orchestration.embedded import Runtime
 from hive_orchestration.errors import InvalidInputError, NotFoundError, RequestTimeoutError
 from hive_orchestration.events import TopicRegistry, UnifiedEvent
 from hive_orchestration.messages.events import Event

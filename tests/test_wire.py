@@ -1,4 +1,4 @@
-"""The JSON entry point (``hive_orchestration.wire.call_json``): a task's whole life from
+"""The JSON entry point (``hive_orchestration.api.wire.call_json``): a task's whole life from
 JSON requests, and each kind of malformed request refused by name. Its fuzzing is in
 ``tests/reliability/test_fuzz.py``."""
 
@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from hive_orchestration import InvalidInputError, OrchestrationClient, RuntimeConfig
-from hive_orchestration.wire import OPERATIONS, call_json
+from hive_orchestration.api.wire import OPERATIONS, call_json
 
 pytestmark = pytest.mark.anyio
 

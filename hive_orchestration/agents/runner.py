@@ -54,9 +54,9 @@ from .registry import AgentRegistry, AgentSpec
 from .retry import RetryPolicy
 
 if TYPE_CHECKING:
-    from ..client import OrchestrationClient
+    from ..api.client import OrchestrationClient
+    from ..api.embedded import Runtime
     from ..config import RuntimeConfig
-    from ..embedded import Runtime
 
     #: What the runner talks to: the runtime, or a client (of it, or of another process's).
     Target: TypeAlias = Runtime | OrchestrationClient

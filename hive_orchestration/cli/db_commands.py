@@ -9,7 +9,7 @@ import shlex
 import anyio
 import anyio.to_thread
 
-from ..embedded import Runtime
+from ..api.embedded import Runtime
 from ..errors import NewerSchemaError, StorageError
 from ..storage import SCHEMA_VERSION, open_store
 from .output import print_json

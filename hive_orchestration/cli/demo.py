@@ -14,7 +14,7 @@ import time
 import anyio
 
 from ..agents import AgentRegistry, AgentRunner, auto_register_adapters
-from ..embedded import Runtime
+from ..api.embedded import Runtime
 from ..messages.plans import PlanningRequest
 
 __all__ = ["GOAL", "run_demo"]

@@ -14,7 +14,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import anyio
 import anyio.to_thread
 
-from ..client import OrchestrationClient
+from ..api.client import OrchestrationClient
 from ..errors import HiveError
 from ..remote.client import RemoteRuntime
 from ..storage import open_store

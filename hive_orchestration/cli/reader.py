@@ -29,9 +29,9 @@ from typing import Protocol, TypeVar
 import anyio
 
 from .._validate import MAX_READ
-from ..client import OrchestrationClient
+from ..api.client import OrchestrationClient
+from ..api.embedded import RuntimeStatistics
 from ..config import TLS_CA_ENV, TOKEN_ENV
-from ..embedded import RuntimeStatistics
 from ..errors import ConnectionLostError
 from ..inspector import Inspector
 from ..messages.events import Event

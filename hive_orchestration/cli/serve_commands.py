@@ -13,8 +13,8 @@ from typing import Any
 
 import anyio
 
+from ..api.embedded import Runtime
 from ..config import RuntimeConfig
-from ..embedded import Runtime
 from ..errors import InvalidInputError
 from .demo import run_demo
 from .output import print_json

@@ -36,11 +36,11 @@ from typing import cast
 
 import anyio
 
+from .._groups import raise_cause
 from ..agents.registry import AgentCapability, AgentRegistry, Handler
 from ..agents.retry import RetryPolicy, load_exception_type
 from ..agents.runner import AgentRunner
-from ..client import OrchestrationClient
-from ..embedded import raise_cause
+from ..api.client import OrchestrationClient
 from ..errors import HiveError, InvalidInputError
 from ..remote.client import RemoteRuntime
 

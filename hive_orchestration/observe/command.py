@@ -23,7 +23,7 @@ from .metrics import Metrics
 from .source import Source
 
 if TYPE_CHECKING:
-    from ..embedded import Runtime
+    from ..api.embedded import Runtime
 
 __all__ = ["dashboard_token", "parse_address", "run_dashboard", "serve_beside"]
 

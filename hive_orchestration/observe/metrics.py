@@ -52,7 +52,7 @@ from .collectors import _Counted, _Histogram, _SnapshotCollector
 from .source import Source
 
 if TYPE_CHECKING:
-    from ..embedded import Runtime, RuntimeStatistics
+    from ..api.embedded import Runtime, RuntimeStatistics
 
 __all__ = ["DURATION_BUCKETS", "Metrics", "metrics_app", "watch"]
 

@@ -23,7 +23,7 @@ from ..cli.reader import OwnerReader, Reader, open_reader
 from ..messages.events import Event
 
 if TYPE_CHECKING:
-    from ..embedded import Runtime, RuntimeStatistics
+    from ..api.embedded import Runtime, RuntimeStatistics
 
 __all__ = ["POLL_INTERVAL", "QueueDepths", "Source", "Statistics"]
 

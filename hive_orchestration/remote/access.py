@@ -34,7 +34,7 @@ from .._validate import check_identifier
 from ..errors import AccessDeniedError, ConfigError, InvalidInputError
 
 if TYPE_CHECKING:
-    from ..client import OrchestrationClient
+    from ..api.client import OrchestrationClient
     from ..messages.plans import ExecutionPlan
     from ..messages.tasks import Task
 

@@ -30,8 +30,8 @@ import anyio
 import msgspec
 from anyio.abc import ByteStream, TaskGroup
 
+from .._groups import raise_cause
 from ..config import RuntimeConfig
-from ..embedded import raise_cause
 from ..errors import (
     ConnectionLostError,
     HiveError,
@@ -54,7 +54,7 @@ from .protocol import (
 )
 
 if TYPE_CHECKING:
-    from ..embedded import Subscription
+    from ..api.subscription import Subscription
 
 from .client_calls import _call_frame, _decoder, _Pending
 from .client_dial import dial_tcp, handshake
@@ -372,7 +372,7 @@ class RemoteRuntime:
         filters: Mapping[str, str],
     ) -> Subscription:
         """A subscription registered with the owner (its checks are the owner's)."""
-        from ..embedded import Subscription
+        from ..api.subscription import Subscription
 
         self._check_open()
         if not isinstance(pattern, str):

@@ -76,8 +76,8 @@ from .protocol import (
 from .status import ConnectionStatus
 
 if TYPE_CHECKING:
-    from ..client import OrchestrationClient
-    from ..embedded import Subscription
+    from ..api.client import OrchestrationClient
+    from ..api.subscription import Subscription
     from .server import Server
 
 

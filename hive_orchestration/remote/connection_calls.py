@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .._trace import CARRIED, check_trace
+from ..api.wire import EXCLUSIVE, msgpack_arguments
 from ..errors import HiveError, RuntimeStoppedError
-from ..wire import EXCLUSIVE, msgpack_arguments
 from .connection_out import check_drained, send_frame
 from .connection_workers import _WORKER_OPS, note_worker
 from .protocol import Call, ResultOut, encode_error, frame
 
 if TYPE_CHECKING:
-    from ..client import OrchestrationClient
+    from ..api.client import OrchestrationClient
     from .connection import _Connection
 
 

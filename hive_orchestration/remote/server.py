@@ -38,8 +38,8 @@ from .protocol import Refused, encode_error, frame
 from .status import ServerStatus
 
 if TYPE_CHECKING:
-    from ..client import OrchestrationClient
-    from ..embedded import Runtime
+    from ..api.client import OrchestrationClient
+    from ..api.embedded import Runtime
     from ..storage.port import StoreClaim
     from .tcp import TcpSettings
 

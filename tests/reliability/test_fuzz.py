@@ -9,7 +9,7 @@ one runtime per backend, shared by the tests of that backend):
   bounds and just past them, real leases and forged ones, JSON with a bad leaf) and from
   junk: wrong types, NaN and infinities, integers too large to print, empty, huge, NUL and
   lone-surrogate strings, nested containers, sets, bytes, naive datetimes, objects;
-- :func:`hive_orchestration.wire.call_json`, over raw bytes, over valid requests mutated
+- :func:`hive_orchestration.api.wire.call_json`, over raw bytes, over valid requests mutated
   (fields dropped, added, retyped) and over structured but wrong JSON.
 
 What must hold for every call:
@@ -79,7 +79,7 @@ from hive_orchestration import (
     WorkerRegisteredEvent,
     WorkerStatus,
 )
-from hive_orchestration.wire import OPERATIONS, call_json
+from hive_orchestration.api.wire import OPERATIONS, call_json
 
 from ._audit import audit_tasks, read_log
 
@@ -1730,7 +1730,7 @@ async def test_register_worker_refuses_metadata_that_is_not_an_object() -> None:
 
 @pytest.mark.anyio
 async def test_a_forged_lease_is_refused_at_the_boundary() -> None:
-    # Fixed in _task_ops._lease: check the fields too (check_identifier(task_id,
+    # Fixed in api/ops/tasks.py, TaskOps._lease: check the fields too (check_identifier(task_id,
     # "lease.task_id"), check_identifier(run_id, "lease.run_id"), check_int(attempt,
     # "lease.attempt", minimum=1)). Before, run_id=None crashes the TaskManager with
     # KeyError in _holding (self._runs[None]), an unhashable field crashes it with
@@ -1773,7 +1773,7 @@ async def test_publish_event_refuses_a_unified_event_whose_type_is_no_string() -
 
 @pytest.mark.anyio
 async def test_wait_for_plan_times_out_with_a_package_error() -> None:
-    # Fixed in _plan_ops.wait_for_plan: turn anyio.fail_after's TimeoutError into
+    # Fixed in api/ops/plans.py, PlanOps.wait_for_plan: turn anyio.fail_after's TimeoutError into
     # RequestTimeoutError (a HiveError and a TimeoutError, so `except TimeoutError` goes on
     # working), and say so in its docstring.
     async with OrchestrationClient(":memory:") as client:
@@ -1786,7 +1786,7 @@ async def test_wait_for_plan_times_out_with_a_package_error() -> None:
 
 @pytest.mark.anyio
 async def test_subscribe_refuses_an_unprintable_overflow() -> None:
-    # Fixed in embedded.Runtime._open_subscription: name the refused value by its type
+    # Fixed in api/embedded.py, Runtime._open_subscription: name the refused value by its type
     # (or with _validate._show) rather than repr(): an integer past 4300 digits raises
     # ValueError in repr(), a list nested 5000 deep RecursionError.
     async with OrchestrationClient(":memory:") as client:

@@ -17,9 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import anyio
 import msgspec
 
-from ._caller import Caller
-from ._plan_graph import check_plan_graph
-from ._validate import (
+from ..._validate import (
     MIN_DEADLINE,
     MIN_LEASE,
     YEAR,
@@ -36,11 +34,11 @@ from ._validate import (
     encode_json_object,
     too_big,
 )
-from .config import RuntimeConfig
-from .errors import InvalidInputError, NotFoundError, RequestTimeoutError
-from .listing import check_after, check_limit
-from .messages.plan_data import DependencyResults, LoadDependencyResults
-from .messages.plans import (
+from ...config import RuntimeConfig
+from ...errors import InvalidInputError, NotFoundError, RequestTimeoutError
+from ...listing import check_after, check_limit
+from ...messages.plan_data import DependencyResults, LoadDependencyResults
+from ...messages.plans import (
     PLAN_FINAL,
     ApprovePlan,
     CancelPlan,
@@ -62,7 +60,7 @@ from .messages.plans import (
     Subtask,
     SubtaskState,
 )
-from .messages.storage import (
+from ...messages.storage import (
     CheckDependencies,
     CountSubtasks,
     FetchPlanningRequest,
@@ -72,11 +70,13 @@ from .messages.storage import (
     QueryPlans,
     StorageMessage,
 )
-from .messages.tasks import Task
-from .runtime import ActorRef
+from ...messages.tasks import Task
+from ...runtime import ActorRef
+from .caller import Caller
+from .plan_graph import check_plan_graph
 
 if TYPE_CHECKING:
-    from .embedded import Subscription
+    from ..subscription import Subscription
 
 __all__ = ["PlanOps"]
 

@@ -13,9 +13,8 @@ from typing import Any, cast
 
 import msgspec
 
-from ._caller import Caller
-from ._trace import outgoing
-from ._validate import (
+from ..._trace import outgoing
+from ..._validate import (
     MIN_DELAY,
     MIN_LEASE,
     YEAR,
@@ -32,11 +31,11 @@ from ._validate import (
     check_str,
     encode_json_object,
 )
-from .config import RuntimeConfig
-from .errors import InvalidInputError
-from .listing import check_after, check_limit
-from .messages.events import JsonValue
-from .messages.tasks import (
+from ...config import RuntimeConfig
+from ...errors import InvalidInputError
+from ...listing import check_after, check_limit
+from ...messages.events import JsonValue
+from ...messages.tasks import (
     CancelTask,
     Claim,
     ClaimTask,
@@ -66,8 +65,9 @@ from .messages.tasks import (
     UpdateRunStatus,
     UpdateTaskStatus,
 )
-from .messages.workers import GetWorker, WorkerRegistryMessage
-from .runtime import ActorRef
+from ...messages.workers import GetWorker, WorkerRegistryMessage
+from ...runtime import ActorRef
+from .caller import Caller
 
 __all__ = ["TaskOps"]
 

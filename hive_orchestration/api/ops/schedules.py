@@ -10,10 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 
-from ._caller import Caller
-from ._slots import check_cron, check_timezone
-from ._task_ops import TaskOps, _when
-from ._validate import (
+from ..._slots import check_cron, check_timezone
+from ..._validate import (
     MIN_LEASE,
     YEAR,
     check_bool,
@@ -21,8 +19,8 @@ from ._validate import (
     check_identifier,
     check_seconds,
 )
-from .errors import InvalidInputError
-from .messages.schedules import (
+from ...errors import InvalidInputError
+from ...messages.schedules import (
     CatchUp,
     CreateSchedule,
     DeleteSchedule,
@@ -33,7 +31,9 @@ from .messages.schedules import (
     Schedule,
     SchedulerMessage,
 )
-from .runtime import ActorRef
+from ...runtime import ActorRef
+from .caller import Caller
+from .tasks import TaskOps, _when
 
 __all__ = ["ScheduleOps"]
 

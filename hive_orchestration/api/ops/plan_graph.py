@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 
-from .errors import InvalidInputError
+from ...errors import InvalidInputError
 
 __all__ = ["check_plan_graph"]
 

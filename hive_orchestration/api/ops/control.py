@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Literal
 import anyio
 import msgspec
 
-from ._caller import Caller
-from ._validate import (
+from ..._validate import (
     MIN_DEADLINE,
     YEAR,
     check_identifier,
@@ -25,10 +24,10 @@ from ._validate import (
     check_seconds,
     check_str,
 )
-from .errors import NotFoundError, RequestTimeoutError
-from .messages.events import Event
-from .messages.storage import CountTasksByType, StorageMessage
-from .messages.tasks import (
+from ...errors import NotFoundError, RequestTimeoutError
+from ...messages.events import Event
+from ...messages.storage import CountTasksByType, StorageMessage
+from ...messages.tasks import (
     TERMINAL,
     FlushQueue,
     GetRevokedTaskTypes,
@@ -41,10 +40,11 @@ from .messages.tasks import (
     TaskManagerMessage,
     TaskStatus,
 )
-from .runtime import ActorRef
+from ...runtime import ActorRef
+from .caller import Caller
 
 if TYPE_CHECKING:
-    from .embedded import Subscription
+    from ..subscription import Subscription
 
 __all__ = ["ControlOps"]
 

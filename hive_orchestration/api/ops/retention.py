@@ -17,12 +17,11 @@ from collections.abc import Iterable
 import anyio
 import msgspec
 
-from ._caller import Caller
-from ._validate import check_bool, check_int, check_optional_text, check_seconds
-from .config import RetentionPolicy, RuntimeConfig
-from .errors import HiveError, InvalidInputError, RuntimeStoppedError
-from .messages.events import Event, JsonValue
-from .messages.storage import (
+from ..._validate import check_bool, check_int, check_optional_text, check_seconds
+from ...config import RetentionPolicy, RuntimeConfig
+from ...errors import HiveError, InvalidInputError, RuntimeStoppedError
+from ...messages.events import Event, JsonValue
+from ...messages.storage import (
     AppendEvent,
     PlanEventTrim,
     RetentionDue,
@@ -30,8 +29,9 @@ from .messages.storage import (
     TrimEventLog,
     Write,
 )
-from .messages.tasks import TERMINAL, PurgeTasks, TaskManagerMessage, TaskStatus
-from .runtime import ActorRef
+from ...messages.tasks import TERMINAL, PurgeTasks, TaskManagerMessage, TaskStatus
+from ...runtime import ActorRef
+from .caller import Caller
 
 __all__ = ["RetentionOps", "retain"]
 

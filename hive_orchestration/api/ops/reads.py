@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from ._caller import Caller
-from ._validate import MAX_READ, check_choice, check_int, check_optional_text
-from .messages.storage import CountQueued, CountTasks, QueryTasks, StorageMessage
-from .messages.tasks import Task, TaskStatus
-from .messages.workers import GetWorkers, Worker, WorkerRegistryMessage, WorkerStatus
-from .runtime import ActorRef
+from ..._validate import MAX_READ, check_choice, check_int, check_optional_text
+from ...messages.storage import CountQueued, CountTasks, QueryTasks, StorageMessage
+from ...messages.tasks import Task, TaskStatus
+from ...messages.workers import GetWorkers, Worker, WorkerRegistryMessage, WorkerStatus
+from ...runtime import ActorRef
+from .caller import Caller
 
 __all__ = ["InspectOps"]
 

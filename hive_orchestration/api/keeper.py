@@ -27,12 +27,13 @@ from typing import TypeAlias
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from .config import RuntimeConfig, resolve_db_path
-from .embedded import Runtime, raise_cause
-from .errors import ConnectionLostError, HiveError, RuntimeStoppedError, StorageError
-from .remote.client import RemoteRuntime
-from .storage import open_store
-from .storage.port import STARTING, STOPPING
+from .._groups import raise_cause
+from ..config import RuntimeConfig, resolve_db_path
+from ..errors import ConnectionLostError, HiveError, RuntimeStoppedError, StorageError
+from ..remote.client import RemoteRuntime
+from ..storage import open_store
+from ..storage.port import STARTING, STOPPING
+from .embedded import Runtime
 
 __all__ = ["Backend", "Keeper", "reach"]
 

@@ -9,19 +9,18 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import cast
 
-from ._caller import Caller
-from ._validate import (
+from ..._validate import (
     check_choice,
     check_identifier,
     check_names,
     check_optional_text,
     encode_json_object,
 )
-from .config import RuntimeConfig
-from .listing import check_after, check_limit
-from .messages.events import JsonValue
-from .messages.tasks import GetUnroutableTasks, Task, TaskManagerMessage
-from .messages.workers import (
+from ...config import RuntimeConfig
+from ...listing import check_after, check_limit
+from ...messages.events import JsonValue
+from ...messages.tasks import GetUnroutableTasks, Task, TaskManagerMessage
+from ...messages.workers import (
     GetActiveWorkers,
     GetWorker,
     RegisterWorker,
@@ -31,7 +30,8 @@ from .messages.workers import (
     WorkerRegistryMessage,
     WorkerStatus,
 )
-from .runtime import ActorRef
+from ...runtime import ActorRef
+from .caller import Caller
 
 __all__ = ["WorkerOps"]
 

@@ -1,0 +1,175 @@
+"""The client's operations as JSON bytes: one request in, one JSON answer out.
+
+An agent in another process (another language, a sandbox, a remote machine) cannot hold an
+:class:`~hive_orchestration.OrchestrationClient`, but it can send JSON over whatever
+transport the app already has: a pipe, a socket, HTTP, a message queue. The app reads the
+bytes and hands them to :func:`call_json`, with the client that speaks for that agent:
+
+    answer = await call_json(client, b'{"op": "create_task", "args": {"task_type": "build"}}')
+    # b'"01a1fe79-..."'
+
+A request is ``{"op": "<operation>", "args": {...}}``: the name of one of the client's
+operations and its arguments by name, exactly as in Python (``args`` may be left out). A
+lease is sent back as the object ``claim_task`` answered (``{"task_id": ..., "run_id": ...,
+"attempt": ..., "secret": ...}``), secret included: the claim's answer is the only place
+the secret is ever shown, and a lease without it (one rebuilt from ``get_runs``) is refused
+with :class:`~hive_orchestration.errors.LeaseLostError`, as a wrong one is. A datetime
+travels as an ISO 8601 string. The answer is the operation's result encoded as JSON (a
+task, a list of them, an id, ``null``...).
+
+Nothing is trusted more for coming as bytes, and nothing less: a malformed request (not
+JSON, not such an object, an unknown operation, an unknown, missing or mistyped argument)
+is an :class:`InvalidInputError` naming the field and the reason, and nothing is written;
+the arguments then go through the operation's own checks, exactly as a call from Python
+(its refusals are its own :class:`HiveError`). A request over the config's
+``max_request_bytes`` is refused before it is decoded at all. The caller may also give
+what a Python caller may, ``source_agent`` for one: an app that must pin who is calling
+checks the request's ``args`` before handing it over. ``tests/reliability/test_fuzz.py``
+fuzzes this.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import msgspec
+
+from ..errors import InvalidInputError
+from .carried import EXCLUSIVE, carried
+from .client import OrchestrationClient
+
+__all__ = ["EXCLUSIVE", "OPERATIONS", "WireRequest", "call_json", "msgpack_arguments"]
+
+# msgspec names the place of a type error as "... - at `$.args.lease`".
+_AT = re.compile(r" - at `\$\.?(.*)`$")
+_MISSING = re.compile(r"missing required field `(.*)`")
+
+
+class WireRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The envelope of a request: the operation's name and its arguments by name."""
+
+    op: str
+    #: Each argument as its JSON text, decoded once its operation says what it must be.
+    args: dict[str, msgspec.Raw] = {}
+
+
+_OPERATIONS = carried(OrchestrationClient)
+#: The operations a request may name: every public async operation of the client whose
+#: arguments and result are JSON values (not callbacks, registries, event objects or streams).
+OPERATIONS: frozenset[str] = frozenset(_OPERATIONS)
+
+
+def _refusal(field: str, error: msgspec.ValidationError) -> InvalidInputError:
+    """An InvalidInputError for a msgspec error: ``field``, then where in it (a missing
+    field is named; an unknown one is named by the reason, since it is no field)."""
+    text = str(error)
+    match = _AT.search(text)
+    where = match.group(1) if match else ""
+    reason = text[: match.start()] if match else text
+    missing = _MISSING.search(reason)
+    if missing:
+        where = f"{where}.{missing.group(1)}" if where else missing.group(1)
+    return InvalidInputError(".".join(part for part in (field, where) if part) or "request", reason)
+
+
+def _request_bytes(raw: object, limit: int) -> bytes:
+    """The request as bytes, refused unread when over ``limit`` bytes: decoding builds
+    a Python object per JSON value (a 40 MiB request of small values takes gigabytes and
+    seconds), so the size is checked first, and only on what was received."""
+    if isinstance(raw, str):
+        # A character takes at least one byte: a text this long is over the limit.
+        if len(raw) > limit:
+            raise _too_large(f"more than {limit} bytes ({len(raw)} characters)", limit)
+        try:
+            raw = raw.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInputError("request", "is not valid text (a lone surrogate)") from None
+    if not isinstance(raw, bytes):
+        raise InvalidInputError("request", f"must be bytes or str, got {type(raw).__name__}")
+    if len(raw) > limit:
+        raise _too_large(f"{len(raw)} bytes", limit)
+    return raw
+
+
+def _too_large(size: str, limit: int) -> InvalidInputError:
+    return InvalidInputError(
+        "request",
+        f"is {size}, over the limit of {limit} bytes for one request (max_request_bytes): "
+        "send less per request, or raise max_request_bytes in the runtime's config",
+    )
+
+
+def _decode(raw: bytes | msgspec.Raw, field: str, into: Any) -> Any:
+    """``raw`` decoded as JSON into ``into``; any failure an InvalidInputError on ``field``."""
+    try:
+        return msgspec.json.decode(raw, type=into)
+    except msgspec.ValidationError as exc:
+        raise _refusal("" if field == "request" else field, exc) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(field, f"is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInputError(field, "is nested too deeply") from None
+
+
+def _decode_msgpack(raw: bytes | msgspec.Raw, field: str, into: Any) -> Any:
+    """``raw`` decoded as msgpack into ``into``; any failure an InvalidInputError."""
+    try:
+        return msgspec.msgpack.decode(raw, type=into)
+    except msgspec.ValidationError as exc:
+        raise _refusal(field, exc) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidInputError(field, f"is not a valid value: {exc}") from None
+    except RecursionError:
+        raise InvalidInputError(field, "is nested too deeply") from None
+
+
+def _short(name: str) -> str:
+    """A name the caller made up, cut short for a message."""
+    return name if len(name) <= 80 else f"{name[:77]}..."
+
+
+def _arguments(
+    op: str,
+    args: Mapping[str, msgspec.Raw],
+    decode: Callable[[msgspec.Raw, str, Any], Any] = _decode,
+) -> dict[str, Any]:
+    """The arguments of a request for ``op``, each decoded (by ``decode``: JSON, or
+    msgpack for the socket protocol) into the type the operation takes."""
+    operation = _OPERATIONS.get(op)
+    if operation is None:
+        raise InvalidInputError(
+            "op", f"unknown operation {_short(op)!r}; one of {', '.join(sorted(OPERATIONS))}"
+        )
+    for name in args:
+        if name not in operation.types:
+            valid = ", ".join(operation.types) or "none"
+            raise InvalidInputError(_short(name), f"is not an argument of {op} ({valid})")
+    for name in operation.required:
+        if name not in args:
+            raise InvalidInputError(name, f"is required by {op}")
+    return {name: decode(value, name, operation.types[name]) for name, value in args.items()}
+
+
+def msgpack_arguments(op: str, args: Mapping[str, msgspec.Raw]) -> dict[str, Any]:
+    """:func:`call_json`'s checks of a request, for arguments sent as msgpack values."""
+    return _arguments(op, args, _decode_msgpack)
+
+
+async def call_json(client: OrchestrationClient, raw: bytes | str) -> bytes:
+    """Run the operation a JSON request names on ``client`` and return its result as JSON.
+
+    ``raw`` is ``{"op": "<operation>", "args": {...}}`` (bytes in UTF-8, or text). A
+    request that is not valid JSON, not such an object, names an operation not in
+    :data:`OPERATIONS`, or gives an unknown, missing or wrongly typed argument raises
+    :class:`InvalidInputError` naming the field; the operation raises its own
+    :class:`HiveError` as it would in Python. A request over the config's
+    ``max_request_bytes`` (4 MiB by default) is refused (on ``request``) before it is
+    decoded.
+    """
+    limit = client._config.max_request_bytes
+    request: WireRequest = _decode(_request_bytes(raw, limit), "request", WireRequest)
+    args = _arguments(request.op, request.args)
+    method: Callable[..., Awaitable[object]] = getattr(client, request.op)
+    return msgspec.json.encode(await method(**args))
