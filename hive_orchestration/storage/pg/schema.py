@@ -325,6 +325,9 @@ _V15: tuple[str, ...] = (
     "CREATE TRIGGER tasks_claim_holder BEFORE INSERT OR UPDATE OF status ON tasks"
     " FOR EACH ROW EXECUTE FUNCTION hive_claim_holder()",
     "CREATE INDEX idx_tasks_node ON tasks (node_id) WHERE node_id IS NOT NULL",
+    # A claim of a task with a concurrency key counts the key's claimed tasks (rows.py).
+    "CREATE INDEX idx_tasks_held_key ON tasks (concurrency_key)"
+    " WHERE status IN ('assigned', 'running') AND concurrency_key IS NOT NULL",
 )
 
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n (the twin of the SQLite

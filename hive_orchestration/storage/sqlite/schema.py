@@ -322,6 +322,8 @@ _V15: tuple[str, ...] = (
     "ALTER TABLE tasks ADD COLUMN node_id TEXT",
     "ALTER TABLE tasks ADD COLUMN version INTEGER NOT NULL DEFAULT 0",
     "CREATE INDEX IF NOT EXISTS idx_tasks_node ON tasks (node_id) WHERE node_id IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS idx_tasks_held_key ON tasks (concurrency_key)"
+    " WHERE status IN ('assigned', 'running') AND concurrency_key IS NOT NULL",
 )
 
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n.
