@@ -8,7 +8,6 @@ unowned ones only, never another live node's. Clients given the URL find any liv
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -21,10 +20,8 @@ from hive_orchestration import (  # noqa: E402
     LeaseLostError,
     OrchestrationClient,
     Runtime,
-    StorageError,
     TaskStatus,
 )
-from hive_orchestration.storage.pg import claim as pg_claim  # noqa: E402
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -34,29 +31,7 @@ def raw(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...
         return conn.execute(sql, params).fetchall()
 
 
-@pytest.fixture
-def shared() -> Iterator[None]:
-    """Several nodes admitted on one database (the store's private switch)."""
-    before = pg_claim._SHARED
-    pg_claim._SHARED = True
-    try:
-        yield
-    finally:
-        pg_claim._SHARED = before
-
-
-async def test_one_runtime_owns_a_database_while_nodes_are_switched_off(pg_url: str) -> None:
-    assert not pg_claim._SHARED
-    async with Runtime.open(pg_url):
-        with pytest.raises(StorageError) as caught:
-            async with Runtime.open(pg_url):
-                pass
-        assert caught.value.fault == "in_use"
-
-
-async def test_a_second_node_opens_and_leaves_the_first_nodes_claims_alone(
-    pg_url: str, shared: None
-) -> None:
+async def test_a_second_node_opens_and_leaves_the_first_nodes_claims_alone(pg_url: str) -> None:
     async with Runtime.open(pg_url) as first:
         task_id = await first.create_task("build")
         claim = await first.claim_task("w1", "build", start=True)
@@ -75,9 +50,7 @@ async def test_a_second_node_opens_and_leaves_the_first_nodes_claims_alone(
     assert raw(pg_url, "SELECT status, node_id FROM tasks") == [("completed", None)]
 
 
-async def test_the_claims_of_a_dead_node_are_requeued_by_the_next_to_open(
-    pg_url: str, shared: None
-) -> None:
+async def test_the_claims_of_a_dead_node_are_requeued_by_the_next_to_open(pg_url: str) -> None:
     async with Runtime.open(pg_url) as first:
         task_id = await first.create_task("build")
         assert await first.claim_task("w1", "build") is not None
@@ -91,7 +64,7 @@ async def test_the_claims_of_a_dead_node_are_requeued_by_the_next_to_open(
         assert [r.status for r in await third.get_runs(task_id)] == ["lost", "assigned"]
 
 
-async def test_a_client_given_the_url_reaches_a_live_node(pg_url: str, shared: None) -> None:
+async def test_a_client_given_the_url_reaches_a_live_node(pg_url: str) -> None:
     async with Runtime.open(pg_url) as first, Runtime.open(pg_url):
         async with OrchestrationClient(db_path=pg_url) as client:
             assert client.remote
@@ -103,9 +76,7 @@ async def test_a_client_given_the_url_reaches_a_live_node(pg_url: str, shared: N
 # -- several nodes sharing the work ---------------------------------------------------------
 
 
-async def test_three_nodes_share_the_work_and_hand_out_each_task_once(
-    pg_url: str, shared: None
-) -> None:
+async def test_three_nodes_share_the_work_and_hand_out_each_task_once(pg_url: str) -> None:
     total = 1500
     async with (
         Runtime.open(pg_url) as a,
@@ -174,9 +145,7 @@ async def _race_complete_and_cancel(pg_url: str, a: Runtime, b: Runtime) -> None
     assert (await b.get_task(task_id)).status == status
 
 
-async def test_a_complete_and_a_cancel_raced_on_two_nodes_have_one_winner(
-    pg_url: str, shared: None
-) -> None:
+async def test_a_complete_and_a_cancel_raced_on_two_nodes_have_one_winner(pg_url: str) -> None:
     async with Runtime.open(pg_url) as a, Runtime.open(pg_url) as b:
         for _ in range(10):
             await _race_complete_and_cancel(pg_url, a, b)
@@ -194,9 +163,7 @@ async def _race_a_key(a: Runtime, b: Runtime, key: str) -> list[str]:
     return ids
 
 
-async def test_an_idempotency_key_raced_on_two_nodes_gives_one_task(
-    pg_url: str, shared: None
-) -> None:
+async def test_an_idempotency_key_raced_on_two_nodes_gives_one_task(pg_url: str) -> None:
     async with Runtime.open(pg_url) as a, Runtime.open(pg_url) as b:
         for n in range(10):
             first, second = await _race_a_key(a, b, f"k{n}")
@@ -204,9 +171,7 @@ async def test_an_idempotency_key_raced_on_two_nodes_gives_one_task(
     assert raw(pg_url, "SELECT count(*) FROM tasks") == [(10,)]
 
 
-async def test_a_claim_waiting_on_one_node_gets_a_task_created_on_another(
-    pg_url: str, shared: None
-) -> None:
+async def test_a_claim_waiting_on_one_node_gets_a_task_created_on_another(pg_url: str) -> None:
     async with Runtime.open(pg_url) as a, Runtime.open(pg_url) as b:
         got: list[object] = []
 
@@ -222,7 +187,7 @@ async def test_a_claim_waiting_on_one_node_gets_a_task_created_on_another(
         assert claim.task.id == task_id
 
 
-async def test_a_concurrency_limit_holds_across_nodes(pg_url: str, shared: None) -> None:
+async def test_a_concurrency_limit_holds_across_nodes(pg_url: str) -> None:
     total = 12
     async with Runtime.open(pg_url) as a, Runtime.open(pg_url) as b:
         for n in range(total):

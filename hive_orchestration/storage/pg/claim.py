@@ -15,14 +15,13 @@ pid and the address its socket serves on (:mod:`..database`). Here:
   which :meth:`DatabaseClaim.hold` gives each write connection: schema version 15).
   Recovery on open requeues the claims of dead nodes and unowned ones only, never those
   of another live node (``storage/pg/sql.py``, :func:`recoverable_sql`).
-- **One owner or several.** Until claims are taken in the database and every write is
-  fenced, a node also takes the owner lock (:data:`OWNER_LOCK`) and a second runtime is
-  refused with :class:`StorageError` ``fault="in_use"``, naming the owner's pid and host,
-  as on SQLite. :data:`_SHARED` lets several nodes open one database instead.
+- **Several nodes.** Any number of runtimes open one database (a SQLite file keeps its
+  one owner): the TaskManager of each fences every write of a task by its version, so
+  that nodes share the work safely (``actors/task_manager/actor.py``).
 - The write connection's driver checks the node's lock each time it connects
-  (:meth:`DatabaseClaim.hold`), and takes it again if it was lost with the server (a
-  new registration), or is refused if another runtime took the database meanwhile: a
-  runtime never writes to a database it no longer owns after a reconnection.
+  (:meth:`DatabaseClaim.hold`), and takes it again if it was lost with the server (the
+  node registers again, with its id: meanwhile it looked dead, and another node may have
+  requeued its claims, which its fenced writes then find out).
 - **Clients** given the URL read the live nodes' rows (:func:`read_owner`) and connect
   to any of them.
 
@@ -52,22 +51,12 @@ from .url import display_url
 
 __all__ = [
     "NODE_SETTING",
-    "OWNER_LOCK",
     "DatabaseClaim",
     "alive_sql",
     "node_key",
     "read_owner",
     "recoverable_sql",
 ]
-
-#: The advisory lock the owning runtime's claim connection holds while one runtime owns
-#: the database (:data:`_SHARED` off). "hiveownr" in ASCII.
-OWNER_LOCK = 0x68697665_6F776E72
-
-#: Whether several runtimes (nodes) may open one database. Off until every task and run
-#: write another node could race is fenced and claims come from the database: until then
-#: a second node would hand out tasks the first one holds.
-_SHARED = False
 
 #: The session setting naming the node a write connection writes for (read by the
 #: ``tasks_claim_holder`` trigger, schema version 15, and by :func:`recoverable_sql`).
@@ -153,8 +142,10 @@ def _holder(conn: Connection) -> tuple[str | None, str | None]:
     row = conn.execute(
         "SELECT pid, host, address FROM hive_nodes"
         f" WHERE {alive_sql('id')}"
-        " ORDER BY coalesce(address, '') NOT IN ('', %s, %s) DESC, started_at DESC LIMIT 1",
-        (STARTING, STOPPING),
+        # One that serves, else one about to (a client waits for it), else one closing.
+        " ORDER BY CASE coalesce(address, '') WHEN '' THEN 3 WHEN %s THEN 2 WHEN %s THEN 1"
+        " ELSE 0 END, started_at DESC LIMIT 1",
+        (STOPPING, STARTING),
     ).fetchone()
     if row is None:
         return None, None
@@ -213,13 +204,11 @@ class DatabaseClaim:
     """The runtime's registration as a node of a PostgreSQL database for its whole life,
     across restarts of the storage actor (see the module).
 
-    :meth:`acquire` opens the claim's own connection and takes the node's lock there (and
-    the owner lock, while one runtime owns a database); it is held until :meth:`release`
-    (or the process's end). Give :meth:`hold` to the write connection's driver
-    (``on_connect``): each write connection opened checks that the lock is still held,
-    and takes it again if its connection was lost (a server restart), or refuses
-    (``in_use``) if another runtime took the database meanwhile; it also names the node
-    on that connection (:data:`NODE_SETTING`).
+    :meth:`acquire` opens the claim's own connection and takes the node's lock there; it
+    is held until :meth:`release` (or the process's end). Give :meth:`hold` to the write
+    connection's driver (``on_connect``): each write connection opened checks that the
+    lock is still held, and takes it again if its connection was lost (a server restart);
+    it also names the node on that connection (:data:`NODE_SETTING`).
     Its methods are called from worker threads and the driver's thread: a lock keeps
     them one at a time.
     """
@@ -237,9 +226,9 @@ class DatabaseClaim:
         self._lock = threading.Lock()
 
     def acquire(self) -> None:
-        """Take the claim (blocking: call it from a worker thread). Raises
-        :class:`StorageError`: ``fault="in_use"`` naming the owner if another runtime holds
-        it, or the server's fault if it cannot be reached or refuses the URL."""
+        """Register the node (blocking: call it from a worker thread). Raises
+        :class:`StorageError`, the server's fault, if it cannot be reached or refuses the
+        URL; other runtimes on the database are nodes beside it, not a refusal."""
         with self._lock:
             self._released = False
             self._take()
@@ -271,11 +260,6 @@ class DatabaseClaim:
             self._conn = None
         conn = _connect(self.url, "hive-orchestration:owner")
         try:
-            if not _SHARED:
-                got = conn.execute("SELECT pg_try_advisory_lock(%s)", (OWNER_LOCK,)).fetchone()
-                if got is None or not got[0]:
-                    pid, _ = _holder(conn)
-                    raise self._in_use(pid)
             # A fresh id's lock is free; taken before the row is written, so that a row
             # whose lock is free is always a dead node's.
             conn.execute("SELECT pg_advisory_lock(%s)", (node_key(self.node_id),))
@@ -310,16 +294,6 @@ class DatabaseClaim:
             _HELD + " AND pid = %s)", (key >> 32, key & 0xFFFFFFFF, backend)
         ).fetchone()
         return row is not None and bool(row[0])
-
-    def _in_use(self, holder: str | None) -> StorageError:
-        here = ", this process" if holder == str(os.getpid()) else ""
-        return StorageError(
-            f"database {self.display!r} is already open in another runtime (pid"
-            f" {holder or 'unknown'}{here}); one runtime owns a database at a time: close it"
-            " first, or use another database",
-            path=self.display,
-            fault="in_use",
-        )
 
     def _write(self, sql: str, params: tuple[object, ...]) -> None:
         conn = self._conn
