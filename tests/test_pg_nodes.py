@@ -204,7 +204,7 @@ async def test_a_concurrency_limit_holds_across_nodes(pg_url: str) -> None:
                     continue
                 held += 1
                 most = max(most, held)
-                await anyio.sleep(0.02)  # held while the other node tries to claim
+                await anyio.sleep(0.2)  # held while the other node tries to claim
                 held -= 1
                 await node.complete_task(claim.lease)
                 done.append(claim.task.id)
