@@ -655,6 +655,10 @@ class TaskManager(Actor[TaskManagerMessage]):
         # (_refresh): the batch is decided again on the tasks as they are now, up to
         # _ATTEMPTS times; the last attempt answers a conflict as the storage error.
         for attempt in range(_ATTEMPTS):
+            if attempt:
+                # Nodes that raced for the same tasks try again at different moments
+                # (jittered, growing, at most 50 ms), not in step with each other.
+                await anyio.sleep(self._rng.random() * min(0.05, 0.001 * 2**attempt))
             if await self._decide(batch, may_retry=self._fenced and attempt + 1 < _ATTEMPTS):
                 break
         self._evict()
@@ -1185,7 +1189,12 @@ class TaskManager(Actor[TaskManagerMessage]):
                 continue
             self._drop(task_id)
             self._finished.pop(task_id, None)
-            self._versions.pop(task_id, None)
+            if task is not None:
+                # Kept though the task left memory: a path that reads it again without
+                # its version (a listing's QueryTasks: flush_queue, purges) fences by
+                # this one, which only passes if the task has not changed since, so the
+                # state it read then is this version's.
+                self._versions[task_id] = stored.versions[task_id]
         self._reindex()
 
     async def _sweep(self) -> None:
