@@ -4,8 +4,8 @@ One version number for both stores: the PostgreSQL migration list has one entry 
 SQLite migration, and a database of either store at version n has the same tables,
 columns and indexes. Migrations run a version per transaction under an advisory lock, from
 any version up, several runtimes at once migrate once, a newer version is refused, a
-failed step leaves the version before it. One runtime owns a database at a time: a second
-is refused (``in_use``), and a client finds the owner's address.
+failed step leaves the version before it. Each runtime on a database registers as a node
+(several may), alive while its advisory lock is held, and a client finds a live one.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import pytest
 psycopg = pytest.importorskip("psycopg")
 
 from hive_orchestration.errors import NewerSchemaError, StorageError  # noqa: E402
+from hive_orchestration.storage.pg import claim as pg_claim  # noqa: E402
 from hive_orchestration.storage.pg import schema as pg_schema  # noqa: E402
 from hive_orchestration.storage.pg.claim import (  # noqa: E402
     DatabaseClaim,
@@ -224,7 +225,7 @@ async def test_failed_migration_leaves_the_database_at_the_version_before(
         await db.close()
 
 
-# -- one owner at a time -----------------------------------------------------------------
+# -- nodes: each runtime registered, for its life ---------------------------------------
 
 
 def backend_pid(conn: Any) -> int:
@@ -232,32 +233,28 @@ def backend_pid(conn: Any) -> int:
 
 
 @pytest.mark.anyio
-async def test_second_runtime_on_the_database_is_refused(pg_url: str) -> None:
+async def test_a_second_runtime_is_a_node_beside_the_first(pg_url: str) -> None:
     first = DatabaseClaim(pg_url, serving=True)
     await anyio.to_thread.run_sync(first.acquire)
+    second = DatabaseClaim(pg_url)
     try:
-        second = DatabaseClaim(pg_url)
-        with pytest.raises(StorageError) as caught:
-            await anyio.to_thread.run_sync(second.acquire)
-        assert caught.value.fault == "in_use"
-        assert f"pid {os.getpid()}, this process" in str(caught.value)
-        assert caught.value.path == pg_url
-        # A client finds the owner, and where it serves once it says so.
+        await anyio.to_thread.run_sync(second.acquire)  # admitted, not refused
+        assert raw(pg_url, "SELECT count(*) FROM hive_nodes") == [(2,)]
+        # A client finds a live node, one that is about to serve before one that never
+        # will, and one that serves once it says so.
         assert await anyio.to_thread.run_sync(read_owner, pg_url) == (str(os.getpid()), STARTING)
         await anyio.to_thread.run_sync(first.record_address, "/run/hive.sock")
         assert await anyio.to_thread.run_sync(read_owner, pg_url) == (
             str(os.getpid()),
             "/run/hive.sock",
         )
-        # Letting go clears the records first, the claim still held: no owner is named
-        # (a client waits for it to go), and nobody else may take it yet.
+        # Letting go clears the records first: that node is not named any more.
         await anyio.to_thread.run_sync(first.clear_records)
-        assert await anyio.to_thread.run_sync(read_owner, pg_url) == (None, None)
-        with pytest.raises(StorageError, match="pid unknown"):
-            await anyio.to_thread.run_sync(DatabaseClaim(pg_url).acquire)
+        assert await anyio.to_thread.run_sync(read_owner, pg_url) == (str(os.getpid()), None)
     finally:
         first.release()
-    # Released: nobody is found any more, and the next runtime takes it.
+        second.release()
+    # Released: nobody is found any more, and the next runtime registers.
     assert await anyio.to_thread.run_sync(read_owner, pg_url) == (None, None)
     third = DatabaseClaim(pg_url)
     await anyio.to_thread.run_sync(third.acquire)
@@ -265,7 +262,9 @@ async def test_second_runtime_on_the_database_is_refused(pg_url: str) -> None:
 
 
 @pytest.mark.anyio
-async def test_claim_of_a_killed_owner_is_free_and_its_record_names_no_one(pg_url: str) -> None:
+async def test_a_killed_nodes_record_names_no_one_and_goes_with_the_next_node(
+    pg_url: str,
+) -> None:
     first = DatabaseClaim(pg_url, serving=True)
     await anyio.to_thread.run_sync(first.acquire)
     writer = await PostgresDriver.open(pg_url, on_connect=first.hold)
@@ -277,16 +276,15 @@ async def test_claim_of_a_killed_owner_is_free_and_its_record_names_no_one(pg_ur
     second = DatabaseClaim(pg_url)
     await anyio.to_thread.run_sync(second.acquire)
     try:
+        # The dead node's row went as the next one registered.
+        assert raw(pg_url, "SELECT id FROM hive_nodes") == [(second.node_id,)]
         # The first one's writer finds its connection gone, reconnects on its next call,
-        # and finds it lost the claim: refused rather than writing beside the new owner.
+        # and registers its node again: alive beside the second, its writes fenced.
         with pytest.raises(StoreError) as lost:
             await writer.fetchall("SELECT 1")
         assert lost.value.fault == "unavailable"
-        with pytest.raises(StoreError) as caught:
-            await writer.fetchall("SELECT 1")
-        assert caught.value.fault == "in_use"
-        assert "already open in another runtime" in str(caught.value)
-        assert raw(pg_url, "SELECT count(*) FROM hive_nodes") == [(1,)]
+        assert await writer.fetchall("SELECT current_setting('hive.node')") == [(first.node_id,)]
+        assert raw(pg_url, "SELECT count(*) FROM hive_nodes") == [(2,)]
     finally:
         second.release()
         first.release()
@@ -304,9 +302,13 @@ async def test_owner_whose_connections_were_lost_takes_its_claim_back(pg_url: st
         with pytest.raises(StoreError):
             await writer.fetchall("SELECT 1")
         assert await writer.fetchall("SELECT 1") == [(1,)]  # reconnected, claim taken again
-        with pytest.raises(StorageError) as caught:
-            await anyio.to_thread.run_sync(DatabaseClaim(pg_url).acquire)
-        assert caught.value.fault == "in_use"
+        key = pg_claim.node_key(claim.node_id)
+        assert raw(
+            pg_url,
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = %s"
+            " AND classid::bigint = %s AND objid::bigint = %s",
+            (backend_pid(claim._conn), (key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF),
+        ) == [(1,)]
     finally:
         claim.release()
         await writer.close()

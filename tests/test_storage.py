@@ -420,6 +420,10 @@ async def test_memory_database_survives_a_storage_restart(
     assert after.seq == 5
 
 
+@pytest.mark.sqlite_only(
+    "one owner per file: a PostgreSQL database takes a second runtime as a node"
+    " (tests/test_pg_nodes.py)"
+)
 async def test_a_second_runtime_on_the_same_file_is_refused(
     db_path: str, anyio_backend: str
 ) -> None:

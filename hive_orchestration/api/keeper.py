@@ -18,6 +18,7 @@ committed); a plain subscription ends as it does without take-over (it has no re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -57,6 +58,25 @@ async def reach(
     checked = RuntimeConfig.checked(config)
     deadline = anyio.current_time() + checked.remote_timeout
     pause = 0.01
+    target, _ = resolve_db_path(db_path, checked)
+    store = open_store(target, checked)
+    while store.kind == "postgres":
+        # Several runtimes (nodes) may open one server's database: a client connects to
+        # one that serves, if any does (waiting for one that is opening or closing, up to
+        # remote_timeout), and opens a node of its own only if none lives.
+        pid, address = await anyio.to_thread.run_sync(store.read_owner)
+        if address is None:
+            break
+        if address not in (STARTING, STOPPING):
+            with contextlib.suppress(ConnectionLostError):
+                return await stack.enter_async_context(
+                    RemoteRuntime.connect(address, name=name, silence=checked.remote_timeout)
+                )
+        if anyio.current_time() + pause > deadline:
+            break
+        log.info("the runtime of pid %s on %r is %s: trying again", pid, store.display, address)
+        await anyio.sleep(pause)
+        pause = min(2 * pause, 0.25)
     while True:
         try:
             return await stack.enter_async_context(Runtime.open(db_path, config=config))

@@ -38,6 +38,7 @@ __all__ = [
     "SetTaskState",
     "Committed",
     "DeleteTaskRow",
+    "FenceTask",
     "DeleteWorkerRow",
     "FetchRun",
     "FetchRuns",
@@ -65,6 +66,7 @@ __all__ = [
     "ReadEvents",
     "StorageMessage",
     "StorageStats",
+    "StoreFences",
     "COMMIT_BATCH_BOUNDS",
     "COMMIT_SECONDS_BOUNDS",
     "Buckets",
@@ -107,6 +109,21 @@ class DeleteTaskRow(msgspec.Struct, frozen=True, tag="delete_task"):
     """Delete a task; its runs go with it (ON DELETE CASCADE)."""
 
     task_id: str
+
+
+class FenceTask(msgspec.Struct, frozen=True, tag="fence_task"):
+    """Bump the task's ``version`` if it is still ``version``; else the whole write fails
+    (a conflict: another node changed the task since the writer read it). Sent, on a store
+    shared by several nodes (:class:`StoreFences`), for each existing task a write changes
+    (or changes a run of), before the write's other statements."""
+
+    task_id: str
+    version: int
+    #: A claim of a task with a concurrency key: it also fails unless fewer than ``room``
+    #: other tasks of ``key`` are claimed (on any node), counted under a lock on the key
+    #: held to the commit, so that nodes claiming the key's tasks at once take turns.
+    key: str | None = None
+    room: int = 0
 
 
 class SetTaskState(msgspec.Struct, frozen=True, tag="set_task_state"):
@@ -262,6 +279,7 @@ WriteOp: TypeAlias = (
     | PutTask
     | SetTaskState
     | DeleteTaskRow
+    | FenceTask
     | PutRun
     | SetRunState
     | PutWorker
@@ -379,6 +397,14 @@ class TasksWithRuns(msgspec.Struct, frozen=True):
 
     tasks: tuple[Task, ...]
     runs: tuple[Run, ...]
+    #: task id -> its version, on a store whose writes are fenced (else empty).
+    versions: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+class StoreFences(Request[bool], frozen=True):
+    """Whether the store is shared by several nodes, so that the TaskManager fences its
+    writes of existing tasks (:class:`FenceTask`) and reads their versions (PostgreSQL:
+    yes; a SQLite file has one owner: no)."""
 
 
 class FetchTasks(Request[TasksWithRuns], frozen=True):
@@ -406,6 +432,8 @@ class QueueHeads(msgspec.Struct, frozen=True):
 
     heads: tuple[tuple[QueueHead, tuple[Task, ...]], ...]
     runs: tuple[Run, ...]
+    #: task id -> its version, on a store whose writes are fenced (else empty).
+    versions: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class LoadQueueHeads(Request[QueueHeads], frozen=True):

@@ -52,6 +52,7 @@ from ..messages.storage import (
     ReadEvents,
     RetentionDue,
     StorageMessage,
+    StoreFences,
 )
 
 if TYPE_CHECKING:
@@ -207,7 +208,15 @@ TASK_READS = (
     LoadWorkers,
 )
 #: The TaskManager's ready-queue reads (``storage/sqlite/queues.py`` on SQLite).
-QUEUE_READS = (FetchTasks, LoadQueueHeads, QueryUnroutable, LoadTimers, LoadStarts, LastTaskId)
+QUEUE_READS = (
+    FetchTasks,
+    LoadQueueHeads,
+    QueryUnroutable,
+    LoadTimers,
+    LoadStarts,
+    LastTaskId,
+    StoreFences,
+)
 #: The plan, subtask and planning-queue reads.
 PLAN_READS = (
     FetchPlan,

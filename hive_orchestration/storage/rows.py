@@ -16,6 +16,9 @@ from .port import Params, Row, Statement
 
 __all__ = [
     "DELETE_TASK",
+    "FENCE_CLAIM",
+    "KEY_LOCK",
+    "FENCE_TASK",
     "EVENT_COLUMNS",
     "decoded",
     "EPOCH",
@@ -61,6 +64,16 @@ WORKER_COLUMNS = (
     " registered_at, incarnation"
 )
 DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
+#: A fenced write's condition (messages.storage.FenceTask): no row updated (the version
+#: moved on) fails the write, as every UPDATE that misses its row does (check_updated).
+FENCE_TASK = "UPDATE tasks SET version = version + 1 WHERE id = ? AND version = ?"
+#: A fenced claim of a task with a concurrency key (PostgreSQL only: SQLite sends no fence),
+#: after KEY_LOCK on its key, so that the count sees every other node's committed claim.
+FENCE_CLAIM = (
+    "UPDATE tasks SET version = version + 1 WHERE id = ? AND version = ? AND (SELECT count(*)"
+    " FROM tasks WHERE concurrency_key = ? AND status IN ('assigned', 'running') AND id <> ?) < ?"
+)
+KEY_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(?, 0))"
 DELETE_WORKER = "DELETE FROM workers WHERE id = ?"
 
 

@@ -665,6 +665,10 @@ async def test_a_client_that_comes_as_the_owner_opens_waits_for_it(
         await opening.expect("open")
 
 
+@pytest.mark.sqlite_only(
+    "one owner per database: on PostgreSQL several runtimes open one database as nodes,"
+    " and a client opens a node of its own when none serves (tests/test_pg_nodes.py)"
+)
 async def test_a_client_that_comes_as_the_owner_lets_go_waits_for_it(
     db_path: str, anyio_backend: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -110,6 +110,10 @@ async def _has(seen: list[Event], count: int) -> bool:
     return len(seen) >= count
 
 
+@pytest.mark.sqlite_only(
+    "one owner per database: on PostgreSQL several runtimes open one database as nodes,"
+    " and a client opens a node of its own when none serves (tests/test_pg_nodes.py)"
+)
 async def test_clients_racing_to_take_over_agree_on_one_owner_each_time(
     db_path: str, anyio_backend: str
 ) -> None:
@@ -169,6 +173,10 @@ async def _next_owner(racer: Any, *, gone: set[int]) -> int:
                 return int(line["owner"])
 
 
+@pytest.mark.sqlite_only(
+    "one owner per database: on PostgreSQL several runtimes open one database as nodes,"
+    " and a client opens a node of its own when none serves (tests/test_pg_nodes.py)"
+)
 async def test_an_owner_that_stops_is_taken_over_and_a_sync_client_goes_on(
     db_path: str, anyio_backend: str
 ) -> None:

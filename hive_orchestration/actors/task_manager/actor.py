@@ -156,6 +156,7 @@ from ...messages.storage import (
     AppendEvent,
     DeleteTaskEvents,
     DeleteTaskRow,
+    FenceTask,
     FetchRun,
     FetchRuns,
     FetchTask,
@@ -178,6 +179,7 @@ from ...messages.storage import (
     SetRunState,
     SetTaskState,
     StorageMessage,
+    StoreFences,
     Write,
     WriteOp,
 )
@@ -414,6 +416,13 @@ class _Batch:
     grown: list[tuple[int, int]] = field(default_factory=list)
     # The revoked task types before the batch first changed them (None: unchanged).
     revoked: dict[str, RevokedTaskType] | None = None
+    # Fenced stores: the existing tasks the write fences (sent with the version memory
+    # read them at), the waiters the batch took off the parked list with an answer, and
+    # whether a conflict may be decided again (else it is answered as an error).
+    fenced: list[str] = field(default_factory=list)
+    keys_claimed: set[str] = field(default_factory=set)  # concurrency keys it claimed
+    unparked: list[tuple[int, _Waiter]] = field(default_factory=list)
+    may_retry: bool = False
 
 
 class TaskManager(Actor[TaskManagerMessage]):
@@ -441,6 +450,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         key_rate_limits: Mapping[str, tuple[int, float]] | None = None,
         frame: Frame | None = None,
         delete_on_success: frozenset[str] = frozenset(),
+        sweep_interval: float = 1.0,
     ) -> None:
         self._storage = storage
         # Task types whose tasks are deleted as they complete ("*": every type).
@@ -510,6 +520,21 @@ class TaskManager(Actor[TaskManagerMessage]):
         self._held_back: deque[tuple[int, list[tuple[Envelope[TaskManagerMessage], object]]]] = (
             deque()
         )
+        # A store shared by several nodes (PostgreSQL; learnt at start-up): another node
+        # may change any task at any time, so memory is the truth for this node's own
+        # live claims only. Each write of an existing task is fenced by the version
+        # memory read it at (task id -> version); a write that finds another version is
+        # a conflict: memory reads those tasks again and the batch is decided again
+        # (_refresh). The heads are read again from the best every sweep_interval, so
+        # that tasks queued by other nodes are handed out here too.
+        self._fenced = False
+        self._versions: dict[str, int] = {}
+        self._sweep_interval = sweep_interval
+        self._next_sweep = 0.0
+        # Concurrency keys held back after a conflict (maybe held by other nodes to their
+        # limit), until the next sweep.
+        self._paused_keys: set[str] = set()
+        self._conflicted = False
 
     async def started(self) -> None:
         # The claimed tasks, whole, and the head of each ready queue: not the backlog
@@ -517,6 +542,14 @@ class TaskManager(Actor[TaskManagerMessage]):
         tasks = list(await self._storage.ask(LoadTasks(_CLAIMED)))
         runs = list(await self._storage.ask(LoadRuns(_CLAIMED)))
         heads = await self._storage.ask(LoadQueueHeads(None, self._head))
+        self._fenced = await self._storage.ask(StoreFences())
+        if self._fenced:
+            self._versions = dict(heads.versions)
+            if tasks:  # read again with their versions, as one row each
+                stored = await self._storage.ask(FetchTasks(tuple(t.id for t in tasks)))
+                tasks = list(stored.tasks)
+                self._versions.update(stored.versions)
+            self._next_sweep = self._monotonic() + self._sweep_interval
         bounds: dict[QueueId, Bound] = {}
         for head, queued in heads.heads:
             tasks += queued
@@ -599,18 +632,54 @@ class TaskManager(Actor[TaskManagerMessage]):
                     lost = self._close_run(run, RunStatus.LOST, work, now, error=_RECOVERED)
             self._requeue(task, lost, "recovered", _RECOVERED, work, now, retry_after=0.0)
         if work.ops:
-            reply = await self._storage.request(Write(tuple(work.ops)))
-            await reply.wait()  # a failure fails the start-up; the next start recovers again
-            log.warning("recovered %d task(s) held when the runtime stopped", len(work.undo))
+            reply = await self._storage.request(Write(tuple(self._fences(work) + work.ops)))
+            try:
+                await reply.wait()  # a failure fails the start-up; the next start recovers again
+            except StorageError:
+                if not self._fenced:
+                    raise
+                # Another node recovered (or changed) them first: they are storage's.
+                for task_id in work.undo:
+                    self._drop(task_id)
+                self._reindex()
+                log.warning("%d task(s) to recover were changed by another node", len(work.undo))
+            else:
+                self._bump(work)
+                log.warning("recovered %d task(s) held when the runtime stopped", len(work.undo))
         self._shed()
 
     # -- the batch loop ----------------------------------------------------------------------
 
     async def receive_batch(self, batch: Sequence[Envelope[TaskManagerMessage]]) -> None:
-        work = _Batch()
+        # On a store shared by several nodes a write may conflict with another node's
+        # (_refresh): the batch is decided again on the tasks as they are now, up to
+        # _ATTEMPTS times; the last attempt answers a conflict as the storage error.
+        for attempt in range(_ATTEMPTS):
+            if attempt:
+                # Nodes that raced for the same tasks try again at different moments
+                # (jittered, growing, at most 50 ms), not in step with each other.
+                await anyio.sleep(self._rng.random() * min(0.05, 0.001 * 2**attempt))
+            if await self._decide(batch, may_retry=self._fenced and attempt + 1 < _ATTEMPTS):
+                break
+        self._evict()
+        # Heads that ran under half: their next tasks are read while the next batches
+        # go on (one read at a time), and taken in before the first batch after it.
+        if self._refilling is None:
+            self._refilling = await self._send_refill(self._ready.low(self._low))
+        self._arm()
+
+    async def _decide(
+        self, batch: Sequence[Envelope[TaskManagerMessage]], *, may_retry: bool
+    ) -> bool:
+        """Handle ``batch`` once: decide, commit, answer. ``False``: its write conflicted
+        with another node's, nothing of it was applied or answered, and memory was read
+        again: decide it again."""
+        work = _Batch(may_retry=may_retry)
         refill = self._refilling
         if refill is not None and refill.reply.done:
             await self._take_refill(refill)  # the heads read since the last batch
+        if self._fenced and self._monotonic() >= self._next_sweep:
+            await self._sweep()
         await self._look_up_keys(batch, work)
         now = self._read_clocks()
         self._settle_due(work, now)
@@ -647,25 +716,28 @@ class TaskManager(Actor[TaskManagerMessage]):
         if seen and self._workers is not None:
             self._report_seen(seen)  # before the answers: a caller then finds it alive
         self._dispatch(work, now)
+        unclaimed: list[Claim] = []
+        starved = False
+        follow_ups = 0
         while True:
-            unclaimed = await self._finish(work, forwards, now)
-            starved = work.starved
-            if not unclaimed and not starved:
-                break
+            outcome = await self._finish(work, forwards, now)
+            if outcome is None:  # a conflict: memory was read again
+                if not follow_ups:
+                    return False  # the whole batch again
+            else:
+                unclaimed, starved = outcome, work.starved
+                if not unclaimed and not starved:
+                    return True
             # Claims whose askers left before the answer: hand the tasks back (and on to
             # whoever is waiting), as one more batch. Claims that a drained head starved:
-            # read its next tasks, then hand them out.
-            work, forwards = _Batch(), []
+            # read its next tasks, then hand them out. (After a conflict: the same again.)
+            follow_ups += 1
+            work = _Batch(may_retry=self._fenced and follow_ups < _ATTEMPTS)
+            forwards = []
             refilled = await self._refill_now() if starved else True
             for claim in unclaimed:
                 self._release_unclaimed(claim, work, now)
             self._dispatch(work, now, refilled=refilled)
-        self._evict()
-        # Heads that ran under half: their next tasks are read while the next batches
-        # go on (one read at a time), and taken in before the first batch after it.
-        if self._refilling is None:
-            self._refilling = await self._send_refill(self._ready.low(self._low))
-        self._arm()
 
     async def _look_up_keys(
         self, batch: Sequence[Envelope[TaskManagerMessage]], work: _Batch
@@ -764,6 +836,8 @@ class TaskManager(Actor[TaskManagerMessage]):
             self._ready.set_bound(queue, bound)
             for task in tasks:
                 if task.id not in self._tasks and task.id not in refill.touched:
+                    if task.id in loaded.versions:
+                        self._versions[task.id] = loaded.versions[task.id]
                     self._take_in(task, runs.get(task.id, ()))
             for task, task_runs in list(refill.spilled.values()):
                 if (
@@ -814,6 +888,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         if key is not None and self._keys.get(key) == task_id:
             del self._keys[key]  # answered by storage from now on
         self._ready_at.pop(task_id, None)
+        self._versions.pop(task_id, None)  # read again with the task
         for run_id in self._runs_of.pop(task_id, []):
             self._runs.pop(run_id, None)
 
@@ -837,6 +912,8 @@ class TaskManager(Actor[TaskManagerMessage]):
             for task in stored.tasks:
                 if task.id not in found:
                     found[task.id] = task
+                    if task.id in stored.versions:
+                        self._versions[task.id] = stored.versions[task.id]
                     # Undo forgets the runs if the batch fails; a commit leaves the task
                     # in memory only if the batch changed it (_shed).
                     self._touch(task.id, work)
@@ -859,14 +936,29 @@ class TaskManager(Actor[TaskManagerMessage]):
         work: _Batch,
         forwards: list[tuple[Envelope[TaskManagerMessage], Request[object]]],
         now: datetime,
-    ) -> list[Claim]:
-        """Commit, then answer; returns the claims no one was there to receive."""
+    ) -> list[Claim] | None:
+        """Commit, then answer; returns the claims no one was there to receive, or
+        ``None`` for a conflict to decide again (nothing answered, memory read again)."""
         try:
             error = await self._commit(work, forwards)
         except CommitOutcomeUnknown as exc:
             for envelope, _ in work.answers:  # claims handed out from older batches too
                 envelope.fail(ActorFailedError(self.name, exc))
             raise
+        if error is not None and work.may_retry and _conflict(error):
+            self._restore(work, now)
+            self._repark(work)
+            self._conflicted = True
+            await self._refresh(work.fenced)
+            if work.keys_claimed:
+                # The conflict may be a key another node holds to its limit: none of its
+                # tasks is handed out here until the next sweep looks again.
+                self._ready.pause(keys=work.keys_claimed)
+                self._paused_keys |= work.keys_claimed
+            await self._sweep()  # the heads as they are now: what others took is gone
+            return None
+        if self._fenced:
+            await self._forward(forwards)  # held until the write's outcome was known
         short: list[_Waiter] = []
         if error is not None:
             self._restore(work, now)
@@ -877,6 +969,7 @@ class TaskManager(Actor[TaskManagerMessage]):
                     self._unpark(waiter_id)
                     short.append(waiter)
         else:
+            self._bump(work)
             self._shed()
         barrier = self._plan_barrier_seq(work) if error is None else 0
         held: list[tuple[Envelope[TaskManagerMessage], object]] = []
@@ -946,11 +1039,12 @@ class TaskManager(Actor[TaskManagerMessage]):
         work: _Batch,
         forwards: list[tuple[Envelope[TaskManagerMessage], Request[object]]],
     ) -> HiveError | None:
-        """Write the batch's changes, then queue the forwarded reads behind them."""
-        reply = await self._storage.request(Write(tuple(work.ops))) if work.ops else None
-        for envelope, request in forwards:
-            assert envelope.reply is not None
-            await self._storage.forward(request, envelope.reply)
+        """Write the batch's changes, then queue the forwarded reads behind them (on a
+        fenced store, once the write's outcome is known: :meth:`_finish`)."""
+        ops = self._fences(work) + work.ops if work.ops else []
+        reply = await self._storage.request(Write(tuple(ops))) if ops else None
+        if not self._fenced:
+            await self._forward(forwards)
         if reply is None:
             return None
         try:
@@ -968,6 +1062,195 @@ class TaskManager(Actor[TaskManagerMessage]):
                 " manager restarts from the database"
             ) from exc
         return None
+
+    async def _forward(
+        self, forwards: list[tuple[Envelope[TaskManagerMessage], Request[object]]]
+    ) -> None:
+        for envelope, request in forwards:
+            assert envelope.reply is not None
+            await self._storage.forward(request, envelope.reply)
+
+    # -- several nodes: fenced writes ------------------------------------------------------
+
+    def _fences(self, work: _Batch) -> list[WriteOp]:
+        """On a fenced store: a :class:`FenceTask` for each existing task the batch
+        changes (its row or a run of it), with the version memory read it at (-1, which
+        no row has, for a task whose version memory does not know: a conflict that
+        reads it)."""
+        if not self._fenced:
+            return []
+        created: set[str] = set()
+        changed: set[str] = set()
+        last: dict[str, Task] = {}
+        for op in work.ops:
+            match op:
+                case PutTask(task=task):
+                    created.add(task.id)
+                case SetTaskState(task=task):
+                    changed.add(task.id)
+                    last[task.id] = task
+                case DeleteTaskRow(task_id=task_id):
+                    changed.add(task_id)
+                    last.pop(task_id, None)
+                case PutRun(run=run) | SetRunState(run=run):
+                    changed.add(run.task_id)
+        work.fenced = sorted(changed - created)
+        fences: list[WriteOp] = []
+        taken: dict[str, int] = {}  # key -> this batch's claims of it so far
+        for task_id in work.fenced:
+            version = self._versions.get(task_id, -1)
+            now_state = last.get(task_id)
+            before = work.undo.get(task_id)
+            was = None if before is None or before.task is None else before.task.status
+            key = None if now_state is None else now_state.concurrency_key
+            if (
+                now_state is None
+                or key is None
+                or now_state.status not in _HOLDING
+                or was in _HOLDING
+            ):
+                fences.append(FenceTask(task_id, version))
+                continue
+            # A new claim of a task with a concurrency key: the limit holds across nodes.
+            room = (now_state.concurrency_limit or 1) - taken.get(key, 0)
+            taken[key] = taken.get(key, 0) + 1
+            work.keys_claimed.add(key)
+            fences.append(FenceTask(task_id, version, key, room))
+        return fences
+
+    def _bump(self, work: _Batch) -> None:
+        """After a fenced batch committed: the versions its fences moved to."""
+        if not self._fenced:
+            return
+        for op in work.ops:
+            if isinstance(op, PutTask):
+                self._versions[op.task.id] = 0
+        for task_id in work.fenced:
+            self._versions[task_id] = self._versions.get(task_id, -1) + 1
+        for op in work.ops:
+            if isinstance(op, DeleteTaskRow):
+                self._versions.pop(op.task_id, None)
+
+    def _repark(self, work: _Batch) -> None:
+        """After a conflict: the claims the batch answered wait again as they did before
+        it; those it parked are parked again when it is decided again."""
+        arrived = set(work.parked)
+        for waiter_id, waiter in work.unparked:
+            if waiter_id not in arrived:
+                self._waiters[waiter_id] = waiter
+                if waiter.deadline is not None:
+                    self._waits.set(waiter_id, waiter.deadline)
+        for waiter_id in arrived:
+            self._waiters.pop(waiter_id, None)
+            self._waits.discard(waiter_id)
+        for waiter_id, before in work.grown:
+            grown = self._waiters.get(waiter_id)
+            if grown is not None:
+                del grown.taken[before:]
+
+    async def _refresh(self, task_ids: Sequence[str]) -> None:
+        """After a conflict (memory already put back as before the batch): read the
+        batch's tasks again. A claim of this node that is still its own is kept (its
+        row, runs and version as they are now); every other task leaves memory, to be
+        read again when it is asked for (it may have been claimed, changed or deleted by
+        another node). A key the batch raced another node for is read again anyway
+        (_look_up_keys)."""
+        if not task_ids:
+            return
+        try:
+            stored = await self._storage.ask(FetchTasks(tuple(task_ids)))
+        except HiveError as exc:
+            log.warning("could not read %d task(s) after a conflict: %s", len(task_ids), exc)
+            for task_id in task_ids:
+                if task_id not in self._held:
+                    self._drop(task_id)
+                    self._finished.pop(task_id, None)
+            self._reindex()
+            return
+        found = {task.id: task for task in stored.tasks}
+        runs: dict[str, list[Run]] = {}
+        for run in stored.runs:
+            runs.setdefault(run.task_id, []).append(run)
+        for task_id in task_ids:
+            task = found.get(task_id)
+            held = self._held.get(task_id)
+            if (
+                task is not None
+                and held is not None
+                and task.status in _HOLDING
+                and any(r.id == held and r.status in _RUN_OPEN for r in runs.get(task_id, ()))
+            ):
+                for run_id in self._runs_of.pop(task_id, []):
+                    self._runs.pop(run_id, None)
+                for run in runs[task_id]:
+                    self._remember_run(run)
+                self._tasks[task_id] = task
+                self._versions[task_id] = stored.versions[task_id]
+                continue
+            self._drop(task_id)
+            self._finished.pop(task_id, None)
+            if task is not None:
+                # Kept though the task left memory: a path that reads it again without
+                # its version (a listing's QueryTasks: flush_queue, purges) fences by
+                # this one, which only passes if the task has not changed since, so the
+                # state it read then is this version's.
+                self._versions[task_id] = stored.versions[task_id]
+        self._reindex()
+
+    async def _sweep(self) -> None:
+        """On a fenced store: read every queue's head again from its best, taking in the
+        tasks memory does not hold (queued by other nodes, or left to storage), so that
+        no task waits for the node that queued it; every sweep_interval, and after a
+        head ran dry. A task memory holds that another node claimed since is found out
+        by the claim's fence."""
+        self._next_sweep = self._monotonic() + self._sweep_interval
+        if self._paused_keys and not self._conflicted:
+            self._ready.resume(keys=self._paused_keys)
+            self._paused_keys = set()
+        self._conflicted = False
+        try:
+            loaded = await self._storage.ask(LoadQueueHeads(None, self._head))
+        except HiveError as exc:
+            log.warning("could not read the ready queues: %s", exc)
+            return
+        if self._refilling is not None:
+            self._refilling.void = True  # this read has it all
+        runs: dict[str, list[Run]] = {}
+        for run in loaded.runs:
+            runs.setdefault(run.task_id, []).append(run)
+        read: dict[QueueId, Bound | None] = {}
+        ids: set[str] = set()
+        for head, tasks in loaded.heads:
+            queue = (head.task_type, head.requires, head.concurrency_key)
+            read[queue] = bound_of(tasks[-1]) if len(tasks) >= self._head else None
+            ids.update(task.id for task in tasks)
+        # What memory holds as queued and ready that the read does not show (within what
+        # it covers) is no longer so: claimed, changed or deleted by another node.
+        stale = [
+            task.id
+            for task in self._tasks.values()
+            if task.status is Q
+            and task.run_at is None
+            and task.id not in ids
+            and self._ready.holds(task.id)
+            and (
+                queue_of(task) not in read
+                or (bound := read[queue_of(task)]) is None
+                or bound_of(task)[:3] <= bound[:3]
+            )
+        ]
+        for task_id in stale:
+            self._drop(task_id)
+        if stale:
+            self._reindex()
+        for head, tasks in loaded.heads:
+            queue = (head.task_type, head.requires, head.concurrency_key)
+            self._ready.set_bound(queue, read[queue])
+            for task in tasks:
+                if task.id not in self._tasks:
+                    self._versions[task.id] = loaded.versions[task.id]
+                    self._take_in(task, runs.get(task.id, ()))
+        self._ready.extended(list(read))
 
     def _touch(self, task_id: str, work: _Batch) -> None:
         """Remember a task's memory state before the batch first changes it."""
@@ -1039,6 +1322,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         claims' secrets) and after a failed commit only."""
         self._ready = ReadyQueue(self._type_limits, self._ready.bounds(), self._revoked)
         self._ready.pause(self._limits.full_types, self._limits.full_keys)
+        self._ready.pause(keys=self._paused_keys)
         self._held = {}
         self._deadlines = Deadlines()
         for task in self._tasks.values():
@@ -1146,6 +1430,7 @@ class TaskManager(Actor[TaskManagerMessage]):
             self._ready.resume(*self._limits.freed(mono))
         while (waiter_id := self._waits.pop_due(mono)) is not None:
             waiter = self._waiters.pop(waiter_id)
+            work.unparked.append((waiter_id, waiter))
             work.answers.append((waiter.envelope, waiter.nothing))
 
     def _arm(self) -> None:
@@ -1164,6 +1449,8 @@ class TaskManager(Actor[TaskManagerMessage]):
         frees = self._limits.next_free()
         if frees is not None:
             times.append(frees)
+        if self._fenced and self._waiters:
+            times.append(self._next_sweep)  # tasks queued by other nodes, for the waiters
         wake = min(times) if times else None
         if wake != self._alarm.at:
             self._alarm.set(wake)
@@ -1381,7 +1668,7 @@ class TaskManager(Actor[TaskManagerMessage]):
                 continue
             reply = waiter.envelope.reply
             if reply is not None and reply.done:  # the claimer stopped waiting
-                self._unpark(waiter_id)
+                self._unpark(waiter_id, work)
                 for claim in waiter.taken:  # committed, never received: hand them back
                     self._release_unclaimed(claim, work, now)
                 continue
@@ -1392,11 +1679,11 @@ class TaskManager(Actor[TaskManagerMessage]):
                     work.starved = True
                     continue
                 if waiter.deadline is None or waiter.taken:
-                    self._unpark(waiter_id)
+                    self._unpark(waiter_id, work)
                     work.answers.append((waiter.envelope, waiter.nothing))
                 continue
             if isinstance(request, ClaimTask):
-                self._unpark(waiter_id)
+                self._unpark(waiter_id, work)
                 work.answers.append((waiter.envelope, self._assign(task_id, request, work, now)))
                 continue
             work.grown.append((waiter_id, len(waiter.taken)))
@@ -1411,12 +1698,14 @@ class TaskManager(Actor[TaskManagerMessage]):
                 # A head ran dry mid-claim: the rest once its next tasks are read.
                 work.starved = True
                 continue
-            self._unpark(waiter_id)
+            self._unpark(waiter_id, work)
             work.answers.append((waiter.envelope, tuple(claims)))
 
-    def _unpark(self, waiter_id: int) -> None:
-        del self._waiters[waiter_id]
+    def _unpark(self, waiter_id: int, work: _Batch | None = None) -> None:
+        waiter = self._waiters.pop(waiter_id)
         self._waits.discard(waiter_id)
+        if work is not None:
+            work.unparked.append((waiter_id, waiter))  # parked again if the batch conflicts
 
     def _assign(
         self, task_id: str, claim: ClaimTask | ClaimTasks, work: _Batch, now: datetime
@@ -2093,6 +2382,17 @@ class TaskManager(Actor[TaskManagerMessage]):
 
 
 _RECOVERED = "the runtime stopped while a worker held the task"
+
+
+#: How many times a batch is decided on a fenced store before a conflict is its answer.
+_ATTEMPTS = 32
+
+
+def _conflict(error: HiveError) -> bool:
+    """Whether a failed write may be decided again: another node changed a task it
+    fenced, took an idempotency key it created, or a lock it waited on chose it as a
+    deadlock's victim (a constraint's refusal has no fault of its own)."""
+    return isinstance(error, StorageError) and error.fault in (None, "locked")
 
 
 def _ends_a_plan_task(ops: list[WriteOp], start: int) -> bool:

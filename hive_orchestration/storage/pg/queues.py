@@ -28,10 +28,11 @@ from ...messages.storage import (
     QueueHead,
     QueueHeads,
     StorageMessage,
+    StoreFences,
     TasksWithRuns,
 )
 from ...messages.tasks import Run, Task
-from ..port import Driver
+from ..port import Driver, Row
 from ..rows import (
     RUN_COLUMNS,
     TASK_COLUMNS,
@@ -74,7 +75,7 @@ def _queue(task_type: str, requires: str | None, key: str | None) -> tuple[str, 
     where += f" AND {_equal('concurrency_key', key)}"
     params: list[object] = [task_type]
     params += [v for v in (requires, key) if v is not None]
-    return f"SELECT {TASK_COLUMNS} FROM tasks WHERE {where}", params
+    return f"SELECT {TASK_COLUMNS}, version FROM tasks WHERE {where}", params
 
 
 def requires_text(requires: Sequence[str]) -> str | None:
@@ -89,17 +90,25 @@ async def query_queues(db: Driver, message: StorageMessage) -> object:
             if heads is None:
                 heads = tuple(await _all_queues(db))
             loaded: list[tuple[QueueHead, tuple[Task, ...]]] = []
+            # Each task read with its version in one row: a write fenced by it was
+            # decided on exactly that state.
+            versions: dict[str, int] = {}
             for head in heads:
-                loaded.append((head, tuple(await _head(db, head, limit))))
+                rows = await _head(db, head, limit)
+                versions.update((str(row[0]), int(cast(int, row[-1]))) for row in rows)
+                loaded.append((head, tuple(task_from_row(row[:-1]) for row in rows)))
             ids = [task.id for _, tasks in loaded for task in tasks]
-            return QueueHeads(tuple(loaded), tuple(await _runs_of(db, ids)))
+            return QueueHeads(tuple(loaded), tuple(await _runs_of(db, ids)), versions)
         case FetchTasks(task_ids=task_ids):
             rows = await db.fetchall(
-                f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY(?)", (list(task_ids),)
+                f"SELECT {TASK_COLUMNS}, version FROM tasks WHERE id = ANY(?)", (list(task_ids),)
             )
-            tasks = [task_from_row(row) for row in rows]
+            tasks = [task_from_row(row[:-1]) for row in rows]
+            versions = {str(row[0]): int(cast(int, row[-1])) for row in rows}
             runs = await _runs_of(db, [task.id for task in tasks])
-            return TasksWithRuns(tuple(tasks), tuple(runs))
+            return TasksWithRuns(tuple(tasks), tuple(runs), versions)
+        case StoreFences():
+            return True  # several nodes may share the database
         case QueryUnroutable(capability_sets=sets, limit=limit, after=after):
             stuck: list[Task] = []
             for task_type, requires in await db.fetchall(_ROUTES):
@@ -171,11 +180,11 @@ async def _all_queues(db: Driver) -> list[QueueHead]:
     ]
 
 
-async def _head(db: Driver, head: QueueHead, limit: int) -> list[Task]:
+async def _head(db: Driver, head: QueueHead, limit: int) -> list[Row]:
     select, queue = _queue(head.task_type, requires_text(head.requires), head.concurrency_key)
     if head.after is None:
         sql = f"{select} ORDER BY priority DESC, created_at, id LIMIT ?"
-        return [task_from_row(row) for row in await db.fetchall(sql, (*queue, limit))]
+        return await db.fetchall(sql, (*queue, limit))
     priority, created_at, task_id = head.after
     # After (p, c, i): the rest of priority p after (c, i), then the lower priorities.
     same = (
@@ -185,7 +194,7 @@ async def _head(db: Driver, head: QueueHead, limit: int) -> list[Task]:
     if len(rows) < limit:
         lower = f"{select} AND priority < ? ORDER BY priority DESC, created_at, id LIMIT ?"
         rows += await db.fetchall(lower, (*queue, priority, limit - len(rows)))
-    return [task_from_row(row) for row in rows]
+    return rows
 
 
 async def _runs_of(db: Driver, task_ids: Sequence[str]) -> list[Run]:

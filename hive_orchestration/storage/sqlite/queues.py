@@ -26,6 +26,7 @@ from ...messages.storage import (
     QueueHead,
     QueueHeads,
     StorageMessage,
+    StoreFences,
     TasksWithRuns,
 )
 from ...messages.tasks import Run, Task
@@ -124,6 +125,8 @@ async def query_queues(db: Driver, message: StorageMessage) -> object:
                 stuck = [t for t in stuck if (-t.priority, t.created_at, t.id) > bound]
             stuck.sort(key=lambda task: (-task.priority, task.created_at, task.id))
             return stuck if limit is None else stuck[:limit]
+        case StoreFences():
+            return False  # one owner: its memory is the truth, nothing to fence
         case LastTaskId():
             # The last rows inserted, by the table's own b-tree: the open reads no index
             # it does not need (a damaged one fails only what uses it). Ids are made in

@@ -1,0 +1,218 @@
+"""Several runtimes (nodes) on one PostgreSQL database.
+
+Each open runtime registers as a node (a ``hive_nodes`` row and a session advisory lock
+on its own id, held for its life: storage/pg/claim.py). A claimed task records its node
+(``tasks.node_id``); a runtime opening the database requeues the claims of dead nodes and
+unowned ones only, never another live node's. Clients given the URL find any live node.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+psycopg = pytest.importorskip("psycopg")
+
+from hive_orchestration import (  # noqa: E402
+    IllegalTransitionError,
+    LeaseLostError,
+    OrchestrationClient,
+    Runtime,
+    TaskStatus,
+)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
+
+
+def raw(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+async def test_a_second_node_opens_and_leaves_the_first_nodes_claims_alone(pg_url: str) -> None:
+    async with Runtime.open(pg_url) as first:
+        task_id = await first.create_task("build")
+        claim = await first.claim_task("w1", "build", start=True)
+        assert claim is not None
+        assert claim.task.id == task_id
+        [(node,)] = raw(pg_url, "SELECT node_id FROM tasks WHERE id = %s", (task_id,))
+        assert node is not None
+        async with Runtime.open(pg_url):
+            # Both nodes are registered and alive; the claim is still the first node's.
+            assert len(raw(pg_url, "SELECT id FROM hive_nodes")) == 2
+            assert raw(pg_url, "SELECT status, node_id FROM tasks WHERE id = %s", (task_id,)) == [
+                ("running", node)
+            ]
+        done = await first.complete_task(claim.lease, {"ok": True})
+        assert done.status == TaskStatus.COMPLETED
+    assert raw(pg_url, "SELECT status, node_id FROM tasks") == [("completed", None)]
+
+
+async def test_the_claims_of_a_dead_node_are_requeued_by_the_next_to_open(pg_url: str) -> None:
+    async with Runtime.open(pg_url) as first:
+        task_id = await first.create_task("build")
+        assert await first.claim_task("w1", "build") is not None
+    # The first node is gone (its lock with it), its claim left in the table.
+    assert raw(pg_url, "SELECT status FROM tasks") == [("assigned",)]
+    async with Runtime.open(pg_url) as second, Runtime.open(pg_url) as third:
+        assert (await second.get_task(task_id)).status == TaskStatus.QUEUED
+        claim = await third.claim_task("w2", "build", wait=10)
+        assert claim is not None
+        assert claim.task.id == task_id
+        assert [r.status for r in await third.get_runs(task_id)] == ["lost", "assigned"]
+
+
+async def test_a_client_given_the_url_reaches_a_live_node(pg_url: str) -> None:
+    async with Runtime.open(pg_url) as first, Runtime.open(pg_url):
+        async with OrchestrationClient(db_path=pg_url) as client:
+            assert client.remote
+            task_id = await client.create_task("remote-made")
+        # Committed by the node the client reached, before its answer: any node reads it.
+        assert (await first.get_task(task_id)) is not None
+
+
+# -- several nodes sharing the work ---------------------------------------------------------
+
+
+async def test_three_nodes_share_the_work_and_hand_out_each_task_once(pg_url: str) -> None:
+    total = 1500
+    async with (
+        Runtime.open(pg_url) as a,
+        Runtime.open(pg_url) as b,
+        Runtime.open(pg_url) as c,
+    ):
+        nodes = (a, b, c)
+        done: dict[str, int] = {}  # task id -> the node that completed it
+
+        async def create(node: Runtime, n: int) -> None:
+            await node.create_tasks([{"task_type": "job", "payload": {"n": i}} for i in range(n)])
+
+        async def work(index: int, node: Runtime, worker: str) -> None:
+            while len(done) < total:
+                claims = await node.claim_tasks(worker, "job", limit=8, wait=0.2, start=True)
+                for claim in claims:
+                    finished = await node.complete_task(claim.lease, {"by": worker})
+                    assert finished.status == TaskStatus.COMPLETED
+                    assert claim.task.id not in done, "handed out twice"
+                    done[claim.task.id] = index
+
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                for index, node in enumerate(nodes):
+                    for w in range(3):
+                        tg.start_soon(work, index, node, f"w{index}-{w}")
+                for node in nodes:
+                    tg.start_soon(create, node, total // 3)
+    assert len(done) == total
+    assert len(set(done.values())) == 3, "every node handed out some"
+    # The database agrees: each task completed once, by one run, one task.assigned each.
+    assert raw(pg_url, "SELECT status, count(*) FROM tasks GROUP BY status") == [
+        ("completed", total)
+    ]
+    assert raw(pg_url, "SELECT count(*), count(DISTINCT task_id) FROM runs") == [(total, total)]
+    assert raw(pg_url, "SELECT count(*) FROM events WHERE type = 'task.assigned'") == [(total,)]
+
+
+async def _race_complete_and_cancel(pg_url: str, a: Runtime, b: Runtime) -> None:
+    task_id = await a.create_task("race")
+    claim = await a.claim_task("w", "race", start=True)
+    assert claim is not None
+    outcomes: dict[str, object] = {}
+
+    async def complete() -> None:
+        try:
+            outcomes["complete"] = await a.complete_task(claim.lease, {"ok": 1})
+        except (IllegalTransitionError, LeaseLostError) as exc:
+            outcomes["complete"] = exc
+
+    async def cancel() -> None:
+        try:
+            outcomes["cancel"] = await b.cancel_task(task_id)
+        except IllegalTransitionError as exc:
+            outcomes["cancel"] = exc
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(complete)
+        tg.start_soon(cancel)
+    won = [k for k, v in outcomes.items() if not isinstance(v, Exception)]
+    assert len(won) == 1, outcomes
+    [(status,)] = raw(pg_url, "SELECT status FROM tasks WHERE id = %s", (task_id,))
+    assert status == ("completed" if won == ["complete"] else "cancelled")
+    # Both nodes read the one outcome.
+    assert (await a.get_task(task_id)).status == status
+    assert (await b.get_task(task_id)).status == status
+
+
+async def test_a_complete_and_a_cancel_raced_on_two_nodes_have_one_winner(pg_url: str) -> None:
+    async with Runtime.open(pg_url) as a, Runtime.open(pg_url) as b:
+        for _ in range(10):
+            await _race_complete_and_cancel(pg_url, a, b)
+
+
+async def _race_a_key(a: Runtime, b: Runtime, key: str) -> list[str]:
+    ids: list[str] = []
+
+    async def create(node: Runtime) -> None:
+        ids.append(await node.create_task("once", idempotency_key=key))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(create, a)
+        tg.start_soon(create, b)
+    return ids
+
+
+async def test_an_idempotency_key_raced_on_two_nodes_gives_one_task(pg_url: str) -> None:
+    async with Runtime.open(pg_url) as a, Runtime.open(pg_url) as b:
+        for n in range(10):
+            first, second = await _race_a_key(a, b, f"k{n}")
+            assert first == second
+    assert raw(pg_url, "SELECT count(*) FROM tasks") == [(10,)]
+
+
+async def test_a_claim_waiting_on_one_node_gets_a_task_created_on_another(pg_url: str) -> None:
+    async with Runtime.open(pg_url) as a, Runtime.open(pg_url) as b:
+        got: list[object] = []
+
+        async def wait() -> None:
+            got.append(await a.claim_task("w", "later", wait=30))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await anyio.sleep(0.3)  # parked on a first (nothing to wait on that says so)
+            task_id = await b.create_task("later")
+        [claim] = got
+        assert claim is not None
+        assert claim.task.id == task_id
+
+
+async def test_a_concurrency_limit_holds_across_nodes(pg_url: str) -> None:
+    total = 12
+    async with Runtime.open(pg_url) as a, Runtime.open(pg_url) as b:
+        for n in range(total):
+            await (a, b)[n % 2].create_task("one", {"n": n}, concurrency_key="k")
+        held = 0
+        most = 0
+        done: list[str] = []
+
+        async def work(node: Runtime, worker: str) -> None:
+            nonlocal held, most
+            while len(done) < total:
+                claim = await node.claim_task(worker, "one", wait=0.5, start=True)
+                if claim is None:
+                    continue
+                held += 1
+                most = max(most, held)
+                await anyio.sleep(0.2)  # held while the other node tries to claim
+                held -= 1
+                await node.complete_task(claim.lease)
+                done.append(claim.task.id)
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for node, name in ((a, "a"), (b, "b")):
+                    for w in range(2):
+                        tg.start_soon(work, node, f"{name}{w}")
+    assert sorted(done) == sorted(r[0] for r in raw(pg_url, "SELECT id FROM tasks"))
+    assert most == 1
