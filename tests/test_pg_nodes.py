@@ -216,3 +216,25 @@ async def test_a_concurrency_limit_holds_across_nodes(pg_url: str) -> None:
                         tg.start_soon(work, node, f"{name}{w}")
     assert sorted(done) == sorted(r[0] for r in raw(pg_url, "SELECT id FROM tasks"))
     assert most == 1
+
+
+async def test_a_node_leaves_another_live_nodes_workers_alone(pg_url: str) -> None:
+    # A node opening loads the workers it must watch: its own and those of no live node.
+    # Another live node's worker heartbeats to that node, never to this one, so watching
+    # it here would declare it offline after worker_timeout while it works.
+    from hive_orchestration import RuntimeConfig, WorkerStatus
+
+    quick = RuntimeConfig(worker_timeout=0.5)
+    async with Runtime.open(pg_url) as first:
+        await first.register_worker("busy")
+        async with Runtime.open(pg_url, config=quick) as second:
+            # Keep "busy" alive on its own node for three times the second's timeout.
+            for _ in range(15):
+                await first.update_worker_heartbeat("busy")
+                await anyio.sleep(0.1)
+            worker = await first.get_worker("busy")
+            assert worker is not None
+            assert worker.status is not WorkerStatus.OFFLINE
+            [(status,)] = raw(pg_url, "SELECT status FROM workers WHERE id = 'busy'")
+            assert status != "offline"
+        assert raw(pg_url, "SELECT count(*) FROM events WHERE type = 'worker.offline'") == [(0,)]

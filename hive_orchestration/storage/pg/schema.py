@@ -325,6 +325,14 @@ _V15: tuple[str, ...] = (
     "CREATE TRIGGER tasks_claim_holder BEFORE INSERT OR UPDATE OF status ON tasks"
     " FOR EACH ROW EXECUTE FUNCTION hive_claim_holder()",
     "CREATE INDEX idx_tasks_node ON tasks (node_id) WHERE node_id IS NOT NULL",
+    # A worker is watched (heartbeats, worker_timeout) by the node it talks to: each write
+    # of its row names that node, and a node opening loads only the workers of no live
+    # node besides itself (sql.py, LoadWorkers), never declaring another's offline.
+    f"ALTER TABLE workers ADD COLUMN node_id {_T}",
+    "CREATE OR REPLACE FUNCTION hive_worker_node() RETURNS trigger LANGUAGE plpgsql AS $$"
+    " BEGIN NEW.node_id := nullif(current_setting('hive.node', true), ''); RETURN NEW; END $$",
+    "CREATE TRIGGER workers_node BEFORE INSERT OR UPDATE ON workers"
+    " FOR EACH ROW EXECUTE FUNCTION hive_worker_node()",
     # A claim of a task with a concurrency key counts the key's claimed tasks (rows.py).
     "CREATE INDEX idx_tasks_held_key ON tasks (concurrency_key)"
     " WHERE status IN ('assigned', 'running') AND concurrency_key IS NOT NULL",

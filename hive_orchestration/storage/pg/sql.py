@@ -169,8 +169,9 @@ class PostgresSql:
                 )
                 return [run_from_row(row) for row in rows]
             case LoadWorkers():
+                # Another live node's workers heartbeat to it, not to this one (schema 15).
                 rows = await db.fetchall(
-                    f"SELECT {WORKER_COLUMNS} FROM workers ORDER BY registered_at, id"
+                    f"SELECT {WORKER_COLUMNS} FROM workers WHERE {_MINE} ORDER BY registered_at, id"
                 )
                 return tuple(worker_from_row(row) for row in rows)
         raise HiveError(f"not a task read: {type(message).__name__}")
