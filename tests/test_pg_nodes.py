@@ -227,7 +227,7 @@ async def test_a_node_leaves_another_live_nodes_workers_alone(pg_url: str) -> No
     quick = RuntimeConfig(worker_timeout=0.5)
     async with Runtime.open(pg_url) as first:
         await first.register_worker("busy")
-        async with Runtime.open(pg_url, config=quick) as second:
+        async with Runtime.open(pg_url, config=quick):
             # Keep "busy" alive on its own node for three times the second's timeout.
             for _ in range(15):
                 await first.update_worker_heartbeat("busy")
