@@ -18,6 +18,7 @@ committed); a plain subscription ends as it does without take-over (it has no re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -56,6 +57,17 @@ async def reach(
     checked = RuntimeConfig.checked(config)
     deadline = anyio.current_time() + checked.remote_timeout
     pause = 0.01
+    target, _ = resolve_db_path(db_path, checked)
+    store = open_store(target, checked)
+    if store.kind == "postgres":
+        # Several runtimes (nodes) may open one server's database: a client connects to
+        # one that serves, if any does, rather than open a node of its own.
+        _, address = await anyio.to_thread.run_sync(store.read_owner)
+        if address is not None and address not in (STARTING, STOPPING):
+            with contextlib.suppress(ConnectionLostError):
+                return await stack.enter_async_context(
+                    RemoteRuntime.connect(address, name=name, silence=checked.remote_timeout)
+                )
     while True:
         try:
             return await stack.enter_async_context(Runtime.open(db_path, config=config))

@@ -48,7 +48,9 @@ def choose_address(db_path: str) -> str:
         # A server's database has no folder to put the socket beside (a URL taken as a
         # path would make folders named "postgresql:" in the working directory): the
         # runtime folder or an abstract name, recorded in the database for its clients.
-        real = db_path
+        # Several runtimes (nodes) may serve one database from one machine, even from
+        # one process: each gets a name of its own (clients read it, never guess it).
+        real = f"{db_path}#{os.urandom(8).hex()}"
     else:
         real = os.path.realpath(db_path)
         beside = f"{real}.hive"

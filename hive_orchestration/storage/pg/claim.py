@@ -1,24 +1,33 @@
-"""One runtime owns a PostgreSQL database at a time, as one owns a SQLite file.
+"""Runtimes on a PostgreSQL database: each is a *node*, registered for its whole life.
 
 The SQLite store's claim is a ``flock`` on the file's lock file, which records the owner's
 pid and the address its socket serves on (:mod:`..database`). Here:
 
-- **The claim** is a session advisory lock (``pg_try_advisory_lock``) held by a
-  connection of its own for the runtime's whole life (across restarts of the storage
-  actor, as a flock is). PostgreSQL drops it the moment that session ends: the process
-  killed (even by SIGKILL), the server restarted. A second runtime on the same database
-  is refused with :class:`StorageError` ``fault="in_use"``, naming the owner's pid and
-  host. The write connection's driver checks the claim each time it connects
-  (:meth:`DatabaseClaim.hold`), and takes it again if it was lost with the server, or is
-  refused if another runtime took the database meanwhile: a runtime never writes to a
-  database it no longer owns after a reconnection.
-- **The records** (pid, host, the socket address clients connect to) are a row of
-  ``hive_nodes``. A client given the URL reads it (:func:`read_owner`) and believes it only
-  while the lock is held (``pg_locks``): a killed owner's row names no one.
+- **A node** is one open runtime: a fresh id, a row of ``hive_nodes`` (pid, host, the
+  socket address clients connect to) and a session advisory lock on a key drawn from its
+  id (:func:`node_key`), held by a connection of its own for the runtime's whole life
+  (across restarts of the storage actor, as a flock is). PostgreSQL drops the lock the
+  moment that session ends (the process killed, even by SIGKILL; the server restarted),
+  so **a node is alive exactly while its lock is held** (:func:`alive_sql`): a row whose
+  lock is free is a dead node's, whatever the row says.
+- **Claims of tasks** record their node (``tasks.node_id``, set by the database as a task
+  enters ``assigned`` or ``running``, from the writer's ``hive.node`` session setting,
+  which :meth:`DatabaseClaim.hold` gives each write connection: schema version 15).
+  Recovery on open requeues the claims of dead nodes and unowned ones only, never those
+  of another live node (``storage/pg/sql.py``, :func:`recoverable_sql`).
+- **One owner or several.** Until claims are taken in the database and every write is
+  fenced, a node also takes the owner lock (:data:`OWNER_LOCK`) and a second runtime is
+  refused with :class:`StorageError` ``fault="in_use"``, naming the owner's pid and host,
+  as on SQLite. :data:`_SHARED` lets several nodes open one database instead.
+- The write connection's driver checks the node's lock each time it connects
+  (:meth:`DatabaseClaim.hold`), and takes it again if it was lost with the server (a
+  new registration), or is refused if another runtime took the database meanwhile: a
+  runtime never writes to a database it no longer owns after a reconnection.
+- **Clients** given the URL read the live nodes' rows (:func:`read_owner`) and connect
+  to any of them.
 
 Advisory locks belong to one database, so runtimes on other databases of the same server
-never meet. Single node: next, several nodes each hold a lock on their own id and share
-the work; ``hive_nodes`` is already one row per node so that they can.
+never meet.
 """
 
 from __future__ import annotations
@@ -35,18 +44,65 @@ from typing import Any
 import psycopg
 
 from ...errors import StorageError
-from ..port import STARTING, StoreError
+from ..port import STARTING, STOPPING, StoreError
 from .driver import CONNECT_TIMEOUT
 from .faults import connect_error, connection_lost, storage_error
 from .schema import MIGRATE_LOCK
 from .url import display_url
 
-__all__ = ["OWNER_LOCK", "DatabaseClaim", "read_owner"]
+__all__ = [
+    "NODE_SETTING",
+    "OWNER_LOCK",
+    "DatabaseClaim",
+    "alive_sql",
+    "node_key",
+    "read_owner",
+    "recoverable_sql",
+]
 
-#: The advisory lock the owning runtime's write connection holds. "hiveownr" in ASCII.
+#: The advisory lock the owning runtime's claim connection holds while one runtime owns
+#: the database (:data:`_SHARED` off). "hiveownr" in ASCII.
 OWNER_LOCK = 0x68697665_6F776E72
-# How pg_locks shows a bigint advisory key: its high and low halves.
-_LOCK_HIGH, _LOCK_LOW = OWNER_LOCK >> 32, OWNER_LOCK & 0xFFFFFFFF
+
+#: Whether several runtimes (nodes) may open one database. Off until every task and run
+#: write another node could race is fenced and claims come from the database: until then
+#: a second node would hand out tasks the first one holds.
+_SHARED = False
+
+#: The session setting naming the node a write connection writes for (read by the
+#: ``tasks_claim_holder`` trigger, schema version 15, and by :func:`recoverable_sql`).
+NODE_SETTING = "hive.node"
+
+
+def node_key(node_id: str) -> int:
+    """The advisory lock key of a node: the first 16 hex digits of its id (a uuid4's
+    hex, random), as a signed bigint. :func:`alive_sql` computes the same in SQL."""
+    key = int(node_id[:16], 16)
+    return key - (1 << 64) if key >= 1 << 63 else key
+
+
+def _half(column: str, start: int) -> str:
+    # 8 hex digits of the id as the unsigned 32-bit number pg_locks shows.
+    return f"('x' || lpad(substr({column}, {start}, 8), 16, '0'))::bit(64)::bigint"
+
+
+def alive_sql(column: str) -> str:
+    """SQL true while the node whose id is in ``column`` holds its lock (it lives)."""
+    return (
+        "EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted"
+        " AND l.objsubid = 1"
+        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        f" AND l.classid::bigint = {_half(column, 1)} AND l.objid::bigint = {_half(column, 9)})"
+    )
+
+
+def recoverable_sql(column: str = "node_id") -> str:
+    """SQL true for a task whose claim this node may take over: its own (a restart of the
+    task manager), no node's, or a dead node's; never another live node's."""
+    return (
+        f"({column} IS NULL OR {column} = current_setting('{NODE_SETTING}', true)"
+        f" OR NOT {alive_sql(column)})"
+    )
 
 
 Connection = psycopg.Connection[tuple[Any, ...]]
@@ -89,15 +145,16 @@ def _connect(url: str, application_name: str) -> Connection:
 
 
 def _holder(conn: Connection) -> tuple[str | None, str | None]:
-    """(pid, address) of the owner as its row says, if the lock is held (else Nones)."""
-    held = conn.execute(_HELD + ")", (_LOCK_HIGH, _LOCK_LOW)).fetchone()
-    if held is None or not held[0]:
-        return None, None
+    """(pid, address) of a live node as its row says (else Nones): one that serves, if
+    any does, else the newest (which may be starting or stopping)."""
     table = conn.execute("SELECT to_regclass('hive_nodes') IS NOT NULL").fetchone()
     if table is None or not table[0]:
         return None, None
     row = conn.execute(
-        "SELECT pid, host, address FROM hive_nodes ORDER BY started_at DESC LIMIT 1"
+        "SELECT pid, host, address FROM hive_nodes"
+        f" WHERE {alive_sql('id')}"
+        " ORDER BY coalesce(address, '') NOT IN ('', %s, %s) DESC, started_at DESC LIMIT 1",
+        (STARTING, STOPPING),
     ).fetchone()
     if row is None:
         return None, None
@@ -107,11 +164,11 @@ def _holder(conn: Connection) -> tuple[str | None, str | None]:
 
 
 def read_owner(url: str) -> tuple[str | None, str | None]:
-    """The pid (with its host, if not this one) of the runtime that owns the database at
-    ``url`` and the address it serves on (each None when not recorded; the address
-    :data:`STARTING` or :data:`STOPPING` while it opens or closes). Blocking: call it from
-    a worker thread. The answer may be stale by the time it is used (the caller connects
-    and finds out), as for a SQLite file."""
+    """The pid (with its host, if not this one) of a live runtime (node) on the database
+    at ``url`` and the address it serves on (each None when not recorded; the address
+    :data:`STARTING` or :data:`STOPPING` while it opens or closes; a serving node is
+    preferred). Blocking: call it from a worker thread. The answer may be stale by the
+    time it is used (the caller connects and finds out), as for a SQLite file."""
     try:
         conn = _connect(url, "hive-orchestration:client")
     except StorageError:
@@ -153,14 +210,16 @@ def _quickly(job: Callable[[], None], what: str) -> None:
 
 
 class DatabaseClaim:
-    """The runtime's hold on a PostgreSQL database for its whole life, across restarts of
-    the storage actor (see the module).
+    """The runtime's registration as a node of a PostgreSQL database for its whole life,
+    across restarts of the storage actor (see the module).
 
-    :meth:`acquire` opens the claim's own connection and takes the lock there; it is held
-    until :meth:`release` (or the process's end). Give :meth:`hold` to the write
-    connection's driver (``on_connect``): each write connection opened checks that the
-    claim is still held, and takes it again if its connection was lost (a server
-    restart), or refuses (``in_use``) if another runtime took the database meanwhile.
+    :meth:`acquire` opens the claim's own connection and takes the node's lock there (and
+    the owner lock, while one runtime owns a database); it is held until :meth:`release`
+    (or the process's end). Give :meth:`hold` to the write connection's driver
+    (``on_connect``): each write connection opened checks that the lock is still held,
+    and takes it again if its connection was lost (a server restart), or refuses
+    (``in_use``) if another runtime took the database meanwhile; it also names the node
+    on that connection (:data:`NODE_SETTING`).
     Its methods are called from worker threads and the driver's thread: a lock keeps
     them one at a time.
     """
@@ -202,6 +261,9 @@ class DatabaseClaim:
                 except StorageError as exc:
                     # The driver's caller (the storage actor) hears the port's error.
                     raise StoreError(str(exc), fault=exc.fault) from exc
+            # For the session (the connection is in autocommit): the claims this
+            # connection writes are this node's.
+            conn.execute("SELECT set_config(%s, %s, false)", (NODE_SETTING, self.node_id))
 
     def _take(self) -> None:
         if self._conn is not None:
@@ -209,17 +271,24 @@ class DatabaseClaim:
             self._conn = None
         conn = _connect(self.url, "hive-orchestration:owner")
         try:
-            got = conn.execute("SELECT pg_try_advisory_lock(%s)", (OWNER_LOCK,)).fetchone()
-            if got is None or not got[0]:
-                pid, _ = _holder(conn)
-                raise self._in_use(pid)
+            if not _SHARED:
+                got = conn.execute("SELECT pg_try_advisory_lock(%s)", (OWNER_LOCK,)).fetchone()
+                if got is None or not got[0]:
+                    pid, _ = _holder(conn)
+                    raise self._in_use(pid)
+            # A fresh id's lock is free; taken before the row is written, so that a row
+            # whose lock is free is always a dead node's.
+            conn.execute("SELECT pg_advisory_lock(%s)", (node_key(self.node_id),))
             with conn.transaction():
                 # Made here, not by a migration: the claim comes before the schema is read.
                 # Under the migration lock, so that two runtimes never create it at once.
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
                 conn.execute(_NODES)
-                # This runtime holds the lock, so every other row is a dead owner's.
-                conn.execute("DELETE FROM hive_nodes WHERE id <> %s", (self.node_id,))
+                # The rows of dead nodes go (their claims are found by tasks.node_id).
+                conn.execute(
+                    f"DELETE FROM hive_nodes WHERE id <> %s AND NOT {alive_sql('id')}",
+                    (self.node_id,),
+                )
                 conn.execute(
                     "INSERT INTO hive_nodes (id, pid, host, address) VALUES (%s, %s, %s, %s)"
                     " ON CONFLICT (id) DO UPDATE SET address = excluded.address",
@@ -234,10 +303,12 @@ class DatabaseClaim:
         self._conn = conn
         self._backend_pid = conn.info.backend_pid
 
-    @staticmethod
-    def _held_by(conn: Connection, backend: int) -> bool:
-        """Whether the server session ``backend`` holds the claim (asked on ``conn``)."""
-        row = conn.execute(_HELD + " AND pid = %s)", (_LOCK_HIGH, _LOCK_LOW, backend)).fetchone()
+    def _held_by(self, conn: Connection, backend: int) -> bool:
+        """Whether the server session ``backend`` holds the node's lock (asked on ``conn``)."""
+        key = node_key(self.node_id) & 0xFFFFFFFF_FFFFFFFF
+        row = conn.execute(
+            _HELD + " AND pid = %s)", (key >> 32, key & 0xFFFFFFFF, backend)
+        ).fetchone()
         return row is not None and bool(row[0])
 
     def _in_use(self, holder: str | None) -> StorageError:
@@ -309,7 +380,7 @@ class DatabaseClaim:
                     # Unlocked here, not by closing: the server ends a closed session a
                     # moment after the close returns, and a runtime opened right after
                     # would be refused by a lock still held for nobody.
-                    conn.execute("SELECT pg_advisory_unlock(%s)", (OWNER_LOCK,))
+                    conn.execute("SELECT pg_advisory_unlock_all()")
                 conn.close()
 
         self._released = True  # no write connection takes the claim again meanwhile

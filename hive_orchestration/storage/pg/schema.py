@@ -305,6 +305,28 @@ _V14: tuple[str, ...] = (
     f" updated_at {_T} NOT NULL)",
 )
 
+# Several nodes on one database (pg-design 4): which node holds a claimed task, and a
+# version bumped by each batch that changes the task, which a node's write is fenced by.
+# The holder is set by the database itself, as a task enters assigned or running, from
+# the writer's session (``hive.node``, set by each node's write connection: claim.py),
+# so that no statement shared with SQLite names it; NULL (not held, or written by no
+# node) is recovered by whoever opens the database next.
+_V15: tuple[str, ...] = (
+    f"ALTER TABLE tasks ADD COLUMN node_id {_T}",
+    f"ALTER TABLE tasks ADD COLUMN version {_INT} NOT NULL DEFAULT 0",
+    "CREATE OR REPLACE FUNCTION hive_claim_holder() RETURNS trigger LANGUAGE plpgsql AS $$"
+    " BEGIN"
+    "  IF NEW.status NOT IN ('assigned', 'running') THEN NEW.node_id := NULL;"
+    "  ELSIF TG_OP = 'INSERT' OR OLD.status NOT IN ('assigned', 'running') THEN"
+    "   NEW.node_id := nullif(current_setting('hive.node', true), '');"
+    "  END IF;"
+    "  RETURN NEW;"
+    " END $$",
+    "CREATE TRIGGER tasks_claim_holder BEFORE INSERT OR UPDATE OF status ON tasks"
+    " FOR EACH ROW EXECUTE FUNCTION hive_claim_holder()",
+    "CREATE INDEX idx_tasks_node ON tasks (node_id) WHERE node_id IS NOT NULL",
+)
+
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n (the twin of the SQLite
 #: list's entry n - 1: same tables, columns and indexes).
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -322,6 +344,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V12,
     _V13,
     _V14,
+    _V15,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

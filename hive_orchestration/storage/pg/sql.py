@@ -49,6 +49,7 @@ from ..rows import (
     worker_from_row,
 )
 from . import plans, queues
+from .claim import recoverable_sql
 from .pages import PAGE_SQL
 from .retention import RETENTION_SQL
 
@@ -60,6 +61,7 @@ _INSERT_EVENT = (
 )
 #: Queued tasks by type, and the earliest time one of each became claimable (the twin of
 #: SQLite's, through the same two partial indexes, named by their WHERE terms).
+_MINE = recoverable_sql()
 _COUNT_QUEUED = (
     "SELECT task_type, COUNT(*), MIN(since) FROM ("
     " SELECT task_type, GREATEST(updated_at, coalesce(available_at, updated_at)) AS since"
@@ -121,9 +123,11 @@ class PostgresSql:
                     str(task_type): (int(cast(int, count)), _when(since))
                     for task_type, count, since in rows
                 }
+            # The task manager's claims at start-up: its node's, no node's and dead nodes'
+            # only, never another live node's (claim.py).
             case LoadTasks(statuses=statuses):
                 rows = await db.fetchall(
-                    f"SELECT {TASK_COLUMNS} FROM tasks WHERE status = ANY(?)"
+                    f"SELECT {TASK_COLUMNS} FROM tasks WHERE status = ANY(?) AND {_MINE}"
                     " ORDER BY priority DESC, created_at, id",
                     (list(statuses),),
                 )
@@ -131,14 +135,14 @@ class PostgresSql:
             case LoadRuns(statuses=statuses):
                 rows = await db.fetchall(
                     f"SELECT {RUN_COLUMNS} FROM runs WHERE task_id IN"
-                    " (SELECT id FROM tasks WHERE status = ANY(?)) ORDER BY id",
+                    f" (SELECT id FROM tasks WHERE status = ANY(?) AND {_MINE}) ORDER BY id",
                     (list(statuses),),
                 )
                 return tuple(run_from_row(row) for row in rows)
             case LoadLeaseHashes(statuses=statuses):
                 rows = await db.fetchall(
                     "SELECT id, lease_hash FROM runs WHERE task_id IN"
-                    " (SELECT id FROM tasks WHERE status = ANY(?))"
+                    f" (SELECT id FROM tasks WHERE status = ANY(?) AND {_MINE})"
                     " AND lease_hash IS NOT NULL AND status IN ('assigned', 'running')",
                     (list(statuses),),
                 )

@@ -314,6 +314,16 @@ _V14: tuple[str, ...] = (
     " updated_at TEXT NOT NULL)",
 )
 
+# Version 15: several nodes on one PostgreSQL database hold claims (the node holding a
+# claimed task, and the version a node's writes are fenced by: storage/pg/schema.py). A
+# SQLite file has one owner, which writes neither: they stay NULL and 0 here, and are
+# columns only so that both stores keep one schema.
+_V15: tuple[str, ...] = (
+    "ALTER TABLE tasks ADD COLUMN node_id TEXT",
+    "ALTER TABLE tasks ADD COLUMN version INTEGER NOT NULL DEFAULT 0",
+    "CREATE INDEX IF NOT EXISTS idx_tasks_node ON tasks (node_id) WHERE node_id IS NOT NULL",
+)
+
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V1,
@@ -330,5 +340,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V12,
     _V13,
     _V14,
+    _V15,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
