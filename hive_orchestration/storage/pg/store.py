@@ -20,7 +20,7 @@ import psycopg
 
 from ...config import RuntimeConfig
 from ...errors import StorageError
-from ..port import Driver, StoreClaim, StoreError, StoreKind
+from ..port import Driver, LogFeed, Publisher, StoreClaim, StoreError, StoreKind
 from .claim import DatabaseClaim, read_owner
 from .driver import PostgresDriver, PostgresReader
 from .faults import connect_error, storage_error
@@ -92,6 +92,13 @@ class PostgresStore:
             )
         except StoreError as exc:
             raise self.explain(exc, "cannot open a reader") from exc
+
+    def log_feed(self, publish: Publisher) -> LogFeed | None:
+        """Several runtimes may write this database: a log tailer publishes every node's
+        events (:mod:`.tailer`)."""
+        from .tailer import LogTailer
+
+        return LogTailer(self.url, publish, connect_timeout=self._timeout())
 
     def explain(self, exc: StoreError, action: str) -> StorageError:
         return storage_error(self.url, exc, action=action)

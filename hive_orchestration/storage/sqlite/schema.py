@@ -324,6 +324,11 @@ _V15: tuple[str, ...] = (
     "CREATE INDEX IF NOT EXISTS idx_tasks_node ON tasks (node_id) WHERE node_id IS NOT NULL",
 )
 
+# The twin of PostgreSQL's version 16 (its counter row, which numbers the events in commit
+# order for several writers): nothing here. One runtime writes a SQLite file, and its
+# storage actor numbers the events in memory.
+_V16: tuple[str, ...] = ()
+
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V1,
@@ -341,5 +346,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V13,
     _V14,
     _V15,
+    _V16,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
