@@ -10,10 +10,16 @@ nodes' events to its own subscribers, in seq order, woken by ``NOTIFY``.
 
 from __future__ import annotations
 
+import functools
+import os
+import subprocess
 import threading
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import _pg
 import anyio
 import anyio.to_thread
 import pytest
@@ -309,6 +315,44 @@ async def test_replay_then_live_across_nodes_has_no_gap_or_duplicate(
         assert stream.live > 0
 
 
+@pytest.mark.anyio
+async def test_one_node_publishes_its_own_commits_without_reading_the_log(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A single node's commits are always next: its tailer publishes them from memory,
+    so PostgreSQL costs no read per commit. The only read is the sweep the listener asks
+    for as it starts listening (a notification may have been missed before), the safety
+    poll being put out of reach here."""
+    from hive_orchestration.storage.pg import tailer as pg_tailer
+
+    monkeypatch.setattr(pg_tailer, "POLL_SECONDS", 3600.0)
+    reads: list[int] = []
+    catch_up = pg_tailer.LogTailer._catch_up
+
+    async def counted(self: pg_tailer.LogTailer, through: int) -> None:
+        reads.append(through)
+        await catch_up(self, through)
+
+    monkeypatch.setattr(pg_tailer.LogTailer, "_catch_up", counted)
+    async with Runtime.open(pg_url) as runtime:
+        got: list[int] = []
+        sent: list[int] = []
+        async with runtime.subscribe("job.*") as subscription:
+
+            async def publish() -> None:
+                for _ in range(25):
+                    sent.append((await runtime.publish("job.step", source="x")).seq)
+
+            with anyio.fail_after(WAIT):
+                async with anyio.create_task_group() as tg:
+                    for _ in range(4):
+                        tg.start_soon(publish)
+                while len(got) < len(sent):
+                    got.append((await subscription.receive()).seq)
+    assert got == sorted(sent)
+    assert len(reads) <= 1, reads
+
+
 # -- the database restarted under load ---------------------------------------------------
 
 
@@ -323,21 +367,67 @@ def _terminate_backends(url: str) -> int:
 
 
 def _listeners(url: str) -> int:
-    rows = raw(
-        url,
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-        " AND application_name = 'hive-orchestration:listener'",
-    )
+    """The nodes' listeners connected now (0 while the server is unreachable)."""
+    try:
+        rows = raw(
+            url,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = 'hive-orchestration:listener'",
+        )
+    except psycopg.OperationalError:
+        return 0
     return int(rows[0][0])
 
 
 @pytest.mark.anyio
 async def test_the_database_restarted_under_load(pg_url: str, shared: None) -> None:
     """Every session of the database is terminated, twice, while two nodes publish and
-    each follows the log live (pg_terminate_backend of all of them: what a restart does
-    to the clients, without restarting the server the parallel tests share). Writers
-    hear errors, then carry on; every acknowledged event is in the log; each node's
-    stream gives every event exactly once, in order; the listeners come back."""
+    each follows the log live: what a server restart does to its clients
+    (pg_terminate_backend of all of them), without restarting the server the parallel
+    tests share (tests/_pg.py's one cluster per session; the real restart is the slow
+    test below, on a cluster of its own). Writers hear errors, then carry on; every
+    acknowledged event is in the log; each node's stream gives every event exactly once,
+    in order; the listeners come back."""
+    await _outages_under_load(pg_url, functools.partial(_terminate_backends, pg_url))
+
+
+@pytest.fixture(scope="module")
+def own_cluster() -> Iterator[dict[str, Any]]:
+    """A PostgreSQL cluster of this module's own, which a test may restart."""
+    if _pg.unavailable_reason() is not None or os.environ.get(_pg.URL_ENV):
+        pytest.skip("needs PostgreSQL's programs to start a cluster of its own")
+    cluster = _pg._start_cluster(os.getpid())
+    try:
+        yield cluster
+    finally:
+        _pg._stop_cluster(cluster)
+
+
+def _restart(cluster: dict[str, Any]) -> int:
+    """``pg_ctl restart -m fast``: the server ends every session and starts again (on the
+    options it was started with)."""
+    pg_ctl = [str(Path(cluster["bin"]) / "pg_ctl"), "-D", str(Path(cluster["folder"], "data"))]
+    log = str(Path(cluster["folder"], "server.log"))
+    subprocess.run(
+        [*_pg._as_pg(), *pg_ctl, "-l", log, "-m", "fast", "-w", "restart"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return 1
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_the_server_restarted_under_load(own_cluster: dict[str, Any], shared: None) -> None:
+    """The same, with the server itself restarted (``pg_ctl restart -m fast``) twice."""
+    name = f"hive_restart_{uuid.uuid4().hex[:12]}"
+    raw(own_cluster["url"], f"CREATE DATABASE {name}")
+    url = own_cluster["url"].rsplit("/", 1)[0] + "/" + name
+    await _outages_under_load(url, functools.partial(_restart, own_cluster))
+
+
+async def _outages_under_load(pg_url: str, outage: Callable[[], int]) -> None:
     async with Runtime.open(pg_url) as a, Runtime.open(pg_url) as b:
         nodes = (a, b)
         with anyio.fail_after(WAIT):
@@ -375,8 +465,8 @@ async def test_the_database_restarted_under_load(pg_url: str, shared: None) -> N
                             writers.start_soon(publish, node, f"w{i}{j}")
                     for _ in range(2):
                         await acknowledged_grows(30)
-                        assert await anyio.to_thread.run_sync(_terminate_backends, pg_url) > 0
-                        while _listeners(pg_url) < len(nodes):  # noqa: ASYNC110
+                        assert await anyio.to_thread.run_sync(outage) > 0
+                        while await anyio.to_thread.run_sync(_listeners, pg_url) < 2:  # noqa: ASYNC110
                             await anyio.sleep(0.02)
                     await acknowledged_grows(30)
                     done.set()
