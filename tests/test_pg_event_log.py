@@ -26,7 +26,7 @@ import pytest
 
 psycopg = pytest.importorskip("psycopg")
 
-from hive_orchestration import HiveError, Runtime, StorageError  # noqa: E402
+from hive_orchestration import EventsTrimmedError, HiveError, Runtime, StorageError  # noqa: E402
 from hive_orchestration.client import EventStream  # noqa: E402
 from hive_orchestration.messages.events import Event  # noqa: E402
 from hive_orchestration.messages.storage import AppendEvent  # noqa: E402
@@ -313,6 +313,25 @@ async def test_replay_then_live_across_nodes_has_no_gap_or_duplicate(
         assert got == list(range(after + 1, finish.at + 1))
         assert stream.replayed > 0
         assert stream.live > 0
+
+
+@pytest.mark.anyio
+async def test_a_trim_on_one_node_refuses_a_replay_from_before_it_on_another(
+    pg_url: str, shared: None
+) -> None:
+    """Node B trims the log; a read on node A from before the trim is refused
+    (EventsTrimmedError), never answered short: A asks the database how far the log was
+    trimmed, not its own memory (which only knows its own trims)."""
+    async with Runtime.open(pg_url) as a, Runtime.open(pg_url) as b:
+        for _ in range(10):
+            await a.publish("job.step", source="a")
+        assert (await a.read_events(after=2))[0].seq == 3
+        through = await b.trim_events(max_events=3)
+        assert through > 3
+        with pytest.raises(EventsTrimmedError) as caught:
+            await a.read_events(after=2)
+        assert caught.value.oldest_seq == through + 1
+        assert (await a.read_events(after=through))[0].seq == through + 1
 
 
 @pytest.mark.anyio

@@ -434,6 +434,10 @@ class StorageActor(Actor[StorageMessage]):
         if self._read_only:
             # The runtime of another process trims: ask the file how far, each time.
             self._trimmed = await trimmed_through(self._connection())
+        elif self._feed is not None:
+            # Other nodes may trim the log too (never lower: this actor raises it before
+            # its own trim commits).
+            self._trimmed = max(self._trimmed, await trimmed_through(self._connection()))
         if read.after < self._trimmed:
             raise EventsTrimmedError(read.after, self._trimmed + 1)
 
