@@ -9,7 +9,9 @@ PostgreSQL the storage actor hands its commits to this tailer (:meth:`committed`
 tailer publishes:
 
 - **its own commit from memory, without a read**, when it is exactly next (the log's next
-  number is its first): the common case, and all of it on a single node;
+  number is its first): the common case, and all of it on a single node. If the tailer
+  is idle then, the storage actor publishes it itself, before it answers the writers (as
+  it does where it is the only writer); else the tailer does, in turn;
 - **the others' events read from the log** (``seq > published ORDER BY seq LIMIT n``,
   on a connection of its own) when its own commit is not next (the numbers between are
   other nodes' commits, committed before its own: the counter orders them), when another
@@ -121,6 +123,9 @@ class LogTailer:
         self._begun = anyio.Event()
         self._wake = anyio.Event()
         self._progress = anyio.Event()
+        #: Who publishes now: the tailer, or the storage actor publishing its own commit
+        #: that is next (one at a time, so that the order holds).
+        self._turn = anyio.Lock()
         self._stop = threading.Event()
         self._stop_channel = f"hive_stop_{self.origin}"
         self._listen_delay = _RETRY[0]
@@ -142,10 +147,28 @@ class LogTailer:
             self._begun.set()
 
     async def committed(self, message: Publish) -> None:
+        last = message.events[-1].seq
+        self._handed = max(self._handed, last)
+        if (
+            not self._own
+            and self._published is not None
+            and message.events[0].seq == self._published + 1
+        ):
+            try:
+                self._turn.acquire_nowait()
+            except anyio.WouldBlock:
+                pass  # the tailer is publishing: it takes this one after
+            else:
+                # Next, and the tailer idle: published here, in the storage actor's task,
+                # before the writers are answered (as where it is the only writer).
+                try:
+                    await self._emit(message, last)
+                finally:
+                    self._turn.release()
+                return
         while len(self._own) >= _QUEUE:
             await self._progress.wait()
         self._own.append(message)
-        self._handed = max(self._handed, message.events[-1].seq)
         self._wake.set()
 
     async def drain(self) -> None:
@@ -176,7 +199,8 @@ class LogTailer:
             # A new event before looking: a wake-up after the look is not lost.
             wake = self._wake = anyio.Event()
             try:
-                busy = await self._step()
+                async with self._turn:
+                    busy = await self._step()
             except StoreError as exc:
                 log.warning(
                     "event log tailer: cannot read the log (%s); again in %.2fs",
