@@ -9,9 +9,10 @@ PostgreSQL the storage actor hands its commits to this tailer (:meth:`committed`
 tailer publishes:
 
 - **its own commit from memory, without a read**, when it is exactly next (the log's next
-  number is its first): the common case, and all of it on a single node. If the tailer
-  is idle then, the storage actor publishes it itself, before it answers the writers (as
-  it does where it is the only writer); else the tailer does, in turn;
+  number is its first): the common case, and all of it on a single node. The storage
+  actor publishes it itself, in its turn (after the tailer's step in progress), before
+  it answers the writers, as it does where it is the only writer; a commit that is not
+  next is queued for the tailer;
 - **the others' events read from the log** (``seq > published ORDER BY seq LIMIT n``,
   on a connection of its own) when its own commit is not next (the numbers between are
   other nodes' commits, committed before its own: the counter orders them), when another
@@ -149,23 +150,20 @@ class LogTailer:
     async def committed(self, message: Publish) -> None:
         last = message.events[-1].seq
         self._handed = max(self._handed, last)
-        if (
-            not self._own
-            and self._published is not None
-            and message.events[0].seq == self._published + 1
-        ):
-            try:
-                self._turn.acquire_nowait()
-            except anyio.WouldBlock:
-                pass  # the tailer is publishing: it takes this one after
-            else:
-                # Next, and the tailer idle: published here, in the storage actor's task,
-                # before the writers are answered (as where it is the only writer).
-                try:
+        if not self._own:
+            # Its turn after the tailer's step in progress, if any (a read or a publish:
+            # never a backoff, which the tailer waits out without the turn).
+            async with self._turn:
+                position = self._published
+                if position is not None and last <= position:
+                    return  # the tailer read it from the log meanwhile: published
+                if position is not None and message.events[0].seq == position + 1:
+                    # Next: published here, in the storage actor's task, before the
+                    # writers are answered (as where it is the only writer).
                     await self._emit(message, last)
-                finally:
-                    self._turn.release()
-                return
+                    return
+        # Behind other nodes' commits not yet read, or behind own ones still queued: the
+        # tailer publishes it in turn.
         while len(self._own) >= _QUEUE:
             await self._progress.wait()
         self._own.append(message)
