@@ -351,8 +351,10 @@ class LogFeed(Protocol):
         first opened); later calls (a restarted actor) change nothing."""
 
     async def committed(self, message: Publish) -> None:
-        """One commit of this runtime's, its events numbered (waits while the feed is a
-        full queue behind)."""
+        """One commit of this runtime's, its events numbered: published before it
+        returns when it is next in the log (so before the writers are answered, as where
+        the storage actor publishes itself), else queued for the feed (waiting while the
+        queue is full)."""
 
     async def drain(self) -> None:
         """Wait until everything :meth:`committed` was given is published."""
