@@ -48,14 +48,11 @@ def raw(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...
 
 
 @pytest.fixture
-def shared() -> Iterator[None]:
-    """Several nodes admitted on one database (the store's private switch, claim.py)."""
-    before = pg_claim._SHARED
-    pg_claim._SHARED = True
-    try:
-        yield
-    finally:
-        pg_claim._SHARED = before
+def shared(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several nodes admitted on one database: the store's private switch while the
+    claims work keeps it (claim.py's ``_SHARED``); a no-op once several nodes are the rule
+    and the switch is gone."""
+    monkeypatch.setattr(pg_claim, "_SHARED", True, raising=False)
 
 
 def _numbered(count: int, origin: str = "raw") -> tuple[str, tuple[Any, ...]]:
