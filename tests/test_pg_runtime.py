@@ -226,16 +226,18 @@ async def test_a_commit_whose_outcome_is_unknown_is_never_reported_as_not_applie
     the key names the task that landed, and the log goes on after its events."""
     from hive_orchestration.storage.pg.driver import PostgresDriver
 
-    original = PostgresDriver.transaction
+    original = PostgresDriver.append
     armed = {"on": False}
 
-    async def transaction(self: PostgresDriver, statements: Any) -> None:
-        await original(self, statements)
+    # A write that carries events commits through append (the events numbered last).
+    async def append(self: PostgresDriver, statements: Any, numbered: Any) -> Any:
+        row = await original(self, statements, numbered)
         if armed["on"] and any(sql.startswith("INSERT INTO tasks") for sql, _ in statements):
             armed["on"] = False
             raise CommitUnknownError("the connection was lost during COMMIT (injected)")
+        return row
 
-    monkeypatch.setattr(PostgresDriver, "transaction", transaction)
+    monkeypatch.setattr(PostgresDriver, "append", append)
     async with Runtime.open(pg_url) as runtime:
         await runtime.create_task("first")
         armed["on"] = True

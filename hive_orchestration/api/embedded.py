@@ -69,7 +69,7 @@ from ..messages.tap import EventTap, Fold
 from ..messages.tasks import TaskManagerMessage, Wake
 from ..messages.workers import RegistryWake, WorkerRegistryMessage
 from ..runtime import ActorRef, Alarm, ChildRestart, ChildSpec, Supervisor
-from ..storage import StorageActor, open_store
+from ..storage import StorageActor, open_store, publisher
 from ..storage.readers import ReaderPool
 from .ops.control import ControlOps
 from .ops.plans import PlanOps
@@ -284,6 +284,10 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps,
                     storage.try_tell(CheckReaders())
 
             readers.poke = poke_storage
+        # Where several runtimes write one database (PostgreSQL): what publishes every
+        # node's events, beside the storage actor (None: the storage actor publishes).
+        feed = store.log_feed(publisher(broadcast))
+        storage_services = tuple(service.run for service in (readers, feed) if service is not None)
         subscription_ids = itertools.count(1)
         wall = wall_clock or _utc_now
         # Every deadline (leases, timeouts, backoffs, liveness, claim waits) runs on the
@@ -335,8 +339,8 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps,
                 ChildSpec(broadcast, lambda: BroadcastActor(subscription_ids)),
                 ChildSpec(
                     storage,
-                    lambda: StorageActor(store, config, broadcast, readers=readers),
-                    services=() if readers is None else (readers.run,),
+                    lambda: StorageActor(store, config, broadcast, readers=readers, feed=feed),
+                    services=storage_services,
                 ),
                 ChildSpec(tasks, task_manager, services=(alarm.run,)),
                 ChildSpec(

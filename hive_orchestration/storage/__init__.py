@@ -6,8 +6,8 @@ list defines it, and every other store keeps one migration per version (same num
 same tables and columns).
 """
 
-from .actor import StorageActor
+from .actor import StorageActor, publisher
 from .sqlite.schema import SCHEMA_VERSION
 from .store import open_store
 
-__all__ = ["SCHEMA_VERSION", "StorageActor", "open_store"]
+__all__ = ["SCHEMA_VERSION", "StorageActor", "open_store", "publisher"]

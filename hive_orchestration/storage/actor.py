@@ -17,7 +17,12 @@ What differs between stores (SQLite, PostgreSQL) is behind the store it is given
 the wording of a failure. The actor catches the port's errors only, and has the store
 explain them (:meth:`~.port.Store.explain`).
 
-Committed events are then published to the broadcast actor in sequence order.
+Committed events are then published to the broadcast actor in sequence order. The seqs
+are given in memory (``last_seq + 1`` onwards) where this actor is the database's only
+writer (SQLite); where several runtimes write one database (PostgreSQL), the database
+numbers a batch's events as it commits (:meth:`~.port.StoreSql.numbered_events`, a
+counter row that orders the commits), and a log feed beside this actor
+(:class:`~.port.LogFeed`) publishes every node's events, this one's handed to it here.
 
 The reads of a batch start after its writes committed. The large ones (listings, counts,
 the event log) are handed to a pool of read-only connections (:mod:`.readers`), so that
@@ -30,6 +35,7 @@ every :class:`Write` is refused with a :class:`StorageError`, and queries work a
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from bisect import bisect_left
@@ -92,6 +98,8 @@ from .port import (
     TASK_READS,
     CommitUnknownError,
     Driver,
+    LogFeed,
+    Publisher,
     Statement,
     Store,
     StoreError,
@@ -116,11 +124,13 @@ from .schedules import load_schedules, schedule_statement
 from .sqlite.schema import SCHEMA_VERSION
 from .store import open_store
 
-__all__ = ["StorageActor"]
+__all__ = ["StorageActor", "publish_to", "publisher"]
 
 log = logging.getLogger("hive_orchestration.storage")
 
 _Pending = tuple[Envelope[StorageMessage], Write]
+#: Seconds a stopping actor waits for its log feed to publish what it committed.
+_DRAIN_SECONDS = 2.0
 #: The read-only connection of the reader task running a read (readers.py); unset in the
 #: actor's own task, whose reads run on the write connection.
 _READER: ContextVar[Driver | None] = ContextVar("hive_storage_reader", default=None)
@@ -135,8 +145,13 @@ class StorageActor(Actor[StorageMessage]):
         *,
         read_only: bool = False,
         readers: ReaderPool | None = None,
+        feed: LogFeed | None = None,
     ) -> None:
+        """``feed``: the store's log feed (:meth:`~.port.Store.log_feed`), which then
+        publishes the committed events instead of this actor (``events`` is not used)."""
         self.max_batch = config.max_batch
+        self._feed = feed
+        self._origin = "" if feed is None else feed.origin
         #: Where the large reads go (see readers.py); None: all on the write connection.
         self._readers = readers
         self._read_only = read_only
@@ -168,10 +183,18 @@ class StorageActor(Actor[StorageMessage]):
             raise self._store.explain(exc, "cannot open") from exc
         # A log trimmed to nothing goes on after the last number it ever gave.
         self._last_seq = max(self._last_seq, self._trimmed)
+        if self._feed is not None:
+            self._feed.begin(self._last_seq)
         mode = "read-only, " if self._read_only else ""
         log.info("storage open: %s (%sdriver %s)", self._store.display, mode, self._db.name)
 
     async def stopped(self, error: BaseException | None) -> None:
+        if self._feed is not None and error is None:
+            # What this actor committed reaches the subscribers before the broadcast actor
+            # (stopped after this one) finishes their feeds; bounded: the feed may be
+            # waiting for the database.
+            with anyio.move_on_after(_DRAIN_SECONDS):
+                await self._feed.drain()
         if self._db is not None:
             db, self._db = self._db, None
             await db.close()
@@ -252,6 +275,9 @@ class StorageActor(Actor[StorageMessage]):
                     # Another process appends to the log: report where it stands now.
                     self._trimmed = await trimmed_through(db)
                     self._last_seq = max(await self._sql.last_seq(db), self._trimmed)
+                elif self._feed is not None:
+                    # Other nodes append to the log too: its end is the database's.
+                    self._last_seq = max(self._last_seq, await self._sql.last_seq(db))
                 return self._statistics()
             case _ if isinstance(message, TASK_READS):
                 return await self._sql.query_tasks(db, message)
@@ -270,26 +296,23 @@ class StorageActor(Actor[StorageMessage]):
             case other:
                 raise HiveError(f"the storage actor does not handle {type(other).__name__}")
 
-    async def _commit(self, writes: list[_Pending], *, isolate: bool, tries: int = 50) -> None:
+    async def _commit(self, writes: list[_Pending], *, isolate: bool) -> None:
         db = self._require_db()
         with anyio.CancelScope(shield=True):
-            seq = self._last_seq
-            units: list[list[Statement]] = []
-            seqs: list[tuple[int, ...]] = []
-            events: list[Event] = []
-            op_json: list[bytes] = []
+            rows: list[list[Statement]] = []  # each write's row statements
+            appended: list[list[AppendEvent]] = []  # each write's events
             for _, write in writes:
-                unit_seqs: list[int] = []
-                event_rows: list[Statement] = []
-                for op in write.ops:
-                    if isinstance(op, AppendEvent):
-                        seq += 1
-                        event_rows.append(self._sql.event_statement(seq, op))
-                        unit_seqs.append(seq)
-                        events.append(msgspec.structs.replace(op.event, seq=seq))
-                        op_json.append(op.data_json)
-                units.append(_row_statements(write.ops) + event_rows)
-                seqs.append(tuple(unit_seqs))
+                rows.append(_row_statements(write.ops))
+                appended.append([op for op in write.ops if isinstance(op, AppendEvent)])
+            ops = [op for unit in appended for op in unit]
+            numbered = self._sql.numbered_events(ops, self._origin) if ops else None
+            statements = [statement for unit in rows for statement in unit]
+            if numbered is None:
+                # Numbered here, in memory: this actor is the database's only writer.
+                seq = self._last_seq
+                for event_op in ops:
+                    seq += 1
+                    statements.append(self._sql.event_statement(seq, event_op))
             trimmed = self._trimmed
             for _, write in writes:
                 for op in write.ops:
@@ -297,7 +320,11 @@ class StorageActor(Actor[StorageMessage]):
                         self._trimmed = max(self._trimmed, op.through)
             began = time.perf_counter()
             try:
-                await db.transaction([statement for unit in units for statement in unit])
+                if numbered is None:
+                    await db.transaction(statements)
+                    last = self._last_seq + len(ops)
+                else:
+                    last = int(cast(int, (await db.append(statements, numbered))[0]))
             except CommitUnknownError:
                 # The connection went while COMMIT was on its way: the batch may be in
                 # the database or not, so it must not be told "nothing was applied", and
@@ -308,26 +335,17 @@ class StorageActor(Actor[StorageMessage]):
                 raise
             except StoreIntegrityError as exc:
                 self._trimmed = trimmed
-                if tries > 1 and self._store.kind == "postgres":
-                    # Stopgap until the commit-ordered counter (pg-design 4.4, branch
-                    # i24-log): another node took the seqs this batch numbered its events
-                    # with. Number them after the log's end and try again.
-                    last = await self._sql.last_seq(db)
-                    if last > self._last_seq:
-                        self._last_seq = last
-                        await self._commit(writes, isolate=isolate, tries=tries - 1)
-                        return
                 if not isolate or len(writes) == 1:
                     self._fail(writes, exc)
                     return
-                await self._isolate(writes, units)
+                await self._isolate(writes, rows, appended)
                 return
             except StoreError as exc:
                 self._trimmed = trimmed
                 self._fail(writes, exc)
                 return
             took = time.perf_counter() - began
-            self._last_seq = seq
+            self._last_seq = max(self._last_seq, last)
             self._transactions += 1
             self._writes += len(writes)
             self._largest_batch = max(self._largest_batch, len(writes))
@@ -335,19 +353,50 @@ class StorageActor(Actor[StorageMessage]):
             self._commit_sum += took
             self._batch_counts[bisect_left(COMMIT_BATCH_BOUNDS, len(writes))] += 1
             self._batch_sum += len(writes)
+            # The batch's events took the numbers up to ``last``, in order.
+            seq = last - len(ops)
+            seqs: list[tuple[int, ...]] = []
+            for unit in appended:
+                seqs.append(tuple(range(seq + 1, seq + 1 + len(unit))))
+                seq += len(unit)
+            events = [
+                msgspec.structs.replace(op.event, seq=number)
+                for op, number in zip(ops, range(last - len(ops) + 1, last + 1), strict=True)
+            ]
         # Publish before answering, so that an event caused by a write is already on its
         # way to subscribers when the writer learns the write is durable; answer in a
         # finally, so that a cancellation while publishing cannot report a committed write
         # as not done.
         try:
-            if events and self._events is not None:
-                await self._publish(Publish(tuple(events), tuple(op_json)))
+            if events:
+                message = Publish(tuple(events), tuple(op.data_json for op in ops))
+                if self._feed is not None:
+                    await self._feed.committed(message)
+                elif self._events is not None:
+                    await self._publish(message)
         finally:
             for (envelope, _), committed_seqs in zip(writes, seqs, strict=True):
                 envelope.resolve(Committed(committed_seqs))
 
-    async def _isolate(self, writes: list[_Pending], units: list[list[Statement]]) -> None:
+    async def _isolate(
+        self,
+        writes: list[_Pending],
+        rows: list[list[Statement]],
+        appended: list[list[AppendEvent]],
+    ) -> None:
         """Find the writes that broke the batch, fail them, and commit the others."""
+        units: list[list[Statement]] = []
+        seq = self._last_seq  # the numbers a probe gives are rolled back with it
+        for unit_rows, unit_ops in zip(rows, appended, strict=True):
+            numbered = self._sql.numbered_events(unit_ops, "") if unit_ops else None
+            if numbered is not None:
+                units.append([*unit_rows, numbered])
+                continue
+            unit = list(unit_rows)
+            for op in unit_ops:
+                seq += 1
+                unit.append(self._sql.event_statement(seq, op))
+            units.append(unit)
         verdicts = await self._require_db().probe(units)
         good: list[_Pending] = []
         for pending, verdict in zip(writes, verdicts, strict=True):
@@ -372,13 +421,7 @@ class StorageActor(Actor[StorageMessage]):
 
     async def _publish(self, message: Publish) -> None:
         assert self._events is not None
-        try:
-            if not self._events.try_tell(message):
-                await self._events.tell(message)
-        except RuntimeStoppedError:
-            # Only during shutdown, after the broadcast actor stopped: the events are
-            # durable and can be replayed from the log.
-            log.debug("broadcast stopped; %d event(s) not fanned out", len(message.events))
+        await publish_to(self._events, message)
 
     async def _read_events(self, read: ReadEvents) -> tuple[Event, ...]:
         # ``after=0`` reads from wherever the log starts; a later ``after`` that the log
@@ -395,6 +438,10 @@ class StorageActor(Actor[StorageMessage]):
         if self._read_only:
             # The runtime of another process trims: ask the file how far, each time.
             self._trimmed = await trimmed_through(self._connection())
+        elif self._feed is not None:
+            # Other nodes may trim the log too (never lower: this actor raises it before
+            # its own trim commits).
+            self._trimmed = max(self._trimmed, await trimmed_through(self._connection()))
         if read.after < self._trimmed:
             raise EventsTrimmedError(read.after, self._trimmed + 1)
 
@@ -422,6 +469,22 @@ class StorageActor(Actor[StorageMessage]):
         if self._db is None:  # pragma: no cover - messages only arrive after started()
             raise StorageError("storage is not open")
         return self._db
+
+
+async def publish_to(events: ActorRef[BroadcastMessage], message: Publish) -> None:
+    """Hand one commit's events to the broadcast actor (waiting if its mailbox is full)."""
+    try:
+        if not events.try_tell(message):
+            await events.tell(message)
+    except RuntimeStoppedError:
+        # Only during shutdown, after the broadcast actor stopped: the events are
+        # durable and can be replayed from the log.
+        log.debug("broadcast stopped; %d event(s) not fanned out", len(message.events))
+
+
+def publisher(events: ActorRef[BroadcastMessage]) -> Publisher:
+    """What a store's log feed publishes with (:meth:`~.port.Store.log_feed`)."""
+    return functools.partial(publish_to, events)
 
 
 def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:

@@ -12,10 +12,11 @@ Nothing here imports a database library: a store's own modules do, and only they
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias
 
 from ..errors import StorageError, StorageFault
+from ..messages.events import Publish
 from ..messages.plan_data import LoadDependencyResults
 from ..messages.storage import (
     AppendEvent,
@@ -69,7 +70,9 @@ __all__ = [
     "TASK_READS",
     "CommitUnknownError",
     "Driver",
+    "LogFeed",
     "Params",
+    "Publisher",
     "Row",
     "Statement",
     "Store",
@@ -180,6 +183,16 @@ class Driver:
         """
         raise NotImplementedError
 
+    async def append(self, statements: Sequence[Statement], numbered: Statement) -> Row:
+        """Apply ``statements`` then ``numbered`` in one transaction, as :meth:`transaction`
+        does, and answer the row ``numbered`` returned.
+
+        ``numbered`` is a store's :meth:`StoreSql.numbered_events`: the statement that
+        numbers a batch's events inside the transaction. Only the drivers of a store whose
+        :class:`StoreSql` numbers events implement it.
+        """
+        raise NotImplementedError
+
     async def probe(self, units: Sequence[Sequence[Statement]]) -> list[StoreError | None]:
         """Try each unit in its own savepoint, then roll everything back.
 
@@ -284,8 +297,22 @@ class StoreSql(Protocol):
         (``op.data_json`` is its data, as text)."""
         ...
 
+    def numbered_events(self, ops: Sequence[AppendEvent], origin: str) -> Statement | None:
+        """The one statement that appends ``ops``' events as the log's next numbers,
+        numbered by the database as the transaction commits, and returns the last number
+        it gave as its row's first column (:meth:`Driver.append` runs it last); ``origin``
+        names the writer in the wake-up it sends to the other nodes' log feeds.
+
+        None: this store numbers events in memory instead (one writer per database: the
+        actor gives each the next number, :meth:`event_statement`). A store that several
+        runtimes write at once must number them here, in commit order: a number given
+        before the commit (a serial) can become visible after a greater one, and a reader
+        that has passed it never sees it (pg-design 4.4).
+        """
+        ...
+
     async def last_seq(self, db: Driver) -> int:
-        """The greatest seq in the log (0: empty)."""
+        """The greatest seq the log has given (0: none yet)."""
         ...
 
     async def read_events(self, db: Driver, read: ReadEvents) -> list[Row]:
@@ -309,6 +336,40 @@ class StoreSql(Protocol):
     async def query_retention(self, db: Driver, message: StorageMessage) -> object:
         """A message of :data:`RETENTION_READS`."""
         ...
+
+
+#: Hands one commit's events to the broadcast actor (waiting if its mailbox is full).
+Publisher: TypeAlias = Callable[[Publish], Awaitable[None]]
+
+
+class LogFeed(Protocol):
+    """What feeds the broadcast actor where several runtimes write one log (PostgreSQL):
+    a log tailer beside the storage actor, running for the runtime's whole life (across
+    restarts of the storage actor) as a supervisor service.
+
+    Each node publishes every committed event, its own and the other nodes', once and in
+    seq order: its own commits from memory when they are next, the others' read from the
+    log when a wake-up (or a slow safety poll) says there are some.
+    """
+
+    #: Names this runtime in its wake-ups (it skips its own: it was told directly).
+    origin: str
+
+    def begin(self, last_seq: int) -> None:
+        """Publish what commits after ``last_seq`` (the log's end as the storage actor
+        first opened); later calls (a restarted actor) change nothing."""
+
+    async def committed(self, message: Publish) -> None:
+        """One commit of this runtime's, its events numbered: published before it
+        returns when it is next in the log (so before the writers are answered, as where
+        the storage actor publishes itself), else queued for the feed (waiting while the
+        queue is full)."""
+
+    async def drain(self) -> None:
+        """Wait until everything :meth:`committed` was given is published."""
+
+    async def run(self) -> None:
+        """Follow the log until cancelled (then stop its threads and connections)."""
 
 
 class Store(Protocol):
@@ -360,7 +421,12 @@ class Store(Protocol):
       hashes as bytes; ``rows.parse_time`` also takes a ``datetime``.
     - The actor groups a batch's writes into one :meth:`Driver.transaction`: row
       statements first, then each event's :meth:`StoreSql.event_statement` with the seq
-      it assigned (``last_seq + 1`` onwards, in memory: one writer per database).
+      it assigned (``last_seq + 1`` onwards, in memory: one writer per database); or,
+      where the store numbers events (:meth:`StoreSql.numbered_events`, several writers),
+      one statement for all of the batch's events, last, by :meth:`Driver.append`.
+    - :meth:`log_feed` -> :class:`LogFeed` or None: where several runtimes write one log,
+      what publishes every node's events to this runtime's subscribers; None: the storage
+      actor publishes its own commits itself (it is the only writer).
     """
 
     @property
@@ -398,6 +464,10 @@ class Store(Protocol):
 
     async def open_reader(self) -> Driver:
         """One read-only connection beside the writer."""
+        ...
+
+    def log_feed(self, publish: Publisher) -> LogFeed | None:
+        """The log feed of a runtime on this database (None: the storage actor publishes)."""
         ...
 
     def explain(self, exc: StoreError, action: str) -> StorageError:

@@ -303,6 +303,9 @@ class DatabaseClaim:
         try:
             conn.execute(sql, params)
         except psycopg.Error as exc:
+            if connection_lost(conn):
+                # Found lost only now (a restart, its backends terminated): as above.
+                return
             raise storage_error(self.url, exc, action="cannot record the owner") from exc
 
     def _record(self) -> None:

@@ -139,9 +139,13 @@ def _rollback(conn: Connection) -> None:
         conn.execute("ROLLBACK")
 
 
-def _transaction(conn: Connection, statements: Sequence[Statement]) -> None:
+def _transaction(
+    conn: Connection, statements: Sequence[Statement], last: Statement | None = None
+) -> Row | None:
+    """Apply ``statements`` (then ``last``, answering its first row) and commit."""
     runs = coalesce(statements)
     counted: list[tuple[str, int, psycopg.Cursor[tuple[Any, ...]]]] = []
+    found: Row | None = None
     try:
         # One round trip: BEGIN and every run, sent together, read back at the sync.
         with conn.pipeline():
@@ -151,8 +155,19 @@ def _transaction(conn: Connection, statements: Sequence[Statement]) -> None:
                 cursor = conn.cursor()
                 cursor.executemany(text, [_bind(order, row) for row in rows])
                 counted.append((sql, len(rows), cursor))
+            if last is not None:
+                # Last, in the same round trip: the event counter's row lock (numbered
+                # events) is held from here to the end of COMMIT, and no longer.
+                text, order = translate(last[0])
+                cursor = conn.cursor()
+                cursor.execute(text, _bind(order, last[1]))
+                counted.append(("", 1, cursor))
         for sql, rows_sent, cursor in counted:
             check_updated(sql, rows_sent, cursor.rowcount)
+        if last is not None:
+            found = counted[-1][2].fetchone()
+            if found is None:
+                raise StoreError("the event counter row is missing (hive_event_seq)")
     except BaseException:
         _rollback(conn)
         raise
@@ -160,6 +175,7 @@ def _transaction(conn: Connection, statements: Sequence[Statement]) -> None:
         for _, _, cursor in counted:
             cursor.close()
     _commit(conn)
+    return found
 
 
 def _commit(conn: Connection) -> None:
@@ -332,6 +348,12 @@ class PostgresDriver(Driver):
     async def transaction(self, statements: Sequence[Statement]) -> None:
         with anyio.CancelScope(shield=True):
             await self.run(_transaction, statements)
+
+    async def append(self, statements: Sequence[Statement], numbered: Statement) -> Row:
+        with anyio.CancelScope(shield=True):
+            row = await self.run(_transaction, statements, numbered)
+        assert row is not None  # _transaction raises rather than commit without it
+        return row
 
     async def probe(self, units: Sequence[Sequence[Statement]]) -> list[StoreError | None]:
         with anyio.CancelScope(shield=True):

@@ -338,6 +338,20 @@ _V15: tuple[str, ...] = (
     " WHERE status IN ('assigned', 'running') AND concurrency_key IS NOT NULL",
 )
 
+# The counter row that numbers events in commit order across nodes (pg-design 4.4): each
+# transaction that appends events ends by adding their count to it, its events numbered
+# from the result (sql.py's numbered_events). Its row lock is held to the end of COMMIT,
+# so the transaction that takes N + 1 commits after the one that took N: a reader that
+# sees N + 1 sees N. It starts where the log is, or where it was trimmed to (the numbers
+# a log trimmed to nothing gave are never given again). A ``hive_`` table: this store's
+# own, its SQLite twin is no table at all (one writer numbers in memory there).
+_V16: tuple[str, ...] = (
+    "CREATE TABLE hive_event_seq (id integer PRIMARY KEY CHECK (id = 1), last bigint NOT NULL)",
+    "INSERT INTO hive_event_seq (id, last) SELECT 1, GREATEST("
+    " (SELECT coalesce(max(seq), 0) FROM events),"
+    " (SELECT coalesce(max(trimmed_through), 0) FROM event_log))",
+)
+
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n (the twin of the SQLite
 #: list's entry n - 1: same tables, columns and indexes).
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -356,6 +370,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V13,
     _V14,
     _V15,
+    _V16,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -15,6 +15,7 @@ Statements keep SQLite's ``?`` marks: the driver translates them.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from datetime import datetime
 from typing import cast
 
@@ -53,11 +54,29 @@ from .claim import recoverable_sql
 from .pages import PAGE_SQL
 from .retention import RETENTION_SQL
 
-__all__ = ["PostgresSql", "glob_regex"]
+__all__ = ["EVENTS_CHANNEL", "PostgresSql", "glob_regex"]
+
+#: The channel each commit that appends events notifies (its payload "<origin>:<last seq>").
+EVENTS_CHANNEL = "hive_events"
 
 _INSERT_EVENT = (
     "INSERT INTO events (seq, type, timestamp, source, correlation_id, task_id, plan_id,"
     " worker_id, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+#: A batch's events, numbered as the transaction commits (pg-design 4.4; the driver runs
+#: it last, Driver.append): the counter row is raised by the batch's count, and the events
+#: take the numbers up to its new value, in order (unnest's ordinality). From this
+#: statement to the end of COMMIT the transaction holds the counter's row lock, so commits
+#: that append events follow each other in the order of their numbers. The NOTIFY, sent at
+#: commit, wakes the other nodes' log feeds (pg/tailer.py): "<origin>:<last seq>".
+_NUMBERED_EVENTS = (
+    "WITH s AS (UPDATE hive_event_seq SET last = last + ? WHERE id = 1 RETURNING last),"
+    " i AS (INSERT INTO events (seq, type, timestamp, source, correlation_id, task_id,"
+    " plan_id, worker_id, data)"
+    " SELECT s.last - ? + e.n, e.type, e.ts, e.source, e.cid, e.tid, e.pid, e.wid, e.data"
+    " FROM s, unnest(?::text[], ?::float8[], ?::text[], ?::text[], ?::text[], ?::text[],"
+    " ?::text[], ?::text[]) WITH ORDINALITY AS e(type, ts, source, cid, tid, pid, wid, data, n))"
+    f" SELECT last, pg_notify('{EVENTS_CHANNEL}', ? || ':' || last) FROM s"
 )
 #: Queued tasks by type, and the earliest time one of each became claimable (the twin of
 #: SQLite's, through the same two partial indexes, named by their WHERE terms).
@@ -105,9 +124,30 @@ class PostgresSql:
             ),
         )
 
+    def numbered_events(self, ops: Sequence[AppendEvent], origin: str) -> Statement | None:
+        count = len(ops)
+        events = [op.event for op in ops]
+        return (
+            _NUMBERED_EVENTS,
+            (
+                count,
+                count,
+                [event.type for event in events],
+                [event.timestamp for event in events],
+                [event.source for event in events],
+                [event.correlation_id for event in events],
+                [event.task_id for event in events],
+                [event.plan_id for event in events],
+                [event.worker_id for event in events],
+                [op.data_json.decode() for op in ops],
+                origin,
+            ),
+        )
+
     async def last_seq(self, db: Driver) -> int:
-        rows = await db.fetchall("SELECT coalesce(max(seq), 0) FROM events")
-        return int(cast(int, rows[0][0]))
+        # The counter, not max(seq): what it says is committed, and all below it too.
+        rows = await db.fetchall("SELECT last FROM hive_event_seq WHERE id = 1")
+        return int(cast(int, rows[0][0])) if rows else 0
 
     async def read_events(self, db: Driver, read: ReadEvents) -> list[Row]:
         return await read_event_rows(db, read)

@@ -13,6 +13,7 @@ PostgreSQL's faults (:mod:`.faults`) and the SQL families (:class:`.sql.Postgres
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 import anyio
@@ -20,7 +21,7 @@ import psycopg
 
 from ...config import RuntimeConfig
 from ...errors import StorageError
-from ..port import Driver, StoreClaim, StoreError, StoreKind
+from ..port import Driver, LogFeed, Publisher, StoreClaim, StoreError, StoreKind
 from .claim import DatabaseClaim, read_owner
 from .driver import PostgresDriver, PostgresReader
 from .faults import connect_error, storage_error
@@ -31,6 +32,11 @@ from .url import display_url
 __all__ = ["PostgresStore", "open_store"]
 
 _SQL = PostgresSql()
+
+log = logging.getLogger("hive_orchestration.storage")
+
+#: Seconds a reopening storage actor waits for an unreachable server to come back.
+REOPEN_SECONDS = 60.0
 
 
 class PostgresStore:
@@ -46,6 +52,7 @@ class PostgresStore:
         self.sql = _SQL
         self._config = config
         self._claim: DatabaseClaim | None = None
+        self._opened = False
 
     def claim(self, *, serving: bool) -> StoreClaim:
         self._claim = DatabaseClaim(self.url, serving=serving)
@@ -57,7 +64,31 @@ class PostgresStore:
     async def open(self, *, read_only: bool = False) -> tuple[Driver, int]:
         """The write connection, migrated (``read_only``: a read-only session, nothing
         written, an older schema refused), and the log's last seq. A runtime's write
-        connection holds to its claim: each connection it opens checks it first."""
+        connection holds to its claim: each connection it opens checks it first.
+
+        The first open fails at once if the server cannot be reached (``Runtime.open``
+        reports it). A later one (the storage actor restarted, most often because the
+        server went away mid-COMMIT) waits up to :data:`REOPEN_SECONDS` for the server to
+        come back: a restart takes seconds, and the writers queued meanwhile carry on
+        once it answers, rather than the runtime giving up on a crash loop."""
+        deadline = None if not self._opened else anyio.current_time() + REOPEN_SECONDS
+        delay = 0.05
+        while True:
+            try:
+                opened = await self._open(read_only)
+            except StorageError as exc:
+                if deadline is None or exc.fault != "unavailable":
+                    raise
+                if anyio.current_time() >= deadline:
+                    raise
+                log.warning("storage: %s unreachable; opening again in %.2fs", self.display, delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            self._opened = True
+            return opened
+
+    async def _open(self, read_only: bool) -> tuple[Driver, int]:
         hold = None if read_only or self._claim is None else self._claim.hold
         kind = PostgresReader if read_only else PostgresDriver
         try:
@@ -92,6 +123,15 @@ class PostgresStore:
             )
         except StoreError as exc:
             raise self.explain(exc, "cannot open a reader") from exc
+
+    def log_feed(self, publish: Publisher) -> LogFeed | None:
+        """Several runtimes may write this database: a log tailer publishes every node's
+        events (:mod:`.tailer`)."""
+        from . import tailer
+
+        return tailer.LogTailer(
+            self.url, publish, connect_timeout=self._timeout(), poll=tailer.POLL_SECONDS
+        )
 
     def explain(self, exc: StoreError, action: str) -> StorageError:
         return storage_error(self.url, exc, action=action)

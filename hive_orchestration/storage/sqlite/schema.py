@@ -328,6 +328,11 @@ _V15: tuple[str, ...] = (
     " WHERE status IN ('assigned', 'running') AND concurrency_key IS NOT NULL",
 )
 
+# The twin of PostgreSQL's version 16 (its counter row, which numbers the events in commit
+# order for several writers): nothing here. One runtime writes a SQLite file, and its
+# storage actor numbers the events in memory.
+_V16: tuple[str, ...] = ()
+
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V1,
@@ -345,5 +350,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V13,
     _V14,
     _V15,
+    _V16,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

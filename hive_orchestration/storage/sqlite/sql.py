@@ -9,6 +9,7 @@ two-argument scalar ``max()``, ``LIMIT -1`` for "no limit", ``?N`` numbered mark
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import cast
 
@@ -93,6 +94,10 @@ class SqliteSql:
                 op.data_json.decode(),
             ),
         )
+
+    def numbered_events(self, ops: Sequence[AppendEvent], origin: str) -> Statement | None:
+        # One runtime writes a SQLite file: the actor numbers events in memory.
+        return None
 
     async def last_seq(self, db: Driver) -> int:
         rows = await db.fetchall("SELECT coalesce(max(seq), 0) FROM events")

@@ -14,7 +14,17 @@ from collections.abc import Sequence
 
 from ...config import RuntimeConfig
 from ...errors import StorageError
-from ..port import Driver, Params, Row, Statement, StoreClaim, StoreError, StoreKind
+from ..port import (
+    Driver,
+    LogFeed,
+    Params,
+    Publisher,
+    Row,
+    Statement,
+    StoreClaim,
+    StoreError,
+    StoreKind,
+)
 from .database import (
     MEMORY,
     DatabaseClaim,
@@ -79,6 +89,10 @@ class SqliteStore:
             self._target, driver=config.storage_driver, busy_timeout=config.busy_timeout
         )
         return _Checked(db)
+
+    def log_feed(self, publish: Publisher) -> LogFeed | None:
+        # One runtime writes the file: its storage actor publishes its own commits.
+        return None
 
     def explain(self, exc: StoreError, action: str) -> StorageError:
         return storage_error(
