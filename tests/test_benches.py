@@ -8,6 +8,7 @@ into its internals (statement builders, the storage driver) to build their ceili
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -175,7 +176,7 @@ RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
 
 
 def test_every_bench_is_covered() -> None:
-    assert {path.name for path in BENCH.glob("*.py")} == set(RUNS)
+    assert {path.name for path in BENCH.glob("*.py")} == {*RUNS, "nodes.py"}
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
@@ -205,3 +206,41 @@ def test_bench_runs(script: str, backend: str) -> None:
     figures = json.loads(result.stdout[result.stdout.index("\n{") + 1 :])
     assert figures["backend"] == backend
     check(figures)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_nodes_bench_runs(backend: str, pg_url: str) -> None:
+    """bench/nodes.py on the session's PostgreSQL server (it makes its databases there).
+    A second node on one database is refused until several nodes may share one: that
+    shape is then reported as not available, and the run goes on. The peers are asyncio
+    libraries, run once (with asyncio); one not installed is reported, not failed."""
+    shapes = "1x10" if backend == "asyncio" else ""
+    args = ["--tasks", "200", "--nodes", "1,2", "--workers", "2", "--keep-databases", "--json"]
+    args += ["--pgqueuer", shapes, "--procrastinate", shapes]
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "nodes.py"), "--backend", backend, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "HIVE_BENCH_PG": pg_url},
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout[result.stdout.index("\n{") + 1 :])
+    assert (figures["backend"], figures["tasks"]) == (backend, 200)
+    shapes = {(shape["system"], shape["name"]): shape for shape in figures["shapes"]}
+    one = shapes["hive", "1 node"]
+    assert one["rate"] > 0
+    assert one["runs_per_node"] == {"node0": 200}  # one run per task: none twice, none lost
+    assert one["commits"] > 0
+    assert one["cpu"]["nodes"] > 0
+    assert one["cpu"]["postgres"] > 0  # the server's processes were found and read
+    two = shapes["hive", "2 nodes"]
+    if two["rate"] is None:
+        assert "node 2 of 2 refused" in two["error"]
+    else:
+        assert sum(two["runs_per_node"].values()) == 200
+    peer_shapes = [shape for shape in figures["shapes"] if shape["system"] != "hive"]
+    assert len(peer_shapes) == (2 if backend == "asyncio" else 0)
+    for shape in peer_shapes:
+        assert shape["rate"] > 0 or "not installed" in shape["error"]
