@@ -233,7 +233,7 @@ def test_nodes_bench_runs(backend: str, pg_url: str) -> None:
     assert one["rate"] > 0
     assert one["runs_per_node"] == {"node0": 200}  # one run per task: none twice, none lost
     assert one["commits"] > 0
-    assert one["cpu"]["nodes"] > 0
+    assert one["cpu"]["node0"] > 0
     assert one["cpu"]["postgres"] > 0  # the server's processes were found and read
     two = shapes["hive", "2 nodes"]
     if two["rate"] is None:
