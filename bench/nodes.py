@@ -563,7 +563,7 @@ def _measure(
     import psycopg
 
     meter = CpuMeter(pids, server.postmaster)
-    watched = [pid for each in pids.values() for pid in each]
+    watched = {pid: role for role, each in pids.items() for pid in each}
     with psycopg.connect(url, autocommit=True) as clock:
         shape.load_before = os.getloadavg()
         meter.start()
@@ -577,10 +577,10 @@ def _measure(
             if done >= count:
                 break
             if time.perf_counter() > deadline:
-                raise RuntimeError(f"{shape.system} {shape.name}: {done} of {count} done")
-            gone = [pid for pid in watched if not _alive(pid)]
+                raise RuntimeError(f"{done} of {count} tasks done in {TIMEOUT:g} s")
+            gone = [f"{role} (pid {pid})" for pid, role in watched.items() if not _alive(pid)]
             if gone:
-                raise RuntimeError(f"{shape.system} {shape.name}: pids {gone} exited")
+                raise RuntimeError(f"{', '.join(gone)} exited, {done} of {count} tasks done")
             time.sleep(POLL)
         shape.seconds = time.perf_counter() - started
         per_pid = meter.stop()
@@ -592,6 +592,26 @@ def _measure(
         key=lambda found: found[2],
     )
     shape.busiest = f"{role} pid {pid}: {seconds / shape.seconds:.2f} core"
+
+
+def _measured(
+    server: Server,
+    shape: Shape,
+    url: str,
+    done_sql: str,
+    count: int,
+    go: Sequence[Child],
+    pids: dict[str, list[int]],
+) -> bool:
+    """:func:`_measure`, or False with the shape's error set if a process of it died or
+    the tasks were not done in time (the error is printed by the process on stderr)."""
+    try:
+        _measure(server, shape, url, done_sql, count, go, pids)
+    except RuntimeError as exc:
+        shape.error = f"failed: {exc}"
+        shape.rate = None
+        return False
+    return True
 
 
 def _stop_all(children: Sequence[Child]) -> None:
@@ -653,7 +673,11 @@ def hive_shape(server: Server, folder: Path, nodes: int, args: argparse.Namespac
         kids += workers
         producer = Child("hive-producer", backend, str(count), str(args.lanes), *addresses)
         kids.append(producer)
-        _ready(kids)
+        try:
+            _ready(kids)
+        except RuntimeError as exc:
+            shape.error = f"failed: {exc}"
+            return shape
         before = anyio.run(_storage, addresses, backend=backend)
         pids = {f"node{n}": [node.process.pid] for n, node in enumerate(started)}
         pids |= {
@@ -661,7 +685,8 @@ def hive_shape(server: Server, folder: Path, nodes: int, args: argparse.Namespac
             "producer": [producer.pid],
         }
         done_sql = "SELECT count(*) FROM tasks WHERE status = 'completed'"
-        _measure(server, shape, url, done_sql, count, [*workers, producer], pids)
+        if not _measured(server, shape, url, done_sql, count, [*workers, producer], pids):
+            return shape
         after = anyio.run(_storage, addresses, backend=backend)
         shape.commits = after[0] - before[0]
         shape.writes = after[1] - before[1]
@@ -743,7 +768,7 @@ def peer_shape(server: Server, peer: str, consumers: int, each: int, count: int)
         kids.append(producer)
         _ready(kids)
         pids = {"consumers": [c.pid for c in consumers_], "producer": [producer.pid]}
-        _measure(server, shape, url, done_sql, count, [*consumers_, producer], pids)
+        _measured(server, shape, url, done_sql, count, [*consumers_, producer], pids)
     finally:
         _stop_all(kids)
     return shape
