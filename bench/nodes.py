@@ -27,14 +27,17 @@ The ratios printed are 3 nodes / 1 node (goal >= 2x), hive's best / pgqueuer's b
 (goal >= 3x) and hive's best / procrastinate's best shape, each peer's best shape named.
 What bounds each figure is printed beside it from the run itself: the CPU seconds of the
 nodes, the workers, the producer, the peer's processes and PostgreSQL's processes (every
-child of this server's postmaster), read from ``/proc/<pid>/stat`` before and after, as
-cores used over the wall time; and the load average before and after each shape (the
-machine may be shared).
+child of this server's postmaster, when it runs on this machine), read from
+``/proc/<pid>/stat`` before and after, as seconds, as cores used over the wall time and as
+milliseconds per task; for hive, the nodes' commits and the share of the time their
+writers spent committing; and the load average before and after each shape (the machine
+may be shared).
 
 The server: ``HIVE_BENCH_PG`` (or ``HIVE_TEST_PG``) names one to use (a database is
-created per shape, and dropped at the end); otherwise a throwaway cluster is made and
-removed, as ``.ci/run`` makes one (``initdb`` in a temporary folder, as ``postgres``
-through ``runuser`` when root; ``fsync`` and ``synchronous_commit`` on).
+created per shape, and dropped at the end unless ``--keep-databases``); otherwise a
+throwaway cluster is made and removed, as ``.ci/run`` makes one (``initdb`` in a temporary
+folder, as ``postgres`` through ``runuser`` when root; ``fsync`` and ``synchronous_commit``
+on).
 
 Needs the ``postgres`` extra; the peers need the ``bench`` extra (``pip install -e
 '.[bench,postgres]'``): a peer that is not installed is skipped, and the reason printed.
@@ -181,8 +184,9 @@ class Server:
         backend = self.conn.execute("SELECT pg_backend_pid()").fetchone()
         assert backend is not None
         # The postmaster is the parent of every backend: its children are the server's
-        # CPU (None when the server is not on this machine, or not ours to read).
-        self.postmaster = _parent(int(backend[0]))
+        # CPU. None when the server is not on this machine (the pid is another host's).
+        parent = _parent(int(backend[0]))
+        self.postmaster = parent if parent is not None and _is_postgres(parent) else None
 
     def database(self, prefix: str) -> str:
         name = f"{prefix}_{uuid.uuid4().hex[:10]}"
@@ -212,6 +216,13 @@ def _stat(pid: int) -> list[str] | None:
 def _parent(pid: int) -> int | None:
     fields = _stat(pid)
     return None if fields is None else int(fields[1])
+
+
+def _is_postgres(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() in ("postgres", "postmaster")
+    except OSError:
+        return False
 
 
 def _alive(pid: int) -> bool:
