@@ -8,6 +8,7 @@ into its internals (statement builders, the storage driver) to build their ceili
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -175,7 +176,7 @@ RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
 
 
 def test_every_bench_is_covered() -> None:
-    assert {path.name for path in BENCH.glob("*.py")} == set(RUNS)
+    assert {path.name for path in BENCH.glob("*.py")} == {*RUNS, "nodes.py"}
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
@@ -205,3 +206,50 @@ def test_bench_runs(script: str, backend: str) -> None:
     figures = json.loads(result.stdout[result.stdout.index("\n{") + 1 :])
     assert figures["backend"] == backend
     check(figures)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_nodes_bench_runs(backend: str, pg_url: str) -> None:
+    """bench/nodes.py on the session's PostgreSQL server (it makes its databases there).
+    A second node on one database is refused until several nodes may share one: that
+    shape is then reported as not available, and the run goes on. What does not depend
+    on the event loop (the second node, the peers: asyncio libraries) runs with asyncio
+    only; a peer not installed is reported, not failed."""
+    first = backend == "asyncio"
+    peers = "1x10" if first else ""
+    args = ["--tasks", "100", "--nodes", "1,2" if first else "1", "--workers", "2"]
+    args += ["--pgqueuer", peers, "--procrastinate", peers, "--keep-databases", "--json"]
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "nodes.py"), "--backend", backend, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "HIVE_BENCH_PG": pg_url},
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout[result.stdout.index("\n{") + 1 :])
+    assert (figures["backend"], figures["tasks"]) == (backend, 100)
+    shapes = {(shape["system"], shape["name"]): shape for shape in figures["shapes"]}
+    one = shapes["hive", "1 node"]
+    assert one["rate"] > 0
+    assert one["error"] is None
+    assert one["runs_per_node"] == {"node0": 100}  # one run per task: none twice, none lost
+    assert one["commits"] > 0
+    assert one["cpu"]["node0"] > 0
+    assert one["cpu"]["postgres"] > 0  # the server's processes were found and read
+    if first:
+        two = shapes["hive", "2 nodes"]
+        if two["rate"] is None:  # one runtime per database: the second node is refused
+            assert "node 2 of 2 refused" in two["error"]
+        else:
+            assert sum(two["runs_per_node"].values()) == 100
+    peer_shapes = [shape for shape in figures["shapes"] if shape["system"] != "hive"]
+    assert [shape["system"] for shape in peer_shapes] == (
+        ["pgqueuer", "procrastinate"] if first else []
+    )
+    for shape in peer_shapes:
+        if shape["rate"] is None:
+            assert "not installed" in shape["error"]
+        else:
+            assert shape["rate"] > 0
