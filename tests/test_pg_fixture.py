@@ -40,14 +40,16 @@ def test_two_databases_are_separate(pg_url: str) -> None:
 
 
 def test_the_server_runs_durable_commits(pg_url: str) -> None:
-    """A throwaway cluster still fsyncs: a durability test on it means what it says."""
+    """A commit is written out before its reply (synchronous_commit), so it survives the
+    death of any process, the server's included: a durability test on a throwaway cluster
+    means what it says. Whether the server also fsyncs (the fixture's cluster does not,
+    tests/_pg.py says why) matters only to a crash of the machine itself, which no test
+    makes; asynchronous commits would lose acknowledged work to a killed server."""
     import psycopg
 
     with psycopg.connect(pg_url) as conn:
-        settings = conn.execute(
-            "select current_setting('fsync'), current_setting('synchronous_commit')"
-        ).fetchone()
-    assert settings == ("on", "on")
+        settings = conn.execute("select current_setting('synchronous_commit')").fetchone()
+    assert settings == ("on",)
 
 
 def test_without_postgresql_its_tests_are_deselected_with_one_reason(tmp_path: Path) -> None:
