@@ -111,7 +111,7 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
         self._scheduled: set[str] = set()  # workers with an entry in the heap: one each
 
     async def started(self) -> None:
-        workers = await self._storage.ask(LoadWorkers())
+        workers = await self._storage.ask(LoadWorkers(watched=True))
         self._workers = {worker.id: worker for worker in workers}
         self._mono = self._monotonic()
         for worker in workers:

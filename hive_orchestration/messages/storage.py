@@ -504,7 +504,11 @@ class CheckReaders(msgspec.Struct, frozen=True):
 
 
 class LoadWorkers(Request[tuple[Worker, ...]], frozen=True):
-    """Every registered worker (the WorkerRegistry's state, at start-up)."""
+    """Every registered worker; with ``watched``, only those this runtime watches (the
+    WorkerRegistry's state, at start-up): on a database shared by several nodes, a live
+    node's workers are that node's to watch, not this one's."""
+
+    watched: bool = False
 
 
 class FetchPlan(Request["ExecutionPlan | None"], frozen=True):

@@ -208,10 +208,11 @@ class PostgresSql:
                     (task_id,),
                 )
                 return [run_from_row(row) for row in rows]
-            case LoadWorkers():
+            case LoadWorkers(watched=watched):
                 # Another live node's workers heartbeat to it, not to this one (schema 15).
+                where = f" WHERE {_MINE}" if watched else ""
                 rows = await db.fetchall(
-                    f"SELECT {WORKER_COLUMNS} FROM workers WHERE {_MINE} ORDER BY registered_at, id"
+                    f"SELECT {WORKER_COLUMNS} FROM workers{where} ORDER BY registered_at, id"
                 )
                 return tuple(worker_from_row(row) for row in rows)
         raise HiveError(f"not a task read: {type(message).__name__}")
