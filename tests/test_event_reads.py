@@ -158,6 +158,7 @@ async def test_a_version_7_database_gains_the_version_8_indexes(
         conn.execute("ALTER TABLE tasks DROP COLUMN node_id")
         conn.execute("ALTER TABLE tasks DROP COLUMN version")
         conn.execute("ALTER TABLE workers DROP COLUMN node_id")
+        conn.execute("ALTER TABLE execution_plans DROP COLUMN node_id")
         conn.execute("DROP TABLE schedules")  # what version 14 adds
         conn.execute("DROP INDEX idx_tasks_delayed")  # what version 12 adds
         conn.execute("DROP INDEX idx_tasks_expiring")

@@ -238,3 +238,48 @@ async def test_a_node_leaves_another_live_nodes_workers_alone(pg_url: str) -> No
             [(status,)] = raw(pg_url, "SELECT status FROM workers WHERE id = 'busy'")
             assert status != "offline"
         assert raw(pg_url, "SELECT count(*) FROM events WHERE type = 'worker.offline'") == [(0,)]
+
+
+async def test_a_plan_is_driven_by_its_node_while_other_nodes_run_its_subtasks(
+    pg_url: str,
+) -> None:
+    # Every node follows the whole log; a node that saw the end of a plan's task loaded
+    # the plan and drove it too (two plan.completed, subtasks settled twice). The plan
+    # is its creator's while that node lives; the others only run its tasks.
+    from hive_orchestration import PlanStatus
+
+    spec = {
+        "subtasks": [
+            {"id": "a", "task_type": "job"},
+            {"id": "b", "task_type": "job", "dependencies": ["a"]},
+            {"id": "c", "task_type": "job", "dependencies": ["a"]},
+            {"id": "d", "task_type": "job", "dependencies": ["b", "c"]},
+        ]
+    }
+    async with Runtime.open(pg_url) as a, Runtime.open(pg_url) as b:
+        plan_id = await a.create_execution_plan(spec)
+        assert await a.mark_plan_execution_started(plan_id) is True
+        with anyio.fail_after(60):
+            done = 0
+            while done < 4:  # every subtask's task runs on node b
+                claim = await b.claim_task("w", "job", wait=5, start=True)
+                assert claim is not None
+                await b.complete_task(claim.lease, {"on": "b"})
+                done += 1
+            while (await a.get_execution_plan(plan_id)).status is not PlanStatus.COMPLETED:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        [(owner,)] = raw(pg_url, "SELECT node_id FROM execution_plans WHERE id = %s", (plan_id,))
+        assert owner is not None  # the creator's, stamped by the database
+    completed = raw(
+        pg_url,
+        "SELECT count(*) FROM events WHERE type = 'plan.completed' AND plan_id = %s",
+        (plan_id,),
+    )
+    assert completed == [(1,)]
+    per_subtask = raw(
+        pg_url,
+        "SELECT subtask_id, count(*) FROM tasks WHERE plan_id = %s GROUP BY subtask_id"
+        " ORDER BY subtask_id",
+        (plan_id,),
+    )
+    assert per_subtask == [("a", 1), ("b", 1), ("c", 1), ("d", 1)]

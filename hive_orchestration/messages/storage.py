@@ -24,6 +24,7 @@ __all__ = [
     "FetchPlan",
     "FetchPlanningRequest",
     "LoadActivePlans",
+    "TakePlan",
     "LoadPlanTasks",
     "LoadPlanningRequests",
     "LoadSubtasks",
@@ -528,6 +529,14 @@ class LoadActivePlans(Request[tuple[ExecutionPlan, ...]], frozen=True):
     """Plans executing, or ended with subtasks still running (the PlanExecutor's state)."""
 
 
+class TakePlan(Request[bool], frozen=True):
+    """Whether this runtime may drive the plan, taking it if no live runtime does (on a
+    database shared by several nodes, each plan is driven by one: its creator while it
+    lives, then the first node to take it; a SQLite file's one owner drives them all)."""
+
+    plan_id: str
+
+
 class LoadSubtasks(Request[tuple[SubtaskState, ...]], frozen=True):
     """The ``plan_execution`` rows of a plan."""
 
@@ -638,6 +647,7 @@ StorageMessage: TypeAlias = (
     | FetchPlan
     | QueryPlans
     | LoadActivePlans
+    | TakePlan
     | LoadSubtasks
     | LoadPlanTasks
     | FetchPlanningRequest

@@ -54,6 +54,7 @@ from ..messages.storage import (
     RetentionDue,
     StorageMessage,
     StoreFences,
+    TakePlan,
 )
 
 if TYPE_CHECKING:
@@ -235,6 +236,7 @@ PLAN_READS = (
     FetchPlan,
     QueryPlans,
     LoadActivePlans,
+    TakePlan,
     LoadSubtasks,
     LoadPlanTasks,
     FetchPlanningRequest,

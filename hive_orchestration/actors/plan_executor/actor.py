@@ -73,6 +73,7 @@ from ...messages.storage import (
     PutPlanningRequest,
     PutSubtask,
     StorageMessage,
+    TakePlan,
     Write,
 )
 from ...messages.tasks import CreateTask, CreateTasks, PlansSettled, QueueTasks, TaskManagerMessage
@@ -142,7 +143,9 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
             remember_request(self, request)
         work = _Work()
         for plan in await self._storage.ask(LoadActivePlans()):
-            await self._load(plan, work)
+            # Another live runtime's plan (a database several nodes share) is its to drive.
+            if await self._storage.ask(TakePlan(plan.id)):
+                await self._load(plan, work)
         await self._apply(work)
         await self._tell_settled(through)
         log.info("plan executor: %d active plan(s)", len(self._plans))

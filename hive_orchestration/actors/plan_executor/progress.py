@@ -38,7 +38,7 @@ from ...messages.plans import (
     PlanStatus,
     SubtaskStatus,
 )
-from ...messages.storage import AppendEvent, FetchPlan, SetPlanStatus
+from ...messages.storage import AppendEvent, FetchPlan, SetPlanStatus, TakePlan
 from ...messages.tasks import CancelTasks, TaskStatus
 from .state import _ENDED, _NOT_STARTED, _executing, _Plan, _Sub, _Work
 
@@ -55,7 +55,10 @@ async def on_task_event(pe: PlanExecutor, event: Event, work: _Work, now: dateti
         if status in PLAN_FINAL:
             return  # an ended plan not in memory has no task left running
         # A plan not in memory (a draft whose task was cancelled, say): load it, which
-        # reconciles it, this task included.
+        # reconciles it, this task included; unless another live runtime drives it (a
+        # database several nodes share: each follows the whole log).
+        if not await pe._storage.ask(TakePlan(event.plan_id)):
+            return
         plan = await pe._storage.ask(FetchPlan(event.plan_id))
         if plan is None:
             return

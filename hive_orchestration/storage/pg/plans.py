@@ -27,6 +27,7 @@ from ...messages.storage import (
     QueryPlanningRequests,
     QueryPlans,
     StorageMessage,
+    TakePlan,
 )
 from .. import pages
 from ..plans import (
@@ -39,7 +40,17 @@ from ..plans import (
 )
 from ..port import Driver, Row
 from ..rows import TASK_COLUMNS, task_from_row
+from .claim import NODE_SETTING, recoverable_sql
 from .pages import PAGE_SQL
+
+# A plan is driven by one node: the one that created it (``execution_plans.node_id``,
+# stamped by a trigger from the writer's session, schema version 15) while it lives, else
+# the first to take it. Autocommitted on the write connection, where the node is named;
+# the row lock makes two nodes taking a dead node's plan at once take it once.
+_TAKE_PLAN = (
+    f"UPDATE execution_plans SET node_id = current_setting('{NODE_SETTING}', true)"
+    f" WHERE id = ? AND {recoverable_sql()} RETURNING 1"
+)
 
 __all__ = ["check_dependencies", "count_subtasks", "next_planned_task", "query_plans"]
 
@@ -127,6 +138,8 @@ async def query_plans(db: Driver, message: StorageMessage) -> object:
                 *await pages.plan_page_sql(PAGE_SQL, db, plan_sql, status, limit, after)
             )
             return [plan_from_row(row) for row in rows]
+        case TakePlan(plan_id=plan_id):
+            return bool(await db.fetchall(_TAKE_PLAN, (plan_id,)))
         case LoadActivePlans():
             rows = await db.fetchall(
                 f"{plan_sql} WHERE status = 'executing' OR (status IN ('failed', 'cancelled')"

@@ -329,10 +329,14 @@ _V15: tuple[str, ...] = (
     # of its row names that node, and a node opening loads only the workers of no live
     # node besides itself (sql.py, LoadWorkers), never declaring another's offline.
     f"ALTER TABLE workers ADD COLUMN node_id {_T}",
-    "CREATE OR REPLACE FUNCTION hive_worker_node() RETURNS trigger LANGUAGE plpgsql AS $$"
+    "CREATE OR REPLACE FUNCTION hive_writer_node() RETURNS trigger LANGUAGE plpgsql AS $$"
     " BEGIN NEW.node_id := nullif(current_setting('hive.node', true), ''); RETURN NEW; END $$",
     "CREATE TRIGGER workers_node BEFORE INSERT OR UPDATE ON workers"
-    " FOR EACH ROW EXECUTE FUNCTION hive_worker_node()",
+    " FOR EACH ROW EXECUTE FUNCTION hive_writer_node()",
+    # A plan is driven by the node that created it while it lives (plans.py, TakePlan).
+    f"ALTER TABLE execution_plans ADD COLUMN node_id {_T}",
+    "CREATE TRIGGER plans_node BEFORE INSERT ON execution_plans"
+    " FOR EACH ROW EXECUTE FUNCTION hive_writer_node()",
     # A claim of a task with a concurrency key counts the key's claimed tasks (rows.py).
     "CREATE INDEX idx_tasks_held_key ON tasks (concurrency_key)"
     " WHERE status IN ('assigned', 'running') AND concurrency_key IS NOT NULL",

@@ -25,6 +25,7 @@ from ...messages.storage import (
     QueryPlanningRequests,
     QueryPlans,
     StorageMessage,
+    TakePlan,
 )
 from ..plans import (
     PLAN_COLUMNS,
@@ -104,6 +105,8 @@ async def query_plans(db: Driver, message: StorageMessage) -> object:
         case QueryPlans(status=status, limit=limit, after=after):
             rows = await db.fetchall(*await plan_page_sql(db, plan_sql, status, limit, after))
             return [plan_from_row(row) for row in rows]
+        case TakePlan():
+            return True  # one runtime owns a SQLite file and drives all its plans
         case LoadActivePlans():
             rows = await db.fetchall(
                 f"{plan_sql} WHERE status = 'executing' OR (status IN ('failed', 'cancelled')"

@@ -324,6 +324,7 @@ _V15: tuple[str, ...] = (
     "CREATE INDEX IF NOT EXISTS idx_tasks_node ON tasks (node_id) WHERE node_id IS NOT NULL",
     # PostgreSQL's node of a worker (one node here: always NULL, kept for the twin schema).
     "ALTER TABLE workers ADD COLUMN node_id TEXT",
+    "ALTER TABLE execution_plans ADD COLUMN node_id TEXT",
     "CREATE INDEX IF NOT EXISTS idx_tasks_held_key ON tasks (concurrency_key)"
     " WHERE status IN ('assigned', 'running') AND concurrency_key IS NOT NULL",
 )
