@@ -114,6 +114,7 @@ from .rows import (
     FENCE_TASK,
     KEY_LOCK,
     decoded,
+    event_from_row,
     run_state_statement,
     run_statement,
     task_state_statement,
@@ -430,7 +431,7 @@ class StorageActor(Actor[StorageMessage]):
         await self._check_trimmed(read)
         rows = await self._sql.read_events(self._connection(), read)
         await self._check_trimmed(read)
-        return tuple(await decoded(rows, _event_from_row))
+        return tuple(await decoded(rows, event_from_row))
 
     async def _check_trimmed(self, read: ReadEvents) -> None:
         if read.after <= 0 or read.newest:
@@ -645,20 +646,3 @@ def _in_order(op: WriteOp) -> Statement:
         case PutSchedule() | SetScheduleSlot() | DeleteScheduleRow():
             return schedule_statement(op)
     raise AssertionError(f"not a row write: {op!r}")
-
-
-def _event_from_row(row: tuple[object, ...]) -> Event:
-    seq, type_, timestamp, source, correlation_id, task_id, plan_id, worker_id, data = row
-    # Rows were written by this actor from validated events, so no re-validation here
-    # (and msgspec cannot convert through the recursive JsonValue alias anyway).
-    return Event(
-        seq=cast(int, seq),
-        type=cast(str, type_),
-        timestamp=cast(float, timestamp),
-        source=cast(str, source),
-        correlation_id=cast("str | None", correlation_id),
-        task_id=cast("str | None", task_id),
-        plan_id=cast("str | None", plan_id),
-        worker_id=cast("str | None", worker_id),
-        data=msgspec.json.decode(cast(str, data)),
-    )

@@ -10,6 +10,7 @@ from typing import TypeVar, cast
 import anyio.lowlevel
 import msgspec
 
+from ..messages.events import Event
 from ..messages.tasks import JsonObject, Run, RunStatus, Task, TaskStatus
 from ..messages.workers import Worker, WorkerStatus
 from .port import Params, Row, Statement
@@ -373,3 +374,22 @@ async def decoded(rows: list[Row], decode: Callable[[Row], _T]) -> list[_T]:
             await anyio.lowlevel.checkpoint()
         result += [decode(row) for row in rows[start : start + _DECODE_CHUNK]]
     return result
+
+
+def event_from_row(row: tuple[object, ...]) -> Event:
+    seq, type_, timestamp, source, correlation_id, task_id, plan_id, worker_id, data = row
+    """An ``events`` row (seq, type, timestamp, source, correlation, task, plan, worker,
+    data) as its Event."""
+    # Rows were written by a storage actor from validated events, so no re-validation here
+    # (and msgspec cannot convert through the recursive JsonValue alias anyway).
+    return Event(
+        seq=cast(int, seq),
+        type=cast(str, type_),
+        timestamp=cast(float, timestamp),
+        source=cast(str, source),
+        correlation_id=cast("str | None", correlation_id),
+        task_id=cast("str | None", task_id),
+        plan_id=cast("str | None", plan_id),
+        worker_id=cast("str | None", worker_id),
+        data=msgspec.json.decode(cast(str, data)),
+    )

@@ -49,11 +49,11 @@ from typing import Any, cast
 import anyio
 import anyio.from_thread
 import anyio.to_thread
-import msgspec
 import psycopg
 
 from ...messages.events import Event, Publish
 from ..port import Publisher, StoreError
+from ..rows import event_from_row
 from .driver import PostgresDriver
 from .sql import EVENTS_CHANNEL
 
@@ -80,20 +80,7 @@ _NO_BOUND = 2**62
 
 
 def _entry(row: tuple[Any, ...]) -> tuple[Event, bytes]:
-    seq, type_, timestamp, source, correlation_id, task_id, plan_id, worker_id, data = row
-    text = cast(str, data)
-    event = Event(
-        seq=cast(int, seq),
-        type=cast(str, type_),
-        timestamp=cast(float, timestamp),
-        source=cast(str, source),
-        correlation_id=cast("str | None", correlation_id),
-        task_id=cast("str | None", task_id),
-        plan_id=cast("str | None", plan_id),
-        worker_id=cast("str | None", worker_id),
-        data=msgspec.json.decode(text),
-    )
-    return event, text.encode()
+    return event_from_row(row), cast(str, row[-1]).encode()
 
 
 class LogTailer:
