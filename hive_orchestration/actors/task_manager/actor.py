@@ -122,6 +122,10 @@ except a released run (handed back by its worker, or never received by it). Whil
 jitter for failures and timeouts, at once for a lost run (lease expired, worker lost,
 recovered: the worker went away, the task did nothing wrong); then it ends failed
 (timed_out after a timeout) with the last error kept.
+
+The rest of it, by responsibility:
+
+- :mod:`.state`: the types the modules share: a batch's work and undo, a claim's deadlines
 """
 
 from __future__ import annotations
@@ -133,9 +137,8 @@ import random
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import NamedTuple, cast
+from typing import cast
 
 import anyio
 import msgspec
@@ -175,7 +178,6 @@ from ...messages.storage import (
     QueryTasks,
     QueryUnroutable,
     QueueHead,
-    QueueHeads,
     SetRunState,
     SetTaskState,
     StorageMessage,
@@ -229,19 +231,33 @@ from ...messages.tasks import (
     Wake,
 )
 from ...messages.workers import WorkerRegistryMessage, WorkersSeen
-from ...runtime import Actor, ActorRef, Alarm, Deadlines, Envelope, Reply, Request
+from ...runtime import Actor, ActorRef, Alarm, Deadlines, Envelope, Request
 from . import control
 from .delays import Frame, Timers
 from .limits import RateLimits
 from .ready import Bound, QueueId, ReadyQueue, bound_of, queue_of
 from .retention import deletes_on_success, purged_event
 from .schedule_slots import slot_ops
+from .state import (
+    _HOLDING,
+    _RUN_OPEN,
+    A,
+    B,
+    CommitOutcomeUnknown,
+    Q,
+    R,
+    _Batch,
+    _Due,
+    _Forward,
+    _Refill,
+    _Undo,
+    _Waiter,
+)
 
 __all__ = ["LIVE", "TRANSITIONS", "TaskManager"]
 
 log = logging.getLogger("hive_orchestration.tasks")
 
-Q, A, R, B = TaskStatus.QUEUED, TaskStatus.ASSIGNED, TaskStatus.RUNNING, TaskStatus.BLOCKED
 
 #: (from, to) -> the event the transition publishes. The table above, as data.
 TRANSITIONS: dict[tuple[TaskStatus, TaskStatus], str] = {
@@ -269,9 +285,6 @@ TRANSITIONS: dict[tuple[TaskStatus, TaskStatus], str] = {
 LIVE = tuple(status.value for status in TaskStatus if status not in TERMINAL)
 #: Statuses loaded whole at start-up: the claimed tasks (queued ones are read by head).
 _CLAIMED = (A.value, R.value)
-#: A task in these statuses holds its concurrency slots.
-_HOLDING = frozenset({A, R})
-_RUN_OPEN = frozenset({RunStatus.ASSIGNED, RunStatus.RUNNING})
 #: What a claimed run becomes when update_task_status moves its task by hand.
 _RUN_FOR_TASK = {
     TaskStatus.COMPLETED: RunStatus.COMPLETED,
@@ -319,110 +332,6 @@ _ENDS_PLAN_TASKS = (
     ReleaseWorker,
     FlushQueue,
 )
-
-
-class CommitOutcomeUnknown(RuntimeError):
-    """A commit whose outcome is unknown: the actor crashes on purpose and reloads."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Forward:
-    """Answer this request from storage (queued behind the batch's write)."""
-
-    request: Request[object]
-
-
-@dataclass(frozen=True, slots=True)
-class _Undo:
-    """A task's memory state before a batch first changed it."""
-
-    task: Task | None
-    finished: bool
-    run_ids: list[str] | None
-    runs: dict[str, Run]
-    due: dict[str, _Due] = field(default_factory=dict)  # its claimed run's deadlines
-    ready_at: float | None = None  # the end of its backoff
-
-
-@dataclass(slots=True)
-class _Refill:
-    """A read of the next tasks of ``queues``, in flight while batches go on, and what
-    those batches did that the read may not show."""
-
-    reply: Reply[QueueHeads]
-    queues: set[QueueId]
-    touched: set[str] = field(default_factory=set)  # tasks changed since it was sent
-    # Tasks of its queues memory let go of since (queued after their bound), with runs.
-    spilled: dict[str, tuple[Task, list[Run]]] = field(default_factory=dict)
-    stale: set[QueueId] = field(default_factory=set)  # trimmed since: their answer is void
-    void: bool = False  # a batch failed since: the whole answer is void
-
-
-class _Due(NamedTuple):
-    """A claimed run's deadlines, on the monotonic clock, and the hash of its lease's
-    secret: kept here since it lives exactly as long (set at the claim, dropped when the
-    claim ends, put back after a failed commit), and never on the :class:`Run`, which
-    reads return."""
-
-    lease: float
-    timeout: float | None
-    lease_hash: bytes | None  # None (a row from before lease secrets): nothing proves it
-
-    def next(self) -> tuple[float, bool]:
-        """The earliest, and whether it is the timeout."""
-        if self.timeout is not None and self.timeout <= self.lease:
-            return self.timeout, True
-        return self.lease, False
-
-
-@dataclass(slots=True)
-class _Waiter:
-    """A parked claim: answered by the first dispatch that finds it a task (up to
-    ``limit`` of them for a :class:`ClaimTasks`), or at its deadline (``None`` for a claim
-    that does not wait)."""
-
-    envelope: Envelope[TaskManagerMessage]
-    claim: ClaimTask | ClaimTasks
-    deadline: float | None
-    # A ClaimTasks's claims so far, committed, when a drained head left it short: it
-    # stays parked for the rest, which the head's next tasks bring (see _dispatch).
-    taken: list[Claim] = field(default_factory=list)
-
-    @property
-    def nothing(self) -> tuple[Claim, ...] | None:
-        """The answer when no (more) task came."""
-        return tuple(self.taken) if isinstance(self.claim, ClaimTasks) else None
-
-
-@dataclass(slots=True)
-class _Batch:
-    """What one batch changes: the writes, how to undo them in memory, what it deleted,
-    and the answers to give once the writes are committed."""
-
-    ops: list[WriteOp] = field(default_factory=list)
-    undo: dict[str, _Undo] = field(default_factory=dict)
-    keys: dict[str, str | None] = field(default_factory=dict)  # key -> owner before the batch
-    # Keys of the batch's creates that memory did not hold, as storage answered before the
-    # batch (key -> task id; absent: no task has it), or why storage could not answer.
-    stored_keys: dict[str, str] = field(default_factory=dict)
-    key_errors: dict[str, HiveError] = field(default_factory=dict)
-    deleted: set[str] = field(default_factory=set)
-    answers: list[tuple[Envelope[TaskManagerMessage], object]] = field(default_factory=list)
-    parked: list[int] = field(default_factory=list)  # waiters that arrived in this batch
-    seqs: tuple[int, ...] = ()  # the committed events' sequence numbers
-    plan_enders: set[int] = field(default_factory=set)  # envelopes that ended a plan's task
-    starved: bool = False  # a claim waits for a drained head's next tasks
-    # Parked ClaimTasks this batch gave claims to, and how many they had before.
-    grown: list[tuple[int, int]] = field(default_factory=list)
-    # The revoked task types before the batch first changed them (None: unchanged).
-    revoked: dict[str, RevokedTaskType] | None = None
-    # Fenced stores: the existing tasks the write fences (sent with the version memory
-    # read them at), the waiters the batch took off the parked list with an answer, and
-    # whether a conflict may be decided again (else it is answered as an error).
-    fenced: list[str] = field(default_factory=list)
-    keys_claimed: set[str] = field(default_factory=set)  # concurrency keys it claimed
-    unparked: list[tuple[int, _Waiter]] = field(default_factory=list)
-    may_retry: bool = False
 
 
 class TaskManager(Actor[TaskManagerMessage]):

@@ -43,7 +43,8 @@ from ...messages.tasks import (
 )
 
 if TYPE_CHECKING:
-    from .actor import TaskManager, _Batch
+    from .actor import TaskManager
+    from .state import _Batch
 
 __all__ = ["RETRYABLE", "handle", "holds_key", "key_owner", "let_go_of_key", "load_revoked"]
 
