@@ -3,7 +3,7 @@
 It keeps in memory the claimed tasks (assigned, running), the head of each ready queue
 (below), the most recently finished tasks, and the runs of all of these, and is the only
 code that changes tasks and runs. It handles a batch of requests at
-a time: each is checked against the state machine below and applied in memory, and the
+a time: each is checked against the state machine (:mod:`.machine`) and applied in memory, and the
 whole batch's changes (task rows, run rows and events, in order) go to the storage actor
 as ONE write, so that state and event log are committed together. Only after that commit
 does any requester get its answer. If the commit fails, memory is put back exactly as it
@@ -60,72 +60,16 @@ wall time is turned into a deadline once, when it is loaded (at start-up): what 
 of it by the wall clock then, at least nothing and at most the span that was set, so
 that a clock stepped while the runtime was down can neither stretch nor revive it.
 
-State machine (``pending`` is the extraction plan's name for ``queued``):
-
-=========  =========  ==================================================  ==============
-from       to         caused by                                           event
-=========  =========  ==================================================  ==============
-(new)      queued     create_task, a schedule's slot (the Scheduler)      task.created
-queued     assigned   claim_task, update_task_status(assigned)            task.assigned
-queued     running    update_task_status(running)                         task.started
-queued     completed  update_task_status(completed): resolved by hand,    task.completed
-queued     failed     update_task_status(failed)     with no run          task.failed
-assigned   running    start_task, update_task_status(running)             task.started
-assigned   queued     fail_task or timeout with attempts left, lease      task.retrying
-running    queued     expiry, worker lost, release_task, recovery on
-                      open, update_task_status(queued)
-assigned   completed  complete_task, update_task_status(completed)        task.completed
-running    completed
-assigned   failed     fail_task with no attempt left (or not retryable),  task.failed
-running    failed     lease expiry or worker lost with none left,
-                      update_task_status(failed)
-assigned   timed_out  timeout with no attempt left,                       task.timed_out
-running    timed_out  update_task_status(timed_out)
-queued     cancelled  cancel_task, update_task_status(cancelled), its     task.cancelled
-assigned   cancelled  expiry while queued (data.reason: expired;
-running    cancelled  delays.py)
-(new)      blocked    a plan's subtasks are created (PlanExecutor)        task.created
-blocked    queued     its plan's dependencies are all done (PlanExecutor  plan.subtask_ready
-                      only, never update_task_status)
-blocked    cancelled  cancel_task, its plan failed, was cancelled or      task.cancelled
-                      skips it
-failed     queued     retry_task only (control.py), attempts reset; not   task.retried
-timed_out             a plan's subtask
-cancelled
-=========  =========  ==================================================  ==============
-
-Everything else is refused with :class:`IllegalTransitionError` and changes nothing:
-completed, failed, cancelled and timed_out are terminal (only ``retry_task``, which is not
-in :data:`TRANSITIONS`, takes a task out of the last three), and a claimed task is started
-before it completes. Setting a task's current status again is refused too, so that each
-transition publishes exactly one event, with one exception: asking a finished task for
-the status it already has, with nothing that contradicts it (the same result or error,
-or none), is a no-op answered ``False`` with no event. An app that publishes a
-``TaskCompletedEvent`` for a task it just completed (as the seeds' client does) is
-telling the truth, not making a change. A requeue's ``task.retrying`` says why in ``data.reason``
-(``failed``, ``timed_out``, ``lease_expired``, ``worker_lost``, ``released``,
-``unclaimed``, ``recovered``, ``requeued``). Deleting a task publishes ``task.deleted``
-(so does a task of a ``delete_on_success`` type, in the commit that completes it, with
-``reason: delete_on_success``); a purge of finished tasks (retention.py) publishes one
-``retention.purged`` per chunk instead; a progress report publishes ``task.progress`` (no
-status change).
-
 Time (delays.py, limits.py; docs/TIMING.md). A delayed task (``run_at``) is queued but
 neither in the ready index nor in memory until it comes due; a queued task past its
 expiry is cancelled, and never handed out; a rate-limited type or key is held back while
 its window is full. The earliest start times and expiries (read from their indexes a
 range at a time) and the rate windows are deadlines of the same alarm.
 
-Attempts: every run that ends without success counts one (failed, timed out, lost),
-except a released run (handed back by its worker, or never received by it). While
-``attempts <= max_retries`` the task is queued again, after an exponential backoff with
-jitter for failures and timeouts, at once for a lost run (lease expired, worker lost,
-recovered: the worker went away, the task did nothing wrong); then it ends failed
-(timed_out after a timeout) with the last error kept.
-
 The rest of it, by responsibility:
 
 - :mod:`.state`: the types the modules share: a batch's work and undo, a claim's deadlines
+- :mod:`.machine`: the state machine: transitions, runs closed, requeues and attempts
 """
 
 from __future__ import annotations
@@ -154,7 +98,7 @@ from ...errors import (
     RuntimeStoppedError,
     StorageError,
 )
-from ...messages.events import Event, JsonValue
+from ...messages.events import JsonValue
 from ...messages.storage import (
     AppendEvent,
     DeleteTaskEvents,
@@ -232,11 +176,12 @@ from ...messages.tasks import (
 )
 from ...messages.workers import WorkerRegistryMessage, WorkersSeen
 from ...runtime import Actor, ActorRef, Alarm, Deadlines, Envelope, Request
-from . import control
+from . import control, machine
 from .delays import Frame, Timers
 from .limits import RateLimits
+from .machine import LIVE, TRANSITIONS, _run_data
 from .ready import Bound, QueueId, ReadyQueue, bound_of, queue_of
-from .retention import deletes_on_success, purged_event
+from .retention import purged_event
 from .schedule_slots import slot_ops
 from .state import (
     _HOLDING,
@@ -259,40 +204,8 @@ __all__ = ["LIVE", "TRANSITIONS", "TaskManager"]
 log = logging.getLogger("hive_orchestration.tasks")
 
 
-#: (from, to) -> the event the transition publishes. The table above, as data.
-TRANSITIONS: dict[tuple[TaskStatus, TaskStatus], str] = {
-    (Q, A): "task.assigned",
-    (Q, R): "task.started",
-    (Q, TaskStatus.COMPLETED): "task.completed",
-    (Q, TaskStatus.FAILED): "task.failed",
-    (A, R): "task.started",
-    (A, Q): "task.retrying",
-    (R, Q): "task.retrying",
-    (A, TaskStatus.COMPLETED): "task.completed",
-    (R, TaskStatus.COMPLETED): "task.completed",
-    (A, TaskStatus.FAILED): "task.failed",
-    (R, TaskStatus.FAILED): "task.failed",
-    (A, TaskStatus.TIMED_OUT): "task.timed_out",
-    (R, TaskStatus.TIMED_OUT): "task.timed_out",
-    (Q, TaskStatus.CANCELLED): "task.cancelled",
-    (A, TaskStatus.CANCELLED): "task.cancelled",
-    (R, TaskStatus.CANCELLED): "task.cancelled",
-    (B, Q): "plan.subtask_ready",
-    (B, TaskStatus.CANCELLED): "task.cancelled",
-}
-
-#: Statuses that are not terminal (the live tasks).
-LIVE = tuple(status.value for status in TaskStatus if status not in TERMINAL)
 #: Statuses loaded whole at start-up: the claimed tasks (queued ones are read by head).
 _CLAIMED = (A.value, R.value)
-#: What a claimed run becomes when update_task_status moves its task by hand.
-_RUN_FOR_TASK = {
-    TaskStatus.COMPLETED: RunStatus.COMPLETED,
-    TaskStatus.FAILED: RunStatus.FAILED,
-    TaskStatus.TIMED_OUT: RunStatus.TIMED_OUT,
-    TaskStatus.CANCELLED: RunStatus.CANCELLED,
-    Q: RunStatus.RELEASED,
-}
 #: Requests that change state: after a failed commit they get the storage error.
 _WRITES = (
     CreateTask,
@@ -1706,76 +1619,6 @@ class TaskManager(Actor[TaskManagerMessage]):
             why += f"; run {run_id} holds the task now"
         raise _lost(lease, why, task.status)
 
-    def _close_run(
-        self,
-        run: Run,
-        status: RunStatus,
-        work: _Batch,
-        now: datetime,
-        *,
-        error: str | None = None,
-        result: dict[str, JsonValue] | None = None,
-    ) -> Run:
-        self._touch(run.task_id, work)
-        changes: dict[str, object] = {"status": status, "completed_at": now}
-        if error is not None:
-            changes["error"] = error
-        if result is not None:
-            changes["result"] = result
-        closed = msgspec.structs.replace(run, **changes)
-        self._runs[run.id] = closed
-        if self._held.get(run.task_id) == run.id:
-            del self._held[run.task_id]
-            self._deadlines.discard(run.id)
-            del self._due[run.id]
-        work.ops.append(SetRunState(closed))
-        return closed
-
-    def _requeue(
-        self,
-        task: Task,
-        run: Run | None,
-        reason: str,
-        error: str | None,
-        work: _Batch,
-        now: datetime,
-        *,
-        count: bool = True,
-        retryable: bool = True,
-        retry_after: float | None = None,
-        source: str | None = None,
-    ) -> Task:
-        """After a run ended without success: queue the task again (after a backoff) while
-        attempts remain, else end it failed (timed_out after a timeout)."""
-        attempts = task.attempts + 1 if count else task.attempts
-        changes: dict[str, object] = {"attempts": attempts, "assigned_worker": None}
-        if error is not None:
-            changes["error"] = error
-        data: dict[str, JsonValue] = {"reason": reason, "attempts": attempts}
-        if run is not None:
-            data["run_id"] = run.id
-            if run.worker_id is not None:
-                data["worker_id"] = run.worker_id
-        if error is not None:
-            data["error"] = error
-        if count and (not retryable or attempts > task.max_retries):
-            final = TaskStatus.TIMED_OUT if reason == "timed_out" else TaskStatus.FAILED
-            if not retryable:  # why it ended with attempts left (an agent's fail_on, say)
-                data["retryable"] = False
-            return self._transition(task, final, work, now, source, changes, data)
-        delay = 0.0
-        if count:
-            delay = self._backoff(attempts) if retry_after is None else retry_after
-        changes["available_at"] = now + timedelta(seconds=delay) if delay > 0 else None
-        data["retry_in"] = delay
-        return self._transition(task, Q, work, now, source, changes, data)
-
-    def _backoff(self, attempts: int) -> float:
-        """Exponential, capped, with jitter (half fixed, half random) so that tasks that
-        failed together do not all come back at the same instant."""
-        delay = min(self._backoff_max, self._backoff_base * 2.0 ** min(attempts - 1, 60))
-        return delay * (0.5 + 0.5 * self._rng.random())
-
     # -- requests ----------------------------------------------------------------------------
 
     async def _handle(self, message: TaskManagerMessage, work: _Batch, now: datetime) -> object:
@@ -1947,29 +1790,6 @@ class TaskManager(Actor[TaskManagerMessage]):
             work.ops.append(self._event("task.progress", task, now, run.worker_id, data))
         return expires
 
-    def _end_claim(
-        self, task: Task, status: RunStatus, work: _Batch, now: datetime, note: str | None
-    ) -> None:
-        """A task that a claim holds is being moved by hand: end the claim's run too."""
-        run_id = self._held.get(task.id)
-        if run_id is not None:
-            self._close_run(self._runs[run_id], status, work, now, error=note)
-
-    def _release_worker(self, worker_id: str, reason: str, work: _Batch, now: datetime) -> int:
-        released = 0
-        for task_id, run_id in list(self._held.items()):
-            run = self._runs[run_id]
-            if run.worker_id != worker_id:
-                continue
-            error = f"worker {worker_id!r} lost: {reason}"
-            self._close_run(run, RunStatus.LOST, work, now, error=error)
-            # A lost run says nothing against the task: claimable again at once.
-            self._requeue(
-                self._tasks[task_id], run, "worker_lost", error, work, now, retry_after=0.0
-            )
-            released += 1
-        return released
-
     def _create(
         self,
         message: CreateTask,
@@ -2032,84 +1852,6 @@ class TaskManager(Actor[TaskManagerMessage]):
         if message.schedule is not None:  # the slot's advance: in this very write
             work.ops += slot_ops(message.schedule, task.id, task, now)
         return task.id
-
-    def _update(self, message: UpdateTaskStatus, task: Task, work: _Batch, now: datetime) -> bool:
-        if task.status is message.status and task.status in TERMINAL and _agrees(task, message):
-            return False  # already so: nothing to change, nothing to publish
-        if task.status is B and message.status is not TaskStatus.CANCELLED:
-            # Only its plan queues a blocked subtask, once its dependencies are done.
-            raise IllegalTransitionError("task", task.id, task.status.value, message.status.value)
-        changes: dict[str, object] = {}
-        if message.assigned_worker is not None:
-            changes["assigned_worker"] = message.assigned_worker
-        if message.current_phase is not None:
-            changes["current_phase"] = message.current_phase
-        if message.result is not None:
-            changes["result"] = message.result
-        if message.error is not None:
-            changes["error"] = message.error
-        data: dict[str, JsonValue] = {}
-        if message.status is Q:
-            data["reason"] = "requeued"
-            changes["available_at"] = None
-            if message.assigned_worker is None:
-                changes["assigned_worker"] = None  # back in the queue: nobody holds it
-                if task.assigned_worker is not None:
-                    data["worker_id"] = task.assigned_worker
-        if (task.status, message.status) in TRANSITIONS:
-            run_status = _RUN_FOR_TASK.get(message.status)
-            held = self._held.get(task.id)
-            if run_status is not None:
-                self._end_claim(task, run_status, work, now, f"task set to {message.status.value}")
-            elif message.status is R and held is not None:
-                self._touch(task.id, work)
-                started = msgspec.structs.replace(self._runs[held], status=RunStatus.RUNNING)
-                self._runs[held] = started
-                work.ops.append(SetRunState(started))
-        self._transition(task, message.status, work, now, message.source_agent, changes, data)
-        return True
-
-    def _transition(
-        self,
-        task: Task,
-        status: TaskStatus,
-        work: _Batch,
-        now: datetime,
-        source: str | None,
-        changes: dict[str, object],
-        extra: dict[str, JsonValue] | None = None,
-    ) -> Task:
-        event_type = TRANSITIONS.get((task.status, status))
-        if event_type is None:
-            raise IllegalTransitionError("task", task.id, task.status.value, status.value)
-        updated = msgspec.structs.replace(task, status=status, updated_at=now, **changes)
-        self._touch(task.id, work)
-        self._tasks[task.id] = updated
-        self._index(task, updated)
-        if status in TERMINAL:
-            self._finished[task.id] = None
-            control.let_go_of_key(self, updated, work)
-        work.ops.append(SetTaskState(updated))
-        data: dict[str, JsonValue] = {
-            "status": status.value,
-            "previous": task.status.value,
-            "task_type": task.task_type,
-        }
-        if updated.assigned_worker is not None:
-            data["worker_id"] = updated.assigned_worker
-        if status is TaskStatus.COMPLETED and updated.result is not None:
-            data["result"] = updated.result
-        if status in TERMINAL and updated.error is not None:
-            data["error"] = updated.error
-        if extra:
-            data.update(extra)
-        work.ops.append(self._event(event_type, updated, now, source, data))
-        if status is TaskStatus.COMPLETED and deletes_on_success(updated, self._delete_on_success):
-            # Its completion is logged and answered; the row goes in the same commit.
-            self._remove(updated.id, work, None)
-            deleted = {"task_type": updated.task_type, "reason": "delete_on_success"}
-            work.ops.append(self._event("task.deleted", updated, now, source, dict(deleted)))
-        return updated
 
     async def _delete(self, task_id: str, work: _Batch, now: datetime) -> bool:
         return self._delete_task(await self._find(task_id, work), work, now)
@@ -2251,27 +1993,6 @@ class TaskManager(Actor[TaskManagerMessage]):
                 raise NotFoundError("task", task_id)
         return task
 
-    def _event(
-        self,
-        event_type: str,
-        task: Task,
-        now: datetime,
-        source: str | None,
-        data: dict[str, JsonValue],
-    ) -> AppendEvent:
-        worker = data.get("worker_id")
-        event = Event(
-            type=event_type,
-            timestamp=now.timestamp(),
-            source=source or task.source_agent or "task_manager",
-            correlation_id=task.correlation_id,
-            task_id=task.id,
-            plan_id=task.plan_id,
-            worker_id=worker if isinstance(worker, str) else None,
-            data=data,
-        )
-        return AppendEvent(event, msgspec.json.encode(data))
-
     def _remember_run(self, run: Run) -> None:
         if run.id not in self._runs:
             self._runs_of.setdefault(run.task_id, []).append(run.id)
@@ -2288,6 +2009,19 @@ class TaskManager(Actor[TaskManagerMessage]):
                 del self._keys[key]
             for run_id in self._runs_of.pop(task_id, []):
                 self._runs.pop(run_id, None)
+
+    # The rest of the TaskManager lives in the modules of its responsibilities, as
+    # functions that take it as their first argument; named here, they are its
+    # methods (self._transition(...)), which other modules call.
+    # machine.py
+    _close_run = machine.close_run
+    _requeue = machine.requeue
+    _backoff = machine.backoff
+    _end_claim = machine.end_claim
+    _release_worker = machine.release_worker
+    _update = machine.update
+    _transition = machine.transition
+    _event = machine.event
 
 
 _RECOVERED = "the runtime stopped while a worker held the task"
@@ -2314,18 +2048,6 @@ def _ends_a_plan_task(ops: list[WriteOp], start: int) -> bool:
     return False
 
 
-def _agrees(task: Task, message: UpdateTaskStatus) -> bool:
-    """Whether every field ``message`` sets already holds on ``task`` (an empty result
-    agrees with none: the seeds publish ``result={}`` for a task completed without one)."""
-    result = message.result or None
-    return (
-        (result is None or result == task.result)
-        and (message.error is None or message.error == task.error)
-        and (message.assigned_worker is None or message.assigned_worker == task.assigned_worker)
-        and (message.current_phase is None or message.current_phase == task.current_phase)
-    )
-
-
 def _refuse_unknown_keys(items: Sequence[CreateTask], work: _Batch) -> None:
     """Raise the error of a key storage could not look up for this batch, if any."""
     if work.key_errors:
@@ -2346,10 +2068,6 @@ def _claims(outcome: object) -> tuple[Claim, ...]:
         return (outcome,)
     assert isinstance(outcome, tuple)
     return outcome
-
-
-def _run_data(run: Run) -> dict[str, JsonValue]:
-    return {"run_id": run.id, "attempt": run.run_number}
 
 
 _NOT_THE_CLAIMER = (
