@@ -53,13 +53,6 @@ run timeouts, retry backoffs and claim waits are deadlines kept by this actor; o
 first settles what is due. A claim whose asker left before the answer (deadline,
 cancellation) is handed back at once, so no task is held by a worker that never got it.
 
-Two clocks. Every deadline runs on ``monotonic`` (the event loop's clock, the alarm's
-too), which no one steps; the wall clock (``clock``) only stamps what is stored and
-shown (``lease_expires_at``, ``available_at``, ``started_at``, event times). A stored
-wall time is turned into a deadline once, when it is loaded (at start-up): what remains
-of it by the wall clock then, at least nothing and at most the span that was set, so
-that a clock stepped while the runtime was down can neither stretch nor revive it.
-
 Time (delays.py, limits.py; docs/TIMING.md). A delayed task (``run_at``) is queued but
 neither in the ready index nor in memory until it comes due; a queued task past its
 expiry is cancelled, and never handed out; a rate-limited type or key is held back while
@@ -70,12 +63,11 @@ The rest of it, by responsibility:
 
 - :mod:`.state`: the types the modules share: a batch's work and undo, a claim's deadlines
 - :mod:`.machine`: the state machine: transitions, runs closed, requeues and attempts
+- :mod:`.leases`: leases (the proof of a claim, heartbeats), the clocks, deadlines, the alarm
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import random
 from collections import OrderedDict, deque
@@ -93,7 +85,6 @@ from ...errors import (
     HiveError,
     IllegalTransitionError,
     InvalidInputError,
-    LeaseLostError,
     NotFoundError,
     RuntimeStoppedError,
     StorageError,
@@ -176,8 +167,9 @@ from ...messages.tasks import (
 )
 from ...messages.workers import WorkerRegistryMessage, WorkersSeen
 from ...runtime import Actor, ActorRef, Alarm, Deadlines, Envelope, Request
-from . import control, machine
+from . import control, leases, machine
 from .delays import Frame, Timers
+from .leases import _hash, _proves
 from .limits import RateLimits
 from .machine import LIVE, TRANSITIONS, _run_data
 from .ready import Bound, QueueId, ReadyQueue, bound_of, queue_of
@@ -1188,95 +1180,6 @@ class TaskManager(Actor[TaskManagerMessage]):
             elif new.status is B:
                 self._spill.add(new.id)  # read back when its plan queues it
 
-    # -- deadlines -----------------------------------------------------------------------------
-
-    def _read_clocks(self) -> datetime:
-        """Read both clocks for a batch (or the start-up); returns the wall time, ``now``."""
-        self._wall = self._clock()
-        self._mono = self._monotonic()
-        return self._wall
-
-    def _from_wall(self, at: datetime, longest: float) -> float:
-        """The stored wall time ``at`` as a monotonic deadline: what remains of it by the
-        wall clock now, at least nothing and at most ``longest`` (the span that was set),
-        so that a wall clock stepped since it was set can neither stretch it nor end it
-        late. Exact for a time set in this batch (``now`` plus a span)."""
-        remaining = (at - self._wall).total_seconds()
-        return self._mono + min(max(remaining, 0.0), max(longest, 0.0))
-
-    def _due_from_wall(self, run: Run, task: Task, lease_hash: bytes | None) -> _Due:
-        """A claimed run's deadlines, from its stored times (at start-up): its lease, set
-        whole when it was loaded, and what remains of its timeout."""
-        assert run.lease_expires_at is not None
-        timeout = None
-        if task.timeout is not None and run.started_at is not None:
-            ends = run.started_at + timedelta(seconds=task.timeout)
-            timeout = self._from_wall(ends, task.timeout)
-        lease = self._from_wall(run.lease_expires_at, run.lease_seconds or 0.0)
-        return _Due(lease, timeout, lease_hash)
-
-    def _backoff_end(self, task: Task) -> float | None:
-        """When the queued ``task``'s backoff ends (``None``: it has none)."""
-        if task.available_at is None:
-            return None
-        at = self._ready_at.get(task.id)
-        if at is None:
-            # Set in this batch (updated_at is now), or loaded at start-up.
-            whole = (task.available_at - task.updated_at).total_seconds()
-            at = self._ready_at[task.id] = self._from_wall(task.available_at, whole)
-        return at
-
-    def _settle_due(self, work: _Batch, now: datetime) -> None:
-        """End the leases and runs whose time is up, release backoffs, close claim waits."""
-        mono = self._mono
-        deadlines = self._deadlines
-        while (run_id := deadlines.pop_due(mono)) is not None:
-            run = self._runs[run_id]  # an entry is dropped when its claim ends
-            task = self._tasks[run.task_id]
-            due, is_timeout = self._due[run_id].next()
-            if due > mono:  # renewed since: look again then
-                deadlines.set(run_id, due)
-            elif is_timeout:
-                error = f"run {run.run_number} exceeded the task's timeout of {task.timeout:g}s"
-                self._close_run(run, RunStatus.TIMED_OUT, work, now, error=error)
-                self._requeue(task, run, "timed_out", error, work, now)
-            else:
-                error = (
-                    f"lease expired: worker {run.worker_id!r} sent no heartbeat"
-                    f" for {run.lease_seconds:g}s"
-                )
-                self._close_run(run, RunStatus.LOST, work, now, error=error)
-                self._requeue(task, run, "lease_expired", error, work, now, retry_after=0.0)
-        self._ready.promote(mono)
-        if self._limits:
-            self._ready.resume(*self._limits.freed(mono))
-        while (waiter_id := self._waits.pop_due(mono)) is not None:
-            waiter = self._waiters.pop(waiter_id)
-            work.unparked.append((waiter_id, waiter))
-            work.answers.append((waiter.envelope, waiter.nothing))
-
-    def _arm(self) -> None:
-        """Set the alarm to the earliest deadline (only when it changed: setting it wakes
-        the alarm's task)."""
-        if self._alarm is None:
-            return
-        times = []
-        for first in (self._deadlines.first(), self._waits.first()):
-            if first is not None:
-                times.append(first[0])
-        delayed = self._ready.next_delayed()
-        if delayed is not None:
-            times.append(delayed)
-        times += self._timers_due()
-        frees = self._limits.next_free()
-        if frees is not None:
-            times.append(frees)
-        if self._fenced and self._waiters:
-            times.append(self._next_sweep)  # tasks queued by other nodes, for the waiters
-        wake = min(times) if times else None
-        if wake != self._alarm.at:
-            self._alarm.set(wake)
-
     # -- delayed tasks and expiries (delays.py) ----------------------------------------------
 
     def _times(
@@ -1592,33 +1495,6 @@ class TaskManager(Actor[TaskManagerMessage]):
         self._close_run(run, RunStatus.RELEASED, work, now, error=note)
         self._requeue(task, run, "unclaimed", None, work, now, count=False)
 
-    def _holding(self, lease: Lease, work: _Batch) -> tuple[Task, Run]:
-        """The task and run ``lease`` holds, or :class:`LeaseLostError` saying why not."""
-        task = self._tasks.get(lease.task_id)
-        run_id = self._held.get(lease.task_id)
-        if task is not None and run_id == lease.run_id and lease.task_id not in work.deleted:
-            held = self._runs[run_id]
-            if held.run_number == lease.attempt:
-                if _proves(lease, self._due[run_id].lease_hash):
-                    return task, held
-                # The ids and attempt are in every read of the runs; the secret is not.
-                raise _lost(lease, _NOT_THE_CLAIMER, task.status)
-        run = self._runs.get(lease.run_id)
-        if lease.task_id in work.deleted:
-            raise _lost(lease, "the task was deleted", "deleted")
-        if task is None:
-            raise _lost(lease, "the task finished or was deleted", "unknown")
-        if run is None or run.task_id != lease.task_id:
-            raise _lost(lease, "this token's run is not a run of the task", task.status)
-        if run.run_number != lease.attempt:
-            raise _lost(lease, f"the run is attempt {run.run_number}", task.status)
-        why = f"its run ended as {run.status.value}"
-        if run.error:
-            why += f" ({run.error})"
-        if run_id is not None:
-            why += f"; run {run_id} holds the task now"
-        raise _lost(lease, why, task.status)
-
     # -- requests ----------------------------------------------------------------------------
 
     async def _handle(self, message: TaskManagerMessage, work: _Batch, now: datetime) -> object:
@@ -1755,40 +1631,6 @@ class TaskManager(Actor[TaskManagerMessage]):
             case ClaimTask() | ClaimTasks():  # pragma: no cover - parked by receive_batch
                 raise HiveError("claims are parked, not handled")
         raise HiveError(f"the task manager does not handle {type(message).__name__}")
-
-    def _heartbeat(self, message: Heartbeat, work: _Batch, now: datetime) -> datetime:
-        task, run = self._holding(message.lease, work)
-        assert run.lease_seconds is not None
-        assert run.lease_expires_at is not None
-        span = message.extend or run.lease_seconds
-        expires = now + timedelta(seconds=span)  # shown; the deadline is on the monotonic clock
-        changes: dict[str, object] = {"lease_expires_at": expires}
-        if message.progress is not None:
-            changes["progress"] = message.progress
-        if message.phase is not None:
-            changes["phase"] = message.phase
-        if len(changes) > 1:
-            # Progress is durable and published; a bare heartbeat only moves the lease,
-            # which lives as long as this process, so it is kept in memory.
-            self._touch(task.id, work)
-        renewed = msgspec.structs.replace(run, **changes)
-        self._runs[run.id] = renewed
-        self._due[run.id] = self._due[run.id]._replace(lease=self._mono + span)
-        due = self._due[run.id].next()[0]
-        # Moved earlier only: a later deadline is found when the entry comes up (one
-        # entry per claim either way), so that a heartbeat costs no sift.
-        entry = self._deadlines.get(run.id)
-        if entry is None or due < entry:
-            self._deadlines.set(run.id, due)
-        if len(changes) > 1:
-            work.ops.append(SetRunState(renewed))
-            data = _run_data(run)
-            if message.progress is not None:
-                data["progress"] = message.progress
-            if message.phase is not None:
-                data["phase"] = message.phase
-            work.ops.append(self._event("task.progress", task, now, run.worker_id, data))
-        return expires
 
     def _create(
         self,
@@ -2022,6 +1864,15 @@ class TaskManager(Actor[TaskManagerMessage]):
     _update = machine.update
     _transition = machine.transition
     _event = machine.event
+    # leases.py
+    _read_clocks = leases.read_clocks
+    _from_wall = leases.from_wall
+    _due_from_wall = leases.due_from_wall
+    _backoff_end = leases.backoff_end
+    _settle_due = leases.settle_due
+    _arm = leases.arm
+    _holding = leases.holding
+    _heartbeat = leases.heartbeat
 
 
 _RECOVERED = "the runtime stopped while a worker held the task"
@@ -2068,27 +1919,3 @@ def _claims(outcome: object) -> tuple[Claim, ...]:
         return (outcome,)
     assert isinstance(outcome, tuple)
     return outcome
-
-
-_NOT_THE_CLAIMER = (
-    "this lease's secret does not match the claim's: only the worker that claimed the task"
-    " can act on it, with the lease its claim returned, passed on as it came (a lease"
-    " rebuilt from get_runs has no secret)"
-)
-
-
-def _hash(secret: str) -> bytes:
-    # SHA-256 with no salt or KDF: the secret is 128 random bits, not a password, so
-    # there is no table worth precomputing and no search to slow down.
-    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
-
-
-def _proves(lease: Lease, lease_hash: bytes | None) -> bool:
-    """Whether ``lease`` carries the secret whose hash is ``lease_hash``, compared in
-    constant time (hashes are compared, not secrets, so even a leaky compare would tell
-    a guesser about nothing but the hash of its own guess)."""
-    return lease_hash is not None and hmac.compare_digest(_hash(lease.secret), lease_hash)
-
-
-def _lost(lease: Lease, reason: str, status: TaskStatus | str) -> LeaseLostError:
-    return LeaseLostError(lease.task_id, lease.run_id, lease.attempt, str(status), reason)

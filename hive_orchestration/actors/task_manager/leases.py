@@ -1,0 +1,208 @@
+"""Leases: the proof of a claim (its token's secret), heartbeats, and the deadlines of
+claims, backoffs and claim waits, kept on one alarm (the claims: :mod:`.claims`).
+
+Two clocks. Every deadline runs on ``monotonic`` (the event loop's clock, the alarm's
+too), which no one steps; the wall clock (``clock``) only stamps what is stored and
+shown (``lease_expires_at``, ``available_at``, ``started_at``, event times). A stored
+wall time is turned into a deadline once, when it is loaded (at start-up): what remains
+of it by the wall clock then, at least nothing and at most the span that was set, so
+that a clock stepped while the runtime was down can neither stretch nor revive it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from ...errors import LeaseLostError
+from ...messages.storage import SetRunState
+from ...messages.tasks import Heartbeat, Lease, Run, RunStatus, Task, TaskStatus
+from .machine import _run_data
+from .state import _Batch, _Due
+
+if TYPE_CHECKING:
+    from .actor import TaskManager
+
+
+_NOT_THE_CLAIMER = (
+    "this lease's secret does not match the claim's: only the worker that claimed the task"
+    " can act on it, with the lease its claim returned, passed on as it came (a lease"
+    " rebuilt from get_runs has no secret)"
+)
+
+
+def _hash(secret: str) -> bytes:
+    # SHA-256 with no salt or KDF: the secret is 128 random bits, not a password, so
+    # there is no table worth precomputing and no search to slow down.
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
+
+
+def _proves(lease: Lease, lease_hash: bytes | None) -> bool:
+    """Whether ``lease`` carries the secret whose hash is ``lease_hash``, compared in
+    constant time (hashes are compared, not secrets, so even a leaky compare would tell
+    a guesser about nothing but the hash of its own guess)."""
+    return lease_hash is not None and hmac.compare_digest(_hash(lease.secret), lease_hash)
+
+
+def _lost(lease: Lease, reason: str, status: TaskStatus | str) -> LeaseLostError:
+    return LeaseLostError(lease.task_id, lease.run_id, lease.attempt, str(status), reason)
+
+
+def read_clocks(tm: TaskManager) -> datetime:
+    """Read both clocks for a batch (or the start-up); returns the wall time, ``now``."""
+    tm._wall = tm._clock()
+    tm._mono = tm._monotonic()
+    return tm._wall
+
+
+def from_wall(tm: TaskManager, at: datetime, longest: float) -> float:
+    """The stored wall time ``at`` as a monotonic deadline: what remains of it by the
+    wall clock now, at least nothing and at most ``longest`` (the span that was set),
+    so that a wall clock stepped since it was set can neither stretch it nor end it
+    late. Exact for a time set in this batch (``now`` plus a span)."""
+    remaining = (at - tm._wall).total_seconds()
+    return tm._mono + min(max(remaining, 0.0), max(longest, 0.0))
+
+
+def due_from_wall(tm: TaskManager, run: Run, task: Task, lease_hash: bytes | None) -> _Due:
+    """A claimed run's deadlines, from its stored times (at start-up): its lease, set
+    whole when it was loaded, and what remains of its timeout."""
+    assert run.lease_expires_at is not None
+    timeout = None
+    if task.timeout is not None and run.started_at is not None:
+        ends = run.started_at + timedelta(seconds=task.timeout)
+        timeout = tm._from_wall(ends, task.timeout)
+    lease = tm._from_wall(run.lease_expires_at, run.lease_seconds or 0.0)
+    return _Due(lease, timeout, lease_hash)
+
+
+def backoff_end(tm: TaskManager, task: Task) -> float | None:
+    """When the queued ``task``'s backoff ends (``None``: it has none)."""
+    if task.available_at is None:
+        return None
+    at = tm._ready_at.get(task.id)
+    if at is None:
+        # Set in this batch (updated_at is now), or loaded at start-up.
+        whole = (task.available_at - task.updated_at).total_seconds()
+        at = tm._ready_at[task.id] = tm._from_wall(task.available_at, whole)
+    return at
+
+
+def settle_due(tm: TaskManager, work: _Batch, now: datetime) -> None:
+    """End the leases and runs whose time is up, release backoffs, close claim waits."""
+    mono = tm._mono
+    deadlines = tm._deadlines
+    while (run_id := deadlines.pop_due(mono)) is not None:
+        run = tm._runs[run_id]  # an entry is dropped when its claim ends
+        task = tm._tasks[run.task_id]
+        due, is_timeout = tm._due[run_id].next()
+        if due > mono:  # renewed since: look again then
+            deadlines.set(run_id, due)
+        elif is_timeout:
+            error = f"run {run.run_number} exceeded the task's timeout of {task.timeout:g}s"
+            tm._close_run(run, RunStatus.TIMED_OUT, work, now, error=error)
+            tm._requeue(task, run, "timed_out", error, work, now)
+        else:
+            error = (
+                f"lease expired: worker {run.worker_id!r} sent no heartbeat"
+                f" for {run.lease_seconds:g}s"
+            )
+            tm._close_run(run, RunStatus.LOST, work, now, error=error)
+            tm._requeue(task, run, "lease_expired", error, work, now, retry_after=0.0)
+    tm._ready.promote(mono)
+    if tm._limits:
+        tm._ready.resume(*tm._limits.freed(mono))
+    while (waiter_id := tm._waits.pop_due(mono)) is not None:
+        waiter = tm._waiters.pop(waiter_id)
+        work.unparked.append((waiter_id, waiter))
+        work.answers.append((waiter.envelope, waiter.nothing))
+
+
+def arm(tm: TaskManager) -> None:
+    """Set the alarm to the earliest deadline (only when it changed: setting it wakes
+    the alarm's task)."""
+    if tm._alarm is None:
+        return
+    times = []
+    for first in (tm._deadlines.first(), tm._waits.first()):
+        if first is not None:
+            times.append(first[0])
+    delayed = tm._ready.next_delayed()
+    if delayed is not None:
+        times.append(delayed)
+    times += tm._timers_due()
+    frees = tm._limits.next_free()
+    if frees is not None:
+        times.append(frees)
+    if tm._fenced and tm._waiters:
+        times.append(tm._next_sweep)  # tasks queued by other nodes, for the waiters
+    wake = min(times) if times else None
+    if wake != tm._alarm.at:
+        tm._alarm.set(wake)
+
+
+def holding(tm: TaskManager, lease: Lease, work: _Batch) -> tuple[Task, Run]:
+    """The task and run ``lease`` holds, or :class:`LeaseLostError` saying why not."""
+    task = tm._tasks.get(lease.task_id)
+    run_id = tm._held.get(lease.task_id)
+    if task is not None and run_id == lease.run_id and lease.task_id not in work.deleted:
+        held = tm._runs[run_id]
+        if held.run_number == lease.attempt:
+            if _proves(lease, tm._due[run_id].lease_hash):
+                return task, held
+            # The ids and attempt are in every read of the runs; the secret is not.
+            raise _lost(lease, _NOT_THE_CLAIMER, task.status)
+    run = tm._runs.get(lease.run_id)
+    if lease.task_id in work.deleted:
+        raise _lost(lease, "the task was deleted", "deleted")
+    if task is None:
+        raise _lost(lease, "the task finished or was deleted", "unknown")
+    if run is None or run.task_id != lease.task_id:
+        raise _lost(lease, "this token's run is not a run of the task", task.status)
+    if run.run_number != lease.attempt:
+        raise _lost(lease, f"the run is attempt {run.run_number}", task.status)
+    why = f"its run ended as {run.status.value}"
+    if run.error:
+        why += f" ({run.error})"
+    if run_id is not None:
+        why += f"; run {run_id} holds the task now"
+    raise _lost(lease, why, task.status)
+
+
+def heartbeat(tm: TaskManager, message: Heartbeat, work: _Batch, now: datetime) -> datetime:
+    task, run = tm._holding(message.lease, work)
+    assert run.lease_seconds is not None
+    assert run.lease_expires_at is not None
+    span = message.extend or run.lease_seconds
+    expires = now + timedelta(seconds=span)  # shown; the deadline is on the monotonic clock
+    changes: dict[str, object] = {"lease_expires_at": expires}
+    if message.progress is not None:
+        changes["progress"] = message.progress
+    if message.phase is not None:
+        changes["phase"] = message.phase
+    if len(changes) > 1:
+        # Progress is durable and published; a bare heartbeat only moves the lease,
+        # which lives as long as this process, so it is kept in memory.
+        tm._touch(task.id, work)
+    renewed = msgspec.structs.replace(run, **changes)
+    tm._runs[run.id] = renewed
+    tm._due[run.id] = tm._due[run.id]._replace(lease=tm._mono + span)
+    due = tm._due[run.id].next()[0]
+    # Moved earlier only: a later deadline is found when the entry comes up (one
+    # entry per claim either way), so that a heartbeat costs no sift.
+    entry = tm._deadlines.get(run.id)
+    if entry is None or due < entry:
+        tm._deadlines.set(run.id, due)
+    if len(changes) > 1:
+        work.ops.append(SetRunState(renewed))
+        data = _run_data(run)
+        if message.progress is not None:
+            data["progress"] = message.progress
+        if message.phase is not None:
+            data["phase"] = message.phase
+        work.ops.append(tm._event("task.progress", task, now, run.worker_id, data))
+    return expires
