@@ -39,20 +39,6 @@ ago it finished and across restarts, and opening a database loads no key. A task
 with ``idempotency_scope="active"`` holds its key only while live: it lets go of it as it
 ends, and storage's unique index covers only the keys still held (control.py).
 
-Claims. A worker's ``claim_task`` is parked until the end of its batch, then handed the
-best ready task of its types (priority, then age) from the :class:`ReadyQueue`; with
-``wait`` it stays parked, first come first served, until a task arrives, and no one
-polls. A claim opens a run with a lease; its token (task, run, attempt, and a secret drawn
-for the claim) must come with every later call, and a token whose claim is over, or whose
-secret is not its claim's, gets :class:`LeaseLostError`. The ids are in every read of
-the runs; the secret is in the claim's answer only, and this actor keeps its SHA-256 (in
-memory with the claim's deadlines, and in the run's row, so that a restart after a crash
-keeps the claims provable). An ``Unclaimed`` give-back must carry it too. Leases,
-run timeouts, retry backoffs and claim waits are deadlines kept by this actor; one
-:class:`~hive_orchestration.runtime.Alarm` wakes it at the earliest, and every batch
-first settles what is due. A claim whose asker left before the answer (deadline,
-cancellation) is handed back at once, so no task is held by a worker that never got it.
-
 Time (delays.py, limits.py; docs/TIMING.md). A delayed task (``run_at``) is queued but
 neither in the ready index nor in memory until it comes due; a queued task past its
 expiry is cancelled, and never handed out; a rate-limited type or key is held back while
@@ -64,6 +50,7 @@ The rest of it, by responsibility:
 - :mod:`.state`: the types the modules share: a batch's work and undo, a claim's deadlines
 - :mod:`.machine`: the state machine: transitions, runs closed, requeues and attempts
 - :mod:`.leases`: leases (the proof of a claim, heartbeats), the clocks, deadlines, the alarm
+- :mod:`.claims`: parked claims, and handing out ready tasks to them
 """
 
 from __future__ import annotations
@@ -79,7 +66,7 @@ from typing import cast
 import anyio
 import msgspec
 
-from ..._ids import new_id, new_secret
+from ..._ids import new_id
 from ...errors import (
     ActorFailedError,
     HiveError,
@@ -143,7 +130,6 @@ from ...messages.tasks import (
     GetTasksByStatus,
     GetUnroutableTasks,
     Heartbeat,
-    Lease,
     PlansSettled,
     PurgeOutcome,
     PurgeTasks,
@@ -167,9 +153,8 @@ from ...messages.tasks import (
 )
 from ...messages.workers import WorkerRegistryMessage, WorkersSeen
 from ...runtime import Actor, ActorRef, Alarm, Deadlines, Envelope, Request
-from . import control, leases, machine
+from . import claims, control, leases, machine
 from .delays import Frame, Timers
-from .leases import _hash, _proves
 from .limits import RateLimits
 from .machine import LIVE, TRANSITIONS, _run_data
 from .ready import Bound, QueueId, ReadyQueue, bound_of, queue_of
@@ -1357,144 +1342,6 @@ class TaskManager(Actor[TaskManagerMessage]):
                 (task.concurrency_key,) if key_full and task.concurrency_key else (),
             )
 
-    # -- claims --------------------------------------------------------------------------------
-
-    def _park(
-        self,
-        envelope: Envelope[TaskManagerMessage],
-        claim: ClaimTask | ClaimTasks,
-        work: _Batch,
-        now: datetime,
-    ) -> None:
-        self._next_waiter += 1
-        waiter_id = self._next_waiter
-        deadline = self._mono + claim.wait if claim.wait > 0 else None
-        self._waiters[waiter_id] = _Waiter(envelope, claim, deadline)
-        if deadline is not None:
-            self._waits.set(waiter_id, deadline)
-        work.parked.append(waiter_id)
-
-    def _dispatch(self, work: _Batch, now: datetime, *, refilled: bool = True) -> None:
-        """Hand ready tasks to parked claims, oldest claim first.
-
-        Only the claims parked in this batch can find something if nothing became ready
-        since the last dispatch; claims that do not wait are answered now either way,
-        unless a drained head starved them: they stay parked for its next tasks, read
-        once the batch is committed (not when that read just failed: ``refilled``).
-        """
-        if self._ready.changed:
-            candidates = list(self._waiters)
-            self._ready.changed = False
-        else:
-            candidates = work.parked
-        for waiter_id in candidates:
-            waiter = self._waiters.get(waiter_id)
-            if waiter is None:
-                continue
-            reply = waiter.envelope.reply
-            if reply is not None and reply.done:  # the claimer stopped waiting
-                self._unpark(waiter_id, work)
-                for claim in waiter.taken:  # committed, never received: hand them back
-                    self._release_unclaimed(claim, work, now)
-                continue
-            request = waiter.claim
-            task_id = self._pop(request.task_types, work, now)
-            if task_id is None:
-                if self._ready.starved and refilled:
-                    work.starved = True
-                    continue
-                if waiter.deadline is None or waiter.taken:
-                    self._unpark(waiter_id, work)
-                    work.answers.append((waiter.envelope, waiter.nothing))
-                continue
-            if isinstance(request, ClaimTask):
-                self._unpark(waiter_id, work)
-                work.answers.append((waiter.envelope, self._assign(task_id, request, work, now)))
-                continue
-            work.grown.append((waiter_id, len(waiter.taken)))
-            claims = waiter.taken
-            claims.append(self._assign(task_id, request, work, now))
-            while len(claims) < request.limit:
-                task_id = self._pop(request.task_types, work, now)
-                if task_id is None:
-                    break
-                claims.append(self._assign(task_id, request, work, now))
-            if len(claims) < request.limit and self._ready.starved and refilled:
-                # A head ran dry mid-claim: the rest once its next tasks are read.
-                work.starved = True
-                continue
-            self._unpark(waiter_id, work)
-            work.answers.append((waiter.envelope, tuple(claims)))
-
-    def _unpark(self, waiter_id: int, work: _Batch | None = None) -> None:
-        waiter = self._waiters.pop(waiter_id)
-        self._waits.discard(waiter_id)
-        if work is not None:
-            work.unparked.append((waiter_id, waiter))  # parked again if the batch conflicts
-
-    def _assign(
-        self, task_id: str, claim: ClaimTask | ClaimTasks, work: _Batch, now: datetime
-    ) -> Claim:
-        task = self._tasks[task_id]
-        self._touch(task_id, work)
-        expires = now + timedelta(seconds=claim.lease)
-        run = Run(
-            id=new_id(),
-            task_id=task_id,
-            worker_id=claim.worker_id,
-            run_number=len(self._runs_of.get(task_id, ())) + 1,
-            status=RunStatus.ASSIGNED,
-            started_at=now,
-            lease_seconds=claim.lease,
-            lease_expires_at=expires,
-        )
-        self._remember_run(run)
-        timeout = None if task.timeout is None else self._mono + task.timeout
-        # The secret goes to the claimer, in the answer, and nowhere else: memory and the
-        # database keep its hash.
-        secret = new_secret()
-        lease_hash = _hash(secret)
-        self._due[run.id] = _Due(self._mono + claim.lease, timeout, lease_hash)
-        work.ops.append(PutRun(run, lease_hash))
-        updated = self._transition(
-            task,
-            A,
-            work,
-            now,
-            claim.worker_id,
-            {"assigned_worker": claim.worker_id, "available_at": None},
-            {"run_id": run.id, "attempt": run.run_number},
-        )
-        self._held[task_id] = run.id
-        if self._limits:
-            self._count_start(updated)
-        if claim.start:
-            updated = self._start(updated, run, work, now)
-            run = self._runs[run.id]
-        self._deadlines.set(run.id, self._due[run.id].next()[0])
-        return Claim(updated, Lease(task_id, run.id, run.run_number, secret), expires)
-
-    def _start(self, task: Task, run: Run, work: _Batch, now: datetime) -> Task:
-        """The claimed ``task`` (assigned) starts running on its ``run``."""
-        if task.status is not A:
-            raise IllegalTransitionError("task", task.id, task.status.value, R.value)
-        self._touch(task.id, work)
-        started = msgspec.structs.replace(run, status=RunStatus.RUNNING)
-        self._runs[run.id] = started
-        work.ops.append(SetRunState(started))
-        return self._transition(task, R, work, now, run.worker_id, {}, _run_data(run))
-
-    def _release_unclaimed(self, claim: Claim, work: _Batch, now: datetime) -> None:
-        task = self._tasks.get(claim.lease.task_id)
-        if task is None or self._held.get(task.id) != claim.lease.run_id:
-            return
-        if not _proves(claim.lease, self._due[claim.lease.run_id].lease_hash):
-            return  # not the claim that was answered: it frees no one's task
-        run = self._runs[claim.lease.run_id]
-        note = "the claimer stopped waiting before it received the task"
-        self._close_run(run, RunStatus.RELEASED, work, now, error=note)
-        self._requeue(task, run, "unclaimed", None, work, now, count=False)
-
     # -- requests ----------------------------------------------------------------------------
 
     async def _handle(self, message: TaskManagerMessage, work: _Batch, now: datetime) -> object:
@@ -1873,6 +1720,13 @@ class TaskManager(Actor[TaskManagerMessage]):
     _arm = leases.arm
     _holding = leases.holding
     _heartbeat = leases.heartbeat
+    # claims.py
+    _park = claims.park
+    _dispatch = claims.dispatch
+    _unpark = claims.unpark
+    _assign = claims.assign
+    _start = claims.start_run
+    _release_unclaimed = claims.release_unclaimed
 
 
 _RECOVERED = "the runtime stopped while a worker held the task"

@@ -1,0 +1,186 @@
+"""Claims: parked until the end of their batch, then handed the best ready task.
+
+Claims. A worker's ``claim_task`` is parked until the end of its batch, then handed the
+best ready task of its types (priority, then age) from the :class:`ReadyQueue`; with
+``wait`` it stays parked, first come first served, until a task arrives, and no one
+polls. A claim opens a run with a lease; its token (task, run, attempt, and a secret drawn
+for the claim) must come with every later call, and a token whose claim is over, or whose
+secret is not its claim's, gets :class:`LeaseLostError`. The ids are in every read of
+the runs; the secret is in the claim's answer only, and this actor keeps its SHA-256 (in
+memory with the claim's deadlines, and in the run's row, so that a restart after a crash
+keeps the claims provable). An ``Unclaimed`` give-back must carry it too. Leases,
+run timeouts, retry backoffs and claim waits are deadlines kept by this actor; one
+:class:`~hive_orchestration.runtime.Alarm` wakes it at the earliest, and every batch
+first settles what is due. A claim whose asker left before the answer (deadline,
+cancellation) is handed back at once, so no task is held by a worker that never got it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from ..._ids import new_id, new_secret
+from ...errors import IllegalTransitionError
+from ...messages.storage import PutRun, SetRunState
+from ...messages.tasks import (
+    Claim,
+    ClaimTask,
+    ClaimTasks,
+    Lease,
+    Run,
+    RunStatus,
+    Task,
+    TaskManagerMessage,
+)
+from ...runtime import Envelope
+from .leases import _hash, _proves
+from .machine import _run_data
+from .state import A, R, _Batch, _Due, _Waiter
+
+if TYPE_CHECKING:
+    from .actor import TaskManager
+
+
+def park(
+    tm: TaskManager,
+    envelope: Envelope[TaskManagerMessage],
+    claim: ClaimTask | ClaimTasks,
+    work: _Batch,
+    now: datetime,
+) -> None:
+    tm._next_waiter += 1
+    waiter_id = tm._next_waiter
+    deadline = tm._mono + claim.wait if claim.wait > 0 else None
+    tm._waiters[waiter_id] = _Waiter(envelope, claim, deadline)
+    if deadline is not None:
+        tm._waits.set(waiter_id, deadline)
+    work.parked.append(waiter_id)
+
+
+def dispatch(tm: TaskManager, work: _Batch, now: datetime, *, refilled: bool = True) -> None:
+    """Hand ready tasks to parked claims, oldest claim first.
+
+    Only the claims parked in this batch can find something if nothing became ready
+    since the last dispatch; claims that do not wait are answered now either way,
+    unless a drained head starved them: they stay parked for its next tasks, read
+    once the batch is committed (not when that read just failed: ``refilled``).
+    """
+    if tm._ready.changed:
+        candidates = list(tm._waiters)
+        tm._ready.changed = False
+    else:
+        candidates = work.parked
+    for waiter_id in candidates:
+        waiter = tm._waiters.get(waiter_id)
+        if waiter is None:
+            continue
+        reply = waiter.envelope.reply
+        if reply is not None and reply.done:  # the claimer stopped waiting
+            tm._unpark(waiter_id, work)
+            for claim in waiter.taken:  # committed, never received: hand them back
+                tm._release_unclaimed(claim, work, now)
+            continue
+        request = waiter.claim
+        task_id = tm._pop(request.task_types, work, now)
+        if task_id is None:
+            if tm._ready.starved and refilled:
+                work.starved = True
+                continue
+            if waiter.deadline is None or waiter.taken:
+                tm._unpark(waiter_id, work)
+                work.answers.append((waiter.envelope, waiter.nothing))
+            continue
+        if isinstance(request, ClaimTask):
+            tm._unpark(waiter_id, work)
+            work.answers.append((waiter.envelope, tm._assign(task_id, request, work, now)))
+            continue
+        work.grown.append((waiter_id, len(waiter.taken)))
+        claims = waiter.taken
+        claims.append(tm._assign(task_id, request, work, now))
+        while len(claims) < request.limit:
+            task_id = tm._pop(request.task_types, work, now)
+            if task_id is None:
+                break
+            claims.append(tm._assign(task_id, request, work, now))
+        if len(claims) < request.limit and tm._ready.starved and refilled:
+            # A head ran dry mid-claim: the rest once its next tasks are read.
+            work.starved = True
+            continue
+        tm._unpark(waiter_id, work)
+        work.answers.append((waiter.envelope, tuple(claims)))
+
+
+def unpark(tm: TaskManager, waiter_id: int, work: _Batch | None = None) -> None:
+    waiter = tm._waiters.pop(waiter_id)
+    tm._waits.discard(waiter_id)
+    if work is not None:
+        work.unparked.append((waiter_id, waiter))  # parked again if the batch conflicts
+
+
+def assign(
+    tm: TaskManager, task_id: str, claim: ClaimTask | ClaimTasks, work: _Batch, now: datetime
+) -> Claim:
+    task = tm._tasks[task_id]
+    tm._touch(task_id, work)
+    expires = now + timedelta(seconds=claim.lease)
+    run = Run(
+        id=new_id(),
+        task_id=task_id,
+        worker_id=claim.worker_id,
+        run_number=len(tm._runs_of.get(task_id, ())) + 1,
+        status=RunStatus.ASSIGNED,
+        started_at=now,
+        lease_seconds=claim.lease,
+        lease_expires_at=expires,
+    )
+    tm._remember_run(run)
+    timeout = None if task.timeout is None else tm._mono + task.timeout
+    # The secret goes to the claimer, in the answer, and nowhere else: memory and the
+    # database keep its hash.
+    secret = new_secret()
+    lease_hash = _hash(secret)
+    tm._due[run.id] = _Due(tm._mono + claim.lease, timeout, lease_hash)
+    work.ops.append(PutRun(run, lease_hash))
+    updated = tm._transition(
+        task,
+        A,
+        work,
+        now,
+        claim.worker_id,
+        {"assigned_worker": claim.worker_id, "available_at": None},
+        {"run_id": run.id, "attempt": run.run_number},
+    )
+    tm._held[task_id] = run.id
+    if tm._limits:
+        tm._count_start(updated)
+    if claim.start:
+        updated = tm._start(updated, run, work, now)
+        run = tm._runs[run.id]
+    tm._deadlines.set(run.id, tm._due[run.id].next()[0])
+    return Claim(updated, Lease(task_id, run.id, run.run_number, secret), expires)
+
+
+def start_run(tm: TaskManager, task: Task, run: Run, work: _Batch, now: datetime) -> Task:
+    """The claimed ``task`` (assigned) starts running on its ``run``."""
+    if task.status is not A:
+        raise IllegalTransitionError("task", task.id, task.status.value, R.value)
+    tm._touch(task.id, work)
+    started = msgspec.structs.replace(run, status=RunStatus.RUNNING)
+    tm._runs[run.id] = started
+    work.ops.append(SetRunState(started))
+    return tm._transition(task, R, work, now, run.worker_id, {}, _run_data(run))
+
+
+def release_unclaimed(tm: TaskManager, claim: Claim, work: _Batch, now: datetime) -> None:
+    task = tm._tasks.get(claim.lease.task_id)
+    if task is None or tm._held.get(task.id) != claim.lease.run_id:
+        return
+    if not _proves(claim.lease, tm._due[claim.lease.run_id].lease_hash):
+        return  # not the claim that was answered: it frees no one's task
+    run = tm._runs[claim.lease.run_id]
+    note = "the claimer stopped waiting before it received the task"
+    tm._close_run(run, RunStatus.RELEASED, work, now, error=note)
+    tm._requeue(task, run, "unclaimed", None, work, now, count=False)
