@@ -39,18 +39,13 @@ ago it finished and across restarts, and opening a database loads no key. A task
 with ``idempotency_scope="active"`` holds its key only while live: it lets go of it as it
 ends, and storage's unique index covers only the keys still held (control.py).
 
-Time (delays.py, limits.py; docs/TIMING.md). A delayed task (``run_at``) is queued but
-neither in the ready index nor in memory until it comes due; a queued task past its
-expiry is cancelled, and never handed out; a rate-limited type or key is held back while
-its window is full. The earliest start times and expiries (read from their indexes a
-range at a time) and the rate windows are deadlines of the same alarm.
-
 The rest of it, by responsibility:
 
 - :mod:`.state`: the types the modules share: a batch's work and undo, a claim's deadlines
 - :mod:`.machine`: the state machine: transitions, runs closed, requeues and attempts
 - :mod:`.leases`: leases (the proof of a claim, heartbeats), the clocks, deadlines, the alarm
 - :mod:`.claims`: parked claims, and handing out ready tasks to them
+- :mod:`.timers`: delayed tasks, expiries and rate limits
 """
 
 from __future__ import annotations
@@ -92,9 +87,7 @@ from ...messages.storage import (
     LoadLeaseHashes,
     LoadQueueHeads,
     LoadRuns,
-    LoadStarts,
     LoadTasks,
-    LoadTimers,
     PutRun,
     PutTask,
     QueryTasks,
@@ -153,7 +146,7 @@ from ...messages.tasks import (
 )
 from ...messages.workers import WorkerRegistryMessage, WorkersSeen
 from ...runtime import Actor, ActorRef, Alarm, Deadlines, Envelope, Request
-from . import claims, control, leases, machine
+from . import claims, control, leases, machine, timers
 from .delays import Frame, Timers
 from .limits import RateLimits
 from .machine import LIVE, TRANSITIONS, _run_data
@@ -1165,183 +1158,6 @@ class TaskManager(Actor[TaskManagerMessage]):
             elif new.status is B:
                 self._spill.add(new.id)  # read back when its plan queues it
 
-    # -- delayed tasks and expiries (delays.py) ----------------------------------------------
-
-    def _times(
-        self, message: CreateTask, prefix: str = ""
-    ) -> tuple[datetime | None, datetime | None]:
-        """A create's start time and expiry as stored (``None``: none, or a start time
-        already past), checked against this batch's clocks."""
-        wall, mono = self._wall, self._mono
-        start: datetime | None = None
-        ready = mono
-        if message.run_at is not None or message.delay is not None:
-            if message.delay is not None:
-                given = wall + timedelta(seconds=message.delay)
-                ready = mono + message.delay
-            else:
-                assert message.run_at is not None
-                given = message.run_at
-                ready = mono + (given - wall).total_seconds()
-            if ready > mono:
-                start = self._frame.stored(ready, wall, mono, given)
-        expiry: datetime | None = None
-        if message.expires_at is not None or message.expires_in is not None:
-            name = "expires_in" if message.expires_in is not None else "expires_at"
-            if message.expires_in is not None:
-                given = wall + timedelta(seconds=message.expires_in)
-                ends = mono + message.expires_in
-            else:
-                assert message.expires_at is not None
-                given = message.expires_at
-                ends = mono + (given - wall).total_seconds()
-            if ends <= ready:
-                why = "is not after the task's start time" if start else "is already past"
-                raise InvalidInputError(
-                    prefix + name, f"{why}: the task could never be handed out; give a later one"
-                )
-            expiry = self._frame.stored(ends, wall, mono, given)
-        return start, expiry
-
-    def _time(self, task: Task) -> None:
-        """The queued ``task``'s start time and expiry, if any, to the timers."""
-        if task.run_at is not None:
-            deadline = self._frame.deadline(task.id, task.run_at, task.created_at)
-            self._starts.add(task.id, task.run_at, deadline)
-        if task.expires_at is not None:
-            deadline = self._frame.deadline(task.id, task.expires_at, task.created_at)
-            self._expiries.add(task.id, task.expires_at, deadline)
-
-    def _untime(self, task: Task) -> None:
-        if task.run_at is not None:
-            self._starts.discard(task.id)
-        if task.expires_at is not None:
-            self._expiries.discard(task.id)
-
-    async def _load_timers(self, *, fail: bool = False) -> None:
-        """Read the next start times and expiries of the timers that ran low. Between
-        batches: the last commit is done, so storage holds exactly what memory left it."""
-        for timers in (self._starts, self._expiries):
-            if not timers.low():
-                continue
-            try:
-                rows = await self._storage.ask(
-                    LoadTimers(timers.column, timers.after(), timers.size)
-                )
-            except HiveError as exc:
-                if fail:
-                    raise
-                log.warning("could not read the queued tasks' %s: %s", timers.column, exc)
-                self._timers_failed = self._mono
-                return
-            frame = self._frame
-            timers.take(((i, at, frame.deadline(i, at, made)) for i, at, made in rows), len(rows))
-        self._timers_failed = None
-
-    def _timers_due(self) -> list[float]:
-        """When the timers want the next batch: their first deadlines, or at once when
-        they have to read from storage (a second after a failed read)."""
-        if self._starts.low() or self._expiries.low():
-            failed = self._timers_failed
-            return [self._mono if failed is None else failed + 1.0]
-        times = []
-        for timers in (self._starts, self._expiries):
-            first = timers.first()
-            if first is not None:
-                times.append(first)
-        return times
-
-    async def _settle_timers(self, work: _Batch, now: datetime) -> None:
-        """Expire the queued tasks whose expiry is past; queue the delayed tasks that
-        came due (they join the ready index and their queue's head)."""
-        await self._load_timers()
-        mono = self._mono
-        expired: list[str] = []
-        while (task_id := self._expiries.pop_due(mono)) is not None:
-            expired.append(task_id)
-        due: list[str] = []
-        while (task_id := self._starts.pop_due(mono)) is not None:
-            due.append(task_id)
-        if not expired and not due:
-            return
-        try:
-            found = await self._fetch(expired + due, work)
-        except HiveError as exc:
-            log.warning("could not read %d timed task(s): %s", len(expired) + len(due), exc)
-            self._starts.clear()  # read again, and these with them
-            self._expiries.clear()
-            return
-        for task_id in expired:
-            task = self._tasks.get(task_id, found.get(task_id))
-            if task is not None and task.status is Q and task.expires_at is not None:
-                self._expire(task, work, now)
-        for task_id in due:
-            task = self._tasks.get(task_id, found.get(task_id))
-            if task is not None and task.status is Q and task.run_at is not None:
-                self._touch(task_id, work)
-                updated = msgspec.structs.replace(task, run_at=None, updated_at=now)
-                self._tasks[task_id] = updated
-                self._index(task, updated)
-                work.ops.append(SetTaskState(updated))
-
-    def _expire(self, task: Task, work: _Batch, now: datetime) -> None:
-        """The queued ``task``'s expiry passed: it ends cancelled, reason ``expired``."""
-        assert task.expires_at is not None
-        at = task.expires_at.isoformat()
-        self._transition(
-            task,
-            TaskStatus.CANCELLED,
-            work,
-            now,
-            None,
-            {"error": f"expired: not handed out by {at}"},
-            {"reason": "expired", "expires_at": at},
-        )
-
-    def _pop(self, task_types: Sequence[str] | None, work: _Batch, now: datetime) -> str | None:
-        """The ready queue's next task for a claim, never one past its expiry (those end
-        here, should their timer not have come up yet)."""
-        while (task_id := self._ready.pop(task_types)) is not None:
-            task = self._tasks[task_id]
-            if task.expires_at is None:
-                return task_id
-            deadline = self._expiries.deadline(task_id)
-            if deadline is None:
-                deadline = self._frame.deadline(task_id, task.expires_at, task.created_at)
-            if deadline > self._mono:
-                return task_id
-            self._expire(task, work, now)
-        return None
-
-    # -- rate limits (limits.py) ---------------------------------------------------------------
-
-    async def _load_starts(self) -> None:
-        """At start-up: the rate limits' windows, from the claims of the last ``per``
-        seconds (each a deadline from now, at most ``per`` away: see limits.py)."""
-        if not self._limits:
-            return
-        types, keys = self._limits.limited()
-        since = self._wall - timedelta(seconds=self._limits.longest())
-        rows = await self._storage.ask(LoadStarts(types, keys, since))
-        by_type: dict[str, list[float]] = {}
-        by_key: dict[str, list[float]] = {}
-        for task_type, key, started in rows:
-            ago = max((self._wall - started).total_seconds(), 0.0)
-            at = self._mono - ago
-            by_type.setdefault(task_type, []).append(at)
-            if key is not None:
-                by_key.setdefault(key, []).append(at)
-        self._limits.load(by_type, by_key, self._mono)
-
-    def _count_start(self, task: Task) -> None:
-        """``task`` was claimed: a full window holds its type or key back."""
-        type_full, key_full = self._limits.started(task, self._mono)
-        if type_full or key_full:
-            self._ready.pause(
-                (task.task_type,) if type_full else (),
-                (task.concurrency_key,) if key_full and task.concurrency_key else (),
-            )
-
     # -- requests ----------------------------------------------------------------------------
 
     async def _handle(self, message: TaskManagerMessage, work: _Batch, now: datetime) -> object:
@@ -1727,6 +1543,17 @@ class TaskManager(Actor[TaskManagerMessage]):
     _assign = claims.assign
     _start = claims.start_run
     _release_unclaimed = claims.release_unclaimed
+    # timers.py
+    _times = timers.times
+    _time = timers.time_task
+    _untime = timers.untime_task
+    _load_timers = timers.load_timers
+    _timers_due = timers.timers_due
+    _settle_timers = timers.settle_timers
+    _expire = timers.expire
+    _pop = timers.pop_ready
+    _load_starts = timers.load_starts
+    _count_start = timers.count_start
 
 
 _RECOVERED = "the runtime stopped while a worker held the task"
