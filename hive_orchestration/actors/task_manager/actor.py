@@ -46,6 +46,7 @@ The rest of it, by responsibility:
 - :mod:`.leases`: leases (the proof of a claim, heartbeats), the clocks, deadlines, the alarm
 - :mod:`.claims`: parked claims, and handing out ready tasks to them
 - :mod:`.timers`: delayed tasks, expiries and rate limits
+- :mod:`.memory`: what memory holds: undo after a failed commit, the ready index, letting go
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ from ...messages.tasks import (
 )
 from ...messages.workers import WorkerRegistryMessage, WorkersSeen
 from ...runtime import Actor, ActorRef, Alarm, Deadlines, Envelope, Request
-from . import claims, control, leases, machine, timers
+from . import claims, control, leases, machine, memory, timers
 from .delays import Frame, Timers
 from .limits import RateLimits
 from .machine import LIVE, TRANSITIONS, _run_data
@@ -165,7 +166,6 @@ from .state import (
     _Due,
     _Forward,
     _Refill,
-    _Undo,
     _Waiter,
 )
 
@@ -673,17 +673,6 @@ class TaskManager(Actor[TaskManagerMessage]):
             for task_id in self._ready.trim(queue, self._head):
                 self._drop(task_id)
 
-    def _drop(self, task_id: str) -> None:
-        """Forget a task memory does not need (its committed state is in storage)."""
-        task = self._tasks.pop(task_id, None)
-        key = None if task is None else task.idempotency_key
-        if key is not None and self._keys.get(key) == task_id:
-            del self._keys[key]  # answered by storage from now on
-        self._ready_at.pop(task_id, None)
-        self._versions.pop(task_id, None)  # read again with the task
-        for run_id in self._runs_of.pop(task_id, []):
-            self._runs.pop(run_id, None)
-
     async def _fetch(self, task_ids: Sequence[str], work: _Batch) -> dict[str, Task]:
         """The tasks among ``task_ids`` that exist, from memory or else from storage
         (with their runs, which memory then holds: every run of a task in memory is in
@@ -1044,120 +1033,6 @@ class TaskManager(Actor[TaskManagerMessage]):
                     self._take_in(task, runs.get(task.id, ()))
         self._ready.extended(list(read))
 
-    def _touch(self, task_id: str, work: _Batch) -> None:
-        """Remember a task's memory state before the batch first changes it."""
-        refill = self._refilling
-        if refill is not None:
-            refill.touched.add(task_id)  # the read in flight may hold an older copy
-            refill.spilled.pop(task_id, None)
-        if task_id not in work.undo:
-            run_ids = self._runs_of.get(task_id)
-            work.undo[task_id] = _Undo(
-                task=self._tasks.get(task_id),
-                finished=task_id in self._finished,
-                run_ids=None if run_ids is None else list(run_ids),
-                runs={run_id: self._runs[run_id] for run_id in run_ids or ()},
-                due={r: self._due[r] for r in run_ids or () if r in self._due},
-                ready_at=self._ready_at.get(task_id),
-            )
-
-    def _set_key(self, key: str, task_id: str | None, work: _Batch) -> None:
-        work.keys.setdefault(key, self._keys.get(key))
-        if task_id is None:
-            self._keys.pop(key, None)
-        else:
-            self._keys[key] = task_id
-
-    def _restore(self, work: _Batch, now: datetime) -> None:
-        """After a failed commit: put memory back exactly as it was before the batch."""
-        self._spill.clear()  # what the batch left to storage is memory's again
-        if self._refilling is not None:
-            # It may skip tasks the failed batch touched but did not change: read again.
-            self._refilling.void = True
-        for task_id, undo in work.undo.items():
-            for run_id in self._runs_of.pop(task_id, ()):
-                self._runs.pop(run_id, None)
-                self._due.pop(run_id, None)
-            if undo.run_ids is not None:
-                self._runs_of[task_id] = undo.run_ids
-                self._runs.update(undo.runs)
-            self._due.update(undo.due)
-            if undo.ready_at is None:
-                self._ready_at.pop(task_id, None)
-            else:
-                self._ready_at[task_id] = undo.ready_at
-            if undo.task is None:
-                self._tasks.pop(task_id, None)
-            else:
-                self._tasks[task_id] = undo.task
-            if undo.finished:
-                self._finished[task_id] = None
-            else:
-                self._finished.pop(task_id, None)
-        for key, owner in work.keys.items():
-            if owner is None:
-                self._keys.pop(key, None)
-            else:
-                self._keys[key] = owner
-        if work.revoked is not None:
-            self._revoked.clear()
-            self._revoked.update(work.revoked)
-        # They may hold times of tasks the batch made or changed: read again from storage.
-        self._starts.clear()
-        self._expiries.clear()
-        self._reindex()
-        log.warning("commit failed; %d task(s) restored in memory", len(work.undo))
-
-    def _reindex(self, hashes: Mapping[str, bytes] | None = None) -> None:
-        """Rebuild what is derived from tasks and runs: the ready queue, the claims and
-        their deadlines. O(tasks in memory): at start-up (with the stored ``hashes`` of the
-        claims' secrets) and after a failed commit only."""
-        self._ready = ReadyQueue(self._type_limits, self._ready.bounds(), self._revoked)
-        self._ready.pause(self._limits.full_types, self._limits.full_keys)
-        self._ready.pause(keys=self._paused_keys)
-        self._held = {}
-        self._deadlines = Deadlines()
-        for task in self._tasks.values():
-            self._index(None, task)
-        due: dict[str, _Due] = {}
-        for run in self._runs.values():
-            owner = self._tasks.get(run.task_id)
-            if (
-                run.status in _RUN_OPEN
-                and run.lease_expires_at is not None
-                and owner is not None
-                and owner.status in _HOLDING
-            ):
-                self._held[owner.id] = run.id
-                # Kept from before a failed commit; at start-up, from the stored times.
-                kept = self._due.get(run.id)
-                if kept is None:
-                    kept = self._due_from_wall(run, owner, (hashes or {}).get(run.id))
-                due[run.id] = kept
-                self._deadlines.set(run.id, due[run.id].next()[0])
-        self._due = due
-
-    def _index(self, old: Task | None, new: Task | None) -> None:
-        """Keep the ready queue in step with a task's change from ``old`` to ``new``."""
-        if old is not None:
-            if old.status is Q:
-                self._ready.discard(old.id)
-                self._ready_at.pop(old.id, None)
-                self._untime(old)
-            elif old.status in _HOLDING:
-                self._ready.unhold(old)
-        if new is not None:
-            if new.status is Q:
-                self._time(new)
-                if new.run_at is not None:
-                    self._spill.add(new.id)  # storage's until due: memory keeps its time
-                elif not self._ready.add(new, self._mono, self._backoff_end(new)):
-                    self._spill.add(new.id)  # after its queue's head: storage's
-            elif new.status in _HOLDING:
-                self._ready.hold(new)
-            elif new.status is B:
-                self._spill.add(new.id)  # read back when its plan queues it
-
     # -- requests ----------------------------------------------------------------------------
 
     async def _handle(self, message: TaskManagerMessage, work: _Batch, now: datetime) -> object:
@@ -1498,23 +1373,6 @@ class TaskManager(Actor[TaskManagerMessage]):
                 raise NotFoundError("task", task_id)
         return task
 
-    def _remember_run(self, run: Run) -> None:
-        if run.id not in self._runs:
-            self._runs_of.setdefault(run.task_id, []).append(run.id)
-        self._runs[run.id] = run
-
-    def _evict(self) -> None:
-        """Keep at most ``recent`` finished tasks in memory (their state is committed)."""
-        while len(self._finished) > self._recent_limit:
-            task_id, _ = self._finished.popitem(last=False)
-            task = self._tasks.pop(task_id, None)
-            key = None if task is None else task.idempotency_key
-            if key is not None and self._keys.get(key) == task_id:
-                # The task still owns its key, now answered by storage (it is committed).
-                del self._keys[key]
-            for run_id in self._runs_of.pop(task_id, []):
-                self._runs.pop(run_id, None)
-
     # The rest of the TaskManager lives in the modules of its responsibilities, as
     # functions that take it as their first argument; named here, they are its
     # methods (self._transition(...)), which other modules call.
@@ -1554,6 +1412,15 @@ class TaskManager(Actor[TaskManagerMessage]):
     _pop = timers.pop_ready
     _load_starts = timers.load_starts
     _count_start = timers.count_start
+    # memory.py
+    _touch = memory.touch
+    _set_key = memory.set_key
+    _restore = memory.restore
+    _reindex = memory.reindex
+    _index = memory.index
+    _remember_run = memory.remember_run
+    _drop = memory.drop
+    _evict = memory.evict
 
 
 _RECOVERED = "the runtime stopped while a worker held the task"
