@@ -1,7 +1,7 @@
 """The TaskManager actor: the one owner of every task, every run and every claim.
 
 It keeps in memory the claimed tasks (assigned, running), the head of each ready queue
-(below), the most recently finished tasks, and the runs of all of these, and is the only
+(:mod:`.heads`), the most recently finished tasks, and the runs of all of these, and is the only
 code that changes tasks and runs. It handles a batch of requests at
 a time: each is checked against the state machine (:mod:`.machine`) and applied in memory, and the
 whole batch's changes (task rows, run rows and events, in order) go to the storage actor
@@ -12,24 +12,6 @@ of the batch is refused with the storage error.
 
 Reads of tasks that are no longer in memory are forwarded to the storage actor, queued
 behind the batch's write, so they always see committed state; so are the listings.
-
-The backlog stays in SQLite. A ready queue is the queued tasks of one task type,
-requirement list and concurrency key; memory holds its best ``ready_head`` tasks (the
-:class:`ReadyQueue` knows where each head ends, its *bound*) and reads the next ones,
-through the partial index ``idx_tasks_ready``, when fewer than half are left: one storage
-read before a batch, for every queue that ran low, so claims are answered from memory and
-wait for storage only when a head ran dry (a claim that would otherwise get a worse task,
-or none, while better ones are in storage waits for that read, made right after the
-batch's commit). The reads happen between batches: the last commit is done and no other
-is in flight, and the TaskManager is the only writer of tasks, so a read sees exactly the
-state memory was built on, and a task created or changed meanwhile cannot be missed or
-held twice. A task queued after its queue's bound (created, requeued or released by its
-plan) is written and left to storage once committed; a head that grew past twice its
-size (better tasks than its bound) lets go of its worst. A task memory does not hold (the
-backlog, blocked subtasks, long-finished tasks) is read with its runs when a change is
-asked for, in one read per batch, and changes exactly as it would in memory. Opening
-loads the claimed tasks and the heads, not the backlog, so its time and memory do not
-grow with it.
 
 Idempotency keys. Memory knows the keys of the tasks in memory only; a finished task's key
 leaves with it and lives on in SQLite, behind the unique index. Before a batch is handled,
@@ -47,6 +29,7 @@ The rest of it, by responsibility:
 - :mod:`.claims`: parked claims, and handing out ready tasks to them
 - :mod:`.timers`: delayed tasks, expiries and rate limits
 - :mod:`.memory`: what memory holds: undo after a failed commit, the ready index, letting go
+- :mod:`.heads`: the heads of the ready queues read from storage, and tasks read when asked for
 """
 
 from __future__ import annotations
@@ -93,7 +76,6 @@ from ...messages.storage import (
     PutTask,
     QueryTasks,
     QueryUnroutable,
-    QueueHead,
     SetRunState,
     SetTaskState,
     StorageMessage,
@@ -147,7 +129,7 @@ from ...messages.tasks import (
 )
 from ...messages.workers import WorkerRegistryMessage, WorkersSeen
 from ...runtime import Actor, ActorRef, Alarm, Deadlines, Envelope, Request
-from . import claims, control, leases, machine, memory, timers
+from . import claims, control, heads, leases, machine, memory, timers
 from .delays import Frame, Timers
 from .limits import RateLimits
 from .machine import LIVE, TRANSITIONS, _run_data
@@ -560,149 +542,6 @@ class TaskManager(Actor[TaskManagerMessage]):
             # Without the answer such a create cannot know whether it would be a second
             # task with that key: it fails, and creates nothing, like a failed commit.
             work.key_errors = dict.fromkeys(keys, exc)
-
-    async def _send_refill(self, queues: set[QueueId]) -> _Refill | None:
-        """Ask storage for the next tasks of ``queues`` after what memory holds of each,
-        in one read; not waited for here."""
-        self._ready.wanted.clear()
-        bounds = self._ready.bounds()
-        heads = tuple(QueueHead(q[0], q[1], q[2], _after(bounds[q])) for q in queues if q in bounds)
-        if not heads:
-            return None
-        try:
-            reply = await self._storage.request(LoadQueueHeads(heads, self._head))
-        except HiveError as exc:
-            log.warning("could not read the next tasks of %d queue(s): %s", len(heads), exc)
-            return None
-        return _Refill(reply, {(h.task_type, h.requires, h.concurrency_key) for h in heads})
-
-    async def _refill_now(self) -> bool:
-        """For claims a drained head starved: take the read in flight, then read what is
-        still wanted, and wait for it. Whether the heads could be read."""
-        if self._refilling is not None:
-            if not await self._take_refill(self._refilling):
-                return False
-            if not self._ready.wanted:
-                return True  # what the claims waited for came with it
-        refill = await self._send_refill(self._ready.low(self._low))
-        if refill is None:
-            return not self._ready.wanted
-        self._refilling = refill
-        return await self._take_refill(refill)
-
-    async def _take_refill(self, refill: _Refill) -> bool:
-        """Add what ``refill`` read. The read was served at some point between its
-        sending and now, while batches went on: a task changed since it was sent is known
-        better by memory (skipped), and a task memory left to storage since (queued after
-        its bound) is added from memory's copy if the new bound takes it in, so none is
-        missed nor held twice. A queue trimmed since, or a batch that failed since, voids
-        the read (its tasks come again with the next one), and so does a task of the read
-        changed since whose state memory does not know: the queue is read again."""
-        self._refilling = None
-        try:
-            loaded = await refill.reply.wait()
-        except HiveError as exc:
-            # Claims go on with what is held; the heads are read again after a batch.
-            log.warning("could not read the next tasks of %d queue(s): %s", len(refill.queues), exc)
-            return False
-        if refill.void:
-            return True
-        runs: dict[str, list[Run]] = {}
-        for run in loaded.runs:
-            runs.setdefault(run.task_id, []).append(run)
-        queues: list[QueueId] = []
-        for head, tasks in loaded.heads:
-            queue = (head.task_type, head.requires, head.concurrency_key)
-            if queue in refill.stale or any(
-                task.id in refill.touched
-                and task.id not in self._tasks
-                and task.id not in refill.spilled
-                for task in tasks
-            ):
-                # Trimmed since, or holding a task changed since whose state memory
-                # does not know (deleted, or looked at and left as it was): read again.
-                self._ready.wanted.add(queue)
-                continue
-            queues.append(queue)
-            bound = bound_of(tasks[-1]) if len(tasks) >= self._head else None
-            self._ready.set_bound(queue, bound)
-            for task in tasks:
-                if task.id not in self._tasks and task.id not in refill.touched:
-                    if task.id in loaded.versions:
-                        self._versions[task.id] = loaded.versions[task.id]
-                    self._take_in(task, runs.get(task.id, ()))
-            for task, task_runs in list(refill.spilled.values()):
-                if (
-                    queue_of(task) == queue
-                    and task.id not in self._tasks
-                    and (bound is None or bound_of(task)[:3] <= bound[:3])
-                ):
-                    self._take_in(task, task_runs)
-        self._ready.extended(queues)
-        return True
-
-    def _take_in(self, task: Task, runs: Sequence[Run]) -> None:
-        """Hold a queued task read back from storage, with its runs."""
-        self._tasks[task.id] = task
-        for run in runs:
-            self._remember_run(run)
-        key = task.idempotency_key
-        if key is not None:
-            self._keys.setdefault(key, task.id)
-        self._index(None, task)
-
-    def _shed(self) -> None:
-        """After a commit: let go of what the batch left to storage, and of the worst
-        tasks of heads that grew past twice their size (new tasks better than their
-        bound); all of it is committed, and read back when its turn comes."""
-        refill = self._refilling
-        for task_id in self._spill:
-            task = self._tasks.get(task_id)
-            if task is not None and task.status is Q and not self._ready.holds(task_id):
-                if refill is not None and queue_of(task) in refill.queues:
-                    # The read in flight may have been served before this commit.
-                    runs = [self._runs[r] for r in self._runs_of.get(task_id, ())]
-                    refill.spilled[task_id] = (task, runs)
-                self._drop(task_id)
-            elif task is None or task.status is B:
-                self._drop(task_id)
-        self._spill.clear()
-        for queue in self._ready.over(2 * self._head):
-            if refill is not None and queue in refill.queues:
-                refill.stale.add(queue)  # it read after the old bound: tasks would be lost
-            for task_id in self._ready.trim(queue, self._head):
-                self._drop(task_id)
-
-    async def _fetch(self, task_ids: Sequence[str], work: _Batch) -> dict[str, Task]:
-        """The tasks among ``task_ids`` that exist, from memory or else from storage
-        (with their runs, which memory then holds: every run of a task in memory is in
-        memory). One read for all of those not in memory; what is read is committed
-        state, the batch has not changed it (it would be in memory)."""
-        found: dict[str, Task] = {}
-        missing: list[str] = []
-        for task_id in task_ids:
-            if task_id in work.deleted:
-                continue
-            task = self._tasks.get(task_id)
-            if task is not None:
-                found[task_id] = task
-            else:
-                missing.append(task_id)
-        if missing:
-            stored = await self._storage.ask(FetchTasks(tuple(missing)))
-            for task in stored.tasks:
-                if task.id not in found:
-                    found[task.id] = task
-                    if task.id in stored.versions:
-                        self._versions[task.id] = stored.versions[task.id]
-                    # Undo forgets the runs if the batch fails; a commit leaves the task
-                    # in memory only if the batch changed it (_shed).
-                    self._touch(task.id, work)
-                    self._spill.add(task.id)
-            for run in stored.runs:
-                if run.task_id in work.undo and run.id not in self._runs:
-                    self._remember_run(run)
-        return found
 
     def _report_seen(self, seen: set[str]) -> None:
         """Tell the registry who is at work, so a busy worker is not declared offline
@@ -1421,6 +1260,13 @@ class TaskManager(Actor[TaskManagerMessage]):
     _remember_run = memory.remember_run
     _drop = memory.drop
     _evict = memory.evict
+    # heads.py
+    _send_refill = heads.send_refill
+    _refill_now = heads.refill_now
+    _take_refill = heads.take_refill
+    _take_in = heads.take_in
+    _shed = heads.shed
+    _fetch = heads.fetch
 
 
 _RECOVERED = "the runtime stopped while a worker held the task"
@@ -1454,11 +1300,6 @@ def _refuse_unknown_keys(items: Sequence[CreateTask], work: _Batch) -> None:
             key = item.idempotency_key
             if key is not None and key in work.key_errors:
                 raise work.key_errors[key]
-
-
-def _after(bound: Bound) -> tuple[int, datetime, str]:
-    """A bound as storage resumes after it: (priority, created_at, id)."""
-    return (-bound.neg_priority, bound.created_at, bound.task_id)
 
 
 def _claims(outcome: object) -> tuple[Claim, ...]:
