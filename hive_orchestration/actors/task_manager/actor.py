@@ -30,6 +30,7 @@ The rest of it, by responsibility:
 - :mod:`.timers`: delayed tasks, expiries and rate limits
 - :mod:`.memory`: what memory holds: undo after a failed commit, the ready index, letting go
 - :mod:`.heads`: the heads of the ready queues read from storage, and tasks read when asked for
+- :mod:`.fencing`: several nodes: fenced writes, conflicts decided again, the sweep
 """
 
 from __future__ import annotations
@@ -60,7 +61,6 @@ from ...messages.storage import (
     AppendEvent,
     DeleteTaskEvents,
     DeleteTaskRow,
-    FenceTask,
     FetchRun,
     FetchRuns,
     FetchTask,
@@ -77,7 +77,6 @@ from ...messages.storage import (
     QueryTasks,
     QueryUnroutable,
     SetRunState,
-    SetTaskState,
     StorageMessage,
     StoreFences,
     Write,
@@ -129,11 +128,12 @@ from ...messages.tasks import (
 )
 from ...messages.workers import WorkerRegistryMessage, WorkersSeen
 from ...runtime import Actor, ActorRef, Alarm, Deadlines, Envelope, Request
-from . import claims, control, heads, leases, machine, memory, timers
+from . import claims, control, fencing, heads, leases, machine, memory, timers
 from .delays import Frame, Timers
+from .fencing import _ATTEMPTS, _conflict
 from .limits import RateLimits
 from .machine import LIVE, TRANSITIONS, _run_data
-from .ready import Bound, QueueId, ReadyQueue, bound_of, queue_of
+from .ready import Bound, QueueId, ReadyQueue, bound_of
 from .retention import purged_event
 from .schedule_slots import slot_ops
 from .state import (
@@ -690,188 +690,6 @@ class TaskManager(Actor[TaskManagerMessage]):
             assert envelope.reply is not None
             await self._storage.forward(request, envelope.reply)
 
-    # -- several nodes: fenced writes ------------------------------------------------------
-
-    def _fences(self, work: _Batch) -> list[WriteOp]:
-        """On a fenced store: a :class:`FenceTask` for each existing task the batch
-        changes (its row or a run of it), with the version memory read it at (-1, which
-        no row has, for a task whose version memory does not know: a conflict that
-        reads it)."""
-        if not self._fenced:
-            return []
-        created: set[str] = set()
-        changed: set[str] = set()
-        last: dict[str, Task] = {}
-        for op in work.ops:
-            match op:
-                case PutTask(task=task):
-                    created.add(task.id)
-                case SetTaskState(task=task):
-                    changed.add(task.id)
-                    last[task.id] = task
-                case DeleteTaskRow(task_id=task_id):
-                    changed.add(task_id)
-                    last.pop(task_id, None)
-                case PutRun(run=run) | SetRunState(run=run):
-                    changed.add(run.task_id)
-        work.fenced = sorted(changed - created)
-        fences: list[WriteOp] = []
-        taken: dict[str, int] = {}  # key -> this batch's claims of it so far
-        for task_id in work.fenced:
-            version = self._versions.get(task_id, -1)
-            now_state = last.get(task_id)
-            before = work.undo.get(task_id)
-            was = None if before is None or before.task is None else before.task.status
-            key = None if now_state is None else now_state.concurrency_key
-            if (
-                now_state is None
-                or key is None
-                or now_state.status not in _HOLDING
-                or was in _HOLDING
-            ):
-                fences.append(FenceTask(task_id, version))
-                continue
-            # A new claim of a task with a concurrency key: the limit holds across nodes.
-            room = (now_state.concurrency_limit or 1) - taken.get(key, 0)
-            taken[key] = taken.get(key, 0) + 1
-            work.keys_claimed.add(key)
-            fences.append(FenceTask(task_id, version, key, room))
-        return fences
-
-    def _bump(self, work: _Batch) -> None:
-        """After a fenced batch committed: the versions its fences moved to."""
-        if not self._fenced:
-            return
-        for op in work.ops:
-            if isinstance(op, PutTask):
-                self._versions[op.task.id] = 0
-        for task_id in work.fenced:
-            self._versions[task_id] = self._versions.get(task_id, -1) + 1
-        for op in work.ops:
-            if isinstance(op, DeleteTaskRow):
-                self._versions.pop(op.task_id, None)
-
-    def _repark(self, work: _Batch) -> None:
-        """After a conflict: the claims the batch answered wait again as they did before
-        it; those it parked are parked again when it is decided again."""
-        arrived = set(work.parked)
-        for waiter_id, waiter in work.unparked:
-            if waiter_id not in arrived:
-                self._waiters[waiter_id] = waiter
-                if waiter.deadline is not None:
-                    self._waits.set(waiter_id, waiter.deadline)
-        for waiter_id in arrived:
-            self._waiters.pop(waiter_id, None)
-            self._waits.discard(waiter_id)
-        for waiter_id, before in work.grown:
-            grown = self._waiters.get(waiter_id)
-            if grown is not None:
-                del grown.taken[before:]
-
-    async def _refresh(self, task_ids: Sequence[str]) -> None:
-        """After a conflict (memory already put back as before the batch): read the
-        batch's tasks again. A claim of this node that is still its own is kept (its
-        row, runs and version as they are now); every other task leaves memory, to be
-        read again when it is asked for (it may have been claimed, changed or deleted by
-        another node). A key the batch raced another node for is read again anyway
-        (_look_up_keys)."""
-        if not task_ids:
-            return
-        try:
-            stored = await self._storage.ask(FetchTasks(tuple(task_ids)))
-        except HiveError as exc:
-            log.warning("could not read %d task(s) after a conflict: %s", len(task_ids), exc)
-            for task_id in task_ids:
-                if task_id not in self._held:
-                    self._drop(task_id)
-                    self._finished.pop(task_id, None)
-            self._reindex()
-            return
-        found = {task.id: task for task in stored.tasks}
-        runs: dict[str, list[Run]] = {}
-        for run in stored.runs:
-            runs.setdefault(run.task_id, []).append(run)
-        for task_id in task_ids:
-            task = found.get(task_id)
-            held = self._held.get(task_id)
-            if (
-                task is not None
-                and held is not None
-                and task.status in _HOLDING
-                and any(r.id == held and r.status in _RUN_OPEN for r in runs.get(task_id, ()))
-            ):
-                for run_id in self._runs_of.pop(task_id, []):
-                    self._runs.pop(run_id, None)
-                for run in runs[task_id]:
-                    self._remember_run(run)
-                self._tasks[task_id] = task
-                self._versions[task_id] = stored.versions[task_id]
-                continue
-            self._drop(task_id)
-            self._finished.pop(task_id, None)
-            if task is not None:
-                # Kept though the task left memory: a path that reads it again without
-                # its version (a listing's QueryTasks: flush_queue, purges) fences by
-                # this one, which only passes if the task has not changed since, so the
-                # state it read then is this version's.
-                self._versions[task_id] = stored.versions[task_id]
-        self._reindex()
-
-    async def _sweep(self) -> None:
-        """On a fenced store: read every queue's head again from its best, taking in the
-        tasks memory does not hold (queued by other nodes, or left to storage), so that
-        no task waits for the node that queued it; every sweep_interval, and after a
-        head ran dry. A task memory holds that another node claimed since is found out
-        by the claim's fence."""
-        self._next_sweep = self._monotonic() + self._sweep_interval
-        if self._paused_keys and not self._conflicted:
-            self._ready.resume(keys=self._paused_keys)
-            self._paused_keys = set()
-        self._conflicted = False
-        try:
-            loaded = await self._storage.ask(LoadQueueHeads(None, self._head))
-        except HiveError as exc:
-            log.warning("could not read the ready queues: %s", exc)
-            return
-        if self._refilling is not None:
-            self._refilling.void = True  # this read has it all
-        runs: dict[str, list[Run]] = {}
-        for run in loaded.runs:
-            runs.setdefault(run.task_id, []).append(run)
-        read: dict[QueueId, Bound | None] = {}
-        ids: set[str] = set()
-        for head, tasks in loaded.heads:
-            queue = (head.task_type, head.requires, head.concurrency_key)
-            read[queue] = bound_of(tasks[-1]) if len(tasks) >= self._head else None
-            ids.update(task.id for task in tasks)
-        # What memory holds as queued and ready that the read does not show (within what
-        # it covers) is no longer so: claimed, changed or deleted by another node.
-        stale = [
-            task.id
-            for task in self._tasks.values()
-            if task.status is Q
-            and task.run_at is None
-            and task.id not in ids
-            and self._ready.holds(task.id)
-            and (
-                queue_of(task) not in read
-                or (bound := read[queue_of(task)]) is None
-                or bound_of(task)[:3] <= bound[:3]
-            )
-        ]
-        for task_id in stale:
-            self._drop(task_id)
-        if stale:
-            self._reindex()
-        for head, tasks in loaded.heads:
-            queue = (head.task_type, head.requires, head.concurrency_key)
-            self._ready.set_bound(queue, read[queue])
-            for task in tasks:
-                if task.id not in self._tasks:
-                    self._versions[task.id] = loaded.versions[task.id]
-                    self._take_in(task, runs.get(task.id, ()))
-        self._ready.extended(list(read))
-
     # -- requests ----------------------------------------------------------------------------
 
     async def _handle(self, message: TaskManagerMessage, work: _Batch, now: datetime) -> object:
@@ -1267,20 +1085,15 @@ class TaskManager(Actor[TaskManagerMessage]):
     _take_in = heads.take_in
     _shed = heads.shed
     _fetch = heads.fetch
+    # fencing.py
+    _fences = fencing.fences
+    _bump = fencing.bump
+    _repark = fencing.repark
+    _refresh = fencing.refresh
+    _sweep = fencing.sweep
 
 
 _RECOVERED = "the runtime stopped while a worker held the task"
-
-
-#: How many times a batch is decided on a fenced store before a conflict is its answer.
-_ATTEMPTS = 32
-
-
-def _conflict(error: HiveError) -> bool:
-    """Whether a failed write may be decided again: another node changed a task it
-    fenced, took an idempotency key it created, or a lock it waited on chose it as a
-    deadlock's victim (a constraint's refusal has no fault of its own)."""
-    return isinstance(error, StorageError) and error.fault in (None, "locked")
 
 
 def _ends_a_plan_task(ops: list[WriteOp], start: int) -> bool:
