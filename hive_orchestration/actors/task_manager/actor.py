@@ -13,14 +13,6 @@ of the batch is refused with the storage error.
 Reads of tasks that are no longer in memory are forwarded to the storage actor, queued
 behind the batch's write, so they always see committed state; so are the listings.
 
-Idempotency keys. Memory knows the keys of the tasks in memory only; a finished task's key
-leaves with it and lives on in SQLite, behind the unique index. Before a batch is handled,
-the keys of its creates that memory does not know are looked up in storage, one read for
-the whole batch, so a key stays its first task's until that task is deleted, however long
-ago it finished and across restarts, and opening a database loads no key. A task created
-with ``idempotency_scope="active"`` holds its key only while live: it lets go of it as it
-ends, and storage's unique index covers only the keys still held (control.py).
-
 The rest of it, by responsibility:
 
 - :mod:`.state`: the types the modules share: a batch's work and undo, a claim's deadlines
@@ -31,6 +23,7 @@ The rest of it, by responsibility:
 - :mod:`.memory`: what memory holds: undo after a failed commit, the ready index, letting go
 - :mod:`.heads`: the heads of the ready queues read from storage, and tasks read when asked for
 - :mod:`.fencing`: several nodes: fenced writes, conflicts decided again, the sweep
+- :mod:`.idempotency`: the idempotency keys of a batch's creates, looked up in storage
 """
 
 from __future__ import annotations
@@ -65,7 +58,6 @@ from ...messages.storage import (
     FetchRuns,
     FetchTask,
     FetchTasks,
-    FindIdempotencyKeys,
     FindPurgeable,
     LastTaskId,
     LoadLeaseHashes,
@@ -128,9 +120,10 @@ from ...messages.tasks import (
 )
 from ...messages.workers import WorkerRegistryMessage, WorkersSeen
 from ...runtime import Actor, ActorRef, Alarm, Deadlines, Envelope, Request
-from . import claims, control, fencing, heads, leases, machine, memory, timers
+from . import claims, control, fencing, heads, idempotency, leases, machine, memory, timers
 from .delays import Frame, Timers
 from .fencing import _ATTEMPTS, _conflict
+from .idempotency import _refuse_unknown_keys
 from .limits import RateLimits
 from .machine import LIVE, TRANSITIONS, _run_data
 from .ready import Bound, QueueId, ReadyQueue, bound_of
@@ -512,36 +505,6 @@ class TaskManager(Actor[TaskManagerMessage]):
             for claim in unclaimed:
                 self._release_unclaimed(claim, work, now)
             self._dispatch(work, now, refilled=refilled)
-
-    async def _look_up_keys(
-        self, batch: Sequence[Envelope[TaskManagerMessage]], work: _Batch
-    ) -> None:
-        """Ask storage, in one read for the whole batch, who owns the idempotency keys of
-        its creates that memory does not know. Memory holds the keys of the tasks it holds
-        only, so a key found there belongs to a task memory let go of (finished long ago,
-        or in a queue's backlog). The TaskManager is the only writer of tasks and its last
-        commit is done, so the answer is exact until this batch changes it."""
-        keys: set[str] = set()
-        for envelope in batch:
-            message = envelope.message
-            if isinstance(message, CreateTask):
-                items: Sequence[CreateTask] = (message,)
-            elif isinstance(message, CreateTasks):
-                items = message.tasks
-            else:
-                continue
-            for item in items:
-                key = item.idempotency_key
-                if key is not None and key not in self._keys:
-                    keys.add(key)
-        if not keys:
-            return
-        try:
-            work.stored_keys = await self._storage.ask(FindIdempotencyKeys(tuple(keys)))
-        except HiveError as exc:
-            # Without the answer such a create cannot know whether it would be a second
-            # task with that key: it fails, and creates nothing, like a failed commit.
-            work.key_errors = dict.fromkeys(keys, exc)
 
     def _report_seen(self, seen: set[str]) -> None:
         """Tell the registry who is at work, so a busy worker is not declared offline
@@ -1091,6 +1054,8 @@ class TaskManager(Actor[TaskManagerMessage]):
     _repark = fencing.repark
     _refresh = fencing.refresh
     _sweep = fencing.sweep
+    # idempotency.py
+    _look_up_keys = idempotency.look_up_keys
 
 
 _RECOVERED = "the runtime stopped while a worker held the task"
@@ -1104,15 +1069,6 @@ def _ends_a_plan_task(ops: list[WriteOp], start: int) -> bool:
             if event.plan_id is not None and event.type in PLAN_TASK_ENDINGS:
                 return True
     return False
-
-
-def _refuse_unknown_keys(items: Sequence[CreateTask], work: _Batch) -> None:
-    """Raise the error of a key storage could not look up for this batch, if any."""
-    if work.key_errors:
-        for item in items:
-            key = item.idempotency_key
-            if key is not None and key in work.key_errors:
-                raise work.key_errors[key]
 
 
 def _claims(outcome: object) -> tuple[Claim, ...]:
