@@ -10,9 +10,6 @@ does any requester get its answer. If the commit fails, memory is put back exact
 was before the batch (an undo record per task and per idempotency key) and every change
 of the batch is refused with the storage error.
 
-Reads of tasks that are no longer in memory are forwarded to the storage actor, queued
-behind the batch's write, so they always see committed state; so are the listings.
-
 The rest of it, by responsibility:
 
 - :mod:`.state`: the types the modules share: a batch's work and undo, a claim's deadlines
@@ -24,6 +21,7 @@ The rest of it, by responsibility:
 - :mod:`.heads`: the heads of the ready queues read from storage, and tasks read when asked for
 - :mod:`.fencing`: several nodes: fenced writes, conflicts decided again, the sweep
 - :mod:`.idempotency`: the idempotency keys of a batch's creates, looked up in storage
+- :mod:`.requests`: the requests, each checked and applied in memory
 """
 
 from __future__ import annotations
@@ -39,36 +37,15 @@ from typing import cast
 import anyio
 import msgspec
 
-from ..._ids import new_id
-from ...errors import (
-    ActorFailedError,
-    HiveError,
-    IllegalTransitionError,
-    InvalidInputError,
-    NotFoundError,
-    RuntimeStoppedError,
-    StorageError,
-)
-from ...messages.events import JsonValue
+from ...errors import ActorFailedError, HiveError, RuntimeStoppedError, StorageError
 from ...messages.storage import (
     AppendEvent,
-    DeleteTaskEvents,
-    DeleteTaskRow,
-    FetchRun,
-    FetchRuns,
-    FetchTask,
     FetchTasks,
-    FindPurgeable,
     LastTaskId,
     LoadLeaseHashes,
     LoadQueueHeads,
     LoadRuns,
     LoadTasks,
-    PutRun,
-    PutTask,
-    QueryTasks,
-    QueryUnroutable,
-    SetRunState,
     StorageMessage,
     StoreFences,
     Write,
@@ -76,7 +53,6 @@ from ...messages.storage import (
 )
 from ...messages.tasks import (
     PLAN_TASK_ENDINGS,
-    TERMINAL,
     CancelTask,
     CancelTasks,
     Claim,
@@ -89,16 +65,7 @@ from ...messages.tasks import (
     DeleteTask,
     FailTask,
     FlushQueue,
-    GetQueuedTasks,
-    GetRevokedTaskTypes,
-    GetRun,
-    GetRuns,
-    GetTask,
-    GetTasksByStatus,
-    GetUnroutableTasks,
     Heartbeat,
-    PlansSettled,
-    PurgeOutcome,
     PurgeTasks,
     QueueTasks,
     ReleaseTask,
@@ -112,30 +79,34 @@ from ...messages.tasks import (
     StartTask,
     Task,
     TaskManagerMessage,
-    TaskStatus,
     Unclaimed,
     UpdateRunStatus,
     UpdateTaskStatus,
-    Wake,
 )
 from ...messages.workers import WorkerRegistryMessage, WorkersSeen
 from ...runtime import Actor, ActorRef, Alarm, Deadlines, Envelope, Request
-from . import claims, control, fencing, heads, idempotency, leases, machine, memory, timers
+from . import (
+    claims,
+    control,
+    fencing,
+    heads,
+    idempotency,
+    leases,
+    machine,
+    memory,
+    requests,
+    timers,
+)
 from .delays import Frame, Timers
 from .fencing import _ATTEMPTS, _conflict
-from .idempotency import _refuse_unknown_keys
 from .limits import RateLimits
-from .machine import LIVE, TRANSITIONS, _run_data
+from .machine import LIVE, TRANSITIONS
 from .ready import Bound, QueueId, ReadyQueue, bound_of
-from .retention import purged_event
-from .schedule_slots import slot_ops
 from .state import (
     _HOLDING,
     _RUN_OPEN,
     A,
-    B,
     CommitOutcomeUnknown,
-    Q,
     R,
     _Batch,
     _Due,
@@ -653,346 +624,6 @@ class TaskManager(Actor[TaskManagerMessage]):
             assert envelope.reply is not None
             await self._storage.forward(request, envelope.reply)
 
-    # -- requests ----------------------------------------------------------------------------
-
-    async def _handle(self, message: TaskManagerMessage, work: _Batch, now: datetime) -> object:
-        match message:
-            case CreateTask():
-                _refuse_unknown_keys((message,), work)
-                return self._create(message, work, now, self._times(message))
-            case CreateTasks(tasks=items):
-                _refuse_unknown_keys(items, work)  # before any is created: all or nothing
-                times = [self._times(item, f"tasks[{i}].") for i, item in enumerate(items)]
-                pairs = zip(items, times, strict=True)
-                return tuple(self._create(item, work, now, when) for item, when in pairs)
-            case QueueTasks(task_ids=task_ids, source_agent=source):
-                queued = []
-                known = await self._fetch(task_ids, work)
-                for task_id in task_ids:
-                    task = known.get(task_id)
-                    if task is not None:
-                        task = self._tasks.get(task_id, task)  # changed by an earlier item
-                    if task is not None and task.status is B and task_id not in work.deleted:
-                        extra: dict[str, JsonValue] = {"subtask_id": task.subtask_id}
-                        self._transition(task, Q, work, now, source, {}, extra)
-                        queued.append(task_id)
-                return tuple(queued)
-            case CancelTasks(task_ids=task_ids, statuses=statuses, reason=reason):
-                cancelled = []
-                known = await self._fetch(task_ids, work)
-                for task_id in task_ids:
-                    task = known.get(task_id)
-                    if task is not None:
-                        task = self._tasks.get(task_id, task)  # changed by an earlier item
-                    if task is None or task.status not in statuses or task_id in work.deleted:
-                        continue
-                    self._end_claim(task, RunStatus.CANCELLED, work, now, reason)
-                    self._transition(
-                        task,
-                        TaskStatus.CANCELLED,
-                        work,
-                        now,
-                        message.source_agent,
-                        {"error": reason},
-                    )
-                    cancelled.append(task_id)
-                return tuple(cancelled)
-            case GetTask(task_id=task_id):
-                task = self._tasks.get(task_id)
-                return task if task is not None else _Forward(FetchTask(task_id))
-            case UpdateTaskStatus():
-                return self._update(message, await self._find(message.task_id, work), work, now)
-            case CancelTask(task_id=task_id, reason=reason, source_agent=source):
-                task = await self._find(task_id, work)
-                changes: dict[str, object] = {"error": reason} if reason else {}
-                if task.status not in TERMINAL:
-                    self._end_claim(task, RunStatus.CANCELLED, work, now, reason)
-                return self._transition(task, TaskStatus.CANCELLED, work, now, source, changes)
-            case DeleteTask(task_id=task_id):
-                return await self._delete(task_id, work, now)
-            case GetTasksByStatus(status=status, task_type=task_type, limit=limit, after=after):
-                return await self._list(status, task_type, limit, after)
-            case GetQueuedTasks(limit=limit, task_type=task_type, after=after):
-                return await self._list(TaskStatus.QUEUED, task_type, limit, after)
-            case CreateRun():
-                return self._create_run(message, await self._find(message.task_id, work), work, now)
-            case GetRun(run_id=run_id):
-                run = self._runs.get(run_id)
-                return run if run is not None else _Forward(FetchRun(run_id))
-            case GetRuns(task_id=task_id):
-                if task_id in self._tasks:  # every run of a task in memory is in memory
-                    return [self._runs[run_id] for run_id in self._runs_of.get(task_id, [])]
-                return _Forward(FetchRuns(task_id))
-            case UpdateRunStatus(run_id=run_id):
-                run = self._runs.get(run_id)
-                if run is None:
-                    # A run of a task that finished long ago: look it up (rare), not cached.
-                    run = await self._storage.ask(FetchRun(run_id))
-                if run is None or run.task_id in work.deleted:
-                    raise NotFoundError("run", run_id)
-                return self._update_run(message, run, work, now)
-            case Heartbeat():
-                return self._heartbeat(message, work, now)
-            case StartTask(lease=lease):
-                return self._start(*self._holding(lease, work), work, now)
-            case CompleteTask(lease=lease, result=result):
-                task, run = self._holding(lease, work)
-                self._close_run(run, RunStatus.COMPLETED, work, now, result=result)
-                # Earlier attempts' errors stay on their runs; a completed task has none.
-                changes = {"error": None} if result is None else {"error": None, "result": result}
-                return self._transition(
-                    task, TaskStatus.COMPLETED, work, now, run.worker_id, changes, _run_data(run)
-                )
-            case FailTask(lease=lease, error=error):
-                task, run = self._holding(lease, work)
-                self._close_run(run, RunStatus.FAILED, work, now, error=error)
-                return self._requeue(
-                    task,
-                    run,
-                    "failed",
-                    error,
-                    work,
-                    now,
-                    retryable=message.retryable,
-                    retry_after=message.retry_after,
-                    source=run.worker_id,
-                )
-            case ReleaseTask(lease=lease, reason=reason):
-                task, run = self._holding(lease, work)
-                note = reason or "released by its worker"
-                self._close_run(run, RunStatus.RELEASED, work, now, error=note)
-                return self._requeue(
-                    task, run, "released", None, work, now, count=False, source=run.worker_id
-                )
-            case ReleaseWorker(worker_id=worker_id, reason=reason):
-                return self._release_worker(worker_id, reason, work, now)
-            case GetUnroutableTasks(capability_sets=sets, limit=limit, after=after):
-                # Memory holds only the heads of the queues: storage scans them all.
-                start = None if after is None else await self._cursor(after)
-                key = None if start is None else (start.priority, start.created_at, start.id)
-                return _Forward(QueryUnroutable(sets, limit=limit, after=key))
-            case Wake():
-                return None  # what was due was settled when the batch began
-            case PlansSettled(seq=seq):
-                self._release_held_back(seq)
-                return None
-            case PurgeTasks():
-                return await self._purge(message, work, now)
-            case Unclaimed(claims=claims):
-                for claim in claims:
-                    self._release_unclaimed(claim, work, now)
-                return None
-            case RetryTask() | RevokeTaskType() | RestoreTaskType() | FlushQueue():
-                return await control.handle(self, message, work, now)
-            case GetRevokedTaskTypes():
-                return list(self._revoked.values())
-            case ClaimTask() | ClaimTasks():  # pragma: no cover - parked by receive_batch
-                raise HiveError("claims are parked, not handled")
-        raise HiveError(f"the task manager does not handle {type(message).__name__}")
-
-    def _create(
-        self,
-        message: CreateTask,
-        work: _Batch,
-        now: datetime,
-        times: tuple[datetime | None, datetime | None] = (None, None),
-    ) -> str:
-        key = message.idempotency_key
-        if key is not None:
-            owner = control.key_owner(self, key, work)
-            if owner is not None:
-                if message.schedule is not None:
-                    work.ops += slot_ops(message.schedule, owner, None, now)
-                return owner  # the first task's id; nothing is created
-        task = Task(
-            id=message.task_id or new_id(),
-            title=message.title,
-            description=message.description,
-            task_type=message.task_type,
-            status=B if message.blocked else Q,
-            priority=message.priority,
-            workflow=message.workflow,
-            payload=message.payload,
-            tags=message.tags,
-            max_retries=message.max_retries,
-            due_date=message.due_date,
-            idempotency_key=key,
-            idempotency_scope=message.idempotency_scope,
-            correlation_id=message.correlation_id,
-            source_agent=message.source_agent,
-            timeout=message.timeout,
-            concurrency_key=message.concurrency_key,
-            concurrency_limit=message.concurrency_limit,
-            requires=message.requires,
-            plan_id=message.plan_id,
-            subtask_id=message.subtask_id,
-            traceparent=message.traceparent,
-            tracestate=message.tracestate,
-            created_at=now,
-            updated_at=now,
-            run_at=times[0],
-            expires_at=times[1],
-        )
-        self._touch(task.id, work)
-        self._tasks[task.id] = task
-        self._index(None, task)
-        if key is not None:
-            self._set_key(key, task.id, work)
-        work.ops.append(PutTask(task))
-        data: dict[str, JsonValue] = {
-            "task_type": task.task_type,
-            "title": task.title,
-            "priority": task.priority,
-        }
-        if task.run_at is not None:
-            data["run_at"] = task.run_at.isoformat()
-        if task.expires_at is not None:
-            data["expires_at"] = task.expires_at.isoformat()
-        work.ops.append(self._event("task.created", task, now, message.source_agent, data))
-        if message.schedule is not None:  # the slot's advance: in this very write
-            work.ops += slot_ops(message.schedule, task.id, task, now)
-        return task.id
-
-    async def _delete(self, task_id: str, work: _Batch, now: datetime) -> bool:
-        return self._delete_task(await self._find(task_id, work), work, now)
-
-    def _delete_task(
-        self,
-        task: Task,
-        work: _Batch,
-        now: datetime,
-        source: str | None = None,
-        extra: dict[str, JsonValue] | None = None,
-    ) -> bool:
-        self._remove(task.id, work, task.idempotency_key)
-        data: dict[str, JsonValue] = {"task_type": task.task_type, **(extra or {})}
-        work.ops.append(self._event("task.deleted", task, now, source, data))
-        return True
-
-    async def _purge(self, message: PurgeTasks, work: _Batch, now: datetime) -> PurgeOutcome:
-        """One chunk of a purge (docs/RETENTION.md): storage names the candidates, memory
-        has the last word on those it holds (the recently finished), and the tasks go with
-        their runs and events, in this batch's one commit."""
-        before = now - timedelta(seconds=message.older_than)
-        found = await self._storage.ask(
-            FindPurgeable(
-                before,
-                message.statuses,
-                message.task_type,
-                message.include_keyed,
-                message.limit,
-            )
-        )
-        purged: list[str] = []
-        for task_id, key in found:
-            if task_id in work.deleted or task_id in work.undo:
-                continue  # changed by this batch: the next chunk judges it again
-            known = self._tasks.get(task_id)
-            if known is not None and (known.status not in TERMINAL or known.updated_at >= before):
-                continue
-            self._remove(task_id, work, key)
-            purged.append(task_id)
-        if purged:
-            work.ops.append(DeleteTaskEvents(tuple(purged)))
-            work.ops.append(purged_event(message, before, len(purged), now))
-        return PurgeOutcome(len(purged), len(found) >= message.limit)
-
-    def _remove(self, task_id: str, work: _Batch, key: str | None) -> None:
-        """Delete a task and its runs, in memory and (in this batch's write) in storage."""
-        self._touch(task_id, work)
-        task = self._tasks.pop(task_id, None)
-        self._index(task, None)
-        held = self._held.pop(task_id, None)
-        if held is not None:
-            self._deadlines.discard(held)
-            del self._due[held]
-        self._finished.pop(task_id, None)
-        for run_id in self._runs_of.pop(task_id, []):
-            self._runs.pop(run_id, None)
-        if key is not None and self._keys.get(key) == task_id:
-            self._set_key(key, None, work)
-        elif key is not None and work.stored_keys.get(key) == task_id:
-            del work.stored_keys[key]  # a later create in this batch may take the key
-        work.deleted.add(task_id)
-        work.ops.append(DeleteTaskRow(task_id))
-
-    async def _cursor(self, after: str) -> Task:
-        """The task a page starts after: in memory, or read (a task that left memory)."""
-        start = self._tasks.get(after) or await self._storage.ask(FetchTask(after))
-        if start is None:
-            raise InvalidInputError(
-                "after",
-                f"no task has the id {after!r} (deleted since?): pass the id of the last"
-                " task of the previous page, or start again without after",
-            )
-        return start
-
-    async def _list(
-        self, status: TaskStatus, task_type: str | None, limit: int, after: str | None
-    ) -> object:
-        """A page of a status's tasks (see listing.py) in (priority, created_at, id) order
-        from ``after``. Memory holds only the heads of the queues, so storage answers,
-        behind the batch's commit: the page sees the batch's changes."""
-        start = None if after is None else await self._cursor(after)
-        key = None if start is None else (start.priority, start.created_at, start.id)
-        return _Forward(
-            QueryTasks(status=status.value, task_type=task_type, limit=limit, after=key)
-        )
-
-    def _create_run(self, message: CreateRun, task: Task, work: _Batch, now: datetime) -> str:
-        if task.status in TERMINAL:
-            raise IllegalTransitionError("task", task.id, task.status.value, "a new run")
-        runs = self._runs_of.get(task.id, [])
-        run = Run(
-            id=new_id(),
-            task_id=task.id,
-            worker_id=message.worker_id,
-            run_number=len(runs) + 1,
-            status=RunStatus.RUNNING,
-            phase=message.phase,
-            started_at=now,
-        )
-        self._touch(task.id, work)
-        self._remember_run(run)
-        work.ops.append(PutRun(run))
-        return run.id
-
-    def _update_run(self, message: UpdateRunStatus, run: Run, work: _Batch, now: datetime) -> bool:
-        if run.status not in _RUN_OPEN or message.status is run.status:
-            raise IllegalTransitionError("run", run.id, run.status.value, message.status.value)
-        if self._held.get(run.task_id) == run.id:
-            # The claim's own calls (complete, fail, release) also move its task.
-            raise IllegalTransitionError(
-                "run", run.id, "held by a claim", f"{message.status.value} by update_run_status"
-            )
-        changes: dict[str, object] = {"status": message.status}
-        for name in ("result", "error", "phase", "output_log"):
-            value = getattr(message, name)
-            if value is not None:
-                changes[name] = value
-        if message.status not in _RUN_OPEN:
-            changes["completed_at"] = now
-        updated = msgspec.structs.replace(run, **changes)
-        if run.id in self._runs:  # a run fetched from storage is not cached
-            self._touch(run.task_id, work)
-            self._runs[run.id] = updated
-        work.ops.append(SetRunState(updated))
-        return True
-
-    # -- helpers -----------------------------------------------------------------------------
-
-    async def _find(self, task_id: str, work: _Batch) -> Task:
-        """The task, from memory or else from storage: one of a queue's backlog, a
-        blocked subtask, or one that finished long ago (with its runs: see _fetch)."""
-        if task_id in work.deleted:  # deleted earlier in this batch, not yet committed
-            raise NotFoundError("task", task_id)
-        task = self._tasks.get(task_id)
-        if task is None:
-            task = (await self._fetch((task_id,), work)).get(task_id)
-            if task is None:
-                raise NotFoundError("task", task_id)
-        return task
-
     # The rest of the TaskManager lives in the modules of its responsibilities, as
     # functions that take it as their first argument; named here, they are its
     # methods (self._transition(...)), which other modules call.
@@ -1056,6 +687,18 @@ class TaskManager(Actor[TaskManagerMessage]):
     _sweep = fencing.sweep
     # idempotency.py
     _look_up_keys = idempotency.look_up_keys
+    # requests.py
+    _handle = requests.handle
+    _create = requests.create
+    _update_run = requests.update_run
+    _create_run = requests.create_run
+    _delete = requests.delete
+    _delete_task = requests.delete_task
+    _purge = requests.purge
+    _remove = requests.remove
+    _cursor = requests.cursor
+    _list = requests.list_page
+    _find = requests.find
 
 
 _RECOVERED = "the runtime stopped while a worker held the task"
