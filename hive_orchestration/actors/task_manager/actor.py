@@ -22,6 +22,7 @@ The rest of it, by responsibility:
 - :mod:`.fencing`: several nodes: fenced writes, conflicts decided again, the sweep
 - :mod:`.idempotency`: the idempotency keys of a batch's creates, looked up in storage
 - :mod:`.requests`: the requests, each checked and applied in memory
+- :mod:`.answers`: a batch's commit and answers, and the plan barrier
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from datetime import UTC, datetime, timedelta
-from typing import cast
 
 import anyio
 import msgspec
@@ -54,38 +54,28 @@ from ...messages.storage import (
 from ...messages.tasks import (
     PLAN_TASK_ENDINGS,
     CancelTask,
-    CancelTasks,
     Claim,
     ClaimTask,
     ClaimTasks,
     CompleteTask,
-    CreateRun,
-    CreateTask,
-    CreateTasks,
     DeleteTask,
     FailTask,
     FlushQueue,
     Heartbeat,
-    PurgeTasks,
-    QueueTasks,
     ReleaseTask,
     ReleaseWorker,
-    RestoreTaskType,
-    RetryTask,
     RevokedTaskType,
-    RevokeTaskType,
     Run,
     RunStatus,
     StartTask,
     Task,
     TaskManagerMessage,
-    Unclaimed,
-    UpdateRunStatus,
     UpdateTaskStatus,
 )
 from ...messages.workers import WorkerRegistryMessage, WorkersSeen
 from ...runtime import Actor, ActorRef, Alarm, Deadlines, Envelope, Request
 from . import (
+    answers,
     claims,
     control,
     fencing,
@@ -98,22 +88,11 @@ from . import (
     timers,
 )
 from .delays import Frame, Timers
-from .fencing import _ATTEMPTS, _conflict
+from .fencing import _ATTEMPTS
 from .limits import RateLimits
 from .machine import LIVE, TRANSITIONS
 from .ready import Bound, QueueId, ReadyQueue, bound_of
-from .state import (
-    _HOLDING,
-    _RUN_OPEN,
-    A,
-    CommitOutcomeUnknown,
-    R,
-    _Batch,
-    _Due,
-    _Forward,
-    _Refill,
-    _Waiter,
-)
+from .state import _HOLDING, _RUN_OPEN, A, R, _Batch, _Due, _Forward, _Refill, _Waiter
 
 __all__ = ["LIVE", "TRANSITIONS", "TaskManager"]
 
@@ -122,31 +101,6 @@ log = logging.getLogger("hive_orchestration.tasks")
 
 #: Statuses loaded whole at start-up: the claimed tasks (queued ones are read by head).
 _CLAIMED = (A.value, R.value)
-#: Requests that change state: after a failed commit they get the storage error.
-_WRITES = (
-    CreateTask,
-    CreateTasks,
-    QueueTasks,
-    CancelTasks,
-    UpdateTaskStatus,
-    CancelTask,
-    DeleteTask,
-    CreateRun,
-    UpdateRunStatus,
-    ClaimTask,
-    ClaimTasks,
-    Heartbeat,
-    StartTask,
-    CompleteTask,
-    FailTask,
-    ReleaseTask,
-    ReleaseWorker,
-    RetryTask,
-    RevokeTaskType,
-    RestoreTaskType,
-    FlushQueue,
-    PurgeTasks,
-)
 #: Requests a worker makes with its lease token: each is a sign of that worker's life.
 _LEASED = (Heartbeat, StartTask, CompleteTask, FailTask, ReleaseTask)
 #: Requests from outside the plan executor that can end a plan's task: with a plan
@@ -485,145 +439,6 @@ class TaskManager(Actor[TaskManagerMessage]):
         with suppress(RuntimeStoppedError):  # shutting down
             self._workers.try_tell(WorkersSeen(tuple(seen)))
 
-    async def _finish(
-        self,
-        work: _Batch,
-        forwards: list[tuple[Envelope[TaskManagerMessage], Request[object]]],
-        now: datetime,
-    ) -> list[Claim] | None:
-        """Commit, then answer; returns the claims no one was there to receive, or
-        ``None`` for a conflict to decide again (nothing answered, memory read again)."""
-        try:
-            error = await self._commit(work, forwards)
-        except CommitOutcomeUnknown as exc:
-            for envelope, _ in work.answers:  # claims handed out from older batches too
-                envelope.fail(ActorFailedError(self.name, exc))
-            raise
-        if error is not None and work.may_retry and _conflict(error):
-            self._restore(work, now)
-            self._repark(work)
-            self._conflicted = True
-            await self._refresh(work.fenced)
-            if work.keys_claimed:
-                # The conflict may be a key another node holds to its limit: none of its
-                # tasks is handed out here until the next sweep looks again.
-                self._ready.pause(keys=work.keys_claimed)
-                self._paused_keys |= work.keys_claimed
-            await self._sweep()  # the heads as they are now: what others took is gone
-            return None
-        if self._fenced:
-            await self._forward(forwards)  # held until the write's outcome was known
-        short: list[_Waiter] = []
-        if error is not None:
-            self._restore(work, now)
-            for waiter_id, before in work.grown:
-                waiter = self._waiters.get(waiter_id)
-                if waiter is not None:  # still parked for more: not with this batch's
-                    del waiter.taken[before:]
-                    self._unpark(waiter_id)
-                    short.append(waiter)
-        else:
-            self._bump(work)
-            self._shed()
-        barrier = self._plan_barrier_seq(work) if error is None else 0
-        held: list[tuple[Envelope[TaskManagerMessage], object]] = []
-        unclaimed: list[Claim] = []
-        for envelope, outcome in work.answers:
-            if error is not None and isinstance(envelope.message, _WRITES):
-                envelope.fail(error)
-            elif error is not None:
-                # A read answered from state that included the failed changes: read again.
-                try:
-                    again = await self._handle(envelope.message, _Batch(), now)
-                except HiveError as exc:
-                    envelope.fail(exc)
-                    continue
-                if isinstance(again, _Forward):
-                    assert envelope.reply is not None
-                    await self._storage.forward(again.request, envelope.reply)
-                else:
-                    envelope.resolve(again)
-            elif isinstance(outcome, HiveError):
-                envelope.fail(outcome)
-            elif isinstance(envelope.message, ClaimTask | ClaimTasks) and outcome:
-                # Only one worker may hold a task: if the claimer left before taking it,
-                # it is handed back now (closed reply) or told back later (Unclaimed).
-                claims = _claims(outcome)
-                if not envelope.resolve(outcome, Unclaimed(claims)):
-                    unclaimed += claims
-            elif barrier and id(envelope) in work.plan_enders:
-                held.append((envelope, outcome))
-            else:
-                envelope.resolve(outcome)
-        if held:
-            self._held_back.append((barrier, held))
-        for waiter in short:
-            if not waiter.taken:
-                waiter.envelope.fail(cast(HiveError, error))
-            elif not waiter.envelope.resolve(tuple(waiter.taken), Unclaimed(tuple(waiter.taken))):
-                unclaimed += waiter.taken  # those of earlier, committed batches
-        return unclaimed
-
-    def _plan_barrier_seq(self, work: _Batch) -> int:
-        """The seq of the batch's last event that ends a plan's task, if the plan executor
-        has not applied it yet (else 0). It is an event the plan executor's feed is sure
-        to bring (a plan's task ending), so the barrier is always lifted."""
-        if not work.plan_enders or not work.seqs:
-            return 0
-        barrier = 0
-        seqs = iter(work.seqs)
-        for op in work.ops:
-            if isinstance(op, AppendEvent):
-                seq = next(seqs)
-                if op.event.plan_id is not None and op.event.type in PLAN_TASK_ENDINGS:
-                    barrier = seq
-        return barrier if barrier > self._plans_settled else 0
-
-    def _release_held_back(self, settled: int | None) -> None:
-        """Answer what was held back for plan events up to ``settled`` (None: all)."""
-        if settled is not None:
-            self._plans_settled = max(self._plans_settled, settled)
-        queue = self._held_back
-        while queue and (settled is None or queue[0][0] <= settled):
-            for envelope, outcome in queue.popleft()[1]:
-                envelope.resolve(outcome)
-
-    async def _commit(
-        self,
-        work: _Batch,
-        forwards: list[tuple[Envelope[TaskManagerMessage], Request[object]]],
-    ) -> HiveError | None:
-        """Write the batch's changes, then queue the forwarded reads behind them (on a
-        fenced store, once the write's outcome is known: :meth:`_finish`)."""
-        ops = self._fences(work) + work.ops if work.ops else []
-        reply = await self._storage.request(Write(tuple(ops))) if ops else None
-        if not self._fenced:
-            await self._forward(forwards)
-        if reply is None:
-            return None
-        try:
-            # No deadline: the storage actor's batch is shielded and always ends, within
-            # busy_timeout plus one commit. Giving up earlier would let memory and the
-            # database part ways: the write could land after memory was put back.
-            work.seqs = (await reply.wait()).seqs
-        except StorageError as exc:
-            return exc  # rolled back whole: nothing of the batch was applied
-        except HiveError as exc:
-            # The storage actor crashed or stopped mid-batch: the write may or may not be
-            # on disk. Only the database knows, so this actor restarts and reloads it.
-            raise CommitOutcomeUnknown(
-                f"storage did not say whether a batch was committed ({exc}); the task"
-                " manager restarts from the database"
-            ) from exc
-        return None
-
-    async def _forward(
-        self, forwards: list[tuple[Envelope[TaskManagerMessage], Request[object]]]
-    ) -> None:
-        for envelope, request in forwards:
-            assert envelope.reply is not None
-            await self._storage.forward(request, envelope.reply)
-
     # The rest of the TaskManager lives in the modules of its responsibilities, as
     # functions that take it as their first argument; named here, they are its
     # methods (self._transition(...)), which other modules call.
@@ -699,6 +514,12 @@ class TaskManager(Actor[TaskManagerMessage]):
     _cursor = requests.cursor
     _list = requests.list_page
     _find = requests.find
+    # answers.py
+    _finish = answers.finish
+    _plan_barrier_seq = answers.plan_barrier_seq
+    _release_held_back = answers.release_held_back
+    _commit = answers.commit
+    _forward = answers.forward
 
 
 _RECOVERED = "the runtime stopped while a worker held the task"
@@ -712,11 +533,3 @@ def _ends_a_plan_task(ops: list[WriteOp], start: int) -> bool:
             if event.plan_id is not None and event.type in PLAN_TASK_ENDINGS:
                 return True
     return False
-
-
-def _claims(outcome: object) -> tuple[Claim, ...]:
-    """The claims in a claim's answer (one claim, or a tuple of them)."""
-    if isinstance(outcome, Claim):
-        return (outcome,)
-    assert isinstance(outcome, tuple)
-    return outcome
