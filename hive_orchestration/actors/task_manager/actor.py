@@ -23,34 +23,21 @@ The rest of it, by responsibility:
 - :mod:`.idempotency`: the idempotency keys of a batch's creates, looked up in storage
 - :mod:`.requests`: the requests, each checked and applied in memory
 - :mod:`.answers`: a batch's commit and answers, and the plan barrier
+- :mod:`.opening`: opening: loading, and recovery of the claims of a process that died
 """
 
 from __future__ import annotations
 
-import logging
 import random
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import anyio
-import msgspec
 
-from ...errors import ActorFailedError, HiveError, RuntimeStoppedError, StorageError
-from ...messages.storage import (
-    AppendEvent,
-    FetchTasks,
-    LastTaskId,
-    LoadLeaseHashes,
-    LoadQueueHeads,
-    LoadRuns,
-    LoadTasks,
-    StorageMessage,
-    StoreFences,
-    Write,
-    WriteOp,
-)
+from ...errors import ActorFailedError, HiveError, RuntimeStoppedError
+from ...messages.storage import AppendEvent, StorageMessage, WriteOp
 from ...messages.tasks import (
     PLAN_TASK_ENDINGS,
     CancelTask,
@@ -66,7 +53,6 @@ from ...messages.tasks import (
     ReleaseWorker,
     RevokedTaskType,
     Run,
-    RunStatus,
     StartTask,
     Task,
     TaskManagerMessage,
@@ -77,13 +63,13 @@ from ...runtime import Actor, ActorRef, Alarm, Deadlines, Envelope, Request
 from . import (
     answers,
     claims,
-    control,
     fencing,
     heads,
     idempotency,
     leases,
     machine,
     memory,
+    opening,
     requests,
     timers,
 )
@@ -91,16 +77,12 @@ from .delays import Frame, Timers
 from .fencing import _ATTEMPTS
 from .limits import RateLimits
 from .machine import LIVE, TRANSITIONS
-from .ready import Bound, QueueId, ReadyQueue, bound_of
-from .state import _HOLDING, _RUN_OPEN, A, R, _Batch, _Due, _Forward, _Refill, _Waiter
+from .ready import ReadyQueue
+from .state import _Batch, _Due, _Forward, _Refill, _Waiter
 
 __all__ = ["LIVE", "TRANSITIONS", "TaskManager"]
 
-log = logging.getLogger("hive_orchestration.tasks")
 
-
-#: Statuses loaded whole at start-up: the claimed tasks (queued ones are read by head).
-_CLAIMED = (A.value, R.value)
 #: Requests a worker makes with its lease token: each is a sign of that worker's life.
 _LEASED = (Heartbeat, StartTask, CompleteTask, FailTask, ReleaseTask)
 #: Requests from outside the plan executor that can end a plan's task: with a plan
@@ -228,66 +210,6 @@ class TaskManager(Actor[TaskManagerMessage]):
         self._paused_keys: set[str] = set()
         self._conflicted = False
 
-    async def started(self) -> None:
-        # The claimed tasks, whole, and the head of each ready queue: not the backlog
-        # behind the heads, nor the blocked subtasks, which are read when asked for.
-        tasks = list(await self._storage.ask(LoadTasks(_CLAIMED)))
-        runs = list(await self._storage.ask(LoadRuns(_CLAIMED)))
-        heads = await self._storage.ask(LoadQueueHeads(None, self._head))
-        self._fenced = await self._storage.ask(StoreFences())
-        if self._fenced:
-            self._versions = dict(heads.versions)
-            if tasks:  # read again with their versions, as one row each
-                stored = await self._storage.ask(FetchTasks(tuple(t.id for t in tasks)))
-                tasks = list(stored.tasks)
-                self._versions.update(stored.versions)
-            self._next_sweep = self._monotonic() + self._sweep_interval
-        bounds: dict[QueueId, Bound] = {}
-        for head, queued in heads.heads:
-            tasks += queued
-            if len(queued) >= self._head:
-                bounds[(head.task_type, head.requires, head.concurrency_key)] = bound_of(queued[-1])
-        runs += heads.runs
-        await control.load_revoked(self)
-        self._tasks = {task.id: task for task in tasks}
-        self._keys = {t.idempotency_key: t.id for t in tasks if t.idempotency_key is not None}
-        for run in runs:
-            self._remember_run(run)
-        self._ready = ReadyQueue(self._type_limits, bounds, self._revoked)
-        # A crash's restart keeps the claims, so their secrets must still be proved; on
-        # open, recovery ends them all.
-        hashes = {} if self._recover else await self._storage.ask(LoadLeaseHashes(LIVE))
-        if not self._frame.started:
-            watermark = await self._storage.ask(LastTaskId())
-            now = self._read_clocks()
-            self._frame.start(self._wall, self._mono, watermark)
-        now = self._read_clocks()
-        if self._recover:
-            await self._recover_claims(now)
-            if self._on_recovered is not None:
-                self._on_recovered()  # a later restart must not requeue live claims
-        else:
-            # Restarted after a crash: the claims stand. Heartbeats are kept in memory
-            # only, so each lease restarts whole (its own length: a longer ``extend`` was
-            # a heartbeat's) rather than expire on a stale time, or on a wall clock that
-            # was stepped since it was stored.
-            for run in list(self._runs.values()):
-                if run.status in _RUN_OPEN and run.lease_seconds is not None:
-                    renewed = now + timedelta(seconds=run.lease_seconds)
-                    self._runs[run.id] = msgspec.structs.replace(run, lease_expires_at=renewed)
-        await self._load_starts()
-        self._reindex(hashes)
-        await self._load_timers(fail=True)
-        self._arm()
-        log.info(
-            "task manager: %d task(s) in memory (%d queue(s) with a backlog in storage),"
-            " %d run(s), %d claimed",
-            len(self._tasks),
-            len(self._ready.bounds()),
-            len(self._runs),
-            len(self._held),
-        )
-
     async def stopped(self, error: BaseException | None) -> None:
         # Held-back answers are of committed changes: they are true whatever happens next.
         self._release_held_back(None)
@@ -308,37 +230,6 @@ class TaskManager(Actor[TaskManagerMessage]):
         """Deadlines kept (leases and timeouts of claims, waits of parked claims): one per
         live claim and parked claim, whatever the heartbeats and claims before."""
         return len(self._deadlines) + len(self._waits)
-
-    async def _recover_claims(self, now: datetime) -> None:
-        """On open: the previous process died, and with it every worker it ran, so each
-        assigned or running task goes back to the queue; its open runs end as lost."""
-        work = _Batch()
-        for task in list(self._tasks.values()):
-            if task.status not in _HOLDING:
-                continue
-            self._touch(task.id, work)
-            lost: Run | None = None
-            for run_id in self._runs_of.get(task.id, ()):
-                run = self._runs[run_id]
-                if run.status in _RUN_OPEN:
-                    lost = self._close_run(run, RunStatus.LOST, work, now, error=_RECOVERED)
-            self._requeue(task, lost, "recovered", _RECOVERED, work, now, retry_after=0.0)
-        if work.ops:
-            reply = await self._storage.request(Write(tuple(self._fences(work) + work.ops)))
-            try:
-                await reply.wait()  # a failure fails the start-up; the next start recovers again
-            except StorageError:
-                if not self._fenced:
-                    raise
-                # Another node recovered (or changed) them first: they are storage's.
-                for task_id in work.undo:
-                    self._drop(task_id)
-                self._reindex()
-                log.warning("%d task(s) to recover were changed by another node", len(work.undo))
-            else:
-                self._bump(work)
-                log.warning("recovered %d task(s) held when the runtime stopped", len(work.undo))
-        self._shed()
 
     # -- the batch loop ----------------------------------------------------------------------
 
@@ -520,9 +411,9 @@ class TaskManager(Actor[TaskManagerMessage]):
     _release_held_back = answers.release_held_back
     _commit = answers.commit
     _forward = answers.forward
-
-
-_RECOVERED = "the runtime stopped while a worker held the task"
+    # opening.py
+    started = opening.started
+    _recover_claims = opening.recover_claims
 
 
 def _ends_a_plan_task(ops: list[WriteOp], start: int) -> bool:
