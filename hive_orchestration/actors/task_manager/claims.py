@@ -1,4 +1,4 @@
-"""Claims: parked until the end of their batch, then handed the best ready task.
+"""Parked claims, and handing out the ready tasks to them.
 
 Claims. A worker's ``claim_task`` is parked until the end of its batch, then handed the
 best ready task of its types (priority, then age) from the :class:`ReadyQueue`; with

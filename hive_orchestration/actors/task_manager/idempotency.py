@@ -1,4 +1,5 @@
-"""Idempotency keys as a batch's creates see them (keys held while live: :mod:`.control`).
+"""The idempotency keys of a batch's creates, looked up in storage before it is handled
+(a key held only while its task is live: :mod:`.control`).
 
 Idempotency keys. Memory knows the keys of the tasks in memory only; a finished task's key
 leaves with it and lives on in SQLite, behind the unique index. Before a batch is handled,
