@@ -66,6 +66,7 @@ from ..storage import SCHEMA_VERSION
 from .carried import EXCLUSIVE, carried
 from .embedded import Runtime, RuntimeStatistics
 from .keeper import Keeper, reach, usable
+from .ops.claims import ClaimOps
 from .ops.control import ControlOps
 from .ops.plans import PlanOps
 from .ops.reads import InspectOps
@@ -95,7 +96,7 @@ _NOT_OPEN = (
 
 
 class OrchestrationClient(
-    TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps, ScheduleOps
+    TaskOps, ClaimOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps, ScheduleOps
 ):
     """Every operation of the seeds, with their names and arguments, as typed messages.
 

@@ -71,6 +71,7 @@ from ..messages.workers import RegistryWake, WorkerRegistryMessage
 from ..runtime import ActorRef, Alarm, ChildRestart, ChildSpec, Supervisor
 from ..storage import StorageActor, open_store, publisher
 from ..storage.readers import ReaderPool
+from .ops.claims import ClaimOps
 from .ops.control import ControlOps
 from .ops.plans import PlanOps
 from .ops.reads import InspectOps
@@ -142,7 +143,9 @@ class Front(NamedTuple):
     serve: Callable[[Runtime, StoreClaim, TcpSettings | None], Serving]
 
 
-class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps, ScheduleOps):
+class Runtime(
+    TaskOps, ClaimOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps, ScheduleOps
+):
     """An embedded, durable orchestration runtime on one SQLite database.
 
     Create it with :meth:`open`; every method sends a typed message to an actor.
