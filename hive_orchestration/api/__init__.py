@@ -5,8 +5,8 @@ The rooms, bottom up (``[tool.importlinter]`` keeps this order):
 - ``subscription.py``: :class:`Subscription`, live events as one subscriber in this
   process gets them.
 - ``ops/``: the operations of the seeds, one family per module (tasks, claims, plans,
-  workers, control, reads, retention, schedules), each a mixin that turns a call into a typed
-  message to an actor. Both front doors carry them.
+  planning, workers, control, reads, retention, schedules), each a mixin that turns a
+  call into a typed message to an actor. Both front doors carry them.
 - ``embedded.py``: :class:`Runtime`, the front door in this process: the composition root
   that starts the actors under their supervisor, and the event APIs (publish, subscribe,
   read the log).

@@ -68,6 +68,7 @@ from .embedded import Runtime, RuntimeStatistics
 from .keeper import Keeper, reach, usable
 from .ops.claims import ClaimOps
 from .ops.control import ControlOps
+from .ops.planning import PlanningOps
 from .ops.plans import PlanOps
 from .ops.reads import InspectOps
 from .ops.retention import RetentionOps
@@ -96,7 +97,15 @@ _NOT_OPEN = (
 
 
 class OrchestrationClient(
-    TaskOps, ClaimOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps, ScheduleOps
+    TaskOps,
+    ClaimOps,
+    WorkerOps,
+    PlanOps,
+    PlanningOps,
+    InspectOps,
+    ControlOps,
+    RetentionOps,
+    ScheduleOps,
 ):
     """Every operation of the seeds, with their names and arguments, as typed messages.
 

@@ -73,6 +73,7 @@ from ..storage import StorageActor, open_store, publisher
 from ..storage.readers import ReaderPool
 from .ops.claims import ClaimOps
 from .ops.control import ControlOps
+from .ops.planning import PlanningOps
 from .ops.plans import PlanOps
 from .ops.reads import InspectOps
 from .ops.retention import RetentionOps, retain
@@ -144,7 +145,15 @@ class Front(NamedTuple):
 
 
 class Runtime(
-    TaskOps, ClaimOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps, ScheduleOps
+    TaskOps,
+    ClaimOps,
+    WorkerOps,
+    PlanOps,
+    PlanningOps,
+    InspectOps,
+    ControlOps,
+    RetentionOps,
+    ScheduleOps,
 ):
     """An embedded, durable orchestration runtime on one SQLite database.
 
