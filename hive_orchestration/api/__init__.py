@@ -7,9 +7,11 @@ The rooms, bottom up (``[tool.importlinter]`` keeps this order):
 - ``ops/``: the operations of the seeds, one family per module (tasks, claims, plans,
   planning, workers, control, reads, retention, schedules), each a mixin that turns a
   call into a typed message to an actor. Both front doors carry them.
+- ``runtime_events.py``: the runtime's event APIs (publish, subscribe, tap, read the
+  log), and ``front.py``: what the API above lends the runtime (see below).
 - ``embedded.py``: :class:`Runtime`, the front door in this process: the composition root
-  that starts the actors under their supervisor, and the event APIs (publish, subscribe,
-  read the log).
+  that starts the actors under their supervisor; it carries the operations and the event
+  APIs.
 - ``keeper.py``: how a client reaches its runtime (opens it, or connects to the process
   that owns the database), and takes the database over when that process goes away.
 - ``streams.py``: a client's event streams (:class:`EventStream`, the log then live
@@ -24,7 +26,7 @@ The public names are re-exported from ``hive_orchestration``; import them from t
 
 The runtime cannot import the client it hands out (:meth:`Runtime.client`) nor the socket
 server it runs, since both are built on it: they are given to it here, once, as its
-:class:`~hive_orchestration.api.embedded.Front`.
+:class:`~hive_orchestration.api.front.Front`.
 """
 
 from __future__ import annotations
@@ -32,12 +34,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .client import OrchestrationClient
-from .embedded import Front, Runtime
+from .embedded import Runtime
+from .front import Front
 
 if TYPE_CHECKING:
     from ..remote.tcp import TcpSettings
     from ..storage.port import StoreClaim
-    from .embedded import Serving
+    from .front import Serving
 
 
 def _client(runtime: Runtime, agent: str | None, correlation: str | None) -> OrchestrationClient:
