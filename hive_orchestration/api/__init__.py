@@ -19,6 +19,9 @@ The rooms, bottom up (``[tool.importlinter]`` keeps this order):
 - ``client.py``: :class:`OrchestrationClient`, the front door for agents: the same
   operations on a runtime in this process or another, with who is calling, event streams
   and callbacks. ``carried.py`` says which of its operations travel to another process.
+  Its rooms: ``client_events.py`` (subscriptions, streams, reads of the log, callbacks),
+  ``client_publish.py`` (publishing, and the seeds' events made true) and
+  ``client_remote.py`` (its operations sent to a runtime of another process).
 - ``sync.py`` (:class:`SyncOrchestrationClient`, for code without an event loop) and
   ``wire.py`` (:func:`call_json`, the operations as JSON bytes), on top of the client.
 
