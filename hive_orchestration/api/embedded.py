@@ -14,46 +14,30 @@ import os
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
 import msgspec
 from anyio.abc import TaskGroup
 
 from .._groups import raise_cause
-from .._validate import (
-    _show,
-    check_event_read,
-    check_identifier,
-    check_int,
-    check_optional_text,
-    encode_json_object,
-)
+from .._validate import check_optional_text
 from ..actors.broadcast import BroadcastActor
 from ..actors.plan_executor import PlanExecutor, PlanFeed
 from ..actors.scheduler import Scheduler
 from ..actors.task_manager import Frame, TaskManager
 from ..actors.worker_registry import WorkerRegistry
 from ..config import RuntimeConfig, resolve_db_path
-from ..errors import (
-    InvalidInputError,
-    RuntimeStoppedError,
-    StorageError,
-)
-from ..events import RUNTIME_NAMESPACES, check_pattern, reserved_namespace
+from ..errors import RuntimeStoppedError, StorageError
 from ..messages.events import (
     BroadcastMessage,
     BroadcastStats,
     Event,
-    EventFeed,
     GetBroadcastStats,
     JsonValue,
-    Subscribe,
-    Unsubscribe,
-    compile_pattern,
 )
 from ..messages.plans import PlanExecutorMessage
 from ..messages.schedules import SchedulerMessage, SchedulerWake
@@ -65,27 +49,25 @@ from ..messages.storage import (
     StorageStats,
     Write,
 )
-from ..messages.tap import EventTap, Fold
 from ..messages.tasks import TaskManagerMessage, Wake
 from ..messages.workers import RegistryWake, WorkerRegistryMessage
 from ..runtime import ActorRef, Alarm, ChildRestart, ChildSpec, Supervisor
 from ..storage import StorageActor, open_store, publisher
 from ..storage.readers import ReaderPool
+from .front import Front, Serving
+from .ops.claims import ClaimOps
 from .ops.control import ControlOps
+from .ops.planning import PlanningOps
 from .ops.plans import PlanOps
 from .ops.reads import InspectOps
 from .ops.retention import RetentionOps, retain
 from .ops.schedules import ScheduleOps
 from .ops.tasks import TaskOps
 from .ops.workers import WorkerOps
+from .runtime_events import RuntimeEvents
 from .subscription import Subscription, wrong_loop
 
 if TYPE_CHECKING:
-    from anyio.abc import TaskStatus
-
-    from ..remote.status import ServerStatus
-    from ..remote.tcp import TcpSettings
-    from ..storage.port import StoreClaim
     from .client import OrchestrationClient  # for the annotation of Runtime.client alone
 
 __all__ = ["MailboxStats", "Runtime", "RuntimeStatistics", "Subscription"]
@@ -110,39 +92,18 @@ class RuntimeStatistics(msgspec.Struct, frozen=True):
     broadcast: BroadcastStats
 
 
-class Serving(Protocol):
-    """The socket server a runtime runs while it is open (``hive_orchestration.remote.
-    server``): this user's other processes reach the runtime through it, and, with
-    ``listen``, clients over TCP."""
-
-    #: The socket's address while it serves one, else None.
-    address: str | None
-    #: The TCP endpoints it listens on (``listen``).
-    tcp_addresses: list[str]
-
-    async def run(self, *, task_status: TaskStatus[str] = ...) -> None: ...
-
-    async def run_tcp(self, *, task_status: TaskStatus[list[str]] = ...) -> None: ...
-
-    async def stop(self, grace: float) -> None: ...
-
-    def status(self) -> ServerStatus: ...
-
-
-class Front(NamedTuple):
-    """What the API above the runtime lends it: the client :meth:`Runtime.client` hands
-    out, and the socket server :meth:`Runtime.open` runs. Both are built on the runtime
-    (the client opens one; the server calls the client's operations), so the runtime
-    cannot import them: ``hive_orchestration/api/__init__.py`` gives them, once, when the
-    package is imported, before any runtime can open."""
-
-    #: ``client(runtime, source_agent, correlation_id)``: a client bound to ``runtime``.
-    client: Callable[[Runtime, str | None, str | None], OrchestrationClient]
-    #: ``serve(runtime, claim, tcp)``: the server for ``runtime``, not started yet.
-    serve: Callable[[Runtime, StoreClaim, TcpSettings | None], Serving]
-
-
-class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps, ScheduleOps):
+class Runtime(
+    RuntimeEvents,
+    TaskOps,
+    ClaimOps,
+    WorkerOps,
+    PlanOps,
+    PlanningOps,
+    InspectOps,
+    ControlOps,
+    RetentionOps,
+    ScheduleOps,
+):
     """An embedded, durable orchestration runtime on one SQLite database.
 
     Create it with :meth:`open`; every method sends a typed message to an actor.
@@ -428,169 +389,6 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps,
                 readers.close()  # its service may never have started
             claim.release()
 
-    # -- events ---------------------------------------------------------------------------
-
-    async def publish(
-        self,
-        event_type: str,
-        data: Mapping[str, object] | None = None,
-        *,
-        source: str = "runtime",
-        correlation_id: str | None = None,
-        task_id: str | None = None,
-        plan_id: str | None = None,
-        worker_id: str | None = None,
-    ) -> Event:
-        """Append an event to the durable log and fan it out; returns it with its ``seq``.
-
-        Returns once the event is durable.
-        """
-        self._check_open()
-        data, data_json = encode_json_object(
-            data,
-            "data",
-            max_bytes=self._config.max_payload_bytes,
-            max_depth=self._config.max_payload_depth,
-        )
-        event_type = check_identifier(event_type, "event_type")
-        namespace = reserved_namespace(event_type)
-        if namespace is not None:
-            where = (
-                f"in the runtime's own namespace {namespace!r}"
-                if event_type.split(".", 1)[0] == namespace
-                # A look-alike (case, width, plural...) would pass for the runtime's own
-                # event with every reader, and with subscribers matching loosely.
-                else f"reads as the runtime's own namespace {namespace!r}"
-            )
-            raise InvalidInputError(
-                "event_type",
-                f"{_show(event_type)} is {where} (one of {', '.join(RUNTIME_NAMESPACES)}, "
-                "compared without case, width, accents or a plural): the runtime logs "
-                "those when the change happens. Make the change (e.g. update_task_status, "
-                "or publish_task_event with a TaskCompletedEvent), or publish an app event "
-                "in a namespace of the app's own, such as 'review.completed'",
-            )
-        event = Event(
-            type=event_type,
-            timestamp=time.time(),
-            source=check_identifier(source, "source"),
-            correlation_id=check_optional_text(correlation_id, "correlation_id"),
-            task_id=check_optional_text(task_id, "task_id"),
-            plan_id=check_optional_text(plan_id, "plan_id"),
-            worker_id=check_optional_text(worker_id, "worker_id"),
-            data=data,  # a plain copy decoded from what is stored
-        )
-        committed = await self._storage.ask(Write(ops=(AppendEvent(event, data_json),)))
-        return msgspec.structs.replace(event, seq=committed.seqs[0])
-
-    @asynccontextmanager
-    async def subscribe(
-        self,
-        pattern: str = "*",
-        *,
-        buffer: int | None = None,
-        overflow: Literal["error", "drop"] | None = None,
-        **filters: str,
-    ) -> AsyncIterator[Subscription]:
-        """Receive live events whose type matches ``pattern`` and whose fields equal
-        ``filters`` (``task_id="..."``, or any key of the event's data), for the block.
-        """
-        subscription = await self._open_subscription(
-            pattern, buffer=buffer, overflow=overflow, filters=filters
-        )
-        try:
-            yield subscription
-        finally:
-            subscription.close()
-
-    @asynccontextmanager
-    async def tap(self, fold: Fold) -> AsyncIterator[EventTap]:
-        """Fold every event committed from now on, for the block, in this process: ``fold``
-        is called with each commit's events as the broadcast actor fans them out (see
-        :mod:`hive_orchestration.messages.tap`: it must be quick, never block, and only
-        read them). Cheaper than :meth:`subscribe` for an observer that only counts (the
-        Prometheus exporter). ``await tap.receive()`` waits for its end: ``EndOfStream``
-        when the runtime stops, a ``Lagged`` marker if the fan-out broke, or what
-        ``fold`` raised."""
-        self._check_open()
-        tap = EventTap(fold)
-        try:
-            subscription_id = await self._broadcast.ask(
-                Subscribe("*", (), tap, 1, "error", internal=True)
-            )
-        except BaseException:
-            tap.close()
-            raise
-        try:
-            yield tap
-        finally:
-            tap.close()
-            with suppress(RuntimeStoppedError):
-                self._broadcast.try_tell(Unsubscribe(subscription_id))
-
-    async def _open_subscription(
-        self,
-        pattern: str,
-        *,
-        buffer: int | None,
-        overflow: Literal["error", "drop"] | None,
-        filters: Mapping[str, str],
-    ) -> Subscription:
-        """A registered subscription; the caller must :meth:`Subscription.close` it."""
-        self._check_open()
-        check_pattern(check_identifier(pattern, "pattern"))
-        compile_pattern(pattern)
-        capacity = check_int(
-            self._config.subscriber_buffer if buffer is None else buffer,
-            "buffer",
-            minimum=1,
-            maximum=1_000_000,
-        )
-        policy = self._config.subscriber_overflow if overflow is None else overflow
-        if policy not in ("error", "drop"):
-            raise InvalidInputError("overflow", f"must be 'error' or 'drop', got {_show(policy)}")
-        checked = tuple(
-            (check_identifier(key, "filters"), check_identifier(value, f"filters.{key}"))
-            for key, value in sorted(filters.items())
-        )
-        feed = EventFeed()
-        try:
-            subscription_id = await self._broadcast.ask(
-                Subscribe(pattern, checked, feed, capacity, policy)
-            )
-        except BaseException:
-            feed.close()
-            raise
-
-        def close() -> None:
-            feed.close()
-            with suppress(RuntimeStoppedError):
-                self._broadcast.try_tell(Unsubscribe(subscription_id))
-
-        return Subscription(feed, pattern, close, self._thread)
-
-    async def read_events(
-        self,
-        after: int = 0,
-        *,
-        limit: int = 1000,
-        pattern: str = "*",
-        task_id: str | None = None,
-        plan_id: str | None = None,
-        correlation_id: str | None = None,
-    ) -> list[Event]:
-        """Durable events with ``seq > after``, oldest first, at most ``limit`` of them;
-        only those whose type matches ``pattern`` (``*`` and ``?`` globs) and whose
-        ``task_id``, ``plan_id`` and ``correlation_id`` equal those given."""
-        self._check_open()
-        read = check_event_read(after, limit, pattern, task_id, plan_id, correlation_id)
-        if "[" in read.pattern:
-            # SQLite's GLOB negates a class with ^, fnmatch (the live side) with !: refuse
-            # rather than answer a replay and a subscription differently.
-            raise InvalidInputError("pattern", "bracket classes are not supported in reads")
-        events = await self._storage.ask(read)
-        return list(events)
-
     # -- clients --------------------------------------------------------------------------
 
     def client(
@@ -616,15 +414,6 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps,
         if self._callbacks is None:  # pragma: no cover - set before the runtime is handed out
             raise RuntimeStoppedError("the runtime is not running")
         self._callbacks.start_soon(function)
-
-    async def last_seq(self) -> int:
-        """The sequence number of the last durable event (``0``: the log is empty).
-
-        Read it to replay the log up to now, or to resume later from this point with
-        ``client.events(after=...)``.
-        """
-        self._check_open()
-        return (await self._storage.ask(GetStorageStats())).last_seq
 
     # -- introspection --------------------------------------------------------------------
 

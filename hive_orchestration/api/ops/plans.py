@@ -1,38 +1,34 @@
-"""The plan operations of the seeds, and the planning queue, as messages to the
-PlanExecutor (and, for reads that need no owner, to the storage actor).
+"""The plan operations of the seeds, as messages to the PlanExecutor (and, for reads
+that need no owner, to the storage actor): create, approve, start, cancel, read and wait
+for execution plans, and read what a plan step's dependencies gave.
 
-Plan data is checked here, whole, before anything is sent: the types and bounds of every
-subtask field (each error names it, ``plan_data.subtasks[2].priority``), then the graph
-(an empty plan, a duplicate id, a dependency on an unknown subtask, a cycle).
+Plan data is checked whole (``plan_checks.py``) before anything is sent: the types and
+bounds of every subtask field (each error names it, ``plan_data.subtasks[2].priority``),
+then the graph (an empty plan, a duplicate id, a dependency on an unknown subtask, a
+cycle).
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 import msgspec
 
 from ..._validate import (
     MIN_DEADLINE,
-    MIN_LEASE,
     YEAR,
     check_bool,
     check_choice,
-    check_delay,
     check_identifier,
     check_int,
-    check_json_object,
-    check_names,
     check_optional_text,
     check_seconds,
     check_str,
     encode_json_object,
-    too_big,
 )
 from ...config import RuntimeConfig
 from ...errors import InvalidInputError, NotFoundError, RequestTimeoutError
@@ -42,8 +38,6 @@ from ...messages.plans import (
     PLAN_FINAL,
     ApprovePlan,
     CancelPlan,
-    CancelPlanningRequest,
-    ClaimPlanningRequest,
     CreatePlan,
     ExecutionPlan,
     FailurePolicy,
@@ -51,42 +45,33 @@ from ...messages.plans import (
     GetPlanStatus,
     MaterializePlan,
     PlanExecutorMessage,
-    PlanningRequest,
-    PlanningStatus,
     PlanProgress,
     PlanStatus,
-    QueuePlanningRequest,
     StartPlan,
-    Subtask,
     SubtaskState,
 )
 from ...messages.storage import (
     CheckDependencies,
     CountSubtasks,
-    FetchPlanningRequest,
     LoadSubtasks,
     NextPlannedTask,
-    QueryPlanningRequests,
     QueryPlans,
     StorageMessage,
 )
 from ...messages.tasks import Task
 from ...runtime import ActorRef
 from .caller import Caller
-from .plan_graph import check_plan_graph
+from .plan_checks import check_payloads, check_subtasks
 
 if TYPE_CHECKING:
     from ..subscription import Subscription
 
 __all__ = ["PlanOps"]
 
-_MAX_PRIORITY = 2**31 - 1
 _MAX_LIST = 10_000
 #: Dependencies in one page of get_dependency_results.
 _MAX_DEPENDENCY_PAGE = 1000
 _PLAN_KEYS = ("subtasks",)
-# msgspec names the place of a type error as "... - at `$.subtasks[3].priority`".
-_AT = re.compile(r" - at `\$(.*)`$")
 
 
 class PlanOps(Caller):
@@ -109,111 +94,6 @@ class PlanOps(Caller):
         **filters: str,
     ) -> AbstractAsyncContextManager[Subscription]:
         raise NotImplementedError
-
-    # -- the planning queue -----------------------------------------------------------------
-
-    async def queue_planning_request(
-        self,
-        task_description: str,
-        *,
-        priority: int = 50,
-        requestor: str | None = None,
-        context_data: Mapping[str, object] | None = None,
-        complexity_estimate: str | None = None,
-    ) -> PlanningRequest:
-        """Ask for a plan ("Deploy to production"): queued for a planner agent, which
-        takes it with :meth:`claim_planning_request`. Publishes ``planning.requested``."""
-        self._check_open()
-        context = None
-        if context_data is not None:
-            context, _ = encode_json_object(
-                context_data,
-                "context_data",
-                max_bytes=self._config.max_payload_bytes,
-                max_depth=self._config.max_payload_depth,
-            )
-        message = QueuePlanningRequest(
-            task_description=check_str(task_description, "task_description", empty=False),
-            priority=check_int(priority, "priority", minimum=0, maximum=_MAX_PRIORITY),
-            requestor=check_optional_text(self._agent(requestor), "requestor"),
-            context_data=context,
-            complexity_estimate=check_optional_text(complexity_estimate, "complexity_estimate"),
-        )
-        return await self._plans.ask(message)
-
-    async def claim_planning_request(
-        self, agent_id: str, *, wait: float = 0.0
-    ) -> PlanningRequest | None:
-        """Take the best pending planning request (priority, then age) for ``agent_id``.
-
-        With ``wait``, a planner with nothing to do waits up to that many seconds for a
-        request, woken by ``planning.requested`` events rather than polling. ``None`` if
-        none came.
-        """
-        self._check_open()
-        agent_id = check_identifier(agent_id, "agent_id")
-        wait = check_delay(wait, "wait")
-        claim = ClaimPlanningRequest(agent_id=agent_id)
-        if wait == 0:
-            return await self._plans.ask(claim)
-        with anyio.move_on_after(wait):
-            # Subscribe before the first try, so a request queued in between wakes us.
-            async with self.subscribe("planning.requested", buffer=1, overflow="drop") as new:
-                while True:
-                    request = await self._plans.ask(claim)
-                    if request is not None:
-                        return request
-                    await new.receive()
-        return None
-
-    async def get_planning_request(self, request_id: str) -> PlanningRequest | None:
-        self._check_open()
-        return await self._storage.ask(
-            FetchPlanningRequest(check_identifier(request_id, "request_id"))
-        )
-
-    async def get_planning_queue(
-        self,
-        status: PlanningStatus | str | None = PlanningStatus.PENDING,
-        *,
-        limit: int = 100,
-        after: str | None = None,
-    ) -> list[PlanningRequest]:
-        """Planning requests in ``status`` (all if None), by priority, then age, then id:
-        at most ``limit`` (at most 10 000), from just after the request ``after`` (the
-        last of the previous page; see :mod:`hive_orchestration.listing`)."""
-        self._check_open()
-        checked = None if status is None else check_choice(status, PlanningStatus, "status")
-        return await self._storage.ask(
-            QueryPlanningRequests(
-                status=None if checked is None else checked.value,
-                limit=check_limit(limit),
-                after=check_after(after),
-            )
-        )
-
-    async def cancel_planning_request(
-        self, request_id: str, reason: str | None = None
-    ) -> PlanningRequest:
-        """Withdraw a pending or assigned request (``planning.cancelled``)."""
-        self._check_open()
-        return await self._plans.ask(
-            CancelPlanningRequest(
-                request_id=check_identifier(request_id, "request_id"),
-                reason=None if reason is None else check_str(reason, "reason"),
-            )
-        )
-
-    async def fail_planning_request(self, request_id: str, error: str) -> PlanningRequest:
-        """A planner could not plan it (``planning.failed``, with ``error``)."""
-        self._check_open()
-        return await self._plans.ask(
-            CancelPlanningRequest(
-                request_id=check_identifier(request_id, "request_id"),
-                reason=check_str(error, "error", empty=False),
-                failed=True,
-            )
-        )
 
     # -- plans ------------------------------------------------------------------------------
 
@@ -245,7 +125,7 @@ class PlanOps(Caller):
         self._check_open()
         # Each subtask's payload has a limit of its own, far below the plan's: checked
         # first, so that an oversized payload is refused without reading the whole plan.
-        self._check_payloads(plan_data)
+        check_payloads(plan_data, self._config)
         data, encoded = encode_json_object(
             plan_data,
             "plan_data",
@@ -253,7 +133,7 @@ class PlanOps(Caller):
             max_depth=self._config.max_payload_depth + 3,
             setting="max_plan_bytes",
         )
-        subtasks = self._subtasks(data)
+        subtasks = check_subtasks(data)
         # Stored (and returned) as normalized, in plain JSON types whatever the source.
         encoded = msgspec.json.encode(data)
         data = msgspec.json.decode(encoded)
@@ -484,108 +364,3 @@ class PlanOps(Caller):
                 max_bytes=max(config.max_payload_bytes, config.max_frame_bytes // 2),
             )
         )
-
-    # -- checking plan data -----------------------------------------------------------------
-
-    def _check_payloads(self, plan_data: object) -> None:
-        """Each subtask payload of ``plan_data`` (as given) against ``max_payload_bytes``.
-
-        The plan's subtasks are read no further than the plan's limit allows: the count is
-        the same lower bound of the encoded size as the plan's own check (a subtask by its
-        number of keys), so a plan too large to read is refused as such. Anything not
-        shaped as expected is left to the plan's checks, which name it.
-        """
-        if not isinstance(plan_data, Mapping):
-            return
-        subtasks = plan_data.get("subtasks")
-        if not isinstance(subtasks, list | tuple):
-            return
-        limit = self._config.max_plan_bytes
-        used = 2 * len(subtasks) + 1
-        for i, item in enumerate(subtasks):
-            if used > limit:
-                break
-            if not isinstance(item, Mapping) or not item:
-                continue
-            used += 5 * len(item)
-            payload = item.get("payload")
-            if payload is not None and used <= limit:
-                check_json_object(
-                    payload,
-                    f"plan_data.subtasks[{i}].payload",
-                    max_bytes=self._config.max_payload_bytes,
-                    max_depth=self._config.max_payload_depth,
-                    setting="max_payload_bytes",
-                )
-        if used > limit:
-            raise too_big("plan_data", limit, used, "max_plan_bytes")
-
-    def _subtasks(self, data: dict[str, Any]) -> tuple[Subtask, ...]:
-        raw = data.get("subtasks")
-        if raw is None:
-            raise InvalidInputError("plan_data.subtasks", "is missing: a plan lists its subtasks")
-        if not isinstance(raw, list):
-            raise InvalidInputError(
-                "plan_data.subtasks", f"must be a list of subtasks, got {type(raw).__name__}"
-            )
-        items = []
-        for i, item in enumerate(raw):
-            if isinstance(item, dict) and "type" in item:
-                item = dict(item)
-                alias = item.pop("type")
-                if item.setdefault("task_type", alias) != alias:
-                    raise InvalidInputError(
-                        f"plan_data.subtasks[{i}].type", "differs from its task_type"
-                    )
-            items.append(item)
-        try:
-            subtasks = msgspec.convert(items, list[Subtask])
-        except msgspec.ValidationError as exc:
-            text = str(exc)
-            match = _AT.search(text)
-            where = match.group(1) if match else ""
-            reason = text[: match.start()] if match else text
-            raise InvalidInputError(f"plan_data.subtasks{where}", reason) from None
-        checked = tuple(
-            self._subtask(subtask, f"plan_data.subtasks[{i}]") for i, subtask in enumerate(subtasks)
-        )
-        try:
-            check_plan_graph(
-                [subtask.id for subtask in checked], [subtask.dependencies for subtask in checked]
-            )
-        except InvalidInputError as exc:
-            raise InvalidInputError(f"plan_data.{exc.field}", exc.reason) from None
-        # The plan's other keys are kept as given; its subtasks are stored checked and
-        # normalized ("type" read as task_type, repeated dependencies once, defaults
-        # left out), so that the stored plan reads back exactly as it was checked.
-        data["subtasks"] = cast(Any, msgspec.to_builtins(checked))
-        return checked
-
-    def _subtask(self, subtask: Subtask, at: str) -> Subtask:
-        check_identifier(subtask.id, f"{at}.id")
-        check_identifier(subtask.task_type, f"{at}.task_type")
-        if subtask.title is not None:
-            check_str(subtask.title, f"{at}.title", empty=False)
-        if subtask.description is not None:
-            check_str(subtask.description, f"{at}.description")
-        # Its payload was checked by _check_payloads, before the plan was read.
-        check_int(subtask.priority, f"{at}.priority", minimum=0, maximum=_MAX_PRIORITY)
-        check_int(subtask.max_retries, f"{at}.max_retries", minimum=0, maximum=1000)
-        if subtask.timeout is not None:
-            check_seconds(subtask.timeout, f"{at}.timeout", minimum=MIN_LEASE, maximum=YEAR)
-        if subtask.estimated_duration is not None:
-            check_seconds(
-                subtask.estimated_duration,
-                f"{at}.estimated_duration",
-                minimum=0.0,
-                maximum=YEAR,
-            )
-        for k, need in enumerate(subtask.dependencies):
-            check_identifier(need, f"{at}.dependencies[{k}]")
-        check_names(subtask.requires, f"{at}.requires")
-        # A repeated dependency is the same dependency.
-        dependencies = tuple(dict.fromkeys(subtask.dependencies))
-        requires = tuple(dict.fromkeys(subtask.requires))
-        if dependencies == subtask.dependencies and requires == subtask.requires:
-            return subtask
-        return msgspec.structs.replace(subtask, dependencies=dependencies, requires=requires)

@@ -33,7 +33,8 @@ from ...messages.schedules import (
 )
 from ...runtime import ActorRef
 from .caller import Caller
-from .tasks import TaskOps, _when
+from .task_base import _when
+from .tasks import TaskOps
 
 __all__ = ["ScheduleOps"]
 

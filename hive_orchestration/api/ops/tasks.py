@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, cast
-
-import msgspec
 
 from ..._trace import outgoing
 from ..._validate import (
@@ -19,77 +17,53 @@ from ..._validate import (
     MIN_LEASE,
     YEAR,
     _show,
-    check_bool,
     check_choice,
     check_delay,
     check_identifier,
     check_int,
-    check_lease,
-    check_names,
     check_optional_text,
     check_seconds,
     check_str,
-    encode_json_object,
 )
-from ...config import RuntimeConfig
 from ...errors import InvalidInputError
 from ...listing import check_after, check_limit
-from ...messages.events import JsonValue
 from ...messages.tasks import (
     CancelTask,
-    Claim,
-    ClaimTask,
-    ClaimTasks,
-    CompleteTask,
     CreateRun,
     CreateTask,
     CreateTasks,
     DeleteTask,
-    FailTask,
     GetQueuedTasks,
     GetRun,
     GetRuns,
     GetTask,
     GetTasksByStatus,
-    Heartbeat,
-    IdempotencyScope,
-    Lease,
-    ReleaseTask,
-    ReleaseWorker,
     Run,
     RunStatus,
-    StartTask,
     Task,
-    TaskManagerMessage,
     TaskStatus,
     UpdateRunStatus,
     UpdateTaskStatus,
 )
-from ...messages.workers import GetWorker, WorkerRegistryMessage
-from ...runtime import ActorRef
-from .caller import Caller
+from .task_base import (
+    _LONGEST,
+    _MAX_BATCH,
+    _MAX_PRIORITY,
+    TaskCalls,
+    _rfc3339,
+    _scope,
+    _status,
+    _tags,
+    _types,
+    _when,
+)
 
 __all__ = ["TaskOps"]
 
-JsonObject = dict[str, JsonValue]
-_MAX_PRIORITY = 2**31 - 1
-#: Most tasks one create_tasks or claim_tasks call takes (each call is one transaction).
-_MAX_BATCH = 1000
-#: The longest delay or expiry span (ten years): past it, a date is the way to say it.
-_LONGEST = 10 * YEAR
-#: The longest lease secret taken to be hashed: a claim's is 22 characters.
-_SECRET_LIMIT = 256
 
-
-class TaskOps(Caller):
-    """Mixed into :class:`Runtime`; needs ``_tasks`` (the TaskManager) and ``_config``."""
-
-    _tasks: ActorRef[TaskManagerMessage]
-    _workers: ActorRef[WorkerRegistryMessage]
-    _config: RuntimeConfig
-
-    def _check_open(self) -> None:  # pragma: no cover - provided by Runtime
-        raise NotImplementedError
+class TaskOps(TaskCalls):
+    """Creating, reading and moving tasks and runs. Mixed into :class:`Runtime`; needs
+    ``_tasks`` (the TaskManager) and ``_config``."""
 
     async def create_task(
         self,
@@ -425,255 +399,6 @@ class TaskOps(Caller):
             else check_str(output_log, "output_log", limit=self._config.max_payload_bytes),
         )
         return await self._tasks.ask(message)
-
-    # -- claims: what a worker calls ---------------------------------------------------------
-
-    async def claim_task(
-        self,
-        worker_id: str,
-        task_types: str | Iterable[str] | None = None,
-        *,
-        lease: float | None = None,
-        wait: float = 0.0,
-        start: bool = False,
-    ) -> Claim | None:
-        """Take the best ready task (highest priority, then oldest) that ``worker_id`` can
-        do, or ``None`` if there is none.
-
-        What it can do: ``task_types`` (task types or capabilities: one, several), or by
-        default the capabilities it registered with (any task if it registered none or
-        is not registered). A task without ``requires`` matches by its type; a task with
-        ``requires`` matches a worker that has all of them.
-
-        With ``wait`` seconds, a claim with nothing to take waits for a matching task
-        and gets it as soon as it is queued (no polling). Each task goes to exactly one
-        claim. The claim holds a lease of ``lease`` seconds (default: the config's
-        ``lease_timeout``): renew it with :meth:`heartbeat`, or the task goes back to
-        the queue. Pass ``claim.lease`` to every later call about the task.
-
-        With ``start``, the task is also started (as :meth:`start_task` would, in the
-        same commit): it comes back running, and ``task.started`` follows
-        ``task.assigned``.
-        """
-        self._check_open()
-        worker_id = check_identifier(worker_id, "worker_id")
-        message = ClaimTask(
-            worker_id=worker_id,
-            task_types=await self._claim_types(worker_id, task_types),
-            lease=self._lease_seconds(lease),
-            wait=check_delay(wait, "wait"),
-            start=check_bool(start, "start"),
-        )
-        # The actor answers by the end of the wait; the usual deadline covers the rest.
-        return await self._tasks.ask(message, timeout=message.wait + self._config.ask_timeout)
-
-    async def claim_tasks(
-        self,
-        worker_id: str,
-        task_types: str | Iterable[str] | None = None,
-        *,
-        limit: int,
-        lease: float | None = None,
-        wait: float = 0.0,
-        start: bool = False,
-    ) -> list[Claim]:
-        """Take up to ``limit`` ready tasks at once (best first), for a worker with that
-        many free slots: one call and one commit instead of one per task.
-
-        As :meth:`claim_task` otherwise, each claim with its own lease and token. When
-        nothing is ready it waits up to ``wait`` seconds and returns as soon as tasks
-        arrive (possibly fewer than ``limit``); ``[]`` if none do.
-        """
-        self._check_open()
-        worker_id = check_identifier(worker_id, "worker_id")
-        message = ClaimTasks(
-            worker_id=worker_id,
-            task_types=await self._claim_types(worker_id, task_types),
-            lease=self._lease_seconds(lease),
-            wait=check_delay(wait, "wait"),
-            start=check_bool(start, "start"),
-            limit=check_int(limit, "limit", minimum=1, maximum=_MAX_BATCH),
-        )
-        timeout = message.wait + self._config.ask_timeout
-        return list(await self._tasks.ask(message, timeout=timeout))
-
-    async def _claim_types(
-        self, worker_id: str, task_types: str | Iterable[str] | None
-    ) -> tuple[str, ...] | None:
-        """What a claim may take: ``task_types``, else the worker's registered capabilities."""
-        types = _types(task_types, "task_types")
-        if task_types is None:
-            worker = await self._workers.ask(GetWorker(worker_id))
-            if worker is not None and worker.capabilities:
-                types = worker.capabilities
-        return types
-
-    def _lease_seconds(self, lease: float | None) -> float:
-        seconds = self._config.lease_timeout if lease is None else lease
-        return check_lease(seconds, "lease")
-
-    async def heartbeat(
-        self,
-        lease: Lease,
-        *,
-        progress: Mapping[str, object] | None = None,
-        phase: str | None = None,
-        extend: float | None = None,
-    ) -> datetime:
-        """Renew the claim's lease (for its length, or ``extend`` seconds from now) and
-        return when it now expires. ``progress`` and ``phase`` are stored on the run and
-        published as ``task.progress``. Raises :class:`LeaseLostError` if the claim is over.
-        """
-        self._check_open()
-        message = Heartbeat(
-            lease=_lease(lease),
-            extend=None if extend is None else check_lease(extend, "extend"),
-            progress=self._json(progress, "progress"),
-            phase=check_optional_text(phase, "phase"),
-        )
-        return await self._tasks.ask(message)
-
-    async def report_progress(
-        self, lease: Lease, progress: Mapping[str, object], *, phase: str | None = None
-    ) -> datetime:
-        """Record progress on the claimed run (it renews the lease too)."""
-        return await self.heartbeat(lease, progress=progress, phase=phase)
-
-    async def start_task(self, lease: Lease) -> Task:
-        """Mark the claimed task running (``task.started``)."""
-        self._check_open()
-        return await self._tasks.ask(StartTask(_lease(lease)))
-
-    async def complete_task(self, lease: Lease, result: Mapping[str, object] | None = None) -> Task:
-        """Complete the claimed task; ``result`` is stored on the task and on the run.
-
-        Only the claim that holds the task can complete it, once: any other token gets
-        :class:`LeaseLostError`, so a worker that stalled past its lease cannot overwrite
-        the result of the worker that took over.
-        """
-        self._check_open()
-        message = CompleteTask(lease=_lease(lease), result=self._json(result, "result"))
-        return await self._tasks.ask(message)
-
-    async def fail_task(
-        self,
-        lease: Lease,
-        error: str,
-        *,
-        retryable: bool = True,
-        retry_after: float | None = None,
-    ) -> Task:
-        """Fail the claimed run. While attempts remain (``attempts <= max_retries``) and
-        the error is ``retryable``, the task is queued again after an exponential backoff
-        with jitter (or ``retry_after`` seconds); otherwise it fails for good with this
-        error. Returns the task as it now is."""
-        self._check_open()
-        message = FailTask(
-            lease=_lease(lease),
-            error=check_str(error, "error", empty=False),
-            retryable=check_bool(retryable, "retryable"),
-            retry_after=None
-            if retry_after is None
-            else check_delay(retry_after, "retry_after", maximum=YEAR),
-        )
-        return await self._tasks.ask(message)
-
-    async def release_task(self, lease: Lease, *, reason: str | None = None) -> Task:
-        """Hand the claimed task back unfinished (say, the worker is shutting down): it is
-        queued again at once and the attempt does not count."""
-        self._check_open()
-        message = ReleaseTask(
-            lease=_lease(lease), reason=None if reason is None else check_str(reason, "reason")
-        )
-        return await self._tasks.ask(message)
-
-    async def release_worker_tasks(self, worker_id: str, *, reason: str = "worker offline") -> int:
-        """Declare ``worker_id`` gone: every task it holds goes back to the queue (its runs
-        end as lost and count an attempt). Returns how many tasks it held."""
-        self._check_open()
-        message = ReleaseWorker(
-            worker_id=check_identifier(worker_id, "worker_id"),
-            reason=check_str(reason, "reason", empty=False),
-        )
-        return await self._tasks.ask(message)
-
-    def _json(self, value: Mapping[str, object] | None, field: str) -> JsonObject | None:
-        if value is None:
-            return None
-        checked, _ = encode_json_object(
-            value,
-            field,
-            max_bytes=self._config.max_payload_bytes,
-            max_depth=self._config.max_payload_depth,
-        )
-        return cast(JsonObject, checked)
-
-
-def _status(value: object) -> TaskStatus:
-    return check_choice(value, TaskStatus, "status", aliases=("pending",))
-
-
-def _tags(value: Iterable[str] | None) -> tuple[str, ...]:
-    return () if value is None else check_names(value, "tags")  # None: no tags, as the seeds
-
-
-def _types(value: str | Iterable[str] | None, field: str) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return (check_identifier(value, field),)
-    if not isinstance(value, Iterable):
-        raise InvalidInputError(field, "must be a name, a list of names, or None")
-    types = check_names(value, field)
-    if not types and field == "task_types":
-        raise InvalidInputError(field, "must name at least one task type (None: any)")
-    return tuple(dict.fromkeys(types))
-
-
-def _lease(value: object) -> Lease:
-    if not isinstance(value, Lease):
-        raise InvalidInputError(
-            "lease", f"must be the Lease from claim_task (claim.lease), got {type(value).__name__}"
-        )
-    # A Lease can be built by hand: its fields are checked too, before they reach the
-    # TaskManager (which looks them up as they are).
-    check_identifier(value.task_id, "lease.task_id")
-    check_identifier(value.run_id, "lease.run_id")
-    check_int(value.attempt, "lease.attempt", minimum=1)
-    # Its shape only: a missing (empty) or wrong secret is the TaskManager's to refuse,
-    # with LeaseLostError, as any lease that does not hold its task.
-    check_str(value.secret, "lease.secret", limit=_SECRET_LIMIT)
-    return value
-
-
-def _when(value: object, field: str) -> datetime | None:
-    if value is None:
-        return None
-    if not isinstance(value, datetime):
-        raise InvalidInputError(field, f"must be a datetime, got {type(value).__name__}")
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise InvalidInputError(field, "must be timezone-aware (e.g. datetime.now(UTC))")
-    try:
-        return value.astimezone(UTC)  # stored and returned in UTC: the same instant
-    except OverflowError:
-        raise InvalidInputError(field, f"{value.isoformat()} is out of range in UTC") from None
-
-
-def _scope(value: object) -> IdempotencyScope:
-    if value == "forever" or value == "active":
-        return value
-    raise InvalidInputError(
-        "idempotency_scope",
-        f"must be 'forever' (the key is held until the task is deleted) or 'active' (held"
-        f" until the task ends), got {_show(value)}",
-    )
-
-
-def _rfc3339(value: str, field: str) -> datetime:
-    try:
-        return msgspec.convert(value, datetime)
-    except msgspec.ValidationError as exc:
-        raise InvalidInputError(field, f"is not an RFC 3339 date and time: {exc}") from None
 
 
 #: What update_task_status's metadata may set.

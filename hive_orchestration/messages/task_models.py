@@ -1,0 +1,189 @@
+"""Tasks and runs as the public API shows them: a task's and a run's statuses, the
+stored records, and the lease and claim a worker holds.
+
+A *task* is a unit of work; a *run* is one execution attempt of a task by a worker.
+The state machine that moves a task between statuses lives with its owner,
+:mod:`hive_orchestration.actors.task_manager`.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Literal, TypeAlias
+
+import msgspec
+
+from .events import JsonValue
+
+JsonObject: TypeAlias = dict[str, JsonValue]
+#: How long a task holds its idempotency key: ``"forever"`` (until the task is deleted)
+#: or ``"active"`` (until it ends: completed, failed, timed out or cancelled).
+IdempotencyScope: TypeAlias = Literal["forever", "active"]
+
+
+class TaskStatus(enum.StrEnum):
+    """Where a task stands. ``PENDING`` is the extraction plan's name for ``QUEUED``: the
+    same status (``TaskStatus.PENDING is TaskStatus.QUEUED``), stored as ``"queued"``, and
+    ``TaskStatus("pending")`` works too."""
+
+    QUEUED = "queued"
+    PENDING = "queued"
+    #: A plan's subtask waiting for its dependencies: not handed out until its plan
+    #: queues it (``plan.subtask_ready``).
+    BLOCKED = "blocked"
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+
+    @classmethod
+    def _missing_(cls, value: object) -> TaskStatus | None:
+        return cls.QUEUED if value == "pending" else None
+
+
+#: Statuses a task never leaves.
+TERMINAL = frozenset(
+    {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.TIMED_OUT}
+)
+
+
+class RunStatus(enum.StrEnum):
+    """Where one execution attempt stands."""
+
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    LOST = "lost"
+    CANCELLED = "cancelled"
+    #: Handed back by its worker (shutting down) or never received by it: not an attempt.
+    RELEASED = "released"
+
+
+class Task(msgspec.Struct, frozen=True, kw_only=True):
+    """A task as stored. ``type`` is a read-only alias of ``task_type`` (the extraction
+    plan's name for it). Timestamps are timezone-aware UTC."""
+
+    id: str
+    title: str
+    task_type: str
+    status: TaskStatus
+    priority: int = 1
+    description: str | None = None
+    current_phase: str = "start"
+    workflow: JsonObject | None = None
+    payload: JsonObject = {}
+    tags: tuple[str, ...] = ()
+    max_retries: int = 3
+    attempts: int = 0
+    due_date: datetime | None = None
+    assigned_worker: str | None = None
+    result: JsonObject | None = None
+    error: str | None = None
+    idempotency_key: str | None = None
+    #: How long the task holds its idempotency key (see docs/CONTROL.md).
+    idempotency_scope: IdempotencyScope = "forever"
+    correlation_id: str | None = None
+    source_agent: str | None = None
+    #: Seconds one run may take from its claim before it ends as timed out.
+    timeout: float | None = None
+    #: Not handed out before this time (set by retry backoff).
+    available_at: datetime | None = None
+    #: At most ``concurrency_limit`` tasks with the same key are assigned or running at once.
+    concurrency_key: str | None = None
+    concurrency_limit: int | None = None
+    #: Capabilities a worker must all have to take it (otherwise: its task type).
+    requires: tuple[str, ...] = ()
+    #: The execution plan this task is a subtask of, and its id in that plan.
+    plan_id: str | None = None
+    subtask_id: str | None = None
+    #: The W3C trace context of the call that created it (``traceparent``, and its
+    #: ``tracestate``), when tracing was on there: a worker's run continues that trace.
+    traceparent: str | None = None
+    tracestate: str | None = None
+    created_at: datetime
+    updated_at: datetime
+    #: A delayed task: not handed out before this time (docs/TIMING.md). Cleared when
+    #: it comes due, so a queued task with ``run_at`` set is still waiting for it.
+    run_at: datetime | None = None
+    #: Never handed out after this time: a task still queued then ends ``cancelled``
+    #: with the reason ``expired`` (docs/TIMING.md).
+    expires_at: datetime | None = None
+
+    @property
+    def type(self) -> str:
+        """The task's type (alias of :attr:`task_type`)."""
+        return self.task_type
+
+
+class Run(msgspec.Struct, frozen=True, kw_only=True):
+    """One execution attempt of a task by a worker."""
+
+    id: str
+    task_id: str
+    worker_id: str | None = None
+    run_number: int = 1
+    status: RunStatus = RunStatus.RUNNING
+    phase: str | None = None
+    result: JsonObject | None = None
+    error: str | None = None
+    output_log: str | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    #: For a claimed run: the lease length, and when it expires unless renewed.
+    lease_seconds: float | None = None
+    lease_expires_at: datetime | None = None
+    #: The last progress its worker reported.
+    progress: JsonObject | None = None
+
+    @property
+    def attempt(self) -> int:
+        """The run's number among its task's runs (alias of :attr:`run_number`)."""
+        return self.run_number
+
+
+class Lease(msgspec.Struct, frozen=True):
+    """The fencing token of a claim: which run of which task a worker holds, and the
+    secret that proves the worker is the one that claimed it.
+
+    Every call a worker makes about its task carries it; once the claim is over (lease
+    expired, task cancelled, or handed to another run), the token is refused with
+    :class:`~hive_orchestration.errors.LeaseLostError`. So is a token whose ``secret`` is
+    not its claim's: the ids and the attempt are in every read of the runs, but the secret
+    is handed out once, in the claim's answer, and never shown again (the runtime keeps
+    only its hash). Pass the lease as it came; one rebuilt from ids is refused.
+    """
+
+    task_id: str
+    run_id: str
+    attempt: int
+    #: Empty in a lease built by hand: refused like a wrong one.
+    secret: str = ""
+
+    def __repr__(self) -> str:
+        # Not in logs or tracebacks: whoever reads them could act for the worker.
+        return (
+            f"Lease(task_id={self.task_id!r}, run_id={self.run_id!r},"
+            f" attempt={self.attempt!r}, secret=<hidden>)"
+        )
+
+    def __rich_repr__(self) -> list[tuple[str, object]]:
+        return [
+            ("task_id", self.task_id),
+            ("run_id", self.run_id),
+            ("attempt", self.attempt),
+            ("secret", "<hidden>"),
+        ]
+
+
+class Claim(msgspec.Struct, frozen=True):
+    """What a claim hands a worker: the task, its lease token and when the lease expires
+    unless the worker heartbeats."""
+
+    task: Task
+    lease: Lease
+    expires_at: datetime
