@@ -38,7 +38,7 @@ from hive_orchestration.errors import RequestTimeoutError
 from hive_orchestration.messages.storage import SetScheduleSlot
 from hive_orchestration.messages.tasks import CreateTasks
 from hive_orchestration.runtime import ActorRef
-from hive_orchestration.storage import actor as storage_actor
+from hive_orchestration.storage import grouping
 
 #: Generous: only turns a hang into a failure.
 DEADLINE = 30.0
@@ -375,7 +375,7 @@ async def test_a_slot_whose_commit_failed_fires_once_when_storage_works_again(
 ) -> None:
     # The first write that advances a schedule fails (as a full disk would): the task
     # written with it is rolled back too, and the Scheduler tries the slot again.
-    original = storage_actor.schedule_statement
+    original = grouping.schedule_statement
     failed: list[SetScheduleSlot] = []
 
     def flaky(op: Any) -> tuple[str, tuple[object, ...]]:
@@ -384,7 +384,7 @@ async def test_a_slot_whose_commit_failed_fires_once_when_storage_works_again(
             return ("INSERT INTO no_such_table VALUES (1)", ())
         return original(op)
 
-    monkeypatch.setattr(storage_actor, "schedule_statement", flaky)
+    monkeypatch.setattr(grouping, "schedule_statement", flaky)
     clock = WallClock()
     async with Runtime.open(db_path, config=CONFIG, wall_clock=clock) as runtime:
         client = runtime.client()

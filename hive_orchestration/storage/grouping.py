@@ -1,0 +1,212 @@
+"""A write's ops as the statements that apply them: grouped by kind, each row once, in
+an order that leaves the same rows as the ops applied one by one (``_row_statements``); or
+one by one, in order (``_in_order``), where a row is both written and deleted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..messages.plans import PlanningRequest, SubtaskState
+from ..messages.storage import (
+    AppendEvent,
+    DeleteRevokedType,
+    DeleteScheduleRow,
+    DeleteTaskEvents,
+    DeleteTaskRow,
+    DeleteWorkerRow,
+    FenceTask,
+    PutPlan,
+    PutPlanningRequest,
+    PutRevokedType,
+    PutRun,
+    PutSchedule,
+    PutSubtask,
+    PutTask,
+    PutWorker,
+    SetPlanStatus,
+    SetRunState,
+    SetScheduleSlot,
+    SetTaskState,
+    TrimEventLog,
+    WriteOp,
+)
+from ..messages.tasks import Run, Task
+from ..messages.workers import Worker
+from . import plans
+from .control import frees_key, revoked_statement
+from .port import Statement
+from .retention import delete_events_statements, trim_statements
+from .rows import (
+    DELETE_TASK,
+    DELETE_WORKER,
+    FENCE_CLAIM,
+    FENCE_TASK,
+    KEY_LOCK,
+    run_state_statement,
+    run_statement,
+    task_state_statement,
+    task_statement,
+    worker_statement,
+)
+from .schedules import schedule_statement
+
+
+def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
+    """The row statements of one write, grouped by kind (its events follow).
+
+    Applying them grouped, each row once, leaves the same rows as applying the ops in
+    order: a put replaces every column of its row and a state write every column that
+    changes after creation, so only the last op of a row counts (written whole if the row
+    was put in this write, as it may be new; else its state columns only); tasks go
+    before runs, so a run's task exists; deletes go first, so a key a deleted task held is
+    free for a task created in the same write (a task is put once, at its creation, and
+    its keys never change, so only a delete frees one); events reference no row. The one
+    case where order matters, a row both written and deleted in one write, is applied in
+    order.
+    Grouping turns a write into a few long ``executemany`` runs.
+    """
+    tasks: dict[str, Task] = {}
+    runs: dict[str, Run] = {}
+    put_tasks: set[str] = set()  # rows that may be new in this write: written whole
+    put_runs: set[str] = set()
+    lease_hashes: dict[str, bytes] = {}  # a put run's, kept when a state write follows it
+    workers: dict[str, Worker] = {}
+    deleted: list[str] = []
+    fences: dict[str, FenceTask] = {}  # task id -> the version the writer read
+    gone: list[str] = []  # deleted workers
+    requests: dict[str, PlanningRequest] = {}
+    new_plans: list[Statement] = []
+    plan_updates: list[Statement] = []  # in order: each sets whole status and times
+    subtasks: dict[tuple[str, str], SubtaskState] = {}
+    control: list[Statement] = []  # revoked task types, in order
+    retention: list[Statement] = []  # a purge's events, a trim: before the rows go
+    schedules: list[Statement] = []  # in order: they reference no other row
+    for op in ops:
+        match op:
+            case SetTaskState(task=task):
+                tasks[task.id] = task
+            case SetRunState(run=run):
+                runs[run.id] = run
+            case AppendEvent():
+                pass
+            case PutTask(task=task):
+                tasks[task.id] = task
+                put_tasks.add(task.id)
+            case PutRun(run=run, lease_hash=lease_hash):
+                runs[run.id] = run
+                put_runs.add(run.id)
+                if lease_hash is not None:
+                    lease_hashes[run.id] = lease_hash
+            case PutPlanningRequest(request=request):
+                requests[request.id] = request
+            case PutPlan():
+                new_plans.append(plans.plan_statement(op))
+            case SetPlanStatus():
+                plan_updates.append(plans.plan_status_statement(op))
+            case PutSubtask(state=state):
+                subtasks[state.plan_id, state.subtask_id] = state
+            case DeleteTaskRow(task_id=task_id):
+                deleted.append(task_id)
+            case FenceTask(task_id=task_id):
+                fences.setdefault(task_id, op)
+            case PutWorker(worker=worker):
+                workers[worker.id] = worker
+            case DeleteWorkerRow(worker_id=worker_id):
+                gone.append(worker_id)
+            case PutRevokedType() | DeleteRevokedType():
+                control.append(revoked_statement(op))
+            case DeleteTaskEvents(task_ids=task_ids):
+                retention += delete_events_statements(task_ids)
+            case TrimEventLog(through=through):
+                retention += trim_statements(through)
+            case PutSchedule() | SetScheduleSlot() | DeleteScheduleRow():
+                schedules.append(schedule_statement(op))
+    if (
+        deleted
+        and (
+            not tasks.keys().isdisjoint(deleted)
+            or any(run.task_id in deleted for run in runs.values())
+        )
+    ) or (gone and not workers.keys().isdisjoint(gone)):
+        return [s for op in ops if not isinstance(op, AppendEvent) for s in _in_order_all(op)]
+    # The fences first, in one order on every node: they lock the rows the write changes,
+    # so two nodes' writes of the same tasks wait for each other, never deadlock.
+    keys = sorted({fence.key for fence in fences.values() if fence.key is not None})
+    statements: list[Statement] = [(KEY_LOCK, (key,)) for key in keys]
+    statements += [_fence(fences[task_id]) for task_id in sorted(fences)]
+    statements += retention
+    statements += [(DELETE_TASK, (task_id,)) for task_id in deleted]
+    statements += [(DELETE_WORKER, (worker_id,)) for worker_id in gone]
+    # Referenced rows before the rows that reference them: request <- plan <- subtask,
+    # task <- run, task <- subtask. New rows before state writes, so that a statement
+    # follows the one before it (same SQL) more often and executemany takes longer runs.
+    statements += [plans.request_statement(request) for request in requests.values()]
+    statements += new_plans
+    statements += plan_updates
+    states: list[Statement] = []
+    for task_id, task in tasks.items():
+        if task_id in put_tasks:
+            statements.append(task_statement(task))
+        elif frees_key(task):
+            # Before the puts: a task created in this write may take the key it frees.
+            statements.insert(0, task_state_statement(task))
+        else:
+            states.append(task_state_statement(task))
+    for run_id, run in runs.items():
+        if run_id in put_runs:
+            statements.append(run_statement(run, lease_hashes.get(run_id)))
+        else:
+            states.append(run_state_statement(run))
+    statements += [worker_statement(worker) for worker in workers.values()]
+    statements += [plans.subtask_statement(state) for state in subtasks.values()]
+    return statements + states + control + schedules
+
+
+def _fence(fence: FenceTask) -> Statement:
+    if fence.key is None:
+        return (FENCE_TASK, (fence.task_id, fence.version))
+    return (FENCE_CLAIM, (fence.task_id, fence.version, fence.key, fence.task_id, fence.room))
+
+
+def _in_order_all(op: WriteOp) -> list[Statement]:
+    """The statements of one op (a retention op has several, a row op one)."""
+    match op:
+        case DeleteTaskEvents(task_ids=task_ids):
+            return delete_events_statements(task_ids)
+        case TrimEventLog(through=through):
+            return trim_statements(through)
+    return [_in_order(op)]
+
+
+def _in_order(op: WriteOp) -> Statement:
+    match op:
+        case PutTask(task=task):
+            return task_statement(task)
+        case SetTaskState(task=task):
+            return task_state_statement(task)
+        case PutRun(run=run, lease_hash=lease_hash):
+            return run_statement(run, lease_hash)
+        case SetRunState(run=run):
+            return run_state_statement(run)
+        case DeleteTaskRow(task_id=task_id):
+            return (DELETE_TASK, (task_id,))
+        case FenceTask():
+            return _fence(op)
+        case PutWorker(worker=worker):
+            return worker_statement(worker)
+        case DeleteWorkerRow(worker_id=worker_id):
+            return (DELETE_WORKER, (worker_id,))
+        case PutPlanningRequest(request=request):
+            return plans.request_statement(request)
+        case PutPlan():
+            return plans.plan_statement(op)
+        case SetPlanStatus():
+            return plans.plan_status_statement(op)
+        case PutSubtask(state=state):
+            return plans.subtask_statement(state)
+        case PutRevokedType() | DeleteRevokedType():
+            return revoked_statement(op)
+        case PutSchedule() | SetScheduleSlot() | DeleteScheduleRow():
+            return schedule_statement(op)
+    raise AssertionError(f"not a row write: {op!r}")
