@@ -15,6 +15,7 @@ import tomllib
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 
 import hive_orchestration
@@ -298,3 +299,11 @@ def test_the_getting_started_examples_run(tmp_path: Path) -> None:
         )
         assert run.returncode == 0, (number, run.stderr)
         assert run.stdout.strip(), (number, "prints nothing: a reader cannot tell it worked")
+
+
+def test_every_field_of_the_configuration_is_in_the_configuration_page() -> None:
+    page = (DOCS / "operations" / "configuration.md").read_text()
+    rows = [line.split(" | ")[0] for line in page.splitlines() if line.startswith("| `")]
+    named = set(re.findall(r"`(\w+)", " ".join(rows)))  # `features.enable_...`: features
+    fields = {field.name for field in msgspec.structs.fields(hive_orchestration.RuntimeConfig)}
+    assert fields - named == set()
