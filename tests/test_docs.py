@@ -8,6 +8,7 @@ entry, and the backup recipe of docs/operations/backups.md gives a database that
 from __future__ import annotations
 
 import re
+import shlex
 import sqlite3
 import subprocess
 import sys
@@ -307,3 +308,25 @@ def test_every_field_of_the_configuration_is_in_the_configuration_page() -> None
     named = set(re.findall(r"`(\w+)", " ".join(rows)))  # `features.enable_...`: features
     fields = {field.name for field in msgspec.structs.fields(hive_orchestration.RuntimeConfig)}
     assert fields - named == set()
+
+
+def test_every_command_line_the_docs_show_parses() -> None:
+    """A flag renamed or a command removed leaves no page showing the old one."""
+    from hive_orchestration.cli.parser import build_parser
+
+    parser = build_parser()
+    shown = 0
+    for page, text in _pages().items():
+        for block in re.findall(r"```(?:sh|bash|console)?\n(.*?)```", text, re.DOTALL):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = re.sub(r"\s+#.*$", "", line).strip()
+                command = re.search(r"(?:^|\s)(?:\.venv/bin/)?hive-orchestration (.*)$", line)
+                if command is None:
+                    continue
+                arguments = re.split(r"\s[|&]", command.group(1))[0]
+                shown += 1
+                try:
+                    parser.parse_args(shlex.split(arguments))
+                except SystemExit:
+                    pytest.fail(f"{page}: {line!r} does not parse")
+    assert shown > 15
