@@ -7,11 +7,13 @@ entry, and the backup recipe of docs/operations/backups.md gives a database that
 
 from __future__ import annotations
 
+import ast
 import re
 import shlex
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import tomllib
 from pathlib import Path
 
@@ -330,3 +332,26 @@ def test_every_command_line_the_docs_show_parses() -> None:
                 except SystemExit:
                     pytest.fail(f"{page}: {line!r} does not parse")
     assert shown > 15
+
+
+def test_every_python_example_in_the_docs_parses_and_calls_methods_that_exist() -> None:
+    """Fragments may await at the top level; a method renamed leaves no page calling it."""
+    from hive_orchestration import OrchestrationClient, SyncOrchestrationClient
+
+    methods = set(dir(OrchestrationClient)) | set(dir(Runtime)) | set(dir(SyncOrchestrationClient))
+    flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT | ast.PyCF_ONLY_AST
+    wrong = []
+    blocks = 0
+    for page, text in _pages().items():
+        for block in re.findall(r"```python\n(.*?)```", text, re.DOTALL):
+            blocks += 1
+            block = textwrap.dedent(block)
+            try:
+                compile(block, page, "exec", flags=flags)
+            except SyntaxError as error:
+                wrong.append((page, str(error)))
+            for method in re.findall(r"\b(?:client|runtime)\.([a-z_]+)\(", block):
+                if method not in methods:
+                    wrong.append((page, method))
+    assert blocks > 30
+    assert wrong == []
