@@ -17,7 +17,7 @@ pid and the address its socket serves on (:mod:`..database`). Here:
   of another live node (``storage/pg/sql.py``, :func:`recoverable_sql`).
 - **Several nodes.** Any number of runtimes open one database (a SQLite file keeps its
   one owner): the TaskManager of each fences every write of a task by its version, so
-  that nodes share the work safely (``actors/task_manager/actor.py``).
+  that nodes share the work safely (``actors/task_manager/fencing.py``).
 - The write connection's driver checks the node's lock each time it connects
   (:meth:`DatabaseClaim.hold`), and takes it again if it was lost with the server (the
   node registers again, with its id: meanwhile it looked dead, and another node may have
