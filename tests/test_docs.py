@@ -355,3 +355,13 @@ def test_every_python_example_in_the_docs_parses_and_calls_methods_that_exist() 
                     wrong.append((page, method))
     assert blocks > 30
     assert wrong == []
+
+
+def test_every_extra_is_in_the_readmes_and_the_home_pages_tables() -> None:
+    extras = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    )
+    for page, text in (("README.md", README), ("index.md", (DOCS / "index.md").read_text())):
+        first_cells = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| `")]
+        listed = set(re.findall(r"`(\w+)`", " ".join(first_cells)))
+        assert extras - listed == set(), page
