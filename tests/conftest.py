@@ -51,7 +51,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "postgres: put this test in CI's PostgreSQL run (beside the guarantees table's tests,"
-        " hypothesis and bad-input tests, which are in it by themselves)",
+        " hypothesis and bad-input tests, which are in it by themselves); one asking for"
+        " pg_url without db_path is on PostgreSQL in the SQLite run already and stays there",
     )
     config.addinivalue_line(
         "markers",
@@ -121,7 +122,9 @@ def _bytecode_cache() -> None:
 #   3. any test marked ``postgres`` by hand;
 # and of 1 and 2 only the tests that open a database through ``db_path`` (directly or through
 # a fixture): the others (mailboxes, frames, the subscription index, ...) never reach the
-# store and would only run twice. Tests marked ``sqlite_only`` are never in it.
+# store and would only run twice. Tests marked ``sqlite_only`` are never in it, nor are the
+# tests asking for ``pg_url`` without ``db_path``: they run on PostgreSQL in the SQLite run
+# already (CI gives both runs the server), the same test against the same server.
 # Each of 1 and 2 runs there on one event loop, asyncio or trio, chosen by a stable hash of
 # the test and its other parameters: both loops drive the PostgreSQL store across the
 # selection at half the cost (the store's own tests, using ``pg_url``, run on both loops in
@@ -201,6 +204,14 @@ def _loop_for(nodeid: str) -> str:
 
 def _on_postgres(item: pytest.Item) -> bool:
     if item.get_closest_marker("sqlite_only") is not None:
+        return False
+    names = getattr(item, "fixturenames", ())
+    if "pg_url" in names and "db_path" not in names:
+        # Its database is PostgreSQL in either run (the store's own tests, several nodes):
+        # the SQLite run has it already, on both loops, against the same server. Run here
+        # again, it would prove nothing more (measured: the 17 such tests of test_pg_nodes.py
+        # and test_pg_event_log.py took 11 s of the selection's 195 s of test CPU, and 65 s
+        # of its 1,092 s of worker time, their server's work besides).
         return False
     if not _one_loop(item):
         return False

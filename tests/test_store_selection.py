@@ -65,3 +65,30 @@ def test_each_pair_of_loops_runs_one_of_them() -> None:
     chosen = [conftest._loop_for(i.format("asyncio")) for i in ids]
     assert chosen == [conftest._loop_for(i.format("trio")) for i in ids]
     assert 60 < chosen.count("asyncio") < 140  # both loops drive the store
+
+
+class _Item:
+    """What ``conftest._on_postgres`` reads of a collected test."""
+
+    def __init__(self, nodeid: str, fixtures: tuple[str, ...], *markers: str) -> None:
+        self.nodeid = nodeid
+        self.fixturenames = fixtures
+        self.markers = markers
+
+    def get_closest_marker(self, name: str) -> object:
+        return name if name in self.markers else None
+
+
+def test_a_test_on_pg_url_alone_runs_in_the_sqlite_run_only() -> None:
+    """Its database is PostgreSQL whatever the run: the PostgreSQL run leaves it to the
+    SQLite run (which has the server in CI), marked ``postgres`` or not; a test of the
+    run's store (``db_path``) marked ``postgres`` stays in the PostgreSQL run."""
+    on = conftest._on_postgres
+    assert not on(_Item("tests/test_x.py::test_nodes", ("pg_url",), "postgres"))  # type: ignore[arg-type]
+    assert not on(_Item("tests/test_x.py::test_nodes", ("pg_url",)))  # type: ignore[arg-type]
+    # ... and the SQLite run keeps it (it is deselected only where there is no server).
+    assert conftest._needs_postgres(_Item("tests/test_x.py::test_nodes", ("pg_url",)))  # type: ignore[arg-type]
+    assert on(_Item("tests/test_x.py::test_store", ("db_path",), "postgres"))  # type: ignore[arg-type]
+    both = _Item("tests/test_x.py::test_both", ("db_path", "pg_url"), "postgres")
+    assert on(both)  # type: ignore[arg-type]
+    assert not on(_Item("tests/test_x.py::test_store", ("db_path",), "postgres", "sqlite_only"))  # type: ignore[arg-type]
