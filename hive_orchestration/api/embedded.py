@@ -70,6 +70,7 @@ from ..messages.tasks import TaskManagerMessage, Wake
 from ..messages.workers import RegistryWake, WorkerRegistryMessage
 from ..runtime import ActorRef, Alarm, ChildRestart, ChildSpec, Supervisor
 from ..storage import StorageActor, open_store, publisher
+from ..storage.leader import leader_duties
 from ..storage.readers import ReaderPool
 from .ops.control import ControlOps
 from .ops.plans import PlanOps
@@ -287,7 +288,11 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps,
         # Where several runtimes write one database (PostgreSQL): what publishes every
         # node's events, beside the storage actor (None: the storage actor publishes).
         feed = store.log_feed(publisher(broadcast))
-        storage_services = tuple(service.run for service in (readers, feed) if service is not None)
+        # Where several runtimes share one database: one leads, doing what dead nodes leave.
+        leader = store.leadership(leader_duties(tasks, workers))
+        storage_services = tuple(
+            service.run for service in (readers, feed, leader) if service is not None
+        )
         subscription_ids = itertools.count(1)
         wall = wall_clock or _utc_now
         # Every deadline (leases, timeouts, backoffs, liveness, claim waits) runs on the

@@ -39,7 +39,9 @@ __all__ = [
     "SetTaskState",
     "Committed",
     "DeleteTaskRow",
+    "FenceLeader",
     "FenceTask",
+    "FenceWorker",
     "DeleteWorkerRow",
     "FetchRun",
     "FetchRuns",
@@ -125,6 +127,23 @@ class FenceTask(msgspec.Struct, frozen=True, tag="fence_task"):
     #: held to the commit, so that nodes claiming the key's tasks at once take turns.
     key: str | None = None
     room: int = 0
+
+
+class FenceLeader(msgspec.Struct, frozen=True, tag="fence_leader"):
+    """The write is a duty of the leader of several nodes (``messages/leader.py``): it
+    fails whole unless ``epoch`` is still the leader's epoch (PostgreSQL's ``hive_leader``
+    row), so that a leader that lost its role and has not noticed changes nothing. The
+    row stays locked to the commit: a new leader's bump of the epoch waits for it."""
+
+    epoch: int
+
+
+class FenceWorker(msgspec.Struct, frozen=True, tag="fence_worker"):
+    """The write fails whole unless the worker's row is still watched by ``node_id``
+    (a dead node's worker that came back on a live node is that node's again)."""
+
+    worker_id: str
+    node_id: str
 
 
 class SetTaskState(msgspec.Struct, frozen=True, tag="set_task_state"):
@@ -281,6 +300,8 @@ WriteOp: TypeAlias = (
     | SetTaskState
     | DeleteTaskRow
     | FenceTask
+    | FenceLeader
+    | FenceWorker
     | PutRun
     | SetRunState
     | PutWorker

@@ -15,6 +15,7 @@ import msgspec
 
 from ..runtime import Request
 from .events import JsonValue
+from .leader import RecoverClaims
 
 __all__ = [
     "PLAN_TASK_ENDINGS",
@@ -586,6 +587,7 @@ TaskManagerMessage: TypeAlias = (
     | GetRevokedTaskTypes
     | FlushQueue
     | PurgeTasks
+    | RecoverClaims
 )
 
 
