@@ -152,10 +152,12 @@ from ...errors import (
     StorageError,
 )
 from ...messages.events import Event, JsonValue
+from ...messages.leader import RecoverClaims
 from ...messages.storage import (
     AppendEvent,
     DeleteTaskEvents,
     DeleteTaskRow,
+    FenceLeader,
     FenceTask,
     FetchRun,
     FetchRuns,
@@ -617,12 +619,15 @@ class TaskManager(Actor[TaskManagerMessage]):
         live claim and parked claim, whatever the heartbeats and claims before."""
         return len(self._deadlines) + len(self._waits)
 
-    async def _recover_claims(self, now: datetime) -> None:
+    async def _recover_claims(self, now: datetime, dead: RecoverClaims | None = None) -> int:
         """On open: the previous process died, and with it every worker it ran, so each
-        assigned or running task goes back to the queue; its open runs end as lost."""
+        assigned or running task goes back to the queue; its open runs end as lost.
+        ``dead``: the leader's duty instead, those claims of dead nodes only, in a write
+        fenced by its epoch (messages/leader.py)."""
         work = _Batch()
+        only = None if dead is None else await self._take_dead(dead)
         for task in list(self._tasks.values()):
-            if task.status not in _HOLDING:
+            if task.status not in _HOLDING or (only is not None and task.id not in only):
                 continue
             self._touch(task.id, work)
             lost: Run | None = None
@@ -632,7 +637,8 @@ class TaskManager(Actor[TaskManagerMessage]):
                     lost = self._close_run(run, RunStatus.LOST, work, now, error=_RECOVERED)
             self._requeue(task, lost, "recovered", _RECOVERED, work, now, retry_after=0.0)
         if work.ops:
-            reply = await self._storage.request(Write(tuple(self._fences(work) + work.ops)))
+            fence: list[WriteOp] = [] if dead is None else [FenceLeader(dead.epoch)]
+            reply = await self._storage.request(Write(tuple(fence + self._fences(work) + work.ops)))
             try:
                 await reply.wait()  # a failure fails the start-up; the next start recovers again
             except StorageError:
@@ -643,14 +649,49 @@ class TaskManager(Actor[TaskManagerMessage]):
                     self._drop(task_id)
                 self._reindex()
                 log.warning("%d task(s) to recover were changed by another node", len(work.undo))
+                return 0
             else:
                 self._bump(work)
                 log.warning("recovered %d task(s) held when the runtime stopped", len(work.undo))
         self._shed()
+        return len(work.undo)
+
+    async def _take_dead(self, dead: RecoverClaims) -> set[str]:
+        """The leader's duty: read the dead nodes' claims, and hold those unchanged since
+        the leader read them (so still a dead node's) to be recovered."""
+        stored = await self._storage.ask(FetchTasks(tuple(c.task_id for c in dead.claims)))
+        found = {task.id: task for task in stored.tasks}
+        taken: set[str] = set()
+        for claim in dead.claims:
+            task = found.get(claim.task_id)
+            if task is None or task.status not in _HOLDING or task.id in self._held:
+                continue
+            if stored.versions.get(task.id) != claim.version:
+                continue
+            self._drop(task.id)  # a stale copy memory held
+            self._tasks[task.id] = task
+            self._versions[task.id] = claim.version
+            taken.add(task.id)
+        for run in stored.runs:
+            if run.task_id in taken:
+                self._remember_run(run)
+        self._reindex()
+        return taken
 
     # -- the batch loop ----------------------------------------------------------------------
 
     async def receive_batch(self, batch: Sequence[Envelope[TaskManagerMessage]]) -> None:
+        # The leader's duty (messages/leader.py): a write of its own, before the batch.
+        for envelope in batch:
+            if isinstance(envelope.message, RecoverClaims):
+                envelope.started = True
+                try:
+                    recovered = await self._recover_claims(self._read_clocks(), envelope.message)
+                except HiveError as exc:  # its read failed: the leader asks again
+                    envelope.fail(exc)
+                else:
+                    envelope.resolve(recovered)
+        batch = [e for e in batch if not isinstance(e.message, RecoverClaims)]
         # On a store shared by several nodes a write may conflict with another node's
         # (_refresh): the batch is decided again on the tasks as they are now, up to
         # _ATTEMPTS times; the last attempt answers a conflict as the storage error.
