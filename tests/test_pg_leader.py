@@ -264,6 +264,68 @@ async def test_a_stale_leaders_duties_change_nothing(pg_url: str) -> None:
             assert status == "offline"
 
 
+async def _tick_worker(runtime: Runtime, name: str) -> None:
+    """Completes each slot's task at once: its idempotency key is free again right away
+    (what let a second node fire the same slot before schedules fired on the leader)."""
+    while True:
+        claim = await runtime.claim_task(name, "tick", wait=0.2)
+        if claim is not None:
+            await runtime.complete_task(claim.lease, {})
+
+
+def _fired(url: str, name: str = "often") -> list[str]:
+    """The slot of each schedule.fired event of schedule ``name`` (by its task's key)."""
+    rows = raw(
+        url,
+        "SELECT t.idempotency_key FROM events e JOIN tasks t ON t.id = e.task_id"
+        " JOIN schedules s ON t.idempotency_key LIKE 'schedule:' || s.id || ':%%'"
+        " WHERE e.type = 'schedule.fired' AND s.name = %s ORDER BY e.seq",
+        (name,),
+    )
+    return [row[0] for row in rows]
+
+
+async def test_a_schedule_fires_each_slot_once_on_the_leader_and_on_after_it_closes(
+    pg_url: str,
+) -> None:
+    async with anyio.create_task_group() as group:
+        first, second = Held(), Held()
+        a = await group.start(first.run, pg_url)
+        [node_a] = nodes(pg_url)
+        await until(lambda: leader(pg_url)[1] == node_a, "the first node leads")
+        await a.create_schedule("often", 0.5, "tick")
+        # The second node opens knowing the schedule (before, each node fired each slot).
+        b = await group.start(second.run, pg_url)
+        async with anyio.create_task_group() as workers:
+            workers.start_soon(_tick_worker, a, "wa")
+            workers.start_soon(_tick_worker, b, "wb")
+            # Made on the node that does not lead: the leader learns of it and fires it.
+            await b.create_schedule("elsewhere", 0.5, "tick")
+            await until(lambda: len(_fired(pg_url)) >= 6, "slots fired")
+            await until(lambda: len(_fired(pg_url, "elsewhere")) >= 2, "the other's fired")
+            workers.cancel_scope.cancel()
+        # The leader closes: the other node takes the role and the schedule fires on.
+        before = len(_fired(pg_url))
+        await first.close()
+        async with anyio.create_task_group() as workers:
+            workers.start_soon(_tick_worker, b, "wb")
+            await until(lambda: len(_fired(pg_url)) >= before + 4, "slots fired on")
+            workers.cancel_scope.cancel()
+        await second.close()
+    # Each slot fired once: one schedule.fired and one task per slot, whatever the node.
+    for name in ("often", "elsewhere"):
+        fired = _fired(pg_url, name)
+        assert len(fired) == len(set(fired)), sorted(fired)
+    keys = raw(
+        pg_url,
+        "SELECT idempotency_key, count(*) FROM tasks WHERE task_type = 'tick'"
+        " GROUP BY idempotency_key HAVING count(*) > 1",
+    )
+    assert keys == []
+    [(count,)] = raw(pg_url, "SELECT count(*) FROM tasks WHERE task_type = 'tick'")
+    assert count == len(_fired(pg_url)) + len(_fired(pg_url, "elsewhere"))
+
+
 # -- real nodes, killed under load -------------------------------------------------------
 
 

@@ -70,7 +70,7 @@ from ..messages.tasks import TaskManagerMessage, Wake
 from ..messages.workers import RegistryWake, WorkerRegistryMessage
 from ..runtime import ActorRef, Alarm, ChildRestart, ChildSpec, Supervisor
 from ..storage import StorageActor, open_store, publisher
-from ..storage.leader import leader_duties
+from ..storage.leader import ActorDuties
 from ..storage.readers import ReaderPool
 from .ops.control import ControlOps
 from .ops.plans import PlanOps
@@ -289,7 +289,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps,
         # node's events, beside the storage actor (None: the storage actor publishes).
         feed = store.log_feed(publisher(broadcast))
         # Where several runtimes share one database: one leads, doing what dead nodes leave.
-        leader = store.leadership(leader_duties(tasks, workers))
+        leader = store.leadership(ActorDuties(tasks, workers, schedules))
         storage_services = tuple(
             service.run for service in (readers, feed, leader) if service is not None
         )
@@ -377,6 +377,8 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps,
                         clock=wall,
                         monotonic=monotonic,
                         clock_check=config.schedule_clock_check,
+                        # Several nodes: slots fire on the leader only.
+                        leads=leader is None,
                     ),
                     services=(scheduler_alarm.run,),
                 ),

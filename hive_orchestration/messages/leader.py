@@ -15,7 +15,7 @@ import msgspec
 
 from ..runtime import Request
 
-__all__ = ["DeadClaim", "RecoverClaims"]
+__all__ = ["DeadClaim", "Leading", "RecoverClaims"]
 
 
 class DeadClaim(msgspec.Struct, frozen=True):
@@ -25,6 +25,16 @@ class DeadClaim(msgspec.Struct, frozen=True):
     task_id: str
     version: int
     node_id: str
+
+
+class Leading(msgspec.Struct, frozen=True):
+    """To the Scheduler, at each of the leader's polls: whether this node leads now
+    (``epoch``, else None). On a database several nodes share, schedules fire on the
+    leader only (else each node fires each slot: a slot's key is free again once its
+    task ended), which reads them back as it takes the role, and every second while it
+    holds it (a schedule made or changed on another node is learnt so)."""
+
+    epoch: int | None
 
 
 class RecoverClaims(Request[int], frozen=True, kw_only=True):

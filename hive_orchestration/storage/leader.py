@@ -8,58 +8,74 @@ the leader's epoch:
   which requeues them as recovery on open does;
 - the workers to the WorkerRegistry
   (:class:`~hive_orchestration.messages.workers.WorkersLost`), which declares them offline
-  as a missed heartbeat does.
+  as a missed heartbeat does;
+- and at each poll, whether this node leads, to the Scheduler
+  (:class:`~hive_orchestration.messages.leader.Leading`): slots fire on the leader only.
 
-Each is asked and waited for before the leader looks again, so a duty is never handed out
-twice at once; a failure is logged and the next look finds what is left.
+Each duty is asked and waited for before the leader looks again, so it is never handed
+out twice at once; a failure is logged and the next look finds what is left.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import suppress
 
-from ..errors import HiveError
-from ..messages.leader import RecoverClaims
+from ..errors import HiveError, RuntimeStoppedError
+from ..messages.leader import Leading, RecoverClaims
+from ..messages.schedules import SchedulerMessage
 from ..messages.tasks import TaskManagerMessage
 from ..messages.workers import WorkerRegistryMessage, WorkersLost
 from ..runtime import ActorRef
-from .port import DeadNodes, LeaderDuties
+from .port import DeadNodes
 
-__all__ = ["leader_duties"]
+__all__ = ["ActorDuties"]
 
 log = logging.getLogger("hive_orchestration.storage")
 
 
-def leader_duties(
-    tasks: ActorRef[TaskManagerMessage], workers: ActorRef[WorkerRegistryMessage]
-) -> LeaderDuties:
-    """The :data:`~.port.LeaderDuties` of a runtime whose actors are ``tasks`` and
-    ``workers``."""
+class ActorDuties:
+    """The :class:`~.port.LeaderDuties` of a runtime whose actors are ``tasks``,
+    ``workers`` and ``schedules``."""
 
-    async def run(dead: DeadNodes) -> None:
+    def __init__(
+        self,
+        tasks: ActorRef[TaskManagerMessage],
+        workers: ActorRef[WorkerRegistryMessage],
+        schedules: ActorRef[SchedulerMessage],
+    ) -> None:
+        self._tasks = tasks
+        self._workers = workers
+        self._schedules = schedules
+
+    async def leading(self, epoch: int | None) -> None:
+        # A full mailbox: the next poll tells it again.
+        with suppress(RuntimeStoppedError):
+            self._schedules.try_tell(Leading(epoch))
+
+    async def dead(self, found: DeadNodes) -> None:
         try:
-            if dead.claims:
-                recovered = await tasks.ask(RecoverClaims(epoch=dead.epoch, claims=dead.claims))
+            if found.claims:
+                duty = RecoverClaims(epoch=found.epoch, claims=found.claims)
+                recovered = await self._tasks.ask(duty)
                 log.warning(
                     "leader (epoch %d): requeued %d of %d claim(s) of dead node(s) %s",
-                    dead.epoch,
+                    found.epoch,
                     recovered,
-                    len(dead.claims),
-                    ", ".join(dead.nodes),
+                    len(found.claims),
+                    ", ".join(found.nodes),
                 )
-            if dead.workers:
-                lost = await workers.ask(
+            if found.workers:
+                lost = await self._workers.ask(
                     WorkersLost(
-                        epoch=dead.epoch, workers=dead.workers, dead_nodes=dead.worker_nodes
+                        epoch=found.epoch, workers=found.workers, dead_nodes=found.worker_nodes
                     )
                 )
                 log.warning(
                     "leader (epoch %d): %d worker(s) of dead node(s) %s declared offline",
-                    dead.epoch,
+                    found.epoch,
                     lost,
-                    ", ".join(dead.nodes),
+                    ", ".join(found.nodes),
                 )
         except HiveError as exc:
-            log.warning("leader (epoch %d): a duty failed (retried): %s", dead.epoch, exc)
-
-    return run
+            log.warning("leader (epoch %d): a duty failed (retried): %s", found.epoch, exc)

@@ -395,9 +395,18 @@ class DeadNodes:
     worker_nodes: tuple[str, ...] = ()
 
 
-#: Does a :class:`DeadNodes`' duties on this node's actors (``storage/leader.py``), and
-#: returns once they are done (or failed: the leader looks again at its next poll).
-LeaderDuties: TypeAlias = Callable[[DeadNodes], Awaitable[None]]
+class LeaderDuties(Protocol):
+    """What a node's actors do as its :class:`Leadership` finds (``storage/leader.py``)."""
+
+    async def leading(self, epoch: int | None) -> None:
+        """At each poll: the node's term as leader (None: it does not lead). Never waits
+        on a busy actor."""
+        ...
+
+    async def dead(self, found: DeadNodes) -> None:
+        """Do ``found``'s duties; returns once they are done (or failed: the leader
+        looks again at its next poll)."""
+        ...
 
 
 class Leadership(Protocol):

@@ -135,12 +135,14 @@ class Leader:
                     found = await anyio.to_thread.run_sync(self._step, now)
                 except (psycopg.Error, OSError) as exc:
                     self._step_down(f"{type(exc).__name__}: {exc}")
+                    await self._duties.leading(None)
                     await anyio.sleep(delay)
                     delay = min(delay * 2, _RETRY[1])
                     continue
                 delay = _RETRY[0]
+                await self._duties.leading(self._epoch)
                 if found is not None:
-                    await self._duties(found)
+                    await self._duties.dead(found)
                 await anyio.sleep(self._poll)
         finally:
             with anyio.CancelScope(shield=True):
