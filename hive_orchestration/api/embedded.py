@@ -288,11 +288,10 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps,
         # Where several runtimes write one database (PostgreSQL): what publishes every
         # node's events, beside the storage actor (None: the storage actor publishes).
         feed = store.log_feed(publisher(broadcast))
-        # Where several runtimes share one database: one leads, doing what dead nodes leave.
+        storage_services = tuple(service.run for service in (readers, feed) if service is not None)
+        # Where several runtimes share one database: one leads, doing what dead nodes leave
+        # (a service of the last actor: every actor it tells has started by then).
         leader = store.leadership(ActorDuties(tasks, workers, schedules))
-        storage_services = tuple(
-            service.run for service in (readers, feed, leader) if service is not None
-        )
         subscription_ids = itertools.count(1)
         wall = wall_clock or _utc_now
         # Every deadline (leases, timeouts, backoffs, liveness, claim waits) runs on the
@@ -380,7 +379,7 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps,
                         # Several nodes: slots fire on the leader only.
                         leads=leader is None,
                     ),
-                    services=(scheduler_alarm.run,),
+                    services=(scheduler_alarm.run,) + (() if leader is None else (leader.run,)),
                 ),
             ],
             max_restarts=config.max_restarts,
@@ -402,6 +401,10 @@ class Runtime(TaskOps, WorkerOps, PlanOps, InspectOps, ControlOps, RetentionOps,
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(supervisor.run)
+                if leader is not None:
+                    # Whether this node leads is known (and told) before it is open.
+                    with anyio.move_on_after(config.ask_timeout):
+                        await leader.polled()
                 server = None
                 if unix or tcp is not None:
                     # This user's other processes reach the runtime through it; it stops

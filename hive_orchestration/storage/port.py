@@ -425,6 +425,12 @@ class Leadership(Protocol):
         (then let the role go, and close its connection)."""
         ...
 
+    async def polled(self) -> None:
+        """Returns once the node has tried for the role once and told its actors the
+        outcome (``Runtime.open`` waits for it: a node alone on its database leads, and
+        fires its schedules, from the moment it is open)."""
+        ...
+
 
 class Store(Protocol):
     """Everything the runtime needs of one kind of database, chosen at open by

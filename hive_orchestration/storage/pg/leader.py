@@ -121,10 +121,14 @@ class Leader:
         self._epoch: int | None = None
         # Dead-looking node -> when it was first seen so (the clock's time).
         self._suspects: dict[str, float] = {}
+        self._polled = anyio.Event()
 
     @property
     def epoch(self) -> int | None:
         return self._epoch
+
+    async def polled(self) -> None:
+        await self._polled.wait()
 
     async def run(self) -> None:
         delay = _RETRY[0]
@@ -136,11 +140,13 @@ class Leader:
                 except (psycopg.Error, OSError) as exc:
                     self._step_down(f"{type(exc).__name__}: {exc}")
                     await self._duties.leading(None)
+                    self._polled.set()
                     await anyio.sleep(delay)
                     delay = min(delay * 2, _RETRY[1])
                     continue
                 delay = _RETRY[0]
                 await self._duties.leading(self._epoch)
+                self._polled.set()
                 if found is not None:
                     await self._duties.dead(found)
                 await anyio.sleep(self._poll)
