@@ -294,6 +294,12 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit(parts._replace(path="/" + name))
 
 
+def _close_admin() -> None:
+    with _lock:
+        if _admin is not None:
+            _admin.close()
+
+
 def new_database() -> str:
     """Create a fresh, empty, uniquely named database and return its URL (never dropped)."""
     import psycopg
@@ -304,6 +310,13 @@ def new_database() -> str:
     name = f"hive_t_{uuid.uuid4().hex[:12]}_{next(_names)}"
     with _lock:
         if _admin is None or _admin.closed:
+            if _admin is None:
+                import atexit
+
+                # Closed at exit, not left to the garbage collector: under pytest's
+                # filterwarnings=error an open connection collected at exit printed
+                # "Exception ignored ... ResourceWarning: ... deleted while still open".
+                atexit.register(_close_admin)
             _admin = psycopg.connect(server, autocommit=True)
         with contextlib.closing(_admin.cursor()) as cur:
             cur.execute(f'CREATE DATABASE "{name}"')

@@ -48,6 +48,7 @@ from .._ids import new_id
 from .._slots import Slots, floor_of
 from ..errors import HiveError, InvalidInputError, NotFoundError, StorageError
 from ..messages.events import Event, JsonValue
+from ..messages.leader import Leading
 from ..messages.schedules import (
     CatchUp,
     CreateSchedule,
@@ -76,6 +77,8 @@ __all__ = ["Scheduler", "slot_key"]
 
 log = logging.getLogger("hive_orchestration.scheduler")
 
+#: Seconds between the leader's reads of the schedules (other nodes change them too).
+_RELOAD = 1.0
 _TICK = timedelta(microseconds=1)
 #: Most slots fired in one ask of the TaskManager (one transaction).
 _FIRE_CHUNK = 256
@@ -99,6 +102,7 @@ class Scheduler(Actor[SchedulerMessage]):
         monotonic: Callable[[], float] = anyio.current_time,
         clock_check: float = 60.0,
         retry_after: float = 1.0,
+        leads: bool = True,
     ) -> None:
         self._storage = storage
         self._tasks = tasks
@@ -107,6 +111,12 @@ class Scheduler(Actor[SchedulerMessage]):
         self._monotonic = monotonic
         self._clock_check = clock_check
         self._retry_after = retry_after
+        # On a database several nodes share (``leads`` False until told otherwise), slots
+        # fire on the leader only (messages/leader.py's Leading): memory is read back as
+        # the role is taken, and again every _RELOAD seconds while it is held, so that
+        # schedules made or changed on other nodes fire here.
+        self._leading = leads
+        self._reload_at = 0.0
         self._schedules: dict[str, Schedule] = {}
         #: By schedule id; None: its slots cannot be worked out here (see _slots_of).
         self._slots: dict[str, Slots | None] = {}
@@ -161,6 +171,13 @@ class Scheduler(Actor[SchedulerMessage]):
                 return await self._delete(name, source)
             case SchedulerWake():
                 return None  # what is due fires after the batch
+            case Leading(epoch=epoch):
+                mono = self._monotonic()
+                if epoch is not None and (not self._leading or mono >= self._reload_at):
+                    await self._load()
+                    self._reload_at = mono + _RELOAD
+                self._leading = epoch is not None
+                return None
         raise HiveError(f"the scheduler does not handle {type(message).__name__}")
 
     # -- changes -----------------------------------------------------------------------------
@@ -271,6 +288,8 @@ class Scheduler(Actor[SchedulerMessage]):
         return True
 
     async def _fire_due(self) -> None:
+        if not self._leading:
+            return  # another node leads: its scheduler fires
         if self._stale and not await self._reload():
             return  # the retry times stand: the alarm comes back
         now = self._clock()

@@ -43,6 +43,8 @@ from ..messages.events import Event, JsonValue
 from ..messages.storage import (
     AppendEvent,
     DeleteWorkerRow,
+    FenceLeader,
+    FenceWorker,
     LoadWorkers,
     PutWorker,
     StorageMessage,
@@ -60,6 +62,7 @@ from ..messages.workers import (
     Worker,
     WorkerHeartbeat,
     WorkerRegistryMessage,
+    WorkersLost,
     WorkersSeen,
     WorkerStatus,
 )
@@ -147,6 +150,12 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
     async def receive_batch(self, batch: Sequence[Envelope[WorkerRegistryMessage]]) -> None:
         now = self._clock()
         self._mono = self._monotonic()
+        # The leader's duty (messages/workers.py): a write of its own, before the batch.
+        for envelope in batch:
+            if isinstance(envelope.message, WorkersLost):
+                envelope.started = True
+                envelope.resolve(await self._lost(envelope.message, now))
+        batch = [e for e in batch if not isinstance(e.message, WorkersLost)]
         work = _Batch()
         self._expire(work, now)
         for envelope in batch:
@@ -302,6 +311,39 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
             work.ops.append(self._event("worker.offline", offline, now, data))
             work.releases.append((worker_id, f"no heartbeat for {self._timeout:g}s"))
             log.warning("worker %r missed its heartbeats; declared offline", worker_id)
+
+    async def _lost(self, message: WorkersLost, now: datetime) -> int:
+        """Declare offline, as :meth:`_expire` does, the live workers of dead nodes (no
+        one hears their heartbeats), in one write fenced by the leader's epoch and by each
+        row still naming its dead node. They are this node's to watch from then on."""
+        work = _Batch()
+        fences: list[WriteOp] = [FenceLeader(message.epoch)]
+        for worker, node in zip(message.workers, message.dead_nodes, strict=True):
+            known = self._workers.get(worker.id)
+            if worker.status is WorkerStatus.OFFLINE or (
+                known is not None and known.status is not WorkerStatus.OFFLINE
+            ):
+                continue  # it came back here meanwhile
+            fences.append(FenceWorker(worker.id, node))
+            offline = msgspec.structs.replace(worker, status=WorkerStatus.OFFLINE)
+            self._put(offline, work)
+            data: dict[str, JsonValue] = {
+                "status": WorkerStatus.OFFLINE.value,
+                "previous": worker.status.value,
+                "last_heartbeat": worker.last_heartbeat.isoformat(),
+                "timeout": self._timeout,
+                "node_id": node,
+            }
+            work.ops.append(self._event("worker.offline", offline, now, data))
+        if not work.ops:
+            return 0
+        work.ops[:0] = fences
+        if await self._commit(work) is not None:
+            self._restore(work)  # the role moved on, or the worker came back elsewhere
+            return 0
+        for worker_id in work.undo:
+            log.warning("worker %r was watched by a dead node; declared offline", worker_id)
+        return len(work.undo)
 
     # -- helpers -----------------------------------------------------------------------------
 

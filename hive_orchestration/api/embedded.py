@@ -53,6 +53,7 @@ from ..messages.tasks import TaskManagerMessage, Wake
 from ..messages.workers import RegistryWake, WorkerRegistryMessage
 from ..runtime import ActorRef, Alarm, ChildRestart, ChildSpec, Supervisor
 from ..storage import StorageActor, open_store, publisher
+from ..storage.leader import ActorDuties
 from ..storage.readers import ReaderPool
 from .front import Front, Serving
 from .ops.claims import ClaimOps
@@ -249,6 +250,9 @@ class Runtime(
         # node's events, beside the storage actor (None: the storage actor publishes).
         feed = store.log_feed(publisher(broadcast))
         storage_services = tuple(service.run for service in (readers, feed) if service is not None)
+        # Where several runtimes share one database: one leads, doing what dead nodes leave
+        # (a service of the last actor: every actor it tells has started by then).
+        leader = store.leadership(ActorDuties(tasks, workers, schedules))
         subscription_ids = itertools.count(1)
         wall = wall_clock or _utc_now
         # Every deadline (leases, timeouts, backoffs, liveness, claim waits) runs on the
@@ -333,8 +337,10 @@ class Runtime(
                         clock=wall,
                         monotonic=monotonic,
                         clock_check=config.schedule_clock_check,
+                        # Several nodes: slots fire on the leader only.
+                        leads=leader is None,
                     ),
-                    services=(scheduler_alarm.run,),
+                    services=(scheduler_alarm.run,) + (() if leader is None else (leader.run,)),
                 ),
             ],
             max_restarts=config.max_restarts,
@@ -356,6 +362,10 @@ class Runtime(
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(supervisor.run)
+                if leader is not None:
+                    # Whether this node leads is known (and told) before it is open.
+                    with anyio.move_on_after(config.ask_timeout):
+                        await leader.polled()
                 server = None
                 if unix or tcp is not None:
                     # This user's other processes reach the runtime through it; it stops

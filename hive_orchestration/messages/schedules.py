@@ -15,6 +15,7 @@ from typing import TypeAlias
 import msgspec
 
 from ..runtime import Request
+from .leader import Leading
 from .tasks import CreateTask
 
 __all__ = [
@@ -133,4 +134,5 @@ SchedulerMessage: TypeAlias = (
     | ResumeSchedule
     | DeleteSchedule
     | SchedulerWake
+    | Leading
 )

@@ -54,6 +54,23 @@ class FenceTask(msgspec.Struct, frozen=True, tag="fence_task"):
     room: int = 0
 
 
+class FenceLeader(msgspec.Struct, frozen=True, tag="fence_leader"):
+    """The write is a duty of the leader of several nodes (``messages/leader.py``): it
+    fails whole unless ``epoch`` is still the leader's epoch (PostgreSQL's ``hive_leader``
+    row), so that a leader that lost its role and has not noticed changes nothing. The
+    row stays locked to the commit: a new leader's bump of the epoch waits for it."""
+
+    epoch: int
+
+
+class FenceWorker(msgspec.Struct, frozen=True, tag="fence_worker"):
+    """The write fails whole unless the worker's row is still watched by ``node_id``
+    (a dead node's worker that came back on a live node is that node's again)."""
+
+    worker_id: str
+    node_id: str
+
+
 class SetTaskState(msgspec.Struct, frozen=True, tag="set_task_state"):
     """Write the state columns of a task already written (its status and what moves with
     it); the columns fixed at creation are left alone. The row must exist: a missing one
@@ -171,6 +188,8 @@ WriteOp: TypeAlias = (
     | SetTaskState
     | DeleteTaskRow
     | FenceTask
+    | FenceLeader
+    | FenceWorker
     | PutRun
     | SetRunState
     | PutWorker

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import TypeAlias
 
+from .leader import RecoverClaims
 from .task_control import (
     FlushQueue,
     GetRevokedTaskTypes,
@@ -149,4 +150,5 @@ TaskManagerMessage: TypeAlias = (
     | GetRevokedTaskTypes
     | FlushQueue
     | PurgeTasks
+    | RecoverClaims
 )

@@ -22,6 +22,7 @@ __all__ = [
     "WorkerHeartbeat",
     "WorkerRegistryMessage",
     "WorkerStatus",
+    "WorkersLost",
     "WorkersSeen",
 ]
 
@@ -102,6 +103,19 @@ class WorkersSeen(msgspec.Struct, frozen=True):
     worker_ids: tuple[str, ...]
 
 
+class WorkersLost(Request[int], frozen=True, kw_only=True):
+    """To the WorkerRegistry of the leader of several nodes (``messages/leader.py``):
+    these workers were watched by a node that died, so no one hears their heartbeats:
+    declare each offline as a missed heartbeat does (``worker.offline``), in one write
+    fenced by ``epoch`` and by each row still naming its dead node (``dead_nodes[i]``
+    for ``workers[i]``: a worker that meanwhile came back on a live node is left alone).
+    Answers how many were declared offline."""
+
+    epoch: int
+    workers: tuple[Worker, ...]
+    dead_nodes: tuple[str, ...]
+
+
 class RegistryWake(msgspec.Struct, frozen=True):
     """The registry's alarm: some worker's heartbeat deadline is due."""
 
@@ -115,4 +129,5 @@ WorkerRegistryMessage: TypeAlias = (
     | UnregisterWorker
     | WorkersSeen
     | RegistryWake
+    | WorkersLost
 )

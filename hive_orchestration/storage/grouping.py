@@ -15,7 +15,9 @@ from ..messages.storage import (
     DeleteTaskEvents,
     DeleteTaskRow,
     DeleteWorkerRow,
+    FenceLeader,
     FenceTask,
+    FenceWorker,
     PutPlan,
     PutPlanningRequest,
     PutRevokedType,
@@ -51,6 +53,12 @@ from .rows import (
 )
 from .schedules import schedule_statement
 
+#: A duty of the leader of several nodes (PostgreSQL only): the epoch it was given is still
+#: the leader's; the row lock it takes makes a new leader's bump wait for this commit.
+FENCE_LEADER = "UPDATE hive_leader SET epoch = epoch WHERE id = 1 AND epoch = ?"
+#: A dead node's worker is still that node's (it did not come back on a live node).
+FENCE_WORKER = "UPDATE workers SET node_id = node_id WHERE id = ? AND node_id = ?"
+
 
 def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
     """The row statements of one write, grouped by kind (its events follow).
@@ -74,6 +82,7 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
     workers: dict[str, Worker] = {}
     deleted: list[str] = []
     fences: dict[str, FenceTask] = {}  # task id -> the version the writer read
+    duty: list[Statement] = []  # a leader's fences (epoch, workers): first of all
     gone: list[str] = []  # deleted workers
     requests: dict[str, PlanningRequest] = {}
     new_plans: list[Statement] = []
@@ -110,6 +119,8 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
                 deleted.append(task_id)
             case FenceTask(task_id=task_id):
                 fences.setdefault(task_id, op)
+            case FenceLeader() | FenceWorker():
+                duty.append(_in_order(op))
             case PutWorker(worker=worker):
                 workers[worker.id] = worker
             case DeleteWorkerRow(worker_id=worker_id):
@@ -129,11 +140,12 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
             or any(run.task_id in deleted for run in runs.values())
         )
     ) or (gone and not workers.keys().isdisjoint(gone)):
-        return [s for op in ops if not isinstance(op, AppendEvent) for s in _in_order_all(op)]
+        rest = [op for op in ops if not isinstance(op, AppendEvent | FenceLeader | FenceWorker)]
+        return duty + [s for op in rest for s in _in_order_all(op)]
     # The fences first, in one order on every node: they lock the rows the write changes,
     # so two nodes' writes of the same tasks wait for each other, never deadlock.
     keys = sorted({fence.key for fence in fences.values() if fence.key is not None})
-    statements: list[Statement] = [(KEY_LOCK, (key,)) for key in keys]
+    statements: list[Statement] = duty + [(KEY_LOCK, (key,)) for key in keys]
     statements += [_fence(fences[task_id]) for task_id in sorted(fences)]
     statements += retention
     statements += [(DELETE_TASK, (task_id,)) for task_id in deleted]
@@ -193,6 +205,10 @@ def _in_order(op: WriteOp) -> Statement:
             return (DELETE_TASK, (task_id,))
         case FenceTask():
             return _fence(op)
+        case FenceLeader(epoch=epoch):
+            return (FENCE_LEADER, (epoch,))
+        case FenceWorker(worker_id=worker_id, node_id=node_id):
+            return (FENCE_WORKER, (worker_id, node_id))
         case PutWorker(worker=worker):
             return worker_statement(worker)
         case DeleteWorkerRow(worker_id=worker_id):

@@ -13,10 +13,12 @@ Nothing here imports a database library: a store's own modules do, and only they
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias
 
 from ..errors import StorageError, StorageFault
 from ..messages.events import Publish
+from ..messages.leader import DeadClaim
 from ..messages.plan_data import LoadDependencyResults
 from ..messages.storage import (
     AppendEvent,
@@ -56,6 +58,7 @@ from ..messages.storage import (
     StoreFences,
     TakePlan,
 )
+from ..messages.workers import Worker
 
 if TYPE_CHECKING:
     from ..config import RuntimeConfig
@@ -70,7 +73,10 @@ __all__ = [
     "STOPPING",
     "TASK_READS",
     "CommitUnknownError",
+    "DeadNodes",
     "Driver",
+    "LeaderDuties",
+    "Leadership",
     "LogFeed",
     "Params",
     "Publisher",
@@ -374,6 +380,58 @@ class LogFeed(Protocol):
         """Follow the log until cancelled (then stop its threads and connections)."""
 
 
+@dataclass(frozen=True, slots=True)
+class DeadNodes:
+    """What the leader found left behind by dead nodes, to be done under ``epoch``: their
+    claims (:class:`~hive_orchestration.messages.leader.RecoverClaims`), their workers
+    still marked live, each with the dead node that watched it
+    (:class:`~hive_orchestration.messages.workers.WorkersLost`), and the dead nodes' ids
+    (for what else a dead node leaves: its plans are another node's to take)."""
+
+    epoch: int
+    nodes: tuple[str, ...]
+    claims: tuple[DeadClaim, ...] = ()
+    workers: tuple[Worker, ...] = ()
+    worker_nodes: tuple[str, ...] = ()
+
+
+class LeaderDuties(Protocol):
+    """What a node's actors do as its :class:`Leadership` finds (``storage/leader.py``)."""
+
+    async def leading(self, epoch: int | None) -> None:
+        """At each poll: the node's term as leader (None: it does not lead). Never waits
+        on a busy actor."""
+        ...
+
+    async def dead(self, found: DeadNodes) -> None:
+        """Do ``found``'s duties; returns once they are done (or failed: the leader
+        looks again at its next poll)."""
+        ...
+
+
+class Leadership(Protocol):
+    """Where several runtimes (nodes) share one database (PostgreSQL): this node's part
+    in electing one leader at a time, and the leader's duties. A supervisor service, for
+    the runtime's whole life; it never fails the runtime (a database fault only ends the
+    node's turn as leader, until it wins the role again)."""
+
+    @property
+    def epoch(self) -> int | None:
+        """The epoch of this node's term as leader (None: it is not the leader)."""
+        ...
+
+    async def run(self) -> None:
+        """Contend for the role, and do its duties while it is held, until cancelled
+        (then let the role go, and close its connection)."""
+        ...
+
+    async def polled(self) -> None:
+        """Returns once the node has tried for the role once and told its actors the
+        outcome (``Runtime.open`` waits for it: a node alone on its database leads, and
+        fires its schedules, from the moment it is open)."""
+        ...
+
+
 class Store(Protocol):
     """Everything the runtime needs of one kind of database, chosen at open by
     :func:`store_kind` (``storage.store.open_store(target, config)`` makes one).
@@ -429,6 +487,8 @@ class Store(Protocol):
     - :meth:`log_feed` -> :class:`LogFeed` or None: where several runtimes write one log,
       what publishes every node's events to this runtime's subscribers; None: the storage
       actor publishes its own commits itself (it is the only writer).
+    - :meth:`leadership` -> :class:`Leadership` or None: where several runtimes share the
+      database, the election of one leader, which does the duties dead nodes leave.
     """
 
     @property
@@ -470,6 +530,12 @@ class Store(Protocol):
 
     def log_feed(self, publish: Publisher) -> LogFeed | None:
         """The log feed of a runtime on this database (None: the storage actor publishes)."""
+        ...
+
+    def leadership(self, duties: LeaderDuties) -> Leadership | None:
+        """This node's part in electing the leader of the database's nodes (after
+        :meth:`claim`), handing the duties it finds to ``duties``; None: the store has
+        one owner, its own leader, whose recovery on open does them."""
         ...
 
     def explain(self, exc: StoreError, action: str) -> StorageError:

@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 import anyio
 
 from ...errors import ActorFailedError, HiveError, RuntimeStoppedError
+from ...messages.leader import RecoverClaims
 from ...messages.storage import AppendEvent, StorageMessage, WriteOp
 from ...messages.tasks import (
     PLAN_TASK_ENDINGS,
@@ -234,6 +235,17 @@ class TaskManager(Actor[TaskManagerMessage]):
     # -- the batch loop ----------------------------------------------------------------------
 
     async def receive_batch(self, batch: Sequence[Envelope[TaskManagerMessage]]) -> None:
+        # The leader's duty (messages/leader.py): a write of its own, before the batch.
+        for envelope in batch:
+            if isinstance(envelope.message, RecoverClaims):
+                envelope.started = True
+                try:
+                    recovered = await self._recover_claims(self._read_clocks(), envelope.message)
+                except HiveError as exc:  # its read failed: the leader asks again
+                    envelope.fail(exc)
+                else:
+                    envelope.resolve(recovered)
+        batch = [e for e in batch if not isinstance(e.message, RecoverClaims)]
         # On a store shared by several nodes a write may conflict with another node's
         # (_refresh): the batch is decided again on the tasks as they are now, up to
         # _ATTEMPTS times; the last attempt answers a conflict as the storage error.

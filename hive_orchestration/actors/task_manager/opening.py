@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from ...errors import StorageError
+from ...messages.leader import RecoverClaims
 from ...messages.storage import (
+    FenceLeader,
     FetchTasks,
     LastTaskId,
     LoadLeaseHashes,
@@ -20,6 +22,7 @@ from ...messages.storage import (
     LoadTasks,
     StoreFences,
     Write,
+    WriteOp,
 )
 from ...messages.tasks import Run, RunStatus
 from . import control
@@ -101,12 +104,15 @@ async def started(tm: TaskManager) -> None:
     )
 
 
-async def recover_claims(tm: TaskManager, now: datetime) -> None:
+async def recover_claims(tm: TaskManager, now: datetime, dead: RecoverClaims | None = None) -> int:
     """On open: the previous process died, and with it every worker it ran, so each
-    assigned or running task goes back to the queue; its open runs end as lost."""
+    assigned or running task goes back to the queue; its open runs end as lost.
+    ``dead``: the leader's duty instead, those claims of dead nodes only, in a write
+    fenced by its epoch (messages/leader.py)."""
     work = _Batch()
+    only = None if dead is None else await take_dead(tm, dead)
     for task in list(tm._tasks.values()):
-        if task.status not in _HOLDING:
+        if task.status not in _HOLDING or (only is not None and task.id not in only):
             continue
         tm._touch(task.id, work)
         lost: Run | None = None
@@ -116,7 +122,8 @@ async def recover_claims(tm: TaskManager, now: datetime) -> None:
                 lost = tm._close_run(run, RunStatus.LOST, work, now, error=_RECOVERED)
         tm._requeue(task, lost, "recovered", _RECOVERED, work, now, retry_after=0.0)
     if work.ops:
-        reply = await tm._storage.request(Write(tuple(tm._fences(work) + work.ops)))
+        fence: list[WriteOp] = [] if dead is None else [FenceLeader(dead.epoch)]
+        reply = await tm._storage.request(Write(tuple(fence + tm._fences(work) + work.ops)))
         try:
             await reply.wait()  # a failure fails the start-up; the next start recovers again
         except StorageError:
@@ -127,7 +134,32 @@ async def recover_claims(tm: TaskManager, now: datetime) -> None:
                 tm._drop(task_id)
             tm._reindex()
             log.warning("%d task(s) to recover were changed by another node", len(work.undo))
+            return 0
         else:
             tm._bump(work)
             log.warning("recovered %d task(s) held when the runtime stopped", len(work.undo))
     tm._shed()
+    return len(work.undo)
+
+
+async def take_dead(tm: TaskManager, dead: RecoverClaims) -> set[str]:
+    """The leader's duty: read the dead nodes' claims, and hold those unchanged since
+    the leader read them (so still a dead node's) to be recovered."""
+    stored = await tm._storage.ask(FetchTasks(tuple(c.task_id for c in dead.claims)))
+    found = {task.id: task for task in stored.tasks}
+    taken: set[str] = set()
+    for claim in dead.claims:
+        task = found.get(claim.task_id)
+        if task is None or task.status not in _HOLDING or task.id in tm._held:
+            continue
+        if stored.versions.get(task.id) != claim.version:
+            continue
+        tm._drop(task.id)  # a stale copy memory held
+        tm._tasks[task.id] = task
+        tm._versions[task.id] = claim.version
+        taken.add(task.id)
+    for run in stored.runs:
+        if run.task_id in taken:
+            tm._remember_run(run)
+    tm._reindex()
+    return taken

@@ -356,6 +356,16 @@ _V16: tuple[str, ...] = (
     " (SELECT coalesce(max(trimmed_through), 0) FROM event_log))",
 )
 
+# The leader of the nodes (pg-design 4.3, storage/pg/leader.py): the node holding the
+# leader's advisory lock bumps the epoch as it takes the role, and every duty it then does
+# is fenced by it (storage/grouping.py's FENCE_LEADER), so that a leader that lost the role
+# without noticing changes nothing. A ``hive_`` table: its SQLite twin is empty (one owner).
+_V17: tuple[str, ...] = (
+    "CREATE TABLE hive_leader (id integer PRIMARY KEY CHECK (id = 1), epoch bigint NOT NULL,"
+    f" node_id {_T}, since timestamptz)",
+    "INSERT INTO hive_leader (id, epoch) VALUES (1, 0)",
+)
+
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n (the twin of the SQLite
 #: list's entry n - 1: same tables, columns and indexes).
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -375,6 +385,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V14,
     _V15,
     _V16,
+    _V17,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

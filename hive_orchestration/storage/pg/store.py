@@ -21,7 +21,16 @@ import psycopg
 
 from ...config import RuntimeConfig
 from ...errors import StorageError
-from ..port import Driver, LogFeed, Publisher, StoreClaim, StoreError, StoreKind
+from ..port import (
+    Driver,
+    LeaderDuties,
+    Leadership,
+    LogFeed,
+    Publisher,
+    StoreClaim,
+    StoreError,
+    StoreKind,
+)
 from .claim import DatabaseClaim, read_owner
 from .driver import PostgresDriver, PostgresReader
 from .faults import connect_error, storage_error
@@ -132,6 +141,15 @@ class PostgresStore:
         return tailer.LogTailer(
             self.url, publish, connect_timeout=self._timeout(), poll=tailer.POLL_SECONDS
         )
+
+    def leadership(self, duties: LeaderDuties) -> Leadership | None:
+        """Several runtimes may share this database: one at a time leads, doing what
+        dead nodes leave behind (:mod:`.leader`). None without a claim (a reader)."""
+        if self._claim is None:
+            return None
+        from .leader import Leader
+
+        return Leader(self.url, self._claim.node_id, duties, connect_timeout=self._timeout())
 
     def explain(self, exc: StoreError, action: str) -> StorageError:
         return storage_error(self.url, exc, action=action)

@@ -334,6 +334,11 @@ _V15: tuple[str, ...] = (
 # storage actor numbers the events in memory.
 _V16: tuple[str, ...] = ()
 
+# The twin of PostgreSQL's version 17 (the leader's epoch, for several nodes): nothing
+# here. A SQLite file has one owner, which is its own leader: the duties a dead node
+# leaves behind (its claims, its workers) are done by recovery on open, as they always were.
+_V17: tuple[str, ...] = ()
+
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V1,
@@ -352,5 +357,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V14,
     _V15,
     _V16,
+    _V17,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

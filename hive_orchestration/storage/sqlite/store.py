@@ -16,6 +16,8 @@ from ...config import RuntimeConfig
 from ...errors import StorageError
 from ..port import (
     Driver,
+    LeaderDuties,
+    Leadership,
     LogFeed,
     Params,
     Publisher,
@@ -92,6 +94,11 @@ class SqliteStore:
 
     def log_feed(self, publish: Publisher) -> LogFeed | None:
         # One runtime writes the file: its storage actor publishes its own commits.
+        return None
+
+    def leadership(self, duties: LeaderDuties) -> Leadership | None:
+        # One runtime owns the file: it is its own leader, and the duties a dead owner
+        # leaves (its claims, its workers) are done by the next one's recovery on open.
         return None
 
     def explain(self, exc: StoreError, action: str) -> StorageError:

@@ -1,0 +1,81 @@
+"""The leader's duties, done by this node's actors (any store with a leader: PostgreSQL).
+
+The store finds what dead nodes left (``storage/pg/leader.py``: :class:`~.port.DeadNodes`);
+this hands it to the actors whose code already does it, by message, each write fenced by
+the leader's epoch:
+
+- the claims to the TaskManager (:class:`~hive_orchestration.messages.leader.RecoverClaims`),
+  which requeues them as recovery on open does;
+- the workers to the WorkerRegistry
+  (:class:`~hive_orchestration.messages.workers.WorkersLost`), which declares them offline
+  as a missed heartbeat does;
+- and at each poll, whether this node leads, to the Scheduler
+  (:class:`~hive_orchestration.messages.leader.Leading`): slots fire on the leader only.
+
+Each duty is asked and waited for before the leader looks again, so it is never handed
+out twice at once; a failure is logged and the next look finds what is left.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import suppress
+
+from ..errors import HiveError, RuntimeStoppedError
+from ..messages.leader import Leading, RecoverClaims
+from ..messages.schedules import SchedulerMessage
+from ..messages.tasks import TaskManagerMessage
+from ..messages.workers import WorkerRegistryMessage, WorkersLost
+from ..runtime import ActorRef
+from .port import DeadNodes
+
+__all__ = ["ActorDuties"]
+
+log = logging.getLogger("hive_orchestration.storage")
+
+
+class ActorDuties:
+    """The :class:`~.port.LeaderDuties` of a runtime whose actors are ``tasks``,
+    ``workers`` and ``schedules``."""
+
+    def __init__(
+        self,
+        tasks: ActorRef[TaskManagerMessage],
+        workers: ActorRef[WorkerRegistryMessage],
+        schedules: ActorRef[SchedulerMessage],
+    ) -> None:
+        self._tasks = tasks
+        self._workers = workers
+        self._schedules = schedules
+
+    async def leading(self, epoch: int | None) -> None:
+        # A full mailbox: the next poll tells it again.
+        with suppress(RuntimeStoppedError):
+            self._schedules.try_tell(Leading(epoch))
+
+    async def dead(self, found: DeadNodes) -> None:
+        try:
+            if found.claims:
+                duty = RecoverClaims(epoch=found.epoch, claims=found.claims)
+                recovered = await self._tasks.ask(duty)
+                log.warning(
+                    "leader (epoch %d): requeued %d of %d claim(s) of dead node(s) %s",
+                    found.epoch,
+                    recovered,
+                    len(found.claims),
+                    ", ".join(found.nodes),
+                )
+            if found.workers:
+                lost = await self._workers.ask(
+                    WorkersLost(
+                        epoch=found.epoch, workers=found.workers, dead_nodes=found.worker_nodes
+                    )
+                )
+                log.warning(
+                    "leader (epoch %d): %d worker(s) of dead node(s) %s declared offline",
+                    found.epoch,
+                    lost,
+                    ", ".join(found.nodes),
+                )
+        except HiveError as exc:
+            log.warning("leader (epoch %d): a duty failed (retried): %s", found.epoch, exc)

@@ -1,0 +1,258 @@
+"""The leader of the nodes of one PostgreSQL database, and the duties dead nodes leave.
+
+Several runtimes (nodes, :mod:`.claim`) share the database; what a node leaves behind when
+it dies must be done while the others run, once: its claims go back to the queue, its
+workers (whose heartbeats went to it) are declared offline. One node at a time does it,
+the *leader* (pg-design 4.3):
+
+- **The role** is a session advisory lock (:data:`LEADER_KEY`) on a connection of the
+  node's own, tried every :data:`POLL_SECONDS`; PostgreSQL drops it the moment that
+  session ends (the node closed, killed, even by SIGKILL), and another node's next try
+  takes it.
+- **The epoch.** Taking the role bumps ``hive_leader.epoch`` (schema 17), and every duty
+  is a transaction fenced by it: the leader's look for dead nodes runs under ``SELECT ...
+  FOR SHARE`` of its epoch's row, and each write that does a duty (the TaskManager's
+  requeue, the WorkerRegistry's offline marks) carries ``FenceLeader(epoch)``, which fails
+  it whole unless the epoch is still the leader's. So a leader that lost its session
+  (the server ended it, the network parted) but has not noticed yet changes nothing once
+  another node took the role; and a leader stops acting the moment its session errors
+  (it cannot know whether it still holds the lock), until it wins the role again.
+- **Dead nodes** are those whose node lock is free (:func:`.claim.alive_sql`) while a
+  claim or a live worker still names them, seen so for :data:`GRACE_SECONDS` (a node that
+  lost its session with a server restart takes its lock again as it reconnects). Their
+  claims are handed to this node's TaskManager (``RecoverClaims``: the code of recovery
+  on open, the same runs lost, ``task.retrying`` or dead letter, events), each with the
+  version it was read at (recovered only if nothing changed it since), and their workers
+  to the WorkerRegistry (``WorkersLost``), by ``storage/leader.py``.
+- Claims of no node (``node_id`` NULL: written before schema 15) are left to recovery
+  on open, as before.
+
+The connection is driven from worker threads, one call at a time (psycopg's async mode
+runs on asyncio only), with keepalives, so that a server gone silent ends the session
+(and the role) within seconds. Nothing here fails the runtime: a fault ends the node's
+term, logged, and it contends again after a pause.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import psycopg
+import psycopg.errors
+
+from ...messages.leader import DeadClaim
+from ..port import DeadNodes, LeaderDuties
+from ..rows import WORKER_COLUMNS, worker_from_row
+from .claim import alive_sql
+
+__all__ = ["GRACE_SECONDS", "LEADER_KEY", "POLL_SECONDS", "Leader"]
+
+log = logging.getLogger("hive_orchestration.storage")
+
+#: The advisory lock key of the leader's role ("hiveLead"); a node's key is random.
+LEADER_KEY = 0x68697665_4C656164
+#: How often a node tries to take the role, and the leader looks for dead nodes.
+POLL_SECONDS = 0.5
+#: How long a node must look dead before its duties are done (a node whose session the
+#: server ended takes its lock again as its write connection reconnects).
+GRACE_SECONDS = 1.0
+#: Claims recovered in one duty (one TaskManager write); the next poll takes the rest.
+BATCH = 1000
+#: Seconds a statement of the leader may take before the server cancels it.
+_STATEMENT_TIMEOUT_MS = 10_000
+#: Pause after a fault before contending again (doubling up to the second figure).
+_RETRY = (0.5, 5.0)
+
+_HOLDING = "('assigned', 'running')"
+
+_TAKE = (
+    "UPDATE hive_leader SET epoch = epoch + 1, node_id = %s, since = now() WHERE id = 1"
+    " RETURNING epoch"
+)
+_FENCE = "SELECT 1 FROM hive_leader WHERE id = 1 AND epoch = %s FOR SHARE"
+# The nodes that a claim or a live worker names and whose lock is free: dead.
+_DEAD = (
+    "SELECT n FROM ("
+    f" SELECT node_id FROM tasks WHERE status IN {_HOLDING} AND node_id IS NOT NULL"
+    " UNION"
+    " SELECT node_id FROM workers WHERE status <> 'offline' AND node_id IS NOT NULL"
+    f") AS holders (n) WHERE n <> %s AND NOT {alive_sql('n')}"
+)
+_CLAIMS = (
+    f"SELECT id, version, node_id FROM tasks WHERE status IN {_HOLDING}"
+    " AND node_id = ANY(%s) ORDER BY id LIMIT %s"
+)
+_WORKERS = (
+    f"SELECT {WORKER_COLUMNS}, node_id FROM workers"
+    " WHERE status <> 'offline' AND node_id = ANY(%s) ORDER BY id LIMIT %s"
+)
+
+Connection = psycopg.Connection[tuple[Any, ...]]
+
+
+class Leader:
+    """This node's :class:`~hive_orchestration.storage.port.Leadership` (see the module):
+    ``node_id`` names it (its claim's id), ``duties`` does what it finds."""
+
+    def __init__(
+        self,
+        url: str,
+        node_id: str,
+        duties: LeaderDuties,
+        *,
+        connect_timeout: float,
+        poll: float = POLL_SECONDS,
+        grace: float = GRACE_SECONDS,
+        clock: Callable[[], float] = anyio.current_time,
+    ) -> None:
+        self._url = url
+        self.node_id = node_id
+        self._duties = duties
+        self._connect_timeout = connect_timeout
+        self._poll = poll
+        self._grace = grace
+        self._clock = clock
+        self._conn: Connection | None = None
+        self._epoch: int | None = None
+        # Dead-looking node -> when it was first seen so (the clock's time).
+        self._suspects: dict[str, float] = {}
+        self._polled = anyio.Event()
+
+    @property
+    def epoch(self) -> int | None:
+        return self._epoch
+
+    async def polled(self) -> None:
+        await self._polled.wait()
+
+    async def run(self) -> None:
+        delay = _RETRY[0]
+        try:
+            while True:
+                now = self._clock()
+                try:
+                    found = await anyio.to_thread.run_sync(self._step, now)
+                except (psycopg.Error, OSError) as exc:
+                    self._step_down(f"{type(exc).__name__}: {exc}")
+                    await self._duties.leading(None)
+                    self._polled.set()
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, _RETRY[1])
+                    continue
+                delay = _RETRY[0]
+                await self._duties.leading(self._epoch)
+                self._polled.set()
+                if found is not None:
+                    await self._duties.dead(found)
+                await anyio.sleep(self._poll)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._close)
+
+    # -- in a worker thread, one call at a time ---------------------------------------------
+
+    def _connect(self) -> Connection:
+        conn = self._conn
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn
+        self._close()
+        conn = psycopg.connect(
+            self._url,
+            autocommit=True,
+            application_name="hive-orchestration:leader",
+            connect_timeout=max(1, round(self._connect_timeout)),
+            options=f"-c statement_timeout={_STATEMENT_TIMEOUT_MS}",
+            # A server or network gone silent ends the session (and so the role) in
+            # seconds; the leader finds out at its next poll.
+            keepalives=1,
+            keepalives_idle=5,
+            keepalives_interval=2,
+            keepalives_count=3,
+            tcp_user_timeout=10_000,
+        )
+        self._conn = conn
+        return conn
+
+    def _step(self, now: float) -> DeadNodes | None:
+        """One poll: take the role if it is free, else (as the leader) look for dead
+        nodes' duties under the epoch. Raises psycopg's errors (the caller steps down)."""
+        conn = self._connect()
+        if self._epoch is None:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_KEY,)).fetchone()
+            if row is None or not row[0]:
+                return None
+            try:
+                taken = conn.execute(_TAKE, (self.node_id,)).fetchone()
+            except psycopg.errors.UndefinedTable:
+                # The database is not migrated yet (a node opening it first): next poll.
+                conn.execute("SELECT pg_advisory_unlock(%s)", (LEADER_KEY,))
+                return None
+            assert taken is not None
+            self._epoch = int(taken[0])
+            self._suspects.clear()
+            log.info("leader: node %s took the role (epoch %d)", self.node_id, self._epoch)
+        return self._look(conn, self._epoch, now)
+
+    def _look(self, conn: Connection, epoch: int, now: float) -> DeadNodes | None:
+        with conn.transaction():
+            if conn.execute(_FENCE, (epoch,)).fetchone() is None:
+                # Another node took the role since (this one's session was lost and taken
+                # again without its noticing): this term is over.
+                conn.execute("SELECT pg_advisory_unlock(%s)", (LEADER_KEY,))
+                self._epoch = None
+                log.warning(
+                    "leader: node %s lost the role (epoch %d is stale)", self.node_id, epoch
+                )
+                return None
+            dead = {str(row[0]) for row in conn.execute(_DEAD, (self.node_id,))}
+            for node in list(self._suspects):
+                if node not in dead:
+                    del self._suspects[node]  # came back, or nothing of it is left
+            for node in dead:
+                self._suspects.setdefault(node, now)
+            due = sorted(n for n in dead if now - self._suspects[n] >= self._grace)
+            if not due:
+                return None
+            claims = tuple(
+                DeadClaim(str(task_id), int(version), str(node))
+                for task_id, version, node in conn.execute(_CLAIMS, (due, BATCH))
+            )
+            rows = conn.execute(_WORKERS, (due, BATCH)).fetchall()
+        if not claims and not rows:
+            return None
+        return DeadNodes(
+            epoch=epoch,
+            nodes=tuple(due),
+            claims=claims,
+            workers=tuple(worker_from_row(row[:-1]) for row in rows),
+            worker_nodes=tuple(str(row[-1]) for row in rows),
+        )
+
+    def _step_down(self, why: str) -> None:
+        if self._epoch is not None:
+            log.warning("leader: node %s stops acting as the leader: %s", self.node_id, why)
+        else:
+            log.debug("leader: node %s cannot contend for the role: %s", self.node_id, why)
+        self._epoch = None
+        self._suspects.clear()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+
+    def _close(self) -> None:
+        """Let the role go at once (not when the server notices the closed session: a
+        node waiting for it would wait that long) and close the connection."""
+        conn, self._conn = self._conn, None
+        held, self._epoch = self._epoch, None
+        if conn is None:
+            return
+        with contextlib.suppress(psycopg.Error):
+            if held is not None and not conn.closed and not conn.broken:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (LEADER_KEY,))
+        conn.close()

@@ -1,0 +1,470 @@
+"""One leader at a time among the nodes of a PostgreSQL database, and the duties a dead
+node leaves behind, done while the other nodes run (storage/pg/leader.py).
+
+The role is a session advisory lock; taking it bumps ``hive_leader.epoch``, and every duty
+is fenced by that epoch. A dead node (its node lock free) leaves claims, which the leader
+requeues as recovery on open does, and workers, which it declares offline as a missed
+heartbeat does. A node is killed for real (SIGKILL of a child process under load) in the
+last tests; the others make a node dead by naming, in its rows, a node id whose lock no
+session holds (what a killed node's rows look like).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+psycopg = pytest.importorskip("psycopg")
+
+from hive_orchestration import Runtime, TaskStatus, WorkerStatus  # noqa: E402
+from hive_orchestration.messages.leader import DeadClaim, RecoverClaims  # noqa: E402
+from hive_orchestration.messages.workers import WorkersLost  # noqa: E402
+from hive_orchestration.storage.pg.leader import LEADER_KEY  # noqa: E402
+
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
+
+NODE = Path(__file__).with_name("_pg_node.py")
+#: Generous bound on what waits for the cluster (a loaded 2-core machine): a hang fails.
+PATIENCE = 30.0
+
+
+def raw(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        cursor = conn.execute(sql, params)
+        return cursor.fetchall() if cursor.description is not None else []
+
+
+def leader(url: str) -> tuple[int, str | None]:
+    [(epoch, node)] = raw(url, "SELECT epoch, node_id FROM hive_leader")
+    return int(epoch), node
+
+
+def holders(url: str) -> int:
+    """Sessions holding the leader's lock (pg_locks shows a bigint key as two halves)."""
+    key = LEADER_KEY & 0xFFFFFFFF_FFFFFFFF
+    [(count,)] = raw(
+        url,
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND classid::bigint = %s AND objid::bigint = %s AND objsubid = 1",
+        (key >> 32, key & 0xFFFFFFFF),
+    )
+    return int(count)
+
+
+def nodes(url: str) -> set[str]:
+    return {row[0] for row in raw(url, "SELECT id FROM hive_nodes")}
+
+
+async def until(check: Callable[[], bool], what: str, within: float = PATIENCE) -> float:
+    """Wait for ``check`` (polled every 50 ms: it reads the database); the seconds it
+    took. ``what`` names the wait for the reader of a failure."""
+    start = time.monotonic()
+    try:
+        with anyio.fail_after(within):
+            while not check():  # noqa: ASYNC110 - polls the database
+                await anyio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"not within {within:g}s: {what}") from None
+    return time.monotonic() - start
+
+
+def dead_node() -> str:
+    """The id of a node no session holds the lock of: one that died."""
+    return uuid.uuid4().hex
+
+
+def events(url: str, event_type: str) -> list[tuple[str | None, dict[str, Any]]]:
+    rows = raw(
+        url,
+        "SELECT task_id, worker_id, data FROM events WHERE type = %s ORDER BY seq",
+        (event_type,),
+    )
+    return [(task or worker, json.loads(data)) for task, worker, data in rows]
+
+
+class Held:
+    """A runtime (node) open in a task of its own, closed when :meth:`close` is called,
+    whatever the other nodes of the test do meanwhile."""
+
+    def __init__(self) -> None:
+        self.closing = anyio.Event()
+        self.closed = anyio.Event()
+
+    async def run(self, url: str, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with Runtime.open(url) as runtime:
+                task_status.started(runtime)
+                await self.closing.wait()
+        finally:
+            self.closed.set()
+
+    async def close(self) -> None:
+        self.closing.set()
+        await self.closed.wait()
+
+
+async def test_one_node_leads_and_the_role_moves_when_it_closes(pg_url: str) -> None:
+    async with anyio.create_task_group() as group:
+        first, second = Held(), Held()
+        await group.start(first.run, pg_url)
+        [a] = nodes(pg_url)
+        await until(lambda: leader(pg_url)[1] == a, "the first node leads")
+        epoch = leader(pg_url)[0]
+        await group.start(second.run, pg_url)
+        [b] = nodes(pg_url) - {a}
+        # The second node tries for the role every poll (0.5 s) while the first holds it:
+        # after several of its tries, nothing has moved. (A check that nothing happens
+        # needs a span: 1.5 s, three of its polls.)
+        await anyio.sleep(1.5)
+        assert leader(pg_url) == (epoch, a)
+        assert holders(pg_url) == 1
+        # The leader's node closes (letting the role go at once): the running node takes
+        # the role at its next poll, with the epoch moved on.
+        await first.close()
+        await until(lambda: leader(pg_url)[1] == b, "the second node leads", within=10.0)
+        assert leader(pg_url) == (epoch + 1, b)
+        assert holders(pg_url) == 1
+        await second.close()
+    # No node: no one holds the role; the table says who led last.
+    assert holders(pg_url) == 0
+    assert leader(pg_url) == (epoch + 1, b)
+
+
+async def _open_leader_first(pg_url: str) -> None:
+    """After the first node opened: wait until it leads (the claims a test makes on the
+    second node, whose memory holds them, are then never the leader's own)."""
+    [a] = nodes(pg_url)
+    await until(lambda: leader(pg_url)[1] == a, "the first node leads")
+
+
+async def test_the_claims_of_a_dead_node_are_requeued_while_the_nodes_run(pg_url: str) -> None:
+    async with Runtime.open(pg_url) as a:
+        await _open_leader_first(pg_url)
+        async with Runtime.open(pg_url) as b:
+            retried = await b.create_task("job")
+            exhausted = await b.create_task("job", max_retries=0)
+            kept = await b.create_task("job")
+            claims = [await b.claim_task("w1", "job", start=True) for _ in range(3)]
+            assert all(claim is not None for claim in claims)
+            assert {c.task.id for c in claims if c is not None} == {retried, exhausted, kept}
+            # Two of the claims are a dead node's (its lock free, as after a SIGKILL); the
+            # third stays with b, alive.
+            dead = dead_node()
+            raw(
+                pg_url,
+                "UPDATE tasks SET node_id = %s WHERE id = ANY(%s)",
+                (dead, [retried, exhausted]),
+            )
+
+            def settled() -> bool:
+                rows = raw(
+                    pg_url,
+                    "SELECT id, status FROM tasks WHERE id = ANY(%s)",
+                    ([retried, exhausted],),
+                )
+                return all(status not in ("assigned", "running") for _, status in rows)
+
+            # Within the lease bound (the default lease, 30 s), with neither node reopened.
+            took = await until(settled, "the dead node's claims requeued")
+            assert took < 30.0
+            assert (await a.get_task(retried)).status is TaskStatus.QUEUED
+            assert (await a.get_task(exhausted)).status is TaskStatus.FAILED  # the dead letter
+            assert (await a.get_task(kept)).status is TaskStatus.RUNNING  # a live node's claim
+            for task_id in (retried, exhausted):
+                assert [run.status for run in await a.get_runs(task_id)] == ["lost"]
+            # The same events as recovery on open: one attempt counted, reason "recovered".
+            retrying = [data for task, data in events(pg_url, "task.retrying") if task == retried]
+            assert [(d["reason"], d["attempts"]) for d in retrying] == [("recovered", 1)]
+            failed = [data for task, data in events(pg_url, "task.failed") if task == exhausted]
+            assert [d["reason"] for d in failed] == ["recovered"]
+            assert not [t for t, _ in events(pg_url, "task.retrying") if t == kept]
+            # The requeued task is handed out again, once.
+            again = await a.claim_task("w2", "job", wait=10)
+            assert again is not None
+            assert again.task.id == retried
+
+
+async def test_the_workers_of_a_dead_node_are_declared_offline(pg_url: str) -> None:
+    async with Runtime.open(pg_url) as a:
+        await _open_leader_first(pg_url)
+        async with Runtime.open(pg_url) as b:
+            await b.register_worker("w-dead", role="builder")
+            await b.register_worker("w-live", role="builder")
+            dead = dead_node()
+            # Written as that node writes (a trigger names the writer's node in the row).
+            with psycopg.connect(pg_url, autocommit=True) as conn:
+                conn.execute("SELECT set_config('hive.node', %s, false)", (dead,))
+                conn.execute("UPDATE workers SET status = status WHERE id = 'w-dead'")
+
+            def offline() -> bool:
+                [(status,)] = raw(pg_url, "SELECT status FROM workers WHERE id = 'w-dead'")
+                return bool(status == "offline")
+
+            # Long before its worker_timeout (30 s): no node heard its heartbeats.
+            await until(offline, "the dead node's worker declared offline", within=20.0)
+            [(worker, data)] = events(pg_url, "worker.offline")
+            assert worker == "w-dead"
+            assert data["node_id"] == dead
+            assert data["status"] == WorkerStatus.OFFLINE.value
+            [(status,)] = raw(pg_url, "SELECT status FROM workers WHERE id = 'w-live'")
+            assert status != "offline"
+            del a
+
+
+async def test_a_stale_leaders_duties_change_nothing(pg_url: str) -> None:
+    async with Runtime.open(pg_url) as a:
+        await _open_leader_first(pg_url)
+        async with Runtime.open(pg_url) as b:
+            task_id = await b.create_task("job")
+            claim = await b.claim_task("w1", "job", start=True)
+            assert claim is not None
+            worker = await b.register_worker("w1")
+            [(version, holder)] = raw(
+                pg_url, "SELECT version, node_id FROM tasks WHERE id = %s", (task_id,)
+            )
+            epoch, _ = leader(pg_url)
+            before = raw(pg_url, "SELECT * FROM tasks WHERE id = %s", (task_id,))
+            runs = raw(pg_url, "SELECT * FROM runs WHERE task_id = %s", (task_id,))
+            workers = raw(pg_url, "SELECT * FROM workers")
+            # A leader whose term ended (the role moved on while it did not notice) hands
+            # its duties out with its old epoch: each write is refused whole. (Asked of
+            # the node that holds neither the claim nor the worker in memory, whose
+            # actors would do them: only the fence stops them.)
+            stale = epoch - 1
+            duty = RecoverClaims(epoch=stale, claims=(DeadClaim(task_id, version, holder),))
+            assert await a._tasks.ask(duty) == 0
+            lost = WorkersLost(epoch=stale, workers=(worker,), dead_nodes=(holder,))
+            assert await a._workers.ask(lost) == 0
+            assert raw(pg_url, "SELECT * FROM tasks WHERE id = %s", (task_id,)) == before
+            assert raw(pg_url, "SELECT * FROM runs WHERE task_id = %s", (task_id,)) == runs
+            assert raw(pg_url, "SELECT * FROM workers") == workers
+            events_before = raw(pg_url, "SELECT count(*) FROM events")
+            assert raw(pg_url, "SELECT count(*) FROM events") == events_before
+            # The same duties under the leader's epoch do change the rows (what the fence
+            # stopped): the claim is requeued, the worker declared offline.
+            assert await a._tasks.ask(RecoverClaims(epoch=epoch, claims=duty.claims)) == 1
+            assert (await a.get_task(task_id)).status is TaskStatus.QUEUED
+            lost = WorkersLost(epoch=epoch, workers=(worker,), dead_nodes=(holder,))
+            assert await a._workers.ask(lost) == 1
+            [(status,)] = raw(pg_url, "SELECT status FROM workers WHERE id = 'w1'")
+            assert status == "offline"
+
+
+async def _tick_worker(runtime: Runtime, name: str) -> None:
+    """Completes each slot's task at once: its idempotency key is free again right away
+    (what let a second node fire the same slot before schedules fired on the leader)."""
+    while True:
+        claim = await runtime.claim_task(name, "tick", wait=0.2)
+        if claim is not None:
+            await runtime.complete_task(claim.lease, {})
+
+
+def _fired(url: str, name: str = "often") -> list[str]:
+    """The slot of each schedule.fired event of schedule ``name`` (by its task's key)."""
+    rows = raw(
+        url,
+        "SELECT t.idempotency_key FROM events e JOIN tasks t ON t.id = e.task_id"
+        " JOIN schedules s ON t.idempotency_key LIKE 'schedule:' || s.id || ':%%'"
+        " WHERE e.type = 'schedule.fired' AND s.name = %s ORDER BY e.seq",
+        (name,),
+    )
+    return [row[0] for row in rows]
+
+
+async def test_a_schedule_fires_each_slot_once_on_the_leader_and_on_after_it_closes(
+    pg_url: str,
+) -> None:
+    async with anyio.create_task_group() as group:
+        first, second = Held(), Held()
+        a = await group.start(first.run, pg_url)
+        [node_a] = nodes(pg_url)
+        await until(lambda: leader(pg_url)[1] == node_a, "the first node leads")
+        await a.create_schedule("often", 0.5, "tick")
+        # The second node opens knowing the schedule (before, each node fired each slot).
+        b = await group.start(second.run, pg_url)
+        async with anyio.create_task_group() as workers:
+            workers.start_soon(_tick_worker, a, "wa")
+            workers.start_soon(_tick_worker, b, "wb")
+            # Made on the node that does not lead: the leader learns of it and fires it.
+            await b.create_schedule("elsewhere", 0.5, "tick")
+            await until(lambda: len(_fired(pg_url)) >= 6, "slots fired")
+            await until(lambda: len(_fired(pg_url, "elsewhere")) >= 2, "the other's fired")
+            workers.cancel_scope.cancel()
+        # The leader closes: the other node takes the role and the schedule fires on.
+        before = len(_fired(pg_url))
+        await first.close()
+        async with anyio.create_task_group() as workers:
+            workers.start_soon(_tick_worker, b, "wb")
+            await until(lambda: len(_fired(pg_url)) >= before + 4, "slots fired on")
+            workers.cancel_scope.cancel()
+        await second.close()
+    # Each slot fired once: one schedule.fired and one task per slot, whatever the node.
+    for name in ("often", "elsewhere"):
+        fired = _fired(pg_url, name)
+        assert len(fired) == len(set(fired)), sorted(fired)
+    keys = raw(
+        pg_url,
+        "SELECT idempotency_key, count(*) FROM tasks WHERE task_type = 'tick'"
+        " GROUP BY idempotency_key HAVING count(*) > 1",
+    )
+    assert keys == []
+    [(count,)] = raw(pg_url, "SELECT count(*) FROM tasks WHERE task_type = 'tick'")
+    assert count == len(_fired(pg_url)) + len(_fired(pg_url, "elsewhere"))
+
+
+# -- real nodes, killed under load -------------------------------------------------------
+
+
+class Node:
+    """A child process that is one node with its workers (tests/_pg_node.py)."""
+
+    def __init__(self, process: Process, stderr: Path) -> None:
+        self.process = process
+        self.stderr = stderr
+        assert process.stdout is not None
+        self.stream = BufferedByteReceiveStream(process.stdout)
+        self.done: list[str] = []
+        self.lost: list[str] = []
+        self.id = ""
+
+    async def read(self) -> None:
+        """Collect its acknowledged completions until its output ends."""
+        while True:
+            try:
+                line = (await self.stream.receive_until(b"\n", 65536)).decode()
+            except (anyio.EndOfStream, anyio.IncompleteRead):
+                return
+            kind, _, task_id = line.partition(" ")
+            (self.done if kind == "done" else self.lost).append(task_id)
+
+    def why(self) -> str:
+        return self.stderr.read_text(errors="replace")[-4000:]
+
+
+async def _start(url: str, backend: str, folder: Path, name: str, lease: float) -> Node:
+    stderr = folder / f"{name}.err"
+    with stderr.open("wb") as err:
+        process = await anyio.open_process(
+            [sys.executable, str(NODE), backend, url, "4", str(lease), "0.05"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+        )
+    node = Node(process, stderr)
+    with anyio.fail_after(PATIENCE):
+        line = await node.stream.receive_until(b"\n", 65536)
+    assert line == b"ready", node.why()
+    [(node.id,)] = raw(url, "SELECT id FROM hive_nodes WHERE pid = %s", (process.pid,))
+    return node
+
+
+async def _stop(node: Node) -> None:
+    with anyio.CancelScope(shield=True):
+        if node.process.returncode is None:
+            node.process.kill()
+        await node.process.wait()
+        await node.process.aclose()
+
+
+async def _kill_a_node_under_load(
+    pg_url: str, backend: str, tmp: Path, *, leader_dies: bool
+) -> None:
+    lease = 20.0  # the lease bound the dead node's claims must be requeued within
+    count = 300
+    first = await _start(pg_url, backend, tmp, "first", lease)
+    children = [first]
+    try:
+        await until(lambda: leader(pg_url)[1] == first.id, "the first node leads")
+        second = await _start(pg_url, backend, tmp, "second", lease)
+        children.append(second)
+        epoch = leader(pg_url)[0]
+        victim, survivor = (first, second) if leader_dies else (second, first)
+        async with Runtime.open(pg_url) as producer, anyio.create_task_group() as group:
+            for child in children:
+                group.start_soon(child.read)
+            ids: list[str] = []
+            for start in range(0, count, 100):
+                batch = [{"task_type": "job", "max_retries": 5} for _ in range(start, start + 100)]
+                ids += await producer.create_tasks(batch)
+
+            def holding() -> int:
+                [(n,)] = raw(
+                    pg_url,
+                    "SELECT count(*) FROM tasks WHERE node_id = %s"
+                    " AND status IN ('assigned', 'running')",
+                    (victim.id,),
+                )
+                return int(n)
+
+            # Under load: both nodes have completed some, and the victim holds claims.
+            await until(
+                lambda: len(victim.done) >= 20 and len(survivor.done) >= 20 and holding() > 0,
+                "both nodes at work, the victim holding claims",
+            )
+            os.kill(victim.process.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            assert await victim.process.wait() == -signal.SIGKILL
+            acknowledged = set(victim.done)
+            # Its claims go back to the queue while the others run, within the lease.
+            await until(lambda: holding() == 0, "the dead node's claims requeued", lease)
+            requeued_in = time.monotonic() - killed
+            assert requeued_in < lease, requeued_in
+
+            def finished() -> bool:
+                [(n,)] = raw(pg_url, "SELECT count(*) FROM tasks WHERE status = 'completed'")
+                return int(n) == count
+
+            await until(finished, "every task completed", 60.0)
+            if leader_dies:
+                await until(lambda: leader(pg_url)[1] != victim.id, "the role moves on")
+                new_epoch, holder = leader(pg_url)
+                assert new_epoch > epoch
+                assert holder in nodes(pg_url)
+                assert holder != victim.id
+            else:
+                assert leader(pg_url) == (epoch, first.id)
+            group.cancel_scope.cancel()
+        # Nothing acknowledged was lost: every completion a worker was told of holds.
+        statuses = dict(raw(pg_url, "SELECT id, status FROM tasks"))
+        assert all(statuses[t] == "completed" for t in acknowledged | set(survivor.done))
+        assert set(statuses) == set(ids)
+        # None handed out twice at once: one completed run per task, and every other run
+        # of a task is one the dead node held (ended lost); no claim was lost by the live.
+        runs = raw(pg_url, "SELECT task_id, status FROM runs ORDER BY task_id")
+        completed = [t for t, status in runs if status == "completed"]
+        assert sorted(completed) == sorted(ids)
+        assert {status for _, status in runs} <= {"completed", "lost"}
+        lost = [t for t, status in runs if status == "lost"]
+        assert lost, "the victim held claims when it was killed"
+        assert not set(lost) & acknowledged
+        assert not survivor.lost, survivor.lost
+        assert len(acknowledged) + len(survivor.done) <= count
+    finally:
+        for child in children:
+            await _stop(child)
+
+
+async def test_a_node_killed_under_load_has_its_claims_requeued(
+    pg_url: str, anyio_backend: str, tmp_path: Path
+) -> None:
+    await _kill_a_node_under_load(pg_url, anyio_backend, tmp_path, leader_dies=False)
+
+
+async def test_the_leader_killed_under_load_hands_on_its_role_and_its_claims(
+    pg_url: str, anyio_backend: str, tmp_path: Path
+) -> None:
+    await _kill_a_node_under_load(pg_url, anyio_backend, tmp_path, leader_dies=True)
