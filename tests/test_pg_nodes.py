@@ -8,6 +8,7 @@ unowned ones only, never another live node's. Clients given the URL find any liv
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import anyio
@@ -283,3 +284,153 @@ async def test_a_plan_is_driven_by_its_node_while_other_nodes_run_its_subtasks(
         (plan_id,),
     )
     assert per_subtask == [("a", 1), ("b", 1), ("c", 1), ("d", 1)]
+
+
+# -- calls about a plan made on a node that does not drive it -------------------------------
+
+_DIAMOND = {
+    "subtasks": [
+        {"id": "a", "task_type": "job"},
+        {"id": "b", "task_type": "job", "dependencies": ["a"]},
+        {"id": "c", "task_type": "job", "dependencies": ["a"]},
+        {"id": "d", "task_type": "job", "dependencies": ["b", "c"]},
+    ]
+}
+
+
+def _plan_events(url: str, plan_id: str) -> list[tuple[int, str]]:
+    return [
+        (int(seq), str(type_))
+        for seq, type_ in raw(
+            url,
+            "SELECT seq, type FROM events WHERE plan_id = %s AND type LIKE 'plan.%%' ORDER BY seq",
+            (plan_id,),
+        )
+    ]
+
+
+async def _settled(url: str, plan_id: str) -> None:
+    """Until every subtask row of the plan has ended (its driver applied every end)."""
+    open_rows = (
+        "SELECT (SELECT count(*) FROM plan_execution WHERE plan_id = %s"
+        " AND status IN ('pending', 'ready'))"
+        " + (SELECT count(*) FROM tasks WHERE plan_id = %s"
+        " AND status IN ('blocked', 'queued', 'assigned', 'running'))"
+    )
+    with anyio.fail_after(30):
+        while raw(url, open_rows, (plan_id, plan_id)) != [(0,)]:  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+
+
+async def test_a_plan_cancelled_on_a_node_that_does_not_drive_it_is_cancelled_once(
+    pg_url: str,
+) -> None:
+    # Node a drives the plan (it created it); a client of node b cancels it. The driver
+    # must not go on from its memory (queue the next subtasks, or fail the plan when it
+    # sees its tasks cancelled), and the caller gets what one node would answer.
+    from hive_orchestration import PlanStatus
+
+    async with Runtime.open(pg_url) as a, Runtime.open(pg_url) as b:
+        plan_id = await a.create_execution_plan(_DIAMOND)
+        assert await a.mark_plan_execution_started(plan_id) is True
+        claim = await b.claim_task("w", "job", wait=10, start=True)
+        assert claim is not None  # subtask a runs on b
+        cancelled = await b.cancel_plan(plan_id, "enough")
+        assert cancelled.status is PlanStatus.CANCELLED
+        assert cancelled.error == "enough"
+        assert cancelled.id == plan_id
+        assert cancelled.subtasks  # the whole plan, as stored
+        # Cancelled again, on either node: refused, as on one node.
+        for node in (a, b):
+            with pytest.raises(IllegalTransitionError):
+                await node.cancel_plan(plan_id)
+        await _settled(pg_url, plan_id)
+        for node in (a, b):
+            assert await node.get_execution_plan_status(plan_id) == "cancelled"
+            assert await node.get_execution_plan_status_cached(plan_id) == "cancelled"
+    events = [type_ for _, type_ in _plan_events(pg_url, plan_id)]
+    ends = [t for t in events if t in ("plan.completed", "plan.failed", "plan.cancelled")]
+    assert ends == ["plan.cancelled"], events
+    after = events[events.index("plan.cancelled") :]
+    assert "plan.subtask_ready" not in after, events
+    assert raw(pg_url, "SELECT status, error FROM execution_plans WHERE id = %s", (plan_id,)) == [
+        ("cancelled", "enough")
+    ]
+
+
+async def test_a_plan_started_on_a_node_that_does_not_drive_it_has_one_driver(
+    pg_url: str,
+) -> None:
+    # A draft made on node a, approved and started by clients of node b, run on both.
+    from hive_orchestration import PlanStatus
+
+    async with Runtime.open(pg_url) as a, Runtime.open(pg_url) as b:
+        plan_id = await a.create_execution_plan(_DIAMOND)
+        approved = await b.approve_plan(plan_id)
+        assert approved.status is PlanStatus.APPROVED
+        assert await a.get_execution_plan_status_cached(plan_id) == "approved"
+        assert await b.create_planned_subtasks_from_plan(plan_id) == 4
+        assert await b.create_planned_subtasks_from_plan(plan_id) == 0
+        assert await b.mark_plan_execution_started(plan_id) is True
+        assert await a.mark_plan_execution_started(plan_id) is False
+        assert await b.get_execution_plan_status_cached(plan_id) == "executing"
+        with anyio.fail_after(60):
+            for n in range(4):
+                node = (a, b)[n % 2]
+                claim = await node.claim_task("w", "job", wait=10, start=True)
+                assert claim is not None
+                await node.complete_task(claim.lease)
+            done = await b.wait_for_plan(plan_id, timeout=30)
+        assert done.status is PlanStatus.COMPLETED
+        for node in (a, b):
+            assert await node.get_execution_plan_status_cached(plan_id) == "completed"
+    events = [type_ for _, type_ in _plan_events(pg_url, plan_id)]
+    assert events.count("plan.started") == 1, events
+    assert events.count("plan.completed") == 1, events
+    assert "plan.failed" not in events
+    assert raw(pg_url, "SELECT count(*) FROM tasks WHERE plan_id = %s", (plan_id,)) == [(4,)]
+
+
+async def test_a_cancel_on_another_node_races_the_driver_completing_subtasks(
+    pg_url: str,
+) -> None:
+    # While a worker on the driving node completes subtasks as fast as it can, a client of
+    # the other node cancels: one end, and nothing queued after it.
+    from hive_orchestration import PlanStatus
+
+    chain = {
+        "subtasks": [
+            {"id": f"s{i}", "task_type": "step", "dependencies": [f"s{i - 1}"] if i else []}
+            for i in range(30)
+        ]
+    }
+    async with Runtime.open(pg_url) as a, Runtime.open(pg_url) as b:
+        for round_ in range(4):
+            plan_id = await a.create_execution_plan(chain)
+            assert await a.mark_plan_execution_started(plan_id) is True
+            stop = anyio.Event()
+
+            async def work(stop: anyio.Event) -> None:
+                while not stop.is_set():
+                    claim = await a.claim_task("w", "step", wait=0.2, start=True)
+                    if claim is None:
+                        continue
+                    with contextlib.suppress(IllegalTransitionError, LeaseLostError):
+                        await a.complete_task(claim.lease)  # unless cancelled under it
+
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(work, stop)
+                    for _ in range(2 + 3 * round_):
+                        await anyio.sleep(0.01)
+                    plan = await b.cancel_plan(plan_id)
+                    assert plan.status is PlanStatus.CANCELLED
+                    await _settled(pg_url, plan_id)
+                    stop.set()
+            events = [type_ for _, type_ in _plan_events(pg_url, plan_id)]
+            ends = [t for t in events if t in ("plan.completed", "plan.failed", "plan.cancelled")]
+            assert ends == ["plan.cancelled"], events
+            assert "plan.subtask_ready" not in events[events.index("plan.cancelled") :], events
+            assert raw(pg_url, "SELECT status FROM execution_plans WHERE id = %s", (plan_id,)) == [
+                ("cancelled",)
+            ]

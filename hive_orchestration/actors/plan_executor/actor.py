@@ -41,8 +41,11 @@ from ..._ids import new_id
 from ...errors import HiveError, IllegalTransitionError, NotFoundError, RuntimeStoppedError
 from ...messages.events import JsonValue
 from ...messages.plans import (
+    PLAN_CALL,
+    PLAN_CALL_ANSWERED,
     PLAN_FINAL,
     SUBTASK_FINAL,
+    AdoptPlans,
     ApprovePlan,
     CancelPlan,
     CancelPlanningRequest,
@@ -59,6 +62,7 @@ from ...messages.plans import (
     PlanTaskEvents,
     QueuePlanningRequest,
     Resync,
+    RetryCalls,
     StartPlan,
     SubtaskStatus,
     UnclaimedRequest,
@@ -78,6 +82,7 @@ from ...messages.storage import (
 )
 from ...messages.tasks import CreateTask, CreateTasks, PlansSettled, QueueTasks, TaskManagerMessage
 from ...runtime import Actor, ActorRef, Envelope, Reply
+from .calls import DrivenElsewhere, Pending, forward, on_answer, on_call, resend
 from .planning import (
     cancel_request,
     claim_request,
@@ -132,6 +137,10 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         # told to the TaskManager, which holds back the answers of the calls that ended a
         # plan's task until then: the caller's next read of the plan sees what was released.
         self._settled = 0
+        # Calls about plans another node drives, forwarded to it and waiting for its
+        # answer (by call id); and the answers this node gave to such calls (calls.py).
+        self._calls: dict[str, Pending] = {}
+        self._answered: OrderedDict[str, dict[str, JsonValue]] = OrderedDict()
 
     # -- start-up and reconciling -----------------------------------------------------------
 
@@ -196,6 +205,9 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
                 through = max(through, last)
             try:
                 outcome = await self._handle(message, work)
+            except DrivenElsewhere as elsewhere:
+                forward(self, envelope, message, elsewhere.plan.id, work)
+                continue
             except HiveError as exc:
                 if envelope.reply is None:
                     # A told message (events, a resync) cannot be refused to anyone, and
@@ -290,13 +302,27 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
             if status in _IDLE or (held.unfinished == 0 and status in PLAN_FINAL):
                 del self._plans[plan_id]  # reloaded on demand
 
-    async def _handle(self, message: PlanExecutorMessage, work: _Work) -> object:
+    async def _handle(
+        self, message: PlanExecutorMessage, work: _Work, *, taken: bool = False
+    ) -> object:
+        """Handle one message; ``taken``: a call forwarded by another node about a plan
+        this node has just taken (or drives), which must not be forwarded again."""
         now = self._clock()
         match message:
             case PlanTaskEvents(events=events):
                 for event in events:
-                    await on_task_event(self, event, work, now)
+                    if event.type == PLAN_CALL:
+                        await on_call(self, event, work)
+                    elif event.type == PLAN_CALL_ANSWERED:
+                        await on_answer(self, event)
+                    else:
+                        await on_task_event(self, event, work, now)
                 return None
+            case RetryCalls():
+                resend(self, work)
+                return None
+            case AdoptPlans():
+                return await self._adopt(work)
             case UnclaimedRequest(request=lost):
                 release_unclaimed(self, lost, work, now)
                 return None
@@ -313,7 +339,7 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
             case CreatePlan():
                 return await self._create(message, work, now)
             case ApprovePlan(plan_id=plan_id, source_agent=source):
-                held = await self._plan(plan_id, work)
+                held = await self._plan(plan_id, work, taken)
                 if held.plan.status is not PlanStatus.DRAFT:
                     raise IllegalTransitionError(
                         "plan", plan_id, held.plan.status.value, PlanStatus.APPROVED.value
@@ -321,13 +347,13 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
                 set_status(self, held, PlanStatus.APPROVED, "plan.approved", source, {}, work, now)
                 return held.plan
             case MaterializePlan(plan_id=plan_id):
-                held = await self._plan(plan_id, work)
+                held = await self._plan(plan_id, work, taken)
                 if held.plan.status in PLAN_FINAL:
                     return 0
                 created = self._materialize(held, work)
                 return created
             case StartPlan(plan_id=plan_id, source_agent=source):
-                held = await self._plan(plan_id, work)
+                held = await self._plan(plan_id, work, taken)
                 if held.plan.status not in (PlanStatus.DRAFT, PlanStatus.APPROVED):
                     return False
                 data: dict[str, JsonValue] = {"subtask_count": len(held.subs)}
@@ -347,7 +373,7 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
                 maybe_finish(self, held, work, now)
                 return True
             case CancelPlan(plan_id=plan_id, reason=reason, source_agent=source):
-                held = await self._plan(plan_id, work)
+                held = await self._plan(plan_id, work, taken)
                 if held.plan.status in PLAN_FINAL:
                     raise IllegalTransitionError(
                         "plan", plan_id, held.plan.status.value, PlanStatus.CANCELLED.value
@@ -380,7 +406,10 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
                     if plan is None:
                         return None
                     status = plan.status
-                    self._cache(plan_id, status)
+                    # Only an ended plan's status, read here: another node may drive a
+                    # plan not held here and change its status (several nodes).
+                    if status in PLAN_FINAL:
+                        self._cache(plan_id, status)
                 else:
                     self._status.move_to_end(plan_id)
                 return status
@@ -444,14 +473,30 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         work.ops.append(plan_event("plan.created", plan, message.source_agent, data, now))
         return plan
 
-    async def _plan(self, plan_id: str, work: _Work) -> _Plan:
+    async def _plan(self, plan_id: str, work: _Work, taken: bool = False) -> _Plan:
+        """The plan, to change it: held here, or loaded if this node may drive it (it is
+        its own, no one's or a dead node's: taken); else :class:`DrivenElsewhere`, and
+        the call is forwarded to the node that drives it."""
         held = self._plans.get(plan_id)
         if held is not None:
             return held
         plan = await self._storage.ask(FetchPlan(plan_id))
         if plan is None:
             raise NotFoundError("plan", plan_id)
+        if not taken and not await self._storage.ask(TakePlan(plan_id)):
+            raise DrivenElsewhere(plan)
         return await self._load(plan, work)
+
+    async def _adopt(self, work: _Work) -> int:
+        """Take and reconcile the active plans of no live node (:class:`AdoptPlans`)."""
+        adopted = 0
+        for plan in await self._storage.ask(LoadActivePlans()):
+            if plan.id not in self._plans and await self._storage.ask(TakePlan(plan.id)):
+                await self._load(plan, work)
+                adopted += 1
+        if adopted:
+            log.info("plan executor: adopted %d plan(s) of no live node", adopted)
+        return adopted
 
     def _materialize(self, held: _Plan, work: _Work) -> int:
         """Create a blocked task for every subtask that has none; returns how many."""

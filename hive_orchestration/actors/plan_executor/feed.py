@@ -13,15 +13,26 @@ import anyio
 
 from ...errors import HiveError, RuntimeStoppedError
 from ...messages.events import BroadcastMessage, EventFeed, Lagged, Subscribe
-from ...messages.plans import PlanExecutorMessage, PlanTaskEvents, Resync
+from ...messages.plans import (
+    PLAN_CALL,
+    PLAN_CALL_ANSWERED,
+    PlanExecutorMessage,
+    PlanTaskEvents,
+    Resync,
+    RetryCalls,
+)
 from ...messages.tasks import PLAN_TASK_ENDINGS
 from ...runtime import ActorRef
 
 log = logging.getLogger("hive_orchestration.plans")
 
 #: The task events the feed subscribes to: those that end a subtask, and retries (a task
-#: of a stopped plan that goes back to the queue is cancelled).
-PLAN_EVENT_TYPES = ("task.retrying", *sorted(PLAN_TASK_ENDINGS))
+#: of a stopped plan that goes back to the queue is cancelled); and the calls about a plan
+#: made on a node that does not drive it, with their answers (calls.py).
+PLAN_EVENT_TYPES = ("task.retrying", *sorted(PLAN_TASK_ENDINGS), PLAN_CALL, PLAN_CALL_ANSWERED)
+
+#: How often the executor is told to re-send the forwarded calls still unanswered.
+_RETRY_EVERY = 1.0
 
 
 class PlanFeed:
@@ -45,6 +56,22 @@ class PlanFeed:
         self._capacity = capacity
 
     async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._retry_calls)
+            await self._run()
+            tg.cancel_scope.cancel()
+
+    async def _retry_calls(self) -> None:
+        """Tell the executor each second to re-send forwarded calls still unanswered
+        (nothing to do, on one node: the message is dropped if its mailbox is full)."""
+        while True:
+            await anyio.sleep(_RETRY_EVERY)
+            try:
+                self._plans.try_tell(RetryCalls())
+            except RuntimeStoppedError:
+                return
+
+    async def _run(self) -> None:
         while True:
             try:
                 if not await self._follow():
@@ -62,7 +89,7 @@ class PlanFeed:
         with EventFeed() as receive:
             await self._broadcast.ask(
                 Subscribe(
-                    "task.*",
+                    "*",
                     (),
                     receive,
                     self._capacity,
