@@ -9,10 +9,19 @@ unowned ones only, never another live node's. Clients given the URL find any liv
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -434,3 +443,138 @@ async def test_a_cancel_on_another_node_races_the_driver_completing_subtasks(
             assert raw(pg_url, "SELECT status FROM execution_plans WHERE id = %s", (plan_id,)) == [
                 ("cancelled",)
             ]
+
+
+# -- plans of a dead node -------------------------------------------------------------------
+
+RUNNER = Path(__file__).with_name("_plan_runner.py")
+
+
+@contextlib.asynccontextmanager
+async def _driving_child(url: str, backend: str) -> AsyncIterator[tuple[Process, str]]:
+    """A child process whose runtime creates and starts a three-layer plan of ``step``
+    subtasks (tests/_plan_runner.py ``started``, 4 roots queued); yields it with the
+    plan's id. Killed at the end if still alive."""
+    command = [sys.executable, str(RUNNER), backend, url, "started"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HIVE_ORCHESTRATION_")}
+    process = await anyio.open_process(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env
+    )
+    try:
+        assert process.stdout is not None
+        lines = BufferedByteReceiveStream(process.stdout)
+        with anyio.fail_after(60):
+            while True:
+                line = json.loads(await lines.receive_until(b"\n", 1 << 16))
+                if line["event"] == "started":
+                    break
+        yield process, str(line["plan"])
+    finally:
+        with anyio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            await process.aclose()
+
+
+async def _dies(url: str, process: Process) -> None:
+    """SIGKILL the (maybe stopped) child; wait until its node is dead (its lock gone)."""
+    from hive_orchestration.storage.pg.claim import alive_sql
+
+    [(node,)] = raw(url, "SELECT id FROM hive_nodes WHERE pid = %s", (process.pid,))
+    process.kill()
+    await process.wait()
+    alive = f"SELECT {alive_sql('id')} FROM hive_nodes WHERE id = %s"
+    with anyio.fail_after(30):
+        while raw(url, alive, (node,)) == [(True,)]:  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+
+
+async def _run_steps(node: Runtime, plan_id: str) -> None:
+    from hive_orchestration import PlanStatus
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+
+            async def work() -> None:
+                while True:
+                    claim = await node.claim_task("w", "step", wait=1, start=True)
+                    if claim is not None:
+                        await node.complete_task(claim.lease)
+
+            tg.start_soon(work)
+            done = await node.wait_for_plan(plan_id)
+            tg.cancel_scope.cancel()
+    assert done.status is PlanStatus.COMPLETED
+
+
+async def test_adopt_plans_takes_a_dead_nodes_plan_and_drives_it_on(
+    pg_url: str, anyio_backend: str
+) -> None:
+    # The driver is stopped while its plan's roots complete on another node (which leaves
+    # the plan to its live driver), then killed: nothing of the plan ends any more, so no
+    # node would take it. AdoptPlans (the leader sends it when it finds a node dead) does.
+    from hive_orchestration import PlanStatus
+    from hive_orchestration.messages.plans import AdoptPlans
+
+    async with (
+        _driving_child(pg_url, anyio_backend) as (child, plan_id),
+        Runtime.open(pg_url) as b,
+    ):
+        child.send_signal(signal.SIGSTOP)
+        for _ in range(4):
+            claim = await b.claim_task("w", "step", wait=10, start=True)
+            assert claim is not None
+            assert claim.task.subtask_id is not None
+            assert claim.task.subtask_id.startswith("r")
+            await b.complete_task(claim.lease)
+        await _dies(pg_url, child)
+        # The roots' ends were the child's to apply: the middle layer is not queued.
+        assert await b.claim_task("w", "step") is None
+        assert await b._plans.ask(AdoptPlans()) == 1
+        assert await b._plans.ask(AdoptPlans()) == 0  # its own now
+        [(owner,)] = raw(pg_url, "SELECT node_id FROM execution_plans")
+        assert raw(pg_url, "SELECT pid FROM hive_nodes WHERE id = %s", (owner,)) == [
+            (os.getpid(),)
+        ]  # b's
+        await _run_steps(b, plan_id)
+        assert await b.get_execution_plan_status_cached(plan_id) == PlanStatus.COMPLETED
+    assert [t for _, t in _plan_events(pg_url, plan_id)].count("plan.completed") == 1
+
+
+async def test_a_call_forwarded_to_a_driver_that_dies_unanswered_is_answered_by_another(
+    pg_url: str, anyio_backend: str
+) -> None:
+    # Node b forwards a cancel to the live driver, which is stopped: no answer. The driver
+    # is killed; b sends the call again, takes the plan (a dead node's) and answers it.
+    from hive_orchestration import PlanStatus
+
+    async with (
+        _driving_child(pg_url, anyio_backend) as (child, plan_id),
+        Runtime.open(pg_url) as b,
+    ):
+        child.send_signal(signal.SIGSTOP)
+        answers: list[object] = []
+
+        async def cancel() -> None:
+            answers.append(await b.cancel_plan(plan_id, "driver gone"))
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cancel)
+                while raw(  # noqa: ASYNC110 - the call in the log, unanswered
+                    pg_url, "SELECT count(*) FROM events WHERE type = 'plan.call'"
+                ) == [(0,)]:
+                    await anyio.sleep(0.02)
+                assert not answers
+                await _dies(pg_url, child)
+        [plan] = answers
+        assert isinstance(plan, type(await b.get_execution_plan(plan_id)))
+        assert plan.status is PlanStatus.CANCELLED
+        assert plan.error == "driver gone"
+        await _settled(pg_url, plan_id)
+    events = [t for _, t in _plan_events(pg_url, plan_id)]
+    assert [t for t in events if t in ("plan.completed", "plan.failed", "plan.cancelled")] == [
+        "plan.cancelled"
+    ], events
+    assert events.count("plan.call_answered") == 1, events
