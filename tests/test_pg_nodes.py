@@ -578,3 +578,24 @@ async def test_a_call_forwarded_to_a_driver_that_dies_unanswered_is_answered_by_
         "plan.cancelled"
     ], events
     assert events.count("plan.call_answered") == 1, events
+
+
+async def test_a_call_waiting_for_another_nodes_answer_fails_when_its_node_stops(
+    pg_url: str, anyio_backend: str
+) -> None:
+    # The caller's node stops while its call waits for the driver (stopped): the caller is
+    # told at once, not left waiting for its deadline.
+    from hive_orchestration import RuntimeStoppedError
+    from hive_orchestration.messages.plans import CancelPlan
+
+    async with _driving_child(pg_url, anyio_backend) as (child, plan_id):
+        child.send_signal(signal.SIGSTOP)
+        async with Runtime.open(pg_url) as b:
+            reply = await b._plans.request(CancelPlan(plan_id=plan_id))
+            with anyio.fail_after(30):
+                while raw(  # noqa: ASYNC110 - the call is in the log
+                    pg_url, "SELECT count(*) FROM events WHERE type = 'plan.call'"
+                ) == [(0,)]:
+                    await anyio.sleep(0.02)
+        with anyio.fail_after(10), pytest.raises(RuntimeStoppedError):
+            await reply.wait()

@@ -5,7 +5,7 @@ it asks the TaskManager to create, queue and cancel tasks, and learns how they e
 the event log, through a subscription that :class:`PlanFeed` keeps for it.
 
 How a plan progresses is in :mod:`.progress`, the planning queue in
-:mod:`.planning`.
+:mod:`.planning`, calls about a plan another node drives in :mod:`.calls`.
 
 Durability and recovery. The database holds everything: the plan (``execution_plans``),
 one row per subtask (``plan_execution``) and the tasks themselves, which name their
@@ -44,7 +44,6 @@ from ...messages.plans import (
     PLAN_CALL,
     PLAN_CALL_ANSWERED,
     PLAN_FINAL,
-    SUBTASK_FINAL,
     AdoptPlans,
     ApprovePlan,
     CancelPlan,
@@ -80,9 +79,9 @@ from ...messages.storage import (
     TakePlan,
     Write,
 )
-from ...messages.tasks import CreateTask, CreateTasks, PlansSettled, QueueTasks, TaskManagerMessage
+from ...messages.tasks import CreateTasks, PlansSettled, QueueTasks, TaskManagerMessage
 from ...runtime import Actor, ActorRef, Envelope, Reply
-from .calls import DrivenElsewhere, Pending, forward, on_answer, on_call, resend
+from .calls import DrivenElsewhere, Pending, fail_pending, forward, on_answer, on_call, resend
 from .planning import (
     cancel_request,
     claim_request,
@@ -94,15 +93,15 @@ from .planning import (
 )
 from .progress import (
     apply_policy,
+    materialize,
     maybe_finish,
     on_task_event,
     plan_event,
     queue_ready,
     set_status,
     stop_subtasks,
-    update,
 )
-from .reconcile import reconcile
+from .reconcile import adopt, reconcile
 from .state import _IDLE, _NOT_ENDED, _REQUEST_OPEN, _executing, _Forward, _pending, _Plan, _Work
 
 __all__ = ["PlanExecutor"]
@@ -158,6 +157,9 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         await self._apply(work)
         await self._tell_settled(through)
         log.info("plan executor: %d active plan(s)", len(self._plans))
+
+    async def stopped(self, error: BaseException | None) -> None:
+        fail_pending(self, error)
 
     async def _tell_settled(self, through: int) -> None:
         """Tell the TaskManager that plan task ends up to ``through`` are applied."""
@@ -322,7 +324,7 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
                 resend(self, work)
                 return None
             case AdoptPlans():
-                return await self._adopt(work)
+                return await adopt(self, work)
             case UnclaimedRequest(request=lost):
                 release_unclaimed(self, lost, work, now)
                 return None
@@ -350,7 +352,7 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
                 held = await self._plan(plan_id, work, taken)
                 if held.plan.status in PLAN_FINAL:
                     return 0
-                created = self._materialize(held, work)
+                created = materialize(held, work)
                 return created
             case StartPlan(plan_id=plan_id, source_agent=source):
                 held = await self._plan(plan_id, work, taken)
@@ -360,7 +362,7 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
                 set_status(
                     self, held, PlanStatus.EXECUTING, "plan.started", source, data, work, now
                 )
-                self._materialize(held, work)
+                materialize(held, work)
                 for sub in held.subs.values():
                     if sub.remaining == 0 and sub.state.status is SubtaskStatus.PENDING:
                         queue_ready(held, sub, work, now)
@@ -486,49 +488,6 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         if not taken and not await self._storage.ask(TakePlan(plan_id)):
             raise DrivenElsewhere(plan)
         return await self._load(plan, work)
-
-    async def _adopt(self, work: _Work) -> int:
-        """Take and reconcile the active plans of no live node (:class:`AdoptPlans`)."""
-        adopted = 0
-        for plan in await self._storage.ask(LoadActivePlans()):
-            if plan.id not in self._plans and await self._storage.ask(TakePlan(plan.id)):
-                await self._load(plan, work)
-                adopted += 1
-        if adopted:
-            log.info("plan executor: adopted %d plan(s) of no live node", adopted)
-        return adopted
-
-    def _materialize(self, held: _Plan, work: _Work) -> int:
-        """Create a blocked task for every subtask that has none; returns how many."""
-        plan = held.plan
-        created = 0
-        for spec in plan.subtasks:
-            sub = held.subs[spec.id]
-            if sub.state.task_id is not None or sub.state.status in SUBTASK_FINAL:
-                continue
-            task_id = new_id()
-            work.creates.append(
-                CreateTask(
-                    title=spec.title or spec.id,
-                    task_type=spec.task_type,
-                    payload=spec.payload,
-                    description=spec.description,
-                    priority=spec.priority,
-                    max_retries=spec.max_retries,
-                    timeout=spec.timeout,
-                    requires=spec.requires,
-                    correlation_id=plan.id,
-                    source_agent=plan.source_agent,
-                    task_id=task_id,
-                    plan_id=plan.id,
-                    subtask_id=spec.id,
-                    blocked=True,
-                )
-            )
-            update(held, sub, work, task_id=task_id)
-            held.by_task[task_id] = spec.id
-            created += 1
-        return created
 
     def _cache(self, plan_id: str, status: PlanStatus) -> None:
         self._status[plan_id] = status

@@ -19,12 +19,12 @@ node follows:
 3. The calling node answers its caller from that event: the same answer as on one node
    (a plan is read back and given the status and times the driver answered with).
 
-The calling node re-sends a call every :data:`RESEND_AFTER` seconds until it is answered
-or its caller stops waiting: the driver may have missed it (its feed lagged) or died
-before its write (then the re-sent call is taken by the first node to see it, the caller
-itself included). A driver answers a call id once: a re-sent call that it (or a driver
-before it) answered already is answered again with the first answer, found in memory or
-in the log.
+The calling node re-sends a call not answered within :data:`RESEND_AFTER` seconds (then
+at growing intervals) until it is answered or its caller stops waiting: the driver may
+have missed it (its feed lagged) or died before its write (then the re-sent call is
+taken by the first node to see it, the caller itself included). A call is applied once:
+a re-sent call that its driver (or a driver before it) answered already is answered again
+with the first answer, found in memory or in the log.
 """
 
 from __future__ import annotations
@@ -35,10 +35,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+import anyio
 import msgspec
 
 from ..._ids import new_id
-from ...errors import HiveError, IllegalTransitionError, NotFoundError
+from ...errors import (
+    ActorFailedError,
+    HiveError,
+    IllegalTransitionError,
+    NotFoundError,
+    RuntimeStoppedError,
+)
 from ...messages.events import Event, JsonValue
 from ...messages.plans import (
     PLAN_CALL,
@@ -61,8 +68,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hive_orchestration.plans")
 
-#: A forwarded call not answered after this many seconds is sent again.
+#: A forwarded call not answered after this many seconds is sent again; then after twice
+#: as long, three times... (a loaded driver answers late: each send is an event every node
+#: reads), at most :data:`_RESEND_MAX` apart.
 RESEND_AFTER = 2.0
+_RESEND_MAX = 10.0
 #: A told call (nobody waits for it) is given up after this many sends.
 _TOLD_SENDS = 30
 #: Answers a driver remembers, to answer a re-sent call without reading the log.
@@ -142,14 +152,14 @@ def forward(
 
 
 def resend(pe: PlanExecutor, work: _Work) -> None:
-    """Send again the forwarded calls that have waited :data:`RESEND_AFTER` seconds."""
+    """Send again the forwarded calls that have waited long enough for their answer."""
     now = time.monotonic()
     for call_id, pending in list(pe._calls.items()):
         reply = pending.envelope.reply
         if (reply is not None and reply.done) or (reply is None and pending.sends >= _TOLD_SENDS):
             del pe._calls[call_id]  # its caller stopped waiting (timed out, cancelled)
             continue
-        if now - pending.sent >= RESEND_AFTER:
+        if now - pending.sent >= min(RESEND_AFTER * pending.sends, _RESEND_MAX):
             pending.sent = now
             pending.sends += 1
             work.ops.append(_call_event(call_id, pending))
@@ -282,3 +292,17 @@ async def _decode(pe: PlanExecutor, pending: Pending, data: dict[str, JsonValue]
             error=fields.error,
         )
     raise HiveError(f"the node driving plan {pending.plan_id!r} answered {data!r}")
+
+
+def fail_pending(pe: PlanExecutor, error: BaseException | None) -> None:
+    """The actor stops: the calls it forwarded die with its memory of them, so their
+    callers are told now rather than at their deadline (the driver may still apply them,
+    as a call to a crashed actor may have been applied)."""
+    failure: HiveError
+    if error is None or isinstance(error, anyio.get_cancelled_exc_class()):
+        failure = RuntimeStoppedError("the plan executor stopped before the driver answered")
+    else:
+        failure = ActorFailedError(pe.name, error)
+    for pending in pe._calls.values():
+        pending.envelope.fail(failure)
+    pe._calls.clear()

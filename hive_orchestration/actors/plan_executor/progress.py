@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from ..._ids import new_id
 from ..._plan_steps import PLAN_FAILED, failure_reason
 from ...messages.events import Event, JsonValue
 from ...messages.plans import (
@@ -39,7 +40,7 @@ from ...messages.plans import (
     SubtaskStatus,
 )
 from ...messages.storage import AppendEvent, FetchPlan, SetPlanStatus, TakePlan
-from ...messages.tasks import CancelTasks, TaskStatus
+from ...messages.tasks import CancelTasks, CreateTask, TaskStatus
 from .state import _ENDED, _NOT_STARTED, _executing, _Plan, _Sub, _Work
 
 if TYPE_CHECKING:
@@ -306,3 +307,36 @@ def queue_ready(held: _Plan, sub: _Sub, work: _Work, now: datetime) -> None:
     task_id = sub.state.task_id
     assert task_id is not None  # an executing plan's subtasks all have tasks
     work.release[task_id] = (held.plan.id, sub.state.subtask_id)
+
+
+def materialize(held: _Plan, work: _Work) -> int:
+    """Create a blocked task for every subtask that has none; returns how many."""
+    plan = held.plan
+    created = 0
+    for spec in plan.subtasks:
+        sub = held.subs[spec.id]
+        if sub.state.task_id is not None or sub.state.status in SUBTASK_FINAL:
+            continue
+        task_id = new_id()
+        work.creates.append(
+            CreateTask(
+                title=spec.title or spec.id,
+                task_type=spec.task_type,
+                payload=spec.payload,
+                description=spec.description,
+                priority=spec.priority,
+                max_retries=spec.max_retries,
+                timeout=spec.timeout,
+                requires=spec.requires,
+                correlation_id=plan.id,
+                source_agent=plan.source_agent,
+                task_id=task_id,
+                plan_id=plan.id,
+                subtask_id=spec.id,
+                blocked=True,
+            )
+        )
+        update(held, sub, work, task_id=task_id)
+        held.by_task[task_id] = spec.id
+        created += 1
+    return created
