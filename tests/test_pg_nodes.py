@@ -599,3 +599,29 @@ async def test_a_call_waiting_for_another_nodes_answer_fails_when_its_node_stops
                     await anyio.sleep(0.02)
         with anyio.fail_after(10), pytest.raises(RuntimeStoppedError):
             await reply.wait()
+
+
+async def test_a_dead_drivers_plan_is_taken_at_a_task_end_once_the_trust_in_it_lapses(
+    pg_url: str, anyio_backend: str
+) -> None:
+    # A node trusts for a moment (progress.ELSEWHERE_FOR) that another live node drives a
+    # plan, so as not to ask the database at each of its task ends. The driver dies: a
+    # task end seen after that moment takes the plan, as before the trust.
+    from hive_orchestration.actors.plan_executor import progress
+
+    async with (
+        _driving_child(pg_url, anyio_backend) as (child, plan_id),
+        Runtime.open(pg_url) as b,
+    ):
+        child.send_signal(signal.SIGSTOP)
+        claims = [await b.claim_task("w", "step", wait=10, start=True) for _ in range(4)]
+        first, *others = claims
+        assert first is not None
+        await b.complete_task(first.lease)  # the plan is the (live) child's: trusted
+        await _dies(pg_url, child)
+        await anyio.sleep(progress.ELSEWHERE_FOR)  # the trust lapses: the rule itself
+        for claim in others:
+            assert claim is not None
+            await b.complete_task(claim.lease)
+        await _run_steps(b, plan_id)  # b took it: the next layers are queued
+    assert [t for _, t in _plan_events(pg_url, plan_id)].count("plan.completed") == 1

@@ -139,6 +139,8 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         # Calls about plans another node drives, forwarded to it and waiting for its
         # answer (by call id); and the answers this node gave to such calls (calls.py).
         self._calls: dict[str, Pending] = {}
+        # Plans another live node drives, by when TakePlan said so (progress.py).
+        self._elsewhere: OrderedDict[str, float] = OrderedDict()
         self._answered: OrderedDict[str, dict[str, JsonValue]] = OrderedDict()
 
     # -- start-up and reconciling -----------------------------------------------------------
@@ -324,11 +326,13 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
                 resend(self, work)
                 return None
             case AdoptPlans():
+                self._elsewhere.clear()  # a node died: what it drove is to be taken
                 return await adopt(self, work)
             case UnclaimedRequest(request=lost):
                 release_unclaimed(self, lost, work, now)
                 return None
             case Resync():
+                self._elsewhere.clear()
                 for held in list(self._plans.values()):
                     await reconcile(self, held, work)
                 return None
