@@ -19,8 +19,6 @@ from ..runtime import Request
 from .events import Event, JsonValue
 
 __all__ = [
-    "PLAN_CALL",
-    "PLAN_CALL_ANSWERED",
     "AdoptPlans",
     "ApprovePlan",
     "CancelPlan",
@@ -329,15 +327,6 @@ class RetryCalls(msgspec.Struct, frozen=True):
     """Told by the feed every second: re-send the calls forwarded to another node that
     have waited too long for their answer (the driver missed them, or died before its
     write)."""
-
-
-#: Event types of a call about a plan made on a node that does not drive it: the calling
-#: node logs ``plan.call`` (``data``: ``call_id``, ``call``: the message's name,
-#: ``args``: its fields, ``attempt``), the driver handles it as its own caller's and logs
-#: ``plan.call_answered`` (``call_id``, and ``plan``: its new status and times, ``value``,
-#: or ``error``) in the write that applies it. See actors/plan_executor/calls.py.
-PLAN_CALL = "plan.call"
-PLAN_CALL_ANSWERED = "plan.call_answered"
 
 
 PlanExecutorMessage: TypeAlias = (

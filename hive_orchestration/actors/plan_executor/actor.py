@@ -41,8 +41,6 @@ from ..._ids import new_id
 from ...errors import HiveError, IllegalTransitionError, NotFoundError, RuntimeStoppedError
 from ...messages.events import JsonValue
 from ...messages.plans import (
-    PLAN_CALL,
-    PLAN_CALL_ANSWERED,
     PLAN_FINAL,
     AdoptPlans,
     ApprovePlan,
@@ -81,7 +79,17 @@ from ...messages.storage import (
 )
 from ...messages.tasks import CreateTasks, PlansSettled, QueueTasks, TaskManagerMessage
 from ...runtime import Actor, ActorRef, Envelope, Reply
-from .calls import DrivenElsewhere, Pending, fail_pending, forward, on_answer, on_call, resend
+from .calls import (
+    PLAN_CALL,
+    PLAN_CALL_ANSWERED,
+    DrivenElsewhere,
+    Pending,
+    fail_pending,
+    forward,
+    on_answer,
+    on_call,
+    resend,
+)
 from .planning import (
     cancel_request,
     claim_request,

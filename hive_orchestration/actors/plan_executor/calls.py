@@ -48,8 +48,6 @@ from ...errors import (
 )
 from ...messages.events import Event, JsonValue
 from ...messages.plans import (
-    PLAN_CALL,
-    PLAN_CALL_ANSWERED,
     PLAN_FINAL,
     ApprovePlan,
     CancelPlan,
@@ -67,6 +65,13 @@ if TYPE_CHECKING:
     from .actor import PlanExecutor
 
 log = logging.getLogger("hive_orchestration.plans")
+
+#: The events of a call forwarded to a plan's driver: ``plan.call`` (``data``:
+#: ``call_id``, ``call``: the message's name, ``args``: its fields, ``attempt``) and its
+#: answer ``plan.call_answered`` (``call_id``, and ``plan``: the status and times the
+#: driver set, ``value``, or ``error``).
+PLAN_CALL = "plan.call"
+PLAN_CALL_ANSWERED = "plan.call_answered"
 
 #: A forwarded call not answered after this many seconds is sent again; then after twice
 #: as long, three times... (a loaded driver answers late: each send is an event every node

@@ -14,8 +14,6 @@ import anyio
 from ...errors import HiveError, RuntimeStoppedError
 from ...messages.events import BroadcastMessage, EventFeed, Lagged, Subscribe
 from ...messages.plans import (
-    PLAN_CALL,
-    PLAN_CALL_ANSWERED,
     PlanExecutorMessage,
     PlanTaskEvents,
     Resync,
@@ -23,6 +21,7 @@ from ...messages.plans import (
 )
 from ...messages.tasks import PLAN_TASK_ENDINGS
 from ...runtime import ActorRef
+from .calls import PLAN_CALL, PLAN_CALL_ANSWERED
 
 log = logging.getLogger("hive_orchestration.plans")
 
