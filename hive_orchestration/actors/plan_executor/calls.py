@@ -180,10 +180,13 @@ async def on_call(pe: PlanExecutor, event: Event, work: _Work) -> None:
     if plan_id is None or not isinstance(call_id, str) or kind is None:
         log.warning("event %d: a plan.call this runtime cannot read, ignored", event.seq)
         return
-    if plan_id not in pe._plans and not await pe._storage.ask(TakePlan(plan_id)):
+    held = plan_id in pe._plans
+    if not held and not await pe._storage.ask(TakePlan(plan_id)):
         return  # another live node drives it: its call
     earlier = pe._answered.get(call_id)
-    if earlier is None and isinstance(attempt, int) and attempt > 0:
+    if earlier is None and (not held or (isinstance(attempt, int) and attempt > 0)):
+        # Sent before, or a plan just taken: its driver before this node may have
+        # answered this very call (and died) before this node read it.
         earlier = await _logged_answer(pe, plan_id, call_id)
     if earlier is not None:
         work.ops.append(_event(PLAN_CALL_ANSWERED, plan_id, earlier))
