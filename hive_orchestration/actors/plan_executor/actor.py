@@ -147,9 +147,9 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         # Calls about plans another node drives, forwarded to it and waiting for its
         # answer (by call id); and the answers this node gave to such calls (calls.py).
         self._calls: dict[str, Pending] = {}
+        self._answered: OrderedDict[str, dict[str, JsonValue]] = OrderedDict()
         # Plans another live node drives, by when TakePlan said so (progress.py).
         self._elsewhere: OrderedDict[str, float] = OrderedDict()
-        self._answered: OrderedDict[str, dict[str, JsonValue]] = OrderedDict()
 
     # -- start-up and reconciling -----------------------------------------------------------
 
