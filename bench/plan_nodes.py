@@ -11,6 +11,7 @@ end, the subtasks per second, the ``TakePlan`` requests the three nodes made mea
 workers' ``complete_task`` calls took (p50, p99: their answers wait until the node's plan
 executor has applied the ends, TakePlan round trips included). ``--compare`` alternates
 runs without the cache of plans another node drives (``progress.ELSEWHERE_FOR = 0``).
+One JSON object per run.
 
 Usage (a cluster of your own; a database is created per run, then dropped)::
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import time
 import uuid
 from collections import Counter
@@ -148,7 +150,7 @@ def main() -> None:
                 args.workers,
                 backend=args.backend,
             )
-        print(result, flush=True)
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
