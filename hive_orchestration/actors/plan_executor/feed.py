@@ -12,7 +12,7 @@ import logging
 import anyio
 
 from ...errors import HiveError, RuntimeStoppedError
-from ...messages.events import BroadcastMessage, EventFeed, Lagged, Subscribe
+from ...messages.events import BroadcastMessage, Event, EventFeed, Lagged, Subscribe
 from ...messages.plans import (
     PlanExecutorMessage,
     PlanTaskEvents,
@@ -55,22 +55,6 @@ class PlanFeed:
         self._capacity = capacity
 
     async def run(self) -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._retry_calls)
-            await self._run()
-            tg.cancel_scope.cancel()
-
-    async def _retry_calls(self) -> None:
-        """Tell the executor each second to re-send forwarded calls still unanswered
-        (nothing to do, on one node: the message is dropped if its mailbox is full)."""
-        while True:
-            await anyio.sleep(_RETRY_EVERY)
-            try:
-                self._plans.try_tell(RetryCalls())
-            except RuntimeStoppedError:
-                return
-
-    async def _run(self) -> None:
         while True:
             try:
                 if not await self._follow():
@@ -99,13 +83,24 @@ class PlanFeed:
                 )
             )
             await self._plans.tell(Resync())
+            ticked = anyio.current_time()
             while True:
-                try:
-                    item = await receive.receive()
-                except (anyio.EndOfStream, anyio.ClosedResourceError):
-                    return False  # closed without a Lagged marker: the runtime stopped
+                item: object = None
+                with anyio.move_on_after(_RETRY_EVERY):
+                    try:
+                        item = await receive.receive()
+                    except (anyio.EndOfStream, anyio.ClosedResourceError):
+                        return False  # closed without a Lagged marker: the runtime stopped
+                if anyio.current_time() - ticked >= _RETRY_EVERY:
+                    # Each second: re-send the forwarded calls still unanswered (nothing
+                    # to do on one node; dropped if the executor's mailbox is full).
+                    ticked = anyio.current_time()
+                    self._plans.try_tell(RetryCalls())
+                if item is None:
+                    continue
                 if isinstance(item, Lagged):
                     return True
+                assert isinstance(item, Event)
                 events = [item]
                 lagged = False
                 while len(events) < 1024:
