@@ -93,6 +93,9 @@ class UnifiedEventType(enum.StrEnum):
     PLAN_COMPLETED = "plan.completed"
     PLAN_FAILED = "plan.failed"
     PLAN_CANCELLED = "plan.cancelled"
+    # Several nodes: a call about a plan forwarded to the node that drives it, its answer.
+    PLAN_CALL = "plan.call"
+    PLAN_CALL_ANSWERED = "plan.call_answered"
     PLANNING_REQUESTED = "planning.requested"
     PLANNING_ASSIGNED = "planning.assigned"
     PLANNING_PLANNED = "planning.planned"

@@ -176,7 +176,7 @@ RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
 
 
 def test_every_bench_is_covered() -> None:
-    assert {path.name for path in BENCH.glob("*.py")} == {*RUNS, "nodes.py"}
+    assert {path.name for path in BENCH.glob("*.py")} == {*RUNS, "nodes.py", "plan_nodes.py"}
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
@@ -253,3 +253,27 @@ def test_nodes_bench_runs(backend: str, pg_url: str) -> None:
             assert "not installed" in shape["error"]
         else:
             assert shape["rate"] > 0
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_plan_nodes_bench_runs(backend: str, pg_url: str) -> None:
+    """bench/plan_nodes.py, tiny, once without the cache of plans driven elsewhere and
+    once with it (it makes a database per run beside the session's)."""
+    args = ["--backend", backend, "--url", pg_url, "--plans", "2", "--width", "3"]
+    args += ["--depth", "2", "--workers", "1", "--compare"]
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "plan_nodes.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    runs = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [run["cache"] for run in runs] == [False, True]
+    for run in runs:
+        assert run["subtasks"] == 12
+        assert run["subtasks_per_s"] > 0
+    # Without the cache each end of a subtask is asked about by the two other nodes.
+    assert runs[0]["take_plan_requests"] == 2 * 12
+    assert runs[1]["take_plan_requests"] <= runs[0]["take_plan_requests"]

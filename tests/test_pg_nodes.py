@@ -8,10 +8,20 @@ unowned ones only, never another live node's. Clients given the URL find any liv
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -283,3 +293,335 @@ async def test_a_plan_is_driven_by_its_node_while_other_nodes_run_its_subtasks(
         (plan_id,),
     )
     assert per_subtask == [("a", 1), ("b", 1), ("c", 1), ("d", 1)]
+
+
+# -- calls about a plan made on a node that does not drive it -------------------------------
+
+_DIAMOND = {
+    "subtasks": [
+        {"id": "a", "task_type": "job"},
+        {"id": "b", "task_type": "job", "dependencies": ["a"]},
+        {"id": "c", "task_type": "job", "dependencies": ["a"]},
+        {"id": "d", "task_type": "job", "dependencies": ["b", "c"]},
+    ]
+}
+
+
+def _plan_events(url: str, plan_id: str) -> list[tuple[int, str]]:
+    return [
+        (int(seq), str(type_))
+        for seq, type_ in raw(
+            url,
+            "SELECT seq, type FROM events WHERE plan_id = %s AND type LIKE 'plan.%%' ORDER BY seq",
+            (plan_id,),
+        )
+    ]
+
+
+async def _settled(url: str, plan_id: str) -> None:
+    """Until every subtask row of the plan has ended (its driver applied every end)."""
+    open_rows = (
+        "SELECT (SELECT count(*) FROM plan_execution WHERE plan_id = %s"
+        " AND status IN ('pending', 'ready'))"
+        " + (SELECT count(*) FROM tasks WHERE plan_id = %s"
+        " AND status IN ('blocked', 'queued', 'assigned', 'running'))"
+    )
+    with anyio.fail_after(30):
+        while raw(url, open_rows, (plan_id, plan_id)) != [(0,)]:  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+
+
+async def test_a_plan_cancelled_on_a_node_that_does_not_drive_it_is_cancelled_once(
+    pg_url: str,
+) -> None:
+    # Node a drives the plan (it created it); a client of node b cancels it. The driver
+    # must not go on from its memory (queue the next subtasks, or fail the plan when it
+    # sees its tasks cancelled), and the caller gets what one node would answer.
+    from hive_orchestration import PlanStatus
+
+    async with Runtime.open(pg_url) as a, Runtime.open(pg_url) as b:
+        plan_id = await a.create_execution_plan(_DIAMOND)
+        assert await a.mark_plan_execution_started(plan_id) is True
+        claim = await b.claim_task("w", "job", wait=10, start=True)
+        assert claim is not None  # subtask a runs on b
+        cancelled = await b.cancel_plan(plan_id, "enough")
+        assert cancelled.status is PlanStatus.CANCELLED
+        assert cancelled.error == "enough"
+        assert cancelled.id == plan_id
+        assert cancelled.subtasks  # the whole plan, as stored
+        # Cancelled again, on either node: refused, as on one node.
+        for node in (a, b):
+            with pytest.raises(IllegalTransitionError):
+                await node.cancel_plan(plan_id)
+        await _settled(pg_url, plan_id)
+        for node in (a, b):
+            assert await node.get_execution_plan_status(plan_id) == "cancelled"
+            assert await node.get_execution_plan_status_cached(plan_id) == "cancelled"
+    events = [type_ for _, type_ in _plan_events(pg_url, plan_id)]
+    ends = [t for t in events if t in ("plan.completed", "plan.failed", "plan.cancelled")]
+    assert ends == ["plan.cancelled"], events
+    after = events[events.index("plan.cancelled") :]
+    assert "plan.subtask_ready" not in after, events
+    assert raw(pg_url, "SELECT status, error FROM execution_plans WHERE id = %s", (plan_id,)) == [
+        ("cancelled", "enough")
+    ]
+
+
+async def test_a_plan_started_on_a_node_that_does_not_drive_it_has_one_driver(
+    pg_url: str,
+) -> None:
+    # A draft made on node a, approved and started by clients of node b, run on both.
+    from hive_orchestration import PlanStatus
+
+    async with Runtime.open(pg_url) as a, Runtime.open(pg_url) as b:
+        plan_id = await a.create_execution_plan(_DIAMOND)
+        approved = await b.approve_plan(plan_id)
+        assert approved.status is PlanStatus.APPROVED
+        assert await a.get_execution_plan_status_cached(plan_id) == "approved"
+        assert await b.create_planned_subtasks_from_plan(plan_id) == 4
+        assert await b.create_planned_subtasks_from_plan(plan_id) == 0
+        assert await b.mark_plan_execution_started(plan_id) is True
+        assert await a.mark_plan_execution_started(plan_id) is False
+        assert await b.get_execution_plan_status_cached(plan_id) == "executing"
+        with anyio.fail_after(60):
+            for n in range(4):
+                node = (a, b)[n % 2]
+                claim = await node.claim_task("w", "job", wait=10, start=True)
+                assert claim is not None
+                await node.complete_task(claim.lease)
+            done = await b.wait_for_plan(plan_id, timeout=30)
+        assert done.status is PlanStatus.COMPLETED
+        for node in (a, b):
+            assert await node.get_execution_plan_status_cached(plan_id) == "completed"
+    events = [type_ for _, type_ in _plan_events(pg_url, plan_id)]
+    assert events.count("plan.started") == 1, events
+    assert events.count("plan.completed") == 1, events
+    assert "plan.failed" not in events
+    assert raw(pg_url, "SELECT count(*) FROM tasks WHERE plan_id = %s", (plan_id,)) == [(4,)]
+
+
+async def test_a_cancel_on_another_node_races_the_driver_completing_subtasks(
+    pg_url: str,
+) -> None:
+    # While a worker on the driving node completes subtasks as fast as it can, a client of
+    # the other node cancels: one end, and nothing queued after it.
+    from hive_orchestration import PlanStatus
+
+    chain = {
+        "subtasks": [
+            {"id": f"s{i}", "task_type": "step", "dependencies": [f"s{i - 1}"] if i else []}
+            for i in range(30)
+        ]
+    }
+    async with Runtime.open(pg_url) as a, Runtime.open(pg_url) as b:
+        for round_ in range(4):
+            plan_id = await a.create_execution_plan(chain)
+            assert await a.mark_plan_execution_started(plan_id) is True
+            stop = anyio.Event()
+
+            async def work(stop: anyio.Event) -> None:
+                while not stop.is_set():
+                    claim = await a.claim_task("w", "step", wait=0.2, start=True)
+                    if claim is None:
+                        continue
+                    with contextlib.suppress(IllegalTransitionError, LeaseLostError):
+                        await a.complete_task(claim.lease)  # unless cancelled under it
+
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(work, stop)
+                    for _ in range(2 + 3 * round_):
+                        await anyio.sleep(0.01)
+                    plan = await b.cancel_plan(plan_id)
+                    assert plan.status is PlanStatus.CANCELLED
+                    await _settled(pg_url, plan_id)
+                    stop.set()
+            events = [type_ for _, type_ in _plan_events(pg_url, plan_id)]
+            ends = [t for t in events if t in ("plan.completed", "plan.failed", "plan.cancelled")]
+            assert ends == ["plan.cancelled"], events
+            assert "plan.subtask_ready" not in events[events.index("plan.cancelled") :], events
+            assert raw(pg_url, "SELECT status FROM execution_plans WHERE id = %s", (plan_id,)) == [
+                ("cancelled",)
+            ]
+
+
+# -- plans of a dead node -------------------------------------------------------------------
+
+RUNNER = Path(__file__).with_name("_plan_runner.py")
+
+
+@contextlib.asynccontextmanager
+async def _driving_child(url: str, backend: str) -> AsyncIterator[tuple[Process, str]]:
+    """A child process whose runtime creates and starts a three-layer plan of ``step``
+    subtasks (tests/_plan_runner.py ``started``, 4 roots queued); yields it with the
+    plan's id. Killed at the end if still alive."""
+    command = [sys.executable, str(RUNNER), backend, url, "started"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HIVE_ORCHESTRATION_")}
+    process = await anyio.open_process(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env
+    )
+    try:
+        assert process.stdout is not None
+        lines = BufferedByteReceiveStream(process.stdout)
+        with anyio.fail_after(60):
+            while True:
+                line = json.loads(await lines.receive_until(b"\n", 1 << 16))
+                if line["event"] == "started":
+                    break
+        yield process, str(line["plan"])
+    finally:
+        with anyio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            await process.aclose()
+
+
+async def _dies(url: str, process: Process) -> None:
+    """SIGKILL the (maybe stopped) child; wait until its node is dead (its lock gone)."""
+    from hive_orchestration.storage.pg.claim import alive_sql
+
+    [(node,)] = raw(url, "SELECT id FROM hive_nodes WHERE pid = %s", (process.pid,))
+    process.kill()
+    await process.wait()
+    alive = f"SELECT {alive_sql('id')} FROM hive_nodes WHERE id = %s"
+    with anyio.fail_after(30):
+        while raw(url, alive, (node,)) == [(True,)]:  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+
+
+async def _run_steps(node: Runtime, plan_id: str) -> None:
+    from hive_orchestration import PlanStatus
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+
+            async def work() -> None:
+                while True:
+                    claim = await node.claim_task("w", "step", wait=1, start=True)
+                    if claim is not None:
+                        await node.complete_task(claim.lease)
+
+            tg.start_soon(work)
+            done = await node.wait_for_plan(plan_id)
+            tg.cancel_scope.cancel()
+    assert done.status is PlanStatus.COMPLETED
+
+
+async def test_adopt_plans_takes_a_dead_nodes_plan_and_drives_it_on(
+    pg_url: str, anyio_backend: str
+) -> None:
+    # The driver is stopped while its plan's roots complete on another node (which leaves
+    # the plan to its live driver), then killed: nothing of the plan ends any more, so no
+    # node would take it. AdoptPlans (the leader sends it when it finds a node dead) does.
+    from hive_orchestration import PlanStatus
+    from hive_orchestration.messages.plans import AdoptPlans
+
+    async with (
+        _driving_child(pg_url, anyio_backend) as (child, plan_id),
+        Runtime.open(pg_url) as b,
+    ):
+        child.send_signal(signal.SIGSTOP)
+        for _ in range(4):
+            claim = await b.claim_task("w", "step", wait=10, start=True)
+            assert claim is not None
+            assert claim.task.subtask_id is not None
+            assert claim.task.subtask_id.startswith("r")
+            await b.complete_task(claim.lease)
+        await _dies(pg_url, child)
+        # The roots' ends were the child's to apply: the middle layer is not queued.
+        assert await b.claim_task("w", "step") is None
+        assert await b._plans.ask(AdoptPlans()) == 1
+        assert await b._plans.ask(AdoptPlans()) == 0  # its own now
+        [(owner,)] = raw(pg_url, "SELECT node_id FROM execution_plans")
+        assert raw(pg_url, "SELECT pid FROM hive_nodes WHERE id = %s", (owner,)) == [
+            (os.getpid(),)
+        ]  # b's
+        await _run_steps(b, plan_id)
+        assert await b.get_execution_plan_status_cached(plan_id) == PlanStatus.COMPLETED
+    assert [t for _, t in _plan_events(pg_url, plan_id)].count("plan.completed") == 1
+
+
+async def test_a_call_forwarded_to_a_driver_that_dies_unanswered_is_answered_by_another(
+    pg_url: str, anyio_backend: str
+) -> None:
+    # Node b forwards a cancel to the live driver, which is stopped: no answer. The driver
+    # is killed; b sends the call again, takes the plan (a dead node's) and answers it.
+    from hive_orchestration import PlanStatus
+
+    async with (
+        _driving_child(pg_url, anyio_backend) as (child, plan_id),
+        Runtime.open(pg_url) as b,
+    ):
+        child.send_signal(signal.SIGSTOP)
+        answers: list[object] = []
+
+        async def cancel() -> None:
+            answers.append(await b.cancel_plan(plan_id, "driver gone"))
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cancel)
+                while raw(  # noqa: ASYNC110 - the call in the log, unanswered
+                    pg_url, "SELECT count(*) FROM events WHERE type = 'plan.call'"
+                ) == [(0,)]:
+                    await anyio.sleep(0.02)
+                assert not answers
+                await _dies(pg_url, child)
+        [plan] = answers
+        assert isinstance(plan, type(await b.get_execution_plan(plan_id)))
+        assert plan.status is PlanStatus.CANCELLED
+        assert plan.error == "driver gone"
+        await _settled(pg_url, plan_id)
+    events = [t for _, t in _plan_events(pg_url, plan_id)]
+    assert [t for t in events if t in ("plan.completed", "plan.failed", "plan.cancelled")] == [
+        "plan.cancelled"
+    ], events
+    assert events.count("plan.call_answered") == 1, events
+
+
+async def test_a_call_waiting_for_another_nodes_answer_fails_when_its_node_stops(
+    pg_url: str, anyio_backend: str
+) -> None:
+    # The caller's node stops while its call waits for the driver (stopped): the caller is
+    # told at once, not left waiting for its deadline.
+    from hive_orchestration import RuntimeStoppedError
+    from hive_orchestration.messages.plans import CancelPlan
+
+    async with _driving_child(pg_url, anyio_backend) as (child, plan_id):
+        child.send_signal(signal.SIGSTOP)
+        async with Runtime.open(pg_url) as b:
+            reply = await b._plans.request(CancelPlan(plan_id=plan_id))
+            with anyio.fail_after(30):
+                while raw(  # noqa: ASYNC110 - the call is in the log
+                    pg_url, "SELECT count(*) FROM events WHERE type = 'plan.call'"
+                ) == [(0,)]:
+                    await anyio.sleep(0.02)
+        with anyio.fail_after(10), pytest.raises(RuntimeStoppedError):
+            await reply.wait()
+
+
+async def test_a_dead_drivers_plan_is_taken_at_a_task_end_once_the_trust_in_it_lapses(
+    pg_url: str, anyio_backend: str
+) -> None:
+    # A node trusts for a moment (progress.ELSEWHERE_FOR) that another live node drives a
+    # plan, so as not to ask the database at each of its task ends. The driver dies: a
+    # task end seen after that moment takes the plan, as before the trust.
+    from hive_orchestration.actors.plan_executor import progress
+
+    async with (
+        _driving_child(pg_url, anyio_backend) as (child, plan_id),
+        Runtime.open(pg_url) as b,
+    ):
+        child.send_signal(signal.SIGSTOP)
+        claims = [await b.claim_task("w", "step", wait=10, start=True) for _ in range(4)]
+        first, *others = claims
+        assert first is not None
+        await b.complete_task(first.lease)  # the plan is the (live) child's: trusted
+        await _dies(pg_url, child)
+        await anyio.sleep(progress.ELSEWHERE_FOR)  # the trust lapses: the rule itself
+        for claim in others:
+            assert claim is not None
+            await b.complete_task(claim.lease)
+        await _run_steps(b, plan_id)  # b took it: the next layers are queued
+    assert [t for _, t in _plan_events(pg_url, plan_id)].count("plan.completed") == 1

@@ -19,6 +19,7 @@ from ..runtime import Request
 from .events import Event, JsonValue
 
 __all__ = [
+    "AdoptPlans",
     "ApprovePlan",
     "CancelPlan",
     "CancelPlanningRequest",
@@ -37,6 +38,7 @@ __all__ = [
     "PlanningStatus",
     "QueuePlanningRequest",
     "Resync",
+    "RetryCalls",
     "StartPlan",
     "Subtask",
     "SubtaskState",
@@ -307,6 +309,26 @@ class Resync(msgspec.Struct, frozen=True):
     active plan is reconciled with the database."""
 
 
+class AdoptPlans(Request[int], frozen=True):
+    """Take and reconcile every active plan whose driver is no longer alive.
+
+    On a database several nodes share, a plan is driven by one node (its creator while it
+    lives). A plan whose driver died waits until a node takes it: on a call about it, on
+    the end of one of its tasks, or on this message, which the leader sends a live node
+    when it finds a node dead. The node takes each executing plan (or ended plan with
+    tasks still running) that is no node's or a dead node's, by the same conditional
+    update as any take (so two nodes told at once take each plan once), reconciles it
+    with the database and drives it from then on. The reply counts the plans taken; may
+    be told. On SQLite (one node) it takes nothing and answers 0.
+    """
+
+
+class RetryCalls(msgspec.Struct, frozen=True):
+    """Told by the feed every second: re-send the calls forwarded to another node that
+    have waited too long for their answer (the driver missed them, or died before its
+    write)."""
+
+
 PlanExecutorMessage: TypeAlias = (
     QueuePlanningRequest
     | ClaimPlanningRequest
@@ -321,4 +343,6 @@ PlanExecutorMessage: TypeAlias = (
     | PlanTaskEvents
     | Resync
     | UnclaimedRequest
+    | AdoptPlans
+    | RetryCalls
 )

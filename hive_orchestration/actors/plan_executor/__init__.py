@@ -5,6 +5,7 @@
 - :mod:`.progress`: how a plan reacts when a subtask ends (ready, policy, finishing);
 - :mod:`.reconcile`: making memory agree with the database, after a restart or a gap;
 - :mod:`.planning`: the planning queue;
+- :mod:`.calls`: calls about a plan made on a node that does not drive it (several nodes);
 - :mod:`.feed`: :class:`PlanFeed`, its subscription to the ends of plan tasks.
 """
 

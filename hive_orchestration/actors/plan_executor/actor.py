@@ -5,7 +5,7 @@ it asks the TaskManager to create, queue and cancel tasks, and learns how they e
 the event log, through a subscription that :class:`PlanFeed` keeps for it.
 
 How a plan progresses is in :mod:`.progress`, the planning queue in
-:mod:`.planning`.
+:mod:`.planning`, calls about a plan another node drives in :mod:`.calls`.
 
 Durability and recovery. The database holds everything: the plan (``execution_plans``),
 one row per subtask (``plan_execution``) and the tasks themselves, which name their
@@ -42,7 +42,7 @@ from ...errors import HiveError, IllegalTransitionError, NotFoundError, RuntimeS
 from ...messages.events import JsonValue
 from ...messages.plans import (
     PLAN_FINAL,
-    SUBTASK_FINAL,
+    AdoptPlans,
     ApprovePlan,
     CancelPlan,
     CancelPlanningRequest,
@@ -59,6 +59,7 @@ from ...messages.plans import (
     PlanTaskEvents,
     QueuePlanningRequest,
     Resync,
+    RetryCalls,
     StartPlan,
     SubtaskStatus,
     UnclaimedRequest,
@@ -76,8 +77,19 @@ from ...messages.storage import (
     TakePlan,
     Write,
 )
-from ...messages.tasks import CreateTask, CreateTasks, PlansSettled, QueueTasks, TaskManagerMessage
+from ...messages.tasks import CreateTasks, PlansSettled, QueueTasks, TaskManagerMessage
 from ...runtime import Actor, ActorRef, Envelope, Reply
+from .calls import (
+    PLAN_CALL,
+    PLAN_CALL_ANSWERED,
+    DrivenElsewhere,
+    Pending,
+    fail_pending,
+    forward,
+    on_answer,
+    on_call,
+    resend,
+)
 from .planning import (
     cancel_request,
     claim_request,
@@ -89,15 +101,15 @@ from .planning import (
 )
 from .progress import (
     apply_policy,
+    materialize,
     maybe_finish,
     on_task_event,
     plan_event,
     queue_ready,
     set_status,
     stop_subtasks,
-    update,
 )
-from .reconcile import reconcile
+from .reconcile import adopt, reconcile
 from .state import _IDLE, _NOT_ENDED, _REQUEST_OPEN, _executing, _Forward, _pending, _Plan, _Work
 
 __all__ = ["PlanExecutor"]
@@ -132,6 +144,12 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         # told to the TaskManager, which holds back the answers of the calls that ended a
         # plan's task until then: the caller's next read of the plan sees what was released.
         self._settled = 0
+        # Calls about plans another node drives, forwarded to it and waiting for its
+        # answer (by call id); and the answers this node gave to such calls (calls.py).
+        self._calls: dict[str, Pending] = {}
+        self._answered: OrderedDict[str, dict[str, JsonValue]] = OrderedDict()
+        # Plans another live node drives, by when TakePlan said so (progress.py).
+        self._elsewhere: OrderedDict[str, float] = OrderedDict()
 
     # -- start-up and reconciling -----------------------------------------------------------
 
@@ -149,6 +167,9 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         await self._apply(work)
         await self._tell_settled(through)
         log.info("plan executor: %d active plan(s)", len(self._plans))
+
+    async def stopped(self, error: BaseException | None) -> None:
+        fail_pending(self, error)
 
     async def _tell_settled(self, through: int) -> None:
         """Tell the TaskManager that plan task ends up to ``through`` are applied."""
@@ -196,6 +217,9 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
                 through = max(through, last)
             try:
                 outcome = await self._handle(message, work)
+            except DrivenElsewhere as elsewhere:
+                forward(self, envelope, message, elsewhere.plan.id, work)
+                continue
             except HiveError as exc:
                 if envelope.reply is None:
                     # A told message (events, a resync) cannot be refused to anyone, and
@@ -290,17 +314,33 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
             if status in _IDLE or (held.unfinished == 0 and status in PLAN_FINAL):
                 del self._plans[plan_id]  # reloaded on demand
 
-    async def _handle(self, message: PlanExecutorMessage, work: _Work) -> object:
+    async def _handle(
+        self, message: PlanExecutorMessage, work: _Work, *, taken: bool = False
+    ) -> object:
+        """Handle one message; ``taken``: a call forwarded by another node about a plan
+        this node has just taken (or drives), which must not be forwarded again."""
         now = self._clock()
         match message:
             case PlanTaskEvents(events=events):
                 for event in events:
-                    await on_task_event(self, event, work, now)
+                    if event.type == PLAN_CALL:
+                        await on_call(self, event, work)
+                    elif event.type == PLAN_CALL_ANSWERED:
+                        await on_answer(self, event)
+                    else:
+                        await on_task_event(self, event, work, now)
                 return None
+            case RetryCalls():
+                resend(self, work)
+                return None
+            case AdoptPlans():
+                self._elsewhere.clear()  # a node died: what it drove is to be taken
+                return await adopt(self, work)
             case UnclaimedRequest(request=lost):
                 release_unclaimed(self, lost, work, now)
                 return None
             case Resync():
+                self._elsewhere.clear()
                 for held in list(self._plans.values()):
                     await reconcile(self, held, work)
                 return None
@@ -313,7 +353,7 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
             case CreatePlan():
                 return await self._create(message, work, now)
             case ApprovePlan(plan_id=plan_id, source_agent=source):
-                held = await self._plan(plan_id, work)
+                held = await self._plan(plan_id, work, taken)
                 if held.plan.status is not PlanStatus.DRAFT:
                     raise IllegalTransitionError(
                         "plan", plan_id, held.plan.status.value, PlanStatus.APPROVED.value
@@ -321,20 +361,20 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
                 set_status(self, held, PlanStatus.APPROVED, "plan.approved", source, {}, work, now)
                 return held.plan
             case MaterializePlan(plan_id=plan_id):
-                held = await self._plan(plan_id, work)
+                held = await self._plan(plan_id, work, taken)
                 if held.plan.status in PLAN_FINAL:
                     return 0
-                created = self._materialize(held, work)
+                created = materialize(held, work)
                 return created
             case StartPlan(plan_id=plan_id, source_agent=source):
-                held = await self._plan(plan_id, work)
+                held = await self._plan(plan_id, work, taken)
                 if held.plan.status not in (PlanStatus.DRAFT, PlanStatus.APPROVED):
                     return False
                 data: dict[str, JsonValue] = {"subtask_count": len(held.subs)}
                 set_status(
                     self, held, PlanStatus.EXECUTING, "plan.started", source, data, work, now
                 )
-                self._materialize(held, work)
+                materialize(held, work)
                 for sub in held.subs.values():
                     if sub.remaining == 0 and sub.state.status is SubtaskStatus.PENDING:
                         queue_ready(held, sub, work, now)
@@ -347,7 +387,7 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
                 maybe_finish(self, held, work, now)
                 return True
             case CancelPlan(plan_id=plan_id, reason=reason, source_agent=source):
-                held = await self._plan(plan_id, work)
+                held = await self._plan(plan_id, work, taken)
                 if held.plan.status in PLAN_FINAL:
                     raise IllegalTransitionError(
                         "plan", plan_id, held.plan.status.value, PlanStatus.CANCELLED.value
@@ -380,7 +420,10 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
                     if plan is None:
                         return None
                     status = plan.status
-                    self._cache(plan_id, status)
+                    # Only an ended plan's status, read here: another node may drive a
+                    # plan not held here and change its status (several nodes).
+                    if status in PLAN_FINAL:
+                        self._cache(plan_id, status)
                 else:
                     self._status.move_to_end(plan_id)
                 return status
@@ -444,46 +487,19 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         work.ops.append(plan_event("plan.created", plan, message.source_agent, data, now))
         return plan
 
-    async def _plan(self, plan_id: str, work: _Work) -> _Plan:
+    async def _plan(self, plan_id: str, work: _Work, taken: bool = False) -> _Plan:
+        """The plan, to change it: held here, or loaded if this node may drive it (it is
+        its own, no one's or a dead node's: taken); else :class:`DrivenElsewhere`, and
+        the call is forwarded to the node that drives it."""
         held = self._plans.get(plan_id)
         if held is not None:
             return held
         plan = await self._storage.ask(FetchPlan(plan_id))
         if plan is None:
             raise NotFoundError("plan", plan_id)
+        if not taken and not await self._storage.ask(TakePlan(plan_id)):
+            raise DrivenElsewhere(plan)
         return await self._load(plan, work)
-
-    def _materialize(self, held: _Plan, work: _Work) -> int:
-        """Create a blocked task for every subtask that has none; returns how many."""
-        plan = held.plan
-        created = 0
-        for spec in plan.subtasks:
-            sub = held.subs[spec.id]
-            if sub.state.task_id is not None or sub.state.status in SUBTASK_FINAL:
-                continue
-            task_id = new_id()
-            work.creates.append(
-                CreateTask(
-                    title=spec.title or spec.id,
-                    task_type=spec.task_type,
-                    payload=spec.payload,
-                    description=spec.description,
-                    priority=spec.priority,
-                    max_retries=spec.max_retries,
-                    timeout=spec.timeout,
-                    requires=spec.requires,
-                    correlation_id=plan.id,
-                    source_agent=plan.source_agent,
-                    task_id=task_id,
-                    plan_id=plan.id,
-                    subtask_id=spec.id,
-                    blocked=True,
-                )
-            )
-            update(held, sub, work, task_id=task_id)
-            held.by_task[task_id] = spec.id
-            created += 1
-        return created
 
     def _cache(self, plan_id: str, status: PlanStatus) -> None:
         self._status[plan_id] = status

@@ -12,16 +12,26 @@ import logging
 import anyio
 
 from ...errors import HiveError, RuntimeStoppedError
-from ...messages.events import BroadcastMessage, EventFeed, Lagged, Subscribe
-from ...messages.plans import PlanExecutorMessage, PlanTaskEvents, Resync
+from ...messages.events import BroadcastMessage, Event, EventFeed, Lagged, Subscribe
+from ...messages.plans import (
+    PlanExecutorMessage,
+    PlanTaskEvents,
+    Resync,
+    RetryCalls,
+)
 from ...messages.tasks import PLAN_TASK_ENDINGS
 from ...runtime import ActorRef
+from .calls import PLAN_CALL, PLAN_CALL_ANSWERED
 
 log = logging.getLogger("hive_orchestration.plans")
 
 #: The task events the feed subscribes to: those that end a subtask, and retries (a task
-#: of a stopped plan that goes back to the queue is cancelled).
-PLAN_EVENT_TYPES = ("task.retrying", *sorted(PLAN_TASK_ENDINGS))
+#: of a stopped plan that goes back to the queue is cancelled); and the calls about a plan
+#: made on a node that does not drive it, with their answers (calls.py).
+PLAN_EVENT_TYPES = ("task.retrying", *sorted(PLAN_TASK_ENDINGS), PLAN_CALL, PLAN_CALL_ANSWERED)
+
+#: How often the executor is told to re-send the forwarded calls still unanswered.
+_RETRY_EVERY = 1.0
 
 
 class PlanFeed:
@@ -62,7 +72,7 @@ class PlanFeed:
         with EventFeed() as receive:
             await self._broadcast.ask(
                 Subscribe(
-                    "task.*",
+                    "*",
                     (),
                     receive,
                     self._capacity,
@@ -73,13 +83,24 @@ class PlanFeed:
                 )
             )
             await self._plans.tell(Resync())
+            ticked = anyio.current_time()
             while True:
-                try:
-                    item = await receive.receive()
-                except (anyio.EndOfStream, anyio.ClosedResourceError):
-                    return False  # closed without a Lagged marker: the runtime stopped
+                item: object = None
+                with anyio.move_on_after(_RETRY_EVERY):
+                    try:
+                        item = await receive.receive()
+                    except (anyio.EndOfStream, anyio.ClosedResourceError):
+                        return False  # closed without a Lagged marker: the runtime stopped
+                if anyio.current_time() - ticked >= _RETRY_EVERY:
+                    # Each second: re-send the forwarded calls still unanswered (nothing
+                    # to do on one node; dropped if the executor's mailbox is full).
+                    ticked = anyio.current_time()
+                    self._plans.try_tell(RetryCalls())
+                if item is None:
+                    continue
                 if isinstance(item, Lagged):
                     return True
+                assert isinstance(item, Event)
                 events = [item]
                 lagged = False
                 while len(events) < 1024:

@@ -22,12 +22,14 @@ batch's :class:`_Work`; the actor (:mod:`.actor`) applies that once the batch is
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 import msgspec
 
+from ..._ids import new_id
 from ..._plan_steps import PLAN_FAILED, failure_reason
 from ...messages.events import Event, JsonValue
 from ...messages.plans import (
@@ -39,7 +41,7 @@ from ...messages.plans import (
     SubtaskStatus,
 )
 from ...messages.storage import AppendEvent, FetchPlan, SetPlanStatus, TakePlan
-from ...messages.tasks import CancelTasks, TaskStatus
+from ...messages.tasks import CancelTasks, CreateTask, TaskStatus
 from .state import _ENDED, _NOT_STARTED, _executing, _Plan, _Sub, _Work
 
 if TYPE_CHECKING:
@@ -57,7 +59,13 @@ async def on_task_event(pe: PlanExecutor, event: Event, work: _Work, now: dateti
         # A plan not in memory (a draft whose task was cancelled, say): load it, which
         # reconciles it, this task included; unless another live runtime drives it (a
         # database several nodes share: each follows the whole log).
+        if driven_elsewhere(pe, event.plan_id):
+            return
         if not await pe._storage.ask(TakePlan(event.plan_id)):
+            pe._elsewhere[event.plan_id] = time.monotonic()
+            pe._elsewhere.move_to_end(event.plan_id)
+            while len(pe._elsewhere) > pe._cache_size:
+                pe._elsewhere.popitem(last=False)
             return
         plan = await pe._storage.ask(FetchPlan(event.plan_id))
         if plan is None:
@@ -90,6 +98,28 @@ async def on_task_event(pe: PlanExecutor, event: Event, work: _Work, now: dateti
         update(held, sub, work, task_id=None)
         held.by_task.pop(event.task_id, None)
     settle(pe, held, sub, ended, error if isinstance(error, str) else None, work, now)
+
+
+#: How long a node trusts that another live node drives a plan (TakePlan said so) before
+#: it asks again on the plan's next task end. Without it a node pays a round trip to the
+#: database (an update of no row) for every task end of every plan another node drives,
+#: and the answers of the calls that ended them wait for it (the TaskManager holds them
+#: until this actor has applied those ends). The price: a driver that dies is noticed
+#: from a task end up to this much later; AdoptPlans (sent when a node is found dead)
+#: forgets every such entry at once.
+ELSEWHERE_FOR = 1.0
+
+
+def driven_elsewhere(pe: PlanExecutor, plan_id: str) -> bool:
+    """Whether TakePlan said, less than :data:`ELSEWHERE_FOR` ago, that another live
+    node drives the plan."""
+    asked = pe._elsewhere.get(plan_id)
+    if asked is None:
+        return False
+    if time.monotonic() - asked < ELSEWHERE_FOR:
+        return True
+    del pe._elsewhere[plan_id]
+    return False
 
 
 def settle(
@@ -306,3 +336,36 @@ def queue_ready(held: _Plan, sub: _Sub, work: _Work, now: datetime) -> None:
     task_id = sub.state.task_id
     assert task_id is not None  # an executing plan's subtasks all have tasks
     work.release[task_id] = (held.plan.id, sub.state.subtask_id)
+
+
+def materialize(held: _Plan, work: _Work) -> int:
+    """Create a blocked task for every subtask that has none; returns how many."""
+    plan = held.plan
+    created = 0
+    for spec in plan.subtasks:
+        sub = held.subs[spec.id]
+        if sub.state.task_id is not None or sub.state.status in SUBTASK_FINAL:
+            continue
+        task_id = new_id()
+        work.creates.append(
+            CreateTask(
+                title=spec.title or spec.id,
+                task_type=spec.task_type,
+                payload=spec.payload,
+                description=spec.description,
+                priority=spec.priority,
+                max_retries=spec.max_retries,
+                timeout=spec.timeout,
+                requires=spec.requires,
+                correlation_id=plan.id,
+                source_agent=plan.source_agent,
+                task_id=task_id,
+                plan_id=plan.id,
+                subtask_id=spec.id,
+                blocked=True,
+            )
+        )
+        update(held, sub, work, task_id=task_id)
+        held.by_task[task_id] = spec.id
+        created += 1
+    return created

@@ -13,11 +13,12 @@ plan's tasks back from the database and repairs whatever memory missed.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from ..._plan_steps import PLAN_FAILED, failing, first_failure
 from ...messages.plans import SUBTASK_FINAL, PlanStatus, SubtaskStatus
-from ...messages.storage import LoadPlanTasks
+from ...messages.storage import LoadActivePlans, LoadPlanTasks, TakePlan
 from ...messages.tasks import CancelTasks
 from .state import (
     _NOT_ENDED,
@@ -34,6 +35,8 @@ from .state import (
 if TYPE_CHECKING:
     from .actor import PlanExecutor
 from .progress import maybe_finish, queue_ready, settle, stop_subtasks, update
+
+log = logging.getLogger("hive_orchestration.plans")
 
 
 async def reconcile(pe: PlanExecutor, held: _Plan, work: _Work) -> None:
@@ -103,3 +106,15 @@ async def reconcile(pe: PlanExecutor, held: _Plan, work: _Work) -> None:
         statuses = _NOT_ENDED if plan_status is PlanStatus.CANCELLED else _NOT_STARTED
         work.cancels.append(CancelTasks(task_ids=tuple(stray), statuses=statuses, reason=reason))
     maybe_finish(pe, held, work, now)
+
+
+async def adopt(pe: PlanExecutor, work: _Work) -> int:
+    """Take and reconcile the active plans of no live node (:class:`AdoptPlans`)."""
+    adopted = 0
+    for plan in await pe._storage.ask(LoadActivePlans()):
+        if plan.id not in pe._plans and await pe._storage.ask(TakePlan(plan.id)):
+            await pe._load(plan, work)
+            adopted += 1
+    if adopted:
+        log.info("plan executor: adopted %d plan(s) of no live node", adopted)
+    return adopted
