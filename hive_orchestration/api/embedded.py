@@ -252,7 +252,7 @@ class Runtime(
         storage_services = tuple(service.run for service in (readers, feed) if service is not None)
         # Where several runtimes share one database: one leads, doing what dead nodes leave
         # (a service of the last actor: every actor it tells has started by then).
-        leader = store.leadership(ActorDuties(tasks, workers, schedules))
+        leader = store.leadership(ActorDuties(tasks, workers, schedules, plans))
         subscription_ids = itertools.count(1)
         wall = wall_clock or _utc_now
         # Every deadline (leases, timeouts, backoffs, liveness, claim waits) runs on the

@@ -9,6 +9,8 @@ the leader's epoch:
 - the workers to the WorkerRegistry
   (:class:`~hive_orchestration.messages.workers.WorkersLost`), which declares them offline
   as a missed heartbeat does;
+- the plans to the PlanExecutor (:class:`~hive_orchestration.messages.plans.AdoptPlans`),
+  which takes (by a conditional update) and reconciles the executing plans of no live node;
 - and at each poll, whether this node leads, to the Scheduler
   (:class:`~hive_orchestration.messages.leader.Leading`): slots fire on the leader only.
 
@@ -23,6 +25,7 @@ from contextlib import suppress
 
 from ..errors import HiveError, RuntimeStoppedError
 from ..messages.leader import Leading, RecoverClaims
+from ..messages.plans import AdoptPlans, PlanExecutorMessage
 from ..messages.schedules import SchedulerMessage
 from ..messages.tasks import TaskManagerMessage
 from ..messages.workers import WorkerRegistryMessage, WorkersLost
@@ -36,17 +39,19 @@ log = logging.getLogger("hive_orchestration.storage")
 
 class ActorDuties:
     """The :class:`~.port.LeaderDuties` of a runtime whose actors are ``tasks``,
-    ``workers`` and ``schedules``."""
+    ``workers``, ``schedules`` and ``plans``."""
 
     def __init__(
         self,
         tasks: ActorRef[TaskManagerMessage],
         workers: ActorRef[WorkerRegistryMessage],
         schedules: ActorRef[SchedulerMessage],
+        plans: ActorRef[PlanExecutorMessage],
     ) -> None:
         self._tasks = tasks
         self._workers = workers
         self._schedules = schedules
+        self._plans = plans
 
     async def leading(self, epoch: int | None) -> None:
         # A full mailbox: the next poll tells it again.
@@ -75,6 +80,17 @@ class ActorDuties:
                     "leader (epoch %d): %d worker(s) of dead node(s) %s declared offline",
                     found.epoch,
                     lost,
+                    ", ".join(found.nodes),
+                )
+            if found.plans:
+                # Not fenced by the epoch: a take is a conditional update of a dead
+                # node's plan, right whoever makes it (two nodes take a plan once).
+                adopted = await self._plans.ask(AdoptPlans())
+                log.warning(
+                    "leader (epoch %d): took %d of %d plan(s) of dead node(s) %s",
+                    found.epoch,
+                    adopted,
+                    found.plans,
                     ", ".join(found.nodes),
                 )
         except HiveError as exc:

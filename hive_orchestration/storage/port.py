@@ -386,13 +386,15 @@ class DeadNodes:
     claims (:class:`~hive_orchestration.messages.leader.RecoverClaims`), their workers
     still marked live, each with the dead node that watched it
     (:class:`~hive_orchestration.messages.workers.WorkersLost`), and the dead nodes' ids
-    (for what else a dead node leaves: its plans are another node's to take)."""
+    (for the log), and how many executing plans they drove (to be adopted:
+    :class:`~hive_orchestration.messages.plans.AdoptPlans`)."""
 
     epoch: int
     nodes: tuple[str, ...]
     claims: tuple[DeadClaim, ...] = ()
     workers: tuple[Worker, ...] = ()
     worker_nodes: tuple[str, ...] = ()
+    plans: int = 0
 
 
 class LeaderDuties(Protocol):

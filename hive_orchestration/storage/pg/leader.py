@@ -81,12 +81,15 @@ _DEAD = (
     f" SELECT node_id FROM tasks WHERE status IN {_HOLDING} AND node_id IS NOT NULL"
     " UNION"
     " SELECT node_id FROM workers WHERE status <> 'offline' AND node_id IS NOT NULL"
+    " UNION"
+    " SELECT node_id FROM execution_plans WHERE status = 'executing' AND node_id IS NOT NULL"
     f") AS holders (n) WHERE n <> %s AND NOT {alive_sql('n')}"
 )
 _CLAIMS = (
     f"SELECT id, version, node_id FROM tasks WHERE status IN {_HOLDING}"
     " AND node_id = ANY(%s) ORDER BY id LIMIT %s"
 )
+_PLANS = "SELECT count(*) FROM execution_plans WHERE status = 'executing' AND node_id = ANY(%s)"
 _WORKERS = (
     f"SELECT {WORKER_COLUMNS}, node_id FROM workers"
     " WHERE status <> 'offline' AND node_id = ANY(%s) ORDER BY id LIMIT %s"
@@ -223,7 +226,9 @@ class Leader:
                 for task_id, version, node in conn.execute(_CLAIMS, (due, BATCH))
             )
             rows = conn.execute(_WORKERS, (due, BATCH)).fetchall()
-        if not claims and not rows:
+            counted = conn.execute(_PLANS, (due,)).fetchone()
+            plans = 0 if counted is None else int(counted[0])
+        if not claims and not rows and not plans:
             return None
         return DeadNodes(
             epoch=epoch,
@@ -231,6 +236,7 @@ class Leader:
             claims=claims,
             workers=tuple(worker_from_row(row[:-1]) for row in rows),
             worker_nodes=tuple(str(row[-1]) for row in rows),
+            plans=plans,
         )
 
     def _step_down(self, why: str) -> None:
