@@ -274,6 +274,7 @@ def test_plan_nodes_bench_runs(backend: str, pg_url: str) -> None:
     for run in runs:
         assert run["subtasks"] == 12
         assert run["subtasks_per_s"] > 0
-    # Without the cache each end of a subtask is asked about by the two other nodes.
-    assert runs[0]["take_plan_requests"] == 2 * 12
+    # Without the cache each end of a subtask is asked about by the two other nodes, at
+    # most (a node that has already seen the plan end does not ask: CI saw 23 once).
+    assert 12 <= runs[0]["take_plan_requests"] <= 2 * 12
     assert runs[1]["take_plan_requests"] <= runs[0]["take_plan_requests"]

@@ -6,8 +6,7 @@ planner agent, which takes it, and answers it with a plan or fails it.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -20,12 +19,10 @@ from ..._validate import (
     check_str,
     encode_json_object,
 )
-from ...config import RuntimeConfig
 from ...listing import check_after, check_limit
 from ...messages.plans import (
     CancelPlanningRequest,
     ClaimPlanningRequest,
-    PlanExecutorMessage,
     PlanningRequest,
     PlanningStatus,
     QueuePlanningRequest,
@@ -33,39 +30,19 @@ from ...messages.plans import (
 from ...messages.storage import (
     FetchPlanningRequest,
     QueryPlanningRequests,
-    StorageMessage,
 )
-from ...runtime import ActorRef
-from .caller import Caller
+from .plan_base import PlanCalls
 
 if TYPE_CHECKING:
-    from ..subscription import Subscription
+    pass
 
 __all__ = ["PlanningOps"]
 
 _MAX_PRIORITY = 2**31 - 1
 
 
-class PlanningOps(Caller):
-    """Mixed into :class:`Runtime`; needs ``_plans``, ``_storage``, ``_config`` and
-    ``subscribe``."""
-
-    _plans: ActorRef[PlanExecutorMessage]
-    _storage: ActorRef[StorageMessage]
-    _config: RuntimeConfig
-
-    def _check_open(self) -> None:  # pragma: no cover - provided by Runtime
-        raise NotImplementedError
-
-    def subscribe(  # pragma: no cover - provided by Runtime
-        self,
-        pattern: str = "*",
-        *,
-        buffer: int | None = None,
-        overflow: Literal["error", "drop"] | None = None,
-        **filters: str,
-    ) -> AbstractAsyncContextManager[Subscription]:
-        raise NotImplementedError
+class PlanningOps(PlanCalls):
+    """Mixed into :class:`Runtime` (see :class:`PlanCalls`)."""
 
     async def queue_planning_request(
         self,

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import anyio
 import msgspec
@@ -30,7 +29,6 @@ from ..._validate import (
     check_str,
     encode_json_object,
 )
-from ...config import RuntimeConfig
 from ...errors import InvalidInputError, NotFoundError, RequestTimeoutError
 from ...listing import check_after, check_limit
 from ...messages.plan_data import DependencyResults, LoadDependencyResults
@@ -44,7 +42,6 @@ from ...messages.plans import (
     GetPlan,
     GetPlanStatus,
     MaterializePlan,
-    PlanExecutorMessage,
     PlanProgress,
     PlanStatus,
     StartPlan,
@@ -56,15 +53,13 @@ from ...messages.storage import (
     LoadSubtasks,
     NextPlannedTask,
     QueryPlans,
-    StorageMessage,
 )
 from ...messages.tasks import Task
-from ...runtime import ActorRef
-from .caller import Caller
+from .plan_base import PlanCalls
 from .plan_checks import check_payloads, check_subtasks
 
 if TYPE_CHECKING:
-    from ..subscription import Subscription
+    pass
 
 __all__ = ["PlanOps"]
 
@@ -74,26 +69,8 @@ _MAX_DEPENDENCY_PAGE = 1000
 _PLAN_KEYS = ("subtasks",)
 
 
-class PlanOps(Caller):
-    """Mixed into :class:`Runtime`; needs ``_plans``, ``_storage``, ``_config`` and
-    ``subscribe``."""
-
-    _plans: ActorRef[PlanExecutorMessage]
-    _storage: ActorRef[StorageMessage]
-    _config: RuntimeConfig
-
-    def _check_open(self) -> None:  # pragma: no cover - provided by Runtime
-        raise NotImplementedError
-
-    def subscribe(  # pragma: no cover - provided by Runtime
-        self,
-        pattern: str = "*",
-        *,
-        buffer: int | None = None,
-        overflow: Literal["error", "drop"] | None = None,
-        **filters: str,
-    ) -> AbstractAsyncContextManager[Subscription]:
-        raise NotImplementedError
+class PlanOps(PlanCalls):
+    """Mixed into :class:`Runtime` (see :class:`PlanCalls`)."""
 
     # -- plans ------------------------------------------------------------------------------
 
