@@ -355,11 +355,13 @@ class Node:
         return self.stderr.read_text(errors="replace")[-4000:]
 
 
-async def _start(url: str, backend: str, folder: Path, name: str, lease: float) -> Node:
+async def _start(
+    url: str, backend: str, folder: Path, name: str, lease: float, hold: int = 0
+) -> Node:
     stderr = folder / f"{name}.err"
     with stderr.open("wb") as err:
         process = await anyio.open_process(
-            [sys.executable, str(NODE), backend, url, "4", str(lease), "0.05"],
+            [sys.executable, str(NODE), backend, url, "4", str(lease), "0.05", str(hold)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=err,
@@ -385,11 +387,14 @@ async def _kill_a_node_under_load(
 ) -> None:
     lease = 20.0  # the lease bound the dead node's claims must be requeued within
     count = 300
-    first = await _start(pg_url, backend, tmp, "first", lease)
+    # The victim also holds one claim it never ends: its four workers' claims may all be
+    # committing their completions when the kill lands (one group commit), leaving none
+    # to requeue (seen in CI).
+    first = await _start(pg_url, backend, tmp, "first", lease, hold=int(leader_dies))
     children = [first]
     try:
         await until(lambda: leader(pg_url)[1] == first.id, "the first node leads")
-        second = await _start(pg_url, backend, tmp, "second", lease)
+        second = await _start(pg_url, backend, tmp, "second", lease, hold=int(not leader_dies))
         children.append(second)
         epoch = leader(pg_url)[0]
         victim, survivor = (first, second) if leader_dies else (second, first)
