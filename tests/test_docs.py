@@ -365,3 +365,33 @@ def test_every_extra_is_in_the_readmes_and_the_home_pages_tables() -> None:
         first_cells = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| `")]
         listed = set(re.findall(r"`(\w+)`", " ".join(first_cells)))
         assert extras - listed == set(), page
+
+
+def test_each_test_the_guarantees_table_names_links_to_its_source_on_the_site() -> None:
+    """The site has no repository to link into: mkdocs_hooks.py generates a page per test
+    file the table names, and links each name in the table to its test's section there."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        import mkdocs_hooks as hooks
+    finally:
+        sys.path.remove(str(ROOT))
+    page = (DOCS / "delivery.md").read_text()
+    pages = hooks.proofs_pages(page)
+    linked = hooks.link_table(page)
+    references = hooks.references(page)
+    assert len(references) > 60
+    for file, name in references:
+        shown = pages[hooks.page_of(file)]
+        if name and not name.endswith("..."):
+            # The link's anchor and the test's own source are on its page.
+            assert f"]({hooks.target(file, name)})" in linked, (file, name)
+            assert f"{{ #{name} }}" in shown, (file, name)
+            assert re.search(rf"(async )?def {name}\(", shown), (file, name)
+        assert f"]({hooks.page_of(file)})" in pages[hooks.PROOFS], file
+    # Outside the table, the page is unchanged.
+    start = page.index("## Guarantees and the tests that prove them")
+    assert linked[:start] == page[:start]
+    # A row naming a test that is not there fails the build.
+    broken = page.replace("::test_acknowledged_events_survive_sigkill", "::test_not_there", 1)
+    with pytest.raises(ValueError, match="test_not_there"):
+        hooks.proofs_pages(broken)
