@@ -71,6 +71,16 @@ class FenceWorker(msgspec.Struct, frozen=True, tag="fence_worker"):
     node_id: str
 
 
+class FencePlanningRequest(msgspec.Struct, frozen=True, tag="fence_planning_request"):
+    """The write fails whole unless the planning request is still ``status``, held by
+    ``agent`` ("" for none): on a store several nodes share, each change of a request is
+    decided on the row as read, and another node's change since is a conflict."""
+
+    request_id: str
+    status: str
+    agent: str = ""
+
+
 class SetTaskState(msgspec.Struct, frozen=True, tag="set_task_state"):
     """Write the state columns of a task already written (its status and what moves with
     it); the columns fixed at creation are left alone. The row must exist: a missing one
@@ -190,6 +200,7 @@ WriteOp: TypeAlias = (
     | FenceTask
     | FenceLeader
     | FenceWorker
+    | FencePlanningRequest
     | PutRun
     | SetRunState
     | PutWorker

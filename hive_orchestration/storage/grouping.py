@@ -16,6 +16,7 @@ from ..messages.storage import (
     DeleteTaskRow,
     DeleteWorkerRow,
     FenceLeader,
+    FencePlanningRequest,
     FenceTask,
     FenceWorker,
     PutPlan,
@@ -58,6 +59,10 @@ from .schedules import schedule_statement
 FENCE_LEADER = "UPDATE hive_leader SET epoch = epoch WHERE id = 1 AND epoch = ?"
 #: A dead node's worker is still that node's (it did not come back on a live node).
 FENCE_WORKER = "UPDATE workers SET node_id = node_id WHERE id = ? AND node_id = ?"
+FENCE_REQUEST = (
+    "UPDATE planning_queue SET status = status"
+    " WHERE id = ? AND status = ? AND COALESCE(assigned_agent, '') = ?"
+)
 
 
 def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
@@ -119,7 +124,7 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
                 deleted.append(task_id)
             case FenceTask(task_id=task_id):
                 fences.setdefault(task_id, op)
-            case FenceLeader() | FenceWorker():
+            case FenceLeader() | FenceWorker() | FencePlanningRequest():
                 duty.append(_in_order(op))
             case PutWorker(worker=worker):
                 workers[worker.id] = worker
@@ -140,7 +145,11 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
             or any(run.task_id in deleted for run in runs.values())
         )
     ) or (gone and not workers.keys().isdisjoint(gone)):
-        rest = [op for op in ops if not isinstance(op, AppendEvent | FenceLeader | FenceWorker)]
+        rest = [
+            op
+            for op in ops
+            if not isinstance(op, AppendEvent | FenceLeader | FenceWorker | FencePlanningRequest)
+        ]
         return duty + [s for op in rest for s in _in_order_all(op)]
     # The fences first, in one order on every node: they lock the rows the write changes,
     # so two nodes' writes of the same tasks wait for each other, never deadlock.
@@ -209,6 +218,8 @@ def _in_order(op: WriteOp) -> Statement:
             return (FENCE_LEADER, (epoch,))
         case FenceWorker(worker_id=worker_id, node_id=node_id):
             return (FENCE_WORKER, (worker_id, node_id))
+        case FencePlanningRequest(request_id=request_id, status=status, agent=agent):
+            return (FENCE_REQUEST, (request_id, status, agent))
         case PutWorker(worker=worker):
             return worker_statement(worker)
         case DeleteWorkerRow(worker_id=worker_id):

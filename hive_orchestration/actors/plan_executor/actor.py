@@ -38,7 +38,13 @@ from datetime import UTC, datetime
 import msgspec
 
 from ..._ids import new_id
-from ...errors import HiveError, IllegalTransitionError, NotFoundError, RuntimeStoppedError
+from ...errors import (
+    HiveError,
+    IllegalTransitionError,
+    NotFoundError,
+    RuntimeStoppedError,
+    StorageError,
+)
 from ...messages.events import JsonValue
 from ...messages.plans import (
     PLAN_FINAL,
@@ -74,6 +80,7 @@ from ...messages.storage import (
     PutPlanningRequest,
     PutSubtask,
     StorageMessage,
+    StoreFences,
     TakePlan,
     Write,
 )
@@ -91,6 +98,7 @@ from .calls import (
     resend,
 )
 from .planning import (
+    ATTEMPTS,
     cancel_request,
     claim_request,
     find_request,
@@ -98,6 +106,7 @@ from .planning import (
     release_unclaimed,
     remember_request,
     request_changed,
+    write_fenced,
 )
 from .progress import (
     apply_policy,
@@ -137,7 +146,10 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         # so it is never stale; the entries of plans not in memory are bounded (LRU).
         self._status: OrderedDict[str, PlanStatus] = OrderedDict()
         self._cache_size = cache_size
-        self._requests: dict[str, PlanningRequest] = {}  # pending and assigned
+        # Pending and assigned requests, on a store of its own (on one several nodes
+        # share, the database is the queue: planning.py).
+        self._shared = False
+        self._requests: dict[str, PlanningRequest] = {}
         self._pending: list[tuple[int, datetime, int, str]] = []  # heap: best pending first
         self._arrivals = 0  # ties on priority and time go first come, first served
         # The log position up to which every plan task's end has been applied (committed),
@@ -157,8 +169,10 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         # Loading reconciles every active plan with what the database holds by now, so
         # everything logged before the loads is settled once they are applied.
         through = (await self._storage.ask(GetStorageStats())).last_seq
-        for request in await self._storage.ask(LoadPlanningRequests(_REQUEST_OPEN)):
-            remember_request(self, request)
+        self._shared = await self._storage.ask(StoreFences())
+        if not self._shared:
+            for request in await self._storage.ask(LoadPlanningRequests(_REQUEST_OPEN)):
+                remember_request(self, request)
         work = _Work()
         for plan in await self._storage.ask(LoadActivePlans()):
             # Another live runtime's plan (a database several nodes share) is its to drive.
@@ -267,7 +281,7 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
             again = _Work()
             now = self._clock()
             for lost in unclaimed:
-                release_unclaimed(self, lost, again, now)
+                await release_unclaimed(self, lost, again, now)
             await self._finish(again)
 
     async def _apply(self, work: _Work) -> None:
@@ -337,7 +351,7 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
                 self._elsewhere.clear()  # a node died: what it drove is to be taken
                 return await adopt(self, work)
             case UnclaimedRequest(request=lost):
-                release_unclaimed(self, lost, work, now)
+                await release_unclaimed(self, lost, work, now)
                 return None
             case Resync():
                 self._elsewhere.clear()
@@ -347,7 +361,7 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
             case QueuePlanningRequest():
                 return queue_request(self, message, work, now)
             case ClaimPlanningRequest(agent_id=agent_id):
-                return claim_request(self, agent_id, work, now)
+                return await claim_request(self, agent_id, work, now)
             case CancelPlanningRequest(request_id=request_id, reason=reason, failed=failed):
                 return await cancel_request(self, request_id, reason, failed, work, now)
             case CreatePlan():
@@ -433,59 +447,76 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
 
     async def _create(self, message: CreatePlan, work: _Work, now: datetime) -> ExecutionPlan:
         plan_id = new_id()
-        request_id = message.planning_task_id
-        if request_id is None:
-            # Every plan answers a request: one made for it, already planned.
-            title = message.plan_data.get("title")
-            request = PlanningRequest(
-                id=new_id(),
-                task_description=title if isinstance(title, str) and title else "execution plan",
-                requestor=message.source_agent,
-                status=PlanningStatus.PLANNED,
-                completed_at=now,
-                created_at=now,
-            )
-            work.ops.append(PutPlanningRequest(request))
-            request_id = request.id
-        else:
-            request = await find_request(self, request_id)
-            if request.status.value in _REQUEST_OPEN:
-                planned = msgspec.structs.replace(
-                    request, status=PlanningStatus.PLANNED, completed_at=now
+        for _ in range(ATTEMPTS):
+            request_id = message.planning_task_id
+            own = work
+            read: PlanningRequest | None = None
+            if request_id is None:
+                # Every plan answers a request: one made for it, already planned.
+                title = message.plan_data.get("title")
+                described = title if isinstance(title, str) and title else "execution plan"
+                request = PlanningRequest(
+                    id=new_id(),
+                    task_description=described,
+                    requestor=message.source_agent,
+                    status=PlanningStatus.PLANNED,
+                    completed_at=now,
+                    created_at=now,
                 )
-                self._requests.pop(request_id, None)
-                data: dict[str, JsonValue] = {"plan_id": plan_id}
-                request_changed(self, planned, "planning.planned", data, work, now)
-        plan = ExecutionPlan(
-            id=plan_id,
-            planning_task_id=request_id,
-            status=PlanStatus.APPROVED if message.approved else PlanStatus.DRAFT,
-            plan_data=message.plan_data,
-            subtasks=message.subtasks,
-            failure_policy=message.failure_policy,
-            estimated_duration=message.estimated_duration,
-            estimated_complexity=message.estimated_complexity,
-            generated_workflow=message.generated_workflow,
-            subtask_count=len(message.subtasks),
-            dependency_count=sum(len(spec.dependencies) for spec in message.subtasks),
-            source_agent=message.source_agent,
-            generated_at=now,
+                work.ops.append(PutPlanningRequest(request))
+                request_id = request.id
+            else:
+                request = await find_request(self, request_id)
+                if request.status.value in _REQUEST_OPEN:
+                    planned = msgspec.structs.replace(
+                        request, status=PlanningStatus.PLANNED, completed_at=now
+                    )
+                    self._requests.pop(request_id, None)
+                    if self._shared:
+                        # Planned with the plan's own rows in one write fenced by the
+                        # request as read (planning.py): another node may end it meanwhile.
+                        own, read = _Work(), request
+                    data: dict[str, JsonValue] = {"plan_id": plan_id}
+                    request_changed(self, planned, "planning.planned", data, own, now)
+            plan = ExecutionPlan(
+                id=plan_id,
+                planning_task_id=request_id,
+                status=PlanStatus.APPROVED if message.approved else PlanStatus.DRAFT,
+                plan_data=message.plan_data,
+                subtasks=message.subtasks,
+                failure_policy=message.failure_policy,
+                estimated_duration=message.estimated_duration,
+                estimated_complexity=message.estimated_complexity,
+                generated_workflow=message.generated_workflow,
+                subtask_count=len(message.subtasks),
+                dependency_count=sum(len(spec.dependencies) for spec in message.subtasks),
+                source_agent=message.source_agent,
+                generated_at=now,
+            )
+            own.ops.append(PutPlan(plan, message.plan_data_json))
+            held = _Plan.build(plan, ())
+            created: dict[str, JsonValue] = {
+                "status": plan.status.value,
+                "planning_task_id": request_id,
+                "subtask_count": plan.subtask_count,
+                "dependency_count": plan.dependency_count,
+                "failure_policy": plan.failure_policy.value,
+            }
+            own.ops.append(plan_event("plan.created", plan, message.source_agent, created, now))
+            if read is None:
+                for sub in held.subs.values():
+                    work.dirty[plan_id, sub.state.subtask_id] = None
+            else:
+                own.ops += [PutSubtask(sub.state) for sub in held.subs.values()]
+                if not await write_fenced(self, read, own.ops):
+                    continue  # the request changed on another node: decide again
+            self._plans[plan_id] = held
+            self._cache(plan_id, plan.status)
+            return plan
+        raise StorageError(
+            f"planning request {message.planning_task_id!r} kept changing on other nodes;"
+            " no plan was created"
         )
-        work.ops.append(PutPlan(plan, message.plan_data_json))
-        held = _Plan.build(plan, ())
-        self._plans[plan_id] = held
-        for sub in held.subs.values():
-            work.dirty[plan_id, sub.state.subtask_id] = None
-        self._cache(plan_id, plan.status)
-        data = {
-            "status": plan.status.value,
-            "planning_task_id": request_id,
-            "subtask_count": plan.subtask_count,
-            "dependency_count": plan.dependency_count,
-            "failure_policy": plan.failure_policy.value,
-        }
-        work.ops.append(plan_event("plan.created", plan, message.source_agent, data, now))
-        return plan
 
     async def _plan(self, plan_id: str, work: _Work, taken: bool = False) -> _Plan:
         """The plan, to change it: held here, or loaded if this node may drive it (it is

@@ -7,6 +7,13 @@ and ``planning.cancelled``, with the request id as correlation id.
 
 Separate from the plans themselves: a request only meets a plan when the plan that
 answers it is created (:mod:`.actor`).
+
+On a store several nodes share (PostgreSQL), the database is the queue: a request queued
+on one node is claimed, cancelled or planned on any other, so this node's memory of the
+queue would be stale. There, each change of a request is decided on its row as read and
+written at once, fenced by what was read (:class:`FencePlanningRequest`): another node's
+change since fails the write, and the change is decided again on the row as it is now.
+A claim reads the pending requests best first and takes the first no other node took.
 """
 
 from __future__ import annotations
@@ -18,17 +25,51 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from ..._ids import new_id
-from ...errors import IllegalTransitionError, NotFoundError
+from ...errors import IllegalTransitionError, NotFoundError, StorageError
 from ...messages.events import Event, JsonValue
 from ...messages.plans import PlanningRequest, PlanningStatus, QueuePlanningRequest
-from ...messages.storage import AppendEvent, FetchPlanningRequest, PutPlanningRequest
+from ...messages.storage import (
+    AppendEvent,
+    FencePlanningRequest,
+    FetchPlanningRequest,
+    LoadPlanningRequests,
+    PutPlanningRequest,
+    Write,
+    WriteOp,
+)
 from .state import _REQUEST_OPEN, _Work
 
 if TYPE_CHECKING:
     from .actor import PlanExecutor
 
 
+#: How many times a change of a request is decided again after other nodes changed it.
+ATTEMPTS = 16
+
+# Writes are waited for without a deadline, as the TaskManager waits for its commits.
+_NO_DEADLINE = float("inf")
+
+
+def _fence(request: PlanningRequest) -> FencePlanningRequest:
+    return FencePlanningRequest(request.id, request.status.value, request.assigned_agent or "")
+
+
+async def write_fenced(pe: PlanExecutor, read: PlanningRequest, ops: list[WriteOp]) -> bool:
+    """On a shared store: write ``ops`` at once if ``read`` is still the request's row;
+    False if another node changed the request since (nothing written)."""
+    try:
+        await pe._storage.ask(Write((_fence(read), *ops)), timeout=_NO_DEADLINE)
+    except StorageError:
+        now = await pe._storage.ask(FetchPlanningRequest(read.id))
+        if now is not None and _fence(now) == _fence(read):
+            raise  # the fence held: the write failed for a reason of its own
+        return False
+    return True
+
+
 def remember_request(pe: PlanExecutor, request: PlanningRequest) -> None:
+    if pe._shared:
+        return  # the database is the queue (module docstring)
     pe._requests[request.id] = request
     if request.status is PlanningStatus.PENDING:
         pe._arrivals += 1
@@ -37,7 +78,7 @@ def remember_request(pe: PlanExecutor, request: PlanningRequest) -> None:
 
 
 async def find_request(pe: PlanExecutor, request_id: str) -> PlanningRequest:
-    request = pe._requests.get(request_id)
+    request = None if pe._shared else pe._requests.get(request_id)
     if request is None:
         request = await pe._storage.ask(FetchPlanningRequest(request_id))
         if request is None:
@@ -68,8 +109,19 @@ def request_changed(
     work.ops.append(AppendEvent(event, msgspec.json.encode(data)))
 
 
-def release_unclaimed(pe: PlanExecutor, lost: PlanningRequest, work: _Work, now: datetime) -> None:
+async def release_unclaimed(
+    pe: PlanExecutor, lost: PlanningRequest, work: _Work, now: datetime
+) -> None:
     """Its planner stopped waiting before it received the request: nobody holds it."""
+    data: dict[str, JsonValue] = {"reason": "the planner stopped waiting"}
+    if pe._shared:
+        back = msgspec.structs.replace(
+            lost, status=PlanningStatus.PENDING, assigned_agent=None, assigned_at=None
+        )
+        own = _Work()
+        request_changed(pe, back, "planning.released", data, own, now)
+        await write_fenced(pe, lost, own.ops)  # False: it moved on since, not ours to release
+        return
     current = pe._requests.get(lost.id)
     if (
         current is None
@@ -82,7 +134,6 @@ def release_unclaimed(pe: PlanExecutor, lost: PlanningRequest, work: _Work, now:
         current, status=PlanningStatus.PENDING, assigned_agent=None, assigned_at=None
     )
     remember_request(pe, back)
-    data: dict[str, JsonValue] = {"reason": "the planner stopped waiting"}
     request_changed(pe, back, "planning.released", data, work, now)
 
 
@@ -108,10 +159,12 @@ def queue_request(
     return request
 
 
-def claim_request(
+async def claim_request(
     pe: PlanExecutor, agent_id: str, work: _Work, now: datetime
 ) -> PlanningRequest | None:
     """Hand the best pending request to ``agent_id`` (``planning.assigned``), if any."""
+    if pe._shared:
+        return await _claim_shared(pe, agent_id, now)
     while pe._pending:
         *_, request_id = heapq.heappop(pe._pending)
         waiting = pe._requests.get(request_id)
@@ -130,6 +183,25 @@ def claim_request(
     return None
 
 
+async def _claim_shared(pe: PlanExecutor, agent_id: str, now: datetime) -> PlanningRequest | None:
+    """The best pending request no other node took first, read from the database."""
+    data: dict[str, JsonValue] = {"agent_id": agent_id}
+    for _ in range(ATTEMPTS):
+        pending = await pe._storage.ask(LoadPlanningRequests((PlanningStatus.PENDING.value,)))
+        if not pending:
+            return None
+        for waiting in pending:  # best first: priority, then age
+            claimed = msgspec.structs.replace(
+                waiting, status=PlanningStatus.ASSIGNED, assigned_agent=agent_id, assigned_at=now
+            )
+            own = _Work()
+            request_changed(pe, claimed, "planning.assigned", data, own, now, source=agent_id)
+            if await write_fenced(pe, waiting, own.ops):
+                return claimed
+        # Other nodes took every one read: read again (they may have queued more).
+    return None
+
+
 async def cancel_request(
     pe: PlanExecutor,
     request_id: str,
@@ -139,14 +211,23 @@ async def cancel_request(
     now: datetime,
 ) -> PlanningRequest:
     """An open request ends unplanned: cancelled, or failed by its planner."""
-    request = await find_request(pe, request_id)
     target = PlanningStatus.FAILED if failed else PlanningStatus.CANCELLED
-    if request.status.value not in _REQUEST_OPEN:
-        raise IllegalTransitionError(
-            "planning request", request_id, request.status.value, target.value
-        )
-    ended = msgspec.structs.replace(request, status=target, completed_at=now, error=reason)
-    pe._requests.pop(request_id, None)
     data: dict[str, JsonValue] = {"reason": reason}
-    request_changed(pe, ended, f"planning.{target.value}", data, work, now)
-    return ended
+    for _ in range(ATTEMPTS):
+        request = await find_request(pe, request_id)
+        if request.status.value not in _REQUEST_OPEN:
+            raise IllegalTransitionError(
+                "planning request", request_id, request.status.value, target.value
+            )
+        ended = msgspec.structs.replace(request, status=target, completed_at=now, error=reason)
+        if not pe._shared:
+            pe._requests.pop(request_id, None)
+            request_changed(pe, ended, f"planning.{target.value}", data, work, now)
+            return ended
+        own = _Work()
+        request_changed(pe, ended, f"planning.{target.value}", data, own, now)
+        if await write_fenced(pe, request, own.ops):
+            return ended
+    raise StorageError(
+        f"planning request {request_id!r} kept changing on other nodes; nothing was changed"
+    )
