@@ -60,10 +60,19 @@ async def test_nodes_claiming_at_once_hand_each_request_out_once(pg_url: str) ->
         queued = [await first.queue_planning_request(f"r{i}") for i in range(20)]
         queued += [await second.queue_planning_request(f"s{i}") for i in range(20)]
         got: list[tuple[str, str]] = []
+        # Every planner's first claim races all the others' (8 claims at once, 4 on each
+        # node, 40 requests): one planner may not drain the queue before the rest start.
+        first_round, raced = anyio.Event(), 0
 
         async def planner(runtime: Runtime, name: str) -> None:
+            nonlocal raced
             while (request := await runtime.claim_planning_request(name)) is not None:
                 got.append((request.id, name))
+                if not first_round.is_set():
+                    raced += 1
+                    if raced == 8:
+                        first_round.set()
+                    await first_round.wait()
 
         async with anyio.create_task_group() as group:
             for index in range(4):

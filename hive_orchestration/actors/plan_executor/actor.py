@@ -4,8 +4,8 @@ It turns a plan's subtasks into tasks and drives the plan to an end, by messages
 it asks the TaskManager to create, queue and cancel tasks, and learns how they end from
 the event log, through a subscription that :class:`PlanFeed` keeps for it.
 
-How a plan progresses is in :mod:`.progress`, the planning queue in
-:mod:`.planning`, calls about a plan another node drives in :mod:`.calls`.
+How a plan is created is in :mod:`.creating`, how it progresses in :mod:`.progress`, the
+planning queue in :mod:`.planning`, calls about a plan another node drives in :mod:`.calls`.
 
 Durability and recovery. The database holds everything: the plan (``execution_plans``),
 one row per subtask (``plan_execution``) and the tasks themselves, which name their
@@ -35,15 +35,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-import msgspec
-
-from ..._ids import new_id
 from ...errors import (
     HiveError,
     IllegalTransitionError,
     NotFoundError,
     RuntimeStoppedError,
-    StorageError,
 )
 from ...messages.events import JsonValue
 from ...messages.plans import (
@@ -60,7 +56,6 @@ from ...messages.plans import (
     MaterializePlan,
     PlanExecutorMessage,
     PlanningRequest,
-    PlanningStatus,
     PlanStatus,
     PlanTaskEvents,
     QueuePlanningRequest,
@@ -76,8 +71,6 @@ from ...messages.storage import (
     LoadActivePlans,
     LoadPlanningRequests,
     LoadSubtasks,
-    PutPlan,
-    PutPlanningRequest,
     PutSubtask,
     StorageMessage,
     StoreFences,
@@ -97,23 +90,19 @@ from .calls import (
     on_call,
     resend,
 )
+from .creating import create_plan
 from .planning import (
-    ATTEMPTS,
     cancel_request,
     claim_request,
-    find_request,
     queue_request,
     release_unclaimed,
     remember_request,
-    request_changed,
-    write_fenced,
 )
 from .progress import (
     apply_policy,
     materialize,
     maybe_finish,
     on_task_event,
-    plan_event,
     queue_ready,
     set_status,
     stop_subtasks,
@@ -365,7 +354,7 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
             case CancelPlanningRequest(request_id=request_id, reason=reason, failed=failed):
                 return await cancel_request(self, request_id, reason, failed, work, now)
             case CreatePlan():
-                return await self._create(message, work, now)
+                return await create_plan(self, message, work, now)
             case ApprovePlan(plan_id=plan_id, source_agent=source):
                 held = await self._plan(plan_id, work, taken)
                 if held.plan.status is not PlanStatus.DRAFT:
@@ -444,79 +433,6 @@ class PlanExecutor(Actor[PlanExecutorMessage]):
         raise HiveError(f"the plan executor does not handle {type(message).__name__}")
 
     # -- plans ------------------------------------------------------------------------------
-
-    async def _create(self, message: CreatePlan, work: _Work, now: datetime) -> ExecutionPlan:
-        plan_id = new_id()
-        for _ in range(ATTEMPTS):
-            request_id = message.planning_task_id
-            own = work
-            read: PlanningRequest | None = None
-            if request_id is None:
-                # Every plan answers a request: one made for it, already planned.
-                title = message.plan_data.get("title")
-                described = title if isinstance(title, str) and title else "execution plan"
-                request = PlanningRequest(
-                    id=new_id(),
-                    task_description=described,
-                    requestor=message.source_agent,
-                    status=PlanningStatus.PLANNED,
-                    completed_at=now,
-                    created_at=now,
-                )
-                work.ops.append(PutPlanningRequest(request))
-                request_id = request.id
-            else:
-                request = await find_request(self, request_id)
-                if request.status.value in _REQUEST_OPEN:
-                    planned = msgspec.structs.replace(
-                        request, status=PlanningStatus.PLANNED, completed_at=now
-                    )
-                    self._requests.pop(request_id, None)
-                    if self._shared:
-                        # Planned with the plan's own rows in one write fenced by the
-                        # request as read (planning.py): another node may end it meanwhile.
-                        own, read = _Work(), request
-                    data: dict[str, JsonValue] = {"plan_id": plan_id}
-                    request_changed(self, planned, "planning.planned", data, own, now)
-            plan = ExecutionPlan(
-                id=plan_id,
-                planning_task_id=request_id,
-                status=PlanStatus.APPROVED if message.approved else PlanStatus.DRAFT,
-                plan_data=message.plan_data,
-                subtasks=message.subtasks,
-                failure_policy=message.failure_policy,
-                estimated_duration=message.estimated_duration,
-                estimated_complexity=message.estimated_complexity,
-                generated_workflow=message.generated_workflow,
-                subtask_count=len(message.subtasks),
-                dependency_count=sum(len(spec.dependencies) for spec in message.subtasks),
-                source_agent=message.source_agent,
-                generated_at=now,
-            )
-            own.ops.append(PutPlan(plan, message.plan_data_json))
-            held = _Plan.build(plan, ())
-            created: dict[str, JsonValue] = {
-                "status": plan.status.value,
-                "planning_task_id": request_id,
-                "subtask_count": plan.subtask_count,
-                "dependency_count": plan.dependency_count,
-                "failure_policy": plan.failure_policy.value,
-            }
-            own.ops.append(plan_event("plan.created", plan, message.source_agent, created, now))
-            if read is None:
-                for sub in held.subs.values():
-                    work.dirty[plan_id, sub.state.subtask_id] = None
-            else:
-                own.ops += [PutSubtask(sub.state) for sub in held.subs.values()]
-                if not await write_fenced(self, read, own.ops):
-                    continue  # the request changed on another node: decide again
-            self._plans[plan_id] = held
-            self._cache(plan_id, plan.status)
-            return plan
-        raise StorageError(
-            f"planning request {message.planning_task_id!r} kept changing on other nodes;"
-            " no plan was created"
-        )
 
     async def _plan(self, plan_id: str, work: _Work, taken: bool = False) -> _Plan:
         """The plan, to change it: held here, or loaded if this node may drive it (it is
