@@ -250,6 +250,32 @@ async def test_a_node_leaves_another_live_nodes_workers_alone(pg_url: str) -> No
         assert raw(pg_url, "SELECT count(*) FROM events WHERE type = 'worker.offline'") == [(0,)]
 
 
+async def test_every_node_reads_the_workers_registered_with_the_others(pg_url: str) -> None:
+    # A worker belongs to the node it talks to, which watches it; reading workers on any
+    # node shows every node's, so that an orchestrator on one node sees the whole pool.
+    from hive_orchestration import WorkerStatus
+
+    async with Runtime.open(pg_url) as first, Runtime.open(pg_url) as second:
+        await first.register_worker("coder", role="coder", capabilities=["python"])
+        await second.register_worker("tester", role="tester")
+        await second.create_task("build", {}, requires="python")
+        for node in (first, second):
+            assert {w.id for w in await node.get_active_workers()} == {"coder", "tester"}
+            assert [w.id for w in await node.get_active_workers(role="coder")] == ["coder"]
+            assert {w.id for w in await node.list_workers()} == {"coder", "tester"}
+            theirs = await node.get_worker("tester")
+            assert theirs is not None
+            assert theirs.role == "tester"
+            # The python task has a live worker that can take it, on the other node.
+            assert await node.get_unroutable_tasks() == []
+        await first.unregister_worker("coder")
+        assert await second.get_worker("coder") is None
+        await second.update_worker_heartbeat("tester", WorkerStatus.OFFLINE)
+        assert await first.get_active_workers() == []
+        [offline] = await first.list_workers(WorkerStatus.OFFLINE)
+        assert offline.id == "tester"
+
+
 async def test_a_plan_is_driven_by_its_node_while_other_nodes_run_its_subtasks(
     pg_url: str,
 ) -> None:

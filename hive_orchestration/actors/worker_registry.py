@@ -48,6 +48,7 @@ from ..messages.storage import (
     LoadWorkers,
     PutWorker,
     StorageMessage,
+    StoreFences,
     Write,
     WriteOp,
 )
@@ -73,6 +74,7 @@ __all__ = ["WorkerRegistry"]
 log = logging.getLogger("hive_orchestration.workers")
 
 _WRITES = (RegisterWorker, WorkerHeartbeat, UnregisterWorker)
+_READS = (GetWorker, GetActiveWorkers, GetWorkers)
 
 
 @dataclass(slots=True)
@@ -82,6 +84,9 @@ class _Batch:
     #: Workers whose claims the TaskManager must release once this batch is committed.
     releases: list[tuple[str, str]] = field(default_factory=list)
     answers: list[tuple[Envelope[WorkerRegistryMessage], object]] = field(default_factory=list)
+    #: On a store several nodes share: the workers other nodes watch, read for this
+    #: batch's reads (None: no read in the batch, or one node).
+    others: dict[str, Worker] | None = None
 
 
 class WorkerRegistry(Actor[WorkerRegistryMessage]):
@@ -112,8 +117,10 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
         self._alive: dict[str, float] = {}
         self._deadlines: list[tuple[float, str]] = []  # (heartbeat deadline, worker id)
         self._scheduled: set[str] = set()  # workers with an entry in the heap: one each
+        self._shared = False  # a store several nodes share (PostgreSQL)
 
     async def started(self) -> None:
+        self._shared = await self._storage.ask(StoreFences())
         workers = await self._storage.ask(LoadWorkers(watched=True))
         self._workers = {worker.id: worker for worker in workers}
         self._mono = self._monotonic()
@@ -158,6 +165,15 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
         batch = [e for e in batch if not isinstance(e.message, WorkersLost)]
         work = _Batch()
         self._expire(work, now)
+        if self._shared and any(isinstance(e.message, _READS) for e in batch):
+            try:
+                work.others = await self._others()
+            except StorageError as exc:
+                for envelope in batch:
+                    if isinstance(envelope.message, _READS):
+                        envelope.started = True
+                        envelope.fail(exc)
+                batch = [e for e in batch if not isinstance(e.message, _READS)]
         for envelope in batch:
             envelope.started = True
             try:
@@ -186,18 +202,19 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
             case RegisterWorker():
                 return self._register(message, work, now)
             case GetWorker(worker_id=worker_id):
-                return self._workers.get(worker_id)
+                held = self._workers.get(worker_id)
+                return held if held is not None or not work.others else work.others.get(worker_id)
             case GetActiveWorkers(role=role):
                 live = [
                     worker
-                    for worker in self._workers.values()
+                    for worker in self._every(work)
                     if worker.status is not WorkerStatus.OFFLINE
                     and (role is None or worker.role == role)
                 ]
                 live.sort(key=lambda worker: worker.last_heartbeat, reverse=True)
                 return live
             case GetWorkers(status=status):
-                found = [w for w in self._workers.values() if status is None or w.status is status]
+                found = [w for w in self._every(work) if status is None or w.status is status]
                 found.sort(key=lambda worker: worker.last_heartbeat, reverse=True)
                 return found
             case WorkerHeartbeat(worker_id=worker_id, status=status):
@@ -219,6 +236,18 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
             case RegistryWake():
                 return None  # what was due was settled when the batch began
         raise HiveError(f"the worker registry does not handle {type(message).__name__}")
+
+    async def _others(self) -> dict[str, Worker]:
+        """The workers of the other nodes of a shared store, as their rows stand: each
+        node writes its own workers' rows, and only it knows their last sign of life to
+        the moment (a busy worker's row catches up with its next write)."""
+        stored = await self._storage.ask(LoadWorkers())
+        return {worker.id: worker for worker in stored if worker.id not in self._workers}
+
+    def _every(self, work: _Batch) -> list[Worker]:
+        """This node's workers, and on a shared store the other nodes' too."""
+        mine = list(self._workers.values())
+        return mine if not work.others else mine + list(work.others.values())
 
     def _register(self, message: RegisterWorker, work: _Batch, now: datetime) -> Worker:
         previous = self._workers.get(message.worker_id)
