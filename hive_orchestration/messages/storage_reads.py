@@ -223,7 +223,10 @@ class QueryPlanningRequests(Request[list[PlanningRequest]], frozen=True, kw_only
 
 
 class LoadPlanningRequests(Request[tuple[PlanningRequest, ...]], frozen=True):
+    """The requests in ``statuses``, best first (priority, then age); at most ``limit``."""
+
     statuses: tuple[str, ...]
+    limit: int | None = None
 
 
 class CheckDependencies(Request[dict[str, bool]], frozen=True):

@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 
 #: How many times a change of a request is decided again after other nodes changed it.
 ATTEMPTS = 16
+#: How many of the best pending requests a claim on a shared store reads at a time: a
+#: queue of any length costs a claim one short read, not the whole table.
+_PAGE = 32
 
 # Writes are waited for without a deadline, as the TaskManager waits for its commits.
 _NO_DEADLINE = float("inf")
@@ -187,7 +190,9 @@ async def _claim_shared(pe: PlanExecutor, agent_id: str, now: datetime) -> Plann
     """The best pending request no other node took first, read from the database."""
     data: dict[str, JsonValue] = {"agent_id": agent_id}
     for _ in range(ATTEMPTS):
-        pending = await pe._storage.ask(LoadPlanningRequests((PlanningStatus.PENDING.value,)))
+        pending = await pe._storage.ask(
+            LoadPlanningRequests((PlanningStatus.PENDING.value,), limit=_PAGE)
+        )
         if not pending:
             return None
         for waiting in pending:  # best first: priority, then age

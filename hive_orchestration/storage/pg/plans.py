@@ -174,10 +174,11 @@ async def query_plans(db: Driver, message: StorageMessage) -> object:
                 PAGE_SQL, db, request_sql, status, limit, after
             )
             return [request_from_row(row) for row in await db.fetchall(*statement)]
-        case LoadPlanningRequests(statuses=statuses):
+        case LoadPlanningRequests(statuses=statuses, limit=limit):
             rows = await db.fetchall(
-                f"{request_sql} WHERE status = ANY(?) ORDER BY priority DESC, created_at, id",
-                (list(statuses),),
+                f"{request_sql} WHERE status = ANY(?) ORDER BY priority DESC, created_at, id"
+                " LIMIT ?",
+                (list(statuses), limit),  # LIMIT NULL: no limit
             )
             return tuple(request_from_row(row) for row in rows)
         case CheckDependencies(task_ids=task_ids):

@@ -139,11 +139,11 @@ async def query_plans(db: Driver, message: StorageMessage) -> object:
         case QueryPlanningRequests(status=status, limit=limit, after=after):
             statement = await request_page_sql(db, request_sql, status, limit, after)
             return [request_from_row(row) for row in await db.fetchall(*statement)]
-        case LoadPlanningRequests(statuses=statuses):
+        case LoadPlanningRequests(statuses=statuses, limit=limit):
             rows = await db.fetchall(
                 f"{request_sql} WHERE status IN ({_marks(statuses)})"
-                " ORDER BY priority DESC, created_at, rowid",
-                statuses,
+                " ORDER BY priority DESC, created_at, rowid LIMIT ?",
+                (*statuses, -1 if limit is None else limit),  # LIMIT -1: no limit
             )
             return tuple(request_from_row(row) for row in rows)
         case CheckDependencies(task_ids=task_ids):
