@@ -23,14 +23,23 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 psycopg = pytest.importorskip("psycopg")
 
-from hive_orchestration import Runtime, TaskStatus, WorkerStatus  # noqa: E402
+from hive_orchestration import (  # noqa: E402
+    RetentionPolicy,
+    Runtime,
+    RuntimeConfig,
+    StorageError,
+    TaskStatus,
+    WorkerStatus,
+)
 from hive_orchestration.messages.leader import DeadClaim, RecoverClaims  # noqa: E402
+from hive_orchestration.messages.tasks import TERMINAL, PurgeTasks  # noqa: E402
 from hive_orchestration.messages.workers import WorkersLost  # noqa: E402
 from hive_orchestration.storage.pg.leader import LEADER_KEY  # noqa: E402
 
@@ -100,13 +109,14 @@ class Held:
     """A runtime (node) open in a task of its own, closed when :meth:`close` is called,
     whatever the other nodes of the test do meanwhile."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: RuntimeConfig | None = None) -> None:
         self.closing = anyio.Event()
         self.closed = anyio.Event()
+        self.config = config
 
     async def run(self, url: str, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         try:
-            async with Runtime.open(url) as runtime:
+            async with Runtime.open(url, config=self.config) as runtime:
                 task_status.started(runtime)
                 await self.closing.wait()
         finally:
@@ -324,6 +334,83 @@ async def test_a_schedule_fires_each_slot_once_on_the_leader_and_on_after_it_clo
     assert keys == []
     [(count,)] = raw(pg_url, "SELECT count(*) FROM tasks WHERE task_type = 'tick'")
     assert count == len(_fired(pg_url)) + len(_fired(pg_url, "elsewhere"))
+
+
+# -- retention: the leader's passes only -------------------------------------------------
+
+
+async def _finished(runtime: Runtime, task_type: str) -> str:
+    """A task of ``task_type`` claimed, started and completed."""
+    task_id = await runtime.create_task(task_type, max_retries=0)
+    claim = await runtime.claim_task("w1", task_type, start=True)
+    assert claim is not None
+    assert claim.task.id == task_id
+    await runtime.complete_task(claim.lease, {})
+    return task_id
+
+
+def _exists(url: str, task_id: str) -> bool:
+    return bool(raw(url, "SELECT 1 FROM tasks WHERE id = %s", (task_id,)))
+
+
+async def test_the_retention_policy_runs_on_the_leader_only_and_on_the_next_one(
+    pg_url: str,
+) -> None:
+    policy = RetentionPolicy(finished_max_age=1.0, events_max_count=1, interval=1.0)
+    async with anyio.create_task_group() as group:
+        # The leader has no policy; the other node has one, which is not its to run.
+        first, second = Held(), Held(RuntimeConfig(retention=policy))
+        a = await group.start(first.run, pg_url)
+        [node_a] = nodes(pg_url)
+        await until(lambda: leader(pg_url)[1] == node_a, "the first node leads")
+        b = await group.start(second.run, pg_url)
+        old = await _finished(b, "build")
+        # Three of its intervals past the task's age: no pass of the node that does not
+        # lead purged or trimmed anything (before, each node ran its own passes).
+        await anyio.sleep(3.5)
+        assert _exists(pg_url, old)
+        assert events(pg_url, "retention.purged") == []
+        assert events(pg_url, "retention.trimmed") == []
+        # A user's purge still works on any node (it is not a duty).
+        mine = await _finished(b, "ship")
+        assert await b.purge_tasks(0.0, task_type="ship") == 1
+        assert not _exists(pg_url, mine)
+        assert _exists(pg_url, old)
+        # The leader closes: the other node takes the role, and its policy runs there.
+        await first.close()
+        await until(lambda: leader(pg_url)[1] != node_a, "the second node leads")
+        await until(lambda: not _exists(pg_url, old), "the new leader's pass purged")
+        await until(lambda: bool(events(pg_url, "retention.trimmed")), "and trimmed")
+        await second.close()
+        del a
+
+
+async def test_a_stale_leaders_retention_pass_changes_nothing(pg_url: str) -> None:
+    async with Runtime.open(pg_url) as a:
+        await _open_leader_first(pg_url)
+        old = await _finished(a, "build")
+        epoch, _ = leader(pg_url)
+        stale = epoch - 1
+        purge = PurgeTasks(
+            older_than=0.0,
+            statuses=tuple(sorted(s.value for s in TERMINAL)),
+            source_agent="retention",
+            reason="retention policy",
+        )
+        count = raw(pg_url, "SELECT count(*), max(seq) FROM events")
+        # A pass under an epoch that is no longer the leader's: each chunk's write is
+        # refused whole, by the leader's fence.
+        with pytest.raises(StorageError):
+            await a._purge(msgspec.structs.replace(purge, epoch=stale))
+        with pytest.raises(StorageError):
+            await a._trim(None, 1, None, 1000, "retention", epoch=stale)
+        assert _exists(pg_url, old)
+        assert raw(pg_url, "SELECT count(*), max(seq) FROM events") == count
+        # The same passes under the leader's epoch do delete (what the fence stopped).
+        assert await a._trim(None, 1, None, 1000, "retention", epoch=epoch) > 0
+        assert events(pg_url, "retention.trimmed")
+        assert await a._purge(msgspec.structs.replace(purge, epoch=epoch)) == 1
+        assert not _exists(pg_url, old)
 
 
 # -- real nodes, killed under load -------------------------------------------------------

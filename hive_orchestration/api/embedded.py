@@ -382,7 +382,9 @@ class Runtime(
                         runtime._server = server
                         if config.retention is not None:
                             # Stops with the callbacks, before the actors it calls.
-                            callbacks.start_soon(retain, runtime, config.retention)
+                            # On a database several nodes share: the leader's only.
+                            leading = None if leader is None else (lambda: leader.epoch)
+                            callbacks.start_soon(retain, runtime, config.retention, leading)
                         try:
                             yield runtime
                         finally:

@@ -71,7 +71,12 @@ class PurgeTasks(Request[PurgeOutcome], frozen=True, kw_only=True):
     """Delete, with their runs and events, at most ``limit`` finished tasks last changed
     more than ``older_than`` seconds ago by the TaskManager's clock (see FindPurgeable
     for which ones are never purged): one chunk of a purge, one transaction, so that
-    other writers go between two chunks."""
+    other writers go between two chunks.
+
+    ``epoch``: a pass of the automatic policy on a database several nodes share, which
+    runs on the leader only (storage/pg/leader.py): the chunk is a write of its own,
+    fenced by the leader's epoch (``FenceLeader``), so that a leader that lost the role
+    deletes nothing. None: a user's purge, on any node."""
 
     older_than: float
     statuses: tuple[str, ...]
@@ -80,3 +85,4 @@ class PurgeTasks(Request[PurgeOutcome], frozen=True, kw_only=True):
     limit: int = 1000
     source_agent: str | None = None
     reason: str = "purge"
+    epoch: int | None = None

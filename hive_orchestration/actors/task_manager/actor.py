@@ -50,6 +50,7 @@ from ...messages.tasks import (
     FailTask,
     FlushQueue,
     Heartbeat,
+    PurgeTasks,
     ReleaseTask,
     ReleaseWorker,
     RevokedTaskType,
@@ -72,6 +73,7 @@ from . import (
     memory,
     opening,
     requests,
+    retention,
     timers,
 )
 from .delays import Frame, Timers
@@ -235,17 +237,24 @@ class TaskManager(Actor[TaskManagerMessage]):
     # -- the batch loop ----------------------------------------------------------------------
 
     async def receive_batch(self, batch: Sequence[Envelope[TaskManagerMessage]]) -> None:
-        # The leader's duty (messages/leader.py): a write of its own, before the batch.
-        for envelope in batch:
-            if isinstance(envelope.message, RecoverClaims):
-                envelope.started = True
-                try:
-                    recovered = await self._recover_claims(self._read_clocks(), envelope.message)
-                except HiveError as exc:  # its read failed: the leader asks again
-                    envelope.fail(exc)
+        # The leader's duties (messages/leader.py; a purge chunk of the automatic
+        # policy): each a write of its own, before the batch, fenced by the epoch.
+        duties = [e for e in batch if _is_duty(e.message)]
+        for envelope in duties:
+            envelope.started = True
+            message = envelope.message
+            try:
+                if isinstance(message, RecoverClaims):
+                    outcome: object = await self._recover_claims(self._read_clocks(), message)
                 else:
-                    envelope.resolve(recovered)
-        batch = [e for e in batch if not isinstance(e.message, RecoverClaims)]
+                    assert isinstance(message, PurgeTasks)
+                    outcome = await retention.purge_as_leader(self, message)
+            except HiveError as exc:  # its read or write failed: the leader tries again
+                envelope.fail(exc)
+            else:
+                envelope.resolve(outcome)
+        if duties:
+            batch = [e for e in batch if not _is_duty(e.message)]
         # On a store shared by several nodes a write may conflict with another node's
         # (_refresh): the batch is decided again on the tasks as they are now, up to
         # _ATTEMPTS times; the last attempt answers a conflict as the storage error.
@@ -426,6 +435,13 @@ class TaskManager(Actor[TaskManagerMessage]):
     # opening.py
     started = opening.started
     _recover_claims = opening.recover_claims
+
+
+def _is_duty(message: TaskManagerMessage) -> bool:
+    """Whether ``message`` is a duty of the leader of several nodes (its own write)."""
+    return isinstance(message, RecoverClaims) or (
+        isinstance(message, PurgeTasks) and message.epoch is not None
+    )
 
 
 def _ends_a_plan_task(ops: list[WriteOp], start: int) -> bool:

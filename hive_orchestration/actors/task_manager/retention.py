@@ -1,7 +1,7 @@
 """The TaskManager's part of retention (docs/RETENTION.md): which completed tasks are
-deleted as they complete, and the event a purge chunk logs.
+deleted as they complete, the event a purge chunk logs, and a leader's purge chunk.
 
-Both go through the TaskManager, the one owner of tasks: a purge deletes the tasks it
+All go through the TaskManager, the one owner of tasks: a purge deletes the tasks it
 holds in memory (the recently finished) as it deletes those it does not, in the same
 batch, so that memory never answers for a task storage no longer has.
 """
@@ -9,14 +9,25 @@ batch, so that memory never answers for a task storage no longer has.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import msgspec
 
+from ...errors import StorageError
 from ...messages.events import Event, JsonValue
-from ...messages.storage import AppendEvent
-from ...messages.tasks import PurgeTasks, Task
+from ...messages.storage import AppendEvent, FenceLeader, Write, WriteOp
+from ...messages.tasks import PurgeOutcome, PurgeTasks, Task
+from .state import _Batch
 
-__all__ = ["EVERY_TYPE", "deletes_on_success", "purged_event"]
+if TYPE_CHECKING:
+    from .actor import TaskManager
+
+__all__ = ["EVERY_TYPE", "deletes_on_success", "purge_as_leader", "purged_event"]
+
+#: Tries of a leader's purge chunk: the first fences the tasks it did not hold at -1 (a
+#: conflict that reads their versions), the next ones go through unless another node
+#: changed them meanwhile, or the epoch is no longer the leader's (then every try fails).
+_LEADER_TRIES = 3
 
 #: In ``delete_on_success``: the tasks of every type.
 EVERY_TYPE = "*"
@@ -52,3 +63,31 @@ def purged_event(message: PurgeTasks, before: datetime, count: int, now: datetim
         data=data,
     )
     return AppendEvent(event, msgspec.json.encode(data))
+
+
+async def purge_as_leader(tm: TaskManager, message: PurgeTasks) -> PurgeOutcome:
+    """One chunk of the automatic policy's purge on a database several nodes share: a
+    write of its own (not the batch's: a stale epoch must fail this chunk alone), fenced
+    by the leader's epoch, so that a leader that lost the role deletes nothing. Raises
+    the write's :class:`StorageError` once its tries are spent; memory is as before."""
+    assert message.epoch is not None
+    for attempt in range(_LEADER_TRIES):
+        now = tm._read_clocks()
+        work = _Batch()
+        outcome = await tm._purge(message, work, now)
+        if not work.ops:
+            return outcome
+        ops: list[WriteOp] = [FenceLeader(message.epoch), *tm._fences(work), *work.ops]
+        reply = await tm._storage.request(Write(tuple(ops)))
+        try:
+            await reply.wait()
+        except StorageError:
+            tm._restore(work, now)
+            if attempt + 1 == _LEADER_TRIES:
+                raise
+            await tm._refresh(work.fenced)  # their versions as they are now
+            continue
+        tm._bump(work)
+        tm._shed()
+        return outcome
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises

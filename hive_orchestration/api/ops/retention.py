@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import anyio
 import msgspec
@@ -23,11 +23,13 @@ from ...errors import HiveError, InvalidInputError, RuntimeStoppedError
 from ...messages.events import Event, JsonValue
 from ...messages.storage import (
     AppendEvent,
+    FenceLeader,
     PlanEventTrim,
     RetentionDue,
     StorageMessage,
     TrimEventLog,
     Write,
+    WriteOp,
 )
 from ...messages.tasks import TERMINAL, PurgeTasks, TaskManagerMessage, TaskStatus
 from ...runtime import ActorRef
@@ -40,6 +42,8 @@ log = logging.getLogger("hive_orchestration.retention")
 #: A hundred years: the longest age a purge or a trim takes.
 _LONGEST = 100 * 365 * 86400.0
 _TERMINAL = tuple(sorted(status.value for status in TERMINAL))
+#: Seconds between two looks of a node that does not lead at whether it leads now.
+_NOT_LEADING = 1.0
 #: Most rows one chunk deletes: a chunk is one transaction, which holds the writers up.
 MAX_CHUNK = 100_000
 
@@ -136,7 +140,11 @@ class RetentionOps(Caller):
         max_bytes: int | None,
         chunk: int,
         source: str | None,
+        *,
+        epoch: int | None = None,
     ) -> int:
+        """``epoch``: a pass of the leader of several nodes (see :func:`retain`), each
+        chunk's write fenced by it."""
         before = None if older_than is None else time.time() - older_than
         plan = await self._storage.ask(PlanEventTrim(before, max_events, max_bytes))
         if plan.through == 0:
@@ -161,7 +169,12 @@ class RetentionOps(Caller):
                 source=source or "runtime",
                 data=data,
             )
-            ops = (TrimEventLog(through), AppendEvent(event, msgspec.json.encode(data)))
+            ops: tuple[WriteOp, ...] = (
+                TrimEventLog(through),
+                AppendEvent(event, msgspec.json.encode(data)),
+            )
+            if epoch is not None:
+                ops = (FenceLeader(epoch), *ops)
             began = anyio.current_time()
             await self._storage.ask(Write(ops))
             done = through
@@ -200,12 +213,26 @@ def _statuses(value: Iterable[str] | None) -> tuple[str, ...]:
     return tuple(sorted(chosen))
 
 
-async def retain(ops: RetentionOps, policy: RetentionPolicy) -> None:
+async def retain(
+    ops: RetentionOps,
+    policy: RetentionPolicy,
+    leading: Callable[[], int | None] | None = None,
+) -> None:
     """The automatic policy, for the runtime's life: a pass, then sleep until the next
     thing is due (the oldest finished task or event reaching its age; the size limits
     every ``interval``), never sooner than ``interval``. No polling of what is not due:
-    a task that finishes later comes of age later than the oldest one."""
+    a task that finishes later comes of age later than the oldest one.
+
+    ``leading``: where several nodes share the database, the epoch of this node's term
+    as leader (None: it does not lead). Passes run on the leader only, each chunk fenced
+    by the epoch the pass began in (a leader that lost the role deletes nothing); a node
+    that does not lead looks again every :data:`_NOT_LEADING` seconds, so that a new
+    leader runs its first pass soon after taking the role."""
     while True:
+        epoch = None if leading is None else leading()
+        if leading is not None and epoch is None:
+            await anyio.sleep(min(policy.interval, _NOT_LEADING))
+            continue
         waits: list[float] = []
         try:
             if policy.finished_max_age is not None:
@@ -216,6 +243,7 @@ async def retain(ops: RetentionOps, policy: RetentionPolicy) -> None:
                     limit=policy.chunk,
                     source_agent="retention",
                     reason="retention policy",
+                    epoch=epoch,
                 )
                 purged = await ops._purge(message)
                 if purged:
@@ -233,6 +261,7 @@ async def retain(ops: RetentionOps, policy: RetentionPolicy) -> None:
                     # four times as many events holds the writers up about as long.
                     4 * policy.chunk,
                     "retention",
+                    epoch=epoch,
                 )
                 if through:
                     log.info("retention: event log trimmed through seq %d", through)
