@@ -3,21 +3,26 @@ its own workers, until it is killed (or told to stop on stdin's end).
 
 Usage::
 
-    python _pg_node.py BACKEND URL WORKERS LEASE WORK [HOLD]
+    python _pg_node.py BACKEND URL WORKERS LEASE WORK [HOLD [STOP]]
 
 Opens a runtime on ``URL`` (a node), prints ``ready`` and flushes, then runs ``WORKERS``
 workers (``<pid>-w<i>``), each claiming ``job`` tasks one at a time (``lease`` seconds,
 started), working ``WORK`` seconds and completing them; each completion acknowledged (the
 call returned) prints ``done <task id>`` and flushes, so the parent knows what was
-acknowledged before a SIGKILL. A claim lost meanwhile prints ``lost <task id>``. Nothing
-else goes to stdout. ``HOLD`` more workers (default 0) each claim one task and keep it
-without ending it, so that a SIGKILL surely finds this node holding a claim (the others'
-claims may all be committing their completions at that instant, and commit).
+acknowledged before a SIGKILL. A claim lost meanwhile prints ``lost <task id> <error
+class>``. Nothing else goes to stdout. ``HOLD`` more workers (default 0) each claim one
+task and keep it without ending it, so that a SIGKILL surely finds this node holding a
+claim (the others' claims may all be committing their completions at that instant, and
+commit). ``STOP`` 1: the first worker, having claimed its first task, prints ``claimed
+<task id>`` and stops this whole process with SIGSTOP (a node that does not act: its
+locks and sessions held, its event loop still), until the parent sends SIGCONT; then it
+works and completes as the others do.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import anyio
@@ -30,16 +35,22 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-async def worker(runtime: Runtime, name: str, lease: float, work: float) -> None:
+async def worker(
+    runtime: Runtime, name: str, lease: float, work: float, stop: bool = False
+) -> None:
     while True:
         claim = await runtime.claim_task(name, "job", lease=lease, wait=0.5, start=True)
         if claim is None:
             continue
+        if stop:
+            stop = False
+            say(f"claimed {claim.task.id}")
+            os.kill(os.getpid(), signal.SIGSTOP)
         await anyio.sleep(work)
         try:
             await runtime.complete_task(claim.lease, {"by": name})
-        except HiveError:
-            say(f"lost {claim.task.id}")
+        except HiveError as exc:
+            say(f"lost {claim.task.id} {type(exc).__name__}")
         else:
             say(f"done {claim.task.id}")
 
@@ -50,10 +61,11 @@ async def holder(runtime: Runtime, name: str, lease: float) -> None:
     await anyio.sleep_forever()
 
 
-async def main(url: str, workers: int, lease: float, work: float, hold: int) -> None:
+async def main(url: str, workers: int, lease: float, work: float, hold: int, stop: bool) -> None:
     async with Runtime.open(url) as runtime, anyio.create_task_group() as group:
         for index in range(workers):
-            group.start_soon(worker, runtime, f"{os.getpid()}-w{index}", lease, work)
+            name = f"{os.getpid()}-w{index}"
+            group.start_soon(worker, runtime, name, lease, work, stop and not index)
         for index in range(hold):
             group.start_soon(holder, runtime, f"{os.getpid()}-h{index}", lease)
         say("ready")
@@ -65,4 +77,5 @@ async def main(url: str, workers: int, lease: float, work: float, hold: int) -> 
 if __name__ == "__main__":
     backend, url, count, lease, work = sys.argv[1:6]
     hold = int(sys.argv[6]) if len(sys.argv) > 6 else 0
-    anyio.run(main, url, int(count), float(lease), float(work), hold, backend=backend)
+    stop = len(sys.argv) > 7 and sys.argv[7] == "1"
+    anyio.run(main, url, int(count), float(lease), float(work), hold, stop, backend=backend)

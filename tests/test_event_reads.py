@@ -153,6 +153,8 @@ async def test_a_version_7_database_gains_the_version_8_indexes(
         conn.execute("DROP INDEX idx_events_type")  # what version 8 adds
         conn.execute("DROP INDEX idx_tasks_status_order")
         conn.execute("DROP INDEX idx_tasks_ready")  # what version 9 adds
+        conn.execute("DROP INDEX idx_runs_lease_deadline")  # what version 18 adds
+        conn.execute("ALTER TABLE runs DROP COLUMN lease_deadline")
         conn.execute("DROP INDEX idx_tasks_node")  # what version 15 adds
         conn.execute("DROP INDEX idx_tasks_held_key")
         conn.execute("ALTER TABLE tasks DROP COLUMN node_id")

@@ -19,6 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 psycopg = pytest.importorskip("psycopg")
 
 from hive_orchestration import (  # noqa: E402
+    LeaseLostError,
     RetentionPolicy,
     Runtime,
     RuntimeConfig,
@@ -41,7 +43,8 @@ from hive_orchestration import (  # noqa: E402
 from hive_orchestration.messages.leader import DeadClaim, RecoverClaims  # noqa: E402
 from hive_orchestration.messages.tasks import TERMINAL, PurgeTasks  # noqa: E402
 from hive_orchestration.messages.workers import WorkersLost  # noqa: E402
-from hive_orchestration.storage.pg.leader import LEADER_KEY  # noqa: E402
+from hive_orchestration.storage.pg.claim import alive_sql  # noqa: E402
+from hive_orchestration.storage.pg.leader import LEADER_KEY, REAP_GRACE_SECONDS  # noqa: E402
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -336,6 +339,146 @@ async def test_a_schedule_fires_each_slot_once_on_the_leader_and_on_after_it_clo
     assert count == len(_fired(pg_url)) + len(_fired(pg_url, "elsewhere"))
 
 
+# -- leases by the database's clock: a live node that does not act -----------------------
+
+
+def live_nodes(url: str) -> set[str]:
+    """The nodes whose lock a session holds (alive, whether or not they act)."""
+    return {row[0] for row in raw(url, f"SELECT id FROM hive_nodes WHERE {alive_sql('id')}")}
+
+
+def _held(url: str, task_id: str) -> bool:
+    [(status,)] = raw(url, "SELECT status FROM tasks WHERE id = %s", (task_id,))
+    return status in ("assigned", "running")
+
+
+async def test_a_lease_expired_duty_ends_the_claim_as_its_owners_expiry_would(
+    pg_url: str,
+) -> None:
+    async with Runtime.open(pg_url) as a:
+        await _open_leader_first(pg_url)
+        async with Runtime.open(pg_url) as b:
+            task_id = await b.create_task("job", max_retries=0)
+            claim = await b.claim_task("w1", "job", lease=30.0, start=True)
+            assert claim is not None
+            [(version, holder)] = raw(
+                pg_url, "SELECT version, node_id FROM tasks WHERE id = %s", (task_id,)
+            )
+            epoch, _ = leader(pg_url)
+            duty = RecoverClaims(
+                epoch=epoch - 1, claims=(DeadClaim(task_id, version, holder),), lease_expired=True
+            )
+            before = raw(pg_url, "SELECT * FROM tasks WHERE id = %s", (task_id,))
+            # Under a stale epoch: refused whole.
+            assert await a._tasks.ask(duty) == 0
+            assert raw(pg_url, "SELECT * FROM tasks WHERE id = %s", (task_id,)) == before
+            # Under the leader's: the claim (of a live node, b) ends as b's own lease
+            # expiry would end it: the run lost, and with no retry left the dead letter.
+            duty = msgspec.structs.replace(duty, epoch=epoch)
+            assert await a._tasks.ask(duty) == 1
+            assert (await a.get_task(task_id)).status is TaskStatus.FAILED
+            [run] = await a.get_runs(task_id)
+            assert run.status.value == "lost"
+            assert run.error is not None
+            assert run.error.startswith("lease expired: worker 'w1' sent no heartbeat for 30s")
+            [(_, failed)] = [e for e in events(pg_url, "task.failed") if e[0] == task_id]
+            assert failed["reason"] == "lease_expired"
+            # The node that held it (its memory still does) finds the claim lost: its
+            # write conflicts, and its worker hears what a lost claim says.
+            with pytest.raises(LeaseLostError):
+                await b.complete_task(claim.lease, {})
+            with pytest.raises(LeaseLostError):
+                await b.heartbeat(claim.lease)
+            assert len([e for e in events(pg_url, "task.failed") if e[0] == task_id]) == 1
+            assert [r.status.value for r in await a.get_runs(task_id)] == ["lost"]
+
+
+async def test_a_live_nodes_renewed_lease_is_never_reaped(pg_url: str) -> None:
+    async with Runtime.open(pg_url) as a:
+        await _open_leader_first(pg_url)
+
+        def behind() -> datetime:
+            # The node's wall clock is an hour behind the database's: the times it
+            # stores (lease_expires_at) are an hour "past", which no deadline reads.
+            return datetime.now(UTC) - timedelta(hours=1)
+
+        async with Runtime.open(pg_url, wall_clock=behind) as b:
+            task_id = await b.create_task("job")
+            lease = 5.0
+            claim = await b.claim_task("w1", "job", lease=lease, start=True)
+            assert claim is not None
+            # Renewed by bare heartbeats, each longer after the last than the leader's
+            # grace, and on past the claim's first deadline and that grace: the
+            # database's deadline moves with each, to its own now plus the lease.
+            every = REAP_GRACE_SECONDS + 1.5
+            ends = time.monotonic() + lease + REAP_GRACE_SECONDS + 1.5
+            while time.monotonic() < ends:
+                await b.heartbeat(claim.lease)
+                await anyio.sleep(every)
+            assert _held(pg_url, task_id)
+            assert not [e for e in events(pg_url, "task.retrying") if e[0] == task_id]
+            await b.complete_task(claim.lease, {})
+            assert (await a.get_task(task_id)).status is TaskStatus.COMPLETED
+
+
+def _stopped(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP): its state in /proc is T."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rpartition(")")[2].split()[0] == "T"
+
+
+async def test_a_stopped_nodes_expired_lease_is_requeued_by_the_leader(
+    pg_url: str, anyio_backend: str, tmp_path: Path
+) -> None:
+    lease = 3.0
+    async with Runtime.open(pg_url) as a:
+        await _open_leader_first(pg_url)
+        task_id = await a.create_task("job", max_retries=3)
+        # A node whose one worker claims the task, then stops the whole process (SIGSTOP):
+        # its sessions and locks stay, so it lives; nothing of it acts.
+        stuck = await _start(
+            pg_url, anyio_backend, tmp_path, "stuck", lease, workers=1, work=0.5, stop=True
+        )
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(stuck.read)
+                await until(
+                    lambda: bool(stuck.claimed) and _stopped(stuck.process.pid),
+                    "the node stopped, holding a claim",
+                )
+                assert stuck.claimed == [task_id]
+                assert _held(pg_url, task_id)
+                # The leader ends the lease by the database's clock, once it passed (and
+                # its grace), though the node lives.
+                took = await until(lambda: not _held(pg_url, task_id), "the lease requeued")
+                assert took >= lease, took
+                assert stuck.id in live_nodes(pg_url)
+                assert (await a.get_task(task_id)).status is TaskStatus.QUEUED
+                assert [r.status.value for r in await a.get_runs(task_id)] == ["lost"]
+                retrying = [d for t, d in events(pg_url, "task.retrying") if t == task_id]
+                assert [(d["reason"], d["attempts"]) for d in retrying] == [("lease_expired", 1)]
+                # Handed out again, on the live node, and completed there.
+                again = await a.claim_task("w2", "job", wait=10)
+                assert again is not None
+                assert again.task.id == task_id
+                await a.complete_task(again.lease, {"by": "w2"})
+                # The stopped node wakes: its own lease expiry finds the claim gone (its
+                # write conflicts: nothing is logged twice), and its worker's completion
+                # is refused as a lost claim's is.
+                os.kill(stuck.process.pid, signal.SIGCONT)
+                await until(lambda: bool(stuck.lost), "the woken node's completion refused")
+                assert stuck.lost == [task_id]
+                assert stuck.errors == ["LeaseLostError"]
+                assert not stuck.done
+                group.cancel_scope.cancel()
+        finally:
+            await _stop(stuck)
+        assert (await a.get_task(task_id)).status is TaskStatus.COMPLETED
+        assert [r.status.value for r in await a.get_runs(task_id)] == ["lost", "completed"]
+        assert len([t for t, _ in events(pg_url, "task.retrying") if t == task_id]) == 1
+        assert len([t for t, _ in events(pg_url, "task.completed") if t == task_id]) == 1
+
+
 # -- retention: the leader's passes only -------------------------------------------------
 
 
@@ -426,6 +569,8 @@ class Node:
         self.stream = BufferedByteReceiveStream(process.stdout)
         self.done: list[str] = []
         self.lost: list[str] = []
+        self.errors: list[str] = []  # the error class of each lost claim
+        self.claimed: list[str] = []
         self.id = ""
 
     async def read(self) -> None:
@@ -435,20 +580,36 @@ class Node:
                 line = (await self.stream.receive_until(b"\n", 65536)).decode()
             except (anyio.EndOfStream, anyio.IncompleteRead):
                 return
-            kind, _, task_id = line.partition(" ")
-            (self.done if kind == "done" else self.lost).append(task_id)
+            kind, task_id, *error = line.split()
+            if kind == "claimed":
+                self.claimed.append(task_id)
+            elif kind == "done":
+                self.done.append(task_id)
+            else:
+                self.lost.append(task_id)
+                self.errors += error
 
     def why(self) -> str:
         return self.stderr.read_text(errors="replace")[-4000:]
 
 
 async def _start(
-    url: str, backend: str, folder: Path, name: str, lease: float, hold: int = 0
+    url: str,
+    backend: str,
+    folder: Path,
+    name: str,
+    lease: float,
+    hold: int = 0,
+    *,
+    workers: int = 4,
+    work: float = 0.05,
+    stop: bool = False,
 ) -> Node:
     stderr = folder / f"{name}.err"
+    args = [backend, url, str(workers), str(lease), str(work), str(hold), str(int(stop))]
     with stderr.open("wb") as err:
         process = await anyio.open_process(
-            [sys.executable, str(NODE), backend, url, "4", str(lease), "0.05", str(hold)],
+            [sys.executable, str(NODE), *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=err,

@@ -19,8 +19,9 @@ __all__ = ["DeadClaim", "Leading", "RecoverClaims"]
 
 
 class DeadClaim(msgspec.Struct, frozen=True):
-    """A claimed task whose node is dead, and the version the leader read it at: it is
-    recovered only if it has not changed since (nothing else touched it)."""
+    """A claimed task whose node is dead (or whose lease expired by the database's
+    clock), and the version the leader read it at: it is recovered only if it has not
+    changed since (nothing else touched it)."""
 
     task_id: str
     version: int
@@ -41,7 +42,13 @@ class RecoverClaims(Request[int], frozen=True, kw_only=True):
     """To the TaskManager of the leader: put these claims of dead nodes back in the queue
     as recovery on open does (their open runs end lost, ``task.retrying`` or the dead
     letter by the retry policy), in one write fenced by ``epoch``. Answers how many were
-    recovered (0: all changed since, or the epoch is no longer the leader's)."""
+    recovered (0: all changed since, or the epoch is no longer the leader's).
+
+    ``lease_expired``: the claims are instead of live nodes, whose leases passed their
+    deadline by the database's clock while their node did not act (its event loop stuck,
+    its process stopped): each is ended as its owner's lease expiry would (its run lost,
+    reason ``lease_expired``, ``task.retrying`` or the dead letter by the retry policy)."""
 
     epoch: int
     claims: tuple[DeadClaim, ...]
+    lease_expired: bool = False

@@ -63,6 +63,16 @@ class FenceLeader(msgspec.Struct, frozen=True, tag="fence_leader"):
     epoch: int
 
 
+class LeaseClock(msgspec.Struct, frozen=True, tag="lease_clock"):
+    """The wall time ``at`` the write's leases were set from (a claim's or a heartbeat's
+    ``lease_expires_at`` is ``at`` plus its span). On a store several nodes share
+    (PostgreSQL, schema version 18) the database keeps each lease's deadline by its own
+    clock, its now plus that span, which the leader reaps by; sent first in each write of
+    the TaskManager there (never to a store of one owner)."""
+
+    at: datetime
+
+
 class FenceWorker(msgspec.Struct, frozen=True, tag="fence_worker"):
     """The write fails whole unless the worker's row is still watched by ``node_id``
     (a dead node's worker that came back on a live node is that node's again)."""
@@ -199,6 +209,7 @@ WriteOp: TypeAlias = (
     | DeleteTaskRow
     | FenceTask
     | FenceLeader
+    | LeaseClock
     | FenceWorker
     | FencePlanningRequest
     | PutRun

@@ -19,6 +19,7 @@ from ..messages.storage import (
     FencePlanningRequest,
     FenceTask,
     FenceWorker,
+    LeaseClock,
     PutPlan,
     PutPlanningRequest,
     PutRevokedType,
@@ -50,6 +51,7 @@ from .rows import (
     run_statement,
     task_state_statement,
     task_statement,
+    time_text,
     worker_statement,
 )
 from .schedules import schedule_statement
@@ -57,6 +59,10 @@ from .schedules import schedule_statement
 #: A duty of the leader of several nodes (PostgreSQL only): the epoch it was given is still
 #: the leader's; the row lock it takes makes a new leader's bump wait for this commit.
 FENCE_LEADER = "UPDATE hive_leader SET epoch = epoch WHERE id = 1 AND epoch = ?"
+#: The wall time a write's leases were set from (messages.storage.LeaseClock; PostgreSQL
+#: only), for the trigger that keeps each lease's deadline by the database's clock (schema
+#: version 18): to the end of the transaction, or the next write's.
+LEASE_CLOCK = "SELECT set_config('hive.clock', ?, true)"
 #: A dead node's worker is still that node's (it did not come back on a live node).
 FENCE_WORKER = "UPDATE workers SET node_id = node_id WHERE id = ? AND node_id = ?"
 FENCE_REQUEST = (
@@ -88,6 +94,7 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
     deleted: list[str] = []
     fences: dict[str, FenceTask] = {}  # task id -> the version the writer read
     duty: list[Statement] = []  # a leader's fences (epoch, workers): first of all
+    clock: list[Statement] = []  # the wall time its leases were set from: before its rows
     gone: list[str] = []  # deleted workers
     requests: dict[str, PlanningRequest] = {}
     new_plans: list[Statement] = []
@@ -126,6 +133,8 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
                 fences.setdefault(task_id, op)
             case FenceLeader() | FenceWorker() | FencePlanningRequest():
                 duty.append(_in_order(op))
+            case LeaseClock():
+                clock.append(_in_order(op))
             case PutWorker(worker=worker):
                 workers[worker.id] = worker
             case DeleteWorkerRow(worker_id=worker_id):
@@ -148,13 +157,15 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
         rest = [
             op
             for op in ops
-            if not isinstance(op, AppendEvent | FenceLeader | FenceWorker | FencePlanningRequest)
+            if not isinstance(
+                op, AppendEvent | FenceLeader | FenceWorker | FencePlanningRequest | LeaseClock
+            )
         ]
-        return duty + [s for op in rest for s in _in_order_all(op)]
+        return duty + clock + [s for op in rest for s in _in_order_all(op)]
     # The fences first, in one order on every node: they lock the rows the write changes,
     # so two nodes' writes of the same tasks wait for each other, never deadlock.
     keys = sorted({fence.key for fence in fences.values() if fence.key is not None})
-    statements: list[Statement] = duty + [(KEY_LOCK, (key,)) for key in keys]
+    statements: list[Statement] = duty + clock + [(KEY_LOCK, (key,)) for key in keys]
     statements += [_fence(fences[task_id]) for task_id in sorted(fences)]
     statements += retention
     statements += [(DELETE_TASK, (task_id,)) for task_id in deleted]
@@ -218,6 +229,8 @@ def _in_order(op: WriteOp) -> Statement:
             return (FENCE_LEADER, (epoch,))
         case FenceWorker(worker_id=worker_id, node_id=node_id):
             return (FENCE_WORKER, (worker_id, node_id))
+        case LeaseClock(at=at):
+            return (LEASE_CLOCK, (time_text(at),))
         case FencePlanningRequest(request_id=request_id, status=status, agent=agent):
             return (FENCE_REQUEST, (request_id, status, agent))
         case PutWorker(worker=worker):

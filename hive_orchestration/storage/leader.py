@@ -5,7 +5,9 @@ this hands it to the actors whose code already does it, by message, each write f
 the leader's epoch:
 
 - the claims to the TaskManager (:class:`~hive_orchestration.messages.leader.RecoverClaims`),
-  which requeues them as recovery on open does;
+  which requeues them as recovery on open does; and the claims of live nodes whose lease
+  expired by the database's clock (``lease_expired``), which it ends as their owner's
+  lease expiry would;
 - the workers to the WorkerRegistry
   (:class:`~hive_orchestration.messages.workers.WorkersLost`), which declares them offline
   as a missed heartbeat does;
@@ -69,6 +71,17 @@ class ActorDuties:
                     recovered,
                     len(found.claims),
                     ", ".join(found.nodes),
+                )
+            if found.expired:
+                duty = RecoverClaims(epoch=found.epoch, claims=found.expired, lease_expired=True)
+                reaped = await self._tasks.ask(duty)
+                log.warning(
+                    "leader (epoch %d): requeued %d of %d claim(s) whose lease expired by the"
+                    " database's clock on live node(s) %s",
+                    found.epoch,
+                    reaped,
+                    len(found.expired),
+                    ", ".join(sorted({claim.node_id for claim in found.expired})),
                 )
             if found.workers:
                 lost = await self._workers.ask(

@@ -52,7 +52,8 @@ class DeadNodes:
     still marked live, each with the dead node that watched it
     (:class:`~hive_orchestration.messages.workers.WorkersLost`), and the dead nodes' ids
     (for the log), and how many executing plans they drove (to be adopted:
-    :class:`~hive_orchestration.messages.plans.AdoptPlans`)."""
+    :class:`~hive_orchestration.messages.plans.AdoptPlans`); and the claims of live nodes
+    whose leases expired by the database's clock (``expired``)."""
 
     epoch: int
     nodes: tuple[str, ...]
@@ -60,6 +61,9 @@ class DeadNodes:
     workers: tuple[Worker, ...] = ()
     worker_nodes: tuple[str, ...] = ()
     plans: int = 0
+    #: Claims of live nodes whose lease passed its deadline by the database's clock
+    #: (:class:`~hive_orchestration.messages.leader.RecoverClaims`, ``lease_expired``).
+    expired: tuple[DeadClaim, ...] = ()
 
 
 class LeaderDuties(Protocol):

@@ -13,6 +13,7 @@ from ...messages.storage import (
     DeleteTaskRow,
     FenceTask,
     FetchTasks,
+    LeaseClock,
     LoadQueueHeads,
     PutRun,
     PutTask,
@@ -45,12 +46,14 @@ def fences(tm: TaskManager, work: _Batch) -> list[WriteOp]:
     """On a fenced store: a :class:`FenceTask` for each existing task the batch
     changes (its row or a run of it), with the version memory read it at (-1, which
     no row has, for a task whose version memory does not know: a conflict that
-    reads it)."""
+    reads it); first, when it writes a run with a lease, the :class:`LeaseClock` its
+    leases were set from (the batch's wall time)."""
     if not tm._fenced:
         return []
     created: set[str] = set()
     changed: set[str] = set()
     last: dict[str, Task] = {}
+    leased = False
     for op in work.ops:
         match op:
             case PutTask(task=task):
@@ -63,8 +66,13 @@ def fences(tm: TaskManager, work: _Batch) -> list[WriteOp]:
                 last.pop(task_id, None)
             case PutRun(run=run) | SetRunState(run=run):
                 changed.add(run.task_id)
+                leased = leased or run.lease_expires_at is not None
     work.fenced = sorted(changed - created)
     fences: list[WriteOp] = []
+    if leased:
+        # The wall time this batch set its leases from: the database keeps each lease's
+        # deadline by its own clock (its now plus the span set), which the leader reaps by.
+        fences.append(LeaseClock(tm._wall))
     taken: dict[str, int] = {}  # key -> this batch's claims of it so far
     for task_id in work.fenced:
         version = tm._versions.get(task_id, -1)

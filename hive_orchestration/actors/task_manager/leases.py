@@ -184,9 +184,12 @@ def heartbeat(tm: TaskManager, message: Heartbeat, work: _Batch, now: datetime) 
         changes["progress"] = message.progress
     if message.phase is not None:
         changes["phase"] = message.phase
-    if len(changes) > 1:
-        # Progress is durable and published; a bare heartbeat only moves the lease,
-        # which lives as long as this process, so it is kept in memory.
+    # Progress is durable and published; a bare heartbeat only moves the lease, which
+    # lives as long as this process, so it is kept in memory; but on a store several
+    # nodes share it is written too (no event), for the database keeps the lease's
+    # deadline by its own clock and the leader reaps a lease that passed it.
+    durable = len(changes) > 1 or tm._fenced
+    if durable:
         tm._touch(task.id, work)
     renewed = msgspec.structs.replace(run, **changes)
     tm._runs[run.id] = renewed
@@ -197,8 +200,9 @@ def heartbeat(tm: TaskManager, message: Heartbeat, work: _Batch, now: datetime) 
     entry = tm._deadlines.get(run.id)
     if entry is None or due < entry:
         tm._deadlines.set(run.id, due)
-    if len(changes) > 1:
+    if durable:
         work.ops.append(SetRunState(renewed))
+    if len(changes) > 1:
         data = _run_data(run)
         if message.progress is not None:
             data["progress"] = message.progress

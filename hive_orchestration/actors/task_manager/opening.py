@@ -108,19 +108,26 @@ async def recover_claims(tm: TaskManager, now: datetime, dead: RecoverClaims | N
     """On open: the previous process died, and with it every worker it ran, so each
     assigned or running task goes back to the queue; its open runs end as lost.
     ``dead``: the leader's duty instead, those claims of dead nodes only, in a write
-    fenced by its epoch (messages/leader.py)."""
+    fenced by its epoch (messages/leader.py); or, ``lease_expired``, those of live nodes
+    whose lease expired by the database's clock, ended as their owner's expiry would
+    (leases.settle_due: the run lost, reason ``lease_expired``)."""
     work = _Batch()
     only = None if dead is None else await take_dead(tm, dead)
+    expired = dead is not None and dead.lease_expired
     for task in list(tm._tasks.values()):
         if task.status not in _HOLDING or (only is not None and task.id not in only):
             continue
         tm._touch(task.id, work)
         lost: Run | None = None
+        error = _RECOVERED
         for run_id in tm._runs_of.get(task.id, ()):
             run = tm._runs[run_id]
             if run.status in _RUN_OPEN:
-                lost = tm._close_run(run, RunStatus.LOST, work, now, error=_RECOVERED)
-        tm._requeue(task, lost, "recovered", _RECOVERED, work, now, retry_after=0.0)
+                if expired:
+                    error = _expired(run)
+                lost = tm._close_run(run, RunStatus.LOST, work, now, error=error)
+        reason = "lease_expired" if expired else "recovered"
+        tm._requeue(task, lost, reason, error, work, now, retry_after=0.0)
     if work.ops:
         fence: list[WriteOp] = [] if dead is None else [FenceLeader(dead.epoch)]
         reply = await tm._storage.request(Write(tuple(fence + tm._fences(work) + work.ops)))
@@ -137,9 +144,19 @@ async def recover_claims(tm: TaskManager, now: datetime, dead: RecoverClaims | N
             return 0
         else:
             tm._bump(work)
-            log.warning("recovered %d task(s) held when the runtime stopped", len(work.undo))
+            if not expired:
+                log.warning("recovered %d task(s) held when the runtime stopped", len(work.undo))
     tm._shed()
     return len(work.undo)
+
+
+def _expired(run: Run) -> str:
+    """The error of a run whose lease the leader ended (the owner's words for its own
+    lease expiry, and who ended it)."""
+    return (
+        f"lease expired: worker {run.worker_id!r} sent no heartbeat for {run.lease_seconds:g}s"
+        " (ended by the leader, by the database's clock: its node did not act on it)"
+    )
 
 
 async def take_dead(tm: TaskManager, dead: RecoverClaims) -> set[str]:

@@ -24,6 +24,16 @@ the *leader* (pg-design 4.3):
   on open, the same runs lost, ``task.retrying`` or dead letter, events), each with the
   version it was read at (recovered only if nothing changed it since), and their workers
   to the WorkerRegistry (``WorkersLost``), by ``storage/leader.py``.
+- **Leases by the database's clock.** A live node whose event loop is stuck (or whose
+  process is stopped) keeps its lock, so its claims never look dead, and its own lease
+  deadlines do not run. The database keeps each claimed run's lease deadline by its own
+  clock (``runs.lease_deadline``, schema 18: set as the lease is set or renewed, to its
+  now() plus the span the node set; a node's every heartbeat is written on this store),
+  and the leader hands the claims of other live nodes whose deadline passed by
+  :data:`REAP_GRACE_SECONDS` to its TaskManager (``RecoverClaims`` with
+  ``lease_expired``: ended as their owner's expiry would, each only at the version read).
+  The stuck node, when it wakes, finds those claims gone as a lost claim is found: its
+  writes of them conflict, and its workers' calls get ``LeaseLostError``.
 - Claims of no node (``node_id`` NULL: written before schema 15) are left to recovery
   on open, as before.
 
@@ -50,7 +60,7 @@ from ..port import DeadNodes, LeaderDuties
 from ..rows import WORKER_COLUMNS, worker_from_row
 from .claim import alive_sql
 
-__all__ = ["GRACE_SECONDS", "LEADER_KEY", "POLL_SECONDS", "Leader"]
+__all__ = ["GRACE_SECONDS", "LEADER_KEY", "POLL_SECONDS", "REAP_GRACE_SECONDS", "Leader"]
 
 log = logging.getLogger("hive_orchestration.storage")
 
@@ -61,6 +71,10 @@ POLL_SECONDS = 0.5
 #: How long a node must look dead before its duties are done (a node whose session the
 #: server ended takes its lock again as its write connection reconnects).
 GRACE_SECONDS = 1.0
+#: How long past its deadline (by the database's clock) a live node's lease is left to
+#: its node, whose own deadline (the same instant, on its clock) normally ends it first:
+#: a renewal committing just then wins; one slower than this loses the claim.
+REAP_GRACE_SECONDS = 2.0
 #: Claims recovered in one duty (one TaskManager write); the next poll takes the rest.
 BATCH = 1000
 #: Seconds a statement of the leader may take before the server cancels it.
@@ -89,6 +103,17 @@ _CLAIMS = (
     f"SELECT id, version, node_id FROM tasks WHERE status IN {_HOLDING}"
     " AND node_id = ANY(%s) ORDER BY id LIMIT %s"
 )
+# Claims of live nodes (not this one: its own deadlines run on the loop that polls)
+# whose lease passed its deadline by the database's clock, by REAP_GRACE_SECONDS (schema
+# 18: runs.lease_deadline, set by the database as the lease is set or renewed, NULL once
+# the run ends).
+_EXPIRED = (
+    "SELECT t.id, t.version, t.node_id FROM runs r JOIN tasks t ON t.id = r.task_id"
+    " WHERE r.lease_deadline IS NOT NULL"
+    " AND r.lease_deadline < now() - make_interval(secs => %s)"
+    f" AND t.status IN {_HOLDING} AND t.node_id IS NOT NULL AND t.node_id <> %s"
+    " ORDER BY t.id LIMIT %s"
+)
 _PLANS = "SELECT count(*) FROM execution_plans WHERE status = 'executing' AND node_id = ANY(%s)"
 _WORKERS = (
     f"SELECT {WORKER_COLUMNS}, node_id FROM workers"
@@ -111,6 +136,7 @@ class Leader:
         connect_timeout: float,
         poll: float = POLL_SECONDS,
         grace: float = GRACE_SECONDS,
+        reap_grace: float = REAP_GRACE_SECONDS,
         clock: Callable[[], float] = anyio.current_time,
     ) -> None:
         self._url = url
@@ -119,6 +145,7 @@ class Leader:
         self._connect_timeout = connect_timeout
         self._poll = poll
         self._grace = grace
+        self._reap_grace = reap_grace
         self._clock = clock
         self._conn: Connection | None = None
         self._epoch: int | None = None
@@ -213,6 +240,13 @@ class Leader:
                 )
                 return None
             dead = {str(row[0]) for row in conn.execute(_DEAD, (self.node_id,))}
+            expired = tuple(
+                DeadClaim(str(task_id), int(version), str(node))
+                for task_id, version, node in conn.execute(
+                    _EXPIRED, (self._reap_grace, self.node_id, BATCH)
+                )
+                if str(node) not in dead  # a dead node's claims go with its own duty
+            )
             for node in list(self._suspects):
                 if node not in dead:
                     del self._suspects[node]  # came back, or nothing of it is left
@@ -220,7 +254,7 @@ class Leader:
                 self._suspects.setdefault(node, now)
             due = sorted(n for n in dead if now - self._suspects[n] >= self._grace)
             if not due:
-                return None
+                return DeadNodes(epoch=epoch, nodes=(), expired=expired) if expired else None
             claims = tuple(
                 DeadClaim(str(task_id), int(version), str(node))
                 for task_id, version, node in conn.execute(_CLAIMS, (due, BATCH))
@@ -228,7 +262,7 @@ class Leader:
             rows = conn.execute(_WORKERS, (due, BATCH)).fetchall()
             counted = conn.execute(_PLANS, (due,)).fetchone()
             plans = 0 if counted is None else int(counted[0])
-        if not claims and not rows and not plans:
+        if not claims and not rows and not plans and not expired:
             return None
         return DeadNodes(
             epoch=epoch,
@@ -237,6 +271,7 @@ class Leader:
             workers=tuple(worker_from_row(row[:-1]) for row in rows),
             worker_nodes=tuple(str(row[-1]) for row in rows),
             plans=plans,
+            expired=expired,
         )
 
     def _step_down(self, why: str) -> None:

@@ -366,6 +366,32 @@ _V17: tuple[str, ...] = (
     "INSERT INTO hive_leader (id, epoch) VALUES (1, 0)",
 )
 
+# Leases by the database's clock (pg-design 4.3, storage/pg/leader.py): a claimed run's
+# ``lease_deadline`` is set by the database as its lease is set or renewed, to its own
+# now() plus the span the node set (the node's ``lease_expires_at`` less the wall time it
+# set it from, which the node's write gives as ``hive.clock``: storage/grouping.py's
+# LEASE_CLOCK); NULL once the run ends. So the leader finds the expired leases of a live
+# node that does not act on them (its event loop stuck, its process stopped) by one clock,
+# the database's, whatever the nodes' clocks say. Its SQLite twin is the column, unused.
+_V18: tuple[str, ...] = (
+    f"ALTER TABLE runs ADD COLUMN lease_deadline {_TS}",
+    "CREATE OR REPLACE FUNCTION hive_lease_deadline() RETURNS trigger LANGUAGE plpgsql AS $$"
+    " BEGIN"
+    "  IF NEW.status NOT IN ('assigned', 'running') OR NEW.lease_expires_at IS NULL THEN"
+    "   NEW.lease_deadline := NULL;"
+    "  ELSIF TG_OP = 'INSERT' OR NEW.lease_expires_at IS DISTINCT FROM OLD.lease_expires_at"
+    "   OR OLD.lease_deadline IS NULL THEN"
+    "   NEW.lease_deadline := now() + GREATEST(NEW.lease_expires_at - coalesce("
+    "    nullif(current_setting('hive.clock', true), '')::timestamptz, now()), interval '0');"
+    "  END IF;"
+    "  RETURN NEW;"
+    " END $$",
+    "CREATE TRIGGER runs_lease_deadline BEFORE INSERT OR UPDATE ON runs"
+    " FOR EACH ROW EXECUTE FUNCTION hive_lease_deadline()",
+    "CREATE INDEX idx_runs_lease_deadline ON runs (lease_deadline)"
+    " WHERE lease_deadline IS NOT NULL",
+)
+
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n (the twin of the SQLite
 #: list's entry n - 1: same tables, columns and indexes).
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -386,6 +412,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V15,
     _V16,
     _V17,
+    _V18,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

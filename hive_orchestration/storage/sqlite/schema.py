@@ -339,6 +339,15 @@ _V16: tuple[str, ...] = ()
 # leaves behind (its claims, its workers) are done by recovery on open, as they always were.
 _V17: tuple[str, ...] = ()
 
+# The twin of PostgreSQL's version 18 (a claimed run's lease deadline by the database's
+# clock, which the leader of several nodes reaps by): the column, never set here. A SQLite
+# file has one owner, whose own lease deadlines end its leases.
+_V18: tuple[str, ...] = (
+    "ALTER TABLE runs ADD COLUMN lease_deadline TIMESTAMP",
+    "CREATE INDEX IF NOT EXISTS idx_runs_lease_deadline ON runs (lease_deadline)"
+    " WHERE lease_deadline IS NOT NULL",
+)
+
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V1,
@@ -358,5 +367,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V15,
     _V16,
     _V17,
+    _V18,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
