@@ -66,7 +66,8 @@ def fences(tm: TaskManager, work: _Batch) -> list[WriteOp]:
                 last.pop(task_id, None)
             case PutRun(run=run) | SetRunState(run=run):
                 changed.add(run.task_id)
-                leased = leased or run.lease_expires_at is not None
+                # (an open run's: the database keeps no deadline for an ended one)
+                leased = leased or (run.status in _RUN_OPEN and run.lease_expires_at is not None)
     work.fenced = sorted(changed - created)
     fences: list[WriteOp] = []
     if leased:
