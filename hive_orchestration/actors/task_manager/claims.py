@@ -142,7 +142,8 @@ def assign(
     # database keep its hash.
     secret = new_secret()
     lease_hash = _hash(secret)
-    tm._due[run.id] = _Due(tm._mono + claim.lease, timeout, lease_hash)
+    lease = tm._mono + claim.lease  # written with the claim's run
+    tm._due[run.id] = _Due(lease, timeout, lease_hash, lease)
     work.ops.append(PutRun(run, lease_hash))
     updated = tm._transition(
         task,

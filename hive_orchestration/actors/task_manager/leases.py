@@ -35,6 +35,14 @@ _NOT_THE_CLAIMER = (
 )
 
 
+#: On a store several nodes share: how far a bare heartbeat may move a lease from the
+#: deadline its row records and stay in memory (a renewal more often than this writes at
+#: most once per this span). Less than the leader's grace after a stored deadline
+#: (storage/pg/leader.py, REAP_GRACE_SECONDS: 2 s), so that the leader never ends a lease
+#: its node renewed.
+_WRITTEN_SLACK = 0.5
+
+
 def _hash(secret: str) -> bytes:
     # SHA-256 with no salt or KDF: the secret is 128 random bits, not a password, so
     # there is no table worth precomputing and no search to slow down.
@@ -186,14 +194,21 @@ def heartbeat(tm: TaskManager, message: Heartbeat, work: _Batch, now: datetime) 
         changes["phase"] = message.phase
     # Progress is durable and published; a bare heartbeat only moves the lease, which
     # lives as long as this process, so it is kept in memory; but on a store several
-    # nodes share it is written too (no event), for the database keeps the lease's
-    # deadline by its own clock and the leader reaps a lease that passed it.
-    durable = len(changes) > 1 or tm._fenced
+    # nodes share it is written too (no event) once it moves the lease more than
+    # _WRITTEN_SLACK from the deadline its row records, for the database keeps the
+    # lease's deadline by its own clock and the leader ends a lease that passed it (by
+    # its grace, more than the slack: a renewed lease is never ended so).
+    lease = tm._mono + span
+    before = tm._due[run.id]
+    durable = len(changes) > 1 or (
+        tm._fenced and (before.written is None or abs(lease - before.written) > _WRITTEN_SLACK)
+    )
     if durable:
         tm._touch(task.id, work)
     renewed = msgspec.structs.replace(run, **changes)
     tm._runs[run.id] = renewed
-    tm._due[run.id] = tm._due[run.id]._replace(lease=tm._mono + span)
+    written = lease if durable else before.written
+    tm._due[run.id] = before._replace(lease=lease, written=written)
     due = tm._due[run.id].next()[0]
     # Moved earlier only: a later deadline is found when the entry comes up (one
     # entry per claim either way), so that a heartbeat costs no sift.

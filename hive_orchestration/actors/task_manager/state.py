@@ -77,6 +77,10 @@ class _Due(NamedTuple):
     lease: float
     timeout: float | None
     lease_hash: bytes | None  # None (a row from before lease secrets): nothing proves it
+    # On a store several nodes share: the lease deadline its row last recorded (None: not
+    # known, so the next heartbeat writes it), which the database's own deadline of the
+    # lease is (leases.heartbeat).
+    written: float | None = None
 
     def next(self) -> tuple[float, bool]:
         """The earliest, and whether it is the timeout."""

@@ -28,7 +28,8 @@ the *leader* (pg-design 4.3):
   process is stopped) keeps its lock, so its claims never look dead, and its own lease
   deadlines do not run. The database keeps each claimed run's lease deadline by its own
   clock (``runs.lease_deadline``, schema 18: set as the lease is set or renewed, to its
-  now() plus the span the node set; a node's every heartbeat is written on this store),
+  now() plus the span the node set; a node writes a heartbeat on this store once it
+  moves the lease more than half a second from what the row records),
   and the leader hands the claims of other live nodes whose deadline passed by
   :data:`REAP_GRACE_SECONDS` to its TaskManager (``RecoverClaims`` with
   ``lease_expired``: ended as their owner's expiry would, each only at the version read).
