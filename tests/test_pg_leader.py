@@ -40,6 +40,7 @@ from hive_orchestration import (  # noqa: E402
     TaskStatus,
     WorkerStatus,
 )
+from hive_orchestration.actors.task_manager.leases import _WRITTEN_SLACK  # noqa: E402
 from hive_orchestration.messages.leader import DeadClaim, RecoverClaims  # noqa: E402
 from hive_orchestration.messages.tasks import TERMINAL, PurgeTasks  # noqa: E402
 from hive_orchestration.messages.workers import WorkersLost  # noqa: E402
@@ -394,6 +395,9 @@ async def test_a_lease_expired_duty_ends_the_claim_as_its_owners_expiry_would(
 
 
 async def test_a_live_nodes_renewed_lease_is_never_reaped(pg_url: str) -> None:
+    # A bare heartbeat stays in memory while it moves the lease less than this from the
+    # row's deadline: the leader's grace after that deadline must cover it.
+    assert _WRITTEN_SLACK < REAP_GRACE_SECONDS
     async with Runtime.open(pg_url) as a:
         await _open_leader_first(pg_url)
 
