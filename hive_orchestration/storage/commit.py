@@ -21,6 +21,7 @@ import logging
 import time
 from bisect import bisect_left
 from collections.abc import Sequence
+from contextlib import suppress
 from typing import TYPE_CHECKING, cast
 
 import anyio
@@ -49,9 +50,50 @@ log = logging.getLogger("hive_orchestration.storage")
 _Pending = tuple[Envelope[StorageMessage], Write]
 
 
+async def _decide_locked(self: StorageActor, writes: list[_Pending]) -> list[_Pending] | None:
+    """The writes whose ops are decided once their ready rows are locked (a node's
+    claims: :class:`~..messages.storage.LockReady`): the rows are taken in the batch's
+    transaction, left open (:meth:`~.port.StoreSql.lock_ready`), each such write's
+    ``decide`` is called with them, and the batch goes on with the ops it answers.
+    None: the rows could not be read, and the batch failed whole, nothing applied."""
+    db = self._require_db()
+    decided: list[_Pending] = []
+    begun = False
+    try:
+        for envelope, write in writes:
+            if write.lock is None:
+                decided.append((envelope, write))
+                continue
+            if begun:  # one transaction locks once: a second writer decides on memory
+                loaded = None
+            else:
+                loaded = await self._sql.lock_ready(db, write.lock)
+                begun = loaded is not None
+            decided.append((envelope, Write(write.lock.decide(loaded))))
+    except StoreError as exc:
+        if begun:
+            with suppress(StoreError):
+                await db.rollback()
+        self._fail(writes, exc)
+        return None
+    except BaseException:
+        # A writer's decision failed (its own code): nothing of the batch is applied,
+        # and the actor crashes, so that every writer of the batch hears so.
+        if begun:
+            with suppress(StoreError):
+                await db.rollback()
+        raise
+    return decided
+
+
 async def _commit(self: StorageActor, writes: list[_Pending], *, isolate: bool) -> None:
     db = self._require_db()
     with anyio.CancelScope(shield=True):
+        if any(write.lock is not None for _, write in writes):
+            locked = await self._decide_locked(writes)
+            if locked is None:
+                return
+            writes = locked
         rows: list[list[Statement]] = []  # each write's row statements
         appended: list[list[AppendEvent]] = []  # each write's events
         for _, write in writes:

@@ -44,12 +44,14 @@ from ..messages.storage import (
     LoadTasks,
     LoadTimers,
     LoadWorkers,
+    LockReady,
     NextPlannedTask,
     PlanEventTrim,
     QueryPlanningRequests,
     QueryPlans,
     QueryTasks,
     QueryUnroutable,
+    QueueHeads,
     ReadEvents,
     RetentionDue,
     StorageMessage,
@@ -198,6 +200,19 @@ class Driver:
         """
         raise NotImplementedError
 
+    async def begin(self, statements: Sequence[Statement]) -> list[list[Row]]:
+        """Open a transaction, run ``statements`` in it and answer each one's rows,
+        leaving it open: the next :meth:`transaction` or :meth:`append` continues it
+        (and commits it), :meth:`rollback` ends it. Only the drivers of a store whose
+        :meth:`StoreSql.lock_ready` locks rows implement it. A connection lost meanwhile
+        fails the call that would continue it, ``fault="unavailable"``: nothing applied.
+        """
+        raise NotImplementedError
+
+    async def rollback(self) -> None:
+        """End the transaction :meth:`begin` opened, applying nothing of it."""
+        raise NotImplementedError
+
     async def probe(self, units: Sequence[Sequence[Statement]]) -> list[StoreError | None]:
         """Try each unit in its own savepoint, then roll everything back.
 
@@ -323,6 +338,17 @@ class StoreSql(Protocol):
 
     async def read_events(self, db: Driver, read: ReadEvents) -> list[Row]:
         """The rows of ``read``, in seq order, each in ``rows.EVENT_COLUMNS`` order."""
+        ...
+
+    # -- claims: the ready rows a write takes before it is decided -------------------------
+
+    async def lock_ready(self, db: Driver, lock: LockReady) -> QueueHeads | None:
+        """Open the write's transaction on ``db`` (:meth:`Driver.begin`) and take the best
+        ready rows of ``lock.heads`` in it, passing over rows another transaction holds
+        (``FOR UPDATE SKIP LOCKED``): the tasks, their runs and versions, each queue's in
+        claim order. None: this store has one writer, whose memory is the truth; nothing
+        is locked, and no transaction is open.
+        """
         ...
 
     # -- the families of reads: one message of its tuple in, its answer out ---------------

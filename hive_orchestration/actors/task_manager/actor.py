@@ -310,7 +310,7 @@ class TaskManager(Actor[TaskManagerMessage]):
                 work.answers.append((envelope, outcome))
         if seen and self._workers is not None:
             self._report_seen(seen)  # before the answers: a caller then finds it alive
-        self._dispatch(work, now)
+        self._dispatch_later(work, now)
         unclaimed: list[Claim] = []
         starved = False
         follow_ups = 0
@@ -332,7 +332,7 @@ class TaskManager(Actor[TaskManagerMessage]):
             refilled = await self._refill_now() if starved else True
             for claim in unclaimed:
                 self._release_unclaimed(claim, work, now)
-            self._dispatch(work, now, refilled=refilled)
+            self._dispatch_later(work, now, refilled=refilled)
 
     def _report_seen(self, seen: set[str]) -> None:
         """Tell the registry who is at work, so a busy worker is not declared offline
@@ -366,6 +366,8 @@ class TaskManager(Actor[TaskManagerMessage]):
     # claims.py
     _park = claims.park
     _dispatch = claims.dispatch
+    _dispatch_later = claims.dispatch_later
+    _lock_claims = claims.lock_claims
     _unpark = claims.unpark
     _assign = claims.assign
     _start = claims.start_run

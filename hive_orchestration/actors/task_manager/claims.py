@@ -24,7 +24,14 @@ import msgspec
 
 from ..._ids import new_id, new_secret
 from ...errors import IllegalTransitionError
-from ...messages.storage import PutRun, SetRunState
+from ...messages.storage import (
+    LockReady,
+    PutRun,
+    QueueHead,
+    QueueHeads,
+    SetRunState,
+    WriteOp,
+)
 from ...messages.tasks import (
     Claim,
     ClaimTask,
@@ -38,6 +45,7 @@ from ...messages.tasks import (
 from ...runtime import Envelope
 from .leases import _hash, _proves
 from .machine import _run_data
+from .ready import QueueId, bound_of
 from .state import A, R, _Batch, _Due, _Waiter
 
 if TYPE_CHECKING:
@@ -111,6 +119,126 @@ def dispatch(tm: TaskManager, work: _Batch, now: datetime, *, refilled: bool = T
             continue
         tm._unpark(waiter_id, work)
         work.answers.append((waiter.envelope, tuple(claims)))
+
+
+def dispatch_later(tm: TaskManager, work: _Batch, now: datetime, *, refilled: bool = True) -> None:
+    """Hand ready tasks to parked claims: now (one owner), or on a store several nodes
+    share at the batch's commit, once the rows they may take are locked in its
+    transaction (:func:`lock_claims`)."""
+    if tm._fenced:
+        work.dispatch = (now, refilled)
+    else:
+        dispatch(tm, work, now, refilled=refilled)
+
+
+def _wanted(tm: TaskManager, work: _Batch) -> tuple[set[QueueId], int]:
+    """The queues the claims a dispatch would look at may take from, and how many
+    tasks they want in all (as dispatch picks them: every parked claim once something
+    became ready, else those parked in this batch)."""
+    candidates = list(tm._waiters) if tm._ready.changed else work.parked
+    queues: set[QueueId] = set()
+    wanted = 0
+    for waiter_id in candidates:
+        waiter = tm._waiters.get(waiter_id)
+        if waiter is None:
+            continue
+        reply = waiter.envelope.reply
+        if reply is not None and reply.done:
+            continue
+        request = waiter.claim
+        wanted += 1 if isinstance(request, ClaimTask) else request.limit - len(waiter.taken)
+        queues |= tm._ready.queues_for(request.task_types)
+    return queues, wanted
+
+
+def lock_claims(tm: TaskManager, work: _Batch) -> LockReady | None:
+    """On a fenced store, the claims of a batch whose dispatch waits for its commit
+    (:func:`dispatch_later`): the rows to lock in the write's transaction, and the
+    decision to make once they are (:func:`decide_locked`). None: handed out now,
+    from memory (nothing to lock: no claim waits, or no queue it takes from)."""
+    if work.dispatch is None:
+        return None
+    now, refilled = work.dispatch
+    queues, wanted = _wanted(tm, work)
+    if not queues or wanted <= 0:
+        work.dispatch = None
+        dispatch(tm, work, now, refilled=refilled)
+        return None
+    limit = min(wanted, tm._head)
+    heads = tuple(QueueHead(q[0], q[1], q[2]) for q in sorted(queues, key=_queue_order))
+
+    def decide(loaded: QueueHeads | None) -> tuple[WriteOp, ...]:
+        return decide_locked(tm, work, loaded, limit)
+
+    return LockReady(heads, limit, now, decide)
+
+
+def _queue_order(queue: QueueId) -> tuple[str, tuple[str, ...], str]:
+    return (queue[0], queue[1], queue[2] or "")
+
+
+def decide_locked(
+    tm: TaskManager, work: _Batch, loaded: QueueHeads | None, limit: int
+) -> tuple[WriteOp, ...]:
+    """The write's ops, once the ready rows its claims may take are locked: memory
+    takes what was locked as the heads of those queues (:func:`take_locked`), the
+    parked claims are handed out from it, then the batch's fences and ops."""
+    assert work.dispatch is not None
+    now, refilled = work.dispatch
+    work.dispatch = None
+    if loaded is not None:
+        take_locked(tm, work, loaded, limit)
+    dispatch(tm, work, now, refilled=refilled)
+    return tuple(tm._fences(work) + work.ops) if work.ops else ()
+
+
+def take_locked(tm: TaskManager, work: _Batch, loaded: QueueHeads, limit: int) -> None:
+    """Memory's heads as the locked rows say. Each queue's locked rows are the best
+    ready rows no other node's transaction holds; a ready task memory holds ranked
+    among them but not locked is another node's to take now (or no longer ready):
+    memory lets go of it (a sweep reads it again if it is left queued). A task this
+    batch already changed is memory's to decide; a locked task memory does not hold,
+    or holds at another version, is taken in as read. With fewer than ``limit`` rows,
+    every free ready task of the queue is now held: nothing more is in storage for it
+    (until the next sweep or a wake-up), so claims are not held back for it."""
+    runs: dict[str, list[Run]] = {}
+    for run in loaded.runs:
+        runs.setdefault(run.task_id, []).append(run)
+    dropped = False
+    for head, tasks in loaded.heads:
+        queue = (head.task_type, head.requires, head.concurrency_key)
+        locked = {task.id for task in tasks}
+        last = bound_of(tasks[-1]) if len(tasks) >= limit else None
+        for task_id in tm._ready.members(queue):
+            if task_id in locked or task_id in work.undo:
+                continue
+            task = tm._tasks[task_id]
+            if last is not None and bound_of(task)[:3] > last[:3]:
+                continue  # beyond what was locked: left as it is
+            tm._index(task, None)
+            tm._drop(task_id)
+            dropped = True
+        if last is None:
+            tm._ready.set_bound(queue, None)
+        else:
+            bound = tm._ready.bounds().get(queue)
+            if bound is not None and bound[:3] < last[:3]:
+                tm._ready.set_bound(queue, last)
+        for task in tasks:
+            if task.id in work.undo or task.id in tm._held:
+                continue  # this batch's, or a claim of this node's: its fence decides
+            known = tm._tasks.get(task.id)
+            if known is not None:
+                if tm._versions.get(task.id) == loaded.versions[task.id]:
+                    continue
+                tm._index(known, None)
+                tm._drop(task.id)
+                tm._finished.pop(task.id, None)
+            tm._versions[task.id] = loaded.versions[task.id]
+            tm._take_in(task, runs.get(task.id, ()))
+        tm._ready.extended([queue])
+    if dropped:
+        tm._ready.changed = True
 
 
 def unpark(tm: TaskManager, waiter_id: int, work: _Batch | None = None) -> None:

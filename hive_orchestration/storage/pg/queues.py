@@ -24,6 +24,7 @@ from ...messages.storage import (
     LoadQueueHeads,
     LoadStarts,
     LoadTimers,
+    LockReady,
     QueryUnroutable,
     QueueHead,
     QueueHeads,
@@ -42,7 +43,7 @@ from ..rows import (
     time_text,
 )
 
-__all__ = ["query_queues", "requires_text"]
+__all__ = ["lock_ready", "query_queues", "requires_text"]
 
 _encode = msgspec.json.Encoder().encode
 _READY = "status = 'queued' AND run_at IS NULL"
@@ -150,6 +151,32 @@ async def query_queues(db: Driver, message: StorageMessage) -> object:
                 for id_, when, created in rows
             )
     raise TypeError(f"not a queue query: {type(message).__name__}")  # pragma: no cover
+
+
+async def lock_ready(db: Driver, lock: LockReady) -> QueueHeads:
+    """The claims of a node's write (:class:`LockReady`): BEGIN, then the best ``limit``
+    ready rows of each queue (past any backoff at ``now``), in claim order, each locked
+    ``FOR UPDATE SKIP LOCKED`` to the commit: a row another node's transaction holds (its
+    claim, or any write of it) is passed over, never waited for, so two nodes' claims
+    never take one task nor wait for each other. Then their runs, in the same
+    transaction (which stays open for the write: :meth:`Driver.begin`)."""
+    at = _text(lock.now)
+    statements = []
+    for head in lock.heads:
+        select, queue = _queue(head.task_type, requires_text(head.requires), head.concurrency_key)
+        sql = (
+            f"{select} AND (available_at IS NULL OR available_at <= ?)"
+            " ORDER BY priority DESC, created_at, id LIMIT ? FOR UPDATE SKIP LOCKED"
+        )
+        statements.append((sql, (*queue, at, lock.limit)))
+    found = await db.begin(statements)
+    loaded: list[tuple[QueueHead, tuple[Task, ...]]] = []
+    versions: dict[str, int] = {}
+    for head, rows in zip(lock.heads, found, strict=True):
+        versions.update((str(row[0]), int(cast(int, row[-1]))) for row in rows)
+        loaded.append((head, tuple(task_from_row(row[:-1]) for row in rows)))
+    ids = [task.id for _, tasks in loaded for task in tasks]
+    return QueueHeads(tuple(loaded), tuple(await _runs_of(db, ids)), versions)
 
 
 #: Above every id :func:`~hive_orchestration._ids.new_id` makes (a version 7 UUID).

@@ -32,7 +32,9 @@ from ...messages.storage import (
     LoadRuns,
     LoadTasks,
     LoadWorkers,
+    LockReady,
     QueryTasks,
+    QueueHeads,
     ReadEvents,
     StorageMessage,
 )
@@ -216,6 +218,9 @@ class PostgresSql:
                 )
                 return tuple(worker_from_row(row) for row in rows)
         raise HiveError(f"not a task read: {type(message).__name__}")
+
+    async def lock_ready(self, db: Driver, lock: LockReady) -> QueueHeads | None:
+        return await queues.lock_ready(db, lock)
 
     async def query_queues(self, db: Driver, message: StorageMessage) -> object:
         return await queues.query_queues(db, message)

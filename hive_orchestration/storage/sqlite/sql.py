@@ -26,7 +26,9 @@ from ...messages.storage import (
     LoadRuns,
     LoadTasks,
     LoadWorkers,
+    LockReady,
     QueryTasks,
+    QueueHeads,
     ReadEvents,
     StorageMessage,
 )
@@ -167,6 +169,10 @@ class SqliteSql:
                 rows = await db.fetchall(f"SELECT {WORKER_COLUMNS} FROM workers ORDER BY rowid")
                 return tuple(worker_from_row(row) for row in rows)
         raise HiveError(f"not a task read: {type(message).__name__}")
+
+    async def lock_ready(self, db: Driver, lock: LockReady) -> QueueHeads | None:
+        # One owner, the only writer: memory is the truth, nothing to lock.
+        return None
 
     async def query_queues(self, db: Driver, message: StorageMessage) -> object:
         return await queues.query_queues(db, message)

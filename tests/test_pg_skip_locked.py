@@ -1,0 +1,79 @@
+"""Claims taken in the database: on PostgreSQL a node's claims lock their rows with
+``SELECT ... FOR UPDATE SKIP LOCKED`` in the claiming write's own transaction
+(storage/pg/queues.py ``lock_ready``, actors/task_manager/claims.py ``lock_claims``), so a
+row another transaction holds is passed over, never waited for, and two nodes claiming
+from one queue never pick the same task nor conflict.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+psycopg = pytest.importorskip("psycopg")
+
+from hive_orchestration import Runtime  # noqa: E402
+from hive_orchestration.actors.task_manager import TaskManager  # noqa: E402
+
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
+
+
+async def test_a_claim_passes_over_the_rows_another_transaction_holds(pg_url: str) -> None:
+    async with Runtime.open(pg_url) as rt:
+        ids = [await rt.create_task("job", priority=9 - i) for i in range(4)]
+        with psycopg.connect(pg_url) as other:
+            # Another node's transaction holds the two best tasks (its claim in flight).
+            other.execute("SELECT id FROM tasks WHERE id = ANY(%s) FOR UPDATE", (ids[:2],))
+            with anyio.fail_after(5):  # a claim that waited for those rows would hang here
+                claim = await rt.claim_task("w1", "job")
+            assert claim is not None
+            assert claim.task.id == ids[2]  # the best of the rest, in the queue's order
+            other.rollback()
+        # Let go of, the rows are the best again.
+        with anyio.fail_after(5):
+            again = await rt.claim_tasks("w2", "job", limit=5, wait=3)
+        assert [c.task.id for c in again] == [ids[0], ids[1], ids[3]]
+
+
+async def test_two_nodes_claiming_one_queue_never_conflict(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two nodes' workers claim the same queue's tasks at once: every task is handed out
+    once and no write conflicts (a conflict reads the batch's tasks again: _refresh)."""
+    conflicts: list[int] = []
+    refresh = TaskManager._refresh
+
+    async def counted(self: TaskManager, task_ids: Any) -> None:
+        conflicts.append(len(task_ids))
+        await refresh(self, task_ids)
+
+    monkeypatch.setattr(TaskManager, "_refresh", counted)
+    count = 300
+    async with Runtime.open(pg_url) as one:
+        created = await one.create_tasks([{"task_type": "job"}] * count)
+        async with Runtime.open(pg_url) as two:  # opening, it reads the same heads
+            await race(one, two, created)
+    assert conflicts == []
+
+
+async def race(one: Runtime, two: Runtime, created: list[str]) -> None:
+    """Three workers on each node claim batches of 8 until every task was taken."""
+    taken: dict[str, str] = {}
+
+    async def work(rt: Runtime, worker: str) -> None:
+        while len(taken) < len(created):
+            claims = await rt.claim_tasks(worker, "job", limit=8, start=True, wait=0.5)
+            for claim in claims:
+                assert claim.task.id not in taken, "handed out twice"
+                taken[claim.task.id] = worker
+                await rt.complete_task(claim.lease, {})
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for n in range(3):
+                tg.start_soon(work, one, f"one-{n}")
+                tg.start_soon(work, two, f"two-{n}")
+    assert set(taken) == set(created)
+    assert {worker[:3] for worker in taken.values()} == {"one", "two"}  # both took some
