@@ -77,3 +77,36 @@ async def race(one: Runtime, two: Runtime, created: list[str]) -> None:
                 tg.start_soon(work, two, f"two-{n}")
     assert set(taken) == set(created)
     assert {worker[:3] for worker in taken.values()} == {"one", "two"}  # both took some
+
+
+@pytest.fixture
+def no_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TaskManagers read their heads again only at start-up (no safety sweep): what
+    reaches them from other nodes comes by notification alone."""
+    init = TaskManager.__init__
+
+    def without_sweep(self: TaskManager, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **{**kwargs, "sweep_interval": 3600.0})
+
+    monkeypatch.setattr(TaskManager, "__init__", without_sweep)
+
+
+@pytest.mark.usefixtures("no_sweep")
+async def test_a_claim_waiting_on_one_node_is_woken_by_tasks_queued_on_another(
+    pg_url: str,
+) -> None:
+    async with Runtime.open(pg_url) as one, Runtime.open(pg_url) as two:
+        claimed: list[Any] = []
+
+        async def claim() -> None:
+            claimed.append(await one.claim_task("w1", "job", wait=30))
+
+        for round_ in range(3):  # a queue new to the first node, then one it knows
+            claimed.clear()
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(claim)
+                    task_id = await two.create_task("job", priority=round_)
+            assert claimed[0] is not None
+            assert claimed[0].task.id == task_id
+            await one.complete_task(claimed[0].lease, {})

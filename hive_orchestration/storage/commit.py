@@ -34,13 +34,23 @@ from ..messages.storage import (
     COMMIT_SECONDS_BOUNDS,
     AppendEvent,
     Committed,
+    PutTask,
+    SetTaskState,
     StorageMessage,
     TrimEventLog,
     Write,
 )
+from ..messages.tasks import TaskStatus
 from ..runtime import ActorRef, Envelope
 from .grouping import _row_statements
-from .port import CommitUnknownError, Publisher, Statement, StoreError, StoreIntegrityError
+from .port import (
+    CommitUnknownError,
+    Publisher,
+    QueueKey,
+    Statement,
+    StoreError,
+    StoreIntegrityError,
+)
 
 if TYPE_CHECKING:
     from .actor import StorageActor
@@ -102,6 +112,12 @@ async def _commit(self: StorageActor, writes: list[_Pending], *, isolate: bool) 
         ops = [op for unit in appended for op in unit]
         numbered = self._sql.numbered_events(ops, self._origin) if ops else None
         statements = [statement for unit in rows for statement in unit]
+        if self._feed is not None:
+            # Several nodes: one notice per commit that made tasks ready, so that the
+            # others' claims waiting for those queues are handed them now.
+            notice = self._sql.ready_notice(_ready_queues(writes), self._origin)
+            if notice is not None:
+                statements.append(notice)
         if numbered is None:
             # Numbered here, in memory: this actor is the database's only writer.
             seq = self._last_seq
@@ -172,6 +188,18 @@ async def _commit(self: StorageActor, writes: list[_Pending], *, isolate: bool) 
     finally:
         for (envelope, _), committed_seqs in zip(writes, seqs, strict=True):
             envelope.resolve(Committed(committed_seqs))
+
+
+def _ready_queues(writes: list[_Pending]) -> set[QueueKey]:
+    """The ready queues the writes queue tasks in (created, or back in the queue)."""
+    queues: set[QueueKey] = set()
+    for _, write in writes:
+        for op in write.ops:
+            if isinstance(op, PutTask | SetTaskState):
+                task = op.task
+                if task.status is TaskStatus.QUEUED and task.run_at is None:
+                    queues.add((task.task_type, task.requires, task.concurrency_key))
+    return queues
 
 
 async def _isolate(

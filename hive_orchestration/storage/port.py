@@ -12,7 +12,7 @@ Nothing here imports a database library: a store's own modules do, and only they
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias
 
 from ..errors import StorageError, StorageFault
@@ -80,6 +80,8 @@ __all__ = [
     "LogFeed",
     "Params",
     "Publisher",
+    "QueueKey",
+    "ReadyNotified",
     "Row",
     "Statement",
     "Store",
@@ -95,6 +97,11 @@ __all__ = [
 ]
 
 Params: TypeAlias = tuple[object, ...]
+#: A ready queue as stored: task type, requirement list, concurrency key.
+QueueKey: TypeAlias = tuple[str, tuple[str, ...], str | None]
+#: What a node's log feed calls when other nodes' commits made tasks of some ready queues
+#: claimable (``None``: which is not known, read them all); quick, never blocking.
+ReadyNotified: TypeAlias = Callable[[tuple[QueueKey, ...] | None], None]
 Statement: TypeAlias = tuple[str, Params]
 Row: TypeAlias = tuple[object, ...]
 
@@ -342,6 +349,12 @@ class StoreSql(Protocol):
 
     # -- claims: the ready rows a write takes before it is decided -------------------------
 
+    def ready_notice(self, queues: Collection[QueueKey], origin: str) -> Statement | None:
+        """The statement that tells the other nodes, as the transaction commits, that it
+        made tasks of ``queues`` ready (their claims wait on no sweep); ``origin`` names
+        the writer, whose own node skips it. None: no other node to tell."""
+        ...
+
     async def lock_ready(self, db: Driver, lock: LockReady) -> QueueHeads | None:
         """Open the write's transaction on ``db`` (:meth:`Driver.begin`) and take the best
         ready rows of ``lock.heads`` in it, passing over rows another transaction holds
@@ -470,8 +483,9 @@ class Store(Protocol):
         """One read-only connection beside the writer."""
         ...
 
-    def log_feed(self, publish: Publisher) -> LogFeed | None:
-        """The log feed of a runtime on this database (None: the storage actor publishes)."""
+    def log_feed(self, publish: Publisher, ready: ReadyNotified | None = None) -> LogFeed | None:
+        """The log feed of a runtime on this database (None: the storage actor publishes);
+        it calls ``ready`` as other nodes make tasks ready (:meth:`StoreSql.ready_notice`)."""
         ...
 
     def leadership(self, duties: LeaderDuties) -> Leadership | None:

@@ -50,6 +50,7 @@ from ...messages.tasks import (
     FailTask,
     FlushQueue,
     Heartbeat,
+    ReadyElsewhere,
     ReleaseTask,
     ReleaseWorker,
     RevokedTaskType,
@@ -210,6 +211,9 @@ class TaskManager(Actor[TaskManagerMessage]):
         # limit), until the next sweep.
         self._paused_keys: set[str] = set()
         self._conflicted = False
+        # Queues other nodes made tasks ready in (ReadyElsewhere), not yet locked by a
+        # claim here: the next claims that take from them lock their rows.
+        self._woken: set[tuple[str, tuple[str, ...], str | None]] = set()
 
     async def stopped(self, error: BaseException | None) -> None:
         # Held-back answers are of committed changes: they are true whatever happens next.
@@ -245,7 +249,11 @@ class TaskManager(Actor[TaskManagerMessage]):
                     envelope.fail(exc)
                 else:
                     envelope.resolve(recovered)
-        batch = [e for e in batch if not isinstance(e.message, RecoverClaims)]
+            elif isinstance(envelope.message, ReadyElsewhere):
+                envelope.started = True
+                self._ready_elsewhere(envelope.message)
+                envelope.resolve(None)
+        batch = [e for e in batch if not isinstance(e.message, RecoverClaims | ReadyElsewhere)]
         # On a store shared by several nodes a write may conflict with another node's
         # (_refresh): the batch is decided again on the tasks as they are now, up to
         # _ATTEMPTS times; the last attempt answers a conflict as the storage error.
@@ -368,6 +376,7 @@ class TaskManager(Actor[TaskManagerMessage]):
     _dispatch = claims.dispatch
     _dispatch_later = claims.dispatch_later
     _lock_claims = claims.lock_claims
+    _ready_elsewhere = claims.ready_elsewhere
     _unpark = claims.unpark
     _assign = claims.assign
     _start = claims.start_run

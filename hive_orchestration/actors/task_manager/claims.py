@@ -37,6 +37,7 @@ from ...messages.tasks import (
     ClaimTask,
     ClaimTasks,
     Lease,
+    ReadyElsewhere,
     Run,
     RunStatus,
     Task,
@@ -131,6 +132,17 @@ def dispatch_later(tm: TaskManager, work: _Batch, now: datetime, *, refilled: bo
         dispatch(tm, work, now, refilled=refilled)
 
 
+def ready_elsewhere(tm: TaskManager, notice: ReadyElsewhere) -> None:
+    """Other nodes made tasks of ``notice.queues`` ready: the claims parked here are
+    looked at again, and lock those queues' rows (a queue memory holds nothing of is
+    locked too); ``None``: every queue's head is read again first (a sweep)."""
+    if notice.queues is None:
+        tm._next_sweep = 0.0
+    else:
+        tm._woken.update(notice.queues)
+    tm._ready.changed = True
+
+
 def _wanted(tm: TaskManager, work: _Batch) -> tuple[set[QueueId], int]:
     """The queues the claims a dispatch would look at may take from, and how many
     tasks they want in all (as dispatch picks them: every parked claim once something
@@ -147,7 +159,7 @@ def _wanted(tm: TaskManager, work: _Batch) -> tuple[set[QueueId], int]:
             continue
         request = waiter.claim
         wanted += 1 if isinstance(request, ClaimTask) else request.limit - len(waiter.taken)
-        queues |= tm._ready.queues_for(request.task_types)
+        queues |= tm._ready.queues_for(request.task_types, tm._woken)
     return queues, wanted
 
 
@@ -188,6 +200,9 @@ def decide_locked(
     work.dispatch = None
     if loaded is not None:
         take_locked(tm, work, loaded, limit)
+        tm._woken.difference_update(
+            (h.task_type, h.requires, h.concurrency_key) for h, _ in loaded.heads
+        )
     dispatch(tm, work, now, refilled=refilled)
     return tuple(tm._fences(work) + work.ops) if work.ops else ()
 
@@ -221,9 +236,16 @@ def take_locked(tm: TaskManager, work: _Batch, loaded: QueueHeads, limit: int) -
         if last is None:
             tm._ready.set_bound(queue, None)
         else:
-            bound = tm._ready.bounds().get(queue)
-            if bound is not None and bound[:3] < last[:3]:
-                tm._ready.set_bound(queue, last)
+            # Its other tasks are in storage, after the last row locked (or after what
+            # memory holds beyond it): they are locked when claims come for them.
+            bound = last
+            held = tm._ready.bounds().get(queue)
+            if held is not None and held[:3] > bound[:3]:
+                bound = held
+            for task_id in tm._ready.members(queue):
+                if task_id not in locked and bound_of(tm._tasks[task_id])[:3] > bound[:3]:
+                    bound = bound_of(tm._tasks[task_id])
+            tm._ready.set_bound(queue, bound)
         for task in tasks:
             if task.id in work.undo or task.id in tm._held:
                 continue  # this batch's, or a claim of this node's: its fence decides

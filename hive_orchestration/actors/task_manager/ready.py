@@ -315,9 +315,11 @@ class ReadyQueue:
         """The ready tasks held of ``queue`` (ids), in no particular order."""
         return list(self._members.get(queue, ()))
 
-    def queues_for(self, capabilities: Collection[str] | None) -> set[QueueId]:
+    def queues_for(
+        self, capabilities: Collection[str] | None, also: Collection[QueueId] = ()
+    ) -> set[QueueId]:
         """The queues a claim that can do ``capabilities`` takes from, among those with
-        ready tasks held or tasks in storage."""
+        ready tasks held or tasks in storage, and among ``also``."""
 
         def takes(route: Route) -> bool:
             if capabilities is None:
@@ -330,6 +332,7 @@ class ReadyQueue:
         for route, queues in self._empty.items():
             if takes(route):
                 found |= queues
+        found.update(queue for queue in also if takes(route_of(queue)))
         return found
 
     def held_in(self, queue: QueueId) -> int:
