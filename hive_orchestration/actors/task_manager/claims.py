@@ -13,6 +13,15 @@ run timeouts, retry backoffs and claim waits are deadlines kept by this actor; o
 :class:`~hive_orchestration.runtime.Alarm` wakes it at the earliest, and every batch
 first settles what is due. A claim whose asker left before the answer (deadline,
 cancellation) is handed back at once, so no task is held by a worker that never got it.
+
+On a store several nodes share (PostgreSQL), the handing out waits for the batch's
+commit (:func:`dispatch_later`): the write carries the queues its parked claims take from
+(:func:`lock_claims`), the storage actor locks their best ready rows in the write's own
+transaction (``FOR UPDATE SKIP LOCKED``: rows another node's transaction holds are
+passed over), and the handing out is decided there, on those rows (:func:`decide_locked`,
+:func:`take_locked`), then committed with the rest of the batch. Two nodes' claims never
+take one task, so they never conflict. Other nodes' commits that queue tasks wake the
+parked claims here (:func:`ready_elsewhere`, by ``NOTIFY``).
 """
 
 from __future__ import annotations
