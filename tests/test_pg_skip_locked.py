@@ -7,6 +7,7 @@ from one queue never pick the same task nor conflict.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import anyio
@@ -110,3 +111,24 @@ async def test_a_claim_waiting_on_one_node_is_woken_by_tasks_queued_on_another(
             assert claimed[0] is not None
             assert claimed[0].task.id == task_id
             await one.complete_task(claimed[0].lease, {})
+
+
+async def test_a_commit_that_queues_tasks_sends_one_notice_naming_their_queues(
+    pg_url: str,
+) -> None:
+    async with Runtime.open(pg_url) as rt:
+        with psycopg.connect(pg_url, autocommit=True) as listener:
+            listener.execute("LISTEN hive_ready")
+            specs: list[dict[str, Any]] = [{"task_type": "a"}] * 40 + [{"task_type": "b"}] * 40
+            specs += [{"task_type": "c", "requires": ["gpu"], "concurrency_key": "k"}] * 20
+            await rt.create_tasks(specs)  # one write, one commit
+            await rt.create_task("d", delay=3600)  # delayed: not ready, no notice
+            notes = list(listener.notifies(timeout=1.0))
+    assert len(notes) == 1
+    origin, queues = json.loads(notes[0].payload)
+    assert origin
+    assert sorted((kind, tuple(needs), key) for kind, needs, key in queues) == [
+        ("a", (), None),
+        ("b", (), None),
+        ("c", ("gpu",), "k"),
+    ]
