@@ -15,8 +15,10 @@ import pytest
 
 psycopg = pytest.importorskip("psycopg")
 
-from hive_orchestration import Runtime  # noqa: E402
+from hive_orchestration import Runtime, StorageError, TaskStatus  # noqa: E402
 from hive_orchestration.actors.task_manager import TaskManager  # noqa: E402
+from hive_orchestration.storage.pg.sql import PostgresSql  # noqa: E402
+from hive_orchestration.storage.port import StoreError  # noqa: E402
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -132,3 +134,31 @@ async def test_a_commit_that_queues_tasks_sends_one_notice_naming_their_queues(
         ("b", (), None),
         ("c", ("gpu",), "k"),
     ]
+
+
+async def test_a_claim_whose_rows_could_not_be_locked_gets_the_error_and_nothing_is_taken(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch's transaction failed before its claims were decided (the server went
+    away as the rows were locked): the claims parked in it get the storage error, nothing
+    is handed out, and the next claim gets the task."""
+    lock_ready = PostgresSql.lock_ready
+    failures: list[bool] = [True]
+
+    async def failing(self: PostgresSql, db: Any, lock: Any) -> Any:
+        if failures and failures.pop():
+            raise StoreError("the server went away", fault="unavailable")
+        return await lock_ready(self, db, lock)
+
+    monkeypatch.setattr(PostgresSql, "lock_ready", failing)
+    async with Runtime.open(pg_url) as rt:
+        task_id = await rt.create_task("job")
+        with pytest.raises(StorageError) as caught:
+            await rt.claim_task("w1", "job")
+        assert caught.value.fault == "unavailable"
+        assert (await rt.get_task(task_id)).status == TaskStatus.QUEUED
+        assert await rt.get_runs(task_id) == []
+        claim = await rt.claim_task("w2", "job")
+        assert claim is not None
+        assert claim.task.id == task_id
+        assert claim.lease.attempt == 1
