@@ -237,7 +237,8 @@ class LockReady(msgspec.Struct, frozen=True):
     ops are decided: up to ``limit`` of each queue in claim order (priority, then age),
     ready at ``now`` (no backoff left), with ``SELECT ... FOR UPDATE SKIP LOCKED`` on a
     store several nodes share, so that rows another node's transaction holds are passed
-    over, never waited for, and two nodes' claims never take one task. The rows stay
+    over, never waited for, and two nodes' claims never take one task (``ready`` are
+    taken whatever their ``available_at`` says). The rows stay
     locked to the commit. ``decide`` is then called, once, with what was taken (tasks,
     their runs and versions), and answers the write's ops, which the same transaction
     applies. An in-process message only (``decide`` is the writer's code): the storage
@@ -248,6 +249,10 @@ class LockReady(msgspec.Struct, frozen=True):
     limit: int
     now: datetime
     decide: LockedDecision
+    #: Tasks the writer holds as ready whose stored ``available_at`` (the end of a retry
+    #: backoff, a wall time) may say otherwise: taken whatever it says. The writer
+    #: decides backoffs on its own clock, which a stepped wall clock does not move.
+    ready: tuple[str, ...] = ()
 
 
 class Write(Request[Committed], frozen=True):

@@ -187,11 +187,20 @@ def lock_claims(tm: TaskManager, work: _Batch) -> LockReady | None:
         return None
     limit = min(wanted, tm._head)
     heads = tuple(QueueHead(q[0], q[1], q[2]) for q in sorted(queues, key=_queue_order))
+    # Backoffs end on memory's monotonic clock, not on the wall times stored (a wall
+    # clock stepped back would hold them in the database's eyes): the ready tasks held
+    # with a stored end of backoff are locked whatever it says.
+    ready = tuple(
+        task_id
+        for queue in queues
+        for task_id in tm._ready.members(queue)
+        if tm._tasks[task_id].available_at is not None
+    )
 
     def decide(loaded: QueueHeads | None) -> tuple[WriteOp, ...]:
         return decide_locked(tm, work, loaded, limit)
 
-    return LockReady(heads, limit, now, decide)
+    return LockReady(heads, limit, now, decide, ready)
 
 
 def _queue_order(queue: QueueId) -> tuple[str, tuple[str, ...], str]:

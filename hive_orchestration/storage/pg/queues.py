@@ -155,7 +155,8 @@ async def query_queues(db: Driver, message: StorageMessage) -> object:
 
 async def lock_ready(db: Driver, lock: LockReady) -> QueueHeads:
     """The claims of a node's write (:class:`LockReady`): BEGIN, then the best ``limit``
-    ready rows of each queue (past any backoff at ``now``), in claim order, each locked
+    ready rows of each queue (past any backoff at ``now``, or among ``ready``, which the
+    writer holds as past theirs by its own clock), in claim order, each locked
     ``FOR UPDATE SKIP LOCKED`` to the commit: a row another node's transaction holds (its
     claim, or any write of it) is passed over, never waited for, so two nodes' claims
     never take one task nor wait for each other. Then their runs, in the same
@@ -165,10 +166,10 @@ async def lock_ready(db: Driver, lock: LockReady) -> QueueHeads:
     for head in lock.heads:
         select, queue = _queue(head.task_type, requires_text(head.requires), head.concurrency_key)
         sql = (
-            f"{select} AND (available_at IS NULL OR available_at <= ?)"
+            f"{select} AND (available_at IS NULL OR available_at <= ? OR id = ANY(?))"
             " ORDER BY priority DESC, created_at, id LIMIT ? FOR UPDATE SKIP LOCKED"
         )
-        statements.append((sql, (*queue, at, lock.limit)))
+        statements.append((sql, (*queue, at, list(lock.ready), lock.limit)))
     found = await db.begin(statements)
     loaded: list[tuple[QueueHead, tuple[Task, ...]]] = []
     versions: dict[str, int] = {}
