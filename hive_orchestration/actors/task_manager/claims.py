@@ -194,7 +194,7 @@ def lock_claims(tm: TaskManager, work: _Batch) -> LockReady | None:
         task_id
         for queue in queues
         for task_id in tm._ready.members(queue)
-        if tm._tasks[task_id].available_at is not None
+        if (task := tm._tasks.get(task_id)) is not None and task.available_at is not None
     )
 
     def decide(loaded: QueueHeads | None) -> tuple[WriteOp, ...]:
@@ -243,9 +243,9 @@ def take_locked(tm: TaskManager, work: _Batch, loaded: QueueHeads, limit: int) -
         locked = {task.id for task in tasks}
         last = bound_of(tasks[-1]) if len(tasks) >= limit else None
         for task_id in tm._ready.members(queue):
-            if task_id in locked or task_id in work.undo:
+            task = tm._tasks.get(task_id)
+            if task is None or task_id in locked or task_id in work.undo:
                 continue
-            task = tm._tasks[task_id]
             if last is not None and bound_of(task)[:3] > last[:3]:
                 continue  # beyond what was locked: left as it is
             tm._index(task, None)
@@ -261,8 +261,9 @@ def take_locked(tm: TaskManager, work: _Batch, loaded: QueueHeads, limit: int) -
             if held is not None and held[:3] > bound[:3]:
                 bound = held
             for task_id in tm._ready.members(queue):
-                if task_id not in locked and bound_of(tm._tasks[task_id])[:3] > bound[:3]:
-                    bound = bound_of(tm._tasks[task_id])
+                held_task = tm._tasks.get(task_id)
+                if held_task is not None and bound_of(held_task)[:3] > bound[:3]:
+                    bound = bound_of(held_task)
             tm._ready.set_bound(queue, bound)
         for task in tasks:
             if task.id in work.undo or task.id in tm._held:
