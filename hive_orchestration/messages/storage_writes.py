@@ -14,7 +14,7 @@ from ..runtime import Request
 from .events import Event
 from .plans import ExecutionPlan, PlanningRequest, PlanStatus, SubtaskState
 from .schedules import Schedule
-from .storage_reads import QueueHead, QueueHeads
+from .storage_reads import LockedHeads, QueueHead
 from .tasks import RevokedTaskType, Run, Task
 from .workers import Worker
 
@@ -229,7 +229,7 @@ class Committed(msgspec.Struct, frozen=True):
 
 #: The writer's decision once its ready rows are locked (:class:`LockReady`): the
 #: write's ops. Given ``None`` on a store that locks nothing (one owner: SQLite).
-LockedDecision: TypeAlias = Callable[[QueueHeads | None], tuple[WriteOp, ...]]
+LockedDecision: TypeAlias = Callable[[LockedHeads | None], tuple[WriteOp, ...]]
 
 
 class LockReady(msgspec.Struct, frozen=True):
@@ -239,8 +239,8 @@ class LockReady(msgspec.Struct, frozen=True):
     store several nodes share, so that rows another node's transaction holds are passed
     over, never waited for, and two nodes' claims never take one task (``ready`` are
     taken whatever their ``available_at`` says). The rows stay
-    locked to the commit. ``decide`` is then called, once, with what was taken (tasks,
-    their runs and versions), and answers the write's ops, which the same transaction
+    locked to the commit. ``decide`` is then called, once, with what was taken
+    (:class:`LockedHeads`), and answers the write's ops, which the same transaction
     applies. An in-process message only (``decide`` is the writer's code): the storage
     actor calls it between two statements of its batch, while the writer awaits the
     write's reply, so it never runs beside the writer's own code."""
@@ -253,6 +253,9 @@ class LockReady(msgspec.Struct, frozen=True):
     #: backoff, a wall time) may say otherwise: taken whatever it says. The writer
     #: decides backoffs on its own clock, which a stepped wall clock does not move.
     ready: tuple[str, ...] = ()
+    #: Task id -> version, of the tasks of ``heads`` the writer holds: a locked row of
+    #: one of them at that version comes back as its key only (not read in full).
+    known: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class Write(Request[Committed], frozen=True):

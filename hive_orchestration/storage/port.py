@@ -44,6 +44,7 @@ from ..messages.storage import (
     LoadTasks,
     LoadTimers,
     LoadWorkers,
+    LockedHeads,
     LockReady,
     NextPlannedTask,
     PlanEventTrim,
@@ -51,7 +52,6 @@ from ..messages.storage import (
     QueryPlans,
     QueryTasks,
     QueryUnroutable,
-    QueueHeads,
     ReadEvents,
     RetentionDue,
     StorageMessage,
@@ -355,12 +355,13 @@ class StoreSql(Protocol):
         the writer, whose own node skips it. None: no other node to tell."""
         ...
 
-    async def lock_ready(self, db: Driver, lock: LockReady) -> QueueHeads | None:
+    async def lock_ready(self, db: Driver, lock: LockReady) -> LockedHeads | None:
         """Open the write's transaction on ``db`` (:meth:`Driver.begin`) and take the best
         ready rows of ``lock.heads`` in it, passing over rows another transaction holds
-        (``FOR UPDATE SKIP LOCKED``): the tasks, their runs and versions, each queue's in
-        claim order. None: this store has one writer, whose memory is the truth; nothing
-        is locked, and no transaction is open.
+        (``FOR UPDATE SKIP LOCKED``): each queue's keys in claim order, and in full (with
+        their runs) the tasks not in ``lock.known`` at their version. None: this store has
+        one writer, whose memory is the truth; nothing is locked, and no transaction is
+        open.
         """
         ...
 

@@ -34,10 +34,10 @@ import msgspec
 from ..._ids import new_id, new_secret
 from ...errors import IllegalTransitionError
 from ...messages.storage import (
+    LockedHeads,
     LockReady,
     PutRun,
     QueueHead,
-    QueueHeads,
     SetRunState,
     WriteOp,
 )
@@ -55,7 +55,7 @@ from ...messages.tasks import (
 from ...runtime import Envelope
 from .leases import _hash, _proves
 from .machine import _run_data
-from .ready import QueueId, bound_of
+from .ready import Bound, QueueId, bound_of
 from .state import A, R, _Batch, _Due, _Waiter
 
 if TYPE_CHECKING:
@@ -190,17 +190,23 @@ def lock_claims(tm: TaskManager, work: _Batch) -> LockReady | None:
     # Backoffs end on memory's monotonic clock, not on the wall times stored (a wall
     # clock stepped back would hold them in the database's eyes): the ready tasks held
     # with a stored end of backoff are locked whatever it says.
-    ready = tuple(
-        task_id
-        for queue in queues
-        for task_id in tm._ready.members(queue)
-        if (task := tm._tasks.get(task_id)) is not None and task.available_at is not None
-    )
+    # The tasks held at a known version come back as their keys only (not read in full).
+    ready: list[str] = []
+    known: dict[str, int] = {}
+    for queue in queues:
+        for task_id in tm._ready.members(queue):
+            task = tm._tasks.get(task_id)
+            version = tm._versions.get(task_id)
+            if task is None or version is None:
+                continue
+            known[task_id] = version
+            if task.available_at is not None:
+                ready.append(task_id)
 
-    def decide(loaded: QueueHeads | None) -> tuple[WriteOp, ...]:
+    def decide(loaded: LockedHeads | None) -> tuple[WriteOp, ...]:
         return decide_locked(tm, work, loaded, limit)
 
-    return LockReady(heads, limit, now, decide, ready)
+    return LockReady(heads, limit, now, decide, tuple(ready), known)
 
 
 def _queue_order(queue: QueueId) -> tuple[str, tuple[str, ...], str]:
@@ -208,7 +214,7 @@ def _queue_order(queue: QueueId) -> tuple[str, tuple[str, ...], str]:
 
 
 def decide_locked(
-    tm: TaskManager, work: _Batch, loaded: QueueHeads | None, limit: int
+    tm: TaskManager, work: _Batch, loaded: LockedHeads | None, limit: int
 ) -> tuple[WriteOp, ...]:
     """The write's ops, once the ready rows its claims may take are locked: memory
     takes what was locked as the heads of those queues (:func:`take_locked`), the
@@ -225,7 +231,7 @@ def decide_locked(
     return tuple(tm._fences(work) + work.ops) if work.ops else ()
 
 
-def take_locked(tm: TaskManager, work: _Batch, loaded: QueueHeads, limit: int) -> None:
+def take_locked(tm: TaskManager, work: _Batch, loaded: LockedHeads, limit: int) -> None:
     """Memory's heads as the locked rows say. Each queue's locked rows are the best
     ready rows no other node's transaction holds; a ready task memory holds ranked
     among them but not locked is another node's to take now (or no longer ready):
@@ -234,14 +240,18 @@ def take_locked(tm: TaskManager, work: _Batch, loaded: QueueHeads, limit: int) -
     or holds at another version, is taken in as read. With fewer than ``limit`` rows,
     every free ready task of the queue is now held: nothing more is in storage for it
     (until the next sweep or a wake-up), so claims are not held back for it."""
+    read = {task.id: task for task in loaded.tasks}
     runs: dict[str, list[Run]] = {}
     for run in loaded.runs:
         runs.setdefault(run.task_id, []).append(run)
     dropped = False
-    for head, tasks in loaded.heads:
+    for head, keys in loaded.heads:
         queue = (head.task_type, head.requires, head.concurrency_key)
-        locked = {task.id for task in tasks}
-        last = bound_of(tasks[-1]) if len(tasks) >= limit else None
+        locked = {key[0] for key in keys}
+        last = None
+        if len(keys) >= limit:
+            task_id, _, priority, created_at = keys[-1]
+            last = Bound(-priority, created_at.timestamp(), task_id, created_at)
         for task_id in tm._ready.members(queue):
             task = tm._tasks.get(task_id)
             if task is None or task_id in locked or task_id in work.undo:
@@ -265,18 +275,21 @@ def take_locked(tm: TaskManager, work: _Batch, loaded: QueueHeads, limit: int) -
                 if held_task is not None and bound_of(held_task)[:3] > bound[:3]:
                     bound = bound_of(held_task)
             tm._ready.set_bound(queue, bound)
-        for task in tasks:
-            if task.id in work.undo or task.id in tm._held:
+        for task_id, version, _, _ in keys:
+            if task_id in work.undo or task_id in tm._held:
                 continue  # this batch's, or a claim of this node's: its fence decides
-            known = tm._tasks.get(task.id)
+            known = tm._tasks.get(task_id)
+            if known is not None and tm._versions.get(task_id) == version:
+                continue
+            task = read.get(task_id)
+            if task is None:
+                continue  # not read in full: memory held it at this version when asked
             if known is not None:
-                if tm._versions.get(task.id) == loaded.versions[task.id]:
-                    continue
                 tm._index(known, None)
-                tm._drop(task.id)
-                tm._finished.pop(task.id, None)
-            tm._versions[task.id] = loaded.versions[task.id]
-            tm._take_in(task, runs.get(task.id, ()))
+                tm._drop(task_id)
+                tm._finished.pop(task_id, None)
+            tm._versions[task_id] = version
+            tm._take_in(task, runs.get(task_id, ()))
         tm._ready.extended([queue])
     if dropped:
         tm._ready.changed = True

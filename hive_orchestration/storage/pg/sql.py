@@ -34,9 +34,9 @@ from ...messages.storage import (
     LoadRuns,
     LoadTasks,
     LoadWorkers,
+    LockedHeads,
     LockReady,
     QueryTasks,
-    QueueHeads,
     ReadEvents,
     StorageMessage,
 )
@@ -257,7 +257,7 @@ class PostgresSql:
             payload = _encode([origin, None]).decode()
         return (_READY_NOTICE, (payload,))
 
-    async def lock_ready(self, db: Driver, lock: LockReady) -> QueueHeads | None:
+    async def lock_ready(self, db: Driver, lock: LockReady) -> LockedHeads | None:
         return await queues.lock_ready(db, lock)
 
     async def query_queues(self, db: Driver, message: StorageMessage) -> object:

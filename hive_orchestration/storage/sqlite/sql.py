@@ -26,9 +26,9 @@ from ...messages.storage import (
     LoadRuns,
     LoadTasks,
     LoadWorkers,
+    LockedHeads,
     LockReady,
     QueryTasks,
-    QueueHeads,
     ReadEvents,
     StorageMessage,
 )
@@ -173,7 +173,7 @@ class SqliteSql:
     def ready_notice(self, queues: Collection[QueueKey], origin: str) -> Statement | None:
         return None  # one runtime: no other node to tell
 
-    async def lock_ready(self, db: Driver, lock: LockReady) -> QueueHeads | None:
+    async def lock_ready(self, db: Driver, lock: LockReady) -> LockedHeads | None:
         # One owner, the only writer: memory is the truth, nothing to lock.
         return None
 
