@@ -49,11 +49,12 @@ from ..messages.storage import (
     StorageStats,
     Write,
 )
-from ..messages.tasks import TaskManagerMessage, Wake
+from ..messages.tasks import ReadyElsewhere, TaskManagerMessage, Wake
 from ..messages.workers import RegistryWake, WorkerRegistryMessage
 from ..runtime import ActorRef, Alarm, ChildRestart, ChildSpec, Supervisor
 from ..storage import StorageActor, open_store, publisher
 from ..storage.leader import ActorDuties
+from ..storage.port import QueueKey
 from ..storage.readers import ReaderPool
 from .front import Front, Serving
 from .ops.claims import ClaimOps
@@ -246,9 +247,15 @@ class Runtime(
                     storage.try_tell(CheckReaders())
 
             readers.poke = poke_storage
+
         # Where several runtimes write one database (PostgreSQL): what publishes every
         # node's events, beside the storage actor (None: the storage actor publishes).
-        feed = store.log_feed(publisher(broadcast))
+        def ready_elsewhere(queues: tuple[QueueKey, ...] | None) -> None:
+            # Best effort: with its mailbox full, the next sweep of the heads finds them.
+            with suppress(RuntimeStoppedError):
+                tasks.try_tell(ReadyElsewhere(queues))
+
+        feed = store.log_feed(publisher(broadcast), ready_elsewhere)
         storage_services = tuple(service.run for service in (readers, feed) if service is not None)
         # Where several runtimes share one database: one leads, doing what dead nodes leave
         # (a service of the last actor: every actor it tells has started by then).

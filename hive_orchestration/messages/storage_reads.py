@@ -143,6 +143,16 @@ class QueueHeads(msgspec.Struct, frozen=True):
     versions: dict[str, int] = msgspec.field(default_factory=dict)
 
 
+class LockedHeads(msgspec.Struct, frozen=True):
+    """The ready rows a write locked (``storage_writes.LockReady``): each queue's, in
+    claim order, as (id, version, priority, created_at); and, in full with their runs,
+    those among them the writer did not say it holds at that version."""
+
+    heads: tuple[tuple[QueueHead, tuple[tuple[str, int, int, datetime], ...]], ...]
+    tasks: tuple[Task, ...]
+    runs: tuple[Run, ...]
+
+
 class LoadQueueHeads(Request[QueueHeads], frozen=True):
     """The next ``limit`` queued tasks of each of ``heads`` after its ``after``, in claim
     order; ``heads=None``: of every queue that has a queued task, from its best (the

@@ -4,6 +4,7 @@ A reply to a :class:`Write` means durable."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import TypeAlias
 
@@ -13,6 +14,7 @@ from ..runtime import Request
 from .events import Event
 from .plans import ExecutionPlan, PlanningRequest, PlanStatus, SubtaskState
 from .schedules import Schedule
+from .storage_reads import LockedHeads, QueueHead
 from .tasks import RevokedTaskType, Run, Task
 from .workers import Worker
 
@@ -236,7 +238,41 @@ class Committed(msgspec.Struct, frozen=True):
     seqs: tuple[int, ...]
 
 
+#: The writer's decision once its ready rows are locked (:class:`LockReady`): the
+#: write's ops. Given ``None`` on a store that locks nothing (one owner: SQLite).
+LockedDecision: TypeAlias = Callable[[LockedHeads | None], tuple[WriteOp, ...]]
+
+
+class LockReady(msgspec.Struct, frozen=True):
+    """Take the best ready rows of ``heads`` in the write's own transaction, before its
+    ops are decided: up to ``limit`` of each queue in claim order (priority, then age),
+    ready at ``now`` (no backoff left), with ``SELECT ... FOR UPDATE SKIP LOCKED`` on a
+    store several nodes share, so that rows another node's transaction holds are passed
+    over, never waited for, and two nodes' claims never take one task (``ready`` are
+    taken whatever their ``available_at`` says). The rows stay
+    locked to the commit. ``decide`` is then called, once, with what was taken
+    (:class:`LockedHeads`), and answers the write's ops, which the same transaction
+    applies. An in-process message only (``decide`` is the writer's code): the storage
+    actor calls it between two statements of its batch, while the writer awaits the
+    write's reply, so it never runs beside the writer's own code."""
+
+    heads: tuple[QueueHead, ...]
+    limit: int
+    now: datetime
+    decide: LockedDecision
+    #: Tasks the writer holds as ready whose stored ``available_at`` (the end of a retry
+    #: backoff, a wall time) may say otherwise: taken whatever it says. The writer
+    #: decides backoffs on its own clock, which a stepped wall clock does not move.
+    ready: tuple[str, ...] = ()
+    #: Task id -> version, of the tasks of ``heads`` the writer holds: a locked row of
+    #: one of them at that version comes back as its key only (not read in full).
+    known: dict[str, int] = msgspec.field(default_factory=dict)
+
+
 class Write(Request[Committed], frozen=True):
-    """Apply ``ops`` in order, all or nothing, in the next group commit."""
+    """Apply ``ops`` in order, all or nothing, in the next group commit; with ``lock``,
+    the ops are those its ``decide`` answers once the ready rows are locked (``ops`` is
+    then empty)."""
 
     ops: tuple[WriteOp, ...]
+    lock: LockReady | None = None

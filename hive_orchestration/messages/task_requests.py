@@ -247,6 +247,15 @@ class Wake(msgspec.Struct, frozen=True):
     """The TaskManager's alarm: leases, timeouts, backoffs or claim waits are due."""
 
 
+class ReadyElsewhere(msgspec.Struct, frozen=True):
+    """Told by the node's log feed (PostgreSQL): other nodes' commits made tasks of
+    these ready queues (task type, requirement list, concurrency key) claimable; at most
+    one per burst of their notifications. ``None``: which is not known (notifications
+    may have been lost while the listener reconnected): read every queue's head."""
+
+    queues: tuple[tuple[str, tuple[str, ...], str | None], ...] | None
+
+
 #: The events of a plan's task that end its subtask: what its plan reacts to.
 PLAN_TASK_ENDINGS = frozenset(
     {"task.completed", "task.failed", "task.timed_out", "task.cancelled", "task.deleted"}

@@ -58,6 +58,7 @@ from .task_requests import (
     Heartbeat,
     PlansSettled,
     QueueTasks,
+    ReadyElsewhere,
     ReleaseTask,
     ReleaseWorker,
     ScheduleSlot,
@@ -104,6 +105,7 @@ __all__ = [
     "Unclaimed",
     "UpdateRunStatus",
     "UpdateTaskStatus",
+    "ReadyElsewhere",
     "Wake",
     "FlushQueue",
     "GetRevokedTaskTypes",
@@ -143,6 +145,7 @@ TaskManagerMessage: TypeAlias = (
     | GetUnroutableTasks
     | Unclaimed
     | Wake
+    | ReadyElsewhere
     | PlansSettled
     | RetryTask
     | RevokeTaskType

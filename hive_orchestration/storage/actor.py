@@ -164,6 +164,7 @@ class StorageActor(Actor[StorageMessage]):
     # StorageActor._commit, _query and _read_events, which the other functions call).
     # commit.py
     _commit = commit._commit
+    _decide_locked = commit._decide_locked
     _isolate = commit._isolate
     _fail = commit._fail
     _publish = commit._publish

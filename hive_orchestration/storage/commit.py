@@ -21,6 +21,7 @@ import logging
 import time
 from bisect import bisect_left
 from collections.abc import Sequence
+from contextlib import suppress
 from typing import TYPE_CHECKING, cast
 
 import anyio
@@ -33,13 +34,23 @@ from ..messages.storage import (
     COMMIT_SECONDS_BOUNDS,
     AppendEvent,
     Committed,
+    PutTask,
+    SetTaskState,
     StorageMessage,
     TrimEventLog,
     Write,
 )
+from ..messages.tasks import TaskStatus
 from ..runtime import ActorRef, Envelope
 from .grouping import _row_statements
-from .port import CommitUnknownError, Publisher, Statement, StoreError, StoreIntegrityError
+from .port import (
+    CommitUnknownError,
+    Publisher,
+    QueueKey,
+    Statement,
+    StoreError,
+    StoreIntegrityError,
+)
 
 if TYPE_CHECKING:
     from .actor import StorageActor
@@ -49,9 +60,50 @@ log = logging.getLogger("hive_orchestration.storage")
 _Pending = tuple[Envelope[StorageMessage], Write]
 
 
+async def _decide_locked(self: StorageActor, writes: list[_Pending]) -> list[_Pending] | None:
+    """The writes whose ops are decided once their ready rows are locked (a node's
+    claims: :class:`~..messages.storage.LockReady`): the rows are taken in the batch's
+    transaction, left open (:meth:`~.port.StoreSql.lock_ready`), each such write's
+    ``decide`` is called with them, and the batch goes on with the ops it answers.
+    None: the rows could not be read, and the batch failed whole, nothing applied."""
+    db = self._require_db()
+    decided: list[_Pending] = []
+    begun = False
+    try:
+        for envelope, write in writes:
+            if write.lock is None:
+                decided.append((envelope, write))
+                continue
+            if begun:  # one transaction locks once: a second writer decides on memory
+                loaded = None
+            else:
+                loaded = await self._sql.lock_ready(db, write.lock)
+                begun = loaded is not None
+            decided.append((envelope, Write(write.lock.decide(loaded))))
+    except StoreError as exc:
+        if begun:
+            with suppress(StoreError):
+                await db.rollback()
+        self._fail(writes, exc)
+        return None
+    except BaseException:
+        # A writer's decision failed (its own code): nothing of the batch is applied,
+        # and the actor crashes, so that every writer of the batch hears so.
+        if begun:
+            with suppress(StoreError):
+                await db.rollback()
+        raise
+    return decided
+
+
 async def _commit(self: StorageActor, writes: list[_Pending], *, isolate: bool) -> None:
     db = self._require_db()
     with anyio.CancelScope(shield=True):
+        if any(write.lock is not None for _, write in writes):
+            locked = await self._decide_locked(writes)
+            if locked is None:
+                return
+            writes = locked
         rows: list[list[Statement]] = []  # each write's row statements
         appended: list[list[AppendEvent]] = []  # each write's events
         for _, write in writes:
@@ -60,6 +112,12 @@ async def _commit(self: StorageActor, writes: list[_Pending], *, isolate: bool) 
         ops = [op for unit in appended for op in unit]
         numbered = self._sql.numbered_events(ops, self._origin) if ops else None
         statements = [statement for unit in rows for statement in unit]
+        if self._feed is not None:
+            # Several nodes: one notice per commit that made tasks ready, so that the
+            # others' claims waiting for those queues are handed them now.
+            notice = self._sql.ready_notice(_ready_queues(writes), self._origin)
+            if notice is not None:
+                statements.append(notice)
         if numbered is None:
             # Numbered here, in memory: this actor is the database's only writer.
             seq = self._last_seq
@@ -130,6 +188,18 @@ async def _commit(self: StorageActor, writes: list[_Pending], *, isolate: bool) 
     finally:
         for (envelope, _), committed_seqs in zip(writes, seqs, strict=True):
             envelope.resolve(Committed(committed_seqs))
+
+
+def _ready_queues(writes: list[_Pending]) -> set[QueueKey]:
+    """The ready queues the writes queue tasks in (created, or back in the queue)."""
+    queues: set[QueueKey] = set()
+    for _, write in writes:
+        for op in write.ops:
+            if isinstance(op, PutTask | SetTaskState):
+                task = op.task
+                if task.status is TaskStatus.QUEUED and task.run_at is None:
+                    queues.add((task.task_type, task.requires, task.concurrency_key))
+    return queues
 
 
 async def _isolate(

@@ -12,7 +12,7 @@ Nothing here imports a database library: a store's own modules do, and only they
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias
 
 from ..errors import StorageError, StorageFault
@@ -44,6 +44,8 @@ from ..messages.storage import (
     LoadTasks,
     LoadTimers,
     LoadWorkers,
+    LockedHeads,
+    LockReady,
     NextPlannedTask,
     PlanEventTrim,
     QueryPlanningRequests,
@@ -78,6 +80,8 @@ __all__ = [
     "LogFeed",
     "Params",
     "Publisher",
+    "QueueKey",
+    "ReadyNotified",
     "Row",
     "Statement",
     "Store",
@@ -93,6 +97,11 @@ __all__ = [
 ]
 
 Params: TypeAlias = tuple[object, ...]
+#: A ready queue as stored: task type, requirement list, concurrency key.
+QueueKey: TypeAlias = tuple[str, tuple[str, ...], str | None]
+#: What a node's log feed calls when other nodes' commits made tasks of some ready queues
+#: claimable (``None``: which is not known, read them all); quick, never blocking.
+ReadyNotified: TypeAlias = Callable[[tuple[QueueKey, ...] | None], None]
 Statement: TypeAlias = tuple[str, Params]
 Row: TypeAlias = tuple[object, ...]
 
@@ -196,6 +205,19 @@ class Driver:
         numbers a batch's events inside the transaction. Only the drivers of a store whose
         :class:`StoreSql` numbers events implement it.
         """
+        raise NotImplementedError
+
+    async def begin(self, statements: Sequence[Statement]) -> list[list[Row]]:
+        """Open a transaction, run ``statements`` in it and answer each one's rows,
+        leaving it open: the next :meth:`transaction` or :meth:`append` continues it
+        (and commits it), :meth:`rollback` ends it. Only the drivers of a store whose
+        :meth:`StoreSql.lock_ready` locks rows implement it. A connection lost meanwhile
+        fails the call that would continue it, ``fault="unavailable"``: nothing applied.
+        """
+        raise NotImplementedError
+
+    async def rollback(self) -> None:
+        """End the transaction :meth:`begin` opened, applying nothing of it."""
         raise NotImplementedError
 
     async def probe(self, units: Sequence[Sequence[Statement]]) -> list[StoreError | None]:
@@ -325,6 +347,24 @@ class StoreSql(Protocol):
         """The rows of ``read``, in seq order, each in ``rows.EVENT_COLUMNS`` order."""
         ...
 
+    # -- claims: the ready rows a write takes before it is decided -------------------------
+
+    def ready_notice(self, queues: Collection[QueueKey], origin: str) -> Statement | None:
+        """The statement that tells the other nodes, as the transaction commits, that it
+        made tasks of ``queues`` ready (their claims wait on no sweep); ``origin`` names
+        the writer, whose own node skips it. None: no other node to tell."""
+        ...
+
+    async def lock_ready(self, db: Driver, lock: LockReady) -> LockedHeads | None:
+        """Open the write's transaction on ``db`` (:meth:`Driver.begin`) and take the best
+        ready rows of ``lock.heads`` in it, passing over rows another transaction holds
+        (``FOR UPDATE SKIP LOCKED``): each queue's keys in claim order, and in full (with
+        their runs) the tasks not in ``lock.known`` at their version. None: this store has
+        one writer, whose memory is the truth; nothing is locked, and no transaction is
+        open.
+        """
+        ...
+
     # -- the families of reads: one message of its tuple in, its answer out ---------------
 
     async def query_tasks(self, db: Driver, message: StorageMessage) -> object:
@@ -444,8 +484,9 @@ class Store(Protocol):
         """One read-only connection beside the writer."""
         ...
 
-    def log_feed(self, publish: Publisher) -> LogFeed | None:
-        """The log feed of a runtime on this database (None: the storage actor publishes)."""
+    def log_feed(self, publish: Publisher, ready: ReadyNotified | None = None) -> LogFeed | None:
+        """The log feed of a runtime on this database (None: the storage actor publishes);
+        it calls ``ready`` as other nodes make tasks ready (:meth:`StoreSql.ready_notice`)."""
         ...
 
     def leadership(self, duties: LeaderDuties) -> Leadership | None:

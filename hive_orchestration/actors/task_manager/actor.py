@@ -51,6 +51,7 @@ from ...messages.tasks import (
     FlushQueue,
     Heartbeat,
     PurgeTasks,
+    ReadyElsewhere,
     ReleaseTask,
     ReleaseWorker,
     RevokedTaskType,
@@ -212,6 +213,9 @@ class TaskManager(Actor[TaskManagerMessage]):
         # limit), until the next sweep.
         self._paused_keys: set[str] = set()
         self._conflicted = False
+        # Queues other nodes made tasks ready in (ReadyElsewhere), not yet locked by a
+        # claim here: the next claims that take from them lock their rows.
+        self._woken: set[tuple[str, tuple[str, ...], str | None]] = set()
 
     async def stopped(self, error: BaseException | None) -> None:
         # Held-back answers are of committed changes: they are true whatever happens next.
@@ -255,6 +259,15 @@ class TaskManager(Actor[TaskManagerMessage]):
                 envelope.resolve(outcome)
         if duties:
             batch = [e for e in batch if not _is_duty(e.message)]
+        # Other nodes queued tasks (NOTIFY): the claims parked here look again.
+        woken = [e for e in batch if isinstance(e.message, ReadyElsewhere)]
+        for envelope in woken:
+            envelope.started = True
+            assert isinstance(envelope.message, ReadyElsewhere)
+            self._ready_elsewhere(envelope.message)
+            envelope.resolve(None)
+        if woken:
+            batch = [e for e in batch if not isinstance(e.message, ReadyElsewhere)]
         # On a store shared by several nodes a write may conflict with another node's
         # (_refresh): the batch is decided again on the tasks as they are now, up to
         # _ATTEMPTS times; the last attempt answers a conflict as the storage error.
@@ -319,7 +332,7 @@ class TaskManager(Actor[TaskManagerMessage]):
                 work.answers.append((envelope, outcome))
         if seen and self._workers is not None:
             self._report_seen(seen)  # before the answers: a caller then finds it alive
-        self._dispatch(work, now)
+        self._dispatch_later(work, now)
         unclaimed: list[Claim] = []
         starved = False
         follow_ups = 0
@@ -341,7 +354,7 @@ class TaskManager(Actor[TaskManagerMessage]):
             refilled = await self._refill_now() if starved else True
             for claim in unclaimed:
                 self._release_unclaimed(claim, work, now)
-            self._dispatch(work, now, refilled=refilled)
+            self._dispatch_later(work, now, refilled=refilled)
 
     def _report_seen(self, seen: set[str]) -> None:
         """Tell the registry who is at work, so a busy worker is not declared offline
@@ -375,6 +388,9 @@ class TaskManager(Actor[TaskManagerMessage]):
     # claims.py
     _park = claims.park
     _dispatch = claims.dispatch
+    _dispatch_later = claims.dispatch_later
+    _lock_claims = claims.lock_claims
+    _ready_elsewhere = claims.ready_elsewhere
     _unpark = claims.unpark
     _assign = claims.assign
     _start = claims.start_run

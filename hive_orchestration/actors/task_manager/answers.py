@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, cast
 
 from ...errors import ActorFailedError, HiveError, StorageError
-from ...messages.storage import AppendEvent, Write
+from ...messages.storage import AppendEvent, Committed, Write
 from ...messages.tasks import (
     PLAN_TASK_ENDINGS,
     CancelTask,
@@ -37,7 +37,7 @@ from ...messages.tasks import (
     UpdateRunStatus,
     UpdateTaskStatus,
 )
-from ...runtime import Envelope, Request
+from ...runtime import Envelope, Reply, Request
 from .fencing import _conflict
 from .state import CommitOutcomeUnknown, _Batch, _Forward, _Waiter
 
@@ -106,6 +106,15 @@ async def finish(
             tm._paused_keys |= work.keys_claimed
         await tm._sweep()  # the heads as they are now: what others took is gone
         return None
+    if error is not None and work.dispatch is not None:
+        # Failed before its claims were handed out (the rows could not be locked):
+        # the claims parked in this batch hear the error, as those handed out would.
+        for waiter_id in work.parked:
+            waiter = tm._waiters.get(waiter_id)
+            if waiter is not None:
+                tm._unpark(waiter_id)
+                waiter.envelope.fail(error)
+        work.parked.clear()
     if tm._fenced:
         await tm._forward(forwards)  # held until the write's outcome was known
     short: list[_Waiter] = []
@@ -193,8 +202,15 @@ async def commit(
 ) -> HiveError | None:
     """Write the batch's changes, then queue the forwarded reads behind them (on a
     fenced store, once the write's outcome is known: :meth:`_finish`)."""
-    ops = tm._fences(work) + work.ops if work.ops else []
-    reply = await tm._storage.request(Write(tuple(ops))) if ops else None
+    lock = tm._lock_claims(work)
+    reply: Reply[Committed] | None
+    if lock is not None:
+        # The claims are handed out in the write's transaction, from the rows it locks
+        # (claims.py): its ops are decided there.
+        reply = await tm._storage.request(Write((), lock=lock))
+    else:
+        ops = tm._fences(work) + work.ops if work.ops else []
+        reply = await tm._storage.request(Write(tuple(ops))) if ops else None
     if not tm._fenced:
         await tm._forward(forwards)
     if reply is None:

@@ -13,6 +13,15 @@ run timeouts, retry backoffs and claim waits are deadlines kept by this actor; o
 :class:`~hive_orchestration.runtime.Alarm` wakes it at the earliest, and every batch
 first settles what is due. A claim whose asker left before the answer (deadline,
 cancellation) is handed back at once, so no task is held by a worker that never got it.
+
+On a store several nodes share (PostgreSQL), the handing out waits for the batch's
+commit (:func:`dispatch_later`): the write carries the queues its parked claims take from
+(:func:`lock_claims`), the storage actor locks their best ready rows in the write's own
+transaction (``FOR UPDATE SKIP LOCKED``: rows another node's transaction holds are
+passed over), and the handing out is decided there, on those rows (:func:`decide_locked`,
+:func:`take_locked`), then committed with the rest of the batch. Two nodes' claims never
+take one task, so they never conflict. Other nodes' commits that queue tasks wake the
+parked claims here (:func:`ready_elsewhere`, by ``NOTIFY``).
 """
 
 from __future__ import annotations
@@ -24,12 +33,20 @@ import msgspec
 
 from ..._ids import new_id, new_secret
 from ...errors import IllegalTransitionError
-from ...messages.storage import PutRun, SetRunState
+from ...messages.storage import (
+    LockedHeads,
+    LockReady,
+    PutRun,
+    QueueHead,
+    SetRunState,
+    WriteOp,
+)
 from ...messages.tasks import (
     Claim,
     ClaimTask,
     ClaimTasks,
     Lease,
+    ReadyElsewhere,
     Run,
     RunStatus,
     Task,
@@ -38,6 +55,7 @@ from ...messages.tasks import (
 from ...runtime import Envelope
 from .leases import _hash, _proves
 from .machine import _run_data
+from .ready import Bound, QueueId, bound_of
 from .state import A, R, _Batch, _Due, _Waiter
 
 if TYPE_CHECKING:
@@ -111,6 +129,170 @@ def dispatch(tm: TaskManager, work: _Batch, now: datetime, *, refilled: bool = T
             continue
         tm._unpark(waiter_id, work)
         work.answers.append((waiter.envelope, tuple(claims)))
+
+
+def dispatch_later(tm: TaskManager, work: _Batch, now: datetime, *, refilled: bool = True) -> None:
+    """Hand ready tasks to parked claims: now (one owner), or on a store several nodes
+    share at the batch's commit, once the rows they may take are locked in its
+    transaction (:func:`lock_claims`)."""
+    if tm._fenced:
+        work.dispatch = (now, refilled)
+    else:
+        dispatch(tm, work, now, refilled=refilled)
+
+
+def ready_elsewhere(tm: TaskManager, notice: ReadyElsewhere) -> None:
+    """Other nodes made tasks of ``notice.queues`` ready: the claims parked here are
+    looked at again, and lock those queues' rows (a queue memory holds nothing of is
+    locked too); ``None``: every queue's head is read again first (a sweep)."""
+    if notice.queues is None:
+        tm._next_sweep = 0.0
+    else:
+        tm._woken.update(notice.queues)
+    tm._ready.changed = True
+
+
+def _wanted(tm: TaskManager, work: _Batch) -> tuple[set[QueueId], int]:
+    """The queues the claims a dispatch would look at may take from, and how many
+    tasks they want in all (as dispatch picks them: every parked claim once something
+    became ready, else those parked in this batch)."""
+    candidates = list(tm._waiters) if tm._ready.changed else work.parked
+    queues: set[QueueId] = set()
+    wanted = 0
+    for waiter_id in candidates:
+        waiter = tm._waiters.get(waiter_id)
+        if waiter is None:
+            continue
+        reply = waiter.envelope.reply
+        if reply is not None and reply.done:
+            continue
+        request = waiter.claim
+        wanted += 1 if isinstance(request, ClaimTask) else request.limit - len(waiter.taken)
+        queues |= tm._ready.queues_for(request.task_types, tm._woken)
+    return queues, wanted
+
+
+def lock_claims(tm: TaskManager, work: _Batch) -> LockReady | None:
+    """On a fenced store, the claims of a batch whose dispatch waits for its commit
+    (:func:`dispatch_later`): the rows to lock in the write's transaction, and the
+    decision to make once they are (:func:`decide_locked`). None: handed out now,
+    from memory (nothing to lock: no claim waits, or no queue it takes from)."""
+    if work.dispatch is None:
+        return None
+    now, refilled = work.dispatch
+    queues, wanted = _wanted(tm, work)
+    if not queues or wanted <= 0:
+        work.dispatch = None
+        dispatch(tm, work, now, refilled=refilled)
+        return None
+    limit = min(wanted, tm._head)
+    heads = tuple(QueueHead(q[0], q[1], q[2]) for q in sorted(queues, key=_queue_order))
+    # Backoffs end on memory's monotonic clock, not on the wall times stored (a wall
+    # clock stepped back would hold them in the database's eyes): the ready tasks held
+    # with a stored end of backoff are locked whatever it says.
+    # The tasks held at a known version come back as their keys only (not read in full).
+    ready: list[str] = []
+    known: dict[str, int] = {}
+    for queue in queues:
+        for task_id in tm._ready.members(queue):
+            task = tm._tasks.get(task_id)
+            version = tm._versions.get(task_id)
+            if task is None or version is None:
+                continue
+            known[task_id] = version
+            if task.available_at is not None:
+                ready.append(task_id)
+
+    def decide(loaded: LockedHeads | None) -> tuple[WriteOp, ...]:
+        return decide_locked(tm, work, loaded, limit)
+
+    return LockReady(heads, limit, now, decide, tuple(ready), known)
+
+
+def _queue_order(queue: QueueId) -> tuple[str, tuple[str, ...], str]:
+    return (queue[0], queue[1], queue[2] or "")
+
+
+def decide_locked(
+    tm: TaskManager, work: _Batch, loaded: LockedHeads | None, limit: int
+) -> tuple[WriteOp, ...]:
+    """The write's ops, once the ready rows its claims may take are locked: memory
+    takes what was locked as the heads of those queues (:func:`take_locked`), the
+    parked claims are handed out from it, then the batch's fences and ops."""
+    assert work.dispatch is not None
+    now, refilled = work.dispatch
+    work.dispatch = None
+    if loaded is not None:
+        take_locked(tm, work, loaded, limit)
+        tm._woken.difference_update(
+            (h.task_type, h.requires, h.concurrency_key) for h, _ in loaded.heads
+        )
+    dispatch(tm, work, now, refilled=refilled)
+    return tuple(tm._fences(work) + work.ops) if work.ops else ()
+
+
+def take_locked(tm: TaskManager, work: _Batch, loaded: LockedHeads, limit: int) -> None:
+    """Memory's heads as the locked rows say. Each queue's locked rows are the best
+    ready rows no other node's transaction holds; a ready task memory holds ranked
+    among them but not locked is another node's to take now (or no longer ready):
+    memory lets go of it (a sweep reads it again if it is left queued). A task this
+    batch already changed is memory's to decide; a locked task memory does not hold,
+    or holds at another version, is taken in as read. With fewer than ``limit`` rows,
+    every free ready task of the queue is now held: nothing more is in storage for it
+    (until the next sweep or a wake-up), so claims are not held back for it."""
+    read = {task.id: task for task in loaded.tasks}
+    runs: dict[str, list[Run]] = {}
+    for run in loaded.runs:
+        runs.setdefault(run.task_id, []).append(run)
+    dropped = False
+    for head, keys in loaded.heads:
+        queue = (head.task_type, head.requires, head.concurrency_key)
+        locked = {key[0] for key in keys}
+        last = None
+        if len(keys) >= limit:
+            task_id, _, priority, created_at = keys[-1]
+            last = Bound(-priority, created_at.timestamp(), task_id, created_at)
+        for task_id in tm._ready.members(queue):
+            task = tm._tasks.get(task_id)
+            if task is None or task_id in locked or task_id in work.undo:
+                continue
+            if last is not None and bound_of(task)[:3] > last[:3]:
+                continue  # beyond what was locked: left as it is
+            tm._index(task, None)
+            tm._drop(task_id)
+            dropped = True
+        if last is None:
+            tm._ready.set_bound(queue, None)
+        else:
+            # Its other tasks are in storage, after the last row locked (or after what
+            # memory holds beyond it): they are locked when claims come for them.
+            bound = last
+            held = tm._ready.bounds().get(queue)
+            if held is not None and held[:3] > bound[:3]:
+                bound = held
+            for task_id in tm._ready.members(queue):
+                held_task = tm._tasks.get(task_id)
+                if held_task is not None and bound_of(held_task)[:3] > bound[:3]:
+                    bound = bound_of(held_task)
+            tm._ready.set_bound(queue, bound)
+        for task_id, version, _, _ in keys:
+            if task_id in work.undo or task_id in tm._held:
+                continue  # this batch's, or a claim of this node's: its fence decides
+            known = tm._tasks.get(task_id)
+            if known is not None and tm._versions.get(task_id) == version:
+                continue
+            task = read.get(task_id)
+            if task is None:
+                continue  # not read in full: memory held it at this version when asked
+            if known is not None:
+                tm._index(known, None)
+                tm._drop(task_id)
+                tm._finished.pop(task_id, None)
+            tm._versions[task_id] = version
+            tm._take_in(task, runs.get(task_id, ()))
+        tm._ready.extended([queue])
+    if dropped:
+        tm._ready.changed = True
 
 
 def unpark(tm: TaskManager, waiter_id: int, work: _Batch | None = None) -> None:

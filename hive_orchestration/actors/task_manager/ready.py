@@ -311,6 +311,30 @@ class ReadyQueue:
             if not empty:
                 del self._empty[route]
 
+    def members(self, queue: QueueId) -> list[str]:
+        """The ready tasks held of ``queue`` (ids), in no particular order."""
+        return list(self._members.get(queue, ()))
+
+    def queues_for(
+        self, capabilities: Collection[str] | None, also: Collection[QueueId] = ()
+    ) -> set[QueueId]:
+        """The queues a claim that can do ``capabilities`` takes from, among those with
+        ready tasks held or tasks in storage, and among ``also``."""
+
+        def takes(route: Route) -> bool:
+            if capabilities is None:
+                return True
+            if isinstance(route, str):
+                return route in capabilities
+            return all(need in capabilities for need in route)
+
+        found = {queue for queue in self._members if takes(route_of(queue))}
+        for route, queues in self._empty.items():
+            if takes(route):
+                found |= queues
+        found.update(queue for queue in also if takes(route_of(queue)))
+        return found
+
     def held_in(self, queue: QueueId) -> int:
         """Ready tasks held of ``queue`` (not counting those in backoff)."""
         return len(self._members.get(queue, ()))

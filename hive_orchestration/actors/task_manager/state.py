@@ -5,6 +5,7 @@ types its modules share.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import NamedTuple
 
 from ...errors import HiveError
@@ -137,3 +138,7 @@ class _Batch:
     keys_claimed: set[str] = field(default_factory=set)  # concurrency keys it claimed
     unparked: list[tuple[int, _Waiter]] = field(default_factory=list)
     may_retry: bool = False
+    # Fenced stores: the parked claims are handed out at the commit, once the ready rows
+    # they may take are locked (claims.py, lock_claims): the batch's clock reading and
+    # whether the heads could be read (dispatch's ``refilled``); None once handed out.
+    dispatch: tuple[datetime, bool] | None = None

@@ -139,17 +139,49 @@ def _rollback(conn: Connection) -> None:
         conn.execute("ROLLBACK")
 
 
+def _begin(conn: Connection, statements: Sequence[Statement]) -> list[list[Row]]:
+    """BEGIN and ``statements``, in one round trip; the transaction stays open."""
+    cursors: list[psycopg.Cursor[tuple[Any, ...]]] = []
+    try:
+        with conn.pipeline():
+            conn.execute("BEGIN")
+            for sql, params in statements:
+                text, order = translate(sql)
+                cursor = conn.cursor()
+                cursor.execute(text, _bind(order, params))
+                cursors.append(cursor)
+        return [cursor.fetchall() for cursor in cursors]
+    except BaseException:
+        _rollback(conn)
+        raise
+    finally:
+        for cursor in cursors:
+            cursor.close()
+
+
 def _transaction(
-    conn: Connection, statements: Sequence[Statement], last: Statement | None = None
+    conn: Connection,
+    statements: Sequence[Statement],
+    last: Statement | None = None,
+    begun: bool = False,
 ) -> Row | None:
-    """Apply ``statements`` (then ``last``, answering its first row) and commit."""
+    """Apply ``statements`` (then ``last``, answering its first row) and commit; ``begun``:
+    in the transaction :func:`_begin` opened, which must still be open."""
+    if begun and conn.info.transaction_status != TransactionStatus.INTRANS:
+        # The connection was lost (and opened again) since: what was begun is gone.
+        _rollback(conn)
+        raise StoreError(
+            "the connection was lost inside a transaction; nothing of it was applied",
+            fault="unavailable",
+        )
     runs = coalesce(statements)
     counted: list[tuple[str, int, psycopg.Cursor[tuple[Any, ...]]]] = []
     found: Row | None = None
     try:
         # One round trip: BEGIN and every run, sent together, read back at the sync.
         with conn.pipeline():
-            conn.execute("BEGIN")
+            if not begun:
+                conn.execute("BEGIN")
             for sql, rows in runs:
                 text, order = translate(sql)
                 cursor = conn.cursor()
@@ -249,6 +281,8 @@ class PostgresDriver(Driver):
         self._limiter = anyio.CapacityLimiter(1)
         #: Connections opened so far (the first, then one per reconnection).
         self.connects = 0
+        # A transaction begin() opened, which the next transaction() or append() commits.
+        self._begun = False
 
     @classmethod
     async def open(
@@ -345,13 +379,26 @@ class PostgresDriver(Driver):
     async def fetchall(self, sql: str, params: Params = ()) -> list[Row]:
         return await self.run(_fetchall, sql, params)
 
-    async def transaction(self, statements: Sequence[Statement]) -> None:
+    async def begin(self, statements: Sequence[Statement]) -> list[list[Row]]:
         with anyio.CancelScope(shield=True):
-            await self.run(_transaction, statements)
+            rows = await self.run(_begin, statements)
+        self._begun = True
+        return rows
+
+    async def rollback(self) -> None:
+        self._begun = False
+        with anyio.CancelScope(shield=True):
+            await self.run(_rollback)
+
+    async def transaction(self, statements: Sequence[Statement]) -> None:
+        begun, self._begun = self._begun, False
+        with anyio.CancelScope(shield=True):
+            await self.run(_transaction, statements, None, begun)
 
     async def append(self, statements: Sequence[Statement], numbered: Statement) -> Row:
+        begun, self._begun = self._begun, False
         with anyio.CancelScope(shield=True):
-            row = await self.run(_transaction, statements, numbered)
+            row = await self.run(_transaction, statements, numbered, begun)
         assert row is not None  # _transaction raises rather than commit without it
         return row
 

@@ -24,6 +24,8 @@ from ...messages.storage import (
     LoadQueueHeads,
     LoadStarts,
     LoadTimers,
+    LockedHeads,
+    LockReady,
     QueryUnroutable,
     QueueHead,
     QueueHeads,
@@ -42,7 +44,7 @@ from ..rows import (
     time_text,
 )
 
-__all__ = ["query_queues", "requires_text"]
+__all__ = ["lock_ready", "query_queues", "requires_text"]
 
 _encode = msgspec.json.Encoder().encode
 _READY = "status = 'queued' AND run_at IS NULL"
@@ -70,11 +72,16 @@ def _equal(column: str, value: object) -> str:
     return f"{column} IS NULL" if value is None else f"{column} = ?"
 
 
-def _queue(task_type: str, requires: str | None, key: str | None) -> tuple[str, list[object]]:
+def _queue_where(task_type: str, requires: str | None, key: str | None) -> tuple[str, list[object]]:
     where = f"{_READY} AND task_type = ? AND {_equal('requires', requires)}"
     where += f" AND {_equal('concurrency_key', key)}"
     params: list[object] = [task_type]
     params += [v for v in (requires, key) if v is not None]
+    return where, params
+
+
+def _queue(task_type: str, requires: str | None, key: str | None) -> tuple[str, list[object]]:
+    where, params = _queue_where(task_type, requires, key)
     return f"SELECT {TASK_COLUMNS}, version FROM tasks WHERE {where}", params
 
 
@@ -150,6 +157,53 @@ async def query_queues(db: Driver, message: StorageMessage) -> object:
                 for id_, when, created in rows
             )
     raise TypeError(f"not a queue query: {type(message).__name__}")  # pragma: no cover
+
+
+async def lock_ready(db: Driver, lock: LockReady) -> LockedHeads:
+    """The claims of a node's write (:class:`LockReady`): BEGIN, then the best ``limit``
+    ready rows of each queue (past any backoff at ``now``, or among ``ready``, which the
+    writer holds as past theirs by its own clock), in claim order, each locked
+    ``FOR UPDATE SKIP LOCKED`` to the commit: a row another node's transaction holds (its
+    claim, or any write of it) is passed over, never waited for, so two nodes' claims
+    never take one task nor wait for each other. The rows come back as their keys; the
+    tasks the writer does not hold at their version (``known``) are read in full, with
+    their runs, in the same transaction (which stays open for the write:
+    :meth:`Driver.begin`)."""
+    at = _text(lock.now)
+    statements = []
+    for head in lock.heads:
+        where, queue = _queue_where(
+            head.task_type, requires_text(head.requires), head.concurrency_key
+        )
+        sql = (
+            f"SELECT id, version, priority, created_at FROM tasks WHERE {where}"
+            " AND (available_at IS NULL OR available_at <= ? OR id = ANY(?))"
+            " ORDER BY priority DESC, created_at, id LIMIT ? FOR UPDATE SKIP LOCKED"
+        )
+        statements.append((sql, (*queue, at, list(lock.ready), lock.limit)))
+    found = await db.begin(statements)
+    heads: list[tuple[QueueHead, tuple[tuple[str, int, int, datetime], ...]]] = []
+    unknown: list[str] = []
+    for head, rows in zip(lock.heads, found, strict=True):
+        keys = tuple(
+            (str(id_), int(cast(int, version)), int(cast(int, priority)), _when(created))
+            for id_, version, priority, created in rows
+        )
+        unknown += [key[0] for key in keys if lock.known.get(key[0]) != key[1]]
+        heads.append((head, keys))
+    tasks: list[Task] = []
+    runs: list[Run] = []
+    if unknown:
+        rows = await db.fetchall(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY(?)", (unknown,))
+        tasks = [task_from_row(row) for row in rows]
+        runs = await _runs_of(db, unknown)
+    return LockedHeads(tuple(heads), tuple(tasks), tuple(runs))
+
+
+def _when(value: object) -> datetime:
+    parsed = parse_time(value)
+    assert parsed is not None
+    return parsed
 
 
 #: Above every id :func:`~hive_orchestration._ids.new_id` makes (a version 7 UUID).

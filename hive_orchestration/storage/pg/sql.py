@@ -15,9 +15,11 @@ Statements keep SQLite's ``?`` marks: the driver translates them.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import cast
+
+import msgspec
 
 from ...errors import HiveError
 from ...messages.storage import (
@@ -32,12 +34,14 @@ from ...messages.storage import (
     LoadRuns,
     LoadTasks,
     LoadWorkers,
+    LockedHeads,
+    LockReady,
     QueryTasks,
     ReadEvents,
     StorageMessage,
 )
 from .. import event_reads, pages, retention
-from ..port import Driver, Row, Statement
+from ..port import Driver, QueueKey, Row, Statement
 from ..rows import (
     RUN_COLUMNS,
     TASK_COLUMNS,
@@ -54,10 +58,35 @@ from .claim import recoverable_sql
 from .pages import PAGE_SQL
 from .retention import RETENTION_SQL
 
-__all__ = ["EVENTS_CHANNEL", "PostgresSql", "glob_regex"]
+__all__ = ["EVENTS_CHANNEL", "READY_CHANNEL", "PostgresSql", "glob_regex", "parse_ready"]
 
 #: The channel each commit that appends events notifies (its payload "<origin>:<last seq>").
 EVENTS_CHANNEL = "hive_events"
+#: The channel each commit that makes tasks ready notifies, once per commit: its payload
+#: the JSON ``[origin, [[task_type, requires, concurrency_key], ...]]`` (the queues), or
+#: ``[origin, null]`` when they do not fit (NOTIFY's payload is under 8000 bytes).
+READY_CHANNEL = "hive_ready"
+_READY_NOTICE = f"SELECT pg_notify('{READY_CHANNEL}', ?)"
+_NOTICE_MAX = 7000
+_encode = msgspec.json.Encoder().encode
+
+
+def _queue_key(queue: QueueKey) -> tuple[str, tuple[str, ...], str]:
+    return (queue[0], queue[1], queue[2] or "")
+
+
+def parse_ready(payload: str) -> tuple[str, tuple[QueueKey, ...] | None] | None:
+    """A :data:`READY_CHANNEL` payload: (origin, queues or None); None if malformed."""
+    try:
+        origin, named = msgspec.json.decode(
+            payload, type=tuple[str, list[tuple[str, list[str], str | None]] | None]
+        )
+    except msgspec.DecodeError:  # not one of ours (ValidationError is one too)
+        return None
+    if named is None:
+        return origin, None
+    return origin, tuple((kind, tuple(needs), key) for kind, needs, key in named)
+
 
 _INSERT_EVENT = (
     "INSERT INTO events (seq, type, timestamp, source, correlation_id, task_id, plan_id,"
@@ -216,6 +245,20 @@ class PostgresSql:
                 )
                 return tuple(worker_from_row(row) for row in rows)
         raise HiveError(f"not a task read: {type(message).__name__}")
+
+    def ready_notice(self, queues: Collection[QueueKey], origin: str) -> Statement | None:
+        if not queues:
+            return None
+        named: list[object] = [
+            [kind, list(needs), key] for kind, needs, key in sorted(queues, key=_queue_key)
+        ]
+        payload = _encode([origin, named]).decode()
+        if len(payload) > _NOTICE_MAX:  # NOTIFY's payload is short: "read them all"
+            payload = _encode([origin, None]).decode()
+        return (_READY_NOTICE, (payload,))
+
+    async def lock_ready(self, db: Driver, lock: LockReady) -> LockedHeads | None:
+        return await queues.lock_ready(db, lock)
 
     async def query_queues(self, db: Driver, message: StorageMessage) -> object:
         return await queues.query_queues(db, message)

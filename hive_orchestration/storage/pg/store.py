@@ -27,6 +27,7 @@ from ..port import (
     Leadership,
     LogFeed,
     Publisher,
+    ReadyNotified,
     StoreClaim,
     StoreError,
     StoreKind,
@@ -133,13 +134,18 @@ class PostgresStore:
         except StoreError as exc:
             raise self.explain(exc, "cannot open a reader") from exc
 
-    def log_feed(self, publish: Publisher) -> LogFeed | None:
+    def log_feed(self, publish: Publisher, ready: ReadyNotified | None = None) -> LogFeed | None:
         """Several runtimes may write this database: a log tailer publishes every node's
-        events (:mod:`.tailer`)."""
+        events (:mod:`.tailer`), and its listener hands ``ready`` the other nodes' ready
+        notices."""
         from . import tailer
 
         return tailer.LogTailer(
-            self.url, publish, connect_timeout=self._timeout(), poll=tailer.POLL_SECONDS
+            self.url,
+            publish,
+            connect_timeout=self._timeout(),
+            poll=tailer.POLL_SECONDS,
+            ready=ready,
         )
 
     def leadership(self, duties: LeaderDuties) -> Leadership | None:

@@ -52,10 +52,10 @@ import anyio.to_thread
 import psycopg
 
 from ...messages.events import Event, Publish
-from ..port import Publisher, StoreError
+from ..port import Publisher, QueueKey, ReadyNotified, StoreError
 from ..rows import event_from_row
 from .driver import PostgresDriver
-from .sql import EVENTS_CHANNEL
+from .sql import EVENTS_CHANNEL, READY_CHANNEL, parse_ready
 
 __all__ = ["POLL_SECONDS", "LogTailer"]
 
@@ -95,8 +95,11 @@ class LogTailer:
         connect_timeout: float,
         poll: float = POLL_SECONDS,
         page: int = PAGE,
+        ready: ReadyNotified | None = None,
     ) -> None:
         self.origin = uuid.uuid4().hex[:16]
+        #: Told the queues other nodes made tasks ready in (None: all), once per burst.
+        self._ready = ready
         self._url = url
         self._publish = publish
         self._connect_timeout = connect_timeout
@@ -294,21 +297,40 @@ class LogTailer:
         )
         try:
             conn.execute(f"LISTEN {EVENTS_CHANNEL}")
+            if self._ready is not None:
+                conn.execute(f"LISTEN {READY_CHANNEL}")
             conn.execute(f"LISTEN {self._stop_channel}")
             anyio.from_thread.run_sync(self._listening)
             while not self._stop.is_set():
                 latest = 0
+                # Coalesced: a burst's ready queues are told once (None: all of them).
+                ready: set[QueueKey] | None = set()
+                woken = False
                 # The first notification (or the timeout), then whatever came with it.
-                for timeout in (_LISTEN_TIMEOUT, 0.0):
-                    for note in conn.notifies(timeout=timeout):
+                # (stop_after, not a break: a break drops the rest of the packet the
+                # first came in, such as the other of a commit's two notices.)
+                for timeout, stop in ((_LISTEN_TIMEOUT, 1), (0.0, None)):
+                    for note in conn.notifies(timeout=timeout, stop_after=stop):
                         if note.channel == self._stop_channel:
                             return
-                        origin, _, seq = note.payload.partition(":")
-                        if origin != self.origin and seq.isdigit():
-                            latest = max(latest, int(seq))
-                        if timeout:
-                            break
-                if latest and not self._stop.is_set():
+                        if note.channel == READY_CHANNEL:
+                            notice = parse_ready(note.payload)
+                            if notice is not None and notice[0] != self.origin:
+                                woken = True
+                                if notice[1] is None or ready is None:
+                                    ready = None
+                                else:
+                                    ready.update(notice[1])
+                        else:
+                            origin, _, seq = note.payload.partition(":")
+                            if origin != self.origin and seq.isdigit():
+                                latest = max(latest, int(seq))
+                if self._stop.is_set():
+                    break
+                if woken:
+                    told = None if ready is None else tuple(ready)
+                    anyio.from_thread.run_sync(self._ready_notified, told)
+                if latest:
                     anyio.from_thread.run_sync(self._notified, latest)
         finally:
             conn.close()
@@ -319,6 +341,12 @@ class LogTailer:
         self._listen_delay = _RETRY[0]
         self._sweep = True
         self._wake.set()
+        if self.listens > 1:
+            self._ready_notified(None)  # ready notices may have been lost: read them all
+
+    def _ready_notified(self, queues: tuple[QueueKey, ...] | None) -> None:
+        if self._ready is not None:
+            self._ready(queues)
 
     def _notified(self, seq: int) -> None:
         if seq > self._hint:

@@ -9,7 +9,7 @@ two-argument scalar ``max()``, ``LIMIT -1`` for "no limit", ``?N`` numbered mark
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import cast
 
@@ -26,12 +26,14 @@ from ...messages.storage import (
     LoadRuns,
     LoadTasks,
     LoadWorkers,
+    LockedHeads,
+    LockReady,
     QueryTasks,
     ReadEvents,
     StorageMessage,
 )
 from .. import retention
-from ..port import Driver, Row, Statement
+from ..port import Driver, QueueKey, Row, Statement
 from ..rows import (
     RUN_COLUMNS,
     TASK_COLUMNS,
@@ -167,6 +169,13 @@ class SqliteSql:
                 rows = await db.fetchall(f"SELECT {WORKER_COLUMNS} FROM workers ORDER BY rowid")
                 return tuple(worker_from_row(row) for row in rows)
         raise HiveError(f"not a task read: {type(message).__name__}")
+
+    def ready_notice(self, queues: Collection[QueueKey], origin: str) -> Statement | None:
+        return None  # one runtime: no other node to tell
+
+    async def lock_ready(self, db: Driver, lock: LockReady) -> LockedHeads | None:
+        # One owner, the only writer: memory is the truth, nothing to lock.
+        return None
 
     async def query_queues(self, db: Driver, message: StorageMessage) -> object:
         return await queues.query_queues(db, message)

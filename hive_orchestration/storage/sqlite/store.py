@@ -21,6 +21,7 @@ from ..port import (
     LogFeed,
     Params,
     Publisher,
+    ReadyNotified,
     Row,
     Statement,
     StoreClaim,
@@ -92,7 +93,7 @@ class SqliteStore:
         )
         return _Checked(db)
 
-    def log_feed(self, publish: Publisher) -> LogFeed | None:
+    def log_feed(self, publish: Publisher, ready: ReadyNotified | None = None) -> LogFeed | None:
         # One runtime writes the file: its storage actor publishes its own commits.
         return None
 

@@ -1,0 +1,164 @@
+"""Claims taken in the database: on PostgreSQL a node's claims lock their rows with
+``SELECT ... FOR UPDATE SKIP LOCKED`` in the claiming write's own transaction
+(storage/pg/queues.py ``lock_ready``, actors/task_manager/claims.py ``lock_claims``), so a
+row another transaction holds is passed over, never waited for, and two nodes claiming
+from one queue never pick the same task nor conflict.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anyio
+import pytest
+
+psycopg = pytest.importorskip("psycopg")
+
+from hive_orchestration import Runtime, StorageError, TaskStatus  # noqa: E402
+from hive_orchestration.actors.task_manager import TaskManager  # noqa: E402
+from hive_orchestration.storage.pg.sql import PostgresSql  # noqa: E402
+from hive_orchestration.storage.port import StoreError  # noqa: E402
+
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
+
+
+async def test_a_claim_passes_over_the_rows_another_transaction_holds(pg_url: str) -> None:
+    async with Runtime.open(pg_url) as rt:
+        ids = [await rt.create_task("job", priority=9 - i) for i in range(4)]
+        with psycopg.connect(pg_url) as other:
+            # Another node's transaction holds the two best tasks (its claim in flight).
+            other.execute("SELECT id FROM tasks WHERE id = ANY(%s) FOR UPDATE", (ids[:2],))
+            with anyio.fail_after(5):  # a claim that waited for those rows would hang here
+                claim = await rt.claim_task("w1", "job")
+            assert claim is not None
+            assert claim.task.id == ids[2]  # the best of the rest, in the queue's order
+            other.rollback()
+        # Let go of, the rows are the best again.
+        with anyio.fail_after(5):
+            again = await rt.claim_tasks("w2", "job", limit=5, wait=3)
+        assert [c.task.id for c in again] == [ids[0], ids[1], ids[3]]
+
+
+async def test_two_nodes_claiming_one_queue_never_conflict(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two nodes' workers claim the same queue's tasks at once: every task is handed out
+    once and no write conflicts (a conflict reads the batch's tasks again: _refresh)."""
+    conflicts: list[int] = []
+    refresh = TaskManager._refresh
+
+    async def counted(self: TaskManager, task_ids: Any) -> None:
+        conflicts.append(len(task_ids))
+        await refresh(self, task_ids)
+
+    monkeypatch.setattr(TaskManager, "_refresh", counted)
+    count = 300
+    async with Runtime.open(pg_url) as one:
+        created = await one.create_tasks([{"task_type": "job"}] * count)
+        async with Runtime.open(pg_url) as two:  # opening, it reads the same heads
+            await race(one, two, created)
+    assert conflicts == []
+
+
+async def race(one: Runtime, two: Runtime, created: list[str]) -> None:
+    """Three workers on each node claim batches of 8 until every task was taken."""
+    taken: dict[str, str] = {}
+
+    async def work(rt: Runtime, worker: str) -> None:
+        while len(taken) < len(created):
+            claims = await rt.claim_tasks(worker, "job", limit=8, start=True, wait=0.5)
+            for claim in claims:
+                assert claim.task.id not in taken, "handed out twice"
+                taken[claim.task.id] = worker
+                await rt.complete_task(claim.lease, {})
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for n in range(3):
+                tg.start_soon(work, one, f"one-{n}")
+                tg.start_soon(work, two, f"two-{n}")
+    assert set(taken) == set(created)
+    assert {worker[:3] for worker in taken.values()} == {"one", "two"}  # both took some
+
+
+@pytest.fixture
+def no_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TaskManagers read their heads again only at start-up (no safety sweep): what
+    reaches them from other nodes comes by notification alone."""
+    init = TaskManager.__init__
+
+    def without_sweep(self: TaskManager, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **{**kwargs, "sweep_interval": 3600.0})
+
+    monkeypatch.setattr(TaskManager, "__init__", without_sweep)
+
+
+@pytest.mark.usefixtures("no_sweep")
+async def test_a_claim_waiting_on_one_node_is_woken_by_tasks_queued_on_another(
+    pg_url: str,
+) -> None:
+    async with Runtime.open(pg_url) as one, Runtime.open(pg_url) as two:
+        claimed: list[Any] = []
+
+        async def claim() -> None:
+            claimed.append(await one.claim_task("w1", "job", wait=30))
+
+        for round_ in range(3):  # a queue new to the first node, then one it knows
+            claimed.clear()
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(claim)
+                    task_id = await two.create_task("job", priority=round_)
+            assert claimed[0] is not None
+            assert claimed[0].task.id == task_id
+            await one.complete_task(claimed[0].lease, {})
+
+
+async def test_a_commit_that_queues_tasks_sends_one_notice_naming_their_queues(
+    pg_url: str,
+) -> None:
+    async with Runtime.open(pg_url) as rt:
+        with psycopg.connect(pg_url, autocommit=True) as listener:
+            listener.execute("LISTEN hive_ready")
+            specs: list[dict[str, Any]] = [{"task_type": "a"}] * 40 + [{"task_type": "b"}] * 40
+            specs += [{"task_type": "c", "requires": ["gpu"], "concurrency_key": "k"}] * 20
+            await rt.create_tasks(specs)  # one write, one commit
+            await rt.create_task("d", delay=3600)  # delayed: not ready, no notice
+            notes = list(listener.notifies(timeout=1.0))
+    assert len(notes) == 1
+    origin, queues = json.loads(notes[0].payload)
+    assert origin
+    assert sorted((kind, tuple(needs), key) for kind, needs, key in queues) == [
+        ("a", (), None),
+        ("b", (), None),
+        ("c", ("gpu",), "k"),
+    ]
+
+
+async def test_a_claim_whose_rows_could_not_be_locked_gets_the_error_and_nothing_is_taken(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch's transaction failed before its claims were decided (the server went
+    away as the rows were locked): the claims parked in it get the storage error, nothing
+    is handed out, and the next claim gets the task."""
+    lock_ready = PostgresSql.lock_ready
+    failures: list[bool] = [True]
+
+    async def failing(self: PostgresSql, db: Any, lock: Any) -> Any:
+        if failures and failures.pop():
+            raise StoreError("the server went away", fault="unavailable")
+        return await lock_ready(self, db, lock)
+
+    monkeypatch.setattr(PostgresSql, "lock_ready", failing)
+    async with Runtime.open(pg_url) as rt:
+        task_id = await rt.create_task("job")
+        with pytest.raises(StorageError) as caught:
+            await rt.claim_task("w1", "job")
+        assert caught.value.fault == "unavailable"
+        assert (await rt.get_task(task_id)).status == TaskStatus.QUEUED
+        assert await rt.get_runs(task_id) == []
+        claim = await rt.claim_task("w2", "job")
+        assert claim is not None
+        assert claim.task.id == task_id
+        assert claim.lease.attempt == 1
