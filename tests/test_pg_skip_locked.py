@@ -15,7 +15,7 @@ import pytest
 
 psycopg = pytest.importorskip("psycopg")
 
-from hive_orchestration import Runtime, StorageError, TaskStatus  # noqa: E402
+from hive_orchestration import HiveError, Runtime, StorageError, TaskStatus  # noqa: E402
 from hive_orchestration.actors.task_manager import TaskManager  # noqa: E402
 from hive_orchestration.storage.pg.sql import PostgresSql  # noqa: E402
 from hive_orchestration.storage.port import StoreError  # noqa: E402
@@ -162,3 +162,36 @@ async def test_a_claim_whose_rows_could_not_be_locked_gets_the_error_and_nothing
         assert claim is not None
         assert claim.task.id == task_id
         assert claim.lease.attempt == 1
+
+
+async def test_a_claims_decision_that_fails_restarts_the_task_manager_alone(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decision on the locked rows is the TaskManager's, made in its own task: if it
+    raises, that actor restarts, the storage actor leaves the write out of its batch
+    (nothing of it applied, the rows unlocked at the batch's end) and carries on."""
+    decide = TaskManager._decide_locked
+    failures: list[bool] = [True]
+
+    def failing(self: TaskManager, *args: Any) -> Any:
+        if failures and failures.pop():
+            raise RuntimeError("a bug in the decision")
+        return decide(self, *args)
+
+    monkeypatch.setattr(TaskManager, "_decide_locked", failing)
+    async with Runtime.open(pg_url) as rt:
+        task_id = await rt.create_task("job")
+        with pytest.raises(HiveError):
+            await rt.claim_task("w1", "job")
+        assert not failures  # the faulty decision ran
+        # The storage actor went on: writes are served, and the task was not taken.
+        other = await rt.create_task("other")
+        assert (await rt.get_task(task_id)).status == TaskStatus.QUEUED
+        assert await rt.get_runs(task_id) == []
+        claim = await rt.claim_task("w2", "job", wait=5.0)
+        assert claim is not None
+        assert claim.task.id == task_id
+        assert (await rt.get_task(other)).status == TaskStatus.QUEUED
+        restarts = (await rt.statistics()).restarts
+        assert restarts["storage"] == 0
+        assert restarts["tasks"] == 1

@@ -4,13 +4,12 @@ A reply to a :class:`Write` means durable."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime
 from typing import TypeAlias
 
 import msgspec
 
-from ..runtime import Request
+from ..runtime import Reply, Request
 from .events import Event
 from .plans import ExecutionPlan, PlanningRequest, PlanStatus, SubtaskState
 from .schedules import Schedule
@@ -238,28 +237,25 @@ class Committed(msgspec.Struct, frozen=True):
     seqs: tuple[int, ...]
 
 
-#: The writer's decision once its ready rows are locked (:class:`LockReady`): the
-#: write's ops. Given ``None`` on a store that locks nothing (one owner: SQLite).
-LockedDecision: TypeAlias = Callable[[LockedHeads | None], tuple[WriteOp, ...]]
-
-
 class LockReady(msgspec.Struct, frozen=True):
     """Take the best ready rows of ``heads`` in the write's own transaction, before its
     ops are decided: up to ``limit`` of each queue in claim order (priority, then age),
     ready at ``now`` (no backoff left), with ``SELECT ... FOR UPDATE SKIP LOCKED`` on a
     store several nodes share, so that rows another node's transaction holds are passed
     over, never waited for, and two nodes' claims never take one task (``ready`` are
-    taken whatever their ``available_at`` says). The rows stay
-    locked to the commit. ``decide`` is then called, once, with what was taken
-    (:class:`LockedHeads`), and answers the write's ops, which the same transaction
-    applies. An in-process message only (``decide`` is the writer's code): the storage
-    actor calls it between two statements of its batch, while the writer awaits the
-    write's reply, so it never runs beside the writer's own code."""
+    taken whatever their ``available_at`` says). The rows stay locked to the commit.
+
+    The decision stays the writer's, made in its own task: the storage actor answers
+    ``locked`` with what it took (tasks, their runs and versions; ``None`` when nothing
+    could be locked for this write), the writer, waiting for it, decides and answers
+    ``decided`` with the write's ops, which the same transaction then applies. A writer
+    that fails ``decided`` (it stopped, or its decision failed) adds nothing to the
+    batch; the other writes of the batch go on. An in-process message only: the slots
+    are the two ends of one exchange between a writer and the storage actor."""
 
     heads: tuple[QueueHead, ...]
     limit: int
     now: datetime
-    decide: LockedDecision
     #: Tasks the writer holds as ready whose stored ``available_at`` (the end of a retry
     #: backoff, a wall time) may say otherwise: taken whatever it says. The writer
     #: decides backoffs on its own clock, which a stepped wall clock does not move.
@@ -267,6 +263,8 @@ class LockReady(msgspec.Struct, frozen=True):
     #: Task id -> version, of the tasks of ``heads`` the writer holds: a locked row of
     #: one of them at that version comes back as its key only (not read in full).
     known: dict[str, int] = msgspec.field(default_factory=dict)
+    locked: Reply[LockedHeads | None] = msgspec.field(default_factory=Reply)
+    decided: Reply[tuple[WriteOp, ...]] = msgspec.field(default_factory=Reply)
 
 
 class Write(Request[Committed], frozen=True):

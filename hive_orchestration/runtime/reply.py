@@ -70,6 +70,11 @@ class Reply(Generic[R]):
         self._event.set()
         return True
 
+    async def settled(self) -> None:
+        """Wait until the slot is answered, without taking the answer (:meth:`wait`
+        takes it)."""
+        await self._event.wait()
+
     async def wait(self) -> R:
         await self._event.wait()
         # No checkpoint from here to the asker's hands: the value is received.

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, cast
 import anyio
 import msgspec
 
-from ..errors import RuntimeStoppedError
+from ..errors import RuntimeStoppedError, StorageError
 from ..messages.events import BroadcastMessage, Publish
 from ..messages.storage import (
     COMMIT_BATCH_BOUNDS,
@@ -63,23 +63,38 @@ _Pending = tuple[Envelope[StorageMessage], Write]
 async def _decide_locked(self: StorageActor, writes: list[_Pending]) -> list[_Pending] | None:
     """The writes whose ops are decided once their ready rows are locked (a node's
     claims: :class:`~..messages.storage.LockReady`): the rows are taken in the batch's
-    transaction, left open (:meth:`~.port.StoreSql.lock_ready`), each such write's
-    ``decide`` is called with them, and the batch goes on with the ops it answers.
-    None: the rows could not be read, and the batch failed whole, nothing applied."""
+    transaction, left open (:meth:`~.port.StoreSql.lock_ready`), answered to the
+    writer, which decides in its own task and answers the ops, and the batch goes on
+    with them. A writer that answers no ops (it stopped, or its decision failed) is
+    failed and left out; the others go on. None: the rows could not be read, and the
+    batch failed whole, nothing applied."""
     db = self._require_db()
     decided: list[_Pending] = []
     begun = False
     try:
         for envelope, write in writes:
-            if write.lock is None:
+            lock = write.lock
+            if lock is None:
                 decided.append((envelope, write))
                 continue
             if begun:  # one transaction locks once: a second writer decides on memory
                 loaded = None
             else:
-                loaded = await self._sql.lock_ready(db, write.lock)
+                loaded = await self._sql.lock_ready(db, lock)
                 begun = loaded is not None
-            decided.append((envelope, Write(write.lock.decide(loaded))))
+            lock.locked.resolve(loaded)
+            try:
+                # The writer is waiting for the rows and answers at once; it answers
+                # on every way out (actors/task_manager/answers.py), so this wait ends.
+                ops = await lock.decided.wait()
+            except Exception as exc:
+                envelope.fail(
+                    StorageError(
+                        f"the claims' write was not decided ({exc}); nothing of it applied"
+                    )
+                )
+                continue
+            decided.append((envelope, Write(ops)))
     except StoreError as exc:
         if begun:
             with suppress(StoreError):
@@ -87,8 +102,6 @@ async def _decide_locked(self: StorageActor, writes: list[_Pending]) -> list[_Pe
         self._fail(writes, exc)
         return None
     except BaseException:
-        # A writer's decision failed (its own code): nothing of the batch is applied,
-        # and the actor crashes, so that every writer of the batch hears so.
         if begun:
             with suppress(StoreError):
                 await db.rollback()

@@ -390,6 +390,7 @@ class TaskManager(Actor[TaskManagerMessage]):
     _dispatch = claims.dispatch
     _dispatch_later = claims.dispatch_later
     _lock_claims = claims.lock_claims
+    _decide_locked = claims.decide_locked
     _ready_elsewhere = claims.ready_elsewhere
     _unpark = claims.unpark
     _assign = claims.assign

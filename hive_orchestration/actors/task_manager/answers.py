@@ -5,10 +5,12 @@ back and the changes refused), and the answers the plan barrier holds back.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from ...errors import ActorFailedError, HiveError, StorageError
-from ...messages.storage import AppendEvent, Committed, Write
+import anyio
+
+from ...errors import ActorFailedError, HiveError, RuntimeStoppedError, StorageError
+from ...messages.storage import AppendEvent, Committed, LockReady, Write
 from ...messages.tasks import (
     PLAN_TASK_ENDINGS,
     CancelTask,
@@ -205,9 +207,10 @@ async def commit(
     lock = tm._lock_claims(work)
     reply: Reply[Committed] | None
     if lock is not None:
-        # The claims are handed out in the write's transaction, from the rows it locks
-        # (claims.py): its ops are decided there.
+        # The claims are handed out from the rows the write's transaction locks
+        # (claims.py): the storage actor answers them, this actor decides the ops.
         reply = await tm._storage.request(Write((), lock=lock))
+        await _decide_locked(tm, work, lock, reply)
     else:
         ops = tm._fences(work) + work.ops if work.ops else []
         reply = await tm._storage.request(Write(tuple(ops))) if ops else None
@@ -230,6 +233,33 @@ async def commit(
             " manager restarts from the database"
         ) from exc
     return None
+
+
+async def _decide_locked(
+    tm: TaskManager, work: _Batch, lock: LockReady, reply: Reply[Committed]
+) -> None:
+    """Answer the locked rows of ``lock`` with the write's ops, in this actor's task.
+
+    The storage actor holds its transaction open until ``lock.decided`` is answered, so
+    it is answered on every way out: with the ops, or failed (this actor stopped, or
+    its decision raised), which leaves this write out of the batch and the rest goes
+    on. The write may also end without locking (its batch failed first): then
+    ``reply`` is answered and there is nothing to decide."""
+    try:
+        if not lock.locked.done and not reply.done:
+            async with anyio.create_task_group() as first:
+
+                async def settle(slot: Reply[Any]) -> None:
+                    await slot.settled()
+                    first.cancel_scope.cancel()
+
+                first.start_soon(settle, lock.locked)
+                first.start_soon(settle, reply)
+        if lock.locked.done:
+            loaded = await lock.locked.wait()
+            lock.decided.resolve(tm._decide_locked(work, loaded, lock.limit))
+    finally:
+        lock.decided.fail(RuntimeStoppedError("the task manager did not decide its claims"))
 
 
 async def forward(

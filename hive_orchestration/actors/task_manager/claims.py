@@ -18,8 +18,9 @@ On a store several nodes share (PostgreSQL), the handing out waits for the batch
 commit (:func:`dispatch_later`): the write carries the queues its parked claims take from
 (:func:`lock_claims`), the storage actor locks their best ready rows in the write's own
 transaction (``FOR UPDATE SKIP LOCKED``: rows another node's transaction holds are
-passed over), and the handing out is decided there, on those rows (:func:`decide_locked`,
-:func:`take_locked`), then committed with the rest of the batch. Two nodes' claims never
+passed over) and answers them to this actor, which decides the handing out on those rows
+(:func:`decide_locked`, :func:`take_locked`) in its own task and answers the write's ops,
+which the storage actor commits with the rest of its batch. Two nodes' claims never
 take one task, so they never conflict. Other nodes' commits that queue tasks wake the
 parked claims here (:func:`ready_elsewhere`, by ``NOTIFY``).
 """
@@ -175,7 +176,8 @@ def _wanted(tm: TaskManager, work: _Batch) -> tuple[set[QueueId], int]:
 def lock_claims(tm: TaskManager, work: _Batch) -> LockReady | None:
     """On a fenced store, the claims of a batch whose dispatch waits for its commit
     (:func:`dispatch_later`): the rows to lock in the write's transaction, and the
-    decision to make once they are (:func:`decide_locked`). None: handed out now,
+    decision to make once they are (:func:`decide_locked`, in this actor's task, while
+    the storage actor holds the transaction: answers.py). None: handed out now,
     from memory (nothing to lock: no claim waits, or no queue it takes from)."""
     if work.dispatch is None:
         return None
@@ -202,11 +204,7 @@ def lock_claims(tm: TaskManager, work: _Batch) -> LockReady | None:
             known[task_id] = version
             if task.available_at is not None:
                 ready.append(task_id)
-
-    def decide(loaded: LockedHeads | None) -> tuple[WriteOp, ...]:
-        return decide_locked(tm, work, loaded, limit)
-
-    return LockReady(heads, limit, now, decide, tuple(ready), known)
+    return LockReady(heads, limit, now, tuple(ready), known)
 
 
 def _queue_order(queue: QueueId) -> tuple[str, tuple[str, ...], str]:
