@@ -57,10 +57,11 @@ STORE = _store()
 
 
 def fresh_database(folder: Path) -> str:
-    """A database no one has opened, in this run's store: a SQLite file under ``folder``
-    (its own folder not made yet), or a new PostgreSQL database's URL."""
+    """A database no runtime has opened, in this run's store: a SQLite file under
+    ``folder`` (its own folder not made yet), or a new PostgreSQL database's URL, at the
+    current schema version already (a template's copy: tests/_pg.py says why)."""
     if STORE == "postgres":
-        return _pg.new_database()
+        return _pg.new_database(migrated=True)
     return str(folder / "data" / "hive.db")
 
 

@@ -272,9 +272,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> str:
-    """A database no one has opened, in this run's store: a real SQLite file in a fresh
-    folder (that does not exist yet), or with ``HIVE_TEST_STORE=postgres`` a new
-    PostgreSQL database's URL."""
+    """A database no runtime has opened, in this run's store: a real SQLite file in a
+    fresh folder (that does not exist yet), or with ``HIVE_TEST_STORE=postgres`` a new
+    PostgreSQL database's URL, its schema at the current version already (a copy of a
+    template migrated once: tests/_pg.py)."""
     return fresh_database(tmp_path)
 
 
