@@ -114,13 +114,26 @@ def as_json(value: object) -> Any:
 
 def never_opened(db: str) -> bool:
     """Whether nothing has opened ``db`` yet: no SQLite file (nor its folder's file); on
-    PostgreSQL, a database (which the test fixture creates empty) without a table."""
+    PostgreSQL, a database as the test fixture made it, empty (``pg_url``) or a copy of
+    the migrated template (``db_path``): no ``hive_nodes`` table, which a runtime's open
+    makes before anything else (``storage/pg/claim.py``: its node's row), and no task or
+    event."""
     if is_postgres(db):
-        rows = raw_rows(
-            db,
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = current_schema()",
-        )
-        return rows == [(0,)]
+        tables = {
+            str(name)
+            for (name,) in raw_rows(
+                db,
+                "SELECT table_name FROM information_schema.tables"
+                " WHERE table_schema = current_schema()",
+            )
+        }
+        if not tables:
+            return True
+        if "hive_nodes" in tables or not {"tasks", "events"} <= tables:
+            return False
+        return raw_rows(
+            db, "SELECT (SELECT count(*) FROM tasks) + (SELECT count(*) FROM events)"
+        ) == [(0,)]
     return not Path(db).exists()
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import _pg
 import pytest
+from _raw import never_opened
 
 
 def test_the_url_answers(pg_url: str) -> None:
@@ -77,8 +78,14 @@ async def test_a_migrated_database_is_what_a_runtime_makes_and_holds_nothing(
         a.execute("UPDATE hive_leader SET epoch = 7")
         assert b.execute("SELECT epoch FROM hive_leader").fetchall() == [(0,)]
         cloned = _schema(a)
-    async with Runtime.open(pg_url):
+    # Both are as the fixture made them, until a runtime opens them (never_opened, which
+    # the tests of refusals before the open use).
+    assert never_opened(first)
+    assert never_opened(pg_url)
+    async with Runtime.open(pg_url), Runtime.open(second):
         pass
+    assert not never_opened(second)
+    assert not never_opened(pg_url)
     with psycopg.connect(pg_url) as made:
         by_runtime = _schema(made)
     assert cloned
