@@ -202,8 +202,9 @@ async def runtime_writes(writers: int, total: int, driver: str) -> Row:
 # -- the run ------------------------------------------------------------------------------
 
 
-async def run(backend: str, asks: int, repeat: int) -> list[Row]:
-    """Every figure is the median of ``repeat`` runs; the ask variants are interleaved."""
+async def run(backend: str, asks: int, repeat: int, scale: float = 1.0) -> list[Row]:
+    """Every figure is the median of ``repeat`` runs; the ask variants are interleaved.
+    ``scale`` multiplies every count of writes (the raw ones and the runtime's)."""
     samples: dict[str, list[float]] = {"awaited": [], "nowait": [], "kernel": []}
     for _ in range(repeat):
         samples["awaited"].append(await ask_ceiling(asks, nowait=False))
@@ -222,8 +223,13 @@ async def run(backend: str, asks: int, repeat: int) -> list[Row]:
         ),
     ]
 
+    def scaled(total: int, step: int) -> int:
+        """``total`` times ``scale``, a whole number of ``step``s (at least one)."""
+        return max(step, round(total * scale / step) * step)
+
     def raw(total: int, per_txn: int) -> float:
-        return statistics.median(raw_sqlite(total, per_txn) for _ in range(repeat))
+        count = scaled(total, per_txn)
+        return statistics.median(raw_sqlite(count, per_txn) for _ in range(repeat))
 
     per_row, per_100, batched = raw(5_000, 1), raw(50_000, 100), raw(200_000, 1000)
     rows.append(Row("raw sqlite3: 1 row per commit", per_row))
@@ -233,7 +239,8 @@ async def run(backend: str, asks: int, repeat: int) -> list[Row]:
     drivers = ["aiosqlite", "thread"] if backend == "asyncio" else ["thread"]
     for driver in drivers:
         for writers, total in WRITERS.items():
-            runs = [await runtime_writes(writers, total, driver) for _ in range(repeat)]
+            count = scaled(total, writers)
+            runs = [await runtime_writes(writers, count, driver) for _ in range(repeat)]
             row = sorted(runs, key=lambda r: r.rate)[len(runs) // 2]  # the median run
             row.ratio = (
                 f"{row.rate / per_row:.1f}x row, {row.rate / batched:.1%} of 1000-batch, "
@@ -291,10 +298,21 @@ def main() -> None:
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     parser.add_argument("--asks", type=int, default=50_000, help="ask round trips per side")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="fraction of the default counts of writes (the suite runs it small; at 1 a"
+        " one-commit-per-row run alone is 5,000 fsyncs)",
+    )
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args()
+    if not 0 < args.scale <= 1_000:
+        parser.error("--scale: must be over 0 and at most 1000")
 
-    rows: list[Row] = anyio.run(run, args.backend, args.asks, args.repeat, backend=args.backend)
+    rows: list[Row] = anyio.run(
+        run, args.backend, args.asks, args.repeat, args.scale, backend=args.backend
+    )
     print(render(rows, args.backend))
     if args.json:
         payload: dict[str, Any] = {"backend": args.backend, "rows": [asdict(r) for r in rows]}

@@ -57,10 +57,11 @@ STORE = _store()
 
 
 def fresh_database(folder: Path) -> str:
-    """A database no one has opened, in this run's store: a SQLite file under ``folder``
-    (its own folder not made yet), or a new PostgreSQL database's URL."""
+    """A database no runtime has opened, in this run's store: a SQLite file under
+    ``folder`` (its own folder not made yet), or a new PostgreSQL database's URL, at the
+    current schema version already (a template's copy: tests/_pg.py says why)."""
     if STORE == "postgres":
-        return _pg.new_database()
+        return _pg.new_database(migrated=True)
     return str(folder / "data" / "hive.db")
 
 
@@ -113,13 +114,26 @@ def as_json(value: object) -> Any:
 
 def never_opened(db: str) -> bool:
     """Whether nothing has opened ``db`` yet: no SQLite file (nor its folder's file); on
-    PostgreSQL, a database (which the test fixture creates empty) without a table."""
+    PostgreSQL, a database as the test fixture made it, empty (``pg_url``) or a copy of
+    the migrated template (``db_path``): no ``hive_nodes`` table, which a runtime's open
+    makes before anything else (``storage/pg/claim.py``: its node's row), and no task or
+    event."""
     if is_postgres(db):
-        rows = raw_rows(
-            db,
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = current_schema()",
-        )
-        return rows == [(0,)]
+        tables = {
+            str(name)
+            for (name,) in raw_rows(
+                db,
+                "SELECT table_name FROM information_schema.tables"
+                " WHERE table_schema = current_schema()",
+            )
+        }
+        if not tables:
+            return True
+        if "hive_nodes" in tables or not {"tasks", "events"} <= tables:
+            return False
+        return raw_rows(
+            db, "SELECT (SELECT count(*) FROM tasks) + (SELECT count(*) FROM events)"
+        ) == [(0,)]
     return not Path(db).exists()
 
 

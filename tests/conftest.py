@@ -59,6 +59,13 @@ def pytest_configure(config: pytest.Config) -> None:
         "on_postgres: given at collection to the tests of CI's PostgreSQL run (select them"
         " with -m on_postgres); not for use by hand, mark with ``postgres`` instead",
     )
+    config.addinivalue_line(
+        "markers",
+        "on_server: given at collection to the tests whose database is the session's"
+        " PostgreSQL server whichever the run's store (``pg_url`` without ``db_path``);"
+        " CI runs them in its PostgreSQL run, beside on_postgres, to balance the two runs;"
+        " not for use by hand",
+    )
     if STORE == "postgres" and (reason := _pg.unavailable_reason()) is not None:
         raise pytest.UsageError(f"HIVE_TEST_STORE=postgres, but {reason}")
     if STORE == "postgres" and importlib.util.find_spec("hive_orchestration.storage.pg") is None:
@@ -129,6 +136,8 @@ def _bytecode_cache() -> None:
 # the test and its other parameters: both loops drive the PostgreSQL store across the
 # selection at half the cost (the store's own tests, using ``pg_url``, run on both loops in
 # the SQLite run). Measured: the selection on both loops took as long as half the suite.
+# The tests asking for ``pg_url`` without ``db_path`` are marked ``on_server`` instead:
+# CI moves them from its SQLite run to its PostgreSQL run (see :func:`_on_server`).
 
 _GUARANTEES = Path(__file__).resolve().parent.parent / "docs" / "delivery.md"
 
@@ -222,6 +231,19 @@ def _on_postgres(item: pytest.Item) -> bool:
     return any(_matches(item.nodeid, ref) for ref in _SELECTION)
 
 
+def _on_server(item: pytest.Item) -> bool:
+    """Whether ``item``'s database is the PostgreSQL server in either run (``pg_url``
+    without ``db_path``): the same test against the same server, on both loops, whichever
+    run it is in. CI's two runs share one server, so CI runs these in the PostgreSQL run
+    (``-m "(on_postgres or on_server) and not slow"``) and leaves them out of the SQLite
+    run (``-m "not slow and not on_server"``): each still runs once, and the two runs,
+    side by side, end closer together. Measured on a full SQLite run at load ~6: these
+    tests (the several-node ones, the store's own) took ~280 s of its ~1,200 s of worker
+    time, while the PostgreSQL run took half the SQLite run's wall time."""
+    names = getattr(item, "fixturenames", ())
+    return "pg_url" in names and "db_path" not in names and not _on_postgres(item)
+
+
 def _needs_postgres(item: pytest.Item) -> bool:
     names = getattr(item, "fixturenames", ())
     return (
@@ -253,6 +275,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         )
         if not impossible and _on_postgres(item):
             item.add_marker(pytest.mark.on_postgres)
+        if not impossible and _on_server(item):
+            item.add_marker(pytest.mark.on_server)
         (dropped if impossible else kept).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
@@ -272,9 +296,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> str:
-    """A database no one has opened, in this run's store: a real SQLite file in a fresh
-    folder (that does not exist yet), or with ``HIVE_TEST_STORE=postgres`` a new
-    PostgreSQL database's URL."""
+    """A database no runtime has opened, in this run's store: a real SQLite file in a
+    fresh folder (that does not exist yet), or with ``HIVE_TEST_STORE=postgres`` a new
+    PostgreSQL database's URL, its schema at the current version already (a copy of a
+    template migrated once: tests/_pg.py)."""
     return fresh_database(tmp_path)
 
 

@@ -11,9 +11,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import _pg
 import pytest
+from _raw import never_opened
 
 
 def test_the_url_answers(pg_url: str) -> None:
@@ -37,6 +39,57 @@ def test_two_databases_are_separate(pg_url: str) -> None:
         assert a.execute("select x from t").fetchall() == [(1,)]
         with pytest.raises(psycopg.errors.UndefinedTable):
             b.execute("select x from t")
+
+
+def _schema(conn: Any) -> set[tuple[Any, ...]]:
+    """Every column (table, name, type, default, nullability) and index of ``conn``'s
+    database."""
+    columns = conn.execute(
+        "SELECT table_name, column_name, data_type, column_default, is_nullable"
+        " FROM information_schema.columns WHERE table_schema = 'public'"
+    ).fetchall()
+    indexes = conn.execute(
+        "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'"
+    ).fetchall()
+    return {tuple(row) for row in [*columns, *indexes]}
+
+
+@pytest.mark.anyio
+async def test_a_migrated_database_is_what_a_runtime_makes_and_holds_nothing(
+    pg_url: str,
+) -> None:
+    """``new_database(migrated=True)``, the PostgreSQL run's ``db_path``: its own copy of
+    the template, with every column and index a runtime's first open of an empty database
+    makes (besides the tables an open makes for itself, ``hive_nodes``), at the current
+    version, and none of the rows an open writes (no node, no event, no leader)."""
+    import psycopg
+
+    from hive_orchestration import Runtime
+    from hive_orchestration.storage.pg.schema import SCHEMA_VERSION
+
+    first, second = _pg.new_database(migrated=True), _pg.new_database(migrated=True)
+    assert len({first, second, pg_url}) == 3
+    with psycopg.connect(first, autocommit=True) as a, psycopg.connect(second) as b:
+        assert a.execute("SELECT version FROM hive_schema").fetchall() == [(SCHEMA_VERSION,)]
+        for table in ("tasks", "events", "workers", "execution_plans"):
+            assert a.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,), table
+        assert a.execute("SELECT epoch, node_id FROM hive_leader").fetchall() == [(0, None)]
+        assert a.execute("SELECT to_regclass('hive_nodes')").fetchone() == (None,)
+        a.execute("UPDATE hive_leader SET epoch = 7")
+        assert b.execute("SELECT epoch FROM hive_leader").fetchall() == [(0,)]
+        cloned = _schema(a)
+    # Both are as the fixture made them, until a runtime opens them (never_opened, which
+    # the tests of refusals before the open use).
+    assert never_opened(first)
+    assert never_opened(pg_url)
+    async with Runtime.open(pg_url), Runtime.open(second):
+        pass
+    assert not never_opened(second)
+    assert not never_opened(pg_url)
+    with psycopg.connect(pg_url) as made:
+        by_runtime = _schema(made)
+    assert cloned
+    assert cloned == {row for row in by_runtime if not str(row[0]).startswith("hive_nodes")}
 
 
 def test_the_server_runs_durable_commits(pg_url: str) -> None:

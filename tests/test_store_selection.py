@@ -92,3 +92,22 @@ def test_a_test_on_pg_url_alone_runs_in_the_sqlite_run_only() -> None:
     both = _Item("tests/test_x.py::test_both", ("db_path", "pg_url"), "postgres")
     assert on(both)  # type: ignore[arg-type]
     assert not on(_Item("tests/test_x.py::test_store", ("db_path",), "postgres", "sqlite_only"))  # type: ignore[arg-type]
+
+
+def test_a_test_on_pg_url_alone_is_on_the_server_and_no_other_is() -> None:
+    """``on_server`` (CI runs these in its PostgreSQL run, and leaves them out of the
+    SQLite run): the tests whose database is the server whichever the store, and only
+    they, so that each test of the suite is in exactly one of CI's two runs."""
+    on_server, on_postgres = conftest._on_server, conftest._on_postgres
+    nodes = _Item("tests/test_x.py::test_nodes", ("pg_url",))
+    assert on_server(nodes)  # type: ignore[arg-type]
+    assert on_server(_Item("tests/test_x.py::test_nodes", ("pg_url",), "postgres"))  # type: ignore[arg-type]
+    for item in (
+        _Item("tests/test_x.py::test_store", ("db_path",)),
+        _Item("tests/test_x.py::test_store", ("db_path",), "postgres"),
+        _Item("tests/test_x.py::test_both", ("db_path", "pg_url"), "postgres"),
+        _Item("tests/test_x.py::test_file", ("tmp_path",)),
+    ):
+        assert not on_server(item)  # type: ignore[arg-type]
+    # Never in both marks: a test of both would run twice in CI.
+    assert not on_postgres(nodes)  # type: ignore[arg-type]
