@@ -115,6 +115,34 @@ async def test_a_claim_waiting_on_one_node_is_woken_by_tasks_queued_on_another(
             await one.complete_task(claimed[0].lease, {})
 
 
+@pytest.mark.usefixtures("no_sweep")
+async def test_a_claim_held_back_by_a_key_another_node_holds_is_woken_when_it_ends(
+    pg_url: str,
+) -> None:
+    """A task of a concurrency key ends on one node: the claim parked on another node
+    for the key's next task gets it then (the commit's notice names the key's queue),
+    not at a sweep."""
+    async with Runtime.open(pg_url) as one, Runtime.open(pg_url) as two:
+        first = await one.create_task("job", concurrency_key="k", concurrency_limit=1)
+        held = await one.claim_task("w1", "job", start=True)
+        assert held is not None
+        assert held.task.id == first
+        second = await one.create_task("job", concurrency_key="k", concurrency_limit=1)
+        claimed: list[Any] = []
+
+        async def claim() -> None:
+            claimed.append(await two.claim_task("w2", "job", wait=30))
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(claim)
+                await anyio.sleep(0.5)  # parked on the second node, the key full
+                assert claimed == []
+                await one.complete_task(held.lease, {})
+        assert claimed[0] is not None
+        assert claimed[0].task.id == second
+
+
 async def test_a_commit_that_queues_tasks_sends_one_notice_naming_their_queues(
     pg_url: str,
 ) -> None:

@@ -40,7 +40,7 @@ from ..messages.storage import (
     TrimEventLog,
     Write,
 )
-from ..messages.tasks import TaskStatus
+from ..messages.tasks import TERMINAL, TaskStatus
 from ..runtime import ActorRef, Envelope
 from .grouping import _row_statements
 from .port import (
@@ -204,13 +204,17 @@ async def _commit(self: StorageActor, writes: list[_Pending], *, isolate: bool) 
 
 
 def _ready_queues(writes: list[_Pending]) -> set[QueueKey]:
-    """The ready queues the writes queue tasks in (created, or back in the queue)."""
+    """The ready queues the writes queue tasks in (created, or back in the queue), and
+    those of a concurrency key a task of which ended: its slot is free, so a task of
+    that key another node holds back may now be handed out."""
     queues: set[QueueKey] = set()
     for _, write in writes:
         for op in write.ops:
             if isinstance(op, PutTask | SetTaskState):
                 task = op.task
-                if task.status is TaskStatus.QUEUED and task.run_at is None:
+                if (task.status is TaskStatus.QUEUED and task.run_at is None) or (
+                    task.concurrency_key is not None and task.status in TERMINAL
+                ):
                     queues.add((task.task_type, task.requires, task.concurrency_key))
     return queues
 

@@ -150,6 +150,14 @@ def ready_elsewhere(tm: TaskManager, notice: ReadyElsewhere) -> None:
         tm._next_sweep = 0.0
     else:
         tm._woken.update(notice.queues)
+        # A key held back here after a conflict (another node held it to its limit) is
+        # looked at again when another node's commit names its queue: a task of it
+        # ended there, or one was queued. Held still, the next claim's fence says so.
+        keys = {queue[2] for queue in notice.queues if queue[2] is not None}
+        keys &= tm._paused_keys
+        if keys:
+            tm._ready.resume(keys=keys)
+            tm._paused_keys -= keys
     tm._ready.changed = True
 
 
