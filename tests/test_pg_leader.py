@@ -44,6 +44,7 @@ from hive_orchestration.actors.task_manager.leases import _WRITTEN_SLACK  # noqa
 from hive_orchestration.messages.leader import DeadClaim, RecoverClaims  # noqa: E402
 from hive_orchestration.messages.tasks import TERMINAL, PurgeTasks  # noqa: E402
 from hive_orchestration.messages.workers import WorkersLost  # noqa: E402
+from hive_orchestration.storage.pg import leader as pg_leader  # noqa: E402
 from hive_orchestration.storage.pg.claim import alive_sql  # noqa: E402
 from hive_orchestration.storage.pg.leader import LEADER_KEY, REAP_GRACE_SECONDS  # noqa: E402
 
@@ -494,6 +495,57 @@ async def test_a_stopped_nodes_expired_lease_is_requeued_by_the_leader(
         assert [r.status.value for r in await a.get_runs(task_id)] == ["lost", "completed"]
         assert len([t for t, _ in events(pg_url, "task.retrying") if t == task_id]) == 1
         assert len([t for t, _ in events(pg_url, "task.completed") if t == task_id]) == 1
+
+
+async def test_a_stopped_leader_loses_the_role_and_its_duties_are_done(
+    pg_url: str, anyio_backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The leader's process stops (SIGSTOP) holding a claim: its session keeps the role,
+    # so nobody would reap leases, recover dead nodes or fire schedules. Another node
+    # ends the session once it sat idle for STALE_SECONDS and takes the role.
+    monkeypatch.setattr(pg_leader, "STALE_SECONDS", 2.0)  # this process's nodes only
+    lease = 2.0
+    stuck = await _start(pg_url, anyio_backend, tmp_path, "stuck", lease, workers=1, stop=True)
+    try:
+        await until(lambda: leader(pg_url)[1] == stuck.id, "the first node leads")
+        stale_epoch = leader(pg_url)[0]
+        async with Runtime.open(pg_url) as a, anyio.create_task_group() as group:
+            [a_id] = nodes(pg_url) - {stuck.id}
+            group.start_soon(stuck.read)
+            task_id = await a.create_task("job", max_retries=3)
+            await until(
+                lambda: bool(stuck.claimed) and _stopped(stuck.process.pid),
+                "the leader stopped, holding a claim",
+            )
+            assert leader(pg_url)[1] == stuck.id  # the role stays with the stopped node...
+            took = await until(lambda: leader(pg_url)[1] == a_id, "the role taken")
+            assert took >= 2.0 - 0.5  # ...for as long as its session may sit idle
+            assert leader(pg_url)[0] > stale_epoch
+            assert holders(pg_url) == 1
+            assert stuck.id in live_nodes(pg_url)  # its node lock: ended was the role's only
+            # The new leader does the duties: the stopped node's expired lease is ended.
+            await until(lambda: not _held(pg_url, task_id), "the lease requeued")
+            again = await a.claim_task("w2", "job", wait=10)
+            assert again is not None
+            assert again.task.id == task_id
+            await a.complete_task(again.lease, {})
+            # Woken, the old leader finds its session gone and does not take the role
+            # back; its worker's completion is refused as a lost claim's.
+            os.kill(stuck.process.pid, signal.SIGCONT)
+            await until(lambda: bool(stuck.lost), "the woken node's completion refused")
+            assert stuck.errors == ["LeaseLostError"]
+            await anyio.sleep(1.5)  # three of its polls
+            assert leader(pg_url)[1] == a_id
+            assert holders(pg_url) == 1
+            group.cancel_scope.cancel()
+    finally:
+        await _stop(stuck)
+    assert [r.status.value for r in await _runs(pg_url, task_id)] == ["lost", "completed"]
+
+
+async def _runs(url: str, task_id: str) -> list[Any]:
+    async with Runtime.open(url) as rt:
+        return await rt.get_runs(task_id)
 
 
 # -- retention: the leader's passes only -------------------------------------------------

@@ -37,6 +37,13 @@ the *leader* (pg-design 4.3):
   writes of them conflict, and its workers' calls get ``LeaseLostError``.
 - Claims of no node (``node_id`` NULL: written before schema 15) are left to recovery
   on open, as before.
+- **A stuck leader** (its process stopped, its event loop or threads blocked) keeps its
+  session and so the role, and while it does nobody does the duties. A node that fails to
+  take the role ends the holder's session once it has sat idle for :data:`STALE_SECONDS`
+  by the server's clock (``pg_terminate_backend``: the same database user may), and takes
+  the role at its next poll. A live leader polls every :data:`POLL_SECONDS`, so only a
+  leader that stopped acting loses its session; woken, it finds the session gone, steps
+  down, and its epoch is stale.
 
 The connection is driven from worker threads, one call at a time (psycopg's async mode
 runs on asyncio only), with keepalives, so that a server gone silent ends the session
@@ -61,7 +68,14 @@ from ..port import DeadNodes, LeaderDuties
 from ..rows import WORKER_COLUMNS, worker_from_row
 from .claim import alive_sql
 
-__all__ = ["GRACE_SECONDS", "LEADER_KEY", "POLL_SECONDS", "REAP_GRACE_SECONDS", "Leader"]
+__all__ = [
+    "GRACE_SECONDS",
+    "LEADER_KEY",
+    "POLL_SECONDS",
+    "REAP_GRACE_SECONDS",
+    "STALE_SECONDS",
+    "Leader",
+]
 
 log = logging.getLogger("hive_orchestration.storage")
 
@@ -78,6 +92,10 @@ GRACE_SECONDS = 1.0
 REAP_GRACE_SECONDS = 2.0
 #: Claims recovered in one duty (one TaskManager write); the next poll takes the rest.
 BATCH = 1000
+#: How long the leader's session may sit idle (no poll: its process stopped, its event
+#: loop or its threads stuck) before a node that wants the role ends that session, and
+#: with it the role. A live leader polls every POLL_SECONDS.
+STALE_SECONDS = 10.0
 #: Seconds a statement of the leader may take before the server cancels it.
 _STATEMENT_TIMEOUT_MS = 10_000
 #: Pause after a fault before contending again (doubling up to the second figure).
@@ -90,6 +108,18 @@ _TAKE = (
     " RETURNING epoch"
 )
 _FENCE = "SELECT 1 FROM hive_leader WHERE id = 1 AND epoch = %s FOR SHARE"
+# The session holding the role, if it has sat idle for longer than the given seconds
+# (pg_locks shows a bigint advisory key as two halves); then ended, which frees the role.
+_KEY = LEADER_KEY & 0xFFFFFFFF_FFFFFFFF
+_STALE = (
+    "SELECT pg_terminate_backend(a.pid) FROM pg_locks l"
+    " JOIN pg_stat_activity a ON a.pid = l.pid"
+    " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    f" AND l.classid::bigint = {_KEY >> 32} AND l.objid::bigint = {_KEY & 0xFFFFFFFF}"
+    " AND a.state IN ('idle', 'idle in transaction')"
+    " AND a.state_change < now() - make_interval(secs => %s)"
+)
 # The nodes that a claim or a live worker names and whose lock is free: dead.
 _DEAD = (
     "SELECT n FROM ("
@@ -138,6 +168,7 @@ class Leader:
         poll: float = POLL_SECONDS,
         grace: float = GRACE_SECONDS,
         reap_grace: float = REAP_GRACE_SECONDS,
+        stale: float | None = None,
         clock: Callable[[], float] = anyio.current_time,
     ) -> None:
         self._url = url
@@ -147,6 +178,7 @@ class Leader:
         self._poll = poll
         self._grace = grace
         self._reap_grace = reap_grace
+        self._stale = STALE_SECONDS if stale is None else stale
         self._clock = clock
         self._conn: Connection | None = None
         self._epoch: int | None = None
@@ -216,6 +248,19 @@ class Leader:
         if self._epoch is None:
             row = conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_KEY,)).fetchone()
             if row is None or not row[0]:
+                # Held: by a live leader, which polls, or by a stuck one (its process
+                # stopped, its loop blocked), whose session keeps the role and whose
+                # duties nobody does. Such a session is ended (by the database's clock
+                # of its last statement) and the role taken at the next poll; the old
+                # leader, if it wakes, finds its session gone and steps down, and its
+                # epoch is stale by then, so its duties change nothing.
+                ended = conn.execute(_STALE, (self._stale,)).fetchall()
+                if ended:
+                    log.warning(
+                        "leader: node %s ended the session of a leader idle for over %gs",
+                        self.node_id,
+                        self._stale,
+                    )
                 return None
             try:
                 taken = conn.execute(_TAKE, (self.node_id,)).fetchone()
