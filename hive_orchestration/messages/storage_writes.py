@@ -269,8 +269,8 @@ class LockReady(msgspec.Struct, frozen=True):
 
 class Write(Request[Committed], frozen=True):
     """Apply ``ops`` in order, all or nothing, in the next group commit; with ``lock``,
-    the ops are those its ``decide`` answers once the ready rows are locked (``ops`` is
-    then empty)."""
+    the ops are those the writer answers in ``lock.decided`` once the ready rows are
+    locked (``ops`` is then empty)."""
 
     ops: tuple[WriteOp, ...]
     lock: LockReady | None = None
