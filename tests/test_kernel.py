@@ -29,6 +29,7 @@ from hive_orchestration.runtime import (
     Request,
     Supervisor,
 )
+from hive_orchestration.runtime.watchdog import AskWatchdog
 from hive_orchestration.storage import StorageActor
 
 pytestmark = pytest.mark.anyio
@@ -481,16 +482,17 @@ async def test_no_asker_hangs_on_a_message_handed_on_and_never_answered() -> Non
         async with supervised([ChildSpec(ref, lambda: Relay(handed))]) as supervisor:
             assert ref.deadlines.running
             askers.start_soon(ask, None)  # the default deadline: kept by the watchdog
-            askers.start_soon(ask, 600.0)  # its own deadline, kept by its cancel scope
+            askers.start_soon(ask, 600.0)  # its own (longer) deadline: the watchdog too
+            askers.start_soon(ask, 4.0)  # a shorter one, kept by its cancel scope
             await anyio.wait_all_tasks_blocked()
-            assert len(handed) == 2
-        # A clean stop: the mailbox drained, and the actor never answered either ask.
+            assert len(handed) == 3
+        # A clean stop: the mailbox drained, and the actor never answered any ask.
         assert supervisor.restarts == {"relay": 0}
         # Only the stop can wake the askers now: they run until they end, or wait for
         # good (left waiting, they are cancelled and this fails).
         await anyio.wait_all_tasks_blocked()
         askers.cancel_scope.cancel()
-    assert outcomes == [RuntimeStoppedError] * 2
+    assert outcomes == [RuntimeStoppedError] * 3
 
 
 async def test_shutdown_drains_mailboxes_then_stops_in_reverse_start_order() -> None:
@@ -567,6 +569,39 @@ async def test_the_default_deadline_is_kept_by_the_watchdog() -> None:
         gate.set()
     assert caught.value.timeout == 0.2
     assert waited >= 0.2  # never early (lateness is bounded by two ticks, not asserted)
+
+
+async def test_a_deadline_longer_than_the_default_is_kept_by_the_watchdog() -> None:
+    """An ask's own deadline at least the default (a claim's wait plus the default) takes
+    the timer-free path too, and still times out with its own deadline, never early."""
+    gate = anyio.Event()
+    ref: ActorRef[Any] = ActorRef("probe", mailbox_size=8, ask_timeout=0.2)
+    async with supervised([ChildSpec(ref, lambda: Probe([], gate))], shutdown_timeout=0.5):
+        held: list[int] = []
+
+        async def look() -> None:
+            await anyio.wait_all_tasks_blocked()
+            held.append(len(ref.deadlines._timed))
+
+        started = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(look)
+            with anyio.fail_after(5), pytest.raises(RequestTimeoutError) as caught:
+                await ref.ask(Hold(), timeout=0.4)
+        waited = anyio.current_time() - started
+        assert held == [1]  # kept by the watchdog: no timer of its own
+        gate.set()
+    assert caught.value.timeout == 0.4
+    assert waited >= 0.4
+
+
+async def test_the_watchdog_heap_of_own_deadlines_stays_bounded() -> None:
+    ref = probe_ref()
+    async with supervised([ChildSpec(ref, lambda: Probe([], anyio.Event()))]):
+        for n in range(3 * AskWatchdog.COMPACT_ABOVE):
+            assert await ref.ask(Echo(n), timeout=600.0) == n + 1
+        # Answered entries wait for their deadline (ten minutes) or the compaction.
+        assert len(ref.deadlines._timed) <= AskWatchdog.COMPACT_ABOVE + 1
 
 
 async def test_the_watchdog_queue_only_holds_what_is_in_flight() -> None:

@@ -99,6 +99,9 @@ class ActorRef(Generic[M]):
         Raises the actor's domain error as is, :class:`ActorFailedError` if the actor
         crashed on it, :class:`RuntimeStoppedError` if it is stopped, and
         :class:`RequestTimeoutError` past the deadline (the message may still be handled).
+        The default deadline, and a ``timeout`` at least as long, are kept by the
+        reference's :class:`AskWatchdog` (never early, at most a tick late); a shorter
+        ``timeout`` by a cancel scope of its own.
         """
         if self._event_type is None:
             self._event_type = type(anyio.Event())
@@ -108,6 +111,17 @@ class ActorRef(Generic[M]):
             if timeout is None and self.deadlines.running and self.mailbox.put_nowait(envelope):
                 # The common case: room in the mailbox, default deadline kept by the watchdog.
                 self.deadlines.add(reply, type(message).__name__)
+                return await reply.wait()
+            if (
+                timeout is not None
+                and timeout >= self.ask_timeout
+                and self.deadlines.running
+                and self.mailbox.put_nowait(envelope)
+            ):
+                # A longer deadline (a claim's wait plus the default): kept by the
+                # watchdog too, at most a tick (1/20 of the default) late, rather than by
+                # a timer and a cancel scope per ask.
+                self.deadlines.add_timed(reply, type(message).__name__, timeout)
                 return await reply.wait()
             deadline = self.ask_timeout if timeout is None else timeout
             self.deadlines.hold(reply)  # answered at the stop if nothing else answers it

@@ -39,6 +39,7 @@ class Mailbox(Generic[M]):
         "_broken",
         "_closed",
         "_crash",
+        "_event_type",
         "_inline",
         "_queue",
         "_receiver",
@@ -59,6 +60,8 @@ class Mailbox(Generic[M]):
         # it raised, for the actor's own task to crash with.
         self._inline: Callable[[M], bool] | None = None
         self._crash: Exception | None = None
+        # anyio.Event() looks its backend up on every call; the actor waits on one loop.
+        self._event_type: type[anyio.Event] | None = None
 
     def put_nowait(self, envelope: Envelope[M]) -> bool:
         """Enqueue without waiting; False when the mailbox is full."""
@@ -142,7 +145,9 @@ class Mailbox(Generic[M]):
         while not self._queue and not self._senders and self._crash is None:
             if self._closed:
                 return False
-            receiver = self._receiver = anyio.Event()
+            if self._event_type is None:
+                self._event_type = type(anyio.Event())
+            receiver = self._receiver = self._event_type()
             try:
                 await receiver.wait()
             finally:

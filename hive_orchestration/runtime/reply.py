@@ -42,7 +42,7 @@ class Reply(Generic[R]):
     that message and the asker tells it to the actor, which takes the thing back.
     """
 
-    __slots__ = ("_error", "_event", "_give_back", "_taken", "_value")
+    __slots__ = ("_done", "_error", "_event", "_give_back", "_taken", "_value")
 
     def __init__(self, event: anyio.Event | None = None) -> None:
         self._event = anyio.Event() if event is None else event
@@ -50,22 +50,27 @@ class Reply(Generic[R]):
         self._error: BaseException | None = None
         self._give_back: object = None
         self._taken = False
+        # Answered: the event's state, kept here too because it is read far more often
+        # than it changes (the event's own is_set is two calls through anyio's wrapper).
+        self._done = False
 
     @property
     def done(self) -> bool:
-        return self._event.is_set()
+        return self._done
 
     def resolve(self, value: R, give_back: object = None) -> bool:
-        if self._event.is_set():
+        if self._done:
             return False
+        self._done = True
         self._value = value
         self._give_back = give_back
         self._event.set()
         return True
 
     def fail(self, error: BaseException) -> bool:
-        if self._event.is_set():
+        if self._done:
             return False
+        self._done = True
         self._error = error
         self._event.set()
         return True

@@ -5,6 +5,8 @@ open when the actor's supervisor has stopped.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import deque
 from typing import Any
 
@@ -27,13 +29,19 @@ class AskWatchdog:
     and 1 s). Answered entries are dropped from the head as new asks arrive, and the whole
     queue is compacted when it grows, so it holds about what is in flight.
 
+    An ask with a deadline of its own at least the default (a claim that waits: its
+    wait plus the default) is kept here too, in a heap by deadline (:meth:`add_timed`),
+    rather than by a timer and a cancel scope of its own: one tick late is then at most
+    1/20 of its deadline. Answered entries leave the heap at their deadline, or all at
+    once when it grows past ``COMPACT_ABOVE``.
+
     It is also the last word on every ask still open when its actor's supervisor has
     stopped (:meth:`close`): an actor may hand a message on to something that never
     answers it (a storage reader cancelled at shutdown before it ran the read it was
     handed), and nothing else would ever wake that asker.
     """
 
-    __slots__ = ("_held", "_queue", "owner", "running", "tick", "timeout")
+    __slots__ = ("_held", "_order", "_queue", "_timed", "owner", "running", "tick", "timeout")
 
     #: Past this many entries, ``expire`` also drops answered ones behind a slow head.
     COMPACT_ABOVE = 4096
@@ -44,6 +52,9 @@ class AskWatchdog:
         self.tick = min(1.0, max(timeout / 20, 0.001))
         self.running = False
         self._queue: deque[tuple[float, Reply[Any], str]] = deque()
+        # Asks with deadlines of their own: (deadline, order, reply, message, timeout).
+        self._timed: list[tuple[float, int, Reply[Any], str, float]] = []
+        self._order = itertools.count()  # ties of deadline never compare replies
         #: Asks whose deadline their own cancel scope keeps: failed only by :meth:`close`.
         self._held: set[Reply[Any]] = set()
 
@@ -52,6 +63,16 @@ class AskWatchdog:
         while queue and queue[0][1].done:
             queue.popleft()
         queue.append((anyio.current_time() + self.timeout, reply, message))
+
+    def add_timed(self, reply: Reply[Any], message: str, timeout: float) -> None:
+        """Keep an ask's own deadline, ``timeout`` seconds from now (at least the default
+        timeout: a shorter one would be late by too large a part of it)."""
+        timed = self._timed
+        if len(timed) > self.COMPACT_ABOVE:
+            self._timed = timed = [entry for entry in timed if not entry[2].done]
+            heapq.heapify(timed)
+        entry = (anyio.current_time() + timeout, next(self._order), reply, message, timeout)
+        heapq.heappush(timed, entry)
 
     async def run(self) -> None:
         self.running = True
@@ -72,6 +93,10 @@ class AskWatchdog:
             reply.fail(RequestTimeoutError(self.owner, message, self.timeout))
         if len(queue) > self.COMPACT_ABOVE:
             self._queue = deque(entry for entry in queue if not entry[1].done)
+        timed = self._timed
+        while timed and timed[0][0] <= now:
+            _, _, reply, message, timeout = heapq.heappop(timed)
+            reply.fail(RequestTimeoutError(self.owner, message, timeout))
 
     def hold(self, reply: Reply[Any]) -> None:
         """Track an ask this watchdog does not time, until :meth:`release`, so that
@@ -89,6 +114,9 @@ class AskWatchdog:
         failed = 0
         queue, self._queue = self._queue, deque()
         for _, reply, _ in queue:
+            failed += reply.fail(error)
+        timed, self._timed = self._timed, []
+        for _, _, reply, _, _ in timed:
             failed += reply.fail(error)
         held, self._held = self._held, set()
         for reply in held:
