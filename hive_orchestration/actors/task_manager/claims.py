@@ -92,6 +92,12 @@ def dispatch(tm: TaskManager, work: _Batch, now: datetime, *, refilled: bool = T
         tm._ready.changed = False
     else:
         candidates = work.parked
+    # The task types a claim found nothing of (and no head starved for) in this pass:
+    # handing out only takes tasks and slots away, so a later claim of the same types
+    # would find nothing too, and is not looked up again (with many claims parked on
+    # one type, each task used to be looked for once per claim). A task handed back
+    # is ready again: then every claim looks again.
+    empty: set[tuple[str, ...] | None] = set()
     for waiter_id in candidates:
         waiter = tm._waiters.get(waiter_id)
         if waiter is None:
@@ -101,11 +107,18 @@ def dispatch(tm: TaskManager, work: _Batch, now: datetime, *, refilled: bool = T
             tm._unpark(waiter_id, work)
             for claim in waiter.taken:  # committed, never received: hand them back
                 tm._release_unclaimed(claim, work, now)
+                empty.clear()
             continue
         request = waiter.claim
-        task_id = tm._pop(request.task_types, work, now)
+        if request.task_types in empty:
+            task_id, starved = None, False
+        else:
+            task_id = tm._pop(request.task_types, work, now)
+            starved = task_id is None and tm._ready.starved
+            if task_id is None and not starved:
+                empty.add(request.task_types)
         if task_id is None:
-            if tm._ready.starved and refilled:
+            if starved and refilled:
                 work.starved = True
                 continue
             if waiter.deadline is None or waiter.taken:
