@@ -697,3 +697,97 @@ async def test_no_thread_or_task_outlives_the_runtime(db_path: str) -> None:
         if t.is_alive() and not t.name.startswith("AnyIO worker thread")
     ]
     assert leftover == []
+
+
+class Lender(Actor[Any]):
+    """Lends its batches (ActorRef.request_now); records which task ran each message."""
+
+    lends_batches = True
+
+    def __init__(self, gate: anyio.Event, seen: list[tuple[str, int, int]]) -> None:
+        self.gate = gate
+        self.seen = seen
+
+    async def receive(self, message: Any) -> object:
+        task = anyio.get_current_task().id
+        match message:
+            case Slow(n=n):
+                self.seen.append(("start", n, task))
+                await self.gate.wait()
+                self.seen.append(("end", n, task))
+                return n
+            case Boom():
+                raise ZeroDivisionError("boom")
+            case Echo(n=n):
+                self.seen.append(("echo", n, task))
+                return n + 1
+        return await super().receive(message)
+
+    async def stopped(self, error: BaseException | None) -> None:
+        self.seen.append(("stopped", 0, 0))
+
+
+async def test_an_idle_actor_that_lends_its_batches_runs_one_in_the_senders_task() -> None:
+    seen: list[tuple[str, int, int]] = []
+    ref = probe_ref("lender")
+    async with supervised([ChildSpec(ref, lambda: Lender(anyio.Event(), seen))]):
+        await anyio.wait_all_tasks_blocked()
+        reply = await ref.request_now(Echo(1))
+        assert reply.done  # answered before request_now returned: nobody was woken
+        assert reply.take() == 2
+        assert seen == [("echo", 1, anyio.get_current_task().id)]
+        assert await ref.ask(Echo(2)) == 3  # ask still goes through the mailbox
+        assert seen[-1][2] != anyio.get_current_task().id
+
+
+async def test_what_arrives_during_a_lent_batch_waits_for_it_and_never_overlaps() -> None:
+    gate = anyio.Event()
+    seen: list[tuple[str, int, int]] = []
+    ref = probe_ref("lender")
+    answers: list[int] = []
+
+    async def lent() -> None:
+        answers.append((await ref.request_now(Slow(1))).take())
+
+    async def asked() -> None:
+        answers.append(await ref.ask(Slow(2)))
+
+    async with supervised([ChildSpec(ref, lambda: Lender(gate, seen))]):
+        await anyio.wait_all_tasks_blocked()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lent)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(asked)
+            await anyio.wait_all_tasks_blocked()
+            # Not idle now: a second request_now is queued, as request would.
+            queued = await ref.request_now(Echo(3))
+            await anyio.wait_all_tasks_blocked()
+            assert [step[:2] for step in seen] == [("start", 1)]  # the actor's task slept
+            ref.mailbox.close()  # the stop, meanwhile: it waits for the lent batch
+            await anyio.wait_all_tasks_blocked()
+            assert ("stopped", 0, 0) not in seen
+            gate.set()
+        assert await queued.wait() == 4
+    assert [step[:2] for step in seen] == [
+        ("start", 1),
+        ("end", 1),
+        ("start", 2),
+        ("end", 2),
+        ("echo", 3),
+        ("stopped", 0),
+    ]
+    assert seen[0][2] != seen[2][2]  # the lent batch ran in the sender's task
+    assert sorted(answers) == [1, 2]
+
+
+async def test_a_crash_in_a_lent_batch_fails_the_sender_and_restarts_the_actor() -> None:
+    seen: list[tuple[str, int, int]] = []
+    ref = probe_ref("lender")
+    async with supervised([ChildSpec(ref, lambda: Lender(anyio.Event(), seen))]) as supervisor:
+        await anyio.wait_all_tasks_blocked()
+        reply = await ref.request_now(Boom())
+        with pytest.raises(ActorFailedError):
+            reply.take()
+        await anyio.wait_all_tasks_blocked()
+        assert supervisor.restarts == {"lender": 1}
+        assert await ref.ask(Echo(5)) == 6

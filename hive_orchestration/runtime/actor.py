@@ -91,6 +91,21 @@ class ActorRef(Generic[M]):
         await self.mailbox.put(Envelope(cast(M, message), reply))
         return reply
 
+    async def request_now(self, message: Request[R]) -> Reply[R]:
+        """:meth:`request`, except that when the actor lends its batches
+        (:attr:`Actor.lends_batches`) and is idle, its batch of ``message`` runs here
+        and now, in this task, and the reply comes back answered: the actor's task is
+        not woken for it, nor this one for the answer. Otherwise queued as by
+        :meth:`request`."""
+        mailbox = self.mailbox
+        if not mailbox.can_lend():
+            return await self.request(message)
+        if self._event_type is None:
+            self._event_type = type(anyio.Event())
+        reply: Reply[R] = Reply(self._event_type())
+        await mailbox.run_borrowed(Envelope(cast(M, message), reply))
+        return reply
+
     # The deadline is part of ask's contract (with a default from the config), so it is a
     # parameter rather than the caller's cancel scope.
     async def ask(self, message: Request[R], *, timeout: float | None = None) -> R:  # noqa: ASYNC109
@@ -173,6 +188,10 @@ class Actor(Generic[M]):
 
     #: Most envelopes handed to one :meth:`receive_batch` call.
     max_batch: int = 1
+    #: Whether a sender may run a batch in its own task while this actor is idle
+    #: (:meth:`ActorRef.request_now`): for an actor whose batches may run in any task
+    #: (it owns nothing bound to its own), to save waking it and its asker.
+    lends_batches: bool = False
     #: The name of the mailbox it runs on; set by :func:`run_actor`.
     name: str = "actor"
 
@@ -243,6 +262,7 @@ async def run_actor(
     unyielding = 0  # batches taken in a row without waiting for the loop
     overridden = type(actor).receive_inline is not Actor.receive_inline
     inline = actor.receive_inline if overridden else None
+    borrow = actor.receive_batch if actor.lends_batches else None
     try:
         while True:
             batch: list[Envelope[M]] = []
@@ -260,10 +280,12 @@ async def run_actor(
             else:
                 unyielding = 0
                 mailbox._inline = inline
+                mailbox._borrow = borrow
                 try:
                     more = await mailbox.wait()
                 finally:
                     mailbox._inline = None
+                    mailbox._borrow = None
                 crash = mailbox.take_crash()
                 if crash is not None:
                     if on_crash is not None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 import anyio
 from anyio.streams.memory import MemoryObjectStreamStatistics
 
-from ..errors import HiveError, RuntimeStoppedError
+from ..errors import ActorFailedError, HiveError, RuntimeStoppedError
 from .reply import Envelope
 
 __all__ = ["Mailbox"]
@@ -36,6 +36,8 @@ class Mailbox(Generic[M]):
     """
 
     __slots__ = (
+        "_borrow",
+        "_borrowed",
         "_broken",
         "_closed",
         "_crash",
@@ -62,6 +64,10 @@ class Mailbox(Generic[M]):
         self._crash: Exception | None = None
         # anyio.Event() looks its backend up on every call; the actor waits on one loop.
         self._event_type: type[anyio.Event] | None = None
+        # The idle actor's Actor.receive_batch, while it waits, for an actor that lets a
+        # sender run its batch (Actor.lends_batches); True while a sender runs one.
+        self._borrow: Callable[[Sequence[Envelope[M]]], Awaitable[None]] | None = None
+        self._borrowed = False
 
     def put_nowait(self, envelope: Envelope[M]) -> bool:
         """Enqueue without waiting; False when the mailbox is full."""
@@ -70,7 +76,7 @@ class Mailbox(Generic[M]):
         if self._senders or len(self._queue) >= self.size:
             return False
         receiver = self._receiver
-        if receiver is not None:
+        if receiver is not None and not self._borrowed:
             # The actor waits on an empty box: a tell it can handle at once is handled
             # here, in order (nothing is queued before it), without waking its task.
             inline = self._inline
@@ -100,6 +106,60 @@ class Mailbox(Generic[M]):
         envelope.done = handled
         envelope.started = handled
         return handled
+
+    def can_lend(self) -> bool:
+        """Whether a sender may run a batch of the actor now (:meth:`run_borrowed`): it
+        lends its batches, waits on an empty mailbox, and nothing else is due."""
+        return (
+            self._borrow is not None
+            and self._receiver is not None
+            and not self._queue
+            and not self._senders
+            and not self._closed
+            and self._crash is None
+        )
+
+    async def run_borrowed(self, envelope: Envelope[M]) -> None:
+        """Run the idle actor's batch of ``envelope`` in the sender's task (only when
+        :meth:`can_lend`): what its task would do once woken, without waking it.
+
+        Meanwhile the actor's task stays asleep whatever arrives (it is queued, and the
+        actor is woken for it after), so batches never overlap. The outcomes are those of
+        the actor's own loop: an answer or a domain error reaches the asker through
+        ``envelope``; an unexpected error is answered as :class:`ActorFailedError` and
+        the actor's task wakes and crashes with it (its supervisor restarts it); a
+        cancelled sender's envelope gets :class:`RuntimeStoppedError`, and the
+        cancellation propagates.
+        """
+        batch = self._borrow
+        assert batch is not None
+        assert self._receiver is not None
+        inline = self._inline
+        self._borrow = None
+        self._inline = None  # tells that arrive meanwhile are queued behind it
+        self._borrowed = True
+        try:
+            await batch([envelope])
+        except Exception as exc:
+            # As the actor's loop settles a batch that crashed (actor.py, _settle).
+            if not envelope.started:
+                self._queue.appendleft(envelope)  # its replacement handles it
+            elif not envelope.done:
+                envelope.fail(ActorFailedError(self.owner, exc))
+            self._crash = exc
+        except BaseException:
+            if not envelope.started:
+                self._queue.appendleft(envelope)
+            elif not envelope.done:
+                envelope.fail(RuntimeStoppedError(f"actor {self.owner!r} stopped before answering"))
+            raise
+        finally:
+            self._borrowed = False
+            if self._receiver is not None and self._crash is None:
+                self._borrow = batch
+                self._inline = inline
+            if self._queue or self._senders or self._closed or self._crash is not None:
+                self._wake_receiver()
 
     def take_crash(self) -> Exception | None:
         """What an inline handler raised, once (see :meth:`Actor.receive_inline`)."""
@@ -142,8 +202,8 @@ class Mailbox(Generic[M]):
 
     async def wait(self) -> bool:
         """Wait until something is queued; False once the box is closed and empty."""
-        while not self._queue and not self._senders and self._crash is None:
-            if self._closed:
+        while self._borrowed or (not self._queue and not self._senders and self._crash is None):
+            if self._closed and not self._borrowed:
                 return False
             if self._event_type is None:
                 self._event_type = type(anyio.Event())

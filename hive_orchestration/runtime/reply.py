@@ -90,6 +90,15 @@ class Reply(Generic[R]):
             raise self._error.with_traceback(None)
         return cast(R, self._value)
 
+    def take(self) -> R:
+        """The answer of a slot already answered (:attr:`done`), as :meth:`wait` gives
+        it, without waiting (nor yielding to the event loop)."""
+        assert self._done
+        self._taken = True
+        if self._error is not None:
+            raise self._error.with_traceback(None)
+        return cast(R, self._value)
+
     def abandon(self) -> object:
         """The asker leaves: close the slot if still open. Returns the resolver's
         ``give_back`` message if a value came but was never taken, else ``None``."""

@@ -54,6 +54,12 @@ _DRAIN_SECONDS = 2.0
 
 
 class StorageActor(Actor[StorageMessage]):
+    # A writer may run the batch of its write while this actor is idle
+    # (ActorRef.request_now, the TaskManager's commits): the batch holds nothing bound
+    # to this actor's task (its transaction is shielded, its connection serves any
+    # task), and saves waking this actor and then the writer.
+    lends_batches = True
+
     def __init__(
         self,
         store: Store | str,

@@ -213,7 +213,9 @@ async def commit(
         await _decide_locked(tm, work, lock, reply)
     else:
         ops = tm._fences(work) + work.ops if work.ops else []
-        reply = await tm._storage.request(Write(tuple(ops))) if ops else None
+        # While the storage actor is idle its batch runs in this task (request_now):
+        # neither it nor this actor is woken for the commit.
+        reply = await tm._storage.request_now(Write(tuple(ops))) if ops else None
     if not tm._fenced:
         await tm._forward(forwards)
     if reply is None:
@@ -222,7 +224,7 @@ async def commit(
         # No deadline: the storage actor's batch is shielded and always ends, within
         # busy_timeout plus one commit. Giving up earlier would let memory and the
         # database part ways: the write could land after memory was put back.
-        work.seqs = (await reply.wait()).seqs
+        work.seqs = (reply.take() if reply.done else await reply.wait()).seqs
     except StorageError as exc:
         return exc  # rolled back whole: nothing of the batch was applied
     except HiveError as exc:
