@@ -32,7 +32,7 @@ def touch(tm: TaskManager, task_id: str, work: _Batch) -> None:
         work.undo[task_id] = _Undo(
             task=tm._tasks.get(task_id),
             finished=task_id in tm._finished,
-            run_ids=None if run_ids is None else list(run_ids),
+            run_ids=run_ids,
             runs={run_id: tm._runs[run_id] for run_id in run_ids or ()},
             due={r: tm._due[r] for r in run_ids or () if r in tm._due},
             ready_at=tm._ready_at.get(task_id),
@@ -142,7 +142,9 @@ def index(tm: TaskManager, old: Task | None, new: Task | None) -> None:
 
 def remember_run(tm: TaskManager, run: Run) -> None:
     if run.id not in tm._runs:
-        tm._runs_of.setdefault(run.task_id, []).append(run.id)
+        # A tuple, replaced whole: the collector untracks a tuple of strings, while a
+        # list per task (10 000 recent tasks) kept it running full passes.
+        tm._runs_of[run.task_id] = (*tm._runs_of.get(run.task_id, ()), run.id)
     tm._runs[run.id] = run
 
 
@@ -154,7 +156,7 @@ def drop(tm: TaskManager, task_id: str) -> None:
         del tm._keys[key]  # answered by storage from now on
     tm._ready_at.pop(task_id, None)
     tm._versions.pop(task_id, None)  # read again with the task
-    for run_id in tm._runs_of.pop(task_id, []):
+    for run_id in tm._runs_of.pop(task_id, ()):
         tm._runs.pop(run_id, None)
 
 
@@ -167,5 +169,5 @@ def evict(tm: TaskManager) -> None:
         if key is not None and tm._keys.get(key) == task_id:
             # The task still owns its key, now answered by storage (it is committed).
             del tm._keys[key]
-        for run_id in tm._runs_of.pop(task_id, []):
+        for run_id in tm._runs_of.pop(task_id, ()):
             tm._runs.pop(run_id, None)

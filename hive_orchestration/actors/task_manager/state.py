@@ -49,7 +49,7 @@ class _Undo:
 
     task: Task | None
     finished: bool
-    run_ids: list[str] | None
+    run_ids: tuple[str, ...] | None
     runs: dict[str, Run]
     due: dict[str, _Due] = field(default_factory=dict)  # its claimed run's deadlines
     ready_at: float | None = None  # the end of its backoff
