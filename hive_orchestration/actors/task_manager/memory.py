@@ -29,12 +29,16 @@ def touch(tm: TaskManager, task_id: str, work: _Batch) -> None:
         refill.spilled.pop(task_id, None)
     if task_id not in work.undo:
         run_ids = tm._runs_of.get(task_id)
+        runs = due = None
+        if run_ids:
+            runs = {run_id: tm._runs[run_id] for run_id in run_ids}
+            due = {r: tm._due[r] for r in run_ids if r in tm._due} or None
         work.undo[task_id] = _Undo(
             task=tm._tasks.get(task_id),
             finished=task_id in tm._finished,
             run_ids=run_ids,
-            runs={run_id: tm._runs[run_id] for run_id in run_ids or ()},
-            due={r: tm._due[r] for r in run_ids or () if r in tm._due},
+            runs=runs,
+            due=due,
             ready_at=tm._ready_at.get(task_id),
         )
 
@@ -59,8 +63,10 @@ def restore(tm: TaskManager, work: _Batch, now: datetime) -> None:
             tm._due.pop(run_id, None)
         if undo.run_ids is not None:
             tm._runs_of[task_id] = undo.run_ids
+        if undo.runs is not None:
             tm._runs.update(undo.runs)
-        tm._due.update(undo.due)
+        if undo.due is not None:
+            tm._due.update(undo.due)
         if undo.ready_at is None:
             tm._ready_at.pop(task_id, None)
         else:
