@@ -28,6 +28,11 @@ What is measured, on a file database at the default ``synchronous=FULL``:
    any durable hand-off costs on this machine and disk, today. The hand-off is reported
    as a multiple of it.
 
+Each end-to-end shape also prints what a task cost in CPU: the event loop's thread
+(``time.thread_time``: the runtime's own work, which other processes on a loaded
+machine delay but do not add to) and the whole process's (the loop plus the database
+connection's thread), and how many passes the cycle collector made (generations 0/1/2).
+
 Goals: >= 10 000 tasks/s end to end, p50 hand-off < 1 ms.
 
 Run from the repository root::
@@ -35,11 +40,13 @@ Run from the repository root::
     python bench/tasks.py                   # asyncio
     python bench/tasks.py --backend trio
     python bench/tasks.py --json
+    python bench/tasks.py --batch-only      # the batch calls' shape alone (issue 21's goal)
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sqlite3
@@ -93,6 +100,9 @@ class Shape:
     events_seen: int
     transactions: int
     writes: int
+    loop_cpu: float  # seconds of the event loop's thread's CPU per task
+    process_cpu: float  # seconds of the process's CPU per task
+    collections: list[int]  # the cycle collector's passes, generations 0, 1 and 2
 
 
 @dataclass
@@ -100,11 +110,12 @@ class Result:
     backend: str
     tasks: int
     shapes: list[Shape]
-    raw_batched: float  # tasks/s
+    # None with --batch-only (not measured):
+    raw_batched: float | None  # tasks/s
     handoffs: int
-    p50: float  # seconds
-    p99: float
-    floor_p50: float  # seconds: a bare hand-off through one durable commit
+    p50: float | None  # seconds
+    p99: float | None
+    floor_p50: float | None  # seconds: a bare hand-off through one durable commit
 
 
 @contextmanager
@@ -118,7 +129,7 @@ def scratch() -> Iterator[Path]:
 
 async def end_to_end(
     folder: Path, count: int, slots: int, producers: int, batched: bool
-) -> tuple[float, int, int, int]:
+) -> tuple[float, int, int, int, float, float, list[int]]:
     config = RuntimeConfig(lease_timeout=60.0, storage_driver=DRIVER)
     name = f"e2e-{slots}{'-batched' if batched else ''}.db"
     async with Runtime.open(folder / name, config=config) as rt:
@@ -180,7 +191,9 @@ async def end_to_end(
             tg.start_soon(subscriber)
             await ready.wait()
             before = (await rt.statistics()).storage
+            passes = [generation["collections"] for generation in gc.get_stats()]
             start = time.perf_counter()
+            loop_cpu, process_cpu = time.thread_time(), time.process_time()
             async with anyio.create_task_group() as work:
                 for w in range(WORKERS):
                     if batched:
@@ -193,12 +206,18 @@ async def end_to_end(
             elapsed = last_completion - start
             with anyio.fail_after(60):
                 await done.wait()
+            loop_cpu = time.thread_time() - loop_cpu
+            process_cpu = time.process_time() - process_cpu
+            passes = [g["collections"] - p for g, p in zip(gc.get_stats(), passes, strict=True)]
         after = (await rt.statistics()).storage
         return (
             count / elapsed,
             seen,
             after.transactions - before.transactions,
             after.writes - before.writes,
+            loop_cpu / count,
+            process_cpu / count,
+            passes,
         )
 
 
@@ -358,7 +377,7 @@ def _handoff_rows(n: int) -> list[Statement]:
     ]
 
 
-async def run(backend: str, count: int, handoffs: int) -> Result:
+async def run(backend: str, count: int, handoffs: int, batch_only: bool = False) -> Result:
     with scratch() as folder:
         shapes = [
             Shape(
@@ -368,7 +387,10 @@ async def run(backend: str, count: int, handoffs: int) -> Result:
                 *await end_to_end(folder, count, slots, producers, batched),
             )
             for slots, producers, batched in SHAPES
+            if batched or not batch_only
         ]
+        if batch_only:
+            return Result(backend, count, shapes, None, 0, None, None, None)
         raw = raw_batched(folder, count)
         latencies = sorted(await handoff(folder, handoffs))
         floor = await handoff_floor(folder, handoffs)
@@ -390,18 +412,29 @@ def render(r: Result) -> str:
 
     lines = [
         f"backend: {r.backend}  (synchronous=FULL, file database, WAL; {r.tasks:,} tasks,"
-        f" {WORKERS} workers, 1 subscriber)",
-        f"raw sqlite3, same statements, 1000 tasks/txn:  {r.raw_batched:>8,.0f} tasks/s",
+        f" {WORKERS} workers, 1 subscriber; load average {os.getloadavg()[0]:.2f})",
     ]
+    if r.raw_batched is not None:
+        lines.append(
+            f"raw sqlite3, same statements, 1000 tasks/txn:  {r.raw_batched:>8,.0f} tasks/s"
+        )
     for shape in r.shapes:
+        of_raw = "" if r.raw_batched is None else f" = {shape.rate / r.raw_batched:6.1%} of raw"
         lines.append(
             f"end to end, {shape.slots:>2} slot(s)/worker, {shape.producers:>3} creators"
             f"{', batch calls' if shape.batched else ''}:"
-            f" {shape.rate:>8,.0f} tasks/s = {shape.rate / r.raw_batched:6.1%} of raw;"
+            f" {shape.rate:>8,.0f} tasks/s{of_raw};"
             f" {shape.transactions:,} commits;"
             f" subscriber saw {shape.events_seen:,} events"
             f"  goal >= {RATE_GOAL:,.0f} {verdict(shape.rate >= RATE_GOAL)}"
         )
+        lines.append(
+            f"    CPU per task: loop {shape.loop_cpu * 1e6:.0f} us,"
+            f" process {shape.process_cpu * 1e6:.0f} us;"
+            f" collector passes {'/'.join(str(n) for n in shape.collections)}"
+        )
+    if r.p50 is None or r.p99 is None or r.floor_p50 is None:
+        return "\n".join(lines)
     lines.append(
         f"hand-off create -> waiting worker ({r.handoffs} tasks):"
         f" p50 {r.p50 * 1e3:.3f} ms ({r.p50 / r.floor_p50:.1f}x the floor),"
@@ -421,8 +454,15 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--handoffs", type=int, default=1_000)
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    parser.add_argument(
+        "--batch-only",
+        action="store_true",
+        help="only the batch calls' shape (no other shape, raw sqlite3 or hand-off)",
+    )
     args = parser.parse_args()
-    result: Result = anyio.run(run, args.backend, args.tasks, args.handoffs, backend=args.backend)
+    result: Result = anyio.run(
+        run, args.backend, args.tasks, args.handoffs, args.batch_only, backend=args.backend
+    )
     print(render(result))
     if args.json:
         print(json.dumps(asdict(result), indent=2))

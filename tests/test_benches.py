@@ -27,6 +27,9 @@ def _tasks(figures: dict[str, Any]) -> None:
         assert shape["rate"] > 0
         # One subscriber saw every event: created, assigned, started, completed.
         assert shape["events_seen"] == 4 * count
+        # CPU per task: the loop's thread is part of the process.
+        assert 0 < shape["loop_cpu"] <= shape["process_cpu"]
+        assert len(shape["collections"]) == 3
     assert figures["raw_batched"] > 0
     assert figures["handoffs"] == 10
     assert 0 < figures["p50"] <= figures["p99"]
@@ -208,6 +211,26 @@ def test_bench_runs(script: str, backend: str) -> None:
     figures = json.loads(result.stdout[result.stdout.index("\n{") + 1 :])
     assert figures["backend"] == backend
     check(figures)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_the_tasks_bench_runs_the_batch_calls_alone(backend: str) -> None:
+    args = ["--backend", backend, "--tasks", "200", "--batch-only", "--json"]
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "tasks.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout[result.stdout.index("\n{") + 1 :])
+    [shape] = figures["shapes"]
+    assert shape["batched"]
+    assert shape["events_seen"] == 4 * 200
+    assert 0 < shape["loop_cpu"] <= shape["process_cpu"]
+    assert figures["raw_batched"] is None
+    assert figures["p50"] is None
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])

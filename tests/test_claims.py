@@ -757,6 +757,26 @@ async def test_a_failed_commit_leaves_the_claim_unmade(db_path: str) -> None:
         assert c.lease.attempt == 1
 
 
+async def test_a_failed_completion_leaves_the_claim_as_it_was(db_path: str) -> None:
+    """Memory is put back with the claim's run and the proof of its lease (the undo
+    record of a task that has runs): the same token completes it once storage takes
+    writes again."""
+    async with runtime(db_path) as rt:
+        task_id = await rt.create_task("job")
+        c = await rt.claim_task("w1", start=True)
+        assert c is not None
+        async with refusing_writes(db_path, "runs", "no run ends today", event="UPDATE"):
+            with pytest.raises(StorageError, match="no run ends today"):
+                await rt.complete_task(c.lease, {"n": 1})
+            task = await rt.get_task(task_id)
+            assert task is not None
+            assert task.status is TaskStatus.RUNNING
+            [run] = await rt.get_runs(task_id)
+            assert (run.id, run.status) == (c.lease.run_id, RunStatus.RUNNING)
+        done = await rt.complete_task(c.lease, {"n": 2})
+        assert (done.status, done.result) == (TaskStatus.COMPLETED, {"n": 2})
+
+
 # -- bad input --------------------------------------------------------------------------------
 
 

@@ -42,7 +42,8 @@ else:
     JsonValue = Any
 
 
-class Event(msgspec.Struct, frozen=True, kw_only=True):
+# Data only, so untracked by the cycle collector (``gc=False``: see messages/task_models.py).
+class Event(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One entry of the event log.
 
     ``seq`` is the position in the durable log (1, 2, 3...), assigned by the storage actor
@@ -296,7 +297,7 @@ class EventFeed:
         self.close()
 
 
-class Publish(msgspec.Struct, frozen=True):
+class Publish(msgspec.Struct, frozen=True, gc=False):
     """Fan these events (one commit's) out, in this order (told; no reply).
 
     ``data_json`` holds each event's data as stored: every subscriber gets its own copy

@@ -18,7 +18,9 @@ from .tasks import RevokedTaskType, Run, Task
 from .workers import Worker
 
 
-class AppendEvent(msgspec.Struct, frozen=True, tag="append_event"):
+# The ops of the task path hold data only, so they are untracked by the cycle collector
+# (``gc=False``: see messages/task_models.py).
+class AppendEvent(msgspec.Struct, frozen=True, gc=False, tag="append_event"):
     """Append ``event`` to the log; ``data_json`` is its ``data``, encoded at the boundary.
 
     The storage actor assigns the sequence number and, once committed, publishes the event.
@@ -28,7 +30,7 @@ class AppendEvent(msgspec.Struct, frozen=True, tag="append_event"):
     data_json: bytes
 
 
-class PutTask(msgspec.Struct, frozen=True, tag="put_task"):
+class PutTask(msgspec.Struct, frozen=True, gc=False, tag="put_task"):
     """Insert the task, or replace every column of its row: the owner sends whole state."""
 
     task: Task
@@ -92,7 +94,7 @@ class FencePlanningRequest(msgspec.Struct, frozen=True, tag="fence_planning_requ
     agent: str = ""
 
 
-class SetTaskState(msgspec.Struct, frozen=True, tag="set_task_state"):
+class SetTaskState(msgspec.Struct, frozen=True, gc=False, tag="set_task_state"):
     """Write the state columns of a task already written (its status and what moves with
     it); the columns fixed at creation are left alone. The row must exist: a missing one
     fails the write."""
@@ -100,7 +102,7 @@ class SetTaskState(msgspec.Struct, frozen=True, tag="set_task_state"):
     task: Task
 
 
-class PutRun(msgspec.Struct, frozen=True, tag="put_run"):
+class PutRun(msgspec.Struct, frozen=True, gc=False, tag="put_run"):
     """Insert the run, or replace every column of its row."""
 
     run: Run
@@ -109,7 +111,7 @@ class PutRun(msgspec.Struct, frozen=True, tag="put_run"):
     lease_hash: bytes | None = None
 
 
-class SetRunState(msgspec.Struct, frozen=True, tag="set_run_state"):
+class SetRunState(msgspec.Struct, frozen=True, gc=False, tag="set_run_state"):
     """Write the state columns of a run already written. The row must exist."""
 
     run: Run
@@ -231,7 +233,7 @@ WriteOp: TypeAlias = (
 )
 
 
-class Committed(msgspec.Struct, frozen=True):
+class Committed(msgspec.Struct, frozen=True, gc=False):
     """The write is durable. ``seqs``: the sequence number of each appended event, in order."""
 
     seqs: tuple[int, ...]

@@ -123,8 +123,11 @@ def time_text(value: datetime | None) -> str | None:
     return None if value is None else _utc_text(value)
 
 
-# A batch's changes share one ``now``: its text is worked out once, not once per row.
-@functools.lru_cache(maxsize=1)
+# A batch's changes share one ``now`` (and ``now`` plus a lease, and the times of the
+# batches that created or claimed its tasks): each one's text is worked out once, not
+# once per row. One entry was not enough: a run's row alternates its start, its end and
+# its lease's expiry, and missed every time.
+@functools.lru_cache(maxsize=256)
 def _utc_text(value: datetime) -> str:
     return value.astimezone(UTC).isoformat()
 

@@ -1531,6 +1531,9 @@ def _peek(raw: bytes | str) -> tuple[dict[str, object], str | None, dict[str, ob
 def check_wire(harness: Harness, raw: bytes | str) -> None:
     """Send ``raw`` through call_json and check what came out."""
     request, op, args = _peek(raw)
+    # A mutation may make a valid purge or trim that deletes what the audit checks, as
+    # fuzz_operation's draws may (see deletes_from_the_log): not sent either.
+    assume(not (op and deletes_from_the_log(op, args)))
     known = known_bug(op, args) if op else None
     params = OPS[op].params if op in OPERATIONS else {}
     mistyped = [

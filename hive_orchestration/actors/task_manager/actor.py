@@ -165,7 +165,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         # left memory are looked up in storage (see _look_up_keys).
         self._keys: dict[str, str] = {}
         self._runs: dict[str, Run] = {}
-        self._runs_of: dict[str, list[str]] = {}
+        self._runs_of: dict[str, tuple[str, ...]] = {}  # task id -> its runs' ids, in order
         # Derived from the above (rebuilt by _reindex): what can be handed out, which run
         # holds each claimed task, and the claimed runs' next deadlines.
         self._ready = ReadyQueue(self._type_limits, revoked=self._revoked)

@@ -156,7 +156,7 @@ async def refresh(tm: TaskManager, task_ids: Sequence[str]) -> None:
             and task.status in _HOLDING
             and any(r.id == held and r.status in _RUN_OPEN for r in runs.get(task_id, ()))
         ):
-            for run_id in tm._runs_of.pop(task_id, []):
+            for run_id in tm._runs_of.pop(task_id, ()):
                 tm._runs.pop(run_id, None)
             for run in runs[task_id]:
                 tm._remember_run(run)

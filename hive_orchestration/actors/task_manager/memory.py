@@ -29,12 +29,16 @@ def touch(tm: TaskManager, task_id: str, work: _Batch) -> None:
         refill.spilled.pop(task_id, None)
     if task_id not in work.undo:
         run_ids = tm._runs_of.get(task_id)
+        runs = due = None
+        if run_ids:
+            runs = {run_id: tm._runs[run_id] for run_id in run_ids}
+            due = {r: tm._due[r] for r in run_ids if r in tm._due} or None
         work.undo[task_id] = _Undo(
             task=tm._tasks.get(task_id),
             finished=task_id in tm._finished,
-            run_ids=None if run_ids is None else list(run_ids),
-            runs={run_id: tm._runs[run_id] for run_id in run_ids or ()},
-            due={r: tm._due[r] for r in run_ids or () if r in tm._due},
+            run_ids=run_ids,
+            runs=runs,
+            due=due,
             ready_at=tm._ready_at.get(task_id),
         )
 
@@ -59,8 +63,10 @@ def restore(tm: TaskManager, work: _Batch, now: datetime) -> None:
             tm._due.pop(run_id, None)
         if undo.run_ids is not None:
             tm._runs_of[task_id] = undo.run_ids
+        if undo.runs is not None:
             tm._runs.update(undo.runs)
-        tm._due.update(undo.due)
+        if undo.due is not None:
+            tm._due.update(undo.due)
         if undo.ready_at is None:
             tm._ready_at.pop(task_id, None)
         else:
@@ -142,7 +148,9 @@ def index(tm: TaskManager, old: Task | None, new: Task | None) -> None:
 
 def remember_run(tm: TaskManager, run: Run) -> None:
     if run.id not in tm._runs:
-        tm._runs_of.setdefault(run.task_id, []).append(run.id)
+        # A tuple, replaced whole: the collector untracks a tuple of strings, while a
+        # list per task (10 000 recent tasks) kept it running full passes.
+        tm._runs_of[run.task_id] = (*tm._runs_of.get(run.task_id, ()), run.id)
     tm._runs[run.id] = run
 
 
@@ -154,7 +162,7 @@ def drop(tm: TaskManager, task_id: str) -> None:
         del tm._keys[key]  # answered by storage from now on
     tm._ready_at.pop(task_id, None)
     tm._versions.pop(task_id, None)  # read again with the task
-    for run_id in tm._runs_of.pop(task_id, []):
+    for run_id in tm._runs_of.pop(task_id, ()):
         tm._runs.pop(run_id, None)
 
 
@@ -167,5 +175,5 @@ def evict(tm: TaskManager) -> None:
         if key is not None and tm._keys.get(key) == task_id:
             # The task still owns its key, now answered by storage (it is committed).
             del tm._keys[key]
-        for run_id in tm._runs_of.pop(task_id, []):
+        for run_id in tm._runs_of.pop(task_id, ()):
             tm._runs.pop(run_id, None)

@@ -147,7 +147,7 @@ async def handle(
             return run if run is not None else _Forward(FetchRun(run_id))
         case GetRuns(task_id=task_id):
             if task_id in tm._tasks:  # every run of a task in memory is in memory
-                return [tm._runs[run_id] for run_id in tm._runs_of.get(task_id, [])]
+                return [tm._runs[run_id] for run_id in tm._runs_of.get(task_id, ())]
             return _Forward(FetchRuns(task_id))
         case UpdateRunStatus(run_id=run_id):
             run = tm._runs.get(run_id)
@@ -309,7 +309,7 @@ def update_run(
 def create_run(tm: TaskManager, message: CreateRun, task: Task, work: _Batch, now: datetime) -> str:
     if task.status in TERMINAL:
         raise IllegalTransitionError("task", task.id, task.status.value, "a new run")
-    runs = tm._runs_of.get(task.id, [])
+    runs = tm._runs_of.get(task.id, ())
     run = Run(
         id=new_id(),
         task_id=task.id,
@@ -382,7 +382,7 @@ def remove(tm: TaskManager, task_id: str, work: _Batch, key: str | None) -> None
         tm._deadlines.discard(held)
         del tm._due[held]
     tm._finished.pop(task_id, None)
-    for run_id in tm._runs_of.pop(task_id, []):
+    for run_id in tm._runs_of.pop(task_id, ()):
         tm._runs.pop(run_id, None)
     if key is not None and tm._keys.get(key) == task_id:
         tm._set_key(key, None, work)

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
 
+import msgspec
+
 from ...errors import HiveError
 from ...messages.storage import QueueHeads, WriteOp
 from ...messages.tasks import (
@@ -43,15 +45,20 @@ class _Forward:
     request: Request[object]
 
 
-@dataclass(frozen=True, slots=True)
-class _Undo:
-    """A task's memory state before a batch first changed it."""
+class _Undo(msgspec.Struct, frozen=True, gc=False):
+    """A task's memory state before a batch first changed it.
+
+    One per task a batch changes, alive until its commit: untracked by the cycle
+    collector (data only, as the records of messages/task_models.py), and without
+    empty dicts for a task with no runs (most of them: created, or claimed the first
+    time), since every object the collector knows of, tracked or not, counts towards
+    its next pass."""
 
     task: Task | None
     finished: bool
-    run_ids: list[str] | None
-    runs: dict[str, Run]
-    due: dict[str, _Due] = field(default_factory=dict)  # its claimed run's deadlines
+    run_ids: tuple[str, ...] | None
+    runs: dict[str, Run] | None = None  # its runs (None: it had none)
+    due: dict[str, _Due] | None = None  # its claimed run's deadlines (None: none)
     ready_at: float | None = None  # the end of its backoff
 
 
