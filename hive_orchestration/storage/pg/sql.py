@@ -94,19 +94,46 @@ _INSERT_EVENT = (
 )
 #: A batch's events, numbered as the transaction commits (pg-design 4.4; the driver runs
 #: it last, Driver.append): the counter row is raised by the batch's count, and the events
-#: take the numbers up to its new value, in order (unnest's ordinality). From this
+#: take the numbers up to its new value, in order (the array's ordinality). From this
 #: statement to the end of COMMIT the transaction holds the counter's row lock, so commits
 #: that append events follow each other in the order of their numbers. The NOTIFY, sent at
 #: commit, wakes the other nodes' log feeds (pg/tailer.py): "<origin>:<last seq>".
+#: The events come as one JSON array of rows (:func:`_event_rows`), encoded by msgspec:
+#: eight text arrays cost psycopg's array dumper ~15 us per event in Python, the JSON ~1.
 _NUMBERED_EVENTS = (
     "WITH s AS (UPDATE hive_event_seq SET last = last + ? WHERE id = 1 RETURNING last),"
     " i AS (INSERT INTO events (seq, type, timestamp, source, correlation_id, task_id,"
     " plan_id, worker_id, data)"
-    " SELECT s.last - ? + e.n, e.type, e.ts, e.source, e.cid, e.tid, e.pid, e.wid, e.data"
-    " FROM s, unnest(?::text[], ?::float8[], ?::text[], ?::text[], ?::text[], ?::text[],"
-    " ?::text[], ?::text[]) WITH ORDINALITY AS e(type, ts, source, cid, tid, pid, wid, data, n))"
+    " SELECT s.last - ? + e.n, e.j->>0, (e.j->>1)::float8, e.j->>2, e.j->>3, e.j->>4,"
+    " e.j->>5, e.j->>6, e.j->>7"
+    " FROM s, jsonb_array_elements(?::jsonb) WITH ORDINALITY AS e(j, n))"
     f" SELECT last, pg_notify('{EVENTS_CHANNEL}', ? || ':' || last) FROM s"
 )
+#: One event as a row of :data:`_NUMBERED_EVENTS`' array: its data is a JSON *string*
+#: holding the stored text (``->>`` gives it back exactly as written), and its timestamp
+#: a JSON number (msgspec writes the shortest text that reads back as the same double).
+_EventRow = tuple[str, float, str, str | None, str | None, str | None, str | None, str]
+
+
+def _event_rows(ops: Sequence[AppendEvent]) -> str:
+    rows: list[_EventRow] = []
+    for op in ops:
+        event = op.event
+        rows.append(
+            (
+                event.type,
+                event.timestamp,
+                event.source,
+                event.correlation_id,
+                event.task_id,
+                event.plan_id,
+                event.worker_id,
+                op.data_json.decode(),
+            )
+        )
+    return _encode(rows).decode()
+
+
 #: Queued tasks by type, and the earliest time one of each became claimable (the twin of
 #: SQLite's, through the same two partial indexes, named by their WHERE terms).
 _MINE = recoverable_sql()
@@ -155,23 +182,7 @@ class PostgresSql:
 
     def numbered_events(self, ops: Sequence[AppendEvent], origin: str) -> Statement | None:
         count = len(ops)
-        events = [op.event for op in ops]
-        return (
-            _NUMBERED_EVENTS,
-            (
-                count,
-                count,
-                [event.type for event in events],
-                [event.timestamp for event in events],
-                [event.source for event in events],
-                [event.correlation_id for event in events],
-                [event.task_id for event in events],
-                [event.plan_id for event in events],
-                [event.worker_id for event in events],
-                [op.data_json.decode() for op in ops],
-                origin,
-            ),
-        )
+        return (_NUMBERED_EVENTS, (count, count, _event_rows(ops), origin))
 
     async def last_seq(self, db: Driver) -> int:
         # The counter, not max(seq): what it says is committed, and all below it too.
