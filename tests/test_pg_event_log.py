@@ -275,6 +275,35 @@ async def test_a_subscriber_on_one_node_sees_the_other_nodes_events(
 
 
 @pytest.mark.anyio
+async def test_a_node_reads_of_the_others_events_only_what_its_subscribers_could_match(
+    pg_url: str, shared: None
+) -> None:
+    """Node A's subscribers take ``job.*`` (and its plan feed, plan tasks' ends): of B's
+    events it reads and fans out the jobs only, in order, none of B's other events (a
+    node's share of the fan-out follows its subscribers, not every node's commits); a
+    subscriber of everything then widens it at once."""
+    async with Runtime.open(pg_url) as a, Runtime.open(pg_url) as b:
+        got: list[Event] = []
+        async with a.subscribe("job.*") as jobs:
+            before = (await a.statistics()).broadcast.published
+            sent = []
+            for n in range(3):
+                await b.publish("other.b", {"n": n}, source="b")
+                await b.create_task("work")  # task.created: no plan, not read either
+                sent.append(await b.publish("job.b", {"n": n}, source="b"))
+            with anyio.fail_after(WAIT):
+                while len(got) < 3:  # the last: B's last commit, so A is past them all
+                    got.append(await jobs.receive())
+            published = (await a.statistics()).broadcast.published - before
+            assert [e.seq for e in got] == [e.seq for e in sent]
+            assert published == 3  # the jobs: nothing else of B's was fanned out
+            async with a.subscribe("*") as everything:
+                seen = await b.publish("other.b", {"n": 9}, source="b")
+                with anyio.fail_after(WAIT):
+                    assert (await everything.receive()).seq == seen.seq
+
+
+@pytest.mark.anyio
 async def test_replay_then_live_across_nodes_has_no_gap_or_duplicate(
     pg_url: str, shared: None
 ) -> None:

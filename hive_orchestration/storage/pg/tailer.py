@@ -44,6 +44,7 @@ import logging
 import threading
 import uuid
 from collections import deque
+from collections.abc import Callable
 from typing import Any, cast
 
 import anyio
@@ -51,7 +52,7 @@ import anyio.from_thread
 import anyio.to_thread
 import psycopg
 
-from ...messages.events import Event, Publish
+from ...messages.events import Event, Interest, Publish
 from ..port import Publisher, QueueKey, ReadyNotified, StoreError
 from ..rows import event_from_row
 from .driver import PostgresDriver
@@ -72,11 +73,36 @@ _RETRY = (0.05, 2.0)
 #: Seconds the listener waits for notifications between looks at its stop flag.
 _LISTEN_TIMEOUT = 1.0
 
-_READ = (
-    "SELECT seq, type, timestamp, source, correlation_id, task_id, plan_id, worker_id, data"
-    " FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?"
-)
+_COLUMNS = "seq, type, timestamp, source, correlation_id, task_id, plan_id, worker_id, data"
+_READ = f"SELECT {_COLUMNS} FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?"
 _NO_BOUND = 2**62
+#: The event fields a subscription may require (set), as columns.
+_REQUIRABLE = frozenset({"source", "correlation_id", "task_id", "plan_id", "worker_id"})
+_EVERYTHING = Interest(everything=True)
+
+
+def read_sql(interest: Interest) -> tuple[str, tuple[object, ...]]:
+    """The page read of the log, narrowed to what ``interest`` asks for: its text and the
+    parameters after (seq >, seq <=), before LIMIT. Every event it leaves out goes to no
+    subscriber of this node (a superset of what they match: broadcast.interest_of)."""
+    if interest.everything:
+        return _READ, ()
+    terms: list[str] = []
+    params: list[object] = []
+    by_needs: dict[tuple[str, ...], list[str]] = {}
+    for type_, needs in interest.types:
+        by_needs.setdefault(tuple(n for n in needs if n in _REQUIRABLE), []).append(type_)
+    for needs, types in sorted(by_needs.items()):
+        terms.append(" AND ".join(["type = ANY(?)", *(f"{need} IS NOT NULL" for need in needs)]))
+        params.append(types)
+    for prefix in interest.prefixes:
+        terms.append("starts_with(type, ?)")
+        params.append(prefix)
+    sql = (
+        f"SELECT {_COLUMNS} FROM events WHERE seq > ? AND seq <= ? AND ({' OR '.join(terms)})"
+        " ORDER BY seq LIMIT ?"
+    )
+    return sql, tuple(params)
 
 
 def _entry(row: tuple[Any, ...]) -> tuple[Event, bytes]:
@@ -96,8 +122,12 @@ class LogTailer:
         poll: float = POLL_SECONDS,
         page: int = PAGE,
         ready: ReadyNotified | None = None,
+        interest: Callable[[], Interest] | None = None,
     ) -> None:
         self.origin = uuid.uuid4().hex[:16]
+        #: What this node's subscribers could match now (None: everything): only that is
+        #: read of the other nodes' events; nothing at all while it is nothing.
+        self._interest = interest
         #: Told the queues other nodes made tasks ready in (None: all), once per burst.
         self._ready = ready
         self._url = url
@@ -244,9 +274,17 @@ class LogTailer:
         await self._emit(message, last)
 
     async def _catch_up(self, through: int) -> None:
-        """Publish the log's events after the position, up to ``through``, page by page."""
+        """Publish the log's events after the position, up to ``through``, page by page:
+        those this node's subscribers could match (the others go to nobody: they are
+        passed over, unread, and the callers move the position past them)."""
+        interest = _EVERYTHING if self._interest is None else self._interest()
+        if interest.nothing:
+            return
+        sql, narrowed = read_sql(interest)
         while True:
-            rows = await self._reader.fetchall(_READ, (self._position(), through, self._page))
+            rows = await self._reader.fetchall(
+                sql, (self._position(), through, *narrowed, self._page)
+            )
             self.reads += 1
             if not rows:
                 return
