@@ -304,6 +304,44 @@ async def test_a_node_reads_of_the_others_events_only_what_its_subscribers_could
 
 
 @pytest.mark.anyio
+async def test_a_node_passes_the_commits_nobody_there_wants_without_reading_them(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each commit's notice names its event types (and which fields some event of each
+    sets): node A, whose subscribers take ``job.*`` and plan tasks' ends, moves past B's
+    other commits unread, and reads the one that holds a job; its subscriber gets the
+    jobs in order. (A's safety poll is put out of reach: its reads are the notices'.)"""
+    from hive_orchestration.storage.pg import tailer as pg_tailer
+
+    monkeypatch.setattr(pg_tailer, "POLL_SECONDS", 3600.0)
+    reads: list[int] = []
+    catch_up = pg_tailer.LogTailer._catch_up
+
+    async def counted(self: pg_tailer.LogTailer, through: int) -> None:
+        reads.append(through)
+        await catch_up(self, through)
+
+    monkeypatch.setattr(pg_tailer.LogTailer, "_catch_up", counted)
+    async with (
+        Runtime.open(pg_url) as a,
+        Runtime.open(pg_url) as b,
+        a.subscribe("job.*") as jobs,
+    ):
+        first = await b.publish("job.b", {"n": 0}, source="b")
+        with anyio.fail_after(WAIT):
+            assert (await jobs.receive()).seq == first.seq
+        reads.clear()
+        for n in range(10):
+            await b.publish("other.b", {"n": n}, source="b", task_id=f"t{n}")
+            await b.create_task("work")  # task.created, no plan: not wanted either
+            await anyio.sleep(0.02)  # each its own notice
+        last = await b.publish("job.b", {"n": 1}, source="b")
+        with anyio.fail_after(WAIT):
+            assert (await jobs.receive()).seq == last.seq
+    assert len(reads) <= 2, reads  # the job's commit (and at most one more)
+
+
+@pytest.mark.anyio
 async def test_replay_then_live_across_nodes_has_no_gap_or_duplicate(
     pg_url: str, shared: None
 ) -> None:
@@ -539,3 +577,30 @@ async def _outages_under_load(pg_url: str, outage: Callable[[], int]) -> None:
         for got in streams:
             assert got == logged  # every event once, in order, across the reconnections
         print(f"errors the writers heard: {sorted(set(errors))} ({len(errors)})")
+
+
+def test_a_commits_notice_says_its_range_and_kinds() -> None:
+    """What a node decides to pass unread from: the notice's numbers and kinds (each type
+    with the fields set on some event of it), against what its subscribers could match."""
+    from hive_orchestration.messages.events import Interest
+    from hive_orchestration.storage.pg.sql import parse_events_notice
+    from hive_orchestration.storage.pg.tailer import wanted
+
+    kinds = (("task.created", "ct"), ("task.completed", "ptw"))
+    assert parse_events_notice('ab12:17:15:[["task.created","ct"],["task.completed","ptw"]]') == (
+        "ab12",
+        17,
+        15,
+        kinds,
+    )
+    assert parse_events_notice("ab12:17") == ("ab12", 17, 0, None)  # the older form
+    assert parse_events_notice("ab12:17:15:*") == ("ab12", 17, 15, None)
+    assert parse_events_notice("ab12:x") is None
+    plans = Interest(types=(("task.completed", ("plan_id",)),))
+    assert wanted(plans, kinds)
+    assert not wanted(plans, (("task.created", "ct"), ("task.completed", "tw")))
+    assert not wanted(Interest(), kinds)
+    assert wanted(Interest(prefixes=("task.",)), (("task.x", ""),))
+    assert not wanted(Interest(prefixes=("job.",)), (("task.x", ""),))
+    assert wanted(Interest(everything=True), (("anything", ""),))
+    assert wanted(plans, None)  # not said: read it
