@@ -117,9 +117,13 @@ _NUMBERED_EVENTS = (
     " plan_id, worker_id, data)"
     " SELECT s.last - ? + e.n, e.j->>0, (e.j->>1)::float8, e.j->>2, e.j->>3, e.j->>4,"
     " e.j->>5, e.j->>6, e.j->>7"
-    " FROM s, jsonb_array_elements(?::jsonb) WITH ORDINALITY AS e(j, n))"
+    " FROM s, jsonb_array_elements(?::jsonb) WITH ORDINALITY AS e(j, n)),"
+    # No counter row: fail (as the driver's checked UPDATEs do), never commit unnumbered.
+    " g AS (SELECT ('hive:missing-row:hive_event_seq:' || count(*))::bigint AS x FROM s"
+    " HAVING count(*) <> 1)"
     f" SELECT last, pg_notify('{EVENTS_CHANNEL}',"
     " ? || ':' || last || ':' || (last - ? + 1) || ':' || ?) FROM s"
+    " UNION ALL SELECT x, NULL FROM g"
 )
 #: The fields an event may have set or not, as a commit's notice names them (one letter
 #: each); its source is always set.
