@@ -29,9 +29,11 @@ What bounds each figure is printed beside it from the run itself: the CPU second
 nodes, the workers, the producer, the peer's processes and PostgreSQL's processes (every
 child of this server's postmaster, when it runs on this machine), read from
 ``/proc/<pid>/stat`` before and after, as seconds, as cores used over the wall time and as
-milliseconds per task; for hive, the nodes' commits and the share of the time their
-writers spent committing; and the load average before and after each shape (the machine
-may be shared).
+milliseconds per task; PostgreSQL's share per kind of process (each connection's
+``application_name``, so a hive node's writer, readers, log tailer and listener apart,
+else the server process's ``backend_type``); for hive, the nodes' commits and the share
+of the time their writers spent committing; and the load average before and after each
+shape (the machine may be shared).
 
 The server: ``HIVE_BENCH_PG`` (or ``HIVE_TEST_PG``) names one to use (a database is
 created per shape, and dropped at the end unless ``--keep-databases``); otherwise a
@@ -558,6 +560,10 @@ class Shape:
     commits: int = 0  # hive: storage transactions of all its nodes
     writes: int = 0  # hive: the writes they grouped
     commit_seconds: float = 0.0  # hive: summed time of those commits (statements + COMMIT)
+    #: PostgreSQL's CPU seconds by what each process is: a client connection's
+    #: application_name (a hive node's writer, reader, tailer...), else its backend_type
+    #: (walwriter, checkpointer...); "postmaster" the server's parent process.
+    pg_cpu: dict[str, float] = field(default_factory=dict)
 
 
 def _measure(
@@ -596,6 +602,17 @@ def _measure(
         shape.seconds = time.perf_counter() - started
         per_pid = meter.stop()
         shape.load_after = os.getloadavg()
+        # Read while the backends still live (a backend that ended is "gone").
+        kinds = {
+            int(pid): (name or kind or "?")
+            for pid, name, kind in clock.execute(
+                "SELECT pid, application_name, backend_type FROM pg_stat_activity"
+            ).fetchall()
+        }
+    kinds[server.postmaster or 0] = "postmaster"
+    for pid, seconds in per_pid.get("postgres", {}).items():
+        kind = kinds.get(pid, "gone")
+        shape.pg_cpu[kind] = shape.pg_cpu.get(kind, 0.0) + seconds
     shape.rate = count / shape.seconds
     shape.cpu = {role: sum(each.values()) for role, each in per_pid.items()}
     role, pid, seconds = max(
@@ -867,6 +884,13 @@ def render(r: Result) -> str:
             f" {r.cores}); busiest: {s.busiest}",
             f"      CPU ms per task: {per_task}  = {used / r.tasks * 1e3:.2f}",
         ]
+        if s.pg_cpu:
+            by_kind = "  ".join(
+                f"{kind} {seconds / r.tasks * 1e3:.2f}"
+                for kind, seconds in sorted(s.pg_cpu.items(), key=lambda item: -item[1])
+                if seconds / r.tasks * 1e3 >= 0.005
+            )
+            lines.append(f"      PostgreSQL ms per task, by connection: {by_kind}")
         if s.system == "hive":
             spread = ", ".join(f"{node} {runs:,}" for node, runs in s.runs_per_node.items())
             lines.append(

@@ -28,7 +28,16 @@ from hypothesis import strategies as st
 from hive_orchestration.api.embedded import Runtime, Subscription
 from hive_orchestration.config import RuntimeConfig
 from hive_orchestration.errors import RuntimeStoppedError, SubscriberLaggedError
-from hive_orchestration.messages.events import BroadcastStats, Event, compile_pattern
+from hive_orchestration.messages.events import (
+    BroadcastStats,
+    Event,
+    EventFeed,
+    Interest,
+    InterestCell,
+    Subscribe,
+    Unsubscribe,
+    compile_pattern,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -902,3 +911,40 @@ async def test_a_publish_tests_only_the_subscriptions_that_can_match_it(
     # Per event: job.7's bucket (2 subscriptions) and task_id t7 under "*" (2).
     assert stats.examined == 4 * published
     assert stats.delivered == 4 * published
+
+
+async def test_the_interest_cell_says_what_the_subscribers_could_match() -> None:
+    """What a log tailer reads of other nodes' events: exact types with the fields all
+    their subscribers require, prefixes, or everything (any other glob, or ``*``); as
+    subscribers come and go, and nothing once none is left."""
+    from hive_orchestration.actors.broadcast import BroadcastActor
+
+    cell = InterestCell()
+    actor = BroadcastActor(interest=cell)
+    assert cell.get() == Interest()
+    assert cell.get().nothing
+
+    async def sub(pattern: str, *filters: tuple[str, str], **kw: Any) -> int:
+        return int(await actor.receive(Subscribe(pattern, filters, EventFeed(), 10, "error", **kw)))
+
+    plans = await sub("*", types=("task.completed", "plan.x"), require=("plan_id",))
+    assert cell.get() == Interest(
+        types=(("plan.x", ("plan_id",)), ("task.completed", ("plan_id",)))
+    )
+    keyed = await sub("task.completed", ("task_id", "t1"))  # a value filter: left out
+    assert cell.get() == Interest(types=(("plan.x", ("plan_id",)), ("task.completed", ())))
+    prefix = await sub("job.*")
+    assert cell.get().prefixes == ("job.",)
+    glob = await sub("*.done")
+    assert cell.get() == Interest(everything=True)
+    await actor.receive(Unsubscribe(glob))
+    assert cell.get() == Interest(
+        types=(("plan.x", ("plan_id",)), ("task.completed", ())), prefixes=("job.",)
+    )
+    await actor.receive(Unsubscribe(keyed))
+    assert cell.get().types == (("plan.x", ("plan_id",)), ("task.completed", ("plan_id",)))
+    everything = await sub("*")
+    assert cell.get().everything
+    for subscription in (everything, prefix, plans):
+        await actor.receive(Unsubscribe(subscription))
+    assert cell.get().nothing

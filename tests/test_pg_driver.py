@@ -32,6 +32,7 @@ from hive_orchestration.storage.port import (  # noqa: E402
 
 INSERT = "INSERT INTO workers (id, role) VALUES (?, ?)"
 SET_ROLE = "UPDATE workers SET role = ? WHERE id = ?"
+RENAME = "DELETE FROM workers WHERE role = ? AND id = ?"
 TABLE = 'CREATE TABLE workers (id text COLLATE "C" PRIMARY KEY, role text NOT NULL)'
 
 
@@ -148,11 +149,31 @@ async def test_constraint_error_rolls_back_the_whole_transaction(
 async def test_update_of_a_missing_row_fails_the_transaction(
     db: PostgresDriver, pg_url: str
 ) -> None:
-    with pytest.raises(StoreIntegrityError, match="1 of 2 workers row"):
+    with pytest.raises(StoreIntegrityError, match="a workers row to update is missing"):
         await db.transaction(
             [(INSERT, ("w1", "a")), (SET_ROLE, ("b", "w1")), (SET_ROLE, ("b", "ghost"))]
         )
     assert roles(pg_url) == []
+
+
+@pytest.mark.anyio
+async def test_missing_rows_again_and_again_leave_the_connection_usable(
+    db: PostgresDriver, pg_url: str
+) -> None:
+    """An UPDATE that finds no row fails its pipeline in the server (COMMIT goes in the
+    same round trip), again and again, past psycopg's threshold for preparing statements:
+    each time nothing is applied, and the next transaction on the same connection works.
+    (psycopg's cache of prepared statements after such failures is what
+    test_pg_planning_nodes' racing claims exercise: "prepared statement ... does not
+    exist" without the driver's _forget_prepared.)"""
+    for n in range(12):
+        with pytest.raises(StoreIntegrityError, match="a workers row to update is missing"):
+            await db.transaction(
+                [(INSERT, (f"w{n}", "a")), (SET_ROLE, ("b", "ghost")), (RENAME, (f"v{n}", f"w{n}"))]
+            )
+        await db.transaction([(INSERT, (f"w{n}", "a")), (SET_ROLE, ("b", f"w{n}"))])
+    assert roles(pg_url) == sorted((f"w{n}", "b") for n in range(12))
+    assert db.connects == 1
 
 
 @pytest.mark.anyio

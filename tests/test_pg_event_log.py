@@ -275,6 +275,73 @@ async def test_a_subscriber_on_one_node_sees_the_other_nodes_events(
 
 
 @pytest.mark.anyio
+async def test_a_node_reads_of_the_others_events_only_what_its_subscribers_could_match(
+    pg_url: str, shared: None
+) -> None:
+    """Node A's subscribers take ``job.*`` (and its plan feed, plan tasks' ends): of B's
+    events it reads and fans out the jobs only, in order, none of B's other events (a
+    node's share of the fan-out follows its subscribers, not every node's commits); a
+    subscriber of everything then widens it at once."""
+    async with Runtime.open(pg_url) as a, Runtime.open(pg_url) as b:
+        got: list[Event] = []
+        async with a.subscribe("job.*") as jobs:
+            before = (await a.statistics()).broadcast.published
+            sent = []
+            for n in range(3):
+                await b.publish("other.b", {"n": n}, source="b")
+                await b.create_task("work")  # task.created: no plan, not read either
+                sent.append(await b.publish("job.b", {"n": n}, source="b"))
+            with anyio.fail_after(WAIT):
+                while len(got) < 3:  # the last: B's last commit, so A is past them all
+                    got.append(await jobs.receive())
+            published = (await a.statistics()).broadcast.published - before
+            assert [e.seq for e in got] == [e.seq for e in sent]
+            assert published == 3  # the jobs: nothing else of B's was fanned out
+            async with a.subscribe("*") as everything:
+                seen = await b.publish("other.b", {"n": 9}, source="b")
+                with anyio.fail_after(WAIT):
+                    assert (await everything.receive()).seq == seen.seq
+
+
+@pytest.mark.anyio
+async def test_a_node_passes_the_commits_nobody_there_wants_without_reading_them(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each commit's notice names its event types (and which fields some event of each
+    sets): node A, whose subscribers take ``job.*`` and plan tasks' ends, moves past B's
+    other commits unread, and reads the one that holds a job; its subscriber gets the
+    jobs in order. (A's safety poll is put out of reach: its reads are the notices'.)"""
+    from hive_orchestration.storage.pg import tailer as pg_tailer
+
+    monkeypatch.setattr(pg_tailer, "POLL_SECONDS", 3600.0)
+    reads: list[int] = []
+    catch_up = pg_tailer.LogTailer._catch_up
+
+    async def counted(self: pg_tailer.LogTailer, through: int) -> None:
+        reads.append(through)
+        await catch_up(self, through)
+
+    monkeypatch.setattr(pg_tailer.LogTailer, "_catch_up", counted)
+    async with (
+        Runtime.open(pg_url) as a,
+        Runtime.open(pg_url) as b,
+        a.subscribe("job.*") as jobs,
+    ):
+        first = await b.publish("job.b", {"n": 0}, source="b")
+        with anyio.fail_after(WAIT):
+            assert (await jobs.receive()).seq == first.seq
+        reads.clear()
+        for n in range(10):
+            await b.publish("other.b", {"n": n}, source="b", task_id=f"t{n}")
+            await b.create_task("work")  # task.created, no plan: not wanted either
+            await anyio.sleep(0.02)  # each its own notice
+        last = await b.publish("job.b", {"n": 1}, source="b")
+        with anyio.fail_after(WAIT):
+            assert (await jobs.receive()).seq == last.seq
+    assert len(reads) <= 2, reads  # the job's commit (and at most one more)
+
+
+@pytest.mark.anyio
 async def test_replay_then_live_across_nodes_has_no_gap_or_duplicate(
     pg_url: str, shared: None
 ) -> None:
@@ -510,3 +577,30 @@ async def _outages_under_load(pg_url: str, outage: Callable[[], int]) -> None:
         for got in streams:
             assert got == logged  # every event once, in order, across the reconnections
         print(f"errors the writers heard: {sorted(set(errors))} ({len(errors)})")
+
+
+def test_a_commits_notice_says_its_range_and_kinds() -> None:
+    """What a node decides to pass unread from: the notice's numbers and kinds (each type
+    with the fields set on some event of it), against what its subscribers could match."""
+    from hive_orchestration.messages.events import Interest
+    from hive_orchestration.storage.pg.sql import parse_events_notice
+    from hive_orchestration.storage.pg.tailer import wanted
+
+    kinds = (("task.created", "ct"), ("task.completed", "ptw"))
+    assert parse_events_notice('ab12:17:15:[["task.created","ct"],["task.completed","ptw"]]') == (
+        "ab12",
+        17,
+        15,
+        kinds,
+    )
+    assert parse_events_notice("ab12:17") == ("ab12", 17, 0, None)  # the older form
+    assert parse_events_notice("ab12:17:15:*") == ("ab12", 17, 15, None)
+    assert parse_events_notice("ab12:x") is None
+    plans = Interest(types=(("task.completed", ("plan_id",)),))
+    assert wanted(plans, kinds)
+    assert not wanted(plans, (("task.created", "ct"), ("task.completed", "tw")))
+    assert not wanted(Interest(), kinds)
+    assert wanted(Interest(prefixes=("task.",)), (("task.x", ""),))
+    assert not wanted(Interest(prefixes=("job.",)), (("task.x", ""),))
+    assert wanted(Interest(everything=True), (("anything", ""),))
+    assert wanted(plans, None)  # not said: read it

@@ -15,7 +15,13 @@ import pytest
 
 psycopg = pytest.importorskip("psycopg")
 
-from hive_orchestration import HiveError, Runtime, StorageError, TaskStatus  # noqa: E402
+from hive_orchestration import (  # noqa: E402
+    HiveError,
+    Runtime,
+    RuntimeConfig,
+    StorageError,
+    TaskStatus,
+)
 from hive_orchestration.actors.task_manager import TaskManager  # noqa: E402
 from hive_orchestration.storage.pg.sql import PostgresSql  # noqa: E402
 from hive_orchestration.storage.port import StoreError  # noqa: E402
@@ -113,6 +119,32 @@ async def test_a_claim_waiting_on_one_node_is_woken_by_tasks_queued_on_another(
             assert claimed[0] is not None
             assert claimed[0].task.id == task_id
             await one.complete_task(claimed[0].lease, {})
+
+
+@pytest.mark.usefixtures("no_sweep")
+async def test_a_task_retried_on_one_node_is_claimed_on_another_with_its_runs(
+    pg_url: str,
+) -> None:
+    """The node whose claim locks a task it never held reads it in full with the row
+    lock, and its runs when it has any: the next run is numbered after them (a node that
+    took it without its runs would number its run 1 again)."""
+    config = RuntimeConfig(retry_backoff=0.01, retry_backoff_max=0.01)
+    async with (
+        Runtime.open(pg_url, config=config) as one,
+        Runtime.open(pg_url, config=config) as two,
+    ):
+        retried = await one.create_task("job", max_retries=3)
+        first = await one.claim_task("w1", "job")
+        assert first is not None
+        await one.fail_task(first.lease, "once", retryable=True)
+        # The other node never held it (no sweep: it knows it from the lock alone).
+        with anyio.fail_after(10):
+            again = await two.claim_task("w2", "job", wait=5)
+        assert again is not None
+        assert again.task.id == retried
+        assert again.lease.attempt == 2
+        runs = await two.get_runs(retried)
+    assert [run.run_number for run in runs] == [1, 2]
 
 
 @pytest.mark.usefixtures("no_sweep")

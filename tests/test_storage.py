@@ -144,6 +144,44 @@ async def test_ops_of_one_write_apply_in_order_with_consecutive_seqs(
     assert [e.seq for e in events] == [1, 2, 3, 4]
 
 
+async def test_an_event_is_stored_and_read_back_exactly_as_written(
+    db_path: str, driver: Driver
+) -> None:
+    """Every field and the data's text as given, whatever they hold: quotes, backslashes,
+    JSON escapes, text beyond ASCII, a timestamp to the last bit, fields left empty
+    (PostgreSQL's numbered events travel as one JSON array: this is what it must keep)."""
+    odd = 'a "quoted" \\ back\\slash, \u00e9t\u00e9 \u2603 \U0001f41d {"x": [1]}'
+    data_json = b'{"text": "say \\"hi\\"\\n\\u00e9", "n": 1.5e-7, "deep": {"b": [true, null]}}'
+    events = [
+        Event(
+            type="odd.event",
+            timestamp=1765000000.1234567,
+            source=odd,
+            correlation_id=odd,
+            task_id="t\\1",
+            plan_id='p"1',
+            worker_id="w\u00e9",
+        ),
+        Event(type="plain", timestamp=1e-7, source="s"),
+        Event(type="big", timestamp=4102444800.000001, source="s", task_id=""),
+    ]
+    ops = (
+        AppendEvent(events[0], data_json),
+        AppendEvent(events[1], b"{}"),
+        AppendEvent(events[2], '{"\u2603": "\u00e9"}'.encode()),
+    )
+    async with storage(db_path, driver) as ref:
+        committed = await ref.ask(Write(ops=ops))
+        read = await ref.ask(ReadEvents(after=0, limit=10))
+    assert committed.seqs == (1, 2, 3)
+    for op, seq, back in zip(ops, committed.seqs, read, strict=True):
+        wanted = msgspec.structs.replace(op.event, seq=seq, data=msgspec.json.decode(op.data_json))
+        assert back == wanted
+        assert back.timestamp.hex() == op.event.timestamp.hex()
+    # The data's text is stored as given, byte for byte.
+    assert [row[2] for row in stored_events(db_path)] == [op.data_json.decode() for op in ops]
+
+
 def a_task(task_id: str) -> Task:
     now = datetime.now(UTC)
     return Task(

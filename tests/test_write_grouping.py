@@ -30,6 +30,7 @@ from hive_orchestration import RuntimeConfig
 from hive_orchestration.errors import StorageError
 from hive_orchestration.messages.storage import (
     DeleteTaskRow,
+    FenceTask,
     PutRun,
     PutTask,
     SetRunState,
@@ -43,9 +44,11 @@ from hive_orchestration.runtime import ActorRef, ChildSpec, Supervisor
 from hive_orchestration.storage import StorageActor
 from hive_orchestration.storage.actor import _in_order, _row_statements
 from hive_orchestration.storage.rows import (
+    FENCE_TASK,
     RUN_COLUMNS,
     SET_RUN_STATE,
     SET_TASK_STATE,
+    SET_TASK_STATE_FENCED,
     TASK_COLUMNS,
     run_from_row,
     run_statement,
@@ -348,6 +351,38 @@ def test_state_writes_follow_the_new_rows_of_their_write() -> None:
     assert apply(statements, [task_statement(old)]) == apply(
         [_in_order(SetTaskState(changed)), _in_order(PutTask(new))], [task_statement(old)]
     )
+
+
+def test_a_fenced_state_write_is_one_update_that_holds_the_fence() -> None:
+    """On a store several nodes share, a write that fences a task (at the version it
+    read) and sets its state is one UPDATE of the row, not the fence's and the state's:
+    it leaves what the two left (the state, the version moved on once), and fails the
+    write where the fence would (the version moved on since). A fence whose task's state
+    the write does not set stays a fence of its own."""
+    t1, t2 = task("t1", 1, None), task("t2", 2, None)
+    setup = [task_statement(t1), task_statement(t2)]
+    changed = task_state(t1, 3)
+    write: list[WriteOp] = [FenceTask("t2", 0), FenceTask("t1", 0), SetTaskState(changed)]
+    statements = _row_statements(write)
+    assert [sql for sql, _ in statements] == [SET_TASK_STATE_FENCED, FENCE_TASK]
+    apart = [(FENCE_TASK, ("t1", 0)), (FENCE_TASK, ("t2", 0)), _in_order(SetTaskState(changed))]
+    after = apply(statements, setup, checked=True)
+    assert after == apply(apart, setup, checked=True)
+    assert after != "error"
+    assert [row[-1] for row in fresh_rows(statements, setup)] == [1, 1]  # the versions
+    # Read at a version that moved on: the write fails, as its fence alone would.
+    stale = _row_statements([FenceTask("t1", 1), SetTaskState(changed)])
+    assert [sql for sql, _ in stale] == [SET_TASK_STATE_FENCED]
+    assert apply(stale, setup, checked=True) == "error"
+    assert apply([(FENCE_TASK, ("t1", 1))], setup, checked=True) == "error"
+
+
+def fresh_rows(statements: list[Statement], setup: Sequence[Statement]) -> list[tuple[object, ...]]:
+    """The tasks' (id, version) after ``setup`` and ``statements``."""
+    conn = fresh()
+    for sql, params in [*setup, *statements]:
+        conn.execute(sql, params)
+    return conn.execute("SELECT id, version FROM tasks ORDER BY id").fetchall()
 
 
 # -- check_updated, through a real driver transaction --------------------------------------

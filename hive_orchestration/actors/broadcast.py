@@ -41,7 +41,7 @@ import itertools
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from typing import cast
+from typing import Any, cast
 
 import anyio
 import msgspec
@@ -54,6 +54,8 @@ from ..messages.events import (
     Event,
     EventFeed,
     GetBroadcastStats,
+    Interest,
+    InterestCell,
     JsonValue,
     Publish,
     Subscribe,
@@ -89,6 +91,7 @@ class _Subscriber:
         "last_push",
         "last_seq",
         "overflow",
+        "parts",
         "pattern",
         "require",
         "types",
@@ -115,6 +118,8 @@ class _Subscriber:
         self.last_seq = 0
         self.last_push = 0  # events of the last commit it was given
         self.dropped = 0
+        #: Its part in what the subscribers could match (_Wants), worked out once.
+        self.parts = _Wants.parts(self)
 
     @property
     def takes_everything(self) -> bool:
@@ -275,14 +280,78 @@ class _Index:
         return found
 
 
+class _Wants:
+    """What the subscribers could match, together, kept as they come and go (each
+    subscriber's part counted, so a change costs its own routes, not a look at all of
+    them), said as an :class:`Interest`: a subscriber of every type (``*`` without
+    ``types``, or any other glob) makes it everything; one of exact types adds them, each
+    requiring the fields all of its subscribers require; one of a prefix (``task.*``)
+    adds the prefix. Filters on values are left out (a superset)."""
+
+    __slots__ = ("everything", "exact", "prefixes")
+
+    def __init__(self) -> None:
+        self.everything = 0
+        self.exact: Counter[tuple[str, frozenset[str]]] = Counter()
+        self.prefixes: Counter[str] = Counter()
+
+    @staticmethod
+    def parts(subscriber: _Subscriber) -> tuple[tuple[str, str, frozenset[str]], ...]:
+        """The subscriber's part: ``(kind, text, required)`` with kind all, prefix or exact."""
+        if subscriber.takes_everything:
+            return (("all", "", frozenset()),)
+        needs = frozenset(subscriber.require)
+        parts = []
+        for kind, text in subscriber.routes():
+            if kind in ("all", "glob"):
+                return (("all", "", frozenset()),)
+            parts.append((kind, text, needs))
+        return tuple(parts)
+
+    def change(self, parts: tuple[tuple[str, str, frozenset[str]], ...], step: int) -> bool:
+        """Count a subscriber's parts in (1) or out (-1); whether what is said changes."""
+        changed = False
+        for kind, text, needs in parts:
+            if kind == "all":
+                self.everything += step
+                changed |= self.everything == (1 if step > 0 else 0)
+                continue
+            counter: Counter[Any] = self.prefixes if kind == "prefix" else self.exact
+            key: Any = text if kind == "prefix" else (text, needs)
+            counter[key] += step
+            if counter[key] <= 0:
+                del counter[key]
+                changed = True
+            elif counter[key] == 1 and step > 0:
+                changed = True
+        return changed
+
+    def interest(self) -> Interest:
+        if self.everything:
+            return Interest(everything=True)
+        required: dict[str, frozenset[str]] = {}
+        for type_, needs in self.exact:
+            required[type_] = required[type_] & needs if type_ in required else needs
+        return Interest(
+            types=tuple((t, tuple(sorted(needs))) for t, needs in sorted(required.items())),
+            prefixes=tuple(sorted(self.prefixes)),
+        )
+
+
 class BroadcastActor(Actor[BroadcastMessage]):
     # Publishes arrive in bursts from the storage actor; take them together.
     max_batch = 256
 
-    def __init__(self, ids: Iterator[int] | None = None) -> None:
+    def __init__(
+        self, ids: Iterator[int] | None = None, interest: InterestCell | None = None
+    ) -> None:
         """``ids`` numbers the subscriptions. Pass one that outlives the actor: after a
         restart, a subscriber whose stream broke still unsubscribes by its old id, which
-        must not have been handed to someone else by the new incarnation."""
+        must not have been handed to someone else by the new incarnation. ``interest``
+        is kept saying what the subscribers could match, as they come and go (what a log
+        tailer reads of other nodes' events)."""
+        self._interest = interest
+        self._wants = _Wants()
         self._subscribers: dict[int, _Subscriber] = {}
         self._index = _Index()
         self._ids = itertools.count(1) if ids is None else ids
@@ -292,6 +361,17 @@ class BroadcastActor(Actor[BroadcastMessage]):
         self._lagged = 0
         self._examined = 0
         self._largest_commit = 0
+        self._said()
+
+    def _counted(self, subscriber: _Subscriber, step: int) -> None:
+        """A subscriber came (1) or went (-1): the interest cell says it if that changes
+        what the subscribers could match."""
+        if self._wants.change(subscriber.parts, step):
+            self._said()
+
+    def _said(self) -> None:
+        if self._interest is not None:
+            self._interest.value = self._wants.interest()
 
     def receive_inline(self, message: BroadcastMessage) -> bool:
         # A commit's events are fanned out in the storage actor's task when this actor is
@@ -310,12 +390,14 @@ class BroadcastActor(Actor[BroadcastMessage]):
                 added = _Subscriber(next(self._ids), message)
                 self._subscribers[added.id] = added
                 self._index.add(added)
+                self._counted(added, 1)
                 return added.id
             case Unsubscribe(subscription_id=subscription_id):
                 removed = self._subscribers.pop(subscription_id, None)
                 if removed is not None:
                     self._index.remove(removed)
                     removed.feed.finish()
+                    self._counted(removed, -1)
                 return None
             case GetBroadcastStats():
                 internal = sum(s.internal for s in self._subscribers.values())
@@ -343,6 +425,8 @@ class BroadcastActor(Actor[BroadcastMessage]):
                 subscriber.feed.finish()
         self._subscribers.clear()
         self._index = _Index()
+        self._wants = _Wants()
+        self._said()
 
     def _fan_out(self, entries: tuple[Entry, ...]) -> None:
         """Hand one commit's events to their subscribers."""
@@ -381,6 +465,7 @@ class BroadcastActor(Actor[BroadcastMessage]):
         for subscriber in gone:
             if self._subscribers.pop(subscriber.id, None) is not None:
                 index.remove(subscriber)
+                self._counted(subscriber, -1)
 
     def _deliver(
         self, subscriber: _Subscriber, batch: Sequence[Entry], gone: list[_Subscriber]

@@ -37,6 +37,7 @@ from ..messages.events import (
     BroadcastStats,
     Event,
     GetBroadcastStats,
+    InterestCell,
     JsonValue,
 )
 from ..messages.plans import PlanExecutorMessage
@@ -255,7 +256,10 @@ class Runtime(
             with suppress(RuntimeStoppedError):
                 tasks.try_tell(ReadyElsewhere(queues))
 
-        feed = store.log_feed(publisher(broadcast), ready_elsewhere)
+        # What this node's subscribers could match, as the broadcast actor says it: the
+        # other nodes' events the feed reads (across the broadcast actor's restarts).
+        interest = InterestCell()
+        feed = store.log_feed(publisher(broadcast), ready_elsewhere, interest.get)
         storage_services = tuple(service.run for service in (readers, feed) if service is not None)
         # Where several runtimes share one database: one leads, doing what dead nodes leave
         # (a service of the last actor: every actor it tells has started by then).
@@ -308,7 +312,7 @@ class Runtime(
         supervisor = Supervisor(
             [
                 # Subscription ids are numbered across restarts (see BroadcastActor).
-                ChildSpec(broadcast, lambda: BroadcastActor(subscription_ids)),
+                ChildSpec(broadcast, lambda: BroadcastActor(subscription_ids, interest)),
                 ChildSpec(
                     storage,
                     lambda: StorageActor(store, config, broadcast, readers=readers, feed=feed),

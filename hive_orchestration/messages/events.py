@@ -22,6 +22,8 @@ __all__ = [
     "Event",
     "EventFeed",
     "GetBroadcastStats",
+    "Interest",
+    "InterestCell",
     "JsonValue",
     "Lagged",
     "Publish",
@@ -306,6 +308,40 @@ class Publish(msgspec.Struct, frozen=True, gc=False):
 
     events: tuple[Event, ...]
     data_json: tuple[bytes, ...]
+
+
+class Interest(msgspec.Struct, frozen=True):
+    """The events a runtime's subscribers could match, all of them together (a superset:
+    an event outside it goes to none of them): every event if ``everything``; else those
+    whose type is one of ``types`` with each field its entry names set (a type's entry
+    names the fields every subscriber to it requires), and those whose type starts with
+    one of ``prefixes``. The broadcast actor says it as its subscriptions change
+    (:class:`InterestCell`); the log tailer of a runtime on a shared database reads only
+    these of the other nodes' events (storage/pg/tailer.py)."""
+
+    everything: bool = False
+    types: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    prefixes: tuple[str, ...] = ()
+
+    @property
+    def nothing(self) -> bool:
+        """No subscriber could match any event."""
+        return not (self.everything or self.types or self.prefixes)
+
+
+class InterestCell:
+    """Where the broadcast actor leaves its current :class:`Interest` (an immutable value,
+    replaced whole) for the log tailer to read: the broadcast actor is its only writer.
+    Kept by the runtime across restarts of the broadcast actor (a new one starts with no
+    subscriber: nothing)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = Interest()
+
+    def get(self) -> Interest:
+        return self.value
 
 
 class Subscribe(Request[int], frozen=True):

@@ -47,6 +47,7 @@ from .rows import (
     FENCE_CLAIM,
     FENCE_TASK,
     KEY_LOCK,
+    fenced_task_state_statement,
     run_state_statement,
     run_statement,
     task_state_statement,
@@ -163,10 +164,22 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
         ]
         return duty + clock + [s for op in rest for s in _in_order_all(op)]
     # The fences first, in one order on every node: they lock the rows the write changes,
-    # so two nodes' writes of the same tasks wait for each other, never deadlock.
+    # so two nodes' writes of the same tasks wait for each other, never deadlock. A task
+    # whose state this write sets (an existing row, no key to free, no concurrency key to
+    # count) has its state written by its fence's UPDATE itself, there.
+    fenced: dict[str, Statement] = {}
+    for task_id, fence in fences.items():
+        changed = tasks.get(task_id)
+        if (
+            fence.key is None
+            and changed is not None
+            and task_id not in put_tasks
+            and not frees_key(changed)
+        ):
+            fenced[task_id] = fenced_task_state_statement(changed, fence.version)
     keys = sorted({fence.key for fence in fences.values() if fence.key is not None})
     statements: list[Statement] = duty + clock + [(KEY_LOCK, (key,)) for key in keys]
-    statements += [_fence(fences[task_id]) for task_id in sorted(fences)]
+    statements += [fenced.get(task_id) or _fence(fences[task_id]) for task_id in sorted(fences)]
     statements += retention
     statements += [(DELETE_TASK, (task_id,)) for task_id in deleted]
     statements += [(DELETE_WORKER, (worker_id,)) for worker_id in gone]
@@ -178,6 +191,8 @@ def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
     statements += plan_updates
     states: list[Statement] = []
     for task_id, task in tasks.items():
+        if task_id in fenced:
+            continue  # written by its fence
         if task_id in put_tasks:
             statements.append(task_statement(task))
         elif frees_key(task):

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias
 
 from ..errors import StorageError, StorageFault
-from ..messages.events import Publish
+from ..messages.events import Interest, Publish
 from ..messages.plan_data import LoadDependencyResults
 from ..messages.storage import (
     AppendEvent,
@@ -484,9 +484,16 @@ class Store(Protocol):
         """One read-only connection beside the writer."""
         ...
 
-    def log_feed(self, publish: Publisher, ready: ReadyNotified | None = None) -> LogFeed | None:
+    def log_feed(
+        self,
+        publish: Publisher,
+        ready: ReadyNotified | None = None,
+        interest: Callable[[], Interest] | None = None,
+    ) -> LogFeed | None:
         """The log feed of a runtime on this database (None: the storage actor publishes);
-        it calls ``ready`` as other nodes make tasks ready (:meth:`StoreSql.ready_notice`)."""
+        it calls ``ready`` as other nodes make tasks ready (:meth:`StoreSql.ready_notice`),
+        and publishes of the other nodes' events only those ``interest`` says the runtime's
+        subscribers could match (None: all of them)."""
         ...
 
     def leadership(self, duties: LeaderDuties) -> Leadership | None:

@@ -37,8 +37,10 @@ __all__ = [
     "RUN_STATE_COLUMNS",
     "SET_RUN_STATE",
     "SET_TASK_STATE",
+    "SET_TASK_STATE_FENCED",
     "TASK_STATE_COLUMNS",
     "task_state_statement",
+    "fenced_task_state_statement",
     "update",
     "task_from_row",
     "task_statement",
@@ -116,6 +118,14 @@ def update(table: str, columns: str) -> str:
 
 
 SET_TASK_STATE = update("tasks", TASK_STATE_COLUMNS)
+#: A task's state write fenced by the version its writer read (FenceTask and SetTaskState
+#: of one task in one write, PostgreSQL only): one UPDATE of the row, not two (the fence's
+#: and the state's), which is half the row versions. Missing the row (the version moved
+#: on) fails the write as FENCE_TASK does (check_updated).
+SET_TASK_STATE_FENCED = (
+    SET_TASK_STATE.removesuffix(" WHERE id = ?")
+    + ", version = version + 1 WHERE id = ? AND version = ?"
+)
 SET_RUN_STATE = update("runs", RUN_STATE_COLUMNS)
 
 
@@ -211,6 +221,12 @@ def task_state_statement(task: Task) -> Statement:
         task.id,
     )
     return SET_TASK_STATE, params
+
+
+def fenced_task_state_statement(task: Task, version: int) -> Statement:
+    """:func:`task_state_statement` and the task's fence at ``version``, as one UPDATE."""
+    _, params = task_state_statement(task)
+    return SET_TASK_STATE_FENCED, (*params, version)
 
 
 def run_state_statement(run: Run) -> Statement:

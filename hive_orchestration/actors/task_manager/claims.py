@@ -271,11 +271,14 @@ def take_locked(tm: TaskManager, work: _Batch, loaded: LockedHeads, limit: int) 
         if len(keys) >= limit:
             task_id, _, priority, created_at = keys[-1]
             last = Bound(-priority, created_at.timestamp(), task_id, created_at)
-        for task_id in tm._ready.members(queue):
+        # The entries' first three fields are their tasks' bounds' (claim order), read
+        # without making a Bound of each task held.
+        for entry in tm._ready.member_entries(queue):
+            task_id = entry.task_id
             task = tm._tasks.get(task_id)
             if task is None or task_id in locked or task_id in work.undo:
                 continue
-            if last is not None and bound_of(task)[:3] > last[:3]:
+            if last is not None and entry[:3] > last[:3]:
                 continue  # beyond what was locked: left as it is
             tm._index(task, None)
             tm._drop(task_id)
@@ -289,9 +292,10 @@ def take_locked(tm: TaskManager, work: _Batch, loaded: LockedHeads, limit: int) 
             held = tm._ready.bounds().get(queue)
             if held is not None and held[:3] > bound[:3]:
                 bound = held
-            for task_id in tm._ready.members(queue):
-                held_task = tm._tasks.get(task_id)
-                if held_task is not None and bound_of(held_task)[:3] > bound[:3]:
+            furthest = max(tm._ready.member_entries(queue), default=None)
+            if furthest is not None and furthest[:3] > bound[:3]:
+                held_task = tm._tasks.get(furthest.task_id)
+                if held_task is not None:
                     bound = bound_of(held_task)
             tm._ready.set_bound(queue, bound)
         for task_id, version, _, _ in keys:

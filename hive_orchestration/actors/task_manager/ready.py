@@ -315,6 +315,11 @@ class ReadyQueue:
         """The ready tasks held of ``queue`` (ids), in no particular order."""
         return list(self._members.get(queue, ()))
 
+    def member_entries(self, queue: QueueId) -> list[Entry]:
+        """The ready tasks held of ``queue`` as their entries (whose first three fields
+        compare as a :class:`Bound`'s), in no particular order."""
+        return list(self._members.get(queue, {}).values())
+
     def queues_for(
         self, capabilities: Collection[str] | None, also: Collection[QueueId] = ()
     ) -> set[QueueId]:

@@ -8,14 +8,20 @@ section 2: the hop costs 0.1-0.3 ms, a durable commit 3-6 ms).
 
 - **Transactions.** The connection is in autocommit mode, and the driver sends ``BEGIN`` /
   ``COMMIT`` itself, so a transaction is exactly what :meth:`Driver.transaction` says it is.
-  ``BEGIN`` and the statements go in one pipeline (one network round trip for the lot;
-  consecutive statements with the same SQL are one ``executemany``), then the UPDATEs'
-  row counts are checked, then ``COMMIT``: a count that is short rolls back, never commits.
+  ``BEGIN``, the statements and ``COMMIT`` go in one pipeline (one network round trip
+  for the lot; consecutive statements with the same SQL are one ``executemany``). Each
+  UPDATE must change its one row: it is sent as one that fails in the server when it
+  changes none (``_checked``), which aborts the transaction, so the ``COMMIT`` after it
+  does nothing and the transaction is rolled back: a count that is short never commits.
+  (The row counts were checked by the driver before a ``COMMIT`` of its own round trip;
+  in that round trip a commit appending events held the event counter's row lock, which
+  every other node's commit of events waits for.)
 - **Placeholders.** The SQL shared with SQLite uses ``?`` (and ``?NNN``); each statement
   text is translated once (cached) to psycopg's ``%s``, with its ``%`` doubled.
 - **Errors.** Every psycopg error leaves as a port exception (:mod:`.faults`). A connection
   lost before ``COMMIT`` was sent is :class:`StoreError` with fault ``unavailable``: nothing
-  was applied. One lost while ``COMMIT`` was on its way is :class:`CommitUnknownError`: the
+  was applied. One lost once ``COMMIT`` was sent (with the statements, in the pipeline:
+  any loss while the pipeline is read) is :class:`CommitUnknownError`: the
   transaction may have landed, and the writer must read back. Either way the connection is
   dropped, and the next call opens a new one.
 - **Cancellation.** A transaction and a probe run shielded: the thread finishes them
@@ -159,14 +165,65 @@ def _begin(conn: Connection, statements: Sequence[Statement]) -> list[list[Row]]
             cursor.close()
 
 
+#: What a checked UPDATE (:func:`_checked`) raises when its row is missing: the cast of
+#: this text (and the row count, so that the planner cannot fold it) to an integer fails.
+_MISSING = "hive:missing-row:"
+
+
+@functools.lru_cache(maxsize=1024)
+def _checked(sql: str) -> str:
+    """``sql`` as the transaction runs it: an UPDATE (each here changes one row by its id:
+    check_updated) becomes one that fails in the server, aborting the transaction, when
+    it changes no row, so that COMMIT can go in the same round trip as the statements
+    (the count checked before COMMIT, by the server instead of the client)."""
+    if not sql.startswith("UPDATE"):
+        return sql
+    table = sql.split(None, 2)[1]
+    return (
+        f"WITH u AS ({sql} RETURNING 1) SELECT ('{_MISSING}{table}:' || count(*))::int"
+        " FROM u HAVING count(*) <> 1"
+    )
+
+
+def _missing_row(exc: psycopg.Error) -> StoreIntegrityError | None:
+    """The port's error for a checked UPDATE that found no row, else None."""
+    text = str(exc)
+    at = text.find(_MISSING)
+    if not isinstance(exc, psycopg.errors.InvalidTextRepresentation) or at < 0:
+        return None
+    table = text[at + len(_MISSING) :].split(":", 1)[0]
+    return StoreIntegrityError(f"a {table} row to update is missing")
+
+
+def _forget_prepared(conn: Connection) -> None:
+    """After a pipeline a statement of which failed in the server: psycopg's cache of
+    prepared statements may name some the server never made (a statement that reached
+    psycopg's threshold after the failure was skipped with its PREPARE), and the next
+    use of one would fail. Both sides forget them all, as psycopg does itself when its
+    own transaction block rolls back (its ``_prepared``, guarded: without it, the
+    connection is dropped, and the next call opens a new one)."""
+    if connection_lost(conn):
+        return
+    prepared = getattr(conn, "_prepared", None)
+    if prepared is None or not hasattr(prepared, "clear") or not hasattr(prepared, "maintain_gen"):
+        conn.close()
+        return
+    prepared.clear()
+    conn.wait(prepared.maintain_gen(conn))
+
+
 def _transaction(
     conn: Connection,
     statements: Sequence[Statement],
     last: Statement | None = None,
     begun: bool = False,
 ) -> Row | None:
-    """Apply ``statements`` (then ``last``, answering its first row) and commit; ``begun``:
-    in the transaction :func:`_begin` opened, which must still be open."""
+    """Apply ``statements`` (then ``last``, answering its first row) and commit, all in
+    one round trip; ``begun``: in the transaction :func:`_begin` opened, which must still
+    be open. An UPDATE that finds no row fails in the server (:func:`_checked`), which
+    aborts the transaction: the COMMIT sent after it does nothing, and the transaction is
+    rolled back. A connection lost once COMMIT was sent leaves the outcome unknown
+    (:class:`CommitUnknownError`); lost before, nothing was applied."""
     if begun and conn.info.transaction_status != TransactionStatus.INTRANS:
         # The connection was lost (and opened again) since: what was begun is gone.
         _rollback(conn)
@@ -175,55 +232,55 @@ def _transaction(
             fault="unavailable",
         )
     runs = coalesce(statements)
-    counted: list[tuple[str, int, psycopg.Cursor[tuple[Any, ...]]]] = []
+    cursors: list[psycopg.Cursor[tuple[Any, ...]]] = []
     found: Row | None = None
+    committing = False
     try:
-        # One round trip: BEGIN and every run, sent together, read back at the sync.
+        # One round trip: BEGIN, every run, the last statement and COMMIT, sent together,
+        # read back at the sync.
         with conn.pipeline():
             if not begun:
                 conn.execute("BEGIN")
             for sql, rows in runs:
-                text, order = translate(sql)
+                text, order = translate(_checked(sql))
                 cursor = conn.cursor()
+                cursors.append(cursor)
                 cursor.executemany(text, [_bind(order, row) for row in rows])
-                counted.append((sql, len(rows), cursor))
             if last is not None:
-                # Last, in the same round trip: the event counter's row lock (numbered
-                # events) is held from here to the end of COMMIT, and no longer.
+                # Last before COMMIT: the event counter's row lock (numbered events) is
+                # held from here to the end of COMMIT, and no longer.
                 text, order = translate(last[0])
                 cursor = conn.cursor()
+                cursors.append(cursor)
                 cursor.execute(text, _bind(order, last[1]))
-                counted.append(("", 1, cursor))
-        for sql, rows_sent, cursor in counted:
-            check_updated(sql, rows_sent, cursor.rowcount)
+            committing = True
+            conn.execute("COMMIT")
         if last is not None:
-            found = counted[-1][2].fetchone()
-            if found is None:
-                raise StoreError("the event counter row is missing (hive_event_seq)")
-    except BaseException:
-        _rollback(conn)
-        raise
-    finally:
-        for _, _, cursor in counted:
-            cursor.close()
-    _commit(conn)
-    return found
-
-
-def _commit(conn: Connection) -> None:
-    try:
-        conn.execute("COMMIT")
+            found = cursors[-1].fetchone()
     except psycopg.Error as exc:
-        if connection_lost(conn):
+        if committing and connection_lost(conn):
             # COMMIT was sent (or being sent) when the connection went: the server may
             # have committed before it went, or not. Only a read tells which.
-            error = CommitUnknownError(
+            raise CommitUnknownError(
                 f"the connection was lost during COMMIT ({str(exc).strip()})",
                 fault="unavailable",
-            )
-            raise error from exc
+            ) from exc
         _rollback(conn)
+        _forget_prepared(conn)
+        missing = _missing_row(exc)
+        if missing is not None:
+            raise missing from exc
         raise
+    except BaseException:
+        if not committing:
+            _rollback(conn)
+        raise
+    finally:
+        for cursor in cursors:
+            cursor.close()
+    if last is not None and found is None:
+        raise StoreError("the event counter row is missing (hive_event_seq)")
+    return found
 
 
 def _probe(conn: Connection, units: Sequence[Sequence[Statement]]) -> list[StoreError | None]:

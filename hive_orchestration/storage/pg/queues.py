@@ -159,16 +159,29 @@ async def query_queues(db: Driver, message: StorageMessage) -> object:
     raise TypeError(f"not a queue query: {type(message).__name__}")  # pragma: no cover
 
 
+#: A locked row: the task's columns, its version, and how many runs it has. The count is
+#: of the statement's snapshot, while the row is its latest version (a row changed since
+#: the snapshot is read again as it is now, as it is locked); a change since is a fenced
+#: write, which raised the version: so a task's runs are read when it has any or its
+#: version is not 0, and a task at version 0 with none (never written since it was
+#: created: the common case) costs no read of runs.
+_LOCKED = (
+    f"SELECT {TASK_COLUMNS}, version,"
+    " (SELECT count(*) FROM runs WHERE runs.task_id = tasks.id) FROM tasks WHERE "
+)
+
+
 async def lock_ready(db: Driver, lock: LockReady) -> LockedHeads:
     """The claims of a node's write (:class:`LockReady`): BEGIN, then the best ``limit``
     ready rows of each queue (past any backoff at ``now``, or among ``ready``, which the
     writer holds as past theirs by its own clock), in claim order, each locked
     ``FOR UPDATE SKIP LOCKED`` to the commit: a row another node's transaction holds (its
     claim, or any write of it) is passed over, never waited for, so two nodes' claims
-    never take one task nor wait for each other. The rows come back as their keys; the
-    tasks the writer does not hold at their version (``known``) are read in full, with
-    their runs, in the same transaction (which stays open for the write:
-    :meth:`Driver.begin`)."""
+    never take one task nor wait for each other. The rows come back whole, as locked (the
+    row's latest version: what a write fenced by its version changes), in the same round
+    trip; the writer is answered their keys, and the tasks it does not hold at their
+    version (``known``) in full, with their runs (read in the same transaction, which
+    stays open for the write: :meth:`Driver.begin`, and only for tasks that have runs)."""
     at = _text(lock.now)
     statements = []
     for head in lock.heads:
@@ -176,27 +189,26 @@ async def lock_ready(db: Driver, lock: LockReady) -> LockedHeads:
             head.task_type, requires_text(head.requires), head.concurrency_key
         )
         sql = (
-            f"SELECT id, version, priority, created_at FROM tasks WHERE {where}"
+            f"{_LOCKED}{where}"
             " AND (available_at IS NULL OR available_at <= ? OR id = ANY(?))"
             " ORDER BY priority DESC, created_at, id LIMIT ? FOR UPDATE SKIP LOCKED"
         )
         statements.append((sql, (*queue, at, list(lock.ready), lock.limit)))
     found = await db.begin(statements)
     heads: list[tuple[QueueHead, tuple[tuple[str, int, int, datetime], ...]]] = []
-    unknown: list[str] = []
-    for head, rows in zip(lock.heads, found, strict=True):
-        keys = tuple(
-            (str(id_), int(cast(int, version)), int(cast(int, priority)), _when(created))
-            for id_, version, priority, created in rows
-        )
-        unknown += [key[0] for key in keys if lock.known.get(key[0]) != key[1]]
-        heads.append((head, keys))
     tasks: list[Task] = []
-    runs: list[Run] = []
-    if unknown:
-        rows = await db.fetchall(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY(?)", (unknown,))
-        tasks = [task_from_row(row) for row in rows]
-        runs = await _runs_of(db, unknown)
+    with_runs: list[str] = []
+    for head, rows in zip(lock.heads, found, strict=True):
+        keys: list[tuple[str, int, int, datetime]] = []
+        for row in rows:
+            task_id, version = str(row[0]), int(cast(int, row[-2]))
+            keys.append((task_id, version, int(cast(int, row[4])), _when(row[9])))
+            if lock.known.get(task_id) != version:
+                tasks.append(task_from_row(row[:-2]))
+                if row[-1] or version:
+                    with_runs.append(task_id)
+        heads.append((head, tuple(keys)))
+    runs = await _runs_of(db, with_runs) if with_runs else []
     return LockedHeads(tuple(heads), tuple(tasks), tuple(runs))
 
 

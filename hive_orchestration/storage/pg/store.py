@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -21,6 +22,7 @@ import psycopg
 
 from ...config import RuntimeConfig
 from ...errors import StorageError
+from ...messages.events import Interest
 from ..port import (
     Driver,
     LeaderDuties,
@@ -134,10 +136,15 @@ class PostgresStore:
         except StoreError as exc:
             raise self.explain(exc, "cannot open a reader") from exc
 
-    def log_feed(self, publish: Publisher, ready: ReadyNotified | None = None) -> LogFeed | None:
+    def log_feed(
+        self,
+        publish: Publisher,
+        ready: ReadyNotified | None = None,
+        interest: Callable[[], Interest] | None = None,
+    ) -> LogFeed | None:
         """Several runtimes may write this database: a log tailer publishes every node's
-        events (:mod:`.tailer`), and its listener hands ``ready`` the other nodes' ready
-        notices."""
+        events (:mod:`.tailer`; of the others', those ``interest`` asks for), and its
+        listener hands ``ready`` the other nodes' ready notices."""
         from . import tailer
 
         return tailer.LogTailer(
@@ -146,6 +153,7 @@ class PostgresStore:
             connect_timeout=self._timeout(),
             poll=tailer.POLL_SECONDS,
             ready=ready,
+            interest=interest,
         )
 
     def leadership(self, duties: LeaderDuties) -> Leadership | None:

@@ -44,6 +44,7 @@ import logging
 import threading
 import uuid
 from collections import deque
+from collections.abc import Callable
 from typing import Any, cast
 
 import anyio
@@ -51,11 +52,18 @@ import anyio.from_thread
 import anyio.to_thread
 import psycopg
 
-from ...messages.events import Event, Publish
+from ...messages.events import Event, Interest, Publish
 from ..port import Publisher, QueueKey, ReadyNotified, StoreError
 from ..rows import event_from_row
 from .driver import PostgresDriver
-from .sql import EVENTS_CHANNEL, READY_CHANNEL, parse_ready
+from .sql import (
+    EVENTS_CHANNEL,
+    NOTICE_FIELDS,
+    READY_CHANNEL,
+    Kinds,
+    parse_events_notice,
+    parse_ready,
+)
 
 __all__ = ["POLL_SECONDS", "LogTailer"]
 
@@ -72,11 +80,52 @@ _RETRY = (0.05, 2.0)
 #: Seconds the listener waits for notifications between looks at its stop flag.
 _LISTEN_TIMEOUT = 1.0
 
-_READ = (
-    "SELECT seq, type, timestamp, source, correlation_id, task_id, plan_id, worker_id, data"
-    " FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?"
-)
+_COLUMNS = "seq, type, timestamp, source, correlation_id, task_id, plan_id, worker_id, data"
+_READ = f"SELECT {_COLUMNS} FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?"
 _NO_BOUND = 2**62
+#: The event fields a subscription may require (set), as columns.
+_REQUIRABLE = frozenset({"source", "correlation_id", "task_id", "plan_id", "worker_id"})
+_EVERYTHING = Interest(everything=True)
+
+
+def wanted(interest: Interest, kinds: Kinds) -> bool:
+    """Whether a commit of ``kinds`` (its notice's) may hold an event ``interest`` asks
+    for: an event type it names, with the fields it requires set on some event of that
+    type, or of a prefix it names; not said (None): it may."""
+    if kinds is None or interest.everything:
+        return True
+    needed = dict(interest.types)
+    for type_, letters in kinds:
+        needs = needed.get(type_)
+        if needs is not None and all(NOTICE_FIELDS.get(n, "?") in letters for n in needs):
+            return True
+        if any(type_.startswith(prefix) for prefix in interest.prefixes):
+            return True
+    return False
+
+
+def read_sql(interest: Interest) -> tuple[str, tuple[object, ...]]:
+    """The page read of the log, narrowed to what ``interest`` asks for: its text and the
+    parameters after (seq >, seq <=), before LIMIT. Every event it leaves out goes to no
+    subscriber of this node (a superset of what they match: broadcast.interest_of)."""
+    if interest.everything:
+        return _READ, ()
+    terms: list[str] = []
+    params: list[object] = []
+    by_needs: dict[tuple[str, ...], list[str]] = {}
+    for type_, needs in interest.types:
+        by_needs.setdefault(tuple(n for n in needs if n in _REQUIRABLE), []).append(type_)
+    for needs, types in sorted(by_needs.items()):
+        terms.append(" AND ".join(["type = ANY(?)", *(f"{need} IS NOT NULL" for need in needs)]))
+        params.append(types)
+    for prefix in interest.prefixes:
+        terms.append("starts_with(type, ?)")
+        params.append(prefix)
+    sql = (
+        f"SELECT {_COLUMNS} FROM events WHERE seq > ? AND seq <= ? AND ({' OR '.join(terms)})"
+        " ORDER BY seq LIMIT ?"
+    )
+    return sql, tuple(params)
 
 
 def _entry(row: tuple[Any, ...]) -> tuple[Event, bytes]:
@@ -96,8 +145,12 @@ class LogTailer:
         poll: float = POLL_SECONDS,
         page: int = PAGE,
         ready: ReadyNotified | None = None,
+        interest: Callable[[], Interest] | None = None,
     ) -> None:
         self.origin = uuid.uuid4().hex[:16]
+        #: What this node's subscribers could match now (None: everything): only that is
+        #: read of the other nodes' events; nothing at all while it is nothing.
+        self._interest = interest
         #: Told the queues other nodes made tasks ready in (None: all), once per burst.
         self._ready = ready
         self._url = url
@@ -110,6 +163,11 @@ class LogTailer:
         self._handed = 0  # the last seq of the own commits handed over
         self._own: deque[Publish] = deque()
         self._hint = 0  # the greatest seq another node said it committed
+        #: The other nodes' commits said and not yet passed, in seq order: (first, last,
+        #: kinds), for moving past those no subscriber here could want without a read.
+        self._notices: deque[tuple[int, int, Kinds]] = deque()
+        #: Other nodes' commits moved past without a read (their notices said enough).
+        self.skipped = 0
         self._sweep = False
         self._begun = anyio.Event()
         self._wake = anyio.Event()
@@ -215,14 +273,44 @@ class LogTailer:
             return True
         published = self._position()
         if self._hint > published or self._sweep:
+            if not self._sweep and self._pass_unwanted() and self._hint <= self._position():
+                return True  # all said: none of it wanted here
             hint, self._sweep = self._hint, False
             await self._catch_up(_NO_BOUND)
             # Notified after its commit: everything up to it is committed (and what was
-            # not read of it, retention deleted).
+            # not read of it, retention deleted, or nobody here wants).
             self._published = max(self._position(), hint)
+            self._forget_notices()
             self._advanced()
             return True
         return False
+
+    def _pass_unwanted(self) -> bool:
+        """Move past the other nodes' commits that are next (the first just after the
+        position, then the one after it...) whose notices say no subscriber here could
+        want their events, without reading them; whether it moved. Only what follows the
+        position without a gap: a number between is a commit not said yet (its notice on
+        its way, this node's own, or one whose notice was lost), which only a read may
+        pass (the counter orders notices as it orders commits)."""
+        self._forget_notices()
+        interest = _EVERYTHING if self._interest is None else self._interest()
+        moved = False
+        while self._notices:
+            first, last, kinds = self._notices[0]
+            if first != self._position() + 1 or wanted(interest, kinds):
+                break
+            self._notices.popleft()
+            self._published = last
+            self.skipped += 1
+            moved = True
+        if moved:
+            self._advanced()
+        return moved
+
+    def _forget_notices(self) -> None:
+        position = self._position()
+        while self._notices and self._notices[0][1] <= position:
+            self._notices.popleft()
 
     def _position(self) -> int:
         assert self._published is not None  # _tail waits for begin()
@@ -234,6 +322,8 @@ class LogTailer:
         if last <= self._position():
             return  # read from the log already
         if first > self._position() + 1:
+            self._pass_unwanted()
+        if first > self._position() + 1:
             # Other nodes' commits (or a commit of ours whose outcome was lost) took the
             # numbers between: committed before ours, as the counter orders them.
             await self._catch_up(first - 1)
@@ -244,9 +334,17 @@ class LogTailer:
         await self._emit(message, last)
 
     async def _catch_up(self, through: int) -> None:
-        """Publish the log's events after the position, up to ``through``, page by page."""
+        """Publish the log's events after the position, up to ``through``, page by page:
+        those this node's subscribers could match (the others go to nobody: they are
+        passed over, unread, and the callers move the position past them)."""
+        interest = _EVERYTHING if self._interest is None else self._interest()
+        if interest.nothing:
+            return
+        sql, narrowed = read_sql(interest)
         while True:
-            rows = await self._reader.fetchall(_READ, (self._position(), through, self._page))
+            rows = await self._reader.fetchall(
+                sql, (self._position(), through, *narrowed, self._page)
+            )
             self.reads += 1
             if not rows:
                 return
@@ -302,7 +400,7 @@ class LogTailer:
             conn.execute(f"LISTEN {self._stop_channel}")
             anyio.from_thread.run_sync(self._listening)
             while not self._stop.is_set():
-                latest = 0
+                said: list[tuple[int, int, Kinds]] = []
                 # Coalesced: a burst's ready queues are told once (None: all of them).
                 ready: set[QueueKey] | None = set()
                 woken = False
@@ -322,16 +420,16 @@ class LogTailer:
                                 else:
                                     ready.update(notice[1])
                         else:
-                            origin, _, seq = note.payload.partition(":")
-                            if origin != self.origin and seq.isdigit():
-                                latest = max(latest, int(seq))
+                            events = parse_events_notice(note.payload)
+                            if events is not None and events[0] != self.origin:
+                                said.append(events[1:])
                 if self._stop.is_set():
                     break
                 if woken:
                     told = None if ready is None else tuple(ready)
                     anyio.from_thread.run_sync(self._ready_notified, told)
-                if latest:
-                    anyio.from_thread.run_sync(self._notified, latest)
+                if said:
+                    anyio.from_thread.run_sync(self._notified, said)
         finally:
             conn.close()
 
@@ -348,7 +446,12 @@ class LogTailer:
         if self._ready is not None:
             self._ready(queues)
 
-    def _notified(self, seq: int) -> None:
+    def _notified(self, said: list[tuple[int, int, Kinds]]) -> None:
+        """Other nodes' commits, in the order they committed (their notices' order)."""
+        for last, first, kinds in said:
+            if first and (not self._notices or self._notices[-1][1] < last):
+                self._notices.append((first, last, kinds))
+        seq = max(last for last, _, _ in said)
         if seq > self._hint:
             self._hint = seq
             self._wake.set()

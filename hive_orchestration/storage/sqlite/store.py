@@ -10,10 +10,11 @@ connections, the wording of SQLite's faults (:mod:`.faults`) and the SQL familie
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ...config import RuntimeConfig
 from ...errors import StorageError
+from ...messages.events import Interest
 from ..port import (
     Driver,
     LeaderDuties,
@@ -93,7 +94,12 @@ class SqliteStore:
         )
         return _Checked(db)
 
-    def log_feed(self, publish: Publisher, ready: ReadyNotified | None = None) -> LogFeed | None:
+    def log_feed(
+        self,
+        publish: Publisher,
+        ready: ReadyNotified | None = None,
+        interest: Callable[[], Interest] | None = None,
+    ) -> LogFeed | None:
         # One runtime writes the file: its storage actor publishes its own commits.
         return None
 
