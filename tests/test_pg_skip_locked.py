@@ -137,6 +137,9 @@ async def test_a_task_retried_on_one_node_is_claimed_on_another_with_its_runs(
         first = await one.claim_task("w1", "job")
         assert first is not None
         await one.fail_task(first.lease, "once", retryable=True)
+        # Due again once its backoff passed: a claim locks only tasks that are due, and
+        # with no sweep the other node would not look again for one that came due later.
+        await anyio.sleep(0.1)
         # The other node never held it (no sweep: it knows it from the lock alone).
         with anyio.fail_after(10):
             again = await two.claim_task("w2", "job", wait=5)
