@@ -62,6 +62,9 @@ def append(kind: str) -> AppendEvent:
     return AppendEvent(event, msgspec.json.encode({}))
 
 
+@pytest.mark.sqlite_only(
+    "the loss is injected into the SQLite drivers (test_pg_driver loses a PostgreSQL COMMIT)"
+)
 async def test_a_commit_of_unknown_outcome_is_not_told_as_rolled_back(
     db_path: str, driver: Kind, monkeypatch: pytest.MonkeyPatch
 ) -> None:
