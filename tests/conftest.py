@@ -17,6 +17,7 @@ import stat
 import sys
 import tempfile
 import zlib
+from collections.abc import Collection
 from pathlib import Path
 
 import _pg
@@ -211,11 +212,19 @@ def _loop_for(nodeid: str) -> str:
     return ("asyncio", "trio")[zlib.crc32(key.encode()) % 2]
 
 
+#: The fixtures that give a database in the run's store.
+_DB_FIXTURES = ("db_path", "new_db_path")
+
+
+def _has_db(names: Collection[str]) -> bool:
+    return any(name in names for name in _DB_FIXTURES)
+
+
 def _on_postgres(item: pytest.Item) -> bool:
     if item.get_closest_marker("sqlite_only") is not None:
         return False
     names = getattr(item, "fixturenames", ())
-    if "pg_url" in names and "db_path" not in names:
+    if "pg_url" in names and not _has_db(names):
         # Its database is PostgreSQL in either run (the store's own tests, several nodes):
         # the SQLite run has it already, on both loops, against the same server. Run here
         # again, it would prove nothing more (measured: the 17 such tests of test_pg_nodes.py
@@ -226,7 +235,7 @@ def _on_postgres(item: pytest.Item) -> bool:
         return False
     if item.get_closest_marker("postgres") is not None:
         return True
-    if "db_path" not in getattr(item, "fixturenames", ()):
+    if not _has_db(names):
         return False
     return any(_matches(item.nodeid, ref) for ref in _SELECTION)
 
@@ -241,7 +250,7 @@ def _on_server(item: pytest.Item) -> bool:
     tests (the several-node ones, the store's own) took ~280 s of its ~1,200 s of worker
     time, while the PostgreSQL run took half the SQLite run's wall time."""
     names = getattr(item, "fixturenames", ())
-    return "pg_url" in names and "db_path" not in names and not _on_postgres(item)
+    return "pg_url" in names and not _has_db(names) and not _on_postgres(item)
 
 
 def _needs_postgres(item: pytest.Item) -> bool:
@@ -249,7 +258,7 @@ def _needs_postgres(item: pytest.Item) -> bool:
     return (
         "pg_url" in names
         or item.get_closest_marker("pg_server") is not None
-        or (STORE == "postgres" and "db_path" in names)
+        or (STORE == "postgres" and _has_db(names))
     )
 
 
@@ -296,11 +305,22 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> str:
-    """A database no runtime has opened, in this run's store: a real SQLite file in a
-    fresh folder (that does not exist yet), or with ``HIVE_TEST_STORE=postgres`` a new
-    PostgreSQL database's URL, its schema at the current version already (a copy of a
-    template migrated once: tests/_pg.py)."""
+    """A database no runtime has opened, in this run's store, its schema at the current
+    version already: a real SQLite file in a fresh folder, a copy of a template file
+    migrated once per process (tests/_raw.py), or with ``HIVE_TEST_STORE=postgres`` a new
+    PostgreSQL database's URL, a copy of a template database migrated once (tests/_pg.py).
+    A test of what the first open does to a path holding nothing asks for ``new_db_path``."""
     return fresh_database(tmp_path)
+
+
+@pytest.fixture
+def new_db_path(tmp_path: Path) -> str:
+    """As ``db_path``, but on SQLite a path where nothing exists yet, not even its folder:
+    for the tests of what a runtime's first open does there (the folder and file made,
+    their modes, every migration run on an empty file). With ``HIVE_TEST_STORE=postgres``
+    the same as ``db_path`` (what those tests were given there before db_path's SQLite
+    file became a template's copy)."""
+    return fresh_database(tmp_path, migrated=False)
 
 
 @pytest.fixture
