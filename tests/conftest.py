@@ -121,9 +121,11 @@ def _bytecode_cache() -> None:
 
 #: A folder for the run's temporary files (``tmp_path``, the databases of the tests, of
 #: their children and of the bench scripts), or empty for the system's own temporary
-#: folder; unset, a folder of this user's on /dev/shm when that is a tmpfs with room.
+#: folder; unset, /dev/shm when that is a tmpfs with room.
 TMPDIR_ENV = "HIVE_TEST_TMPDIR"
-#: The least free room on /dev/shm for the suite to use it (a run writes ~1 GiB there).
+#: The tmpfs the suite's temporary files go to, and the least free room it must have (a
+#: run's folders take ~1.3 GB while it runs).
+_SHM = "/dev/shm"
 _SHM_ROOM = 4 << 30
 
 
@@ -141,36 +143,31 @@ def _memory_tempdir() -> None:
     full disk mount their own small tmpfs (tests/reliability/test_storage_faults.py).
 
     ``HIVE_TEST_TMPDIR`` names another folder (empty: the system's temporary folder, the
-    disk here); a ``TMPDIR`` set already is kept. The folder is private to this user (as
-    the bytecode cache's, above). It is set as ``TMPDIR``, so xdist's workers (started
-    after this hook), the children the tests start and the bench scripts use it too;
-    pytest's ``tmp_path`` folders are made there (``basetemp`` under it). The PostgreSQL
-    cluster stays on the disk (tests/_pg.py): its databases add up to gigabytes, and its
-    server runs as another user."""
+    disk here); a ``TMPDIR`` set already is kept. The folder is ``/dev/shm`` itself, as
+    ``/tmp`` was (sticky, world-writable: pytest makes its own private ``pytest-of-USER``
+    in it, and every ``mkdtemp`` a private folder), not a folder under it: the paths of the
+    tests' files grow by four bytes only, and a Unix socket beside a test's database must
+    fit in ``sun_path`` (107 bytes; past that the runtime serves an abstract one, which
+    the tests of the socket's place fail on). It is set as ``TMPDIR``, so xdist's workers
+    (started after this hook), the children the tests start and the bench scripts use it
+    too; pytest's ``tmp_path`` folders are made there. The PostgreSQL cluster stays on the
+    disk (tests/_pg.py): its databases add up to gigabytes, and its server runs as another
+    user."""
     chosen = os.environ.get(TMPDIR_ENV)
     if chosen is None and os.environ.get("TMPDIR"):
         return  # the user's own choice of temporary folder
     if chosen is None:
         try:
-            shm = os.statvfs("/dev/shm")
+            shm = os.statvfs(_SHM)
             roomy = shm.f_bavail * shm.f_frsize >= _SHM_ROOM
         except OSError:
             roomy = False
-        if not roomy or not _is_tmpfs("/dev/shm"):
+        if not roomy or not _is_tmpfs(_SHM):
             return
-        chosen = os.path.join("/dev/shm", f"hive-tests-{os.geteuid()}")
+        chosen = _SHM
     if not chosen:
         return
     _pg.keep_on_disk(tempfile.gettempdir())
-    try:
-        os.makedirs(chosen, mode=0o700, exist_ok=True)
-        found = os.lstat(chosen)
-        private = stat.S_ISDIR(found.st_mode) and found.st_uid == os.geteuid()
-        private = private and not found.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-    except OSError:
-        private = False
-    if not private:
-        chosen = tempfile.mkdtemp(prefix="hive-tests-", dir=os.path.dirname(chosen) or None)
     os.environ["TMPDIR"] = chosen
     tempfile.tempdir = chosen
 
