@@ -111,12 +111,21 @@ def link_table(page: str) -> str:
 
 
 def _functions(tree: ast.Module) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
-    return [
-        node
-        for node in ast.walk(tree)
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
-        and node.name.startswith("test_")
-    ]
+    """The module's test functions and its classes' test methods, in the order of the
+    file. Function bodies are not entered (pytest collects no test from inside a
+    function): walking every node of every file took two thirds of the proofs pages'
+    time (1.9 s of 3.0 s, load ~10)."""
+    found: list[ast.FunctionDef | ast.AsyncFunctionDef] = []
+    bodies = [tree.body]
+    while bodies:
+        for node in bodies.pop(0):
+            if isinstance(node, ast.ClassDef):
+                bodies.append(node.body)
+            elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith(
+                "test_"
+            ):
+                found.append(node)
+    return found
 
 
 def _source(lines: list[str], node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:

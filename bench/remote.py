@@ -6,10 +6,10 @@ are other processes (this script run again in a client role) connecting with
 ``OrchestrationClient(db_path=...)``, as an app's other processes do.
 
 1. End to end: ``--tasks`` tasks (4 000) go through create, claim, start and complete,
-   from 8 client processes over the socket, each one connection with creators (creating
-   their share one at a time) and worker slots (each claiming with a wait, starting and
-   completing one task at a time). The shapes of ``bench/tasks.py``'s first two: one
-   creator and one slot per process (8 and 8: every task costs a worker three durable
+   from ``--clients`` client processes (8) over the socket, each one connection with
+   creators (creating their share one at a time) and worker slots (each claiming with a
+   wait, starting and completing one task at a time). The shapes of ``bench/tasks.py``'s
+   first two: one creator and one slot per process (8 and 8: every task costs a worker three durable
    round trips in a row, so this is bound by commit latency), and 16 of each (128 and
    128, as an agent runner with concurrency 16: bound by the owner's CPU). Ceiling: the
    same creators and slots as tasks of the owner's process, on in-process clients of an
@@ -64,6 +64,7 @@ from hive_orchestration.remote.client import RemoteRuntime
 RATIO_GOAL = 0.7  # remote tasks/s over in-process tasks/s
 ADDED_GOAL = 100e-6  # seconds, p50 added by the socket
 MEMORY_GOAL = 50 * 1024 * 1024  # bytes, for 1 000 idle connections
+#: Client processes (or clients of the in-process lane) of the end-to-end runs (--clients).
 CLIENTS = 8
 #: Creators and worker slots in each client process (or lane of the ceiling).
 SLOTS = (1, 16)
@@ -176,15 +177,15 @@ def _say(value: object) -> None:
     print(json.dumps(value), flush=True)
 
 
-async def load_client(number: int, db_path: str, count: int, slots: int) -> None:
-    """One of the 8 client processes: ready, then on ``go`` its creators and worker
-    slots run until stdin closes."""
+async def load_client(number: int, db_path: str, count: int, slots: int, lanes: int) -> None:
+    """One of the ``lanes`` client processes: ready, then on ``go`` its creators and
+    worker slots run until stdin closes."""
     async with OrchestrationClient(db_path=db_path) as client:
         assert client.remote
         _say("ready")
         await anyio.to_thread.run_sync(sys.stdin.buffer.readline)
         async with anyio.create_task_group() as group:
-            group.start_soon(_lane, client, number, count, slots)
+            group.start_soon(_lane, client, number, count, slots, lanes)
 
             async def stop() -> None:
                 await _stdin_closed()
@@ -193,9 +194,11 @@ async def load_client(number: int, db_path: str, count: int, slots: int) -> None
             group.start_soon(stop)
 
 
-async def _lane(client: OrchestrationClient, number: int, count: int, slots: int) -> None:
+async def _lane(
+    client: OrchestrationClient, number: int, count: int, slots: int, lanes: int
+) -> None:
     async def creator(first: int) -> None:
-        for n in range(first, count, CLIENTS * slots):
+        for n in range(first, count, lanes * slots):
             await client.create_task("bench", {"n": n})
 
     async def worker() -> None:
@@ -290,14 +293,16 @@ async def _until_completed(
     return count / elapsed, (after - before) / count
 
 
-async def local_rate(folder: Path, run: str, count: int, slots: int) -> tuple[float, float]:
+async def local_rate(
+    folder: Path, run: str, count: int, slots: int, lanes: int
+) -> tuple[float, float]:
     async with Runtime.open(folder / f"local-{run}.db", config=_config()) as runtime:
-        clients = [runtime.client() for _ in range(CLIENTS)]
+        clients = [runtime.client() for _ in range(lanes)]
         async with anyio.create_task_group() as group:
 
             async def go() -> None:
                 for number, client in enumerate(clients):
-                    group.start_soon(_lane, client, number, count, slots)
+                    group.start_soon(_lane, client, number, count, slots, lanes)
 
             found = await _until_completed(runtime, count, go)
             group.cancel_scope.cancel()
@@ -305,12 +310,13 @@ async def local_rate(folder: Path, run: str, count: int, slots: int) -> tuple[fl
 
 
 async def remote_rate(
-    folder: Path, run: str, count: int, slots: int, backend: str
+    folder: Path, run: str, count: int, slots: int, backend: str, lanes: int
 ) -> tuple[float, float]:
     path = folder / f"remote-{run}.db"
+    load = (str(path), str(count), str(slots), str(lanes))
     async with (
         Runtime.open(path, config=_config()) as runtime,
-        _clients(CLIENTS, "load", backend, str(path), str(count), str(slots)) as processes,
+        _clients(lanes, "load", backend, *load) as processes,
     ):
 
         async def go() -> None:
@@ -379,7 +385,9 @@ async def idle_memory(folder: Path, connections: int, backend: str) -> int:
     return after - before
 
 
-async def run(backend: str, count: int, calls: int, connections: int, repeat: int) -> Result:
+async def run(
+    backend: str, count: int, calls: int, connections: int, repeat: int, clients: int
+) -> Result:
     with tempfile.TemporaryDirectory(prefix="hive-bench-") as name:
         folder = Path(name)
         # First, while the heap has no free memory left by the other parts to reuse.
@@ -391,8 +399,9 @@ async def run(backend: str, count: int, calls: int, connections: int, repeat: in
             for n in range(repeat):
                 # Interleaved: on a shared machine the drift between runs is larger than
                 # many of the differences measured.
-                local.append(await local_rate(folder, f"{slots}-{n}", count, slots))
-                remote.append(await remote_rate(folder, f"{slots}-{n}", count, slots, backend))
+                name = f"{slots}-{n}"
+                local.append(await local_rate(folder, name, count, slots, clients))
+                remote.append(await remote_rate(folder, name, count, slots, backend, clients))
             best_local, best_remote = max(local), max(remote)
             shapes.append(
                 Shape(
@@ -408,7 +417,7 @@ async def run(backend: str, count: int, calls: int, connections: int, repeat: in
     return Result(
         backend=backend,
         tasks=count,
-        clients=CLIENTS,
+        clients=clients,
         shapes=shapes,
         calls=calls,
         latencies=found,
@@ -464,7 +473,9 @@ def render(r: Result) -> str:
 
 
 ROLES: dict[str, Callable[..., Awaitable[None]]] = {
-    "load": lambda n, db, count, slots: load_client(n, db, int(count), int(slots)),
+    "load": lambda n, db, count, slots, lanes: load_client(
+        n, db, int(count), int(slots), int(lanes)
+    ),
     "latency": lambda n, db, echo, calls: latency_client(n, db, echo, int(calls)),
     "idle": lambda n, address, connections: idle_client(n, address, int(connections)),
 }
@@ -476,6 +487,9 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=4_000)
     parser.add_argument("--calls", type=int, default=2_000)
     parser.add_argument("--connections", type=int, default=1_000)
+    parser.add_argument(
+        "--clients", type=int, default=CLIENTS, help="client processes of the end-to-end runs"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="end-to-end runs of each")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     parser.add_argument("--role", choices=sorted(ROLES), help=argparse.SUPPRESS)
@@ -492,6 +506,7 @@ def main() -> None:
         args.calls,
         args.connections,
         args.repeat,
+        args.clients,
         backend=args.backend,
     )
     print(render(result))

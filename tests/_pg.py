@@ -55,10 +55,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
     "BIN_GLOB_ENV",
+    "DISK_TMP_ENV",
     "SHARED_ENV",
     "URL_ENV",
     "configure_session",
     "finish_session",
+    "keep_on_disk",
     "new_database",
     "server_url",
     "unavailable_reason",
@@ -72,7 +74,19 @@ SHARED_ENV = "_HIVE_TEST_PG_SHARED"
 #: The controller's pid: the cluster goes when it does.
 OWNER_ENV = "_HIVE_TEST_PG_OWNER"
 
+#: Where the cluster's folder is made: the system's temporary folder, as it was before
+#: the suite moved ``TMPDIR`` to memory (tests/conftest.py, :func:`keep_on_disk`).
+DISK_TMP_ENV = "_HIVE_TEST_DISK_TMP"
+
 _USER = "postgres"
+
+
+def keep_on_disk(folder: str) -> None:
+    """Make the cluster's folder under ``folder`` whatever ``TMPDIR`` becomes (the suite
+    puts its own temporary files on a tmpfs): the cluster's databases, one per test, add
+    up to gigabytes, which a tmpfs would hold in memory, and its server runs as the
+    ``postgres`` user, who cannot enter a folder private to root."""
+    os.environ.setdefault(DISK_TMP_ENV, folder)
 
 
 #: Where PostgreSQL's programs are looked for (Debian's layout); a test points it elsewhere
@@ -147,7 +161,7 @@ def _start_cluster(owner: int, shared: str | None = None) -> dict[str, Any]:
     pg_bin = _pg_bin()
     if pg_bin is None:
         raise RuntimeError(unavailable_reason() or "PostgreSQL is not installed")
-    folder = Path(tempfile.mkdtemp(prefix="hive-pg-"))
+    folder = Path(tempfile.mkdtemp(prefix="hive-pg-", dir=os.environ.get(DISK_TMP_ENV)))
     if os.geteuid() == 0:
         shutil.chown(folder, _USER, _USER)
     data, log, user = folder / "data", folder / "server.log", _pg_user()

@@ -17,6 +17,7 @@ import stat
 import sys
 import tempfile
 import zlib
+from collections.abc import Collection
 from pathlib import Path
 
 import _pg
@@ -77,6 +78,7 @@ def pytest_configure(config: pytest.Config) -> None:
         )
     if _is_controller(config):
         _bytecode_cache()
+        _memory_tempdir()
         _pg.configure_session()
 
 
@@ -115,6 +117,70 @@ def _bytecode_cache() -> None:
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     sys.pycache_prefix = folder
     sys.dont_write_bytecode = False
+
+
+#: A folder for the run's temporary files (``tmp_path``, the databases of the tests, of
+#: their children and of the bench scripts), or empty for the system's own temporary
+#: folder; unset, /dev/shm when that is a tmpfs with room.
+TMPDIR_ENV = "HIVE_TEST_TMPDIR"
+#: The tmpfs the suite's temporary files go to, and the least free room it must have (a
+#: run's folders take ~1.3 GB while it runs).
+_SHM = "/dev/shm"
+_SHM_ROOM = 4 << 30
+
+
+def _memory_tempdir() -> None:
+    """Put the run's temporary files in memory (a tmpfs) rather than on the disk: every
+    commit of a SQLite test database is an fsync (``synchronous=FULL``, the runtime's
+    default), which a tmpfs answers at once. Measured at load ~12: tests/test_claims.py
+    makes 1,787 fdatasync calls, which waited 3.46 s in all in /tmp on this machine's
+    disk and 0.04 s on /dev/shm (strace -c -w); 300 commits one after another took 1.15
+    to 1.5 s on the disk, 0.10 to 0.22 s on the tmpfs. No test needs the flush: every
+    crash a test makes is a process's death (SIGKILL, an exit), after which the kernel
+    still holds every write the dead process made, on a tmpfs as on a disk; only the
+    machine's own crash would need it, which no test makes (the PostgreSQL clusters of the
+    tests and of CI run with ``fsync=off`` for that reason, tests/_pg.py). The tests of a
+    full disk mount their own small tmpfs (tests/reliability/test_storage_faults.py).
+
+    ``HIVE_TEST_TMPDIR`` names another folder (empty: the system's temporary folder, the
+    disk here); a ``TMPDIR`` set already is kept. The folder is ``/dev/shm`` itself, as
+    ``/tmp`` was (sticky, world-writable: pytest makes its own private ``pytest-of-USER``
+    in it, and every ``mkdtemp`` a private folder), not a folder under it: the paths of the
+    tests' files grow by four bytes only, and a Unix socket beside a test's database must
+    fit in ``sun_path`` (107 bytes; past that the runtime serves an abstract one, which
+    the tests of the socket's place fail on). It is set as ``TMPDIR``, so xdist's workers
+    (started after this hook), the children the tests start and the bench scripts use it
+    too; pytest's ``tmp_path`` folders are made there. The PostgreSQL cluster stays on the
+    disk (tests/_pg.py): its databases add up to gigabytes, and its server runs as another
+    user."""
+    chosen = os.environ.get(TMPDIR_ENV)
+    if chosen is None and os.environ.get("TMPDIR"):
+        return  # the user's own choice of temporary folder
+    if chosen is None:
+        try:
+            shm = os.statvfs(_SHM)
+            roomy = shm.f_bavail * shm.f_frsize >= _SHM_ROOM
+        except OSError:
+            roomy = False
+        if not roomy or not _is_tmpfs(_SHM):
+            return
+        chosen = _SHM
+    if not chosen:
+        return
+    _pg.keep_on_disk(tempfile.gettempdir())
+    os.environ["TMPDIR"] = chosen
+    tempfile.tempdir = chosen
+
+
+def _is_tmpfs(folder: str) -> bool:
+    """Whether ``folder`` is the mount point of a tmpfs (read from /proc/self/mounts)."""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as mounts:
+            return any(
+                line.split()[1:3] == [folder, "tmpfs"] for line in mounts if line.count(" ") >= 2
+            )
+    except OSError:
+        return False
 
 
 # -- which tests run on PostgreSQL in CI ------------------------------------------------------
@@ -211,11 +277,19 @@ def _loop_for(nodeid: str) -> str:
     return ("asyncio", "trio")[zlib.crc32(key.encode()) % 2]
 
 
+#: The fixtures that give a database in the run's store.
+_DB_FIXTURES = ("db_path", "new_db_path")
+
+
+def _has_db(names: Collection[str]) -> bool:
+    return any(name in names for name in _DB_FIXTURES)
+
+
 def _on_postgres(item: pytest.Item) -> bool:
     if item.get_closest_marker("sqlite_only") is not None:
         return False
     names = getattr(item, "fixturenames", ())
-    if "pg_url" in names and "db_path" not in names:
+    if "pg_url" in names and not _has_db(names):
         # Its database is PostgreSQL in either run (the store's own tests, several nodes):
         # the SQLite run has it already, on both loops, against the same server. Run here
         # again, it would prove nothing more (measured: the 17 such tests of test_pg_nodes.py
@@ -226,7 +300,7 @@ def _on_postgres(item: pytest.Item) -> bool:
         return False
     if item.get_closest_marker("postgres") is not None:
         return True
-    if "db_path" not in getattr(item, "fixturenames", ()):
+    if not _has_db(names):
         return False
     return any(_matches(item.nodeid, ref) for ref in _SELECTION)
 
@@ -241,7 +315,7 @@ def _on_server(item: pytest.Item) -> bool:
     tests (the several-node ones, the store's own) took ~280 s of its ~1,200 s of worker
     time, while the PostgreSQL run took half the SQLite run's wall time."""
     names = getattr(item, "fixturenames", ())
-    return "pg_url" in names and "db_path" not in names and not _on_postgres(item)
+    return "pg_url" in names and not _has_db(names) and not _on_postgres(item)
 
 
 def _needs_postgres(item: pytest.Item) -> bool:
@@ -249,7 +323,7 @@ def _needs_postgres(item: pytest.Item) -> bool:
     return (
         "pg_url" in names
         or item.get_closest_marker("pg_server") is not None
-        or (STORE == "postgres" and "db_path" in names)
+        or (STORE == "postgres" and _has_db(names))
     )
 
 
@@ -296,11 +370,22 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> str:
-    """A database no runtime has opened, in this run's store: a real SQLite file in a
-    fresh folder (that does not exist yet), or with ``HIVE_TEST_STORE=postgres`` a new
-    PostgreSQL database's URL, its schema at the current version already (a copy of a
-    template migrated once: tests/_pg.py)."""
+    """A database no runtime has opened, in this run's store, its schema at the current
+    version already: a real SQLite file in a fresh folder, a copy of a template file
+    migrated once per process (tests/_raw.py), or with ``HIVE_TEST_STORE=postgres`` a new
+    PostgreSQL database's URL, a copy of a template database migrated once (tests/_pg.py).
+    A test of what the first open does to a path holding nothing asks for ``new_db_path``."""
     return fresh_database(tmp_path)
+
+
+@pytest.fixture
+def new_db_path(tmp_path: Path) -> str:
+    """As ``db_path``, but on SQLite a path where nothing exists yet, not even its folder:
+    for the tests of what a runtime's first open does there (the folder and file made,
+    their modes, every migration run on an empty file). With ``HIVE_TEST_STORE=postgres``
+    the same as ``db_path`` (what those tests were given there before db_path's SQLite
+    file became a template's copy)."""
+    return fresh_database(tmp_path, migrated=False)
 
 
 @pytest.fixture

@@ -271,37 +271,37 @@ async def test_inspecting_leaves_the_file_untouched(db_path: str) -> None:
 
 
 @pytest.mark.sqlite_only("a database file (and its folder) that does not exist")
-async def test_missing_database_is_refused_and_not_created(db_path: str) -> None:
+async def test_missing_database_is_refused_and_not_created(new_db_path: str) -> None:
     with pytest.raises(StorageError, match="no database at") as caught:
-        async with Inspector.open(db_path):
+        async with Inspector.open(new_db_path):
             pytest.fail("inspected a database that does not exist")
-    assert db_path in str(caught.value)
-    assert not Path(db_path).parent.exists()
+    assert new_db_path in str(caught.value)
+    assert not Path(new_db_path).parent.exists()
 
 
 @pytest.mark.sqlite_only("builds an older database from SQLite's migrations; the file's bytes")
-async def test_older_schema_is_refused_untouched(db_path: str) -> None:
-    _old_database(db_path, SCHEMA_VERSION - 1)
-    before = _fingerprint(Path(db_path))
+async def test_older_schema_is_refused_untouched(new_db_path: str) -> None:
+    _old_database(new_db_path, SCHEMA_VERSION - 1)
+    before = _fingerprint(Path(new_db_path))
     with pytest.raises(StorageError, match="db upgrade") as caught:
-        async with Inspector.open(db_path):
+        async with Inspector.open(new_db_path):
             pytest.fail("inspected a database at an older schema")
     assert f"schema version {SCHEMA_VERSION - 1}" in str(caught.value)
-    assert _fingerprint(Path(db_path)) == before
-    assert _user_version(db_path) == SCHEMA_VERSION - 1
+    assert _fingerprint(Path(new_db_path)) == before
+    assert _user_version(new_db_path) == SCHEMA_VERSION - 1
 
 
 @pytest.mark.sqlite_only("SQLite's PRAGMA user_version; the file's bytes")
-async def test_newer_schema_is_refused_untouched(db_path: str) -> None:
-    Path(db_path).parent.mkdir(parents=True)
-    with closing(sqlite3.connect(db_path)) as conn:
+async def test_newer_schema_is_refused_untouched(new_db_path: str) -> None:
+    Path(new_db_path).parent.mkdir(parents=True)
+    with closing(sqlite3.connect(new_db_path)) as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    before = _fingerprint(Path(db_path))
+    before = _fingerprint(Path(new_db_path))
     with pytest.raises(NewerSchemaError) as caught:
-        async with Inspector.open(db_path):
+        async with Inspector.open(new_db_path):
             pytest.fail("inspected a database at a newer schema")
     assert caught.value.found == SCHEMA_VERSION + 1
-    assert _fingerprint(Path(db_path)) == before
+    assert _fingerprint(Path(new_db_path)) == before
 
 
 async def test_what_is_not_a_database_is_refused(tmp_path: Path) -> None:

@@ -351,13 +351,13 @@ async def test_a_restarted_task_manager_keeps_the_claims_and_their_secrets(
 
 @pytest.mark.sqlite_only("builds a version-6 database from SQLite's migrations")
 async def test_a_database_of_the_previous_version_opens_and_recovers_its_claims(
-    db_path: str,
+    new_db_path: str,
 ) -> None:
     """A file left at version 6 (before lease secrets) by a process that died holding a
     claim: it migrates (its runs have no hash), recovery requeues the held task as ever,
     and the task is claimed again with a secret."""
-    Path(db_path).parent.mkdir(parents=True)
-    with closing(sqlite3.connect(db_path)) as conn, conn:
+    Path(new_db_path).parent.mkdir(parents=True)
+    with closing(sqlite3.connect(new_db_path)) as conn, conn:
         for migration in MIGRATIONS[:6]:
             for statement in migration:
                 conn.execute(statement)
@@ -374,7 +374,7 @@ async def test_a_database_of_the_previous_version_opens_and_recovers_its_claims(
             " 30, '2024-01-01T00:00:30+00:00')"
         )
         conn.execute("PRAGMA user_version = 6")
-    async with Runtime.open(db_path) as rt:
+    async with Runtime.open(new_db_path) as rt:
         assert (await rt.statistics()).storage.schema_version == SCHEMA_VERSION
         task = await rt.get_task("t-held")
         assert task is not None
@@ -389,7 +389,7 @@ async def test_a_database_of_the_previous_version_opens_and_recovers_its_claims(
             await rt.complete_task(_rebuilt((await rt.get_runs("t-held"))[1]))
         done = await rt.complete_task(again.lease, {"ok": True})
         assert done.status is TaskStatus.COMPLETED
-    with closing(sqlite3.connect(db_path)) as conn:
+    with closing(sqlite3.connect(new_db_path)) as conn:
         stored = dict(conn.execute("SELECT id, lease_hash FROM runs").fetchall())
     assert stored == {"r-old": None, again.lease.run_id: _hash(again.lease.secret)}
 

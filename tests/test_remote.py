@@ -10,16 +10,19 @@ peers write raw bytes to the socket.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
 import struct
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from _raw import is_postgres
+from _raw import fresh_database, is_postgres
 from reliability._remote import DEADLINE, owner
 
 from hive_orchestration import (
@@ -307,10 +310,25 @@ async def test_a_claim_whose_remote_caller_left_goes_back_at_once(
 # -- the socket is the owner's alone ------------------------------------------------------
 
 
+@pytest.fixture
+def short_db_path() -> Iterator[str]:
+    """As ``db_path``, in a folder of its own right under the temporary folder, not under
+    pytest's ``tmp_path``: the socket goes beside the database only while its path fits
+    in ``sun_path`` (107 bytes; past that the runtime serves an abstract socket,
+    remote/address.py), which a test's folder under a longer temporary root (the suite's
+    tmpfs, tests/conftest.py) or a longer user name in ``pytest-of-USER`` passes."""
+    folder = Path(tempfile.mkdtemp(prefix="hive-"))
+    try:
+        yield fresh_database(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.mark.sqlite_only("the socket's path beside the database file and its lock file")
 async def test_the_socket_is_private_and_recorded_beside_the_lock(
-    db_path: str, anyio_backend: str
+    short_db_path: str, anyio_backend: str
 ) -> None:
+    db_path = short_db_path
     beside = Path(os.path.realpath(Path(db_path).parent)) / "hive.db.hive"  # noqa: ASYNC240
     async with owner(db_path, anyio_backend) as process:
         pid, address = read_owner(db_path)

@@ -95,17 +95,17 @@ def _sidecars(path: Path) -> list[Path]:
 
 
 @pytest.mark.sqlite_only("SQLite's catalogue, PRAGMA user_version and journal_mode")
-async def test_fresh_database_has_every_table_and_index(db_path: str) -> None:
-    assert not Path(db_path).parent.exists()
-    async with Runtime.open(db_path) as runtime:
+async def test_fresh_database_has_every_table_and_index(new_db_path: str) -> None:
+    assert not Path(new_db_path).parent.exists()
+    async with Runtime.open(new_db_path) as runtime:
         stats = await runtime.statistics()
         assert stats.storage.schema_version == SCHEMA_VERSION
         assert stats.storage.last_seq == 0
-    assert _names(db_path, "table") >= TABLES
-    assert _names(db_path, "index") >= INDEXES | set(EVENT_INDEXES.values())
-    assert _pragma(db_path, "user_version") == SCHEMA_VERSION
-    assert _pragma(db_path, "journal_mode") == "wal"
-    with closing(sqlite3.connect(db_path)) as conn:
+    assert _names(new_db_path, "table") >= TABLES
+    assert _names(new_db_path, "index") >= INDEXES | set(EVENT_INDEXES.values())
+    assert _pragma(new_db_path, "user_version") == SCHEMA_VERSION
+    assert _pragma(new_db_path, "journal_mode") == "wal"
+    with closing(sqlite3.connect(new_db_path)) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
 
@@ -152,11 +152,11 @@ async def test_filtered_event_reads_use_the_event_indexes(db_path: str) -> None:
 
 
 @pytest.mark.sqlite_only("builds a version-5 database from SQLite's migrations")
-async def test_version_5_database_gains_the_plan_event_index(db_path: str) -> None:
+async def test_version_5_database_gains_the_plan_event_index(new_db_path: str) -> None:
     # A database left at version 5 by the previous release: its events stay, the
     # migration adds the index, and reads by plan find them.
-    Path(db_path).parent.mkdir(parents=True)
-    with closing(sqlite3.connect(db_path)) as conn, conn:
+    Path(new_db_path).parent.mkdir(parents=True)
+    with closing(sqlite3.connect(new_db_path)) as conn, conn:
         for migration in MIGRATIONS[:5]:
             for statement in migration:
                 conn.execute(statement)
@@ -166,22 +166,22 @@ async def test_version_5_database_gains_the_plan_event_index(db_path: str) -> No
             " (2, 'other', 2.0, 'old', NULL, '{}')"
         )
         conn.execute("PRAGMA user_version = 5")
-    assert "idx_events_plan_id" not in _names(db_path, "index")
-    async with Runtime.open(db_path) as runtime:
+    assert "idx_events_plan_id" not in _names(new_db_path, "index")
+    async with Runtime.open(new_db_path) as runtime:
         stats = await runtime.statistics()
         assert stats.storage.last_seq == 2
         assert [event.seq for event in await runtime.read_events()] == [1, 2]
-    assert _pragma(db_path, "user_version") == SCHEMA_VERSION
-    assert "idx_events_plan_id" in _names(db_path, "index")
-    with closing(sqlite3.connect(db_path)) as conn:
+    assert _pragma(new_db_path, "user_version") == SCHEMA_VERSION
+    assert "idx_events_plan_id" in _names(new_db_path, "index")
+    with closing(sqlite3.connect(new_db_path)) as conn:
         assert conn.execute("SELECT seq FROM events WHERE plan_id = 'p-1'").fetchall() == [(1,)]
 
 
 @pytest.mark.sqlite_only("the database file's and WAL files' permissions")
-async def test_file_is_private_and_its_folder_is_created(db_path: str) -> None:
-    path = Path(db_path)
+async def test_file_is_private_and_its_folder_is_created(new_db_path: str) -> None:
+    path = Path(new_db_path)
     assert not path.parent.exists()
-    async with Runtime.open(db_path) as runtime:
+    async with Runtime.open(new_db_path) as runtime:
         assert path.parent.is_dir()
         await runtime.publish("file.checked", {"n": 1})
         assert os.stat(path).st_mode & 0o777 == 0o600
@@ -191,6 +191,40 @@ async def test_file_is_private_and_its_folder_is_created(db_path: str) -> None:
         for sidecar in sidecars:
             assert sidecar.stat().st_mode & 0o777 == 0o600, sidecar
     assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+@pytest.mark.sqlite_only("the SQLite fixture's template file (tests/_raw.py)")
+async def test_db_path_is_what_a_first_open_of_an_empty_path_leaves(
+    db_path: str, tmp_path: Path
+) -> None:
+    """The fixture's copy of its template is the schema the runtime's own first open makes
+    of an empty path (every table, index and trigger as written, the version, WAL), its
+    file and folder private as the runtime makes them, and nothing in it: a test given it
+    starts where one given an empty path would be after its first open."""
+    from _raw import never_opened
+
+    new_db_path = str(tmp_path / "empty" / "hive.db")
+    async with Runtime.open(new_db_path):
+        pass
+
+    def schema(path: str) -> list[tuple[object, ...]]:
+        with closing(sqlite3.connect(path)) as conn:
+            return conn.execute(
+                "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name"
+            ).fetchall()
+
+    assert schema(db_path) == schema(new_db_path)
+    for name in ("user_version", "journal_mode", "page_size", "auto_vacuum", "encoding"):
+        assert _pragma(db_path, name) == _pragma(new_db_path, name), name
+    assert _pragma(db_path, "user_version") == SCHEMA_VERSION
+    assert _mode(Path(db_path)) & 0o777 == 0o600
+    assert _mode(Path(db_path).parent) & 0o777 == 0o700
+    for table in sorted(_names(db_path, "table")):
+        assert raw_rows(db_path, f"SELECT count(*) FROM {table}") == [(0,)], table
+    assert never_opened(db_path)
+    async with Runtime.open(db_path) as runtime:
+        assert (await runtime.statistics()).storage.schema_version == SCHEMA_VERSION
+    assert not never_opened(db_path)
 
 
 async def test_path_like_is_accepted(tmp_path: Path) -> None:
@@ -227,20 +261,20 @@ async def test_reopen_keeps_data_and_does_not_migrate_again(db_path: str) -> Non
 
 
 @pytest.mark.sqlite_only("SQLite's catalogue and PRAGMA user_version")
-async def test_failed_migration_leaves_the_database_as_it_was(db_path: str) -> None:
+async def test_failed_migration_leaves_the_database_as_it_was(new_db_path: str) -> None:
     # A version-0 database that already has a table named like one of ours: migration 1
     # fails part-way (tasks..plan_execution are created before events), and must roll back.
-    Path(db_path).parent.mkdir(parents=True)
-    with closing(sqlite3.connect(db_path)) as conn, conn:
+    Path(new_db_path).parent.mkdir(parents=True)
+    with closing(sqlite3.connect(new_db_path)) as conn, conn:
         conn.execute("CREATE TABLE events (mine TEXT)")
         conn.execute("INSERT INTO events VALUES ('precious')")
     with pytest.raises(StorageError, match="already exists"):
-        async with Runtime.open(db_path):
+        async with Runtime.open(new_db_path):
             pytest.fail("opened a database whose migration failed")
-    assert _pragma(db_path, "user_version") == 0
-    assert _names(db_path, "table") == {"events"}
-    assert _names(db_path, "index") == set()
-    with closing(sqlite3.connect(db_path)) as conn:
+    assert _pragma(new_db_path, "user_version") == 0
+    assert _names(new_db_path, "table") == {"events"}
+    assert _names(new_db_path, "index") == set()
+    with closing(sqlite3.connect(new_db_path)) as conn:
         assert conn.execute("SELECT mine FROM events").fetchall() == [("precious",)]
 
 
@@ -248,11 +282,11 @@ async def test_failed_migration_leaves_the_database_as_it_was(db_path: str) -> N
 
 
 @pytest.mark.sqlite_only("the file's bytes, WAL files and PRAGMA user_version")
-async def test_newer_schema_is_refused_and_left_untouched(db_path: str) -> None:
-    path = Path(db_path)
+async def test_newer_schema_is_refused_and_left_untouched(new_db_path: str) -> None:
+    path = Path(new_db_path)
     path.parent.mkdir(parents=True)
     newer = SCHEMA_VERSION + 1
-    with closing(sqlite3.connect(db_path)) as conn, conn:
+    with closing(sqlite3.connect(new_db_path)) as conn, conn:
         conn.execute("CREATE TABLE future_things (id INTEGER PRIMARY KEY, what TEXT)")
         conn.execute("INSERT INTO future_things (what) VALUES ('from the future')")
         conn.execute(f"PRAGMA user_version = {newer}")
@@ -260,69 +294,69 @@ async def test_newer_schema_is_refused_and_left_untouched(db_path: str) -> None:
     mode_before = _mode(path)
 
     with pytest.raises(NewerSchemaError) as caught:
-        async with Runtime.open(db_path):
+        async with Runtime.open(new_db_path):
             pytest.fail("opened a database with a newer schema")
 
     error = caught.value
     assert isinstance(error, StorageError)
     assert (error.found, error.supported) == (newer, SCHEMA_VERSION)
-    assert error.path == db_path
+    assert error.path == new_db_path
     assert str(newer) in str(error)
     assert str(SCHEMA_VERSION) in str(error)
     assert _fingerprint(path) == before
     assert _mode(path) == mode_before
     assert _sidecars(path) == []
-    assert _pragma(db_path, "user_version") == newer
-    assert _pragma(db_path, "journal_mode") == "delete"
-    assert _names(db_path, "table") == {"future_things"}
-    with closing(sqlite3.connect(db_path)) as conn:
+    assert _pragma(new_db_path, "user_version") == newer
+    assert _pragma(new_db_path, "journal_mode") == "delete"
+    assert _names(new_db_path, "table") == {"future_things"}
+    with closing(sqlite3.connect(new_db_path)) as conn:
         assert conn.execute("SELECT what FROM future_things").fetchall() == [("from the future",)]
 
 
 @pytest.mark.sqlite_only("SQLite's PRAGMA user_version")
-async def test_current_version_without_the_tables_gives_storage_error(db_path: str) -> None:
+async def test_current_version_without_the_tables_gives_storage_error(new_db_path: str) -> None:
     # user_version says "migrated" but the tables are not there: refuse, do not crash.
-    Path(db_path).parent.mkdir(parents=True)
-    with closing(sqlite3.connect(db_path)) as conn:
+    Path(new_db_path).parent.mkdir(parents=True)
+    with closing(sqlite3.connect(new_db_path)) as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     with pytest.raises(StorageError, match="events"):
-        async with Runtime.open(db_path):
+        async with Runtime.open(new_db_path):
             pytest.fail("opened a database without an event log")
 
 
 @pytest.mark.sqlite_only("SQLite's PRAGMA user_version")
-async def test_newer_schema_is_refused_every_time(db_path: str) -> None:
+async def test_newer_schema_is_refused_every_time(new_db_path: str) -> None:
     # The refusal leaves no trace that would let a second attempt through.
-    Path(db_path).parent.mkdir(parents=True)
-    with closing(sqlite3.connect(db_path)) as conn:
+    Path(new_db_path).parent.mkdir(parents=True)
+    with closing(sqlite3.connect(new_db_path)) as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 5}")
     for _ in range(2):
         with pytest.raises(NewerSchemaError) as caught:
-            async with Runtime.open(db_path):
+            async with Runtime.open(new_db_path):
                 pass
         assert caught.value.found == SCHEMA_VERSION + 5
 
 
 @pytest.mark.sqlite_only("a file that is not a SQLite database")
-async def test_file_that_is_not_a_database_gives_storage_error(db_path: str) -> None:
-    path = Path(db_path)
+async def test_file_that_is_not_a_database_gives_storage_error(new_db_path: str) -> None:
+    path = Path(new_db_path)
     path.parent.mkdir(parents=True)
     garbage = bytes(range(256)) * 64
     _write(path, garbage)
     # The deadline only turns a hang into a failure; it is not a timing assertion.
     with anyio.fail_after(30), pytest.raises(StorageError, match="not a database"):
-        async with Runtime.open(db_path):
+        async with Runtime.open(new_db_path):
             pytest.fail("opened a file that is not a database")
     assert _read(path) == garbage
 
 
 @pytest.mark.sqlite_only("a file that is not a SQLite database")
-async def test_text_file_is_not_a_database_either(db_path: str) -> None:
-    path = Path(db_path)
+async def test_text_file_is_not_a_database_either(new_db_path: str) -> None:
+    path = Path(new_db_path)
     path.parent.mkdir(parents=True)
     _write(path, b"this is my shopping list, not a database\n" * 200)
     with pytest.raises(StorageError):
-        async with Runtime.open(db_path):
+        async with Runtime.open(new_db_path):
             pytest.fail("opened a text file as a database")
 
 

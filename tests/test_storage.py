@@ -281,16 +281,16 @@ async def test_cancelled_writers_leave_no_partial_write(
     "its child interrupts the SQLite thread driver's transaction (tests/_interrupt.py)"
 )
 async def test_a_process_killed_in_the_middle_of_a_write_leaves_none_of_it(
-    db_path: str, tmp_path: Path, anyio_backend: str
+    new_db_path: str, tmp_path: Path, anyio_backend: str
 ) -> None:
     """A real process (``tests/_interrupt.py``) killed with SIGKILL half-way through the
     transaction of a 20-task batch: reopened, the database has the acknowledged tasks and
     not one row of the batch, and its tasks and log agree."""
-    Path(db_path).parent.mkdir(parents=True)
+    Path(new_db_path).parent.mkdir(parents=True)
     stderr = tmp_path / "child.err"
     with stderr.open("wb") as err:
         done = await anyio.run_process(
-            [sys.executable, str(INTERRUPT), anyio_backend, db_path], stderr=err, check=False
+            [sys.executable, str(INTERRUPT), anyio_backend, new_db_path], stderr=err, check=False
         )
     lines = done.stdout.decode().splitlines()
     context = f"child output {lines}, stderr:\n{stderr.read_text()}"
@@ -298,7 +298,7 @@ async def test_a_process_killed_in_the_middle_of_a_write_leaves_none_of_it(
     assert lines[-1] == "cut", context  # killed in the batch's transaction
     acknowledged = [line.removeprefix("ack ") for line in lines[:-1]]
     assert len(acknowledged) == 5, context
-    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+    with contextlib.closing(sqlite3.connect(new_db_path)) as conn:
         tasks = {task_id for (task_id,) in conn.execute("SELECT id FROM tasks")}
         logged = conn.execute("SELECT type, task_id FROM events ORDER BY seq").fetchall()
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)

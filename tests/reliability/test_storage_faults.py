@@ -346,14 +346,14 @@ async def test_a_full_disk_fails_each_write_whole_and_loses_nothing(
 
 
 async def test_a_file_size_limit_fails_each_write_whole_and_loses_nothing(
-    db_path: str, tmp_path: Path, anyio_backend: str
+    new_db_path: str, tmp_path: Path, anyio_backend: str
 ) -> None:
     """The unprivileged full disk: RLIMIT_FSIZE in a child process caps every file."""
-    Path(db_path).parent.mkdir(parents=True)
+    Path(new_db_path).parent.mkdir(parents=True)
     acked: list[str] = []
     refusals: list[dict[str, str]] = []
     async with child(
-        "fsize", anyio_backend, db_path, str(1 << 19), stderr_path=tmp_path / "err"
+        "fsize", anyio_backend, new_db_path, str(1 << 19), stderr_path=tmp_path / "err"
     ) as limited:
         while (line := await limited.line()) is not None:
             if "ack" in line:
@@ -370,9 +370,9 @@ async def test_a_file_size_limit_fails_each_write_whole_and_loses_nothing(
     assert len(acked) >= 5, acked
     for refusal in refusals:
         assert refusal["refused"] in {"disk_full", "io_error"}, refusal
-        assert refusal["path"] == db_path, refusal
+        assert refusal["path"] == new_db_path, refusal
         assert "rolled back" in refusal["message"], refusal
-    assert list((await audited(db_path)).keys()) == acked
+    assert list((await audited(new_db_path)).keys()) == acked
 
 
 # -- locked by another process ------------------------------------------------------------

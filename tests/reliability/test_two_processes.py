@@ -60,21 +60,26 @@ async def refused_by(path: str, owner: int) -> StorageError:
 
 
 async def test_a_second_process_is_refused_and_the_claim_dies_with_its_owner(
-    db_path: str, tmp_path: Path, anyio_backend: str
+    new_db_path: str, tmp_path: Path, anyio_backend: str
 ) -> None:
-    Path(db_path).parent.mkdir(parents=True)
+    Path(new_db_path).parent.mkdir(parents=True)
     acked: list[str] = []
     async with child(
-        "runtime", anyio_backend, db_path, str(BEFORE), "--forever", stderr_path=tmp_path / "err"
+        "runtime",
+        anyio_backend,
+        new_db_path,
+        str(BEFORE),
+        "--forever",
+        stderr_path=tmp_path / "err",
     ) as owner:
         ready = await owner.expect("ready")
         assert ready["ready"] == owner.pid
         acked += ready["tasks"]
-        await refused_by(db_path, owner.pid)
-        assert lock_holder(db_path) == str(owner.pid)
+        await refused_by(new_db_path, owner.pid)
+        assert lock_holder(new_db_path) == str(owner.pid)
 
         # The inspector reads beside the owner, and sees its commits as they land.
-        async with Inspector.open(db_path) as inspector:
+        async with Inspector.open(new_db_path) as inspector:
             for _ in range(WHILE):
                 acked.append((await owner.expect("ack"))["ack"])
             seen = await inspector.task_counts()
@@ -93,8 +98,8 @@ async def test_a_second_process_is_refused_and_the_claim_dies_with_its_owner(
             acked.append(line["ack"])
 
     with anyio.fail_after(10):  # the kernel released the lock with the process
-        async with Runtime.open(db_path) as runtime:
-            assert lock_holder(db_path) == str(os.getpid())
+        async with Runtime.open(new_db_path) as runtime:
+            assert lock_holder(new_db_path) == str(os.getpid())
             client = runtime.client()
             _, tasks, _, problems = await audit_tasks(client, await read_log(client))
     assert not problems, "\n".join(problems)
@@ -104,14 +109,14 @@ async def test_a_second_process_is_refused_and_the_claim_dies_with_its_owner(
     assert all(task.status is TaskStatus.QUEUED for task in tasks.values())
     assert all(task.payload.keys() == {"n"} for task in tasks.values())
     # Closed cleanly: no pid left behind for the next opener to report.
-    assert lock_holder(db_path) == ""
+    assert lock_holder(new_db_path) == ""
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the children run both backends
 async def test_of_processes_racing_to_open_one_file_exactly_one_wins(
-    db_path: str, tmp_path: Path
+    new_db_path: str, tmp_path: Path
 ) -> None:
-    Path(db_path).parent.mkdir(parents=True)
+    Path(new_db_path).parent.mkdir(parents=True)
     outcomes: dict[int, dict[str, Any]] = {}
 
     async def first_line(racer: Child) -> None:
@@ -122,7 +127,7 @@ async def test_of_processes_racing_to_open_one_file_exactly_one_wins(
     async with AsyncExitStack() as stack:
         racers = [
             await stack.enter_async_context(
-                child("runtime", backend, db_path, "1", stderr_path=tmp_path / f"err{i}")
+                child("runtime", backend, new_db_path, "1", stderr_path=tmp_path / f"err{i}")
             )
             for i, backend in enumerate(["asyncio", "trio"])
         ]
@@ -135,7 +140,7 @@ async def test_of_processes_racing_to_open_one_file_exactly_one_wins(
         for pid, line in outcomes.items():
             if pid != winner:
                 assert line["fault"] == "in_use", line
-                assert line["path"] == db_path
+                assert line["path"] == new_db_path
                 # The winner's pid, unless the loser looked in the instant between the
                 # winner's taking the lock and its writing its pid there.
                 message = line["error"]
