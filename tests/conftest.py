@@ -30,6 +30,22 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto``: two workers per core (``--maxprocesses`` caps it). Most of a test's
+    time is waiting (fsyncs, sockets, child processes, leases and timers run out), so
+    one worker per core left them half idle: on the 2-core machine at load ~2, 4
+    workers ran the suite in 224 s against 345 s for 2 (CPU 327 s against 321 s).
+    ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still decides when set (xdist's own rule)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own hook reads it
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return 2 * cores
+
+
 def _is_controller(config: pytest.Config) -> bool:
     """The process that runs the session (xdist's controller, or the only process)."""
     return not hasattr(config, "workerinput")
