@@ -11,6 +11,7 @@ import anyio.lowlevel
 import msgspec
 
 from ..messages.events import Event
+from ..messages.storage_writes import AppendEvent
 from ..messages.tasks import JsonObject, Run, RunStatus, Task, TaskStatus
 from ..messages.workers import Worker, WorkerStatus
 from .port import Params, Row, Statement
@@ -21,6 +22,8 @@ __all__ = [
     "KEY_LOCK",
     "FENCE_TASK",
     "EVENT_COLUMNS",
+    "EventValues",
+    "event_values",
     "decoded",
     "EPOCH",
     "parse_json",
@@ -375,6 +378,25 @@ def run_from_row(row: tuple[object, ...]) -> Run:
 
 #: The event log's columns, in the order every store's event reads answer them.
 EVENT_COLUMNS = "seq, type, timestamp, source, correlation_id, task_id, plan_id, worker_id, data"
+
+#: An event's row but its seq (EVENT_COLUMNS after the first), as both stores insert it.
+EventValues = tuple[str, float, str, str | None, str | None, str | None, str | None, str]
+
+
+def event_values(op: AppendEvent) -> EventValues:
+    """The row of an appended event, but its seq (the store numbers it)."""
+    event = op.event
+    return (
+        event.type,
+        event.timestamp,
+        event.source,
+        event.correlation_id,
+        event.task_id,
+        event.plan_id,
+        event.worker_id,
+        op.data_json.decode(),
+    )
+
 
 #: Rows decoded between two yields to the event loop: about 2.5 ms of tasks.
 _DECODE_CHUNK = 256

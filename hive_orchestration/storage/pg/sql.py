@@ -47,6 +47,7 @@ from ..rows import (
     TASK_COLUMNS,
     WORKER_COLUMNS,
     decoded,
+    event_values,
     parse_time,
     run_from_row,
     task_from_row,
@@ -176,26 +177,8 @@ def parse_events_notice(payload: str) -> tuple[str, int, int, Kinds] | None:
     return origin, int(last), int(first), tuple(named)
 
 
-_EventRow = tuple[str, float, str, str | None, str | None, str | None, str | None, str]
-
-
 def _event_rows(ops: Sequence[AppendEvent]) -> str:
-    rows: list[_EventRow] = []
-    for op in ops:
-        event = op.event
-        rows.append(
-            (
-                event.type,
-                event.timestamp,
-                event.source,
-                event.correlation_id,
-                event.task_id,
-                event.plan_id,
-                event.worker_id,
-                op.data_json.decode(),
-            )
-        )
-    return _encode(rows).decode()
+    return _encode([event_values(op) for op in ops]).decode()
 
 
 #: Queued tasks by type, and the earliest time one of each became claimable (the twin of
@@ -228,21 +211,7 @@ class PostgresSql:
     """The SQL families of the PostgreSQL store (stateless: one instance serves all)."""
 
     def event_statement(self, seq: int, op: AppendEvent) -> Statement:
-        event = op.event
-        return (
-            _INSERT_EVENT,
-            (
-                seq,
-                event.type,
-                event.timestamp,
-                event.source,
-                event.correlation_id,
-                event.task_id,
-                event.plan_id,
-                event.worker_id,
-                op.data_json.decode(),
-            ),
-        )
+        return (_INSERT_EVENT, (seq, *event_values(op)))
 
     def numbered_events(self, ops: Sequence[AppendEvent], origin: str) -> Statement | None:
         count = len(ops)

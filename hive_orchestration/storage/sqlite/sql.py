@@ -39,6 +39,7 @@ from ..rows import (
     TASK_COLUMNS,
     WORKER_COLUMNS,
     decoded,
+    event_values,
     run_from_row,
     task_from_row,
     time_text,
@@ -81,21 +82,7 @@ class SqliteSql:
     """The SQL families of the SQLite store (stateless: one instance serves all)."""
 
     def event_statement(self, seq: int, op: AppendEvent) -> Statement:
-        event = op.event
-        return (
-            _INSERT_EVENT,
-            (
-                seq,
-                event.type,
-                event.timestamp,
-                event.source,
-                event.correlation_id,
-                event.task_id,
-                event.plan_id,
-                event.worker_id,
-                op.data_json.decode(),
-            ),
-        )
+        return (_INSERT_EVENT, (seq, *event_values(op)))
 
     def numbered_events(self, ops: Sequence[AppendEvent], origin: str) -> Statement | None:
         # One runtime writes a SQLite file: the actor numbers events in memory.
