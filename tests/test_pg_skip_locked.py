@@ -137,12 +137,21 @@ async def test_a_task_retried_on_one_node_is_claimed_on_another_with_its_runs(
         first = await one.claim_task("w1", "job")
         assert first is not None
         await one.fail_task(first.lease, "once", retryable=True)
-        # Due again once its backoff passed: a claim locks only tasks that are due, and
-        # with no sweep the other node would not look again for one that came due later.
+        # The other node never held it (no sweep: it knows it from the lock alone). A
+        # lock takes only tasks that are due, and no write announces a backoff's end: a
+        # node whose lock came before it looks again at a notice (or its sweep, off
+        # here). So once the backoff passed, a task queued behind it sends one.
         await anyio.sleep(0.1)
-        # The other node never held it (no sweep: it knows it from the lock alone).
+        claimed: list[Any] = []
+
+        async def claim() -> None:
+            claimed.append(await two.claim_task("w2", "job", wait=5))
+
         with anyio.fail_after(10):
-            again = await two.claim_task("w2", "job", wait=5)
+            async with anyio.create_task_group() as group:
+                group.start_soon(claim)
+                await one.create_task("job")
+        again = claimed[0]
         assert again is not None
         assert again.task.id == retried
         assert again.lease.attempt == 2
