@@ -303,25 +303,32 @@ async def test_a_node_reads_of_the_others_events_only_what_its_subscribers_could
                     assert (await everything.receive()).seq == seen.seq
 
 
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The log reads of every node's tailer in this process (each the seq read through),
+    its safety poll put out of reach: its reads are then the notices' and its start's."""
+    from hive_orchestration.storage.pg import tailer as pg_tailer
+
+    monkeypatch.setattr(pg_tailer, "POLL_SECONDS", 3600.0)
+    found: list[int] = []
+    catch_up = pg_tailer.LogTailer._catch_up
+
+    async def counted(self: pg_tailer.LogTailer, through: int) -> None:
+        found.append(through)
+        await catch_up(self, through)
+
+    monkeypatch.setattr(pg_tailer.LogTailer, "_catch_up", counted)
+    return found
+
+
 @pytest.mark.anyio
 async def test_a_node_passes_the_commits_nobody_there_wants_without_reading_them(
-    pg_url: str, monkeypatch: pytest.MonkeyPatch
+    pg_url: str, reads: list[int]
 ) -> None:
     """Each commit's notice names its event types (and which fields some event of each
     sets): node A, whose subscribers take ``job.*`` and plan tasks' ends, moves past B's
     other commits unread, and reads the one that holds a job; its subscriber gets the
     jobs in order. (A's safety poll is put out of reach: its reads are the notices'.)"""
-    from hive_orchestration.storage.pg import tailer as pg_tailer
-
-    monkeypatch.setattr(pg_tailer, "POLL_SECONDS", 3600.0)
-    reads: list[int] = []
-    catch_up = pg_tailer.LogTailer._catch_up
-
-    async def counted(self: pg_tailer.LogTailer, through: int) -> None:
-        reads.append(through)
-        await catch_up(self, through)
-
-    monkeypatch.setattr(pg_tailer.LogTailer, "_catch_up", counted)
     async with (
         Runtime.open(pg_url) as a,
         Runtime.open(pg_url) as b,
@@ -416,23 +423,12 @@ async def test_a_trim_on_one_node_refuses_a_replay_from_before_it_on_another(
 
 @pytest.mark.anyio
 async def test_one_node_publishes_its_own_commits_without_reading_the_log(
-    pg_url: str, monkeypatch: pytest.MonkeyPatch
+    pg_url: str, reads: list[int]
 ) -> None:
     """A single node's commits are always next: its tailer publishes them from memory,
     so PostgreSQL costs no read per commit. The only read is the sweep the listener asks
     for as it starts listening (a notification may have been missed before), the safety
     poll being put out of reach here."""
-    from hive_orchestration.storage.pg import tailer as pg_tailer
-
-    monkeypatch.setattr(pg_tailer, "POLL_SECONDS", 3600.0)
-    reads: list[int] = []
-    catch_up = pg_tailer.LogTailer._catch_up
-
-    async def counted(self: pg_tailer.LogTailer, through: int) -> None:
-        reads.append(through)
-        await catch_up(self, through)
-
-    monkeypatch.setattr(pg_tailer.LogTailer, "_catch_up", counted)
     async with Runtime.open(pg_url) as runtime:
         got: list[int] = []
         sent: list[int] = []
