@@ -76,7 +76,17 @@ from .messages.plans import (
     SubtaskStatus,
 )
 from .messages.schedules import CatchUp, Schedule
-from .messages.tasks import Claim, Lease, RevokedTaskType, Run, RunStatus, Task, TaskStatus
+from .messages.tasks import (
+    Claim,
+    Lease,
+    Refusal,
+    RevokedTaskType,
+    Run,
+    RunStatus,
+    Task,
+    TaskOutcome,
+    TaskStatus,
+)
 from .messages.workers import Worker, WorkerStatus
 from .remote.status import ConnectionStatus, ServerStatus
 from .storage import SCHEMA_VERSION
@@ -123,6 +133,7 @@ __all__ = [
     "NotFoundError",
     "OutcomeUnknownError",
     "RateLimit",
+    "Refusal",
     "RequestTimeoutError",
     "Run",
     "RunStatus",
@@ -138,6 +149,7 @@ __all__ = [
     "SubscriberLaggedError",
     "EventsTrimmedError",
     "Task",
+    "TaskOutcome",
     "TaskContext",
     "TaskStatus",
     "Worker",

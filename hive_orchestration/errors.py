@@ -311,3 +311,31 @@ class AccessDeniedError(HiveError, PermissionError):
         self.operation = operation
         self.reason = reason
         super().__init__(f"{operation} refused: {reason}")
+
+
+# -- an error as plain values (the socket's Failure, a batch item's Refusal) --------------------
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def plain_attributes(error: HiveError) -> dict[str, str | int | float | bool | None]:
+    """The plain attributes of ``error`` (``field``, ``reason``, ``task_id``...): what
+    :func:`rebuild_error` needs to make it again in another process."""
+    return {k: v for k, v in vars(error).items() if isinstance(v, _SCALARS)}
+
+
+def rebuild_error(
+    name: str, message: str, attributes: dict[str, str | int | float | bool | None]
+) -> HiveError:
+    """The error of class ``name`` (one of this module's) with ``message`` and
+    ``attributes``, as :func:`plain_attributes` gave them; a plain :class:`HiveError`
+    naming ``name`` for a class this module does not have."""
+    cls = globals().get(name)
+    if not (isinstance(cls, type) and issubclass(cls, HiveError)):
+        return HiveError(f"{name}: {message}")
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    for key, value in attributes.items():
+        if isinstance(key, str) and not key.startswith("_") and isinstance(value, _SCALARS):
+            setattr(error, key, value)
+    return error

@@ -15,7 +15,7 @@ from .messages.plans import (
     SubtaskState,
     SubtaskStatus,
 )
-from .messages.tasks import Claim, Lease, Run, RunStatus, Task, TaskStatus
+from .messages.tasks import Claim, Lease, Refusal, Run, RunStatus, Task, TaskOutcome, TaskStatus
 from .messages.workers import Worker, WorkerStatus
 
 __all__ = [
@@ -28,12 +28,14 @@ __all__ = [
     "PlanStatus",
     "PlanningRequest",
     "PlanningStatus",
+    "Refusal",
     "Run",
     "RunStatus",
     "Subtask",
     "SubtaskState",
     "SubtaskStatus",
     "Task",
+    "TaskOutcome",
     "TaskStatus",
     "Worker",
     "WorkerStatus",

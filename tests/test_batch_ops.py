@@ -4,6 +4,7 @@ on claims. Real SQLite files, both backends, through the public API."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import pytest
 from _raw import raw_rows, refusing_writes
@@ -19,6 +21,7 @@ from _raw import raw_rows, refusing_writes
 from hive_orchestration import (
     Claim,
     InvalidInputError,
+    LeaseLostError,
     OrchestrationClient,
     RunStatus,
     Runtime,
@@ -414,3 +417,288 @@ def test_batches_from_sync_code(tmp_path: Path, backend: str) -> None:
         for c in got:
             client.complete_task(c.lease)
         assert [t.id for t in client.get_tasks_by_status("queued")] == ids[3:]
+
+
+# -- complete_tasks and fail_tasks ----------------------------------------------------------------
+
+
+async def running(rt: Runtime, count: int, lease: float = 600.0) -> list[Claim]:
+    """``count`` tasks created, claimed and started by one worker."""
+    await rt.create_tasks([{"task_type": "job", "payload": {"n": n}} for n in range(count)])
+    claims = await rt.claim_tasks("w1", "job", limit=count, lease=lease, start=True)
+    assert len(claims) == count
+    return claims
+
+
+async def statuses(rt: Runtime, claims: list[Claim]) -> list[TaskStatus]:
+    tasks = [await rt.get_task(c.task.id) for c in claims]
+    return [t.status for t in tasks if t is not None]
+
+
+async def test_complete_tasks_completes_each_in_one_commit_with_an_event_each(
+    db_path: str,
+) -> None:
+    async with runtime(db_path) as rt:
+        claims = await running(rt, 5)
+        after = await rt.last_seq()
+        before = (await rt.statistics()).storage.transactions
+        outcomes = await rt.complete_tasks(
+            [{"lease": c.lease, "result": {"n": n}} for n, c in enumerate(claims[:4])]
+            + [{"lease": claims[4].lease}]
+        )
+        assert (await rt.statistics()).storage.transactions == before + 1
+        assert all(o.refused is None for o in outcomes)
+        done = [o.result() for o in outcomes]
+        assert [t.id for t in done] == [c.task.id for c in claims]
+        assert {t.status for t in done} == {TaskStatus.COMPLETED}
+        assert [t.result for t in done] == [{"n": 0}, {"n": 1}, {"n": 2}, {"n": 3}, None]
+        events = await rt.read_events(after)
+        assert [(e.type, e.task_id) for e in events] == [
+            ("task.completed", c.task.id) for c in claims
+        ]
+        assert [e.data["run_id"] for e in events] == [c.lease.run_id for c in claims]
+        runs = [(await rt.get_runs(c.task.id))[-1] for c in claims]
+        assert {r.status for r in runs} == {RunStatus.COMPLETED}
+        assert await rt.complete_tasks([]) == []
+    # Durable once the call returned.
+    assert rows(db_path, "SELECT DISTINCT status FROM tasks") == [("completed",)]
+
+
+async def test_a_refused_item_changes_nothing_and_the_others_complete(db_path: str) -> None:
+    """One commit, each item decided on its own: an item whose lease does not hold its
+    task (another run's id, a wrong secret, already completed, the same lease twice, a
+    task cancelled under it) says why and changes nothing; the others complete."""
+    async with runtime(db_path) as rt:
+        claims = await running(rt, 6)
+        await rt.complete_task(claims[1].lease)  # already completed
+        await rt.cancel_task(claims[4].task.id, reason="not needed")  # the lease is lost
+        wrong_run = msgspec.structs.replace(claims[2].lease, run_id=claims[3].lease.run_id)
+        wrong_secret = msgspec.structs.replace(claims[3].lease, secret="x" * 22)
+        after = await rt.last_seq()
+        outcomes = await rt.complete_tasks(
+            [
+                {"lease": claims[0].lease, "result": {"ok": 0}},
+                {"lease": claims[1].lease},
+                {"lease": wrong_run},
+                {"lease": wrong_secret},
+                {"lease": claims[4].lease},
+                {"lease": claims[5].lease, "result": {"ok": 5}},
+                {"lease": claims[0].lease, "result": {"again": True}},
+            ]
+        )
+        refused = {i: o.refused for i, o in enumerate(outcomes) if o.refused is not None}
+        assert sorted(refused) == [1, 2, 3, 4, 6]
+        for index, refusal in refused.items():
+            assert refusal.error == "LeaseLostError"
+            assert refusal.field == f"items[{index}].lease"
+            with pytest.raises(LeaseLostError) as lost:
+                outcomes[index].result()
+            assert lost.value.task_id == refusal.attributes["task_id"]
+            assert str(lost.value) == refusal.message
+        assert "run ended as completed" in str(refused[1].attributes["reason"])
+        assert refused[4].attributes["status"] == "cancelled"
+        assert refused[6].attributes["task_id"] == claims[0].task.id
+        assert [outcomes[0].result().result, outcomes[5].result().result] == [{"ok": 0}, {"ok": 5}]
+        # Only the two good items moved anything, and published.
+        assert [(e.type, e.task_id) for e in await rt.read_events(after)] == [
+            ("task.completed", claims[0].task.id),
+            ("task.completed", claims[5].task.id),
+        ]
+        assert await statuses(rt, claims) == [
+            TaskStatus.COMPLETED,
+            TaskStatus.COMPLETED,
+            TaskStatus.RUNNING,
+            TaskStatus.RUNNING,
+            TaskStatus.CANCELLED,
+            TaskStatus.COMPLETED,
+        ]
+        # The refused claims still hold their tasks: their own leases complete them.
+        again = await rt.complete_tasks([{"lease": claims[2].lease}, {"lease": claims[3].lease}])
+        assert [o.result().status for o in again] == [TaskStatus.COMPLETED] * 2
+
+
+@pytest.mark.parametrize(
+    ("call", "items", "field", "reason"),
+    [
+        ("complete_tasks", {"lease": None}, "items", "must be a list of mappings"),
+        ("complete_tasks", "abc", "items", "must be a list of mappings"),
+        ("complete_tasks", [0], "items[0]", "must be a mapping"),
+        ("complete_tasks", [{}], "items[0].lease", "is missing"),
+        ("complete_tasks", [{"lease": "token"}], "items[0].lease", "must be the Lease"),
+        ("complete_tasks", [{"lease": {"task_id": 5}}], "items[0].lease", "is not a lease"),
+        ("complete_tasks", [{"GOOD": 1, "colour": "red"}], "items[0].colour", "not an item's"),
+        ("complete_tasks", [{"GOOD": 1, "result": [1]}], "items[0].result", "object"),
+        ("complete_tasks", [{"GOOD": 1, "result": {"x": math.nan}}], "items[0].result.x", "finite"),
+        ("complete_tasks", [{"GOOD": 1}] * 1001, "items", "more than 1000"),
+        ("fail_tasks", [{"GOOD": 1}], "items[0].error", "is missing"),
+        ("fail_tasks", [{"GOOD": 1, "error": ""}], "items[0].error", "empty"),
+        (
+            "fail_tasks",
+            [{"GOOD": 1, "error": "e", "retryable": "no"}],
+            "items[0].retryable",
+            "a bool",
+        ),
+        (
+            "fail_tasks",
+            [{"GOOD": 1, "error": "e", "retry_after": -1}],
+            "items[0].retry_after",
+            "seconds",
+        ),
+        ("fail_tasks", [{"GOOD": 1, "error": "e", "result": {}}], "items[0].result", "not an"),
+    ],
+)
+async def test_a_malformed_item_refuses_the_whole_call(
+    db_path: str, call: str, items: Any, field: str, reason: str
+) -> None:
+    """Malformed input is the caller's bug, not a claim's fate: nothing is sent."""
+    async with runtime(db_path) as rt:
+        [claim] = await running(rt, 1)
+        after = await rt.last_seq()
+        if isinstance(items, list):  # "GOOD": a good lease in the item
+            lease = {"lease": claim.lease}
+            items = [
+                {**{k: v for k, v in i.items() if k != "GOOD"}, **lease}
+                if isinstance(i, dict) and "GOOD" in i
+                else i
+                for i in items
+            ]
+            if len(items) > 1:  # a good item first, so that something could be applied
+                items = [{"lease": claim.lease}, *items[1:]]
+        with pytest.raises(InvalidInputError, match=reason) as refused:
+            await getattr(rt, call)(items)
+        assert refused.value.field == field
+        assert await rt.read_events(after) == []
+        assert await statuses(rt, [claim]) == [TaskStatus.RUNNING]
+
+
+async def test_a_failed_commit_of_complete_tasks_changes_nothing(db_path: str) -> None:
+    """The items are one commit: the database refuses one run's update, so no item is
+    applied, in memory or on disk, and every claim still holds its task."""
+    async with runtime(db_path) as rt:
+        claims = await running(rt, 3)
+        after = await rt.last_seq()
+        bad = claims[2].lease.run_id
+        async with refusing_writes(
+            db_path, "runs", "no run ends today", event="UPDATE", when=f"NEW.id = '{bad}'"
+        ):
+            with pytest.raises(StorageError, match="no run ends today"):
+                await rt.complete_tasks([{"lease": c.lease, "result": {"n": 1}} for c in claims])
+            assert await statuses(rt, claims) == [TaskStatus.RUNNING] * 3
+            assert await rt.read_events(after) == []
+            runs = [(await rt.get_runs(c.task.id))[-1] for c in claims]
+            assert {r.status for r in runs} == {RunStatus.RUNNING}
+        outcomes = await rt.complete_tasks([{"lease": c.lease, "result": {"n": 2}} for c in claims])
+        assert [o.result().result for o in outcomes] == [{"n": 2}] * 3
+    assert rows(db_path, "SELECT count(*) FROM tasks WHERE status = 'completed'") == [(3,)]
+
+
+async def test_a_cancelled_complete_tasks_is_applied_whole_or_not_at_all(db_path: str) -> None:
+    """Cancelled at any point, the call leaves every item completed (its commit was
+    under way) or none: never some."""
+    async with runtime(db_path) as rt:
+        for checkpoints in range(12):
+            claims = await running(rt, 8)
+            with anyio.CancelScope() as scope:
+
+                async def cancel_soon(
+                    scope: anyio.CancelScope = scope, n: int = checkpoints
+                ) -> None:
+                    for _ in range(n):
+                        await anyio.lowlevel.checkpoint()
+                    scope.cancel()
+
+                async with anyio.create_task_group() as group:
+                    group.start_soon(cancel_soon)
+                    await rt.complete_tasks([{"lease": c.lease} for c in claims])
+            # Whatever was sent is decided by the next batch: a read after it sees it.
+            seen = set(await statuses(rt, claims))
+            assert seen in ({TaskStatus.COMPLETED}, {TaskStatus.RUNNING}), (checkpoints, seen)
+            if seen == {TaskStatus.RUNNING}:
+                outcomes = await rt.complete_tasks([{"lease": c.lease} for c in claims])
+                assert all(o.refused is None for o in outcomes)
+        completed = [e for e in await rt.read_events(0) if e.type == "task.completed"]
+        assert len(completed) == len({e.task_id for e in completed}) == 12 * 8
+
+
+async def test_fail_tasks_retries_or_fails_each_as_fail_task_would(db_path: str) -> None:
+    async with OrchestrationClient(db_path) as rt:
+        await rt.create_tasks([{"task_type": "job", "max_retries": 1} for _ in range(3)])
+        claims = await rt.claim_tasks("w1", "job", limit=3, lease=600, start=True)
+        await rt.complete_task(claims[2].lease)
+        after = await rt.last_seq()
+        outcomes = await rt.fail_tasks(
+            [
+                {"lease": claims[0].lease, "error": "flaky", "retry_after": 0.01},
+                {"lease": claims[1].lease, "error": "broken", "retryable": False},
+                {"lease": claims[2].lease, "error": "too late"},
+            ]
+        )
+        first, second = outcomes[0].result(), outcomes[1].result()
+        assert (first.status, first.error, first.attempts) == (TaskStatus.QUEUED, "flaky", 1)
+        assert (second.status, second.error) == (TaskStatus.FAILED, "broken")
+        assert outcomes[2].refused is not None
+        assert outcomes[2].refused.field == "items[2].lease"
+        with pytest.raises(LeaseLostError):
+            outcomes[2].result()
+        events = [(e.type, e.task_id) for e in await rt.read_events(after)]
+        assert events == [
+            ("task.retrying", claims[0].task.id),
+            ("task.failed", claims[1].task.id),
+        ]
+        retried = await rt.claim_task("w2", "job", wait=SOON)
+        assert retried is not None
+        assert retried.task.id == claims[0].task.id
+        assert (await rt.get_runs(claims[1].task.id))[-1].error == "broken"
+
+
+async def test_batch_completions_through_json_and_from_sync_code(db_path: str) -> None:
+    def request(op: str, **args: object) -> bytes:
+        return msgspec.json.encode({"op": op, "args": args})
+
+    async with OrchestrationClient(db_path) as client:
+        await client.create_tasks([{"task_type": "build"} for _ in range(3)])
+        claims = msgspec.json.decode(
+            await call_json(client, request("claim_tasks", worker_id="w1", limit=3, start=True))
+        )
+        leases = [c["lease"] for c in claims]
+        answer = await call_json(
+            client,
+            request(
+                "complete_tasks",
+                items=[
+                    {"lease": leases[0], "result": {"ok": True}},
+                    {"lease": {**leases[1], "secret": "wrong"}},
+                ],
+            ),
+        )
+        done, lost = msgspec.json.decode(answer)
+        assert done["task"]["status"] == "completed"
+        assert done["task"]["result"] == {"ok": True}
+        assert "refused" not in done
+        assert "task" not in lost
+        assert lost["refused"]["error"] == "LeaseLostError"
+        assert lost["refused"]["field"] == "items[1].lease"
+        assert lost["refused"]["attributes"]["task_id"] == leases[1]["task_id"]
+        failed = msgspec.json.decode(
+            await call_json(
+                client,
+                request(
+                    "fail_tasks", items=[{"lease": leases[2], "error": "no", "retryable": False}]
+                ),
+            )
+        )
+        assert failed[0]["task"]["status"] == "failed"
+        with pytest.raises(InvalidInputError) as refused:
+            await call_json(client, request("complete_tasks", items=[{"lease": 5}]))
+        assert refused.value.field == "items[0].lease"
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_batch_completions_from_sync_code(tmp_path: Path, backend: str) -> None:
+    with SyncOrchestrationClient(db_path=str(tmp_path / "hive.db"), backend=backend) as client:
+        client.create_tasks([{"task_type": "job"} for _ in range(3)])
+        got = client.claim_tasks("w1", "job", limit=3, start=True)
+        outcomes = client.complete_tasks([{"lease": c.lease} for c in got[:2]])
+        assert [o.result().status for o in outcomes] == [TaskStatus.COMPLETED] * 2
+        [failed] = client.fail_tasks([{"lease": got[2].lease, "error": "x", "retryable": False}])
+        assert failed.result().status is TaskStatus.FAILED

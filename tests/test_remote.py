@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from _raw import fresh_database, is_postgres
 from reliability._remote import DEADLINE, owner
@@ -31,6 +32,7 @@ from hive_orchestration import (
     Event,
     IllegalTransitionError,
     InvalidInputError,
+    LeaseLostError,
     NotFoundError,
     OrchestrationClient,
     OutcomeUnknownError,
@@ -39,6 +41,7 @@ from hive_orchestration import (
     SyncOrchestrationClient,
     Task,
     TaskCompletedEvent,
+    TaskOutcome,
     TaskStatus,
 )
 from hive_orchestration.storage.sqlite.database import read_owner
@@ -452,3 +455,43 @@ async def test_hostile_peers_are_cut_off_and_the_owner_serves_on(
             assert client.remote
             task_id = await client.create_task("build")
             assert (await client.get_task(task_id)) is not None
+
+
+async def test_batch_completions_from_another_process(db_path: str, anyio_backend: str) -> None:
+    """complete_tasks and fail_tasks through the socket: one outcome per item, a refused
+    item's error rebuilt in the caller's process as the package's own, the others done."""
+    async with (
+        owner(db_path, anyio_backend),
+        OrchestrationClient(db_path=db_path) as client,
+    ):
+        assert client.remote
+        await client.create_tasks([{"task_type": "job", "max_retries": 0} for _ in range(4)])
+        claims = await client.claim_tasks("w1", "job", limit=4, start=True)
+        after = await client.last_seq()
+        outcomes = await client.complete_tasks(
+            [
+                {"lease": claims[0].lease, "result": {"n": 0}},
+                {"lease": msgspec.structs.replace(claims[1].lease, secret="not it")},
+                {"lease": claims[2].lease},
+            ]
+        )
+        assert all(isinstance(o, TaskOutcome) for o in outcomes)
+        assert outcomes[0].result().result == {"n": 0}
+        assert outcomes[2].result().status is TaskStatus.COMPLETED
+        refused = outcomes[1].refused
+        assert refused is not None
+        assert (refused.error, refused.field) == ("LeaseLostError", "items[1].lease")
+        with pytest.raises(LeaseLostError) as lost:
+            outcomes[1].result()
+        assert lost.value.task_id == claims[1].task.id
+        [failed] = await client.fail_tasks([{"lease": claims[3].lease, "error": "no"}])
+        assert failed.result().status is TaskStatus.FAILED
+        events = [(e.type, e.task_id) for e in await client.read_events(after)]
+        assert events == [
+            ("task.completed", claims[0].task.id),
+            ("task.completed", claims[2].task.id),
+            ("task.failed", claims[3].task.id),
+        ]
+        with pytest.raises(InvalidInputError) as bad:
+            await client.complete_tasks([{"lease": claims[1].lease, "result": "done"}])
+        assert bad.value.field == "items[0].result"

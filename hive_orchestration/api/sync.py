@@ -275,7 +275,9 @@ class SyncOrchestrationClient:
     report_progress = _blocking(OrchestrationClient.report_progress)
     start_task = _blocking(OrchestrationClient.start_task)
     complete_task = _blocking(OrchestrationClient.complete_task)
+    complete_tasks = _blocking(OrchestrationClient.complete_tasks)
     fail_task = _blocking(OrchestrationClient.fail_task)
+    fail_tasks = _blocking(OrchestrationClient.fail_tasks)
     release_task = _blocking(OrchestrationClient.release_task)
     release_worker_tasks = _blocking(OrchestrationClient.release_worker_tasks)
     # Workers.

@@ -14,6 +14,7 @@ from typing import Literal, TypeAlias
 
 import msgspec
 
+from ..errors import HiveError, plain_attributes, rebuild_error
 from .events import JsonValue
 
 JsonObject: TypeAlias = dict[str, JsonValue]
@@ -193,3 +194,50 @@ class Claim(msgspec.Struct, frozen=True, gc=False):
     task: Task
     lease: Lease
     expires_at: datetime
+
+
+#: A plain attribute of an error, as it travels.
+Scalar: TypeAlias = str | int | float | bool | None
+
+
+class Refusal(msgspec.Struct, frozen=True):
+    """Why one item of a batch call (``complete_tasks``, ``fail_tasks``) changed nothing:
+    the error the same call for that item alone would raise, as values, so that it
+    travels to another process as it is.
+
+    ``error`` is its class's name in :mod:`hive_orchestration.errors` (``LeaseLostError``
+    for a lease that no longer holds its task: expired, already completed, wrong run or
+    secret), ``field`` the item's argument it is about (``items[3].lease``), ``message``
+    its text and ``attributes`` its fields (a ``LeaseLostError``'s ``task_id``,
+    ``run_id``, ``attempt``, ``status`` and ``reason``). :meth:`exception` makes the
+    error itself."""
+
+    error: str
+    field: str
+    message: str
+    attributes: dict[str, Scalar] = {}
+
+    @classmethod
+    def of(cls, error: HiveError, field: str) -> Refusal:
+        return cls(type(error).__name__, field, str(error), plain_attributes(error))
+
+    def exception(self) -> HiveError:
+        """The package's error this refusal describes: of its class, with its fields."""
+        return rebuild_error(self.error, self.message, self.attributes)
+
+
+class TaskOutcome(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One item's outcome in a batch call (``complete_tasks``, ``fail_tasks``): ``task``,
+    the task as the item left it (committed), or ``refused``, why this item changed
+    nothing. :meth:`result` gives the task or raises the item's error, as the call for
+    that item alone would have."""
+
+    task: Task | None = None
+    refused: Refusal | None = None
+
+    def result(self) -> Task:
+        """The task, or the item's error raised (``LeaseLostError``, say)."""
+        if self.refused is not None:
+            raise self.refused.exception()
+        assert self.task is not None
+        return self.task

@@ -17,6 +17,7 @@ from .task_models import (
     Run,
     RunStatus,
     Task,
+    TaskOutcome,
     TaskStatus,
 )
 
@@ -209,6 +210,21 @@ class FailTask(Request[Task], frozen=True, kw_only=True):
     error: str
     retryable: bool = True
     retry_after: float | None = None
+
+
+class CompleteTasks(Request[tuple[TaskOutcome, ...]], frozen=True):
+    """Several :class:`CompleteTask` in one commit, each decided on its own: an item
+    whose lease no longer holds its task is refused (its :class:`TaskOutcome` says why)
+    and the others complete."""
+
+    items: tuple[CompleteTask, ...]
+
+
+class FailTasks(Request[tuple[TaskOutcome, ...]], frozen=True):
+    """Several :class:`FailTask` in one commit, each decided on its own, as
+    :class:`CompleteTasks`."""
+
+    items: tuple[FailTask, ...]
 
 
 class ReleaseTask(Request[Task], frozen=True, kw_only=True):

@@ -32,9 +32,11 @@ from .task_models import (
     IdempotencyScope,
     JsonObject,
     Lease,
+    Refusal,
     Run,
     RunStatus,
     Task,
+    TaskOutcome,
     TaskStatus,
 )
 from .task_requests import (
@@ -44,11 +46,13 @@ from .task_requests import (
     ClaimTask,
     ClaimTasks,
     CompleteTask,
+    CompleteTasks,
     CreateRun,
     CreateTask,
     CreateTasks,
     DeleteTask,
     FailTask,
+    FailTasks,
     GetQueuedTasks,
     GetRun,
     GetRuns,
@@ -78,11 +82,13 @@ __all__ = [
     "ClaimTask",
     "ClaimTasks",
     "CompleteTask",
+    "CompleteTasks",
     "CreateRun",
     "CreateTask",
     "CreateTasks",
     "DeleteTask",
     "FailTask",
+    "FailTasks",
     "GetQueuedTasks",
     "GetRun",
     "GetRuns",
@@ -91,6 +97,7 @@ __all__ = [
     "GetUnroutableTasks",
     "Heartbeat",
     "Lease",
+    "Refusal",
     "PlansSettled",
     "QueueTasks",
     "ReleaseTask",
@@ -100,6 +107,7 @@ __all__ = [
     "ScheduleSlot",
     "StartTask",
     "Task",
+    "TaskOutcome",
     "TaskManagerMessage",
     "TaskStatus",
     "Unclaimed",
@@ -139,7 +147,9 @@ TaskManagerMessage: TypeAlias = (
     | Heartbeat
     | StartTask
     | CompleteTask
+    | CompleteTasks
     | FailTask
+    | FailTasks
     | ReleaseTask
     | ReleaseWorker
     | GetUnroutableTasks

@@ -137,7 +137,9 @@ AGENT_RULES: Mapping[str, Rule] = MappingProxyType(
         "heartbeat": _R.LEASE,
         "report_progress": _R.LEASE,
         "complete_task": _R.LEASE,
+        "complete_tasks": _R.LEASE,  # each item by its own lease
         "fail_task": _R.LEASE,
+        "fail_tasks": _R.LEASE,
         "release_task": _R.LEASE,
         # its own workers
         "register_worker": _R.ITS_WORKER,

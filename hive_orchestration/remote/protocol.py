@@ -27,7 +27,7 @@ import anyio
 import msgspec
 from anyio.abc import ByteReceiveStream
 
-from ..errors import HiveError, InvalidInputError
+from ..errors import HiveError, InvalidInputError, plain_attributes, rebuild_error
 from ..messages.events import Event
 
 __all__ = [
@@ -317,16 +317,13 @@ class FrameReader:
 
 # -- errors across the wire ---------------------------------------------------------------
 
-_JSON_SCALARS = (str, int, float, bool, type(None))
-
 
 def encode_error(call_id: int, error: BaseException) -> Failure:
     """A package error as a :class:`Failure`: its class name, message and plain attributes
     (``field``, ``reason``, ``kind``, ``id``...). Anything else is reported as a
     :class:`HiveError` that names its type, never with its traceback."""
     if isinstance(error, HiveError):
-        attrs = {k: v for k, v in vars(error).items() if isinstance(v, _JSON_SCALARS)}
-        return Failure(call_id, type(error).__name__, str(error), attrs)
+        return Failure(call_id, type(error).__name__, str(error), plain_attributes(error))
     return Failure(
         call_id, "HiveError", f"the runtime failed on this call: {type(error).__name__}: {error}"
     )
@@ -335,17 +332,7 @@ def encode_error(call_id: int, error: BaseException) -> Failure:
 def decode_error(failure: Failure) -> HiveError:
     """The error a :class:`Failure` describes, of the same class when it is one of the
     package's (with its attributes), else a :class:`HiveError` with its message."""
-    from .. import errors
-
-    cls = getattr(errors, failure.type, None)
-    if not (isinstance(cls, type) and issubclass(cls, HiveError)):
-        return HiveError(f"{failure.type}: {failure.message}")
-    error = cls.__new__(cls)
-    Exception.__init__(error, failure.message)
-    for name, value in failure.attrs.items():
-        if isinstance(name, str) and not name.startswith("_") and isinstance(value, _JSON_SCALARS):
-            setattr(error, name, value)
-    return error
+    return rebuild_error(failure.type, failure.message, dict(failure.attrs))
 
 
 def too_large(what: str, size: int, limit: int) -> InvalidInputError:

@@ -581,6 +581,35 @@ def _is_items(value: object) -> bool:
 NEW_TASKS = Kind(_new_tasks, _is_items)
 
 
+def _claim_endings(failing: bool) -> Callable[[Pool], st.SearchStrategy[object]]:
+    """Items of complete_tasks (or of fail_tasks): leases real, forged, mistyped or
+    given as mappings, with the other arguments near their valid values."""
+
+    def near(pool: Pool) -> st.SearchStrategy[object]:
+        lease = st.one_of(LEASE.near(pool), junk)
+        if failing:
+            required = {"lease": lease, "error": st.one_of(text().near(pool), junk)}
+            optional = {
+                "retryable": st.one_of(BOOL.near(pool), junk),
+                "retry_after": seconds(optional=True).near(pool),
+            }
+        else:
+            required = {"lease": lease}
+            optional = {"result": st.one_of(json_object().near(pool), junk)}
+        item = st.fixed_dictionaries(required, optional={**optional, "unknown": junk})
+        return st.one_of(
+            st.lists(st.one_of(item, item, item, junk), max_size=4),
+            st.lists(item, max_size=3).map(tuple),
+            st.sampled_from(({"lease": None}, "x", b"x", None, [[]])),
+        )
+
+    return near
+
+
+COMPLETIONS = Kind(_claim_endings(False), _is_items)
+FAILURES = Kind(_claim_endings(True), _is_items)
+
+
 # -- the seeds' events, and which of their fields the operation reads ------------------------
 
 EVENT_CLASSES: dict[type[Any], dict[str, Callable[[object], bool]]] = {
@@ -768,6 +797,7 @@ OPS: dict[str, Operation] = {
         },
     ),
     "complete_task": Operation("await", {"lease": LEASE, "result": json_object()}),
+    "complete_tasks": Operation("await", {"items": COMPLETIONS}),
     "create_execution_plan": Operation(
         "await",
         {
@@ -835,6 +865,7 @@ OPS: dict[str, Operation] = {
             "retry_after": seconds(optional=True),
         },
     ),
+    "fail_tasks": Operation("await", {"items": FAILURES}),
     "get_active_workers": Operation("await", {"role": ident(optional=True)}),
     "count_tasks": Operation("await", {}),
     "queue_depths": Operation("await", {}),

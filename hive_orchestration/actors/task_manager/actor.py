@@ -46,8 +46,10 @@ from ...messages.tasks import (
     ClaimTask,
     ClaimTasks,
     CompleteTask,
+    CompleteTasks,
     DeleteTask,
     FailTask,
+    FailTasks,
     FlushQueue,
     Heartbeat,
     PurgeTasks,
@@ -89,6 +91,8 @@ __all__ = ["LIVE", "TRANSITIONS", "TaskManager"]
 
 #: Requests a worker makes with its lease token: each is a sign of that worker's life.
 _LEASED = (Heartbeat, StartTask, CompleteTask, FailTask, ReleaseTask)
+#: Batch calls of leased requests: each item its own sign of life.
+_LEASED_BATCHES = (CompleteTasks, FailTasks)
 #: Requests from outside the plan executor that can end a plan's task: with a plan
 #: barrier, their answers wait until the plan executor has applied what the end caused.
 #: (The plan executor's own requests are never held: it waits for them.)
@@ -97,7 +101,9 @@ _ENDS_PLAN_TASKS = (
     CancelTask,
     DeleteTask,
     CompleteTask,
+    CompleteTasks,
     FailTask,
+    FailTasks,
     ReleaseWorker,
     FlushQueue,
 )
@@ -317,9 +323,13 @@ class TaskManager(Actor[TaskManagerMessage]):
                 outcome = exc
             else:
                 if isinstance(message, _LEASED):  # a refused (stale) token is no sign of life
-                    run = self._runs.get(message.lease.run_id)
-                    if run is not None and run.worker_id is not None:
-                        seen.add(run.worker_id)
+                    self._saw(message.lease.run_id, seen)
+                elif isinstance(message, _LEASED_BATCHES):
+                    assert isinstance(outcome, tuple)
+                    leases = [item.lease for item in message.items]
+                    for lease, done in zip(leases, outcome, strict=True):
+                        if done.refused is None:
+                            self._saw(lease.run_id, seen)
                 if (
                     self._plan_barrier
                     and isinstance(message, _ENDS_PLAN_TASKS)
@@ -355,6 +365,12 @@ class TaskManager(Actor[TaskManagerMessage]):
             for claim in unclaimed:
                 self._release_unclaimed(claim, work, now)
             self._dispatch_later(work, now, refilled=refilled)
+
+    def _saw(self, run_id: str, seen: set[str]) -> None:
+        """A request of the claim of run ``run_id`` was taken: its worker is at work."""
+        run = self._runs.get(run_id)
+        if run is not None and run.worker_id is not None:
+            seen.add(run.worker_id)
 
     def _report_seen(self, seen: set[str]) -> None:
         """Tell the registry who is at work, so a busy worker is not declared offline

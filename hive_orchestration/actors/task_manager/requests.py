@@ -6,8 +6,9 @@ behind the batch's write, so they always see committed state; so are the listing
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
 
@@ -34,11 +35,13 @@ from ...messages.tasks import (
     ClaimTask,
     ClaimTasks,
     CompleteTask,
+    CompleteTasks,
     CreateRun,
     CreateTask,
     CreateTasks,
     DeleteTask,
     FailTask,
+    FailTasks,
     FlushQueue,
     GetQueuedTasks,
     GetRevokedTaskTypes,
@@ -52,6 +55,7 @@ from ...messages.tasks import (
     PurgeOutcome,
     PurgeTasks,
     QueueTasks,
+    Refusal,
     ReleaseTask,
     ReleaseWorker,
     RestoreTaskType,
@@ -62,6 +66,7 @@ from ...messages.tasks import (
     StartTask,
     Task,
     TaskManagerMessage,
+    TaskOutcome,
     TaskStatus,
     Unclaimed,
     UpdateRunStatus,
@@ -77,6 +82,9 @@ from .state import _RUN_OPEN, B, Q, _Batch, _Forward
 
 if TYPE_CHECKING:
     from .actor import TaskManager
+
+#: An item of a batch call that ends claims (complete_tasks, fail_tasks).
+_Item = TypeVar("_Item", CompleteTask, FailTask)
 
 
 async def handle(
@@ -161,28 +169,14 @@ async def handle(
             return tm._heartbeat(message, work, now)
         case StartTask(lease=lease):
             return tm._start(*tm._holding(lease, work), work, now)
-        case CompleteTask(lease=lease, result=result):
-            task, run = tm._holding(lease, work)
-            tm._close_run(run, RunStatus.COMPLETED, work, now, result=result)
-            # Earlier attempts' errors stay on their runs; a completed task has none.
-            changes = {"error": None} if result is None else {"error": None, "result": result}
-            return tm._transition(
-                task, TaskStatus.COMPLETED, work, now, run.worker_id, changes, _run_data(run)
-            )
-        case FailTask(lease=lease, error=error):
-            task, run = tm._holding(lease, work)
-            tm._close_run(run, RunStatus.FAILED, work, now, error=error)
-            return tm._requeue(
-                task,
-                run,
-                "failed",
-                error,
-                work,
-                now,
-                retryable=message.retryable,
-                retry_after=message.retry_after,
-                source=run.worker_id,
-            )
+        case CompleteTask():
+            return complete(tm, message, work, now)
+        case FailTask():
+            return fail(tm, message, work, now)
+        case CompleteTasks(items=items):
+            return each(tm, items, work, now, complete)
+        case FailTasks(items=items):
+            return each(tm, items, work, now, fail)
         case ReleaseTask(lease=lease, reason=reason):
             task, run = tm._holding(lease, work)
             note = reason or "released by its worker"
@@ -215,6 +209,58 @@ async def handle(
         case ClaimTask() | ClaimTasks():  # pragma: no cover - parked by receive_batch
             raise HiveError("claims are parked, not handled")
     raise HiveError(f"the task manager does not handle {type(message).__name__}")
+
+
+def complete(tm: TaskManager, message: CompleteTask, work: _Batch, now: datetime) -> Task:
+    task, run = tm._holding(message.lease, work)
+    result = message.result
+    tm._close_run(run, RunStatus.COMPLETED, work, now, result=result)
+    # Earlier attempts' errors stay on their runs; a completed task has none.
+    changes: dict[str, object] = {"error": None}
+    if result is not None:
+        changes["result"] = result
+    return tm._transition(
+        task, TaskStatus.COMPLETED, work, now, run.worker_id, changes, _run_data(run)
+    )
+
+
+def fail(tm: TaskManager, message: FailTask, work: _Batch, now: datetime) -> Task:
+    task, run = tm._holding(message.lease, work)
+    tm._close_run(run, RunStatus.FAILED, work, now, error=message.error)
+    return tm._requeue(
+        task,
+        run,
+        "failed",
+        message.error,
+        work,
+        now,
+        retryable=message.retryable,
+        retry_after=message.retry_after,
+        source=run.worker_id,
+    )
+
+
+def each(
+    tm: TaskManager,
+    items: tuple[_Item, ...],
+    work: _Batch,
+    now: datetime,
+    apply: Callable[[TaskManager, _Item, _Batch, datetime], Task],
+) -> tuple[TaskOutcome, ...]:
+    """A batch call's items, each decided on its own, in order, in this batch's one
+    commit: an item refused (its lease no longer holds its task; :func:`leases.holding`
+    refuses before anything is changed) changes nothing and says why, and the others
+    are applied. A later item sees the earlier ones' changes: the same lease twice is
+    refused the second time, as its run has ended."""
+    outcomes = []
+    for index, item in enumerate(items):
+        try:
+            task = apply(tm, item, work, now)
+        except HiveError as exc:
+            outcomes.append(TaskOutcome(refused=Refusal.of(exc, f"items[{index}].lease")))
+        else:
+            outcomes.append(TaskOutcome(task=task))
+    return tuple(outcomes)
 
 
 def create(

@@ -7,11 +7,15 @@ Every argument is checked here, at the boundary, so that a bad one is an
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
+from typing import cast
+
+import msgspec
 
 from ..._validate import (
     YEAR,
+    _show,
     check_bool,
     check_delay,
     check_identifier,
@@ -20,18 +24,22 @@ from ..._validate import (
     check_optional_text,
     check_str,
 )
+from ...errors import InvalidInputError
 from ...messages.tasks import (
     Claim,
     ClaimTask,
     ClaimTasks,
     CompleteTask,
+    CompleteTasks,
     FailTask,
+    FailTasks,
     Heartbeat,
     Lease,
     ReleaseTask,
     ReleaseWorker,
     StartTask,
     Task,
+    TaskOutcome,
 )
 from ...messages.workers import GetWorker
 from .task_base import _MAX_BATCH, TaskCalls, _lease, _types
@@ -193,6 +201,94 @@ class ClaimOps(TaskCalls):
         )
         return await self._tasks.ask(message)
 
+    async def complete_tasks(self, items: Iterable[Mapping[str, object]]) -> list[TaskOutcome]:
+        """Complete several claimed tasks in one durable commit: one
+        :class:`TaskOutcome` per item, in order.
+
+        Each item holds :meth:`complete_task`'s arguments by name (``{"lease":
+        claim.lease, "result": {...}}``). Each item is decided on its own, as
+        :meth:`complete_task` would decide it: an item whose lease no longer holds its
+        task (expired, already completed, another run's, a wrong secret) changes
+        nothing, and its outcome's ``refused`` says why (``LeaseLostError``, field
+        ``items[i].lease``; ``outcome.result()`` raises it); the other items complete,
+        each publishing its ``task.completed``. A malformed item (not a mapping, no
+        lease, a result that is not a JSON object) refuses the whole call before
+        anything is sent (``InvalidInputError`` naming ``items[i].<field>``). At most
+        1 000 items per call.
+        """
+        self._check_open()
+        messages: list[CompleteTask] = []
+        for field, item in self._items(items, _COMPLETE_ARGS):
+            try:
+                messages.append(
+                    CompleteTask(
+                        lease=_item_lease(item, field),
+                        # Checked as complete_task's: a JSON object, or None.
+                        result=self._json(cast(Mapping[str, object], item.get("result")), "result"),
+                    )
+                )
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"{field}.{exc.field}", exc.reason) from None
+        if not messages:
+            return []
+        return list(await self._tasks.ask(CompleteTasks(tuple(messages))))
+
+    async def fail_tasks(self, items: Iterable[Mapping[str, object]]) -> list[TaskOutcome]:
+        """Fail several claimed runs in one durable commit: one :class:`TaskOutcome` per
+        item, in order, each decided on its own, as :meth:`complete_tasks`.
+
+        Each item holds :meth:`fail_task`'s arguments by name (``{"lease":
+        claim.lease, "error": "...", "retryable": False, "retry_after": 5}``); each task is
+        retried or fails for good as :meth:`fail_task` says. At most 1 000 items per call.
+        """
+        self._check_open()
+        messages: list[FailTask] = []
+        for field, item in self._items(items, _FAIL_ARGS):
+            try:
+                if "error" not in item:
+                    raise InvalidInputError("error", "is missing")
+                retry_after = item.get("retry_after")
+                messages.append(
+                    FailTask(
+                        lease=_item_lease(item, field),
+                        error=check_str(item["error"], "error", empty=False),
+                        retryable=check_bool(item.get("retryable", True), "retryable"),
+                        retry_after=None
+                        if retry_after is None
+                        else check_delay(retry_after, "retry_after", maximum=YEAR),
+                    )
+                )
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"{field}.{exc.field}", exc.reason) from None
+        if not messages:
+            return []
+        return list(await self._tasks.ask(FailTasks(tuple(messages))))
+
+    @staticmethod
+    def _items(
+        items: Iterable[Mapping[str, object]], names: frozenset[str]
+    ) -> Iterator[tuple[str, Mapping[str, object]]]:
+        """Each item of a batch call with its field name (``items[i]``): a mapping of
+        the names ``names``, at most :data:`_MAX_BATCH` of them."""
+        if isinstance(items, Mapping | str | bytes) or not isinstance(items, Iterable):
+            raise InvalidInputError(
+                "items", f"must be a list of mappings, got {type(items).__name__}"
+            )
+        for index, item in enumerate(items):
+            field = f"items[{index}]"
+            if index >= _MAX_BATCH:
+                raise InvalidInputError("items", f"holds more than {_MAX_BATCH} items")
+            if not isinstance(item, Mapping):
+                raise InvalidInputError(field, f"must be a mapping, got {type(item).__name__}")
+            unknown = next((key for key in item if key not in names), None)
+            if unknown is not None:
+                name = unknown if isinstance(unknown, str) else _show(unknown)
+                valid = ", ".join(sorted(names))
+                raise InvalidInputError(
+                    f"{field}.{name[:80]}", f"is not an item's argument ({valid})"
+                )
+            yield field, item
+
     async def release_task(self, lease: Lease, *, reason: str | None = None) -> Task:
         """Hand the claimed task back unfinished (say, the worker is shutting down): it is
         queued again at once and the attempt does not count."""
@@ -211,3 +307,22 @@ class ClaimOps(TaskCalls):
             reason=check_str(reason, "reason", empty=False),
         )
         return await self._tasks.ask(message)
+
+
+#: The argument names an item of complete_tasks, or of fail_tasks, may hold.
+_COMPLETE_ARGS = frozenset({"lease", "result"})
+_FAIL_ARGS = frozenset({"lease", "error", "retryable", "retry_after"})
+
+
+def _item_lease(item: Mapping[str, object], field: str) -> Lease:
+    """An item's lease: the :class:`Lease` of a claim, or its fields as a mapping (as
+    it comes through the wire)."""
+    if "lease" not in item:
+        raise InvalidInputError("lease", "is missing")
+    value = item["lease"]
+    if isinstance(value, Mapping):
+        try:
+            value = msgspec.convert(value, Lease)
+        except msgspec.ValidationError as exc:
+            raise InvalidInputError("lease", f"is not a lease: {exc}") from None
+    return _lease(value)
