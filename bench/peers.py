@@ -13,7 +13,9 @@ What is measured, on file databases in one temporary folder, both at ``synchrono
    ``complete_task``, one subscriber receiving every ``task.*`` event; one producer
    awaiting each create, then 8 concurrent producers. Then the batch calls, as
    bench/tasks.py runs them (8 producers of ``create_tasks`` x 100, workers taking up to
-   16 in one ``claim_tasks(start=True)``), and the hand-off from ``create_task`` to a
+   16 in one ``claim_tasks(start=True)`` and completing them in one ``complete_tasks``;
+   and, for comparison with the figures before ``complete_tasks``, the same completing
+   each with its own ``complete_task``), and the hand-off from ``create_task`` to a
    waiting worker holding the claim, with its floor (the same rows through a bare stream
    and the same driver: see bench/tasks.py, whose code both come from).
 
@@ -73,7 +75,11 @@ class HiveFigures:
     concurrent: float  # tasks/s, 8 producers
     sequential_cpu: float  # seconds of the event loop's thread's CPU per task
     concurrent_cpu: float
-    batched: float  # tasks/s, create_tasks + claim_tasks
+    batched: float  # tasks/s, create_tasks + claim_tasks + complete_tasks
+    batched_cpu: float  # seconds of the event loop's thread's CPU per task
+    batched_commits: float  # commits per task
+    batched_each: float  # tasks/s, the same completing task by task (complete_task)
+    batched_each_cpu: float
     commits_per_task: float  # in the sequential shape
     handoff_p50: float  # seconds
     handoff_p99: float
@@ -207,7 +213,8 @@ async def hive_figures(backend: str, folder: Path, count: int, handoffs: int) ->
     concurrent, _, concurrent_cpu = await hive_rate(
         folder, f"{backend}-{PRODUCERS}", count, PRODUCERS
     )
-    batched = (await house.end_to_end(folder / backend, count, 16, PRODUCERS, True))[0]
+    batch = await house.end_to_end(folder / backend, count, 16, PRODUCERS, True, True)
+    each = await house.end_to_end(folder / backend, count, 16, PRODUCERS, True, False)
     latencies = sorted(await house.handoff(folder / backend, handoffs))
     floor = await house.handoff_floor(folder / backend, handoffs)
     return HiveFigures(
@@ -216,7 +223,11 @@ async def hive_figures(backend: str, folder: Path, count: int, handoffs: int) ->
         concurrent=concurrent,
         sequential_cpu=sequential_cpu,
         concurrent_cpu=concurrent_cpu,
-        batched=batched,
+        batched=batch[0],
+        batched_cpu=batch[4],
+        batched_commits=batch[2] / count,
+        batched_each=each[0],
+        batched_each_cpu=each[4],
         commits_per_task=commits,
         handoff_p50=statistics.median(latencies),
         handoff_p99=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
@@ -274,7 +285,12 @@ def render(r: Round, title: str) -> str:
             f"  (loop CPU {h.concurrent_cpu * 1e6:.0f} us/task)",
             f"    batch calls       {h.batched:>7,.0f} tasks/s"
             f"  {h.batched / r.huey_concurrent:5.2f}x Huey ({PRODUCERS} producers)"
-            f"  goal >= {BATCH_GOAL:,.0f} {_verdict(h.batched >= BATCH_GOAL)}",
+            f"  goal >= {BATCH_GOAL:,.0f} {_verdict(h.batched >= BATCH_GOAL)}"
+            f"  ({h.batched_commits:.3f} commits/task, loop CPU"
+            f" {h.batched_cpu * 1e6:.0f} us/task)",
+            f"      completing each {h.batched_each:>7,.0f} tasks/s"
+            f"  (complete_task per task, as before complete_tasks; loop CPU"
+            f" {h.batched_each_cpu * 1e6:.0f} us/task)",
             f"    hand-off p50 {h.handoff_p50 * 1e3:.3f} ms (p99 {h.handoff_p99 * 1e3:.3f})"
             f"  {h.handoff_p50 / h.floor_p50:4.2f}x the floor ({h.floor_p50 * 1e3:.3f} ms)"
             f"  goal <= {HANDOFF_GOAL}x {_verdict(h.handoff_p50 <= HANDOFF_GOAL * h.floor_p50)}",
@@ -318,6 +334,10 @@ def medians(rounds: list[Round]) -> Round:
                 sequential_cpu=m(lambda h: h.sequential_cpu),
                 concurrent_cpu=m(lambda h: h.concurrent_cpu),
                 batched=m(lambda h: h.batched),
+                batched_cpu=m(lambda h: h.batched_cpu),
+                batched_commits=m(lambda h: h.batched_commits),
+                batched_each=m(lambda h: h.batched_each),
+                batched_each_cpu=m(lambda h: h.batched_each_cpu),
                 commits_per_task=m(lambda h: h.commits_per_task),
                 handoff_p50=m(lambda h: h.handoff_p50),
                 handoff_p99=m(lambda h: h.handoff_p99),

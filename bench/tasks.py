@@ -10,7 +10,9 @@ What is measured, on a file database at the default ``synchronous=FULL``:
    durable round trips in a row), and each worker runs 16 tasks at once (its slots, as
    an agent runner does) with 128 concurrent creators. A third shape uses the batch
    calls: 8 creators each ``create_tasks`` 100 at a time, and each worker takes up to 16
-   tasks in one ``claim_tasks(..., start=True)`` and completes them concurrently.
+   tasks in one ``claim_tasks(..., start=True)`` and completes them concurrently, one
+   ``complete_task`` each; a fourth is the same but completes each claim's tasks in one
+   ``complete_tasks`` (the batch calls all the way).
 2. The same statements through raw stdlib sqlite3, batched 1 000 tasks per transaction:
    for each task the task insert and its ``task.created`` event, then per transition the
    task's state update, the run's insert (at the claim) or state update, and the event
@@ -40,7 +42,7 @@ Run from the repository root::
     python bench/tasks.py                   # asyncio
     python bench/tasks.py --backend trio
     python bench/tasks.py --json
-    python bench/tasks.py --batch-only      # the batch calls' shape alone (issue 21's goal)
+    python bench/tasks.py --batch-only      # the batch calls' shapes alone (issue 21's goal)
 """
 
 from __future__ import annotations
@@ -78,12 +80,13 @@ RATE_GOAL = 10_000.0  # tasks per second, end to end
 LATENCY_GOAL = 0.001  # seconds, p50 create -> waiting worker
 WORKERS = 8
 DRIVER: Any = os.environ.get("HIVE_BENCH_DRIVER", "auto")
-#: (tasks each worker runs at once, concurrent creators, batch calls). One slot per worker
-#: is bound by commit latency: each task costs each worker three durable round trips.
-#: Sixteen slots per worker is how agent runners use a worker (its concurrency). Batched:
-#: creators send 100 tasks per create_tasks, workers claim (and start) up to their slots
-#: per claim_tasks.
-SHAPES = ((1, 8, False), (16, 128, False), (16, 8, True))
+#: (tasks each worker runs at once, concurrent creators, batch calls, batch completions).
+#: One slot per worker is bound by commit latency: each task costs each worker three
+#: durable round trips. Sixteen slots per worker is how agent runners use a worker (its
+#: concurrency). Batched: creators send 100 tasks per create_tasks, workers claim (and
+#: start) up to their slots per claim_tasks, and complete them one complete_task each, or
+#: all in one complete_tasks.
+SHAPES = ((1, 8, False, False), (16, 128, False, False), (16, 8, True, False), (16, 8, True, True))
 CREATE_CHUNK = 100
 INSERT_EVENT = (
     "INSERT INTO events (seq, type, timestamp, source, correlation_id, task_id, plan_id,"
@@ -96,6 +99,7 @@ class Shape:
     slots: int
     producers: int
     batched: bool
+    batch_completions: bool  # complete_tasks per claim_tasks, not complete_task per task
     rate: float  # tasks/s
     events_seen: int
     transactions: int
@@ -128,10 +132,16 @@ def scratch() -> Iterator[Path]:
 
 
 async def end_to_end(
-    folder: Path, count: int, slots: int, producers: int, batched: bool
+    folder: Path,
+    count: int,
+    slots: int,
+    producers: int,
+    batched: bool,
+    batch_completions: bool = False,
 ) -> tuple[float, int, int, int, float, float, list[int]]:
     config = RuntimeConfig(lease_timeout=60.0, storage_driver=DRIVER)
-    name = f"e2e-{slots}{'-batched' if batched else ''}.db"
+    suffix = "-completions" if batch_completions else "-batched" if batched else ""
+    name = f"e2e-{slots}{suffix}.db"
     async with Runtime.open(folder / name, config=config) as rt:
         seen = 0
         done = anyio.Event()
@@ -161,15 +171,18 @@ async def end_to_end(
         completed = 0
         last_completion = 0.0
 
-        async def complete(claim: Claim) -> None:
+        def count_completed(n: int) -> None:
             nonlocal completed, last_completion
-            await rt.complete_task(claim.lease, {"ok": True})
-            completed += 1
+            completed += n
             if completed == count:
                 # The clock stops at the last completion: the other workers, parked
                 # in a claim that will get nothing, are not waited for.
                 last_completion = time.perf_counter()
                 work.cancel_scope.cancel()
+
+        async def complete(claim: Claim) -> None:
+            await rt.complete_task(claim.lease, {"ok": True})
+            count_completed(1)
 
         async def worker(name: str) -> None:
             while completed < count:
@@ -182,6 +195,13 @@ async def end_to_end(
         async def batch_worker(name: str) -> None:
             while completed < count:
                 claims = await rt.claim_tasks(name, "bench", limit=slots, start=True, wait=1.0)
+                if batch_completions:
+                    if claims:
+                        items = [{"lease": c.lease, "result": {"ok": True}} for c in claims]
+                        outcomes = await rt.complete_tasks(items)
+                        assert all(o.refused is None for o in outcomes)
+                        count_completed(len(claims))
+                    continue
                 async with anyio.create_task_group() as running:
                     for claim in claims:
                         running.start_soon(complete, claim)
@@ -384,9 +404,10 @@ async def run(backend: str, count: int, handoffs: int, batch_only: bool = False)
                 slots,
                 producers,
                 batched,
-                *await end_to_end(folder, count, slots, producers, batched),
+                completions,
+                *await end_to_end(folder, count, slots, producers, batched, completions),
             )
-            for slots, producers, batched in SHAPES
+            for slots, producers, batched, completions in SHAPES
             if batched or not batch_only
         ]
         if batch_only:
@@ -420,11 +441,16 @@ def render(r: Result) -> str:
         )
     for shape in r.shapes:
         of_raw = "" if r.raw_batched is None else f" = {shape.rate / r.raw_batched:6.1%} of raw"
+        calls = ""
+        if shape.batched:
+            calls = ", batch calls" + (
+                " + complete_tasks" if shape.batch_completions else " + complete_task each"
+            )
         lines.append(
             f"end to end, {shape.slots:>2} slot(s)/worker, {shape.producers:>3} creators"
-            f"{', batch calls' if shape.batched else ''}:"
+            f"{calls}:"
             f" {shape.rate:>8,.0f} tasks/s{of_raw};"
-            f" {shape.transactions:,} commits;"
+            f" {shape.transactions:,} commits ({shape.transactions / r.tasks:.3f}/task);"
             f" subscriber saw {shape.events_seen:,} events"
             f"  goal >= {RATE_GOAL:,.0f} {verdict(shape.rate >= RATE_GOAL)}"
         )

@@ -102,7 +102,7 @@ def _peers(figures: dict[str, Any]) -> None:
     assert one_round["huey_sequential"] > 0
     assert one_round["huey_concurrent"] > 0
     [hive] = one_round["hive"]
-    for rate in ("sequential", "concurrent", "batched"):
+    for rate in ("sequential", "concurrent", "batched", "batched_each"):
         assert hive[rate] > 0
     assert hive["commits_per_task"] > 0
     assert 0 < hive["handoff_p50"] <= hive["handoff_p99"]
@@ -231,10 +231,13 @@ def test_the_tasks_bench_runs_the_batch_calls_alone(backend: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout[result.stdout.index("\n{") + 1 :])
-    [shape] = figures["shapes"]
-    assert shape["batched"]
-    assert shape["events_seen"] == 4 * 200
-    assert 0 < shape["loop_cpu"] <= shape["process_cpu"]
+    each, batch = figures["shapes"]
+    assert each["batched"]
+    assert batch["batched"]
+    assert (each["batch_completions"], batch["batch_completions"]) == (False, True)
+    for shape in (each, batch):
+        assert shape["events_seen"] == 4 * 200
+        assert 0 < shape["loop_cpu"] <= shape["process_cpu"]
     assert figures["raw_batched"] is None
     assert figures["p50"] is None
 
