@@ -1,7 +1,8 @@
 """Reads of a plan right after a call that ended one of its tasks, both backends.
 
 The promise: once a call that finishes a plan's subtask returns (``update_task_status``,
-``complete_task``, ``fail_task``, ``cancel_task``, ``delete_task``, publishing a
+``complete_task``, ``complete_tasks``, ``fail_task``, ``fail_tasks``, ``cancel_task``,
+``delete_task``, publishing a
 lifecycle event), every read of that plan reflects what the end released: the next
 subtask, dependency checks, the status and its cached copy, progress and the subtasks.
 No test here waits or sleeps between the call and the read: that is the point.
@@ -41,7 +42,9 @@ async def client_on(db_path: str) -> AsyncIterator[OrchestrationClient]:
         yield client
 
 
-@pytest.mark.parametrize("finish", ["update_task_status", "publish", "complete_task"])
+@pytest.mark.parametrize(
+    "finish", ["update_task_status", "publish", "complete_task", "complete_tasks"]
+)
 async def test_the_seeds_loop_runs_every_subtask_of_a_plan(db_path: str, finish: str) -> None:
     """The seeds' loop: ``while (t := get_next_planned_subtask(p)) is not None: run t``.
 
@@ -59,6 +62,11 @@ async def test_the_seeds_loop_runs_every_subtask_of_a_plan(db_path: str, finish:
                     assert claimed is not None
                     assert claimed.task.id == task.id
                     await client.complete_task(claimed.lease, {"ok": True})
+                elif finish == "complete_tasks":
+                    claimed = await client.claim_task("w1", ["step"], start=True)
+                    assert claimed is not None
+                    [done] = await client.complete_tasks([{"lease": claimed.lease}])
+                    assert done.result().id == task.id
                 elif finish == "publish":
                     await client.update_task_status(task.id, "running")
                     await client.publish_task_event(TaskCompletedEvent(task_id=task.id))
@@ -103,7 +111,9 @@ async def test_every_plan_read_sees_a_release_at_once(db_path: str) -> None:
             assert (await rt.get_plan_progress(plan_id)).counts == {"completed": 3}
 
 
-@pytest.mark.parametrize("end", ["fail_task", "cancel_task", "delete_task", "failed_by_hand"])
+@pytest.mark.parametrize(
+    "end", ["fail_task", "fail_tasks", "cancel_task", "delete_task", "failed_by_hand"]
+)
 async def test_a_failure_is_seen_by_the_next_read(db_path: str, end: str) -> None:
     """fail_fast: the plan has failed by the time the ending call returns."""
     config = RuntimeConfig(retry_backoff=0.01)
@@ -122,6 +132,11 @@ async def test_a_failure_is_seen_by_the_next_read(db_path: str, end: str) -> Non
             claimed = await rt.claim_task("w1", ["step"])
             assert claimed is not None
             await rt.fail_task(claimed.lease, "broken")
+        elif end == "fail_tasks":
+            claimed = await rt.claim_task("w1", ["step"])
+            assert claimed is not None
+            [failed] = await rt.fail_tasks([{"lease": claimed.lease, "error": "broken"}])
+            assert failed.result().status is TaskStatus.FAILED
         elif end == "cancel_task":
             await rt.cancel_task(subs["a"], reason="not needed")
         elif end == "delete_task":
