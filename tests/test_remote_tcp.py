@@ -248,6 +248,11 @@ async def test_serve_on_loopback_tcp_works_as_in_process(
                 "task.started",
                 "task.completed",
             ]
+            # A batch of claims ended in one call, each by its lease (an agent's token).
+            ids = await deployer.create_tasks([{"task_type": "deploy"} for _ in range(2)])
+            claims = await deployer.claim_tasks("deployer-1", limit=2, start=True)
+            outcomes = await deployer.complete_tasks([{"lease": c.lease} for c in claims])
+            assert sorted(o.result().id for o in outcomes) == sorted(ids)
 
         # The sync client, from a plain thread.
         def sync_calls() -> str | None:
@@ -269,7 +274,7 @@ async def test_serve_on_loopback_tcp_works_as_in_process(
         async with OrchestrationClient() as client:
             assert client.remote
             assert client.db_path == served.db
-            assert len(await client.get_tasks_by_status("completed")) == 1
+            assert len(await client.get_tasks_by_status("completed")) == 3  # 1 + the batch
         assert not elsewhere.exists()
         # A path given in code wins over the url of the environment (the owner's socket).
         async with OrchestrationClient(db_path=db_path) as local:
