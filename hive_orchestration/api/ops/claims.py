@@ -222,7 +222,7 @@ class ClaimOps(TaskCalls):
             try:
                 messages.append(
                     CompleteTask(
-                        lease=_item_lease(item, field),
+                        lease=_item_lease(item),
                         # Checked as complete_task's: a JSON object, or None.
                         result=self._json(cast(Mapping[str, object], item.get("result")), "result"),
                     )
@@ -250,7 +250,7 @@ class ClaimOps(TaskCalls):
                 retry_after = item.get("retry_after")
                 messages.append(
                     FailTask(
-                        lease=_item_lease(item, field),
+                        lease=_item_lease(item),
                         error=check_str(item["error"], "error", empty=False),
                         retryable=check_bool(item.get("retryable", True), "retryable"),
                         retry_after=None
@@ -314,7 +314,7 @@ _COMPLETE_ARGS = frozenset({"lease", "result"})
 _FAIL_ARGS = frozenset({"lease", "error", "retryable", "retry_after"})
 
 
-def _item_lease(item: Mapping[str, object], field: str) -> Lease:
+def _item_lease(item: Mapping[str, object]) -> Lease:
     """An item's lease: the :class:`Lease` of a claim, or its fields as a mapping (as
     it comes through the wire)."""
     if "lease" not in item:
