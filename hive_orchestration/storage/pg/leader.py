@@ -235,21 +235,24 @@ class Leader:
 
     async def run(self) -> None:
         delay = _RETRY[0]
-        last: float | None = None
+        last: float | None = None  # when the last poll began
+        pause = self._poll  # how long it meant to sleep after it
         try:
             while True:
                 now = self._clock()
-                if last is not None and now - last >= self._poll + STUCK_FLOOR_SECONDS:
-                    # This node did not poll for that long: the leader may have taken it
-                    # for stuck, and declared its workers offline meanwhile.
+                if last is not None and now - last >= pause + STUCK_FLOOR_SECONDS:
+                    # This node did not poll for that long (a poll, its duties or a stall
+                    # of the process or loop): the leader may have taken it for stuck,
+                    # and declared its workers offline meanwhile.
                     await self._duties.woke(now - last)
-                last = now
+                last, pause = now, self._poll
                 try:
                     found = await anyio.to_thread.run_sync(self._step, now)
                 except (psycopg.Error, OSError) as exc:
                     self._step_down(f"{type(exc).__name__}: {exc}")
                     await self._duties.leading(None)
                     self._polled.set()
+                    pause = delay
                     await anyio.sleep(delay)
                     delay = min(delay * 2, _RETRY[1])
                     continue
