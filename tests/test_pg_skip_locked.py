@@ -8,6 +8,7 @@ from one queue never pick the same task nor conflict.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -321,3 +322,50 @@ async def test_a_claim_parked_on_another_node_gets_a_delayed_task_when_it_comes_
     assert claimed[0] is not None
     assert claimed[0].task.id == delayed
     assert 1.4 <= took <= 2.0
+
+
+async def test_a_lock_takes_what_is_due_by_the_databases_clock_and_says_when_the_rest_is(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task is due when its ``available_at`` is past by the server's clock, whatever the
+    locking node's wall clock says (here an hour ahead); a lock that took fewer rows than
+    it asked says in how many seconds the queue's next task still backing off comes due,
+    and one that took as many as it asked says nothing (and pays nothing for it)."""
+    answers: list[Any] = []
+    lock_ready = PostgresSql.lock_ready
+
+    async def recording(self: PostgresSql, db: Any, lock: Any) -> Any:
+        locked = await lock_ready(self, db, lock)
+        answers.append(locked)
+        return locked
+
+    monkeypatch.setattr(PostgresSql, "lock_ready", recording)
+
+    def ahead() -> datetime:
+        return datetime.now(UTC) + timedelta(hours=1)
+
+    async with Runtime.open(pg_url) as one, Runtime.open(pg_url, wall_clock=ahead) as two:
+        due = await one.create_task("job", priority=1)
+        backing_off = await one.create_task("job", priority=2)  # the better of the two
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            for task_id, span in ((due, "-1 second"), (backing_off, "30 seconds")):
+                conn.execute(
+                    "UPDATE tasks SET available_at = now() + %s::interval,"
+                    " version = version + 1 WHERE id = %s",
+                    (span, task_id),
+                )
+        answers.clear()
+        with anyio.fail_after(10):
+            claims = await two.claim_tasks("w2", "job", limit=5, wait=5)
+        assert [claim.task.id for claim in claims] == [due]
+        said = [seconds for locked in answers if locked for _, seconds in locked.due_in]
+        assert said
+        assert 25.0 < said[-1] <= 30.0
+        # A lock that takes as many rows as it asks for says nothing of the rest.
+        more = [await one.create_task("job") for _ in range(2)]
+        answers.clear()
+        with anyio.fail_after(10):
+            [claim] = await two.claim_tasks("w3", "job", limit=1, wait=5)
+        assert claim.task.id == more[0]
+        assert answers
+        assert all(not locked.due_in for locked in answers if locked)
