@@ -62,8 +62,9 @@ class ActorDuties:
 
     async def woke(self, seconds: float) -> None:
         # A full mailbox: no recheck (never wait here: the node polls on). A worker the
-        # leader declared offline that this node's registry still holds as live is found
-        # so when its deadline comes up here (the registry reads its row first).
+        # leader declared offline that this node's registry still holds as live is then
+        # found so when its deadline comes up here (the registry reads its row first), or
+        # its row is made live again by its next heartbeat.
         with suppress(RuntimeStoppedError):
             if not self._workers.try_tell(WorkersRecheck(seconds)):
                 log.debug("worker registry busy: no recheck after a %.1fs stall", seconds)
