@@ -3,7 +3,7 @@ its own workers, until it is killed (or told to stop on stdin's end).
 
 Usage::
 
-    python _pg_node.py BACKEND URL WORKERS LEASE WORK [HOLD [STOP]]
+    python _pg_node.py BACKEND URL WORKERS LEASE WORK [HOLD [STOP [REGISTER [TIMEOUT]]]]
 
 Opens a runtime on ``URL`` (a node), prints ``ready`` and flushes, then runs ``WORKERS``
 workers (``<pid>-w<i>``), each claiming ``job`` tasks one at a time (``lease`` seconds,
@@ -16,7 +16,10 @@ claim (the others' claims may all be committing their completions at that instan
 commit). ``STOP`` 1: the first worker, having claimed its first task, prints ``claimed
 <task id>`` and stops this whole process with SIGSTOP (a node that does not act: its
 locks and sessions held, its event loop still), until the parent sends SIGCONT; then it
-works and completes as the others do.
+works and completes as the others do. ``REGISTER`` 1: each worker registers with the
+node (``register_worker``) before its first claim, so the node watches its liveness,
+and so does one more, ``<pid>-idle``, which claims nothing and heartbeats every 0.2 s.
+``TIMEOUT``: the node's ``worker_timeout`` (default: the config's).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import sys
 
 import anyio
 
-from hive_orchestration import HiveError, Runtime
+from hive_orchestration import HiveError, Runtime, RuntimeConfig
 
 
 def say(line: str) -> None:
@@ -36,8 +39,15 @@ def say(line: str) -> None:
 
 
 async def worker(
-    runtime: Runtime, name: str, lease: float, work: float, stop: bool = False
+    runtime: Runtime,
+    name: str,
+    lease: float,
+    work: float,
+    stop: bool = False,
+    register: bool = False,
 ) -> None:
+    if register:
+        await runtime.register_worker(name, role="builder")
     while True:
         claim = await runtime.claim_task(name, "job", lease=lease, wait=0.5, start=True)
         if claim is None:
@@ -55,17 +65,38 @@ async def worker(
             say(f"done {claim.task.id}")
 
 
+async def idle(runtime: Runtime, name: str) -> None:
+    await runtime.register_worker(name, role="watcher")
+    while True:
+        await runtime.update_worker_heartbeat(name)
+        await anyio.sleep(0.2)
+
+
 async def holder(runtime: Runtime, name: str, lease: float) -> None:
     while await runtime.claim_task(name, "job", lease=lease, wait=0.5, start=True) is None:
         pass
     await anyio.sleep_forever()
 
 
-async def main(url: str, workers: int, lease: float, work: float, hold: int, stop: bool) -> None:
-    async with Runtime.open(url) as runtime, anyio.create_task_group() as group:
+async def main(
+    url: str,
+    workers: int,
+    lease: float,
+    work: float,
+    hold: int,
+    stop: bool,
+    register: bool,
+    worker_timeout: float | None,
+) -> None:
+    config = RuntimeConfig()
+    if worker_timeout is not None:
+        config = RuntimeConfig(worker_timeout=worker_timeout)
+    async with Runtime.open(url, config=config) as runtime, anyio.create_task_group() as group:
+        if register:
+            group.start_soon(idle, runtime, f"{os.getpid()}-idle")
         for index in range(workers):
             name = f"{os.getpid()}-w{index}"
-            group.start_soon(worker, runtime, name, lease, work, stop and not index)
+            group.start_soon(worker, runtime, name, lease, work, stop and not index, register)
         for index in range(hold):
             group.start_soon(holder, runtime, f"{os.getpid()}-h{index}", lease)
         say("ready")
@@ -78,4 +109,17 @@ if __name__ == "__main__":
     backend, url, count, lease, work = sys.argv[1:6]
     hold = int(sys.argv[6]) if len(sys.argv) > 6 else 0
     stop = len(sys.argv) > 7 and sys.argv[7] == "1"
-    anyio.run(main, url, int(count), float(lease), float(work), hold, stop, backend=backend)
+    register = len(sys.argv) > 8 and sys.argv[8] == "1"
+    timeout = float(sys.argv[9]) if len(sys.argv) > 9 else None
+    anyio.run(
+        main,
+        url,
+        int(count),
+        float(lease),
+        float(work),
+        hold,
+        stop,
+        register,
+        timeout,
+        backend=backend,
+    )

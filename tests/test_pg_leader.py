@@ -497,6 +497,90 @@ async def test_a_stopped_nodes_expired_lease_is_requeued_by_the_leader(
         assert len([t for t, _ in events(pg_url, "task.completed") if t == task_id]) == 1
 
 
+async def test_a_stopped_nodes_workers_are_declared_offline_by_the_leader(
+    pg_url: str, anyio_backend: str, tmp_path: Path
+) -> None:
+    """A node that does not act (SIGSTOP) keeps its lock, so it is not dead, and nobody
+    hears its workers: the leader declares them offline once the node has not polled for
+    the worker liveness bound (by the database's clock), as a missed heartbeat would; their
+    claims go back to the queue within the lease bound. Woken, the node does not declare
+    them offline a second time: they are live again as they call, as after any missed
+    heartbeat."""
+    timeout, lease = 3.0, 4.0
+    config = RuntimeConfig(worker_timeout=timeout)
+    async with Runtime.open(pg_url, config=config) as a:
+        await _open_leader_first(pg_url)
+        task_id = await a.create_task("job", max_retries=3)
+        stuck = await _start(
+            pg_url,
+            anyio_backend,
+            tmp_path,
+            "stuck",
+            lease,
+            workers=1,
+            stop=True,
+            register=True,
+            worker_timeout=timeout,
+        )
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(stuck.read)
+                await until(
+                    lambda: bool(stuck.claimed) and _stopped(stuck.process.pid),
+                    "the node stopped, holding a claim",
+                )
+                stopped_at = time.monotonic()
+                assert stuck.claimed == [task_id]
+                # Its worker at work, and one that only registered.
+                mine = {f"{stuck.process.pid}-w0", f"{stuck.process.pid}-idle"}
+
+                def statuses() -> dict[str, str]:
+                    rows = raw(pg_url, "SELECT id, status FROM workers")
+                    return {str(w): str(status) for w, status in rows if w in mine}
+
+                assert set(statuses()) == mine
+                assert "offline" not in statuses().values()
+                await until(
+                    lambda: set(statuses().values()) == {"offline"},
+                    "the stopped node's workers declared offline",
+                    within=timeout + 10.0,
+                )
+                took = time.monotonic() - stopped_at
+                # Not before the liveness bound (the node polled until it stopped), and
+                # within it and a few of the leader's polls.
+                assert timeout - 0.5 <= took <= timeout + 3.0, took
+                assert stuck.id in live_nodes(pg_url)  # alive all along: not a dead node's
+                offline = [(w, d) for w, d in events(pg_url, "worker.offline") if w in mine]
+                assert sorted(w for w, _ in offline) == sorted(mine)
+                assert {d["node_id"] for _, d in offline} == {stuck.id}
+                # Its claim: requeued by the lease bound (the leader's reaper).
+                await until(lambda: not _held(pg_url, task_id), "the claim requeued")
+                assert time.monotonic() - stopped_at <= lease + REAP_GRACE_SECONDS + 3.0
+                again = await a.claim_task("w-live", "job", wait=10)
+                assert again is not None
+                assert again.task.id == task_id
+                await a.complete_task(again.lease, {})
+                # Woken: its own deadlines for them have long passed, but it finds them
+                # declared offline and does not log it again; each is live again (written,
+                # on this node) at its next call; the claim it held is lost.
+                os.kill(stuck.process.pid, signal.SIGCONT)
+                await until(lambda: bool(stuck.lost), "the woken node's completion refused")
+                assert stuck.errors == ["LeaseLostError"]
+                await until(lambda: "offline" not in statuses().values(), "its workers live again")
+                await anyio.sleep(timeout + 1.0)  # its own deadlines would have come up
+                assert "offline" not in statuses().values()
+                rows = raw(pg_url, "SELECT id, node_id FROM workers")
+                assert {node for worker, node in rows if worker in mine} == {stuck.id}
+                offline = [(w, d) for w, d in events(pg_url, "worker.offline") if w in mine]
+                assert sorted(w for w, _ in offline) == sorted(mine)  # once each, as before
+                back = [w for w, _ in events(pg_url, "worker.status_changed") if w in mine]
+                assert sorted(back) == sorted(mine)
+                group.cancel_scope.cancel()
+        finally:
+            await _stop(stuck)
+        assert len([t for t, _ in events(pg_url, "task.retrying") if t == task_id]) == 1
+
+
 async def test_a_stopped_leader_loses_the_role_and_its_duties_are_done(
     pg_url: str, anyio_backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -673,9 +757,14 @@ async def _start(
     workers: int = 4,
     work: float = 0.05,
     stop: bool = False,
+    register: bool = False,
+    worker_timeout: float | None = None,
 ) -> Node:
     stderr = folder / f"{name}.err"
     args = [backend, url, str(workers), str(lease), str(work), str(hold), str(int(stop))]
+    args.append(str(int(register)))
+    if worker_timeout is not None:
+        args.append(str(worker_timeout))
     with stderr.open("wb") as err:
         process = await anyio.open_process(
             [sys.executable, str(NODE), *args],

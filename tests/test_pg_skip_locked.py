@@ -8,6 +8,7 @@ from one queue never pick the same task nor conflict.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -137,21 +138,10 @@ async def test_a_task_retried_on_one_node_is_claimed_on_another_with_its_runs(
         first = await one.claim_task("w1", "job")
         assert first is not None
         await one.fail_task(first.lease, "once", retryable=True)
-        # The other node never held it (no sweep: it knows it from the lock alone). A
-        # lock takes only tasks that are due, and no write announces a backoff's end: a
-        # node whose lock came before it looks again at a notice (or its sweep, off
-        # here). So once the backoff passed, a task queued behind it sends one.
-        await anyio.sleep(0.1)
-        claimed: list[Any] = []
-
-        async def claim() -> None:
-            claimed.append(await two.claim_task("w2", "job", wait=5))
-
+        # The other node never held it (no sweep: it knows it from the lock alone); a
+        # lock of it before its backoff ended says when it ends, and locks again then.
         with anyio.fail_after(10):
-            async with anyio.create_task_group() as group:
-                group.start_soon(claim)
-                await one.create_task("job")
-        again = claimed[0]
+            again = await two.claim_task("w2", "job", wait=5)
         assert again is not None
         assert again.task.id == retried
         assert again.lease.attempt == 2
@@ -267,3 +257,115 @@ async def test_a_claims_decision_that_fails_restarts_the_task_manager_alone(
         restarts = (await rt.statistics()).restarts
         assert restarts["storage"] == 0
         assert restarts["tasks"] == 1
+
+
+@pytest.mark.usefixtures("no_sweep")
+async def test_a_claim_parked_on_another_node_gets_a_retried_task_when_its_backoff_ends(
+    pg_url: str,
+) -> None:
+    """No write marks the end of a retry backoff: a node whose parked claim locked the
+    queue while the task was in its backoff learns from that lock when the task comes
+    due (the database's clock) and locks again then, not at its next sweep (off here)."""
+    config = RuntimeConfig(retry_backoff=2.0, retry_backoff_max=2.0)
+    async with (
+        Runtime.open(pg_url, config=config) as one,
+        Runtime.open(pg_url, config=config) as two,
+    ):
+        retried = await one.create_task("job", max_retries=3)
+        first = await one.claim_task("w1", "job")
+        assert first is not None
+        claimed: list[Any] = []
+
+        async def claim() -> None:
+            claimed.append(await two.claim_task("w2", "job", wait=30))
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as group:
+                group.start_soon(claim)
+                await anyio.sleep(0.3)  # parked on the second node: nothing to take
+                assert claimed == []
+                failed_at = anyio.current_time()
+                await one.fail_task(first.lease, "once", retryable=True)
+                backing_off = await one.get_task(retried)
+        took = anyio.current_time() - failed_at
+    assert backing_off.status is TaskStatus.QUEUED
+    assert backing_off.available_at is not None
+    backoff = (backing_off.available_at - backing_off.updated_at).total_seconds()
+    assert backoff >= 1.0  # half fixed, half random: between 1 and 2 s
+    again = claimed[0]
+    assert again is not None
+    assert again.task.id == retried
+    assert again.lease.attempt == 2
+    # At the end of the backoff, not an hour later (the sweep) nor before it.
+    assert backoff - 0.1 <= took <= backoff + 0.5
+
+
+@pytest.mark.usefixtures("no_sweep")
+async def test_a_claim_parked_on_another_node_gets_a_delayed_task_when_it_comes_due(
+    pg_url: str,
+) -> None:
+    """A delayed task is queued by a write when it comes due (its node's timer), which
+    announces it: a claim parked on another node gets it then."""
+    async with Runtime.open(pg_url) as one, Runtime.open(pg_url) as two:
+        claimed: list[Any] = []
+
+        async def claim() -> None:
+            claimed.append(await two.claim_task("w2", "later", wait=30))
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as group:
+                group.start_soon(claim)
+                await anyio.sleep(0.3)
+                created_at = anyio.current_time()
+                delayed = await one.create_task("later", delay=1.5)
+        took = anyio.current_time() - created_at
+    assert claimed[0] is not None
+    assert claimed[0].task.id == delayed
+    assert 1.4 <= took <= 2.0
+
+
+async def test_a_lock_takes_what_is_due_by_the_databases_clock_and_says_when_the_rest_is(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task is due when its ``available_at`` is past by the server's clock, whatever the
+    locking node's wall clock says (here an hour ahead); a lock that took fewer rows than
+    it asked says in how many seconds the queue's next task still backing off comes due,
+    and one that took as many as it asked says nothing (and pays nothing for it)."""
+    answers: list[Any] = []
+    lock_ready = PostgresSql.lock_ready
+
+    async def recording(self: PostgresSql, db: Any, lock: Any) -> Any:
+        locked = await lock_ready(self, db, lock)
+        answers.append(locked)
+        return locked
+
+    monkeypatch.setattr(PostgresSql, "lock_ready", recording)
+
+    def ahead() -> datetime:
+        return datetime.now(UTC) + timedelta(hours=1)
+
+    async with Runtime.open(pg_url) as one, Runtime.open(pg_url, wall_clock=ahead) as two:
+        due = await one.create_task("job", priority=1)
+        backing_off = await one.create_task("job", priority=2)  # the better of the two
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            for task_id, span in ((due, "-1 second"), (backing_off, "30 seconds")):
+                conn.execute(
+                    "UPDATE tasks SET available_at = now() + %s::interval,"
+                    " version = version + 1 WHERE id = %s",
+                    (span, task_id),
+                )
+        answers.clear()
+        with anyio.fail_after(10):
+            claims = await two.claim_tasks("w2", "job", limit=5, wait=5)
+        assert [claim.task.id for claim in claims] == [due]
+        said = [seconds for locked in answers if locked for _, seconds in locked.due_in]
+        assert said
+        assert 25.0 < said[-1] <= 30.0
+        # A lock that takes as many rows as it asks for says nothing of the rest.
+        more = [await one.create_task("job") for _ in range(2)]
+        answers.clear()
+        with anyio.fail_after(10):
+            [claim] = await two.claim_tasks("w3", "job", limit=1, wait=5)
+        assert claim.task.id == more[0]
+        assert answers
+        assert all(not locked.due_in for locked in answers if locked)

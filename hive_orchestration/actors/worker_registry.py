@@ -64,6 +64,7 @@ from ..messages.workers import (
     WorkerHeartbeat,
     WorkerRegistryMessage,
     WorkersLost,
+    WorkersRecheck,
     WorkersSeen,
     WorkerStatus,
 )
@@ -164,7 +165,20 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
                 envelope.resolve(await self._lost(envelope.message, now))
         batch = [e for e in batch if not isinstance(e.message, WorkersLost)]
         work = _Batch()
-        self._expire(work, now)
+        rechecks = [e for e in batch if isinstance(e.message, WorkersRecheck)]
+        if rechecks:
+            batch = [e for e in batch if not isinstance(e.message, WorkersRecheck)]
+            live = [w.id for w in self._workers.values() if w.status is not WorkerStatus.OFFLINE]
+            await self._recheck(live, work)
+            for envelope in rechecks:
+                envelope.started = True
+                envelope.resolve(None)
+        expiring = self._expiring()
+        if expiring and self._shared:
+            # The leader may have declared them offline already (this node was stuck):
+            # then they are offline here too, not declared (and logged) a second time.
+            await self._recheck(expiring, work)
+        self._expire(expiring, work, now)
         if self._shared and any(isinstance(e.message, _READS) for e in batch):
             try:
                 work.others = await self._others()
@@ -312,10 +326,12 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
         if worker.last_heartbeat < now:
             self._workers[worker_id] = msgspec.structs.replace(worker, last_heartbeat=now)
 
-    def _expire(self, work: _Batch, now: datetime) -> None:
-        """Declare offline every live worker whose heartbeat deadline has passed."""
+    def _expiring(self) -> list[str]:
+        """The live workers whose heartbeat deadline has passed (their entries taken off
+        the heap; an entry that came up early is pushed back to its real deadline)."""
         mono = self._mono
         deadlines = self._deadlines
+        expiring: list[str] = []
         while deadlines and deadlines[0][0] <= mono:
             _, worker_id = heapq.heappop(deadlines)
             self._scheduled.discard(worker_id)
@@ -329,6 +345,15 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
             if due > mono:
                 self._schedule(worker_id, due)  # it heartbeat since
                 continue
+            expiring.append(worker_id)
+        return expiring
+
+    def _expire(self, expiring: list[str], work: _Batch, now: datetime) -> None:
+        """Declare offline the ``expiring`` workers (:meth:`_expiring`) still live."""
+        for worker_id in expiring:
+            worker = self._workers.get(worker_id)
+            if worker is None or worker.status is WorkerStatus.OFFLINE:
+                continue  # the leader declared it offline (:meth:`_recheck`)
             offline = msgspec.structs.replace(worker, status=WorkerStatus.OFFLINE)
             self._put(offline, work)
             data: dict[str, JsonValue] = {
@@ -373,6 +398,32 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
         for worker_id in work.undo:
             log.warning("worker %r was watched by a dead node; declared offline", worker_id)
         return len(work.undo)
+
+    async def _recheck(self, worker_ids: Sequence[str], work: _Batch) -> None:
+        """On a shared store, of ``worker_ids`` (live here): those whose rows the leader
+        declared offline while this node did not act (``WorkersLost``: it took the node
+        for stuck) are offline here too, with nothing written or logged again, and what
+        they held is released after the batch's commit. Each one's next call makes it
+        live again (written), as after a missed heartbeat here. Asked after this node
+        did not act for a while (:class:`WorkersRecheck`), and before it declares any
+        worker offline itself."""
+        if not self._shared or not worker_ids:
+            return
+        try:
+            stored = {worker.id: worker for worker in await self._storage.ask(LoadWorkers())}
+        except HiveError as exc:
+            log.warning("could not read the workers' rows: %s", exc)
+            return
+        for worker_id in worker_ids:
+            worker = self._workers.get(worker_id)
+            row = stored.get(worker_id)
+            if worker is None or worker.status is WorkerStatus.OFFLINE:
+                continue
+            if row is None or row.status is not WorkerStatus.OFFLINE:
+                continue
+            self._workers[worker_id] = msgspec.structs.replace(worker, status=WorkerStatus.OFFLINE)
+            work.releases.append((worker_id, "declared offline by the leader: this node was stuck"))
+            log.warning("worker %r was declared offline while this node did not act", worker_id)
 
     # -- helpers -----------------------------------------------------------------------------
 

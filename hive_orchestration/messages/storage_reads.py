@@ -151,6 +151,10 @@ class LockedHeads(msgspec.Struct, frozen=True):
     heads: tuple[tuple[QueueHead, tuple[tuple[str, int, int, datetime], ...]], ...]
     tasks: tuple[Task, ...]
     runs: tuple[Run, ...]
+    #: For a queue of which fewer than the limit were locked: in how many seconds (by
+    #: the database's clock, from the lock) its first task still in a retry backoff
+    #: comes due. No write marks that moment, so the writer looks again then.
+    due_in: tuple[tuple[QueueHead, float], ...] = ()
 
 
 class LoadQueueHeads(Request[QueueHeads], frozen=True):

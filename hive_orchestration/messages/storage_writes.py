@@ -242,10 +242,12 @@ class Committed(msgspec.Struct, frozen=True, gc=False):
 class LockReady(msgspec.Struct, frozen=True):
     """Take the best ready rows of ``heads`` in the write's own transaction, before its
     ops are decided: up to ``limit`` of each queue in claim order (priority, then age),
-    ready at ``now`` (no backoff left), with ``SELECT ... FOR UPDATE SKIP LOCKED`` on a
-    store several nodes share, so that rows another node's transaction holds are passed
-    over, never waited for, and two nodes' claims never take one task (``ready`` are
-    taken whatever their ``available_at`` says). The rows stay locked to the commit.
+    ready (no backoff left by the database's clock), with ``SELECT ... FOR UPDATE SKIP
+    LOCKED`` on a store several nodes share, so that rows another node's transaction
+    holds are passed over, never waited for, and two nodes' claims never take one task
+    (``ready`` are taken whatever their ``available_at`` says). The rows stay locked to
+    the commit; the answer also says when a queue's next task still in a backoff comes
+    due (``LockedHeads.due_in``).
 
     The decision stays the writer's, made in its own task: the storage actor answers
     ``locked`` with what it took (tasks, their runs and versions; ``None`` when nothing
@@ -257,7 +259,6 @@ class LockReady(msgspec.Struct, frozen=True):
 
     heads: tuple[QueueHead, ...]
     limit: int
-    now: datetime
     #: Tasks the writer holds as ready whose stored ``available_at`` (the end of a retry
     #: backoff, a wall time) may say otherwise: taken whatever it says. The writer
     #: decides backoffs on its own clock, which a stepped wall clock does not move.

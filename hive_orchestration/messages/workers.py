@@ -23,6 +23,7 @@ __all__ = [
     "WorkerRegistryMessage",
     "WorkerStatus",
     "WorkersLost",
+    "WorkersRecheck",
     "WorkersSeen",
 ]
 
@@ -116,6 +117,17 @@ class WorkersLost(Request[int], frozen=True, kw_only=True):
     dead_nodes: tuple[str, ...]
 
 
+class WorkersRecheck(msgspec.Struct, frozen=True):
+    """To the WorkerRegistry of a node of a shared store that did not act for ``seconds``
+    (its process stopped, its event loop blocked): meanwhile the leader may have taken the
+    node for stuck and declared its workers offline (``WorkersLost``). Those whose rows
+    say offline are offline here too, written and logged by the leader already (nothing
+    is written or logged twice), and what they held is released; a worker that calls
+    again is live again, as after any missed heartbeat."""
+
+    seconds: float
+
+
 class RegistryWake(msgspec.Struct, frozen=True):
     """The registry's alarm: some worker's heartbeat deadline is due."""
 
@@ -130,4 +142,5 @@ WorkerRegistryMessage: TypeAlias = (
     | WorkersSeen
     | RegistryWake
     | WorkersLost
+    | WorkersRecheck
 )

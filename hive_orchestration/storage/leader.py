@@ -30,7 +30,7 @@ from ..messages.leader import Leading, RecoverClaims
 from ..messages.plans import AdoptPlans, PlanExecutorMessage
 from ..messages.schedules import SchedulerMessage
 from ..messages.tasks import TaskManagerMessage
-from ..messages.workers import WorkerRegistryMessage, WorkersLost
+from ..messages.workers import WorkerRegistryMessage, WorkersLost, WorkersRecheck
 from ..runtime import ActorRef
 from .port import DeadNodes
 
@@ -59,6 +59,15 @@ class ActorDuties:
         # A full mailbox: the next poll tells it again.
         with suppress(RuntimeStoppedError):
             self._schedules.try_tell(Leading(epoch))
+
+    async def woke(self, seconds: float) -> None:
+        # A full mailbox: no recheck (never wait here: the node polls on). A worker the
+        # leader declared offline that this node's registry still holds as live is then
+        # found so when its deadline comes up here (the registry reads its row first), or
+        # its row is made live again by its next heartbeat.
+        with suppress(RuntimeStoppedError):
+            if not self._workers.try_tell(WorkersRecheck(seconds)):
+                log.debug("worker registry busy: no recheck after a %.1fs stall", seconds)
 
     async def dead(self, found: DeadNodes) -> None:
         try:
@@ -90,10 +99,10 @@ class ActorDuties:
                     )
                 )
                 log.warning(
-                    "leader (epoch %d): %d worker(s) of dead node(s) %s declared offline",
+                    "leader (epoch %d): %d worker(s) of dead or stuck node(s) %s declared offline",
                     found.epoch,
                     lost,
-                    ", ".join(found.nodes),
+                    ", ".join(sorted({*found.nodes, *found.stuck})),
                 )
             if found.plans:
                 # Not fenced by the epoch: a take is a conditional update of a dead

@@ -53,7 +53,8 @@ class DeadNodes:
     (:class:`~hive_orchestration.messages.workers.WorkersLost`), and the dead nodes' ids
     (for the log), and how many executing plans they drove (to be adopted:
     :class:`~hive_orchestration.messages.plans.AdoptPlans`); and the claims of live nodes
-    whose leases expired by the database's clock (``expired``)."""
+    whose leases expired by the database's clock (``expired``). ``stuck``: the live
+    nodes that stopped acting (for the log); ``workers`` holds their live workers too."""
 
     epoch: int
     nodes: tuple[str, ...]
@@ -64,6 +65,9 @@ class DeadNodes:
     #: Claims of live nodes whose lease passed its deadline by the database's clock
     #: (:class:`~hive_orchestration.messages.leader.RecoverClaims`, ``lease_expired``).
     expired: tuple[DeadClaim, ...] = ()
+    #: Live nodes that have not polled for the worker liveness bound: their workers are
+    #: in ``workers`` (declared offline), their claims left to their leases.
+    stuck: tuple[str, ...] = ()
 
 
 class LeaderDuties(Protocol):
@@ -77,6 +81,12 @@ class LeaderDuties(Protocol):
     async def dead(self, found: DeadNodes) -> None:
         """Do ``found``'s duties; returns once they are done (or failed: the leader
         looks again at its next poll)."""
+        ...
+
+    async def woke(self, seconds: float) -> None:
+        """This node did not poll for ``seconds`` (its process stopped, its event loop
+        blocked): the leader may have taken it for stuck meanwhile and declared its
+        workers offline. Never waits on a busy actor."""
         ...
 
 

@@ -222,6 +222,9 @@ class TaskManager(Actor[TaskManagerMessage]):
         # Queues other nodes made tasks ready in (ReadyElsewhere), not yet locked by a
         # claim here: the next claims that take from them lock their rows.
         self._woken: set[tuple[str, tuple[str, ...], str | None]] = set()
+        # When a queue's first task still in a retry backoff comes due, by the database's
+        # clock, as the last lock of the queue said (claims.backoffs_end): one per queue.
+        self._backoff_ends: Deadlines[tuple[str, tuple[str, ...], str | None]] = Deadlines()
 
     async def stopped(self, error: BaseException | None) -> None:
         # Held-back answers are of committed changes: they are true whatever happens next.
@@ -306,6 +309,8 @@ class TaskManager(Actor[TaskManagerMessage]):
         await self._look_up_keys(batch, work)
         now = self._read_clocks()
         self._settle_due(work, now)
+        if self._fenced:
+            self._wake_backoffs()
         await self._settle_timers(work, now)
         forwards: list[tuple[Envelope[TaskManagerMessage], Request[object]]] = []
         seen: set[str] = set()  # workers at work in this batch
@@ -408,6 +413,7 @@ class TaskManager(Actor[TaskManagerMessage]):
     _lock_claims = claims.lock_claims
     _decide_locked = claims.decide_locked
     _ready_elsewhere = claims.ready_elsewhere
+    _wake_backoffs = claims.wake_backoffs
     _unpark = claims.unpark
     _assign = claims.assign
     _start = claims.start_run

@@ -22,7 +22,9 @@ passed over) and answers them to this actor, which decides the handing out on th
 (:func:`decide_locked`, :func:`take_locked`) in its own task and answers the write's ops,
 which the storage actor commits with the rest of its batch. Two nodes' claims never
 take one task, so they never conflict. Other nodes' commits that queue tasks wake the
-parked claims here (:func:`ready_elsewhere`, by ``NOTIFY``).
+parked claims here (:func:`ready_elsewhere`, by ``NOTIFY``), and so does the end of a
+retry backoff another node set, which no write marks: a lock says when it comes, by the
+database's clock, and the alarm wakes the claims then (:func:`backoffs_end`).
 """
 
 from __future__ import annotations
@@ -225,7 +227,7 @@ def lock_claims(tm: TaskManager, work: _Batch) -> LockReady | None:
             known[task_id] = version
             if task.available_at is not None:
                 ready.append(task_id)
-    return LockReady(heads, limit, now, tuple(ready), known)
+    return LockReady(heads, limit, tuple(ready), known)
 
 
 def _queue_order(queue: QueueId) -> tuple[str, tuple[str, ...], str]:
@@ -246,8 +248,37 @@ def decide_locked(
         tm._woken.difference_update(
             (h.task_type, h.requires, h.concurrency_key) for h, _ in loaded.heads
         )
+        backoffs_end(tm, loaded)
     dispatch(tm, work, now, refilled=refilled)
     return tuple(tm._fences(work) + work.ops) if work.ops else ()
+
+
+def backoffs_end(tm: TaskManager, loaded: LockedHeads) -> None:
+    """When the queues the lock took too few rows of have a task coming out of its
+    retry backoff (by the database's clock): no write marks that moment, nor wakes this
+    node then (the node that set the backoff hands it out at its end to its own claims
+    only), so the claims parked here lock those queues again then
+    (:func:`wake_backoffs`), not at the next sweep. One deadline per queue, the
+    earliest, on the monotonic clock: a span measured by one clock, the database's, so
+    this node's own wall clock plays no part."""
+    if not loaded.due_in:
+        return
+    mono = tm._monotonic()
+    for head, seconds in loaded.due_in:
+        queue = (head.task_type, head.requires, head.concurrency_key)
+        at = mono + max(seconds, 0.0)
+        held = tm._backoff_ends.get(queue)
+        if held is None or at < held:
+            tm._backoff_ends.set(queue, at)
+
+
+def wake_backoffs(tm: TaskManager) -> None:
+    """The queues whose task came out of its backoff (:func:`backoffs_end`): the claims
+    parked here look again, and lock their rows, as at another node's notice."""
+    mono = tm._mono
+    while (queue := tm._backoff_ends.pop_due(mono)) is not None:
+        tm._woken.add(queue)
+        tm._ready.changed = True
 
 
 def take_locked(tm: TaskManager, work: _Batch, loaded: LockedHeads, limit: int) -> None:

@@ -148,6 +148,9 @@ def arm(tm: TaskManager) -> None:
         times.append(frees)
     if tm._fenced and tm._waiters:
         times.append(tm._next_sweep)  # tasks queued by other nodes, for the waiters
+        backoff = tm._backoff_ends.first()  # and the end of a backoff another node set
+        if backoff is not None:
+            times.append(backoff[0])
     wake = min(times) if times else None
     if wake != tm._alarm.at:
         tm._alarm.set(wake)

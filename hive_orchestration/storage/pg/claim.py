@@ -54,6 +54,7 @@ __all__ = [
     "DatabaseClaim",
     "alive_sql",
     "node_key",
+    "poll_lock_sql",
     "read_owner",
     "recoverable_sql",
 ]
@@ -82,6 +83,19 @@ def alive_sql(column: str) -> str:
         " AND l.objsubid = 1"
         " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
         f" AND l.classid::bigint = {_half(column, 1)} AND l.objid::bigint = {_half(column, 9)})"
+    )
+
+
+def poll_lock_sql(column: str, alias: str) -> str:
+    """SQL true for the ``pg_locks`` row ``alias`` of the poll lock of the node whose id is
+    in ``column``: the node's key in the two-int4 form (``objsubid`` 2), held by the
+    session on which the node polls for the leader's role (``storage/pg/leader.py``)."""
+    return (
+        f"{alias}.locktype = 'advisory' AND {alias}.granted AND {alias}.objsubid = 2"
+        f" AND {alias}.database = (SELECT oid FROM pg_database"
+        " WHERE datname = current_database())"
+        f" AND {alias}.classid::bigint = {_half(column, 1)}"
+        f" AND {alias}.objid::bigint = {_half(column, 9)}"
     )
 
 

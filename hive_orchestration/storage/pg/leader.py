@@ -35,6 +35,21 @@ the *leader* (pg-design 4.3):
   ``lease_expired``: ended as their owner's expiry would, each only at the version read).
   The stuck node, when it wakes, finds those claims gone as a lost claim is found: its
   writes of them conflict, and its workers' calls get ``LeaseLostError``.
+- **Workers of a stuck node.** A worker belongs to the node it talks to, which alone
+  hears its heartbeats and declares it offline; a node that does not act (its process
+  stopped, its event loop blocked) keeps its lock, so its workers were never declared
+  offline by anyone. Each node's poll connection (this one) also holds a second advisory
+  lock of its own (:func:`poll_lock_sql`: the node's key, ``objsubid`` 2), and runs a
+  statement at each poll, so the server's ``pg_stat_activity.state_change`` of that
+  session is the node's last poll by the database's clock. A live node whose poll session
+  has sat idle for the worker liveness bound (``worker_timeout``, at least
+  :data:`STUCK_FLOOR_SECONDS`), or has had none for as long by the leader's clock (a stuck
+  leader's session another node ended), is *stuck*: no heartbeat of its workers has been
+  heard since, so the leader declares its live workers offline (``WorkersLost``, as a dead
+  node's), each fenced by its row still naming the stuck node. Its claims are the lease
+  reaper's (above): requeued within the lease bound. Seeing another user's session state
+  takes the same database user or ``pg_read_all_stats``; a node whose state the leader
+  cannot see is never taken for stuck.
 - Claims of no node (``node_id`` NULL: written before schema 15) are left to recovery
   on open, as before.
 - **A stuck leader** (its process stopped, its event loop or threads blocked) keeps its
@@ -66,7 +81,7 @@ import psycopg.errors
 from ...messages.leader import DeadClaim
 from ..port import DeadNodes, LeaderDuties
 from ..rows import WORKER_COLUMNS, worker_from_row
-from .claim import alive_sql
+from .claim import alive_sql, node_key, poll_lock_sql
 
 __all__ = [
     "GRACE_SECONDS",
@@ -74,6 +89,7 @@ __all__ = [
     "POLL_SECONDS",
     "REAP_GRACE_SECONDS",
     "STALE_SECONDS",
+    "STUCK_FLOOR_SECONDS",
     "Leader",
 ]
 
@@ -96,6 +112,10 @@ BATCH = 1000
 #: loop or its threads stuck) before a node that wants the role ends that session, and
 #: with it the role. A live leader polls every POLL_SECONDS.
 STALE_SECONDS = 10.0
+#: The least time a node's poll session may sit idle before the leader takes the node
+#: for stuck and declares its workers offline, whatever ``worker_timeout`` says (a live
+#: node polls every POLL_SECONDS; a loop late by a second is not stuck).
+STUCK_FLOOR_SECONDS = 2.0
 #: Seconds a statement of the leader may take before the server cancels it.
 _STATEMENT_TIMEOUT_MS = 10_000
 #: Pause after a fault before contending again (doubling up to the second figure).
@@ -145,6 +165,19 @@ _EXPIRED = (
     f" AND t.status IN {_HOLDING} AND t.node_id IS NOT NULL AND t.node_id <> %s"
     " ORDER BY t.id LIMIT %s"
 )
+# The live nodes (not this one) that watch a live worker, each with whether its poll
+# session (the second lock, objsubid 2) is there, and for how long by the database's clock
+# it has sat idle (0 while it runs a statement; NULL when its state is not ours to see).
+_WATCHERS = (
+    "SELECT w.n, a.pid IS NOT NULL, CASE WHEN a.state IN ('idle', 'idle in transaction')"
+    " THEN extract(epoch FROM now() - a.state_change)::float8"
+    " WHEN a.state IS NULL THEN NULL ELSE 0 END"
+    " FROM (SELECT DISTINCT node_id FROM workers WHERE status <> 'offline'"
+    " AND node_id IS NOT NULL AND node_id <> %s) AS w (n)"
+    f" LEFT JOIN pg_locks l ON {poll_lock_sql('w.n', 'l')}"
+    " LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
+    f" WHERE {alive_sql('w.n')}"
+)
 _PLANS = "SELECT count(*) FROM execution_plans WHERE status = 'executing' AND node_id = ANY(%s)"
 _WORKERS = (
     f"SELECT {WORKER_COLUMNS}, node_id FROM workers"
@@ -169,6 +202,7 @@ class Leader:
         grace: float = GRACE_SECONDS,
         reap_grace: float = REAP_GRACE_SECONDS,
         stale: float | None = None,
+        worker_timeout: float = 30.0,
         clock: Callable[[], float] = anyio.current_time,
     ) -> None:
         self._url = url
@@ -179,11 +213,17 @@ class Leader:
         self._grace = grace
         self._reap_grace = reap_grace
         self._stale = STALE_SECONDS if stale is None else stale
+        # A node whose poll session sat idle this long is stuck (see the module).
+        self._stuck_after = max(worker_timeout, STUCK_FLOOR_SECONDS)
         self._clock = clock
         self._conn: Connection | None = None
         self._epoch: int | None = None
         # Dead-looking node -> when it was first seen so (the clock's time).
         self._suspects: dict[str, float] = {}
+        # Live node with live workers and no poll session -> when first seen so.
+        self._unpolled: dict[str, float] = {}
+        # Whether this connection holds the node's poll lock (taken at the first poll).
+        self._polling = False
         self._polled = anyio.Event()
 
     @property
@@ -195,15 +235,24 @@ class Leader:
 
     async def run(self) -> None:
         delay = _RETRY[0]
+        last: float | None = None  # when the last poll began
+        pause = self._poll  # how long it meant to sleep after it
         try:
             while True:
                 now = self._clock()
+                if last is not None and now - last >= pause + STUCK_FLOOR_SECONDS:
+                    # This node did not poll for that long (a poll, its duties or a stall
+                    # of the process or loop): the leader may have taken it for stuck,
+                    # and declared its workers offline meanwhile.
+                    await self._duties.woke(now - last)
+                last, pause = now, self._poll
                 try:
                     found = await anyio.to_thread.run_sync(self._step, now)
                 except (psycopg.Error, OSError) as exc:
                     self._step_down(f"{type(exc).__name__}: {exc}")
                     await self._duties.leading(None)
                     self._polled.set()
+                    pause = delay
                     await anyio.sleep(delay)
                     delay = min(delay * 2, _RETRY[1])
                     continue
@@ -239,12 +288,20 @@ class Leader:
             tcp_user_timeout=10_000,
         )
         self._conn = conn
+        self._polling = False
         return conn
 
     def _step(self, now: float) -> DeadNodes | None:
         """One poll: take the role if it is free, else (as the leader) look for dead
         nodes' duties under the epoch. Raises psycopg's errors (the caller steps down)."""
         conn = self._connect()
+        if not self._polling:
+            # The node's poll lock: its session's activity is the node's sign of life to
+            # the leader (a try: a lost session of this node may hold it a while yet).
+            key = node_key(self.node_id) & 0xFFFFFFFF_FFFFFFFF
+            halves = (_int4(key >> 32), _int4(key & 0xFFFFFFFF))
+            row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", halves).fetchone()
+            self._polling = bool(row is not None and row[0])
         if self._epoch is None:
             row = conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_KEY,)).fetchone()
             if row is None or not row[0]:
@@ -271,6 +328,7 @@ class Leader:
             assert taken is not None
             self._epoch = int(taken[0])
             self._suspects.clear()
+            self._unpolled.clear()
             log.info("leader: node %s took the role (epoch %d)", self.node_id, self._epoch)
         return self._look(conn, self._epoch, now)
 
@@ -299,15 +357,18 @@ class Leader:
             for node in dead:
                 self._suspects.setdefault(node, now)
             due = sorted(n for n in dead if now - self._suspects[n] >= self._grace)
-            if not due:
-                return DeadNodes(epoch=epoch, nodes=(), expired=expired) if expired else None
-            claims = tuple(
-                DeadClaim(str(task_id), int(version), str(node))
-                for task_id, version, node in conn.execute(_CLAIMS, (due, BATCH))
-            )
-            rows = conn.execute(_WORKERS, (due, BATCH)).fetchall()
-            counted = conn.execute(_PLANS, (due,)).fetchone()
-            plans = 0 if counted is None else int(counted[0])
+            stuck = self._stuck(conn, now)
+            claims: tuple[DeadClaim, ...] = ()
+            plans = 0
+            if due:
+                claims = tuple(
+                    DeadClaim(str(task_id), int(version), str(node))
+                    for task_id, version, node in conn.execute(_CLAIMS, (due, BATCH))
+                )
+                counted = conn.execute(_PLANS, (due,)).fetchone()
+                plans = 0 if counted is None else int(counted[0])
+            watched = due + stuck
+            rows = conn.execute(_WORKERS, (watched, BATCH)).fetchall() if watched else []
         if not claims and not rows and not plans and not expired:
             return None
         return DeadNodes(
@@ -318,7 +379,28 @@ class Leader:
             worker_nodes=tuple(str(row[-1]) for row in rows),
             plans=plans,
             expired=expired,
+            stuck=tuple(stuck),
         )
+
+    def _stuck(self, conn: Connection, now: float) -> list[str]:
+        """The live nodes watching live workers that have not polled for the liveness
+        bound: by the database's clock of their poll session's last statement, or, with
+        no poll session, by this leader's clock since it first found none."""
+        stuck: list[str] = []
+        missing: set[str] = set()
+        for node, polled, idle in conn.execute(_WATCHERS, (self.node_id,)):
+            node = str(node)
+            if not polled:
+                missing.add(node)
+                since = self._unpolled.setdefault(node, now)
+                if now - since >= self._stuck_after:
+                    stuck.append(node)
+            elif idle is not None and float(idle) >= self._stuck_after:
+                stuck.append(node)
+        for node in list(self._unpolled):
+            if node not in missing:
+                del self._unpolled[node]
+        return sorted(stuck)
 
     def _step_down(self, why: str) -> None:
         if self._epoch is not None:
@@ -327,6 +409,7 @@ class Leader:
             log.debug("leader: node %s cannot contend for the role: %s", self.node_id, why)
         self._epoch = None
         self._suspects.clear()
+        self._unpolled.clear()
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(psycopg.Error):
@@ -343,3 +426,9 @@ class Leader:
             if held is not None and not conn.closed and not conn.broken:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (LEADER_KEY,))
         conn.close()
+
+
+def _int4(half: int) -> int:
+    """An unsigned 32-bit half of a key as the signed int4 ``pg_advisory_lock(int, int)``
+    takes (pg_locks shows it back as the unsigned oid)."""
+    return half - (1 << 32) if half >= 1 << 31 else half

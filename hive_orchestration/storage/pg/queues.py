@@ -167,40 +167,74 @@ async def query_queues(db: Driver, message: StorageMessage) -> object:
 #: created: the common case) costs no read of runs.
 _LOCKED = (
     f"SELECT {TASK_COLUMNS}, version,"
-    " (SELECT count(*) FROM runs WHERE runs.task_id = tasks.id) FROM tasks WHERE "
+    " (SELECT count(*) FROM runs WHERE runs.task_id = tasks.id) AS runs FROM tasks WHERE "
 )
+#: The columns of a locked row, for the marker row that follows them (all NULL).
+_NULLS = ", ".join(["NULL"] * (len(TASK_COLUMNS.split(",")) + 2))
+
+
+def _lock_sql(where: str) -> str:
+    """One queue's lock, in one statement: its best ``limit`` ready rows by the
+    database's clock (``now()``: the transaction's start, a moment ago), each locked
+    ``FOR UPDATE SKIP LOCKED``; then, only when fewer than ``limit`` were locked (the
+    queue holds no other free row that is due), a marker row (``part`` 1) saying in how
+    many seconds, by the same clock, the queue's first task still in a retry backoff
+    comes due (NULL: none is). No write marks a backoff's end, so the writer sets an
+    alarm for it: one per queue, whatever the number of tasks backing off. The marker
+    costs nothing when the lock took ``limit`` rows (PostgreSQL does not run a branch
+    whose one-time filter is false), and otherwise a second scan of what the lock just
+    scanned: the whole queue, in ``idx_tasks_ready``."""
+    return (
+        f"WITH locked AS MATERIALIZED ({_LOCKED}{where}"
+        " AND (available_at IS NULL OR available_at <= now() OR id = ANY(?))"
+        " ORDER BY priority DESC, created_at, id LIMIT ? FOR UPDATE SKIP LOCKED)"
+        " SELECT 0 AS part, NULL::float8 AS due_in, * FROM locked"
+        " UNION ALL SELECT 1, extract(epoch FROM"
+        f" (SELECT min(available_at) FROM tasks WHERE {where} AND available_at > now()"
+        "  AND id NOT IN (SELECT id FROM locked)) - now())::float8,"
+        f" {_NULLS} WHERE (SELECT count(*) FROM locked) < ?"
+        " ORDER BY part, priority DESC, created_at, id"
+    )
 
 
 async def lock_ready(db: Driver, lock: LockReady) -> LockedHeads:
     """The claims of a node's write (:class:`LockReady`): BEGIN, then the best ``limit``
-    ready rows of each queue (past any backoff at ``now``, or among ``ready``, which the
-    writer holds as past theirs by its own clock), in claim order, each locked
-    ``FOR UPDATE SKIP LOCKED`` to the commit: a row another node's transaction holds (its
-    claim, or any write of it) is passed over, never waited for, so two nodes' claims
-    never take one task nor wait for each other. The rows come back whole, as locked (the
-    row's latest version: what a write fenced by its version changes), in the same round
-    trip; the writer is answered their keys, and the tasks it does not hold at their
-    version (``known``) in full, with their runs (read in the same transaction, which
-    stays open for the write: :meth:`Driver.begin`, and only for tasks that have runs)."""
-    at = _text(lock.now)
+    ready rows of each queue (past any backoff by the database's clock, or among
+    ``ready``, which the writer holds as past theirs by its own clock), in claim order,
+    each locked ``FOR UPDATE SKIP LOCKED`` to the commit: a row another node's
+    transaction holds (its claim, or any write of it) is passed over, never waited for, so
+    two nodes' claims never take one task nor wait for each other. The rows come back
+    whole, as locked (the row's latest version: what a write fenced by its version
+    changes), in the same round trip; the writer is answered their keys, and the tasks it
+    does not hold at their version (``known``) in full, with their runs (read in the same
+    transaction, which stays open for the write: :meth:`Driver.begin`, and only for tasks
+    that have runs); and, for each queue it took fewer than ``limit`` rows of, when its
+    next task still in a backoff comes due (:func:`_lock_sql`).
+
+    Due by the database's clock, not the writer's: every node then agrees on when a task
+    comes due whatever its own clock says (the end of a backoff is stored as the wall
+    time of the node that set it, so that node's offset from the server's clock remains).
+    """
     statements = []
     for head in lock.heads:
         where, queue = _queue_where(
             head.task_type, requires_text(head.requires), head.concurrency_key
         )
-        sql = (
-            f"{_LOCKED}{where}"
-            " AND (available_at IS NULL OR available_at <= ? OR id = ANY(?))"
-            " ORDER BY priority DESC, created_at, id LIMIT ? FOR UPDATE SKIP LOCKED"
-        )
-        statements.append((sql, (*queue, at, list(lock.ready), lock.limit)))
+        params = (*queue, list(lock.ready), lock.limit, *queue, lock.limit)
+        statements.append((_lock_sql(where), params))
     found = await db.begin(statements)
     heads: list[tuple[QueueHead, tuple[tuple[str, int, int, datetime], ...]]] = []
+    due_in: list[tuple[QueueHead, float]] = []
     tasks: list[Task] = []
     with_runs: list[str] = []
     for head, rows in zip(lock.heads, found, strict=True):
         keys: list[tuple[str, int, int, datetime]] = []
-        for row in rows:
+        for marked in rows:
+            if marked[0]:  # the marker: when the queue's next backoff ends, if any does
+                if marked[1] is not None:
+                    due_in.append((head, float(cast(float, marked[1]))))
+                continue
+            row = marked[2:]
             task_id, version = str(row[0]), int(cast(int, row[-2]))
             keys.append((task_id, version, int(cast(int, row[4])), _when(row[9])))
             if lock.known.get(task_id) != version:
@@ -209,7 +243,7 @@ async def lock_ready(db: Driver, lock: LockReady) -> LockedHeads:
                     with_runs.append(task_id)
         heads.append((head, tuple(keys)))
     runs = await _runs_of(db, with_runs) if with_runs else []
-    return LockedHeads(tuple(heads), tuple(tasks), tuple(runs))
+    return LockedHeads(tuple(heads), tuple(tasks), tuple(runs), tuple(due_in))
 
 
 def _when(value: object) -> datetime:

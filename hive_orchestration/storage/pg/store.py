@@ -163,7 +163,13 @@ class PostgresStore:
             return None
         from .leader import Leader
 
-        return Leader(self.url, self._claim.node_id, duties, connect_timeout=self._timeout())
+        return Leader(
+            self.url,
+            self._claim.node_id,
+            duties,
+            connect_timeout=self._timeout(),
+            worker_timeout=float(self._config.worker_timeout),
+        )
 
     def explain(self, exc: StoreError, action: str) -> StorageError:
         return storage_error(self.url, exc, action=action)
