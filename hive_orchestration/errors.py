@@ -336,6 +336,14 @@ def rebuild_error(
     error = cls.__new__(cls)
     Exception.__init__(error, message)
     for key, value in attributes.items():
-        if isinstance(key, str) and not key.startswith("_") and isinstance(value, _SCALARS):
+        # Only an instance's own fields: a name the class has (``args``, an OSError's
+        # ``characters_written``, a method) is never one plain_attributes gives, and a
+        # peer that sends one must not make this raise, nor shadow a method.
+        if (
+            isinstance(key, str)
+            and not key.startswith("_")
+            and isinstance(value, _SCALARS)
+            and not hasattr(cls, key)
+        ):
             setattr(error, key, value)
     return error

@@ -21,7 +21,13 @@ import msgspec
 import pytest
 from anyio.abc import SocketAttribute
 
-from hive_orchestration import Runtime, RuntimeConfig
+from hive_orchestration import (
+    AccessDeniedError,
+    HiveError,
+    OrchestrationClient,
+    Runtime,
+    RuntimeConfig,
+)
 from hive_orchestration.remote.address import connect_path
 from hive_orchestration.remote.protocol import (
     PROTOCOL_VERSION,
@@ -29,6 +35,7 @@ from hive_orchestration.remote.protocol import (
     CallOut,
     Cancel,
     ClientFrame,
+    Failure,
     FrameError,
     FrameReader,
     Hello,
@@ -263,3 +270,79 @@ async def test_past_its_calls_in_flight_a_connection_is_not_read_nor_cut_as_sile
         answers = await anyio.to_thread.run_sync(talk)
     assert sorted(answers[:2]) == [(1, None), (2, None)]
     assert answers[2] == (3, None)
+
+
+# -- a malicious server: what the client makes of crafted errors ----------------------------
+
+
+async def _crafted_server(listener: Any, answers: dict[str, Any]) -> None:
+    """Serve one client: welcome it, then answer each call by ``answers[op]`` (a
+    callable of the call's id giving the frame to send)."""
+
+    async def serve(stream: Any) -> None:
+        reader = FrameReader(stream, ClientFrame, 1 << 20)
+        async with stream:
+            try:
+                while True:
+                    message = await reader.read()
+                    if isinstance(message, Hello):
+                        welcome = Welcome(PROTOCOL_VERSION, 1, "/nowhere", 1 << 20, 8, 100, "error")
+                        await stream.send(frame(welcome))
+                    elif isinstance(message, Call):
+                        await stream.send(answers[message.op](message.id))
+                    elif isinstance(message, Ping):
+                        await stream.send(frame(Pong(message.nonce)))
+            except (anyio.EndOfStream, anyio.BrokenResourceError, FrameError):
+                pass
+
+    await listener.serve(serve)
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"args": 5},  # BaseException.args takes a sequence only
+        {"characters_written": "x"},  # an OSError's (AccessDeniedError is one): an int only
+        {"with_traceback": "x", "add_note": 1},  # the class's methods, shadowed
+    ],
+)
+async def test_a_servers_crafted_error_attributes_never_break_the_client(
+    attrs: dict[str, Any],
+) -> None:
+    """A server (or a peer posing as one) answers a call's Failure, and a batch item's
+    Refusal, with attribute names that are the exception class's own (``args``, an
+    OSError's ``characters_written``, its methods): the client still gets the package's
+    error, with the server's message, and goes on; its reader does not die of a
+    TypeError, and the error's methods are the class's."""
+
+    outcome = {
+        "refused": {
+            "error": "AccessDeniedError",
+            "field": "items[0].lease",
+            "message": "crafted",
+            "attributes": attrs,
+        }
+    }
+    answers = {
+        "complete_tasks": lambda i: frame(ResultOut(i, [outcome])),
+        "get_task": lambda i: frame(Failure(i, "AccessDeniedError", "crafted", attrs)),
+        "last_seq": lambda i: frame(ResultOut(i, 7)),
+    }
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(SocketAttribute.local_port)
+    with anyio.fail_after(DEADLINE):
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(_crafted_server, listener, answers)
+            async with OrchestrationClient(url=f"hive://127.0.0.1:{port}") as client:
+                with pytest.raises(AccessDeniedError, match="crafted") as failed:
+                    await client.get_task("t1")
+                assert callable(failed.value.with_traceback)
+                [got] = await client.complete_tasks(
+                    [{"lease": {"task_id": "t1", "run_id": "r1", "attempt": 1}}]
+                )
+                with pytest.raises(HiveError, match="crafted") as refused:
+                    got.result()
+                assert isinstance(refused.value, AccessDeniedError)
+                assert str(refused.value) == "crafted"
+                assert await client.last_seq() == 7  # the connection serves on
+            tg.cancel_scope.cancel()
