@@ -554,6 +554,86 @@ async def test_an_agent_acts_as_itself_for_its_own_workers_only(
 
 
 @pytest.mark.anyio
+async def test_an_agents_batch_endings_hold_only_by_each_items_own_lease(
+    db_path: str, anyio_backend: str, tmp_path: Path, tokens: str
+) -> None:
+    """complete_tasks and fail_tasks of an agent's token over TCP, as a hostile agent
+    would send them: another worker's claims named by what any read shows (ids,
+    attempt; an empty or guessed secret) are refused item by item and change nothing;
+    its own lease twice in one call ends its task once; malformed items, mistyped or
+    nested junk, and a million of them, refuse the whole call and the server serves on."""
+    async with serve(
+        db_path, anyio_backend, tmp_path, "--listen", "tcp://127.0.0.1:0", "--tokens", tokens
+    ) as served:
+        url = served.url()
+        async with (
+            OrchestrationClient(url=url, token=ADMIN, source_agent="ops") as admin,
+            OrchestrationClient(url=url, token=DEPLOYER) as deployer,
+        ):
+            await admin.register_worker("w-other", "deployer", ["deploy"])
+            held_ids = await admin.create_tasks([{"task_type": "deploy"} for _ in range(2)])
+            held = await admin.claim_tasks("w-other", "deploy", limit=2, start=True)
+            assert sorted(c.task.id for c in held) == sorted(held_ids)
+            await deployer.register_worker("deployer-1", "deployer", ["build"])
+            own_id = await deployer.create_task("build")
+            mine = await deployer.claim_task("deployer-1", "build", start=True)
+            assert mine is not None
+            # What the deployer can read of the other worker's claims: no secret.
+            forged = []
+            for claim in held:
+                (run,) = await deployer.get_runs(claim.task.id)
+                lease = {"task_id": run.task_id, "run_id": run.id, "attempt": run.run_number}
+                forged += [lease, {**lease, "secret": "A" * 22}]
+            before = await admin.last_seq()
+            outcomes = await deployer.complete_tasks(
+                [{"lease": f, "result": {"stolen": True}} for f in forged]
+                + [{"lease": mine.lease}, {"lease": mine.lease}]
+            )
+            assert [o.refused is None for o in outcomes] == [False] * 4 + [True, False]
+            for o in outcomes[:4] + outcomes[5:]:
+                assert o.refused is not None
+                assert o.refused.error == "LeaseLostError"
+            assert outcomes[4].result().id == own_id
+            failed = await deployer.fail_tasks(
+                [{"lease": f, "error": "sabotage", "retryable": False} for f in forged]
+            )
+            assert all(o.refused is not None for o in failed)
+            events = await admin.read_events(after=before)
+            assert [(e.type, e.task_id) for e in events] == [("task.completed", own_id)]
+            for claim in held:
+                task = await admin.get_task(claim.task.id)
+                assert task is not None
+                assert (task.status, task.assigned_worker) == (TaskStatus.RUNNING, "w-other")
+                (run,) = await admin.get_runs(claim.task.id)
+                assert run.result is None
+            # The other worker's own leases still hold its tasks.
+            done = await admin.complete_tasks([{"lease": c.lease} for c in held])
+            assert [o.result().status for o in done] == [TaskStatus.COMPLETED] * 2
+
+            hello = Hello(PROTOCOL_VERSION, token=DEPLOYER)
+            junk: list[tuple[object, str]] = [
+                ("items", "items"),
+                ({"lease": forged[0]}, "items"),
+                ([[forged[0]]], "items[0]"),
+                ([{"lease": [forged[0]]}], "items[0].lease"),
+                ([{"lease": {**forged[0], "attempt": "1"}}], "items[0].lease"),
+                ([{"lease": {"task_id": {"$gt": ""}, "run_id": 1}}], "items[0].lease"),
+                ([{"lease": forged[0], "result": [[[[{}]]]]}], "items[0].result"),
+                ([{"lease": forged[0], "lease ": 1}], "items[0].lease "),
+                ([{}] * 1_000_000, "items[0].lease"),  # 1 MB: the first item decides
+                ([{"lease": forged[0]}] * 100_000, "items"),  # 8 MB: more than 1000 items
+            ]
+            for items, field in junk:
+                call = Call(1, "complete_tasks", {"items": _raw(items)})
+                answers = await _raw_exchange(url, hello, call)
+                assert isinstance(answers[1], Failure), (field, answers)
+                assert answers[1].type == "InvalidInputError", (field, answers[1])
+                assert answers[1].attrs["field"] == field, answers[1]
+            assert await admin.last_seq() == before + 3  # the three completions only
+            assert (await deployer.get_task(own_id)) is not None
+
+
+@pytest.mark.anyio
 async def test_agents_run_the_planning_flow_on_what_they_made_or_asked_for(
     db_path: str, anyio_backend: str, tmp_path: Path, tokens: str
 ) -> None:
