@@ -581,6 +581,59 @@ async def test_a_stopped_nodes_workers_are_declared_offline_by_the_leader(
         assert len([t for t, _ in events(pg_url, "task.retrying") if t == task_id]) == 1
 
 
+async def test_a_pause_within_the_stopped_nodes_own_worker_timeout_declares_nothing(
+    pg_url: str, anyio_backend: str, tmp_path: Path
+) -> None:
+    """The liveness bound of a node's workers is that node's ``worker_timeout``, not the
+    leader's: a node with a longer one (30 s) that does not act for longer than the
+    leader's (3 s) but well within its own is not stuck. Its workers stay live (no
+    ``worker.offline``), and, woken, it keeps its workers' claims: its worker completes
+    the task it held, which is handed out once."""
+    leader_timeout, own_timeout, lease = 3.0, 30.0, 30.0
+    async with Runtime.open(pg_url, config=RuntimeConfig(worker_timeout=leader_timeout)) as a:
+        await _open_leader_first(pg_url)
+        task_id = await a.create_task("job", max_retries=3)
+        paused = await _start(
+            pg_url,
+            anyio_backend,
+            tmp_path,
+            "paused",
+            lease,
+            workers=1,
+            stop=True,
+            register=True,
+            worker_timeout=own_timeout,
+        )
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(paused.read)
+                await until(
+                    lambda: bool(paused.claimed) and _stopped(paused.process.pid),
+                    "the node stopped, holding a claim",
+                )
+                mine = {f"{paused.process.pid}-w0", f"{paused.process.pid}-idle"}
+
+                def statuses() -> dict[str, str]:
+                    rows = raw(pg_url, "SELECT id, status FROM workers")
+                    return {str(w): str(status) for w, status in rows if w in mine}
+
+                assert set(statuses()) == mine
+                # Past the leader's bound and a few of its polls; far within the node's.
+                await anyio.sleep(leader_timeout + 4.0)
+                assert "offline" not in statuses().values()
+                assert [w for w, _ in events(pg_url, "worker.offline") if w in mine] == []
+                os.kill(paused.process.pid, signal.SIGCONT)
+                await until(lambda: bool(paused.done or paused.lost), "the woken node's work")
+                assert (paused.done, paused.lost) == ([task_id], [])
+                group.cancel_scope.cancel()
+        finally:
+            await _stop(paused)
+        assert "offline" not in statuses().values()
+        assert [w for w, _ in events(pg_url, "worker.offline") if w in mine] == []
+        assert [t for t, _ in events(pg_url, "task.assigned") if t == task_id] == [task_id]
+        assert [t for t, _ in events(pg_url, "task.retrying") if t == task_id] == []
+
+
 async def test_a_stopped_leader_loses_the_role_and_its_duties_are_done(
     pg_url: str, anyio_backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

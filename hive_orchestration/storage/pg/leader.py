@@ -42,12 +42,13 @@ the *leader* (pg-design 4.3):
   lock of its own (:func:`poll_lock_sql`: the node's key, ``objsubid`` 2), and runs a
   statement at each poll, so the server's ``pg_stat_activity.state_change`` of that
   session is the node's last poll by the database's clock. A live node whose poll session
-  has sat idle for the worker liveness bound (``worker_timeout``, at least
-  :data:`STUCK_FLOOR_SECONDS`), or has had none for as long by the leader's clock (a stuck
-  leader's session another node ended), is *stuck*: no heartbeat of its workers has been
-  heard since, so the leader declares its live workers offline (``WorkersLost``, as a dead
-  node's), each fenced by its row still naming the stuck node. Its claims are the lease
-  reaper's (above): requeued within the lease bound. Seeing another user's session state
+  has sat idle for the worker liveness bound (that node's own ``worker_timeout``, which
+  its poll session's ``application_name`` says, at least :data:`STUCK_FLOOR_SECONDS`),
+  or has had none for as long by the leader's clock (a stuck leader's session another
+  node ended), is *stuck*: no heartbeat of its workers has been heard since, so the
+  leader declares its live workers offline (``WorkersLost``, as a dead node's), each
+  fenced by its row still naming the stuck node. Its claims are the lease reaper's
+  (above): requeued within the lease bound. Seeing another user's session state
   takes the same database user or ``pg_read_all_stats``; a node whose state the leader
   cannot see is never taken for stuck.
 - Claims of no node (``node_id`` NULL: written before schema 15) are left to recovery
@@ -70,6 +71,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -167,9 +170,11 @@ _EXPIRED = (
 )
 # The live nodes (not this one) that watch a live worker, each with whether its poll
 # session (the second lock, objsubid 2) is there, and for how long by the database's clock
-# it has sat idle (0 while it runs a statement; NULL when its state is not ours to see).
+# it has sat idle (0 while it runs a statement; NULL when its state is not ours to see),
+# and its application_name, which says the node's worker_timeout (_APPLICATION).
 _WATCHERS = (
-    "SELECT w.n, a.pid IS NOT NULL, CASE WHEN a.state IN ('idle', 'idle in transaction')"
+    "SELECT w.n, a.application_name, a.pid IS NOT NULL,"
+    " CASE WHEN a.state IN ('idle', 'idle in transaction')"
     " THEN extract(epoch FROM now() - a.state_change)::float8"
     " WHEN a.state IS NULL THEN NULL ELSE 0 END"
     " FROM (SELECT DISTINCT node_id FROM workers WHERE status <> 'offline'"
@@ -178,6 +183,10 @@ _WATCHERS = (
     " LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
     f" WHERE {alive_sql('w.n')}"
 )
+#: A poll session's application_name: the node's ``worker_timeout`` in it is the
+#: liveness bound of that node's workers, which the leader keeps when it is stuck.
+_APPLICATION = "hive-orchestration:leader worker_timeout={:g}"
+_TIMEOUT_IN_NAME = re.compile(r" worker_timeout=([0-9.e+-]+)$")
 _PLANS = "SELECT count(*) FROM execution_plans WHERE status = 'executing' AND node_id = ANY(%s)"
 _WORKERS = (
     f"SELECT {WORKER_COLUMNS}, node_id FROM workers"
@@ -213,7 +222,9 @@ class Leader:
         self._grace = grace
         self._reap_grace = reap_grace
         self._stale = STALE_SECONDS if stale is None else stale
-        # A node whose poll session sat idle this long is stuck (see the module).
+        # A node whose poll session sat idle this long is stuck (see the module): its
+        # own worker_timeout when its session says it, else this node's.
+        self._worker_timeout = worker_timeout
         self._stuck_after = max(worker_timeout, STUCK_FLOOR_SECONDS)
         self._clock = clock
         self._conn: Connection | None = None
@@ -276,7 +287,7 @@ class Leader:
         conn = psycopg.connect(
             self._url,
             autocommit=True,
-            application_name="hive-orchestration:leader",
+            application_name=_APPLICATION.format(self._worker_timeout),
             connect_timeout=max(1, round(self._connect_timeout)),
             options=f"-c statement_timeout={_STATEMENT_TIMEOUT_MS}",
             # A server or network gone silent ends the session (and so the role) in
@@ -388,19 +399,36 @@ class Leader:
         no poll session, by this leader's clock since it first found none."""
         stuck: list[str] = []
         missing: set[str] = set()
-        for node, polled, idle in conn.execute(_WATCHERS, (self.node_id,)):
+        for node, name, polled, idle in conn.execute(_WATCHERS, (self.node_id,)):
             node = str(node)
             if not polled:
                 missing.add(node)
                 since = self._unpolled.setdefault(node, now)
                 if now - since >= self._stuck_after:
                     stuck.append(node)
-            elif idle is not None and float(idle) >= self._stuck_after:
+            elif idle is not None and float(idle) >= self._bound(name):
                 stuck.append(node)
         for node in list(self._unpolled):
             if node not in missing:
                 del self._unpolled[node]
         return sorted(stuck)
+
+    def _bound(self, application_name: object) -> float:
+        """How long the poll session of a node named ``application_name`` may sit idle:
+        that node's ``worker_timeout`` (a worker there heartbeats by it), at least
+        :data:`STUCK_FLOOR_SECONDS`; this node's when the name does not say it."""
+        found = (
+            _TIMEOUT_IN_NAME.search(application_name) if isinstance(application_name, str) else None
+        )
+        if found is None:
+            return self._stuck_after
+        try:
+            timeout = float(found.group(1))
+        except ValueError:
+            return self._stuck_after
+        if not math.isfinite(timeout):
+            return self._stuck_after
+        return max(timeout, STUCK_FLOOR_SECONDS)
 
     def _step_down(self, why: str) -> None:
         if self._epoch is not None:
