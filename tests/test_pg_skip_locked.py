@@ -369,3 +369,73 @@ async def test_a_lock_takes_what_is_due_by_the_databases_clock_and_says_when_the
         assert claim.task.id == more[0]
         assert answers
         assert all(not locked.due_in for locked in answers if locked)
+
+
+@pytest.mark.usefixtures("no_sweep")
+async def test_backoff_alarms_are_one_per_queue_and_a_task_taken_elsewhere_is_handed_out_once(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forty queues each with two tasks backing off (failed in one fail_tasks on the
+    first node): the second node's parked claims keep one backoff deadline per queue,
+    never more; both nodes claim as the backoffs end, and each task is handed out once, whether
+    the node that set its backoff or the other takes it. A deadline of a task the other
+    node took already wakes a lock that finds nothing, once: then it is spent, and a
+    claim parked afterwards locks nothing more while it waits."""
+    types = [f"q{n:02d}" for n in range(40)]
+    managers: list[TaskManager] = []
+    peak: list[int] = []
+    wake = TaskManager._wake_backoffs
+
+    def recording(self: TaskManager) -> None:
+        if self not in managers:
+            managers.append(self)
+        peak.append(len(self._backoff_ends))
+        wake(self)
+
+    monkeypatch.setattr(TaskManager, "_wake_backoffs", recording)
+    locks: list[int] = []
+    lock_ready = PostgresSql.lock_ready
+
+    async def counted(self: PostgresSql, db: Any, lock: Any) -> Any:
+        locks.append(len(lock.heads))
+        return await lock_ready(self, db, lock)
+
+    monkeypatch.setattr(PostgresSql, "lock_ready", counted)
+    config = RuntimeConfig(retry_backoff=1.0, retry_backoff_max=1.5)
+    async with (
+        Runtime.open(pg_url, config=config) as one,
+        Runtime.open(pg_url, config=config) as two,
+    ):
+        ids = await one.create_tasks([{"task_type": t, "max_retries": 3} for t in types * 2])
+        claims = await one.claim_tasks("w1", types, limit=len(ids))
+        assert len(claims) == len(ids)
+        got: dict[str, list[str]] = {}
+
+        async def claimer(rt: Runtime, name: str, until: float) -> None:
+            while anyio.current_time() < until and sum(map(len, got.values())) < len(ids):
+                for claim in await rt.claim_tasks(name, types, limit=len(ids), wait=0.3):
+                    got.setdefault(claim.task.id, []).append(name)
+                    assert claim.lease.attempt == 2
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as group:
+                end = anyio.current_time() + 10
+                group.start_soon(claimer, two, "w2", end)
+                await anyio.sleep(0.3)  # parked on the second node: nothing due
+                outcomes = await one.fail_tasks(
+                    [{"lease": c.lease, "error": "again"} for c in claims]
+                )
+                assert all(o.refused is None for o in outcomes)
+                group.start_soon(claimer, one, "w1", end)
+        assert sorted(got) == sorted(ids)
+        assert all(len(names) == 1 for names in got.values()), got
+        assert 0 < max(peak) <= len(types)  # one per queue, not one per task
+        # A spent deadline is dropped at its node's next batch, and a claim parked now
+        # locks nothing more while it waits: no alarm is left to wake it for tasks that
+        # are taken.
+        locks.clear()
+        with anyio.fail_after(10):
+            assert await two.claim_tasks("w3", types, limit=5, wait=2.0) == []
+            assert await one.claim_tasks("w4", types, limit=5, wait=0.1) == []
+        assert len(locks) <= 2, locks
+        assert [len(manager._backoff_ends) for manager in managers] == [0, 0]
