@@ -313,7 +313,8 @@ async def test_a_servers_crafted_error_attributes_never_break_the_client(
     Refusal, with attribute names that are the exception class's own (``args``, an
     OSError's ``characters_written``, its methods): the client still gets the package's
     error, with the server's message, and goes on; its reader does not die of a
-    TypeError, and the error's methods are the class's."""
+    TypeError, and the error's methods are the class's. An outcome with neither a task
+    nor a refusal is the package's error too, not an AssertionError."""
 
     outcome = {
         "refused": {
@@ -324,7 +325,8 @@ async def test_a_servers_crafted_error_attributes_never_break_the_client(
         }
     }
     answers = {
-        "complete_tasks": lambda i: frame(ResultOut(i, [outcome])),
+        # An outcome as described, and one that says neither what was done nor why not.
+        "complete_tasks": lambda i: frame(ResultOut(i, [outcome, {}])),
         "get_task": lambda i: frame(Failure(i, "AccessDeniedError", "crafted", attrs)),
         "last_seq": lambda i: frame(ResultOut(i, 7)),
     }
@@ -337,12 +339,14 @@ async def test_a_servers_crafted_error_attributes_never_break_the_client(
                 with pytest.raises(AccessDeniedError, match="crafted") as failed:
                     await client.get_task("t1")
                 assert callable(failed.value.with_traceback)
-                [got] = await client.complete_tasks(
+                got, empty = await client.complete_tasks(
                     [{"lease": {"task_id": "t1", "run_id": "r1", "attempt": 1}}]
                 )
                 with pytest.raises(HiveError, match="crafted") as refused:
                     got.result()
                 assert isinstance(refused.value, AccessDeniedError)
                 assert str(refused.value) == "crafted"
+                with pytest.raises(HiveError, match="neither"):
+                    empty.result()
                 assert await client.last_seq() == 7  # the connection serves on
             tg.cancel_scope.cancel()

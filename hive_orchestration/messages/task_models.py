@@ -239,5 +239,6 @@ class TaskOutcome(msgspec.Struct, frozen=True, omit_defaults=True):
         """The task, or the item's error raised (``LeaseLostError``, say)."""
         if self.refused is not None:
             raise self.refused.exception()
-        assert self.task is not None
+        if self.task is None:  # never from this package: a peer's that is not one of ours
+            raise HiveError("this outcome holds neither a task nor a refusal")
         return self.task
