@@ -3,7 +3,7 @@ its own workers, until it is killed (or told to stop on stdin's end).
 
 Usage::
 
-    python _pg_node.py BACKEND URL WORKERS LEASE WORK [HOLD [STOP [REGISTER [TIMEOUT]]]]
+    python _pg_node.py BACKEND URL WORKERS LEASE WORK [HOLD [STOP [REGISTER [TIMEOUT [BUSY]]]]]
 
 Opens a runtime on ``URL`` (a node), prints ``ready`` and flushes, then runs ``WORKERS``
 workers (``<pid>-w<i>``), each claiming ``job`` tasks one at a time (``lease`` seconds,
@@ -19,7 +19,10 @@ locks and sessions held, its event loop still), until the parent sends SIGCONT; 
 works and completes as the others do. ``REGISTER`` 1: each worker registers with the
 node (``register_worker``) before its first claim, so the node watches its liveness,
 and so does one more, ``<pid>-idle``, which claims nothing and heartbeats every 0.2 s.
-``TIMEOUT``: the node's ``worker_timeout`` (default: the config's).
+``TIMEOUT``: the node's ``worker_timeout`` (default: the config's). ``BUSY``: seconds for
+which, once ready, the node's default thread limiter (anyio's, which an app's
+``to_thread.run_sync`` calls share) is full of threads that sleep: a busy node whose event
+loop and workers go on.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 import anyio
 
@@ -72,6 +76,13 @@ async def idle(runtime: Runtime, name: str) -> None:
         await anyio.sleep(0.2)
 
 
+async def busy(seconds: float) -> None:
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    async with anyio.create_task_group() as group:
+        for _ in range(int(limiter.total_tokens)):
+            group.start_soon(anyio.to_thread.run_sync, time.sleep, seconds)
+
+
 async def holder(runtime: Runtime, name: str, lease: float) -> None:
     while await runtime.claim_task(name, "job", lease=lease, wait=0.5, start=True) is None:
         pass
@@ -87,6 +98,7 @@ async def main(
     stop: bool,
     register: bool,
     worker_timeout: float | None,
+    busy_for: float,
 ) -> None:
     config = RuntimeConfig()
     if worker_timeout is not None:
@@ -100,6 +112,8 @@ async def main(
         for index in range(hold):
             group.start_soon(holder, runtime, f"{os.getpid()}-h{index}", lease)
         say("ready")
+        if busy_for:
+            group.start_soon(busy, busy_for)
         # Until the parent closes stdin (or kills this process).
         await anyio.to_thread.run_sync(sys.stdin.read)
         group.cancel_scope.cancel()
@@ -110,7 +124,8 @@ if __name__ == "__main__":
     hold = int(sys.argv[6]) if len(sys.argv) > 6 else 0
     stop = len(sys.argv) > 7 and sys.argv[7] == "1"
     register = len(sys.argv) > 8 and sys.argv[8] == "1"
-    timeout = float(sys.argv[9]) if len(sys.argv) > 9 else None
+    timeout = float(sys.argv[9]) if len(sys.argv) > 9 and sys.argv[9] != "-" else None
+    busy_for = float(sys.argv[10]) if len(sys.argv) > 10 else 0.0
     anyio.run(
         main,
         url,
@@ -121,5 +136,6 @@ if __name__ == "__main__":
         stop,
         register,
         timeout,
+        busy_for,
         backend=backend,
     )

@@ -634,6 +634,46 @@ async def test_a_pause_within_the_stopped_nodes_own_worker_timeout_declares_noth
         assert [t for t, _ in events(pg_url, "task.retrying") if t == task_id] == []
 
 
+async def test_a_node_whose_thread_pool_is_full_is_not_taken_for_stuck(
+    pg_url: str, anyio_backend: str, tmp_path: Path
+) -> None:
+    """A node whose app fills anyio's default thread limiter (its own ``to_thread``
+    calls: sync code, a web framework's sync handlers) for longer than the worker
+    liveness bound is busy, not stuck: its event loop hears its workers' heartbeats, and
+    its poll for the leader's role, which is the sign of life the leader reads, does not
+    wait for the app's threads. Its worker, heartbeating every 0.2 s, is never declared
+    offline."""
+    timeout = 3.0
+    async with Runtime.open(pg_url, config=RuntimeConfig(worker_timeout=timeout)) as a:
+        await _open_leader_first(pg_url)
+        busy = await _start(
+            pg_url,
+            anyio_backend,
+            tmp_path,
+            "busy",
+            30.0,
+            workers=0,
+            register=True,
+            worker_timeout=timeout,
+            busy=timeout + 5.0,
+        )
+        try:
+            mine = f"{busy.process.pid}-idle"
+
+            def status() -> str | None:
+                rows = raw(pg_url, "SELECT status FROM workers WHERE id = %s", (mine,))
+                return str(rows[0][0]) if rows else None
+
+            await until(lambda: status() is not None, "its worker registered")
+            await anyio.sleep(timeout + 4.0)  # its threads busy all along
+            assert status() != "offline"
+            assert [w for w, _ in events(pg_url, "worker.offline") if w == mine] == []
+            assert busy.id in live_nodes(pg_url)
+            assert await a.get_worker(mine) is not None
+        finally:
+            await _stop(busy)
+
+
 async def test_a_stopped_leader_loses_the_role_and_its_duties_are_done(
     pg_url: str, anyio_backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -812,12 +852,13 @@ async def _start(
     stop: bool = False,
     register: bool = False,
     worker_timeout: float | None = None,
+    busy: float = 0.0,
 ) -> Node:
     stderr = folder / f"{name}.err"
     args = [backend, url, str(workers), str(lease), str(work), str(hold), str(int(stop))]
     args.append(str(int(register)))
-    if worker_timeout is not None:
-        args.append(str(worker_timeout))
+    args.append("-" if worker_timeout is None else str(worker_timeout))
+    args.append(str(busy))
     with stderr.open("wb") as err:
         process = await anyio.open_process(
             [sys.executable, str(NODE), *args],

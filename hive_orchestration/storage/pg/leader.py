@@ -248,6 +248,10 @@ class Leader:
         delay = _RETRY[0]
         last: float | None = None  # when the last poll began
         pause = self._poll  # how long it meant to sleep after it
+        # Its own thread, never waiting behind the app's to_thread calls in anyio's
+        # default limiter: a node whose app fills that is busy, not stuck, and its polls
+        # are what the leader reads as its sign of life.
+        limiter = anyio.CapacityLimiter(1)
         try:
             while True:
                 now = self._clock()
@@ -258,7 +262,7 @@ class Leader:
                     await self._duties.woke(now - last)
                 last, pause = now, self._poll
                 try:
-                    found = await anyio.to_thread.run_sync(self._step, now)
+                    found = await anyio.to_thread.run_sync(self._step, now, limiter=limiter)
                 except (psycopg.Error, OSError) as exc:
                     self._step_down(f"{type(exc).__name__}: {exc}")
                     await self._duties.leading(None)
@@ -275,7 +279,7 @@ class Leader:
                 await anyio.sleep(self._poll)
         finally:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._close)
+                await anyio.to_thread.run_sync(self._close, limiter=limiter)
 
     # -- in a worker thread, one call at a time ---------------------------------------------
 
