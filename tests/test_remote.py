@@ -495,3 +495,37 @@ async def test_batch_completions_from_another_process(db_path: str, anyio_backen
         with pytest.raises(InvalidInputError) as bad:
             await client.complete_tasks([{"lease": claims[1].lease, "result": "done"}])
         assert bad.value.field == "items[0].result"
+
+
+async def test_a_batch_completion_cancelled_in_flight_is_applied_whole_or_not_at_all(
+    db_path: str, anyio_backend: str
+) -> None:
+    """complete_tasks through the socket, its caller cancelled 0 to 30 ms into the call
+    (the client sends the frame before its first checkpoint, so the owner has it: it
+    decides it whole, whatever the caller's Cancel frame finds): in every snapshot, every
+    item completed or none, each completion logged once; the connection serves on."""
+    async with (
+        owner(db_path, anyio_backend),
+        OrchestrationClient(db_path=db_path) as client,
+    ):
+        assert client.remote
+        total = 0
+        for delay in [0.0, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.03]:
+            await client.create_tasks([{"task_type": "job"} for _ in range(8)])
+            claims = await client.claim_tasks("w1", "job", limit=8, start=True)
+            with anyio.move_on_after(delay):
+                await client.complete_tasks([{"lease": c.lease} for c in claims])
+            # Each read is one snapshot of the owner's memory (one batch of its task
+            # manager): all eight running or none, whenever the commit lands.
+            ids = {c.task.id for c in claims}
+            for _ in range(5):
+                running = {t.id for t in await client.get_tasks_by_status("running", limit=100)}
+                assert running & ids in (ids, set()), (delay, len(running & ids))
+                await anyio.sleep(0.02)
+            seen = {TaskStatus.RUNNING} if running & ids else {TaskStatus.COMPLETED}
+            if seen == {TaskStatus.RUNNING}:
+                again = await client.complete_tasks([{"lease": c.lease} for c in claims])
+                assert all(o.refused is None for o in again)
+            total += len(claims)
+        completed = [e for e in await client.read_events(0) if e.type == "task.completed"]
+        assert len(completed) == len({e.task_id for e in completed}) == total
