@@ -221,10 +221,12 @@ async def test_a_handler_longer_than_its_lease_keeps_its_task(db_path: str) -> N
         registry = AgentRegistry()
 
         async def long(context: TaskContext) -> Mapping[str, object]:
-            await anyio.sleep(1.0)  # over three leases: renewed all along
+            await anyio.sleep(1.8)  # three leases: renewed all along
             return {"attempt": context.attempt}
 
-        registry.register("long", long, lease=0.3)
+        # Renewed every third of the lease (0.2 s): a renewal may come up to 0.4 s late
+        # before the lease runs out, which a loaded machine needs (0.3 s failed at load 12).
+        registry.register("long", long, lease=0.6)
         task_id = await rt.create_task("long")
         async with AgentRunner(rt, registry, claim_wait=0.5):
             await until_status(rt, task_id, TaskStatus.COMPLETED)

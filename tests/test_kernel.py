@@ -788,6 +788,7 @@ async def test_a_crash_in_a_lent_batch_fails_the_sender_and_restarts_the_actor()
         reply = await ref.request_now(Boom())
         with pytest.raises(ActorFailedError):
             reply.take()
+        assert supervisor.restarts == {"lender": 1}  # counted at the crash, as in its loop
         await anyio.wait_all_tasks_blocked()
         assert supervisor.restarts == {"lender": 1}
         assert await ref.ask(Echo(5)) == 6

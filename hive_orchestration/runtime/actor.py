@@ -263,6 +263,7 @@ async def run_actor(
     overridden = type(actor).receive_inline is not Actor.receive_inline
     inline = actor.receive_inline if overridden else None
     borrow = actor.receive_batch if actor.lends_batches else None
+    mailbox._on_crash = on_crash  # a crash in a sender's task is recorded there and then
     try:
         while True:
             batch: list[Envelope[M]] = []
@@ -288,9 +289,7 @@ async def run_actor(
                     mailbox._borrow = None
                 crash = mailbox.take_crash()
                 if crash is not None:
-                    if on_crash is not None:
-                        on_crash(crash)
-                    raise crash
+                    raise crash  # on_crash was called when it happened (Mailbox._crashed)
                 if not more:
                     return  # closed and drained: a clean stop
                 batch = mailbox.take(limit)

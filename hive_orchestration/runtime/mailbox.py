@@ -43,6 +43,7 @@ class Mailbox(Generic[M]):
         "_crash",
         "_event_type",
         "_inline",
+        "_on_crash",
         "_queue",
         "_receiver",
         "_senders",
@@ -68,6 +69,9 @@ class Mailbox(Generic[M]):
         # sender run its batch (Actor.lends_batches); True while a sender runs one.
         self._borrow: Callable[[Sequence[Envelope[M]]], Awaitable[None]] | None = None
         self._borrowed = False
+        # The supervisor's record of a crash (run_actor's on_crash), called at the moment
+        # a handler run in a sender's task crashes, as the actor's loop calls it.
+        self._on_crash: Callable[[BaseException], None] | None = None
 
     def put_nowait(self, envelope: Envelope[M]) -> bool:
         """Enqueue without waiting; False when the mailbox is full."""
@@ -99,7 +103,7 @@ class Mailbox(Generic[M]):
         except Exception as exc:
             # The actor crashes on it as if in its own loop: its task wakes and raises it.
             envelope.done = True
-            self._crash = exc
+            self._crashed(exc)
             self._wake_receiver()
             return True
         self._inline = inline
@@ -146,7 +150,7 @@ class Mailbox(Generic[M]):
                 self._queue.appendleft(envelope)  # its replacement handles it
             elif not envelope.done:
                 envelope.fail(ActorFailedError(self.owner, exc))
-            self._crash = exc
+            self._crashed(exc)
         except BaseException:
             if not envelope.started:
                 self._queue.appendleft(envelope)
@@ -160,6 +164,13 @@ class Mailbox(Generic[M]):
                 self._inline = inline
             if self._queue or self._senders or self._closed or self._crash is not None:
                 self._wake_receiver()
+
+    def _crashed(self, exc: Exception) -> None:
+        """A handler run in a sender's task crashed: recorded now, before anything the
+        failed askers do next; the actor's task wakes to crash with it (take_crash)."""
+        self._crash = exc
+        if self._on_crash is not None:
+            self._on_crash(exc)
 
     def take_crash(self) -> Exception | None:
         """What an inline handler raised, once (see :meth:`Actor.receive_inline`)."""
