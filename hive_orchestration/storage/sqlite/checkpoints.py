@@ -1,0 +1,159 @@
+"""Checkpoints of the write-ahead log, off the commit path.
+
+SQLite's automatic checkpoint runs inside the commit that takes the WAL past its
+threshold (1 000 pages by default): that commit copies every page the WAL holds into the
+database file and fsyncs it before it returns, and whoever waits for it waits that long.
+With a million queued tasks a claim and its completion write about 15 pages each, so one
+commit in 66 was such a commit (2 to 5 ms more at the p50 of a loaded machine, 270 ms for
+the first on a cold file), well over the 1% a claim's p99 can hide.
+
+So the write connection's own threshold is raised to :data:`BACKSTOP_PAGES`, and a
+:class:`Checkpointer` does the copying instead: a thread with a connection of its own that
+runs ``PRAGMA wal_checkpoint(PASSIVE)`` about every :data:`PAGES` pages written, while
+commits go on (a passive checkpoint takes no lock a writer waits for; SQLite's checkpoint
+lock keeps it and the writer's own from running at once, and the one that finds it taken
+skips its turn). It only copies committed pages and fsyncs the database file before the
+WAL may be reused, exactly as the automatic checkpoint does, so nothing about durability
+changes: a commit is durable once its WAL frames are synced, as before, and a process
+killed in a checkpoint leaves a WAL that the next open checkpoints again.
+
+Bounded: a passive checkpoint rarely copies the whole WAL while commits keep coming (one
+lands while it runs), and the WAL starts over only when a writer finds it all copied. The
+writer's automatic checkpoint at :data:`BACKSTOP_PAGES` does that: it copies the few pages
+the thread has not yet copied, on the commit path but rarely (one commit in several
+hundred, and a small copy), and the next commit starts the WAL over. A reader holding an
+old snapshot keeps the WAL from starting over, as it always did; when it ends, the next
+checkpoint and commit do.
+
+The thread is poked after each commit (:meth:`Checkpointer.committed`, a
+``threading.Event``) and paces itself on how many pages the checkpoints found since the
+previous one (SQLite answers that), between :data:`MIN_GAP` and :data:`MAX_GAP` seconds
+apart, so an idle database costs nothing and a busy one about one checkpoint per
+:data:`PAGES` pages.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["BACKSTOP_PAGES", "PAGES", "CheckpointStats", "Checkpointer"]
+
+log = logging.getLogger("hive_orchestration.storage")
+
+#: Pages of WAL the thread lets build up between its checkpoints (SQLite's default
+#: automatic threshold).
+PAGES = 1000
+#: The write connection's ``wal_autocheckpoint``: the bound on the WAL while a checkpoint
+#: cannot finish for commits landing during it (see the module's docstring).
+BACKSTOP_PAGES = 4 * PAGES
+#: Seconds between two checkpoints at least (a very busy writer) and at most (any
+#: writer: a commit since the last checkpoint is copied within this).
+MIN_GAP = 0.01
+MAX_GAP = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointStats:
+    """What the checkpoint thread did: checkpoints run, the pages they found in the WAL
+    and copied, and the checkpoints that failed (logged; the writer's backstop goes on)."""
+
+    checkpoints: int
+    pages_copied: int
+    failures: int
+
+
+class Checkpointer:
+    """A thread that checkpoints the WAL of the database at ``path`` on a connection of
+    its own. :meth:`start` it once the write connection has set WAL mode; :meth:`close`
+    it (blocking: from a worker thread) before the write connection closes, so that the
+    writer's close is the last and checkpoints and removes the WAL as ever."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        uri: bool,
+        synchronous: Literal["FULL", "NORMAL"],
+        busy_timeout: float,
+    ) -> None:
+        self._path = path
+        self._uri = uri
+        self._synchronous = synchronous
+        self._busy_timeout = busy_timeout
+        self._poked = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hive-checkpoints", daemon=True)
+        self._checkpoints = 0
+        self._pages = 0
+        self._failures = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def committed(self) -> None:
+        """A commit wrote pages to the WAL: checkpoint them in a while (never blocks)."""
+        self._poked.set()
+
+    def close(self) -> None:
+        """Stop the thread, after the checkpoint it is running if any (blocking)."""
+        self._stopping.set()
+        self._poked.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def statistics(self) -> CheckpointStats:
+        return CheckpointStats(self._checkpoints, self._pages, self._failures)
+
+    def _run(self) -> None:
+        try:
+            conn = sqlite3.connect(
+                self._path,
+                uri=self._uri,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=self._busy_timeout,
+            )
+        except sqlite3.Error as exc:
+            log.warning("no checkpoint thread (%s): the write connection checkpoints", exc)
+            return
+        try:
+            # The checkpoint's fsyncs follow this connection's setting: the runtime's.
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            self._loop(conn)
+        finally:
+            conn.close()
+
+    def _loop(self, conn: sqlite3.Connection) -> None:
+        last_log = 0  # frames in the WAL at the last checkpoint
+        last_at = time.monotonic()
+        while True:
+            self._poked.wait()
+            if self._stopping.is_set():
+                return
+            self._poked.clear()
+            try:
+                row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error as exc:
+                self._failures += 1
+                log.warning("a WAL checkpoint failed: %s", exc)
+                frames, gap = 0, MAX_GAP
+            else:
+                busy, frames, copied = (int(x) for x in row)
+                if not busy and frames >= 0:
+                    self._checkpoints += 1
+                    self._pages += max(0, copied)
+                now = time.monotonic()
+                # New frames since the last checkpoint (fewer than before: the WAL
+                # started over in between, and all it holds is new).
+                grown = frames - last_log if frames >= last_log else frames
+                rate = grown / max(now - last_at, 1e-6)
+                gap = PAGES / rate if rate > 0 else MAX_GAP
+                last_at = now
+            last_log = max(frames, 0)
+            if self._stopping.wait(min(MAX_GAP, max(MIN_GAP, gap))):
+                return
