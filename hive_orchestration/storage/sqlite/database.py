@@ -16,7 +16,7 @@ import anyio.to_thread
 
 from ...errors import NewerSchemaError, StorageError
 from ..port import STARTING, STOPPING, Driver, StoreError
-from .checkpoints import BACKSTOP_PAGES
+from . import checkpoints
 from .claim import DatabaseClaim, Target, read_owner
 from .drivers import connect
 from .faults import storage_error
@@ -98,7 +98,7 @@ async def open_database(
             await db.execute("PRAGMA journal_mode=WAL")
             # A thread copies the WAL into the file, off the commit path (checkpoints.py);
             # the writer's own checkpoint is the backstop that bounds the WAL.
-            await db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
+            await db.execute(f"PRAGMA wal_autocheckpoint={checkpoints.BACKSTOP_PAGES}")
         await db.execute(f"PRAGMA synchronous={synchronous}")
         await db.execute("PRAGMA foreign_keys=ON")
         if version < SCHEMA_VERSION:
