@@ -25,11 +25,12 @@ hundred, and a small copy), and the next commit starts the WAL over. A reader ho
 old snapshot keeps the WAL from starting over, as it always did; when it ends, the next
 checkpoint and commit do.
 
-The thread is poked after each commit (:meth:`Checkpointer.committed`, a
-``threading.Event``) and paces itself on how many pages the checkpoints found since the
-previous one (SQLite answers that), between :data:`MIN_GAP` and :data:`MAX_GAP` seconds
-apart, so an idle database costs nothing and a busy one about one checkpoint per
-:data:`PAGES` pages.
+The thread is told of each commit (:meth:`Checkpointer.committed`: a count and a
+``threading.Event``, no I/O) and checkpoints once the commits since its last checkpoint
+hold about :data:`PAGES` pages, by the pages per commit it found last time (SQLite's
+answer to a checkpoint says how many the WAL holds): a burst of commits is seen at its
+first commits, not a second later, and an idle database costs nothing. Two checkpoints are
+at least :data:`MIN_GAP` seconds apart.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -51,10 +51,8 @@ PAGES = 1000
 #: The write connection's ``wal_autocheckpoint``: the bound on the WAL while a checkpoint
 #: cannot finish for commits landing during it (see the module's docstring).
 BACKSTOP_PAGES = 4 * PAGES
-#: Seconds between two checkpoints at least (a very busy writer) and at most (any
-#: writer: a commit since the last checkpoint is copied within this).
+#: Seconds between two checkpoints at least.
 MIN_GAP = 0.01
-MAX_GAP = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +84,7 @@ class Checkpointer:
         self._synchronous = synchronous
         self._busy_timeout = busy_timeout
         self._poked = threading.Event()
+        self._commits = 0  # told so far (only ever grows; read by the thread)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hive-checkpoints", daemon=True)
         self._checkpoints = 0
@@ -97,6 +96,7 @@ class Checkpointer:
 
     def committed(self) -> None:
         """A commit wrote pages to the WAL: checkpoint them in a while (never blocks)."""
+        self._commits += 1
         self._poked.set()
 
     def close(self) -> None:
@@ -130,30 +130,32 @@ class Checkpointer:
 
     def _loop(self, conn: sqlite3.Connection) -> None:
         last_log = 0  # frames in the WAL at the last checkpoint
-        last_at = time.monotonic()
+        last_commits = 0  # commits told of by then
+        per_commit = float(PAGES)  # unknown yet: the first commit is checkpointed
         while True:
             self._poked.wait()
             if self._stopping.is_set():
                 return
             self._poked.clear()
+            commits = self._commits
+            if (commits - last_commits) * per_commit < PAGES:
+                continue  # fewer pages than that since the last checkpoint, by the estimate
             try:
                 row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             except sqlite3.Error as exc:
                 self._failures += 1
                 log.warning("a WAL checkpoint failed: %s", exc)
-                frames, gap = 0, MAX_GAP
             else:
                 busy, frames, copied = (int(x) for x in row)
                 if not busy and frames >= 0:
                     self._checkpoints += 1
                     self._pages += max(0, copied)
-                now = time.monotonic()
-                # New frames since the last checkpoint (fewer than before: the WAL
-                # started over in between, and all it holds is new).
+                # Frames since the last checkpoint (fewer than then: the WAL started
+                # over in between, and all it holds is new).
                 grown = frames - last_log if frames >= last_log else frames
-                rate = grown / max(now - last_at, 1e-6)
-                gap = PAGES / rate if rate > 0 else MAX_GAP
-                last_at = now
-            last_log = max(frames, 0)
-            if self._stopping.wait(min(MAX_GAP, max(MIN_GAP, gap))):
+                if grown > 0:
+                    per_commit = max(1.0, grown / max(1, commits - last_commits))
+                last_log = max(frames, 0)
+            last_commits = commits
+            if self._stopping.wait(MIN_GAP):
                 return
