@@ -120,12 +120,15 @@ async def test_the_wal_stays_bounded_while_commits_keep_coming(
     monkeypatch.setattr(checkpoints, "BACKSTOP_PAGES", 200)
     _, db = await open_db(path)
     try:
-        await commit_rows(db, 1500)  # about 4 500 frames, back to back
+        await commit_rows(db, 3000)  # about 9 000 frames, back to back
         high = wal_frames(path)
         copied = checkpointer(db).statistics().pages_copied
     finally:
         await db.close()
-    assert high <= 200 + 10
+    # The backstop is skipped while the thread's checkpoint holds SQLite's checkpoint
+    # lock, so the WAL may pass it by what commits write meanwhile (a slow fsync on a
+    # loaded machine): bounded, not exact.
+    assert high <= 4 * 200
     assert copied > 0
 
 

@@ -147,15 +147,18 @@ class Checkpointer:
                 log.warning("a WAL checkpoint failed: %s", exc)
             else:
                 busy, frames, copied = (int(x) for x in row)
-                if not busy and frames >= 0:
-                    self._checkpoints += 1
-                    self._pages += max(0, copied)
+                if busy or frames < 0:
+                    # The writer's own checkpoint holds the lock: it copies what there is.
+                    # Nothing learnt; the next commit asks again.
+                    continue
+                self._checkpoints += 1
+                self._pages += max(0, copied)
                 # Frames since the last checkpoint (fewer than then: the WAL started
                 # over in between, and all it holds is new).
                 grown = frames - last_log if frames >= last_log else frames
                 if grown > 0:
                     per_commit = max(1.0, grown / max(1, commits - last_commits))
-                last_log = max(frames, 0)
+                last_log = frames
             last_commits = commits
             if self._stopping.wait(MIN_GAP):
                 return
