@@ -4,8 +4,8 @@ SQLite's automatic checkpoint runs inside the commit that takes the WAL past its
 threshold (1 000 pages by default): that commit copies every page the WAL holds into the
 database file and fsyncs it before it returns, and whoever waits for it waits that long.
 With a million queued tasks a claim and its completion write about 15 pages each, so one
-commit in 66 was such a commit (2 to 5 ms more at the p50 of a loaded machine, 270 ms for
-the first on a cold file), well over the 1% a claim's p99 can hide.
+commit in 66 was such a commit (2 to 5 ms more at the p50 of a loaded machine), well
+over the 1% a claim's p99 can hide.
 
 So the write connection's own threshold is raised to :data:`BACKSTOP_PAGES`, and a
 :class:`Checkpointer` does the copying instead: a thread with a connection of its own that
@@ -19,11 +19,15 @@ killed in a checkpoint leaves a WAL that the next open checkpoints again.
 
 Bounded: a passive checkpoint rarely copies the whole WAL while commits keep coming (one
 lands while it runs), and the WAL starts over only when a writer finds it all copied. The
-writer's automatic checkpoint at :data:`BACKSTOP_PAGES` does that: it copies the few pages
-the thread has not yet copied, on the commit path but rarely (one commit in several
-hundred, and a small copy), and the next commit starts the WAL over. A reader holding an
-old snapshot keeps the WAL from starting over, as it always did; when it ends, the next
-checkpoint and commit do.
+writer's automatic checkpoint at :data:`BACKSTOP_PAGES` does that: it copies what the
+thread has not yet copied (about :data:`PAGES` pages at most), on the commit path but
+rarely (one commit in several hundred), and the next commit starts the WAL over. While the
+thread holds SQLite's checkpoint lock the writer's turn is skipped, so the WAL may pass
+the backstop by what is committed during one of the thread's checkpoints. A reader holding
+an old snapshot keeps the WAL from starting over, as it always did; when it ends, the next
+checkpoint and commit do. The WAL starts over at times the writer does not choose, more
+often than SQLite's own checkpoint made it: on a full disk a write may then still be
+accepted, in space the WAL file already has (and is as durable as any other).
 
 The thread is told of each commit (:meth:`Checkpointer.committed`: a count and a
 ``threading.Event``, no I/O) and checkpoints once the commits since its last checkpoint
