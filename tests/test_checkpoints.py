@@ -3,8 +3,10 @@ connection leaves the copying to the checkpoint thread and checkpoints itself on
 backstop, the WAL stays bounded while commits keep coming, a reader holding a snapshot
 delays the WAL's restart only until it ends, and a clean close still leaves no WAL.
 
-Sizes are read from the WAL file: SQLite reuses it from the start once a checkpoint has
-copied it all, so its size is the most frames it ever held at once (its high-water mark).
+All at ``synchronous=NORMAL``, where the thread runs; at ``FULL`` (the default) SQLite
+checkpoints in the commit, as ever (the last test). Sizes are read from the WAL file:
+SQLite reuses it from the start once a checkpoint has copied it all, so its size is the
+most frames it ever held at once (its high-water mark).
 Each commit here writes one row of about a page and a half (two leaf pages and their
 parent: a few frames), so "frames" below are counted, not timed.
 """
@@ -54,7 +56,8 @@ def wal_left(path: str) -> bool:
 
 
 async def open_db(path: str) -> tuple[SqliteStore, Driver]:
-    store = SqliteStore(path, RuntimeConfig(storage_driver="thread"))
+    # The thread runs at NORMAL only (checkpoints.off_the_commit_path).
+    store = SqliteStore(path, RuntimeConfig(storage_driver="thread", synchronous="NORMAL"))
     db, _ = await store.open()
     await db.transaction([("CREATE TABLE IF NOT EXISTS blob (id INTEGER PRIMARY KEY, v)", ())])
     return store, db
@@ -158,3 +161,13 @@ async def test_a_reader_holding_a_snapshot_delays_the_restart_until_it_ends(
         reader.close()
         await db.close()
     assert after <= held + 10
+
+
+async def test_at_full_sqlite_checkpoints_in_the_commit_as_before(path: str) -> None:
+    store = SqliteStore(path, RuntimeConfig(storage_driver="thread", synchronous="FULL"))
+    db, _ = await store.open()
+    try:
+        assert getattr(db, "checkpointer", None) is None
+        assert await db.fetchall("PRAGMA wal_autocheckpoint") == [(1000,)]
+    finally:
+        await db.close()

@@ -8,7 +8,8 @@ Usage::
     python _db_child.py fsize BACKEND DB_PATH LIMIT_BYTES
     python _db_child.py checkpoints BACKEND DB_PATH
 
-- ``checkpoints``: ``runtime ... 0 --forever`` with the WAL checkpoint thread
+- ``checkpoints``: ``runtime ... 0 --forever`` at ``synchronous=NORMAL`` (where the WAL
+  checkpoint thread runs), the thread
   checkpointing after every commit (``storage/sqlite/checkpoints.py``: one page, no
   gap), each ``{"ack": ID, "checkpoints": N}`` saying how many it had run by then.
 
@@ -73,13 +74,14 @@ def checkpoints_run() -> dict[str, int]:
     return {"checkpoints": sum(c.statistics().checkpoints for c in CHECKPOINTERS)}
 
 
-async def run_runtime(path: str, tasks: int, forever: bool) -> int:
+async def run_runtime(path: str, tasks: int, forever: bool, synchronous: str = "FULL") -> int:
     import anyio
 
-    from hive_orchestration import Runtime, StorageError
+    from hive_orchestration import Runtime, RuntimeConfig, StorageError
 
     try:
-        async with Runtime.open(path) as runtime:
+        config = RuntimeConfig(synchronous=synchronous)  # type: ignore[arg-type]
+        async with Runtime.open(path, config=config) as runtime:
             client = runtime.client(source_agent=f"child-{os.getpid()}")
             created = [await client.create_task("job", {"n": n}) for n in range(tasks)]
             say(ready=os.getpid(), tasks=created)
@@ -152,7 +154,7 @@ def main(argv: list[str]) -> int:
         return anyio.run(run_runtime, path, tasks, forever, backend=backend)
     if command == "checkpoints":
         checkpoint_always()
-        return anyio.run(run_runtime, argv[2], 0, True, backend=argv[1])
+        return anyio.run(run_runtime, argv[2], 0, True, "NORMAL", backend=argv[1])
     if command == "fsize":
         backend, path, limit = argv[1], argv[2], int(argv[3])
         return anyio.run(fill_under_limit, path, limit, backend=backend)

@@ -7,7 +7,9 @@ With a million queued tasks a claim and its completion write about 15 pages each
 commit in 66 was such a commit (2 to 5 ms more at the p50 of a loaded machine), well
 over the 1% a claim's p99 can hide.
 
-So the write connection's own threshold is raised to :data:`BACKSTOP_PAGES`, and a
+At ``synchronous=NORMAL`` (no fsync per commit: the checkpoint's fsyncs are the only
+ones, and a commit that runs one waits for them) the write connection's own threshold is
+raised to :data:`BACKSTOP_PAGES`, and a
 :class:`Checkpointer` does the copying instead: a thread with a connection of its own that
 runs ``PRAGMA wal_checkpoint(PASSIVE)`` about every :data:`PAGES` pages written, while
 commits go on (a passive checkpoint takes no lock a writer waits for; SQLite's checkpoint
@@ -29,6 +31,14 @@ checkpoint and commit do. The WAL starts over at times the writer does not choos
 often than SQLite's own checkpoint made it: on a full disk a write may then still be
 accepted, in space the WAL file already has (and is as durable as any other).
 
+Only at ``NORMAL`` (:func:`off_the_commit_path`). At ``FULL`` every commit fsyncs the WAL
+anyway, and on the 2-core machine of performance.md the thread's fsyncs of the database
+file, beside the commits' own, measured no better for a claim's p99 (the ratio to bare
+sqlite3's p99 within its drift, three pairs of runs) and worse for a writer beside the
+largest read (p99 23-74 ms against 23-46 ms before, in six pairs of runs of
+``bench/reads.py``; its checkpoints overlapped 18 of 543 slow calls, so how is not
+established): there SQLite checkpoints in the commit, as before.
+
 The thread is told of each commit (:meth:`Checkpointer.committed`: a count and a
 ``threading.Event``, no I/O) and checkpoints once the commits since its last checkpoint
 hold about :data:`PAGES` pages, by the pages per commit it found last time (SQLite's
@@ -45,7 +55,7 @@ import threading
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["BACKSTOP_PAGES", "PAGES", "CheckpointStats", "Checkpointer"]
+__all__ = ["BACKSTOP_PAGES", "PAGES", "CheckpointStats", "Checkpointer", "off_the_commit_path"]
 
 log = logging.getLogger("hive_orchestration.storage")
 
@@ -57,6 +67,11 @@ PAGES = 1000
 BACKSTOP_PAGES = 4 * PAGES
 #: Seconds between two checkpoints at least.
 MIN_GAP = 0.01
+
+
+def off_the_commit_path(synchronous: Literal["FULL", "NORMAL"]) -> bool:
+    """Whether a database at this ``synchronous`` gets the checkpoint thread."""
+    return synchronous == "NORMAL"
 
 
 @dataclass(frozen=True, slots=True)

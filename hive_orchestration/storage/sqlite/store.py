@@ -32,7 +32,7 @@ from ..port import (
     StoreError,
     StoreKind,
 )
-from .checkpoints import Checkpointer
+from .checkpoints import Checkpointer, off_the_commit_path
 from .database import (
     MEMORY,
     DatabaseClaim,
@@ -90,7 +90,7 @@ class SqliteStore:
             read_only=read_only,
         )
         checkpointer = None
-        if not read_only and self.readers:
+        if not read_only and self.readers and off_the_commit_path(config.synchronous):
             checkpointer = Checkpointer(
                 self._target.connect,
                 uri=self._target.uri,
