@@ -69,6 +69,12 @@ class Result:
     claim_max: float
     slowest_claim: int  # its place in the sequence (0: the first claim after the open)
     claims_over_2ms: int
+    # The ceiling: one-row commits of bare sqlite3 (WAL, the same synchronous) in the
+    # same folder, 1,000 before the open and 1,000 after the claims, so the machine's
+    # fsync tail is measured beside the claims it sets the floor of.
+    bare_p50: float
+    bare_p99: float
+    bare_max: float
     get_task: float  # seconds, one call on a task deep in the backlog
     cancel_task: float
     get_runs: float
@@ -126,7 +132,30 @@ def _rss_mb() -> float:
     return float("nan")
 
 
+def bare_commits(folder: Path, synchronous: str, count: int = 1000) -> list[float]:
+    """Seconds of each of ``count`` one-row commits of plain sqlite3 in ``folder``."""
+    import sqlite3
+
+    folder.mkdir(exist_ok=True)
+    conn = sqlite3.connect(folder / "bare.db", isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+        conn.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v TEXT)")
+        took = []
+        for n in range(count):
+            t0 = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO t (v) VALUES (?)", (f"row {n}",))
+            conn.execute("COMMIT")
+            took.append(time.perf_counter() - t0)
+    finally:
+        conn.close()
+    return took
+
+
 async def _measure(path: Path, count: int, claims: int, backend: str, synchronous: str) -> Result:
+    bare = bare_commits(path.parent / "bare-before", synchronous)
     config = RuntimeConfig(serve_socket=False, synchronous=synchronous)  # type: ignore[arg-type]
     # A task deep in the backlog (created last, lowest priority but one): no bounded head
     # of the queue holds it.
@@ -159,6 +188,7 @@ async def _measure(path: Path, count: int, claims: int, backend: str, synchronou
         await rt.create_task("bulk", {"n": -1})
         create_task = time.perf_counter() - t0
         rss_end = _rss_mb()
+    bare = sorted(bare + bare_commits(path.parent / "bare-after", synchronous))
     return Result(
         backend=backend,
         synchronous=synchronous,
@@ -173,6 +203,9 @@ async def _measure(path: Path, count: int, claims: int, backend: str, synchronou
         claim_max=latencies[-1],
         slowest_claim=slowest,
         claims_over_2ms=sum(1 for latency in latencies if latency >= CLAIM_P99_GOAL),
+        bare_p50=statistics.median(bare),
+        bare_p99=bare[int(len(bare) * 0.99)],
+        bare_max=bare[-1],
         get_task=get_task,
         cancel_task=cancel_task,
         get_runs=get_runs,
@@ -201,6 +234,10 @@ def measure_in_child(path: Path, count: int, claims: int, backend: str, synchron
     with tempfile.TemporaryDirectory(prefix="hive-scale-", dir=CACHE) as folder:
         copy = Path(folder) / "copy.db"
         shutil.copyfile(path, copy)
+        # On disk before the runtime opens it: else the first fsync of the file (the
+        # first checkpoint's) writes the whole copy out, 250-400 ms inside a claim.
+        with open(copy, "rb+") as written:
+            os.fsync(written.fileno())
         out = subprocess.run(
             [
                 sys.executable,
@@ -242,6 +279,9 @@ def report(result: Result) -> str:
             f"    {mark(result.claim_p99 < CLAIM_P99_GOAL)}",
             f"  claim max          {result.claim_max * 1e3:8.3f} ms   (claim"
             f" #{result.slowest_claim}; {result.claims_over_2ms:,} took 2 ms or more)",
+            f"  bare sqlite3 commit p50 {result.bare_p50 * 1e3:.3f} ms, p99"
+            f" {result.bare_p99 * 1e3:.3f} ms, max {result.bare_max * 1e3:.1f} ms"
+            f" (the ceiling; claim p99 / bare p99 = {result.claim_p99 / result.bare_p99:.2f})",
             f"  get_task (deep)    {result.get_task * 1e3:8.3f} ms",
             f"  cancel_task (deep) {result.cancel_task * 1e3:8.3f} ms",
             f"  get_runs (deep)    {result.get_runs * 1e3:8.3f} ms",

@@ -11,12 +11,15 @@ Real SQLite files, both backends.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
+from _raw import is_postgres
 
 from hive_orchestration import Claim, Runtime, RuntimeConfig
 from hive_orchestration.actors.task_manager import TaskManager
@@ -367,3 +370,68 @@ async def one_batch(rt: Runtime, *messages: object) -> list[object]:
         replies.append(reply)
     with anyio.fail_after(5):
         return [await reply.wait() for reply in replies]
+
+
+async def test_a_heads_read_is_decoded_and_taken_in_a_slice_at_a_time(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading a head of 1 024 tasks and taking it in hold the event loop a slice of at
+    most 256 tasks at a time (counted, not timed): the decoding in storage and the
+    TaskManager's taking in each give the loop back between slices."""
+    if is_postgres(db_path):
+        pytest.skip("counts the SQLite store's decoding")
+    from hive_orchestration.actors.task_manager import heads
+    from hive_orchestration.storage.sqlite import queues, store
+
+    # "row" (a task decoded), "take" (taken in); the loop runs at a "yield" and at a
+    # "read" (an await on the connection's thread), and between two tasks' steps.
+    steps: list[str] = []
+    task_from_row = queues.task_from_row
+    take_in = TaskManager._take_in
+    checkpoint = anyio.lowlevel.checkpoint
+    shielded = anyio.lowlevel.cancel_shielded_checkpoint
+
+    def row(*args: Any) -> Any:
+        steps.append("row")
+        return task_from_row(*args)
+
+    def take(*args: Any) -> None:
+        steps.append("take")
+        take_in(*args)
+
+    fetchall = store._Checked.fetchall
+
+    async def read(*args: Any) -> Any:
+        steps.append("read")
+        return await fetchall(*args)
+
+    async def pause() -> None:
+        steps.append("yield")
+        await checkpoint()
+
+    async def shielded_pause() -> None:
+        steps.append("yield")
+        await shielded()
+
+    head = 1024
+    async with runtime(db_path, head=head) as rt:
+        for _ in range(6):
+            await rt.create_tasks([{"task_type": "job", "payload": {"n": n}} for n in range(512)])
+    monkeypatch.setattr(queues, "task_from_row", row)
+    monkeypatch.setattr(TaskManager, "_take_in", take)
+    monkeypatch.setattr(store._Checked, "fetchall", read)
+    monkeypatch.setattr(anyio.lowlevel, "checkpoint", pause)
+    monkeypatch.setattr(anyio.lowlevel, "cancel_shielded_checkpoint", shielded_pause)
+    async with runtime(db_path, head=head) as rt:  # opening reads the head: 1 024 rows
+        for _ in range(head // 2 + 8):  # under half: the next 1 024 are read and taken in
+            assert await rt.claim_task("w", "job") is not None
+        while steps.count("take") < head:
+            assert await rt.claim_task("w", "job") is not None
+
+    def longest(kind: str) -> int:
+        return max(len(list(run)) for step, run in itertools.groupby(steps) if step == kind)
+
+    assert steps.count("row") >= 2 * head
+    assert steps.count("take") >= head
+    assert longest("row") <= heads.TAKE_SLICE
+    assert longest("take") <= heads.TAKE_SLICE

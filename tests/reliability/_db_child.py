@@ -6,6 +6,12 @@ Usage::
     python _db_child.py runtime BACKEND DB_PATH TASKS [--forever]
     python _db_child.py lock DB_PATH MODE
     python _db_child.py fsize BACKEND DB_PATH LIMIT_BYTES
+    python _db_child.py checkpoints BACKEND DB_PATH
+
+- ``checkpoints``: ``runtime ... 0 --forever`` at ``synchronous=NORMAL`` (where the WAL
+  checkpoint thread runs), the thread
+  checkpointing after every commit (``storage/sqlite/checkpoints.py``: one page, no
+  gap), each ``{"ack": ID, "checkpoints": N}`` saying how many it had run by then.
 
 - ``runtime``: opens a runtime on the file (``{"error": ...}`` and exit code 3 if it is
   refused), creates TASKS tasks, prints ``{"ready": PID, "tasks": [...]}``, then, with
@@ -44,13 +50,38 @@ async def until_stdin_closes() -> None:
     await anyio.to_thread.run_sync(sys.stdin.buffer.read, abandon_on_cancel=True)
 
 
-async def run_runtime(path: str, tasks: int, forever: bool) -> int:
+#: The checkpoint threads the runtime started (``checkpoints`` only).
+CHECKPOINTERS: list[Any] = []
+
+
+def checkpoint_always() -> None:
+    from hive_orchestration.storage.sqlite import checkpoints
+
+    checkpoints.PAGES = 1
+    checkpoints.MIN_GAP = 0.0
+    start = checkpoints.Checkpointer.start
+
+    def started(self: checkpoints.Checkpointer) -> None:
+        CHECKPOINTERS.append(self)
+        start(self)
+
+    checkpoints.Checkpointer.start = started  # type: ignore[method-assign]
+
+
+def checkpoints_run() -> dict[str, int]:
+    if not CHECKPOINTERS:
+        return {}
+    return {"checkpoints": sum(c.statistics().checkpoints for c in CHECKPOINTERS)}
+
+
+async def run_runtime(path: str, tasks: int, forever: bool, synchronous: str = "FULL") -> int:
     import anyio
 
-    from hive_orchestration import Runtime, StorageError
+    from hive_orchestration import Runtime, RuntimeConfig, StorageError
 
     try:
-        async with Runtime.open(path) as runtime:
+        config = RuntimeConfig(synchronous=synchronous)  # type: ignore[arg-type]
+        async with Runtime.open(path, config=config) as runtime:
             client = runtime.client(source_agent=f"child-{os.getpid()}")
             created = [await client.create_task("job", {"n": n}) for n in range(tasks)]
             say(ready=os.getpid(), tasks=created)
@@ -58,7 +89,7 @@ async def run_runtime(path: str, tasks: int, forever: bool) -> int:
             async def write_forever() -> None:
                 n = tasks
                 while True:
-                    say(ack=await client.create_task("job", {"n": n}))
+                    say(ack=await client.create_task("job", {"n": n}), **checkpoints_run())
                     n += 1
                     await anyio.sleep(0.005)
 
@@ -121,6 +152,9 @@ def main(argv: list[str]) -> int:
         backend, path, tasks = argv[1], argv[2], int(argv[3])
         forever = "--forever" in argv[4:]
         return anyio.run(run_runtime, path, tasks, forever, backend=backend)
+    if command == "checkpoints":
+        checkpoint_always()
+        return anyio.run(run_runtime, argv[2], 0, True, "NORMAL", backend=argv[1])
     if command == "fsize":
         backend, path, limit = argv[1], argv[2], int(argv[3])
         return anyio.run(fill_under_limit, path, limit, backend=backend)

@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+import anyio.lowlevel
+
 from ...errors import HiveError
 from ...messages.storage import FetchTasks, LoadQueueHeads, QueueHead
 from ...messages.tasks import Run, Task
@@ -37,6 +39,10 @@ if TYPE_CHECKING:
     from .actor import TaskManager
 
 log = logging.getLogger("hive_orchestration.tasks")
+
+#: Tasks of a read taken in per step of the event loop: a head of 1 024 in one go held
+#: the loop 3 to 6 ms (and 13 under load), which every other task waited out.
+TAKE_SLICE = 256
 
 
 def _after(bound: Bound) -> tuple[int, datetime, str]:
@@ -96,6 +102,7 @@ async def take_refill(tm: TaskManager, refill: _Refill) -> bool:
     for run in loaded.runs:
         runs.setdefault(run.task_id, []).append(run)
     queues: list[QueueId] = []
+    taken = 0
     for head, tasks in loaded.heads:
         queue = (head.task_type, head.requires, head.concurrency_key)
         if queue in refill.stale or any(
@@ -114,6 +121,11 @@ async def take_refill(tm: TaskManager, refill: _Refill) -> bool:
                 if task.id in loaded.versions:
                     tm._versions[task.id] = loaded.versions[task.id]
                 tm._take_in(task, runs.get(task.id, ()))
+                taken += 1
+                if taken % TAKE_SLICE == 0:
+                    # Let the loop run. Nothing else touches this actor's state, and no
+                    # cancellation lands here: a read is never taken in half-way.
+                    await anyio.lowlevel.cancel_shielded_checkpoint()
         for task, task_runs in list(refill.spilled.values()):
             if (
                 queue_of(task) == queue

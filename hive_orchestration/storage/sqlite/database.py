@@ -16,6 +16,7 @@ import anyio.to_thread
 
 from ...errors import NewerSchemaError, StorageError
 from ..port import STARTING, STOPPING, Driver, StoreError
+from . import checkpoints
 from .claim import DatabaseClaim, Target, read_owner
 from .drivers import connect
 from .faults import storage_error
@@ -95,6 +96,10 @@ async def open_database(
             raise NewerSchemaError(path, version, SCHEMA_VERSION)
         if not target.memory:
             await db.execute("PRAGMA journal_mode=WAL")
+            if checkpoints.off_the_commit_path(synchronous):
+                # A thread copies the WAL into the file (checkpoints.py); the writer's
+                # own checkpoint is the backstop that bounds the WAL.
+                await db.execute(f"PRAGMA wal_autocheckpoint={checkpoints.BACKSTOP_PAGES}")
         await db.execute(f"PRAGMA synchronous={synchronous}")
         await db.execute("PRAGMA foreign_keys=ON")
         if version < SCHEMA_VERSION:

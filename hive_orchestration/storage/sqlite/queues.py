@@ -34,6 +34,7 @@ from ..port import Driver
 from ..rows import (
     RUN_COLUMNS,
     TASK_COLUMNS,
+    decoded,
     parse_time,
     run_from_row,
     task_from_row,
@@ -169,14 +170,16 @@ async def _all_queues(db: Driver) -> list[QueueHead]:
 
 async def _head(db: Driver, head: QueueHead, limit: int) -> list[Task]:
     queue = (head.task_type, requires_text(head.requires), head.concurrency_key)
+    # Decoded a slice at a time (rows.decoded), letting the event loop run between
+    # slices: a head of 1 024 tasks in one go held the loop 5 to 9 ms.
     if head.after is None:
         rows = await db.fetchall(_FIRST, (*queue, limit))
-        return [task_from_row(row) for row in rows]
+        return await decoded(rows, task_from_row)
     priority, created_at, task_id = head.after
     rows = await db.fetchall(_SAME_PRIORITY, (*queue, priority, _text(created_at), task_id, limit))
     if len(rows) < limit:
         rows += await db.fetchall(_LOWER, (*queue, priority, limit - len(rows)))
-    return [task_from_row(row) for row in rows]
+    return await decoded(rows, task_from_row)
 
 
 async def _runs_of(db: Driver, task_ids: Sequence[str]) -> list[Run]:
@@ -188,7 +191,7 @@ async def _runs_of(db: Driver, task_ids: Sequence[str]) -> list[Run]:
             f"SELECT {RUN_COLUMNS} FROM runs WHERE task_id IN ({marks})"
             " ORDER BY task_id, run_number, rowid"
         )
-        runs += [run_from_row(row) for row in await db.fetchall(sql, chunk)]
+        runs += await decoded(await db.fetchall(sql, chunk), run_from_row)
     return runs
 
 

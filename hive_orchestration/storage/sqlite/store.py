@@ -12,6 +12,9 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Sequence
 
+import anyio
+import anyio.to_thread
+
 from ...config import RuntimeConfig
 from ...errors import StorageError
 from ...messages.events import Interest
@@ -29,6 +32,7 @@ from ..port import (
     StoreError,
     StoreKind,
 )
+from .checkpoints import Checkpointer, off_the_commit_path
 from .database import (
     MEMORY,
     DatabaseClaim,
@@ -85,7 +89,16 @@ class SqliteStore:
             busy_timeout=config.busy_timeout,
             read_only=read_only,
         )
-        return _Checked(db), last_seq
+        checkpointer = None
+        if not read_only and self.readers and off_the_commit_path(config.synchronous):
+            checkpointer = Checkpointer(
+                self._target.connect,
+                uri=self._target.uri,
+                synchronous=config.synchronous,
+                busy_timeout=config.busy_timeout,
+            )
+            checkpointer.start()
+        return _Checked(db, checkpointer), last_seq
 
     async def open_reader(self) -> Driver:
         config = self._config
@@ -133,9 +146,11 @@ class _Checked(Driver):
     actor, which catches port errors only, still fails the write instead of crashing.
     """
 
-    def __init__(self, inner: Driver) -> None:
+    def __init__(self, inner: Driver, checkpointer: Checkpointer | None = None) -> None:
         self._inner = inner
         self.name = inner.name
+        #: The write connection's checkpoint thread (checkpoints.py), poked after commits.
+        self.checkpointer = checkpointer
 
     async def execute(self, sql: str, params: Params = ()) -> None:
         try:
@@ -154,6 +169,8 @@ class _Checked(Driver):
             await self._inner.transaction(statements)
         except sqlite3.Error as exc:
             raise store_error(exc) from exc
+        if self.checkpointer is not None:
+            self.checkpointer.committed()
 
     async def probe(self, units: Sequence[Sequence[Statement]]) -> list[StoreError | None]:
         try:
@@ -166,6 +183,12 @@ class _Checked(Driver):
         ]
 
     async def close(self) -> None:
+        checkpointer, self.checkpointer = self.checkpointer, None
+        if checkpointer is not None:
+            # First: the write connection's close is then the last, which checkpoints
+            # the whole WAL and removes it, as without the thread.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(checkpointer.close)
         try:
             await self._inner.close()
         except sqlite3.Error as exc:
