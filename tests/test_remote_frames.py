@@ -12,6 +12,7 @@ import fcntl
 import socket
 import struct
 import termios
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from hive_orchestration.remote.protocol import (
     CallOut,
     Cancel,
     ClientFrame,
+    Failure,
     FrameError,
     FrameReader,
     Hello,
@@ -263,3 +265,65 @@ async def test_past_its_calls_in_flight_a_connection_is_not_read_nor_cut_as_sile
         answers = await anyio.to_thread.run_sync(talk)
     assert sorted(answers[:2]) == [(1, None), (2, None)]
     assert answers[2] == (3, None)
+
+
+# -- what a frame may make the server allocate --------------------------------------------
+
+#: A hostile call's arguments: 2 MiB of one-byte empty maps (``{}``), each 64 bytes of
+#: Python objects and a list slot once decoded (about 150 MB all told, before the fix).
+_SMALL_VALUES = 2 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("op", "args", "field"),
+    [
+        ("create_tasks", {"tasks": [{}] * _SMALL_VALUES}, "tasks"),
+        ("create_task", {"task_type": "t", "payload": {"a": [{}] * _SMALL_VALUES}}, "payload"),
+        ("publish", {"event_type": "app.x", "data": {"a": [[]] * _SMALL_VALUES}}, "data"),
+        ("create_execution_plan", {"plan_data": {"subtasks": [{}] * _SMALL_VALUES}}, "plan_data"),
+    ],
+    ids=["create_tasks", "create_task payload", "publish data", "plan subtasks"],
+)
+async def test_a_frame_of_small_values_is_refused_before_it_is_decoded(
+    db_path: str, anyio_backend: str, op: str, args: dict[str, object], field: str
+) -> None:
+    # One frame of 2 MiB that decodes into ~150 MB: the server refuses it with
+    # InvalidInputError on the argument, having grown by less than a few frames (it
+    # holds the frame's bytes, and walks them without building anything), writes
+    # nothing, and goes on serving the connection.
+    config = RuntimeConfig(remote_timeout=60.0)
+    async with Runtime.open(db_path, config=config) as runtime:
+        server = runtime._server
+        assert server is not None
+        assert server.address
+        data = _call(1, op, **args)
+        size = len(data)
+        assert size > _SMALL_VALUES
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(DEADLINE)
+        await anyio.to_thread.run_sync(sock.connect, connect_path(server.address))
+        tracemalloc.start()
+        try:
+            await anyio.to_thread.run_sync(sock.sendall, frame(Hello(PROTOCOL_VERSION)))
+            assert isinstance(await anyio.to_thread.run_sync(_read_frame, sock), Welcome)
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            await anyio.to_thread.run_sync(sock.sendall, data)
+            refused = await anyio.to_thread.run_sync(_read_frame, sock)
+            grown = tracemalloc.get_traced_memory()[1] - base
+            tracemalloc.stop()
+            await anyio.to_thread.run_sync(sock.sendall, _call(2, "list_tasks"))
+            listed = await anyio.to_thread.run_sync(_read_frame, sock)
+        finally:
+            tracemalloc.stop()
+            sock.close()
+        assert await runtime.client().list_tasks() == []
+        assert await runtime.client().get_execution_plans() == []
+    # The frame itself is read into memory (and its copy made of the socket's chunks):
+    # a few times its size, where decoding it took some 70 times.
+    assert grown < 6 * size, f"the server grew by {grown} bytes for a frame of {size}"
+    assert isinstance(refused, Failure), refused
+    assert (refused.id, refused.type, refused.attrs["field"]) == (1, "InvalidInputError", field)
+    assert "too many small values" in refused.message
+    assert isinstance(listed, Result)
+    assert (listed.id, msgspec.msgpack.decode(listed.value)) == (2, [])

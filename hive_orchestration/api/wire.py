@@ -39,8 +39,23 @@ import msgspec
 from ..errors import InvalidInputError
 from .carried import EXCLUSIVE, carried
 from .client import OrchestrationClient
+from .msgpack_cost import MOST_PER_BYTE, decoded_cost
 
-__all__ = ["EXCLUSIVE", "OPERATIONS", "WireRequest", "call_json", "msgpack_arguments"]
+__all__ = [
+    "CALL_DECODED_BASE",
+    "CALL_DECODED_PER_BYTE",
+    "EXCLUSIVE",
+    "OPERATIONS",
+    "WireRequest",
+    "call_json",
+    "msgpack_arguments",
+]
+
+#: The most a call's msgpack arguments may take once decoded (as :func:`decoded_cost`
+#: counts it): this many bytes, plus CALL_DECODED_PER_BYTE times their encoded size.
+#: Arguments under CALL_DECODED_BASE / MOST_PER_BYTE bytes (335 KB) are never walked.
+CALL_DECODED_BASE = 32 * 1024 * 1024
+CALL_DECODED_PER_BYTE = 4
 
 # msgspec names the place of a type error as "... - at `$.args.lease`".
 _AT = re.compile(r" - at `\$\.?(.*)`$")
@@ -153,7 +168,27 @@ def _arguments(
 
 
 def msgpack_arguments(op: str, args: Mapping[str, msgspec.Raw]) -> dict[str, Any]:
-    """:func:`call_json`'s checks of a request, for arguments sent as msgpack values."""
+    """:func:`call_json`'s checks of a request, for arguments sent as msgpack values.
+
+    msgpack packs a small value into a byte (``{}``: one byte, 64 bytes once decoded),
+    so before any is decoded, what they will take is counted: over CALL_DECODED_BASE
+    plus CALL_DECODED_PER_BYTE times their size, the call is refused (InvalidInputError
+    on the argument that passes the budget) with nothing decoded nor run."""
+    size = sum(len(value) for value in args.values())
+    budget = CALL_DECODED_BASE + CALL_DECODED_PER_BYTE * size
+    if size * MOST_PER_BYTE > budget:
+        spent = 0
+        for name, value in args.items():
+            spent += decoded_cost(value, budget - spent)
+            if spent > budget:
+                raise InvalidInputError(
+                    _short(name),
+                    f"holds too many small values: the call's {size} bytes of arguments"
+                    f" would take more than {budget} bytes once decoded (at most"
+                    f" {CALL_DECODED_BASE} + {CALL_DECODED_PER_BYTE} x their size); send"
+                    " fewer values per call, or bigger ones (a string, not a list of"
+                    " one-character strings)",
+                )
     return _arguments(op, args, _decode_msgpack)
 
 
