@@ -327,3 +327,45 @@ async def test_a_frame_of_small_values_is_refused_before_it_is_decoded(
     assert "too many small values" in refused.message
     assert isinstance(listed, Result)
     assert (listed.id, msgspec.msgpack.decode(listed.value)) == (2, [])
+
+
+async def test_past_what_its_calls_may_hold_a_connection_is_not_read(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    # The smallest frames (64 KiB): a connection's calls in flight may hold one such
+    # call's arguments and what they may decode into, 6.5 MB. Each claim below sends
+    # 37 KB of task types, which may decode into 3.7 MB: the second is not read until
+    # the first ends (it waits for work for a second), nor the get_task sent after it,
+    # though far fewer calls than max_calls_in_flight are in flight.
+    config = RuntimeConfig(remote_timeout=60.0, max_frame_bytes=64 * 1024)
+    async with Runtime.open(tmp_path / "hive.db", config=config) as runtime:
+        server = runtime._server
+        assert server is not None
+        assert server.address
+
+        def talk() -> list[tuple[int, object]]:
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(DEADLINE)
+            sock.connect(connect_path(server.address or ""))
+            try:
+                sock.sendall(frame(Hello(PROTOCOL_VERSION)))
+                assert isinstance(_read_frame(sock), Welcome)
+                types = [f"t{n}-" + "x" * 140 for n in range(256)]
+                claim = {"worker_id": "w", "task_types": types, "wait": 1.0}
+                sock.sendall(
+                    _call(1, "claim_task", **claim)
+                    + _call(2, "claim_task", **claim)
+                    + _call(3, "get_task", task_id="no-such-task")
+                )
+                answers = []
+                for _ in range(3):
+                    answer = _read_frame(sock)
+                    answers.append((answer.id, msgspec.msgpack.decode(answer.value)))
+                return answers
+            finally:
+                sock.close()
+
+        answers = await anyio.to_thread.run_sync(talk)
+        await _until(lambda: all(c.held == 0 for c in server._connections))
+    assert answers[0] == (1, None)
+    assert sorted(answers[1:]) == [(2, None), (3, None)]

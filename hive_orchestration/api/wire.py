@@ -48,6 +48,8 @@ __all__ = [
     "OPERATIONS",
     "WireRequest",
     "call_json",
+    "held_by",
+    "most_held",
     "msgpack_arguments",
 ]
 
@@ -165,6 +167,18 @@ def _arguments(
         if name not in args:
             raise InvalidInputError(name, f"is required by {op}")
     return {name: decode(value, name, operation.types[name]) for name, value in args.items()}
+
+
+def most_held(args: Mapping[str, msgspec.Raw]) -> int:
+    """The most a call with these msgpack arguments can make the server hold, found
+    without walking them: their bytes, and the most :func:`msgpack_arguments` lets them
+    decode into (MOST_PER_BYTE a byte for small ones, else the call's budget)."""
+    return held_by(sum(len(value) for value in args.values()))
+
+
+def held_by(size: int) -> int:
+    """:func:`most_held` for arguments of ``size`` bytes in all."""
+    return size + min(MOST_PER_BYTE * size, CALL_DECODED_BASE + CALL_DECODED_PER_BYTE * size)
 
 
 def msgpack_arguments(op: str, args: Mapping[str, msgspec.Raw]) -> dict[str, Any]:
