@@ -10,6 +10,8 @@ import msgspec
 import pytest
 
 from hive_orchestration.api.msgpack_cost import MOST_PER_BYTE, decoded_cost, walk
+from hive_orchestration.api.wire import msgpack_arguments
+from hive_orchestration.errors import InvalidInputError
 
 SHAPES: dict[str, object] = {
     "empty maps": [{}] * 20_000,
@@ -62,3 +64,29 @@ def test_a_malformed_value_is_counted_as_far_as_it_goes(data: bytes) -> None:
     assert walk(data, 1 << 20) <= 1 << 10
     with pytest.raises(msgspec.DecodeError):
         msgspec.msgpack.decode(data)
+
+
+@pytest.mark.parametrize(
+    "item", [{"": 0}, {"": []}, [], {}, {"": {"": 0}}, 0.5], ids=lambda item: repr(item)
+)
+def test_a_payload_at_its_size_limit_is_never_refused_for_its_shape(item: object) -> None:
+    # As many of the item as a payload of max_payload_bytes (1 MiB as JSON) holds: the
+    # shapes with the most objects a byte. The arguments pass the decoded budget.
+    one = len(msgspec.json.encode(item)) + 1
+    payload = {"v": [item] * ((1024 * 1024 - 10) // one)}
+    assert len(msgspec.json.encode(payload)) <= 1024 * 1024
+    args = {
+        "task_type": msgspec.Raw(msgspec.msgpack.encode("t")),
+        "payload": msgspec.Raw(msgspec.msgpack.encode(payload)),
+    }
+    assert msgpack_arguments("create_task", args)["payload"] == payload
+
+
+def test_arguments_over_the_budget_are_refused_on_the_argument() -> None:
+    args = {
+        "task_type": msgspec.Raw(msgspec.msgpack.encode("t")),
+        "payload": msgspec.Raw(msgspec.msgpack.encode({"v": [{}] * 2_000_000})),
+    }
+    with pytest.raises(InvalidInputError, match="too many small values") as refused:
+        msgpack_arguments("create_task", args)
+    assert refused.value.field == "payload"

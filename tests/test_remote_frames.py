@@ -333,7 +333,7 @@ async def test_past_what_its_calls_may_hold_a_connection_is_not_read(
     tmp_path: Path, anyio_backend: str
 ) -> None:
     # The smallest frames (64 KiB): a connection's calls in flight may hold one such
-    # call's arguments and what they may decode into, 6.5 MB. Each claim below sends
+    # call's arguments and what they may decode into, 6.6 MB. Each claim below sends
     # 37 KB of task types, which may decode into 3.7 MB: the second is not read until
     # the first ends (it waits for work for a second), nor the get_task sent after it,
     # though far fewer calls than max_calls_in_flight are in flight.

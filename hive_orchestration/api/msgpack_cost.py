@@ -23,15 +23,12 @@ import msgspec
 __all__ = ["MOST_PER_BYTE", "decoded_cost"]
 
 #: The most a byte of msgpack can cost once decoded (``[{0: 0}, ...]``: 3 bytes, a
-#: one-entry dict of 224 bytes... plus its place in the list), rounded up.
+#: one-entry dict of 224 bytes, its key and value, its place in the list), rounded up.
 MOST_PER_BYTE = 100
 
 #: A value's own cost, beyond the 8 bytes of its place in its container.
-_DICT_EMPTY = 64
-_DICT = 224  # and _DICT_ENTRY per entry
-_DICT_ENTRY = 48
 _LIST = 56  # and 8 per element
-_STR = 57  # and a byte per byte (more for text mixing ASCII with astral characters)
+_STR = 49  # and a byte per byte (more for text mixing ASCII with astral characters)
 _BYTES = 33
 _INT = 32
 _FLOAT = 24
@@ -70,7 +67,7 @@ def walk(data: bytes | bytearray | memoryview | msgspec.Raw, budget: int) -> int
                 cost += _INT
         elif first <= 0x8F:  # fixmap
             size = first & 0x0F
-            cost += _DICT + _DICT_ENTRY * size if size else _DICT_EMPTY
+            cost += _dict(size)
             pending += 2 * size
         elif first <= 0x9F:  # fixarray
             size = first & 0x0F
@@ -118,9 +115,17 @@ def walk(data: bytes | bytearray | memoryview | msgspec.Raw, budget: int) -> int
                 cost += _LIST + 8 * size
                 pending += size
             else:
-                cost += _DICT + _DICT_ENTRY * size if size else _DICT_EMPTY
+                cost += _dict(size)
                 pending += 2 * size
     return cost
+
+
+def _dict(size: int) -> int:
+    """A dict of ``size`` entries (its table grows by doubling: 54 bytes an entry, at
+    most, past the first ten)."""
+    if size > 10:
+        return 64 + 54 * size
+    return 352 if size > 5 else 224 if size else 64
 
 
 def _length(view: memoryview, pos: int, width: int) -> int:

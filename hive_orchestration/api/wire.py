@@ -55,9 +55,11 @@ __all__ = [
 
 #: The most a call's msgpack arguments may take once decoded (as :func:`decoded_cost`
 #: counts it): this many bytes, plus CALL_DECODED_PER_BYTE times their encoded size.
-#: Arguments under CALL_DECODED_BASE / MOST_PER_BYTE bytes (335 KB) are never walked.
-CALL_DECODED_BASE = 32 * 1024 * 1024
-CALL_DECODED_PER_BYTE = 4
+#: Arguments under CALL_DECODED_BASE / MOST_PER_BYTE bytes (671 KB) are never walked. A
+#: payload of max_payload_bytes (1 MiB) of any shape takes less than CALL_DECODED_BASE
+#: (some 55 bytes a byte of its JSON at worst: ``[{"": 0}, ...]``).
+CALL_DECODED_BASE = 64 * 1024 * 1024
+CALL_DECODED_PER_BYTE = 8
 
 # msgspec names the place of a type error as "... - at `$.args.lease`".
 _AT = re.compile(r" - at `\$\.?(.*)`$")
