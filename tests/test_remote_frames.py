@@ -23,6 +23,7 @@ import pytest
 from anyio.abc import SocketAttribute
 
 from hive_orchestration import Runtime, RuntimeConfig
+from hive_orchestration.errors import InvalidInputError
 from hive_orchestration.remote.address import connect_path
 from hive_orchestration.remote.protocol import (
     PROTOCOL_VERSION,
@@ -369,3 +370,71 @@ async def test_past_what_its_calls_may_hold_a_connection_is_not_read(
         await _until(lambda: all(c.held == 0 for c in server._connections))
     assert answers[0] == (1, None)
     assert sorted(answers[1:]) == [(2, None), (3, None)]
+
+
+#: A hostile frame's map of names: some 7 bytes a name, 16 times that once decoded.
+_NAMES = dict.fromkeys(map(str, range(500_000)), "")
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"kind": "call", "id": 1, "op": "get_task", "args": _NAMES},
+        {"kind": "subscribe", "id": 1, "pattern": "*", "filters": _NAMES},
+    ],
+    ids=["a call of many argument names", "a subscription of many filters"],
+)
+async def test_a_frame_of_too_many_names_is_cut_off_before_they_are_decoded(
+    db_path: str, anyio_backend: str, message: dict[str, object]
+) -> None:
+    # A call names at most 64 arguments (an operation takes at most 23), a subscription
+    # 256 filters: a longer map is no frame of the protocol, refused at its header (the
+    # frame reader decodes a frame's map of arguments or filters before anything looks
+    # at it). The connection is closed as for any garbage; the server serves on.
+    async with Runtime.open(db_path, config=RuntimeConfig(remote_timeout=60.0)) as runtime:
+        server = runtime._server
+        assert server is not None
+        assert server.address
+        body = msgspec.msgpack.encode(message)
+        size = len(body)
+
+        def connect() -> socket.socket:
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(DEADLINE)
+            sock.connect(connect_path(server.address or ""))
+            sock.sendall(frame(Hello(PROTOCOL_VERSION)))
+            assert isinstance(_read_frame(sock), Welcome)
+            return sock
+
+        sock = await anyio.to_thread.run_sync(connect)
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            await anyio.to_thread.run_sync(sock.sendall, struct.pack(">I", size) + body)
+            closed = await anyio.to_thread.run_sync(sock.recv, 1)
+            grown = tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+            sock.close()
+        assert grown < 6 * size, f"the server grew by {grown} bytes for a frame of {size}"
+        assert closed == b""
+        again = await anyio.to_thread.run_sync(connect)
+        try:
+            await anyio.to_thread.run_sync(again.sendall, _call(2, "list_tasks"))
+            listed = await anyio.to_thread.run_sync(_read_frame, again)
+        finally:
+            again.close()
+        assert isinstance(listed, Result)
+        assert msgspec.msgpack.decode(listed.value) == []
+
+
+async def test_a_subscription_of_too_many_filters_is_refused_naming_them(db_path: str) -> None:
+    async with Runtime.open(db_path) as runtime:
+        filters = {f"f{n}": "x" for n in range(257)}
+        with pytest.raises(InvalidInputError, match="257 filters; at most 256") as refused:
+            async with runtime.client().subscribe("*", **filters):
+                pass
+        assert refused.value.field == "filters"
+        async with runtime.client().subscribe("*", **dict(list(filters.items())[:256])):
+            pass
