@@ -12,6 +12,7 @@ import fcntl
 import socket
 import struct
 import termios
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from hive_orchestration import (
     Runtime,
     RuntimeConfig,
 )
+from hive_orchestration.errors import InvalidInputError
 from hive_orchestration.remote.address import connect_path
 from hive_orchestration.remote.protocol import (
     PROTOCOL_VERSION,
@@ -350,3 +352,183 @@ async def test_a_servers_crafted_error_attributes_never_break_the_client(
                     empty.result()
                 assert await client.last_seq() == 7  # the connection serves on
             tg.cancel_scope.cancel()
+
+
+# -- what a frame may make the server allocate --------------------------------------------
+
+#: A hostile call's arguments: 2 MiB of one-byte empty maps (``{}``), each 64 bytes of
+#: Python objects and a list slot once decoded (about 150 MB all told, before the fix).
+_SMALL_VALUES = 2 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("op", "args", "field"),
+    [
+        ("create_tasks", {"tasks": [{}] * _SMALL_VALUES}, "tasks"),
+        ("create_task", {"task_type": "t", "payload": {"a": [{}] * _SMALL_VALUES}}, "payload"),
+        ("publish", {"event_type": "app.x", "data": {"a": [[]] * _SMALL_VALUES}}, "data"),
+        ("create_execution_plan", {"plan_data": {"subtasks": [{}] * _SMALL_VALUES}}, "plan_data"),
+    ],
+    ids=["create_tasks", "create_task payload", "publish data", "plan subtasks"],
+)
+async def test_a_frame_of_small_values_is_refused_before_it_is_decoded(
+    db_path: str, anyio_backend: str, op: str, args: dict[str, object], field: str
+) -> None:
+    # One frame of 2 MiB that decodes into ~150 MB: the server refuses it with
+    # InvalidInputError on the argument, having grown by less than a few frames (it
+    # holds the frame's bytes, and walks them without building anything), writes
+    # nothing, and goes on serving the connection.
+    config = RuntimeConfig(remote_timeout=60.0)
+    async with Runtime.open(db_path, config=config) as runtime:
+        server = runtime._server
+        assert server is not None
+        assert server.address
+        data = _call(1, op, **args)
+        size = len(data)
+        assert size > _SMALL_VALUES
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(DEADLINE)
+        await anyio.to_thread.run_sync(sock.connect, connect_path(server.address))
+        tracemalloc.start()
+        try:
+            await anyio.to_thread.run_sync(sock.sendall, frame(Hello(PROTOCOL_VERSION)))
+            assert isinstance(await anyio.to_thread.run_sync(_read_frame, sock), Welcome)
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            await anyio.to_thread.run_sync(sock.sendall, data)
+            refused = await anyio.to_thread.run_sync(_read_frame, sock)
+            grown = tracemalloc.get_traced_memory()[1] - base
+            tracemalloc.stop()
+            await anyio.to_thread.run_sync(sock.sendall, _call(2, "list_tasks"))
+            listed = await anyio.to_thread.run_sync(_read_frame, sock)
+        finally:
+            tracemalloc.stop()
+            sock.close()
+        assert await runtime.client().list_tasks() == []
+        assert await runtime.client().get_execution_plans() == []
+    # The frame itself is read into memory (and its copy made of the socket's chunks):
+    # a few times its size, where decoding it took some 70 times.
+    assert grown < 6 * size, f"the server grew by {grown} bytes for a frame of {size}"
+    assert isinstance(refused, Failure), refused
+    assert (refused.id, refused.type, refused.attrs["field"]) == (1, "InvalidInputError", field)
+    assert "too many small values" in refused.message
+    assert isinstance(listed, Result)
+    assert (listed.id, msgspec.msgpack.decode(listed.value)) == (2, [])
+
+
+async def test_past_what_its_calls_may_hold_a_connection_is_not_read(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    # The smallest frames (64 KiB): a connection's calls in flight may hold one such
+    # call's arguments and what they may decode into, 6.6 MB. Each claim below sends
+    # 37 KB of task types, which may decode into 3.7 MB: the second is not read until
+    # the first ends (it waits for work for a second), nor the get_task sent after it,
+    # though far fewer calls than max_calls_in_flight are in flight.
+    config = RuntimeConfig(remote_timeout=60.0, max_frame_bytes=64 * 1024)
+    async with Runtime.open(tmp_path / "hive.db", config=config) as runtime:
+        server = runtime._server
+        assert server is not None
+        assert server.address
+
+        def talk() -> list[tuple[int, object]]:
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(DEADLINE)
+            sock.connect(connect_path(server.address or ""))
+            try:
+                sock.sendall(frame(Hello(PROTOCOL_VERSION)))
+                assert isinstance(_read_frame(sock), Welcome)
+                types = [f"t{n}-" + "x" * 140 for n in range(256)]
+                claim = {"worker_id": "w", "task_types": types, "wait": 1.0}
+                sock.sendall(
+                    _call(1, "claim_task", **claim)
+                    + _call(2, "claim_task", **claim)
+                    + _call(3, "get_task", task_id="no-such-task")
+                )
+                answers = []
+                for _ in range(3):
+                    answer = _read_frame(sock)
+                    answers.append((answer.id, msgspec.msgpack.decode(answer.value)))
+                return answers
+            finally:
+                sock.close()
+
+        answers = await anyio.to_thread.run_sync(talk)
+        await _until(lambda: all(c.held == 0 for c in server._connections))
+    assert answers[0] == (1, None)
+    assert sorted(answers[1:]) == [(2, None), (3, None)]
+
+
+#: A hostile frame's map of names: some 7 bytes a name, 16 times that once decoded.
+_NAMES = dict.fromkeys(map(str, range(500_000)), "")
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"kind": "call", "id": 1, "op": "get_task", "args": _NAMES},
+        {"kind": "subscribe", "id": 1, "pattern": "*", "filters": _NAMES},
+    ],
+    ids=["a call of many argument names", "a subscription of many filters"],
+)
+async def test_a_frame_of_too_many_names_is_cut_off_before_they_are_decoded(
+    db_path: str, anyio_backend: str, message: dict[str, object]
+) -> None:
+    # A call names at most 64 arguments (an operation takes at most 23), a subscription
+    # 256 filters: a longer map is no frame of the protocol, refused at its header (the
+    # frame reader decodes a frame's map of arguments or filters before anything looks
+    # at it). The connection is closed as for any garbage; the server serves on.
+    async with Runtime.open(db_path, config=RuntimeConfig(remote_timeout=60.0)) as runtime:
+        server = runtime._server
+        assert server is not None
+        assert server.address
+        body = msgspec.msgpack.encode(message)
+        size = len(body)
+
+        def connect() -> socket.socket:
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(DEADLINE)
+            sock.connect(connect_path(server.address or ""))
+            sock.sendall(frame(Hello(PROTOCOL_VERSION)))
+            assert isinstance(_read_frame(sock), Welcome)
+            return sock
+
+        sock = await anyio.to_thread.run_sync(connect)
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            await anyio.to_thread.run_sync(sock.sendall, struct.pack(">I", size) + body)
+            closed = await anyio.to_thread.run_sync(sock.recv, 1)
+            grown = tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+            sock.close()
+        assert grown < 6 * size, f"the server grew by {grown} bytes for a frame of {size}"
+        assert closed == b""
+        again = await anyio.to_thread.run_sync(connect)
+        try:
+            await anyio.to_thread.run_sync(again.sendall, _call(2, "list_tasks"))
+            listed = await anyio.to_thread.run_sync(_read_frame, again)
+        finally:
+            again.close()
+        assert isinstance(listed, Result)
+        assert msgspec.msgpack.decode(listed.value) == []
+
+
+async def test_a_subscription_of_too_many_filters_is_refused_naming_them(db_path: str) -> None:
+    # In the runtime's process, and by a client of its socket before it sends the frame
+    # (the server would close the connection): the same error, the connection kept.
+    filters = {f"f{n}": "x" for n in range(257)}
+    async with (
+        Runtime.open(db_path) as runtime,
+        OrchestrationClient(db_path=db_path) as remote,
+    ):
+        assert remote.remote
+        for client in (runtime.client(), remote):
+            with pytest.raises(InvalidInputError, match="257 filters; at most 256") as refused:
+                async with client.subscribe("*", **filters):
+                    pass
+            assert refused.value.field == "filters"
+            async with client.subscribe("*", **dict(list(filters.items())[:256])):
+                pass
+        assert await remote.list_tasks() == []

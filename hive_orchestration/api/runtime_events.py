@@ -12,6 +12,7 @@ from typing import Literal
 import msgspec
 
 from .._validate import (
+    MAX_NAMES,
     _show,
     check_event_read,
     check_identifier,
@@ -170,6 +171,8 @@ class RuntimeEvents:
         policy = self._config.subscriber_overflow if overflow is None else overflow
         if policy not in ("error", "drop"):
             raise InvalidInputError("overflow", f"must be 'error' or 'drop', got {_show(policy)}")
+        if len(filters) > MAX_NAMES:
+            raise InvalidInputError("filters", f"holds {len(filters)} filters; at most {MAX_NAMES}")
         checked = tuple(
             (check_identifier(key, "filters"), check_identifier(value, f"filters.{key}"))
             for key, value in sorted(filters.items())

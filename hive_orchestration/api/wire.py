@@ -39,8 +39,27 @@ import msgspec
 from ..errors import InvalidInputError
 from .carried import EXCLUSIVE, carried
 from .client import OrchestrationClient
+from .msgpack_cost import MOST_PER_BYTE, decoded_cost
 
-__all__ = ["EXCLUSIVE", "OPERATIONS", "WireRequest", "call_json", "msgpack_arguments"]
+__all__ = [
+    "CALL_DECODED_BASE",
+    "CALL_DECODED_PER_BYTE",
+    "EXCLUSIVE",
+    "OPERATIONS",
+    "WireRequest",
+    "call_json",
+    "held_by",
+    "most_held",
+    "msgpack_arguments",
+]
+
+#: The most a call's msgpack arguments may take once decoded (as :func:`decoded_cost`
+#: counts it): this many bytes, plus CALL_DECODED_PER_BYTE times their encoded size.
+#: Arguments under CALL_DECODED_BASE / MOST_PER_BYTE bytes (671 KB) are never walked. A
+#: payload of max_payload_bytes (1 MiB) of any shape takes less than CALL_DECODED_BASE
+#: (some 55 bytes a byte of its JSON at worst: ``[{"": 0}, ...]``).
+CALL_DECODED_BASE = 64 * 1024 * 1024
+CALL_DECODED_PER_BYTE = 8
 
 # msgspec names the place of a type error as "... - at `$.args.lease`".
 _AT = re.compile(r" - at `\$\.?(.*)`$")
@@ -152,8 +171,40 @@ def _arguments(
     return {name: decode(value, name, operation.types[name]) for name, value in args.items()}
 
 
+def most_held(args: Mapping[str, msgspec.Raw]) -> int:
+    """The most a call with these msgpack arguments can make the server hold, found
+    without walking them: their bytes, and the most :func:`msgpack_arguments` lets them
+    decode into (MOST_PER_BYTE a byte for small ones, else the call's budget)."""
+    return held_by(sum(len(value) for value in args.values()))
+
+
+def held_by(size: int) -> int:
+    """:func:`most_held` for arguments of ``size`` bytes in all."""
+    return size + min(MOST_PER_BYTE * size, CALL_DECODED_BASE + CALL_DECODED_PER_BYTE * size)
+
+
 def msgpack_arguments(op: str, args: Mapping[str, msgspec.Raw]) -> dict[str, Any]:
-    """:func:`call_json`'s checks of a request, for arguments sent as msgpack values."""
+    """:func:`call_json`'s checks of a request, for arguments sent as msgpack values.
+
+    msgpack packs a small value into a byte (``{}``: one byte, 64 bytes once decoded),
+    so before any is decoded, what they will take is counted: over CALL_DECODED_BASE
+    plus CALL_DECODED_PER_BYTE times their size, the call is refused (InvalidInputError
+    on the argument that passes the budget) with nothing decoded nor run."""
+    size = sum(len(value) for value in args.values())
+    budget = CALL_DECODED_BASE + CALL_DECODED_PER_BYTE * size
+    if size * MOST_PER_BYTE > budget:
+        spent = 0
+        for name, value in args.items():
+            spent += decoded_cost(value, budget - spent)
+            if spent > budget:
+                raise InvalidInputError(
+                    _short(name),
+                    f"holds too many small values: the call's {size} bytes of arguments"
+                    f" would take more than {budget} bytes once decoded (at most"
+                    f" {CALL_DECODED_BASE} + {CALL_DECODED_PER_BYTE} x their size); send"
+                    " fewer values per call, or bigger ones (a string, not a list of"
+                    " one-character strings)",
+                )
     return _arguments(op, args, _decode_msgpack)
 
 

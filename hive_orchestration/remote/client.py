@@ -42,6 +42,7 @@ from ..errors import (
 from ..messages.events import Event, EventFeed
 from .address import connect_path
 from .protocol import (
+    MAX_FILTERS,
     Cancel,
     FrameReader,
     Received,
@@ -377,6 +378,9 @@ class RemoteRuntime:
         self._check_open()
         if not isinstance(pattern, str):
             raise InvalidInputError("pattern", f"must be a string, got {type(pattern).__name__}")
+        if len(filters) > MAX_FILTERS:  # a longer map is no frame of the protocol
+            reason = f"holds {len(filters)} filters; at most {MAX_FILTERS}"
+            raise InvalidInputError("filters", reason)
         subscription_id = next(self._ids)
         feed = EventFeed()
         capacity = self._config.subscriber_buffer

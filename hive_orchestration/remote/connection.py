@@ -42,6 +42,7 @@ import anyio
 import msgspec
 from anyio.abc import ByteStream, SocketAttribute, TaskGroup, TaskStatus
 
+from ..api.wire import most_held
 from ..errors import AccessDeniedError, HiveError
 from ..messages.events import Lagged
 from ..messages.plans import PlanningRequest, UnclaimedRequest
@@ -122,7 +123,10 @@ class _Connection:
         #: The rules an agent token's calls pass (None: admin, anything goes).
         self._access: Authorizer | None = None
         self._calls: dict[int, anyio.CancelScope] = {}
-        # The reader waits on this while max_in_flight calls run (it stops reading).
+        #: What the calls in flight may hold (.api.wire.most_held), at most max_held.
+        self.held = 0
+        # The reader waits on this while max_in_flight calls run, or they hold max_held
+        # (it stops reading).
         self._slot_freed: anyio.Event | None = None
         # Tasks that ran a call and wait for the next: handing a call to one costs a
         # fraction of starting a task.
@@ -311,13 +315,15 @@ class _Connection:
                 if self.stopping:
                     await send_message(self, encode_error(message.id, _stopping()))
                     return True
-                if len(self._calls) >= self._server.max_in_flight:
-                    # Past the limit: stop reading until a call ends (backpressure); the
+                held = most_held(message.args)
+                if self._full(held):
+                    # Past a limit: stop reading until a call ends (backpressure); the
                     # peer is not silent meanwhile, this side is not listening.
                     self._heard = None
-                    while len(self._calls) >= self._server.max_in_flight:
+                    while self._full(held):
                         self._slot_freed = self._event_type()
                         await self._slot_freed.wait()
+                self.held += held
                 scope = self._scope_type()
                 self._calls[message.id] = scope
                 if self._idle:
@@ -358,6 +364,13 @@ class _Connection:
                 log.info("connection %d: a second hello", self.number)
                 return False
         return True
+
+    def _full(self, held: int) -> bool:
+        """Whether a call that may hold ``held`` bytes must wait for one to end."""
+        server = self._server
+        return len(self._calls) >= server.max_in_flight or (
+            self.held + held > server.max_held and bool(self._calls)
+        )
 
     def cancel_calls(self) -> None:
         """Stopping: end the calls still running (each is answered RuntimeStoppedError)."""

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .._trace import CARRIED, check_trace
-from ..api.wire import EXCLUSIVE, msgpack_arguments
+from ..api.wire import EXCLUSIVE, most_held, msgpack_arguments
 from ..errors import HiveError, RuntimeStoppedError
 from .connection_out import check_drained, send_frame
 from .connection_workers import _WORKER_OPS, note_worker
@@ -69,6 +69,7 @@ async def answer_call(conn: _Connection, message: Call, scope: anyio.CancelScope
         await send_frame(conn, answer)
     finally:
         del conn._calls[message.id]
+        conn.held -= most_held(message.args)
         freed, conn._slot_freed = conn._slot_freed, None
         if freed is not None:
             freed.set()

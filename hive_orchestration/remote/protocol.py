@@ -21,12 +21,13 @@ docs/PROTOCOL.md describes the same for implementers in other languages.
 from __future__ import annotations
 
 import struct
-from typing import Any, Literal, TypeAlias
+from typing import Annotated, Any, Literal, TypeAlias
 
 import anyio
 import msgspec
 from anyio.abc import ByteReceiveStream
 
+from .._validate import MAX_NAMES
 from ..errors import HiveError, InvalidInputError, plain_attributes, rebuild_error
 from ..messages.events import Event
 
@@ -66,6 +67,12 @@ PROTOCOL_VERSION = 1
 
 _HEADER = struct.Struct(">I")
 
+#: The most arguments a call may name (an operation takes at most 23), and filters a
+#: subscription may give: msgspec refuses a longer map at its header, before building a
+#: key of it (a frame of a million one-byte names would take some 16 times its size).
+MAX_ARGUMENTS = 64
+MAX_FILTERS = MAX_NAMES
+
 
 class _Frame(msgspec.Struct, frozen=True, tag_field="kind"):
     """Every frame names its kind in the field ``kind``."""
@@ -87,7 +94,7 @@ class Call(_Frame, frozen=True, tag="call"):
 
     id: int
     op: str
-    args: dict[str, msgspec.Raw] = {}
+    args: Annotated[dict[str, msgspec.Raw], msgspec.Meta(max_length=MAX_ARGUMENTS)] = {}
     agent: str | None = None
     correlation: str | None = None
     #: The caller's W3C trace context (hive_orchestration/_trace.py), when tracing is on
@@ -128,7 +135,7 @@ class Subscribe(_Frame, frozen=True, tag="subscribe"):
 
     id: int
     pattern: str
-    filters: dict[str, str] = {}
+    filters: Annotated[dict[str, str], msgspec.Meta(max_length=MAX_FILTERS)] = {}
     buffer: int | None = None
     overflow: Literal["error", "drop"] | None = None
 

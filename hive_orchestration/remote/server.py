@@ -28,6 +28,7 @@ import anyio
 from anyio.abc import ByteStream, Listener, SocketAttribute, SocketStream, TaskStatus
 from anyio.streams.tls import TLSStream
 
+from ..api.wire import held_by
 from ..errors import ConfigError, ConnectionLostError, HiveError
 from ..storage import SCHEMA_VERSION
 from ..storage.port import STOPPING
@@ -70,6 +71,10 @@ class Server:
         self._tcp_scope: anyio.CancelScope | None = None
         self.max_frame = config.max_frame_bytes
         self.max_in_flight = config.max_calls_in_flight
+        #: The most a connection's calls in flight may hold (their frames' arguments and
+        #: what those may decode into): what one call of the largest frame may. Past it
+        #: the connection is not read until a call ends; a call is always let in alone.
+        self.max_held = held_by(self.max_frame)
         self.timeout = config.remote_timeout
         #: A connection silent this long (no call, no ping) is closed.
         self.idle = 3 * config.remote_timeout

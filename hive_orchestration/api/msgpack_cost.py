@@ -1,0 +1,136 @@
+"""What a msgpack value will cost once decoded, found before it is decoded.
+
+msgpack packs small values into a byte each: ``{}`` is one byte, and an empty dict is 64
+bytes of Python objects (and 8 more for its place in a list), so 16 MiB of ``[{}, {}, ...]``
+decodes into more than a gigabyte. :func:`decoded_cost` walks the value's headers (never
+building it) and adds up what the decoded objects will take, as CPython 3.11+ lays them
+out (a little over, never much under, for any shape): a caller refuses what is over its
+budget before decoding a byte of it.
+
+The walk is flat (one counter of values still to read, no stack), reads each value's
+header once and skips strings and binaries whole, and stops as soon as the budget is
+passed: its time is bounded by the budget, not by what the peer sent. A value whose
+size is too small to be over any budget (every value takes at least a byte, and none
+costs more than :data:`MOST_PER_BYTE` bytes a byte) is not walked at all.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgspec
+
+__all__ = ["MOST_PER_BYTE", "decoded_cost"]
+
+#: The most a byte of msgpack can cost once decoded (``[{0: 0}, ...]``: 3 bytes, a
+#: one-entry dict of 224 bytes, its key and value, its place in the list), rounded up.
+MOST_PER_BYTE = 100
+
+#: A value's own cost, beyond the 8 bytes of its place in its container.
+_LIST = 56  # and 8 per element
+_STR = 49  # and a byte per byte (more for text mixing ASCII with astral characters)
+_BYTES = 33
+_INT = 32
+_FLOAT = 24
+_EXT = 72  # an Ext and its bytes, or a datetime
+
+_U8 = struct.Struct(">B")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+
+
+def decoded_cost(data: bytes | bytearray | memoryview | msgspec.Raw, budget: int) -> int:
+    """About how many bytes of Python objects the msgpack value ``data`` decodes into;
+    the walk stops as soon as that is over ``budget`` (then a number over it). A value
+    that is malformed or cut short is costed as far as it goes: its decoding fails."""
+    if len(data) * MOST_PER_BYTE <= budget:
+        return len(data) * MOST_PER_BYTE
+    return walk(data, budget)
+
+
+def walk(data: bytes | bytearray | memoryview | msgspec.Raw, budget: int) -> int:
+    """:func:`decoded_cost` by walking the value, whatever its size."""
+    view = memoryview(data)
+    end = len(view)
+    pos = 0
+    cost = 0
+    pending = 1  # values still to read
+    while pending:
+        if pos >= end or cost > budget:
+            return cost
+        pending -= 1
+        first = view[pos]
+        pos += 1
+        cost += 8
+        if first <= 0x7F or first >= 0xE0:  # fixint: small ones are shared objects
+            if first >= 0xE0:
+                cost += _INT
+        elif first <= 0x8F:  # fixmap
+            size = first & 0x0F
+            cost += _dict(size)
+            pending += 2 * size
+        elif first <= 0x9F:  # fixarray
+            size = first & 0x0F
+            cost += _LIST + 8 * size
+            pending += size
+        elif first <= 0xBF:  # fixstr
+            size = first & 0x1F
+            cost += _STR + size
+            pos += size
+        elif first <= 0xC3:  # nil, (unused), false, true
+            pass
+        elif first <= 0xC6 or 0xD9 <= first <= 0xDB:  # bin 8/16/32, str 8/16/32
+            width = 1 << (first - (0xC4 if first <= 0xC6 else 0xD9))
+            if pos + width > end:
+                return cost
+            size = _length(view, pos, width)
+            pos += width + size
+            cost += (_BYTES if first <= 0xC6 else _STR) + size
+        elif first <= 0xC9:  # ext 8/16/32
+            width = 1 << (first - 0xC7)
+            if pos + width > end:
+                return cost
+            size = _length(view, pos, width)
+            pos += width + 1 + size
+            cost += _EXT + size
+        elif first <= 0xCB:  # float 32/64
+            pos += 4 if first == 0xCA else 8
+            cost += _FLOAT
+        elif first <= 0xD3:  # (u)int 8/16/32/64
+            pos += 1 << ((first - 0xCC) & 3)
+            cost += _INT
+        elif first <= 0xD8:  # fixext 1/2/4/8/16
+            size = 1 << (first - 0xD4)
+            pos += 1 + size
+            cost += _EXT + size
+        else:  # array 16/32 (0xdc, 0xdd), map 16/32 (0xde, 0xdf)
+            width = 2 if first in (0xDC, 0xDE) else 4
+            if pos + width > end:
+                return cost
+            size = _length(view, pos, width)
+            pos += width
+            if size > end - pos:  # more values than bytes left: cut short
+                return cost
+            if first <= 0xDD:
+                cost += _LIST + 8 * size
+                pending += size
+            else:
+                cost += _dict(size)
+                pending += 2 * size
+    return cost
+
+
+def _dict(size: int) -> int:
+    """A dict of ``size`` entries (its table grows by doubling: 54 bytes an entry, at
+    most, past the first ten)."""
+    if size > 10:
+        return 64 + 54 * size
+    return 352 if size > 5 else 224 if size else 64
+
+
+def _length(view: memoryview, pos: int, width: int) -> int:
+    if width == 1:
+        return int(_U8.unpack_from(view, pos)[0])
+    if width == 2:
+        return int(_U16.unpack_from(view, pos)[0])
+    return int(_U32.unpack_from(view, pos)[0])
