@@ -76,7 +76,10 @@ pytestmark = pytest.mark.anyio
 Path = Literal["lease", "registry"]
 JOB = "job"
 #: The lease of the lease-expiry test's claims, and the registry test's worker_timeout.
-BOUND = 0.5
+#: Long enough beside RENEW_EVERY that a live worker keeps renewing within it through a
+#: stall of the whole process (CI's load stalled it ~0.4 s: with 0.5 s, live workers were
+#: rightly declared offline, and "only the dead workers' tasks went back" failed).
+BOUND = 1.0
 #: The registry test's leases: far past the test, so only the registry can requeue.
 LONG_LEASE = 600.0
 #: How late after its deadline the runtime may act (the batch that requeues): the alarm
@@ -93,8 +96,9 @@ DELIVERY = 1.0
 #: clock, at slightly different moments.
 EARLY = 0.01
 SLOTS = 2
-#: Live workers renew their liveness this often: 5 renewals per bound.
-RENEW_EVERY = BOUND / 5
+#: Live workers renew their liveness this often: 10 renewals per bound, so a stall of up
+#: to 0.9 s of the process does not take their liveness away.
+RENEW_EVERY = BOUND / 10
 SAFETY = 60.0
 
 
