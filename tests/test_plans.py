@@ -35,6 +35,7 @@ from hive_orchestration import (
     NotFoundError,
     PlanningStatus,
     PlanStatus,
+    RunStatus,
     Runtime,
     RuntimeConfig,
     RuntimeStoppedError,
@@ -568,12 +569,15 @@ async def test_retries_with_attempts_left_do_not_fail_the_plan(db_path: str, pol
 async def test_a_timed_out_run_with_attempts_left_is_retried(db_path: str) -> None:
     async with runtime(db_path) as rt:
         plan_id = await started(rt, plan_of(sub("slowpoke", timeout=0.2, max_retries=1)))
-        first = await claim(rt)
-        await rt.start_task(first.lease)
+        # Claimed and started in one call: a run's timeout counts from its claim, so a
+        # start_task of its own, 0.2 s late on a loaded machine, found the run timed out.
+        first = await claim(rt, start=True)
         # Nothing reported: the run times out and the task comes back for another try.
         second = await claim(rt, worker="w2")
         assert second.task.subtask_id == "slowpoke"
         assert second.lease.attempt == 2
+        runs = {run.id: run.status for run in await rt.get_runs(second.task.id)}
+        assert runs[first.lease.run_id] is RunStatus.TIMED_OUT
         assert await rt.get_execution_plan_status(plan_id) == "executing"
         with pytest.raises(LeaseLostError):
             await rt.complete_task(first.lease, {})
@@ -585,12 +589,12 @@ async def test_a_timed_out_run_with_attempts_left_is_retried(db_path: str) -> No
 async def test_a_subtask_timing_out_for_good_fails_the_plan(db_path: str) -> None:
     async with runtime(db_path) as rt:
         plan_id = await started(rt, plan_of(sub("hang", timeout=0.2, max_retries=0), sub("z")))
-        got = await claim(rt, wait=0)
+        # Started as claimed: the run's timeout counts from the claim (see above).
+        got = await claim(rt, wait=0, start=True)
         assert got.task.subtask_id in ("hang", "z")
         if got.task.subtask_id == "z":
-            await finish(rt, got)
-            got = await claim(rt)
-        await rt.start_task(got.lease)
+            await rt.complete_task(got.lease, {"ok": True})
+            got = await claim(rt, start=True)
         plan = await rt.wait_for_plan(plan_id, timeout=SOON)
         assert plan.status is PlanStatus.FAILED
         assert plan.error is not None

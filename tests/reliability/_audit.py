@@ -23,6 +23,7 @@ TRANSITION_EVENTS = frozenset(
         "task.failed",
         "task.timed_out",
         "task.cancelled",
+        "task.retried",
         "plan.subtask_ready",
     }
 )
@@ -135,6 +136,14 @@ def check_attempts(ledger: Ledger, event: Event, task_id: str, where: str) -> No
     reason, attempts = event.data.get("reason"), event.data.get("attempts")
     if not isinstance(reason, str) or not isinstance(attempts, int):
         return  # no run ended here (a move by hand, a subtask released by its plan)
+    if reason == "retried":  # retry_task: the attempts spent so far, then a fresh budget
+        if attempts != ledger.attempts[task_id]:
+            ledger.problems.append(
+                f"{where}: retried after {attempts} attempts, {ledger.attempts[task_id]} "
+                "by its events"
+            )
+        ledger.attempts[task_id] = 0
+        return
     if reason not in COUNTED | NOT_COUNTED:
         ledger.problems.append(f"{where}: unknown reason {reason!r}")
         return

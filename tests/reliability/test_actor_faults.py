@@ -31,9 +31,10 @@ intensity stops the runtime: ``Runtime.open`` raises :class:`RuntimeFailedError`
 fault, no caller hangs, and a reopen of the file finds everything acknowledged, requeues
 what was held, and runs it all to completion.
 
-Two bugs these tests found are fixed and kept fixed by the tests at the end of this file:
-subscription ids reused by a restarted broadcast actor, and the restart-limit error naming
-an actor that only crashed because the failing one stopped.
+Three bugs these tests found are fixed and kept fixed by the tests at the end of this file:
+subscription ids reused by a restarted broadcast actor, the restart-limit error naming
+an actor that only crashed because the failing one stopped, and a claim whose wait ended
+in a batch that crashed left unanswered until its deadline.
 
 The default run has two crashes per actor; the ``slow`` variant five, over more load.
 The seed is printed when a test fails; ``HIVE_RELIABILITY_SEED`` replays it (the plan of the
@@ -96,6 +97,9 @@ T = TypeVar("T")
 
 #: Leases of the load's claims; workers renew them on every step.
 LEASE = 1.0
+#: serve_everything's own claims: each operation must simply work, so no lease of its may
+#: run out between its calls (a loaded machine took more than LEASE between two).
+SWEEP_LEASE = 60.0
 CONFIG = RuntimeConfig(retry_backoff=0.01, retry_backoff_max=0.05)
 #: The fault's asker must hear of the crash this soon: far below ``ask_timeout`` (30 s), so
 #: the answer is the crash's, not a deadline's.
@@ -595,7 +599,7 @@ async def serve_everything(runtime: Runtime, client: OrchestrationClient, load: 
     """One of each kind of operation, through every actor; each must simply work."""
     # Tasks and claims (the TaskManager; storage behind it).
     task_id = await client.create_task(SWEEP_TYPE, {"sweep": True})
-    claim = await client.claim_task("sweeper", SWEEP_TYPE, lease=LEASE, wait=5)
+    claim = await client.claim_task("sweeper", SWEEP_TYPE, lease=SWEEP_LEASE, wait=5)
     assert claim is not None
     assert claim.task.id == task_id
     await client.start_task(claim.lease)
@@ -613,7 +617,7 @@ async def serve_everything(runtime: Runtime, client: OrchestrationClient, load: 
     assert await client.update_task_status(manual, "running")
     assert await client.update_task_status(manual, "completed", result={"by": "hand"})
     failing = await client.create_task(SWEEP_TYPE, max_retries=0)
-    claim = await client.claim_task("sweeper", SWEEP_TYPE, lease=LEASE)
+    claim = await client.claim_task("sweeper", SWEEP_TYPE, lease=SWEEP_LEASE)
     assert claim is not None
     failed = await client.fail_task(claim.lease, "on purpose")
     assert (failed.id, failed.status) == (failing, TaskStatus.FAILED)
@@ -1016,3 +1020,49 @@ async def test_the_runtime_failure_names_the_actor_past_its_limit_and_its_fault(
 async def suppress_hive(call: Callable[[], Awaitable[object]]) -> None:
     with suppress(HiveError):
         await call()
+
+
+async def test_a_claim_whose_wait_ends_in_a_batch_that_crashes_is_answered_at_once(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A parked claim whose wait runs out is taken off the parked claims by the next batch,
+    which answers it (no task) with the rest of its answers, after its commit. Were that
+    batch to crash (here on the alarm's wake that the wait's deadline sent), the claim
+    would be in neither of the places a crash answers: not the batch's own messages (the
+    actor's loop fails those) and no longer parked (the TaskManager fails those as it
+    stops). Its asker waited for its whole deadline (``wait`` + ``ask_timeout``, 30 s):
+    under load ``test_a_crashing_actor_is_restarted_and_nothing_acknowledged_is_lost[tasks]``
+    saw a worker's ``claim_task(wait=0.05)`` hang so, and the worker declared offline. It
+    is answered at once with the crash, as every asker is."""
+    ended: list[object] = []  # the batch that took the claim off, when it did
+    fired: list[object] = []
+    settle_due, handle = TaskManager._settle_due, TaskManager._handle
+
+    def settling(self: TaskManager, work: Any, now: datetime) -> None:
+        answers = len(work.answers)
+        settle_due(self, work, now)
+        if len(work.answers) > answers:
+            ended.append(work)
+
+    async def handling(self: TaskManager, message: Any, work: Any, now: datetime) -> object:
+        if not fired and any(work is batch for batch in ended):
+            fired.append(message)
+            raise InjectedFault(f"{MARK} in the batch that ended a wait")
+        return await handle(self, message, work, now)
+
+    monkeypatch.setattr(TaskManager, "_settle_due", settling)
+    monkeypatch.setattr(TaskManager, "_handle", handling)
+    # A short ask deadline: the bug's failure is a RequestTimeoutError in 3 s.
+    config = RuntimeConfig(ask_timeout=3.0)
+    async with Runtime.open(db_path, config=config) as runtime:
+        with anyio.fail_after(SAFETY), pytest.raises(ActorFailedError) as caught:
+            await runtime.claim_task("w", ["nothing"], wait=0.2)
+        assert fired, "the batch that ended the wait did not crash"
+        assert caught.value.actor == "tasks"
+        assert caused_by_fault(caught.value)
+        # Restarted: a claim is served again.
+        task_id = await runtime.create_task("something")
+        claim = await runtime.claim_task("w", ["something"], wait=1)
+        assert claim is not None
+        assert claim.task.id == task_id
+        assert (await runtime.statistics()).restarts["tasks"] == 1

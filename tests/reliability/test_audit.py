@@ -70,3 +70,24 @@ async def test_a_consistent_runtime_audits_clean_and_every_tampering_is_found(
         for name, log in tampered.items():
             _, _, _, found = await audit_tasks(client, log)
             assert found, f"{name}: not noticed"
+
+
+async def test_a_task_retried_by_hand_audits_clean(db_path: str) -> None:
+    """``retry_task`` (``task.retried``) sends an ended task back to the queue with a fresh
+    attempt budget; the audit follows it (before, it took the event for an unknown one:
+    the fuzz harness on PostgreSQL hit it once, a mutated request retrying a task)."""
+    async with Runtime.open(db_path) as runtime:
+        client = runtime.client(source_agent="auditor")
+        task_id = await client.create_task("job", max_retries=0)
+        claim = await client.claim_task("w", "job")
+        assert claim is not None
+        await client.fail_task(claim.lease, "first try")
+        cancelled = await client.create_task("job")
+        await client.cancel_task(cancelled)
+        await client.retry_task(task_id, reason="again")
+        await client.retry_task(cancelled)
+        while (claim := await client.claim_task("w", "job")) is not None:
+            await client.complete_task(claim.lease)
+        _, tasks, _, problems = await audit_tasks(client, await read_log(client))
+    assert problems == []
+    assert tasks[task_id].attempts == 0

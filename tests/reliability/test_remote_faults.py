@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import struct
 import time
@@ -276,60 +277,75 @@ def test_every_kind_of_bad_frame_is_drawn() -> None:
 # -- peers that stall ----------------------------------------------------------------------
 
 
-def _open(sock: socket.socket) -> bool:
-    """Whether the owner still holds ``sock`` open (nothing read from it, no waiting)."""
-    timeout = sock.gettimeout()
-    sock.settimeout(0)  # with a timeout, recv first waits for data, whatever its flags
-    try:
-        return sock.recv(1, socket.MSG_PEEK) != b""
-    except BlockingIOError:
-        return True
-    except ConnectionResetError:
-        return False
-    finally:
-        sock.settimeout(timeout)
+#: "Never before its deadline", with room for two processes reading one monotonic clock.
+EARLY = 0.01
+
+
+def hung_up_at(sock: socket.socket, within: float) -> float | None:
+    """When the owner closed ``sock`` (``time.monotonic()``), or None if it kept it open
+    ``within`` seconds. Watched with poll, reading nothing: a peer that reads takes the
+    frames a deaf peer must leave unread (the owner's write then goes through and the peer
+    is no longer deaf), and a deaf peer's connection is cut in the middle of a frame."""
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP)  # POLLHUP and POLLERR come unasked
+    ends = time.monotonic() + within
+    while (left := ends - time.monotonic()) > 0:
+        if poller.poll(left * 1000):
+            return time.monotonic()
+    return None
 
 
 async def test_stalled_peers_are_cut_at_their_deadlines_and_others_are_served(
     db_path: str, anyio_backend: str
 ) -> None:
     timeout = 1.0  # remote_timeout: a peer taking no frame is cut after 1 s, a silent one after 3
+    deadlines = {"deaf": timeout, "silent": 3 * timeout, "half_hello": HANDSHAKE_TIMEOUT}
+    # Before each peer did what its deadline counts from (its connection, its hello, its
+    # first call): none is cut sooner than its deadline after that, however late this
+    # process runs. Each is watched from a thread of its own from then on.
+    since: dict[str, float] = {}
+    cut: dict[str, float | None] = {}
+
+    async def watch(name: str, peer: RawPeer) -> None:
+        cut[name] = await anyio.to_thread.run_sync(hung_up_at, peer.sock, DEADLINE)
+
     async with owner(db_path, anyio_backend, remote_timeout=timeout) as process:
         async with OrchestrationClient(db_path=db_path) as client:
             await client.create_tasks(
                 [{"task_type": "big", "payload": {"pad": "x" * 2000}} for _ in range(300)]
             )
-        half_hello = RawPeer(process.address)
-        half_hello.send(HELLO[:7])
-        silent = RawPeer(process.address)
-        silent.hello()
-        # Asks, and never reads: a claim (answered, never acknowledged), then answers of
-        # 600 KB each until the owner cannot hand it a frame.
-        deaf = RawPeer(process.address)
-        deaf.hello()
-        deaf.start("claim_task", worker_id="deaf", task_types=["big"])
-        for _ in range(20):
-            deaf.start("get_tasks_by_status", status="queued", limit=300)
-        started = time.monotonic()
-        # Meanwhile, a client is served, and the peers are still connected.
-        async with OrchestrationClient(db_path=db_path) as client:
-            assert len(await client.get_queued_tasks(limit=10)) == 10
-            await client.create_task("meanwhile")
-        assert _open(half_hello.sock)  # its deadline is 5 s away: a margin of 100 times the work
-
-        def cut_after(peer: RawPeer) -> float:
-            assert peer.frames_until_closed(DEADLINE) is not None, "never cut off"
-            return time.monotonic() - started
-
-        cut = {}
-        for name, peer in (("deaf", deaf), ("silent", silent), ("half_hello", half_hello)):
-            cut[name] = await anyio.to_thread.run_sync(cut_after, peer)
+        async with anyio.create_task_group() as watchers:
+            since["half_hello"] = time.monotonic()
+            half_hello = RawPeer(process.address)
+            half_hello.send(HELLO[:7])
+            watchers.start_soon(watch, "half_hello", half_hello)
+            since["silent"] = time.monotonic()
+            silent = RawPeer(process.address)
+            silent.hello()
+            watchers.start_soon(watch, "silent", silent)
+            # Asks, and never reads: a claim (answered, never acknowledged), then answers of
+            # 600 KB each until the owner cannot hand it a frame.
+            deaf = RawPeer(process.address)
+            deaf.hello()
+            since["deaf"] = time.monotonic()
+            deaf.start("claim_task", worker_id="deaf", task_types=["big"])
+            for _ in range(20):
+                deaf.start("get_tasks_by_status", status="queued", limit=300)
+            watchers.start_soon(watch, "deaf", deaf)
+            started = time.monotonic()
+            # Meanwhile, a client is served, and the peers are still connected.
+            async with OrchestrationClient(db_path=db_path) as client:
+                assert len(await client.get_queued_tasks(limit=10)) == 10
+                await client.create_task("meanwhile")
+        for peer in (deaf, silent, half_hello):
             peer.close()
-        # Never before the deadline (timers do not fire early; 0.5 s for when the clock here
-        # started after the owner's), and within a generous margin after it.
-        assert timeout - 0.5 <= cut["deaf"] < timeout + 15, cut
-        assert 3 * timeout - 0.5 <= cut["silent"] < 3 * timeout + 15, cut
-        assert HANDSHAKE_TIMEOUT - 0.5 <= cut["half_hello"] < HANDSHAKE_TIMEOUT + 15, cut
+        for name, deadline in deadlines.items():
+            at = cut[name]
+            assert at is not None, f"{name} never cut off"
+            # Never before its deadline (timers do not fire early), and within a generous
+            # margin after it.
+            assert at - since[name] >= deadline - EARLY, (name, at - since[name])
+            assert at - started < deadline + 15, (name, at - started)
         async with OrchestrationClient(db_path=db_path) as client:
             # The claim the deaf peer never took went back with its connection.
             await eventually(lambda: _none_assigned(client))

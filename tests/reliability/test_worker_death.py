@@ -31,8 +31,14 @@ the moment a live subscriber receives that event. The runtime keeps these deadli
 an alarm set to the deadline itself (no polling tick), so the only allowance for acting is
 :data:`LATENESS`: waking up and one batch (for the registry, its batch and commit before
 the TaskManager's); then the commit and the event's way to the subscriber take at most
-:data:`DELIVERY`. Then each such task is completed by a surviving worker, once; every task
-completed exactly once; the audit of tasks, runs and log is clean; and the same after
+:data:`DELIVERY`. On a loaded machine the process may be ready to act and still wait for
+a CPU, for longer than those allowances (measured at load ~11 on the 2-core machine:
+requeued 305 ms late, and the process had waited 315 ms for a CPU in that span); so each
+allowance is extended by exactly the time the process waited for a CPU over the span it
+bounds, as Linux counts it (run-queue time, ``tests/_sched.py``): nothing on an idle
+machine, and never the time a timer or a batch of the runtime's own makes it wait. Then
+each such task is completed by a surviving worker, once; every task completed exactly
+once; the audit of tasks, runs and log is clean; and the same after
 reopening the file. The seed is printed when a test fails (``HIVE_RELIABILITY_SEED``
 replays the plan of deaths, not the scheduler).
 """
@@ -49,6 +55,7 @@ from typing import Literal
 
 import anyio
 import pytest
+from _sched import RunQueueWait
 from _timing import loop_time, loop_wall_clock
 
 from hive_orchestration import (
@@ -69,24 +76,29 @@ pytestmark = pytest.mark.anyio
 Path = Literal["lease", "registry"]
 JOB = "job"
 #: The lease of the lease-expiry test's claims, and the registry test's worker_timeout.
-BOUND = 0.5
+#: Long enough beside RENEW_EVERY that a live worker keeps renewing within it through a
+#: stall of the whole process (CI's load stalled it ~0.4 s: with 0.5 s, live workers were
+#: rightly declared offline, and "only the dead workers' tasks went back" failed).
+BOUND = 1.0
 #: The registry test's leases: far past the test, so only the registry can requeue.
 LONG_LEASE = 600.0
 #: How late after its deadline the runtime may act (the batch that requeues): the alarm
 #: fires at the deadline, then one batch of the TaskManager (and, for the registry, one
 #: batch and commit of the registry before it). Measured: a few ms on an idle 2-core
 #: machine; the margin is for a loaded one, and still fails a deadline that fires 200 ms
-#: late or a registry that waits three times ``worker_timeout``.
+#: late or a registry that waits three times ``worker_timeout``. The time the process
+#: waited for a CPU meanwhile is added to it (the module's docstring).
 LATENESS = 0.15
 #: From acting to a subscriber holding the event: the commit (an fsync) and the fan-out,
-#: on a loaded machine.
+#: on a loaded machine (plus, as for LATENESS, the process's wait for a CPU meanwhile).
 DELIVERY = 1.0
 #: A clock allowance for "never early": the runtime and the test read the same monotonic
 #: clock, at slightly different moments.
 EARLY = 0.01
 SLOTS = 2
-#: Live workers renew their liveness this often: 5 renewals per bound.
-RENEW_EVERY = BOUND / 5
+#: Live workers renew their liveness this often: 10 renewals per bound, so a stall of up
+#: to 0.9 s of the process does not take their liveness away.
+RENEW_EVERY = BOUND / 10
 SAFETY = 60.0
 
 
@@ -150,6 +162,8 @@ class Run:
     retrying: list[tuple[float, Event]] = field(default_factory=list)
     workers: list[Worker] = field(default_factory=list)
     stop: anyio.Event = field(default_factory=anyio.Event)
+    #: How long the process waited for a CPU, sampled while the workers run.
+    cpu_wait: RunQueueWait = field(default_factory=RunQueueWait)
 
 
 async def slot(worker: Worker, run: Run) -> None:
@@ -255,6 +269,8 @@ class Measured:
     delivered: list[float] = field(default_factory=list)
     #: When the runtime requeued minus the worker's death.
     after_death: list[float] = field(default_factory=list)
+    #: How long the process waited for a CPU from each deadline to the requeue.
+    cpu_waits: list[float] = field(default_factory=list)
 
 
 async def run_deaths(
@@ -277,6 +293,7 @@ async def run_deaths(
                 for i in range(workers)
             ]
             async with anyio.create_task_group() as tg:
+                tg.start_soon(run.cpu_wait.run)
                 ready = anyio.Event()
                 tg.start_soon(follow_retries, runtime, run, ready)
                 await ready.wait()
@@ -348,9 +365,15 @@ async def check(
             # after it passed since that renewal was answered; seen DELIVERY after that.
             acted = loop_time(event.timestamp)
             assert acted - (sent + bound) >= -EARLY, (where, acted - (sent + bound))
-            assert acted - (acked + bound) <= LATENESS, (where, acted - (acked + bound))
-            assert 0 <= at - acted <= DELIVERY, (where, at - acted)
-            measured.late.append(acted - (acked + bound))
+            # The allowances, plus the time the process waited for a CPU meanwhile (none
+            # on an idle machine): what a loaded machine delays, not the runtime.
+            waited = run.cpu_wait.between(acked + bound, acted)
+            late = acted - (acked + bound)
+            assert late <= LATENESS + waited, (where, late, f"waited for a CPU {waited}")
+            waited_delivery = run.cpu_wait.between(acted, at)
+            assert 0 <= at - acted <= DELIVERY + waited_delivery, (where, at - acted)
+            measured.late.append(late)
+            measured.cpu_waits.append(waited)
             measured.after_sent.append(acted - (sent + bound))
             measured.delivered.append(at - acted)
             measured.after_death.append(acted - worker.died_at)
@@ -405,8 +428,9 @@ def report(path: Path, chosen: int, measured: Measured) -> str:
         f"\n{path} (seed {chosen}): {len(measured.late)} tasks of dead workers requeued "
         f"{ms(measured.after_sent)} after (last renewal sent + {bound} {BOUND:g} s), "
         f"{ms(measured.late)} after (last renewal answered + {bound}) [allowed "
-        f"{LATENESS * 1000:.0f} ms], {ms(measured.after_death)} after the death; seen "
-        f"{ms(measured.delivered)} after [allowed {DELIVERY * 1000:.0f} ms]"
+        f"{LATENESS * 1000:.0f} ms + the process's wait for a CPU meanwhile, "
+        f"{ms(measured.cpu_waits)}], {ms(measured.after_death)} after the death; seen "
+        f"{ms(measured.delivered)} after [allowed {DELIVERY * 1000:.0f} ms + the same]"
     )
 
 

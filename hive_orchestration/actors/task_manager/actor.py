@@ -225,12 +225,24 @@ class TaskManager(Actor[TaskManagerMessage]):
         # When a queue's first task still in a retry backoff comes due, by the database's
         # clock, as the last lock of the queue said (claims.backoffs_end): one per queue.
         self._backoff_ends: Deadlines[tuple[str, tuple[str, ...], str | None]] = Deadlines()
+        # The batch being decided: a crash in it fails its answers to claims parked
+        # before it (a wait it found over, a task it handed out), which are parked no
+        # longer and are not among its own messages (those the actor's loop fails).
+        self._work: _Batch | None = None
 
     async def stopped(self, error: BaseException | None) -> None:
         # Held-back answers are of committed changes: they are true whatever happens next.
         self._release_held_back(None)
-        # Parked claims are nobody else's to answer.
         cancelled = anyio.get_cancelled_exc_class()
+        if error is not None and self._work is not None:
+            failure: BaseException = (
+                RuntimeStoppedError("the runtime stopped")
+                if isinstance(error, cancelled)
+                else ActorFailedError(self.name, error)
+            )
+            for envelope, _ in self._work.answers:
+                envelope.fail(failure)  # answered already: nothing
+        # Parked claims are nobody else's to answer.
         for waiter in self._waiters.values():
             if error is None:
                 waiter.envelope.resolve(waiter.nothing)  # a clean stop: no task for it
@@ -287,6 +299,7 @@ class TaskManager(Actor[TaskManagerMessage]):
                 await anyio.sleep(self._rng.random() * min(0.05, 0.001 * 2**attempt))
             if await self._decide(batch, may_retry=self._fenced and attempt + 1 < _ATTEMPTS):
                 break
+        self._work = None  # decided and answered
         self._evict()
         # Heads that ran under half: their next tasks are read while the next batches
         # go on (one read at a time), and taken in before the first batch after it.
@@ -300,7 +313,7 @@ class TaskManager(Actor[TaskManagerMessage]):
         """Handle ``batch`` once: decide, commit, answer. ``False``: its write conflicted
         with another node's, nothing of it was applied or answered, and memory was read
         again: decide it again."""
-        work = _Batch(may_retry=may_retry)
+        work = self._work = _Batch(may_retry=may_retry)
         refill = self._refilling
         if refill is not None and refill.reply.done:
             await self._take_refill(refill)  # the heads read since the last batch
@@ -364,7 +377,7 @@ class TaskManager(Actor[TaskManagerMessage]):
             # whoever is waiting), as one more batch. Claims that a drained head starved:
             # read its next tasks, then hand them out. (After a conflict: the same again.)
             follow_ups += 1
-            work = _Batch(may_retry=self._fenced and follow_ups < _ATTEMPTS)
+            work = self._work = _Batch(may_retry=self._fenced and follow_ups < _ATTEMPTS)
             forwards = []
             refilled = await self._refill_now() if starved else True
             for claim in unclaimed:
