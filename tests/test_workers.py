@@ -5,7 +5,7 @@ routing, events and bad input. Real SQLite files, both backends."""
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -24,6 +24,9 @@ from hive_orchestration import (
     TaskStatus,
     WorkerStatus,
 )
+from hive_orchestration.actors.worker_registry import WorkerRegistry
+from hive_orchestration.messages.workers import GetWorker, WorkerRegistryMessage
+from hive_orchestration.runtime import Envelope
 
 pytestmark = pytest.mark.anyio
 
@@ -220,6 +223,63 @@ async def test_working_keeps_a_worker_alive_without_registry_heartbeats(db_path:
         assert done >= 3
         types = [e.type for e in await worker_events(rt, "busy")]
         assert "worker.offline" not in types
+
+
+@pytest.mark.parametrize("sign", ["heartbeat", "work"])
+async def test_a_sign_of_life_queued_before_the_deadline_keeps_the_worker_alive(
+    db_path: str, monkeypatch: pytest.MonkeyPatch, sign: str
+) -> None:
+    """A heartbeat (or work: the TaskManager's WorkersSeen) sent before the worker's
+    deadline counts, even when the registry, busy, takes it from its mailbox only after the
+    deadline, in the batch that settles it: the worker is not declared offline (no
+    ``worker.offline``, its claim not released), and it is still watched afterwards. Here the
+    registry is held in a batch (a read of ``hold``) from before the deadline to after it,
+    while the sign of life waits in its mailbox."""
+    timeout = 1.0
+    gate = anyio.Event()
+    original = WorkerRegistry.receive_batch
+
+    async def receive_batch(
+        self: WorkerRegistry, batch: Sequence[Envelope[WorkerRegistryMessage]]
+    ) -> None:
+        await original(self, batch)
+        if any(e.message == GetWorker("hold") for e in batch):
+            await gate.wait()  # busy: what is told meanwhile is queued
+
+    monkeypatch.setattr(WorkerRegistry, "receive_batch", receive_batch)
+    async with runtime(db_path, worker_timeout=timeout) as rt, anyio.create_task_group() as tg:
+        await rt.register_worker("w1")
+        await rt.create_task("job")
+        claim = await rt.claim_task("w1", "job", lease=60)  # the lease alone would hold
+        assert claim is not None
+        registered = anyio.current_time()  # the deadline is at most a timeout from here
+        tg.start_soon(rt.get_worker, "hold")
+        await anyio.wait_all_tasks_blocked()  # the registry holds
+        if sign == "heartbeat":
+            tg.start_soon(rt.update_worker_heartbeat, "w1")
+            await anyio.wait_all_tasks_blocked()  # queued in the registry's mailbox
+        else:
+            assert await rt.claim_task("w1", "job") is None  # told: WorkersSeen, queued
+        assert anyio.current_time() < registered + timeout, "sent too late for the test"
+        await anyio.sleep(registered + timeout + 0.3 - anyio.current_time())
+        gate.set()  # the deadline has passed: the next batch settles it, sign of life too
+        worker = await rt.get_worker("w1")
+        assert worker is not None
+        assert worker.status is WorkerStatus.ACTIVE
+        types = [e.type for e in await worker_events(rt, "w1")]
+        assert types == ["worker.registered"]
+        await rt.complete_task(claim.lease)  # LeaseLostError had its claim been released
+        # Still watched: silent from here, it is declared offline a timeout later.
+        renewed = anyio.current_time()
+
+        async def offline() -> bool:
+            worker = await rt.get_worker("w1")
+            return worker is not None and worker.status is WorkerStatus.OFFLINE
+
+        await wait_until(offline)
+        assert anyio.current_time() - renewed < timeout + SOON / 2
+        types = [e.type for e in await worker_events(rt, "w1")]
+        assert types == ["worker.registered", "worker.offline"]
 
 
 async def test_an_offline_worker_that_claims_is_active_again(db_path: str) -> None:

@@ -13,7 +13,10 @@ next write), so a busy worker costs no extra commit.
 Deadlines are a heap checked at the start of each batch and woken by an
 :class:`~hive_orchestration.runtime.Alarm`; a heartbeat only moves the worker's time, and
 a deadline that comes up early is pushed back to the real one, so the heap holds one
-entry per live worker. A worker that comes back (heartbeat) is live again; one that
+entry per live worker. A heartbeat or ``WorkersSeen`` in the batch that finds a
+deadline due was sent before the batch looked, so in time: it counts, and that worker is
+not declared offline (the registry being busy past the deadline does not make it late).
+A worker that comes back (heartbeat) is live again; one that
 registers again is a new *incarnation*: what the old one held is released, not
 inherited. Unregistering a worker releases what it held too.
 
@@ -178,6 +181,8 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
             # The leader may have declared them offline already (this node was stuck):
             # then they are offline here too, not declared (and logged) a second time.
             await self._recheck(expiring, work)
+        if expiring:
+            expiring = self._unrenewed(expiring, batch)
         self._expire(expiring, work, now)
         if self._shared and any(isinstance(e.message, _READS) for e in batch):
             try:
@@ -347,6 +352,30 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
                 continue
             expiring.append(worker_id)
         return expiring
+
+    def _unrenewed(
+        self, expiring: list[str], batch: Sequence[Envelope[WorkerRegistryMessage]]
+    ) -> list[str]:
+        """Of ``expiring``, those with no sign of life in ``batch``. Every message of the
+        batch was in the mailbox before this batch looked at the deadlines, so a heartbeat
+        or a :class:`WorkersSeen` in it was sent in time even when the registry, busy,
+        takes it only now: its worker is not declared offline (the batch's handling then
+        moves its time) and is watched again from a new deadline."""
+        renewed: set[str] = set()
+        for envelope in batch:
+            match envelope.message:
+                case WorkerHeartbeat(worker_id=worker_id):
+                    renewed.add(worker_id)
+                case WorkersSeen(worker_ids=worker_ids):
+                    renewed.update(worker_ids)
+                case _:
+                    pass
+        if not renewed:
+            return expiring
+        for worker_id in expiring:
+            if worker_id in renewed:
+                self._schedule(worker_id, self._mono + self._timeout)
+        return [worker_id for worker_id in expiring if worker_id not in renewed]
 
     def _expire(self, expiring: list[str], work: _Batch, now: datetime) -> None:
         """Declare offline the ``expiring`` workers (:meth:`_expiring`) still live."""
