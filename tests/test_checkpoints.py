@@ -19,14 +19,16 @@ from pathlib import Path
 
 import anyio
 import pytest
-from _raw import is_postgres
 
 from hive_orchestration import RuntimeConfig
 from hive_orchestration.storage.port import Driver
 from hive_orchestration.storage.sqlite import checkpoints
 from hive_orchestration.storage.sqlite.store import SqliteStore
 
-pytestmark = pytest.mark.anyio
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.sqlite_only("the WAL and its checkpoints are SQLite's, on a file"),
+]
 
 #: A failure detector, not a measurement.
 DEADLINE = 20.0
@@ -36,8 +38,6 @@ ROW = "x" * 6000  # more than a page: each commit writes several frames
 
 @pytest.fixture
 def path(db_path: str) -> str:
-    if is_postgres(db_path) or db_path == ":memory:":
-        pytest.skip("the WAL and its checkpoints are SQLite's, on a file")
     Path(db_path).parent.mkdir(parents=True, exist_ok=True)
     return db_path
 

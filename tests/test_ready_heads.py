@@ -19,7 +19,6 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
-from _raw import is_postgres
 
 from hive_orchestration import Claim, Runtime, RuntimeConfig
 from hive_orchestration.actors.task_manager import TaskManager
@@ -372,14 +371,13 @@ async def one_batch(rt: Runtime, *messages: object) -> list[object]:
         return [await reply.wait() for reply in replies]
 
 
+@pytest.mark.sqlite_only("counts the SQLite store's decoding")
 async def test_a_heads_read_is_decoded_and_taken_in_a_slice_at_a_time(
     db_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Reading a head of 1 024 tasks and taking it in hold the event loop a slice of at
     most 256 tasks at a time (counted, not timed): the decoding in storage and the
     TaskManager's taking in each give the loop back between slices."""
-    if is_postgres(db_path):
-        pytest.skip("counts the SQLite store's decoding")
     from hive_orchestration.actors.task_manager import heads
     from hive_orchestration.storage.sqlite import queues, store
 
