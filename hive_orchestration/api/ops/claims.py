@@ -7,7 +7,7 @@ Every argument is checked here, at the boundary, so that a bad one is an
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import cast
 
@@ -15,7 +15,6 @@ import msgspec
 
 from ..._validate import (
     YEAR,
-    _show,
     check_bool,
     check_delay,
     check_identifier,
@@ -42,7 +41,7 @@ from ...messages.tasks import (
     TaskOutcome,
 )
 from ...messages.workers import GetWorker
-from .task_base import _MAX_BATCH, TaskCalls, _lease, _types
+from .task_base import _MAX_BATCH, TaskCalls, _batch_items, _lease, _types
 
 __all__ = ["ClaimOps"]
 
@@ -218,7 +217,7 @@ class ClaimOps(TaskCalls):
         """
         self._check_open()
         messages: list[CompleteTask] = []
-        for field, item in self._items(items, _COMPLETE_ARGS):
+        for field, item in _batch_items(items, "items", _COMPLETE_ARGS, _NOT_COMPLETE_ARG):
             try:
                 messages.append(
                     CompleteTask(
@@ -243,7 +242,7 @@ class ClaimOps(TaskCalls):
         """
         self._check_open()
         messages: list[FailTask] = []
-        for field, item in self._items(items, _FAIL_ARGS):
+        for field, item in _batch_items(items, "items", _FAIL_ARGS, _NOT_FAIL_ARG):
             try:
                 if "error" not in item:
                     raise InvalidInputError("error", "is missing")
@@ -263,31 +262,6 @@ class ClaimOps(TaskCalls):
         if not messages:
             return []
         return list(await self._tasks.ask(FailTasks(tuple(messages))))
-
-    @staticmethod
-    def _items(
-        items: Iterable[Mapping[str, object]], names: frozenset[str]
-    ) -> Iterator[tuple[str, Mapping[str, object]]]:
-        """Each item of a batch call with its field name (``items[i]``): a mapping of
-        the names ``names``, at most :data:`_MAX_BATCH` of them."""
-        if isinstance(items, Mapping | str | bytes) or not isinstance(items, Iterable):
-            raise InvalidInputError(
-                "items", f"must be a list of mappings, got {type(items).__name__}"
-            )
-        for index, item in enumerate(items):
-            field = f"items[{index}]"
-            if index >= _MAX_BATCH:
-                raise InvalidInputError("items", f"holds more than {_MAX_BATCH} items")
-            if not isinstance(item, Mapping):
-                raise InvalidInputError(field, f"must be a mapping, got {type(item).__name__}")
-            unknown = next((key for key in item if key not in names), None)
-            if unknown is not None:
-                name = unknown if isinstance(unknown, str) else _show(unknown)
-                valid = ", ".join(sorted(names))
-                raise InvalidInputError(
-                    f"{field}.{name[:80]}", f"is not an item's argument ({valid})"
-                )
-            yield field, item
 
     async def release_task(self, lease: Lease, *, reason: str | None = None) -> Task:
         """Hand the claimed task back unfinished (say, the worker is shutting down): it is
@@ -312,6 +286,9 @@ class ClaimOps(TaskCalls):
 #: The argument names an item of complete_tasks, or of fail_tasks, may hold.
 _COMPLETE_ARGS = frozenset({"lease", "result"})
 _FAIL_ARGS = frozenset({"lease", "error", "retryable", "retry_after"})
+#: Why a name outside them is refused.
+_NOT_COMPLETE_ARG = f"is not an item's argument ({', '.join(sorted(_COMPLETE_ARGS))})"
+_NOT_FAIL_ARG = f"is not an item's argument ({', '.join(sorted(_FAIL_ARGS))})"
 
 
 def _item_lease(item: Mapping[str, object]) -> Lease:

@@ -5,7 +5,7 @@ arguments both take (a status, names, a lease, a time).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import cast
 
@@ -67,6 +67,28 @@ class TaskCalls(Caller):
             max_depth=self._config.max_payload_depth,
         )
         return cast(JsonObject, checked)
+
+
+def _batch_items(
+    items: Iterable[Mapping[str, object]], field: str, names: frozenset[str], unknown: str
+) -> Iterator[tuple[str, Mapping[str, object]]]:
+    """Each item of a batch call's argument ``field`` (``tasks``, ``items``) with its own
+    field name (``items[i]``): a mapping of the names ``names``, at most
+    :data:`_MAX_BATCH` of them; a name not among them is refused for ``unknown``."""
+    if isinstance(items, Mapping | str | bytes) or not isinstance(items, Iterable):
+        raise InvalidInputError(field, f"must be a list of mappings, got {type(items).__name__}")
+    for index, item in enumerate(items):
+        item_field = f"{field}[{index}]"
+        if index >= _MAX_BATCH:
+            raise InvalidInputError(field, f"holds more than {_MAX_BATCH} items")
+        if not isinstance(item, Mapping):
+            raise InvalidInputError(item_field, f"must be a mapping, got {type(item).__name__}")
+        # Read no further than the first unknown key.
+        name = next((key for key in item if key not in names), None)
+        if name is not None:
+            shown = name if isinstance(name, str) else _show(name)
+            raise InvalidInputError(f"{item_field}.{shown[:80]}", unknown)
+        yield item_field, item
 
 
 def _status(value: object) -> TaskStatus:

@@ -47,9 +47,9 @@ from ...messages.tasks import (
 )
 from .task_base import (
     _LONGEST,
-    _MAX_BATCH,
     _MAX_PRIORITY,
     TaskCalls,
+    _batch_items,
     _rfc3339,
     _scope,
     _status,
@@ -144,22 +144,8 @@ class TaskOps(TaskCalls):
         and gives the first task's id. At most 1 000 items per call.
         """
         self._check_open()
-        if isinstance(tasks, Mapping | str | bytes) or not isinstance(tasks, Iterable):
-            raise InvalidInputError(
-                "tasks", f"must be a list of mappings, got {type(tasks).__name__}"
-            )
         messages: list[CreateTask] = []
-        for index, item in enumerate(tasks):
-            field = f"tasks[{index}]"
-            if index >= _MAX_BATCH:
-                raise InvalidInputError("tasks", f"holds more than {_MAX_BATCH} items")
-            if not isinstance(item, Mapping):
-                raise InvalidInputError(field, f"must be a mapping, got {type(item).__name__}")
-            # Read no further than the first unknown key (an item holds at most 18).
-            unknown = next((key for key in item if key not in _CREATE_ARGS), None)
-            if unknown is not None:
-                name = unknown if isinstance(unknown, str) else _show(unknown)
-                raise InvalidInputError(f"{field}.{name[:80]}", "is not an argument of create_task")
+        for field, item in _batch_items(tasks, "tasks", _CREATE_ARGS, _NOT_CREATE_ARG):
             if "task_type" not in item:
                 raise InvalidInputError(f"{field}.task_type", "is missing")
             arguments = dict(cast(Mapping[str, Any], item))
@@ -404,4 +390,5 @@ class TaskOps(TaskCalls):
 #: What update_task_status's metadata may set.
 _METADATA_KEYS = frozenset({"assigned_worker", "current_phase"})
 #: The argument names an item of create_tasks may hold.
+_NOT_CREATE_ARG = "is not an argument of create_task"
 _CREATE_ARGS = frozenset(inspect.signature(TaskOps._create_message).parameters) - {"self"}
