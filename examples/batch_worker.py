@@ -5,7 +5,9 @@
 An app queues a day's image thumbnails in one call (one durable commit, all or nothing).
 Two workers, each with 4 slots, take as many tasks as they have free slots in one call
 (each task claimed and started in the same commit), run them concurrently, and complete
-each one. A task that is too big fails and is retried with backoff, then fails for good.
+each one as it finishes (a worker that finishes a batch all at once can end it in one call
+and one commit with complete_tasks / fail_tasks, each item decided on its own). A task
+that is too big fails and is retried with backoff, then fails for good.
 Runs on asyncio by default; the database defaults to a temporary file.
 """
 
