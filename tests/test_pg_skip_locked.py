@@ -330,7 +330,7 @@ async def test_a_lock_takes_what_is_due_by_the_databases_clock_and_says_when_the
     """A task is due when its ``available_at`` is past by the server's clock; a lock that
     took fewer rows than it asked says in how many seconds the queue's next task still
     backing off comes due, and one that took as many as it asked says nothing (and pays
-    nothing for it). (A node whose wall clock is far ahead: see the known gap below.)"""
+    nothing for it). (A node whose wall clock is far ahead: the tests below.)"""
     answers: list[Any] = []
     lock_ready = PostgresSql.lock_ready
 
@@ -368,18 +368,13 @@ async def test_a_lock_takes_what_is_due_by_the_databases_clock_and_says_when_the
         assert all(not locked.due_in for locked in answers if locked)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known: a node holds a task it read from storage as ready when its available_at"
-    " is past by the node's own wall clock, and its lock takes the tasks it holds as ready"
-    " whatever the database's clock says (LockReady.ready), so a node far ahead takes a task"
-    " still backing off",
-)
 async def test_a_node_far_ahead_does_not_take_a_task_it_read_still_backing_off(
     pg_url: str,
 ) -> None:
-    """The gap the test above leaves out, made certain: the second node (an hour ahead)
-    opens after the backoff was written, so its first read of the queue holds the task."""
+    """The second node (an hour ahead) opens after the backoff was written, so its first
+    read of the queue holds the task, past its backoff by the node's own wall clock: a
+    backoff read from storage ends by the database's clock only, so the node does not
+    lock it (only the backoffs a node decided itself end on its own clock)."""
 
     def ahead() -> datetime:
         return datetime.now(UTC) + timedelta(hours=1)
@@ -398,6 +393,54 @@ async def test_a_node_far_ahead_does_not_take_a_task_it_read_still_backing_off(
             with anyio.fail_after(10):
                 claims = await two.claim_tasks("w2", "job", limit=5, wait=1)
             assert [claim.task.id for claim in claims] == [due]
+
+
+async def test_a_node_far_ahead_does_not_take_a_task_its_sweep_read_still_backing_off(
+    pg_url: str,
+) -> None:
+    """The same, with the node running and its claim parked: the first node retries the
+    task with a 30 s backoff, and the second node (an hour ahead) reads it at its next
+    sweep (every second), holds it as ready by its own wall clock, and must still leave
+    it to the database's clock. Before, it took the task at that sweep."""
+
+    def ahead() -> datetime:
+        return datetime.now(UTC) + timedelta(hours=1)
+
+    async with Runtime.open(pg_url) as one, Runtime.open(pg_url, wall_clock=ahead) as two:
+        task_id = await one.create_task("job", max_retries=3)
+        claim = await one.claim_task("w1", "job")
+        assert claim is not None
+        assert claim.task.id == task_id
+        await one.fail_task(claim.lease, "again", retry_after=30.0)
+        with anyio.fail_after(10):
+            # Two sweeps at least (one a second) while it waits.
+            assert await two.claim_tasks("w2", "job", limit=5, wait=2.5) == []
+        task = await two.get_task(task_id)
+        assert task is not None
+        assert task.status is TaskStatus.QUEUED
+
+
+async def test_a_node_far_ahead_ends_the_backoffs_it_set_on_its_own_clock(pg_url: str) -> None:
+    """A backoff a node decided itself still ends on that node's monotonic clock,
+    whatever the database's clock says of the wall time stored: the node, an hour ahead
+    of the server, stores an end of backoff an hour in the server's future, and still
+    hands the task out once the backoff it set is over (LockReady.ready)."""
+
+    def ahead() -> datetime:
+        return datetime.now(UTC) + timedelta(hours=1)
+
+    async with Runtime.open(pg_url, wall_clock=ahead) as node:
+        task_id = await node.create_task("job", max_retries=3)
+        claim = await node.claim_task("w1", "job")
+        assert claim is not None
+        failed_at = anyio.current_time()
+        await node.fail_task(claim.lease, "again", retry_after=1.0)
+        with anyio.fail_after(15):
+            again = await node.claim_task("w2", "job", wait=10)
+        assert again is not None
+        assert again.task.id == task_id
+        assert again.lease.attempt == 2
+        assert anyio.current_time() - failed_at >= 1.0 - 0.01  # not before it ended
 
 
 @pytest.mark.usefixtures("no_sweep")

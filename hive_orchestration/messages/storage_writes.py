@@ -260,8 +260,10 @@ class LockReady(msgspec.Struct, frozen=True):
     heads: tuple[QueueHead, ...]
     limit: int
     #: Tasks the writer holds as ready whose stored ``available_at`` (the end of a retry
-    #: backoff, a wall time) may say otherwise: taken whatever it says. The writer
-    #: decides backoffs on its own clock, which a stepped wall clock does not move.
+    #: backoff, a wall time) may say otherwise: taken whatever it says. Only the tasks
+    #: whose backoff the writer decided itself, on its own monotonic clock, which a
+    #: stepped wall clock does not move; a backoff it read from storage ends by the
+    #: database's clock (claims.lock_claims).
     ready: tuple[str, ...] = ()
     #: Task id -> version, of the tasks of ``heads`` the writer holds: a locked row of
     #: one of them at that version comes back as its key only (not read in full).

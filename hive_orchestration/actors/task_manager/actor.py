@@ -184,6 +184,11 @@ class TaskManager(Actor[TaskManagerMessage]):
         # with the tasks after a failed commit).
         self._due: dict[str, _Due] = {}  # run id -> its deadlines
         self._ready_at: dict[str, float] = {}  # task id -> when its backoff ends
+        # The queued tasks among those whose backoff this node decided (a retry it
+        # queued), not read from storage: on a store several nodes share, only these
+        # end their backoff by this node's clock; a stored backoff read back ends by the
+        # database's (claims.lock_claims). Kept with _ready_at, and put back with it.
+        self._own_backoffs: set[str] = set()
         # Parked claims, first come first served, and their wait deadlines (one each).
         self._waiters: dict[int, _Waiter] = {}
         self._waits: Deadlines[int] = Deadlines()

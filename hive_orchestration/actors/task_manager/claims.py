@@ -212,12 +212,16 @@ def lock_claims(tm: TaskManager, work: _Batch) -> LockReady | None:
         return None
     limit = min(wanted, tm._head)
     heads = tuple(QueueHead(q[0], q[1], q[2]) for q in sorted(queues, key=_queue_order))
-    # Backoffs end on memory's monotonic clock, not on the wall times stored (a wall
-    # clock stepped back would hold them in the database's eyes): the ready tasks held
-    # with a stored end of backoff are locked whatever it says.
+    # The backoffs this node decided end on its monotonic clock, not on the wall times
+    # stored (its wall clock stepped back would hold them in the database's eyes): those
+    # held as ready are locked whatever their stored end says. A backoff read from
+    # storage (set by another node, or by this one before it let go of the task) ends
+    # by the database's clock only: memory holds it as ready by this node's wall
+    # clock, which may be far from the server's (ahead, it would take the task early).
     # The tasks held at a known version come back as their keys only (not read in full).
     ready: list[str] = []
     known: dict[str, int] = {}
+    own = tm._own_backoffs
     for queue in queues:
         for task_id in tm._ready.members(queue):
             task = tm._tasks.get(task_id)
@@ -225,7 +229,7 @@ def lock_claims(tm: TaskManager, work: _Batch) -> LockReady | None:
             if task is None or version is None:
                 continue
             known[task_id] = version
-            if task.available_at is not None:
+            if task.available_at is not None and task_id in own:
                 ready.append(task_id)
     return LockReady(heads, limit, tuple(ready), known)
 

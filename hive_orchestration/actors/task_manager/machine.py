@@ -193,7 +193,12 @@ def requeue(
         delay = tm._backoff(attempts) if retry_after is None else retry_after
     changes["available_at"] = now + timedelta(seconds=delay) if delay > 0 else None
     data["retry_in"] = delay
-    return tm._transition(task, Q, work, now, source, changes, data)
+    queued = tm._transition(task, Q, work, now, source, changes, data)
+    if delay > 0:
+        # Decided here: its backoff ends on this node's monotonic clock (backoff_end,
+        # exact: set in this batch), which the claims' lock trusts (lock_claims).
+        tm._own_backoffs.add(task.id)
+    return queued
 
 
 def backoff(tm: TaskManager, attempts: int) -> float:

@@ -40,6 +40,7 @@ def touch(tm: TaskManager, task_id: str, work: _Batch) -> None:
             runs=runs,
             due=due,
             ready_at=tm._ready_at.get(task_id),
+            own_backoff=task_id in tm._own_backoffs,
         )
 
 
@@ -71,6 +72,10 @@ def restore(tm: TaskManager, work: _Batch, now: datetime) -> None:
             tm._ready_at.pop(task_id, None)
         else:
             tm._ready_at[task_id] = undo.ready_at
+        if undo.own_backoff:
+            tm._own_backoffs.add(task_id)
+        else:
+            tm._own_backoffs.discard(task_id)
         if undo.task is None:
             tm._tasks.pop(task_id, None)
         else:
@@ -130,6 +135,7 @@ def index(tm: TaskManager, old: Task | None, new: Task | None) -> None:
         if old.status is Q:
             tm._ready.discard(old.id)
             tm._ready_at.pop(old.id, None)
+            tm._own_backoffs.discard(old.id)
             tm._untime(old)
         elif old.status in _HOLDING:
             tm._ready.unhold(old)
@@ -161,6 +167,7 @@ def drop(tm: TaskManager, task_id: str) -> None:
     if key is not None and tm._keys.get(key) == task_id:
         del tm._keys[key]  # answered by storage from now on
     tm._ready_at.pop(task_id, None)
+    tm._own_backoffs.discard(task_id)
     tm._versions.pop(task_id, None)  # read again with the task
     for run_id in tm._runs_of.pop(task_id, ()):
         tm._runs.pop(run_id, None)

@@ -60,6 +60,7 @@ class _Undo(msgspec.Struct, frozen=True, gc=False):
     runs: dict[str, Run] | None = None  # its runs (None: it had none)
     due: dict[str, _Due] | None = None  # its claimed run's deadlines (None: none)
     ready_at: float | None = None  # the end of its backoff
+    own_backoff: bool = False  # a backoff this node decided (TaskManager._own_backoffs)
 
 
 @dataclass(slots=True)
