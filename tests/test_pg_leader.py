@@ -11,6 +11,7 @@ session holds (what a killed node's rows look like).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,10 +19,11 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import msgspec
@@ -672,6 +674,116 @@ async def test_a_node_whose_thread_pool_is_full_is_not_taken_for_stuck(
             assert await a.get_worker(mine) is not None
         finally:
             await _stop(busy)
+
+
+@contextlib.contextmanager
+def _own_role(url: str) -> Iterator[tuple[str, str]]:
+    """A login role of its own (not a superuser, so a connection limit holds it) with
+    every right a node needs on the database at ``url`` (already migrated), and ``url``
+    as that role; dropped afterwards, its sessions ended."""
+    role = f"hive_node_{uuid.uuid4().hex[:12]}"
+    raw(url, f'CREATE ROLE "{role}" LOGIN')
+    try:
+        for grant in (
+            f'GRANT ALL ON SCHEMA public TO "{role}"',
+            f'GRANT ALL ON ALL TABLES IN SCHEMA public TO "{role}"',
+            f'GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO "{role}"',
+        ):
+            raw(url, grant)
+        parts = urlsplit(url)
+        netloc = f"{role}@{parts.hostname}:{parts.port}"
+        yield role, urlunsplit(parts._replace(netloc=netloc))
+    finally:
+        raw(
+            url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+            (role,),
+        )
+        raw(url, f'DROP OWNED BY "{role}"')
+        raw(url, f'DROP ROLE "{role}"')
+
+
+def _sessions(url: str, role: str, application: str = "%") -> int:
+    [(count,)] = raw(
+        url,
+        "SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND application_name LIKE %s",
+        (role, application),
+    )
+    return int(count)
+
+
+async def test_a_live_node_that_cannot_open_its_poll_connection_is_not_taken_for_stuck(
+    pg_url: str, anyio_backend: str, tmp_path: Path
+) -> None:
+    """A live node whose poll connection cannot be made (its role's connection limit
+    reached: ``too many connections``) has no poll session for the leader to read; its
+    event loop runs and hears its worker, heartbeating every 0.2 s. The leader must not
+    declare that worker offline (it did, again and again, each time the node wrote it
+    live). The node's sign of life is then a statement every poll on its own session
+    (the one holding its node lock), by the database's clock. Once the node stops for
+    real (SIGSTOP), that sign stops too, and its worker is declared offline within the
+    liveness bound."""
+    timeout = 2.0  # the least bound there is (STUCK_FLOOR_SECONDS)
+    config = RuntimeConfig(worker_timeout=timeout)
+    async with Runtime.open(pg_url, config=config):
+        await _open_leader_first(pg_url)
+        with _own_role(pg_url) as (role, url):
+            node = await _start(
+                url,
+                anyio_backend,
+                tmp_path,
+                "unpolled",
+                30.0,
+                workers=0,
+                register=True,
+                worker_timeout=timeout,
+            )
+            try:
+                mine = f"{node.process.pid}-idle"
+
+                def status() -> str | None:
+                    rows = raw(pg_url, "SELECT status FROM workers WHERE id = %s", (mine,))
+                    return str(rows[0][0]) if rows else None
+
+                def offline_events() -> list[str | None]:
+                    return [w for w, _ in events(pg_url, "worker.offline") if w == mine]
+
+                polls = "hive-orchestration:leader%"
+                await until(lambda: status() == "active", "its worker registered")
+                await until(lambda: _sessions(pg_url, role, polls) == 1, "its poll session")
+                # No connection more for the role, then its poll session ended: the node
+                # tries to connect again at each poll, and is refused.
+                held = _sessions(pg_url, role)
+                raw(pg_url, f'ALTER ROLE "{role}" CONNECTION LIMIT {held - 1}')
+                raw(
+                    pg_url,
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE usename = %s AND application_name LIKE %s",
+                    (role, polls),
+                )
+                await until(lambda: _sessions(pg_url, role, polls) == 0, "its poll session gone")
+                began = time.monotonic()
+                while time.monotonic() - began < timeout + 2.0:
+                    assert _sessions(pg_url, role, polls) == 0  # refused all along
+                    await anyio.sleep(0.25)
+                assert offline_events() == []
+                assert status() == "active"
+                assert node.id in live_nodes(pg_url)
+                # Stopped for real: no sign of life at all, declared offline in the bound.
+                os.kill(node.process.pid, signal.SIGSTOP)
+                await until(lambda: _stopped(node.process.pid), "the node stopped")
+                stopped_at = time.monotonic()
+                await until(
+                    lambda: status() == "offline",
+                    "the stopped node's worker declared offline",
+                    within=timeout + 10.0,
+                )
+                took = time.monotonic() - stopped_at
+                assert took <= timeout + 3.0, took
+                assert len(offline_events()) == 1
+                os.kill(node.process.pid, signal.SIGCONT)
+            finally:
+                await _stop(node)
 
 
 async def test_a_stopped_leader_loses_the_role_and_its_duties_are_done(

@@ -54,6 +54,7 @@ __all__ = [
     "DatabaseClaim",
     "alive_sql",
     "node_key",
+    "node_lock_sql",
     "poll_lock_sql",
     "read_owner",
     "recoverable_sql",
@@ -76,27 +77,35 @@ def _half(column: str, start: int) -> str:
     return f"('x' || lpad(substr({column}, {start}, 8), 16, '0'))::bit(64)::bigint"
 
 
+def _lock_sql(column: str, alias: str, subid: int) -> str:
+    # The granted advisory lock of the node's key (in ``column``) in this database, in
+    # the bigint form (objsubid 1) or the two-int4 form (objsubid 2).
+    return (
+        f"{alias}.locktype = 'advisory' AND {alias}.granted AND {alias}.objsubid = {subid}"
+        f" AND {alias}.database = (SELECT oid FROM pg_database"
+        " WHERE datname = current_database())"
+        f" AND {alias}.classid::bigint = {_half(column, 1)}"
+        f" AND {alias}.objid::bigint = {_half(column, 9)}"
+    )
+
+
 def alive_sql(column: str) -> str:
     """SQL true while the node whose id is in ``column`` holds its lock (it lives)."""
-    return (
-        "EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted"
-        " AND l.objsubid = 1"
-        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        f" AND l.classid::bigint = {_half(column, 1)} AND l.objid::bigint = {_half(column, 9)})"
-    )
+    return f"EXISTS (SELECT 1 FROM pg_locks l WHERE {node_lock_sql(column, 'l')})"
+
+
+def node_lock_sql(column: str, alias: str) -> str:
+    """SQL true for the ``pg_locks`` row ``alias`` of the node lock of the node whose id
+    is in ``column`` (``objsubid`` 1), held by the claim's own session
+    (:class:`DatabaseClaim`) for the node's whole life."""
+    return _lock_sql(column, alias, 1)
 
 
 def poll_lock_sql(column: str, alias: str) -> str:
     """SQL true for the ``pg_locks`` row ``alias`` of the poll lock of the node whose id is
     in ``column``: the node's key in the two-int4 form (``objsubid`` 2), held by the
     session on which the node polls for the leader's role (``storage/pg/leader.py``)."""
-    return (
-        f"{alias}.locktype = 'advisory' AND {alias}.granted AND {alias}.objsubid = 2"
-        f" AND {alias}.database = (SELECT oid FROM pg_database"
-        " WHERE datname = current_database())"
-        f" AND {alias}.classid::bigint = {_half(column, 1)}"
-        f" AND {alias}.objid::bigint = {_half(column, 9)}"
-    )
+    return _lock_sql(column, alias, 2)
 
 
 def recoverable_sql(column: str = "node_id") -> str:
@@ -300,6 +309,23 @@ class DatabaseClaim:
             raise
         self._conn = conn
         self._backend_pid = conn.info.backend_pid
+
+    def touch(self) -> bool:
+        """Run a statement on the claim's own session (blocking: call it from a worker
+        thread), so that its ``pg_stat_activity.state_change`` is now by the database's
+        clock: the node's sign of life to the leader while it has no poll session of its
+        own (``storage/pg/leader.py``). False, doing nothing, when that session is lost
+        (the next write connection takes the claim again) or the statement failed."""
+        with self._lock:
+            conn = self._conn
+            if self._released or connection_lost(conn):
+                return False
+            assert conn is not None
+            try:
+                conn.execute("SELECT 1")
+            except psycopg.Error:
+                return False
+            return True
 
     def _held_by(self, conn: Connection, backend: int) -> bool:
         """Whether the server session ``backend`` holds the node's lock (asked on ``conn``)."""

@@ -48,9 +48,14 @@ the *leader* (pg-design 4.3):
   node ended), is *stuck*: no heartbeat of its workers has been heard since, so the
   leader declares its live workers offline (``WorkersLost``, as a dead node's), each
   fenced by its row still naming the stuck node. Its claims are the lease reaper's
-  (above): requeued within the lease bound. Seeing another user's session state
-  takes the same database user or ``pg_read_all_stats``; a node whose state the leader
-  cannot see is never taken for stuck.
+  (above): requeued within the lease bound. A live node that cannot poll (its poll
+  connection refused: ``too many connections``; or its poll lock held by a lost session
+  of its own) is not stuck: it runs a statement at each poll on its own session instead
+  (the claim's, holding its node lock: ``DatabaseClaim.touch``), and the leader takes
+  for stuck only a node neither of whose two sessions ran one within the bound, by the
+  database's clock. Seeing another user's session state takes the same database user or
+  ``pg_read_all_stats``; a node whose poll session's state the leader cannot see is
+  never taken for stuck, and its own session's unseen state is no sign of life.
 - Claims of no node (``node_id`` NULL: written before schema 15) are left to recovery
   on open, as before.
 - **A stuck leader** (its process stopped, its event loop or threads blocked) keeps its
@@ -84,7 +89,7 @@ import psycopg.errors
 from ...messages.leader import DeadClaim
 from ..port import DeadNodes, LeaderDuties
 from ..rows import WORKER_COLUMNS, worker_from_row
-from .claim import alive_sql, node_key, poll_lock_sql
+from .claim import alive_sql, node_key, node_lock_sql, poll_lock_sql
 
 __all__ = [
     "GRACE_SECONDS",
@@ -168,19 +173,31 @@ _EXPIRED = (
     f" AND t.status IN {_HOLDING} AND t.node_id IS NOT NULL AND t.node_id <> %s"
     " ORDER BY t.id LIMIT %s"
 )
+
+
+def _idle_sql(alias: str) -> str:
+    # For how long by the database's clock the session ``alias`` of pg_stat_activity has
+    # sat idle: 0 while it runs a statement; NULL when its state is not ours to see.
+    return (
+        f"CASE WHEN {alias}.state IN ('idle', 'idle in transaction')"
+        f" THEN extract(epoch FROM now() - {alias}.state_change)::float8"
+        f" WHEN {alias}.state IS NULL THEN NULL ELSE 0 END"
+    )
+
+
 # The live nodes (not this one) that watch a live worker, each with whether its poll
-# session (the second lock, objsubid 2) is there, and for how long by the database's clock
-# it has sat idle (0 while it runs a statement; NULL when its state is not ours to see),
-# and its application_name, which says the node's worker_timeout (_APPLICATION).
+# session (the second lock, objsubid 2) is there, and for how long it has sat idle, and
+# its application_name, which says the node's worker_timeout (_APPLICATION); and for how
+# long its own session (the one holding its node lock, objsubid 1) has sat idle, which
+# a node that cannot poll keeps short (Leader._sign_of_life).
 _WATCHERS = (
-    "SELECT w.n, a.application_name, a.pid IS NOT NULL,"
-    " CASE WHEN a.state IN ('idle', 'idle in transaction')"
-    " THEN extract(epoch FROM now() - a.state_change)::float8"
-    " WHEN a.state IS NULL THEN NULL ELSE 0 END"
+    f"SELECT w.n, a.application_name, a.pid IS NOT NULL, {_idle_sql('a')}, {_idle_sql('o')}"
     " FROM (SELECT DISTINCT node_id FROM workers WHERE status <> 'offline'"
     " AND node_id IS NOT NULL AND node_id <> %s) AS w (n)"
     f" LEFT JOIN pg_locks l ON {poll_lock_sql('w.n', 'l')}"
     " LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
+    f" LEFT JOIN pg_locks ol ON {node_lock_sql('w.n', 'ol')}"
+    " LEFT JOIN pg_stat_activity o ON o.pid = ol.pid"
     f" WHERE {alive_sql('w.n')}"
 )
 #: A poll session's application_name: the node's ``worker_timeout`` in it is the
@@ -212,6 +229,7 @@ class Leader:
         reap_grace: float = REAP_GRACE_SECONDS,
         stale: float | None = None,
         worker_timeout: float = 30.0,
+        touch: Callable[[], bool] | None = None,
         clock: Callable[[], float] = anyio.current_time,
     ) -> None:
         self._url = url
@@ -226,6 +244,9 @@ class Leader:
         # own worker_timeout when its session says it, else this node's.
         self._worker_timeout = worker_timeout
         self._stuck_after = max(worker_timeout, STUCK_FLOOR_SECONDS)
+        # A statement on the node's own session (DatabaseClaim.touch): its sign of life
+        # to the leader while it has no poll session (see the module).
+        self._touch = touch
         self._clock = clock
         self._conn: Connection | None = None
         self._epoch: int | None = None
@@ -268,10 +289,14 @@ class Leader:
                     await self._duties.leading(None)
                     self._polled.set()
                     pause = delay
-                    await anyio.sleep(delay)
+                    await self._unpolled_for(delay, limiter)
                     delay = min(delay * 2, _RETRY[1])
                     continue
                 delay = _RETRY[0]
+                if not self._polling:
+                    # Polling, but its poll lock is held by a lost session of its own
+                    # (whose idle time grows): the sign of life is its own session's.
+                    await anyio.to_thread.run_sync(self._sign_of_life, limiter=limiter)
                 await self._duties.leading(self._epoch)
                 self._polled.set()
                 if found is not None:
@@ -281,7 +306,27 @@ class Leader:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._close, limiter=limiter)
 
+    async def _unpolled_for(self, span: float, limiter: anyio.CapacityLimiter) -> None:
+        """Wait ``span`` seconds (before trying to poll again) giving the sign of life
+        of a node that cannot poll at every poll meanwhile (:meth:`_sign_of_life`): a
+        live node that cannot open its poll connection (the server's or its role's
+        connection limit reached, say) is not stuck."""
+        end = self._clock() + span
+        while True:
+            await anyio.to_thread.run_sync(self._sign_of_life, limiter=limiter)
+            left = end - self._clock()
+            if left <= 0:
+                return
+            await anyio.sleep(min(self._poll, left))
+
     # -- in a worker thread, one call at a time ---------------------------------------------
+
+    def _sign_of_life(self) -> None:
+        """A statement on the node's own session, whose idle time the leader reads beside
+        the poll session's (:meth:`_stuck`); nothing when it is lost (the node's lock
+        is then free: the node is dead to the leader until it takes it again)."""
+        if self._touch is not None and not self._touch():
+            log.debug("leader: node %s could not give its sign of life", self.node_id)
 
     def _connect(self) -> Connection:
         conn = self._conn
@@ -398,19 +443,25 @@ class Leader:
         )
 
     def _stuck(self, conn: Connection, now: float) -> list[str]:
-        """The live nodes watching live workers that have not polled for the liveness
-        bound: by the database's clock of their poll session's last statement, or, with
-        no poll session, by this leader's clock since it first found none."""
+        """The live nodes watching live workers that have given no sign of life for the
+        liveness bound: neither a poll (by the database's clock of their poll session's
+        last statement, or, with no poll session, by this leader's clock since it first
+        found none) nor a statement on their own session (the one holding their node
+        lock, by the database's clock), which a node that cannot poll runs at each poll
+        instead. A session whose state is not ours to see gives no sign either way."""
         stuck: list[str] = []
         missing: set[str] = set()
-        for node, name, polled, idle in conn.execute(_WATCHERS, (self.node_id,)):
+        for node, name, polled, idle, own_idle in conn.execute(_WATCHERS, (self.node_id,)):
             node = str(node)
             if not polled:
                 missing.add(node)
                 since = self._unpolled.setdefault(node, now)
-                if now - since >= self._stuck_after:
-                    stuck.append(node)
-            elif idle is not None and float(idle) >= self._bound(name):
+                bound = self._stuck_after
+                quiet = now - since >= bound
+            else:
+                bound = self._bound(name)
+                quiet = idle is not None and float(idle) >= bound
+            if quiet and (own_idle is None or float(own_idle) >= bound):
                 stuck.append(node)
         for node in list(self._unpolled):
             if node not in missing:

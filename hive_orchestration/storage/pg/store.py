@@ -169,6 +169,7 @@ class PostgresStore:
             duties,
             connect_timeout=self._timeout(),
             worker_timeout=float(self._config.worker_timeout),
+            touch=self._claim.touch,
         )
 
     def explain(self, exc: StoreError, action: str) -> StorageError:
