@@ -47,7 +47,7 @@ from hive_orchestration.messages.leader import DeadClaim, RecoverClaims  # noqa:
 from hive_orchestration.messages.tasks import TERMINAL, PurgeTasks  # noqa: E402
 from hive_orchestration.messages.workers import WorkersLost  # noqa: E402
 from hive_orchestration.storage.pg import leader as pg_leader  # noqa: E402
-from hive_orchestration.storage.pg.claim import alive_sql  # noqa: E402
+from hive_orchestration.storage.pg.claim import alive_sql, node_key  # noqa: E402
 from hive_orchestration.storage.pg.leader import LEADER_KEY, REAP_GRACE_SECONDS  # noqa: E402
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
@@ -784,6 +784,58 @@ async def test_a_live_node_that_cannot_open_its_poll_connection_is_not_taken_for
                 os.kill(node.process.pid, signal.SIGCONT)
             finally:
                 await _stop(node)
+
+
+async def test_a_node_whose_poll_lock_a_stray_session_holds_is_not_taken_for_stuck(
+    pg_url: str,
+) -> None:
+    """A node whose poll lock is held by another session (a lost session of its own the
+    server has not ended yet, say) polls on a session of its own without it: the leader
+    reads the holder's session, which only ages. The node's own session is then its sign
+    of life, and its worker, heartbeating, is never declared offline."""
+    timeout = 2.0
+    config = RuntimeConfig(worker_timeout=timeout)
+    async with Runtime.open(pg_url, config=config):
+        await _open_leader_first(pg_url)
+        [a_id] = nodes(pg_url)
+        async with Runtime.open(pg_url, config=config) as b:
+            [b_id] = nodes(pg_url) - {a_id}
+            await b.register_worker("w-b", role="watcher")
+            key = node_key(b_id) & 0xFFFFFFFF_FFFFFFFF
+            halves = (key >> 32, key & 0xFFFFFFFF)
+            held = (
+                "SELECT l.pid FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted"
+                " AND l.objsubid = 2 AND l.classid::bigint = %s AND l.objid::bigint = %s"
+            )
+            await until(lambda: bool(raw(pg_url, held, halves)), "its poll lock")
+
+            async def beat() -> None:
+                while True:
+                    await b.update_worker_heartbeat("w-b")
+                    await anyio.sleep(0.2)
+
+            with psycopg.connect(pg_url, autocommit=True) as stray:
+                async with anyio.create_task_group() as group:
+                    group.start_soon(beat)
+                    [(pid,)] = raw(pg_url, held, halves)
+                    raw(pg_url, "SELECT pg_terminate_backend(%s)", (pid,))
+                    # Queued before the node's next poll connects (0.5 s later): the stray
+                    # session gets the lock as the ended session lets it go.
+                    int4 = tuple(h - (1 << 32) if h >= 1 << 31 else h for h in halves)
+                    stray.execute("SET statement_timeout = '10s'")
+                    await anyio.to_thread.run_sync(
+                        lambda: stray.execute("SELECT pg_advisory_lock(%s, %s)", int4)
+                    )
+                    stray_pid = stray.info.backend_pid
+                    began = time.monotonic()
+                    while time.monotonic() - began < timeout + 2.0:
+                        assert raw(pg_url, held, halves) == [(stray_pid,)]
+                        await anyio.sleep(0.25)
+                    group.cancel_scope.cancel()
+            assert [w for w, _ in events(pg_url, "worker.offline") if w == "w-b"] == []
+            worker = await b.get_worker("w-b")
+            assert worker is not None
+            assert worker.status is not WorkerStatus.OFFLINE
 
 
 async def test_a_stopped_leader_loses_the_role_and_its_duties_are_done(
