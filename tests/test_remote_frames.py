@@ -14,6 +14,7 @@ import struct
 import termios
 import tracemalloc
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from hive_orchestration import (
     Runtime,
     RuntimeConfig,
 )
-from hive_orchestration.errors import InvalidInputError
+from hive_orchestration.errors import ConnectionLostError, InvalidInputError, OutcomeUnknownError
 from hive_orchestration.remote.address import connect_path
 from hive_orchestration.remote.protocol import (
     PROTOCOL_VERSION,
@@ -277,9 +278,16 @@ async def test_past_its_calls_in_flight_a_connection_is_not_read_nor_cut_as_sile
 # -- a malicious server: what the client makes of crafted errors ----------------------------
 
 
-async def _crafted_server(listener: Any, answers: dict[str, Any]) -> None:
-    """Serve one client: welcome it, then answer each call by ``answers[op]`` (a
-    callable of the call's id giving the frame to send)."""
+async def _crafted_server(
+    listener: Any,
+    answers: dict[str, Any],
+    *,
+    welcome: bytes | None = None,
+    closed: anyio.Event | None = None,
+) -> None:
+    """Serve one client: welcome it (or answer its hello with the bytes ``welcome``),
+    then answer each call by ``answers[op]`` (a callable of the call's id giving the
+    frame to send). ``closed`` is set once the client closed the connection."""
 
     async def serve(stream: Any) -> None:
         reader = FrameReader(stream, ClientFrame, 1 << 20)
@@ -288,14 +296,19 @@ async def _crafted_server(listener: Any, answers: dict[str, Any]) -> None:
                 while True:
                     message = await reader.read()
                     if isinstance(message, Hello):
-                        welcome = Welcome(PROTOCOL_VERSION, 1, "/nowhere", 1 << 20, 8, 100, "error")
-                        await stream.send(frame(welcome))
+                        if welcome is not None:
+                            await stream.send(welcome)
+                            continue
+                        hello = Welcome(PROTOCOL_VERSION, 1, "/nowhere", 1 << 20, 8, 100, "error")
+                        await stream.send(frame(hello))
                     elif isinstance(message, Call):
                         await stream.send(answers[message.op](message.id))
                     elif isinstance(message, Ping):
                         await stream.send(frame(Pong(message.nonce)))
             except (anyio.EndOfStream, anyio.BrokenResourceError, FrameError):
                 pass
+            if closed is not None:
+                closed.set()
 
     await listener.serve(serve)
 
@@ -532,3 +545,130 @@ async def test_a_subscription_of_too_many_filters_is_refused_naming_them(db_path
             async with client.subscribe("*", **dict(list(filters.items())[:256])):
                 pass
         assert await remote.list_tasks() == []
+
+
+# -- what a server can make its client allocate ---------------------------------------------
+
+
+def _body(message: dict[str, object]) -> bytes:
+    """``message`` as one frame, whatever its fields (a server need not send a frame
+    of the protocol)."""
+    body = msgspec.msgpack.encode(message)
+    return struct.pack(">I", len(body)) + body
+
+
+#: A crafted answer's small values: 2 MiB of one-byte empty maps, some 150 MB once
+#: decoded.
+_CRAFTED = [{}] * (2 * 1024 * 1024)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # Decoded with the frame: a failure's attributes.
+        lambda i: _body(
+            {
+                "kind": "failure",
+                "id": i,
+                "type": "HiveError",
+                "message": "x",
+                "attrs": {"a": _CRAFTED},
+            }
+        ),
+        # Decoded into the call's answer (a task, its payload read first).
+        lambda i: _body({"kind": "result", "id": i, "value": {"payload": {"a": _CRAFTED}}}),
+    ],
+    ids=["failure attributes", "a task's payload"],
+)
+async def test_a_servers_frame_of_small_values_is_refused_before_it_is_decoded(
+    anyio_backend: str, answer: Callable[[int], bytes]
+) -> None:
+    # Whatever answers at the address a client was given: a frame of 2 MiB that would
+    # take 150 MB once decoded is refused unread, the call in flight fails with the
+    # package's error saying why, and the connection is dropped (the server sees it
+    # closed while the client is still open); later calls are refused at once.
+    closed = anyio.Event()
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(SocketAttribute.local_port)
+    with anyio.fail_after(DEADLINE):
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(partial(_crafted_server, closed=closed), listener, {"get_task": answer})
+            async with OrchestrationClient(url=f"hive://127.0.0.1:{port}") as client:
+                tracemalloc.start()
+                try:
+                    with pytest.raises(OutcomeUnknownError) as failed:
+                        await client.get_task("t1")
+                    peak = tracemalloc.get_traced_memory()[1]
+                finally:
+                    tracemalloc.stop()
+                await closed.wait()
+                with pytest.raises(ConnectionLostError, match="too many small values"):
+                    await client.get_task("t2")
+            tg.cancel_scope.cancel()
+    assert "too many small values" in str(failed.value)
+    assert "2097" in str(failed.value)  # the frame's size, in bytes
+    # The frame's bytes, the chunks it came in, and their copy: a few times its size.
+    assert peak < 6 * len(_body({"a": _CRAFTED})), f"the client took {peak} bytes"
+
+
+async def test_a_servers_frame_over_the_clients_limit_is_refused_unread(anyio_backend: str) -> None:
+    # A header announcing 600 MiB: refused as soon as it is read (the client reads at
+    # most 512 MiB), the call fails naming the limit, and the connection is dropped.
+    closed = anyio.Event()
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(SocketAttribute.local_port)
+    answers = {"get_task": lambda i: struct.pack(">I", 600 * 1024 * 1024) + b"\x80" * 10}
+    with anyio.fail_after(DEADLINE):
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(partial(_crafted_server, closed=closed), listener, answers)
+            async with OrchestrationClient(url=f"hive://127.0.0.1:{port}") as client:
+                with pytest.raises(OutcomeUnknownError, match="over the limit of 536870912"):
+                    await client.get_task("t1")
+                await closed.wait()
+            tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    "welcome",
+    [
+        # A refusal of 1 MiB of small values (some 75 MB once decoded).
+        _body(
+            {
+                "kind": "refused",
+                "error": {
+                    "kind": "failure",
+                    "id": 0,
+                    "type": "HiveError",
+                    "message": "no",
+                    "attrs": {"a": [{}] * (1024 * 1024)},
+                },
+            }
+        ),
+        # Not a frame: an HTTP server, say (its first bytes read as a length of 1.2 GB).
+        b"HTTP/1.1 400 Bad Request\r\n\r\n",
+    ],
+    ids=["a refusal of small values", "an http server"],
+)
+async def test_what_answers_a_hello_is_read_only_as_far_as_a_welcome_goes(
+    anyio_backend: str, welcome: bytes
+) -> None:
+    # Before its welcome, the client reads a frame of at most 64 KiB: whatever answers
+    # at the address is refused at the frame's header, with ConnectionLostError saying
+    # it is no welcome of this protocol.
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(SocketAttribute.local_port)
+    with anyio.fail_after(DEADLINE):
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(partial(_crafted_server, welcome=welcome), listener, {})
+            tracemalloc.start()
+            try:
+                with pytest.raises(ConnectionLostError) as failed:
+                    async with OrchestrationClient(url=f"hive://127.0.0.1:{port}"):
+                        pass
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            tg.cancel_scope.cancel()
+    assert "not a welcome of this protocol" in str(failed.value)
+    assert "over the limit of 65536" in str(failed.value)
+    assert peak < 1024 * 1024, f"the client took {peak} bytes"

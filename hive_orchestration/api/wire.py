@@ -44,7 +44,7 @@ from ..errors import InvalidInputError
 from . import json_cost
 from .carried import EXCLUSIVE, carried
 from .client import OrchestrationClient
-from .msgpack_cost import MOST_PER_BYTE, decoded_cost
+from .msgpack_cost import CALL_DECODED_BASE, CALL_DECODED_PER_BYTE, MOST_PER_BYTE, decoded_cost
 
 __all__ = [
     "CALL_DECODED_BASE",
@@ -57,14 +57,6 @@ __all__ = [
     "most_held",
     "msgpack_arguments",
 ]
-
-#: The most a call's msgpack arguments may take once decoded (as :func:`decoded_cost`
-#: counts it): this many bytes, plus CALL_DECODED_PER_BYTE times their encoded size.
-#: Arguments under CALL_DECODED_BASE / MOST_PER_BYTE bytes (671 KB) are never walked. A
-#: payload of max_payload_bytes (1 MiB) of any shape takes less than CALL_DECODED_BASE
-#: (some 55 bytes a byte of its JSON at worst: ``[{"": 0}, ...]``).
-CALL_DECODED_BASE = 64 * 1024 * 1024
-CALL_DECODED_PER_BYTE = 8
 
 # msgspec names the place of a type error as "... - at `$.args.lease`".
 _AT = re.compile(r" - at `\$\.?(.*)`$")

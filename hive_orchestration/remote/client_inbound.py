@@ -87,6 +87,9 @@ async def read_frames(remote: RemoteRuntime, reader: FrameReader) -> None:
         why = "the connection closed"
     except FrameError as exc:
         why = f"the runtime sent something this client cannot read ({exc})"
+        # Nothing after it can be trusted to be a frame: the connection is dropped.
+        with anyio.CancelScope(shield=True):
+            await remote._stream.aclose()
     except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
         why = f"the connection broke ({exc})"
     if goodbye is not None:

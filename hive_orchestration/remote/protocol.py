@@ -28,6 +28,7 @@ import msgspec
 from anyio.abc import ByteReceiveStream
 
 from .._validate import MAX_NAMES
+from ..api.msgpack_cost import MOST_PER_BYTE, decoded_budget, decoded_cost
 from ..errors import HiveError, InvalidInputError, plain_attributes, rebuild_error
 from ..messages.events import Event
 
@@ -263,12 +264,21 @@ class FrameReader:
     before (pipelined calls, a burst of events). A frame's length is checked as soon as
     its header is in, before the rest of it is read, so a peer cannot make this side hold
     more than ``limit`` bytes (and one chunk) for it.
+
+    With ``counted`` (a client reading its server), what a frame's values will take once
+    decoded is counted too, before any is (:func:`..api.msgpack_cost.decoded_cost`):
+    past 64 MiB plus 8 times its size, it is a :class:`FrameError`, nothing of it
+    decoded. A frame under 671 KB is never walked. (The server counts each call's
+    arguments instead, since a call over budget is refused alone.)
     """
 
-    def __init__(self, stream: ByteReceiveStream, kind: Any, limit: int) -> None:
+    def __init__(
+        self, stream: ByteReceiveStream, kind: Any, limit: int, *, counted: bool = False
+    ) -> None:
         self._stream = stream
         self._decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(kind)
         self.limit = limit
+        self._counted = counted
         # Received and not yet read: ``_data[_pos:]``. Never changed in place, only
         # replaced: a frame decoded from it may keep views of it (``msgspec.Raw``).
         self._data = b""
@@ -290,6 +300,13 @@ class FrameReader:
             self._pos = end
         else:
             body = await self._rest(start, size)
+        if self._counted and size * MOST_PER_BYTE > decoded_budget(size):
+            budget = decoded_budget(size)
+            if decoded_cost(body, budget) > budget:
+                raise FrameError(
+                    f"a frame of {size} bytes holds too many small values: it would take"
+                    f" more than {budget} bytes once decoded (at most 64 MiB + 8 x its size)"
+                )
         try:
             return self._decoder.decode(body)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
