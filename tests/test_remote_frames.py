@@ -32,6 +32,7 @@ from hive_orchestration import (
 )
 from hive_orchestration.errors import ConnectionLostError, InvalidInputError, OutcomeUnknownError
 from hive_orchestration.remote.address import connect_path
+from hive_orchestration.remote.client import RemoteRuntime
 from hive_orchestration.remote.protocol import (
     PROTOCOL_VERSION,
     Call,
@@ -489,7 +490,8 @@ async def test_a_frame_of_too_many_names_is_cut_off_before_they_are_decoded(
     # A call names at most 64 arguments (an operation takes at most 23), a subscription
     # 256 filters: a longer map is no frame of the protocol, refused at its header (the
     # frame reader decodes a frame's map of arguments or filters before anything looks
-    # at it). The connection is closed as for any garbage; the server serves on.
+    # at it). The connection is closed as for any garbage, the call or subscription
+    # refused on its field first, and the connection's reason; the server serves on.
     async with Runtime.open(db_path, config=RuntimeConfig(remote_timeout=60.0)) as runtime:
         server = runtime._server
         assert server is not None
@@ -511,12 +513,19 @@ async def test_a_frame_of_too_many_names_is_cut_off_before_they_are_decoded(
             tracemalloc.reset_peak()
             base = tracemalloc.get_traced_memory()[0]
             await anyio.to_thread.run_sync(sock.sendall, struct.pack(">I", size) + body)
+            refused = await anyio.to_thread.run_sync(_read_frame, sock)
+            notice = await anyio.to_thread.run_sync(_read_frame, sock)
             closed = await anyio.to_thread.run_sync(sock.recv, 1)
             grown = tracemalloc.get_traced_memory()[1] - base
         finally:
             tracemalloc.stop()
             sock.close()
         assert grown < 6 * size, f"the server grew by {grown} bytes for a frame of {size}"
+        field = "args" if message["kind"] == "call" else "filters"
+        assert isinstance(refused, Failure)
+        assert (refused.id, refused.type, refused.attrs["field"]) == (1, "InvalidInputError", field)
+        assert isinstance(notice, Failure)
+        assert notice.id == 0
         assert closed == b""
         again = await anyio.to_thread.run_sync(connect)
         try:
@@ -672,3 +681,133 @@ async def test_what_answers_a_hello_is_read_only_as_far_as_a_welcome_goes(
     assert "not a welcome of this protocol" in str(failed.value)
     assert "over the limit of 65536" in str(failed.value)
     assert peak < 1024 * 1024, f"the client took {peak} bytes"
+
+
+# -- a client that breaks the protocol is told why ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sent", "refused_call"),
+    [
+        # A call naming more than 64 arguments: the call is answered, then the notice.
+        (
+            _body(
+                {"kind": "call", "id": 3, "op": "get_task", "args": {f"a{n}": 1 for n in range(65)}}
+            ),
+            (3, "args", "length <= 64"),
+        ),
+        (_body({"kind": "call", "id": "three", "op": "get_task"}), None),
+        (b"\x00\x00\x00\x01\xc1", None),  # not msgpack
+        (struct.pack(">I", 64 * 1024 * 1024), None),  # over max_frame, unread
+        (_call(1, "claim_task", worker_id="w", task_types=["none"], wait=5.0) * 2, None),
+        (frame(Hello(PROTOCOL_VERSION)), None),  # a second hello
+    ],
+    ids=[
+        "too many arguments",
+        "an id that is no int",
+        "not msgpack",
+        "over max_frame",
+        "a call id in use",
+        "a second hello",
+    ],
+)
+async def test_a_frame_that_breaks_the_protocol_is_answered_why_before_closing(
+    db_path: str,
+    anyio_backend: str,
+    sent: bytes,
+    refused_call: tuple[int, str, str] | None,
+) -> None:
+    # The server used to close the connection without a word: the client could only
+    # say it lost the runtime. Now the call the frame opened (if its id could be read)
+    # is answered InvalidInputError naming the field, then a failure of id 0 says why
+    # the connection closes, then it closes. The server serves on.
+    async with Runtime.open(db_path, config=RuntimeConfig(remote_timeout=60.0)) as runtime:
+        server = runtime._server
+        assert server is not None
+        assert server.address
+
+        def talk() -> list[Any]:
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(DEADLINE)
+            sock.connect(connect_path(server.address or ""))
+            try:
+                sock.sendall(frame(Hello(PROTOCOL_VERSION)))
+                assert isinstance(_read_frame(sock), Welcome)
+                sock.sendall(sent)
+                frames = []
+                while True:
+                    try:
+                        frames.append(_read_frame(sock))
+                    except EOFError:
+                        return frames
+            finally:
+                sock.close()
+
+        frames = await anyio.to_thread.run_sync(talk)
+        assert await runtime.client().list_tasks() == []
+    notice = frames[-1]
+    assert isinstance(notice, Failure), frames
+    assert (notice.id, notice.type) == (0, "HiveError")
+    assert "closed the connection for a frame this client sent" in notice.message
+    if refused_call is None:
+        assert len(frames) == 1, frames
+    else:
+        call_id, field, reason = refused_call
+        assert len(frames) == 2, frames
+        refused = frames[0]
+        assert isinstance(refused, Failure)
+        assert (refused.id, refused.type, refused.attrs["field"]) == (
+            call_id,
+            "InvalidInputError",
+            field,
+        )
+        assert reason in refused.message
+
+
+async def test_the_client_that_broke_the_protocol_is_told_why_and_what_is_true(
+    db_path: str, anyio_backend: str
+) -> None:
+    # A client's call the server cannot take as a frame (here 65 argument names, which
+    # the Python client never sends for an operation): that call raises InvalidInputError
+    # naming its field (nothing of it ran); a call in flight beside it, which the server
+    # stops as it closes, raises OutcomeUnknownError saying why the connection closed;
+    # a later call ConnectionLostError, the same. None of them says the runtime was lost.
+    async with (
+        Runtime.open(db_path, config=RuntimeConfig(remote_timeout=60.0)) as runtime,
+        RemoteRuntime.connect(runtime._server.address or "") as remote,
+    ):
+        results: dict[str, BaseException] = {}
+
+        async def waiting() -> None:
+            with pytest.raises(OutcomeUnknownError) as failed:
+                await remote.call(
+                    "claim_task",
+                    {"worker_id": "w", "task_types": ["none"], "wait": 20.0},
+                    agent=None,
+                    correlation=None,
+                    returns=Any,
+                )
+            results["waiting"] = failed.value
+
+        with anyio.fail_after(DEADLINE):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(waiting)
+                await _until(lambda: len(remote._pending) == 1)
+                with pytest.raises(InvalidInputError) as refused:
+                    await remote.call(
+                        "get_task",
+                        {f"a{n}": 1 for n in range(65)},
+                        agent=None,
+                        correlation=None,
+                        returns=Any,
+                    )
+            with pytest.raises(ConnectionLostError) as later:
+                await remote.call("last_seq", {}, agent=None, correlation=None, returns=int)
+        assert await runtime.client().last_seq() == 0
+    assert refused.value.field == "args"
+    assert "length <= 64" in refused.value.reason
+    for error in (results["waiting"], later.value):
+        assert "closed the connection for a frame this client sent" in str(error)
+        assert "length <= 64" in str(error)
+        assert "lost the runtime" not in str(error)
+    assert "may or may not have been applied" in str(results["waiting"])

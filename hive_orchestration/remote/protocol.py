@@ -20,6 +20,7 @@ docs/PROTOCOL.md describes the same for implementers in other languages.
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Annotated, Any, Literal, TypeAlias
 
@@ -240,7 +241,45 @@ ServerFrame: TypeAlias = Welcome | Refused | Result | Failure | Events | Ended |
 
 
 class FrameError(HiveError):
-    """A peer sent something that is not a frame of this protocol (or too big a one)."""
+    """A peer sent something that is not a frame of this protocol (or too big a one).
+
+    ``call_id`` is the id of the call or subscription the frame opened, when it named
+    one that could be read (else 0), and ``field`` where in the frame it went wrong
+    (``"args"``, or ``"frame"``): what the server tells the client before closing."""
+
+    def __init__(self, message: str, *, call_id: int = 0, field: str = "frame") -> None:
+        super().__init__(message)
+        self.call_id = call_id
+        self.field = field
+
+
+class _Head(msgspec.Struct):
+    """What a frame that could not be decoded says it is, if that much can be read (its
+    other fields are skipped unread)."""
+
+    kind: str = ""
+    id: int = 0
+
+
+_head = msgspec.msgpack.Decoder(_Head)
+# msgspec names the place of a type error as "... - at `$.args`".
+_AT = re.compile(r" - at `\$\.([A-Za-z_]+)")
+
+
+def _undecodable(body: bytes | bytearray | memoryview, exc: Exception) -> FrameError:
+    """The FrameError of a body that did not decode as a frame: the call or
+    subscription it opens, if its kind and id can be read, and the field at fault."""
+    try:
+        head = _head.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        head = _Head()
+    opened = head.id if head.kind in ("call", "subscribe") and head.id > 0 else 0
+    at = _AT.search(str(exc))
+    return FrameError(
+        f"not a frame of this protocol: {exc}",
+        call_id=opened,
+        field=at.group(1) if at else "frame",
+    )
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -310,7 +349,7 @@ class FrameReader:
         try:
             return self._decoder.decode(body)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise FrameError(f"not a frame of this protocol: {exc}") from None
+            raise _undecodable(body, exc) from None
 
     async def _receive(self) -> None:
         """Take what has arrived onto what is left of the last chunk."""
