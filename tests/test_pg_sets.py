@@ -340,5 +340,8 @@ async def test_the_settings_end_with_the_transaction(
 def test_one_row_or_a_statement_of_no_set_form_stays_as_it_is() -> None:
     one = fenced_task_state_statement(task(1), 0)
     assert set_statement(one[0], [one[1]]) is None
+    # Values JSON cannot carry go row by row, where psycopg tells what is wrong.
+    assert set_statement(FENCE_TASK, [("\ud800", 0), ("task-002", 0)]) is None
+    assert set_statement(FENCE_TASK, [(object(), 0), ("task-002", 0)]) is None
     other = "UPDATE workers SET role = ? WHERE id = ?"
     assert set_statement(other, [("a", "w1"), ("b", "w2")]) is None

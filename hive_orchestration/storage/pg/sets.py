@@ -192,6 +192,8 @@ def set_statement(sql: str, rows: Sequence[Params]) -> tuple[str, Params] | None
         return None
     try:
         data = _encode(rows).decode()
-    except (TypeError, msgspec.EncodeError):  # pragma: no cover - rows are plain values
+    except (TypeError, ValueError, msgspec.EncodeError):
+        # Not a plain value, or a lone surrogate (refused as input before it gets here):
+        # row by row, psycopg says what is wrong with it, as it did.
         return None
     return form.sql, ((data, len(rows)) if form.checked else (data,))
