@@ -280,6 +280,45 @@ async def test_fenced_rows_are_locked_in_task_id_order(
     assert raw(url, "SELECT DISTINCT status, version FROM tasks") == [("running", 1)]
 
 
+@pytest.mark.anyio
+async def test_fenced_rows_are_locked_no_more_than_an_update_locks_them(
+    db: tuple[PostgresDriver, str], sent: list[str]
+) -> None:
+    """Another transaction checks a key of task 1 (``FOR KEY SHARE``, as the insert of a
+    run of it does): the run's UPDATE does not wait for it, as an UPDATE of the row does
+    not; a lock stronger than the UPDATE's would wait, and could deadlock where row by
+    row did not."""
+    driver, url = db
+    await driver.transaction([task_statement(task(i)) for i in (1, 2)])
+    holder = psycopg.connect(url, autocommit=True)
+    holder.execute("BEGIN")
+    holder.execute("SELECT id FROM tasks WHERE id = 'task-001' FOR KEY SHARE")
+    statements = [
+        fenced_task_state_statement(task(i, status=TaskStatus.RUNNING), 0) for i in (1, 2)
+    ]
+    done = threading.Event()
+
+    async def write() -> None:
+        await driver.transaction(statements)
+        done.set()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(write)
+            try:
+                for _ in range(150):  # 3 s
+                    if done.is_set():
+                        break
+                    await anyio.sleep(0.02)
+                finished = done.is_set()
+            finally:
+                holder.execute("ROLLBACK")  # the write goes on, whatever was found
+    finally:
+        holder.close()
+    assert finished
+    assert sent == [task_statement(task(1))[0], SET_TASK_STATE_FENCED]
+
+
 _WAITING = "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'"
 
 

@@ -21,11 +21,13 @@ The set-based twin does exactly what the run did:
   text, unless it changed exactly as many rows as it was given, which aborts the
   transaction, so the COMMIT behind it does nothing.
 - **Fences lock in task id order.** A fenced task write (``version = ?``) takes the row
-  locks of its tasks in id order first (``ORDER BY id FOR UPDATE``), as the run's rows,
-  sorted by id (``storage/grouping.py``), did one by one: two nodes' writes of the same
-  tasks wait for each other and never deadlock, whatever join the planner picks for the
-  UPDATE. A row that another transaction changed while this one waited is then read as
-  it is now: its version moved, it is not updated, and the count fails the write.
+  locks of its tasks in id order first (``ORDER BY id FOR NO KEY UPDATE``: the lock an
+  UPDATE of them takes, no stronger, so a key check of a row that references one still
+  passes), as the run's rows, sorted by id (``storage/grouping.py``), did one by one:
+  two nodes' writes of the same tasks wait for each other and never deadlock, whatever
+  join the planner picks for the UPDATE. A row that another transaction changed while
+  this one waited is then read as it is now: its version moved, it is not updated, and
+  the count fails the write.
 
 Only runs of two rows or more are rewritten (one row is cheaper as it is); bytes travel
 as base64 text (msgspec's encoding of bytes), decoded by the server.
@@ -134,7 +136,7 @@ def _fenced_update(columns: Sequence[str]) -> str:
     return (
         f"WITH v AS MATERIALIZED ({_rows(names)}),"
         " l AS (SELECT t.id FROM tasks t WHERE t.id IN (SELECT id FROM v)"
-        " ORDER BY t.id FOR UPDATE)"
+        " ORDER BY t.id FOR NO KEY UPDATE)"
         + _checked(
             "tasks",
             f"UPDATE tasks t SET {sets}version = t.version + 1 FROM v WHERE t.id = v.id"
