@@ -187,7 +187,12 @@ RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
 
 
 def test_every_bench_is_covered() -> None:
-    assert {path.name for path in BENCH.glob("*.py")} == {*RUNS, "nodes.py", "plan_nodes.py"}
+    assert {path.name for path in BENCH.glob("*.py")} == {
+        *RUNS,
+        "nodes.py",
+        "plan_nodes.py",
+        "pg_writes.py",
+    }
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
@@ -312,3 +317,21 @@ def test_plan_nodes_bench_runs(backend: str, pg_url: str) -> None:
     # most (a node that has already seen the plan end does not ask: CI saw 23 once).
     assert 12 <= runs[0]["take_plan_requests"] <= 2 * 12
     assert runs[1]["take_plan_requests"] <= runs[0]["take_plan_requests"]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_pg_writes_bench_runs(backend: str, pg_url: str) -> None:
+    """bench/pg_writes.py, tiny, on the session's PostgreSQL server (it makes and drops a
+    database there): every task done, its CPU split printed."""
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "pg_writes.py"), "--backend", backend, "--tasks", "150"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "HIVE_BENCH_PG": pg_url},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"150 tasks, 6 workers, {backend}:")
+    assert "event loop" in result.stdout
+    assert "writer backend" in result.stdout

@@ -9,7 +9,9 @@ section 2: the hop costs 0.1-0.3 ms, a durable commit 3-6 ms).
 - **Transactions.** The connection is in autocommit mode, and the driver sends ``BEGIN`` /
   ``COMMIT`` itself, so a transaction is exactly what :meth:`Driver.transaction` says it is.
   ``BEGIN``, the statements and ``COMMIT`` go in one pipeline (one network round trip
-  for the lot; consecutive statements with the same SQL are one ``executemany``). Each
+  for the lot; consecutive statements with the same SQL are one ``executemany``, or,
+  for the write path's hot rows (tasks, runs, fenced task states), one set-based
+  statement with the rows as one JSON parameter: :mod:`.sets`). Each
   UPDATE must change its one row: it is sent as one that fails in the server when it
   changes none (``_checked``), which aborts the transaction, so the ``COMMIT`` after it
   does nothing and the transaction is rolled back: a count that is short never commits.
@@ -52,6 +54,7 @@ from ..port import (
     coalesce,
 )
 from .faults import connect_error, connection_lost, store_error
+from .sets import JOINS_BY_INDEX, set_statement
 
 __all__ = ["PostgresDriver", "PostgresReader", "translate"]
 
@@ -241,10 +244,20 @@ def _transaction(
         with conn.pipeline():
             if not begun:
                 conn.execute("BEGIN")
+            joins = False
             for sql, rows in runs:
-                text, order = translate(_checked(sql))
                 cursor = conn.cursor()
                 cursors.append(cursor)
+                whole = set_statement(sql, rows)
+                if whole is not None:
+                    # The run as one statement, its rows one parameter (sets.py).
+                    if not joins:
+                        conn.execute(JOINS_BY_INDEX)
+                        joins = True
+                    text, _ = translate(whole[0])
+                    cursor.execute(text, whole[1])
+                    continue
+                text, order = translate(_checked(sql))
                 cursor.executemany(text, [_bind(order, row) for row in rows])
             if last is not None:
                 # Last before COMMIT: the event counter's row lock (numbered events) is
