@@ -14,6 +14,7 @@ import struct
 import termios
 import tracemalloc
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,9 @@ from hive_orchestration import (
     Runtime,
     RuntimeConfig,
 )
-from hive_orchestration.errors import InvalidInputError
+from hive_orchestration.errors import ConnectionLostError, InvalidInputError, OutcomeUnknownError
 from hive_orchestration.remote.address import connect_path
+from hive_orchestration.remote.client import RemoteRuntime
 from hive_orchestration.remote.protocol import (
     PROTOCOL_VERSION,
     Call,
@@ -277,9 +279,16 @@ async def test_past_its_calls_in_flight_a_connection_is_not_read_nor_cut_as_sile
 # -- a malicious server: what the client makes of crafted errors ----------------------------
 
 
-async def _crafted_server(listener: Any, answers: dict[str, Any]) -> None:
-    """Serve one client: welcome it, then answer each call by ``answers[op]`` (a
-    callable of the call's id giving the frame to send)."""
+async def _crafted_server(
+    listener: Any,
+    answers: dict[str, Any],
+    *,
+    welcome: bytes | None = None,
+    closed: anyio.Event | None = None,
+) -> None:
+    """Serve one client: welcome it (or answer its hello with the bytes ``welcome``),
+    then answer each call by ``answers[op]`` (a callable of the call's id giving the
+    frame to send). ``closed`` is set once the client closed the connection."""
 
     async def serve(stream: Any) -> None:
         reader = FrameReader(stream, ClientFrame, 1 << 20)
@@ -288,14 +297,19 @@ async def _crafted_server(listener: Any, answers: dict[str, Any]) -> None:
                 while True:
                     message = await reader.read()
                     if isinstance(message, Hello):
-                        welcome = Welcome(PROTOCOL_VERSION, 1, "/nowhere", 1 << 20, 8, 100, "error")
-                        await stream.send(frame(welcome))
+                        if welcome is not None:
+                            await stream.send(welcome)
+                            continue
+                        hello = Welcome(PROTOCOL_VERSION, 1, "/nowhere", 1 << 20, 8, 100, "error")
+                        await stream.send(frame(hello))
                     elif isinstance(message, Call):
                         await stream.send(answers[message.op](message.id))
                     elif isinstance(message, Ping):
                         await stream.send(frame(Pong(message.nonce)))
             except (anyio.EndOfStream, anyio.BrokenResourceError, FrameError):
                 pass
+            if closed is not None:
+                closed.set()
 
     await listener.serve(serve)
 
@@ -476,7 +490,8 @@ async def test_a_frame_of_too_many_names_is_cut_off_before_they_are_decoded(
     # A call names at most 64 arguments (an operation takes at most 23), a subscription
     # 256 filters: a longer map is no frame of the protocol, refused at its header (the
     # frame reader decodes a frame's map of arguments or filters before anything looks
-    # at it). The connection is closed as for any garbage; the server serves on.
+    # at it). The connection is closed as for any garbage, the call or subscription
+    # refused on its field first, and the connection's reason; the server serves on.
     async with Runtime.open(db_path, config=RuntimeConfig(remote_timeout=60.0)) as runtime:
         server = runtime._server
         assert server is not None
@@ -498,12 +513,19 @@ async def test_a_frame_of_too_many_names_is_cut_off_before_they_are_decoded(
             tracemalloc.reset_peak()
             base = tracemalloc.get_traced_memory()[0]
             await anyio.to_thread.run_sync(sock.sendall, struct.pack(">I", size) + body)
+            refused = await anyio.to_thread.run_sync(_read_frame, sock)
+            notice = await anyio.to_thread.run_sync(_read_frame, sock)
             closed = await anyio.to_thread.run_sync(sock.recv, 1)
             grown = tracemalloc.get_traced_memory()[1] - base
         finally:
             tracemalloc.stop()
             sock.close()
         assert grown < 6 * size, f"the server grew by {grown} bytes for a frame of {size}"
+        field = "args" if message["kind"] == "call" else "filters"
+        assert isinstance(refused, Failure)
+        assert (refused.id, refused.type, refused.attrs["field"]) == (1, "InvalidInputError", field)
+        assert isinstance(notice, Failure)
+        assert notice.id == 0
         assert closed == b""
         again = await anyio.to_thread.run_sync(connect)
         try:
@@ -532,3 +554,260 @@ async def test_a_subscription_of_too_many_filters_is_refused_naming_them(db_path
             async with client.subscribe("*", **dict(list(filters.items())[:256])):
                 pass
         assert await remote.list_tasks() == []
+
+
+# -- what a server can make its client allocate ---------------------------------------------
+
+
+def _body(message: dict[str, object]) -> bytes:
+    """``message`` as one frame, whatever its fields (a server need not send a frame
+    of the protocol)."""
+    body = msgspec.msgpack.encode(message)
+    return struct.pack(">I", len(body)) + body
+
+
+#: A crafted answer's small values: 2 MiB of one-byte empty maps, some 150 MB once
+#: decoded.
+_CRAFTED = [{}] * (2 * 1024 * 1024)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # Decoded with the frame: a failure's attributes.
+        lambda i: _body(
+            {
+                "kind": "failure",
+                "id": i,
+                "type": "HiveError",
+                "message": "x",
+                "attrs": {"a": _CRAFTED},
+            }
+        ),
+        # Decoded into the call's answer (a task, its payload read first).
+        lambda i: _body({"kind": "result", "id": i, "value": {"payload": {"a": _CRAFTED}}}),
+    ],
+    ids=["failure attributes", "a task's payload"],
+)
+async def test_a_servers_frame_of_small_values_is_refused_before_it_is_decoded(
+    anyio_backend: str, answer: Callable[[int], bytes]
+) -> None:
+    # Whatever answers at the address a client was given: a frame of 2 MiB that would
+    # take 150 MB once decoded is refused unread, the call in flight fails with the
+    # package's error saying why, and the connection is dropped (the server sees it
+    # closed while the client is still open); later calls are refused at once.
+    closed = anyio.Event()
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(SocketAttribute.local_port)
+    with anyio.fail_after(DEADLINE):
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(partial(_crafted_server, closed=closed), listener, {"get_task": answer})
+            async with OrchestrationClient(url=f"hive://127.0.0.1:{port}") as client:
+                tracemalloc.start()
+                try:
+                    with pytest.raises(OutcomeUnknownError) as failed:
+                        await client.get_task("t1")
+                    peak = tracemalloc.get_traced_memory()[1]
+                finally:
+                    tracemalloc.stop()
+                await closed.wait()
+                with pytest.raises(ConnectionLostError, match="too many small values"):
+                    await client.get_task("t2")
+            tg.cancel_scope.cancel()
+    assert "too many small values" in str(failed.value)
+    assert "2097" in str(failed.value)  # the frame's size, in bytes
+    # The frame's bytes, the chunks it came in, and their copy: a few times its size.
+    assert peak < 6 * len(_body({"a": _CRAFTED})), f"the client took {peak} bytes"
+
+
+async def test_a_servers_frame_over_the_clients_limit_is_refused_unread(anyio_backend: str) -> None:
+    # A header announcing 600 MiB: refused as soon as it is read (the client reads at
+    # most 512 MiB), the call fails naming the limit, and the connection is dropped.
+    closed = anyio.Event()
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(SocketAttribute.local_port)
+    answers = {"get_task": lambda i: struct.pack(">I", 600 * 1024 * 1024) + b"\x80" * 10}
+    with anyio.fail_after(DEADLINE):
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(partial(_crafted_server, closed=closed), listener, answers)
+            async with OrchestrationClient(url=f"hive://127.0.0.1:{port}") as client:
+                with pytest.raises(OutcomeUnknownError, match="over the limit of 536870912"):
+                    await client.get_task("t1")
+                await closed.wait()
+            tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    "welcome",
+    [
+        # A refusal of 1 MiB of small values (some 75 MB once decoded).
+        _body(
+            {
+                "kind": "refused",
+                "error": {
+                    "kind": "failure",
+                    "id": 0,
+                    "type": "HiveError",
+                    "message": "no",
+                    "attrs": {"a": [{}] * (1024 * 1024)},
+                },
+            }
+        ),
+        # Not a frame: an HTTP server, say (its first bytes read as a length of 1.2 GB).
+        b"HTTP/1.1 400 Bad Request\r\n\r\n",
+    ],
+    ids=["a refusal of small values", "an http server"],
+)
+async def test_what_answers_a_hello_is_read_only_as_far_as_a_welcome_goes(
+    anyio_backend: str, welcome: bytes
+) -> None:
+    # Before its welcome, the client reads a frame of at most 64 KiB: whatever answers
+    # at the address is refused at the frame's header, with ConnectionLostError saying
+    # it is no welcome of this protocol.
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(SocketAttribute.local_port)
+    with anyio.fail_after(DEADLINE):
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(partial(_crafted_server, welcome=welcome), listener, {})
+            tracemalloc.start()
+            try:
+                with pytest.raises(ConnectionLostError) as failed:
+                    async with OrchestrationClient(url=f"hive://127.0.0.1:{port}"):
+                        pass
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            tg.cancel_scope.cancel()
+    assert "not a welcome of this protocol" in str(failed.value)
+    assert "over the limit of 65536" in str(failed.value)
+    assert peak < 1024 * 1024, f"the client took {peak} bytes"
+
+
+# -- a client that breaks the protocol is told why ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sent", "refused_call"),
+    [
+        # A call naming more than 64 arguments: the call is answered, then the notice.
+        (
+            _body(
+                {"kind": "call", "id": 3, "op": "get_task", "args": {f"a{n}": 1 for n in range(65)}}
+            ),
+            (3, "args", "length <= 64"),
+        ),
+        (_body({"kind": "call", "id": "three", "op": "get_task"}), None),
+        (b"\x00\x00\x00\x01\xc1", None),  # not msgpack
+        (struct.pack(">I", 64 * 1024 * 1024), None),  # over max_frame, unread
+        (_call(1, "claim_task", worker_id="w", task_types=["none"], wait=5.0) * 2, None),
+        (frame(Hello(PROTOCOL_VERSION)), None),  # a second hello
+    ],
+    ids=[
+        "too many arguments",
+        "an id that is no int",
+        "not msgpack",
+        "over max_frame",
+        "a call id in use",
+        "a second hello",
+    ],
+)
+async def test_a_frame_that_breaks_the_protocol_is_answered_why_before_closing(
+    db_path: str,
+    anyio_backend: str,
+    sent: bytes,
+    refused_call: tuple[int, str, str] | None,
+) -> None:
+    # The server used to close the connection without a word: the client could only
+    # say it lost the runtime. Now the call the frame opened (if its id could be read)
+    # is answered InvalidInputError naming the field, then a failure of id 0 says why
+    # the connection closes, then it closes. The server serves on.
+    async with Runtime.open(db_path, config=RuntimeConfig(remote_timeout=60.0)) as runtime:
+        server = runtime._server
+        assert server is not None
+        assert server.address
+
+        def talk() -> list[Any]:
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(DEADLINE)
+            sock.connect(connect_path(server.address or ""))
+            try:
+                sock.sendall(frame(Hello(PROTOCOL_VERSION)))
+                assert isinstance(_read_frame(sock), Welcome)
+                sock.sendall(sent)
+                frames = []
+                while True:
+                    try:
+                        frames.append(_read_frame(sock))
+                    except EOFError:
+                        return frames
+            finally:
+                sock.close()
+
+        frames = await anyio.to_thread.run_sync(talk)
+        assert await runtime.client().list_tasks() == []
+    notice = frames[-1]
+    assert isinstance(notice, Failure), frames
+    assert (notice.id, notice.type) == (0, "HiveError")
+    assert "closed the connection for a frame this client sent" in notice.message
+    if refused_call is None:
+        assert len(frames) == 1, frames
+    else:
+        call_id, field, reason = refused_call
+        assert len(frames) == 2, frames
+        refused = frames[0]
+        assert isinstance(refused, Failure)
+        assert (refused.id, refused.type, refused.attrs["field"]) == (
+            call_id,
+            "InvalidInputError",
+            field,
+        )
+        assert reason in refused.message
+
+
+async def test_the_client_that_broke_the_protocol_is_told_why_and_what_is_true(
+    db_path: str, anyio_backend: str
+) -> None:
+    # A client's call the server cannot take as a frame (here 65 argument names, which
+    # the Python client never sends for an operation): that call raises InvalidInputError
+    # naming its field (nothing of it ran); a call in flight beside it, which the server
+    # stops as it closes, raises OutcomeUnknownError saying why the connection closed;
+    # a later call ConnectionLostError, the same. None of them says the runtime was lost.
+    async with (
+        Runtime.open(db_path, config=RuntimeConfig(remote_timeout=60.0)) as runtime,
+        RemoteRuntime.connect(runtime._server.address or "") as remote,
+    ):
+        results: dict[str, BaseException] = {}
+
+        async def waiting() -> None:
+            with pytest.raises(OutcomeUnknownError) as failed:
+                await remote.call(
+                    "claim_task",
+                    {"worker_id": "w", "task_types": ["none"], "wait": 20.0},
+                    agent=None,
+                    correlation=None,
+                    returns=Any,
+                )
+            results["waiting"] = failed.value
+
+        with anyio.fail_after(DEADLINE):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(waiting)
+                await _until(lambda: len(remote._pending) == 1)
+                with pytest.raises(InvalidInputError) as refused:
+                    await remote.call(
+                        "get_task",
+                        {f"a{n}": 1 for n in range(65)},
+                        agent=None,
+                        correlation=None,
+                        returns=Any,
+                    )
+            with pytest.raises(ConnectionLostError) as later:
+                await remote.call("last_seq", {}, agent=None, correlation=None, returns=int)
+        assert await runtime.client().last_seq() == 0
+    assert refused.value.field == "args"
+    assert "length <= 64" in refused.value.reason
+    for error in (results["waiting"], later.value):
+        assert "closed the connection for a frame this client sent" in str(error)
+        assert "length <= 64" in str(error)
+        assert "lost the runtime" not in str(error)
+    assert "may or may not have been applied" in str(results["waiting"])

@@ -11,7 +11,8 @@ import msgspec
 import pytest
 
 from hive_orchestration import InvalidInputError, OrchestrationClient, RuntimeConfig
-from hive_orchestration.api.wire import OPERATIONS, call_json
+from hive_orchestration.api import wire
+from hive_orchestration.api.wire import _UNCOUNTED_REQUEST, OPERATIONS, call_json
 
 pytestmark = pytest.mark.anyio
 
@@ -20,7 +21,25 @@ def request(op: str, **args: object) -> bytes:
     return msgspec.json.encode({"op": op, "args": args})
 
 
-async def test_a_task_through_its_life_in_json() -> None:
+def _padded(raw: bytes | str) -> bytes | str:
+    """``raw`` with whitespace after it, long enough that call_json counts what its
+    arguments would take before decoding them (a request of at most 1 MiB is read at
+    once: nothing that small can take too much)."""
+    pad = _UNCOUNTED_REQUEST + 1 - len(raw)
+    return raw + (" " if isinstance(raw, str) else b" ") * max(0, pad)
+
+
+@pytest.fixture(params=[False, True], ids=["small", "counted"])
+def sent(request: pytest.FixtureRequest) -> Any:
+    """Each request as it is (read at once), or padded (counted first): the same
+    answers, the same refusals."""
+    return _padded if request.param else lambda raw: raw
+
+
+async def test_a_task_through_its_life_in_json(sent: Any) -> None:
+    async def call_json(client: OrchestrationClient, raw: bytes | str) -> bytes:
+        return await wire.call_json(client, sent(raw))
+
     async with OrchestrationClient(":memory:", source_agent="gateway") as client:
         created = await call_json(
             client,
@@ -75,11 +94,11 @@ async def test_a_task_through_its_life_in_json() -> None:
     ],
 )
 async def test_a_malformed_request_is_refused_by_name(
-    raw: bytes | str, field: str, reason: str
+    raw: bytes | str, field: str, reason: str, sent: Any
 ) -> None:
     async with OrchestrationClient(":memory:") as client:
         with pytest.raises(InvalidInputError) as refused:
-            await call_json(client, raw)
+            await call_json(client, sent(raw))
         assert refused.value.field == field
         assert reason in refused.value.reason
         assert await client.last_seq() == 0  # nothing was written
@@ -156,3 +175,90 @@ async def test_the_request_limit_is_the_configs_and_a_request_within_it_is_serve
         over = _create_task_with_items(40_000)  # 80 kB
         assert (await _refused_unread(client, over)).field == "request"
         assert await client.last_seq() == 1  # the one task.created
+
+
+# -- what a request may make the runtime allocate ------------------------------------------
+
+#: Empty maps in a request just under 4 MiB: three bytes each (``{},``), 72 bytes of
+#: Python objects once decoded (some 90 MB all told, before the fix).
+_SMALL_VALUES = 1_300_000
+
+
+@pytest.mark.parametrize(
+    ("op", "args", "field"),
+    [
+        ("create_tasks", {"tasks": [{}] * _SMALL_VALUES}, "tasks"),
+        ("create_task", {"task_type": "t", "payload": {"a": [{}] * _SMALL_VALUES}}, "payload"),
+        ("publish", {"event_type": "app.x", "data": {"a": [{}] * _SMALL_VALUES}}, "data"),
+        ("create_execution_plan", {"plan_data": {"subtasks": [{}] * _SMALL_VALUES}}, "plan_data"),
+    ],
+    ids=["create_tasks", "create_task payload", "publish data", "plan subtasks"],
+)
+async def test_a_request_of_small_values_is_refused_before_it_is_decoded(
+    op: str, args: dict[str, object], field: str
+) -> None:
+    # Within max_request_bytes, but its arguments would take some 25 times their size
+    # once decoded: refused on the argument, with a few copies of the request's bytes
+    # at most (where decoding took 25 times them), nothing written; the next is served.
+    raw = request(op, **args)
+    assert 3 * MiB < len(raw) < 4 * MiB
+    async with OrchestrationClient(":memory:") as client:
+        tracemalloc.start()
+        try:
+            with pytest.raises(InvalidInputError) as refused:
+                await call_json(client, raw)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 4 * len(raw), f"the refusal allocated {peak} bytes for {len(raw)}"
+        assert refused.value.field == field
+        assert "too many small values" in refused.value.reason
+        assert await client.last_seq() == 0
+        assert msgspec.json.decode(await call_json(client, request("create_task", task_type="t")))
+
+
+async def test_a_request_of_many_names_is_refused_at_the_first_unknown_one() -> None:
+    # A map of 300 000 argument names would take some 15 times the request once decoded
+    # (a name, a view of its value and an entry each): the first that is not one of the
+    # operation's is refused, before the next is read.
+    names = {f"k{n}": 0 for n in range(300_000)}
+    raw = msgspec.json.encode({"op": "get_task", "args": {"task_id": "t", **names}})
+    assert 3 * MiB < len(raw) < 4 * MiB
+    async with OrchestrationClient(":memory:") as client:
+        tracemalloc.start()
+        try:
+            with pytest.raises(InvalidInputError) as refused:
+                await call_json(client, raw)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < MiB, f"the refusal allocated {peak} bytes"
+    assert refused.value.field == "k0"
+    assert "is not an argument of get_task" in refused.value.reason
+
+
+@pytest.mark.parametrize(
+    "item", [{"": 0}, {"": []}, [], {}, {"": {"": 0}}, 0.5], ids=lambda item: repr(item)
+)
+async def test_a_payload_at_its_size_limit_is_never_refused_for_its_shape(item: object) -> None:
+    # As many of the item as a payload of max_payload_bytes (1 MiB as JSON) holds: the
+    # shapes with the most objects a byte, in a request counted before it is decoded.
+    one = len(msgspec.json.encode(item)) + 1
+    payload = {"v": [item] * ((MiB - 10) // one)}
+    raw = request("create_task", task_type="t", payload=payload)
+    assert len(raw) > _UNCOUNTED_REQUEST
+    async with OrchestrationClient(":memory:") as client:
+        task = await client.get_task(msgspec.json.decode(await call_json(client, raw)))
+        assert task is not None
+        assert task.payload == payload
+
+
+async def test_a_large_batch_is_served_whole() -> None:
+    # A thousand tasks of 3.5 kB each: counted before it is decoded, well within budget.
+    tasks = [{"task_type": "t", "payload": {"n": n, "text": "x" * 3500}} for n in range(1000)]
+    raw = request("create_tasks", tasks=tasks)
+    assert 3 * MiB < len(raw) < 4 * MiB
+    async with OrchestrationClient(":memory:") as client:
+        ids = msgspec.json.decode(await call_json(client, raw))
+        assert len(ids) == 1000
+        assert await client.count_tasks() == {"queued": 1000}

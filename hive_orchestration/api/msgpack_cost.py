@@ -20,7 +20,21 @@ import struct
 
 import msgspec
 
-__all__ = ["MOST_PER_BYTE", "decoded_cost"]
+__all__ = [
+    "CALL_DECODED_BASE",
+    "CALL_DECODED_PER_BYTE",
+    "MOST_PER_BYTE",
+    "decoded_budget",
+    "decoded_cost",
+]
+
+#: The most a call's arguments (or a frame a client reads) may take once decoded (as
+#: :func:`decoded_cost` counts it): this many bytes, plus CALL_DECODED_PER_BYTE times
+#: their encoded size. Values under CALL_DECODED_BASE / MOST_PER_BYTE bytes (671 KB)
+#: are never walked. A payload of max_payload_bytes (1 MiB) of any shape takes less
+#: than CALL_DECODED_BASE (some 55 bytes a byte of its JSON at worst: ``[{"": 0}, ...]``).
+CALL_DECODED_BASE = 64 * 1024 * 1024
+CALL_DECODED_PER_BYTE = 8
 
 #: The most a byte of msgpack can cost once decoded (``[{0: 0}, ...]``: 3 bytes, a
 #: one-entry dict of 224 bytes, its key and value, its place in the list), rounded up.
@@ -37,6 +51,11 @@ _EXT = 72  # an Ext and its bytes, or a datetime
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
+
+
+def decoded_budget(size: int) -> int:
+    """The most ``size`` bytes of values may take once decoded."""
+    return CALL_DECODED_BASE + CALL_DECODED_PER_BYTE * size
 
 
 def decoded_cost(data: bytes | bytearray | memoryview | msgspec.Raw, budget: int) -> int:

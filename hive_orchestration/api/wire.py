@@ -22,7 +22,10 @@ JSON, not such an object, an unknown operation, an unknown, missing or mistyped 
 is an :class:`InvalidInputError` naming the field and the reason, and nothing is written;
 the arguments then go through the operation's own checks, exactly as a call from Python
 (its refusals are its own :class:`HiveError`). A request over the config's
-``max_request_bytes`` is refused before it is decoded at all. The caller may also give
+``max_request_bytes`` is refused before it is decoded at all; one whose arguments would
+take more than CALL_DECODED_BASE plus CALL_DECODED_PER_BYTE times their size once
+decoded (4 MiB of ``[{}, {}, ...]`` takes some 100 MB) is refused on the argument that
+passes it, before any is decoded, as on the socket. The caller may also give
 what a Python caller may, ``source_agent`` for one: an app that must pin who is calling
 checks the request's ``args`` before handing it over. ``tests/reliability/test_fuzz.py``
 fuzzes this.
@@ -30,6 +33,7 @@ fuzzes this.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -37,9 +41,10 @@ from typing import Any
 import msgspec
 
 from ..errors import InvalidInputError
+from . import json_cost
 from .carried import EXCLUSIVE, carried
 from .client import OrchestrationClient
-from .msgpack_cost import MOST_PER_BYTE, decoded_cost
+from .msgpack_cost import CALL_DECODED_BASE, CALL_DECODED_PER_BYTE, MOST_PER_BYTE, decoded_cost
 
 __all__ = [
     "CALL_DECODED_BASE",
@@ -53,14 +58,6 @@ __all__ = [
     "msgpack_arguments",
 ]
 
-#: The most a call's msgpack arguments may take once decoded (as :func:`decoded_cost`
-#: counts it): this many bytes, plus CALL_DECODED_PER_BYTE times their encoded size.
-#: Arguments under CALL_DECODED_BASE / MOST_PER_BYTE bytes (671 KB) are never walked. A
-#: payload of max_payload_bytes (1 MiB) of any shape takes less than CALL_DECODED_BASE
-#: (some 55 bytes a byte of its JSON at worst: ``[{"": 0}, ...]``).
-CALL_DECODED_BASE = 64 * 1024 * 1024
-CALL_DECODED_PER_BYTE = 8
-
 # msgspec names the place of a type error as "... - at `$.args.lease`".
 _AT = re.compile(r" - at `\$\.?(.*)`$")
 _MISSING = re.compile(r"missing required field `(.*)`")
@@ -73,6 +70,21 @@ class WireRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: Each argument as its JSON text, decoded once its operation says what it must be.
     args: dict[str, msgspec.Raw] = {}
 
+
+class _Envelope(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A request as a large one is first read: its arguments one view of its text, not
+    decoded (not even into a map of names: a map of a million names takes some 25
+    bytes a byte)."""
+
+    op: str
+    args: msgspec.Raw = msgspec.Raw(b"{}")
+
+
+#: The largest request that is never counted before it is decoded: nothing this small
+#: can take more than CALL_DECODED_BASE once decoded (json_cost.MOST_PER_BYTE a byte).
+_UNCOUNTED_REQUEST = CALL_DECODED_BASE // json_cost.MOST_PER_BYTE
+
+_UNKNOWN = re.compile(r"^Object contains unknown field `(.*)`$", re.DOTALL)
 
 _OPERATIONS = carried(OrchestrationClient)
 #: The operations a request may name: every public async operation of the client whose
@@ -158,17 +170,25 @@ def _arguments(
     msgpack for the socket protocol) into the type the operation takes."""
     operation = _OPERATIONS.get(op)
     if operation is None:
-        raise InvalidInputError(
-            "op", f"unknown operation {_short(op)!r}; one of {', '.join(sorted(OPERATIONS))}"
-        )
+        raise _unknown_operation(op)
     for name in args:
         if name not in operation.types:
-            valid = ", ".join(operation.types) or "none"
-            raise InvalidInputError(_short(name), f"is not an argument of {op} ({valid})")
+            raise _unknown_argument(op, name)
     for name in operation.required:
         if name not in args:
             raise InvalidInputError(name, f"is required by {op}")
     return {name: decode(value, name, operation.types[name]) for name, value in args.items()}
+
+
+def _unknown_operation(op: str) -> InvalidInputError:
+    return InvalidInputError(
+        "op", f"unknown operation {_short(op)!r}; one of {', '.join(sorted(OPERATIONS))}"
+    )
+
+
+def _unknown_argument(op: str, name: str) -> InvalidInputError:
+    valid = ", ".join(_OPERATIONS[op].types) or "none"
+    return InvalidInputError(_short(name), f"is not an argument of {op} ({valid})")
 
 
 def most_held(args: Mapping[str, msgspec.Raw]) -> int:
@@ -191,21 +211,69 @@ def msgpack_arguments(op: str, args: Mapping[str, msgspec.Raw]) -> dict[str, Any
     plus CALL_DECODED_PER_BYTE times their size, the call is refused (InvalidInputError
     on the argument that passes the budget) with nothing decoded nor run."""
     size = sum(len(value) for value in args.values())
-    budget = CALL_DECODED_BASE + CALL_DECODED_PER_BYTE * size
-    if size * MOST_PER_BYTE > budget:
-        spent = 0
-        for name, value in args.items():
-            spent += decoded_cost(value, budget - spent)
-            if spent > budget:
-                raise InvalidInputError(
-                    _short(name),
-                    f"holds too many small values: the call's {size} bytes of arguments"
-                    f" would take more than {budget} bytes once decoded (at most"
-                    f" {CALL_DECODED_BASE} + {CALL_DECODED_PER_BYTE} x their size); send"
-                    " fewer values per call, or bigger ones (a string, not a list of"
-                    " one-character strings)",
-                )
+    if size * MOST_PER_BYTE > CALL_DECODED_BASE + CALL_DECODED_PER_BYTE * size:
+        _check_decoded(args, size, decoded_cost)
     return _arguments(op, args, _decode_msgpack)
+
+
+def _check_decoded(
+    args: Mapping[str, msgspec.Raw], size: int, cost: Callable[[msgspec.Raw, int], int]
+) -> None:
+    """Refuse arguments of ``size`` bytes in all that ``cost`` counts over their budget
+    once decoded (InvalidInputError on the argument that passes it)."""
+    budget = CALL_DECODED_BASE + CALL_DECODED_PER_BYTE * size
+    spent = 0
+    for name, value in args.items():
+        spent += cost(value, budget - spent)
+        if spent > budget:
+            raise InvalidInputError(
+                _short(name),
+                f"holds too many small values: the call's {size} bytes of arguments"
+                f" would take more than {budget} bytes once decoded (at most"
+                f" {CALL_DECODED_BASE} + {CALL_DECODED_PER_BYTE} x their size); send"
+                " fewer values per call, or bigger ones (a string, not a list of"
+                " one-character strings)",
+            )
+
+
+def _json_cost(value: msgspec.Raw, budget: int) -> int:
+    return json_cost.decoded_cost(bytes(value), budget)
+
+
+@functools.cache
+def _raw_arguments(op: str) -> tuple[tuple[str, ...], msgspec.json.Decoder[Any]]:
+    """The names of ``op``'s arguments, and a decoder of its map of arguments into one
+    undecoded value each: a name that is not one of them stops it at once, and a name
+    given again replaces the value before, so it builds at most one value a name."""
+    names = tuple(_OPERATIONS[op].types)
+    fields = [(name, msgspec.Raw, msgspec.Raw()) for name in names]
+    shape = msgspec.defstruct(f"{op}_arguments", fields, forbid_unknown_fields=True)
+    return names, msgspec.json.Decoder(shape)
+
+
+def _counted_request(raw: bytes) -> tuple[str, dict[str, msgspec.Raw]]:
+    """A large request's operation and arguments, each still JSON text, refused (as
+    :func:`_arguments` would, or for what its arguments would take once decoded)
+    with nothing of it built but its operation's name and a view per argument."""
+    envelope: _Envelope = _decode(raw, "request", _Envelope)
+    op = envelope.op
+    if op not in _OPERATIONS:
+        raise _unknown_operation(op)
+    names, decoder = _raw_arguments(op)
+    try:
+        given = decoder.decode(envelope.args)
+    except msgspec.ValidationError as exc:
+        unknown = _UNKNOWN.match(str(exc))
+        if unknown is None:
+            raise _refusal("args", exc) from None
+        raise _unknown_argument(op, unknown.group(1)) from None
+    args = {
+        name: value
+        for name, value in zip(names, msgspec.structs.astuple(given), strict=True)
+        if len(value)
+    }
+    _check_decoded(args, sum(len(value) for value in args.values()), _json_cost)
+    return op, args
 
 
 async def call_json(client: OrchestrationClient, raw: bytes | str) -> bytes:
@@ -217,10 +285,17 @@ async def call_json(client: OrchestrationClient, raw: bytes | str) -> bytes:
     :class:`InvalidInputError` naming the field; the operation raises its own
     :class:`HiveError` as it would in Python. A request over the config's
     ``max_request_bytes`` (4 MiB by default) is refused (on ``request``) before it is
-    decoded.
+    decoded, and one whose arguments would take too much once decoded (4 MiB of
+    ``[{}, {}, ...]``: some 100 MB) on the argument that passes the budget, before any
+    is decoded: see :func:`msgpack_arguments`, whose budget it shares.
     """
     limit = client._config.max_request_bytes
-    request: WireRequest = _decode(_request_bytes(raw, limit), "request", WireRequest)
-    args = _arguments(request.op, request.args)
-    method: Callable[..., Awaitable[object]] = getattr(client, request.op)
+    data = _request_bytes(raw, limit)
+    if len(data) <= _UNCOUNTED_REQUEST:
+        request: WireRequest = _decode(data, "request", WireRequest)
+        op, args = request.op, _arguments(request.op, request.args)
+    else:
+        op, counted = _counted_request(data)
+        args = _arguments(op, counted)
+    method: Callable[..., Awaitable[object]] = getattr(client, op)
     return msgspec.json.encode(await method(**args))

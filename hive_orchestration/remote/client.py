@@ -67,6 +67,9 @@ log = logging.getLogger("hive_orchestration.remote")
 
 #: Largest frame a client reads from its server (an answer of many tasks is large).
 _MAX_ANSWER = 512 * 1024 * 1024
+#: Largest frame read before the server's welcome (a welcome or a refusal is a few
+#: hundred bytes): whatever answers at an address is not trusted with more.
+_WELCOME_LIMIT = 64 * 1024
 
 
 class RemoteRuntime:
@@ -169,8 +172,12 @@ class RemoteRuntime:
     ) -> AsyncIterator[RemoteRuntime]:
         """The connection over ``stream``, from the handshake until the block ends."""
         async with stream:
-            reader = FrameReader(stream, ServerFrame, _MAX_ANSWER)
+            # Every frame's values are counted before they are decoded (a server, or
+            # whatever answers at the address, cannot make this side take more than a
+            # few times what it sent): a frame over either limit is a FrameError.
+            reader = FrameReader(stream, ServerFrame, _WELCOME_LIMIT, counted=True)
             welcome = await handshake(stream, reader, address, name, token, hint)
+            reader.limit = _MAX_ANSWER
             remote = cls(stream, welcome, address, silence=silence)
             try:
                 async with anyio.create_task_group() as group:

@@ -98,7 +98,12 @@ async def handshake(
         raise ConnectionLostError(
             f"the runtime at {address} did not answer within {_HANDSHAKE:g}s{hint}"
         ) from None
-    except (anyio.EndOfStream, anyio.BrokenResourceError, FrameError, OSError) as exc:
+    except FrameError as exc:
+        raise ConnectionLostError(
+            f"the runtime at {address} answered with something that is not a welcome of"
+            f" this protocol ({exc}): is a runtime of hive-orchestration served there?{hint}"
+        ) from None
+    except (anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
         raise ConnectionLostError(
             f"the runtime at {address} closed the connection at once"
             f" ({str(exc) or 'no answer'}){hint}"

@@ -8,7 +8,9 @@ When the connection breaks (the owner exited or was killed, or sent nothing for
 :class:`OutcomeUnknownError`, later calls with :class:`ConnectionLostError`, and every
 subscription ends with the same (:func:`lose`). An owner that stops cleanly says goodbye
 first: then it is :class:`RuntimeStoppedError` and subscriptions end as they do
-in-process (:func:`stopped`).
+in-process (:func:`stopped`). A server that closes the connection on a frame this side
+sent that broke the protocol says why first (a failure of id 0): the calls in flight
+and later fail with that reason, not as if the runtime were lost.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ async def read_loop(remote: RemoteRuntime, reader: FrameReader) -> None:
 
 async def read_frames(remote: RemoteRuntime, reader: FrameReader) -> None:
     goodbye: str | None = None
+    closing: str | None = None  # why the server closes the connection on this client
     try:
         while True:
             message = await reader.read()
@@ -68,6 +71,8 @@ async def read_frames(remote: RemoteRuntime, reader: FrameReader) -> None:
                     if pending is not None:
                         pending.error = decode_error(message)
                         pending.done.set()
+                    elif call_id == 0:  # the connection's: the server closes it next
+                        closing = message.message
                 case Events(id=subscription_id, entries=entries):
                     deliver(remote, subscription_id, entries)
                 case Ended(id=subscription_id, lagged=lagged):
@@ -87,10 +92,23 @@ async def read_frames(remote: RemoteRuntime, reader: FrameReader) -> None:
         why = "the connection closed"
     except FrameError as exc:
         why = f"the runtime sent something this client cannot read ({exc})"
+        # Nothing after it can be trusted to be a frame: the connection is dropped.
+        with anyio.CancelScope(shield=True):
+            await remote._stream.aclose()
     except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
         why = f"the connection broke ({exc})"
     if goodbye is not None:
         stopped(remote, goodbye)
+    elif closing is not None:
+        # This side broke the protocol (a bug of this client, or of a peer it relays):
+        # the runtime is there, it refused the connection.
+        lose(
+            remote,
+            ConnectionLostError(
+                f"{closing} (the runtime of process {remote.owner_pid} at {remote.address};"
+                " this is a bug of the client: open a new one)"
+            ),
+        )
     else:
         lose(remote, ConnectionLostError(lost_reason(remote, why)))
 

@@ -13,7 +13,9 @@ What a peer can do to the server is bounded: a frame is refused unread past
 ``max_frame_bytes``; a peer that does not say hello within :data:`HANDSHAKE_TIMEOUT`, or
 sends nothing (not even a ping) for three times ``remote_timeout`` (clients are told, and
 ping more often), or does not take a frame within ``remote_timeout`` of it being sent, is
-disconnected; anything that is not a frame of the protocol closes the connection. What a
+disconnected; anything that is not a frame of the protocol closes the connection, the
+peer told why first (``_Connection._tell_violation``: docs/PROTOCOL.md, "Protocol
+errors"). What a
 connection left behind is undone as it closes: its calls are cancelled (a claim answered
 as the caller left goes back to the queue), its subscriptions end, the claims it was
 answered but never acknowledged go back, and the workers it carried are dead with it
@@ -43,7 +45,7 @@ import msgspec
 from anyio.abc import ByteStream, SocketAttribute, TaskGroup, TaskStatus
 
 from ..api.wire import most_held
-from ..errors import AccessDeniedError, HiveError
+from ..errors import AccessDeniedError, HiveError, InvalidInputError
 from ..messages.events import Lagged
 from ..messages.plans import PlanningRequest, UnclaimedRequest
 from ..messages.tasks import Claim, Unclaimed
@@ -152,6 +154,8 @@ class _Connection:
         )
         self._group: TaskGroup | None = None
         self._broken = False
+        # The peer broke the protocol and was told: it is let to read that before closing.
+        self._violated = False
         #: The workers this connection acts for (see :func:`.connection_workers.note_worker`).
         self._workers: set[str] = set()
         self.name: str | None = None
@@ -241,6 +245,16 @@ class _Connection:
                     await self._read(reader)
                 finally:
                     group.cancel_scope.cancel()
+            if self._violated and not self._broken:
+                with anyio.CancelScope(shield=True):
+                    with suppress(
+                        NotImplementedError,
+                        anyio.BrokenResourceError,
+                        anyio.ClosedResourceError,
+                        OSError,
+                    ):
+                        await self._stream.send_eof()
+                    await _linger(self._stream)
         finally:
             self.drained.set()  # nothing more will be sent on this connection
             with anyio.CancelScope(shield=True):
@@ -280,6 +294,10 @@ class _Connection:
                 message = await reader.read()
             except FrameError as exc:
                 log.info("connection %d (%s) closed: %s", self.number, self.name, exc)
+                opened = exc.call_id
+                if opened in self._calls or opened in self._unacknowledged:
+                    opened = 0  # an id in use: its failure would pass for that call's
+                await self._tell_violation(str(exc), call_id=opened, field=exc.field)
                 return
             except (anyio.EndOfStream, anyio.ClosedResourceError):
                 return
@@ -311,6 +329,10 @@ class _Connection:
             case Call():
                 if message.id in self._calls or message.id in self._unacknowledged:
                     log.info("connection %d: call id %d reused", self.number, message.id)
+                    await self._tell_violation(
+                        f"call id {message.id} is the id of a call still running or of a"
+                        " claim not yet acknowledged"
+                    )
                     return False
                 if self.stopping:
                     await send_message(self, encode_error(message.id, _stopping()))
@@ -344,6 +366,9 @@ class _Connection:
             case Subscribe():
                 if message.id in self._subscriptions:
                     log.info("connection %d: subscription %d reused", self.number, message.id)
+                    await self._tell_violation(
+                        f"subscription id {message.id} is the id of a subscription still open"
+                    )
                     return False
                 if len(self._subscriptions) >= MAX_SUBSCRIPTIONS:
                     error = HiveError(
@@ -362,8 +387,28 @@ class _Connection:
                 await send_message(self, Pong(nonce))
             case Hello():
                 log.info("connection %d: a second hello", self.number)
+                await self._tell_violation("a second hello")
                 return False
         return True
+
+    async def _tell_violation(self, reason: str, *, call_id: int = 0, field: str = "frame") -> None:
+        """The peer broke the protocol: before the connection closes, tell it why. The
+        call (or subscription) the bad frame opened, if it named one, is answered
+        InvalidInputError (nothing of it ran); then a failure of id 0 says why the
+        connection closes (a client that predates it has no call 0 and ignores it).
+        What the peer sent after it is read and dropped for a moment, so that closing
+        does not reset the connection before the peer read this."""
+        why = f"the runtime closed the connection for a frame this client sent: {reason}"
+        if call_id:
+            refused = InvalidInputError(field, f"{reason}; the connection is closed")
+            await send_message(self, encode_error(call_id, refused))
+        await send_message(self, encode_error(0, HiveError(why)))
+        with anyio.move_on_after(self._server.timeout):
+            while (self._writing or self._outbox) and not self._broken:
+                if self._room is None:
+                    self._room = self._event_type()
+                await self._room.wait()
+        self._violated = True
 
     def _full(self, held: int) -> bool:
         """Whether a call that may hold ``held`` bytes must wait for one to end."""

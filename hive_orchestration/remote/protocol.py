@@ -20,6 +20,7 @@ docs/PROTOCOL.md describes the same for implementers in other languages.
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Annotated, Any, Literal, TypeAlias
 
@@ -28,6 +29,7 @@ import msgspec
 from anyio.abc import ByteReceiveStream
 
 from .._validate import MAX_NAMES
+from ..api.msgpack_cost import MOST_PER_BYTE, decoded_budget, decoded_cost
 from ..errors import HiveError, InvalidInputError, plain_attributes, rebuild_error
 from ..messages.events import Event
 
@@ -239,7 +241,45 @@ ServerFrame: TypeAlias = Welcome | Refused | Result | Failure | Events | Ended |
 
 
 class FrameError(HiveError):
-    """A peer sent something that is not a frame of this protocol (or too big a one)."""
+    """A peer sent something that is not a frame of this protocol (or too big a one).
+
+    ``call_id`` is the id of the call or subscription the frame opened, when it named
+    one that could be read (else 0), and ``field`` where in the frame it went wrong
+    (``"args"``, or ``"frame"``): what the server tells the client before closing."""
+
+    def __init__(self, message: str, *, call_id: int = 0, field: str = "frame") -> None:
+        super().__init__(message)
+        self.call_id = call_id
+        self.field = field
+
+
+class _Head(msgspec.Struct):
+    """What a frame that could not be decoded says it is, if that much can be read (its
+    other fields are skipped unread)."""
+
+    kind: str = ""
+    id: int = 0
+
+
+_head = msgspec.msgpack.Decoder(_Head)
+# msgspec names the place of a type error as "... - at `$.args`".
+_AT = re.compile(r" - at `\$\.([A-Za-z_]+)")
+
+
+def _undecodable(body: bytes | bytearray | memoryview, exc: Exception) -> FrameError:
+    """The FrameError of a body that did not decode as a frame: the call or
+    subscription it opens, if its kind and id can be read, and the field at fault."""
+    try:
+        head = _head.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        head = _Head()
+    opened = head.id if head.kind in ("call", "subscribe") and head.id > 0 else 0
+    at = _AT.search(str(exc))
+    return FrameError(
+        f"not a frame of this protocol: {exc}",
+        call_id=opened,
+        field=at.group(1) if at else "frame",
+    )
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -263,12 +303,21 @@ class FrameReader:
     before (pipelined calls, a burst of events). A frame's length is checked as soon as
     its header is in, before the rest of it is read, so a peer cannot make this side hold
     more than ``limit`` bytes (and one chunk) for it.
+
+    With ``counted`` (a client reading its server), what a frame's values will take once
+    decoded is counted too, before any is (:func:`..api.msgpack_cost.decoded_cost`):
+    past 64 MiB plus 8 times its size, it is a :class:`FrameError`, nothing of it
+    decoded. A frame under 671 KB is never walked. (The server counts each call's
+    arguments instead, since a call over budget is refused alone.)
     """
 
-    def __init__(self, stream: ByteReceiveStream, kind: Any, limit: int) -> None:
+    def __init__(
+        self, stream: ByteReceiveStream, kind: Any, limit: int, *, counted: bool = False
+    ) -> None:
         self._stream = stream
         self._decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(kind)
         self.limit = limit
+        self._counted = counted
         # Received and not yet read: ``_data[_pos:]``. Never changed in place, only
         # replaced: a frame decoded from it may keep views of it (``msgspec.Raw``).
         self._data = b""
@@ -290,10 +339,17 @@ class FrameReader:
             self._pos = end
         else:
             body = await self._rest(start, size)
+        if self._counted and size * MOST_PER_BYTE > decoded_budget(size):
+            budget = decoded_budget(size)
+            if decoded_cost(body, budget) > budget:
+                raise FrameError(
+                    f"a frame of {size} bytes holds too many small values: it would take"
+                    f" more than {budget} bytes once decoded (at most 64 MiB + 8 x its size)"
+                )
         try:
             return self._decoder.decode(body)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise FrameError(f"not a frame of this protocol: {exc}") from None
+            raise _undecodable(body, exc) from None
 
     async def _receive(self) -> None:
         """Take what has arrived onto what is left of the last chunk."""

@@ -49,6 +49,7 @@ from hive_orchestration import (
 from hive_orchestration.remote.protocol import (
     PROTOCOL_VERSION,
     ClientFrame,
+    Failure,
     Hello,
     Refused,
     Result,
@@ -239,6 +240,19 @@ def check_bad_frame(served: Served, bad: Bad) -> None:
     if bad.welcomed:
         assert kinds[:1] == ["Welcome"], kinds
         frames = frames[1:]
+        # Told why before the close (docs/PROTOCOL.md, "Protocol errors"): the call the
+        # frame opened refused (nothing of it ran), then the connection's reason, id 0.
+        # Only a stream cut just after the hello ends cleanly, with nothing to tell.
+        if bad.how != "truncated":
+            assert frames, f"a {bad.how} frame closed the connection without a word"
+        assert all(isinstance(f, Failure) for f in frames), kinds
+        assert len(frames) <= 2, kinds
+        if frames:
+            notice = frames[-1]
+            assert (notice.id, notice.type) == (0, "HiveError"), notice
+            assert "closed the connection for a frame this client sent" in notice.message
+            assert all(f.type == "InvalidInputError" and f.id != 0 for f in frames[:-1])
+        frames = []
     # Nothing was run: no answer of any call, only a refusal of the handshake at most.
     assert all(isinstance(f, Refused) for f in frames), kinds
     assert len(frames) <= 1
