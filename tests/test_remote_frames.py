@@ -906,3 +906,42 @@ async def test_a_servers_frame_nested_too_deeply_fails_the_call_not_the_client(
                 with pytest.raises(HiveError, match="nested too deeply"):
                     await client.get_task("t1")
             tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("idle", [0.0, -1.0])
+async def test_a_servers_idle_limit_of_nothing_does_not_make_the_client_ping_without_pause(
+    anyio_backend: str, idle: float
+) -> None:
+    # The client pings at a quarter of the idle limit the welcome says: a welcome of
+    # idle 0 (or less) made it ping in a loop with no pause, as fast as the socket took
+    # the pings, its event loop busy with nothing else. It pings at most ten times a
+    # second whatever the welcome says (a server's real limit is seconds).
+    pings = 0
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(SocketAttribute.local_port)
+
+    async def serve(stream: Any) -> None:
+        nonlocal pings
+        reader = FrameReader(stream, ClientFrame, 1 << 20)
+        async with stream:
+            try:
+                while True:
+                    message = await reader.read()
+                    if isinstance(message, Hello):
+                        hello = Welcome(
+                            PROTOCOL_VERSION, 1, "/nowhere", 1 << 20, 8, 100, "error", idle=idle
+                        )
+                        await stream.send(frame(hello))
+                    elif isinstance(message, Ping):
+                        pings += 1
+                        await stream.send(frame(Pong(message.nonce)))
+            except (anyio.EndOfStream, anyio.BrokenResourceError, FrameError):
+                pass
+
+    with anyio.fail_after(DEADLINE):
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, serve)
+            async with OrchestrationClient(url=f"hive://127.0.0.1:{port}"):
+                await anyio.sleep(1.0)
+            tg.cancel_scope.cancel()
+    assert pings <= 12, f"{pings} pings in a second"
