@@ -16,7 +16,8 @@ are other processes (this script run again in a client role) connecting with
    identical database. Both clocks run from the first create to the owner's subscriber
    seeing the last ``task.completed``. Ratio: remote rate / in-process rate, best of
    ``--repeat`` each, interleaved; with the commits per task of each (fewer is fuller
-   group commits).
+   group commits), and the CPU a task cost this process (in-process: all of it; remote:
+   the owner's, the clients being other processes), least of the runs.
 2. Latency of one call: ``get_task`` (a read) and ``create_task`` (a durable write),
    ``--calls`` of each one after another, from one client process over the socket, and
    the same calls on an in-process client in the owner. The added latency is the
@@ -98,6 +99,10 @@ class Shape:
     ratio: float
     local_commits: float  # storage transactions per task
     remote_commits: float
+    #: CPU per task of this process (seconds), best run's: in-process, everything; remote,
+    #: the owner's only (the clients are other processes).
+    local_cpu: float
+    remote_owner_cpu: float
 
 
 @dataclass
@@ -279,23 +284,26 @@ def _config() -> RuntimeConfig:
 
 async def _until_completed(
     runtime: Runtime, count: int, go: Callable[[], Awaitable[None]]
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """Tasks per second from ``go()`` to the runtime's subscriber seeing the
-    ``count``-th ``task.completed``, and the commits per task meanwhile."""
+    ``count``-th ``task.completed``, the commits per task meanwhile, and what a task
+    cost this process in CPU (seconds: load delays it, but does not add to it)."""
     before = (await runtime.statistics()).storage.transactions
     async with runtime.subscribe("task.completed", buffer=count + 10) as completed:
         started = time.perf_counter()
+        cpu = time.process_time()
         await go()
         for _ in range(count):
             await completed.receive()
         elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu
     after = (await runtime.statistics()).storage.transactions
-    return count / elapsed, (after - before) / count
+    return count / elapsed, (after - before) / count, cpu / count
 
 
 async def local_rate(
     folder: Path, run: str, count: int, slots: int, lanes: int
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     async with Runtime.open(folder / f"local-{run}.db", config=_config()) as runtime:
         clients = [runtime.client() for _ in range(lanes)]
         async with anyio.create_task_group() as group:
@@ -311,7 +319,7 @@ async def local_rate(
 
 async def remote_rate(
     folder: Path, run: str, count: int, slots: int, backend: str, lanes: int
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     path = folder / f"remote-{run}.db"
     load = (str(path), str(count), str(slots), str(lanes))
     async with (
@@ -394,8 +402,8 @@ async def run(
         memory = await idle_memory(folder, connections, backend)
         shapes = []
         for slots in SLOTS:
-            local: list[tuple[float, float]] = []
-            remote: list[tuple[float, float]] = []
+            local: list[tuple[float, float, float]] = []
+            remote: list[tuple[float, float, float]] = []
             for n in range(repeat):
                 # Interleaved: on a shared machine the drift between runs is larger than
                 # many of the differences measured.
@@ -411,6 +419,8 @@ async def run(
                     ratio=best_remote[0] / best_local[0],
                     local_commits=best_local[1],
                     remote_commits=best_remote[1],
+                    local_cpu=min(found[2] for found in local),
+                    remote_owner_cpu=min(found[2] for found in remote),
                 )
             )
         found, echo_p50, echo_p99 = await latencies(folder, calls, backend)
@@ -449,6 +459,10 @@ def render(r: Result) -> str:
             f"   remote {shape.remote_rate:>6,.0f} tasks/s"
             f" ({shape.remote_commits:.2f} commits/task)"
             f" = {shape.ratio:.2f}x  goal >= {RATIO_GOAL}x {verdict(shape.ratio >= RATIO_GOAL)}"
+        )
+        lines.append(
+            f"      CPU per task: in-process {shape.local_cpu * us:6.0f} us (all of it),"
+            f" remote {shape.remote_owner_cpu * us:6.0f} us (the owner's)"
         )
     lines += [
         f"latency of one call ({r.calls:,} in a row), p50 / p99 in us:",

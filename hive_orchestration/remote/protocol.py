@@ -29,7 +29,13 @@ import msgspec
 from anyio.abc import ByteReceiveStream
 
 from .._validate import MAX_NAMES
-from ..api.msgpack_cost import MOST_PER_BYTE, decoded_budget, decoded_cost
+from ..api.msgpack_cost import (
+    CALL_DECODED_BASE,
+    CALL_DECODED_PER_BYTE,
+    MOST_PER_BYTE,
+    decoded_budget,
+    decoded_cost,
+)
 from ..errors import HiveError, InvalidInputError, plain_attributes, rebuild_error
 from ..messages.events import Event
 
@@ -290,6 +296,8 @@ _encoder = msgspec.msgpack.Encoder()
 #: chunk with no further wait; a bigger frame is read on in chunks of up to _LARGE.
 _CHUNK = 64 * 1024
 _LARGE = 1024 * 1024
+#: The largest frame whose values cannot take more than their budget once decoded.
+_NEVER_WALKED = CALL_DECODED_BASE // (MOST_PER_BYTE - CALL_DECODED_PER_BYTE)
 
 
 def frame(message: msgspec.Struct, encoder: msgspec.msgpack.Encoder = _encoder) -> bytes:
@@ -320,7 +328,9 @@ class FrameReader:
         self._stream = stream
         self._decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(kind)
         self.limit = limit
-        self._counted = counted
+        # Frames up to this size are never walked (none could take more than its
+        # budget): one comparison a frame, where a call would cost more.
+        self._walked_above = _NEVER_WALKED if counted else 1 << 64
         # Received and not yet read: ``_data[_pos:]``. Never changed in place, only
         # replaced: a frame decoded from it may keep views of it (``msgspec.Raw``).
         self._data = b""
@@ -342,7 +352,7 @@ class FrameReader:
             self._pos = end
         else:
             body = await self._rest(start, size)
-        if self._counted and size * MOST_PER_BYTE > decoded_budget(size):
+        if size > self._walked_above:
             budget = decoded_budget(size)
             if decoded_cost(body, budget) > budget:
                 raise FrameError(
