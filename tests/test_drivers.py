@@ -129,7 +129,6 @@ async def test_a_probe_finds_the_faulty_units_and_writes_nothing(tmp_path: Path,
     assert roles(path) == [("w0", "a")]
 
 
-@pytest.mark.asyncio_only
 async def test_a_snapshot_reads_the_database_as_of_one_commit(tmp_path: Path, kind: str) -> None:
     """A read job's statements all see the database as its first one did, though another
     connection commits between them; the read transaction ends with the job (the next
@@ -164,6 +163,7 @@ async def test_a_snapshot_reads_the_database_as_of_one_commit(tmp_path: Path, ki
             other.close()
 
 
+@pytest.mark.asyncio_only
 async def test_the_installed_aiosqlite_runs_a_batch_in_one_await(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str
 ) -> None:
