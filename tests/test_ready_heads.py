@@ -451,22 +451,25 @@ async def one_batch(rt: Runtime, *messages: object) -> list[object]:
 
 
 @pytest.mark.sqlite_only("counts the SQLite store's decoding")
-async def test_a_heads_read_is_decoded_off_the_loop_and_taken_in_a_slice_at_a_time(
+async def test_a_heads_read_is_decoded_and_taken_in_a_slice_at_a_time(
     db_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Reading a head of 1 024 tasks holds the event loop for none of its decoding, which
-    runs on the connection's thread inside the read, and taking it in holds the loop a
-    slice of at most 256 tasks at a time (counted, not timed)."""
+    """Reading a head of 1 024 tasks and taking it in hold the event loop a slice of at
+    most 256 tasks at a time (counted, not timed): the decoding in storage and the
+    TaskManager's taking in each give the loop back between slices. The rows themselves
+    are read on a reader's thread, in one hop, none on the loop's."""
     from hive_orchestration.actors.task_manager import heads
-    from hive_orchestration.storage.sqlite import queues
+    from hive_orchestration.storage.sqlite import queues, store
 
     loop_thread = threading.get_ident()
-    # "row" (a task decoded, on the loop's thread), "row-off" (on another), "take" (taken
-    # in); the loop runs at a "yield", and between two tasks' steps.
+    # "row" (a task decoded), "take" (taken in); the loop runs at a "yield" and at a
+    # "read" (an await on the connection's thread), and between two tasks' steps.
     steps: list[str] = []
     task_from_row = queues.task_from_row
     take_in = TaskManager._take_in
+    checkpoint = anyio.lowlevel.checkpoint
     shielded = anyio.lowlevel.cancel_shielded_checkpoint
+    readers: set[int] = set()  # the threads the reads' statements ran on
 
     def row(*args: Any) -> Any:
         steps.append("row" if threading.get_ident() == loop_thread else "row-off")
@@ -475,6 +478,21 @@ async def test_a_heads_read_is_decoded_off_the_loop_and_taken_in_a_slice_at_a_ti
     def take(*args: Any) -> None:
         steps.append("take")
         take_in(*args)
+
+    snapshot = store._Checked.snapshot
+    load_heads = queues._load_heads
+
+    async def read(*args: Any) -> Any:
+        steps.append("read")
+        return await snapshot(*args)
+
+    def job(*args: Any) -> Any:
+        readers.add(threading.get_ident())
+        return (yield from load_heads(*args))
+
+    async def pause() -> None:
+        steps.append("yield")
+        await checkpoint()
 
     async def shielded_pause() -> None:
         steps.append("yield")
@@ -485,7 +503,10 @@ async def test_a_heads_read_is_decoded_off_the_loop_and_taken_in_a_slice_at_a_ti
         for _ in range(6):
             await rt.create_tasks([{"task_type": "job", "payload": {"n": n}} for n in range(512)])
     monkeypatch.setattr(queues, "task_from_row", row)
+    monkeypatch.setattr(queues, "_load_heads", job)
     monkeypatch.setattr(TaskManager, "_take_in", take)
+    monkeypatch.setattr(store._Checked, "snapshot", read)
+    monkeypatch.setattr(anyio.lowlevel, "checkpoint", pause)
     monkeypatch.setattr(anyio.lowlevel, "cancel_shielded_checkpoint", shielded_pause)
     async with runtime(db_path, head=head) as rt:  # opening reads the head: 1 024 rows
         for _ in range(head // 2 + 8):  # under half: the next 1 024 are read and taken in
@@ -496,7 +517,10 @@ async def test_a_heads_read_is_decoded_off_the_loop_and_taken_in_a_slice_at_a_ti
     def longest(kind: str) -> int:
         return max(len(list(run)) for step, run in itertools.groupby(steps) if step == kind)
 
-    assert steps.count("row-off") >= 2 * head
-    assert "row" not in steps
+    assert steps.count("row") >= 2 * head
+    assert "row-off" not in steps
     assert steps.count("take") >= head
+    assert longest("row") <= heads.TAKE_SLICE
     assert longest("take") <= heads.TAKE_SLICE
+    assert readers
+    assert loop_thread not in readers

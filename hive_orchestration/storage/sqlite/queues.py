@@ -5,9 +5,9 @@ in claim order: priority highest first, then ``created_at``, then id (time-order
 creation order). The TaskManager keeps the best tasks of each queue in memory and asks
 for the next ones after the last it holds; each ask is a range scan of the partial index
 ``idx_tasks_ready`` (schema version 9), whatever the size of the backlog. A read of
-heads runs whole on the connection's thread (a :data:`~..port.ReadJob`: its statements,
-one read transaction, the decoding), on a reader of its own for a refill
-(``storage/readers.py``), so neither the commits nor the event loop wait for it.
+heads runs whole on the connection's thread (a :data:`~..port.ReadJob`: its statements
+in one read transaction), on a reader of its own for a refill (``storage/readers.py``),
+so the commits do not wait for it; its rows are decoded on the loop, a slice at a time.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from ...messages.storage import (
     TasksWithRuns,
 )
 from ...messages.tasks import Run, Task
-from ..port import Driver, ReadJob, Statement
+from ..port import Driver, ReadJob, Row, Statement
 from ..rows import (
     RUN_COLUMNS,
     TASK_COLUMNS,
@@ -101,8 +101,13 @@ async def query_queues(db: Driver, message: StorageMessage) -> object:
     match message:
         case LoadQueueHeads(heads=heads, limit=limit):
             # One read transaction, run whole on the connection's thread: a reader's, for a
-            # refill (storage/actor.py), so no commit waits for it; decoded there too.
-            return await db.snapshot(_load_heads(heads, limit))
+            # refill (storage/actor.py), so no commit waits for it. Decoded here, a slice
+            # at a time (rows.decoded): decoded on the reader's thread, the rows held the
+            # GIL there in turns of the switch interval (5 ms), which the loop waited out.
+            read, run_rows = await db.snapshot(_load_heads(heads, limit))
+            loaded = [(head, tuple(await decoded(rows, task_from_row))) for head, rows in read]
+            runs = await decoded(run_rows, run_from_row)
+            return QueueHeads(tuple(loaded), tuple(runs))
         case FetchTasks(task_ids=task_ids):
             tasks: list[Task] = []
             for start in range(0, len(task_ids), _IDS_PER_QUERY):
@@ -159,15 +164,17 @@ async def query_queues(db: Driver, message: StorageMessage) -> object:
     raise TypeError(f"not a queue query: {type(message).__name__}")  # pragma: no cover
 
 
-def _load_heads(heads: tuple[QueueHead, ...] | None, limit: int) -> ReadJob[QueueHeads]:
-    """The next ``limit`` tasks of each of ``heads`` (``None``: every ready queue's first),
-    with their runs, as one :data:`~..port.ReadJob`."""
+def _load_heads(
+    heads: tuple[QueueHead, ...] | None, limit: int
+) -> ReadJob[tuple[list[tuple[QueueHead, list[Row]]], list[Row]]]:
+    """The rows of the next ``limit`` tasks of each of ``heads`` (``None``: every ready
+    queue's first), and of their runs, as one :data:`~..port.ReadJob`."""
     if heads is None:
         heads = tuple(
             QueueHead(str(task_type), _parse_requires(requires), cast("str | None", key))
             for task_type, requires, key in (yield (_QUEUES, ()))
         )
-    loaded: list[tuple[QueueHead, tuple[Task, ...]]] = []
+    loaded: list[tuple[QueueHead, list[Row]]] = []
     for head in heads:
         queue = (head.task_type, requires_text(head.requires), head.concurrency_key)
         if head.after is None:
@@ -177,12 +184,12 @@ def _load_heads(heads: tuple[QueueHead, ...] | None, limit: int) -> ReadJob[Queu
             rows = yield (_SAME_PRIORITY, (*queue, priority, _text(created_at), task_id, limit))
             if len(rows) < limit:
                 rows += yield (_LOWER, (*queue, priority, limit - len(rows)))
-        loaded.append((head, tuple(task_from_row(row) for row in rows)))
-    ids = [task.id for _, tasks in loaded for task in tasks]
-    runs: list[Run] = []
+        loaded.append((head, rows))
+    ids = [str(row[0]) for _, rows in loaded for row in rows]  # TASK_COLUMNS: id first
+    runs: list[Row] = []
     for start in range(0, len(ids), _IDS_PER_QUERY):
-        runs += map(run_from_row, (yield _runs_statement(ids[start : start + _IDS_PER_QUERY])))
-    return QueueHeads(tuple(loaded), tuple(runs))
+        runs += yield _runs_statement(ids[start : start + _IDS_PER_QUERY])
+    return loaded, runs
 
 
 async def _runs_of(db: Driver, task_ids: Sequence[str]) -> list[Run]:
