@@ -39,6 +39,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -63,6 +64,7 @@ class Result:
     rss_after_open_mb: float
     rss_end_mb: float
     claims: int
+    claim_mean: float
     claim_p50: float
     claim_p90: float
     claim_p99: float
@@ -75,6 +77,17 @@ class Result:
     bare_p50: float
     bare_p99: float
     bare_max: float
+    # The claims that overlapped a refill of the head (from its sending to its taking
+    # in): how many, and their mean and slowest latency. A refill on the write connection
+    # held up the claims behind its read; on a reader of its own they go on meanwhile.
+    refills: int
+    claims_in_refills: int
+    claim_in_refill_mean: float
+    claim_in_refill_max: float
+    # CPU per claim (and its completion): the process's, and the event loop thread's;
+    # what load delays but does not add to.
+    cpu_per_claim: float
+    loop_cpu_per_claim: float
     get_task: float  # seconds, one call on a task deep in the backlog
     cancel_task: float
     get_runs: float
@@ -154,7 +167,36 @@ def bare_commits(folder: Path, synchronous: str, count: int = 1000) -> list[floa
     return took
 
 
+def _watch_refills() -> list[tuple[float, float]]:
+    """Record each refill of a head: (sent, taken in), on the perf_counter clock (the
+    TaskManager's own methods, wrapped: a probe, for this bench only)."""
+    from hive_orchestration.actors.task_manager import TaskManager
+
+    windows: list[tuple[float, float]] = []
+    sent: dict[int, float] = {}
+    send, take = TaskManager._send_refill, TaskManager._take_refill
+
+    async def send_refill(self: Any, queues: Any) -> Any:
+        began = time.perf_counter()
+        refill = await send(self, queues)
+        if refill is not None:
+            sent[id(refill)] = began
+        return refill
+
+    async def take_refill(self: Any, refill: Any) -> bool:
+        taken = await take(self, refill)
+        began = sent.pop(id(refill), None)
+        if began is not None:
+            windows.append((began, time.perf_counter()))
+        return taken
+
+    setattr(TaskManager, "_send_refill", send_refill)  # noqa: B010 - a probe
+    setattr(TaskManager, "_take_refill", take_refill)  # noqa: B010 - a probe
+    return windows
+
+
 async def _measure(path: Path, count: int, claims: int, backend: str, synchronous: str) -> Result:
+    windows = _watch_refills()
     bare = bare_commits(path.parent / "bare-before", synchronous)
     config = RuntimeConfig(serve_socket=False, synchronous=synchronous)  # type: ignore[arg-type]
     # A task deep in the backlog (created last, lowest priority but one): no bounded head
@@ -165,12 +207,21 @@ async def _measure(path: Path, count: int, claims: int, backend: str, synchronou
         opened = time.perf_counter() - started
         rss_open = _rss_mb()
         latencies = []
+        starts = []
+        cpu, loop_cpu = time.process_time(), time.thread_time()
         for _ in range(claims):
             t0 = time.perf_counter()
             claim = await rt.claim_task("bench-worker", "bulk", start=True)
             latencies.append(time.perf_counter() - t0)
+            starts.append(t0)
             assert claim is not None
             await rt.complete_task(claim.lease, {"ok": True})
+        cpu, loop_cpu = time.process_time() - cpu, time.thread_time() - loop_cpu
+        in_refills = [
+            latency
+            for began, latency in zip(starts, latencies, strict=True)
+            if any(sent <= began + latency and began <= taken for sent, taken in windows)
+        ]
         slowest = max(range(len(latencies)), key=latencies.__getitem__)
         latencies.sort()
         t0 = time.perf_counter()
@@ -197,12 +248,19 @@ async def _measure(path: Path, count: int, claims: int, backend: str, synchronou
         rss_after_open_mb=rss_open,
         rss_end_mb=rss_end,
         claims=claims,
+        claim_mean=statistics.fmean(latencies),
         claim_p50=statistics.median(latencies),
         claim_p90=latencies[int(len(latencies) * 0.90)],
         claim_p99=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
         claim_max=latencies[-1],
         slowest_claim=slowest,
         claims_over_2ms=sum(1 for latency in latencies if latency >= CLAIM_P99_GOAL),
+        refills=len(windows),
+        claims_in_refills=len(in_refills),
+        claim_in_refill_mean=statistics.fmean(in_refills) if in_refills else 0.0,
+        claim_in_refill_max=max(in_refills, default=0.0),
+        cpu_per_claim=cpu / claims,
+        loop_cpu_per_claim=loop_cpu / claims,
         bare_p50=statistics.median(bare),
         bare_p99=bare[int(len(bare) * 0.99)],
         bare_max=bare[-1],
@@ -264,6 +322,8 @@ def report(result: Result) -> str:
     def mark(ok: bool) -> str:
         return "ok" if ok else "MISSED"
 
+    excess = result.claims_in_refills * (result.claim_in_refill_mean - result.claim_mean)
+
     return "\n".join(
         [
             f"{result.tasks:,} queued tasks, {result.backend}, synchronous={result.synchronous}:",
@@ -282,6 +342,13 @@ def report(result: Result) -> str:
             f"  bare sqlite3 commit p50 {result.bare_p50 * 1e3:.3f} ms, p99"
             f" {result.bare_p99 * 1e3:.3f} ms, max {result.bare_max * 1e3:.1f} ms"
             f" (the ceiling; claim p99 / bare p99 = {result.claim_p99 / result.bare_p99:.2f})",
+            f"  during the {result.refills} refills of the head: {result.claims_in_refills}"
+            f" claims, mean {result.claim_in_refill_mean * 1e3:.2f} ms,"
+            f" max {result.claim_in_refill_max * 1e3:.1f} ms; their time past the mean"
+            f" claim's ({result.claim_mean * 1e3:.2f} ms), all told:"
+            f" {excess * 1e3:.0f} ms",
+            f"  CPU per claim      {result.cpu_per_claim * 1e6:8.0f} us   (the event loop's"
+            f" thread {result.loop_cpu_per_claim * 1e6:.0f} us; each claim then completed)",
             f"  get_task (deep)    {result.get_task * 1e3:8.3f} ms",
             f"  cancel_task (deep) {result.cancel_task * 1e3:8.3f} ms",
             f"  get_runs (deep)    {result.get_runs * 1e3:8.3f} ms",

@@ -16,6 +16,7 @@ from typing import Any
 import aiosqlite
 import pytest
 
+from hive_orchestration.storage.port import ReadJob
 from hive_orchestration.storage.sqlite.drivers import (
     AiosqliteDriver,
     Driver,
@@ -126,6 +127,40 @@ async def test_a_probe_finds_the_faulty_units_and_writes_nothing(tmp_path: Path,
         None,
     ]
     assert roles(path) == [("w0", "a")]
+
+
+async def test_a_snapshot_reads_the_database_as_of_one_commit(tmp_path: Path, kind: str) -> None:
+    """A read job's statements all see the database as its first one did, though another
+    connection commits between them; the read transaction ends with the job (the next
+    read sees that commit), and so it does when the job fails."""
+    path = tmp_path / "d.db"
+    async with opened(path, kind) as driver:
+        await driver.execute("PRAGMA journal_mode=WAL")
+        await driver.transaction([(INSERT, ("w1", "a"))])
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        count = ("SELECT count(*) FROM workers", ())
+
+        def job() -> ReadJob[tuple[object, object]]:
+            before = (yield count)[0][0]
+            other.execute(INSERT, ("w2", "b"))  # committed (autocommit) mid-read
+            after = (yield count)[0][0]
+            return before, after
+
+        def failing() -> ReadJob[None]:
+            yield count
+            raise ValueError("a row that does not decode")
+
+        try:
+            assert await driver.snapshot(job()) == (1, 1)
+            assert await driver.fetchall(*count) == [(2,)]
+            with pytest.raises(ValueError, match="does not decode"):
+                await driver.snapshot(failing())
+            other.execute(INSERT, ("w3", "c"))
+            assert await driver.fetchall(*count) == [(3,)]  # no read transaction left open
+            # Nor anything pinning the log: a checkpoint copies all of it.
+            assert other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+        finally:
+            other.close()
 
 
 @pytest.mark.asyncio_only

@@ -15,6 +15,10 @@ from hive_orchestration.api.json_cost import MOST_PER_BYTE, decoded_cost, exact_
 SHAPES: dict[str, object] = {
     "empty maps": [{}] * 20_000,
     "empty arrays": [[]] * 20_000,
+    # Each grown to 4 slots as the decoder reads it (88 bytes, not 64).
+    "arrays of one element": [[0]] * 20_000,
+    "arrays of nine elements": [[0] * 9] * 5_000,
+    "a long array": [[0] * 100_000],
     "one-entry maps": [{str(i): i} for i in range(10_000)],
     "maps of an empty key": [{"": 0}] * 10_000,
     "maps in maps": [{"": {"": {"": {}}}}] * 5_000,

@@ -47,7 +47,7 @@ from hive_orchestration.messages.leader import DeadClaim, RecoverClaims  # noqa:
 from hive_orchestration.messages.tasks import TERMINAL, PurgeTasks  # noqa: E402
 from hive_orchestration.messages.workers import WorkersLost  # noqa: E402
 from hive_orchestration.storage.pg import leader as pg_leader  # noqa: E402
-from hive_orchestration.storage.pg.claim import alive_sql, node_key  # noqa: E402
+from hive_orchestration.storage.pg.claim import alive_sql, node_key, node_lock_sql  # noqa: E402
 from hive_orchestration.storage.pg.leader import LEADER_KEY, REAP_GRACE_SECONDS  # noqa: E402
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
@@ -1137,3 +1137,32 @@ async def test_the_leader_killed_under_load_hands_on_its_role_and_its_claims(
     pg_url: str, anyio_backend: str, tmp_path: Path
 ) -> None:
     await _kill_a_node_under_load(pg_url, anyio_backend, tmp_path, leader_dies=True)
+
+
+async def test_a_node_whose_own_session_the_server_ended_takes_its_lock_again(
+    pg_url: str,
+) -> None:
+    """The server ends a live node's own session (the claim's, holding its node lock:
+    ``pg_terminate_backend``, a pooler's or an admin's) while its write connection lives
+    on. The node took its lock again only as a write connection reconnected, so its
+    lock stayed free for good: the leader took it for dead and recovered its claims
+    while its workers ran them. Its poll now finds its session lost (a statement on it
+    at each poll) and takes its lock again within a poll or two."""
+    async with Runtime.open(pg_url):
+        await _open_leader_first(pg_url)
+        [a_id] = nodes(pg_url)
+        async with Runtime.open(pg_url) as b:
+            [b_id] = nodes(pg_url) - {a_id}
+            key = f"'{b_id}'"  # a hex id, as the node's rows hold it
+
+            def held() -> bool:
+                return bool(raw(pg_url, f"SELECT {alive_sql(key)}")[0][0])
+
+            assert held()
+            owner = f"SELECT l.pid FROM pg_locks l WHERE {node_lock_sql(key, 'l')}"
+            [(pid,)] = raw(pg_url, owner)
+            raw(pg_url, "SELECT pg_terminate_backend(%s)", (pid,))
+            await until(lambda: raw(pg_url, owner) != [(pid,)], "its session ended")
+            await until(held, "the node's lock taken again", within=10.0)
+            assert raw(pg_url, owner) != [(pid,)]
+            assert await b.create_task("job")  # its write connection serves on

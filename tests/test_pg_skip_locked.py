@@ -511,3 +511,48 @@ async def test_backoff_alarms_are_one_per_queue_and_a_task_taken_elsewhere_is_ha
             assert await one.claim_tasks("w4", types, limit=5, wait=0.1) == []
         assert len(locks) <= 2, locks
         assert [len(manager._backoff_ends) for manager in managers] == [0, 0]
+
+
+async def test_a_node_far_ahead_does_not_take_a_backoff_it_read_beyond_the_rows_it_locked(
+    pg_url: str,
+) -> None:
+    """A claim wanting more tasks than ``ready_queue_head``: the lock takes that many
+    rows of a queue, and memory may hold more (tasks this node created since its read).
+    A task memory holds beyond the last locked row is handed out unlocked, checked by
+    its version only: one still backing off by the database's clock, held as ready by
+    the node's own wall clock (an hour ahead), was handed out at once."""
+
+    def ahead() -> datetime:
+        return datetime.now(UTC) + timedelta(hours=1)
+
+    config = RuntimeConfig(ready_queue_head=2)
+    async with Runtime.open(pg_url, config=config) as one:
+        backing_off = await one.create_task("job", priority=1)
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE tasks SET available_at = now() + interval '30 seconds',"
+                " version = version + 1 WHERE id = %s",
+                (backing_off,),
+            )
+    async with Runtime.open(pg_url, config=config, wall_clock=ahead) as two:
+        # Its read held the whole queue (one task): the tasks it creates join it.
+        first = await two.create_task("job", priority=5)
+        second = await two.create_task("job", priority=5)
+        with anyio.fail_after(10):
+            claims = await two.claim_tasks("w2", "job", limit=5)
+        names = {first: "first", second: "second", backing_off: "backing off"}
+        assert [names[claim.task.id] for claim in claims] == ["first", "second"]
+        task = await two.get_task(backing_off)
+        assert task is not None
+        assert task.status is TaskStatus.QUEUED
+        # Not lost: let go by memory, it is taken once due by the database's clock.
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE tasks SET available_at = now() + interval '1 second',"
+                " version = version + 1 WHERE id = %s",
+                (backing_off,),
+            )
+        with anyio.fail_after(15):
+            again = await two.claim_task("w2", "job", wait=10)
+        assert again is not None
+        assert again.task.id == backing_off

@@ -12,12 +12,14 @@ Real SQLite files, both backends.
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 import pytest
 
 from hive_orchestration import Claim, Runtime, RuntimeConfig
@@ -43,8 +45,13 @@ def track(monkeypatch: pytest.MonkeyPatch) -> list[TaskManager]:
 
 
 @asynccontextmanager
-async def runtime(db_path: str, head: int = HEAD) -> AsyncIterator[Runtime]:
-    config = RuntimeConfig(ready_queue_head=head, retry_backoff=0.01, retry_backoff_max=0.02)
+async def runtime(db_path: str, head: int = HEAD, readers: int = 2) -> AsyncIterator[Runtime]:
+    config = RuntimeConfig(
+        ready_queue_head=head,
+        retry_backoff=0.01,
+        retry_backoff_max=0.02,
+        read_connections=readers,
+    )
     async with Runtime.open(db_path, config=config) as rt:
         yield rt
 
@@ -75,11 +82,14 @@ async def create_mixed(rt: Runtime, count: int, task_type: str = "job") -> list[
     return [task_id for *_, task_id in sorted(made)]
 
 
+@pytest.mark.parametrize("readers", [2, 0], ids=["refills-on-a-reader", "no-readers"])
 async def test_claims_come_in_priority_then_age_order_across_refills(
-    db_path: str, monkeypatch: pytest.MonkeyPatch
+    db_path: str, monkeypatch: pytest.MonkeyPatch, readers: int
 ) -> None:
+    """With reader connections (SQLite: the refills have one of their own) and without
+    (the refills read on the write connection, in the same one read transaction)."""
     managers = track(monkeypatch)
-    async with runtime(db_path) as rt:
+    async with runtime(db_path, readers=readers) as rt:
         [manager] = managers
         expected = await create_mixed(rt, 20)
         assert queued_in_memory(manager) <= 2 * HEAD  # the other 16 or more stay in SQLite
@@ -210,6 +220,75 @@ async def test_a_task_deleted_while_a_read_is_in_flight_is_not_handed_out(
         release.set()
         got += await claim_all(rt, "job")
         assert [c.task.id for c in got if c is not None] == [ids[9], ids[8], ids[6], ids[2], ids[0]]
+
+
+@asynccontextmanager
+async def snapshot_held(
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[tuple[threading.Event, threading.Event, threading.Event]]:
+    """Once ``arm`` is set, the next refill of a head stops inside its read transaction,
+    on its reader's thread, right after its first statement (the snapshot is taken), and
+    sets ``inside``; it reads on (in that snapshot) when ``release`` is set."""
+    from hive_orchestration.storage.sqlite import queues
+
+    arm, inside, release = threading.Event(), threading.Event(), threading.Event()
+    load_heads = queues._load_heads
+
+    def held(heads: Any, limit: int) -> Any:
+        job = load_heads(heads, limit)
+        if heads is None or not arm.is_set() or inside.is_set():
+            return (yield from job)
+        rows = yield next(job)
+        inside.set()
+        assert release.wait(10), "never released"
+        try:
+            while True:
+                rows = yield job.send(rows)
+        except StopIteration as done:
+            return done.value
+
+    monkeypatch.setattr(queues, "_load_heads", held)
+    try:
+        yield arm, inside, release
+    finally:
+        release.set()
+
+
+@pytest.mark.sqlite_only("a refill reads on a reader of its own, in a WAL snapshot")
+async def test_a_refill_reads_a_snapshot_while_commits_change_its_tasks(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refill runs on a read-only connection of its own, in one read transaction: held
+    open inside it (its snapshot taken, before any of the changes below), commits go on
+    (on the write connection the first would wait for the read), creating tasks before,
+    inside and after the range it reads, cancelling one task of its answer and deleting
+    another. Its answer, older than those commits, still hands every task out once, in
+    claim order, and neither the cancelled task nor the deleted one."""
+    async with snapshot_held(monkeypatch) as (arm, inside, release), runtime(db_path) as rt:
+        ids = {p: await rt.create_task("job", priority=p) for p in (9, 8, 6, 4, 3, 2, 0)}
+        got = [await rt.claim_task("w", "job")]
+        arm.set()
+        got.append(await rt.claim_task("w", "job"))  # the head runs low: a refill
+        with anyio.fail_after(10):
+            assert await anyio.to_thread.run_sync(inside.wait, 5), "no refill was held"
+            nine = await rt.create_task("job", priority=9)
+            five = await rt.create_task("job", priority=5)
+            one = await rt.create_task("job", priority=1)
+            cancelled = await rt.cancel_task(ids[6])  # in the snapshot's answer, queued
+            assert cancelled.status.value == "cancelled"
+            assert await rt.delete_task(ids[4])  # in the answer, gone from storage
+        release.set()
+        got += await claim_all(rt, "job")
+        assert [c.task.id for c in got if c is not None] == [
+            ids[9],
+            ids[8],
+            nine,
+            five,
+            ids[3],
+            ids[2],
+            one,
+            ids[0],
+        ]
 
 
 async def test_concurrent_creators_and_claimers_hand_out_every_task_once(db_path: str) -> None:
@@ -377,10 +456,12 @@ async def test_a_heads_read_is_decoded_and_taken_in_a_slice_at_a_time(
 ) -> None:
     """Reading a head of 1 024 tasks and taking it in hold the event loop a slice of at
     most 256 tasks at a time (counted, not timed): the decoding in storage and the
-    TaskManager's taking in each give the loop back between slices."""
+    TaskManager's taking in each give the loop back between slices. The rows themselves
+    are read on a reader's thread, in one hop, none on the loop's."""
     from hive_orchestration.actors.task_manager import heads
     from hive_orchestration.storage.sqlite import queues, store
 
+    loop_thread = threading.get_ident()
     # "row" (a task decoded), "take" (taken in); the loop runs at a "yield" and at a
     # "read" (an await on the connection's thread), and between two tasks' steps.
     steps: list[str] = []
@@ -388,20 +469,26 @@ async def test_a_heads_read_is_decoded_and_taken_in_a_slice_at_a_time(
     take_in = TaskManager._take_in
     checkpoint = anyio.lowlevel.checkpoint
     shielded = anyio.lowlevel.cancel_shielded_checkpoint
+    readers: set[int] = set()  # the threads the reads' statements ran on
 
     def row(*args: Any) -> Any:
-        steps.append("row")
+        steps.append("row" if threading.get_ident() == loop_thread else "row-off")
         return task_from_row(*args)
 
     def take(*args: Any) -> None:
         steps.append("take")
         take_in(*args)
 
-    fetchall = store._Checked.fetchall
+    snapshot = store._Checked.snapshot
+    load_heads = queues._load_heads
 
     async def read(*args: Any) -> Any:
         steps.append("read")
-        return await fetchall(*args)
+        return await snapshot(*args)
+
+    def job(*args: Any) -> Any:
+        readers.add(threading.get_ident())
+        return (yield from load_heads(*args))
 
     async def pause() -> None:
         steps.append("yield")
@@ -416,8 +503,9 @@ async def test_a_heads_read_is_decoded_and_taken_in_a_slice_at_a_time(
         for _ in range(6):
             await rt.create_tasks([{"task_type": "job", "payload": {"n": n}} for n in range(512)])
     monkeypatch.setattr(queues, "task_from_row", row)
+    monkeypatch.setattr(queues, "_load_heads", job)
     monkeypatch.setattr(TaskManager, "_take_in", take)
-    monkeypatch.setattr(store._Checked, "fetchall", read)
+    monkeypatch.setattr(store._Checked, "snapshot", read)
     monkeypatch.setattr(anyio.lowlevel, "checkpoint", pause)
     monkeypatch.setattr(anyio.lowlevel, "cancel_shielded_checkpoint", shielded_pause)
     async with runtime(db_path, head=head) as rt:  # opening reads the head: 1 024 rows
@@ -430,6 +518,9 @@ async def test_a_heads_read_is_decoded_and_taken_in_a_slice_at_a_time(
         return max(len(list(run)) for step, run in itertools.groupby(steps) if step == kind)
 
     assert steps.count("row") >= 2 * head
+    assert "row-off" not in steps
     assert steps.count("take") >= head
     assert longest("row") <= heads.TAKE_SLICE
     assert longest("take") <= heads.TAKE_SLICE
+    assert readers
+    assert loop_thread not in readers

@@ -815,3 +815,137 @@ async def test_the_client_that_broke_the_protocol_is_told_why_and_what_is_true(
         assert "length <= 64" in str(error)
         assert "lost the runtime" not in str(error)
     assert "may or may not have been applied" in str(results["waiting"])
+
+
+# -- values nested too deeply to decode ---------------------------------------------------
+
+#: A msgpack value nested 5 000 deep (arrays of one element): msgspec refuses it with a
+#: RecursionError, not a DecodeError, whether it decodes it or skips it.
+_DEEP = b"\x91" * 5_000 + b"\x90"
+
+
+def _deep_body(message: dict[str, object]) -> bytes:
+    """``message`` as one frame, with the None it ends with (its last field's value,
+    or that value's last) replaced by a value nested too deeply."""
+    body = msgspec.msgpack.encode(message)
+    assert body.endswith(b"\xc0")
+    body = body[:-1] + _DEEP
+    return struct.pack(">I", len(body)) + body
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        # Arguments that are no map, nested too deeply.
+        _deep_body({"kind": "call", "id": 3, "op": "get_task", "args": None}),
+        # A field no frame has, skipped by the decoder, nested too deeply.
+        _deep_body({"kind": "call", "id": 4, "op": "get_task", "extra": None}),
+    ],
+    ids=["nested arguments", "a nested unknown field"],
+)
+async def test_a_frame_nested_too_deeply_is_answered_why_and_the_server_serves_on(
+    db_path: str, anyio_backend: str, sent: bytes
+) -> None:
+    # msgspec raises RecursionError for a value nested past its limit, whether it
+    # decodes or skips it: the server took it for no frame error, and the connection's
+    # task died of it (the peer was told nothing). The call's id cannot be read (the
+    # head is read by skipping the rest), so only the connection's notice comes.
+    async with Runtime.open(db_path, config=RuntimeConfig(remote_timeout=60.0)) as runtime:
+        server = runtime._server
+        assert server is not None
+        assert server.address
+
+        def talk() -> list[Any]:
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(DEADLINE)
+            sock.connect(connect_path(server.address or ""))
+            try:
+                sock.sendall(frame(Hello(PROTOCOL_VERSION)))
+                assert isinstance(_read_frame(sock), Welcome)
+                sock.sendall(sent)
+                frames = []
+                while True:
+                    try:
+                        frames.append(_read_frame(sock))
+                    except EOFError:
+                        return frames
+            finally:
+                sock.close()
+
+        frames = await anyio.to_thread.run_sync(talk)
+        assert await runtime.client().list_tasks() == []
+        # Another connection is served as before.
+        async with RemoteRuntime.connect(server.address) as remote:
+            listed = await remote.call("list_tasks", {}, agent=None, correlation=None, returns=Any)
+        assert listed == []
+    notice = frames[-1]
+    assert isinstance(notice, Failure), frames
+    assert (notice.id, notice.type) == (0, "HiveError")
+    assert "not a frame of this protocol" in notice.message
+    assert len(frames) == 1, frames
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        lambda i: _deep_body(
+            {"kind": "failure", "id": i, "type": "HiveError", "message": "x", "attrs": {"a": None}}
+        ),
+        lambda i: _deep_body({"kind": "result", "id": i, "value": None}),
+    ],
+    ids=["failure attributes", "a result"],
+)
+async def test_a_servers_frame_nested_too_deeply_fails_the_call_not_the_client(
+    anyio_backend: str, answer: Callable[[int], bytes]
+) -> None:
+    # A hostile server's answer nested too deeply: the call fails with the package's
+    # error (the frame decoded as the reader reads it, or the value as the call
+    # decodes it), the client never raises RecursionError out of its block.
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(SocketAttribute.local_port)
+    with anyio.fail_after(DEADLINE):
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(_crafted_server, listener, {"get_task": answer})
+            async with OrchestrationClient(url=f"hive://127.0.0.1:{port}") as client:
+                with pytest.raises(HiveError, match="nested too deeply"):
+                    await client.get_task("t1")
+            tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("idle", [0.0, -1.0])
+async def test_a_servers_idle_limit_of_nothing_does_not_make_the_client_ping_without_pause(
+    anyio_backend: str, idle: float
+) -> None:
+    # The client pings at a quarter of the idle limit the welcome says: a welcome of
+    # idle 0 (or less) made it ping in a loop with no pause, as fast as the socket took
+    # the pings, its event loop busy with nothing else. It pings at most ten times a
+    # second whatever the welcome says (a server's real limit is seconds).
+    pings = 0
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(SocketAttribute.local_port)
+
+    async def serve(stream: Any) -> None:
+        nonlocal pings
+        reader = FrameReader(stream, ClientFrame, 1 << 20)
+        async with stream:
+            try:
+                while True:
+                    message = await reader.read()
+                    if isinstance(message, Hello):
+                        hello = Welcome(
+                            PROTOCOL_VERSION, 1, "/nowhere", 1 << 20, 8, 100, "error", idle=idle
+                        )
+                        await stream.send(frame(hello))
+                    elif isinstance(message, Ping):
+                        pings += 1
+                        await stream.send(frame(Pong(message.nonce)))
+            except (anyio.EndOfStream, anyio.BrokenResourceError, FrameError):
+                pass
+
+    with anyio.fail_after(DEADLINE):
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, serve)
+            async with OrchestrationClient(url=f"hive://127.0.0.1:{port}"):
+                await anyio.sleep(1.0)
+            tg.cancel_scope.cancel()
+    assert pings <= 12, f"{pings} pings in a second"

@@ -241,13 +241,22 @@ class Runtime(
             if config.read_connections and store.readers
             else None
         )
-        if readers is not None:
+        # The TaskManager's refills: a reader of their own, where the store allows it
+        # (one refill is in flight at a time; a few more wait while a restarted
+        # TaskManager's first comes).
+        heads = (
+            ReaderPool(store, size=1, queue=8)
+            if config.read_connections and store.readers and store.head_reader
+            else None
+        )
 
-            def poke_storage() -> None:
-                with suppress(RuntimeStoppedError):  # a full mailbox: the next batch checks
-                    storage.try_tell(CheckReaders())
+        def poke_storage() -> None:
+            with suppress(RuntimeStoppedError):  # a full mailbox: the next batch checks
+                storage.try_tell(CheckReaders())
 
-            readers.poke = poke_storage
+        for pool in (readers, heads):
+            if pool is not None:
+                pool.poke = poke_storage
 
         # Where several runtimes write one database (PostgreSQL): what publishes every
         # node's events, beside the storage actor (None: the storage actor publishes).
@@ -260,7 +269,9 @@ class Runtime(
         # other nodes' events the feed reads (across the broadcast actor's restarts).
         interest = InterestCell()
         feed = store.log_feed(publisher(broadcast), ready_elsewhere, interest.get)
-        storage_services = tuple(service.run for service in (readers, feed) if service is not None)
+        storage_services = tuple(
+            service.run for service in (readers, heads, feed) if service is not None
+        )
         # Where several runtimes share one database: one leads, doing what dead nodes leave
         # (a service of the last actor: every actor it tells has started by then).
         leader = store.leadership(ActorDuties(tasks, workers, schedules, plans))
@@ -315,7 +326,9 @@ class Runtime(
                 ChildSpec(broadcast, lambda: BroadcastActor(subscription_ids, interest)),
                 ChildSpec(
                     storage,
-                    lambda: StorageActor(store, config, broadcast, readers=readers, feed=feed),
+                    lambda: StorageActor(
+                        store, config, broadcast, readers=readers, feed=feed, heads=heads
+                    ),
                     services=storage_services,
                 ),
                 ChildSpec(tasks, task_manager, services=(alarm.run,)),

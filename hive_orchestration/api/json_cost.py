@@ -41,6 +41,11 @@ _EMPTY_DICT = 64
 _DICT = 170  # and 54 per entry: at least what a dict of any size takes (224 for 1 to 5)
 _ENTRY = 54
 _LIST = 56  # and 8 per element
+#: What a list that is not empty holds beyond that: the JSON decoder grows a list as it
+#: reads it (4 slots for 1 to 4 elements, 8 for 5 to 8, 16 for 9 to 16, then about an
+#: eighth over), so its spare slots take at most this, and _SPARE_SLOT per element.
+_LIST_SPARE = 24
+_SPARE_SLOT = 4
 _STR = 49  # and a byte per byte of text
 _WIDE_STR = 76  # and 4 bytes a character: text with a character past U+00FF
 _NUMBER = 32  # an int past the small ones CPython shares (-5 to 256), or a float (24)
@@ -90,8 +95,8 @@ def rough_cost(data: bytes) -> int:
         8 * slots
         + _DICT * dicts
         + _ENTRY * entries
-        + _LIST * lists
-        + 8 * (lists + commas)
+        + (_LIST + _LIST_SPARE) * lists
+        + (8 + _SPARE_SLOT) * (lists + commas)
         + head * strings
         + per_byte * len(data)
         + _NUMBER * min(1 + lists + commas + entries, signed_digits // 2)
@@ -140,6 +145,7 @@ def exact_cost(data: bytes) -> int:
         + _DICT * full_dicts
         + _ENTRY * entries
         + _LIST * lists
-        + 8 * elements
+        + _LIST_SPARE * (lists - empty_lists)
+        + (8 + _SPARE_SLOT) * elements
         + _NUMBER * costly
     )

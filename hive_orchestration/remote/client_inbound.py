@@ -134,10 +134,16 @@ def deliver(
     feed.push(entries)
 
 
+#: The shortest pause between two pings.
+_LEAST_PING = 0.1
+
+
 async def keepalive(remote: RemoteRuntime, silence: float) -> None:
     """Ping while quiet; a server silent for ``silence`` seconds is gone. Pings come
     often enough for the server's own idle limit too."""
-    interval = min(silence / 4, remote._welcome.idle / 4, 5.0)
+    # At most ten a second whatever the welcome says: a server's idle limit is seconds,
+    # and one of 0 (or less, or no number) would make this a loop with no pause.
+    interval = max(min(silence / 4, remote._welcome.idle / 4, 5.0), _LEAST_PING)
     nonce = itertools.count(1)
     while True:
         await anyio.sleep(interval)

@@ -274,15 +274,18 @@ _AT = re.compile(r" - at `\$\.([A-Za-z_]+)")
 
 def _undecodable(body: bytes | bytearray | memoryview, exc: Exception) -> FrameError:
     """The FrameError of a body that did not decode as a frame: the call or
-    subscription it opens, if its kind and id can be read, and the field at fault."""
+    subscription it opens, if its kind and id can be read, and the field at fault.
+    msgspec raises RecursionError for a value nested past its limit, whether it decodes
+    or skips it (then the head, whose other fields are skipped, cannot be read)."""
     try:
         head = _head.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         head = _Head()
     opened = head.id if head.kind in ("call", "subscribe") and head.id > 0 else 0
     at = _AT.search(str(exc))
+    reason = "a value is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
     return FrameError(
-        f"not a frame of this protocol: {exc}",
+        f"not a frame of this protocol: {reason}",
         call_id=opened,
         field=at.group(1) if at else "frame",
     )
@@ -358,7 +361,7 @@ class FrameReader:
                 )
         try:
             return self._decoder.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
             raise _undecodable(body, exc) from None
 
     async def _receive(self) -> None:

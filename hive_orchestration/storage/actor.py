@@ -40,7 +40,7 @@ from .commit import _Pending, publish_to, publisher
 from .grouping import _in_order as _in_order
 from .grouping import _row_statements as _row_statements
 from .port import Driver, LogFeed, Store, StoreError
-from .readers import POOLED, ReaderPool
+from .readers import POOLED, ReaderPool, on_head_reader
 from .retention import trimmed_through
 from .store import open_store
 
@@ -69,14 +69,18 @@ class StorageActor(Actor[StorageMessage]):
         read_only: bool = False,
         readers: ReaderPool | None = None,
         feed: LogFeed | None = None,
+        heads: ReaderPool | None = None,
     ) -> None:
         """``feed``: the store's log feed (:meth:`~.port.Store.log_feed`), which then
-        publishes the committed events instead of this actor (``events`` is not used)."""
+        publishes the committed events instead of this actor (``events`` is not used).
+        ``heads``: the reader of the TaskManager's refills (readers.py); None: they run
+        on the write connection."""
         self.max_batch = config.max_batch
         self._feed = feed
         self._origin = "" if feed is None else feed.origin
         #: Where the large reads go (see readers.py); None: all on the write connection.
         self._readers = readers
+        self._heads = heads
         self._read_only = read_only
         self._store = open_store(store, config) if isinstance(store, str) else store
         self._sql = self._store.sql
@@ -125,11 +129,12 @@ class StorageActor(Actor[StorageMessage]):
     async def receive_batch(self, batch: Sequence[Envelope[StorageMessage]]) -> None:
         # All the writes of a batch are one unit: if the actor crashes in it, every writer
         # hears so. Reads are started one by one, so a crash hands the unstarted ones on.
-        if self._readers is not None:
-            # A reader's read crashed: crash as that read would have on the write
-            # connection, before anything of this batch starts (it all goes on to the
-            # replacement), so that the supervisor restarts and reports it as ever.
-            self._readers.raise_crash()
+        for pool in (self._readers, self._heads):
+            if pool is not None:
+                # A reader's read crashed: crash as that read would have on the write
+                # connection, before anything of this batch starts (it all goes on to the
+                # replacement), so that the supervisor restarts and reports it as ever.
+                pool.raise_crash()
         writes: list[_Pending] = []
         for envelope in batch:
             if isinstance(envelope.message, Write):
@@ -154,6 +159,8 @@ class StorageActor(Actor[StorageMessage]):
             if self._readers is not None and isinstance(message, POOLED):
                 # After this batch's writes committed: the read sees them (readers.py).
                 await self._readers.submit((self._reader_job(envelope), envelope.fail))
+            elif self._heads is not None and on_head_reader(message):
+                await self._heads.submit((self._reader_job(envelope), envelope.fail))
             else:
                 await self._answer(envelope)
 

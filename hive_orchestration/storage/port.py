@@ -12,8 +12,10 @@ Nothing here imports a database library: a store's own modules do, and only they
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection, Sequence
-from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias
+from collections.abc import Awaitable, Callable, Collection, Generator, Sequence
+from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias, TypeVar
+
+import anyio
 
 from ..errors import StorageError, StorageFault
 from ..messages.events import Interest, Publish
@@ -81,6 +83,7 @@ __all__ = [
     "Params",
     "Publisher",
     "QueueKey",
+    "ReadJob",
     "ReadyNotified",
     "Row",
     "Statement",
@@ -104,6 +107,12 @@ QueueKey: TypeAlias = tuple[str, tuple[str, ...], str | None]
 ReadyNotified: TypeAlias = Callable[[tuple[QueueKey, ...] | None], None]
 Statement: TypeAlias = tuple[str, Params]
 Row: TypeAlias = tuple[object, ...]
+_T = TypeVar("_T")
+#: A read of several statements, each chosen from the rows of those before it: a generator
+#: that yields each statement, is sent its rows, and returns its answer. Plain code with no
+#: await in it, so a driver may run it whole on its connection's thread (decoding included)
+#: as one hop, in one read transaction (:meth:`Driver.snapshot`).
+ReadJob: TypeAlias = Generator[Statement, list[Row], _T]
 
 StoreKind: TypeAlias = Literal["sqlite", "postgres"]
 
@@ -188,6 +197,23 @@ class Driver:
 
     async def fetchall(self, sql: str, params: Params = ()) -> list[Row]:
         raise NotImplementedError
+
+    async def snapshot(self, job: ReadJob[_T]) -> _T:
+        """Run ``job`` in one read transaction: every statement of it sees the database as
+        of one commit, whatever commits meanwhile. This default drives it one statement per
+        trip, on the event loop; the SQLite drivers run it whole on their thread."""
+        await self.execute("BEGIN")
+        try:
+            rows: list[Row] | None = None
+            while True:
+                statement = next(job) if rows is None else job.send(rows)
+                rows = await self.fetchall(*statement)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        finally:
+            # A read: nothing to keep; ending it lets go of the snapshot.
+            with anyio.CancelScope(shield=True):
+                await self.execute("ROLLBACK")
 
     async def transaction(self, statements: Sequence[Statement]) -> None:
         """Apply ``statements`` in order in one transaction: all of them, or none.
@@ -403,7 +429,9 @@ class Store(Protocol):
     - Attributes: ``kind`` (:data:`StoreKind`); ``display`` (what the user named, shown in
       errors, logs and ``StorageStats.path``; never a password); ``memory`` (the data
       lives inside this process: no socket is served for it); ``readers`` (whether
-      :meth:`open_reader` may be used: the reader pool is made only then); ``sql``
+      :meth:`open_reader` may be used: the reader pool is made only then);
+      ``head_reader`` (whether the TaskManager's refills of its heads may be read on a
+      reader of their own, :data:`~.readers.on_head_reader`); ``sql``
       (:class:`StoreSql`, the store's SQL families).
     - :meth:`claim` -> :class:`StoreClaim`: ownership (one runtime at a time; records the
       socket address). Called once, before :meth:`open`, by ``Runtime.open``.
@@ -465,6 +493,15 @@ class Store(Protocol):
     @property
     def readers(self) -> bool:
         """Whether :meth:`open_reader` may be used (a reader pool is made only then)."""
+        ...
+
+    @property
+    def head_reader(self) -> bool:
+        """Whether a refill of the TaskManager's heads (a :class:`LoadQueueHeads` naming
+        its queues) may run on a read-only connection of its own, in one read transaction,
+        rather than between the commits of the write connection: true only where this
+        runtime is the database's one writer, so that a commit the read does not show is
+        one the TaskManager made after asking, which it knows of (storage/readers.py)."""
         ...
 
     @property

@@ -313,8 +313,17 @@ def take_locked(tm: TaskManager, work: _Batch, loaded: LockedHeads, limit: int) 
             task = tm._tasks.get(task_id)
             if task is None or task_id in locked or task_id in work.undo:
                 continue
-            if last is not None and entry[:3] > last[:3]:
-                continue  # beyond what was locked: left as it is
+            # Beyond what was locked: left as it is, and handed out unlocked (its fence
+            # checks its version) if claims want more than the lock took; but a backoff
+            # read from storage ends by the database's clock, which only the lock looks
+            # at: memory lets go of such a task (the next lock takes it once it is due),
+            # as it holds it ready by its own wall clock.
+            if (
+                last is not None
+                and entry[:3] > last[:3]
+                and (task.available_at is None or task_id in tm._own_backoffs)
+            ):
+                continue
             tm._index(task, None)
             tm._drop(task_id)
             dropped = True

@@ -8,10 +8,13 @@ through the partial index ``idx_tasks_ready``, when fewer than half are left: on
 read before a batch, for every queue that ran low, so claims are answered from memory and
 wait for storage only when a head ran dry (a claim that would otherwise get a worse task,
 or none, while better ones are in storage waits for that read, made right after the
-batch's commit). The reads happen between batches: the last commit is done and no other
-is in flight, and the TaskManager is the only writer of tasks, so a read sees exactly the
-state memory was built on, and a task created or changed meanwhile cannot be missed or
-held twice. A task queued after its queue's bound (created, requeued or released by its
+batch's commit). A read is sent between batches, with no commit of this actor in flight,
+and the TaskManager is the only writer of tasks; storage serves it in one read
+transaction, on a reader of its own (SQLite) or between its commits, at some point
+before the answer comes: it shows the state memory was built on, plus some of the
+batches since, and what those batches did is recorded against the read and reconciled
+as it is taken in (:func:`take_refill`), so a task created or changed meanwhile cannot
+be missed or held twice. A task queued after its queue's bound (created, requeued or released by its
 plan) is written and left to storage once committed; a head that grew past twice its
 size (better tasks than its bound) lets go of its worst. A task memory does not hold (the
 backlog, blocked subtasks, long-finished tasks) is read with its runs when a change is

@@ -313,19 +313,29 @@ class DatabaseClaim:
     def touch(self) -> bool:
         """Run a statement on the claim's own session (blocking: call it from a worker
         thread), so that its ``pg_stat_activity.state_change`` is now by the database's
-        clock: the node's sign of life to the leader while it has no poll session of its
-        own (``storage/pg/leader.py``). False, doing nothing, when that session is lost
-        (the next write connection takes the claim again) or the statement failed."""
+        clock: the node's sign of life to the leader (``storage/pg/leader.py``), which
+        runs it at each poll. A session found lost (the server ended it: a restart, or
+        ``pg_terminate_backend``) is opened again and the node's lock taken again at
+        once: else a node whose write connection lived on kept its lock free, and the
+        leader took it for dead and recovered its claims while it ran them. False when
+        the session was lost or the statement failed (then taken again if it can be)."""
         with self._lock:
+            if self._released:
+                return False
             conn = self._conn
-            if self._released or connection_lost(conn):
-                return False
-            assert conn is not None
+            if not connection_lost(conn):
+                assert conn is not None
+                try:
+                    conn.execute("SELECT 1")
+                    return True
+                except psycopg.Error:
+                    if not connection_lost(conn):
+                        return False
             try:
-                conn.execute("SELECT 1")
-            except psycopg.Error:
-                return False
-            return True
+                self._take()
+            except StorageError as exc:
+                log.warning("node %s could not take its lock again: %s", self.node_id, exc)
+            return False
 
     def _held_by(self, conn: Connection, backend: int) -> bool:
         """Whether the server session ``backend`` holds the node's lock (asked on ``conn``)."""

@@ -50,8 +50,9 @@ the *leader* (pg-design 4.3):
   fenced by its row still naming the stuck node. Its claims are the lease reaper's
   (above): requeued within the lease bound. A live node that cannot poll (its poll
   connection refused: ``too many connections``; or its poll lock held by a lost session
-  of its own) is not stuck: it runs a statement at each poll on its own session instead
-  (the claim's, holding its node lock: ``DatabaseClaim.touch``), and the leader takes
+  of its own) is not stuck: it runs a statement at each poll on its own session too
+  (the claim's, holding its node lock: ``DatabaseClaim.touch``, which also opens that
+  session again and takes the lock again if the server ended it), and the leader takes
   for stuck only a node neither of whose two sessions ran one within the bound, by the
   database's clock. Seeing another user's session state takes the same database user or
   ``pg_read_all_stats``; a node whose poll session's state the leader cannot see is
@@ -293,10 +294,11 @@ class Leader:
                     delay = min(delay * 2, _RETRY[1])
                     continue
                 delay = _RETRY[0]
-                if not self._polling:
-                    # Polling, but its poll lock is held by a lost session of its own
-                    # (whose idle time grows): the sign of life is its own session's.
-                    await anyio.to_thread.run_sync(self._sign_of_life, limiter=limiter)
+                # A statement on its own session at each poll: the sign of life when its
+                # poll lock is held by a lost session of its own (whose idle time grows),
+                # and how a session of its own the server ended is found and its node
+                # lock taken again (DatabaseClaim.touch), before the leader's grace.
+                await anyio.to_thread.run_sync(self._sign_of_life, limiter=limiter)
                 await self._duties.leading(self._epoch)
                 self._polled.set()
                 if found is not None:
@@ -323,8 +325,8 @@ class Leader:
 
     def _sign_of_life(self) -> None:
         """A statement on the node's own session, whose idle time the leader reads beside
-        the poll session's (:meth:`_stuck`); nothing when it is lost (the node's lock
-        is then free: the node is dead to the leader until it takes it again)."""
+        the poll session's (:meth:`_stuck`); a session found lost is opened again and
+        the node's lock taken again (its lock was free meanwhile: the node looked dead)."""
         if self._touch is not None and not self._touch():
             log.debug("leader: node %s could not give its sign of life", self.node_id)
 

@@ -57,6 +57,9 @@ class PostgresStore:
     kind: StoreKind = "postgres"
     memory = False
     readers = True
+    #: Several nodes write the tasks; a refill stays on the write connection, where the
+    #: store's own reads of the heads were built and proved (not measured on a reader).
+    head_reader = False
 
     def __init__(self, url: str, config: RuntimeConfig) -> None:
         self.url = url

@@ -34,7 +34,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from ...errors import ConfigError
-from ..port import Driver, Params, Row, Statement, StoreError, coalesce
+from ..port import Driver, Params, ReadJob, Row, Statement, StoreError, coalesce
 from ..port import check_updated as _check_updated
 from .faults import IntegrityStoreError, store_error
 
@@ -129,6 +129,25 @@ def _fetchall_sync(conn: sqlite3.Connection, sql: str, params: Params) -> list[R
         cursor.close()
 
 
+def _snapshot_sync(conn: sqlite3.Connection, job: ReadJob[_R]) -> _R:
+    """Run a read job whole, in one read transaction (``BEGIN``: deferred, so its first
+    SELECT takes the WAL snapshot every later statement of it sees), decoding included:
+    the event loop waits for one hop and gets the answer."""
+    _execute_sync(conn, "BEGIN")
+    try:
+        rows: list[Row] | None = None
+        while True:
+            statement = next(job) if rows is None else job.send(rows)
+            rows = _fetchall_sync(conn, *statement)
+    except StopIteration as done:
+        return cast(_R, done.value)
+    finally:
+        # A read: nothing to keep; ending it lets go of the snapshot (and of the WAL
+        # frames it pinned, which a checkpoint may then copy).
+        if conn.in_transaction:
+            _execute_sync(conn, "ROLLBACK")
+
+
 class ThreadDriver(Driver):
     name = "thread"
 
@@ -160,6 +179,12 @@ class ThreadDriver(Driver):
     async def fetchall(self, sql: str, params: Params = ()) -> list[Row]:
         return await anyio.to_thread.run_sync(
             _fetchall_sync, self._conn, sql, params, limiter=self._limiter
+        )
+
+    @_as_store_errors
+    async def snapshot(self, job: ReadJob[_R]) -> _R:
+        return await anyio.to_thread.run_sync(
+            _snapshot_sync, self._conn, job, limiter=self._limiter
         )
 
     @_as_store_errors
@@ -232,6 +257,14 @@ class AiosqliteDriver(Driver):
             return cast("list[Row]", await self._run(_fetchall_sync, sql, params))
         async with self._conn.execute(sql, params) as cursor:  # closed on aiosqlite's thread
             return [tuple(row) for row in await cursor.fetchall()]
+
+    @_as_store_errors
+    async def snapshot(self, job: ReadJob[_R]) -> _R:
+        if self._run is not None:
+            # Shielded as a transaction is: the thread runs the job to its end anyway.
+            with anyio.CancelScope(shield=True):
+                return cast(_R, await self._run(_snapshot_sync, job))
+        return await super().snapshot(job)
 
     async def _statement(self, sql: str, params: Params = ()) -> int:
         """One statement run to its end, its cursor closed; its rowcount."""

@@ -4,7 +4,10 @@ A ready queue is the queued tasks of one (task type, requirement list, concurren
 in claim order: priority highest first, then ``created_at``, then id (time-ordered ids:
 creation order). The TaskManager keeps the best tasks of each queue in memory and asks
 for the next ones after the last it holds; each ask is a range scan of the partial index
-``idx_tasks_ready`` (schema version 9), whatever the size of the backlog.
+``idx_tasks_ready`` (schema version 9), whatever the size of the backlog. A read of
+heads runs whole on the connection's thread (a :data:`~..port.ReadJob`: its statements
+in one read transaction), on a reader of its own for a refill (``storage/readers.py``),
+so the commits do not wait for it; its rows are decoded on the loop, a slice at a time.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from ...messages.storage import (
     TasksWithRuns,
 )
 from ...messages.tasks import Run, Task
-from ..port import Driver
+from ..port import Driver, ReadJob, Row, Statement
 from ..rows import (
     RUN_COLUMNS,
     TASK_COLUMNS,
@@ -97,13 +100,14 @@ def requires_text(requires: Sequence[str]) -> str | None:
 async def query_queues(db: Driver, message: StorageMessage) -> object:
     match message:
         case LoadQueueHeads(heads=heads, limit=limit):
-            if heads is None:
-                heads = tuple(await _all_queues(db))
-            loaded: list[tuple[QueueHead, tuple[Task, ...]]] = []
-            for head in heads:
-                loaded.append((head, tuple(await _head(db, head, limit))))
-            ids = [task.id for _, tasks in loaded for task in tasks]
-            return QueueHeads(tuple(loaded), tuple(await _runs_of(db, ids)))
+            # One read transaction, run whole on the connection's thread: a reader's, for a
+            # refill (storage/actor.py), so no commit waits for it. Decoded here, a slice
+            # at a time (rows.decoded): decoded on the reader's thread, the rows held the
+            # GIL there in turns of the switch interval (5 ms), which the loop waited out.
+            read, run_rows = await db.snapshot(_load_heads(heads, limit))
+            loaded = [(head, tuple(await decoded(rows, task_from_row))) for head, rows in read]
+            runs = await decoded(run_rows, run_from_row)
+            return QueueHeads(tuple(loaded), tuple(runs))
         case FetchTasks(task_ids=task_ids):
             tasks: list[Task] = []
             for start in range(0, len(task_ids), _IDS_PER_QUERY):
@@ -160,39 +164,49 @@ async def query_queues(db: Driver, message: StorageMessage) -> object:
     raise TypeError(f"not a queue query: {type(message).__name__}")  # pragma: no cover
 
 
-async def _all_queues(db: Driver) -> list[QueueHead]:
-    rows = await db.fetchall(_QUEUES)
-    return [
-        QueueHead(str(task_type), _parse_requires(requires), cast("str | None", key))
-        for task_type, requires, key in rows
-    ]
-
-
-async def _head(db: Driver, head: QueueHead, limit: int) -> list[Task]:
-    queue = (head.task_type, requires_text(head.requires), head.concurrency_key)
-    # Decoded a slice at a time (rows.decoded), letting the event loop run between
-    # slices: a head of 1 024 tasks in one go held the loop 5 to 9 ms.
-    if head.after is None:
-        rows = await db.fetchall(_FIRST, (*queue, limit))
-        return await decoded(rows, task_from_row)
-    priority, created_at, task_id = head.after
-    rows = await db.fetchall(_SAME_PRIORITY, (*queue, priority, _text(created_at), task_id, limit))
-    if len(rows) < limit:
-        rows += await db.fetchall(_LOWER, (*queue, priority, limit - len(rows)))
-    return await decoded(rows, task_from_row)
+def _load_heads(
+    heads: tuple[QueueHead, ...] | None, limit: int
+) -> ReadJob[tuple[list[tuple[QueueHead, list[Row]]], list[Row]]]:
+    """The rows of the next ``limit`` tasks of each of ``heads`` (``None``: every ready
+    queue's first), and of their runs, as one :data:`~..port.ReadJob`."""
+    if heads is None:
+        heads = tuple(
+            QueueHead(str(task_type), _parse_requires(requires), cast("str | None", key))
+            for task_type, requires, key in (yield (_QUEUES, ()))
+        )
+    loaded: list[tuple[QueueHead, list[Row]]] = []
+    for head in heads:
+        queue = (head.task_type, requires_text(head.requires), head.concurrency_key)
+        if head.after is None:
+            rows = yield (_FIRST, (*queue, limit))
+        else:
+            priority, created_at, task_id = head.after
+            rows = yield (_SAME_PRIORITY, (*queue, priority, _text(created_at), task_id, limit))
+            if len(rows) < limit:
+                rows += yield (_LOWER, (*queue, priority, limit - len(rows)))
+        loaded.append((head, rows))
+    ids = [str(row[0]) for _, rows in loaded for row in rows]  # TASK_COLUMNS: id first
+    runs: list[Row] = []
+    for start in range(0, len(ids), _IDS_PER_QUERY):
+        runs += yield _runs_statement(ids[start : start + _IDS_PER_QUERY])
+    return loaded, runs
 
 
 async def _runs_of(db: Driver, task_ids: Sequence[str]) -> list[Run]:
     runs: list[Run] = []
     for start in range(0, len(task_ids), _IDS_PER_QUERY):
-        chunk = tuple(task_ids[start : start + _IDS_PER_QUERY])
-        marks = ", ".join("?" * len(chunk))
-        sql = (
-            f"SELECT {RUN_COLUMNS} FROM runs WHERE task_id IN ({marks})"
-            " ORDER BY task_id, run_number, rowid"
-        )
-        runs += await decoded(await db.fetchall(sql, chunk), run_from_row)
+        rows = await db.fetchall(*_runs_statement(task_ids[start : start + _IDS_PER_QUERY]))
+        runs += await decoded(rows, run_from_row)
     return runs
+
+
+def _runs_statement(task_ids: Sequence[str]) -> Statement:
+    marks = ", ".join("?" * len(task_ids))
+    sql = (
+        f"SELECT {RUN_COLUMNS} FROM runs WHERE task_id IN ({marks})"
+        " ORDER BY task_id, run_number, rowid"
+    )
+    return sql, tuple(task_ids)
 
 
 def _text(value: datetime) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import anyio
 import anyio.to_thread
@@ -25,6 +26,7 @@ from ..port import (
     LogFeed,
     Params,
     Publisher,
+    ReadJob,
     ReadyNotified,
     Row,
     Statement,
@@ -48,6 +50,7 @@ from .sql import SqliteSql
 __all__ = ["SqliteStore", "open_store"]
 
 _SQL = SqliteSql()
+_T = TypeVar("_T")
 
 
 class SqliteStore:
@@ -67,6 +70,11 @@ class SqliteStore:
         """A file only: a shared-cache memory database has no WAL, so a reader there
         would wait for the writer's lock (and a private one is this connection's alone)."""
         return not self._target.memory and not self._target.uri
+
+    @property
+    def head_reader(self) -> bool:
+        """One runtime writes the file: a refill may run on a reader (a WAL snapshot)."""
+        return self.readers
 
     @property
     def target(self) -> Target:
@@ -161,6 +169,12 @@ class _Checked(Driver):
     async def fetchall(self, sql: str, params: Params = ()) -> list[Row]:
         try:
             return await self._inner.fetchall(sql, params)
+        except sqlite3.Error as exc:
+            raise store_error(exc) from exc
+
+    async def snapshot(self, job: ReadJob[_T]) -> _T:
+        try:
+            return await self._inner.snapshot(job)
         except sqlite3.Error as exc:
             raise store_error(exc) from exc
 
