@@ -167,4 +167,4 @@ async def test_loop_clock_reads_anyio_current_time_without_its_lookup() -> None:
         after = anyio.current_time()
         assert before <= reading <= after
     await anyio.sleep(0.01)
-    assert clock() - before >= 0.01
+    assert clock() - before >= 0.009  # asyncio may wake a timer a clock tick early
