@@ -150,7 +150,21 @@ def _scale(figures: dict[str, Any]) -> None:
         assert 0 < run["claim_p50"] <= run["claim_p99"] <= run["claim_max"]
 
 
+def _handoff(figures: dict[str, Any]) -> None:
+    assert figures["handoffs"] == 10
+    stages = figures["stages_p50_us"]
+    # Every stage of the hand-off was stamped (each p50 is taken on its own, so under
+    # load two neighbours may come out of order).
+    assert set(stages) == {
+        *("tm_batch", "commit", "driver", "tx_start", "tx_end", "back", "answered"),
+        *("tm_done", "producer", "claimer"),
+    }
+    assert all(value > 0 for value in stages.values())
+    assert figures["floor_p50_us"] > 0
+
+
 RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
+    "handoff.py": (["--handoffs", "10", "--json"], _handoff),
     "tasks.py": (["--tasks", "100", "--handoffs", "10", "--json"], _tasks),
     "agents.py": (["--tasks", "100", "--copies", "2", "--json"], _agents),
     "plans.py": (["--layers", "3", "--width", "4", "--json"], _plans),

@@ -282,6 +282,39 @@ async def test_a_cancelled_subscriber_stops_even_with_events_buffered(db_path: s
         assert (await sub.receive()).data["i"] == 3
 
 
+async def test_a_feeds_receive_is_a_cancellation_point_queued_or_not() -> None:
+    """Every receive is a cancellation point and a cancelled one takes nothing: with
+    events queued it checks before taking one; with none, its wait is the point (it no
+    longer checks before the wait as well), and an event that arrives for a cancelled
+    wait stays queued for the next receive."""
+    feed = EventFeed()
+    entry = (Event(type="e", timestamp=0.0, source="t", data={}), b'{"n":1}')
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await feed.receive()  # nothing queued: the wait raises
+    assert scope.cancelled_caught
+    feed.push([entry])
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await feed.receive()  # queued: cancelled before it takes it
+    assert scope.cancelled_caught
+    assert feed.unread == 1
+    assert (await feed.receive()).data == {"n": 1}
+    async with anyio.create_task_group() as tg:
+        with anyio.CancelScope() as waiting:
+            tg.start_soon(lambda: _cancel_soon(waiting))
+            await feed.receive()  # waits: cancelled there, then an event comes
+        feed.push([entry])
+    assert waiting.cancelled_caught
+    assert feed.unread == 1
+    assert (await feed.receive()).data == {"n": 1}
+
+
+async def _cancel_soon(scope: anyio.CancelScope) -> None:
+    await anyio.sleep(0.01)
+    scope.cancel()
+
+
 async def _until_buffered(sub: Subscription, n: int) -> None:
     with anyio.fail_after(TIMEOUT):
         # The broadcast actor fills the buffer after publish returns; nothing signals it.

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import anyio
 import pytest
 
 from hive_orchestration.storage.port import ReadJob
@@ -106,6 +107,26 @@ async def test_an_update_of_a_missing_row_fails_the_transaction(tmp_path: Path, 
                 [(INSERT, ("w1", "a")), (SET_ROLE, ("b", "w0")), (SET_ROLE, ("b", "nobody"))]
             )
     assert roles(path) == [("w0", "a")]
+
+
+async def test_a_cancelled_caller_leaves_the_transaction_whole(tmp_path: Path, kind: str) -> None:
+    """A caller cancelled while its transaction runs stops waiting, but the transaction
+    is never cut between BEGIN and COMMIT: all of it is written or none, and the
+    connection is out of it for the next one (the aiosqlite driver's whole batch is one
+    job on its thread, which ends all the same; one await per statement is shielded)."""
+    path = tmp_path / "d.db"
+    rows = 3000
+    async with opened(path, kind) as driver:
+        for delay in (0.0, 0.0005, 0.002):
+            with anyio.move_on_after(delay):
+                await driver.transaction([(INSERT, (f"d{delay}-{n}", "a")) for n in range(rows)])
+            # The next transaction is taken: the connection is not inside the last one.
+            await driver.transaction([(INSERT, (f"after-{delay}", "b"))])
+    written = roles(path)
+    for delay in (0.0, 0.0005, 0.002):
+        mine = [row for row in written if row[0].startswith(f"d{delay}-")]
+        assert len(mine) in (0, rows)  # all or nothing
+        assert (f"after-{delay}", "b") in written
 
 
 async def test_a_probe_finds_the_faulty_units_and_writes_nothing(tmp_path: Path, kind: str) -> None:

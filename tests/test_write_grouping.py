@@ -28,7 +28,9 @@ from hypothesis import strategies as st
 
 from hive_orchestration import RuntimeConfig
 from hive_orchestration.errors import StorageError
+from hive_orchestration.messages.events import Event
 from hive_orchestration.messages.storage import (
+    AppendEvent,
     DeleteTaskRow,
     FenceTask,
     PutRun,
@@ -43,6 +45,7 @@ from hive_orchestration.messages.tasks import Run, RunStatus, Task, TaskStatus
 from hive_orchestration.runtime import ActorRef, ChildSpec, Supervisor
 from hive_orchestration.storage import StorageActor
 from hive_orchestration.storage.actor import _in_order, _row_statements
+from hive_orchestration.storage.grouping import _grouped, _task_path
 from hive_orchestration.storage.rows import (
     FENCE_TASK,
     RUN_COLUMNS,
@@ -270,6 +273,45 @@ def test_state_ops_of_stored_rows_group_as_they_apply_in_order(
     before: list[RawOp], raw: list[RawOp]
 ) -> None:
     check_grouping(before, raw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(raw_ops, max_size=12),
+    st.booleans(),
+    st.lists(st.integers(0, 12), max_size=4),
+    st.lists(st.integers(0, 12), max_size=2),
+)
+def test_the_task_paths_short_way_gives_the_same_statements(
+    raw: list[RawOp], active: bool, events: list[int], ended: list[int]
+) -> None:
+    """A write of tasks, runs and events only (the TaskManager's creates, claims and
+    ends) takes a short way to its statements (grouping.py, _task_path): the very
+    statements of the general way, in the same order, keys freed by an end (an
+    ``active`` key of a task that ended) first; any other op takes the general way."""
+    write = materialise(raw)
+    if active:  # the tasks hold their keys while live only: an end frees one
+        write = [
+            type(op)(msgspec.structs.replace(op.task, idempotency_scope="active"))
+            if isinstance(op, PutTask | SetTaskState) and op.task.idempotency_key is not None
+            else op
+            for op in write
+        ]
+    for n, at in enumerate(ended):  # a stored task whose end frees its key
+        done = task(f"ended{n}", 0, f"k-ended{n}")
+        done = msgspec.structs.replace(
+            done, status=TaskStatus.COMPLETED, idempotency_scope="active"
+        )
+        write.insert(min(at, len(write)), SetTaskState(done))
+    event = Event(type="task.created", timestamp=0.0, source="test", data={})
+    for at in events:
+        write.insert(min(at, len(write)), AppendEvent(event, b"{}"))
+    fast = _task_path(write)
+    if any(isinstance(op, DeleteTaskRow) for op in write):
+        assert fast is None
+    else:
+        assert fast == _grouped(write)
+        assert _row_statements(write) == fast
 
 
 def test_a_key_freed_by_a_delete_can_be_taken_in_the_same_write() -> None:

@@ -52,7 +52,7 @@ from ..messages.storage import (
 )
 from ..messages.tasks import ReadyElsewhere, TaskManagerMessage, Wake
 from ..messages.workers import RegistryWake, WorkerRegistryMessage
-from ..runtime import ActorRef, Alarm, ChildRestart, ChildSpec, Supervisor
+from ..runtime import ActorRef, Alarm, ChildRestart, ChildSpec, Supervisor, loop_clock
 from ..storage import StorageActor, open_store, publisher
 from ..storage.leader import ActorDuties
 from ..storage.port import QueueKey
@@ -280,7 +280,8 @@ class Runtime(
         # Every deadline (leases, timeouts, backoffs, liveness, claim waits) runs on the
         # event loop's monotonic clock, the alarms' and the actors' alike; the wall clock
         # only stamps what is stored and shown, so stepping it moves no deadline.
-        monotonic = anyio.current_time
+        # (anyio.current_time's readings, without its look-up of the backend per call.)
+        monotonic = loop_clock()
         alarm: Alarm[TaskManagerMessage] = Alarm(tasks, Wake(), clock=monotonic)
         registry_alarm: Alarm[WorkerRegistryMessage] = Alarm(
             workers, RegistryWake(), clock=monotonic

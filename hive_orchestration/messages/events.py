@@ -262,9 +262,13 @@ class EventFeed:
         A queued event is taken without a trip round the event loop (a loop round trip
         per event costs more than the rest of the delivery), at most ``_BURST`` in a row,
         so that a reader working through a backlog still lets other tasks run. Every
-        call is a cancellation point, and a cancelled call takes nothing.
+        call is a cancellation point, and a cancelled call takes nothing: with nothing
+        queued the wait is that point (a reader that waits for each commit's events no
+        longer checks for a cancellation before every wait as well).
         """
-        if self._burst < _BURST:
+        if not self._chunks and self._end is None and not self._closed:
+            self._burst = 0
+        elif self._burst < _BURST:
             await anyio.lowlevel.checkpoint_if_cancelled()
         else:
             self._burst = 0

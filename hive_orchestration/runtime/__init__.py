@@ -2,6 +2,7 @@
 
 from .actor import Actor, ActorRef, Envelope, Mailbox, Reply, Request, run_actor
 from .alarm import Alarm
+from .clock import loop_clock
 from .deadlines import Deadlines
 from .supervisor import ChildRestart, ChildSpec, Supervisor
 
@@ -17,5 +18,6 @@ __all__ = [
     "Reply",
     "Request",
     "Supervisor",
+    "loop_clock",
     "run_actor",
 ]

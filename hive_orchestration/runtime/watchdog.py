@@ -8,11 +8,13 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 
 from ..errors import RequestTimeoutError
+from .clock import loop_clock
 from .reply import Reply
 
 __all__ = ["AskWatchdog"]
@@ -41,7 +43,17 @@ class AskWatchdog:
     handed), and nothing else would ever wake that asker.
     """
 
-    __slots__ = ("_held", "_order", "_queue", "_timed", "owner", "running", "tick", "timeout")
+    __slots__ = (
+        "_clock",
+        "_held",
+        "_order",
+        "_queue",
+        "_timed",
+        "owner",
+        "running",
+        "tick",
+        "timeout",
+    )
 
     #: Past this many entries, ``expire`` also drops answered ones behind a slow head.
     COMPACT_ABOVE = 4096
@@ -51,6 +63,9 @@ class AskWatchdog:
         self.timeout = timeout
         self.tick = min(1.0, max(timeout / 20, 0.001))
         self.running = False
+        # The event loop's clock, found when run() starts (add and add_timed are called
+        # only while it runs): anyio.current_time() without its look-up of the backend.
+        self._clock: Callable[[], float] = anyio.current_time
         self._queue: deque[tuple[float, Reply[Any], str]] = deque()
         # Asks with deadlines of their own: (deadline, order, reply, message, timeout).
         self._timed: list[tuple[float, int, Reply[Any], str, float]] = []
@@ -62,7 +77,7 @@ class AskWatchdog:
         queue = self._queue
         while queue and queue[0][1].done:
             queue.popleft()
-        queue.append((anyio.current_time() + self.timeout, reply, message))
+        queue.append((self._clock() + self.timeout, reply, message))
 
     def add_timed(self, reply: Reply[Any], message: str, timeout: float) -> None:
         """Keep an ask's own deadline, ``timeout`` seconds from now (at least the default
@@ -71,15 +86,16 @@ class AskWatchdog:
         if len(timed) > self.COMPACT_ABOVE:
             self._timed = timed = [entry for entry in timed if not entry[2].done]
             heapq.heapify(timed)
-        entry = (anyio.current_time() + timeout, next(self._order), reply, message, timeout)
+        entry = (self._clock() + timeout, next(self._order), reply, message, timeout)
         heapq.heappush(timed, entry)
 
     async def run(self) -> None:
+        self._clock = clock = loop_clock()
         self.running = True
         try:
             while True:
                 await anyio.sleep(self.tick)
-                self.expire(anyio.current_time())
+                self.expire(clock())
         finally:
             self.running = False
 

@@ -73,6 +73,68 @@ FENCE_REQUEST = (
 
 
 def _row_statements(ops: Sequence[WriteOp]) -> list[Statement]:
+    """The row statements of one write, grouped by kind (its events follow): see
+    :func:`_grouped`. A write of the task path (tasks and runs put or changed, and
+    events: every TaskManager write of a create, a claim or an end) takes a short
+    way to the same statements."""
+    statements = _task_path(ops)
+    return _grouped(ops) if statements is None else statements
+
+
+def _task_path(ops: Sequence[WriteOp]) -> list[Statement] | None:
+    """:func:`_grouped`'s statements of a write made of :class:`PutTask`,
+    :class:`SetTaskState`, :class:`PutRun`, :class:`SetRunState` and
+    :class:`AppendEvent` ops only, in the same order; ``None`` for any other write.
+
+    The general way sets up a score of collections and a dozen comprehensions for the
+    kinds of row a write may hold, about 10 us a write whatever it holds: a third of
+    the grouping of a create handed to a parked claim."""
+    tasks: dict[str, Task] = {}
+    runs: dict[str, Run] = {}
+    put_tasks: set[str] = set()
+    put_runs: set[str] = set()
+    lease_hashes: dict[str, bytes] = {}
+    for op in ops:
+        kind = type(op)
+        if kind is AppendEvent:
+            continue
+        if kind is SetTaskState:
+            task = op.task  # type: ignore[union-attr]
+            tasks[task.id] = task
+        elif kind is PutTask:
+            task = op.task  # type: ignore[union-attr]
+            tasks[task.id] = task
+            put_tasks.add(task.id)
+        elif kind is SetRunState:
+            run = op.run  # type: ignore[union-attr]
+            runs[run.id] = run
+        elif kind is PutRun:
+            run = op.run  # type: ignore[union-attr]
+            runs[run.id] = run
+            put_runs.add(run.id)
+            lease_hash = op.lease_hash  # type: ignore[union-attr]
+            if lease_hash is not None:
+                lease_hashes[run.id] = lease_hash
+        else:
+            return None
+    statements: list[Statement] = []
+    states: list[Statement] = []
+    for task_id, task in tasks.items():
+        if task_id in put_tasks:
+            statements.append(task_statement(task))
+        elif frees_key(task):
+            statements.insert(0, task_state_statement(task))
+        else:
+            states.append(task_state_statement(task))
+    for run_id, run in runs.items():
+        if run_id in put_runs:
+            statements.append(run_statement(run, lease_hashes.get(run_id)))
+        else:
+            states.append(run_state_statement(run))
+    return statements + states
+
+
+def _grouped(ops: Sequence[WriteOp]) -> list[Statement]:
     """The row statements of one write, grouped by kind (its events follow).
 
     Applying them grouped, each row once, leaves the same rows as applying the ops in
