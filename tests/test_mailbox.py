@@ -190,3 +190,53 @@ async def test_a_tell_to_an_idle_actor_is_handled_in_the_senders_task_in_order()
         await anyio.wait_all_tasks_blocked()
         assert log[-1] == (me, 3)
         await supervisor.stop()
+
+
+class Peeking(Actor[Any]):
+    """Batches of at most 2; the batch holding "hold" records what waits behind it
+    (Actor.waiting), then waits for ``gate``."""
+
+    max_batch = 2
+
+    def __init__(self, gate: anyio.Event, seen: list[list[object]]) -> None:
+        self.gate = gate
+        self.seen = seen
+
+    async def receive_batch(self, batch: Any) -> None:
+        for envelope in batch:
+            envelope.started = True
+            envelope.resolve(None)
+        if any(e.message == "hold" for e in batch):
+            self.seen.append(list(self.waiting()))
+            await self.gate.wait()
+            self.seen.append(list(self.waiting()))
+
+
+async def test_an_actor_sees_what_waits_behind_its_batch_queued_then_waiting_for_room() -> None:
+    ref: ActorRef[Any] = ActorRef("peeking", mailbox_size=3, ask_timeout=5.0)
+    assert list(Peeking(anyio.Event(), []).waiting()) == []  # not running: nothing
+    gate = anyio.Event()
+    seen: list[list[object]] = []
+    supervisor = Supervisor(
+        [ChildSpec(ref, lambda: Peeking(gate, seen))],
+        max_restarts=0,
+        restart_window=60.0,
+        shutdown_timeout=5.0,
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+        for message in ("hold", 1, 2):
+            assert ref.try_tell(message)
+        await anyio.wait_all_tasks_blocked()  # the actor took "hold" and 1, and holds
+        assert seen == [[2]]
+        assert ref.try_tell(3)
+        assert ref.try_tell(4)  # full now
+        for n in (5, 6):
+            tg.start_soon(ref.tell, n)  # waits for room
+            await anyio.wait_all_tasks_blocked()
+        with anyio.move_on_after(0.01):
+            await ref.tell(7)  # withdrawn: never sent
+        gate.set()
+        await anyio.wait_all_tasks_blocked()
+        assert seen == [[2], [2, 3, 4, 5, 6]]
+        await supervisor.stop()

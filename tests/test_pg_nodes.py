@@ -430,13 +430,19 @@ async def test_a_cancel_on_another_node_races_the_driver_completing_subtasks(
     pg_url: str,
 ) -> None:
     # While a worker on the driving node completes subtasks as fast as it can, a client of
-    # the other node cancels: one end, and nothing queued after it.
+    # the other node cancels: one end, and nothing queued after it. The worker holds the
+    # plan's last step until the cancel is answered: else, on a loaded machine, it could
+    # complete the whole chain before the forwarded cancel reaches the driver (a slow
+    # feed), and the cancel would be refused as on one node (the plan has ended), which
+    # races nothing. Held there, the cancel races every end before it and the last
+    # step's run, and always comes before the plan's end.
     from hive_orchestration import PlanStatus
 
+    steps = 30
     chain = {
         "subtasks": [
             {"id": f"s{i}", "task_type": "step", "dependencies": [f"s{i - 1}"] if i else []}
-            for i in range(30)
+            for i in range(steps)
         ]
     }
     async with Runtime.open(pg_url) as a, Runtime.open(pg_url) as b:
@@ -444,21 +450,25 @@ async def test_a_cancel_on_another_node_races_the_driver_completing_subtasks(
             plan_id = await a.create_execution_plan(chain)
             assert await a.mark_plan_execution_started(plan_id) is True
             stop = anyio.Event()
+            answered = anyio.Event()
 
-            async def work(stop: anyio.Event) -> None:
+            async def work(stop: anyio.Event, answered: anyio.Event) -> None:
                 while not stop.is_set():
                     claim = await a.claim_task("w", "step", wait=0.2, start=True)
                     if claim is None:
                         continue
+                    if claim.task.subtask_id == f"s{steps - 1}":
+                        await answered.wait()  # the last step: held until the cancel
                     with contextlib.suppress(IllegalTransitionError, LeaseLostError):
                         await a.complete_task(claim.lease)  # unless cancelled under it
 
             with anyio.fail_after(60):
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(work, stop)
+                    tg.start_soon(work, stop, answered)
                     for _ in range(2 + 3 * round_):
                         await anyio.sleep(0.01)
                     plan = await b.cancel_plan(plan_id)
+                    answered.set()
                     assert plan.status is PlanStatus.CANCELLED
                     await _settled(pg_url, plan_id)
                     stop.set()

@@ -25,7 +25,7 @@ from hive_orchestration import (
     WorkerStatus,
 )
 from hive_orchestration.actors.worker_registry import WorkerRegistry
-from hive_orchestration.messages.workers import GetWorker, WorkerRegistryMessage
+from hive_orchestration.messages.workers import GetWorker, RegistryWake, WorkerRegistryMessage
 from hive_orchestration.runtime import Envelope
 
 pytestmark = pytest.mark.anyio
@@ -280,6 +280,75 @@ async def test_a_sign_of_life_queued_before_the_deadline_keeps_the_worker_alive(
         assert anyio.current_time() - renewed < timeout + SOON / 2
         types = [e.type for e in await worker_events(rt, "w1")]
         assert types == ["worker.registered", "worker.offline"]
+
+
+@pytest.mark.parametrize(
+    ("sign", "room"),
+    # (WorkersSeen is best effort: with the registry's mailbox full, it is not sent.)
+    [("heartbeat", "queued"), ("heartbeat", "waiting for room"), ("work", "queued")],
+)
+async def test_a_sign_of_life_queued_behind_more_than_a_batch_keeps_the_worker_alive(
+    db_path: str, monkeypatch: pytest.MonkeyPatch, sign: str, room: str
+) -> None:
+    """As above, with more than a batch (``max_batch`` messages) sent before the sign of
+    life: the batch that finds the deadline due does not hold it, yet it was sent in time
+    and counts, queued in the mailbox or, the mailbox full, its sender waiting for room.
+    A silent worker beside it is declared offline by that very batch, flood or not."""
+    timeout = 1.0
+    flood = WorkerRegistry.max_batch + 100
+    # Room for the flood and the sign of life, or for the flood alone.
+    size = flood + 1 if room == "queued" else flood
+    gate = anyio.Event()
+    original = WorkerRegistry.receive_batch
+    batches: list[int] = []  # the size of each batch from the one after the gate
+
+    async def receive_batch(
+        self: WorkerRegistry, batch: Sequence[Envelope[WorkerRegistryMessage]]
+    ) -> None:
+        if gate.is_set():
+            batches.append(len(batch))
+        await original(self, batch)
+        if any(e.message == GetWorker("hold") for e in batch):
+            await gate.wait()  # busy: what is sent meanwhile waits
+
+    monkeypatch.setattr(WorkerRegistry, "receive_batch", receive_batch)
+    async with (
+        runtime(db_path, worker_timeout=timeout, mailbox_size=size) as rt,
+        anyio.create_task_group() as tg,
+    ):
+        await rt.register_worker("w1")
+        await rt.register_worker("silent")
+        await rt.create_task("job")
+        claim = await rt.claim_task("w1", "job", lease=60)  # the lease alone would hold
+        assert claim is not None
+        registered = anyio.current_time()  # both deadlines are at most a timeout from here
+        tg.start_soon(rt.get_worker, "hold")
+        await anyio.wait_all_tasks_blocked()  # the registry holds
+        for _ in range(flood):  # what a busy registry has before it (each a no-op)
+            assert rt._workers.try_tell(RegistryWake())
+        if sign == "heartbeat":
+            tg.start_soon(rt.update_worker_heartbeat, "w1")
+        else:
+            tg.start_soon(rt.claim_task, "w1", "job")  # None; told: WorkersSeen
+        await anyio.wait_all_tasks_blocked()  # sent: behind the flood
+        waiting = rt._workers.statistics().tasks_waiting_send
+        assert waiting == (0 if room == "queued" else 1)
+        assert anyio.current_time() < registered + timeout, "sent too late for the test"
+        await anyio.sleep(registered + timeout + 0.3 - anyio.current_time())
+        gate.set()  # both deadlines have passed: the next batch settles them
+        worker = await rt.get_worker("w1")
+        assert worker is not None
+        assert worker.status is WorkerStatus.ACTIVE
+        assert [e.type for e in await worker_events(rt, "w1")] == ["worker.registered"]
+        await rt.complete_task(claim.lease)  # LeaseLostError had its claim been released
+        # The first batch after the gate was full, the sign of life behind it; that batch
+        # declared the silent worker offline.
+        assert batches[0] == WorkerRegistry.max_batch
+        silent = await rt.get_worker("silent")
+        assert silent is not None
+        assert silent.status is WorkerStatus.OFFLINE
+        offline = [e for e in await worker_events(rt, "silent") if e.type == "worker.offline"]
+        assert len(offline) == 1
 
 
 async def test_an_offline_worker_that_claims_is_active_again(db_path: str) -> None:

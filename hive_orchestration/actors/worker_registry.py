@@ -13,9 +13,24 @@ next write), so a busy worker costs no extra commit.
 Deadlines are a heap checked at the start of each batch and woken by an
 :class:`~hive_orchestration.runtime.Alarm`; a heartbeat only moves the worker's time, and
 a deadline that comes up early is pushed back to the real one, so the heap holds one
-entry per live worker. A heartbeat or ``WorkersSeen`` in the batch that finds a
-deadline due was sent before the batch looked, so in time: it counts, and that worker is
-not declared offline (the registry being busy past the deadline does not make it late).
+entry per live worker.
+
+A sign of life sent before the batch that finds a worker's deadline due counts, however
+late the registry takes it: a heartbeat or ``WorkersSeen`` in that batch, or still
+waiting behind it (queued in the mailbox, or its sender waiting for room:
+:meth:`~hive_orchestration.runtime.Actor.waiting`; a batch takes at most ``max_batch``
+messages, and a flood leaves more behind), spares the worker, which is watched again from
+a new deadline and renewed when its message is handled. The registry being busy past the
+deadline does not make the worker late. A worker that sent nothing more is declared
+offline by the first batch that begins after its deadline, flood or not: ``timeout`` after
+its last sign of life was handled, plus the alarm's wake-up and the end of the batch in
+progress then (at most ``max_batch`` messages and one commit). Looking into the mailbox
+costs a pass over it, only in a batch that finds a deadline due. The other ways: not
+expiring while batches come full (more may be waiting) would need an arbitrary bound on
+the extra time (a dead worker kept that much longer under a flood, a heartbeat queued
+behind more than that still lost); stamping each heartbeat with its sending time would
+count the registry's delay against the worker, whose heartbeat is an ask: it sends the
+next one only once the registry has answered this one.
 A worker that comes back (heartbeat) is live again; one that
 registers again is a new *incarnation*: what the old one held is released, not
 inherited. Unregistering a worker releases what it held too.
@@ -36,6 +51,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import chain
 
 import anyio
 import msgspec
@@ -177,12 +193,14 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
                 envelope.started = True
                 envelope.resolve(None)
         expiring = self._expiring()
+        # Read before anything is awaited: what was sent before the deadlines were looked at.
+        renewed = self._renewed(expiring, batch) if expiring else set()
         if expiring and self._shared:
             # The leader may have declared them offline already (this node was stuck):
             # then they are offline here too, not declared (and logged) a second time.
             await self._recheck(expiring, work)
-        if expiring:
-            expiring = self._unrenewed(expiring, batch)
+        if renewed:
+            expiring = self._spare(expiring, renewed)
         self._expire(expiring, work, now)
         if self._shared and any(isinstance(e.message, _READS) for e in batch):
             try:
@@ -353,25 +371,33 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
             expiring.append(worker_id)
         return expiring
 
-    def _unrenewed(
+    def _renewed(
         self, expiring: list[str], batch: Sequence[Envelope[WorkerRegistryMessage]]
-    ) -> list[str]:
-        """Of ``expiring``, those with no sign of life in ``batch``. Every message of the
-        batch was in the mailbox before this batch looked at the deadlines, so a heartbeat
-        or a :class:`WorkersSeen` in it was sent in time even when the registry, busy,
-        takes it only now: its worker is not declared offline (the batch's handling then
-        moves its time) and is watched again from a new deadline."""
+    ) -> set[str]:
+        """Of ``expiring``, those with a sign of life in ``batch`` or waiting behind it.
+        Every message of the batch, and every one still waiting (:meth:`waiting`: queued,
+        or its sender waiting for room), was sent before this batch looked at the
+        deadlines, so a heartbeat or a :class:`WorkersSeen` among them was sent in time
+        even when the registry, busy, takes it only now or several batches later."""
+        wanted = set(expiring)
         renewed: set[str] = set()
-        for envelope in batch:
-            match envelope.message:
-                case WorkerHeartbeat(worker_id=worker_id):
+        messages = chain((envelope.message for envelope in batch), self.waiting())
+        for message in messages:  # no await: the mailbox must not change meanwhile
+            match message:
+                case WorkerHeartbeat(worker_id=worker_id) if worker_id in wanted:
                     renewed.add(worker_id)
                 case WorkersSeen(worker_ids=worker_ids):
-                    renewed.update(worker_ids)
+                    renewed.update(wanted.intersection(worker_ids))
                 case _:
-                    pass
-        if not renewed:
-            return expiring
+                    continue
+            if len(renewed) == len(wanted):
+                break  # every one found: the rest need not be read
+        return renewed
+
+    def _spare(self, expiring: list[str], renewed: set[str]) -> list[str]:
+        """``expiring`` but the ``renewed``: those are not declared offline, and are
+        watched again from a new deadline (the handling of their message moves their time,
+        and the entry, coming up early, is pushed back to it)."""
         for worker_id in expiring:
             if worker_id in renewed:
                 self._schedule(worker_id, self._mono + self._timeout)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Generic, TypeVar, cast
 
 import anyio
@@ -194,6 +194,8 @@ class Actor(Generic[M]):
     lends_batches: bool = False
     #: The name of the mailbox it runs on; set by :func:`run_actor`.
     name: str = "actor"
+    #: What :meth:`waiting` reads; set by :func:`run_actor`.
+    _waiting: Callable[[], Iterator[M]] | None = None
 
     async def started(self) -> None:
         """Runs before the first message. An exception here fails the start-up."""
@@ -219,6 +221,15 @@ class Actor(Generic[M]):
         actor (its task wakes and raises it, and its supervisor restarts it).
         """
         return False
+
+    def waiting(self) -> Iterator[M]:
+        """The messages sent to this actor that no batch has taken yet, oldest first:
+        those its crashed predecessor took but never started, those queued in its
+        mailbox, then those whose senders wait for room. For an actor whose decision in a
+        batch must count what was sent before it but waits behind the batch (a deadline
+        that a queued message would move). Iterate without awaiting: the mailbox changes
+        meanwhile. Empty until :func:`run_actor` runs the actor."""
+        return iter(()) if self._waiting is None else self._waiting()
 
     async def receive_batch(self, batch: Sequence[Envelope[M]]) -> None:
         for envelope in batch:
@@ -264,6 +275,13 @@ async def run_actor(
     inline = actor.receive_inline if overridden else None
     borrow = actor.receive_batch if actor.lends_batches else None
     mailbox._on_crash = on_crash  # a crash in a sender's task is recorded there and then
+
+    def waiting() -> Iterator[M]:
+        for envelope in carry:
+            yield envelope.message
+        yield from mailbox.waiting()
+
+    actor._waiting = waiting
     try:
         while True:
             batch: list[Envelope[M]] = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Generic, TypeVar
 
 import anyio
@@ -192,6 +192,14 @@ class Mailbox(Generic[M]):
             raise  # else already taken: the message is in, whatever stopped the wait
         if sender.outcome is not _TAKEN:
             raise RuntimeStoppedError(f"actor {self.owner!r} is stopped")
+
+    def waiting(self) -> Iterator[M]:
+        """The messages not taken yet, oldest first: those queued, then those of the
+        senders waiting for room. Iterate without awaiting (the deques change meanwhile)."""
+        for envelope in self._queue:
+            yield envelope.message
+        for sender in self._senders:
+            yield sender.envelope.message
 
     def take(self, limit: int) -> list[Envelope[M]]:
         """Up to ``limit`` envelopes, oldest first, without waiting."""
