@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from _memory import peak_growth
 from anyio.abc import SocketAttribute
 
 from hive_orchestration import (
@@ -403,26 +404,24 @@ async def test_a_frame_of_small_values_is_refused_before_it_is_decoded(
         sock = socket.socket(socket.AF_UNIX)
         sock.settimeout(DEADLINE)
         await anyio.to_thread.run_sync(sock.connect, connect_path(server.address))
-        tracemalloc.start()
         try:
             await anyio.to_thread.run_sync(sock.sendall, frame(Hello(PROTOCOL_VERSION)))
             assert isinstance(await anyio.to_thread.run_sync(_read_frame, sock), Welcome)
-            tracemalloc.reset_peak()
-            base = tracemalloc.get_traced_memory()[0]
-            await anyio.to_thread.run_sync(sock.sendall, data)
-            refused = await anyio.to_thread.run_sync(_read_frame, sock)
-            grown = tracemalloc.get_traced_memory()[1] - base
-            tracemalloc.stop()
+            with peak_growth() as growth:
+                await anyio.to_thread.run_sync(sock.sendall, data)
+                refused = await anyio.to_thread.run_sync(_read_frame, sock)
+            grown = growth.peak
             await anyio.to_thread.run_sync(sock.sendall, _call(2, "list_tasks"))
             listed = await anyio.to_thread.run_sync(_read_frame, sock)
         finally:
-            tracemalloc.stop()
             sock.close()
         assert await runtime.client().list_tasks() == []
         assert await runtime.client().get_execution_plans() == []
     # The frame itself is read into memory (and its copy made of the socket's chunks):
     # a few times its size, where decoding it took some 70 times.
-    assert grown < 6 * size, f"the server grew by {grown} bytes for a frame of {size}"
+    assert grown < 6 * size, (
+        f"the server grew by {grown} bytes for a frame of {size} ({growth.how})"
+    )
     assert isinstance(refused, Failure), refused
     assert (refused.id, refused.type, refused.attrs["field"]) == (1, "InvalidInputError", field)
     assert "too many small values" in refused.message
@@ -607,13 +606,9 @@ async def test_a_servers_frame_of_small_values_is_refused_before_it_is_decoded(
             tg.start_soon(partial(_crafted_server, closed=closed), listener, {"get_task": answer})
             url = f"hive://127.0.0.1:{port}"
             async with OrchestrationClient(url=url, config=config) as client:
-                tracemalloc.start()
-                try:
-                    with pytest.raises(OutcomeUnknownError) as failed:
-                        await client.get_task("t1")
-                    peak = tracemalloc.get_traced_memory()[1]
-                finally:
-                    tracemalloc.stop()
+                with peak_growth() as growth, pytest.raises(OutcomeUnknownError) as failed:
+                    await client.get_task("t1")
+                peak = growth.peak
                 await closed.wait()
                 with pytest.raises(ConnectionLostError, match="too many small values"):
                     await client.get_task("t2")
@@ -621,7 +616,7 @@ async def test_a_servers_frame_of_small_values_is_refused_before_it_is_decoded(
     assert "too many small values" in str(failed.value)
     assert "2097" in str(failed.value)  # the frame's size, in bytes
     # The frame's bytes, the chunks it came in, and their copy: a few times its size.
-    assert peak < 6 * len(_CRAFTED), f"the client took {peak} bytes"
+    assert peak < 6 * len(_CRAFTED), f"the client took {peak} bytes ({growth.how})"
 
 
 async def test_a_servers_frame_over_the_clients_limit_is_refused_unread(anyio_backend: str) -> None:
