@@ -5,7 +5,7 @@ one by one, in order (``_in_order``), where a row is both written and deleted.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from ..messages.plans import PlanningRequest, SubtaskState
 from ..messages.storage import (
@@ -118,8 +118,27 @@ def _task_path(ops: Sequence[WriteOp]) -> list[Statement] | None:
         else:
             return None
     statements: list[Statement] = []
+    states = _task_and_run_rows(statements, tasks, runs, put_tasks, put_runs, lease_hashes)
+    return statements + states
+
+
+def _task_and_run_rows(
+    statements: list[Statement],
+    tasks: dict[str, Task],
+    runs: dict[str, Run],
+    put_tasks: set[str],
+    put_runs: set[str],
+    lease_hashes: dict[str, bytes],
+    fenced: Collection[str] = (),
+) -> list[Statement]:
+    """Add to ``statements`` the puts of a write's tasks and runs (a task that frees its
+    concurrency key first of all: a task created in this write may take the key it
+    frees), leaving out the tasks written by their fence; return their state updates,
+    which go after every put."""
     states: list[Statement] = []
     for task_id, task in tasks.items():
+        if task_id in fenced:
+            continue  # written by its fence
         if task_id in put_tasks:
             statements.append(task_statement(task))
         elif frees_key(task):
@@ -131,7 +150,7 @@ def _task_path(ops: Sequence[WriteOp]) -> list[Statement] | None:
             statements.append(run_statement(run, lease_hashes.get(run_id)))
         else:
             states.append(run_state_statement(run))
-    return statements + states
+    return states
 
 
 def _grouped(ops: Sequence[WriteOp]) -> list[Statement]:
@@ -251,22 +270,7 @@ def _grouped(ops: Sequence[WriteOp]) -> list[Statement]:
     statements += [plans.request_statement(request) for request in requests.values()]
     statements += new_plans
     statements += plan_updates
-    states: list[Statement] = []
-    for task_id, task in tasks.items():
-        if task_id in fenced:
-            continue  # written by its fence
-        if task_id in put_tasks:
-            statements.append(task_statement(task))
-        elif frees_key(task):
-            # Before the puts: a task created in this write may take the key it frees.
-            statements.insert(0, task_state_statement(task))
-        else:
-            states.append(task_state_statement(task))
-    for run_id, run in runs.items():
-        if run_id in put_runs:
-            statements.append(run_statement(run, lease_hashes.get(run_id)))
-        else:
-            states.append(run_state_statement(run))
+    states = _task_and_run_rows(statements, tasks, runs, put_tasks, put_runs, lease_hashes, fenced)
     statements += [worker_statement(worker) for worker in workers.values()]
     statements += [plans.subtask_statement(state) for state in subtasks.values()]
     return statements + states + control + schedules
