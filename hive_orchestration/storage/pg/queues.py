@@ -67,6 +67,17 @@ _TIMERS = {
 }
 
 
+#: A queue's claim order (priority highest first, then ``created_at``, then id) spelled
+#: with the queue's own columns first, as ``idx_tasks_ready`` orders them. The queue's
+#: columns are fixed by its WHERE, so the order is the same; but PostgreSQL takes
+#: ``requires IS NULL`` (and ``concurrency_key IS NULL``) for no constant when it matches
+#: an ORDER BY to an index, so the bare order sorted every ready task of the queue to lock
+#: or read a few of them (measured at 10 000 queued: 8-18 ms a lock, growing with the
+#: backlog, in the generic plan psycopg's prepared statements settle on), where the
+#: index walked in order stops after ``limit`` rows (0.6 ms).
+_QUEUE_ORDER = "task_type, requires, concurrency_key, priority DESC, created_at, id"
+
+
 def _equal(column: str, value: object) -> str:
     """``column`` equal to ``value``, NULL included (SQLite's ``IS ?``)."""
     return f"{column} IS NULL" if value is None else f"{column} = ?"
@@ -187,7 +198,7 @@ def _lock_sql(where: str) -> str:
     return (
         f"WITH locked AS MATERIALIZED ({_LOCKED}{where}"
         " AND (available_at IS NULL OR available_at <= now() OR id = ANY(?))"
-        " ORDER BY priority DESC, created_at, id LIMIT ? FOR UPDATE SKIP LOCKED)"
+        f" ORDER BY {_QUEUE_ORDER} LIMIT ? FOR UPDATE SKIP LOCKED)"
         " SELECT 0 AS part, NULL::float8 AS due_in, * FROM locked"
         " UNION ALL SELECT 1, extract(epoch FROM"
         f" (SELECT min(available_at) FROM tasks WHERE {where} AND available_at > now()"
@@ -283,16 +294,16 @@ async def _all_queues(db: Driver) -> list[QueueHead]:
 async def _head(db: Driver, head: QueueHead, limit: int) -> list[Row]:
     select, queue = _queue(head.task_type, requires_text(head.requires), head.concurrency_key)
     if head.after is None:
-        sql = f"{select} ORDER BY priority DESC, created_at, id LIMIT ?"
+        sql = f"{select} ORDER BY {_QUEUE_ORDER} LIMIT ?"
         return await db.fetchall(sql, (*queue, limit))
     priority, created_at, task_id = head.after
     # After (p, c, i): the rest of priority p after (c, i), then the lower priorities.
     same = (
-        f"{select} AND priority = ? AND (created_at, id) > (?, ?) ORDER BY created_at, id LIMIT ?"
+        f"{select} AND priority = ? AND (created_at, id) > (?, ?) ORDER BY {_QUEUE_ORDER} LIMIT ?"
     )
     rows = await db.fetchall(same, (*queue, priority, _text(created_at), task_id, limit))
     if len(rows) < limit:
-        lower = f"{select} AND priority < ? ORDER BY priority DESC, created_at, id LIMIT ?"
+        lower = f"{select} AND priority < ? ORDER BY {_QUEUE_ORDER} LIMIT ?"
         rows += await db.fetchall(lower, (*queue, priority, limit - len(rows)))
     return rows
 
