@@ -556,3 +556,36 @@ async def test_a_node_far_ahead_does_not_take_a_backoff_it_read_beyond_the_rows_
             again = await two.claim_task("w2", "job", wait=10)
         assert again is not None
         assert again.task.id == backing_off
+
+
+async def test_a_retried_task_long_due_beyond_the_rows_locked_keeps_its_turn(
+    pg_url: str,
+) -> None:
+    """A task read from storage keeps the end of its last retry backoff (no write clears
+    it until a claim does), long past. Beyond the rows a lock took (a claim wanting more
+    than ``ready_queue_head``), it is due by the database's clock as by any other, and
+    keeps its place in claim order: it was let go of as if still backing off, and a
+    worse task memory held behind it was handed out in its place."""
+    config = RuntimeConfig(ready_queue_head=2)
+    async with Runtime.open(pg_url, config=config) as one:
+        retried = await one.create_task("job", priority=3)
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE tasks SET available_at = now() - interval '1 hour', attempts = 1,"
+                " version = version + 1 WHERE id = %s",
+                (retried,),
+            )
+    async with Runtime.open(pg_url, config=config) as two:
+        # Its read held the whole queue (one task): the tasks it creates join it.
+        first = await two.create_task("job", priority=5)
+        second = await two.create_task("job", priority=5)
+        worse = await two.create_task("job", priority=1)
+        with anyio.fail_after(10):
+            claims = await two.claim_tasks("w2", "job", limit=5)
+        names = {first: "first", second: "second", retried: "retried", worse: "worse"}
+        assert [names[claim.task.id] for claim in claims] == [
+            "first",
+            "second",
+            "retried",
+            "worse",
+        ]

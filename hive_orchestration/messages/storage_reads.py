@@ -155,6 +155,9 @@ class LockedHeads(msgspec.Struct, frozen=True):
     #: the database's clock, from the lock) its first task still in a retry backoff
     #: comes due. No write marks that moment, so the writer looks again then.
     due_in: tuple[tuple[QueueHead, float], ...] = ()
+    #: The database's clock as the rows were locked (the transaction's ``now()``, the
+    #: clock every lock reads a stored backoff by); None when nothing was read.
+    now: datetime | None = None
 
 
 class LoadQueueHeads(Request[QueueHeads], frozen=True):

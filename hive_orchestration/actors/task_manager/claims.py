@@ -315,13 +315,19 @@ def take_locked(tm: TaskManager, work: _Batch, loaded: LockedHeads, limit: int) 
                 continue
             # Beyond what was locked: left as it is, and handed out unlocked (its fence
             # checks its version) if claims want more than the lock took; but a backoff
-            # read from storage ends by the database's clock, which only the lock looks
-            # at: memory lets go of such a task (the next lock takes it once it is due),
-            # as it holds it ready by its own wall clock.
+            # read from storage ends by the database's clock, which memory reads in the
+            # lock's answer (``now``): memory lets go of such a task still backing off by
+            # it (the next lock takes it once it is due), as it holds it ready by its own
+            # wall clock. One long past its stored backoff (a retried task read back:
+            # no write clears the time until a claim does) keeps its place.
             if (
                 last is not None
                 and entry[:3] > last[:3]
-                and (task.available_at is None or task_id in tm._own_backoffs)
+                and (
+                    task.available_at is None
+                    or task_id in tm._own_backoffs
+                    or (loaded.now is not None and task.available_at <= loaded.now)
+                )
             ):
                 continue
             tm._index(task, None)

@@ -191,7 +191,9 @@ def _lock_sql(where: str) -> str:
     queue holds no other free row that is due), a marker row (``part`` 1) saying in how
     many seconds, by the same clock, the queue's first task still in a retry backoff
     comes due (NULL: none is). No write marks a backoff's end, so the writer sets an
-    alarm for it: one per queue, whatever the number of tasks backing off. The marker
+    alarm for it: one per queue, whatever the number of tasks backing off. Every row
+    carries that clock's reading (``now``): the writer tells by it whether a task it
+    holds beyond the rows locked is past its stored backoff (:func:`take_locked`). The marker
     costs nothing when the lock took ``limit`` rows (PostgreSQL does not run a branch
     whose one-time filter is false), and otherwise a second scan of what the lock just
     scanned: the whole queue, in ``idx_tasks_ready``."""
@@ -199,10 +201,10 @@ def _lock_sql(where: str) -> str:
         f"WITH locked AS MATERIALIZED ({_LOCKED}{where}"
         " AND (available_at IS NULL OR available_at <= now() OR id = ANY(?))"
         f" ORDER BY {_QUEUE_ORDER} LIMIT ? FOR UPDATE SKIP LOCKED)"
-        " SELECT 0 AS part, NULL::float8 AS due_in, * FROM locked"
+        " SELECT 0 AS part, NULL::float8 AS due_in, now() AS now, * FROM locked"
         " UNION ALL SELECT 1, extract(epoch FROM"
         f" (SELECT min(available_at) FROM tasks WHERE {where} AND available_at > now()"
-        "  AND id NOT IN (SELECT id FROM locked)) - now())::float8,"
+        "  AND id NOT IN (SELECT id FROM locked)) - now())::float8, now(),"
         f" {_NULLS} WHERE (SELECT count(*) FROM locked) < ?"
         " ORDER BY part, priority DESC, created_at, id"
     )
@@ -236,16 +238,19 @@ async def lock_ready(db: Driver, lock: LockReady) -> LockedHeads:
     found = await db.begin(statements)
     heads: list[tuple[QueueHead, tuple[tuple[str, int, int, datetime], ...]]] = []
     due_in: list[tuple[QueueHead, float]] = []
+    now: datetime | None = None
     tasks: list[Task] = []
     with_runs: list[str] = []
     for head, rows in zip(lock.heads, found, strict=True):
         keys: list[tuple[str, int, int, datetime]] = []
         for marked in rows:
+            if now is None:
+                now = _when(marked[2])  # one transaction: one reading for every row
             if marked[0]:  # the marker: when the queue's next backoff ends, if any does
                 if marked[1] is not None:
                     due_in.append((head, float(cast(float, marked[1]))))
                 continue
-            row = marked[2:]
+            row = marked[3:]
             task_id, version = str(row[0]), int(cast(int, row[-2]))
             keys.append((task_id, version, int(cast(int, row[4])), _when(row[9])))
             if lock.known.get(task_id) != version:
@@ -254,7 +259,7 @@ async def lock_ready(db: Driver, lock: LockReady) -> LockedHeads:
                     with_runs.append(task_id)
         heads.append((head, tuple(keys)))
     runs = await _runs_of(db, with_runs) if with_runs else []
-    return LockedHeads(tuple(heads), tuple(tasks), tuple(runs), tuple(due_in))
+    return LockedHeads(tuple(heads), tuple(tasks), tuple(runs), tuple(due_in), now)
 
 
 def _when(value: object) -> datetime:
