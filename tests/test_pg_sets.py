@@ -24,7 +24,11 @@ import _pg  # noqa: E402
 from hive_orchestration.messages.tasks import Run, RunStatus, Task, TaskStatus  # noqa: E402
 from hive_orchestration.storage.pg import driver as pg_driver  # noqa: E402
 from hive_orchestration.storage.pg.driver import PostgresDriver, translate  # noqa: E402
-from hive_orchestration.storage.pg.sets import JOINS_BY_INDEX, set_statement  # noqa: E402
+from hive_orchestration.storage.pg.sets import (  # noqa: E402
+    JOINS_BY_INDEX,
+    MAX_JSON,
+    set_statement,
+)
 from hive_orchestration.storage.port import Params, Statement, StoreIntegrityError  # noqa: E402
 from hive_orchestration.storage.rows import (  # noqa: E402
     FENCE_TASK,
@@ -384,3 +388,38 @@ def test_one_row_or_a_statement_of_no_set_form_stays_as_it_is() -> None:
     assert set_statement(FENCE_TASK, [(object(), 0), ("task-002", 0)]) is None
     other = "UPDATE workers SET role = ? WHERE id = ?"
     assert set_statement(other, [("a", "w1"), ("b", "w2")]) is None
+
+
+@pytest.mark.anyio
+async def test_a_run_of_large_rows_is_written_row_by_row(
+    db: tuple[PostgresDriver, str], sent: list[str]
+) -> None:
+    """A run whose JSON is longer than MAX_JSON (three tasks of 3 MB payloads) is sent
+    row by row, and leaves its rows whole; a run of small rows is still one statement.
+    Why the bound: the next test."""
+    driver, url = db
+    blob = "y" * (MAX_JSON // 3 + 1)
+    big = [task_statement(task(i, payload={"blob": blob})) for i in range(3)]
+    await driver.transaction(big)
+    assert sent == []
+    assert raw(url, "SELECT count(*), sum(length(payload)) FROM tasks") == [
+        (3, sum(len(params[8] or "") for _, params in big))
+    ]
+    await driver.transaction([task_statement(task(i)) for i in range(300, 306)])
+    assert len(sent) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_a_run_past_what_one_jsonb_value_holds_is_written(
+    db: tuple[PostgresDriver, str],
+) -> None:
+    """``jsonb`` holds at most 256 MiB: 270 tasks of 1 MB payloads (``create_tasks``
+    takes 1 000 items of up to ``max_payload_bytes``, 1 MiB by default) made one JSON
+    parameter failed the whole write ('total size of jsonb array elements exceeds the
+    maximum'), every time it was tried. About 15 s and 1.5 GB of memory: slow."""
+    driver, url = db
+    blob = "x" * 1_000_000
+    big = [task_statement(task(i, payload={"blob": blob, "n": i})) for i in range(270)]
+    await driver.transaction(big)
+    assert raw(url, "SELECT count(*) FROM tasks") == [(270,)]

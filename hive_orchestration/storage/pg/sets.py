@@ -29,8 +29,12 @@ The set-based twin does exactly what the run did:
   this one waited is then read as it is now: its version moved, it is not updated, and
   the count fails the write.
 
-Only runs of two rows or more are rewritten (one row is cheaper as it is); bytes travel
-as base64 text (msgspec's encoding of bytes), decoded by the server.
+Only runs of two rows or more are rewritten (one row is cheaper as it is), and only
+while their JSON is at most :data:`MAX_JSON` long: a ``jsonb`` value holds at most
+256 MiB, which a run of large rows passes (``create_tasks`` of 1 000 tasks with payloads
+of 1 MiB, the default bound, is a run of 1 GB), and a run of large rows gains nothing
+from being one statement; it stays an ``executemany``, one row at a time, as it was.
+Bytes travel as base64 text (msgspec's encoding of bytes), decoded by the server.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from ..rows import (
     upsert,
 )
 
-__all__ = ["JOINS_BY_INDEX", "SetForm", "set_statement"]
+__all__ = ["JOINS_BY_INDEX", "MAX_JSON", "SetForm", "set_statement"]
 
 _encode = msgspec.json.Encoder().encode
 
@@ -68,6 +72,12 @@ _encode = msgspec.json.Encoder().encode
 JOINS_BY_INDEX = (
     "SELECT set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true)"
 )
+
+#: The longest JSON (characters) a run is sent as one statement with. ``jsonb`` refuses a
+#: value over 256 MiB (its binary form: a 4-byte entry per value, numbers as numeric, so
+#: up to some three times the text of small values); a run past this is a run of large
+#: rows, whose per-row costs the set-based statement saves are small beside their size.
+MAX_JSON = 8 * 1024 * 1024
 
 #: The SQL type of each column these statements write that is not text.
 _TYPES = {
@@ -183,7 +193,7 @@ _FORMS: dict[str, SetForm] = {
 def set_statement(sql: str, rows: Sequence[Params]) -> tuple[str, Params] | None:
     """The one statement (``?`` marks) that applies the run ``sql`` x ``rows``, or None
     where the run stays an ``executemany``: fewer than two rows, a statement with no set
-    form, or an id named twice."""
+    form, an id named twice, or rows whose JSON is longer than :data:`MAX_JSON`."""
     if len(rows) < 2:
         return None
     form = _FORMS.get(sql)
@@ -198,4 +208,6 @@ def set_statement(sql: str, rows: Sequence[Params]) -> tuple[str, Params] | None
         # Not a plain value, or a lone surrogate (refused as input before it gets here):
         # row by row, psycopg says what is wrong with it, as it did.
         return None
+    if len(data) > MAX_JSON:
+        return None  # past what one jsonb value holds, or near it: row by row
     return form.sql, ((data, len(rows)) if form.checked else (data,))
