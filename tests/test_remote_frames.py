@@ -32,6 +32,7 @@ from hive_orchestration import (
     RuntimeConfig,
 )
 from hive_orchestration.errors import ConnectionLostError, InvalidInputError, OutcomeUnknownError
+from hive_orchestration.messages.events import Event
 from hive_orchestration.remote.address import connect_path
 from hive_orchestration.remote.client import RemoteRuntime
 from hive_orchestration.remote.protocol import (
@@ -40,6 +41,7 @@ from hive_orchestration.remote.protocol import (
     CallOut,
     Cancel,
     ClientFrame,
+    Events,
     Failure,
     FrameError,
     FrameReader,
@@ -49,6 +51,7 @@ from hive_orchestration.remote.protocol import (
     Result,
     ResultOut,
     ServerFrame,
+    Subscribe,
     Welcome,
     frame,
 )
@@ -617,6 +620,66 @@ async def test_a_servers_frame_of_small_values_is_refused_before_it_is_decoded(
     assert "2097" in str(failed.value)  # the frame's size, in bytes
     # The frame's bytes, the chunks it came in, and their copy: a few times its size.
     assert peak < 6 * len(_CRAFTED), f"the client took {peak} bytes ({growth.how})"
+
+
+#: An event's data as the server sends it (the JSON it is stored as, beside the event):
+#: 8 MiB of empty objects, some 230 MB once decoded (past the frame's budget of 64 MiB
+#: plus 8 times its size).
+_CRAFTED_DATA = b'{"a":[' + b"{}," * (2800 * 1024) + b"{}]}"
+
+
+async def test_a_servers_event_data_of_small_values_is_refused_before_it_is_decoded(
+    anyio_backend: str,
+) -> None:
+    # An event's data travels as JSON bytes beside it, decoded as the subscriber takes
+    # the event: the frame's count saw bytes only, so 8 MiB of empty objects (some
+    # 230 MB once decoded, 27 times the frame) passed it. The subscription ends with the
+    # package's error saying why, nothing of the data decoded, and the connection is
+    # dropped.
+    closed = anyio.Event()
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(SocketAttribute.local_port)
+
+    async def serve(stream: Any) -> None:
+        reader = FrameReader(stream, ClientFrame, 1 << 20)
+        async with stream:
+            try:
+                while True:
+                    message = await reader.read()
+                    if isinstance(message, Hello):
+                        hello = Welcome(PROTOCOL_VERSION, 1, "/nowhere", 1 << 20, 8, 100, "error")
+                        await stream.send(frame(hello))
+                    elif isinstance(message, Subscribe):
+                        await stream.send(frame(ResultOut(message.id, None)))
+                        event = Event(seq=1, type="task.created", timestamp=1.0, source="x")
+                        entries = [(event, _CRAFTED_DATA)]
+                        await stream.send(frame(Events(message.id, entries)))
+                    elif isinstance(message, Ping):
+                        await stream.send(frame(Pong(message.nonce)))
+            except (anyio.EndOfStream, anyio.BrokenResourceError, FrameError):
+                pass
+            closed.set()
+
+    config = RuntimeConfig(remote_timeout=DEADLINE)
+    with anyio.fail_after(2 * DEADLINE):
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, serve)
+            url = f"hive://127.0.0.1:{port}"
+            async with OrchestrationClient(url=url, config=config) as client:
+                failed: HiveError | None = None
+                with peak_growth() as growth:
+                    async with client.subscribe("*") as events:
+                        try:
+                            await events.receive()  # the crafted event, or the refusal
+                        except HiveError as exc:
+                            failed = exc
+                peak = growth.peak
+                if failed is not None:
+                    await closed.wait()
+            tg.cancel_scope.cancel()
+    assert failed is not None, f"the event was decoded: the client took {peak} bytes"
+    assert "too many small values" in str(failed)
+    assert peak < 6 * len(_CRAFTED_DATA), f"the client took {peak} bytes ({growth.how})"
 
 
 async def test_a_servers_frame_over_the_clients_limit_is_refused_unread(anyio_backend: str) -> None:

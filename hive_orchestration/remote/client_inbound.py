@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import ByteStream
 
+from ..api import json_cost
+from ..api.msgpack_cost import decoded_budget
 from ..errors import ConnectionLostError, OutcomeUnknownError, RuntimeStoppedError
 from ..messages.events import Event
 from .protocol import (
@@ -74,6 +77,7 @@ async def read_frames(remote: RemoteRuntime, reader: FrameReader) -> None:
                     elif call_id == 0:  # the connection's: the server closes it next
                         closing = message.message
                 case Events(id=subscription_id, entries=entries):
+                    _count_data(entries)
                     deliver(remote, subscription_id, entries)
                 case Ended(id=subscription_id, lagged=lagged):
                     found = remote._feeds.pop(subscription_id, None)
@@ -111,6 +115,28 @@ async def read_frames(remote: RemoteRuntime, reader: FrameReader) -> None:
         )
     else:
         lose(remote, ConnectionLostError(lost_reason(remote, why)))
+
+
+def _count_data(entries: Sequence[tuple[Event, bytes]]) -> None:
+    """Refuse events whose data (JSON bytes beside each event, which the frame's count
+    took for bytes) would take more than the frame's budget once decoded, as the
+    subscriber takes them: ``{},`` is three bytes and some 80 once decoded. A
+    FrameError, as a frame over its count is: nothing of them is decoded."""
+    size = 0
+    for _, data in entries:
+        size += len(data)
+    budget = decoded_budget(size)
+    if size * json_cost.MOST_PER_BYTE <= budget:
+        return  # no JSON this short can pass it
+    spent = 0
+    for _, data in entries:
+        spent += json_cost.decoded_cost(data, budget - spent)
+        if spent > budget:
+            raise FrameError(
+                f"events of {size} bytes of data hold too many small values: they would"
+                f" take more than {budget} bytes once decoded (at most 64 MiB + 8 x their"
+                " size)"
+            )
 
 
 def deliver(
