@@ -682,6 +682,56 @@ async def test_a_servers_event_data_of_small_values_is_refused_before_it_is_deco
     assert peak < 6 * len(_CRAFTED_DATA), f"the client took {peak} bytes ({growth.how})"
 
 
+@pytest.mark.parametrize(
+    "data",
+    [b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}", b'{"a": nope}'],
+    ids=["nested too deeply", "not json"],
+)
+async def test_a_servers_unreadable_event_data_is_the_packages_error(
+    anyio_backend: str, data: bytes
+) -> None:
+    # An event's data is decoded as the subscriber takes the event: data nested past
+    # msgspec's limit raised RecursionError, and data that is no JSON msgspec's
+    # DecodeError, out of the subscriber's loop. Now the package's error, saying so; the
+    # next event is read as ever.
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(SocketAttribute.local_port)
+
+    async def serve(stream: Any) -> None:
+        reader = FrameReader(stream, ClientFrame, 1 << 20)
+        async with stream:
+            try:
+                while True:
+                    message = await reader.read()
+                    if isinstance(message, Hello):
+                        hello = Welcome(PROTOCOL_VERSION, 1, "/nowhere", 1 << 20, 8, 100, "error")
+                        await stream.send(frame(hello))
+                    elif isinstance(message, Subscribe):
+                        await stream.send(frame(ResultOut(message.id, None)))
+                        bad = Event(seq=1, type="task.created", timestamp=1.0, source="x")
+                        good = Event(seq=2, type="task.created", timestamp=2.0, source="x")
+                        entries = [(bad, data), (good, b'{"b": 1}')]
+                        await stream.send(frame(Events(message.id, entries)))
+                    elif isinstance(message, Ping):
+                        await stream.send(frame(Pong(message.nonce)))
+            except (anyio.EndOfStream, anyio.BrokenResourceError, FrameError):
+                pass
+
+    with anyio.fail_after(DEADLINE):
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, serve)
+            async with (
+                OrchestrationClient(url=f"hive://127.0.0.1:{port}") as client,
+                client.subscribe("*") as events,
+            ):
+                with pytest.raises(HiveError, match="event 1's data cannot be read"):
+                    await events.receive()
+                after = await events.receive()
+                assert isinstance(after, Event)
+                assert (after.seq, after.data) == (2, {"b": 1})
+            tg.cancel_scope.cancel()
+
+
 async def test_a_servers_frame_over_the_clients_limit_is_refused_unread(anyio_backend: str) -> None:
     # A header announcing 600 MiB: refused as soon as it is read (the client reads at
     # most 512 MiB), the call fails naming the limit, and the connection is dropped.

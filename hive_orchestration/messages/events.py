@@ -11,6 +11,7 @@ import anyio
 import anyio.lowlevel
 import msgspec
 
+from ..errors import HiveError
 from ..runtime import Request
 
 __all__ = [
@@ -106,6 +107,18 @@ _FINISHED = _End()  # the end was handed out (or the reader left): every later r
 
 #: Decodes an entry's stored data (always a JSON object) for the subscriber taking it.
 _decode_data = msgspec.json.Decoder().decode
+
+
+def _data(event: Event, data_json: bytes) -> Any:
+    """An entry's data, decoded. What this runtime stored always decodes; what a server
+    sent a remote client may not (a broken or hostile one): then the package's error
+    for this event, not msgspec's, nor the RecursionError of a value nested too deeply,
+    and the subscriber reads on."""
+    try:
+        return _decode_data(data_json)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise HiveError(f"event {event.seq}'s data cannot be read: {reason}") from None
 
 
 class EventFeed:
@@ -204,7 +217,7 @@ class EventFeed:
             if self._index == len(chunk):
                 chunks.popleft()
                 self._index = 0
-            return msgspec.structs.replace(event, data=_decode_data(data_json))
+            return msgspec.structs.replace(event, data=_data(event, data_json))
         end = self._end
         if end is None:
             raise anyio.WouldBlock
