@@ -33,7 +33,11 @@ milliseconds per task; PostgreSQL's share per kind of process (each connection's
 ``application_name``, so a hive node's writer, readers, log tailer and listener apart,
 else the server process's ``backend_type``); for hive, the nodes' commits and the share
 of the time their writers spent committing; and the load average before and after each
-shape (the machine may be shared).
+shape (the machine may be shared). With ``--waits``, what the shape's PostgreSQL sessions
+were waiting for while it ran (``pg_stat_activity`` sampled every 10 ms: a writer in
+``Lock:transactionid`` waits for a row lock, such as hive's event counter; in
+``Lock:object`` for the lock NOTIFY holds over a COMMIT; in ``LWLock:WALWrite`` or
+``IO:WALSync`` for a WAL flush), as the mean number of sessions in each state.
 
 The server: ``HIVE_BENCH_PG`` (or ``HIVE_TEST_PG``) names one to use (a database is
 created per shape, and dropped at the end unless ``--keep-databases``); otherwise a
@@ -275,6 +279,66 @@ class CpuMeter:
             }
             for role, at in after.items()
         }
+
+
+# -- what the server's sessions wait for ---------------------------------------------------
+
+#: Seconds between two looks at pg_stat_activity while a shape runs.
+WAIT_SAMPLE = 0.01
+
+
+class WaitSampler:
+    """What the shape's own PostgreSQL sessions are doing, sampled every
+    :data:`WAIT_SAMPLE` seconds from ``pg_stat_activity`` on a connection of its own (a
+    thread): per kind of session (its ``application_name``: a hive node's writer, a
+    peer's client...) and state (``wait_event_type:wait_event``, or ``CPU`` for an active
+    session waiting for nothing), the mean number of sessions in it over the shape's
+    time. A writer in ``Lock:transactionid`` waits for a row lock (hive's event counter),
+    in ``Lock:object`` for the lock PostgreSQL's NOTIFY takes over each COMMIT, in
+    ``LWLock:WALWrite`` or ``IO:WALSync`` for a WAL flush (its own, or one it joins)."""
+
+    NAME = "bench-waits"
+
+    def __init__(self, url: str) -> None:
+        import threading
+
+        self._url = url
+        self._stop = threading.Event()
+        self._counts: dict[str, int] = {}
+        self.ticks = 0
+        self.backend = 0  # the sampler's own server process
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> dict[str, float]:
+        """Mean sessions per "kind state", the most first."""
+        self._stop.set()
+        self._thread.join()
+        ticks = max(self.ticks, 1)
+        found = sorted(self._counts.items(), key=lambda item: -item[1])
+        return {key: round(n / ticks, 3) for key, n in found}
+
+    def _run(self) -> None:
+        import psycopg
+
+        sql = (
+            "SELECT coalesce(application_name, ''), coalesce(wait_event_type || ':'"
+            " || wait_event, 'CPU') FROM pg_stat_activity WHERE datname = current_database()"
+            " AND state = 'active' AND pid <> pg_backend_pid()"
+        )
+        with psycopg.connect(self._url, autocommit=True) as conn:
+            conn.execute(f"SET application_name = '{self.NAME}'")
+            row = conn.execute("SELECT pg_backend_pid()").fetchone()
+            self.backend = 0 if row is None else int(row[0])
+            while not self._stop.wait(WAIT_SAMPLE):
+                for name, state in conn.execute(sql).fetchall():
+                    # "hive-orchestration:writer" -> "writer"; a peer's own names whole.
+                    kind = (name.rpartition(":")[2].split() or ["?"])[0]
+                    key = f"{kind} {state}"
+                    self._counts[key] = self._counts.get(key, 0) + 1
+                self.ticks += 1
 
 
 # -- the processes ------------------------------------------------------------------------
@@ -564,6 +628,10 @@ class Shape:
     #: application_name (a hive node's writer, reader, tailer...), else its backend_type
     #: (walwriter, checkpointer...); "postmaster" the server's parent process.
     pg_cpu: dict[str, float] = field(default_factory=dict)
+    #: The shape's PostgreSQL sessions, sampled while it ran (:class:`WaitSampler`): mean
+    #: sessions per "kind state", such as "writer Lock:transactionid".
+    waits: dict[str, float] = field(default_factory=dict)
+    wait_samples: int = 0  # how many looks at pg_stat_activity those means are over
 
 
 def _measure(
@@ -574,33 +642,43 @@ def _measure(
     count: int,
     go: Sequence[Child],
     pids: dict[str, list[int]],
+    waits: bool = False,
 ) -> None:
     """Tells each of ``go`` to go, then reads ``done_sql`` on ``url`` every ``POLL``
-    seconds until it counts ``count``."""
+    seconds until it counts ``count``; ``waits``: sample what the shape's sessions wait
+    for meanwhile (:class:`WaitSampler`)."""
     import psycopg
 
     meter = CpuMeter(pids, server.postmaster)
     watched = {pid: role for role, each in pids.items() for pid in each}
+    sampler = WaitSampler(url) if waits else None
     with psycopg.connect(url, autocommit=True) as clock:
         shape.load_before = os.getloadavg()
         meter.start()
-        started = time.perf_counter()
-        for child in go:
-            child.go()
-        deadline = started + TIMEOUT
-        while True:
-            row = clock.execute(done_sql).fetchone()
-            done = 0 if row is None else int(row[0])
-            if done >= count:
-                break
-            if time.perf_counter() > deadline:
-                raise RuntimeError(f"{done} of {count} tasks done in {TIMEOUT:g} s")
-            gone = [f"{role} (pid {pid})" for pid, role in watched.items() if not _alive(pid)]
-            if gone:
-                raise RuntimeError(f"{', '.join(gone)} exited, {done} of {count} tasks done")
-            time.sleep(POLL)
-        shape.seconds = time.perf_counter() - started
-        per_pid = meter.stop()
+        if sampler is not None:
+            sampler.start()
+        try:
+            started = time.perf_counter()
+            for child in go:
+                child.go()
+            deadline = started + TIMEOUT
+            while True:
+                row = clock.execute(done_sql).fetchone()
+                done = 0 if row is None else int(row[0])
+                if done >= count:
+                    break
+                if time.perf_counter() > deadline:
+                    raise RuntimeError(f"{done} of {count} tasks done in {TIMEOUT:g} s")
+                gone = [f"{role} (pid {pid})" for pid, role in watched.items() if not _alive(pid)]
+                if gone:
+                    raise RuntimeError(f"{', '.join(gone)} exited, {done} of {count} tasks done")
+                time.sleep(POLL)
+            shape.seconds = time.perf_counter() - started
+            per_pid = meter.stop()
+        finally:
+            if sampler is not None:
+                shape.waits = sampler.stop()
+                shape.wait_samples = sampler.ticks
         shape.load_after = os.getloadavg()
         # Read while the backends still live (a backend that ended is "gone").
         kinds = {
@@ -610,6 +688,9 @@ def _measure(
             ).fetchall()
         }
     kinds[server.postmaster or 0] = "postmaster"
+    if sampler is not None and sampler.backend in per_pid.get("postgres", {}):
+        # The sampler's own session is the bench's cost, not the shape's.
+        per_pid["bench"][sampler.backend] = per_pid["postgres"].pop(sampler.backend)
     for pid, seconds in per_pid.get("postgres", {}).items():
         kind = kinds.get(pid, "gone")
         shape.pg_cpu[kind] = shape.pg_cpu.get(kind, 0.0) + seconds
@@ -630,11 +711,12 @@ def _measured(
     count: int,
     go: Sequence[Child],
     pids: dict[str, list[int]],
+    waits: bool = False,
 ) -> bool:
     """:func:`_measure`, or False with the shape's error set if a process of it died or
     the tasks were not done in time (the error is printed by the process on stderr)."""
     try:
-        _measure(server, shape, url, done_sql, count, go, pids)
+        _measure(server, shape, url, done_sql, count, go, pids, waits)
     except RuntimeError as exc:
         shape.error = f"failed: {exc}"
         shape.rate = None
@@ -713,7 +795,9 @@ def hive_shape(server: Server, folder: Path, nodes: int, args: argparse.Namespac
             "producer": [producer.pid],
         }
         done_sql = "SELECT count(*) FROM tasks WHERE status = 'completed'"
-        if not _measured(server, shape, url, done_sql, count, [*workers, producer], pids):
+        if not _measured(
+            server, shape, url, done_sql, count, [*workers, producer], pids, args.waits
+        ):
             return shape
         after = anyio.run(_storage, addresses, backend=backend)
         shape.commits = after[0] - before[0]
@@ -779,7 +863,9 @@ PEERS: dict[str, tuple[Any, str, str, str, str]] = {
 }
 
 
-def peer_shape(server: Server, peer: str, consumers: int, each: int, count: int) -> Shape:
+def peer_shape(
+    server: Server, peer: str, consumers: int, each: int, count: int, waits: bool = False
+) -> Shape:
     install, consumer_role, producer_role, done_sql, label = PEERS[peer]
     shape = Shape(peer, label.format(consumers, "s" if consumers > 1 else "", each))
     missing = _missing(peer)
@@ -796,7 +882,7 @@ def peer_shape(server: Server, peer: str, consumers: int, each: int, count: int)
         kids.append(producer)
         _ready(kids)
         pids = {"consumers": [c.pid for c in consumers_], "producer": [producer.pid]}
-        _measured(server, shape, url, done_sql, count, [*consumers_, producer], pids)
+        _measured(server, shape, url, done_sql, count, [*consumers_, producer], pids, waits)
     finally:
         _stop_all(kids)
     return shape
@@ -891,6 +977,13 @@ def render(r: Result) -> str:
                 if seconds / r.tasks * 1e3 >= 0.005
             )
             lines.append(f"      PostgreSQL ms per task, by connection: {by_kind}")
+        if s.waits:
+            waiting = "  ".join(
+                f"{key} {mean:.2f}" for key, mean in s.waits.items() if mean >= 0.01
+            )
+            lines.append(
+                f"      PostgreSQL sessions active (mean), by what they wait for: {waiting}"
+            )
         if s.system == "hive":
             spread = ", ".join(f"{node} {runs:,}" for node, runs in s.runs_per_node.items())
             lines.append(
@@ -945,7 +1038,7 @@ def run(args: argparse.Namespace) -> Result:
                 ("procrastinate", args.procrastinate),
             ):
                 for consumers, each in _pairs(option, f"--{peer}"):
-                    shapes.append(peer_shape(admin, peer, consumers, each, args.tasks))
+                    shapes.append(peer_shape(admin, peer, consumers, each, args.tasks, args.waits))
                     print(render_progress(shapes[-1]), file=sys.stderr, flush=True)
                     if shapes[-1].rate is None:
                         break  # not installed: the other shapes would say the same
@@ -988,6 +1081,12 @@ def main() -> None:
         "--keep-databases",
         action="store_true",
         help="on a server given by HIVE_BENCH_PG, leave the databases made (not dropped)",
+    )
+    parser.add_argument(
+        "--waits",
+        action="store_true",
+        help="sample what each shape's PostgreSQL sessions wait for (pg_stat_activity,"
+        " every 10 ms, on a connection of its own: a little more server CPU)",
     )
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     parser.add_argument("--role", choices=sorted(ROLES), help=argparse.SUPPRESS)

@@ -272,6 +272,7 @@ def test_nodes_bench_runs(backend: str, pg_url: str) -> None:
     peers = "1x10" if first else ""
     args = ["--tasks", "100", "--nodes", "1,2" if first else "1", "--workers", "2"]
     args += ["--pgqueuer", peers, "--procrastinate", peers, "--keep-databases", "--json"]
+    args += ["--waits"] if first else []
     result = subprocess.run(
         [sys.executable, str(BENCH / "nodes.py"), "--backend", backend, *args],
         capture_output=True,
@@ -291,6 +292,15 @@ def test_nodes_bench_runs(backend: str, pg_url: str) -> None:
     assert one["commits"] > 0
     assert one["cpu"]["node0"] > 0
     assert one["cpu"]["postgres"] > 0  # the server's processes were found and read
+    if first:  # --waits: pg_stat_activity was read while the shape ran
+        assert one["wait_samples"] > 0
+        for key, mean in one["waits"].items():
+            kind, state = key.split(" ")
+            assert kind, key
+            assert state == "CPU" or ":" in state, key
+            assert 0 < mean <= 64, (key, mean)
+    else:
+        assert (one["wait_samples"], one["waits"]) == (0, {})
     if first:
         two = shapes["hive", "2 nodes"]
         if two["rate"] is None:  # one runtime per database: the second node is refused
