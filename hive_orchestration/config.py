@@ -207,6 +207,14 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=64 * 1024)] = 16 * 1024 * 1024
     #: Calls one connection may have in flight; past that the server stops reading it.
     max_calls_in_flight: Positive = 256
+    #: Bytes the socket server may hold at once for all its connections' requests: a
+    #: call is counted its frame and the most it may decode into (up to 101 times a
+    #: small frame; 208 MiB for one of 16 MiB), from before its body is read until it
+    #: ends (a call that waits for other clients, a claim with ``wait`` say, not while it
+    #: waits). Past it the server stops reading the connections that want more until
+    #: others' calls end, first come first served; calls running are never failed for
+    #: it. At least what one call of ``max_frame_bytes`` may hold (docs/SERVING.md).
+    max_held_bytes: Annotated[int, msgspec.Meta(ge=1024 * 1024)] = 512 * 1024 * 1024
     #: Where else to serve the message API: ``tcp://HOST:PORT`` addresses (port 0: any
     #: free port), beside the Unix socket. Off loopback only with ``tls_cert``; every TCP
     #: connection needs a token of ``tokens_file`` (docs/SERVING.md).

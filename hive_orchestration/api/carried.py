@@ -21,13 +21,18 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["EXCLUSIVE", "Operation", "carried"]
+__all__ = ["EXCLUSIVE", "WAITING", "Operation", "carried"]
 
 #: Operations that could be carried but make no sense from another process.
 _LOCAL_ONLY = frozenset({"aclose_callbacks"})
 #: Operations that hand the caller something no one else may hold at once (a claim): a
 #: caller that leaves before it takes the answer hands it back.
 EXCLUSIVE: frozenset[str] = frozenset({"claim_task", "claim_tasks", "claim_planning_request"})
+#: Operations that may wait for what other callers do (a task queued, a task or a plan
+#: ending), for as long as their ``wait`` or ``timeout`` says (wait_for_task: for ever).
+#: A server holds nothing for them in its budget while they wait: the calls that would
+#: end the wait may need that budget to be read (remote/budget.py).
+WAITING: frozenset[str] = EXCLUSIVE | {"wait_for_task", "wait_for_plan"}
 
 
 class Operation(msgspec.Struct, frozen=True):

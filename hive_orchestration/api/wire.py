@@ -192,14 +192,16 @@ def _unknown_argument(op: str, name: str) -> InvalidInputError:
 
 
 def most_held(args: Mapping[str, msgspec.Raw]) -> int:
-    """The most a call with these msgpack arguments can make the server hold, found
-    without walking them: their bytes, and the most :func:`msgpack_arguments` lets them
-    decode into (MOST_PER_BYTE a byte for small ones, else the call's budget)."""
+    """:func:`held_by` for these msgpack arguments alone (without the rest of their frame)."""
     return held_by(sum(len(value) for value in args.values()))
 
 
 def held_by(size: int) -> int:
-    """:func:`most_held` for arguments of ``size`` bytes in all."""
+    """The most a call's frame of ``size`` bytes can make the server hold, found without
+    walking it: its bytes, and the most :func:`msgpack_arguments` lets its arguments
+    decode into (MOST_PER_BYTE a byte for small ones, else the call's budget). The
+    frame's other fields (its operation's name, agent, correlation, trace context) are
+    text, which decodes into about its own size, within that."""
     return size + min(MOST_PER_BYTE * size, CALL_DECODED_BASE + CALL_DECODED_PER_BYTE * size)
 
 

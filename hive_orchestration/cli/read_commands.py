@@ -57,7 +57,14 @@ async def status(args: argparse.Namespace) -> None:
         if isinstance(reader, OwnerReader):
             # Who is connected only the owner knows.
             status = await reader.server(_name(args))
-            owner = OwnerView(pid=status.pid, address=status.address, clients=status.connections)
+            owner = OwnerView(
+                pid=status.pid,
+                address=status.address,
+                clients=status.connections,
+                held_bytes=status.held_bytes,
+                max_held_bytes=status.max_held_bytes,
+                held_back=status.held_back,
+            )
             report = msgspec.structs.replace(report, owner=owner)
         return report
 

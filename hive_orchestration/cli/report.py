@@ -80,6 +80,11 @@ class OwnerView(msgspec.Struct, frozen=True, kw_only=True):
     pid: int
     address: str | None
     clients: list[ConnectionStatus]  # connected now, the command itself left out
+    #: What the clients' requests are counted as holding, of the server's budget for
+    #: them (max_held_bytes), and the clients waiting for a share now.
+    held_bytes: int = 0
+    max_held_bytes: int = 0
+    held_back: int = 0
 
 
 class StatusReport(msgspec.Struct, frozen=True, kw_only=True):

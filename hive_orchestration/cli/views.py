@@ -161,8 +161,13 @@ def render_owner(out: Console, report: StatusReport) -> None:
             ("owned by ", "bold"), f"process {owner.pid}", f"  serving on {owner.address}"
         )
     )
+    if owner.max_held_bytes:
+        out.print(
+            f"requests held: {_mib(owner.held_bytes)} of {_mib(owner.max_held_bytes)}"
+            f" (max_held_bytes); {owner.held_back} client(s) waiting for room"
+        )
     table = _table(f"Connected clients ({len(owner.clients)})")
-    for header in ("#", "name", "pid", "connected", "calls in flight", "subscriptions"):
+    for header in ("#", "name", "pid", "connected", "calls in flight", "subscriptions", "held"):
         table.add_column(header, justify="right" if header in ("#", "pid") else "left")
     for client in owner.clients:
         table.add_row(
@@ -172,8 +177,13 @@ def render_owner(out: Console, report: StatusReport) -> None:
             _ago(client.connected_at),
             _text(client.calls_in_flight),
             _text(client.subscriptions),
+            _mib(client.held_bytes) + (" (waiting)" if client.held_back else ""),
         )
     _print(out, table, len(owner.clients))
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1024 * 1024):.1f} MiB"
 
 
 # -- tasks -------------------------------------------------------------------------------

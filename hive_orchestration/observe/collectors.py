@@ -27,6 +27,7 @@ from ..messages.tasks import TaskStatus
 from ..messages.workers import WorkerStatus
 
 if TYPE_CHECKING:
+    from ..remote.status import ServerStatus
     from .metrics import Metrics
 
 
@@ -157,6 +158,7 @@ class _SnapshotCollector(Collector):
         for plan_status, count in snap.plans.items():
             plans.add_metric([plan_status], count)
         yield plans
+        yield from _server(snap.server)
         stats = snap.statistics
         if stats is None:
             return
@@ -208,3 +210,23 @@ class _SnapshotCollector(Collector):
         yield GaugeMetricFamily(
             "hive_subscribers", "The app's live subscriptions", value=broadcast.subscribers
         )
+
+
+def _server(status: ServerStatus | None) -> Iterable[Metric]:
+    """The socket server's connections and its budget for their requests (nothing where
+    the runtime serves no socket, or predates the budget)."""
+    if status is None or not status.max_held_bytes:
+        return
+    for name, text, value in (
+        ("hive_server_connections", "Clients connected to the runtime's socket server",
+         len(status.connections)),
+        ("hive_server_held_bytes", "What the connections' requests in flight are counted as"
+         " holding (their frames and the most those may decode into)", status.held_bytes),
+        ("hive_server_held_bytes_max", "The server's budget for them (max_held_bytes)",
+         status.max_held_bytes),
+        ("hive_server_held_bytes_peak", "The most held at once since the server started",
+         status.peak_held_bytes),
+        ("hive_server_held_back", "Connections whose next frame waits unread for room",
+         status.held_back),
+    ):  # fmt: skip
+        yield GaugeMetricFamily(name, text, value=value)

@@ -53,6 +53,7 @@ from .source import Source
 
 if TYPE_CHECKING:
     from ..api.embedded import Runtime, RuntimeStatistics
+    from ..remote.status import ServerStatus
 
 __all__ = ["DURATION_BUCKETS", "Metrics", "metrics_app", "watch"]
 
@@ -109,6 +110,7 @@ class _Snapshot:
     workers: dict[str, int] = field(default_factory=dict)
     plans: dict[str, int] = field(default_factory=dict)
     statistics: RuntimeStatistics | None = None
+    server: ServerStatus | None = None
 
 
 def _timestamp(text: str, default: float) -> float:
@@ -345,6 +347,9 @@ class Metrics:
                 "statistics",
                 self.source.statistics,
                 "mailbox, restart, commit and delivery figures left out",
+            )
+            snapshot.server = await self._optional(
+                "server_status", self.source.server_status, "the socket server's figures left out"
             )
             self._snapshot = snapshot
 

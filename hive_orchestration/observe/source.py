@@ -24,14 +24,17 @@ from ..messages.events import Event
 
 if TYPE_CHECKING:
     from ..api.embedded import Runtime, RuntimeStatistics
+    from ..remote.status import ServerStatus
 
-__all__ = ["POLL_INTERVAL", "QueueDepths", "Source", "Statistics"]
+__all__ = ["POLL_INTERVAL", "QueueDepths", "ServerFigures", "Source", "Statistics"]
 
 #: The queued tasks by type: how many, and since when the longest-waiting one has been
 #: claimable (``queue_depths`` of a runtime or of a client).
 QueueDepths: TypeAlias = Callable[[], Awaitable[dict[str, tuple[int, datetime]]]]
 #: The runtime's own figures (``statistics`` of a runtime or of a client).
 Statistics: TypeAlias = Callable[[], Awaitable["RuntimeStatistics"]]
+#: Its socket server's connections and budget (``server_status`` of a client).
+ServerFigures: TypeAlias = Callable[[], Awaitable["ServerStatus"]]
 
 #: How often the log is read for new events when no runtime pushes them (the file alone).
 POLL_INTERVAL = 0.5
@@ -77,6 +80,13 @@ class Source:
             return self.runtime.statistics
         owner = self._owner("statistics")
         return None if owner is None else owner.statistics
+
+    @property
+    def server_status(self) -> ServerFigures | None:
+        """The runtime's socket server, as it says (its connections, what their requests
+        hold of its budget). None for the file alone."""
+        owner = self._owner("server_status")
+        return None if owner is None else owner.server_status
 
     def refused(self, op: str) -> None:
         """The reader's runtime does not know ``op`` (an older version): not asked again

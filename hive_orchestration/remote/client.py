@@ -99,6 +99,8 @@ class RemoteRuntime:
         # Frames queued for the task writing now, in the order they were sent.
         self._outbox: list[bytes] = []
         self._writing = False
+        # The write in progress, whose deadline each frame from the owner pushes back.
+        self._sending: anyio.CancelScope | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._feeds: dict[int, tuple[EventFeed, int, Literal["error", "drop"]]] = {}
@@ -317,8 +319,11 @@ class RemoteRuntime:
         try:
             # Shielded: a frame cut short by a caller's cancellation would garble the
             # connection (the owner would read the frames after it as its rest). An owner
-            # that takes none for as long as a silent one lives is as good as gone.
+            # that takes none and says nothing for as long as a silent one lives is as
+            # good as gone; one that holds the write back but is heard from (it has no
+            # room for this side's calls yet, and says so with pongs) is waited for.
             with anyio.CancelScope(shield=True) as sending:
+                self._sending = sending
                 if len(self._pending) > 1:
                     # Other calls wait: callers woken with this one (answers that came
                     # together) send in this round of the event loop, and join this write.
@@ -333,6 +338,7 @@ class RemoteRuntime:
             self._check_running()
         finally:
             self._writing = False
+            self._sending = None
         if sending.cancelled_caught:
             self._outbox.clear()
             lose(

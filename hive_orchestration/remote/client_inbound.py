@@ -62,7 +62,10 @@ async def read_frames(remote: RemoteRuntime, reader: FrameReader) -> None:
     try:
         while True:
             message = await reader.read()
-            remote._last_heard = anyio.current_time()
+            heard = remote._last_heard = anyio.current_time()
+            sending = remote._sending
+            if sending is not None:  # the owner is alive: a write it holds back may wait
+                sending.deadline = max(sending.deadline, heard + remote._silence)
             match message:
                 case Result(id=call_id, value=value):
                     pending = remote._pending.get(call_id)

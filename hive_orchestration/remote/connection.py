@@ -10,7 +10,11 @@ Whichever task has a frame to send while none is writing writes it, with whateve
 others queued meanwhile (no hop to a writer task on the way out).
 
 What a peer can do to the server is bounded: a frame is refused unread past
-``max_frame_bytes``; a peer that does not say hello within :data:`HANDSHAKE_TIMEOUT`, or
+``max_frame_bytes``; a call (and a frame over a chunk, before its body is read) is
+counted what it may hold (:func:`..api.wire.held_by` of its frame's size) against the
+connection's bound and then the server's budget (:mod:`.budget`), and the connection is
+not read until both have room (told meanwhile by unasked pongs that this side is alive);
+a peer that does not say hello within :data:`HANDSHAKE_TIMEOUT`, or
 sends nothing (not even a ping) for three times ``remote_timeout`` (clients are told, and
 ping more often), or does not take a frame within ``remote_timeout`` of it being sent, is
 disconnected; anything that is not a frame of the protocol closes the connection, the
@@ -44,7 +48,7 @@ import anyio
 import msgspec
 from anyio.abc import ByteStream, SocketAttribute, TaskGroup, TaskStatus
 
-from ..api.wire import most_held
+from ..api.wire import held_by
 from ..errors import AccessDeniedError, HiveError, InvalidInputError
 from ..messages.events import Lagged
 from ..messages.plans import PlanningRequest, UnclaimedRequest
@@ -98,8 +102,10 @@ _REFUSAL_TIME = 1.0
 _HELLO_LIMIT = 64 * 1024
 #: Most bytes read and dropped from a refused peer before closing on it.
 _LINGER_BYTES = 1024 * 1024
-
-#: Bytes queued for a peer past which whoever sends to it waits for the writer.
+#: While a connection's frames are held back (no room for the next), how often it is
+#: sent an unasked pong: its pings wait unread behind that frame, and a client hears
+#: nothing else while its calls wait (the shortest silence a client allows is 1 s).
+_HELD_BACK_PONG = 0.5
 
 
 class _Connection:
@@ -125,8 +131,16 @@ class _Connection:
         #: The rules an agent token's calls pass (None: admin, anything goes).
         self._access: Authorizer | None = None
         self._calls: dict[int, anyio.CancelScope] = {}
-        #: What the calls in flight may hold (.api.wire.most_held), at most max_held.
+        #: What the calls in flight may hold (.api.wire.held_by of their frames' sizes),
+        #: and the frame being read if it was charged before its body; at most max_held.
         self.held = 0
+        #: Taken from the server's budget for the large frame being read (before its body).
+        self._reserved = 0
+        #: What each call in flight holds of the server's budget (a call that waits for
+        #: other clients gives it back as it starts waiting: .api.carried.WAITING).
+        self._charged: dict[int, int] = {}
+        #: The reader waits for room (its own calls', or the server's budget).
+        self.held_back = False
         # The reader waits on this while max_in_flight calls run, or they hold max_held
         # (it stops reading).
         self._slot_freed: anyio.Event | None = None
@@ -174,6 +188,8 @@ class _Connection:
             connected_at=self.connected_at,
             calls_in_flight=len(self._calls),
             subscriptions=len(self._subscriptions),
+            held_bytes=self.held,
+            held_back=self.held_back,
         )
 
     async def run(self) -> None:
@@ -210,6 +226,8 @@ class _Connection:
             reader.limit = self._server.max_frame
             if identity.role == "agent":
                 self._access = Authorizer(identity, self._server.client(None, None))
+        # From now on a large frame waits for room before its body is read.
+        reader.gate_with(self._gate)
         config = self._runtime.config
         await send_message(
             self,
@@ -288,24 +306,30 @@ class _Connection:
         await _linger(self._stream)
 
     async def _read(self, reader: FrameReader) -> None:
-        while True:
-            self._heard = time.monotonic()
-            try:
-                message = await reader.read()
-            except FrameError as exc:
-                log.info("connection %d (%s) closed: %s", self.number, self.name, exc)
-                opened = exc.call_id
-                if opened in self._calls or opened in self._unacknowledged:
-                    opened = 0  # an id in use: its failure would pass for that call's
-                await self._tell_violation(str(exc), call_id=opened, field=exc.field)
-                return
-            except (anyio.EndOfStream, anyio.ClosedResourceError):
-                return
-            except (anyio.BrokenResourceError, OSError) as exc:
-                log.info("connection %d (%s) broke: %s", self.number, self.name, exc)
-                return
-            if not await self._dispatch(message):
-                return
+        try:
+            while True:
+                self._heard = time.monotonic()
+                try:
+                    message = await reader.read()
+                except FrameError as exc:
+                    log.info("connection %d (%s) closed: %s", self.number, self.name, exc)
+                    opened = exc.call_id
+                    if opened in self._calls or opened in self._unacknowledged:
+                        opened = 0  # an id in use: its failure would pass for that call's
+                    await self._tell_violation(str(exc), call_id=opened, field=exc.field)
+                    return
+                except (anyio.EndOfStream, anyio.ClosedResourceError):
+                    return
+                except (anyio.BrokenResourceError, OSError) as exc:
+                    log.info("connection %d (%s) broke: %s", self.number, self.name, exc)
+                    return
+                if not await self._dispatch(message, reader.size):
+                    return
+                if self._reserved:  # a large frame that was not a call: done with
+                    self._unreserve()
+        finally:
+            # A large frame cut off (the peer left, its body was garbage): given back.
+            self._unreserve()
 
     async def _watch(self) -> None:
         """Close the connection once the peer has been silent for ``idle`` seconds (not
@@ -323,8 +347,9 @@ class _Connection:
                 return
             await anyio.sleep(idle - silent)
 
-    async def _dispatch(self, message: object) -> bool:
-        """Act on one frame from the peer; False if the connection must end."""
+    async def _dispatch(self, message: object, size: int) -> bool:
+        """Act on one frame from the peer (of ``size`` bytes); False if the connection
+        must end."""
         match message:
             case Call():
                 if message.id in self._calls or message.id in self._unacknowledged:
@@ -337,22 +362,23 @@ class _Connection:
                 if self.stopping:
                     await send_message(self, encode_error(message.id, _stopping()))
                     return True
-                held = most_held(message.args)
-                if self._full(held):
-                    # Past a limit: stop reading until a call ends (backpressure); the
-                    # peer is not silent meanwhile, this side is not listening.
-                    self._heard = None
-                    while self._full(held):
-                        self._slot_freed = self._event_type()
-                        await self._slot_freed.wait()
-                self.held += held
+                charge = self._reserved
+                if charge:  # a large frame: charged before its body was read
+                    self._reserved = 0
+                else:
+                    charge = held_by(size)
+                    await self._charge(charge)
+                    if self._stopped_meanwhile(charge):
+                        await send_message(self, encode_error(message.id, _stopping()))
+                        return True
+                self._charged[message.id] = charge
                 scope = self._scope_type()
                 self._calls[message.id] = scope
                 if self._idle:
-                    self._idle.pop().hand(message, scope)
+                    self._idle.pop().hand(message, scope, charge)
                 else:
                     assert self._group is not None
-                    self._group.start_soon(run_calls, self, message, scope)
+                    self._group.start_soon(run_calls, self, message, scope, charge)
             case Cancel(id=call_id):
                 running = self._calls.get(call_id)
                 if running is not None:
@@ -416,6 +442,75 @@ class _Connection:
         return len(self._calls) >= server.max_in_flight or (
             self.held + held > server.max_held and bool(self._calls)
         )
+
+    async def _gate(self, size: int) -> None:
+        """A frame of ``size`` bytes, larger than a chunk, is next: its body is read
+        once there is room for it as for a call (the connection's, then the server's),
+        taken now (see _dispatch)."""
+        charge = held_by(size)
+        await self._charge(charge)
+        self._reserved = charge
+        self._heard = time.monotonic()  # its body has the whole idle time to come
+
+    async def _charge(self, charge: int) -> None:
+        """Count ``charge`` against the connection's bound, then the server's budget,
+        once each has room (in that order: waiting for its own calls to end, it holds
+        nothing of the server's)."""
+        if self._full(charge):
+            await self._room_for(charge)
+        if not self._server.budget.try_take(charge):
+            await self._take(charge)
+        self.held += charge
+
+    def _stopped_meanwhile(self, charge: int) -> bool:
+        """The runtime began stopping while a call waited for room: give it back."""
+        if not self.stopping:
+            return False
+        self.held -= charge
+        self._server.budget.give(charge)
+        return True
+
+    def _unreserve(self) -> None:
+        charge, self._reserved = self._reserved, 0
+        if charge:
+            self.held -= charge
+            self._server.budget.give(charge)
+
+    async def _room_for(self, charge: int) -> None:
+        """Past a limit of the connection's own: stop reading until a call ends
+        (backpressure). Its calls end without anything more read."""
+        self.held_back = True
+        try:
+            while self._full(charge):
+                self._slot_freed = self._event_type()
+                await self._held_back(self._slot_freed)
+        finally:
+            self.held_back = False
+
+    async def _take(self, charge: int) -> None:
+        """Wait in the server's line for ``charge`` bytes of its budget (not reading
+        meanwhile: backpressure); cancelled, what was granted is given back."""
+        budget = self._server.budget
+        ticket = budget.queue(charge)
+        self.held_back = True
+        try:
+            await self._held_back(ticket.granted)
+        except BaseException:
+            budget.withdraw(ticket)
+            raise
+        finally:
+            self.held_back = False
+
+    async def _held_back(self, room: anyio.Event) -> None:
+        """Wait for ``room``, not reading the peer. It is not silent meanwhile (this
+        side is not listening), and it is told that this side is alive: an unasked pong
+        every _HELD_BACK_PONG seconds, as its pings wait unread behind the frame held."""
+        self._heard = None
+        while True:
+            with anyio.move_on_after(_HELD_BACK_PONG):
+                await room.wait()
+                return
+            await send_message(self, Pong(0))
 
     def cancel_calls(self) -> None:
         """Stopping: end the calls still running (each is answered RuntimeStoppedError)."""

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .._trace import CARRIED, check_trace
-from ..api.wire import EXCLUSIVE, most_held, msgpack_arguments
+from ..api.carried import WAITING
+from ..api.wire import EXCLUSIVE, msgpack_arguments
 from ..errors import HiveError, RuntimeStoppedError
 from .connection_out import check_drained, send_frame
 from .connection_workers import _WORKER_OPS, note_worker
@@ -37,20 +38,26 @@ _CLIENTS_PER_CONNECTION = 64
 _IDLE_RUNNERS = 64
 
 
-async def run_calls(conn: _Connection, message: Call, scope: anyio.CancelScope) -> None:
+async def run_calls(
+    conn: _Connection, message: Call, scope: anyio.CancelScope, charge: int
+) -> None:
     """Run calls one after another: this one, then each handed to it while it waits
     among the idle (a few are kept; past that it ends)."""
     while True:
-        await answer_call(conn, message, scope)
+        await answer_call(conn, message, scope, charge)
         if len(conn._idle) >= _IDLE_RUNNERS:
             return
         runner = _Runner(conn._event_type())
         conn._idle.append(runner)
         await runner.handed.wait()
-        message, scope = runner.call
+        message, scope, charge = runner.call
 
 
-async def answer_call(conn: _Connection, message: Call, scope: anyio.CancelScope) -> None:
+async def answer_call(
+    conn: _Connection, message: Call, scope: anyio.CancelScope, charge: int
+) -> None:
+    """Run one call and send its answer; ``charge`` is what it holds of its
+    connection's bound (and of the server's budget, unless it gave that back)."""
     try:
         with scope:
             try:
@@ -69,7 +76,10 @@ async def answer_call(conn: _Connection, message: Call, scope: anyio.CancelScope
         await send_frame(conn, answer)
     finally:
         del conn._calls[message.id]
-        conn.held -= most_held(message.args)
+        conn.held -= charge
+        given = conn._charged.pop(message.id, 0)
+        if given:
+            conn._server.budget.give(given)
         freed, conn._slot_freed = conn._slot_freed, None
         if freed is not None:
             freed.set()
@@ -86,6 +96,15 @@ async def run_call(conn: _Connection, message: Call) -> ResultOut:
     client = client_as(conn, agent, message.correlation)
     method: Callable[..., Awaitable[object]] = getattr(client, message.op)
     trace = check_trace(message.traceparent, message.tracestate)
+    if message.op in WAITING:
+        # It may wait for other clients' calls, which may need the server's budget to
+        # be read: it holds none while it waits. What it holds is its arguments, which
+        # its operation checks (names, ids) before its first await; the frame's bytes
+        # are let go (nothing reads them again).
+        message.args.clear()
+        given = conn._charged.pop(message.id, 0)
+        if given:
+            conn._server.budget.give(given)
     if trace is None:
         value = await method(**args)
     else:
@@ -122,10 +141,10 @@ class _Runner:
 
     def __init__(self, handed: anyio.Event) -> None:
         self.handed = handed
-        self.call: tuple[Call, anyio.CancelScope]
+        self.call: tuple[Call, anyio.CancelScope, int]
 
-    def hand(self, message: Call, scope: anyio.CancelScope) -> None:
-        self.call = (message, scope)
+    def hand(self, message: Call, scope: anyio.CancelScope, charge: int) -> None:
+        self.call = (message, scope, charge)
         self.handed.set()
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, TypeAlias
 
 import anyio
@@ -320,6 +321,10 @@ class FrameReader:
     past 64 MiB plus 8 times its size, it is a :class:`FrameError`, nothing of it
     decoded. A frame under 671 KB is never walked. (The server counts each call's
     arguments instead, since a call over budget is refused alone.)
+
+    With a gate (:meth:`gate_with`: the server's, see :mod:`.budget`), a frame larger
+    than a chunk waits for it after its header is read and before its body is: a peer
+    cannot make this side hold the body of a large frame before there is room for it.
     """
 
     def __init__(
@@ -335,6 +340,16 @@ class FrameReader:
         # replaced: a frame decoded from it may keep views of it (``msgspec.Raw``).
         self._data = b""
         self._pos = 0
+        #: The size of the last frame read (its body, without the header).
+        self.size = 0
+        self._gate: Callable[[int], Awaitable[None]] | None = None
+        self._gated_above = 1 << 64
+
+    def gate_with(self, gate: Callable[[int], Awaitable[None]]) -> None:
+        """Await ``gate(size)`` for each frame larger than a chunk, between its header
+        and its body (frames up to a chunk come whole with a receive, or nearly)."""
+        self._gate = gate
+        self._gated_above = _CHUNK
 
     async def read(self) -> Any:
         """The next frame; :class:`anyio.EndOfStream` at a clean end between frames,
@@ -344,6 +359,10 @@ class FrameReader:
         (size,) = _HEADER.unpack_from(self._data, self._pos)
         if size > self.limit:
             raise FrameError(f"a frame of {size} bytes is over the limit of {self.limit}")
+        self.size = size
+        if size > self._gated_above:
+            assert self._gate is not None
+            await self._gate(size)
         start = self._pos + _HEADER.size
         end = start + size
         body: bytes | bytearray | memoryview

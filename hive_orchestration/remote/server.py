@@ -13,7 +13,8 @@ Given TCP addresses (``RuntimeConfig.listen``, see :mod:`.tcp`), it serves them 
 when it has a certificate; a TCP peer's hello must carry a token (see :mod:`.connection`).
 At most ``max_connections`` connections are served at once (Unix socket and TCP
 together): one more is answered Refused (ConnectionLostError naming the limit) and
-closed; past a few such refusals at once, closed without a word.
+closed; past a few such refusals at once, closed without a word. What their requests
+hold together is bounded by ``max_held_bytes`` (:mod:`.budget`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ..storage import SCHEMA_VERSION
 from ..storage.port import STOPPING
 from .access import Tokens
 from .address import ABSTRACT, choose_address, connect_path, peer_uid, remove_address
+from .budget import Budget
 from .connection import _REFUSAL_TIME, HANDSHAKE_TIMEOUT, _Connection, _linger
 from .protocol import Refused, encode_error, frame
 from .status import ServerStatus
@@ -75,6 +77,15 @@ class Server:
         #: what those may decode into): what one call of the largest frame may. Past it
         #: the connection is not read until a call ends; a call is always let in alone.
         self.max_held = held_by(self.max_frame)
+        if config.max_held_bytes < self.max_held:
+            raise ConfigError(
+                "max_held_bytes",
+                f"is {config.max_held_bytes} bytes, less than one call of max_frame_bytes"
+                f" ({self.max_frame}) may hold: {self.max_held} bytes (its frame and the"
+                " most it may decode into); raise max_held_bytes or lower max_frame_bytes",
+            )
+        #: What all connections' requests may hold at once (see :mod:`.budget`).
+        self.budget = Budget(config.max_held_bytes)
         self.timeout = config.remote_timeout
         #: A connection silent this long (no call, no ping) is closed.
         self.idle = 3 * config.remote_timeout
@@ -273,12 +284,17 @@ class Server:
         """Where it serves and who is connected now, oldest connection first (what
         ``OrchestrationClient.server_status`` answers)."""
         connections = sorted(self._connections, key=lambda connection: connection.number)
+        budget = self.budget.statistics()
         return ServerStatus(
             pid=os.getpid(),
             db_path=self._runtime.path,
             schema_version=SCHEMA_VERSION,
             address=self.address,
             connections=[connection.status() for connection in connections],
+            held_bytes=budget.held,
+            max_held_bytes=budget.capacity,
+            peak_held_bytes=budget.peak,
+            held_back=sum(connection.held_back for connection in connections),
         )
 
 

@@ -24,6 +24,11 @@ class ConnectionStatus(msgspec.Struct, frozen=True, kw_only=True):
     #: (an event stream or a callback holds one).
     calls_in_flight: int
     subscriptions: int
+    #: What its calls in flight (and a large frame being read) are counted as holding:
+    #: their frames and the most those may decode into (docs/SERVING.md, "Limits").
+    held_bytes: int = 0
+    #: Its next frame waits, unread, for room (its own calls' or the server's budget).
+    held_back: bool = False
 
 
 class ServerStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -36,3 +41,11 @@ class ServerStatus(msgspec.Struct, frozen=True, kw_only=True):
     schema_version: int
     address: str | None
     connections: list[ConnectionStatus]
+    #: What all connections' requests are counted as holding now, and the server's budget
+    #: for them (``max_held_bytes``; 0: an owner that predates it).
+    held_bytes: int = 0
+    max_held_bytes: int = 0
+    #: The most held at once since the server started, and the connections waiting now
+    #: for a share (their next frame unread).
+    peak_held_bytes: int = 0
+    held_back: int = 0

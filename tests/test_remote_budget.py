@@ -1,0 +1,392 @@
+"""The socket server's budget for all its connections' requests (remote/budget.py,
+``RuntimeConfig.max_held_bytes``): backpressure past it, first come first served, calls
+that wait for other clients holding none of it, and every share given back however a
+connection ends.
+
+The owner runs in this process (its budget is read directly); its clients are other
+processes (tests/_budget_peer.py) or raw sockets, so that what the server sees is what a
+peer sends, cut where it is cut. The budget is set to what one call of the largest frame
+(1 MiB here) may hold: 73 MiB.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+from anyio.abc import Process
+
+from hive_orchestration import ConfigError, Runtime, RuntimeConfig
+from hive_orchestration.api.carried import WAITING, carried
+from hive_orchestration.api.client import OrchestrationClient
+from hive_orchestration.api.wire import held_by
+from hive_orchestration.remote.budget import Budget
+from hive_orchestration.remote.protocol import (
+    PROTOCOL_VERSION,
+    Call,
+    Hello,
+    Pong,
+    ServerFrame,
+    Welcome,
+    frame,
+)
+
+pytestmark = pytest.mark.anyio
+
+PEER = str(Path(__file__).with_name("_budget_peer.py"))
+MIB = 1024 * 1024
+#: Only turns a hang into a failure.
+DEADLINE = 60.0
+
+
+def _config(**overrides: Any) -> RuntimeConfig:
+    settings: dict[str, Any] = {
+        "max_frame_bytes": MIB,
+        "max_held_bytes": held_by(MIB),
+        "remote_timeout": 20.0,
+    }
+    settings.update(overrides)
+    return RuntimeConfig(**settings)
+
+
+class _Peer:
+    """A child process and its stdout, line by line."""
+
+    def __init__(self, process: Process) -> None:
+        self.process = process
+        self._buffer = b""
+
+    async def line(self) -> str:
+        assert self.process.stdout is not None
+        with anyio.fail_after(DEADLINE):
+            while b"\n" not in self._buffer:
+                try:
+                    self._buffer += await self.process.stdout.receive()
+                except anyio.EndOfStream:
+                    assert self.process.stderr is not None
+                    error = b""
+                    with anyio.move_on_after(1.0):
+                        async for chunk in self.process.stderr:
+                            error += chunk
+                    raise AssertionError(f"the peer ended: {error.decode()[-2000:]}") from None
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()
+
+    async def say(self, text: str) -> None:
+        assert self.process.stdin is not None
+        await self.process.stdin.send(text.encode() + b"\n")
+
+
+@asynccontextmanager
+async def _peers() -> AsyncIterator[Callable[..., Any]]:
+    started: list[Process] = []
+
+    async def start(*args: str) -> _Peer:
+        process = await anyio.open_process(
+            [sys.executable, PEER, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        started.append(process)
+        return _Peer(process)
+
+    try:
+        yield start
+    finally:
+        with anyio.CancelScope(shield=True):
+            for process in started:
+                if process.returncode is None:
+                    process.kill()
+                await process.wait()
+                await process.aclose()
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    with anyio.fail_after(DEADLINE):
+        while not condition():  # noqa: ASYNC110 - the server's counters: no event to wait on
+            await anyio.sleep(0.01)
+
+
+def _read_frame(sock: socket.socket) -> Any:
+    def exactly(size: int) -> bytes:
+        data = bytearray()
+        while len(data) < size:
+            chunk = sock.recv(size - len(data))
+            if not chunk:
+                raise EOFError(f"the server closed after {len(data)} of {size} bytes")
+            data += chunk
+        return bytes(data)
+
+    while True:
+        size = int.from_bytes(exactly(4), "big")
+        message = msgspec.msgpack.decode(exactly(size), type=ServerFrame)
+        if message != Pong(0):
+            return message
+
+
+def _raw_connect(address: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(DEADLINE)
+    target = address.removeprefix("unix:")
+    if address.startswith("abstract:"):
+        target = "\0" + address.removeprefix("abstract:")
+    sock.connect(target)
+    sock.sendall(frame(Hello(PROTOCOL_VERSION)))
+    assert isinstance(_read_frame(sock), Welcome)
+    return sock
+
+
+def _call(call_id: int, op: str, **args: object) -> bytes:
+    raw = {name: msgspec.Raw(msgspec.msgpack.encode(value)) for name, value in args.items()}
+    return frame(Call(call_id, op, raw))
+
+
+# -- the budget alone -------------------------------------------------------------------------
+
+
+async def test_the_first_in_line_is_served_first_even_past_one_that_would_fit(
+    anyio_backend: str,
+) -> None:
+    budget = Budget(100)
+    assert budget.try_take(60)
+    big = budget.queue(70)  # does not fit: waits
+    small = budget.queue(10)  # would fit, but comes after
+    assert not big.granted.is_set()
+    assert not small.granted.is_set()
+    assert not budget.try_take(1)  # nor may anyone pass the line
+    stats = budget.statistics()
+    assert (stats.held, stats.waiting, stats.waiting_bytes) == (60, 2, 80)
+    budget.give(60)
+    assert big.granted.is_set()
+    assert small.granted.is_set()  # 70 + 10 fit together
+    assert budget.held == 80
+    budget.give(70)
+    budget.give(10)
+    assert (budget.held, budget.peak) == (0, 80)
+
+
+async def test_a_waiter_that_leaves_gives_back_exactly_what_it_was_granted(
+    anyio_backend: str,
+) -> None:
+    budget = Budget(100)
+    assert budget.try_take(70)
+    first = budget.queue(50)
+    second = budget.queue(20)  # would fit, but is behind the first
+    assert not second.granted.is_set()
+    budget.withdraw(first)  # leaves ungranted: the one behind it fits now
+    assert second.granted.is_set()
+    assert budget.held == 90
+    budget.give(70)
+    third = budget.queue(85)
+    assert not third.granted.is_set()
+    budget.withdraw(second)  # granted, then left (cancelled as it was woken): given back
+    assert third.granted.is_set()
+    budget.withdraw(third)
+    assert budget.held == 0
+    assert budget.statistics().waiting == 0
+
+    # A task cancelled while it waits leaves the line; one granted as it was cancelled
+    # gives it back: either way nothing stays taken.
+    budget = Budget(10)
+    assert budget.try_take(10)
+    for grant_first in (False, True):
+        ticket = budget.queue(5)
+        with anyio.CancelScope() as scope:
+            if grant_first:
+                budget.give(10)  # granted, and cancelled before it woke
+            scope.cancel()
+            try:
+                await ticket.granted.wait()
+            except BaseException:
+                budget.withdraw(ticket)
+                raise
+        assert scope.cancelled_caught
+        assert budget.held == (0 if grant_first else 10)
+        assert budget.statistics().waiting == 0
+
+
+async def test_a_budget_smaller_than_one_call_of_the_largest_frame_is_refused(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        async with Runtime.open(
+            tmp_path / "hive.db", config=_config(max_held_bytes=held_by(MIB) - 1)
+        ):
+            pass
+    assert refused.value.field == "max_held_bytes"
+    assert "max_frame_bytes" in str(refused.value)
+    with pytest.raises(ConfigError, match="max_held_bytes"):
+        RuntimeConfig(max_held_bytes=1000).validated()
+
+
+def test_every_operation_that_waits_for_other_clients_gives_its_share_back() -> None:
+    # An operation that can wait for what another client does must not hold the
+    # server's budget meanwhile (that client's call may need it to be read).
+    for name, operation in carried(OrchestrationClient).items():
+        if "wait" in operation.types or name.startswith("wait_for"):
+            assert name in WAITING, name
+
+
+# -- over sockets, between processes ----------------------------------------------------------
+
+
+async def test_past_the_budget_connections_wait_unread_and_alive_until_it_is_given_back(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    # A takes nearly all the budget with a large frame it does not finish; B (a large
+    # call) and C (a small one) wait unread, the Python client in each alive for three
+    # times its 1 s silence limit (the server tells it so while it waits); A goes, and
+    # both calls are served.
+    db_path = str(tmp_path / "hive.db")
+    async with Runtime.open(db_path, config=_config()) as runtime, _peers() as start:
+        server = runtime._server
+        assert server is not None
+        assert server.address
+        budget = server.budget
+        a = await start("partial", server.address, str(MIB - 100))
+        assert await a.line() == "held"
+        await _until(lambda: budget.held > MIB)
+        taken = budget.held
+        b = await start("client", anyio_backend, db_path, "200000")
+        assert await b.line() == "connected"
+        await _until(lambda: budget.statistics().waiting == 1)
+        c = await start("client", anyio_backend, db_path, "10")
+        assert await c.line() == "connected"
+        await _until(lambda: budget.statistics().waiting == 2)
+        await anyio.sleep(3.0)
+        status = server.status()
+        assert status.held_bytes == taken
+        assert status.max_held_bytes == held_by(MIB)
+        assert status.held_back == 2
+        assert sorted(each.held_back for each in status.connections) == [False, True, True]
+        assert b.process.returncode is None
+        assert c.process.returncode is None
+        assert await runtime.list_tasks() == []
+        await a.say("quit")  # closes its socket with its frame cut
+        b_task, c_task = await b.line(), await c.line()
+        tasks = {task.id for task in await runtime.list_tasks()}
+        assert tasks == {b_task, c_task}, (b_task, c_task)
+        await _until(lambda: budget.held == 0 and not budget.statistics().waiting)
+
+
+async def test_a_large_request_first_in_line_is_not_passed_over_by_small_ones(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    # A holds 30 MB of the 76 (a 300 KB frame unfinished); B's call of nearly 1 MiB
+    # (76 MB) waits, its body unread; C's small call would fit beside A but comes after
+    # B: it waits too, and is served after B's.
+    db_path = str(tmp_path / "hive.db")
+    async with Runtime.open(db_path, config=_config()) as runtime, _peers() as start:
+        server = runtime._server
+        assert server is not None
+        assert server.address
+        budget = server.budget
+        a = await start("partial", server.address, "300000")
+        assert await a.line() == "held"
+        await _until(lambda: budget.held > 0)
+        b = await start("client", anyio_backend, db_path, str(MIB - 1000))
+        assert await b.line() == "connected"
+        await _until(lambda: budget.statistics().waiting == 1)
+        c = await start("client", anyio_backend, db_path, "10")
+        assert await c.line() == "connected"
+        await _until(lambda: budget.statistics().waiting == 2)
+        assert budget.held + held_by(100) < budget.capacity  # C would fit, but is behind B
+        # B's write of its frame is held back longer than its 1 s silence limit: its
+        # client waits on, since the server says (pongs) that it is alive.
+        await anyio.sleep(2.5)
+        assert budget.statistics().waiting == 2
+        await a.say("rest")
+        assert (await a.line()).startswith("Result 1")
+        b_task, c_task = await b.line(), await c.line()
+        b_created = (await runtime.get_task(b_task)).created_at  # type: ignore[union-attr]
+        c_created = (await runtime.get_task(c_task)).created_at  # type: ignore[union-attr]
+        assert b_created <= c_created
+        await _until(lambda: budget.held == 0)
+
+
+async def test_calls_that_wait_for_other_clients_hold_none_of_the_budget(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    # Thirty claims that wait for work, each with 256 long task types (a 37 KB frame,
+    # counted 3.7 MB): together more than the budget. Were they to hold it while they
+    # wait, the calls that queue their work could not be read before their wait ends.
+    config = _config()
+    types = [f"t{n}-" + "x" * 140 for n in range(256)]
+    async with Runtime.open(tmp_path / "hive.db", config=config) as runtime:
+        server = runtime._server
+        assert server is not None
+        assert server.address
+        address = server.address
+        assert 30 * held_by(len(_call(1, "claim_task", worker_id="w", task_types=types))) > (
+            server.budget.capacity
+        )
+
+        def claims(connection: int) -> list[object]:
+            sock = _raw_connect(address)
+            try:
+                sock.sendall(
+                    b"".join(
+                        _call(n, "claim_task", worker_id=f"w{connection}", task_types=types,
+                              wait=20.0)
+                        for n in range(1, 11)
+                    )
+                )  # fmt: skip
+                answers = [_read_frame(sock) for _ in range(10)]
+                return [msgspec.msgpack.decode(answer.value) for answer in answers]
+            finally:
+                sock.close()
+
+        answered: list[object] = []
+
+        async def run(connection: int) -> None:
+            answered.extend(await anyio.to_thread.run_sync(claims, connection))
+
+        with anyio.fail_after(15.0):  # well within the claims' wait
+            async with anyio.create_task_group() as group:
+                for connection in range(3):
+                    group.start_soon(run, connection)
+                await _until(lambda: sum(len(c._calls) for c in server._connections) == 30)
+                assert server.budget.held == 0
+                sock = await anyio.to_thread.run_sync(_raw_connect, address)
+                try:
+                    await anyio.to_thread.run_sync(
+                        sock.sendall,
+                        b"".join(_call(n, "create_task", task_type=types[0]) for n in range(30)),
+                    )
+                    for _ in range(30):
+                        await anyio.to_thread.run_sync(_read_frame, sock)
+                finally:
+                    sock.close()
+        assert len(answered) == 30
+        assert all(isinstance(claim, dict) for claim in answered), answered
+        await _until(lambda: server.budget.held == 0)
+
+
+async def test_connections_that_come_and_go_give_back_all_they_took(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    # Eight processes, four connections each, one after another: frames cut mid-body,
+    # calls left in flight, claims waiting, cancels, large calls answered; closed
+    # cleanly or reset. Once they are gone, nothing is held and nobody waits.
+    async with Runtime.open(tmp_path / "hive.db", config=_config()) as runtime:
+        server = runtime._server
+        assert server is not None
+        assert server.address
+        async with _peers() as start:
+            peers = [await start("churn", server.address, str(seed)) for seed in range(8)]
+            for peer in peers:
+                assert await peer.line() == "done"
+                await peer.process.wait()
+        await _until(lambda: not server._connections)
+        stats = server.budget.statistics()
+        assert (stats.held, stats.waiting, stats.waiting_bytes) == (0, 0, 0)
+        assert 0 < stats.peak <= stats.capacity
