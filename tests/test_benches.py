@@ -163,6 +163,16 @@ def _handoff(figures: dict[str, Any]) -> None:
     assert figures["floor_p50_us"] > 0
 
 
+def _msgpack_walk(figures: dict[str, Any]) -> None:
+    shapes = figures["shapes"]
+    assert len(shapes) >= 10
+    # Of about 64 KiB each: many small values, a single string.
+    assert all(0.9 * 65536 < shape["bytes"] <= 65536 for shape in shapes.values())
+    assert all(shape["seconds"] >= 0 for shape in shapes.values())
+    assert shapes["small ints [0, 0, ...]"]["counted"] > 16 * 65000  # its place and itself
+    assert not shapes["one string"]["over"]
+
+
 RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
     "handoff.py": (["--handoffs", "10", "--json"], _handoff),
     "tasks.py": (["--tasks", "100", "--handoffs", "10", "--json"], _tasks),
@@ -175,6 +185,7 @@ RUNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
         None,
     ),
     "inputs.py": (["--size", "2", "--repeat", "1", "--json"], _inputs),
+    "msgpack_walk.py": (["--size", "65536", "--repeat", "1", "--json"], _msgpack_walk),
     "metrics.py": (["--tasks", "100", "--repeat", "1", "--json"], _metrics),
     "soak.py": (["--minutes", "0.05", "--sample", "1", "--warmup", "1", "--json"], _soak),
     "peers.py": (["--tasks", "100", "--handoffs", "10", "--repeat", "1", "--json"], _peers),

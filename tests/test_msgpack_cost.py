@@ -8,7 +8,10 @@ import tracemalloc
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from hive_orchestration.api import msgpack_cost
 from hive_orchestration.api.msgpack_cost import MOST_PER_BYTE, decoded_cost, walk
 from hive_orchestration.api.wire import msgpack_arguments
 from hive_orchestration.errors import InvalidInputError
@@ -90,3 +93,74 @@ def test_arguments_over_the_budget_are_refused_on_the_argument() -> None:
     with pytest.raises(InvalidInputError, match="too many small values") as refused:
         msgpack_arguments("create_task", args)
     assert refused.value.field == "payload"
+
+
+# -- runs counted at once ---------------------------------------------------------------------
+
+#: Scalars of every encoding (fixint, negative fixint, int and uint of each size, float,
+#: nil, booleans), and the one-byte containers and strings.
+_SCALARS = st.one_of(
+    st.integers(-(2**63), 2**64 - 1),
+    st.sampled_from([0, 1, 127, -1, -32, 128, 255, -33, -128, 65535, -32768, 2**32, -(2**40)]),
+    st.floats(allow_nan=False),
+    st.none(),
+    st.booleans(),
+    st.sampled_from(["", b"", (), {}]),
+    st.text(max_size=3),
+    st.binary(max_size=3),
+)
+
+
+def _runs(scalar: st.SearchStrategy[object]) -> st.SearchStrategy[list[object]]:
+    """Long lists of one scalar kind, or of a mix, as runs are found in."""
+    return st.one_of(
+        st.lists(scalar, min_size=14, max_size=70),
+        scalar.flatmap(lambda value: st.integers(14, 70).map(lambda n: [value] * n)),
+    )
+
+
+_VALUES = st.recursive(
+    _SCALARS | _runs(_SCALARS),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=20),
+        st.dictionaries(st.integers(0, 40) | st.text(max_size=2), inner, max_size=20),
+    ),
+    max_leaves=50,
+)
+
+
+def _step_by_step(data: bytes, budget: int) -> int:
+    """The walk with no run counted at once: every value a step."""
+    saved = msgpack_cost._RUN_FROM
+    msgpack_cost._RUN_FROM = 1 << 62
+    try:
+        return walk(data, budget)
+    finally:
+        msgpack_cost._RUN_FROM = saved
+
+
+@settings(max_examples=400, deadline=None)
+@given(value=_VALUES, cut=st.integers(0, 200), budget=st.integers(0, 200_000))
+def test_runs_counted_at_once_count_what_the_steps_count(
+    value: object, cut: int, budget: int
+) -> None:
+    # Whole or cut short, within the budget or not: a run counted at once gives the
+    # count of its values one by one, and is over the budget exactly when they are.
+    data = msgspec.msgpack.encode(value)
+    for each in (data, data[: max(0, len(data) - cut)]):
+        assert walk(each, 1 << 62) == _step_by_step(each, 1 << 62)
+        steps = _step_by_step(each, budget)
+        counted = walk(each, budget)
+        assert (counted > budget) == (steps > budget), (counted, steps)
+        if steps <= budget:
+            assert counted == steps
+
+
+def test_a_run_is_read_no_further_than_the_budget_allows() -> None:
+    # 16 MiB of small ints, with room in the budget for 1 MB past the list itself (its
+    # header and places): the run stops some 125 000 values in (8 bytes each), as the
+    # steps would, and reads no further.
+    values = 16 * 1024 * 1024
+    data = msgspec.msgpack.encode([0] * values)
+    budget = 8 + 56 + 8 * values + 1_000_000
+    assert budget < walk(data, budget) <= budget + 8

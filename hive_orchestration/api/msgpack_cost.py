@@ -12,10 +12,20 @@ header once and skips strings and binaries whole, and stops as soon as the budge
 passed: its time is bounded by the budget, not by what the peer sent. A value whose
 size is too small to be over any budget (every value takes at least a byte, and none
 costs more than :data:`MOST_PER_BYTE` bytes a byte) is not walked at all.
+
+The values a peer can pack most of into a frame are those of one byte (a small int,
+nil, a boolean, an empty map, array or string) or of a few (an int, a float): a step
+of the walk each made a 16 MiB frame of them cost up to a second or two of the
+server's loop. So where a container of at least :data:`_RUN_FROM` values starts with a
+run of one-byte values, or of scalars of one kind, the run is found and counted in C (a
+regular expression and a count a class; every size-th byte for scalars): the same
+count as step by step, 5 to 60 times faster for a frame of them (``bench/msgpack_walk.py``). Small
+containers (fewer values than a run's search costs steps) are walked step by step.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 
 import msgspec
@@ -47,6 +57,30 @@ _BYTES = 33
 _INT = 32
 _FLOAT = 24
 _EXT = 72  # an Ext and its bytes, or a datetime
+
+#: A run of values of one byte each: a positive or negative fixint, nil, (unused),
+#: false, true, and an empty map, array or string.
+_ONE_BYTE = re.compile(rb"[\x00-\x80\x90\xa0\xc0-\xc3\xe0-\xff]*")
+#: Such a byte's class, for the count of each (what it costs beyond its 8 bytes): 1 an
+#: empty map, 2 an empty array, 3 an empty string, 4 a negative fixint, 0 the rest.
+_CLASS = bytes(
+    1 if b == 0x80 else 2 if b == 0x90 else 3 if b == 0xA0 else 4 if b >= 0xE0 else 0
+    for b in range(256)
+)
+#: Scalars of a fixed size, by their header: their size, and what one costs beyond its
+#: 8 bytes. A run of one kind is found by reading every size-th byte.
+_FIXED: dict[int, tuple[bytes, int, int]] = {
+    header: (bytes((header,)), size, own)
+    for header, size, own in (
+        [(0xCA, 5, _FLOAT), (0xCB, 9, _FLOAT)]
+        + [(0xCC + n, 1 + (1 << n), _INT) for n in range(4)]  # uint 8 to 64
+        + [(0xD0 + n, 1 + (1 << n), _INT) for n in range(4)]  # int 8 to 64
+        + [(0xD4 + n, 2 + (1 << n), _EXT + (1 << n)) for n in range(5)]  # fixext 1 to 16
+    )
+}
+#: Containers of fewer values are walked step by step (a run's search costs as much as
+#: some 15 steps).
+_RUN_FROM = 16
 
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
@@ -88,6 +122,9 @@ def walk(data: bytes | bytearray | memoryview | msgspec.Raw, budget: int) -> int
             size = first & 0x0F
             cost += _dict(size)
             pending += 2 * size
+            if 2 * size >= _RUN_FROM:
+                pos, run_cost, pending = _run(view, pos, end, pending, 2 * size, budget - cost)
+                cost += run_cost
         elif first <= 0x9F:  # fixarray
             size = first & 0x0F
             cost += _LIST + 8 * size
@@ -136,7 +173,45 @@ def walk(data: bytes | bytearray | memoryview | msgspec.Raw, budget: int) -> int
             else:
                 cost += _dict(size)
                 pending += 2 * size
+                size *= 2
+            if size >= _RUN_FROM:
+                pos, run_cost, pending = _run(view, pos, end, pending, size, budget - cost)
+                cost += run_cost
     return cost
+
+
+def _run(
+    view: memoryview, pos: int, end: int, pending: int, values: int, left: int
+) -> tuple[int, int, int]:
+    """The run that starts a container's ``values`` values at ``pos``, of values of one
+    byte each or of scalars of one kind: where it ends, what it costs (as the walk counts
+    its values one by one), and the values still to read once it is. No more are read
+    than could fit in ``left`` bytes of the budget (8 each at least), and one: then it
+    is passed, as step by step."""
+    values = min(values, max(left, 0) // 8 + 1)
+    if pos >= end:
+        return pos, 0, pending
+    fixed = _FIXED.get(view[pos])
+    if fixed is not None:
+        header, size, own = fixed
+        whole = min(values, (end - pos) // size)  # scalars whole in the data
+        heads = view[pos : pos + whole * size : size].tobytes()
+        count = whole - len(heads.lstrip(header))
+        return pos + count * size, count * (8 + own), pending - count
+    found = _ONE_BYTE.match(view, pos, min(end, pos + values))
+    run = found.end() - pos if found is not None else 0
+    if not run:
+        return pos, 0, pending
+    classes = view[pos : pos + run].tobytes().translate(_CLASS)
+    cost = 8 * run
+    if classes.count(0) != run:
+        cost += (
+            64 * classes.count(1)  # _dict(0)
+            + _LIST * classes.count(2)
+            + _STR * classes.count(3)
+            + _INT * classes.count(4)
+        )
+    return pos + run, cost, pending - run
 
 
 def _dict(size: int) -> int:
