@@ -7,16 +7,19 @@ served.
 
 Each shape is walked with the budget a call of its size gets (64 MiB + 8 x its size):
 the walk stops once over it. Prints, per shape: the frame's size, the cost counted (and
-whether it is over the budget, so refused), and the best of ``--repeat`` times (best, as
-the machine's load only ever adds). Compare two versions by running this at each, in
-turns, in the same period: on a loaded machine the times drift by 2x.
+whether it is over the budget, so refused), the best of ``--repeat`` times (best, as
+the machine's load only ever adds), and the longest the event loop went without a turn
+while the server's paced walk (``decoded_cost_paced``, which lets other tasks run every
+64 KiB walked) counted it, beside a task that takes a turn as often as it can. Compare
+two versions by running this at each, in turns, in the same period: on a loaded machine
+the times drift by 2x.
 
 Run from the repository root::
 
     python bench/msgpack_walk.py
     python bench/msgpack_walk.py --size 4194304 --repeat 5 --json
 
-(``--backend`` is taken, as by every bench, and only echoed: the walk awaits nothing.)
+(``--backend``: the event loop of the paced walk.)
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ import argparse
 import json
 import time
 
+import anyio
 import msgspec
 
-from hive_orchestration.api.msgpack_cost import decoded_budget, walk
+from hive_orchestration.api.msgpack_cost import decoded_budget, decoded_cost_paced, walk
 
 
 def shapes(size: int) -> dict[str, bytes]:
@@ -51,15 +55,40 @@ def shapes(size: int) -> dict[str, bytes]:
     }
 
 
+async def longest_stall(data: bytes, budget: int) -> float:
+    """The longest time between two turns of a task beside the paced walk of ``data``."""
+    longest = 0.0
+    done = False
+
+    async def ticker() -> None:
+        nonlocal longest
+        last = time.perf_counter()
+        while not done:
+            await anyio.lowlevel.checkpoint()
+            now = time.perf_counter()
+            longest = max(longest, now - last)
+            last = now
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(ticker)
+        await anyio.lowlevel.checkpoint()
+        await decoded_cost_paced(data, budget)
+        done = True
+    return longest
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=16 * 1024 * 1024, help="bytes a frame")
     parser.add_argument("--repeat", type=int, default=3, help="walks a shape, best kept")
-    parser.add_argument("--backend", default="asyncio", help="echoed only")
+    parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     parser.add_argument("--json", action="store_true", help="the figures as JSON too")
     args = parser.parse_args()
     figures: dict[str, object] = {"backend": args.backend, "size": args.size, "shapes": {}}
-    print(f"{'shape':28} {'bytes':>10} {'counted':>12} {'over':>5} {'best s':>8}")
+    print(
+        f"{'shape':28} {'bytes':>10} {'counted':>12} {'over':>5} {'best s':>8}"
+        f" {'paced: stall s':>14}"
+    )
     for name, data in shapes(args.size).items():
         budget = decoded_budget(len(data))
         best = float("inf")
@@ -69,12 +98,14 @@ def main() -> None:
             counted = walk(data, budget)
             best = min(best, time.perf_counter() - start)
         over = "yes" if counted > budget else "no"
-        print(f"{name:28} {len(data):>10} {counted:>12} {over:>5} {best:>8.3f}")
+        stall = anyio.run(longest_stall, data, budget, backend=args.backend)
+        print(f"{name:28} {len(data):>10} {counted:>12} {over:>5} {best:>8.3f} {stall:>14.4f}")
         figures["shapes"][name] = {  # type: ignore[index]
             "bytes": len(data),
             "counted": counted,
             "over": counted > budget,
             "seconds": best,
+            "paced_stall_seconds": stall,
         }
     if args.json:
         print(json.dumps(figures))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import tracemalloc
 
+import anyio
 import msgspec
 import pytest
 from hypothesis import given, settings
@@ -164,3 +165,33 @@ def test_a_run_is_read_no_further_than_the_budget_allows() -> None:
     data = msgspec.msgpack.encode([0] * values)
     budget = 8 + 56 + 8 * values + 1_000_000
     assert budget < walk(data, budget) <= budget + 8
+
+
+@pytest.mark.anyio
+async def test_the_paced_count_is_the_count_and_lets_other_tasks_run(anyio_backend: str) -> None:
+    # 2 MiB of small nested arrays, the slowest shape to walk: the same count as in one
+    # go, and the event loop turns (another task runs) every 64 KiB walked.
+    data = msgspec.msgpack.encode([[1, 2, 3]] * (2 * 1024 * 1024 // 4))
+    turns = 0
+    done = False
+
+    async def other() -> None:
+        nonlocal turns
+        while not done:
+            turns += 1
+            await anyio.lowlevel.checkpoint()
+
+    # Within its budget (64 MiB + 8 x its size: walked whole), and over a smaller one.
+    for budget in (msgpack_cost.decoded_budget(len(data)), 10_000_000):
+        turns = 0
+        done = False
+        async with anyio.create_task_group() as group:
+            group.start_soon(other)
+            await anyio.lowlevel.checkpoint()
+            counted = await msgpack_cost.decoded_cost_paced(data, budget)
+            done = True
+        assert counted == decoded_cost(data, budget) or min(counted, walk(data, budget)) > budget
+        walked = len(data) if counted <= budget else budget // 28  # 28 a byte counted
+        # About a turn a slice (trio's scheduler may run the other task every other one).
+        assert turns >= walked // msgpack_cost._SLICE // 2, (turns, walked)
+    assert await msgpack_cost.decoded_cost_paced(data[:1000], 1 << 20) == 1000 * MOST_PER_BYTE

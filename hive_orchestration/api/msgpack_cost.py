@@ -20,7 +20,8 @@ server's loop. So where a container of at least :data:`_RUN_FROM` values starts 
 run of one-byte values, or of scalars of one kind, the run is found and counted in C (a
 regular expression and a count a class; every size-th byte for scalars): the same
 count as step by step, 5 to 60 times faster for a frame of them (``bench/msgpack_walk.py``). Small
-containers (fewer values than a run's search costs steps) are walked step by step.
+containers (fewer values than a run's search costs steps) are walked step by step;
+the socket server walks in slices (:func:`decoded_cost_paced`), serving others between.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import re
 import struct
 
+import anyio
 import msgspec
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "MOST_PER_BYTE",
     "decoded_budget",
     "decoded_cost",
+    "decoded_cost_paced",
 ]
 
 #: The most a call's arguments (or a frame a client reads) may take once decoded (as
@@ -78,6 +81,9 @@ _FIXED: dict[int, tuple[bytes, int, int]] = {
         + [(0xD4 + n, 2 + (1 << n), _EXT + (1 << n)) for n in range(5)]  # fixext 1 to 16
     )
 }
+#: How much :func:`decoded_cost_paced` walks between two turns of the event loop: at most
+#: some 5 ms of steps (small nested containers, the slowest to walk).
+_SLICE = 64 * 1024
 #: Containers of fewer values are walked step by step (a run's search costs as much as
 #: some 15 steps).
 _RUN_FROM = 16
@@ -101,16 +107,40 @@ def decoded_cost(data: bytes | bytearray | memoryview | msgspec.Raw, budget: int
     return walk(data, budget)
 
 
+async def decoded_cost_paced(
+    data: bytes | bytearray | memoryview | msgspec.Raw, budget: int
+) -> int:
+    """:func:`decoded_cost`, letting the event loop run other tasks every
+    :data:`_SLICE` bytes walked (a frame of small nested containers takes the walk up to
+    a second: in one go, a second nobody else is served)."""
+    if len(data) * MOST_PER_BYTE <= budget:
+        return len(data) * MOST_PER_BYTE
+    view = memoryview(data)
+    end = len(view)
+    pos, cost, pending = 0, 0, 1
+    while True:
+        pos, cost, pending = _walk(view, pos, cost, pending, budget, min(end, pos + _SLICE))
+        if not pending or pos >= end or cost > budget:
+            return cost
+        await anyio.lowlevel.checkpoint()
+
+
 def walk(data: bytes | bytearray | memoryview | msgspec.Raw, budget: int) -> int:
     """:func:`decoded_cost` by walking the value, whatever its size."""
     view = memoryview(data)
+    return _walk(view, 0, 0, 1, budget, len(view))[1]
+
+
+def _walk(
+    view: memoryview, pos: int, cost: int, pending: int, budget: int, stop: int
+) -> tuple[int, int, int]:
+    """The walk from ``pos`` with ``pending`` values still to read, until none is, the
+    count is over ``budget`` or the walk is at ``stop`` (then it goes on from there):
+    where it is, the count, and the values still to read (0 once it ended)."""
     end = len(view)
-    pos = 0
-    cost = 0
-    pending = 1  # values still to read
     while pending:
-        if pos >= end or cost > budget:
-            return cost
+        if pos >= stop or cost > budget:
+            return pos, cost, pending
         pending -= 1
         first = view[pos]
         pos += 1
@@ -123,7 +153,7 @@ def walk(data: bytes | bytearray | memoryview | msgspec.Raw, budget: int) -> int
             cost += _dict(size)
             pending += 2 * size
             if 2 * size >= _RUN_FROM:
-                pos, run_cost, pending = _run(view, pos, end, pending, 2 * size, budget - cost)
+                pos, run_cost, pending = _run(view, pos, stop, pending, 2 * size, budget - cost)
                 cost += run_cost
         elif first <= 0x9F:  # fixarray
             size = first & 0x0F
@@ -138,14 +168,14 @@ def walk(data: bytes | bytearray | memoryview | msgspec.Raw, budget: int) -> int
         elif first <= 0xC6 or 0xD9 <= first <= 0xDB:  # bin 8/16/32, str 8/16/32
             width = 1 << (first - (0xC4 if first <= 0xC6 else 0xD9))
             if pos + width > end:
-                return cost
+                return end, cost, 0  # cut short
             size = _length(view, pos, width)
             pos += width + size
             cost += (_BYTES if first <= 0xC6 else _STR) + size
         elif first <= 0xC9:  # ext 8/16/32
             width = 1 << (first - 0xC7)
             if pos + width > end:
-                return cost
+                return end, cost, 0  # cut short
             size = _length(view, pos, width)
             pos += width + 1 + size
             cost += _EXT + size
@@ -162,11 +192,11 @@ def walk(data: bytes | bytearray | memoryview | msgspec.Raw, budget: int) -> int
         else:  # array 16/32 (0xdc, 0xdd), map 16/32 (0xde, 0xdf)
             width = 2 if first in (0xDC, 0xDE) else 4
             if pos + width > end:
-                return cost
+                return end, cost, 0  # cut short
             size = _length(view, pos, width)
             pos += width
             if size > end - pos:  # more values than bytes left: cut short
-                return cost
+                return end, cost, 0  # cut short
             if first <= 0xDD:
                 cost += _LIST + 8 * size
                 pending += size
@@ -175,9 +205,9 @@ def walk(data: bytes | bytearray | memoryview | msgspec.Raw, budget: int) -> int
                 pending += 2 * size
                 size *= 2
             if size >= _RUN_FROM:
-                pos, run_cost, pending = _run(view, pos, end, pending, size, budget - cost)
+                pos, run_cost, pending = _run(view, pos, stop, pending, size, budget - cost)
                 cost += run_cost
-    return cost
+    return pos, cost, 0
 
 
 def _run(

@@ -19,7 +19,7 @@ import anyio
 
 from .._trace import CARRIED, check_trace
 from ..api.carried import WAITING
-from ..api.wire import EXCLUSIVE, msgpack_arguments
+from ..api.wire import EXCLUSIVE, msgpack_arguments_paced
 from ..errors import HiveError, RuntimeStoppedError
 from .connection_out import check_drained, send_frame
 from .connection_workers import _WORKER_OPS, note_worker
@@ -91,7 +91,7 @@ async def answer_call(
 
 
 async def run_call(conn: _Connection, message: Call) -> ResultOut:
-    args = msgpack_arguments(message.op, message.args)
+    args = await msgpack_arguments_paced(message.op, message.args)
     agent = await conn._authorize(message.op, args, message.agent)
     client = client_as(conn, agent, message.correlation)
     method: Callable[..., Awaitable[object]] = getattr(client, message.op)
