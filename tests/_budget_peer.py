@@ -11,8 +11,8 @@ whose frame is SIZE bytes, prints ``held`` and flushes; then reads a line of std
 ``rest`` sends the rest and prints the kind of the answer (past the unasked pongs) and
 its call id; anything else (or the end of stdin) closes the socket with the frame cut.
 
-``client``: an OrchestrationClient with ``remote_timeout=1.0`` (it gives the owner up
-after 1 s of silence) prints ``connected``, then creates a task of payload
+``client``: an OrchestrationClient with ``remote_timeout=2.0`` (it gives the owner up
+after 2 s of silence) prints ``connected``, then creates a task of payload
 ``{"blob": "x" * SIZE}`` and prints its id, or the error's class name and message.
 
 ``churn``: a few connections that each do one of the things a client can leave a
@@ -110,7 +110,7 @@ def partial(address: str, size: int) -> None:
 
 
 async def client(db_path: str, size: int) -> None:
-    config = RuntimeConfig(remote_timeout=1.0)
+    config = RuntimeConfig(remote_timeout=2.0)
     async with OrchestrationClient(db_path=db_path, config=config) as hive:
         print("connected", flush=True)
         try:

@@ -275,6 +275,12 @@ class _Connection:
                     await _linger(self._stream)
         finally:
             self.drained.set()  # nothing more will be sent on this connection
+            # A call handed to an idle runner as the connection closed may never have
+            # run (its runner cancelled as it woke): what it took is given back here.
+            self._unreserve()
+            for charge in self._charged.values():
+                self._server.budget.give(charge)
+            self._charged.clear()
             with anyio.CancelScope(shield=True):
                 for subscription in self._subscriptions.values():
                     subscription.close()
