@@ -417,7 +417,8 @@ def start_run(tm: TaskManager, task: Task, run: Run, work: _Batch, now: datetime
     """The claimed ``task`` (assigned) starts running on its ``run``."""
     if task.status is not A:
         raise IllegalTransitionError("task", task.id, task.status.value, R.value)
-    tm._touch(task.id, work)
+    if task.id not in work.undo or tm._refilling is not None:  # see machine.transition
+        tm._touch(task.id, work)
     started = msgspec.structs.replace(run, status=RunStatus.RUNNING)
     tm._runs[run.id] = started
     work.ops.append(SetRunState(started))
