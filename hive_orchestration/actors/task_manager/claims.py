@@ -375,12 +375,15 @@ def assign(
     task = tm._tasks[task_id]
     tm._touch(task_id, work)
     expires = now + timedelta(seconds=claim.lease)
+    # A claim that starts its task (claim_tasks(start=True)) opens its run running: the
+    # row a put of the assigned run and then its start would leave (the write keeps a
+    # row's last state only), without a second run and op.
     run = Run(
         id=new_id(),
         task_id=task_id,
         worker_id=claim.worker_id,
         run_number=len(tm._runs_of.get(task_id, ())) + 1,
-        status=RunStatus.ASSIGNED,
+        status=RunStatus.RUNNING if claim.start else RunStatus.ASSIGNED,
         started_at=now,
         lease_seconds=claim.lease,
         lease_expires_at=expires,
@@ -406,9 +409,8 @@ def assign(
     tm._held[task_id] = run.id
     if tm._limits:
         tm._count_start(updated)
-    if claim.start:
-        updated = tm._start(updated, run, work, now)
-        run = tm._runs[run.id]
+    if claim.start:  # as start_run, its run already running
+        updated = tm._transition(updated, R, work, now, claim.worker_id, {}, _run_data(run))
     tm._deadlines.set(run.id, tm._due[run.id].next()[0])
     return Claim(updated, Lease(task_id, run.id, run.run_number, secret), expires)
 
