@@ -43,6 +43,12 @@ Run from the repository root::
     python bench/tasks.py --backend trio
     python bench/tasks.py --json
     python bench/tasks.py --batch-only      # the batch calls' shapes alone (issue 21's goal)
+    python bench/tasks.py --batch-only --completions-only --claim-wait 300 --tasks 2500
+        # the complete_tasks shape alone, for a count of instructions: run it under
+        # `valgrind --tool=callgrind --separate-threads=yes` at two sizes (say 2 500 and
+        # 500 tasks); the difference of the event loop's thread (the first thread's file)
+        # over the difference of the sizes is its instructions per task. Under callgrind
+        # a claim's 1 s wait runs out and adds claims of its own, hence --claim-wait.
 """
 
 from __future__ import annotations
@@ -80,6 +86,8 @@ RATE_GOAL = 10_000.0  # tasks per second, end to end
 LATENCY_GOAL = 0.001  # seconds, p50 create -> waiting worker
 WORKERS = 8
 DRIVER: Any = os.environ.get("HIVE_BENCH_DRIVER", "auto")
+#: How long a worker's claim waits for a task (--claim-wait).
+CLAIM_WAIT = 1.0
 #: (tasks each worker runs at once, concurrent creators, batch calls, batch completions).
 #: One slot per worker is bound by commit latency: each task costs each worker three
 #: durable round trips. Sixteen slots per worker is how agent runners use a worker (its
@@ -186,7 +194,7 @@ async def end_to_end(
 
         async def worker(name: str) -> None:
             while completed < count:
-                claim = await rt.claim_task(name, "bench", wait=1.0)
+                claim = await rt.claim_task(name, "bench", wait=CLAIM_WAIT)
                 if claim is None:
                     continue
                 await rt.start_task(claim.lease)
@@ -194,7 +202,9 @@ async def end_to_end(
 
         async def batch_worker(name: str) -> None:
             while completed < count:
-                claims = await rt.claim_tasks(name, "bench", limit=slots, start=True, wait=1.0)
+                claims = await rt.claim_tasks(
+                    name, "bench", limit=slots, start=True, wait=CLAIM_WAIT
+                )
                 if batch_completions:
                     if claims:
                         items = [{"lease": c.lease, "result": {"ok": True}} for c in claims]
@@ -397,7 +407,13 @@ def _handoff_rows(n: int) -> list[Statement]:
     ]
 
 
-async def run(backend: str, count: int, handoffs: int, batch_only: bool = False) -> Result:
+async def run(
+    backend: str,
+    count: int,
+    handoffs: int,
+    batch_only: bool = False,
+    completions_only: bool = False,
+) -> Result:
     with scratch() as folder:
         shapes = [
             Shape(
@@ -408,9 +424,9 @@ async def run(backend: str, count: int, handoffs: int, batch_only: bool = False)
                 *await end_to_end(folder, count, slots, producers, batched, completions),
             )
             for slots, producers, batched, completions in SHAPES
-            if batched or not batch_only
+            if (batched or not batch_only) and (completions or not completions_only)
         ]
-        if batch_only:
+        if batch_only or completions_only:
             return Result(backend, count, shapes, None, 0, None, None, None)
         raw = raw_batched(folder, count)
         latencies = sorted(await handoff(folder, handoffs))
@@ -475,6 +491,7 @@ def render(r: Result) -> str:
 
 
 def main() -> None:
+    global CLAIM_WAIT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     parser.add_argument("--tasks", type=int, default=10_000)
@@ -485,9 +502,27 @@ def main() -> None:
         action="store_true",
         help="only the batch calls' shape (no other shape, raw sqlite3 or hand-off)",
     )
+    parser.add_argument(
+        "--completions-only",
+        action="store_true",
+        help="only the shape completing with complete_tasks (the batch calls all the way)",
+    )
+    parser.add_argument(
+        "--claim-wait",
+        type=float,
+        default=CLAIM_WAIT,
+        help="seconds a worker's claim waits for a task (longer under valgrind)",
+    )
     args = parser.parse_args()
+    CLAIM_WAIT = args.claim_wait
     result: Result = anyio.run(
-        run, args.backend, args.tasks, args.handoffs, args.batch_only, backend=args.backend
+        run,
+        args.backend,
+        args.tasks,
+        args.handoffs,
+        args.batch_only,
+        args.completions_only,
+        backend=args.backend,
     )
     print(render(result))
     if args.json:

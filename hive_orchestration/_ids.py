@@ -78,8 +78,9 @@ def new_id() -> str:
     # Spread the 122 bits around the version (4 bits) and variant (2 bits) fields.
     high, low = value >> 62, value & ((1 << 62) - 1)
     full = (high >> 12) << 80 | 0x7 << 76 | (high & 0xFFF) << 64 | 0x2 << 62 | low
-    # str(uuid.UUID(int=full)), without building the UUID object (a third of the cost).
-    h = f"{full:032x}"
+    # str(uuid.UUID(int=full)), without building the UUID object (a third of the cost);
+    # the hex digits through bytes, which is about a third faster than formatting the int.
+    h = full.to_bytes(16, "big").hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 

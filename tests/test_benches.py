@@ -370,3 +370,22 @@ def test_pg_writes_bench_runs(backend: str, pg_url: str) -> None:
     assert result.stdout.startswith(f"150 tasks, 6 workers, {backend}:")
     assert "event loop" in result.stdout
     assert "writer backend" in result.stdout
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_the_tasks_bench_runs_the_batch_completions_alone(backend: str) -> None:
+    # The shape a count of instructions runs (under valgrind, with claims waiting long).
+    args = ["--backend", backend, "--tasks", "200", "--completions-only", "--claim-wait", "30"]
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "tasks.py"), *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout[result.stdout.index("\n{") + 1 :])
+    (shape,) = figures["shapes"]
+    assert (shape["batched"], shape["batch_completions"]) == (True, True)
+    assert shape["events_seen"] == 4 * 200
+    assert figures["raw_batched"] is None

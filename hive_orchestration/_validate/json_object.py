@@ -48,7 +48,7 @@ def encode_json_object(
     """
     if value is None:
         return {}, b"{}"
-    if not isinstance(value, Mapping):
+    if type(value) is not dict and not isinstance(value, Mapping):  # a dict skips the ABC
         raise InvalidInputError(
             field, f"must be a JSON object (a dict), got {type(value).__name__}"
         )

@@ -70,6 +70,8 @@ MAX_NAMES = 256
 def check_names(value: object, field: str) -> tuple[str, ...]:
     """A list of names (``check_identifier`` each, ``field[i]`` in an error), at most
     :data:`MAX_NAMES` of them; an iterator is read no further than that."""
+    if type(value) is tuple and not value:
+        return ()  # no tags, no requirements: most tasks' (and no ABC asked)
     if isinstance(value, str) or not isinstance(value, Iterable):
         raise InvalidInputError(field, "must be a list of strings")
     names: list[str] = []

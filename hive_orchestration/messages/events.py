@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import fnmatch
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias, Union
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, Union, cast
 
 import anyio
 import anyio.lowlevel
@@ -105,6 +105,18 @@ _CLEAN_END = _End()  # the runtime stopped
 _FINISHED = _End()  # the end was handed out (or the reader left): every later read ends
 
 
+def _cancellation_check() -> Callable[[], Awaitable[None]]:
+    """The running backend's own check for a cancellation, found once per feed:
+    ``anyio.lowlevel.checkpoint_if_cancelled`` looks the backend up (through sniffio) on
+    every call, five Python calls on asyncio before the check itself, and a subscriber
+    checks once per event. It is the very check anyio's function makes; anyio's function
+    itself where the loop's token does not name its backend (anyio before 4.11)."""
+    backend = getattr(anyio.lowlevel.current_token(), "backend_class", None)
+    if backend is None:
+        return anyio.lowlevel.checkpoint_if_cancelled
+    return cast("Callable[[], Awaitable[None]]", backend.checkpoint_if_cancelled)
+
+
 #: Decodes an entry's stored data (always a JSON object) for the subscriber taking it.
 _decode_data = msgspec.json.Decoder().decode
 
@@ -142,6 +154,7 @@ class EventFeed:
 
     __slots__ = (
         "_burst",
+        "_check",
         "_chunks",
         "_closed",
         "_end",
@@ -160,6 +173,7 @@ class EventFeed:
         self._waiter: anyio.Event | None = None
         self._event_type: type[anyio.Event] | None = None
         self._burst = 0  # events handed out in a row without yielding
+        self._check: Callable[[], Awaitable[None]] | None = None  # _cancellation_check()
         self._closed = False
 
     # -- the broadcast actor's side --------------------------------------------------------
@@ -282,7 +296,10 @@ class EventFeed:
         if not self._chunks and self._end is None and not self._closed:
             self._burst = 0
         elif self._burst < _BURST:
-            await anyio.lowlevel.checkpoint_if_cancelled()
+            check = self._check
+            if check is None:
+                check = self._check = _cancellation_check()
+            await check()
         else:
             self._burst = 0
             await anyio.lowlevel.checkpoint()

@@ -24,7 +24,9 @@ class Deadlines(Generic[K]):
     __slots__ = ("_heap", "_index", "_order")
 
     def __init__(self) -> None:
-        # Entries (time, order, key); order breaks ties, so keys need not be comparable.
+        # Entries (time, order, key); order breaks ties, so keys need not be comparable:
+        # no two entries have the same order, so comparing two entries as tuples decides
+        # by (time, order) and never reaches their keys (and builds no tuple to compare).
         self._heap: list[tuple[float, int, K]] = []
         self._index: dict[K, int] = {}  # key -> its entry's position in the heap
         self._order = 0
@@ -96,7 +98,7 @@ class Deadlines(Generic[K]):
         while position > 0:
             parent = (position - 1) >> 1
             above = heap[parent]
-            if (above[0], above[1]) <= (entry[0], entry[1]):
+            if above < entry:  # by (time, order): orders differ, so keys are never compared
                 break
             heap[position] = above
             index[above[2]] = position
@@ -114,10 +116,11 @@ class Deadlines(Generic[K]):
             if child >= size:
                 break
             right = child + 1
-            if right < size and (heap[right][0], heap[right][1]) < (heap[child][0], heap[child][1]):
-                child = right
             below = heap[child]
-            if (entry[0], entry[1]) <= (below[0], below[1]):
+            if right < size and heap[right] < below:
+                child = right
+                below = heap[right]
+            if entry < below:
                 break
             heap[position] = below
             index[below[2]] = position

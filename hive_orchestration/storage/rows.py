@@ -149,61 +149,71 @@ def _json(value: object) -> str | None:
     return None if value is None else _encode(value).decode()
 
 
+# The statements of the task path (a task's row, its run's, their state changes) are
+# built for every task several times over: the enums' text comes from a dict (their
+# ``value`` property is two Python calls) and an empty column is tested inline rather
+# than in a call to time_text or _json (most of a task's optional columns are empty).
+_TASK_TEXT = {status: status.value for status in TaskStatus}
+_RUN_TEXT = {status: status.value for status in RunStatus}
+
+
 def task_statement(task: Task) -> Statement:
+    text = _utc_text
     params: Params = (
         task.id,
         task.title,
         task.description,
         task.task_type,
         task.priority,
-        task.status.value,
+        _TASK_TEXT[task.status],
         task.current_phase,
-        _json(task.workflow),
-        _json(task.payload),
-        time_text(task.created_at),
-        time_text(task.updated_at),
+        None if task.workflow is None else _encode(task.workflow).decode(),
+        None if task.payload is None else _encode(task.payload).decode(),
+        text(task.created_at),
+        text(task.updated_at),
         task.assigned_worker,
-        time_text(task.due_date),
+        None if task.due_date is None else text(task.due_date),
         task.max_retries,
-        _json(list(task.tags)),
+        _encode(task.tags).decode() if task.tags else "[]",
         task.attempts,
-        _json(task.result),
+        None if task.result is None else _encode(task.result).decode(),
         task.error,
         task.idempotency_key,
         task.correlation_id,
         task.source_agent,
         task.timeout,
-        time_text(task.available_at),
+        None if task.available_at is None else text(task.available_at),
         task.concurrency_key,
         task.concurrency_limit,
-        _json(list(task.requires)) if task.requires else None,
+        _encode(task.requires).decode() if task.requires else None,
         task.plan_id,
         task.subtask_id,
         None if task.idempotency_scope == "forever" else task.idempotency_scope,
         task.traceparent,
         task.tracestate,
-        time_text(task.run_at),
-        time_text(task.expires_at),
+        None if task.run_at is None else text(task.run_at),
+        None if task.expires_at is None else text(task.expires_at),
     )
     return _PUT_TASK, params
 
 
 def run_statement(run: Run, lease_hash: bytes | None = None) -> Statement:
+    text = _utc_text
     params: Params = (
         run.id,
         run.task_id,
         run.worker_id,
         run.run_number,
-        run.status.value,
+        _RUN_TEXT[run.status],
         run.phase,
-        _json(run.result),
+        None if run.result is None else _encode(run.result).decode(),
         run.error,
         run.output_log,
-        time_text(run.started_at),
-        time_text(run.completed_at),
+        None if run.started_at is None else text(run.started_at),
+        None if run.completed_at is None else text(run.completed_at),
         run.lease_seconds,
-        time_text(run.lease_expires_at),
-        _json(run.progress),
+        None if run.lease_expires_at is None else text(run.lease_expires_at),
+        None if run.progress is None else _encode(run.progress).decode(),
         lease_hash,
     )
     return _PUT_RUN, params
@@ -212,15 +222,15 @@ def run_statement(run: Run, lease_hash: bytes | None = None) -> Statement:
 def task_state_statement(task: Task) -> Statement:
     """Write the state columns of a task whose row exists (see TASK_STATE_COLUMNS)."""
     params: Params = (
-        task.status.value,
+        _TASK_TEXT[task.status],
         task.current_phase,
-        time_text(task.updated_at),
+        _utc_text(task.updated_at),
         task.assigned_worker,
         task.attempts,
-        _json(task.result),
+        None if task.result is None else _encode(task.result).decode(),
         task.error,
-        time_text(task.available_at),
-        time_text(task.run_at),
+        None if task.available_at is None else _utc_text(task.available_at),
+        None if task.run_at is None else _utc_text(task.run_at),
         task.id,
     )
     return SET_TASK_STATE, params
@@ -234,16 +244,17 @@ def fenced_task_state_statement(task: Task, version: int) -> Statement:
 
 def run_state_statement(run: Run) -> Statement:
     """Write the state columns of a run whose row exists (see RUN_STATE_COLUMNS)."""
+    text = _utc_text
     params: Params = (
-        run.status.value,
+        _RUN_TEXT[run.status],
         run.phase,
-        _json(run.result),
+        None if run.result is None else _encode(run.result).decode(),
         run.error,
         run.output_log,
-        time_text(run.started_at),
-        time_text(run.completed_at),
-        time_text(run.lease_expires_at),
-        _json(run.progress),
+        None if run.started_at is None else text(run.started_at),
+        None if run.completed_at is None else text(run.completed_at),
+        None if run.lease_expires_at is None else text(run.lease_expires_at),
+        None if run.progress is None else _encode(run.progress).decode(),
         run.id,
     )
     return SET_RUN_STATE, params

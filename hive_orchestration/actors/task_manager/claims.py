@@ -381,12 +381,15 @@ def assign(
     task = tm._tasks[task_id]
     tm._touch(task_id, work)
     expires = now + timedelta(seconds=claim.lease)
+    # A claim that starts its task (claim_tasks(start=True)) opens its run running: the
+    # row a put of the assigned run and then its start would leave (the write keeps a
+    # row's last state only), without a second run and op.
     run = Run(
         id=new_id(),
         task_id=task_id,
         worker_id=claim.worker_id,
         run_number=len(tm._runs_of.get(task_id, ())) + 1,
-        status=RunStatus.ASSIGNED,
+        status=RunStatus.RUNNING if claim.start else RunStatus.ASSIGNED,
         started_at=now,
         lease_seconds=claim.lease,
         lease_expires_at=expires,
@@ -412,9 +415,8 @@ def assign(
     tm._held[task_id] = run.id
     if tm._limits:
         tm._count_start(updated)
-    if claim.start:
-        updated = tm._start(updated, run, work, now)
-        run = tm._runs[run.id]
+    if claim.start:  # as start_run, its run already running
+        updated = tm._transition(updated, R, work, now, claim.worker_id, {}, _run_data(run))
     tm._deadlines.set(run.id, tm._due[run.id].next()[0])
     return Claim(updated, Lease(task_id, run.id, run.run_number, secret), expires)
 
@@ -423,7 +425,8 @@ def start_run(tm: TaskManager, task: Task, run: Run, work: _Batch, now: datetime
     """The claimed ``task`` (assigned) starts running on its ``run``."""
     if task.status is not A:
         raise IllegalTransitionError("task", task.id, task.status.value, R.value)
-    tm._touch(task.id, work)
+    if task.id not in work.undo or tm._refilling is not None:  # see machine.transition
+        tm._touch(task.id, work)
     started = msgspec.structs.replace(run, status=RunStatus.RUNNING)
     tm._runs[run.id] = started
     work.ops.append(SetRunState(started))

@@ -100,6 +100,11 @@ TRANSITIONS: dict[tuple[TaskStatus, TaskStatus], str] = {
 }
 
 
+#: Each status's text: a dict lookup, where ``status.value`` runs the enum's property (two
+#: Python calls), and each transition's event names two.
+_TEXT = {status: status.value for status in TaskStatus}
+_encode = msgspec.json.encode
+
 #: Statuses that are not terminal (the live tasks).
 LIVE = tuple(status.value for status in TaskStatus if status not in TERMINAL)
 
@@ -282,32 +287,44 @@ def transition(
     changes: dict[str, object],
     extra: dict[str, JsonValue] | None = None,
 ) -> Task:
-    event_type = TRANSITIONS.get((task.status, status))
+    previous = task.status
+    event_type = TRANSITIONS.get((previous, status))
     if event_type is None:
-        raise IllegalTransitionError("task", task.id, task.status.value, status.value)
+        raise IllegalTransitionError("task", task.id, previous.value, status.value)
     updated = msgspec.structs.replace(task, status=status, updated_at=now, **changes)
-    tm._touch(task.id, work)
-    tm._tasks[task.id] = updated
+    task_id = task.id
+    # Every change of a batch touches its task first; the later ones (a claim's start,
+    # a completion after its run closed) find it touched, unless a refill is in flight,
+    # which must hear of every one.
+    if task_id not in work.undo or tm._refilling is not None:
+        tm._touch(task_id, work)
+    tm._tasks[task_id] = updated
     tm._index(task, updated)
-    if status in TERMINAL:
-        tm._finished[task.id] = None
+    terminal = status in TERMINAL
+    if terminal:
+        tm._finished[task_id] = None
         control.let_go_of_key(tm, updated, work)
     work.ops.append(SetTaskState(updated))
     data: dict[str, JsonValue] = {
-        "status": status.value,
-        "previous": task.status.value,
+        "status": _TEXT[status],
+        "previous": _TEXT[previous],
         "task_type": task.task_type,
     }
     if updated.assigned_worker is not None:
         data["worker_id"] = updated.assigned_worker
-    if status is TaskStatus.COMPLETED and updated.result is not None:
-        data["result"] = updated.result
-    if status in TERMINAL and updated.error is not None:
-        data["error"] = updated.error
+    if terminal:
+        if status is TaskStatus.COMPLETED and updated.result is not None:
+            data["result"] = updated.result
+        if updated.error is not None:
+            data["error"] = updated.error
     if extra:
         data.update(extra)
     work.ops.append(tm._event(event_type, updated, now, source, data))
-    if status is TaskStatus.COMPLETED and deletes_on_success(updated, tm._delete_on_success):
+    if (
+        status is TaskStatus.COMPLETED
+        and tm._delete_on_success
+        and deletes_on_success(updated, tm._delete_on_success)
+    ):
         # Its completion is logged and answered; the row goes in the same commit.
         tm._remove(updated.id, work, None)
         deleted = {"task_type": updated.task_type, "reason": "delete_on_success"}
@@ -334,4 +351,4 @@ def event(
         worker_id=worker if isinstance(worker, str) else None,
         data=data,
     )
-    return AppendEvent(event, msgspec.json.encode(data))
+    return AppendEvent(event, _encode(data))

@@ -136,12 +136,14 @@ def index(tm: TaskManager, old: Task | None, new: Task | None) -> None:
             tm._ready.discard(old.id)
             tm._ready_at.pop(old.id, None)
             tm._own_backoffs.discard(old.id)
-            tm._untime(old)
+            if old.run_at is not None or old.expires_at is not None:  # most have neither
+                tm._untime(old)
         elif old.status in _HOLDING:
             tm._ready.unhold(old)
     if new is not None:
         if new.status is Q:
-            tm._time(new)
+            if new.run_at is not None or new.expires_at is not None:
+                tm._time(new)
             if new.run_at is not None:
                 tm._spill.add(new.id)  # storage's until due: memory keeps its time
             elif not tm._ready.add(new, tm._mono, tm._backoff_end(new)):

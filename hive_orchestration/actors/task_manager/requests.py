@@ -83,6 +83,8 @@ from .state import _RUN_OPEN, B, Q, _Batch, _Forward
 if TYPE_CHECKING:
     from .actor import TaskManager
 
+#: The start time and expiry of a create that has neither (timers.times).
+_NO_TIMES: tuple[datetime | None, datetime | None] = (None, None)
 #: An item of a batch call that ends claims (complete_tasks, fail_tasks).
 _Item = TypeVar("_Item", CompleteTask, FailTask)
 
@@ -96,7 +98,17 @@ async def handle(
             return tm._create(message, work, now, tm._times(message))
         case CreateTasks(tasks=items):
             _refuse_unknown_keys(items, work)  # before any is created: all or nothing
-            times = [tm._times(item, f"tasks[{i}].") for i, item in enumerate(items)]
+            # Most items have no start time nor expiry: nothing to work out (nor a field
+            # name to make for a refusal).
+            times = [
+                _NO_TIMES
+                if item.run_at is None
+                and item.delay is None
+                and item.expires_at is None
+                and item.expires_in is None
+                else tm._times(item, f"tasks[{i}].")
+                for i, item in enumerate(items)
+            ]
             pairs = zip(items, times, strict=True)
             return tuple(tm._create(item, work, now, when) for item, when in pairs)
         case QueueTasks(task_ids=task_ids, source_agent=source):

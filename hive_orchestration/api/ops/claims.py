@@ -297,7 +297,7 @@ def _item_lease(item: Mapping[str, object]) -> Lease:
     if "lease" not in item:
         raise InvalidInputError("lease", "is missing")
     value = item["lease"]
-    if isinstance(value, Mapping):
+    if type(value) is not Lease and isinstance(value, Mapping):  # a Lease skips the ABC
         try:
             value = msgspec.convert(value, Lease)
         except msgspec.ValidationError as exc:

@@ -200,6 +200,8 @@ class TaskOps(TaskCalls):
             if concurrency_key is None:
                 raise InvalidInputError("concurrency_limit", "needs a concurrency_key to limit")
         trace = outgoing()
+        # The arguments most creates leave at None (or ``()``) are tested here, not in a
+        # call each: create_tasks checks up to 1 000 items a call.
         return CreateTask(
             traceparent=None if trace is None else trace[0],
             tracestate=None if trace is None else trace[1],
@@ -208,23 +210,29 @@ class TaskOps(TaskCalls):
             payload=self._json(payload, "payload") or {},
             description=None if description is None else check_str(description, "description"),
             priority=check_int(priority, "priority", minimum=0, maximum=_MAX_PRIORITY),
-            workflow=self._json(workflow, "workflow"),
+            workflow=None if workflow is None else self._json(workflow, "workflow"),
             tags=_tags(tags),
             max_retries=check_int(max_retries, "max_retries", minimum=0, maximum=1000),
-            due_date=_when(due_date, "due_date"),
-            idempotency_key=check_optional_text(idempotency_key, "idempotency_key"),
+            due_date=None if due_date is None else _when(due_date, "due_date"),
+            idempotency_key=None
+            if idempotency_key is None
+            else check_identifier(idempotency_key, "idempotency_key"),
             correlation_id=check_optional_text(self._correlation(correlation_id), "correlation_id"),
             source_agent=check_optional_text(self._agent(source_agent), "source_agent"),
             timeout=None
             if timeout is None
             else check_seconds(timeout, "timeout", minimum=MIN_LEASE, maximum=YEAR),
-            concurrency_key=check_optional_text(concurrency_key, "concurrency_key"),
+            concurrency_key=None
+            if concurrency_key is None
+            else check_identifier(concurrency_key, "concurrency_key"),
             concurrency_limit=concurrency_limit,
-            requires=_types(requires, "requires") or (),
+            requires=()
+            if type(requires) is tuple and not requires
+            else _types(requires, "requires") or (),
             idempotency_scope=_scope(idempotency_scope),
-            run_at=_when(run_at, "run_at"),
+            run_at=None if run_at is None else _when(run_at, "run_at"),
             delay=None if delay is None else check_delay(delay, "delay", maximum=_LONGEST),
-            expires_at=_when(expires_at, "expires_at"),
+            expires_at=None if expires_at is None else _when(expires_at, "expires_at"),
             expires_in=None
             if expires_in is None
             else check_seconds(expires_in, "expires_in", minimum=MIN_DELAY, maximum=_LONGEST),
