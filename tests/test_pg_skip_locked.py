@@ -659,3 +659,50 @@ async def test_a_retried_task_long_due_beyond_the_rows_locked_keeps_its_turn(
             "retried",
             "worse",
         ]
+
+
+@pytest.mark.usefixtures("no_sweep")
+async def test_a_backoff_let_go_beyond_the_rows_locked_is_not_passed_over_once_due(
+    pg_url: str,
+) -> None:
+    """A claim wanting more than ``ready_queue_head`` locks that many rows; memory holds
+    more beyond them. A task there still backing off by the database's clock was let
+    go of, while the queue's bound was set from a task held further out: the task sat
+    in storage inside the bound, which no refill reads, and once due a worse task held
+    beyond the next lock's rows was handed out before it (until a sweep read it: off
+    here). Memory now keeps it, held until its end by the database's clock."""
+    config = RuntimeConfig(ready_queue_head=2)
+    async with Runtime.open(pg_url, config=config) as one:
+        backing_off = await one.create_task("job", priority=5)
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE tasks SET available_at = now() + interval '3 seconds',"
+                " version = version + 1 WHERE id = %s",
+                (backing_off,),
+            )
+    async with Runtime.open(pg_url, config=config) as two:
+        # Its read held the whole queue (one task): the tasks it creates join it.
+        best = [await two.create_task("job", priority=9) for _ in range(2)]
+        worst = await two.create_task("job", priority=1)
+        with anyio.fail_after(10):
+            claims = await two.claim_tasks("w2", "job", limit=3)
+        assert [claim.task.id for claim in claims] == [*best, worst]
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            await until_due(conn, backoff=backing_off)
+        better = [await two.create_task("job", priority=9) for _ in range(2)]
+        await two.create_task("job", priority=1)  # worse than the bound: storage's
+        with anyio.fail_after(10):
+            claims = await two.claim_tasks("w2", "job", limit=3)
+        assert [claim.task.id for claim in claims] == [*better, backing_off]
+
+
+async def until_due(conn: Any, *, backoff: str) -> None:
+    """Until the task's backoff is over by the database's clock."""
+    with anyio.fail_after(15):
+        while True:
+            row = conn.execute(
+                "SELECT available_at <= now() FROM tasks WHERE id = %s", (backoff,)
+            ).fetchone()
+            if row == (True,):
+                return
+            await anyio.sleep(0.1)
