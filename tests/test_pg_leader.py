@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -47,7 +48,12 @@ from hive_orchestration.messages.leader import DeadClaim, RecoverClaims  # noqa:
 from hive_orchestration.messages.tasks import TERMINAL, PurgeTasks  # noqa: E402
 from hive_orchestration.messages.workers import WorkersLost  # noqa: E402
 from hive_orchestration.storage.pg import leader as pg_leader  # noqa: E402
-from hive_orchestration.storage.pg.claim import alive_sql, node_key, node_lock_sql  # noqa: E402
+from hive_orchestration.storage.pg.claim import (  # noqa: E402
+    DatabaseClaim,
+    alive_sql,
+    node_key,
+    node_lock_sql,
+)
 from hive_orchestration.storage.pg.leader import LEADER_KEY, REAP_GRACE_SECONDS  # noqa: E402
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
@@ -1166,3 +1172,137 @@ async def test_a_node_whose_own_session_the_server_ended_takes_its_lock_again(
             await until(held, "the node's lock taken again", within=10.0)
             assert raw(pg_url, owner) != [(pid,)]
             assert await b.create_task("job")  # its write connection serves on
+
+
+def _poll_idle(url: str, node_id: str) -> float | None:
+    """For how long the node's poll session (holding its poll lock, objsubid 2) has sat
+    idle by the server's clock: 0 while it runs a statement; None with no such session."""
+    key = node_key(node_id) & 0xFFFFFFFF_FFFFFFFF
+    rows = raw(
+        url,
+        "SELECT CASE WHEN a.state LIKE 'idle%%'"
+        " THEN extract(epoch FROM now() - a.state_change)::float8 ELSE 0 END"
+        " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+        " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
+        " AND l.classid::bigint = %s AND l.objid::bigint = %s",
+        (key >> 32, key & 0xFFFFFFFF),
+    )
+    return None if not rows else float(rows[0][0])
+
+
+async def test_a_stray_session_holding_a_nodes_lock_stalls_neither_its_poll_nor_its_writes(
+    pg_url: str,
+) -> None:
+    """The node's own session is ended and another session takes its node lock (one the
+    server has not ended, as a half-open session of the node's own would, holding it for
+    hours). Taking the lock again waited for it without a bound, in the poll's thread:
+    the node stopped polling (its poll session only aged, the leader's duties stopped)
+    for as long as the other session held the lock. It now waits a bounded time at each
+    poll, polls on, and writes nothing meanwhile (it does not hold its lock: the other
+    nodes may take it for dead); once the lock is free it takes it and writes again."""
+    async with Runtime.open(pg_url):
+        await _open_leader_first(pg_url)
+        [a_id] = nodes(pg_url)
+        async with Runtime.open(pg_url) as b:
+            [b_id] = nodes(pg_url) - {a_id}
+            await until(lambda: _poll_idle(pg_url, b_id) is not None, "its poll lock")
+            key = f"'{b_id}'"
+            owner = f"SELECT l.pid FROM pg_locks l WHERE {node_lock_sql(key, 'l')}"
+            [(pid,)] = raw(pg_url, owner)
+            with psycopg.connect(pg_url, autocommit=True) as stray:
+                async with anyio.create_task_group() as group:
+                    # Queued behind the node's own session before that is ended: the
+                    # stray session gets the lock as it goes.
+                    group.start_soon(
+                        anyio.to_thread.run_sync,
+                        lambda: stray.execute("SELECT pg_advisory_lock(%s)", (node_key(b_id),)),
+                    )
+                    await until(
+                        lambda: bool(
+                            raw(
+                                pg_url,
+                                "SELECT 1 FROM pg_stat_activity WHERE pid = %s"
+                                " AND wait_event_type = 'Lock'",
+                                (stray.info.backend_pid,),
+                            )
+                        ),
+                        "the stray session waits for the lock",
+                    )
+                    raw(pg_url, "SELECT pg_terminate_backend(%s)", (pid,))
+                await until(
+                    lambda: raw(pg_url, owner) == [(stray.info.backend_pid,)],
+                    "the stray session holds the node's lock",
+                )
+                # The node finds its session lost at its next poll (0.5 s), and its lock
+                # taken: from then on it writes nothing.
+                refused = 0
+                with anyio.fail_after(PATIENCE):
+                    while True:
+                        try:
+                            await b.create_task("job")
+                        except StorageError:
+                            break
+                        idle = _poll_idle(pg_url, b_id)
+                        assert idle is not None
+                        assert idle < pg_leader.STUCK_FLOOR_SECONDS, idle  # it polls on
+                        await anyio.sleep(0.05)
+                began = time.monotonic()
+                while time.monotonic() - began < 5.0:
+                    idle = _poll_idle(pg_url, b_id)
+                    assert idle is not None
+                    assert idle < pg_leader.STUCK_FLOOR_SECONDS, idle
+                    with pytest.raises(StorageError) as caught:
+                        await b.create_task("job")
+                    assert caught.value.fault == "unavailable"
+                    assert "does not hold its lock" in str(caught.value)
+                    refused += 1
+                    await anyio.sleep(0.25)
+                assert raw(pg_url, owner) == [(stray.info.backend_pid,)]
+            # The stray session is gone: the node takes its lock at a poll, writes again.
+            await until(lambda: len(raw(pg_url, owner)) == 1, "the node's lock taken again")
+            assert raw(pg_url, f"SELECT {alive_sql(key)}") == [(True,)]
+            task_id = await b.create_task("job")
+            assert (await b.get_task(task_id)) is not None
+            assert refused > 0
+
+
+async def test_a_session_of_its_own_the_server_kept_is_ended_as_the_node_takes_its_lock_again(
+    pg_url: str,
+) -> None:
+    """The client gave its own session up for lost while the server keeps it (half-open
+    TCP: the server's keepalive may take hours), still holding the node's lock. The node
+    ends that session of its own and takes its lock again at once, instead of waiting
+    for the server to notice."""
+    claim = DatabaseClaim(pg_url)
+    await anyio.to_thread.run_sync(claim.acquire)
+    try:
+        kept = claim._conn
+        assert kept is not None
+        kept_pid = kept.info.backend_pid
+        # The client's view of a lost session: its connection is closed; the server's
+        # session lives on (the test holds it), with the lock.
+        lost = psycopg.connect(pg_url, autocommit=True)
+        lost.close()
+        claim._conn = lost
+        key = f"'{claim.node_id}'"
+        owner = f"SELECT l.pid FROM pg_locks l WHERE {node_lock_sql(key, 'l')}"
+        assert raw(pg_url, owner) == [(kept_pid,)]
+        answers: list[bool] = []
+        # A thread of its own, waited for a bounded time: a touch that waits for the lock
+        # without a bound cannot be cancelled.
+        toucher = threading.Thread(target=lambda: answers.append(claim.touch()), daemon=True)
+        toucher.start()
+        await anyio.to_thread.run_sync(toucher.join, 5.0)
+        assert answers == [False]  # its session was lost, and its lock is taken again
+        [(pid,)] = raw(pg_url, owner)
+        assert pid != kept_pid
+        claim.check()  # it writes again
+        with anyio.fail_after(5):
+            assert await anyio.to_thread.run_sync(claim.touch) is True
+        await until(
+            lambda: not raw(pg_url, "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (kept_pid,)),
+            "the kept session ended",
+        )
+    finally:
+        kept.close()
+        claim.release()

@@ -248,6 +248,11 @@ def decide_locked(
     now, refilled = work.dispatch
     work.dispatch = None
     if loaded is not None:
+        if loaded.now is not None:
+            # Read as the rows were locked, after this batch's wall time was: off by the
+            # lock's round trip at most (milliseconds), which only shifts when memory
+            # holds a task read back as out of its backoff; the lock decides.
+            tm._db_offset = (loaded.now - tm._wall).total_seconds()
         take_locked(tm, work, loaded, limit)
         tm._woken.difference_update(
             (h.task_type, h.requires, h.concurrency_key) for h, _ in loaded.heads
@@ -289,7 +294,9 @@ def take_locked(tm: TaskManager, work: _Batch, loaded: LockedHeads, limit: int) 
     """Memory's heads as the locked rows say. Each queue's locked rows are the best
     ready rows no other node's transaction holds; a ready task memory holds ranked
     among them but not locked is another node's to take now (or no longer ready):
-    memory lets go of it (a sweep reads it again if it is left queued). A task this
+    memory lets go of it (a sweep reads it again if it is left queued, and a lock from
+    the queue's top finds it). One beyond them still backing off by the database's
+    clock is held until its end by that clock. A task this
     batch already changed is memory's to decide; a locked task memory does not hold,
     or holds at another version, is taken in as read. With fewer than ``limit`` rows,
     every free ready task of the queue is now held: nothing more is in storage for it
@@ -302,6 +309,7 @@ def take_locked(tm: TaskManager, work: _Batch, loaded: LockedHeads, limit: int) 
     for head, keys in loaded.heads:
         queue = (head.task_type, head.requires, head.concurrency_key)
         locked = {key[0] for key in keys}
+        waiting: Bound | None = None  # the furthest task kept below, still backing off
         last = None
         if len(keys) >= limit:
             task_id, _, priority, created_at = keys[-1]
@@ -320,16 +328,25 @@ def take_locked(tm: TaskManager, work: _Batch, loaded: LockedHeads, limit: int) 
             # it (the next lock takes it once it is due), as it holds it ready by its own
             # wall clock. One long past its stored backoff (a retried task read back:
             # no write clears the time until a claim does) keeps its place.
-            if (
-                last is not None
-                and entry[:3] > last[:3]
-                and (
+            if last is not None and entry[:3] > last[:3]:
+                if (
                     task.available_at is None
                     or task_id in tm._own_backoffs
                     or (loaded.now is not None and task.available_at <= loaded.now)
-                )
-            ):
-                continue
+                ):
+                    continue
+                if loaded.now is not None:
+                    # Still backing off: kept, held until its end by that clock. Let go
+                    # of, it sat in storage inside the bound set below (from a task held
+                    # further out), which no refill reads: once due, worse tasks beyond
+                    # the next lock's rows were handed out before it, until a sweep.
+                    tm._index(task, None)
+                    span = (task.available_at - loaded.now).total_seconds()
+                    tm._ready_at[task_id] = tm._mono + span
+                    tm._index(None, task)
+                    if waiting is None or entry[:3] > waiting[:3]:
+                        waiting = bound_of(task)
+                    continue
             tm._index(task, None)
             tm._drop(task_id)
             dropped = True
@@ -347,12 +364,22 @@ def take_locked(tm: TaskManager, work: _Batch, loaded: LockedHeads, limit: int) 
                 held_task = tm._tasks.get(furthest.task_id)
                 if held_task is not None:
                     bound = bound_of(held_task)
+            if waiting is not None and waiting[:3] > bound[:3]:
+                bound = waiting
             tm._ready.set_bound(queue, bound)
         for task_id, version, _, _ in keys:
             if task_id in work.undo or task_id in tm._held:
                 continue  # this batch's, or a claim of this node's: its fence decides
             known = tm._tasks.get(task_id)
             if known is not None and tm._versions.get(task_id) == version:
+                at = tm._ready_at.get(task_id)
+                if at is not None and at > tm._mono and task_id not in tm._own_backoffs:
+                    # Locked, so out of its backoff by the database's clock, which ends
+                    # a backoff read back; memory held it longer (its estimate of that
+                    # clock went stale: a step of this node's wall clock).
+                    tm._index(known, None)
+                    tm._ready_at[task_id] = tm._mono
+                    tm._index(None, known)
                 continue
             task = read.get(task_id)
             if task is None:
@@ -362,6 +389,8 @@ def take_locked(tm: TaskManager, work: _Batch, loaded: LockedHeads, limit: int) 
                 tm._drop(task_id)
                 tm._finished.pop(task_id, None)
             tm._versions[task_id] = version
+            if task.available_at is not None:
+                tm._ready_at[task_id] = tm._mono  # locked: out of its backoff (above)
             tm._take_in(task, runs.get(task_id, ()))
         tm._ready.extended([queue])
     if dropped:

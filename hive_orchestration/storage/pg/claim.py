@@ -22,6 +22,17 @@ pid and the address its socket serves on (:mod:`..database`). Here:
   (:meth:`DatabaseClaim.hold`), and takes it again if it was lost with the server (the
   node registers again, with its id: meanwhile it looked dead, and another node may have
   requeued its claims, which its fenced writes then find out).
+- **Taking the lock again is bounded** (:data:`RETAKE_SECONDS`): a session of the node's
+  own that its client gave up for lost but the server has not ended (half-open TCP: the
+  server's keepalive may take hours) still holds the lock, and waiting for it stalled the
+  leader's poll (:meth:`DatabaseClaim.touch`) and the write connection's reconnects
+  (:meth:`DatabaseClaim.hold`) for as long. The node ends such a session of its own
+  first (``pg_terminate_backend``: its own user's session), then waits for the lock at
+  most :data:`RETAKE_SECONDS`. **A node writes only while it holds its lock**: one that
+  could not take it again (another session holds it, or no connection opens) refuses
+  every write on its write connection (:meth:`DatabaseClaim.check`: ``StorageError``,
+  ``unavailable``, nothing applied) until a later try takes it (each poll tries), so it
+  never hands out or settles a claim while the other nodes may take it for dead.
 - **Clients** given the URL read the live nodes' rows (:func:`read_owner`) and connect
   to any of them.
 
@@ -41,6 +52,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+import psycopg.errors
 
 from ...errors import StorageError
 from ..port import STARTING, STOPPING, StoreError
@@ -51,6 +63,7 @@ from .url import display_url
 
 __all__ = [
     "NODE_SETTING",
+    "RETAKE_SECONDS",
     "DatabaseClaim",
     "alive_sql",
     "node_key",
@@ -195,6 +208,10 @@ def read_owner(url: str) -> tuple[str | None, str | None]:
         conn.close()
 
 
+#: Seconds the node waits for its lock as it takes it again (its session was lost): the
+#: leader's poll (every 0.5 s) runs it, and a poll session idle for 2 s looks stuck.
+RETAKE_SECONDS = 0.5
+
 #: Seconds the runtime waits for the server as it lets the claim go or records its address
 #: on the event loop (both are called there, and must not hang on a server gone silent).
 _QUICK = 2.0
@@ -246,6 +263,9 @@ class DatabaseClaim:
         self._conn: Connection | None = None
         self._backend_pid = 0
         self._released = False
+        # Why the lock was not taken again (its session lost), while it is not: the node
+        # writes nothing meanwhile (check).
+        self._unheld: str | None = None
         self._lock = threading.Lock()
 
     def acquire(self) -> None:
@@ -277,15 +297,55 @@ class DatabaseClaim:
             # connection writes are this node's.
             conn.execute("SELECT set_config(%s, %s, false)", (NODE_SETTING, self.node_id))
 
+    def check(self) -> None:
+        """The write connection's guard, before each call: a node that lost its lock and
+        could not take it again writes nothing (the other nodes may take it for dead and
+        recover its claims), until a try takes it again (each poll: :meth:`touch`)."""
+        unheld = self._unheld
+        if unheld is not None:
+            raise StoreError(
+                f"this node ({self.node_id}) does not hold its lock on {self.display!r}:"
+                f" {unheld}; nothing is written until it takes it again",
+                fault="unavailable",
+            )
+
     def _take(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        conn = _connect(self.url, "hive-orchestration:owner")
         try:
+            self._retake()
+        except StorageError as exc:
+            self._unheld = str(exc)
+            raise
+        self._unheld = None
+
+    def _retake(self) -> None:
+        old, self._conn = self._conn, None
+        if old is not None:
+            old.close()
+        conn = _connect(self.url, "hive-orchestration:owner")
+        key = node_key(self.node_id)
+        try:
+            if self._backend_pid:
+                # The session this claim gave up for lost may live on in the server
+                # (half-open TCP, ended only by its keepalive, perhaps hours later), still
+                # holding the lock: it is this node's, of no use to it any more; ended.
+                half = key & 0xFFFFFFFF_FFFFFFFF
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
+                    " AND granted AND database = (SELECT oid FROM pg_database"
+                    " WHERE datname = current_database())"
+                    " AND classid = %s AND objid = %s AND objsubid = 1 AND pid = %s",
+                    (half >> 32, half & 0xFFFFFFFF, self._backend_pid),
+                )
             # A fresh id's lock is free; taken before the row is written, so that a row
-            # whose lock is free is always a dead node's.
-            conn.execute("SELECT pg_advisory_lock(%s)", (node_key(self.node_id),))
+            # whose lock is free is always a dead node's. Waited for a bounded time: a
+            # session the server has not ended (another one than the claim's last) may
+            # hold it for hours.
+            with conn.transaction():
+                conn.execute(
+                    "SELECT set_config('lock_timeout', %s, true)",
+                    (f"{round(RETAKE_SECONDS * 1000)}ms",),
+                )
+                conn.execute("SELECT pg_advisory_lock(%s)", (key,))
             with conn.transaction():
                 # Made here, not by a migration: the claim comes before the schema is read.
                 # Under the migration lock, so that two runtimes never create it at once.
@@ -301,6 +361,14 @@ class DatabaseClaim:
                     " ON CONFLICT (id) DO UPDATE SET address = excluded.address",
                     (self.node_id, os.getpid(), socket.gethostname(), self._address),
                 )
+        except psycopg.errors.LockNotAvailable as exc:
+            conn.close()
+            raise StorageError(
+                f"cannot take this node's lock again on {self.display!r}: another session"
+                f" has held it for over {RETAKE_SECONDS:g}s",
+                fault="locked",
+                path=self.display,
+            ) from exc
         except psycopg.Error as exc:
             conn.close()
             raise storage_error(self.url, exc, action="cannot open") from exc
@@ -317,8 +385,10 @@ class DatabaseClaim:
         runs it at each poll. A session found lost (the server ended it: a restart, or
         ``pg_terminate_backend``) is opened again and the node's lock taken again at
         once: else a node whose write connection lived on kept its lock free, and the
-        leader took it for dead and recovered its claims while it ran them. False when
-        the session was lost or the statement failed (then taken again if it can be)."""
+        leader took it for dead and recovered its claims while it ran them. Taking it
+        again waits :data:`RETAKE_SECONDS` at most; until it is taken, the node writes
+        nothing (:meth:`check`). False when the session was lost or the statement failed
+        (then taken again if it can be)."""
         with self._lock:
             if self._released:
                 return False
@@ -331,10 +401,16 @@ class DatabaseClaim:
                 except psycopg.Error:
                     if not connection_lost(conn):
                         return False
+            before = self._unheld
             try:
                 self._take()
             except StorageError as exc:
-                log.warning("node %s could not take its lock again: %s", self.node_id, exc)
+                # Once, not at every poll while it lasts.
+                level = logging.WARNING if before is None else logging.DEBUG
+                log.log(level, "node %s could not take its lock again: %s", self.node_id, exc)
+            else:
+                if before is not None:
+                    log.warning("node %s took its lock again; it writes again", self.node_id)
             return False
 
     def _held_by(self, conn: Connection, backend: int) -> bool:

@@ -341,11 +341,13 @@ class PostgresDriver(Driver):
         application_name: str = "hive-orchestration",
         connect_timeout: float = CONNECT_TIMEOUT,
         on_connect: Callable[[Connection], None] | None = None,
+        guard: Callable[[], None] | None = None,
     ) -> None:
         self.url = url
         self._application_name = application_name
         self._connect_timeout = connect_timeout
         self._on_connect = on_connect
+        self._guard = guard
         self._conn: Connection | None = None
         # One thread at a time on the connection; calls are already serial, this makes sure.
         self._limiter = anyio.CapacityLimiter(1)
@@ -362,18 +364,24 @@ class PostgresDriver(Driver):
         application_name: str = "hive-orchestration",
         connect_timeout: float = CONNECT_TIMEOUT,
         on_connect: Callable[[Connection], None] | None = None,
+        guard: Callable[[], None] | None = None,
     ) -> PostgresDriver:
         """Connect now, so that a server out of reach fails the open, not the first write.
 
         ``on_connect(connection)`` runs in the connection's thread on each connection
         opened, before anything else uses it (the owner's claim: :mod:`.claim`); what it
-        raises fails the call, and the connection is closed.
+        raises fails the call, and the connection is closed. ``guard()`` runs before
+        each call (a node that lost its lock writes nothing: ``DatabaseClaim.check``);
+        the port's error it raises fails the call, the connection untouched (not inside a
+        transaction :meth:`begin` opened, which the next call ends; a connection opened
+        anew is checked by ``on_connect``).
         """
         driver = cls(
             url,
             application_name=application_name,
             connect_timeout=connect_timeout,
             on_connect=on_connect,
+            guard=guard,
         )
         await driver.run(lambda conn: None)
         return driver
@@ -419,6 +427,9 @@ class PostgresDriver(Driver):
                 conn.close()
             self._conn = None
             conn = self._conn = self._connect()
+        elif self._guard is not None and conn.info.transaction_status == TransactionStatus.IDLE:
+            # Not inside a transaction begin() opened: the call that ends it must run.
+            self._guard()
         try:
             return job(conn, *args)
         except psycopg.Error as exc:
@@ -503,10 +514,12 @@ class PostgresReader(PostgresDriver):
         application_name: str = "hive-orchestration:reader",
         connect_timeout: float = CONNECT_TIMEOUT,
         on_connect: Callable[[Connection], None] | None = None,
+        guard: Callable[[], None] | None = None,
     ) -> PostgresDriver:
         return await super().open(
             url,
             application_name=application_name,
             connect_timeout=connect_timeout,
             on_connect=on_connect,
+            guard=guard,
         )

@@ -105,6 +105,7 @@ class PostgresStore:
 
     async def _open(self, read_only: bool) -> tuple[Driver, int]:
         hold = None if read_only or self._claim is None else self._claim.hold
+        guard = None if read_only or self._claim is None else self._claim.check
         kind = PostgresReader if read_only else PostgresDriver
         try:
             db = await kind.open(
@@ -112,6 +113,7 @@ class PostgresStore:
                 application_name="hive-orchestration:" + ("inspector" if read_only else "writer"),
                 connect_timeout=self._timeout(),
                 on_connect=hold,
+                guard=guard,
             )
         except StoreError as exc:
             raise self.explain(exc, "cannot open") from exc
