@@ -29,8 +29,8 @@ its own transaction: measured at load ~6, 116 ms against 43 ms on a clone (the c
 53 ms, costs no more than an empty database's 63 ms), once per test of the PostgreSQL run.
 A clone is what a runtime's migration leaves and nothing else: no runtime has opened it (no
 node, no event, no leader's epoch taken). Tests of the migration itself ask for ``pg_url``,
-which stays empty. A process makes its next clone in a thread while a test runs
-(:func:`new_database`), so a test's setup no longer waits for the copy.
+which stays empty. A process makes its next database of each kind in a thread while a
+test runs (:func:`new_database`), so a test's setup no longer waits for the copy.
 """
 
 from __future__ import annotations
@@ -347,55 +347,53 @@ def _create(conn: Any, server: str, *, migrated: bool) -> str:
     return with_database(server, name)
 
 
-#: The next migrated database, made in the background while a test runs (see
-#: :func:`new_database`), and the thread and connection that make it.
-_spare: concurrent.futures.Future[str] | None = None
+#: The next database of each kind (migrated or empty), made in the background while a
+#: test runs (see :func:`new_database`), and the thread and connection that make them.
+_spares: dict[bool, concurrent.futures.Future[str]] = {}
 _spare_maker: concurrent.futures.ThreadPoolExecutor | None = None
 _spare_admin: Any = None
 
 
-def _make_spare(server: str) -> str:
+def _make_spare(server: str, migrated: bool) -> str:
     global _spare_admin
     if _spare_admin is None or _spare_admin.closed:
         _spare_admin = _connect_admin(server)
-    return _create(_spare_admin, server, migrated=True)
+    return _create(_spare_admin, server, migrated=migrated)
 
 
 def new_database(*, migrated: bool = False) -> str:
     """Create a fresh, uniquely named database and return its URL (never dropped): empty,
     or with ``migrated`` a copy of the template at the current schema version.
 
-    A migrated database is made one ahead: the one returned was created in a thread of
-    this process while the previous test ran, and the next one is started before this
-    returns. The copy (~40-60 ms of the server's work, ~65 ms of each test's setup at
-    load ~6, in each of the ~1,100 tests of CI's PostgreSQL run) then overlaps a test,
-    most of which waits, instead of adding to its setup. A spare is the same fresh copy
-    of the template, made moments earlier, that nothing has opened: the database a test
-    is given is no different. If making the spare failed, the database is made again
-    here, where the error is the test's."""
-    global _admin, _spare, _spare_maker
+    Each kind is made one ahead: the database returned was created in a thread of this
+    process while the previous test ran, and the next one of its kind is started before
+    this returns. The copy (~40-60 ms of the server's work, ~65 ms of each test's setup
+    at load ~6, in each of the ~1,100 tests of CI's PostgreSQL run) then overlaps a test,
+    most of which waits, instead of adding to its setup. A spare is the same fresh
+    database, made moments earlier, that nothing has opened: the database a test is given
+    is no different. If making the spare failed, the database is made again here, where
+    the error is the test's."""
+    global _admin, _spare_maker
     server = server_url()
     url: str | None = None
-    if migrated:
-        with _lock:
-            spare, _spare = _spare, None
-        if spare is not None:
-            with contextlib.suppress(Exception):
-                url = spare.result()
-    if not migrated or url is None:
+    with _lock:
+        spare = _spares.pop(migrated, None)
+    if spare is not None:
+        with contextlib.suppress(Exception):
+            url = spare.result()
+    if url is None:
         with _lock:
             if _admin is None or _admin.closed:
                 _admin = _connect_admin(server)
             url = _create(_admin, server, migrated=migrated)
-    if migrated:
-        with _lock:
-            if _spare_maker is None:
-                # Its thread is joined at exit before the connections close (atexit).
-                _spare_maker = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix="hive-test-pg-spare"
-                )
-            if _spare is None:
-                _spare = _spare_maker.submit(_make_spare, server)
+    with _lock:
+        if _spare_maker is None:
+            # Its thread is joined at exit before the connections close (atexit).
+            _spare_maker = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="hive-test-pg-spare"
+            )
+        if migrated not in _spares:
+            _spares[migrated] = _spare_maker.submit(_make_spare, server, migrated)
     return url
 
 
