@@ -510,7 +510,9 @@ async def test_a_stopped_nodes_workers_are_declared_offline_by_the_leader(
     claims go back to the queue within the lease bound. Woken, the node does not declare
     them offline a second time: they are live again as they call, as after any missed
     heartbeat."""
-    timeout, lease = 3.0, 4.0
+    # The least bound there is (STUCK_FLOOR_SECONDS), and a lease a second longer: each
+    # second of them is waited out three times over, on both loops.
+    timeout, lease = 2.0, 3.0
     config = RuntimeConfig(worker_timeout=timeout)
     async with Runtime.open(pg_url, config=config) as a:
         await _open_leader_first(pg_url)
