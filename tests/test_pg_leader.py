@@ -592,10 +592,10 @@ async def test_a_pause_within_the_stopped_nodes_own_worker_timeout_declares_noth
 ) -> None:
     """The liveness bound of a node's workers is that node's ``worker_timeout``, not the
     leader's: a node with a longer one (30 s) that does not act for longer than the
-    leader's (3 s) but well within its own is not stuck. Its workers stay live (no
-    ``worker.offline``), and, woken, it keeps its workers' claims: its worker completes
-    the task it held, which is handed out once."""
-    leader_timeout, own_timeout, lease = 3.0, 30.0, 30.0
+    leader's (2 s, the least there is) but well within its own is not stuck. Its workers
+    stay live (no ``worker.offline``), and, woken, it keeps its workers' claims: its worker
+    completes the task it held, which is handed out once."""
+    leader_timeout, own_timeout, lease = 2.0, 30.0, 30.0  # 2 s: STUCK_FLOOR_SECONDS
     async with Runtime.open(pg_url, config=RuntimeConfig(worker_timeout=leader_timeout)) as a:
         await _open_leader_first(pg_url)
         task_id = await a.create_task("job", max_retries=3)
