@@ -422,12 +422,14 @@ async def test_a_live_nodes_renewed_lease_is_never_reaped(pg_url: str) -> None:
             assert claim is not None
             # Renewed by bare heartbeats, each longer after the last than the leader's
             # grace, and on past the claim's first deadline and that grace: the
-            # database's deadline moves with each, to its own now plus the lease.
+            # database's deadline moves with each, to its own now plus the lease. The
+            # check comes once that span is over, not a whole pause after it (the last
+            # pause used to end 2 s past it, spent on both loops).
             every = REAP_GRACE_SECONDS + 1.5
             ends = time.monotonic() + lease + REAP_GRACE_SECONDS + 1.5
-            while time.monotonic() < ends:
+            while (left := ends - time.monotonic()) > 0:
                 await b.heartbeat(claim.lease)
-                await anyio.sleep(every)
+                await anyio.sleep(min(every, left))
             assert _held(pg_url, task_id)
             # Renewed often (a node writes one of them at most every half second): as
             # long again, the lease is still not ended.
@@ -514,7 +516,9 @@ async def test_a_stopped_nodes_workers_are_declared_offline_by_the_leader(
     claims go back to the queue within the lease bound. Woken, the node does not declare
     them offline a second time: they are live again as they call, as after any missed
     heartbeat."""
-    timeout, lease = 3.0, 4.0
+    # The least bound there is (STUCK_FLOOR_SECONDS), and a lease a second longer: each
+    # second of them is waited out three times over, on both loops.
+    timeout, lease = 2.0, 3.0
     config = RuntimeConfig(worker_timeout=timeout)
     async with Runtime.open(pg_url, config=config) as a:
         await _open_leader_first(pg_url)
@@ -594,10 +598,10 @@ async def test_a_pause_within_the_stopped_nodes_own_worker_timeout_declares_noth
 ) -> None:
     """The liveness bound of a node's workers is that node's ``worker_timeout``, not the
     leader's: a node with a longer one (30 s) that does not act for longer than the
-    leader's (3 s) but well within its own is not stuck. Its workers stay live (no
-    ``worker.offline``), and, woken, it keeps its workers' claims: its worker completes
-    the task it held, which is handed out once."""
-    leader_timeout, own_timeout, lease = 3.0, 30.0, 30.0
+    leader's (2 s, the least there is) but well within its own is not stuck. Its workers
+    stay live (no ``worker.offline``), and, woken, it keeps its workers' claims: its worker
+    completes the task it held, which is handed out once."""
+    leader_timeout, own_timeout, lease = 2.0, 30.0, 30.0  # 2 s: STUCK_FLOOR_SECONDS
     async with Runtime.open(pg_url, config=RuntimeConfig(worker_timeout=leader_timeout)) as a:
         await _open_leader_first(pg_url)
         task_id = await a.create_task("job", max_retries=3)
