@@ -294,9 +294,7 @@ def take_locked(tm: TaskManager, work: _Batch, loaded: LockedHeads, limit: int) 
     """Memory's heads as the locked rows say. Each queue's locked rows are the best
     ready rows no other node's transaction holds; a ready task memory holds ranked
     among them but not locked is another node's to take now (or no longer ready):
-    memory lets go of it (a sweep reads it again if it is left queued, and a lock from
-    the queue's top finds it). One beyond them still backing off by the database's
-    clock is held until its end by that clock. A task this
+    memory lets go of it (a sweep reads it again if it is left queued). A task this
     batch already changed is memory's to decide; a locked task memory does not hold,
     or holds at another version, is taken in as read. With fewer than ``limit`` rows,
     every free ready task of the queue is now held: nothing more is in storage for it
@@ -309,7 +307,6 @@ def take_locked(tm: TaskManager, work: _Batch, loaded: LockedHeads, limit: int) 
     for head, keys in loaded.heads:
         queue = (head.task_type, head.requires, head.concurrency_key)
         locked = {key[0] for key in keys}
-        waiting: Bound | None = None  # the furthest task kept below, still backing off
         last = None
         if len(keys) >= limit:
             task_id, _, priority, created_at = keys[-1]
@@ -328,25 +325,16 @@ def take_locked(tm: TaskManager, work: _Batch, loaded: LockedHeads, limit: int) 
             # it (the next lock takes it once it is due), as it holds it ready by its own
             # wall clock. One long past its stored backoff (a retried task read back:
             # no write clears the time until a claim does) keeps its place.
-            if last is not None and entry[:3] > last[:3]:
-                if (
+            if (
+                last is not None
+                and entry[:3] > last[:3]
+                and (
                     task.available_at is None
                     or task_id in tm._own_backoffs
                     or (loaded.now is not None and task.available_at <= loaded.now)
-                ):
-                    continue
-                if loaded.now is not None:
-                    # Still backing off: kept, held until its end by that clock. Let go
-                    # of, it sat in storage inside the bound set below (from a task held
-                    # further out), which no refill reads: once due, worse tasks beyond
-                    # the next lock's rows were handed out before it, until a sweep.
-                    tm._index(task, None)
-                    span = (task.available_at - loaded.now).total_seconds()
-                    tm._ready_at[task_id] = tm._mono + span
-                    tm._index(None, task)
-                    if waiting is None or entry[:3] > waiting[:3]:
-                        waiting = bound_of(task)
-                    continue
+                )
+            ):
+                continue
             tm._index(task, None)
             tm._drop(task_id)
             dropped = True
@@ -364,8 +352,6 @@ def take_locked(tm: TaskManager, work: _Batch, loaded: LockedHeads, limit: int) 
                 held_task = tm._tasks.get(furthest.task_id)
                 if held_task is not None:
                     bound = bound_of(held_task)
-            if waiting is not None and waiting[:3] > bound[:3]:
-                bound = waiting
             tm._ready.set_bound(queue, bound)
         for task_id, version, _, _ in keys:
             if task_id in work.undo or task_id in tm._held:
