@@ -67,13 +67,11 @@ class FenceLeader(msgspec.Struct, frozen=True, tag="fence_leader"):
 
 
 class LeaseClock(msgspec.Struct, frozen=True, tag="lease_clock"):
-    """The wall time ``at`` the write's leases and ends of backoff were set from (a
-    claim's or a heartbeat's ``lease_expires_at``, a retried task's ``available_at``, is
-    ``at`` plus its span). On a store several nodes share (PostgreSQL) the database keeps
-    each lease's deadline (schema version 18), which the leader reaps by, and stores each
-    end of backoff (version 19), which every node reads due by, by its own clock: its now
-    plus that span. Sent first in each write of the TaskManager there that sets either
-    (never to a store of one owner)."""
+    """The wall time ``at`` the write's leases were set from (a claim's or a heartbeat's
+    ``lease_expires_at`` is ``at`` plus its span). On a store several nodes share
+    (PostgreSQL, schema version 18) the database keeps each lease's deadline by its own
+    clock, its now plus that span, which the leader reaps by; sent first in each write of
+    the TaskManager there (never to a store of one owner)."""
 
     at: datetime
 

@@ -189,9 +189,6 @@ class TaskManager(Actor[TaskManagerMessage]):
         # end their backoff by this node's clock; a stored backoff read back ends by the
         # database's (claims.lock_claims). Kept with _ready_at, and put back with it.
         self._own_backoffs: set[str] = set()
-        # The database's clock less this node's wall clock, in seconds, as the last lock
-        # of ready rows read it (fenced stores: claims.decide_locked); None before one.
-        self._db_offset: float | None = None
         # Parked claims, first come first served, and their wait deadlines (one each).
         self._waiters: dict[int, _Waiter] = {}
         self._waits: Deadlines[int] = Deadlines()

@@ -248,11 +248,6 @@ def decide_locked(
     now, refilled = work.dispatch
     work.dispatch = None
     if loaded is not None:
-        if loaded.now is not None:
-            # Read as the rows were locked, after this batch's wall time was: off by the
-            # lock's round trip at most (milliseconds), which only shifts when memory
-            # holds a task read back as out of its backoff; the lock decides.
-            tm._db_offset = (loaded.now - tm._wall).total_seconds()
         take_locked(tm, work, loaded, limit)
         tm._woken.difference_update(
             (h.task_type, h.requires, h.concurrency_key) for h, _ in loaded.heads
@@ -358,14 +353,6 @@ def take_locked(tm: TaskManager, work: _Batch, loaded: LockedHeads, limit: int) 
                 continue  # this batch's, or a claim of this node's: its fence decides
             known = tm._tasks.get(task_id)
             if known is not None and tm._versions.get(task_id) == version:
-                at = tm._ready_at.get(task_id)
-                if at is not None and at > tm._mono and task_id not in tm._own_backoffs:
-                    # Locked, so out of its backoff by the database's clock, which ends
-                    # a backoff read back; memory held it longer (its estimate of that
-                    # clock went stale: a step of this node's wall clock).
-                    tm._index(known, None)
-                    tm._ready_at[task_id] = tm._mono
-                    tm._index(None, known)
                 continue
             task = read.get(task_id)
             if task is None:
@@ -375,8 +362,6 @@ def take_locked(tm: TaskManager, work: _Batch, loaded: LockedHeads, limit: int) 
                 tm._drop(task_id)
                 tm._finished.pop(task_id, None)
             tm._versions[task_id] = version
-            if task.available_at is not None:
-                tm._ready_at[task_id] = tm._mono  # locked: out of its backoff (above)
             tm._take_in(task, runs.get(task_id, ()))
         tm._ready.extended([queue])
     if dropped:

@@ -46,8 +46,8 @@ def fences(tm: TaskManager, work: _Batch) -> list[WriteOp]:
     """On a fenced store: a :class:`FenceTask` for each existing task the batch
     changes (its row or a run of it), with the version memory read it at (-1, which
     no row has, for a task whose version memory does not know: a conflict that
-    reads it); first, when it writes a run with a lease or a task with an end of
-    backoff, the :class:`LeaseClock` they were set from (the batch's wall time)."""
+    reads it); first, when it writes a run with a lease, the :class:`LeaseClock` its
+    leases were set from (the batch's wall time)."""
     if not tm._fenced:
         return []
     created: set[str] = set()
@@ -58,11 +58,9 @@ def fences(tm: TaskManager, work: _Batch) -> list[WriteOp]:
         match op:
             case PutTask(task=task):
                 created.add(task.id)
-                leased = leased or task.available_at is not None
             case SetTaskState(task=task):
                 changed.add(task.id)
                 last[task.id] = task
-                leased = leased or task.available_at is not None
             case DeleteTaskRow(task_id=task_id):
                 changed.add(task_id)
                 last.pop(task_id, None)
@@ -73,9 +71,8 @@ def fences(tm: TaskManager, work: _Batch) -> list[WriteOp]:
     work.fenced = sorted(changed - created)
     fences: list[WriteOp] = []
     if leased:
-        # The wall time this batch set its leases and backoffs from: the database keeps
-        # each lease's deadline (which the leader reaps by) and each backoff's end (which
-        # every node's lock reads due by) by its own clock, its now plus the span set.
+        # The wall time this batch set its leases from: the database keeps each lease's
+        # deadline by its own clock (its now plus the span set), which the leader reaps by.
         fences.append(LeaseClock(tm._wall))
     taken: dict[str, int] = {}  # key -> this batch's claims of it so far
     for task_id in work.fenced:

@@ -94,17 +94,6 @@ def backoff_end(tm: TaskManager, task: Task) -> float | None:
         return None
     at = tm._ready_at.get(task.id)
     if at is None:
-        if tm._fenced and task.updated_at != tm._wall:
-            # Read from a database several nodes share, which stores the end by its own
-            # clock (PostgreSQL, schema version 19), not this node's: what remains of it
-            # by the database's clock as the last lock read it; held as due before one
-            # (a lock takes it only once it is due by the database's clock anyway).
-            offset = tm._db_offset
-            remaining = 0.0
-            if offset is not None:
-                remaining = (task.available_at - tm._wall).total_seconds() - offset
-            at = tm._ready_at[task.id] = tm._mono + max(remaining, 0.0)
-            return at
         # Set in this batch (updated_at is now), or loaded at start-up.
         whole = (task.available_at - task.updated_at).total_seconds()
         at = tm._ready_at[task.id] = tm._from_wall(task.available_at, whole)

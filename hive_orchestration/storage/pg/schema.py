@@ -392,29 +392,6 @@ _V18: tuple[str, ...] = (
     " WHERE lease_deadline IS NOT NULL",
 )
 
-# Retry backoffs end by the database's clock: a task's ``available_at`` as a node writes
-# it (its wall time plus the backoff) is stored as the database's now() plus the span the
-# node set, from the wall time its write gives as ``hive.clock`` (storage/grouping.py's
-# LEASE_CLOCK, sent by every TaskManager write that sets one). Before, the node's wall
-# time was stored: every node reads due by the server's clock (queues.py), so a node an
-# hour ahead had each retry it let go of (spilled, dropped, or after a restart) held back
-# an hour. Only a changed, non-NULL value is converted (a write of the value read back is
-# left alone), and with no clock given the value stays as written. Its SQLite twin is
-# nothing: one owner, one clock.
-_V19: tuple[str, ...] = (
-    "CREATE OR REPLACE FUNCTION hive_backoff_end() RETURNS trigger LANGUAGE plpgsql AS $$"
-    " BEGIN"
-    "  NEW.available_at := now() + (NEW.available_at - coalesce("
-    "   nullif(current_setting('hive.clock', true), '')::timestamptz, now()));"
-    "  RETURN NEW;"
-    " END $$",
-    "CREATE TRIGGER tasks_backoff_end_put BEFORE INSERT ON tasks FOR EACH ROW"
-    " WHEN (NEW.available_at IS NOT NULL) EXECUTE FUNCTION hive_backoff_end()",
-    "CREATE TRIGGER tasks_backoff_end_set BEFORE UPDATE ON tasks FOR EACH ROW"
-    " WHEN (NEW.available_at IS NOT NULL AND NEW.available_at IS DISTINCT FROM OLD.available_at)"
-    " EXECUTE FUNCTION hive_backoff_end()",
-)
-
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n (the twin of the SQLite
 #: list's entry n - 1: same tables, columns and indexes).
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -436,7 +413,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V16,
     _V17,
     _V18,
-    _V19,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -348,11 +348,6 @@ _V18: tuple[str, ...] = (
     " WHERE lease_deadline IS NOT NULL",
 )
 
-# The twin of PostgreSQL's version 19 (a retry backoff's end stored by the database's
-# clock, for nodes whose clocks differ): nothing here. A SQLite file has one owner, whose
-# own clock ends its backoffs.
-_V19: tuple[str, ...] = ()
-
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V1,
@@ -373,6 +368,5 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V16,
     _V17,
     _V18,
-    _V19,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
