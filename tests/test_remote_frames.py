@@ -304,10 +304,13 @@ async def _crafted_server(
     *,
     welcome: bytes | None = None,
     closed: anyio.Event | None = None,
+    events: list[tuple[Event, bytes]] | None = None,
 ) -> None:
     """Serve one client: welcome it (or answer its hello with the bytes ``welcome``),
     then answer each call by ``answers[op]`` (a callable of the call's id giving the
-    frame to send). ``closed`` is set once the client closed the connection."""
+    frame to send), and each subscription with ``events`` (each event beside its data's
+    JSON, as a server sends them). ``closed`` is set once the client closed the
+    connection."""
 
     async def serve(stream: Any) -> None:
         reader = FrameReader(stream, ClientFrame, 1 << 20)
@@ -323,6 +326,9 @@ async def _crafted_server(
                         await stream.send(frame(hello))
                     elif isinstance(message, Call):
                         await stream.send(answers[message.op](message.id))
+                    elif isinstance(message, Subscribe) and events is not None:
+                        await stream.send(frame(ResultOut(message.id, None)))
+                        await stream.send(frame(Events(message.id, events)))
                     elif isinstance(message, Ping):
                         await stream.send(frame(Pong(message.nonce)))
             except (anyio.EndOfStream, anyio.BrokenResourceError, FrameError):
@@ -654,31 +660,13 @@ async def test_a_servers_event_data_of_small_values_is_refused_before_it_is_deco
     closed = anyio.Event()
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
     port = listener.extra(SocketAttribute.local_port)
-
-    async def serve(stream: Any) -> None:
-        reader = FrameReader(stream, ClientFrame, 1 << 20)
-        async with stream:
-            try:
-                while True:
-                    message = await reader.read()
-                    if isinstance(message, Hello):
-                        hello = Welcome(PROTOCOL_VERSION, 1, "/nowhere", 1 << 20, 8, 100, "error")
-                        await stream.send(frame(hello))
-                    elif isinstance(message, Subscribe):
-                        await stream.send(frame(ResultOut(message.id, None)))
-                        event = Event(seq=1, type="task.created", timestamp=1.0, source="x")
-                        entries = [(event, _CRAFTED_DATA)]
-                        await stream.send(frame(Events(message.id, entries)))
-                    elif isinstance(message, Ping):
-                        await stream.send(frame(Pong(message.nonce)))
-            except (anyio.EndOfStream, anyio.BrokenResourceError, FrameError):
-                pass
-            closed.set()
+    event = Event(seq=1, type="task.created", timestamp=1.0, source="x")
+    serve = partial(_crafted_server, events=[(event, _CRAFTED_DATA)], closed=closed)
 
     config = RuntimeConfig(remote_timeout=DEADLINE)
     with anyio.fail_after(2 * DEADLINE):
         async with listener, anyio.create_task_group() as tg:
-            tg.start_soon(listener.serve, serve)
+            tg.start_soon(serve, listener, {})
             url = f"hive://127.0.0.1:{port}"
             async with OrchestrationClient(url=url, config=config) as client:
                 failed: HiveError | None = None
@@ -711,30 +699,13 @@ async def test_a_servers_unreadable_event_data_is_the_packages_error(
     # next event is read as ever.
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
     port = listener.extra(SocketAttribute.local_port)
-
-    async def serve(stream: Any) -> None:
-        reader = FrameReader(stream, ClientFrame, 1 << 20)
-        async with stream:
-            try:
-                while True:
-                    message = await reader.read()
-                    if isinstance(message, Hello):
-                        hello = Welcome(PROTOCOL_VERSION, 1, "/nowhere", 1 << 20, 8, 100, "error")
-                        await stream.send(frame(hello))
-                    elif isinstance(message, Subscribe):
-                        await stream.send(frame(ResultOut(message.id, None)))
-                        bad = Event(seq=1, type="task.created", timestamp=1.0, source="x")
-                        good = Event(seq=2, type="task.created", timestamp=2.0, source="x")
-                        entries = [(bad, data), (good, b'{"b": 1}')]
-                        await stream.send(frame(Events(message.id, entries)))
-                    elif isinstance(message, Ping):
-                        await stream.send(frame(Pong(message.nonce)))
-            except (anyio.EndOfStream, anyio.BrokenResourceError, FrameError):
-                pass
+    bad = Event(seq=1, type="task.created", timestamp=1.0, source="x")
+    good = Event(seq=2, type="task.created", timestamp=2.0, source="x")
+    entries = [(bad, data), (good, b'{"b": 1}')]
 
     with anyio.fail_after(DEADLINE):
         async with listener, anyio.create_task_group() as tg:
-            tg.start_soon(listener.serve, serve)
+            tg.start_soon(partial(_crafted_server, events=entries), listener, {})
             async with (
                 OrchestrationClient(url=f"hive://127.0.0.1:{port}") as client,
                 client.subscribe("*") as events,
