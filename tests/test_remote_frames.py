@@ -191,6 +191,26 @@ def _read_frame(sock: socket.socket, *, unasked: list[Pong] | None = None) -> An
             unasked.append(message)
 
 
+def _frames_after(address: str, sent: bytes) -> list[Any]:
+    """Every frame the server sends on a connection welcomed, then sent ``sent``, until it
+    closes it (blocking: run in a thread)."""
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(DEADLINE)
+    sock.connect(connect_path(address))
+    try:
+        sock.sendall(frame(Hello(PROTOCOL_VERSION)))
+        assert isinstance(_read_frame(sock), Welcome)
+        sock.sendall(sent)
+        frames = []
+        while True:
+            try:
+                frames.append(_read_frame(sock))
+            except EOFError:
+                return frames
+    finally:
+        sock.close()
+
+
 def _read_one(sock: socket.socket) -> Any:
     def exactly(size: int) -> bytes:
         data = bytearray()
@@ -824,24 +844,7 @@ async def test_a_frame_that_breaks_the_protocol_is_answered_why_before_closing(
         assert server is not None
         assert server.address
 
-        def talk() -> list[Any]:
-            sock = socket.socket(socket.AF_UNIX)
-            sock.settimeout(DEADLINE)
-            sock.connect(connect_path(server.address or ""))
-            try:
-                sock.sendall(frame(Hello(PROTOCOL_VERSION)))
-                assert isinstance(_read_frame(sock), Welcome)
-                sock.sendall(sent)
-                frames = []
-                while True:
-                    try:
-                        frames.append(_read_frame(sock))
-                    except EOFError:
-                        return frames
-            finally:
-                sock.close()
-
-        frames = await anyio.to_thread.run_sync(talk)
+        frames = await anyio.to_thread.run_sync(_frames_after, server.address, sent)
         assert await runtime.client().list_tasks() == []
     notice = frames[-1]
     assert isinstance(notice, Failure), frames
@@ -949,24 +952,7 @@ async def test_a_frame_nested_too_deeply_is_answered_why_and_the_server_serves_o
         assert server is not None
         assert server.address
 
-        def talk() -> list[Any]:
-            sock = socket.socket(socket.AF_UNIX)
-            sock.settimeout(DEADLINE)
-            sock.connect(connect_path(server.address or ""))
-            try:
-                sock.sendall(frame(Hello(PROTOCOL_VERSION)))
-                assert isinstance(_read_frame(sock), Welcome)
-                sock.sendall(sent)
-                frames = []
-                while True:
-                    try:
-                        frames.append(_read_frame(sock))
-                    except EOFError:
-                        return frames
-            finally:
-                sock.close()
-
-        frames = await anyio.to_thread.run_sync(talk)
+        frames = await anyio.to_thread.run_sync(_frames_after, server.address, sent)
         assert await runtime.client().list_tasks() == []
         # Another connection is served as before.
         async with RemoteRuntime.connect(server.address) as remote:
