@@ -659,8 +659,11 @@ async def test_a_servers_frame_of_small_values_is_refused_before_it_is_decoded(
             tg.cancel_scope.cancel()
     assert "too many small values" in str(failed.value)
     assert "2097" in str(failed.value)  # the frame's size, in bytes
-    # The frame's bytes, the chunks it came in, and their copy: a few times its size.
-    assert peak < 6 * len(_CRAFTED), f"the client took {peak} bytes ({growth.how})"
+    # Decoding would take some 70 times the frame's size. Refused unread, the process
+    # holds a few copies of it: the client's chunks and their join, and (the server is
+    # in this process too, and the peak is the process's RSS when the kernel lets it be
+    # reset) the server's encoding of the frame and what it sends. CI saw 6.4 times.
+    assert peak < 12 * len(_CRAFTED), f"the client took {peak} bytes ({growth.how})"
 
 
 #: An event's data as the server sends it (the JSON it is stored as, beside the event):
