@@ -140,7 +140,7 @@ def _step_by_step(data: bytes, budget: int) -> int:
         msgpack_cost._RUN_FROM = saved
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(value=_VALUES, cut=st.integers(0, 200), budget=st.integers(0, 200_000))
 def test_runs_counted_at_once_count_what_the_steps_count(
     value: object, cut: int, budget: int

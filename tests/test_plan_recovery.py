@@ -44,7 +44,7 @@ from types import ModuleType
 
 import anyio
 import pytest
-from _raw import as_json, fresh_database, is_postgres, raw_rows
+from _raw import STORE, as_json, fresh_database, is_postgres, raw_rows
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
@@ -71,6 +71,10 @@ TASK_TYPE = "step"
 SUBTASKS = 12
 DEPENDENCIES = 18
 RANDOM_ROUNDS = 10
+#: On PostgreSQL, fewer: its children take several times as long to start and commit
+#: (measured: 45 s for ten rounds in CI's PostgreSQL run), and where the kills land in
+#: the plan's steps, which the rounds explore, is the same code on either store.
+RANDOM_ROUNDS_POSTGRES = 5
 #: Pauses after create_execution_plan returned before the kill: across the start's steps.
 START_PAUSES = (0.0, 0.001, 0.002, 0.003, 0.004, 0.006)
 RECOVERED = "recovered"
@@ -623,7 +627,8 @@ async def test_plan_survives_sigkill_at_random_points(anyio_backend: str, tmp_pa
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     points: list[str] = []
-    for round_ in range(RANDOM_ROUNDS):
+    rounds = RANDOM_ROUNDS_POSTGRES if STORE == "postgres" else RANDOM_ROUNDS
+    for round_ in range(rounds):
         db = fresh_database(tmp_path / f"round-{round_}")
         report = Report()
         try:

@@ -626,7 +626,7 @@ operations = st.lists(
 )
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(operations)
 def test_random_operations_match_the_model(ops: list[tuple[Any, ...]]) -> None:
     queue = ReadyQueue(TYPE_LIMITS)
@@ -803,7 +803,7 @@ crowded = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(crowded, st.integers(1, 3))
 def test_a_queue_holding_only_heads_hands_out_what_one_holding_all_does(
     ops: list[tuple[Any, ...]], head: int

@@ -259,7 +259,7 @@ def check_grouping(before: list[RawOp], raw: list[RawOp]) -> None:
         assert apply(_row_statements(write), setup_statements, checked=True) == in_order
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(earlier_ops, max_size=8), st.lists(raw_ops, max_size=12))
 def test_grouped_statements_leave_the_same_rows_as_ops_in_order(
     before: list[RawOp], raw: list[RawOp]
