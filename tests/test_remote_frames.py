@@ -705,7 +705,10 @@ async def test_a_servers_event_data_of_small_values_is_refused_before_it_is_deco
             tg.cancel_scope.cancel()
     assert failed is not None, f"the event was decoded: the client took {peak} bytes"
     assert "too many small values" in str(failed)
-    assert peak < 6 * len(_CRAFTED_DATA), f"the client took {peak} bytes ({growth.how})"
+    # Decoded, 27 times the data; refused, a few copies of it in this process, which
+    # holds the server too (its frame and its send) beside the client's chunks and join:
+    # the bound is the small-values frame's, above.
+    assert peak < 12 * len(_CRAFTED_DATA), f"the client took {peak} bytes ({growth.how})"
 
 
 @pytest.mark.parametrize(
