@@ -610,7 +610,7 @@ async def test_a_node_far_ahead_does_not_take_a_backoff_it_read_beyond_the_rows_
         backing_off = await one.create_task("job", priority=1)
         with psycopg.connect(pg_url, autocommit=True) as conn:
             conn.execute(
-                "UPDATE tasks SET available_at = now() + interval '4 seconds',"
+                "UPDATE tasks SET available_at = now() + interval '3 seconds',"
                 " version = version + 1 WHERE id = %s",
                 (backing_off,),
             )
@@ -625,7 +625,7 @@ async def test_a_node_far_ahead_does_not_take_a_backoff_it_read_beyond_the_rows_
         task = await two.get_task(backing_off)
         assert task is not None
         assert task.status is TaskStatus.QUEUED
-        # Not lost: let go by memory, it is taken once due by the database's clock.
+        # Not lost: it is taken once due by the database's clock.
         with psycopg.connect(pg_url, autocommit=True) as conn:
             due = conn.execute(
                 "SELECT available_at FROM tasks WHERE id = %s", (backing_off,)
