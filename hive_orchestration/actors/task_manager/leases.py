@@ -134,7 +134,8 @@ def backoff_end(tm: TaskManager, task: Task) -> float | None:
             remaining = (task.available_at - database_time(tm, epoch)).total_seconds()
             at = tm._ready_at[task.id] = tm._mono + max(remaining, 0.0)
             return at
-        # Set in this batch (updated_at is now), or loaded at start-up.
+        # Loaded at start-up, or indexed again after a change in this batch (updated_at
+        # is now); a retry sets its own end (machine.requeue).
         whole = (task.available_at - task.updated_at).total_seconds()
         at = tm._ready_at[task.id] = tm._from_wall(task.available_at, whole)
     return at
