@@ -24,6 +24,7 @@ from hive_orchestration import (  # noqa: E402
     TaskStatus,
 )
 from hive_orchestration.actors.task_manager import TaskManager  # noqa: E402
+from hive_orchestration.messages.storage import DatabaseClock  # noqa: E402
 from hive_orchestration.storage.pg.sql import PostgresSql  # noqa: E402
 from hive_orchestration.storage.port import StoreError  # noqa: E402
 
@@ -443,6 +444,85 @@ async def test_a_node_far_ahead_ends_the_backoffs_it_set_on_its_own_clock(pg_url
         assert anyio.current_time() - failed_at >= 1.0 - 0.01  # not before it ended
 
 
+def _due_in(pg_url: str, task_id: str) -> float:
+    """In how many seconds by the server's clock the task's stored backoff ends."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT extract(epoch FROM available_at - now())::float8 FROM tasks WHERE id = %s",
+            (task_id,),
+        ).fetchone()
+    assert row is not None
+    assert row[0] is not None
+    return float(row[0])
+
+
+@pytest.mark.parametrize("offset", [1, -1], ids=["ahead", "behind"])
+async def test_a_node_far_ahead_stores_the_end_of_its_backoff_by_the_databases_clock(
+    pg_url: str, offset: int
+) -> None:
+    """A node an hour ahead retries a task with a 1 s backoff. The end stored was its own
+    wall time (an hour in the server's future), read by every other node, and by itself
+    once it let go of the task, by the server's clock: the other node's parked claim got
+    it an hour late. An hour behind, the other node took it at once (0.01-0.18 s after
+    the failure). It is now stored by the database's clock (its time as the node
+    reckons it, plus the span), so the other node gets it once the backoff ends; and the
+    node shows the very value stored."""
+
+    def skewed() -> datetime:
+        return datetime.now(UTC) + timedelta(hours=offset)
+
+    async with (
+        Runtime.open(pg_url, wall_clock=skewed) as fast,
+        Runtime.open(pg_url) as other,
+    ):
+        task_id = await fast.create_task("job", max_retries=3)
+        claim = await fast.claim_task("w1", "job")
+        assert claim is not None
+        failed_at = anyio.current_time()
+        await fast.fail_task(claim.lease, "again", retry_after=1.0)
+        assert 0.5 < _due_in(pg_url, task_id) <= 1.0
+        shown = await fast.get_task(task_id)
+        assert shown is not None
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            stored = conn.execute(
+                "SELECT available_at FROM tasks WHERE id = %s", (task_id,)
+            ).fetchone()
+        assert stored == (shown.available_at,)
+        with anyio.fail_after(15):
+            again = await other.claim_task("w2", "job", wait=10)
+        assert again is not None
+        assert again.task.id == task_id
+        assert again.lease.attempt == 2
+        assert anyio.current_time() - failed_at >= 1.0 - 0.05  # not before it ended
+
+
+@pytest.mark.parametrize("offset", [1, -1], ids=["ahead", "behind"])
+async def test_a_node_far_ahead_reopened_gets_its_own_retry_when_its_backoff_ends(
+    pg_url: str, offset: int
+) -> None:
+    """The node an hour ahead lets go of its retry (it closes: a restart, as a
+    TaskManager's restart, a spill or a dropped lock let go of it too) and opens again:
+    what it reads back ends by the server's clock, which said an hour late; now the
+    backoff it set. A node an hour behind gets it on time too (what it reads back is by
+    the database's clock, not its own)."""
+
+    def ahead() -> datetime:
+        return datetime.now(UTC) + timedelta(hours=offset)
+
+    async with Runtime.open(pg_url, wall_clock=ahead) as fast:
+        task_id = await fast.create_task("job", max_retries=3)
+        claim = await fast.claim_task("w1", "job")
+        assert claim is not None
+        failed_at = anyio.current_time()
+        await fast.fail_task(claim.lease, "again", retry_after=2.0)
+    async with Runtime.open(pg_url, wall_clock=ahead) as fast:
+        with anyio.fail_after(15):
+            again = await fast.claim_task("w2", "job", wait=10)
+        assert again is not None
+        assert again.task.id == task_id
+        assert anyio.current_time() - failed_at >= 2.0 - 0.05
+
+
 @pytest.mark.usefixtures("no_sweep")
 async def test_backoff_alarms_are_one_per_queue_and_a_task_taken_elsewhere_is_handed_out_once(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
@@ -520,7 +600,9 @@ async def test_a_node_far_ahead_does_not_take_a_backoff_it_read_beyond_the_rows_
     rows of a queue, and memory may hold more (tasks this node created since its read).
     A task memory holds beyond the last locked row is handed out unlocked, checked by
     its version only: one still backing off by the database's clock, held as ready by
-    the node's own wall clock (an hour ahead), was handed out at once."""
+    the node's own wall clock (an hour ahead), was handed out at once. (Memory holds a
+    backoff read back by its reckoning of the database's clock now; where that is off,
+    the lock's reading decides: the tests below.)"""
 
     def ahead() -> datetime:
         return datetime.now(UTC) + timedelta(hours=1)
@@ -530,7 +612,7 @@ async def test_a_node_far_ahead_does_not_take_a_backoff_it_read_beyond_the_rows_
         backing_off = await one.create_task("job", priority=1)
         with psycopg.connect(pg_url, autocommit=True) as conn:
             conn.execute(
-                "UPDATE tasks SET available_at = now() + interval '30 seconds',"
+                "UPDATE tasks SET available_at = now() + interval '3 seconds',"
                 " version = version + 1 WHERE id = %s",
                 (backing_off,),
             )
@@ -545,17 +627,18 @@ async def test_a_node_far_ahead_does_not_take_a_backoff_it_read_beyond_the_rows_
         task = await two.get_task(backing_off)
         assert task is not None
         assert task.status is TaskStatus.QUEUED
-        # Not lost: let go by memory, it is taken once due by the database's clock.
+        # Not lost: it is taken once due by the database's clock.
         with psycopg.connect(pg_url, autocommit=True) as conn:
-            conn.execute(
-                "UPDATE tasks SET available_at = now() + interval '1 second',"
-                " version = version + 1 WHERE id = %s",
-                (backing_off,),
-            )
-        with anyio.fail_after(15):
-            again = await two.claim_task("w2", "job", wait=10)
-        assert again is not None
-        assert again.task.id == backing_off
+            due = conn.execute(
+                "SELECT available_at FROM tasks WHERE id = %s", (backing_off,)
+            ).fetchone()
+            with anyio.fail_after(20):
+                again = await two.claim_task("w2", "job", wait=15)
+            assert again is not None
+            assert again.task.id == backing_off
+            assert due is not None
+            late = conn.execute("SELECT now() >= %s", due).fetchone()
+        assert late == (True,)  # not before it was due by the database's clock
 
 
 async def test_a_retried_task_long_due_beyond_the_rows_locked_keeps_its_turn(
@@ -589,3 +672,97 @@ async def test_a_retried_task_long_due_beyond_the_rows_locked_keeps_its_turn(
             "retried",
             "worse",
         ]
+
+
+@pytest.mark.usefixtures("no_sweep")
+async def test_a_backoff_let_go_beyond_the_rows_locked_is_not_passed_over_once_due(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim wanting more than ``ready_queue_head`` locks that many rows; memory holds
+    more beyond them. A task there still backing off by the database's clock, which
+    memory held as past it (its reading of that clock was an hour ahead: the server's
+    clock stepped back since the node read it at start-up), was let go of, while the
+    queue's bound was set from a task held further out: the task sat in storage inside
+    the bound, which no refill reads, and once due a worse task held beyond the next
+    lock's rows was handed out before it (until a sweep read it: off here). Memory now
+    keeps it, held until its end by the database's clock as the lock read it."""
+    query_queues = PostgresSql.query_queues
+
+    async def stepped_back(self: PostgresSql, db: Any, message: Any) -> Any:
+        answer = await query_queues(self, db, message)
+        if isinstance(message, DatabaseClock):
+            return answer + timedelta(hours=1)
+        return answer
+
+    monkeypatch.setattr(PostgresSql, "query_queues", stepped_back)
+    config = RuntimeConfig(ready_queue_head=2)
+    async with Runtime.open(pg_url, config=config) as one:
+        backing_off = await one.create_task("job", priority=5)
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE tasks SET available_at = now() + interval '3 seconds',"
+                " version = version + 1 WHERE id = %s",
+                (backing_off,),
+            )
+    async with Runtime.open(pg_url, config=config) as two:
+        # Its read held the whole queue (one task): the tasks it creates join it.
+        best = [await two.create_task("job", priority=9) for _ in range(2)]
+        worst = await two.create_task("job", priority=1)
+        with anyio.fail_after(10):
+            claims = await two.claim_tasks("w2", "job", limit=3)
+        assert [claim.task.id for claim in claims] == [*best, worst]
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            await until_due(conn, backoff=backing_off)
+        better = [await two.create_task("job", priority=9) for _ in range(2)]
+        await two.create_task("job", priority=1)  # worse than the bound: storage's
+        with anyio.fail_after(10):
+            claims = await two.claim_tasks("w2", "job", limit=3)
+        assert [claim.task.id for claim in claims] == [*better, backing_off]
+
+
+async def test_a_row_the_lock_takes_is_out_of_its_backoff_whatever_memory_reckoned(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node's reading of the database's clock at start-up is an hour behind (the
+    server's clock stepped forward since), so it holds a backoff it reads back an hour
+    too long. Once the task is due by the server's clock, a claim's lock takes its row:
+    memory still held it as backing off and handed out only the worse task."""
+    query_queues = PostgresSql.query_queues
+
+    async def stepped_forward(self: PostgresSql, db: Any, message: Any) -> Any:
+        answer = await query_queues(self, db, message)
+        if isinstance(message, DatabaseClock):
+            return answer - timedelta(hours=1)
+        return answer
+
+    monkeypatch.setattr(PostgresSql, "query_queues", stepped_forward)
+    async with Runtime.open(pg_url) as one:
+        retried = await one.create_task("job", priority=5)
+        worse = await one.create_task("job", priority=1)
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE tasks SET available_at = now() + interval '1 second',"
+                " version = version + 1 WHERE id = %s",
+                (retried,),
+            )
+    async with Runtime.open(pg_url) as two:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            await until_due(conn, backoff=retried)
+        with anyio.fail_after(10):
+            claims = await two.claim_tasks("w2", "job", limit=2)
+        assert [claim.task.id for claim in claims] == [retried, worse]
+
+
+async def until_due(conn: Any, *, backoff: str) -> None:
+    """Until the task's backoff is over by the database's clock, and by a node's
+    reading of it (late by that reading's round trip at most: a few milliseconds)."""
+    with anyio.fail_after(15):
+        while True:
+            row = conn.execute(
+                "SELECT available_at + interval '50 milliseconds' <= now() FROM tasks"
+                " WHERE id = %s",
+                (backoff,),
+            ).fetchone()
+            if row == (True,):
+                return
+            await anyio.sleep(0.1)

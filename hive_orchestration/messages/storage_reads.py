@@ -114,6 +114,14 @@ class StoreFences(Request[bool], frozen=True):
     yes; a SQLite file has one owner: no)."""
 
 
+class DatabaseClock(Request["datetime | None"], frozen=True):
+    """The database's clock now, on a store several nodes share (PostgreSQL's
+    ``clock_timestamp()``): a TaskManager there stores the end of each retry backoff by
+    that clock, the one every node's claims read it due by, and reads it at start-up
+    (then at each lock of ready rows, ``LockedHeads.now``). ``None`` on a store of one
+    owner (SQLite), whose own clock is the only one."""
+
+
 class FetchTasks(Request[TasksWithRuns], frozen=True):
     """The tasks among ``task_ids`` that exist, with their runs: for the TaskManager, to
     act on tasks its memory does not hold (the backlog beyond the ready queues' heads,

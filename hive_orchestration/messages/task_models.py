@@ -98,7 +98,8 @@ class Task(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     source_agent: str | None = None
     #: Seconds one run may take from its claim before it ends as timed out.
     timeout: float | None = None
-    #: Not handed out before this time (set by retry backoff).
+    #: Not handed out before this time (set by retry backoff; on PostgreSQL, by the
+    #: database's clock, which every node reads it due by).
     available_at: datetime | None = None
     #: At most ``concurrency_limit`` tasks with the same key are assigned or running at once.
     concurrency_key: str | None = None

@@ -26,6 +26,7 @@ from ..messages.storage import (
     CountQueued,
     CountSubtasks,
     CountTasks,
+    DatabaseClock,
     FetchPlan,
     FetchPlanningRequest,
     FetchRun,
@@ -282,6 +283,7 @@ QUEUE_READS = (
     LoadStarts,
     LastTaskId,
     StoreFences,
+    DatabaseClock,
 )
 #: The plan, subtask and planning-queue reads.
 PLAN_READS = (

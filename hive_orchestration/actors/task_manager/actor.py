@@ -189,6 +189,13 @@ class TaskManager(Actor[TaskManagerMessage]):
         # end their backoff by this node's clock; a stored backoff read back ends by the
         # database's (claims.lock_claims). Kept with _ready_at, and put back with it.
         self._own_backoffs: set[str] = set()
+        # On a store several nodes share: the database's clock when this node's monotonic
+        # clock read 0, as last measured (at start-up, then at each lock of ready rows:
+        # leases.read_database_clock). What it stores as the end of a retry backoff, and
+        # what remains of one it reads back, are by that clock (leases.backoff_until),
+        # which every node's claims read it due by; a step of this node's wall clock
+        # plays no part. None on a store of one owner.
+        self._db_epoch: datetime | None = None
         # Parked claims, first come first served, and their wait deadlines (one each).
         self._waiters: dict[int, _Waiter] = {}
         self._waits: Deadlines[int] = Deadlines()
@@ -420,6 +427,8 @@ class TaskManager(Actor[TaskManagerMessage]):
     _from_wall = leases.from_wall
     _due_from_wall = leases.due_from_wall
     _backoff_end = leases.backoff_end
+    _backoff_until = leases.backoff_until
+    _read_database_clock = leases.read_database_clock
     _settle_due = leases.settle_due
     _arm = leases.arm
     _holding = leases.holding

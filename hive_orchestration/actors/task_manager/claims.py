@@ -212,12 +212,13 @@ def lock_claims(tm: TaskManager, work: _Batch) -> LockReady | None:
         return None
     limit = min(wanted, tm._head)
     heads = tuple(QueueHead(q[0], q[1], q[2]) for q in sorted(queues, key=_queue_order))
-    # The backoffs this node decided end on its monotonic clock, not on the wall times
-    # stored (its wall clock stepped back would hold them in the database's eyes): those
-    # held as ready are locked whatever their stored end says. A backoff read from
-    # storage (set by another node, or by this one before it let go of the task) ends
-    # by the database's clock only: memory holds it as ready by this node's wall
-    # clock, which may be far from the server's (ahead, it would take the task early).
+    # The backoffs this node decided end on its monotonic clock, which no step of a
+    # clock moves: those held as ready are locked whatever their stored end says (by
+    # the database's clock as this node reckoned it, a few milliseconds off at most). A
+    # backoff read from storage (set by another node, or by this one before it let go
+    # of the task) ends by the database's clock only: memory holds it by its reckoning
+    # of that clock (leases.backoff_end), which may be off (the server's clock stepped
+    # since this node read it; early, it would take the task early).
     # The tasks held at a known version come back as their keys only (not read in full).
     ready: list[str] = []
     known: dict[str, int] = {}
@@ -248,6 +249,8 @@ def decide_locked(
     now, refilled = work.dispatch
     work.dispatch = None
     if loaded is not None:
+        if loaded.now is not None:
+            tm._read_database_clock(loaded.now, tm._monotonic())
         take_locked(tm, work, loaded, limit)
         tm._woken.difference_update(
             (h.task_type, h.requires, h.concurrency_key) for h, _ in loaded.heads
@@ -289,11 +292,14 @@ def take_locked(tm: TaskManager, work: _Batch, loaded: LockedHeads, limit: int) 
     """Memory's heads as the locked rows say. Each queue's locked rows are the best
     ready rows no other node's transaction holds; a ready task memory holds ranked
     among them but not locked is another node's to take now (or no longer ready):
-    memory lets go of it (a sweep reads it again if it is left queued). A task this
-    batch already changed is memory's to decide; a locked task memory does not hold,
-    or holds at another version, is taken in as read. With fewer than ``limit`` rows,
-    every free ready task of the queue is now held: nothing more is in storage for it
-    (until the next sweep or a wake-up), so claims are not held back for it."""
+    memory lets go of it (a sweep reads it again if it is left queued, and a lock from
+    the queue's top finds it). One beyond them still backing off by the database's
+    clock is held until its end by that clock. A task this batch already changed is
+    memory's to decide; a locked task memory does not hold, or holds at another
+    version, is taken in as read; a locked row is out of its backoff, whatever memory
+    reckoned. With fewer than ``limit`` rows, every free ready task of the queue is now
+    held: nothing more is in storage for it (until the next sweep or a wake-up), so
+    claims are not held back for it."""
     read = {task.id: task for task in loaded.tasks}
     runs: dict[str, list[Run]] = {}
     for run in loaded.runs:
@@ -302,6 +308,7 @@ def take_locked(tm: TaskManager, work: _Batch, loaded: LockedHeads, limit: int) 
     for head, keys in loaded.heads:
         queue = (head.task_type, head.requires, head.concurrency_key)
         locked = {key[0] for key in keys}
+        waiting: Bound | None = None  # the furthest task kept below, still backing off
         last = None
         if len(keys) >= limit:
             task_id, _, priority, created_at = keys[-1]
@@ -315,21 +322,30 @@ def take_locked(tm: TaskManager, work: _Batch, loaded: LockedHeads, limit: int) 
                 continue
             # Beyond what was locked: left as it is, and handed out unlocked (its fence
             # checks its version) if claims want more than the lock took; but a backoff
-            # read from storage ends by the database's clock, which memory reads in the
-            # lock's answer (``now``): memory lets go of such a task still backing off by
-            # it (the next lock takes it once it is due), as it holds it ready by its own
-            # wall clock. One long past its stored backoff (a retried task read back:
-            # no write clears the time until a claim does) keeps its place.
-            if (
-                last is not None
-                and entry[:3] > last[:3]
-                and (
+            # read from storage ends by the database's clock, which the lock's answer
+            # reads (``now``), and memory held it ready by its reckoning of that clock,
+            # which may be off (the server's clock stepped since this node read it): such
+            # a task still backing off by the lock's reading is not handed out. One long
+            # past its stored backoff (a retried task read back: no write clears the
+            # time until a claim does) keeps its place.
+            if last is not None and entry[:3] > last[:3]:
+                if (
                     task.available_at is None
                     or task_id in tm._own_backoffs
                     or (loaded.now is not None and task.available_at <= loaded.now)
-                )
-            ):
-                continue
+                ):
+                    continue
+                if loaded.now is not None:
+                    # Still backing off: kept, held until its end by that clock as this
+                    # lock read it (backoff_end, once out of the index). Let go of, it
+                    # sat in storage inside the bound set below (from a task held
+                    # further out), which no refill reads: once due, worse tasks beyond
+                    # the next lock's rows were handed out before it, until a sweep.
+                    tm._index(task, None)
+                    tm._index(None, task)
+                    if waiting is None or entry[:3] > waiting[:3]:
+                        waiting = bound_of(task)
+                    continue
             tm._index(task, None)
             tm._drop(task_id)
             dropped = True
@@ -347,12 +363,22 @@ def take_locked(tm: TaskManager, work: _Batch, loaded: LockedHeads, limit: int) 
                 held_task = tm._tasks.get(furthest.task_id)
                 if held_task is not None:
                     bound = bound_of(held_task)
+            if waiting is not None and waiting[:3] > bound[:3]:
+                bound = waiting
             tm._ready.set_bound(queue, bound)
         for task_id, version, _, _ in keys:
             if task_id in work.undo or task_id in tm._held:
                 continue  # this batch's, or a claim of this node's: its fence decides
             known = tm._tasks.get(task_id)
             if known is not None and tm._versions.get(task_id) == version:
+                at = tm._ready_at.get(task_id)
+                if at is not None and at > tm._mono and task_id not in tm._own_backoffs:
+                    # Locked, so out of its backoff by the database's clock, which ends
+                    # a backoff read back; memory held it longer (its reckoning of that
+                    # clock was off: the server's clock stepped since it was read).
+                    tm._index(known, None)
+                    tm._ready_at[task_id] = tm._mono
+                    tm._index(None, known)
                 continue
             task = read.get(task_id)
             if task is None:
@@ -362,6 +388,8 @@ def take_locked(tm: TaskManager, work: _Batch, loaded: LockedHeads, limit: int) 
                 tm._drop(task_id)
                 tm._finished.pop(task_id, None)
             tm._versions[task_id] = version
+            if task.available_at is not None:
+                tm._ready_at[task_id] = tm._mono  # locked: out of its backoff (above)
             tm._take_in(task, runs.get(task_id, ()))
         tm._ready.extended([queue])
     if dropped:

@@ -7,6 +7,13 @@ shown (``lease_expires_at``, ``available_at``, ``started_at``, event times). A s
 wall time is turned into a deadline once, when it is loaded (at start-up): what remains
 of it by the wall clock then, at least nothing and at most the span that was set, so
 that a clock stepped while the runtime was down can neither stretch nor revive it.
+
+A third on a store several nodes share (PostgreSQL): the database's, which every node's
+claims read a retry backoff due by. The end of a backoff is stored (and held in memory,
+so shown) by it: the database's time as this node reckons it, from its last reading of
+that clock and its own monotonic clock since (:func:`read_database_clock`), plus the
+span. Written as a plain value, it is what memory holds, and a node whose wall clock is
+far from the server's neither holds back its retries nor sees another node's end early.
 """
 
 from __future__ import annotations
@@ -88,13 +95,47 @@ def due_from_wall(tm: TaskManager, run: Run, task: Task, lease_hash: bytes | Non
     return _Due(lease, timeout, lease_hash)
 
 
+def read_database_clock(tm: TaskManager, at: datetime, mono: float) -> None:
+    """The database's clock read ``at`` as this node's monotonic clock read ``mono``
+    (at start-up, then at each lock of ready rows, which answers its ``now()``). Kept as
+    the database's time at monotonic 0: its time at any moment of this node follows
+    without the node's wall clock, which a step moves. Off by the reading's round trip
+    at most (milliseconds)."""
+    tm._db_epoch = at - timedelta(seconds=mono)
+
+
+def database_time(tm: TaskManager, epoch: datetime) -> datetime:
+    """The database's time at this batch's moment (``_mono``), from ``epoch``."""
+    return epoch + timedelta(seconds=tm._mono)
+
+
+def backoff_until(tm: TaskManager, delay: float) -> datetime:
+    """The end of a retry backoff of ``delay`` seconds set in this batch, as stored and
+    held: this node's wall time plus the span, on a store of one owner; on a store
+    several nodes share, the database's time plus the span (every node reads it due by
+    that clock; this node's own wall clock may be an hour off it). This node ends the
+    backoff on its monotonic clock either way (``_ready_at``, set by the retry)."""
+    epoch = tm._db_epoch
+    start = tm._wall if epoch is None else database_time(tm, epoch)
+    return start + timedelta(seconds=delay)
+
+
 def backoff_end(tm: TaskManager, task: Task) -> float | None:
     """When the queued ``task``'s backoff ends (``None``: it has none)."""
     if task.available_at is None:
         return None
     at = tm._ready_at.get(task.id)
     if at is None:
-        # Set in this batch (updated_at is now), or loaded at start-up.
+        epoch = tm._db_epoch
+        if epoch is not None:
+            # Read from a database several nodes share, where it is stored by the
+            # database's clock (backoff_until): what remains of it by that clock. The
+            # claims' lock takes it only once it is due by that clock anyway.
+            remaining = (task.available_at - database_time(tm, epoch)).total_seconds()
+            at = tm._ready_at[task.id] = tm._mono + max(remaining, 0.0)
+            return at
+        # Loaded at start-up, or indexed again after a change in this batch (updated_at
+        # is now); a retry sets its own end (machine.requeue).
         whole = (task.available_at - task.updated_at).total_seconds()
         at = tm._ready_at[task.id] = tm._from_wall(task.available_at, whole)
     return at

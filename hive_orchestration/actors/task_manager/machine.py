@@ -60,7 +60,7 @@ recovered: the worker went away, the task did nothing wrong); then it ends faile
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -196,12 +196,18 @@ def requeue(
     delay = 0.0
     if count:
         delay = tm._backoff(attempts) if retry_after is None else retry_after
-    changes["available_at"] = now + timedelta(seconds=delay) if delay > 0 else None
+    changes["available_at"] = None
+    if delay > 0:
+        # Decided here: its backoff ends on this node's monotonic clock, which the
+        # claims' lock trusts (lock_claims); what is stored, and shown, is its end by the
+        # clock every node reads it by (backoff_until: the database's, on a store several
+        # nodes share). Memory holds the very value written.
+        tm._touch(task.id, work)
+        tm._ready_at[task.id] = tm._mono + delay
+        changes["available_at"] = tm._backoff_until(delay)
     data["retry_in"] = delay
     queued = tm._transition(task, Q, work, now, source, changes, data)
     if delay > 0:
-        # Decided here: its backoff ends on this node's monotonic clock (backoff_end,
-        # exact: set in this batch), which the claims' lock trusts (lock_claims).
         tm._own_backoffs.add(task.id)
     return queued
 

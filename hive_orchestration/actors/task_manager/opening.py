@@ -13,6 +13,7 @@ import msgspec
 from ...errors import StorageError
 from ...messages.leader import RecoverClaims
 from ...messages.storage import (
+    DatabaseClock,
     FenceLeader,
     FetchTasks,
     LastTaskId,
@@ -51,6 +52,10 @@ async def started(tm: TaskManager) -> None:
     heads = await tm._storage.ask(LoadQueueHeads(None, tm._head))
     tm._fenced = await tm._storage.ask(StoreFences())
     if tm._fenced:
+        # Before any backoff is read back or set (leases.backoff_until, backoff_end).
+        clock = await tm._storage.ask(DatabaseClock())
+        if clock is not None:
+            tm._read_database_clock(clock, tm._monotonic())
         tm._versions = dict(heads.versions)
         if tasks:  # read again with their versions, as one row each
             stored = await tm._storage.ask(FetchTasks(tuple(t.id for t in tasks)))

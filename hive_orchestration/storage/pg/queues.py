@@ -19,6 +19,7 @@ import msgspec
 
 from ..._ids import is_new_id
 from ...messages.storage import (
+    DatabaseClock,
     FetchTasks,
     LastTaskId,
     LoadQueueHeads,
@@ -125,6 +126,10 @@ async def query_queues(db: Driver, message: StorageMessage) -> object:
             versions = {str(row[0]): int(cast(int, row[-1])) for row in rows}
             runs = await _runs_of(db, [task.id for task in tasks])
             return TasksWithRuns(tuple(tasks), tuple(runs), versions)
+        case DatabaseClock():
+            # The clock itself, not now(): a transaction's start, were the read one.
+            ((now,),) = await db.fetchall("SELECT clock_timestamp()")
+            return _when(now)
         case StoreFences():
             return True  # several nodes may share the database
         case QueryUnroutable(capability_sets=sets, limit=limit, after=after):
@@ -225,8 +230,9 @@ async def lock_ready(db: Driver, lock: LockReady) -> LockedHeads:
     next task still in a backoff comes due (:func:`_lock_sql`).
 
     Due by the database's clock, not the writer's: every node then agrees on when a task
-    comes due whatever its own clock says (the end of a backoff is stored as the wall
-    time of the node that set it, so that node's offset from the server's clock remains).
+    comes due whatever its own clock says (the end of a backoff is stored by that clock
+    too: the database's time plus the span, as the node that set it reckons that time
+    from its last reading of it, this lock's ``now`` among them).
     """
     statements = []
     for head in lock.heads:

@@ -20,6 +20,7 @@ import msgspec
 
 from ..._ids import is_new_id
 from ...messages.storage import (
+    DatabaseClock,
     FetchTasks,
     LastTaskId,
     LoadQueueHeads,
@@ -130,6 +131,8 @@ async def query_queues(db: Driver, message: StorageMessage) -> object:
                 stuck = [t for t in stuck if (-t.priority, t.created_at, t.id) > bound]
             stuck.sort(key=lambda task: (-task.priority, task.created_at, task.id))
             return stuck if limit is None else stuck[:limit]
+        case DatabaseClock():
+            return None  # one owner: its own clock is the only one
         case StoreFences():
             return False  # one owner: its memory is the truth, nothing to fence
         case LastTaskId():
