@@ -33,6 +33,8 @@ SHAPES: dict[str, object] = {
     "small ints": [i % 10 for i in range(40_000)],
     "negative ints": [-(i % 10) for i in range(40_000)],
     "big ints": [2**63 + i for i in range(10_000)],
+    # Past 64 bits an int takes 4 bytes a 9 digits: 468 bytes for 1 000 digits.
+    "huge ints": [10**999 + i for i in range(300)],
     "floats": [i / 3 for i in range(20_000)],
     "strings": [f"s{i}" * (i % 7) for i in range(20_000)],
     "one-character strings": ["a"] * 20_000,
