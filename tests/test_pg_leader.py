@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -1194,6 +1194,41 @@ def _poll_idle(url: str, node_id: str) -> float | None:
     return None if not rows else float(rows[0][0])
 
 
+@contextlib.asynccontextmanager
+async def _node_lock_taken(url: str, node_id: str) -> AsyncIterator[Any]:
+    """A stray session (the connection yielded) takes the node's lock as the server ends
+    the node's own session, and holds it until the block ends: what a half-open session
+    of the node's own the server has not ended does."""
+    key = f"'{node_id}'"  # a hex id, as the node's rows hold it
+    owner = f"SELECT l.pid FROM pg_locks l WHERE {node_lock_sql(key, 'l')}"
+    [(pid,)] = raw(url, owner)
+    with psycopg.connect(url, autocommit=True) as stray:
+        async with anyio.create_task_group() as group:
+            # Queued behind the node's own session before that is ended: the stray
+            # session gets the lock as it goes.
+            group.start_soon(
+                anyio.to_thread.run_sync,
+                lambda: stray.execute("SELECT pg_advisory_lock(%s)", (node_key(node_id),)),
+            )
+            await until(
+                lambda: bool(
+                    raw(
+                        url,
+                        "SELECT 1 FROM pg_stat_activity WHERE pid = %s"
+                        " AND wait_event_type = 'Lock'",
+                        (stray.info.backend_pid,),
+                    )
+                ),
+                "the stray session waits for the lock",
+            )
+            raw(url, "SELECT pg_terminate_backend(%s)", (pid,))
+        await until(
+            lambda: raw(url, owner) == [(stray.info.backend_pid,)],
+            "the stray session holds the node's lock",
+        )
+        yield stray
+
+
 async def test_a_stray_session_holding_a_nodes_lock_stalls_neither_its_poll_nor_its_writes(
     pg_url: str,
 ) -> None:
@@ -1212,31 +1247,7 @@ async def test_a_stray_session_holding_a_nodes_lock_stalls_neither_its_poll_nor_
             await until(lambda: _poll_idle(pg_url, b_id) is not None, "its poll lock")
             key = f"'{b_id}'"
             owner = f"SELECT l.pid FROM pg_locks l WHERE {node_lock_sql(key, 'l')}"
-            [(pid,)] = raw(pg_url, owner)
-            with psycopg.connect(pg_url, autocommit=True) as stray:
-                async with anyio.create_task_group() as group:
-                    # Queued behind the node's own session before that is ended: the
-                    # stray session gets the lock as it goes.
-                    group.start_soon(
-                        anyio.to_thread.run_sync,
-                        lambda: stray.execute("SELECT pg_advisory_lock(%s)", (node_key(b_id),)),
-                    )
-                    await until(
-                        lambda: bool(
-                            raw(
-                                pg_url,
-                                "SELECT 1 FROM pg_stat_activity WHERE pid = %s"
-                                " AND wait_event_type = 'Lock'",
-                                (stray.info.backend_pid,),
-                            )
-                        ),
-                        "the stray session waits for the lock",
-                    )
-                    raw(pg_url, "SELECT pg_terminate_backend(%s)", (pid,))
-                await until(
-                    lambda: raw(pg_url, owner) == [(stray.info.backend_pid,)],
-                    "the stray session holds the node's lock",
-                )
+            async with _node_lock_taken(pg_url, b_id) as stray:
                 # The node finds its session lost at its next poll (0.5 s), and its lock
                 # taken: from then on it writes nothing.
                 refused = 0
@@ -1268,6 +1279,32 @@ async def test_a_stray_session_holding_a_nodes_lock_stalls_neither_its_poll_nor_
             task_id = await b.create_task("job")
             assert (await b.get_task(task_id)) is not None
             assert refused > 0
+
+
+async def test_a_leader_that_lost_its_node_lock_lets_the_role_go(pg_url: str) -> None:
+    """The leader's own session is ended and a stray session takes its node lock, so it
+    writes nothing (each duty it took on was refused) while its poll session polls on:
+    no other node could take the role, and every node's duties waited for its lock
+    (a dead node's claims were never requeued). It now lets the role go at its next
+    poll: the other node leads and requeues them."""
+    async with Runtime.open(pg_url) as a:
+        await _open_leader_first(pg_url)
+        [a_id] = nodes(pg_url)
+        async with Runtime.open(pg_url):
+            # A claim of a dead node (as after a SIGKILL), which only a leader requeues.
+            task_id = await a.create_task("job")
+            assert await a.claim_task("w1", "job", start=True) is not None
+            raw(pg_url, "UPDATE tasks SET node_id = %s WHERE id = %s", (dead_node(), task_id))
+            async with _node_lock_taken(pg_url, a_id):
+                [b_id] = nodes(pg_url) - {a_id}
+                await until(lambda: leader(pg_url)[1] == b_id, "the other node leads")
+                await until(
+                    lambda: (
+                        raw(pg_url, "SELECT status FROM tasks WHERE id = %s", (task_id,))
+                        == [("queued",)]
+                    ),
+                    "the dead node's claim requeued",
+                )
 
 
 async def test_a_session_of_its_own_the_server_kept_is_ended_as_the_node_takes_its_lock_again(

@@ -309,6 +309,11 @@ class DatabaseClaim:
                 fault="unavailable",
             )
 
+    def held(self) -> bool:
+        """Whether the node holds its lock, as far as it knows (False once it lost it and
+        could not take it again: :meth:`check` refuses its writes meanwhile)."""
+        return self._unheld is None
+
     def _take(self) -> None:
         try:
             self._retake()

@@ -66,6 +66,10 @@ the *leader* (pg-design 4.3):
   the role at its next poll. A live leader polls every :data:`POLL_SECONDS`, so only a
   leader that stopped acting loses its session; woken, it finds the session gone, steps
   down, and its epoch is stale.
+- **A leader without its node lock** (lost, and held by another session: it writes
+  nothing, ``DatabaseClaim.check``) lets the role go at its next poll and does not take
+  it while it lacks the lock: its duties would all be refused, and while it polls no
+  other node could take the role.
 
 The connection is driven from worker threads, one call at a time (psycopg's async mode
 runs on asyncio only), with keepalives, so that a server gone silent ends the session
@@ -231,6 +235,7 @@ class Leader:
         stale: float | None = None,
         worker_timeout: float = 30.0,
         touch: Callable[[], bool] | None = None,
+        held: Callable[[], bool] | None = None,
         clock: Callable[[], float] = anyio.current_time,
     ) -> None:
         self._url = url
@@ -248,6 +253,9 @@ class Leader:
         # A statement on the node's own session (DatabaseClaim.touch): its sign of life
         # to the leader while it has no poll session (see the module).
         self._touch = touch
+        # Whether the node holds its node lock (DatabaseClaim.held): one that does not
+        # writes nothing, so it neither takes the role nor keeps it (_step).
+        self._held = held
         self._clock = clock
         self._conn: Connection | None = None
         self._epoch: int | None = None
@@ -364,6 +372,26 @@ class Leader:
             halves = (_int4(key >> 32), _int4(key & 0xFFFFFFFF))
             row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", halves).fetchone()
             self._polling = bool(row is not None and row[0])
+        if self._held is not None and not self._held():
+            # This node lost its node lock and could not take it again: it writes
+            # nothing (DatabaseClaim.check), so every duty it took on would be refused,
+            # and while it polls as the leader no other node may take the role: the
+            # duties of the whole database (dead nodes' claims, expired leases, stuck
+            # nodes' workers) would wait for its lock. It lets the role go, and takes it
+            # again only once it holds its lock.
+            if self._epoch is not None:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (LEADER_KEY,))
+                log.warning(
+                    "leader: node %s lets the role go (epoch %d): it does not hold its lock",
+                    self.node_id,
+                    self._epoch,
+                )
+                self._epoch = None
+                self._suspects.clear()
+                self._unpolled.clear()
+            else:
+                conn.execute("SELECT 1")  # a poll all the same: its sign of life
+            return None
         if self._epoch is None:
             row = conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_KEY,)).fetchone()
             if row is None or not row[0]:

@@ -175,6 +175,7 @@ class PostgresStore:
             connect_timeout=self._timeout(),
             worker_timeout=float(self._config.worker_timeout),
             touch=self._claim.touch,
+            held=self._claim.held,
         )
 
     def explain(self, exc: StoreError, action: str) -> StorageError:
