@@ -57,7 +57,7 @@ import psycopg.errors
 from ...errors import StorageError
 from ..port import STARTING, STOPPING, StoreError
 from .driver import CONNECT_TIMEOUT
-from .faults import connect_error, connection_lost, storage_error
+from .faults import LockNotHeld, connect_error, connection_lost, storage_error
 from .schema import MIGRATE_LOCK
 from .url import display_url
 
@@ -303,7 +303,7 @@ class DatabaseClaim:
         recover its claims), until a try takes it again (each poll: :meth:`touch`)."""
         unheld = self._unheld
         if unheld is not None:
-            raise StoreError(
+            raise LockNotHeld(
                 f"this node ({self.node_id}) does not hold its lock on {self.display!r}:"
                 f" {unheld}; nothing is written until it takes it again",
                 fault="unavailable",

@@ -17,7 +17,21 @@ from ...errors import StorageError, StorageFault
 from ..port import CommitUnknownError, StoreError, StoreIntegrityError
 from .url import display_url
 
-__all__ = ["classify", "connect_error", "connection_lost", "storage_error", "store_error"]
+__all__ = [
+    "LockNotHeld",
+    "classify",
+    "connect_error",
+    "connection_lost",
+    "storage_error",
+    "store_error",
+]
+
+
+class LockNotHeld(StoreError):
+    """A write refused because this node does not hold its node lock
+    (``DatabaseClaim.check``): the server answers, so its own words say what is wrong,
+    not the advice for a server out of reach that its fault (``unavailable``) gets."""
+
 
 #: By full SQLSTATE, before the class (https://www.postgresql.org/docs/15/errcodes-appendix.html).
 _BY_STATE: dict[str, StorageFault] = {
@@ -139,7 +153,8 @@ def storage_error(url: str, exc: BaseException, *, action: str) -> StorageError:
     else:
         fault = None
     said = str(cause).strip() or type(cause).__name__
-    if fault == "in_use":  # the claim's own words, which name the database and the owner
+    if fault == "in_use" or isinstance(exc, LockNotHeld):
+        # The claim's own words, which name the database and the node.
         error = StorageError(f"{action}: {said}", path=shown, fault=fault)
         error.__cause__ = cause
         return error
