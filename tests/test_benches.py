@@ -169,6 +169,7 @@ def _msgpack_walk(figures: dict[str, Any]) -> None:
     # Of about 64 KiB each: many small values, a single string.
     assert all(0.9 * 65536 < shape["bytes"] <= 65536 for shape in shapes.values())
     assert all(shape["seconds"] >= 0 for shape in shapes.values())
+    assert all(shape["paced_seconds"] >= 0 for shape in shapes.values())
     assert shapes["small ints [0, 0, ...]"]["counted"] > 16 * 65000  # its place and itself
     assert not shapes["one string"]["over"]
 

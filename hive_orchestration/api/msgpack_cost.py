@@ -138,6 +138,14 @@ def _walk(
     count is over ``budget`` or the walk is at ``stop`` (then it goes on from there):
     where it is, the count, and the values still to read (0 once it ended)."""
     end = len(view)
+    if pending >= _RUN_FROM and pos < stop and cost <= budget:
+        # Resumed (the paced walk's next slice), or a run broken by a value of another
+        # kind: the values still to read may go on as a run, whatever containers they are
+        # in (each is one value of the count, as it is one step). Else a run's first
+        # slice alone was counted at once, and the rest a step a value (16 MiB of nil:
+        # 1.1 s of the server's loop, against 0.03 in one go).
+        pos, run_cost, pending = _run(view, pos, stop, pending, pending, budget - cost)
+        cost += run_cost
     while pending:
         if pos >= stop or cost > budget:
             return pos, cost, pending
