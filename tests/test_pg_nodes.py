@@ -173,6 +173,21 @@ async def _race_a_key(a: Runtime, b: Runtime, key: str) -> list[str]:
     return ids
 
 
+async def test_a_task_finished_on_one_node_and_deleted_on_another_is_gone_on_both(
+    pg_url: str,
+) -> None:
+    # The first node keeps the task it finished in memory (the last 10 000 finished):
+    # it answered get_task from there, "completed", after the other node deleted it.
+    async with Runtime.open(pg_url) as first, Runtime.open(pg_url) as second:
+        task_id = await first.create_task("build")
+        claim = await first.claim_task("w1", "build")
+        assert claim is not None
+        await first.complete_task(claim.lease)
+        assert await second.delete_task(task_id)
+        assert await second.get_task(task_id) is None
+        assert await first.get_task(task_id) is None
+
+
 async def test_an_idempotency_key_raced_on_two_nodes_gives_one_task(pg_url: str) -> None:
     async with Runtime.open(pg_url) as a, Runtime.open(pg_url) as b:
         for n in range(10):

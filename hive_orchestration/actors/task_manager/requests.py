@@ -145,7 +145,13 @@ async def handle(
             return tuple(cancelled)
         case GetTask(task_id=task_id):
             task = tm._tasks.get(task_id)
-            return task if task is not None else _Forward(FetchTask(task_id))
+            if task is None or (tm._fenced and task_id in tm._finished):
+                # A finished task changes only as it is deleted, which on a store several
+                # nodes share another node may have done (delete_task, the leader's
+                # purges), telling this one nothing: memory would show it finished for
+                # as long as it keeps it (the last 10 000 finished). Storage says.
+                return _Forward(FetchTask(task_id))
+            return task
         case UpdateTaskStatus():
             return tm._update(message, await tm._find(message.task_id, work), work, now)
         case CancelTask(task_id=task_id, reason=reason, source_agent=source):
