@@ -215,6 +215,11 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     #: others' calls end, first come first served; calls running are never failed for
     #: it. At least what one call of ``max_frame_bytes`` may hold (docs/SERVING.md).
     max_held_bytes: Annotated[int, msgspec.Meta(ge=1024 * 1024)] = 512 * 1024 * 1024
+    #: Bytes of answers and events the socket server may have queued for one connection
+    #: that does not read them (a frame alone always goes, however large). Past it the
+    #: connection is closed: a client that asks for more than it reads cannot make the
+    #: owner queue without bound (docs/PROTOCOL.md, "Limits").
+    max_queued_bytes: Annotated[int, msgspec.Meta(ge=1024 * 1024)] = 64 * 1024 * 1024
     #: Where else to serve the message API: ``tcp://HOST:PORT`` addresses (port 0: any
     #: free port), beside the Unix socket. Off loopback only with ``tls_cert``; every TCP
     #: connection needs a token of ``tokens_file`` (docs/SERVING.md).

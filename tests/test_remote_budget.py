@@ -393,3 +393,35 @@ async def test_connections_that_come_and_go_give_back_all_they_took(
         stats = server.budget.statistics()
         assert (stats.held, stats.waiting, stats.waiting_bytes) == (0, 0, 0)
         assert 0 < stats.peak <= stats.capacity
+
+
+async def test_a_client_that_does_not_read_its_answers_is_cut_past_max_queued_bytes(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    # A client asks for 40 answers of 400 KB and reads none: the server queued them all
+    # (16 MB) and waited for remote_timeout (20 s) before closing. It now closes the
+    # connection once 2 MiB (max_queued_bytes) are queued, having queued no more.
+    limit = 2 * MIB
+    config = _config(max_queued_bytes=limit)
+    async with Runtime.open(tmp_path / "hive.db", config=config) as runtime:
+        server = runtime._server
+        assert server is not None
+        assert server.address
+        task_id = await runtime.create_task("job", {"blob": "x" * 400_000})
+        sock = await anyio.to_thread.run_sync(_raw_connect, server.address)
+        try:
+            await _until(lambda: len(server._connections) == 1)
+            (connection,) = server._connections
+            calls = b"".join(_call(n, "get_task", task_id=task_id) for n in range(1, 41))
+            await anyio.to_thread.run_sync(sock.sendall, calls)
+            most = 0
+            with anyio.fail_after(10.0):  # half the remote_timeout the server had waited
+                while connection in server._connections:
+                    most = max(most, connection._queued)
+                    await anyio.sleep(0.001)
+            assert connection._broken
+            # The frame that passed it is the last queued: one answer (400 KB) more.
+            assert most <= limit + 500_000, most
+        finally:
+            sock.close()
+        await _until(lambda: server.budget.held == 0)

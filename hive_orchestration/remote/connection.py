@@ -150,6 +150,9 @@ class _Connection:
         # Frames queued for the task writing now, in the order they were sent; their size.
         self._outbox: list[bytes] = []
         self._outbox_size = 0
+        #: Bytes handed to send_frame and not yet written (the outbox and the batch
+        #: being written): at most max_queued_bytes, or the connection is closed.
+        self._queued = 0
         self._writing = False
         self._flushing: anyio.CancelScope | None = None
         self._room: anyio.Event | None = None  # the outbox went under _OUTBOX_HIGH

@@ -2,7 +2,15 @@
 frames queued meanwhile joined into few writes, and a peer that stalls or breaks closed.
 
 Separate from :mod:`.connection`, which decides what to send: this is only the outbox,
-its backpressure (:data:`_OUTBOX_HIGH`) and the deadline on each write.
+its backpressure (:data:`_OUTBOX_HIGH`), its bound (``max_queued_bytes``) and the
+deadline on each write.
+
+Backpressure alone does not bound what is queued: a frame is encoded before its sender
+waits for room, and a connection has up to ``max_calls_in_flight`` calls and 1000
+subscriptions that may each be waiting with one, of any size (an answer is as large as
+what was asked for). So every byte handed to :func:`send_frame` is counted until it is
+written (``_Connection._queued``), and past ``max_queued_bytes`` the connection is
+closed: a client that asks for more than it reads is cut, not buffered for.
 """
 
 from __future__ import annotations
@@ -48,6 +56,17 @@ async def send_frame(conn: _Connection, data: bytes) -> None:
         return
     conn._outbox.append(data)
     conn._outbox_size += len(data)
+    queued = conn._queued = conn._queued + len(data)
+    if queued > conn._server.max_queued and queued - len(data) > _OUTBOX_HIGH:
+        # A frame goes however large, behind at most an outbox's worth of others; past
+        # that and the bound, the peer does not read what it asks for.
+        close_connection(
+            conn,
+            f"{queued} bytes of answers and events queued for it, past max_queued_bytes"
+            f" ({conn._server.max_queued}): it does not read what it asks for",
+            warn=True,
+        )
+        return
     if not conn._writing:
         await flush(conn)
         return
@@ -67,10 +86,12 @@ async def flush(conn: _Connection) -> None:
                 # (a commit answers many at once) join this write.
                 await anyio.lowlevel.checkpoint()
             while conn._outbox:
+                size = conn._outbox_size
                 frames, conn._outbox, conn._outbox_size = conn._outbox, [], 0
                 conn._flushing.deadline = anyio.current_time() + timeout
                 for data in _batches(frames):
                     await conn._stream.send(data)
+                conn._queued -= size
                 room, conn._room = conn._room, None
                 if room is not None:
                     room.set()
@@ -98,11 +119,20 @@ async def write_now(conn: _Connection, data: bytes) -> None:
         close_connection(conn, f"the peer took no frame for {conn._server.timeout:g}s")
 
 
-def close_connection(conn: _Connection, why: str) -> None:
+def close_connection(conn: _Connection, why: str, *, warn: bool = False) -> None:
+    """Close the connection (``warn``: the peer overstepped a bound, logged as a
+    warning); what was queued for it is dropped."""
     if not conn._broken:
         conn._broken = True
-        log.info("connection %d (%s) closed: %s", conn.number, conn.name, why)
+        log.log(
+            logging.WARNING if warn else logging.INFO,
+            "connection %d (%s) closed: %s",
+            conn.number,
+            conn.name,
+            why,
+        )
     conn._outbox.clear()
+    conn._outbox_size = conn._queued = 0
     if conn._flushing is not None:
         conn._flushing.cancel()  # a write to a peer that is gone or stalled
     room, conn._room = conn._room, None

@@ -86,6 +86,8 @@ class Server:
             )
         #: What all connections' requests may hold at once (see :mod:`.budget`).
         self.budget = Budget(config.max_held_bytes)
+        #: Bytes queued for one connection past which it is closed (.connection_out).
+        self.max_queued = config.max_queued_bytes
         self.timeout = config.remote_timeout
         #: A connection silent this long (no call, no ping) is closed.
         self.idle = 3 * config.remote_timeout
