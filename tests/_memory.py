@@ -86,3 +86,10 @@ def peak_growth() -> Iterator[Growth]:
         growth.peak = tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
+
+
+def resident() -> int:
+    """The process's resident size now, in bytes, after the collector ran and the C heap
+    gave back what it holds free: what is still held, not what was held at a peak."""
+    _trim()
+    return _status("VmRSS:")

@@ -6,7 +6,7 @@ connection ends.
 The owner runs in this process (its budget is read directly); its clients are other
 processes (tests/_budget_peer.py) or raw sockets, so that what the server sees is what a
 peer sends, cut where it is cut. The budget is set to what one call of the largest frame
-(1 MiB here) may hold: 73 MiB.
+(1 MiB here) may hold, 73 MiB, and the read buffers of 8 connections (2 MiB).
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from _memory import resident
 from anyio.abc import Process
 
 from hive_orchestration import ConfigError, Runtime, RuntimeConfig
 from hive_orchestration.api.carried import WAITING, carried
 from hive_orchestration.api.client import OrchestrationClient
 from hive_orchestration.api.wire import held_by
-from hive_orchestration.remote.budget import Budget
+from hive_orchestration.remote.budget import CONNECTION_BYTES, Budget
 from hive_orchestration.remote.protocol import (
     PROTOCOL_VERSION,
     Call,
@@ -45,12 +46,15 @@ PEER = str(Path(__file__).with_name("_budget_peer.py"))
 MIB = 1024 * 1024
 #: Only turns a hang into a failure.
 DEADLINE = 60.0
+#: Connections the owners of these tests serve at once.
+CONNECTIONS = 8
 
 
 def _config(**overrides: Any) -> RuntimeConfig:
     settings: dict[str, Any] = {
         "max_frame_bytes": MIB,
-        "max_held_bytes": held_by(MIB),
+        "max_held_bytes": held_by(MIB) + CONNECTIONS * CONNECTION_BYTES,
+        "max_connections": CONNECTIONS,
         "remote_timeout": 20.0,
     }
     settings.update(overrides)
@@ -264,8 +268,8 @@ async def test_past_the_budget_connections_wait_unread_and_alive_until_it_is_giv
         await _until(lambda: budget.statistics().waiting == 2)
         await anyio.sleep(5.0)
         status = server.status()
-        assert status.held_bytes == taken
-        assert status.max_held_bytes == held_by(MIB)
+        assert status.held_bytes == taken + 2 * CONNECTION_BYTES  # B's and C's shares
+        assert status.max_held_bytes == held_by(MIB) + CONNECTIONS * CONNECTION_BYTES
         assert status.held_back == 2
         assert sorted(each.held_back for each in status.connections) == [False, True, True]
         assert b.process.returncode is None
@@ -282,10 +286,13 @@ async def test_a_large_request_first_in_line_is_not_passed_over_by_small_ones(
     tmp_path: Path, anyio_backend: str
 ) -> None:
     # A holds 30 MB of the 76 (a 300 KB frame unfinished); B's call of nearly 1 MiB
-    # (76 MB) waits, its body unread; C's small call would fit beside A but comes after
-    # B: it waits too, and is served after B's.
+    # (76 MB) waits, its body unread; C's call (3 KB: 0.3 MB counted) would fit beside A
+    # but comes after B: it waits too, and is served after B's. Beside B's call there is
+    # no room for C's, even once A leaves and its connection's share is given back
+    # (three connections at most: no other connections' shares to spare).
     db_path = str(tmp_path / "hive.db")
-    async with Runtime.open(db_path, config=_config()) as runtime, _peers() as start:
+    config = _config(max_connections=3, max_held_bytes=held_by(MIB) + 3 * CONNECTION_BYTES)
+    async with Runtime.open(db_path, config=config) as runtime, _peers() as start:
         server = runtime._server
         assert server is not None
         assert server.address
@@ -296,10 +303,10 @@ async def test_a_large_request_first_in_line_is_not_passed_over_by_small_ones(
         b = await start("client", anyio_backend, db_path, str(MIB - 1000))
         assert await b.line() == "connected"
         await _until(lambda: budget.statistics().waiting == 1)
-        c = await start("client", anyio_backend, db_path, "10")
+        c = await start("client", anyio_backend, db_path, "3000")
         assert await c.line() == "connected"
         await _until(lambda: budget.statistics().waiting == 2)
-        assert budget.held + held_by(100) < budget.capacity  # C would fit, but is behind B
+        assert budget.held + held_by(3100) < budget.capacity  # C would fit, but is behind B
         # B's write of its frame is held back longer than its 2 s silence limit: its
         # client waits on, since the server says (pongs) that it is alive.
         await anyio.sleep(5.0)
@@ -356,9 +363,10 @@ async def test_calls_that_wait_for_other_clients_hold_none_of_the_budget(
                     group.start_soon(run, connection)
                 await _until(lambda: sum(len(c._calls) for c in server._connections) == 30)
                 # A call is among its connection's calls before its arguments are counted
-                # and it starts waiting, when it gives its share back: held falls to 0
-                # within the claims' wait (20 s), or never, were they to hold it.
-                await _until(lambda: server.budget.held == 0)
+                # and it starts waiting, when it gives its share back: held falls to the
+                # connections' own shares within the claims' wait (20 s), or never, were
+                # they to hold it.
+                await _until(lambda: server.budget.held == 3 * CONNECTION_BYTES)
                 sock = await anyio.to_thread.run_sync(_raw_connect, address)
                 try:
                     await anyio.to_thread.run_sync(
@@ -380,7 +388,10 @@ async def test_connections_that_come_and_go_give_back_all_they_took(
     # Eight processes, four connections each, one after another: frames cut mid-body,
     # calls left in flight, claims waiting, cancels, large calls answered; closed
     # cleanly or reset. Once they are gone, nothing is held and nobody waits.
-    async with Runtime.open(tmp_path / "hive.db", config=_config()) as runtime:
+    # Up to 32 connections at once: a peer's next connection may come before the server
+    # saw its last one close.
+    config = _config(max_connections=32, max_held_bytes=held_by(MIB) + 32 * CONNECTION_BYTES)
+    async with Runtime.open(tmp_path / "hive.db", config=config) as runtime:
         server = runtime._server
         assert server is not None
         assert server.address
@@ -425,3 +436,58 @@ async def test_a_client_that_does_not_read_its_answers_is_cut_past_max_queued_by
         finally:
             sock.close()
         await _until(lambda: server.budget.held == 0)
+
+
+class _PaddedPing(msgspec.Struct, tag="ping", tag_field="kind"):
+    """A ping with a field the server does not know (and skips): a 60 KB frame that asks
+    for nothing but a pong."""
+
+    nonce: int
+    padding: bytes
+
+
+async def test_each_connection_holds_a_share_for_its_read_buffers_and_lets_go_of_them(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    # A connection's socket is read in chunks of up to 64 KiB (and 256 KiB on asyncio)
+    # that no call counted: 1024 connections could hold some 100-300 MiB beside the
+    # budget. Each now holds CONNECTION_BYTES of it while open, the budget must have
+    # room for max_connections of them beside one call of the largest frame, and a
+    # connection idle after a 60 KB frame held on to its chunk: now let go.
+    with pytest.raises(ConfigError, match="max_connections") as refused:
+        async with Runtime.open(
+            tmp_path / "refused.db", config=_config(max_connections=CONNECTIONS + 1)
+        ):
+            pass
+    assert refused.value.field == "max_held_bytes"
+    many = 32
+    config = _config(max_connections=many, max_held_bytes=held_by(MIB) + many * CONNECTION_BYTES)
+    async with Runtime.open(tmp_path / "hive.db", config=config) as runtime:
+        server = runtime._server
+        assert server is not None
+        address = server.address
+        assert address
+        socks = [await anyio.to_thread.run_sync(_raw_connect, address) for _ in range(many)]
+        try:
+            assert server.budget.held == many * CONNECTION_BYTES
+            before = resident()
+
+            def pings() -> None:
+                for n, sock in enumerate(socks, 1):
+                    for _ in range(8):  # 8 connections' worth of chunks read and handled
+                        sock.sendall(frame(_PaddedPing(n, b"x" * 60_000)))
+                        assert _read_frame_any(sock) == Pong(n)
+
+            await anyio.to_thread.run_sync(pings)
+            # What is left is each connection's last chunk, if it keeps it: 32 x 60 KB.
+            grown = resident() - before
+            assert grown < many * 20_000, grown
+        finally:
+            for sock in socks:
+                sock.close()
+        await _until(lambda: server.budget.held == 0)
+
+
+def _read_frame_any(sock: socket.socket) -> Any:
+    size = int.from_bytes(sock.recv(4, socket.MSG_WAITALL), "big")
+    return msgspec.msgpack.decode(sock.recv(size, socket.MSG_WAITALL), type=ServerFrame)

@@ -163,7 +163,8 @@ def render_owner(out: Console, report: StatusReport) -> None:
     )
     if owner.max_held_bytes:
         out.print(
-            f"requests held: {_mib(owner.held_bytes)} of {_mib(owner.max_held_bytes)}"
+            f"held for connections and requests: {_mib(owner.held_bytes)} of"
+            f" {_mib(owner.max_held_bytes)}"
             f" (max_held_bytes); {owner.held_back} client(s) waiting for room"
         )
     table = _table(f"Connected clients ({len(owner.clients)})")

@@ -220,8 +220,9 @@ def _server(status: ServerStatus | None) -> Iterable[Metric]:
     for name, text, value in (
         ("hive_server_connections", "Clients connected to the runtime's socket server",
          len(status.connections)),
-        ("hive_server_held_bytes", "What the connections' requests in flight are counted as"
-         " holding (their frames and the most those may decode into)", status.held_bytes),
+        ("hive_server_held_bytes", "What the connections (256 KiB each, for reading their"
+         " sockets) and their requests in flight (their frames and the most those may decode"
+         " into) are counted as holding", status.held_bytes),
         ("hive_server_held_bytes_max", "The server's budget for them (max_held_bytes)",
          status.max_held_bytes),
         ("hive_server_held_bytes_peak", "The most held at once since the server started",

@@ -17,6 +17,13 @@ ever by a stream of small ones. Every holder gives its share back in a bounded t
 :data:`..api.carried.WAITING`), and any one request fits in the whole budget (the
 server checks ``max_held_bytes`` against ``max_frame_bytes`` as it starts), so whoever
 waits is served.
+
+Each connection also holds :data:`CONNECTION_BYTES` of it for as long as it is open
+(what reading its socket may hold), taken as it is admitted, before its hello is read:
+past those who wait if it fits (a new connection is not held up by a large request in
+line), else in line. Those are the only shares not given back in a bounded time, so the
+server checks that ``max_connections`` of them leave room for one call of
+``max_frame_bytes``: whoever waits is still served.
 """
 
 from __future__ import annotations
@@ -26,7 +33,14 @@ from collections import deque
 import anyio
 import msgspec
 
-__all__ = ["Budget", "BudgetStatistics", "Ticket"]
+__all__ = ["CONNECTION_BYTES", "Budget", "BudgetStatistics", "Ticket"]
+
+#: What one connection holds of the budget while it is open: what reading its socket may
+#: hold besides the frames counted as calls. On asyncio the event loop reads up to
+#: 256 KiB at a time, of which the frame reader takes 64 KiB chunks (a copy: the rest
+#: waits in the stream); under trio, a 64 KiB chunk. A chunk read through is let go
+#: (FrameReader._receive), so an idle connection holds far less.
+CONNECTION_BYTES = 256 * 1024
 
 
 class BudgetStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -67,6 +81,18 @@ class Budget:
         """Take ``amount`` if it fits and nobody waits before it (no await: the way
         nearly every call takes its share)."""
         if self._line or self.held + amount > self.capacity:
+            return False
+        self.held += amount
+        if self.held > self.peak:
+            self.peak = self.held
+        return True
+
+    def take_past_line(self, amount: int) -> bool:
+        """Take ``amount`` if it fits, even past those who wait: a connection's share
+        (:data:`CONNECTION_BYTES`). It cannot keep one who waits out for ever: at most
+        ``max_connections`` such shares are held, and the server checks that they leave
+        room for the largest call."""
+        if self.held + amount > self.capacity:
             return False
         self.held += amount
         if self.held > self.peak:

@@ -92,6 +92,9 @@ async def answer_call(
 
 async def run_call(conn: _Connection, message: Call) -> ResultOut:
     args = await msgpack_arguments_paced(message.op, message.args)
+    # The raw arguments are views of the chunk the frame came in (up to 64 KiB, other
+    # frames' bytes too): let go once decoded, nothing reads them again.
+    message.args.clear()
     agent = await conn._authorize(message.op, args, message.agent)
     client = client_as(conn, agent, message.correlation)
     method: Callable[..., Awaitable[object]] = getattr(client, message.op)
@@ -99,9 +102,7 @@ async def run_call(conn: _Connection, message: Call) -> ResultOut:
     if message.op in WAITING:
         # It may wait for other clients' calls, which may need the server's budget to
         # be read: it holds none while it waits. What it holds is its arguments, which
-        # its operation checks (names, ids) before its first await; the frame's bytes
-        # are let go (nothing reads them again).
-        message.args.clear()
+        # its operation checks (names, ids) before its first await.
         given = conn._charged.pop(message.id, 0)
         if given:
             conn._server.budget.give(given)

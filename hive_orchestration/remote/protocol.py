@@ -385,16 +385,18 @@ class FrameReader:
 
     async def _receive(self) -> None:
         """Take what has arrived onto what is left of the last chunk."""
+        rest = self._data[self._pos :] if self._pos < len(self._data) else b""
+        # A chunk read through is let go before the wait: an idle connection would
+        # otherwise hold up to 64 KiB of frames it already handled.
+        self._data = rest
+        self._pos = 0
         try:
             chunk = await self._stream.receive(_CHUNK)
         except anyio.EndOfStream:
-            if self._pos < len(self._data):
+            if rest:
                 raise FrameError("the connection closed in the middle of a frame") from None
             raise
-        if self._pos < len(self._data):
-            chunk = self._data[self._pos :] + chunk  # a header cut in two: a few bytes
-        self._data = chunk
-        self._pos = 0
+        self._data = rest + chunk if rest else chunk  # a header cut in two: a few bytes
 
     async def _rest(self, start: int, size: int) -> bytearray:
         """A frame longer than what has arrived of it: the rest of it, and nothing of the

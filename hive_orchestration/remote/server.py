@@ -35,7 +35,7 @@ from ..storage import SCHEMA_VERSION
 from ..storage.port import STOPPING
 from .access import Tokens
 from .address import ABSTRACT, choose_address, connect_path, peer_uid, remove_address
-from .budget import Budget
+from .budget import CONNECTION_BYTES, Budget
 from .connection import _REFUSAL_TIME, HANDSHAKE_TIMEOUT, _Connection, _linger
 from .protocol import Refused, encode_error, frame
 from .status import ServerStatus
@@ -84,7 +84,17 @@ class Server:
                 f" ({self.max_frame}) may hold: {self.max_held} bytes (its frame and the"
                 " most it may decode into); raise max_held_bytes or lower max_frame_bytes",
             )
-        #: What all connections' requests may hold at once (see :mod:`.budget`).
+        lasting = config.max_connections * CONNECTION_BYTES
+        if config.max_held_bytes < self.max_held + lasting:
+            raise ConfigError(
+                "max_held_bytes",
+                f"is {config.max_held_bytes} bytes, less than the read buffers of"
+                f" max_connections ({config.max_connections} x {CONNECTION_BYTES} bytes)"
+                f" and one call of max_frame_bytes ({self.max_held} bytes) may hold:"
+                f" {self.max_held + lasting} bytes; raise max_held_bytes, or lower"
+                " max_connections or max_frame_bytes",
+            )
+        #: What all connections and their requests may hold at once (see :mod:`.budget`).
         self.budget = Budget(config.max_held_bytes)
         #: Bytes queued for one connection past which it is closed (.connection_out).
         self.max_queued = config.max_queued_bytes
@@ -261,16 +271,51 @@ class Server:
             finally:
                 self._arriving -= 1
             return
-        connection = _Connection(self, stream, next(self._ids), tokens=tokens, peer=peer)
-        self._connections.add(connection)
+        if not await self._take_share(stream, peer):
+            return
         try:
-            await connection.run()
-        except Exception:
-            # A bug in serving one connection must not take the listener, and with it
-            # the runtime, down: that connection ends, the others go on.
-            log.exception("connection %d failed", connection.number)
+            connection = _Connection(self, stream, next(self._ids), tokens=tokens, peer=peer)
+            self._connections.add(connection)
+            try:
+                await connection.run()
+            except Exception:
+                # A bug in serving one connection must not take the listener, and with it
+                # the runtime, down: that connection ends, the others go on.
+                log.exception("connection %d failed", connection.number)
+            finally:
+                self._connections.discard(connection)
         finally:
-            self._connections.discard(connection)
+            self.budget.give(CONNECTION_BYTES)
+
+    async def _take_share(self, stream: ByteStream, peer: str) -> bool:
+        """Take the connection's share of the budget (:data:`.budget.CONNECTION_BYTES`)
+        before its hello is read: at once if it fits, else in line; False (refused) if
+        it is not granted within the handshake's time."""
+        budget = self.budget
+        if budget.take_past_line(CONNECTION_BYTES):
+            return True
+        ticket = budget.queue(CONNECTION_BYTES)
+        self._arriving += 1
+        try:
+            with anyio.move_on_after(HANDSHAKE_TIMEOUT):
+                await ticket.granted.wait()
+            if ticket.granted.is_set():
+                return True
+            budget.withdraw(ticket)
+            log.warning("connection from %s refused: max_held_bytes held for %gs", peer,
+                        HANDSHAKE_TIMEOUT)  # fmt: skip
+            error = ConnectionLostError(
+                f"the runtime holds all of its max_held_bytes ({budget.capacity} bytes) for"
+                f" other connections' requests, and did not free this connection's share"
+                f" within {HANDSHAKE_TIMEOUT:g}s: retry later"
+            )
+            await self._refuse(stream, error)
+            return False
+        except BaseException:
+            budget.withdraw(ticket)
+            raise
+        finally:
+            self._arriving -= 1
 
     async def _refuse(self, stream: ByteStream, error: HiveError) -> None:
         """Answer Refused with ``error``; the caller then closes the connection."""
