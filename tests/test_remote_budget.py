@@ -29,7 +29,7 @@ from hive_orchestration import ConfigError, Runtime, RuntimeConfig
 from hive_orchestration.api.carried import WAITING, carried
 from hive_orchestration.api.client import OrchestrationClient
 from hive_orchestration.api.wire import held_by
-from hive_orchestration.remote.budget import CONNECTION_BYTES, Budget
+from hive_orchestration.remote.budget import CONNECTION_BYTES, WAITING_SHARE, Budget
 from hive_orchestration.remote.protocol import (
     PROTOCOL_VERSION,
     Call,
@@ -326,6 +326,8 @@ async def test_calls_that_wait_for_other_clients_hold_none_of_the_budget(
     # Thirty claims that wait for work, each with 256 long task types (a 37 KB frame,
     # counted 3.7 MB): together more than the budget. Were they to hold it while they
     # wait, the calls that queue their work could not be read before their wait ends.
+    # This budget leaves no room for waiting calls (waiting_room 0): each gives all of
+    # its share back (the test below gives them some).
     config = _config()
     types = [f"t{n}-" + "x" * 140 for n in range(256)]
     async with Runtime.open(tmp_path / "hive.db", config=config) as runtime:
@@ -491,3 +493,53 @@ async def test_each_connection_holds_a_share_for_its_read_buffers_and_lets_go_of
 def _read_frame_any(sock: socket.socket) -> Any:
     size = int.from_bytes(sock.recv(4, socket.MSG_WAITALL), "big")
     return msgspec.msgpack.decode(sock.recv(size, socket.MSG_WAITALL), type=ServerFrame)
+
+
+async def test_calls_that_wait_keep_what_their_arguments_hold_within_the_room_left_for_them(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    # Claims that wait gave their whole share back: their arguments (a few KB, some
+    # 80 KB for 256 long task types) were outside the budget for as long as they
+    # waited. Each now keeps what its arguments may hold (at most WAITING_SHARE) while
+    # the waiting calls' shares fit in what the budget has left beside one call of the
+    # largest frame and every connection's share (2 MiB here); past it, it gives it back.
+    room = 2 * MIB
+    config = _config(max_held_bytes=held_by(MIB) + CONNECTIONS * CONNECTION_BYTES + room)
+    long_types = ["job"] + [f"t{n}-" + "x" * 140 for n in range(255)]
+    async with Runtime.open(tmp_path / "hive.db", config=config) as runtime:
+        server = runtime._server
+        assert server is not None
+        assert server.address
+        budget = server.budget
+        assert budget.waiting_room == room
+        sock = await anyio.to_thread.run_sync(_raw_connect, server.address)
+        try:
+            (connection,) = server._connections
+            small = [_call(n, "claim_task", worker_id="w", task_types=["job"], wait=20.0)
+                     for n in range(1, 4)]  # fmt: skip
+            large = [_call(n, "claim_task", worker_id="w", task_types=long_types, wait=20.0)
+                     for n in range(4, 24)]  # fmt: skip
+            assert held_by(len(large[0])) > WAITING_SHARE
+            await anyio.to_thread.run_sync(sock.sendall, b"".join(small + large))
+            # Every claim waits: each kept its share (noted negative) or gave it back.
+            await _until(
+                lambda: (
+                    len(connection._calls) == 23
+                    and all(charge < 0 for charge in connection._charged.values())
+                )
+            )
+            kept = -sum(connection._charged.values())
+            assert budget.kept == kept
+            assert budget.held == CONNECTION_BYTES + kept
+            assert room - WAITING_SHARE < kept <= room  # the room is full: some gave back
+            assert len(connection._charged) < 23
+            assert sum(held_by(len(call) - 4) for call in small) + 15 * WAITING_SHARE <= kept
+            for _ in range(23):
+                await runtime.create_task("job", {})
+            answers = [await anyio.to_thread.run_sync(_read_frame, sock) for _ in range(23)]
+            assert all(msgspec.msgpack.decode(answer.value) for answer in answers)
+            await _until(lambda: budget.held == CONNECTION_BYTES)
+            assert budget.kept == 0
+        finally:
+            sock.close()
+        await _until(lambda: budget.held == 0)

@@ -12,11 +12,18 @@ backpressure), and calls already running are never failed for it.
 
 Waiting is first come, first served: a request that is first in line is granted before
 any after it, even one that would fit now, so a large request is never passed over for
-ever by a stream of small ones. Every holder gives its share back in a bounded time
-(a call that waits for what other clients do gives it back as it starts waiting: see
-:data:`..api.carried.WAITING`), and any one request fits in the whole budget (the
-server checks ``max_held_bytes`` against ``max_frame_bytes`` as it starts), so whoever
-waits is served.
+ever by a stream of small ones. Every holder gives its share back in a bounded time,
+and any one request fits in the whole budget (the server checks ``max_held_bytes``
+against ``max_frame_bytes`` as it starts), so whoever waits is served.
+
+A call that waits for what other clients do (:data:`..api.carried.WAITING`: a claim
+with ``wait``) may wait for ever, and the calls that would end its wait may need room to
+be read. As it starts waiting it keeps what its checked arguments may hold (its share,
+at most :data:`WAITING_SHARE`) only while the waiting calls' shares together fit in
+``waiting_room``: what is left of the budget once one call of the largest frame and
+``max_connections`` connections' shares are set aside. Past that it gives its share
+back (its arguments are then outside the budget, a few KB each, at most
+``max_calls_in_flight`` such calls a connection).
 
 Each connection also holds :data:`CONNECTION_BYTES` of it for as long as it is open
 (what reading its socket may hold), taken as it is admitted, before its hello is read:
@@ -33,7 +40,7 @@ from collections import deque
 import anyio
 import msgspec
 
-__all__ = ["CONNECTION_BYTES", "Budget", "BudgetStatistics", "Ticket"]
+__all__ = ["CONNECTION_BYTES", "WAITING_SHARE", "Budget", "BudgetStatistics", "Ticket"]
 
 #: What one connection holds of the budget while it is open: what reading its socket may
 #: hold besides the frames counted as calls. On asyncio the event loop reads up to
@@ -41,6 +48,9 @@ __all__ = ["CONNECTION_BYTES", "Budget", "BudgetStatistics", "Ticket"]
 #: waits in the stream); under trio, a 64 KiB chunk. A chunk read through is let go
 #: (FrameReader._receive), so an idle connection holds far less.
 CONNECTION_BYTES = 256 * 1024
+#: The most a waiting call keeps of its share: what the checked arguments of a waiting
+#: operation may hold (a claim naming 256 task types of 256 characters: some 80 KB).
+WAITING_SHARE = 128 * 1024
 
 
 class BudgetStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -54,6 +64,8 @@ class BudgetStatistics(msgspec.Struct, frozen=True, kw_only=True):
     #: Connections waiting in line for a share, and what they wait for in all.
     waiting: int
     waiting_bytes: int
+    #: What calls waiting for other clients keep of it (within ``waiting_room``).
+    kept: int = 0
 
 
 class Ticket:
@@ -71,10 +83,13 @@ class Budget:
 
     Not thread-safe: used from the server's event loop only."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, waiting_room: int = 0) -> None:
         self.capacity = capacity
         self.held = 0
         self.peak = 0
+        #: The most waiting calls may keep in all (see the module's docstring).
+        self.waiting_room = waiting_room
+        self.kept = 0
         self._line: deque[Ticket] = deque()
 
     def try_take(self, amount: int) -> bool:
@@ -126,6 +141,20 @@ class Budget:
         if self._line:
             self._grant()
 
+    def keep(self, amount: int) -> bool:
+        """A call taken ``amount`` for starts waiting: it keeps it if the waiting calls'
+        shares fit in ``waiting_room``, else gives it back (False)."""
+        if self.kept + amount <= self.waiting_room:
+            self.kept += amount
+            return True
+        self.give(amount)
+        return False
+
+    def unkeep(self, amount: int) -> None:
+        """A waiting call that kept ``amount`` ended: given back."""
+        self.kept -= amount
+        self.give(amount)
+
     def _grant(self) -> None:
         line = self._line
         while line and self.held + line[0].amount <= self.capacity:
@@ -142,4 +171,5 @@ class Budget:
             peak=self.peak,
             waiting=len(self._line),
             waiting_bytes=sum(ticket.amount for ticket in self._line),
+            kept=self.kept,
         )

@@ -281,8 +281,12 @@ class _Connection:
             # A call handed to an idle runner as the connection closed may never have
             # run (its runner cancelled as it woke): what it took is given back here.
             self._unreserve()
+            budget = self._server.budget
             for charge in self._charged.values():
-                self._server.budget.give(charge)
+                if charge > 0:
+                    budget.give(charge)
+                else:  # a waiting call's kept share
+                    budget.unkeep(-charge)
             self._charged.clear()
             with anyio.CancelScope(shield=True):
                 for subscription in self._subscriptions.values():

@@ -21,6 +21,7 @@ from .._trace import CARRIED, check_trace
 from ..api.carried import WAITING
 from ..api.wire import EXCLUSIVE, msgpack_arguments_paced
 from ..errors import HiveError, RuntimeStoppedError
+from .budget import WAITING_SHARE
 from .connection_out import check_drained, send_frame
 from .connection_workers import _WORKER_OPS, note_worker
 from .protocol import Call, ResultOut, encode_error, frame
@@ -78,8 +79,10 @@ async def answer_call(
         del conn._calls[message.id]
         conn.held -= charge
         given = conn._charged.pop(message.id, 0)
-        if given:
+        if given > 0:
             conn._server.budget.give(given)
+        elif given:  # a waiting call's kept share
+            conn._server.budget.unkeep(-given)
         freed, conn._slot_freed = conn._slot_freed, None
         if freed is not None:
             freed.set()
@@ -101,11 +104,16 @@ async def run_call(conn: _Connection, message: Call) -> ResultOut:
     trace = check_trace(message.traceparent, message.tracestate)
     if message.op in WAITING:
         # It may wait for other clients' calls, which may need the server's budget to
-        # be read: it holds none while it waits. What it holds is its arguments, which
-        # its operation checks (names, ids) before its first await.
+        # be read: it keeps only what its arguments may hold (which its operation checks,
+        # names and ids, before its first await), and only within the budget's room for
+        # waiting calls (.budget). Kept, it is noted negative: given back by unkeep.
         given = conn._charged.pop(message.id, 0)
         if given:
-            conn._server.budget.give(given)
+            budget = conn._server.budget
+            kept = min(given, WAITING_SHARE)
+            budget.give(given - kept)
+            if budget.keep(kept):
+                conn._charged[message.id] = -kept
     if trace is None:
         value = await method(**args)
     else:

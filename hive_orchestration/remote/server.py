@@ -95,7 +95,9 @@ class Server:
                 " max_connections or max_frame_bytes",
             )
         #: What all connections and their requests may hold at once (see :mod:`.budget`).
-        self.budget = Budget(config.max_held_bytes)
+        self.budget = Budget(
+            config.max_held_bytes, waiting_room=config.max_held_bytes - self.max_held - lasting
+        )
         #: Bytes queued for one connection past which it is closed (.connection_out).
         self.max_queued = config.max_queued_bytes
         self.timeout = config.remote_timeout
