@@ -11,9 +11,11 @@ peer sends, cut where it is cut. The budget is set to what one call of the large
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -33,6 +35,7 @@ from hive_orchestration.remote.budget import CONNECTION_BYTES, WAITING_SHARE, Bu
 from hive_orchestration.remote.protocol import (
     PROTOCOL_VERSION,
     Call,
+    Failure,
     Hello,
     Pong,
     ServerFrame,
@@ -542,4 +545,59 @@ async def test_calls_that_wait_keep_what_their_arguments_hold_within_the_room_le
             assert budget.kept == 0
         finally:
             sock.close()
+        await _until(lambda: budget.held == 0)
+
+
+async def test_a_frame_that_trickles_in_is_cut_at_the_idle_limit_and_its_sender_told_why(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    # A slow loris: the header of a 300 KB call, then a byte every 0.2 s. The server
+    # holds the frame's share of the budget (30 MB, counted before its body) and the
+    # bytes that came, for the idle limit (3 x remote_timeout: 3 s here), then closes
+    # the connection. It said "silent" (it was not) and told the client nothing; it now
+    # tells it why, as for a frame that breaks the protocol (a failure of id 0).
+    config = _config(remote_timeout=1.0)
+    async with Runtime.open(tmp_path / "hive.db", config=config) as runtime:
+        server = runtime._server
+        assert server is not None
+        assert server.address
+        budget = server.budget
+        sock = await anyio.to_thread.run_sync(_raw_connect, server.address)
+        data = _call(1, "create_task", task_type="job", payload={"blob": "x" * 300_000})
+
+        def trickle() -> tuple[bytes, float]:
+            sock.settimeout(0.2)
+            sock.sendall(data[:100])
+            received = b""
+            start = time.monotonic()
+            for byte in range(100, 200):
+                with contextlib.suppress(TimeoutError):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return received, time.monotonic() - start
+                    received += chunk
+                with contextlib.suppress(OSError):
+                    sock.send(data[byte : byte + 1])
+            raise AssertionError("the server did not close the connection in 20 s")
+
+        result: list[tuple[bytes, float]] = []
+
+        async def run() -> None:
+            result.append(await anyio.to_thread.run_sync(trickle))
+
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(run)
+                await _until(lambda: budget.held > CONNECTION_BYTES)
+                assert budget.held == CONNECTION_BYTES + held_by(len(data) - 4)
+        finally:
+            sock.close()
+        received, took = result[0]
+        assert 2.5 < took < 10.0, took
+        decoder = msgspec.msgpack.Decoder(ServerFrame)
+        size = int.from_bytes(received[:4], "big")
+        told = decoder.decode(received[4 : 4 + size])
+        assert isinstance(told, Failure)
+        assert told.id == 0
+        assert f"a frame of {len(data) - 4} bytes did not arrive within 3s" in told.message
         await _until(lambda: budget.held == 0)

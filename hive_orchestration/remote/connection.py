@@ -102,6 +102,8 @@ _REFUSAL_TIME = 1.0
 _HELLO_LIMIT = 64 * 1024
 #: Most bytes read and dropped from a refused peer before closing on it.
 _LINGER_BYTES = 1024 * 1024
+#: How the failure (id 0) that says why the server closes a connection begins.
+_CLOSED = "the runtime closed the connection for a frame this client sent: "
 #: While a connection's frames are held back (no room for the next), how often it is
 #: sent an unasked pong: its pings wait unread behind that frame, and a client hears
 #: nothing else while its calls wait (the shortest silence a client allows is 1 s).
@@ -261,7 +263,7 @@ class _Connection:
         try:
             async with anyio.create_task_group() as group:
                 self._group = group
-                group.start_soon(self._watch)
+                group.start_soon(self._watch, reader)
                 try:
                     await self._read(reader)
                 finally:
@@ -344,10 +346,12 @@ class _Connection:
             # A large frame cut off (the peer left, its body was garbage): given back.
             self._unreserve()
 
-    async def _watch(self) -> None:
+    async def _watch(self, reader: FrameReader) -> None:
         """Close the connection once the peer has been silent for ``idle`` seconds (not
-        even a ping). One task that wakes about once a period, where a deadline per frame
-        read would cost a timer set and cancelled per frame."""
+        even a ping), or took longer than that to send a frame (its body trickling in:
+        a large frame holds its share of the budget meanwhile). One task that wakes about
+        once a period, where a deadline per frame read would cost a timer set and
+        cancelled per frame."""
         idle = self._server.idle
         while True:
             heard = self._heard
@@ -356,7 +360,19 @@ class _Connection:
                 continue
             silent = time.monotonic() - heard
             if silent >= idle:
-                close_connection(self, f"silent for {idle:g}s")
+                if not reader.pending:
+                    close_connection(self, f"silent for {idle:g}s")
+                    return
+                # Not silent, too slow: the peer is told why before the close (it may be
+                # reading while it writes), as for a frame that breaks the protocol.
+                why = (
+                    f"a frame of {reader.pending} bytes did not arrive within {idle:g}s"
+                    f" ({reader.arrived} bytes of it did): the server waits that long"
+                    " for a frame (3 x remote_timeout)"
+                )
+                with anyio.move_on_after(self._server.timeout):
+                    await send_message(self, encode_error(0, HiveError(_CLOSED + why)))
+                close_connection(self, why)
                 return
             await anyio.sleep(idle - silent)
 
@@ -437,7 +453,7 @@ class _Connection:
         connection closes (a client that predates it has no call 0 and ignores it).
         What the peer sent after it is read and dropped for a moment, so that closing
         does not reset the connection before the peer read this."""
-        why = f"the runtime closed the connection for a frame this client sent: {reason}"
+        why = f"{_CLOSED}{reason}"
         if call_id:
             refused = InvalidInputError(field, f"{reason}; the connection is closed")
             await send_message(self, encode_error(call_id, refused))

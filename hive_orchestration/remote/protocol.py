@@ -344,6 +344,10 @@ class FrameReader:
         self.size = 0
         self._gate: Callable[[int], Awaitable[None]] | None = None
         self._gated_above = 1 << 64
+        #: While a frame's body arrives over several reads: its size, and how much of
+        #: it came (0, 0 otherwise): what the server tells a peer it cuts mid-frame.
+        self.pending = 0
+        self.arrived = 0
 
     def gate_with(self, gate: Callable[[int], Awaitable[None]]) -> None:
         """Await ``gate(size)`` for each frame larger than a chunk, between its header
@@ -404,11 +408,14 @@ class FrameReader:
         body = bytearray(memoryview(self._data)[start:])
         self._data = b""
         self._pos = 0
+        self.pending = size
         while len(body) < size:
+            self.arrived = len(body)
             try:
                 body += await self._stream.receive(min(size - len(body), _LARGE))
             except anyio.EndOfStream:
                 raise FrameError("the connection closed in the middle of a frame") from None
+        self.pending = self.arrived = 0
         return body
 
 
