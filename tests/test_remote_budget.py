@@ -221,6 +221,28 @@ async def test_a_waiter_that_leaves_gives_back_exactly_what_it_was_granted(
         assert budget.statistics().waiting == 0
 
 
+async def test_a_waiting_call_keeps_at_most_its_small_share_and_only_within_the_room(
+    anyio_backend: str,
+) -> None:
+    budget = Budget(1000 * 1024, waiting_room=200 * 1024)
+    assert budget.try_take(300 * 1024)  # a large claim's share
+    assert budget.try_take(10 * 1024)  # a small one's
+    waiter = budget.queue(800 * 1024)
+    assert not waiter.granted.is_set()
+    assert budget.keep(300 * 1024) == WAITING_SHARE  # the rest given back: it fits now
+    assert waiter.granted.is_set()
+    assert budget.keep(10 * 1024) == 10 * 1024
+    assert budget.kept == WAITING_SHARE + 10 * 1024
+    assert budget.held == budget.kept + 800 * 1024
+    budget.withdraw(waiter)
+    assert budget.try_take(100 * 1024)
+    assert budget.keep(100 * 1024) == 0  # past the room: all of it given back
+    assert budget.held == budget.kept == WAITING_SHARE + 10 * 1024
+    budget.unkeep(WAITING_SHARE)
+    budget.unkeep(10 * 1024)
+    assert (budget.held, budget.kept) == (0, 0)
+
+
 async def test_a_budget_smaller_than_one_call_of_the_largest_frame_is_refused(
     tmp_path: Path, anyio_backend: str
 ) -> None:

@@ -141,14 +141,18 @@ class Budget:
         if self._line:
             self._grant()
 
-    def keep(self, amount: int) -> bool:
-        """A call taken ``amount`` for starts waiting: it keeps it if the waiting calls'
-        shares fit in ``waiting_room``, else gives it back (False)."""
-        if self.kept + amount <= self.waiting_room:
-            self.kept += amount
-            return True
-        self.give(amount)
-        return False
+    def keep(self, share: int) -> int:
+        """A call taken ``share`` for starts waiting: it keeps at most
+        :data:`WAITING_SHARE` of it if the waiting calls' shares fit in
+        ``waiting_room`` (what it kept is returned, else 0), and gives back the rest."""
+        kept = share if share < WAITING_SHARE else WAITING_SHARE
+        if self.kept + kept > self.waiting_room:
+            kept = 0
+        self.kept += kept
+        self.held -= share - kept
+        if self._line:
+            self._grant()
+        return kept
 
     def unkeep(self, amount: int) -> None:
         """A waiting call that kept ``amount`` ended: given back."""

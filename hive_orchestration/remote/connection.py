@@ -155,6 +155,7 @@ class _Connection:
         #: Bytes handed to send_frame and not yet written (the outbox and the batch
         #: being written): at most max_queued_bytes, or the connection is closed.
         self._queued = 0
+        self._max_queued = server.max_queued
         self._writing = False
         self._flushing: anyio.CancelScope | None = None
         self._room: anyio.Event | None = None  # the outbox went under _OUTBOX_HIGH

@@ -21,7 +21,6 @@ from .._trace import CARRIED, check_trace
 from ..api.carried import WAITING
 from ..api.wire import EXCLUSIVE, msgpack_arguments_paced
 from ..errors import HiveError, RuntimeStoppedError
-from .budget import WAITING_SHARE
 from .connection_out import check_drained, send_frame
 from .connection_workers import _WORKER_OPS, note_worker
 from .protocol import Call, ResultOut, encode_error, frame
@@ -109,10 +108,8 @@ async def run_call(conn: _Connection, message: Call) -> ResultOut:
         # waiting calls (.budget). Kept, it is noted negative: given back by unkeep.
         given = conn._charged.pop(message.id, 0)
         if given:
-            budget = conn._server.budget
-            kept = min(given, WAITING_SHARE)
-            budget.give(given - kept)
-            if budget.keep(kept):
+            kept = conn._server.budget.keep(given)
+            if kept:
                 conn._charged[message.id] = -kept
     if trace is None:
         value = await method(**args)

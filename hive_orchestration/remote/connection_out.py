@@ -57,7 +57,7 @@ async def send_frame(conn: _Connection, data: bytes) -> None:
     conn._outbox.append(data)
     conn._outbox_size += len(data)
     queued = conn._queued = conn._queued + len(data)
-    if queued > conn._server.max_queued and queued - len(data) > _OUTBOX_HIGH:
+    if queued > conn._max_queued and queued - len(data) > _OUTBOX_HIGH:
         # A frame goes however large, behind at most an outbox's worth of others; past
         # that and the bound, the peer does not read what it asks for.
         close_connection(
