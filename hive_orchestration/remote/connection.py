@@ -365,15 +365,18 @@ class _Connection:
                     close_connection(self, f"silent for {idle:g}s")
                     return
                 # Not silent, too slow: the peer is told why before the close (it may be
-                # reading while it writes), as for a frame that breaks the protocol.
+                # reading while it writes), as for a frame that breaks the protocol, and
+                # what it sends meanwhile is read and dropped (closing on unread bytes
+                # would reset the connection before it read why).
                 why = (
                     f"a frame of {reader.pending} bytes did not arrive within {idle:g}s"
                     f" ({reader.arrived} bytes of it did): the server waits that long"
                     " for a frame (3 x remote_timeout)"
                 )
-                with anyio.move_on_after(self._server.timeout):
-                    await send_message(self, encode_error(0, HiveError(_CLOSED + why)))
-                close_connection(self, why)
+                log.info("connection %d (%s) closed: %s", self.number, self.name, why)
+                await self._tell_violation(why)
+                assert self._group is not None
+                self._group.cancel_scope.cancel()
                 return
             await anyio.sleep(idle - silent)
 
