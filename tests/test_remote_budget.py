@@ -38,6 +38,7 @@ from hive_orchestration.remote.protocol import (
     Failure,
     Hello,
     Pong,
+    Refused,
     ServerFrame,
     Welcome,
     frame,
@@ -622,4 +623,66 @@ async def test_a_frame_that_trickles_in_is_cut_at_the_idle_limit_and_its_sender_
         assert isinstance(told, Failure)
         assert told.id == 0
         assert f"a frame of {len(data) - 4} bytes did not arrive within 3s" in told.message
+        await _until(lambda: budget.held == 0)
+
+
+async def test_a_connection_waits_for_its_share_and_counts_against_max_connections_meanwhile(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    # Two connections' unfinished frames take all but less than a connection's share
+    # of the budget: a third connection waits for its share, its hello unread. It is
+    # counted against max_connections (3) meanwhile, so a fourth is refused at once,
+    # where it passed the count and would have held a share beyond what the budget was
+    # checked for once both were served. The first goes: the third is welcomed.
+    config = _config(max_connections=3, max_held_bytes=held_by(MIB) + 3 * CONNECTION_BYTES)
+    async with Runtime.open(tmp_path / "hive.db", config=config) as runtime:
+        server = runtime._server
+        assert server is not None
+        address = server.address
+        assert address
+        budget = server.budget
+
+        def call_of(payload: int) -> bytes:
+            return _call(1, "create_task", task_type="job", payload={"blob": "x" * payload})
+
+        first = call_of(300_000)
+        a1 = await anyio.to_thread.run_sync(_raw_connect, address)
+        await anyio.to_thread.run_sync(a1.sendall, first[:-1000])
+        await _until(lambda: budget.held == CONNECTION_BYTES + held_by(len(first) - 4))
+        # The second frame leaves less than a share beside the two connections'.
+        room = budget.capacity - budget.held - CONNECTION_BYTES
+        second = call_of((room - CONNECTION_BYTES // 2) // 101 - 60)
+        assert 0 <= room - held_by(len(second) - 4) < CONNECTION_BYTES
+        a2 = await anyio.to_thread.run_sync(_raw_connect, address)
+        await anyio.to_thread.run_sync(a2.sendall, second[:-1000])
+        await _until(lambda: budget.held + CONNECTION_BYTES > budget.capacity)
+        welcomed: list[socket.socket] = []
+
+        async def third() -> None:
+            welcomed.append(await anyio.to_thread.run_sync(_raw_connect, address))
+
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(third)
+                await _until(lambda: budget.statistics().waiting == 1)
+                fourth = socket.socket(socket.AF_UNIX)
+                try:
+                    fourth.settimeout(DEADLINE)
+                    target = address.removeprefix("unix:")
+                    if address.startswith("abstract:"):
+                        target = "\0" + address.removeprefix("abstract:")
+                    await anyio.to_thread.run_sync(fourth.connect, target)
+                    refused = await anyio.to_thread.run_sync(_read_frame, fourth)
+                finally:
+                    fourth.close()
+                assert isinstance(refused, Refused)
+                assert refused.error.type == "ConnectionLostError"
+                assert "max_connections" in refused.error.message
+                assert not welcomed
+                a1.close()  # its share and its frame's go back: the third is served
+            assert len(welcomed) == 1
+            await _until(lambda: len(server._connections) == 2)  # the first, closed, gone
+        finally:
+            for sock in (a1, a2, *welcomed):
+                sock.close()
         await _until(lambda: budget.held == 0)

@@ -68,6 +68,8 @@ class Server:
         self.max_connections = config.max_connections
         #: Accepted, not yet a connection: in the TLS handshake, or being refused.
         self._arriving = 0
+        #: Admitted, waiting for their share of the budget: counted as connections.
+        self._sharing = 0
         #: Where clients reach it over TCP (``hive://`` or ``hives://HOST:PORT``).
         self.tcp_addresses: list[str] = []
         self._tcp_scope: anyio.CancelScope | None = None
@@ -257,7 +259,7 @@ class Server:
     async def _admit(self, stream: ByteStream, peer: str, tokens: Tokens | None) -> None:
         """Serve one connection (``tokens``: the hello must present one of them), or
         refuse it past ``max_connections``."""
-        if len(self._connections) >= self.max_connections:
+        if len(self._connections) + self._sharing >= self.max_connections:
             log.warning(
                 "connection from %s refused: %d connections, max_connections",
                 peer,
@@ -298,6 +300,7 @@ class Server:
             return True
         ticket = budget.queue(CONNECTION_BYTES)
         self._arriving += 1
+        self._sharing += 1
         try:
             with anyio.move_on_after(HANDSHAKE_TIMEOUT):
                 await ticket.granted.wait()
@@ -318,6 +321,7 @@ class Server:
             raise
         finally:
             self._arriving -= 1
+            self._sharing -= 1
 
     async def _refuse(self, stream: ByteStream, error: HiveError) -> None:
         """Answer Refused with ``error``; the caller then closes the connection."""
