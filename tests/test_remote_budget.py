@@ -39,6 +39,7 @@ from hive_orchestration.remote.protocol import (
     Hello,
     Pong,
     Refused,
+    Result,
     ServerFrame,
     Welcome,
     frame,
@@ -438,8 +439,9 @@ async def test_a_client_that_does_not_read_its_answers_is_cut_past_max_queued_by
     tmp_path: Path, anyio_backend: str
 ) -> None:
     # A client asks for 40 answers of 400 KB and reads none: the server queued them all
-    # (16 MB) and waited for remote_timeout (20 s) before closing. It now closes the
-    # connection once 2 MiB (max_queued_bytes) are queued, having queued no more.
+    # (16 MB) and waited for remote_timeout (20 s) before closing. It now stops at 2 MiB
+    # (max_queued_bytes): it drops what is not being written, and once the client takes
+    # what is, tells it why (a failure of id 0) and closes.
     limit = 2 * MIB
     config = _config(max_queued_bytes=limit)
     async with Runtime.open(tmp_path / "hive.db", config=config) as runtime:
@@ -455,15 +457,34 @@ async def test_a_client_that_does_not_read_its_answers_is_cut_past_max_queued_by
             await anyio.to_thread.run_sync(sock.sendall, calls)
             most = 0
             with anyio.fail_after(10.0):  # half the remote_timeout the server had waited
-                while connection in server._connections:
+                while not connection._broken:
                     most = max(most, connection._queued)
                     await anyio.sleep(0.001)
-            assert connection._broken
             # The frame that passed it is the last queued: one answer (400 KB) more.
             assert most <= limit + 500_000, most
+            assert connection._queued < limit
+            assert connection in server._connections  # until the client takes its notice
+
+            def read_to_the_end() -> list[Any]:
+                frames = []
+                while True:
+                    try:
+                        frames.append(_read_frame(sock))
+                    except EOFError:
+                        return frames
+
+            frames = await anyio.to_thread.run_sync(read_to_the_end)
         finally:
             sock.close()
-        await _until(lambda: server.budget.held == 0)
+        # The answers being written when it was cut, if any (the 40 may all come while
+        # the writer waits for the round's other answers), then why.
+        *answers, told = frames
+        assert len(answers) < 40
+        assert all(isinstance(answer, Result) for answer in answers), answers
+        assert isinstance(told, Failure)
+        assert told.id == 0
+        assert f"past max_queued_bytes ({limit})" in told.message
+        await _until(lambda: not server._connections and server.budget.held == 0)
 
 
 class _PaddedPing(msgspec.Struct, tag="ping", tag_field="kind"):

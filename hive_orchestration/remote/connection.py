@@ -157,6 +157,8 @@ class _Connection:
         self._queued = 0
         self._max_queued = server.max_queued
         self._writing = False
+        # Past max_queued_bytes: its notice is the last frame written (.connection_out).
+        self._cut = False
         self._flushing: anyio.CancelScope | None = None
         self._room: anyio.Event | None = None  # the outbox went under _OUTBOX_HIGH
         # The backend's own classes: made per call, and anyio's dispatch to the backend

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 import anyio
 import msgspec
 
-from .protocol import frame
+from ..errors import HiveError
+from .protocol import encode_error, frame
 
 if TYPE_CHECKING:
     from .connection import _Connection
@@ -60,12 +61,7 @@ async def send_frame(conn: _Connection, data: bytes) -> None:
     if queued > conn._max_queued and queued - len(data) > _OUTBOX_HIGH:
         # A frame goes however large, behind at most an outbox's worth of others; past
         # that and the bound, the peer does not read what it asks for.
-        close_connection(
-            conn,
-            f"{queued} bytes of answers and events queued for it, past max_queued_bytes"
-            f" ({conn._server.max_queued}): it does not read what it asks for",
-            warn=True,
-        )
+        _cut(conn, queued)
         return
     if not conn._writing:
         await flush(conn)
@@ -95,7 +91,9 @@ async def flush(conn: _Connection) -> None:
                 room, conn._room = conn._room, None
                 if room is not None:
                     room.set()
-        if conn._flushing.cancelled_caught and not conn._broken:
+        if conn._cut:  # its notice written, or the write's deadline passed
+            close_connection(conn, "cut")
+        elif conn._flushing.cancelled_caught and not conn._broken:
             close_connection(conn, f"the peer took no frame for {timeout:g}s")
     except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
         conn._flushing = None
@@ -119,18 +117,30 @@ async def write_now(conn: _Connection, data: bytes) -> None:
         close_connection(conn, f"the peer took no frame for {conn._server.timeout:g}s")
 
 
-def close_connection(conn: _Connection, why: str, *, warn: bool = False) -> None:
-    """Close the connection (``warn``: the peer overstepped a bound, logged as a
-    warning); what was queued for it is dropped."""
+def _cut(conn: _Connection, queued: int) -> None:
+    """Past ``max_queued_bytes``: nothing more is queued for the peer (its calls are
+    stopped, what was queued and not yet being written is dropped), and once what is
+    being written is taken it is told why (a failure of id 0) and the connection closes.
+    A writer is at work (more than an outbox's worth was queued); one whose peer takes
+    nothing meets the write's deadline, which closes the connection as before."""
+    why = (
+        f"{queued} bytes of answers and events were queued for this client, past"
+        f" max_queued_bytes ({conn._max_queued}): it does not read what it asks for"
+    )
+    log.warning("connection %d (%s) closed: %s", conn.number, conn.name, why)
+    conn._broken = conn._cut = True  # what is sent from now on is dropped
+    conn.cancel_calls()
+    notice = frame(encode_error(0, HiveError(f"the runtime closed the connection: {why}")))
+    conn._queued += len(notice) - conn._outbox_size
+    conn._outbox, conn._outbox_size = [notice], len(notice)
+    if not conn._writing:  # pragma: no cover - past an outbox's worth, one writes
+        close_connection(conn, why)
+
+
+def close_connection(conn: _Connection, why: str) -> None:
     if not conn._broken:
         conn._broken = True
-        log.log(
-            logging.WARNING if warn else logging.INFO,
-            "connection %d (%s) closed: %s",
-            conn.number,
-            conn.name,
-            why,
-        )
+        log.info("connection %d (%s) closed: %s", conn.number, conn.name, why)
     conn._outbox.clear()
     conn._outbox_size = conn._queued = 0
     if conn._flushing is not None:
