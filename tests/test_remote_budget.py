@@ -55,11 +55,12 @@ DEADLINE = 60.0
 CONNECTIONS = 8
 
 
-def _config(**overrides: Any) -> RuntimeConfig:
+def _config(connections: int = CONNECTIONS, **overrides: Any) -> RuntimeConfig:
+    """1 MiB frames, and a budget of one call of them and ``connections`` shares."""
     settings: dict[str, Any] = {
         "max_frame_bytes": MIB,
-        "max_held_bytes": held_by(MIB) + CONNECTIONS * CONNECTION_BYTES,
-        "max_connections": CONNECTIONS,
+        "max_held_bytes": held_by(MIB) + connections * CONNECTION_BYTES,
+        "max_connections": connections,
         "remote_timeout": 20.0,
     }
     settings.update(overrides)
@@ -318,7 +319,7 @@ async def test_a_large_request_first_in_line_is_not_passed_over_by_small_ones(
     # no room for C's, even once A leaves and its connection's share is given back
     # (three connections at most: no other connections' shares to spare).
     db_path = str(tmp_path / "hive.db")
-    config = _config(max_connections=3, max_held_bytes=held_by(MIB) + 3 * CONNECTION_BYTES)
+    config = _config(3)
     async with Runtime.open(db_path, config=config) as runtime, _peers() as start:
         server = runtime._server
         assert server is not None
@@ -419,7 +420,7 @@ async def test_connections_that_come_and_go_give_back_all_they_took(
     # cleanly or reset. Once they are gone, nothing is held and nobody waits.
     # Up to 32 connections at once: a peer's next connection may come before the server
     # saw its last one close.
-    config = _config(max_connections=32, max_held_bytes=held_by(MIB) + 32 * CONNECTION_BYTES)
+    config = _config(32)
     async with Runtime.open(tmp_path / "hive.db", config=config) as runtime:
         server = runtime._server
         assert server is not None
@@ -510,7 +511,7 @@ async def test_each_connection_holds_a_share_for_its_read_buffers_and_lets_go_of
             pass
     assert refused.value.field == "max_held_bytes"
     many = 32
-    config = _config(max_connections=many, max_held_bytes=held_by(MIB) + many * CONNECTION_BYTES)
+    config = _config(many)
     async with Runtime.open(tmp_path / "hive.db", config=config) as runtime:
         server = runtime._server
         assert server is not None
@@ -650,7 +651,7 @@ async def test_a_connection_waits_for_its_share_and_counts_against_max_connectio
     # counted against max_connections (3) meanwhile, so a fourth is refused at once,
     # where it passed the count and would have held a share beyond what the budget was
     # checked for once both were served. The first goes: the third is welcomed.
-    config = _config(max_connections=3, max_held_bytes=held_by(MIB) + 3 * CONNECTION_BYTES)
+    config = _config(3)
     async with Runtime.open(tmp_path / "hive.db", config=config) as runtime:
         server = runtime._server
         assert server is not None
