@@ -88,16 +88,32 @@ async def test_a_forward_step_loses_no_live_claim_and_no_live_worker(db_path: st
     failed, requeued or timed out (``max_retries=0``: a lost lease would fail it for good),
     and every task completes on its first attempt."""
     async with stepped_runtime(db_path) as (rt, clock):
-        await rt.register_worker("w", capabilities=["job"])
         ids = [await rt.create_task("job", {"n": n}, max_retries=0) for n in range(50)]
         timed = await rt.create_task("job", {"timed": True}, max_retries=0, timeout=SOON)
+        # Registered once its tasks are there: 51 creates, each its own commit, took up to
+        # 1.7 s on PostgreSQL at load ~12, past its worker_timeout with no sign of life.
+        await rt.register_worker("w", capabilities=["job"])
         claims = await rt.claim_tasks("w", "job", limit=51, lease=BOUND, start=True)
         assert sorted(c.task.id for c in claims) == sorted([*ids, timed])
         first_expiry = max(c.expires_at for c in claims)
 
         async def renew() -> datetime:
-            expires = [await rt.heartbeat(c.lease) for c in claims]
-            assert await rt.update_worker_heartbeat("w")
+            # All at once, as workers of their own would: one after another, each
+            # heartbeat that the PostgreSQL store writes (every 0.5 s of a lease's move)
+            # waits for its own commit, and 51 commits in a row took 0.4-0.55 s at load
+            # ~12: with the pause, more than a lease between two renewals of a claim.
+            expires: list[datetime] = []
+
+            async def one(claim: Claim) -> None:
+                expires.append(await rt.heartbeat(claim.lease))
+
+            async def worker() -> None:
+                assert await rt.update_worker_heartbeat("w")
+
+            async with anyio.create_task_group() as tg:
+                for claim in claims:
+                    tg.start_soon(one, claim)
+                tg.start_soon(worker)
             return max(expires)
 
         await renew()
@@ -114,9 +130,16 @@ async def test_a_forward_step_loses_no_live_claim_and_no_live_worker(db_path: st
         assert worker is not None
         assert worker.status is WorkerStatus.ACTIVE
         assert worker.last_heartbeat >= clock() - timedelta(seconds=SOON)
-        for c in claims:
-            done = await rt.complete_task(c.lease, {"ok": True})  # LeaseLostError if lost
-            assert (done.status, done.attempts) == (TaskStatus.COMPLETED, 0)
+        done: list[tuple[TaskStatus, int]] = []
+
+        async def complete(claim: Claim) -> None:
+            task = await rt.complete_task(claim.lease, {"ok": True})  # LeaseLostError if lost
+            done.append((task.status, task.attempts))
+
+        async with anyio.create_task_group() as tg:  # at once too, within a lease
+            for claim in claims:
+                tg.start_soon(complete, claim)
+        assert done == [(TaskStatus.COMPLETED, 0)] * len(claims)
         bad = {"task.failed", "task.retrying", "task.timed_out", "worker.offline"}
         assert [e for e in await all_events(rt) if e.type in bad] == []
 
