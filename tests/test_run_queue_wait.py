@@ -45,6 +45,36 @@ def test_the_time_spent_waiting_for_a_cpu_is_counted() -> None:
     assert waits.between(start - 10, start - 5) == 0.0
 
 
+@pytest.mark.skipif(not LINUX, reason="run-queue wait is read from Linux's /proc")
+def test_a_watched_process_adds_what_it_waited_from_then_on() -> None:
+    """Two busy processes share one CPU while this one sleeps: one of them, watched (as a
+    PostgreSQL backend is), adds about half of the 0.2 s that follow; the 0.4 s before,
+    in which it waited as much, are not counted (they would take the count past the
+    interval itself)."""
+    cpu = min(os.sched_getaffinity(0))
+    code = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nprint(flush=True)\nwhile 1: pass"
+    rivals = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)]
+    rivals.append(subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE))
+    try:
+        for rival in rivals:
+            assert rival.stdout is not None
+            rival.stdout.readline()  # it runs on that CPU
+        time.sleep(0.4)
+        waits = RunQueueWait(clock=time.monotonic)
+        waits.sample()
+        start = time.monotonic()
+        waits.watch([rivals[0].pid])
+        time.sleep(0.2)
+        waits.sample()
+        end = time.monotonic()
+    finally:
+        for rival in rivals:
+            rival.kill()
+            rival.communicate()
+    waited = waits.between(start, end)
+    assert 0.03 <= waited <= end - start + 0.05, (waited, end - start)
+
+
 @pytest.mark.anyio
 async def test_without_schedstat_nothing_is_counted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_sched, "_TASKS", "/nonexistent/task")

@@ -36,7 +36,9 @@ a CPU, for longer than those allowances (measured at load ~11 on the 2-core mach
 requeued 305 ms late, and the process had waited 315 ms for a CPU in that span); so each
 allowance is extended by exactly the time the process waited for a CPU over the span it
 bounds, as Linux counts it (run-queue time, ``tests/_sched.py``): nothing on an idle
-machine, and never the time a timer or a batch of the runtime's own makes it wait. Then
+machine, and never the time a timer or a batch of the runtime's own makes it wait. On
+PostgreSQL the wait of the server's backend that serves the runtime's writes is added too:
+its commits are that process's work. Then
 each such task is completed by a surviving worker, once; every task completed exactly
 once; the audit of tasks, runs and log is clean; and the same after
 reopening the file. The seed is printed when a test fails (``HIVE_RELIABILITY_SEED``
@@ -55,7 +57,8 @@ from typing import Literal
 
 import anyio
 import pytest
-from _sched import RunQueueWait
+from _raw import is_postgres
+from _sched import RunQueueWait, pg_writer_pids
 from _timing import loop_time, loop_wall_clock
 
 from hive_orchestration import (
@@ -285,6 +288,8 @@ async def run_deaths(
     measured = Measured()
     with anyio.fail_after(SAFETY):
         async with Runtime.open(db_path, config=config, wall_clock=loop_wall_clock) as runtime:
+            if is_postgres(db_path):  # its commits wait for the server's backend too
+                run.cpu_wait.watch(await anyio.to_thread.run_sync(pg_writer_pids, db_path))
             client = runtime.client(source_agent="auditor")
             run.tasks = [await client.create_task(JOB, {"n": n}) for n in range(tasks)]
             dying = set(rng.sample(range(workers), doomed))
