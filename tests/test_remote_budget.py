@@ -24,6 +24,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from _frames import read_frame, read_until_closed
 from _memory import resident
 from anyio.abc import Process
 
@@ -126,23 +127,6 @@ async def _until(condition: Callable[[], bool]) -> None:
             await anyio.sleep(0.01)
 
 
-def _read_frame(sock: socket.socket) -> Any:
-    def exactly(size: int) -> bytes:
-        data = bytearray()
-        while len(data) < size:
-            chunk = sock.recv(size - len(data))
-            if not chunk:
-                raise EOFError(f"the server closed after {len(data)} of {size} bytes")
-            data += chunk
-        return bytes(data)
-
-    while True:
-        size = int.from_bytes(exactly(4), "big")
-        message = msgspec.msgpack.decode(exactly(size), type=ServerFrame)
-        if message != Pong(0):
-            return message
-
-
 def _raw_connect(address: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX)
     sock.settimeout(DEADLINE)
@@ -151,7 +135,7 @@ def _raw_connect(address: str) -> socket.socket:
         target = "\0" + address.removeprefix("abstract:")
     sock.connect(target)
     sock.sendall(frame(Hello(PROTOCOL_VERSION)))
-    assert isinstance(_read_frame(sock), Welcome)
+    assert isinstance(read_frame(sock), Welcome)
     return sock
 
 
@@ -377,7 +361,7 @@ async def test_calls_that_wait_for_other_clients_hold_none_of_the_budget(
                         for n in range(1, 11)
                     )
                 )  # fmt: skip
-                answers = [_read_frame(sock) for _ in range(10)]
+                answers = [read_frame(sock) for _ in range(10)]
                 return [msgspec.msgpack.decode(answer.value) for answer in answers]
             finally:
                 sock.close()
@@ -404,7 +388,7 @@ async def test_calls_that_wait_for_other_clients_hold_none_of_the_budget(
                         b"".join(_call(n, "create_task", task_type=types[0]) for n in range(30)),
                     )
                     for _ in range(30):
-                        await anyio.to_thread.run_sync(_read_frame, sock)
+                        await anyio.to_thread.run_sync(read_frame, sock)
                 finally:
                     sock.close()
         assert len(answered) == 30
@@ -466,15 +450,7 @@ async def test_a_client_that_does_not_read_its_answers_is_cut_past_max_queued_by
             assert connection._queued < limit
             assert connection in server._connections  # until the client takes its notice
 
-            def read_to_the_end() -> list[Any]:
-                frames = []
-                while True:
-                    try:
-                        frames.append(_read_frame(sock))
-                    except EOFError:
-                        return frames
-
-            frames = await anyio.to_thread.run_sync(read_to_the_end)
+            frames = await anyio.to_thread.run_sync(read_until_closed, sock)
         finally:
             sock.close()
         # The answers being written when it was cut, if any (the 40 may all come while
@@ -526,7 +502,7 @@ async def test_each_connection_holds_a_share_for_its_read_buffers_and_lets_go_of
                 for n, sock in enumerate(socks, 1):
                     for _ in range(8):  # eight frames a connection, each read and answered
                         sock.sendall(frame(_PaddedPing(n, b"x" * 60_000)))
-                        assert _read_frame(sock) == Pong(n)
+                        assert read_frame(sock) == Pong(n)
 
             await anyio.to_thread.run_sync(pings)
             # What is left is each connection's last chunk, if it keeps it: 32 x 60 KB.
@@ -579,7 +555,7 @@ async def test_calls_that_wait_keep_what_their_arguments_hold_within_the_room_le
             assert sum(held_by(len(call) - 4) for call in small) + 15 * WAITING_SHARE <= kept
             for _ in range(23):
                 await runtime.create_task("job", {})
-            answers = [await anyio.to_thread.run_sync(_read_frame, sock) for _ in range(23)]
+            answers = [await anyio.to_thread.run_sync(read_frame, sock) for _ in range(23)]
             assert all(msgspec.msgpack.decode(answer.value) for answer in answers)
             await _until(lambda: budget.held == CONNECTION_BYTES)
             assert budget.kept == 0
@@ -689,7 +665,7 @@ async def test_a_connection_waits_for_its_share_and_counts_against_max_connectio
                     if address.startswith("abstract:"):
                         target = "\0" + address.removeprefix("abstract:")
                     await anyio.to_thread.run_sync(fourth.connect, target)
-                    refused = await anyio.to_thread.run_sync(_read_frame, fourth)
+                    refused = await anyio.to_thread.run_sync(read_frame, fourth)
                 finally:
                     fourth.close()
                 assert isinstance(refused, Refused)

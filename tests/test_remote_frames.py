@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from _frames import read_frame, read_until_closed
 from _memory import peak_growth
 from anyio.abc import SocketAttribute
 
@@ -180,17 +181,6 @@ def _unread(sock: socket.socket) -> int:
     return found[0]
 
 
-def _read_frame(sock: socket.socket, *, unasked: list[Pong] | None = None) -> Any:
-    """The next frame from the server, past the pongs of nonce 0 it sends unasked while
-    it holds the connection's frames back (counted in ``unasked``)."""
-    while True:
-        message = _read_one(sock)
-        if message != Pong(0):
-            return message
-        if unasked is not None:
-            unasked.append(message)
-
-
 def _frames_after(address: str, sent: bytes) -> list[Any]:
     """Every frame the server sends on a connection welcomed, then sent ``sent``, until it
     closes it (blocking: run in a thread)."""
@@ -199,30 +189,11 @@ def _frames_after(address: str, sent: bytes) -> list[Any]:
     sock.connect(connect_path(address))
     try:
         sock.sendall(frame(Hello(PROTOCOL_VERSION)))
-        assert isinstance(_read_frame(sock), Welcome)
+        assert isinstance(read_frame(sock), Welcome)
         sock.sendall(sent)
-        frames = []
-        while True:
-            try:
-                frames.append(_read_frame(sock))
-            except EOFError:
-                return frames
+        return read_until_closed(sock)
     finally:
         sock.close()
-
-
-def _read_one(sock: socket.socket) -> Any:
-    def exactly(size: int) -> bytes:
-        data = bytearray()
-        while len(data) < size:
-            chunk = sock.recv(size - len(data))
-            if not chunk:
-                raise EOFError(f"the server closed after {len(data)} of {size} bytes")
-            data += chunk
-        return bytes(data)
-
-    (size,) = struct.unpack(">I", exactly(4))
-    return msgspec.msgpack.decode(exactly(size), type=ServerFrame)
 
 
 async def _until(condition: Callable[[], bool]) -> None:
@@ -250,7 +221,7 @@ async def test_a_cancel_that_comes_while_the_answer_is_written_does_not_cut_it(
         try:
             # Blocking calls in a thread: the owner's loop is this one.
             await anyio.to_thread.run_sync(sock.sendall, frame(Hello(PROTOCOL_VERSION)))
-            assert isinstance(await anyio.to_thread.run_sync(_read_frame, sock), Welcome)
+            assert isinstance(await anyio.to_thread.run_sync(read_frame, sock), Welcome)
             blob = "x" * 900_000
             args = {"event_type": "app.big", "data": {"blob": blob}}
             await anyio.to_thread.run_sync(sock.sendall, _call(1, "publish", **args))
@@ -262,7 +233,7 @@ async def test_a_cancel_that_comes_while_the_answer_is_written_does_not_cut_it(
             await anyio.wait_all_tasks_blocked()  # and acted on them
 
             def read_two() -> list[Any]:
-                return [_read_frame(sock), _read_frame(sock)]
+                return [read_frame(sock), read_frame(sock)]
 
             answer, pong = await anyio.to_thread.run_sync(read_two)
         finally:
@@ -291,7 +262,7 @@ async def test_past_its_calls_in_flight_a_connection_is_not_read_nor_cut_as_sile
             sock.connect(connect_path(server.address or ""))
             try:
                 sock.sendall(frame(Hello(PROTOCOL_VERSION)))
-                assert isinstance(_read_frame(sock), Welcome)
+                assert isinstance(read_frame(sock), Welcome)
                 claim = {"worker_id": "w", "task_types": ["nothing"], "wait": 3.5}
                 sock.sendall(
                     _call(1, "claim_task", **claim)
@@ -300,7 +271,7 @@ async def test_past_its_calls_in_flight_a_connection_is_not_read_nor_cut_as_sile
                 )
                 answers = []
                 for _ in range(3):
-                    answer = _read_frame(sock, unasked=unasked)
+                    answer = read_frame(sock, unasked=unasked)
                     answers.append((answer.id, msgspec.msgpack.decode(answer.value)))
                 return answers
             finally:
@@ -450,13 +421,13 @@ async def test_a_frame_of_small_values_is_refused_before_it_is_decoded(
         await anyio.to_thread.run_sync(sock.connect, connect_path(server.address))
         try:
             await anyio.to_thread.run_sync(sock.sendall, frame(Hello(PROTOCOL_VERSION)))
-            assert isinstance(await anyio.to_thread.run_sync(_read_frame, sock), Welcome)
+            assert isinstance(await anyio.to_thread.run_sync(read_frame, sock), Welcome)
             with peak_growth() as growth:
                 await anyio.to_thread.run_sync(sock.sendall, data)
-                refused = await anyio.to_thread.run_sync(_read_frame, sock)
+                refused = await anyio.to_thread.run_sync(read_frame, sock)
             grown = growth.peak
             await anyio.to_thread.run_sync(sock.sendall, _call(2, "list_tasks"))
-            listed = await anyio.to_thread.run_sync(_read_frame, sock)
+            listed = await anyio.to_thread.run_sync(read_frame, sock)
         finally:
             sock.close()
         assert await runtime.client().list_tasks() == []
@@ -493,7 +464,7 @@ async def test_past_what_its_calls_may_hold_a_connection_is_not_read(
             sock.connect(connect_path(server.address or ""))
             try:
                 sock.sendall(frame(Hello(PROTOCOL_VERSION)))
-                assert isinstance(_read_frame(sock), Welcome)
+                assert isinstance(read_frame(sock), Welcome)
                 types = [f"t{n}-" + "x" * 140 for n in range(256)]
                 claim = {"worker_id": "w", "task_types": types, "wait": 1.0}
                 sock.sendall(
@@ -503,7 +474,7 @@ async def test_past_what_its_calls_may_hold_a_connection_is_not_read(
                 )
                 answers = []
                 for _ in range(3):
-                    answer = _read_frame(sock)
+                    answer = read_frame(sock)
                     answers.append((answer.id, msgspec.msgpack.decode(answer.value)))
                 return answers
             finally:
@@ -547,7 +518,7 @@ async def test_a_frame_of_too_many_names_is_cut_off_before_they_are_decoded(
             sock.settimeout(DEADLINE)
             sock.connect(connect_path(server.address or ""))
             sock.sendall(frame(Hello(PROTOCOL_VERSION)))
-            assert isinstance(_read_frame(sock), Welcome)
+            assert isinstance(read_frame(sock), Welcome)
             return sock
 
         sock = await anyio.to_thread.run_sync(connect)
@@ -556,8 +527,8 @@ async def test_a_frame_of_too_many_names_is_cut_off_before_they_are_decoded(
             tracemalloc.reset_peak()
             base = tracemalloc.get_traced_memory()[0]
             await anyio.to_thread.run_sync(sock.sendall, struct.pack(">I", size) + body)
-            refused = await anyio.to_thread.run_sync(_read_frame, sock)
-            notice = await anyio.to_thread.run_sync(_read_frame, sock)
+            refused = await anyio.to_thread.run_sync(read_frame, sock)
+            notice = await anyio.to_thread.run_sync(read_frame, sock)
             closed = await anyio.to_thread.run_sync(sock.recv, 1)
             grown = tracemalloc.get_traced_memory()[1] - base
         finally:
@@ -573,7 +544,7 @@ async def test_a_frame_of_too_many_names_is_cut_off_before_they_are_decoded(
         again = await anyio.to_thread.run_sync(connect)
         try:
             await anyio.to_thread.run_sync(again.sendall, _call(2, "list_tasks"))
-            listed = await anyio.to_thread.run_sync(_read_frame, again)
+            listed = await anyio.to_thread.run_sync(read_frame, again)
         finally:
             again.close()
         assert isinstance(listed, Result)
