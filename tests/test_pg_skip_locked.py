@@ -593,6 +593,31 @@ async def test_backoff_alarms_are_one_per_queue_and_a_task_taken_elsewhere_is_ha
         assert [len(manager._backoff_ends) for manager in managers] == [0, 0]
 
 
+def _back_off(url: str, task_id: str, ends: str, *, attempts: str = "attempts") -> None:
+    """Set ``task_id``'s backoff to end at ``ends`` (SQL, by the database's clock) behind
+    the runtime's back, as another node's retry stores it."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            f"UPDATE tasks SET available_at = {ends}, attempts = {attempts},"
+            " version = version + 1 WHERE id = %s",
+            (task_id,),
+        )
+
+
+def _clock_read_off(monkeypatch: pytest.MonkeyPatch, by: timedelta) -> None:
+    """The node's reading of the database's clock at start-up is ``by`` off (the
+    server's clock stepped the other way since the node read it)."""
+    query_queues = PostgresSql.query_queues
+
+    async def read_off(self: PostgresSql, db: Any, message: Any) -> Any:
+        answer = await query_queues(self, db, message)
+        if isinstance(message, DatabaseClock):
+            return answer + by
+        return answer
+
+    monkeypatch.setattr(PostgresSql, "query_queues", read_off)
+
+
 async def test_a_node_far_ahead_does_not_take_a_backoff_it_read_beyond_the_rows_it_locked(
     pg_url: str,
 ) -> None:
@@ -610,12 +635,7 @@ async def test_a_node_far_ahead_does_not_take_a_backoff_it_read_beyond_the_rows_
     config = RuntimeConfig(ready_queue_head=2)
     async with Runtime.open(pg_url, config=config) as one:
         backing_off = await one.create_task("job", priority=1)
-        with psycopg.connect(pg_url, autocommit=True) as conn:
-            conn.execute(
-                "UPDATE tasks SET available_at = now() + interval '3 seconds',"
-                " version = version + 1 WHERE id = %s",
-                (backing_off,),
-            )
+        _back_off(pg_url, backing_off, "now() + interval '3 seconds'")
     async with Runtime.open(pg_url, config=config, wall_clock=ahead) as two:
         # Its read held the whole queue (one task): the tasks it creates join it.
         first = await two.create_task("job", priority=5)
@@ -652,12 +672,7 @@ async def test_a_retried_task_long_due_beyond_the_rows_locked_keeps_its_turn(
     config = RuntimeConfig(ready_queue_head=2)
     async with Runtime.open(pg_url, config=config) as one:
         retried = await one.create_task("job", priority=3)
-        with psycopg.connect(pg_url, autocommit=True) as conn:
-            conn.execute(
-                "UPDATE tasks SET available_at = now() - interval '1 hour', attempts = 1,"
-                " version = version + 1 WHERE id = %s",
-                (retried,),
-            )
+        _back_off(pg_url, retried, "now() - interval '1 hour'", attempts="1")
     async with Runtime.open(pg_url, config=config) as two:
         # Its read held the whole queue (one task): the tasks it creates join it.
         first = await two.create_task("job", priority=5)
@@ -686,24 +701,11 @@ async def test_a_backoff_let_go_beyond_the_rows_locked_is_not_passed_over_once_d
     the bound, which no refill reads, and once due a worse task held beyond the next
     lock's rows was handed out before it (until a sweep read it: off here). Memory now
     keeps it, held until its end by the database's clock as the lock read it."""
-    query_queues = PostgresSql.query_queues
-
-    async def stepped_back(self: PostgresSql, db: Any, message: Any) -> Any:
-        answer = await query_queues(self, db, message)
-        if isinstance(message, DatabaseClock):
-            return answer + timedelta(hours=1)
-        return answer
-
-    monkeypatch.setattr(PostgresSql, "query_queues", stepped_back)
+    _clock_read_off(monkeypatch, timedelta(hours=1))
     config = RuntimeConfig(ready_queue_head=2)
     async with Runtime.open(pg_url, config=config) as one:
         backing_off = await one.create_task("job", priority=5)
-        with psycopg.connect(pg_url, autocommit=True) as conn:
-            conn.execute(
-                "UPDATE tasks SET available_at = now() + interval '3 seconds',"
-                " version = version + 1 WHERE id = %s",
-                (backing_off,),
-            )
+        _back_off(pg_url, backing_off, "now() + interval '3 seconds'")
     async with Runtime.open(pg_url, config=config) as two:
         # Its read held the whole queue (one task): the tasks it creates join it.
         best = [await two.create_task("job", priority=9) for _ in range(2)]
@@ -727,24 +729,11 @@ async def test_a_row_the_lock_takes_is_out_of_its_backoff_whatever_memory_reckon
     server's clock stepped forward since), so it holds a backoff it reads back an hour
     too long. Once the task is due by the server's clock, a claim's lock takes its row:
     memory still held it as backing off and handed out only the worse task."""
-    query_queues = PostgresSql.query_queues
-
-    async def stepped_forward(self: PostgresSql, db: Any, message: Any) -> Any:
-        answer = await query_queues(self, db, message)
-        if isinstance(message, DatabaseClock):
-            return answer - timedelta(hours=1)
-        return answer
-
-    monkeypatch.setattr(PostgresSql, "query_queues", stepped_forward)
+    _clock_read_off(monkeypatch, -timedelta(hours=1))
     async with Runtime.open(pg_url) as one:
         retried = await one.create_task("job", priority=5)
         worse = await one.create_task("job", priority=1)
-        with psycopg.connect(pg_url, autocommit=True) as conn:
-            conn.execute(
-                "UPDATE tasks SET available_at = now() + interval '1 second',"
-                " version = version + 1 WHERE id = %s",
-                (retried,),
-            )
+        _back_off(pg_url, retried, "now() + interval '1 second'")
     async with Runtime.open(pg_url) as two:
         with psycopg.connect(pg_url, autocommit=True) as conn:
             await until_due(conn, backoff=retried)
