@@ -26,10 +26,10 @@ import random
 import socket
 import struct
 import sys
-from typing import Any
 
 import anyio
 import msgspec
+from _frames import read_frame
 
 from hive_orchestration import OrchestrationClient, RuntimeConfig
 from hive_orchestration.remote.protocol import (
@@ -37,14 +37,9 @@ from hive_orchestration.remote.protocol import (
     Call,
     Cancel,
     Hello,
-    Pong,
-    ServerFrame,
     Welcome,
     frame,
 )
-
-#: What the owner's frames are read as.
-_DECODER = msgspec.msgpack.Decoder(ServerFrame)
 
 
 def connect(address: str) -> socket.socket:
@@ -57,25 +52,6 @@ def connect(address: str) -> socket.socket:
     sock.sendall(frame(Hello(PROTOCOL_VERSION, name="budget-peer")))
     assert isinstance(read_frame(sock), Welcome)
     return sock
-
-
-def read_frame(sock: socket.socket) -> Any:
-    """The next frame, past the owner's unasked pongs."""
-    while True:
-        (size,) = struct.unpack(">I", exactly(sock, 4))
-        message = _DECODER.decode(exactly(sock, size))
-        if message != Pong(0):
-            return message
-
-
-def exactly(sock: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise EOFError(f"the owner closed after {len(data)} of {size} bytes")
-        data += chunk
-    return bytes(data)
 
 
 def create_call(call_id: int, size: int) -> bytes:
