@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from _raw import refusing_writes
 from _timing import loop_time, loop_wall_clock
@@ -35,6 +36,8 @@ from hive_orchestration import (
     TaskStatus,
 )
 from hive_orchestration.actors.task_manager import TaskManager
+from hive_orchestration.messages.tasks import GetTask, TaskManagerMessage, Wake
+from hive_orchestration.runtime import Envelope
 
 pytestmark = pytest.mark.anyio
 
@@ -526,6 +529,91 @@ async def test_a_lease_can_be_shortened_and_then_expires(db_path: str) -> None:
         assert acted - (sent + 0.1) >= -EARLY, acted - (sent + 0.1)
         assert acted - (acked + 0.1) <= LATE, acted - (acked + 0.1)
         assert got - acted <= DELIVERY, got - acted
+
+
+@pytest.mark.parametrize(
+    ("renewal", "place"),
+    [("heartbeat", "queued"), ("completion", "queued"), ("heartbeat", "behind a full batch")],
+)
+async def test_a_renewal_sent_before_the_lease_ends_keeps_it_however_late_it_is_taken(
+    db_path: str, monkeypatch: pytest.MonkeyPatch, renewal: str, place: str
+) -> None:
+    """A heartbeat (or completion) sent before its lease ends counts, even when the
+    TaskManager, busy (its commit held up by a slow disk or a starved database backend),
+    takes it only after the deadline, in the batch that finds the lease due, or behind
+    more than a batch (``max_batch`` messages): the lease is not expired (the renewal is
+    answered, the run not lost). A request with the claim's ids but not its secret spares
+    nothing: the lease beside it, silent but for that, is expired by that same batch.
+    Here the TaskManager is held in a batch (a read of ``hold``) from before the deadline
+    to after it, while the requests wait in its mailbox."""
+    lease = 1.0
+    flood = TaskManager.max_batch + 100 if place == "behind a full batch" else 0
+    gate = anyio.Event()
+    original = TaskManager.receive_batch
+    batches: list[int] = []  # the size of each batch from the one after the gate
+
+    async def receive_batch(
+        self: TaskManager, batch: Sequence[Envelope[TaskManagerMessage]]
+    ) -> None:
+        if gate.is_set():
+            batches.append(len(batch))
+        await original(self, batch)
+        if any(e.message == GetTask("hold") for e in batch):
+            await gate.wait()  # busy: what is sent meanwhile waits
+
+    monkeypatch.setattr(TaskManager, "receive_batch", receive_batch)
+    answers: dict[str, object] = {}
+    answered = anyio.Event()
+
+    async def send(name: str, call: Awaitable[object]) -> None:
+        try:
+            answers[name] = await call
+        except LeaseLostError as exc:
+            answers[name] = exc
+        if len(answers) == 2:
+            answered.set()
+
+    async with (
+        runtime(db_path, mailbox_size=flood + 100, **SLOW_BACKOFF) as rt,
+        anyio.create_task_group() as tg,
+    ):
+        kept_id = await rt.create_task("job")
+        lost_id = await rt.create_task("job")
+        kept = await claim(rt, lease=lease, worker="w1")
+        lost = await claim(rt, lease=lease, worker="w2")
+        claimed = anyio.current_time()  # both deadlines are at most a lease from here
+        assert (kept.task.id, lost.task.id) == (kept_id, lost_id)
+        tg.start_soon(rt.get_task, "hold")
+        await anyio.wait_all_tasks_blocked()  # the TaskManager holds
+        for _ in range(flood):  # what a busy TaskManager has before it (each a no-op)
+            assert rt._tasks.try_tell(Wake())
+        if renewal == "heartbeat":
+            tg.start_soon(send, "kept", rt.heartbeat(kept.lease))
+        else:
+            tg.start_soon(send, "kept", rt.complete_task(kept.lease, {"done": True}))
+        forged = msgspec.structs.replace(lost.lease, secret="not the claim's secret")
+        tg.start_soon(send, "forged", rt.heartbeat(forged))
+        await anyio.wait_all_tasks_blocked()  # sent: queued behind the held batch
+        assert anyio.current_time() < claimed + lease, "sent too late for the test"
+        await anyio.sleep(claimed + lease + 0.3 - anyio.current_time())
+        gate.set()  # both deadlines have passed: the next batch settles them
+        with anyio.fail_after(SOON):
+            await answered.wait()
+        assert not isinstance(answers["kept"], LeaseLostError), answers["kept"]
+        assert isinstance(answers["forged"], LeaseLostError)
+        if flood:
+            assert batches[0] == TaskManager.max_batch  # the renewal waited behind it
+        (kept_run,) = await rt.get_runs(kept_id)
+        if renewal == "heartbeat":
+            assert kept_run.status is RunStatus.ASSIGNED
+            await rt.complete_task(kept.lease)  # LeaseLostError had it been expired
+        (kept_run,) = await rt.get_runs(kept_id)
+        assert kept_run.status is RunStatus.COMPLETED
+        (lost_run,) = await rt.get_runs(lost_id)
+        assert lost_run.status is RunStatus.LOST
+        retrying = [e for e in await events_of(rt, lost_id) if e.type == "task.retrying"]
+        assert [e.data["reason"] for e in retrying] == ["lease_expired"]
+        assert not [e for e in await events_of(rt, kept_id) if e.type == "task.retrying"]
 
 
 async def test_release_worker_tasks_requeues_what_the_worker_held(db_path: str) -> None:
