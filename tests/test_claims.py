@@ -38,6 +38,7 @@ from hive_orchestration import (
 from hive_orchestration.actors.task_manager import TaskManager
 from hive_orchestration.messages.tasks import GetTask, TaskManagerMessage, Wake
 from hive_orchestration.runtime import Envelope
+from hive_orchestration.storage.actor import StorageActor
 
 pytestmark = pytest.mark.anyio
 
@@ -614,6 +615,45 @@ async def test_a_renewal_sent_before_the_lease_ends_keeps_it_however_late_it_is_
         retrying = [e for e in await events_of(rt, lost_id) if e.type == "task.retrying"]
         assert [e.data["reason"] for e in retrying] == ["lease_expired"]
         assert not [e for e in await events_of(rt, kept_id) if e.type == "task.retrying"]
+
+
+async def test_a_lease_runs_from_the_answer_to_its_renewal_not_from_its_batch(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renewed lease runs from the answer to the renewal, not from the start of the
+    batch that handled it: the worker renews a while after that answer (the agent runner:
+    a third of the lease), and a commit held up (a slow fsync, a database backend waiting
+    for a CPU) is the runtime's delay, not the worker's. Here the renewal's commit (it
+    reports progress, so it is written) is held 0.9 of the lease, and the next renewal is
+    sent a third of the lease after its answer: it holds (counted from the batch's
+    start, the lease ended before that renewal was sent)."""
+    lease = 1.0
+    stall = 0.9
+    holding = False
+    original = StorageActor._commit
+
+    async def commit(self: StorageActor, *args: Any, **kwargs: Any) -> Any:
+        if holding:
+            await anyio.sleep(stall)  # the writer stalls before its commit
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StorageActor, "_commit", commit)
+    async with runtime(db_path, **SLOW_BACKOFF) as rt:
+        task_id = await rt.create_task("job")
+        c = await claim(rt, lease=lease)
+        holding = True
+        sent = anyio.current_time()
+        await rt.report_progress(c.lease, {"done": 1})
+        answered = anyio.current_time()
+        holding = False
+        assert answered - sent >= stall - EARLY
+        await anyio.sleep(lease / 3)  # as the runner does, from the answer
+        assert anyio.current_time() < answered + lease, "sent too late for the test"
+        await rt.heartbeat(c.lease)  # LeaseLostError had the lease run from the batch
+        done = await rt.complete_task(c.lease)
+        assert done.attempts == 0
+        (run,) = await rt.get_runs(task_id)
+        assert run.status is RunStatus.COMPLETED
 
 
 async def test_release_worker_tasks_requeues_what_the_worker_held(db_path: str) -> None:

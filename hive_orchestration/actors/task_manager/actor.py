@@ -428,6 +428,7 @@ class TaskManager(Actor[TaskManagerMessage]):
     _arm = leases.arm
     _holding = leases.holding
     _heartbeat = leases.heartbeat
+    _renewed_from_answer = leases.renewed_from_answer
     # claims.py
     _park = claims.park
     _dispatch = claims.dispatch

@@ -68,7 +68,7 @@ _WRITTEN_SLACK = 0.5
 
 
 #: Requests a worker makes with its lease token: each is a sign of that worker's life,
-#: and renews its claim's lease for as long as it waits to be handled (renewed).
+#: and renews its claim's lease for as long as it waits to be handled (renewals_waiting).
 LEASED = (Heartbeat, StartTask, CompleteTask, FailTask, ReleaseTask)
 #: Batch calls of leased requests: each item its own sign of life.
 LEASED_BATCHES = (CompleteTasks, FailTasks)
@@ -175,7 +175,7 @@ def settle_due(
 
     A lease whose claim has a request of its worker in ``batch`` or still waiting behind
     it (:meth:`~hive_orchestration.runtime.Actor.waiting`) is spared: see
-    :func:`renewed`."""
+    :func:`renewals_waiting`."""
     mono = tm._mono
     deadlines = tm._deadlines
     lapsed: list[str] = []  # leases due, in the order their deadlines came up
@@ -192,7 +192,7 @@ def settle_due(
         else:
             lapsed.append(run_id)
     if lapsed:
-        spared = renewed(tm, lapsed, batch)
+        spared = renewals_waiting(tm, lapsed, batch)
         for run_id in lapsed:
             run = tm._runs[run_id]
             if run_id in spared:
@@ -217,7 +217,7 @@ def settle_due(
         work.answers.append((waiter.envelope, waiter.nothing))
 
 
-def renewed(
+def renewals_waiting(
     tm: TaskManager, lapsed: list[str], batch: Sequence[Envelope[TaskManagerMessage]]
 ) -> set[str]:
     """Of the runs ``lapsed`` (their lease due), those whose worker sent a request with
@@ -345,6 +345,7 @@ def heartbeat(tm: TaskManager, message: Heartbeat, work: _Batch, now: datetime) 
     entry = tm._deadlines.get(run.id)
     if entry is None or due < entry:
         tm._deadlines.set(run.id, due)
+    work.renewed.append((run.id, span))
     if durable:
         work.ops.append(SetRunState(renewed))
     if len(changes) > 1:
@@ -355,3 +356,23 @@ def heartbeat(tm: TaskManager, message: Heartbeat, work: _Batch, now: datetime) 
             data["phase"] = message.phase
         work.ops.append(tm._event("task.progress", task, now, run.worker_id, data))
     return expires
+
+
+def renewed_from_answer(tm: TaskManager, work: _Batch) -> None:
+    """Once the batch is committed, before its answers: the leases its heartbeats
+    renewed run from now. A worker renews a while after the answer to its last renewal
+    (the agent runner: a third of the lease), so a commit held up (a slow fsync, a
+    database backend waiting for a CPU) is the runtime's delay, not the worker's:
+    counted from the start of the batch, a 1 s lease whose renewal's commit took 0.7 s
+    or more ended before the worker's next renewal was due to be sent. The deadline
+    entry, coming up early, is pushed back to the lease (settle_due). The stored
+    ``lease_expires_at`` stays as set (shown; a deadline loaded from it at the next
+    start-up is at most the span from then)."""
+    answered = tm._monotonic()
+    if answered <= tm._mono:
+        return
+    dues = tm._due
+    for run_id, span in work.renewed:
+        due = dues.get(run_id)  # None: the claim ended later in the batch
+        if due is not None:
+            dues[run_id] = due._replace(lease=answered + span)
