@@ -107,10 +107,18 @@ class _Batch:
     answers: list[tuple[Envelope[WorkerRegistryMessage], object]] = field(default_factory=list)
     #: Workers whose own call (a heartbeat, a registration) this batch answers: their
     #: time runs from the answer (see receive_batch).
-    answered: list[str] = field(default_factory=list)
+    #: None: none (no list made for a batch of others, nor for WorkersSeen taken inline).
+    answered: list[str] | None = None
     #: On a store several nodes share: the workers other nodes watch, read for this
     #: batch's reads (None: no read in the batch, or one node).
     others: dict[str, Worker] | None = None
+
+    def answer(self, worker_id: str) -> None:
+        """``worker_id``'s own call is answered by this batch."""
+        if self.answered is None:
+            self.answered = [worker_id]
+        else:
+            self.answered.append(worker_id)
 
 
 class WorkerRegistry(Actor[WorkerRegistryMessage]):
@@ -229,7 +237,7 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
             await self._release(work.releases)
         else:
             self._restore(work)
-        if work.answered:
+        if work.answered is not None:
             # A worker sends its next heartbeat a while after the answer to this one (the
             # runner: a third of the timeout), so its time runs from the answer, not from
             # the start of the batch: a commit held up (a slow fsync, a database backend
@@ -272,7 +280,7 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
                 found.sort(key=lambda worker: worker.last_heartbeat, reverse=True)
                 return found
             case WorkerHeartbeat(worker_id=worker_id, status=status):
-                work.answered.append(worker_id)
+                work.answer(worker_id)
                 return self._heartbeat(worker_id, status, work, now)
             case UnregisterWorker(worker_id=worker_id):
                 worker = self._workers.get(worker_id)
@@ -324,7 +332,7 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
         }
         work.ops.append(self._event("worker.registered", worker, now, data))
         self._alive[worker.id] = self._mono
-        work.answered.append(worker.id)
+        work.answer(worker.id)
         self._schedule(worker.id, self._mono + self._timeout)
         if previous is not None:
             # A worker that registers again restarted: its old incarnation is gone.

@@ -178,7 +178,7 @@ def settle_due(
     :func:`renewals_waiting`."""
     mono = tm._mono
     deadlines = tm._deadlines
-    lapsed: list[str] = []  # leases due, in the order their deadlines came up
+    lapsed: list[str] | None = None  # leases due, in the order their deadlines came up
     while (run_id := deadlines.pop_due(mono)) is not None:
         run = tm._runs[run_id]  # an entry is dropped when its claim ends
         due, is_timeout = tm._due[run_id].next()
@@ -189,9 +189,11 @@ def settle_due(
             error = f"run {run.run_number} exceeded the task's timeout of {task.timeout:g}s"
             tm._close_run(run, RunStatus.TIMED_OUT, work, now, error=error)
             tm._requeue(task, run, "timed_out", error, work, now)
+        elif lapsed is None:
+            lapsed = [run_id]
         else:
             lapsed.append(run_id)
-    if lapsed:
+    if lapsed is not None:
         spared = renewals_waiting(tm, lapsed, batch)
         for run_id in lapsed:
             run = tm._runs[run_id]
@@ -345,7 +347,10 @@ def heartbeat(tm: TaskManager, message: Heartbeat, work: _Batch, now: datetime) 
     entry = tm._deadlines.get(run.id)
     if entry is None or due < entry:
         tm._deadlines.set(run.id, due)
-    work.renewed.append((run.id, span))
+    if work.renewed is None:
+        work.renewed = [(run.id, span)]
+    else:
+        work.renewed.append((run.id, span))
     if durable:
         work.ops.append(SetRunState(renewed))
     if len(changes) > 1:
@@ -369,7 +374,7 @@ def renewed_from_answer(tm: TaskManager, work: _Batch) -> None:
     ``lease_expires_at`` stays as set (shown; a deadline loaded from it at the next
     start-up is at most the span from then)."""
     answered = tm._monotonic()
-    if answered <= tm._mono:
+    if work.renewed is None or answered <= tm._mono:
         return
     dues = tm._due
     for run_id, span in work.renewed:

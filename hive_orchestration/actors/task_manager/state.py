@@ -132,8 +132,9 @@ class _Batch:
     deleted: set[str] = field(default_factory=set)
     answers: list[tuple[Envelope[TaskManagerMessage], object]] = field(default_factory=list)
     # The leases this batch's heartbeats renewed, with their spans: each runs from the
-    # answer, after the commit (leases.renewed_from_answer).
-    renewed: list[tuple[str, float]] = field(default_factory=list)
+    # answer, after the commit (leases.renewed_from_answer). None: none (most batches;
+    # no list made for them).
+    renewed: list[tuple[str, float]] | None = None
     parked: list[int] = field(default_factory=list)  # waiters that arrived in this batch
     seqs: tuple[int, ...] = ()  # the committed events' sequence numbers
     plan_enders: set[int] = field(default_factory=set)  # envelopes that ended a plan's task
