@@ -532,19 +532,16 @@ async def test_a_lease_can_be_shortened_and_then_expires(db_path: str) -> None:
         assert got - acted <= DELIVERY, got - acted
 
 
-@pytest.mark.parametrize(
-    ("renewal", "place"),
-    [("heartbeat", "queued"), ("completion", "queued"), ("heartbeat", "behind a full batch")],
-)
+@pytest.mark.parametrize("place", ["queued", "behind a full batch"])
 async def test_a_renewal_sent_before_the_lease_ends_keeps_it_however_late_it_is_taken(
-    db_path: str, monkeypatch: pytest.MonkeyPatch, renewal: str, place: str
+    db_path: str, monkeypatch: pytest.MonkeyPatch, place: str
 ) -> None:
-    """A heartbeat (or completion) sent before its lease ends counts, even when the
+    """A heartbeat or a completion sent before its lease ends counts, even when the
     TaskManager, busy (its commit held up by a slow disk or a starved database backend),
     takes it only after the deadline, in the batch that finds the lease due, or behind
-    more than a batch (``max_batch`` messages): the lease is not expired (the renewal is
+    more than a batch (``max_batch`` messages): the lease is not expired (the request is
     answered, the run not lost). A request with the claim's ids but not its secret spares
-    nothing: the lease beside it, silent but for that, is expired by that same batch.
+    nothing: the lease beside them, silent but for that, is expired by that same batch.
     Here the TaskManager is held in a batch (a read of ``hold``) from before the deadline
     to after it, while the requests wait in its mailbox."""
     lease = 1.0
@@ -571,50 +568,47 @@ async def test_a_renewal_sent_before_the_lease_ends_keeps_it_however_late_it_is_
             answers[name] = await call
         except LeaseLostError as exc:
             answers[name] = exc
-        if len(answers) == 2:
+        if len(answers) == 3:
             answered.set()
 
     async with (
         runtime(db_path, mailbox_size=flood + 100, **SLOW_BACKOFF) as rt,
         anyio.create_task_group() as tg,
     ):
-        kept_id = await rt.create_task("job")
-        lost_id = await rt.create_task("job")
-        kept = await claim(rt, lease=lease, worker="w1")
-        lost = await claim(rt, lease=lease, worker="w2")
-        claimed = anyio.current_time()  # both deadlines are at most a lease from here
-        assert (kept.task.id, lost.task.id) == (kept_id, lost_id)
+        ids = [await rt.create_task("job") for _ in range(3)]
+        renewed, completed, lost = [await claim(rt, lease=lease, worker=f"w{i}") for i in range(3)]
+        claimed = anyio.current_time()  # the deadlines are at most a lease from here
+        assert [c.task.id for c in (renewed, completed, lost)] == ids
         tg.start_soon(rt.get_task, "hold")
         await anyio.wait_all_tasks_blocked()  # the TaskManager holds
         for _ in range(flood):  # what a busy TaskManager has before it (each a no-op)
             assert rt._tasks.try_tell(Wake())
-        if renewal == "heartbeat":
-            tg.start_soon(send, "kept", rt.heartbeat(kept.lease))
-        else:
-            tg.start_soon(send, "kept", rt.complete_task(kept.lease, {"done": True}))
+        tg.start_soon(send, "renewed", rt.heartbeat(renewed.lease))
+        tg.start_soon(send, "completed", rt.complete_task(completed.lease, {"done": True}))
         forged = msgspec.structs.replace(lost.lease, secret="not the claim's secret")
         tg.start_soon(send, "forged", rt.heartbeat(forged))
         await anyio.wait_all_tasks_blocked()  # sent: queued behind the held batch
         assert anyio.current_time() < claimed + lease, "sent too late for the test"
         await anyio.sleep(claimed + lease + 0.3 - anyio.current_time())
-        gate.set()  # both deadlines have passed: the next batch settles them
+        gate.set()  # the deadlines have passed: the next batch settles them
         with anyio.fail_after(SOON):
             await answered.wait()
-        assert not isinstance(answers["kept"], LeaseLostError), answers["kept"]
+        assert not isinstance(answers["renewed"], LeaseLostError), answers["renewed"]
+        assert not isinstance(answers["completed"], LeaseLostError), answers["completed"]
         assert isinstance(answers["forged"], LeaseLostError)
         if flood:
-            assert batches[0] == TaskManager.max_batch  # the renewal waited behind it
-        (kept_run,) = await rt.get_runs(kept_id)
-        if renewal == "heartbeat":
-            assert kept_run.status is RunStatus.ASSIGNED
-            await rt.complete_task(kept.lease)  # LeaseLostError had it been expired
-        (kept_run,) = await rt.get_runs(kept_id)
-        assert kept_run.status is RunStatus.COMPLETED
-        (lost_run,) = await rt.get_runs(lost_id)
-        assert lost_run.status is RunStatus.LOST
-        retrying = [e for e in await events_of(rt, lost_id) if e.type == "task.retrying"]
+            assert batches[0] == TaskManager.max_batch  # the requests waited behind it
+        (run,) = await rt.get_runs(renewed.task.id)
+        assert run.status is RunStatus.ASSIGNED
+        await rt.complete_task(renewed.lease)  # LeaseLostError had it been expired
+        for task_id in ids[:2]:
+            (run,) = await rt.get_runs(task_id)
+            assert run.status is RunStatus.COMPLETED
+            assert not [e for e in await events_of(rt, task_id) if e.type == "task.retrying"]
+        (run,) = await rt.get_runs(lost.task.id)
+        assert run.status is RunStatus.LOST
+        retrying = [e for e in await events_of(rt, lost.task.id) if e.type == "task.retrying"]
         assert [e.data["reason"] for e in retrying] == ["lease_expired"]
-        assert not [e for e in await events_of(rt, kept_id) if e.type == "task.retrying"]
 
 
 async def test_a_lease_runs_from_the_answer_to_its_renewal_not_from_its_batch(
