@@ -372,7 +372,9 @@ def renewed_from_answer(tm: TaskManager, work: _Batch) -> None:
     or more ended before the worker's next renewal was due to be sent. The deadline
     entry, coming up early, is pushed back to the lease (settle_due). The stored
     ``lease_expires_at`` stays as set (shown; a deadline loaded from it at the next
-    start-up is at most the span from then)."""
+    start-up is at most the span from then). A claim's lease still runs from its batch:
+    the claim is the hot path, and the agent runner renews at once after its claim's
+    answer (a renewal the batch that finds the lease due spares, waiting behind it)."""
     answered = tm._monotonic()
     if work.renewed is None or answered <= tm._mono:
         return
