@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from _raw import refusing_writes
 from _timing import loop_time, loop_wall_clock
@@ -35,6 +36,9 @@ from hive_orchestration import (
     TaskStatus,
 )
 from hive_orchestration.actors.task_manager import TaskManager
+from hive_orchestration.messages.tasks import GetTask, TaskManagerMessage, Wake
+from hive_orchestration.runtime import Envelope
+from hive_orchestration.storage.actor import StorageActor
 
 pytestmark = pytest.mark.anyio
 
@@ -526,6 +530,124 @@ async def test_a_lease_can_be_shortened_and_then_expires(db_path: str) -> None:
         assert acted - (sent + 0.1) >= -EARLY, acted - (sent + 0.1)
         assert acted - (acked + 0.1) <= LATE, acted - (acked + 0.1)
         assert got - acted <= DELIVERY, got - acted
+
+
+@pytest.mark.parametrize("place", ["queued", "behind a full batch"])
+async def test_a_renewal_sent_before_the_lease_ends_keeps_it_however_late_it_is_taken(
+    db_path: str, monkeypatch: pytest.MonkeyPatch, place: str
+) -> None:
+    """A heartbeat or a completion sent before its lease ends counts, even when the
+    TaskManager, busy (its commit held up by a slow disk or a starved database backend),
+    takes it only after the deadline, in the batch that finds the lease due, or behind
+    more than a batch (``max_batch`` messages): the lease is not expired (the request is
+    answered, the run not lost). A request with the claim's ids but not its secret spares
+    nothing: the lease beside them, silent but for that, is expired by that same batch.
+    Here the TaskManager is held in a batch (a read of ``hold``) from before the deadline
+    to after it, while the requests wait in its mailbox."""
+    lease = 1.0
+    flood = TaskManager.max_batch + 100 if place == "behind a full batch" else 0
+    gate = anyio.Event()
+    original = TaskManager.receive_batch
+    batches: list[int] = []  # the size of each batch from the one after the gate
+
+    async def receive_batch(
+        self: TaskManager, batch: Sequence[Envelope[TaskManagerMessage]]
+    ) -> None:
+        if gate.is_set():
+            batches.append(len(batch))
+        await original(self, batch)
+        if any(e.message == GetTask("hold") for e in batch):
+            await gate.wait()  # busy: what is sent meanwhile waits
+
+    monkeypatch.setattr(TaskManager, "receive_batch", receive_batch)
+    answers: dict[str, object] = {}
+    answered = anyio.Event()
+
+    async def send(name: str, call: Awaitable[object]) -> None:
+        try:
+            answers[name] = await call
+        except LeaseLostError as exc:
+            answers[name] = exc
+        if len(answers) == 3:
+            answered.set()
+
+    async with (
+        runtime(db_path, mailbox_size=flood + 100, **SLOW_BACKOFF) as rt,
+        anyio.create_task_group() as tg,
+    ):
+        ids = [await rt.create_task("job") for _ in range(3)]
+        renewed, completed, lost = [await claim(rt, lease=lease, worker=f"w{i}") for i in range(3)]
+        claimed = anyio.current_time()  # the deadlines are at most a lease from here
+        assert [c.task.id for c in (renewed, completed, lost)] == ids
+        tg.start_soon(rt.get_task, "hold")
+        await anyio.wait_all_tasks_blocked()  # the TaskManager holds
+        for _ in range(flood):  # what a busy TaskManager has before it (each a no-op)
+            assert rt._tasks.try_tell(Wake())
+        tg.start_soon(send, "renewed", rt.heartbeat(renewed.lease))
+        tg.start_soon(send, "completed", rt.complete_task(completed.lease, {"done": True}))
+        forged = msgspec.structs.replace(lost.lease, secret="not the claim's secret")
+        tg.start_soon(send, "forged", rt.heartbeat(forged))
+        await anyio.wait_all_tasks_blocked()  # sent: queued behind the held batch
+        assert anyio.current_time() < claimed + lease, "sent too late for the test"
+        await anyio.sleep(claimed + lease + 0.3 - anyio.current_time())
+        gate.set()  # the deadlines have passed: the next batch settles them
+        with anyio.fail_after(SOON):
+            await answered.wait()
+        assert not isinstance(answers["renewed"], LeaseLostError), answers["renewed"]
+        assert not isinstance(answers["completed"], LeaseLostError), answers["completed"]
+        assert isinstance(answers["forged"], LeaseLostError)
+        if flood:
+            assert batches[0] == TaskManager.max_batch  # the requests waited behind it
+        (run,) = await rt.get_runs(renewed.task.id)
+        assert run.status is RunStatus.ASSIGNED
+        await rt.complete_task(renewed.lease)  # LeaseLostError had it been expired
+        for task_id in ids[:2]:
+            (run,) = await rt.get_runs(task_id)
+            assert run.status is RunStatus.COMPLETED
+            assert not [e for e in await events_of(rt, task_id) if e.type == "task.retrying"]
+        (run,) = await rt.get_runs(lost.task.id)
+        assert run.status is RunStatus.LOST
+        retrying = [e for e in await events_of(rt, lost.task.id) if e.type == "task.retrying"]
+        assert [e.data["reason"] for e in retrying] == ["lease_expired"]
+
+
+async def test_a_lease_runs_from_the_answer_to_its_renewal_not_from_its_batch(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renewed lease runs from the answer to the renewal, not from the start of the
+    batch that handled it: the worker renews a while after that answer (the agent runner:
+    a third of the lease), and a commit held up (a slow fsync, a database backend waiting
+    for a CPU) is the runtime's delay, not the worker's. Here the renewal's commit (it
+    reports progress, so it is written) is held 0.9 of the lease, and the next renewal is
+    sent a third of the lease after its answer: it holds (counted from the batch's
+    start, the lease ended before that renewal was sent)."""
+    lease = 1.0
+    stall = 0.9
+    holding = False
+    original = StorageActor._commit
+
+    async def commit(self: StorageActor, *args: Any, **kwargs: Any) -> Any:
+        if holding:
+            await anyio.sleep(stall)  # the writer stalls before its commit
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StorageActor, "_commit", commit)
+    async with runtime(db_path, **SLOW_BACKOFF) as rt:
+        task_id = await rt.create_task("job")
+        c = await claim(rt, lease=lease)
+        holding = True
+        sent = anyio.current_time()
+        await rt.report_progress(c.lease, {"done": 1})
+        answered = anyio.current_time()
+        holding = False
+        assert answered - sent >= stall - EARLY
+        await anyio.sleep(lease / 3)  # as the runner does, from the answer
+        assert anyio.current_time() < answered + lease, "sent too late for the test"
+        await rt.heartbeat(c.lease)  # LeaseLostError had the lease run from the batch
+        done = await rt.complete_task(c.lease)
+        assert done.attempts == 0
+        (run,) = await rt.get_runs(task_id)
+        assert run.status is RunStatus.COMPLETED
 
 
 async def test_release_worker_tasks_requeues_what_the_worker_held(db_path: str) -> None:

@@ -27,6 +27,7 @@ from hive_orchestration import (
 from hive_orchestration.actors.worker_registry import WorkerRegistry
 from hive_orchestration.messages.workers import GetWorker, RegistryWake, WorkerRegistryMessage
 from hive_orchestration.runtime import Envelope
+from hive_orchestration.storage.actor import StorageActor
 
 pytestmark = pytest.mark.anyio
 
@@ -349,6 +350,44 @@ async def test_a_sign_of_life_queued_behind_more_than_a_batch_keeps_the_worker_a
         assert silent.status is WorkerStatus.OFFLINE
         offline = [e for e in await worker_events(rt, "silent") if e.type == "worker.offline"]
         assert len(offline) == 1
+
+
+async def test_a_worker_that_heartbeats_a_third_of_the_timeout_after_a_slow_answer_stays(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's time runs from the answer to its heartbeat, not from the start of the
+    batch that handled it: the worker sends its next heartbeat a while after that answer
+    (the agent runner: a third of ``worker_timeout``), and a commit held up (a slow fsync,
+    a database backend waiting for a CPU) is the registry's delay, not the worker's. Here
+    the heartbeat's commit is held 0.9 of the timeout, and the next heartbeat is sent a
+    third of the timeout after its answer: the worker is never declared offline (counted
+    from the batch's start, its deadline passed before that heartbeat was sent)."""
+    timeout = 1.0
+    stall = 0.9
+    holding = False
+    original = StorageActor._commit
+
+    async def commit(self: StorageActor, *args: Any, **kwargs: Any) -> Any:
+        if holding:
+            await anyio.sleep(stall)  # the writer stalls before its commit
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StorageActor, "_commit", commit)
+    async with runtime(db_path, worker_timeout=timeout) as rt:
+        await rt.register_worker("w1")
+        holding = True
+        sent = anyio.current_time()
+        assert await rt.update_worker_heartbeat("w1")
+        answered = anyio.current_time()
+        holding = False
+        assert answered - sent >= stall - EARLY
+        await anyio.sleep(timeout / 3)  # as the runner does, from the answer
+        assert anyio.current_time() < answered + timeout, "sent too late for the test"
+        assert await rt.update_worker_heartbeat("w1")
+        worker = await rt.get_worker("w1")
+        assert worker is not None
+        assert worker.status is WorkerStatus.ACTIVE
+        assert [e.type for e in await worker_events(rt, "w1")] == ["worker.registered"]
 
 
 async def test_an_offline_worker_that_claims_is_active_again(db_path: str) -> None:

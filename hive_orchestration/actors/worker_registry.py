@@ -23,14 +23,15 @@ messages, and a flood leaves more behind), spares the worker, which is watched a
 a new deadline and renewed when its message is handled. The registry being busy past the
 deadline does not make the worker late. A worker that sent nothing more is declared
 offline by the first batch that begins after its deadline, flood or not: ``timeout`` after
-its last sign of life was handled, plus the alarm's wake-up and the end of the batch in
-progress then (at most ``max_batch`` messages and one commit). Looking into the mailbox
-costs a pass over it, only in a batch that finds a deadline due. The other ways: not
-expiring while batches come full (more may be waiting) would need an arbitrary bound on
-the extra time (a dead worker kept that much longer under a flood, a heartbeat queued
-behind more than that still lost); stamping each heartbeat with its sending time would
-count the registry's delay against the worker, whose heartbeat is an ask: it sends the
-next one only once the registry has answered this one.
+its last sign of life was handled (a heartbeat: after its answer, which follows the batch's
+commit, for the worker counts its next heartbeat from there), plus the alarm's wake-up and
+the end of the batch in progress then (at most ``max_batch`` messages and one commit).
+Looking into the mailbox costs a pass over it, only in a batch that finds a deadline due.
+The other ways: not expiring while batches come full (more may be waiting) would need an
+arbitrary bound on the extra time (a dead worker kept that much longer under a flood, a
+heartbeat queued behind more than that still lost); stamping each heartbeat with its
+sending time would count the registry's delay against the worker, whose heartbeat is an
+ask: it sends the next one only once the registry has answered this one.
 A worker that comes back (heartbeat) is live again; one that
 registers again is a new *incarnation*: what the old one held is released, not
 inherited. Unregistering a worker releases what it held too.
@@ -104,9 +105,20 @@ class _Batch:
     #: Workers whose claims the TaskManager must release once this batch is committed.
     releases: list[tuple[str, str]] = field(default_factory=list)
     answers: list[tuple[Envelope[WorkerRegistryMessage], object]] = field(default_factory=list)
+    #: Workers whose own call (a heartbeat, a registration) this batch answers: their
+    #: time runs from the answer (see receive_batch).
+    #: None: none (no list made for a batch of others, nor for WorkersSeen taken inline).
+    answered: list[str] | None = None
     #: On a store several nodes share: the workers other nodes watch, read for this
     #: batch's reads (None: no read in the batch, or one node).
     others: dict[str, Worker] | None = None
+
+    def answer(self, worker_id: str) -> None:
+        """``worker_id``'s own call is answered by this batch."""
+        if self.answered is None:
+            self.answered = [worker_id]
+        else:
+            self.answered.append(worker_id)
 
 
 class WorkerRegistry(Actor[WorkerRegistryMessage]):
@@ -225,6 +237,19 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
             await self._release(work.releases)
         else:
             self._restore(work)
+        if work.answered is not None:
+            # A worker sends its next heartbeat a while after the answer to this one (the
+            # runner: a third of the timeout), so its time runs from the answer, not from
+            # the start of the batch: a commit held up (a slow fsync, a database backend
+            # waiting for a CPU) is the registry's delay, not the worker's. Counted from
+            # the batch's start, a 1 s timeout with a commit of 0.7 s or more declared
+            # offline a worker whose next heartbeat came a third of it after the answer.
+            # (An entry in the heap, coming up early, is pushed back to the real deadline.)
+            answered = self._monotonic()
+            alive = self._alive
+            for worker_id in work.answered:
+                if worker_id in alive:
+                    alive[worker_id] = answered
         for envelope, outcome in work.answers:
             if error is not None and isinstance(envelope.message, _WRITES):
                 envelope.fail(error)
@@ -255,6 +280,7 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
                 found.sort(key=lambda worker: worker.last_heartbeat, reverse=True)
                 return found
             case WorkerHeartbeat(worker_id=worker_id, status=status):
+                work.answer(worker_id)
                 return self._heartbeat(worker_id, status, work, now)
             case UnregisterWorker(worker_id=worker_id):
                 worker = self._workers.get(worker_id)
@@ -306,6 +332,7 @@ class WorkerRegistry(Actor[WorkerRegistryMessage]):
         }
         work.ops.append(self._event("worker.registered", worker, now, data))
         self._alive[worker.id] = self._mono
+        work.answer(worker.id)
         self._schedule(worker.id, self._mono + self._timeout)
         if previous is not None:
             # A worker that registers again restarted: its old incarnation is gone.

@@ -51,14 +51,11 @@ from ...messages.tasks import (
     FailTask,
     FailTasks,
     FlushQueue,
-    Heartbeat,
     PurgeTasks,
     ReadyElsewhere,
-    ReleaseTask,
     ReleaseWorker,
     RevokedTaskType,
     Run,
-    StartTask,
     Task,
     TaskManagerMessage,
     UpdateTaskStatus,
@@ -89,10 +86,8 @@ from .state import _Batch, _Due, _Forward, _Refill, _Waiter
 __all__ = ["LIVE", "TRANSITIONS", "TaskManager"]
 
 
-#: Requests a worker makes with its lease token: each is a sign of that worker's life.
-_LEASED = (Heartbeat, StartTask, CompleteTask, FailTask, ReleaseTask)
-#: Batch calls of leased requests: each item its own sign of life.
-_LEASED_BATCHES = (CompleteTasks, FailTasks)
+_LEASED = leases.LEASED
+_LEASED_BATCHES = leases.LEASED_BATCHES
 #: Requests from outside the plan executor that can end a plan's task: with a plan
 #: barrier, their answers wait until the plan executor has applied what the end caused.
 #: (The plan executor's own requests are never held: it waits for them.)
@@ -333,7 +328,7 @@ class TaskManager(Actor[TaskManagerMessage]):
             await self._sweep()
         await self._look_up_keys(batch, work)
         now = self._read_clocks()
-        self._settle_due(work, now)
+        self._settle_due(work, now, batch)
         if self._fenced:
             self._wake_backoffs()
         await self._settle_timers(work, now)
@@ -433,6 +428,7 @@ class TaskManager(Actor[TaskManagerMessage]):
     _arm = leases.arm
     _holding = leases.holding
     _heartbeat = leases.heartbeat
+    _renewed_from_answer = leases.renewed_from_answer
     # claims.py
     _park = claims.park
     _dispatch = claims.dispatch

@@ -135,6 +135,8 @@ async def finish(
     else:
         tm._bump(work)
         tm._shed()
+        if work.renewed:
+            tm._renewed_from_answer(work)
     barrier = tm._plan_barrier_seq(work) if error is None else 0
     held: list[tuple[Envelope[TaskManagerMessage], object]] = []
     unclaimed: list[Claim] = []

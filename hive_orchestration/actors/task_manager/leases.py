@@ -20,14 +20,31 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
+from itertools import chain
 from typing import TYPE_CHECKING
 
 import msgspec
 
 from ...errors import LeaseLostError
 from ...messages.storage import SetRunState
-from ...messages.tasks import Heartbeat, Lease, Run, RunStatus, Task, TaskStatus
+from ...messages.tasks import (
+    CompleteTask,
+    CompleteTasks,
+    FailTask,
+    FailTasks,
+    Heartbeat,
+    Lease,
+    ReleaseTask,
+    Run,
+    RunStatus,
+    StartTask,
+    Task,
+    TaskManagerMessage,
+    TaskStatus,
+)
+from ...runtime import Envelope
 from .machine import _run_data
 from .state import _Batch, _Due
 
@@ -48,6 +65,13 @@ _NOT_THE_CLAIMER = (
 #: (storage/pg/leader.py, REAP_GRACE_SECONDS: 2 s), so that the leader never ends a lease
 #: its node renewed.
 _WRITTEN_SLACK = 0.5
+
+
+#: Requests a worker makes with its lease token: each is a sign of that worker's life,
+#: and renews its claim's lease for as long as it waits to be handled (renewals_waiting).
+LEASED = (Heartbeat, StartTask, CompleteTask, FailTask, ReleaseTask)
+#: Batch calls of leased requests: each item its own sign of life.
+LEASED_BATCHES = (CompleteTasks, FailTasks)
 
 
 def _hash(secret: str) -> bytes:
@@ -141,21 +165,45 @@ def backoff_end(tm: TaskManager, task: Task) -> float | None:
     return at
 
 
-def settle_due(tm: TaskManager, work: _Batch, now: datetime) -> None:
-    """End the leases and runs whose time is up, release backoffs, close claim waits."""
+def settle_due(
+    tm: TaskManager,
+    work: _Batch,
+    now: datetime,
+    batch: Sequence[Envelope[TaskManagerMessage]] = (),
+) -> None:
+    """End the leases and runs whose time is up, release backoffs, close claim waits.
+
+    A lease whose claim has a request of its worker in ``batch`` or still waiting behind
+    it (:meth:`~hive_orchestration.runtime.Actor.waiting`) is spared: see
+    :func:`renewals_waiting`."""
     mono = tm._mono
     deadlines = tm._deadlines
+    lapsed: list[str] | None = None  # leases due, in the order their deadlines came up
     while (run_id := deadlines.pop_due(mono)) is not None:
         run = tm._runs[run_id]  # an entry is dropped when its claim ends
-        task = tm._tasks[run.task_id]
         due, is_timeout = tm._due[run_id].next()
         if due > mono:  # renewed since: look again then
             deadlines.set(run_id, due)
         elif is_timeout:
+            task = tm._tasks[run.task_id]
             error = f"run {run.run_number} exceeded the task's timeout of {task.timeout:g}s"
             tm._close_run(run, RunStatus.TIMED_OUT, work, now, error=error)
             tm._requeue(task, run, "timed_out", error, work, now)
+        elif lapsed is None:
+            lapsed = [run_id]
         else:
+            lapsed.append(run_id)
+    if lapsed is not None:
+        spared = renewals_waiting(tm, lapsed, batch)
+        for run_id in lapsed:
+            run = tm._runs[run_id]
+            if run_id in spared:
+                # Watched again from here; the request's handling moves the lease, and
+                # this entry, coming up early, is pushed back to it (or, were the request
+                # refused after all, ends the lease then).
+                deadlines.set(run_id, mono + (run.lease_seconds or 0.0))
+                continue
+            task = tm._tasks[run.task_id]
             error = (
                 f"lease expired: worker {run.worker_id!r} sent no heartbeat"
                 f" for {run.lease_seconds:g}s"
@@ -169,6 +217,46 @@ def settle_due(tm: TaskManager, work: _Batch, now: datetime) -> None:
         waiter = tm._waiters.pop(waiter_id)
         work.unparked.append((waiter_id, waiter))
         work.answers.append((waiter.envelope, waiter.nothing))
+
+
+def renewals_waiting(
+    tm: TaskManager, lapsed: list[str], batch: Sequence[Envelope[TaskManagerMessage]]
+) -> set[str]:
+    """Of the runs ``lapsed`` (their lease due), those whose worker sent a request with
+    the claim's lease (a heartbeat, a start, a completion, a failure, a release) that is
+    in ``batch`` or still waiting behind it: queued in the mailbox, or its sender waiting
+    for room. Each was sent before this batch looked at the deadlines, so it renewed the
+    lease in time however late the TaskManager, busy (a commit held up by a slow disk or
+    a database backend waiting for a CPU), takes it; as the WorkerRegistry counts a
+    heartbeat. Only a request that proves the claim (its run, attempt and secret) counts:
+    a stale or forged one spares nothing. Looking costs a pass over the batch and the
+    mailbox, only in a batch that finds a lease due; the other way, handling the batch's
+    requests before its deadlines, would still lose a renewal queued behind a full batch.
+    """
+    wanted = set(lapsed)
+    found: set[str] = set()
+    messages = chain((envelope.message for envelope in batch), tm.waiting())
+    for message in messages:  # no await: the mailbox must not change meanwhile
+        if isinstance(message, LEASED):
+            leases: Iterable[Lease] = (message.lease,)
+        elif isinstance(message, LEASED_BATCHES):
+            leases = [item.lease for item in message.items]
+        else:
+            continue
+        for lease in leases:
+            run_id = lease.run_id
+            if run_id not in wanted or run_id in found:
+                continue
+            run = tm._runs[run_id]
+            if (
+                run.task_id == lease.task_id
+                and run.run_number == lease.attempt
+                and _proves(lease, tm._due[run_id].lease_hash)
+            ):
+                found.add(run_id)
+        if len(found) == len(wanted):
+            break  # every one found: the rest need not be read
+    return found
 
 
 def arm(tm: TaskManager) -> None:
@@ -259,6 +347,10 @@ def heartbeat(tm: TaskManager, message: Heartbeat, work: _Batch, now: datetime) 
     entry = tm._deadlines.get(run.id)
     if entry is None or due < entry:
         tm._deadlines.set(run.id, due)
+    if work.renewed is None:
+        work.renewed = [(run.id, span)]
+    else:
+        work.renewed.append((run.id, span))
     if durable:
         work.ops.append(SetRunState(renewed))
     if len(changes) > 1:
@@ -269,3 +361,25 @@ def heartbeat(tm: TaskManager, message: Heartbeat, work: _Batch, now: datetime) 
             data["phase"] = message.phase
         work.ops.append(tm._event("task.progress", task, now, run.worker_id, data))
     return expires
+
+
+def renewed_from_answer(tm: TaskManager, work: _Batch) -> None:
+    """Once the batch is committed, before its answers: the leases its heartbeats
+    renewed run from now. A worker renews a while after the answer to its last renewal
+    (the agent runner: a third of the lease), so a commit held up (a slow fsync, a
+    database backend waiting for a CPU) is the runtime's delay, not the worker's:
+    counted from the start of the batch, a 1 s lease whose renewal's commit took 0.7 s
+    or more ended before the worker's next renewal was due to be sent. The deadline
+    entry, coming up early, is pushed back to the lease (settle_due). The stored
+    ``lease_expires_at`` stays as set (shown; a deadline loaded from it at the next
+    start-up is at most the span from then). A claim's lease still runs from its batch:
+    the claim is the hot path, and the agent runner renews at once after its claim's
+    answer (a renewal the batch that finds the lease due spares, waiting behind it)."""
+    answered = tm._monotonic()
+    if work.renewed is None or answered <= tm._mono:
+        return
+    dues = tm._due
+    for run_id, span in work.renewed:
+        due = dues.get(run_id)  # None: the claim ended later in the batch
+        if due is not None:
+            dues[run_id] = due._replace(lease=answered + span)

@@ -131,6 +131,10 @@ class _Batch:
     key_errors: dict[str, HiveError] = field(default_factory=dict)
     deleted: set[str] = field(default_factory=set)
     answers: list[tuple[Envelope[TaskManagerMessage], object]] = field(default_factory=list)
+    # The leases this batch's heartbeats renewed, with their spans: each runs from the
+    # answer, after the commit (leases.renewed_from_answer). None: none (most batches;
+    # no list made for them).
+    renewed: list[tuple[str, float]] | None = None
     parked: list[int] = field(default_factory=list)  # waiters that arrived in this batch
     seqs: tuple[int, ...] = ()  # the committed events' sequence numbers
     plan_enders: set[int] = field(default_factory=set)  # envelopes that ended a plan's task
