@@ -1038,9 +1038,9 @@ async def test_a_claim_whose_wait_ends_in_a_batch_that_crashes_is_answered_at_on
     fired: list[object] = []
     settle_due, handle = TaskManager._settle_due, TaskManager._handle
 
-    def settling(self: TaskManager, work: Any, now: datetime) -> None:
+    def settling(self: TaskManager, work: Any, now: datetime, batch: Any = ()) -> None:
         answers = len(work.answers)
-        settle_due(self, work, now)
+        settle_due(self, work, now, batch)
         if len(work.answers) > answers:
             ended.append(work)
 
