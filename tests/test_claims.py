@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from _held import hold_in_batch
 from _raw import refusing_writes
 from _timing import loop_time, loop_wall_clock
 
@@ -36,8 +37,7 @@ from hive_orchestration import (
     TaskStatus,
 )
 from hive_orchestration.actors.task_manager import TaskManager
-from hive_orchestration.messages.tasks import GetTask, TaskManagerMessage, Wake
-from hive_orchestration.runtime import Envelope
+from hive_orchestration.messages.tasks import GetTask, Wake
 from hive_orchestration.storage.actor import StorageActor
 
 pytestmark = pytest.mark.anyio
@@ -546,20 +546,8 @@ async def test_a_renewal_sent_before_the_lease_ends_keeps_it_however_late_it_is_
     to after it, while the requests wait in its mailbox."""
     lease = 1.0
     flood = TaskManager.max_batch + 100 if place == "behind a full batch" else 0
-    gate = anyio.Event()
-    original = TaskManager.receive_batch
-    batches: list[int] = []  # the size of each batch from the one after the gate
-
-    async def receive_batch(
-        self: TaskManager, batch: Sequence[Envelope[TaskManagerMessage]]
-    ) -> None:
-        if gate.is_set():
-            batches.append(len(batch))
-        await original(self, batch)
-        if any(e.message == GetTask("hold") for e in batch):
-            await gate.wait()  # busy: what is sent meanwhile waits
-
-    monkeypatch.setattr(TaskManager, "receive_batch", receive_batch)
+    held = hold_in_batch(monkeypatch, TaskManager, GetTask("hold"))
+    gate, batches = held.gate, held.batches
     answers: dict[str, object] = {}
     answered = anyio.Event()
 

@@ -5,13 +5,14 @@ routing, events and bad input. Real SQLite files, both backends."""
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
 import anyio
 import pytest
+from _held import hold_in_batch
 from _timing import loop_time, loop_wall_clock
 
 from hive_orchestration import (
@@ -25,8 +26,7 @@ from hive_orchestration import (
     WorkerStatus,
 )
 from hive_orchestration.actors.worker_registry import WorkerRegistry
-from hive_orchestration.messages.workers import GetWorker, RegistryWake, WorkerRegistryMessage
-from hive_orchestration.runtime import Envelope
+from hive_orchestration.messages.workers import GetWorker, RegistryWake
 from hive_orchestration.storage.actor import StorageActor
 
 pytestmark = pytest.mark.anyio
@@ -237,17 +237,7 @@ async def test_a_sign_of_life_queued_before_the_deadline_keeps_the_worker_alive(
     registry is held in a batch (a read of ``hold``) from before the deadline to after it,
     while the sign of life waits in its mailbox."""
     timeout = 1.0
-    gate = anyio.Event()
-    original = WorkerRegistry.receive_batch
-
-    async def receive_batch(
-        self: WorkerRegistry, batch: Sequence[Envelope[WorkerRegistryMessage]]
-    ) -> None:
-        await original(self, batch)
-        if any(e.message == GetWorker("hold") for e in batch):
-            await gate.wait()  # busy: what is told meanwhile is queued
-
-    monkeypatch.setattr(WorkerRegistry, "receive_batch", receive_batch)
+    gate = hold_in_batch(monkeypatch, WorkerRegistry, GetWorker("hold")).gate
     async with runtime(db_path, worker_timeout=timeout) as rt, anyio.create_task_group() as tg:
         await rt.register_worker("w1")
         await rt.create_task("job")
@@ -299,20 +289,8 @@ async def test_a_sign_of_life_queued_behind_more_than_a_batch_keeps_the_worker_a
     flood = WorkerRegistry.max_batch + 100
     # Room for the flood and the sign of life, or for the flood alone.
     size = flood + 1 if room == "queued" else flood
-    gate = anyio.Event()
-    original = WorkerRegistry.receive_batch
-    batches: list[int] = []  # the size of each batch from the one after the gate
-
-    async def receive_batch(
-        self: WorkerRegistry, batch: Sequence[Envelope[WorkerRegistryMessage]]
-    ) -> None:
-        if gate.is_set():
-            batches.append(len(batch))
-        await original(self, batch)
-        if any(e.message == GetWorker("hold") for e in batch):
-            await gate.wait()  # busy: what is sent meanwhile waits
-
-    monkeypatch.setattr(WorkerRegistry, "receive_batch", receive_batch)
+    held = hold_in_batch(monkeypatch, WorkerRegistry, GetWorker("hold"))
+    gate, batches = held.gate, held.batches
     async with (
         runtime(db_path, worker_timeout=timeout, mailbox_size=size) as rt,
         anyio.create_task_group() as tg,
