@@ -9,6 +9,8 @@ from typing import Any
 import anyio
 import pytest
 
+from hive_orchestration.storage.actor import StorageActor
+
 
 @dataclass
 class Held:
@@ -34,3 +36,27 @@ def hold_in_batch(monkeypatch: pytest.MonkeyPatch, actor: type[Any], hold: objec
 
     monkeypatch.setattr(actor, "receive_batch", receive_batch)
     return held
+
+
+class Stall:
+    """While ``on``, the storage actor waits ``seconds`` before each commit (a writer held
+    up: a slow fsync, a database backend waiting for a CPU)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.on = False
+
+
+def stall_commits(monkeypatch: pytest.MonkeyPatch, seconds: float) -> Stall:
+    """Patch the storage actor so that its commits wait ``seconds`` while the returned
+    :class:`Stall` is ``on``."""
+    stall = Stall(seconds)
+    original = StorageActor._commit
+
+    async def commit(self: StorageActor, *args: Any, **kwargs: Any) -> Any:
+        if stall.on:
+            await anyio.sleep(stall.seconds)
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StorageActor, "_commit", commit)
+    return stall

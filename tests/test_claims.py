@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
-from _held import hold_in_batch
+from _held import hold_in_batch, stall_commits
 from _raw import refusing_writes
 from _timing import loop_time, loop_wall_clock
 
@@ -38,7 +38,6 @@ from hive_orchestration import (
 )
 from hive_orchestration.actors.task_manager import TaskManager
 from hive_orchestration.messages.tasks import GetTask, Wake
-from hive_orchestration.storage.actor import StorageActor
 
 pytestmark = pytest.mark.anyio
 
@@ -611,23 +610,15 @@ async def test_a_lease_runs_from_the_answer_to_its_renewal_not_from_its_batch(
     start, the lease ended before that renewal was sent)."""
     lease = 1.0
     stall = 0.9
-    holding = False
-    original = StorageActor._commit
-
-    async def commit(self: StorageActor, *args: Any, **kwargs: Any) -> Any:
-        if holding:
-            await anyio.sleep(stall)  # the writer stalls before its commit
-        return await original(self, *args, **kwargs)
-
-    monkeypatch.setattr(StorageActor, "_commit", commit)
+    stalled = stall_commits(monkeypatch, stall)
     async with runtime(db_path, **SLOW_BACKOFF) as rt:
         task_id = await rt.create_task("job")
         c = await claim(rt, lease=lease)
-        holding = True
+        stalled.on = True
         sent = anyio.current_time()
         await rt.report_progress(c.lease, {"done": 1})
         answered = anyio.current_time()
-        holding = False
+        stalled.on = False
         assert answered - sent >= stall - EARLY
         await anyio.sleep(lease / 3)  # as the runner does, from the answer
         assert anyio.current_time() < answered + lease, "sent too late for the test"

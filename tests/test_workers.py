@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 import pytest
-from _held import hold_in_batch
+from _held import hold_in_batch, stall_commits
 from _timing import loop_time, loop_wall_clock
 
 from hive_orchestration import (
@@ -27,7 +27,6 @@ from hive_orchestration import (
 )
 from hive_orchestration.actors.worker_registry import WorkerRegistry
 from hive_orchestration.messages.workers import GetWorker, RegistryWake
-from hive_orchestration.storage.actor import StorageActor
 
 pytestmark = pytest.mark.anyio
 
@@ -342,22 +341,14 @@ async def test_a_worker_that_heartbeats_a_third_of_the_timeout_after_a_slow_answ
     from the batch's start, its deadline passed before that heartbeat was sent)."""
     timeout = 1.0
     stall = 0.9
-    holding = False
-    original = StorageActor._commit
-
-    async def commit(self: StorageActor, *args: Any, **kwargs: Any) -> Any:
-        if holding:
-            await anyio.sleep(stall)  # the writer stalls before its commit
-        return await original(self, *args, **kwargs)
-
-    monkeypatch.setattr(StorageActor, "_commit", commit)
+    stalled = stall_commits(monkeypatch, stall)
     async with runtime(db_path, worker_timeout=timeout) as rt:
         await rt.register_worker("w1")
-        holding = True
+        stalled.on = True
         sent = anyio.current_time()
         assert await rt.update_worker_heartbeat("w1")
         answered = anyio.current_time()
-        holding = False
+        stalled.on = False
         assert answered - sent >= stall - EARLY
         await anyio.sleep(timeout / 3)  # as the runner does, from the answer
         assert anyio.current_time() < answered + timeout, "sent too late for the test"
