@@ -83,6 +83,29 @@ async def test_a_transaction_applies_every_statement_in_order(tmp_path: Path, ki
     ]
 
 
+async def test_an_adapter_of_none_the_application_registered_is_kept(
+    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Python 3.11 opening a driver registers an adapter for None that returns it
+    (drivers.bind_none_directly: 3.11 pays for a failed look-up per None without one);
+    an adapter the application registered first is kept and used, and None is written
+    as NULL either way."""
+    key = (type(None), sqlite3.PrepareProtocol)
+    seen: list[object] = []
+
+    def mine(value: None) -> None:
+        seen.append(value)
+
+    monkeypatch.setitem(sqlite3.adapters, key, mine)
+    async with opened(tmp_path / "d.db", kind) as driver:
+        await driver.transaction(
+            [("INSERT INTO workers (id, role, metadata) VALUES (?, ?, ?)", ("w0", "a", None))]
+        )
+        assert await driver.fetchall("SELECT metadata IS NULL FROM workers") == [(1,)]
+    assert sqlite3.adapters[key] is mine
+    assert seen == [None]
+
+
 async def test_a_failing_statement_rolls_the_whole_transaction_back(
     tmp_path: Path, kind: str
 ) -> None:

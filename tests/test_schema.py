@@ -7,6 +7,7 @@ import os
 import sqlite3
 import threading
 from contextlib import closing
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -22,9 +23,18 @@ from hive_orchestration import (
     RuntimeConfig,
     StorageError,
 )
-from hive_orchestration.messages.storage import ReadEvents
+from hive_orchestration.messages.events import Event
+from hive_orchestration.messages.storage import AppendEvent, ReadEvents
+from hive_orchestration.messages.tasks import Run, RunStatus, Task, TaskStatus
+from hive_orchestration.storage.rows import (
+    run_state_statement,
+    run_statement,
+    task_state_statement,
+    task_statement,
+)
 from hive_orchestration.storage.sqlite.event_reads import events_sql as _events_sql
 from hive_orchestration.storage.sqlite.schema import MIGRATIONS
+from hive_orchestration.storage.sqlite.sql import SqliteSql
 
 pytestmark = pytest.mark.anyio
 
@@ -175,6 +185,71 @@ async def test_version_5_database_gains_the_plan_event_index(new_db_path: str) -
     assert "idx_events_plan_id" in _names(new_db_path, "index")
     with closing(sqlite3.connect(new_db_path)) as conn:
         assert conn.execute("SELECT seq FROM events WHERE plan_id = 'p-1'").fetchall() == [(1,)]
+
+
+def _temporary_tables(conn: sqlite3.Connection) -> dict[str, int]:
+    """The temporary tables (OpenEphemeral) each statement of the task path's writes
+    codes: a task's insert, its state update, its run's insert and update, an event."""
+    now = datetime.now(UTC)
+    task = Task(
+        id="t",
+        title="t",
+        task_type="job",
+        status=TaskStatus.QUEUED,
+        created_at=now,
+        updated_at=now,
+    )
+    run = Run(id="r", task_id="t", status=RunStatus.RUNNING)
+    event = AppendEvent(Event(type="x", timestamp=1.0, source="y"), b"{}")
+    counts: dict[str, int] = {}
+    for sql, params in (
+        task_statement(task),
+        task_state_statement(task),
+        run_statement(run, b"hash"),
+        run_state_statement(run),
+        SqliteSql().event_statement(1, event),
+    ):
+        ops = conn.execute(f"EXPLAIN {sql}", params).fetchall()
+        counts[sql.split(" (")[0]] = sum(1 for op in ops if op[1] == "OpenEphemeral")
+    return counts
+
+
+@pytest.mark.sqlite_only("builds a version-18 database from SQLite's migrations, reads EXPLAIN")
+async def test_version_18_database_writes_its_tasks_without_temporary_tables(
+    new_db_path: str,
+) -> None:
+    # Version 19 rewrote the two partial indexes whose condition listed statuses with IN,
+    # which SQLite coded as a temporary table built at every row written (five a task).
+    # An older database upgrades: its key stays held, its finished task is still found
+    # by a purge (through idx_tasks_finished, INDEXED BY), and no write builds one.
+    Path(new_db_path).parent.mkdir(parents=True)
+    old = "2020-01-01T00:00:00+00:00"
+    with closing(sqlite3.connect(new_db_path)) as conn, conn:
+        for migration in MIGRATIONS[:18]:
+            for statement in migration:
+                conn.execute(statement)
+        conn.execute(
+            "INSERT INTO tasks (id, title, task_type, status, created_at, updated_at,"
+            " idempotency_key, idempotency_scope) VALUES"
+            " ('t-live', 'x', 'job', 'queued', ?, ?, 'k', 'active'),"
+            " ('t-done', 'x', 'job', 'completed', ?, ?, NULL, NULL)",
+            (old, old, old, old),
+        )
+        conn.execute("PRAGMA user_version = 18")
+        assert sum(_temporary_tables(conn).values()) > 0
+    async with Runtime.open(new_db_path) as runtime:
+        assert await runtime.create_task("job", idempotency_key="k") == "t-live"
+        assert await runtime.purge_tasks(60) == 1
+        assert await runtime.get_task("t-done") is None
+        assert (await runtime.get_task("t-live")) is not None
+    assert _pragma(new_db_path, "user_version") == SCHEMA_VERSION
+    with closing(sqlite3.connect(new_db_path)) as conn:
+        assert set(_temporary_tables(conn).values()) == {0}
+        with pytest.raises(sqlite3.IntegrityError):  # the live task still holds its key
+            conn.execute(
+                "INSERT INTO tasks (id, title, task_type, idempotency_key, idempotency_scope)"
+                " VALUES ('t-2', 'x', 'job', 'k', 'active')"
+            )
 
 
 @pytest.mark.sqlite_only("the database file's and WAL files' permissions")

@@ -30,7 +30,6 @@ from .port import Driver, Statement
 from .rows import parse_time, time_text
 
 __all__ = [
-    "TERMINAL_SQL",
     "RetentionSql",
     "delete_events_statements",
     "find_purgeable",
@@ -41,10 +40,7 @@ __all__ = [
     "trimmed_through",
 ]
 
-#: The terminal statuses, written exactly as in the partial index idx_tasks_finished
-#: (schema version 10): the planner uses a partial index only for a query that repeats
-#: its WHERE term.
-TERMINAL_SQL = "status IN ('completed', 'failed', 'cancelled', 'timed_out')"
+#: The terminal statuses, as each store's ``RetentionSql.terminal`` names them.
 assert {s.value for s in TERMINAL} == {"completed", "failed", "cancelled", "timed_out"}
 
 _STATE_SQL = "SELECT trimmed_through FROM event_log WHERE id = 1"
@@ -81,6 +77,10 @@ class RetentionSql:
     #: The FROM of the reads of finished tasks: ``tasks``, with whatever makes the store's
     #: planner use the partial index idx_tasks_finished (the WHERE repeats its term).
     finished_tasks: str
+    #: The terminal statuses as a WHERE term, written exactly as the condition of the
+    #: store's partial index idx_tasks_finished: a planner uses a partial index only for
+    #: a query that repeats its condition.
+    terminal: str
     #: An event's size for ``max_bytes``, an expression over the events row: its text
     #: columns' bytes plus 16 for seq and time (the same figure on every store).
     event_size: str
@@ -117,7 +117,7 @@ async def query_retention(db: Driver, sql: RetentionSql, message: StorageMessage
 async def find_purgeable(
     db: Driver, sql: RetentionSql, query: FindPurgeable
 ) -> tuple[tuple[str, str | None], ...]:
-    where = [TERMINAL_SQL, "updated_at < ?", _PLAN_DONE]
+    where = [sql.terminal, "updated_at < ?", _PLAN_DONE]
     params: list[object] = [time_text(query.before)]
     where.append(f"status IN ({', '.join('?' * len(query.statuses))})")
     params += query.statuses
@@ -142,7 +142,7 @@ async def retention_due(
     keyed = "" if include_keyed else f" AND {_KEY_FREED}"
     rows = await db.fetchall(
         f"SELECT min(updated_at) FROM {sql.finished_tasks}"
-        f" WHERE {TERMINAL_SQL}{keyed} AND updated_at IS NOT NULL"
+        f" WHERE {sql.terminal}{keyed} AND updated_at IS NOT NULL"
     )
     oldest_task = rows[0][0]
     rows = await db.fetchall(

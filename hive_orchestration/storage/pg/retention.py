@@ -12,6 +12,8 @@ __all__ = ["RETENTION_SQL"]
 
 RETENTION_SQL = RetentionSql(
     finished_tasks="tasks",
+    # idx_tasks_finished's condition on PostgreSQL (its schema version 13).
+    terminal="status IN ('completed', 'failed', 'cancelled', 'timed_out')",
     # As on SQLite: the same figure for the same log, whichever store holds it.
     event_size=(
         "octet_length(data) + octet_length(type) + octet_length(source)"

@@ -392,6 +392,11 @@ _V18: tuple[str, ...] = (
     " WHERE lease_deadline IS NOT NULL",
 )
 
+# The twin of SQLite's version 19 (its two partial indexes whose IN lists it builds a
+# temporary table for at every row written, rewritten as equalities joined by OR):
+# nothing here. PostgreSQL tests an IN list of constants in place.
+_V19: tuple[str, ...] = ()
+
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n (the twin of the SQLite
 #: list's entry n - 1: same tables, columns and indexes).
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -413,6 +418,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V16,
     _V17,
     _V18,
+    _V19,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -348,6 +348,27 @@ _V18: tuple[str, ...] = (
     " WHERE lease_deadline IS NOT NULL",
 )
 
+# Version 19: the two partial indexes whose condition listed more than two statuses with
+# IN. SQLite evaluates a partial index's condition for every row written (for the old
+# row and the new one of an UPDATE), and codes a constant IN list of more than two values
+# as a temporary table built at each evaluation, never reused by the next row: five of
+# them per task on the task path (its insert, its claim's and its end's updates), about a
+# fifth of the connection thread's instructions on the batch calls (docs/performance.md,
+# "The write path's own SQLite work"). The same statuses as equalities joined by OR are
+# tested in place; the queries that must name an index's condition repeat it
+# (TERMINAL_SQL in storage/sqlite/retention.py, FIND_KEYS_SQL in storage/sqlite/sql.py).
+_V19: tuple[str, ...] = (
+    "DROP INDEX IF EXISTS idx_tasks_finished",
+    "CREATE INDEX idx_tasks_finished ON tasks (updated_at)"
+    " WHERE (status = 'completed' OR status = 'failed' OR status = 'cancelled'"
+    " OR status = 'timed_out')",
+    "DROP INDEX IF EXISTS idx_tasks_idempotency_key",
+    "CREATE UNIQUE INDEX idx_tasks_idempotency_key ON tasks (idempotency_key)"
+    " WHERE idempotency_key IS NOT NULL AND (idempotency_scope IS NULL"
+    " OR (status = 'queued' OR status = 'blocked' OR status = 'assigned'"
+    " OR status = 'running'))",
+)
+
 #: MIGRATIONS[n - 1] brings a database from version n - 1 to n.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V1,
@@ -368,5 +389,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V16,
     _V17,
     _V18,
+    _V19,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -68,11 +68,13 @@ _COUNT_QUEUED = (
     ") GROUP BY task_type"
 )
 #: The owners of some idempotency keys, through the unique index on the key.
-#: A task of scope 'active' holds its key only while live: the index's own condition.
+#: A task of scope 'active' holds its key only while live: the index's own condition,
+#: written as schema version 19 writes it (equalities joined by OR: schema.py).
 FIND_KEYS_SQL = (
     "SELECT idempotency_key, id FROM tasks WHERE idempotency_key IN ({marks})"
     " AND idempotency_key IS NOT NULL AND (idempotency_scope IS NULL"
-    " OR status IN ('queued', 'blocked', 'assigned', 'running'))"
+    " OR (status = 'queued' OR status = 'blocked' OR status = 'assigned'"
+    " OR status = 'running'))"
 )
 #: Under SQLite's oldest limit on bound parameters (999).
 _KEYS_PER_QUERY = 500
