@@ -54,6 +54,13 @@ def kill() -> None:
     time.sleep(60)  # not a statement more while the signal lands
 
 
+def _rows_in(sql: str) -> int:
+    """The rows one parameter row of ``sql`` writes: one, or one per VALUES row of a
+    multi-row INSERT (the drivers send a run of an INSERT so: ``drivers._runs``)."""
+    values = sql.find(" VALUES (")
+    return max(1, sql.count("(?", values)) if sql.startswith("INSERT") and values > 0 else 1
+
+
 class InterruptedConnection:
     """A connection that runs ``cut`` rows of the transaction, then ``stop()`` is called."""
 
@@ -69,12 +76,14 @@ class InterruptedConnection:
 
     def executemany(self, sql: str, rows: Iterable[Any]) -> sqlite3.Cursor:
         rows = list(rows)
-        if len(rows) > self._left:
-            if self._left:
-                self._conn.executemany(sql, rows[: self._left]).close()
+        each = _rows_in(sql)
+        if len(rows) * each > self._left:
+            whole = self._left // each  # a multi-row INSERT's parameter row goes whole
+            if whole:
+                self._conn.executemany(sql, rows[:whole]).close()
             self._left = 0
             self._stop()
-        self._take(len(rows))
+        self._take(len(rows) * each)
         return self._conn.executemany(sql, rows)
 
     def _take(self, rows: int) -> None:
