@@ -58,7 +58,7 @@ def _rows_in(sql: str) -> int:
     """The rows one parameter row of ``sql`` writes: one, or one per VALUES row of a
     multi-row INSERT (the drivers send a run of an INSERT so: ``drivers._runs``)."""
     values = sql.find(" VALUES (")
-    return max(1, sql.count("(?", values)) if sql.startswith("INSERT") and values > 0 else 1
+    return 1 + sql.count("), (", values) if sql.startswith("INSERT") and values > 0 else 1
 
 
 class InterruptedConnection:

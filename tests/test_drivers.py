@@ -86,17 +86,35 @@ async def test_a_transaction_applies_every_statement_in_order(tmp_path: Path, ki
 async def test_a_long_run_of_inserts_writes_every_row_in_order(tmp_path: Path, kind: str) -> None:
     """A run of one INSERT goes as multi-row INSERTs (drivers._runs: up to 64 rows each):
     every row is written, in order (an upsert's later row of an id wins over the earlier
-    one), and one bad row anywhere in the run fails the whole transaction."""
+    one), a column None in every row of a run is NULL as bound ones are, and one bad row
+    anywhere in the run fails the whole transaction."""
     path = tmp_path / "d.db"
     upsert = f"{INSERT} ON CONFLICT (id) DO UPDATE SET role = excluded.role"
     rows = [(f"w{n % 90:02d}", f"r{n}") for n in range(101)]  # w00-w10 twice
     bad = [(f"x{n}", "a") for n in range(70)]
     bad[50] = ("w00", "again")
+    # A column None in every row of a run is written as NULL in the statement.
+    with_metadata = "INSERT INTO workers (id, role, metadata) VALUES (?, ?, ?)"
+    mixed = [(f"m{n}", "a", None if n % 3 else f'{{"n": {n}}}') for n in range(10)]
+    empty = [(f"n{n}", "b", None) for n in range(10)]
     async with opened(path, kind) as driver:
         await driver.transaction([(upsert, row) for row in rows])
         with pytest.raises(sqlite3.IntegrityError):
             await driver.transaction([(INSERT, row) for row in bad])
-    assert roles(path) == sorted({id_: role for id_, role in rows}.items())
+        await driver.transaction(
+            [(with_metadata, row) for row in mixed]
+            + [(SET_ROLE, ("c", "m1"))]
+            + [(with_metadata, row) for row in empty]
+        )
+        stored = await driver.fetchall(
+            "SELECT id, role, metadata FROM workers WHERE id GLOB '[mn]*' ORDER BY id"
+        )
+    assert stored == sorted([mixed[0], ("m1", "c", None), *mixed[2:], *empty])
+    with sqlite3.connect(path) as conn:
+        kept = conn.execute(
+            "SELECT id, role FROM workers WHERE id GLOB 'w*' ORDER BY id"
+        ).fetchall()
+    assert kept == sorted({id_: role for id_, role in rows}.items())
 
 
 async def test_an_adapter_of_none_the_application_registered_is_kept(

@@ -28,6 +28,7 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from functools import partial, wraps
 from itertools import chain
+from operator import itemgetter
 from typing import Any, Literal, ParamSpec, TypeVar, cast
 
 import aiosqlite
@@ -99,7 +100,7 @@ _MOST_ROWS = 64
 _MOST_PARAMS = 999
 #: An INSERT of one row of ``?`` marks, cut around its VALUES row (None: any other SQL).
 _INSERTS: dict[str, tuple[str, str, str] | None] = {}
-_MULTI: dict[tuple[str, int], str] = {}
+_MULTI: dict[tuple[str, tuple[int, ...], int], str] = {}
 _KEPT = 256
 
 
@@ -127,27 +128,44 @@ def _runs(runs: list[tuple[str, list[Params]]]) -> Iterator[tuple[str, Sequence[
     rows in the same order, so with the same outcome (an upsert's second row of an id
     finds the first, a failing row fails the transaction either way), but one statement
     run, one statement journal and one halt for many rows, where ``executemany`` pays
-    them a row (a batch's events 3.1 -> 1.9 us a row; docs/performance.md, "The write
-    path's own SQLite work"). Any other run is left as it is."""
+    them a row (a batch's events 3.1 -> 1.9 us a row). A column that is None in every
+    row of the run is written as NULL in the statement, not bound: most of a task's
+    columns are empty, and each None bound costs a look-up of its adapter (1 000 or so
+    instructions even with :func:`bind_none_directly`). docs/performance.md, "The write
+    path's own SQLite work". Any other run is left as it is."""
     for sql, rows in runs:
         parts = _insert_parts(sql) if len(rows) > 1 else None
         if parts is None:
             yield sql, rows
             continue
         head, row, tail = parts
+        width = row.count("?")
+        nones = (None,) * len(rows)
+        keep = tuple(at for at, column in enumerate(zip(*rows, strict=True)) if column != nones)
+        if not keep:
+            yield sql, rows
+            continue
+        if len(keep) < width:
+            if len(keep) == 1:
+                rows = [(values[keep[0]],) for values in rows]
+            else:
+                pick = itemgetter(*keep)
+                rows = [pick(values) for values in rows]
         size = _MOST_ROWS
-        while size * row.count("?") > _MOST_PARAMS:
+        while size * len(keep) > _MOST_PARAMS:
             size //= 2
         done = 0
         while done < len(rows):
             while size > len(rows) - done:
                 size //= 2
-            if size == 1:
-                yield sql, rows[done:]
-                break
-            multi = _MULTI.get((sql, size))
+            multi = _MULTI.get((sql, keep, size))
             if multi is None:
-                multi = _MULTI[sql, size] = head + ", ".join([row] * size) + tail
+                marks = set(keep)
+                one = "(" + ", ".join("?" if at in marks else "NULL" for at in range(width)) + ")"
+                multi = _MULTI[sql, keep, size] = head + ", ".join([one] * size) + tail
+            if size == 1:
+                yield multi, rows[done:]
+                break
             whole = (len(rows) - done) // size * size
             yield (
                 multi,
