@@ -18,6 +18,7 @@ import anyio
 import pytest
 
 from hive_orchestration.storage.port import ReadJob
+from hive_orchestration.storage.sqlite import drivers
 from hive_orchestration.storage.sqlite.drivers import (
     AiosqliteDriver,
     Driver,
@@ -115,6 +116,36 @@ async def test_a_long_run_of_inserts_writes_every_row_in_order(tmp_path: Path, k
             "SELECT id, role FROM workers WHERE id GLOB 'w*' ORDER BY id"
         ).fetchall()
     assert kept == sorted({id_: role for id_, role in rows}.items())
+
+
+async def test_runs_whose_empty_columns_vary_keep_few_statement_texts(
+    tmp_path: Path, kind: str
+) -> None:
+    """Runs of one INSERT whose empty columns differ from run to run: every row is
+    written as given, and the texts an INSERT is sent as stay few (at most four sets of
+    empty columns, then every column bound; four sizes: drivers._runs), so that the
+    connection's statement cache (128) keeps them prepared."""
+    path = tmp_path / "d.db"
+    sql = (
+        "INSERT INTO workers (id, role, capabilities, current_task_id, metadata, incarnation)"
+        " VALUES (?, ?, ?, ?, ?, ?)"
+    )
+    written: list[tuple[object, ...]] = []
+    async with opened(path, kind) as driver:
+        for shape in range(16):  # which of the four optional columns are set
+            rows = [
+                (f"w{shape:02d}-{n:03d}", "r", *("x" if shape >> c & 1 else None for c in range(4)))
+                for n in range(shape * 7 + 2)
+            ]
+            await driver.transaction([(sql, row) for row in rows])
+            written += rows
+        stored = await driver.fetchall(
+            "SELECT id, role, capabilities, current_task_id, metadata, incarnation"
+            " FROM workers ORDER BY id"
+        )
+    assert stored == sorted(written)
+    texts = [text for (of, _, _), text in drivers._MULTI.items() if of == sql]
+    assert 0 < len(texts) <= (drivers._EMPTY_SETS + 1) * len(drivers._SIZES)
 
 
 async def test_an_adapter_of_none_the_application_registered_is_kept(
