@@ -133,7 +133,9 @@ def read_database_clock(tm: TaskManager, at: datetime, sent: float, received: fl
     agrees with the one held (the epoch held lies between this reading's two bounds)
     keeps the one held, the closer of the two, so that a lock that waited long to begin
     does not set every backoff after it that much later. One that does not agree (the
-    server's clock stepped, or drifted past a reading's bounds) replaces it."""
+    server's clock stepped, or drifted past a reading's bounds) replaces it; a step or
+    drift forward smaller than the latest reading's round trip may leave the one held
+    behind by that much at most."""
     latest = at - timedelta(seconds=sent)
     held = tm._db_epoch
     if held is None or not at - timedelta(seconds=received) <= held <= latest:
