@@ -496,6 +496,43 @@ async def test_a_node_far_ahead_stores_the_end_of_its_backoff_by_the_databases_c
         assert anyio.current_time() - failed_at >= 1.0 - 0.05  # not before it ended
 
 
+async def test_a_backoff_is_stored_to_end_no_sooner_nor_later_for_slow_clock_readings(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node reckons the database's clock from its readings of it, the lock's
+    ``now()`` among them (its transaction's start). Reckoned from when the answer came,
+    it was behind by the time the answer took: a retry's end was stored that much early,
+    and another node (or this one reopened) took the task early (CI: 66 ms, under load).
+    Reckoned from when the node asked, it is never behind; a lock slow to begin (its
+    reading late after the ask) does not put it ahead either, as the start-up's reading
+    was closer. Here each lock begins 0.5 s after it is asked for and is answered 0.2 s
+    after it began."""
+    lock_ready = PostgresSql.lock_ready
+
+    async def slow(self: PostgresSql, db: Any, lock: Any) -> Any:
+        await anyio.sleep(0.5)
+        locked = await lock_ready(self, db, lock)
+        await anyio.sleep(0.2)
+        return locked
+
+    monkeypatch.setattr(PostgresSql, "lock_ready", slow)
+    async with Runtime.open(pg_url) as rt:
+        task_id = await rt.create_task("job", max_retries=3)
+        claim = await rt.claim_task("w1", "job")
+        assert claim is not None
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            ((before,),) = conn.execute("SELECT clock_timestamp()").fetchall()
+            await rt.fail_task(claim.lease, "again", retry_after=1.0)
+            ((after, stored),) = conn.execute(
+                "SELECT clock_timestamp(), available_at FROM tasks WHERE id = %s", (task_id,)
+            ).fetchall()
+    span = timedelta(seconds=1.0)
+    assert stored >= before + span  # before: 0.2 s early
+    # Reckoned from the lock's ask it is 0.5 s late; from the start-up's, by as long as
+    # that reading took to be made (milliseconds).
+    assert stored <= after + span + timedelta(seconds=0.25)
+
+
 @pytest.mark.parametrize("offset", [1, -1], ids=["ahead", "behind"])
 async def test_a_node_far_ahead_reopened_gets_its_own_retry_when_its_backoff_ends(
     pg_url: str, offset: int
@@ -743,8 +780,8 @@ async def test_a_row_the_lock_takes_is_out_of_its_backoff_whatever_memory_reckon
 
 
 async def until_due(conn: Any, *, backoff: str) -> None:
-    """Until the task's backoff is over by the database's clock, and by a node's
-    reading of it (late by that reading's round trip at most: a few milliseconds)."""
+    """Until the task's backoff is over by the database's clock, 50 ms past it (a node's
+    reckoning of that clock is never behind it: leases.read_database_clock)."""
     with anyio.fail_after(15):
         while True:
             row = conn.execute(

@@ -294,6 +294,11 @@ def _counted_request(raw: bytes) -> tuple[str, dict[str, msgspec.Raw]]:
         if unknown is None:
             raise _refusal("args", exc) from None
         raise _unknown_argument(op, unknown.group(1)) from None
+    except msgspec.DecodeError as exc:
+        # The envelope's read skipped the arguments' text, and msgspec checks the UTF-8
+        # of a string only as it decodes it: a name that is not UTF-8 is found here (it
+        # escaped as msgspec's own error). Refused as a request read at once refuses it.
+        raise InvalidInputError("request", f"is not valid JSON: {exc}") from None
     args = {
         name: value
         for name, value in zip(names, msgspec.structs.astuple(given), strict=True)
@@ -316,13 +321,17 @@ async def call_json(client: OrchestrationClient, raw: bytes | str) -> bytes:
     ``[{}, {}, ...]``: some 100 MB) on the argument that passes the budget, before any
     is decoded: see :func:`msgpack_arguments`, whose budget it shares.
     """
-    limit = client._config.max_request_bytes
-    data = _request_bytes(raw, limit)
-    if len(data) <= _UNCOUNTED_REQUEST:
-        request: WireRequest = _decode(data, "request", WireRequest)
-        op, args = request.op, _arguments(request.op, request.args)
-    else:
-        op, counted = _counted_request(data)
-        args = _arguments(op, counted)
+    op, args = _read_request(_request_bytes(raw, client._config.max_request_bytes))
     method: Callable[..., Awaitable[object]] = getattr(client, op)
     return msgspec.json.encode(await method(**args))
+
+
+def _read_request(data: bytes) -> tuple[str, dict[str, Any]]:
+    """A request's operation and its arguments decoded, or InvalidInputError: a small
+    one read at once, a large one counted first (:func:`_counted_request`), with the
+    same refusals."""
+    if len(data) <= _UNCOUNTED_REQUEST:
+        request: WireRequest = _decode(data, "request", WireRequest)
+        return request.op, _arguments(request.op, request.args)
+    op, counted = _counted_request(data)
+    return op, _arguments(op, counted)

@@ -185,11 +185,11 @@ class TaskManager(Actor[TaskManagerMessage]):
         # database's (claims.lock_claims). Kept with _ready_at, and put back with it.
         self._own_backoffs: set[str] = set()
         # On a store several nodes share: the database's clock when this node's monotonic
-        # clock read 0, as last measured (at start-up, then at each lock of ready rows:
-        # leases.read_database_clock). What it stores as the end of a retry backoff, and
-        # what remains of one it reads back, are by that clock (leases.backoff_until),
-        # which every node's claims read it due by; a step of this node's wall clock
-        # plays no part. None on a store of one owner.
+        # clock read 0, never behind it, from its readings (at start-up, then at each lock
+        # of ready rows: leases.read_database_clock). What it stores as the end of a retry
+        # backoff, and what remains of one it reads back, are by that clock
+        # (leases.backoff_until), which every node's claims read it due by; a step of this
+        # node's wall clock plays no part. None on a store of one owner.
         self._db_epoch: datetime | None = None
         # Parked claims, first come first served, and their wait deadlines (one each).
         self._waiters: dict[int, _Waiter] = {}

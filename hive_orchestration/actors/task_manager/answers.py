@@ -215,8 +215,10 @@ async def commit(
     if lock is not None:
         # The claims are handed out from the rows the write's transaction locks
         # (claims.py): the storage actor answers them, this actor decides the ops.
+        # Before the lock's transaction begins: its now() is read after this.
+        sent = tm._monotonic()
         reply = await tm._storage.request(Write((), lock=lock))
-        await _decide_locked(tm, work, lock, reply)
+        await _decide_locked(tm, work, lock, reply, sent)
     else:
         ops = tm._fences(work) + work.ops if work.ops else []
         # While the storage actor is idle its batch runs in this task (request_now):
@@ -244,7 +246,7 @@ async def commit(
 
 
 async def _decide_locked(
-    tm: TaskManager, work: _Batch, lock: LockReady, reply: Reply[Committed]
+    tm: TaskManager, work: _Batch, lock: LockReady, reply: Reply[Committed], sent: float
 ) -> None:
     """Answer the locked rows of ``lock`` with the write's ops, in this actor's task.
 
@@ -265,7 +267,7 @@ async def _decide_locked(
                 first.start_soon(settle, reply)
         if lock.locked.done:
             loaded = await lock.locked.wait()
-            lock.decided.resolve(tm._decide_locked(work, loaded, lock.limit))
+            lock.decided.resolve(tm._decide_locked(work, loaded, lock.limit, sent))
     finally:
         lock.decided.fail(RuntimeStoppedError("the task manager did not decide its claims"))
 

@@ -240,17 +240,19 @@ def _queue_order(queue: QueueId) -> tuple[str, tuple[str, ...], str]:
 
 
 def decide_locked(
-    tm: TaskManager, work: _Batch, loaded: LockedHeads | None, limit: int
+    tm: TaskManager, work: _Batch, loaded: LockedHeads | None, limit: int, sent: float
 ) -> tuple[WriteOp, ...]:
     """The write's ops, once the ready rows its claims may take are locked: memory
     takes what was locked as the heads of those queues (:func:`take_locked`), the
-    parked claims are handed out from it, then the batch's fences and ops."""
+    parked claims are handed out from it, then the batch's fences and ops. ``sent``:
+    the monotonic clock before the lock was asked for (the lock's reading of the
+    database's clock was made after it)."""
     assert work.dispatch is not None
     now, refilled = work.dispatch
     work.dispatch = None
     if loaded is not None:
         if loaded.now is not None:
-            tm._read_database_clock(loaded.now, tm._monotonic())
+            tm._read_database_clock(loaded.now, sent, tm._monotonic())
         take_locked(tm, work, loaded, limit)
         tm._woken.difference_update(
             (h.task_type, h.requires, h.concurrency_key) for h, _ in loaded.heads

@@ -119,13 +119,27 @@ def due_from_wall(tm: TaskManager, run: Run, task: Task, lease_hash: bytes | Non
     return _Due(lease, timeout, lease_hash)
 
 
-def read_database_clock(tm: TaskManager, at: datetime, mono: float) -> None:
-    """The database's clock read ``at`` as this node's monotonic clock read ``mono``
-    (at start-up, then at each lock of ready rows, which answers its ``now()``). Kept as
-    the database's time at monotonic 0: its time at any moment of this node follows
-    without the node's wall clock, which a step moves. Off by the reading's round trip
-    at most (milliseconds)."""
-    tm._db_epoch = at - timedelta(seconds=mono)
+def read_database_clock(tm: TaskManager, at: datetime, sent: float, received: float) -> None:
+    """The database's clock read ``at`` at some moment between this node's monotonic
+    readings ``sent`` (before it asked: at start-up, then at each lock of ready rows,
+    which answers its ``now()``) and ``received`` (once the answer came). Kept as the
+    database's time at monotonic 0: its time at any moment of this node follows without
+    the node's wall clock, which a step moves.
+
+    Reckoned from ``sent``, so never behind the database's clock: a backoff's end is
+    stored by this reckoning, and one behind would store it early by as much (an answer
+    that took 84 ms under load made another node, or this one reopened, take the task
+    that early). Ahead by the time from the ask to the reading at most; a reading that
+    agrees with the one held (the epoch held lies between this reading's two bounds)
+    keeps the one held, the closer of the two, so that a lock that waited long to begin
+    does not set every backoff after it that much later. One that does not agree (the
+    server's clock stepped, or drifted past a reading's bounds) replaces it; a step or
+    drift forward smaller than the latest reading's round trip may leave the one held
+    behind by that much at most."""
+    latest = at - timedelta(seconds=sent)
+    held = tm._db_epoch
+    if held is None or not at - timedelta(seconds=received) <= held <= latest:
+        tm._db_epoch = latest
 
 
 def database_time(tm: TaskManager, epoch: datetime) -> datetime:

@@ -53,9 +53,10 @@ async def started(tm: TaskManager) -> None:
     tm._fenced = await tm._storage.ask(StoreFences())
     if tm._fenced:
         # Before any backoff is read back or set (leases.backoff_until, backoff_end).
+        sent = tm._monotonic()
         clock = await tm._storage.ask(DatabaseClock())
         if clock is not None:
-            tm._read_database_clock(clock, tm._monotonic())
+            tm._read_database_clock(clock, sent, tm._monotonic())
         tm._versions = dict(heads.versions)
         if tasks:  # read again with their versions, as one row each
             stored = await tm._storage.ask(FetchTasks(tuple(t.id for t in tasks)))

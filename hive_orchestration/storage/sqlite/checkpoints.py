@@ -27,9 +27,11 @@ rarely (one commit in several hundred), and the next commit starts the WAL over.
 thread holds SQLite's checkpoint lock the writer's turn is skipped, so the WAL may pass
 the backstop by what is committed during one of the thread's checkpoints. A reader holding
 an old snapshot keeps the WAL from starting over, as it always did; when it ends, the next
-checkpoint and commit do. The WAL starts over at times the writer does not choose, more
-often than SQLite's own checkpoint made it: on a full disk a write may then still be
-accepted, in space the WAL file already has (and is as durable as any other).
+checkpoint and commit do (when the thread's is that checkpoint, what is committed while it
+copies all the reader held back goes on the end of the WAL first). The WAL starts over at
+times the writer does not choose, more often than SQLite's own checkpoint made it: on a
+full disk a write may then still be accepted, in space the WAL file already has (and is as
+durable as any other).
 
 Only at ``NORMAL`` (:func:`off_the_commit_path`). At ``FULL`` every commit fsyncs the WAL
 anyway, and on the 2-core machine of performance.md the thread's fsyncs of the database
