@@ -220,6 +220,13 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     #: connection is closed: a client that asks for more than it reads cannot make the
     #: owner queue without bound (docs/PROTOCOL.md, "Limits").
     max_queued_bytes: Annotated[int, msgspec.Meta(ge=1024 * 1024)] = 64 * 1024 * 1024
+    #: The most one frame from another process's runtime (an answer, a batch of events)
+    #: may make this process's client hold: its bytes and what its values take once
+    #: decoded, counted before any is (a frame over half of it is refused at its
+    #: header). Past it the connection is dropped: its calls in flight fail with
+    #: OutcomeUnknownError naming this (docs/PROTOCOL.md, "Limits"). A server, or
+    #: whatever answers at its address, cannot make a client take more.
+    max_answer_bytes: Annotated[int, msgspec.Meta(ge=1024 * 1024)] = 512 * 1024 * 1024
     #: Where else to serve the message API: ``tcp://HOST:PORT`` addresses (port 0: any
     #: free port), beside the Unix socket. Off loopback only with ``tls_cert``; every TCP
     #: connection needs a token of ``tokens_file`` (docs/SERVING.md).
