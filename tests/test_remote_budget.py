@@ -508,6 +508,31 @@ async def test_a_client_that_reads_its_answers_at_full_speed_is_not_cut(
         await _until(lambda: not server._connections and server.budget.held == 0)
 
 
+async def test_a_client_that_leaves_in_a_burst_past_max_queued_bytes_leaves_nothing_held(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    # 80 answers of 400 KB land at once past 2 MiB (max_queued_bytes), what passes it
+    # taken from the server's budget; the client reads one and closes: however the
+    # connection ends (its writer cancelled mid-write), the budget gets it all back.
+    config = _config(max_queued_bytes=2 * MIB)
+    async with Runtime.open(tmp_path / "hive.db", config=config) as runtime:
+        server = runtime._server
+        assert server is not None
+        assert server.address
+        task_id = await runtime.create_task("job", {"blob": "x" * 400_000})
+        sock = await anyio.to_thread.run_sync(_raw_connect, server.address)
+        calls = b"".join(_call(n, "get_task", task_id=task_id) for n in range(1, 81))
+        try:
+            await _until(lambda: len(server._connections) == 1)
+            (connection,) = server._connections
+            await anyio.to_thread.run_sync(sock.sendall, calls)
+            await _until(lambda: connection._borrowed > 0)
+            assert isinstance(await anyio.to_thread.run_sync(read_frame, sock), Result)
+        finally:
+            sock.close()
+        await _until(lambda: not server._connections and server.budget.held == 0)
+
+
 class _PaddedPing(msgspec.Struct, tag="ping", tag_field="kind"):
     """A ping with a field the server does not know (and skips): a 60 KB frame that asks
     for nothing but a pong."""

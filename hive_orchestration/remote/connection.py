@@ -296,6 +296,9 @@ class _Connection:
                 else:  # a waiting call's kept share
                     budget.unkeep(-charge)
             self._charged.clear()
+            if self._borrowed:  # queued past max_queued_bytes when its writer was cancelled
+                budget.give(self._borrowed)
+                self._borrowed = 0
             with anyio.CancelScope(shield=True):
                 for subscription in self._subscriptions.values():
                     subscription.close()
