@@ -216,10 +216,19 @@ class RuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     #: it. At least what one call of ``max_frame_bytes`` may hold (docs/SERVING.md).
     max_held_bytes: Annotated[int, msgspec.Meta(ge=1024 * 1024)] = 512 * 1024 * 1024
     #: Bytes of answers and events the socket server may have queued for one connection
-    #: that does not read them (a frame alone always goes, however large). Past it the
-    #: connection is closed: a client that asks for more than it reads cannot make the
-    #: owner queue without bound (docs/PROTOCOL.md, "Limits").
+    #: of its own (a frame alone always goes, however large). Past it what is queued is
+    #: taken from max_held_bytes while the client has a second to take the queue back
+    #: under it; one that does not (or whose excess finds no room) is closed: a client
+    #: that asks for more than it reads cannot make the owner queue without bound, and
+    #: one that reads at full speed is not cut for a burst (docs/PROTOCOL.md, "Limits").
     max_queued_bytes: Annotated[int, msgspec.Meta(ge=1024 * 1024)] = 64 * 1024 * 1024
+    #: The most one frame from another process's runtime (an answer, a batch of events)
+    #: may make this process's client hold: its bytes and what its values take once
+    #: decoded, counted before any is (a frame over half of it is refused at its
+    #: header). Past it the connection is dropped: its calls in flight fail with
+    #: OutcomeUnknownError naming this (docs/PROTOCOL.md, "Limits"). A server, or
+    #: whatever answers at its address, cannot make a client take more.
+    max_answer_bytes: Annotated[int, msgspec.Meta(ge=1024 * 1024)] = 512 * 1024 * 1024
     #: Where else to serve the message API: ``tcp://HOST:PORT`` addresses (port 0: any
     #: free port), beside the Unix socket. Off loopback only with ``tls_cert``; every TCP
     #: connection needs a token of ``tokens_file`` (docs/SERVING.md).

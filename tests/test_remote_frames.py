@@ -128,6 +128,41 @@ async def test_a_large_frame_is_read_in_chunks_and_nothing_of_the_next() -> None
     assert stream.largest <= 1 << 20  # read on in chunks of at most 1 MiB
 
 
+async def test_a_clients_count_of_a_large_frame_lets_other_tasks_run() -> None:
+    # A client counts what a server's frame would take once decoded before it decodes
+    # it: 1 MiB of ints and nils of alternating kinds, a step of the walk each (a 64 MiB
+    # frame of them held the client's loop for 3.3 s, every other call waiting). The
+    # walk lets the loop run every 64 KiB: other tasks run after the last byte came in
+    # and before the frame is read (before, not once).
+    body = msgspec.msgpack.encode([1000, None] * (256 * 1024))
+    turns = 0
+    at_receive = 0
+
+    class Watched(Scripted):
+        async def receive(self, max_bytes: int = 65536) -> bytes:
+            nonlocal at_receive
+            chunk = await super().receive(max_bytes)
+            at_receive = turns
+            return chunk
+
+    async def tick() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await anyio.lowlevel.checkpoint()
+
+    stream = Watched([struct.pack(">I", len(body)) + body])
+    reader = FrameReader(stream, Any, 4 << 20, counted=True)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(tick)
+        await anyio.lowlevel.checkpoint()
+        value = await reader.read()
+        after = turns - at_receive
+        tg.cancel_scope.cancel()
+    assert len(value) == 512 * 1024
+    assert after >= len(body) // (64 * 1024) - 2, after
+
+
 async def test_an_oversized_frame_is_refused_before_its_body_is_read() -> None:
     header = struct.pack(">I", 10_000_000)
     stream = Scripted([header + b"x" * 100, b"y" * 65536, b"z" * 65536])
@@ -717,7 +752,8 @@ async def test_a_servers_unreadable_event_data_is_the_packages_error(
 
 async def test_a_servers_frame_over_the_clients_limit_is_refused_unread(anyio_backend: str) -> None:
     # A header announcing 600 MiB: refused as soon as it is read (the client reads at
-    # most 512 MiB), the call fails naming the limit, and the connection is dropped.
+    # most half of max_answer_bytes, 512 MiB: every value takes at least its bytes once
+    # decoded), the call fails naming the limit, and the connection is dropped.
     closed = anyio.Event()
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
     port = listener.extra(SocketAttribute.local_port)
@@ -726,10 +762,72 @@ async def test_a_servers_frame_over_the_clients_limit_is_refused_unread(anyio_ba
         async with listener, anyio.create_task_group() as tg:
             tg.start_soon(partial(_crafted_server, closed=closed), listener, answers)
             async with OrchestrationClient(url=f"hive://127.0.0.1:{port}") as client:
-                with pytest.raises(OutcomeUnknownError, match="over the limit of 536870912"):
+                limit = r"over the limit of 268435456 \(half of max_answer_bytes"
+                with pytest.raises(OutcomeUnknownError, match=limit):
                     await client.get_task("t1")
                 await closed.wait()
             tg.cancel_scope.cancel()
+
+
+async def test_what_one_server_frame_may_make_the_client_hold_is_max_answer_bytes(
+    anyio_backend: str,
+) -> None:
+    # The frame's bytes and what its values decode into, together, within the client's
+    # max_answer_bytes (16 MiB here; 512 MiB by default): 3 MiB of zeros (some 27 MiB
+    # once decoded) is refused before it is decoded, although within 64 MiB + 8 times
+    # its size, the only bound before (a 512 MiB frame could take 4.5 GB), and an
+    # answer of 3 MiB of text (some 6 MiB in all) is not. The call fails with the
+    # package's error naming the setting, and the connection is dropped.
+    closed = anyio.Event()
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(SocketAttribute.local_port)
+    text = "x" * (3 * 1024 * 1024)
+    zeros = msgspec.Raw(msgspec.msgpack.encode([0] * (3 * 1024 * 1024)))
+    answers = {
+        "get_task": lambda i: frame(Failure(i, "HiveError", text)),
+        "get_run": lambda i: _body({"kind": "result", "id": i, "value": zeros}),
+    }
+    config = RuntimeConfig(remote_timeout=DEADLINE, max_answer_bytes=16 * 1024 * 1024)
+    with anyio.fail_after(2 * DEADLINE):
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(partial(_crafted_server, closed=closed), listener, answers)
+            url = f"hive://127.0.0.1:{port}"
+            async with OrchestrationClient(url=url, config=config) as client:
+                with pytest.raises(HiveError) as answered:
+                    await client.get_task("t1")
+                assert str(answered.value) == text
+                with pytest.raises(OutcomeUnknownError) as failed:
+                    await client.get_run("r1")
+                await closed.wait()
+                with pytest.raises(ConnectionLostError, match="max_answer_bytes"):
+                    await client.get_task("t2")
+            tg.cancel_scope.cancel()
+    assert "max_answer_bytes" in str(failed.value)
+    assert "16777216" in str(failed.value)
+
+
+async def test_a_servers_event_data_counts_within_max_answer_bytes(anyio_backend: str) -> None:
+    # 3 MiB of empty objects as an event's JSON data: some 81 MiB once decoded, within
+    # 64 MiB + 8 times its size (the only bound before), past the 16 MiB the client
+    # may hold for one frame. Refused before it is decoded, naming the setting.
+    closed = anyio.Event()
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(SocketAttribute.local_port)
+    event = Event(seq=1, type="task.created", timestamp=1.0, source="x")
+    data = b"[" + b"{}," * (1024 * 1024) + b"{}]"
+    serve = partial(_crafted_server, events=[(event, data)], closed=closed)
+    config = RuntimeConfig(remote_timeout=DEADLINE, max_answer_bytes=16 * 1024 * 1024)
+    with anyio.fail_after(2 * DEADLINE):
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(serve, listener, {})
+            url = f"hive://127.0.0.1:{port}"
+            async with OrchestrationClient(url=url, config=config) as client:
+                async with client.subscribe("*") as events:
+                    with pytest.raises(HiveError, match="max_answer_bytes") as failed:
+                        await events.receive()
+                await closed.wait()
+            tg.cancel_scope.cancel()
+    assert "16777216" in str(failed.value)
 
 
 @pytest.mark.parametrize(

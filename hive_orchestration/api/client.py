@@ -245,6 +245,7 @@ class OrchestrationClient(
                 tls_ca=tls_ca or None,
                 name=self._default_agent,
                 silence=config.remote_timeout,
+                held=config.max_answer_bytes,
             )
         )
         identity = remote.identity

@@ -70,7 +70,12 @@ async def reach(
         if address not in (STARTING, STOPPING):
             with contextlib.suppress(ConnectionLostError):
                 return await stack.enter_async_context(
-                    RemoteRuntime.connect(address, name=name, silence=checked.remote_timeout)
+                    RemoteRuntime.connect(
+                        address,
+                        name=name,
+                        silence=checked.remote_timeout,
+                        held=checked.max_answer_bytes,
+                    )
                 )
         if anyio.current_time() + pause > deadline:
             break
@@ -108,7 +113,12 @@ async def reach(
             else:
                 try:
                     return await stack.enter_async_context(
-                        RemoteRuntime.connect(address, name=name, silence=checked.remote_timeout)
+                        RemoteRuntime.connect(
+                            address,
+                            name=name,
+                            silence=checked.remote_timeout,
+                            held=checked.max_answer_bytes,
+                        )
                     )
                 except ConnectionLostError as exc:
                     why = f"the runtime of pid {pid} is going away or coming ({exc})"

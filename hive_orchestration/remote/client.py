@@ -65,8 +65,6 @@ __all__ = ["RemoteRuntime"]
 
 log = logging.getLogger("hive_orchestration.remote")
 
-#: Largest frame a client reads from its server (an answer of many tasks is large).
-_MAX_ANSWER = 512 * 1024 * 1024
 #: Largest frame read before the server's welcome (a welcome or a refusal is a few
 #: hundred bytes): whatever answers at an address is not trusted with more.
 _WELCOME_LIMIT = 64 * 1024
@@ -120,18 +118,25 @@ class RemoteRuntime:
     @classmethod
     @asynccontextmanager
     async def connect(
-        cls, address: str, *, name: str | None = None, silence: float = 10.0
+        cls,
+        address: str,
+        *,
+        name: str | None = None,
+        silence: float = 10.0,
+        held: int | None = None,
     ) -> AsyncIterator[RemoteRuntime]:
         """Connect to the runtime serving at ``address`` (as its lock file records it) for
-        the block; ``silence`` is how long a silent connection lives (``remote_timeout``).
-        Raises :class:`ConnectionLostError` if nothing answers there."""
+        the block; ``silence`` is how long a silent connection lives (``remote_timeout``),
+        ``held`` the most one frame from it may take with its values decoded
+        (``max_answer_bytes``, 512 MiB unless given). Raises :class:`ConnectionLostError`
+        if nothing answers there."""
         try:
             stream = await anyio.connect_unix(connect_path(address))
         except OSError as exc:
             raise ConnectionLostError(
                 f"cannot connect to the runtime at {address}: {exc.strerror or exc}"
             ) from None
-        async with cls._session(stream, address, name, silence, None) as remote:
+        async with cls._session(stream, address, name, silence, None, held) as remote:
             yield remote
 
     @classmethod
@@ -144,13 +149,15 @@ class RemoteRuntime:
         tls_ca: str | None = None,
         name: str | None = None,
         silence: float = 10.0,
+        held: int | None = None,
     ) -> AsyncIterator[RemoteRuntime]:
         """Connect to the runtime served at ``url`` (``hive://HOST:PORT``, loopback only,
         or ``hives://HOST:PORT``: TLS, the server's certificate checked against ``tls_ca``
         or the system's authorities) with ``token``. Refused before connecting
         (:class:`InvalidInputError` on ``url``) when malformed or off loopback without
         TLS; :class:`ConnectionLostError` if nothing answers there or the TLS handshake
-        fails; :class:`AccessDeniedError` if the server refuses the token."""
+        fails; :class:`AccessDeniedError` if the server refuses the token. ``silence`` and
+        ``held`` as for :meth:`connect`."""
         from .tcp import client_context, parse_url
 
         endpoint = parse_url(url)
@@ -158,7 +165,7 @@ class RemoteRuntime:
         shown = endpoint.url()
         stream = await dial_tcp(endpoint, context, shown)
         hint = "" if endpoint.tls else "; if it serves TLS, connect with hives://"
-        async with cls._session(stream, shown, name, silence, token, hint) as remote:
+        async with cls._session(stream, shown, name, silence, token, held, hint) as remote:
             yield remote
 
     @classmethod
@@ -170,16 +177,20 @@ class RemoteRuntime:
         name: str | None,
         silence: float,
         token: str | None,
+        held: int | None,
         hint: str = "",
     ) -> AsyncIterator[RemoteRuntime]:
         """The connection over ``stream``, from the handshake until the block ends."""
         async with stream:
             # Every frame's values are counted before they are decoded (a server, or
             # whatever answers at the address, cannot make this side take more than a
-            # few times what it sent): a frame over either limit is a FrameError.
+            # few times what it sent, nor more than max_answer_bytes for one frame): a
+            # frame over any limit is a FrameError.
             reader = FrameReader(stream, ServerFrame, _WELCOME_LIMIT, counted=True)
             welcome = await handshake(stream, reader, address, name, token, hint)
-            reader.limit = _MAX_ANSWER
+            if held is None:
+                held = RuntimeConfig().max_answer_bytes
+            reader.hold_at_most(held, "max_answer_bytes")
             remote = cls(stream, welcome, address, silence=silence)
             try:
                 async with anyio.create_task_group() as group:

@@ -80,7 +80,7 @@ async def read_frames(remote: RemoteRuntime, reader: FrameReader) -> None:
                     elif call_id == 0:  # the connection's: the server closes it next
                         closing = message.message
                 case Events(id=subscription_id, entries=entries):
-                    _count_data(entries)
+                    _count_data(entries, reader)
                     deliver(remote, subscription_id, entries)
                 case Ended(id=subscription_id, lagged=lagged):
                     found = remote._feeds.pop(subscription_id, None)
@@ -120,25 +120,34 @@ async def read_frames(remote: RemoteRuntime, reader: FrameReader) -> None:
         lose(remote, ConnectionLostError(lost_reason(remote, why)))
 
 
-def _count_data(entries: Sequence[tuple[Event, bytes]]) -> None:
+def _count_data(entries: Sequence[tuple[Event, bytes]], reader: FrameReader) -> None:
     """Refuse events whose data (JSON bytes beside each event, which the frame's count
-    took for bytes) would take more than the frame's budget once decoded, as the
-    subscriber takes them: ``{},`` is three bytes and some 80 once decoded. A
-    FrameError, as a frame over its count is: nothing of them is decoded."""
+    took for bytes) would take more than its budget once decoded, as the subscriber
+    takes them: ``{},`` is three bytes and some 80 once decoded. The budget is 64 MiB +
+    8 x the data's size, and what ``max_answer_bytes`` leaves beside the frame and its
+    values. A FrameError, as a frame over its count is: nothing of them is decoded."""
     size = 0
     for _, data in entries:
         size += len(data)
-    budget = decoded_budget(size)
+    ratio = decoded_budget(size)
+    left = reader.held - reader.size - reader.cost
+    budget = min(ratio, left)
     if size * json_cost.MOST_PER_BYTE <= budget:
         return  # no JSON this short can pass it
     spent = 0
     for _, data in entries:
         spent += json_cost.decoded_cost(data, budget - spent)
         if spent > budget:
+            if budget == ratio:
+                raise FrameError(
+                    f"events of {size} bytes of data hold too many small values: they"
+                    f" would take more than {budget} bytes once decoded (at most 64 MiB"
+                    " + 8 x their size)"
+                )
             raise FrameError(
-                f"events of {size} bytes of data hold too many small values: they would"
-                f" take more than {budget} bytes once decoded (at most 64 MiB + 8 x their"
-                " size)"
+                f"events of {size} bytes of data would take more than {budget} bytes once"
+                f" decoded: with their frame, over the {reader.held} bytes of"
+                " max_answer_bytes one frame may hold"
             )
 
 

@@ -153,9 +153,12 @@ class _Connection:
         self._outbox: list[bytes] = []
         self._outbox_size = 0
         #: Bytes handed to send_frame and not yet written (the outbox and the batch
-        #: being written): at most max_queued_bytes, or the connection is closed.
+        #: being written): past max_queued_bytes only while the peer takes them at
+        #: once, else the connection is closed (.connection_out).
         self._queued = 0
         self._max_queued = server.max_queued
+        #: What is queued past max_queued_bytes, taken from the server's budget.
+        self._borrowed = 0
         self._writing = False
         # Past max_queued_bytes: its notice is the last frame written (.connection_out).
         self._cut = False
@@ -293,6 +296,9 @@ class _Connection:
                 else:  # a waiting call's kept share
                     budget.unkeep(-charge)
             self._charged.clear()
+            if self._borrowed:  # queued past max_queued_bytes when its writer was cancelled
+                budget.give(self._borrowed)
+                self._borrowed = 0
             with anyio.CancelScope(shield=True):
                 for subscription in self._subscriptions.values():
                     subscription.close()

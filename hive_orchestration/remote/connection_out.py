@@ -9,8 +9,13 @@ Backpressure alone does not bound what is queued: a frame is encoded before its 
 waits for room, and a connection has up to ``max_calls_in_flight`` calls and 1000
 subscriptions that may each be waiting with one, of any size (an answer is as large as
 what was asked for). So every byte handed to :func:`send_frame` is counted until it is
-written (``_Connection._queued``), and past ``max_queued_bytes`` the connection is
-closed: a client that asks for more than it reads is cut, not buffered for.
+written (``_Connection._queued``). Past ``max_queued_bytes`` the peer is judged by what
+it takes, not by what landed at once: answers that a commit finishes together may pass
+the bound for a peer that reads at full speed. What is queued past it is taken from the
+server's budget (``max_held_bytes``, :mod:`.budget`: so 1024 connections cannot each
+queue without bound), and the sender waits for the writer to bring the queue back
+under the bound; a peer that has not taken that much within :data:`_DRAIN_GRACE`, or
+whose excess does not fit in the budget, asks for more than it reads: it is cut.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ log = logging.getLogger("hive_orchestration.remote")
 _OUTBOX_HIGH = 256 * 1024
 #: Frames smaller than this that are queued together are written as one.
 _JOIN_BELOW = 64 * 1024
+#: How long a peer may take to bring what is queued for it back under
+#: ``max_queued_bytes`` once past it: a client that reads at full speed takes a burst of
+#: answers in milliseconds on a local link, some 100 MB a second on a fast network.
+_DRAIN_GRACE = 1.0
 
 
 async def send_message(conn: _Connection, message: msgspec.Struct) -> None:
@@ -60,8 +69,8 @@ async def send_frame(conn: _Connection, data: bytes) -> None:
     queued = conn._queued = conn._queued + len(data)
     if queued > conn._max_queued and queued - len(data) > _OUTBOX_HIGH:
         # A frame goes however large, behind at most an outbox's worth of others; past
-        # that and the bound, the peer does not read what it asks for.
-        _cut(conn, queued)
+        # that and the bound, the peer must take what is queued at once.
+        await _drain_or_cut(conn)
         return
     if not conn._writing:
         await flush(conn)
@@ -88,6 +97,8 @@ async def flush(conn: _Connection) -> None:
                 for data in _batches(frames):
                     await conn._stream.send(data)
                 conn._queued -= size
+                if conn._borrowed:
+                    _repay(conn)
                 room, conn._room = conn._room, None
                 if room is not None:
                     room.set()
@@ -117,7 +128,38 @@ async def write_now(conn: _Connection, data: bytes) -> None:
         close_connection(conn, f"the peer took no frame for {conn._server.timeout:g}s")
 
 
-def _cut(conn: _Connection, queued: int) -> None:
+async def _drain_or_cut(conn: _Connection) -> None:
+    """Past ``max_queued_bytes``: the excess is taken from the server's budget and the
+    sender waits (up to :data:`_DRAIN_GRACE`) for the peer to take the queue back under
+    the bound; if the budget has no room for it, or the peer does not take it in time,
+    the peer is cut."""
+    excess = conn._queued - conn._max_queued - conn._borrowed
+    if excess > 0:
+        if not conn._server.budget.try_take(excess):
+            _cut(conn, conn._queued, "and the server's max_held_bytes has no room for more")
+            return
+        conn._borrowed += excess
+    if not conn._writing:  # pragma: no cover - past an outbox's worth, one writes
+        await flush(conn)
+    with anyio.move_on_after(_DRAIN_GRACE):
+        while conn._queued > conn._max_queued and conn._writing and not conn._broken:
+            if conn._room is None:
+                conn._room = conn._event_type()
+            await conn._room.wait()
+    if conn._queued > conn._max_queued and not conn._broken:
+        _cut(conn, conn._queued, f"and it did not take them within {_DRAIN_GRACE:g}s")
+
+
+def _repay(conn: _Connection) -> None:
+    """Give the server's budget back what is no longer queued past the bound."""
+    keep = conn._queued - conn._max_queued
+    keep = keep if keep > 0 else 0
+    if keep < conn._borrowed:
+        conn._server.budget.give(conn._borrowed - keep)
+        conn._borrowed = keep
+
+
+def _cut(conn: _Connection, queued: int, how: str) -> None:
     """Past ``max_queued_bytes``: nothing more is queued for the peer (its calls are
     stopped, what was queued and not yet being written is dropped), and once what is
     being written is taken it is told why (a failure of id 0) and the connection closes.
@@ -125,7 +167,7 @@ def _cut(conn: _Connection, queued: int) -> None:
     nothing meets the write's deadline, which closes the connection as before."""
     why = (
         f"{queued} bytes of answers and events were queued for this client, past"
-        f" max_queued_bytes ({conn._max_queued}): it does not read what it asks for"
+        f" max_queued_bytes ({conn._max_queued}), {how}: it does not read what it asks for"
     )
     log.warning("connection %d (%s) closed: %s", conn.number, conn.name, why)
     conn._broken = conn._cut = True  # what is sent from now on is dropped
@@ -133,6 +175,8 @@ def _cut(conn: _Connection, queued: int) -> None:
     notice = frame(encode_error(0, HiveError(f"the runtime closed the connection: {why}")))
     conn._queued += len(notice) - conn._outbox_size
     conn._outbox, conn._outbox_size = [notice], len(notice)
+    if conn._borrowed:
+        _repay(conn)
     if not conn._writing:  # pragma: no cover - past an outbox's worth, one writes
         close_connection(conn, why)
 
@@ -143,6 +187,8 @@ def close_connection(conn: _Connection, why: str) -> None:
         log.info("connection %d (%s) closed: %s", conn.number, conn.name, why)
     conn._outbox.clear()
     conn._outbox_size = conn._queued = 0
+    if conn._borrowed:
+        _repay(conn)
     if conn._flushing is not None:
         conn._flushing.cancel()  # a write to a peer that is gone or stalled
     room, conn._room = conn._room, None

@@ -35,7 +35,7 @@ from ..api.msgpack_cost import (
     CALL_DECODED_PER_BYTE,
     MOST_PER_BYTE,
     decoded_budget,
-    decoded_cost,
+    decoded_cost_paced,
 )
 from ..errors import HiveError, InvalidInputError, plain_attributes, rebuild_error
 from ..messages.events import Event
@@ -317,10 +317,12 @@ class FrameReader:
     more than ``limit`` bytes (and one chunk) for it.
 
     With ``counted`` (a client reading its server), what a frame's values will take once
-    decoded is counted too, before any is (:func:`..api.msgpack_cost.decoded_cost`):
-    past 64 MiB plus 8 times its size, it is a :class:`FrameError`, nothing of it
-    decoded. A frame under 671 KB is never walked. (The server counts each call's
-    arguments instead, since a call over budget is refused alone.)
+    decoded is counted too, before any is (:func:`..api.msgpack_cost.decoded_cost`,
+    paced: the loop serves other tasks every 64 KiB walked): past 64 MiB plus 8 times
+    its size, it is a :class:`FrameError`, nothing of it decoded. A frame under 671 KB
+    is never walked. :meth:`hold_at_most` bounds the frame and its values together too.
+    (The server counts each call's arguments instead, since a call over budget is
+    refused alone.)
 
     With a gate (:meth:`gate_with`: the server's, see :mod:`.budget`), a frame larger
     than a chunk waits for it after its header is read and before its body is: a peer
@@ -336,6 +338,14 @@ class FrameReader:
         # Frames up to this size are never walked (none could take more than its
         # budget): one comparison a frame, where a call would cost more.
         self._walked_above = _NEVER_WALKED if counted else 1 << 64
+        # The most a frame and what its values decode into may take together, and the
+        # setting that says so (:meth:`hold_at_most`).
+        self.held = 1 << 64
+        self._held_by = ""
+        #: What the last frame's values take once decoded (as counted), or, for a frame
+        #: too small to be walked, the most they could: what is left of ``held`` beside
+        #: it is what an events frame's JSON data may take.
+        self.cost = 0
         # Received and not yet read: ``_data[_pos:]``. Never changed in place, only
         # replaced: a frame decoded from it may keep views of it (``msgspec.Raw``).
         self._data = b""
@@ -348,6 +358,16 @@ class FrameReader:
         #: it came (0, 0 otherwise): what the server tells a peer it cuts mid-frame.
         self.pending = 0
         self.arrived = 0
+
+    def hold_at_most(self, held: int, setting: str) -> None:
+        """Refuse a frame whose bytes and decoded values together would take more than
+        ``held`` (``setting`` names it in the refusal). Since every value takes at
+        least its bytes once decoded, a frame over half of it is refused at its header,
+        unread; frames too small to be walked stay under a quarter of it."""
+        self.held = held
+        self._held_by = setting
+        self.limit = held // 2
+        self._walked_above = min(self._walked_above, held // (4 * MOST_PER_BYTE))
 
     def gate_with(self, gate: Callable[[int], Awaitable[None]]) -> None:
         """Await ``gate(size)`` for each frame larger than a chunk, between its header
@@ -362,7 +382,10 @@ class FrameReader:
             await self._receive()
         (size,) = _HEADER.unpack_from(self._data, self._pos)
         if size > self.limit:
-            raise FrameError(f"a frame of {size} bytes is over the limit of {self.limit}")
+            raise FrameError(
+                f"a frame of {size} bytes is over the limit of {self.limit}"
+                + (f" (half of {self._held_by}, {self.held})" if self._held_by else "")
+            )
         self.size = size
         if size > self._gated_above:
             assert self._gate is not None
@@ -375,17 +398,31 @@ class FrameReader:
             self._pos = end
         else:
             body = await self._rest(start, size)
+        self.cost = size * MOST_PER_BYTE
         if size > self._walked_above:
-            budget = decoded_budget(size)
-            if decoded_cost(body, budget) > budget:
-                raise FrameError(
-                    f"a frame of {size} bytes holds too many small values: it would take"
-                    f" more than {budget} bytes once decoded (at most 64 MiB + 8 x its size)"
-                )
+            await self._count(body, size)
         try:
             return self._decoder.decode(body)
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
             raise _undecodable(body, exc) from None
+
+    async def _count(self, body: bytes | bytearray | memoryview, size: int) -> None:
+        """Refuse ``body`` if its values would take more than their budget once decoded:
+        64 MiB + 8 x its size, and what ``held`` leaves beside it."""
+        budget = decoded_budget(size)
+        held = self.held - size
+        self.cost = cost = await decoded_cost_paced(body, min(budget, held))
+        if cost > budget:
+            raise FrameError(
+                f"a frame of {size} bytes holds too many small values: it would take"
+                f" more than {budget} bytes once decoded (at most 64 MiB + 8 x its size)"
+            )
+        if cost > held:
+            raise FrameError(
+                f"a frame of {size} bytes would take more than {held} bytes once decoded:"
+                f" with its bytes, over the {self.held} bytes of {self._held_by} one frame"
+                " may hold"
+            )
 
     async def _receive(self) -> None:
         """Take what has arrived onto what is left of the last chunk."""
