@@ -604,6 +604,30 @@ def _back_off(url: str, task_id: str, ends: str, *, attempts: str = "attempts") 
         )
 
 
+@pytest.mark.parametrize("skew", [timedelta(hours=1), -timedelta(hours=1)], ids=["ahead", "behind"])
+async def test_queue_depths_turns_the_end_of_a_backoff_into_the_nodes_clock(
+    pg_url: str, skew: timedelta
+) -> None:
+    """``queue_depths`` says since when a queue's longest-waiting task has been
+    claimable, by the node's wall clock, as the times the node stores of its own; the
+    end of a retry backoff is stored by the database's clock, and is turned into the
+    node's. Before, the two were compared as they were stored: a node an hour ahead
+    said its retry had been claimable since its failure (the metrics' age ran from
+    there), a node an hour behind said in an hour and 30 s (age 0 meanwhile)."""
+
+    def skewed() -> datetime:
+        return datetime.now(UTC) + skew
+
+    async with Runtime.open(pg_url, wall_clock=skewed) as node:
+        await node.create_task("job", max_retries=3)
+        claim = await node.claim_task("w1", "job")
+        assert claim is not None
+        await node.fail_task(claim.lease, "again", retry_after=30.0)
+        count, since = (await node.queue_depths())["job"]
+        assert count == 1
+        assert 29.0 < (since - skewed()).total_seconds() <= 30.0
+
+
 def _clock_read_off(monkeypatch: pytest.MonkeyPatch, by: timedelta) -> None:
     """The node's reading of the database's clock at start-up is ``by`` off (the
     server's clock stepped the other way since the node read it)."""
