@@ -59,7 +59,7 @@ from ...runtime import Envelope
 from .leases import _hash, _proves
 from .machine import _run_data
 from .ready import Bound, QueueId, bound_of
-from .state import A, R, _Batch, _Due, _Waiter
+from .state import A, R, _Batch, _Due, _Lag, _Waiter
 
 if TYPE_CHECKING:
     from .actor import TaskManager
@@ -429,7 +429,11 @@ def assign(
     secret = new_secret()
     lease_hash = _hash(secret)
     lease = tm._mono + claim.lease  # written with the claim's run
-    tm._due[run.id] = _Due(lease, timeout, lease_hash, lease)
+    # Both run from the claim's answer: later by the batch's lag, known once committed.
+    lag = work.lag
+    if lag is None:
+        lag = work.lag = _Lag()
+    tm._due[run.id] = _Due(lease, timeout, lease_hash, lease, lag)
     work.ops.append(PutRun(run, lease_hash))
     updated = tm._transition(
         task,
