@@ -449,7 +449,8 @@ def assign(
         tm._count_start(updated)
     if claim.start:  # as start_run, its run already running
         updated = tm._transition(updated, R, work, now, claim.worker_id, {}, _run_data(run))
-    tm._deadlines.set(run.id, tm._due[run.id].next()[0])
+    # The earlier of the two (_Due.next, its shift still 0), without a call a claim.
+    tm._deadlines.set(run.id, timeout if timeout is not None and timeout <= lease else lease)
     return Claim(updated, Lease(task_id, run.id, run.run_number, secret), expires)
 
 

@@ -396,8 +396,8 @@ def claimed_from_answer(tm: TaskManager, work: _Batch) -> None:
     or a third into the work. One write for the batch: its claims' deadlines share its
     lag (:class:`_Lag`, ``_Due.shift``), which :meth:`_Due.next` adds; a renewal fixes
     the timeout so (heartbeat). Per claim it costs a field and a test (~1 200
-    instructions, callgrind), where a pass moving each claim's deadlines after the commit
-    cost 3 400-4 800, ~0.5-0.7% of a task's.
+    instructions, callgrind; claims.assign saves more), where a pass moving each
+    claim's deadlines after the commit cost 3 400-4 800, ~0.5-0.7% of a task's.
     A deadline entry, coming up early, is pushed back (settle_due); the stored
     ``started_at`` and ``lease_expires_at`` stay as set. A claim taken in a batch whose
     claim waits on for more (a head ran dry mid-claim) and answered in its follow-up
