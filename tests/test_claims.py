@@ -629,6 +629,41 @@ async def test_a_lease_runs_from_the_answer_to_its_renewal_not_from_its_batch(
         assert run.status is RunStatus.COMPLETED
 
 
+@pytest.mark.parametrize("deadline", ["lease", "timeout"])
+async def test_a_claims_lease_and_timeout_run_from_its_answer_not_from_its_batch(
+    db_path: str, monkeypatch: pytest.MonkeyPatch, deadline: str
+) -> None:
+    """A claim's lease and its task's ``timeout`` run from the claim's answer, as a
+    renewal's lease does: the worker gets the task only then, and renews (the agent
+    runner: a third of the lease after the answer) or works from there. Here the claim's
+    commit is held 0.9 of the span, and the worker renews (``lease``) or completes
+    (``timeout``, having renewed at once, which leaves the timeout as it was) a third of
+    the span after the answer: it holds (counted from the batch's start, the span ended
+    before that call was sent)."""
+    span = 1.0
+    stall = 0.9
+    stalled = stall_commits(monkeypatch, stall)
+    async with runtime(db_path, **SLOW_BACKOFF) as rt:
+        timed = deadline == "timeout"
+        task_id = await rt.create_task("job", timeout=span if timed else None)
+        stalled.on = True
+        sent = anyio.current_time()
+        c = await claim(rt, lease=60.0 if timed else span)
+        answered = anyio.current_time()
+        stalled.on = False
+        assert answered - sent >= stall - EARLY
+        if timed:  # a renewal leaves the timeout as it was: from the answer
+            await rt.heartbeat(c.lease)
+        await anyio.sleep(span / 3)  # as the runner does, from the answer
+        assert anyio.current_time() < answered + span, "sent too late for the test"
+        if not timed:
+            await rt.heartbeat(c.lease)  # LeaseLostError had the lease run from the batch
+        done = await rt.complete_task(c.lease)  # LeaseLostError had it timed out
+        assert done.attempts == 0
+        (run,) = await rt.get_runs(task_id)
+        assert run.status is RunStatus.COMPLETED
+
+
 async def test_release_worker_tasks_requeues_what_the_worker_held(db_path: str) -> None:
     async with runtime(db_path, **SLOW_BACKOFF) as rt:
         ids = [await rt.create_task("job") for _ in range(3)]

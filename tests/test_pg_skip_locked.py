@@ -641,6 +641,75 @@ def _back_off(url: str, task_id: str, ends: str, *, attempts: str = "attempts") 
         )
 
 
+@pytest.mark.parametrize("skew", [timedelta(hours=1), -timedelta(hours=1)], ids=["ahead", "behind"])
+async def test_queue_depths_turns_the_end_of_a_backoff_into_the_nodes_clock(
+    pg_url: str, skew: timedelta
+) -> None:
+    """``queue_depths`` says since when a queue's longest-waiting task has been
+    claimable, by the node's wall clock, as the times the node stores of its own; the
+    end of a retry backoff is stored by the database's clock, and is turned into the
+    node's. Before, the two were compared as they were stored: a node an hour ahead
+    said its retry had been claimable since its failure (the metrics' age ran from
+    there), a node an hour behind said in an hour and 30 s (age 0 meanwhile)."""
+
+    def skewed() -> datetime:
+        return datetime.now(UTC) + skew
+
+    async with Runtime.open(pg_url, wall_clock=skewed) as node:
+        await node.create_task("job", max_retries=3)
+        claim = await node.claim_task("w1", "job")
+        assert claim is not None
+        await node.fail_task(claim.lease, "again", retry_after=30.0)
+        count, since = (await node.queue_depths())["job"]
+        assert count == 1
+        assert 29.0 < (since - skewed()).total_seconds() <= 30.0
+
+
+async def test_the_sweep_takes_a_queued_task_memory_holds_at_another_version_as_read(
+    pg_url: str,
+) -> None:
+    """A queued task a node holds, changed since by another node (its claim, then a
+    retry) or by SQL (the end of its backoff), with its version moved: the node's sweep
+    (every second) takes it as read, so that it shows and hands out what is stored.
+    Before, the sweep took in only tasks memory did not hold: the node showed its old
+    state (no attempt; a backoff 30 s long) until its own next write of the task."""
+
+    async def shown(task_id: str) -> tuple[datetime | None, int]:
+        task = await one.get_task(task_id)
+        assert task is not None
+        return task.available_at, task.attempts
+
+    async with Runtime.open(pg_url) as one:
+        retried, elsewhere = [await one.create_task("job", max_retries=3) for _ in range(2)]
+        claim = await one.claim_task("w1", "job")
+        assert claim is not None
+        assert claim.task.id == retried
+        await one.fail_task(claim.lease, "again", retry_after=30.0)
+        async with Runtime.open(pg_url) as two:
+            taken = await two.claim_task("w2", "job")  # one holds it, queued
+            assert taken is not None
+            assert taken.task.id == elsewhere
+            await two.fail_task(taken.lease, "again", retry_after=30.0)
+        _back_off(pg_url, retried, "now()")  # its backoff ends now, by SQL
+        with psycopg.connect(pg_url) as conn:
+            rows = conn.execute(
+                "SELECT id, available_at, attempts FROM tasks WHERE id = ANY(%s)",
+                ([retried, elsewhere],),
+            ).fetchall()
+        stored = {task_id: (at, attempts) for task_id, at, attempts in rows}
+        assert [stored[t][1] for t in (retried, elsewhere)] == [1, 1]
+        wanted = [stored[retried], stored[elsewhere]]
+        with anyio.fail_after(5):  # a sweep a second, at a batch (each read is one)
+            while True:
+                if [await shown(t) for t in (retried, elsewhere)] == wanted:
+                    break
+                await anyio.sleep(0.05)
+        assert [run.worker_id for run in await one.get_runs(elsewhere)] == ["w2"]
+        again = await one.claim_task("w1", "job")  # out of its backoff, as stored
+        assert again is not None
+        assert again.task.id == retried
+
+
 def _clock_read_off(monkeypatch: pytest.MonkeyPatch, by: timedelta) -> None:
     """The node's reading of the database's clock at start-up is ``by`` off (the
     server's clock stepped the other way since the node read it)."""

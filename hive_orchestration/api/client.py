@@ -180,6 +180,7 @@ class OrchestrationClient(
         self._plans = runtime._plans
         self._storage = runtime._storage
         self._schedules = runtime._schedules
+        self._wall = runtime._wall
 
     def bind(
         self, *, source_agent: str | None = None, correlation_id: str | None = None

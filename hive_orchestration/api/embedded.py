@@ -140,6 +140,7 @@ class Runtime(
         self._closed = False
         self._callbacks: TaskGroup | None = None
         self._server: Serving | None = None
+        self._wall: Callable[[], datetime] = _utc_now  # open sets the one it was given
         # Built inside ``open``, on the thread whose event loop runs the actors: every entry
         # point compares the caller's thread with it (see _check_loop).
         self._thread = threading.get_ident()
@@ -384,6 +385,7 @@ class Runtime(
             supervisor=supervisor,
             schedules=schedules,
         )
+        runtime._wall = wall
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(supervisor.run)

@@ -84,7 +84,16 @@ class CountTasks(Request[dict[str, int]], frozen=True):
 class CountQueued(Request[dict[str, tuple[int, datetime]]], frozen=True):
     """The queued tasks by type: how many, and since when the one that has waited longest
     has been claimable (its last transition, or its ``available_at`` if later). One
-    aggregate over ``idx_tasks_ready``: no row is decoded, whatever the depth."""
+    aggregate over ``idx_tasks_ready``: no row is decoded, whatever the depth.
+
+    ``wall`` is the asker's wall time as it sends the read (``None``: unknown). On a
+    store several nodes share, ``available_at`` is by the database's clock
+    (``DatabaseClock``) and the other times by the nodes' wall clocks: the read turns
+    ``available_at`` into the asker's clock, by how far the two were apart when the
+    statement started, before it compares the two, so that ``since`` is by the asker's
+    clock throughout (by the database's alone, it was off by the skew between them)."""
+
+    wall: datetime | None = None
 
 
 class FetchTask(Request["Task | None"], frozen=True):

@@ -96,7 +96,7 @@ class Task(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     idempotency_scope: IdempotencyScope = "forever"
     correlation_id: str | None = None
     source_agent: str | None = None
-    #: Seconds one run may take from its claim before it ends as timed out.
+    #: Seconds one run may take from its claim (its answer) before it ends as timed out.
     timeout: float | None = None
     #: Not handed out before this time (set by retry backoff; on PostgreSQL, by the
     #: database's clock, which every node reads it due by).

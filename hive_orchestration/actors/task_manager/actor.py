@@ -429,6 +429,7 @@ class TaskManager(Actor[TaskManagerMessage]):
     _holding = leases.holding
     _heartbeat = leases.heartbeat
     _renewed_from_answer = leases.renewed_from_answer
+    _claimed_from_answer = leases.claimed_from_answer
     # claims.py
     _park = claims.park
     _dispatch = claims.dispatch

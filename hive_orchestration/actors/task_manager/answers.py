@@ -137,6 +137,8 @@ async def finish(
         tm._shed()
         if work.renewed:
             tm._renewed_from_answer(work)
+        if work.lag is not None:
+            tm._claimed_from_answer(work)
     barrier = tm._plan_barrier_seq(work) if error is None else 0
     held: list[tuple[Envelope[TaskManagerMessage], object]] = []
     unclaimed: list[Claim] = []

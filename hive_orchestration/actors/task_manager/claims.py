@@ -59,7 +59,7 @@ from ...runtime import Envelope
 from .leases import _hash, _proves
 from .machine import _run_data
 from .ready import Bound, QueueId, bound_of
-from .state import A, R, _Batch, _Due, _Waiter
+from .state import A, R, _Batch, _Due, _Lag, _Waiter
 
 if TYPE_CHECKING:
     from .actor import TaskManager
@@ -431,7 +431,11 @@ def assign(
     secret = new_secret()
     lease_hash = _hash(secret)
     lease = tm._mono + claim.lease  # written with the claim's run
-    tm._due[run.id] = _Due(lease, timeout, lease_hash, lease)
+    # Both run from the claim's answer: later by the batch's lag, known once committed.
+    lag = work.lag
+    if lag is None:
+        lag = work.lag = _Lag()
+    tm._due[run.id] = _Due(lease, timeout, lease_hash, lease, lag)
     work.ops.append(PutRun(run, lease_hash))
     updated = tm._transition(
         task,
@@ -447,7 +451,8 @@ def assign(
         tm._count_start(updated)
     if claim.start:  # as start_run, its run already running
         updated = tm._transition(updated, R, work, now, claim.worker_id, {}, _run_data(run))
-    tm._deadlines.set(run.id, tm._due[run.id].next()[0])
+    # The earlier of the two (_Due.next, its shift still 0), without a call a claim.
+    tm._deadlines.set(run.id, timeout if timeout is not None and timeout <= lease else lease)
     return Claim(updated, Lease(task_id, run.id, run.run_number, secret), expires)
 
 

@@ -178,8 +178,10 @@ async def sweep(tm: TaskManager) -> None:
     """On a fenced store: read every queue's head again from its best, taking in the
     tasks memory does not hold (queued by other nodes, or left to storage), so that
     no task waits for the node that queued it; every sweep_interval, and after a
-    head ran dry. A task memory holds that another node claimed since is found out
-    by the claim's fence."""
+    head ran dry. Memory is reconciled with the read by version: a queued task it
+    holds at another version is taken as read, and one the read should show but does
+    not (claimed, cancelled or deleted elsewhere) is let go of. A claim of this node's
+    is left to its fence (its next write)."""
     tm._next_sweep = tm._monotonic() + tm._sweep_interval
     if tm._paused_keys and not tm._conflicted:
         tm._ready.resume(keys=tm._paused_keys)
@@ -220,11 +222,24 @@ async def sweep(tm: TaskManager) -> None:
         tm._drop(task_id)
     if stale:
         tm._reindex()
+    versions = tm._versions
     for head, tasks in loaded.heads:
         queue = (head.task_type, head.requires, head.concurrency_key)
         tm._ready.set_bound(queue, read[queue])
         for task in tasks:
-            if task.id not in tm._tasks:
-                tm._versions[task.id] = loaded.versions[task.id]
-                tm._take_in(task, runs.get(task.id, ()))
+            task_id = task.id
+            version = loaded.versions[task_id]
+            known = tm._tasks.get(task_id)
+            if known is not None:
+                if versions.get(task_id) == version or task_id in tm._held:
+                    continue  # as read; or a claim of this node's, which its fence decides
+                # Memory holds it at another version: changed since by another node (its
+                # claim ended and requeued it, a retry, a backoff set by SQL), which
+                # memory would show, and hand out by, until its next write here (a
+                # conflict). Taken as read, as a lock of its row takes it.
+                tm._index(known, None)
+                tm._drop(task_id)
+                tm._finished.pop(task_id, None)
+            versions[task_id] = version
+            tm._take_in(task, runs.get(task_id, ()))
     tm._ready.extended(list(read))

@@ -354,7 +354,10 @@ def heartbeat(tm: TaskManager, message: Heartbeat, work: _Batch, now: datetime) 
     renewed = msgspec.structs.replace(run, **changes)
     tm._runs[run.id] = renewed
     written = lease if durable else before.written
-    tm._due[run.id] = before._replace(lease=lease, written=written)
+    # The renewed lease runs from this batch's answer (renewed_from_answer); the timeout,
+    # from the claim's, fixed now (its batch was answered before the worker could renew).
+    timeout = before.timeout_from_answer()
+    tm._due[run.id] = _Due(lease, timeout, before.lease_hash, written)
     due = tm._due[run.id].next()[0]
     # Moved earlier only: a later deadline is found when the entry comes up (one
     # entry per claim either way), so that a heartbeat costs no sift.
@@ -386,14 +389,34 @@ def renewed_from_answer(tm: TaskManager, work: _Batch) -> None:
     or more ended before the worker's next renewal was due to be sent. The deadline
     entry, coming up early, is pushed back to the lease (settle_due). The stored
     ``lease_expires_at`` stays as set (shown; a deadline loaded from it at the next
-    start-up is at most the span from then). A claim's lease still runs from its batch:
-    the claim is the hot path, and the agent runner renews at once after its claim's
-    answer (a renewal the batch that finds the lease due spares, waiting behind it)."""
+    start-up is at most the span from then). A claim's lease and timeout run from its
+    answer too (:func:`claimed_from_answer`)."""
     answered = tm._monotonic()
     if work.renewed is None or answered <= tm._mono:
         return
     dues = tm._due
     for run_id, span in work.renewed:
         due = dues.get(run_id)  # None: the claim ended later in the batch
-        if due is not None:
-            dues[run_id] = due._replace(lease=answered + span)
+        if due is not None:  # (a renewed one's: no shift; not _replace, twice the time)
+            dues[run_id] = _Due(answered + span, due.timeout, due.lease_hash, due.written)
+
+
+def claimed_from_answer(tm: TaskManager, work: _Batch) -> None:
+    """Once the batch is committed, before its answers: the claims it handed out run
+    from now. Their leases and timeouts were set from the batch's clock reading; the
+    worker gets the task only with the answer, and renews from there (the agent runner: a
+    third of the lease after it) or works: counted from the batch, a 1 s lease or
+    timeout whose claim's commit took 0.7 s or more ended before that renewal was sent,
+    or a third into the work. One write for the batch: its claims' deadlines share its
+    lag (:class:`_Lag`, ``_Due.shift``), which :meth:`_Due.next` adds; a renewal fixes
+    the timeout so (heartbeat). Per claim it costs a field and a test (~1 200
+    instructions, callgrind; claims.assign saves more), where a pass moving each
+    claim's deadlines after the commit cost 3 400-4 800, ~0.5-0.7% of a task's.
+    A deadline entry, coming up early, is pushed back (settle_due); the stored
+    ``started_at`` and ``lease_expires_at`` stay as set. A claim taken in a batch whose
+    claim waits on for more (a head ran dry mid-claim) and answered in its follow-up
+    runs from the end of the batch that took it, that follow-up's time earlier: never
+    later than its answer."""
+    lag = work.lag
+    assert lag is not None
+    lag.by = max(tm._monotonic() - tm._mono, 0.0)

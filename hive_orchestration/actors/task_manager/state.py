@@ -77,6 +77,16 @@ class _Refill:
     void: bool = False  # a batch failed since: the whole answer is void
 
 
+class _Lag(msgspec.Struct, gc=False):
+    """How long after its clock reading a batch was answered (its commit's time, mostly):
+    set once the batch is committed, before its answers, and shared by the deadlines of
+    the claims it handed out (:attr:`_Due.shift`), which so run from the claim's answer
+    for one write a batch, none a claim (leases.claimed_from_answer). Mutable, and
+    untracked by the cycle collector, as the tuples holding it then are."""
+
+    by: float = 0.0
+
+
 class _Due(NamedTuple):
     """A claimed run's deadlines, on the monotonic clock, and the hash of its lease's
     secret: kept here since it lives exactly as long (set at the claim, dropped when the
@@ -90,12 +100,24 @@ class _Due(NamedTuple):
     # known, so the next heartbeat writes it), which the database's own deadline of the
     # lease is (leases.heartbeat).
     written: float | None = None
+    # A claim's, until its first renewal: its batch's lag, by which ``lease`` and
+    # ``timeout`` (set from the batch's clock reading) are later, running from the answer.
+    shift: _Lag | None = None
 
     def next(self) -> tuple[float, bool]:
         """The earliest, and whether it is the timeout."""
+        shift = self.shift
+        by = 0.0 if shift is None else shift.by
         if self.timeout is not None and self.timeout <= self.lease:
-            return self.timeout, True
-        return self.lease, False
+            return self.timeout + by, True
+        return self.lease + by, False
+
+    def timeout_from_answer(self) -> float | None:
+        """The timeout, on the monotonic clock (a claim's counted from its answer)."""
+        shift = self.shift
+        if shift is None or self.timeout is None:
+            return self.timeout
+        return self.timeout + shift.by
 
 
 @dataclass(slots=True)
@@ -135,6 +157,8 @@ class _Batch:
     # answer, after the commit (leases.renewed_from_answer). None: none (most batches;
     # no list made for them).
     renewed: list[tuple[str, float]] | None = None
+    # The lag its claims' deadlines share (leases.claimed_from_answer). None: no claim.
+    lag: _Lag | None = None
     parked: list[int] = field(default_factory=list)  # waiters that arrived in this batch
     seqs: tuple[int, ...] = ()  # the committed events' sequence numbers
     plan_enders: set[int] = field(default_factory=set)  # envelopes that ended a plan's task

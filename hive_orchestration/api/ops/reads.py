@@ -11,6 +11,7 @@ page of at most ``MAX_READ`` rows, or the registry's own list of workers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 
 from ..._validate import MAX_READ, check_choice, check_int, check_optional_text
@@ -28,6 +29,7 @@ class InspectOps(Caller):
 
     _storage: ActorRef[StorageMessage]
     _workers: ActorRef[WorkerRegistryMessage]
+    _wall: Callable[[], datetime]  # the runtime's wall clock
 
     def _check_open(self) -> None:  # pragma: no cover - provided by Runtime
         raise NotImplementedError
@@ -43,9 +45,10 @@ class InspectOps(Caller):
         been claimable (a delayed task from its start time, a retried one from the end
         of its backoff). One aggregate query on a reader connection, whatever the depth:
         the Prometheus exporter's ``hive_queue_depth``, in the runtime's process or
-        through its socket."""
+        through its socket. By this runtime's wall clock (``wall_clock``): on PostgreSQL,
+        the end of a backoff, stored by the database's clock, is turned into it."""
         self._check_open()
-        return await self._storage.ask(CountQueued())
+        return await self._storage.ask(CountQueued(self._wall()))
 
     async def list_tasks(
         self,

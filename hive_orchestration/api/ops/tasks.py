@@ -97,8 +97,8 @@ class TaskOps(TaskCalls):
         default: until it is deleted) or while it is live (``"active"``: until it
         completes, fails, times out or is cancelled; docs/CONTROL.md).
         ``title`` defaults to the task type. ``timeout`` bounds each run,
-        in seconds from its claim. Tasks sharing a ``concurrency_key`` are held by at most
-        ``concurrency_limit`` (default 1) claims at once. A task with ``requires`` (a
+        in seconds from its claim's answer. Tasks sharing a ``concurrency_key`` are held
+        by at most ``concurrency_limit`` (default 1) claims at once. A task with ``requires`` (a
         capability or a list of them) goes only to a worker that has all of those
         capabilities (otherwise: one that handles its task type).
 

@@ -184,9 +184,16 @@ def _event_rows(ops: Sequence[AppendEvent]) -> str:
 #: Queued tasks by type, and the earliest time one of each became claimable (the twin of
 #: SQLite's, through the same two partial indexes, named by their WHERE terms).
 _MINE = recoverable_sql()
+#: A backoff's end is by the database's clock (TaskManager.backoff_until), the other
+#: times by the writers' wall clocks: it is turned into the asker's wall clock (the
+#: parameter: its time as it sent the read) by how far that was from the database's when
+#: the statement started (statement_timestamp(), one reading for every row), then
+#: compared. Without an asker's time, by the database's (the parameter is NULL).
 _COUNT_QUEUED = (
     "SELECT task_type, COUNT(*), MIN(since) FROM ("
-    " SELECT task_type, GREATEST(updated_at, coalesce(available_at, updated_at)) AS since"
+    " SELECT task_type, GREATEST(updated_at, coalesce(available_at"
+    " + (coalesce(?::timestamptz, statement_timestamp()) - statement_timestamp()),"
+    " updated_at)) AS since"
     " FROM tasks WHERE status = 'queued' AND run_at IS NULL"
     " UNION ALL SELECT task_type, run_at FROM tasks"
     " WHERE status = 'queued' AND run_at IS NOT NULL"
@@ -230,8 +237,8 @@ class PostgresSql:
             case CountTasks():
                 rows = await db.fetchall("SELECT status, COUNT(*) FROM tasks GROUP BY status")
                 return {str(status): int(cast(int, count)) for status, count in rows}
-            case CountQueued():
-                rows = await db.fetchall(_COUNT_QUEUED)
+            case CountQueued(wall=wall):
+                rows = await db.fetchall(_COUNT_QUEUED, (time_text(wall),))
                 return {
                     str(task_type): (int(cast(int, count)), _when(since))
                     for task_type, count, since in rows
