@@ -218,6 +218,7 @@ def test_every_bench_is_covered() -> None:
         "nodes.py",
         "plan_nodes.py",
         "pg_writes.py",
+        "pg_sweep.py",
     }
 
 
@@ -371,6 +372,26 @@ def test_pg_writes_bench_runs(backend: str, pg_url: str) -> None:
     assert result.stdout.startswith(f"150 tasks, 6 workers, {backend}:")
     assert "event loop" in result.stdout
     assert "writer backend" in result.stdout
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_pg_sweep_bench_runs(backend: str, pg_url: str) -> None:
+    """bench/pg_sweep.py, tiny, on the session's PostgreSQL server: the sweep takes the
+    tasks moved by SQL as read and keeps every queued task held."""
+    result = subprocess.run(
+        [
+            *(sys.executable, str(BENCH / "pg_sweep.py"), "--backend", backend),
+            *("--queues", "2", "--tasks", "40", "--sweeps", "3", "--changed", "5"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "HIVE_BENCH_PG": pg_url},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("2 queues x 40 tasks (80 held), 5 changed a sweep:")
+    assert "loop CPU median" in result.stdout
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
