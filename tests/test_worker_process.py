@@ -359,7 +359,7 @@ async def test_sigterm_drains_in_flight_work_and_hands_back_the_rest_uncounted(
         await anyio.Path(finishing).touch()
         code, out, err = await process.exit()
         assert code == 0, err
-        assert out.splitlines()[-1] == "worker: stopped: 1 completed, 0 failed, 1 handed back"
+        assert out.splitlines()[-1] == "worker: stopped: 1 completed, 0 failed, 1 handed back", err
         done = await get(client, first)
         assert (done.status, done.attempts) == (TaskStatus.COMPLETED, 0)
         back = await get(client, second)
