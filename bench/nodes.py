@@ -170,6 +170,23 @@ def _pg_version(initdb: Path) -> tuple[int, ...]:
         return (0,)
 
 
+@contextlib.contextmanager
+def scratch_database(prefix: str) -> Iterator[tuple[Any, str]]:
+    """An admin connection to the bench's server (:func:`server`) and the URL of a
+    database of its own there, dropped at the end (pg_writes.py, pg_sweep.py)."""
+    import psycopg
+
+    with server() as (url, _own):
+        admin = psycopg.connect(url, autocommit=True)
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield admin, with_database(url, name)
+        finally:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            admin.close()
+
+
 def with_database(url: str, name: str, **query: str) -> str:
     parts = urlsplit(url)
     extra = "&".join(f"{key}={value}" for key, value in query.items())

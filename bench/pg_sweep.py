@@ -24,12 +24,11 @@ import argparse
 import os
 import statistics
 import time
-import uuid
 from typing import Any
 
 import anyio
 import psycopg
-from nodes import server, with_database
+from nodes import scratch_database
 
 from hive_orchestration import Runtime
 from hive_orchestration.actors.task_manager import TaskManager
@@ -83,15 +82,8 @@ def main() -> None:
     parser.add_argument("--sweeps", type=int, default=200)
     parser.add_argument("--changed", type=int, default=0)
     args = parser.parse_args()
-    with server() as (url, _own):
-        admin = psycopg.connect(url, autocommit=True)
-        database = f"sweep_{uuid.uuid4().hex[:10]}"
-        admin.execute(f"CREATE DATABASE {database}")
-        try:
-            print(anyio.run(shape, with_database(url, database), args, backend=args.backend))
-        finally:
-            admin.execute(f"DROP DATABASE {database} WITH (FORCE)")
-            admin.close()
+    with scratch_database("sweep") as (_admin, url):
+        print(anyio.run(shape, url, args, backend=args.backend))
 
 
 if __name__ == "__main__":

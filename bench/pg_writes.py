@@ -27,11 +27,10 @@ import contextlib
 import glob
 import os
 import time
-import uuid
 
 import anyio
 import psycopg
-from nodes import server, with_database
+from nodes import scratch_database
 
 from hive_orchestration import Runtime
 
@@ -128,16 +127,9 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=6000)
     parser.add_argument("--workers", type=int, default=6)
     args = parser.parse_args()
-    with server() as (url, _own):
-        admin = psycopg.connect(url, autocommit=True)
-        database = f"hive_writes_{uuid.uuid4().hex[:10]}"
-        admin.execute(f'CREATE DATABASE "{database}"')
-        try:
-            line = anyio.run(shape, with_database(url, database), admin, args, backend=args.backend)
-            print(f"{args.tasks:,} tasks, {args.workers} workers, {args.backend}: {line}")
-        finally:
-            admin.execute(f'DROP DATABASE "{database}" WITH (FORCE)')
-            admin.close()
+    with scratch_database("hive_writes") as (admin, url):
+        line = anyio.run(shape, url, admin, args, backend=args.backend)
+        print(f"{args.tasks:,} tasks, {args.workers} workers, {args.backend}: {line}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from hive_orchestration.api.carried import WAITING, carried
 from hive_orchestration.api.client import OrchestrationClient
 from hive_orchestration.api.wire import held_by
 from hive_orchestration.remote.budget import CONNECTION_BYTES, WAITING_SHARE, Budget
+from hive_orchestration.remote.connection import _Connection
 from hive_orchestration.remote.protocol import (
     PROTOCOL_VERSION,
     Call,
@@ -45,6 +46,7 @@ from hive_orchestration.remote.protocol import (
     Welcome,
     frame,
 )
+from hive_orchestration.remote.server import Server
 
 pytestmark = pytest.mark.anyio
 
@@ -125,6 +127,30 @@ async def _until(condition: Callable[[], bool]) -> None:
     with anyio.fail_after(DEADLINE):
         while not condition():  # noqa: ASYNC110 - the server's counters: no event to wait on
             await anyio.sleep(0.01)
+
+
+@asynccontextmanager
+async def _large_answers(
+    tmp_path: Path, calls: int
+) -> AsyncIterator[tuple[Server, _Connection, socket.socket, bytes]]:
+    """A runtime whose server queues at most 2 MiB for a client (max_queued_bytes), a task
+    of 400 KB, a raw connection admitted, and ``calls`` get_task frames of it, not sent.
+    Closed at the end, the connection goes and the budget gets back all it lent."""
+    config = _config(max_queued_bytes=2 * MIB)
+    async with Runtime.open(tmp_path / "hive.db", config=config) as runtime:
+        server = runtime._server
+        assert server is not None
+        assert server.address
+        task_id = await runtime.create_task("job", {"blob": "x" * 400_000})
+        sock = await anyio.to_thread.run_sync(_raw_connect, server.address)
+        frames = b"".join(_call(n, "get_task", task_id=task_id) for n in range(1, calls + 1))
+        try:
+            await _until(lambda: len(server._connections) == 1)
+            (connection,) = server._connections
+            yield server, connection, sock, frames
+        finally:
+            sock.close()
+        await _until(lambda: not server._connections and server.budget.held == 0)
 
 
 def _raw_connect(address: str) -> socket.socket:
@@ -432,47 +458,34 @@ async def test_a_client_that_does_not_read_its_answers_is_cut_past_max_queued_by
     # (Before, it was cut as soon as 2 MiB were queued, as a client reading at full
     # speed was: next test.)
     limit = 2 * MIB
-    config = _config(max_queued_bytes=limit)
-    async with Runtime.open(tmp_path / "hive.db", config=config) as runtime:
-        server = runtime._server
-        assert server is not None
-        assert server.address
-        task_id = await runtime.create_task("job", {"blob": "x" * 400_000})
-        sock = await anyio.to_thread.run_sync(_raw_connect, server.address)
-        try:
-            await _until(lambda: len(server._connections) == 1)
-            (connection,) = server._connections
-            held = server.budget.held
-            calls = b"".join(_call(n, "get_task", task_id=task_id) for n in range(1, 41))
-            await anyio.to_thread.run_sync(sock.sendall, calls)
-            lent = 0
-            with anyio.fail_after(10.0):  # half the remote_timeout the server had waited
-                while not connection._broken:
-                    # Past the bound, all of it is in the server's budget (but for the
-                    # frame that passed it alone, behind less than 256 KiB of others).
-                    assert connection._queued <= limit + connection._borrowed + 500_000
-                    lent = max(lent, connection._borrowed)
-                    await anyio.sleep(0.001)
-            assert lent > 0
-            # What is being written stays (the client may yet take it, then its notice:
-            # else the write's deadline closes the connection), its excess in the budget
-            # (but for the notice, a few hundred bytes).
-            assert 0 <= connection._queued - limit - connection._borrowed < 1024
-            assert connection in server._connections  # until the client takes its notice
+    async with _large_answers(tmp_path, 40) as (server, connection, sock, calls):
+        held = server.budget.held
+        await anyio.to_thread.run_sync(sock.sendall, calls)
+        lent = 0
+        with anyio.fail_after(10.0):  # half the remote_timeout the server had waited
+            while not connection._broken:
+                # Past the bound, all of it is in the server's budget (but for the
+                # frame that passed it alone, behind less than 256 KiB of others).
+                assert connection._queued <= limit + connection._borrowed + 500_000
+                lent = max(lent, connection._borrowed)
+                await anyio.sleep(0.001)
+        assert lent > 0
+        # What is being written stays (the client may yet take it, then its notice:
+        # else the write's deadline closes the connection), its excess in the budget
+        # (but for the notice, a few hundred bytes).
+        assert 0 <= connection._queued - limit - connection._borrowed < 1024
+        assert connection in server._connections  # until the client takes its notice
 
-            frames = await anyio.to_thread.run_sync(read_until_closed, sock)
-        finally:
-            sock.close()
-        # The answers being written when it was cut, if any (the 40 come at once, and
-        # the writer may have taken them all into its round), then why.
-        *answers, told = frames
-        assert len(answers) <= 40
-        assert all(isinstance(answer, Result) for answer in answers), answers
-        assert isinstance(told, Failure)
-        assert told.id == 0
-        assert f"past max_queued_bytes ({limit}), and it did not take them" in told.message
-        await _until(lambda: not server._connections and server.budget.held == 0)
-        assert held > 0
+        frames = await anyio.to_thread.run_sync(read_until_closed, sock)
+    # The answers being written when it was cut, if any (the 40 come at once, and
+    # the writer may have taken them all into its round), then why.
+    *answers, told = frames
+    assert len(answers) <= 40
+    assert all(isinstance(answer, Result) for answer in answers), answers
+    assert isinstance(told, Failure)
+    assert told.id == 0
+    assert f"past max_queued_bytes ({limit}), and it did not take them" in told.message
+    assert held > 0
 
 
 async def test_a_client_that_reads_its_answers_at_full_speed_is_not_cut(
@@ -482,30 +495,16 @@ async def test_a_client_that_reads_its_answers_at_full_speed_is_not_cut(
     # past the 2 MiB of max_queued_bytes: a client that takes them as fast as they are
     # written gets them all (it was cut), what was queued past the bound held in the
     # server's budget meanwhile and given back.
-    limit = 2 * MIB
-    config = _config(max_queued_bytes=limit)
-    async with Runtime.open(tmp_path / "hive.db", config=config) as runtime:
-        server = runtime._server
-        assert server is not None
-        assert server.address
-        task_id = await runtime.create_task("job", {"blob": "x" * 400_000})
-        sock = await anyio.to_thread.run_sync(_raw_connect, server.address)
-        calls = b"".join(_call(n, "get_task", task_id=task_id) for n in range(1, 81))
+    async with _large_answers(tmp_path, 80) as (_server, connection, sock, calls):
 
         def talk() -> list[Any]:
             sock.sendall(calls)
             return [read_frame(sock) for _ in range(80)]
 
-        try:
-            await _until(lambda: len(server._connections) == 1)
-            (connection,) = server._connections
-            answers = await anyio.to_thread.run_sync(talk)
-        finally:
-            sock.close()
+        answers = await anyio.to_thread.run_sync(talk)
         assert [type(answer) for answer in answers] == [Result] * 80, answers[-1]
         assert sorted(answer.id for answer in answers) == list(range(1, 81))
         assert connection._borrowed == 0
-        await _until(lambda: not server._connections and server.budget.held == 0)
 
 
 async def test_a_client_that_leaves_in_a_burst_past_max_queued_bytes_leaves_nothing_held(
@@ -514,23 +513,10 @@ async def test_a_client_that_leaves_in_a_burst_past_max_queued_bytes_leaves_noth
     # 80 answers of 400 KB land at once past 2 MiB (max_queued_bytes), what passes it
     # taken from the server's budget; the client reads one and closes: however the
     # connection ends (its writer cancelled mid-write), the budget gets it all back.
-    config = _config(max_queued_bytes=2 * MIB)
-    async with Runtime.open(tmp_path / "hive.db", config=config) as runtime:
-        server = runtime._server
-        assert server is not None
-        assert server.address
-        task_id = await runtime.create_task("job", {"blob": "x" * 400_000})
-        sock = await anyio.to_thread.run_sync(_raw_connect, server.address)
-        calls = b"".join(_call(n, "get_task", task_id=task_id) for n in range(1, 81))
-        try:
-            await _until(lambda: len(server._connections) == 1)
-            (connection,) = server._connections
-            await anyio.to_thread.run_sync(sock.sendall, calls)
-            await _until(lambda: connection._borrowed > 0)
-            assert isinstance(await anyio.to_thread.run_sync(read_frame, sock), Result)
-        finally:
-            sock.close()
-        await _until(lambda: not server._connections and server.budget.held == 0)
+    async with _large_answers(tmp_path, 80) as (_server, connection, sock, calls):
+        await anyio.to_thread.run_sync(sock.sendall, calls)
+        await _until(lambda: connection._borrowed > 0)
+        assert isinstance(await anyio.to_thread.run_sync(read_frame, sock), Result)
 
 
 class _PaddedPing(msgspec.Struct, tag="ping", tag_field="kind"):
